@@ -1,0 +1,263 @@
+//! The alert monitor: tails lmbus alerts and renders the License Monitor view.
+//!
+//! The binary (`main.rs`) only parses flags; the functions here take a NATS client and a
+//! writer so tests can drive them.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use futures::StreamExt;
+use lmbus_schemas::{
+    Alert, AlertKind, Severity, StatusReply, StatusRequest, Subjects, decode, encode,
+};
+use time::OffsetDateTime;
+use time::macros::format_description;
+
+/// Which alerts to show.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Show alerts of this severity or worse.
+    pub min_severity: Option<Severity>,
+    /// Show only these kinds (all when empty).
+    pub kinds: BTreeSet<AlertKind>,
+    /// Show only alerts about these slaves (all when empty).
+    pub slaves: BTreeSet<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, alert: &Alert) -> bool {
+        self.min_severity.is_none_or(|min| alert.severity >= min)
+            && (self.kinds.is_empty() || self.kinds.contains(&alert.kind))
+            && (self.slaves.is_empty()
+                || alert
+                    .slave
+                    .as_ref()
+                    .is_some_and(|s| self.slaves.contains(s)))
+    }
+}
+
+/// How `tail` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One readable line per alert.
+    Text,
+    /// One JSON document per line.
+    Json,
+}
+
+/// Formats an alert's Unix-millisecond time as UTC.
+pub fn format_time(ms: i64) -> String {
+    let fmt =
+        format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3]Z");
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&fmt).ok())
+        .unwrap_or_else(|| format!("@{ms}ms"))
+}
+
+/// One readable line: time, severity, kind, slave, details.
+pub fn format_alert(alert: &Alert) -> String {
+    let mut line = format!(
+        "{} {:<8} {:<22}",
+        format_time(alert.time_ms),
+        alert.severity.token().to_uppercase(),
+        alert.kind.token()
+    );
+    let _ = write!(line, " slave={}", alert.slave.as_deref().unwrap_or("-"));
+    if let Some(agent) = &alert.agent_id {
+        let _ = write!(line, " agent={agent}");
+    }
+    if let Some(t) = &alert.agent_type {
+        let _ = write!(line, " type={t}");
+    }
+    if let Some(reason) = alert.reason {
+        let _ = write!(line, " reason={reason}");
+    }
+    let _ = write!(line, " | {}", alert.message);
+    line
+}
+
+/// Prints alerts from `subscriber` that pass `filter` until `shutdown`, until `max` alerts
+/// were printed, or until the subscription ends. Undecodable messages are reported on
+/// stderr and skipped. Returns how many alerts were printed.
+pub async fn tail(
+    mut subscriber: async_nats::Subscriber,
+    filter: &Filter,
+    format: Format,
+    max: Option<usize>,
+    out: &mut (impl Write + Send),
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<usize> {
+    tokio::pin!(shutdown);
+    let mut printed = 0;
+    while max.is_none_or(|m| printed < m) {
+        let msg = tokio::select! {
+            _ = &mut shutdown => break,
+            msg = subscriber.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
+        let alert: Alert = match decode(&msg.payload) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!(
+                    "lmbus-monitor: skipping undecodable alert on {}: {e}",
+                    msg.subject
+                );
+                continue;
+            }
+        };
+        if !filter.matches(&alert) {
+            continue;
+        }
+        match format {
+            Format::Text => writeln!(out, "{}", format_alert(&alert))?,
+            Format::Json => writeln!(out, "{}", serde_json::to_string(&alert)?)?,
+        }
+        out.flush()?;
+        printed += 1;
+    }
+    Ok(printed)
+}
+
+/// Asks the master for its License Monitor view.
+pub async fn fetch_status(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    timeout: Duration,
+) -> anyhow::Result<StatusReply> {
+    let subject = subjects.status();
+    let request = client.request(subject.clone(), encode(&StatusRequest {})?.into());
+    let msg = match tokio::time::timeout(timeout, request).await {
+        Err(_) => bail!(
+            "no master answered on {subject} within {timeout:?}: is lmbus-broker running for cluster {}?",
+            subjects.cluster()
+        ),
+        Ok(r) => r.with_context(|| {
+            format!(
+                "no master answered on {subject}: is lmbus-broker running for cluster {}?",
+                subjects.cluster()
+            )
+        })?,
+    };
+    decode(&msg.payload)
+        .with_context(|| format!("the master's status reply on {subject} is not readable"))
+}
+
+fn bar(used: u32, limit: u32, width: usize) -> String {
+    let filled = if limit == 0 {
+        width
+    } else {
+        ((used as usize * width).div_ceil(limit as usize)).min(width)
+    };
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+/// The License Monitor view as a plain table.
+pub fn render_status(s: &StatusReply) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "cluster {}  leader {} (term {}, ledger at {})  license {} ({}, {}, expires {})  unlicensed slaves: {}",
+        s.cluster,
+        s.broker_id,
+        s.leader_term,
+        s.ledger_sequence,
+        s.license.id,
+        s.license.customer,
+        s.license.context,
+        s.license.expires,
+        if s.allow_unlicensed_slaves {
+            "allowed"
+        } else {
+            "refused"
+        }
+    );
+    if !s.replicas.is_empty() {
+        let replicas: Vec<String> = s
+            .replicas
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} ({}, priority {}, ledger at {}, seen {:.1}s ago)",
+                    r.replica,
+                    if r.leader { "leader" } else { "standby" },
+                    r.priority,
+                    r.applied,
+                    r.last_seen_ms_ago as f64 / 1000.0
+                )
+            })
+            .collect();
+        let _ = writeln!(o, "replicas: {}", replicas.join("; "));
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<16} {:>7} {:>7}  USAGE",
+        "AGENT TYPE", "IN USE", "LIMIT"
+    );
+    let mut types: BTreeSet<&String> = s.type_limits.keys().collect();
+    types.extend(s.in_use_by_type.keys());
+    for t in types {
+        let used = s.in_use_by_type.get(t).copied().unwrap_or(0);
+        let (limit, usage) = match s.type_limits.get(t) {
+            Some(&l) => (l.to_string(), bar(used, l, 20)),
+            None => ("-".into(), String::new()),
+        };
+        let _ = writeln!(o, "{t:<16} {used:>7} {limit:>7}  {usage}");
+    }
+    let _ = writeln!(
+        o,
+        "{:<16} {:>7} {:>7}  {}",
+        "TOTAL",
+        s.total_in_use,
+        s.total_limit,
+        bar(s.total_in_use, s.total_limit, 20)
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<20} {:<13} {:<12} {:>6} {:>7}  {:<28} LAST SEEN",
+        "SLAVE", "STATE", "LICENSE", "LOCAL", "AGENTS", "BY TYPE"
+    );
+    if s.slaves.is_empty() {
+        let _ = writeln!(o, "(no slaves)");
+    }
+    for slave in &s.slaves {
+        let by_type = slave
+            .in_use_by_type
+            .iter()
+            .map(|(t, n)| format!("{t}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let license = match slave.license {
+            Some(id) => id.simple().to_string()[..8].to_owned(),
+            None => "unlicensed".to_owned(),
+        };
+        let _ = writeln!(
+            o,
+            "{:<20} {:<13} {:<12} {:>6} {:>7}  {:<28} {:.1}s ago",
+            slave.slave_id,
+            if slave.connected {
+                "connected"
+            } else {
+                "DISCONNECTED"
+            },
+            license,
+            slave.local_limit.map_or("-".to_owned(), |l| l.to_string()),
+            slave.in_use,
+            if by_type.is_empty() {
+                "-".to_owned()
+            } else {
+                by_type
+            },
+            slave.last_seen_ms_ago as f64 / 1000.0
+        );
+    }
+    o
+}

@@ -1,0 +1,165 @@
+//! `lmbus-monitor`: `tail` prints alerts as they arrive; `licenses` shows the License
+//! Monitor view (each slave, agents per type, totals against the master's limits).
+
+use std::collections::BTreeSet;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use clap::{Parser, Subcommand};
+use lmbus_monitor::{Filter, Format, fetch_status, render_status, tail};
+use lmbus_schemas::{AlertKind, Severity, Subjects};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lmbus-monitor",
+    version,
+    about = "Tail lmbus alerts and show the License Monitor view"
+)]
+struct Cli {
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        global = true,
+        env = "LMBUS_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats: String,
+    /// Cluster name of the master to watch.
+    #[arg(long, global = true, env = "LMBUS_CLUSTER")]
+    cluster: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print alerts as they arrive, one line each (time, severity, kind, slave, details).
+    Tail {
+        /// One JSON document per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Only alerts of this severity or worse: info, warning, critical.
+        #[arg(long, value_parser = parse_severity)]
+        severity: Option<Severity>,
+        /// Only these kinds (repeat or comma-separate), e.g. registration_rejected.
+        #[arg(long, value_delimiter = ',', value_parser = parse_kind)]
+        kind: Vec<AlertKind>,
+        /// Only alerts about these slaves (repeat or comma-separate).
+        #[arg(long, value_delimiter = ',')]
+        slave: Vec<String>,
+        /// Exit after printing this many alerts.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Exit after this long, e.g. 30s.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Show the License Monitor view: each slave, agents per type, totals against limits.
+    Licenses {
+        /// Print the master's status document as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every interval (e.g. 2s) until Ctrl-C instead of printing once.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        watch: Option<Duration>,
+        /// How long to wait for the master.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn parse_severity(s: &str) -> Result<Severity, String> {
+    Severity::parse(s)
+        .ok_or_else(|| format!("unknown severity {s:?}: use info, warning or critical"))
+}
+
+fn parse_kind(s: &str) -> Result<AlertKind, String> {
+    AlertKind::parse(s).ok_or_else(|| {
+        let known: Vec<&str> = AlertKind::ALL.iter().map(|k| k.token()).collect();
+        format!("unknown alert kind {s:?}: use one of {}", known.join(", "))
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cluster = cli
+        .cluster
+        .ok_or_else(|| anyhow!("no cluster name: pass --cluster or set LMBUS_CLUSTER"))?;
+    let subjects = Subjects::new(&cluster)?;
+    let client = async_nats::ConnectOptions::new()
+        .name("lmbus-monitor")
+        .connect(lmbus_schemas::nats_urls(&cli.nats))
+        .await
+        .with_context(|| format!("cannot connect to NATS at {}", cli.nats))?;
+    match cli.command {
+        Command::Tail {
+            json,
+            severity,
+            kind,
+            slave,
+            count,
+            duration,
+        } => {
+            let filter = Filter {
+                min_severity: severity,
+                kinds: kind.into_iter().collect(),
+                slaves: slave.into_iter().collect::<BTreeSet<_>>(),
+            };
+            let subscriber = client
+                .subscribe(subjects.all_alerts())
+                .await
+                .context("cannot subscribe to alerts")?;
+            client.flush().await?;
+            eprintln!("lmbus-monitor: tailing alerts on {}", subjects.all_alerts());
+            let stop = async move {
+                match duration {
+                    Some(d) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(d) => {},
+                            _ = tokio::signal::ctrl_c() => {},
+                        }
+                    }
+                    None => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            };
+            let format = if json { Format::Json } else { Format::Text };
+            let mut stdout = std::io::stdout();
+            tail(subscriber, &filter, format, count, &mut stdout, stop).await?;
+        }
+        Command::Licenses {
+            json,
+            watch,
+            timeout,
+        } => loop {
+            let status = fetch_status(&client, &subjects, timeout).await?;
+            if let Some(_every) = watch {
+                print!("\x1b[2J\x1b[H");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", render_status(&status));
+            }
+            let Some(every) = watch else { break };
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {},
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        },
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lmbus-monitor: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Broker settings, resolved from flags, environment variables and an optional TOML
+//! config file, in that order of precedence.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use lmbus_schemas::{License, Role, VerifyingKey, parse_public_key, verify_license};
+use serde::Deserialize;
+use time::Date;
+
+/// Everything `run` needs, already validated.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    /// Cluster name: the `<cluster>` token of every subject.
+    pub cluster: String,
+    /// The master license file.
+    pub license_path: PathBuf,
+    /// The vendor's public key, to verify the master and slave licenses.
+    pub vendor_key: VerifyingKey,
+    pub allow_unlicensed_slaves: bool,
+    /// This replica's id (alerts' `source`, status).
+    pub broker_id: String,
+    /// Missed heartbeat intervals before a slave is marked disconnected.
+    pub missed_heartbeats: u32,
+    /// How often housekeeping runs (silence checks, counts, expiry).
+    pub tick_interval: Duration,
+    /// How often a `license_counts` alert goes out.
+    pub counts_interval: Duration,
+    /// Warn this many days before the master license expires.
+    pub expiry_warning_days: i64,
+    /// Bound on the number of slaves tracked.
+    pub max_slaves: usize,
+    /// Added to a silent slave's grace period before its seats are reclaimed.
+    pub reclaim_margin: Duration,
+    /// Election preference, 1 = most preferred (like the first SERVER line of FLEXlm).
+    pub priority: u32,
+    /// How long the leader lease lives on the server without a renewal. Every replica of
+    /// a cluster must use the same value.
+    pub lease: Duration,
+    /// Copies JetStream keeps of the ledger and the election state (3 on a 3-node NATS
+    /// cluster; 1 on a single server).
+    pub stream_replicas: usize,
+    /// Fault injection for tests only: keep acting as leader after the lease is lost, so
+    /// that the ledger's fencing is the only thing that stops a deposed leader.
+    pub fault_ignore_lease: bool,
+}
+
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
+pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_millis(500);
+pub const DEFAULT_COUNTS_INTERVAL: Duration = Duration::from_secs(60);
+pub const DEFAULT_EXPIRY_WARNING_DAYS: i64 = 30;
+pub const DEFAULT_MAX_SLAVES: usize = 100_000;
+/// Covers the default slave's longest request (2 s timeout plus its 20 s election wait),
+/// 1% drift of the default 2-minute grace period (1.2 s) and tick granularity.
+pub const DEFAULT_RECLAIM_MARGIN: Duration = Duration::from_secs(30);
+pub const DEFAULT_PRIORITY: u32 = 1;
+/// Failover budget: a dead leader's lease is gone after at most this long, and a standby
+/// takes over within one poll after that (see `election`).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(1);
+pub const DEFAULT_STREAM_REPLICAS: usize = 1;
+
+/// The optional config file (`--config`). Keys mirror the long flags with `_` for `-`;
+/// relative paths are relative to the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub nats: Option<String>,
+    pub cluster: Option<String>,
+    pub license: Option<PathBuf>,
+    pub vendor_key: Option<PathBuf>,
+    pub allow_unlicensed_slaves: Option<bool>,
+    pub id: Option<String>,
+    pub missed_heartbeats: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub tick_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub counts_interval: Option<Duration>,
+    pub expiry_warning_days: Option<i64>,
+    pub max_slaves: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub reclaim_margin: Option<Duration>,
+    pub priority: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub lease: Option<Duration>,
+    pub stream_replicas: Option<usize>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut cfg: FileConfig = toml::from_str(&text)
+            .with_context(|| format!("config file {} is not valid", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.license = cfg.license.map(|p| base.join(p));
+        cfg.vendor_key = cfg.vendor_key.map(|p| base.join(p));
+        Ok(cfg)
+    }
+}
+
+/// Durations in config files are written like the flags: `"500ms"`, `"2s"`, `"1m"`.
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        humantime::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+/// Reads the vendor's public key file.
+pub fn load_vendor_key(path: &Path) -> anyhow::Result<VerifyingKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read vendor public key file {}", path.display()))?;
+    parse_public_key(&text).with_context(|| format!("vendor key file {}", path.display()))
+}
+
+/// Reads and checks the master license: signature, dates and role. Any failure is an
+/// error that names the file and says what to do.
+pub fn load_master_license(
+    path: &Path,
+    key: &VerifyingKey,
+    today: Date,
+) -> anyhow::Result<License> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read license file {name}"))?;
+    let license = verify_license(&text, &name, key)?;
+    license.check_dates(today, &name)?;
+    license.require_role(Role::Master, &name)?;
+    Ok(license)
+}
+
+pub fn check(cfg: &BrokerConfig) -> anyhow::Result<()> {
+    if cfg.missed_heartbeats == 0 {
+        bail!("--missed-heartbeats must be at least 1");
+    }
+    if cfg.tick_interval.is_zero() || cfg.counts_interval.is_zero() {
+        bail!("--tick-interval and --counts-interval must be greater than zero");
+    }
+    if cfg.reclaim_margin <= cfg.tick_interval {
+        bail!(
+            "--reclaim-margin ({:?}) must be longer than --tick-interval ({:?}): the master checks for silent slaves once per tick",
+            cfg.reclaim_margin,
+            cfg.tick_interval
+        );
+    }
+    if cfg.max_slaves == 0 {
+        bail!("--max-slaves must be at least 1");
+    }
+    if cfg.priority == 0 {
+        bail!("--priority must be at least 1 (1 is the most preferred replica)");
+    }
+    if cfg.lease < Duration::from_millis(200) || cfg.lease > Duration::from_secs(60) {
+        bail!("--lease must be between 200ms and 60s, got {:?}", cfg.lease);
+    }
+    if !(1..=5).contains(&cfg.stream_replicas) {
+        bail!(
+            "--stream-replicas must be 1 to 5 (JetStream's limit), got {}",
+            cfg.stream_replicas
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lmbus-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn config_file_keys_paths_and_durations() {
+        let path = write(
+            "broker.toml",
+            "nats = \"nats://n1:4222\"\ncluster = \"acme\"\nlicense = \"master.lic\"\n\
+             vendor_key = \"/etc/lmbus/vendor.pub\"\nallow_unlicensed_slaves = true\n\
+             counts_interval = \"90s\"\ntick_interval = \"250ms\"\nmissed_heartbeats = 5\n",
+        );
+        let cfg = FileConfig::load(&path).unwrap();
+        assert_eq!(cfg.cluster.as_deref(), Some("acme"));
+        assert_eq!(cfg.license, Some(path.parent().unwrap().join("master.lic")));
+        assert_eq!(cfg.vendor_key, Some(PathBuf::from("/etc/lmbus/vendor.pub")));
+        assert_eq!(cfg.counts_interval, Some(Duration::from_secs(90)));
+        assert_eq!(cfg.tick_interval, Some(Duration::from_millis(250)));
+        assert_eq!(cfg.missed_heartbeats, Some(5));
+        assert_eq!(cfg.allow_unlicensed_slaves, Some(true));
+    }
+
+    #[test]
+    fn config_file_errors_name_the_file() {
+        let path = write("typo.toml", "clustr = \"acme\"\n");
+        let err = format!("{:#}", FileConfig::load(&path).unwrap_err());
+        assert!(err.contains("typo.toml") && err.contains("clustr"), "{err}");
+        let path = write("dur.toml", "counts_interval = \"soon\"\n");
+        let err = format!("{:#}", FileConfig::load(&path).unwrap_err());
+        assert!(err.contains("invalid duration"), "{err}");
+        let err = format!(
+            "{:#}",
+            FileConfig::load(Path::new("/nonexistent/b.toml")).unwrap_err()
+        );
+        assert!(
+            err.contains("cannot read config file /nonexistent/b.toml"),
+            "{err}"
+        );
+    }
+}

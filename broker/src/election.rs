@@ -1,0 +1,320 @@
+//! Leader election among the broker replicas of one cluster, on NATS itself.
+//!
+//! The lease is the key `leader` in a JetStream KV bucket whose stream has `max_age` set
+//! to the lease time: the *server* drops the key when the leader stops renewing, so no
+//! two machines ever compare clocks. A candidate that finds the key gone creates it
+//! (compare-and-set on "no value"); the leader renews it with compare-and-set on its own
+//! last revision. The revision of the winning create is the leader's *term*: it only
+//! grows, because it is the stream's sequence.
+//!
+//! A leader that cannot renew steps down on its own monotonic timer, `lease - lease/5`
+//! after it *sent* its last successful renewal, which is before the server can have
+//! dropped the key (the server counts from when it stored the renewal, later). Fencing
+//! in the ledger covers the rest: a leader paused between checking its lease and writing
+//! is refused by the ledger.
+//!
+//! Preference (`priority`, like the order of FLEXlm's SERVER lines): when the key is
+//! gone, a candidate with priority `p` waits `(p - 1) * PRIORITY_STEP` before it tries, so
+//! the most preferred replica that is up wins. A running leader is never preempted, so a
+//! preferred replica that comes and goes does not make leadership flap.
+//!
+//! The bucket's stream is created by hand (`KV_<bucket>`, subjects `$KV.<bucket>.>`,
+//! rollup allowed, discard new; no direct get, so reads are the stream leader's) because async-nats 0.51's
+//! `create_key_value` fails against nats-server 2.9; it is then opened with
+//! `get_key_value`.
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+use async_nats::Client;
+use async_nats::jetstream::{kv, stream};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use lmbus_schemas::Subjects;
+
+/// The key holding the lease.
+const KEY: &str = "leader";
+
+/// Extra wait per priority step when the lease is free.
+pub const PRIORITY_STEP: Duration = Duration::from_millis(200);
+
+/// Election settings.
+#[derive(Debug, Clone)]
+pub struct ElectionConfig {
+    pub replica: String,
+    /// 1 is the most preferred.
+    pub priority: u32,
+    /// How long the lease lives on the server without a renewal.
+    pub lease: Duration,
+    /// Copies of the election stream (3 on a 3-node cluster).
+    pub replicas: usize,
+}
+
+impl ElectionConfig {
+    /// How often the leader renews, and a candidate looks at the lease.
+    pub fn renew_every(&self) -> Duration {
+        self.lease / 5
+    }
+
+    fn poll_every(&self) -> Duration {
+        (self.lease / 20).clamp(Duration::from_millis(20), Duration::from_millis(200))
+    }
+
+    /// How long after sending a renewal the leader may still act on it.
+    fn valid_for(&self) -> Duration {
+        self.lease - self.lease / 5
+    }
+}
+
+/// What the lease says about this replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Standby {
+        /// The replica holding the lease, when known.
+        leader: Option<String>,
+    },
+    Leader {
+        term: u64,
+        /// Monotonic deadline: the leader must not act after it without a renewal.
+        valid_until: Instant,
+    },
+}
+
+impl Role {
+    pub fn is_valid_leader(&self, now: Instant) -> bool {
+        matches!(self, Role::Leader { valid_until, .. } if now < *valid_until)
+    }
+}
+
+/// The lease's value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LeaseValue {
+    replica: String,
+    priority: u32,
+}
+
+/// A handle on the election task.
+#[derive(Debug)]
+pub struct Election {
+    pub role: watch::Receiver<Role>,
+    /// True only while this replica has seen, itself, that nobody holds the lease: the key
+    /// was absent, or unreadable for a whole lease. Never right after its own step-down.
+    pub electing: watch::Receiver<bool>,
+    resign: tokio::sync::mpsc::Sender<u64>,
+}
+
+impl Election {
+    /// Opens (creating if needed) the election bucket and starts campaigning in a task.
+    pub async fn start(
+        client: &Client,
+        subjects: &Subjects,
+        cfg: ElectionConfig,
+    ) -> anyhow::Result<Self> {
+        let store = open_bucket(client, subjects, &cfg).await?;
+        let (tx, rx) = watch::channel(Role::Standby { leader: None });
+        let (electing_tx, electing_rx) = watch::channel(false);
+        let (resign_tx, resign_rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(campaign(store, cfg, tx, electing_tx, resign_rx));
+        Ok(Self {
+            role: rx,
+            electing: electing_rx,
+            resign: resign_tx,
+        })
+    }
+
+    /// Stops leading in `term` at once (the ledger refused a write, say): the lease is
+    /// left to expire and this replica does not campaign again until it has. A resign for
+    /// an older term is ignored.
+    pub fn resign(&self, term: u64) {
+        let _ = self.resign.try_send(term);
+    }
+}
+
+async fn open_bucket(
+    client: &Client,
+    subjects: &Subjects,
+    cfg: &ElectionConfig,
+) -> anyhow::Result<kv::Store> {
+    let js = crate::ledger::js_context(client);
+    let bucket = subjects.election_bucket();
+    let stream_name = subjects.election_stream();
+    js.get_or_create_stream(stream::Config {
+        name: stream_name.clone(),
+        description: Some(format!(
+            "lmbus leader lease of cluster {}",
+            subjects.cluster()
+        )),
+        subjects: vec![subjects.election_subjects()],
+        max_messages_per_subject: 1,
+        max_age: cfg.lease,
+        duplicate_window: cfg.lease.min(Duration::from_secs(120)),
+        storage: stream::StorageType::File,
+        num_replicas: cfg.replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        discard: stream::DiscardPolicy::New,
+        // Reads go to the stream leader: a follower answering a direct get may not have
+        // dropped an expired lease yet, which would skew who sees it free first.
+        allow_direct: false,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| {
+        anyhow!(
+            "cannot open or create the election stream {stream_name}: {e}; if it exists with another lease time, every replica must use the same --lease"
+        )
+    })?;
+    js.get_key_value(&bucket)
+        .await
+        .map_err(|e| anyhow!("cannot open the election bucket {bucket}: {e}"))
+}
+
+fn lease_value(cfg: &ElectionConfig) -> bytes::Bytes {
+    serde_json::to_vec(&LeaseValue {
+        replica: cfg.replica.clone(),
+        priority: cfg.priority,
+    })
+    .unwrap_or_default()
+    .into()
+}
+
+/// Publishes `next` only when it differs, so watchers wake only on real changes.
+fn set<T: PartialEq>(watch: &watch::Sender<T>, next: T) {
+    watch.send_if_modified(|current| {
+        if *current == next {
+            false
+        } else {
+            *current = next;
+            true
+        }
+    });
+}
+
+async fn campaign(
+    store: kv::Store,
+    cfg: ElectionConfig,
+    role: watch::Sender<Role>,
+    electing: watch::Sender<bool>,
+    mut resign: tokio::sync::mpsc::Receiver<u64>,
+) {
+    let value = lease_value(&cfg);
+    let mut holdoff_until: Option<Instant> = None;
+    let mut last_read = Instant::now();
+    loop {
+        if role.is_closed() {
+            return;
+        }
+        // ---- candidate ----
+        let now = Instant::now();
+        if holdoff_until.is_some_and(|t| now < t) {
+            tokio::time::sleep(cfg.poll_every()).await;
+            continue;
+        }
+        while resign.try_recv().is_ok() {}
+        // Bounded: while the bucket's stream has no leader a read can hang far longer than
+        // the client's request timeout.
+        let read = tokio::time::timeout(cfg.lease / 2, store.entry(KEY))
+            .await
+            .unwrap_or_else(|_| Err(kv::EntryError::new(kv::EntryErrorKind::TimedOut)));
+        let current = match read {
+            Ok(entry) => {
+                last_read = Instant::now();
+                entry.filter(|e| e.operation == kv::Operation::Put)
+            }
+            Err(e) => {
+                // The lease cannot be read (JetStream electing its own stream leader, NATS
+                // unreachable): once that has lasted a whole lease, nobody can be leading.
+                debug!(error = %e, "cannot read the leader lease");
+                if last_read.elapsed() < cfg.lease {
+                    tokio::time::sleep(cfg.poll_every()).await;
+                    continue;
+                }
+                set(&electing, true);
+                set(&role, Role::Standby { leader: None });
+                tokio::time::sleep(cfg.poll_every()).await;
+                continue;
+            }
+        };
+        if let Some(entry) = current {
+            set(&electing, false);
+            let leader = serde_json::from_slice::<LeaseValue>(&entry.value)
+                .map(|v| v.replica)
+                .ok();
+            set(&role, Role::Standby { leader });
+            tokio::time::sleep(cfg.poll_every()).await;
+            continue;
+        }
+        // The lease is free: let more preferred replicas try first.
+        set(&electing, true);
+        let wait = PRIORITY_STEP.saturating_mul(cfg.priority.saturating_sub(1));
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let sent = Instant::now();
+        let create = tokio::time::timeout(cfg.valid_for(), store.create(KEY, value.clone())).await;
+        let mut revision = match create {
+            Ok(Ok(revision)) => revision,
+            Err(_) => {
+                debug!("writing the lease timed out");
+                tokio::time::sleep(cfg.poll_every()).await;
+                continue;
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "lost the election or cannot write the lease");
+                tokio::time::sleep(cfg.poll_every()).await;
+                continue;
+            }
+        };
+        let term = revision;
+        info!(replica = %cfg.replica, term, "won the leader lease");
+        let mut valid_until = sent + cfg.valid_for();
+        set(&electing, false);
+        role.send_replace(Role::Leader { term, valid_until });
+
+        // ---- leader ----
+        let mut renew = tokio::time::interval(cfg.renew_every());
+        renew.tick().await;
+        let reason = loop {
+            tokio::select! {
+                resigned = resign.recv() => match resigned {
+                    Some(t) if t == term => break "resigned",
+                    Some(_) => continue, // for an older term
+                    None => break "the broker is stopping",
+                },
+                _ = renew.tick() => {}
+            }
+            if Instant::now() >= valid_until {
+                break "could not renew the lease in time";
+            }
+            let sent = Instant::now();
+            let update = tokio::time::timeout(
+                valid_until.saturating_duration_since(sent),
+                store.update(KEY, value.clone(), revision),
+            )
+            .await;
+            match update {
+                Ok(Ok(next)) => {
+                    revision = next;
+                    valid_until = sent + cfg.valid_for();
+                    role.send_modify(|r| {
+                        if let Role::Leader { valid_until: v, .. } = r {
+                            *v = valid_until;
+                        }
+                    });
+                }
+                Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    break "another replica holds the lease";
+                }
+                Ok(Err(e)) => warn!(error = %e, "cannot renew the leader lease"),
+                Err(_) => break "could not renew the lease in time",
+            }
+        };
+        warn!(replica = %cfg.replica, term, reason, "stepping down");
+        role.send_replace(Role::Standby { leader: None });
+        // Do not campaign again before the lease this replica held has surely expired.
+        holdoff_until = Some(Instant::now() + cfg.lease);
+    }
+}

@@ -1,0 +1,1169 @@
+//! The admission engine: the master's whole decision logic as a pure state machine.
+//!
+//! [`Engine::handle`] takes one [`Event`] and the current monotonic time and returns an
+//! [`Output`]: the reply for the requester and the effects (alerts, control messages to
+//! slaves) the runtime must carry out. It does no IO, reads no clock and spawns nothing,
+//! so every rule here is tested with plain `#[test]`s.
+//!
+//! Seat accounting invariant: `total_in_use` and `in_use_by_type` always equal the sums
+//! over every slave's `agents`, and a grant never takes either above the master license's
+//! limits.
+//!
+//! Silent slaves: after `missed_heartbeats` intervals a slave is marked disconnected and
+//! keeps its seats. Its seats are reclaimed only when the slave promised (in its hello) to
+//! log out all its agents when its grace period ends, and only once that grace period plus
+//! `reclaim_margin` has passed since the master last heard from it: the timing rule that
+//! keeps the sum under the limit during a partition (see the README).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use lmbus_schemas::{
+    AgentClaim, Alert, AlertKind, ControlMessage, Decision, ErrorCode, Heartbeat, Hello, License,
+    LicenseSummary, RegisterRequest, RejectReason, RejectedAgent, Reply, Role, SeatChange,
+    Severity, SlaveEvent, SlaveId, SlaveReport, SlaveStatus, StatusReply, UnregisterRequest,
+    VerifyingKey, Welcome, WireError, verify_license,
+};
+use time::Date;
+use uuid::Uuid;
+
+#[cfg(test)]
+mod tests;
+
+/// Longest agent id accepted, in bytes.
+pub const MAX_AGENT_ID_LEN: usize = 256;
+
+/// Settings of the engine. Everything time-related is a duration; the engine never looks
+/// at a wall clock except the `today` its caller passes in for license dates.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// This replica's id, the `source` of its alerts.
+    pub broker_id: String,
+    pub cluster: String,
+    /// The verified master license.
+    pub license: License,
+    /// Verifies slave licenses.
+    pub vendor_key: VerifyingKey,
+    pub allow_unlicensed_slaves: bool,
+    /// A slave is marked disconnected after this many heartbeat intervals of silence.
+    pub missed_heartbeats: u32,
+    /// How often a `license_counts` alert goes out.
+    pub counts_interval: Duration,
+    /// Warn when the master license has this many days left or fewer.
+    pub expiry_warning_days: i64,
+    /// Bound on the slave table; hellos beyond it are refused.
+    pub max_slaves: usize,
+    /// Added to a slave's grace period before its seats are reclaimed. Must exceed the
+    /// slave's request timeout plus clock drift (1% of the grace period); a hello that
+    /// breaks this is refused with `timing_rule`.
+    pub reclaim_margin: Duration,
+}
+
+/// Something the engine must react to.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Hello {
+        slave: SlaveId,
+        hello: Hello,
+        today: Date,
+    },
+    Register {
+        slave: SlaveId,
+        request: RegisterRequest,
+    },
+    Unregister {
+        slave: SlaveId,
+        request: UnregisterRequest,
+    },
+    Heartbeat {
+        slave: SlaveId,
+        heartbeat: Heartbeat,
+    },
+    Report {
+        slave: SlaveId,
+        report: SlaveReport,
+    },
+    /// A message that could not be decoded or did not fit its subject. `slave` is the id
+    /// from the subject when there was one.
+    BadMessage {
+        subject: String,
+        slave: Option<SlaveId>,
+        error: WireError,
+    },
+    /// Periodic housekeeping: silent slaves, license counts, expiry warnings.
+    Tick {
+        today: Date,
+    },
+}
+
+/// The answer to an operator's release request (see [`Engine::admin_release`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReleaseOutput {
+    pub reply: lmbus_schemas::ReleaseReply,
+    pub effects: Vec<Effect>,
+    /// Seat changes to append to the ledger before the reply goes out.
+    pub changes: Vec<SeatChange>,
+}
+
+/// What the runtime must do after an event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Alert(Alert),
+    Control {
+        slave: SlaveId,
+        message: ControlMessage,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Output {
+    /// The answer to the requester, when the event was a request.
+    pub reply: Option<Reply>,
+    pub effects: Vec<Effect>,
+    /// The seat changes this event made, in order: the runtime appends them to the ledger
+    /// before it sends the reply or any effect.
+    pub changes: Vec<SeatChange>,
+}
+
+impl Output {
+    fn reply(reply: Reply) -> Self {
+        Self {
+            reply: Some(reply),
+            ..Self::default()
+        }
+    }
+
+    fn alert(&mut self, alert: Alert) {
+        self.effects.push(Effect::Alert(alert));
+    }
+}
+
+/// What the master accepted from a slave's hello.
+#[derive(Debug, Clone)]
+struct SlaveLicense {
+    id: Uuid,
+    local_limit: Option<u32>,
+}
+
+#[derive(Debug)]
+struct Slave {
+    instance: Uuid,
+    /// `None`: an unlicensed slave.
+    license: Option<SlaveLicense>,
+    connected: bool,
+    last_seen: Instant,
+    heartbeat_interval: Duration,
+    /// Agent id → agent type, for every seat the slave holds.
+    agents: HashMap<String, String>,
+    /// The slave's grace period, from its hello.
+    grace: Duration,
+    /// The slave logs out all agents when its grace period ends, so its seats may be
+    /// reclaimed after `grace + reclaim_margin` of silence.
+    logout_after_grace: bool,
+    /// The `seq` of the last hello accepted from this instance.
+    hello_seq: u64,
+    /// Its seats were reclaimed while it was silent; cleared at its next hello.
+    reclaimed: bool,
+    /// Agents an operator released whose logout the slave may have missed: refused at
+    /// the next hello's reconcile. Bounded by the slave's seat count at release time.
+    revoked: HashSet<String>,
+}
+
+impl Slave {
+    fn silence_limit(&self, missed: u32) -> Duration {
+        self.heartbeat_interval.saturating_mul(missed.max(1))
+    }
+
+    fn by_type(&self) -> BTreeMap<String, u32> {
+        let mut counts = BTreeMap::new();
+        for agent_type in self.agents.values() {
+            *counts.entry(agent_type.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    slaves: BTreeMap<SlaveId, Slave>,
+    total_in_use: u32,
+    in_use_by_type: BTreeMap<String, u32>,
+    next_counts_at: Option<Instant>,
+    last_expiry_warning: Option<Date>,
+    /// Seat changes made by the event being handled, moved into its [`Output`].
+    pending: Vec<SeatChange>,
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig) -> Self {
+        Self {
+            cfg,
+            slaves: BTreeMap::new(),
+            total_in_use: 0,
+            in_use_by_type: BTreeMap::new(),
+            next_counts_at: None,
+            last_expiry_warning: None,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn total_in_use(&self) -> u32 {
+        self.total_in_use
+    }
+
+    pub fn handle(&mut self, now: Instant, event: Event) -> Output {
+        let mut out = self.dispatch(now, event);
+        out.changes = std::mem::take(&mut self.pending);
+        out
+    }
+
+    fn dispatch(&mut self, now: Instant, event: Event) -> Output {
+        match event {
+            Event::Hello {
+                slave,
+                hello,
+                today,
+            } => self.hello(now, slave, hello, today),
+            Event::Register { slave, request } => self.register(now, slave, request),
+            Event::Unregister { slave, request } => self.unregister(now, &slave, request),
+            Event::Heartbeat { slave, heartbeat } => self.heartbeat(now, &slave, heartbeat),
+            Event::Report { slave, report } => self.report(slave, report),
+            Event::BadMessage {
+                subject,
+                slave,
+                error,
+            } => self.bad_message(subject, slave, error),
+            Event::Tick { today } => self.tick(now, today),
+        }
+    }
+
+    fn alert(&self, severity: Severity, kind: AlertKind, message: impl Into<String>) -> Alert {
+        let mut alert = Alert::new(severity, kind, message);
+        alert.source = self.cfg.broker_id.clone();
+        alert
+    }
+
+    fn counts(&self) -> BTreeMap<String, u32> {
+        let mut counts = self.in_use_by_type.clone();
+        counts.insert("total".into(), self.total_in_use);
+        counts
+    }
+
+    fn total_limit(&self) -> u32 {
+        self.cfg.license.limits.total.unwrap_or(0)
+    }
+
+    // ---- hello -------------------------------------------------------------------------
+
+    fn refuse_hello(&self, slave: &SlaveId, reason: RejectReason, detail: String) -> Output {
+        let mut out = Output::reply(Reply::Refused {
+            reason,
+            detail: detail.clone(),
+        });
+        out.alert(
+            self.alert(
+                Severity::Warning,
+                AlertKind::SlaveRefused,
+                format!("slave {slave} refused: {detail}"),
+            )
+            .slave(slave.as_str())
+            .reason(reason),
+        );
+        out
+    }
+
+    /// Decides whether a slave may connect and on which terms.
+    fn admit_slave(
+        &self,
+        hello: &Hello,
+        today: Date,
+    ) -> Result<Option<SlaveLicense>, (RejectReason, String)> {
+        let unlicensed = || {
+            if self.cfg.allow_unlicensed_slaves {
+                Ok(None)
+            } else {
+                Err((
+                    RejectReason::UnlicensedNotAllowed,
+                    "the slave has no slave license and this master does not allow unlicensed slaves (start the broker with --allow-unlicensed-slaves)".to_owned(),
+                ))
+            }
+        };
+        let Some(text) = &hello.license else {
+            return unlicensed();
+        };
+        let license = verify_license(text, "presented by the slave", &self.cfg.vendor_key)
+            .map_err(|e| (RejectReason::LicenseInvalid, e.to_string()))?;
+        license
+            .check_dates(today, "presented by the slave")
+            .map_err(|e| (RejectReason::LicenseInvalid, e.to_string()))?;
+        if license.context != self.cfg.license.context {
+            return Err((
+                RejectReason::ContextMismatch,
+                format!(
+                    "slave license {} is for context '{}' but this master's is '{}'",
+                    license.id, license.context, self.cfg.license.context
+                ),
+            ));
+        }
+        match license.role {
+            Role::Slave => Ok(Some(SlaveLicense {
+                id: license.id,
+                local_limit: license.limits.local,
+            })),
+            // A standalone license carries neither flag: such an installation may only
+            // join as an unlicensed slave.
+            Role::None => unlicensed(),
+            Role::Master => Err((
+                RejectReason::LicenseRole,
+                format!(
+                    "license {} is a master license; a slave needs a slave license or none",
+                    license.id
+                ),
+            )),
+        }
+    }
+
+    fn hello(&mut self, now: Instant, id: SlaveId, hello: Hello, today: Date) -> Output {
+        let license = match self.admit_slave(&hello, today) {
+            Ok(l) => l,
+            Err((reason, detail)) => return self.refuse_hello(&id, reason, detail),
+        };
+        if !self.slaves.contains_key(&id) && self.slaves.len() >= self.cfg.max_slaves {
+            return self.refuse_hello(
+                &id,
+                RejectReason::TooManySlaves,
+                format!(
+                    "the master already tracks {} slaves (--max-slaves)",
+                    self.slaves.len()
+                ),
+            );
+        }
+        let grace = Duration::from_millis(hello.grace_ms);
+        if hello.logout_after_grace {
+            let needed = Duration::from_millis(hello.request_timeout_ms) + grace / 100;
+            if self.cfg.reclaim_margin <= needed {
+                return self.refuse_hello(
+                    &id,
+                    RejectReason::TimingRule,
+                    format!(
+                        "the master's reclaim margin ({} ms) must exceed the slave's longest request (request timeout plus failover wait) plus 1% of its grace period ({} ms): raise --reclaim-margin on the broker or lower --request-timeout / --failover-wait on the slave",
+                        self.cfg.reclaim_margin.as_millis(),
+                        needed.as_millis()
+                    ),
+                );
+            }
+        }
+        if let Some(known) = self.slaves.get(&id) {
+            if known.instance == hello.instance && hello.seq < known.hello_seq {
+                return Output::reply(Reply::Refused {
+                    reason: RejectReason::StaleRequest,
+                    detail: format!(
+                        "hello {} is older than hello {} already processed",
+                        hello.seq, known.hello_seq
+                    ),
+                });
+            }
+        }
+        let mut out = Output::default();
+        let interval = Duration::from_millis(hello.heartbeat_interval_ms.clamp(100, 600_000));
+        let slave = self.slaves.entry(id.clone()).or_insert_with(|| Slave {
+            instance: hello.instance,
+            license: None,
+            connected: false,
+            last_seen: now,
+            heartbeat_interval: interval,
+            agents: HashMap::new(),
+            grace,
+            logout_after_grace: false,
+            hello_seq: 0,
+            reclaimed: false,
+            revoked: HashSet::new(),
+        });
+        let restarted = slave.instance != hello.instance;
+        slave.instance = hello.instance;
+        slave.license = license;
+        slave.connected = true;
+        slave.last_seen = now;
+        slave.heartbeat_interval = interval;
+        slave.grace = grace;
+        slave.logout_after_grace = hello.logout_after_grace;
+        slave.hello_seq = hello.seq;
+        let was_reclaimed = std::mem::take(&mut slave.reclaimed);
+        let revoked = std::mem::take(&mut slave.revoked);
+        let session = SeatChange::Session {
+            slave: id.to_string(),
+            instance: slave.instance,
+            license: slave.license.as_ref().map(|l| l.id),
+            local_limit: slave.license.as_ref().and_then(|l| l.local_limit),
+            heartbeat_interval_ms: interval.as_millis() as u64,
+            grace_ms: hello.grace_ms,
+            logout_after_grace: hello.logout_after_grace,
+            hello_seq: hello.seq,
+        };
+        self.pending.push(session);
+
+        // Reconcile: the slave's list is what it really holds. Seats it no longer claims
+        // are released; claims the master does not hold are granted again if there is
+        // room. Either way no agent ends up with two seats.
+        let claimed: HashMap<&str, &AgentClaim> = hello
+            .agents
+            .iter()
+            .map(|c| (c.agent_id.as_str(), c))
+            .collect();
+        let stale: Vec<(String, String)> = slave
+            .agents
+            .iter()
+            .filter(|(agent, agent_type)| {
+                claimed
+                    .get(agent.as_str())
+                    .is_none_or(|c| &c.agent_type != *agent_type)
+            })
+            .map(|(a, t)| (a.clone(), t.clone()))
+            .collect();
+        for (agent, _) in &stale {
+            self.release(&id, agent);
+        }
+        let mut rejected = Vec::new();
+        for claim in &hello.agents {
+            let result = if revoked.contains(&claim.agent_id) {
+                Err((
+                    RejectReason::ReleasedByAdmin,
+                    "an operator released this seat; register the agent again".to_owned(),
+                ))
+            } else {
+                self.try_grant(&id, &claim.agent_id, &claim.agent_type)
+                    .map_err(|(reason, detail)| {
+                        if was_reclaimed {
+                            (
+                                RejectReason::Reclaimed,
+                                format!("its seat was reclaimed while the slave was silent and there is no room now ({reason}: {detail})"),
+                            )
+                        } else {
+                            (reason, detail)
+                        }
+                    })
+            };
+            match result {
+                Ok(_) => {}
+                Err((reason, detail)) => {
+                    out.alert(self.rejection_alert(&id, claim, reason, &detail));
+                    rejected.push(RejectedAgent {
+                        agent_id: claim.agent_id.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+
+        let terms = match self.slaves.get(&id).and_then(|s| s.license.as_ref()) {
+            Some(l) => match l.local_limit {
+                Some(n) => format!("licensed (license {}, local limit {n})", l.id),
+                None => format!("licensed (license {}, no local limit)", l.id),
+            },
+            None => "unlicensed".to_owned(),
+        };
+        let held = self.slaves.get(&id).map_or(0, |s| s.agents.len());
+        let mut message = format!("slave {id} connected, {terms}, holding {held} agents");
+        if restarted {
+            message.push_str(" (new process instance)");
+        }
+        if !rejected.is_empty() {
+            message.push_str(&format!(", {} agents refused on reconcile", rejected.len()));
+        }
+        out.alert(
+            self.alert(Severity::Info, AlertKind::SlaveConnected, message)
+                .slave(id.as_str())
+                .counts(self.counts()),
+        );
+        out.reply = Some(Reply::Welcome(Welcome {
+            broker_id: self.cfg.broker_id.clone(),
+            master_license: self.cfg.license.id,
+            missed_heartbeats: self.cfg.missed_heartbeats,
+            rejected_agents: rejected,
+        }));
+        out
+    }
+
+    // ---- seats ---------------------------------------------------------------------------
+
+    /// Checks the limits for one more seat of `agent_type` on `slave`. The slave must be
+    /// in the table.
+    fn check_admit(&self, slave: &Slave, agent_type: &str) -> Result<(), (RejectReason, String)> {
+        let limits = &self.cfg.license.limits;
+        if !limits.agent_types.is_empty() && !limits.agent_types.contains_key(agent_type) {
+            let known: Vec<&str> = limits.agent_types.keys().map(String::as_str).collect();
+            return Err((
+                RejectReason::UnknownAgentType,
+                format!(
+                    "agent type '{agent_type}' is not in the master license (known: {})",
+                    known.join(", ")
+                ),
+            ));
+        }
+        if let Some(local) = slave.license.as_ref().and_then(|l| l.local_limit) {
+            if slave.agents.len() as u64 >= u64::from(local) {
+                return Err((
+                    RejectReason::LocalLimit,
+                    format!("the slave's license allows {local} agents and all are in use"),
+                ));
+            }
+        }
+        let total = self.total_limit();
+        if self.total_in_use >= total {
+            return Err((
+                RejectReason::AggregateLimit,
+                format!("all {total} seats of the master license are in use"),
+            ));
+        }
+        if let Some(&type_limit) = limits.agent_types.get(agent_type) {
+            let used = self.in_use_by_type.get(agent_type).copied().unwrap_or(0);
+            if used >= type_limit {
+                return Err((
+                    RejectReason::TypeLimit,
+                    format!("all {type_limit} '{agent_type}' seats are in use"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Grants a seat, or reports that the agent already holds it. `Ok(true)` when it was
+    /// already held.
+    fn try_grant(
+        &mut self,
+        id: &SlaveId,
+        agent: &str,
+        agent_type: &str,
+    ) -> Result<bool, (RejectReason, String)> {
+        let Some(slave) = self.slaves.get(id) else {
+            return Err((
+                RejectReason::SlaveNotConnected,
+                "the master has no session with this slave: say hello first".to_owned(),
+            ));
+        };
+        match slave.agents.get(agent) {
+            Some(held) if held == agent_type => return Ok(true),
+            Some(held) => {
+                return Err((
+                    RejectReason::AgentTypeMismatch,
+                    format!(
+                        "agent '{agent}' already holds a '{held}' seat on this slave: unregister it first"
+                    ),
+                ));
+            }
+            None => {}
+        }
+        self.check_admit(slave, agent_type)?;
+        self.insert_seat(id, agent, agent_type);
+        self.pending.push(SeatChange::Grant {
+            slave: id.to_string(),
+            agent_id: agent.to_owned(),
+            agent_type: agent_type.to_owned(),
+        });
+        Ok(false)
+    }
+
+    fn release(&mut self, id: &SlaveId, agent: &str) -> bool {
+        let removed = self.remove_seat(id, agent);
+        if removed {
+            self.pending.push(SeatChange::Release {
+                slave: id.to_string(),
+                agent_id: agent.to_owned(),
+            });
+        }
+        removed
+    }
+
+    /// Puts a seat in the table and the counters, without checks or records.
+    fn insert_seat(&mut self, id: &SlaveId, agent: &str, agent_type: &str) -> bool {
+        let Some(slave) = self.slaves.get_mut(id) else {
+            return false;
+        };
+        if let Some(old) = slave.agents.insert(agent.to_owned(), agent_type.to_owned()) {
+            // Already held (only possible in a replay): keep the counts exact.
+            self.uncount(&old);
+        }
+        self.total_in_use += 1;
+        *self
+            .in_use_by_type
+            .entry(agent_type.to_owned())
+            .or_insert(0) += 1;
+        true
+    }
+
+    /// Takes a seat out of the table and the counters, without records.
+    fn remove_seat(&mut self, id: &SlaveId, agent: &str) -> bool {
+        let removed = self.slaves.get_mut(id).and_then(|s| s.agents.remove(agent));
+        match removed {
+            Some(agent_type) => {
+                self.uncount(&agent_type);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn uncount(&mut self, agent_type: &str) {
+        self.total_in_use = self.total_in_use.saturating_sub(1);
+        if let Some(n) = self.in_use_by_type.get_mut(agent_type) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_use_by_type.remove(agent_type);
+            }
+        }
+    }
+
+    fn rejection_alert(
+        &self,
+        slave: &SlaveId,
+        claim: &AgentClaim,
+        reason: RejectReason,
+        detail: &str,
+    ) -> Alert {
+        self.alert(
+            Severity::Warning,
+            AlertKind::RegistrationRejected,
+            format!(
+                "agent {} ({}) on slave {slave} rejected: {reason}: {detail}",
+                claim.agent_id, claim.agent_type
+            ),
+        )
+        .slave(slave.as_str())
+        .agent(&claim.agent_id, &claim.agent_type)
+        .reason(reason)
+        .counts(self.counts())
+    }
+
+    fn invalid_request(&self, slave: &SlaveId, subject_op: &str, message: String) -> Output {
+        let error = WireError {
+            code: ErrorCode::Invalid,
+            message,
+        };
+        let mut out = Output::reply(Reply::Error(error.clone()));
+        out.alert(
+            self.alert(
+                Severity::Warning,
+                AlertKind::BadMessage,
+                format!("invalid {subject_op} from slave {slave}: {}", error.message),
+            )
+            .slave(slave.as_str()),
+        );
+        out
+    }
+
+    fn register(&mut self, now: Instant, id: SlaveId, request: RegisterRequest) -> Output {
+        if let Some(problem) = validate_agent(&request.agent_id, Some(&request.agent_type)) {
+            return self.invalid_request(&id, "register", problem);
+        }
+        let claim = AgentClaim {
+            agent_id: request.agent_id,
+            agent_type: request.agent_type,
+        };
+        let connected = match self.slaves.get_mut(&id) {
+            Some(slave) if slave.connected => {
+                slave.last_seen = now;
+                true
+            }
+            _ => false,
+        };
+        let result = if connected {
+            self.try_grant(&id, &claim.agent_id, &claim.agent_type)
+        } else {
+            Err((
+                RejectReason::SlaveNotConnected,
+                "the master has no live session with this slave: say hello first".to_owned(),
+            ))
+        };
+        match result {
+            Ok(already_held) => Output::reply(Reply::Decision(Decision::Approved { already_held })),
+            Err((reason, detail)) => {
+                let mut out = Output::reply(Reply::Decision(Decision::Rejected {
+                    reason,
+                    detail: detail.clone(),
+                }));
+                out.alert(self.rejection_alert(&id, &claim, reason, &detail));
+                out
+            }
+        }
+    }
+
+    fn unregister(&mut self, now: Instant, id: &SlaveId, request: UnregisterRequest) -> Output {
+        if let Some(problem) = validate_agent(&request.agent_id, None) {
+            return self.invalid_request(id, "unregister", problem);
+        }
+        let held_type = self.slaves.get_mut(id).and_then(|s| {
+            s.last_seen = now;
+            s.agents.get(&request.agent_id).cloned()
+        });
+        // Releasing is always safe, so it is honoured even from a slave marked
+        // disconnected; releasing an agent that holds no seat is a no-op.
+        if held_type.is_some() {
+            self.release(id, &request.agent_id);
+        }
+        Output::reply(Reply::Ack)
+    }
+
+    fn heartbeat(&mut self, now: Instant, id: &SlaveId, heartbeat: Heartbeat) -> Output {
+        match self.slaves.get_mut(id) {
+            Some(slave) if slave.connected && slave.instance == heartbeat.instance => {
+                slave.last_seen = now;
+                Output::reply(Reply::Ack)
+            }
+            _ => Output::reply(Reply::Refused {
+                reason: RejectReason::SlaveNotConnected,
+                detail: "the master has no live session with this slave instance: say hello again"
+                    .to_owned(),
+            }),
+        }
+    }
+
+    fn report(&mut self, id: SlaveId, report: SlaveReport) -> Output {
+        let mut out = Output::default();
+        let source = format!("slave:{id}");
+        match report.event {
+            SlaveEvent::LocalRejection {
+                agent_id,
+                agent_type,
+                reason,
+            } => {
+                let mut alert = self
+                    .alert(
+                        Severity::Warning,
+                        AlertKind::RegistrationRejected,
+                        format!(
+                            "agent {agent_id} ({agent_type}) on slave {id} rejected by the slave: {reason}: {}",
+                            report.message
+                        ),
+                    )
+                    .slave(id.as_str())
+                    .agent(agent_id, agent_type)
+                    .reason(reason)
+                    .counts(self.counts());
+                alert.source = source;
+                out.alert(alert);
+            }
+            SlaveEvent::Restricted {
+                lost_for_ms,
+                logged_out,
+            } => {
+                let mut alert = self
+                    .alert(
+                        Severity::Warning,
+                        AlertKind::SlaveRestricted,
+                        format!(
+                            "slave {id} had no master for {} s, beyond its grace period, and restricted usage ({logged_out} agents logged out)",
+                            lost_for_ms / 1000
+                        ),
+                    )
+                    .slave(id.as_str());
+                alert.source = source;
+                out.alert(alert);
+            }
+            SlaveEvent::Other => {
+                let mut alert = self
+                    .alert(
+                        Severity::Info,
+                        AlertKind::Other,
+                        format!("slave {id} reported: {}", report.message),
+                    )
+                    .slave(id.as_str());
+                alert.source = source;
+                out.alert(alert);
+            }
+        }
+        out
+    }
+
+    fn bad_message(&mut self, subject: String, slave: Option<SlaveId>, error: WireError) -> Output {
+        let mut alert = self.alert(
+            Severity::Warning,
+            AlertKind::BadMessage,
+            format!("bad message on {subject}: {error}"),
+        );
+        if let Some(slave) = &slave {
+            alert = alert.slave(slave.as_str());
+        }
+        let mut out = Output::reply(Reply::Error(error));
+        out.alert(alert);
+        out
+    }
+
+    fn tick(&mut self, now: Instant, today: Date) -> Output {
+        let mut out = Output::default();
+        let missed = self.cfg.missed_heartbeats;
+        let mut lost = Vec::new();
+        for (id, slave) in &mut self.slaves {
+            if slave.connected
+                && now.saturating_duration_since(slave.last_seen) > slave.silence_limit(missed)
+            {
+                slave.connected = false;
+                lost.push((id.clone(), slave.agents.len(), slave.silence_limit(missed)));
+            }
+        }
+        let margin = self.cfg.reclaim_margin;
+        let mut reclaim = Vec::new();
+        for (id, slave) in &mut self.slaves {
+            let silent = now.saturating_duration_since(slave.last_seen);
+            if slave.logout_after_grace && !slave.agents.is_empty() && silent > slave.grace + margin
+            {
+                slave.connected = false;
+                slave.reclaimed = true;
+                let agents: Vec<(String, String)> = slave.agents.drain().collect();
+                reclaim.push((id.clone(), agents, silent));
+            }
+        }
+        for (id, agents, silent) in reclaim {
+            for (_, agent_type) in &agents {
+                self.uncount(agent_type);
+            }
+            self.pending.push(SeatChange::Reclaim {
+                slave: id.to_string(),
+            });
+            out.alert(
+                self.alert(
+                    Severity::Warning,
+                    AlertKind::SeatsReclaimed,
+                    format!(
+                        "reclaimed {} seats of slave {id}: silent for {} ms, past its grace period plus the {} ms margin (it has logged its agents out by now)",
+                        agents.len(),
+                        silent.as_millis(),
+                        margin.as_millis()
+                    ),
+                )
+                .slave(id.as_str())
+                .counts(self.counts()),
+            );
+        }
+        for (id, seats, silence) in lost {
+            out.alert(
+                self.alert(
+                    Severity::Warning,
+                    AlertKind::SlaveDisconnected,
+                    format!(
+                        "slave {id} disconnected: no heartbeat for {} ms ({missed} intervals); its {seats} seats are kept until it reconnects",
+                        silence.as_millis()
+                    ),
+                )
+                .slave(id.as_str())
+                .counts(self.counts()),
+            );
+        }
+        if self.next_counts_at.is_none_or(|at| now >= at) {
+            self.next_counts_at = Some(now + self.cfg.counts_interval);
+            let total = self.total_limit();
+            let types: Vec<String> = self
+                .cfg
+                .license
+                .limits
+                .agent_types
+                .iter()
+                .map(|(t, limit)| {
+                    format!(
+                        "{t} {}/{limit}",
+                        self.in_use_by_type.get(t).copied().unwrap_or(0)
+                    )
+                })
+                .collect();
+            let connected = self.slaves.values().filter(|s| s.connected).count();
+            let mut message = format!(
+                "license counts: {}/{total} seats in use, {connected} of {} slaves connected",
+                self.total_in_use,
+                self.slaves.len()
+            );
+            if !types.is_empty() {
+                message.push_str(&format!("; {}", types.join(", ")));
+            }
+            out.alert(
+                self.alert(Severity::Info, AlertKind::LicenseCounts, message)
+                    .counts(self.counts()),
+            );
+        }
+        let days_left = self.cfg.license.days_left(today);
+        if days_left <= self.cfg.expiry_warning_days && self.last_expiry_warning != Some(today) {
+            self.last_expiry_warning = Some(today);
+            let severity = if days_left <= 7 {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            };
+            let message = if days_left < 0 {
+                format!(
+                    "master license {} expired on {}: renew it and reload",
+                    self.cfg.license.id, self.cfg.license.expires
+                )
+            } else {
+                format!(
+                    "master license {} expires on {} ({days_left} days left)",
+                    self.cfg.license.id, self.cfg.license.expires
+                )
+            };
+            out.alert(self.alert(severity, AlertKind::LicenseExpiringSoon, message));
+        }
+        out
+    }
+
+    /// An operator force-releases one agent's seat or all seats of a slave. The slave is
+    /// told to log the agents out; if it misses that (it is offline), its next hello is
+    /// refused those agents, so it cannot silently take them back.
+    pub fn admin_release(&mut self, request: &lmbus_schemas::ReleaseRequest) -> ReleaseOutput {
+        use lmbus_schemas::ReleaseReply;
+        let error = |message: String| ReleaseOutput {
+            reply: ReleaseReply::Error { message },
+            effects: Vec::new(),
+            changes: Vec::new(),
+        };
+        let Ok(id) = SlaveId::new(request.slave_id.clone()) else {
+            return error(format!("{:?} is not a valid slave id", request.slave_id));
+        };
+        let Some(slave) = self.slaves.get(&id) else {
+            return error(format!("the master knows no slave {id}"));
+        };
+        let targets: Vec<(String, String)> = match &request.agent_id {
+            Some(agent) => match slave.agents.get(agent) {
+                Some(t) => vec![(agent.clone(), t.clone())],
+                None => return error(format!("agent {agent} holds no seat on slave {id}")),
+            },
+            None => slave
+                .agents
+                .iter()
+                .map(|(a, t)| (a.clone(), t.clone()))
+                .collect(),
+        };
+        for (agent, _) in &targets {
+            self.release(&id, agent);
+        }
+        if let Some(slave) = self.slaves.get_mut(&id) {
+            slave.revoked.extend(targets.iter().map(|(a, _)| a.clone()));
+        }
+        let agents: Vec<String> = targets.into_iter().map(|(a, _)| a).collect();
+        self.pending.push(SeatChange::Revoke {
+            slave: id.to_string(),
+            agents: agents.clone(),
+        });
+        let who = if request.operator.is_empty() {
+            "an operator"
+        } else {
+            request.operator.as_str()
+        };
+        let alert = self
+            .alert(
+                Severity::Warning,
+                AlertKind::SeatsReleased,
+                format!(
+                    "{who} released {} seats of slave {id}: {}",
+                    agents.len(),
+                    agents.join(", ")
+                ),
+            )
+            .slave(id.as_str())
+            .counts(self.counts());
+        let logout = ControlMessage::LogOut {
+            agents: agents
+                .iter()
+                .map(|a| RejectedAgent {
+                    agent_id: a.clone(),
+                    reason: RejectReason::ReleasedByAdmin,
+                })
+                .collect(),
+        };
+        let effects = vec![
+            Effect::Control {
+                slave: id,
+                message: logout,
+            },
+            Effect::Alert(alert),
+        ];
+        ReleaseOutput {
+            reply: ReleaseReply::Released { agents },
+            effects,
+            changes: std::mem::take(&mut self.pending),
+        }
+    }
+
+    // ---- the ledger ------------------------------------------------------------------------
+
+    /// Applies one ledger record written by a leader (possibly another replica), the way
+    /// that leader's engine changed its own state. Limits are not checked again: the
+    /// ledger is the truth. A standby does this for every record to stay hot; a new leader
+    /// does it up to the end of the ledger before it answers anyone.
+    ///
+    /// `Err` names a record that does not fit the state (a grant for a slave with no
+    /// session, a record from a newer build); the caller must stop replaying.
+    pub fn apply(&mut self, now: Instant, change: &SeatChange) -> Result<(), String> {
+        let slave_id = |s: &str| SlaveId::new(s.to_owned()).map_err(|e| e.to_string());
+        match change {
+            SeatChange::Session {
+                slave,
+                instance,
+                license,
+                local_limit,
+                heartbeat_interval_ms,
+                grace_ms,
+                logout_after_grace,
+                hello_seq,
+            } => {
+                let id = slave_id(slave)?;
+                let entry = self.slaves.entry(id).or_insert_with(|| Slave {
+                    instance: *instance,
+                    license: None,
+                    connected: true,
+                    last_seen: now,
+                    heartbeat_interval: Duration::from_millis(*heartbeat_interval_ms),
+                    agents: HashMap::new(),
+                    grace: Duration::ZERO,
+                    logout_after_grace: false,
+                    hello_seq: 0,
+                    reclaimed: false,
+                    revoked: HashSet::new(),
+                });
+                entry.instance = *instance;
+                entry.license = license.map(|id| SlaveLicense {
+                    id,
+                    local_limit: *local_limit,
+                });
+                entry.connected = true;
+                entry.last_seen = now;
+                entry.heartbeat_interval = Duration::from_millis(*heartbeat_interval_ms);
+                entry.grace = Duration::from_millis(*grace_ms);
+                entry.logout_after_grace = *logout_after_grace;
+                entry.hello_seq = *hello_seq;
+                entry.reclaimed = false;
+                entry.revoked.clear();
+            }
+            SeatChange::Grant {
+                slave,
+                agent_id,
+                agent_type,
+            } => {
+                let id = slave_id(slave)?;
+                if !self.insert_seat(&id, agent_id, agent_type) {
+                    return Err(format!(
+                        "grant of {agent_id} for slave {slave}, which has no session"
+                    ));
+                }
+            }
+            SeatChange::Release { slave, agent_id } => {
+                self.remove_seat(&slave_id(slave)?, agent_id);
+            }
+            SeatChange::Reclaim { slave } => {
+                let id = slave_id(slave)?;
+                let drained: Vec<String> = match self.slaves.get_mut(&id) {
+                    Some(s) => {
+                        s.connected = false;
+                        s.reclaimed = true;
+                        s.agents.drain().map(|(_, t)| t).collect()
+                    }
+                    None => Vec::new(),
+                };
+                for agent_type in &drained {
+                    self.uncount(agent_type);
+                }
+            }
+            SeatChange::Revoke { slave, agents } => {
+                let id = slave_id(slave)?;
+                for agent in agents {
+                    self.remove_seat(&id, agent);
+                }
+                if let Some(s) = self.slaves.get_mut(&id) {
+                    s.revoked.extend(agents.iter().cloned());
+                }
+            }
+            SeatChange::Leader { .. } => {}
+            SeatChange::Unknown => {
+                return Err("a ledger record this build does not know (written by a newer broker): upgrade this replica".to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// Called when this replica becomes leader: every slave's silence is counted from now,
+    /// since a standby saw no heartbeats. This only delays disconnect alerts and reclaims,
+    /// never brings them forward, so the timing rule still holds.
+    pub fn restart_silence_clocks(&mut self, now: Instant) {
+        for slave in self.slaves.values_mut() {
+            slave.last_seen = now;
+        }
+    }
+
+    /// Seats per slave (agent id → type), for comparing replicas in tests and checks.
+    pub fn seats(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.slaves
+            .iter()
+            .map(|(id, s)| {
+                (
+                    id.to_string(),
+                    s.agents
+                        .iter()
+                        .map(|(a, t)| (a.clone(), t.clone()))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// The License Monitor view of the current state.
+    pub fn status(&self, now: Instant) -> StatusReply {
+        let license = &self.cfg.license;
+        StatusReply {
+            broker_id: self.cfg.broker_id.clone(),
+            cluster: self.cfg.cluster.clone(),
+            license: LicenseSummary {
+                id: license.id,
+                customer: license.customer.clone(),
+                context: license.context.to_string(),
+                expires: license.expires.to_string(),
+            },
+            allow_unlicensed_slaves: self.cfg.allow_unlicensed_slaves,
+            total_limit: self.total_limit(),
+            type_limits: license.limits.agent_types.clone(),
+            total_in_use: self.total_in_use,
+            in_use_by_type: self.in_use_by_type.clone(),
+            slaves: self
+                .slaves
+                .iter()
+                .map(|(id, s)| SlaveStatus {
+                    slave_id: id.to_string(),
+                    connected: s.connected,
+                    license: s.license.as_ref().map(|l| l.id),
+                    local_limit: s.license.as_ref().and_then(|l| l.local_limit),
+                    in_use: s.agents.len() as u32,
+                    in_use_by_type: s.by_type(),
+                    last_seen_ms_ago: now.saturating_duration_since(s.last_seen).as_millis() as u64,
+                })
+                .collect(),
+            leader_term: 0,
+            ledger_sequence: 0,
+            replicas: Vec::new(),
+        }
+    }
+}
+
+/// Checks an agent id (and type) from the network; `Some(problem)` when unusable.
+fn validate_agent(agent_id: &str, agent_type: Option<&str>) -> Option<String> {
+    if agent_id.is_empty() || agent_id.len() > MAX_AGENT_ID_LEN {
+        return Some(format!(
+            "agent id must be 1 to {MAX_AGENT_ID_LEN} bytes, got {}",
+            agent_id.len()
+        ));
+    }
+    if agent_id.chars().any(char::is_control) {
+        return Some("agent id contains control characters".to_owned());
+    }
+    if let Some(t) = agent_type {
+        let ok = !t.is_empty()
+            && t.len() <= 64
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return Some(format!(
+                "agent type {t:?} must be 1 to 64 characters from A-Z, a-z, 0-9, '-' and '_'"
+            ));
+        }
+    }
+    None
+}

@@ -1,0 +1,909 @@
+//! Engine rules, tested without NATS: events in, replies and effects out.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use lmbus_schemas::{
+    AgentClaim, AlertKind, Context, Decision, ErrorCode, Heartbeat, Hello, License, Limits,
+    RegisterRequest, RejectReason, Reply, Role, Severity, SlaveEvent, SlaveId, SlaveReport,
+    UnregisterRequest, VendorKey, WireError, sign_license,
+};
+use time::macros::date;
+use uuid::Uuid;
+
+use super::*;
+
+const TODAY: Date = date!(2026 - 11 - 23);
+
+fn vendor() -> VendorKey {
+    VendorKey::from_bytes(&[42; 32])
+}
+
+fn license(role: Role, limits: Limits) -> License {
+    License {
+        id: Uuid::new_v4(),
+        customer: "Acme".into(),
+        issued: date!(2026 - 01 - 01),
+        expires: date!(2027 - 12 - 31),
+        maintenance_expires: date!(2027 - 12 - 31),
+        role,
+        context: Context::Production,
+        limits,
+    }
+}
+
+fn master_limits() -> Limits {
+    Limits {
+        total: Some(5),
+        local: None,
+        agent_types: BTreeMap::from([("inbound".into(), 3), ("outbound".into(), 3)]),
+    }
+}
+
+fn config(allow_unlicensed: bool) -> EngineConfig {
+    EngineConfig {
+        broker_id: "b1".into(),
+        cluster: "c".into(),
+        license: license(Role::Master, master_limits()),
+        vendor_key: vendor().verifying_key(),
+        allow_unlicensed_slaves: allow_unlicensed,
+        missed_heartbeats: 3,
+        counts_interval: Duration::from_secs(60),
+        expiry_warning_days: 30,
+        max_slaves: 100,
+        reclaim_margin: Duration::from_secs(10),
+    }
+}
+
+fn slave_license(local: Option<u32>) -> String {
+    sign_license(
+        &license(
+            Role::Slave,
+            Limits {
+                local,
+                ..Limits::default()
+            },
+        ),
+        &vendor(),
+    )
+    .unwrap()
+}
+
+fn id(s: &str) -> SlaveId {
+    SlaveId::new(s).unwrap()
+}
+
+struct Harness {
+    engine: Engine,
+    now: Instant,
+    instances: BTreeMap<String, Uuid>,
+    seq: u64,
+}
+
+impl Harness {
+    fn new(allow_unlicensed: bool) -> Self {
+        Self {
+            engine: Engine::new(config(allow_unlicensed)),
+            now: Instant::now(),
+            instances: BTreeMap::new(),
+            seq: 0,
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+    }
+
+    fn hello_with(
+        &mut self,
+        slave: &str,
+        license: Option<String>,
+        agents: Vec<AgentClaim>,
+    ) -> Output {
+        let instance = *self
+            .instances
+            .entry(slave.into())
+            .or_insert_with(Uuid::new_v4);
+        let seq = self.next_seq();
+        self.engine.handle(
+            self.now,
+            Event::Hello {
+                slave: id(slave),
+                hello: Hello {
+                    instance,
+                    license,
+                    heartbeat_interval_ms: 1000,
+                    agents,
+                    software: "test".into(),
+                    seq,
+                    grace_ms: 60_000,
+                    logout_after_grace: true,
+                    request_timeout_ms: 2000,
+                },
+                today: TODAY,
+            },
+        )
+    }
+
+    fn hello(&mut self, slave: &str, license: Option<String>) -> Reply {
+        self.hello_with(slave, license, vec![]).reply.unwrap()
+    }
+
+    fn register(&mut self, slave: &str, agent: &str, agent_type: &str) -> Output {
+        self.engine.handle(
+            self.now,
+            Event::Register {
+                slave: id(slave),
+                request: RegisterRequest {
+                    request_id: Uuid::new_v4(),
+                    agent_id: agent.into(),
+                    agent_type: agent_type.into(),
+                },
+            },
+        )
+    }
+
+    fn decision(&mut self, slave: &str, agent: &str, agent_type: &str) -> Decision {
+        match self.register(slave, agent, agent_type).reply {
+            Some(Reply::Decision(d)) => d,
+            other => panic!("expected a decision, got {other:?}"),
+        }
+    }
+
+    fn unregister(&mut self, slave: &str, agent: &str) -> Reply {
+        self.engine
+            .handle(
+                self.now,
+                Event::Unregister {
+                    slave: id(slave),
+                    request: UnregisterRequest {
+                        request_id: Uuid::new_v4(),
+                        agent_id: agent.into(),
+                    },
+                },
+            )
+            .reply
+            .unwrap()
+    }
+
+    fn heartbeat(&mut self, slave: &str) -> Reply {
+        let instance = self.instances[slave];
+        self.engine
+            .handle(
+                self.now,
+                Event::Heartbeat {
+                    slave: id(slave),
+                    heartbeat: Heartbeat {
+                        instance,
+                        seq: 1,
+                        agents: 0,
+                    },
+                },
+            )
+            .reply
+            .unwrap()
+    }
+
+    fn tick(&mut self) -> Vec<Alert> {
+        alerts(&self.engine.handle(self.now, Event::Tick { today: TODAY }))
+    }
+}
+
+fn alerts(out: &Output) -> Vec<Alert> {
+    out.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Alert(a) => Some(a.clone()),
+            Effect::Control { .. } => None,
+        })
+        .collect()
+}
+
+fn approved(d: &Decision) -> bool {
+    matches!(d, Decision::Approved { .. })
+}
+
+fn rejected_for(d: &Decision) -> Option<RejectReason> {
+    match d {
+        Decision::Rejected { reason, .. } => Some(*reason),
+        Decision::Approved { .. } => None,
+    }
+}
+
+#[test]
+fn approves_under_the_limit_and_rejects_at_the_aggregate_limit() {
+    let mut h = Harness::new(true);
+    assert!(matches!(h.hello("s1", None), Reply::Welcome(_)));
+    assert!(matches!(h.hello("s2", None), Reply::Welcome(_)));
+    for (slave, agent, t) in [
+        ("s1", "a1", "inbound"),
+        ("s1", "a2", "inbound"),
+        ("s2", "a3", "outbound"),
+        ("s2", "a4", "outbound"),
+        ("s2", "a5", "inbound"),
+    ] {
+        assert!(approved(&h.decision(slave, agent, t)), "{agent}");
+    }
+    let out = h.register("s1", "a6", "outbound");
+    let Some(Reply::Decision(d)) = &out.reply else {
+        panic!()
+    };
+    assert_eq!(rejected_for(d), Some(RejectReason::AggregateLimit));
+    let a = alerts(&out);
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].kind, AlertKind::RegistrationRejected);
+    assert_eq!(a[0].reason, Some(RejectReason::AggregateLimit));
+    assert_eq!(a[0].slave.as_deref(), Some("s1"));
+    assert_eq!(a[0].agent_type.as_deref(), Some("outbound"));
+    assert_eq!(h.engine.total_in_use(), 5);
+}
+
+#[test]
+fn per_type_limit_and_unknown_type() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    for a in ["a1", "a2", "a3"] {
+        assert!(approved(&h.decision("s1", a, "inbound")));
+    }
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a4", "inbound")),
+        Some(RejectReason::TypeLimit)
+    );
+    assert!(approved(&h.decision("s1", "a4", "outbound")));
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a5", "supervisor")),
+        Some(RejectReason::UnknownAgentType)
+    );
+}
+
+#[test]
+fn re_registration_is_idempotent() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    assert_eq!(
+        h.decision("s1", "a1", "inbound"),
+        Decision::Approved {
+            already_held: false
+        }
+    );
+    assert_eq!(
+        h.decision("s1", "a1", "inbound"),
+        Decision::Approved { already_held: true }
+    );
+    assert_eq!(h.engine.total_in_use(), 1);
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a1", "outbound")),
+        Some(RejectReason::AgentTypeMismatch)
+    );
+    assert_eq!(h.engine.total_in_use(), 1);
+}
+
+#[test]
+fn unregister_frees_the_seat() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    for a in ["a1", "a2", "a3"] {
+        assert!(approved(&h.decision("s1", a, "inbound")));
+    }
+    assert!(!approved(&h.decision("s1", "a4", "inbound")));
+    assert_eq!(h.unregister("s1", "a1"), Reply::Ack);
+    assert_eq!(
+        h.unregister("s1", "a1"),
+        Reply::Ack,
+        "second release is a no-op"
+    );
+    assert!(approved(&h.decision("s1", "a4", "inbound")));
+    assert_eq!(h.engine.total_in_use(), 3);
+}
+
+#[test]
+fn slave_license_local_limit_is_enforced_by_the_master_too() {
+    let mut h = Harness::new(false);
+    assert!(matches!(
+        h.hello("s1", Some(slave_license(Some(1)))),
+        Reply::Welcome(_)
+    ));
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a2", "inbound")),
+        Some(RejectReason::LocalLimit)
+    );
+}
+
+#[test]
+fn unlicensed_slaves_need_permission() {
+    let mut h = Harness::new(false);
+    let out = h.hello_with("u1", None, vec![]);
+    assert!(matches!(
+        out.reply,
+        Some(Reply::Refused {
+            reason: RejectReason::UnlicensedNotAllowed,
+            ..
+        })
+    ));
+    assert_eq!(alerts(&out)[0].kind, AlertKind::SlaveRefused);
+    assert_eq!(
+        rejected_for(&h.decision("u1", "a1", "inbound")),
+        Some(RejectReason::SlaveNotConnected)
+    );
+    // A standalone (role none) license is still an unlicensed slave.
+    let standalone = sign_license(&license(Role::None, Limits::default()), &vendor()).unwrap();
+    assert!(matches!(
+        h.hello("u2", Some(standalone.clone())),
+        Reply::Refused {
+            reason: RejectReason::UnlicensedNotAllowed,
+            ..
+        }
+    ));
+
+    let mut h = Harness::new(true);
+    assert!(matches!(h.hello("u1", None), Reply::Welcome(_)));
+    assert!(matches!(h.hello("u2", Some(standalone)), Reply::Welcome(_)));
+    assert!(approved(&h.decision("u1", "a1", "inbound")));
+}
+
+#[test]
+fn bad_slave_licenses_are_refused_with_their_reason() {
+    let mut h = Harness::new(true);
+    let master_as_slave = sign_license(&license(Role::Master, master_limits()), &vendor()).unwrap();
+    assert!(matches!(
+        h.hello("s1", Some(master_as_slave)),
+        Reply::Refused {
+            reason: RejectReason::LicenseRole,
+            ..
+        }
+    ));
+    let tampered = slave_license(Some(2)).replace("local = 2", "local = 200");
+    match h.hello("s2", Some(tampered)) {
+        Reply::Refused {
+            reason: RejectReason::LicenseInvalid,
+            detail,
+        } => assert!(detail.contains("modified"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    let mut dev = license(Role::Slave, Limits::default());
+    dev.context = Context::Development;
+    assert!(matches!(
+        h.hello("s3", Some(sign_license(&dev, &vendor()).unwrap())),
+        Reply::Refused {
+            reason: RejectReason::ContextMismatch,
+            ..
+        }
+    ));
+    let mut expired = license(Role::Slave, Limits::default());
+    expired.issued = date!(2020 - 01 - 01);
+    expired.expires = date!(2021 - 01 - 01);
+    assert!(matches!(
+        h.hello("s4", Some(sign_license(&expired, &vendor()).unwrap())),
+        Reply::Refused {
+            reason: RejectReason::LicenseInvalid,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn silent_slave_is_marked_disconnected_and_keeps_its_seats() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    h.advance(Duration::from_millis(2500));
+    assert_eq!(h.heartbeat("s1"), Reply::Ack);
+    h.advance(Duration::from_millis(2900));
+    assert!(
+        !h.tick()
+            .iter()
+            .any(|a| a.kind == AlertKind::SlaveDisconnected)
+    );
+    h.advance(Duration::from_millis(200));
+    let lost: Vec<_> = h
+        .tick()
+        .into_iter()
+        .filter(|a| a.kind == AlertKind::SlaveDisconnected)
+        .collect();
+    assert_eq!(lost.len(), 1);
+    assert_eq!(lost[0].severity, Severity::Warning);
+    assert!(lost[0].message.contains("1 seats are kept"));
+    assert_eq!(h.engine.total_in_use(), 1);
+    // Only alerted once.
+    h.advance(Duration::from_secs(10));
+    assert!(
+        !h.tick()
+            .iter()
+            .any(|a| a.kind == AlertKind::SlaveDisconnected)
+    );
+    // It must say hello again; its seat is still its own.
+    assert!(matches!(
+        h.heartbeat("s1"),
+        Reply::Refused {
+            reason: RejectReason::SlaveNotConnected,
+            ..
+        }
+    ));
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a2", "inbound")),
+        Some(RejectReason::SlaveNotConnected)
+    );
+    let claim = AgentClaim {
+        agent_id: "a1".into(),
+        agent_type: "inbound".into(),
+    };
+    let out = h.hello_with("s1", None, vec![claim]);
+    assert!(matches!(out.reply, Some(Reply::Welcome(ref w)) if w.rejected_agents.is_empty()));
+    assert_eq!(h.engine.total_in_use(), 1);
+}
+
+#[test]
+fn hello_reconciles_without_double_counting() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    h.hello("s2", None);
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    assert!(approved(&h.decision("s1", "a2", "inbound")));
+    // s2 fills the rest.
+    for a in ["b1", "b2", "b3"] {
+        assert!(approved(&h.decision("s2", a, "outbound")));
+    }
+    // s1 restarts: it now claims a1 (held), and c1/c2 (new). a2 is gone. Only one of c1,c2
+    // fits once a2 is released.
+    h.instances.insert("s1".into(), Uuid::new_v4());
+    let claims = ["a1", "c1", "c2"]
+        .map(|a| AgentClaim {
+            agent_id: a.into(),
+            agent_type: "inbound".into(),
+        })
+        .to_vec();
+    let out = h.hello_with("s1", None, claims);
+    let Some(Reply::Welcome(w)) = out.reply else {
+        panic!()
+    };
+    assert_eq!(w.rejected_agents.len(), 1);
+    assert_eq!(w.rejected_agents[0].agent_id, "c2");
+    assert_eq!(w.rejected_agents[0].reason, RejectReason::AggregateLimit);
+    assert_eq!(h.engine.total_in_use(), 5);
+    let status = h.engine.status(h.now);
+    let s1 = status.slaves.iter().find(|s| s.slave_id == "s1").unwrap();
+    assert_eq!(s1.in_use, 2);
+}
+
+#[test]
+fn counts_and_expiry_alerts() {
+    let mut h = Harness::new(true);
+    let first = h.tick();
+    assert!(first.iter().any(|a| a.kind == AlertKind::LicenseCounts));
+    h.advance(Duration::from_secs(30));
+    assert!(!h.tick().iter().any(|a| a.kind == AlertKind::LicenseCounts));
+    h.advance(Duration::from_secs(31));
+    assert!(h.tick().iter().any(|a| a.kind == AlertKind::LicenseCounts));
+
+    let mut cfg = config(true);
+    cfg.license.expires = date!(2026 - 12 - 10);
+    let mut e = Engine::new(cfg);
+    let now = Instant::now();
+    let out = alerts(&e.handle(now, Event::Tick { today: TODAY }));
+    let warn: Vec<_> = out
+        .iter()
+        .filter(|a| a.kind == AlertKind::LicenseExpiringSoon)
+        .collect();
+    assert_eq!(warn.len(), 1);
+    assert!(
+        warn[0].message.contains("17 days left"),
+        "{}",
+        warn[0].message
+    );
+    // Once per day.
+    let again = alerts(&e.handle(now, Event::Tick { today: TODAY }));
+    assert!(
+        !again
+            .iter()
+            .any(|a| a.kind == AlertKind::LicenseExpiringSoon)
+    );
+}
+
+#[test]
+fn bad_input_gets_an_error_reply_and_an_alert() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    let out = h.engine.handle(
+        h.now,
+        Event::BadMessage {
+            subject: "lmbus.v1.c.slave.s1.register".into(),
+            slave: Some(id("s1")),
+            error: WireError {
+                code: ErrorCode::Malformed,
+                message: "garbage".into(),
+            },
+        },
+    );
+    assert!(matches!(out.reply, Some(Reply::Error(_))));
+    assert_eq!(alerts(&out)[0].kind, AlertKind::BadMessage);
+
+    for (agent, t) in [("", "inbound"), ("a", "in bound"), ("a\u{0}", "inbound")] {
+        let out = h.register("s1", agent, t);
+        assert!(
+            matches!(
+                out.reply,
+                Some(Reply::Error(WireError {
+                    code: ErrorCode::Invalid,
+                    ..
+                }))
+            ),
+            "{agent:?} {t:?}"
+        );
+        assert_eq!(alerts(&out)[0].kind, AlertKind::BadMessage);
+    }
+    assert_eq!(h.engine.total_in_use(), 0);
+}
+
+#[test]
+fn local_rejection_reports_become_alerts() {
+    let mut h = Harness::new(true);
+    let out = h.engine.handle(
+        h.now,
+        Event::Report {
+            slave: id("s9"),
+            report: SlaveReport {
+                event: SlaveEvent::LocalRejection {
+                    agent_id: "a".into(),
+                    agent_type: "inbound".into(),
+                    reason: RejectReason::LocalLimit,
+                },
+                message: "local limit 2 reached".into(),
+            },
+        },
+    );
+    let a = alerts(&out);
+    assert_eq!(a[0].kind, AlertKind::RegistrationRejected);
+    assert_eq!(a[0].reason, Some(RejectReason::LocalLimit));
+    assert_eq!(a[0].source, "slave:s9");
+}
+
+/// Steps: drive the engine with a long pseudo-random mix of hellos, registrations,
+/// unregistrations, heartbeats and ticks over 4 slaves; after every event, check that the
+/// counters equal the per-slave sums and stay within every limit.
+#[test]
+fn random_events_never_break_the_limits() {
+    let mut h = Harness::new(true);
+    let slaves = ["s1", "s2", "s3", "s4"];
+    let types = ["inbound", "outbound", "supervisor"];
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    h.hello("s4", Some(slave_license(Some(2))));
+    for _ in 0..5000 {
+        let slave = slaves[next(4) as usize];
+        let agent = format!("a{}", next(12));
+        match next(10) {
+            0 => {
+                let claims = (0..next(4))
+                    .map(|i| AgentClaim {
+                        agent_id: format!("a{i}"),
+                        agent_type: types[next(3) as usize].into(),
+                    })
+                    .collect();
+                if next(2) == 0 {
+                    h.instances.insert(slave.into(), Uuid::new_v4());
+                }
+                h.hello_with(slave, None, claims);
+            }
+            1..=5 => {
+                h.register(slave, &agent, types[next(3) as usize]);
+            }
+            6 | 7 => {
+                h.unregister(slave, &agent);
+            }
+            8 => {
+                if h.instances.contains_key(slave) {
+                    h.heartbeat(slave);
+                }
+            }
+            _ => {
+                h.advance(Duration::from_millis(next(2000)));
+                h.tick();
+            }
+        }
+        let status = h.engine.status(h.now);
+        let sum: u32 = status.slaves.iter().map(|s| s.in_use).sum();
+        assert_eq!(sum, status.total_in_use);
+        assert!(status.total_in_use <= status.total_limit);
+        for (t, limit) in &status.type_limits {
+            let used: u32 = status
+                .slaves
+                .iter()
+                .map(|s| s.in_use_by_type.get(t).copied().unwrap_or(0))
+                .sum();
+            assert_eq!(used, status.in_use_by_type.get(t).copied().unwrap_or(0));
+            assert!(used <= *limit);
+        }
+        for s in &status.slaves {
+            if let Some(local) = s.local_limit {
+                assert!(s.in_use <= local);
+            }
+        }
+    }
+}
+
+/// Steps: a slave that logs out at the end of its 60 s grace holds two seats and goes
+/// silent; at grace + margin the master still counts them, just after it reclaims them
+/// (alert, counts drop); when the slave says hello again claiming them, they are granted
+/// again if there is room, and refused with `reclaimed` when another slave took the room.
+#[test]
+fn silent_slave_seats_are_reclaimed_after_grace_plus_margin() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    h.hello("s2", None);
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    assert!(approved(&h.decision("s1", "a2", "inbound")));
+    h.advance(Duration::from_secs(70)); // grace 60 s + margin 10 s
+    assert!(!h.tick().iter().any(|a| a.kind == AlertKind::SeatsReclaimed));
+    assert_eq!(h.engine.total_in_use(), 2);
+    h.advance(Duration::from_millis(1));
+    let reclaimed: Vec<_> = h
+        .tick()
+        .into_iter()
+        .filter(|a| a.kind == AlertKind::SeatsReclaimed)
+        .collect();
+    assert_eq!(reclaimed.len(), 1);
+    assert!(
+        reclaimed[0]
+            .message
+            .contains("reclaimed 2 seats of slave s1")
+    );
+    assert_eq!(h.engine.total_in_use(), 0);
+    // s2 takes all 3 inbound seats meanwhile (its own hello keeps it alive).
+    h.hello("s2", None);
+    for a in ["b1", "b2"] {
+        assert!(approved(&h.decision("s2", a, "inbound")));
+    }
+    let claims = ["a1", "a2"]
+        .map(|a| AgentClaim {
+            agent_id: a.into(),
+            agent_type: "inbound".into(),
+        })
+        .to_vec();
+    let out = h.hello_with("s1", None, claims);
+    let Some(Reply::Welcome(w)) = out.reply else {
+        panic!()
+    };
+    assert_eq!(w.rejected_agents.len(), 1);
+    assert_eq!(w.rejected_agents[0].reason, RejectReason::Reclaimed);
+    assert_eq!(h.engine.total_in_use(), 3);
+}
+
+/// Steps: a slave that does not log out after its grace keeps its seats however long it
+/// is silent: reclaiming them could hand out a seat it still uses.
+#[test]
+fn seats_of_a_slave_that_keeps_its_agents_are_never_reclaimed() {
+    let mut h = Harness::new(true);
+    let instance = Uuid::new_v4();
+    h.engine.handle(
+        h.now,
+        Event::Hello {
+            slave: id("s1"),
+            hello: Hello {
+                instance,
+                license: None,
+                heartbeat_interval_ms: 1000,
+                agents: vec![],
+                software: String::new(),
+                seq: 1,
+                grace_ms: 1000,
+                logout_after_grace: false,
+                request_timeout_ms: 2000,
+            },
+            today: TODAY,
+        },
+    );
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    h.advance(Duration::from_secs(3600));
+    assert!(!h.tick().iter().any(|a| a.kind == AlertKind::SeatsReclaimed));
+    assert_eq!(h.engine.total_in_use(), 1);
+}
+
+/// Steps: a hello whose timings break the rule (margin not above request timeout + 1% of
+/// grace) is refused with `timing_rule`; a stale hello (lower seq, same instance) is
+/// refused with `stale_request` and changes nothing.
+#[test]
+fn timing_rule_and_stale_hellos() {
+    let mut h = Harness::new(true);
+    let hello = |seq, grace_ms, timeout_ms| Hello {
+        instance: Uuid::from_u128(7),
+        license: None,
+        heartbeat_interval_ms: 1000,
+        agents: vec![],
+        software: String::new(),
+        seq,
+        grace_ms,
+        logout_after_grace: true,
+        request_timeout_ms: timeout_ms,
+    };
+    let send = |h: &mut Harness, hello: Hello| {
+        h.engine
+            .handle(
+                h.now,
+                Event::Hello {
+                    slave: id("s1"),
+                    hello,
+                    today: TODAY,
+                },
+            )
+            .reply
+            .unwrap()
+    };
+    // margin 10 s; timeout 9 s + 1% of 120 s = 10.2 s: broken.
+    assert!(matches!(
+        send(&mut h, hello(1, 120_000, 9_000)),
+        Reply::Refused {
+            reason: RejectReason::TimingRule,
+            ..
+        }
+    ));
+    assert!(matches!(
+        send(&mut h, hello(5, 120_000, 2_000)),
+        Reply::Welcome(_)
+    ));
+    assert!(matches!(
+        send(&mut h, hello(4, 120_000, 2_000)),
+        Reply::Refused {
+            reason: RejectReason::StaleRequest,
+            ..
+        }
+    ));
+    assert!(matches!(
+        send(&mut h, hello(5, 120_000, 2_000)),
+        Reply::Welcome(_)
+    ));
+}
+
+/// Steps: an operator releases one agent, then all of a slave's seats; the seats are free
+/// at once, the slave is sent a logout naming the agents, an alert goes out, and a slave
+/// that missed the logout cannot take the agents back at its next hello.
+#[test]
+fn admin_release_logs_out_and_revokes() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    for a in ["a1", "a2", "a3"] {
+        assert!(approved(&h.decision("s1", a, "inbound")));
+    }
+    let ReleaseOutput { reply, effects, .. } =
+        h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
+            slave_id: "s1".into(),
+            agent_id: Some("a1".into()),
+            operator: "alice".into(),
+        });
+    assert_eq!(
+        reply,
+        lmbus_schemas::ReleaseReply::Released {
+            agents: vec!["a1".into()]
+        }
+    );
+    assert!(effects.iter().any(|e| matches!(e,
+        Effect::Control { message: ControlMessage::LogOut { agents }, .. }
+            if agents.len() == 1 && agents[0].reason == RejectReason::ReleasedByAdmin)));
+    assert!(effects.iter().any(|e| matches!(e,
+        Effect::Alert(a) if a.kind == AlertKind::SeatsReleased && a.message.contains("alice"))));
+    assert_eq!(h.engine.total_in_use(), 2);
+
+    let ReleaseOutput { reply, .. } = h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
+        slave_id: "s1".into(),
+        agent_id: None,
+        operator: String::new(),
+    });
+    assert!(
+        matches!(reply, lmbus_schemas::ReleaseReply::Released { ref agents } if agents.len() == 2)
+    );
+    assert_eq!(h.engine.total_in_use(), 0);
+
+    // The slave missed the logouts and claims all three again.
+    let claims = ["a1", "a2", "a3"]
+        .map(|a| AgentClaim {
+            agent_id: a.into(),
+            agent_type: "inbound".into(),
+        })
+        .to_vec();
+    let out = h.hello_with("s1", None, claims);
+    let Some(Reply::Welcome(w)) = out.reply else {
+        panic!()
+    };
+    assert_eq!(w.rejected_agents.len(), 3);
+    assert!(
+        w.rejected_agents
+            .iter()
+            .all(|r| r.reason == RejectReason::ReleasedByAdmin)
+    );
+    assert_eq!(h.engine.total_in_use(), 0);
+    // Registering anew is a visible, normal registration.
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+
+    let ReleaseOutput { reply, effects, .. } =
+        h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
+            slave_id: "nobody".into(),
+            agent_id: None,
+            operator: String::new(),
+        });
+    assert!(matches!(reply, lmbus_schemas::ReleaseReply::Error { .. }));
+    assert!(effects.is_empty());
+}
+
+/// A standby that applies the leader's ledger records in order holds the same seats as
+/// the leader, at every step of a random run that includes reclaims and admin releases.
+#[test]
+fn replaying_the_records_reproduces_the_seat_state() {
+    let mut h = Harness::new(true);
+    let mut standby = Engine::new(config(true));
+    let slaves = ["s1", "s2", "s3", "s4"];
+    let types = ["inbound", "outbound", "supervisor"];
+    let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut records = 0;
+    for step in 0..4000 {
+        let slave = slaves[next(4) as usize];
+        let agent = format!("a{}", next(10));
+        let out = match next(12) {
+            0 => {
+                let claims = (0..next(5))
+                    .map(|i| AgentClaim {
+                        agent_id: format!("a{i}"),
+                        agent_type: types[next(3) as usize].into(),
+                    })
+                    .collect();
+                if next(3) == 0 {
+                    h.instances.insert(slave.into(), Uuid::new_v4());
+                }
+                let license = (slave == "s4").then(|| slave_license(Some(2)));
+                h.hello_with(slave, license, claims)
+            }
+            1..=5 => h.register(slave, &agent, types[next(3) as usize]),
+            6 | 7 => h.engine.handle(
+                h.now,
+                Event::Unregister {
+                    slave: id(slave),
+                    request: UnregisterRequest {
+                        request_id: Uuid::new_v4(),
+                        agent_id: agent.clone(),
+                    },
+                },
+            ),
+            8 => {
+                let request = lmbus_schemas::ReleaseRequest {
+                    slave_id: slave.into(),
+                    agent_id: (next(2) == 0).then(|| agent.clone()),
+                    operator: "op".into(),
+                };
+                let released = h.engine.admin_release(&request);
+                Output {
+                    changes: released.changes,
+                    ..Output::default()
+                }
+            }
+            _ => {
+                h.advance(Duration::from_millis(next(40_000)));
+                h.engine.handle(h.now, Event::Tick { today: TODAY })
+            }
+        };
+        for change in &out.changes {
+            standby.apply(h.now, change).unwrap();
+            records += 1;
+        }
+        if step % 50 == 0 {
+            assert_eq!(standby.seats(), h.engine.seats(), "diverged at step {step}");
+        }
+    }
+    assert!(records > 1000, "the run made only {records} records");
+    assert_eq!(standby.seats(), h.engine.seats());
+    assert_eq!(standby.total_in_use(), h.engine.total_in_use());
+}

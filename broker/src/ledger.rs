@@ -1,0 +1,446 @@
+//! The seat ledger: a JetStream stream holding every change to the seat state
+//! ([`LedgerEntry`]), appended by the leader before any slave hears of the decision.
+//!
+//! Every append is fenced with the stream's expected last sequence: the leader appends
+//! only on top of the record it last saw, so a deposed leader (paused, partitioned, slow)
+//! whose view is stale has its write refused by the server and steps down. No clocks are
+//! compared anywhere.
+//!
+//! Works on nats-server 2.9 and later: the stream is created with plain stream config,
+//! and readers use ordered push consumers.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use async_nats::Client;
+use async_nats::jetstream::{
+    self, Context,
+    consumer::{DeliverPolicy, push},
+    context::PublishErrorKind,
+    message::PublishMessage,
+    stream,
+};
+use futures::StreamExt;
+use lmbus_schemas::{LedgerEntry, Subjects, decode, encode};
+
+/// How long an append may take before the leader gives up on it (and steps down: it
+/// cannot know whether the record landed).
+pub const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why an append failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// Someone else appended since this replica's last record: it is no longer the
+    /// leader the ledger follows.
+    #[error(
+        "ledger write refused: the ledger moved past sequence {expected} (another replica is writing)"
+    )]
+    Fenced { expected: u64 },
+    /// The append may or may not have landed.
+    #[error("ledger write failed: {0}")]
+    Failed(String),
+}
+
+/// How long a JetStream API request may take. Short, so that while a stream elects a new
+/// leader (a NATS node died) the broker retries instead of hanging on one request.
+pub const JS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A JetStream context with [`JS_TIMEOUT`].
+pub fn js_context(client: &Client) -> Context {
+    jetstream::ContextBuilder::new()
+        .timeout(JS_TIMEOUT)
+        .build(client.clone())
+}
+
+/// One record read back from the ledger.
+#[derive(Debug)]
+pub struct Record {
+    pub sequence: u64,
+    pub entry: LedgerEntry,
+}
+
+/// The ledger stream of one cluster, as one replica sees it.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    client: Client,
+    js: Context,
+    stream: String,
+    subject: String,
+    /// The sequence this replica's next append must sit on.
+    last: u64,
+}
+
+impl Ledger {
+    /// Opens the cluster's ledger stream, creating it (file storage, `replicas` copies)
+    /// if it does not exist yet.
+    pub async fn open(
+        client: &Client,
+        subjects: &Subjects,
+        replicas: usize,
+    ) -> anyhow::Result<Self> {
+        let js = js_context(client);
+        let name = subjects.ledger_stream();
+        let subject = subjects.ledger();
+        js.get_or_create_stream(stream::Config {
+            name: name.clone(),
+            description: Some(format!(
+                "lmbus seat ledger of cluster {}: every seat change, in decision order",
+                subjects.cluster()
+            )),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot open or create the ledger stream {name} ({replicas} replicas): {e}; the broker needs JetStream enabled on its NATS account and permission to use $JS.API.STREAM.* for {name}"
+            )
+        })?;
+        Ok(Self {
+            client: client.clone(),
+            js,
+            stream: name,
+            subject,
+            last: 0,
+        })
+    }
+
+    pub fn stream_name(&self) -> &str {
+        &self.stream
+    }
+
+    /// The sequence the next append is fenced on.
+    pub fn fence(&self) -> u64 {
+        self.last
+    }
+
+    /// Sets the sequence the next append is fenced on: the last record this replica has
+    /// applied.
+    pub fn set_fence(&mut self, sequence: u64) {
+        self.last = sequence;
+    }
+
+    /// The stream's last sequence now (0 when empty).
+    pub async fn last_sequence(&self) -> anyhow::Result<u64> {
+        // Looking the stream up fetches its info: one request, not two.
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .with_context(|| format!("cannot look up the ledger stream {}", self.stream))?;
+        Ok(stream.cached_info().state.last_sequence)
+    }
+
+    /// Appends one entry on top of [`Self::fence`]; on success the fence moves to the new
+    /// record.
+    pub async fn append(&mut self, entry: &LedgerEntry) -> Result<u64, AppendError> {
+        let payload = encode(entry).map_err(|e| AppendError::Failed(e.to_string()))?;
+        let message = PublishMessage::build()
+            .payload(payload.into())
+            .expected_last_sequence(self.last);
+        let ack = async {
+            self.js
+                .send_publish(self.subject.clone(), message)
+                .await?
+                .await
+        };
+        match tokio::time::timeout(APPEND_TIMEOUT, ack).await {
+            Err(_) => Err(AppendError::Failed(format!(
+                "no acknowledgement within {APPEND_TIMEOUT:?}"
+            ))),
+            Ok(Err(e)) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(AppendError::Fenced {
+                    expected: self.last,
+                })
+            }
+            Ok(Err(e)) => Err(AppendError::Failed(e.to_string())),
+            Ok(Ok(ack)) => {
+                self.last = ack.sequence;
+                Ok(ack.sequence)
+            }
+        }
+    }
+
+    /// Every record from `from` on, in order, as they are appended (an ordered consumer:
+    /// gaps are repaired by the client).
+    pub async fn follow(
+        &self,
+        from: u64,
+    ) -> anyhow::Result<impl futures::Stream<Item = anyhow::Result<Record>> + Unpin + use<>> {
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .with_context(|| format!("cannot look up the ledger stream {}", self.stream))?;
+        let consumer = stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: self.subject.clone(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("cannot read the ledger stream {}", self.stream))?;
+        let messages = consumer
+            .messages()
+            .await
+            .with_context(|| format!("cannot read the ledger stream {}", self.stream))?;
+        Ok(messages.map(|item| {
+            let message = item.map_err(|e| anyhow!("reading the ledger: {e}"))?;
+            let sequence = message
+                .info()
+                .map_err(|e| anyhow!("a ledger message without stream info: {e}"))?
+                .stream_sequence;
+            let entry = decode::<LedgerEntry>(&message.payload)
+                .map_err(|e| anyhow!("ledger record {sequence} cannot be decoded: {e}"))?;
+            Ok(Record { sequence, entry })
+        }))
+    }
+}
+
+/// What [`audit`] found in a ledger that keeps every invariant.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Audit {
+    pub records: u64,
+    pub grants: u64,
+    pub releases: u64,
+    /// Most seats in use at any ledger position.
+    pub max_in_use: u32,
+    /// `(replica, term)` of every `Leader` record, in ledger order.
+    pub leaders: Vec<(String, u64)>,
+    /// Seats held at the end: slave → agent → agent type.
+    pub seats: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+}
+
+/// Replays a ledger from its first record and checks, at every position: granted seats
+/// never exceed the total or a type limit; no agent holds two seats; terms only grow; and
+/// once a replica has written its `Leader` record, no other replica writes until the next
+/// `Leader` record (a deposed leader's writes were all refused).
+pub fn audit<'a>(
+    records: impl IntoIterator<Item = &'a Record>,
+    total_limit: u32,
+    type_limits: &std::collections::BTreeMap<String, u32>,
+) -> Result<Audit, String> {
+    use lmbus_schemas::SeatChange;
+    let mut a = Audit::default();
+    let mut in_use_by_type: std::collections::BTreeMap<String, u32> = Default::default();
+    let mut in_use: u32 = 0;
+    let mut leader: Option<(String, u64)> = None;
+    for record in records {
+        a.records += 1;
+        let at = record.sequence;
+        let writer = &record.entry.writer;
+        let starts_term = matches!(
+            record.entry.changes.first(),
+            Some(SeatChange::Leader { .. })
+        );
+        if !starts_term {
+            match &leader {
+                Some((current, _)) if current != writer => {
+                    return Err(format!(
+                        "record {at} was written by {writer} while {current} led: a deposed leader's write was not fenced"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        for change in &record.entry.changes {
+            match change {
+                SeatChange::Leader { replica, term } => {
+                    if let Some((_, last)) = &leader {
+                        if term <= last {
+                            return Err(format!(
+                                "record {at}: term {term} of {replica} does not follow term {last}"
+                            ));
+                        }
+                    }
+                    leader = Some((replica.clone(), *term));
+                    a.leaders.push((replica.clone(), *term));
+                }
+                SeatChange::Session { .. } => {}
+                SeatChange::Grant {
+                    slave,
+                    agent_id,
+                    agent_type,
+                } => {
+                    let seats = a.seats.entry(slave.clone()).or_default();
+                    if let Some(held) = seats.get(agent_id) {
+                        return Err(format!(
+                            "record {at}: agent {agent_id} of slave {slave} granted a second seat (already holds a {held} seat)"
+                        ));
+                    }
+                    seats.insert(agent_id.clone(), agent_type.clone());
+                    in_use += 1;
+                    let n = in_use_by_type.entry(agent_type.clone()).or_insert(0);
+                    *n += 1;
+                    a.grants += 1;
+                    if in_use > total_limit {
+                        return Err(format!(
+                            "record {at}: {in_use} seats in use, over the limit of {total_limit}"
+                        ));
+                    }
+                    if let Some(limit) = type_limits.get(agent_type) {
+                        if *n > *limit {
+                            return Err(format!(
+                                "record {at}: {n} {agent_type} seats in use, over the limit of {limit}"
+                            ));
+                        }
+                    }
+                    a.max_in_use = a.max_in_use.max(in_use);
+                }
+                SeatChange::Release { slave, agent_id } => {
+                    if let Some(t) = a.seats.get_mut(slave).and_then(|s| s.remove(agent_id)) {
+                        in_use -= 1;
+                        if let Some(n) = in_use_by_type.get_mut(&t) {
+                            *n -= 1;
+                        }
+                        a.releases += 1;
+                    }
+                }
+                SeatChange::Reclaim { slave } => {
+                    for (_, t) in std::mem::take(a.seats.entry(slave.clone()).or_default()) {
+                        in_use -= 1;
+                        if let Some(n) = in_use_by_type.get_mut(&t) {
+                            *n -= 1;
+                        }
+                        a.releases += 1;
+                    }
+                }
+                SeatChange::Revoke { slave, agents } => {
+                    for agent in agents {
+                        if let Some(t) = a.seats.get_mut(slave).and_then(|s| s.remove(agent)) {
+                            in_use -= 1;
+                            if let Some(n) = in_use_by_type.get_mut(&t) {
+                                *n -= 1;
+                            }
+                            a.releases += 1;
+                        }
+                    }
+                }
+                SeatChange::Unknown => {
+                    return Err(format!(
+                        "record {at}: a record kind this build does not know"
+                    ));
+                }
+            }
+        }
+    }
+    a.seats.retain(|_, s| !s.is_empty());
+    Ok(a)
+}
+
+impl Ledger {
+    /// Reads every record from the first to the current end (for audits and tests).
+    pub async fn read_all(&self) -> anyhow::Result<Vec<Record>> {
+        let last = self.last_sequence().await?;
+        let mut out = Vec::new();
+        if last == 0 {
+            return Ok(out);
+        }
+        let mut records = self.follow(1).await?;
+        while out.last().is_none_or(|r: &Record| r.sequence < last) {
+            match tokio::time::timeout(Duration::from_secs(10), records.next()).await {
+                Ok(Some(record)) => out.push(record?),
+                Ok(None) => anyhow::bail!("the ledger consumer ended"),
+                Err(_) => anyhow::bail!("the ledger stalled before sequence {last}"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmbus_schemas::SeatChange;
+    use std::collections::BTreeMap;
+
+    fn rec(sequence: u64, writer: &str, changes: Vec<SeatChange>) -> Record {
+        Record {
+            sequence,
+            entry: LedgerEntry {
+                writer: writer.into(),
+                changes,
+            },
+        }
+    }
+
+    fn grant(agent: &str) -> SeatChange {
+        SeatChange::Grant {
+            slave: "s".into(),
+            agent_id: agent.into(),
+            agent_type: "inbound".into(),
+        }
+    }
+
+    fn leader(replica: &str, term: u64) -> SeatChange {
+        SeatChange::Leader {
+            replica: replica.into(),
+            term,
+        }
+    }
+
+    #[test]
+    fn audit_catches_each_broken_invariant() {
+        let types = BTreeMap::from([("inbound".to_owned(), 2)]);
+        let good = vec![
+            rec(1, "b1", vec![leader("b1", 1)]),
+            rec(2, "b1", vec![grant("a1"), grant("a2")]),
+            rec(3, "b2", vec![leader("b2", 5)]),
+            rec(
+                4,
+                "b2",
+                vec![
+                    SeatChange::Release {
+                        slave: "s".into(),
+                        agent_id: "a1".into(),
+                    },
+                    grant("a3"),
+                ],
+            ),
+        ];
+        let a = audit(&good, 3, &types).unwrap();
+        assert_eq!((a.grants, a.releases, a.max_in_use), (3, 1, 2));
+        assert_eq!(a.leaders.len(), 2);
+        assert_eq!(a.seats["s"].len(), 2);
+
+        let over_type = vec![rec(1, "b1", vec![grant("a1"), grant("a2"), grant("a3")])];
+        assert!(
+            audit(&over_type, 5, &types)
+                .unwrap_err()
+                .contains("inbound")
+        );
+        let over_total = vec![rec(1, "b1", vec![grant("a1"), grant("a2")])];
+        assert!(
+            audit(&over_total, 1, &types)
+                .unwrap_err()
+                .contains("over the limit")
+        );
+        let twice = vec![
+            rec(1, "b1", vec![grant("a1")]),
+            rec(2, "b1", vec![grant("a1")]),
+        ];
+        assert!(
+            audit(&twice, 5, &types)
+                .unwrap_err()
+                .contains("second seat")
+        );
+        let unfenced = vec![
+            rec(1, "b1", vec![leader("b1", 1)]),
+            rec(2, "b2", vec![leader("b2", 2)]),
+            rec(3, "b1", vec![grant("a1")]),
+        ];
+        assert!(audit(&unfenced, 5, &types).unwrap_err().contains("deposed"));
+        let backwards = vec![
+            rec(1, "b1", vec![leader("b1", 4)]),
+            rec(2, "b2", vec![leader("b2", 2)]),
+        ];
+        assert!(audit(&backwards, 5, &types).unwrap_err().contains("term"));
+    }
+}

@@ -1,0 +1,15 @@
+//! The lmbus master broker.
+//!
+//! [`engine`] holds every admission decision as a pure state machine; [`runtime`] is the
+//! thin NATS task around it; [`config`] resolves flags, environment and config file into a
+//! [`BrokerConfig`]. `main.rs` only parses the command line and calls [`run`].
+
+pub mod config;
+pub mod election;
+pub mod engine;
+pub mod ledger;
+pub mod replicas;
+pub mod runtime;
+
+pub use config::{BrokerConfig, load_master_license, load_vendor_key};
+pub use runtime::run;

@@ -1,0 +1,335 @@
+//! `lmbus-broker`: parses the command line, sets up logging and runs the master broker
+//! until Ctrl-C or SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use lmbus_broker::config::{
+    self, BrokerConfig, DEFAULT_COUNTS_INTERVAL, DEFAULT_EXPIRY_WARNING_DAYS, DEFAULT_MAX_SLAVES,
+    DEFAULT_MISSED_HEARTBEATS, DEFAULT_NATS_URL, DEFAULT_TICK_INTERVAL, FileConfig,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lmbus-broker",
+    version,
+    about = "The lmbus master broker: enforces one aggregate concurrent-license limit across many slave agents over NATS"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing's EnvFilter syntax, e.g. `info` or `lmbus_broker=debug`).
+    #[arg(long, global = true, env = "LMBUS_LOG", default_value = "info")]
+    log: String,
+    /// Log line format.
+    #[arg(long, global = true, env = "LMBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the master broker.
+    Run(RunArgs),
+    /// Operator commands sent to a running master.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Force-release one agent's seat, or every seat of a slave (like lmremove). The slave
+    /// is told and logs the agents out; they must register again.
+    Release {
+        /// NATS server URL(s) of the master.
+        #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
+        nats: String,
+        #[arg(long, env = "LMBUS_CLUSTER")]
+        cluster: String,
+        /// The slave whose seats to release.
+        #[arg(long)]
+        slave: String,
+        /// Release only this agent's seat [default: every seat of the slave].
+        #[arg(long)]
+        agent: Option<String>,
+        /// Who is asking, for the alert [default: $USER].
+        #[arg(long, env = "USER", default_value = "operator")]
+        operator: String,
+    },
+    /// Delete a cluster's seat ledger and election state from JetStream (streams
+    /// LMBUS_LEDGER_<cluster> and KV_lmbus_election_<cluster>). Every seat record is lost:
+    /// only for tearing down a test or demo cluster, with all its brokers stopped.
+    RemoveState {
+        #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
+        nats: String,
+        #[arg(long, env = "LMBUS_CLUSTER")]
+        cluster: String,
+        /// Required: confirms that the cluster's seat records may be destroyed.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+async fn admin(command: AdminCommand) -> anyhow::Result<()> {
+    use lmbus_schemas::{ReleaseReply, ReleaseRequest, Subjects, decode, encode};
+    match command {
+        AdminCommand::Release {
+            nats,
+            cluster,
+            slave,
+            agent,
+            operator,
+        } => {
+            let subjects = Subjects::new(&cluster)?;
+            let client = async_nats::connect(lmbus_schemas::nats_urls(&nats))
+                .await
+                .with_context(|| format!("cannot connect to NATS at {nats}"))?;
+            let request = ReleaseRequest {
+                slave_id: slave,
+                agent_id: agent,
+                operator,
+            };
+            let subject = subjects.admin_release();
+            let no_master = || {
+                format!(
+                    "no master answered on {subject}: is lmbus-broker running for cluster {cluster}?"
+                )
+            };
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.request(subject.clone(), encode(&request)?.into()),
+            )
+            .await
+            .with_context(no_master)?
+            .with_context(no_master)?;
+            match decode::<ReleaseReply>(&answer.payload)? {
+                ReleaseReply::Released { agents } => {
+                    println!(
+                        "released {} seats of slave {}: {}",
+                        agents.len(),
+                        request.slave_id,
+                        agents.join(", ")
+                    );
+                    Ok(())
+                }
+                ReleaseReply::Error { message } => anyhow::bail!("{message}"),
+            }
+        }
+        AdminCommand::RemoveState { nats, cluster, yes } => {
+            if !yes {
+                anyhow::bail!(
+                    "remove-state destroys every seat record of cluster {cluster}: pass --yes to confirm"
+                );
+            }
+            let subjects = Subjects::new(&cluster)?;
+            let client = async_nats::connect(lmbus_schemas::nats_urls(&nats))
+                .await
+                .with_context(|| format!("cannot connect to NATS at {nats}"))?;
+            let js = async_nats::jetstream::new(client);
+            for stream in [subjects.ledger_stream(), subjects.election_stream()] {
+                match js.delete_stream(&stream).await {
+                    Ok(_) => println!("deleted stream {stream}"),
+                    Err(e) => println!("stream {stream} not deleted: {e}"),
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Every setting can come from a flag, an environment variable or the config file, in that
+/// order of precedence.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// TOML config file; its keys are the long flag names with `_` for `-`.
+    #[arg(long, env = "LMBUS_CONFIG")]
+    config: Option<PathBuf>,
+    /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "LMBUS_NATS_URL")]
+    nats: Option<String>,
+    /// Cluster name shared by this master and its slaves (subject token: A-Z a-z 0-9 - _).
+    #[arg(long, env = "LMBUS_CLUSTER")]
+    cluster: Option<String>,
+    /// The master license file (role = "master"), as signed by the vendor.
+    #[arg(long, env = "LMBUS_LICENSE")]
+    license: Option<PathBuf>,
+    /// The vendor's public key file (from `lmbus-license keygen`), used to verify the
+    /// master license and every slave license.
+    #[arg(long, env = "LMBUS_VENDOR_KEY")]
+    vendor_key: Option<PathBuf>,
+    /// Accept slaves without a slave license; they may register any number of agents the
+    /// master approves.
+    #[arg(long, env = "LMBUS_ALLOW_UNLICENSED_SLAVES", num_args = 0..=1, default_missing_value = "true")]
+    allow_unlicensed_slaves: Option<bool>,
+    /// This replica's id in alerts and status [default: broker-<random>].
+    #[arg(long, env = "LMBUS_BROKER_ID")]
+    id: Option<String>,
+    /// Heartbeat intervals a slave may miss before it is marked disconnected [default: 3].
+    #[arg(long, env = "LMBUS_MISSED_HEARTBEATS")]
+    missed_heartbeats: Option<u32>,
+    /// How often housekeeping runs: silence checks, counts, expiry [default: 500ms].
+    #[arg(long, env = "LMBUS_TICK_INTERVAL", value_parser = humantime::parse_duration)]
+    tick_interval: Option<Duration>,
+    /// How often a license_counts alert is published [default: 60s].
+    #[arg(long, env = "LMBUS_COUNTS_INTERVAL", value_parser = humantime::parse_duration)]
+    counts_interval: Option<Duration>,
+    /// Warn this many days before the master license expires [default: 30].
+    #[arg(long, env = "LMBUS_EXPIRY_WARNING_DAYS")]
+    expiry_warning_days: Option<i64>,
+    /// Most slaves the master tracks; further hellos are refused [default: 100000].
+    #[arg(long, env = "LMBUS_MAX_SLAVES")]
+    max_slaves: Option<usize>,
+    /// Added to a silent slave's grace period before the master reclaims its seats (only
+    /// slaves that log out all agents when their grace ends) [default: 30s].
+    #[arg(long, env = "LMBUS_RECLAIM_MARGIN", value_parser = humantime::parse_duration)]
+    reclaim_margin: Option<Duration>,
+    /// Election preference among this cluster's broker replicas: 1 is the most preferred.
+    /// When the lease is free, replica p waits (p-1) x 200ms before trying, so the most
+    /// preferred replica that is up wins; a running leader is never preempted [default: 1].
+    #[arg(long, env = "LMBUS_PRIORITY")]
+    priority: Option<u32>,
+    /// Life of the leader lease on the server without a renewal; the leader renews every
+    /// lease/5 and steps down by itself after 4/5 of it without one. A dead leader is
+    /// replaced within about one lease. Same value on every replica [default: 1s].
+    #[arg(long, env = "LMBUS_LEASE", value_parser = humantime::parse_duration)]
+    lease: Option<Duration>,
+    /// JetStream replicas of the ledger and election streams: 3 on a 3-node NATS cluster,
+    /// 1 on a single server [default: 1].
+    #[arg(long, env = "LMBUS_STREAM_REPLICAS")]
+    stream_replicas: Option<usize>,
+    /// Fault injection, for tests only: keep leading after the lease is lost, so that only
+    /// the ledger's fencing stops this replica. Never use in production.
+    #[arg(long, hide = true)]
+    fault_ignore_lease: bool,
+}
+
+impl RunArgs {
+    fn resolve(self) -> anyhow::Result<BrokerConfig> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let cluster = self.cluster.or(file.cluster).context(
+            "no cluster name: pass --cluster, set LMBUS_CLUSTER or add cluster to the config file",
+        )?;
+        let license_path = self
+            .license
+            .or(file.license)
+            .context("no master license: pass --license FILE, set LMBUS_LICENSE or add license to the config file")?;
+        let key_path = self
+            .vendor_key
+            .or(file.vendor_key)
+            .context("no vendor public key: pass --vendor-key FILE, set LMBUS_VENDOR_KEY or add vendor_key to the config file")?;
+        Ok(BrokerConfig {
+            nats_url: self
+                .nats
+                .or(file.nats)
+                .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned()),
+            cluster,
+            license_path,
+            vendor_key: config::load_vendor_key(&key_path)?,
+            allow_unlicensed_slaves: self
+                .allow_unlicensed_slaves
+                .or(file.allow_unlicensed_slaves)
+                .unwrap_or(false),
+            broker_id: self.id.or(file.id).unwrap_or_else(|| {
+                format!("broker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+            }),
+            missed_heartbeats: self
+                .missed_heartbeats
+                .or(file.missed_heartbeats)
+                .unwrap_or(DEFAULT_MISSED_HEARTBEATS),
+            tick_interval: self
+                .tick_interval
+                .or(file.tick_interval)
+                .unwrap_or(DEFAULT_TICK_INTERVAL),
+            counts_interval: self
+                .counts_interval
+                .or(file.counts_interval)
+                .unwrap_or(DEFAULT_COUNTS_INTERVAL),
+            expiry_warning_days: self
+                .expiry_warning_days
+                .or(file.expiry_warning_days)
+                .unwrap_or(DEFAULT_EXPIRY_WARNING_DAYS),
+            max_slaves: self
+                .max_slaves
+                .or(file.max_slaves)
+                .unwrap_or(DEFAULT_MAX_SLAVES),
+            reclaim_margin: self
+                .reclaim_margin
+                .or(file.reclaim_margin)
+                .unwrap_or(config::DEFAULT_RECLAIM_MARGIN),
+            priority: self
+                .priority
+                .or(file.priority)
+                .unwrap_or(config::DEFAULT_PRIORITY),
+            lease: self.lease.or(file.lease).unwrap_or(config::DEFAULT_LEASE),
+            stream_replicas: self
+                .stream_replicas
+                .or(file.stream_replicas)
+                .unwrap_or(config::DEFAULT_STREAM_REPLICAS),
+            fault_ignore_lease: self.fault_ignore_lease,
+        })
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn init_tracing(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log, cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => match args.resolve() {
+            Ok(cfg) => lmbus_broker::run(cfg, shutdown_signal()).await,
+            Err(e) => Err(e),
+        },
+        Command::Admin(command) => admin(command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lmbus-broker: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,931 @@
+//! The broker's NATS runtime: one task per replica that owns the [`Engine`], follows the
+//! seat ledger while it is a standby, and serves slaves while it holds the leader lease.
+//!
+//! As leader, requests are handled one at a time, in arrival order, by the task that owns
+//! the engine, so there is no lock around seat state and decisions are linearizable.
+//! Requests that are already waiting are decided together and their seat changes go into
+//! one ledger append (group commit); only after the append is acknowledged do the replies
+//! and effects go out. A refused or failed append means this replica may no longer speak
+//! for the ledger: it sends none of those replies, steps down, and rebuilds its state
+//! from the ledger. Nothing from the network can stop the loop: undecodable payloads
+//! become error replies and `bad_message` alerts.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use async_nats::{Client, Message, Subscriber};
+use futures::{FutureExt as _, StreamExt};
+use lmbus_schemas::{
+    Alert, AlertKind, DecodeError, Heartbeat, Hello, LedgerEntry, RegisterRequest, ReplicaBeat,
+    Reply, SeatChange, Severity, SlaveOp, SlaveReport, StatusReply, Subjects, UnregisterRequest,
+    WireError, decode, encode,
+};
+use time::{Date, OffsetDateTime};
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{debug, info, warn};
+
+use crate::config::{self, BrokerConfig};
+use crate::election::{Election, ElectionConfig, Role};
+use crate::engine::{Effect, Engine, EngineConfig, Event, Output};
+use crate::ledger::{AppendError, Ledger, Record};
+use crate::replicas::Replicas;
+
+/// How long the final alerts may take to leave when shutting down.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a standby holds back a `no_leader` answer (see `answer_while_electing`).
+const NO_LEADER_DELAY: Duration = Duration::from_millis(50);
+
+/// Most waiting requests decided together and committed in one ledger append.
+const MAX_BATCH: usize = 256;
+
+/// How long a new leader may take to read the ledger up to its end.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn today_utc() -> Date {
+    OffsetDateTime::now_utc().date()
+}
+
+fn unix_ms() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// The seat state this replica holds and how far into the ledger it is.
+struct Replica {
+    engine: Engine,
+    /// Sequence of the last ledger record applied (or written) here.
+    applied: u64,
+    /// `applied`, for the presence task's beats.
+    shared: Arc<AtomicU64>,
+}
+
+impl Replica {
+    fn new(cfg: &EngineConfig, shared: Arc<AtomicU64>) -> Self {
+        shared.store(0, Ordering::Relaxed);
+        Self {
+            engine: Engine::new(cfg.clone()),
+            applied: 0,
+            shared,
+        }
+    }
+
+    fn set_applied(&mut self, sequence: u64) {
+        self.applied = sequence;
+        self.shared.store(sequence, Ordering::Relaxed);
+    }
+
+    fn apply(&mut self, record: &Record) -> anyhow::Result<()> {
+        if record.sequence <= self.applied {
+            return Ok(());
+        }
+        for change in &record.entry.changes {
+            self.engine.apply(now(), change).map_err(|e| {
+                anyhow!(
+                    "ledger record {} (written by {}) cannot be applied: {e}",
+                    record.sequence,
+                    record.entry.writer
+                )
+            })?;
+        }
+        self.set_applied(record.sequence);
+        Ok(())
+    }
+}
+
+/// How a stretch as standby ended.
+enum Followed {
+    Elected {
+        term: u64,
+    },
+    Shutdown,
+    /// Reading the ledger failed (NATS unreachable, consumer lost): try again.
+    Interrupted(anyhow::Error),
+}
+
+/// How a stretch as leader ended.
+enum Led {
+    Shutdown,
+    SteppedDown {
+        reason: String,
+        /// The engine may hold changes the ledger does not: rebuild it from the ledger.
+        rebuild: bool,
+    },
+}
+
+/// Runs one broker replica until `shutdown` completes. Fails before serving anything if
+/// the license, the configuration, NATS or JetStream is not usable.
+pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    config::check(&cfg)?;
+    let license = config::load_master_license(&cfg.license_path, &cfg.vendor_key, today_utc())?;
+    let subjects = Subjects::new(&cfg.cluster)?;
+    info!(
+        license = %license.id,
+        customer = %license.customer,
+        total = license.limits.total.unwrap_or(0),
+        "master license verified"
+    );
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("lmbus-broker {}", cfg.broker_id))
+        .connect(lmbus_schemas::nats_urls(&cfg.nats_url))
+        .await
+        .with_context(|| format!("cannot connect to NATS at {}", cfg.nats_url))?;
+    let mut ledger = Ledger::open(&client, &subjects, cfg.stream_replicas).await?;
+    let mut election = Election::start(
+        &client,
+        &subjects,
+        ElectionConfig {
+            replica: cfg.broker_id.clone(),
+            priority: cfg.priority,
+            lease: cfg.lease,
+            replicas: cfg.stream_replicas,
+        },
+    )
+    .await?;
+
+    let engine_cfg = EngineConfig {
+        broker_id: cfg.broker_id.clone(),
+        cluster: cfg.cluster.clone(),
+        license: license.clone(),
+        vendor_key: cfg.vendor_key,
+        allow_unlicensed_slaves: cfg.allow_unlicensed_slaves,
+        missed_heartbeats: cfg.missed_heartbeats,
+        counts_interval: cfg.counts_interval,
+        expiry_warning_days: cfg.expiry_warning_days,
+        max_slaves: cfg.max_slaves,
+        reclaim_margin: cfg.reclaim_margin,
+    };
+    let io = Io {
+        client: client.clone(),
+        subjects: subjects.clone(),
+        broker_id: cfg.broker_id.clone(),
+    };
+    io.alert(Alert::new(
+        Severity::Info,
+        AlertKind::BrokerStarted,
+        format!(
+            "broker {} started as a replica of cluster {} (priority {}) with license {} ({} seats{}); ledger {}",
+            cfg.broker_id,
+            cfg.cluster,
+            cfg.priority,
+            license.id,
+            license.limits.total.unwrap_or(0),
+            if cfg.allow_unlicensed_slaves {
+                ", unlicensed slaves allowed"
+            } else {
+                ""
+            },
+            ledger.stream_name()
+        ),
+    ))
+    .await;
+    client.flush().await.context("cannot reach NATS")?;
+
+    let applied = Arc::new(AtomicU64::new(0));
+    let presence = tokio::spawn(presence(
+        client.clone(),
+        subjects.replica(),
+        cfg.clone(),
+        election.role.clone(),
+        applied.clone(),
+    ));
+    // True while this replica holds the lease but cannot serve yet (catching up with a
+    // ledger whose stream is electing its own leader, say).
+    let (not_ready, not_ready_rx) = watch::channel(false);
+    let electing = tokio::spawn(answer_while_electing(
+        client.clone(),
+        subjects.clone(),
+        election.electing.clone(),
+        not_ready_rx,
+    ));
+    let mut replica = Replica::new(&engine_cfg, applied.clone());
+    tokio::pin!(shutdown);
+    let result = loop {
+        let term = match follow(&mut replica, &ledger, &mut election.role, &mut shutdown).await {
+            Ok(Followed::Shutdown) => break Ok(()),
+            Ok(Followed::Elected { term }) => term,
+            Ok(Followed::Interrupted(e)) => {
+                warn!(error = %format!("{e:#}"), "following the ledger was interrupted; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => break Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                continue;
+            }
+            // A record this replica cannot apply: it must not lead on a wrong state.
+            Err(e) => break Err(e),
+        };
+        not_ready.send_replace(true);
+        let led = lead(
+            &mut replica,
+            &mut ledger,
+            &mut election,
+            term,
+            &cfg,
+            &io,
+            &mut shutdown,
+            &not_ready,
+        )
+        .await;
+        not_ready.send_replace(false);
+        match led {
+            Ok(Led::Shutdown) => break Ok(()),
+            Ok(Led::SteppedDown { reason, rebuild }) => {
+                election.resign(term);
+                io.alert(Alert::new(
+                    Severity::Warning,
+                    AlertKind::LeaderSteppedDown,
+                    format!(
+                        "broker {} stopped leading cluster {} (term {term}): {reason}",
+                        cfg.broker_id, cfg.cluster
+                    ),
+                ))
+                .await;
+                if rebuild {
+                    replica = Replica::new(&engine_cfg, applied.clone());
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+
+    io.alert(Alert::new(
+        Severity::Info,
+        AlertKind::BrokerStopped,
+        format!(
+            "broker {} stopping with {} seats in use",
+            cfg.broker_id,
+            replica.engine.total_in_use()
+        ),
+    ))
+    .await;
+    presence.abort();
+    electing.abort();
+    drop(election);
+    let closing = async {
+        sync_with_server(&client).await;
+        let _ = client.drain().await;
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, closing).await.is_err() {
+        warn!("NATS sync and drain did not finish within {DRAIN_TIMEOUT:?}");
+    }
+    info!("broker stopped");
+    result
+}
+
+/// Publishes this replica's `ReplicaBeat` four times per lease, so the leader knows its
+/// standbys.
+async fn presence(
+    client: Client,
+    subject: String,
+    cfg: BrokerConfig,
+    role: watch::Receiver<Role>,
+    applied: Arc<AtomicU64>,
+) {
+    let mut every = tokio::time::interval(cfg.lease / 4);
+    every.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let beat = ReplicaBeat {
+            replica: cfg.broker_id.clone(),
+            priority: cfg.priority,
+            leader: matches!(*role.borrow(), Role::Leader { .. }),
+            applied: applied.load(Ordering::Relaxed),
+        };
+        if let Ok(bytes) = encode(&beat) {
+            if let Err(e) = client.publish(subject.clone(), bytes.into()).await {
+                debug!(error = %e, "cannot publish the replica beat");
+            }
+        }
+    }
+}
+
+/// While this replica has seen that nobody holds the lease, answers slave requests with
+/// `no_leader`, so slaves keep retrying through an election (which can last as long as
+/// JetStream's own stream-leader election when a NATS node dies) instead of taking the
+/// silence for a dead master. Subscribed only during such a gap. Each answer waits
+/// `NO_LEADER_DELAY` first, so that where a leader does exist after all (a new one, not yet
+/// seen here) its real answer reaches the slave first.
+async fn answer_while_electing(
+    client: Client,
+    subjects: Subjects,
+    mut electing: watch::Receiver<bool>,
+    mut not_ready: watch::Receiver<bool>,
+) {
+    let mut sub: Option<Subscriber> = None;
+    loop {
+        let now_electing = *electing.borrow_and_update() || *not_ready.borrow_and_update();
+        match (now_electing, sub.is_some()) {
+            (true, false) => match client.subscribe(subjects.all_slave_ops()).await {
+                Ok(s) => {
+                    info!("no replica is ready to lead: answering slave requests with no_leader");
+                    sub = Some(s);
+                }
+                Err(e) => debug!(error = %e, "cannot subscribe to answer during the election"),
+            },
+            (false, true) => {
+                if let Some(mut s) = sub.take() {
+                    let _ = s.unsubscribe().await;
+                }
+                info!("stopped answering no_leader");
+            }
+            _ => {}
+        }
+        let next = async {
+            match sub.as_mut() {
+                Some(s) => s.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = electing.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            changed = not_ready.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            msg = next => {
+                let Some(msg) = msg else {
+                    sub = None;
+                    continue;
+                };
+                let Some(reply_to) = msg.reply else { continue };
+                let reply = Reply::Refused {
+                    reason: lmbus_schemas::RejectReason::NoLeader,
+                    detail: format!(
+                        "the broker replicas of cluster {} are electing a leader; retry",
+                        subjects.cluster()
+                    ),
+                };
+                let client = client.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(NO_LEADER_DELAY).await;
+                    if let Ok(bytes) = encode(&reply) {
+                        let _ = client.publish(reply_to, bytes.into()).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Standby: applies ledger records as they are appended until this replica wins the
+/// lease. `Err` only for a record that cannot be applied.
+async fn follow<S: Future<Output = ()> + Unpin>(
+    replica: &mut Replica,
+    ledger: &Ledger,
+    role: &mut watch::Receiver<Role>,
+    shutdown: &mut S,
+) -> anyhow::Result<Followed> {
+    // Setting up the consumer can hang while the stream elects a leader: an election
+    // win meanwhile must not wait for it.
+    let setup = ledger.follow(replica.applied + 1);
+    tokio::pin!(setup);
+    let mut records = loop {
+        if let Role::Leader { term, .. } = *role.borrow_and_update() {
+            return Ok(Followed::Elected { term });
+        }
+        tokio::select! {
+            _ = &mut *shutdown => return Ok(Followed::Shutdown),
+            changed = role.changed() => {
+                if changed.is_err() {
+                    return Err(anyhow!("the election task ended"));
+                }
+            }
+            records = &mut setup => match records {
+                Ok(records) => break records,
+                Err(e) => return Ok(Followed::Interrupted(e)),
+            },
+        }
+    };
+    loop {
+        if let Role::Leader { term, .. } = *role.borrow_and_update() {
+            return Ok(Followed::Elected { term });
+        }
+        tokio::select! {
+            _ = &mut *shutdown => return Ok(Followed::Shutdown),
+            changed = role.changed() => {
+                if changed.is_err() {
+                    return Err(anyhow!("the election task ended"));
+                }
+            }
+            record = records.next() => match record {
+                Some(Ok(record)) => replica.apply(&record)?,
+                Some(Err(e)) => return Ok(Followed::Interrupted(e)),
+                None => return Ok(Followed::Interrupted(anyhow!("the ledger consumer ended"))),
+            },
+        }
+    }
+}
+
+/// Reads the ledger up to its current end before a new leader answers anyone.
+async fn catch_up(replica: &mut Replica, ledger: &Ledger) -> anyhow::Result<u64> {
+    let last = ledger.last_sequence().await?;
+    if last > replica.applied {
+        let mut records = ledger.follow(replica.applied + 1).await?;
+        let read = async {
+            while replica.applied < last {
+                match records.next().await {
+                    Some(record) => replica.apply(&record?)?,
+                    None => return Err(anyhow!("the ledger consumer ended")),
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(CATCH_UP_TIMEOUT, read)
+            .await
+            .map_err(|_| {
+                anyhow!("could not read the ledger up to {last} within {CATCH_UP_TIMEOUT:?}")
+            })??;
+    }
+    Ok(last)
+}
+
+/// Leader: catches up, fences the ledger with a `Leader` record, then serves slaves until
+/// the lease is lost, a ledger write fails or `shutdown` completes.
+#[allow(clippy::too_many_arguments)]
+async fn lead<S: Future<Output = ()> + Unpin>(
+    replica: &mut Replica,
+    ledger: &mut Ledger,
+    election: &mut Election,
+    term: u64,
+    cfg: &BrokerConfig,
+    io: &Io,
+    shutdown: &mut S,
+    not_ready: &watch::Sender<bool>,
+) -> anyhow::Result<Led> {
+    let started = Instant::now();
+    let caught_up = match catch_up(replica, ledger).await {
+        Ok(last) => last,
+        Err(e) => {
+            // What was applied is still right: no rebuild.
+            return Ok(Led::SteppedDown {
+                reason: format!("cannot catch up with the ledger: {e:#}"),
+                rebuild: false,
+            });
+        }
+    };
+    ledger.set_fence(replica.applied);
+    let marker = LedgerEntry {
+        writer: cfg.broker_id.clone(),
+        changes: vec![SeatChange::Leader {
+            replica: cfg.broker_id.clone(),
+            term,
+        }],
+    };
+    if let Some(end) = commit(
+        replica,
+        ledger,
+        &election.role,
+        cfg.fault_ignore_lease,
+        io,
+        &marker,
+        Instant::now(),
+    )
+    .await
+    {
+        return Ok(end);
+    }
+    replica.engine.restart_silence_clocks(now());
+
+    let client = &io.client;
+    let subjects = &io.subjects;
+    let mut slave_sub = client
+        .subscribe(subjects.all_slave_ops())
+        .await
+        .context("cannot subscribe to slave requests")?;
+    let mut status_sub = client
+        .subscribe(subjects.status())
+        .await
+        .context("cannot subscribe to status requests")?;
+    let mut admin_sub = client
+        .subscribe(subjects.admin_release())
+        .await
+        .context("cannot subscribe to admin requests")?;
+    let mut replica_sub = client
+        .subscribe(subjects.replica())
+        .await
+        .context("cannot subscribe to replica beats")?;
+    let mut replicas = Replicas::new(&cfg.broker_id, now(), cfg.lease * 3 / 2, cfg.lease * 3 / 2);
+    not_ready.send_replace(false);
+    io.alert(
+        Alert::new(
+            Severity::Info,
+            AlertKind::LeaderElected,
+            format!(
+                "broker {} leads cluster {} in term {term}: it won the free lease (priority {}) and caught up with the ledger to sequence {caught_up} in {} ms; {} seats in use",
+                cfg.broker_id,
+                cfg.cluster,
+                cfg.priority,
+                started.elapsed().as_millis(),
+                replica.engine.total_in_use()
+            ),
+        )
+        .counts(std::collections::BTreeMap::from([(
+            "total".to_owned(),
+            replica.engine.total_in_use(),
+        )])),
+    )
+    .await;
+    info!(cluster = %cfg.cluster, term, subject = %subjects.all_slave_ops(), "leading");
+
+    let mut ticker = tokio::time::interval(cfg.tick_interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let ended = loop {
+        let valid_until = match *election.role.borrow_and_update() {
+            _ if cfg.fault_ignore_lease => far,
+            Role::Leader { valid_until, .. } => valid_until,
+            Role::Standby { ref leader } => {
+                break Led::SteppedDown {
+                    reason: match leader {
+                        Some(other) => format!("{other} holds the lease"),
+                        None => "the lease was lost".to_owned(),
+                    },
+                    rebuild: false,
+                };
+            }
+        };
+        let mut batch: Vec<(Option<async_nats::Subject>, Output)> = Vec::new();
+        tokio::select! {
+            _ = &mut *shutdown => break Led::Shutdown,
+            _ = election.role.changed() => continue,
+            _ = tokio::time::sleep_until(valid_until) => continue,
+            msg = slave_sub.next() => match msg {
+                Some(msg) => {
+                    let out = handle_slave_message(&mut replica.engine, subjects, &msg);
+                    batch.push((msg.reply.clone(), out));
+                    // Group commit: decide what is already waiting in the same append.
+                    while batch.len() < MAX_BATCH {
+                        match slave_sub.next().now_or_never() {
+                            Some(Some(msg)) => {
+                                let out = handle_slave_message(&mut replica.engine, subjects, &msg);
+                                batch.push((msg.reply.clone(), out));
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                None => break Led::SteppedDown {
+                    reason: "the NATS subscription for slave requests closed".to_owned(),
+                    rebuild: false,
+                },
+            },
+            msg = status_sub.next() => match msg {
+                Some(msg) => {
+                    let mut status = replica.engine.status(now());
+                    status.leader_term = term;
+                    status.ledger_sequence = replica.applied;
+                    status.replicas = replicas.status(now());
+                    io.status(&msg, status).await;
+                }
+                None => break Led::SteppedDown {
+                    reason: "the NATS subscription for status requests closed".to_owned(),
+                    rebuild: false,
+                },
+            },
+            msg = admin_sub.next() => match msg {
+                Some(msg) => {
+                    let (reply, out) = admin_release(&mut replica.engine, &msg);
+                    let changes = out.changes.clone();
+                    if !changes.is_empty() {
+                        let entry = LedgerEntry { writer: cfg.broker_id.clone(), changes };
+                        if let Some(end) = commit(replica, ledger, &election.role, cfg.fault_ignore_lease, io, &entry, Instant::now()).await {
+                            break end;
+                        }
+                    }
+                    io.admin_reply(&msg, &reply).await;
+                    io.apply(None, out).await;
+                }
+                None => break Led::SteppedDown {
+                    reason: "the NATS subscription for admin requests closed".to_owned(),
+                    rebuild: false,
+                },
+            },
+            msg = replica_sub.next() => match msg {
+                Some(msg) => match decode::<ReplicaBeat>(&msg.payload) {
+                    Ok(beat) => {
+                        for alert in replicas.observe(now(), beat) {
+                            io.alert(alert).await;
+                        }
+                    }
+                    Err(e) => {
+                        let out = replica.engine.handle(now(), Event::BadMessage {
+                            subject: msg.subject.to_string(),
+                            slave: None,
+                            error: WireError::from(&e),
+                        });
+                        io.apply(None, out).await;
+                    }
+                },
+                None => break Led::SteppedDown {
+                    reason: "the NATS subscription for replica beats closed".to_owned(),
+                    rebuild: false,
+                },
+            },
+            _ = ticker.tick() => {
+                let out = replica.engine.handle(now(), Event::Tick { today: today_utc() });
+                batch.push((None, out));
+                for alert in replicas.sweep(now()) {
+                    io.alert(alert).await;
+                }
+            }
+        }
+        let changes: Vec<SeatChange> = batch
+            .iter_mut()
+            .flat_map(|(_, out)| std::mem::take(&mut out.changes))
+            .collect();
+        if !changes.is_empty() {
+            let entry = LedgerEntry {
+                writer: cfg.broker_id.clone(),
+                changes,
+            };
+            if let Some(end) = commit(
+                replica,
+                ledger,
+                &election.role,
+                cfg.fault_ignore_lease,
+                io,
+                &entry,
+                Instant::now(),
+            )
+            .await
+            {
+                break end;
+            }
+        }
+        for (reply_to, out) in batch {
+            io.apply(reply_to.as_ref(), out).await;
+        }
+    };
+    for sub in [
+        &mut slave_sub,
+        &mut status_sub,
+        &mut admin_sub,
+        &mut replica_sub,
+    ] {
+        unsubscribe(sub).await;
+    }
+    Ok(ended)
+}
+
+async fn unsubscribe(sub: &mut Subscriber) {
+    let _ = sub.unsubscribe().await;
+}
+
+/// Appends `entry` if this replica still holds a valid lease. `Some` means it must step
+/// down (and says why); nothing decided since the last good append may be told to anyone.
+#[allow(clippy::too_many_arguments)]
+async fn commit(
+    replica: &mut Replica,
+    ledger: &mut Ledger,
+    role: &watch::Receiver<Role>,
+    ignore_lease: bool,
+    io: &Io,
+    entry: &LedgerEntry,
+    at: Instant,
+) -> Option<Led> {
+    let lapsed = match &*role.borrow() {
+        _ if ignore_lease => None,
+        role if role.is_valid_leader(at) => None,
+        Role::Leader { .. } => Some("the lease ran out before the decisions could be recorded"),
+        Role::Standby { .. } => Some("the lease was lost before the decisions could be recorded"),
+    };
+    if let Some(reason) = lapsed {
+        return Some(Led::SteppedDown {
+            reason: reason.to_owned(),
+            rebuild: true,
+        });
+    }
+    match ledger.append(entry).await {
+        Ok(sequence) => {
+            replica.set_applied(sequence);
+            None
+        }
+        Err(e @ AppendError::Fenced { .. }) => {
+            io.alert(Alert::new(
+                Severity::Critical,
+                AlertKind::LedgerWriteRefused,
+                format!(
+                    "broker {}: {e}; its {} pending seat changes were not recorded and nobody was told of them",
+                    io.broker_id,
+                    entry.changes.len()
+                ),
+            ))
+            .await;
+            Some(Led::SteppedDown {
+                reason: e.to_string(),
+                rebuild: true,
+            })
+        }
+        Err(e) => Some(Led::SteppedDown {
+            reason: e.to_string(),
+            rebuild: true,
+        }),
+    }
+}
+
+/// Waits until the server has processed everything this client published so far, by
+/// sending a message to ourselves on a fresh inbox and receiving it (the server keeps a
+/// connection's messages in order). `flush` only writes to the socket: a process that exits
+/// right after it can lose what the kernel had not delivered yet.
+async fn sync_with_server(client: &Client) {
+    let inbox = client.new_inbox();
+    let Ok(mut echo) = client.subscribe(inbox.clone()).await else {
+        return;
+    };
+    if client.publish(inbox, bytes::Bytes::new()).await.is_ok() {
+        let _ = echo.next().await;
+    }
+}
+
+/// Turns one message on a slave subject into an engine event and runs it.
+fn handle_slave_message(engine: &mut Engine, subjects: &Subjects, msg: &Message) -> Output {
+    let subject = msg.subject.as_str();
+    let bad = |engine: &mut Engine, slave, error: WireError| {
+        engine.handle(
+            now(),
+            Event::BadMessage {
+                subject: subject.to_owned(),
+                slave,
+                error,
+            },
+        )
+    };
+    let (slave, op) = match subjects.parse_slave_op(subject) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            let error = WireError {
+                code: lmbus_schemas::ErrorCode::Invalid,
+                message: e.to_string(),
+            };
+            return bad(engine, None, error);
+        }
+    };
+    let payload = msg.payload.as_ref();
+    let event: Result<Event, DecodeError> = match op {
+        SlaveOp::Hello => decode::<Hello>(payload).map(|hello| Event::Hello {
+            slave: slave.clone(),
+            hello,
+            today: today_utc(),
+        }),
+        SlaveOp::Register => decode::<RegisterRequest>(payload).map(|request| Event::Register {
+            slave: slave.clone(),
+            request,
+        }),
+        SlaveOp::Unregister => {
+            decode::<UnregisterRequest>(payload).map(|request| Event::Unregister {
+                slave: slave.clone(),
+                request,
+            })
+        }
+        SlaveOp::Heartbeat => decode::<Heartbeat>(payload).map(|heartbeat| Event::Heartbeat {
+            slave: slave.clone(),
+            heartbeat,
+        }),
+        SlaveOp::Report => decode::<SlaveReport>(payload).map(|report| Event::Report {
+            slave: slave.clone(),
+            report,
+        }),
+    };
+    match event {
+        Ok(event) => {
+            debug!(%slave, op = op.token(), "request");
+            engine.handle(now(), event)
+        }
+        Err(e) => bad(engine, Some(slave), WireError::from(&e)),
+    }
+}
+
+/// An operator's release request, decided by the engine: the reply, and the effects (the
+/// slave is told, an alert) with the seat changes to record first.
+fn admin_release(engine: &mut Engine, msg: &Message) -> (lmbus_schemas::ReleaseReply, Output) {
+    match decode::<lmbus_schemas::ReleaseRequest>(&msg.payload) {
+        Ok(request) => {
+            info!(slave = %request.slave_id, agent = ?request.agent_id, operator = %request.operator, "admin release");
+            let released = engine.admin_release(&request);
+            let out = Output {
+                reply: None,
+                effects: released.effects,
+                changes: released.changes,
+            };
+            (released.reply, out)
+        }
+        Err(e) => {
+            let out = engine.handle(
+                now(),
+                Event::BadMessage {
+                    subject: msg.subject.to_string(),
+                    slave: None,
+                    error: WireError::from(&e),
+                },
+            );
+            let reply = lmbus_schemas::ReleaseReply::Error {
+                message: e.to_string(),
+            };
+            (reply, out)
+        }
+    }
+}
+
+/// The runtime's side effects: replies, alerts and control messages.
+struct Io {
+    client: Client,
+    subjects: Subjects,
+    broker_id: String,
+}
+
+impl Io {
+    async fn apply(&self, reply_to: Option<&async_nats::Subject>, out: Output) {
+        if let (Some(reply_to), Some(reply)) = (reply_to, out.reply.as_ref()) {
+            self.reply(reply_to, reply).await;
+        }
+        for effect in out.effects {
+            match effect {
+                Effect::Alert(alert) => self.alert(alert).await,
+                Effect::Control { slave, message } => match encode(&message) {
+                    Ok(bytes) => {
+                        if let Err(e) = self
+                            .client
+                            .publish(self.subjects.control(&slave), bytes.into())
+                            .await
+                        {
+                            warn!(%slave, error = %e, "cannot publish control message");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot encode control message"),
+                },
+            }
+        }
+    }
+
+    async fn reply(&self, reply_to: &async_nats::Subject, reply: &Reply) {
+        match encode(reply) {
+            Ok(bytes) => {
+                if let Err(e) = self.client.publish(reply_to.clone(), bytes.into()).await {
+                    warn!(error = %e, "cannot publish reply");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode reply"),
+        }
+    }
+
+    async fn alert(&self, mut alert: Alert) {
+        alert.time_ms = unix_ms();
+        if alert.source.is_empty() {
+            alert.source = self.broker_id.clone();
+        }
+        match alert.severity {
+            Severity::Info => info!(kind = %alert.kind, slave = ?alert.slave, "{}", alert.message),
+            _ => warn!(kind = %alert.kind, slave = ?alert.slave, "{}", alert.message),
+        }
+        let subject = self.subjects.alert(alert.severity, alert.kind);
+        match encode(&alert) {
+            Ok(bytes) => {
+                if let Err(e) = self.client.publish(subject, bytes.into()).await {
+                    warn!(error = %e, "cannot publish alert");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode alert"),
+        }
+    }
+
+    async fn admin_reply(&self, msg: &Message, reply: &lmbus_schemas::ReleaseReply) {
+        let Some(reply_to) = &msg.reply else {
+            return;
+        };
+        match encode(reply) {
+            Ok(bytes) => {
+                if let Err(e) = self.client.publish(reply_to.clone(), bytes.into()).await {
+                    warn!(error = %e, "cannot publish admin reply");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode admin reply"),
+        }
+    }
+
+    async fn status(&self, msg: &Message, status: StatusReply) {
+        let Some(reply_to) = &msg.reply else {
+            return;
+        };
+        match encode(&status) {
+            Ok(bytes) => {
+                if let Err(e) = self.client.publish(reply_to.clone(), bytes.into()).await {
+                    warn!(error = %e, "cannot publish status reply");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode status reply"),
+        }
+    }
+}

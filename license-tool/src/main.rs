@@ -1,0 +1,296 @@
+//! `lmbus-license`: the vendor's tool. `keygen` makes the vendor key pair, `sign` issues a
+//! license file, `verify` checks one as a broker or slave would, `inspect` shows one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use lmbus_schemas::{
+    Context, License, Limits, Role, key_id, parse_public_key, parse_secret_key, public_key_text,
+    secret_key_text, sign_license, verify_license,
+};
+use time::{Date, OffsetDateTime};
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lmbus-license",
+    version,
+    about = "Make vendor keys and sign, verify and inspect lmbus license files"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a vendor key pair: DIR/vendor.key (secret, mode 0600) and DIR/vendor.pub.
+    Keygen {
+        /// Directory to write the two files into.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Overwrite existing key files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a signed license file.
+    Sign(SignArgs),
+    /// Check a license file's signature and dates (and role, with --role).
+    Verify {
+        file: PathBuf,
+        /// The vendor's public key file.
+        #[arg(long, env = "LMBUS_VENDOR_KEY")]
+        vendor_key: PathBuf,
+        /// Require this role.
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
+        /// Check the dates as of this day (YYYY-MM-DD) instead of today.
+        #[arg(long, value_parser = parse_date)]
+        date: Option<Date>,
+    },
+    /// Show a license file's content. The signature is checked only with --vendor-key.
+    Inspect {
+        file: PathBuf,
+        #[arg(long, env = "LMBUS_VENDOR_KEY")]
+        vendor_key: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct SignArgs {
+    /// The vendor's secret key file (from keygen).
+    #[arg(long)]
+    key: PathBuf,
+    /// Where to write the signed license.
+    #[arg(long)]
+    out: PathBuf,
+    /// Customer name.
+    #[arg(long)]
+    customer: String,
+    #[arg(long, value_enum)]
+    role: RoleArg,
+    #[arg(long, value_enum, default_value_t = ContextArg::Production)]
+    context: ContextArg,
+    /// License id (GUID) [default: a new random one].
+    #[arg(long)]
+    id: Option<Uuid>,
+    /// First valid day, YYYY-MM-DD [default: today].
+    #[arg(long, value_parser = parse_date)]
+    issued: Option<Date>,
+    /// Last valid day, YYYY-MM-DD.
+    #[arg(long, value_parser = parse_date)]
+    expires: Date,
+    /// Last day of maintenance, YYYY-MM-DD [default: --expires].
+    #[arg(long, value_parser = parse_date)]
+    maintenance_expires: Option<Date>,
+    /// Aggregate agent limit (required for a master license).
+    #[arg(long)]
+    total: Option<u32>,
+    /// The slave's own agent limit (slave license, optional).
+    #[arg(long)]
+    local: Option<u32>,
+    /// A per agent type limit, NAME=LIMIT (repeat), e.g. --agent-type inbound=300.
+    #[arg(long = "agent-type", value_parser = parse_type_limit)]
+    agent_types: Vec<(String, u32)>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Master,
+    Slave,
+    None,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Master => Role::Master,
+            RoleArg::Slave => Role::Slave,
+            RoleArg::None => Role::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ContextArg {
+    Production,
+    Backup,
+    Development,
+}
+
+impl From<ContextArg> for Context {
+    fn from(c: ContextArg) -> Self {
+        match c {
+            ContextArg::Production => Context::Production,
+            ContextArg::Backup => Context::Backup,
+            ContextArg::Development => Context::Development,
+        }
+    }
+}
+
+fn parse_date(s: &str) -> Result<Date, String> {
+    Date::parse(s, time::macros::format_description!("[year]-[month]-[day]"))
+        .map_err(|e| format!("invalid date {s:?} (expected YYYY-MM-DD): {e}"))
+}
+
+fn parse_type_limit(s: &str) -> Result<(String, u32), String> {
+    let (name, limit) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=LIMIT, got {s:?}"))?;
+    let limit = limit
+        .parse()
+        .map_err(|e| format!("limit in {s:?} is not a number: {e}"))?;
+    Ok((name.to_owned(), limit))
+}
+
+fn read(path: &Path, what: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn describe(l: &License) -> String {
+    let types = if l.limits.agent_types.is_empty() {
+        "any".to_owned()
+    } else {
+        l.limits
+            .agent_types
+            .iter()
+            .map(|(t, n)| format!("{t}={n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "license {}\n  customer            {}\n  role                {}\n  context             {}\n  issued              {}\n  expires             {}\n  maintenance expires {}\n  total limit         {}\n  local limit         {}\n  agent types         {}",
+        l.id,
+        l.customer,
+        l.role,
+        l.context,
+        l.issued,
+        l.expires,
+        l.maintenance_expires,
+        l.limits.total.map_or("-".into(), |n| n.to_string()),
+        l.limits.local.map_or("-".into(), |n| n.to_string()),
+        types
+    )
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let today = OffsetDateTime::now_utc().date();
+    match cli.command {
+        Command::Keygen { out, force } => {
+            let secret_path = out.join("vendor.key");
+            let public_path = out.join("vendor.pub");
+            if !force && (secret_path.exists() || public_path.exists()) {
+                bail!(
+                    "{} or {} already exists: pass --force to replace the vendor key (licenses signed with the old key will no longer verify)",
+                    secret_path.display(),
+                    public_path.display()
+                );
+            }
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            let mut seed = [0u8; 32];
+            getrandom::getrandom(&mut seed).context("no randomness available for the key")?;
+            let key = lmbus_schemas::VendorKey::from_bytes(&seed);
+            write_secret(&secret_path, &secret_key_text(&key))?;
+            std::fs::write(&public_path, public_key_text(&key.verifying_key()))
+                .with_context(|| format!("cannot write {}", public_path.display()))?;
+            println!(
+                "vendor key {} written: {} (keep secret), {} (give to brokers and slaves)",
+                key_id(&key.verifying_key()),
+                secret_path.display(),
+                public_path.display()
+            );
+        }
+        Command::Sign(args) => {
+            let key = parse_secret_key(&read(&args.key, "vendor secret key")?)
+                .with_context(|| format!("vendor key file {}", args.key.display()))?;
+            let license = License {
+                id: args.id.unwrap_or_else(Uuid::new_v4),
+                customer: args.customer,
+                issued: args.issued.unwrap_or(today),
+                expires: args.expires,
+                maintenance_expires: args.maintenance_expires.unwrap_or(args.expires),
+                role: args.role.into(),
+                context: args.context.into(),
+                limits: Limits {
+                    total: args.total,
+                    local: args.local,
+                    agent_types: args.agent_types.into_iter().collect::<BTreeMap<_, _>>(),
+                },
+            };
+            let text = sign_license(&license, &key)?;
+            std::fs::write(&args.out, text)
+                .with_context(|| format!("cannot write {}", args.out.display()))?;
+            println!("signed {} -> {}", license.id, args.out.display());
+        }
+        Command::Verify {
+            file,
+            vendor_key,
+            role,
+            date,
+        } => {
+            let key = parse_public_key(&read(&vendor_key, "vendor public key")?)
+                .with_context(|| format!("vendor key file {}", vendor_key.display()))?;
+            let name = file.display().to_string();
+            let license = verify_license(&read(&file, "license file")?, &name, &key)?;
+            license.check_dates(date.unwrap_or(today), &name)?;
+            if let Some(role) = role {
+                license.require_role(role.into(), &name)?;
+            }
+            println!(
+                "{name}: valid, signed by vendor key {}, {} days left\n{}",
+                key_id(&key),
+                license.days_left(date.unwrap_or(today)),
+                describe(&license)
+            );
+        }
+        Command::Inspect { file, vendor_key } => {
+            let text = read(&file, "license file")?;
+            let name = file.display().to_string();
+            match vendor_key {
+                Some(path) => {
+                    let key = parse_public_key(&read(&path, "vendor public key")?)
+                        .with_context(|| format!("vendor key file {}", path.display()))?;
+                    let license = verify_license(&text, &name, &key)?;
+                    println!(
+                        "{}\nsignature: valid (vendor key {})",
+                        describe(&license),
+                        key_id(&key)
+                    );
+                }
+                None => {
+                    print!("{text}");
+                    println!("(signature not checked: pass --vendor-key to check it)");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lmbus-license: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The seat ledger's records: every change to the master's seat state, in the order the
+//! leader decided it. A standby (or a restarted master) that applies the same records in
+//! order reaches the same seat state. Written to the ledger stream before the slave gets
+//! its reply.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One change to the seat state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeatChange {
+    /// A slave's hello was accepted on these terms (before any grant it implies).
+    Session {
+        slave: String,
+        instance: Uuid,
+        #[serde(default)]
+        license: Option<Uuid>,
+        #[serde(default)]
+        local_limit: Option<u32>,
+        heartbeat_interval_ms: u64,
+        #[serde(default)]
+        grace_ms: u64,
+        #[serde(default)]
+        logout_after_grace: bool,
+        #[serde(default)]
+        hello_seq: u64,
+    },
+    Grant {
+        slave: String,
+        agent_id: String,
+        agent_type: String,
+    },
+    Release {
+        slave: String,
+        agent_id: String,
+    },
+    /// Every seat of a silent slave was reclaimed under the timing rule.
+    Reclaim {
+        slave: String,
+    },
+    /// An operator released these agents; the slave may not claim them back at hello.
+    Revoke {
+        slave: String,
+        agents: Vec<String>,
+    },
+    /// A replica became leader: written before it answers anyone, so a deposed leader's
+    /// next append (fenced on the sequence it last saw) is refused.
+    Leader {
+        replica: String,
+        term: u64,
+    },
+    /// A record this build does not know: a newer leader wrote it. A replica that meets
+    /// one must stop replaying rather than guess.
+    #[serde(other)]
+    Unknown,
+}
+
+/// One ledger message: the changes of one or more decisions, appended together (group
+/// commit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// The replica that wrote it.
+    pub writer: String,
+    pub changes: Vec<SeatChange>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+
+    #[test]
+    fn entry_round_trips() {
+        let entry = LedgerEntry {
+            writer: "b1".into(),
+            changes: vec![
+                SeatChange::Session {
+                    slave: "s".into(),
+                    instance: Uuid::new_v4(),
+                    license: None,
+                    local_limit: Some(3),
+                    heartbeat_interval_ms: 1000,
+                    grace_ms: 120_000,
+                    logout_after_grace: true,
+                    hello_seq: 1,
+                },
+                SeatChange::Grant {
+                    slave: "s".into(),
+                    agent_id: "a".into(),
+                    agent_type: "inbound".into(),
+                },
+                SeatChange::Release {
+                    slave: "s".into(),
+                    agent_id: "a".into(),
+                },
+                SeatChange::Reclaim { slave: "s".into() },
+                SeatChange::Revoke {
+                    slave: "s".into(),
+                    agents: vec!["a".into()],
+                },
+                SeatChange::Leader {
+                    replica: "b2".into(),
+                    term: 7,
+                },
+            ],
+        };
+        assert_eq!(
+            decode::<LedgerEntry>(&encode(&entry).unwrap()).unwrap(),
+            entry
+        );
+    }
+}

@@ -1,0 +1,47 @@
+//! The lmbus protocol crate: every message that crosses NATS, every subject name, the
+//! envelope codec and the signed license file.
+//!
+//! This crate does no IO and knows nothing about tokio or NATS: it turns values into bytes
+//! and subject strings and back, and checks signatures. Everything else in lmbus builds on
+//! it, so a change here is a protocol change: new fields get `#[serde(default)]` and the
+//! envelope version only moves when an old peer could misread a new message.
+
+pub mod alert;
+pub mod codec;
+pub mod ledger;
+pub mod license;
+pub mod messages;
+pub mod subjects;
+
+pub use alert::{Alert, AlertKind, Severity};
+pub use codec::{DecodeError, EncodeError, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode};
+pub use ledger::{LedgerEntry, SeatChange};
+pub use license::{
+    Context, KeyError, License, LicenseError, Limits, Role, VendorKey, VerifyingKey, key_id,
+    parse_public_key, parse_secret_key, public_key_text, secret_key_text, sign_license,
+    verify_license,
+};
+pub use messages::*;
+pub use subjects::{SlaveId, SlaveOp, SubjectError, Subjects};
+
+/// Splits a `--nats` value, one or more server URLs separated by commas, into the list the
+/// NATS client takes (it tries them in turn and reconnects to any of them).
+pub fn nats_urls(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[cfg(test)]
+mod nats_url_tests {
+    #[test]
+    fn comma_separated_urls() {
+        assert_eq!(
+            super::nats_urls("nats://a:1, nats://b:2,,nats://c:3"),
+            ["nats://a:1", "nats://b:2", "nats://c:3"]
+        );
+    }
+}

@@ -1,0 +1,521 @@
+//! Signed license files and vendor keys.
+//!
+//! A license is a TOML document a person can read, followed by one signature line:
+//!
+//! ```text
+//! # lmbus license. Do not edit: changing any byte breaks the signature.
+//! [license]
+//! id = "5b0e…"
+//! …
+//! # lmbus-signature: ed25519 key=1f2e3d4c5b6a7988 sig=<base64>
+//! ```
+//!
+//! The Ed25519 signature covers every byte before the signature line, comments and
+//! whitespace included, so any edit breaks it. The verifying (public) key is configuration
+//! of the broker and slave, never compiled in. Checking dates needs today's date, which the
+//! caller passes in: this module reads no clock and no file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
+use serde::{Deserialize, Serialize};
+use time::Date;
+use uuid::Uuid;
+
+pub use ed25519_dalek::VerifyingKey;
+
+/// The vendor's signing key. Keep it secret: whoever holds it can issue licenses.
+pub type VendorKey = SigningKey;
+
+const SIGNATURE_PREFIX: &str = "# lmbus-signature:";
+const HEADER: &str = "# lmbus license. Do not edit: changing any byte breaks the signature.\n";
+const SECRET_KEY_TAG: &str = "lmbus-vendor-secret-key ed25519";
+const PUBLIC_KEY_TAG: &str = "lmbus-vendor-public-key ed25519";
+
+time::serde::format_description!(iso_date, Date, "[year]-[month]-[day]");
+
+/// Which side of master/slave licensing a license is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Holds the aggregate limit; only a broker runs with it.
+    Master,
+    /// A slave with its own (optional) local limit.
+    Slave,
+    /// Neither flag: a standalone installation. As a slave it can only run unlicensed.
+    None,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Master => "master",
+            Role::Slave => "slave",
+            Role::None => "none",
+        })
+    }
+}
+
+/// Where a license may be used (as in LumenVox flexible licensing). A slave's context must
+/// match its master's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Context {
+    Production,
+    Backup,
+    Development,
+}
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Context::Production => "production",
+            Context::Backup => "backup",
+            Context::Development => "development",
+        })
+    }
+}
+
+/// Seat limits. Agent types are names chosen by the vendor when issuing the license.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// The aggregate limit across all slaves (required on a master license).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u32>,
+    /// The slave's own limit (optional on a slave license; none means only the master's
+    /// limits apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<u32>,
+    /// Per agent type limits. On a master license these are also the agent types it knows:
+    /// a type not listed is refused, unless the table is empty (then any type is accepted
+    /// and only `total` applies).
+    #[serde(default)]
+    pub agent_types: BTreeMap<String, u32>,
+}
+
+/// The content of a license file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct License {
+    pub id: Uuid,
+    pub customer: String,
+    #[serde(with = "iso_date")]
+    pub issued: Date,
+    /// Last day the license is valid (inclusive).
+    #[serde(with = "iso_date")]
+    pub expires: Date,
+    /// Last day of software maintenance (informational; shown in status and reports).
+    #[serde(with = "iso_date")]
+    pub maintenance_expires: Date,
+    pub role: Role,
+    pub context: Context,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LicenseFile {
+    license: License,
+}
+
+/// Why a license file cannot be used. Every message names the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LicenseError {
+    #[error(
+        "license file {file} has no signature line ('{SIGNATURE_PREFIX} …'): sign it with `lmbus-license sign`"
+    )]
+    Unsigned { file: String },
+    #[error("license file {file} has a malformed signature line: {detail}")]
+    BadSignatureLine { file: String, detail: String },
+    #[error(
+        "license file {file} was modified after it was signed: its content no longer matches its signature; ask the vendor for a new file"
+    )]
+    Modified { file: String },
+    #[error(
+        "license file {file} was signed by another vendor key (key {signed_with}; this installation trusts key {trusted}), or its signature line was modified"
+    )]
+    WrongKey {
+        file: String,
+        signed_with: String,
+        trusted: String,
+    },
+    #[error("license file {file} is signed but is not a valid license document: {detail}")]
+    Parse { file: String, detail: String },
+    #[error("license file {file} is invalid: {detail}")]
+    Invalid { file: String, detail: String },
+    #[error("license {id} in {file} expired on {expires}")]
+    Expired {
+        file: String,
+        id: Uuid,
+        expires: Date,
+    },
+    #[error("license {id} in {file} is not valid before {issued}")]
+    NotYetValid {
+        file: String,
+        id: Uuid,
+        issued: Date,
+    },
+    #[error("license {id} in {file} has role '{found}', but this needs a '{needed}' license")]
+    WrongRole {
+        file: String,
+        id: Uuid,
+        found: Role,
+        needed: Role,
+    },
+}
+
+/// A vendor key file could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("not an lmbus vendor {which} key: expected '{tag} <base64>' or the bare base64 key")]
+    Format {
+        which: &'static str,
+        tag: &'static str,
+    },
+    #[error("vendor {which} key is not valid: {detail}")]
+    Invalid { which: &'static str, detail: String },
+}
+
+/// A short, stable name for a public key: the first 8 bytes in hex.
+pub fn key_id(key: &VerifyingKey) -> String {
+    key.as_bytes()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn secret_key_text(key: &VendorKey) -> String {
+    format!("{SECRET_KEY_TAG} {}\n", B64.encode(key.to_bytes()))
+}
+
+pub fn public_key_text(key: &VerifyingKey) -> String {
+    format!("{PUBLIC_KEY_TAG} {}\n", B64.encode(key.as_bytes()))
+}
+
+fn key_bytes(text: &str, tag: &'static str, which: &'static str) -> Result<[u8; 32], KeyError> {
+    let text = text.trim();
+    let encoded = text.strip_prefix(tag).unwrap_or(text).trim();
+    let bytes = B64
+        .decode(encoded)
+        .map_err(|_| KeyError::Format { which, tag })?;
+    bytes.try_into().map_err(|v: Vec<u8>| KeyError::Invalid {
+        which,
+        detail: format!("expected 32 bytes, found {}", v.len()),
+    })
+}
+
+pub fn parse_secret_key(text: &str) -> Result<VendorKey, KeyError> {
+    Ok(SigningKey::from_bytes(&key_bytes(
+        text,
+        SECRET_KEY_TAG,
+        "secret",
+    )?))
+}
+
+pub fn parse_public_key(text: &str) -> Result<VerifyingKey, KeyError> {
+    let bytes = key_bytes(text, PUBLIC_KEY_TAG, "public")?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| KeyError::Invalid {
+        which: "public",
+        detail: e.to_string(),
+    })
+}
+
+/// Writes `license` as a signed license file.
+pub fn sign_license(license: &License, key: &VendorKey) -> Result<String, LicenseError> {
+    license.validate("<new license>")?;
+    let toml = toml::to_string(&LicenseFile {
+        license: license.clone(),
+    })
+    .map_err(|e| LicenseError::Invalid {
+        file: "<new license>".into(),
+        detail: e.to_string(),
+    })?;
+    let body = format!("{HEADER}{toml}");
+    let signature = key.sign(body.as_bytes());
+    Ok(format!(
+        "{body}{SIGNATURE_PREFIX} ed25519 key={} sig={}\n",
+        key_id(&key.verifying_key()),
+        B64.encode(signature.to_bytes())
+    ))
+}
+
+/// Checks the signature of a license file's text and parses it. `file` names the file in
+/// errors. Dates and role are not checked here: see [`License::check_dates`] and
+/// [`License::require_role`].
+pub fn verify_license(text: &str, file: &str, key: &VerifyingKey) -> Result<License, LicenseError> {
+    let err_file = || file.to_owned();
+    let line_start = if text.starts_with(SIGNATURE_PREFIX) {
+        0
+    } else {
+        text.rfind(&format!("\n{SIGNATURE_PREFIX}"))
+            .map(|i| i + 1)
+            .ok_or_else(|| LicenseError::Unsigned { file: err_file() })?
+    };
+    let (body, rest) = text.split_at(line_start);
+    let (line, after) = rest.split_once('\n').unwrap_or((rest, ""));
+    if !after.trim().is_empty() {
+        return Err(LicenseError::Modified { file: err_file() });
+    }
+    let bad_line = |detail: &str| LicenseError::BadSignatureLine {
+        file: err_file(),
+        detail: detail.to_owned(),
+    };
+    let mut fields = line
+        .strip_prefix(SIGNATURE_PREFIX)
+        .unwrap_or_default()
+        .split_whitespace();
+    if fields.next() != Some("ed25519") {
+        return Err(bad_line("expected algorithm 'ed25519'"));
+    }
+    let signed_with = fields
+        .next()
+        .and_then(|f| f.strip_prefix("key="))
+        .ok_or_else(|| bad_line("expected 'key=<id>'"))?;
+    let sig_b64 = fields
+        .next()
+        .and_then(|f| f.strip_prefix("sig="))
+        .ok_or_else(|| bad_line("expected 'sig=<base64>'"))?;
+    let sig_bytes: [u8; 64] = B64
+        .decode(sig_b64)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| bad_line("the signature is not 64 bytes of base64"))?;
+    let signature = Signature::from_bytes(&sig_bytes);
+    let trusted = key_id(key);
+    if key.verify(body.as_bytes(), &signature).is_err() {
+        return Err(if signed_with == trusted {
+            LicenseError::Modified { file: err_file() }
+        } else {
+            LicenseError::WrongKey {
+                file: err_file(),
+                signed_with: signed_with.to_owned(),
+                trusted,
+            }
+        });
+    }
+    let parsed: LicenseFile = toml::from_str(body).map_err(|e| LicenseError::Parse {
+        file: err_file(),
+        detail: e.to_string(),
+    })?;
+    parsed.license.validate(file)?;
+    Ok(parsed.license)
+}
+
+impl License {
+    /// Checks what the signature cannot: that the document makes sense.
+    fn validate(&self, file: &str) -> Result<(), LicenseError> {
+        let invalid = |detail: String| LicenseError::Invalid {
+            file: file.to_owned(),
+            detail,
+        };
+        if self.customer.trim().is_empty() {
+            return Err(invalid("customer is empty".into()));
+        }
+        if self.expires < self.issued {
+            return Err(invalid(format!(
+                "expires ({}) is before issued ({})",
+                self.expires, self.issued
+            )));
+        }
+        if self.role == Role::Master && self.limits.total.is_none() {
+            return Err(invalid("a master license needs limits.total".into()));
+        }
+        for name in self.limits.agent_types.keys() {
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(invalid(format!(
+                    "agent type {name:?} must be 1 to 64 characters from A-Z, a-z, 0-9, '-' and '_'"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a license that has expired or is not valid yet on `today`.
+    pub fn check_dates(&self, today: Date, file: &str) -> Result<(), LicenseError> {
+        if today > self.expires {
+            return Err(LicenseError::Expired {
+                file: file.to_owned(),
+                id: self.id,
+                expires: self.expires,
+            });
+        }
+        if today < self.issued {
+            return Err(LicenseError::NotYetValid {
+                file: file.to_owned(),
+                id: self.id,
+                issued: self.issued,
+            });
+        }
+        Ok(())
+    }
+
+    /// Days from `today` to the last valid day (0 on the last day, negative once expired).
+    pub fn days_left(&self, today: Date) -> i64 {
+        (self.expires - today).whole_days()
+    }
+
+    pub fn require_role(&self, needed: Role, file: &str) -> Result<(), LicenseError> {
+        if self.role == needed {
+            Ok(())
+        } else {
+            Err(LicenseError::WrongRole {
+                file: file.to_owned(),
+                id: self.id,
+                found: self.role,
+                needed,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::date;
+
+    fn key(seed: u8) -> VendorKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn master() -> License {
+        License {
+            id: Uuid::new_v4(),
+            customer: "Acme Contact Centres".into(),
+            issued: date!(2026 - 01 - 01),
+            expires: date!(2027 - 12 - 31),
+            maintenance_expires: date!(2027 - 06 - 30),
+            role: Role::Master,
+            context: Context::Production,
+            limits: Limits {
+                total: Some(500),
+                local: None,
+                agent_types: BTreeMap::from([("inbound".into(), 300), ("outbound".into(), 200)]),
+            },
+        }
+    }
+
+    #[test]
+    fn sign_then_verify() {
+        let k = key(1);
+        let text = sign_license(&master(), &k).unwrap();
+        assert!(text.contains("[license]"));
+        let l = verify_license(&text, "m.lic", &k.verifying_key()).unwrap();
+        assert_eq!(l, {
+            let mut m = master();
+            m.id = l.id;
+            m
+        });
+    }
+
+    #[test]
+    fn any_changed_byte_is_detected() {
+        let k = key(1);
+        let text = sign_license(&master(), &k).unwrap();
+        let sig_line = text.rfind(SIGNATURE_PREFIX).unwrap();
+        // Flip each byte of the signed body in turn (stepping to keep the test fast).
+        for i in (0..sig_line).step_by(3) {
+            let mut bytes = text.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'x' { b'y' } else { b'x' };
+            let Ok(tampered) = String::from_utf8(bytes) else {
+                continue;
+            };
+            let err = verify_license(&tampered, "m.lic", &k.verifying_key()).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    LicenseError::Modified { .. }
+                        | LicenseError::Unsigned { .. }
+                        | LicenseError::BadSignatureLine { .. }
+                ),
+                "byte {i}: {err}"
+            );
+            assert!(err.to_string().contains("m.lic"));
+        }
+    }
+
+    #[test]
+    fn raised_limit_is_reported_as_modified() {
+        let k = key(1);
+        let text = sign_license(&master(), &k)
+            .unwrap()
+            .replace("total = 500", "total = 900");
+        let err = verify_license(&text, "/etc/lmbus/m.lic", &k.verifying_key()).unwrap_err();
+        assert_eq!(
+            err,
+            LicenseError::Modified {
+                file: "/etc/lmbus/m.lic".into()
+            }
+        );
+        assert!(err.to_string().contains("modified"));
+    }
+
+    #[test]
+    fn another_key_is_named() {
+        let text = sign_license(&master(), &key(1)).unwrap();
+        let err = verify_license(&text, "m.lic", &key(2).verifying_key()).unwrap_err();
+        assert!(matches!(err, LicenseError::WrongKey { .. }), "{err}");
+        assert!(err.to_string().contains("another vendor key"));
+    }
+
+    #[test]
+    fn unsigned_and_trailing_text_are_refused() {
+        let k = key(1);
+        let text = sign_license(&master(), &k).unwrap();
+        let body = &text[..text.rfind(SIGNATURE_PREFIX).unwrap()];
+        assert!(matches!(
+            verify_license(body, "f", &k.verifying_key()),
+            Err(LicenseError::Unsigned { .. })
+        ));
+        let appended = format!("{text}[extra]\n");
+        assert!(matches!(
+            verify_license(&appended, "f", &k.verifying_key()),
+            Err(LicenseError::Modified { .. })
+        ));
+    }
+
+    #[test]
+    fn dates_and_roles() {
+        let l = master();
+        assert!(l.check_dates(date!(2027 - 12 - 31), "f").is_ok());
+        assert!(matches!(
+            l.check_dates(date!(2028 - 01 - 01), "f"),
+            Err(LicenseError::Expired { .. })
+        ));
+        assert!(matches!(
+            l.check_dates(date!(2025 - 12 - 31), "f"),
+            Err(LicenseError::NotYetValid { .. })
+        ));
+        assert_eq!(l.days_left(date!(2027 - 12 - 01)), 30);
+        assert!(l.require_role(Role::Master, "f").is_ok());
+        let err = l.require_role(Role::Slave, "f").unwrap_err();
+        assert!(err.to_string().contains("'master'"), "{err}");
+    }
+
+    #[test]
+    fn master_without_total_is_invalid() {
+        let mut l = master();
+        l.limits.total = None;
+        assert!(matches!(
+            sign_license(&l, &key(1)),
+            Err(LicenseError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn key_text_round_trips() {
+        let k = key(7);
+        let parsed = parse_secret_key(&secret_key_text(&k)).unwrap();
+        assert_eq!(parsed.to_bytes(), k.to_bytes());
+        let public = parse_public_key(&public_key_text(&k.verifying_key())).unwrap();
+        assert_eq!(public, k.verifying_key());
+        assert!(parse_public_key("nonsense!").is_err());
+        assert!(parse_public_key("AAAA").is_err());
+    }
+}

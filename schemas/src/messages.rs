@@ -1,0 +1,563 @@
+//! Request, reply and control messages between slaves, the master and monitors.
+//!
+//! Each request type names its subject in its doc (see `subjects.rs`). Every field added
+//! after the first release carries `#[serde(default)]` so older peers keep decoding.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// An agent the slave holds (or wants to hold) a seat for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AgentClaim {
+    pub agent_id: String,
+    pub agent_type: String,
+}
+
+/// `lmbus.v1.<cluster>.slave.<id>.hello`: the slave introduces itself, with its signed
+/// license text (or none for an unlicensed slave) and the agents it already holds, so a
+/// reconnecting or restarted slave is reconciled instead of double counted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// A fresh id per slave process; a new value tells the master the slave restarted.
+    pub instance: Uuid,
+    /// The slave's signed license file, verbatim. `None` asks for unlicensed operation.
+    #[serde(default)]
+    pub license: Option<String>,
+    /// How often this slave will heartbeat; the master derives its silence timeout from it.
+    pub heartbeat_interval_ms: u64,
+    /// Every agent the slave currently considers registered.
+    #[serde(default)]
+    pub agents: Vec<AgentClaim>,
+    /// Free-form software name and version, for status displays.
+    #[serde(default)]
+    pub software: String,
+    /// Increases with every hello of one slave instance; the master ignores a hello older
+    /// than the last it saw (a delayed or replayed one must not roll its state back).
+    #[serde(default)]
+    pub seq: u64,
+    /// How long the slave keeps its agents after losing every master.
+    #[serde(default)]
+    pub grace_ms: u64,
+    /// Whether the slave logs out all its agents when the grace period ends. Only then
+    /// may the master reclaim a silent slave's seats (see the timing rule in the README).
+    #[serde(default)]
+    pub logout_after_grace: bool,
+    /// How long the slave waits for an answer; part of the timing rule.
+    #[serde(default)]
+    pub request_timeout_ms: u64,
+}
+
+/// `lmbus.v1.<cluster>.slave.<id>.register`: ask for a seat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub request_id: Uuid,
+    pub agent_id: String,
+    pub agent_type: String,
+}
+
+/// `lmbus.v1.<cluster>.slave.<id>.unregister`: give a seat back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnregisterRequest {
+    pub request_id: Uuid,
+    pub agent_id: String,
+}
+
+/// `lmbus.v1.<cluster>.slave.<id>.heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub instance: Uuid,
+    pub seq: u64,
+    /// How many agents the slave holds, so the master can notice a disagreement.
+    #[serde(default)]
+    pub agents: u32,
+}
+
+/// `lmbus.v1.<cluster>.slave.<id>.report`: something the slave decided on its own that
+/// the master must record and alert on (published, no reply).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlaveReport {
+    pub event: SlaveEvent,
+    #[serde(default)]
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlaveEvent {
+    /// The slave refused a registration itself (its local limit) without asking.
+    LocalRejection {
+        agent_id: String,
+        agent_type: String,
+        reason: RejectReason,
+    },
+    /// The slave lost every master for longer than its grace period and restricted
+    /// usage; reported once it reaches a master again.
+    Restricted {
+        /// How long it had no master, in milliseconds.
+        lost_for_ms: u64,
+        /// How many agents it logged out when the grace period ended.
+        logged_out: u32,
+    },
+    /// Something this build does not know; recorded as is.
+    #[serde(other)]
+    Other,
+}
+
+/// Why a request was refused. Shown to operators and host applications as the
+/// snake_case token (`aggregate_limit`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// The total across all slaves would exceed the master license's total limit.
+    AggregateLimit,
+    /// The agent type's limit in the master license is reached.
+    TypeLimit,
+    /// The slave's own license limit is reached (refused by the slave, or by the master
+    /// checking the same license).
+    LocalLimit,
+    /// The slave has no license and the master does not allow unlicensed slaves.
+    UnlicensedNotAllowed,
+    /// The master license does not name this agent type.
+    UnknownAgentType,
+    /// The master has no live session with this slave: it must say hello first.
+    SlaveNotConnected,
+    /// The agent already holds a seat of another type on this slave.
+    AgentTypeMismatch,
+    /// The slave's license failed verification or has expired.
+    LicenseInvalid,
+    /// The slave's license has the wrong role (a master license, say).
+    LicenseRole,
+    /// The slave's license context (production, backup, development) differs from the
+    /// master's.
+    ContextMismatch,
+    /// No master answered (set by the slave, never sent by a master).
+    MasterUnavailable,
+    /// The master's table of slaves is full (`--max-slaves`).
+    TooManySlaves,
+    /// The slave lost every master for longer than its grace period and is restricted
+    /// (set by the slave).
+    Restricted,
+    /// The master reclaimed the slave's seats while it was silent, or an operator released
+    /// them, and there is no room to grant this one again.
+    Reclaimed,
+    /// An operator released this agent's seat; it must register anew.
+    ReleasedByAdmin,
+    /// The slave's timings break the timing rule (see the README): the master could
+    /// reclaim seats the slave still uses.
+    TimingRule,
+    /// The request is older than one the master already processed.
+    StaleRequest,
+    /// The broker replicas are electing a leader (sent by a standby while no replica holds
+    /// the lease): nothing was decided, retry.
+    NoLeader,
+    /// A reason this build does not know.
+    #[serde(other)]
+    Other,
+}
+
+impl RejectReason {
+    pub fn token(self) -> &'static str {
+        match self {
+            RejectReason::AggregateLimit => "aggregate_limit",
+            RejectReason::TypeLimit => "type_limit",
+            RejectReason::LocalLimit => "local_limit",
+            RejectReason::UnlicensedNotAllowed => "unlicensed_not_allowed",
+            RejectReason::UnknownAgentType => "unknown_agent_type",
+            RejectReason::SlaveNotConnected => "slave_not_connected",
+            RejectReason::AgentTypeMismatch => "agent_type_mismatch",
+            RejectReason::LicenseInvalid => "license_invalid",
+            RejectReason::LicenseRole => "license_role",
+            RejectReason::ContextMismatch => "context_mismatch",
+            RejectReason::MasterUnavailable => "master_unavailable",
+            RejectReason::TooManySlaves => "too_many_slaves",
+            RejectReason::Restricted => "restricted",
+            RejectReason::Reclaimed => "reclaimed",
+            RejectReason::ReleasedByAdmin => "released_by_admin",
+            RejectReason::TimingRule => "timing_rule",
+            RejectReason::StaleRequest => "stale_request",
+            RejectReason::NoLeader => "no_leader",
+            RejectReason::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.token())
+    }
+}
+
+/// The master's answer to any slave request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// Hello accepted.
+    Welcome(Welcome),
+    /// Hello refused, or a heartbeat from a slave the master has no session with.
+    Refused {
+        reason: RejectReason,
+        detail: String,
+    },
+    /// Registration decided.
+    Decision(Decision),
+    /// Unregistration or heartbeat accepted.
+    Ack,
+    /// The request itself was bad; nothing was decided.
+    Error(WireError),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The answering broker replica.
+    pub broker_id: String,
+    /// The master license's id.
+    pub master_license: Uuid,
+    /// After this many missed heartbeats the master marks the slave disconnected.
+    pub missed_heartbeats: u32,
+    /// Agents from the hello that the master did not (re)grant; the slave must log them
+    /// out.
+    #[serde(default)]
+    pub rejected_agents: Vec<RejectedAgent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedAgent {
+    pub agent_id: String,
+    pub reason: RejectReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Approved {
+        /// True when the agent already held this seat (an idempotent re-registration).
+        already_held: bool,
+    },
+    Rejected {
+        reason: RejectReason,
+        detail: String,
+    },
+}
+
+/// A request that could not be processed at all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The payload is not a decodable lmbus message of the expected type.
+    Malformed,
+    /// The envelope version is not spoken by this broker.
+    UnsupportedVersion,
+    /// The payload is larger than the protocol allows.
+    TooLarge,
+    /// A field is out of range (an empty agent id, say).
+    Invalid,
+    #[serde(other)]
+    Other,
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Invalid => "invalid",
+            ErrorCode::Other => "other",
+        })
+    }
+}
+
+impl From<&crate::codec::DecodeError> for WireError {
+    fn from(e: &crate::codec::DecodeError) -> Self {
+        use crate::codec::DecodeError as D;
+        let code = match e {
+            D::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            D::TooLarge { .. } => ErrorCode::TooLarge,
+            D::Empty | D::NotAnEnvelope(_) | D::Malformed(_) => ErrorCode::Malformed,
+        };
+        WireError {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// `lmbus.v1.<cluster>.control.<slave>`: the master tells a slave something unasked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlMessage {
+    /// Log these agents out: their seats are gone.
+    LogOut { agents: Vec<RejectedAgent> },
+    /// Say hello again (the master lost the session, e.g. after a restart).
+    Rehello,
+    #[serde(other)]
+    Other,
+}
+
+/// `lmbus.v1.<cluster>.admin.release`: an operator force-releases one agent's seat, or
+/// every seat of a slave (like FLEXlm's lmremove). The slave is told to log them out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub slave_id: String,
+    /// `None` releases every seat of the slave.
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    /// Who asked, for the alert and the audit trail.
+    #[serde(default)]
+    pub operator: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseReply {
+    Released { agents: Vec<String> },
+    Error { message: String },
+}
+
+/// `lmbus.v1.<cluster>.broker.status`: request for the License Monitor view.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRequest {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReply {
+    pub broker_id: String,
+    pub cluster: String,
+    pub license: LicenseSummary,
+    pub allow_unlicensed_slaves: bool,
+    pub total_limit: u32,
+    pub type_limits: BTreeMap<String, u32>,
+    pub total_in_use: u32,
+    pub in_use_by_type: BTreeMap<String, u32>,
+    pub slaves: Vec<SlaveStatus>,
+    /// The answering replica is the leader in this term (the lease's revision).
+    #[serde(default)]
+    pub leader_term: u64,
+    /// The last ledger sequence the leader wrote or applied.
+    #[serde(default)]
+    pub ledger_sequence: u64,
+    /// Every broker replica the leader hears from, itself included.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// `lmbus.v1.<cluster>.replica`: every broker replica publishes one a few times per lease,
+/// so the leader knows its standbys (and raises `replica_joined` / `replica_lost`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaBeat {
+    pub replica: String,
+    pub priority: u32,
+    pub leader: bool,
+    /// The last ledger sequence this replica applied.
+    #[serde(default)]
+    pub applied: u64,
+}
+
+/// One broker replica in the leader's view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub replica: String,
+    pub priority: u32,
+    pub leader: bool,
+    #[serde(default)]
+    pub applied: u64,
+    pub last_seen_ms_ago: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LicenseSummary {
+    pub id: Uuid,
+    pub customer: String,
+    pub context: String,
+    pub expires: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlaveStatus {
+    pub slave_id: String,
+    pub connected: bool,
+    /// The slave license id, `None` for an unlicensed slave.
+    #[serde(default)]
+    pub license: Option<Uuid>,
+    #[serde(default)]
+    pub local_limit: Option<u32>,
+    pub in_use: u32,
+    pub in_use_by_type: BTreeMap<String, u32>,
+    /// Milliseconds since the last heartbeat or request.
+    #[serde(default)]
+    pub last_seen_ms_ago: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+
+    fn round_trip<T>(value: &T)
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug,
+    {
+        let bytes = encode(value).unwrap();
+        assert_eq!(&decode::<T>(&bytes).unwrap(), value);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let claim = AgentClaim {
+            agent_id: "a1".into(),
+            agent_type: "inbound".into(),
+        };
+        round_trip(&Hello {
+            instance: Uuid::new_v4(),
+            license: Some("text".into()),
+            heartbeat_interval_ms: 1000,
+            agents: vec![claim.clone()],
+            software: "lmbus-slave 0.1".into(),
+            seq: 3,
+            grace_ms: 120_000,
+            logout_after_grace: true,
+            request_timeout_ms: 2000,
+        });
+        round_trip(&SlaveReport {
+            event: SlaveEvent::Restricted {
+                lost_for_ms: 130_000,
+                logged_out: 4,
+            },
+            message: String::new(),
+        });
+        round_trip(&ReleaseRequest {
+            slave_id: "s".into(),
+            agent_id: Some("a".into()),
+            operator: "ops".into(),
+        });
+        round_trip(&ReleaseReply::Released {
+            agents: vec!["a".into()],
+        });
+        round_trip(&RegisterRequest {
+            request_id: Uuid::new_v4(),
+            agent_id: "a".into(),
+            agent_type: "t".into(),
+        });
+        round_trip(&UnregisterRequest {
+            request_id: Uuid::new_v4(),
+            agent_id: "a".into(),
+        });
+        round_trip(&Heartbeat {
+            instance: Uuid::new_v4(),
+            seq: 9,
+            agents: 2,
+        });
+        round_trip(&SlaveReport {
+            event: SlaveEvent::LocalRejection {
+                agent_id: "a".into(),
+                agent_type: "t".into(),
+                reason: RejectReason::LocalLimit,
+            },
+            message: "m".into(),
+        });
+        for reply in [
+            Reply::Welcome(Welcome {
+                broker_id: "b".into(),
+                master_license: Uuid::new_v4(),
+                missed_heartbeats: 3,
+                rejected_agents: vec![RejectedAgent {
+                    agent_id: "x".into(),
+                    reason: RejectReason::AggregateLimit,
+                }],
+            }),
+            Reply::Refused {
+                reason: RejectReason::UnlicensedNotAllowed,
+                detail: "d".into(),
+            },
+            Reply::Decision(Decision::Approved { already_held: true }),
+            Reply::Decision(Decision::Rejected {
+                reason: RejectReason::TypeLimit,
+                detail: "d".into(),
+            }),
+            Reply::Ack,
+            Reply::Error(WireError {
+                code: ErrorCode::Malformed,
+                message: "m".into(),
+            }),
+        ] {
+            round_trip(&reply);
+        }
+        round_trip(&ControlMessage::LogOut { agents: vec![] });
+        round_trip(&ControlMessage::Rehello);
+        round_trip(&StatusRequest {});
+        round_trip(&StatusReply {
+            broker_id: "b".into(),
+            cluster: "c".into(),
+            license: LicenseSummary {
+                id: Uuid::new_v4(),
+                customer: "x".into(),
+                context: "production".into(),
+                expires: "2030-01-01".into(),
+            },
+            allow_unlicensed_slaves: true,
+            total_limit: 5,
+            type_limits: BTreeMap::from([("inbound".into(), 3)]),
+            total_in_use: 1,
+            in_use_by_type: BTreeMap::new(),
+            slaves: vec![SlaveStatus {
+                slave_id: "s".into(),
+                connected: true,
+                license: None,
+                local_limit: Some(2),
+                in_use: 1,
+                in_use_by_type: BTreeMap::new(),
+                last_seen_ms_ago: 10,
+            }],
+            leader_term: 4,
+            ledger_sequence: 17,
+            replicas: vec![ReplicaStatus {
+                replica: "b2".into(),
+                priority: 2,
+                leader: false,
+                applied: 17,
+                last_seen_ms_ago: 40,
+            }],
+        });
+        round_trip(&ReplicaBeat {
+            replica: "b1".into(),
+            priority: 1,
+            leader: true,
+            applied: 3,
+        });
+    }
+
+    #[test]
+    fn unknown_reason_decodes_as_other() {
+        #[derive(Serialize)]
+        struct FutureRejected<'a> {
+            reason: &'a str,
+            detail: &'a str,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "snake_case")]
+        enum FutureDecision<'a> {
+            Rejected(FutureRejected<'a>),
+        }
+        let bytes = encode(&FutureDecision::Rejected(FutureRejected {
+            reason: "moon_phase",
+            detail: "",
+        }))
+        .unwrap();
+        assert_eq!(
+            decode::<Decision>(&bytes).unwrap(),
+            Decision::Rejected {
+                reason: RejectReason::Other,
+                detail: String::new()
+            }
+        );
+    }
+}

@@ -1,0 +1,1414 @@
+//! [`SlaveAgent`]: the slave side of master/slave licensing, as a handle a host
+//! application holds.
+//!
+//! The registration flow is CallGem's: check the local limit first (no network call when it
+//! is reached), then ask the master; a rejected agent is logged out (the host learns it from
+//! the returned [`Outcome`] and from [`AgentEvent::LoggedOut`]) and an alert goes out (the
+//! master raises it for its own rejections; the slave reports its local ones).
+//!
+//! A slave may name a second master (a secondary, usually another site with its own NATS and
+//! cluster name). It starts on the primary and fails over to the secondary when the primary
+//! does not answer (NATS says "no responders" at once when no broker listens; a broker that
+//! is alive but stuck is caught by the request timeout) or answers slower than
+//! `switch_delay`. While on the secondary it keeps probing the primary and returns to it by
+//! policy. With overflow enabled, a capacity rejection by the primary is retried on the
+//! secondary. Each seat remembers which master granted it; releases and heartbeats go
+//! there.
+//!
+//! One background task heartbeats every master it holds seats with, says hello again
+//! whenever a master has lost the session, runs the grace-period timer, and obeys control
+//! messages (a forced logout, say).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lmbus_schemas::{
+    AgentClaim, ControlMessage, Decision, Heartbeat, Hello, License, RegisterRequest, RejectReason,
+    RejectedAgent, Reply, Role, SlaveEvent, SlaveId, SlaveOp, SlaveReport, UnregisterRequest,
+    VerifyingKey, Welcome, decode, verify_license,
+};
+
+use crate::link::{Ask, Link, LinkId, PRIMARY, SECONDARY, link_name};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+/// Default [`SlaveConfig::failover_wait`]: a broker leader failover takes about one lease
+/// (1 s by default) plus a poll, and a request that went to a leader that froze waits out
+/// one request timeout (2 s) before its retry reaches the new leader; this covers both
+/// with room to spare.
+pub const DEFAULT_FAILOVER_WAIT: Duration = Duration::from_secs(5);
+/// Default [`SlaveConfig::election_wait`].
+pub const DEFAULT_ELECTION_WAIT: Duration = Duration::from_secs(20);
+/// First pause between retries of an unanswered request; doubles up to the cap.
+const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+const RETRY_BACKOFF_CAP: Duration = Duration::from_millis(200);
+
+/// How many recent logouts `status()` remembers.
+const LOGGED_OUT_HISTORY: usize = 100;
+/// Capacity of the event channel; a subscriber that lags this far behind misses events
+/// (and is told so by `broadcast::error::RecvError::Lagged`).
+const EVENT_CAPACITY: usize = 1024;
+
+/// How a slave agent connects and behaves.
+#[derive(Debug, Clone)]
+pub struct SlaveConfig {
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    pub cluster: String,
+    pub slave_id: SlaveId,
+    /// The slave's license: `None` runs unlicensed.
+    pub license: Option<LicenseFile>,
+    /// Run unlicensed even though a license file is given (only allowed for a license
+    /// with neither the master nor the slave flag).
+    pub unlicensed: bool,
+    /// The vendor's public key; required when a license is given.
+    pub vendor_key: Option<VerifyingKey>,
+    pub heartbeat_interval: Duration,
+    /// How long to wait for the master's answer to one request.
+    pub request_timeout: Duration,
+    /// How long a request keeps being retried (with backoff) while nobody answers, before
+    /// the master counts as lost: long enough to ride through a broker leader failover
+    /// (about one lease, 1 s by default) without the host application seeing an error.
+    pub failover_wait: Duration,
+    /// How long a request keeps being retried while the master's broker replicas answer
+    /// `no_leader` (they are alive and electing a leader; when a NATS node dies this lasts
+    /// as long as JetStream's own stream-leader election, about 10 s).
+    pub election_wait: Duration,
+    /// How long the slave keeps working after losing every master.
+    pub grace_period: Duration,
+    /// What to do with new registrations during the grace period.
+    pub during_grace: GracePolicy,
+    /// What to do when the grace period ends.
+    pub after_grace: Restriction,
+    /// A second master to fail over (or overflow) to.
+    pub secondary: Option<MasterEndpoint>,
+    /// While on the secondary: go back when the primary answers again, or stay.
+    pub return_policy: ReturnPolicy,
+    /// Ask the secondary when the primary rejects for capacity (`aggregate_limit`,
+    /// `type_limit`); the secondary's own limits apply.
+    pub overflow: bool,
+    /// Switch to the secondary when the primary answers slower than this (LumenVox's
+    /// 10 s network delay). Dead masters are detected faster: see the module doc.
+    pub switch_delay: Duration,
+}
+
+/// Where a master is: its NATS and its cluster name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterEndpoint {
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    pub cluster: String,
+}
+
+/// What a slave on its secondary master does when the primary answers again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReturnPolicy {
+    /// New registrations go to the primary again as soon as it answers a hello; seats the
+    /// secondary granted stay there until released.
+    ReturnToPrimary,
+    /// Keep using the secondary until it fails.
+    Stay,
+}
+
+/// New registrations while no master answers, within the grace period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GracePolicy {
+    /// Refuse them (`master_unavailable`): the aggregate limit is never exceeded.
+    Refuse,
+    /// Admit them locally (the local limit still applies); the master reconciles them on
+    /// reconnect and logs out what no longer fits. The aggregate can be exceeded meanwhile.
+    Allow,
+}
+
+/// What happens when the grace period ends without a master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restriction {
+    /// Log out every agent and refuse new ones. The master may then reclaim this slave's
+    /// seats after the grace period plus its margin (the timing rule).
+    LogoutAll,
+    /// Keep current agents, refuse new ones. The master never reclaims this slave's seats
+    /// on its own, since the agents may still be working.
+    RefuseNew,
+}
+
+impl SlaveConfig {
+    pub fn new(nats_url: &str, cluster: &str, slave_id: SlaveId) -> Self {
+        Self {
+            nats_url: nats_url.to_owned(),
+            cluster: cluster.to_owned(),
+            slave_id,
+            license: None,
+            unlicensed: false,
+            vendor_key: None,
+            heartbeat_interval: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(2),
+            failover_wait: DEFAULT_FAILOVER_WAIT,
+            election_wait: DEFAULT_ELECTION_WAIT,
+            grace_period: Duration::from_secs(120),
+            during_grace: GracePolicy::Refuse,
+            after_grace: Restriction::LogoutAll,
+            secondary: None,
+            return_policy: ReturnPolicy::ReturnToPrimary,
+            overflow: false,
+            switch_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A license file as read from disk: its name (for errors) and its verbatim text.
+#[derive(Debug, Clone)]
+pub struct LicenseFile {
+    pub name: String,
+    pub text: String,
+}
+
+/// The answer to a registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Approved {
+        already_held: bool,
+    },
+    Rejected {
+        reason: RejectReason,
+        detail: String,
+    },
+}
+
+impl Outcome {
+    pub fn is_approved(&self) -> bool {
+        matches!(self, Outcome::Approved { .. })
+    }
+}
+
+/// Things the host application should know about without asking.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AgentEvent {
+    /// The agent does not (or no longer) hold a seat: log it out of the application.
+    LoggedOut(LoggedOut),
+    /// A master accepted this slave (`master` is `primary` or `secondary`).
+    Connected { master: String, broker_id: String },
+    /// A master stopped answering.
+    Disconnected { master: String, detail: String },
+    /// New registrations now go to this master (`primary` or `secondary`).
+    Switched { master: String, reason: String },
+    /// No master answered for the whole grace period: usage is restricted (and with the
+    /// `logout-all` policy, `logged_out` agents were logged out).
+    Restricted { logged_out: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedOut {
+    pub agent_id: String,
+    pub agent_type: String,
+    pub reason: RejectReason,
+    pub detail: String,
+}
+
+/// A snapshot for status displays and the local API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlaveStatusView {
+    pub slave_id: String,
+    /// The cluster of the master new registrations go to.
+    pub cluster: String,
+    /// Whether that master answers.
+    pub connected: bool,
+    pub broker_id: Option<String>,
+    /// `primary` or `secondary`: where new registrations go.
+    pub active_master: String,
+    /// Every configured master.
+    pub masters: Vec<MasterView>,
+    pub licensed: bool,
+    pub license_id: Option<Uuid>,
+    pub local_limit: Option<u32>,
+    pub agents: u32,
+    pub agents_by_type: BTreeMap<String, u32>,
+    pub pending: u32,
+    /// Most recent logouts, oldest first.
+    pub logged_out: Vec<LoggedOut>,
+    pub last_error: Option<String>,
+    /// `connected`, `grace` (no master, within the grace period) or `restricted`.
+    pub mode: String,
+    /// Milliseconds left in the grace period while in `grace`.
+    pub grace_left_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterView {
+    pub name: String,
+    pub cluster: String,
+    pub connected: bool,
+    pub broker_id: Option<String>,
+    /// Seats this master granted.
+    pub agents: u32,
+}
+
+/// Why the slave agent could not do what was asked (as opposed to a rejection, which is an
+/// [`Outcome`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SlaveError {
+    #[error(transparent)]
+    License(#[from] lmbus_schemas::LicenseError),
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot connect to NATS at {url}: {detail}")]
+    Connect { url: String, detail: String },
+    #[error("the master refused this slave: {reason}: {detail}")]
+    Refused {
+        reason: RejectReason,
+        detail: String,
+    },
+    #[error("invalid request: {0}")]
+    InvalidInput(String),
+    #[error("NATS error: {0}")]
+    Nats(String),
+}
+
+/// One seat held by an agent of this slave.
+#[derive(Debug, Clone)]
+struct Seat {
+    agent_type: String,
+    /// The master that granted it; its release goes there.
+    link: LinkId,
+}
+
+/// What the slave knows about one master.
+#[derive(Debug, Default, Clone)]
+struct LinkState {
+    connected: bool,
+    broker_id: Option<String>,
+}
+
+#[derive(Debug)]
+struct State {
+    agents: BTreeMap<String, Seat>,
+    /// Registrations sent to a master and not yet answered: they count against the local
+    /// limit so concurrent requests cannot overshoot it.
+    pending: u32,
+    links: Vec<LinkState>,
+    /// Where new registrations go.
+    active: LinkId,
+    logged_out: VecDeque<LoggedOut>,
+    last_error: Option<String>,
+    /// When the last request that any master answered was sent. The grace period runs
+    /// from here (from the start if no master ever answered).
+    last_contact: tokio::time::Instant,
+    /// Set when the grace period ran out: since when, and how many agents were logged out.
+    restricted: Option<(tokio::time::Instant, u32)>,
+    /// The primary answered slower than `switch_delay` since the last failover decision.
+    primary_slow: bool,
+}
+
+impl State {
+    fn claims(&self, link: LinkId) -> Vec<AgentClaim> {
+        self.agents
+            .iter()
+            .filter(|(_, seat)| seat.link == link)
+            .map(|(a, seat)| AgentClaim {
+                agent_id: a.clone(),
+                agent_type: seat.agent_type.clone(),
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: SlaveConfig,
+    /// The primary, then the secondary if configured.
+    links: Vec<Link>,
+    instance: Uuid,
+    /// The verified license when running licensed.
+    license: Option<License>,
+    local_limit: Option<u32>,
+    /// Plain mutex: never held across an await.
+    state: Mutex<State>,
+    events: broadcast::Sender<AgentEvent>,
+    heartbeat_seq: std::sync::atomic::AtomicU64,
+}
+
+/// The handle a host application holds. Cheap to clone; the background task stops when
+/// [`SlaveAgent::shutdown`] is called.
+#[derive(Debug, Clone)]
+pub struct SlaveAgent {
+    inner: Arc<Inner>,
+    stop: watch::Sender<bool>,
+    task: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// Checks the slave's license locally and decides licensed or unlicensed operation.
+fn check_license(cfg: &SlaveConfig) -> Result<(Option<License>, Option<License>), SlaveError> {
+    let Some(file) = &cfg.license else {
+        return Ok((None, None));
+    };
+    let key = cfg.vendor_key.as_ref().ok_or_else(|| {
+        SlaveError::Config(format!(
+            "a license file ({}) needs the vendor public key to verify it: pass --vendor-key",
+            file.name
+        ))
+    })?;
+    let license = verify_license(&file.text, &file.name, key)?;
+    let today = time::OffsetDateTime::now_utc().date();
+    license.check_dates(today, &file.name)?;
+    match (license.role, cfg.unlicensed) {
+        (Role::Slave, false) => Ok((Some(license.clone()), Some(license))),
+        (Role::None, _) => Ok((None, Some(license))),
+        (Role::Master, _) => Err(SlaveError::Config(format!(
+            "license {} in {} has the master flag: a slave needs a slave license, or no license to run unlicensed",
+            license.id, file.name
+        ))),
+        (Role::Slave, true) => Err(SlaveError::Config(format!(
+            "license {} in {} has the slave flag and cannot be used as an unlicensed slave: drop --unlicensed to use it, or run without a license",
+            license.id, file.name
+        ))),
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic while holding this lock would be a bug in this file; the state itself stays
+    // consistent (every critical section is a few assignments), so keep going.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SlaveAgent {
+    /// Verifies the license, connects to NATS and says hello to the master(s). Fails if the
+    /// license is unusable, the primary's NATS is unreachable and there is no secondary, or
+    /// a master refuses this slave for good (unlicensed not allowed, invalid license…). If
+    /// no master answers yet, the agent starts disconnected and keeps trying in the
+    /// background (its grace period runs from the start).
+    pub async fn start(cfg: SlaveConfig) -> Result<Self, SlaveError> {
+        let (licensed, presented) = check_license(&cfg)?;
+        let two = cfg.secondary.is_some();
+        let mut links =
+            vec![Link::connect(PRIMARY, &cfg.nats_url, &cfg.cluster, &cfg.slave_id, two).await?];
+        if let Some(secondary) = &cfg.secondary {
+            links.push(
+                Link::connect(
+                    SECONDARY,
+                    &secondary.nats_url,
+                    &secondary.cluster,
+                    &cfg.slave_id,
+                    true,
+                )
+                .await?,
+            );
+        }
+        let mut controls = Vec::new();
+        for link in &links {
+            controls.push(
+                link.client
+                    .subscribe(link.subjects.control(&cfg.slave_id))
+                    .await
+                    .map_err(|e| SlaveError::Nats(e.to_string()))?,
+            );
+        }
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let local_limit = licensed.as_ref().and_then(|l| l.limits.local);
+        let inner = Arc::new(Inner {
+            license: presented,
+            local_limit,
+            state: Mutex::new(State {
+                agents: BTreeMap::new(),
+                pending: 0,
+                links: vec![LinkState::default(); links.len()],
+                active: PRIMARY,
+                logged_out: VecDeque::new(),
+                last_error: None,
+                last_contact: tokio::time::Instant::now(),
+                restricted: None,
+                primary_slow: false,
+            }),
+            cfg,
+            links,
+            instance: Uuid::new_v4(),
+            events,
+            heartbeat_seq: Default::default(),
+        });
+        match inner.hello(PRIMARY).await {
+            Ok(()) => {}
+            Err(HelloError::Refused { reason, detail }) if !two => {
+                return Err(SlaveError::Refused { reason, detail });
+            }
+            Err(e) => {
+                warn!(detail = %e.detail(), "the primary master did not accept us yet");
+                if two {
+                    match inner.hello(SECONDARY).await {
+                        Ok(()) => {
+                            inner.switch(SECONDARY, "the primary master is not available at start")
+                        }
+                        Err(HelloError::Refused { reason, detail }) => {
+                            if let HelloError::Refused { .. } = e {
+                                return Err(SlaveError::Refused { reason, detail });
+                            }
+                            warn!(%reason, %detail, "the secondary master refuses this slave");
+                        }
+                        Err(HelloError::Unavailable(detail)) => {
+                            warn!(%detail, "no master answered yet; will keep trying");
+                        }
+                    }
+                }
+            }
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(background(inner.clone(), controls, stop_rx));
+        Ok(Self {
+            inner,
+            stop,
+            task: Arc::new(Mutex::new(Some(task))),
+        })
+    }
+
+    pub fn slave_id(&self) -> &SlaveId {
+        &self.inner.cfg.slave_id
+    }
+
+    /// Events (logouts, connection changes, switches) from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Asks for a seat for `agent_id` of `agent_type`: local limit first, then the
+    /// master(s).
+    pub async fn register(&self, agent_id: &str, agent_type: &str) -> Result<Outcome, SlaveError> {
+        self.inner.register(agent_id, agent_type).await
+    }
+
+    /// Gives the agent's seat back to the master that granted it. `Ok(false)` when it held
+    /// none here.
+    pub async fn unregister(&self, agent_id: &str) -> Result<bool, SlaveError> {
+        self.inner.unregister(agent_id).await
+    }
+
+    pub fn agents(&self) -> Vec<AgentClaim> {
+        lock(&self.inner.state)
+            .agents
+            .iter()
+            .map(|(a, seat)| AgentClaim {
+                agent_id: a.clone(),
+                agent_type: seat.agent_type.clone(),
+            })
+            .collect()
+    }
+
+    /// Which master (`primary` or `secondary`) granted this agent's seat.
+    pub fn granted_by(&self, agent_id: &str) -> Option<&'static str> {
+        lock(&self.inner.state)
+            .agents
+            .get(agent_id)
+            .map(|seat| link_name(seat.link))
+    }
+
+    pub fn status(&self) -> SlaveStatusView {
+        let inner = &self.inner;
+        let state = lock(&inner.state);
+        let mut by_type = BTreeMap::new();
+        for seat in state.agents.values() {
+            *by_type.entry(seat.agent_type.clone()).or_insert(0) += 1;
+        }
+        let any_connected = state.links.iter().any(|l| l.connected);
+        let active = &state.links[state.active];
+        let masters = inner
+            .links
+            .iter()
+            .map(|link| MasterView {
+                name: link.name().to_owned(),
+                cluster: link.subjects.cluster().to_owned(),
+                connected: state.links[link.id].connected,
+                broker_id: state.links[link.id].broker_id.clone(),
+                agents: state.agents.values().filter(|s| s.link == link.id).count() as u32,
+            })
+            .collect();
+        SlaveStatusView {
+            slave_id: inner.cfg.slave_id.to_string(),
+            cluster: inner.links[state.active].subjects.cluster().to_owned(),
+            connected: active.connected,
+            broker_id: active.broker_id.clone(),
+            active_master: link_name(state.active).to_owned(),
+            masters,
+            licensed: inner.local_limit.is_some()
+                || inner
+                    .license
+                    .as_ref()
+                    .is_some_and(|l| l.role == Role::Slave),
+            license_id: inner.license.as_ref().map(|l| l.id),
+            local_limit: inner.local_limit,
+            agents: state.agents.len() as u32,
+            agents_by_type: by_type,
+            pending: state.pending,
+            logged_out: state.logged_out.iter().cloned().collect(),
+            last_error: state.last_error.clone(),
+            mode: if any_connected {
+                "connected"
+            } else if state.restricted.is_some() {
+                "restricted"
+            } else {
+                "grace"
+            }
+            .to_owned(),
+            grace_left_ms: (!any_connected && state.restricted.is_none()).then(|| {
+                (state.last_contact + inner.cfg.grace_period)
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .as_millis() as u64
+            }),
+        }
+    }
+
+    /// Stops heartbeating, releases every seat this slave holds (its agents are gone with
+    /// it) at the master that granted it, and closes the NATS connections.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        // Release every seat at once, within one request timeout: a slave whose master is
+        // gone must not take a timeout per agent to stop. Seats a master does not hear
+        // about are released when this slave id says hello again (it then claims none).
+        let agents: Vec<String> = lock(&self.inner.state).agents.keys().cloned().collect();
+        let releases = futures::future::join_all(agents.iter().map(|agent| async move {
+            if let Err(e) = self.inner.unregister(agent).await {
+                warn!(%agent, error = %e, "could not release seat at shutdown");
+            }
+        }));
+        let limit = self.inner.cfg.request_timeout + Duration::from_millis(500);
+        if tokio::time::timeout(limit, releases).await.is_err() {
+            warn!("some seats could not be released at shutdown: the master did not answer");
+        }
+        // The releases above were confirmed by the masters' replies; `flush` writes any
+        // report still buffered before `drain` closes the connection.
+        for link in &self.inner.links {
+            let closing = async {
+                let _ = link.client.flush().await;
+                let _ = link.client.drain().await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
+        }
+    }
+}
+
+enum HelloError {
+    Refused {
+        reason: RejectReason,
+        detail: String,
+    },
+    Unavailable(String),
+}
+
+impl HelloError {
+    fn detail(&self) -> String {
+        match self {
+            HelloError::Refused { reason, detail } => format!("{reason}: {detail}"),
+            HelloError::Unavailable(detail) => detail.clone(),
+        }
+    }
+}
+
+/// Where one registration attempt ended.
+enum Attempt {
+    Decided(Outcome),
+    /// This master cannot decide now; try another.
+    Unavailable(String),
+}
+
+impl Inner {
+    fn emit(&self, event: AgentEvent) {
+        // No subscriber is fine: events are a convenience, the state is the truth.
+        let _ = self.events.send(event);
+    }
+
+    fn logged_out(&self, state: &mut State, out: LoggedOut) {
+        if state.logged_out.len() >= LOGGED_OUT_HISTORY {
+            state.logged_out.pop_front();
+        }
+        state.logged_out.push_back(out.clone());
+        self.emit(AgentEvent::LoggedOut(out));
+    }
+
+    fn has_secondary(&self) -> bool {
+        self.links.len() > 1
+    }
+
+    fn other(link: LinkId) -> LinkId {
+        if link == PRIMARY { SECONDARY } else { PRIMARY }
+    }
+
+    /// Asks one master, keeping the books: any answer is contact (the grace period restarts
+    /// from the request's sending time) and the primary's latency is watched.
+    async fn ask<T: Serialize>(
+        &self,
+        link: LinkId,
+        op: SlaveOp,
+        body: &T,
+    ) -> Result<Ask, SlaveError> {
+        // Ride through a broker failover: while nobody answers, retry with backoff until
+        // `failover_wait` has passed. Every request is safe to repeat (registration is
+        // idempotent per agent, hellos carry a sequence number).
+        // A master already known to be lost gets one try: requests during an outage fail
+        // fast instead of waiting out the failover window each time.
+        let ride_through = lock(&self.state).links[link].connected;
+        let first = tokio::time::Instant::now();
+        let mut backoff = RETRY_BACKOFF;
+        // Once the brokers have said they are electing, silence in between (a replica
+        // stepping down, the lease changing hands) is part of the same election.
+        let mut saw_election = false;
+        let answer = loop {
+            let answer = self.links[link]
+                .ask(&self.cfg.slave_id, op, body, self.cfg.request_timeout)
+                .await?;
+            let electing = matches!(
+                &answer,
+                Ask::Reply {
+                    reply: Reply::Refused {
+                        reason: RejectReason::NoLeader,
+                        ..
+                    },
+                    ..
+                }
+            );
+            saw_election |= electing;
+            let wait = if saw_election {
+                self.cfg.election_wait.max(self.cfg.failover_wait)
+            } else {
+                self.cfg.failover_wait
+            };
+            let retry = ride_through && first.elapsed() + backoff < wait;
+            match answer {
+                Ask::Unavailable(_) if retry => {
+                    debug!(
+                        op = op.token(),
+                        ?backoff,
+                        "no answer from the master yet; retrying"
+                    );
+                }
+                Ask::Reply { .. } if electing && retry => {
+                    debug!(
+                        op = op.token(),
+                        ?backoff,
+                        "the master's brokers are electing a leader; retrying"
+                    );
+                }
+                // No leader within the election wait: as good as no master (and not a
+                // contact: the grace period keeps counting from the last real answer).
+                Ask::Reply { .. } if electing => {
+                    break Ask::Unavailable(format!(
+                        "the {} master's brokers elected no leader within {:?}",
+                        link_name(link),
+                        self.cfg.election_wait
+                    ));
+                }
+                answer => break answer,
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RETRY_BACKOFF_CAP);
+        };
+        if let Ask::Reply { sent, latency, .. } = &answer {
+            let mut state = lock(&self.state);
+            state.last_contact = state.last_contact.max(*sent);
+            if link == PRIMARY {
+                let slow = *latency > self.cfg.switch_delay;
+                if slow {
+                    warn!(?latency, delay = ?self.cfg.switch_delay, "the primary master answers slower than the switch delay");
+                }
+                // Sticky until the next decision (`choose_active`), so a slow answer is not
+                // forgotten because a fast one (a re-hello, say) followed it.
+                state.primary_slow |= slow;
+            }
+        }
+        Ok(answer)
+    }
+
+    fn set_disconnected(&self, link: LinkId, detail: String) {
+        let mut state = lock(&self.state);
+        let was = state.links[link].connected;
+        state.links[link].connected = false;
+        state.last_error = Some(detail.clone());
+        drop(state);
+        if was {
+            warn!(master = link_name(link), %detail, "lost a master");
+            self.emit(AgentEvent::Disconnected {
+                master: link_name(link).to_owned(),
+                detail,
+            });
+        }
+    }
+
+    /// Makes `link` the master new registrations go to.
+    fn switch(&self, link: LinkId, reason: &str) {
+        let mut state = lock(&self.state);
+        if state.active == link {
+            return;
+        }
+        state.active = link;
+        drop(state);
+        info!(
+            master = link_name(link),
+            reason,
+            "new registrations now go to the {} master",
+            link_name(link)
+        );
+        self.emit(AgentEvent::Switched {
+            master: link_name(link).to_owned(),
+            reason: reason.to_owned(),
+        });
+    }
+
+    async fn hello(&self, link: LinkId) -> Result<(), HelloError> {
+        let l = &self.links[link];
+        let _guard = l.hello_lock.lock().await;
+        let agents = lock(&self.state).claims(link);
+        let hello = Hello {
+            instance: self.instance,
+            license: self.cfg.license.as_ref().map(|f| f.text.clone()),
+            heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+            agents,
+            software: format!("lmbus-slave {}", env!("CARGO_PKG_VERSION")),
+            seq: l
+                .hello_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            grace_ms: self.cfg.grace_period.as_millis() as u64,
+            logout_after_grace: self.cfg.after_grace == Restriction::LogoutAll,
+            // The longest a request can take before this slave counts the master as lost.
+            request_timeout_ms: (self.cfg.request_timeout
+                + self.cfg.failover_wait.max(self.cfg.election_wait))
+            .as_millis() as u64,
+        };
+        let reply = match self.ask(link, SlaveOp::Hello, &hello).await {
+            Ok(Ask::Reply { reply, .. }) => reply,
+            Ok(Ask::Unavailable(detail)) => {
+                self.set_disconnected(link, detail.clone());
+                return Err(HelloError::Unavailable(detail));
+            }
+            Err(e) => {
+                self.set_disconnected(link, e.to_string());
+                return Err(HelloError::Unavailable(e.to_string()));
+            }
+        };
+        match reply {
+            Reply::Welcome(welcome) => {
+                let was_restricted = self.accept_welcome(link, &welcome);
+                info!(master = link_name(link), broker = %welcome.broker_id, "connected to the {} master", link_name(link));
+                if let Some((since, logged_out)) = was_restricted {
+                    let lost_for = since.elapsed() + self.cfg.grace_period;
+                    info!(
+                        "back from restriction after {} s without a master",
+                        lost_for.as_secs()
+                    );
+                    self.report(
+                        link,
+                        SlaveReport {
+                            event: SlaveEvent::Restricted {
+                                lost_for_ms: lost_for.as_millis() as u64,
+                                logged_out,
+                            },
+                            message: String::new(),
+                        },
+                    )
+                    .await;
+                }
+                self.emit(AgentEvent::Connected {
+                    master: link_name(link).to_owned(),
+                    broker_id: welcome.broker_id,
+                });
+                Ok(())
+            }
+            Reply::Refused {
+                reason: RejectReason::StaleRequest,
+                detail,
+            } => Err(HelloError::Unavailable(detail)),
+            Reply::Refused { reason, detail } => {
+                let mut state = lock(&self.state);
+                state.links[link].connected = false;
+                state.last_error = Some(format!("{reason}: {detail}"));
+                Err(HelloError::Refused { reason, detail })
+            }
+            other => {
+                let detail = format!("unexpected answer to hello: {other:?}");
+                self.set_disconnected(link, detail.clone());
+                Err(HelloError::Unavailable(detail))
+            }
+        }
+    }
+
+    /// Takes in a welcome: logs out what the master did not re-grant, marks the link
+    /// connected and ends any restriction (returned, to be reported).
+    fn accept_welcome(
+        &self,
+        link: LinkId,
+        welcome: &Welcome,
+    ) -> Option<(tokio::time::Instant, u32)> {
+        let mut state = lock(&self.state);
+        for RejectedAgent { agent_id, reason } in welcome.rejected_agents.iter().cloned() {
+            let held_here = state.agents.get(&agent_id).is_some_and(|s| s.link == link);
+            if held_here {
+                if let Some(seat) = state.agents.remove(&agent_id) {
+                    self.logged_out(
+                        &mut state,
+                        LoggedOut {
+                            agent_id,
+                            agent_type: seat.agent_type,
+                            reason,
+                            detail: format!(
+                                "the {} master did not re-grant this seat on reconnect",
+                                link_name(link)
+                            ),
+                        },
+                    );
+                }
+            }
+        }
+        state.links[link] = LinkState {
+            connected: true,
+            broker_id: Some(welcome.broker_id.clone()),
+        };
+        state.last_error = None;
+        state.restricted.take()
+    }
+
+    async fn register(&self, agent_id: &str, agent_type: &str) -> Result<Outcome, SlaveError> {
+        validate(agent_id, agent_type)?;
+        self.check_grace();
+        // Decide under the lock, act (await) after it is released.
+        let local_rejection = {
+            let mut state = lock(&self.state);
+            let held = state.agents.contains_key(agent_id);
+            let used = state.agents.len() as u64 + u64::from(state.pending);
+            match self.local_limit {
+                Some(limit) if !held && used >= u64::from(limit) => {
+                    let detail = format!("local limit of {limit} agents reached");
+                    self.logged_out(
+                        &mut state,
+                        LoggedOut {
+                            agent_id: agent_id.to_owned(),
+                            agent_type: agent_type.to_owned(),
+                            reason: RejectReason::LocalLimit,
+                            detail: detail.clone(),
+                        },
+                    );
+                    Some(detail)
+                }
+                _ => {
+                    state.pending += 1;
+                    None
+                }
+            }
+        };
+        if let Some(detail) = local_rejection {
+            self.report_local_rejection(agent_id, agent_type, &detail)
+                .await;
+            return Ok(Outcome::Rejected {
+                reason: RejectReason::LocalLimit,
+                detail,
+            });
+        }
+        let decided = self.register_with_masters(agent_id, agent_type).await;
+        let mut state = lock(&self.state);
+        state.pending = state.pending.saturating_sub(1);
+        match decided {
+            Ok((Outcome::Approved { already_held }, granted_by)) => {
+                // `None`: admitted locally during the grace period; recorded on the active
+                // master, which reconciles it at the next hello.
+                let link = granted_by.unwrap_or(state.active);
+                state.agents.insert(
+                    agent_id.to_owned(),
+                    Seat {
+                        agent_type: agent_type.to_owned(),
+                        link,
+                    },
+                );
+                Ok(Outcome::Approved { already_held })
+            }
+            Ok((Outcome::Rejected { reason, detail }, _)) => {
+                // An agent refused a second seat of another type keeps the one it has.
+                if reason != RejectReason::AgentTypeMismatch {
+                    state.agents.remove(agent_id);
+                }
+                self.logged_out(
+                    &mut state,
+                    LoggedOut {
+                        agent_id: agent_id.to_owned(),
+                        agent_type: agent_type.to_owned(),
+                        reason,
+                        detail: detail.clone(),
+                    },
+                );
+                Ok(Outcome::Rejected { reason, detail })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Chooses the master(s) to ask: the one holding the agent's seat for a
+    /// re-registration; otherwise the active master, then the other one on failure, or on a
+    /// capacity rejection by the primary when overflow is on. Returns the outcome and the
+    /// master that granted it (`None` when no master answered and the grace policy
+    /// admitted the agent locally).
+    async fn register_with_masters(
+        &self,
+        agent_id: &str,
+        agent_type: &str,
+    ) -> Result<(Outcome, Option<LinkId>), SlaveError> {
+        let (held_on, active) = {
+            let state = lock(&self.state);
+            (state.agents.get(agent_id).map(|s| s.link), state.active)
+        };
+        let order: Vec<LinkId> = match held_on {
+            Some(link) => vec![link],
+            None if self.has_secondary() => vec![active, Self::other(active)],
+            None => vec![PRIMARY],
+        };
+        let mut unavailable = Vec::new();
+        let mut overflowing = false;
+        for (i, link) in order.iter().copied().enumerate() {
+            match self.attempt(link, agent_id, agent_type).await? {
+                Attempt::Unavailable(detail) => unavailable.push(detail),
+                Attempt::Decided(outcome @ Outcome::Approved { .. }) => {
+                    if i > 0 && held_on.is_none() && !overflowing {
+                        // The active master could not answer: fail over.
+                        self.switch(link, "the other master does not answer");
+                    }
+                    return Ok((outcome, Some(link)));
+                }
+                Attempt::Decided(Outcome::Rejected { reason, detail }) => {
+                    let capacity = matches!(
+                        reason,
+                        RejectReason::AggregateLimit | RejectReason::TypeLimit
+                    );
+                    let overflow =
+                        self.cfg.overflow && capacity && link == PRIMARY && i + 1 < order.len();
+                    if overflow {
+                        overflowing = true;
+                        debug!(
+                            agent = agent_id,
+                            "the primary is full; overflowing to the secondary"
+                        );
+                        unavailable
+                            .push(format!("the primary master rejected: {reason}: {detail}"));
+                        continue;
+                    }
+                    return Ok((Outcome::Rejected { reason, detail }, Some(link)));
+                }
+            }
+        }
+        let detail = unavailable.join("; ");
+        Ok((self.without_master(agent_id, detail), None))
+    }
+
+    /// One master's decision on a registration; says hello first if the session is not
+    /// live, and once more if the master lost it meanwhile.
+    async fn attempt(
+        &self,
+        link: LinkId,
+        agent_id: &str,
+        agent_type: &str,
+    ) -> Result<Attempt, SlaveError> {
+        let request = RegisterRequest {
+            request_id: Uuid::new_v4(),
+            agent_id: agent_id.to_owned(),
+            agent_type: agent_type.to_owned(),
+        };
+        let connected = lock(&self.state).links[link].connected;
+        if !connected {
+            match self.hello(link).await {
+                Ok(()) => {}
+                Err(HelloError::Refused { reason, detail }) => {
+                    return Ok(Attempt::Decided(Outcome::Rejected { reason, detail }));
+                }
+                Err(HelloError::Unavailable(detail)) => return Ok(Attempt::Unavailable(detail)),
+            }
+        }
+        for retry in [false, true] {
+            let reply = match self.ask(link, SlaveOp::Register, &request).await? {
+                Ask::Unavailable(detail) => {
+                    self.set_disconnected(link, detail.clone());
+                    return Ok(Attempt::Unavailable(detail));
+                }
+                Ask::Reply { reply, .. } => reply,
+            };
+            match reply {
+                Reply::Decision(Decision::Approved { already_held }) => {
+                    return Ok(Attempt::Decided(Outcome::Approved { already_held }));
+                }
+                Reply::Decision(Decision::Rejected {
+                    reason: RejectReason::SlaveNotConnected,
+                    detail,
+                }) => {
+                    if retry {
+                        return Ok(Attempt::Decided(Outcome::Rejected {
+                            reason: RejectReason::SlaveNotConnected,
+                            detail,
+                        }));
+                    }
+                    debug!(
+                        master = link_name(link),
+                        "the master lost our session; saying hello again"
+                    );
+                    lock(&self.state).links[link].connected = false;
+                    match self.hello(link).await {
+                        Ok(()) => {}
+                        Err(HelloError::Refused { reason, detail }) => {
+                            return Ok(Attempt::Decided(Outcome::Rejected { reason, detail }));
+                        }
+                        Err(HelloError::Unavailable(detail)) => {
+                            return Ok(Attempt::Unavailable(detail));
+                        }
+                    }
+                }
+                Reply::Decision(Decision::Rejected { reason, detail }) => {
+                    return Ok(Attempt::Decided(Outcome::Rejected { reason, detail }));
+                }
+                Reply::Error(e) => return Err(SlaveError::InvalidInput(e.to_string())),
+                other => {
+                    return Err(SlaveError::Nats(format!(
+                        "unexpected answer to a registration: {other:?}"
+                    )));
+                }
+            }
+        }
+        Ok(Attempt::Unavailable(
+            "the master keeps losing this slave's session".into(),
+        ))
+    }
+
+    /// The answer to a registration no master could decide: refused once restricted, and
+    /// during the grace period by the `during_grace` policy.
+    fn without_master(&self, agent_id: &str, detail: String) -> Outcome {
+        self.check_grace();
+        if lock(&self.state).restricted.is_some() {
+            return Outcome::Rejected {
+                reason: RejectReason::Restricted,
+                detail: format!("no master for the whole grace period ({detail})"),
+            };
+        }
+        match self.cfg.during_grace {
+            GracePolicy::Refuse => Outcome::Rejected {
+                reason: RejectReason::MasterUnavailable,
+                detail,
+            },
+            GracePolicy::Allow => {
+                warn!(
+                    agent = agent_id,
+                    "approved locally during the grace period; the master reconciles it on reconnect"
+                );
+                Outcome::Approved {
+                    already_held: false,
+                }
+            }
+        }
+    }
+
+    async fn report_local_rejection(&self, agent_id: &str, agent_type: &str, detail: &str) {
+        warn!(agent = agent_id, agent_type, "{detail}: agent logged out");
+        let active = lock(&self.state).active;
+        self.report(
+            active,
+            SlaveReport {
+                event: SlaveEvent::LocalRejection {
+                    agent_id: agent_id.to_owned(),
+                    agent_type: agent_type.to_owned(),
+                    reason: RejectReason::LocalLimit,
+                },
+                message: detail.to_owned(),
+            },
+        )
+        .await;
+    }
+
+    /// Tells a master about something decided here (published, no reply: if no master
+    /// listens, the local log is the only record).
+    async fn report(&self, link: LinkId, report: SlaveReport) {
+        self.links[link]
+            .publish(&self.cfg.slave_id, SlaveOp::Report, &report)
+            .await;
+    }
+
+    async fn unregister(&self, agent_id: &str) -> Result<bool, SlaveError> {
+        if agent_id.is_empty() {
+            return Err(SlaveError::InvalidInput("agent id is empty".into()));
+        }
+        let seat = lock(&self.state).agents.remove(agent_id);
+        let Some(seat) = seat else {
+            return Ok(false);
+        };
+        let request = UnregisterRequest {
+            request_id: Uuid::new_v4(),
+            agent_id: agent_id.to_owned(),
+        };
+        // The seat is gone locally either way; if its master does not hear about it now,
+        // the next hello carries the agent list without it and the master releases it then.
+        match self.ask(seat.link, SlaveOp::Unregister, &request).await? {
+            Ask::Reply {
+                reply: Reply::Ack, ..
+            } => {}
+            Ask::Reply {
+                reply: Reply::Error(e),
+                ..
+            } => return Err(SlaveError::InvalidInput(e.to_string())),
+            Ask::Reply { reply, .. } => warn!(?reply, "unexpected answer to an unregistration"),
+            Ask::Unavailable(detail) => self.set_disconnected(seat.link, detail),
+        }
+        Ok(true)
+    }
+
+    /// Applies the restriction once no master has answered for the whole grace period.
+    /// Checked before every heartbeat and registration, and by a timer, so a slave resumed
+    /// after being frozen restricts before it talks to anyone.
+    fn check_grace(&self) {
+        let mut state = lock(&self.state);
+        if state.restricted.is_some() || state.last_contact.elapsed() <= self.cfg.grace_period {
+            return;
+        }
+        for link in &mut state.links {
+            link.connected = false;
+        }
+        let mut logged_out = 0;
+        if self.cfg.after_grace == Restriction::LogoutAll {
+            let agents = std::mem::take(&mut state.agents);
+            logged_out = agents.len() as u32;
+            for (agent_id, seat) in agents {
+                self.logged_out(
+                    &mut state,
+                    LoggedOut {
+                        agent_id,
+                        agent_type: seat.agent_type,
+                        reason: RejectReason::Restricted,
+                        detail: "no master answered for the whole grace period".into(),
+                    },
+                );
+            }
+        }
+        state.restricted = Some((tokio::time::Instant::now(), logged_out));
+        drop(state);
+        warn!(
+            grace = ?self.cfg.grace_period,
+            logged_out,
+            policy = ?self.cfg.after_grace,
+            "no master for the whole grace period: usage restricted"
+        );
+        self.emit(AgentEvent::Restricted { logged_out });
+    }
+
+    /// When the grace period ends if no master answers before.
+    fn grace_deadline(&self) -> Option<tokio::time::Instant> {
+        let state = lock(&self.state);
+        state
+            .restricted
+            .is_none()
+            .then(|| state.last_contact + self.cfg.grace_period + Duration::from_millis(1))
+    }
+
+    /// One heartbeat round: every master this slave holds seats with or sends new
+    /// registrations to gets a heartbeat (or a hello when its session is not live); a
+    /// primary that is not in use is probed with a hello when the policy is to return to
+    /// it. Then the active master is chosen again.
+    async fn heartbeat_round(&self) {
+        self.check_grace();
+        let (active, links, seats_on) = {
+            let state = lock(&self.state);
+            let seats_on: Vec<bool> = (0..self.links.len())
+                .map(|l| state.agents.values().any(|s| s.link == l))
+                .collect();
+            (state.active, state.links.clone(), seats_on)
+        };
+        for link in 0..self.links.len() {
+            let probe_primary = link == PRIMARY
+                && active != PRIMARY
+                && self.cfg.return_policy == ReturnPolicy::ReturnToPrimary;
+            let in_use = link == active || seats_on[link] || probe_primary;
+            if !in_use {
+                continue;
+            }
+            if links[link].connected {
+                self.heartbeat(link).await;
+            } else if let Err(HelloError::Refused { reason, detail }) = self.hello(link).await {
+                warn!(master = link_name(link), %reason, %detail, "the master refuses this slave");
+            }
+        }
+        // The active master just failed, or the primary is too slow: make sure the other
+        // one is ready to take over.
+        if self.has_secondary() {
+            let other = Self::other(active);
+            let (active_ok, other_ok, slow) = {
+                let state = lock(&self.state);
+                (
+                    state.links[active].connected,
+                    state.links[other].connected,
+                    state.primary_slow,
+                )
+            };
+            let wanted = !active_ok || (active == PRIMARY && slow);
+            if wanted && !other_ok {
+                if let Err(HelloError::Refused { reason, detail }) = self.hello(other).await {
+                    warn!(master = link_name(other), %reason, %detail, "the master refuses this slave");
+                }
+            }
+        }
+        self.choose_active();
+    }
+
+    /// Fails over when the active master is gone (or the primary is too slow) and the other
+    /// one answers; returns to the primary by policy.
+    fn choose_active(&self) {
+        if !self.has_secondary() {
+            return;
+        }
+        let (active, primary_ok, secondary_ok, slow) = {
+            let mut state = lock(&self.state);
+            (
+                state.active,
+                state.links[PRIMARY].connected,
+                state.links[SECONDARY].connected,
+                std::mem::take(&mut state.primary_slow),
+            )
+        };
+        if active == PRIMARY {
+            if !primary_ok && secondary_ok {
+                self.switch(SECONDARY, "the primary master does not answer");
+            } else if slow && secondary_ok {
+                self.switch(
+                    SECONDARY,
+                    "the primary master answers slower than the switch delay",
+                );
+            }
+        } else if primary_ok && !slow && self.cfg.return_policy == ReturnPolicy::ReturnToPrimary {
+            self.switch(
+                PRIMARY,
+                "the primary master answers again (return-to-primary)",
+            );
+        } else if !secondary_ok && primary_ok {
+            self.switch(PRIMARY, "the secondary master does not answer");
+        }
+    }
+
+    async fn heartbeat(&self, link: LinkId) {
+        let seq = self
+            .heartbeat_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let heartbeat = Heartbeat {
+            instance: self.instance,
+            seq,
+            agents: lock(&self.state).claims(link).len() as u32,
+        };
+        match self.ask(link, SlaveOp::Heartbeat, &heartbeat).await {
+            Ok(Ask::Reply {
+                reply: Reply::Ack, ..
+            }) => {}
+            Ok(Ask::Reply {
+                reply: Reply::Refused { .. },
+                ..
+            }) => {
+                info!(
+                    master = link_name(link),
+                    "the master lost this slave's session; saying hello again"
+                );
+                lock(&self.state).links[link].connected = false;
+                let _ = self.hello(link).await;
+            }
+            Ok(Ask::Reply { reply, .. }) => warn!(?reply, "unexpected answer to a heartbeat"),
+            Ok(Ask::Unavailable(detail)) => self.set_disconnected(link, detail),
+            Err(e) => self.set_disconnected(link, e.to_string()),
+        }
+    }
+
+    /// Obeys a control message from `link`'s master; `true` when it asks for a new hello.
+    fn control(&self, link: LinkId, message: ControlMessage) -> bool {
+        match message {
+            ControlMessage::LogOut { agents } => {
+                let mut state = lock(&self.state);
+                for RejectedAgent { agent_id, reason } in agents {
+                    // Only that master's own seats: another master cannot log ours out.
+                    if state.agents.get(&agent_id).is_some_and(|s| s.link == link) {
+                        if let Some(seat) = state.agents.remove(&agent_id) {
+                            self.logged_out(
+                                &mut state,
+                                LoggedOut {
+                                    agent_id,
+                                    agent_type: seat.agent_type,
+                                    reason,
+                                    detail: format!("logged out by the {} master", link_name(link)),
+                                },
+                            );
+                        }
+                    }
+                }
+                false
+            }
+            ControlMessage::Rehello => true,
+            ControlMessage::Other => false,
+        }
+    }
+}
+
+fn validate(agent_id: &str, agent_type: &str) -> Result<(), SlaveError> {
+    if agent_id.is_empty() || agent_id.len() > 256 || agent_id.chars().any(char::is_control) {
+        return Err(SlaveError::InvalidInput(
+            "agent id must be 1 to 256 bytes without control characters".into(),
+        ));
+    }
+    let type_ok = !agent_type.is_empty()
+        && agent_type.len() <= 64
+        && agent_type
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !type_ok {
+        return Err(SlaveError::InvalidInput(format!(
+            "agent type {agent_type:?} must be 1 to 64 characters from A-Z, a-z, 0-9, '-' and '_'"
+        )));
+    }
+    Ok(())
+}
+
+/// Heartbeats, reconnects, failover, the grace timer and control messages until told to
+/// stop.
+async fn background(
+    inner: Arc<Inner>,
+    controls: Vec<async_nats::Subscriber>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(inner.cfg.heartbeat_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    // One stream of (master, message) for every master's control subject.
+    let mut control = futures::stream::select_all(
+        controls
+            .into_iter()
+            .enumerate()
+            .map(|(link, sub)| sub.map(move |msg| (link, msg)).boxed()),
+    );
+    loop {
+        let grace_end = inner.grace_deadline();
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = async {
+                match grace_end {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => inner.check_grace(),
+            _ = ticker.tick() => inner.heartbeat_round().await,
+            msg = control.next() => match msg {
+                Some((link, msg)) => match decode::<ControlMessage>(&msg.payload) {
+                    Ok(message) => {
+                        if inner.control(link, message) {
+                            lock(&inner.state).links[link].connected = false;
+                            let _ = inner.hello(link).await;
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "undecodable control message ignored"),
+                },
+                None => {
+                    warn!("control subscriptions closed");
+                    break;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,540 @@
+//! `lmbus-slave`: the slave agent daemon (`run`) and the CLI that talks to a running
+//! daemon's local API (`register`, `unregister`, `agents`, `status`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use lmbus_schemas::{SlaveId, parse_public_key};
+use lmbus_slave::api::{self, ErrorBody, RegisterBody, Released};
+use lmbus_slave::{
+    AgentEvent, GracePolicy, LicenseFile, MasterEndpoint, Outcome, Restriction, ReturnPolicy,
+    SlaveAgent, SlaveConfig, SlaveStatusView,
+};
+use serde::Deserialize;
+use tracing::{info, warn};
+
+const DEFAULT_API: &str = "127.0.0.1:7411";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lmbus-slave",
+    version,
+    about = "The lmbus slave agent: registers agents with the master broker, and the CLI for a running agent's local API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, global = true, env = "LMBUS_LOG", default_value = "info")]
+    log: String,
+    /// Log line format.
+    #[arg(long, global = true, env = "LMBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the slave agent daemon with its local HTTP API.
+    Run(Box<RunArgs>),
+    /// Register an agent through a running daemon; exits 0 if approved, 3 if rejected.
+    Register {
+        agent_id: String,
+        agent_type: String,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Release an agent's seat through a running daemon.
+    Unregister {
+        agent_id: String,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// List the agents holding seats on a running daemon.
+    Agents {
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Show a running daemon's status (connection, limits, recent logouts) as JSON.
+    Status {
+        #[command(flatten)]
+        api: ApiArg,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ApiArg {
+    /// Address of the daemon's local API.
+    #[arg(long = "api", env = "LMBUS_SLAVE_API", default_value = DEFAULT_API)]
+    addr: String,
+}
+
+/// Every setting can come from a flag, an environment variable or the config file, in that
+/// order of precedence.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// TOML config file; its keys are the long flag names with `_` for `-`.
+    #[arg(long, env = "LMBUS_CONFIG")]
+    config: Option<PathBuf>,
+    /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "LMBUS_NATS_URL")]
+    nats: Option<String>,
+    /// Cluster name, the same as the master's.
+    #[arg(long, env = "LMBUS_CLUSTER")]
+    cluster: Option<String>,
+    /// This slave's id, unique in the cluster (A-Z a-z 0-9 - _).
+    #[arg(long, env = "LMBUS_SLAVE_ID")]
+    id: Option<String>,
+    /// The slave license file. Without one the slave runs unlicensed: no local limit, and
+    /// the master must allow unlicensed slaves.
+    #[arg(long, env = "LMBUS_LICENSE")]
+    license: Option<PathBuf>,
+    /// Run unlicensed even with --license (only for a license with neither the master nor
+    /// the slave flag).
+    #[arg(long, env = "LMBUS_UNLICENSED", num_args = 0..=1, default_missing_value = "true")]
+    unlicensed: Option<bool>,
+    /// The vendor's public key file, to verify --license.
+    #[arg(long, env = "LMBUS_VENDOR_KEY")]
+    vendor_key: Option<PathBuf>,
+    /// Where the local HTTP API listens (loopback only) [default: 127.0.0.1:7411].
+    #[arg(long, env = "LMBUS_SLAVE_API")]
+    api: Option<SocketAddr>,
+    /// Heartbeat interval [default: 1s].
+    #[arg(long, env = "LMBUS_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// How long to wait for the master's answer [default: 2s].
+    #[arg(long, env = "LMBUS_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    request_timeout: Option<Duration>,
+    /// How long an unanswered request is retried (with backoff) before the master counts
+    /// as lost; rides through a broker leader failover [default: 5s]. 0 fails over to the
+    /// secondary master at the first "no responders".
+    #[arg(long, env = "LMBUS_FAILOVER_WAIT", value_parser = humantime::parse_duration)]
+    failover_wait: Option<Duration>,
+    /// How long a request is retried while the master's broker replicas answer that they
+    /// are electing a leader (alive, no leader yet; about 10 s when a NATS node that led
+    /// the JetStream streams dies) [default: 20s].
+    #[arg(long, env = "LMBUS_ELECTION_WAIT", value_parser = humantime::parse_duration)]
+    election_wait: Option<Duration>,
+    /// How long to keep working after losing every master [default: 2m].
+    #[arg(long, env = "LMBUS_GRACE_PERIOD", value_parser = humantime::parse_duration)]
+    grace_period: Option<Duration>,
+    /// New registrations during the grace period: refuse, or allow locally (the master
+    /// reconciles them on reconnect) [default: refuse].
+    #[arg(long, env = "LMBUS_DURING_GRACE", value_enum)]
+    during_grace: Option<GraceArg>,
+    /// When the grace period ends: logout-all (the master may then reclaim the seats), or
+    /// refuse-new (keep current agents; the master never reclaims) [default: logout-all].
+    #[arg(long, env = "LMBUS_AFTER_GRACE", value_enum)]
+    after_grace: Option<RestrictionArg>,
+    /// NATS URL(s) of a secondary master (usually another site) to fail over to.
+    #[arg(long, env = "LMBUS_SECONDARY_NATS_URL")]
+    secondary_nats: Option<String>,
+    /// Cluster name of the secondary master [default: the primary's].
+    #[arg(long, env = "LMBUS_SECONDARY_CLUSTER")]
+    secondary_cluster: Option<String>,
+    /// On the secondary, go back when the primary answers again, or stay
+    /// [default: return-to-primary].
+    #[arg(long, env = "LMBUS_RETURN_POLICY", value_enum)]
+    return_policy: Option<ReturnArg>,
+    /// Ask the secondary when the primary rejects for capacity.
+    #[arg(long, env = "LMBUS_OVERFLOW", num_args = 0..=1, default_missing_value = "true")]
+    overflow: Option<bool>,
+    /// Switch to the secondary when the primary answers slower than this [default: 10s].
+    #[arg(long, env = "LMBUS_SWITCH_DELAY", value_parser = humantime::parse_duration)]
+    switch_delay: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum ReturnArg {
+    ReturnToPrimary,
+    Stay,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum GraceArg {
+    Refuse,
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum RestrictionArg {
+    LogoutAll,
+    RefuseNew,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    nats: Option<String>,
+    cluster: Option<String>,
+    id: Option<String>,
+    license: Option<PathBuf>,
+    unlicensed: Option<bool>,
+    vendor_key: Option<PathBuf>,
+    api: Option<SocketAddr>,
+    heartbeat_interval: Option<String>,
+    request_timeout: Option<String>,
+    failover_wait: Option<String>,
+    election_wait: Option<String>,
+    grace_period: Option<String>,
+    during_grace: Option<GraceArg>,
+    after_grace: Option<RestrictionArg>,
+    secondary_nats: Option<String>,
+    secondary_cluster: Option<String>,
+    return_policy: Option<ReturnArg>,
+    overflow: Option<bool>,
+    switch_delay: Option<String>,
+}
+
+fn duration_from_file(key: &str, value: Option<String>) -> anyhow::Result<Option<Duration>> {
+    value
+        .map(|v| {
+            humantime::parse_duration(&v)
+                .with_context(|| format!("config key {key}: invalid duration {v:?}"))
+        })
+        .transpose()
+}
+
+impl RunArgs {
+    fn resolve(self) -> anyhow::Result<(SlaveConfig, SocketAddr)> {
+        let (file, base) = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                let file: FileConfig = toml::from_str(&text)
+                    .with_context(|| format!("config file {} is not valid", path.display()))?;
+                (file, path.parent().unwrap_or(Path::new(".")).to_path_buf())
+            }
+            None => (FileConfig::default(), PathBuf::from(".")),
+        };
+        let cluster = self
+            .cluster
+            .or(file.cluster)
+            .context("no cluster name: pass --cluster or set LMBUS_CLUSTER")?;
+        let id = self
+            .id
+            .or(file.id)
+            .context("no slave id: pass --id or set LMBUS_SLAVE_ID")?;
+        let slave_id = SlaveId::new(id)?;
+        let nats = self
+            .nats
+            .or(file.nats)
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
+        let mut cfg = SlaveConfig::new(&nats, &cluster, slave_id);
+        let license_path = self.license.or(file.license.map(|p| base.join(p)));
+        if let Some(path) = license_path {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read license file {}", path.display()))?;
+            cfg.license = Some(LicenseFile {
+                name: path.display().to_string(),
+                text,
+            });
+        }
+        if let Some(path) = self.vendor_key.or(file.vendor_key.map(|p| base.join(p))) {
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!("cannot read vendor public key file {}", path.display())
+            })?;
+            cfg.vendor_key = Some(
+                parse_public_key(&text)
+                    .with_context(|| format!("vendor key file {}", path.display()))?,
+            );
+        }
+        cfg.unlicensed = self.unlicensed.or(file.unlicensed).unwrap_or(false);
+        if let Some(d) = self.heartbeat_interval.or(duration_from_file(
+            "heartbeat_interval",
+            file.heartbeat_interval,
+        )?) {
+            if d.is_zero() {
+                bail!("--heartbeat-interval must be greater than zero");
+            }
+            cfg.heartbeat_interval = d;
+        }
+        if let Some(d) = self
+            .request_timeout
+            .or(duration_from_file("request_timeout", file.request_timeout)?)
+        {
+            cfg.request_timeout = d;
+        }
+        if let Some(d) = self
+            .failover_wait
+            .or(duration_from_file("failover_wait", file.failover_wait)?)
+        {
+            cfg.failover_wait = d;
+        }
+        if let Some(d) = self
+            .election_wait
+            .or(duration_from_file("election_wait", file.election_wait)?)
+        {
+            cfg.election_wait = d;
+        }
+        if let Some(d) = self
+            .grace_period
+            .or(duration_from_file("grace_period", file.grace_period)?)
+        {
+            cfg.grace_period = d;
+        }
+        if let Some(p) = self.during_grace.or(file.during_grace) {
+            cfg.during_grace = match p {
+                GraceArg::Refuse => GracePolicy::Refuse,
+                GraceArg::Allow => GracePolicy::Allow,
+            };
+        }
+        if let Some(r) = self.after_grace.or(file.after_grace) {
+            cfg.after_grace = match r {
+                RestrictionArg::LogoutAll => Restriction::LogoutAll,
+                RestrictionArg::RefuseNew => Restriction::RefuseNew,
+            };
+        }
+        if let Some(url) = self.secondary_nats.or(file.secondary_nats) {
+            let cluster = self
+                .secondary_cluster
+                .or(file.secondary_cluster)
+                .unwrap_or_else(|| cfg.cluster.clone());
+            cfg.secondary = Some(MasterEndpoint {
+                nats_url: url,
+                cluster,
+            });
+        } else if self.secondary_cluster.is_some() || file.secondary_cluster.is_some() {
+            bail!("--secondary-cluster needs --secondary-nats");
+        }
+        if let Some(r) = self.return_policy.or(file.return_policy) {
+            cfg.return_policy = match r {
+                ReturnArg::ReturnToPrimary => ReturnPolicy::ReturnToPrimary,
+                ReturnArg::Stay => ReturnPolicy::Stay,
+            };
+        }
+        cfg.overflow = self.overflow.or(file.overflow).unwrap_or(false);
+        if cfg.overflow && cfg.secondary.is_none() {
+            bail!("--overflow needs a secondary master (--secondary-nats)");
+        }
+        if let Some(d) = self
+            .switch_delay
+            .or(duration_from_file("switch_delay", file.switch_delay)?)
+        {
+            cfg.switch_delay = d;
+        }
+        let api = match self.api.or(file.api) {
+            Some(a) => a,
+            None => DEFAULT_API.parse()?,
+        };
+        Ok((cfg, api))
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown`: the agent, its local API and a log of agent events.
+async fn run(cfg: SlaveConfig, api_addr: SocketAddr) -> anyhow::Result<()> {
+    let slave_id = cfg.slave_id.clone();
+    let agent = SlaveAgent::start(cfg)
+        .await
+        .with_context(|| format!("slave {slave_id} cannot start"))?;
+    let (stop_api, stop_api_rx) = tokio::sync::oneshot::channel::<()>();
+    let (bound, server) = api::bind(agent.clone(), api_addr, async move {
+        let _ = stop_api_rx.await;
+    })
+    .await?;
+    info!(slave = %slave_id, "local API listening on http://{bound}");
+    let server = tokio::spawn(server);
+    let mut events = agent.subscribe();
+    let log_events = tokio::spawn(async move {
+        while let Ok(event) = events.recv().await {
+            match event {
+                AgentEvent::LoggedOut(l) => warn!(
+                    agent = %l.agent_id, agent_type = %l.agent_type, reason = %l.reason,
+                    "agent logged out: {}", l.detail
+                ),
+                AgentEvent::Connected { master, broker_id } => {
+                    info!(%master, broker = %broker_id, "connected")
+                }
+                AgentEvent::Disconnected { master, detail } => {
+                    warn!(%master, "disconnected: {detail}")
+                }
+                AgentEvent::Switched { master, reason } => {
+                    warn!(%master, "new registrations go to the {master} master: {reason}")
+                }
+                AgentEvent::Restricted { logged_out } => warn!(
+                    logged_out,
+                    "no master for the whole grace period: usage restricted"
+                ),
+            }
+        }
+    });
+    shutdown_signal().await;
+    info!("shutting down: releasing seats");
+    let _ = stop_api.send(());
+    let _ = server.await;
+    agent.shutdown().await;
+    log_events.abort();
+    Ok(())
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+fn api_url(addr: &str, path: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        format!("{}{path}", addr.trim_end_matches('/'))
+    } else {
+        format!("http://{addr}{path}")
+    }
+}
+
+fn read_answer<T: for<'de> Deserialize<'de>>(
+    mut response: ureq::http::Response<ureq::Body>,
+    url: &str,
+) -> anyhow::Result<T> {
+    let status = response.status();
+    if !status.is_success() {
+        let body: ErrorBody = response
+            .body_mut()
+            .read_json()
+            .unwrap_or_else(|_| ErrorBody {
+                error: format!("HTTP {status}"),
+            });
+        bail!("{url}: {}", body.error);
+    }
+    response
+        .body_mut()
+        .read_json()
+        .with_context(|| format!("{url}: unexpected answer"))
+}
+
+fn client_command(command: Command) -> anyhow::Result<ExitCode> {
+    let agent = http();
+    let unreachable = |url: &str| {
+        format!(
+            "cannot reach the lmbus-slave local API at {url}: is `lmbus-slave run` running there (see --api)?"
+        )
+    };
+    match command {
+        Command::Register {
+            agent_id,
+            agent_type,
+            api,
+        } => {
+            let url = api_url(&api.addr, "/v1/agents");
+            let response = agent
+                .post(&url)
+                .send_json(&RegisterBody {
+                    agent_id: agent_id.clone(),
+                    agent_type,
+                })
+                .with_context(|| unreachable(&url))?;
+            let outcome: Outcome = read_answer(response, &url)?;
+            match outcome {
+                Outcome::Approved { already_held } => {
+                    println!(
+                        "approved {agent_id}{}",
+                        if already_held { " (already held)" } else { "" }
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Outcome::Rejected { reason, detail } => {
+                    println!("rejected {agent_id}: {reason}: {detail}");
+                    Ok(ExitCode::from(3))
+                }
+            }
+        }
+        Command::Unregister { agent_id, api } => {
+            let url = api_url(&api.addr, &format!("/v1/agents/{agent_id}"));
+            let response = agent
+                .delete(&url)
+                .call()
+                .with_context(|| unreachable(&url))?;
+            let released: Released = read_answer(response, &url)?;
+            println!(
+                "{agent_id}: {}",
+                if released.released {
+                    "released"
+                } else {
+                    "held no seat"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents { api } => {
+            let url = api_url(&api.addr, "/v1/agents");
+            let response = agent.get(&url).call().with_context(|| unreachable(&url))?;
+            let agents: Vec<lmbus_schemas::AgentClaim> = read_answer(response, &url)?;
+            for a in agents {
+                println!("{}\t{}", a.agent_id, a.agent_type);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { api } => {
+            let url = api_url(&api.addr, "/v1/status");
+            let response = agent.get(&url).call().with_context(|| unreachable(&url))?;
+            let status: SlaveStatusView = read_answer(response, &url)?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(_) => unreachable!("run is handled by main"),
+    }
+}
+
+fn init_tracing(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log, cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => args.resolve().and_then(|(cfg, api)| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?
+                .block_on(run(cfg, api))
+                .map(|()| ExitCode::SUCCESS)
+        }),
+        other => client_command(other),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lmbus-slave: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

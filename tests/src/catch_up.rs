@@ -1,0 +1,114 @@
+//! Catch-up of a cold replica: a ledger holding many seats is written to a real
+//! nats-server, then read back from its first record into a fresh engine, as a restarted
+//! broker does before it leads. Used by `tests/catch_up.rs` and `benches/catch_up.rs`.
+//!
+//! A failure anywhere here is a test failure, so it unwraps.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lmbus_broker::engine::{Engine, EngineConfig};
+use lmbus_broker::ledger::Ledger;
+use lmbus_schemas::{LedgerEntry, Limits, Role, SeatChange, Subjects};
+use uuid::Uuid;
+
+use crate::{Fixture, Vendor};
+
+/// Seats per ledger entry when writing: the group-commit batch size.
+pub const PER_ENTRY: usize = 1000;
+pub const SEATS_PER_SLAVE: usize = 100;
+
+pub fn engine(vendor: &Vendor, cluster: &str, seats: usize) -> Engine {
+    let license = Vendor::license(
+        Role::Master,
+        Limits {
+            total: Some(seats as u32),
+            local: None,
+            agent_types: Default::default(),
+        },
+    );
+    Engine::new(EngineConfig {
+        broker_id: "catch-up".into(),
+        cluster: cluster.into(),
+        license,
+        vendor_key: vendor.public_key(),
+        allow_unlicensed_slaves: true,
+        missed_heartbeats: 3,
+        counts_interval: Duration::from_secs(60),
+        expiry_warning_days: 30,
+        max_slaves: 1_000_000,
+        reclaim_margin: Duration::from_secs(30),
+    })
+}
+
+/// Writes `seats` grants (one session per 100 seats) in entries of 1000 changes.
+pub async fn write_ledger(ledger: &mut Ledger, seats: usize) -> u64 {
+    let mut changes = Vec::with_capacity(PER_ENTRY + 1);
+    let mut last = 0;
+    for n in 0..seats {
+        let slave = format!("s{}", n / SEATS_PER_SLAVE);
+        if n % SEATS_PER_SLAVE == 0 {
+            changes.push(SeatChange::Session {
+                slave: slave.clone(),
+                instance: Uuid::new_v4(),
+                license: None,
+                local_limit: None,
+                heartbeat_interval_ms: 1000,
+                grace_ms: 120_000,
+                logout_after_grace: true,
+                hello_seq: 1,
+            });
+        }
+        changes.push(SeatChange::Grant {
+            slave,
+            agent_id: format!("agent-{n}"),
+            agent_type: "inbound".into(),
+        });
+        if changes.len() >= PER_ENTRY || n + 1 == seats {
+            let entry = LedgerEntry {
+                writer: "writer".into(),
+                changes: std::mem::take(&mut changes),
+            };
+            last = ledger.append(&entry).await.unwrap();
+        }
+    }
+    last
+}
+
+/// Reads the ledger to `last`; with an engine, applies every record (what a new leader
+/// does), without one only decodes (the baseline: reading alone).
+pub async fn replay(ledger: &Ledger, last: u64, mut engine: Option<&mut Engine>) -> Duration {
+    let started = Instant::now();
+    let mut records = ledger.follow(1).await.unwrap();
+    let now = std::time::Instant::now();
+    loop {
+        let record = tokio::time::timeout(Duration::from_secs(30), records.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(engine) = engine.as_deref_mut() {
+            for change in &record.entry.changes {
+                engine.apply(now, change).unwrap();
+            }
+        }
+        if record.sequence >= last {
+            return started.elapsed();
+        }
+    }
+}
+
+/// Writes a ledger of `seats` seats on a fresh nats-server and returns (reading it alone,
+/// reading and applying it to a fresh engine).
+pub async fn measure(seats: usize) -> (Duration, Duration) {
+    let f = Fixture::new().await.unwrap();
+    let subjects = Subjects::new(&f.cluster).unwrap();
+    let mut ledger = Ledger::open(&f.client, &subjects, 1).await.unwrap();
+    let last = write_ledger(&mut ledger, seats).await;
+    let read = replay(&ledger, last, None).await;
+    let mut engine = engine(&f.vendor, &f.cluster, seats);
+    let caught_up = replay(&ledger, last, Some(&mut engine)).await;
+    assert_eq!(engine.total_in_use() as usize, seats);
+    (read, caught_up)
+}

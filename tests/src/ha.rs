@@ -1,0 +1,413 @@
+//! The redundancy rig: a 3-node NATS cluster, three `lmbus-broker` processes (b1, b2, b3
+//! with priorities 1-3), slaves under a registration/unregistration workload that keeps
+//! books of what they were told, and the ledger audit that checks those books. Used by
+//! `tests/redundancy.rs` and the failover bench (`benches/failover.rs`).
+//!
+//! A failure anywhere here is a test failure, so it unwraps.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lmbus_broker::ledger::{Ledger, audit};
+use lmbus_schemas::{AlertKind, RejectReason, SlaveId, Subjects};
+use lmbus_slave::{Outcome, SlaveAgent, SlaveConfig};
+use tokio::time::Instant;
+
+use crate::{AlertTap, NatsCluster, Proc, Vendor, bin, init_tracing};
+
+/// The master license's seat limit in the rig.
+pub const LIMIT: u32 = 12;
+
+/// One rig at a time: three brokers and three NATS nodes per test already load two cores,
+/// and a starved leader that misses its renewals would fail over for the wrong reason.
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub const SLAVES: usize = 4;
+pub const AGENTS_PER_SLAVE: usize = 6;
+
+#[derive(Debug)]
+pub struct Rig {
+    pub nats: NatsCluster,
+    pub cluster: String,
+    pub vendor: Vendor,
+    pub license: PathBuf,
+    pub brokers: BTreeMap<String, Proc>,
+    pub client: async_nats::Client,
+    /// Where the brokers' logs go, and the temp dir that removes them (unless kept).
+    pub logs: (PathBuf, Option<tempfile::TempDir>),
+}
+
+impl Rig {
+    pub async fn start() -> Rig {
+        Self::start_with(&[]).await
+    }
+
+    /// Like `start`, with extra flags for b1, the first leader.
+    pub async fn start_with(b1_flags: &[&str]) -> Rig {
+        init_tracing();
+        let nats = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+            .await
+            .unwrap()
+            .unwrap();
+        let vendor = Vendor::new().unwrap();
+        let license = vendor.master(LIMIT, &[]).unwrap();
+        let client = async_nats::connect(lmbus_schemas::nats_urls(&nats.url()))
+            .await
+            .unwrap();
+        let mut rig = Rig {
+            nats,
+            cluster: format!("ha-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            vendor,
+            license,
+            brokers: BTreeMap::new(),
+            client,
+            // LMBUS_TEST_KEEP_LOGS=1 keeps the brokers' logs for a post-mortem.
+            logs: {
+                let dir = tempfile::Builder::new()
+                    .prefix("lmbus-ha-")
+                    .tempdir()
+                    .unwrap();
+                if std::env::var_os("LMBUS_TEST_KEEP_LOGS").is_some() {
+                    let kept = dir.keep();
+                    eprintln!("broker logs kept in {}", kept.display());
+                    (kept, None)
+                } else {
+                    (dir.path().to_owned(), Some(dir))
+                }
+            },
+        };
+        // b1 first, so the first election is b1's; then the standbys.
+        let mut alerts = rig.alerts().await;
+        rig.spawn_broker_with("b1", 1, b1_flags);
+        assert_eq!(next_leader(&mut alerts, None).await, "b1");
+        rig.spawn_broker("b2", 2);
+        rig.spawn_broker("b3", 3);
+        alerts
+            .wait_count("both standbys started", 2, |a| {
+                a.kind == AlertKind::BrokerStarted && a.source != "b1"
+            })
+            .await
+            .unwrap();
+        // The leader hears both standbys and says so.
+        let state = alerts
+            .wait_for("redundancy with three replicas", |a| {
+                a.kind == AlertKind::Redundancy && a.message.contains("3 broker replicas up")
+            })
+            .await
+            .unwrap();
+        assert_eq!(state.source, "b1");
+        let subjects = Subjects::new(&rig.cluster).unwrap();
+        let status = lmbus_monitor::fetch_status(&rig.client, &subjects, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(status.broker_id, "b1");
+        assert!(status.leader_term > 0);
+        let names: Vec<&str> = status.replicas.iter().map(|r| r.replica.as_str()).collect();
+        assert_eq!(names, ["b1", "b2", "b3"], "{status:?}");
+        rig
+    }
+
+    pub fn spawn_broker(&mut self, id: &str, priority: u32) {
+        self.spawn_broker_with(id, priority, &[]);
+    }
+
+    pub fn spawn_broker_with(&mut self, id: &str, priority: u32, flags: &[&str]) {
+        let log = std::fs::File::create(self.logs.0.join(format!("{id}.log"))).unwrap();
+        let proc = Proc::spawn(
+            Command::new(bin("lmbus-broker").unwrap())
+                .args([
+                    "run",
+                    "--nats",
+                    &self.nats.url(),
+                    "--cluster",
+                    &self.cluster,
+                ])
+                .arg("--license")
+                .arg(&self.license)
+                .arg("--vendor-key")
+                .arg(self.vendor.public_key_path())
+                .args(["--allow-unlicensed-slaves", "--id", id])
+                .args([
+                    "--priority",
+                    &priority.to_string(),
+                    "--stream-replicas",
+                    "3",
+                ])
+                .args(["--tick-interval", "100ms"])
+                .args(flags)
+                .env("LMBUS_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log),
+        )
+        .unwrap();
+        self.brokers.insert(id.to_owned(), proc);
+    }
+
+    pub async fn alerts(&self) -> AlertTap {
+        AlertTap::new(&self.client, &self.cluster).await.unwrap()
+    }
+
+    pub fn slave_config(&self, id: &str) -> SlaveConfig {
+        let mut cfg = SlaveConfig::new(&self.nats.url(), &self.cluster, SlaveId::new(id).unwrap());
+        cfg.heartbeat_interval = Duration::from_millis(250);
+        cfg
+    }
+
+    /// Replays the ledger and checks every invariant; returns the audit.
+    pub async fn audit(&self) -> lmbus_broker::ledger::Audit {
+        // Right after a NATS node died the stream may still be electing its leader.
+        let subjects = Subjects::new(&self.cluster).unwrap();
+        let mut tries = 0;
+        let records = loop {
+            let read = async {
+                Ledger::open(&self.client, &subjects, 3)
+                    .await?
+                    .read_all()
+                    .await
+            };
+            match read.await {
+                Ok(records) => break records,
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    eprintln!("reading the ledger failed ({e:#}); retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("cannot read the ledger: {e:#}"),
+            }
+        };
+        match audit(&records, LIMIT, &BTreeMap::new()) {
+            Ok(a) => a,
+            Err(e) => panic!("ledger audit failed: {e}\n{}", self.dump_logs()),
+        }
+    }
+
+    pub fn dump_logs(&self) -> String {
+        let mut out = String::new();
+        for id in self.brokers.keys() {
+            let text =
+                std::fs::read_to_string(self.logs.0.join(format!("{id}.log"))).unwrap_or_default();
+            // Rejections at the limit are the workload's normal noise.
+            let tail: Vec<&str> = text
+                .lines()
+                .rev()
+                .filter(|l| !l.contains("registration_rejected"))
+                .take(30)
+                .collect();
+            out.push_str(&format!(
+                "--- {id} (last lines, newest first)\n{}\n",
+                tail.join("\n")
+            ));
+        }
+        out
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.dump_logs());
+        }
+    }
+}
+
+pub async fn next_leader(alerts: &mut AlertTap, not: Option<&str>) -> String {
+    let elected = alerts
+        .wait_for("leader_elected", |a| {
+            a.kind == AlertKind::LeaderElected && Some(a.source.as_str()) != not
+        })
+        .await
+        .unwrap();
+    elected.source
+}
+
+/// What the slaves were told, kept by the workload.
+#[derive(Debug, Default)]
+pub struct Books {
+    /// slave → agents it was told hold a seat (approved and not since unregistered).
+    pub held: BTreeMap<String, BTreeSet<String>>,
+    /// When each approval arrived and when its request was sent.
+    pub approvals: Vec<(Instant, Instant)>,
+    /// Outcomes other than approved / capacity rejections.
+    pub errors: Vec<String>,
+}
+
+/// Registers and unregisters agents on every slave in a loop until `stop` is set.
+pub fn workload(
+    slaves: Vec<(String, SlaveAgent)>,
+    books: Arc<Mutex<Books>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<SlaveAgent>> {
+    slaves
+        .into_iter()
+        .enumerate()
+        .map(|(n, (id, slave))| {
+            let books = books.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut i = n;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    i += 1;
+                    let agent = format!("a{}", i % AGENTS_PER_SLAVE);
+                    let held = books
+                        .lock()
+                        .unwrap()
+                        .held
+                        .get(&id)
+                        .is_some_and(|h| h.contains(&agent));
+                    // Release every other pass over the agents, so seats keep changing hands.
+                    if held && (i / AGENTS_PER_SLAVE) % 2 == 0 {
+                        match slave.unregister(&agent).await {
+                            Ok(_) => {
+                                books
+                                    .lock()
+                                    .unwrap()
+                                    .held
+                                    .entry(id.clone())
+                                    .or_default()
+                                    .remove(&agent);
+                            }
+                            Err(e) => books
+                                .lock()
+                                .unwrap()
+                                .errors
+                                .push(format!("unregister: {e}")),
+                        }
+                        continue;
+                    }
+                    let sent = Instant::now();
+                    match slave.register(&agent, "inbound").await {
+                        Ok(Outcome::Approved { .. }) => {
+                            let mut b = books.lock().unwrap();
+                            b.held.entry(id.clone()).or_default().insert(agent);
+                            b.approvals.push((Instant::now(), sent));
+                        }
+                        Ok(Outcome::Rejected {
+                            reason: RejectReason::AggregateLimit,
+                            ..
+                        }) => {}
+                        Ok(other) => books
+                            .lock()
+                            .unwrap()
+                            .errors
+                            .push(format!("{agent}: {other:?}")),
+                        Err(e) => books.lock().unwrap().errors.push(format!("{agent}: {e}")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                slave
+            })
+        })
+        .collect()
+}
+
+/// Waits (bounded) for the first approval of a registration sent after `t`; returns how
+/// long after `t` it came.
+pub async fn first_approval_after(books: &Arc<Mutex<Books>>, t: Instant) -> Duration {
+    crate::eventually("an approval after the kill", || async {
+        books
+            .lock()
+            .unwrap()
+            .approvals
+            .iter()
+            .any(|(_, sent)| *sent > t)
+    })
+    .await
+    .unwrap();
+    books
+        .lock()
+        .unwrap()
+        .approvals
+        .iter()
+        .filter(|(_, sent)| *sent > t)
+        .map(|(at, _)| *at - t)
+        .min()
+        .unwrap()
+}
+
+pub async fn start_slaves(rig: &Rig) -> Vec<(String, SlaveAgent)> {
+    let mut slaves = Vec::new();
+    for n in 0..SLAVES {
+        let id = format!("site{n}");
+        slaves.push((
+            id.clone(),
+            SlaveAgent::start(rig.slave_config(&id)).await.unwrap(),
+        ));
+    }
+    slaves
+}
+
+/// Slaves running the workload against a rig, with their books.
+#[derive(Debug)]
+pub struct Load {
+    pub books: Arc<Mutex<Books>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<SlaveAgent>>,
+}
+
+impl Load {
+    /// Starts the slaves and their workload.
+    pub async fn start(rig: &Rig) -> Load {
+        let books = Arc::new(Mutex::new(Books::default()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = workload(start_slaves(rig).await, books.clone(), stop.clone());
+        Load { books, stop, tasks }
+    }
+
+    /// Stops the workload; see [`finish`].
+    pub async fn finish(self, rig: &Rig) -> (lmbus_broker::ledger::Audit, Vec<SlaveAgent>) {
+        finish(rig, self.tasks, self.stop, &self.books).await
+    }
+}
+
+/// Stops the workload and checks the ledger against what the slaves were told.
+pub async fn finish(
+    rig: &Rig,
+    tasks: Vec<tokio::task::JoinHandle<SlaveAgent>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    books: &Arc<Mutex<Books>>,
+) -> (lmbus_broker::ledger::Audit, Vec<SlaveAgent>) {
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut slaves = Vec::new();
+    for t in tasks {
+        slaves.push(t.await.unwrap());
+    }
+    let audit = rig.audit().await;
+    let books = books.lock().unwrap();
+    assert!(
+        books.errors.is_empty(),
+        "the host application saw errors: {:?}",
+        books.errors
+    );
+    let told: BTreeMap<String, BTreeSet<String>> = books
+        .held
+        .iter()
+        .filter(|(_, h)| !h.is_empty())
+        .map(|(s, h)| (s.clone(), h.clone()))
+        .collect();
+    let recorded: BTreeMap<String, BTreeSet<String>> = audit
+        .seats
+        .iter()
+        .map(|(s, h)| (s.clone(), h.keys().cloned().collect()))
+        .collect();
+    assert_eq!(
+        recorded, told,
+        "the ledger's seats differ from what the slaves were told"
+    );
+    (audit, slaves)
+}
+
+/// The replica answering status requests right now (the leader), if any.
+pub async fn current_leader(rig: &Rig) -> Option<String> {
+    let subjects = Subjects::new(&rig.cluster).unwrap();
+    lmbus_monitor::fetch_status(&rig.client, &subjects, Duration::from_secs(2))
+        .await
+        .ok()
+        .map(|s| s.broker_id)
+}
+
+pub fn priority_of(id: &str) -> u32 {
+    id.trim_start_matches('b').parse().unwrap()
+}

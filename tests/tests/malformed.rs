@@ -1,0 +1,117 @@
+//! Hostile and broken input: every inbound subject gets an error reply and a
+//! `bad_message` alert for every kind of malformed payload, and the broker keeps serving.
+
+#![allow(clippy::unwrap_used)] // in a test, a panic is the failure report
+
+use lmbus_schemas::{
+    AlertKind, ErrorCode, Heartbeat, MAX_MESSAGE_BYTES, Reply, SlaveId, SlaveOp, Subjects, decode,
+    encode,
+};
+use lmbus_slave::SlaveAgent;
+use lmbus_tests::*;
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct FutureEnvelope {
+    v: u16,
+    body: u8,
+}
+
+/// Steps: start a broker; for each slave operation subject (and an unknown operation),
+/// send an empty payload, garbage, a truncated message, a message of the wrong type, an
+/// unknown envelope version and an oversized payload as a request; each gets a
+/// `Reply::Error` with the matching code and raises a `bad_message` alert naming the
+/// slave. Afterwards a real slave registers an agent normally.
+#[tokio::test]
+async fn malformed_messages_get_error_replies_and_alerts() {
+    let f = Fixture::new().await.unwrap();
+    let client = &f.client;
+    let cluster = &f.cluster;
+    let mut alerts = f.alerts().await.unwrap();
+    let broker = f.broker(5, &[], true).await.unwrap();
+    let subjects = Subjects::new(cluster).unwrap();
+    let evil = SlaveId::new("evil").unwrap();
+
+    let valid = encode(&lmbus_schemas::RegisterRequest {
+        request_id: uuid::Uuid::new_v4(),
+        agent_id: "agent-with-a-long-name".into(),
+        agent_type: "inbound".into(),
+    })
+    .unwrap();
+    let wrong_type = encode(&Heartbeat {
+        instance: uuid::Uuid::new_v4(),
+        seq: 1,
+        agents: 0,
+    })
+    .unwrap();
+    let future = rmp_serde::to_vec_named(&FutureEnvelope { v: 99, body: 1 }).unwrap();
+    let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+        ("empty", vec![], ErrorCode::Malformed),
+        (
+            "garbage",
+            b"\xc1\xff not msgpack".to_vec(),
+            ErrorCode::Malformed,
+        ),
+        (
+            "truncated",
+            valid[..valid.len() / 2].to_vec(),
+            ErrorCode::Malformed,
+        ),
+        ("unknown version", future, ErrorCode::UnsupportedVersion),
+        (
+            "huge",
+            vec![0x90; MAX_MESSAGE_BYTES + 10],
+            ErrorCode::TooLarge,
+        ),
+    ];
+    let mut expected_alerts = 0;
+    for op in SlaveOp::ALL {
+        let subject = subjects.slave_op(&evil, op);
+        let mut op_cases = cases.clone();
+        if op != SlaveOp::Heartbeat {
+            op_cases.push(("wrong type", wrong_type.clone(), ErrorCode::Malformed));
+        }
+        for (name, payload, code) in op_cases {
+            let msg = tokio::time::timeout(WAIT, client.request(subject.clone(), payload.into()))
+                .await
+                .unwrap_or_else(|_| panic!("{name} on {subject}: no reply"))
+                .unwrap();
+            match decode::<Reply>(&msg.payload).unwrap() {
+                Reply::Error(e) => assert_eq!(e.code, code, "{name} on {subject}: {e}"),
+                other => panic!("{name} on {subject}: expected an error, got {other:?}"),
+            }
+            expected_alerts += 1;
+        }
+    }
+    // An operation that does not exist.
+    let msg = client
+        .request(format!("lmbus.v1.{cluster}.slave.evil.dance"), "x".into())
+        .await
+        .unwrap();
+    assert!(matches!(
+        decode::<Reply>(&msg.payload).unwrap(),
+        Reply::Error(_)
+    ));
+    expected_alerts += 1;
+
+    let bad = alerts
+        .wait_count("bad_message", expected_alerts, |a| {
+            a.kind == AlertKind::BadMessage
+        })
+        .await
+        .unwrap();
+    assert_eq!(bad.len(), expected_alerts, "one alert per bad message");
+    assert!(
+        bad.iter()
+            .take(expected_alerts - 1)
+            .all(|a| a.slave.as_deref() == Some("evil"))
+    );
+
+    // Still serving.
+    let mut cfg = f.slave_config("good").unwrap();
+    cfg.request_timeout = std::time::Duration::from_secs(5);
+    let good = SlaveAgent::start(cfg).await.unwrap();
+    assert!(good.register("a1", "inbound").await.unwrap().is_approved());
+    good.shutdown().await;
+    broker.stop().await.unwrap();
+}

@@ -1,0 +1,257 @@
+//! Real processes and real signals: the monitor CLI tails alerts, the slave daemon's local
+//! API and CLI, a slave killed with SIGKILL is marked disconnected with its seats kept,
+//! and a restarted slave releases what it no longer holds.
+//!
+//! These tests block on child processes, so they run on a multi-threaded runtime: an
+//! in-process broker must keep answering while the test thread waits.
+
+#![allow(clippy::unwrap_used)] // in a test, a panic is the failure report
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use lmbus_schemas::AlertKind;
+use lmbus_slave::SlaveAgent;
+use lmbus_tests::*;
+use nix::sys::signal::Signal;
+
+/// Reads a child's pipe line by line on a thread, so tests can wait with a bound.
+fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn next_line(rx: &mpsc::Receiver<String>, what: &str) -> String {
+    rx.recv_timeout(WAIT)
+        .unwrap_or_else(|_| panic!("no line from {what} within {WAIT:?}"))
+}
+
+/// Steps: start a broker and `lmbus-monitor tail --kind registration_rejected --count 2`
+/// as a real process; wait for it to subscribe; cause a local-limit rejection and an
+/// aggregate-limit rejection; the monitor prints one readable line for each (time,
+/// severity, kind, slave, details) and exits by itself. Then `lmbus-monitor licenses`
+/// shows the slave and the totals, and `--json` parses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_tails_alerts_and_shows_licenses() {
+    let f = Fixture::new().await.unwrap();
+    let (nats, cluster) = (&f.nats, &f.cluster);
+    let broker = f.broker(2, &[("inbound", 2)], true).await.unwrap();
+    let mut monitor = Proc::spawn(
+        Command::new(bin("lmbus-monitor").unwrap())
+            .args(["--nats", &nats.url(), "--cluster", cluster, "tail"])
+            .args([
+                "--kind",
+                "registration_rejected",
+                "--count",
+                "2",
+                "--for",
+                "60s",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap();
+    let out = lines(monitor.child.stdout.take().unwrap());
+    let err = lines(monitor.child.stderr.take().unwrap());
+    assert!(next_line(&err, "monitor stderr").contains("tailing alerts"));
+
+    let cfg = f
+        .licensed_slave_config("site-a", &f.vendor.slave(Some(1)).unwrap())
+        .unwrap();
+    let a = SlaveAgent::start(cfg).await.unwrap();
+    let b = SlaveAgent::start(f.slave_config("site-b").unwrap())
+        .await
+        .unwrap();
+    assert!(a.register("a1", "inbound").await.unwrap().is_approved());
+    assert!(!a.register("a2", "inbound").await.unwrap().is_approved());
+    assert!(b.register("b1", "inbound").await.unwrap().is_approved());
+    assert!(!b.register("b2", "inbound").await.unwrap().is_approved());
+
+    let first = next_line(&out, "monitor stdout");
+    let second = next_line(&out, "monitor stdout");
+    for line in [&first, &second] {
+        assert!(
+            line.contains("WARNING") && line.contains("registration_rejected"),
+            "{line}"
+        );
+    }
+    // The two alerts come from two slaves' connections (site-a's is relayed from its
+    // report), so NATS does not order them against each other.
+    let printed = [&first, &second];
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.contains("slave=site-a") && l.contains("reason=local_limit")),
+        "{first}\n{second}"
+    );
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.contains("slave=site-b") && l.contains("reason=aggregate_limit")),
+        "{first}\n{second}"
+    );
+    assert!(monitor.wait_timeout(WAIT).unwrap().success());
+
+    let table = Command::new(bin("lmbus-monitor").unwrap())
+        .args(["--nats", &nats.url(), "--cluster", cluster, "licenses"])
+        .output()
+        .unwrap();
+    assert!(table.status.success());
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("site-a") && table.contains("site-b"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("TOTAL") && l.contains(" 2 ")),
+        "{table}"
+    );
+
+    let json = Command::new(bin("lmbus-monitor").unwrap())
+        .args([
+            "--nats",
+            &nats.url(),
+            "--cluster",
+            cluster,
+            "licenses",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(doc["total_in_use"], 2);
+    assert_eq!(doc["slaves"].as_array().unwrap().len(), 2);
+
+    a.shutdown().await;
+    b.shutdown().await;
+    broker.stop().await.unwrap();
+}
+
+/// Steps: run `lmbus-broker` and `lmbus-slave run` as processes; register two agents with
+/// the `lmbus-slave register` CLI through the daemon's local API; SIGKILL the slave; the
+/// broker raises `slave_disconnected` after the missed heartbeats and keeps both seats;
+/// a restarted slave with the same id says hello with no agents and the master releases
+/// the stale seats; SIGTERM stops the broker cleanly with a `broker_stopped` alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_slave_is_detected_and_restart_releases_stale_seats() {
+    let f = Fixture::new().await.unwrap();
+    let (nats, vendor, cluster) = (&f.nats, &f.vendor, &f.cluster);
+    let mut alerts = f.alerts().await.unwrap();
+    let master = vendor.master(10, &[]).unwrap();
+    let broker_log = vendor.dir().join("broker.log");
+    let log = || std::fs::read_to_string(&broker_log).unwrap_or_default();
+    let mut broker = Proc::spawn(
+        Command::new(bin("lmbus-broker").unwrap())
+            .args(["run", "--nats", &nats.url(), "--cluster", cluster])
+            .arg("--license")
+            .arg(&master)
+            .arg("--vendor-key")
+            .arg(vendor.public_key_path())
+            .args(["--allow-unlicensed-slaves", "--missed-heartbeats", "2"])
+            .args(["--tick-interval", "100ms", "--id", "proc-broker"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&broker_log).unwrap()),
+    )
+    .unwrap();
+    alerts
+        .wait_for("leader_elected", |a| a.kind == AlertKind::LeaderElected)
+        .await
+        .unwrap();
+
+    let api = format!("127.0.0.1:{}", free_port());
+    let spawn_slave = || {
+        Proc::spawn(
+            Command::new(bin("lmbus-slave").unwrap())
+                .args([
+                    "run",
+                    "--nats",
+                    &nats.url(),
+                    "--cluster",
+                    cluster,
+                    "--id",
+                    "site-k",
+                ])
+                .args(["--api", &api, "--heartbeat-interval", "200ms"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .unwrap()
+    };
+    let slave = spawn_slave();
+    let cli = |args: &[&str]| {
+        Command::new(bin("lmbus-slave").unwrap())
+            .args(args)
+            .args(["--api", &api])
+            .output()
+            .unwrap()
+    };
+    eventually("slave API up", || async {
+        cli(&["status"]).status.success()
+    })
+    .await
+    .unwrap();
+    let reg = cli(&["register", "agent-1", "inbound"]);
+    assert!(
+        reg.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reg.stderr)
+    );
+    assert!(String::from_utf8_lossy(&reg.stdout).contains("approved agent-1"));
+    assert!(cli(&["register", "agent-2", "outbound"]).status.success());
+    let listed = String::from_utf8_lossy(&cli(&["agents"]).stdout).to_string();
+    assert!(listed.contains("agent-1\tinbound") && listed.contains("agent-2\toutbound"));
+
+    slave.signal(Signal::SIGKILL).unwrap();
+    let lost = alerts
+        .wait_for("slave_disconnected", |a| {
+            a.kind == AlertKind::SlaveDisconnected
+        })
+        .await
+        .unwrap();
+    assert_eq!(lost.slave.as_deref(), Some("site-k"));
+    assert!(
+        lost.message.contains("2 seats are kept"),
+        "{}",
+        lost.message
+    );
+    let st = f.status().await.unwrap();
+    assert!(!st.slaves[0].connected);
+    assert_eq!(st.total_in_use, 2);
+    drop(slave);
+
+    // Restart with the same id: the new process holds no agents, so the master releases
+    // the two stale seats at hello instead of keeping them forever.
+    let slave = spawn_slave();
+    alerts
+        .wait_count("slave_connected", 2, |a| {
+            a.kind == AlertKind::SlaveConnected
+        })
+        .await
+        .unwrap();
+    f.wait_in_use(0).await.unwrap();
+    assert!(f.status().await.unwrap().slaves[0].connected);
+
+    slave.signal(Signal::SIGTERM).unwrap();
+    broker.signal(Signal::SIGTERM).unwrap();
+    alerts
+        .wait_for("broker_stopped", |a| a.kind == AlertKind::BrokerStopped)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\nbroker log:\n{}", log()));
+    assert!(
+        broker
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap()
+            .success()
+    );
+}

