@@ -54,9 +54,9 @@ pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_COUNTS_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_EXPIRY_WARNING_DAYS: i64 = 30;
 pub const DEFAULT_MAX_SLAVES: usize = 100_000;
-/// Covers the default slave's longest request (2 s timeout plus its 20 s election wait),
+/// Covers the default slave's longest request (2 s timeout plus its 30 s election wait),
 /// 1% drift of the default 2-minute grace period (1.2 s) and tick granularity.
-pub const DEFAULT_RECLAIM_MARGIN: Duration = Duration::from_secs(30);
+pub const DEFAULT_RECLAIM_MARGIN: Duration = Duration::from_secs(40);
 pub const DEFAULT_PRIORITY: u32 = 1;
 /// Failover budget: a dead leader's lease is gone after at most this long, and a standby
 /// takes over within one poll after that (see `election`).

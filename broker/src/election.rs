@@ -87,6 +87,11 @@ impl Role {
     pub fn is_valid_leader(&self, now: Instant) -> bool {
         matches!(self, Role::Leader { valid_until, .. } if now < *valid_until)
     }
+
+    /// True while this replica still holds, unexpired, the lease it won in `term`.
+    pub fn leads(&self, term: u64, now: Instant) -> bool {
+        matches!(self, Role::Leader { term: t, valid_until } if *t == term && now < *valid_until)
+    }
 }
 
 /// The lease's value.

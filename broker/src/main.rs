@@ -188,7 +188,7 @@ struct RunArgs {
     #[arg(long, env = "LMBUS_MAX_SLAVES")]
     max_slaves: Option<usize>,
     /// Added to a silent slave's grace period before the master reclaims its seats (only
-    /// slaves that log out all agents when their grace ends) [default: 30s].
+    /// slaves that log out all agents when their grace ends) [default: 40s].
     #[arg(long, env = "LMBUS_RECLAIM_MARGIN", value_parser = humantime::parse_duration)]
     reclaim_margin: Option<Duration>,
     /// Election preference among this cluster's broker replicas: 1 is the most preferred.

@@ -45,6 +45,8 @@ const MAX_BATCH: usize = 256;
 
 /// How long a new leader may take to read the ledger up to its end.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between a new leader's attempts to read a ledger that is not reachable yet.
+const CATCH_UP_RETRY: Duration = Duration::from_millis(100);
 
 fn today_utc() -> Date {
     OffsetDateTime::now_utc().date()
@@ -466,16 +468,36 @@ async fn lead<S: Future<Output = ()> + Unpin>(
     not_ready: &watch::Sender<bool>,
 ) -> anyhow::Result<Led> {
     let started = Instant::now();
-    let caught_up = match catch_up(replica, ledger).await {
-        Ok(last) => last,
-        Err(e) => {
-            // What was applied is still right: no rebuild.
+    // While the ledger's stream elects its own leader (a NATS node died), reads time out:
+    // keep the lease and retry rather than resign and run a new election each time, so the
+    // first read that succeeds ends the pause. What was applied stays right: no rebuild.
+    let mut failures = 0u32;
+    let caught_up = loop {
+        let error = tokio::select! {
+            _ = &mut *shutdown => return Ok(Led::Shutdown),
+            read = catch_up(replica, ledger) => match read {
+                Ok(last) => break last,
+                Err(e) => e,
+            },
+        };
+        failures += 1;
+        if !election.role.borrow().leads(term, Instant::now()) {
             return Ok(Led::SteppedDown {
-                reason: format!("cannot catch up with the ledger: {e:#}"),
+                reason: format!("the lease was lost while catching up with the ledger: {error:#}"),
                 rebuild: false,
             });
         }
+        if failures == 1 {
+            warn!(error = %format!("{error:#}"), term, "cannot catch up with the ledger yet; retrying while the lease holds");
+        }
+        tokio::select! {
+            _ = &mut *shutdown => return Ok(Led::Shutdown),
+            _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
+        }
     };
+    if failures > 0 {
+        info!(failures, waited = ?started.elapsed(), "caught up with the ledger after retrying");
+    }
     ledger.set_fence(replica.applied);
     let marker = LedgerEntry {
         writer: cfg.broker_id.clone(),

@@ -43,7 +43,7 @@ use uuid::Uuid;
 /// with room to spare.
 pub const DEFAULT_FAILOVER_WAIT: Duration = Duration::from_secs(5);
 /// Default [`SlaveConfig::election_wait`].
-pub const DEFAULT_ELECTION_WAIT: Duration = Duration::from_secs(20);
+pub const DEFAULT_ELECTION_WAIT: Duration = Duration::from_secs(30);
 /// First pause between retries of an unanswered request; doubles up to the cap.
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 const RETRY_BACKOFF_CAP: Duration = Duration::from_millis(200);

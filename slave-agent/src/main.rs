@@ -120,8 +120,8 @@ struct RunArgs {
     #[arg(long, env = "LMBUS_FAILOVER_WAIT", value_parser = humantime::parse_duration)]
     failover_wait: Option<Duration>,
     /// How long a request is retried while the master's broker replicas answer that they
-    /// are electing a leader (alive, no leader yet; about 10 s when a NATS node that led
-    /// the JetStream streams dies) [default: 20s].
+    /// are electing a leader (alive, no leader yet; 5-20 s when a NATS node that led the
+    /// JetStream streams dies) [default: 30s].
     #[arg(long, env = "LMBUS_ELECTION_WAIT", value_parser = humantime::parse_duration)]
     election_wait: Option<Duration>,
     /// How long to keep working after losing every master [default: 2m].

@@ -144,7 +144,7 @@ async fn losing_one_nats_node_stops_nothing() {
     let killed = Instant::now();
     rig.nats.kill(node);
     // Until approvals flow again (bounded), then a little longer.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(45);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let probe = Instant::now();
     loop {
@@ -181,8 +181,14 @@ async fn losing_one_nats_node_stops_nothing() {
     }
     assert!(after > 0);
     // When the killed node led the streams, JetStream elects new stream leaders first
-    // (about 10 s on nats-server 2.9); the slaves ride through within their election wait.
-    assert!(pause < Duration::from_secs(20), "{pause:?}");
+    // (5-10 s on nats-server 2.9 on an idle machine, 20 s seen on a loaded one); the
+    // slaves ride through within their election wait, so none of them saw an error
+    // (checked by `finish`).
+    let wait = lmbus_slave::agent::DEFAULT_ELECTION_WAIT;
+    assert!(
+        pause < wait,
+        "{pause:?}, longer than the slaves' election wait {wait:?}"
+    );
     let (_, slaves) = load.finish(&rig).await;
     for slave in slaves {
         slave.shutdown().await;

@@ -351,7 +351,7 @@ impl Engine {
                     &id,
                     RejectReason::TimingRule,
                     format!(
-                        "the master's reclaim margin ({} ms) must exceed the slave's longest request (request timeout plus failover wait) plus 1% of its grace period ({} ms): raise --reclaim-margin on the broker or lower --request-timeout / --failover-wait on the slave",
+                        "the master's reclaim margin ({} ms) must exceed the slave's longest request (request timeout plus the longer of its failover and election waits) plus 1% of its grace period ({} ms): raise --reclaim-margin on the broker or lower --request-timeout / --failover-wait / --election-wait on the slave",
                         self.cfg.reclaim_margin.as_millis(),
                         needed.as_millis()
                     ),
