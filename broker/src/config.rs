@@ -43,6 +43,12 @@ pub struct BrokerConfig {
     /// Copies JetStream keeps of the ledger and the election state (3 on a 3-node NATS
     /// cluster; 1 on a single server).
     pub stream_replicas: usize,
+    /// The leader writes a snapshot of the seat state every this many ledger records
+    /// (0: never), so a replica that starts reads the snapshot and the records after it.
+    pub snapshot_every: u64,
+    /// After each snapshot, delete the ledger records older than the previous snapshot
+    /// (bounds the stream's size; the deleted history is gone from the audit trail).
+    pub ledger_trim: bool,
     /// Fault injection for tests only: keep acting as leader after the lease is lost, so
     /// that the ledger's fencing is the only thing that stops a deposed leader.
     pub fault_ignore_lease: bool,
@@ -62,6 +68,8 @@ pub const DEFAULT_PRIORITY: u32 = 1;
 /// takes over within one poll after that (see `election`).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(1);
 pub const DEFAULT_STREAM_REPLICAS: usize = 1;
+/// A cold replica reads at most this many records after the latest snapshot.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 50_000;
 
 /// The optional config file (`--config`). Keys mirror the long flags with `_` for `-`;
 /// relative paths are relative to the file.
@@ -87,6 +95,8 @@ pub struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     pub lease: Option<Duration>,
     pub stream_replicas: Option<usize>,
+    pub snapshot_every: Option<u64>,
+    pub ledger_trim: Option<bool>,
 }
 
 impl FileConfig {

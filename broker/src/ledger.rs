@@ -52,6 +52,17 @@ pub fn js_context(client: &Client) -> Context {
         .build(client.clone())
 }
 
+/// A replica met a record further on than the next one it needs: the records between
+/// were trimmed (they are covered by a snapshot, which the replica must load instead).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the ledger continues at record {found} but this replica needs record {expected}: the records between were trimmed (after a snapshot)"
+)]
+pub struct Gap {
+    pub expected: u64,
+    pub found: u64,
+}
+
 /// One record read back from the ledger.
 #[derive(Debug)]
 pub struct Record {
@@ -133,6 +144,25 @@ impl Ledger {
             .await
             .with_context(|| format!("cannot look up the ledger stream {}", self.stream))?;
         Ok(stream.cached_info().state.last_sequence)
+    }
+
+    /// Deletes every record before `sequence` (they are covered by a snapshot).
+    pub async fn trim_before(&self, sequence: u64) -> anyhow::Result<u64> {
+        // The server reads a purge "up to sequence 0 or 1" as "purge everything".
+        if sequence <= 1 {
+            return Ok(0);
+        }
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .with_context(|| format!("cannot look up the ledger stream {}", self.stream))?;
+        let purged = stream
+            .purge()
+            .sequence(sequence)
+            .await
+            .with_context(|| format!("cannot trim the ledger stream {}", self.stream))?;
+        Ok(purged.purged)
     }
 
     /// Appends one entry on top of [`Self::fence`]; on success the fence moves to the new
@@ -218,22 +248,27 @@ pub struct Audit {
     pub seats: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
 }
 
-/// Replays a ledger from its first record and checks, at every position: granted seats
-/// never exceed the total or a type limit; no agent holds two seats; terms only grow; and
-/// once a replica has written its `Leader` record, no other replica writes until the next
-/// `Leader` record (a deposed leader's writes were all refused).
+/// Replays a ledger from its first record (or from a snapshot, given as a record whose
+/// changes rebuild the state) and checks, at every position: granted seats never exceed the
+/// total or a type limit; no agent holds two seats; terms only grow; and once a replica
+/// has written its `Leader` record, no other replica writes until the next `Leader` record
+/// (a deposed leader's writes were all refused).
 pub fn audit<'a>(
     records: impl IntoIterator<Item = &'a Record>,
     total_limit: u32,
     type_limits: &std::collections::BTreeMap<String, u32>,
 ) -> Result<Audit, String> {
     use lmbus_schemas::SeatChange;
-    let mut a = Audit::default();
-    let mut in_use_by_type: std::collections::BTreeMap<String, u32> = Default::default();
-    let mut in_use: u32 = 0;
+    let mut tally = Tally {
+        audit: Audit::default(),
+        in_use: 0,
+        in_use_by_type: Default::default(),
+        total_limit,
+        type_limits,
+    };
     let mut leader: Option<(String, u64)> = None;
     for record in records {
-        a.records += 1;
+        tally.audit.records += 1;
         let at = record.sequence;
         let writer = &record.entry.writer;
         let starts_term = matches!(
@@ -261,66 +296,38 @@ pub fn audit<'a>(
                         }
                     }
                     leader = Some((replica.clone(), *term));
-                    a.leaders.push((replica.clone(), *term));
+                    tally.audit.leaders.push((replica.clone(), *term));
                 }
                 SeatChange::Session { .. } => {}
                 SeatChange::Grant {
                     slave,
                     agent_id,
                     agent_type,
+                } => tally.grant(at, slave, agent_id, agent_type)?,
+                SeatChange::Seats {
+                    slave,
+                    agent_type,
+                    agent_ids,
                 } => {
-                    let seats = a.seats.entry(slave.clone()).or_default();
-                    if let Some(held) = seats.get(agent_id) {
-                        return Err(format!(
-                            "record {at}: agent {agent_id} of slave {slave} granted a second seat (already holds a {held} seat)"
-                        ));
-                    }
-                    seats.insert(agent_id.clone(), agent_type.clone());
-                    in_use += 1;
-                    let n = in_use_by_type.entry(agent_type.clone()).or_insert(0);
-                    *n += 1;
-                    a.grants += 1;
-                    if in_use > total_limit {
-                        return Err(format!(
-                            "record {at}: {in_use} seats in use, over the limit of {total_limit}"
-                        ));
-                    }
-                    if let Some(limit) = type_limits.get(agent_type) {
-                        if *n > *limit {
-                            return Err(format!(
-                                "record {at}: {n} {agent_type} seats in use, over the limit of {limit}"
-                            ));
-                        }
-                    }
-                    a.max_in_use = a.max_in_use.max(in_use);
-                }
-                SeatChange::Release { slave, agent_id } => {
-                    if let Some(t) = a.seats.get_mut(slave).and_then(|s| s.remove(agent_id)) {
-                        in_use -= 1;
-                        if let Some(n) = in_use_by_type.get_mut(&t) {
-                            *n -= 1;
-                        }
-                        a.releases += 1;
+                    for agent_id in agent_ids {
+                        tally.grant(at, slave, agent_id, agent_type)?;
                     }
                 }
+                SeatChange::Release { slave, agent_id } => tally.release(slave, agent_id),
                 SeatChange::Reclaim { slave } => {
-                    for (_, t) in std::mem::take(a.seats.entry(slave.clone()).or_default()) {
-                        in_use -= 1;
-                        if let Some(n) = in_use_by_type.get_mut(&t) {
-                            *n -= 1;
-                        }
-                        a.releases += 1;
+                    let held: Vec<String> = tally
+                        .audit
+                        .seats
+                        .get(slave)
+                        .map(|s| s.keys().cloned().collect())
+                        .unwrap_or_default();
+                    for agent in held {
+                        tally.release(slave, &agent);
                     }
                 }
                 SeatChange::Revoke { slave, agents } => {
                     for agent in agents {
-                        if let Some(t) = a.seats.get_mut(slave).and_then(|s| s.remove(agent)) {
-                            in_use -= 1;
-                            if let Some(n) = in_use_by_type.get_mut(&t) {
-                                *n -= 1;
-                            }
-                            a.releases += 1;
-                        }
+                        tally.release(slave, agent);
                     }
                 }
                 SeatChange::Unknown => {
@@ -331,8 +338,73 @@ pub fn audit<'a>(
             }
         }
     }
+    let mut a = tally.audit;
     a.seats.retain(|_, s| !s.is_empty());
     Ok(a)
+}
+
+/// The running counts of [`audit`].
+struct Tally<'l> {
+    audit: Audit,
+    in_use: u32,
+    in_use_by_type: std::collections::BTreeMap<String, u32>,
+    total_limit: u32,
+    type_limits: &'l std::collections::BTreeMap<String, u32>,
+}
+
+impl Tally<'_> {
+    fn grant(
+        &mut self,
+        at: u64,
+        slave: &str,
+        agent_id: &str,
+        agent_type: &str,
+    ) -> Result<(), String> {
+        let seats = self.audit.seats.entry(slave.to_owned()).or_default();
+        if let Some(held) = seats.get(agent_id) {
+            return Err(format!(
+                "record {at}: agent {agent_id} of slave {slave} granted a second seat (already holds a {held} seat)"
+            ));
+        }
+        seats.insert(agent_id.to_owned(), agent_type.to_owned());
+        self.in_use += 1;
+        let n = self
+            .in_use_by_type
+            .entry(agent_type.to_owned())
+            .or_insert(0);
+        *n += 1;
+        self.audit.grants += 1;
+        if self.in_use > self.total_limit {
+            return Err(format!(
+                "record {at}: {} seats in use, over the limit of {}",
+                self.in_use, self.total_limit
+            ));
+        }
+        if let Some(limit) = self.type_limits.get(agent_type) {
+            if *n > *limit {
+                return Err(format!(
+                    "record {at}: {n} {agent_type} seats in use, over the limit of {limit}"
+                ));
+            }
+        }
+        self.audit.max_in_use = self.audit.max_in_use.max(self.in_use);
+        Ok(())
+    }
+
+    fn release(&mut self, slave: &str, agent_id: &str) {
+        if let Some(t) = self
+            .audit
+            .seats
+            .get_mut(slave)
+            .and_then(|s| s.remove(agent_id))
+        {
+            self.in_use -= 1;
+            if let Some(n) = self.in_use_by_type.get_mut(&t) {
+                *n -= 1;
+            }
+            self.audit.releases += 1;
+        }
+    }
 }
 
 impl Ledger {

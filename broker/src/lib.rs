@@ -10,6 +10,7 @@ pub mod engine;
 pub mod ledger;
 pub mod replicas;
 pub mod runtime;
+pub mod snapshot;
 
 pub use config::{BrokerConfig, load_master_license, load_vendor_key};
 pub use runtime::run;

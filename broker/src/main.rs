@@ -64,8 +64,8 @@ enum AdminCommand {
         #[arg(long, env = "USER", default_value = "operator")]
         operator: String,
     },
-    /// Delete a cluster's seat ledger and election state from JetStream (streams
-    /// LMBUS_LEDGER_<cluster> and KV_lmbus_election_<cluster>). Every seat record is lost:
+    /// Delete a cluster's seat ledger, snapshots and election state from JetStream (streams
+    /// LMBUS_LEDGER_<cluster>, LMBUS_SNAPSHOTS_<cluster> and KV_lmbus_election_<cluster>). Every seat record is lost:
     /// only for tearing down a test or demo cluster, with all its brokers stopped.
     RemoveState {
         #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
@@ -134,7 +134,11 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot connect to NATS at {nats}"))?;
             let js = async_nats::jetstream::new(client);
-            for stream in [subjects.ledger_stream(), subjects.election_stream()] {
+            for stream in [
+                subjects.ledger_stream(),
+                subjects.snapshot_stream(),
+                subjects.election_stream(),
+            ] {
                 match js.delete_stream(&stream).await {
                     Ok(_) => println!("deleted stream {stream}"),
                     Err(e) => println!("stream {stream} not deleted: {e}"),
@@ -205,6 +209,16 @@ struct RunArgs {
     /// 1 on a single server [default: 1].
     #[arg(long, env = "LMBUS_STREAM_REPLICAS")]
     stream_replicas: Option<usize>,
+    /// The leader writes a snapshot of the seat state every this many ledger records, so
+    /// that a replica that starts reads the snapshot and only the records after it; 0
+    /// turns snapshots off [default: 50000].
+    #[arg(long, env = "LMBUS_SNAPSHOT_EVERY")]
+    snapshot_every: Option<u64>,
+    /// After each snapshot, delete the ledger records older than the previous snapshot.
+    /// Bounds the ledger's size, at the cost of that history in the audit trail [default:
+    /// keep every record].
+    #[arg(long, env = "LMBUS_LEDGER_TRIM", num_args = 0..=1, default_missing_value = "true")]
+    ledger_trim: Option<bool>,
     /// Fault injection, for tests only: keep leading after the lease is lost, so that only
     /// the ledger's fencing stops this replica. Never use in production.
     #[arg(long, hide = true)]
@@ -276,6 +290,11 @@ impl RunArgs {
                 .stream_replicas
                 .or(file.stream_replicas)
                 .unwrap_or(config::DEFAULT_STREAM_REPLICAS),
+            snapshot_every: self
+                .snapshot_every
+                .or(file.snapshot_every)
+                .unwrap_or(config::DEFAULT_SNAPSHOT_EVERY),
+            ledger_trim: self.ledger_trim.or(file.ledger_trim).unwrap_or(false),
             fault_ignore_lease: self.fault_ignore_lease,
         })
     }

@@ -31,8 +31,9 @@ use tracing::{debug, info, warn};
 use crate::config::{self, BrokerConfig};
 use crate::election::{Election, ElectionConfig, Role};
 use crate::engine::{Effect, Engine, EngineConfig, Event, Output};
-use crate::ledger::{AppendError, Ledger, Record};
+use crate::ledger::{AppendError, Gap, Ledger, Record};
 use crate::replicas::Replicas;
+use crate::snapshot::{self, Snapshots};
 
 /// How long the final alerts may take to leave when shutting down.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,6 +89,13 @@ impl Replica {
         if record.sequence <= self.applied {
             return Ok(());
         }
+        if record.sequence != self.applied + 1 {
+            return Err(Gap {
+                expected: self.applied + 1,
+                found: record.sequence,
+            }
+            .into());
+        }
         for change in &record.entry.changes {
             self.engine.apply(now(), change).map_err(|e| {
                 anyhow!(
@@ -122,6 +130,118 @@ enum Led {
     },
 }
 
+/// A replica built from the latest snapshot (or empty when there is none), ready to follow
+/// the ledger from the record after it.
+async fn restore(
+    cfg: &EngineConfig,
+    shared: Arc<AtomicU64>,
+    snapshots: &Snapshots,
+) -> anyhow::Result<Replica> {
+    let started = Instant::now();
+    let mut replica = Replica::new(cfg, shared);
+    let Some(loaded) = snapshots.load_latest().await? else {
+        return Ok(replica);
+    };
+    let now = now();
+    for change in &loaded.changes {
+        replica.engine.apply(now, change).map_err(|e| {
+            anyhow!(
+                "the snapshot at ledger sequence {} cannot be applied: {e}",
+                loaded.manifest.ledger_sequence
+            )
+        })?;
+    }
+    replica.set_applied(loaded.manifest.ledger_sequence);
+    info!(
+        ledger_sequence = loaded.manifest.ledger_sequence,
+        seats = loaded.manifest.seats,
+        slaves = loaded.manifest.slaves,
+        took = ?started.elapsed(),
+        "loaded the latest snapshot"
+    );
+    Ok(replica)
+}
+
+/// Writes the leader's snapshots every `every` ledger records, one at a time, in a task
+/// beside it (the leader only pays for copying the state).
+struct Snapshotter {
+    snapshots: Snapshots,
+    ledger: Ledger,
+    every: u64,
+    trim: bool,
+    writer: String,
+    /// Ledger sequence of the newest snapshot known here.
+    last: Arc<AtomicU64>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Snapshotter {
+    fn maybe_start(&mut self, replica: &Replica, term: u64) {
+        if self.every == 0
+            || replica.applied < self.last.load(Ordering::Relaxed) + self.every
+            || self.task.as_ref().is_some_and(|t| !t.is_finished())
+        {
+            return;
+        }
+        let copied = Instant::now();
+        let mut changes = vec![SeatChange::Leader {
+            replica: self.writer.clone(),
+            term,
+        }];
+        changes.extend(replica.engine.snapshot(snapshot::AGENTS_PER_CHANGE));
+        let copied = copied.elapsed();
+        let at = replica.applied;
+        let (snapshots, ledger, trim, writer, last) = (
+            self.snapshots.clone(),
+            self.ledger.clone(),
+            self.trim,
+            self.writer.clone(),
+            self.last.clone(),
+        );
+        self.task = Some(tokio::spawn(async move {
+            let written = Instant::now();
+            let previous = match snapshots.latest_stored().await {
+                Ok(previous) => previous,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "cannot write a snapshot");
+                    return;
+                }
+            };
+            let (previous_at, after) = previous
+                .map(|(m, stored)| (m.ledger_sequence, stored))
+                .unwrap_or((0, 0));
+            if previous_at >= at {
+                last.fetch_max(previous_at, Ordering::Relaxed);
+                return;
+            }
+            match snapshots.write(at, &writer, term, changes, after).await {
+                Ok(manifest) => {
+                    last.fetch_max(at, Ordering::Relaxed);
+                    info!(
+                        ledger_sequence = at,
+                        seats = manifest.seats,
+                        chunks = manifest.chunks,
+                        ?copied,
+                        took = ?written.elapsed(),
+                        "wrote a snapshot"
+                    );
+                    // Keep the records after the previous snapshot: a standby that lags by
+                    // less than one interval never meets a gap.
+                    if trim && previous_at > 0 {
+                        match ledger.trim_before(previous_at + 1).await {
+                            Ok(n) => {
+                                info!(records = n, before = previous_at + 1, "trimmed the ledger")
+                            }
+                            Err(e) => warn!(error = %format!("{e:#}"), "cannot trim the ledger"),
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %format!("{e:#}"), at, "cannot write a snapshot"),
+            }
+        }));
+    }
+}
+
 /// Runs one broker replica until `shutdown` completes. Fails before serving anything if
 /// the license, the configuration, NATS or JetStream is not usable.
 pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -140,6 +260,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         .await
         .with_context(|| format!("cannot connect to NATS at {}", cfg.nats_url))?;
     let mut ledger = Ledger::open(&client, &subjects, cfg.stream_replicas).await?;
+    let snapshots = Snapshots::open(&client, &subjects, cfg.stream_replicas).await?;
     let mut election = Election::start(
         &client,
         &subjects,
@@ -207,12 +328,42 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         election.electing.clone(),
         not_ready_rx,
     ));
-    let mut replica = Replica::new(&engine_cfg, applied.clone());
+    let mut replica = restore(&engine_cfg, applied.clone(), &snapshots)
+        .await
+        .unwrap_or_else(|e| {
+            warn!(error = %format!("{e:#}"), "cannot load the latest snapshot: replaying the ledger from its first record");
+            Replica::new(&engine_cfg, applied.clone())
+        });
+    let mut snapshotter = Snapshotter {
+        snapshots: snapshots.clone(),
+        ledger: ledger.clone(),
+        every: cfg.snapshot_every,
+        trim: cfg.ledger_trim,
+        writer: cfg.broker_id.clone(),
+        last: Arc::new(AtomicU64::new(replica.applied)),
+        task: None,
+    };
     tokio::pin!(shutdown);
     let result = loop {
         let term = match follow(&mut replica, &ledger, &mut election.role, &mut shutdown).await {
             Ok(Followed::Shutdown) => break Ok(()),
             Ok(Followed::Elected { term }) => term,
+            // The records this replica needs next were trimmed: load the snapshot that
+            // covers them (retrying while it cannot be read).
+            Err(e) if e.downcast_ref::<Gap>().is_some() => {
+                warn!(error = %format!("{e:#}"), "loading the latest snapshot");
+                match restore(&engine_cfg, applied.clone(), &snapshots).await {
+                    Ok(restored) => replica = restored,
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "cannot load the latest snapshot; retrying");
+                        tokio::select! {
+                            _ = &mut shutdown => break Ok(()),
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+                continue;
+            }
             Ok(Followed::Interrupted(e)) => {
                 warn!(error = %format!("{e:#}"), "following the ledger was interrupted; retrying");
                 tokio::select! {
@@ -234,6 +385,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
             &io,
             &mut shutdown,
             &not_ready,
+            &mut snapshotter,
         )
         .await;
         not_ready.send_replace(false);
@@ -251,7 +403,12 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 ))
                 .await;
                 if rebuild {
-                    replica = Replica::new(&engine_cfg, applied.clone());
+                    replica = restore(&engine_cfg, applied.clone(), &snapshots)
+                        .await
+                        .unwrap_or_else(|e| {
+                            warn!(error = %format!("{e:#}"), "cannot load the latest snapshot: replaying the ledger from its first record");
+                            Replica::new(&engine_cfg, applied.clone())
+                        });
                 }
             }
             Err(e) => break Err(e),
@@ -466,6 +623,7 @@ async fn lead<S: Future<Output = ()> + Unpin>(
     io: &Io,
     shutdown: &mut S,
     not_ready: &watch::Sender<bool>,
+    snapshotter: &mut Snapshotter,
 ) -> anyhow::Result<Led> {
     let started = Instant::now();
     // While the ledger's stream elects its own leader (a NATS node died), reads time out:
@@ -477,6 +635,12 @@ async fn lead<S: Future<Output = ()> + Unpin>(
             _ = &mut *shutdown => return Ok(Led::Shutdown),
             read = catch_up(replica, ledger) => match read {
                 Ok(last) => break last,
+                Err(e) if e.downcast_ref::<Gap>().is_some() => {
+                    return Ok(Led::SteppedDown {
+                        reason: format!("cannot catch up with the ledger: {e:#}"),
+                        rebuild: true,
+                    });
+                }
                 Err(e) => e,
             },
         };
@@ -690,6 +854,7 @@ async fn lead<S: Future<Output = ()> + Unpin>(
         for (reply_to, out) in batch {
             io.apply(reply_to.as_ref(), out).await;
         }
+        snapshotter.maybe_start(replica, term);
     };
     for sub in [
         &mut slave_sub,

@@ -31,6 +31,13 @@ pub enum SeatChange {
         agent_id: String,
         agent_type: String,
     },
+    /// The slave holds seats of `agent_type` for all these agents: many grants in one
+    /// change. Snapshots are written with it.
+    Seats {
+        slave: String,
+        agent_type: String,
+        agent_ids: Vec<String>,
+    },
     Release {
         slave: String,
         agent_id: String,
@@ -65,6 +72,33 @@ pub struct LedgerEntry {
     pub changes: Vec<SeatChange>,
 }
 
+/// One piece of a snapshot of the seat state, stored on
+/// [`crate::Subjects::snapshot_chunk`]. Applying every chunk's changes, in index order, to
+/// an empty state gives the state after ledger record `ledger_sequence`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    pub ledger_sequence: u64,
+    /// 0, 1, ... within the snapshot.
+    pub index: u32,
+    pub changes: Vec<SeatChange>,
+}
+
+/// Written on [`crate::Subjects::snapshot_manifest`] after every chunk of a snapshot is
+/// stored: a snapshot without its manifest does not exist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotManifest {
+    /// The last ledger record the snapshot includes.
+    pub ledger_sequence: u64,
+    /// How many chunks, and the stream sequence of the first one.
+    pub chunks: u32,
+    pub first_chunk: u64,
+    pub slaves: u64,
+    pub seats: u64,
+    /// The leader that wrote it, and its term.
+    pub writer: String,
+    pub term: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +127,11 @@ mod tests {
                 SeatChange::Release {
                     slave: "s".into(),
                     agent_id: "a".into(),
+                },
+                SeatChange::Seats {
+                    slave: "s".into(),
+                    agent_type: "inbound".into(),
+                    agent_ids: vec!["b".into(), "c".into()],
                 },
                 SeatChange::Reclaim { slave: "s".into() },
                 SeatChange::Revoke {

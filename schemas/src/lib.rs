@@ -15,7 +15,7 @@ pub mod subjects;
 
 pub use alert::{Alert, AlertKind, Severity};
 pub use codec::{DecodeError, EncodeError, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode};
-pub use ledger::{LedgerEntry, SeatChange};
+pub use ledger::{LedgerEntry, SeatChange, SnapshotChunk, SnapshotManifest};
 pub use license::{
     Context, KeyError, License, LicenseError, Limits, Role, VendorKey, VerifyingKey, key_id,
     parse_public_key, parse_secret_key, public_key_text, secret_key_text, sign_license,

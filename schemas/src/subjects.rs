@@ -230,6 +230,29 @@ impl Subjects {
         format!("LMBUS_LEDGER_{}", self.cluster)
     }
 
+    /// `lmbus.v1.<cluster>.snapshot.chunk`: the pieces (`SnapshotChunk`) of a snapshot of
+    /// the seat state, written by the leader broker, read by a replica that starts or
+    /// rebuilds. Stored in [`Self::snapshot_stream`].
+    pub fn snapshot_chunk(&self) -> String {
+        format!("{}.snapshot.chunk", self.prefix)
+    }
+
+    /// `lmbus.v1.<cluster>.snapshot.manifest`: a `SnapshotManifest`, written after all the
+    /// chunks it names; the last one is the snapshot to load.
+    pub fn snapshot_manifest(&self) -> String {
+        format!("{}.snapshot.manifest", self.prefix)
+    }
+
+    /// `lmbus.v1.<cluster>.snapshot.>`: the subjects of [`Self::snapshot_stream`].
+    pub fn snapshot_subjects(&self) -> String {
+        format!("{}.snapshot.>", self.prefix)
+    }
+
+    /// `LMBUS_SNAPSHOTS_<cluster>`: the JetStream stream holding the latest snapshot.
+    pub fn snapshot_stream(&self) -> String {
+        format!("LMBUS_SNAPSHOTS_{}", self.cluster)
+    }
+
     /// `lmbus_election_<cluster>`: the JetStream KV bucket (stream `KV_<bucket>`) holding
     /// the leader lease under the key `leader`; written by brokers only.
     pub fn election_bucket(&self) -> String {

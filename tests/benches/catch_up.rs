@@ -17,12 +17,18 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         for seats in sizes {
-            let (read, caught_up) = lmbus_tests::catch_up::measure(seats).await;
+            let m = lmbus_tests::catch_up::measure(seats).await;
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
             println!(
-                "BENCH catchup seats={seats} read_ms={:.0} catchup_ms={:.0} ratio={:.2}",
-                read.as_secs_f64() * 1000.0,
-                caught_up.as_secs_f64() * 1000.0,
-                caught_up.as_secs_f64() / read.as_secs_f64()
+                "BENCH catchup seats={seats} read_ms={:.0} replay_ms={:.0} snapshot_load_ms={:.0} snapshot_write_ms={:.0} snapshot_copy_ms={:.0} chunks={} replay_ratio={:.2} snapshot_ratio={:.2}",
+                ms(m.read),
+                ms(m.replay),
+                ms(m.snapshot_load),
+                ms(m.snapshot_write),
+                ms(m.snapshot_copy),
+                m.snapshot_chunks,
+                ms(m.replay) / ms(m.read),
+                ms(m.snapshot_load) / ms(m.read),
             );
         }
     });

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lmbus_broker::engine::{Engine, EngineConfig};
 use lmbus_broker::ledger::Ledger;
+use lmbus_broker::snapshot::Snapshots;
 use lmbus_schemas::{LedgerEntry, Limits, Role, SeatChange, Subjects};
 use uuid::Uuid;
 
@@ -99,16 +100,58 @@ pub async fn replay(ledger: &Ledger, last: u64, mut engine: Option<&mut Engine>)
     }
 }
 
-/// Writes a ledger of `seats` seats on a fresh nats-server and returns (reading it alone,
-/// reading and applying it to a fresh engine).
-pub async fn measure(seats: usize) -> (Duration, Duration) {
+/// What [`measure`] timed.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    /// Reading and decoding the whole ledger, applying nothing (the baseline).
+    pub read: Duration,
+    /// Reading and applying the whole ledger: a cold replica without snapshots.
+    pub replay: Duration,
+    /// The leader copying its state for a snapshot (the pause it takes).
+    pub snapshot_copy: Duration,
+    /// Writing the snapshot (in a task beside the leader).
+    pub snapshot_write: Duration,
+    /// Reading the latest snapshot and applying it: a cold replica with snapshots (plus
+    /// the records after the snapshot, none here).
+    pub snapshot_load: Duration,
+    pub snapshot_chunks: u32,
+}
+
+/// Writes a ledger of `seats` seats on a fresh nats-server, then times a cold replica
+/// catching up with it by replaying it and by loading a snapshot of the same state.
+pub async fn measure(seats: usize) -> Measured {
     let f = Fixture::new().await.unwrap();
     let subjects = Subjects::new(&f.cluster).unwrap();
     let mut ledger = Ledger::open(&f.client, &subjects, 1).await.unwrap();
     let last = write_ledger(&mut ledger, seats).await;
     let read = replay(&ledger, last, None).await;
-    let mut engine = engine(&f.vendor, &f.cluster, seats);
-    let caught_up = replay(&ledger, last, Some(&mut engine)).await;
-    assert_eq!(engine.total_in_use() as usize, seats);
-    (read, caught_up)
+    let mut replayed = engine(&f.vendor, &f.cluster, seats);
+    let replay_took = replay(&ledger, last, Some(&mut replayed)).await;
+    assert_eq!(replayed.total_in_use() as usize, seats);
+
+    let snapshots = Snapshots::open(&f.client, &subjects, 1).await.unwrap();
+    let started = Instant::now();
+    let changes = replayed.snapshot(lmbus_broker::snapshot::AGENTS_PER_CHANGE);
+    let snapshot_copy = started.elapsed();
+    let started = Instant::now();
+    let manifest = snapshots.write(last, "bench", 1, changes, 0).await.unwrap();
+    let snapshot_write = started.elapsed();
+    let started = Instant::now();
+    let loaded = snapshots.load_latest().await.unwrap().unwrap();
+    let mut restored = engine(&f.vendor, &f.cluster, seats);
+    let now = std::time::Instant::now();
+    for change in &loaded.changes {
+        restored.apply(now, change).unwrap();
+    }
+    let snapshot_load = started.elapsed();
+    assert_eq!(loaded.manifest.ledger_sequence, last);
+    assert_eq!(restored.seats(), replayed.seats());
+    Measured {
+        read,
+        replay: replay_took,
+        snapshot_copy,
+        snapshot_write,
+        snapshot_load,
+        snapshot_chunks: manifest.chunks,
+    }
 }

@@ -12,8 +12,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lmbus_broker::ledger::{Ledger, audit};
-use lmbus_schemas::{AlertKind, RejectReason, SlaveId, Subjects};
+use lmbus_broker::ledger::{Ledger, Record, audit};
+use lmbus_broker::snapshot::Snapshots;
+use lmbus_schemas::{AlertKind, LedgerEntry, RejectReason, SlaveId, Subjects};
 use lmbus_slave::{Outcome, SlaveAgent, SlaveConfig};
 use tokio::time::Instant;
 
@@ -38,6 +39,8 @@ pub struct Rig {
     pub client: async_nats::Client,
     /// Where the brokers' logs go, and the temp dir that removes them (unless kept).
     pub logs: (PathBuf, Option<tempfile::TempDir>),
+    /// Flags every broker of this rig gets.
+    pub flags: Vec<String>,
 }
 
 impl Rig {
@@ -47,6 +50,11 @@ impl Rig {
 
     /// Like `start`, with extra flags for b1, the first leader.
     pub async fn start_with(b1_flags: &[&str]) -> Rig {
+        Self::start_configured(&[], b1_flags).await
+    }
+
+    /// Like `start`, with extra flags for every broker, and more for b1.
+    pub async fn start_configured(flags: &[&str], b1_flags: &[&str]) -> Rig {
         init_tracing();
         let nats = tokio::task::spawn_blocking(|| NatsCluster::start(3))
             .await
@@ -78,6 +86,7 @@ impl Rig {
                     (dir.path().to_owned(), Some(dir))
                 }
             },
+            flags: flags.iter().map(|f| f.to_string()).collect(),
         };
         // b1 first, so the first election is b1's; then the standbys.
         let mut alerts = rig.alerts().await;
@@ -137,6 +146,7 @@ impl Rig {
                     "3",
                 ])
                 .args(["--tick-interval", "100ms"])
+                .args(&self.flags)
                 .args(flags)
                 .env("LMBUS_LOG", "info")
                 .stdout(Stdio::null())
@@ -178,10 +188,42 @@ impl Rig {
                 Err(e) => panic!("cannot read the ledger: {e:#}"),
             }
         };
+        let records = self.root_at_snapshot(records).await;
         match audit(&records, LIMIT, &BTreeMap::new()) {
             Ok(a) => a,
             Err(e) => panic!("ledger audit failed: {e}\n{}", self.dump_logs()),
         }
+    }
+
+    /// A trimmed ledger no longer starts at record 1: audit it from the latest snapshot
+    /// (its changes as one record), then the records after it.
+    async fn root_at_snapshot(&self, records: Vec<Record>) -> Vec<Record> {
+        if records.first().is_none_or(|r| r.sequence == 1) {
+            return records;
+        }
+        let subjects = Subjects::new(&self.cluster).unwrap();
+        let loaded = Snapshots::open(&self.client, &subjects, 3)
+            .await
+            .unwrap()
+            .load_latest()
+            .await
+            .unwrap()
+            .expect("the ledger was trimmed but there is no snapshot");
+        let at = loaded.manifest.ledger_sequence;
+        assert!(
+            records[0].sequence <= at + 1,
+            "the ledger was trimmed past the latest snapshot ({at}): it starts at {}",
+            records[0].sequence
+        );
+        let mut rooted = vec![Record {
+            sequence: at,
+            entry: LedgerEntry {
+                writer: loaded.manifest.writer.clone(),
+                changes: loaded.changes,
+            },
+        }];
+        rooted.extend(records.into_iter().filter(|r| r.sequence > at));
+        rooted
     }
 
     pub fn dump_logs(&self) -> String {

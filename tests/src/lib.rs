@@ -456,6 +456,8 @@ pub fn broker_config(
         priority: 1,
         lease: lmbus_broker::config::DEFAULT_LEASE,
         stream_replicas: 1,
+        snapshot_every: lmbus_broker::config::DEFAULT_SNAPSHOT_EVERY,
+        ledger_trim: false,
         fault_ignore_lease: false,
     }
 }

@@ -357,3 +357,84 @@ async fn deposed_leader_write_is_refused_by_the_ledger() {
         slave.shutdown().await;
     }
 }
+
+/// The ledger stream's first sequence now (1 until it is trimmed).
+async fn ledger_first_sequence(rig: &Rig) -> u64 {
+    let js = async_nats::jetstream::new(rig.client.clone());
+    let Ok(mut stream) = js
+        .get_stream(Subjects::new(&rig.cluster).unwrap().ledger_stream())
+        .await
+    else {
+        return 0;
+    };
+    stream
+        .info()
+        .await
+        .map(|i| i.state.first_sequence)
+        .unwrap_or(0)
+}
+
+/// Steps: three brokers that snapshot every 25 ledger records and trim the ledger, under
+/// load, until the ledger no longer starts at record 1; kill -9 the standby b3 and start it
+/// again cold: it loads the latest snapshot (it cannot replay a trimmed ledger) and follows
+/// the rest; kill -9 b1 and b2, so b3 must lead: it is elected and approves registrations;
+/// the slaves never see an error, and the audit (rooted at the latest snapshot) matches
+/// what they were told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_replica_starts_from_a_snapshot_of_a_trimmed_ledger() {
+    let _serial = SERIAL.lock().await;
+    let mut rig = Rig::start_configured(&["--snapshot-every", "25", "--ledger-trim"], &[]).await;
+    let mut alerts = rig.alerts().await;
+    let load = Load::start(&rig).await;
+    let books = load.books.clone();
+    lmbus_tests::eventually("the ledger trimmed after a snapshot", || async {
+        ledger_first_sequence(&rig).await > 1
+    })
+    .await
+    .unwrap();
+    let subjects = Subjects::new(&rig.cluster).unwrap();
+    let snapshots = lmbus_broker::snapshot::Snapshots::open(&rig.client, &subjects, 3)
+        .await
+        .unwrap();
+    let manifest = snapshots.latest().await.unwrap().unwrap();
+    eprintln!(
+        "measured: ledger trimmed to start at {}, latest snapshot at {} ({} seats, {} slaves, by {})",
+        ledger_first_sequence(&rig).await,
+        manifest.ledger_sequence,
+        manifest.seats,
+        manifest.slaves,
+        manifest.writer
+    );
+
+    rig.brokers["b3"].signal(Signal::SIGKILL).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rig.spawn_broker("b3", 3);
+    let log = rig.logs.0.join("b3.log");
+    lmbus_tests::eventually("b3 loads the latest snapshot", || async {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("loaded the latest snapshot"))
+    })
+    .await
+    .unwrap();
+    // b3 follows the ledger for a while, then is the only replica left.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed = Instant::now();
+    rig.brokers["b1"].signal(Signal::SIGKILL).unwrap();
+    rig.brokers["b2"].signal(Signal::SIGKILL).unwrap();
+    let mut leader = next_leader(&mut alerts, Some("b1")).await;
+    while leader != "b3" {
+        // b2 may have won the lease just before its kill landed.
+        leader = next_leader(&mut alerts, Some(&leader)).await;
+    }
+    let first_approval = first_approval_after(&books, killed).await;
+    eprintln!(
+        "measured: b3, started from the snapshot, approved {first_approval:?} after b1 and b2 were killed"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (audit, slaves) = load.finish(&rig).await;
+    assert!(audit.grants > 0);
+    assert_eq!(current_leader(&rig).await.as_deref(), Some("b3"));
+    for slave in slaves {
+        slave.shutdown().await;
+    }
+}

@@ -5,7 +5,7 @@
 //! - `cargo xtask test`: installs nats-server if needed, then fmt, clippy, the whole test
 //!   suite and a short demo run. `.ci/run` calls exactly this.
 //! - `cargo xtask bench-failover`: kill -9 trials of the leader broker on a 3-node NATS
-//!   cluster; `cargo xtask bench-catchup`: a cold replica replaying 10^5 and 10^6 seats.
+//!   cluster; `cargo xtask bench-catchup`: a cold replica replaying 10^5 and 10^6 seats, or loading a snapshot of them.
 //!   Both write their tables into `BENCHMARKS.md`.
 
 mod demo;
@@ -42,7 +42,8 @@ enum Cmd {
         trials: usize,
     },
     /// Catch-up bench: a cold replica replays a ledger of N seats (default 10^5 and 10^6)
-    /// on a real nats-server; reading alone is the baseline. Writes into BENCHMARKS.md.
+    /// on a real nats-server, or loads a snapshot of the same state; reading the ledger
+    /// alone is the baseline. Writes into BENCHMARKS.md.
     BenchCatchup {
         /// Comma-separated seat counts.
         #[arg(long, default_value = "100000,1000000")]
@@ -228,22 +229,30 @@ fn bench_catchup(seats: &str) -> anyhow::Result<()> {
     let mut body = format!(
         "## Catch-up of a cold replica\n\n\
          `cargo xtask bench-catchup --seats {seats}` on {}: a ledger holding N seats (grants in entries \
-         of 1,000 changes, one slave session per 100 seats) on a single nats-server; a fresh engine \
-         reads it from the first record and applies every change, as a restarted broker does before it \
-         leads (hot standbys have already applied it). Baseline: reading and decoding the same records \
-         without applying them, in the same run. There are no snapshots yet, so this is the whole \
-         ledger.\n\n\
-         | seats | read only | read and apply (catch-up) | catch-up / read |\n\
-         | --- | --- | --- | --- |\n",
+         of 1,000 changes, one slave session per 100 seats) on a single nats-server. A cold replica \
+         (a restarted broker; hot standbys have already applied everything) either replays the whole \
+         ledger, or loads the latest snapshot of the same state (`--snapshot-every`; its chunks read \
+         and applied) and then only the records after it, none here. Baseline: reading and decoding \
+         the ledger without applying it, in the same run. The ledger here is the smallest one that \
+         holds N seats; a real one also holds every past grant and release, which replay reads and \
+         a snapshot does not. Copy: the pause the leader takes to copy its state for a snapshot; \
+         write: storing it, in a task beside the leader.\n\n\
+         | seats | read only | replay | snapshot load | replay / read | snapshot load / read | snapshot copy | snapshot write (chunks) |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         machine()
     );
     for line in &lines {
         body.push_str(&format!(
-            "| {} | {} ms | {} ms | {} |\n",
+            "| {} | {} ms | {} ms | {} ms | {} | {} | {} ms | {} ms ({}) |\n",
             field(line, "seats"),
             field(line, "read_ms"),
-            field(line, "catchup_ms"),
-            field(line, "ratio")
+            field(line, "replay_ms"),
+            field(line, "snapshot_load_ms"),
+            field(line, "replay_ratio"),
+            field(line, "snapshot_ratio"),
+            field(line, "snapshot_copy_ms"),
+            field(line, "snapshot_write_ms"),
+            field(line, "chunks"),
         ));
     }
     body.push('\n');

@@ -584,6 +584,8 @@ impl Engine {
         let Some(slave) = self.slaves.get_mut(id) else {
             return false;
         };
+        // Granted again since an operator released it: the slave holds it rightly now.
+        slave.revoked.remove(agent);
         if let Some(old) = slave.agents.insert(agent.to_owned(), agent_type.to_owned()) {
             // Already held (only possible in a replay): keep the counts exact.
             self.uncount(&old);
@@ -1047,6 +1049,18 @@ impl Engine {
                     ));
                 }
             }
+            SeatChange::Seats {
+                slave,
+                agent_type,
+                agent_ids,
+            } => {
+                let id = slave_id(slave)?;
+                for agent_id in agent_ids {
+                    if !self.insert_seat(&id, agent_id, agent_type) {
+                        return Err(format!("seats for slave {slave}, which has no session"));
+                    }
+                }
+            }
             SeatChange::Release { slave, agent_id } => {
                 self.remove_seat(&slave_id(slave)?, agent_id);
             }
@@ -1079,6 +1093,59 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// The seat state as changes that rebuild it when applied in order to an empty engine
+    /// (what a snapshot stores): per slave its `Session`, a `Reclaim` if its seats were
+    /// reclaimed, `Revoke`s of the agents an operator released that it may not claim back,
+    /// and its seats as `Seats` changes, at most `per_change` agents per change. Connection
+    /// state and silence clocks are not included: like a replay, they start fresh.
+    pub fn snapshot(&self, per_change: usize) -> Vec<SeatChange> {
+        let per_change = per_change.max(1);
+        let mut changes = Vec::with_capacity(self.slaves.len() * 2);
+        for (id, s) in &self.slaves {
+            let slave = id.to_string();
+            changes.push(SeatChange::Session {
+                slave: slave.clone(),
+                instance: s.instance,
+                license: s.license.as_ref().map(|l| l.id),
+                local_limit: s.license.as_ref().and_then(|l| l.local_limit),
+                heartbeat_interval_ms: s.heartbeat_interval.as_millis() as u64,
+                grace_ms: s.grace.as_millis() as u64,
+                logout_after_grace: s.logout_after_grace,
+                hello_seq: s.hello_seq,
+            });
+            if s.reclaimed {
+                changes.push(SeatChange::Reclaim {
+                    slave: slave.clone(),
+                });
+            }
+            // Revoked agents hold no seat (a new grant takes an agent out of the set).
+            let revoked: Vec<String> = s.revoked.iter().cloned().collect();
+            for part in revoked.chunks(per_change) {
+                changes.push(SeatChange::Revoke {
+                    slave: slave.clone(),
+                    agents: part.to_vec(),
+                });
+            }
+            let mut by_type: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for (agent, agent_type) in &s.agents {
+                by_type
+                    .entry(agent_type.as_str())
+                    .or_default()
+                    .push(agent.clone());
+            }
+            for (agent_type, agents) in by_type {
+                for part in agents.chunks(per_change) {
+                    changes.push(SeatChange::Seats {
+                        slave: slave.clone(),
+                        agent_type: agent_type.to_owned(),
+                        agent_ids: part.to_vec(),
+                    });
+                }
+            }
+        }
+        changes
     }
 
     /// Called when this replica becomes leader: every slave's silence is counted from now,

@@ -823,6 +823,27 @@ fn admin_release_logs_out_and_revokes() {
     assert_eq!(h.engine.total_in_use(), 0);
     // Registering anew is a visible, normal registration.
     assert!(approved(&h.decision("s1", "a1", "inbound")));
+    // a4 is released, then registered anew before the slave's next hello: that seat is
+    // rightly held, and the hello keeps it.
+    assert!(approved(&h.decision("s1", "a4", "outbound")));
+    h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
+        slave_id: "s1".into(),
+        agent_id: Some("a4".into()),
+        operator: "alice".into(),
+    });
+    assert!(approved(&h.decision("s1", "a4", "outbound")));
+    let claims = [("a1", "inbound"), ("a4", "outbound")]
+        .map(|(a, t)| AgentClaim {
+            agent_id: a.into(),
+            agent_type: t.into(),
+        })
+        .to_vec();
+    let out = h.hello_with("s1", None, claims);
+    let Some(Reply::Welcome(w)) = out.reply else {
+        panic!()
+    };
+    assert!(w.rejected_agents.is_empty(), "{:?}", w.rejected_agents);
+    assert_eq!(h.engine.total_in_use(), 2);
 
     let ReleaseOutput { reply, effects, .. } =
         h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
@@ -837,9 +858,13 @@ fn admin_release_logs_out_and_revokes() {
 /// A standby that applies the leader's ledger records in order holds the same seats as
 /// the leader, at every step of a random run that includes reclaims and admin releases.
 #[test]
-fn replaying_the_records_reproduces_the_seat_state() {
+fn replaying_the_records_or_a_snapshot_reproduces_the_seat_state() {
     let mut h = Harness::new(true);
     let mut standby = Engine::new(config(true));
+    let mut restored = Engine::new(config(true));
+    // Snapshotted (reclaimed slaves, revoked agents): both must occur for the test to mean
+    // anything.
+    let mut kinds = (0, 0);
     let slaves = ["s1", "s2", "s3", "s4"];
     let types = ["inbound", "outbound", "supervisor"];
     let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
@@ -897,13 +922,64 @@ fn replaying_the_records_reproduces_the_seat_state() {
         };
         for change in &out.changes {
             standby.apply(h.now, change).unwrap();
+            restored.apply(h.now, change).unwrap();
             records += 1;
         }
         if step % 50 == 0 {
             assert_eq!(standby.seats(), h.engine.seats(), "diverged at step {step}");
         }
+        // A replica that starts from a snapshot (split into small `Seats` changes) and
+        // applies the records after it.
+        if step % 300 == 0 {
+            restored = Engine::new(config(true));
+            for change in standby.snapshot(2) {
+                match &change {
+                    SeatChange::Reclaim { .. } => kinds.0 += 1,
+                    SeatChange::Revoke { .. } => kinds.1 += 1,
+                    SeatChange::Seats { agent_ids, .. } => assert!(agent_ids.len() <= 2),
+                    _ => {}
+                }
+                restored.apply(h.now, &change).unwrap();
+            }
+            assert_eq!(
+                durable(&restored),
+                durable(&standby),
+                "snapshot at step {step}"
+            );
+        }
     }
     assert!(records > 1000, "the run made only {records} records");
+    assert!(
+        kinds.0 > 0 && kinds.1 > 0,
+        "snapshots held (reclaims, revokes) {kinds:?}"
+    );
     assert_eq!(standby.seats(), h.engine.seats());
     assert_eq!(standby.total_in_use(), h.engine.total_in_use());
+    assert_eq!(durable(&restored), durable(&standby));
+    assert_eq!(restored.total_in_use(), standby.total_in_use());
+    assert_eq!(restored.in_use_by_type, standby.in_use_by_type);
+}
+
+/// What the ledger decides about each slave (not its connection or silence clock).
+fn durable(engine: &Engine) -> Vec<String> {
+    engine
+        .slaves
+        .iter()
+        .map(|(id, s)| {
+            let mut agents: Vec<_> = s.agents.iter().collect();
+            agents.sort();
+            let mut revoked: Vec<_> = s.revoked.iter().collect();
+            revoked.sort();
+            format!(
+                "{id} {} {:?} {:?} {:?} {} {} {} {agents:?} {revoked:?}",
+                s.instance,
+                s.license.as_ref().map(|l| (l.id, l.local_limit)),
+                s.heartbeat_interval,
+                s.grace,
+                s.logout_after_grace,
+                s.hello_seq,
+                s.reclaimed
+            )
+        })
+        .collect()
 }
