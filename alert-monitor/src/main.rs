@@ -25,6 +25,8 @@ struct Cli {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats: String,
+    #[command(flatten)]
+    nats_auth: lmbus_nats::NatsAuthArgs,
     /// Cluster name of the master to watch.
     #[arg(long, global = true, env = "LMBUS_CLUSTER")]
     cluster: Option<String>,
@@ -86,11 +88,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .cluster
         .ok_or_else(|| anyhow!("no cluster name: pass --cluster or set LMBUS_CLUSTER"))?;
     let subjects = Subjects::new(&cluster)?;
-    let client = async_nats::ConnectOptions::new()
-        .name("lmbus-monitor")
-        .connect(lmbus_schemas::nats_urls(&cli.nats))
-        .await
-        .with_context(|| format!("cannot connect to NATS at {}", cli.nats))?;
+    let client = lmbus_nats::connect(
+        &cli.nats,
+        async_nats::ConnectOptions::new().name("lmbus-monitor"),
+        &cli.nats_auth.into(),
+    )
+    .await?;
     match cli.command {
         Command::Tail {
             json,

@@ -14,6 +14,8 @@ use time::Date;
 pub struct BrokerConfig {
     /// NATS server URL(s), comma-separated.
     pub nats_url: String,
+    /// How this replica authenticates to NATS (credentials, TLS).
+    pub nats_auth: lmbus_nats::NatsAuth,
     /// Cluster name: the `<cluster>` token of every subject.
     pub cluster: String,
     /// The master license file.
@@ -77,6 +79,9 @@ pub const DEFAULT_SNAPSHOT_EVERY: u64 = 50_000;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub nats: Option<String>,
+    /// `[nats_auth]`: user, password, token, nkey_file, creds_file, tls_ca, tls_cert,
+    /// tls_key, tls_required.
+    pub nats_auth: Option<lmbus_nats::NatsAuth>,
     pub cluster: Option<String>,
     pub license: Option<PathBuf>,
     pub vendor_key: Option<PathBuf>,
@@ -108,6 +113,7 @@ impl FileConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.license = cfg.license.map(|p| base.join(p));
         cfg.vendor_key = cfg.vendor_key.map(|p| base.join(p));
+        cfg.nats_auth = cfg.nats_auth.map(|a| a.relative_to(base));
         Ok(cfg)
     }
 }

@@ -52,6 +52,8 @@ enum AdminCommand {
         /// NATS server URL(s) of the master.
         #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
         nats: String,
+        #[command(flatten)]
+        nats_auth: lmbus_nats::NatsAuthArgs,
         #[arg(long, env = "LMBUS_CLUSTER")]
         cluster: String,
         /// The slave whose seats to release.
@@ -70,6 +72,8 @@ enum AdminCommand {
     RemoveState {
         #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
         nats: String,
+        #[command(flatten)]
+        nats_auth: lmbus_nats::NatsAuthArgs,
         #[arg(long, env = "LMBUS_CLUSTER")]
         cluster: String,
         /// Required: confirms that the cluster's seat records may be destroyed.
@@ -83,15 +87,16 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
     match command {
         AdminCommand::Release {
             nats,
+            nats_auth,
             cluster,
             slave,
             agent,
             operator,
         } => {
             let subjects = Subjects::new(&cluster)?;
-            let client = async_nats::connect(lmbus_schemas::nats_urls(&nats))
-                .await
-                .with_context(|| format!("cannot connect to NATS at {nats}"))?;
+            let client =
+                lmbus_nats::connect(&nats, async_nats::ConnectOptions::new(), &nats_auth.into())
+                    .await?;
             let request = ReleaseRequest {
                 slave_id: slave,
                 agent_id: agent,
@@ -123,16 +128,21 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 ReleaseReply::Error { message } => anyhow::bail!("{message}"),
             }
         }
-        AdminCommand::RemoveState { nats, cluster, yes } => {
+        AdminCommand::RemoveState {
+            nats,
+            nats_auth,
+            cluster,
+            yes,
+        } => {
             if !yes {
                 anyhow::bail!(
                     "remove-state destroys every seat record of cluster {cluster}: pass --yes to confirm"
                 );
             }
             let subjects = Subjects::new(&cluster)?;
-            let client = async_nats::connect(lmbus_schemas::nats_urls(&nats))
-                .await
-                .with_context(|| format!("cannot connect to NATS at {nats}"))?;
+            let client =
+                lmbus_nats::connect(&nats, async_nats::ConnectOptions::new(), &nats_auth.into())
+                    .await?;
             let js = async_nats::jetstream::new(client);
             for stream in [
                 subjects.ledger_stream(),
@@ -159,6 +169,8 @@ struct RunArgs {
     /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222].
     #[arg(long, env = "LMBUS_NATS_URL")]
     nats: Option<String>,
+    #[command(flatten)]
+    nats_auth: lmbus_nats::NatsAuthArgs,
     /// Cluster name shared by this master and its slaves (subject token: A-Z a-z 0-9 - _).
     #[arg(long, env = "LMBUS_CLUSTER")]
     cluster: Option<String>,
@@ -247,6 +259,8 @@ impl RunArgs {
                 .nats
                 .or(file.nats)
                 .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned()),
+            nats_auth: lmbus_nats::NatsAuth::from(self.nats_auth)
+                .or(file.nats_auth.unwrap_or_default()),
             cluster,
             license_path,
             vendor_key: config::load_vendor_key(&key_path)?,

@@ -254,11 +254,13 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         total = license.limits.total.unwrap_or(0),
         "master license verified"
     );
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("lmbus-broker {}", cfg.broker_id))
-        .connect(lmbus_schemas::nats_urls(&cfg.nats_url))
-        .await
-        .with_context(|| format!("cannot connect to NATS at {}", cfg.nats_url))?;
+    let client = lmbus_nats::connect(
+        &cfg.nats_url,
+        async_nats::ConnectOptions::new().name(format!("lmbus-broker {}", cfg.broker_id)),
+        &cfg.nats_auth,
+    )
+    .await?;
+    info!(nats = %cfg.nats_url, auth = %cfg.nats_auth.describe(), "connected to NATS");
     let mut ledger = Ledger::open(&client, &subjects, cfg.stream_replicas).await?;
     let snapshots = Snapshots::open(&client, &subjects, cfg.stream_replicas).await?;
     let mut election = Election::start(

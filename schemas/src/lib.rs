@@ -23,25 +23,3 @@ pub use license::{
 };
 pub use messages::*;
 pub use subjects::{SlaveId, SlaveOp, SubjectError, Subjects};
-
-/// Splits a `--nats` value, one or more server URLs separated by commas, into the list the
-/// NATS client takes (it tries them in turn and reconnects to any of them).
-pub fn nats_urls(value: &str) -> Vec<String> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
-#[cfg(test)]
-mod nats_url_tests {
-    #[test]
-    fn comma_separated_urls() {
-        assert_eq!(
-            super::nats_urls("nats://a:1, nats://b:2,,nats://c:3"),
-            ["nats://a:1", "nats://b:2", "nats://c:3"]
-        );
-    }
-}

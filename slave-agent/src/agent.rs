@@ -59,6 +59,8 @@ const EVENT_CAPACITY: usize = 1024;
 pub struct SlaveConfig {
     /// NATS server URL(s), comma-separated.
     pub nats_url: String,
+    /// How to authenticate to the primary master's NATS.
+    pub nats_auth: lmbus_nats::NatsAuth,
     pub cluster: String,
     pub slave_id: SlaveId,
     /// The slave's license: `None` runs unlicensed.
@@ -102,6 +104,8 @@ pub struct SlaveConfig {
 pub struct MasterEndpoint {
     /// NATS server URL(s), comma-separated.
     pub nats_url: String,
+    /// How to authenticate to that NATS.
+    pub nats_auth: lmbus_nats::NatsAuth,
     pub cluster: String,
 }
 
@@ -143,6 +147,7 @@ impl SlaveConfig {
     pub fn new(nats_url: &str, cluster: &str, slave_id: SlaveId) -> Self {
         Self {
             nats_url: nats_url.to_owned(),
+            nats_auth: Default::default(),
             cluster: cluster.to_owned(),
             slave_id,
             license: None,
@@ -388,13 +393,23 @@ impl SlaveAgent {
     pub async fn start(cfg: SlaveConfig) -> Result<Self, SlaveError> {
         let (licensed, presented) = check_license(&cfg)?;
         let two = cfg.secondary.is_some();
-        let mut links =
-            vec![Link::connect(PRIMARY, &cfg.nats_url, &cfg.cluster, &cfg.slave_id, two).await?];
+        let mut links = vec![
+            Link::connect(
+                PRIMARY,
+                &cfg.nats_url,
+                &cfg.nats_auth,
+                &cfg.cluster,
+                &cfg.slave_id,
+                two,
+            )
+            .await?,
+        ];
         if let Some(secondary) = &cfg.secondary {
             links.push(
                 Link::connect(
                     SECONDARY,
                     &secondary.nats_url,
+                    &secondary.nats_auth,
                     &secondary.cluster,
                     &cfg.slave_id,
                     true,

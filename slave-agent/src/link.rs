@@ -54,6 +54,7 @@ impl Link {
     pub(crate) async fn connect(
         id: LinkId,
         nats_url: &str,
+        auth: &lmbus_nats::NatsAuth,
         cluster: &str,
         slave: &SlaveId,
         retry: bool,
@@ -66,12 +67,14 @@ impl Link {
         if retry {
             options = options.retry_on_initial_connect();
         }
-        let client = options
-            .connect(lmbus_schemas::nats_urls(nats_url))
+        let client = lmbus_nats::connect(nats_url, options, auth)
             .await
             .map_err(|e| crate::SlaveError::Connect {
                 url: nats_url.to_owned(),
-                detail: e.to_string(),
+                detail: match e {
+                    lmbus_nats::ConnectFailure::Connect { detail, .. } => detail,
+                    other => other.to_string(),
+                },
             })?;
         Ok(Self {
             id,

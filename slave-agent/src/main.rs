@@ -88,6 +88,8 @@ struct RunArgs {
     /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222].
     #[arg(long, env = "LMBUS_NATS_URL")]
     nats: Option<String>,
+    #[command(flatten)]
+    nats_auth: lmbus_nats::NatsAuthArgs,
     /// Cluster name, the same as the master's.
     #[arg(long, env = "LMBUS_CLUSTER")]
     cluster: Option<String>,
@@ -141,6 +143,8 @@ struct RunArgs {
     /// Cluster name of the secondary master [default: the primary's].
     #[arg(long, env = "LMBUS_SECONDARY_CLUSTER")]
     secondary_cluster: Option<String>,
+    #[command(flatten)]
+    secondary_nats_auth: lmbus_nats::SecondaryNatsAuthArgs,
     /// On the secondary, go back when the primary answers again, or stay
     /// [default: return-to-primary].
     #[arg(long, env = "LMBUS_RETURN_POLICY", value_enum)]
@@ -178,6 +182,11 @@ enum RestrictionArg {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     nats: Option<String>,
+    /// `[nats_auth]`: user, password, token, nkey_file, creds_file, tls_ca, tls_cert,
+    /// tls_key, tls_required.
+    nats_auth: Option<lmbus_nats::NatsAuth>,
+    /// `[secondary_nats_auth]`: the same for the secondary master.
+    secondary_nats_auth: Option<lmbus_nats::NatsAuth>,
     cluster: Option<String>,
     id: Option<String>,
     license: Option<PathBuf>,
@@ -233,6 +242,11 @@ impl RunArgs {
             .or(file.nats)
             .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
         let mut cfg = SlaveConfig::new(&nats, &cluster, slave_id);
+        cfg.nats_auth = lmbus_nats::NatsAuth::from(self.nats_auth).or(file
+            .nats_auth
+            .clone()
+            .unwrap_or_default()
+            .relative_to(&base));
         let license_path = self.license.or(file.license.map(|p| base.join(p)));
         if let Some(path) = license_path {
             let text = std::fs::read_to_string(&path)
@@ -304,6 +318,11 @@ impl RunArgs {
                 .unwrap_or_else(|| cfg.cluster.clone());
             cfg.secondary = Some(MasterEndpoint {
                 nats_url: url,
+                nats_auth: lmbus_nats::NatsAuth::from(self.secondary_nats_auth).or(file
+                    .secondary_nats_auth
+                    .clone()
+                    .unwrap_or_default()
+                    .relative_to(&base)),
                 cluster,
             });
         } else if self.secondary_cluster.is_some() || file.secondary_cluster.is_some() {

@@ -62,7 +62,7 @@ impl Rig {
             .unwrap();
         let vendor = Vendor::new().unwrap();
         let license = vendor.master(LIMIT, &[]).unwrap();
-        let client = async_nats::connect(lmbus_schemas::nats_urls(&nats.url()))
+        let client = async_nats::connect(lmbus_nats::nats_urls(&nats.url()))
             .await
             .unwrap();
         let mut rig = Rig {

@@ -68,12 +68,22 @@ pub struct NatsServer {
     child: Child,
     port: u16,
     _store: tempfile::TempDir,
+    /// The config file (`-c`) it was started with, if any, kept for restarts.
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
-    fn spawn(port: &str, store: &Path, ports_dir: Option<&Path>) -> anyhow::Result<Child> {
+    fn spawn(
+        port: &str,
+        store: &Path,
+        ports_dir: Option<&Path>,
+        config: Option<&Path>,
+    ) -> anyhow::Result<Child> {
         let bin = nats_server_bin();
         let mut cmd = Command::new(&bin);
+        if let Some(config) = config {
+            cmd.arg("-c").arg(config);
+        }
         cmd.args(["-a", "127.0.0.1", "-p", port, "-js", "-sd"])
             .arg(store)
             .stdout(Stdio::null())
@@ -136,14 +146,39 @@ impl NatsServer {
     /// Starts a server on a port it picks itself (`-p -1`), so parallel tests never race
     /// for a port.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_configured(None)
+    }
+
+    /// Starts a server with this configuration file text (authorization, TLS…); the
+    /// address, port, JetStream and store flags still come from the command line. Paths
+    /// in the text are used as written.
+    pub fn start_with_config(text: &str) -> anyhow::Result<Self> {
+        Self::start_configured(Some(text))
+    }
+
+    fn start_configured(text: Option<&str>) -> anyhow::Result<Self> {
         let store = tempfile::tempdir()?;
         let ports_dir = tempfile::tempdir()?;
-        let mut child = Self::spawn("-1", store.path(), Some(ports_dir.path()))?;
+        let config = match text {
+            Some(text) => {
+                let path = store.path().join("nats-server.conf");
+                std::fs::write(&path, text)?;
+                Some(path)
+            }
+            None => None,
+        };
+        let mut child = Self::spawn(
+            "-1",
+            store.path(),
+            Some(ports_dir.path()),
+            config.as_deref(),
+        )?;
         match Self::reported_port(&mut child, ports_dir.path()) {
             Ok(port) => Ok(Self {
                 child,
                 port,
                 _store: store,
+                config,
             }),
             Err(e) => {
                 let _ = child.kill();
@@ -160,7 +195,12 @@ impl NatsServer {
         let _ = self.child.wait();
         let deadline = Instant::now() + WAIT;
         loop {
-            let mut child = Self::spawn(&self.port.to_string(), self._store.path(), None)?;
+            let mut child = Self::spawn(
+                &self.port.to_string(),
+                self._store.path(),
+                None,
+                self.config.as_deref(),
+            )?;
             if Self::wait_up(&mut child, self.port) {
                 self.child = child;
                 return Ok(());
@@ -277,7 +317,7 @@ impl NatsCluster {
             .enable_all()
             .build()?;
         rt.block_on(async {
-            let client = async_nats::connect(lmbus_schemas::nats_urls(&url)).await?;
+            let client = async_nats::connect(lmbus_nats::nats_urls(&url)).await?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             loop {
                 let info = client
@@ -456,6 +496,7 @@ pub fn broker_config(
         priority: 1,
         lease: lmbus_broker::config::DEFAULT_LEASE,
         stream_replicas: 1,
+        nats_auth: Default::default(),
         snapshot_every: lmbus_broker::config::DEFAULT_SNAPSHOT_EVERY,
         ledger_trim: false,
         fault_ignore_lease: false,
@@ -473,7 +514,12 @@ impl Broker {
     /// Starts `lmbus_broker::run` and waits until it answers status requests.
     pub async fn start(cfg: BrokerConfig) -> anyhow::Result<Self> {
         let (stop, stopped) = oneshot::channel::<()>();
-        let client = async_nats::connect(cfg.nats_url.as_str()).await?;
+        let client = lmbus_nats::connect(
+            &cfg.nats_url,
+            async_nats::ConnectOptions::new(),
+            &cfg.nats_auth,
+        )
+        .await?;
         let subjects = Subjects::new(&cfg.cluster)?;
         let task = tokio::spawn(lmbus_broker::run(cfg, async move {
             let _ = stopped.await;

@@ -16,6 +16,7 @@ fn two_masters(primary: &Fixture, secondary: &Fixture, id: &str) -> SlaveConfig 
     let mut cfg = primary.slave_config(id).unwrap();
     cfg.secondary = Some(MasterEndpoint {
         nats_url: secondary.nats.url(),
+        nats_auth: Default::default(),
         cluster: secondary.cluster.clone(),
     });
     cfg.heartbeat_interval = Duration::from_millis(100);

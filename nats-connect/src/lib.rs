@@ -1,0 +1,568 @@
+//! How every lmbus process connects to NATS: the server URLs and how it proves who it is.
+//!
+//! One [`NatsAuth`] per connection: at most one of user and password, token, nkey seed
+//! file or credentials (JWT) file, plus optional TLS (a CA to trust, a client certificate
+//! and key, or just "require TLS"; a `tls://` URL requires it too). Binaries take it from
+//! `--nats-*` flags ([`NatsAuthArgs`]), `LMBUS_NATS_*` variables and a `[nats_auth]` table
+//! in their config file, flags first. Secrets never appear in `Debug` output, logs or
+//! `--help`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use async_nats::{ConnectErrorKind, ConnectOptions};
+use serde::Deserialize;
+
+/// Why a [`NatsAuth`] cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error(
+        "more than one NATS credential given ({0}): pass only one of user/password, token, nkey seed file or credentials file"
+    )]
+    Conflicting(String),
+    #[error("a NATS password was given without a user: pass --nats-user too")]
+    PasswordWithoutUser,
+    #[error("a NATS user was given without a password: pass --nats-password too")]
+    UserWithoutPassword,
+    #[error(
+        "a TLS client certificate needs its key and the key its certificate: pass both --nats-tls-cert and --nats-tls-key"
+    )]
+    HalfClientCertificate,
+    #[error("cannot read the {what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the nkey seed file {0} holds no seed (a line starting with S)")]
+    NoSeed(PathBuf),
+}
+
+/// How one process authenticates to one NATS deployment.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsAuth {
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// A file holding an nkey seed (`SU…`); the public key is derived from it.
+    pub nkey_file: Option<PathBuf>,
+    /// A `.creds` file (user JWT and nkey seed), for accounts in operator mode.
+    pub creds_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to trust for the server's certificate.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate and key, for servers that verify clients.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Require TLS even with a `nats://` URL.
+    pub tls_required: Option<bool>,
+}
+
+impl fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
+        f.debug_struct("NatsAuth")
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("nkey_file", &self.nkey_file)
+            .field("creds_file", &self.creds_file)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_required", &self.tls_required)
+            .finish()
+    }
+}
+
+impl NatsAuth {
+    /// Each setting from `self`, or from `fallback` where `self` has none (flags over the
+    /// config file). Credentials are taken as a whole, so a flag's user never pairs with a
+    /// file's password.
+    pub fn or(self, fallback: NatsAuth) -> NatsAuth {
+        let has_credential = self.user.is_some()
+            || self.password.is_some()
+            || self.token.is_some()
+            || self.nkey_file.is_some()
+            || self.creds_file.is_some();
+        let credentials = if has_credential { &self } else { &fallback };
+        NatsAuth {
+            user: credentials.user.clone(),
+            password: credentials.password.clone(),
+            token: credentials.token.clone(),
+            nkey_file: credentials.nkey_file.clone(),
+            creds_file: credentials.creds_file.clone(),
+            tls_ca: self.tls_ca.or(fallback.tls_ca),
+            tls_cert: self.tls_cert.or(fallback.tls_cert),
+            tls_key: self.tls_key.or(fallback.tls_key),
+            tls_required: self.tls_required.or(fallback.tls_required),
+        }
+    }
+
+    /// Paths relative to `base` (a config file's directory) made absolute.
+    pub fn relative_to(mut self, base: &Path) -> NatsAuth {
+        for path in [
+            &mut self.nkey_file,
+            &mut self.creds_file,
+            &mut self.tls_ca,
+            &mut self.tls_cert,
+            &mut self.tls_key,
+        ] {
+            if let Some(p) = path.take() {
+                *path = Some(base.join(p));
+            }
+        }
+        self
+    }
+
+    /// The settings make sense together (files are read by [`Self::apply`]).
+    pub fn check(&self) -> Result<(), AuthError> {
+        let given: Vec<&str> = [
+            (
+                self.user.is_some() || self.password.is_some(),
+                "user/password",
+            ),
+            (self.token.is_some(), "token"),
+            (self.nkey_file.is_some(), "nkey seed file"),
+            (self.creds_file.is_some(), "credentials file"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        if given.len() > 1 {
+            return Err(AuthError::Conflicting(given.join(", ")));
+        }
+        match (&self.user, &self.password) {
+            (None, Some(_)) => return Err(AuthError::PasswordWithoutUser),
+            (Some(_), None) => return Err(AuthError::UserWithoutPassword),
+            _ => {}
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(AuthError::HalfClientCertificate);
+        }
+        Ok(())
+    }
+
+    /// A short description for logs, without any secret: "user broker, TLS".
+    pub fn describe(&self) -> String {
+        let method = if let Some(user) = &self.user {
+            format!("user {user}")
+        } else if self.token.is_some() {
+            "token".to_owned()
+        } else if let Some(path) = &self.nkey_file {
+            format!("nkey from {}", path.display())
+        } else if let Some(path) = &self.creds_file {
+            format!("credentials from {}", path.display())
+        } else {
+            "no credentials".to_owned()
+        };
+        let tls =
+            self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_required == Some(true);
+        if tls {
+            format!("{method}, TLS")
+        } else {
+            method
+        }
+    }
+
+    /// Adds these credentials and TLS settings to `options`, reading the files they name.
+    pub async fn apply(&self, options: ConnectOptions) -> Result<ConnectOptions, AuthError> {
+        self.check()?;
+        let mut options = options;
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.clone());
+        }
+        if let Some(path) = &self.nkey_file {
+            let text = std::fs::read_to_string(path).map_err(|source| AuthError::File {
+                what: "nkey seed file",
+                path: path.clone(),
+                source,
+            })?;
+            let seed = text
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with('S'))
+                .ok_or_else(|| AuthError::NoSeed(path.clone()))?;
+            options = options.nkey(seed.to_owned());
+        }
+        if let Some(path) = &self.creds_file {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|source| AuthError::File {
+                    what: "NATS credentials file",
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        for (what, path) in [
+            ("TLS CA file", &self.tls_ca),
+            ("TLS client certificate", &self.tls_cert),
+            ("TLS client key", &self.tls_key),
+        ] {
+            if let Some(path) = path {
+                std::fs::metadata(path).map_err(|source| AuthError::File {
+                    what,
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        if self.tls_required == Some(true) {
+            options = options.require_tls(true);
+        }
+        Ok(options)
+    }
+}
+
+/// Splits a `--nats` value, one or more server URLs separated by commas, into the list the
+/// NATS client takes (it tries them in turn and reconnects to any of them).
+pub fn nats_urls(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Why [`connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectFailure {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("cannot connect to NATS at {url}: {detail}")]
+    Connect { url: String, detail: String },
+}
+
+/// Connects to the comma-separated `urls` with `options` plus `auth`; a refused
+/// credential or a TLS failure says which settings to check.
+pub async fn connect(
+    urls: &str,
+    options: ConnectOptions,
+    auth: &NatsAuth,
+) -> Result<async_nats::Client, ConnectFailure> {
+    let options = auth.apply(options).await?;
+    options
+        .connect(nats_urls(urls))
+        .await
+        .map_err(|e| ConnectFailure::Connect {
+            url: urls.to_owned(),
+            detail: explain_connect_error(&e, auth),
+        })
+}
+
+const TLS_HINT: &str =
+    "check --nats-tls-ca and, if the server verifies clients, --nats-tls-cert/--nats-tls-key";
+
+/// What to tell the user about a failed connect: the cause, and for refused credentials
+/// which settings to check.
+pub fn explain_connect_error(error: &async_nats::ConnectError, auth: &NatsAuth) -> String {
+    match error.kind() {
+        ConnectErrorKind::AuthorizationViolation => format!(
+            "the NATS server refused the credentials ({}): check --nats-user/--nats-password, --nats-token, --nats-nkey or --nats-creds",
+            auth.describe()
+        ),
+        ConnectErrorKind::Tls => format!("TLS failed ({error}): {TLS_HINT}"),
+        // A server that refuses the client's certificate (or its absence) ends the TLS
+        // handshake with an alert, which the client sees as an IO error.
+        ConnectErrorKind::Io
+            if {
+                let text = error.to_string().to_lowercase();
+                text.contains("certificate") || text.contains("alert") || text.contains("tls")
+            } =>
+        {
+            format!("TLS failed ({error}): {TLS_HINT}")
+        }
+        _ => error.to_string(),
+    }
+}
+
+/// The `--nats-*` flags (and `LMBUS_NATS_*` variables) of a binary that has one NATS
+/// connection; flatten into its clap arguments.
+#[derive(Clone, Default, clap::Args)]
+pub struct NatsAuthArgs {
+    /// NATS user name (with --nats-password).
+    #[arg(global = true, long = "nats-user", env = "LMBUS_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password; prefer the environment variable, which `ps` does not show.
+    #[arg(
+        global = true,
+        long = "nats-password",
+        env = "LMBUS_NATS_PASSWORD",
+        hide_env_values = true
+    )]
+    pub nats_password: Option<String>,
+    /// NATS authentication token.
+    #[arg(
+        global = true,
+        long = "nats-token",
+        env = "LMBUS_NATS_TOKEN",
+        hide_env_values = true
+    )]
+    pub nats_token: Option<String>,
+    /// File holding an nkey seed (SU...).
+    #[arg(
+        global = true,
+        long = "nats-nkey",
+        env = "LMBUS_NATS_NKEY",
+        value_name = "FILE"
+    )]
+    pub nats_nkey: Option<PathBuf>,
+    /// NATS credentials file (.creds: user JWT and seed), for operator mode.
+    #[arg(
+        global = true,
+        long = "nats-creds",
+        env = "LMBUS_NATS_CREDS",
+        value_name = "FILE"
+    )]
+    pub nats_creds: Option<PathBuf>,
+    /// PEM CA certificate to trust for the server's TLS certificate.
+    #[arg(
+        global = true,
+        long = "nats-tls-ca",
+        env = "LMBUS_NATS_TLS_CA",
+        value_name = "FILE"
+    )]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (with --nats-tls-key).
+    #[arg(
+        global = true,
+        long = "nats-tls-cert",
+        env = "LMBUS_NATS_TLS_CERT",
+        value_name = "FILE"
+    )]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(
+        global = true,
+        long = "nats-tls-key",
+        env = "LMBUS_NATS_TLS_KEY",
+        value_name = "FILE"
+    )]
+    pub nats_tls_key: Option<PathBuf>,
+    /// Require TLS even with nats:// URLs (tls:// URLs always require it).
+    #[arg(global = true, long = "nats-tls", env = "LMBUS_NATS_TLS", num_args = 0..=1, default_missing_value = "true")]
+    pub nats_tls: Option<bool>,
+}
+
+impl fmt::Debug for NatsAuthArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&NatsAuth::from(self.clone()), f)
+    }
+}
+
+impl From<NatsAuthArgs> for NatsAuth {
+    fn from(a: NatsAuthArgs) -> Self {
+        NatsAuth {
+            user: a.nats_user,
+            password: a.nats_password,
+            token: a.nats_token,
+            nkey_file: a.nats_nkey,
+            creds_file: a.nats_creds,
+            tls_ca: a.nats_tls_ca,
+            tls_cert: a.nats_tls_cert,
+            tls_key: a.nats_tls_key,
+            tls_required: a.nats_tls,
+        }
+    }
+}
+
+/// The same flags for a slave's secondary master (`--secondary-nats-*`,
+/// `LMBUS_SECONDARY_NATS_*`), which usually is another site with its own credentials.
+#[derive(Clone, Default, clap::Args)]
+pub struct SecondaryNatsAuthArgs {
+    /// NATS user name at the secondary master.
+    #[arg(long = "secondary-nats-user", env = "LMBUS_SECONDARY_NATS_USER")]
+    pub user: Option<String>,
+    /// NATS password at the secondary master.
+    #[arg(
+        long = "secondary-nats-password",
+        env = "LMBUS_SECONDARY_NATS_PASSWORD",
+        hide_env_values = true
+    )]
+    pub password: Option<String>,
+    /// NATS token at the secondary master.
+    #[arg(
+        long = "secondary-nats-token",
+        env = "LMBUS_SECONDARY_NATS_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// nkey seed file for the secondary master.
+    #[arg(
+        long = "secondary-nats-nkey",
+        env = "LMBUS_SECONDARY_NATS_NKEY",
+        value_name = "FILE"
+    )]
+    pub nkey: Option<PathBuf>,
+    /// Credentials file for the secondary master.
+    #[arg(
+        long = "secondary-nats-creds",
+        env = "LMBUS_SECONDARY_NATS_CREDS",
+        value_name = "FILE"
+    )]
+    pub creds: Option<PathBuf>,
+    /// CA certificate for the secondary master's TLS.
+    #[arg(
+        long = "secondary-nats-tls-ca",
+        env = "LMBUS_SECONDARY_NATS_TLS_CA",
+        value_name = "FILE"
+    )]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate for the secondary master.
+    #[arg(
+        long = "secondary-nats-tls-cert",
+        env = "LMBUS_SECONDARY_NATS_TLS_CERT",
+        value_name = "FILE"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key for the secondary master.
+    #[arg(
+        long = "secondary-nats-tls-key",
+        env = "LMBUS_SECONDARY_NATS_TLS_KEY",
+        value_name = "FILE"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Require TLS with the secondary master.
+    #[arg(long = "secondary-nats-tls", env = "LMBUS_SECONDARY_NATS_TLS", num_args = 0..=1, default_missing_value = "true")]
+    pub tls: Option<bool>,
+}
+
+impl fmt::Debug for SecondaryNatsAuthArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&NatsAuth::from(self.clone()), f)
+    }
+}
+
+impl From<SecondaryNatsAuthArgs> for NatsAuth {
+    fn from(a: SecondaryNatsAuthArgs) -> Self {
+        NatsAuth {
+            user: a.user,
+            password: a.password,
+            token: a.token,
+            nkey_file: a.nkey,
+            creds_file: a.creds,
+            tls_ca: a.tls_ca,
+            tls_cert: a.tls_cert,
+            tls_key: a.tls_key,
+            tls_required: a.tls,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(u: &str, p: &str) -> NatsAuth {
+        NatsAuth {
+            user: Some(u.into()),
+            password: Some(p.into()),
+            ..NatsAuth::default()
+        }
+    }
+
+    #[test]
+    fn comma_separated_urls() {
+        assert_eq!(
+            nats_urls("nats://a:1, nats://b:2,,nats://c:3"),
+            ["nats://a:1", "nats://b:2", "nats://c:3"]
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let auth = NatsAuth {
+            token: None,
+            ..user("broker", "hunter2")
+        };
+        let text = format!("{auth:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("broker"));
+        let args = NatsAuthArgs {
+            nats_token: Some("s3cret".into()),
+            ..NatsAuthArgs::default()
+        };
+        assert!(!format!("{args:?}").contains("s3cret"));
+        assert_eq!(user("broker", "hunter2").describe(), "user broker");
+    }
+
+    #[test]
+    fn conflicting_or_half_settings_are_refused() {
+        let both = NatsAuth {
+            token: Some("t".into()),
+            ..user("u", "p")
+        };
+        assert!(matches!(both.check(), Err(AuthError::Conflicting(_))));
+        let no_password = NatsAuth {
+            user: Some("u".into()),
+            ..NatsAuth::default()
+        };
+        assert!(matches!(
+            no_password.check(),
+            Err(AuthError::UserWithoutPassword)
+        ));
+        let half_cert = NatsAuth {
+            tls_cert: Some("c.pem".into()),
+            ..NatsAuth::default()
+        };
+        assert!(matches!(
+            half_cert.check(),
+            Err(AuthError::HalfClientCertificate)
+        ));
+        assert!(NatsAuth::default().check().is_ok());
+    }
+
+    #[test]
+    fn flags_override_the_file_credentials_as_a_whole() {
+        let file = NatsAuth {
+            tls_ca: Some("ca.pem".into()),
+            ..user("file-user", "file-pass")
+        };
+        let flags = NatsAuth {
+            token: Some("t".into()),
+            ..NatsAuth::default()
+        };
+        let merged = flags.or(file.clone());
+        assert_eq!(merged.token.as_deref(), Some("t"));
+        assert_eq!(
+            merged.user, None,
+            "a flag's token must not pair with the file's user"
+        );
+        assert_eq!(merged.tls_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(NatsAuth::default().or(file.clone()), file);
+    }
+
+    #[tokio::test]
+    async fn missing_files_are_named() {
+        let auth = NatsAuth {
+            nkey_file: Some("/nonexistent/seed.nk".into()),
+            ..NatsAuth::default()
+        };
+        let e = auth.apply(ConnectOptions::new()).await.unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/seed.nk"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.nk");
+        std::fs::write(&empty, "not a seed\n").unwrap();
+        let auth = NatsAuth {
+            nkey_file: Some(empty.clone()),
+            ..NatsAuth::default()
+        };
+        assert!(matches!(
+            auth.apply(ConnectOptions::new()).await,
+            Err(AuthError::NoSeed(p)) if p == empty
+        ));
+    }
+}

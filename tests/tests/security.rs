@@ -1,0 +1,273 @@
+#![allow(clippy::unwrap_used)]
+//! Connecting to a NATS deployment that requires credentials and TLS: user and password,
+//! token, nkey seed, TLS with client certificates. Refused credentials give an error that
+//! says what to check, and no secret is ever printed.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use lmbus_nats::NatsAuth;
+use lmbus_slave::{Outcome, SlaveAgent, SlaveError};
+use lmbus_tests::*;
+
+/// A Fixture-like setup on a nats-server started with `config`: a vendor, a cluster name
+/// and a master license.
+struct Secured {
+    nats: NatsServer,
+    vendor: Vendor,
+    cluster: String,
+    license: std::path::PathBuf,
+}
+
+impl Secured {
+    fn start(config: &str) -> Self {
+        init_tracing();
+        let vendor = Vendor::new().unwrap();
+        let license = vendor.master(10, &[]).unwrap();
+        Self {
+            nats: NatsServer::start_with_config(config).unwrap(),
+            vendor,
+            cluster: cluster_name(),
+            license,
+        }
+    }
+
+    fn url(&self, scheme: &str) -> String {
+        self.nats.url().replace("nats://", scheme)
+    }
+
+    async fn broker(&self, url: String, auth: NatsAuth) -> Broker {
+        let mut cfg = broker_config(
+            &self.nats,
+            &self.cluster,
+            self.license.clone(),
+            &self.vendor,
+            true,
+        );
+        cfg.nats_url = url;
+        cfg.nats_auth = auth;
+        Broker::start(cfg).await.unwrap()
+    }
+
+    fn slave_config(&self, url: String, id: &str, auth: NatsAuth) -> lmbus_slave::SlaveConfig {
+        let mut cfg = lmbus_slave::SlaveConfig::new(
+            &url,
+            &self.cluster,
+            lmbus_schemas::SlaveId::new(id).unwrap(),
+        );
+        cfg.nats_auth = auth;
+        cfg
+    }
+}
+
+fn user(name: &str, password: &str) -> NatsAuth {
+    NatsAuth {
+        user: Some(name.into()),
+        password: Some(password.into()),
+        ..NatsAuth::default()
+    }
+}
+
+async fn registers(cfg: lmbus_slave::SlaveConfig) {
+    let slave = tokio::time::timeout(Duration::from_secs(20), SlaveAgent::start(cfg))
+        .await
+        .unwrap()
+        .unwrap();
+    let outcome = slave.register("agent-1", "inbound").await.unwrap();
+    assert!(matches!(outcome, Outcome::Approved { .. }), "{outcome:?}");
+    slave.shutdown().await;
+}
+
+fn connect_error(result: Result<SlaveAgent, SlaveError>) -> String {
+    match result {
+        Err(e @ SlaveError::Connect { .. }) => e.to_string(),
+        Err(other) => panic!("expected a connect error, got {other}"),
+        Ok(_) => panic!("connected without the right credentials"),
+    }
+}
+
+/// Steps: a nats-server with users `broker` and `monitor` (passwords) and one nkey user for
+/// the slave; an in-process broker connects as `broker`; a slave with its nkey seed file
+/// registers an agent (approved); a slave without credentials and one with another nkey
+/// are refused at connect, with an error that says the credentials were refused; the
+/// broker binary with a wrong password (from the environment) exits non-zero saying the
+/// same, and neither the password nor the seed appears in its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_passwords_and_nkeys() {
+    let slave_key = nkeys::KeyPair::new_user();
+    let config = format!(
+        "authorization {{\n  users = [\n    {{ user: broker, password: \"broker-pass\" }}\n    {{ user: monitor, password: \"monitor-pass\" }}\n    {{ nkey: {} }}\n  ]\n}}\n",
+        slave_key.public_key()
+    );
+    let s = Secured::start(&config);
+    let dir = tempfile::tempdir().unwrap();
+    let seed_file = dir.path().join("site1.nk");
+    std::fs::write(&seed_file, format!("{}\n", slave_key.seed().unwrap())).unwrap();
+
+    let broker = s.broker(s.nats.url(), user("broker", "broker-pass")).await;
+    let nkey = NatsAuth {
+        nkey_file: Some(seed_file.clone()),
+        ..NatsAuth::default()
+    };
+    registers(s.slave_config(s.nats.url(), "site1", nkey)).await;
+    let status = lmbus_nats::connect(
+        &s.nats.url(),
+        async_nats::ConnectOptions::new(),
+        &user("monitor", "monitor-pass"),
+    )
+    .await
+    .unwrap();
+    let subjects = lmbus_schemas::Subjects::new(&s.cluster).unwrap();
+    let reply = lmbus_monitor::fetch_status(&status, &subjects, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(reply.slaves.len(), 1);
+
+    let anonymous = connect_error(
+        SlaveAgent::start(s.slave_config(s.nats.url(), "site1", NatsAuth::default())).await,
+    );
+    eprintln!("seen: no credentials: {anonymous}");
+    assert!(anonymous.contains("refused the credentials"), "{anonymous}");
+    let other_seed = dir.path().join("other.nk");
+    std::fs::write(&other_seed, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    let other = NatsAuth {
+        nkey_file: Some(other_seed),
+        ..NatsAuth::default()
+    };
+    let wrong =
+        connect_error(SlaveAgent::start(s.slave_config(s.nats.url(), "site1", other)).await);
+    assert!(wrong.contains("refused the credentials"), "{wrong}");
+    assert!(!wrong.contains(&slave_key.seed().unwrap()), "{wrong}");
+
+    let output = broker_binary(&s, &["--nats-user", "broker"], "wrong-secret-7f3a").await;
+    assert!(!output.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("seen: broker binary, wrong password: {}", text.trim());
+    assert!(
+        text.contains("refused the credentials (user broker)"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("wrong-secret-7f3a"),
+        "the password was printed: {text}"
+    );
+    broker.stop().await.unwrap();
+}
+
+/// Runs `lmbus-broker run` against `s` with extra flags and `LMBUS_NATS_PASSWORD`, and
+/// returns its output (bounded: it must exit by itself).
+async fn broker_binary(s: &Secured, flags: &[&str], password: &str) -> std::process::Output {
+    let mut cmd = Command::new(bin("lmbus-broker").unwrap());
+    cmd.args(["run", "--nats", &s.nats.url(), "--cluster", &s.cluster])
+        .arg("--license")
+        .arg(&s.license)
+        .arg("--vendor-key")
+        .arg(s.vendor.public_key_path())
+        .args(flags)
+        .env("LMBUS_NATS_PASSWORD", password)
+        .env("LMBUS_LOG", "debug");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || cmd.output().unwrap()),
+    )
+    .await
+    .expect("the broker did not exit on refused credentials")
+    .unwrap()
+}
+
+/// Steps: a nats-server that takes a token; a broker and a slave with the token (a slave
+/// registers an agent: approved); a slave with another token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token() {
+    let s = Secured::start("authorization { token: \"s3cret-token\" }\n");
+    let token = |t: &str| NatsAuth {
+        token: Some(t.into()),
+        ..NatsAuth::default()
+    };
+    let broker = s.broker(s.nats.url(), token("s3cret-token")).await;
+    registers(s.slave_config(s.nats.url(), "site1", token("s3cret-token"))).await;
+    let wrong = connect_error(
+        SlaveAgent::start(s.slave_config(s.nats.url(), "site1", token("nope"))).await,
+    );
+    assert!(wrong.contains("refused the credentials (token)"), "{wrong}");
+    broker.stop().await.unwrap();
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in
+/// `dir`: (ca, server cert, server key, client cert, client key).
+fn certificates(dir: &Path) -> [std::path::PathBuf; 5] {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "lmbus test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server, server_key) = leaf(
+        vec!["127.0.0.1".into(), "localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client, client_key) = leaf(vec!["site1".into()], ExtendedKeyUsagePurpose::ClientAuth);
+    let files = [
+        ("ca.pem", ca.pem()),
+        ("server.pem", server),
+        ("server-key.pem", server_key),
+        ("client.pem", client),
+        ("client-key.pem", client_key),
+    ];
+    files.map(|(name, text)| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    })
+}
+
+/// Steps: a nats-server that requires TLS and verifies client certificates against a test
+/// CA; a broker and a slave with the CA and a client certificate, on a `tls://` URL: the
+/// slave registers an agent (approved); a slave with the CA but no client certificate is
+/// refused, with an error that points at the TLS settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, server, server_key, client, client_key] = certificates(dir.path());
+    let config = format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n  timeout: 5\n}}\n",
+        server.display(),
+        server_key.display(),
+        ca.display()
+    );
+    let s = Secured::start(&config);
+    let url = s.url("tls://");
+    let tls = NatsAuth {
+        tls_ca: Some(ca.clone()),
+        tls_cert: Some(client),
+        tls_key: Some(client_key),
+        ..NatsAuth::default()
+    };
+    let broker = s.broker(url.clone(), tls.clone()).await;
+    registers(s.slave_config(url.clone(), "site1", tls)).await;
+    let no_cert = NatsAuth {
+        tls_ca: Some(ca),
+        ..NatsAuth::default()
+    };
+    let refused = connect_error(SlaveAgent::start(s.slave_config(url, "site2", no_cert)).await);
+    eprintln!("seen: no client certificate: {refused}");
+    assert!(refused.contains("TLS failed"), "{refused}");
+    assert!(refused.contains("--nats-tls-cert"), "{refused}");
+    broker.stop().await.unwrap();
+}
