@@ -247,13 +247,31 @@ pub enum ConnectFailure {
 }
 
 /// Connects to the comma-separated `urls` with `options` plus `auth`; a refused
-/// credential or a TLS failure says which settings to check.
+/// credential or a TLS failure says which settings to check. Errors the server reports
+/// later (a permissions violation: this user may not publish or subscribe there) and
+/// connection changes are logged.
 pub async fn connect(
     urls: &str,
     options: ConnectOptions,
     auth: &NatsAuth,
 ) -> Result<async_nats::Client, ConnectFailure> {
-    let options = auth.apply(options).await?;
+    let options = auth
+        .apply(options)
+        .await?
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::ServerError(e) => {
+                    tracing::warn!(error = %e, "the NATS server reported an error")
+                }
+                async_nats::Event::ClientError(e) => {
+                    tracing::warn!(error = %e, "NATS client error")
+                }
+                async_nats::Event::SlowConsumer(sid) => {
+                    tracing::warn!(sid, "NATS slow consumer: messages were dropped")
+                }
+                other => tracing::info!(event = %other, "NATS connection"),
+            }
+        });
     options
         .connect(nats_urls(urls))
         .await

@@ -271,3 +271,166 @@ async fn tls_with_client_certificates() {
     assert!(refused.contains("--nats-tls-cert"), "{refused}");
     broker.stop().await.unwrap();
 }
+
+/// `deploy/nats-server.conf` for this test's cluster name, with passwords filled in.
+fn reference_config(cluster: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats-server.conf");
+    // The harness gives the store directory on the command line (nats-server refuses both).
+    let mut text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("acme", cluster)
+        .replace("  store_dir: \"/var/lib/nats/jetstream\"\n", "");
+    for who in ["BROKER", "MONITOR", "OPERATOR", "SITE1", "SITE2"] {
+        text = text.replace(
+            &format!("$LMBUS_{who}_PASSWORD"),
+            &format!("\"pw-{}\"", who.to_lowercase()),
+        );
+    }
+    text
+}
+
+/// A raw client as slave `user` (with that slave's inbox prefix, as `lmbus-slave` uses)
+/// that records what the server reports (permission violations).
+async fn watched_client(
+    url: &str,
+    user: &str,
+    subjects: &lmbus_schemas::Subjects,
+) -> (
+    async_nats::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let options = async_nats::ConnectOptions::new()
+        .user_and_password(user.into(), format!("pw-{user}"))
+        .custom_inbox_prefix(
+            subjects.slave_inbox_prefix(&lmbus_schemas::SlaveId::new(user).unwrap()),
+        )
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        });
+    (options.connect(url).await.unwrap(), rx)
+}
+
+/// The next error the server reported: a permissions violation naming `subject`.
+async fn violation(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    what: &str,
+    subject: &str,
+) -> String {
+    let seen = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("NATS reported no permissions violation for {what}"))
+        .unwrap();
+    assert!(
+        seen.contains("Permissions Violation") && seen.contains(subject),
+        "{what}: {seen}"
+    );
+    seen
+}
+
+/// Steps: a nats-server with the reference configuration `deploy/nats-server.conf` (its
+/// cluster renamed, passwords filled in); a broker as user `broker` (ledger, snapshots,
+/// election all work under its JetStream permissions); slave site1 as user `site1`
+/// registers an agent (approved); the `monitor` user reads the status. Then, as `site1`:
+/// a registration on site2's subject is denied by NATS (reported to the client) and the
+/// master never hears of site2; subscribing to site2's replies, to alerts or to another
+/// slave's control subject is denied; a JetStream API request on the ledger is denied;
+/// publishing an alert is denied; and a slave that connects as `site1` but calls itself
+/// site2 cannot get an answer (its hello is denied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_permissions_confine_each_slave() {
+    init_tracing();
+    let cluster = cluster_name();
+    let nats = NatsServer::start_with_config(&reference_config(&cluster)).unwrap();
+    let vendor = Vendor::new().unwrap();
+    let s = Secured {
+        nats,
+        license: vendor.master(10, &[]).unwrap(),
+        vendor,
+        cluster: cluster.clone(),
+    };
+    let broker = s.broker(s.nats.url(), user("broker", "pw-broker")).await;
+    registers(s.slave_config(s.nats.url(), "site1", user("site1", "pw-site1"))).await;
+    let monitor = lmbus_nats::connect(
+        &s.nats.url(),
+        async_nats::ConnectOptions::new(),
+        &user("monitor", "pw-monitor"),
+    )
+    .await
+    .unwrap();
+    let subjects = lmbus_schemas::Subjects::new(&cluster).unwrap();
+    let status = lmbus_monitor::fetch_status(&monitor, &subjects, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(status.slaves.len(), 1);
+
+    let (site1, mut events) = watched_client(&s.nats.url(), "site1", &subjects).await;
+    let site2 = lmbus_schemas::SlaveId::new("site2").unwrap();
+    let forged = subjects.slave_op(&site2, lmbus_schemas::SlaveOp::Register);
+    site1.publish(forged.clone(), "x".into()).await.unwrap();
+    site1.flush().await.unwrap();
+    eprintln!(
+        "seen: site1 publishing as site2: {}",
+        violation(&mut events, "publishing on site2's subject", &forged).await
+    );
+    for (what, subject) in [
+        (
+            "site2's replies",
+            subjects.slave_inbox_prefix(&site2) + ".>",
+        ),
+        ("alerts", subjects.all_alerts()),
+        ("site2's control messages", subjects.control(&site2)),
+        ("the ledger", subjects.ledger()),
+    ] {
+        let _sub = site1.subscribe(subject.clone()).await.unwrap();
+        site1.flush().await.unwrap();
+        violation(&mut events, what, &subject).await;
+    }
+    let alert = subjects.alert(
+        lmbus_schemas::Severity::Critical,
+        lmbus_schemas::AlertKind::BadMessage,
+    );
+    site1.publish(alert.clone(), "fake".into()).await.unwrap();
+    site1.flush().await.unwrap();
+    violation(&mut events, "publishing an alert", &alert).await;
+    let info = format!("$JS.API.STREAM.INFO.{}", subjects.ledger_stream());
+    site1.publish(info.clone(), "".into()).await.unwrap();
+    site1.flush().await.unwrap();
+    violation(&mut events, "the JetStream API", &info).await;
+
+    let status = lmbus_monitor::fetch_status(&monitor, &subjects, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        status
+            .slaves
+            .iter()
+            .map(|s| s.slave_id.as_str())
+            .collect::<Vec<_>>(),
+        ["site1"],
+        "the master heard of a slave that site1 impersonated"
+    );
+    let mut impostor = s.slave_config(s.nats.url(), "site2", user("site1", "pw-site1"));
+    impostor.request_timeout = Duration::from_millis(500);
+    impostor.failover_wait = Duration::ZERO;
+    let started = tokio::time::timeout(Duration::from_secs(20), SlaveAgent::start(impostor))
+        .await
+        .unwrap();
+    match started {
+        Ok(slave) => {
+            let outcome = slave.register("agent-9", "inbound").await;
+            assert!(
+                !matches!(outcome, Ok(Outcome::Approved { .. })),
+                "an impostor got a seat: {outcome:?}"
+            );
+            slave.shutdown().await;
+        }
+        Err(e) => eprintln!("seen: impostor refused at start: {e}"),
+    }
+    broker.stop().await.unwrap();
+}
