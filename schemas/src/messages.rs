@@ -130,6 +130,8 @@ pub enum RejectReason {
     LicenseInvalid,
     /// The slave's license has the wrong role (a master license, say).
     LicenseRole,
+    /// Another connected slave presented the same slave license.
+    LicenseInUse,
     /// The slave's license context (production, backup, development) differs from the
     /// master's.
     ContextMismatch,
@@ -170,6 +172,7 @@ impl RejectReason {
             RejectReason::AgentTypeMismatch => "agent_type_mismatch",
             RejectReason::LicenseInvalid => "license_invalid",
             RejectReason::LicenseRole => "license_role",
+            RejectReason::LicenseInUse => "license_in_use",
             RejectReason::ContextMismatch => "context_mismatch",
             RejectReason::MasterUnavailable => "master_unavailable",
             RejectReason::TooManySlaves => "too_many_slaves",

@@ -217,3 +217,47 @@ fn license_tool_round_trip() {
     assert!(!verify.status.success());
     assert!(String::from_utf8_lossy(&verify.stderr).contains("m.lic was modified"));
 }
+
+/// Steps: a broker (unlicensed slaves not allowed); slave site1 starts with a slave
+/// license and registers an agent; site2 starts with a copy of the same license file: the
+/// master refuses it (`license_in_use`, naming site1) with a `slave_refused` alert, and
+/// site1 keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_slave_license_is_refused_while_its_slave_is_connected() {
+    let f = Fixture::new().await.unwrap();
+    let broker = f.broker(10, &[], false).await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let license = f.vendor.slave(Some(5)).unwrap();
+    let site1 = SlaveAgent::start(f.licensed_slave_config("site1", &license).unwrap())
+        .await
+        .unwrap();
+    assert!(matches!(
+        site1.register("a1", "inbound").await.unwrap(),
+        lmbus_slave::Outcome::Approved { .. }
+    ));
+    let copy = SlaveAgent::start(f.licensed_slave_config("site2", &license).unwrap()).await;
+    match copy {
+        Err(SlaveError::Refused {
+            reason: lmbus_schemas::RejectReason::LicenseInUse,
+            detail,
+        }) => assert!(detail.contains("site1"), "{detail}"),
+        Err(other) => panic!("expected license_in_use, got {other}"),
+        Ok(_) => panic!("a copied license was accepted"),
+    }
+    let alert = alerts
+        .wait_for("slave_refused for site2", |a| {
+            a.kind == lmbus_schemas::AlertKind::SlaveRefused && a.slave.as_deref() == Some("site2")
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        alert.reason,
+        Some(lmbus_schemas::RejectReason::LicenseInUse)
+    );
+    assert!(matches!(
+        site1.register("a2", "inbound").await.unwrap(),
+        lmbus_slave::Outcome::Approved { .. }
+    ));
+    site1.shutdown().await;
+    broker.stop().await.unwrap();
+}

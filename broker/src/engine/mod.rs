@@ -333,6 +333,27 @@ impl Engine {
             Ok(l) => l,
             Err((reason, detail)) => return self.refuse_hello(&id, reason, detail),
         };
+        // A slave license serves one live slave: a second site presenting a copy of it is
+        // refused while the first is connected.
+        if let Some(l) = &license {
+            let holder = self
+                .slaves
+                .iter()
+                .find(|(other, s)| {
+                    **other != id && s.connected && s.license.as_ref().is_some_and(|h| h.id == l.id)
+                })
+                .map(|(other, _)| other.clone());
+            if let Some(holder) = holder {
+                return self.refuse_hello(
+                    &id,
+                    RejectReason::LicenseInUse,
+                    format!(
+                        "slave license {} is in use by slave {holder}, which is connected: a slave license serves one slave at a time",
+                        l.id
+                    ),
+                );
+            }
+        }
         if !self.slaves.contains_key(&id) && self.slaves.len() >= self.cfg.max_slaves {
             return self.refuse_hello(
                 &id,

@@ -632,6 +632,53 @@ fn random_events_never_break_the_limits() {
     }
 }
 
+/// Steps: s1 connects with a slave license; s2 presents the same license while s1 is
+/// connected: refused `license_in_use` with an alert naming s1; s1 saying hello again
+/// with it is fine; once s1 has gone silent (marked disconnected), s2 may use it, and then
+/// s1 is the one refused.
+#[test]
+fn a_slave_license_serves_one_live_slave() {
+    let mut h = Harness::new(false);
+    let shared = slave_license(Some(5));
+    assert!(matches!(
+        h.hello("s1", Some(shared.clone())),
+        Reply::Welcome(_)
+    ));
+    let out = h.hello_with("s2", Some(shared.clone()), vec![]);
+    match out.reply {
+        Some(Reply::Refused {
+            reason: RejectReason::LicenseInUse,
+            ref detail,
+        }) => assert!(detail.contains("s1"), "{detail}"),
+        ref other => panic!("{other:?}"),
+    }
+    let a = alerts(&out);
+    assert!(
+        a.iter().any(|a| a.kind == AlertKind::SlaveRefused
+            && a.reason == Some(RejectReason::LicenseInUse)
+            && a.slave.as_deref() == Some("s2")),
+        "{a:?}"
+    );
+    assert!(matches!(
+        h.hello("s1", Some(shared.clone())),
+        Reply::Welcome(_)
+    ));
+    h.advance(Duration::from_secs(30));
+    h.tick();
+    assert!(!h.engine.status(h.now).slaves[0].connected);
+    assert!(matches!(
+        h.hello("s2", Some(shared.clone())),
+        Reply::Welcome(_)
+    ));
+    assert!(matches!(
+        h.hello("s1", Some(shared)),
+        Reply::Refused {
+            reason: RejectReason::LicenseInUse,
+            ..
+        }
+    ));
+}
+
 /// Steps: a slave that logs out at the end of its 60 s grace holds two seats and goes
 /// silent; at grace + margin the master still counts them, just after it reclaims them
 /// (alert, counts drop); when the slave says hello again claiming them, they are granted
