@@ -1030,3 +1030,148 @@ fn durable(engine: &Engine) -> Vec<String> {
         })
         .collect()
 }
+
+/// Property tests: any sequence of slave events keeps every limit, and a standby that
+/// applies the resulting ledger changes holds the same seats.
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TYPES: [&str; 4] = ["inbound", "outbound", "supervisor", "not-in-license"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A hello claiming (agent, type) pairs, from a new process or the same one.
+        Hello {
+            slave: usize,
+            claims: Vec<(usize, usize)>,
+            restarted: bool,
+        },
+        Register {
+            slave: usize,
+            agent: usize,
+            kind: usize,
+        },
+        Unregister {
+            slave: usize,
+            agent: usize,
+        },
+        Heartbeat {
+            slave: usize,
+        },
+        /// Time passes (up to 70 s: past the 60 s grace plus margin) and the master ticks.
+        Wait {
+            ms: u64,
+        },
+        Release {
+            slave: usize,
+            agent: Option<usize>,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => (0..4usize, prop::collection::vec((0..8usize, 0..4usize), 0..5), any::<bool>())
+                .prop_map(|(slave, claims, restarted)| Op::Hello { slave, claims, restarted }),
+            6 => (0..4usize, 0..8usize, 0..4usize)
+                .prop_map(|(slave, agent, kind)| Op::Register { slave, agent, kind }),
+            3 => (0..4usize, 0..8usize).prop_map(|(slave, agent)| Op::Unregister { slave, agent }),
+            1 => (0..4usize).prop_map(|slave| Op::Heartbeat { slave }),
+            2 => (0..70_000u64).prop_map(|ms| Op::Wait { ms }),
+            1 => (0..4usize, prop::option::of(0..8usize))
+                .prop_map(|(slave, agent)| Op::Release { slave, agent }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Slave s3 holds a slave license with a local limit of 2; the others are
+        /// unlicensed. The master allows 5 seats, 3 inbound and 3 outbound.
+        #[test]
+        fn no_sequence_of_events_breaks_a_limit_or_the_replay(
+            ops in prop::collection::vec(op(), 1..150)
+        ) {
+            let mut h = Harness::new(true);
+            let mut standby = Engine::new(config(true));
+            let licensed = slave_license(Some(2));
+            for op in ops {
+                let out = match op {
+                    Op::Hello { slave, claims, restarted } => {
+                        let name = format!("s{slave}");
+                        if restarted {
+                            h.instances.insert(name.clone(), Uuid::new_v4());
+                        }
+                        let claims = claims
+                            .into_iter()
+                            .map(|(a, t)| AgentClaim {
+                                agent_id: format!("a{a}"),
+                                agent_type: TYPES[t].into(),
+                            })
+                            .collect();
+                        let license = (slave == 3).then(|| licensed.clone());
+                        h.hello_with(&name, license, claims)
+                    }
+                    Op::Register { slave, agent, kind } => {
+                        h.register(&format!("s{slave}"), &format!("a{agent}"), TYPES[kind])
+                    }
+                    Op::Unregister { slave, agent } => h.engine.handle(
+                        h.now,
+                        Event::Unregister {
+                            slave: id(&format!("s{slave}")),
+                            request: UnregisterRequest {
+                                request_id: Uuid::new_v4(),
+                                agent_id: format!("a{agent}"),
+                            },
+                        },
+                    ),
+                    Op::Heartbeat { slave } => {
+                        let name = format!("s{slave}");
+                        if h.instances.contains_key(&name) {
+                            h.heartbeat(&name);
+                        }
+                        Output::default()
+                    }
+                    Op::Wait { ms } => {
+                        h.advance(Duration::from_millis(ms));
+                        h.engine.handle(h.now, Event::Tick { today: TODAY })
+                    }
+                    Op::Release { slave, agent } => {
+                        let released = h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
+                            slave_id: format!("s{slave}"),
+                            agent_id: agent.map(|a| format!("a{a}")),
+                            operator: "op".into(),
+                        });
+                        Output {
+                            changes: released.changes,
+                            ..Output::default()
+                        }
+                    }
+                };
+                for change in &out.changes {
+                    prop_assert!(standby.apply(h.now, change).is_ok());
+                }
+                let status = h.engine.status(h.now);
+                let sum: u32 = status.slaves.iter().map(|s| s.in_use).sum();
+                prop_assert_eq!(sum, status.total_in_use);
+                prop_assert!(status.total_in_use <= status.total_limit);
+                for (t, limit) in &status.type_limits {
+                    let used: u32 = status
+                        .slaves
+                        .iter()
+                        .map(|s| s.in_use_by_type.get(t).copied().unwrap_or(0))
+                        .sum();
+                    prop_assert_eq!(used, status.in_use_by_type.get(t).copied().unwrap_or(0));
+                    prop_assert!(used <= *limit);
+                }
+                prop_assert!(!status.in_use_by_type.contains_key("not-in-license"));
+                for s in &status.slaves {
+                    if let Some(local) = s.local_limit {
+                        prop_assert!(s.in_use <= local);
+                    }
+                }
+                prop_assert_eq!(standby.seats(), h.engine.seats());
+            }
+        }
+    }
+}
