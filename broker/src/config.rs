@@ -45,6 +45,8 @@ pub struct BrokerConfig {
     /// Copies JetStream keeps of the ledger and the election state (3 on a 3-node NATS
     /// cluster; 1 on a single server).
     pub stream_replicas: usize,
+    /// Registrations per second one slave may send (burst: twice that); 0 = no limit.
+    pub slave_rate_limit: u32,
     /// The leader writes a snapshot of the seat state every this many ledger records
     /// (0: never), so a replica that starts reads the snapshot and the records after it.
     pub snapshot_every: u64,
@@ -70,6 +72,9 @@ pub const DEFAULT_PRIORITY: u32 = 1;
 /// takes over within one poll after that (see `election`).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(1);
 pub const DEFAULT_STREAM_REPLICAS: usize = 1;
+/// Far above what a site's agents do (a shift of 10,000 agents logging in within 10 s),
+/// low enough that one flooding slave cannot monopolize the leader.
+pub const DEFAULT_SLAVE_RATE_LIMIT: u32 = 1000;
 /// A cold replica reads at most this many records after the latest snapshot.
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 50_000;
 
@@ -102,6 +107,7 @@ pub struct FileConfig {
     pub stream_replicas: Option<usize>,
     pub snapshot_every: Option<u64>,
     pub ledger_trim: Option<bool>,
+    pub slave_rate_limit: Option<u32>,
 }
 
 impl FileConfig {

@@ -221,6 +221,11 @@ struct RunArgs {
     /// 1 on a single server [default: 1].
     #[arg(long, env = "LMBUS_STREAM_REPLICAS")]
     stream_replicas: Option<usize>,
+    /// Registrations per second one slave may send (bursts of twice that); more are
+    /// rejected `rate_limited`, with at most one alert per slave every 10 s. 0 turns the
+    /// limit off [default: 1000].
+    #[arg(long, env = "LMBUS_SLAVE_RATE_LIMIT")]
+    slave_rate_limit: Option<u32>,
     /// The leader writes a snapshot of the seat state every this many ledger records, so
     /// that a replica that starts reads the snapshot and only the records after it; 0
     /// turns snapshots off [default: 50000].
@@ -304,6 +309,10 @@ impl RunArgs {
                 .stream_replicas
                 .or(file.stream_replicas)
                 .unwrap_or(config::DEFAULT_STREAM_REPLICAS),
+            slave_rate_limit: self
+                .slave_rate_limit
+                .or(file.slave_rate_limit)
+                .unwrap_or(config::DEFAULT_SLAVE_RATE_LIMIT),
             snapshot_every: self
                 .snapshot_every
                 .or(file.snapshot_every)

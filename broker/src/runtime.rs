@@ -286,6 +286,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         expiry_warning_days: cfg.expiry_warning_days,
         max_slaves: cfg.max_slaves,
         reclaim_margin: cfg.reclaim_margin,
+        slave_rate_limit: cfg.slave_rate_limit,
     };
     let io = Io {
         client: client.clone(),

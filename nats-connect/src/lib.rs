@@ -264,7 +264,7 @@ pub async fn connect(
                     tracing::warn!(error = %e, "the NATS server reported an error")
                 }
                 async_nats::Event::ClientError(e) => {
-                    tracing::warn!(error = %e, "NATS client error")
+                    tracing::info!(error = %e, "NATS client error")
                 }
                 async_nats::Event::SlowConsumer(sid) => {
                     tracing::warn!(sid, "NATS slow consumer: messages were dropped")

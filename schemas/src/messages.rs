@@ -155,6 +155,9 @@ pub enum RejectReason {
     /// The broker replicas are electing a leader (sent by a standby while no replica holds
     /// the lease): nothing was decided, retry.
     NoLeader,
+    /// The slave sent more registrations per second than the master allows one slave
+    /// (`--slave-rate-limit`), so that one slave cannot starve the others.
+    RateLimited,
     /// A reason this build does not know.
     #[serde(other)]
     Other,
@@ -182,6 +185,7 @@ impl RejectReason {
             RejectReason::TimingRule => "timing_rule",
             RejectReason::StaleRequest => "stale_request",
             RejectReason::NoLeader => "no_leader",
+            RejectReason::RateLimited => "rate_limited",
             RejectReason::Other => "other",
         }
     }

@@ -40,6 +40,7 @@ pub fn engine(vendor: &Vendor, cluster: &str, seats: usize) -> Engine {
         expiry_warning_days: 30,
         max_slaves: 1_000_000,
         reclaim_margin: Duration::from_secs(30),
+        slave_rate_limit: 0,
     })
 }
 

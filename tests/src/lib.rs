@@ -497,6 +497,7 @@ pub fn broker_config(
         lease: lmbus_broker::config::DEFAULT_LEASE,
         stream_replicas: 1,
         nats_auth: Default::default(),
+        slave_rate_limit: lmbus_broker::config::DEFAULT_SLAVE_RATE_LIMIT,
         snapshot_every: lmbus_broker::config::DEFAULT_SNAPSHOT_EVERY,
         ledger_trim: false,
         fault_ignore_lease: false,

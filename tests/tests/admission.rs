@@ -242,3 +242,83 @@ async fn restarted_broker_rebuilds_seats_from_slave_hellos() {
     s.shutdown().await;
     broker.stop().await.unwrap();
 }
+
+/// Registers 30 distinct agents on `slave` one after another; returns the slowest.
+async fn slowest_of_30(slave: &SlaveAgent, prefix: &str) -> Duration {
+    let mut slowest = Duration::ZERO;
+    for n in 0..30 {
+        let sent = std::time::Instant::now();
+        let outcome = slave
+            .register(&format!("{prefix}{n}"), "inbound")
+            .await
+            .unwrap();
+        slowest = slowest.max(sent.elapsed());
+        assert!(outcome.is_approved(), "{outcome:?}");
+    }
+    slowest
+}
+
+/// Steps: a broker allowing 200 registrations per second per slave; the slave `good`
+/// registers 30 agents (its slowest registration is the baseline); then `rogue` floods with
+/// 32 concurrent registration loops for 3 s while `good` registers 30 more: every one of
+/// them is approved, the slowest within a generous bound; the rogue got `rate_limited`
+/// rejections and an alert says so (that it is one per 10 s is the engine's test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_slave_does_not_starve_the_others() {
+    let f = Fixture::new().await.unwrap();
+    let mut cfg = broker_config(
+        &f.nats,
+        &f.cluster,
+        f.vendor.master(1000, &[]).unwrap(),
+        &f.vendor,
+        true,
+    );
+    cfg.slave_rate_limit = 200;
+    let broker = Broker::start(cfg).await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let good = slave(&f, "good", None).await.unwrap();
+    let baseline = slowest_of_30(&good, "calm-").await;
+
+    let rogue = std::sync::Arc::new(slave(&f, "rogue", None).await.unwrap());
+    let stop = std::time::Instant::now() + Duration::from_secs(3);
+    let flood: Vec<_> = (0..32)
+        .map(|n| {
+            let rogue = rogue.clone();
+            tokio::spawn(async move {
+                let (mut sent, mut limited) = (0u64, 0u64);
+                while std::time::Instant::now() < stop {
+                    sent += 1;
+                    if let Ok(Outcome::Rejected {
+                        reason: RejectReason::RateLimited,
+                        ..
+                    }) = rogue.register(&format!("r{}", n % 8), "inbound").await
+                    {
+                        limited += 1;
+                    }
+                }
+                (sent, limited)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = slowest_of_30(&good, "busy-").await;
+    let (mut sent, mut limited) = (0, 0);
+    for task in flood {
+        let (s, l) = task.await.unwrap();
+        sent += s;
+        limited += l;
+    }
+    eprintln!(
+        "measured: good's slowest registration {baseline:?} alone, {during:?} during a flood of {sent} registrations from rogue ({limited} rate_limited)"
+    );
+    assert!(limited > 0, "the flood was never limited ({sent} sent)");
+    assert!(during < Duration::from_secs(2), "{during:?}");
+    let alert = alerts
+        .wait_for("a rate limit alert", |a| {
+            a.reason == Some(RejectReason::RateLimited)
+        })
+        .await
+        .unwrap();
+    assert_eq!(alert.slave.as_deref(), Some("rogue"));
+    broker.stop().await.unwrap();
+}

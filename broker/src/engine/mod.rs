@@ -57,6 +57,46 @@ pub struct EngineConfig {
     /// slave's request timeout plus clock drift (1% of the grace period); a hello that
     /// breaks this is refused with `timing_rule`.
     pub reclaim_margin: Duration,
+    /// Registrations per second one slave may send (with a burst of twice that); beyond
+    /// it they are rejected `rate_limited`. 0: no limit.
+    pub slave_rate_limit: u32,
+}
+
+/// How often, at most, a slave's rate limiting is reported in an alert.
+pub const RATE_LIMIT_ALERT_EVERY: Duration = Duration::from_secs(10);
+
+/// A token bucket: `rate` tokens per second, at most `2 * rate` saved up.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    /// Rejections not reported in an alert yet, and when the last alert went out.
+    unreported: u64,
+    reported_at: Option<Instant>,
+}
+
+impl Bucket {
+    fn new(now: Instant, rate: u32) -> Self {
+        Self {
+            tokens: 2.0 * f64::from(rate),
+            at: now,
+            unreported: 0,
+            reported_at: None,
+        }
+    }
+
+    fn take(&mut self, now: Instant, rate: u32) -> bool {
+        let rate = f64::from(rate);
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(2.0 * rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Something the engine must react to.
@@ -167,6 +207,8 @@ struct Slave {
     /// Agents an operator released whose logout the slave may have missed: refused at
     /// the next hello's reconcile. Bounded by the slave's seat count at release time.
     revoked: HashSet<String>,
+    /// Its registration rate (not in the ledger: a new leader starts it full).
+    bucket: Bucket,
 }
 
 impl Slave {
@@ -392,6 +434,7 @@ impl Engine {
         }
         let mut out = Output::default();
         let interval = Duration::from_millis(hello.heartbeat_interval_ms.clamp(100, 600_000));
+        let rate = self.cfg.slave_rate_limit;
         let slave = self.slaves.entry(id.clone()).or_insert_with(|| Slave {
             instance: hello.instance,
             license: None,
@@ -404,6 +447,7 @@ impl Engine {
             hello_seq: 0,
             reclaimed: false,
             revoked: HashSet::new(),
+            bucket: Bucket::new(now, rate),
         });
         let restarted = slave.instance != hello.instance;
         slave.instance = hello.instance;
@@ -687,13 +731,53 @@ impl Engine {
             agent_id: request.agent_id,
             agent_type: request.agent_type,
         };
+        let rate = self.cfg.slave_rate_limit;
+        let mut limited = None;
         let connected = match self.slaves.get_mut(&id) {
             Some(slave) if slave.connected => {
                 slave.last_seen = now;
+                if rate > 0 && !slave.bucket.take(now, rate) {
+                    let b = &mut slave.bucket;
+                    b.unreported += 1;
+                    let due = b.reported_at.is_none_or(|at| {
+                        now.saturating_duration_since(at) >= RATE_LIMIT_ALERT_EVERY
+                    });
+                    if due {
+                        b.reported_at = Some(now);
+                        limited = Some(std::mem::take(&mut b.unreported));
+                    } else {
+                        limited = Some(0);
+                    }
+                }
                 true
             }
             _ => false,
         };
+        if let Some(unreported) = limited {
+            // Cheap and quiet: no ledger change, and at most one alert per slave every
+            // RATE_LIMIT_ALERT_EVERY, however hard it floods.
+            let detail = format!(
+                "slave {id} sends more than {rate} registrations per second (--slave-rate-limit)"
+            );
+            let mut out = Output::reply(Reply::Decision(Decision::Rejected {
+                reason: RejectReason::RateLimited,
+                detail: detail.clone(),
+            }));
+            if unreported > 0 {
+                out.alert(
+                    self.alert(
+                        Severity::Warning,
+                        AlertKind::RegistrationRejected,
+                        format!(
+                            "{detail}: {unreported} registrations rejected since the last such alert"
+                        ),
+                    )
+                    .slave(id.as_str())
+                    .reason(RejectReason::RateLimited),
+                );
+            }
+            return out;
+        }
         let result = if connected {
             self.try_grant(&id, &claim.agent_id, &claim.agent_type)
         } else {
@@ -1043,6 +1127,7 @@ impl Engine {
                     hello_seq: 0,
                     reclaimed: false,
                     revoked: HashSet::new(),
+                    bucket: Bucket::new(now, self.cfg.slave_rate_limit),
                 });
                 entry.instance = *instance;
                 entry.license = license.map(|id| SlaveLicense {

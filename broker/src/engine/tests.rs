@@ -52,6 +52,7 @@ fn config(allow_unlicensed: bool) -> EngineConfig {
         expiry_warning_days: 30,
         max_slaves: 100,
         reclaim_margin: Duration::from_secs(10),
+        slave_rate_limit: 0,
     }
 }
 
@@ -629,6 +630,67 @@ fn random_events_never_break_the_limits() {
                 assert!(s.in_use <= local);
             }
         }
+    }
+}
+
+/// Steps: with a limit of 10 registrations per second per slave, s1 sends 20 at once
+/// (the burst) and the 21st is rejected `rate_limited` with one alert; more rejections
+/// within 10 s raise no alert; s2 is not affected; 100 ms later s1 may register one
+/// more; after 10 s the next rejection's alert counts those not reported yet.
+#[test]
+fn a_flooding_slave_is_rate_limited_with_few_alerts() {
+    let mut h = Harness::new(true);
+    h.engine.cfg.slave_rate_limit = 10;
+    h.hello("s1", None);
+    h.hello("s2", None);
+    for _ in 0..20 {
+        assert!(approved(&h.decision("s1", "a1", "inbound")));
+    }
+    let out = h.register("s1", "a1", "inbound");
+    assert!(matches!(
+        out.reply,
+        Some(Reply::Decision(Decision::Rejected {
+            reason: RejectReason::RateLimited,
+            ..
+        }))
+    ));
+    assert_eq!(alerts(&out).len(), 1);
+    assert!(out.changes.is_empty());
+    for _ in 0..5 {
+        let out = h.register("s1", "a1", "inbound");
+        assert_eq!(
+            rejected_for(&decision_of(&out)),
+            Some(RejectReason::RateLimited)
+        );
+        assert!(alerts(&out).is_empty());
+    }
+    assert!(approved(&h.decision("s2", "b1", "inbound")));
+    h.advance(Duration::from_millis(100));
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a1", "inbound")),
+        Some(RejectReason::RateLimited)
+    );
+    // 6 rejections since the alert; 10 s later the bucket is full again (20), and the
+    // next rejection's alert reports those 6 and itself.
+    h.advance(RATE_LIMIT_ALERT_EVERY);
+    for _ in 0..20 {
+        assert!(approved(&h.decision("s1", "a1", "inbound")));
+    }
+    let out = h.register("s1", "a1", "inbound");
+    let a = alerts(&out);
+    assert_eq!(a.len(), 1);
+    assert!(
+        a[0].message.contains("7 registrations rejected"),
+        "{}",
+        a[0].message
+    );
+}
+
+fn decision_of(out: &Output) -> Decision {
+    match &out.reply {
+        Some(Reply::Decision(d)) => d.clone(),
+        other => panic!("expected a decision, got {other:?}"),
     }
 }
 
