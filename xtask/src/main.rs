@@ -49,6 +49,16 @@ enum Cmd {
         #[arg(long, default_value = "100000,1000000")]
         seats: String,
     },
+    /// Fuzz the wire decoder, the license verifier and the admission engine with
+    /// cargo-fuzz (libFuzzer; installed if missing), each target for a fixed time. Crashes
+    /// land in fuzz/artifacts/<target>/ and fail the command.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run [default: all of decode, license, engine].
+        targets: Vec<String>,
+    },
 }
 
 fn cargo() -> Command {
@@ -259,6 +269,47 @@ fn bench_catchup(seats: &str) -> anyhow::Result<()> {
     write_section("catchup", &body)
 }
 
+const FUZZ_TARGETS: [&str; 3] = ["decode", "license", "engine"];
+
+/// cargo-fuzz needs nightly-only compiler flags; `RUSTC_BOOTSTRAP=1` lets the machine's one
+/// (stable) toolchain accept them, and `--sanitizer none` keeps to what stable rustc
+/// ships (safe Rust gains little from AddressSanitizer).
+fn fuzz(seconds: u64, targets: Vec<String>) -> anyhow::Result<()> {
+    let has_fuzz = cargo()
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_fuzz {
+        step(
+            "cargo install cargo-fuzz",
+            cargo().args(["install", "cargo-fuzz", "--locked"]),
+        )?;
+    }
+    let targets: Vec<String> = if targets.is_empty() {
+        FUZZ_TARGETS.iter().map(|t| t.to_string()).collect()
+    } else {
+        targets
+    };
+    for target in &targets {
+        if !FUZZ_TARGETS.contains(&target.as_str()) {
+            bail!("unknown fuzz target {target}: one of {FUZZ_TARGETS:?}");
+        }
+        let corpus = format!("fuzz/corpus/{target}");
+        std::fs::create_dir_all(&corpus).with_context(|| format!("cannot create {corpus}"))?;
+        step(
+            &format!("fuzzing {target} for {seconds} s"),
+            cargo()
+                .args(["fuzz", "run", "--sanitizer", "none", target, &corpus])
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .env("RUSTC_BOOTSTRAP", "1"),
+        )
+        .with_context(|| format!("see fuzz/artifacts/{target}/ for the input"))?;
+    }
+    eprintln!("xtask: fuzzed {targets:?} for {seconds} s each, no crash");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -266,6 +317,7 @@ fn main() -> ExitCode {
         Cmd::Test { no_demo } => test(no_demo),
         Cmd::BenchFailover { trials } => bench_failover(trials),
         Cmd::BenchCatchup { seats } => bench_catchup(&seats),
+        Cmd::Fuzz { seconds, targets } => fuzz(seconds, targets),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
