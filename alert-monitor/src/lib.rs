@@ -81,27 +81,146 @@ pub fn format_alert(alert: &Alert) -> String {
     line
 }
 
-/// Prints alerts from `subscriber` that pass `filter` until `shutdown`, until `max` alerts
-/// were printed, or until the subscription ends. Undecodable messages are reported on
-/// stderr and skipped. Returns how many alerts were printed.
+/// One alert message as received: from the alert stream (with its stream sequence) or
+/// from a live subscription.
+#[derive(Debug)]
+pub struct Incoming {
+    pub subject: String,
+    pub payload: bytes::Bytes,
+    pub sequence: Option<u64>,
+}
+
+/// Where `tail` starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Only alerts published from now on.
+    Now,
+    /// Alerts published since this long ago.
+    Since(Duration),
+    /// The last N alerts stored (before filtering).
+    Last(u64),
+}
+
+/// The alerts of `subjects`' cluster from `from` on: from the alert stream through an
+/// ordered consumer (which picks up where it left off after a reconnect: no gap, no
+/// duplicate), or, when the cluster has no alert stream, from a live subscription (only
+/// `Start::Now` then). Also returns the stream's last sequence at the start, where a
+/// history-only tail stops.
+pub async fn alert_source(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    from: Start,
+) -> anyhow::Result<(
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Incoming, String>> + Send>>,
+    Option<u64>,
+)> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, push};
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = match js.get_stream(subjects.alert_stream()).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            if from != Start::Now {
+                anyhow::bail!(
+                    "cannot read the alert stream {} ({e}): --since and --last need a broker that keeps alerts, and NATS permission to read the stream",
+                    subjects.alert_stream()
+                );
+            }
+            eprintln!(
+                "lmbus-monitor: no alert stream {} ({e}); showing live alerts only",
+                subjects.alert_stream()
+            );
+            let sub = client
+                .subscribe(subjects.all_alerts())
+                .await
+                .context("cannot subscribe to alerts")?;
+            let live = sub.map(|m| {
+                Ok(Incoming {
+                    subject: m.subject.to_string(),
+                    payload: m.payload,
+                    sequence: None,
+                })
+            });
+            return Ok((Box::pin(live), None));
+        }
+    };
+    let state = stream
+        .info()
+        .await
+        .context("cannot read the alert stream's state")?
+        .state
+        .clone();
+    let deliver_policy = match from {
+        Start::Now => DeliverPolicy::New,
+        Start::Since(ago) => DeliverPolicy::ByStartTime {
+            start_time: time::OffsetDateTime::now_utc() - ago,
+        },
+        Start::Last(n) => DeliverPolicy::ByStartSequence {
+            start_sequence: state
+                .last_sequence
+                .saturating_sub(n.saturating_sub(1))
+                .max(state.first_sequence)
+                .max(1),
+        },
+    };
+    let consumer = stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: subjects.all_alerts(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .context("cannot read the alert stream")?;
+    let messages = consumer
+        .messages()
+        .await
+        .context("cannot read the alert stream")?;
+    let incoming = messages.map(|item| match item {
+        Ok(m) => Ok(Incoming {
+            subject: m.subject.to_string(),
+            sequence: m.info().ok().map(|i| i.stream_sequence),
+            payload: m.payload.clone(),
+        }),
+        Err(e) => Err(e.to_string()),
+    });
+    let last = (state.messages > 0).then_some(state.last_sequence);
+    Ok((Box::pin(incoming), last))
+}
+
+/// Prints alerts from `incoming` that pass `filter` until `shutdown`, until `max` alerts
+/// were printed, until the alert with stream sequence `until` was read, or until the
+/// source ends. Undecodable messages are reported on stderr and skipped; a lost
+/// connection is reported there too, and reading resumes after the last alert read.
+/// Returns how many alerts were printed.
 pub async fn tail(
-    mut subscriber: async_nats::Subscriber,
+    mut incoming: impl futures::Stream<Item = Result<Incoming, String>> + Unpin,
     filter: &Filter,
     format: Format,
     max: Option<usize>,
+    until: Option<u64>,
     out: &mut (impl Write + Send),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<usize> {
     tokio::pin!(shutdown);
     let mut printed = 0;
-    while max.is_none_or(|m| printed < m) {
+    let mut last_read: Option<u64> = None;
+    let done = |last: Option<u64>| matches!((until, last), (Some(u), Some(l)) if l >= u);
+    while max.is_none_or(|m| printed < m) && !done(last_read) {
         let msg = tokio::select! {
             _ = &mut shutdown => break,
-            msg = subscriber.next() => match msg {
-                Some(msg) => msg,
+            msg = incoming.next() => match msg {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    eprintln!(
+                        "lmbus-monitor: the alert stream was interrupted ({e}); resuming after alert #{}",
+                        last_read.unwrap_or(0)
+                    );
+                    continue;
+                }
                 None => break,
             },
         };
+        last_read = msg.sequence.or(last_read);
         let alert: Alert = match decode(&msg.payload) {
             Ok(a) => a,
             Err(e) => {

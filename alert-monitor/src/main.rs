@@ -5,9 +5,9 @@ use std::collections::BTreeSet;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
+use anyhow::anyhow;
 use clap::{Parser, Subcommand};
-use lmbus_monitor::{Filter, Format, fetch_status, render_status, tail};
+use lmbus_monitor::{Filter, Format, Start, alert_source, fetch_status, render_status, tail};
 use lmbus_schemas::{AlertKind, Severity, Subjects};
 
 #[derive(Debug, Parser)]
@@ -36,8 +36,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print alerts as they arrive, one line each (time, severity, kind, slave, details).
+    /// Print alerts, one line each (time, severity, kind, slave, details): those stored
+    /// since a time or the last N (then stop, or go on with --follow), or live ones.
     Tail {
+        /// Start with the alerts of the last DURATION (e.g. 1h), from the alert stream.
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "last")]
+        since: Option<Duration>,
+        /// Start with the last N alerts stored (before filters apply).
+        #[arg(long)]
+        last: Option<u64>,
+        /// After the stored alerts, keep printing new ones (the default without --since
+        /// or --last).
+        #[arg(long)]
+        follow: bool,
         /// One JSON document per line instead of text.
         #[arg(long)]
         json: bool,
@@ -88,14 +99,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .cluster
         .ok_or_else(|| anyhow!("no cluster name: pass --cluster or set LMBUS_CLUSTER"))?;
     let subjects = Subjects::new(&cluster)?;
-    let client = lmbus_nats::connect(
+    // The first connect is not news; a reconnect is, and says that nothing is lost.
+    let was_connected = std::sync::atomic::AtomicBool::new(false);
+    let client = lmbus_nats::connect_with(
         &cli.nats,
         async_nats::ConnectOptions::new().name("lmbus-monitor"),
         &cli.nats_auth.into(),
+        move |event| match event {
+            async_nats::Event::Disconnected => {
+                eprintln!("lmbus-monitor: lost the connection to NATS; reconnecting")
+            }
+            async_nats::Event::Connected
+                if was_connected.swap(true, std::sync::atomic::Ordering::Relaxed) =>
+            {
+                eprintln!(
+                    "lmbus-monitor: reconnected to NATS; tailing resumes after the last alert read, without gap or duplicate"
+                )
+            }
+            _ => {}
+        },
     )
     .await?;
     match cli.command {
         Command::Tail {
+            since,
+            last,
+            follow,
             json,
             severity,
             kind,
@@ -108,11 +137,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 kinds: kind.into_iter().collect(),
                 slaves: slave.into_iter().collect::<BTreeSet<_>>(),
             };
-            let subscriber = client
-                .subscribe(subjects.all_alerts())
-                .await
-                .context("cannot subscribe to alerts")?;
-            client.flush().await?;
+            let start = match (since, last) {
+                (Some(ago), _) => Start::Since(ago),
+                (None, Some(n)) => Start::Last(n),
+                (None, None) => Start::Now,
+            };
+            let (incoming, stored_until) = alert_source(&client, &subjects, start).await?;
+            // History only, unless asked to follow: stop at the last alert stored now.
+            let until = match start {
+                Start::Now => None,
+                _ if follow => None,
+                // An empty stream: nothing stored, nothing to wait for.
+                _ => Some(stored_until.unwrap_or(0)),
+            };
+            if until == Some(0) {
+                return Ok(());
+            }
             eprintln!("lmbus-monitor: tailing alerts on {}", subjects.all_alerts());
             let stop = async move {
                 match duration {
@@ -129,7 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let format = if json { Format::Json } else { Format::Text };
             let mut stdout = std::io::stdout();
-            tail(subscriber, &filter, format, count, &mut stdout, stop).await?;
+            tail(incoming, &filter, format, count, until, &mut stdout, stop).await?;
         }
         Command::Licenses {
             json,

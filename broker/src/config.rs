@@ -47,6 +47,9 @@ pub struct BrokerConfig {
     pub stream_replicas: usize,
     /// Registrations per second one slave may send (burst: twice that); 0 = no limit.
     pub slave_rate_limit: u32,
+    /// How long, and how many bytes of, alerts the alert stream keeps (when it creates it).
+    pub alert_max_age: Duration,
+    pub alert_max_bytes: i64,
     /// The leader writes a snapshot of the seat state every this many ledger records
     /// (0: never), so a replica that starts reads the snapshot and the records after it.
     pub snapshot_every: u64,
@@ -108,6 +111,9 @@ pub struct FileConfig {
     pub snapshot_every: Option<u64>,
     pub ledger_trim: Option<bool>,
     pub slave_rate_limit: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub alert_max_age: Option<Duration>,
+    pub alert_max_bytes: Option<i64>,
 }
 
 impl FileConfig {

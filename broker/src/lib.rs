@@ -4,6 +4,7 @@
 //! thin NATS task around it; [`config`] resolves flags, environment and config file into a
 //! [`BrokerConfig`]. `main.rs` only parses the command line and calls [`run`].
 
+pub mod alert_log;
 pub mod config;
 pub mod election;
 pub mod engine;

@@ -35,6 +35,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once at startup: the size of the flag set does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the master broker.
@@ -66,8 +68,9 @@ enum AdminCommand {
         #[arg(long, env = "USER", default_value = "operator")]
         operator: String,
     },
-    /// Delete a cluster's seat ledger, snapshots and election state from JetStream (streams
-    /// LMBUS_LEDGER_<cluster>, LMBUS_SNAPSHOTS_<cluster> and KV_lmbus_election_<cluster>). Every seat record is lost:
+    /// Delete a cluster's seat ledger, snapshots, election state and alert log from
+    /// JetStream (streams LMBUS_LEDGER_<cluster>, LMBUS_SNAPSHOTS_<cluster>,
+    /// KV_lmbus_election_<cluster> and LMBUS_ALERTS_<cluster>). Every seat record is lost:
     /// only for tearing down a test or demo cluster, with all its brokers stopped.
     RemoveState {
         #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
@@ -148,6 +151,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 subjects.ledger_stream(),
                 subjects.snapshot_stream(),
                 subjects.election_stream(),
+                subjects.alert_stream(),
             ] {
                 match js.delete_stream(&stream).await {
                     Ok(_) => println!("deleted stream {stream}"),
@@ -226,6 +230,14 @@ struct RunArgs {
     /// limit off [default: 1000].
     #[arg(long, env = "LMBUS_SLAVE_RATE_LIMIT")]
     slave_rate_limit: Option<u32>,
+    /// How long the alert stream (LMBUS_ALERTS_<cluster>) keeps alerts, when this broker
+    /// creates it [default: 30d].
+    #[arg(long, env = "LMBUS_ALERT_MAX_AGE", value_parser = humantime::parse_duration)]
+    alert_max_age: Option<Duration>,
+    /// How many bytes of alerts the alert stream keeps, the oldest dropped first
+    /// [default: 1073741824].
+    #[arg(long, env = "LMBUS_ALERT_MAX_BYTES")]
+    alert_max_bytes: Option<i64>,
     /// The leader writes a snapshot of the seat state every this many ledger records, so
     /// that a replica that starts reads the snapshot and only the records after it; 0
     /// turns snapshots off [default: 50000].
@@ -309,6 +321,14 @@ impl RunArgs {
                 .stream_replicas
                 .or(file.stream_replicas)
                 .unwrap_or(config::DEFAULT_STREAM_REPLICAS),
+            alert_max_age: self
+                .alert_max_age
+                .or(file.alert_max_age)
+                .unwrap_or(lmbus_broker::alert_log::DEFAULT_MAX_AGE),
+            alert_max_bytes: self
+                .alert_max_bytes
+                .or(file.alert_max_bytes)
+                .unwrap_or(lmbus_broker::alert_log::DEFAULT_MAX_BYTES),
             slave_rate_limit: self
                 .slave_rate_limit
                 .or(file.slave_rate_limit)

@@ -263,6 +263,14 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     info!(nats = %cfg.nats_url, auth = %cfg.nats_auth.describe(), "connected to NATS");
     let mut ledger = Ledger::open(&client, &subjects, cfg.stream_replicas).await?;
     let snapshots = Snapshots::open(&client, &subjects, cfg.stream_replicas).await?;
+    crate::alert_log::open(
+        &client,
+        &subjects,
+        cfg.stream_replicas,
+        cfg.alert_max_age,
+        cfg.alert_max_bytes,
+    )
+    .await?;
     let mut election = Election::start(
         &client,
         &subjects,

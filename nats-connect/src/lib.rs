@@ -255,10 +255,21 @@ pub async fn connect(
     options: ConnectOptions,
     auth: &NatsAuth,
 ) -> Result<async_nats::Client, ConnectFailure> {
-    let options = auth
-        .apply(options)
-        .await?
-        .event_callback(|event| async move {
+    connect_with(urls, options, auth, |_| {}).await
+}
+
+/// [`connect`], also calling `on_event` for every connection event (a command-line tool
+/// telling its user that it lost and regained the connection, say).
+pub async fn connect_with(
+    urls: &str,
+    options: ConnectOptions,
+    auth: &NatsAuth,
+    on_event: impl Fn(&async_nats::Event) + Send + Sync + 'static,
+) -> Result<async_nats::Client, ConnectFailure> {
+    let on_event = std::sync::Arc::new(on_event);
+    let options = auth.apply(options).await?.event_callback(move |event| {
+        on_event(&event);
+        async move {
             match event {
                 async_nats::Event::ServerError(e) => {
                     tracing::warn!(error = %e, "the NATS server reported an error")
@@ -271,7 +282,8 @@ pub async fn connect(
                 }
                 other => tracing::info!(event = %other, "NATS connection"),
             }
-        });
+        }
+    });
     options
         .connect(nats_urls(urls))
         .await

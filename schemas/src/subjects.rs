@@ -201,6 +201,12 @@ impl Subjects {
         format!("{}.alert.>", self.prefix)
     }
 
+    /// `LMBUS_ALERTS_<cluster>`: the JetStream stream that keeps every alert published on
+    /// [`Self::all_alerts`] (created by the brokers), read by `lmbus-monitor tail --since`.
+    pub fn alert_stream(&self) -> String {
+        format!("LMBUS_ALERTS_{}", self.cluster)
+    }
+
     /// `lmbus.v1.<cluster>.admin.release`: request `ReleaseRequest` → `ReleaseReply`,
     /// answered by the master; sent by operators (`lmbus-broker admin release`).
     pub fn admin_release(&self) -> String {

@@ -368,6 +368,23 @@ async fn reference_permissions_confine_each_slave() {
         .await
         .unwrap();
     assert_eq!(status.slaves.len(), 1);
+    // The monitor's user may read the alert log the broker's user created.
+    let (mut stored, until) = lmbus_monitor::alert_source(
+        &monitor,
+        &subjects,
+        lmbus_monitor::Start::Since(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    assert!(until.is_some());
+    let first = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::StreamExt::next(&mut stored),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(first.is_ok(), "{first:?}");
 
     let (site1, mut events) = watched_client(&s.nats.url(), "site1", &subjects).await;
     let site2 = lmbus_schemas::SlaveId::new("site2").unwrap();

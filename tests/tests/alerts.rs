@@ -1,0 +1,160 @@
+#![allow(clippy::unwrap_used)]
+//! The durable alert log: alerts kept in the cluster's alert stream and read back by
+//! `lmbus-monitor tail` with `--since`, `--last` and filters, across a NATS restart.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use lmbus_schemas::{Alert, AlertKind, Subjects};
+use lmbus_slave::SlaveAgent;
+use lmbus_tests::*;
+
+fn monitor(f: &Fixture, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("lmbus-monitor").unwrap());
+    cmd.args([
+        "--nats",
+        &f.nats.url(),
+        "--cluster",
+        &f.cluster,
+        "tail",
+        "--json",
+    ])
+    .args(args)
+    .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a history-only tail to its end (bounded) and returns the alerts it printed.
+async fn history(f: &Fixture, args: &[&str]) -> Vec<Alert> {
+    let mut cmd = monitor(f, args);
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || cmd.output().unwrap()),
+    )
+    .await
+    .expect("a history tail did not end by itself")
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+async fn stored(f: &Fixture) -> u64 {
+    let js = async_nats::jetstream::new(f.client.clone());
+    let mut stream = js
+        .get_stream(Subjects::new(&f.cluster).unwrap().alert_stream())
+        .await
+        .unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// Steps: a broker (it creates the alert stream) and three slaves, one of which goes over
+/// the limit, so alerts are stored while no monitor runs; `tail --since 1h` prints every
+/// stored alert and exits; `--last 2` exactly the last two; `--kind slave_connected` only
+/// the three connections. Then `tail --since 1h --follow` runs while the nats-server is
+/// killed and started again on the same store: the alerts raised after the restart (a
+/// fourth slave connecting) are printed too, and no alert is printed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_are_kept_and_tailed_across_a_nats_restart() {
+    let mut f = Fixture::new().await.unwrap();
+    let broker = f.broker(1, &[], true).await.unwrap();
+    let mut slaves = Vec::new();
+    for id in ["s1", "s2", "s3"] {
+        slaves.push(
+            SlaveAgent::start(f.slave_config(id).unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    slaves[0].register("a1", "inbound").await.unwrap();
+    slaves[1].register("a2", "inbound").await.unwrap(); // over the 1-seat limit
+    eventually("alerts stored", || async { stored(&f).await >= 6 })
+        .await
+        .unwrap();
+    let count = stored(&f).await;
+
+    let all = history(&f, &["--since", "1h"]).await;
+    assert_eq!(all.len() as u64, count, "{all:?}");
+    assert!(
+        all.iter()
+            .any(|a| a.kind == AlertKind::RegistrationRejected)
+    );
+    let last = history(&f, &["--last", "2"]).await;
+    assert_eq!(last, all[all.len() - 2..].to_vec());
+    let connected = history(&f, &["--since", "1h", "--kind", "slave_connected"]).await;
+    assert_eq!(connected.len(), 3, "{connected:?}");
+
+    let mut follow = monitor(&f, &["--since", "1h", "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<Alert>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(alert) = serde_json::from_str(&line) {
+                let _ = lines_tx.send(alert);
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while (seen.len() as u64) < count {
+        let alert = tokio::time::timeout(Duration::from_secs(10), lines.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push(alert);
+    }
+    tokio::task::block_in_place(|| f.nats.restart()).unwrap();
+    // The broker and the monitor reconnect on their own; a new slave raises new alerts.
+    let s4 = eventually("a slave connects after the restart", || async {
+        SlaveAgent::start(f.slave_config("s4").unwrap())
+            .await
+            .is_ok()
+    })
+    .await;
+    s4.unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let alert = lines.recv().await.unwrap();
+            let is_s4 =
+                alert.kind == AlertKind::SlaveConnected && alert.slave.as_deref() == Some("s4");
+            seen.push(alert);
+            if is_s4 {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = follow.kill();
+    let stderr = follow
+        .wait_with_output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .unwrap_or_default();
+    after.unwrap_or_else(|_| {
+        panic!("no alert after the restart reached the monitor; its stderr: {stderr}")
+    });
+    eprintln!("seen: the following monitor said: {}", stderr.trim());
+    assert!(stderr.contains("reconnected to NATS"), "{stderr}");
+    let mut keys: Vec<(i64, String)> = seen
+        .iter()
+        .map(|a| (a.time_ms, a.message.clone()))
+        .collect();
+    let printed = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), printed, "an alert was printed twice");
+    for s in slaves {
+        s.shutdown().await;
+    }
+    broker.stop().await.unwrap();
+}
