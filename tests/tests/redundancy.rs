@@ -248,8 +248,10 @@ async fn chaos_of_kills_stops_and_restarts_keeps_every_invariant() {
 }
 
 /// Steps: the same chaos with brokers that snapshot every 40 records and trim the ledger,
-/// so restarted replicas start from snapshots and lagging ones meet trimmed records; the
-/// audit runs from the latest snapshot.
+/// so restarted replicas start from snapshots and lagging ones meet trimmed records. A
+/// reader started before any record keeps a copy of every record before it is trimmed, and
+/// that whole history is audited too (with no gap), besides the audit from the latest
+/// snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_with_snapshots_and_a_trimmed_ledger_keeps_every_invariant() {
     chaos(
@@ -262,6 +264,23 @@ async fn chaos_with_snapshots_and_a_trimmed_ledger_keeps_every_invariant() {
 async fn chaos(flags: &[&str], seed: u64) {
     let _serial = SERIAL.lock().await;
     let mut rig = Rig::start_configured(flags, &[]).await;
+    // Every record as it is appended, kept here before any trim can delete it.
+    let subjects = Subjects::new(&rig.cluster).unwrap();
+    let ledger = Ledger::open(&rig.client, &subjects, 3).await.unwrap();
+    let copied = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let copier = {
+        let copied = copied.clone();
+        let mut records = ledger.follow(1).await.unwrap();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(record) = records.next().await {
+                // The ordered consumer reports a lost heartbeat and repairs itself.
+                if let Ok(record) = record {
+                    copied.lock().unwrap().push(record);
+                }
+            }
+        })
+    };
     let load = Load::start(&rig).await;
     let mut seed: u64 = seed;
     let mut next = move |n: u64| {
@@ -312,14 +331,33 @@ async fn chaos(flags: &[&str], seed: u64) {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (audit, slaves) = load.finish(&rig).await;
+    let (rooted, slaves) = load.finish(&rig).await;
+    let last = ledger.last_sequence().await.unwrap();
+    lmbus_tests::eventually("the copy reaches the ledger's end", || async {
+        copied
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|r| r.sequence >= last)
+    })
+    .await
+    .unwrap();
+    copier.abort();
+    let history = copied.lock().unwrap().split_off(0);
+    for (n, record) in history.iter().enumerate() {
+        assert_eq!(record.sequence, n as u64 + 1, "the copy has a gap");
+    }
+    let whole = audit(&history, LIMIT, &BTreeMap::new()).unwrap();
+    assert_eq!(whole.seats, rooted.seats);
     eprintln!(
-        "measured: chaos ({rounds} rounds, flags {flags:?}): ledger {} records, {} grants, {} releases, max {} seats in use, {} leader terms",
-        audit.records,
-        audit.grants,
-        audit.releases,
-        audit.max_in_use,
-        audit.leaders.len()
+        "measured: chaos ({rounds} rounds, flags {flags:?}): ledger {} records ({} audited from the latest snapshot), {} grants, {} releases, max {} seats in use, {} leader terms; first record still stored: {}",
+        whole.records,
+        rooted.records,
+        whole.grants,
+        whole.releases,
+        whole.max_in_use,
+        whole.leaders.len(),
+        ledger_first_sequence(&rig).await
     );
     for slave in slaves {
         slave.shutdown().await;
