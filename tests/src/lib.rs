@@ -220,6 +220,11 @@ impl NatsServer {
         let _ = self.child.wait();
     }
 
+    /// The server's process id (for CPU accounting in benches).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

@@ -4,12 +4,15 @@
 //!   here if none answers), with a workload that goes over the limits and the alert tail.
 //! - `cargo xtask test`: installs nats-server if needed, then fmt, clippy, the whole test
 //!   suite and a short demo run. `.ci/run` calls exactly this.
+//! - `cargo xtask bench`: lmbus against the NATS request/reply floor and a Redis counting
+//!   semaphore, side by side in one run.
 //! - `cargo xtask bench-failover`: kill -9 trials of the leader broker on a 3-node NATS
 //!   cluster; `cargo xtask bench-catchup`: a cold replica replaying 10^5 and 10^6 seats, or loading a snapshot of them.
 //!   Both write their tables into `BENCHMARKS.md`.
 
 mod demo;
 mod nats;
+mod redis;
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -33,6 +36,17 @@ enum Cmd {
         /// Skip the short demo run at the end.
         #[arg(long)]
         no_demo: bool,
+    },
+    /// Throughput bench: the NATS request/reply floor, a Redis counting semaphore and lmbus
+    /// (slave library and local HTTP API to a leader broker with its ledger on), at
+    /// concurrency 1 and 64, side by side in one run; writes the table into BENCHMARKS.md.
+    Bench {
+        /// Repetitions of each row; the median is reported, with the spread.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Measured seconds per repetition (after a 1 s warm-up).
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
     },
     /// Failover bench: kill -9 the leader broker N times under load (3-node NATS cluster,
     /// three broker processes) and report the time to the first approved registration;
@@ -269,6 +283,88 @@ fn bench_catchup(seats: &str) -> anyhow::Result<()> {
     write_section("catchup", &body)
 }
 
+fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
+    let redis = redis::ensure_server()?;
+    let lines = run_bench(
+        "throughput",
+        &[
+            ("REDIS_SERVER_BIN", redis.display().to_string()),
+            ("LMBUS_BENCH_REPS", reps.to_string()),
+            ("LMBUS_BENCH_SECONDS", seconds.to_string()),
+        ],
+    )?;
+    let redis_version = Command::new(&redis)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let rows: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("BENCH throughput "))
+        .collect();
+    let num = |line: &str, name: &str| field(line, name).parse::<f64>().ok();
+    let find = |row: &str, c: &str| {
+        rows.iter()
+            .find(|l| field(l, "row") == row && field(l, "concurrency") == c)
+            .map(|l| l.as_str())
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "?".into(),
+    };
+    let mut body = format!(
+        "## Throughput and latency: lmbus against the NATS floor and a Redis semaphore\n\n\
+         `cargo xtask bench --reps {reps} --seconds {seconds}` on {}, {redis_version}. One run, \
+         side by side: **nats_echo**, request/reply to an echo responder process answering 64 bytes \
+         (the floor: no broker round trip can be faster); **jetstream_publish**, a publish to a \
+         file-store stream awaiting its acknowledgement (what one ledger append costs); **redis_semaphore**, the fair counting \
+         semaphore (one Lua script per acquire: ZREMRANGEBYSCORE of expired holders, ZCARD against \
+         the limit, ZADD of the holder; ZREM to release) on a redis-server without persistence; \
+         **lmbus_library**, registrations and unregistrations through `SlaveAgent` in the bench \
+         process to one `lmbus-broker` process (release build, ledger on, file store, \
+         `--slave-rate-limit 0`); **lmbus_http**, the same through `lmbus-slave` daemons' local HTTP \
+         API. Each operation alternates take and release (register, unregister). Concurrency 64 is \
+         4 connections (NATS clients, Redis connections, slaves) of 16 workers each. {reps} \
+         repetitions of {seconds} s after a 1 s warm-up; the median repetition is shown, with the \
+         spread of ops/s. CPU is percent of one core per process over the measured window. Ratios \
+         compare ops/s (and p50 latency) with the rows of the same concurrency in the same run.\n\n\
+         | row | concurrency | ops/s | spread | p50 | p99 | p99.9 | CPU % | ops / floor | ops / Redis | p50 / floor p50 |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        machine()
+    );
+    for line in &rows {
+        let c = field(line, "concurrency");
+        let floor = find("nats_echo", &c);
+        let peer = find("redis_semaphore", &c);
+        body.push_str(&format!(
+            "| {} | {c} | {} | {}–{} | {} µs | {} µs | {} µs | {} | {} | {} | {} |\n",
+            field(line, "row"),
+            field(line, "ops"),
+            field(line, "min_ops"),
+            field(line, "max_ops"),
+            field(line, "p50_us"),
+            field(line, "p99_us"),
+            field(line, "p999_us"),
+            field(line, "cpu").replace(',', ", ").replace(':', " "),
+            ratio(num(line, "ops"), floor.and_then(|f| num(f, "ops"))),
+            ratio(num(line, "ops"), peer.and_then(|p| num(p, "ops"))),
+            ratio(num(line, "p50_us"), floor.and_then(|f| num(f, "p50_us"))),
+        ));
+    }
+    if let Some(audit) = lines.iter().find(|l| l.starts_with("BENCH audit ")) {
+        body.push_str(&format!(
+            "\nThe ledger audit (the redundancy issue's invariant checker) passed on the bench's \
+             ledger afterwards: {} records, {} grants, {} releases, at most {} seats in use.\n",
+            field(audit, "records"),
+            field(audit, "grants"),
+            field(audit, "releases"),
+            field(audit, "max_in_use"),
+        ));
+    }
+    body.push('\n');
+    write_section("throughput", &body)
+}
+
 const FUZZ_TARGETS: [&str; 3] = ["decode", "license", "engine"];
 
 /// cargo-fuzz needs nightly-only compiler flags; `RUSTC_BOOTSTRAP=1` lets the machine's one
@@ -315,6 +411,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Demo(args) => demo::run(args),
         Cmd::Test { no_demo } => test(no_demo),
+        Cmd::Bench { reps, seconds } => bench_throughput(reps, seconds),
         Cmd::BenchFailover { trials } => bench_failover(trials),
         Cmd::BenchCatchup { seats } => bench_catchup(&seats),
         Cmd::Fuzz { seconds, targets } => fuzz(seconds, targets),

@@ -12,7 +12,7 @@ fn is_file(p: &Path) -> bool {
     p.is_file()
 }
 
-fn on_path(name: &str) -> Option<PathBuf> {
+pub fn on_path(name: &str) -> Option<PathBuf> {
     let paths = std::env::var_os("PATH")?;
     std::env::split_paths(&paths)
         .map(|d| d.join(name))
@@ -47,7 +47,7 @@ fn find() -> Option<PathBuf> {
         .or_else(user_pip_bin)
 }
 
-fn run_ok(cmd: &mut Command) -> bool {
+pub fn run_ok(cmd: &mut Command) -> bool {
     eprintln!("xtask: running {cmd:?}");
     cmd.status().is_ok_and(|s| s.success())
 }

@@ -1,0 +1,628 @@
+#![allow(clippy::unwrap_used)]
+//! The throughput bench (`cargo xtask bench`, or `cargo bench -p lmbus-tests --bench
+//! throughput` with `NATS_SERVER_BIN` and `REDIS_SERVER_BIN` set): one run measures, side
+//! by side and on the same machine,
+//!
+//! 1. the NATS floor: request/reply to an echo responder (its own process) that answers
+//!    64 bytes;
+//! 2. a JetStream publish with its acknowledgement (the ledger append's own cost);
+//! 3. the Redis fair counting semaphore: one Lua script per acquire (ZREMRANGEBYSCORE of
+//!    expired holders, ZCARD against the limit, ZADD of the holder), ZREM to release;
+//! 4. lmbus strict mode: registrations and unregistrations through slave agents (the
+//!    library in this process, and the local HTTP API of `lmbus-slave` daemons) to one
+//!    leader broker process with its ledger on;
+//!
+//! each at concurrency 1 and 64 (64 = 4 connections or slaves × 16 workers), alternating
+//! acquire and release, `LMBUS_BENCH_REPS` (3) repetitions of `LMBUS_BENCH_SECONDS` (5 s)
+//! after a 1 s warm-up. Prints one `BENCH` line per row (median repetition, spread) with
+//! the CPU of each process, then audits the broker's ledger.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use lmbus_broker::ledger::{Ledger, audit};
+use lmbus_schemas::{SlaveId, Subjects};
+use lmbus_slave::{SlaveAgent, SlaveConfig};
+use lmbus_tests::{NatsServer, Proc, Vendor, bin, cluster_name, free_port};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::time::Instant;
+
+const ECHO_SUBJECT: &str = "lmbus.bench.echo";
+const ECHO_ROLE: &str = "LMBUS_BENCH_ECHO_URL";
+/// Connections (NATS clients, Redis connections, slaves) at concurrency 64.
+const CONNECTIONS: usize = 4;
+const LIMIT: u32 = 10_000;
+
+fn main() {
+    if let Ok(url) = std::env::var(ECHO_ROLE) {
+        return echo_responder(&url);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if let Err(e) = rt.block_on(bench()) {
+        eprintln!("bench failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The echo responder, run as a child process of the bench so its CPU is its own.
+fn echo_responder(url: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(url).await.unwrap();
+        let mut requests = client.subscribe(ECHO_SUBJECT).await.unwrap();
+        client.flush().await.unwrap();
+        let answer = Bytes::from(vec![b'x'; 64]);
+        while let Some(request) = requests.next().await {
+            if let Some(reply) = request.reply {
+                let _ = client.publish(reply, answer.clone()).await;
+            }
+        }
+    });
+}
+
+fn settings() -> (usize, Duration) {
+    let reps = std::env::var("LMBUS_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let secs = std::env::var("LMBUS_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5.0);
+    (reps, Duration::from_secs_f64(secs))
+}
+
+/// Clock ticks of user + system CPU a process has used so far (`/proc/<pid>/stat`).
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the ')'.
+    field(11) + field(12)
+}
+
+/// The processes whose CPU a row reports, by name.
+type Watched = Vec<(String, Vec<u32>)>;
+
+struct Window {
+    started: Instant,
+    ticks: Vec<u64>,
+}
+
+fn open_window(watched: &Watched) -> Window {
+    Window {
+        started: Instant::now(),
+        ticks: watched
+            .iter()
+            .map(|(_, pids)| pids.iter().map(|p| cpu_ticks(*p)).sum())
+            .collect(),
+    }
+}
+
+/// Percent of one core each watched process used since the window opened.
+fn close_window(watched: &Watched, window: &Window) -> Vec<(String, f64)> {
+    let secs = window.started.elapsed().as_secs_f64();
+    // USER_HZ is 100 on every Linux this runs on.
+    let hz = 100.0;
+    watched
+        .iter()
+        .zip(&window.ticks)
+        .map(|((name, pids), before)| {
+            let now: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+            (
+                name.clone(),
+                (now.saturating_sub(*before)) as f64 / hz / secs * 100.0,
+            )
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+struct Sample {
+    ops_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    cpu: Vec<(String, f64)>,
+}
+
+/// Runs `concurrency` workers calling `op(worker, i)` in a loop for a warm-up second,
+/// then for `length`, and measures the window. Odd `i` releases what even `i` took, and a
+/// worker only stops after a release, so nothing stays held.
+async fn measure<F, Fut>(
+    concurrency: usize,
+    length: Duration,
+    watched: &Watched,
+    op: F,
+) -> anyhow::Result<Sample>
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let (op, measuring, stop) = (op.clone(), measuring.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies: Vec<u32> = Vec::with_capacity(1 << 16);
+            let mut i: u64 = 0;
+            loop {
+                if i % 2 == 0 && stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let on = measuring.load(Ordering::Relaxed);
+                let t0 = Instant::now();
+                op(w, i).await?;
+                if on && measuring.load(Ordering::Relaxed) {
+                    latencies.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                }
+                i += 1;
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let window = open_window(watched);
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(length).await;
+    measuring.store(false, Ordering::Relaxed);
+    let secs = window.started.elapsed().as_secs_f64();
+    let cpu = close_window(watched, &window);
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for worker in workers {
+        all.extend(worker.await??);
+    }
+    if all.is_empty() {
+        bail!("no operation completed in the window");
+    }
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64;
+    Ok(Sample {
+        ops_per_sec: all.len() as f64 / secs,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        p999_us: pct(0.999),
+        cpu,
+    })
+}
+
+/// `reps` samples; prints the median one (by ops/s) as a `BENCH` line with the spread.
+async fn row<F, Fut>(
+    name: &str,
+    concurrency: usize,
+    watched: &Watched,
+    op: F,
+) -> anyhow::Result<Sample>
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let (reps, length) = settings();
+    let mut samples = Vec::new();
+    for rep in 0..reps {
+        let s = measure(concurrency, length, watched, op.clone())
+            .await
+            .with_context(|| format!("{name} at concurrency {concurrency}"))?;
+        eprintln!(
+            "{name} c={concurrency} rep {rep}: {:.0} ops/s, p50 {:.0} us",
+            s.ops_per_sec, s.p50_us
+        );
+        samples.push(s);
+    }
+    samples.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
+    let median = samples[samples.len() / 2].clone();
+    let cpu: Vec<String> = median
+        .cpu
+        .iter()
+        .map(|(n, pct)| format!("{n}:{pct:.0}"))
+        .collect();
+    println!(
+        "BENCH throughput row={name} concurrency={concurrency} ops={:.0} min_ops={:.0} max_ops={:.0} p50_us={:.0} p99_us={:.0} p999_us={:.0} cpu={}",
+        median.ops_per_sec,
+        samples[0].ops_per_sec,
+        samples[samples.len() - 1].ops_per_sec,
+        median.p50_us,
+        median.p99_us,
+        median.p999_us,
+        cpu.join(",")
+    );
+    Ok(median)
+}
+
+/// A `redis-server` on a free loopback port, without persistence (the semaphore as it is
+/// usually run: its state is lost with the process).
+fn start_redis() -> anyhow::Result<(Proc, u16)> {
+    let bin = std::env::var_os("REDIS_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "redis-server".into());
+    let port = free_port();
+    let proc = Proc::spawn(
+        Command::new(&bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .with_context(|| {
+        format!(
+            "cannot start {}: set REDIS_SERVER_BIN (cargo xtask bench does)",
+            bin.display()
+        )
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("redis-server did not listen on {port} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((proc, port))
+}
+
+/// The fair counting semaphore's acquire, as one script: drop holders older than the
+/// timeout, count, add the holder if under the limit.
+const ACQUIRE: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+    return 1
+end
+return 0
+";
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A minimal HTTP/1.1 keep-alive client for the slave's local API: one request at a time
+/// on one connection, answers read by their Content-Length.
+struct Http {
+    stream: BufReader<tokio::net::TcpStream>,
+}
+
+impl Http {
+    async fn connect(port: u16) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream: BufReader::new(stream),
+        })
+    }
+
+    async fn call(&mut self, method: &str, path: &str, body: &str) -> anyhow::Result<String> {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.stream.get_mut().write_all(request.as_bytes()).await?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await?;
+        if !line.starts_with("HTTP/1.1 200") {
+            bail!("{method} {path}: {}", line.trim());
+        }
+        let mut length = 0;
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).await?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse()?;
+            }
+        }
+        let mut answer = vec![0; length];
+        self.stream.read_exact(&mut answer).await?;
+        Ok(String::from_utf8(answer)?)
+    }
+}
+
+fn spread(concurrency: usize) -> usize {
+    if concurrency == 1 { 1 } else { CONNECTIONS }
+}
+
+async fn bench() -> anyhow::Result<()> {
+    lmbus_tests::init_tracing();
+    let nats = NatsServer::start()?;
+    let nats_pid = nats.pid();
+    let me = std::process::id();
+    let levels = [1usize, 64];
+
+    // 1. The NATS floor.
+    let echo = Proc::spawn(
+        Command::new(std::env::current_exe()?)
+            .env(ECHO_ROLE, nats.url())
+            .stdout(Stdio::null()),
+    )?;
+    let watched: Watched = vec![
+        ("bench".into(), vec![me]),
+        ("nats-server".into(), vec![nats_pid]),
+        ("echo".into(), vec![echo.pid().as_raw() as u32]),
+    ];
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        clients.push(nats.client().await?);
+    }
+    let clients = Arc::new(clients);
+    lmbus_tests::eventually("the echo responder answers", || {
+        let c = clients[0].clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_millis(500),
+                c.request(ECHO_SUBJECT, Bytes::new()),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok())
+        }
+    })
+    .await?;
+    let payload = Bytes::from(vec![b'r'; 64]);
+    for c in levels {
+        let (clients, payload) = (clients.clone(), payload.clone());
+        let n = spread(c);
+        row("nats_echo", c, &watched, move |w, _| {
+            let (client, payload) = (clients[w % n].clone(), payload.clone());
+            async move {
+                client.request(ECHO_SUBJECT, payload).await?;
+                Ok(())
+            }
+        })
+        .await?;
+    }
+    drop(echo);
+
+    // The ledger's cost alone: a JetStream publish acknowledged by a file-store stream.
+    let watched: Watched = vec![
+        ("bench".into(), vec![me]),
+        ("nats-server".into(), vec![nats_pid]),
+    ];
+    let js = async_nats::jetstream::new(clients[0].clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "LMBUS_BENCH_JS".into(),
+        subjects: vec!["lmbus.bench.js".into()],
+        max_messages: 100_000,
+        ..Default::default()
+    })
+    .await?;
+    let streams: Arc<Vec<_>> = Arc::new(
+        clients
+            .iter()
+            .map(|c| async_nats::jetstream::new(c.clone()))
+            .collect(),
+    );
+    for c in levels {
+        let (streams, payload) = (streams.clone(), payload.clone());
+        let n = spread(c);
+        row("jetstream_publish", c, &watched, move |w, _| {
+            let (js, payload) = (streams[w % n].clone(), payload.clone());
+            async move {
+                js.publish("lmbus.bench.js", payload).await?.await?;
+                Ok(())
+            }
+        })
+        .await?;
+    }
+
+    // 2. The Redis semaphore.
+    let (redis, port) = start_redis()?;
+    let watched: Watched = vec![
+        ("bench".into(), vec![me]),
+        ("redis-server".into(), vec![redis.pid().as_raw() as u32]),
+    ];
+    let redis_client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let mut conns = Vec::new();
+    for _ in 0..CONNECTIONS {
+        conns.push(redis_client.get_multiplexed_async_connection().await?);
+    }
+    let conns = Arc::new(conns);
+    let script = Arc::new(redis::Script::new(ACQUIRE));
+    for c in levels {
+        let (conns, script) = (conns.clone(), script.clone());
+        let n = spread(c);
+        row("redis_semaphore", c, &watched, move |w, i| {
+            let (mut conn, script) = (conns[w % n].clone(), script.clone());
+            async move {
+                let holder = format!("w{w}");
+                if i % 2 == 0 {
+                    let got: i64 = script
+                        .key("lmbus-bench-sem")
+                        .arg(now_ms())
+                        .arg(60_000)
+                        .arg(LIMIT)
+                        .arg(&holder)
+                        .invoke_async(&mut conn)
+                        .await?;
+                    if got != 1 {
+                        bail!("the semaphore refused {holder}");
+                    }
+                } else {
+                    let _: i64 = redis::cmd("ZREM")
+                        .arg("lmbus-bench-sem")
+                        .arg(&holder)
+                        .query_async(&mut conn)
+                        .await?;
+                }
+                Ok(())
+            }
+        })
+        .await?;
+    }
+    drop(redis);
+
+    // 3. lmbus strict mode: a leader broker with its ledger on.
+    let vendor = Vendor::new()?;
+    let cluster = cluster_name();
+    let license = vendor.master(LIMIT, &[("inbound", LIMIT)])?;
+    let logs = tempfile::tempdir()?;
+    let broker = Proc::spawn(
+        Command::new(bin("lmbus-broker")?)
+            .args(["run", "--nats", &nats.url(), "--cluster", &cluster])
+            .arg("--license")
+            .arg(&license)
+            .arg("--vendor-key")
+            .arg(vendor.public_key_path())
+            .args(["--allow-unlicensed-slaves", "--id", "bench-broker"])
+            // The bench is one client pushing as hard as it can, not a rogue slave.
+            .args(["--slave-rate-limit", "0"])
+            .env("LMBUS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(logs.path().join("broker.log"))?),
+    )?;
+    let client = nats.client().await?;
+    lmbus_tests::eventually("the broker leads", || {
+        let (client, cluster) = (client.clone(), cluster.clone());
+        async move { lmbus_tests::status(&client, &cluster).await.is_ok() }
+    })
+    .await?;
+    let broker_pid = broker.pid().as_raw() as u32;
+    let watched: Watched = vec![
+        ("bench".into(), vec![me]),
+        ("nats-server".into(), vec![nats_pid]),
+        ("broker".into(), vec![broker_pid]),
+    ];
+    let mut slaves = Vec::new();
+    for s in 0..CONNECTIONS {
+        let cfg = SlaveConfig::new(&nats.url(), &cluster, SlaveId::new(format!("lib{s}"))?);
+        slaves.push(SlaveAgent::start(cfg).await?);
+    }
+    let slaves = Arc::new(slaves);
+    for c in levels {
+        let slaves = slaves.clone();
+        let n = spread(c);
+        row("lmbus_library", c, &watched, move |w, i| {
+            let slaves = slaves.clone();
+            async move {
+                let slave = &slaves[w % n];
+                let agent = format!("c{c}-w{w}");
+                if i % 2 == 0 {
+                    let outcome = slave.register(&agent, "inbound").await?;
+                    if !outcome.is_approved() {
+                        bail!("{agent} was not approved: {outcome:?}");
+                    }
+                } else if !slave.unregister(&agent).await? {
+                    bail!("{agent} held no seat to release");
+                }
+                Ok(())
+            }
+        })
+        .await?;
+    }
+    for slave in slaves.iter() {
+        slave.shutdown().await;
+    }
+
+    // The same through `lmbus-slave` daemons and their local HTTP API.
+    let mut daemons = Vec::new();
+    let mut ports = Vec::new();
+    for s in 0..CONNECTIONS {
+        let port = free_port();
+        daemons.push(Proc::spawn(
+            Command::new(bin("lmbus-slave")?)
+                .args(["run", "--nats", &nats.url(), "--cluster", &cluster])
+                .args(["--id", &format!("http{s}")])
+                .args(["--api", &format!("127.0.0.1:{port}")])
+                .env("LMBUS_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(
+                    logs.path().join(format!("http{s}.log")),
+                )?),
+        )?);
+        ports.push(port);
+    }
+    for port in &ports {
+        let port = *port;
+        lmbus_tests::eventually("the slave's API answers", || async move {
+            match Http::connect(port).await {
+                Ok(mut http) => http
+                    .call("GET", "/v1/status", "")
+                    .await
+                    .is_ok_and(|s| s.contains("\"connected\":true")),
+                Err(_) => false,
+            }
+        })
+        .await?;
+    }
+    let mut watched = watched;
+    watched.push((
+        "lmbus-slave".into(),
+        daemons.iter().map(|d| d.pid().as_raw() as u32).collect(),
+    ));
+    for c in levels {
+        let n = spread(c);
+        // One keep-alive connection per worker, like a host application's HTTP client.
+        let mut conns = Vec::new();
+        for w in 0..c {
+            conns.push(tokio::sync::Mutex::new(Http::connect(ports[w % n]).await?));
+        }
+        let conns = Arc::new(conns);
+        row("lmbus_http", c, &watched, move |w, i| {
+            let conns = conns.clone();
+            async move {
+                let agent = format!("h{c}-w{w}");
+                let mut http = conns[w].lock().await;
+                if i % 2 == 0 {
+                    let body = format!(r#"{{"agent_id":"{agent}","agent_type":"inbound"}}"#);
+                    let answer = http.call("POST", "/v1/agents", &body).await?;
+                    if !answer.contains("\"approved\"") {
+                        bail!("{agent} was not approved: {answer}");
+                    }
+                } else {
+                    let answer = http
+                        .call("DELETE", &format!("/v1/agents/{agent}"), "")
+                        .await?;
+                    if !answer.contains("true") {
+                        bail!("{agent} held no seat to release: {answer}");
+                    }
+                }
+                Ok(())
+            }
+        })
+        .await?;
+    }
+    drop(daemons);
+
+    // The invariant checker from the redundancy issue, on the bench's ledger.
+    let subjects = Subjects::new(&cluster)?;
+    let records = Ledger::open(&client, &subjects, 1)
+        .await?
+        .read_all()
+        .await?;
+    let types: BTreeMap<String, u32> = [("inbound".to_owned(), LIMIT)].into();
+    let checked = audit(&records, LIMIT, &types).map_err(|e| anyhow::anyhow!(e))?;
+    println!(
+        "BENCH audit records={} grants={} releases={} max_in_use={}",
+        checked.records, checked.grants, checked.releases, checked.max_in_use
+    );
+    drop(broker);
+    Ok(())
+}
