@@ -47,6 +47,8 @@ pub struct BrokerConfig {
     pub stream_replicas: usize,
     /// Registrations per second one slave may send (burst: twice that); 0 = no limit.
     pub slave_rate_limit: u32,
+    /// Most seats one slave may hold; 0 = no cap beyond the license limits.
+    pub max_agents_per_slave: u32,
     /// How long, and how many bytes of, alerts the alert stream keeps (when it creates it).
     pub alert_max_age: Duration,
     pub alert_max_bytes: i64,
@@ -111,6 +113,7 @@ pub struct FileConfig {
     pub snapshot_every: Option<u64>,
     pub ledger_trim: Option<bool>,
     pub slave_rate_limit: Option<u32>,
+    pub max_agents_per_slave: Option<u32>,
     #[serde(default, with = "humantime_serde_opt")]
     pub alert_max_age: Option<Duration>,
     pub alert_max_bytes: Option<i64>,

@@ -303,6 +303,7 @@ pub fn audit<'a>(
                     slave,
                     agent_id,
                     agent_type,
+                    ..
                 } => tally.grant(at, slave, agent_id, agent_type)?,
                 SeatChange::Seats {
                     slave,
@@ -448,6 +449,7 @@ mod tests {
             slave: "s".into(),
             agent_id: agent.into(),
             agent_type: "inbound".into(),
+            request_seq: 0,
         }
     }
 

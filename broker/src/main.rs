@@ -230,6 +230,11 @@ struct RunArgs {
     /// limit off [default: 1000].
     #[arg(long, env = "LMBUS_SLAVE_RATE_LIMIT")]
     slave_rate_limit: Option<u32>,
+    /// Most seats one slave may hold, licensed or not, so that one site (an unlicensed one
+    /// above all, which has no local limit) cannot take the whole license; more are
+    /// rejected `slave_limit`. 0: no cap beyond the license limits [default: 0].
+    #[arg(long, env = "LMBUS_MAX_AGENTS_PER_SLAVE")]
+    max_agents_per_slave: Option<u32>,
     /// How long the alert stream (LMBUS_ALERTS_<cluster>) keeps alerts, when this broker
     /// creates it [default: 30d].
     #[arg(long, env = "LMBUS_ALERT_MAX_AGE", value_parser = humantime::parse_duration)]
@@ -333,6 +338,10 @@ impl RunArgs {
                 .slave_rate_limit
                 .or(file.slave_rate_limit)
                 .unwrap_or(config::DEFAULT_SLAVE_RATE_LIMIT),
+            max_agents_per_slave: self
+                .max_agents_per_slave
+                .or(file.max_agents_per_slave)
+                .unwrap_or(0),
             snapshot_every: self
                 .snapshot_every
                 .or(file.snapshot_every)

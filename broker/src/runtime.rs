@@ -295,6 +295,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         max_slaves: cfg.max_slaves,
         reclaim_margin: cfg.reclaim_margin,
         slave_rate_limit: cfg.slave_rate_limit,
+        max_agents_per_slave: cfg.max_agents_per_slave,
     };
     let io = Io {
         client: client.clone(),

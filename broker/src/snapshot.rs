@@ -302,6 +302,7 @@ fn approx_size(change: &SeatChange) -> usize {
             slave,
             agent_id,
             agent_type,
+            ..
         } => FIELDS + slave.len() + agent_id.len() + agent_type.len(),
         SeatChange::Release { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
         SeatChange::Reclaim { slave } => FIELDS + slave.len(),
@@ -326,6 +327,7 @@ mod tests {
                 grace_ms: 120_000,
                 logout_after_grace: true,
                 hello_seq: 12,
+                request_seq: u64::MAX,
             },
             SeatChange::Seats {
                 slave: "site-1".into(),

@@ -38,6 +38,7 @@ fn engine() -> Engine {
         max_slaves: 16,
         reclaim_margin: Duration::from_secs(40),
         slave_rate_limit: 50,
+        max_agents_per_slave: 3,
     })
 }
 

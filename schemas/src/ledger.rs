@@ -25,11 +25,18 @@ pub enum SeatChange {
         logout_after_grace: bool,
         #[serde(default)]
         hello_seq: u64,
+        /// The highest request `seq` of this instance the master has processed (written
+        /// by snapshots; 0 in a hello's record). A new leader refuses numbers up to it.
+        #[serde(default)]
+        request_seq: u64,
     },
     Grant {
         slave: String,
         agent_id: String,
         agent_type: String,
+        /// The `seq` of the registration that took it; 0 for grants at a hello.
+        #[serde(default)]
+        request_seq: u64,
     },
     /// The slave holds seats of `agent_type` for all these agents: many grants in one
     /// change. Snapshots are written with it.
@@ -118,11 +125,13 @@ mod tests {
                     grace_ms: 120_000,
                     logout_after_grace: true,
                     hello_seq: 1,
+                    request_seq: 41,
                 },
                 SeatChange::Grant {
                     slave: "s".into(),
                     agent_id: "a".into(),
                     agent_type: "inbound".into(),
+                    request_seq: 42,
                 },
                 SeatChange::Release {
                     slave: "s".into(),

@@ -54,6 +54,12 @@ pub struct Hello {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterRequest {
     pub request_id: Uuid,
+    /// Per slave instance, from 1, one more for every register or unregister request; a
+    /// retry of the same request keeps its number. The master refuses a number it has
+    /// already processed (`replayed`), so a captured request cannot be replayed. 0 (what
+    /// a message without the field decodes to) is always refused.
+    #[serde(default)]
+    pub seq: u64,
     pub agent_id: String,
     pub agent_type: String,
 }
@@ -62,6 +68,9 @@ pub struct RegisterRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnregisterRequest {
     pub request_id: Uuid,
+    /// Shares the numbering of [`RegisterRequest::seq`].
+    #[serde(default)]
+    pub seq: u64,
     pub agent_id: String,
 }
 
@@ -158,6 +167,13 @@ pub enum RejectReason {
     /// The slave sent more registrations per second than the master allows one slave
     /// (`--slave-rate-limit`), so that one slave cannot starve the others.
     RateLimited,
+    /// The request's `seq` was already processed for this slave instance (or is too old
+    /// to tell): a replayed request. A slave that did not replay it retries with a new
+    /// number.
+    Replayed,
+    /// The slave holds as many seats as the master allows one slave
+    /// (`--max-agents-per-slave`), so that one site cannot take the whole license.
+    SlaveLimit,
     /// A reason this build does not know.
     #[serde(other)]
     Other,
@@ -186,6 +202,8 @@ impl RejectReason {
             RejectReason::StaleRequest => "stale_request",
             RejectReason::NoLeader => "no_leader",
             RejectReason::RateLimited => "rate_limited",
+            RejectReason::Replayed => "replayed",
+            RejectReason::SlaveLimit => "slave_limit",
             RejectReason::Other => "other",
         }
     }
@@ -451,11 +469,13 @@ mod tests {
         });
         round_trip(&RegisterRequest {
             request_id: Uuid::new_v4(),
+            seq: 7,
             agent_id: "a".into(),
             agent_type: "t".into(),
         });
         round_trip(&UnregisterRequest {
             request_id: Uuid::new_v4(),
+            seq: 8,
             agent_id: "a".into(),
         });
         round_trip(&Heartbeat {

@@ -339,6 +339,8 @@ struct Inner {
     state: Mutex<State>,
     events: broadcast::Sender<AgentEvent>,
     heartbeat_seq: std::sync::atomic::AtomicU64,
+    /// The last request number used (see `RegisterRequest::seq`).
+    request_seq: std::sync::atomic::AtomicU64,
 }
 
 /// The handle a host application holds. Cheap to clone; the background task stops when
@@ -447,6 +449,7 @@ impl SlaveAgent {
             instance: Uuid::new_v4(),
             events,
             heartbeat_seq: Default::default(),
+            request_seq: Default::default(),
         });
         match inner.hello(PRIMARY).await {
             Ok(()) => {}
@@ -888,6 +891,12 @@ impl Inner {
         state.restricted.take()
     }
 
+    fn next_request_seq(&self) -> u64 {
+        self.request_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+    }
+
     async fn register(&self, agent_id: &str, agent_type: &str) -> Result<Outcome, SlaveError> {
         validate(agent_id, agent_type)?;
         self.check_grace();
@@ -1025,8 +1034,9 @@ impl Inner {
         agent_id: &str,
         agent_type: &str,
     ) -> Result<Attempt, SlaveError> {
-        let request = RegisterRequest {
+        let mut request = RegisterRequest {
             request_id: Uuid::new_v4(),
+            seq: self.next_request_seq(),
             agent_id: agent_id.to_owned(),
             agent_type: agent_type.to_owned(),
         };
@@ -1040,7 +1050,8 @@ impl Inner {
                 Err(HelloError::Unavailable(detail)) => return Ok(Attempt::Unavailable(detail)),
             }
         }
-        for retry in [false, true] {
+        let (mut said_hello_again, mut renumbered) = (false, false);
+        loop {
             let reply = match self.ask(link, SlaveOp::Register, &request).await? {
                 Ask::Unavailable(detail) => {
                     self.set_disconnected(link, detail.clone());
@@ -1056,12 +1067,13 @@ impl Inner {
                     reason: RejectReason::SlaveNotConnected,
                     detail,
                 }) => {
-                    if retry {
+                    if said_hello_again {
                         return Ok(Attempt::Decided(Outcome::Rejected {
                             reason: RejectReason::SlaveNotConnected,
                             detail,
                         }));
                     }
+                    said_hello_again = true;
                     debug!(
                         master = link_name(link),
                         "the master lost our session; saying hello again"
@@ -1077,6 +1089,16 @@ impl Inner {
                         }
                     }
                 }
+                Reply::Decision(Decision::Rejected {
+                    reason: RejectReason::Replayed,
+                    detail,
+                }) if !renumbered => {
+                    // We did not replay it: a new leader assumes every number up to the
+                    // last one its ledger shows was used. Ask again under a new number.
+                    debug!(master = link_name(link), %detail, "request number refused; renumbering");
+                    renumbered = true;
+                    request.seq = self.next_request_seq();
+                }
                 Reply::Decision(Decision::Rejected { reason, detail }) => {
                     return Ok(Attempt::Decided(Outcome::Rejected { reason, detail }));
                 }
@@ -1088,9 +1110,6 @@ impl Inner {
                 }
             }
         }
-        Ok(Attempt::Unavailable(
-            "the master keeps losing this slave's session".into(),
-        ))
     }
 
     /// The answer to a registration no master could decide: refused once restricted, and
@@ -1155,6 +1174,7 @@ impl Inner {
         };
         let request = UnregisterRequest {
             request_id: Uuid::new_v4(),
+            seq: self.next_request_seq(),
             agent_id: agent_id.to_owned(),
         };
         // The seat is gone locally either way; if its master does not hear about it now,

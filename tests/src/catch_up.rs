@@ -41,6 +41,7 @@ pub fn engine(vendor: &Vendor, cluster: &str, seats: usize) -> Engine {
         max_slaves: 1_000_000,
         reclaim_margin: Duration::from_secs(30),
         slave_rate_limit: 0,
+        max_agents_per_slave: 0,
     })
 }
 
@@ -60,12 +61,14 @@ pub async fn write_ledger(ledger: &mut Ledger, seats: usize) -> u64 {
                 grace_ms: 120_000,
                 logout_after_grace: true,
                 hello_seq: 1,
+                request_seq: 0,
             });
         }
         changes.push(SeatChange::Grant {
             slave,
             agent_id: format!("agent-{n}"),
             agent_type: "inbound".into(),
+            request_seq: (n % SEATS_PER_SLAVE + 1) as u64,
         });
         if changes.len() >= PER_ENTRY || n + 1 == seats {
             let entry = LedgerEntry {

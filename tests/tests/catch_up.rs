@@ -37,6 +37,7 @@ async fn snapshot_manifests_are_fenced_and_older_snapshots_purged() {
                 grace_ms: 120_000,
                 logout_after_grace: true,
                 hello_seq: 1,
+                request_seq: 0,
             },
             SeatChange::Seats {
                 slave: "s1".into(),

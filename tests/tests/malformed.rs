@@ -34,6 +34,7 @@ async fn malformed_messages_get_error_replies_and_alerts() {
 
     let valid = encode(&lmbus_schemas::RegisterRequest {
         request_id: uuid::Uuid::new_v4(),
+        seq: 1,
         agent_id: "agent-with-a-long-name".into(),
         agent_type: "inbound".into(),
     })
@@ -113,5 +114,60 @@ async fn malformed_messages_get_error_replies_and_alerts() {
     let good = SlaveAgent::start(cfg).await.unwrap();
     assert!(good.register("a1", "inbound").await.unwrap().is_approved());
     good.shutdown().await;
+    broker.stop().await.unwrap();
+}
+
+/// Steps: a real slave registers an agent while a tap (with the rights of an eavesdropper
+/// on the slave's subjects) captures the request's bytes; the slave unregisters it; the
+/// captured request is sent again, as is. The broker refuses it `replayed` with an alert
+/// naming the slave, no seat is taken, and the slave's next registration is approved.
+#[tokio::test]
+async fn a_captured_registration_replayed_after_release_takes_no_seat() {
+    use futures::StreamExt as _;
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let broker = f.broker(5, &[], true).await.unwrap();
+    let subjects = Subjects::new(&f.cluster).unwrap();
+    let site = SlaveId::new("site1").unwrap();
+    let mut tap = f
+        .client
+        .subscribe(subjects.slave_op(&site, SlaveOp::Register))
+        .await
+        .unwrap();
+    f.client.flush().await.unwrap();
+    let slave = SlaveAgent::start(f.slave_config("site1").unwrap())
+        .await
+        .unwrap();
+    assert!(slave.register("a1", "inbound").await.unwrap().is_approved());
+    let captured = tokio::time::timeout(WAIT, tap.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .payload;
+    assert!(slave.unregister("a1").await.unwrap());
+    f.wait_in_use(0).await.unwrap();
+
+    let answer = f
+        .client
+        .request(subjects.slave_op(&site, SlaveOp::Register), captured)
+        .await
+        .unwrap();
+    match decode::<Reply>(&answer.payload).unwrap() {
+        Reply::Decision(lmbus_schemas::Decision::Rejected { reason, detail }) => {
+            assert_eq!(reason, lmbus_schemas::RejectReason::Replayed, "{detail}");
+        }
+        other => panic!("expected a replayed rejection, got {other:?}"),
+    }
+    let alert = alerts
+        .wait_for("replayed", |a| {
+            a.reason == Some(lmbus_schemas::RejectReason::Replayed)
+        })
+        .await
+        .unwrap();
+    assert_eq!(alert.slave.as_deref(), Some("site1"));
+    assert_eq!(f.status().await.unwrap().total_in_use, 0);
+    assert!(slave.register("a1", "inbound").await.unwrap().is_approved());
+    f.wait_in_use(1).await.unwrap();
+    slave.shutdown().await;
     broker.stop().await.unwrap();
 }

@@ -60,6 +60,9 @@ pub struct EngineConfig {
     /// Registrations per second one slave may send (with a burst of twice that); beyond
     /// it they are rejected `rate_limited`. 0: no limit.
     pub slave_rate_limit: u32,
+    /// Most seats one slave may hold, licensed or not (a slave license's local limit
+    /// applies too). 0: no cap beyond the license limits.
+    pub max_agents_per_slave: u32,
 }
 
 /// How often, at most, a slave's rate limiting is reported in an alert.
@@ -96,6 +99,62 @@ impl Bucket {
         } else {
             false
         }
+    }
+}
+
+/// How many request numbers below the highest one seen a slave may still send (requests
+/// sent concurrently arrive out of order).
+pub const REPLAY_WINDOW: u64 = 1024;
+
+/// The request numbers (`seq`) of one slave instance the master has processed: every
+/// number up to `floor`, and those marked in a ring of the last [`REPLAY_WINDOW`] numbers
+/// up to `highest`. 128 bytes per slave.
+#[derive(Debug, Clone, Default)]
+struct Window {
+    highest: u64,
+    floor: u64,
+    ring: [u64; (REPLAY_WINDOW / 64) as usize],
+}
+
+impl Window {
+    fn bit(seq: u64) -> (usize, u64) {
+        let slot = seq % REPLAY_WINDOW;
+        ((slot / 64) as usize, 1 << (slot % 64))
+    }
+
+    /// Whether `seq` is new; if so, it is marked as processed.
+    fn accept(&mut self, seq: u64) -> bool {
+        if seq == 0 || seq <= self.floor {
+            return false;
+        }
+        if seq > self.highest {
+            if seq - self.highest >= REPLAY_WINDOW {
+                self.ring = Default::default();
+            } else {
+                for gone in self.highest + 1..seq {
+                    let (word, mask) = Self::bit(gone);
+                    self.ring[word] &= !mask;
+                }
+            }
+            self.highest = seq;
+            let (word, mask) = Self::bit(seq);
+            self.ring[word] |= mask;
+            return true;
+        }
+        if self.highest - seq >= REPLAY_WINDOW {
+            return false;
+        }
+        let (word, mask) = Self::bit(seq);
+        let fresh = self.ring[word] & mask == 0;
+        self.ring[word] |= mask;
+        fresh
+    }
+
+    /// From the ledger: every number up to `seq` counts as processed (a new leader does
+    /// not know which of them its predecessor saw, so it assumes all).
+    fn restore(&mut self, seq: u64) {
+        self.floor = self.floor.max(seq);
+        self.highest = self.highest.max(seq);
     }
 }
 
@@ -209,6 +268,8 @@ struct Slave {
     revoked: HashSet<String>,
     /// Its registration rate (not in the ledger: a new leader starts it full).
     bucket: Bucket,
+    /// The request numbers of this instance already processed (replay protection).
+    requests: Window,
 }
 
 impl Slave {
@@ -448,8 +509,13 @@ impl Engine {
             reclaimed: false,
             revoked: HashSet::new(),
             bucket: Bucket::new(now, rate),
+            requests: Window::default(),
         });
         let restarted = slave.instance != hello.instance;
+        if restarted {
+            // A new process numbers its requests from 1 again.
+            slave.requests = Window::default();
+        }
         slave.instance = hello.instance;
         slave.license = license;
         slave.connected = true;
@@ -469,6 +535,7 @@ impl Engine {
             grace_ms: hello.grace_ms,
             logout_after_grace: hello.logout_after_grace,
             hello_seq: hello.seq,
+            request_seq: 0,
         };
         self.pending.push(session);
 
@@ -501,7 +568,7 @@ impl Engine {
                     "an operator released this seat; register the agent again".to_owned(),
                 ))
             } else {
-                self.try_grant(&id, &claim.agent_id, &claim.agent_type)
+                self.try_grant(&id, &claim.agent_id, &claim.agent_type, 0)
                     .map_err(|(reason, detail)| {
                         if was_reclaimed {
                             (
@@ -578,6 +645,15 @@ impl Engine {
                 ));
             }
         }
+        let cap = self.cfg.max_agents_per_slave;
+        if cap > 0 && slave.agents.len() as u64 >= u64::from(cap) {
+            return Err((
+                RejectReason::SlaveLimit,
+                format!(
+                    "the master allows one slave {cap} agents (--max-agents-per-slave) and all are in use"
+                ),
+            ));
+        }
         let total = self.total_limit();
         if self.total_in_use >= total {
             return Err((
@@ -604,6 +680,7 @@ impl Engine {
         id: &SlaveId,
         agent: &str,
         agent_type: &str,
+        request_seq: u64,
     ) -> Result<bool, (RejectReason, String)> {
         let Some(slave) = self.slaves.get(id) else {
             return Err((
@@ -629,6 +706,7 @@ impl Engine {
             slave: id.to_string(),
             agent_id: agent.to_owned(),
             agent_type: agent_type.to_owned(),
+            request_seq,
         });
         Ok(false)
     }
@@ -733,10 +811,15 @@ impl Engine {
         };
         let rate = self.cfg.slave_rate_limit;
         let mut limited = None;
+        let mut replayed = None;
         let connected = match self.slaves.get_mut(&id) {
             Some(slave) if slave.connected => {
                 slave.last_seen = now;
-                if rate > 0 && !slave.bucket.take(now, rate) {
+                if !slave.requests.accept(request.seq) {
+                    // A retry of a request that was granted finds its seat: same answer.
+                    // Anything else with a used number is a replay.
+                    replayed = Some(slave.agents.get(&claim.agent_id) == Some(&claim.agent_type));
+                } else if rate > 0 && !slave.bucket.take(now, rate) {
                     let b = &mut slave.bucket;
                     b.unreported += 1;
                     let due = b.reported_at.is_none_or(|at| {
@@ -753,6 +836,24 @@ impl Engine {
             }
             _ => false,
         };
+        match replayed {
+            Some(true) => {
+                return Output::reply(Reply::Decision(Decision::Approved { already_held: true }));
+            }
+            Some(false) => {
+                let detail = format!(
+                    "request number {} of slave {id} was already processed or is too old: a replayed request",
+                    request.seq
+                );
+                let mut out = Output::reply(Reply::Decision(Decision::Rejected {
+                    reason: RejectReason::Replayed,
+                    detail: detail.clone(),
+                }));
+                out.alert(self.rejection_alert(&id, &claim, RejectReason::Replayed, &detail));
+                return out;
+            }
+            None => {}
+        }
         if let Some(unreported) = limited {
             // Cheap and quiet: no ledger change, and at most one alert per slave every
             // RATE_LIMIT_ALERT_EVERY, however hard it floods.
@@ -779,7 +880,7 @@ impl Engine {
             return out;
         }
         let result = if connected {
-            self.try_grant(&id, &claim.agent_id, &claim.agent_type)
+            self.try_grant(&id, &claim.agent_id, &claim.agent_type, request.seq)
         } else {
             Err((
                 RejectReason::SlaveNotConnected,
@@ -803,14 +904,38 @@ impl Engine {
         if let Some(problem) = validate_agent(&request.agent_id, None) {
             return self.invalid_request(id, "unregister", problem);
         }
-        let held_type = self.slaves.get_mut(id).and_then(|s| {
-            s.last_seen = now;
-            s.agents.get(&request.agent_id).cloned()
-        });
+        let (held_type, fresh) = match self.slaves.get_mut(id) {
+            Some(s) => {
+                s.last_seen = now;
+                (
+                    s.agents.get(&request.agent_id).cloned(),
+                    s.requests.accept(request.seq),
+                )
+            }
+            None => (None, true),
+        };
         // Releasing is always safe, so it is honoured even from a slave marked
-        // disconnected; releasing an agent that holds no seat is a no-op.
-        if held_type.is_some() {
-            self.release(id, &request.agent_id);
+        // disconnected; releasing an agent that holds no seat is a no-op. A used number
+        // releases nothing: a retry finds the seat already gone, and a replay must not
+        // take away a seat the agent has taken again since.
+        match held_type {
+            Some(agent_type) if !fresh => {
+                let claim = AgentClaim {
+                    agent_id: request.agent_id.clone(),
+                    agent_type,
+                };
+                let detail = format!(
+                    "unregister number {} of slave {id} was already processed or is too old: a replayed request; the seat is kept",
+                    request.seq
+                );
+                let mut out = Output::reply(Reply::Ack);
+                out.alert(self.rejection_alert(id, &claim, RejectReason::Replayed, &detail));
+                return out;
+            }
+            Some(_) => {
+                self.release(id, &request.agent_id);
+            }
+            None => {}
         }
         Output::reply(Reply::Ack)
     }
@@ -1113,6 +1238,7 @@ impl Engine {
                 grace_ms,
                 logout_after_grace,
                 hello_seq,
+                request_seq,
             } => {
                 let id = slave_id(slave)?;
                 let entry = self.slaves.entry(id).or_insert_with(|| Slave {
@@ -1128,7 +1254,12 @@ impl Engine {
                     reclaimed: false,
                     revoked: HashSet::new(),
                     bucket: Bucket::new(now, self.cfg.slave_rate_limit),
+                    requests: Window::default(),
                 });
+                if entry.instance != *instance {
+                    entry.requests = Window::default();
+                }
+                entry.requests.restore(*request_seq);
                 entry.instance = *instance;
                 entry.license = license.map(|id| SlaveLicense {
                     id,
@@ -1147,12 +1278,16 @@ impl Engine {
                 slave,
                 agent_id,
                 agent_type,
+                request_seq,
             } => {
                 let id = slave_id(slave)?;
                 if !self.insert_seat(&id, agent_id, agent_type) {
                     return Err(format!(
                         "grant of {agent_id} for slave {slave}, which has no session"
                     ));
+                }
+                if let Some(s) = self.slaves.get_mut(&id) {
+                    s.requests.restore(*request_seq);
                 }
             }
             SeatChange::Seats {
@@ -1220,6 +1355,7 @@ impl Engine {
                 grace_ms: s.grace.as_millis() as u64,
                 logout_after_grace: s.logout_after_grace,
                 hello_seq: s.hello_seq,
+                request_seq: s.requests.highest,
             });
             if s.reclaimed {
                 changes.push(SeatChange::Reclaim {

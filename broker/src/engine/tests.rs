@@ -53,6 +53,7 @@ fn config(allow_unlicensed: bool) -> EngineConfig {
         max_slaves: 100,
         reclaim_margin: Duration::from_secs(10),
         slave_rate_limit: 0,
+        max_agents_per_slave: 0,
     }
 }
 
@@ -136,12 +137,24 @@ impl Harness {
     }
 
     fn register(&mut self, slave: &str, agent: &str, agent_type: &str) -> Output {
+        let seq = self.next_seq();
+        self.register_numbered(slave, agent, agent_type, seq)
+    }
+
+    fn register_numbered(
+        &mut self,
+        slave: &str,
+        agent: &str,
+        agent_type: &str,
+        seq: u64,
+    ) -> Output {
         self.engine.handle(
             self.now,
             Event::Register {
                 slave: id(slave),
                 request: RegisterRequest {
                     request_id: Uuid::new_v4(),
+                    seq,
                     agent_id: agent.into(),
                     agent_type: agent_type.into(),
                 },
@@ -157,19 +170,26 @@ impl Harness {
     }
 
     fn unregister(&mut self, slave: &str, agent: &str) -> Reply {
-        self.engine
-            .handle(
-                self.now,
-                Event::Unregister {
-                    slave: id(slave),
-                    request: UnregisterRequest {
-                        request_id: Uuid::new_v4(),
-                        agent_id: agent.into(),
-                    },
+        self.unregister_out(slave, agent).reply.unwrap()
+    }
+
+    fn unregister_out(&mut self, slave: &str, agent: &str) -> Output {
+        let seq = self.next_seq();
+        self.unregister_numbered(slave, agent, seq)
+    }
+
+    fn unregister_numbered(&mut self, slave: &str, agent: &str, seq: u64) -> Output {
+        self.engine.handle(
+            self.now,
+            Event::Unregister {
+                slave: id(slave),
+                request: UnregisterRequest {
+                    request_id: Uuid::new_v4(),
+                    seq,
+                    agent_id: agent.into(),
                 },
-            )
-            .reply
-            .unwrap()
+            },
+        )
     }
 
     fn heartbeat(&mut self, slave: &str) -> Reply {
@@ -1002,16 +1022,7 @@ fn replaying_the_records_or_a_snapshot_reproduces_the_seat_state() {
                 h.hello_with(slave, license, claims)
             }
             1..=5 => h.register(slave, &agent, types[next(3) as usize]),
-            6 | 7 => h.engine.handle(
-                h.now,
-                Event::Unregister {
-                    slave: id(slave),
-                    request: UnregisterRequest {
-                        request_id: Uuid::new_v4(),
-                        agent_id: agent.clone(),
-                    },
-                },
-            ),
+            6 | 7 => h.unregister_out(slave, &agent),
             8 => {
                 let request = lmbus_schemas::ReleaseRequest {
                     slave_id: slave.into(),
@@ -1177,16 +1188,9 @@ mod properties {
                     Op::Register { slave, agent, kind } => {
                         h.register(&format!("s{slave}"), &format!("a{agent}"), TYPES[kind])
                     }
-                    Op::Unregister { slave, agent } => h.engine.handle(
-                        h.now,
-                        Event::Unregister {
-                            slave: id(&format!("s{slave}")),
-                            request: UnregisterRequest {
-                                request_id: Uuid::new_v4(),
-                                agent_id: format!("a{agent}"),
-                            },
-                        },
-                    ),
+                    Op::Unregister { slave, agent } => {
+                        h.unregister_out(&format!("s{slave}"), &format!("a{agent}"))
+                    }
                     Op::Heartbeat { slave } => {
                         let name = format!("s{slave}");
                         if h.instances.contains_key(&name) {
@@ -1236,4 +1240,154 @@ mod properties {
             }
         }
     }
+}
+
+/// A captured registration replayed after its agent was released takes no seat (refused
+/// `replayed`, with an alert), while a retry of a granted request gets the same answer;
+/// a replayed unregister does not release a seat taken again since.
+#[test]
+fn a_replayed_request_cannot_retake_or_release_a_seat() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    let out = h.register_numbered("s1", "a1", "inbound", 100);
+    assert!(approved(&decision_of(&out)));
+    // The same request again (a retry after a lost reply): same seat, nothing new.
+    let again = h.register_numbered("s1", "a1", "inbound", 100);
+    assert_eq!(
+        decision_of(&again),
+        Decision::Approved { already_held: true }
+    );
+    assert!(again.changes.is_empty());
+    h.unregister_numbered("s1", "a1", 101);
+    assert_eq!(h.engine.total_in_use(), 0);
+    let replay = h.register_numbered("s1", "a1", "inbound", 100);
+    assert_eq!(
+        rejected_for(&decision_of(&replay)),
+        Some(RejectReason::Replayed)
+    );
+    assert_eq!(alerts(&replay).len(), 1);
+    assert!(replay.changes.is_empty());
+    assert_eq!(h.engine.total_in_use(), 0);
+    // Taken again under a new number; the old unregister replayed keeps it.
+    assert!(approved(&decision_of(
+        &h.register_numbered("s1", "a1", "inbound", 102)
+    )));
+    let replay = h.unregister_numbered("s1", "a1", 101);
+    assert_eq!(replay.reply, Some(Reply::Ack));
+    assert_eq!(alerts(&replay).len(), 1);
+    assert!(replay.changes.is_empty());
+    assert_eq!(h.engine.total_in_use(), 1);
+    // A number of 0 (a request without one) is never accepted.
+    assert_eq!(
+        rejected_for(&decision_of(&h.register_numbered("s1", "a2", "inbound", 0))),
+        Some(RejectReason::Replayed)
+    );
+}
+
+/// Concurrent requests arrive out of order: any unused number within the window is
+/// accepted once; a number older than the window is refused.
+#[test]
+fn request_numbers_may_arrive_out_of_order_within_the_window() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    // Accepted = decided on its merits (the type limit of 3 may refuse it), not refused
+    // as a replay.
+    let accepted = |h: &mut Harness, agent: &str, seq: u64| {
+        let out = h.register_numbered("s1", agent, "outbound", seq);
+        rejected_for(&decision_of(&out)) != Some(RejectReason::Replayed)
+    };
+    let base = 5000;
+    for (n, seq) in [base + 3, base + 1, base + 2].into_iter().enumerate() {
+        assert!(accepted(&mut h, &format!("a{n}"), seq), "{seq}");
+    }
+    assert!(!accepted(&mut h, "b", base + 2));
+    let far = base + 3 + super::REPLAY_WINDOW;
+    assert!(accepted(&mut h, "c", far));
+    // base + 3 is now exactly one window behind: too old to tell, refused.
+    assert!(!accepted(&mut h, "d", base + 3));
+    assert!(accepted(&mut h, "d", far - 1));
+    assert!(!accepted(&mut h, "d", far - 1));
+    // A new instance of the slave numbers from 1 again.
+    h.instances.insert("s1".into(), Uuid::new_v4());
+    h.hello("s1", None);
+    assert!(accepted(&mut h, "e", 1));
+}
+
+/// A standby that replayed the ledger (or loaded a snapshot) refuses every number up to
+/// the last granted one, so a request captured before a failover cannot be replayed to
+/// the new leader; numbers after it are accepted.
+#[test]
+fn a_new_leader_refuses_numbers_its_ledger_shows_were_used() {
+    let mut h = Harness::new(true);
+    let mut standby = Engine::new(config(true));
+    let instance = Uuid::new_v4();
+    h.instances.insert("s1".into(), instance);
+    let mut outs = vec![h.hello_with("s1", None, vec![])];
+    outs.push(h.register_numbered("s1", "a1", "inbound", 7));
+    outs.push(h.register_numbered("s1", "a2", "inbound", 9));
+    outs.push(h.unregister_numbered("s1", "a2", 10));
+    for out in &outs {
+        for change in &out.changes {
+            standby.apply(h.now, change).unwrap();
+        }
+    }
+    let mut from_snapshot = Engine::new(config(true));
+    for change in standby.snapshot(100) {
+        from_snapshot.apply(h.now, &change).unwrap();
+    }
+    for engine in [&mut standby, &mut from_snapshot] {
+        let mut register = |agent: &str, seq: u64| {
+            let out = engine.handle(
+                h.now,
+                Event::Register {
+                    slave: id("s1"),
+                    request: RegisterRequest {
+                        request_id: Uuid::new_v4(),
+                        seq,
+                        agent_id: agent.into(),
+                        agent_type: "inbound".into(),
+                    },
+                },
+            );
+            decision_of(&out)
+        };
+        // The captured grant of a2 (9), replayed after its release: refused.
+        assert_eq!(
+            rejected_for(&register("a2", 9)),
+            Some(RejectReason::Replayed)
+        );
+        // A number never granted but below the last grant: refused too (a genuine
+        // slave renumbers and asks again).
+        assert_eq!(
+            rejected_for(&register("a3", 8)),
+            Some(RejectReason::Replayed)
+        );
+        assert!(approved(&register("a3", 11)));
+    }
+}
+
+/// With `max_agents_per_slave`, one slave (here an unlicensed one, which has no local
+/// limit) stops at the cap with `slave_limit` while another slave still gets seats.
+#[test]
+fn one_slave_stops_at_the_per_slave_cap() {
+    let mut h = Harness::new(true);
+    h.engine.cfg.max_agents_per_slave = 2;
+    h.hello("s1", None);
+    h.hello("s2", None);
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    assert!(approved(&h.decision("s1", "a2", "outbound")));
+    let out = h.register("s1", "a3", "outbound");
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::SlaveLimit)
+    );
+    assert_eq!(alerts(&out).len(), 1);
+    // Re-registering a held agent is not a new seat.
+    assert_eq!(
+        h.decision("s1", "a1", "inbound"),
+        Decision::Approved { already_held: true }
+    );
+    assert!(approved(&h.decision("s2", "b1", "inbound")));
+    h.unregister("s1", "a2");
+    assert!(approved(&h.decision("s1", "a3", "outbound")));
 }
