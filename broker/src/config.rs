@@ -49,6 +49,8 @@ pub struct BrokerConfig {
     pub slave_rate_limit: u32,
     /// Most seats one slave may hold; 0 = no cap beyond the license limits.
     pub max_agents_per_slave: u32,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None`: not served.
+    pub metrics: Option<std::net::SocketAddr>,
     /// How long, and how many bytes of, alerts the alert stream keeps (when it creates it).
     pub alert_max_age: Duration,
     pub alert_max_bytes: i64,
@@ -114,6 +116,7 @@ pub struct FileConfig {
     pub ledger_trim: Option<bool>,
     pub slave_rate_limit: Option<u32>,
     pub max_agents_per_slave: Option<u32>,
+    pub metrics: Option<std::net::SocketAddr>,
     #[serde(default, with = "humantime_serde_opt")]
     pub alert_max_age: Option<Duration>,
     pub alert_max_bytes: Option<i64>,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod election;
 pub mod engine;
 pub mod ledger;
+pub mod metrics;
 pub mod replicas;
 pub mod runtime;
 pub mod snapshot;

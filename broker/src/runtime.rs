@@ -19,9 +19,9 @@ use anyhow::{Context as _, anyhow};
 use async_nats::{Client, Message, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use lmbus_schemas::{
-    Alert, AlertKind, DecodeError, Heartbeat, Hello, LedgerEntry, RegisterRequest, ReplicaBeat,
-    Reply, SeatChange, Severity, SlaveOp, SlaveReport, StatusReply, Subjects, UnregisterRequest,
-    WireError, decode, encode,
+    Alert, AlertKind, Decision, DecodeError, Heartbeat, Hello, LedgerEntry, RegisterRequest,
+    ReplicaBeat, Reply, SeatChange, Severity, SlaveOp, SlaveReport, StatusReply, Subjects,
+    UnregisterRequest, WireError, decode, encode,
 };
 use time::{Date, OffsetDateTime};
 use tokio::sync::watch;
@@ -32,6 +32,7 @@ use crate::config::{self, BrokerConfig};
 use crate::election::{Election, ElectionConfig, Role};
 use crate::engine::{Effect, Engine, EngineConfig, Event, Output};
 use crate::ledger::{AppendError, Gap, Ledger, Record};
+use crate::metrics::{Gauges, Metrics};
 use crate::replicas::Replicas;
 use crate::snapshot::{self, Snapshots};
 
@@ -297,10 +298,15 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         slave_rate_limit: cfg.slave_rate_limit,
         max_agents_per_slave: cfg.max_agents_per_slave,
     };
+    let metrics = Metrics::new(
+        license.limits.total.unwrap_or(0),
+        license.limits.agent_types.clone().into_iter().collect(),
+    );
     let io = Io {
         client: client.clone(),
         subjects: subjects.clone(),
         broker_id: cfg.broker_id.clone(),
+        metrics: metrics.clone(),
     };
     io.alert(Alert::new(
         Severity::Info,
@@ -324,6 +330,16 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     client.flush().await.context("cannot reach NATS")?;
 
     let applied = Arc::new(AtomicU64::new(0));
+    let metrics_server = match cfg.metrics {
+        Some(addr) => {
+            let (bound, task) =
+                crate::metrics::serve(addr, metrics.clone(), applied.clone(), ledger.clone())
+                    .await?;
+            info!("Prometheus metrics on http://{bound}/metrics");
+            Some(task)
+        }
+        None => None,
+    };
     let presence = tokio::spawn(presence(
         client.clone(),
         subjects.replica(),
@@ -401,6 +417,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         )
         .await;
         not_ready.send_replace(false);
+        io.metrics.set_gauges(None);
         match led {
             Ok(Led::Shutdown) => break Ok(()),
             Ok(Led::SteppedDown { reason, rebuild }) => {
@@ -439,6 +456,9 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     .await;
     presence.abort();
     electing.abort();
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     drop(election);
     let closing = async {
         sync_with_server(&client).await;
@@ -755,21 +775,23 @@ async fn lead<S: Future<Output = ()> + Unpin>(
                 };
             }
         };
-        let mut batch: Vec<(Option<async_nats::Subject>, Output)> = Vec::new();
+        let mut batch: Vec<Decided> = Vec::new();
         tokio::select! {
             _ = &mut *shutdown => break Led::Shutdown,
             _ = election.role.changed() => continue,
             _ = tokio::time::sleep_until(valid_until) => continue,
             msg = slave_sub.next() => match msg {
                 Some(msg) => {
+                    let arrived = Instant::now();
                     let out = handle_slave_message(&mut replica.engine, subjects, &msg);
-                    batch.push((msg.reply.clone(), out));
+                    batch.push((msg.reply.clone(), out, timed(&msg, arrived)));
                     // Group commit: decide what is already waiting in the same append.
                     while batch.len() < MAX_BATCH {
                         match slave_sub.next().now_or_never() {
                             Some(Some(msg)) => {
+                                let arrived = Instant::now();
                                 let out = handle_slave_message(&mut replica.engine, subjects, &msg);
-                                batch.push((msg.reply.clone(), out));
+                                batch.push((msg.reply.clone(), out, timed(&msg, arrived)));
                             }
                             _ => break,
                         }
@@ -834,7 +856,14 @@ async fn lead<S: Future<Output = ()> + Unpin>(
             },
             _ = ticker.tick() => {
                 let out = replica.engine.handle(now(), Event::Tick { today: today_utc() });
-                batch.push((None, out));
+                batch.push((None, out, None));
+                let (slaves_connected, slaves_known) = replica.engine.slave_counts();
+                io.metrics.set_gauges(Some(Gauges {
+                    seats_by_type: replica.engine.in_use_by_type().clone(),
+                    seats_total: replica.engine.total_in_use(),
+                    slaves_connected,
+                    slaves_known,
+                }));
                 for alert in replicas.sweep(now()) {
                     io.alert(alert).await;
                 }
@@ -842,7 +871,7 @@ async fn lead<S: Future<Output = ()> + Unpin>(
         }
         let changes: Vec<SeatChange> = batch
             .iter_mut()
-            .flat_map(|(_, out)| std::mem::take(&mut out.changes))
+            .flat_map(|(_, out, _)| std::mem::take(&mut out.changes))
             .collect();
         if !changes.is_empty() {
             let entry = LedgerEntry {
@@ -863,7 +892,10 @@ async fn lead<S: Future<Output = ()> + Unpin>(
                 break end;
             }
         }
-        for (reply_to, out) in batch {
+        for (reply_to, out, timing) in batch {
+            if let Some((arrived, unregistration)) = timing {
+                io.observe(&out, arrived.elapsed(), unregistration);
+            }
             io.apply(reply_to.as_ref(), out).await;
         }
         snapshotter.maybe_start(replica, term);
@@ -1043,9 +1075,41 @@ struct Io {
     client: Client,
     subjects: Subjects,
     broker_id: String,
+    metrics: Arc<Metrics>,
+}
+
+/// A decision waiting for its ledger append: the reply subject, the output, and for
+/// registrations and unregistrations their arrival and whether it was an unregistration
+/// (for the metrics).
+type Decided = (Option<async_nats::Subject>, Output, Option<(Instant, bool)>);
+
+/// Registrations and unregistrations are timed for the metrics.
+fn timed(msg: &Message, arrived: Instant) -> Option<(Instant, bool)> {
+    let subject = msg.subject.as_str();
+    if subject.ends_with(".register") {
+        Some((arrived, false))
+    } else if subject.ends_with(".unregister") {
+        Some((arrived, true))
+    } else {
+        None
+    }
 }
 
 impl Io {
+    fn observe(&self, out: &Output, took: Duration, unregistration: bool) {
+        match &out.reply {
+            Some(Reply::Decision(Decision::Approved { .. })) => {
+                self.metrics.registration(None, took)
+            }
+            Some(Reply::Decision(Decision::Rejected { reason, .. })) => {
+                self.metrics.registration(Some(reason.token()), took)
+            }
+            Some(Reply::Ack) if unregistration => self.metrics.unregistration(took),
+            // Errors (bad input) are counted by their `bad_message` alerts.
+            _ => {}
+        }
+    }
+
     async fn apply(&self, reply_to: Option<&async_nats::Subject>, out: Output) {
         if let (Some(reply_to), Some(reply)) = (reply_to, out.reply.as_ref()) {
             self.reply(reply_to, reply).await;
@@ -1089,6 +1153,8 @@ impl Io {
             Severity::Info => info!(kind = %alert.kind, slave = ?alert.slave, "{}", alert.message),
             _ => warn!(kind = %alert.kind, slave = ?alert.slave, "{}", alert.message),
         }
+        self.metrics
+            .alert(alert.kind.token(), alert.severity.token());
         let subject = self.subjects.alert(alert.severity, alert.kind);
         match encode(&alert) {
             Ok(bytes) => {

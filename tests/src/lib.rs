@@ -504,6 +504,7 @@ pub fn broker_config(
         nats_auth: Default::default(),
         slave_rate_limit: lmbus_broker::config::DEFAULT_SLAVE_RATE_LIMIT,
         max_agents_per_slave: 0,
+        metrics: None,
         alert_max_age: lmbus_broker::alert_log::DEFAULT_MAX_AGE,
         alert_max_bytes: lmbus_broker::alert_log::DEFAULT_MAX_BYTES,
         snapshot_every: lmbus_broker::config::DEFAULT_SNAPSHOT_EVERY,

@@ -319,6 +319,17 @@ impl Engine {
         self.total_in_use
     }
 
+    /// Seats in use by agent type.
+    pub fn in_use_by_type(&self) -> &BTreeMap<String, u32> {
+        &self.in_use_by_type
+    }
+
+    /// Slaves with a live session, and slaves in the table.
+    pub fn slave_counts(&self) -> (u32, u32) {
+        let connected = self.slaves.values().filter(|s| s.connected).count();
+        (connected as u32, self.slaves.len() as u32)
+    }
+
     pub fn handle(&mut self, now: Instant, event: Event) -> Output {
         let mut out = self.dispatch(now, event);
         out.changes = std::mem::take(&mut self.pending);
