@@ -390,7 +390,7 @@ fn init_tracing(filter: &str, format: LogFormat) {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log, cli.log_format);

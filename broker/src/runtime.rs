@@ -19,9 +19,9 @@ use anyhow::{Context as _, anyhow};
 use async_nats::{Client, Message, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use lmbus_schemas::{
-    Alert, AlertKind, Decision, DecodeError, Heartbeat, Hello, LedgerEntry, RegisterRequest,
-    ReplicaBeat, Reply, SeatChange, Severity, SlaveOp, SlaveReport, StatusReply, Subjects,
-    UnregisterRequest, WireError, decode, encode,
+    Alert, AlertKind, BatchItem, BatchRequest, Decision, DecodeError, Heartbeat, Hello,
+    LedgerEntry, MAX_BATCH_ITEMS, RegisterRequest, ReplicaBeat, Reply, SeatChange, Severity,
+    SlaveOp, SlaveReport, StatusReply, Subjects, UnregisterRequest, WireError, decode, encode,
 };
 use time::{Date, OffsetDateTime};
 use tokio::sync::watch;
@@ -1029,6 +1029,20 @@ fn handle_slave_message(engine: &mut Engine, subjects: &Subjects, msg: &Message)
             slave: slave.clone(),
             report,
         }),
+        SlaveOp::Batch => match decode::<BatchRequest>(payload) {
+            Ok(batch) if batch.items.len() > MAX_BATCH_ITEMS => {
+                let error = WireError {
+                    code: lmbus_schemas::ErrorCode::Invalid,
+                    message: format!(
+                        "a batch of {} requests; at most {MAX_BATCH_ITEMS} are allowed",
+                        batch.items.len()
+                    ),
+                };
+                return bad(engine, Some(slave), error);
+            }
+            Ok(batch) => return decide_batch(engine, &slave, batch),
+            Err(e) => Err(e),
+        },
     };
     match event {
         Ok(event) => {
@@ -1037,6 +1051,39 @@ fn handle_slave_message(engine: &mut Engine, subjects: &Subjects, msg: &Message)
         }
         Err(e) => bad(engine, Some(slave), WireError::from(&e)),
     }
+}
+
+/// Each item of a batch decided in order, as if it had come alone: one output whose reply
+/// is `Reply::Batch` with the items' replies, and whose effects and changes are theirs in
+/// order.
+fn decide_batch(
+    engine: &mut Engine,
+    slave: &lmbus_schemas::SlaveId,
+    batch: BatchRequest,
+) -> Output {
+    let mut out = Output::default();
+    let mut replies = Vec::with_capacity(batch.items.len());
+    for item in batch.items {
+        let event = match item {
+            BatchItem::Register(request) => Event::Register {
+                slave: slave.clone(),
+                request,
+            },
+            BatchItem::Unregister(request) => Event::Unregister {
+                slave: slave.clone(),
+                request,
+            },
+        };
+        let one = engine.handle(now(), event);
+        // Every registration and unregistration has a reply; `Ack` keeps the count right
+        // should one ever not.
+        replies.push(one.reply.unwrap_or(Reply::Ack));
+        out.effects.extend(one.effects);
+        out.changes.extend(one.changes);
+    }
+    debug!(%slave, items = replies.len(), "batch");
+    out.reply = Some(Reply::Batch(replies));
+    out
 }
 
 /// An operator's release request, decided by the engine: the reply, and the effects (the
@@ -1086,7 +1133,7 @@ type Decided = (Option<async_nats::Subject>, Output, Option<(Instant, bool)>);
 /// Registrations and unregistrations are timed for the metrics.
 fn timed(msg: &Message, arrived: Instant) -> Option<(Instant, bool)> {
     let subject = msg.subject.as_str();
-    if subject.ends_with(".register") {
+    if subject.ends_with(".register") || subject.ends_with(".batch") {
         Some((arrived, false))
     } else if subject.ends_with(".unregister") {
         Some((arrived, true))
@@ -1098,13 +1145,25 @@ fn timed(msg: &Message, arrived: Instant) -> Option<(Instant, bool)> {
 impl Io {
     fn observe(&self, out: &Output, took: Duration, unregistration: bool) {
         match &out.reply {
-            Some(Reply::Decision(Decision::Approved { .. })) => {
-                self.metrics.registration(None, took)
+            // A batch holds only registrations (answered with decisions) and
+            // unregistrations (answered `Ack`).
+            Some(Reply::Batch(replies)) => {
+                for reply in replies {
+                    self.observe_reply(reply, took, matches!(reply, Reply::Ack));
+                }
             }
-            Some(Reply::Decision(Decision::Rejected { reason, .. })) => {
+            Some(reply) => self.observe_reply(reply, took, unregistration),
+            None => {}
+        }
+    }
+
+    fn observe_reply(&self, reply: &Reply, took: Duration, unregistration: bool) {
+        match reply {
+            Reply::Decision(Decision::Approved { .. }) => self.metrics.registration(None, took),
+            Reply::Decision(Decision::Rejected { reason, .. }) => {
                 self.metrics.registration(Some(reason.token()), took)
             }
-            Some(Reply::Ack) if unregistration => self.metrics.unregistration(took),
+            Reply::Ack if unregistration => self.metrics.unregistration(took),
             // Errors (bad input) are counted by their `bad_message` alerts.
             _ => {}
         }

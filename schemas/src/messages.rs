@@ -74,6 +74,25 @@ pub struct UnregisterRequest {
     pub agent_id: String,
 }
 
+/// Most items in one [`BatchRequest`].
+pub const MAX_BATCH_ITEMS: usize = 128;
+
+/// `lmbus.v1.<cluster>.slave.<id>.batch`: several requests in one message. The master
+/// decides them in order, as if each had come on its own subject, and answers
+/// `Reply::Batch` with one reply per item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRequest {
+    pub items: Vec<BatchItem>,
+}
+
+/// One request of a batch: only registrations and unregistrations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchItem {
+    Register(RegisterRequest),
+    Unregister(UnregisterRequest),
+}
+
 /// `lmbus.v1.<cluster>.slave.<id>.heartbeat`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -232,6 +251,8 @@ pub enum Reply {
     Ack,
     /// The request itself was bad; nothing was decided.
     Error(WireError),
+    /// The answers to a `BatchRequest`'s items, in order.
+    Batch(Vec<Reply>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -473,6 +494,27 @@ mod tests {
             agent_id: "a".into(),
             agent_type: "t".into(),
         });
+        round_trip(&BatchRequest {
+            items: vec![
+                BatchItem::Register(RegisterRequest {
+                    request_id: Uuid::new_v4(),
+                    seq: 9,
+                    agent_id: "a".into(),
+                    agent_type: "t".into(),
+                }),
+                BatchItem::Unregister(UnregisterRequest {
+                    request_id: Uuid::new_v4(),
+                    seq: 10,
+                    agent_id: "a".into(),
+                }),
+            ],
+        });
+        round_trip(&Reply::Batch(vec![
+            Reply::Ack,
+            Reply::Decision(Decision::Approved {
+                already_held: false,
+            }),
+        ]));
         round_trip(&UnregisterRequest {
             request_id: Uuid::new_v4(),
             seq: 8,

@@ -98,15 +98,19 @@ pub enum SlaveOp {
     /// Publish, no reply: `SlaveReport`, an event the slave saw locally (a registration it
     /// refused at its local limit, say). The master records it and raises the alert.
     Report,
+    /// Request: `BatchRequest` (registrations and unregistrations sent together by a
+    /// slave whose host asks concurrently) → `Reply::Batch`, one reply per item in order.
+    Batch,
 }
 
 impl SlaveOp {
-    pub const ALL: [SlaveOp; 5] = [
+    pub const ALL: [SlaveOp; 6] = [
         SlaveOp::Hello,
         SlaveOp::Register,
         SlaveOp::Unregister,
         SlaveOp::Heartbeat,
         SlaveOp::Report,
+        SlaveOp::Batch,
     ];
 
     pub fn token(self) -> &'static str {
@@ -116,6 +120,7 @@ impl SlaveOp {
             SlaveOp::Unregister => "unregister",
             SlaveOp::Heartbeat => "heartbeat",
             SlaveOp::Report => "report",
+            SlaveOp::Batch => "batch",
         }
     }
 

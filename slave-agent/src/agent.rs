@@ -330,7 +330,7 @@ impl State {
 struct Inner {
     cfg: SlaveConfig,
     /// The primary, then the secondary if configured.
-    links: Vec<Link>,
+    links: Vec<Arc<Link>>,
     instance: Uuid,
     /// The verified license when running licensed.
     license: Option<License>,
@@ -404,7 +404,8 @@ impl SlaveAgent {
                 &cfg.slave_id,
                 two,
             )
-            .await?,
+            .await
+            .map(Arc::new)?,
         ];
         if let Some(secondary) = &cfg.secondary {
             links.push(
@@ -416,7 +417,8 @@ impl SlaveAgent {
                     &cfg.slave_id,
                     true,
                 )
-                .await?,
+                .await
+                .map(Arc::new)?,
             );
         }
         let mut controls = Vec::new();
@@ -661,7 +663,7 @@ impl Inner {
 
     /// Asks one master, keeping the books: any answer is contact (the grace period restarts
     /// from the request's sending time) and the primary's latency is watched.
-    async fn ask<T: Serialize>(
+    async fn ask<T: crate::link::Request>(
         &self,
         link: LinkId,
         op: SlaveOp,

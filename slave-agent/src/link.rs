@@ -2,12 +2,51 @@
 //! request/reply primitive with a timeout. A slave has one link (the primary) or two (a
 //! secondary too, usually at another site).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::{Client, RequestErrorKind};
-use lmbus_schemas::{Reply, SlaveId, SlaveOp, Subjects, decode, encode};
+use lmbus_schemas::{
+    BatchItem, BatchRequest, Heartbeat, Hello, MAX_BATCH_ITEMS, RegisterRequest, Reply, SlaveId,
+    SlaveOp, SlaveReport, Subjects, UnregisterRequest, decode, encode,
+};
 use serde::Serialize;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
+
+/// A request the slave sends. Registrations and unregistrations may go out together in
+/// one `batch` message when the host asks for several at once (coalescing); everything
+/// else goes alone.
+pub(crate) trait Request: Serialize {
+    fn batch_item(&self) -> Option<BatchItem> {
+        None
+    }
+}
+
+impl Request for RegisterRequest {
+    fn batch_item(&self) -> Option<BatchItem> {
+        Some(BatchItem::Register(self.clone()))
+    }
+}
+
+impl Request for UnregisterRequest {
+    fn batch_item(&self) -> Option<BatchItem> {
+        Some(BatchItem::Unregister(self.clone()))
+    }
+}
+
+impl Request for Hello {}
+impl Request for Heartbeat {}
+impl Request for SlaveReport {}
+
+type Answer = Result<Ask, crate::SlaveError>;
+
+/// Registrations and unregistrations waiting to be sent, and whether a sender is at work.
+#[derive(Debug, Default)]
+struct Coalescer {
+    queue: Vec<(BatchItem, oneshot::Sender<Answer>)>,
+    sending: bool,
+}
 
 /// Which master: index into the slave's links.
 pub(crate) type LinkId = usize;
@@ -23,6 +62,7 @@ pub(crate) fn link_name(link: LinkId) -> &'static str {
 }
 
 /// What a request to a master came to.
+#[derive(Debug, Clone)]
 pub(crate) enum Ask {
     /// The master answered, `latency` after the request was sent at `sent`.
     Reply {
@@ -45,6 +85,7 @@ pub(crate) struct Link {
     pub(crate) hello_lock: tokio::sync::Mutex<()>,
     /// Numbers hellos so the master can ignore a delayed old one.
     pub(crate) hello_seq: std::sync::atomic::AtomicU64,
+    coalescer: Mutex<Coalescer>,
 }
 
 impl Link {
@@ -83,6 +124,7 @@ impl Link {
             nats_url: nats_url.to_owned(),
             hello_lock: tokio::sync::Mutex::new(()),
             hello_seq: Default::default(),
+            coalescer: Mutex::default(),
         })
     }
 
@@ -90,15 +132,124 @@ impl Link {
         link_name(self.id)
     }
 
+    /// Sends `body` to this master and waits `timeout` for the answer. Registrations and
+    /// unregistrations are coalesced: while one message of them is on its way, those asked
+    /// for meanwhile wait and then go out together in one `batch` request (at most
+    /// `MAX_BATCH_ITEMS`), each caller getting its own item's reply. One alone goes on its
+    /// own subject, so a host asking one at a time pays nothing for this.
+    pub(crate) async fn ask<T: Request>(
+        self: &Arc<Self>,
+        slave: &SlaveId,
+        op: SlaveOp,
+        body: &T,
+        timeout: Duration,
+    ) -> Answer {
+        let Some(item) = body.batch_item() else {
+            return self.send(slave, op, body, timeout).await;
+        };
+        let (tx, rx) = oneshot::channel();
+        let first = {
+            let mut c = self.coalescer.lock().unwrap_or_else(|e| e.into_inner());
+            c.queue.push((item, tx));
+            !std::mem::replace(&mut c.sending, true)
+        };
+        if first {
+            // Send this round (ours, and whatever queued meanwhile) from here; a task
+            // sends the rounds after it, if any.
+            self.send_round(slave, timeout).await;
+            if self.more_rounds() {
+                let (link, slave) = (self.clone(), slave.clone());
+                tokio::spawn(async move {
+                    loop {
+                        link.send_round(&slave, timeout).await;
+                        if !link.more_rounds() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+        rx.await.unwrap_or_else(|_| {
+            Ok(Ask::Unavailable(format!(
+                "the request to the {} master was dropped",
+                self.name()
+            )))
+        })
+    }
+
+    /// `true` when requests are waiting; otherwise the sender stops (under the same lock,
+    /// so a request queued right after finds no sender and sends itself).
+    fn more_rounds(&self) -> bool {
+        let mut c = self.coalescer.lock().unwrap_or_else(|e| e.into_inner());
+        if c.queue.is_empty() {
+            c.sending = false;
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Sends the waiting requests, one message for all of them, and hands out the replies.
+    async fn send_round(&self, slave: &SlaveId, timeout: Duration) {
+        let mut round: Vec<(BatchItem, oneshot::Sender<Answer>)> = {
+            let mut c = self.coalescer.lock().unwrap_or_else(|e| e.into_inner());
+            let n = c.queue.len().min(MAX_BATCH_ITEMS);
+            c.queue.drain(..n).collect()
+        };
+        if round.len() == 1 {
+            let (item, tx) = round.remove(0);
+            let answer = match &item {
+                BatchItem::Register(r) => self.send(slave, SlaveOp::Register, r, timeout).await,
+                BatchItem::Unregister(u) => self.send(slave, SlaveOp::Unregister, u, timeout).await,
+            };
+            let _ = tx.send(answer);
+            return;
+        }
+        let (items, waiting): (Vec<BatchItem>, Vec<oneshot::Sender<Answer>>) =
+            round.into_iter().unzip();
+        let n = items.len();
+        let answer = self
+            .send(slave, SlaveOp::Batch, &BatchRequest { items }, timeout)
+            .await;
+        match answer {
+            Ok(Ask::Reply {
+                reply: Reply::Batch(replies),
+                sent,
+                latency,
+            }) if replies.len() == n => {
+                for (reply, tx) in replies.into_iter().zip(waiting) {
+                    let _ = tx.send(Ok(Ask::Reply {
+                        reply,
+                        sent,
+                        latency,
+                    }));
+                }
+            }
+            // One answer for the whole message (a standby's `no_leader`, an error, no
+            // answer at all): it is every item's answer.
+            Ok(other) => {
+                for tx in waiting {
+                    let _ = tx.send(Ok(other.clone()));
+                }
+            }
+            Err(e) => {
+                let detail = e.to_string();
+                for tx in waiting {
+                    let _ = tx.send(Err(crate::SlaveError::Nats(detail.clone())));
+                }
+            }
+        }
+    }
+
     /// Sends `body` on the slave's `op` subject of this master and waits `timeout` for
     /// the answer.
-    pub(crate) async fn ask<T: Serialize>(
+    async fn send<T: Serialize>(
         &self,
         slave: &SlaveId,
         op: SlaveOp,
         body: &T,
         timeout: Duration,
-    ) -> Result<Ask, crate::SlaveError> {
+    ) -> Answer {
         let payload = encode(body).map_err(|e| crate::SlaveError::Nats(e.to_string()))?;
         let subject = self.subjects.slave_op(slave, op);
         let sent = Instant::now();

@@ -213,16 +213,17 @@ where
 }
 
 /// `reps` samples; prints the median one (by ops/s) as a `BENCH` line with the spread.
-async fn row<F, Fut>(
-    name: &str,
-    concurrency: usize,
-    watched: &Watched,
-    op: F,
-) -> anyhow::Result<Sample>
+/// `LMBUS_BENCH_ROWS` (comma-separated row names) runs only those rows, for profiling.
+async fn row<F, Fut>(name: &str, concurrency: usize, watched: &Watched, op: F) -> anyhow::Result<()>
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send,
 {
+    if let Ok(rows) = std::env::var("LMBUS_BENCH_ROWS")
+        && !rows.split(',').any(|r| r.trim() == name)
+    {
+        return Ok(());
+    }
     let (reps, length) = settings();
     let mut samples = Vec::new();
     for rep in 0..reps {
@@ -252,7 +253,7 @@ where
         median.p999_us,
         cpu.join(",")
     );
-    Ok(median)
+    Ok(())
 }
 
 /// A `redis-server` on a free loopback port, without persistence (the semaphore as it is
@@ -505,6 +506,7 @@ async fn bench() -> anyhow::Result<()> {
     })
     .await?;
     let broker_pid = broker.pid().as_raw() as u32;
+    eprintln!("broker pid {broker_pid} (for a profiler)");
     let watched: Watched = vec![
         ("bench".into(), vec![me]),
         ("nats-server".into(), vec![nats_pid]),

@@ -322,3 +322,57 @@ async fn a_flooding_slave_does_not_starve_the_others() {
     assert_eq!(alert.slave.as_deref(), Some("rogue"));
     broker.stop().await.unwrap();
 }
+
+/// Steps: a broker with 40 seats; one slave's host asks for 60 registrations at once.
+/// Exactly 40 are approved and 20 rejected `aggregate_limit` (coalescing changes no
+/// decision), a tap on the slave's subjects sees fewer messages than registrations (they
+/// went out in `batch` requests), and 60 concurrent unregistrations free every seat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_are_coalesced_into_batches() {
+    let f = Fixture::new().await.unwrap();
+    let broker = f.broker(40, &[], true).await.unwrap();
+    let subjects = Subjects::new(&f.cluster).unwrap();
+    let site = SlaveId::new("site1").unwrap();
+    let mut tap = f
+        .client
+        .subscribe(subjects.one_slave_ops(&site))
+        .await
+        .unwrap();
+    f.client.flush().await.unwrap();
+    let slave = slave(&f, "site1", None).await.unwrap();
+    let asks = (0..60).map(|n| {
+        let slave = slave.clone();
+        async move { slave.register(&format!("a{n}"), "inbound").await.unwrap() }
+    });
+    let outcomes = futures::future::join_all(asks).await;
+    let approved = outcomes.iter().filter(|o| o.is_approved()).count();
+    assert_eq!(approved, 40, "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .filter(|o| !o.is_approved())
+            .all(|o| rejected(o) == Some(RejectReason::AggregateLimit))
+    );
+    f.wait_in_use(40).await.unwrap();
+    let (mut registers, mut batches) = (0, 0);
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(300), tap.next()).await {
+        match subjects.parse_slave_op(msg.subject.as_str()).unwrap().1 {
+            SlaveOp::Register => registers += 1,
+            SlaveOp::Batch => batches += 1,
+            _ => {}
+        }
+    }
+    eprintln!(
+        "measured: 60 concurrent registrations went out as {registers} single requests and {batches} batches"
+    );
+    assert!(batches > 0 && registers + batches < 60);
+    let releases = (0..60).map(|n| {
+        let slave = slave.clone();
+        async move { slave.unregister(&format!("a{n}")).await.unwrap() }
+    });
+    let released = futures::future::join_all(releases).await;
+    assert_eq!(released.iter().filter(|r| **r).count(), 40);
+    f.wait_in_use(0).await.unwrap();
+    slave.shutdown().await;
+    broker.stop().await.unwrap();
+}
