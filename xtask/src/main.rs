@@ -40,7 +40,21 @@ enum Cmd {
     /// Throughput bench: the NATS request/reply floor, a Redis counting semaphore and lmbus
     /// (slave library and local HTTP API to a leader broker with its ledger on), at
     /// concurrency 1 and 64, side by side in one run; writes the table into BENCHMARKS.md.
+    ///
+    /// `cargo xtask bench scale`: thousands of simulated slaves with heartbeats and up to a
+    /// million seats on one broker (with a hot standby): broker CPU and memory in steady
+    /// state, registration from cold, and takeover after kill -9 of the leader, for each
+    /// size of --sizes.
     Bench {
+        /// `scale` for the scale bench.
+        #[arg(value_parser = ["scale"])]
+        what: Option<String>,
+        /// Scale bench sizes, SLAVESxSEATS, comma-separated.
+        #[arg(
+            long,
+            default_value = "1000x10000,10000x100000,10000x1000000,100000x100000"
+        )]
+        sizes: String,
         /// Repetitions of each row; the median is reported, with the spread.
         #[arg(long, default_value_t = 3)]
         reps: usize,
@@ -365,6 +379,43 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
     write_section("throughput", &body)
 }
 
+fn bench_scale(sizes: &str) -> anyhow::Result<()> {
+    let lines = run_bench("scale", &[("LMBUS_SCALE", sizes.to_owned())])?;
+    let mut body = format!(
+        "## Scale: many slaves, many seats, one broker\n\n\
+         `cargo xtask bench scale --sizes {sizes}` on {}: a fresh nats-server per size, a leader \
+         `lmbus-broker` and a hot standby (release build, default settings but \
+         `--slave-rate-limit 0`), and one process playing every slave, each with its own \
+         identity (subject) and session, heartbeating every second over 4 NATS connections. \
+         Hello: every slave's hello, 64 in flight. Register: the seats from cold, spread evenly \
+         over the slaves, in batch requests of up to 128, 64 in flight. Steady state: the brokers' \
+         CPU (percent of one core) over 5 s with only heartbeats flowing, and their resident \
+         memory. Takeover: kill -9 of the leader until the standby approves a new registration \
+         (lease 1 s: no standby may take over sooner).\n\n\
+         | slaves | seats | hello | register | registrations/s | leader CPU | standby CPU | leader RSS | standby RSS | RSS per seat | takeover |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        machine()
+    );
+    for line in lines.iter().filter(|l| l.starts_with("BENCH scale ")) {
+        body.push_str(&format!(
+            "| {} | {} | {} ms | {} ms | {} | {}% | {}% | {} MiB | {} MiB | {} B | {} ms |\n",
+            field(line, "slaves"),
+            field(line, "seats"),
+            field(line, "hello_ms"),
+            field(line, "register_ms"),
+            field(line, "register_per_s"),
+            field(line, "cpu_leader"),
+            field(line, "cpu_standby"),
+            field(line, "rss_leader_mib"),
+            field(line, "rss_standby_mib"),
+            field(line, "bytes_per_seat"),
+            field(line, "takeover_ms"),
+        ));
+    }
+    body.push('\n');
+    write_section("scale", &body)
+}
+
 const FUZZ_TARGETS: [&str; 3] = ["decode", "license", "engine"];
 
 /// cargo-fuzz needs nightly-only compiler flags; `RUSTC_BOOTSTRAP=1` lets the machine's one
@@ -411,7 +462,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Demo(args) => demo::run(args),
         Cmd::Test { no_demo } => test(no_demo),
-        Cmd::Bench { reps, seconds } => bench_throughput(reps, seconds),
+        Cmd::Bench {
+            what: Some(_),
+            sizes,
+            ..
+        } => bench_scale(&sizes),
+        Cmd::Bench { reps, seconds, .. } => bench_throughput(reps, seconds),
         Cmd::BenchFailover { trials } => bench_failover(trials),
         Cmd::BenchCatchup { seats } => bench_catchup(&seats),
         Cmd::Fuzz { seconds, targets } => fuzz(seconds, targets),
