@@ -347,6 +347,7 @@ pub fn render_status(s: &StatusReply) -> String {
     if s.slaves.is_empty() {
         let _ = writeln!(o, "(no slaves)");
     }
+    let unlisted = (s.slaves_total as usize).saturating_sub(s.slaves.len());
     for slave in &s.slaves {
         let by_type = slave
             .in_use_by_type
@@ -376,6 +377,13 @@ pub fn render_status(s: &StatusReply) -> String {
                 by_type
             },
             slave.last_seen_ms_ago as f64 / 1000.0
+        );
+    }
+    if unlisted > 0 {
+        let _ = writeln!(
+            o,
+            "... and {unlisted} more slaves not listed ({} of {} connected in all)",
+            s.slaves_connected, s.slaves_total
         );
     }
     o

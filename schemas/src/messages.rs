@@ -394,7 +394,17 @@ pub struct StatusReply {
     /// Every broker replica the leader hears from, itself included.
     #[serde(default)]
     pub replicas: Vec<ReplicaStatus>,
+    /// How many slaves the master knows, and how many have a live session. `slaves`
+    /// lists at most [`STATUS_MAX_SLAVES`] of them (disconnected ones first) so that the
+    /// reply stays within the message size limit.
+    #[serde(default)]
+    pub slaves_total: u32,
+    #[serde(default)]
+    pub slaves_connected: u32,
 }
+
+/// Most slaves listed in a [`StatusReply`] (about 100 bytes each).
+pub const STATUS_MAX_SLAVES: usize = 1000;
 
 /// `lmbus.v1.<cluster>.replica`: every broker replica publishes one a few times per lease,
 /// so the leader knows its standbys (and raises `replica_joined` / `replica_lost`).
@@ -577,6 +587,8 @@ mod tests {
             type_limits: BTreeMap::from([("inbound".into(), 3)]),
             total_in_use: 1,
             in_use_by_type: BTreeMap::new(),
+            slaves_total: 1,
+            slaves_connected: 1,
             slaves: vec![SlaveStatus {
                 slave_id: "s".into(),
                 connected: true,

@@ -1429,7 +1429,18 @@ impl Engine {
     /// The License Monitor view of the current state.
     pub fn status(&self, now: Instant) -> StatusReply {
         let license = &self.cfg.license;
+        let (slaves_connected, slaves_total) = self.slave_counts();
+        // Disconnected slaves first (what an operator looks for), then by id; at most
+        // STATUS_MAX_SLAVES.
+        let listed = self
+            .slaves
+            .iter()
+            .filter(|(_, s)| !s.connected)
+            .chain(self.slaves.iter().filter(|(_, s)| s.connected))
+            .take(lmbus_schemas::STATUS_MAX_SLAVES);
         StatusReply {
+            slaves_total,
+            slaves_connected,
             broker_id: self.cfg.broker_id.clone(),
             cluster: self.cfg.cluster.clone(),
             license: LicenseSummary {
@@ -1443,9 +1454,7 @@ impl Engine {
             type_limits: license.limits.agent_types.clone(),
             total_in_use: self.total_in_use,
             in_use_by_type: self.in_use_by_type.clone(),
-            slaves: self
-                .slaves
-                .iter()
+            slaves: listed
                 .map(|(id, s)| SlaveStatus {
                     slave_id: id.to_string(),
                     connected: s.connected,
