@@ -21,7 +21,7 @@ use async_nats::jetstream::{
     stream,
 };
 use futures::StreamExt;
-use lmbus_schemas::{LedgerEntry, Subjects, decode, encode};
+use lmbus_schemas::{LedgerEntry, MAX_MESSAGE_BYTES, SeatChange, Subjects, decode, encode};
 
 /// How long an append may take before the leader gives up on it (and steps down: it
 /// cannot know whether the record landed).
@@ -169,6 +169,13 @@ impl Ledger {
     /// record.
     pub async fn append(&mut self, entry: &LedgerEntry) -> Result<u64, AppendError> {
         let payload = encode(entry).map_err(|e| AppendError::Failed(e.to_string()))?;
+        if payload.len() > MAX_MESSAGE_BYTES {
+            // No reader could decode it: refuse rather than block every standby.
+            return Err(AppendError::Failed(format!(
+                "a ledger entry of {} bytes exceeds the {MAX_MESSAGE_BYTES}-byte message limit (split_entries bounds them)",
+                payload.len()
+            )));
+        }
         let message = PublishMessage::build()
             .payload(payload.into())
             .expected_last_sequence(self.last);
@@ -428,6 +435,47 @@ impl Ledger {
     }
 }
 
+/// Most bytes (by `snapshot::approx_size`) of changes in one ledger entry: well under the
+/// message size limit every reader enforces, so no record is ever too big to read.
+pub const ENTRY_BYTES: usize = 192 * 1024;
+
+/// Cuts the changes of one commit into entries that each fit [`ENTRY_BYTES`], in order; an
+/// operator's `Revoke` of many agents is cut into several (the same effect applied in
+/// parts). A group commit of many batches, or a hello that reconciles thousands of agents,
+/// needs more than one entry.
+pub fn split_entries(changes: Vec<SeatChange>) -> Vec<Vec<SeatChange>> {
+    let mut entries = Vec::new();
+    let mut part: Vec<SeatChange> = Vec::new();
+    let mut part_bytes = 0;
+    let pieces = changes.into_iter().flat_map(|change| match change {
+        SeatChange::Revoke { slave, agents }
+            if agents.len() > crate::snapshot::AGENTS_PER_CHANGE =>
+        {
+            agents
+                .chunks(crate::snapshot::AGENTS_PER_CHANGE)
+                .map(|a| SeatChange::Revoke {
+                    slave: slave.clone(),
+                    agents: a.to_vec(),
+                })
+                .collect::<Vec<_>>()
+        }
+        other => vec![other],
+    });
+    for change in pieces {
+        let size = crate::snapshot::approx_size(&change);
+        if !part.is_empty() && part_bytes + size > ENTRY_BYTES {
+            entries.push(std::mem::take(&mut part));
+            part_bytes = 0;
+        }
+        part_bytes += size;
+        part.push(change);
+    }
+    if !part.is_empty() {
+        entries.push(part);
+    }
+    entries
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,5 +564,47 @@ mod tests {
             rec(2, "b2", vec![leader("b2", 2)]),
         ];
         assert!(audit(&backwards, 5, &types).unwrap_err().contains("term"));
+    }
+
+    /// Regression: a group commit of 256 batches of 128 grants made one 400 KB entry that
+    /// no standby could read. Split, every entry encodes under the limit and the changes
+    /// keep their order; a huge revoke is cut into parts.
+    #[test]
+    fn split_entries_keeps_every_record_readable() {
+        let long = "x".repeat(200);
+        let mut changes: Vec<SeatChange> = (0..32_768)
+            .map(|n| SeatChange::Grant {
+                slave: format!("slave-{}", n % 100),
+                agent_id: format!("{long}-{n}"),
+                agent_type: "inbound".into(),
+                request_seq: n,
+            })
+            .collect();
+        changes.push(SeatChange::Revoke {
+            slave: "slave-1".into(),
+            agents: (0..20_000).map(|n| format!("{long}-{n}")).collect(),
+        });
+        let total = changes.len();
+        let entries = split_entries(changes.clone());
+        assert!(entries.len() > 10);
+        for part in &entries {
+            let bytes = encode(&LedgerEntry {
+                writer: "b1".into(),
+                changes: part.clone(),
+            })
+            .unwrap();
+            assert!(bytes.len() <= MAX_MESSAGE_BYTES, "{} bytes", bytes.len());
+        }
+        let flat: Vec<SeatChange> = entries.into_iter().flatten().collect();
+        assert_eq!(&flat[..total - 1], &changes[..total - 1]);
+        let revoked: Vec<String> = flat[total - 1..]
+            .iter()
+            .flat_map(|c| match c {
+                SeatChange::Revoke { agents, .. } => agents.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(revoked.len(), 20_000);
+        assert_eq!(split_entries(vec![]).len(), 0);
     }
 }

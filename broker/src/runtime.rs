@@ -819,11 +819,8 @@ async fn lead<S: Future<Output = ()> + Unpin>(
                 Some(msg) => {
                     let (reply, out) = admin_release(&mut replica.engine, &msg);
                     let changes = out.changes.clone();
-                    if !changes.is_empty() {
-                        let entry = LedgerEntry { writer: cfg.broker_id.clone(), changes };
-                        if let Some(end) = commit(replica, ledger, &election.role, cfg.fault_ignore_lease, io, &entry, Instant::now()).await {
-                            break end;
-                        }
+                    if let Some(end) = commit_all(replica, ledger, &election.role, cfg, io, changes).await {
+                        break end;
                     }
                     io.admin_reply(&msg, &reply).await;
                     io.apply(None, out).await;
@@ -873,24 +870,8 @@ async fn lead<S: Future<Output = ()> + Unpin>(
             .iter_mut()
             .flat_map(|(_, out, _)| std::mem::take(&mut out.changes))
             .collect();
-        if !changes.is_empty() {
-            let entry = LedgerEntry {
-                writer: cfg.broker_id.clone(),
-                changes,
-            };
-            if let Some(end) = commit(
-                replica,
-                ledger,
-                &election.role,
-                cfg.fault_ignore_lease,
-                io,
-                &entry,
-                Instant::now(),
-            )
-            .await
-            {
-                break end;
-            }
+        if let Some(end) = commit_all(replica, ledger, &election.role, cfg, io, changes).await {
+            break end;
         }
         for (reply_to, out, timing) in batch {
             if let Some((arrived, unregistration)) = timing {
@@ -913,6 +894,39 @@ async fn lead<S: Future<Output = ()> + Unpin>(
 
 async fn unsubscribe(sub: &mut Subscriber) {
     let _ = sub.unsubscribe().await;
+}
+
+/// Appends `changes` in as many entries as they need (`split_entries`), each fenced and
+/// under a valid lease. A failure part way leaves the earlier parts recorded and nobody
+/// told of any of them: like a reply lost after its append, which slaves retry.
+async fn commit_all(
+    replica: &mut Replica,
+    ledger: &mut Ledger,
+    role: &watch::Receiver<Role>,
+    cfg: &BrokerConfig,
+    io: &Io,
+    changes: Vec<SeatChange>,
+) -> Option<Led> {
+    for changes in crate::ledger::split_entries(changes) {
+        let entry = LedgerEntry {
+            writer: cfg.broker_id.clone(),
+            changes,
+        };
+        let end = commit(
+            replica,
+            ledger,
+            role,
+            cfg.fault_ignore_lease,
+            io,
+            &entry,
+            Instant::now(),
+        )
+        .await;
+        if end.is_some() {
+            return end;
+        }
+    }
+    None
 }
 
 /// Appends `entry` if this replica still holds a valid lease. `Some` means it must step

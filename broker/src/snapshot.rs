@@ -281,7 +281,7 @@ impl Snapshots {
 
 /// An upper bound on a change's MessagePack size (named fields), to cut chunks without
 /// encoding twice.
-fn approx_size(change: &SeatChange) -> usize {
+pub(crate) fn approx_size(change: &SeatChange) -> usize {
     const FIELDS: usize = 96;
     match change {
         SeatChange::Seats {

@@ -302,6 +302,12 @@ async fn run(n_slaves: usize, seats: usize) -> anyhow::Result<()> {
     let cpu_standby = (cpu_ticks(b2_pid) - c2) as f64 / 100.0 / secs * 100.0;
     let (rss_leader, rss_standby) = (rss_mib(b1_pid), rss_mib(b2_pid));
     let status = lmbus_tests::status(&clients[0], &cluster).await?;
+    if status.slaves_connected as usize != n_slaves {
+        bail!(
+            "only {} of {n_slaves} slaves are connected: heartbeats are not keeping up",
+            status.slaves_connected
+        );
+    }
     if status.total_in_use as usize != registered || status.broker_id != "b1" {
         bail!(
             "the leader reports {} seats (expected {registered}), led by {}",
@@ -342,6 +348,14 @@ async fn run(n_slaves: usize, seats: usize) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     eprintln!("takeover: {takeover:?}");
+    let after = lmbus_tests::status(&clients[0], &cluster).await?;
+    if after.broker_id != "b2" || (after.total_in_use as usize) < registered {
+        bail!(
+            "after the takeover {} reports {} seats (expected at least {registered})",
+            after.broker_id,
+            after.total_in_use
+        );
+    }
     beating.store(false, Ordering::Relaxed);
     heartbeats.abort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
