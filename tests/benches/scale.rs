@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)]
 //! The scale bench (`cargo xtask bench-scale`, or `cargo bench -p lmbus-tests --bench
 //! scale` with `NATS_SERVER_BIN` set): for each `SLAVESxSEATS` of `LMBUS_SCALE` (default
-//! "1000x10000,10000x100000,10000x1000000,100000x100000"), on a fresh nats-server, a leader
+//! 1k, 10k, 30k and 100k slaves, 10^4 to 10^6 seats), on a fresh nats-server, a leader
 //! broker process and a hot standby process, this process plays every slave, each with its
 //! own identity (subject), session and heartbeat every second, over a few NATS
 //! connections:
@@ -40,7 +40,9 @@ const IN_FLIGHT: usize = 64;
 
 fn main() {
     let sizes: Vec<(usize, usize)> = std::env::var("LMBUS_SCALE")
-        .unwrap_or_else(|_| "1000x10000,10000x100000,10000x1000000,100000x100000".into())
+        .unwrap_or_else(|_| {
+            "1000x10000,10000x10000,10000x100000,10000x1000000,30000x100000,100000x100000".into()
+        })
         .split(',')
         .filter_map(|s| {
             let (a, b) = s.trim().split_once('x')?;
@@ -52,10 +54,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // A size the machine cannot carry is a result too: reported, and the next size runs.
     for (slaves, seats) in sizes {
         if let Err(e) = rt.block_on(run(slaves, seats)) {
             eprintln!("scale {slaves}x{seats} failed: {e:#}");
-            std::process::exit(1);
+            let reason = format!("{e:#}").replace(' ', "_");
+            println!("BENCH scale slaves={slaves} seats={seats} failed={reason}");
         }
     }
 }
@@ -170,6 +174,37 @@ async fn run(n_slaves: usize, seats: usize) -> anyhow::Result<()> {
             .collect(),
     );
 
+    // Heartbeats, every slave every second, published (no answer wanted), from before the
+    // hellos so no slave falls silent while the others say hello.
+    let beating = Arc::new(AtomicBool::new(true));
+    let heartbeats = {
+        let (clients, slaves, subjects, beating) = (
+            clients.clone(),
+            slaves.clone(),
+            subjects.clone(),
+            beating.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut seq = 0;
+            while beating.load(Ordering::Relaxed) {
+                tick.tick().await;
+                seq += 1;
+                for (i, s) in slaves.iter().enumerate() {
+                    let beat = Heartbeat {
+                        instance: s.instance,
+                        seq,
+                        agents: 0,
+                    };
+                    let subject = subjects.slave_op(&s.id, SlaveOp::Heartbeat);
+                    let _ = clients[i % CONNECTIONS]
+                        .publish(subject, encode(&beat).unwrap().into())
+                        .await;
+                }
+            }
+        })
+    };
+
     // Hello from every slave.
     let started = Instant::now();
     let hellos = futures::stream::iter(0..n_slaves)
@@ -205,36 +240,6 @@ async fn run(n_slaves: usize, seats: usize) -> anyhow::Result<()> {
     hellos.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     let hello_time = started.elapsed();
     eprintln!("hellos: {hello_time:?}");
-
-    // Heartbeats, every slave every second, published (no answer wanted).
-    let beating = Arc::new(AtomicBool::new(true));
-    let heartbeats = {
-        let (clients, slaves, subjects, beating) = (
-            clients.clone(),
-            slaves.clone(),
-            subjects.clone(),
-            beating.clone(),
-        );
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut seq = 0;
-            while beating.load(Ordering::Relaxed) {
-                tick.tick().await;
-                seq += 1;
-                for (i, s) in slaves.iter().enumerate() {
-                    let beat = Heartbeat {
-                        instance: s.instance,
-                        seq,
-                        agents: 0,
-                    };
-                    let subject = subjects.slave_op(&s.id, SlaveOp::Heartbeat);
-                    let _ = clients[i % CONNECTIONS]
-                        .publish(subject, encode(&beat).unwrap().into())
-                        .await;
-                }
-            }
-        })
-    };
 
     // Registration from cold: every slave's share, in batches.
     let per_slave = seats / n_slaves;

@@ -52,7 +52,7 @@ enum Cmd {
         /// Scale bench sizes, SLAVESxSEATS, comma-separated.
         #[arg(
             long,
-            default_value = "1000x10000,10000x100000,10000x1000000,100000x100000"
+            default_value = "1000x10000,10000x10000,10000x100000,10000x1000000,30000x100000,100000x100000"
         )]
         sizes: String,
         /// Repetitions of each row; the median is reported, with the spread.
@@ -397,6 +397,16 @@ fn bench_scale(sizes: &str) -> anyhow::Result<()> {
         machine()
     );
     for line in lines.iter().filter(|l| l.starts_with("BENCH scale ")) {
+        let failed = field(line, "failed");
+        if failed != "?" {
+            body.push_str(&format!(
+                "| {} | {} | failed: {} |\n",
+                field(line, "slaves"),
+                field(line, "seats"),
+                failed.replace('_', " ")
+            ));
+            continue;
+        }
         body.push_str(&format!(
             "| {} | {} | {} ms | {} ms | {} | {}% | {}% | {} MiB | {} MiB | {} B | {} ms |\n",
             field(line, "slaves"),
