@@ -341,6 +341,7 @@ struct Inner {
     heartbeat_seq: std::sync::atomic::AtomicU64,
     /// The last request number used (see `RegisterRequest::seq`).
     request_seq: std::sync::atomic::AtomicU64,
+    metrics: crate::metrics::SlaveMetrics,
 }
 
 /// The handle a host application holds. Cheap to clone; the background task stops when
@@ -452,6 +453,7 @@ impl SlaveAgent {
             events,
             heartbeat_seq: Default::default(),
             request_seq: Default::default(),
+            metrics: Default::default(),
         });
         match inner.hello(PRIMARY).await {
             Ok(()) => {}
@@ -499,13 +501,31 @@ impl SlaveAgent {
     /// Asks for a seat for `agent_id` of `agent_type`: local limit first, then the
     /// master(s).
     pub async fn register(&self, agent_id: &str, agent_type: &str) -> Result<Outcome, SlaveError> {
-        self.inner.register(agent_id, agent_type).await
+        let asked = tokio::time::Instant::now();
+        let outcome = self.inner.register(agent_id, agent_type).await;
+        if let Ok(o) = &outcome {
+            let reason = match o {
+                Outcome::Approved { .. } => None,
+                Outcome::Rejected { reason, .. } => Some(reason.token()),
+            };
+            self.inner.metrics.registration(reason, asked.elapsed());
+        }
+        outcome
     }
 
     /// Gives the agent's seat back to the master that granted it. `Ok(false)` when it held
     /// none here.
     pub async fn unregister(&self, agent_id: &str) -> Result<bool, SlaveError> {
-        self.inner.unregister(agent_id).await
+        let released = self.inner.unregister(agent_id).await;
+        if let Ok(true) = released {
+            self.inner.metrics.unregistration();
+        }
+        released
+    }
+
+    /// This slave's metrics as Prometheus text (what the daemon serves on `/metrics`).
+    pub fn metrics_text(&self) -> String {
+        self.inner.metrics.render(&self.status())
     }
 
     pub fn agents(&self) -> Vec<AgentClaim> {

@@ -8,6 +8,7 @@
 //! | `DELETE /v1/agents/{id}`   |                               | `{"released": bool}`             |
 //! | `GET /v1/agents`           |                               | `[{"agent_id","agent_type"}]`    |
 //! | `GET /v1/status`           |                               | `SlaveStatusView`                |
+//! | `GET /metrics`             |                               | Prometheus text (see `metrics.rs`) |
 //!
 //! Errors are `{"error": "..."}` with status 400 (bad input) or 502 (NATS trouble).
 
@@ -63,6 +64,7 @@ pub fn router(agent: SlaveAgent) -> Router {
         .route("/v1/agents", get(list).post(register))
         .route("/v1/agents/{agent_id}", delete(unregister))
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .with_state(agent)
 }
 
@@ -87,6 +89,17 @@ async fn unregister(
 
 async fn list(State(agent): State<SlaveAgent>) -> Response {
     Json(agent.agents()).into_response()
+}
+
+async fn metrics(State(agent): State<SlaveAgent>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        agent.metrics_text(),
+    )
+        .into_response()
 }
 
 async fn status(State(agent): State<SlaveAgent>) -> Response {

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod api;
 mod link;
+mod metrics;
 
 pub use agent::{
     AgentEvent, GracePolicy, LicenseFile, LoggedOut, MasterEndpoint, MasterView, Outcome,

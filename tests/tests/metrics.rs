@@ -158,3 +158,56 @@ async fn metrics_match_a_scripted_workload() {
     slave.shutdown().await;
     broker.stop().await.unwrap();
 }
+
+/// Steps: a broker with 2 seats; a slave daemon's API (served in process) in front of a
+/// slave that registers a1, a2 (approved) and a3 (rejected: aggregate_limit) and releases
+/// a1. Its `/metrics` parses and shows 2 approvals, 1 rejection by reason, 3 timed
+/// answers, 1 unregistration, 1 agent held, the primary master connected, mode connected.
+#[tokio::test]
+async fn the_slave_daemon_serves_its_metrics() {
+    let f = Fixture::new().await.unwrap();
+    let broker = f.broker(2, &[], true).await.unwrap();
+    let slave = SlaveAgent::start(f.slave_config("site1").unwrap())
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, server) =
+        lmbus_slave::api::bind(slave.clone(), "127.0.0.1:0".parse().unwrap(), async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    let server = tokio::spawn(server);
+    for a in ["a1", "a2"] {
+        assert!(slave.register(a, "inbound").await.unwrap().is_approved());
+    }
+    assert!(!slave.register("a3", "inbound").await.unwrap().is_approved());
+    assert!(slave.unregister("a1").await.unwrap());
+    let m = scrape(addr.port()).await;
+    let get = |k: &str| {
+        *m.get(k)
+            .unwrap_or_else(|| panic!("no sample {k} in {m:#?}"))
+    };
+    assert_eq!(
+        get(r#"lmbus_slave_registrations_total{outcome="approved",reason=""}"#),
+        2.0
+    );
+    assert_eq!(
+        get(r#"lmbus_slave_registrations_total{outcome="rejected",reason="aggregate_limit"}"#),
+        1.0
+    );
+    assert_eq!(get("lmbus_slave_registration_seconds_count"), 3.0);
+    assert_eq!(get("lmbus_slave_unregistrations_total"), 1.0);
+    assert_eq!(get("lmbus_slave_agents_total"), 1.0);
+    assert_eq!(get(r#"lmbus_slave_agents{agent_type="inbound"}"#), 1.0);
+    assert_eq!(
+        get(r#"lmbus_slave_master_connected{master="primary"}"#),
+        1.0
+    );
+    assert_eq!(get(r#"lmbus_slave_mode{mode="connected"}"#), 1.0);
+    assert_eq!(get(r#"lmbus_slave_mode{mode="restricted"}"#), 0.0);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    slave.shutdown().await;
+    broker.stop().await.unwrap();
+}

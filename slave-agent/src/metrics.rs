@@ -1,0 +1,139 @@
+//! Prometheus metrics of one slave agent, served by the daemon's local API on
+//! `GET /metrics` (and by [`crate::SlaveAgent::metrics_text`] for library hosts).
+//!
+//! | metric | type | what |
+//! |---|---|---|
+//! | `lmbus_slave_registrations_total{outcome,reason}` | counter | registrations answered to the host, by outcome and reject reason (`local_limit`, `master_unavailable` and `restricted` included) |
+//! | `lmbus_slave_registration_seconds` | histogram | time from the host's call to its answer |
+//! | `lmbus_slave_unregistrations_total` | counter | agents released by the host |
+//! | `lmbus_slave_agents{agent_type}` / `lmbus_slave_agents_total` | gauge | seats held here |
+//! | `lmbus_slave_master_connected{master}` | gauge | 1 while that master (`primary`, `secondary`) answers |
+//! | `lmbus_slave_mode{mode}` | gauge | 1 for the current mode: `connected`, `grace` or `restricted` |
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::agent::SlaveStatusView;
+
+/// Upper bounds of the latency histogram, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Debug, Default)]
+pub(crate) struct SlaveMetrics {
+    registrations: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    unregistrations: AtomicU64,
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl SlaveMetrics {
+    pub(crate) fn registration(&self, reason: Option<&'static str>, took: Duration) {
+        let key = reason.map_or(("approved", ""), |r| ("rejected", r));
+        *self
+            .registrations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_insert(0) += 1;
+        let secs = took.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn unregistration(&self) {
+        self.unregistrations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub(crate) fn render(&self, status: &SlaveStatusView) -> String {
+        let mut t = String::from(
+            "# HELP lmbus_slave_registrations_total Registrations answered to the host, by outcome and reject reason.\n\
+             # TYPE lmbus_slave_registrations_total counter\n",
+        );
+        let registrations = self
+            .registrations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if registrations.is_empty() {
+            t.push_str("lmbus_slave_registrations_total{outcome=\"approved\",reason=\"\"} 0\n");
+        }
+        for ((outcome, reason), n) in registrations {
+            let _ = writeln!(
+                t,
+                "lmbus_slave_registrations_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+        t.push_str(
+            "# HELP lmbus_slave_registration_seconds From the host's call to its answer.\n\
+             # TYPE lmbus_slave_registration_seconds histogram\n",
+        );
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                t,
+                "lmbus_slave_registration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            t,
+            "lmbus_slave_registration_seconds_bucket{{le=\"+Inf\"}} {count}\n\
+             lmbus_slave_registration_seconds_sum {}\n\
+             lmbus_slave_registration_seconds_count {count}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            t,
+            "# HELP lmbus_slave_unregistrations_total Agents released by the host.\n\
+             # TYPE lmbus_slave_unregistrations_total counter\n\
+             lmbus_slave_unregistrations_total {}\n\
+             # HELP lmbus_slave_agents_total Seats held by this slave.\n\
+             # TYPE lmbus_slave_agents_total gauge\n\
+             lmbus_slave_agents_total {}\n\
+             # HELP lmbus_slave_agents Seats held by this slave, by agent type.\n\
+             # TYPE lmbus_slave_agents gauge",
+            self.unregistrations.load(Ordering::Relaxed),
+            status.agents
+        );
+        for (agent_type, n) in &status.agents_by_type {
+            let label = agent_type.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(t, "lmbus_slave_agents{{agent_type=\"{label}\"}} {n}");
+        }
+        t.push_str(
+            "# HELP lmbus_slave_master_connected 1 while that master answers.\n\
+             # TYPE lmbus_slave_master_connected gauge\n",
+        );
+        for m in &status.masters {
+            let _ = writeln!(
+                t,
+                "lmbus_slave_master_connected{{master=\"{}\"}} {}",
+                m.name,
+                u8::from(m.connected)
+            );
+        }
+        t.push_str(
+            "# HELP lmbus_slave_mode 1 for the current mode: connected, grace or restricted.\n\
+             # TYPE lmbus_slave_mode gauge\n",
+        );
+        for mode in ["connected", "grace", "restricted"] {
+            let _ = writeln!(
+                t,
+                "lmbus_slave_mode{{mode=\"{mode}\"}} {}",
+                u8::from(status.mode == mode)
+            );
+        }
+        t
+    }
+}
