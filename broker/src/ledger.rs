@@ -271,7 +271,7 @@ pub fn audit<'a>(
         in_use: 0,
         in_use_by_type: Default::default(),
         total_limit,
-        type_limits,
+        type_limits: std::borrow::Cow::Borrowed(type_limits),
     };
     let mut leader: Option<(String, u64)> = None;
     for record in records {
@@ -294,6 +294,14 @@ pub fn audit<'a>(
         }
         for change in &record.entry.changes {
             match change {
+                SeatChange::License { text } => {
+                    let license =
+                        lmbus_schemas::read_license_unverified(text).ok_or_else(|| {
+                            format!("record {at} holds a license that cannot be read")
+                        })?;
+                    tally.total_limit = license.limits.total.unwrap_or(0);
+                    tally.type_limits = std::borrow::Cow::Owned(license.limits.agent_types);
+                }
                 SeatChange::Leader { replica, term } => {
                     if let Some((_, last)) = &leader {
                         if term <= last {
@@ -357,7 +365,7 @@ struct Tally<'l> {
     in_use: u32,
     in_use_by_type: std::collections::BTreeMap<String, u32>,
     total_limit: u32,
-    type_limits: &'l std::collections::BTreeMap<String, u32>,
+    type_limits: std::borrow::Cow<'l, std::collections::BTreeMap<String, u32>>,
 }
 
 impl Tally<'_> {

@@ -68,6 +68,24 @@ enum AdminCommand {
         #[arg(long, env = "USER", default_value = "operator")]
         operator: String,
     },
+    /// Swap the master license of the running master (like lmreread). The new file is
+    /// verified (signature, dates, role master) before anything changes, recorded in the
+    /// ledger so every replica uses it, and in force at once; a limit below current use logs
+    /// nobody out but rejects new registrations until usage is below it. Replace the file
+    /// given to `run --license` too, for the next start.
+    ReloadLicense {
+        /// The new signed master license file.
+        file: std::path::PathBuf,
+        #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
+        nats: String,
+        #[command(flatten)]
+        nats_auth: lmbus_nats::NatsAuthArgs,
+        #[arg(long, env = "LMBUS_CLUSTER")]
+        cluster: String,
+        /// Who is asking, for the alert [default: $USER].
+        #[arg(long, env = "USER", default_value = "operator")]
+        operator: String,
+    },
     /// Delete a cluster's seat ledger, snapshots, election state and alert log from
     /// JetStream (streams LMBUS_LEDGER_<cluster>, LMBUS_SNAPSHOTS_<cluster>,
     /// KV_lmbus_election_<cluster> and LMBUS_ALERTS_<cluster>). Every seat record is lost:
@@ -129,6 +147,43 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                     Ok(())
                 }
                 ReleaseReply::Error { message } => anyhow::bail!("{message}"),
+            }
+        }
+        AdminCommand::ReloadLicense {
+            file,
+            nats,
+            nats_auth,
+            cluster,
+            operator,
+        } => {
+            let license = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read license file {}", file.display()))?;
+            let subjects = Subjects::new(&cluster)?;
+            let client =
+                lmbus_nats::connect(&nats, async_nats::ConnectOptions::new(), &nats_auth.into())
+                    .await?;
+            let subject = subjects.admin_reload();
+            let no_master = || {
+                format!(
+                    "no master answered on {subject}: is lmbus-broker running for cluster {cluster}?"
+                )
+            };
+            let request = lmbus_schemas::ReloadRequest { license, operator };
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.request(subject.clone(), encode(&request)?.into()),
+            )
+            .await
+            .with_context(no_master)?
+            .with_context(no_master)?;
+            match decode::<lmbus_schemas::ReloadReply>(&answer.payload)? {
+                lmbus_schemas::ReloadReply::Reloaded { message } => {
+                    println!("{message}");
+                    Ok(())
+                }
+                lmbus_schemas::ReloadReply::Error { message } => {
+                    anyhow::bail!("{}: {message}", file.display())
+                }
             }
         }
         AdminCommand::RemoveState {

@@ -728,7 +728,7 @@ async fn lead<S: Future<Output = ()> + Unpin>(
         .await
         .context("cannot subscribe to status requests")?;
     let mut admin_sub = client
-        .subscribe(subjects.admin_release())
+        .subscribe(subjects.admin_all())
         .await
         .context("cannot subscribe to admin requests")?;
     let mut replica_sub = client
@@ -817,7 +817,11 @@ async fn lead<S: Future<Output = ()> + Unpin>(
             },
             msg = admin_sub.next() => match msg {
                 Some(msg) => {
-                    let (reply, out) = admin_release(&mut replica.engine, &msg);
+                    let (reply, out) = if msg.subject.as_str() == subjects.admin_reload() {
+                        admin_reload(&mut replica.engine, &msg)
+                    } else {
+                        admin_release(&mut replica.engine, &msg)
+                    };
                     let changes = out.changes.clone();
                     if let Some(end) = commit_all(replica, ledger, &election.role, cfg, io, changes).await {
                         break end;
@@ -1102,7 +1106,7 @@ fn decide_batch(
 
 /// An operator's release request, decided by the engine: the reply, and the effects (the
 /// slave is told, an alert) with the seat changes to record first.
-fn admin_release(engine: &mut Engine, msg: &Message) -> (lmbus_schemas::ReleaseReply, Output) {
+fn admin_release(engine: &mut Engine, msg: &Message) -> (Vec<u8>, Output) {
     match decode::<lmbus_schemas::ReleaseRequest>(&msg.payload) {
         Ok(request) => {
             info!(slave = %request.slave_id, agent = ?request.agent_id, operator = %request.operator, "admin release");
@@ -1112,7 +1116,7 @@ fn admin_release(engine: &mut Engine, msg: &Message) -> (lmbus_schemas::ReleaseR
                 effects: released.effects,
                 changes: released.changes,
             };
-            (released.reply, out)
+            (encode(&released.reply).unwrap_or_default(), out)
         }
         Err(e) => {
             let out = engine.handle(
@@ -1126,7 +1130,33 @@ fn admin_release(engine: &mut Engine, msg: &Message) -> (lmbus_schemas::ReleaseR
             let reply = lmbus_schemas::ReleaseReply::Error {
                 message: e.to_string(),
             };
-            (reply, out)
+            (encode(&reply).unwrap_or_default(), out)
+        }
+    }
+}
+
+/// An operator's license reload, decided by the engine: the encoded reply, and the alert
+/// with the ledger record to write first.
+fn admin_reload(engine: &mut Engine, msg: &Message) -> (Vec<u8>, Output) {
+    match decode::<lmbus_schemas::ReloadRequest>(&msg.payload) {
+        Ok(request) => {
+            info!(operator = %request.operator, "admin reload-license");
+            let (reply, out) = engine.reload_license(&request, today_utc());
+            (encode(&reply).unwrap_or_default(), out)
+        }
+        Err(e) => {
+            let out = engine.handle(
+                now(),
+                Event::BadMessage {
+                    subject: msg.subject.to_string(),
+                    slave: None,
+                    error: WireError::from(&e),
+                },
+            );
+            let reply = lmbus_schemas::ReloadReply::Error {
+                message: e.to_string(),
+            };
+            (encode(&reply).unwrap_or_default(), out)
         }
     }
 }
@@ -1239,17 +1269,16 @@ impl Io {
         }
     }
 
-    async fn admin_reply(&self, msg: &Message, reply: &lmbus_schemas::ReleaseReply) {
+    async fn admin_reply(&self, msg: &Message, reply: &[u8]) {
         let Some(reply_to) = &msg.reply else {
             return;
         };
-        match encode(reply) {
-            Ok(bytes) => {
-                if let Err(e) = self.client.publish(reply_to.clone(), bytes.into()).await {
-                    warn!(error = %e, "cannot publish admin reply");
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot encode admin reply"),
+        if let Err(e) = self
+            .client
+            .publish(reply_to.clone(), reply.to_vec().into())
+            .await
+        {
+            warn!(error = %e, "cannot publish admin reply");
         }
     }
 

@@ -306,6 +306,7 @@ pub(crate) fn approx_size(change: &SeatChange) -> usize {
         } => FIELDS + slave.len() + agent_id.len() + agent_type.len(),
         SeatChange::Release { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
         SeatChange::Reclaim { slave } => FIELDS + slave.len(),
+        SeatChange::License { text } => FIELDS + text.len(),
         SeatChange::Leader { replica, .. } => FIELDS + replica.len(),
         SeatChange::Unknown => FIELDS,
     }

@@ -59,6 +59,8 @@ pub enum AlertKind {
     SeatsReclaimed,
     /// An operator force-released seats.
     SeatsReleased,
+    /// An operator swapped the master license of a running master (`admin reload-license`).
+    LicenseReloaded,
     /// A slave lost every master beyond its grace period and restricted usage (reported
     /// when it reconnects).
     SlaveRestricted,
@@ -79,7 +81,7 @@ pub enum AlertKind {
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 20] = [
+    pub const ALL: [AlertKind; 21] = [
         AlertKind::BrokerStarted,
         AlertKind::BrokerStopped,
         AlertKind::SlaveConnected,
@@ -99,6 +101,7 @@ impl AlertKind {
         AlertKind::ReplicaJoined,
         AlertKind::ReplicaLost,
         AlertKind::Redundancy,
+        AlertKind::LicenseReloaded,
         AlertKind::Other,
     ];
 
@@ -123,6 +126,7 @@ impl AlertKind {
             AlertKind::ReplicaJoined => "replica_joined",
             AlertKind::ReplicaLost => "replica_lost",
             AlertKind::Redundancy => "redundancy",
+            AlertKind::LicenseReloaded => "license_reloaded",
             AlertKind::Other => "other",
         }
     }

@@ -58,6 +58,11 @@ pub enum SeatChange {
         slave: String,
         agents: Vec<String>,
     },
+    /// An operator reloaded the master license: its signed text, verbatim. Every replica
+    /// verifies it and uses its limits from this record on.
+    License {
+        text: String,
+    },
     /// A replica became leader: written before it answers anyone, so a deposed leader's
     /// next append (fenced on the sequence it last saw) is refused.
     Leader {

@@ -370,6 +370,28 @@ pub enum ReleaseReply {
     Error { message: String },
 }
 
+/// `lmbus.v1.<cluster>.admin.reload`: swap the master license of a running master.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadRequest {
+    /// The new signed master license file, verbatim.
+    pub license: String,
+    /// Who asked, for the alert and the audit trail.
+    #[serde(default)]
+    pub operator: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ReloadReply {
+    /// In force from now on; `message` says what it changes (seats above a lower limit).
+    Reloaded {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
 /// `lmbus.v1.<cluster>.broker.status`: request for the License Monitor view.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusRequest {}

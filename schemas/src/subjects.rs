@@ -218,6 +218,17 @@ impl Subjects {
         format!("{}.admin.release", self.prefix)
     }
 
+    /// `lmbus.v1.<cluster>.admin.reload`: request `ReloadRequest` → `ReloadReply`, answered
+    /// by the master; sent by operators (`lmbus-broker admin reload-license`).
+    pub fn admin_reload(&self) -> String {
+        format!("{}.admin.reload", self.prefix)
+    }
+
+    /// Every admin subject, for the master's subscription.
+    pub fn admin_all(&self) -> String {
+        format!("{}.admin.>", self.prefix)
+    }
+
     /// `lmbus.v1.<cluster>.broker.status`: request `StatusRequest` → `StatusReply`, answered
     /// by the master; used by `lmbus-monitor licenses`.
     pub fn status(&self) -> String {

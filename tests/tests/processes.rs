@@ -255,3 +255,70 @@ async fn killed_slave_is_detected_and_restart_releases_stale_seats() {
             .success()
     );
 }
+
+/// Steps: a broker with 5 seats; a slave takes 3. `lmbus-broker admin reload-license`
+/// (the real binary) with a tampered file fails naming the file and changes nothing; with
+/// a valid license of 2 seats it succeeds and says nobody is logged out. The status shows
+/// the limit of 2 with the 3 seats still held, a `license_reloaded` alert goes out, and a
+/// new registration is rejected `aggregate_limit` until usage falls below the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_license_lowers_the_limit_and_logs_nobody_out() {
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let broker = f.broker(5, &[], true).await.unwrap();
+    let slave = SlaveAgent::start(f.slave_config("site1").unwrap())
+        .await
+        .unwrap();
+    for a in ["a1", "a2", "a3"] {
+        assert!(slave.register(a, "inbound").await.unwrap().is_approved());
+    }
+    let lower = f.vendor.master(2, &[]).unwrap();
+    let tampered = f.vendor.dir().join("tampered.lic");
+    std::fs::write(
+        &tampered,
+        std::fs::read_to_string(&lower)
+            .unwrap()
+            .replace("total = 2", "total = 200"),
+    )
+    .unwrap();
+    let reload = |file: &std::path::Path| {
+        Command::new(bin("lmbus-broker").unwrap())
+            .args(["admin", "reload-license"])
+            .arg(file)
+            .args(["--nats", &f.nats.url(), "--cluster", &f.cluster])
+            .args(["--operator", "test-ops"])
+            .output()
+            .unwrap()
+    };
+    let out = tokio::task::block_in_place(|| reload(&tampered));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("tampered.lic") && stderr.contains("modified"),
+        "{stderr}"
+    );
+    assert_eq!(f.status().await.unwrap().total_limit, 5);
+
+    let out = tokio::task::block_in_place(|| reload(&lower));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("nobody is logged out"), "{stdout}");
+    let st = f.status().await.unwrap();
+    assert_eq!((st.total_limit, st.total_in_use), (2, 3));
+    let alert = alerts
+        .wait_for("license_reloaded", |a| a.kind == AlertKind::LicenseReloaded)
+        .await
+        .unwrap();
+    assert!(alert.message.contains("test-ops"), "{}", alert.message);
+    assert!(!slave.register("a4", "inbound").await.unwrap().is_approved());
+    assert_eq!(slave.agents().len(), 3, "nobody was logged out");
+    assert!(slave.unregister("a1").await.unwrap());
+    assert!(slave.unregister("a2").await.unwrap());
+    assert!(slave.register("a4", "inbound").await.unwrap().is_approved());
+    slave.shutdown().await;
+    broker.stop().await.unwrap();
+}

@@ -296,6 +296,9 @@ pub struct Engine {
     last_expiry_warning: Option<Date>,
     /// Seat changes made by the event being handled, moved into its [`Output`].
     pending: Vec<SeatChange>,
+    /// The signed text of a license reloaded by an operator (`None`: the one the replica
+    /// started with), for snapshots.
+    license_text: Option<String>,
 }
 
 impl Engine {
@@ -308,6 +311,7 @@ impl Engine {
             next_counts_at: None,
             last_expiry_warning: None,
             pending: Vec::new(),
+            license_text: None,
         }
     }
 
@@ -1153,6 +1157,91 @@ impl Engine {
     /// An operator force-releases one agent's seat or all seats of a slave. The slave is
     /// told to log the agents out; if it misses that (it is offline), its next hello is
     /// refused those agents, so it cannot silently take them back.
+    /// An operator's new master license (`admin reload-license`, like lmreread): verified
+    /// (signature, dates, role master) before anything changes, then in force at once and
+    /// recorded in the ledger so every replica uses it. A limit below current use logs
+    /// nobody out: new registrations are rejected until usage is below it, and the reply
+    /// and the alert say so.
+    pub fn reload_license(
+        &mut self,
+        request: &lmbus_schemas::ReloadRequest,
+        today: Date,
+    ) -> (lmbus_schemas::ReloadReply, Output) {
+        use lmbus_schemas::ReloadReply;
+        let checked = verify_license(
+            &request.license,
+            "the reloaded license",
+            &self.cfg.vendor_key,
+        )
+        .and_then(|l| {
+            l.check_dates(today, "the reloaded license")?;
+            l.require_role(Role::Master, "the reloaded license")?;
+            Ok(l)
+        });
+        let license = match checked {
+            Ok(l) => l,
+            Err(e) => {
+                return (
+                    ReloadReply::Error {
+                        message: format!("{e}; the current license stays in force"),
+                    },
+                    Output::default(),
+                );
+            }
+        };
+        let old_total = self.total_limit();
+        self.cfg.license = license;
+        self.license_text = Some(request.license.clone());
+        let new_total = self.total_limit();
+        let mut over = Vec::new();
+        if self.total_in_use > new_total {
+            over.push(format!(
+                "{} seats in use, total limit {new_total}",
+                self.total_in_use
+            ));
+        }
+        for (agent_type, limit) in &self.cfg.license.limits.agent_types {
+            let used = self.in_use_by_type.get(agent_type).copied().unwrap_or(0);
+            if used > *limit {
+                over.push(format!("{used} '{agent_type}' seats in use, limit {limit}"));
+            }
+        }
+        let who = if request.operator.is_empty() {
+            "an operator"
+        } else {
+            request.operator.as_str()
+        };
+        let mut message = format!(
+            "license {} for {} is in force (total limit {old_total} -> {new_total})",
+            self.cfg.license.id, self.cfg.license.customer
+        );
+        if !over.is_empty() {
+            message.push_str(&format!(
+                "; usage is above the new limits ({}): nobody is logged out, new registrations are rejected until usage falls below them",
+                over.join("; ")
+            ));
+        }
+        let alert = self
+            .alert(
+                if over.is_empty() {
+                    Severity::Info
+                } else {
+                    Severity::Warning
+                },
+                AlertKind::LicenseReloaded,
+                format!("{who} reloaded the master license: {message}"),
+            )
+            .counts(self.counts());
+        let out = Output {
+            reply: None,
+            effects: vec![Effect::Alert(alert)],
+            changes: vec![SeatChange::License {
+                text: request.license.clone(),
+            }],
+        };
+        (ReloadReply::Reloaded { message }, out)
+    }
+
     pub fn admin_release(&mut self, request: &lmbus_schemas::ReleaseRequest) -> ReleaseOutput {
         use lmbus_schemas::ReleaseReply;
         let error = |message: String| ReleaseOutput {
@@ -1339,6 +1428,16 @@ impl Engine {
                     s.revoked.extend(agents.iter().cloned());
                 }
             }
+            SeatChange::License { text } => {
+                let license = verify_license(
+                    text,
+                    "the master license in the ledger",
+                    &self.cfg.vendor_key,
+                )
+                .map_err(|e| e.to_string())?;
+                self.cfg.license = license;
+                self.license_text = Some(text.clone());
+            }
             SeatChange::Leader { .. } => {}
             SeatChange::Unknown => {
                 return Err("a ledger record this build does not know (written by a newer broker): upgrade this replica".to_owned());
@@ -1355,6 +1454,9 @@ impl Engine {
     pub fn snapshot(&self, per_change: usize) -> Vec<SeatChange> {
         let per_change = per_change.max(1);
         let mut changes = Vec::with_capacity(self.slaves.len() * 2);
+        if let Some(text) = &self.license_text {
+            changes.push(SeatChange::License { text: text.clone() });
+        }
         for (id, s) in &self.slaves {
             let slave = id.to_string();
             changes.push(SeatChange::Session {

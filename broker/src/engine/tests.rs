@@ -1417,3 +1417,83 @@ fn status_lists_a_bounded_number_of_slaves_and_counts_all() {
     assert!(!status.slaves[0].connected);
     assert!(lmbus_schemas::encode(&status).unwrap().len() < lmbus_schemas::MAX_MESSAGE_BYTES);
 }
+
+/// Reloading a master license with a lower limit logs nobody out but rejects new
+/// registrations until usage is below it; the change is one ledger record that a standby
+/// and a snapshot carry; a tampered or non-master file changes nothing.
+#[test]
+fn a_reloaded_license_lowers_the_limit_without_logging_anyone_out() {
+    let mut h = Harness::new(true);
+    let mut standby = Engine::new(config(true));
+    let mut changes = Vec::new();
+    changes.extend(h.hello_with("s1", None, vec![]).changes);
+    for a in ["a1", "a2", "a3"] {
+        let out = h.register("s1", a, "inbound");
+        assert!(approved(&decision_of(&out)));
+        changes.extend(out.changes);
+    }
+    let lower = sign_license(
+        &license(
+            Role::Master,
+            Limits {
+                total: Some(2),
+                local: None,
+                agent_types: BTreeMap::new(),
+            },
+        ),
+        &vendor(),
+    )
+    .unwrap();
+    let reload = |text: &str| lmbus_schemas::ReloadRequest {
+        license: text.to_owned(),
+        operator: "ops".into(),
+    };
+    // Refused: tampered, or a slave license. Nothing changes.
+    let tampered = lower.replace("total = 2", "total = 200");
+    for bad in [tampered.as_str(), slave_license(None).as_str()] {
+        let (reply, out) = h.engine.reload_license(&reload(bad), TODAY);
+        assert!(
+            matches!(reply, lmbus_schemas::ReloadReply::Error { .. }),
+            "{reply:?}"
+        );
+        assert!(out.changes.is_empty());
+    }
+    assert_eq!(h.engine.status(h.now).total_limit, 5);
+
+    let (reply, out) = h.engine.reload_license(&reload(&lower), TODAY);
+    let lmbus_schemas::ReloadReply::Reloaded { message } = reply else {
+        panic!("{reply:?}");
+    };
+    assert!(message.contains("nobody is logged out"), "{message}");
+    assert_eq!(alerts(&out)[0].kind, AlertKind::LicenseReloaded);
+    changes.extend(out.changes);
+    assert_eq!(h.engine.total_in_use(), 3);
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a4", "inbound")),
+        Some(RejectReason::AggregateLimit)
+    );
+    let out = h.unregister_out("s1", "a1");
+    changes.extend(out.changes);
+    let out = h.unregister_out("s1", "a2");
+    changes.extend(out.changes);
+    let out = h.register("s1", "a4", "inbound");
+    assert!(approved(&decision_of(&out)));
+    changes.extend(out.changes);
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a5", "inbound")),
+        Some(RejectReason::AggregateLimit)
+    );
+    // A standby that applied the records, and an engine restored from its snapshot, use
+    // the new limit too.
+    for change in &changes {
+        standby.apply(h.now, change).unwrap();
+    }
+    let mut restored = Engine::new(config(true));
+    for change in standby.snapshot(100) {
+        restored.apply(h.now, &change).unwrap();
+    }
+    for engine in [&standby, &restored] {
+        assert_eq!(engine.status(h.now).total_limit, 2);
+        assert_eq!(engine.total_in_use(), 2);
+    }
+}
