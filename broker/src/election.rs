@@ -109,6 +109,9 @@ pub struct Election {
     /// was absent, or unreadable for a whole lease. Never right after its own step-down.
     pub electing: watch::Receiver<bool>,
     resign: tokio::sync::mpsc::Sender<u64>,
+    /// Set by `admin drain` ([`Drainer`]): this replica no longer campaigns (until it
+    /// restarts).
+    draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Election {
@@ -122,12 +125,62 @@ impl Election {
         let (tx, rx) = watch::channel(Role::Standby { leader: None });
         let (electing_tx, electing_rx) = watch::channel(false);
         let (resign_tx, resign_rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(campaign(store, cfg, tx, electing_tx, resign_rx));
+        let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tokio::spawn(campaign(
+            store,
+            cfg,
+            tx,
+            electing_tx,
+            resign_rx,
+            draining.clone(),
+        ));
         Ok(Self {
             role: rx,
             electing: electing_rx,
             resign: resign_tx,
+            draining,
         })
+    }
+
+    /// Stops leading in `term` at once (the ledger refused a write, say): the lease is
+    /// left to expire and this replica does not campaign again until it has. A resign for
+    /// an older term is ignored.
+    pub fn resign(&self, term: u64) {
+        let _ = self.resign.try_send(term);
+    }
+
+    /// A handle that drains this replica from another task.
+    pub fn drainer(&self) -> Drainer {
+        Drainer {
+            role: self.role.clone(),
+            resign: self.resign.clone(),
+            draining: self.draining.clone(),
+        }
+    }
+}
+
+/// Drains a replica (see [`Drainer::drain`]) from outside its election task.
+#[derive(Debug, Clone)]
+pub struct Drainer {
+    role: watch::Receiver<Role>,
+    resign: tokio::sync::mpsc::Sender<u64>,
+    draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drainer {
+    /// Maintenance (`admin drain`): stop campaigning for good (until the process
+    /// restarts) and, when leading, resign so another replica takes over. Returns the term
+    /// resigned, if this replica was leading.
+    pub fn drain(&self) -> Option<u64> {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        match *self.role.borrow() {
+            Role::Leader { term, .. } => {
+                let _ = self.resign.try_send(term);
+                Some(term)
+            }
+            Role::Standby { .. } => None,
+        }
     }
 
     /// Stops leading in `term` at once (the ledger refused a write, say): the lease is
@@ -204,6 +257,7 @@ async fn campaign(
     role: watch::Sender<Role>,
     electing: watch::Sender<bool>,
     mut resign: tokio::sync::mpsc::Receiver<u64>,
+    draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     let value = lease_value(&cfg);
     let mut holdoff_until: Option<Instant> = None;
@@ -252,7 +306,14 @@ async fn campaign(
             tokio::time::sleep(cfg.poll_every()).await;
             continue;
         }
-        // The lease is free: let more preferred replicas try first.
+        // The lease is free: let more preferred replicas try first. A drained replica
+        // never tries.
+        if draining.load(std::sync::atomic::Ordering::SeqCst) {
+            set(&electing, true);
+            set(&role, Role::Standby { leader: None });
+            tokio::time::sleep(cfg.poll_every()).await;
+            continue;
+        }
         set(&electing, true);
         let wait = PRIORITY_STEP.saturating_mul(cfg.priority.saturating_sub(1));
         if !wait.is_zero() {

@@ -86,6 +86,24 @@ enum AdminCommand {
         #[arg(long, env = "USER", default_value = "operator")]
         operator: String,
     },
+    /// Take one broker replica out of the election for maintenance: it stops campaigning
+    /// and, if it leads, resigns so another replica takes over (slaves ride through it like
+    /// a failover). Stop it, do the maintenance, start it again: a restarted replica
+    /// campaigns as usual.
+    Drain {
+        /// The replica's `--id`.
+        #[arg(long)]
+        replica: String,
+        #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
+        nats: String,
+        #[command(flatten)]
+        nats_auth: lmbus_nats::NatsAuthArgs,
+        #[arg(long, env = "LMBUS_CLUSTER")]
+        cluster: String,
+        /// Who is asking, for the alert [default: $USER].
+        #[arg(long, env = "USER", default_value = "operator")]
+        operator: String,
+    },
     /// Delete a cluster's seat ledger, snapshots, election state and alert log from
     /// JetStream (streams LMBUS_LEDGER_<cluster>, LMBUS_SNAPSHOTS_<cluster>,
     /// KV_lmbus_election_<cluster> and LMBUS_ALERTS_<cluster>). Every seat record is lost:
@@ -185,6 +203,40 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                     anyhow::bail!("{}: {message}", file.display())
                 }
             }
+        }
+        AdminCommand::Drain {
+            replica,
+            nats,
+            nats_auth,
+            cluster,
+            operator,
+        } => {
+            let subjects = Subjects::new(&cluster)?;
+            let client =
+                lmbus_nats::connect(&nats, async_nats::ConnectOptions::new(), &nats_auth.into())
+                    .await?;
+            let subject = subjects.admin_drain();
+            let request = lmbus_schemas::DrainRequest {
+                replica: replica.clone(),
+                operator,
+            };
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.request(subject.clone(), encode(&request)?.into()),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .with_context(|| {
+                format!(
+                    "no broker replica {replica} answered on {subject}: check --replica (its --id) and --cluster {cluster}"
+                )
+            })?;
+            println!(
+                "{}",
+                decode::<lmbus_schemas::DrainReply>(&answer.payload)?.message
+            );
+            Ok(())
         }
         AdminCommand::RemoveState {
             nats,

@@ -340,6 +340,18 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         }
         None => None,
     };
+    let drains = tokio::spawn(drains(
+        client.clone(),
+        subjects.admin_drain(),
+        cfg.broker_id.clone(),
+        election.drainer(),
+        Io {
+            client: client.clone(),
+            subjects: subjects.clone(),
+            broker_id: cfg.broker_id.clone(),
+            metrics: metrics.clone(),
+        },
+    ));
     let presence = tokio::spawn(presence(
         client.clone(),
         subjects.replica(),
@@ -456,6 +468,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     .await;
     presence.abort();
     electing.abort();
+    drains.abort();
     if let Some(task) = metrics_server {
         task.abort();
     }
@@ -469,6 +482,60 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     }
     info!("broker stopped");
     result
+}
+
+/// Answers `admin drain` requests that name this replica: it stops campaigning and, when
+/// leading, resigns; a `replica_drained` alert says which.
+async fn drains(
+    client: Client,
+    subject: String,
+    me: String,
+    drainer: crate::election::Drainer,
+    io: Io,
+) {
+    let mut requests = match client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, %subject, "cannot subscribe to drain requests");
+            return;
+        }
+    };
+    while let Some(msg) = requests.next().await {
+        let request = match decode::<lmbus_schemas::DrainRequest>(&msg.payload) {
+            Ok(r) if r.replica == me => r,
+            Ok(_) => continue,
+            Err(e) => {
+                // Every replica gets it; none answers, the sender's request times out.
+                warn!(error = %e, "undecodable drain request");
+                continue;
+            }
+        };
+        let message = match drainer.drain() {
+            Some(term) => format!(
+                "broker {me} is drained: it led term {term} and resigned; another replica takes over within about one lease. It will not lead again until it restarts"
+            ),
+            None => format!(
+                "broker {me} is drained: it was a standby and will not campaign until it restarts"
+            ),
+        };
+        let who = if request.operator.is_empty() {
+            "an operator"
+        } else {
+            request.operator.as_str()
+        };
+        info!(operator = %who, "{message}");
+        io.alert(Alert::new(
+            Severity::Warning,
+            AlertKind::ReplicaDrained,
+            format!("{who} drained a replica: {message}"),
+        ))
+        .await;
+        if let Some(reply_to) = &msg.reply
+            && let Ok(bytes) = encode(&lmbus_schemas::DrainReply { message })
+        {
+            let _ = client.publish(reply_to.clone(), bytes.into()).await;
+        }
+    }
 }
 
 /// Publishes this replica's `ReplicaBeat` four times per lease, so the leader knows its
@@ -817,10 +884,14 @@ async fn lead<S: Future<Output = ()> + Unpin>(
             },
             msg = admin_sub.next() => match msg {
                 Some(msg) => {
-                    let (reply, out) = if msg.subject.as_str() == subjects.admin_reload() {
+                    let subject = msg.subject.as_str();
+                    let (reply, out) = if subject == subjects.admin_reload() {
                         admin_reload(&mut replica.engine, &msg)
-                    } else {
+                    } else if subject == subjects.admin_release() {
                         admin_release(&mut replica.engine, &msg)
+                    } else {
+                        // `admin.drain` is answered by the replica it names (`drains`).
+                        continue;
                     };
                     let changes = out.changes.clone();
                     if let Some(end) = commit_all(replica, ledger, &election.role, cfg, io, changes).await {

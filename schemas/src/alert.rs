@@ -61,6 +61,8 @@ pub enum AlertKind {
     SeatsReleased,
     /// An operator swapped the master license of a running master (`admin reload-license`).
     LicenseReloaded,
+    /// An operator drained a broker replica for maintenance (`admin drain`).
+    ReplicaDrained,
     /// A slave lost every master beyond its grace period and restricted usage (reported
     /// when it reconnects).
     SlaveRestricted,
@@ -81,7 +83,7 @@ pub enum AlertKind {
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 21] = [
+    pub const ALL: [AlertKind; 22] = [
         AlertKind::BrokerStarted,
         AlertKind::BrokerStopped,
         AlertKind::SlaveConnected,
@@ -102,6 +104,7 @@ impl AlertKind {
         AlertKind::ReplicaLost,
         AlertKind::Redundancy,
         AlertKind::LicenseReloaded,
+        AlertKind::ReplicaDrained,
         AlertKind::Other,
     ];
 
@@ -127,6 +130,7 @@ impl AlertKind {
             AlertKind::ReplicaLost => "replica_lost",
             AlertKind::Redundancy => "redundancy",
             AlertKind::LicenseReloaded => "license_reloaded",
+            AlertKind::ReplicaDrained => "replica_drained",
             AlertKind::Other => "other",
         }
     }

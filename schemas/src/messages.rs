@@ -392,6 +392,20 @@ pub enum ReloadReply {
     },
 }
 
+/// `lmbus.v1.<cluster>.admin.drain`: take one broker replica out of the election for
+/// maintenance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainRequest {
+    pub replica: String,
+    #[serde(default)]
+    pub operator: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReply {
+    pub message: String,
+}
+
 /// `lmbus.v1.<cluster>.broker.status`: request for the License Monitor view.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusRequest {}

@@ -224,6 +224,12 @@ impl Subjects {
         format!("{}.admin.reload", self.prefix)
     }
 
+    /// `lmbus.v1.<cluster>.admin.drain`: request `DrainRequest` → `DrainReply`, answered by
+    /// the replica it names (every replica listens); sent by `lmbus-broker admin drain`.
+    pub fn admin_drain(&self) -> String {
+        format!("{}.admin.drain", self.prefix)
+    }
+
     /// Every admin subject, for the master's subscription.
     pub fn admin_all(&self) -> String {
         format!("{}.admin.>", self.prefix)

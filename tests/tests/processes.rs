@@ -322,3 +322,73 @@ async fn reload_license_lowers_the_limit_and_logs_nobody_out() {
     slave.shutdown().await;
     broker.stop().await.unwrap();
 }
+
+/// Steps: two broker replicas (b1 preferred and leading, b2 standby) on one nats-server; a
+/// slave holds a seat. `lmbus-broker admin drain --replica b1` (the real binary) says b1
+/// resigned; b2 leads within a few leases, the seat is still there, the slave registers
+/// another agent through the change, a `replica_drained` alert names b1, and b1 does not
+/// take the lead back. Draining a replica that does not exist fails with a clear message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_hands_the_lead_to_another_replica() {
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let license = f.vendor.master(5, &[]).unwrap();
+    let replica = |id: &str, priority: u32| {
+        let mut cfg = broker_config(&f.nats, &f.cluster, license.clone(), &f.vendor, true);
+        cfg.broker_id = id.into();
+        cfg.priority = priority;
+        cfg
+    };
+    let b1 = Broker::start(replica("b1", 1)).await.unwrap();
+    let b2 = Broker::start(replica("b2", 2)).await.unwrap();
+    assert_eq!(f.status().await.unwrap().broker_id, "b1");
+    let slave = SlaveAgent::start(f.slave_config("site1").unwrap())
+        .await
+        .unwrap();
+    assert!(slave.register("a1", "inbound").await.unwrap().is_approved());
+
+    let drain = |replica: &str| {
+        Command::new(bin("lmbus-broker").unwrap())
+            .args(["admin", "drain", "--replica", replica])
+            .args(["--nats", &f.nats.url(), "--cluster", &f.cluster])
+            .output()
+            .unwrap()
+    };
+    let out = tokio::task::block_in_place(|| drain("b1"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("resigned"), "{stdout}");
+    eventually("b2 leads", || async {
+        f.status().await.is_ok_and(|s| s.broker_id == "b2")
+    })
+    .await
+    .unwrap();
+    assert!(slave.register("a2", "inbound").await.unwrap().is_approved());
+    assert_eq!(f.status().await.unwrap().total_in_use, 2);
+    let alert = alerts
+        .wait_for("replica_drained", |a| a.kind == AlertKind::ReplicaDrained)
+        .await
+        .unwrap();
+    assert!(alert.message.contains("b1"), "{}", alert.message);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        f.status().await.unwrap().broker_id,
+        "b2",
+        "b1 took the lead back"
+    );
+
+    let out = tokio::task::block_in_place(|| drain("nobody"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no broker replica nobody answered"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    slave.shutdown().await;
+    b2.stop().await.unwrap();
+    b1.stop().await.unwrap();
+}
