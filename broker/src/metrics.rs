@@ -72,7 +72,6 @@ pub struct Metrics {
     alerts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     gauges: Mutex<Option<Gauges>>,
     limits: Mutex<(u32, BTreeMap<String, u32>)>,
-    leader: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -115,8 +114,6 @@ impl Metrics {
     /// Leading: the seat gauges are exported. Not leading: they are withdrawn (a
     /// standby's view of seats is the ledger's, exported by the leader).
     pub fn set_gauges(&self, gauges: Option<Gauges>) {
-        self.leader
-            .store(u64::from(gauges.is_some()), Ordering::Relaxed);
         *lock(&self.gauges) = gauges;
     }
 
@@ -179,14 +176,16 @@ impl Metrics {
         for (t, n) in &type_limits {
             let _ = writeln!(text, "lmbus_seat_limit{{agent_type=\"{}\"}} {n}", escape(t));
         }
+        // The gauges are set exactly while leading.
+        let gauges = lock(&self.gauges).clone();
         let _ = writeln!(
             text,
             "# HELP lmbus_leader 1 while this replica leads its cluster.\n\
              # TYPE lmbus_leader gauge\n\
              lmbus_leader {}",
-            self.leader.load(Ordering::Relaxed)
+            u8::from(gauges.is_some())
         );
-        if let Some(g) = lock(&self.gauges).clone() {
+        if let Some(g) = gauges {
             let _ = writeln!(
                 text,
                 "# HELP lmbus_seats_in_use_total Seats held across all slaves.\n\

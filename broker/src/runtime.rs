@@ -850,15 +850,15 @@ async fn lead<S: Future<Output = ()> + Unpin>(
             msg = slave_sub.next() => match msg {
                 Some(msg) => {
                     let arrived = Instant::now();
-                    let out = handle_slave_message(&mut replica.engine, subjects, &msg);
-                    batch.push((msg.reply.clone(), out, timed(&msg, arrived)));
+                    let (out, op) = handle_slave_message(&mut replica.engine, subjects, &msg);
+                    batch.push((msg.reply.clone(), out, timed(op, arrived)));
                     // Group commit: decide what is already waiting in the same append.
                     while batch.len() < MAX_BATCH {
                         match slave_sub.next().now_or_never() {
                             Some(Some(msg)) => {
                                 let arrived = Instant::now();
-                                let out = handle_slave_message(&mut replica.engine, subjects, &msg);
-                                batch.push((msg.reply.clone(), out, timed(&msg, arrived)));
+                                let (out, op) = handle_slave_message(&mut replica.engine, subjects, &msg);
+                                batch.push((msg.reply.clone(), out, timed(op, arrived)));
                             }
                             _ => break,
                         }
@@ -1071,7 +1071,40 @@ async fn sync_with_server(client: &Client) {
 }
 
 /// Turns one message on a slave subject into an engine event and runs it.
-fn handle_slave_message(engine: &mut Engine, subjects: &Subjects, msg: &Message) -> Output {
+/// Decides one message on a slave subject; also returns its operation when the subject
+/// named one.
+fn handle_slave_message(
+    engine: &mut Engine,
+    subjects: &Subjects,
+    msg: &Message,
+) -> (Output, Option<SlaveOp>) {
+    let (slave, op) = match subjects.parse_slave_op(msg.subject.as_str()) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            let error = WireError {
+                code: lmbus_schemas::ErrorCode::Invalid,
+                message: e.to_string(),
+            };
+            let out = engine.handle(
+                now(),
+                Event::BadMessage {
+                    subject: msg.subject.to_string(),
+                    slave: None,
+                    error,
+                },
+            );
+            return (out, None);
+        }
+    };
+    (decide_slave_op(engine, msg, slave, op), Some(op))
+}
+
+fn decide_slave_op(
+    engine: &mut Engine,
+    msg: &Message,
+    slave: lmbus_schemas::SlaveId,
+    op: SlaveOp,
+) -> Output {
     let subject = msg.subject.as_str();
     let bad = |engine: &mut Engine, slave, error: WireError| {
         engine.handle(
@@ -1082,16 +1115,6 @@ fn handle_slave_message(engine: &mut Engine, subjects: &Subjects, msg: &Message)
                 error,
             },
         )
-    };
-    let (slave, op) = match subjects.parse_slave_op(subject) {
-        Ok(parsed) => parsed,
-        Err(e) => {
-            let error = WireError {
-                code: lmbus_schemas::ErrorCode::Invalid,
-                message: e.to_string(),
-            };
-            return bad(engine, None, error);
-        }
     };
     let payload = msg.payload.as_ref();
     let event: Result<Event, DecodeError> = match op {
@@ -1175,11 +1198,48 @@ fn decide_batch(
     out
 }
 
-/// An operator's release request, decided by the engine: the reply, and the effects (the
-/// slave is told, an alert) with the seat changes to record first.
+/// An operator's request on an admin subject: decoded, decided by `decide`, the reply
+/// encoded. Undecodable input gets `refuse`'s reply and a `bad_message` alert.
+fn admin_request<Req, Rep>(
+    engine: &mut Engine,
+    msg: &Message,
+    decide: impl FnOnce(&mut Engine, Req) -> (Rep, Output),
+    refuse: impl FnOnce(String) -> Rep,
+) -> (Vec<u8>, Output)
+where
+    Req: serde::de::DeserializeOwned,
+    Rep: serde::Serialize,
+{
+    let (reply, out) = match decode::<Req>(&msg.payload) {
+        Ok(request) => decide(engine, request),
+        Err(e) => {
+            let out = engine.handle(
+                now(),
+                Event::BadMessage {
+                    subject: msg.subject.to_string(),
+                    slave: None,
+                    error: WireError::from(&e),
+                },
+            );
+            (refuse(e.to_string()), out)
+        }
+    };
+    match encode(&reply) {
+        Ok(bytes) => (bytes, out),
+        Err(e) => {
+            warn!(error = %e, "cannot encode an admin reply");
+            (Vec::new(), out)
+        }
+    }
+}
+
+/// An operator's release request: the reply, and the effects (the slave is told, an
+/// alert) with the seat changes to record first.
 fn admin_release(engine: &mut Engine, msg: &Message) -> (Vec<u8>, Output) {
-    match decode::<lmbus_schemas::ReleaseRequest>(&msg.payload) {
-        Ok(request) => {
+    admin_request(
+        engine,
+        msg,
+        |engine, request: lmbus_schemas::ReleaseRequest| {
             info!(slave = %request.slave_id, agent = ?request.agent_id, operator = %request.operator, "admin release");
             let released = engine.admin_release(&request);
             let out = Output {
@@ -1187,49 +1247,24 @@ fn admin_release(engine: &mut Engine, msg: &Message) -> (Vec<u8>, Output) {
                 effects: released.effects,
                 changes: released.changes,
             };
-            (encode(&released.reply).unwrap_or_default(), out)
-        }
-        Err(e) => {
-            let out = engine.handle(
-                now(),
-                Event::BadMessage {
-                    subject: msg.subject.to_string(),
-                    slave: None,
-                    error: WireError::from(&e),
-                },
-            );
-            let reply = lmbus_schemas::ReleaseReply::Error {
-                message: e.to_string(),
-            };
-            (encode(&reply).unwrap_or_default(), out)
-        }
-    }
+            (released.reply, out)
+        },
+        |message| lmbus_schemas::ReleaseReply::Error { message },
+    )
 }
 
-/// An operator's license reload, decided by the engine: the encoded reply, and the alert
-/// with the ledger record to write first.
+/// An operator's license reload: the reply, and the alert with the ledger record to write
+/// first.
 fn admin_reload(engine: &mut Engine, msg: &Message) -> (Vec<u8>, Output) {
-    match decode::<lmbus_schemas::ReloadRequest>(&msg.payload) {
-        Ok(request) => {
+    admin_request(
+        engine,
+        msg,
+        |engine, request: lmbus_schemas::ReloadRequest| {
             info!(operator = %request.operator, "admin reload-license");
-            let (reply, out) = engine.reload_license(&request, today_utc());
-            (encode(&reply).unwrap_or_default(), out)
-        }
-        Err(e) => {
-            let out = engine.handle(
-                now(),
-                Event::BadMessage {
-                    subject: msg.subject.to_string(),
-                    slave: None,
-                    error: WireError::from(&e),
-                },
-            );
-            let reply = lmbus_schemas::ReloadReply::Error {
-                message: e.to_string(),
-            };
-            (encode(&reply).unwrap_or_default(), out)
-        }
-    }
+            engine.reload_license(&request, today_utc())
+        },
+        |message| lmbus_schemas::ReloadReply::Error { message },
+    )
 }
 
 /// The runtime's side effects: replies, alerts and control messages.
@@ -1246,14 +1281,11 @@ struct Io {
 type Decided = (Option<async_nats::Subject>, Output, Option<(Instant, bool)>);
 
 /// Registrations and unregistrations are timed for the metrics.
-fn timed(msg: &Message, arrived: Instant) -> Option<(Instant, bool)> {
-    let subject = msg.subject.as_str();
-    if subject.ends_with(".register") || subject.ends_with(".batch") {
-        Some((arrived, false))
-    } else if subject.ends_with(".unregister") {
-        Some((arrived, true))
-    } else {
-        None
+fn timed(op: Option<SlaveOp>, arrived: Instant) -> Option<(Instant, bool)> {
+    match op? {
+        SlaveOp::Register | SlaveOp::Batch => Some((arrived, false)),
+        SlaveOp::Unregister => Some((arrived, true)),
+        SlaveOp::Hello | SlaveOp::Heartbeat | SlaveOp::Report => None,
     }
 }
 
