@@ -121,8 +121,39 @@ enum AdminCommand {
     },
 }
 
+/// Sends an operator's request to `subject` and decodes the answer; `nobody` is the error
+/// when none comes within 5 s.
+async fn ask_admin<Req, Rep>(
+    nats: &str,
+    nats_auth: lmbus_nats::NatsAuthArgs,
+    subject: String,
+    request: &Req,
+    nobody: String,
+) -> anyhow::Result<Rep>
+where
+    Req: serde::Serialize,
+    Rep: serde::de::DeserializeOwned,
+{
+    let client =
+        lmbus_nats::connect(nats, async_nats::ConnectOptions::new(), &nats_auth.into()).await?;
+    let payload = lmbus_schemas::encode(request)?;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(subject, payload.into()),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .context(nobody)?;
+    Ok(lmbus_schemas::decode(&answer.payload)?)
+}
+
+fn no_master(subject: &str, cluster: &str) -> String {
+    format!("no master answered on {subject}: is lmbus-broker running for cluster {cluster}?")
+}
+
 async fn admin(command: AdminCommand) -> anyhow::Result<()> {
-    use lmbus_schemas::{ReleaseReply, ReleaseRequest, Subjects, decode, encode};
+    use lmbus_schemas::{ReleaseReply, ReleaseRequest, Subjects};
     match command {
         AdminCommand::Release {
             nats,
@@ -132,29 +163,14 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             agent,
             operator,
         } => {
-            let subjects = Subjects::new(&cluster)?;
-            let client =
-                lmbus_nats::connect(&nats, async_nats::ConnectOptions::new(), &nats_auth.into())
-                    .await?;
+            let subject = Subjects::new(&cluster)?.admin_release();
             let request = ReleaseRequest {
                 slave_id: slave,
                 agent_id: agent,
                 operator,
             };
-            let subject = subjects.admin_release();
-            let no_master = || {
-                format!(
-                    "no master answered on {subject}: is lmbus-broker running for cluster {cluster}?"
-                )
-            };
-            let answer = tokio::time::timeout(
-                Duration::from_secs(5),
-                client.request(subject.clone(), encode(&request)?.into()),
-            )
-            .await
-            .with_context(no_master)?
-            .with_context(no_master)?;
-            match decode::<ReleaseReply>(&answer.payload)? {
+            let nobody = no_master(&subject, &cluster);
+            match ask_admin(&nats, nats_auth, subject, &request, nobody).await? {
                 ReleaseReply::Released { agents } => {
                     println!(
                         "released {} seats of slave {}: {}",
@@ -176,25 +192,10 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
         } => {
             let license = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read license file {}", file.display()))?;
-            let subjects = Subjects::new(&cluster)?;
-            let client =
-                lmbus_nats::connect(&nats, async_nats::ConnectOptions::new(), &nats_auth.into())
-                    .await?;
-            let subject = subjects.admin_reload();
-            let no_master = || {
-                format!(
-                    "no master answered on {subject}: is lmbus-broker running for cluster {cluster}?"
-                )
-            };
+            let subject = Subjects::new(&cluster)?.admin_reload();
             let request = lmbus_schemas::ReloadRequest { license, operator };
-            let answer = tokio::time::timeout(
-                Duration::from_secs(5),
-                client.request(subject.clone(), encode(&request)?.into()),
-            )
-            .await
-            .with_context(no_master)?
-            .with_context(no_master)?;
-            match decode::<lmbus_schemas::ReloadReply>(&answer.payload)? {
+            let nobody = no_master(&subject, &cluster);
+            match ask_admin(&nats, nats_auth, subject, &request, nobody).await? {
                 lmbus_schemas::ReloadReply::Reloaded { message } => {
                     println!("{message}");
                     Ok(())
@@ -211,31 +212,14 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             cluster,
             operator,
         } => {
-            let subjects = Subjects::new(&cluster)?;
-            let client =
-                lmbus_nats::connect(&nats, async_nats::ConnectOptions::new(), &nats_auth.into())
-                    .await?;
-            let subject = subjects.admin_drain();
-            let request = lmbus_schemas::DrainRequest {
-                replica: replica.clone(),
-                operator,
-            };
-            let answer = tokio::time::timeout(
-                Duration::from_secs(5),
-                client.request(subject.clone(), encode(&request)?.into()),
-            )
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .with_context(|| {
-                format!(
-                    "no broker replica {replica} answered on {subject}: check --replica (its --id) and --cluster {cluster}"
-                )
-            })?;
-            println!(
-                "{}",
-                decode::<lmbus_schemas::DrainReply>(&answer.payload)?.message
+            let subject = Subjects::new(&cluster)?.admin_drain();
+            let nobody = format!(
+                "no broker replica {replica} answered on {subject}: check --replica (its --id) and --cluster {cluster}"
             );
+            let request = lmbus_schemas::DrainRequest { replica, operator };
+            let reply: lmbus_schemas::DrainReply =
+                ask_admin(&nats, nats_auth, subject, &request, nobody).await?;
+            println!("{}", reply.message);
             Ok(())
         }
         AdminCommand::RemoveState {
