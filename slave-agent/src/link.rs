@@ -196,6 +196,9 @@ impl Link {
             let n = c.queue.len().min(MAX_BATCH_ITEMS);
             c.queue.drain(..n).collect()
         };
+        if round.is_empty() {
+            return;
+        }
         if round.len() == 1 {
             let (item, tx) = round.remove(0);
             let answer = match &item {

@@ -28,7 +28,7 @@ use lmbus_schemas::{
     BatchItem, BatchRequest, Decision, Heartbeat, Hello, MAX_BATCH_ITEMS, RegisterRequest, Reply,
     SlaveId, SlaveOp, Subjects, decode, encode,
 };
-use lmbus_tests::{NatsServer, Proc, Vendor, bin, cluster_name};
+use lmbus_tests::{NatsServer, Proc, Vendor, bin, cluster_name, cpu_ticks};
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -62,14 +62,6 @@ fn main() {
             println!("BENCH scale slaves={slaves} seats={seats} failed={reason}");
         }
     }
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
 }
 
 fn rss_mib(pid: u32) -> f64 {

@@ -31,7 +31,7 @@ use futures::StreamExt as _;
 use lmbus_broker::ledger::{Ledger, audit};
 use lmbus_schemas::{SlaveId, Subjects};
 use lmbus_slave::{SlaveAgent, SlaveConfig};
-use lmbus_tests::{NatsServer, Proc, Vendor, bin, cluster_name, free_port};
+use lmbus_tests::{NatsServer, Proc, Vendor, bin, cluster_name, cpu_ticks, free_port};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::time::Instant;
 
@@ -85,24 +85,6 @@ fn settings() -> (usize, Duration) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5.0);
     (reps, Duration::from_secs_f64(secs))
-}
-
-/// Clock ticks of user + system CPU a process has used so far (`/proc/<pid>/stat`).
-fn cpu_ticks(pid: u32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    // The command name (field 2) may hold spaces; the fields after its ')' are fixed.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the ')'.
-    field(11) + field(12)
 }
 
 /// The processes whose CPU a row reports, by name.

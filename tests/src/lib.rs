@@ -62,6 +62,23 @@ pub fn free_port() -> u16 {
         .expect("no free loopback port")
 }
 
+/// Clock ticks (USER_HZ, 100 a second) of user and system CPU process `pid` has used so
+/// far, from `/proc/<pid>/stat`; 0 when it cannot be read. For the benches.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces; the fields after its ')' are fixed:
+    // utime and stime (fields 14 and 15) are the 12th and 13th after it.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
 /// A real nats-server with JetStream, on a free loopback port, killed on drop.
 #[derive(Debug)]
 pub struct NatsServer {
