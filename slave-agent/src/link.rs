@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::{Client, RequestErrorKind};
 use lmbus_schemas::{
     BatchItem, BatchRequest, Heartbeat, Hello, MAX_BATCH_ITEMS, RegisterRequest, Reply, SlaveId,
-    SlaveOp, SlaveReport, Subjects, UnregisterRequest, decode, encode,
+    SlaveOp, Subjects, UnregisterRequest, decode, encode,
 };
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -37,7 +37,6 @@ impl Request for UnregisterRequest {
 
 impl Request for Hello {}
 impl Request for Heartbeat {}
-impl Request for SlaveReport {}
 
 type Answer = Result<Ask, crate::SlaveError>;
 
