@@ -6,6 +6,7 @@
 
 pub mod catch_up;
 pub mod ha;
+pub mod jwt;
 
 use std::collections::BTreeMap;
 use std::net::{TcpListener, TcpStream};

@@ -299,9 +299,23 @@ async fn watched_client(
     async_nats::Client,
     tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
+    let options =
+        async_nats::ConnectOptions::new().user_and_password(user.into(), format!("pw-{user}"));
+    watched(options, url, user, subjects).await
+}
+
+/// `watched_client` with the credentials already in `options`.
+async fn watched(
+    options: async_nats::ConnectOptions,
+    url: &str,
+    user: &str,
+    subjects: &lmbus_schemas::Subjects,
+) -> (
+    async_nats::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let options = async_nats::ConnectOptions::new()
-        .user_and_password(user.into(), format!("pw-{user}"))
+    let options = options
         .custom_inbox_prefix(
             subjects.slave_inbox_prefix(&lmbus_schemas::SlaveId::new(user).unwrap()),
         )
@@ -449,5 +463,123 @@ async fn reference_permissions_confine_each_slave() {
         }
         Err(e) => eprintln!("seen: impostor refused at start: {e}"),
     }
+    broker.stop().await.unwrap();
+}
+
+/// `deploy/nats-operator.conf` for `operator`'s JWTs (placeholders filled in), and one
+/// `.creds` file per block of `deploy/nats-server.conf` (broker, monitor, operator, site1,
+/// site2) whose JWT carries that block's permissions, for this test's cluster name.
+fn operator_setup(
+    cluster: &str,
+    operator: &lmbus_tests::jwt::Operator,
+    dir: &Path,
+) -> (
+    String,
+    std::collections::BTreeMap<String, std::path::PathBuf>,
+) {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let config = std::fs::read_to_string(deploy.join("nats-operator.conf"))
+        .unwrap()
+        .replace("  store_dir: \"/var/lib/nats/jetstream\"\n", "")
+        .replace("LMBUS_OPERATOR_JWT", &operator.jwt)
+        .replace("LMBUS_SYSTEM_ACCOUNT_JWT", &operator.system_jwt)
+        .replace("LMBUS_SYSTEM_ACCOUNT", &operator.system_account())
+        .replace("LMBUS_ACCOUNT_JWT", &operator.account_jwt)
+        .replace("LMBUS_ACCOUNT", &operator.account());
+    let reference = std::fs::read_to_string(deploy.join("nats-server.conf"))
+        .unwrap()
+        .replace("acme", cluster);
+    let blocks = lmbus_tests::jwt::permission_blocks(&reference).unwrap();
+    let names: Vec<&str> = blocks.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["BROKER", "MONITOR", "OPERATOR", "SITE1", "SITE2"]);
+    let creds = blocks
+        .iter()
+        .map(|(name, permissions)| {
+            let user = name.to_lowercase();
+            let path = operator.user_creds(dir, &user, permissions).unwrap();
+            (user, path)
+        })
+        .collect();
+    (config, creds)
+}
+
+fn creds(path: &Path) -> NatsAuth {
+    NatsAuth {
+        creds_file: Some(path.to_path_buf()),
+        ..NatsAuth::default()
+    }
+}
+
+/// Steps: a nats-server in operator mode from `deploy/nats-operator.conf` (an operator, a
+/// system account and an LMBUS account with JetStream, as JWTs minted here); one user JWT per
+/// role with the permissions of `deploy/nats-server.conf`, as `.creds` files. The broker
+/// connects with broker.creds (ledger, snapshots, election and the alert stream work under
+/// its JetStream permissions); slave site1 registers with site1.creds (approved); the
+/// `lmbus-monitor` binary with `--nats-creds monitor.creds` prints the License Monitor
+/// table; as site1, publishing on site2's subject and reading alerts are denied by NATS; a
+/// user signed by an account the server does not know is refused at connect with an error
+/// that names --nats-creds and does not print the seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_mode_with_creds_files() {
+    init_tracing();
+    let cluster = cluster_name();
+    let dir = tempfile::tempdir().unwrap();
+    let operator = lmbus_tests::jwt::Operator::new("LMBUS").unwrap();
+    let (config, files) = operator_setup(&cluster, &operator, dir.path());
+    let nats = NatsServer::start_with_config(&config).unwrap();
+    let vendor = Vendor::new().unwrap();
+    let s = Secured {
+        nats,
+        license: vendor.master(10, &[]).unwrap(),
+        vendor,
+        cluster: cluster.clone(),
+    };
+    let broker = s.broker(s.nats.url(), creds(&files["broker"])).await;
+    registers(s.slave_config(s.nats.url(), "site1", creds(&files["site1"]))).await;
+
+    let monitor = Command::new(bin("lmbus-monitor").unwrap())
+        .args(["licenses", "--nats", &s.nats.url(), "--cluster", &cluster])
+        .arg("--nats-creds")
+        .arg(&files["monitor"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&monitor.stdout);
+    assert!(
+        monitor.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&monitor.stderr)
+    );
+    eprintln!("seen: lmbus-monitor licenses --nats-creds monitor.creds:\n{table}");
+    assert!(table.contains("site1"), "{table}");
+
+    let subjects = lmbus_schemas::Subjects::new(&cluster).unwrap();
+    let options = async_nats::ConnectOptions::with_credentials_file(&files["site1"])
+        .await
+        .unwrap();
+    let (site1, mut events) = watched(options, &s.nats.url(), "site1", &subjects).await;
+    let site2 = lmbus_schemas::SlaveId::new("site2").unwrap();
+    let forged = subjects.slave_op(&site2, lmbus_schemas::SlaveOp::Register);
+    site1.publish(forged.clone(), "x".into()).await.unwrap();
+    site1.flush().await.unwrap();
+    violation(&mut events, "publishing on site2's subject", &forged).await;
+    let _alerts = site1.subscribe(subjects.all_alerts()).await.unwrap();
+    site1.flush().await.unwrap();
+    violation(&mut events, "alerts", &subjects.all_alerts()).await;
+
+    let stranger = lmbus_tests::jwt::write_creds(
+        &nkeys::KeyPair::new_account(),
+        dir.path(),
+        "stranger",
+        &lmbus_tests::jwt::Permissions::default(),
+    )
+    .unwrap();
+    let refused = connect_error(
+        SlaveAgent::start(s.slave_config(s.nats.url(), "site1", creds(&stranger))).await,
+    );
+    eprintln!("seen: creds of an unknown account: {refused}");
+    assert!(refused.contains("--nats-creds"), "{refused}");
+    let seed = std::fs::read_to_string(&stranger).unwrap();
+    let seed = seed.lines().find(|l| l.starts_with("SU")).unwrap();
+    assert!(!refused.contains(seed), "the seed was printed: {refused}");
     broker.stop().await.unwrap();
 }
