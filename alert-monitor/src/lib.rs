@@ -3,6 +3,10 @@
 //! The binary (`main.rs`) only parses flags; the functions here take a NATS client and a
 //! writer so tests can drive them.
 
+mod audit;
+
+pub use audit::{Audit, AuditQuery, AuditRecord, audit, render_audit};
+
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::future::Future;

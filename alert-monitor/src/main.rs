@@ -68,6 +68,23 @@ enum Command {
         #[arg(long = "for", value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
     },
+    /// The audit trail: every seat decision in the ledger (granted, released, reclaimed,
+    /// revoked, hellos) and every alert (rejections with their reason, refused hellos, bad
+    /// messages, operator actions), oldest first.
+    Audit {
+        /// Only records about this slave (who asked).
+        #[arg(long)]
+        slave: Option<String>,
+        /// Only records about this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only records of the last DURATION, e.g. 24h [default: everything stored].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// One JSON document per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the License Monitor view: each slave, agents per type, totals against limits.
     Licenses {
         /// Print the master's status document as JSON.
@@ -170,6 +187,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let format = if json { Format::Json } else { Format::Text };
             let mut stdout = std::io::stdout();
             tail(incoming, &filter, format, count, until, &mut stdout, stop).await?;
+        }
+        Command::Audit {
+            slave,
+            agent,
+            since,
+            json,
+        } => {
+            let query = lmbus_monitor::AuditQuery {
+                slave,
+                agent,
+                since: since.map(|ago| time::OffsetDateTime::now_utc() - ago),
+            };
+            let audit = lmbus_monitor::audit(&client, &subjects, &query).await?;
+            if json {
+                for record in &audit.records {
+                    println!("{}", serde_json::to_string(record)?);
+                }
+            } else {
+                print!("{}", lmbus_monitor::render_audit(&audit));
+            }
         }
         Command::Licenses {
             json,

@@ -48,6 +48,19 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum AdminCommand {
+    /// Show the license, the limits, usage by slave and agent type, the leader and the
+    /// replicas (like lmstat); the same view as `lmbus-monitor licenses --once`.
+    Status {
+        #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
+        nats: String,
+        #[command(flatten)]
+        nats_auth: lmbus_nats::NatsAuthArgs,
+        #[arg(long, env = "LMBUS_CLUSTER")]
+        cluster: String,
+        /// Print the master's status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Force-release one agent's seat, or every seat of a slave (like lmremove). The slave
     /// is told and logs the agents out; they must register again.
     Release {
@@ -155,6 +168,25 @@ fn no_master(subject: &str, cluster: &str) -> String {
 async fn admin(command: AdminCommand) -> anyhow::Result<()> {
     use lmbus_schemas::{ReleaseReply, ReleaseRequest, Subjects};
     match command {
+        AdminCommand::Status {
+            nats,
+            nats_auth,
+            cluster,
+            json,
+        } => {
+            let subjects = Subjects::new(&cluster)?;
+            let client =
+                lmbus_nats::connect(&nats, async_nats::ConnectOptions::new(), &nats_auth.into())
+                    .await?;
+            let status =
+                lmbus_monitor::fetch_status(&client, &subjects, Duration::from_secs(5)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", lmbus_monitor::render_status(&status));
+            }
+            Ok(())
+        }
         AdminCommand::Release {
             nats,
             nats_auth,

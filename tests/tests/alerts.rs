@@ -158,3 +158,146 @@ async fn alerts_are_kept_and_tailed_across_a_nats_restart() {
     }
     broker.stop().await.unwrap();
 }
+
+/// Steps: a broker with 2 seats; slave s1 registers a1 and a2 (granted), slave s2 registers
+/// b1 (rejected: the master's total is used up); a second later s1 unregisters a1. The
+/// audit for s1 holds its hello, both grants and the release from the ledger, and its
+/// connection alert, in time order; the audit for agent b1 is exactly the rejection, with
+/// its reason, from the alert stream (a refusal makes no ledger record); the audit since
+/// the pause holds only the release; `lmbus-monitor audit --slave s2` prints the rejection.
+/// `lmbus-broker admin status` (lmstat) then shows 1 of 2 seats in use and both slaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_trail_by_slave_agent_and_time() {
+    use lmbus_monitor::{AuditQuery, audit};
+    let f = Fixture::new().await.unwrap();
+    let broker = f.broker(2, &[], true).await.unwrap();
+    let s1 = SlaveAgent::start(f.slave_config("s1").unwrap())
+        .await
+        .unwrap();
+    let s2 = SlaveAgent::start(f.slave_config("s2").unwrap())
+        .await
+        .unwrap();
+    assert!(s1.register("a1", "inbound").await.unwrap().is_approved());
+    assert!(s1.register("a2", "inbound").await.unwrap().is_approved());
+    assert!(!s2.register("b1", "inbound").await.unwrap().is_approved());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let pause = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(s1.unregister("a1").await.unwrap());
+    let subjects = Subjects::new(&f.cluster).unwrap();
+    // The alert of the rejection is stored asynchronously: wait until it is.
+    eventually("the rejection is stored", || async {
+        let q = AuditQuery {
+            agent: Some("b1".into()),
+            ..AuditQuery::default()
+        };
+        audit(&f.client, &subjects, &q).await.unwrap().records.len() == 1
+    })
+    .await
+    .unwrap();
+
+    let q = AuditQuery {
+        slave: Some("s1".into()),
+        ..AuditQuery::default()
+    };
+    let trail = audit(&f.client, &subjects, &q).await.unwrap();
+    let ledger: Vec<(&str, Option<&str>)> = trail
+        .records
+        .iter()
+        .filter(|r| r.source == "ledger")
+        .map(|r| (r.event.as_str(), r.agent.as_deref()))
+        .collect();
+    assert_eq!(
+        ledger,
+        [
+            ("session", None),
+            ("granted", Some("a1")),
+            ("granted", Some("a2")),
+            ("released", Some("a1"))
+        ],
+        "{trail:#?}"
+    );
+    assert!(
+        trail
+            .records
+            .iter()
+            .all(|r| r.slave.as_deref() == Some("s1"))
+    );
+    assert!(
+        trail
+            .records
+            .iter()
+            .any(|r| r.source == "alert" && r.event == "slave_connected")
+    );
+    assert!(
+        trail
+            .records
+            .windows(2)
+            .all(|w| w[0].time_ms <= w[1].time_ms)
+    );
+
+    let q = AuditQuery {
+        agent: Some("b1".into()),
+        ..AuditQuery::default()
+    };
+    let rejected = audit(&f.client, &subjects, &q).await.unwrap().records;
+    assert_eq!(rejected.len(), 1, "{rejected:#?}");
+    assert_eq!(rejected[0].source, "alert");
+    assert_eq!(rejected[0].event, "registration_rejected");
+    assert_eq!(rejected[0].slave.as_deref(), Some("s2"));
+    assert!(rejected[0].detail.starts_with("reason="), "{rejected:?}");
+
+    let q = AuditQuery {
+        since: Some(pause),
+        ..AuditQuery::default()
+    };
+    let late = audit(&f.client, &subjects, &q).await.unwrap().records;
+    let late_ledger: Vec<_> = late.iter().filter(|r| r.source == "ledger").collect();
+    assert_eq!(late_ledger.len(), 1, "{late:#?}");
+    assert_eq!(late_ledger[0].event, "released");
+    assert!(late.iter().all(|r| r.agent.as_deref() != Some("b1")));
+
+    let out = Command::new(bin("lmbus-monitor").unwrap())
+        .args(["--nats", &f.nats.url(), "--cluster", &f.cluster])
+        .args(["audit", "--slave", "s2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("seen: lmbus-monitor audit --slave s2:\n{text}");
+    assert!(text.contains("registration_rejected"), "{text}");
+    assert!(text.contains("agent=b1"), "{text}");
+    assert!(!text.contains("slave=s1"), "{text}");
+
+    let out = Command::new(bin("lmbus-broker").unwrap())
+        .args([
+            "admin",
+            "status",
+            "--nats",
+            &f.nats.url(),
+            "--cluster",
+            &f.cluster,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("seen: lmbus-broker admin status:\n{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().take(3).eq(["TOTAL", "1", "2"])),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("s1 ")), "{text}");
+    s1.shutdown().await;
+    s2.shutdown().await;
+    broker.stop().await.unwrap();
+}

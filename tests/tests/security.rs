@@ -399,6 +399,17 @@ async fn reference_permissions_confine_each_slave() {
     .unwrap()
     .unwrap();
     assert!(first.is_ok(), "{first:?}");
+    // And the ledger, for `lmbus-monitor audit`.
+    let trail = lmbus_monitor::audit(&monitor, &subjects, &Default::default())
+        .await
+        .unwrap();
+    assert!(
+        trail
+            .records
+            .iter()
+            .any(|r| r.event == "granted" && r.slave.as_deref() == Some("site1")),
+        "{trail:?}"
+    );
 
     let (site1, mut events) = watched_client(&s.nats.url(), "site1", &subjects).await;
     let site2 = lmbus_schemas::SlaveId::new("site2").unwrap();

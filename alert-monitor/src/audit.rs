@@ -1,0 +1,327 @@
+//! The audit trail: every seat decision the master recorded (the ledger) and every alert it
+//! raised (the alert stream: rejections with their reason, refused hellos, bad messages,
+//! operator actions), merged in time order and filtered by slave, agent and time.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use lmbus_schemas::{Alert, LedgerEntry, SeatChange, Subjects, decode};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+/// What to show: records about this slave and this agent, from this time on (each filter
+/// is off when `None`).
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub slave: Option<String>,
+    pub agent: Option<String>,
+    pub since: Option<OffsetDateTime>,
+}
+
+/// One line of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    /// When the master stored it (the stream's timestamp), Unix milliseconds.
+    pub time_ms: i64,
+    /// `ledger` (a seat decision) or `alert`.
+    pub source: &'static str,
+    /// Its sequence in that stream.
+    pub sequence: u64,
+    /// Who asked (the slave, from the subject it published on) or whom it is about.
+    pub slave: Option<String>,
+    pub agent: Option<String>,
+    pub agent_type: Option<String>,
+    /// What was decided: granted, released, rejected, ... (for alerts, the alert kind).
+    pub event: String,
+    /// Why, and the rest: the reason of a rejection, the operator of a release, ...
+    pub detail: String,
+}
+
+/// What the audit read: the matching records, and what the ledger no longer holds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Audit {
+    pub records: Vec<AuditRecord>,
+    /// The first ledger record still stored, when earlier ones were trimmed
+    /// (`--ledger-trim`): decisions before it are only in the snapshot, not in the trail.
+    pub ledger_trimmed_before: Option<u64>,
+}
+
+impl AuditQuery {
+    fn wants(&self, slave: Option<&str>, agents: &[&str]) -> bool {
+        let slave_ok = self.slave.as_deref().is_none_or(|s| slave == Some(s));
+        let agent_ok = self.agent.as_deref().is_none_or(|a| agents.contains(&a));
+        slave_ok && agent_ok
+    }
+}
+
+/// Reads the ledger and the alert stream of `subjects`' cluster up to their last record
+/// now and returns the records `query` selects, oldest first.
+pub async fn audit(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    query: &AuditQuery,
+) -> anyhow::Result<Audit> {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut out = Audit::default();
+    let ledger = stored(&js, &subjects.ledger_stream(), query.since)
+        .await
+        .context("cannot read the ledger: does the monitor's NATS user have read access to it (deploy/nats-server.conf, MONITOR)?")?;
+    if ledger.first_sequence > 1 {
+        out.ledger_trimmed_before = Some(ledger.first_sequence);
+    }
+    for (sequence, time_ms, payload) in ledger.messages {
+        let entry: LedgerEntry = match decode(&payload) {
+            Ok(entry) => entry,
+            Err(e) => {
+                out.records.push(AuditRecord {
+                    time_ms,
+                    source: "ledger",
+                    sequence,
+                    slave: None,
+                    agent: None,
+                    agent_type: None,
+                    event: "unreadable".into(),
+                    detail: format!("this build cannot read the record: {e}"),
+                });
+                continue;
+            }
+        };
+        for change in entry.changes {
+            out.records
+                .extend(from_change(change, &entry.writer, query, sequence, time_ms));
+        }
+    }
+    let alerts = stored(&js, &subjects.alert_stream(), query.since)
+        .await
+        .context("cannot read the alert stream")?;
+    for (sequence, time_ms, payload) in alerts.messages {
+        let Ok(alert) = decode::<Alert>(&payload) else {
+            continue;
+        };
+        let agents: Vec<&str> = alert.agent_id.as_deref().into_iter().collect();
+        if !query.wants(alert.slave.as_deref(), &agents) {
+            continue;
+        }
+        let mut detail = String::new();
+        if let Some(reason) = alert.reason {
+            detail.push_str(&format!("reason={reason}; "));
+        }
+        detail.push_str(&alert.message);
+        out.records.push(AuditRecord {
+            time_ms,
+            source: "alert",
+            sequence,
+            slave: alert.slave,
+            agent: alert.agent_id,
+            agent_type: alert.agent_type,
+            event: alert.kind.token().to_string(),
+            detail,
+        });
+    }
+    // A decision before the alerts it caused when both carry the same millisecond.
+    out.records
+        .sort_by_key(|r| (r.time_ms, r.source == "alert", r.sequence));
+    Ok(out)
+}
+
+/// The audit lines of one ledger change, if `query` wants them.
+fn from_change(
+    change: SeatChange,
+    writer: &str,
+    query: &AuditQuery,
+    sequence: u64,
+    time_ms: i64,
+) -> Vec<AuditRecord> {
+    let record = |slave: Option<String>, agent: Option<String>, agent_type, event: &str, detail| {
+        AuditRecord {
+            time_ms,
+            source: "ledger",
+            sequence,
+            slave,
+            agent,
+            agent_type,
+            event: event.to_string(),
+            detail,
+        }
+    };
+    match change {
+        SeatChange::Session {
+            slave,
+            license,
+            local_limit,
+            ..
+        } if query.wants(Some(&slave), &[]) && query.agent.is_none() => vec![record(
+            Some(slave),
+            None,
+            None,
+            "session",
+            format!(
+                "hello accepted ({}, local limit {})",
+                license.map_or("unlicensed".to_string(), |l| format!("license {l}")),
+                local_limit.map_or("none".to_string(), |l| l.to_string())
+            ),
+        )],
+        SeatChange::Grant {
+            slave,
+            agent_id,
+            agent_type,
+            request_seq,
+        } if query.wants(Some(&slave), &[&agent_id]) => vec![record(
+            Some(slave),
+            Some(agent_id),
+            Some(agent_type),
+            "granted",
+            if request_seq == 0 {
+                "held at the slave's hello".to_string()
+            } else {
+                format!("registration request {request_seq}")
+            },
+        )],
+        SeatChange::Seats {
+            slave,
+            agent_type,
+            agent_ids,
+        } => agent_ids
+            .into_iter()
+            .filter(|a| query.wants(Some(&slave), &[a]))
+            .map(|a| {
+                record(
+                    Some(slave.clone()),
+                    Some(a),
+                    Some(agent_type.clone()),
+                    "granted",
+                    "held at the slave's hello".to_string(),
+                )
+            })
+            .collect(),
+        SeatChange::Release { slave, agent_id } if query.wants(Some(&slave), &[&agent_id]) => {
+            vec![record(
+                Some(slave),
+                Some(agent_id),
+                None,
+                "released",
+                "unregistered by the slave".to_string(),
+            )]
+        }
+        SeatChange::Reclaim { slave } if query.wants(Some(&slave), &[]) => vec![record(
+            Some(slave),
+            None,
+            None,
+            "reclaimed",
+            "every seat of the slave, silent beyond its grace period".to_string(),
+        )],
+        SeatChange::Revoke { slave, agents } => agents
+            .into_iter()
+            .filter(|a| query.wants(Some(&slave), &[a]))
+            .map(|a| {
+                record(
+                    Some(slave.clone()),
+                    Some(a),
+                    None,
+                    "revoked",
+                    "released by an operator (admin release)".to_string(),
+                )
+            })
+            .collect(),
+        SeatChange::License { .. } if query.slave.is_none() && query.agent.is_none() => {
+            vec![record(
+                None,
+                None,
+                None,
+                "license",
+                format!("master license reloaded by {writer}"),
+            )]
+        }
+        SeatChange::Leader { replica, term } if query.slave.is_none() && query.agent.is_none() => {
+            vec![record(
+                None,
+                None,
+                None,
+                "leader",
+                format!("replica {replica} leads (term {term})"),
+            )]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// A stream's stored messages from `since` (or its first) up to its last message now.
+struct Stored {
+    first_sequence: u64,
+    messages: Vec<(u64, i64, bytes::Bytes)>,
+}
+
+async fn stored(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    since: Option<OffsetDateTime>,
+) -> anyhow::Result<Stored> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, push};
+    let mut stream = js.get_stream(name).await?;
+    let state = stream.info().await?.state.clone();
+    let mut out = Stored {
+        first_sequence: state.first_sequence,
+        messages: Vec::new(),
+    };
+    if state.messages == 0 {
+        return Ok(out);
+    }
+    let deliver_policy = match since {
+        Some(start_time) => DeliverPolicy::ByStartTime { start_time },
+        None => DeliverPolicy::All,
+    };
+    let consumer = stream
+        .create_consumer(push::OrderedConfig {
+            deliver_subject: js_inbox(js),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    loop {
+        // Nothing newer than `since`: the consumer has nothing to deliver.
+        let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
+        let Ok(Some(message)) = next else { break };
+        let message = message?;
+        let info = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("stream message without metadata: {e}"))?;
+        let (sequence, published) = (info.stream_sequence, info.published);
+        let time_ms = (published.unix_timestamp_nanos() / 1_000_000) as i64;
+        out.messages
+            .push((sequence, time_ms, message.payload.clone()));
+        if sequence >= state.last_sequence {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn js_inbox(js: &async_nats::jetstream::Context) -> String {
+    js.client().new_inbox()
+}
+
+/// The audit as text: one line per record, and a first line when the ledger was trimmed.
+pub fn render_audit(audit: &Audit) -> String {
+    let mut o = String::new();
+    if let Some(first) = audit.ledger_trimmed_before {
+        o.push_str(&format!(
+            "(the ledger was trimmed: decisions before ledger record {first} are not in this trail)\n"
+        ));
+    }
+    for r in &audit.records {
+        o.push_str(&format!(
+            "{} {:<6} #{:<7} {:<21} slave={} agent={} type={} | {}\n",
+            crate::format_time(r.time_ms),
+            r.source,
+            r.sequence,
+            r.event,
+            r.slave.as_deref().unwrap_or("-"),
+            r.agent.as_deref().unwrap_or("-"),
+            r.agent_type.as_deref().unwrap_or("-"),
+            r.detail
+        ));
+    }
+    o
+}
