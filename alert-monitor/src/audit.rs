@@ -247,12 +247,17 @@ fn from_change(
 }
 
 /// A stream's stored messages from `since` (or its first) up to its last message now.
-struct Stored {
-    first_sequence: u64,
-    messages: Vec<(u64, i64, bytes::Bytes)>,
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// The stream's first stored sequence (above 1 when older messages were removed).
+    pub first_sequence: u64,
+    /// Each message's stream sequence, store time (Unix ms) and payload, in order.
+    pub messages: Vec<(u64, i64, bytes::Bytes)>,
 }
 
-async fn stored(
+/// Reads stream `name`'s messages stored since `since` (all when `None`) up to its last
+/// message at the call, through an ordered consumer.
+pub async fn stored(
     js: &async_nats::jetstream::Context,
     name: &str,
     since: Option<OffsetDateTime>,

@@ -5,7 +5,7 @@
 
 mod audit;
 
-pub use audit::{Audit, AuditQuery, AuditRecord, audit, render_audit};
+pub use audit::{Audit, AuditQuery, AuditRecord, Stored, audit, render_audit, stored};
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;

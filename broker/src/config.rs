@@ -63,6 +63,8 @@ pub struct BrokerConfig {
     /// Fault injection for tests only: keep acting as leader after the lease is lost, so
     /// that the ledger's fencing is the only thing that stops a deposed leader.
     pub fault_ignore_lease: bool,
+    /// Usage reports: the time of day, the directory, the mail.
+    pub report: crate::report::ReportConfig,
 }
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -120,6 +122,15 @@ pub struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     pub alert_max_age: Option<Duration>,
     pub alert_max_bytes: Option<i64>,
+    pub report_dir: Option<PathBuf>,
+    pub report_at: Option<String>,
+    pub report_to: Option<Vec<String>>,
+    pub smtp_host: Option<String>,
+    pub smtp_port: Option<u16>,
+    pub smtp_tls: Option<crate::report::SmtpTls>,
+    pub smtp_user: Option<String>,
+    pub smtp_password: Option<String>,
+    pub smtp_from: Option<String>,
 }
 
 impl FileConfig {
@@ -131,6 +142,7 @@ impl FileConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.license = cfg.license.map(|p| base.join(p));
         cfg.vendor_key = cfg.vendor_key.map(|p| base.join(p));
+        cfg.report_dir = cfg.report_dir.map(|p| base.join(p));
         cfg.nats_auth = cfg.nats_auth.map(|a| a.relative_to(base));
         Ok(cfg)
     }

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod ledger;
 pub mod metrics;
 pub mod replicas;
+pub mod report;
 pub mod runtime;
 pub mod snapshot;
 

@@ -61,6 +61,22 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make the usage report of the period so far now: the leader writes it (files, the
+    /// report subject, mail) as it does the daily one, and it is printed here.
+    Report {
+        #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
+        nats: String,
+        #[command(flatten)]
+        nats_auth: lmbus_nats::NatsAuthArgs,
+        #[arg(long, env = "LMBUS_CLUSTER")]
+        cluster: String,
+        /// Print the report as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Who is asking, for the log [default: $USER].
+        #[arg(long, env = "USER", default_value = "operator")]
+        operator: String,
+    },
     /// Force-release one agent's seat, or every seat of a slave (like lmremove). The slave
     /// is told and logs the agents out; they must register again.
     Release {
@@ -135,13 +151,14 @@ enum AdminCommand {
 }
 
 /// Sends an operator's request to `subject` and decodes the answer; `nobody` is the error
-/// when none comes within 5 s.
+/// when none comes within `wait`.
 async fn ask_admin<Req, Rep>(
     nats: &str,
     nats_auth: lmbus_nats::NatsAuthArgs,
     subject: String,
     request: &Req,
     nobody: String,
+    wait: Duration,
 ) -> anyhow::Result<Rep>
 where
     Req: serde::Serialize,
@@ -150,16 +167,16 @@ where
     let client =
         lmbus_nats::connect(nats, async_nats::ConnectOptions::new(), &nats_auth.into()).await?;
     let payload = lmbus_schemas::encode(request)?;
-    let answer = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.request(subject, payload.into()),
-    )
-    .await
-    .ok()
-    .and_then(Result::ok)
-    .context(nobody)?;
+    let answer = tokio::time::timeout(wait, client.request(subject, payload.into()))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .context(nobody)?;
     Ok(lmbus_schemas::decode(&answer.payload)?)
 }
+
+/// How long an admin command waits for its answer.
+const ADMIN_WAIT: Duration = Duration::from_secs(5);
 
 fn no_master(subject: &str, cluster: &str) -> String {
     format!("no master answered on {subject}: is lmbus-broker running for cluster {cluster}?")
@@ -187,6 +204,52 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        AdminCommand::Report {
+            nats,
+            nats_auth,
+            cluster,
+            json,
+            operator,
+        } => {
+            let subject = Subjects::new(&cluster)?.admin_report();
+            let nobody = no_master(&subject, &cluster);
+            let request = lmbus_schemas::ReportRequest { operator };
+            // Reading the day's alerts and mailing can take a while.
+            let wait = Duration::from_secs(60);
+            match ask_admin(&nats, nats_auth, subject, &request, nobody, wait).await? {
+                lmbus_schemas::ReportReply::Written {
+                    report,
+                    files,
+                    emailed_to,
+                    problems,
+                } => {
+                    if json {
+                        println!("{report}");
+                    } else {
+                        let parsed: lmbus_broker::report::UsageReport =
+                            serde_json::from_str(&report)
+                                .context("the master's report is not readable")?;
+                        print!("{}", lmbus_broker::report::to_text(&parsed));
+                        println!(
+                            "\nfiles: {}\nmailed to: {}",
+                            if files.is_empty() {
+                                "none (no --report-dir)".to_string()
+                            } else {
+                                files.join(", ")
+                            },
+                            if emailed_to.is_empty() {
+                                "nobody".to_string()
+                            } else {
+                                emailed_to.join(", ")
+                            }
+                        );
+                    }
+                    anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+                    Ok(())
+                }
+                lmbus_schemas::ReportReply::Error { message } => anyhow::bail!("{message}"),
+            }
+        }
         AdminCommand::Release {
             nats,
             nats_auth,
@@ -202,7 +265,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 operator,
             };
             let nobody = no_master(&subject, &cluster);
-            match ask_admin(&nats, nats_auth, subject, &request, nobody).await? {
+            match ask_admin(&nats, nats_auth, subject, &request, nobody, ADMIN_WAIT).await? {
                 ReleaseReply::Released { agents } => {
                     println!(
                         "released {} seats of slave {}: {}",
@@ -227,7 +290,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             let subject = Subjects::new(&cluster)?.admin_reload();
             let request = lmbus_schemas::ReloadRequest { license, operator };
             let nobody = no_master(&subject, &cluster);
-            match ask_admin(&nats, nats_auth, subject, &request, nobody).await? {
+            match ask_admin(&nats, nats_auth, subject, &request, nobody, ADMIN_WAIT).await? {
                 lmbus_schemas::ReloadReply::Reloaded { message } => {
                     println!("{message}");
                     Ok(())
@@ -250,7 +313,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             );
             let request = lmbus_schemas::DrainRequest { replica, operator };
             let reply: lmbus_schemas::DrainReply =
-                ask_admin(&nats, nats_auth, subject, &request, nobody).await?;
+                ask_admin(&nats, nats_auth, subject, &request, nobody, ADMIN_WAIT).await?;
             println!("{}", reply.message);
             Ok(())
         }
@@ -380,6 +443,34 @@ struct RunArgs {
     /// keep every record].
     #[arg(long, env = "LMBUS_LEDGER_TRIM", num_args = 0..=1, default_missing_value = "true")]
     ledger_trim: Option<bool>,
+    /// Time of day (UTC, HH:MM) at which the leader writes the usage report of the 24 hours
+    /// before [default: 00:00]. It is always published on lmbus.v1.<cluster>.report.usage.
+    #[arg(long, env = "LMBUS_REPORT_AT")]
+    report_at: Option<String>,
+    /// Also write each usage report as JSON and CSV into this directory.
+    #[arg(long, env = "LMBUS_REPORT_DIR")]
+    report_dir: Option<PathBuf>,
+    /// Mail each usage report through this SMTP server (needs --smtp-from and --report-to).
+    #[arg(long, env = "LMBUS_SMTP_HOST")]
+    smtp_host: Option<String>,
+    /// SMTP port [default: 587 with starttls, 465 with tls, 25 with none].
+    #[arg(long, env = "LMBUS_SMTP_PORT")]
+    smtp_port: Option<u16>,
+    /// SMTP connection security [default: starttls].
+    #[arg(long, env = "LMBUS_SMTP_TLS", value_enum)]
+    smtp_tls: Option<lmbus_broker::report::SmtpTls>,
+    /// SMTP user (with LMBUS_SMTP_PASSWORD).
+    #[arg(long, env = "LMBUS_SMTP_USER")]
+    smtp_user: Option<String>,
+    /// SMTP password; prefer the environment variable to the flag (visible in `ps`).
+    #[arg(long, env = "LMBUS_SMTP_PASSWORD", hide_env_values = true)]
+    smtp_password: Option<String>,
+    /// Sender address of report mails, e.g. "lmbus <lmbus@example.com>".
+    #[arg(long, env = "LMBUS_SMTP_FROM")]
+    smtp_from: Option<String>,
+    /// Recipients of report mails (repeat or comma-separate).
+    #[arg(long, env = "LMBUS_REPORT_TO", value_delimiter = ',')]
+    report_to: Vec<String>,
     /// Fault injection, for tests only: keep leading after the lease is lost, so that only
     /// the ledger's fencing stops this replica. Never use in production.
     #[arg(long, hide = true)]
@@ -403,7 +494,49 @@ impl RunArgs {
             .vendor_key
             .or(file.vendor_key)
             .context("no vendor public key: pass --vendor-key FILE, set LMBUS_VENDOR_KEY or add vendor_key to the config file")?;
+        let report = lmbus_broker::report::ReportConfig {
+            dir: self.report_dir.or(file.report_dir),
+            at_minute: match self.report_at.or(file.report_at) {
+                Some(at) => lmbus_broker::report::parse_time_of_day(&at)
+                    .map_err(|e| anyhow::anyhow!("--report-at: {e}"))?,
+                None => 0,
+            },
+            smtp: match self.smtp_host.or(file.smtp_host) {
+                None => None,
+                Some(host) => {
+                    let tls = self
+                        .smtp_tls
+                        .or(file.smtp_tls)
+                        .unwrap_or(lmbus_broker::report::SmtpTls::Starttls);
+                    let to = if self.report_to.is_empty() {
+                        file.report_to.unwrap_or_default()
+                    } else {
+                        self.report_to
+                    };
+                    let from = self.smtp_from.or(file.smtp_from).context(
+                        "--smtp-host needs a sender: pass --smtp-from or set LMBUS_SMTP_FROM",
+                    )?;
+                    anyhow::ensure!(
+                        !to.is_empty(),
+                        "--smtp-host needs recipients: pass --report-to or set LMBUS_REPORT_TO"
+                    );
+                    Some(lmbus_broker::report::SmtpConfig {
+                        host,
+                        port: self
+                            .smtp_port
+                            .or(file.smtp_port)
+                            .unwrap_or(tls.default_port()),
+                        tls,
+                        user: self.smtp_user.or(file.smtp_user),
+                        password: self.smtp_password.or(file.smtp_password),
+                        from,
+                        to,
+                    })
+                }
+            },
+        };
         Ok(BrokerConfig {
+            report,
             nats_url: self
                 .nats
                 .or(file.nats)

@@ -20,8 +20,9 @@ use async_nats::{Client, Message, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use lmbus_schemas::{
     Alert, AlertKind, BatchItem, BatchRequest, Decision, DecodeError, Heartbeat, Hello,
-    LedgerEntry, MAX_BATCH_ITEMS, RegisterRequest, ReplicaBeat, Reply, SeatChange, Severity,
-    SlaveOp, SlaveReport, StatusReply, Subjects, UnregisterRequest, WireError, decode, encode,
+    LedgerEntry, MAX_BATCH_ITEMS, RegisterRequest, ReplicaBeat, Reply, ReportReply, SeatChange,
+    Severity, SlaveOp, SlaveReport, StatusReply, Subjects, UnregisterRequest, WireError, decode,
+    encode,
 };
 use time::{Date, OffsetDateTime};
 use tokio::sync::watch;
@@ -34,6 +35,7 @@ use crate::engine::{Effect, Engine, EngineConfig, Event, Output};
 use crate::ledger::{AppendError, Gap, Ledger, Record};
 use crate::metrics::{Gauges, Metrics};
 use crate::replicas::Replicas;
+use crate::report::{LicenseFacts, ReportConfig, Usage};
 use crate::snapshot::{self, Snapshots};
 
 /// How long the final alerts may take to leave when shutting down.
@@ -69,21 +71,46 @@ struct Replica {
     applied: u64,
     /// `applied`, for the presence task's beats.
     shared: Arc<AtomicU64>,
+    /// Seat usage of the report period, fed after every record; carried over when the
+    /// replica is rebuilt.
+    usage: Usage,
 }
 
 impl Replica {
-    fn new(cfg: &EngineConfig, shared: Arc<AtomicU64>) -> Self {
+    fn new(cfg: &EngineConfig, shared: Arc<AtomicU64>, usage: Usage) -> Self {
         shared.store(0, Ordering::Relaxed);
         Self {
             engine: Engine::new(cfg.clone()),
             applied: 0,
             shared,
+            usage,
         }
     }
 
     fn set_applied(&mut self, sequence: u64) {
         self.applied = sequence;
         self.shared.store(sequence, Ordering::Relaxed);
+        self.observe_usage();
+    }
+
+    fn observe_usage(&mut self) {
+        self.usage.observe(
+            unix_ms(),
+            self.engine.in_use_by_type(),
+            self.engine.total_in_use(),
+        );
+    }
+
+    /// What a usage report needs from the license in force.
+    fn license_facts(&self) -> LicenseFacts {
+        let license = &self.engine.config().license;
+        LicenseFacts {
+            id: license.id.to_string(),
+            customer: license.customer.clone(),
+            context: license.context.to_string(),
+            total: license.limits.total,
+            types: license.limits.agent_types.clone(),
+        }
     }
 
     fn apply(&mut self, record: &Record) -> anyhow::Result<()> {
@@ -137,9 +164,10 @@ async fn restore(
     cfg: &EngineConfig,
     shared: Arc<AtomicU64>,
     snapshots: &Snapshots,
+    usage: Usage,
 ) -> anyhow::Result<Replica> {
     let started = Instant::now();
-    let mut replica = Replica::new(cfg, shared);
+    let mut replica = Replica::new(cfg, shared, usage);
     let Some(loaded) = snapshots.load_latest().await? else {
         return Ok(replica);
     };
@@ -368,11 +396,12 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         election.electing.clone(),
         not_ready_rx,
     ));
-    let mut replica = restore(&engine_cfg, applied.clone(), &snapshots)
+    let usage = Usage::new(cfg.report.at_minute);
+    let mut replica = restore(&engine_cfg, applied.clone(), &snapshots, usage.clone())
         .await
         .unwrap_or_else(|e| {
             warn!(error = %format!("{e:#}"), "cannot load the latest snapshot: replaying the ledger from its first record");
-            Replica::new(&engine_cfg, applied.clone())
+            Replica::new(&engine_cfg, applied.clone(), usage)
         });
     let mut snapshotter = Snapshotter {
         snapshots: snapshots.clone(),
@@ -392,7 +421,14 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
             // covers them (retrying while it cannot be read).
             Err(e) if e.downcast_ref::<Gap>().is_some() => {
                 warn!(error = %format!("{e:#}"), "loading the latest snapshot");
-                match restore(&engine_cfg, applied.clone(), &snapshots).await {
+                match restore(
+                    &engine_cfg,
+                    applied.clone(),
+                    &snapshots,
+                    replica.usage.clone(),
+                )
+                .await
+                {
                     Ok(restored) => replica = restored,
                     Err(e) => {
                         warn!(error = %format!("{e:#}"), "cannot load the latest snapshot; retrying");
@@ -444,11 +480,12 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 ))
                 .await;
                 if rebuild {
-                    replica = restore(&engine_cfg, applied.clone(), &snapshots)
+                    let usage = replica.usage.clone();
+                    replica = restore(&engine_cfg, applied.clone(), &snapshots, usage.clone())
                         .await
                         .unwrap_or_else(|e| {
                             warn!(error = %format!("{e:#}"), "cannot load the latest snapshot: replaying the ledger from its first record");
-                            Replica::new(&engine_cfg, applied.clone())
+                            Replica::new(&engine_cfg, applied.clone(), usage)
                         });
                 }
             }
@@ -783,6 +820,14 @@ async fn lead<S: Future<Output = ()> + Unpin>(
         return Ok(end);
     }
     replica.engine.restart_silence_clocks(now());
+    if let Some(missed) = replica.usage.take_closed() {
+        // It closed while another replica led, which reported it (or failed over while
+        // doing so: `admin report` makes the current period's report on demand).
+        info!(
+            period_end = missed.end_ms,
+            "a usage period ended before this replica led; not reporting it again"
+        );
+    }
 
     let client = &io.client;
     let subjects = &io.subjects;
@@ -885,6 +930,11 @@ async fn lead<S: Future<Output = ()> + Unpin>(
             msg = admin_sub.next() => match msg {
                 Some(msg) => {
                     let subject = msg.subject.as_str();
+                    if subject == subjects.admin_report() {
+                        let period = replica.usage.so_far(unix_ms());
+                        spawn_report(io, &cfg.report, replica.license_facts(), period, false, msg.reply.clone());
+                        continue;
+                    }
                     let (reply, out) = if subject == subjects.admin_reload() {
                         admin_reload(&mut replica.engine, &msg)
                     } else if subject == subjects.admin_release() {
@@ -938,6 +988,10 @@ async fn lead<S: Future<Output = ()> + Unpin>(
                 }));
                 for alert in replicas.sweep(now()) {
                     io.alert(alert).await;
+                }
+                replica.observe_usage();
+                if let Some(period) = replica.usage.take_closed() {
+                    spawn_report(io, &cfg.report, replica.license_facts(), Some(period), true, None);
                 }
             }
         }
@@ -1267,7 +1321,98 @@ fn admin_reload(engine: &mut Engine, msg: &Message) -> (Vec<u8>, Output) {
     )
 }
 
+/// Makes a usage report of `period` in a task beside the leader (reading the alert stream
+/// and mailing take seconds), raises a `usage_report` alert saying where it went, and
+/// answers `reply_to` (an `admin report` request) with it.
+fn spawn_report(
+    io: &Io,
+    cfg: &ReportConfig,
+    license: LicenseFacts,
+    period: Option<crate::report::UsageWindow>,
+    daily: bool,
+    reply_to: Option<async_nats::Subject>,
+) {
+    let io = io.clone();
+    let cfg = cfg.clone();
+    tokio::spawn(async move {
+        let reply = match period {
+            None => ReportReply::Error {
+                message: "this replica has not counted any usage yet".into(),
+            },
+            Some(period) => {
+                let (report, delivered) = crate::report::make_and_deliver(
+                    &cfg,
+                    &io.client,
+                    &io.subjects,
+                    &io.broker_id,
+                    &license,
+                    &period,
+                    daily,
+                )
+                .await;
+                let (severity, problems) = if delivered.problems.is_empty() {
+                    (Severity::Info, String::new())
+                } else {
+                    (
+                        Severity::Warning,
+                        format!("; problems: {}", delivered.problems.join("; ")),
+                    )
+                };
+                let what = if daily {
+                    "daily usage report"
+                } else {
+                    "usage report"
+                };
+                let period_text = report.as_ref().map_or_else(String::new, |r| {
+                    format!(" for {} to {}", r.period_start, r.period_end)
+                });
+                io.alert(Alert::new(
+                    severity,
+                    AlertKind::UsageReport,
+                    format!(
+                        "{what}{period_text} published on {}; files: {}; mailed to: {}{problems}",
+                        io.subjects.usage_report(),
+                        if delivered.files.is_empty() {
+                            "none".to_string()
+                        } else {
+                            delivered.files.join(", ")
+                        },
+                        if delivered.emailed_to.is_empty() {
+                            "nobody".to_string()
+                        } else {
+                            delivered.emailed_to.join(", ")
+                        },
+                    ),
+                ))
+                .await;
+                match report.map(|r| serde_json::to_string_pretty(&r)) {
+                    Some(Ok(report)) => ReportReply::Written {
+                        report,
+                        files: delivered.files,
+                        emailed_to: delivered.emailed_to,
+                        problems: delivered.problems,
+                    },
+                    _ => ReportReply::Error {
+                        message: delivered.problems.join("; "),
+                    },
+                }
+            }
+        };
+        if let Some(reply_to) = reply_to {
+            match encode(&reply) {
+                Ok(bytes) => {
+                    if let Err(e) = io.client.publish(reply_to, bytes.into()).await {
+                        warn!(error = %e, "cannot answer the report request");
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot encode the report reply"),
+            }
+        }
+    });
+}
+
 /// The runtime's side effects: replies, alerts and control messages.
+#[derive(Clone)]
 struct Io {
     client: Client,
     subjects: Subjects,

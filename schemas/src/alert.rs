@@ -78,12 +78,15 @@ pub enum AlertKind {
     ReplicaLost,
     /// How many broker replicas are up, after a change (warning when no standby is left).
     Redundancy,
+    /// The master wrote a usage report (info), or could not write, publish or mail it
+    /// (warning).
+    UsageReport,
     #[serde(other)]
     Other,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 22] = [
+    pub const ALL: [AlertKind; 23] = [
         AlertKind::BrokerStarted,
         AlertKind::BrokerStopped,
         AlertKind::SlaveConnected,
@@ -105,6 +108,7 @@ impl AlertKind {
         AlertKind::Redundancy,
         AlertKind::LicenseReloaded,
         AlertKind::ReplicaDrained,
+        AlertKind::UsageReport,
         AlertKind::Other,
     ];
 
@@ -131,6 +135,7 @@ impl AlertKind {
             AlertKind::Redundancy => "redundancy",
             AlertKind::LicenseReloaded => "license_reloaded",
             AlertKind::ReplicaDrained => "replica_drained",
+            AlertKind::UsageReport => "usage_report",
             AlertKind::Other => "other",
         }
     }

@@ -392,6 +392,30 @@ pub enum ReloadReply {
     },
 }
 
+/// `lmbus.v1.<cluster>.admin.report`: write the usage report of the period so far now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportRequest {
+    /// Who asked, for the log.
+    #[serde(default)]
+    pub operator: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ReportReply {
+    /// The report (JSON), where it was written and whom it was mailed to; `problems` lists
+    /// the outputs that failed (each also raised an alert).
+    Written {
+        report: String,
+        files: Vec<String>,
+        emailed_to: Vec<String>,
+        problems: Vec<String>,
+    },
+    Error {
+        message: String,
+    },
+}
+
 /// `lmbus.v1.<cluster>.admin.drain`: take one broker replica out of the election for
 /// maintenance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

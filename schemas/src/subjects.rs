@@ -230,6 +230,19 @@ impl Subjects {
         format!("{}.admin.drain", self.prefix)
     }
 
+    /// `lmbus.v1.<cluster>.admin.report`: request `ReportRequest` → `ReportReply`, answered
+    /// by the master: it writes (files, subject, email) the usage report of the period so
+    /// far; sent by `lmbus-broker admin report`.
+    pub fn admin_report(&self) -> String {
+        format!("{}.admin.report", self.prefix)
+    }
+
+    /// `lmbus.v1.<cluster>.report.usage`: the master publishes each usage report here, as a
+    /// JSON document (for reporting pipelines, not the MessagePack envelope).
+    pub fn usage_report(&self) -> String {
+        format!("{}.report.usage", self.prefix)
+    }
+
     /// Every admin subject, for the master's subscription.
     pub fn admin_all(&self) -> String {
         format!("{}.admin.>", self.prefix)

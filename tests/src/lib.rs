@@ -528,6 +528,7 @@ pub fn broker_config(
         snapshot_every: lmbus_broker::config::DEFAULT_SNAPSHOT_EVERY,
         ledger_trim: false,
         fault_ignore_lease: false,
+        report: lmbus_broker::report::ReportConfig::default(),
     }
 }
 

@@ -1,0 +1,858 @@
+//! Usage reports: one per day at a configured time (UTC), and on `admin report`.
+//!
+//! Seat usage (peak and time-weighted average per agent type) comes from [`Usage`], which
+//! every replica feeds from the seat counts after each ledger record it applies or writes,
+//! so a replica that takes over mid-day has the day too. Events (rejections by reason,
+//! connects, disconnects, restrictions after grace, reclaims) are counted from the alert
+//! stream over the period, which survives any failover. Agent ids never enter a report.
+//! A report is written as JSON and CSV into a directory, published on
+//! `lmbus.v1.<cluster>.report.usage` and mailed over SMTP, each optional but the subject.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use lmbus_schemas::{Alert, AlertKind, Subjects, decode};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Where reports go and when the daily one is written.
+#[derive(Debug, Clone, Default)]
+pub struct ReportConfig {
+    /// Directory for the JSON and CSV files; `None`: no files.
+    pub dir: Option<PathBuf>,
+    /// Minutes after midnight UTC at which each day's report is written (it covers the 24
+    /// hours before).
+    pub at_minute: u32,
+    pub smtp: Option<SmtpConfig>,
+}
+
+/// How the report is mailed.
+#[derive(Clone)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub from: String,
+    pub to: Vec<String>,
+}
+
+impl std::fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .finish()
+    }
+}
+
+/// The SMTP connection's security.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain text (a local relay only).
+    None,
+    /// STARTTLS on the submission port (587), required.
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+}
+
+impl SmtpTls {
+    /// The usual port for this security: 25, 587 or 465.
+    pub fn default_port(self) -> u16 {
+        match self {
+            SmtpTls::None => 25,
+            SmtpTls::Starttls => 587,
+            SmtpTls::Tls => 465,
+        }
+    }
+}
+
+/// Parses `HH:MM` (UTC) into minutes after midnight.
+pub fn parse_time_of_day(s: &str) -> Result<u32, String> {
+    let bad = || format!("invalid time of day {s:?}: use HH:MM (UTC), e.g. 00:00 or 06:30");
+    let (h, m) = s.split_once(':').ok_or_else(bad)?;
+    let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 23 || m > 59 {
+        return Err(bad());
+    }
+    Ok(h * 60 + m)
+}
+
+/// Seat usage over one period: peak and time-weighted average per agent type and in total.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageWindow {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// When this replica started counting (later than `start_ms` when it started mid-period).
+    pub covered_from_ms: i64,
+    /// Peak and average per agent type.
+    pub types: BTreeMap<String, (u32, f64)>,
+    pub total: (u32, f64),
+}
+
+#[derive(Debug, Clone)]
+struct Window {
+    start_ms: i64,
+    end_ms: i64,
+    covered_from_ms: i64,
+    last_ms: i64,
+    current: BTreeMap<String, u32>,
+    peak: BTreeMap<String, u32>,
+    /// Seat-milliseconds.
+    area: BTreeMap<String, u128>,
+    total: u32,
+    total_peak: u32,
+    total_area: u128,
+}
+
+impl Window {
+    fn new(start_ms: i64, end_ms: i64, from_ms: i64) -> Self {
+        Self {
+            start_ms,
+            end_ms,
+            covered_from_ms: from_ms,
+            last_ms: from_ms,
+            current: BTreeMap::new(),
+            peak: BTreeMap::new(),
+            area: BTreeMap::new(),
+            total: 0,
+            total_peak: 0,
+            total_area: 0,
+        }
+    }
+
+    /// Counts the seats held from the last observation until `t`.
+    fn advance(&mut self, t: i64) {
+        let dt = u128::try_from(t - self.last_ms).unwrap_or(0);
+        for (agent_type, n) in &self.current {
+            *self.area.entry(agent_type.clone()).or_default() += u128::from(*n) * dt;
+        }
+        self.total_area += u128::from(self.total) * dt;
+        self.last_ms = self.last_ms.max(t);
+    }
+
+    fn set(&mut self, by_type: &BTreeMap<String, u32>, total: u32) {
+        for n in self.current.values_mut() {
+            *n = 0;
+        }
+        for (agent_type, n) in by_type {
+            self.current.insert(agent_type.clone(), *n);
+        }
+        for (agent_type, n) in &self.current {
+            let peak = self.peak.entry(agent_type.clone()).or_default();
+            *peak = (*peak).max(*n);
+        }
+        self.total = total;
+        self.total_peak = self.total_peak.max(total);
+    }
+
+    /// The window up to `end` (already advanced there).
+    fn summary(&self, end_ms: i64) -> UsageWindow {
+        let span = (end_ms - self.covered_from_ms).max(0) as f64;
+        let average = |area: u128, now: u32| {
+            if span > 0.0 {
+                area as f64 / span
+            } else {
+                f64::from(now)
+            }
+        };
+        UsageWindow {
+            start_ms: self.start_ms,
+            end_ms,
+            covered_from_ms: self.covered_from_ms,
+            types: self
+                .peak
+                .iter()
+                .map(|(t, peak)| {
+                    let area = self.area.get(t).copied().unwrap_or(0);
+                    let now = self.current.get(t).copied().unwrap_or(0);
+                    (t.clone(), (*peak, average(area, now)))
+                })
+                .collect(),
+            total: (self.total_peak, average(self.total_area, self.total)),
+        }
+    }
+}
+
+/// The usage of the current period, fed with the seat counts after every change, and the
+/// last period that ended (until the leader takes it to report).
+#[derive(Debug, Clone)]
+pub struct Usage {
+    /// Offset of the period boundary within a UTC day.
+    at_ms: i64,
+    window: Option<Window>,
+    closed: Option<UsageWindow>,
+}
+
+impl Usage {
+    pub fn new(at_minute: u32) -> Self {
+        Self {
+            at_ms: i64::from(at_minute) * 60_000,
+            window: None,
+            closed: None,
+        }
+    }
+
+    /// The period boundary at or before `t`.
+    fn boundary_before(&self, t: i64) -> i64 {
+        let b = t.div_euclid(DAY_MS) * DAY_MS + self.at_ms;
+        if b > t { b - DAY_MS } else { b }
+    }
+
+    /// The seat counts at `now_ms` (Unix ms): `by_type` and `total`. Closes the period
+    /// when `now_ms` passed its end.
+    pub fn observe(&mut self, now_ms: i64, by_type: &BTreeMap<String, u32>, total: u32) {
+        loop {
+            match &mut self.window {
+                None => {
+                    let start = self.boundary_before(now_ms);
+                    let mut w = Window::new(start, start + DAY_MS, now_ms);
+                    w.set(by_type, total);
+                    self.window = Some(w);
+                    return;
+                }
+                Some(w) if now_ms >= w.end_ms => {
+                    let end = w.end_ms;
+                    w.advance(end);
+                    self.closed = Some(w.summary(end));
+                    let mut next = Window::new(end, end + DAY_MS, end);
+                    let carried = w.current.clone();
+                    next.set(&carried, w.total);
+                    self.window = Some(next);
+                }
+                Some(w) => {
+                    w.advance(now_ms);
+                    w.set(by_type, total);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The period that ended last, once.
+    pub fn take_closed(&mut self) -> Option<UsageWindow> {
+        self.closed.take()
+    }
+
+    /// The current period up to `now_ms` (for `admin report`).
+    pub fn so_far(&self, now_ms: i64) -> Option<UsageWindow> {
+        let mut w = self.window.clone()?;
+        w.advance(now_ms);
+        Some(w.summary(now_ms.max(w.covered_from_ms)))
+    }
+}
+
+/// One agent type's line (or the total's, named `total`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TypeUsage {
+    pub agent_type: String,
+    /// The license's limit for this type (`None`: no limit of its own).
+    pub limit: Option<u32>,
+    pub peak: u32,
+    /// Time-weighted average of concurrent agents over the covered period.
+    pub average: f64,
+}
+
+/// What happened to one slave during the period.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlaveActivity {
+    pub slave: String,
+    pub connects: u64,
+    pub disconnects: u64,
+    pub rejections: u64,
+    /// Times it restricted usage after its grace period ran out without a master.
+    pub restricted_after_grace: u64,
+}
+
+/// Counts of the period's events, from the alert stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Events {
+    pub slave_connects: u64,
+    pub slave_disconnects: u64,
+    pub slaves_refused: u64,
+    pub restricted_after_grace: u64,
+    pub seats_reclaimed: u64,
+    pub seats_released_by_operator: u64,
+    pub bad_messages: u64,
+    pub leader_elections: u64,
+}
+
+/// The usage report of one period. It never names an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub cluster: String,
+    /// The replica that wrote it.
+    pub written_by: String,
+    pub license_id: String,
+    pub customer: String,
+    /// The master license's context (production, backup, development): a backup master's
+    /// report says backup.
+    pub context: String,
+    pub period_start: String,
+    pub period_end: String,
+    /// From when seat usage was counted: later than `period_start` when the writing replica
+    /// started during the period (events are counted over the whole period regardless).
+    pub usage_counted_from: String,
+    /// A daily report (true) or one asked for with `admin report` (false).
+    pub daily: bool,
+    /// One line per agent type, then `total`.
+    pub agent_types: Vec<TypeUsage>,
+    /// Rejected registrations by reason (the master's and those slaves refused locally).
+    pub rejections: BTreeMap<String, u64>,
+    pub events: Events,
+    pub slaves: Vec<SlaveActivity>,
+}
+
+fn rfc3339(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("@{ms}ms"))
+}
+
+/// What the report needs from the master license.
+#[derive(Debug, Clone)]
+pub struct LicenseFacts {
+    pub id: String,
+    pub customer: String,
+    pub context: String,
+    pub total: Option<u32>,
+    pub types: BTreeMap<String, u32>,
+}
+
+/// Builds the report of `usage` from the alerts stored during its period (`(store time
+/// ms, alert)`; others are ignored).
+pub fn build(
+    cluster: &str,
+    written_by: &str,
+    license: &LicenseFacts,
+    usage: &UsageWindow,
+    daily: bool,
+    alerts: impl IntoIterator<Item = (i64, Alert)>,
+) -> UsageReport {
+    let mut agent_types: Vec<TypeUsage> = Vec::new();
+    let mut names: Vec<&String> = usage.types.keys().collect();
+    names.extend(
+        license
+            .types
+            .keys()
+            .filter(|t| !usage.types.contains_key(*t)),
+    );
+    names.sort();
+    for name in names {
+        let (peak, average) = usage.types.get(name).copied().unwrap_or((0, 0.0));
+        agent_types.push(TypeUsage {
+            agent_type: name.clone(),
+            limit: license.types.get(name).copied(),
+            peak,
+            average,
+        });
+    }
+    agent_types.push(TypeUsage {
+        agent_type: "total".into(),
+        limit: license.total,
+        peak: usage.total.0,
+        average: usage.total.1,
+    });
+    let mut rejections: BTreeMap<String, u64> = BTreeMap::new();
+    let mut events = Events::default();
+    let mut slaves: BTreeMap<String, SlaveActivity> = BTreeMap::new();
+    for (at, alert) in alerts {
+        if at < usage.start_ms || at >= usage.end_ms {
+            continue;
+        }
+        let slave = alert.slave.clone().map(|s| {
+            slaves.entry(s.clone()).or_insert_with(|| SlaveActivity {
+                slave: s,
+                ..SlaveActivity::default()
+            })
+        });
+        match alert.kind {
+            AlertKind::RegistrationRejected => {
+                let reason = alert
+                    .reason
+                    .map_or_else(|| "unknown".to_string(), |r| r.token().to_string());
+                *rejections.entry(reason).or_default() += 1;
+                if let Some(s) = slave {
+                    s.rejections += 1;
+                }
+            }
+            AlertKind::SlaveConnected => {
+                events.slave_connects += 1;
+                if let Some(s) = slave {
+                    s.connects += 1;
+                }
+            }
+            AlertKind::SlaveDisconnected => {
+                events.slave_disconnects += 1;
+                if let Some(s) = slave {
+                    s.disconnects += 1;
+                }
+            }
+            AlertKind::SlaveRestricted => {
+                events.restricted_after_grace += 1;
+                if let Some(s) = slave {
+                    s.restricted_after_grace += 1;
+                }
+            }
+            AlertKind::SlaveRefused => events.slaves_refused += 1,
+            AlertKind::SeatsReclaimed => events.seats_reclaimed += 1,
+            AlertKind::SeatsReleased => events.seats_released_by_operator += 1,
+            AlertKind::BadMessage => events.bad_messages += 1,
+            AlertKind::LeaderElected => events.leader_elections += 1,
+            _ => {}
+        }
+    }
+    UsageReport {
+        cluster: cluster.to_string(),
+        written_by: written_by.to_string(),
+        license_id: license.id.clone(),
+        customer: license.customer.clone(),
+        context: license.context.clone(),
+        period_start: rfc3339(usage.start_ms),
+        period_end: rfc3339(usage.end_ms),
+        usage_counted_from: rfc3339(usage.covered_from_ms),
+        daily,
+        agent_types,
+        rejections,
+        events,
+        slaves: slaves.into_values().collect(),
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// The report as CSV in long form: `section,name,metric,value`, one value per row.
+pub fn to_csv(r: &UsageReport) -> String {
+    let mut o = String::from("section,name,metric,value\n");
+    let mut row = |section: &str, name: &str, metric: &str, value: String| {
+        let _ = writeln!(
+            o,
+            "{},{},{},{}",
+            section,
+            csv_field(name),
+            metric,
+            csv_field(&value)
+        );
+    };
+    row("report", &r.cluster, "period_start", r.period_start.clone());
+    row("report", &r.cluster, "period_end", r.period_end.clone());
+    row(
+        "report",
+        &r.cluster,
+        "usage_counted_from",
+        r.usage_counted_from.clone(),
+    );
+    row("report", &r.cluster, "license_id", r.license_id.clone());
+    row("report", &r.cluster, "context", r.context.clone());
+    for t in &r.agent_types {
+        if let Some(limit) = t.limit {
+            row("agent_type", &t.agent_type, "limit", limit.to_string());
+        }
+        row("agent_type", &t.agent_type, "peak", t.peak.to_string());
+        row(
+            "agent_type",
+            &t.agent_type,
+            "average",
+            format!("{:.2}", t.average),
+        );
+    }
+    for (reason, n) in &r.rejections {
+        row("rejections", reason, "count", n.to_string());
+    }
+    let e = &r.events;
+    for (name, n) in [
+        ("slave_connects", e.slave_connects),
+        ("slave_disconnects", e.slave_disconnects),
+        ("slaves_refused", e.slaves_refused),
+        ("restricted_after_grace", e.restricted_after_grace),
+        ("seats_reclaimed", e.seats_reclaimed),
+        ("seats_released_by_operator", e.seats_released_by_operator),
+        ("bad_messages", e.bad_messages),
+        ("leader_elections", e.leader_elections),
+    ] {
+        row("events", name, "count", n.to_string());
+    }
+    for s in &r.slaves {
+        row("slave", &s.slave, "connects", s.connects.to_string());
+        row("slave", &s.slave, "disconnects", s.disconnects.to_string());
+        row("slave", &s.slave, "rejections", s.rejections.to_string());
+        row(
+            "slave",
+            &s.slave,
+            "restricted_after_grace",
+            s.restricted_after_grace.to_string(),
+        );
+    }
+    o
+}
+
+/// The report as readable text (the email's body).
+pub fn to_text(r: &UsageReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "lmbus usage report for cluster {} ({}, license {}, {})",
+        r.cluster, r.customer, r.license_id, r.context
+    );
+    let _ = writeln!(o, "period {} to {}", r.period_start, r.period_end);
+    if r.usage_counted_from != r.period_start {
+        let _ = writeln!(
+            o,
+            "seat usage counted from {} (the writing replica started then)",
+            r.usage_counted_from
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\n{:<18} {:>6} {:>6} {:>8}",
+        "AGENT TYPE", "LIMIT", "PEAK", "AVERAGE"
+    );
+    for t in &r.agent_types {
+        let limit = t.limit.map_or("-".to_string(), |l| l.to_string());
+        let _ = writeln!(
+            o,
+            "{:<18} {:>6} {:>6} {:>8.2}",
+            t.agent_type, limit, t.peak, t.average
+        );
+    }
+    let _ = writeln!(o, "\nrejections:");
+    if r.rejections.is_empty() {
+        let _ = writeln!(o, "  none");
+    }
+    for (reason, n) in &r.rejections {
+        let _ = writeln!(o, "  {reason}: {n}");
+    }
+    let e = &r.events;
+    let _ = writeln!(
+        o,
+        "\nslave connects {}, disconnects {}, refused {}, restricted after grace {}; seats reclaimed {} times, released by an operator {} times; bad messages {}; leader elections {}",
+        e.slave_connects,
+        e.slave_disconnects,
+        e.slaves_refused,
+        e.restricted_after_grace,
+        e.seats_reclaimed,
+        e.seats_released_by_operator,
+        e.bad_messages,
+        e.leader_elections
+    );
+    if !r.slaves.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n{:<20} {:>8} {:>11} {:>10} {:>10}",
+            "SLAVE", "CONNECTS", "DISCONNECTS", "REJECTIONS", "RESTRICTED"
+        );
+        for s in &r.slaves {
+            let _ = writeln!(
+                o,
+                "{:<20} {:>8} {:>11} {:>10} {:>10}",
+                s.slave, s.connects, s.disconnects, s.rejections, s.restricted_after_grace
+            );
+        }
+    }
+    o
+}
+
+/// Where a report went.
+#[derive(Debug, Clone, Default)]
+pub struct Delivered {
+    pub files: Vec<String>,
+    pub emailed_to: Vec<String>,
+    /// Each output that failed, with the reason.
+    pub problems: Vec<String>,
+}
+
+/// Reads the period's alerts, builds the report, and writes, publishes and mails it.
+pub async fn make_and_deliver(
+    cfg: &ReportConfig,
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    written_by: &str,
+    license: &LicenseFacts,
+    usage: &UsageWindow,
+    daily: bool,
+) -> (Option<UsageReport>, Delivered) {
+    let mut delivered = Delivered::default();
+    let js = async_nats::jetstream::new(client.clone());
+    let since =
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(usage.start_ms) * 1_000_000).ok();
+    let alerts = match lmbus_monitor::stored(&js, &subjects.alert_stream(), since).await {
+        Ok(stored) => stored
+            .messages
+            .into_iter()
+            .filter_map(|(_, at, payload)| decode::<Alert>(&payload).ok().map(|a| (at, a)))
+            .collect::<Vec<_>>(),
+        Err(e) => {
+            delivered.problems.push(format!(
+                "cannot read the alert stream {}: events are not counted ({e:#})",
+                subjects.alert_stream()
+            ));
+            Vec::new()
+        }
+    };
+    let report = build(
+        subjects.cluster(),
+        written_by,
+        license,
+        usage,
+        daily,
+        alerts,
+    );
+    let json = match serde_json::to_string_pretty(&report) {
+        Ok(json) => json,
+        Err(e) => {
+            delivered
+                .problems
+                .push(format!("cannot encode the report: {e}"));
+            return (None, delivered);
+        }
+    };
+    if let Some(dir) = &cfg.dir {
+        let stamp = report
+            .period_end
+            .replace([':', '-'], "")
+            .trim_end_matches('Z')
+            .to_string();
+        let base = format!("lmbus-usage-{}-{stamp}", report.cluster);
+        for (ext, text) in [("json", json.clone()), ("csv", to_csv(&report))] {
+            let path = dir.join(format!("{base}.{ext}"));
+            match write_file(&path, &text) {
+                Ok(()) => delivered.files.push(path.display().to_string()),
+                Err(e) => delivered.problems.push(format!("{e:#}")),
+            }
+        }
+    }
+    if let Err(e) = client
+        .publish(subjects.usage_report(), json.clone().into())
+        .await
+    {
+        delivered.problems.push(format!(
+            "cannot publish on {}: {e}",
+            subjects.usage_report()
+        ));
+    }
+    if let Some(smtp) = &cfg.smtp {
+        match mail(smtp, &report, &json).await {
+            Ok(()) => delivered.emailed_to = smtp.to.clone(),
+            Err(e) => delivered.problems.push(format!(
+                "cannot mail the report through {}:{}: {e:#}",
+                smtp.host, smtp.port
+            )),
+        }
+    }
+    (Some(report), delivered)
+}
+
+/// Writes `text` to `path` through a temporary file and a rename (no half-written report).
+fn write_file(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the report directory {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+async fn mail(smtp: &SmtpConfig, report: &UsageReport, json: &str) -> anyhow::Result<()> {
+    use lettre::message::{Mailbox, MultiPart, SinglePart, header::ContentType};
+    use lettre::transport::smtp::authentication::Credentials;
+    use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+    let from: Mailbox = smtp
+        .from
+        .parse()
+        .with_context(|| format!("invalid sender address {:?}", smtp.from))?;
+    let mut builder = Message::builder().from(from).subject(format!(
+        "lmbus usage report, cluster {}, {} to {}",
+        report.cluster, report.period_start, report.period_end
+    ));
+    for to in &smtp.to {
+        let mailbox: Mailbox = to
+            .parse()
+            .with_context(|| format!("invalid recipient address {to:?}"))?;
+        builder = builder.to(mailbox);
+    }
+    let message = builder.multipart(
+        MultiPart::mixed()
+            .singlepart(SinglePart::plain(to_text(report)))
+            .singlepart(
+                SinglePart::builder()
+                    .header(ContentType::parse("text/csv").context("content type")?)
+                    .header(lettre::message::header::ContentDisposition::attachment(
+                        "usage.csv",
+                    ))
+                    .body(to_csv(report)),
+            )
+            .singlepart(
+                SinglePart::builder()
+                    .header(ContentType::parse("application/json").context("content type")?)
+                    .header(lettre::message::header::ContentDisposition::attachment(
+                        "usage.json",
+                    ))
+                    .body(json.to_string()),
+            ),
+    )?;
+    let mut transport = match smtp.tls {
+        SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host),
+        SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)?,
+        SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host)?,
+    }
+    .port(smtp.port)
+    .timeout(Some(std::time::Duration::from_secs(30)));
+    if let (Some(user), Some(password)) = (&smtp.user, &smtp.password) {
+        transport = transport.credentials(Credentials::new(user.clone(), password.clone()));
+    }
+    transport.build().send(message).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmbus_schemas::{RejectReason, Severity};
+
+    const H: i64 = 3_600_000;
+    /// 2026-11-24T00:00:00Z.
+    const DAY: i64 = 1_795_478_400_000;
+
+    fn counts(pairs: &[(&str, u32)]) -> BTreeMap<String, u32> {
+        pairs.iter().map(|(t, n)| (t.to_string(), *n)).collect()
+    }
+
+    /// A scripted day with the boundary at 06:00: the replica starts at 06:00 with nothing
+    /// in use; 2 inbound from 08:00 to 10:00, then 4 inbound and 1 outbound until 12:00,
+    /// then 1 inbound until the next 06:00. Peaks 4/1/5; averages are seat-hours / 24.
+    #[test]
+    fn a_scripted_day_has_the_right_peaks_and_averages() {
+        let mut u = Usage::new(parse_time_of_day("06:00").unwrap());
+        let six = DAY + 6 * H;
+        u.observe(six, &counts(&[]), 0);
+        u.observe(six + 2 * H, &counts(&[("inbound", 2)]), 2);
+        u.observe(six + 4 * H, &counts(&[("inbound", 4), ("outbound", 1)]), 5);
+        u.observe(six + 6 * H, &counts(&[("inbound", 1)]), 1);
+        assert!(u.take_closed().is_none());
+        let so_far = u.so_far(six + 6 * H).unwrap();
+        assert_eq!(so_far.total.0, 5);
+        // The next observation after the boundary closes the day.
+        u.observe(six + 25 * H, &counts(&[("inbound", 1)]), 1);
+        let day = u.take_closed().unwrap();
+        assert_eq!((day.start_ms, day.end_ms), (six, six + 24 * H));
+        assert_eq!(day.covered_from_ms, six);
+        let (peak, avg) = day.types["inbound"];
+        assert_eq!(peak, 4);
+        // inbound: 2 seats × 2 h + 4 × 2 h + 1 × 18 h = 30 seat-hours.
+        assert!((avg - 30.0 / 24.0).abs() < 1e-9, "{avg}");
+        let (peak, avg) = day.types["outbound"];
+        assert_eq!(peak, 1);
+        assert!((avg - 2.0 / 24.0).abs() < 1e-9, "{avg}");
+        assert_eq!(day.total.0, 5);
+        assert!((day.total.1 - 32.0 / 24.0).abs() < 1e-9);
+        assert!(u.take_closed().is_none(), "a period is taken once");
+        // The next period carries the seats still held: 1 inbound all along.
+        let next = u.so_far(six + 48 * H).unwrap();
+        assert_eq!(next.types["inbound"], (1, 1.0));
+    }
+
+    #[test]
+    fn a_replica_started_mid_period_says_from_when_it_counted() {
+        let mut u = Usage::new(0);
+        u.observe(DAY + 12 * H, &counts(&[("inbound", 3)]), 3);
+        u.observe(DAY + 24 * H, &counts(&[("inbound", 3)]), 3);
+        let day = u.take_closed().unwrap();
+        assert_eq!(day.start_ms, DAY);
+        assert_eq!(day.covered_from_ms, DAY + 12 * H);
+        assert_eq!(day.types["inbound"], (3, 3.0));
+    }
+
+    #[test]
+    fn the_report_counts_events_of_the_period_and_names_no_agent() {
+        let mut u = Usage::new(0);
+        u.observe(DAY, &counts(&[("inbound", 2)]), 2);
+        u.observe(DAY + 24 * H, &counts(&[]), 0);
+        let day = u.take_closed().unwrap();
+        let alert = |kind, slave: &str| {
+            let mut a = Alert::new(Severity::Info, kind, "m");
+            a.slave = Some(slave.into());
+            a.agent_id = Some("agent-secret-7".into());
+            a
+        };
+        let mut rejected = alert(AlertKind::RegistrationRejected, "site1");
+        rejected.reason = Some(RejectReason::AggregateLimit);
+        let alerts = vec![
+            (DAY + H, alert(AlertKind::SlaveConnected, "site1")),
+            (DAY + 2 * H, rejected.clone()),
+            (DAY + 3 * H, rejected.clone()),
+            (DAY + 4 * H, alert(AlertKind::SlaveDisconnected, "site2")),
+            (DAY + 5 * H, alert(AlertKind::SlaveRestricted, "site2")),
+            // Outside the period: not counted.
+            (DAY - 1, alert(AlertKind::SlaveConnected, "site1")),
+            (DAY + 24 * H, rejected),
+        ];
+        let license = LicenseFacts {
+            id: "L1".into(),
+            customer: "C".into(),
+            context: "production".into(),
+            total: Some(10),
+            types: counts(&[("inbound", 5), ("outbound", 3)]),
+        };
+        let r = build("acme", "b1", &license, &day, true, alerts);
+        assert_eq!(
+            r.rejections,
+            BTreeMap::from([("aggregate_limit".into(), 2)])
+        );
+        assert_eq!(r.events.slave_connects, 1);
+        assert_eq!(r.events.slave_disconnects, 1);
+        assert_eq!(r.events.restricted_after_grace, 1);
+        assert_eq!(r.slaves.len(), 2);
+        assert_eq!(r.slaves[0].rejections, 2);
+        let names: Vec<_> = r
+            .agent_types
+            .iter()
+            .map(|t| t.agent_type.as_str())
+            .collect();
+        assert_eq!(names, ["inbound", "outbound", "total"]);
+        assert_eq!(r.agent_types[0].limit, Some(5));
+        assert_eq!(r.agent_types[1].peak, 0);
+        let json = serde_json::to_string(&r).unwrap();
+        let csv = to_csv(&r);
+        let text = to_text(&r);
+        for out in [&json, &csv, &text] {
+            assert!(!out.contains("agent-secret-7"));
+        }
+        assert!(csv.contains("agent_type,total,peak,2\n"), "{csv}");
+        assert!(
+            csv.contains("rejections,aggregate_limit,count,2\n"),
+            "{csv}"
+        );
+    }
+
+    #[test]
+    fn time_of_day_is_checked() {
+        assert_eq!(parse_time_of_day("00:00"), Ok(0));
+        assert_eq!(parse_time_of_day("23:59"), Ok(23 * 60 + 59));
+        assert!(parse_time_of_day("24:00").is_err());
+        assert!(parse_time_of_day("7").is_err());
+    }
+}
