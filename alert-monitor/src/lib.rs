@@ -4,6 +4,7 @@
 //! writer so tests can drive them.
 
 mod audit;
+pub mod live;
 
 pub use audit::{Audit, AuditQuery, AuditRecord, Stored, audit, render_audit, stored};
 

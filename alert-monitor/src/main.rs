@@ -85,14 +85,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the License Monitor view: each slave, agents per type, totals against limits.
+    /// The License Monitor: a live terminal view (leader and replicas, agents per type
+    /// against the limits, each slave, recent alerts) until q; --once prints a plain table.
     Licenses {
-        /// Print the master's status document as JSON.
+        /// Print the table once and exit (for scripts; also what happens when stdout is
+        /// not a terminal).
         #[arg(long)]
+        once: bool,
+        /// Print the master's status document as JSON once and exit.
+        #[arg(long, conflicts_with = "once")]
         json: bool,
-        /// Refresh every interval (e.g. 2s) until Ctrl-C instead of printing once.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        watch: Option<Duration>,
+        /// How often the live view asks the master for its status.
+        #[arg(long, alias = "watch", default_value = "2s", value_parser = humantime::parse_duration)]
+        every: Duration,
         /// How long to wait for the master.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -209,25 +214,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Licenses {
+            once,
             json,
-            watch,
+            every,
             timeout,
-        } => loop {
-            let status = fetch_status(&client, &subjects, timeout).await?;
-            if let Some(_every) = watch {
-                print!("\x1b[2J\x1b[H");
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+        } => {
+            use std::io::IsTerminal as _;
+            let live = !once && !json && std::io::stdout().is_terminal();
+            if live {
+                lmbus_monitor::live::run(&client, &subjects, every, timeout).await?;
             } else {
-                print!("{}", render_status(&status));
+                let status = fetch_status(&client, &subjects, timeout).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    print!("{}", render_status(&status));
+                }
             }
-            let Some(every) = watch else { break };
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {},
-                _ = tokio::signal::ctrl_c() => break,
-            }
-        },
+        }
     }
     Ok(())
 }

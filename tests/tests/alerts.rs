@@ -301,3 +301,113 @@ async fn audit_trail_by_slave_agent_and_time() {
     s2.shutdown().await;
     broker.stop().await.unwrap();
 }
+
+/// Runs `tmux -L <socket> args…` and returns its stdout.
+fn tmux(socket: &str, args: &[&str]) -> std::process::Output {
+    Command::new("tmux")
+        .args(["-L", socket])
+        .args(args)
+        .output()
+        .expect("tmux runs (Debian package tmux)")
+}
+
+async fn screen_shows(socket: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let out = tmux(socket, &["capture-pane", "-p", "-t", "lm"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if check(&text) {
+            return text;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the live view never showed {what}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Steps: a broker with 10 seats and slave site1 holding one agent; `lmbus-monitor
+/// licenses` runs in a detached tmux session (a real terminal, 150x45). The captured pane
+/// shows the leader, the usage line `TOTAL 1 / 10`, site1 and the alert of its connection;
+/// a second registration shows up as `TOTAL 2 / 10` by itself (refresh every 500 ms);
+/// pressing q ends the program and the session. `licenses --once` prints the plain table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_license_monitor_in_tmux() {
+    let f = Fixture::new().await.unwrap();
+    let broker = f.broker(10, &[], true).await.unwrap();
+    let slave = SlaveAgent::start(f.slave_config("site1").unwrap())
+        .await
+        .unwrap();
+    assert!(slave.register("a1", "inbound").await.unwrap().is_approved());
+    let socket = format!("lmbus-test-{}", f.cluster);
+    let command = format!(
+        "{} --nats {} --cluster {} licenses --every 500ms",
+        bin("lmbus-monitor").unwrap().display(),
+        f.nats.url(),
+        f.cluster
+    );
+    let started = tmux(
+        &socket,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "lm",
+            "-x",
+            "150",
+            "-y",
+            "45",
+            &command,
+        ],
+    );
+    assert!(started.status.success(), "{started:?}");
+    let total = |n: u32| {
+        move |text: &str| {
+            text.lines().any(|l| {
+                l.replace('│', " ")
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .windows(4)
+                    .any(|w| w == ["TOTAL", &n.to_string(), "/", "10"])
+            })
+        }
+    };
+    let text = screen_shows(&socket, "one seat in use", total(1)).await;
+    eprintln!("seen: the live view in tmux:\n{text}");
+    for expected in ["test-broker (term", "site1", "connected", "slave_connected"] {
+        assert!(text.contains(expected), "{expected:?}:\n{text}");
+    }
+    assert!(slave.register("a2", "inbound").await.unwrap().is_approved());
+    screen_shows(&socket, "two seats in use", total(2)).await;
+    assert!(
+        tmux(&socket, &["send-keys", "-t", "lm", "q"])
+            .status
+            .success()
+    );
+    let started = std::time::Instant::now();
+    while tmux(&socket, &["has-session", "-t", "lm"]).status.success() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "q did not end the live view"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = tmux(&socket, &["kill-server"]);
+
+    let out = Command::new(bin("lmbus-monitor").unwrap())
+        .args(["--nats", &f.nats.url(), "--cluster", &f.cluster])
+        .args(["licenses", "--once"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().take(3).eq(["TOTAL", "2", "10"])),
+        "{table}"
+    );
+    slave.shutdown().await;
+    broker.stop().await.unwrap();
+}

@@ -107,6 +107,7 @@ fn step(name: &str, cmd: &mut Command) -> anyhow::Result<()> {
 fn test(no_demo: bool) -> anyhow::Result<()> {
     let nats = nats::ensure_server()?;
     eprintln!("xtask: using nats-server at {}", nats.display());
+    nats::ensure_tmux()?;
     let nats_env = ("NATS_SERVER_BIN", nats.as_os_str().to_owned());
     step(
         "cargo fmt --check",

