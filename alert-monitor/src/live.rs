@@ -13,7 +13,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Cell, LineGauge, Paragraph, Row, Table};
+use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table};
 
 use crate::{Start, alert_source, fetch_status, format_time};
 
@@ -180,13 +180,17 @@ pub fn draw(frame: &mut Frame, view: &LiveView) {
             Some(l) => (ratio(used, l), usage_color(used, l)),
             None => (0.0, Color::DarkGray),
         };
-        frame.render_widget(
-            LineGauge::default()
-                .label(label)
-                .ratio(ratio)
-                .filled_style(Style::new().fg(color)),
-            rect,
-        );
+        // Filled and empty cells differ in shape too, so the bar reads without colour
+        // (a captured pane, a monochrome terminal).
+        let width = usize::from(rect.width).saturating_sub(label.chars().count() + 1);
+        let filled = ((ratio * width as f64).round() as usize).min(width);
+        let bar = Line::from(vec![
+            Span::raw(label),
+            Span::raw(" "),
+            Span::styled("█".repeat(filled), Style::new().fg(color)),
+            Span::styled("░".repeat(width - filled), Style::new().fg(Color::DarkGray)),
+        ]);
+        frame.render_widget(Paragraph::new(bar), rect);
     };
     for (i, t) in types.iter().enumerate() {
         let used = s.in_use_by_type.get(*t).copied().unwrap_or(0);
@@ -498,7 +502,7 @@ mod tests {
             "standby",
             "inbound                4 / 4",
             "outbound               1 / -",
-            "TOTAL                  5 / 10",
+            "TOTAL                  5 / 10      ██████████",
             "site1",
             "DISCONNECTED",
             "inbound=4 outbound=1",

@@ -21,9 +21,10 @@ use lmbus_broker::config::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log filter (tracing's EnvFilter syntax, e.g. `info` or `lmbus_broker=debug`).
-    #[arg(long, global = true, env = "LMBUS_LOG", default_value = "info")]
-    log: String,
+    /// Log filter (tracing's EnvFilter syntax, e.g. `info` or `lmbus_broker=debug`)
+    /// [default: info for `run`, warn for the admin commands, whose output is their answer].
+    #[arg(long, global = true, env = "LMBUS_LOG")]
+    log: Option<String>,
     /// Log line format.
     #[arg(long, global = true, env = "LMBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -649,7 +650,11 @@ fn init_tracing(filter: &str, format: LogFormat) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log, cli.log_format);
+    let default_log = match cli.command {
+        Command::Run(_) => "info",
+        Command::Admin(_) => "warn",
+    };
+    init_tracing(cli.log.as_deref().unwrap_or(default_log), cli.log_format);
     let result = match cli.command {
         Command::Run(args) => match args.resolve() {
             Ok(cfg) => lmbus_broker::run(cfg, shutdown_signal()).await,
