@@ -346,8 +346,8 @@ pub fn render_status(s: &StatusReply) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<20} {:<13} {:<12} {:>6} {:>7}  {:<28} LAST SEEN",
-        "SLAVE", "STATE", "LICENSE", "LOCAL", "AGENTS", "BY TYPE"
+        "{:<20} {:<13} {:<18} {:<12} {:>6} {:>7}  {:<28} LAST SEEN",
+        "SLAVE", "STATE", "THIS MASTER IS", "LICENSE", "LOCAL", "AGENTS", "BY TYPE"
     );
     if s.slaves.is_empty() {
         let _ = writeln!(o, "(no slaves)");
@@ -366,13 +366,14 @@ pub fn render_status(s: &StatusReply) -> String {
         };
         let _ = writeln!(
             o,
-            "{:<20} {:<13} {:<12} {:>6} {:>7}  {:<28} {:.1}s ago",
+            "{:<20} {:<13} {:<18} {:<12} {:>6} {:>7}  {:<28} {:.1}s ago",
             slave.slave_id,
             if slave.connected {
                 "connected"
             } else {
                 "DISCONNECTED"
             },
+            slave.master.map_or("-".to_owned(), |m| m.to_string()),
             license,
             slave.local_limit.map_or("-".to_owned(), |l| l.to_string()),
             slave.in_use,

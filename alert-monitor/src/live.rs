@@ -218,6 +218,7 @@ pub fn draw(frame: &mut Frame, view: &LiveView) {
         Row::new(vec![
             Cell::from(slave.slave_id.clone()),
             state,
+            Cell::from(slave.master.map_or("-".to_owned(), |m| m.to_string())),
             Cell::from(match slave.license {
                 Some(id) => id.simple().to_string()[..8].to_owned(),
                 None => "unlicensed".to_owned(),
@@ -250,6 +251,7 @@ pub fn draw(frame: &mut Frame, view: &LiveView) {
             [
                 Constraint::Length(20),
                 Constraint::Length(13),
+                Constraint::Length(18),
                 Constraint::Length(11),
                 Constraint::Length(6),
                 Constraint::Length(7),
@@ -261,6 +263,7 @@ pub fn draw(frame: &mut Frame, view: &LiveView) {
             Row::new([
                 "SLAVE",
                 "STATE",
+                "THIS MASTER IS",
                 "LICENSE",
                 "LOCAL",
                 "AGENTS",
@@ -427,6 +430,10 @@ mod tests {
                     in_use: 5,
                     in_use_by_type: BTreeMap::from([("inbound".into(), 4), ("outbound".into(), 1)]),
                     last_seen_ms_ago: 300,
+                    master: Some(lmbus_schemas::MasterUse {
+                        role: lmbus_schemas::MasterRole::Primary,
+                        in_use: true,
+                    }),
                 },
                 SlaveStatus {
                     slave_id: "site2".into(),
@@ -436,6 +443,7 @@ mod tests {
                     in_use: 0,
                     in_use_by_type: BTreeMap::new(),
                     last_seen_ms_ago: 45_000,
+                    master: None,
                 },
             ],
             leader_term: 3,
@@ -506,6 +514,7 @@ mod tests {
             "site1",
             "DISCONNECTED",
             "inbound=4 outbound=1",
+            "primary, in use",
             "slave_disconnected",
             "site2 lost",
             "q quit",

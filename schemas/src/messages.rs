@@ -101,6 +101,39 @@ pub struct Heartbeat {
     /// How many agents the slave holds, so the master can notice a disagreement.
     #[serde(default)]
     pub agents: u32,
+    /// What this master is to the slave, and whether it takes the slave's new registrations
+    /// now (for the License Monitor). `None` from a slave that does not say.
+    #[serde(default)]
+    pub master: Option<MasterUse>,
+}
+
+/// What one master is to a slave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterUse {
+    pub role: MasterRole,
+    /// The slave sends its new registrations to this master now.
+    pub in_use: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MasterRole {
+    /// The slave names no other master.
+    Only,
+    Primary,
+    Secondary,
+}
+
+impl fmt::Display for MasterUse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.role, self.in_use) {
+            (MasterRole::Only, _) => f.write_str("only master"),
+            (MasterRole::Primary, true) => f.write_str("primary, in use"),
+            (MasterRole::Primary, false) => f.write_str("primary, idle"),
+            (MasterRole::Secondary, true) => f.write_str("secondary, in use"),
+            (MasterRole::Secondary, false) => f.write_str("secondary, idle"),
+        }
+    }
 }
 
 /// `lmbus.v1.<cluster>.slave.<id>.report`: something the slave decided on its own that
@@ -511,6 +544,9 @@ pub struct SlaveStatus {
     /// Milliseconds since the last heartbeat or request.
     #[serde(default)]
     pub last_seen_ms_ago: u64,
+    /// What this master is to the slave (from its heartbeats).
+    #[serde(default)]
+    pub master: Option<MasterUse>,
 }
 
 #[cfg(test)]
@@ -594,6 +630,10 @@ mod tests {
             instance: Uuid::new_v4(),
             seq: 9,
             agents: 2,
+            master: Some(MasterUse {
+                role: MasterRole::Secondary,
+                in_use: true,
+            }),
         });
         round_trip(&SlaveReport {
             event: SlaveEvent::LocalRejection {
@@ -657,6 +697,7 @@ mod tests {
                 in_use: 1,
                 in_use_by_type: BTreeMap::new(),
                 last_seen_ms_ago: 10,
+                master: None,
             }],
             leader_term: 4,
             ledger_sequence: 17,

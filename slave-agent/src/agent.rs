@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lmbus_schemas::{
-    AgentClaim, ControlMessage, Decision, Heartbeat, Hello, License, RegisterRequest, RejectReason,
-    RejectedAgent, Reply, Role, SlaveEvent, SlaveId, SlaveOp, SlaveReport, UnregisterRequest,
-    VerifyingKey, Welcome, decode, verify_license,
+    AgentClaim, ControlMessage, Decision, Heartbeat, Hello, License, MasterRole, MasterUse,
+    RegisterRequest, RejectReason, RejectedAgent, Reply, Role, SlaveEvent, SlaveId, SlaveOp,
+    SlaveReport, UnregisterRequest, VerifyingKey, Welcome, decode, verify_license,
 };
 
 use crate::link::{Ask, Link, LinkId, PRIMARY, SECONDARY, link_name};
@@ -1349,10 +1349,20 @@ impl Inner {
         let seq = self
             .heartbeat_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (agents, in_use) = {
+            let state = lock(&self.state);
+            (state.claims(link).len() as u32, state.active == link)
+        };
+        let role = match (self.has_secondary(), link) {
+            (false, _) => MasterRole::Only,
+            (true, PRIMARY) => MasterRole::Primary,
+            (true, _) => MasterRole::Secondary,
+        };
         let heartbeat = Heartbeat {
             instance: self.instance,
             seq,
-            agents: lock(&self.state).claims(link).len() as u32,
+            agents,
+            master: Some(MasterUse { role, in_use }),
         };
         match self.ask(link, SlaveOp::Heartbeat, &heartbeat).await {
             Ok(Ask::Reply {

@@ -187,6 +187,7 @@ async fn run(n_slaves: usize, seats: usize) -> anyhow::Result<()> {
                         instance: s.instance,
                         seq,
                         agents: 0,
+                        master: None,
                     };
                     let subject = subjects.slave_op(&s.id, SlaveOp::Heartbeat);
                     let _ = clients[i % CONNECTIONS]

@@ -24,6 +24,13 @@ fn two_masters(primary: &Fixture, secondary: &Fixture, id: &str) -> SlaveConfig 
     cfg
 }
 
+/// What `f`'s master is to its (only) slave, as its status says.
+async fn master_use(f: &Fixture) -> Option<String> {
+    f.status().await.unwrap().slaves[0]
+        .master
+        .map(|m| m.to_string())
+}
+
 /// Waits (bounded) for a `Switched` event to `master`; returns when it came.
 async fn switched_to(events: &mut broadcast::Receiver<AgentEvent>, master: &str) -> Instant {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -87,7 +94,8 @@ async fn primary_down_at_start_then_return_to_primary() {
 /// stops: the slave switches to the secondary (measured from the stop) and the next
 /// registration is granted there. The primary broker comes back with an empty table: the
 /// slave still heartbeats it (it holds a seat there), says hello and the primary counts the
-/// seat again, but new registrations stay on the secondary.
+/// seat again, but new registrations stay on the secondary. The primary's status shows the
+/// slave as "primary, idle", the secondary's as "secondary, in use".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_dies_while_serving_then_stay_on_secondary() {
     let primary = Fixture::new().await.unwrap();
@@ -118,6 +126,13 @@ async fn primary_dies_while_serving_then_stay_on_secondary() {
     primary.wait_in_use(1).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(slave.status().active_master, "secondary", "policy stay");
+    // Each master's License Monitor says what it is to the slave, from its heartbeats.
+    eventually("each master knows what it is to the slave", || async {
+        master_use(&primary).await.as_deref() == Some("primary, idle")
+            && master_use(&secondary).await.as_deref() == Some("secondary, in use")
+    })
+    .await
+    .unwrap();
     assert!(slave.register("a3", "inbound").await.unwrap().is_approved());
     assert_eq!(slave.granted_by("a3"), Some("secondary"));
     assert_eq!(in_use(&primary).await, 1);

@@ -43,6 +43,7 @@ async fn malformed_messages_get_error_replies_and_alerts() {
         instance: uuid::Uuid::new_v4(),
         seq: 1,
         agents: 0,
+        master: None,
     })
     .unwrap();
     let future = rmp_serde::to_vec_named(&FutureEnvelope { v: 99, body: 1 }).unwrap();

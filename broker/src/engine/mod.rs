@@ -270,6 +270,9 @@ struct Slave {
     bucket: Bucket,
     /// The request numbers of this instance already processed (replay protection).
     requests: Window,
+    /// What this master is to the slave, from its last heartbeat (not in the ledger: a new
+    /// leader learns it from the next one).
+    master: Option<lmbus_schemas::MasterUse>,
 }
 
 impl Slave {
@@ -525,6 +528,7 @@ impl Engine {
             revoked: HashSet::new(),
             bucket: Bucket::new(now, rate),
             requests: Window::default(),
+            master: None,
         });
         let restarted = slave.instance != hello.instance;
         if restarted {
@@ -959,6 +963,7 @@ impl Engine {
         match self.slaves.get_mut(id) {
             Some(slave) if slave.connected && slave.instance == heartbeat.instance => {
                 slave.last_seen = now;
+                slave.master = heartbeat.master;
                 Output::reply(Reply::Ack)
             }
             _ => Output::reply(Reply::Refused {
@@ -1355,6 +1360,7 @@ impl Engine {
                     revoked: HashSet::new(),
                     bucket: Bucket::new(now, self.cfg.slave_rate_limit),
                     requests: Window::default(),
+                    master: None,
                 });
                 if entry.instance != *instance {
                     entry.requests = Window::default();
@@ -1565,6 +1571,7 @@ impl Engine {
                     in_use: s.agents.len() as u32,
                     in_use_by_type: s.by_type(),
                     last_seen_ms_ago: now.saturating_duration_since(s.last_seen).as_millis() as u64,
+                    master: s.master,
                 })
                 .collect(),
             leader_term: 0,

@@ -203,6 +203,7 @@ impl Harness {
                         instance,
                         seq: 1,
                         agents: 0,
+                        master: None,
                     },
                 },
             )
