@@ -31,6 +31,8 @@ pub struct Filter {
     pub kinds: BTreeSet<AlertKind>,
     /// Show only alerts about these slaves (all when empty).
     pub slaves: BTreeSet<String>,
+    /// Show only alerts about these agent types (all when empty).
+    pub agent_types: BTreeSet<String>,
 }
 
 impl Filter {
@@ -42,6 +44,11 @@ impl Filter {
                     .slave
                     .as_ref()
                     .is_some_and(|s| self.slaves.contains(s)))
+            && (self.agent_types.is_empty()
+                || alert
+                    .agent_type
+                    .as_ref()
+                    .is_some_and(|t| self.agent_types.contains(t)))
     }
 }
 

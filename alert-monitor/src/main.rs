@@ -61,6 +61,9 @@ enum Command {
         /// Only alerts about these slaves (repeat or comma-separate).
         #[arg(long, value_delimiter = ',')]
         slave: Vec<String>,
+        /// Only alerts about these agent types (repeat or comma-separate), e.g. inbound.
+        #[arg(long, value_delimiter = ',')]
+        agent_type: Vec<String>,
         /// Exit after printing this many alerts.
         #[arg(long)]
         count: Option<usize>,
@@ -151,6 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             severity,
             kind,
             slave,
+            agent_type,
             count,
             duration,
         } => {
@@ -158,6 +162,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 min_severity: severity,
                 kinds: kind.into_iter().collect(),
                 slaves: slave.into_iter().collect::<BTreeSet<_>>(),
+                agent_types: agent_type.into_iter().collect(),
             };
             let start = match (since, last) {
                 (Some(ago), _) => Start::Since(ago),

@@ -58,7 +58,8 @@ async fn stored(f: &Fixture) -> u64 {
 /// Steps: a broker (it creates the alert stream) and three slaves, one of which goes over
 /// the limit, so alerts are stored while no monitor runs; `tail --since 1h` prints every
 /// stored alert and exits; `--last 2` exactly the last two; `--kind slave_connected` only
-/// the three connections. Then `tail --since 1h --follow` runs while the nats-server is
+/// the three connections; `--agent-type outbound --severity warning` exactly the one
+/// rejection of an outbound agent (s3, over the limit) that the full history holds. Then `tail --since 1h --follow` runs while the nats-server is
 /// killed and started again on the same store: the alerts raised after the restart (a
 /// fourth slave connecting) are printed too, and no alert is printed twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,6 +91,38 @@ async fn alerts_are_kept_and_tailed_across_a_nats_restart() {
     assert_eq!(last, all[all.len() - 2..].to_vec());
     let connected = history(&f, &["--since", "1h", "--kind", "slave_connected"]).await;
     assert_eq!(connected.len(), 3, "{connected:?}");
+    // Filters combine: exactly the alerts of those that match every one.
+    slaves[2].register("a3", "outbound").await.unwrap();
+    eventually("the outbound rejection stored", || async {
+        stored(&f).await > count
+    })
+    .await
+    .unwrap();
+    let all = history(&f, &["--since", "1h"]).await;
+    let expected: Vec<Alert> = all
+        .iter()
+        .filter(|a| {
+            a.agent_type.as_deref() == Some("outbound")
+                && a.severity >= lmbus_schemas::Severity::Warning
+        })
+        .cloned()
+        .collect();
+    let outbound = history(
+        &f,
+        &[
+            "--since",
+            "1h",
+            "--agent-type",
+            "outbound",
+            "--severity",
+            "warning",
+        ],
+    )
+    .await;
+    assert_eq!(outbound.len(), 1, "{outbound:?}");
+    assert_eq!(outbound, expected);
+    assert_eq!(outbound[0].slave.as_deref(), Some("s3"));
+    let count = stored(&f).await;
 
     let mut follow = monitor(&f, &["--since", "1h", "--follow"])
         .stdout(Stdio::piped())
