@@ -71,9 +71,13 @@ enum AdminCommand {
         nats_auth: lmbus_nats::NatsAuthArgs,
         #[arg(long, env = "LMBUS_CLUSTER")]
         cluster: String,
-        /// Print the report as JSON instead of text.
+        /// Print the report as JSON instead of text (with --beside, a JSON array).
         #[arg(long)]
         json: bool,
+        /// Also ask the master of this cluster (e.g. the backup master, on the same NATS)
+        /// and print the reports side by side; repeat for more.
+        #[arg(long)]
+        beside: Vec<String>,
         /// Who is asking, for the log [default: $USER].
         #[arg(long, env = "USER", default_value = "operator")]
         operator: String,
@@ -210,46 +214,72 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             nats_auth,
             cluster,
             json,
+            beside,
             operator,
         } => {
-            let subject = Subjects::new(&cluster)?.admin_report();
-            let nobody = no_master(&subject, &cluster);
-            let request = lmbus_schemas::ReportRequest { operator };
-            // Reading the day's alerts and mailing can take a while.
-            let wait = Duration::from_secs(60);
-            match ask_admin(&nats, nats_auth, subject, &request, nobody, wait).await? {
-                lmbus_schemas::ReportReply::Written {
-                    report,
-                    files,
-                    emailed_to,
-                    problems,
-                } => {
-                    if json {
-                        println!("{report}");
-                    } else {
+            let mut reports = Vec::new();
+            let mut problems = Vec::new();
+            for cluster in std::iter::once(cluster).chain(beside) {
+                let subject = Subjects::new(&cluster)?.admin_report();
+                let nobody = no_master(&subject, &cluster);
+                let request = lmbus_schemas::ReportRequest {
+                    operator: operator.clone(),
+                };
+                // Reading the day's alerts and mailing can take a while.
+                let wait = Duration::from_secs(60);
+                let reply =
+                    ask_admin(&nats, nats_auth.clone(), subject, &request, nobody, wait).await?;
+                match reply {
+                    lmbus_schemas::ReportReply::Written {
+                        report,
+                        files,
+                        emailed_to,
+                        problems: theirs,
+                    } => {
                         let parsed: lmbus_broker::report::UsageReport =
-                            serde_json::from_str(&report)
-                                .context("the master's report is not readable")?;
-                        print!("{}", lmbus_broker::report::to_text(&parsed));
-                        println!(
-                            "\nfiles: {}\nmailed to: {}",
-                            if files.is_empty() {
-                                "none (no --report-dir)".to_string()
-                            } else {
-                                files.join(", ")
-                            },
-                            if emailed_to.is_empty() {
-                                "nobody".to_string()
-                            } else {
-                                emailed_to.join(", ")
-                            }
-                        );
+                            serde_json::from_str(&report).with_context(|| {
+                                format!("the report of cluster {cluster} is not readable")
+                            })?;
+                        reports.push((parsed, files, emailed_to));
+                        problems.extend(theirs.into_iter().map(|p| format!("{cluster}: {p}")));
                     }
-                    anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
-                    Ok(())
+                    lmbus_schemas::ReportReply::Error { message } => {
+                        anyhow::bail!("cluster {cluster}: {message}")
+                    }
                 }
-                lmbus_schemas::ReportReply::Error { message } => anyhow::bail!("{message}"),
             }
+            let only: Vec<_> = reports.iter().map(|(r, _, _)| r.clone()).collect();
+            if json {
+                if let [one] = only.as_slice() {
+                    println!("{}", serde_json::to_string_pretty(one)?);
+                } else {
+                    println!("{}", serde_json::to_string_pretty(&only)?);
+                }
+            } else {
+                if let [one] = only.as_slice() {
+                    print!("{}", lmbus_broker::report::to_text(one));
+                } else {
+                    print!("{}", lmbus_broker::report::side_by_side(&only));
+                }
+                for (r, files, emailed_to) in &reports {
+                    println!(
+                        "\n{}: files: {}; mailed to: {}",
+                        r.cluster,
+                        if files.is_empty() {
+                            "none (no --report-dir)".to_string()
+                        } else {
+                            files.join(", ")
+                        },
+                        if emailed_to.is_empty() {
+                            "nobody".to_string()
+                        } else {
+                            emailed_to.join(", ")
+                        }
+                    );
+                }
+            }
+            anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+            Ok(())
         }
         AdminCommand::Release {
             nats,

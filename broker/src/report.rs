@@ -574,6 +574,99 @@ pub fn to_text(r: &UsageReport) -> String {
     o
 }
 
+/// Several masters' reports (production and backup, say) in one table: per agent type
+/// each one's limit, peak and average, then each one's rejections and events.
+pub fn side_by_side(reports: &[UsageReport]) -> String {
+    const COL: usize = 26;
+    let mut o = String::new();
+    let _ = writeln!(o, "lmbus usage reports side by side");
+    for r in reports {
+        let _ = writeln!(
+            o,
+            "  {} ({}): {} to {}, license {}",
+            r.cluster, r.context, r.period_start, r.period_end, r.license_id
+        );
+    }
+    let head = |o: &mut String, first: &str, cells: &mut dyn Iterator<Item = String>| {
+        let _ = write!(o, "{first:<18}");
+        for c in cells {
+            let _ = write!(o, " {c:<COL$}");
+        }
+        let _ = writeln!(o);
+    };
+    let _ = writeln!(o);
+    head(
+        &mut o,
+        "",
+        &mut reports
+            .iter()
+            .map(|r| format!("{} ({})", r.cluster, r.context)),
+    );
+    head(
+        &mut o,
+        "AGENT TYPE",
+        &mut reports
+            .iter()
+            .map(|_| format!("{:>6} {:>6} {:>8}", "LIMIT", "PEAK", "AVERAGE")),
+    );
+    // Every type any report has, `total` last.
+    let mut types: Vec<&str> = reports
+        .iter()
+        .flat_map(|r| r.agent_types.iter().map(|t| t.agent_type.as_str()))
+        .filter(|t| *t != "total")
+        .collect();
+    types.sort_unstable();
+    types.dedup();
+    types.push("total");
+    for t in types {
+        head(
+            &mut o,
+            t,
+            &mut reports
+                .iter()
+                .map(|r| match r.agent_types.iter().find(|u| u.agent_type == t) {
+                    Some(u) => format!(
+                        "{:>6} {:>6} {:>8.2}",
+                        u.limit.map_or("-".to_string(), |l| l.to_string()),
+                        u.peak,
+                        u.average
+                    ),
+                    None => format!("{:>6} {:>6} {:>8}", "-", "-", "-"),
+                }),
+        );
+    }
+    let mut reasons: Vec<&String> = reports.iter().flat_map(|r| r.rejections.keys()).collect();
+    reasons.sort_unstable();
+    reasons.dedup();
+    let _ = writeln!(o);
+    for reason in reasons {
+        head(
+            &mut o,
+            &format!("rejected {reason}"),
+            &mut reports
+                .iter()
+                .map(|r| r.rejections.get(reason).copied().unwrap_or(0).to_string()),
+        );
+    }
+    for (name, get) in [
+        (
+            "slave connects",
+            (|e: &Events| e.slave_connects) as fn(&Events) -> u64,
+        ),
+        ("slave disconnects", |e| e.slave_disconnects),
+        ("restricted (grace)", |e| e.restricted_after_grace),
+        ("seats reclaimed", |e| e.seats_reclaimed),
+        ("leader elections", |e| e.leader_elections),
+    ] {
+        head(
+            &mut o,
+            name,
+            &mut reports.iter().map(|r| get(&r.events).to_string()),
+        );
+    }
+    o
+}
+
 /// Where a report went.
 #[derive(Debug, Clone, Default)]
 pub struct Delivered {
@@ -846,6 +939,54 @@ mod tests {
             csv.contains("rejections,aggregate_limit,count,2\n"),
             "{csv}"
         );
+    }
+
+    #[test]
+    fn reports_side_by_side_line_up_by_type() {
+        let license = |context: &str, types: &[(&str, u32)]| LicenseFacts {
+            id: "L".into(),
+            customer: "C".into(),
+            context: context.into(),
+            total: Some(10),
+            types: counts(types),
+        };
+        let window = |pairs: &[(&str, u32)], total| {
+            let mut u = Usage::new(0);
+            u.observe(DAY, &counts(pairs), total);
+            u.so_far(DAY + H).unwrap()
+        };
+        let prod = build(
+            "prod",
+            "b1",
+            &license("production", &[("inbound", 5)]),
+            &window(&[("inbound", 4)], 4),
+            false,
+            Vec::new(),
+        );
+        let backup = build(
+            "dr",
+            "b9",
+            &license("backup", &[("outbound", 2)]),
+            &window(&[("outbound", 1)], 1),
+            false,
+            Vec::new(),
+        );
+        let text = side_by_side(&[prod, backup]);
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.split_whitespace().next() == Some(name))
+                .unwrap_or_else(|| panic!("no {name} row:\n{text}"))
+                .split_whitespace()
+                .skip(1)
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            text.contains("prod (production)") && text.contains("dr (backup)"),
+            "{text}"
+        );
+        assert_eq!(row("inbound"), ["5", "4", "4.00", "-", "-", "-"]);
+        assert_eq!(row("outbound"), ["-", "-", "-", "2", "1", "1.00"]);
+        assert_eq!(row("total"), ["10", "4", "4.00", "10", "1", "1.00"]);
     }
 
     #[test]

@@ -280,3 +280,118 @@ async fn usage_reports_daily_and_on_demand_with_files_subject_and_mail() {
     s2.shutdown().await;
     broker.stop().await.unwrap();
 }
+
+/// Steps: a production master (cluster P, 10 seats, 5 inbound) and a backup master
+/// (cluster B, a backup-context license, 4 seats) on one NATS; two agents on a slave of P,
+/// one on a slave of B. `lmbus-broker admin report --cluster P --beside B` (the real
+/// binary) asks both masters and prints their reports side by side: each master's limit,
+/// peak and average per type in its own column, and the backup column says backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_and_backup_reports_side_by_side() {
+    use lmbus_schemas::{Context, Limits, Role};
+    let f = Fixture::new().await.unwrap();
+    let production = Broker::start(broker_config(
+        &f.nats,
+        &f.cluster,
+        f.vendor.master(10, &[("inbound", 5)]).unwrap(),
+        &f.vendor,
+        true,
+    ))
+    .await
+    .unwrap();
+    let backup_cluster = cluster_name();
+    let mut backup_license = Vendor::license(
+        Role::Master,
+        Limits {
+            total: Some(4),
+            ..Limits::default()
+        },
+    );
+    backup_license.context = Context::Backup;
+    let backup_license = f.vendor.write("backup.lic", &backup_license).unwrap();
+    let mut backup_cfg = broker_config(&f.nats, &backup_cluster, backup_license, &f.vendor, true);
+    backup_cfg.broker_id = "backup-broker".into();
+    let backup = Broker::start(backup_cfg).await.unwrap();
+    let p1 = SlaveAgent::start(f.slave_config("p1").unwrap())
+        .await
+        .unwrap();
+    let mut b1_cfg = f.slave_config("b1").unwrap();
+    b1_cfg.cluster = backup_cluster.clone();
+    let b1 = SlaveAgent::start(b1_cfg).await.unwrap();
+    assert!(
+        p1.register("agent-p-1", "inbound")
+            .await
+            .unwrap()
+            .is_approved()
+    );
+    assert!(
+        p1.register("agent-p-2", "inbound")
+            .await
+            .unwrap()
+            .is_approved()
+    );
+    assert!(
+        b1.register("agent-b-1", "inbound")
+            .await
+            .unwrap()
+            .is_approved()
+    );
+
+    let out = Command::new(bin("lmbus-broker").unwrap())
+        .args(["admin", "report", "--nats", &f.nats.url()])
+        .args(["--cluster", &f.cluster, "--beside", &backup_cluster])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("seen: admin report --beside:\n{text}");
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} row:\n{text}"))
+            .split_whitespace()
+            .skip(1)
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        text.contains(&format!("{} (production)", f.cluster)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{backup_cluster} (backup)")),
+        "{text}"
+    );
+    // LIMIT PEAK (average left out: it depends on timing) for each master.
+    let inbound = row("inbound");
+    assert_eq!(
+        (&inbound[0], &inbound[1]),
+        (&"5".to_string(), &"2".to_string()),
+        "{text}"
+    );
+    assert_eq!(
+        (&inbound[3], &inbound[4]),
+        (&"-".to_string(), &"1".to_string()),
+        "{text}"
+    );
+    let total = row("total");
+    assert_eq!(
+        (&total[0], &total[1]),
+        (&"10".to_string(), &"2".to_string()),
+        "{text}"
+    );
+    assert_eq!(
+        (&total[3], &total[4]),
+        (&"4".to_string(), &"1".to_string()),
+        "{text}"
+    );
+    no_agent_ids("the side-by-side report", &text);
+    p1.shutdown().await;
+    b1.shutdown().await;
+    production.stop().await.unwrap();
+    backup.stop().await.unwrap();
+}
