@@ -60,6 +60,9 @@ fn unix_ms() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
+/// Messages the NATS client buffers per subscription before it drops (async-nats: 65,536).
+const SUBSCRIPTION_CAPACITY: usize = 256 * 1024;
+
 fn now() -> std::time::Instant {
     Instant::now().into_std()
 }
@@ -285,7 +288,11 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     );
     let client = lmbus_nats::connect(
         &cfg.nats_url,
-        async_nats::ConnectOptions::new().name(format!("lmbus-broker {}", cfg.broker_id)),
+        async_nats::ConnectOptions::new()
+            .name(format!("lmbus-broker {}", cfg.broker_id))
+            // Room for a burst of every slave's heartbeat at once (100,000 slaves, say) on
+            // top of the requests, so that nothing is dropped while the leader catches up.
+            .subscription_capacity(SUBSCRIPTION_CAPACITY),
         &cfg.nats_auth,
     )
     .await?;

@@ -267,8 +267,10 @@ pub async fn connect_with(
     on_event: impl Fn(&async_nats::Event) + Send + Sync + 'static,
 ) -> Result<async_nats::Client, ConnectFailure> {
     let on_event = std::sync::Arc::new(on_event);
+    let slow = std::sync::Arc::new(SlowConsumerLog::default());
     let options = auth.apply(options).await?.event_callback(move |event| {
         on_event(&event);
+        let slow = slow.clone();
         async move {
             match event {
                 async_nats::Event::ServerError(e) => {
@@ -278,7 +280,15 @@ pub async fn connect_with(
                     tracing::info!(error = %e, "NATS client error")
                 }
                 async_nats::Event::SlowConsumer(sid) => {
-                    tracing::warn!(sid, "NATS slow consumer: messages were dropped")
+                    // One event per dropped message: a flood of them must not become a
+                    // flood of log lines that slows the process further.
+                    if let Some(dropped) = slow.record() {
+                        tracing::warn!(
+                            sid,
+                            dropped,
+                            "NATS slow consumer: this process did not keep up and the client dropped messages (counted since the last such warning; at most one warning every 10 s)"
+                        )
+                    }
                 }
                 other => tracing::info!(event = %other, "NATS connection"),
             }
@@ -291,6 +301,28 @@ pub async fn connect_with(
             url: urls.to_owned(),
             detail: explain_connect_error(&e, auth),
         })
+}
+
+/// Counts slow-consumer events and lets one warning through every 10 s with the count.
+#[derive(Debug, Default)]
+struct SlowConsumerLog {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl SlowConsumerLog {
+    /// `Some(events since the last warning)` when a warning is due.
+    fn record(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, count) = &mut *state;
+        *count += 1;
+        let due = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10));
+        if due {
+            *last = Some(std::time::Instant::now());
+            Some(std::mem::take(count))
+        } else {
+            None
+        }
+    }
 }
 
 const TLS_HINT: &str =
@@ -495,6 +527,19 @@ impl From<SecondaryNatsAuthArgs> for NatsAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slow_consumer_warnings_are_rate_limited_and_counted() {
+        let log = SlowConsumerLog::default();
+        assert_eq!(log.record(), Some(1));
+        for _ in 0..1000 {
+            assert_eq!(log.record(), None);
+        }
+        // Ten seconds later the next warning carries every event since the last one.
+        log.state.lock().unwrap().0 =
+            Some(std::time::Instant::now() - std::time::Duration::from_secs(11));
+        assert_eq!(log.record(), Some(1001));
+    }
 
     fn user(u: &str, p: &str) -> NatsAuth {
         NatsAuth {

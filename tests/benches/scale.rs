@@ -120,24 +120,32 @@ async fn ask(
     Ok(decode::<Reply>(&msg.payload)?)
 }
 
+/// Runs one size; on failure, the tail of each broker's log goes to stderr with the error.
 async fn run(n_slaves: usize, seats: usize) -> anyhow::Result<()> {
+    let logs = tempfile::tempdir()?;
+    let result = run_in(n_slaves, seats, logs.path()).await;
+    if result.is_err() {
+        for id in ["b1", "b2"] {
+            let text =
+                std::fs::read_to_string(logs.path().join(format!("{id}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- last lines of {id}'s log ---");
+            for line in &lines[lines.len().saturating_sub(15)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+    result
+}
+
+async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow::Result<()> {
     eprintln!("== {n_slaves} slaves, {seats} seats ==");
     let nats = NatsServer::start()?;
     let vendor = Vendor::new()?;
     let cluster = cluster_name();
     let subjects = Subjects::new(&cluster)?;
     let license = vendor.master(seats as u32 + 1000, &[])?;
-    let logs = tempfile::tempdir()?;
-    let b1 = spawn_broker(
-        &nats,
-        &cluster,
-        &license,
-        &vendor,
-        "b1",
-        1,
-        n_slaves,
-        logs.path(),
-    )?;
+    let b1 = spawn_broker(&nats, &cluster, &license, &vendor, "b1", 1, n_slaves, logs)?;
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {
         clients.push(nats.client().await?);
@@ -147,16 +155,7 @@ async fn run(n_slaves: usize, seats: usize) -> anyhow::Result<()> {
         async move { lmbus_tests::status(&c, &cl).await.is_ok() }
     })
     .await?;
-    let b2 = spawn_broker(
-        &nats,
-        &cluster,
-        &license,
-        &vendor,
-        "b2",
-        2,
-        n_slaves,
-        logs.path(),
-    )?;
+    let b2 = spawn_broker(&nats, &cluster, &license, &vendor, "b2", 2, n_slaves, logs)?;
     let slaves: Arc<Vec<Slave>> = Arc::new(
         (0..n_slaves)
             .map(|i| Slave {
@@ -177,12 +176,31 @@ async fn run(n_slaves: usize, seats: usize) -> anyhow::Result<()> {
             beating.clone(),
         );
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // Spread over the second in slices, as independent slaves' beats are
+            // (LMBUS_SCALE_BEAT_SLICES, default 20; 1 sends every slave's beat in one burst).
+            let slices: usize = std::env::var("LMBUS_SCALE_BEAT_SLICES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|n| *n >= 1)
+                .unwrap_or(20);
+            let mut tick = tokio::time::interval(Duration::from_millis(1000 / slices as u64));
             let mut seq = 0;
+            let mut slice = 0;
             while beating.load(Ordering::Relaxed) {
                 tick.tick().await;
-                seq += 1;
-                for (i, s) in slaves.iter().enumerate() {
+                if slice == 0 {
+                    seq += 1;
+                }
+                let part = slaves.len().div_ceil(slices);
+                let range =
+                    (slice * part).min(slaves.len())..((slice + 1) * part).min(slaves.len());
+                slice = (slice + 1) % slices;
+                for (i, s) in slaves
+                    .iter()
+                    .enumerate()
+                    .skip(range.start)
+                    .take(range.len())
+                {
                     let beat = Heartbeat {
                         instance: s.instance,
                         seq,
