@@ -47,17 +47,25 @@ enum Command {
     Admin(AdminCommand),
 }
 
+/// Where an admin command goes: the master's NATS and cluster.
+#[derive(Debug, clap::Args)]
+struct AdminTarget {
+    /// NATS server URL(s) of the master.
+    #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
+    nats: String,
+    #[command(flatten)]
+    nats_auth: lmbus_nats::NatsAuthArgs,
+    #[arg(long, env = "LMBUS_CLUSTER")]
+    cluster: String,
+}
+
 #[derive(Debug, Subcommand)]
 enum AdminCommand {
     /// Show the license, the limits, usage by slave and agent type, the leader and the
     /// replicas (like lmstat); the same view as `lmbus-monitor licenses --once`.
     Status {
-        #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
-        nats: String,
         #[command(flatten)]
-        nats_auth: lmbus_nats::NatsAuthArgs,
-        #[arg(long, env = "LMBUS_CLUSTER")]
-        cluster: String,
+        target: AdminTarget,
         /// Print the master's status document as JSON.
         #[arg(long)]
         json: bool,
@@ -65,12 +73,8 @@ enum AdminCommand {
     /// Make the usage report of the period so far now: the leader writes it (files, the
     /// report subject, mail) as it does the daily one, and it is printed here.
     Report {
-        #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
-        nats: String,
         #[command(flatten)]
-        nats_auth: lmbus_nats::NatsAuthArgs,
-        #[arg(long, env = "LMBUS_CLUSTER")]
-        cluster: String,
+        target: AdminTarget,
         /// Print the report as JSON instead of text (with --beside, a JSON array).
         #[arg(long)]
         json: bool,
@@ -85,13 +89,8 @@ enum AdminCommand {
     /// Force-release one agent's seat, or every seat of a slave (like lmremove). The slave
     /// is told and logs the agents out; they must register again.
     Release {
-        /// NATS server URL(s) of the master.
-        #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
-        nats: String,
         #[command(flatten)]
-        nats_auth: lmbus_nats::NatsAuthArgs,
-        #[arg(long, env = "LMBUS_CLUSTER")]
-        cluster: String,
+        target: AdminTarget,
         /// The slave whose seats to release.
         #[arg(long)]
         slave: String,
@@ -110,12 +109,8 @@ enum AdminCommand {
     ReloadLicense {
         /// The new signed master license file.
         file: std::path::PathBuf,
-        #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
-        nats: String,
         #[command(flatten)]
-        nats_auth: lmbus_nats::NatsAuthArgs,
-        #[arg(long, env = "LMBUS_CLUSTER")]
-        cluster: String,
+        target: AdminTarget,
         /// Who is asking, for the alert [default: $USER].
         #[arg(long, env = "USER", default_value = "operator")]
         operator: String,
@@ -128,12 +123,8 @@ enum AdminCommand {
         /// The replica's `--id`.
         #[arg(long)]
         replica: String,
-        #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
-        nats: String,
         #[command(flatten)]
-        nats_auth: lmbus_nats::NatsAuthArgs,
-        #[arg(long, env = "LMBUS_CLUSTER")]
-        cluster: String,
+        target: AdminTarget,
         /// Who is asking, for the alert [default: $USER].
         #[arg(long, env = "USER", default_value = "operator")]
         operator: String,
@@ -143,12 +134,8 @@ enum AdminCommand {
     /// KV_lmbus_election_<cluster> and LMBUS_ALERTS_<cluster>). Every seat record is lost:
     /// only for tearing down a test or demo cluster, with all its brokers stopped.
     RemoveState {
-        #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
-        nats: String,
         #[command(flatten)]
-        nats_auth: lmbus_nats::NatsAuthArgs,
-        #[arg(long, env = "LMBUS_CLUSTER")]
-        cluster: String,
+        target: AdminTarget,
         /// Required: confirms that the cluster's seat records may be destroyed.
         #[arg(long)]
         yes: bool,
@@ -191,9 +178,12 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
     use lmbus_schemas::{ReleaseReply, ReleaseRequest, Subjects};
     match command {
         AdminCommand::Status {
-            nats,
-            nats_auth,
-            cluster,
+            target:
+                AdminTarget {
+                    nats,
+                    nats_auth,
+                    cluster,
+                },
             json,
         } => {
             let subjects = Subjects::new(&cluster)?;
@@ -210,9 +200,12 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::Report {
-            nats,
-            nats_auth,
-            cluster,
+            target:
+                AdminTarget {
+                    nats,
+                    nats_auth,
+                    cluster,
+                },
             json,
             beside,
             operator,
@@ -282,9 +275,12 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::Release {
-            nats,
-            nats_auth,
-            cluster,
+            target:
+                AdminTarget {
+                    nats,
+                    nats_auth,
+                    cluster,
+                },
             slave,
             agent,
             operator,
@@ -310,10 +306,13 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             }
         }
         AdminCommand::ReloadLicense {
+            target:
+                AdminTarget {
+                    nats,
+                    nats_auth,
+                    cluster,
+                },
             file,
-            nats,
-            nats_auth,
-            cluster,
             operator,
         } => {
             let license = std::fs::read_to_string(&file)
@@ -332,10 +331,13 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             }
         }
         AdminCommand::Drain {
+            target:
+                AdminTarget {
+                    nats,
+                    nats_auth,
+                    cluster,
+                },
             replica,
-            nats,
-            nats_auth,
-            cluster,
             operator,
         } => {
             let subject = Subjects::new(&cluster)?.admin_drain();
@@ -349,9 +351,12 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::RemoveState {
-            nats,
-            nats_auth,
-            cluster,
+            target:
+                AdminTarget {
+                    nats,
+                    nats_auth,
+                    cluster,
+                },
             yes,
         } => {
             if !yes {

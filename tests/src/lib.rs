@@ -796,6 +796,22 @@ impl Fixture {
     }
 }
 
+/// Runs `cmd` to its end and returns its stdout; an error with its output when it fails.
+pub fn stdout_of(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
 /// Path of a workspace binary (`lmbus-broker`, `lmbus-slave`, …). They are built by
 /// `cargo build --workspace --bins`, which `cargo xtask test` runs first.
 pub fn bin(name: &str) -> anyhow::Result<PathBuf> {

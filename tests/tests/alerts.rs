@@ -290,39 +290,26 @@ async fn audit_trail_by_slave_agent_and_time() {
     assert_eq!(late_ledger[0].event, "released");
     assert!(late.iter().all(|r| r.agent.as_deref() != Some("b1")));
 
-    let out = Command::new(bin("lmbus-monitor").unwrap())
-        .args(["--nats", &f.nats.url(), "--cluster", &f.cluster])
-        .args(["audit", "--slave", "s2"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = stdout_of(
+        Command::new(bin("lmbus-monitor").unwrap())
+            .args(["--nats", &f.nats.url(), "--cluster", &f.cluster])
+            .args(["audit", "--slave", "s2"]),
+    )
+    .unwrap();
     eprintln!("seen: lmbus-monitor audit --slave s2:\n{text}");
     assert!(text.contains("registration_rejected"), "{text}");
     assert!(text.contains("agent=b1"), "{text}");
     assert!(!text.contains("slave=s1"), "{text}");
 
-    let out = Command::new(bin("lmbus-broker").unwrap())
-        .args([
-            "admin",
-            "status",
-            "--nats",
-            &f.nats.url(),
-            "--cluster",
-            &f.cluster,
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = stdout_of(Command::new(bin("lmbus-broker").unwrap()).args([
+        "admin",
+        "status",
+        "--nats",
+        &f.nats.url(),
+        "--cluster",
+        &f.cluster,
+    ]))
+    .unwrap();
     eprintln!("seen: lmbus-broker admin status:\n{text}");
     assert!(
         text.lines()
@@ -428,13 +415,12 @@ async fn the_live_license_monitor_in_tmux() {
     }
     let _ = tmux(&socket, &["kill-server"]);
 
-    let out = Command::new(bin("lmbus-monitor").unwrap())
-        .args(["--nats", &f.nats.url(), "--cluster", &f.cluster])
-        .args(["licenses", "--once"])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
+    let table = stdout_of(
+        Command::new(bin("lmbus-monitor").unwrap())
+            .args(["--nats", &f.nats.url(), "--cluster", &f.cluster])
+            .args(["licenses", "--once"]),
+    )
+    .unwrap();
     assert!(
         table
             .lines()

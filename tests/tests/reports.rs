@@ -169,17 +169,12 @@ async fn usage_reports_daily_and_on_demand_with_files_subject_and_mail() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let out = Command::new(bin("lmbus-broker").unwrap())
-        .args(["admin", "report", "--json", "--nats", &f.nats.url()])
-        .args(["--cluster", &f.cluster])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = stdout_of(
+        Command::new(bin("lmbus-broker").unwrap())
+            .args(["admin", "report", "--json", "--nats", &f.nats.url()])
+            .args(["--cluster", &f.cluster]),
+    )
+    .unwrap();
     let on_demand: UsageReport = serde_json::from_str(&stdout).unwrap();
     eprintln!("seen: admin report --json:\n{stdout}");
     assert!(!on_demand.daily);
@@ -337,17 +332,12 @@ async fn production_and_backup_reports_side_by_side() {
             .is_approved()
     );
 
-    let out = Command::new(bin("lmbus-broker").unwrap())
-        .args(["admin", "report", "--nats", &f.nats.url()])
-        .args(["--cluster", &f.cluster, "--beside", &backup_cluster])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = stdout_of(
+        Command::new(bin("lmbus-broker").unwrap())
+            .args(["admin", "report", "--nats", &f.nats.url()])
+            .args(["--cluster", &f.cluster, "--beside", &backup_cluster]),
+    )
+    .unwrap();
     eprintln!("seen: admin report --beside:\n{text}");
     let row = |name: &str| {
         text.lines()

@@ -548,18 +548,13 @@ async fn operator_mode_with_creds_files() {
     let broker = s.broker(s.nats.url(), creds(&files["broker"])).await;
     registers(s.slave_config(s.nats.url(), "site1", creds(&files["site1"]))).await;
 
-    let monitor = Command::new(bin("lmbus-monitor").unwrap())
-        .args(["licenses", "--nats", &s.nats.url(), "--cluster", &cluster])
-        .arg("--nats-creds")
-        .arg(&files["monitor"])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&monitor.stdout);
-    assert!(
-        monitor.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&monitor.stderr)
-    );
+    let table = stdout_of(
+        Command::new(bin("lmbus-monitor").unwrap())
+            .args(["licenses", "--nats", &s.nats.url(), "--cluster", &cluster])
+            .arg("--nats-creds")
+            .arg(&files["monitor"]),
+    )
+    .unwrap();
     eprintln!("seen: lmbus-monitor licenses --nats-creds monitor.creds:\n{table}");
     assert!(table.contains("site1"), "{table}");
 

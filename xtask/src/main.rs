@@ -387,7 +387,7 @@ fn bench_scale(sizes: &str) -> anyhow::Result<()> {
          `cargo xtask bench scale --sizes {sizes}` on {}: a fresh nats-server per size, a leader \
          `lmbus-broker` and a hot standby (release build, default settings but \
          `--slave-rate-limit 0`), and one process playing every slave, each with its own \
-         identity (subject) and session, heartbeating every second over 4 NATS connections. \
+         identity (subject) and session, heartbeating every second over 4 NATS connections (the beats spread over the second in 20 slices, as independent slaves' are). \
          Hello: every slave's hello, 64 in flight. Register: the seats from cold, spread evenly \
          over the slaves, in batch requests of up to 128, 64 in flight. Steady state: the brokers' \
          CPU (percent of one core) over 5 s with only heartbeats flowing, and their resident \
