@@ -283,12 +283,23 @@ pub async fn stored(
             ..Default::default()
         })
         .await?;
+    // What the consumer has to deliver from its start: nothing when no message is newer
+    // than `since`.
+    let pending = consumer.cached_info().num_pending;
+    if pending == 0 {
+        return Ok(out);
+    }
     let mut messages = consumer.messages().await?;
     loop {
-        // Nothing newer than `since`: the consumer has nothing to deliver.
-        let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
-        let Ok(Some(message)) = next else { break };
-        let message = message?;
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
+        let message = match next {
+            Ok(Some(message)) => message?,
+            // A partial answer must not pass for the whole one.
+            _ => anyhow::bail!(
+                "stream {name} stopped delivering after {} of {pending} records",
+                out.messages.len()
+            ),
+        };
         let info = message
             .info()
             .map_err(|e| anyhow::anyhow!("stream message without metadata: {e}"))?;
