@@ -259,7 +259,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                         "\n{}: files: {}; mailed to: {}",
                         r.cluster,
                         if files.is_empty() {
-                            "none (no --report-dir)".to_string()
+                            "none".to_string()
                         } else {
                             files.join(", ")
                         },

@@ -728,11 +728,19 @@ pub async fn make_and_deliver(
             .trim_end_matches('Z')
             .to_string();
         let base = format!("lmbus-usage-{}-{stamp}", report.cluster);
-        for (ext, text) in [("json", json.clone()), ("csv", to_csv(&report))] {
-            let path = dir.join(format!("{base}.{ext}"));
-            match write_file(&path, &text) {
-                Ok(()) => delivered.files.push(path.display().to_string()),
-                Err(e) => delivered.problems.push(format!("{e:#}")),
+        match std::fs::create_dir_all(dir) {
+            Err(e) => delivered.problems.push(format!(
+                "cannot create the report directory {}: {e}",
+                dir.display()
+            )),
+            Ok(()) => {
+                for (ext, text) in [("json", json.clone()), ("csv", to_csv(&report))] {
+                    let path = dir.join(format!("{base}.{ext}"));
+                    match write_file(&path, &text) {
+                        Ok(()) => delivered.files.push(path.display().to_string()),
+                        Err(e) => delivered.problems.push(format!("{e:#}")),
+                    }
+                }
             }
         }
     }
@@ -759,10 +767,6 @@ pub async fn make_and_deliver(
 
 /// Writes `text` to `path` through a temporary file and a rename (no half-written report).
 fn write_file(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the report directory {}", dir.display()))?;
-    }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))

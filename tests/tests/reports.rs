@@ -385,3 +385,79 @@ async fn production_and_backup_reports_side_by_side() {
     production.stop().await.unwrap();
     backup.stop().await.unwrap();
 }
+
+/// Steps: a broker whose report mail goes to a port where nothing listens and whose report
+/// directory cannot be created (a path under a regular file). `admin report` still prints
+/// the report, then fails naming both problems; the report was still published on the
+/// subject, and a `usage_report` alert of severity warning lists the problems.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_outputs_that_fail_are_named_and_alerted() {
+    let f = Fixture::new().await.unwrap();
+    let blocker = tempfile::NamedTempFile::new().unwrap();
+    let closed_port = free_port();
+    let mut cfg = broker_config(
+        &f.nats,
+        &f.cluster,
+        f.vendor.master(3, &[]).unwrap(),
+        &f.vendor,
+        true,
+    );
+    cfg.report = ReportConfig {
+        dir: Some(blocker.path().join("reports")),
+        at_minute: 0,
+        smtp: Some(SmtpConfig {
+            host: "127.0.0.1".into(),
+            port: closed_port,
+            tls: SmtpTls::None,
+            user: None,
+            password: None,
+            from: "lmbus@example.test".into(),
+            to: vec!["ops@example.test".into()],
+        }),
+    };
+    let mut published = f
+        .client
+        .subscribe(
+            lmbus_schemas::Subjects::new(&f.cluster)
+                .unwrap()
+                .usage_report(),
+        )
+        .await
+        .unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let broker = Broker::start(cfg).await.unwrap();
+    let out = Command::new(bin("lmbus-broker").unwrap())
+        .args(["admin", "report", "--nats", &f.nats.url()])
+        .args(["--cluster", &f.cluster])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("seen: admin report with broken outputs:\n{stdout}{stderr}");
+    assert!(!out.status.success());
+    assert!(stdout.contains("AGENT TYPE"), "{stdout}");
+    assert!(
+        stderr.contains("cannot create the report directory"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "cannot mail the report through 127.0.0.1:{closed_port}"
+        )),
+        "{stderr}"
+    );
+    let message = tokio::time::timeout(Duration::from_secs(5), published.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(serde_json::from_slice::<UsageReport>(&message.payload).is_ok());
+    let alert = alerts
+        .wait_for("the usage_report alert", |a| {
+            a.kind == lmbus_schemas::AlertKind::UsageReport
+        })
+        .await
+        .unwrap();
+    assert_eq!(alert.severity, lmbus_schemas::Severity::Warning);
+    assert!(alert.message.contains("problems:"), "{}", alert.message);
+    broker.stop().await.unwrap();
+}
