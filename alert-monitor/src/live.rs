@@ -291,7 +291,8 @@ pub fn draw(frame: &mut Frame, view: &LiveView) {
             Line::styled(
                 format!(
                     "{} {:<22} {}",
-                    &format_time(a.time_ms)[11..19],
+                    // The time of day; an alert's time comes from the network.
+                    format_time(a.time_ms).get(11..19).unwrap_or("--:--:--"),
                     a.kind.token(),
                     a.message
                 ),
@@ -321,7 +322,9 @@ pub async fn run(
 
     let mut view = LiveView::default();
     // Alerts: the last 20 stored, then live; without a readable alert stream, live only.
-    let (alert_tx, mut alert_rx) = tokio::sync::mpsc::unbounded_channel::<Alert>();
+    // Bounded: when the screen cannot keep up with a flood, the newest are dropped (the
+    // view shows only the latest few anyway; `tail` is the complete record).
+    let (alert_tx, mut alert_rx) = tokio::sync::mpsc::channel::<Alert>(1024);
     let source = match alert_source(client, subjects, Start::Last(20)).await {
         Ok((incoming, _)) => Some(incoming),
         Err(_) => alert_source(client, subjects, Start::Now)
@@ -334,21 +337,23 @@ pub async fn run(
         while let Some(item) = incoming.next().await {
             if let Ok(msg) = item
                 && let Ok(alert) = decode::<Alert>(&msg.payload)
-                && alert_tx.send(alert).is_err()
+                && let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                    alert_tx.try_send(alert)
             {
                 return;
             }
         }
     });
-    // Keys come from a blocking reader thread.
-    let (key_tx, mut key_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Keys come from a blocking reader thread; keys pressed faster than the screen is
+    // drawn beyond 64 are dropped.
+    let (key_tx, mut key_rx) = tokio::sync::mpsc::channel(64);
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let keys = std::thread::spawn(move || {
         while stop_rx.try_recv().is_err() {
             if event::poll(Duration::from_millis(100)).unwrap_or(false)
                 && let Ok(Event::Key(key)) = event::read()
                 && key.kind == KeyEventKind::Press
-                && key_tx.send(key).is_err()
+                && let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) = key_tx.try_send(key)
             {
                 return;
             }

@@ -594,6 +594,18 @@ mod tests {
         round_trip(&ReleaseReply::Released {
             agents: vec!["a".into()],
         });
+        round_trip(&ReportRequest {
+            operator: "ops".into(),
+        });
+        round_trip(&ReportReply::Written {
+            report: "{}".into(),
+            files: vec!["/var/lib/lmbus/r.json".into()],
+            emailed_to: vec!["ops@example.com".into()],
+            problems: Vec::new(),
+        });
+        round_trip(&ReportReply::Error {
+            message: "m".into(),
+        });
         round_trip(&RegisterRequest {
             request_id: Uuid::new_v4(),
             seq: 7,
