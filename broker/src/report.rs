@@ -102,19 +102,49 @@ pub struct UsageWindow {
     pub total: (u32, f64),
 }
 
+/// One count's accumulator over a window: now, the peak, and seat-milliseconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Acc {
+    now: u32,
+    peak: u32,
+    area: u128,
+}
+
+impl Acc {
+    fn set(&mut self, n: u32) {
+        self.now = n;
+        self.peak = self.peak.max(n);
+    }
+
+    /// The same count starting a new window.
+    fn carried(self) -> Self {
+        Self {
+            now: self.now,
+            peak: self.now,
+            area: 0,
+        }
+    }
+
+    /// Peak and time-weighted average over `span` milliseconds.
+    fn summary(self, span: i64) -> (u32, f64) {
+        let average = if span > 0 {
+            self.area as f64 / span as f64
+        } else {
+            f64::from(self.now)
+        };
+        (self.peak, average)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Window {
     start_ms: i64,
     end_ms: i64,
     covered_from_ms: i64,
     last_ms: i64,
-    current: BTreeMap<String, u32>,
-    peak: BTreeMap<String, u32>,
-    /// Seat-milliseconds.
-    area: BTreeMap<String, u128>,
-    total: u32,
-    total_peak: u32,
-    total_area: u128,
+    /// Per agent type; a type stays (at 0) once seen in the window.
+    types: BTreeMap<String, Acc>,
+    total: Acc,
 }
 
 impl Window {
@@ -124,64 +154,68 @@ impl Window {
             end_ms,
             covered_from_ms: from_ms,
             last_ms: from_ms,
-            current: BTreeMap::new(),
-            peak: BTreeMap::new(),
-            area: BTreeMap::new(),
-            total: 0,
-            total_peak: 0,
-            total_area: 0,
+            types: BTreeMap::new(),
+            total: Acc::default(),
         }
     }
 
     /// Counts the seats held from the last observation until `t`.
     fn advance(&mut self, t: i64) {
         let dt = u128::try_from(t - self.last_ms).unwrap_or(0);
-        for (agent_type, n) in &self.current {
-            *self.area.entry(agent_type.clone()).or_default() += u128::from(*n) * dt;
+        for acc in self
+            .types
+            .values_mut()
+            .chain(std::iter::once(&mut self.total))
+        {
+            acc.area += u128::from(acc.now) * dt;
         }
-        self.total_area += u128::from(self.total) * dt;
         self.last_ms = self.last_ms.max(t);
     }
 
+    /// The counts from now on. Called after every ledger record: no allocation but for a
+    /// type seen for the first time.
     fn set(&mut self, by_type: &BTreeMap<String, u32>, total: u32) {
-        for n in self.current.values_mut() {
-            *n = 0;
+        for acc in self.types.values_mut() {
+            acc.now = 0;
         }
         for (agent_type, n) in by_type {
-            self.current.insert(agent_type.clone(), *n);
+            match self.types.get_mut(agent_type) {
+                Some(acc) => acc.set(*n),
+                None => {
+                    let mut acc = Acc::default();
+                    acc.set(*n);
+                    self.types.insert(agent_type.clone(), acc);
+                }
+            }
         }
-        for (agent_type, n) in &self.current {
-            let peak = self.peak.entry(agent_type.clone()).or_default();
-            *peak = (*peak).max(*n);
-        }
-        self.total = total;
-        self.total_peak = self.total_peak.max(total);
+        self.total.set(total);
+    }
+
+    /// The next window, starting at this one's end with the counts held then.
+    fn next(&self) -> Self {
+        let mut next = Window::new(self.end_ms, self.end_ms + DAY_MS, self.end_ms);
+        next.types = self
+            .types
+            .iter()
+            .map(|(t, acc)| (t.clone(), acc.carried()))
+            .collect();
+        next.total = self.total.carried();
+        next
     }
 
     /// The window up to `end` (already advanced there).
     fn summary(&self, end_ms: i64) -> UsageWindow {
-        let span = (end_ms - self.covered_from_ms).max(0) as f64;
-        let average = |area: u128, now: u32| {
-            if span > 0.0 {
-                area as f64 / span
-            } else {
-                f64::from(now)
-            }
-        };
+        let span = (end_ms - self.covered_from_ms).max(0);
         UsageWindow {
             start_ms: self.start_ms,
             end_ms,
             covered_from_ms: self.covered_from_ms,
             types: self
-                .peak
+                .types
                 .iter()
-                .map(|(t, peak)| {
-                    let area = self.area.get(t).copied().unwrap_or(0);
-                    let now = self.current.get(t).copied().unwrap_or(0);
-                    (t.clone(), (*peak, average(area, now)))
-                })
+                .map(|(t, acc)| (t.clone(), acc.summary(span)))
                 .collect(),
-            total: (self.total_peak, average(self.total_area, self.total)),
+            total: self.total.summary(span),
         }
     }
 }
@@ -227,10 +261,7 @@ impl Usage {
                     let end = w.end_ms;
                     w.advance(end);
                     self.closed = Some(w.summary(end));
-                    let mut next = Window::new(end, end + DAY_MS, end);
-                    let carried = w.current.clone();
-                    next.set(&carried, w.total);
-                    self.window = Some(next);
+                    *w = w.next();
                 }
                 Some(w) => {
                     w.advance(now_ms);
