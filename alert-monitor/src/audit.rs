@@ -145,6 +145,26 @@ fn from_change(
             detail,
         }
     };
+    // One line per agent of a change about many, for the agents the query wants.
+    let per_agent = |slave: &str,
+                     agents: Vec<String>,
+                     agent_type: Option<String>,
+                     event: &str,
+                     detail: &str| {
+        agents
+            .into_iter()
+            .filter(|a| query.wants(Some(slave), &[a]))
+            .map(|a| {
+                record(
+                    Some(slave.to_owned()),
+                    Some(a),
+                    agent_type.clone(),
+                    event,
+                    detail.to_owned(),
+                )
+            })
+            .collect()
+    };
     match change {
         SeatChange::Session {
             slave,
@@ -182,19 +202,13 @@ fn from_change(
             slave,
             agent_type,
             agent_ids,
-        } => agent_ids
-            .into_iter()
-            .filter(|a| query.wants(Some(&slave), &[a]))
-            .map(|a| {
-                record(
-                    Some(slave.clone()),
-                    Some(a),
-                    Some(agent_type.clone()),
-                    "granted",
-                    "held at the slave's hello".to_string(),
-                )
-            })
-            .collect(),
+        } => per_agent(
+            &slave,
+            agent_ids,
+            Some(agent_type),
+            "granted",
+            "held at the slave's hello",
+        ),
         SeatChange::Release { slave, agent_id } if query.wants(Some(&slave), &[&agent_id]) => {
             vec![record(
                 Some(slave),
@@ -211,19 +225,13 @@ fn from_change(
             "reclaimed",
             "every seat of the slave, silent beyond its grace period".to_string(),
         )],
-        SeatChange::Revoke { slave, agents } => agents
-            .into_iter()
-            .filter(|a| query.wants(Some(&slave), &[a]))
-            .map(|a| {
-                record(
-                    Some(slave.clone()),
-                    Some(a),
-                    None,
-                    "revoked",
-                    "released by an operator (admin release)".to_string(),
-                )
-            })
-            .collect(),
+        SeatChange::Revoke { slave, agents } => per_agent(
+            &slave,
+            agents,
+            None,
+            "revoked",
+            "released by an operator (admin release)",
+        ),
         SeatChange::License { .. } if query.slave.is_none() && query.agent.is_none() => {
             vec![record(
                 None,

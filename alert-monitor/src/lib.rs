@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use futures::StreamExt;
 use lmbus_schemas::{
-    Alert, AlertKind, Severity, StatusReply, StatusRequest, Subjects, decode, encode,
+    Alert, AlertKind, Severity, SlaveStatus, StatusReply, StatusRequest, Subjects, decode, encode,
 };
 use time::OffsetDateTime;
 use time::macros::format_description;
@@ -289,6 +289,39 @@ fn bar(used: u32, limit: u32, width: usize) -> String {
     format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
 }
 
+/// The texts of one slave's row, shared by the table and the live view: id, state, what this
+/// master is to it, license, local limit, agents, agents by type, last seen.
+pub(crate) fn slave_cells(slave: &SlaveStatus) -> [String; 8] {
+    let by_type = slave
+        .in_use_by_type
+        .iter()
+        .map(|(t, n)| format!("{t}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    [
+        slave.slave_id.clone(),
+        if slave.connected {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        }
+        .to_owned(),
+        slave.master.map_or("-".to_owned(), |m| m.to_string()),
+        match slave.license {
+            Some(id) => id.simple().to_string()[..8].to_owned(),
+            None => "unlicensed".to_owned(),
+        },
+        slave.local_limit.map_or("-".to_owned(), |l| l.to_string()),
+        slave.in_use.to_string(),
+        if by_type.is_empty() {
+            "-".to_owned()
+        } else {
+            by_type
+        },
+        format!("{:.1}s ago", slave.last_seen_ms_ago as f64 / 1000.0),
+    ]
+}
+
 /// The License Monitor view as a plain table.
 pub fn render_status(s: &StatusReply) -> String {
     let mut o = String::new();
@@ -361,35 +394,10 @@ pub fn render_status(s: &StatusReply) -> String {
     }
     let unlisted = (s.slaves_total as usize).saturating_sub(s.slaves.len());
     for slave in &s.slaves {
-        let by_type = slave
-            .in_use_by_type
-            .iter()
-            .map(|(t, n)| format!("{t}={n}"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let license = match slave.license {
-            Some(id) => id.simple().to_string()[..8].to_owned(),
-            None => "unlicensed".to_owned(),
-        };
+        let [id, state, master, license, local, agents, by_type, seen] = slave_cells(slave);
         let _ = writeln!(
             o,
-            "{:<20} {:<13} {:<18} {:<12} {:>6} {:>7}  {:<28} {:.1}s ago",
-            slave.slave_id,
-            if slave.connected {
-                "connected"
-            } else {
-                "DISCONNECTED"
-            },
-            slave.master.map_or("-".to_owned(), |m| m.to_string()),
-            license,
-            slave.local_limit.map_or("-".to_owned(), |l| l.to_string()),
-            slave.in_use,
-            if by_type.is_empty() {
-                "-".to_owned()
-            } else {
-                by_type
-            },
-            slave.last_seen_ms_ago as f64 / 1000.0
+            "{id:<20} {state:<13} {master:<18} {license:<12} {local:>6} {agents:>7}  {by_type:<28} {seen}"
         );
     }
     if unlisted > 0 {

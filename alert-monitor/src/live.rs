@@ -15,7 +15,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table};
 
-use crate::{Start, alert_source, fetch_status, format_time};
+use crate::{Start, alert_source, fetch_status, format_time, slave_cells};
 
 /// How many recent alerts the view keeps.
 const RECENT_ALERTS: usize = 50;
@@ -204,37 +204,20 @@ pub fn draw(frame: &mut Frame, view: &LiveView) {
     );
 
     let rows = s.slaves.iter().map(|slave| {
-        let by_type = slave
-            .in_use_by_type
-            .iter()
-            .map(|(t, n)| format!("{t}={n}"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let state = if slave.connected {
-            Cell::from("connected")
-        } else {
-            Cell::from("DISCONNECTED").style(Style::new().fg(Color::Red))
-        };
-        Row::new(vec![
-            Cell::from(slave.slave_id.clone()),
-            state,
-            Cell::from(slave.master.map_or("-".to_owned(), |m| m.to_string())),
-            Cell::from(match slave.license {
-                Some(id) => id.simple().to_string()[..8].to_owned(),
-                None => "unlicensed".to_owned(),
-            }),
-            Cell::from(slave.local_limit.map_or("-".into(), |l| l.to_string())),
-            Cell::from(slave.in_use.to_string()),
-            Cell::from(if by_type.is_empty() {
-                "-".into()
-            } else {
-                by_type
-            }),
-            Cell::from(format!(
-                "{:.1}s ago",
-                slave.last_seen_ms_ago as f64 / 1000.0
-            )),
-        ])
+        let connected = slave.connected;
+        Row::new(
+            slave_cells(slave)
+                .into_iter()
+                .enumerate()
+                .map(move |(i, text)| {
+                    let cell = Cell::from(text);
+                    if i == 1 && !connected {
+                        cell.style(Style::new().fg(Color::Red))
+                    } else {
+                        cell
+                    }
+                }),
+        )
     });
     let unlisted = (s.slaves_total as usize).saturating_sub(s.slaves.len());
     let title = if unlisted > 0 {

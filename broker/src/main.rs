@@ -142,11 +142,18 @@ enum AdminCommand {
     },
 }
 
+/// The operator's connection to the master's NATS.
+async fn admin_client(
+    nats: &str,
+    nats_auth: lmbus_nats::NatsAuthArgs,
+) -> anyhow::Result<async_nats::Client> {
+    Ok(lmbus_nats::connect(nats, async_nats::ConnectOptions::new(), &nats_auth.into()).await?)
+}
+
 /// Sends an operator's request to `subject` and decodes the answer; `nobody` is the error
 /// when none comes within `wait`.
 async fn ask_admin<Req, Rep>(
-    nats: &str,
-    nats_auth: lmbus_nats::NatsAuthArgs,
+    client: &async_nats::Client,
     subject: String,
     request: &Req,
     nobody: String,
@@ -156,8 +163,6 @@ where
     Req: serde::Serialize,
     Rep: serde::de::DeserializeOwned,
 {
-    let client =
-        lmbus_nats::connect(nats, async_nats::ConnectOptions::new(), &nats_auth.into()).await?;
     let payload = lmbus_schemas::encode(request)?;
     let answer = tokio::time::timeout(wait, client.request(subject, payload.into()))
         .await
@@ -187,9 +192,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             json,
         } => {
             let subjects = Subjects::new(&cluster)?;
-            let client =
-                lmbus_nats::connect(&nats, async_nats::ConnectOptions::new(), &nats_auth.into())
-                    .await?;
+            let client = admin_client(&nats, nats_auth).await?;
             let status =
                 lmbus_monitor::fetch_status(&client, &subjects, Duration::from_secs(5)).await?;
             if json {
@@ -210,7 +213,10 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             beside,
             operator,
         } => {
+            let client = admin_client(&nats, nats_auth).await?;
+            // The reports, and where each went (files, recipients).
             let mut reports = Vec::new();
+            let mut outputs = Vec::new();
             let mut problems = Vec::new();
             for cluster in std::iter::once(cluster).chain(beside) {
                 let subject = Subjects::new(&cluster)?.admin_report();
@@ -220,8 +226,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 };
                 // Reading the day's alerts and mailing can take a while.
                 let wait = Duration::from_secs(60);
-                let reply =
-                    ask_admin(&nats, nats_auth.clone(), subject, &request, nobody, wait).await?;
+                let reply = ask_admin(&client, subject, &request, nobody, wait).await?;
                 match reply {
                     lmbus_schemas::ReportReply::Written {
                         report,
@@ -233,7 +238,8 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                             serde_json::from_str(&report).with_context(|| {
                                 format!("the report of cluster {cluster} is not readable")
                             })?;
-                        reports.push((parsed, files, emailed_to));
+                        reports.push(parsed);
+                        outputs.push((files, emailed_to));
                         problems.extend(theirs.into_iter().map(|p| format!("{cluster}: {p}")));
                     }
                     lmbus_schemas::ReportReply::Error { message } => {
@@ -241,20 +247,19 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                     }
                 }
             }
-            let only: Vec<_> = reports.iter().map(|(r, _, _)| r.clone()).collect();
             if json {
-                if let [one] = only.as_slice() {
+                if let [one] = reports.as_slice() {
                     println!("{}", serde_json::to_string_pretty(one)?);
                 } else {
-                    println!("{}", serde_json::to_string_pretty(&only)?);
+                    println!("{}", serde_json::to_string_pretty(&reports)?);
                 }
             } else {
-                if let [one] = only.as_slice() {
+                if let [one] = reports.as_slice() {
                     print!("{}", lmbus_broker::report::to_text(one));
                 } else {
-                    print!("{}", lmbus_broker::report::side_by_side(&only));
+                    print!("{}", lmbus_broker::report::side_by_side(&reports));
                 }
-                for (r, files, emailed_to) in &reports {
+                for (r, (files, emailed_to)) in reports.iter().zip(&outputs) {
                     println!(
                         "\n{}: files: {}; mailed to: {}",
                         r.cluster,
@@ -285,6 +290,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             agent,
             operator,
         } => {
+            let client = admin_client(&nats, nats_auth).await?;
             let subject = Subjects::new(&cluster)?.admin_release();
             let request = ReleaseRequest {
                 slave_id: slave,
@@ -292,7 +298,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 operator,
             };
             let nobody = no_master(&subject, &cluster);
-            match ask_admin(&nats, nats_auth, subject, &request, nobody, ADMIN_WAIT).await? {
+            match ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await? {
                 ReleaseReply::Released { agents } => {
                     println!(
                         "released {} seats of slave {}: {}",
@@ -317,10 +323,11 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
         } => {
             let license = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read license file {}", file.display()))?;
+            let client = admin_client(&nats, nats_auth).await?;
             let subject = Subjects::new(&cluster)?.admin_reload();
             let request = lmbus_schemas::ReloadRequest { license, operator };
             let nobody = no_master(&subject, &cluster);
-            match ask_admin(&nats, nats_auth, subject, &request, nobody, ADMIN_WAIT).await? {
+            match ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await? {
                 lmbus_schemas::ReloadReply::Reloaded { message } => {
                     println!("{message}");
                     Ok(())
@@ -340,13 +347,14 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             replica,
             operator,
         } => {
+            let client = admin_client(&nats, nats_auth).await?;
             let subject = Subjects::new(&cluster)?.admin_drain();
             let nobody = format!(
                 "no broker replica {replica} answered on {subject}: check --replica (its --id) and --cluster {cluster}"
             );
             let request = lmbus_schemas::DrainRequest { replica, operator };
             let reply: lmbus_schemas::DrainReply =
-                ask_admin(&nats, nats_auth, subject, &request, nobody, ADMIN_WAIT).await?;
+                ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await?;
             println!("{}", reply.message);
             Ok(())
         }
@@ -365,9 +373,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 );
             }
             let subjects = Subjects::new(&cluster)?;
-            let client =
-                lmbus_nats::connect(&nats, async_nats::ConnectOptions::new(), &nats_auth.into())
-                    .await?;
+            let client = admin_client(&nats, nats_auth).await?;
             let js = async_nats::jetstream::new(client);
             for stream in [
                 subjects.ledger_stream(),
