@@ -289,6 +289,22 @@ fn bar(used: u32, limit: u32, width: usize) -> String {
     format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
 }
 
+/// The master license and whether unlicensed slaves are allowed, for both views.
+pub(crate) fn license_summary(s: &StatusReply) -> String {
+    format!(
+        "license {} ({}, {}, expires {})  unlicensed slaves: {}",
+        s.license.id,
+        s.license.customer,
+        s.license.context,
+        s.license.expires,
+        if s.allow_unlicensed_slaves {
+            "allowed"
+        } else {
+            "refused"
+        }
+    )
+}
+
 /// The texts of one slave's row, shared by the table and the live view: id, state, what this
 /// master is to it, license, local limit, agents, agents by type, last seen.
 pub(crate) fn slave_cells(slave: &SlaveStatus) -> [String; 8] {
@@ -327,20 +343,12 @@ pub fn render_status(s: &StatusReply) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "cluster {}  leader {} (term {}, ledger at {})  license {} ({}, {}, expires {})  unlicensed slaves: {}",
+        "cluster {}  leader {} (term {}, ledger at {})  {}",
         s.cluster,
         s.broker_id,
         s.leader_term,
         s.ledger_sequence,
-        s.license.id,
-        s.license.customer,
-        s.license.context,
-        s.license.expires,
-        if s.allow_unlicensed_slaves {
-            "allowed"
-        } else {
-            "refused"
-        }
+        license_summary(s)
     );
     if !s.replicas.is_empty() {
         let replicas: Vec<String> = s

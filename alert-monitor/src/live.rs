@@ -15,7 +15,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table};
 
-use crate::{Start, alert_source, fetch_status, format_time, slave_cells};
+use crate::{Start, alert_source, fetch_status, format_time, license_summary, slave_cells};
 
 /// How many recent alerts the view keeps.
 const RECENT_ALERTS: usize = 50;
@@ -101,18 +101,7 @@ pub fn draw(frame: &mut Frame, view: &LiveView) {
                 s.broker_id, s.leader_term, s.ledger_sequence
             )),
         ]),
-        Line::from(format!(
-            "license {} ({}, {}, expires {})  unlicensed slaves {}",
-            s.license.id,
-            s.license.customer,
-            s.license.context,
-            s.license.expires,
-            if s.allow_unlicensed_slaves {
-                "allowed"
-            } else {
-                "refused"
-            },
-        )),
+        Line::from(license_summary(s)),
     ];
     let slaves = format!(
         "slaves {} connected of {}  ",
