@@ -27,6 +27,9 @@ use lmbus_schemas::{LedgerEntry, MAX_MESSAGE_BYTES, SeatChange, Subjects, decode
 /// cannot know whether the record landed).
 pub const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long the server remembers an append's message id.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(10);
+
 /// Why an append failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
@@ -70,6 +73,71 @@ pub struct Record {
     pub entry: LedgerEntry,
 }
 
+type AckFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+                    tokio::time::error::Elapsed,
+                >,
+            > + Send,
+    >,
+>;
+
+/// An append sent and not yet acknowledged ([`Ledger::send`]).
+pub struct Sent {
+    /// The record it must land on.
+    expected: u64,
+    /// The sequence it lands at when it is recorded.
+    pub sequence: u64,
+    ack: AckFuture,
+}
+
+impl std::fmt::Debug for Sent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sent")
+            .field("sequence", &self.sequence)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sent {
+    /// Waits for the server's answer: the record's sequence, or why it was not recorded
+    /// (or may not have been).
+    pub async fn acked(mut self) -> Result<u64, AppendError> {
+        self.wait().await
+    }
+
+    /// [`Self::acked`] by reference, so that waiting can be abandoned and taken up again
+    /// (in a `select!`); not to be called again once it returned.
+    pub async fn wait(&mut self) -> Result<u64, AppendError> {
+        let expected = self.expected;
+        match (&mut self.ack).await {
+            Err(_) => Err(AppendError::Failed(format!(
+                "no acknowledgement within {APPEND_TIMEOUT:?}"
+            ))),
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
+                ) =>
+            {
+                Err(AppendError::Fenced { expected })
+            }
+            Ok(Err(e)) => Err(AppendError::Failed(e.to_string())),
+            // A duplicate (an id seen before) was not written now; a sequence other than
+            // the predicted one cannot pass the fence. Neither is this append recorded.
+            Ok(Ok(ack)) if ack.duplicate || ack.sequence != self.sequence => {
+                Err(AppendError::Failed(format!(
+                    "acknowledged as sequence {} (duplicate: {}) instead of {}",
+                    ack.sequence, ack.duplicate, self.sequence
+                )))
+            }
+            Ok(Ok(ack)) => Ok(ack.sequence),
+        }
+    }
+}
+
 /// The ledger stream of one cluster, as one replica sees it.
 #[derive(Debug, Clone)]
 pub struct Ledger {
@@ -77,8 +145,13 @@ pub struct Ledger {
     js: Context,
     stream: String,
     subject: String,
-    /// The sequence this replica's next append must sit on.
+    /// The sequence this replica's next append must sit on: its last append's.
     last: u64,
+    /// The message id of this replica's last append (see [`Self::send`]).
+    last_id: String,
+    /// Starts every message id of this replica's appends; new for each fence, so ids never
+    /// repeat across terms or replicas (a repeated id would be acknowledged as a duplicate).
+    id_prefix: String,
 }
 
 impl Ledger {
@@ -103,6 +176,9 @@ impl Ledger {
             num_replicas: replicas,
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::New,
+            // Message ids only chain pipelined appends (`Ledger::send`); the server keeps
+            // each id for this long, so a short window keeps its memory small.
+            duplicate_window: DUPLICATE_WINDOW,
             ..Default::default()
         })
         .await
@@ -117,6 +193,8 @@ impl Ledger {
             stream: name,
             subject,
             last: 0,
+            last_id: String::new(),
+            id_prefix: uuid::Uuid::new_v4().simple().to_string(),
         })
     }
 
@@ -133,6 +211,8 @@ impl Ledger {
     /// applied.
     pub fn set_fence(&mut self, sequence: u64) {
         self.last = sequence;
+        self.last_id.clear();
+        self.id_prefix = uuid::Uuid::new_v4().simple().to_string();
     }
 
     /// The stream's last sequence now (0 when empty).
@@ -165,9 +245,27 @@ impl Ledger {
         Ok(purged.purged)
     }
 
-    /// Appends one entry on top of [`Self::fence`]; on success the fence moves to the new
-    /// record.
+    /// Appends one entry on top of [`Self::fence`] and waits for it; on success the fence
+    /// has moved to the new record. Only with nothing else in flight.
     pub async fn append(&mut self, entry: &LedgerEntry) -> Result<u64, AppendError> {
+        let (last, last_id) = (self.last, self.last_id.clone());
+        let result = match self.send(entry, false).await {
+            Ok(sent) => sent.acked().await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            (self.last, self.last_id) = (last, last_id);
+        }
+        result
+    }
+
+    /// Sends one entry without waiting for it (pipelining): it must land right after the
+    /// record [`Self::fence`] names, which moves on to it at once. With `chained` (an
+    /// earlier append of this replica is still unacknowledged) it must also land right
+    /// after that append, by its message id: if the earlier one was refused because
+    /// another writer's record landed first, a fence on the predicted sequence alone would
+    /// let this one land on top of the intruder's.
+    pub async fn send(&mut self, entry: &LedgerEntry, chained: bool) -> Result<Sent, AppendError> {
         let payload = encode(entry).map_err(|e| AppendError::Failed(e.to_string()))?;
         if payload.len() > MAX_MESSAGE_BYTES {
             // No reader could decode it: refuse rather than block every standby.
@@ -176,30 +274,38 @@ impl Ledger {
                 payload.len()
             )));
         }
-        let message = PublishMessage::build()
+        let expected = self.last;
+        let sequence = expected + 1;
+        let id = format!("{}.{sequence}", self.id_prefix);
+        let mut message = PublishMessage::build()
             .payload(payload.into())
-            .expected_last_sequence(self.last);
-        let ack = async {
-            self.js
-                .send_publish(self.subject.clone(), message)
-                .await?
-                .await
-        };
-        match tokio::time::timeout(APPEND_TIMEOUT, ack).await {
-            Err(_) => Err(AppendError::Failed(format!(
-                "no acknowledgement within {APPEND_TIMEOUT:?}"
-            ))),
-            Ok(Err(e)) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                Err(AppendError::Fenced {
-                    expected: self.last,
-                })
-            }
-            Ok(Err(e)) => Err(AppendError::Failed(e.to_string())),
-            Ok(Ok(ack)) => {
-                self.last = ack.sequence;
-                Ok(ack.sequence)
-            }
+            .expected_last_sequence(expected)
+            .message_id(&id);
+        if chained {
+            message = message.expected_last_message_id(&self.last_id);
         }
+        let ack = match tokio::time::timeout(
+            APPEND_TIMEOUT,
+            self.js.send_publish(self.subject.clone(), message),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(AppendError::Failed(format!(
+                    "could not send within {APPEND_TIMEOUT:?}"
+                )));
+            }
+            Ok(Err(e)) => return Err(AppendError::Failed(e.to_string())),
+            Ok(Ok(ack)) => ack,
+        };
+        self.last = sequence;
+        self.last_id = id;
+        Ok(Sent {
+            expected,
+            sequence,
+            // The deadline runs from now, not from when the ack is first awaited.
+            ack: Box::pin(tokio::time::timeout(APPEND_TIMEOUT, ack.into_future())),
+        })
     }
 
     /// Every record from `from` on, in order, as they are appended (an ordered consumer:

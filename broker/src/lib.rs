@@ -10,6 +10,7 @@ pub mod election;
 pub mod engine;
 pub mod ledger;
 pub mod metrics;
+pub mod pipeline;
 pub mod replicas;
 pub mod report;
 pub mod runtime;

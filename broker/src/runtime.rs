@@ -34,6 +34,7 @@ use crate::election::{Election, ElectionConfig, Role};
 use crate::engine::{Effect, Engine, EngineConfig, Event, Output};
 use crate::ledger::{AppendError, Gap, Ledger, Record};
 use crate::metrics::{Gauges, Metrics};
+use crate::pipeline::Pipeline;
 use crate::replicas::Replicas;
 use crate::report::{LicenseFacts, ReportConfig, Usage};
 use crate::snapshot::{self, Snapshots};
@@ -208,13 +209,16 @@ struct Snapshotter {
 }
 
 impl Snapshotter {
-    fn maybe_start(&mut self, replica: &Replica, term: u64) {
-        if self.every == 0
-            || replica.applied < self.last.load(Ordering::Relaxed) + self.every
-            || self.task.as_ref().is_some_and(|t| !t.is_finished())
-        {
-            return;
-        }
+    /// Whether a snapshot should be written now: `every` records since the last one and
+    /// none being written.
+    fn due(&self, replica: &Replica) -> bool {
+        self.every != 0
+            && replica.applied >= self.last.load(Ordering::Relaxed) + self.every
+            && self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Writes a snapshot of the engine as of `replica.applied` (nothing may be in flight).
+    fn start(&mut self, replica: &Replica, term: u64) {
         let copied = Instant::now();
         let mut changes = vec![SeatChange::Leader {
             replica: self.writer.clone(),
@@ -880,6 +884,9 @@ async fn lead<S: Future<Output = ()> + Unpin>(
     let mut ticker = tokio::time::interval(cfg.tick_interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    // Appends in flight: decisions go on while earlier ones are being recorded; each is
+    // answered once its append is acknowledged (the `pipeline` module).
+    let mut pipeline: Pipeline<Decided> = Pipeline::default();
     let ended = loop {
         let valid_until = match *election.role.borrow_and_update() {
             _ if cfg.fault_ignore_lease => far,
@@ -899,7 +906,13 @@ async fn lead<S: Future<Output = ()> + Unpin>(
             _ = &mut *shutdown => break Led::Shutdown,
             _ = election.role.changed() => continue,
             _ = tokio::time::sleep_until(valid_until) => continue,
-            msg = slave_sub.next() => match msg {
+            acked = pipeline.next(), if !pipeline.is_empty() => {
+                if let Some(end) = settle(replica, io, acked).await {
+                    break end;
+                }
+                continue;
+            }
+            msg = slave_sub.next(), if pipeline.has_room() => match msg {
                 Some(msg) => {
                     let arrived = Instant::now();
                     let (out, op) = handle_slave_message(&mut replica.engine, subjects, &msg);
@@ -950,6 +963,10 @@ async fn lead<S: Future<Output = ()> + Unpin>(
                         // `admin.drain` is answered by the replica it names (`drains`).
                         continue;
                     };
+                    // Admin changes are recorded on their own, after everything in flight.
+                    if let Some(end) = drain(replica, io, &mut pipeline).await {
+                        break end;
+                    }
                     let changes = out.changes.clone();
                     if let Some(end) = commit_all(replica, ledger, &election.role, cfg, io, changes).await {
                         break end;
@@ -1006,16 +1023,38 @@ async fn lead<S: Future<Output = ()> + Unpin>(
             .iter_mut()
             .flat_map(|(_, out, _)| std::mem::take(&mut out.changes))
             .collect();
-        if let Some(end) = commit_all(replica, ledger, &election.role, cfg, io, changes).await {
+        if let Some(end) = send_all(
+            ledger,
+            &mut pipeline,
+            &election.role,
+            cfg,
+            io,
+            changes,
+            batch,
+        )
+        .await
+        {
             break end;
         }
-        for (reply_to, out, timing) in batch {
-            if let Some((arrived, unregistration)) = timing {
-                io.observe(&out, arrived.elapsed(), unregistration);
+        if snapshotter.due(replica) {
+            // A snapshot copies the engine at `applied`: nothing may be in flight.
+            if let Some(end) = drain(replica, io, &mut pipeline).await {
+                break end;
             }
-            io.apply(reply_to.as_ref(), out).await;
+            snapshotter.start(replica, term);
         }
-        snapshotter.maybe_start(replica, term);
+    };
+    let ended = match ended {
+        // The engine holds decisions the ledger may not: rebuild it from the ledger.
+        Led::SteppedDown { reason, rebuild } => Led::SteppedDown {
+            reason,
+            rebuild: rebuild || !pipeline.is_empty(),
+        },
+        // Answer what is already on its way to the ledger before leaving.
+        Led::Shutdown => {
+            let _ = drain(replica, io, &mut pipeline).await;
+            Led::Shutdown
+        }
     };
     for sub in [
         &mut slave_sub,
@@ -1065,8 +1104,9 @@ async fn commit_all(
     None
 }
 
-/// Appends `entry` if this replica still holds a valid lease. `Some` means it must step
-/// down (and says why); nothing decided since the last good append may be told to anyone.
+/// Appends `entry` if this replica still holds a valid lease, and waits for it (nothing
+/// may be in flight). `Some` means it must step down (and says why); nothing decided since
+/// the last good append may be told to anyone.
 #[allow(clippy::too_many_arguments)]
 async fn commit(
     replica: &mut Replica,
@@ -1077,43 +1117,128 @@ async fn commit(
     entry: &LedgerEntry,
     at: Instant,
 ) -> Option<Led> {
-    let lapsed = match &*role.borrow() {
-        _ if ignore_lease => None,
-        role if role.is_valid_leader(at) => None,
-        Role::Leader { .. } => Some("the lease ran out before the decisions could be recorded"),
-        Role::Standby { .. } => Some("the lease was lost before the decisions could be recorded"),
-    };
-    if let Some(reason) = lapsed {
-        return Some(Led::SteppedDown {
-            reason: reason.to_owned(),
-            rebuild: true,
-        });
+    if let Some(end) = lapsed(role, ignore_lease, at) {
+        return Some(end);
     }
     match ledger.append(entry).await {
         Ok(sequence) => {
             replica.set_applied(sequence);
             None
         }
-        Err(e @ AppendError::Fenced { .. }) => {
-            io.alert(Alert::new(
-                Severity::Critical,
-                AlertKind::LedgerWriteRefused,
-                format!(
-                    "broker {}: {e}; its {} pending seat changes were not recorded and nobody was told of them",
-                    io.broker_id,
-                    entry.changes.len()
-                ),
-            ))
-            .await;
-            Some(Led::SteppedDown {
-                reason: e.to_string(),
-                rebuild: true,
-            })
+        Err(e) => Some(not_recorded(io, e).await),
+    }
+}
+
+/// `Some` (step down) unless this replica holds a valid lease at `at`.
+fn lapsed(role: &watch::Receiver<Role>, ignore_lease: bool, at: Instant) -> Option<Led> {
+    let reason = match &*role.borrow() {
+        _ if ignore_lease => return None,
+        role if role.is_valid_leader(at) => return None,
+        Role::Leader { .. } => "the lease ran out before the decisions could be recorded",
+        Role::Standby { .. } => "the lease was lost before the decisions could be recorded",
+    };
+    Some(Led::SteppedDown {
+        reason: reason.to_owned(),
+        rebuild: true,
+    })
+}
+
+/// An append failed: the leader steps down (a refusal is alerted: another replica writes).
+async fn not_recorded(io: &Io, e: AppendError) -> Led {
+    if let AppendError::Fenced { .. } = e {
+        io.alert(Alert::new(
+            Severity::Critical,
+            AlertKind::LedgerWriteRefused,
+            format!(
+                "broker {}: {e}; the seat changes it had not yet recorded were dropped and nobody was told of them",
+                io.broker_id
+            ),
+        ))
+        .await;
+    }
+    Led::SteppedDown {
+        reason: e.to_string(),
+        rebuild: true,
+    }
+}
+
+/// Sends `changes` into the pipeline (in as many entries as they need), `answers` riding on
+/// the last; with no changes the answers wait for what is in flight, or go out now.
+#[allow(clippy::too_many_arguments)]
+async fn send_all(
+    ledger: &mut Ledger,
+    pipeline: &mut Pipeline<Decided>,
+    role: &watch::Receiver<Role>,
+    cfg: &BrokerConfig,
+    io: &Io,
+    changes: Vec<SeatChange>,
+    answers: Vec<Decided>,
+) -> Option<Led> {
+    if changes.is_empty() {
+        if let Some(now) = pipeline.hold(answers) {
+            answer(io, now).await;
         }
-        Err(e) => Some(Led::SteppedDown {
-            reason: e.to_string(),
-            rebuild: true,
-        }),
+        return None;
+    }
+    let mut parts = crate::ledger::split_entries(changes).into_iter().peekable();
+    let mut answers = Some(answers);
+    while let Some(changes) = parts.next() {
+        if let Some(end) = lapsed(role, cfg.fault_ignore_lease, Instant::now()) {
+            return Some(end);
+        }
+        let entry = LedgerEntry {
+            writer: cfg.broker_id.clone(),
+            changes,
+        };
+        match ledger.send(&entry, !pipeline.is_empty()).await {
+            Ok(sent) => {
+                let released = match parts.peek() {
+                    None => answers.take().unwrap_or_default(),
+                    Some(_) => Vec::new(),
+                };
+                pipeline.push(sent, released);
+            }
+            Err(e) => return Some(not_recorded(io, e).await),
+        }
+    }
+    None
+}
+
+/// One acknowledgement from the pipeline: on success the record is applied here and its
+/// answers go out; a failure ends the leadership with everything behind it untold.
+async fn settle(
+    replica: &mut Replica,
+    io: &Io,
+    (acked, answers): (Result<u64, AppendError>, Vec<Decided>),
+) -> Option<Led> {
+    match acked {
+        Ok(sequence) => {
+            replica.set_applied(sequence);
+            answer(io, answers).await;
+            None
+        }
+        Err(e) => Some(not_recorded(io, e).await),
+    }
+}
+
+/// Waits for everything in flight, answering as it is recorded.
+async fn drain(replica: &mut Replica, io: &Io, pipeline: &mut Pipeline<Decided>) -> Option<Led> {
+    while !pipeline.is_empty() {
+        let acked = pipeline.next().await;
+        if let Some(end) = settle(replica, io, acked).await {
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Tells what was decided (replies, alerts, control messages), in decision order.
+async fn answer(io: &Io, answers: Vec<Decided>) {
+    for (reply_to, out, timing) in answers {
+        if let Some((arrived, unregistration)) = timing {
+            io.observe(&out, arrived.elapsed(), unregistration);
+        }
+        io.apply(reply_to.as_ref(), out).await;
     }
 }
 

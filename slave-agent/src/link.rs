@@ -40,12 +40,17 @@ impl Request for Heartbeat {}
 
 type Answer = Result<Ask, crate::SlaveError>;
 
-/// Registrations and unregistrations waiting to be sent, and whether a sender is at work.
+/// Registrations and unregistrations waiting to be sent, and how many senders are at work.
 #[derive(Debug, Default)]
 struct Coalescer {
     queue: Vec<(BatchItem, oneshot::Sender<Answer>)>,
-    sending: bool,
+    senders: usize,
 }
+
+/// How many coalesced messages a link keeps on their way to the master at once. One: with
+/// the master's appends pipelined, 2 and 4 measured no better in the throughput bench
+/// (the batches only get smaller), see BENCHMARKS.md.
+const ROUNDS_IN_FLIGHT: usize = 1;
 
 /// Which master: index into the slave's links.
 pub(crate) type LinkId = usize;
@@ -132,10 +137,10 @@ impl Link {
     }
 
     /// Sends `body` to this master and waits `timeout` for the answer. Registrations and
-    /// unregistrations are coalesced: while one message of them is on its way, those asked
-    /// for meanwhile wait and then go out together in one `batch` request (at most
-    /// `MAX_BATCH_ITEMS`), each caller getting its own item's reply. One alone goes on its
-    /// own subject, so a host asking one at a time pays nothing for this.
+    /// unregistrations are coalesced: while [`ROUNDS_IN_FLIGHT`] messages of them are on
+    /// their way, those asked for meanwhile wait and then go out together in one `batch`
+    /// request (at most `MAX_BATCH_ITEMS`), each caller getting its own item's reply. One
+    /// alone goes on its own subject, so a host asking one at a time pays nothing for this.
     pub(crate) async fn ask<T: Request>(
         self: &Arc<Self>,
         slave: &SlaveId,
@@ -150,7 +155,9 @@ impl Link {
         let first = {
             let mut c = self.coalescer.lock().unwrap_or_else(|e| e.into_inner());
             c.queue.push((item, tx));
-            !std::mem::replace(&mut c.sending, true)
+            let free = c.senders < ROUNDS_IN_FLIGHT;
+            c.senders += usize::from(free);
+            free
         };
         if first {
             // Send this round (ours, and whatever queued meanwhile) from here; a task
@@ -177,11 +184,11 @@ impl Link {
     }
 
     /// `true` when requests are waiting; otherwise the sender stops (under the same lock,
-    /// so a request queued right after finds no sender and sends itself).
+    /// so a request queued right after finds a free sender's place and sends itself).
     fn more_rounds(&self) -> bool {
         let mut c = self.coalescer.lock().unwrap_or_else(|e| e.into_inner());
         if c.queue.is_empty() {
-            c.sending = false;
+            c.senders -= 1;
             false
         } else {
             true

@@ -238,6 +238,58 @@ async fn ledger_appends_are_fenced_on_the_last_sequence() {
     );
 }
 
+/// Steps: a leader with two appends in flight (pipelined) meets another writer whose
+/// record lands first. The first append is refused on its sequence; the second, whose
+/// predicted sequence now matches the intruder's record, is refused too because it names
+/// the first by message id. An unchained second append would have landed: the test checks
+/// that as well, so it fails if the chaining stops working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_appends_never_land_behind_another_writer() {
+    use lmbus_broker::ledger::AppendError;
+    use lmbus_schemas::{LedgerEntry, SeatChange};
+    let f = lmbus_tests::Fixture::new().await.unwrap();
+    let subjects = Subjects::new(&f.cluster).unwrap();
+    let mut old = Ledger::open(&f.client, &subjects, 1).await.unwrap();
+    let mut new = Ledger::open(&f.client, &subjects, 1).await.unwrap();
+    let entry = |writer: &str, term: u64| LedgerEntry {
+        writer: writer.into(),
+        changes: vec![SeatChange::Leader {
+            replica: writer.into(),
+            term,
+        }],
+    };
+    assert_eq!(old.append(&entry("old", 1)).await.unwrap(), 1);
+    // Another replica caught up to 1 and writes on top of it, before the old leader's
+    // next appends reach the server.
+    new.set_fence(1);
+    assert_eq!(new.append(&entry("new", 2)).await.unwrap(), 2);
+    let first = old.send(&entry("old", 1), false).await.unwrap();
+    let second = old.send(&entry("old", 1), true).await.unwrap();
+    assert_eq!((first.sequence, second.sequence), (2, 3));
+    assert!(matches!(
+        first.acked().await,
+        Err(AppendError::Fenced { expected: 1 })
+    ));
+    assert!(matches!(
+        second.acked().await,
+        Err(AppendError::Fenced { expected: 2 })
+    ));
+    let writers = |records: &[lmbus_broker::ledger::Record]| -> Vec<String> {
+        records.iter().map(|r| r.entry.writer.clone()).collect()
+    };
+    assert_eq!(writers(&old.read_all().await.unwrap()), ["old", "new"]);
+    // The same two appends without the chain: the second lands on the intruder's record.
+    old.set_fence(1);
+    let first = old.send(&entry("old", 1), false).await.unwrap();
+    let unchained = old.send(&entry("old", 1), false).await.unwrap();
+    assert!(first.acked().await.is_err());
+    assert_eq!(unchained.acked().await.unwrap(), 3);
+    assert_eq!(
+        writers(&old.read_all().await.unwrap()),
+        ["old", "new", "old"]
+    );
+}
+
 /// Steps: under load, rounds of chaos on the leader or a standby, picked by a fixed-seed
 /// generator: kill -9 and restart, SIGSTOP for 0.5 to 2 s then SIGCONT, or SIGTERM and
 /// restart. Afterwards the ledger audit must pass and the final seats must equal what the

@@ -1,0 +1,86 @@
+//! The leader's ledger appends in flight: several at once, acknowledged in order, each
+//! carrying the answers that may be given once it (and everything before it) is recorded.
+//!
+//! What keeps this fenced is in [`crate::ledger::Ledger::send`]: each append names the
+//! sequence and the message id of the one before it, so none lands unless every earlier one
+//! did, right before it. What keeps it honest is here: answers leave only in order, after
+//! their own append's acknowledgement, and the first failure ends the pipeline: nothing
+//! behind it is answered.
+
+use std::collections::VecDeque;
+
+use crate::ledger::{AppendError, Sent};
+
+/// How many appends the leader keeps in flight. Past a handful the server is busy anyway;
+/// more would only hold more decisions that a failure throws away.
+pub const DEPTH: usize = 8;
+
+struct InFlight<A> {
+    sent: Sent,
+    answers: Vec<A>,
+}
+
+/// Appends sent and not yet acknowledged, oldest first.
+pub struct Pipeline<A> {
+    in_flight: VecDeque<InFlight<A>>,
+}
+
+impl<A> std::fmt::Debug for Pipeline<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("in_flight", &self.in_flight.len())
+            .finish()
+    }
+}
+
+impl<A> Default for Pipeline<A> {
+    fn default() -> Self {
+        Self {
+            in_flight: VecDeque::with_capacity(DEPTH),
+        }
+    }
+}
+
+impl<A> Pipeline<A> {
+    pub fn is_empty(&self) -> bool {
+        self.in_flight.is_empty()
+    }
+
+    /// Whether another append may be sent now.
+    pub fn has_room(&self) -> bool {
+        self.in_flight.len() < DEPTH
+    }
+
+    /// Adds an append just sent, with the answers its acknowledgement releases.
+    pub fn push(&mut self, sent: Sent, answers: Vec<A>) {
+        self.in_flight.push_back(InFlight { sent, answers });
+    }
+
+    /// Answers that record nothing but were decided on top of the appends in flight (a
+    /// rejection may count a seat granted in one of them): they wait for the last one.
+    /// Given back when nothing is in flight, to be answered now.
+    pub fn hold(&mut self, answers: Vec<A>) -> Option<Vec<A>> {
+        match self.in_flight.back_mut() {
+            Some(last) => {
+                last.answers.extend(answers);
+                None
+            }
+            None => Some(answers),
+        }
+    }
+
+    /// Waits for the oldest append's acknowledgement; returns it with its answers. Pending
+    /// forever when nothing is in flight (for `select!`, guard with [`Self::is_empty`]).
+    pub async fn next(&mut self) -> (Result<u64, AppendError>, Vec<A>) {
+        let Some(front) = self.in_flight.front_mut() else {
+            return std::future::pending().await;
+        };
+        let result = front.sent.wait().await;
+        let answers = self
+            .in_flight
+            .pop_front()
+            .map(|f| f.answers)
+            .unwrap_or_default();
+        (result, answers)
+    }
+}
