@@ -12,7 +12,9 @@ use std::collections::VecDeque;
 use crate::ledger::{AppendError, Sent};
 
 /// How many appends the leader keeps in flight. Past a handful the server is busy anyway;
-/// more would only hold more decisions that a failure throws away.
+/// more would only hold more decisions that a failure throws away. When it is full the
+/// leader reads no slave requests until the oldest append is acknowledged (they wait in the
+/// subscription's buffer); a batch too large for one entry may pass it by its extra parts.
 pub const DEPTH: usize = 8;
 
 struct InFlight<A> {
