@@ -787,6 +787,12 @@ impl Fixture {
         AlertTap::new(&self.client, &self.cluster).await
     }
 
+    /// A subscription to the cluster's usage reports (`report.usage`).
+    pub async fn usage_reports(&self) -> anyhow::Result<async_nats::Subscriber> {
+        let subject = lmbus_schemas::Subjects::new(&self.cluster)?.usage_report();
+        Ok(self.client.subscribe(subject).await?)
+    }
+
     pub async fn status(&self) -> anyhow::Result<StatusReply> {
         status(&self.client, &self.cluster).await
     }

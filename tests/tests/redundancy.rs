@@ -195,25 +195,40 @@ async fn losing_one_nats_node_stops_nothing() {
     }
 }
 
+/// A nats-server and two replicas' views of one ledger on it, the first ("old") having
+/// written the first record (its `Leader` record of term 1).
+async fn two_writers() -> (lmbus_tests::Fixture, Ledger, Ledger) {
+    let f = lmbus_tests::Fixture::new().await.unwrap();
+    let subjects = Subjects::new(&f.cluster).unwrap();
+    let mut old = Ledger::open(&f.client, &subjects, 1).await.unwrap();
+    let new = Ledger::open(&f.client, &subjects, 1).await.unwrap();
+    assert_eq!(old.append(&entry("old", 1)).await.unwrap(), 1);
+    (f, old, new)
+}
+
+/// A ledger entry holding `writer`'s `Leader` record of `term`.
+fn entry(writer: &str, term: u64) -> lmbus_schemas::LedgerEntry {
+    lmbus_schemas::LedgerEntry {
+        writer: writer.into(),
+        changes: vec![lmbus_schemas::SeatChange::Leader {
+            replica: writer.into(),
+            term,
+        }],
+    }
+}
+
+/// Who wrote each record, in ledger order.
+fn writers(records: &[lmbus_broker::ledger::Record]) -> Vec<&str> {
+    records.iter().map(|r| r.entry.writer.as_str()).collect()
+}
+
 /// Steps: two replicas' views of one ledger on a single nats-server (2.9 in CI): each
 /// append is fenced on the last sequence its writer saw, so the writer with the stale view
 /// is refused, whichever it is; the records read back are exactly the accepted ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ledger_appends_are_fenced_on_the_last_sequence() {
     use lmbus_broker::ledger::AppendError;
-    use lmbus_schemas::{LedgerEntry, SeatChange};
-    let f = lmbus_tests::Fixture::new().await.unwrap();
-    let subjects = Subjects::new(&f.cluster).unwrap();
-    let mut old = Ledger::open(&f.client, &subjects, 1).await.unwrap();
-    let mut new = Ledger::open(&f.client, &subjects, 1).await.unwrap();
-    let entry = |writer: &str, term: u64| LedgerEntry {
-        writer: writer.into(),
-        changes: vec![SeatChange::Leader {
-            replica: writer.into(),
-            term,
-        }],
-    };
-    assert_eq!(old.append(&entry("old", 1)).await.unwrap(), 1);
+    let (_f, mut old, mut new) = two_writers().await;
     // The new leader caught up to 1 and writes on top of it.
     new.set_fence(1);
     assert_eq!(new.append(&entry("new", 2)).await.unwrap(), 2);
@@ -229,8 +244,7 @@ async fn ledger_appends_are_fenced_on_the_last_sequence() {
         Err(AppendError::Fenced { .. })
     ));
     let records = old.read_all().await.unwrap();
-    let writers: Vec<&str> = records.iter().map(|r| r.entry.writer.as_str()).collect();
-    assert_eq!(writers, ["old", "new"]);
+    assert_eq!(writers(&records), ["old", "new"]);
     let audit = audit(&records, LIMIT, &BTreeMap::new()).unwrap();
     assert_eq!(
         audit.leaders,
@@ -246,19 +260,7 @@ async fn ledger_appends_are_fenced_on_the_last_sequence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_appends_never_land_behind_another_writer() {
     use lmbus_broker::ledger::AppendError;
-    use lmbus_schemas::{LedgerEntry, SeatChange};
-    let f = lmbus_tests::Fixture::new().await.unwrap();
-    let subjects = Subjects::new(&f.cluster).unwrap();
-    let mut old = Ledger::open(&f.client, &subjects, 1).await.unwrap();
-    let mut new = Ledger::open(&f.client, &subjects, 1).await.unwrap();
-    let entry = |writer: &str, term: u64| LedgerEntry {
-        writer: writer.into(),
-        changes: vec![SeatChange::Leader {
-            replica: writer.into(),
-            term,
-        }],
-    };
-    assert_eq!(old.append(&entry("old", 1)).await.unwrap(), 1);
+    let (_f, mut old, mut new) = two_writers().await;
     // Another replica caught up to 1 and writes on top of it, before the old leader's
     // next appends reach the server.
     new.set_fence(1);
@@ -274,9 +276,6 @@ async fn pipelined_appends_never_land_behind_another_writer() {
         second.acked().await,
         Err(AppendError::Fenced { expected: 2 })
     ));
-    let writers = |records: &[lmbus_broker::ledger::Record]| -> Vec<String> {
-        records.iter().map(|r| r.entry.writer.clone()).collect()
-    };
     assert_eq!(writers(&old.read_all().await.unwrap()), ["old", "new"]);
     // The same two appends without the chain: the second lands on the intruder's record.
     old.set_fence(1);

@@ -129,15 +129,7 @@ async fn usage_reports_daily_and_on_demand_with_files_subject_and_mail() {
             to: vec!["ops@example.test".into(), "finance@example.test".into()],
         }),
     };
-    let mut published = f
-        .client
-        .subscribe(
-            lmbus_schemas::Subjects::new(&f.cluster)
-                .unwrap()
-                .usage_report(),
-        )
-        .await
-        .unwrap();
+    let mut published = f.usage_reports().await.unwrap();
     let mut alerts = f.alerts().await.unwrap();
     let broker = Broker::start(cfg).await.unwrap();
     let s1 = SlaveAgent::start(f.slave_config("s1").unwrap())
@@ -399,15 +391,7 @@ async fn report_outputs_that_fail_are_named_and_alerted() {
             to: vec!["ops@example.test".into()],
         }),
     };
-    let mut published = f
-        .client
-        .subscribe(
-            lmbus_schemas::Subjects::new(&f.cluster)
-                .unwrap()
-                .usage_report(),
-        )
-        .await
-        .unwrap();
+    let mut published = f.usage_reports().await.unwrap();
     let mut alerts = f.alerts().await.unwrap();
     let broker = Broker::start(cfg).await.unwrap();
     let out = Command::new(bin("lmbus-broker").unwrap())
