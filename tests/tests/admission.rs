@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lmbus_schemas::{AlertKind, RegisterRequest, RejectReason, SlaveId, SlaveOp, Subjects, decode};
+use lmbus_schemas::{
+    AlertKind, BatchRequest, RegisterRequest, RejectReason, SlaveId, SlaveOp, Subjects, decode,
+};
 use lmbus_slave::{AgentEvent, Outcome, SlaveAgent, SlaveError};
 use lmbus_tests::*;
 
@@ -320,6 +322,64 @@ async fn a_flooding_slave_does_not_starve_the_others() {
         .await
         .unwrap();
     assert_eq!(alert.slave.as_deref(), Some("rogue"));
+    broker.stop().await.unwrap();
+}
+
+/// Steps: 16 callers on one slave, each registering and unregistering its agent in a
+/// loop (as a busy host does), 20 times. A tap on the slave's subjects counts the messages
+/// and the items in them: a caller asking again right after its answer must not go out
+/// alone with the others a round behind it, so the messages carry 11 items or more on
+/// average (16 callers; about 8 when the round's first caller went alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_asking_again_share_one_message() {
+    const CALLERS: usize = 16;
+    const ROUNDS: usize = 20;
+    let f = Fixture::new().await.unwrap();
+    let broker = f.broker(100, &[], true).await.unwrap();
+    let subjects = Subjects::new(&f.cluster).unwrap();
+    let site = SlaveId::new("site1").unwrap();
+    let mut tap = f
+        .client
+        .subscribe(subjects.one_slave_ops(&site))
+        .await
+        .unwrap();
+    f.client.flush().await.unwrap();
+    let slave = slave(&f, "site1", None).await.unwrap();
+    let callers = (0..CALLERS).map(|n| {
+        let slave = slave.clone();
+        tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                let agent = format!("a{n}");
+                assert!(
+                    slave
+                        .register(&agent, "inbound")
+                        .await
+                        .unwrap()
+                        .is_approved()
+                );
+                assert!(slave.unregister(&agent).await.unwrap());
+            }
+        })
+    });
+    for caller in futures::future::join_all(callers).await {
+        caller.unwrap();
+    }
+    let (mut messages, mut items) = (0, 0);
+    while items < CALLERS * ROUNDS * 2
+        && let Ok(Some(msg)) = tokio::time::timeout(WAIT, tap.next()).await
+    {
+        match subjects.parse_slave_op(msg.subject.as_str()).unwrap().1 {
+            SlaveOp::Register | SlaveOp::Unregister => items += 1,
+            SlaveOp::Batch => items += decode::<BatchRequest>(&msg.payload).unwrap().items.len(),
+            _ => continue,
+        }
+        messages += 1;
+    }
+    assert_eq!(items, CALLERS * ROUNDS * 2);
+    let per_message = items as f64 / messages as f64;
+    eprintln!("measured: {items} items in {messages} messages, {per_message:.1} per message");
+    assert!(per_message >= 11.0, "{per_message:.1} items per message");
+    slave.shutdown().await;
     broker.stop().await.unwrap();
 }
 
