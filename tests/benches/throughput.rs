@@ -14,8 +14,10 @@
 //!
 //! each at concurrency 1 and 64 (64 = 4 connections or slaves × 16 workers), alternating
 //! acquire and release, `LMBUS_BENCH_REPS` (3) repetitions of `LMBUS_BENCH_SECONDS` (5 s)
-//! after a 1 s warm-up. Prints one `BENCH` line per row (median repetition, spread) with
-//! the CPU of each process, then audits the broker's ledger.
+//! after a 1 s warm-up. Everything is started first and the repetitions are interleaved
+//! (each measures every row once), so the machine's drift falls on all rows alike. Prints
+//! one `BENCH` line per row (median repetition, spread) with the CPU of each process, then
+//! audits the broker's ledger.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -27,7 +29,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
+use futures::FutureExt as _;
 use futures::StreamExt as _;
+use futures::future::BoxFuture;
 use lmbus_broker::ledger::{Ledger, audit};
 use lmbus_schemas::{SlaveId, Subjects};
 use lmbus_slave::{SlaveAgent, SlaveConfig};
@@ -194,48 +198,85 @@ where
     })
 }
 
-/// `reps` samples; prints the median one (by ops/s) as a `BENCH` line with the spread.
-/// `LMBUS_BENCH_ROWS` (comma-separated row names) runs only those rows, for profiling.
-async fn row<F, Fut>(name: &str, concurrency: usize, watched: &Watched, op: F) -> anyhow::Result<()>
+/// One operation of a row, called by worker `w` as its `i`th.
+type Op = Arc<dyn Fn(usize, u64) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+
+fn op<F, Fut>(f: F) -> Op
 where
-    F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = anyhow::Result<()>> + Send,
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    if let Ok(rows) = std::env::var("LMBUS_BENCH_ROWS")
-        && !rows.split(',').any(|r| r.trim() == name)
-    {
-        return Ok(());
+    Arc::new(move |w, i| f(w, i).boxed())
+}
+
+/// A row of the table: what it calls, at which concurrency, whose CPU it reports, and its
+/// samples so far.
+struct Row {
+    name: &'static str,
+    concurrency: usize,
+    watched: Watched,
+    op: Op,
+    samples: Vec<Sample>,
+}
+
+impl Row {
+    fn new(name: &'static str, concurrency: usize, watched: &Watched, op: Op) -> Self {
+        Self {
+            name,
+            concurrency,
+            watched: watched.clone(),
+            op,
+            samples: Vec::new(),
+        }
     }
-    let (reps, length) = settings();
-    let mut samples = Vec::new();
-    for rep in 0..reps {
-        let s = measure(concurrency, length, watched, op.clone())
+
+    /// `LMBUS_BENCH_ROWS` (comma-separated row names) measures only those rows, for
+    /// profiling.
+    fn selected(&self) -> bool {
+        std::env::var("LMBUS_BENCH_ROWS")
+            .map_or(true, |rows| rows.split(',').any(|r| r.trim() == self.name))
+    }
+
+    async fn measure(&mut self, rep: usize, length: Duration) -> anyhow::Result<()> {
+        let (name, concurrency) = (self.name, self.concurrency);
+        let op = self.op.clone();
+        let s = measure(concurrency, length, &self.watched, move |w, i| op(w, i))
             .await
             .with_context(|| format!("{name} at concurrency {concurrency}"))?;
         eprintln!(
             "{name} c={concurrency} rep {rep}: {:.0} ops/s, p50 {:.0} us",
             s.ops_per_sec, s.p50_us
         );
-        samples.push(s);
+        self.samples.push(s);
+        Ok(())
     }
-    samples.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
-    let median = samples[samples.len() / 2].clone();
-    let cpu: Vec<String> = median
-        .cpu
-        .iter()
-        .map(|(n, pct)| format!("{n}:{pct:.0}"))
-        .collect();
-    println!(
-        "BENCH throughput row={name} concurrency={concurrency} ops={:.0} min_ops={:.0} max_ops={:.0} p50_us={:.0} p99_us={:.0} p999_us={:.0} cpu={}",
-        median.ops_per_sec,
-        samples[0].ops_per_sec,
-        samples[samples.len() - 1].ops_per_sec,
-        median.p50_us,
-        median.p99_us,
-        median.p999_us,
-        cpu.join(",")
-    );
-    Ok(())
+
+    /// Prints the median sample (by ops/s) as a `BENCH` line with the spread.
+    fn report(mut self) {
+        if self.samples.is_empty() {
+            return;
+        }
+        let samples = &mut self.samples;
+        samples.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
+        let median = &samples[samples.len() / 2];
+        let cpu: Vec<String> = median
+            .cpu
+            .iter()
+            .map(|(n, pct)| format!("{n}:{pct:.0}"))
+            .collect();
+        println!(
+            "BENCH throughput row={} concurrency={} ops={:.0} min_ops={:.0} max_ops={:.0} p50_us={:.0} p99_us={:.0} p999_us={:.0} cpu={}",
+            self.name,
+            self.concurrency,
+            median.ops_per_sec,
+            samples[0].ops_per_sec,
+            samples[samples.len() - 1].ops_per_sec,
+            median.p50_us,
+            median.p99_us,
+            median.p999_us,
+            cpu.join(",")
+        );
+    }
 }
 
 /// A `redis-server` on a free loopback port, without persistence (the semaphore as it is
@@ -340,6 +381,7 @@ async fn bench() -> anyhow::Result<()> {
     let nats_pid = nats.pid();
     let me = std::process::id();
     let levels = [1usize, 64];
+    let mut rows = Vec::new();
 
     // 1. The NATS floor.
     let echo = Proc::spawn(
@@ -373,16 +415,19 @@ async fn bench() -> anyhow::Result<()> {
     for c in levels {
         let (clients, payload) = (clients.clone(), payload.clone());
         let n = spread(c);
-        row("nats_echo", c, &watched, move |w, _| {
-            let (client, payload) = (clients[w % n].clone(), payload.clone());
-            async move {
-                client.request(ECHO_SUBJECT, payload).await?;
-                Ok(())
-            }
-        })
-        .await?;
+        rows.push(Row::new(
+            "nats_echo",
+            c,
+            &watched,
+            op(move |w, _| {
+                let (client, payload) = (clients[w % n].clone(), payload.clone());
+                async move {
+                    client.request(ECHO_SUBJECT, payload).await?;
+                    Ok(())
+                }
+            }),
+        ));
     }
-    drop(echo);
 
     // The ledger's cost alone: a JetStream publish acknowledged by a file-store stream.
     let watched: Watched = vec![
@@ -406,14 +451,18 @@ async fn bench() -> anyhow::Result<()> {
     for c in levels {
         let (streams, payload) = (streams.clone(), payload.clone());
         let n = spread(c);
-        row("jetstream_publish", c, &watched, move |w, _| {
-            let (js, payload) = (streams[w % n].clone(), payload.clone());
-            async move {
-                js.publish("lmbus.bench.js", payload).await?.await?;
-                Ok(())
-            }
-        })
-        .await?;
+        rows.push(Row::new(
+            "jetstream_publish",
+            c,
+            &watched,
+            op(move |w, _| {
+                let (js, payload) = (streams[w % n].clone(), payload.clone());
+                async move {
+                    js.publish("lmbus.bench.js", payload).await?.await?;
+                    Ok(())
+                }
+            }),
+        ));
     }
 
     // 2. The Redis semaphore.
@@ -432,35 +481,38 @@ async fn bench() -> anyhow::Result<()> {
     for c in levels {
         let (conns, script) = (conns.clone(), script.clone());
         let n = spread(c);
-        row("redis_semaphore", c, &watched, move |w, i| {
-            let (mut conn, script) = (conns[w % n].clone(), script.clone());
-            async move {
-                let holder = format!("w{w}");
-                if i % 2 == 0 {
-                    let got: i64 = script
-                        .key("lmbus-bench-sem")
-                        .arg(now_ms())
-                        .arg(60_000)
-                        .arg(LIMIT)
-                        .arg(&holder)
-                        .invoke_async(&mut conn)
-                        .await?;
-                    if got != 1 {
-                        bail!("the semaphore refused {holder}");
+        rows.push(Row::new(
+            "redis_semaphore",
+            c,
+            &watched,
+            op(move |w, i| {
+                let (mut conn, script) = (conns[w % n].clone(), script.clone());
+                async move {
+                    let holder = format!("w{w}");
+                    if i % 2 == 0 {
+                        let got: i64 = script
+                            .key("lmbus-bench-sem")
+                            .arg(now_ms())
+                            .arg(60_000)
+                            .arg(LIMIT)
+                            .arg(&holder)
+                            .invoke_async(&mut conn)
+                            .await?;
+                        if got != 1 {
+                            bail!("the semaphore refused {holder}");
+                        }
+                    } else {
+                        let _: i64 = redis::cmd("ZREM")
+                            .arg("lmbus-bench-sem")
+                            .arg(&holder)
+                            .query_async(&mut conn)
+                            .await?;
                     }
-                } else {
-                    let _: i64 = redis::cmd("ZREM")
-                        .arg("lmbus-bench-sem")
-                        .arg(&holder)
-                        .query_async(&mut conn)
-                        .await?;
+                    Ok(())
                 }
-                Ok(())
-            }
-        })
-        .await?;
+            }),
+        ));
     }
-    drop(redis);
 
     // 3. lmbus strict mode: a leader broker with its ledger on.
     let vendor = Vendor::new()?;
@@ -503,28 +555,28 @@ async fn bench() -> anyhow::Result<()> {
     for c in levels {
         let slaves = slaves.clone();
         let n = spread(c);
-        row("lmbus_library", c, &watched, move |w, i| {
-            let slaves = slaves.clone();
-            async move {
-                let slave = &slaves[w % n];
-                let agent = format!("c{c}-w{w}");
-                if i % 2 == 0 {
-                    let outcome = slave.register(&agent, "inbound").await?;
-                    if !outcome.is_approved() {
-                        bail!("{agent} was not approved: {outcome:?}");
+        rows.push(Row::new(
+            "lmbus_library",
+            c,
+            &watched,
+            op(move |w, i| {
+                let slaves = slaves.clone();
+                async move {
+                    let slave = &slaves[w % n];
+                    let agent = format!("c{c}-w{w}");
+                    if i % 2 == 0 {
+                        let outcome = slave.register(&agent, "inbound").await?;
+                        if !outcome.is_approved() {
+                            bail!("{agent} was not approved: {outcome:?}");
+                        }
+                    } else if !slave.unregister(&agent).await? {
+                        bail!("{agent} held no seat to release");
                     }
-                } else if !slave.unregister(&agent).await? {
-                    bail!("{agent} held no seat to release");
+                    Ok(())
                 }
-                Ok(())
-            }
-        })
-        .await?;
+            }),
+        ));
     }
-    for slave in slaves.iter() {
-        slave.shutdown().await;
-    }
-
     // The same through `lmbus-slave` daemons and their local HTTP API.
     let mut daemons = Vec::new();
     let mut ports = Vec::new();
@@ -569,31 +621,50 @@ async fn bench() -> anyhow::Result<()> {
             conns.push(tokio::sync::Mutex::new(Http::connect(ports[w % n]).await?));
         }
         let conns = Arc::new(conns);
-        row("lmbus_http", c, &watched, move |w, i| {
-            let conns = conns.clone();
-            async move {
-                let agent = format!("h{c}-w{w}");
-                let mut http = conns[w].lock().await;
-                if i % 2 == 0 {
-                    let body = format!(r#"{{"agent_id":"{agent}","agent_type":"inbound"}}"#);
-                    let answer = http.call("POST", "/v1/agents", &body).await?;
-                    if !answer.contains("\"approved\"") {
-                        bail!("{agent} was not approved: {answer}");
+        rows.push(Row::new(
+            "lmbus_http",
+            c,
+            &watched,
+            op(move |w, i| {
+                let conns = conns.clone();
+                async move {
+                    let agent = format!("h{c}-w{w}");
+                    let mut http = conns[w].lock().await;
+                    if i % 2 == 0 {
+                        let body = format!(r#"{{"agent_id":"{agent}","agent_type":"inbound"}}"#);
+                        let answer = http.call("POST", "/v1/agents", &body).await?;
+                        if !answer.contains("\"approved\"") {
+                            bail!("{agent} was not approved: {answer}");
+                        }
+                    } else {
+                        let answer = http
+                            .call("DELETE", &format!("/v1/agents/{agent}"), "")
+                            .await?;
+                        if !answer.contains("true") {
+                            bail!("{agent} held no seat to release: {answer}");
+                        }
                     }
-                } else {
-                    let answer = http
-                        .call("DELETE", &format!("/v1/agents/{agent}"), "")
-                        .await?;
-                    if !answer.contains("true") {
-                        bail!("{agent} held no seat to release: {answer}");
-                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-        })
-        .await?;
+            }),
+        ));
+    }
+    // Each repetition measures every row once, so a change in the machine's speed during
+    // the run (it is shared) falls on all rows alike, not on the ones measured last.
+    let (reps, length) = settings();
+    for rep in 0..reps {
+        for row in rows.iter_mut().filter(|r| r.selected()) {
+            row.measure(rep, length).await?;
+        }
+    }
+    for row in rows {
+        row.report();
+    }
+    for slave in slaves.iter() {
+        slave.shutdown().await;
     }
     drop(daemons);
+    drop((echo, redis));
 
     // The invariant checker from the redundancy issue, on the bench's ledger.
     let subjects = Subjects::new(&cluster)?;

@@ -340,8 +340,9 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
          appends in flight, `--slave-rate-limit 0`); **lmbus_http**, the same through `lmbus-slave` daemons' local HTTP \
          API. Each operation alternates take and release (register, unregister). Concurrency 64 is \
          4 connections (NATS clients, Redis connections, slaves) of 16 workers each. {reps} \
-         repetitions of {seconds} s after a 1 s warm-up; the median repetition is shown, with the \
-         spread of ops/s. CPU is percent of one core per process over the measured window. Ratios \
+         repetitions of {seconds} s after a 1 s warm-up, interleaved: each repetition measures every \
+         row once, so a change in the shared machine's speed falls on all rows alike. The median \
+         repetition is shown, with the spread of ops/s. CPU is percent of one core per process over the measured window. Ratios \
          compare ops/s (and p50 latency) with the rows of the same concurrency in the same run.\n\n\
          | row | concurrency | ops/s | spread | p50 | p99 | p99.9 | CPU % | ops / floor | ops / Redis | p50 / floor p50 |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
