@@ -201,14 +201,6 @@ where
 /// One operation of a row, called by worker `w` as its `i`th.
 type Op = Arc<dyn Fn(usize, u64) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
 
-fn op<F, Fut>(f: F) -> Op
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
-{
-    Arc::new(move |w, i| f(w, i).boxed())
-}
-
 /// A row of the table: what it calls, at which concurrency, whose CPU it reports, and its
 /// samples so far.
 struct Row {
@@ -220,12 +212,16 @@ struct Row {
 }
 
 impl Row {
-    fn new(name: &'static str, concurrency: usize, watched: &Watched, op: Op) -> Self {
+    fn new<F, Fut>(name: &'static str, concurrency: usize, watched: &Watched, op: F) -> Self
+    where
+        F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
         Self {
             name,
             concurrency,
             watched: watched.clone(),
-            op,
+            op: Arc::new(move |w, i| op(w, i).boxed()),
             samples: Vec::new(),
         }
     }
@@ -415,18 +411,13 @@ async fn bench() -> anyhow::Result<()> {
     for c in levels {
         let (clients, payload) = (clients.clone(), payload.clone());
         let n = spread(c);
-        rows.push(Row::new(
-            "nats_echo",
-            c,
-            &watched,
-            op(move |w, _| {
-                let (client, payload) = (clients[w % n].clone(), payload.clone());
-                async move {
-                    client.request(ECHO_SUBJECT, payload).await?;
-                    Ok(())
-                }
-            }),
-        ));
+        rows.push(Row::new("nats_echo", c, &watched, move |w, _| {
+            let (client, payload) = (clients[w % n].clone(), payload.clone());
+            async move {
+                client.request(ECHO_SUBJECT, payload).await?;
+                Ok(())
+            }
+        }));
     }
 
     // The ledger's cost alone: a JetStream publish acknowledged by a file-store stream.
@@ -451,18 +442,13 @@ async fn bench() -> anyhow::Result<()> {
     for c in levels {
         let (streams, payload) = (streams.clone(), payload.clone());
         let n = spread(c);
-        rows.push(Row::new(
-            "jetstream_publish",
-            c,
-            &watched,
-            op(move |w, _| {
-                let (js, payload) = (streams[w % n].clone(), payload.clone());
-                async move {
-                    js.publish("lmbus.bench.js", payload).await?.await?;
-                    Ok(())
-                }
-            }),
-        ));
+        rows.push(Row::new("jetstream_publish", c, &watched, move |w, _| {
+            let (js, payload) = (streams[w % n].clone(), payload.clone());
+            async move {
+                js.publish("lmbus.bench.js", payload).await?.await?;
+                Ok(())
+            }
+        }));
     }
 
     // 2. The Redis semaphore.
@@ -481,37 +467,32 @@ async fn bench() -> anyhow::Result<()> {
     for c in levels {
         let (conns, script) = (conns.clone(), script.clone());
         let n = spread(c);
-        rows.push(Row::new(
-            "redis_semaphore",
-            c,
-            &watched,
-            op(move |w, i| {
-                let (mut conn, script) = (conns[w % n].clone(), script.clone());
-                async move {
-                    let holder = format!("w{w}");
-                    if i % 2 == 0 {
-                        let got: i64 = script
-                            .key("lmbus-bench-sem")
-                            .arg(now_ms())
-                            .arg(60_000)
-                            .arg(LIMIT)
-                            .arg(&holder)
-                            .invoke_async(&mut conn)
-                            .await?;
-                        if got != 1 {
-                            bail!("the semaphore refused {holder}");
-                        }
-                    } else {
-                        let _: i64 = redis::cmd("ZREM")
-                            .arg("lmbus-bench-sem")
-                            .arg(&holder)
-                            .query_async(&mut conn)
-                            .await?;
+        rows.push(Row::new("redis_semaphore", c, &watched, move |w, i| {
+            let (mut conn, script) = (conns[w % n].clone(), script.clone());
+            async move {
+                let holder = format!("w{w}");
+                if i % 2 == 0 {
+                    let got: i64 = script
+                        .key("lmbus-bench-sem")
+                        .arg(now_ms())
+                        .arg(60_000)
+                        .arg(LIMIT)
+                        .arg(&holder)
+                        .invoke_async(&mut conn)
+                        .await?;
+                    if got != 1 {
+                        bail!("the semaphore refused {holder}");
                     }
-                    Ok(())
+                } else {
+                    let _: i64 = redis::cmd("ZREM")
+                        .arg("lmbus-bench-sem")
+                        .arg(&holder)
+                        .query_async(&mut conn)
+                        .await?;
                 }
-            }),
-        ));
+                Ok(())
+            }
+        }));
     }
 
     // 3. lmbus strict mode: a leader broker with its ledger on.
@@ -555,27 +536,22 @@ async fn bench() -> anyhow::Result<()> {
     for c in levels {
         let slaves = slaves.clone();
         let n = spread(c);
-        rows.push(Row::new(
-            "lmbus_library",
-            c,
-            &watched,
-            op(move |w, i| {
-                let slaves = slaves.clone();
-                async move {
-                    let slave = &slaves[w % n];
-                    let agent = format!("c{c}-w{w}");
-                    if i % 2 == 0 {
-                        let outcome = slave.register(&agent, "inbound").await?;
-                        if !outcome.is_approved() {
-                            bail!("{agent} was not approved: {outcome:?}");
-                        }
-                    } else if !slave.unregister(&agent).await? {
-                        bail!("{agent} held no seat to release");
+        rows.push(Row::new("lmbus_library", c, &watched, move |w, i| {
+            let slaves = slaves.clone();
+            async move {
+                let slave = &slaves[w % n];
+                let agent = format!("c{c}-w{w}");
+                if i % 2 == 0 {
+                    let outcome = slave.register(&agent, "inbound").await?;
+                    if !outcome.is_approved() {
+                        bail!("{agent} was not approved: {outcome:?}");
                     }
-                    Ok(())
+                } else if !slave.unregister(&agent).await? {
+                    bail!("{agent} held no seat to release");
                 }
-            }),
-        ));
+                Ok(())
+            }
+        }));
     }
     // The same through `lmbus-slave` daemons and their local HTTP API.
     let mut daemons = Vec::new();
@@ -621,33 +597,28 @@ async fn bench() -> anyhow::Result<()> {
             conns.push(tokio::sync::Mutex::new(Http::connect(ports[w % n]).await?));
         }
         let conns = Arc::new(conns);
-        rows.push(Row::new(
-            "lmbus_http",
-            c,
-            &watched,
-            op(move |w, i| {
-                let conns = conns.clone();
-                async move {
-                    let agent = format!("h{c}-w{w}");
-                    let mut http = conns[w].lock().await;
-                    if i % 2 == 0 {
-                        let body = format!(r#"{{"agent_id":"{agent}","agent_type":"inbound"}}"#);
-                        let answer = http.call("POST", "/v1/agents", &body).await?;
-                        if !answer.contains("\"approved\"") {
-                            bail!("{agent} was not approved: {answer}");
-                        }
-                    } else {
-                        let answer = http
-                            .call("DELETE", &format!("/v1/agents/{agent}"), "")
-                            .await?;
-                        if !answer.contains("true") {
-                            bail!("{agent} held no seat to release: {answer}");
-                        }
+        rows.push(Row::new("lmbus_http", c, &watched, move |w, i| {
+            let conns = conns.clone();
+            async move {
+                let agent = format!("h{c}-w{w}");
+                let mut http = conns[w].lock().await;
+                if i % 2 == 0 {
+                    let body = format!(r#"{{"agent_id":"{agent}","agent_type":"inbound"}}"#);
+                    let answer = http.call("POST", "/v1/agents", &body).await?;
+                    if !answer.contains("\"approved\"") {
+                        bail!("{agent} was not approved: {answer}");
                     }
-                    Ok(())
+                } else {
+                    let answer = http
+                        .call("DELETE", &format!("/v1/agents/{agent}"), "")
+                        .await?;
+                    if !answer.contains("true") {
+                        bail!("{agent} held no seat to release: {answer}");
+                    }
                 }
-            }),
-        ));
+                Ok(())
+            }
+        }));
     }
     // Each repetition measures every row once, so a change in the machine's speed during
     // the run (it is shared) falls on all rows alike, not on the ones measured last.

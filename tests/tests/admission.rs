@@ -325,6 +325,25 @@ async fn a_flooding_slave_does_not_starve_the_others() {
     broker.stop().await.unwrap();
 }
 
+/// A broker with `limit` seats and the slave `site1`, with a tap on every message the
+/// slave sends the master (subscribed before the slave starts, so it misses none).
+async fn tapped_slave(
+    f: &Fixture,
+    limit: u32,
+) -> (Broker, Subjects, async_nats::Subscriber, SlaveAgent) {
+    let broker = f.broker(limit, &[], true).await.unwrap();
+    let subjects = Subjects::new(&f.cluster).unwrap();
+    let site = SlaveId::new("site1").unwrap();
+    let tap = f
+        .client
+        .subscribe(subjects.one_slave_ops(&site))
+        .await
+        .unwrap();
+    f.client.flush().await.unwrap();
+    let slave = slave(f, "site1", None).await.unwrap();
+    (broker, subjects, tap, slave)
+}
+
 /// Steps: 16 callers on one slave, each registering and unregistering its agent in a
 /// loop (as a busy host does), 20 times. A tap on the slave's subjects counts the messages
 /// and the items in them: a caller asking again right after its answer must not go out
@@ -335,16 +354,7 @@ async fn callers_asking_again_share_one_message() {
     const CALLERS: usize = 16;
     const ROUNDS: usize = 20;
     let f = Fixture::new().await.unwrap();
-    let broker = f.broker(100, &[], true).await.unwrap();
-    let subjects = Subjects::new(&f.cluster).unwrap();
-    let site = SlaveId::new("site1").unwrap();
-    let mut tap = f
-        .client
-        .subscribe(subjects.one_slave_ops(&site))
-        .await
-        .unwrap();
-    f.client.flush().await.unwrap();
-    let slave = slave(&f, "site1", None).await.unwrap();
+    let (broker, subjects, mut tap, slave) = tapped_slave(&f, 100).await;
     let callers = (0..CALLERS).map(|n| {
         let slave = slave.clone();
         tokio::spawn(async move {
@@ -390,16 +400,7 @@ async fn callers_asking_again_share_one_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_registrations_are_coalesced_into_batches() {
     let f = Fixture::new().await.unwrap();
-    let broker = f.broker(40, &[], true).await.unwrap();
-    let subjects = Subjects::new(&f.cluster).unwrap();
-    let site = SlaveId::new("site1").unwrap();
-    let mut tap = f
-        .client
-        .subscribe(subjects.one_slave_ops(&site))
-        .await
-        .unwrap();
-    f.client.flush().await.unwrap();
-    let slave = slave(&f, "site1", None).await.unwrap();
+    let (broker, subjects, mut tap, slave) = tapped_slave(&f, 40).await;
     let asks = (0..60).map(|n| {
         let slave = slave.clone();
         async move { slave.register(&format!("a{n}"), "inbound").await.unwrap() }
