@@ -247,12 +247,15 @@ impl Row {
         Ok(())
     }
 
-    /// Prints the median sample (by ops/s) as a `BENCH` line with the spread.
-    fn report(mut self) {
+    /// Prints the median sample (by ops/s) as a `BENCH` line with the spread, and this
+    /// row's ratios to the `floor` and `peer` rows of its concurrency, taken repetition by
+    /// repetition (the rows of one repetition ran minutes apart at most, so a change in the
+    /// machine's speed between repetitions cancels out of each ratio).
+    fn report(&self, floor: Option<&Row>, peer: Option<&Row>) {
         if self.samples.is_empty() {
             return;
         }
-        let samples = &mut self.samples;
+        let mut samples = self.samples.clone();
         samples.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
         let median = &samples[samples.len() / 2];
         let cpu: Vec<String> = median
@@ -260,8 +263,21 @@ impl Row {
             .iter()
             .map(|(n, pct)| format!("{n}:{pct:.0}"))
             .collect();
+        let ops = |s: &Sample| s.ops_per_sec;
+        let p50 = |s: &Sample| s.p50_us;
+        let ratios = [
+            ("ops_per_floor", floor, ops as fn(&Sample) -> f64),
+            ("ops_per_peer", peer, ops),
+            ("p50_per_floor", floor, p50),
+        ]
+        .into_iter()
+        .filter_map(|(name, other, value)| {
+            let (m, lo, hi) = paired(&self.samples, &other?.samples, value)?;
+            Some(format!(" {name}={m:.3},{lo:.3},{hi:.3}"))
+        })
+        .collect::<String>();
         println!(
-            "BENCH throughput row={} concurrency={} ops={:.0} min_ops={:.0} max_ops={:.0} p50_us={:.0} p99_us={:.0} p999_us={:.0} cpu={}",
+            "BENCH throughput row={} concurrency={} ops={:.0} min_ops={:.0} max_ops={:.0} p50_us={:.0} p99_us={:.0} p999_us={:.0} cpu={}{ratios}",
             self.name,
             self.concurrency,
             median.ops_per_sec,
@@ -273,6 +289,29 @@ impl Row {
             cpu.join(",")
         );
     }
+}
+
+/// The median, lowest and highest of `value(a[i]) / value(b[i])` over the repetitions both
+/// rows measured; `None` when they measured different repetitions.
+fn paired(a: &[Sample], b: &[Sample], value: fn(&Sample) -> f64) -> Option<(f64, f64, f64)> {
+    if a.is_empty() || a.len() != b.len() {
+        return None;
+    }
+    let mut ratios: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter(|(_, b)| value(b) > 0.0)
+        .map(|(a, b)| value(a) / value(b))
+        .collect();
+    if ratios.len() != a.len() {
+        return None;
+    }
+    ratios.sort_by(f64::total_cmp);
+    Some((
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1],
+    ))
 }
 
 /// A `redis-server` on a free loopback port, without persistence (the semaphore as it is
@@ -628,8 +667,10 @@ async fn bench() -> anyhow::Result<()> {
             row.measure(rep, length).await?;
         }
     }
-    for row in rows {
-        row.report();
+    let find = |name: &str, c: usize| rows.iter().find(|r| r.name == name && r.concurrency == c);
+    for row in &rows {
+        let c = row.concurrency;
+        row.report(find("nats_echo", c), find("redis_semaphore", c));
     }
     for slave in slaves.iter() {
         slave.shutdown().await;

@@ -327,6 +327,19 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
         _ => "?".into(),
     };
+    // Ratios taken repetition by repetition (`median,lowest,highest`), shown as the median
+    // with the range.
+    let paired = |line: &str, name: &str| {
+        let values: Vec<f64> = field(line, name)
+            .split(',')
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        match values[..] {
+            [m, lo, hi] if lo < hi => Some(format!("{m:.2} ({lo:.2}–{hi:.2})")),
+            [m, ..] => Some(format!("{m:.2}")),
+            [] => None,
+        }
+    };
     let mut body = format!(
         "## Throughput and latency: lmbus against the NATS floor and a Redis semaphore\n\n\
          `cargo xtask bench --reps {reps} --seconds {seconds}` on {}, {redis_version}. One run, \
@@ -343,7 +356,8 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
          repetitions of {seconds} s after a 1 s warm-up, interleaved: each repetition measures every \
          row once, so a change in the shared machine's speed falls on all rows alike. The median \
          repetition is shown, with the spread of ops/s. CPU is percent of one core per process over the measured window. Ratios \
-         compare ops/s (and p50 latency) with the rows of the same concurrency in the same run.\n\n\
+         compare ops/s (and p50 latency) with the rows of the same concurrency, repetition by repetition (the rows a \
+         repetition compares ran within a minute of each other): the median ratio, with the lowest and highest in brackets.\n\n\
          | row | concurrency | ops/s | spread | p50 | p99 | p99.9 | CPU % | ops / floor | ops / Redis | p50 / floor p50 |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         machine()
@@ -362,9 +376,14 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
             field(line, "p99_us"),
             field(line, "p999_us"),
             field(line, "cpu").replace(',', ", ").replace(':', " "),
-            ratio(num(line, "ops"), floor.and_then(|f| num(f, "ops"))),
-            ratio(num(line, "ops"), peer.and_then(|p| num(p, "ops"))),
-            ratio(num(line, "p50_us"), floor.and_then(|f| num(f, "p50_us"))),
+            paired(line, "ops_per_floor")
+                .unwrap_or_else(|| ratio(num(line, "ops"), floor.and_then(|f| num(f, "ops")))),
+            paired(line, "ops_per_peer")
+                .unwrap_or_else(|| ratio(num(line, "ops"), peer.and_then(|p| num(p, "ops")))),
+            paired(line, "p50_per_floor").unwrap_or_else(|| ratio(
+                num(line, "p50_us"),
+                floor.and_then(|f| num(f, "p50_us"))
+            )),
         ));
     }
     // Little's law: 64 workers that each wait for their answer make 64 ÷ (mean latency)
