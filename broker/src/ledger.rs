@@ -90,6 +90,8 @@ pub struct Sent {
     expected: u64,
     /// The sequence it lands at when it is recorded.
     pub sequence: u64,
+    /// When it was handed to the client, for the append latency metric.
+    pub started: tokio::time::Instant,
     ack: AckFuture,
 }
 
@@ -266,6 +268,7 @@ impl Ledger {
     /// another writer's record landed first, a fence on the predicted sequence alone would
     /// let this one land on top of the intruder's.
     pub async fn send(&mut self, entry: &LedgerEntry, chained: bool) -> Result<Sent, AppendError> {
+        let started = tokio::time::Instant::now();
         let payload = encode(entry).map_err(|e| AppendError::Failed(e.to_string()))?;
         if payload.len() > MAX_MESSAGE_BYTES {
             // No reader could decode it: refuse rather than block every standby.
@@ -303,6 +306,7 @@ impl Ledger {
         Ok(Sent {
             expected,
             sequence,
+            started,
             // The deadline runs from now, not from when the ack is first awaited.
             ack: Box::pin(tokio::time::timeout(APPEND_TIMEOUT, ack.into_future())),
         })

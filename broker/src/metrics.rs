@@ -6,6 +6,7 @@
 //! | `lmbus_registrations_total{outcome,reason}` | counter | registrations decided by this replica as leader (`reason` empty when approved) |
 //! | `lmbus_unregistrations_total` | counter | unregistrations handled as leader |
 //! | `lmbus_decision_seconds` | histogram | from a request's arrival to its reply (ledger append included), registrations and unregistrations |
+//! | `lmbus_ledger_append_seconds` | histogram | from sending a ledger append to its acknowledgement (leader only; a batch of decisions is one append) |
 //! | `lmbus_seats_in_use{agent_type}` / `lmbus_seats_in_use_total` | gauge | seats held, leader only, refreshed every tick |
 //! | `lmbus_seat_limit{agent_type}` / `lmbus_seat_limit_total` | gauge | the master license's limits |
 //! | `lmbus_slaves_connected` / `lmbus_slaves_known` | gauge | slaves with a live session / in the table, leader only |
@@ -52,6 +53,22 @@ impl Histogram {
         self.sum_micros
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
+
+    /// Its `# HELP`/`# TYPE` lines, cumulative buckets, sum and count.
+    fn render(&self, text: &mut String, name: &str, help: &str) {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(text, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            text,
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {}\n{name}_count {count}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+    }
 }
 
 /// What the leader loop refreshes every tick.
@@ -69,6 +86,7 @@ pub struct Metrics {
     registrations: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     unregistrations: AtomicU64,
     latency: Histogram,
+    appends: Histogram,
     alerts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     gauges: Mutex<Option<Gauges>>,
     limits: Mutex<(u32, BTreeMap<String, u32>)>,
@@ -107,6 +125,11 @@ impl Metrics {
         self.latency.observe(took);
     }
 
+    /// A ledger append acknowledged, sent `took` earlier.
+    pub fn ledger_append(&self, took: Duration) {
+        self.appends.observe(took);
+    }
+
     pub fn alert(&self, kind: &'static str, severity: &'static str) {
         *lock(&self.alerts).entry((kind, severity)).or_insert(0) += 1;
     }
@@ -143,26 +166,15 @@ impl Metrics {
              lmbus_unregistrations_total {}",
             self.unregistrations.load(Ordering::Relaxed)
         );
-        let _ = writeln!(
-            text,
-            "# HELP lmbus_decision_seconds From a request's arrival to its reply, ledger append included.\n\
-             # TYPE lmbus_decision_seconds histogram"
+        self.latency.render(
+            &mut text,
+            "lmbus_decision_seconds",
+            "From a request's arrival to its reply, ledger append included.",
         );
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.latency.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                text,
-                "lmbus_decision_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let count = self.latency.count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            text,
-            "lmbus_decision_seconds_bucket{{le=\"+Inf\"}} {count}\n\
-             lmbus_decision_seconds_sum {}\n\
-             lmbus_decision_seconds_count {count}",
-            self.latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        self.appends.render(
+            &mut text,
+            "lmbus_ledger_append_seconds",
+            "From sending a ledger append to its acknowledgement, leader only.",
         );
         let (total_limit, type_limits) = lock(&self.limits).clone();
         let _ = writeln!(
@@ -307,6 +319,8 @@ mod tests {
         m.registration(None, Duration::from_millis(3));
         m.registration(Some("aggregate_limit"), Duration::from_millis(30));
         m.unregistration(Duration::from_micros(100));
+        m.ledger_append(Duration::from_micros(400));
+        m.ledger_append(Duration::from_millis(2));
         m.alert("registration_rejected", "warning");
         m.set_gauges(Some(Gauges {
             seats_by_type: BTreeMap::from([("inbound".to_owned(), 2)]),
@@ -323,6 +337,10 @@ mod tests {
             "lmbus_decision_seconds_bucket{le=\"0.005\"} 3",
             "lmbus_decision_seconds_bucket{le=\"+Inf\"} 4",
             "lmbus_decision_seconds_count 4",
+            "lmbus_ledger_append_seconds_bucket{le=\"0.0005\"} 1",
+            "lmbus_ledger_append_seconds_bucket{le=\"0.0025\"} 2",
+            "lmbus_ledger_append_seconds_sum 0.0024",
+            "lmbus_ledger_append_seconds_count 2",
             "lmbus_seats_in_use{agent_type=\"inbound\"} 2",
             "lmbus_seat_limit{agent_type=\"inbound\"} 4",
             "lmbus_leader 1",

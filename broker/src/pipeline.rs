@@ -8,6 +8,7 @@
 //! behind it is answered.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use crate::ledger::{AppendError, Sent};
 
@@ -16,6 +17,15 @@ use crate::ledger::{AppendError, Sent};
 /// leader reads no slave requests until the oldest append is acknowledged (they wait in the
 /// subscription's buffer); a batch too large for one entry may pass it by its extra parts.
 pub const DEPTH: usize = 8;
+
+/// An append's acknowledgement (or failure), with the answers it releases.
+#[derive(Debug)]
+pub struct Acked<A> {
+    pub result: Result<u64, AppendError>,
+    pub answers: Vec<A>,
+    /// From sending the append to its acknowledgement.
+    pub took: Duration,
+}
 
 struct InFlight<A> {
     sent: Sent,
@@ -71,18 +81,24 @@ impl<A> Pipeline<A> {
         }
     }
 
-    /// Waits for the oldest append's acknowledgement; returns it with its answers. Pending
-    /// forever when nothing is in flight (for `select!`, guard with [`Self::is_empty`]).
-    pub async fn next(&mut self) -> (Result<u64, AppendError>, Vec<A>) {
+    /// Waits for the oldest append's acknowledgement; returns it with its answers and how
+    /// long it took from sending. Pending forever when nothing is in flight (for `select!`,
+    /// guard with [`Self::is_empty`]).
+    pub async fn next(&mut self) -> Acked<A> {
         let Some(front) = self.in_flight.front_mut() else {
             return std::future::pending().await;
         };
         let result = front.sent.wait().await;
+        let took = front.sent.started.elapsed();
         let answers = self
             .in_flight
             .pop_front()
             .map(|f| f.answers)
             .unwrap_or_default();
-        (result, answers)
+        Acked {
+            result,
+            answers,
+            took,
+        }
     }
 }

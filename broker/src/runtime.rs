@@ -34,7 +34,7 @@ use crate::election::{Election, ElectionConfig, Role};
 use crate::engine::{Effect, Engine, EngineConfig, Event, Output};
 use crate::ledger::{AppendError, Gap, Ledger, Record};
 use crate::metrics::{Gauges, Metrics};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Acked, Pipeline};
 use crate::replicas::Replicas;
 use crate::report::{LicenseFacts, ReportConfig, Usage};
 use crate::snapshot::{self, Snapshots};
@@ -1120,8 +1120,10 @@ async fn commit(
     if let Some(end) = lapsed(role, ignore_lease, at) {
         return Some(end);
     }
+    let started = Instant::now();
     match ledger.append(entry).await {
         Ok(sequence) => {
+            io.metrics.ledger_append(started.elapsed());
             replica.set_applied(sequence);
             None
         }
@@ -1206,15 +1208,12 @@ async fn send_all(
 
 /// One acknowledgement from the pipeline: on success the record is applied here and its
 /// answers go out; a failure ends the leadership with everything behind it untold.
-async fn settle(
-    replica: &mut Replica,
-    io: &Io,
-    (acked, answers): (Result<u64, AppendError>, Vec<Decided>),
-) -> Option<Led> {
-    match acked {
+async fn settle(replica: &mut Replica, io: &Io, acked: Acked<Decided>) -> Option<Led> {
+    match acked.result {
         Ok(sequence) => {
+            io.metrics.ledger_append(acked.took);
             replica.set_applied(sequence);
-            answer(io, answers).await;
+            answer(io, acked.answers).await;
             None
         }
         Err(e) => Some(not_recorded(io, e).await),

@@ -751,6 +751,7 @@ impl Inner {
             backoff = (backoff * 2).min(RETRY_BACKOFF_CAP);
         };
         if let Ask::Reply { sent, latency, .. } = &answer {
+            self.metrics.master_answer(link, *latency);
             let mut state = lock(&self.state);
             state.last_contact = state.last_contact.max(*sent);
             if link == PRIMARY {

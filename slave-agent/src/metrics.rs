@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | `lmbus_slave_registrations_total{outcome,reason}` | counter | registrations answered to the host, by outcome and reject reason (`local_limit`, `master_unavailable` and `restricted` included) |
 //! | `lmbus_slave_registration_seconds` | histogram | time from the host's call to its answer |
+//! | `lmbus_slave_master_seconds{master}` | histogram | time from sending a request to that master to its answer, per request (each one a coalesced message carried counts) |
 //! | `lmbus_slave_unregistrations_total` | counter | agents released by the host |
 //! | `lmbus_slave_agents{agent_type}` / `lmbus_slave_agents_total` | gauge | seats held here |
 //! | `lmbus_slave_master_connected{master}` | gauge | 1 while that master (`primary`, `secondary`) answers |
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::agent::SlaveStatusView;
+use crate::link::{LinkId, PRIMARY, SECONDARY, link_name};
 
 /// Upper bounds of the latency histogram, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -24,12 +26,52 @@ const BUCKETS: [f64; 12] = [
 ];
 
 #[derive(Debug, Default)]
-pub(crate) struct SlaveMetrics {
-    registrations: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    unregistrations: AtomicU64,
+struct Histogram {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The series of one histogram (`labels` like `master="primary"`, or empty), without
+    /// its `# HELP`/`# TYPE` lines.
+    fn render(&self, t: &mut String, name: &str, labels: &str) {
+        let (braces, before_le) = if labels.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!("{{{labels}}}"), format!("{labels},"))
+        };
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(t, "{name}_bucket{{{before_le}le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            t,
+            "{name}_bucket{{{before_le}le=\"+Inf\"}} {count}\n{name}_sum{braces} {}\n{name}_count{braces} {count}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct SlaveMetrics {
+    registrations: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    unregistrations: AtomicU64,
+    latency: Histogram,
+    /// Per master (primary, secondary): from sending a request to the master's answer.
+    master: [Histogram; 2],
 }
 
 impl SlaveMetrics {
@@ -41,13 +83,15 @@ impl SlaveMetrics {
             .unwrap_or_else(|e| e.into_inner())
             .entry(key)
             .or_insert(0) += 1;
-        let secs = took.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.latency.observe(took);
+    }
+
+    /// A master answered a request (one of those a coalesced message carried counts as
+    /// its own request) `took` after it was sent.
+    pub(crate) fn master_answer(&self, link: LinkId, took: Duration) {
+        if let Some(h) = self.master.get(link) {
+            h.observe(took);
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn unregistration(&self) {
@@ -78,22 +122,24 @@ impl SlaveMetrics {
             "# HELP lmbus_slave_registration_seconds From the host's call to its answer.\n\
              # TYPE lmbus_slave_registration_seconds histogram\n",
         );
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                t,
-                "lmbus_slave_registration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+        self.latency
+            .render(&mut t, "lmbus_slave_registration_seconds", "");
+        t.push_str(
+            "# HELP lmbus_slave_master_seconds From sending a request to a master to its answer, per request (coalesced ones each count).\n\
+             # TYPE lmbus_slave_master_seconds histogram\n",
+        );
+        for m in &status.masters {
+            let link = if m.name == link_name(PRIMARY) {
+                PRIMARY
+            } else {
+                SECONDARY
+            };
+            self.master[link].render(
+                &mut t,
+                "lmbus_slave_master_seconds",
+                &format!("master=\"{}\"", m.name),
             );
         }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            t,
-            "lmbus_slave_registration_seconds_bucket{{le=\"+Inf\"}} {count}\n\
-             lmbus_slave_registration_seconds_sum {}\n\
-             lmbus_slave_registration_seconds_count {count}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
         let _ = writeln!(
             t,
             "# HELP lmbus_slave_unregistrations_total Agents released by the host.\n\

@@ -143,6 +143,14 @@ async fn metrics_match_a_scripted_workload() {
     assert_eq!(get("lmbus_decision_seconds_count"), 7.0);
     assert_eq!(get(r#"lmbus_decision_seconds_bucket{le="+Inf"}"#), 7.0);
     assert!(get(r#"lmbus_decision_seconds_bucket{le="2.5"}"#) <= 7.0);
+    // At least the leader's record, the hello and the 5 seat changes were appended.
+    let appends = get("lmbus_ledger_append_seconds_count");
+    assert!(appends >= 7.0, "{appends} appends");
+    assert_eq!(
+        get(r#"lmbus_ledger_append_seconds_bucket{le="+Inf"}"#),
+        appends
+    );
+    assert!(get("lmbus_ledger_append_seconds_sum") > 0.0);
     assert_eq!(get("lmbus_seats_in_use_total"), 3.0);
     assert_eq!(get(r#"lmbus_seats_in_use{agent_type="inbound"}"#), 3.0);
     assert_eq!(get(r#"lmbus_seat_limit{agent_type="inbound"}"#), 3.0);
@@ -197,6 +205,13 @@ async fn the_slave_daemon_serves_its_metrics() {
         1.0
     );
     assert_eq!(get("lmbus_slave_registration_seconds_count"), 3.0);
+    // The hello, 3 registrations and 1 unregistration were answered by the primary.
+    let answered = get(r#"lmbus_slave_master_seconds_count{master="primary"}"#);
+    assert!(answered >= 5.0, "{answered} answers");
+    assert_eq!(
+        get(r#"lmbus_slave_master_seconds_bucket{master="primary",le="+Inf"}"#),
+        answered
+    );
     assert_eq!(get("lmbus_slave_unregistrations_total"), 1.0);
     assert_eq!(get("lmbus_slave_agents_total"), 1.0);
     assert_eq!(get(r#"lmbus_slave_agents{agent_type="inbound"}"#), 1.0);
