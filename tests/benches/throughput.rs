@@ -130,10 +130,63 @@ fn close_window(watched: &Watched, window: &Window) -> Vec<(String, f64)> {
 #[derive(Debug, Clone)]
 struct Sample {
     ops_per_sec: f64,
+    mean_us: f64,
     p50_us: f64,
     p99_us: f64,
     p999_us: f64,
     cpu: Vec<(String, f64)>,
+    split: Option<Split>,
+}
+
+/// Reads the Prometheus text of the processes an lmbus row goes through (its slaves and
+/// the broker), all concatenated.
+type Probe = Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<String>> + Send + Sync>;
+
+/// Where an lmbus operation's time went over a window, from the slaves' and the broker's
+/// own histograms (means, in µs): the master's answer as the slave saw it, the leader's
+/// decision (arrival to reply, its append included) and the ledger append alone.
+#[derive(Debug, Clone)]
+struct Split {
+    master_us: f64,
+    decision_us: f64,
+    append_us: f64,
+}
+
+/// The sum and count of every series of histogram `name` in `text`, added up.
+fn totals(text: &str, name: &str) -> (f64, f64) {
+    let (sum, count) = (format!("{name}_sum"), format!("{name}_count"));
+    let mut t = (0.0, 0.0);
+    for line in text.lines() {
+        let series = line.split(['{', ' ']).next().unwrap_or_default();
+        let value = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if series == sum {
+            t.0 += value;
+        } else if series == count {
+            t.1 += value;
+        }
+    }
+    t
+}
+
+impl Split {
+    /// From the probe's text before and after the window; `None` when a histogram saw
+    /// nothing in it.
+    fn between(before: &str, after: &str) -> Option<Self> {
+        let mean = |name: &str| {
+            let (s0, c0) = totals(before, name);
+            let (s1, c1) = totals(after, name);
+            (c1 > c0).then(|| (s1 - s0) / (c1 - c0) * 1e6)
+        };
+        Some(Self {
+            master_us: mean("lmbus_slave_master_seconds")?,
+            decision_us: mean("lmbus_decision_seconds")?,
+            append_us: mean("lmbus_ledger_append_seconds")?,
+        })
+    }
 }
 
 /// Runs `concurrency` workers calling `op(worker, i)` in a loop for a warm-up second,
@@ -143,6 +196,7 @@ async fn measure<F, Fut>(
     concurrency: usize,
     length: Duration,
     watched: &Watched,
+    probe: Option<&Probe>,
     op: F,
 ) -> anyhow::Result<Sample>
 where
@@ -173,12 +227,20 @@ where
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = match probe {
+        Some(p) => Some(p().await?),
+        None => None,
+    };
     let window = open_window(watched);
     measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(length).await;
     measuring.store(false, Ordering::Relaxed);
     let secs = window.started.elapsed().as_secs_f64();
     let cpu = close_window(watched, &window);
+    let split = match (probe, before) {
+        (Some(p), Some(before)) => Split::between(&before, &p().await?),
+        _ => None,
+    };
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     for worker in workers {
@@ -191,10 +253,12 @@ where
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64;
     Ok(Sample {
         ops_per_sec: all.len() as f64 / secs,
+        mean_us: all.iter().map(|&l| f64::from(l)).sum::<f64>() / all.len() as f64,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
         p999_us: pct(0.999),
         cpu,
+        split,
     })
 }
 
@@ -207,6 +271,7 @@ struct Row {
     name: &'static str,
     concurrency: usize,
     watched: Watched,
+    probe: Option<Probe>,
     op: Op,
     samples: Vec<Sample>,
 }
@@ -221,9 +286,16 @@ impl Row {
             name,
             concurrency,
             watched: watched.clone(),
+            probe: None,
             op: Arc::new(move |w, i| op(w, i).boxed()),
             samples: Vec::new(),
         }
+    }
+
+    /// Splits this row's time by the histograms `probe` reads (see [`Split`]).
+    fn probed(mut self, probe: Probe) -> Self {
+        self.probe = Some(probe);
+        self
     }
 
     /// `LMBUS_BENCH_ROWS` (comma-separated row names) measures only those rows, for
@@ -236,9 +308,15 @@ impl Row {
     async fn measure(&mut self, rep: usize, length: Duration) -> anyhow::Result<()> {
         let (name, concurrency) = (self.name, self.concurrency);
         let op = self.op.clone();
-        let s = measure(concurrency, length, &self.watched, move |w, i| op(w, i))
-            .await
-            .with_context(|| format!("{name} at concurrency {concurrency}"))?;
+        let s = measure(
+            concurrency,
+            length,
+            &self.watched,
+            self.probe.as_ref(),
+            move |w, i| op(w, i),
+        )
+        .await
+        .with_context(|| format!("{name} at concurrency {concurrency}"))?;
         eprintln!(
             "{name} c={concurrency} rep {rep}: {:.0} ops/s, p50 {:.0} us",
             s.ops_per_sec, s.p50_us
@@ -276,13 +354,20 @@ impl Row {
             Some(format!(" {name}={m:.3},{lo:.3},{hi:.3}"))
         })
         .collect::<String>();
+        let split = median.split.as_ref().map_or(String::new(), |s| {
+            format!(
+                " master_us={:.0} decision_us={:.0} append_us={:.0}",
+                s.master_us, s.decision_us, s.append_us
+            )
+        });
         println!(
-            "BENCH throughput row={} concurrency={} ops={:.0} min_ops={:.0} max_ops={:.0} p50_us={:.0} p99_us={:.0} p999_us={:.0} cpu={}{ratios}",
+            "BENCH throughput row={} concurrency={} ops={:.0} min_ops={:.0} max_ops={:.0} mean_us={:.0} p50_us={:.0} p99_us={:.0} p999_us={:.0} cpu={}{ratios}{split}",
             self.name,
             self.concurrency,
             median.ops_per_sec,
             samples[0].ops_per_sec,
             samples[samples.len() - 1].ops_per_sec,
+            median.mean_us,
             median.p50_us,
             median.p99_us,
             median.p999_us,
@@ -404,6 +489,11 @@ impl Http {
         self.stream.read_exact(&mut answer).await?;
         Ok(String::from_utf8(answer)?)
     }
+}
+
+/// `GET /metrics` from the broker or a slave daemon on `port`.
+async fn metrics_text(port: u16) -> anyhow::Result<String> {
+    Http::connect(port).await?.call("GET", "/metrics", "").await
 }
 
 fn spread(concurrency: usize) -> usize {
@@ -539,6 +629,7 @@ async fn bench() -> anyhow::Result<()> {
     let cluster = cluster_name();
     let license = vendor.master(LIMIT, &[("inbound", LIMIT)])?;
     let logs = tempfile::tempdir()?;
+    let metrics_port = free_port();
     let broker = Proc::spawn(
         Command::new(bin("lmbus-broker")?)
             .args(["run", "--nats", &nats.url(), "--cluster", &cluster])
@@ -549,6 +640,7 @@ async fn bench() -> anyhow::Result<()> {
             .args(["--allow-unlicensed-slaves", "--id", "bench-broker"])
             // The bench is one client pushing as hard as it can, not a rogue slave.
             .args(["--slave-rate-limit", "0"])
+            .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
             .env("LMBUS_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(logs.path().join("broker.log"))?),
@@ -572,25 +664,42 @@ async fn bench() -> anyhow::Result<()> {
         slaves.push(SlaveAgent::start(cfg).await?);
     }
     let slaves = Arc::new(slaves);
+    let library_probe: Probe = {
+        let slaves = slaves.clone();
+        Arc::new(move || {
+            let slaves = slaves.clone();
+            async move {
+                let mut text = metrics_text(metrics_port).await?;
+                for slave in slaves.iter() {
+                    text.push_str(&slave.metrics_text());
+                }
+                Ok(text)
+            }
+            .boxed()
+        })
+    };
     for c in levels {
         let slaves = slaves.clone();
         let n = spread(c);
-        rows.push(Row::new("lmbus_library", c, &watched, move |w, i| {
-            let slaves = slaves.clone();
-            async move {
-                let slave = &slaves[w % n];
-                let agent = format!("c{c}-w{w}");
-                if i % 2 == 0 {
-                    let outcome = slave.register(&agent, "inbound").await?;
-                    if !outcome.is_approved() {
-                        bail!("{agent} was not approved: {outcome:?}");
+        rows.push(
+            Row::new("lmbus_library", c, &watched, move |w, i| {
+                let slaves = slaves.clone();
+                async move {
+                    let slave = &slaves[w % n];
+                    let agent = format!("c{c}-w{w}");
+                    if i % 2 == 0 {
+                        let outcome = slave.register(&agent, "inbound").await?;
+                        if !outcome.is_approved() {
+                            bail!("{agent} was not approved: {outcome:?}");
+                        }
+                    } else if !slave.unregister(&agent).await? {
+                        bail!("{agent} held no seat to release");
                     }
-                } else if !slave.unregister(&agent).await? {
-                    bail!("{agent} held no seat to release");
+                    Ok(())
                 }
-                Ok(())
-            }
-        }));
+            })
+            .probed(library_probe.clone()),
+        );
     }
     // The same through `lmbus-slave` daemons and their local HTTP API.
     let mut daemons = Vec::new();
@@ -623,6 +732,20 @@ async fn bench() -> anyhow::Result<()> {
         })
         .await?;
     }
+    let http_probe: Probe = {
+        let ports = ports.clone();
+        Arc::new(move || {
+            let ports = ports.clone();
+            async move {
+                let mut text = metrics_text(metrics_port).await?;
+                for port in ports {
+                    text.push_str(&metrics_text(port).await?);
+                }
+                Ok(text)
+            }
+            .boxed()
+        })
+    };
     let mut watched = watched;
     watched.push((
         "lmbus-slave".into(),
@@ -636,28 +759,31 @@ async fn bench() -> anyhow::Result<()> {
             conns.push(tokio::sync::Mutex::new(Http::connect(ports[w % n]).await?));
         }
         let conns = Arc::new(conns);
-        rows.push(Row::new("lmbus_http", c, &watched, move |w, i| {
-            let conns = conns.clone();
-            async move {
-                let agent = format!("h{c}-w{w}");
-                let mut http = conns[w].lock().await;
-                if i % 2 == 0 {
-                    let body = format!(r#"{{"agent_id":"{agent}","agent_type":"inbound"}}"#);
-                    let answer = http.call("POST", "/v1/agents", &body).await?;
-                    if !answer.contains("\"approved\"") {
-                        bail!("{agent} was not approved: {answer}");
+        rows.push(
+            Row::new("lmbus_http", c, &watched, move |w, i| {
+                let conns = conns.clone();
+                async move {
+                    let agent = format!("h{c}-w{w}");
+                    let mut http = conns[w].lock().await;
+                    if i % 2 == 0 {
+                        let body = format!(r#"{{"agent_id":"{agent}","agent_type":"inbound"}}"#);
+                        let answer = http.call("POST", "/v1/agents", &body).await?;
+                        if !answer.contains("\"approved\"") {
+                            bail!("{agent} was not approved: {answer}");
+                        }
+                    } else {
+                        let answer = http
+                            .call("DELETE", &format!("/v1/agents/{agent}"), "")
+                            .await?;
+                        if !answer.contains("true") {
+                            bail!("{agent} held no seat to release: {answer}");
+                        }
                     }
-                } else {
-                    let answer = http
-                        .call("DELETE", &format!("/v1/agents/{agent}"), "")
-                        .await?;
-                    if !answer.contains("true") {
-                        bail!("{agent} held no seat to release: {answer}");
-                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-        }));
+            })
+            .probed(http_probe.clone()),
+        );
     }
     // Each repetition measures every row once, so a change in the machine's speed during
     // the run (it is shared) falls on all rows alike, not on the ones measured last.

@@ -386,6 +386,44 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
             )),
         ));
     }
+    // Where the time goes, from the processes' own histograms.
+    let split: Vec<&&String> = rows
+        .iter()
+        .filter(|l| num(l, "master_us").is_some())
+        .collect();
+    if !split.is_empty() {
+        body.push_str(
+            "\nWhere an lmbus operation's time goes (means over the median repetition, in µs and as a share of the host's wait), \
+             from the slaves' `lmbus_slave_master_seconds` and the broker's `lmbus_decision_seconds` and \
+             `lmbus_ledger_append_seconds`, read before and after the window: **in the slave** is the host's wait less the \
+             master's answer as the slave saw it (the local API for lmbus_http, the slave's own work, waiting for the round \
+             in flight); **slave↔leader** is that answer less the leader's decision (NATS both ways, and the leader's \
+             queue); **leader** is the decision less its ledger append (deciding, waiting for earlier appends); \
+             **ledger append** is one append's acknowledgement.\n\n\
+             | row | concurrency | host's wait | in the slave | slave↔leader | leader | ledger append |\n\
+             | --- | --- | --- | --- | --- | --- | --- |\n",
+        );
+        for line in split {
+            let (Some(wait), Some(master), Some(decision), Some(append)) = (
+                num(line, "mean_us"),
+                num(line, "master_us"),
+                num(line, "decision_us"),
+                num(line, "append_us"),
+            ) else {
+                continue;
+            };
+            let part = |us: f64| format!("{us:.0} µs ({:.0}%)", us / wait * 100.0);
+            body.push_str(&format!(
+                "| {} | {} | {wait:.0} µs | {} | {} | {} | {} |\n",
+                field(line, "row"),
+                field(line, "concurrency"),
+                part(wait - master),
+                part(master - decision),
+                part(decision - append),
+                part(append),
+            ));
+        }
+    }
     // Little's law: 64 workers that each wait for their answer make 64 ÷ (mean latency)
     // operations a second, and a strict registration is never faster than one alone.
     if let (Some(alone), Some(loaded), Some(peer)) = (
