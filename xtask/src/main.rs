@@ -399,9 +399,10 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
              master's answer as the slave saw it (the local API for lmbus_http, the slave's own work, waiting for the round \
              in flight); **slave↔leader** is that answer less the leader's decision (NATS both ways, and the leader's \
              queue); **leader** is the decision less its ledger append (deciding, waiting for earlier appends); \
-             **ledger append** is one append's acknowledgement.\n\n\
-             | row | concurrency | host's wait | in the slave | slave↔leader | leader | ledger append |\n\
-             | --- | --- | --- | --- | --- | --- | --- |\n",
+             **ledger append** is one append's acknowledgement. For scale, the mean of a NATS echo round trip \
+             and of a JetStream publish at the same concurrency in the same run.\n\n\
+             | row | concurrency | host's wait | in the slave | slave↔leader | leader | ledger append | echo round trip | JetStream publish |\n\
+             | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         );
         for line in split {
             let (Some(wait), Some(master), Some(decision), Some(append)) = (
@@ -413,14 +414,21 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
                 continue;
             };
             let part = |us: f64| format!("{us:.0} µs ({:.0}%)", us / wait * 100.0);
+            let c = field(line, "concurrency");
+            let mean = |row: &str| {
+                find(row, &c)
+                    .and_then(|l| num(l, "mean_us"))
+                    .map_or("?".to_owned(), |us| format!("{us:.0} µs"))
+            };
             body.push_str(&format!(
-                "| {} | {} | {wait:.0} µs | {} | {} | {} | {} |\n",
+                "| {} | {c} | {wait:.0} µs | {} | {} | {} | {} | {} | {} |\n",
                 field(line, "row"),
-                field(line, "concurrency"),
                 part(wait - master),
                 part(master - decision),
                 part(decision - append),
                 part(append),
+                mean("nats_echo"),
+                mean("jetstream_publish"),
             ));
         }
     }
