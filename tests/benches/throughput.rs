@@ -491,9 +491,29 @@ impl Http {
     }
 }
 
-/// `GET /metrics` from the broker or a slave daemon on `port`.
-async fn metrics_text(port: u16) -> anyhow::Result<String> {
-    Http::connect(port).await?.call("GET", "/metrics", "").await
+/// Reads `GET /metrics` from each of `ports` (the broker, slave daemons) and the metrics
+/// of the in-process `slaves`, all concatenated.
+fn probe(ports: Vec<u16>, slaves: Vec<SlaveAgent>) -> Probe {
+    let (ports, slaves) = (Arc::new(ports), Arc::new(slaves));
+    Arc::new(move || {
+        let (ports, slaves) = (ports.clone(), slaves.clone());
+        async move {
+            let mut text = String::new();
+            for port in ports.iter() {
+                text.push_str(
+                    &Http::connect(*port)
+                        .await?
+                        .call("GET", "/metrics", "")
+                        .await?,
+                );
+            }
+            for slave in slaves.iter() {
+                text.push_str(&slave.metrics_text());
+            }
+            Ok(text)
+        }
+        .boxed()
+    })
 }
 
 fn spread(concurrency: usize) -> usize {
@@ -664,20 +684,7 @@ async fn bench() -> anyhow::Result<()> {
         slaves.push(SlaveAgent::start(cfg).await?);
     }
     let slaves = Arc::new(slaves);
-    let library_probe: Probe = {
-        let slaves = slaves.clone();
-        Arc::new(move || {
-            let slaves = slaves.clone();
-            async move {
-                let mut text = metrics_text(metrics_port).await?;
-                for slave in slaves.iter() {
-                    text.push_str(&slave.metrics_text());
-                }
-                Ok(text)
-            }
-            .boxed()
-        })
-    };
+    let library_probe = probe(vec![metrics_port], slaves.to_vec());
     for c in levels {
         let slaves = slaves.clone();
         let n = spread(c);
@@ -732,20 +739,10 @@ async fn bench() -> anyhow::Result<()> {
         })
         .await?;
     }
-    let http_probe: Probe = {
-        let ports = ports.clone();
-        Arc::new(move || {
-            let ports = ports.clone();
-            async move {
-                let mut text = metrics_text(metrics_port).await?;
-                for port in ports {
-                    text.push_str(&metrics_text(port).await?);
-                }
-                Ok(text)
-            }
-            .boxed()
-        })
-    };
+    let http_probe = probe(
+        [metrics_port].into_iter().chain(ports.clone()).collect(),
+        Vec::new(),
+    );
     let mut watched = watched;
     watched.push((
         "lmbus-slave".into(),
