@@ -202,6 +202,7 @@ fn from_change(
             slave,
             agent_type,
             agent_ids,
+            ..
         } => per_agent(
             &slave,
             agent_ids,

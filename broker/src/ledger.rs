@@ -434,6 +434,7 @@ pub fn audit<'a>(
                     slave,
                     agent_type,
                     agent_ids,
+                    ..
                 } => {
                     for agent_id in agent_ids {
                         tally.grant(at, slave, agent_id, agent_type)?;

@@ -8,6 +8,7 @@ pub mod alert_log;
 pub mod config;
 pub mod election;
 pub mod engine;
+pub mod intake;
 pub mod ledger;
 pub mod metrics;
 pub mod pipeline;

@@ -19,10 +19,9 @@ use anyhow::{Context as _, anyhow};
 use async_nats::{Client, Message, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use lmbus_schemas::{
-    Alert, AlertKind, BatchItem, BatchRequest, Decision, DecodeError, Heartbeat, Hello,
-    LedgerEntry, MAX_BATCH_ITEMS, RegisterRequest, ReplicaBeat, Reply, ReportReply, SeatChange,
-    Severity, SlaveOp, SlaveReport, StatusReply, Subjects, UnregisterRequest, WireError, decode,
-    encode,
+    Alert, AlertKind, BatchItem, BatchRequest, Decision, Heartbeat, Hello, LedgerEntry,
+    RegisterRequest, ReplicaBeat, Reply, ReportReply, SeatChange, Severity, SlaveOp, SlaveReport,
+    StatusReply, Subjects, UnregisterRequest, Validate, WireError, decode, encode,
 };
 use time::{Date, OffsetDateTime};
 use tokio::sync::watch;
@@ -32,6 +31,7 @@ use tracing::{debug, info, warn};
 use crate::config::{self, BrokerConfig};
 use crate::election::{Election, ElectionConfig, Role};
 use crate::engine::{Effect, Engine, EngineConfig, Event, Output};
+use crate::intake::{BadVerdict, Budgets, Intake};
 use crate::ledger::{AppendError, Gap, Ledger, Record};
 use crate::metrics::{Gauges, Metrics};
 use crate::pipeline::{Acked, Pipeline};
@@ -579,6 +579,7 @@ async fn drains(
         ))
         .await;
         if let Some(reply_to) = &msg.reply
+            && lmbus_schemas::is_client_reply(reply_to)
             && let Ok(bytes) = encode(&lmbus_schemas::DrainReply { message })
         {
             let _ = client.publish(reply_to.clone(), bytes.into()).await;
@@ -667,7 +668,17 @@ async fn answer_while_electing(
                     continue;
                 };
                 let Some(reply_to) = msg.reply else { continue };
+                // The same rule as the leader's intake: answer only in the sender's own
+                // inbox, whatever the message asks (nothing here is decided or counted).
+                let home = subjects
+                    .parse_slave_op(msg.subject.as_str())
+                    .is_ok_and(|(slave, _)| subjects.is_slave_reply(&slave, reply_to.as_str()));
+                if !home {
+                    debug!(subject = %lmbus_schemas::truncated(msg.subject.as_str(), 160), "not answering no_leader outside the sender's inbox");
+                    continue;
+                }
                 let reply = Reply::Refused {
+                    last_hello: None,
                     reason: lmbus_schemas::RejectReason::NoLeader,
                     detail: format!(
                         "the broker replicas of cluster {} are electing a leader; retry",
@@ -859,6 +870,10 @@ async fn lead<S: Future<Output = ()> + Unpin>(
         .await
         .context("cannot subscribe to replica beats")?;
     let mut replicas = Replicas::new(&cfg.broker_id, now(), cfg.lease * 3 / 2, cfg.lease * 3 / 2);
+    let mut intake = Intake::new(
+        Budgets::for_rate_limit(cfg.slave_rate_limit),
+        &cfg.broker_id,
+    );
     not_ready.send_replace(false);
     io.alert(
         Alert::new(
@@ -914,18 +929,21 @@ async fn lead<S: Future<Output = ()> + Unpin>(
             }
             msg = slave_sub.next(), if pipeline.has_room() => match msg {
                 Some(msg) => {
-                    let arrived = Instant::now();
-                    let (out, op) = handle_slave_message(&mut replica.engine, subjects, &msg);
-                    batch.push((msg.reply.clone(), out, timed(op, arrived)));
+                    let mut next = Some(msg);
                     // Group commit: decide what is already waiting in the same append.
-                    while batch.len() < MAX_BATCH {
-                        match slave_sub.next().now_or_never() {
-                            Some(Some(msg)) => {
-                                let arrived = Instant::now();
-                                let (out, op) = handle_slave_message(&mut replica.engine, subjects, &msg);
-                                batch.push((msg.reply.clone(), out, timed(op, arrived)));
-                            }
-                            _ => break,
+                    // Dropped messages count towards the batch so a flood cannot hold the
+                    // loop here.
+                    let mut seen = 0;
+                    while let Some(msg) = next.take() {
+                        seen += 1;
+                        let arrived = Instant::now();
+                        if let Some(Intook { reply_to, out, op }) =
+                            handle_slave_message(&mut replica.engine, &mut intake, subjects, &msg)
+                        {
+                            batch.push((reply_to, out, timed(op, arrived)));
+                        }
+                        if seen < MAX_BATCH {
+                            next = slave_sub.next().now_or_never().flatten();
                         }
                     }
                 }
@@ -935,6 +953,7 @@ async fn lead<S: Future<Output = ()> + Unpin>(
                 },
             },
             msg = status_sub.next() => match msg {
+                Some(msg) if !client_reply_ok(&mut intake, "status requests", &msg) => {}
                 Some(msg) => {
                     let mut status = replica.engine.status(now());
                     status.leader_term = term;
@@ -948,6 +967,7 @@ async fn lead<S: Future<Output = ()> + Unpin>(
                 },
             },
             msg = admin_sub.next() => match msg {
+                Some(msg) if !client_reply_ok(&mut intake, "admin requests", &msg) => {}
                 Some(msg) => {
                     let subject = msg.subject.as_str();
                     if subject == subjects.admin_report() {
@@ -1013,6 +1033,9 @@ async fn lead<S: Future<Output = ()> + Unpin>(
                 for alert in replicas.sweep(now()) {
                     io.alert(alert).await;
                 }
+                for alert in intake.summaries(now()) {
+                    io.alert(alert).await;
+                }
                 replica.observe_usage();
                 if let Some(period) = replica.usage.take_closed() {
                     spawn_report(io, &cfg.report, replica.license_facts(), Some(period), true, None);
@@ -1065,6 +1088,18 @@ async fn lead<S: Future<Output = ()> + Unpin>(
         unsubscribe(sub).await;
     }
     Ok(ended)
+}
+
+/// Whether a status or admin request may be answered where it asks: an `_INBOX.` subject.
+/// A request without a reply subject is served (admin actions are then simply unanswered).
+fn client_reply_ok(intake: &mut Intake, source: &str, msg: &Message) -> bool {
+    match &msg.reply {
+        Some(reply) if !lmbus_schemas::is_client_reply(reply) => {
+            intake.foreign_client_reply(now(), source, reply);
+            false
+        }
+        _ => true,
+    }
 }
 
 async fn unsubscribe(sub: &mut Subscriber) {
@@ -1258,96 +1293,118 @@ async fn sync_with_server(client: &Client) {
 /// Turns one message on a slave subject into an engine event and runs it.
 /// Decides one message on a slave subject; also returns its operation when the subject
 /// named one.
+/// A slave's message after intake and decoding: what to answer where, or nothing at all.
+struct Intook {
+    /// Where the answer goes: the checked reply subject (`None`: no answer).
+    reply_to: Option<async_nats::Subject>,
+    out: Output,
+    op: Option<SlaveOp>,
+}
+
+/// Takes one slave message through the intake (reply subject, budgets), decoding and
+/// validation, then the engine. `None`: dropped undecided (counted by the intake).
 fn handle_slave_message(
     engine: &mut Engine,
+    intake: &mut Intake,
     subjects: &Subjects,
     msg: &Message,
-) -> (Output, Option<SlaveOp>) {
+) -> Option<Intook> {
+    let at = now();
+    let reply = msg.reply.as_ref().map(|r| r.as_str());
     let (slave, op) = match subjects.parse_slave_op(msg.subject.as_str()) {
         Ok(parsed) => parsed,
         Err(e) => {
-            let error = WireError {
-                code: lmbus_schemas::ErrorCode::Invalid,
-                message: e.to_string(),
-            };
-            let out = engine.handle(
-                now(),
-                Event::BadMessage {
-                    subject: msg.subject.to_string(),
-                    slave: None,
-                    error,
-                },
-            );
-            return (out, None);
+            // The subscription's wildcard gives `slave.<token>.<token>`: the first token
+            // is the sender (NATS permissions bind it) even when the rest is unknown.
+            let source = msg
+                .subject
+                .as_str()
+                .strip_prefix(&format!(
+                    "{}.",
+                    subjects.all_slave_ops().trim_end_matches(".*.*")
+                ))
+                .and_then(|rest| rest.split('.').next())
+                .filter(|token| lmbus_schemas::SlaveId::new(*token).is_ok())
+                .unwrap_or("unknown slave");
+            let _ = intake.bad(at, source, "subject", &e.to_string());
+            return None;
         }
     };
-    (decide_slave_op(engine, msg, slave, op), Some(op))
+    if intake.admit(at, subjects, &slave, op, reply).is_err() {
+        return None;
+    }
+    let reply_to = msg.reply.clone();
+    let out = match decode_slave_op(msg.payload.as_ref(), &slave, op) {
+        Ok(Decoded::One(event)) => {
+            debug!(%slave, op = op.token(), "request");
+            engine.handle(at, event)
+        }
+        Ok(Decoded::Batch(batch)) => decide_batch(engine, &slave, batch),
+        Err(problem) => {
+            let answer = intake.bad(at, slave.as_str(), op.token(), &problem.message);
+            let reply = (answer == BadVerdict::Answer).then_some(Reply::Error(problem));
+            return Some(Intook {
+                reply_to: reply.as_ref().and(reply_to),
+                out: Output {
+                    reply,
+                    ..Output::default()
+                },
+                op: None,
+            });
+        }
+    };
+    Some(Intook {
+        reply_to,
+        out,
+        op: Some(op),
+    })
 }
 
-fn decide_slave_op(
-    engine: &mut Engine,
-    msg: &Message,
-    slave: lmbus_schemas::SlaveId,
+enum Decoded {
+    One(Event),
+    Batch(BatchRequest),
+}
+
+/// Decodes and validates a slave's payload for `op` (the protocol crate's `Validate`: ids,
+/// types, texts, list lengths), so the engine only ever sees well-formed requests.
+fn decode_slave_op(
+    payload: &[u8],
+    slave: &lmbus_schemas::SlaveId,
     op: SlaveOp,
-) -> Output {
-    let subject = msg.subject.as_str();
-    let bad = |engine: &mut Engine, slave, error: WireError| {
-        engine.handle(
-            now(),
-            Event::BadMessage {
-                subject: subject.to_owned(),
-                slave,
-                error,
-            },
-        )
-    };
-    let payload = msg.payload.as_ref();
-    let event: Result<Event, DecodeError> = match op {
-        SlaveOp::Hello => decode::<Hello>(payload).map(|hello| Event::Hello {
-            slave: slave.clone(),
-            hello,
-            today: today_utc(),
-        }),
-        SlaveOp::Register => decode::<RegisterRequest>(payload).map(|request| Event::Register {
-            slave: slave.clone(),
-            request,
-        }),
-        SlaveOp::Unregister => {
-            decode::<UnregisterRequest>(payload).map(|request| Event::Unregister {
-                slave: slave.clone(),
-                request,
-            })
-        }
-        SlaveOp::Heartbeat => decode::<Heartbeat>(payload).map(|heartbeat| Event::Heartbeat {
-            slave: slave.clone(),
-            heartbeat,
-        }),
-        SlaveOp::Report => decode::<SlaveReport>(payload).map(|report| Event::Report {
-            slave: slave.clone(),
-            report,
-        }),
-        SlaveOp::Batch => match decode::<BatchRequest>(payload) {
-            Ok(batch) if batch.items.len() > MAX_BATCH_ITEMS => {
-                let error = WireError {
-                    code: lmbus_schemas::ErrorCode::Invalid,
-                    message: format!(
-                        "a batch of {} requests; at most {MAX_BATCH_ITEMS} are allowed",
-                        batch.items.len()
-                    ),
-                };
-                return bad(engine, Some(slave), error);
-            }
-            Ok(batch) => return decide_batch(engine, &slave, batch),
-            Err(e) => Err(e),
-        },
-    };
-    match event {
-        Ok(event) => {
-            debug!(%slave, op = op.token(), "request");
-            engine.handle(now(), event)
-        }
-        Err(e) => bad(engine, Some(slave), WireError::from(&e)),
+) -> Result<Decoded, WireError> {
+    fn checked<T: serde::de::DeserializeOwned + Validate>(payload: &[u8]) -> Result<T, WireError> {
+        let value = decode::<T>(payload).map_err(|e| WireError::from(&e))?;
+        value.validate().map_err(|e| WireError {
+            code: lmbus_schemas::ErrorCode::Invalid,
+            message: e.to_string(),
+        })?;
+        Ok(value)
     }
+    let slave = slave.clone();
+    Ok(Decoded::One(match op {
+        SlaveOp::Hello => Event::Hello {
+            slave,
+            hello: checked::<Hello>(payload)?,
+            today: today_utc(),
+        },
+        SlaveOp::Register => Event::Register {
+            slave,
+            request: checked::<RegisterRequest>(payload)?,
+        },
+        SlaveOp::Unregister => Event::Unregister {
+            slave,
+            request: checked::<UnregisterRequest>(payload)?,
+        },
+        SlaveOp::Heartbeat => Event::Heartbeat {
+            slave,
+            heartbeat: checked::<Heartbeat>(payload)?,
+        },
+        SlaveOp::Report => Event::Report {
+            slave,
+            report: checked::<SlaveReport>(payload)?,
+        },
+        SlaveOp::Batch => return Ok(Decoded::Batch(checked::<BatchRequest>(payload)?)),
+    }))
 }
 
 /// Each item of a batch decided in order, as if it had come alone: one output whose reply

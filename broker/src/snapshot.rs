@@ -288,11 +288,14 @@ pub(crate) fn approx_size(change: &SeatChange) -> usize {
             slave,
             agent_type,
             agent_ids,
+            request_seqs,
         } => {
+            // A u64 is at most 9 bytes in MessagePack.
             FIELDS
                 + slave.len()
                 + agent_type.len()
                 + agent_ids.iter().map(|a| a.len() + 5).sum::<usize>()
+                + 9 * request_seqs.len()
         }
         SeatChange::Revoke { slave, agents } => {
             FIELDS + slave.len() + agents.iter().map(|a| a.len() + 5).sum::<usize>()
@@ -334,6 +337,7 @@ mod tests {
                 slave: "site-1".into(),
                 agent_type: "inbound".into(),
                 agent_ids: (0..1000).map(|n| format!("agent-{n}")).collect(),
+                request_seqs: (0..1000).collect(),
             },
             SeatChange::Revoke {
                 slave: "site-1".into(),

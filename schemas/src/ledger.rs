@@ -44,6 +44,10 @@ pub enum SeatChange {
         slave: String,
         agent_type: String,
         agent_ids: Vec<String>,
+        /// The request number that granted each seat, in `agent_ids` order (empty from an
+        /// older snapshot: 0 for each).
+        #[serde(default)]
+        request_seqs: Vec<u64>,
     },
     Release {
         slave: String,
@@ -146,6 +150,7 @@ mod tests {
                     slave: "s".into(),
                     agent_type: "inbound".into(),
                     agent_ids: vec!["b".into(), "c".into()],
+                    request_seqs: vec![4, 0],
                 },
                 SeatChange::Reclaim { slave: "s".into() },
                 SeatChange::Revoke {

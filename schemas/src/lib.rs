@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod license;
 pub mod messages;
 pub mod subjects;
+pub mod validate;
 
 pub use alert::{Alert, AlertKind, Severity};
 pub use codec::{DecodeError, EncodeError, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode};
@@ -22,4 +23,7 @@ pub use license::{
     sign_license, verify_license,
 };
 pub use messages::*;
-pub use subjects::{SlaveId, SlaveOp, SubjectError, Subjects};
+pub use subjects::{
+    CLIENT_INBOX_PREFIX, MAX_REPLY_LEN, SlaveId, SlaveOp, SubjectError, Subjects, is_client_reply,
+};
+pub use validate::{Invalid, Validate, printable, truncated};

@@ -19,7 +19,7 @@ pub struct AgentClaim {
 /// `lmbus.v1.<cluster>.slave.<id>.hello`: the slave introduces itself, with its signed
 /// license text (or none for an unlicensed slave) and the agents it already holds, so a
 /// reconnecting or restarted slave is reconciled instead of double counted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     /// A fresh id per slave process; a new value tells the master the slave restarted.
     pub instance: Uuid,
@@ -48,6 +48,18 @@ pub struct Hello {
     /// How long the slave waits for an answer; part of the timing rule.
     #[serde(default)]
     pub request_timeout_ms: u64,
+    /// The last request number (`RegisterRequest::seq`) this instance had used when it built
+    /// the hello. The master's reconcile releases an unclaimed seat only if the request that
+    /// granted it is numbered at or below this: a registration sent after the hello was
+    /// built is not in `agents`, and its seat must not be taken back. `None` (a slave that
+    /// does not say) lets the reconcile release every unclaimed seat.
+    #[serde(default)]
+    pub request_seq: Option<u64>,
+    /// Agents whose registration was in flight when the hello was built: the master keeps
+    /// their seats if it granted them (the answer is on its way) and grants nothing for them
+    /// here.
+    #[serde(default)]
+    pub pending: Vec<String>,
 }
 
 /// `lmbus.v1.<cluster>.slave.<id>.register`: ask for a seat.
@@ -94,17 +106,57 @@ pub enum BatchItem {
 }
 
 /// `lmbus.v1.<cluster>.slave.<id>.heartbeat`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub instance: Uuid,
     pub seq: u64,
     /// How many agents the slave holds, so the master can notice a disagreement.
     #[serde(default)]
     pub agents: u32,
+    /// The slave's books for this master, so the master can reconcile continuously: a
+    /// digest of the agents this master granted, leaving out those with a request in
+    /// flight. `None` from a slave that does not say.
+    #[serde(default)]
+    pub books: Option<Books>,
     /// What this master is to the slave, and whether it takes the slave's new registrations
     /// now (for the License Monitor). `None` from a slave that does not say.
     #[serde(default)]
     pub master: Option<MasterUse>,
+}
+
+/// A slave's books in a heartbeat: [`agent_digest`] over the agents this master granted it,
+/// without the agents in `unsettled` (a registration or unregistration in flight), and
+/// how many agents that digest covers. The master computes the same over its own seats of
+/// the slave, leaving out `unsettled`, and asks for a hello (`ControlMessage::Rehello`)
+/// when they differ.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Books {
+    pub count: u32,
+    pub digest: u64,
+    #[serde(default)]
+    pub unsettled: Vec<String>,
+}
+
+/// An order-independent digest of a set of (agent id, agent type) pairs: the XOR of each
+/// pair's 64-bit FNV-1a hash. Both sides compute it the same way, so adding or removing
+/// one pair is one XOR.
+pub fn agent_digest<'a>(agents: impl IntoIterator<Item = (&'a str, &'a str)>) -> u64 {
+    agents
+        .into_iter()
+        .fold(0, |acc, (id, agent_type)| acc ^ agent_hash(id, agent_type))
+}
+
+/// The 64-bit FNV-1a hash of `id`, a zero byte and `agent_type`.
+pub fn agent_hash(id: &str, agent_type: &str) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET;
+    for b in id.bytes().chain([0]).chain(agent_type.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(PRIME);
+    }
+    // Never 0, so that one agent's digest is never the empty set's.
+    h | 1
 }
 
 /// What one master is to a slave.
@@ -277,6 +329,10 @@ pub enum Reply {
     Refused {
         reason: RejectReason,
         detail: String,
+        /// With `replayed` for a hello: the last hello number the master accepted from
+        /// this instance, so the slave can say hello again above it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_hello: Option<u64>,
     },
     /// Registration decided.
     Decision(Decision),
@@ -563,6 +619,18 @@ mod tests {
     }
 
     #[test]
+    fn the_agent_digest_ignores_order_and_sees_types() {
+        let ab = agent_digest([("a", "in"), ("b", "out")]);
+        assert_eq!(ab, agent_digest([("b", "out"), ("a", "in")]));
+        assert_ne!(ab, agent_digest([("a", "out"), ("b", "in")]));
+        assert_ne!(
+            agent_digest([("a", "in")]),
+            agent_digest(std::iter::empty())
+        );
+        assert_eq!(ab ^ agent_hash("b", "out"), agent_digest([("a", "in")]));
+    }
+
+    #[test]
     fn every_message_round_trips() {
         let claim = AgentClaim {
             agent_id: "a1".into(),
@@ -578,6 +646,8 @@ mod tests {
             grace_ms: 120_000,
             logout_after_grace: true,
             request_timeout_ms: 2000,
+            request_seq: Some(41),
+            pending: vec!["a2".into()],
         });
         round_trip(&SlaveReport {
             event: SlaveEvent::Restricted {
@@ -646,6 +716,11 @@ mod tests {
                 role: MasterRole::Secondary,
                 in_use: true,
             }),
+            books: Some(Books {
+                count: 2,
+                digest: agent_digest([("a", "t"), ("b", "t")]),
+                unsettled: vec!["c".into()],
+            }),
         });
         round_trip(&SlaveReport {
             event: SlaveEvent::LocalRejection {
@@ -668,6 +743,12 @@ mod tests {
             Reply::Refused {
                 reason: RejectReason::UnlicensedNotAllowed,
                 detail: "d".into(),
+                last_hello: None,
+            },
+            Reply::Refused {
+                reason: RejectReason::Replayed,
+                detail: "d".into(),
+                last_hello: Some(9),
             },
             Reply::Decision(Decision::Approved { already_held: true }),
             Reply::Decision(Decision::Rejected {

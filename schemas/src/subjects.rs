@@ -317,6 +317,45 @@ impl Subjects {
     pub fn slave_inbox_prefix(&self, slave: &SlaveId) -> String {
         format!("_INBOX.lmbus.{}.{}", self.cluster, slave)
     }
+
+    /// Whether the broker may answer a request from `slave` on `reply`: only a plain
+    /// subject under that slave's own inbox prefix ([`Self::slave_inbox_prefix`]). The
+    /// reply subject is chosen by whoever published the request, and the broker publishes
+    /// its answer there with its own, wider permissions: answering anywhere else would let a
+    /// slave write on the ledger, the JetStream API or the election bucket.
+    pub fn is_slave_reply(&self, slave: &SlaveId, reply: &str) -> bool {
+        let prefix = self.slave_inbox_prefix(slave);
+        reply
+            .strip_prefix(prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|rest| plain_subject(rest) && reply.len() <= MAX_REPLY_LEN)
+    }
+}
+
+/// Longest reply subject the broker answers on, in bytes.
+pub const MAX_REPLY_LEN: usize = 256;
+
+/// The prefix of every inbox an operator's or monitor's NATS client uses (async-nats's
+/// default); status and admin requests are answered only there.
+pub const CLIENT_INBOX_PREFIX: &str = "_INBOX.";
+
+/// Whether the broker may answer a status or admin request on `reply`: a plain subject
+/// under `_INBOX.`, never an lmbus, JetStream (`$JS.…`) or KV (`$KV.…`) subject.
+pub fn is_client_reply(reply: &str) -> bool {
+    reply
+        .strip_prefix(CLIENT_INBOX_PREFIX)
+        .is_some_and(|rest| plain_subject(rest) && reply.len() <= MAX_REPLY_LEN)
+}
+
+/// Dot-separated, non-empty tokens of printable ASCII without wildcards.
+fn plain_subject(subject: &str) -> bool {
+    !subject.is_empty()
+        && subject.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+        })
 }
 
 #[cfg(test)]
@@ -340,6 +379,45 @@ mod tests {
             s.slave_op(&slave, SlaveOp::Register),
             "lmbus.v1.acme-prod.slave.site_1.register"
         );
+    }
+
+    #[test]
+    fn replies_go_only_to_the_requesters_inbox() {
+        let s = Subjects::new("acme").unwrap();
+        let site1 = SlaveId::new("site1").unwrap();
+        assert!(s.is_slave_reply(&site1, "_INBOX.lmbus.acme.site1.abc.7"));
+        for bad in [
+            "lmbus.v1.acme.ledger",
+            "$JS.API.STREAM.PURGE.LMBUS_LEDGER_acme",
+            "$KV.lmbus_election_acme.leader",
+            "lmbus.v1.acme.alert.critical.bad_message",
+            "_INBOX.lmbus.acme.site2.abc",
+            "_INBOX.lmbus.acme.site10.abc",
+            "_INBOX.lmbus.acme.site1",
+            "_INBOX.lmbus.acme.site1.",
+            "_INBOX.lmbus.acme.site1.>",
+            "_INBOX.lmbus.acme.site1.*.x",
+            "_INBOX.lmbus.acme.site1..x",
+            "_INBOX.lmbus.acme.site1.a b",
+            "_INBOX.abc",
+        ] {
+            assert!(!s.is_slave_reply(&site1, bad), "{bad}");
+        }
+        assert!(!s.is_slave_reply(
+            &site1,
+            &format!("_INBOX.lmbus.acme.site1.{}", "x".repeat(300))
+        ));
+        assert!(is_client_reply("_INBOX.Nuid123.4"));
+        for bad in [
+            "lmbus.v1.acme.ledger",
+            "$JS.API.STREAM.PURGE.LMBUS_LEDGER_acme",
+            "$KV.lmbus_election_acme.leader",
+            "_INBOX.",
+            "_INBOX.>",
+            "_INBOXES.x",
+        ] {
+            assert!(!is_client_reply(bad), "{bad}");
+        }
     }
 
     #[test]

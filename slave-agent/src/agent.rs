@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lmbus_schemas::{
-    AgentClaim, ControlMessage, Decision, Heartbeat, Hello, License, MasterRole, MasterUse,
+    AgentClaim, Books, ControlMessage, Decision, Heartbeat, Hello, License, MasterRole, MasterUse,
     RegisterRequest, RejectReason, RejectedAgent, Reply, Role, SlaveEvent, SlaveId, SlaveOp,
-    SlaveReport, UnregisterRequest, VerifyingKey, Welcome, decode, verify_license,
+    SlaveReport, UnregisterRequest, VerifyingKey, Welcome, agent_digest, decode, verify_license,
 };
 
 use crate::link::{Ask, Link, LinkId, PRIMARY, SECONDARY, link_name};
@@ -299,6 +299,12 @@ struct State {
     /// Registrations sent to a master and not yet answered: they count against the local
     /// limit so concurrent requests cannot overshoot it.
     pending: u32,
+    /// Agents with a registration in flight (how many): a hello lists them as pending, so
+    /// the master keeps a seat it granted them whose answer is on its way.
+    registering: BTreeMap<String, u32>,
+    /// Agents with an unregistration in flight: with `registering`, what a heartbeat's
+    /// books leave out, since the master may or may not have decided them yet.
+    unregistering: BTreeMap<String, u32>,
     links: Vec<LinkState>,
     /// Where new registrations go.
     active: LinkId,
@@ -313,7 +319,46 @@ struct State {
     primary_slow: bool,
 }
 
+fn mark(set: &mut BTreeMap<String, u32>, agent: &str) {
+    *set.entry(agent.to_owned()).or_insert(0) += 1;
+}
+
+fn unmark(set: &mut BTreeMap<String, u32>, agent: &str) {
+    if let Some(n) = set.get_mut(agent) {
+        *n -= 1;
+        if *n == 0 {
+            set.remove(agent);
+        }
+    }
+}
+
 impl State {
+    /// This slave's books for `link`'s master, as a heartbeat carries them: the agents it
+    /// granted, without those with a request in flight (listed as unsettled).
+    fn books(&self, link: LinkId) -> Books {
+        let unsettled: Vec<String> = self
+            .registering
+            .keys()
+            .chain(self.unregistering.keys())
+            .cloned()
+            .collect();
+        let settled = self.agents.iter().filter(|(agent, seat)| {
+            seat.link == link
+                && !self.registering.contains_key(agent.as_str())
+                && !self.unregistering.contains_key(agent.as_str())
+        });
+        let mut count = 0;
+        let digest = agent_digest(settled.map(|(agent, seat)| {
+            count += 1;
+            (agent.as_str(), seat.agent_type.as_str())
+        }));
+        Books {
+            count,
+            digest,
+            unsettled,
+        }
+    }
+
     fn claims(&self, link: LinkId) -> Vec<AgentClaim> {
         self.agents
             .iter()
@@ -439,6 +484,8 @@ impl SlaveAgent {
             state: Mutex::new(State {
                 agents: BTreeMap::new(),
                 pending: 0,
+                registering: BTreeMap::new(),
+                unregistering: BTreeMap::new(),
                 links: vec![LinkState::default(); links.len()],
                 active: PRIMARY,
                 logged_out: VecDeque::new(),
@@ -802,10 +849,49 @@ impl Inner {
         });
     }
 
+    /// Says hello to `link`'s master: once per reconnect however many callers find the
+    /// session lost at the same time (a caller that waited while another's hello succeeded
+    /// uses that one), built from the books as they are when it is sent, with what is in
+    /// flight.
     async fn hello(&self, link: LinkId) -> Result<(), HelloError> {
         let l = &self.links[link];
+        let generation = l.hellos.load(std::sync::atomic::Ordering::Acquire);
         let _guard = l.hello_lock.lock().await;
-        let agents = lock(&self.state).claims(link);
+        if l.hellos.load(std::sync::atomic::Ordering::Acquire) != generation
+            && lock(&self.state).links[link].connected
+        {
+            return Ok(());
+        }
+        let mut renumbered = false;
+        loop {
+            match self.hello_once(link).await {
+                Err(HelloError::Refused {
+                    reason: RejectReason::Replayed,
+                    detail,
+                }) if !renumbered => {
+                    // A hello of ours that the master processed but whose answer we missed
+                    // (a retry reached a new leader): say it again under a new number.
+                    debug!(master = link_name(link), %detail, "hello number refused; renumbering");
+                    renumbered = true;
+                }
+                Ok(()) => {
+                    l.hellos.fetch_add(1, std::sync::atomic::Ordering::Release);
+                    return Ok(());
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn hello_once(&self, link: LinkId) -> Result<(), HelloError> {
+        let l = &self.links[link];
+        let (agents, pending) = {
+            let state = lock(&self.state);
+            (
+                state.claims(link),
+                state.registering.keys().cloned().collect(),
+            )
+        };
         let hello = Hello {
             instance: self.instance,
             license: self.cfg.license.as_ref().map(|f| f.text.clone()),
@@ -814,13 +900,16 @@ impl Inner {
             software: format!("lmbus-slave {}", env!("CARGO_PKG_VERSION")),
             seq: l
                 .hello_seq
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1,
             grace_ms: self.cfg.grace_period.as_millis() as u64,
             logout_after_grace: self.cfg.after_grace == Restriction::LogoutAll,
             // The longest a request can take before this slave counts the master as lost.
             request_timeout_ms: (self.cfg.request_timeout
                 + self.cfg.failover_wait.max(self.cfg.election_wait))
             .as_millis() as u64,
+            request_seq: Some(self.request_seq.load(std::sync::atomic::Ordering::Relaxed)),
+            pending,
         };
         let reply = match self.ask(link, SlaveOp::Hello, &hello).await {
             Ok(Ask::Reply { reply, .. }) => reply,
@@ -864,8 +953,25 @@ impl Inner {
             Reply::Refused {
                 reason: RejectReason::StaleRequest,
                 detail,
+                ..
             } => Err(HelloError::Unavailable(detail)),
-            Reply::Refused { reason, detail } => {
+            Reply::Refused {
+                reason: RejectReason::Replayed,
+                detail,
+                last_hello,
+            } => {
+                // Number the next hello above the master's last (one it processed whose
+                // answer was lost, or one someone forged with this slave's credentials).
+                if let Some(last) = last_hello {
+                    l.hello_seq
+                        .fetch_max(last, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(HelloError::Refused {
+                    reason: RejectReason::Replayed,
+                    detail,
+                })
+            }
+            Reply::Refused { reason, detail, .. } => {
                 let mut state = lock(&self.state);
                 state.links[link].connected = false;
                 state.last_error = Some(format!("{reason}: {detail}"));
@@ -944,6 +1050,7 @@ impl Inner {
                 }
                 _ => {
                     state.pending += 1;
+                    mark(&mut state.registering, agent_id);
                     None
                 }
             }
@@ -959,6 +1066,7 @@ impl Inner {
         let decided = self.register_with_masters(agent_id, agent_type).await;
         let mut state = lock(&self.state);
         state.pending = state.pending.saturating_sub(1);
+        unmark(&mut state.registering, agent_id);
         match decided {
             Ok((Outcome::Approved { already_held }, granted_by)) => {
                 // `None`: admitted locally during the grace period; recorded on the active
@@ -1191,10 +1299,23 @@ impl Inner {
         if agent_id.is_empty() {
             return Err(SlaveError::InvalidInput("agent id is empty".into()));
         }
-        let seat = lock(&self.state).agents.remove(agent_id);
+        let seat = {
+            let mut state = lock(&self.state);
+            let seat = state.agents.remove(agent_id);
+            if seat.is_some() {
+                mark(&mut state.unregistering, agent_id);
+            }
+            seat
+        };
         let Some(seat) = seat else {
             return Ok(false);
         };
+        let answer = self.unregister_at(seat.link, agent_id).await;
+        unmark(&mut lock(&self.state).unregistering, agent_id);
+        answer
+    }
+
+    async fn unregister_at(&self, link: LinkId, agent_id: &str) -> Result<bool, SlaveError> {
         let request = UnregisterRequest {
             request_id: Uuid::new_v4(),
             seq: self.next_request_seq(),
@@ -1202,7 +1323,7 @@ impl Inner {
         };
         // The seat is gone locally either way; if its master does not hear about it now,
         // the next hello carries the agent list without it and the master releases it then.
-        match self.ask(seat.link, SlaveOp::Unregister, &request).await? {
+        match self.ask(link, SlaveOp::Unregister, &request).await? {
             Ask::Reply {
                 reply: Reply::Ack, ..
             } => {}
@@ -1211,7 +1332,7 @@ impl Inner {
                 ..
             } => return Err(SlaveError::InvalidInput(e.to_string())),
             Ask::Reply { reply, .. } => warn!(?reply, "unexpected answer to an unregistration"),
-            Ask::Unavailable(detail) => self.set_disconnected(seat.link, detail),
+            Ask::Unavailable(detail) => self.set_disconnected(link, detail),
         }
         Ok(true)
     }
@@ -1350,9 +1471,13 @@ impl Inner {
         let seq = self
             .heartbeat_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (agents, in_use) = {
+        let (agents, in_use, books) = {
             let state = lock(&self.state);
-            (state.claims(link).len() as u32, state.active == link)
+            (
+                state.claims(link).len() as u32,
+                state.active == link,
+                state.books(link),
+            )
         };
         let role = match (self.has_secondary(), link) {
             (false, _) => MasterRole::Only,
@@ -1364,6 +1489,7 @@ impl Inner {
             seq,
             agents,
             master: Some(MasterUse { role, in_use }),
+            books: Some(books),
         };
         match self.ask(link, SlaveOp::Heartbeat, &heartbeat).await {
             Ok(Ask::Reply {

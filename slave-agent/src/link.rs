@@ -89,8 +89,12 @@ pub(crate) struct Link {
     /// Serializes hellos on this link, so a burst of requests meeting a lost session says
     /// hello once.
     pub(crate) hello_lock: tokio::sync::Mutex<()>,
-    /// Numbers hellos so the master can ignore a delayed old one.
+    /// Numbers hellos so the master can ignore a delayed old one (and refuse a replayed
+    /// one): the first is 1.
     pub(crate) hello_seq: std::sync::atomic::AtomicU64,
+    /// How many hellos this link completed: a caller that waited on `hello_lock` while it
+    /// moved does not say hello again.
+    pub(crate) hellos: std::sync::atomic::AtomicU64,
     coalescer: Mutex<Coalescer>,
 }
 
@@ -130,6 +134,7 @@ impl Link {
             nats_url: nats_url.to_owned(),
             hello_lock: tokio::sync::Mutex::new(()),
             hello_seq: Default::default(),
+            hellos: Default::default(),
             coalescer: Mutex::default(),
         })
     }

@@ -206,6 +206,7 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
                         seq,
                         agents: 0,
                         master: None,
+                        ..Default::default()
                     };
                     let subject = subjects.slave_op(&s.id, SlaveOp::Heartbeat);
                     let _ = clients[i % CONNECTIONS]
@@ -237,6 +238,7 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
                     grace_ms: 0,
                     logout_after_grace: false,
                     request_timeout_ms: 2000,
+                    ..Default::default()
                 };
                 let subject = subjects.slave_op(&s.id, SlaveOp::Hello);
                 match ask(&client, subject, encode(&hello)?).await? {

@@ -43,6 +43,7 @@ async fn snapshot_manifests_are_fenced_and_older_snapshots_purged() {
                 slave: "s1".into(),
                 agent_type: "inbound".into(),
                 agent_ids: (0..n).map(|i| format!("agent-{i}")).collect(),
+                request_seqs: Vec::new(),
             },
         ]
     };

@@ -44,6 +44,7 @@ async fn malformed_messages_get_error_replies_and_alerts() {
         seq: 1,
         agents: 0,
         master: None,
+        ..Default::default()
     })
     .unwrap();
     let future = rmp_serde::to_vec_named(&FutureEnvelope { v: 99, body: 1 }).unwrap();

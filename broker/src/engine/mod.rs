@@ -22,7 +22,7 @@ use lmbus_schemas::{
     AgentClaim, Alert, AlertKind, ControlMessage, Decision, ErrorCode, Heartbeat, Hello, License,
     LicenseSummary, RegisterRequest, RejectReason, RejectedAgent, Reply, Role, SeatChange,
     Severity, SlaveEvent, SlaveId, SlaveReport, SlaveStatus, StatusReply, UnregisterRequest,
-    VerifyingKey, Welcome, WireError, verify_license,
+    VerifyingKey, Welcome, WireError, agent_hash, verify_license,
 };
 use time::Date;
 use uuid::Uuid;
@@ -106,6 +106,11 @@ impl Bucket {
 /// sent concurrently arrive out of order).
 pub const REPLAY_WINDOW: u64 = 1024;
 
+/// How far past the highest request number seen a new one may jump. A genuine slave counts
+/// up by one; a number near `u64::MAX` would leave no room for any later request and lock
+/// the instance out.
+pub const MAX_SEQ_JUMP: u64 = 1 << 32;
+
 /// The request numbers (`seq`) of one slave instance the master has processed: every
 /// number up to `floor`, and those marked in a ring of the last [`REPLAY_WINDOW`] numbers
 /// up to `highest`. 128 bytes per slave.
@@ -124,7 +129,10 @@ impl Window {
 
     /// Whether `seq` is new; if so, it is marked as processed.
     fn accept(&mut self, seq: u64) -> bool {
-        if seq == 0 || seq <= self.floor {
+        if seq == 0
+            || seq <= self.floor
+            || seq.saturating_sub(self.highest.max(self.floor)) > MAX_SEQ_JUMP
+        {
             return false;
         }
         if seq > self.highest {
@@ -254,6 +262,11 @@ struct Slave {
     heartbeat_interval: Duration,
     /// Agent id → agent type, for every seat the slave holds.
     agents: HashMap<String, String>,
+    /// Agent id → the request number that granted its seat (0: a grant at a hello, or
+    /// unknown), for the hello reconcile (`Hello::request_seq`).
+    granted: HashMap<String, u64>,
+    /// `agent_digest` of `agents`, kept up to date, for the heartbeat's books.
+    digest: u64,
     /// The slave's grace period, from its hello.
     grace: Duration,
     /// The slave logs out all agents when its grace period ends, so its seats may be
@@ -276,6 +289,32 @@ struct Slave {
 }
 
 impl Slave {
+    /// Empties the seat table (its counters are the caller's), returning the seats.
+    fn take_seats(&mut self) -> Vec<(String, String)> {
+        self.granted.clear();
+        self.digest = 0;
+        let mut seats: Vec<(String, String)> = self.agents.drain().collect();
+        seats.sort();
+        seats
+    }
+
+    /// This slave's books as its heartbeat would show them: how many seats and their
+    /// digest, leaving out `unsettled` agents.
+    fn books(&self, unsettled: &[String]) -> (u32, u64) {
+        let mut count = self.agents.len() as u32;
+        let mut digest = self.digest;
+        let mut seen = HashSet::new();
+        for agent in unsettled {
+            if let Some(agent_type) = self.agents.get(agent)
+                && seen.insert(agent.as_str())
+            {
+                count -= 1;
+                digest ^= agent_hash(agent, agent_type);
+            }
+        }
+        (count, digest)
+    }
+
     fn silence_limit(&self, missed: u32) -> Duration {
         self.heartbeat_interval.saturating_mul(missed.max(1))
     }
@@ -385,6 +424,7 @@ impl Engine {
         let mut out = Output::reply(Reply::Refused {
             reason,
             detail: detail.clone(),
+            last_hello: None,
         });
         out.alert(
             self.alert(
@@ -501,14 +541,31 @@ impl Engine {
             }
         }
         if let Some(known) = self.slaves.get(&id) {
-            if known.instance == hello.instance && hello.seq < known.hello_seq {
-                return Output::reply(Reply::Refused {
-                    reason: RejectReason::StaleRequest,
+            // Every hello of an instance carries a new, higher number: one at or below the
+            // last accepted is a replay (or a retry of a hello that was processed, which
+            // the slave sends again under a new number), and must not roll back the seats.
+            if known.instance == hello.instance && hello.seq <= known.hello_seq {
+                let mut out = Output::reply(Reply::Refused {
+                    last_hello: Some(known.hello_seq),
+                    reason: RejectReason::Replayed,
                     detail: format!(
-                        "hello {} is older than hello {} already processed",
+                        "hello number {} of this instance was already processed (the last was {}): a replayed hello; say hello under a new number",
                         hello.seq, known.hello_seq
                     ),
                 });
+                out.alert(
+                    self.alert(
+                        Severity::Warning,
+                        AlertKind::SlaveRefused,
+                        format!(
+                            "slave {id}: hello number {} refused as replayed (the last accepted was {}); its seats are untouched",
+                            hello.seq, known.hello_seq
+                        ),
+                    )
+                    .slave(id.as_str())
+                    .reason(RejectReason::Replayed),
+                );
+                return out;
             }
         }
         let mut out = Output::default();
@@ -521,6 +578,8 @@ impl Engine {
             last_seen: now,
             heartbeat_interval: interval,
             agents: HashMap::new(),
+            granted: HashMap::new(),
+            digest: 0,
             grace,
             logout_after_grace: false,
             hello_seq: 0,
@@ -531,6 +590,7 @@ impl Engine {
             master: None,
         });
         let restarted = slave.instance != hello.instance;
+        let was_connected = slave.connected && !restarted;
         if restarted {
             // A new process numbers its requests from 1 again.
             slave.requests = Window::default();
@@ -560,27 +620,39 @@ impl Engine {
 
         // Reconcile: the slave's list is what it really holds. Seats it no longer claims
         // are released; claims the master does not hold are granted again if there is
-        // room. Either way no agent ends up with two seats.
+        // room. Either way no agent ends up with two seats. A seat the hello cannot know
+        // about is kept: one whose registration was in flight when the hello was built
+        // (`pending`), or one granted by a request numbered after it (`request_seq`) by
+        // this same instance.
         let claimed: HashMap<&str, &AgentClaim> = hello
             .agents
             .iter()
             .map(|c| (c.agent_id.as_str(), c))
             .collect();
-        let stale: Vec<(String, String)> = slave
+        let pending: HashSet<&str> = hello.pending.iter().map(String::as_str).collect();
+        let accounts_for = |seq: u64| restarted || hello.request_seq.is_none_or(|last| seq <= last);
+        let mut stale: Vec<String> = slave
             .agents
             .iter()
             .filter(|(agent, agent_type)| {
                 claimed
                     .get(agent.as_str())
                     .is_none_or(|c| &c.agent_type != *agent_type)
+                    && !pending.contains(agent.as_str())
+                    && accounts_for(slave.granted.get(agent.as_str()).copied().unwrap_or(0))
             })
-            .map(|(a, t)| (a.clone(), t.clone()))
+            .map(|(a, _)| a.clone())
             .collect();
-        for (agent, _) in &stale {
+        stale.sort();
+        for agent in &stale {
             self.release(&id, agent);
         }
         let mut rejected = Vec::new();
         for claim in &hello.agents {
+            if pending.contains(claim.agent_id.as_str()) {
+                // Its own registration decides it.
+                continue;
+            }
             let result = if revoked.contains(&claim.agent_id) {
                 Err((
                     RejectReason::ReleasedByAdmin,
@@ -619,18 +691,31 @@ impl Engine {
             None => "unlicensed".to_owned(),
         };
         let held = self.slaves.get(&id).map_or(0, |s| s.agents.len());
-        let mut message = format!("slave {id} connected, {terms}, holding {held} agents");
+        let mut message = if was_connected {
+            format!("slave {id} reconciled its seats, {terms}, holding {held} agents")
+        } else {
+            format!("slave {id} connected, {terms}, holding {held} agents")
+        };
+        if !stale.is_empty() {
+            message.push_str(&format!(
+                ", {} seats it no longer claims released",
+                stale.len()
+            ));
+        }
         if restarted {
             message.push_str(" (new process instance)");
         }
         if !rejected.is_empty() {
             message.push_str(&format!(", {} agents refused on reconcile", rejected.len()));
         }
-        out.alert(
-            self.alert(Severity::Info, AlertKind::SlaveConnected, message)
-                .slave(id.as_str())
-                .counts(self.counts()),
-        );
+        // A reconcile of a live session that changed nothing is not news.
+        if !was_connected || !stale.is_empty() || !rejected.is_empty() {
+            out.alert(
+                self.alert(Severity::Info, AlertKind::SlaveConnected, message)
+                    .slave(id.as_str())
+                    .counts(self.counts()),
+            );
+        }
         out.reply = Some(Reply::Welcome(Welcome {
             broker_id: self.cfg.broker_id.clone(),
             master_license: self.cfg.license.id,
@@ -720,7 +805,7 @@ impl Engine {
             None => {}
         }
         self.check_admit(slave, agent_type)?;
-        self.insert_seat(id, agent, agent_type);
+        self.insert_seat(id, agent, agent_type, request_seq);
         self.pending.push(SeatChange::Grant {
             slave: id.to_string(),
             agent_id: agent.to_owned(),
@@ -742,14 +827,23 @@ impl Engine {
     }
 
     /// Puts a seat in the table and the counters, without checks or records.
-    fn insert_seat(&mut self, id: &SlaveId, agent: &str, agent_type: &str) -> bool {
+    fn insert_seat(
+        &mut self,
+        id: &SlaveId,
+        agent: &str,
+        agent_type: &str,
+        request_seq: u64,
+    ) -> bool {
         let Some(slave) = self.slaves.get_mut(id) else {
             return false;
         };
         // Granted again since an operator released it: the slave holds it rightly now.
         slave.revoked.remove(agent);
+        slave.granted.insert(agent.to_owned(), request_seq);
+        slave.digest ^= agent_hash(agent, agent_type);
         if let Some(old) = slave.agents.insert(agent.to_owned(), agent_type.to_owned()) {
             // Already held (only possible in a replay): keep the counts exact.
+            slave.digest ^= agent_hash(agent, &old);
             self.uncount(&old);
         }
         self.total_in_use += 1;
@@ -762,7 +856,12 @@ impl Engine {
 
     /// Takes a seat out of the table and the counters, without records.
     fn remove_seat(&mut self, id: &SlaveId, agent: &str) -> bool {
-        let removed = self.slaves.get_mut(id).and_then(|s| s.agents.remove(agent));
+        let removed = self.slaves.get_mut(id).and_then(|s| {
+            let agent_type = s.agents.remove(agent)?;
+            s.granted.remove(agent);
+            s.digest ^= agent_hash(agent, &agent_type);
+            Some(agent_type)
+        });
         match removed {
             Some(agent_type) => {
                 self.uncount(&agent_type);
@@ -964,9 +1063,22 @@ impl Engine {
             Some(slave) if slave.connected && slave.instance == heartbeat.instance => {
                 slave.last_seen = now;
                 slave.master = heartbeat.master;
-                Output::reply(Reply::Ack)
+                let mut out = Output::reply(Reply::Ack);
+                // Continuous reconcile: books that differ (leaving out what is in flight)
+                // get a new hello, whose reconcile settles them within this interval.
+                if let Some(books) = &heartbeat.books {
+                    let (count, digest) = slave.books(&books.unsettled);
+                    if (count, digest) != (books.count, books.digest) {
+                        out.effects.push(Effect::Control {
+                            slave: id.clone(),
+                            message: ControlMessage::Rehello,
+                        });
+                    }
+                }
+                out
             }
             _ => Output::reply(Reply::Refused {
+                last_hello: None,
                 reason: RejectReason::SlaveNotConnected,
                 detail: "the master has no live session with this slave instance: say hello again"
                     .to_owned(),
@@ -1065,7 +1177,7 @@ impl Engine {
             {
                 slave.connected = false;
                 slave.reclaimed = true;
-                let agents: Vec<(String, String)> = slave.agents.drain().collect();
+                let agents = slave.take_seats();
                 reclaim.push((id.clone(), agents, silent));
             }
         }
@@ -1353,6 +1465,8 @@ impl Engine {
                     last_seen: now,
                     heartbeat_interval: Duration::from_millis(*heartbeat_interval_ms),
                     agents: HashMap::new(),
+                    granted: HashMap::new(),
+                    digest: 0,
                     grace: Duration::ZERO,
                     logout_after_grace: false,
                     hello_seq: 0,
@@ -1387,7 +1501,7 @@ impl Engine {
                 request_seq,
             } => {
                 let id = slave_id(slave)?;
-                if !self.insert_seat(&id, agent_id, agent_type) {
+                if !self.insert_seat(&id, agent_id, agent_type, *request_seq) {
                     return Err(format!(
                         "grant of {agent_id} for slave {slave}, which has no session"
                     ));
@@ -1400,10 +1514,12 @@ impl Engine {
                 slave,
                 agent_type,
                 agent_ids,
+                request_seqs,
             } => {
                 let id = slave_id(slave)?;
-                for agent_id in agent_ids {
-                    if !self.insert_seat(&id, agent_id, agent_type) {
+                for (i, agent_id) in agent_ids.iter().enumerate() {
+                    let seq = request_seqs.get(i).copied().unwrap_or(0);
+                    if !self.insert_seat(&id, agent_id, agent_type, seq) {
                         return Err(format!("seats for slave {slave}, which has no session"));
                     }
                 }
@@ -1417,7 +1533,7 @@ impl Engine {
                     Some(s) => {
                         s.connected = false;
                         s.reclaimed = true;
-                        s.agents.drain().map(|(_, t)| t).collect()
+                        s.take_seats().into_iter().map(|(_, t)| t).collect()
                     }
                     None => Vec::new(),
                 };
@@ -1489,19 +1605,22 @@ impl Engine {
                     agents: part.to_vec(),
                 });
             }
-            let mut by_type: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            let mut by_type: BTreeMap<&str, Vec<(String, u64)>> = BTreeMap::new();
             for (agent, agent_type) in &s.agents {
+                let seq = s.granted.get(agent).copied().unwrap_or(0);
                 by_type
                     .entry(agent_type.as_str())
                     .or_default()
-                    .push(agent.clone());
+                    .push((agent.clone(), seq));
             }
-            for (agent_type, agents) in by_type {
+            for (agent_type, mut agents) in by_type {
+                agents.sort();
                 for part in agents.chunks(per_change) {
                     changes.push(SeatChange::Seats {
                         slave: slave.clone(),
                         agent_type: agent_type.to_owned(),
-                        agent_ids: part.to_vec(),
+                        agent_ids: part.iter().map(|(a, _)| a.clone()).collect(),
+                        request_seqs: part.iter().map(|(_, q)| *q).collect(),
                     });
                 }
             }
