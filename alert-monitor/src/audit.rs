@@ -336,8 +336,10 @@ pub fn render_audit(audit: &Audit) -> String {
         ));
     }
     for r in &audit.records {
-        o.push_str(&format!(
-            "{} {:<6} #{:<7} {:<21} slave={} agent={} type={} | {}\n",
+        // Ids, types and details come from the ledger and the alerts (and so from the
+        // network): escaped, one record is always one line.
+        let line = format!(
+            "{} {:<6} #{:<7} {:<21} slave={} agent={} type={} | {}",
             crate::format_time(r.time_ms),
             r.source,
             r.sequence,
@@ -346,7 +348,9 @@ pub fn render_audit(audit: &Audit) -> String {
             r.agent.as_deref().unwrap_or("-"),
             r.agent_type.as_deref().unwrap_or("-"),
             r.detail
-        ));
+        );
+        o.push_str(&lmbus_schemas::printable(&line));
+        o.push('\n');
     }
     o
 }

@@ -90,7 +90,37 @@ pub fn format_alert(alert: &Alert) -> String {
         let _ = write!(line, " reason={reason}");
     }
     let _ = write!(line, " | {}", alert.message);
-    line
+    // Everything in an alert came over the network: show control characters escaped, so
+    // an alert can neither move the cursor, retitle the terminal nor forge a line.
+    lmbus_schemas::printable(&line).into_owned()
+}
+
+/// `s` with every text that came from the network made printable
+/// ([`lmbus_schemas::printable`]), for the table and the live view.
+pub fn printable_status(s: &StatusReply) -> StatusReply {
+    use lmbus_schemas::printable;
+    let p = |t: &str| printable(t).into_owned();
+    let mut s = s.clone();
+    s.cluster = p(&s.cluster);
+    s.broker_id = p(&s.broker_id);
+    s.license.customer = p(&s.license.customer);
+    for r in &mut s.replicas {
+        r.replica = p(&r.replica);
+    }
+    s.type_limits = s.type_limits.into_iter().map(|(t, n)| (p(&t), n)).collect();
+    s.in_use_by_type = s
+        .in_use_by_type
+        .into_iter()
+        .map(|(t, n)| (p(&t), n))
+        .collect();
+    for slave in &mut s.slaves {
+        slave.slave_id = p(&slave.slave_id);
+        slave.in_use_by_type = std::mem::take(&mut slave.in_use_by_type)
+            .into_iter()
+            .map(|(t, n)| (p(&t), n))
+            .collect();
+    }
+    s
 }
 
 /// One alert message as received: from the alert stream (with its stream sequence) or
@@ -340,6 +370,7 @@ pub(crate) fn slave_cells(slave: &SlaveStatus) -> [String; 8] {
 
 /// The License Monitor view as a plain table.
 pub fn render_status(s: &StatusReply) -> String {
+    let s = &printable_status(s);
     let mut o = String::new();
     let _ = writeln!(
         o,

@@ -266,7 +266,7 @@ pub fn draw(frame: &mut Frame, view: &LiveView) {
                     // The time of day; an alert's time comes from the network.
                     format_time(a.time_ms).get(11..19).unwrap_or("--:--:--"),
                     a.kind.token(),
-                    a.message
+                    lmbus_schemas::printable(&a.message)
                 ),
                 Style::new().fg(color),
             )
@@ -339,7 +339,7 @@ pub async fn run(
             _ = refresh.tick() => {
                 match fetch_status(client, subjects, timeout).await {
                     Ok(status) => {
-                        view.status = Some(status);
+                        view.status = Some(crate::printable_status(&status));
                         view.error = None;
                         view.refreshed = format_time(unix_ms());
                     }

@@ -55,6 +55,24 @@ pub fn nats_server_bin() -> PathBuf {
     PathBuf::from("/usr/sbin/nats-server")
 }
 
+/// `deploy/nats-server.conf` for `cluster`: "acme" renamed, each `$LMBUS_<USER>_PASSWORD`
+/// replaced by `"pw-<user>"`, and no store directory (the harness gives one on the command
+/// line).
+pub fn reference_config(cluster: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats-server.conf");
+    let mut text = std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .replace("acme", cluster)
+        .replace("  store_dir: \"/var/lib/nats/jetstream\"\n", "");
+    for who in ["BROKER", "MONITOR", "OPERATOR", "SITE1", "SITE2"] {
+        text = text.replace(
+            &format!("$LMBUS_{who}_PASSWORD"),
+            &format!("\"pw-{}\"", who.to_lowercase()),
+        );
+    }
+    text
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -273,22 +273,6 @@ async fn tls_with_client_certificates() {
 }
 
 /// `deploy/nats-server.conf` for this test's cluster name, with passwords filled in.
-fn reference_config(cluster: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats-server.conf");
-    // The harness gives the store directory on the command line (nats-server refuses both).
-    let mut text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("acme", cluster)
-        .replace("  store_dir: \"/var/lib/nats/jetstream\"\n", "");
-    for who in ["BROKER", "MONITOR", "OPERATOR", "SITE1", "SITE2"] {
-        text = text.replace(
-            &format!("$LMBUS_{who}_PASSWORD"),
-            &format!("\"pw-{}\"", who.to_lowercase()),
-        );
-    }
-    text
-}
-
 /// A raw client as slave `user` (with that slave's inbox prefix, as `lmbus-slave` uses)
 /// that records what the server reports (permission violations).
 async fn watched_client(

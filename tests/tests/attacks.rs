@@ -1,0 +1,781 @@
+#![allow(clippy::unwrap_used)]
+//! Attacks by a site that wants more seats or to hurt the service, with nothing but its
+//! own NATS credentials under `deploy/nats-server.conf`: crafted reply subjects on every
+//! message class, replayed and forged hellos, floods of every class, hostile ids and
+//! texts on every path, and readers of streams large enough to need flow control. The
+//! hosts' books (what each slave was told) are compared with the master's ledger.
+
+use std::time::{Duration, Instant};
+
+use lmbus_nats::NatsAuth;
+use lmbus_schemas::{
+    AgentClaim, AlertKind, BatchItem, BatchRequest, Heartbeat, Hello, RegisterRequest,
+    RejectReason, Reply, Severity, SlaveEvent, SlaveId, SlaveOp, SlaveReport, Subjects,
+    UnregisterRequest, decode, encode,
+};
+use lmbus_slave::{Outcome, SlaveAgent};
+use lmbus_tests::*;
+
+fn user(name: &str) -> NatsAuth {
+    NatsAuth {
+        user: Some(name.into()),
+        password: Some(format!("pw-{name}")),
+        ..NatsAuth::default()
+    }
+}
+
+/// A license cluster on a nats-server running the reference configuration: one broker
+/// (as user `broker`), and clients as `broker` (to read the ledger, as an auditor would)
+/// and `monitor`.
+struct Deployment {
+    nats: NatsServer,
+    vendor: Vendor,
+    cluster: String,
+    subjects: Subjects,
+    broker: Option<Broker>,
+    auditor: async_nats::Client,
+    monitor: async_nats::Client,
+}
+
+impl Deployment {
+    async fn start(total: u32) -> Self {
+        init_tracing();
+        let cluster = cluster_name();
+        let nats = NatsServer::start_with_config(&reference_config(&cluster)).unwrap();
+        let vendor = Vendor::new().unwrap();
+        let license = vendor.master(total, &[]).unwrap();
+        let mut cfg = broker_config(&nats, &cluster, license, &vendor, true);
+        cfg.nats_auth = user("broker");
+        let broker = Broker::start(cfg).await.unwrap();
+        let connect = |who: &str| {
+            let url = nats.url();
+            let auth = user(who);
+            async move {
+                lmbus_nats::connect(&url, async_nats::ConnectOptions::new(), &auth)
+                    .await
+                    .unwrap()
+            }
+        };
+        let auditor = connect("broker").await;
+        let monitor = connect("monitor").await;
+        Self {
+            subjects: Subjects::new(&cluster).unwrap(),
+            nats,
+            vendor,
+            cluster,
+            broker: Some(broker),
+            auditor,
+            monitor,
+        }
+    }
+
+    /// A raw NATS client with site `id`'s credentials and its inbox prefix: what the
+    /// attacker has.
+    async fn site(&self, id: &str) -> async_nats::Client {
+        let slave = SlaveId::new(id).unwrap();
+        lmbus_nats::connect(
+            &self.nats.url(),
+            async_nats::ConnectOptions::new()
+                .custom_inbox_prefix(self.subjects.slave_inbox_prefix(&slave)),
+            &user(id),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn slave_config(&self, id: &str) -> lmbus_slave::SlaveConfig {
+        let mut cfg = lmbus_slave::SlaveConfig::new(
+            &self.nats.url(),
+            &self.cluster,
+            SlaveId::new(id).unwrap(),
+        );
+        cfg.nats_auth = user(id);
+        cfg.heartbeat_interval = Duration::from_millis(200);
+        cfg
+    }
+
+    async fn slave(&self, id: &str) -> SlaveAgent {
+        tokio::time::timeout(WAIT, SlaveAgent::start(self.slave_config(id)))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn status(&self) -> lmbus_schemas::StatusReply {
+        lmbus_monitor::fetch_status(&self.monitor, &self.subjects, Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+
+    /// Every ledger record, decoded (a record that does not decode fails the test), and
+    /// the ledger audit's seats.
+    async fn ledger(
+        &self,
+    ) -> (
+        Vec<lmbus_broker::ledger::Record>,
+        lmbus_broker::ledger::Audit,
+    ) {
+        let ledger = lmbus_broker::ledger::Ledger::open(&self.auditor, &self.subjects, 1)
+            .await
+            .unwrap();
+        let records = tokio::time::timeout(WAIT, ledger.read_all())
+            .await
+            .unwrap()
+            .unwrap();
+        let audit = lmbus_broker::ledger::audit(&records, 1_000_000, &Default::default()).unwrap();
+        (records, audit)
+    }
+
+    async fn stop(mut self) {
+        if let Some(b) = self.broker.take() {
+            b.stop().await.unwrap();
+        }
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn hello(seq: u64, agents: Vec<AgentClaim>) -> Hello {
+    Hello {
+        instance: uuid::Uuid::new_v4(),
+        heartbeat_interval_ms: 1000,
+        seq,
+        grace_ms: 60_000,
+        request_timeout_ms: 2_000,
+        agents,
+        ..Hello::default()
+    }
+}
+
+fn register(seq: u64, agent: &str) -> RegisterRequest {
+    RegisterRequest {
+        request_id: uuid::Uuid::new_v4(),
+        seq,
+        agent_id: agent.into(),
+        agent_type: "inbound".into(),
+    }
+}
+
+/// One well-formed payload per slave operation, plus garbage.
+fn payloads() -> Vec<(SlaveOp, Vec<u8>)> {
+    vec![
+        (SlaveOp::Hello, encode(&hello(1, vec![])).unwrap()),
+        (SlaveOp::Register, encode(&register(1, "x1")).unwrap()),
+        (
+            SlaveOp::Unregister,
+            encode(&UnregisterRequest {
+                request_id: uuid::Uuid::new_v4(),
+                seq: 2,
+                agent_id: "x1".into(),
+            })
+            .unwrap(),
+        ),
+        (SlaveOp::Heartbeat, encode(&Heartbeat::default()).unwrap()),
+        (
+            SlaveOp::Batch,
+            encode(&BatchRequest {
+                items: vec![BatchItem::Register(register(3, "x2"))],
+            })
+            .unwrap(),
+        ),
+        (
+            SlaveOp::Report,
+            encode(&SlaveReport {
+                event: SlaveEvent::Other,
+                message: "hi".into(),
+            })
+            .unwrap(),
+        ),
+        (SlaveOp::Register, b"\x00garbage".to_vec()),
+    ]
+}
+
+/// Sends `payload` as site `from` on operation `op` and returns the decoded answer, if any
+/// came within a second.
+async fn ask(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    from: &str,
+    op: SlaveOp,
+    payload: Vec<u8>,
+) -> Option<Reply> {
+    let subject = subjects.slave_op(&SlaveId::new(from).unwrap(), op);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.request(subject, payload.into()),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(decode::<Reply>(&answer.payload).unwrap())
+}
+
+/// Steps: the reference configuration, a broker, and an honest site2 holding a seat. As
+/// site1 (its own credentials only), every slave operation and garbage are published
+/// three times with each of these reply subjects: the ledger's subject, the ledger's purge
+/// and delete API, the election lease key, an alert subject, the snapshot manifest,
+/// site2's control subject and site2's inbox. Then: the leader is still in its term, every
+/// ledger record decodes and was written by the broker, the alert stream holds only alerts,
+/// site2 registers again at once, site1 never got a seat or a session, one critical
+/// `bad_message` alert names site1, and no alert is blamed on site2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_subjects_outside_the_slaves_inbox_are_never_answered() {
+    let d = Deployment::start(5).await;
+    let mut tap = AlertTap::new(&d.monitor, &d.cluster).await.unwrap();
+    let site2 = d.slave("site2").await;
+    assert!(matches!(
+        site2.register("b1", "inbound").await.unwrap(),
+        Outcome::Approved { .. }
+    ));
+    let before = d.status().await;
+    let (records_before, _) = d.ledger().await;
+
+    let s = &d.subjects;
+    let site2_id = SlaveId::new("site2").unwrap();
+    let targets = [
+        s.ledger(),
+        format!("$JS.API.STREAM.PURGE.{}", s.ledger_stream()),
+        format!("$JS.API.STREAM.DELETE.{}", s.ledger_stream()),
+        format!("$KV.{}.leader", s.election_bucket()),
+        s.alert(Severity::Critical, AlertKind::BadMessage),
+        s.snapshot_manifest(),
+        s.control(&site2_id),
+        format!("{}.stolen", s.slave_inbox_prefix(&site2_id)),
+    ];
+    let attacker = d.site("site1").await;
+    let site1 = SlaveId::new("site1").unwrap();
+    for _round in 0..3 {
+        for target in &targets {
+            for (op, payload) in payloads() {
+                attacker
+                    .publish_with_reply(s.slave_op(&site1, op), target.clone(), payload.into())
+                    .await
+                    .unwrap();
+            }
+        }
+        attacker.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = Instant::now();
+    assert!(matches!(
+        site2.register("b2", "inbound").await.unwrap(),
+        Outcome::Approved { .. }
+    ));
+    eprintln!(
+        "seen: site2's registration after the attack took {:?}",
+        started.elapsed()
+    );
+    let after = d.status().await;
+    assert_eq!(
+        after.leader_term, before.leader_term,
+        "the leader stepped down"
+    );
+    assert!(
+        !after.slaves.iter().any(|sl| sl.slave_id == "site1"),
+        "site1 got a session: {:?}",
+        after.slaves
+    );
+    let (records, audit) = d.ledger().await;
+    assert!(
+        records.len() > records_before.len(),
+        "site2's grant is recorded"
+    );
+    assert!(
+        records.iter().all(|r| r.entry.writer == "test-broker"),
+        "a record not written by the broker: {records:?}"
+    );
+    assert_eq!(
+        audit.seats.get("site2").map(|m| m.len()),
+        Some(2),
+        "{:?}",
+        audit.seats
+    );
+    assert!(!audit.seats.contains_key("site1"));
+    let (mut stored, until) = lmbus_monitor::alert_source(
+        &d.monitor,
+        s,
+        lmbus_monitor::Start::Since(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    let until = until.unwrap();
+    let mut read = 0u64;
+    while read < until {
+        let next = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut stored))
+            .await
+            .unwrap()
+            .unwrap();
+        let incoming = next.unwrap_or_else(|e| panic!("an alert record that is not an alert: {e}"));
+        decode::<lmbus_schemas::Alert>(&incoming.payload)
+            .unwrap_or_else(|e| panic!("a record in the alert stream that is not an alert: {e}"));
+        read = incoming.sequence.unwrap_or(until);
+    }
+    let flagged = tap
+        .wait_for("naming site1's forged reply subjects", |a| {
+            a.kind == AlertKind::BadMessage
+                && a.severity == Severity::Critical
+                && a.slave.as_deref() == Some("site1")
+        })
+        .await
+        .unwrap();
+    eprintln!("seen: {}", flagged.message);
+    assert!(
+        flagged.message.contains("outside its inbox"),
+        "{}",
+        flagged.message
+    );
+    assert!(
+        !tap.seen
+            .iter()
+            .any(|a| a.kind == AlertKind::BadMessage && a.slave.as_deref() == Some("site2")),
+        "an alert blamed site2: {:#?}",
+        tap.seen
+    );
+    site2.shutdown().await;
+    d.stop().await;
+}
+
+/// Steps: a 2-seat license; site1's slave holds a1 and a2 (its hello captured on the way,
+/// as anyone with the broker's view could). As site1, the captured hello is sent again
+/// verbatim: refused `replayed`, and site2 still cannot take a seat. Then a forged hello
+/// (a far higher number, no agents) does release site1's seats; site1's next heartbeat
+/// books disagree, the master asks for a hello, and the slave (numbering above the forged
+/// one) gets its seats back: within two seconds the master's seats equal the hosts'
+/// books again, and site2 is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_hello_takes_no_seat_and_a_forged_one_is_reconciled() {
+    let d = Deployment::start(2).await;
+    let mut tap = AlertTap::new(&d.monitor, &d.cluster).await.unwrap();
+    let s = &d.subjects;
+    let site1_id = SlaveId::new("site1").unwrap();
+    let mut hellos = d
+        .auditor
+        .subscribe(s.slave_op(&site1_id, SlaveOp::Hello))
+        .await
+        .unwrap();
+    d.auditor.flush().await.unwrap();
+    let site1 = d.slave("site1").await;
+    for a in ["a1", "a2"] {
+        assert!(matches!(
+            site1.register(a, "inbound").await.unwrap(),
+            Outcome::Approved { .. }
+        ));
+    }
+    let captured = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut hellos))
+        .await
+        .unwrap()
+        .unwrap()
+        .payload
+        .to_vec();
+
+    let attacker = d.site("site1").await;
+    let replayed = ask(&attacker, s, "site1", SlaveOp::Hello, captured.clone()).await;
+    assert!(
+        matches!(
+            replayed,
+            Some(Reply::Refused {
+                reason: RejectReason::Replayed,
+                ..
+            })
+        ),
+        "{replayed:?}"
+    );
+    let site2 = d.slave("site2").await;
+    let refused = site2.register("c1", "inbound").await.unwrap();
+    assert!(
+        matches!(
+            refused,
+            Outcome::Rejected {
+                reason: RejectReason::AggregateLimit,
+                ..
+            }
+        ),
+        "the license was exceeded after a replayed hello: {refused:?}"
+    );
+    tap.wait_for("about the replayed hello", |a| {
+        a.kind == AlertKind::SlaveRefused && a.reason == Some(RejectReason::Replayed)
+    })
+    .await
+    .unwrap();
+
+    let mut forged: Hello = decode(&captured).unwrap();
+    forged.seq = 1_000_000;
+    forged.agents.clear();
+    forged.pending.clear();
+    forged.request_seq = None;
+    let answer = ask(
+        &attacker,
+        s,
+        "site1",
+        SlaveOp::Hello,
+        encode(&forged).unwrap(),
+    )
+    .await;
+    assert!(matches!(answer, Some(Reply::Welcome(_))), "{answer:?}");
+    let forged_at = Instant::now();
+    let hosts = |slave: &SlaveAgent| {
+        slave
+            .agents()
+            .into_iter()
+            .map(|c| c.agent_id)
+            .collect::<Vec<_>>()
+    };
+    eventually("the master holds site1's seats again", || async {
+        d.status()
+            .await
+            .slaves
+            .iter()
+            .any(|sl| sl.slave_id == "site1" && sl.in_use == 2)
+    })
+    .await
+    .unwrap();
+    let healed = forged_at.elapsed();
+    eprintln!("seen: the forged hello's damage lasted {healed:?} (heartbeat every 200 ms)");
+    assert!(healed < Duration::from_secs(2), "{healed:?}");
+    let (_, audit) = d.ledger().await;
+    let master: Vec<String> = audit
+        .seats
+        .get("site1")
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    assert_eq!(
+        master,
+        hosts(&site1),
+        "the master's books and site1's hosts' differ"
+    );
+    assert!(hosts(&site2).is_empty());
+    assert!(matches!(
+        site2.register("c2", "inbound").await.unwrap(),
+        Outcome::Rejected { .. }
+    ));
+    site1.shutdown().await;
+    site2.shutdown().await;
+    d.stop().await;
+}
+
+/// Steps: an honest site2 registers and unregisters in a loop, measuring each answer,
+/// first alone (the baseline), then while site1 (its own credentials) floods: 3,000
+/// garbage messages, 2,000 hellos, 5,000 heartbeats and 300 reports of 200 kB, all with
+/// replies in its own inbox. Then: site2 got every answer, its slowest within a generous
+/// bound, the leader kept its term, at most a few `bad_message` alerts name site1 (each a
+/// count, each short), the alert stream grew by little, and the ledger took at most a
+/// budget's worth of site1's hellos.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_every_class_are_budgeted_per_slave() {
+    let d = Deployment::start(10).await;
+    let mut tap = AlertTap::new(&d.monitor, &d.cluster).await.unwrap();
+    let s = d.subjects.clone();
+    let site2 = d.slave("site2").await;
+    let measure = |site2: SlaveAgent, for_how_long: Duration| async move {
+        let mut slowest = Duration::ZERO;
+        let mut ops = 0u32;
+        let until = Instant::now() + for_how_long;
+        while Instant::now() < until {
+            let started = Instant::now();
+            let outcome = site2.register("b1", "inbound").await.unwrap();
+            assert!(matches!(outcome, Outcome::Approved { .. }), "{outcome:?}");
+            assert!(site2.unregister("b1").await.unwrap());
+            slowest = slowest.max(started.elapsed());
+            ops += 1;
+        }
+        (slowest, ops)
+    };
+    let (baseline, _) = measure(site2.clone(), Duration::from_secs(1)).await;
+    let before = d.status().await;
+    let (records_before, _) = d.ledger().await;
+    let alert_bytes_before = alert_stream_bytes(&d).await;
+
+    let attacker = d.site("site1").await;
+    let site1 = SlaveId::new("site1").unwrap();
+    let inbox = format!("{}.flood", s.slave_inbox_prefix(&site1));
+    let flood = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let big = SlaveReport {
+                event: SlaveEvent::Other,
+                message: "r".repeat(200_000),
+            };
+            let big = encode(&big).unwrap();
+            let instance = uuid::Uuid::new_v4();
+            for i in 0..5_000u64 {
+                let (op, payload) = match i % 10 {
+                    0..=2 => (SlaveOp::Register, format!("\u{1b}[2Jjunk {i}").into_bytes()),
+                    3 | 4 => {
+                        let mut h = hello(i + 1, vec![]);
+                        h.instance = instance;
+                        (SlaveOp::Hello, encode(&h).unwrap())
+                    }
+                    5..=8 => (SlaveOp::Heartbeat, encode(&Heartbeat::default()).unwrap()),
+                    _ if i < 3_000 => (SlaveOp::Report, big.clone()),
+                    _ => (SlaveOp::Heartbeat, encode(&Heartbeat::default()).unwrap()),
+                };
+                attacker
+                    .publish_with_reply(s.slave_op(&site1, op), inbox.clone(), payload.into())
+                    .await
+                    .unwrap();
+                if i % 500 == 0 {
+                    attacker.flush().await.unwrap();
+                }
+            }
+            attacker.flush().await.unwrap();
+        })
+    };
+    let (slowest, ops) = measure(site2.clone(), Duration::from_secs(4)).await;
+    flood.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    eprintln!(
+        "seen: site2 alone: slowest {baseline:?}; during site1's flood: {ops} register+unregister pairs, slowest {slowest:?}"
+    );
+    assert!(slowest < Duration::from_secs(1), "{slowest:?}");
+    let after = d.status().await;
+    assert_eq!(
+        after.leader_term, before.leader_term,
+        "the leader lost its lease"
+    );
+    let (records, _) = d.ledger().await;
+    let site1_sessions = records
+        .iter()
+        .skip(records_before.len())
+        .flat_map(|r| &r.entry.changes)
+        .filter(
+            |c| matches!(c, lmbus_schemas::SeatChange::Session { slave, .. } if slave == "site1"),
+        )
+        .count();
+    eprintln!("seen: {site1_sessions} of site1's 1,000 hellos reached the ledger");
+    assert!(site1_sessions <= 80, "{site1_sessions}");
+    let summaries = tap
+        .wait_count("counting site1's flood", 1, |a| {
+            a.kind == AlertKind::BadMessage && a.slave.as_deref() == Some("site1")
+        })
+        .await
+        .unwrap();
+    for a in &summaries {
+        eprintln!("seen: {}", a.message);
+        assert!(a.message.len() < 800, "{}", a.message);
+        assert!(!a.message.contains('\u{1b}'), "{}", a.message);
+    }
+    let about_site1 = tap
+        .seen
+        .iter()
+        .filter(|a| a.slave.as_deref() == Some("site1"))
+        .count();
+    assert!(
+        about_site1 <= 20,
+        "{about_site1} alerts about site1: {:#?}",
+        tap.seen
+    );
+    let grown = alert_stream_bytes(&d).await - alert_bytes_before;
+    eprintln!("seen: the alert stream grew by {grown} bytes");
+    assert!(grown < 200_000, "{grown}");
+    site2.shutdown().await;
+    d.stop().await;
+}
+
+async fn alert_stream_bytes(d: &Deployment) -> u64 {
+    let js = async_nats::jetstream::new(d.monitor.clone());
+    let mut stream = js.get_stream(d.subjects.alert_stream()).await.unwrap();
+    stream.info().await.unwrap().state.bytes
+}
+
+/// Steps: as site1, ids of 1,000 bytes, ids with ANSI escape and title sequences,
+/// newlines and a right-to-left override, and a 3,000-character type are sent through a
+/// hello's agent list, a hello's pending list, a registration, an unregistration, a batch
+/// and a report: each is answered with an `invalid` error and nothing reaches the ledger.
+/// `lmbus-monitor tail`, `audit` and `licenses --once` print no escape character.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_ids_and_texts_are_refused_on_every_path() {
+    let d = Deployment::start(10).await;
+    let s = &d.subjects;
+    let attacker = d.site("site1").await;
+    let long = "x".repeat(1_000);
+    let ugly = "\u{1b}]0;owned\u{7}\u{1b}[2J";
+    let forged_line = "a\n2026-11-27T00:00:00Z INFO forged";
+    let rtl = "a\u{202e}b";
+    let long_type = "t".repeat(3_000);
+    let mut cases: Vec<(SlaveOp, Vec<u8>)> = Vec::new();
+    for id in [long.as_str(), ugly, forged_line, rtl] {
+        let claim = AgentClaim {
+            agent_id: id.into(),
+            agent_type: "inbound".into(),
+        };
+        cases.push((SlaveOp::Hello, encode(&hello(1, vec![claim])).unwrap()));
+        let mut h = hello(1, vec![]);
+        h.pending = vec![id.into()];
+        cases.push((SlaveOp::Hello, encode(&h).unwrap()));
+        cases.push((SlaveOp::Register, encode(&register(1, id)).unwrap()));
+        cases.push((
+            SlaveOp::Unregister,
+            encode(&UnregisterRequest {
+                request_id: uuid::Uuid::new_v4(),
+                seq: 2,
+                agent_id: id.into(),
+            })
+            .unwrap(),
+        ));
+        cases.push((
+            SlaveOp::Batch,
+            encode(&BatchRequest {
+                items: vec![BatchItem::Register(register(3, id))],
+            })
+            .unwrap(),
+        ));
+    }
+    let mut typed = register(4, "ok");
+    typed.agent_type = long_type.clone();
+    cases.push((SlaveOp::Register, encode(&typed).unwrap()));
+    let claim = AgentClaim {
+        agent_id: "ok".into(),
+        agent_type: long_type,
+    };
+    cases.push((SlaveOp::Hello, encode(&hello(1, vec![claim])).unwrap()));
+    let mut answered = 0;
+    for (i, (op, payload)) in cases.into_iter().enumerate() {
+        // Within the bad-message budget (a burst of 10, 5 a second).
+        if i % 4 == 3 {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+        }
+        match ask(&attacker, s, "site1", op, payload).await {
+            Some(Reply::Error(e)) => {
+                assert_eq!(e.code, lmbus_schemas::ErrorCode::Invalid, "{e}");
+                answered += 1;
+            }
+            other => panic!("{op:?}: {other:?}"),
+        }
+    }
+    eprintln!("seen: {answered} hostile requests answered `invalid`");
+    for report in [
+        SlaveReport {
+            event: SlaveEvent::Other,
+            message: ugly.into(),
+        },
+        SlaveReport {
+            event: SlaveEvent::LocalRejection {
+                agent_id: forged_line.into(),
+                agent_type: "inbound".into(),
+                reason: RejectReason::LocalLimit,
+            },
+            message: String::new(),
+        },
+    ] {
+        attacker
+            .publish(
+                s.slave_op(&SlaveId::new("site1").unwrap(), SlaveOp::Report),
+                encode(&report).unwrap().into(),
+            )
+            .await
+            .unwrap();
+    }
+    attacker.flush().await.unwrap();
+    let (records, audit) = d.ledger().await;
+    assert!(audit.seats.is_empty(), "{:?}", audit.seats);
+    assert!(
+        records.iter().flat_map(|r| &r.entry.changes).all(
+            |c| !matches!(c, lmbus_schemas::SeatChange::Session { slave, .. } if slave == "site1")
+        ),
+        "a hostile hello opened a session"
+    );
+    // Wait for the summary alert (at most one tick) before reading the trail.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let monitor = bin("lmbus-monitor").unwrap();
+    for args in [
+        vec!["tail", "--since", "1h"],
+        vec!["audit"],
+        vec!["licenses", "--once"],
+    ] {
+        let out = std::process::Command::new(&monitor)
+            .args(["--nats", &d.nats.url(), "--cluster", &d.cluster])
+            .args(&args)
+            .env("LMBUS_NATS_USER", "monitor")
+            .env("LMBUS_NATS_PASSWORD", "pw-monitor")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+            "{args:?} printed raw control characters: {text}"
+        );
+        assert!(!text.contains("\nforged"), "{args:?}: {text}");
+    }
+    d.stop().await;
+}
+
+/// Steps: 20,000 alerts (about 7 MB) are stored in the alert stream; under the reference
+/// permissions the monitor user reads all of them back (`alert_source` from an hour ago,
+/// and the audit trail), which takes JetStream flow control ($JS.FC.>) past the first
+/// window; then the broker restarts and leads again on the same streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_get_through_streams_that_need_flow_control() {
+    let mut d = Deployment::start(10).await;
+    let js = async_nats::jetstream::new(d.auditor.clone());
+    let subject = d.subjects.alert(Severity::Info, AlertKind::Other);
+    let filler = "f".repeat(300);
+    let n = 20_000u64;
+    let mut acks = Vec::new();
+    for i in 0..n {
+        let mut alert =
+            lmbus_schemas::Alert::new(Severity::Info, AlertKind::Other, format!("{i} {filler}"));
+        alert.source = "test".into();
+        acks.push(
+            js.publish(subject.clone(), encode(&alert).unwrap().into())
+                .await
+                .unwrap(),
+        );
+        if acks.len() >= 512 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let started = Instant::now();
+    let (mut stored, until) = lmbus_monitor::alert_source(
+        &d.monitor,
+        &d.subjects,
+        lmbus_monitor::Start::Since(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    let until = until.unwrap();
+    let mut read = 0u64;
+    let mut count = 0u64;
+    while read < until {
+        let next = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::StreamExt::next(&mut stored),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the alert stream stopped delivering after {count} records"))
+        .unwrap()
+        .unwrap();
+        read = next.sequence.unwrap_or(until);
+        count += 1;
+    }
+    eprintln!(
+        "seen: the monitor read {count} stored alerts in {:?}",
+        started.elapsed()
+    );
+    assert!(count >= n);
+    let trail = tokio::time::timeout(
+        Duration::from_secs(60),
+        lmbus_monitor::audit(&d.monitor, &d.subjects, &Default::default()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let alerts = trail.records.iter().filter(|r| r.source == "alert").count() as u64;
+    assert!(alerts >= n, "{alerts}");
+    d.broker.take().unwrap().stop().await.unwrap();
+    let license = d.vendor.master(10, &[]).unwrap();
+    let mut cfg = broker_config(&d.nats, &d.cluster, license, &d.vendor, true);
+    cfg.nats_auth = user("broker");
+    let started = Instant::now();
+    d.broker = Some(Broker::start(cfg).await.unwrap());
+    eprintln!("seen: the broker led again after {:?}", started.elapsed());
+    d.stop().await;
+}
