@@ -179,8 +179,8 @@ pub fn load_master_license(
     today: Date,
 ) -> anyhow::Result<License> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read license file {name}"))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read license file {name}"))?;
+    let text = lmbus_schemas::license_text(bytes, &name)?;
     let license = verify_license(&text, &name, key)?;
     license.check_dates(today, &name)?;
     license.require_role(Role::Master, &name)?;
@@ -199,6 +199,11 @@ pub fn check(cfg: &BrokerConfig) -> anyhow::Result<()> {
             "--reclaim-margin ({:?}) must be longer than --tick-interval ({:?}): the master checks for silent slaves once per tick",
             cfg.reclaim_margin,
             cfg.tick_interval
+        );
+    }
+    if cfg.alert_max_age.is_zero() {
+        bail!(
+            "--alert-max-age must be greater than zero: the alert stream would keep nothing (the default is 30 days)"
         );
     }
     if cfg.max_slaves == 0 {

@@ -71,6 +71,11 @@ pub struct Gap {
 pub struct Record {
     pub sequence: u64,
     pub entry: LedgerEntry,
+    /// Why the stored message is not a ledger record (garbage no replica wrote: it does
+    /// not decode). Such a record is quarantined: `entry` is empty, every replica skips it
+    /// the same way, and the leader raises a critical alert. A record from a newer build
+    /// (a higher envelope version) is never quarantined: reading stops with an error.
+    pub quarantined: Option<String>,
 }
 
 type AckFuture = std::pin::Pin<
@@ -344,9 +349,24 @@ impl Ledger {
                 .info()
                 .map_err(|e| anyhow!("a ledger message without stream info: {e}"))?
                 .stream_sequence;
-            let entry = decode::<LedgerEntry>(&message.payload)
-                .map_err(|e| anyhow!("ledger record {sequence} cannot be decoded: {e}"))?;
-            Ok(Record { sequence, entry })
+            match decode::<LedgerEntry>(&message.payload) {
+                Ok(entry) => Ok(Record {
+                    sequence,
+                    entry,
+                    quarantined: None,
+                }),
+                Err(e @ lmbus_schemas::DecodeError::UnsupportedVersion { .. }) => Err(anyhow!(
+                    "ledger record {sequence} was written by a newer lmbus ({e}): upgrade this broker replica"
+                )),
+                Err(e) => Ok(Record {
+                    sequence,
+                    entry: LedgerEntry {
+                        writer: String::new(),
+                        changes: Vec::new(),
+                    },
+                    quarantined: Some(lmbus_schemas::truncated(&e.to_string(), 200).into_owned()),
+                }),
+            }
         }))
     }
 }
@@ -355,6 +375,8 @@ impl Ledger {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Audit {
     pub records: u64,
+    /// Stored messages that were not ledger records (see [`Record::quarantined`]).
+    pub quarantined: u64,
     pub grants: u64,
     pub releases: u64,
     /// Most seats in use at any ledger position.
@@ -386,6 +408,11 @@ pub fn audit<'a>(
     let mut leader: Option<(String, u64)> = None;
     for record in records {
         tally.audit.records += 1;
+        if record.quarantined.is_some() {
+            // Not a record any replica wrote, and skipped by all of them alike.
+            tally.audit.quarantined += 1;
+            continue;
+        }
         let at = record.sequence;
         let writer = &record.entry.writer;
         let starts_term = matches!(
@@ -603,6 +630,7 @@ mod tests {
 
     fn rec(sequence: u64, writer: &str, changes: Vec<SeatChange>) -> Record {
         Record {
+            quarantined: None,
             sequence,
             entry: LedgerEntry {
                 writer: writer.into(),

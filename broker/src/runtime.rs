@@ -26,7 +26,7 @@ use lmbus_schemas::{
 use time::{Date, OffsetDateTime};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{self, BrokerConfig};
 use crate::election::{Election, ElectionConfig, Role};
@@ -47,6 +47,10 @@ const NO_LEADER_DELAY: Duration = Duration::from_millis(50);
 
 /// Most waiting requests decided together and committed in one ledger append.
 const MAX_BATCH: usize = 256;
+
+/// First and longest pause before following the ledger again after a failure.
+const FOLLOW_RETRY: Duration = Duration::from_millis(200);
+const FOLLOW_RETRY_CAP: Duration = Duration::from_secs(5);
 
 /// How long a new leader may take to read the ledger up to its end.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,7 +82,13 @@ struct Replica {
     /// Seat usage of the report period, fed after every record; carried over when the
     /// replica is rebuilt.
     usage: Usage,
+    /// Quarantined ledger records (sequence, why) not reported in an alert yet: the
+    /// leader reports them when it starts leading. At most [`MAX_QUARANTINED`] are kept.
+    quarantined: Vec<(u64, String)>,
 }
+
+/// Most quarantined ledger records remembered for the next alert.
+const MAX_QUARANTINED: usize = 16;
 
 impl Replica {
     fn new(cfg: &EngineConfig, shared: Arc<AtomicU64>, usage: Usage) -> Self {
@@ -88,6 +98,7 @@ impl Replica {
             applied: 0,
             shared,
             usage,
+            quarantined: Vec::new(),
         }
     }
 
@@ -127,6 +138,14 @@ impl Replica {
                 found: record.sequence,
             }
             .into());
+        }
+        if let Some(why) = &record.quarantined {
+            // Every replica skips it the same way, so they stay in agreement; the fence
+            // moves past it (a leader's next append sits on this sequence).
+            error!(sequence = record.sequence, %why, "ledger record quarantined: it is not a record any replica wrote; skipped");
+            if self.quarantined.len() < MAX_QUARANTINED {
+                self.quarantined.push((record.sequence, why.clone()));
+            }
         }
         for change in &record.entry.changes {
             self.engine.apply(now(), change).map_err(|e| {
@@ -424,13 +443,44 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         task: None,
     };
     tokio::pin!(shutdown);
+    // The gap the last snapshot load was for: when the latest snapshot does not close it
+    // either, the records are gone for good (purged) and the replica goes on without them.
+    let mut last_gap: Option<u64> = None;
+    // Grows while following keeps failing, so a ledger that cannot be read costs a
+    // consumer every few seconds, not five a second (each lives 30 s on the server).
+    let mut retry = FOLLOW_RETRY;
     let result = loop {
         let term = match follow(&mut replica, &ledger, &mut election.role, &mut shutdown).await {
             Ok(Followed::Shutdown) => break Ok(()),
             Ok(Followed::Elected { term }) => term,
+            Err(e)
+                if e.downcast_ref::<Gap>()
+                    .is_some_and(|g| last_gap == Some(g.found)) =>
+            {
+                let Some(gap) = e.downcast_ref::<Gap>() else {
+                    continue;
+                };
+                let (expected, found) = (gap.expected, gap.found);
+                let message = format!(
+                    "the ledger {} has no records {expected} to {} and the latest snapshot does not cover them (purged?): going on from the snapshot and record {found}. Seats granted in those records are missing from the master's books until each slave's next heartbeat reconciles them",
+                    subjects.ledger_stream(),
+                    found - 1
+                );
+                error!("{message}");
+                io.alert(Alert::new(
+                    Severity::Critical,
+                    AlertKind::BadMessage,
+                    message,
+                ))
+                .await;
+                replica.set_applied(found - 1);
+                last_gap = None;
+                continue;
+            }
             // The records this replica needs next were trimmed: load the snapshot that
             // covers them (retrying while it cannot be read).
             Err(e) if e.downcast_ref::<Gap>().is_some() => {
+                last_gap = e.downcast_ref::<Gap>().map(|g| g.found);
                 warn!(error = %format!("{e:#}"), "loading the latest snapshot");
                 match restore(
                     &engine_cfg,
@@ -452,16 +502,18 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 continue;
             }
             Ok(Followed::Interrupted(e)) => {
-                warn!(error = %format!("{e:#}"), "following the ledger was interrupted; retrying");
+                warn!(error = %format!("{e:#}"), ?retry, "following the ledger was interrupted; retrying");
                 tokio::select! {
                     _ = &mut shutdown => break Ok(()),
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = tokio::time::sleep(retry) => {}
                 }
+                retry = (retry * 2).min(FOLLOW_RETRY_CAP);
                 continue;
             }
             // A record this replica cannot apply: it must not lead on a wrong state.
             Err(e) => break Err(e),
         };
+        retry = FOLLOW_RETRY;
         not_ready.send_replace(true);
         let led = lead(
             &mut replica,
@@ -749,6 +801,18 @@ async fn follow<S: Future<Output = ()> + Unpin>(
 /// Reads the ledger up to its current end before a new leader answers anyone.
 async fn catch_up(replica: &mut Replica, ledger: &Ledger) -> anyhow::Result<u64> {
     let last = ledger.last_sequence().await?;
+    if last < replica.applied {
+        // The ledger ends before the snapshot this replica loaded: the stream was deleted
+        // and created again. The snapshot is the best state there is; go on from it at the
+        // ledger's end (every append is fenced on that), rather than wait for records
+        // that will never come.
+        error!(
+            ledger_ends_at = last,
+            snapshot_at = replica.applied,
+            "the ledger is shorter than the latest snapshot (was its stream deleted?): going on from the snapshot's state at the ledger's end"
+        );
+        replica.set_applied(last);
+    }
     if last > replica.applied {
         let mut records = ledger.follow(replica.applied + 1).await?;
         let read = async {
@@ -842,6 +906,24 @@ async fn lead<S: Future<Output = ()> + Unpin>(
         return Ok(end);
     }
     replica.engine.restart_silence_clocks(now());
+    let quarantined = std::mem::take(&mut replica.quarantined);
+    if !quarantined.is_empty() {
+        let list: Vec<String> = quarantined
+            .iter()
+            .map(|(sequence, why)| format!("{sequence} ({why})"))
+            .collect();
+        io.alert(Alert::new(
+            Severity::Critical,
+            AlertKind::BadMessage,
+            format!(
+                "the ledger {} held records no broker replica wrote, quarantined and skipped: {}. Only the brokers' NATS user may publish on {}: check who else can (deploy/nats-server.conf), and rotate the broker credentials if they leaked",
+                io.subjects.ledger_stream(),
+                list.join(", "),
+                io.subjects.ledger()
+            ),
+        ))
+        .await;
+    }
     if let Some(missed) = replica.usage.take_closed() {
         // It closed while another replica led, which reported it (or failed over while
         // doing so: `admin report` makes the current period's report on demand).
@@ -916,6 +998,15 @@ async fn lead<S: Future<Output = ()> + Unpin>(
                 };
             }
         };
+        // Checked first, on this replica's own clock: after a pause (SIGSTOP, a stalled
+        // VM) several branches below are ready at once, and none of them may act, alert or
+        // decide for a term this replica may no longer hold.
+        if Instant::now() >= valid_until {
+            break Led::SteppedDown {
+                reason: "the lease ran out on this replica's clock before it was renewed (was the process paused?)".to_owned(),
+                rebuild: false,
+            };
+        }
         let mut batch: Vec<Decided> = Vec::new();
         tokio::select! {
             _ = &mut *shutdown => break Led::Shutdown,
@@ -1021,6 +1112,9 @@ async fn lead<S: Future<Output = ()> + Unpin>(
                 },
             },
             _ = ticker.tick() => {
+                if Instant::now() >= valid_until {
+                    continue;
+                }
                 let out = replica.engine.handle(now(), Event::Tick { today: today_utc() });
                 batch.push((None, out, None));
                 let (slaves_connected, slaves_known) = replica.engine.slave_counts();

@@ -19,8 +19,8 @@ pub use codec::{DecodeError, EncodeError, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, d
 pub use ledger::{LedgerEntry, SeatChange, SnapshotChunk, SnapshotManifest};
 pub use license::{
     Context, KeyError, License, LicenseError, Limits, Role, VendorKey, VerifyingKey, key_id,
-    parse_public_key, parse_secret_key, public_key_text, read_license_unverified, secret_key_text,
-    sign_license, verify_license,
+    license_text, parse_public_key, parse_secret_key, public_key_text, read_license_unverified,
+    secret_key_text, sign_license, verify_license,
 };
 pub use messages::*;
 pub use subjects::{

@@ -145,18 +145,26 @@ pub enum LicenseError {
     Parse { file: String, detail: String },
     #[error("license file {file} is invalid: {detail}")]
     Invalid { file: String, detail: String },
-    #[error("license {id} in {file} expired on {expires}")]
+    #[error(
+        "license {id} in {file} expired on {expires}: ask the vendor for a renewed license file and install it in its place (a broker takes it with `lmbus-broker admin reload-license`)"
+    )]
     Expired {
         file: String,
         id: Uuid,
         expires: Date,
     },
-    #[error("license {id} in {file} is not valid before {issued}")]
+    #[error(
+        "license {id} in {file} is not valid before {issued}: check this machine's date, or keep using the current license until then"
+    )]
     NotYetValid {
         file: String,
         id: Uuid,
         issued: Date,
     },
+    #[error(
+        "license file {file} is not UTF-8 text ({detail}): a license is the signed text file `lmbus-license sign` writes; copy it again without conversion, or ask the vendor for it"
+    )]
+    NotText { file: String, detail: String },
     #[error("license {id} in {file} has role '{found}', but this needs a '{needed}' license")]
     WrongRole {
         file: String,
@@ -164,6 +172,15 @@ pub enum LicenseError {
         found: Role,
         needed: Role,
     },
+}
+
+/// A license file's bytes as text: a license is UTF-8 (TOML), anything else is refused with
+/// an error that names the file and says what to do.
+pub fn license_text(bytes: Vec<u8>, file: &str) -> Result<String, LicenseError> {
+    String::from_utf8(bytes).map_err(|e| LicenseError::NotText {
+        file: file.to_owned(),
+        detail: e.utf8_error().to_string(),
+    })
 }
 
 /// A vendor key file could not be read.

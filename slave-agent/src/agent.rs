@@ -1349,6 +1349,27 @@ impl Inner {
             link.connected = false;
         }
         let mut logged_out = 0;
+        // Past the grace period plus the least reclaim margin a master may use (the timing
+        // rule), the master may already have given these seats to others: this process was
+        // frozen or its clock stopped, and its hosts must hear that the seats are gone.
+        let silent = state.last_contact.elapsed();
+        let least_margin = self.cfg.request_timeout
+            + self.cfg.failover_wait.max(self.cfg.election_wait)
+            + self.cfg.grace_period / 100;
+        let (reason, detail) = if silent > self.cfg.grace_period + least_margin {
+            (
+                RejectReason::Reclaimed,
+                format!(
+                    "no master answered for {} s, past the grace period and the reclaim margin (was this process paused?): the master may have given the seat to another agent",
+                    silent.as_secs()
+                ),
+            )
+        } else {
+            (
+                RejectReason::Restricted,
+                "no master answered for the whole grace period".to_owned(),
+            )
+        };
         if self.cfg.after_grace == Restriction::LogoutAll {
             let agents = std::mem::take(&mut state.agents);
             logged_out = agents.len() as u32;
@@ -1358,8 +1379,8 @@ impl Inner {
                     LoggedOut {
                         agent_id,
                         agent_type: seat.agent_type,
-                        reason: RejectReason::Restricted,
-                        detail: "no master answered for the whole grace period".into(),
+                        reason,
+                        detail: detail.clone(),
                     },
                 );
             }

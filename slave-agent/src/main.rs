@@ -249,8 +249,9 @@ impl RunArgs {
             .relative_to(&base));
         let license_path = self.license.or(file.license.map(|p| base.join(p)));
         if let Some(path) = license_path {
-            let text = std::fs::read_to_string(&path)
+            let bytes = std::fs::read(&path)
                 .with_context(|| format!("cannot read license file {}", path.display()))?;
+            let text = lmbus_schemas::license_text(bytes, &path.display().to_string())?;
             cfg.license = Some(LicenseFile {
                 name: path.display().to_string(),
                 text,
@@ -279,6 +280,11 @@ impl RunArgs {
             .request_timeout
             .or(duration_from_file("request_timeout", file.request_timeout)?)
         {
+            if d.is_zero() {
+                bail!(
+                    "--request-timeout must be greater than zero: every request would time out at once (the default is 2s)"
+                );
+            }
             cfg.request_timeout = d;
         }
         if let Some(d) = self
@@ -297,6 +303,11 @@ impl RunArgs {
             .grace_period
             .or(duration_from_file("grace_period", file.grace_period)?)
         {
+            if d.is_zero() {
+                bail!(
+                    "--grace-period must be greater than zero: the slave would restrict at its first missed answer (the default is 2 minutes)"
+                );
+            }
             cfg.grace_period = d;
         }
         if let Some(p) = self.during_grace.or(file.during_grace) {

@@ -216,6 +216,7 @@ impl Rig {
             records[0].sequence
         );
         let mut rooted = vec![Record {
+            quarantined: None,
             sequence: at,
             entry: LedgerEntry {
                 writer: loaded.manifest.writer.clone(),

@@ -779,3 +779,123 @@ async fn readers_get_through_streams_that_need_flow_control() {
     eprintln!("seen: the broker led again after {:?}", started.elapsed());
     d.stop().await;
 }
+
+/// Steps: as the broker's own user (the only one that may publish on the ledger's subject,
+/// as the old reply-subject attack did through the broker), garbage is stored in the
+/// ledger: an encoded reply and random bytes. site2's next registration makes the leader's
+/// fenced append fail, the leader rebuilds, quarantines both records (a critical alert
+/// names them) and leads again: site2 is approved within the failover wait, and every
+/// later record is read by the auditor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_the_ledger_is_quarantined_and_the_master_keeps_serving() {
+    let d = Deployment::start(5).await;
+    let mut tap = AlertTap::new(&d.monitor, &d.cluster).await.unwrap();
+    let site2 = d.slave("site2").await;
+    assert!(matches!(
+        site2.register("b1", "inbound").await.unwrap(),
+        Outcome::Approved { .. }
+    ));
+    let js = async_nats::jetstream::new(d.auditor.clone());
+    let error_reply = encode(&Reply::Error(lmbus_schemas::WireError {
+        code: lmbus_schemas::ErrorCode::Invalid,
+        message: "x".into(),
+    }))
+    .unwrap();
+    for garbage in [error_reply, b"\xc1\xc1 not msgpack".to_vec()] {
+        js.publish(d.subjects.ledger(), garbage.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let outcome = site2.register("b2", "inbound").await.unwrap();
+    assert!(matches!(outcome, Outcome::Approved { .. }), "{outcome:?}");
+    eprintln!("seen: approved {:?} after the garbage", started.elapsed());
+    let alert = tap
+        .wait_for("about the quarantined records", |a| {
+            a.severity == Severity::Critical && a.message.contains("quarantined")
+        })
+        .await
+        .unwrap();
+    eprintln!("seen: {}", alert.message);
+    let (records, audit) = d.ledger().await;
+    assert_eq!(audit.quarantined, 2, "{records:?}");
+    assert_eq!(audit.seats.get("site2").map(|m| m.len()), Some(2));
+    site2.shutdown().await;
+    d.stop().await;
+}
+
+/// Steps: zero durations for the slave's request timeout and grace period and the
+/// broker's alert retention are refused at start with a message naming the flag; a
+/// license file that is not UTF-8 is refused naming the file and what to do; an expired
+/// license says what to do.
+#[test]
+fn bad_flags_and_files_get_clear_errors() {
+    let vendor = Vendor::new().unwrap();
+    let license = vendor.master(5, &[]).unwrap();
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for (flag, needle) in [
+        (
+            "--request-timeout",
+            "--request-timeout must be greater than zero",
+        ),
+        ("--grace-period", "--grace-period must be greater than zero"),
+    ] {
+        let err = run(
+            std::process::Command::new(bin("lmbus-slave").unwrap()).args([
+                "run",
+                "--nats",
+                "nats://127.0.0.1:1",
+                "--cluster",
+                "c",
+                "--id",
+                "s1",
+                flag,
+                "0s",
+            ]),
+        );
+        assert!(err.contains(needle), "{err}");
+    }
+    let broker = |extra: &[&str], license: &std::path::Path| {
+        run(std::process::Command::new(bin("lmbus-broker").unwrap())
+            .args(["run", "--nats", "nats://127.0.0.1:1", "--cluster", "c"])
+            .arg("--license")
+            .arg(license)
+            .arg("--vendor-key")
+            .arg(vendor.public_key_path())
+            .args(extra))
+    };
+    let err = broker(&["--alert-max-age", "0s"], &license);
+    assert!(
+        err.contains("--alert-max-age must be greater than zero"),
+        "{err}"
+    );
+    let binary = vendor.dir().join("binary.lic");
+    std::fs::write(&binary, [0xff, 0xfe, b'i', b'd']).unwrap();
+    let err = broker(&[], &binary);
+    assert!(
+        err.contains("binary.lic") && err.contains("not UTF-8"),
+        "{err}"
+    );
+    let mut old = Vendor::license(
+        lmbus_schemas::Role::Master,
+        lmbus_schemas::Limits {
+            total: Some(5),
+            ..Default::default()
+        },
+    );
+    old.expires = time::macros::date!(2020 - 01 - 01);
+    old.issued = time::macros::date!(2019 - 01 - 01);
+    old.maintenance_expires = old.expires;
+    let expired = vendor.write("expired.lic", &old).unwrap();
+    let err = broker(&[], &expired);
+    assert!(
+        err.contains("expired on 2020-01-01") && err.contains("ask the vendor"),
+        "{err}"
+    );
+}

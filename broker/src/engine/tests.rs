@@ -1933,3 +1933,29 @@ mod seat_truth {
         }
     }
 }
+
+/// Steps: a request numbered u64::MAX (or any jump past `MAX_SEQ_JUMP`) is refused as
+/// replayed and does not move the window, so the slave's next ordinary numbers still work.
+#[test]
+fn a_huge_request_number_cannot_lock_a_slave_out() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    let out = h.register_numbered("s1", "a1", "inbound", u64::MAX);
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::Replayed)
+    );
+    let out = h.register_numbered("s1", "a1", "inbound", 100 + MAX_SEQ_JUMP + 1);
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::Replayed)
+    );
+    let seq = h.next_seq();
+    assert!(approved(&decision_of(
+        &h.register_numbered("s1", "a1", "inbound", seq)
+    )));
+    let seq = h.next_seq();
+    assert!(approved(&decision_of(
+        &h.register_numbered("s1", "a2", "inbound", seq)
+    )));
+}
