@@ -305,8 +305,9 @@ pub async fn stored(
             Ok(Some(message)) => message?,
             // A partial answer must not pass for the whole one.
             _ => anyhow::bail!(
-                "stream {name} stopped delivering after {} of {pending} records",
-                out.messages.len()
+                "stream {name} stopped delivering after {} of {pending} records: {}",
+                out.messages.len(),
+                crate::FLOW_CONTROL_HINT
             ),
         };
         let info = message

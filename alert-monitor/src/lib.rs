@@ -234,6 +234,12 @@ pub async fn alert_source(
 /// source ends. Undecodable messages are reported on stderr and skipped; a lost
 /// connection is reported there too, and reading resumes after the last alert read.
 /// Returns how many alerts were printed.
+/// How long stored history may pause before a reader calls it a stall.
+pub const HISTORY_STALL: Duration = Duration::from_secs(10);
+
+/// What to check when a JetStream reader stalls part way.
+pub const FLOW_CONTROL_HINT: &str = "check that this NATS user may publish on $JS.FC.> (JetStream flow control; see deploy/nats-server.conf) and that the NATS server is reachable";
+
 pub async fn tail(
     mut incoming: impl futures::Stream<Item = Result<Incoming, String>> + Unpin,
     filter: &Filter,
@@ -248,8 +254,21 @@ pub async fn tail(
     let mut last_read: Option<u64> = None;
     let done = |last: Option<u64>| matches!((until, last), (Some(u), Some(l)) if l >= u);
     while max.is_none_or(|m| printed < m) && !done(last_read) {
+        // Stored history arrives at once; silence before its end is a stall, most often
+        // a NATS user without the flow-control permission.
+        let stall = async {
+            match until {
+                Some(_) => tokio::time::sleep(HISTORY_STALL).await,
+                None => std::future::pending().await,
+            }
+        };
         let msg = tokio::select! {
             _ = &mut shutdown => break,
+            _ = stall => anyhow::bail!(
+                "the alert stream stopped delivering stored alerts after #{} of #{}: {FLOW_CONTROL_HINT}",
+                last_read.unwrap_or(0),
+                until.unwrap_or(0)
+            ),
             msg = incoming.next() => match msg {
                 Some(Ok(msg)) => msg,
                 Some(Err(e)) => {

@@ -19,7 +19,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use lmbus_schemas::{Alert, AlertKind, Severity, SlaveId, SlaveOp, Subjects, printable, truncated};
+use lmbus_schemas::{
+    Alert, AlertKind, BatchRequest, ErrorCode, Heartbeat, Hello, RegisterRequest, Severity,
+    SlaveId, SlaveOp, SlaveReport, Subjects, UnregisterRequest, Validate, WireError,
+    decode as decode_envelope, printable, truncated,
+};
+
+use crate::engine::Event;
 use std::time::Instant;
 
 /// How often, at most, one slave's dropped and bad messages are reported in an alert.
@@ -388,6 +394,58 @@ impl Intake {
         }
         alerts
     }
+}
+
+/// A slave's message, decoded and validated.
+#[derive(Debug)]
+pub enum Decoded {
+    /// One event for the engine.
+    One(Event),
+    /// A batch: the runtime decides its items in order.
+    Batch(BatchRequest),
+}
+
+/// Decodes and validates a slave's payload for `op` (the protocol crate's `Validate`: ids,
+/// types, texts, list lengths), so the engine only ever sees well-formed requests.
+pub fn decode(
+    payload: &[u8],
+    slave: &SlaveId,
+    op: SlaveOp,
+    today: time::Date,
+) -> Result<Decoded, WireError> {
+    fn checked<T: serde::de::DeserializeOwned + Validate>(payload: &[u8]) -> Result<T, WireError> {
+        let value = decode_envelope::<T>(payload).map_err(|e| WireError::from(&e))?;
+        value.validate().map_err(|e| WireError {
+            code: ErrorCode::Invalid,
+            message: e.to_string(),
+        })?;
+        Ok(value)
+    }
+    let slave = slave.clone();
+    Ok(Decoded::One(match op {
+        SlaveOp::Hello => Event::Hello {
+            slave,
+            hello: checked::<Hello>(payload)?,
+            today,
+        },
+        SlaveOp::Register => Event::Register {
+            slave,
+            request: checked::<RegisterRequest>(payload)?,
+        },
+        SlaveOp::Unregister => Event::Unregister {
+            slave,
+            request: checked::<UnregisterRequest>(payload)?,
+        },
+        SlaveOp::Heartbeat => Event::Heartbeat {
+            slave,
+            heartbeat: checked::<Heartbeat>(payload)?,
+        },
+        SlaveOp::Report => Event::Report {
+            slave,
+            report: checked::<SlaveReport>(payload)?,
+        },
+        SlaveOp::Batch => return Ok(Decoded::Batch(checked::<BatchRequest>(payload)?)),
+    }))
 }
 
 #[cfg(test)]

@@ -574,7 +574,9 @@ impl Ledger {
             match tokio::time::timeout(Duration::from_secs(10), records.next()).await {
                 Ok(Some(record)) => out.push(record?),
                 Ok(None) => anyhow::bail!("the ledger consumer ended"),
-                Err(_) => anyhow::bail!("the ledger stalled before sequence {last}"),
+                Err(_) => anyhow::bail!(
+                    "the ledger stalled before sequence {last}: check that this NATS user may publish on $JS.FC.> (JetStream flow control)"
+                ),
             }
         }
         Ok(out)

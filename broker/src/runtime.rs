@@ -19,9 +19,8 @@ use anyhow::{Context as _, anyhow};
 use async_nats::{Client, Message, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use lmbus_schemas::{
-    Alert, AlertKind, BatchItem, BatchRequest, Decision, Heartbeat, Hello, LedgerEntry,
-    RegisterRequest, ReplicaBeat, Reply, ReportReply, SeatChange, Severity, SlaveOp, SlaveReport,
-    StatusReply, Subjects, UnregisterRequest, Validate, WireError, decode, encode,
+    Alert, AlertKind, BatchItem, BatchRequest, Decision, LedgerEntry, ReplicaBeat, Reply,
+    ReportReply, SeatChange, Severity, SlaveOp, StatusReply, Subjects, WireError, decode, encode,
 };
 use time::{Date, OffsetDateTime};
 use tokio::sync::watch;
@@ -827,7 +826,7 @@ async fn catch_up(replica: &mut Replica, ledger: &Ledger) -> anyhow::Result<u64>
         tokio::time::timeout(CATCH_UP_TIMEOUT, read)
             .await
             .map_err(|_| {
-                anyhow!("could not read the ledger up to {last} within {CATCH_UP_TIMEOUT:?}")
+                anyhow!("could not read the ledger up to {last} within {CATCH_UP_TIMEOUT:?}: check that the broker's NATS user may publish on $JS.FC.> (JetStream flow control; see deploy/nats-server.conf)")
             })??;
     }
     Ok(last)
@@ -1410,7 +1409,7 @@ fn handle_slave_message(
         Err(e) => {
             // The subscription's wildcard gives `slave.<token>.<token>`: the first token
             // is the sender (NATS permissions bind it) even when the rest is unknown.
-            let source = msg
+            let sender = msg
                 .subject
                 .as_str()
                 .strip_prefix(&format!(
@@ -1418,22 +1417,40 @@ fn handle_slave_message(
                     subjects.all_slave_ops().trim_end_matches(".*.*")
                 ))
                 .and_then(|rest| rest.split('.').next())
-                .filter(|token| lmbus_schemas::SlaveId::new(*token).is_ok())
-                .unwrap_or("unknown slave");
-            let _ = intake.bad(at, source, "subject", &e.to_string());
-            return None;
+                .and_then(|token| lmbus_schemas::SlaveId::new(token).ok());
+            let source = sender.as_ref().map_or("unknown slave", |s| s.as_str());
+            let answer = intake.bad(at, source, "subject", &e.to_string());
+            // An unknown operation (a newer slave's, say) is told so, in its own inbox.
+            let home = sender
+                .as_ref()
+                .zip(reply)
+                .is_some_and(|(s, r)| subjects.is_slave_reply(s, r));
+            if answer != BadVerdict::Answer || !home {
+                return None;
+            }
+            return Some(Intook {
+                reply_to: msg.reply.clone(),
+                out: Output {
+                    reply: Some(Reply::Error(WireError {
+                        code: lmbus_schemas::ErrorCode::Invalid,
+                        message: e.to_string(),
+                    })),
+                    ..Output::default()
+                },
+                op: None,
+            });
         }
     };
     if intake.admit(at, subjects, &slave, op, reply).is_err() {
         return None;
     }
     let reply_to = msg.reply.clone();
-    let out = match decode_slave_op(msg.payload.as_ref(), &slave, op) {
-        Ok(Decoded::One(event)) => {
+    let out = match crate::intake::decode(msg.payload.as_ref(), &slave, op, today_utc()) {
+        Ok(crate::intake::Decoded::One(event)) => {
             debug!(%slave, op = op.token(), "request");
             engine.handle(at, event)
         }
-        Ok(Decoded::Batch(batch)) => decide_batch(engine, &slave, batch),
+        Ok(crate::intake::Decoded::Batch(batch)) => decide_batch(engine, &slave, batch),
         Err(problem) => {
             let answer = intake.bad(at, slave.as_str(), op.token(), &problem.message);
             let reply = (answer == BadVerdict::Answer).then_some(Reply::Error(problem));
@@ -1452,53 +1469,6 @@ fn handle_slave_message(
         out,
         op: Some(op),
     })
-}
-
-enum Decoded {
-    One(Event),
-    Batch(BatchRequest),
-}
-
-/// Decodes and validates a slave's payload for `op` (the protocol crate's `Validate`: ids,
-/// types, texts, list lengths), so the engine only ever sees well-formed requests.
-fn decode_slave_op(
-    payload: &[u8],
-    slave: &lmbus_schemas::SlaveId,
-    op: SlaveOp,
-) -> Result<Decoded, WireError> {
-    fn checked<T: serde::de::DeserializeOwned + Validate>(payload: &[u8]) -> Result<T, WireError> {
-        let value = decode::<T>(payload).map_err(|e| WireError::from(&e))?;
-        value.validate().map_err(|e| WireError {
-            code: lmbus_schemas::ErrorCode::Invalid,
-            message: e.to_string(),
-        })?;
-        Ok(value)
-    }
-    let slave = slave.clone();
-    Ok(Decoded::One(match op {
-        SlaveOp::Hello => Event::Hello {
-            slave,
-            hello: checked::<Hello>(payload)?,
-            today: today_utc(),
-        },
-        SlaveOp::Register => Event::Register {
-            slave,
-            request: checked::<RegisterRequest>(payload)?,
-        },
-        SlaveOp::Unregister => Event::Unregister {
-            slave,
-            request: checked::<UnregisterRequest>(payload)?,
-        },
-        SlaveOp::Heartbeat => Event::Heartbeat {
-            slave,
-            heartbeat: checked::<Heartbeat>(payload)?,
-        },
-        SlaveOp::Report => Event::Report {
-            slave,
-            report: checked::<SlaveReport>(payload)?,
-        },
-        SlaveOp::Batch => return Ok(Decoded::Batch(checked::<BatchRequest>(payload)?)),
-    }))
 }
 
 /// Each item of a batch decided in order, as if it had come alone: one output whose reply

@@ -39,9 +39,14 @@ struct Deployment {
 
 impl Deployment {
     async fn start(total: u32) -> Self {
+        Self::start_with(total, |config| config).await
+    }
+
+    /// With the reference configuration changed by `edit` first.
+    async fn start_with(total: u32, edit: impl FnOnce(String) -> String) -> Self {
         init_tracing();
         let cluster = cluster_name();
-        let nats = NatsServer::start_with_config(&reference_config(&cluster)).unwrap();
+        let nats = NatsServer::start_with_config(&edit(reference_config(&cluster))).unwrap();
         let vendor = Vendor::new().unwrap();
         let license = vendor.master(total, &[]).unwrap();
         let mut cfg = broker_config(&nats, &cluster, license, &vendor, true);
@@ -706,10 +711,17 @@ async fn hostile_ids_and_texts_are_refused_on_every_path() {
 /// Steps: 20,000 alerts (about 7 MB) are stored in the alert stream; under the reference
 /// permissions the monitor user reads all of them back (`alert_source` from an hour ago,
 /// and the audit trail), which takes JetStream flow control ($JS.FC.>) past the first
-/// window; then the broker restarts and leads again on the same streams.
+/// window; the operator user, here without $JS.FC.>, gets a quick error from
+/// `lmbus-monitor tail --since` and `audit` that names it instead of a hang; then the
+/// broker restarts and leads again on the same streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_get_through_streams_that_need_flow_control() {
-    let mut d = Deployment::start(10).await;
+    let mut d = Deployment::start_with(10, |config| {
+        let without = config.replacen(".admin.report\"\n      \"$JS.FC.>\"", ".admin.report\"", 1);
+        assert_ne!(without, config, "the operator block changed shape");
+        without
+    })
+    .await;
     let js = async_nats::jetstream::new(d.auditor.clone());
     let subject = d.subjects.alert(Severity::Info, AlertKind::Other);
     let filler = "f".repeat(300);
@@ -770,6 +782,31 @@ async fn readers_get_through_streams_that_need_flow_control() {
     .unwrap();
     let alerts = trail.records.iter().filter(|r| r.source == "alert").count() as u64;
     assert!(alerts >= n, "{alerts}");
+    let monitor = bin("lmbus-monitor").unwrap();
+    for args in [vec!["tail", "--since", "1h"], vec!["audit"]] {
+        let started = Instant::now();
+        let mut cmd = std::process::Command::new(&monitor);
+        cmd.args(["--nats", &d.nats.url(), "--cluster", &d.cluster])
+            .args(&args)
+            .env("LMBUS_NATS_USER", "operator")
+            .env("LMBUS_NATS_PASSWORD", "pw-operator")
+            .stdout(std::process::Stdio::null());
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::task::spawn_blocking(move || cmd.output().unwrap()),
+        )
+        .await
+        .expect("the monitor hung without $JS.FC.>")
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!(
+            "seen: {args:?} without $JS.FC.>, after {:?}: {}",
+            started.elapsed(),
+            err.trim()
+        );
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains("$JS.FC.>"), "{args:?}: {err}");
+    }
     d.broker.take().unwrap().stop().await.unwrap();
     let license = d.vendor.master(10, &[]).unwrap();
     let mut cfg = broker_config(&d.nats, &d.cluster, license, &d.vendor, true);

@@ -84,7 +84,7 @@ enum Cmd {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Targets to run [default: all of decode, license, engine].
+        /// Targets to run [default: all of decode, license, engine, intake].
         targets: Vec<String>,
     },
 }
@@ -515,7 +515,7 @@ fn bench_scale(sizes: &str) -> anyhow::Result<()> {
     write_section("scale", &body)
 }
 
-const FUZZ_TARGETS: [&str; 3] = ["decode", "license", "engine"];
+const FUZZ_TARGETS: [&str; 4] = ["decode", "license", "engine", "intake"];
 
 /// cargo-fuzz needs nightly-only compiler flags; `RUSTC_BOOTSTRAP=1` lets the machine's one
 /// (stable) toolchain accept them, and `--sanitizer none` keeps to what stable rustc
