@@ -253,12 +253,14 @@ pub async fn tail(
     let mut printed = 0;
     let mut last_read: Option<u64> = None;
     let done = |last: Option<u64>| matches!((until, last), (Some(u), Some(l)) if l >= u);
+    // Stored history arrives at once; no progress before its end is a stall, most often a
+    // NATS user without the flow-control permission (the consumer is then recreated again
+    // and again, each time with an interruption, so only progress counts).
+    let mut progress_at = tokio::time::Instant::now();
     while max.is_none_or(|m| printed < m) && !done(last_read) {
-        // Stored history arrives at once; silence before its end is a stall, most often
-        // a NATS user without the flow-control permission.
         let stall = async {
             match until {
-                Some(_) => tokio::time::sleep(HISTORY_STALL).await,
+                Some(_) => tokio::time::sleep_until(progress_at + HISTORY_STALL).await,
                 None => std::future::pending().await,
             }
         };
@@ -281,6 +283,12 @@ pub async fn tail(
                 None => break,
             },
         };
+        if msg
+            .sequence
+            .is_some_and(|s| last_read.is_none_or(|l| s > l))
+        {
+            progress_at = tokio::time::Instant::now();
+        }
         last_read = msg.sequence.or(last_read);
         let alert: Alert = match decode(&msg.payload) {
             Ok(a) => a,

@@ -71,9 +71,11 @@ async fn leader_killed_under_load_is_replaced_and_nothing_is_lost() {
     }
 }
 
-/// Steps: SIGSTOP the leader under load (alive but silent); a standby takes over; SIGCONT
-/// the old leader: it steps down (its lease ran out, and any write it attempts is fenced)
-/// and says so; the audit shows no record written by it after the new leader's first.
+/// Steps: SIGSTOP the leader under load (alive but silent) for 5 s; a standby takes over;
+/// SIGCONT the old leader: it steps down (its lease ran out on its own clock, and any write
+/// it attempts is fenced) and says so, and publishes nothing else from the term it lost (no
+/// replica lost, redundancy or slave disconnected alert); the audit shows no record written
+/// by it after the new leader's first, and the hosts' books equal the ledger's seats.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_leader_comes_back_and_steps_down() {
     let _serial = SERIAL.lock().await;
@@ -90,7 +92,8 @@ async fn paused_leader_comes_back_and_steps_down() {
         "measured: {first} paused; {second} elected after {:?}",
         paused.elapsed()
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(paused.elapsed())).await;
+    let resumed_at = alerts.seen.len();
     rig.brokers[&first].signal(Signal::SIGCONT).unwrap();
     let stepped = alerts
         .wait_for("the old leader steps down", |a| {
@@ -103,6 +106,21 @@ async fn paused_leader_comes_back_and_steps_down() {
         stepped.message
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // Drain what has arrived, then look at what the resumed replica said.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(500),
+        alerts.wait_for("nothing", |_| false),
+    )
+    .await;
+    let from_paused: Vec<String> = alerts.seen[resumed_at..]
+        .iter()
+        .filter(|a| a.source == first && a.kind != AlertKind::LeaderSteppedDown)
+        .map(|a| format!("{}: {}", a.kind, a.message))
+        .collect();
+    assert!(
+        from_paused.is_empty(),
+        "the paused leader acted on its lost term after it resumed: {from_paused:#?}"
+    );
 
     let (audit, slaves) = load.finish(&rig).await;
     let leaders: Vec<&str> = audit.leaders.iter().map(|(r, _)| r.as_str()).collect();

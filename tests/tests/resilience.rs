@@ -103,7 +103,8 @@ async fn losing_every_master_means_grace_then_restriction() {
 /// Steps: a slave daemon (grace 1 s, logout-all, request timeout 300 ms) holds 3 of 4 seats;
 /// SIGSTOP it for 3 s: the master marks it disconnected, then reclaims its seats after
 /// grace + margin (1 s) with a `seats_reclaimed` alert; another slave takes 3 seats; SIGCONT:
-/// the resumed slave restricts first (its grace is long over), says hello with no agents,
+/// the resumed slave restricts first (its grace and the least reclaim margin are long over, so
+/// it logs its agents out as `reclaimed`), says hello with no agents,
 /// and nothing is granted twice. A status poller checks throughout that the total never
 /// exceeds the limit and always equals the sum over slaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,8 +211,8 @@ async fn frozen_slave_is_reclaimed_and_reconciles_without_double_seats() {
             .as_array()
             .unwrap()
             .iter()
-            .all(|l| l["reason"] == "restricted"),
-        "{status}"
+            .all(|l| l["reason"] == "reclaimed"),
+        "frozen past its grace and the reclaim margin, the slave logs its agents out as reclaimed: {status}"
     );
     // One seat left: exactly one more registration fits, whoever asks.
     assert!(cli(&["register", "f4", "inbound"]).status.success());
