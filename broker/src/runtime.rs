@@ -84,6 +84,9 @@ struct Replica {
     /// Quarantined ledger records (sequence, why) not reported in an alert yet: the
     /// leader reports them when it starts leading. At most [`MAX_QUARANTINED`] are kept.
     quarantined: Vec<(u64, String)>,
+    /// The replica whose term the ledger is in at `applied` (from the last `Leader`
+    /// record, or the loaded snapshot's writer); `None` before any.
+    leader: Option<String>,
 }
 
 /// Most quarantined ledger records remembered for the next alert.
@@ -98,6 +101,7 @@ impl Replica {
             shared,
             usage,
             quarantined: Vec::new(),
+            leader: None,
         }
     }
 
@@ -138,13 +142,37 @@ impl Replica {
             }
             .into());
         }
-        if let Some(why) = &record.quarantined {
+        // Who leads from here: a term starts with its leader's `Leader` record, and every
+        // other record of the term is that leader's. One written by anyone else was not
+        // written by the replica the ledger follows (fencing stops a deposed leader), so it
+        // is quarantined like garbage.
+        let marker = match record.entry.changes.first() {
+            Some(SeatChange::Leader { replica, .. }) => Some(replica.clone()),
+            _ => None,
+        };
+        let foreign = match (&marker, &self.leader) {
+            (None, Some(leader))
+                if record.quarantined.is_none() && record.entry.writer != *leader =>
+            {
+                Some(format!(
+                    "written by {} while {leader} led",
+                    lmbus_schemas::printable(&lmbus_schemas::truncated(&record.entry.writer, 64))
+                ))
+            }
+            _ => None,
+        };
+        if let Some(leader) = marker {
+            self.leader = Some(leader);
+        }
+        if let Some(why) = record.quarantined.clone().or(foreign) {
             // Every replica skips it the same way, so they stay in agreement; the fence
             // moves past it (a leader's next append sits on this sequence).
             error!(sequence = record.sequence, %why, "ledger record quarantined: it is not a record any replica wrote; skipped");
             if self.quarantined.len() < MAX_QUARANTINED {
-                self.quarantined.push((record.sequence, why.clone()));
+                self.quarantined.push((record.sequence, why));
             }
+            self.set_applied(record.sequence);
+            return Ok(());
         }
         for change in &record.entry.changes {
             self.engine.apply(now(), change).map_err(|e| {
@@ -203,6 +231,8 @@ async fn restore(
         })?;
     }
     replica.set_applied(loaded.manifest.ledger_sequence);
+    // The snapshot was taken by the leader of the term it ends in.
+    replica.leader = Some(loaded.manifest.writer.clone());
     info!(
         ledger_sequence = loaded.manifest.ledger_sequence,
         seats = loaded.manifest.seats,
@@ -904,6 +934,7 @@ async fn lead<S: Future<Output = ()> + Unpin>(
     {
         return Ok(end);
     }
+    replica.leader = Some(cfg.broker_id.clone());
     replica.engine.restart_silence_clocks(now());
     let quarantined = std::mem::take(&mut replica.quarantined);
     if !quarantined.is_empty() {

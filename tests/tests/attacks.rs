@@ -33,6 +33,8 @@ struct Deployment {
     cluster: String,
     subjects: Subjects,
     broker: Option<Broker>,
+    /// The broker as a process instead (`start_process`), with its log file.
+    process: Option<(Proc, std::path::PathBuf)>,
     auditor: async_nats::Client,
     monitor: async_nats::Client,
 }
@@ -69,9 +71,46 @@ impl Deployment {
             vendor,
             cluster,
             broker: Some(broker),
+            process: None,
             auditor,
             monitor,
         }
+    }
+
+    /// Like `start`, with the broker as an `lmbus-broker run` process whose log (stderr)
+    /// goes to a file, to measure what an attack makes it write.
+    async fn start_process(total: u32) -> Self {
+        let mut d = Self::start(total).await;
+        d.broker.take().unwrap().stop().await.unwrap();
+        let log = d.vendor.dir().join("broker.log");
+        let license = d.vendor.master(total, &[]).unwrap();
+        let proc = Proc::spawn(
+            std::process::Command::new(bin("lmbus-broker").unwrap())
+                .args(["run", "--nats", &d.nats.url(), "--cluster", &d.cluster])
+                .arg("--license")
+                .arg(&license)
+                .arg("--vendor-key")
+                .arg(d.vendor.public_key_path())
+                .args(["--allow-unlicensed-slaves", "--tick-interval", "100ms"])
+                .args(["--id", "test-broker", "--nats-user", "broker"])
+                .env("LMBUS_NATS_PASSWORD", "pw-broker")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap()),
+        )
+        .unwrap();
+        let (monitor, subjects) = (d.monitor.clone(), d.subjects.clone());
+        eventually("the broker process leads", || {
+            let (monitor, subjects) = (monitor.clone(), subjects.clone());
+            async move {
+                lmbus_monitor::fetch_status(&monitor, &subjects, Duration::from_millis(500))
+                    .await
+                    .is_ok_and(|s| s.broker_id == "test-broker")
+            }
+        })
+        .await
+        .unwrap();
+        d.process = Some((proc, log));
+        d
     }
 
     /// A raw NATS client with site `id`'s credentials and its inbox prefix: what the
@@ -134,6 +173,10 @@ impl Deployment {
     async fn stop(mut self) {
         if let Some(b) = self.broker.take() {
             b.stop().await.unwrap();
+        }
+        if let Some((mut proc, _)) = self.process.take() {
+            proc.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+            let _ = proc.wait_timeout(Duration::from_secs(10));
         }
     }
 }
@@ -464,12 +507,16 @@ async fn a_replayed_hello_takes_no_seat_and_a_forged_one_is_reconciled() {
 /// first alone (the baseline), then while site1 (its own credentials) floods: 3,000
 /// garbage messages, 2,000 hellos, 5,000 heartbeats and 300 reports of 200 kB, all with
 /// replies in its own inbox. Then: site2 got every answer, its slowest within a generous
-/// bound, the leader kept its term, at most a few `bad_message` alerts name site1 (each a
-/// count, each short), the alert stream grew by little, and the ledger took at most a
+/// bound, the leader (an `lmbus-broker` process) kept its term, at most a few
+/// `bad_message` alerts name site1 (each a count, each short), the alert stream grew by
+/// little, the broker's log by little too (no payload in it), and the ledger took at most a
 /// budget's worth of site1's hellos.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_of_every_class_are_budgeted_per_slave() {
-    let d = Deployment::start(10).await;
+    let d = Deployment::start_process(10).await;
+    let log_before = std::fs::metadata(&d.process.as_ref().unwrap().1)
+        .unwrap()
+        .len();
     let mut tap = AlertTap::new(&d.monitor, &d.cluster).await.unwrap();
     let s = d.subjects.clone();
     let site2 = d.slave("site2").await;
@@ -574,6 +621,14 @@ async fn floods_of_every_class_are_budgeted_per_slave() {
     let grown = alert_stream_bytes(&d).await - alert_bytes_before;
     eprintln!("seen: the alert stream grew by {grown} bytes");
     assert!(grown < 200_000, "{grown}");
+    let log = std::fs::read_to_string(&d.process.as_ref().unwrap().1).unwrap();
+    let log_grown = log.len() as u64 - log_before;
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    eprintln!(
+        "seen: the broker's log grew by {log_grown} bytes; its longest line is {longest} bytes"
+    );
+    assert!(log_grown < 200_000, "{log_grown}");
+    assert!(longest < 2_000, "{longest}");
     site2.shutdown().await;
     d.stop().await;
 }
@@ -819,10 +874,11 @@ async fn readers_get_through_streams_that_need_flow_control() {
 
 /// Steps: as the broker's own user (the only one that may publish on the ledger's subject,
 /// as the old reply-subject attack did through the broker), garbage is stored in the
-/// ledger: an encoded reply and random bytes. site2's next registration makes the leader's
-/// fenced append fail, the leader rebuilds, quarantines both records (a critical alert
-/// names them) and leads again: site2 is approved within the failover wait, and every
-/// later record is read by the auditor.
+/// ledger: an encoded reply, random bytes, and a well-formed entry granting a seat written
+/// by an "intruder" (not the leader of the term). site2's next registration makes the
+/// leader's fenced append fail, the leader rebuilds, quarantines all three (a critical
+/// alert names them) and leads again: site2 is approved within the failover wait, and the
+/// intruder's seat was never granted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_in_the_ledger_is_quarantined_and_the_master_keeps_serving() {
     let d = Deployment::start(5).await;
@@ -838,7 +894,17 @@ async fn garbage_in_the_ledger_is_quarantined_and_the_master_keeps_serving() {
         message: "x".into(),
     }))
     .unwrap();
-    for garbage in [error_reply, b"\xc1\xc1 not msgpack".to_vec()] {
+    let intruder = encode(&lmbus_schemas::LedgerEntry {
+        writer: "intruder".into(),
+        changes: vec![lmbus_schemas::SeatChange::Grant {
+            slave: "site2".into(),
+            agent_id: "stolen".into(),
+            agent_type: "inbound".into(),
+            request_seq: 0,
+        }],
+    })
+    .unwrap();
+    for garbage in [error_reply, b"\xc1\xc1 not msgpack".to_vec(), intruder] {
         js.publish(d.subjects.ledger(), garbage.into())
             .await
             .unwrap()
@@ -856,9 +922,27 @@ async fn garbage_in_the_ledger_is_quarantined_and_the_master_keeps_serving() {
         .await
         .unwrap();
     eprintln!("seen: {}", alert.message);
-    let (records, audit) = d.ledger().await;
-    assert_eq!(audit.quarantined, 2, "{records:?}");
-    assert_eq!(audit.seats.get("site2").map(|m| m.len()), Some(2));
+    assert!(
+        alert.message.contains("written by intruder"),
+        "{}",
+        alert.message
+    );
+    let ledger = lmbus_broker::ledger::Ledger::open(&d.auditor, &d.subjects, 1)
+        .await
+        .unwrap();
+    let records = ledger.read_all().await.unwrap();
+    assert_eq!(
+        records.iter().filter(|r| r.quarantined.is_some()).count(),
+        2,
+        "the undecodable records"
+    );
+    let status = d.status().await;
+    let seen = status
+        .slaves
+        .iter()
+        .find(|s| s.slave_id == "site2")
+        .unwrap();
+    assert_eq!(seen.in_use, 2, "the intruder's grant was applied");
     site2.shutdown().await;
     d.stop().await;
 }

@@ -14,6 +14,7 @@ mod demo;
 mod nats;
 mod redis;
 
+use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
@@ -106,7 +107,18 @@ fn step(name: &str, cmd: &mut Command) -> anyhow::Result<()> {
 
 fn test(no_demo: bool) -> anyhow::Result<()> {
     let nats = nats::ensure_server()?;
-    eprintln!("xtask: using nats-server at {}", nats.display());
+    let old_version = nats::version(&nats);
+    eprintln!(
+        "xtask: using nats-server {old_version} at {}",
+        nats.display()
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let current = nats::ensure_current_server(&root)?;
+    let current_version = nats::version(&current);
+    eprintln!(
+        "xtask: and the current release, nats-server {current_version} at {}",
+        current.display()
+    );
     nats::ensure_tmux()?;
     let nats_env = ("NATS_SERVER_BIN", nats.as_os_str().to_owned());
     step(
@@ -129,11 +141,22 @@ fn test(no_demo: bool) -> anyhow::Result<()> {
         cargo().args(["build", "--workspace", "--bins"]),
     )?;
     step(
-        "cargo test",
+        &format!("cargo test (every test; nats-server {old_version})"),
         cargo()
             .args(["test", "--workspace"])
             .env(nats_env.0, &nats_env.1),
     )?;
+    if current_version == old_version {
+        eprintln!("xtask: both nats-servers are {old_version}: the integration tests ran once");
+    } else {
+        // Unit tests do not touch NATS: only the integration tests run again.
+        step(
+            &format!("cargo test (integration tests; nats-server {current_version})"),
+            cargo()
+                .args(["test", "-p", "lmbus-tests", "--tests"])
+                .env("NATS_SERVER_BIN", &current),
+        )?;
+    }
     if !no_demo {
         eprintln!("\nxtask: == demo (short, own nats-server) ==");
         demo::run(demo::DemoArgs {

