@@ -47,6 +47,10 @@ const NO_LEADER_DELAY: Duration = Duration::from_millis(50);
 /// Most waiting requests decided together and committed in one ledger append.
 const MAX_BATCH: usize = 256;
 
+/// Most attempts at a new leader's `Leader` record while the ledger stream is not writable
+/// yet (each `CATCH_UP_RETRY` apart): only failed appends are retried, never fenced ones.
+const MARKER_TRIES: u32 = 100;
+
 /// First and longest pause before following the ledger again after a failure.
 const FOLLOW_RETRY: Duration = Duration::from_millis(200);
 const FOLLOW_RETRY_CAP: Duration = Duration::from_secs(5);
@@ -921,18 +925,37 @@ async fn lead<S: Future<Output = ()> + Unpin>(
             term,
         }],
     };
-    if let Some(end) = commit(
-        replica,
-        ledger,
-        &election.role,
-        cfg.fault_ignore_lease,
-        io,
-        &marker,
-        Instant::now(),
-    )
-    .await
-    {
-        return Ok(end);
+    // Right after the whole NATS cluster restarted, the ledger stream may be readable but
+    // not yet writable ("no stream found" while its raft group settles): retry the marker
+    // while the lease holds instead of resigning and running a new election. The retry has
+    // the same message id, so one that did land is acknowledged as a duplicate.
+    let mut tries = 0u32;
+    loop {
+        if let Some(end) = lapsed(&election.role, cfg.fault_ignore_lease, Instant::now()) {
+            return Ok(end);
+        }
+        let started = Instant::now();
+        match ledger.append(&marker).await {
+            Ok(sequence) => {
+                io.metrics.ledger_append(started.elapsed());
+                replica.set_applied(sequence);
+                break;
+            }
+            Err(AppendError::Failed(e)) if tries < MARKER_TRIES => {
+                tries += 1;
+                if tries == 1 {
+                    warn!(error = %e, term, "cannot write the leader record yet; retrying while the lease holds");
+                }
+            }
+            Err(e) => return Ok(not_recorded(io, e).await),
+        }
+        tokio::select! {
+            _ = &mut *shutdown => return Ok(Led::Shutdown),
+            _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
+        }
+    }
+    if tries > 0 {
+        info!(tries, "wrote the leader record after retrying");
     }
     replica.leader = Some(cfg.broker_id.clone());
     replica.engine.restart_silence_clocks(now());
