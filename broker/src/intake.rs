@@ -302,6 +302,31 @@ impl Intake {
         verdict
     }
 
+    /// Charges a batch's other items to `slave`'s request budget (the message itself paid
+    /// for one at `admit`): a batch of 128 costs what 128 registrations cost. `false`: over
+    /// budget, the batch is dropped undecided (and counted).
+    pub fn charge_batch(&mut self, now: Instant, slave: &SlaveId, items: usize) -> bool {
+        let rate = self.budgets.request;
+        let Some(tally) = self.tally(now, slave.as_str()) else {
+            return true;
+        };
+        let bucket = &mut tally.buckets[Class::Request as usize];
+        for _ in 1..items {
+            if !bucket.take(now, rate) {
+                *tally
+                    .dropped
+                    .entry(Dropped::OverBudget(Class::Request))
+                    .or_insert(0) += 1;
+                tally.note(
+                    Severity::Warning,
+                    format!("a batch of {items} requests over its budget"),
+                );
+                return false;
+            }
+        }
+        true
+    }
+
     /// Counts a message from `source` (a slave id, or a pseudo-source such as `status`)
     /// whose reply subject is not an inbox; the caller drops it.
     pub fn foreign_client_reply(&mut self, now: Instant, source: &str, reply: &str) {

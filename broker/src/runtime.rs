@@ -507,13 +507,16 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 ))
                 .await;
                 replica.set_applied(found - 1);
+                // The skipped records may have opened a term: accept any writer until the
+                // next `Leader` record rather than quarantine the current leader's.
+                replica.leader = None;
                 last_gap = None;
                 continue;
             }
             // The records this replica needs next were trimmed: load the snapshot that
             // covers them (retrying while it cannot be read).
             Err(e) if e.downcast_ref::<Gap>().is_some() => {
-                last_gap = e.downcast_ref::<Gap>().map(|g| g.found);
+                let found = e.downcast_ref::<Gap>().map(|g| g.found);
                 warn!(error = %format!("{e:#}"), "loading the latest snapshot");
                 match restore(
                     &engine_cfg,
@@ -523,8 +526,14 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 )
                 .await
                 {
-                    Ok(restored) => replica = restored,
+                    Ok(restored) => {
+                        // Only a snapshot that was read and still ends before the gap
+                        // proves the records are gone; a failed read proves nothing.
+                        last_gap = found.filter(|f| restored.applied + 1 < *f);
+                        replica = restored;
+                    }
                     Err(e) => {
+                        last_gap = None;
                         warn!(error = %format!("{e:#}"), "cannot load the latest snapshot; retrying");
                         tokio::select! {
                             _ = &mut shutdown => break Ok(()),
@@ -1504,7 +1513,12 @@ fn handle_slave_message(
             debug!(%slave, op = op.token(), "request");
             engine.handle(at, event)
         }
-        Ok(crate::intake::Decoded::Batch(batch)) => decide_batch(engine, &slave, batch),
+        Ok(crate::intake::Decoded::Batch(batch)) => {
+            if !intake.charge_batch(at, &slave, batch.items.len()) {
+                return None;
+            }
+            decide_batch(engine, &slave, batch)
+        }
         Err(problem) => {
             let answer = intake.bad(at, slave.as_str(), op.token(), &problem.message);
             let reply = (answer == BadVerdict::Answer).then_some(Reply::Error(problem));

@@ -135,6 +135,11 @@ pub struct Books {
     pub digest: u64,
     #[serde(default)]
     pub unsettled: Vec<String>,
+    /// The last request number the slave had used when it took these books: a master that
+    /// has already processed a later one (sent after the books were taken) does not
+    /// compare, since the books cannot show it yet.
+    #[serde(default)]
+    pub request_seq: Option<u64>,
 }
 
 /// An order-independent digest of a set of (agent id, agent type) pairs: the XOR of each
@@ -720,6 +725,7 @@ mod tests {
                 count: 2,
                 digest: agent_digest([("a", "t"), ("b", "t")]),
                 unsettled: vec!["c".into()],
+                request_seq: Some(12),
             }),
         });
         round_trip(&SlaveReport {

@@ -319,6 +319,41 @@ struct State {
     primary_slow: bool,
 }
 
+/// A registration (counted in `pending` and `registering`) or an unregistration (in
+/// `unregistering`) in flight, taken off those books exactly once: by `settle`, or on drop
+/// when the caller's future is dropped before the answer.
+struct InFlight<'a> {
+    state: &'a Mutex<State>,
+    agent: &'a str,
+    registering: bool,
+    settled: bool,
+}
+
+impl InFlight<'_> {
+    fn undo(&self, state: &mut State) {
+        if self.registering {
+            state.pending = state.pending.saturating_sub(1);
+            unmark(&mut state.registering, self.agent);
+        } else {
+            unmark(&mut state.unregistering, self.agent);
+        }
+    }
+
+    /// Takes it off the books under a lock the caller already holds.
+    fn settle(mut self, state: &mut State) {
+        self.undo(state);
+        self.settled = true;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.undo(&mut lock(self.state));
+        }
+    }
+}
+
 fn mark(set: &mut BTreeMap<String, u32>, agent: &str) {
     *set.entry(agent.to_owned()).or_insert(0) += 1;
 }
@@ -356,6 +391,7 @@ impl State {
             count,
             digest,
             unsettled,
+            request_seq: None,
         }
     }
 
@@ -885,6 +921,10 @@ impl Inner {
 
     async fn hello_once(&self, link: LinkId) -> Result<(), HelloError> {
         let l = &self.links[link];
+        // Read before the books, as for a heartbeat: every request numbered up to it was
+        // marked in flight before it took its number, so the hello claims it or lists it
+        // as pending; a later one is numbered above it and its seat is kept.
+        let request_seq = self.request_seq.load(std::sync::atomic::Ordering::Acquire);
         let (agents, pending) = {
             let state = lock(&self.state);
             (
@@ -908,7 +948,7 @@ impl Inner {
             request_timeout_ms: (self.cfg.request_timeout
                 + self.cfg.failover_wait.max(self.cfg.election_wait))
             .as_millis() as u64,
-            request_seq: Some(self.request_seq.load(std::sync::atomic::Ordering::Relaxed)),
+            request_seq: Some(request_seq),
             pending,
         };
         let reply = match self.ask(link, SlaveOp::Hello, &hello).await {
@@ -963,8 +1003,10 @@ impl Inner {
                 // Number the next hello above the master's last (one it processed whose
                 // answer was lost, or one someone forged with this slave's credentials).
                 if let Some(last) = last_hello {
+                    // The master bounds how far a hello number may jump, so this never
+                    // nears the end of the range; saturate all the same.
                     l.hello_seq
-                        .fetch_max(last, std::sync::atomic::Ordering::Relaxed);
+                        .fetch_max(last.min(u64::MAX / 2), std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(HelloError::Refused {
                     reason: RejectReason::Replayed,
@@ -1022,7 +1064,7 @@ impl Inner {
 
     fn next_request_seq(&self) -> u64 {
         self.request_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
             + 1
     }
 
@@ -1063,10 +1105,17 @@ impl Inner {
                 detail,
             });
         }
+        // Settled below; a caller that gives up (a dropped future, an HTTP client gone)
+        // settles it on drop, so the agent is never left "in flight" for good.
+        let in_flight = InFlight {
+            state: &self.state,
+            agent: agent_id,
+            registering: true,
+            settled: false,
+        };
         let decided = self.register_with_masters(agent_id, agent_type).await;
         let mut state = lock(&self.state);
-        state.pending = state.pending.saturating_sub(1);
-        unmark(&mut state.registering, agent_id);
+        in_flight.settle(&mut state);
         match decided {
             Ok((Outcome::Approved { already_held }, granted_by)) => {
                 // `None`: admitted locally during the grace period; recorded on the active
@@ -1310,8 +1359,14 @@ impl Inner {
         let Some(seat) = seat else {
             return Ok(false);
         };
+        let in_flight = InFlight {
+            state: &self.state,
+            agent: agent_id,
+            registering: false,
+            settled: false,
+        };
         let answer = self.unregister_at(seat.link, agent_id).await;
-        unmark(&mut lock(&self.state).unregistering, agent_id);
+        in_flight.settle(&mut lock(&self.state));
         answer
     }
 
@@ -1492,7 +1547,10 @@ impl Inner {
         let seq = self
             .heartbeat_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (agents, in_use, books) = {
+        // Read before the books: every request numbered up to it was marked in flight
+        // before it took its number, so the books show it (or list it as unsettled).
+        let request_seq = self.request_seq.load(std::sync::atomic::Ordering::Acquire);
+        let (agents, in_use, mut books) = {
             let state = lock(&self.state);
             (
                 state.claims(link).len() as u32,
@@ -1500,6 +1558,7 @@ impl Inner {
                 state.books(link),
             )
         };
+        books.request_seq = Some(request_seq);
         let role = match (self.has_secondary(), link) {
             (false, _) => MasterRole::Only,
             (true, PRIMARY) => MasterRole::Primary,
@@ -1562,23 +1621,12 @@ impl Inner {
     }
 }
 
+/// The protocol crate's rules, the ones the master applies: an id or type it would refuse
+/// is refused here first, so nothing this slave holds can make its hellos invalid.
 fn validate(agent_id: &str, agent_type: &str) -> Result<(), SlaveError> {
-    if agent_id.is_empty() || agent_id.len() > 256 || agent_id.chars().any(char::is_control) {
-        return Err(SlaveError::InvalidInput(
-            "agent id must be 1 to 256 bytes without control characters".into(),
-        ));
-    }
-    let type_ok = !agent_type.is_empty()
-        && agent_type.len() <= 64
-        && agent_type
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if !type_ok {
-        return Err(SlaveError::InvalidInput(format!(
-            "agent type {agent_type:?} must be 1 to 64 characters from A-Z, a-z, 0-9, '-' and '_'"
-        )));
-    }
-    Ok(())
+    lmbus_schemas::validate::check_agent_id(agent_id)
+        .and_then(|()| lmbus_schemas::validate::check_agent_type(agent_type))
+        .map_err(|e| SlaveError::InvalidInput(e.to_string()))
 }
 
 /// Heartbeats, reconnects, failover, the grace timer and control messages until told to

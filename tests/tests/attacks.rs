@@ -1020,3 +1020,64 @@ fn bad_flags_and_files_get_clear_errors() {
         "{err}"
     );
 }
+
+/// Steps: as site1, without ever saying hello, twice 40 batches of 128 well-formed
+/// registrations (each item refused `slave_not_connected`): the batches are charged per
+/// item against site1's budget, the refusals make at most one alert every 10 s (not one per
+/// item, as before), and an honest site2 is still served at once with the leader in its
+/// term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_looking_batches_cannot_flood_the_alert_stream() {
+    let d = Deployment::start(10).await;
+    let mut tap = AlertTap::new(&d.monitor, &d.cluster).await.unwrap();
+    let site2 = d.slave("site2").await;
+    let before = d.status().await;
+    let attacker = d.site("site1").await;
+    let site1 = SlaveId::new("site1").unwrap();
+    let inbox = format!("{}.b", d.subjects.slave_inbox_prefix(&site1));
+    for round in 0..2u64 {
+        for b in 0..40u64 {
+            let batch = BatchRequest {
+                items: (0..128u64)
+                    .map(|i| {
+                        BatchItem::Register(register(1 + (b * 128 + i) % 5_000, &format!("x{i}")))
+                    })
+                    .collect(),
+            };
+            attacker
+                .publish_with_reply(
+                    d.subjects.slave_op(&site1, SlaveOp::Batch),
+                    inbox.clone(),
+                    encode(&batch).unwrap().into(),
+                )
+                .await
+                .unwrap();
+        }
+        attacker.flush().await.unwrap();
+        eprintln!("seen: round {round} of 40 batches of 128 sent");
+    }
+    let started = Instant::now();
+    assert!(matches!(
+        site2.register("b1", "inbound").await.unwrap(),
+        Outcome::Approved { .. }
+    ));
+    eprintln!(
+        "seen: site2 approved {:?} after the batches",
+        started.elapsed()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), tap.wait_for("nothing", |_| false)).await;
+    let about_site1: Vec<String> = tap
+        .seen
+        .iter()
+        .filter(|a| a.slave.as_deref() == Some("site1"))
+        .map(|a| a.message.clone())
+        .collect();
+    eprintln!(
+        "seen: {} alerts about site1 for 10,240 refused items",
+        about_site1.len()
+    );
+    assert!(about_site1.len() <= 5, "{about_site1:#?}");
+    assert_eq!(d.status().await.leader_term, before.leader_term);
+    site2.shutdown().await;
+    d.stop().await;
+}

@@ -341,6 +341,18 @@ pub struct Engine {
     /// The signed text of a license reloaded by an operator (`None`: the one the replica
     /// started with), for snapshots.
     license_text: Option<String>,
+    /// Refusals that say nothing new when repeated (replayed numbers, requests without a
+    /// session), counted per slave and reason so that each is alerted at most once every
+    /// [`RATE_LIMIT_ALERT_EVERY`]. Bounded: at most `max_slaves` entries, the oldest
+    /// forgotten first (not in the ledger: a new leader starts it empty).
+    quiet: BTreeMap<(SlaveId, &'static str), Quiet>,
+}
+
+/// One slave's repeated refusals of one reason since its last alert.
+#[derive(Debug, Clone, Copy)]
+struct Quiet {
+    unreported: u64,
+    reported_at: Option<Instant>,
 }
 
 impl Engine {
@@ -354,6 +366,7 @@ impl Engine {
             last_expiry_warning: None,
             pending: Vec::new(),
             license_text: None,
+            quiet: BTreeMap::new(),
         }
     }
 
@@ -544,7 +557,11 @@ impl Engine {
             // Every hello of an instance carries a new, higher number: one at or below the
             // last accepted is a replay (or a retry of a hello that was processed, which
             // the slave sends again under a new number), and must not roll back the seats.
-            if known.instance == hello.instance && hello.seq <= known.hello_seq {
+            // A number more than MAX_SEQ_JUMP ahead is refused the same way: accepted, it
+            // would leave the genuine slave no number to say hello with.
+            if known.instance == hello.instance
+                && (hello.seq <= known.hello_seq || hello.seq - known.hello_seq > MAX_SEQ_JUMP)
+            {
                 let mut out = Output::reply(Reply::Refused {
                     last_hello: Some(known.hello_seq),
                     reason: RejectReason::Replayed,
@@ -553,8 +570,8 @@ impl Engine {
                         hello.seq, known.hello_seq
                     ),
                 });
-                out.alert(
-                    self.alert(
+                let alert = self
+                    .alert(
                         Severity::Warning,
                         AlertKind::SlaveRefused,
                         format!(
@@ -563,8 +580,10 @@ impl Engine {
                         ),
                     )
                     .slave(id.as_str())
-                    .reason(RejectReason::Replayed),
-                );
+                    .reason(RejectReason::Replayed);
+                if let Some(alert) = self.quietly(now, &id, "replayed hello", alert) {
+                    out.alert(alert);
+                }
                 return out;
             }
         }
@@ -881,6 +900,50 @@ impl Engine {
         }
     }
 
+    /// `alert` now if no alert of this slave and reason went out within
+    /// [`RATE_LIMIT_ALERT_EVERY`] (saying how many more were refused meanwhile), else
+    /// `None` and the refusal is counted: however many a site sends, a few alerts.
+    fn quietly(
+        &mut self,
+        now: Instant,
+        id: &SlaveId,
+        what: &'static str,
+        mut alert: Alert,
+    ) -> Option<Alert> {
+        if !self.quiet.contains_key(&(id.clone(), what))
+            && self.quiet.len() >= self.cfg.max_slaves.max(1)
+        {
+            let oldest = self
+                .quiet
+                .iter()
+                .min_by_key(|(_, q)| q.reported_at)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                self.quiet.remove(&oldest);
+            }
+        }
+        let q = self.quiet.entry((id.clone(), what)).or_insert(Quiet {
+            unreported: 0,
+            reported_at: None,
+        });
+        let due = q
+            .reported_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= RATE_LIMIT_ALERT_EVERY);
+        if !due {
+            q.unreported += 1;
+            return None;
+        }
+        if q.unreported > 0 {
+            alert.message.push_str(&format!(
+                " ({} more such refusals of slave {id} since the last alert)",
+                q.unreported
+            ));
+        }
+        q.unreported = 0;
+        q.reported_at = Some(now);
+        Some(alert)
+    }
+
     fn rejection_alert(
         &self,
         slave: &SlaveId,
@@ -967,7 +1030,10 @@ impl Engine {
                     reason: RejectReason::Replayed,
                     detail: detail.clone(),
                 }));
-                out.alert(self.rejection_alert(&id, &claim, RejectReason::Replayed, &detail));
+                let alert = self.rejection_alert(&id, &claim, RejectReason::Replayed, &detail);
+                if let Some(alert) = self.quietly(now, &id, "replayed request", alert) {
+                    out.alert(alert);
+                }
                 return out;
             }
             None => {}
@@ -1012,7 +1078,16 @@ impl Engine {
                     reason,
                     detail: detail.clone(),
                 }));
-                out.alert(self.rejection_alert(&id, &claim, reason, &detail));
+                let alert = self.rejection_alert(&id, &claim, reason, &detail);
+                // Without a session a slave says hello and asks again: repeats are noise.
+                let alert = if reason == RejectReason::SlaveNotConnected {
+                    self.quietly(now, &id, "no session", alert)
+                } else {
+                    Some(alert)
+                };
+                if let Some(alert) = alert {
+                    out.alert(alert);
+                }
                 out
             }
         }
@@ -1047,7 +1122,10 @@ impl Engine {
                     request.seq
                 );
                 let mut out = Output::reply(Reply::Ack);
-                out.alert(self.rejection_alert(id, &claim, RejectReason::Replayed, &detail));
+                let alert = self.rejection_alert(id, &claim, RejectReason::Replayed, &detail);
+                if let Some(alert) = self.quietly(now, id, "replayed request", alert) {
+                    out.alert(alert);
+                }
                 return out;
             }
             Some(_) => {
@@ -1066,7 +1144,13 @@ impl Engine {
                 let mut out = Output::reply(Reply::Ack);
                 // Continuous reconcile: books that differ (leaving out what is in flight)
                 // get a new hello, whose reconcile settles them within this interval.
-                if let Some(books) = &heartbeat.books {
+                // Books taken before a request this master has already processed cannot
+                // show it: no comparison then (the next heartbeat's will).
+                let current = heartbeat.books.as_ref().filter(|b| {
+                    b.request_seq
+                        .is_none_or(|seq| slave.requests.highest <= seq)
+                });
+                if let Some(books) = current {
                     let (count, digest) = slave.books(&books.unsettled);
                     if (count, digest) != (books.count, books.digest) {
                         out.effects.push(Effect::Control {

@@ -1284,7 +1284,8 @@ fn a_replayed_request_cannot_retake_or_release_a_seat() {
     )));
     let replay = h.unregister_numbered("s1", "a1", 101);
     assert_eq!(replay.reply, Some(Reply::Ack));
-    assert_eq!(alerts(&replay).len(), 1);
+    // Within 10 s of the last replay alert for this slave: counted, not alerted again.
+    assert_eq!(alerts(&replay).len(), 0);
     assert!(replay.changes.is_empty());
     assert_eq!(h.engine.total_in_use(), 1);
     // A number of 0 (a request without one) is never accepted.
@@ -1623,7 +1624,7 @@ mod seat_truth {
         assert!(approved(&decision_of(
             &h.register_numbered("s1", "a2", "inbound", 2)
         )));
-        for seq in [1, 1, 0] {
+        for (seq, alerted) in [(1, 1), (1, 0), (0, 0)] {
             let out = hello_at(&mut h, "s1", seq, vec![], vec![], 0);
             assert!(
                 matches!(
@@ -1637,8 +1638,17 @@ mod seat_truth {
                 out.reply
             );
             assert!(out.changes.is_empty());
-            assert_eq!(alerts(&out).len(), 1);
+            // One alert, then quiet for RATE_LIMIT_ALERT_EVERY.
+            assert_eq!(alerts(&out).len(), alerted);
         }
+        h.advance(RATE_LIMIT_ALERT_EVERY);
+        let again = alerts(&hello_at(&mut h, "s1", 1, vec![], vec![], 0));
+        assert_eq!(again.len(), 1);
+        assert!(
+            again[0].message.contains("2 more such refusals"),
+            "{}",
+            again[0].message
+        );
         assert_eq!(held(&h, "s1"), ["a1", "a2"]);
         assert_eq!(h.engine.total_in_use(), 2);
     }
@@ -1686,6 +1696,7 @@ mod seat_truth {
                 count: agents.len() as u32,
                 digest: lmbus_schemas::agent_digest(agents.iter().copied()),
                 unsettled: unsettled.iter().map(|a| a.to_string()).collect(),
+                request_seq: None,
             })
         };
         let out = heartbeat_with(
@@ -1812,6 +1823,7 @@ mod seat_truth {
                             count: settled.len() as u32,
                             digest: lmbus_schemas::agent_digest(settled.iter().copied()),
                             unsettled,
+                            request_seq: Some(m.request_seq),
                         }),
                         ..Default::default()
                     },
