@@ -25,6 +25,7 @@ use lmbus_schemas::{
     decode as decode_envelope, printable, truncated,
 };
 
+use crate::bucket::TokenBucket;
 use crate::engine::Event;
 use std::time::Instant;
 
@@ -134,35 +135,10 @@ pub enum Dropped {
     OverBudget(Class),
 }
 
-/// A token bucket of `rate` per second holding at most `2 * rate`.
-#[derive(Debug, Clone)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn take(&mut self, now: Instant, rate: u32) -> bool {
-        if rate == 0 {
-            return true;
-        }
-        let rate = f64::from(rate);
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(2.0 * rate);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// One source's budgets and the noise not reported yet.
 #[derive(Debug)]
 struct Tally {
-    buckets: Vec<Bucket>,
+    buckets: Vec<TokenBucket>,
     dropped: BTreeMap<Dropped, u64>,
     bad: u64,
     /// One example of what was dropped or bad (bounded, printable).
@@ -178,10 +154,7 @@ impl Tally {
         Self {
             buckets: Class::ALL
                 .iter()
-                .map(|c| Bucket {
-                    tokens: 2.0 * f64::from(budgets.rate(*c)),
-                    at: now,
-                })
+                .map(|c| TokenBucket::new(now, budgets.rate(*c)))
                 .collect(),
             dropped: BTreeMap::new(),
             bad: 0,

@@ -5,6 +5,7 @@
 //! [`BrokerConfig`]. `main.rs` only parses the command line and calls [`run`].
 
 pub mod alert_log;
+pub mod bucket;
 pub mod config;
 pub mod election;
 pub mod engine;

@@ -27,6 +27,8 @@ use lmbus_schemas::{
 use time::Date;
 use uuid::Uuid;
 
+use crate::bucket::TokenBucket;
+
 #[cfg(test)]
 mod tests;
 
@@ -68,12 +70,11 @@ pub struct EngineConfig {
 /// How often, at most, a slave's rate limiting is reported in an alert.
 pub const RATE_LIMIT_ALERT_EVERY: Duration = Duration::from_secs(10);
 
-/// A token bucket: `rate` tokens per second, at most `2 * rate` saved up.
+/// A slave's registration rate: its token bucket, and the rejections not reported in an
+/// alert yet with when the last alert went out.
 #[derive(Debug)]
 struct Bucket {
-    tokens: f64,
-    at: Instant,
-    /// Rejections not reported in an alert yet, and when the last alert went out.
+    tokens: TokenBucket,
     unreported: u64,
     reported_at: Option<Instant>,
 }
@@ -81,24 +82,14 @@ struct Bucket {
 impl Bucket {
     fn new(now: Instant, rate: u32) -> Self {
         Self {
-            tokens: 2.0 * f64::from(rate),
-            at: now,
+            tokens: TokenBucket::new(now, rate),
             unreported: 0,
             reported_at: None,
         }
     }
 
     fn take(&mut self, now: Instant, rate: u32) -> bool {
-        let rate = f64::from(rate);
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(2.0 * rate);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.tokens.take(now, rate)
     }
 }
 
