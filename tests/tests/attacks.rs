@@ -767,8 +767,9 @@ async fn hostile_ids_and_texts_are_refused_on_every_path() {
 /// permissions the monitor user reads all of them back (`alert_source` from an hour ago,
 /// and the audit trail), which takes JetStream flow control ($JS.FC.>) past the first
 /// window; the operator user, here without $JS.FC.>, gets a quick error from
-/// `lmbus-monitor tail --since` and `audit` that names it instead of a hang; then the
-/// broker restarts and leads again on the same streams.
+/// `lmbus-monitor tail --since` and `audit` that names it instead of a hang; then, with the
+/// broker stopped, 20,000 records (about 8 MB) are added to its ledger, and the broker
+/// started again replays them all (flow control again) and leads within a few seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_get_through_streams_that_need_flow_control() {
     let mut d = Deployment::start_with(10, |config| {
@@ -863,12 +864,53 @@ async fn readers_get_through_streams_that_need_flow_control() {
         assert!(err.contains("$JS.FC.>"), "{args:?}: {err}");
     }
     d.broker.take().unwrap().stop().await.unwrap();
+    // Padding the broker itself could have written: its id, a change that changes nothing.
+    let pad = encode(&lmbus_schemas::LedgerEntry {
+        writer: "test-broker".into(),
+        changes: vec![lmbus_schemas::SeatChange::Seats {
+            slave: "padding".into(),
+            agent_type: "p".repeat(400),
+            agent_ids: Vec::new(),
+            request_seqs: Vec::new(),
+        }],
+    })
+    .unwrap();
+    let mut acks = Vec::new();
+    for _ in 0..20_000 {
+        acks.push(
+            js.publish(d.subjects.ledger(), pad.clone().into())
+                .await
+                .unwrap(),
+        );
+        if acks.len() >= 512 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let js_monitor = async_nats::jetstream::new(d.monitor.clone());
+    let ledger_bytes = js_monitor
+        .get_stream(d.subjects.ledger_stream())
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .bytes;
     let license = d.vendor.master(10, &[]).unwrap();
     let mut cfg = broker_config(&d.nats, &d.cluster, license, &d.vendor, true);
     cfg.nats_auth = user("broker");
     let started = Instant::now();
     d.broker = Some(Broker::start(cfg).await.unwrap());
-    eprintln!("seen: the broker led again after {:?}", started.elapsed());
+    let took = started.elapsed();
+    eprintln!("seen: the broker led again on a {ledger_bytes}-byte ledger after {took:?}");
+    assert!(ledger_bytes > 6_000_000, "{ledger_bytes}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert!(d.status().await.ledger_sequence > 20_000);
     d.stop().await;
 }
 
