@@ -1013,6 +1013,22 @@ async fn lead<S: Future<Output = ()> + Unpin>(
         .subscribe(subjects.replica())
         .await
         .context("cannot subscribe to replica beats")?;
+    // Subscribed: tell every slave, so that a request still waiting on the previous leader
+    // (frozen, say) is sent here now rather than after its timeout. Sent after the
+    // subscriptions on the same connection, so the server has them first.
+    let hello_new = Output {
+        effects: replica
+            .engine
+            .connected_slaves()
+            .into_iter()
+            .map(|slave| Effect::Control {
+                slave,
+                message: lmbus_schemas::ControlMessage::NewLeader,
+            })
+            .collect(),
+        ..Output::default()
+    };
+    io.apply(None, hello_new).await;
     let mut replicas = Replicas::new(&cfg.broker_id, now(), cfg.lease * 3 / 2, cfg.lease * 3 / 2);
     let mut intake = Intake::new(
         Budgets::for_rate_limit(cfg.slave_rate_limit),

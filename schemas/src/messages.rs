@@ -440,6 +440,11 @@ pub enum ControlMessage {
     LogOut { agents: Vec<RejectedAgent> },
     /// Say hello again (the master lost the session, e.g. after a restart).
     Rehello,
+    /// A new broker replica leads: a request still waiting for an answer (from a leader
+    /// that froze, say) is sent again at once instead of after its timeout. Requests are
+    /// idempotent, so the resend is safe. A unit variant, so older slaves read it as
+    /// `Other` and ignore it.
+    NewLeader,
     #[serde(other)]
     Other,
 }
@@ -771,6 +776,7 @@ mod tests {
         }
         round_trip(&ControlMessage::LogOut { agents: vec![] });
         round_trip(&ControlMessage::Rehello);
+        round_trip(&ControlMessage::NewLeader);
         round_trip(&StatusRequest {});
         round_trip(&StatusReply {
             broker_id: "b".into(),

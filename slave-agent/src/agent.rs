@@ -1616,7 +1616,8 @@ impl Inner {
                 false
             }
             ControlMessage::Rehello => true,
-            ControlMessage::Other => false,
+            // Acted on by the link itself (`Link::send` asks again at once).
+            ControlMessage::NewLeader | ControlMessage::Other => false,
         }
     }
 }

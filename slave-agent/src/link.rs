@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use async_nats::{Client, RequestErrorKind};
 use lmbus_schemas::{
-    BatchItem, BatchRequest, Heartbeat, Hello, MAX_BATCH_ITEMS, RegisterRequest, Reply, SlaveId,
-    SlaveOp, Subjects, UnregisterRequest, decode, encode,
+    BatchItem, BatchRequest, ControlMessage, Heartbeat, Hello, MAX_BATCH_ITEMS, RegisterRequest,
+    Reply, SlaveId, SlaveOp, Subjects, UnregisterRequest, decode, encode,
 };
 use serde::Serialize;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 /// A request the slave sends. Registrations and unregistrations may go out together in
@@ -95,6 +95,10 @@ pub(crate) struct Link {
     /// How many hellos this link completed: a caller that waited on `hello_lock` while it
     /// moved does not say hello again.
     pub(crate) hellos: std::sync::atomic::AtomicU64,
+    /// Counts `new_leader` control messages (a subscription of its own, so that a request
+    /// the agent's background task waits on cannot delay it): a request waiting for an
+    /// answer is sent again once when it moves.
+    leaders: watch::Sender<u64>,
     coalescer: Mutex<Coalescer>,
 }
 
@@ -127,6 +131,24 @@ impl Link {
                     other => other.to_string(),
                 },
             })?;
+        let (leaders, _) = watch::channel(0u64);
+        match client.subscribe(subjects.control(slave)).await {
+            Ok(mut control) => {
+                let leaders = leaders.clone();
+                tokio::spawn(async move {
+                    while let Some(msg) = futures::StreamExt::next(&mut control).await {
+                        if let Ok(ControlMessage::NewLeader) =
+                            decode::<ControlMessage>(&msg.payload)
+                        {
+                            leaders.send_modify(|n| *n += 1);
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch for new leaders; requests wait out their timeout")
+            }
+        }
         Ok(Self {
             id,
             client,
@@ -135,6 +157,7 @@ impl Link {
             hello_lock: tokio::sync::Mutex::new(()),
             hello_seq: Default::default(),
             hellos: Default::default(),
+            leaders,
             coalescer: Mutex::default(),
         })
     }
@@ -286,11 +309,26 @@ impl Link {
         body: &T,
         timeout: Duration,
     ) -> Answer {
-        let payload = encode(body).map_err(|e| crate::SlaveError::Nats(e.to_string()))?;
+        let payload: bytes::Bytes = encode(body)
+            .map_err(|e| crate::SlaveError::Nats(e.to_string()))?
+            .into();
         let subject = self.subjects.slave_op(slave, op);
         let sent = Instant::now();
-        let request = self.client.request(subject.clone(), payload.into());
-        match tokio::time::timeout(timeout, request).await {
+        let mut leaders = self.leaders.subscribe();
+        let mut resent = false;
+        let result = loop {
+            let request = self.client.request(subject.clone(), payload.clone());
+            tokio::select! {
+                result = tokio::time::timeout(timeout, request) => break result,
+                // A new leader: the one this went to may be frozen. Ask the new one now
+                // (once) rather than wait out the timeout.
+                Ok(()) = leaders.changed(), if !resent => {
+                    resent = true;
+                    tracing::debug!(%subject, "a new leader; sending the request again");
+                }
+            }
+        };
+        match result {
             Err(_) => Ok(Ask::Unavailable(format!(
                 "no answer from the {} master on {subject} within {timeout:?}",
                 self.name()

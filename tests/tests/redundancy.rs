@@ -88,9 +88,18 @@ async fn paused_leader_comes_back_and_steps_down() {
     let paused = Instant::now();
     rig.brokers[&first].signal(Signal::SIGSTOP).unwrap();
     let second = next_leader(&mut alerts, Some(&first)).await;
+    let elected = paused.elapsed();
+    eprintln!("measured: {first} paused; {second} elected after {elected:?}");
+    // The slaves' requests waiting on the frozen leader go to the new one when it says
+    // it leads (`new_leader`), not after their 2 s timeout.
+    let first_approval = first_approval_after(&load.books, paused).await;
     eprintln!(
-        "measured: {first} paused; {second} elected after {:?}",
-        paused.elapsed()
+        "measured: first approval {first_approval:?} after the freeze ({:?} after the election)",
+        first_approval.saturating_sub(elected)
+    );
+    assert!(
+        first_approval < elected + Duration::from_millis(600),
+        "the first approval came {first_approval:?} after the freeze, the election after {elected:?}"
     );
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(paused.elapsed())).await;
     let resumed_at = alerts.seen.len();

@@ -375,6 +375,15 @@ impl Engine {
     }
 
     /// Slaves with a live session, and slaves in the table.
+    /// The slaves with a live session (for the new leader's `new_leader` message).
+    pub fn connected_slaves(&self) -> Vec<SlaveId> {
+        self.slaves
+            .iter()
+            .filter(|(_, s)| s.connected)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     pub fn slave_counts(&self) -> (u32, u32) {
         let connected = self.slaves.values().filter(|s| s.connected).count();
         (connected as u32, self.slaves.len() as u32)
