@@ -19,8 +19,8 @@ use anyhow::{Context as _, anyhow};
 use async_nats::{Client, Message, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use lmbus_schemas::{
-    Alert, AlertKind, BatchItem, BatchRequest, Decision, LedgerEntry, ReplicaBeat, Reply,
-    ReportReply, SeatChange, Severity, SlaveOp, StatusReply, Subjects, WireError, decode, encode,
+    Alert, AlertKind, BatchRequest, Decision, LedgerEntry, ReplicaBeat, Reply, ReportReply,
+    SeatChange, Severity, SlaveOp, StatusReply, Subjects, WireError, decode, encode,
 };
 use time::{Date, OffsetDateTime};
 use tokio::sync::watch;
@@ -1488,15 +1488,7 @@ fn handle_slave_message(
         Err(e) => {
             // The subscription's wildcard gives `slave.<token>.<token>`: the first token
             // is the sender (NATS permissions bind it) even when the rest is unknown.
-            let sender = msg
-                .subject
-                .as_str()
-                .strip_prefix(&format!(
-                    "{}.",
-                    subjects.all_slave_ops().trim_end_matches(".*.*")
-                ))
-                .and_then(|rest| rest.split('.').next())
-                .and_then(|token| lmbus_schemas::SlaveId::new(token).ok());
+            let sender = subjects.slave_of(msg.subject.as_str());
             let source = sender.as_ref().map_or("unknown slave", |s| s.as_str());
             let answer = intake.bad(at, source, "subject", &e.to_string());
             // An unknown operation (a newer slave's, say) is told so, in its own inbox.
@@ -1566,17 +1558,7 @@ fn decide_batch(
     let mut out = Output::default();
     let mut replies = Vec::with_capacity(batch.items.len());
     for item in batch.items {
-        let event = match item {
-            BatchItem::Register(request) => Event::Register {
-                slave: slave.clone(),
-                request,
-            },
-            BatchItem::Unregister(request) => Event::Unregister {
-                slave: slave.clone(),
-                request,
-            },
-        };
-        let one = engine.handle(now(), event);
+        let one = engine.handle(now(), Event::of_batch_item(slave, item));
         // Every registration and unregistration has a reply; `Ack` keeps the count right
         // should one ever not.
         replies.push(one.reply.unwrap_or(Reply::Ack));

@@ -51,16 +51,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(Decoded::Batch(batch)) => batch
                 .items
                 .into_iter()
-                .map(|item| match item {
-                    BatchItem::Register(request) => Event::Register {
-                        slave: slave.clone(),
-                        request,
-                    },
-                    BatchItem::Unregister(request) => Event::Unregister {
-                        slave: slave.clone(),
-                        request,
-                    },
-                })
+                .map(|item| Event::of_batch_item(&slave, item))
                 .collect(),
             Err(error) => {
                 let _ = intake.bad(now, slave.as_str(), op.token(), &error.message);

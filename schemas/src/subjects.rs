@@ -184,6 +184,16 @@ impl Subjects {
         Ok((slave, op))
     }
 
+    /// The slave a subject received on [`Self::all_slave_ops`] came from, even when its
+    /// operation is unknown (a newer slave's): NATS permissions bind the `<slave>` token to
+    /// the sender. `None` when that token is not a valid slave id.
+    pub fn slave_of(&self, subject: &str) -> Option<SlaveId> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".slave.")?;
+        SlaveId::new(rest.split('.').next()?).ok()
+    }
+
     /// `lmbus.v1.<cluster>.control.<slave>`: published by the master to tell one slave
     /// something it did not ask (`ControlMessage`), subscribed by that slave.
     pub fn control(&self, slave: &SlaveId) -> String {
@@ -433,5 +443,11 @@ mod tests {
             s.parse_slave_op("lmbus.v1.c.slave.a.dance"),
             Err(SubjectError::UnknownOp { .. })
         ));
+        assert_eq!(
+            s.slave_of("lmbus.v1.c.slave.a.dance"),
+            Some(SlaveId::new("a").unwrap())
+        );
+        assert_eq!(s.slave_of("lmbus.v1.c.slave.a*b.hello"), None);
+        assert_eq!(s.slave_of("lmbus.v1.other.slave.a.hello"), None);
     }
 }

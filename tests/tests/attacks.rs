@@ -633,6 +633,31 @@ async fn floods_of_every_class_are_budgeted_per_slave() {
     d.stop().await;
 }
 
+/// Publishes every payload on `subject` through JetStream, up to 512 acknowledgements
+/// outstanding, and waits for all of them.
+async fn store_all(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    payloads: impl IntoIterator<Item = Vec<u8>>,
+) {
+    let mut acks = Vec::new();
+    for payload in payloads {
+        acks.push(
+            js.publish(subject.to_owned(), payload.into())
+                .await
+                .unwrap(),
+        );
+        if acks.len() >= 512 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
 async fn alert_stream_bytes(d: &Deployment) -> u64 {
     let js = async_nats::jetstream::new(d.monitor.clone());
     let mut stream = js.get_stream(d.subjects.alert_stream()).await.unwrap();
@@ -782,25 +807,20 @@ async fn readers_get_through_streams_that_need_flow_control() {
     let subject = d.subjects.alert(Severity::Info, AlertKind::Other);
     let filler = "f".repeat(300);
     let n = 20_000u64;
-    let mut acks = Vec::new();
-    for i in 0..n {
-        let mut alert =
-            lmbus_schemas::Alert::new(Severity::Info, AlertKind::Other, format!("{i} {filler}"));
-        alert.source = "test".into();
-        acks.push(
-            js.publish(subject.clone(), encode(&alert).unwrap().into())
-                .await
-                .unwrap(),
-        );
-        if acks.len() >= 512 {
-            for ack in acks.drain(..) {
-                ack.await.unwrap();
-            }
-        }
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    store_all(
+        &js,
+        &subject,
+        (0..n).map(|i| {
+            let mut alert = lmbus_schemas::Alert::new(
+                Severity::Info,
+                AlertKind::Other,
+                format!("{i} {filler}"),
+            );
+            alert.source = "test".into();
+            encode(&alert).unwrap()
+        }),
+    )
+    .await;
     let started = Instant::now();
     let (mut stored, until) = lmbus_monitor::alert_source(
         &d.monitor,
@@ -875,22 +895,7 @@ async fn readers_get_through_streams_that_need_flow_control() {
         }],
     })
     .unwrap();
-    let mut acks = Vec::new();
-    for _ in 0..20_000 {
-        acks.push(
-            js.publish(d.subjects.ledger(), pad.clone().into())
-                .await
-                .unwrap(),
-        );
-        if acks.len() >= 512 {
-            for ack in acks.drain(..) {
-                ack.await.unwrap();
-            }
-        }
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    store_all(&js, &d.subjects.ledger(), std::iter::repeat_n(pad, 20_000)).await;
     let js_monitor = async_nats::jetstream::new(d.monitor.clone());
     let ledger_bytes = js_monitor
         .get_stream(d.subjects.ledger_stream())

@@ -194,6 +194,22 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// One item of a slave's batch, as the event it would be on its own subject.
+    pub fn of_batch_item(slave: &SlaveId, item: lmbus_schemas::BatchItem) -> Self {
+        match item {
+            lmbus_schemas::BatchItem::Register(request) => Event::Register {
+                slave: slave.clone(),
+                request,
+            },
+            lmbus_schemas::BatchItem::Unregister(request) => Event::Unregister {
+                slave: slave.clone(),
+                request,
+            },
+        }
+    }
+}
+
 /// The answer to an operator's release request (see [`Engine::admin_release`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReleaseOutput {
