@@ -277,11 +277,38 @@ pub struct Books {
     pub errors: Vec<String>,
 }
 
-/// Registers and unregisters agents on every slave in a loop until `stop` is set.
+/// Makes the workload stop between operations, so the books can be compared with the
+/// master's while nothing is in flight.
+#[derive(Debug, Default)]
+pub struct Hold {
+    /// Set: every workload task finishes its operation and waits.
+    on: std::sync::atomic::AtomicBool,
+    /// How many tasks are waiting.
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Hold {
+    /// Waits (while held) at the top of a workload pass.
+    async fn gate(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.on.load(SeqCst) {
+            return;
+        }
+        self.waiting.fetch_add(1, SeqCst);
+        while self.on.load(SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.waiting.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Registers and unregisters agents on every slave in a loop until `stop` is set; waits
+/// between operations while `hold` is on.
 pub fn workload(
     slaves: Vec<(String, SlaveAgent)>,
     books: Arc<Mutex<Books>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    hold: Arc<Hold>,
 ) -> Vec<tokio::task::JoinHandle<SlaveAgent>> {
     slaves
         .into_iter()
@@ -289,9 +316,11 @@ pub fn workload(
         .map(|(n, (id, slave))| {
             let books = books.clone();
             let stop = stop.clone();
+            let hold = hold.clone();
             tokio::spawn(async move {
                 let mut i = n;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    hold.gate().await;
                     i += 1;
                     let agent = format!("a{}", i % AGENTS_PER_SLAVE);
                     let held = books
@@ -387,6 +416,7 @@ pub async fn start_slaves(rig: &Rig) -> Vec<(String, SlaveAgent)> {
 pub struct Load {
     pub books: Arc<Mutex<Books>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    hold: Arc<Hold>,
     tasks: Vec<tokio::task::JoinHandle<SlaveAgent>>,
 }
 
@@ -395,8 +425,39 @@ impl Load {
     pub async fn start(rig: &Rig) -> Load {
         let books = Arc::new(Mutex::new(Books::default()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let tasks = workload(start_slaves(rig).await, books.clone(), stop.clone());
-        Load { books, stop, tasks }
+        let hold = Arc::new(Hold::default());
+        let tasks = workload(
+            start_slaves(rig).await,
+            books.clone(),
+            stop.clone(),
+            hold.clone(),
+        );
+        Load {
+            books,
+            stop,
+            hold,
+            tasks,
+        }
+    }
+
+    /// Stops the workload between operations (every answer in), runs `check`, and lets
+    /// the workload go on.
+    pub async fn held<F: Future<Output = T>, T>(&self, check: F) -> T {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.hold.on.store(true, SeqCst);
+        crate::eventually("the workload to stop between operations", || async {
+            self.hold.waiting.load(SeqCst) == self.tasks.len()
+        })
+        .await
+        .unwrap();
+        let out = check.await;
+        self.hold.on.store(false, SeqCst);
+        out
+    }
+
+    /// What the hosts of the in-process slaves were told hold a seat, per slave.
+    pub fn told(&self) -> BTreeMap<String, BTreeSet<String>> {
+        told(&self.books)
     }
 
     /// Stops the workload; see [`finish`].
@@ -410,7 +471,7 @@ pub async fn finish(
     rig: &Rig,
     tasks: Vec<tokio::task::JoinHandle<SlaveAgent>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
-    books: &Arc<Mutex<Books>>,
+    books_of: &Arc<Mutex<Books>>,
 ) -> (lmbus_broker::ledger::Audit, Vec<SlaveAgent>) {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut slaves = Vec::new();
@@ -418,28 +479,42 @@ pub async fn finish(
         slaves.push(t.await.unwrap());
     }
     let audit = rig.audit().await;
-    let books = books.lock().unwrap();
+    let books = books_of.lock().unwrap();
     assert!(
         books.errors.is_empty(),
         "the host application saw errors: {:?}",
         books.errors
     );
-    let told: BTreeMap<String, BTreeSet<String>> = books
-        .held
-        .iter()
-        .filter(|(_, h)| !h.is_empty())
-        .map(|(s, h)| (s.clone(), h.clone()))
-        .collect();
-    let recorded: BTreeMap<String, BTreeSet<String>> = audit
-        .seats
-        .iter()
-        .map(|(s, h)| (s.clone(), h.keys().cloned().collect()))
-        .collect();
+    drop(books);
+    let told = told(books_of);
+    let recorded = seats_of(&audit);
     assert_eq!(
         recorded, told,
         "the ledger's seats differ from what the slaves were told"
     );
     (audit, slaves)
+}
+
+/// The slaves' books without empty entries.
+fn told(books: &Arc<Mutex<Books>>) -> BTreeMap<String, BTreeSet<String>> {
+    books
+        .lock()
+        .unwrap()
+        .held
+        .iter()
+        .filter(|(_, h)| !h.is_empty())
+        .map(|(s, h)| (s.clone(), h.clone()))
+        .collect()
+}
+
+/// The ledger's seats per slave (agent ids), from an audit.
+pub fn seats_of(audit: &lmbus_broker::ledger::Audit) -> BTreeMap<String, BTreeSet<String>> {
+    audit
+        .seats
+        .iter()
+        .filter(|(_, h)| !h.is_empty())
+        .map(|(s, h)| (s.clone(), h.keys().cloned().collect()))
+        .collect()
 }
 
 /// The replica answering status requests right now (the leader), if any.

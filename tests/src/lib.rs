@@ -5,6 +5,7 @@
 //! Nothing here mocks NATS. Every wait is bounded.
 
 pub mod catch_up;
+pub mod daemon;
 pub mod ha;
 pub mod jwt;
 

@@ -5,13 +5,15 @@
 //! `ledger::audit`: no limit exceeded at any position, no agent with two seats, no write
 //! by a deposed leader, and the final seats are exactly what the slaves were told.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use lmbus_broker::ledger::{Ledger, audit};
-use lmbus_schemas::{AlertKind, Subjects};
+use lmbus_schemas::{AlertKind, SlaveOp, Subjects};
+use lmbus_tests::daemon::SlaveDaemon;
 use lmbus_tests::ha::{
     LIMIT, Load, Rig, SERIAL, current_leader, first_approval_after, next_leader, priority_of,
+    seats_of,
 };
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
@@ -25,12 +27,12 @@ async fn leader_killed_under_load_is_replaced_and_nothing_is_lost() {
     let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let mut alerts = rig.alerts().await;
-    let first = "b1".to_owned();
+    let load = Load::start(&rig).await;
+    let first = current_leader(&rig).await.expect("a leader answers");
     assert_eq!(
         first, "b1",
-        "the most preferred replica wins the first election"
+        "the most preferred replica leads when the load starts"
     );
-    let load = Load::start(&rig).await;
     let books = load.books.clone();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -75,15 +77,21 @@ async fn leader_killed_under_load_is_replaced_and_nothing_is_lost() {
 /// SIGCONT the old leader: it steps down (its lease ran out on its own clock, and any write
 /// it attempts is fenced) and says so, and publishes nothing else from the term it lost (no
 /// replica lost, redundancy or slave disconnected alert); the audit shows no record written
-/// by it after the new leader's first, and the hosts' books equal the ledger's seats.
+/// by it after the new leader's first. Then the other two replicas are killed and the
+/// resumed one leads again: no slave has to say hello (it starts its term from the ledger,
+/// not from what it believed while paused). The hosts' books equal the ledger's seats.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_leader_comes_back_and_steps_down() {
     let _serial = SERIAL.lock().await;
     let rig = Rig::start().await;
     let mut alerts = rig.alerts().await;
-    let first = "b1".to_owned();
     let load = Load::start(&rig).await;
+    // Every hello a slave sends, to see whether a leader's return makes them say it again.
+    let subjects = Subjects::new(&rig.cluster).unwrap();
+    let hellos = hello_counter(&rig, &subjects).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let first = current_leader(&rig).await.expect("a leader answers");
+    assert_eq!(first, "b1", "the most preferred replica leads under load");
 
     let paused = Instant::now();
     rig.brokers[&first].signal(Signal::SIGSTOP).unwrap();
@@ -131,12 +139,56 @@ async fn paused_leader_comes_back_and_steps_down() {
         "the paused leader acted on its lost term after it resumed: {from_paused:#?}"
     );
 
+    // The resumed replica leads again: kill the other two. It starts its term from the
+    // ledger, so the slaves it had marked lost while paused are not refused and say no
+    // hello: their heartbeats just go on.
+    let before = hellos.load(std::sync::atomic::Ordering::SeqCst);
+    for other in ["b2", "b3"].into_iter().filter(|b| *b != first) {
+        rig.brokers[other].signal(Signal::SIGKILL).unwrap();
+    }
+    let again = next_leader(&mut alerts, Some(&second)).await;
+    assert_eq!(again, first, "the only replica left leads");
+    first_approval_after(&load.books, Instant::now()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let said = hellos.load(std::sync::atomic::Ordering::SeqCst) - before;
+    eprintln!("measured: {said} hellos from the slaves after {first} led again");
+    assert_eq!(
+        said, 0,
+        "the slaves had to say hello again when {first} led again"
+    );
+
     let (audit, slaves) = load.finish(&rig).await;
     let leaders: Vec<&str> = audit.leaders.iter().map(|(r, _)| r.as_str()).collect();
     assert!(leaders.contains(&second.as_str()), "{leaders:?}");
+    assert_eq!(leaders.last(), Some(&first.as_str()), "{leaders:?}");
     for slave in slaves {
         slave.shutdown().await;
     }
+}
+
+/// Counts the hellos the rig's slaves send from now on.
+async fn hello_counter(
+    rig: &Rig,
+    subjects: &Subjects,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use futures::StreamExt;
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut sub = rig
+        .client
+        .subscribe(subjects.all_slave_ops())
+        .await
+        .unwrap();
+    rig.client.flush().await.unwrap();
+    let counted = count.clone();
+    let subjects = subjects.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if let Ok((_, SlaveOp::Hello)) = subjects.parse_slave_op(&msg.subject) {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    count
 }
 
 /// Steps: under load, kill (SIGKILL) the NATS node that leads the ledger stream's raft
@@ -316,10 +368,15 @@ async fn pipelined_appends_never_land_behind_another_writer() {
     );
 }
 
-/// Steps: under load, rounds of chaos on the leader or a standby, picked by a fixed-seed
-/// generator: kill -9 and restart, SIGSTOP for 0.5 to 2 s then SIGCONT, or SIGTERM and
-/// restart. Afterwards the ledger audit must pass and the final seats must equal what the
-/// slaves were told; the slaves must never have seen an error.
+/// Steps: under load (four in-process slaves and a slave daemon in its own process), 8
+/// rounds of chaos picked by a fixed-seed generator on the leader or a standby: kill -9
+/// and restart, SIGSTOP for 0.5 to 2 s then SIGCONT, or SIGTERM and restart; rounds 2 and
+/// 5 pause the slave daemon past its grace period (3 s) with registrations in flight, and
+/// round 3 pauses the leader for 2 s. After every round the workload stops between
+/// operations and, within two seconds (ten of the daemon's heartbeats), what every host
+/// was told equals the master's seats (the ledger) and its live counts (status), and the
+/// hosts together never hold more than the license. Afterwards the ledger audit must pass;
+/// the in-process slaves must never have seen an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_of_kills_stops_and_restarts_keeps_every_invariant() {
     chaos(&[], 0x853C_49E6_748F_EA9B).await;
@@ -337,6 +394,60 @@ async fn chaos_with_snapshots_and_a_trimmed_ledger_keeps_every_invariant() {
         0x2545_F491_4F6C_DD1D,
     )
     .await;
+}
+
+/// The hosts' books (in-process slaves and the daemon's) against the master's ledger and
+/// its live counts, retried for up to two seconds; panics with both sides if they differ.
+async fn books_agree(
+    rig: &Rig,
+    load: &Load,
+    daemon: &SlaveDaemon,
+    daemon_told: &mut BTreeSet<String>,
+    round: usize,
+) {
+    lmbus_tests::eventually("a leader answers", || async {
+        current_leader(rig).await.is_some()
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        daemon.forget_logged_out(daemon_told).await;
+        let mut told = load.told();
+        if !daemon_told.is_empty() {
+            told.insert(daemon.id.clone(), daemon_told.clone());
+        }
+        let hosts: usize = told.values().map(BTreeSet::len).sum();
+        assert!(
+            hosts <= LIMIT as usize,
+            "round {round}: the hosts hold {hosts} seats on a limit of {LIMIT}: {told:?}"
+        );
+        let ledger = seats_of(&rig.audit().await);
+        let live: BTreeMap<String, usize> = lmbus_tests::status(&rig.client, &rig.cluster)
+            .await
+            .map(|s| {
+                s.slaves
+                    .iter()
+                    .filter(|s| s.in_use > 0)
+                    .map(|s| (s.slave_id.clone(), s.in_use as usize))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let counts: BTreeMap<String, usize> =
+            told.iter().map(|(s, a)| (s.clone(), a.len())).collect();
+        if ledger == told && live == counts {
+            eprintln!(
+                "round {round}: the hosts hold {hosts} seats ({} at the daemon), as the master says",
+                daemon_told.len()
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "round {round}: the hosts' books differ from the master's for 2 s:\n hosts:  {told:?}\n ledger: {ledger:?}\n live:   {live:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn chaos(flags: &[&str], seed: u64) {
@@ -360,6 +471,10 @@ async fn chaos(flags: &[&str], seed: u64) {
         })
     };
     let load = Load::start(&rig).await;
+    let daemon =
+        std::sync::Arc::new(SlaveDaemon::start(&rig.nats.url(), &rig.cluster, "d0", &[]).await);
+    // What the daemon's hosts were told hold a seat (agent ids are used once).
+    let mut daemon_told: BTreeSet<String> = BTreeSet::new();
     let mut seed: u64 = seed;
     let mut next = move |n: u64| {
         seed ^= seed << 13;
@@ -367,42 +482,81 @@ async fn chaos(flags: &[&str], seed: u64) {
         seed ^= seed << 17;
         seed % n
     };
-    let rounds = 6;
+    let rounds = 8;
     for round in 0..rounds {
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The daemon's hosts: release the oldest seat, ask for three more at once.
+        if let Some(oldest) = daemon_told.pop_first() {
+            assert!(
+                daemon.unregister(&oldest).await,
+                "round {round}: unregister {oldest}"
+            );
+        }
+        let inflight: Vec<_> = (0..3)
+            .map(|n| {
+                let daemon = daemon.clone();
+                let agent = format!("r{round}-d{n}");
+                tokio::spawn(async move { (daemon.register(&agent).await, agent) })
+            })
+            .collect();
         let leader = current_leader(&rig).await;
-        let target = match (&leader, next(3)) {
-            (Some(l), 0 | 1) => l.clone(),
-            _ => format!("b{}", next(3) + 1),
-        };
-        let role = if leader.as_deref() == Some(target.as_str()) {
-            "leader"
+        if round == 2 || round == 5 {
+            eprintln!("chaos round {round}: SIGSTOP the slave daemon for 3 s (grace 2 s)");
+            daemon.proc.signal(Signal::SIGSTOP).unwrap();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            daemon.proc.signal(Signal::SIGCONT).unwrap();
         } else {
-            "standby"
-        };
-        match next(3) {
-            0 => {
-                eprintln!("chaos round {round}: kill -9 {target} ({role}), restart in 1 s");
-                rig.brokers[&target].signal(Signal::SIGKILL).unwrap();
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                rig.spawn_broker(&target, priority_of(&target));
-            }
-            1 => {
-                let pause = Duration::from_millis(500 + next(1500));
-                eprintln!("chaos round {round}: SIGSTOP {target} ({role}) for {pause:?}");
-                rig.brokers[&target].signal(Signal::SIGSTOP).unwrap();
-                tokio::time::sleep(pause).await;
-                rig.brokers[&target].signal(Signal::SIGCONT).unwrap();
-            }
-            _ => {
-                eprintln!("chaos round {round}: SIGTERM {target} ({role}), restart");
-                let mut proc = rig.brokers.remove(&target).unwrap();
-                proc.signal(Signal::SIGTERM).unwrap();
-                let _ = proc.wait_timeout(Duration::from_secs(10));
-                rig.spawn_broker(&target, priority_of(&target));
+            let target = match (&leader, next(3)) {
+                (Some(l), _) if round == 3 => l.clone(),
+                (Some(l), 0 | 1) => l.clone(),
+                _ => format!("b{}", next(3) + 1),
+            };
+            let role = if leader.as_deref() == Some(target.as_str()) {
+                "leader"
+            } else {
+                "standby"
+            };
+            match if round == 3 { 1 } else { next(3) } {
+                0 => {
+                    eprintln!("chaos round {round}: kill -9 {target} ({role}), restart in 1 s");
+                    rig.brokers[&target].signal(Signal::SIGKILL).unwrap();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    rig.spawn_broker(&target, priority_of(&target));
+                }
+                1 => {
+                    let pause = if round == 3 {
+                        Duration::from_secs(2)
+                    } else {
+                        Duration::from_millis(500 + next(1500))
+                    };
+                    eprintln!("chaos round {round}: SIGSTOP {target} ({role}) for {pause:?}");
+                    rig.brokers[&target].signal(Signal::SIGSTOP).unwrap();
+                    tokio::time::sleep(pause).await;
+                    rig.brokers[&target].signal(Signal::SIGCONT).unwrap();
+                }
+                _ => {
+                    eprintln!("chaos round {round}: SIGTERM {target} ({role}), restart");
+                    let mut proc = rig.brokers.remove(&target).unwrap();
+                    proc.signal(Signal::SIGTERM).unwrap();
+                    let _ = proc.wait_timeout(Duration::from_secs(10));
+                    rig.spawn_broker(&target, priority_of(&target));
+                }
             }
         }
+        for t in inflight {
+            if let (Some(true), agent) = t.await.unwrap() {
+                daemon_told.insert(agent);
+            }
+        }
+        load.held(books_agree(&rig, &load, &daemon, &mut daemon_told, round))
+            .await;
     }
+    // The daemon's hosts release their seats, so the final audit compares the workload's.
+    for agent in std::mem::take(&mut daemon_told) {
+        assert!(daemon.unregister(&agent).await, "unregister {agent}");
+    }
+    load.held(books_agree(&rig, &load, &daemon, &mut daemon_told, rounds))
+        .await;
     lmbus_tests::eventually("a leader after the chaos", || async {
         current_leader(&rig).await.is_some()
     })
@@ -456,6 +610,7 @@ async fn deposed_leader_write_is_refused_by_the_ledger() {
     let books = load.books.clone();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
+    assert_eq!(current_leader(&rig).await.as_deref(), Some("b1"));
     rig.brokers["b1"].signal(Signal::SIGSTOP).unwrap();
     let second = next_leader(&mut alerts, Some("b1")).await;
     let resumed = first_approval_after(&books, Instant::now()).await;

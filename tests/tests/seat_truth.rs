@@ -3,57 +3,20 @@
 //! counts, across pauses of the slave process (SIGSTOP past its grace period with
 //! registrations in flight, then SIGCONT) and the hellos they cause.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use lmbus_schemas::{AlertKind, SlaveId};
-use lmbus_slave::Outcome;
+use lmbus_tests::daemon::SlaveDaemon;
 use lmbus_tests::*;
 use nix::sys::signal::Signal;
-
-/// Registers `agent` through the daemon's HTTP API; `Some(true)` approved, `Some(false)`
-/// rejected, `None` no answer (the daemon was paused past the timeout).
-fn register(api: &str, agent: &str) -> Option<bool> {
-    let answer = ureq::post(&format!("http://{api}/v1/agents"))
-        .config()
-        .timeout_global(Some(Duration::from_secs(15)))
-        .http_status_as_error(false)
-        .build()
-        .send_json(serde_json::json!({"agent_id": agent, "agent_type": "inbound"}))
-        .ok()?
-        .into_body()
-        .read_json::<Outcome>()
-        .ok()?;
-    Some(answer.is_approved())
-}
-
-fn unregister(api: &str, agent: &str) {
-    let _ = ureq::delete(&format!("http://{api}/v1/agents/{agent}"))
-        .config()
-        .timeout_global(Some(Duration::from_secs(15)))
-        .build()
-        .call();
-}
-
-/// The daemon's agents, sorted.
-fn slave_agents(api: &str) -> Vec<String> {
-    let list: Vec<lmbus_schemas::AgentClaim> = ureq::get(&format!("http://{api}/v1/agents"))
-        .call()
-        .unwrap()
-        .into_body()
-        .read_json()
-        .unwrap();
-    let mut agents: Vec<String> = list.into_iter().map(|c| c.agent_id).collect();
-    agents.sort();
-    agents
-}
 
 /// Steps: a broker (10 seats) and an `lmbus-slave` daemon (heartbeat 200 ms, grace 2 s)
 /// whose hosts register and unregister through its HTTP API. Each of 6 rounds: 8
 /// registrations are sent at once and the daemon is frozen (SIGSTOP) while they are in
 /// flight, for 3 s (past its grace period), then resumed (SIGCONT); the in-flight
 /// registrations get their answers, the slave restricts and says hello again. One second
-/// (five heartbeats) later the daemon's agents equal the master's seats for it, every
+/// (five heartbeats) later the hosts' books (approvals they were told, less the logouts
+/// the daemon reports) equal the daemon's agents and the master's count for it, every
 /// round, and the total never exceeded the license. Then a few more registrations, and
 /// the same check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,39 +24,8 @@ async fn a_slave_paused_past_its_grace_with_registrations_in_flight_agrees_with_
     let f = Fixture::new().await.unwrap();
     let mut alerts = f.alerts().await.unwrap();
     let broker = f.broker(10, &[], true).await.unwrap();
-    let api = format!("127.0.0.1:{}", free_port());
-    let slave = Proc::spawn(
-        Command::new(bin("lmbus-slave").unwrap())
-            .args(["run", "--nats", &f.nats.url(), "--cluster", &f.cluster])
-            .args(["--id", "paused", "--api", &api])
-            .args(["--heartbeat-interval", "200ms", "--grace-period", "2s"])
-            .args([
-                "--request-timeout",
-                "1s",
-                "--failover-wait",
-                "0s",
-                "--election-wait",
-                "1s",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )
-    .unwrap();
-    let probe = api.clone();
-    eventually("the slave's API answers", || {
-        let probe = probe.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                ureq::get(&format!("http://{probe}/v1/status"))
-                    .call()
-                    .is_ok()
-            })
-            .await
-            .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let slave =
+        std::sync::Arc::new(SlaveDaemon::start(&f.nats.url(), &f.cluster, "paused", &[]).await);
     let id = SlaveId::new("paused").unwrap();
     let master_agents = || async {
         let status = f.status().await.unwrap();
@@ -103,63 +35,64 @@ async fn a_slave_paused_past_its_grace_with_registrations_in_flight_agrees_with_
             .find(|s| s.slave_id == id.as_str())
             .map_or(0, |s| s.in_use)
     };
+    // The hosts' books: agents they were told hold a seat, less those the daemon since
+    // reported logged out.
+    let mut told = std::collections::BTreeSet::new();
     for round in 0..6 {
         let mut inflight = Vec::new();
         for n in 0..8 {
-            let api = api.clone();
+            let slave = slave.clone();
             let agent = format!("r{round}-a{n}");
-            inflight.push(tokio::task::spawn_blocking(move || register(&api, &agent)));
+            inflight.push(tokio::spawn(async move {
+                (slave.register(&agent).await, agent)
+            }));
         }
         tokio::time::sleep(Duration::from_millis(round * 2)).await;
-        slave.signal(Signal::SIGSTOP).unwrap();
+        slave.proc.signal(Signal::SIGSTOP).unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
-        slave.signal(Signal::SIGCONT).unwrap();
-        let mut told = 0;
+        slave.proc.signal(Signal::SIGCONT).unwrap();
+        let mut approved = 0;
         for t in inflight {
-            if t.await.unwrap() == Some(true) {
-                told += 1;
+            if let (Some(true), agent) = t.await.unwrap() {
+                approved += 1;
+                told.insert(agent);
             }
         }
+        // One second is five heartbeats: any disagreement is settled by then.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let api2 = api.clone();
-        let agents = tokio::task::spawn_blocking(move || slave_agents(&api2))
-            .await
-            .unwrap();
+        slave.forget_logged_out(&mut told).await;
+        let agents = slave.agents().await.unwrap();
         let master = master_agents().await;
         eprintln!(
-            "round {round}: {told} of 8 in-flight registrations answered approved; the slave holds {} agents, the master counts {master}",
+            "round {round}: {approved} of 8 in-flight registrations answered approved; the hosts hold {} agents, the slave {}, the master counts {master}",
+            told.len(),
             agents.len()
         );
         assert_eq!(
-            agents.len() as u32,
+            told.iter().cloned().collect::<Vec<_>>(),
+            agents,
+            "round {round}: the hosts' books differ from the slave's agents"
+        );
+        assert_eq!(
+            told.len() as u32,
             master,
-            "round {round}: the slave's agents {agents:?} differ from the master's count"
+            "round {round}: the hosts' books {told:?} differ from the master's count"
         );
         let status = f.status().await.unwrap();
         assert!(status.total_in_use <= status.total_limit);
         // Release what is held, so each round starts with room.
-        for agent in agents {
-            let api = api.clone();
-            tokio::task::spawn_blocking(move || unregister(&api, &agent))
-                .await
-                .unwrap();
+        for agent in std::mem::take(&mut told) {
+            assert!(slave.unregister(&agent).await, "unregister {agent}");
         }
     }
-    let mut held = Vec::new();
+    let mut held = 0;
     for n in 0..4 {
-        let api2 = api.clone();
-        let agent = format!("final-{n}");
-        let a = agent.clone();
-        if tokio::task::spawn_blocking(move || register(&api2, &a))
-            .await
-            .unwrap()
-            == Some(true)
-        {
-            held.push(agent);
+        if slave.register(&format!("final-{n}")).await == Some(true) {
+            held += 1;
         }
     }
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(master_agents().await, held.len() as u32);
+    assert_eq!(master_agents().await, held);
     // Read what the master said meanwhile: it never reclaimed (the pauses stayed within
     // its reclaim margin), so every difference was settled by hellos alone.
     let _ = tokio::time::timeout(
