@@ -112,3 +112,92 @@ async fn a_slave_paused_past_its_grace_with_registrations_in_flight_agrees_with_
     drop(slave);
     broker.stop().await.unwrap();
 }
+
+/// Steps: a broker (4 seats, reclaim margin 3 s) and a slave daemon (grace 2 s) whose hosts hold 3 seats. The daemon is frozen (SIGSTOP) for 7 s:
+/// the master reclaims the 3 seats (`seats_reclaimed`) and grants them to another slave's
+/// hosts (the frozen hosts' books are over the limit now: a freeze breaks the timing
+/// rule's clock assumption, as the README says). On SIGCONT the daemon's first act is to log its hosts' agents out with the
+/// reason `reclaimed` (not a limit rejection), so its hosts' books empty and, with the
+/// other slave's, equal the master's seats and never exceed the license.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_frozen_past_the_reclaim_margin_tells_its_hosts_reclaimed() {
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    // A margin of 3 s keeps the timing rule for the daemon (1 s + 1 s + 0.02 s).
+    let mut cfg = broker_config(
+        &f.nats,
+        &f.cluster,
+        f.vendor.master(4, &[]).unwrap(),
+        &f.vendor,
+        true,
+    );
+    cfg.reclaim_margin = Duration::from_secs(3);
+    let broker = Broker::start(cfg).await.unwrap();
+    let frozen = SlaveDaemon::start(&f.nats.url(), &f.cluster, "frozen", &[]).await;
+    let mut told = std::collections::BTreeSet::new();
+    for n in 0..3 {
+        let agent = format!("f{n}");
+        assert_eq!(frozen.register(&agent).await, Some(true), "{agent}");
+        told.insert(agent);
+    }
+    let mut other = f.slave_config("other").unwrap();
+    other.request_timeout = Duration::from_secs(1);
+    other.election_wait = Duration::from_secs(1);
+    other.failover_wait = Duration::ZERO;
+    other.grace_period = Duration::from_secs(2);
+    let other = lmbus_slave::SlaveAgent::start(other).await.unwrap();
+    let paused = tokio::time::Instant::now();
+    frozen.proc.signal(Signal::SIGSTOP).unwrap();
+    alerts
+        .wait_for("the master reclaims the frozen slave's seats", |a| {
+            a.kind == AlertKind::SeatsReclaimed
+        })
+        .await
+        .unwrap();
+    // The seats are free at the master: another slave's hosts get them.
+    let mut others = 0;
+    for n in 0..4 {
+        if other
+            .register(&format!("o{n}"), "inbound")
+            .await
+            .unwrap()
+            .is_approved()
+        {
+            others += 1;
+        }
+    }
+    assert_eq!(others, 4, "the reclaimed seats went to the other slave");
+    eprintln!(
+        "measured: the master reclaimed and regranted {:?} after the freeze",
+        paused.elapsed()
+    );
+    tokio::time::sleep_until(paused + Duration::from_secs(7)).await;
+    frozen.proc.signal(Signal::SIGCONT).unwrap();
+    eventually(
+        "the frozen slave's hosts hear their agents are gone",
+        || async {
+            let status = frozen.status().await.unwrap();
+            status.agents == 0 && status.logged_out.len() == 3
+        },
+    )
+    .await
+    .unwrap();
+    let status = frozen.status().await.unwrap();
+    for out in &status.logged_out {
+        assert_eq!(
+            out.reason,
+            lmbus_schemas::RejectReason::Reclaimed,
+            "{} was logged out as {:?}: {}",
+            out.agent_id,
+            out.reason,
+            out.detail
+        );
+    }
+    frozen.forget_logged_out(&mut told).await;
+    assert!(told.is_empty(), "{told:?}");
+    let master = f.status().await.unwrap();
+    assert_eq!(master.total_in_use, 4);
+    assert!(master.total_in_use <= master.total_limit);
+    other.shutdown().await;
+    broker.stop().await.unwrap();
+}
