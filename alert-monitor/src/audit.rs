@@ -2,10 +2,8 @@
 //! raised (the alert stream: rejections with their reason, refused hellos, bad messages,
 //! operator actions), merged in time order and filtered by slave, agent and time.
 
-use std::time::Duration;
-
 use anyhow::Context as _;
-use futures::StreamExt;
+use lmbus_ops::stored;
 use lmbus_schemas::{Alert, LedgerEntry, SeatChange, Subjects, decode};
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -253,79 +251,6 @@ fn from_change(
         }
         _ => Vec::new(),
     }
-}
-
-/// A stream's stored messages from `since` (or its first) up to its last message now.
-#[derive(Debug, Default)]
-pub struct Stored {
-    /// The stream's first stored sequence (above 1 when older messages were removed).
-    pub first_sequence: u64,
-    /// Each message's stream sequence, store time (Unix ms) and payload, in order.
-    pub messages: Vec<(u64, i64, bytes::Bytes)>,
-}
-
-/// Reads stream `name`'s messages stored since `since` (all when `None`) up to its last
-/// message at the call, through an ordered consumer.
-pub async fn stored(
-    js: &async_nats::jetstream::Context,
-    name: &str,
-    since: Option<OffsetDateTime>,
-) -> anyhow::Result<Stored> {
-    use async_nats::jetstream::consumer::{DeliverPolicy, push};
-    let mut stream = js.get_stream(name).await?;
-    let state = stream.info().await?.state.clone();
-    let mut out = Stored {
-        first_sequence: state.first_sequence,
-        messages: Vec::new(),
-    };
-    if state.messages == 0 {
-        return Ok(out);
-    }
-    let deliver_policy = match since {
-        Some(start_time) => DeliverPolicy::ByStartTime { start_time },
-        None => DeliverPolicy::All,
-    };
-    let consumer = stream
-        .create_consumer(push::OrderedConfig {
-            deliver_subject: js_inbox(js),
-            deliver_policy,
-            ..Default::default()
-        })
-        .await?;
-    // What the consumer has to deliver from its start: nothing when no message is newer
-    // than `since`.
-    let pending = consumer.cached_info().num_pending;
-    if pending == 0 {
-        return Ok(out);
-    }
-    let mut messages = consumer.messages().await?;
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
-        let message = match next {
-            Ok(Some(message)) => message?,
-            // A partial answer must not pass for the whole one.
-            _ => anyhow::bail!(
-                "stream {name} stopped delivering after {} of {pending} records: {}",
-                out.messages.len(),
-                crate::FLOW_CONTROL_HINT
-            ),
-        };
-        let info = message
-            .info()
-            .map_err(|e| anyhow::anyhow!("stream message without metadata: {e}"))?;
-        let (sequence, published) = (info.stream_sequence, info.published);
-        let time_ms = (published.unix_timestamp_nanos() / 1_000_000) as i64;
-        out.messages
-            .push((sequence, time_ms, message.payload.clone()));
-        if sequence >= state.last_sequence {
-            break;
-        }
-    }
-    Ok(out)
-}
-
-fn js_inbox(js: &async_nats::jetstream::Context) -> String {
-    js.client().new_inbox()
 }
 
 /// The audit as text: one line per record, and a first line when the ledger was trimmed.

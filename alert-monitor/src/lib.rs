@@ -6,7 +6,7 @@
 mod audit;
 pub mod live;
 
-pub use audit::{Audit, AuditQuery, AuditRecord, Stored, audit, render_audit, stored};
+pub use audit::{Audit, AuditQuery, AuditRecord, audit, render_audit};
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -14,11 +14,9 @@ use std::future::Future;
 use std::io::Write;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use futures::StreamExt;
-use lmbus_schemas::{
-    Alert, AlertKind, Severity, SlaveStatus, StatusReply, StatusRequest, Subjects, decode, encode,
-};
+use lmbus_schemas::{Alert, AlertKind, Severity, Subjects, decode};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
@@ -93,34 +91,6 @@ pub fn format_alert(alert: &Alert) -> String {
     // Everything in an alert came over the network: show control characters escaped, so
     // an alert can neither move the cursor, retitle the terminal nor forge a line.
     lmbus_schemas::printable(&line).into_owned()
-}
-
-/// `s` with every text that came from the network made printable
-/// ([`lmbus_schemas::printable`]), for the table and the live view.
-pub fn printable_status(s: &StatusReply) -> StatusReply {
-    use lmbus_schemas::printable;
-    let p = |t: &str| printable(t).into_owned();
-    let mut s = s.clone();
-    s.cluster = p(&s.cluster);
-    s.broker_id = p(&s.broker_id);
-    s.license.customer = p(&s.license.customer);
-    for r in &mut s.replicas {
-        r.replica = p(&r.replica);
-    }
-    s.type_limits = s.type_limits.into_iter().map(|(t, n)| (p(&t), n)).collect();
-    s.in_use_by_type = s
-        .in_use_by_type
-        .into_iter()
-        .map(|(t, n)| (p(&t), n))
-        .collect();
-    for slave in &mut s.slaves {
-        slave.slave_id = p(&slave.slave_id);
-        slave.in_use_by_type = std::mem::take(&mut slave.in_use_by_type)
-            .into_iter()
-            .map(|(t, n)| (p(&t), n))
-            .collect();
-    }
-    s
 }
 
 /// One alert message as received: from the alert stream (with its stream sequence) or
@@ -237,9 +207,6 @@ pub async fn alert_source(
 /// How long stored history may pause before a reader calls it a stall.
 pub const HISTORY_STALL: Duration = Duration::from_secs(10);
 
-/// What to check when a JetStream reader stalls part way.
-pub const FLOW_CONTROL_HINT: &str = "check that this NATS user may publish on $JS.FC.> (JetStream flow control; see deploy/nats-server.conf) and that the NATS server is reachable";
-
 pub async fn tail(
     mut incoming: impl futures::Stream<Item = Result<Incoming, String>> + Unpin,
     filter: &Filter,
@@ -267,9 +234,10 @@ pub async fn tail(
         let msg = tokio::select! {
             _ = &mut shutdown => break,
             _ = stall => anyhow::bail!(
-                "the alert stream stopped delivering stored alerts after #{} of #{}: {FLOW_CONTROL_HINT}",
+                "the alert stream stopped delivering stored alerts after #{} of #{}: {}",
                 last_read.unwrap_or(0),
-                until.unwrap_or(0)
+                until.unwrap_or(0),
+                lmbus_ops::FLOW_CONTROL_HINT
             ),
             msg = incoming.next() => match msg {
                 Some(Ok(msg)) => msg,
@@ -311,167 +279,4 @@ pub async fn tail(
         printed += 1;
     }
     Ok(printed)
-}
-
-/// Asks the master for its License Monitor view.
-pub async fn fetch_status(
-    client: &async_nats::Client,
-    subjects: &Subjects,
-    timeout: Duration,
-) -> anyhow::Result<StatusReply> {
-    let subject = subjects.status();
-    let request = client.request(subject.clone(), encode(&StatusRequest {})?.into());
-    let msg = match tokio::time::timeout(timeout, request).await {
-        Err(_) => bail!(
-            "no master answered on {subject} within {timeout:?}: is lmbus-broker running for cluster {}?",
-            subjects.cluster()
-        ),
-        Ok(r) => r.with_context(|| {
-            format!(
-                "no master answered on {subject}: is lmbus-broker running for cluster {}?",
-                subjects.cluster()
-            )
-        })?,
-    };
-    decode(&msg.payload)
-        .with_context(|| format!("the master's status reply on {subject} is not readable"))
-}
-
-fn bar(used: u32, limit: u32, width: usize) -> String {
-    let filled = if limit == 0 {
-        width
-    } else {
-        ((used as usize * width).div_ceil(limit as usize)).min(width)
-    };
-    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
-}
-
-/// The master license and whether unlicensed slaves are allowed, for both views.
-pub(crate) fn license_summary(s: &StatusReply) -> String {
-    format!(
-        "license {} ({}, {}, expires {})  unlicensed slaves: {}",
-        s.license.id,
-        s.license.customer,
-        s.license.context,
-        s.license.expires,
-        if s.allow_unlicensed_slaves {
-            "allowed"
-        } else {
-            "refused"
-        }
-    )
-}
-
-/// The texts of one slave's row, shared by the table and the live view: id, state, what this
-/// master is to it, license, local limit, agents, agents by type, last seen.
-pub(crate) fn slave_cells(slave: &SlaveStatus) -> [String; 8] {
-    let by_type = slave
-        .in_use_by_type
-        .iter()
-        .map(|(t, n)| format!("{t}={n}"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    [
-        slave.slave_id.clone(),
-        if slave.connected {
-            "connected"
-        } else {
-            "DISCONNECTED"
-        }
-        .to_owned(),
-        slave.master.map_or("-".to_owned(), |m| m.to_string()),
-        match slave.license {
-            Some(id) => id.simple().to_string()[..8].to_owned(),
-            None => "unlicensed".to_owned(),
-        },
-        slave.local_limit.map_or("-".to_owned(), |l| l.to_string()),
-        slave.in_use.to_string(),
-        if by_type.is_empty() {
-            "-".to_owned()
-        } else {
-            by_type
-        },
-        format!("{:.1}s ago", slave.last_seen_ms_ago as f64 / 1000.0),
-    ]
-}
-
-/// The License Monitor view as a plain table.
-pub fn render_status(s: &StatusReply) -> String {
-    let s = &printable_status(s);
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "cluster {}  leader {} (term {}, ledger at {})  {}",
-        s.cluster,
-        s.broker_id,
-        s.leader_term,
-        s.ledger_sequence,
-        license_summary(s)
-    );
-    if !s.replicas.is_empty() {
-        let replicas: Vec<String> = s
-            .replicas
-            .iter()
-            .map(|r| {
-                format!(
-                    "{} ({}, priority {}, ledger at {}, seen {:.1}s ago)",
-                    r.replica,
-                    if r.leader { "leader" } else { "standby" },
-                    r.priority,
-                    r.applied,
-                    r.last_seen_ms_ago as f64 / 1000.0
-                )
-            })
-            .collect();
-        let _ = writeln!(o, "replicas: {}", replicas.join("; "));
-    }
-    let _ = writeln!(o);
-    let _ = writeln!(
-        o,
-        "{:<16} {:>7} {:>7}  USAGE",
-        "AGENT TYPE", "IN USE", "LIMIT"
-    );
-    let mut types: BTreeSet<&String> = s.type_limits.keys().collect();
-    types.extend(s.in_use_by_type.keys());
-    for t in types {
-        let used = s.in_use_by_type.get(t).copied().unwrap_or(0);
-        let (limit, usage) = match s.type_limits.get(t) {
-            Some(&l) => (l.to_string(), bar(used, l, 20)),
-            None => ("-".into(), String::new()),
-        };
-        let _ = writeln!(o, "{t:<16} {used:>7} {limit:>7}  {usage}");
-    }
-    let _ = writeln!(
-        o,
-        "{:<16} {:>7} {:>7}  {}",
-        "TOTAL",
-        s.total_in_use,
-        s.total_limit,
-        bar(s.total_in_use, s.total_limit, 20)
-    );
-    let _ = writeln!(o);
-    let _ = writeln!(
-        o,
-        "{:<20} {:<13} {:<18} {:<12} {:>6} {:>7}  {:<28} LAST SEEN",
-        "SLAVE", "STATE", "THIS MASTER IS", "LICENSE", "LOCAL", "AGENTS", "BY TYPE"
-    );
-    if s.slaves.is_empty() {
-        let _ = writeln!(o, "(no slaves)");
-    }
-    let unlisted = (s.slaves_total as usize).saturating_sub(s.slaves.len());
-    for slave in &s.slaves {
-        let [id, state, master, license, local, agents, by_type, seen] = slave_cells(slave);
-        let _ = writeln!(
-            o,
-            "{id:<20} {state:<13} {master:<18} {license:<12} {local:>6} {agents:>7}  {by_type:<28} {seen}"
-        );
-    }
-    if unlisted > 0 {
-        let _ = writeln!(
-            o,
-            "... and {unlisted} more slaves not listed ({} of {} connected in all)",
-            s.slaves_connected, s.slaves_total
-        );
-    }
-    o
 }

@@ -15,7 +15,8 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table};
 
-use crate::{Start, alert_source, fetch_status, format_time, license_summary, slave_cells};
+use crate::{Start, alert_source, format_time};
+use lmbus_ops::{fetch_status, license_summary, slave_cells};
 
 /// How many recent alerts the view keeps.
 const RECENT_ALERTS: usize = 50;
@@ -339,7 +340,7 @@ pub async fn run(
             _ = refresh.tick() => {
                 match fetch_status(client, subjects, timeout).await {
                     Ok(status) => {
-                        view.status = Some(crate::printable_status(&status));
+                        view.status = Some(lmbus_ops::printable_status(&status));
                         view.error = None;
                         view.refreshed = format_time(unix_ms());
                     }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
-use lmbus_monitor::{Filter, Format, Start, alert_source, fetch_status, render_status, tail};
+use lmbus_monitor::{Filter, Format, Start, alert_source, tail};
+use lmbus_ops::{fetch_status, render_status};
 use lmbus_schemas::{AlertKind, Severity, Subjects};
 
 #[derive(Debug, Parser)]

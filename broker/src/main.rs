@@ -194,11 +194,11 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             let subjects = Subjects::new(&cluster)?;
             let client = admin_client(&nats, nats_auth).await?;
             let status =
-                lmbus_monitor::fetch_status(&client, &subjects, Duration::from_secs(5)).await?;
+                lmbus_ops::fetch_status(&client, &subjects, Duration::from_secs(5)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                print!("{}", lmbus_monitor::render_status(&status));
+                print!("{}", lmbus_ops::render_status(&status));
             }
             Ok(())
         }

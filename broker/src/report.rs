@@ -721,7 +721,7 @@ pub async fn make_and_deliver(
     let js = async_nats::jetstream::new(client.clone());
     let since =
         OffsetDateTime::from_unix_timestamp_nanos(i128::from(usage.start_ms) * 1_000_000).ok();
-    let alerts = match lmbus_monitor::stored(&js, &subjects.alert_stream(), since).await {
+    let alerts = match lmbus_ops::stored(&js, &subjects.alert_stream(), since).await {
         Ok(stored) => stored
             .messages
             .into_iter()

@@ -109,7 +109,7 @@ impl Rig {
             .unwrap();
         assert_eq!(state.source, "b1");
         let subjects = Subjects::new(&rig.cluster).unwrap();
-        let status = lmbus_monitor::fetch_status(&rig.client, &subjects, Duration::from_secs(5))
+        let status = lmbus_ops::fetch_status(&rig.client, &subjects, Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(status.broker_id, "b1");
@@ -520,7 +520,7 @@ pub fn seats_of(audit: &lmbus_broker::ledger::Audit) -> BTreeMap<String, BTreeSe
 /// The replica answering status requests right now (the leader), if any.
 pub async fn current_leader(rig: &Rig) -> Option<String> {
     let subjects = Subjects::new(&rig.cluster).unwrap();
-    lmbus_monitor::fetch_status(&rig.client, &subjects, Duration::from_secs(2))
+    lmbus_ops::fetch_status(&rig.client, &subjects, Duration::from_secs(2))
         .await
         .ok()
         .map(|s| s.broker_id)

@@ -581,7 +581,7 @@ impl Broker {
                     Err(e) => Err(e.into()),
                 };
             }
-            if lmbus_monitor::fetch_status(&client, &subjects, Duration::from_millis(300))
+            if lmbus_ops::fetch_status(&client, &subjects, Duration::from_millis(300))
                 .await
                 .is_ok()
             {
@@ -682,7 +682,9 @@ impl AlertTap {
 
 /// The License Monitor view, fetched from the broker.
 pub async fn status(client: &async_nats::Client, cluster: &str) -> anyhow::Result<StatusReply> {
-    lmbus_monitor::fetch_status(client, &Subjects::new(cluster)?, Duration::from_secs(5)).await
+    lmbus_ops::fetch_status(client, &Subjects::new(cluster)?, Duration::from_secs(5))
+        .await
+        .map_err(Into::into)
 }
 
 /// Waits (bounded) until the master reports `n` seats in use.

@@ -102,7 +102,7 @@ impl Deployment {
         eventually("the broker process leads", || {
             let (monitor, subjects) = (monitor.clone(), subjects.clone());
             async move {
-                lmbus_monitor::fetch_status(&monitor, &subjects, Duration::from_millis(500))
+                lmbus_ops::fetch_status(&monitor, &subjects, Duration::from_millis(500))
                     .await
                     .is_ok_and(|s| s.broker_id == "test-broker")
             }
@@ -146,7 +146,7 @@ impl Deployment {
     }
 
     async fn status(&self) -> lmbus_schemas::StatusReply {
-        lmbus_monitor::fetch_status(&self.monitor, &self.subjects, Duration::from_secs(5))
+        lmbus_ops::fetch_status(&self.monitor, &self.subjects, Duration::from_secs(5))
             .await
             .unwrap()
     }

@@ -119,7 +119,7 @@ async fn users_passwords_and_nkeys() {
     .await
     .unwrap();
     let subjects = lmbus_schemas::Subjects::new(&s.cluster).unwrap();
-    let reply = lmbus_monitor::fetch_status(&status, &subjects, Duration::from_secs(5))
+    let reply = lmbus_ops::fetch_status(&status, &subjects, Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(reply.slaves.len(), 1);
@@ -362,7 +362,7 @@ async fn reference_permissions_confine_each_slave() {
     .await
     .unwrap();
     let subjects = lmbus_schemas::Subjects::new(&cluster).unwrap();
-    let status = lmbus_monitor::fetch_status(&monitor, &subjects, Duration::from_secs(5))
+    let status = lmbus_ops::fetch_status(&monitor, &subjects, Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(status.slaves.len(), 1);
@@ -429,7 +429,7 @@ async fn reference_permissions_confine_each_slave() {
     site1.flush().await.unwrap();
     violation(&mut events, "the JetStream API", &info).await;
 
-    let status = lmbus_monitor::fetch_status(&monitor, &subjects, Duration::from_secs(5))
+    let status = lmbus_ops::fetch_status(&monitor, &subjects, Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(

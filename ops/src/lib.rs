@@ -1,0 +1,13 @@
+//! What operator tools and the broker read from a running lmbus cluster, below both: the
+//! master's status view (requested on its status subject) with the table every tool
+//! prints, and a JetStream stream's stored messages (the alert stream for the usage report
+//! and the audit). The monitor renders and tails; the broker writes reports; neither
+//! depends on the other.
+
+mod status;
+mod stored;
+
+pub use status::{
+    StatusError, fetch_status, license_summary, printable_status, render_status, slave_cells,
+};
+pub use stored::{FLOW_CONTROL_HINT, Stored, StoredError, stored};

@@ -1,0 +1,219 @@
+//! The License Monitor view as the master answers it on its status subject: the request,
+//! and the plain table every operator tool prints (`lmbus-broker admin status`, the
+//! monitor's `status`; the live view shares its cells).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use lmbus_schemas::{SlaveStatus, StatusReply, StatusRequest, Subjects, decode, encode};
+
+/// `s` with every text that came from the network made printable
+/// ([`lmbus_schemas::printable`]), for the table and the live view.
+pub fn printable_status(s: &StatusReply) -> StatusReply {
+    use lmbus_schemas::printable;
+    let p = |t: &str| printable(t).into_owned();
+    let mut s = s.clone();
+    s.cluster = p(&s.cluster);
+    s.broker_id = p(&s.broker_id);
+    s.license.customer = p(&s.license.customer);
+    for r in &mut s.replicas {
+        r.replica = p(&r.replica);
+    }
+    s.type_limits = s.type_limits.into_iter().map(|(t, n)| (p(&t), n)).collect();
+    s.in_use_by_type = s
+        .in_use_by_type
+        .into_iter()
+        .map(|(t, n)| (p(&t), n))
+        .collect();
+    for slave in &mut s.slaves {
+        slave.slave_id = p(&slave.slave_id);
+        slave.in_use_by_type = std::mem::take(&mut slave.in_use_by_type)
+            .into_iter()
+            .map(|(t, n)| (p(&t), n))
+            .collect();
+    }
+    s
+}
+/// Asks the master for its License Monitor view.
+pub async fn fetch_status(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    timeout: Duration,
+) -> Result<StatusReply, StatusError> {
+    let subject = subjects.status();
+    let no_answer = |detail: String| StatusError::NoAnswer {
+        subject: subject.clone(),
+        cluster: subjects.cluster().to_owned(),
+        detail,
+    };
+    let payload = encode(&StatusRequest {}).map_err(|e| StatusError::Encode(e.to_string()))?;
+    let request = client.request(subject.clone(), payload.into());
+    let msg = match tokio::time::timeout(timeout, request).await {
+        Err(_) => return Err(no_answer(format!("within {timeout:?}"))),
+        Ok(Err(e)) => return Err(no_answer(format!("({e})"))),
+        Ok(Ok(msg)) => msg,
+    };
+    decode(&msg.payload).map_err(|e| StatusError::Unreadable {
+        subject: subject.clone(),
+        detail: e.to_string(),
+    })
+}
+
+/// Why [`fetch_status`] has no status to show.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// No replica answered (none runs, none leads, or this user may not ask).
+    #[error(
+        "no master answered on {subject} {detail}: is lmbus-broker running for cluster {cluster}?"
+    )]
+    NoAnswer {
+        subject: String,
+        cluster: String,
+        detail: String,
+    },
+    /// The answer did not decode: a broker of another version, or not a broker.
+    #[error("the master's status reply on {subject} is not readable: {detail}")]
+    Unreadable { subject: String, detail: String },
+    #[error("cannot encode the status request: {0}")]
+    Encode(String),
+}
+
+fn bar(used: u32, limit: u32, width: usize) -> String {
+    let filled = if limit == 0 {
+        width
+    } else {
+        ((used as usize * width).div_ceil(limit as usize)).min(width)
+    };
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+/// The master license and whether unlicensed slaves are allowed, for both views.
+pub fn license_summary(s: &StatusReply) -> String {
+    format!(
+        "license {} ({}, {}, expires {})  unlicensed slaves: {}",
+        s.license.id,
+        s.license.customer,
+        s.license.context,
+        s.license.expires,
+        if s.allow_unlicensed_slaves {
+            "allowed"
+        } else {
+            "refused"
+        }
+    )
+}
+
+/// The texts of one slave's row, shared by the table and the live view: id, state, what this
+/// master is to it, license, local limit, agents, agents by type, last seen.
+pub fn slave_cells(slave: &SlaveStatus) -> [String; 8] {
+    let by_type = slave
+        .in_use_by_type
+        .iter()
+        .map(|(t, n)| format!("{t}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    [
+        slave.slave_id.clone(),
+        if slave.connected {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        }
+        .to_owned(),
+        slave.master.map_or("-".to_owned(), |m| m.to_string()),
+        match slave.license {
+            Some(id) => id.simple().to_string()[..8].to_owned(),
+            None => "unlicensed".to_owned(),
+        },
+        slave.local_limit.map_or("-".to_owned(), |l| l.to_string()),
+        slave.in_use.to_string(),
+        if by_type.is_empty() {
+            "-".to_owned()
+        } else {
+            by_type
+        },
+        format!("{:.1}s ago", slave.last_seen_ms_ago as f64 / 1000.0),
+    ]
+}
+
+/// The License Monitor view as a plain table.
+pub fn render_status(s: &StatusReply) -> String {
+    let s = &printable_status(s);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "cluster {}  leader {} (term {}, ledger at {})  {}",
+        s.cluster,
+        s.broker_id,
+        s.leader_term,
+        s.ledger_sequence,
+        license_summary(s)
+    );
+    if !s.replicas.is_empty() {
+        let replicas: Vec<String> = s
+            .replicas
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} ({}, priority {}, ledger at {}, seen {:.1}s ago)",
+                    r.replica,
+                    if r.leader { "leader" } else { "standby" },
+                    r.priority,
+                    r.applied,
+                    r.last_seen_ms_ago as f64 / 1000.0
+                )
+            })
+            .collect();
+        let _ = writeln!(o, "replicas: {}", replicas.join("; "));
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<16} {:>7} {:>7}  USAGE",
+        "AGENT TYPE", "IN USE", "LIMIT"
+    );
+    let mut types: BTreeSet<&String> = s.type_limits.keys().collect();
+    types.extend(s.in_use_by_type.keys());
+    for t in types {
+        let used = s.in_use_by_type.get(t).copied().unwrap_or(0);
+        let (limit, usage) = match s.type_limits.get(t) {
+            Some(&l) => (l.to_string(), bar(used, l, 20)),
+            None => ("-".into(), String::new()),
+        };
+        let _ = writeln!(o, "{t:<16} {used:>7} {limit:>7}  {usage}");
+    }
+    let _ = writeln!(
+        o,
+        "{:<16} {:>7} {:>7}  {}",
+        "TOTAL",
+        s.total_in_use,
+        s.total_limit,
+        bar(s.total_in_use, s.total_limit, 20)
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<20} {:<13} {:<18} {:<12} {:>6} {:>7}  {:<28} LAST SEEN",
+        "SLAVE", "STATE", "THIS MASTER IS", "LICENSE", "LOCAL", "AGENTS", "BY TYPE"
+    );
+    if s.slaves.is_empty() {
+        let _ = writeln!(o, "(no slaves)");
+    }
+    let unlisted = (s.slaves_total as usize).saturating_sub(s.slaves.len());
+    for slave in &s.slaves {
+        let [id, state, master, license, local, agents, by_type, seen] = slave_cells(slave);
+        let _ = writeln!(
+            o,
+            "{id:<20} {state:<13} {master:<18} {license:<12} {local:>6} {agents:>7}  {by_type:<28} {seen}"
+        );
+    }
+    if unlisted > 0 {
+        let _ = writeln!(
+            o,
+            "... and {unlisted} more slaves not listed ({} of {} connected in all)",
+            s.slaves_connected, s.slaves_total
+        );
+    }
+    o
+}
