@@ -455,6 +455,18 @@ impl Load {
         out
     }
 
+    /// Waits (bounded) until `n` more registrations were approved than when called: the
+    /// workload is running against a leader, instead of a fixed sleep that hopes so.
+    pub async fn progress(&self, n: usize) {
+        let count = || self.books.lock().unwrap().approvals.len();
+        let target = count() + n;
+        crate::eventually("the workload makes progress", || async {
+            count() >= target
+        })
+        .await
+        .unwrap();
+    }
+
     /// What the hosts of the in-process slaves were told hold a seat, per slave.
     pub fn told(&self) -> BTreeMap<String, BTreeSet<String>> {
         told(&self.books)

@@ -159,7 +159,26 @@ async fn usage_reports_daily_and_on_demand_with_files_subject_and_mail() {
         })
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Published is not stored yet: wait until the alert stream holds them.
+    let js = async_nats::jetstream::new(f.client.clone());
+    let stream = lmbus_schemas::Subjects::new(&f.cluster)
+        .unwrap()
+        .alert_stream();
+    eventually("the rejections are in the alert stream", || async {
+        lmbus_ops::stored(&js, &stream, None)
+            .await
+            .is_ok_and(|stored| {
+                stored
+                    .messages
+                    .iter()
+                    .filter_map(|(_, _, m)| lmbus_schemas::decode::<lmbus_schemas::Alert>(m).ok())
+                    .filter(|a| a.kind == lmbus_schemas::AlertKind::RegistrationRejected)
+                    .count()
+                    == 2
+            })
+    })
+    .await
+    .unwrap();
 
     let stdout = stdout_of(
         Command::new(bin("lmbus-broker").unwrap())
