@@ -27,23 +27,22 @@ use futures::StreamExt;
 use lmbus_schemas::{
     AgentClaim, Books, ControlMessage, Decision, Heartbeat, Hello, License, MasterRole, MasterUse,
     RegisterRequest, RejectReason, RejectedAgent, Reply, Role, SlaveEvent, SlaveId, SlaveOp,
-    SlaveReport, UnregisterRequest, VerifyingKey, Welcome, agent_digest, decode, verify_license,
+    SlaveReport, UnregisterRequest, Welcome, agent_digest, decode, verify_license,
 };
 
+pub use crate::config::{
+    DEFAULT_ELECTION_WAIT, DEFAULT_FAILOVER_WAIT, GracePolicy, LicenseFile, MasterEndpoint,
+    Restriction, ReturnPolicy, SlaveConfig,
+};
+pub use crate::error::SlaveError;
+pub use crate::events::{AgentEvent, LoggedOut, Outcome};
 use crate::link::{Ask, Link, LinkId, PRIMARY, SECONDARY, link_name};
-use serde::{Deserialize, Serialize};
+pub use crate::status::{MasterView, SlaveStatusView};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-/// Default [`SlaveConfig::failover_wait`]: a broker leader failover takes about one lease
-/// (1 s by default) plus a poll, and a request that went to a leader that froze waits out
-/// one request timeout (2 s) before its retry reaches the new leader; this covers both
-/// with room to spare.
-pub const DEFAULT_FAILOVER_WAIT: Duration = Duration::from_secs(5);
-/// Default [`SlaveConfig::election_wait`].
-pub const DEFAULT_ELECTION_WAIT: Duration = Duration::from_secs(30);
 /// First pause between retries of an unanswered request; doubles up to the cap.
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 const RETRY_BACKOFF_CAP: Duration = Duration::from_millis(200);
@@ -53,230 +52,6 @@ const LOGGED_OUT_HISTORY: usize = 100;
 /// Capacity of the event channel; a subscriber that lags this far behind misses events
 /// (and is told so by `broadcast::error::RecvError::Lagged`).
 const EVENT_CAPACITY: usize = 1024;
-
-/// How a slave agent connects and behaves.
-#[derive(Debug, Clone)]
-pub struct SlaveConfig {
-    /// NATS server URL(s), comma-separated.
-    pub nats_url: String,
-    /// How to authenticate to the primary master's NATS.
-    pub nats_auth: lmbus_nats::NatsAuth,
-    pub cluster: String,
-    pub slave_id: SlaveId,
-    /// The slave's license: `None` runs unlicensed.
-    pub license: Option<LicenseFile>,
-    /// Run unlicensed even though a license file is given (only allowed for a license
-    /// with neither the master nor the slave flag).
-    pub unlicensed: bool,
-    /// The vendor's public key; required when a license is given.
-    pub vendor_key: Option<VerifyingKey>,
-    pub heartbeat_interval: Duration,
-    /// How long to wait for the master's answer to one request.
-    pub request_timeout: Duration,
-    /// How long a request keeps being retried (with backoff) while nobody answers, before
-    /// the master counts as lost: long enough to ride through a broker leader failover
-    /// (about one lease, 1 s by default) without the host application seeing an error.
-    pub failover_wait: Duration,
-    /// How long a request keeps being retried while the master's broker replicas answer
-    /// `no_leader` (they are alive and electing a leader; when a NATS node dies this lasts
-    /// as long as JetStream's own stream-leader election, about 10 s).
-    pub election_wait: Duration,
-    /// How long the slave keeps working after losing every master.
-    pub grace_period: Duration,
-    /// What to do with new registrations during the grace period.
-    pub during_grace: GracePolicy,
-    /// What to do when the grace period ends.
-    pub after_grace: Restriction,
-    /// A second master to fail over (or overflow) to.
-    pub secondary: Option<MasterEndpoint>,
-    /// While on the secondary: go back when the primary answers again, or stay.
-    pub return_policy: ReturnPolicy,
-    /// Ask the secondary when the primary rejects for capacity (`aggregate_limit`,
-    /// `type_limit`); the secondary's own limits apply.
-    pub overflow: bool,
-    /// Switch to the secondary when the primary answers slower than this (LumenVox's
-    /// 10 s network delay). Dead masters are detected faster: see the module doc.
-    pub switch_delay: Duration,
-}
-
-/// Where a master is: its NATS and its cluster name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MasterEndpoint {
-    /// NATS server URL(s), comma-separated.
-    pub nats_url: String,
-    /// How to authenticate to that NATS.
-    pub nats_auth: lmbus_nats::NatsAuth,
-    pub cluster: String,
-}
-
-/// What a slave on its secondary master does when the primary answers again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ReturnPolicy {
-    /// New registrations go to the primary again as soon as it answers a hello; seats the
-    /// secondary granted stay there until released.
-    ReturnToPrimary,
-    /// Keep using the secondary until it fails.
-    Stay,
-}
-
-/// New registrations while no master answers, within the grace period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum GracePolicy {
-    /// Refuse them (`master_unavailable`): the aggregate limit is never exceeded.
-    Refuse,
-    /// Admit them locally (the local limit still applies); the master reconciles them on
-    /// reconnect and logs out what no longer fits. The aggregate can be exceeded meanwhile.
-    Allow,
-}
-
-/// What happens when the grace period ends without a master.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Restriction {
-    /// Log out every agent and refuse new ones. The master may then reclaim this slave's
-    /// seats after the grace period plus its margin (the timing rule).
-    LogoutAll,
-    /// Keep current agents, refuse new ones. The master never reclaims this slave's seats
-    /// on its own, since the agents may still be working.
-    RefuseNew,
-}
-
-impl SlaveConfig {
-    pub fn new(nats_url: &str, cluster: &str, slave_id: SlaveId) -> Self {
-        Self {
-            nats_url: nats_url.to_owned(),
-            nats_auth: Default::default(),
-            cluster: cluster.to_owned(),
-            slave_id,
-            license: None,
-            unlicensed: false,
-            vendor_key: None,
-            heartbeat_interval: Duration::from_secs(1),
-            request_timeout: Duration::from_secs(2),
-            failover_wait: DEFAULT_FAILOVER_WAIT,
-            election_wait: DEFAULT_ELECTION_WAIT,
-            grace_period: Duration::from_secs(120),
-            during_grace: GracePolicy::Refuse,
-            after_grace: Restriction::LogoutAll,
-            secondary: None,
-            return_policy: ReturnPolicy::ReturnToPrimary,
-            overflow: false,
-            switch_delay: Duration::from_secs(10),
-        }
-    }
-}
-
-/// A license file as read from disk: its name (for errors) and its verbatim text.
-#[derive(Debug, Clone)]
-pub struct LicenseFile {
-    pub name: String,
-    pub text: String,
-}
-
-/// The answer to a registration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum Outcome {
-    Approved {
-        already_held: bool,
-    },
-    Rejected {
-        reason: RejectReason,
-        detail: String,
-    },
-}
-
-impl Outcome {
-    pub fn is_approved(&self) -> bool {
-        matches!(self, Outcome::Approved { .. })
-    }
-}
-
-/// Things the host application should know about without asking.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum AgentEvent {
-    /// The agent does not (or no longer) hold a seat: log it out of the application.
-    LoggedOut(LoggedOut),
-    /// A master accepted this slave (`master` is `primary` or `secondary`).
-    Connected { master: String, broker_id: String },
-    /// A master stopped answering.
-    Disconnected { master: String, detail: String },
-    /// New registrations now go to this master (`primary` or `secondary`).
-    Switched { master: String, reason: String },
-    /// No master answered for the whole grace period: usage is restricted (and with the
-    /// `logout-all` policy, `logged_out` agents were logged out).
-    Restricted { logged_out: u32 },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LoggedOut {
-    pub agent_id: String,
-    pub agent_type: String,
-    pub reason: RejectReason,
-    pub detail: String,
-}
-
-/// A snapshot for status displays and the local API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SlaveStatusView {
-    pub slave_id: String,
-    /// The cluster of the master new registrations go to.
-    pub cluster: String,
-    /// Whether that master answers.
-    pub connected: bool,
-    pub broker_id: Option<String>,
-    /// `primary` or `secondary`: where new registrations go.
-    pub active_master: String,
-    /// Every configured master.
-    pub masters: Vec<MasterView>,
-    pub licensed: bool,
-    pub license_id: Option<Uuid>,
-    pub local_limit: Option<u32>,
-    pub agents: u32,
-    pub agents_by_type: BTreeMap<String, u32>,
-    pub pending: u32,
-    /// Most recent logouts, oldest first.
-    pub logged_out: Vec<LoggedOut>,
-    pub last_error: Option<String>,
-    /// `connected`, `grace` (no master, within the grace period) or `restricted`.
-    pub mode: String,
-    /// Milliseconds left in the grace period while in `grace`.
-    pub grace_left_ms: Option<u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MasterView {
-    pub name: String,
-    pub cluster: String,
-    pub connected: bool,
-    pub broker_id: Option<String>,
-    /// Seats this master granted.
-    pub agents: u32,
-}
-
-/// Why the slave agent could not do what was asked (as opposed to a rejection, which is an
-/// [`Outcome`]).
-#[derive(Debug, thiserror::Error)]
-pub enum SlaveError {
-    #[error(transparent)]
-    License(#[from] lmbus_schemas::LicenseError),
-    #[error("{0}")]
-    Config(String),
-    #[error("cannot connect to NATS at {url}: {detail}")]
-    Connect { url: String, detail: String },
-    #[error("the master refused this slave: {reason}: {detail}")]
-    Refused {
-        reason: RejectReason,
-        detail: String,
-    },
-    #[error("invalid request: {0}")]
-    InvalidInput(String),
-    #[error("NATS error: {0}")]
-    Nats(String),
-}
 
 /// One seat held by an agent of this slave.
 #[derive(Debug, Clone)]

@@ -7,8 +7,12 @@
 
 pub mod agent;
 pub mod api;
+mod config;
+mod error;
+mod events;
 mod link;
 mod metrics;
+mod status;
 
 pub use agent::{
     AgentEvent, GracePolicy, LicenseFile, LoggedOut, MasterEndpoint, MasterView, Outcome,

@@ -14,6 +14,8 @@ use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
+use crate::error::SlaveError;
+
 /// A request the slave sends. Registrations and unregistrations may go out together in
 /// one `batch` message when the host asks for several at once (coalescing); everything
 /// else goes alone.
@@ -38,7 +40,7 @@ impl Request for UnregisterRequest {
 impl Request for Hello {}
 impl Request for Heartbeat {}
 
-type Answer = Result<Ask, crate::SlaveError>;
+type Answer = Result<Ask, SlaveError>;
 
 /// Registrations and unregistrations waiting to be sent, and how many senders are at work.
 #[derive(Debug, Default)]
@@ -113,9 +115,8 @@ impl Link {
         cluster: &str,
         slave: &SlaveId,
         retry: bool,
-    ) -> Result<Self, crate::SlaveError> {
-        let subjects =
-            Subjects::new(cluster).map_err(|e| crate::SlaveError::Config(e.to_string()))?;
+    ) -> Result<Self, SlaveError> {
+        let subjects = Subjects::new(cluster).map_err(|e| SlaveError::Config(e.to_string()))?;
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("lmbus-slave {slave} ({})", link_name(id)))
             .custom_inbox_prefix(subjects.slave_inbox_prefix(slave));
@@ -124,7 +125,7 @@ impl Link {
         }
         let client = lmbus_nats::connect(nats_url, options, auth)
             .await
-            .map_err(|e| crate::SlaveError::Connect {
+            .map_err(|e| SlaveError::Connect {
                 url: nats_url.to_owned(),
                 detail: match e {
                     lmbus_nats::ConnectFailure::Connect { detail, .. } => detail,
@@ -294,7 +295,7 @@ impl Link {
             Err(e) => {
                 let detail = e.to_string();
                 for tx in waiting {
-                    let _ = tx.send(Err(crate::SlaveError::Nats(detail.clone())));
+                    let _ = tx.send(Err(SlaveError::Nats(detail.clone())));
                 }
             }
         }
@@ -310,7 +311,7 @@ impl Link {
         timeout: Duration,
     ) -> Answer {
         let payload: bytes::Bytes = encode(body)
-            .map_err(|e| crate::SlaveError::Nats(e.to_string()))?
+            .map_err(|e| SlaveError::Nats(e.to_string()))?
             .into();
         let subject = self.subjects.slave_op(slave, op);
         let sent = Instant::now();
@@ -354,7 +355,7 @@ impl Link {
                     sent,
                     latency: sent.elapsed(),
                 }),
-                Err(e) => Err(crate::SlaveError::Nats(format!(
+                Err(e) => Err(SlaveError::Nats(format!(
                     "the {} master's reply on {subject} could not be decoded: {e}",
                     self.name()
                 ))),

@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::agent::SlaveStatusView;
 use crate::link::{LinkId, PRIMARY, SECONDARY, link_name};
+use crate::status::SlaveStatusView;
 
 /// Upper bounds of the latency histogram, in seconds.
 const BUCKETS: [f64; 12] = [
