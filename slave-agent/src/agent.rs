@@ -36,7 +36,8 @@ pub use crate::config::{
 };
 pub use crate::error::SlaveError;
 pub use crate::events::{AgentEvent, LoggedOut, Outcome};
-use crate::link::{Ask, Link, LinkId, PRIMARY, SECONDARY, link_name};
+use crate::link::{Ask, Link, Links};
+use crate::master::{Master, PerMaster};
 pub use crate::status::{MasterView, SlaveStatusView};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -58,7 +59,7 @@ const EVENT_CAPACITY: usize = 1024;
 struct Seat {
     agent_type: String,
     /// The master that granted it; its release goes there.
-    link: LinkId,
+    link: Master,
 }
 
 /// What the slave knows about one master.
@@ -80,9 +81,11 @@ struct State {
     /// Agents with an unregistration in flight: with `registering`, what a heartbeat's
     /// books leave out, since the master may or may not have decided them yet.
     unregistering: BTreeMap<String, u32>,
-    links: Vec<LinkState>,
+    /// What the slave knows about each master (the secondary's stays disconnected when
+    /// none is configured).
+    links: PerMaster<LinkState>,
     /// Where new registrations go.
-    active: LinkId,
+    active: Master,
     logged_out: VecDeque<LoggedOut>,
     last_error: Option<String>,
     /// When the last request that any master answered was sent. The grace period runs
@@ -145,7 +148,7 @@ fn unmark(set: &mut BTreeMap<String, u32>, agent: &str) {
 impl State {
     /// This slave's books for `link`'s master, as a heartbeat carries them: the agents it
     /// granted, without those with a request in flight (listed as unsettled).
-    fn books(&self, link: LinkId) -> Books {
+    fn books(&self, link: Master) -> Books {
         let unsettled: Vec<String> = self
             .registering
             .keys()
@@ -170,7 +173,7 @@ impl State {
         }
     }
 
-    fn claims(&self, link: LinkId) -> Vec<AgentClaim> {
+    fn claims(&self, link: Master) -> Vec<AgentClaim> {
         self.agents
             .iter()
             .filter(|(_, seat)| seat.link == link)
@@ -185,8 +188,8 @@ impl State {
 #[derive(Debug)]
 struct Inner {
     cfg: SlaveConfig,
-    /// The primary, then the secondary if configured.
-    links: Vec<Arc<Link>>,
+    /// The primary, and the secondary if configured.
+    links: Links,
     instance: Uuid,
     /// The verified license when running licensed.
     license: Option<License>,
@@ -252,40 +255,39 @@ impl SlaveAgent {
     pub async fn start(cfg: SlaveConfig) -> Result<Self, SlaveError> {
         let (licensed, presented) = check_license(&cfg)?;
         let two = cfg.secondary.is_some();
-        let mut links = vec![
-            Link::connect(
-                PRIMARY,
-                &cfg.nats_url,
-                &cfg.nats_auth,
-                &cfg.cluster,
-                &cfg.slave_id,
-                two,
-            )
-            .await
-            .map(Arc::new)?,
-        ];
-        if let Some(secondary) = &cfg.secondary {
-            links.push(
+        let primary = Link::connect(
+            Master::Primary,
+            &cfg.nats_url,
+            &cfg.nats_auth,
+            &cfg.cluster,
+            &cfg.slave_id,
+            two,
+        )
+        .await?;
+        let secondary = match &cfg.secondary {
+            Some(secondary) => Some(
                 Link::connect(
-                    SECONDARY,
+                    Master::Secondary,
                     &secondary.nats_url,
                     &secondary.nats_auth,
                     &secondary.cluster,
                     &cfg.slave_id,
                     true,
                 )
-                .await
-                .map(Arc::new)?,
-            );
-        }
+                .await?,
+            ),
+            None => None,
+        };
+        let links = Links::new(primary, secondary);
         let mut controls = Vec::new();
-        for link in &links {
-            controls.push(
+        for link in links.iter() {
+            controls.push((
+                link.id,
                 link.client
                     .subscribe(link.subjects.control(&cfg.slave_id))
                     .await
                     .map_err(|e| SlaveError::Nats(e.to_string()))?,
-            );
+            ));
         }
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let local_limit = licensed.as_ref().and_then(|l| l.limits.local);
@@ -297,8 +299,8 @@ impl SlaveAgent {
                 pending: 0,
                 registering: BTreeMap::new(),
                 unregistering: BTreeMap::new(),
-                links: vec![LinkState::default(); links.len()],
-                active: PRIMARY,
+                links: PerMaster::default(),
+                active: Master::Primary,
                 logged_out: VecDeque::new(),
                 last_error: None,
                 last_contact: tokio::time::Instant::now(),
@@ -313,7 +315,7 @@ impl SlaveAgent {
             request_seq: Default::default(),
             metrics: Default::default(),
         });
-        match inner.hello(PRIMARY).await {
+        match inner.hello(Master::Primary).await {
             Ok(()) => {}
             Err(HelloError::Refused { reason, detail }) if !two => {
                 return Err(SlaveError::Refused { reason, detail });
@@ -321,10 +323,11 @@ impl SlaveAgent {
             Err(e) => {
                 warn!(detail = %e.detail(), "the primary master did not accept us yet");
                 if two {
-                    match inner.hello(SECONDARY).await {
-                        Ok(()) => {
-                            inner.switch(SECONDARY, "the primary master is not available at start")
-                        }
+                    match inner.hello(Master::Secondary).await {
+                        Ok(()) => inner.switch(
+                            Master::Secondary,
+                            "the primary master is not available at start",
+                        ),
                         Err(HelloError::Refused { reason, detail }) => {
                             if let HelloError::Refused { .. } = e {
                                 return Err(SlaveError::Refused { reason, detail });
@@ -402,7 +405,7 @@ impl SlaveAgent {
         lock(&self.inner.state)
             .agents
             .get(agent_id)
-            .map(|seat| link_name(seat.link))
+            .map(|seat| seat.link.name())
     }
 
     pub fn status(&self) -> SlaveStatusView {
@@ -413,24 +416,24 @@ impl SlaveAgent {
             *by_type.entry(seat.agent_type.clone()).or_insert(0) += 1;
         }
         let any_connected = state.links.iter().any(|l| l.connected);
-        let active = &state.links[state.active];
+        let active = state.links.get(state.active);
         let masters = inner
             .links
             .iter()
             .map(|link| MasterView {
                 name: link.name().to_owned(),
                 cluster: link.subjects.cluster().to_owned(),
-                connected: state.links[link.id].connected,
-                broker_id: state.links[link.id].broker_id.clone(),
+                connected: state.links.get(link.id).connected,
+                broker_id: state.links.get(link.id).broker_id.clone(),
                 agents: state.agents.values().filter(|s| s.link == link.id).count() as u32,
             })
             .collect();
         SlaveStatusView {
             slave_id: inner.cfg.slave_id.to_string(),
-            cluster: inner.links[state.active].subjects.cluster().to_owned(),
+            cluster: inner.links.get(state.active).subjects.cluster().to_owned(),
             connected: active.connected,
             broker_id: active.broker_id.clone(),
-            active_master: link_name(state.active).to_owned(),
+            active_master: state.active.name().to_owned(),
             masters,
             licensed: inner.local_limit.is_some()
                 || inner
@@ -483,7 +486,7 @@ impl SlaveAgent {
         }
         // The releases above were confirmed by the masters' replies; `flush` writes any
         // report still buffered before `drain` closes the connection.
-        for link in &self.inner.links {
+        for link in self.inner.links.iter() {
             let closing = async {
                 let _ = link.client.flush().await;
                 let _ = link.client.drain().await;
@@ -532,18 +535,14 @@ impl Inner {
     }
 
     fn has_secondary(&self) -> bool {
-        self.links.len() > 1
-    }
-
-    fn other(link: LinkId) -> LinkId {
-        if link == PRIMARY { SECONDARY } else { PRIMARY }
+        self.links.has_secondary()
     }
 
     /// Asks one master, keeping the books: any answer is contact (the grace period restarts
     /// from the request's sending time) and the primary's latency is watched.
     async fn ask<T: crate::link::Request>(
         &self,
-        link: LinkId,
+        link: Master,
         op: SlaveOp,
         body: &T,
     ) -> Result<Ask, SlaveError> {
@@ -552,14 +551,16 @@ impl Inner {
         // idempotent per agent, hellos carry a sequence number).
         // A master already known to be lost gets one try: requests during an outage fail
         // fast instead of waiting out the failover window each time.
-        let ride_through = lock(&self.state).links[link].connected;
+        let ride_through = lock(&self.state).links.get(link).connected;
         let first = tokio::time::Instant::now();
         let mut backoff = RETRY_BACKOFF;
         // Once the brokers have said they are electing, silence in between (a replica
         // stepping down, the lease changing hands) is part of the same election.
         let mut saw_election = false;
         let answer = loop {
-            let answer = self.links[link]
+            let answer = self
+                .links
+                .get(link)
                 .ask(&self.cfg.slave_id, op, body, self.cfg.request_timeout)
                 .await?;
             let electing = matches!(
@@ -599,7 +600,7 @@ impl Inner {
                 Ask::Reply { .. } if electing => {
                     break Ask::Unavailable(format!(
                         "the {} master's brokers elected no leader within {:?}",
-                        link_name(link),
+                        link.name(),
                         self.cfg.election_wait
                     ));
                 }
@@ -612,7 +613,7 @@ impl Inner {
             self.metrics.master_answer(link, *latency);
             let mut state = lock(&self.state);
             state.last_contact = state.last_contact.max(*sent);
-            if link == PRIMARY {
+            if link == Master::Primary {
                 let slow = *latency > self.cfg.switch_delay;
                 if slow {
                     warn!(?latency, delay = ?self.cfg.switch_delay, "the primary master answers slower than the switch delay");
@@ -625,23 +626,23 @@ impl Inner {
         Ok(answer)
     }
 
-    fn set_disconnected(&self, link: LinkId, detail: String) {
+    fn set_disconnected(&self, link: Master, detail: String) {
         let mut state = lock(&self.state);
-        let was = state.links[link].connected;
-        state.links[link].connected = false;
+        let was = state.links.get(link).connected;
+        state.links.get_mut(link).connected = false;
         state.last_error = Some(detail.clone());
         drop(state);
         if was {
-            warn!(master = link_name(link), %detail, "lost a master");
+            warn!(master = link.name(), %detail, "lost a master");
             self.emit(AgentEvent::Disconnected {
-                master: link_name(link).to_owned(),
+                master: link.name().to_owned(),
                 detail,
             });
         }
     }
 
     /// Makes `link` the master new registrations go to.
-    fn switch(&self, link: LinkId, reason: &str) {
+    fn switch(&self, link: Master, reason: &str) {
         let mut state = lock(&self.state);
         if state.active == link {
             return;
@@ -649,13 +650,13 @@ impl Inner {
         state.active = link;
         drop(state);
         info!(
-            master = link_name(link),
+            master = link.name(),
             reason,
             "new registrations now go to the {} master",
-            link_name(link)
+            link.name()
         );
         self.emit(AgentEvent::Switched {
-            master: link_name(link).to_owned(),
+            master: link.name().to_owned(),
             reason: reason.to_owned(),
         });
     }
@@ -664,12 +665,12 @@ impl Inner {
     /// session lost at the same time (a caller that waited while another's hello succeeded
     /// uses that one), built from the books as they are when it is sent, with what is in
     /// flight.
-    async fn hello(&self, link: LinkId) -> Result<(), HelloError> {
-        let l = &self.links[link];
+    async fn hello(&self, link: Master) -> Result<(), HelloError> {
+        let l = self.links.get(link);
         let generation = l.hellos.load(std::sync::atomic::Ordering::Acquire);
         let _guard = l.hello_lock.lock().await;
         if l.hellos.load(std::sync::atomic::Ordering::Acquire) != generation
-            && lock(&self.state).links[link].connected
+            && lock(&self.state).links.get(link).connected
         {
             return Ok(());
         }
@@ -682,7 +683,7 @@ impl Inner {
                 }) if !renumbered => {
                     // A hello of ours that the master processed but whose answer we missed
                     // (a retry reached a new leader): say it again under a new number.
-                    debug!(master = link_name(link), %detail, "hello number refused; renumbering");
+                    debug!(master = link.name(), %detail, "hello number refused; renumbering");
                     renumbered = true;
                 }
                 Ok(()) => {
@@ -694,8 +695,8 @@ impl Inner {
         }
     }
 
-    async fn hello_once(&self, link: LinkId) -> Result<(), HelloError> {
-        let l = &self.links[link];
+    async fn hello_once(&self, link: Master) -> Result<(), HelloError> {
+        let l = self.links.get(link);
         // Read before the books, as for a heartbeat: every request numbered up to it was
         // marked in flight before it took its number, so the hello claims it or lists it
         // as pending; a later one is numbered above it and its seat is kept.
@@ -740,7 +741,7 @@ impl Inner {
         match reply {
             Reply::Welcome(welcome) => {
                 let was_restricted = self.accept_welcome(link, &welcome);
-                info!(master = link_name(link), broker = %welcome.broker_id, "connected to the {} master", link_name(link));
+                info!(master = link.name(), broker = %welcome.broker_id, "connected to the {} master", link.name());
                 if let Some((since, logged_out)) = was_restricted {
                     let lost_for = since.elapsed() + self.cfg.grace_period;
                     info!(
@@ -760,7 +761,7 @@ impl Inner {
                     .await;
                 }
                 self.emit(AgentEvent::Connected {
-                    master: link_name(link).to_owned(),
+                    master: link.name().to_owned(),
                     broker_id: welcome.broker_id,
                 });
                 Ok(())
@@ -790,7 +791,7 @@ impl Inner {
             }
             Reply::Refused { reason, detail, .. } => {
                 let mut state = lock(&self.state);
-                state.links[link].connected = false;
+                state.links.get_mut(link).connected = false;
                 state.last_error = Some(format!("{reason}: {detail}"));
                 Err(HelloError::Refused { reason, detail })
             }
@@ -806,7 +807,7 @@ impl Inner {
     /// connected and ends any restriction (returned, to be reported).
     fn accept_welcome(
         &self,
-        link: LinkId,
+        link: Master,
         welcome: &Welcome,
     ) -> Option<(tokio::time::Instant, u32)> {
         let mut state = lock(&self.state);
@@ -822,14 +823,14 @@ impl Inner {
                             reason,
                             detail: format!(
                                 "the {} master did not re-grant this seat on reconnect",
-                                link_name(link)
+                                link.name()
                             ),
                         },
                     );
                 }
             }
         }
-        state.links[link] = LinkState {
+        *state.links.get_mut(link) = LinkState {
             connected: true,
             broker_id: Some(welcome.broker_id.clone()),
         };
@@ -934,15 +935,15 @@ impl Inner {
         &self,
         agent_id: &str,
         agent_type: &str,
-    ) -> Result<(Outcome, Option<LinkId>), SlaveError> {
+    ) -> Result<(Outcome, Option<Master>), SlaveError> {
         let (held_on, active) = {
             let state = lock(&self.state);
             (state.agents.get(agent_id).map(|s| s.link), state.active)
         };
-        let order: Vec<LinkId> = match held_on {
+        let order: Vec<Master> = match held_on {
             Some(link) => vec![link],
-            None if self.has_secondary() => vec![active, Self::other(active)],
-            None => vec![PRIMARY],
+            None if self.has_secondary() => vec![active, active.other()],
+            None => vec![Master::Primary],
         };
         let mut unavailable = Vec::new();
         let mut overflowing = false;
@@ -961,8 +962,10 @@ impl Inner {
                         reason,
                         RejectReason::AggregateLimit | RejectReason::TypeLimit
                     );
-                    let overflow =
-                        self.cfg.overflow && capacity && link == PRIMARY && i + 1 < order.len();
+                    let overflow = self.cfg.overflow
+                        && capacity
+                        && link == Master::Primary
+                        && i + 1 < order.len();
                     if overflow {
                         overflowing = true;
                         debug!(
@@ -985,7 +988,7 @@ impl Inner {
     /// live, and once more if the master lost it meanwhile.
     async fn attempt(
         &self,
-        link: LinkId,
+        link: Master,
         agent_id: &str,
         agent_type: &str,
     ) -> Result<Attempt, SlaveError> {
@@ -995,7 +998,7 @@ impl Inner {
             agent_id: agent_id.to_owned(),
             agent_type: agent_type.to_owned(),
         };
-        let connected = lock(&self.state).links[link].connected;
+        let connected = lock(&self.state).links.get(link).connected;
         if !connected {
             match self.hello(link).await {
                 Ok(()) => {}
@@ -1030,10 +1033,10 @@ impl Inner {
                     }
                     said_hello_again = true;
                     debug!(
-                        master = link_name(link),
+                        master = link.name(),
                         "the master lost our session; saying hello again"
                     );
-                    lock(&self.state).links[link].connected = false;
+                    lock(&self.state).links.get_mut(link).connected = false;
                     match self.hello(link).await {
                         Ok(()) => {}
                         Err(HelloError::Refused { reason, detail }) => {
@@ -1050,7 +1053,7 @@ impl Inner {
                 }) if !renumbered => {
                     // We did not replay it: a new leader assumes every number up to the
                     // last one its ledger shows was used. Ask again under a new number.
-                    debug!(master = link_name(link), %detail, "request number refused; renumbering");
+                    debug!(master = link.name(), %detail, "request number refused; renumbering");
                     renumbered = true;
                     request.seq = self.next_request_seq();
                 }
@@ -1113,8 +1116,9 @@ impl Inner {
 
     /// Tells a master about something decided here (published, no reply: if no master
     /// listens, the local log is the only record).
-    async fn report(&self, link: LinkId, report: SlaveReport) {
-        self.links[link]
+    async fn report(&self, link: Master, report: SlaveReport) {
+        self.links
+            .get(link)
             .publish(&self.cfg.slave_id, SlaveOp::Report, &report)
             .await;
     }
@@ -1145,7 +1149,7 @@ impl Inner {
         answer
     }
 
-    async fn unregister_at(&self, link: LinkId, agent_id: &str) -> Result<bool, SlaveError> {
+    async fn unregister_at(&self, link: Master, agent_id: &str) -> Result<bool, SlaveError> {
         let request = UnregisterRequest {
             request_id: Uuid::new_v4(),
             seq: self.next_request_seq(),
@@ -1175,7 +1179,7 @@ impl Inner {
         if state.restricted.is_some() || state.last_contact.elapsed() <= self.cfg.grace_period {
             return;
         }
-        for link in &mut state.links {
+        for link in state.links.iter_mut() {
             link.connected = false;
         }
         let mut logged_out = 0;
@@ -1243,41 +1247,43 @@ impl Inner {
         self.check_grace();
         let (active, links, seats_on) = {
             let state = lock(&self.state);
-            let seats_on: Vec<bool> = (0..self.links.len())
-                .map(|l| state.agents.values().any(|s| s.link == l))
-                .collect();
+            let seats_on = |master| state.agents.values().any(|s| s.link == master);
+            let seats_on = PerMaster {
+                primary: seats_on(Master::Primary),
+                secondary: seats_on(Master::Secondary),
+            };
             (state.active, state.links.clone(), seats_on)
         };
-        for link in 0..self.links.len() {
-            let probe_primary = link == PRIMARY
-                && active != PRIMARY
+        for link in self.links.iter().map(|l| l.id) {
+            let probe_primary = link == Master::Primary
+                && active != Master::Primary
                 && self.cfg.return_policy == ReturnPolicy::ReturnToPrimary;
-            let in_use = link == active || seats_on[link] || probe_primary;
+            let in_use = link == active || *seats_on.get(link) || probe_primary;
             if !in_use {
                 continue;
             }
-            if links[link].connected {
+            if links.get(link).connected {
                 self.heartbeat(link).await;
             } else if let Err(HelloError::Refused { reason, detail }) = self.hello(link).await {
-                warn!(master = link_name(link), %reason, %detail, "the master refuses this slave");
+                warn!(master = link.name(), %reason, %detail, "the master refuses this slave");
             }
         }
         // The active master just failed, or the primary is too slow: make sure the other
         // one is ready to take over.
         if self.has_secondary() {
-            let other = Self::other(active);
+            let other = active.other();
             let (active_ok, other_ok, slow) = {
                 let state = lock(&self.state);
                 (
-                    state.links[active].connected,
-                    state.links[other].connected,
+                    state.links.get(active).connected,
+                    state.links.get(other).connected,
                     state.primary_slow,
                 )
             };
-            let wanted = !active_ok || (active == PRIMARY && slow);
+            let wanted = !active_ok || (active == Master::Primary && slow);
             if wanted && !other_ok {
                 if let Err(HelloError::Refused { reason, detail }) = self.hello(other).await {
-                    warn!(master = link_name(other), %reason, %detail, "the master refuses this slave");
+                    warn!(master = other.name(), %reason, %detail, "the master refuses this slave");
                 }
             }
         }
@@ -1294,31 +1300,31 @@ impl Inner {
             let mut state = lock(&self.state);
             (
                 state.active,
-                state.links[PRIMARY].connected,
-                state.links[SECONDARY].connected,
+                state.links.get(Master::Primary).connected,
+                state.links.get(Master::Secondary).connected,
                 std::mem::take(&mut state.primary_slow),
             )
         };
-        if active == PRIMARY {
+        if active == Master::Primary {
             if !primary_ok && secondary_ok {
-                self.switch(SECONDARY, "the primary master does not answer");
+                self.switch(Master::Secondary, "the primary master does not answer");
             } else if slow && secondary_ok {
                 self.switch(
-                    SECONDARY,
+                    Master::Secondary,
                     "the primary master answers slower than the switch delay",
                 );
             }
         } else if primary_ok && !slow && self.cfg.return_policy == ReturnPolicy::ReturnToPrimary {
             self.switch(
-                PRIMARY,
+                Master::Primary,
                 "the primary master answers again (return-to-primary)",
             );
         } else if !secondary_ok && primary_ok {
-            self.switch(PRIMARY, "the secondary master does not answer");
+            self.switch(Master::Primary, "the secondary master does not answer");
         }
     }
 
-    async fn heartbeat(&self, link: LinkId) {
+    async fn heartbeat(&self, link: Master) {
         let seq = self
             .heartbeat_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1336,7 +1342,7 @@ impl Inner {
         books.request_seq = Some(request_seq);
         let role = match (self.has_secondary(), link) {
             (false, _) => MasterRole::Only,
-            (true, PRIMARY) => MasterRole::Primary,
+            (true, Master::Primary) => MasterRole::Primary,
             (true, _) => MasterRole::Secondary,
         };
         let heartbeat = Heartbeat {
@@ -1355,10 +1361,10 @@ impl Inner {
                 ..
             }) => {
                 info!(
-                    master = link_name(link),
+                    master = link.name(),
                     "the master lost this slave's session; saying hello again"
                 );
-                lock(&self.state).links[link].connected = false;
+                lock(&self.state).links.get_mut(link).connected = false;
                 let _ = self.hello(link).await;
             }
             Ok(Ask::Reply { reply, .. }) => warn!(?reply, "unexpected answer to a heartbeat"),
@@ -1368,7 +1374,7 @@ impl Inner {
     }
 
     /// Obeys a control message from `link`'s master; `true` when it asks for a new hello.
-    fn control(&self, link: LinkId, message: ControlMessage) -> bool {
+    fn control(&self, link: Master, message: ControlMessage) -> bool {
         match message {
             ControlMessage::LogOut { agents } => {
                 let mut state = lock(&self.state);
@@ -1382,7 +1388,7 @@ impl Inner {
                                     agent_id,
                                     agent_type: seat.agent_type,
                                     reason,
-                                    detail: format!("logged out by the {} master", link_name(link)),
+                                    detail: format!("logged out by the {} master", link.name()),
                                 },
                             );
                         }
@@ -1409,7 +1415,7 @@ fn validate(agent_id: &str, agent_type: &str) -> Result<(), SlaveError> {
 /// stop.
 async fn background(
     inner: Arc<Inner>,
-    controls: Vec<async_nats::Subscriber>,
+    controls: Vec<(Master, async_nats::Subscriber)>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(inner.cfg.heartbeat_interval);
@@ -1419,7 +1425,6 @@ async fn background(
     let mut control = futures::stream::select_all(
         controls
             .into_iter()
-            .enumerate()
             .map(|(link, sub)| sub.map(move |msg| (link, msg)).boxed()),
     );
     loop {
@@ -1437,7 +1442,7 @@ async fn background(
                 Some((link, msg)) => match decode::<ControlMessage>(&msg.payload) {
                     Ok(message) => {
                         if inner.control(link, message) {
-                            lock(&inner.state).links[link].connected = false;
+                            lock(&inner.state).links.get_mut(link).connected = false;
                             let _ = inner.hello(link).await;
                         }
                     }

@@ -11,6 +11,7 @@ mod config;
 mod error;
 mod events;
 mod link;
+mod master;
 mod metrics;
 mod status;
 
