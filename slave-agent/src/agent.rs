@@ -38,15 +38,12 @@ pub use crate::error::SlaveError;
 pub use crate::events::{AgentEvent, LoggedOut, Outcome};
 use crate::link::{Ask, Link, Links};
 use crate::master::{Master, PerMaster};
+use crate::policy::{Answered, Policy, RETRY_BACKOFF, Switch};
 pub use crate::status::{MasterView, SlaveStatusView};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
-
-/// First pause between retries of an unanswered request; doubles up to the cap.
-const RETRY_BACKOFF: Duration = Duration::from_millis(25);
-const RETRY_BACKOFF_CAP: Duration = Duration::from_millis(200);
 
 /// How many recent logouts `status()` remembers.
 const LOGGED_OUT_HISTORY: usize = 100;
@@ -173,6 +170,14 @@ impl State {
         }
     }
 
+    /// Which masters answer.
+    fn connected(&self) -> PerMaster<bool> {
+        PerMaster {
+            primary: self.links.primary.connected,
+            secondary: self.links.secondary.connected,
+        }
+    }
+
     fn claims(&self, link: Master) -> Vec<AgentClaim> {
         self.agents
             .iter()
@@ -188,6 +193,8 @@ impl State {
 #[derive(Debug)]
 struct Inner {
     cfg: SlaveConfig,
+    /// The decisions, from `cfg`.
+    policy: Policy,
     /// The primary, and the secondary if configured.
     links: Links,
     instance: Uuid,
@@ -307,6 +314,7 @@ impl SlaveAgent {
                 restricted: None,
                 primary_slow: false,
             }),
+            policy: Policy::new(&cfg),
             cfg,
             links,
             instance: Uuid::new_v4(),
@@ -456,8 +464,9 @@ impl SlaveAgent {
             }
             .to_owned(),
             grace_left_ms: (!any_connected && state.restricted.is_none()).then(|| {
-                (state.last_contact + inner.cfg.grace_period)
-                    .saturating_duration_since(tokio::time::Instant::now())
+                inner
+                    .policy
+                    .grace_left(tokio::time::Instant::now(), state.last_contact)
                     .as_millis() as u64
             }),
         }
@@ -534,10 +543,6 @@ impl Inner {
         self.emit(AgentEvent::LoggedOut(out));
     }
 
-    fn has_secondary(&self) -> bool {
-        self.links.has_secondary()
-    }
-
     /// Asks one master, keeping the books: any answer is contact (the grace period restarts
     /// from the request's sending time) and the primary's latency is watched.
     async fn ask<T: crate::link::Request>(
@@ -547,15 +552,11 @@ impl Inner {
         body: &T,
     ) -> Result<Ask, SlaveError> {
         // Ride through a broker failover: while nobody answers, retry with backoff until
-        // `failover_wait` has passed. Every request is safe to repeat (registration is
-        // idempotent per agent, hellos carry a sequence number).
-        // A master already known to be lost gets one try: requests during an outage fail
-        // fast instead of waiting out the failover window each time.
+        // `failover_wait` has passed (`Policy::retry` says how long). Every request is safe
+        // to repeat (registration is idempotent per agent, hellos carry a sequence number).
         let ride_through = lock(&self.state).links.get(link).connected;
         let first = tokio::time::Instant::now();
         let mut backoff = RETRY_BACKOFF;
-        // Once the brokers have said they are electing, silence in between (a replica
-        // stepping down, the lease changing hands) is part of the same election.
         let mut saw_election = false;
         let answer = loop {
             let answer = self
@@ -574,12 +575,9 @@ impl Inner {
                 }
             );
             saw_election |= electing;
-            let wait = if saw_election {
-                self.cfg.election_wait.max(self.cfg.failover_wait)
-            } else {
-                self.cfg.failover_wait
-            };
-            let retry = ride_through && first.elapsed() + backoff < wait;
+            let retry = self
+                .policy
+                .retry(ride_through, saw_election, first.elapsed(), backoff);
             match answer {
                 Ask::Unavailable(_) if retry => {
                     debug!(
@@ -601,20 +599,20 @@ impl Inner {
                     break Ask::Unavailable(format!(
                         "the {} master's brokers elected no leader within {:?}",
                         link.name(),
-                        self.cfg.election_wait
+                        self.policy.election_wait()
                     ));
                 }
                 answer => break answer,
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(RETRY_BACKOFF_CAP);
+            backoff = Policy::next_backoff(backoff);
         };
         if let Ask::Reply { sent, latency, .. } = &answer {
             self.metrics.master_answer(link, *latency);
             let mut state = lock(&self.state);
             state.last_contact = state.last_contact.max(*sent);
             if link == Master::Primary {
-                let slow = *latency > self.cfg.switch_delay;
+                let slow = self.policy.too_slow(*latency);
                 if slow {
                     warn!(?latency, delay = ?self.cfg.switch_delay, "the primary master answers slower than the switch delay");
                 }
@@ -718,12 +716,9 @@ impl Inner {
                 .hello_seq
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 + 1,
-            grace_ms: self.cfg.grace_period.as_millis() as u64,
-            logout_after_grace: self.cfg.after_grace == Restriction::LogoutAll,
-            // The longest a request can take before this slave counts the master as lost.
-            request_timeout_ms: (self.cfg.request_timeout
-                + self.cfg.failover_wait.max(self.cfg.election_wait))
-            .as_millis() as u64,
+            grace_ms: self.policy.grace_period().as_millis() as u64,
+            logout_after_grace: self.policy.logout_after_grace(),
+            request_timeout_ms: self.policy.longest_request().as_millis() as u64,
             request_seq: Some(request_seq),
             pending,
         };
@@ -743,7 +738,7 @@ impl Inner {
                 let was_restricted = self.accept_welcome(link, &welcome);
                 info!(master = link.name(), broker = %welcome.broker_id, "connected to the {} master", link.name());
                 if let Some((since, logged_out)) = was_restricted {
-                    let lost_for = since.elapsed() + self.cfg.grace_period;
+                    let lost_for = since.elapsed() + self.policy.grace_period();
                     info!(
                         "back from restriction after {} s without a master",
                         lost_for.as_secs()
@@ -852,9 +847,8 @@ impl Inner {
             let mut state = lock(&self.state);
             let held = state.agents.contains_key(agent_id);
             let used = state.agents.len() as u64 + u64::from(state.pending);
-            match self.local_limit {
-                Some(limit) if !held && used >= u64::from(limit) => {
-                    let detail = format!("local limit of {limit} agents reached");
+            match Policy::local_rejection(self.local_limit, held, used) {
+                Some(detail) => {
                     self.logged_out(
                         &mut state,
                         LoggedOut {
@@ -866,7 +860,7 @@ impl Inner {
                     );
                     Some(detail)
                 }
-                _ => {
+                None => {
                     state.pending += 1;
                     mark(&mut state.registering, agent_id);
                     None
@@ -907,8 +901,7 @@ impl Inner {
                 Ok(Outcome::Approved { already_held })
             }
             Ok((Outcome::Rejected { reason, detail }, _)) => {
-                // An agent refused a second seat of another type keeps the one it has.
-                if reason != RejectReason::AgentTypeMismatch {
+                if !Policy::keeps_seat(reason) {
                     state.agents.remove(agent_id);
                 }
                 self.logged_out(
@@ -926,9 +919,9 @@ impl Inner {
         }
     }
 
-    /// Chooses the master(s) to ask: the one holding the agent's seat for a
-    /// re-registration; otherwise the active master, then the other one on failure, or on a
-    /// capacity rejection by the primary when overflow is on. Returns the outcome and the
+    /// Asks the masters in the policy's order (`Policy::ask_order`: the seat's master for
+    /// a re-registration; otherwise the active one, then the other on failure, or on a
+    /// capacity rejection by the primary when overflow is on). Returns the outcome and the
     /// master that granted it (`None` when no master answered and the grace policy
     /// admitted the agent locally).
     async fn register_with_masters(
@@ -936,51 +929,33 @@ impl Inner {
         agent_id: &str,
         agent_type: &str,
     ) -> Result<(Outcome, Option<Master>), SlaveError> {
-        let (held_on, active) = {
+        let mut order = {
             let state = lock(&self.state);
-            (state.agents.get(agent_id).map(|s| s.link), state.active)
+            self.policy
+                .ask_order(state.agents.get(agent_id).map(|s| s.link), state.active)
         };
-        let order: Vec<Master> = match held_on {
-            Some(link) => vec![link],
-            None if self.has_secondary() => vec![active, active.other()],
-            None => vec![Master::Primary],
-        };
-        let mut unavailable = Vec::new();
-        let mut overflowing = false;
-        for (i, link) in order.iter().copied().enumerate() {
+        while let Some(link) = order.next() {
             match self.attempt(link, agent_id, agent_type).await? {
-                Attempt::Unavailable(detail) => unavailable.push(detail),
-                Attempt::Decided(outcome @ Outcome::Approved { .. }) => {
-                    if i > 0 && held_on.is_none() && !overflowing {
-                        // The active master could not answer: fail over.
-                        self.switch(link, "the other master does not answer");
+                Attempt::Unavailable(detail) => order.unavailable(detail),
+                Attempt::Decided(outcome) => match order.decided(outcome) {
+                    Some(Answered {
+                        outcome,
+                        by,
+                        switch,
+                    }) => {
+                        if let Some(Switch { to, reason }) = switch {
+                            self.switch(to, reason);
+                        }
+                        return Ok((outcome, Some(by)));
                     }
-                    return Ok((outcome, Some(link)));
-                }
-                Attempt::Decided(Outcome::Rejected { reason, detail }) => {
-                    let capacity = matches!(
-                        reason,
-                        RejectReason::AggregateLimit | RejectReason::TypeLimit
-                    );
-                    let overflow = self.cfg.overflow
-                        && capacity
-                        && link == Master::Primary
-                        && i + 1 < order.len();
-                    if overflow {
-                        overflowing = true;
-                        debug!(
-                            agent = agent_id,
-                            "the primary is full; overflowing to the secondary"
-                        );
-                        unavailable
-                            .push(format!("the primary master rejected: {reason}: {detail}"));
-                        continue;
-                    }
-                    return Ok((Outcome::Rejected { reason, detail }, Some(link)));
-                }
+                    None => debug!(
+                        agent = agent_id,
+                        "the primary is full; overflowing to the secondary"
+                    ),
+                },
             }
         }
-        let detail = unavailable.join("; ");
+        let detail = order.no_master();
         Ok((self.without_master(agent_id, detail), None))
     }
 
@@ -1070,31 +1045,19 @@ impl Inner {
         }
     }
 
-    /// The answer to a registration no master could decide: refused once restricted, and
-    /// during the grace period by the `during_grace` policy.
+    /// The answer to a registration no master could decide (`Policy::without_master`),
+    /// with the grace period checked first.
     fn without_master(&self, agent_id: &str, detail: String) -> Outcome {
         self.check_grace();
-        if lock(&self.state).restricted.is_some() {
-            return Outcome::Rejected {
-                reason: RejectReason::Restricted,
-                detail: format!("no master for the whole grace period ({detail})"),
-            };
+        let restricted = lock(&self.state).restricted.is_some();
+        let outcome = self.policy.without_master(restricted, detail);
+        if outcome.is_approved() {
+            warn!(
+                agent = agent_id,
+                "approved locally during the grace period; the master reconciles it on reconnect"
+            );
         }
-        match self.cfg.during_grace {
-            GracePolicy::Refuse => Outcome::Rejected {
-                reason: RejectReason::MasterUnavailable,
-                detail,
-            },
-            GracePolicy::Allow => {
-                warn!(
-                    agent = agent_id,
-                    "approved locally during the grace period; the master reconciles it on reconnect"
-                );
-                Outcome::Approved {
-                    already_held: false,
-                }
-            }
-        }
+        outcome
     }
 
     async fn report_local_rejection(&self, agent_id: &str, agent_type: &str, detail: &str) {
@@ -1175,56 +1138,31 @@ impl Inner {
     /// Checked before every heartbeat and registration, and by a timer, so a slave resumed
     /// after being frozen restricts before it talks to anyone.
     fn check_grace(&self) {
+        let now = tokio::time::Instant::now();
         let mut state = lock(&self.state);
-        if state.restricted.is_some() || state.last_contact.elapsed() <= self.cfg.grace_period {
+        let Some(restrict) =
+            self.policy
+                .restriction(now, state.last_contact, state.restricted.is_some())
+        else {
             return;
-        }
+        };
         for link in state.links.iter_mut() {
             link.connected = false;
         }
         let mut logged_out = 0;
-        // Past the grace period plus the least reclaim margin a master may use (the timing
-        // rule), the master may already have given these seats to others: this process was
-        // frozen or its clock stopped, and its hosts must hear that the seats are gone.
-        let silent = state.last_contact.elapsed();
-        let least_margin = self.cfg.request_timeout
-            + self.cfg.failover_wait.max(self.cfg.election_wait)
-            + self.cfg.grace_period / 100;
-        let (reason, detail) = if silent > self.cfg.grace_period + least_margin {
-            (
-                RejectReason::Reclaimed,
-                format!(
-                    "no master answered for {} s, past the grace period and the reclaim margin (was this process paused?): the master may have given the seat to another agent",
-                    silent.as_secs()
-                ),
-            )
-        } else {
-            (
-                RejectReason::Restricted,
-                "no master answered for the whole grace period".to_owned(),
-            )
-        };
-        if self.cfg.after_grace == Restriction::LogoutAll {
+        if restrict.log_out_all {
             let agents = std::mem::take(&mut state.agents);
             logged_out = agents.len() as u32;
             for (agent_id, seat) in agents {
-                self.logged_out(
-                    &mut state,
-                    LoggedOut {
-                        agent_id,
-                        agent_type: seat.agent_type,
-                        reason,
-                        detail: detail.clone(),
-                    },
-                );
+                self.logged_out(&mut state, restrict.logout(agent_id, seat.agent_type));
             }
         }
-        state.restricted = Some((tokio::time::Instant::now(), logged_out));
+        state.restricted = Some((now, logged_out));
         drop(state);
         warn!(
-            grace = ?self.cfg.grace_period,
+            grace = ?self.policy.grace_period(),
             logged_out,
-            policy = ?self.cfg.after_grace,
+            policy = ?self.policy.after_grace(),
             "no master for the whole grace period: usage restricted"
         );
         self.emit(AgentEvent::Restricted { logged_out });
@@ -1233,10 +1171,8 @@ impl Inner {
     /// When the grace period ends if no master answers before.
     fn grace_deadline(&self) -> Option<tokio::time::Instant> {
         let state = lock(&self.state);
-        state
-            .restricted
-            .is_none()
-            .then(|| state.last_contact + self.cfg.grace_period + Duration::from_millis(1))
+        self.policy
+            .grace_deadline(state.last_contact, state.restricted.is_some())
     }
 
     /// One heartbeat round: every master this slave holds seats with or sends new
@@ -1254,14 +1190,7 @@ impl Inner {
             };
             (state.active, state.links.clone(), seats_on)
         };
-        for link in self.links.iter().map(|l| l.id) {
-            let probe_primary = link == Master::Primary
-                && active != Master::Primary
-                && self.cfg.return_policy == ReturnPolicy::ReturnToPrimary;
-            let in_use = link == active || *seats_on.get(link) || probe_primary;
-            if !in_use {
-                continue;
-            }
+        for link in self.policy.heartbeat_targets(active, seats_on) {
             if links.get(link).connected {
                 self.heartbeat(link).await;
             } else if let Err(HelloError::Refused { reason, detail }) = self.hello(link).await {
@@ -1270,57 +1199,33 @@ impl Inner {
         }
         // The active master just failed, or the primary is too slow: make sure the other
         // one is ready to take over.
-        if self.has_secondary() {
-            let other = active.other();
-            let (active_ok, other_ok, slow) = {
-                let state = lock(&self.state);
-                (
-                    state.links.get(active).connected,
-                    state.links.get(other).connected,
-                    state.primary_slow,
-                )
-            };
-            let wanted = !active_ok || (active == Master::Primary && slow);
-            if wanted && !other_ok {
-                if let Err(HelloError::Refused { reason, detail }) = self.hello(other).await {
-                    warn!(master = other.name(), %reason, %detail, "the master refuses this slave");
-                }
+        let other = {
+            let state = lock(&self.state);
+            self.policy
+                .prepare_other(active, state.connected(), state.primary_slow)
+        };
+        if let Some(other) = other {
+            if let Err(HelloError::Refused { reason, detail }) = self.hello(other).await {
+                warn!(master = other.name(), %reason, %detail, "the master refuses this slave");
             }
         }
         self.choose_active();
     }
 
-    /// Fails over when the active master is gone (or the primary is too slow) and the other
-    /// one answers; returns to the primary by policy.
+    /// Switches the active master if the policy says so (`Policy::choose_active`); the
+    /// primary's slowness is forgotten once decided on.
     fn choose_active(&self) {
-        if !self.has_secondary() {
+        if !self.policy.has_secondary() {
             return;
         }
-        let (active, primary_ok, secondary_ok, slow) = {
+        let switch = {
             let mut state = lock(&self.state);
-            (
-                state.active,
-                state.links.get(Master::Primary).connected,
-                state.links.get(Master::Secondary).connected,
-                std::mem::take(&mut state.primary_slow),
-            )
+            let slow = std::mem::take(&mut state.primary_slow);
+            self.policy
+                .choose_active(state.active, state.connected(), slow)
         };
-        if active == Master::Primary {
-            if !primary_ok && secondary_ok {
-                self.switch(Master::Secondary, "the primary master does not answer");
-            } else if slow && secondary_ok {
-                self.switch(
-                    Master::Secondary,
-                    "the primary master answers slower than the switch delay",
-                );
-            }
-        } else if primary_ok && !slow && self.cfg.return_policy == ReturnPolicy::ReturnToPrimary {
-            self.switch(
-                Master::Primary,
-                "the primary master answers again (return-to-primary)",
-            );
-        } else if !secondary_ok && primary_ok {
-            self.switch(Master::Primary, "the secondary master does not answer");
+        if let Some(Switch { to, reason }) = switch {
+            self.switch(to, reason);
         }
     }
 
@@ -1340,7 +1245,7 @@ impl Inner {
             )
         };
         books.request_seq = Some(request_seq);
-        let role = match (self.has_secondary(), link) {
+        let role = match (self.policy.has_secondary(), link) {
             (false, _) => MasterRole::Only,
             (true, Master::Primary) => MasterRole::Primary,
             (true, _) => MasterRole::Secondary,

@@ -13,6 +13,7 @@ mod events;
 mod link;
 mod master;
 mod metrics;
+mod policy;
 mod status;
 
 pub use agent::{

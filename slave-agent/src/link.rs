@@ -72,10 +72,6 @@ impl Links {
         }
     }
 
-    pub(crate) fn has_secondary(&self) -> bool {
-        self.secondary.is_some()
-    }
-
     /// The link to `master`. Only a slave with a secondary ever names it (every choice of
     /// master goes through the policy, which knows whether there is one), so asking for a
     /// missing secondary is a bug in this crate, not a condition to handle.
