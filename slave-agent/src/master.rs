@@ -29,7 +29,7 @@ impl Master {
 /// One value per master. The secondary's value exists even when no secondary is
 /// configured: it then stays as it started (a link state that is never connected, a
 /// histogram that is never observed).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PerMaster<T> {
     pub(crate) primary: T,
     pub(crate) secondary: T,

@@ -428,3 +428,494 @@ impl AskOrder {
         self.unavailable.join("; ")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lmbus_schemas::SlaveId;
+
+    use super::*;
+    use crate::config::MasterEndpoint;
+
+    const GRACE: Duration = Duration::from_secs(120);
+
+    /// A slave's policy with two masters (the defaults otherwise: return-to-primary, no
+    /// overflow, refuse during grace, log out all after it), changed by `change`.
+    fn policy(change: impl FnOnce(&mut SlaveConfig)) -> Policy {
+        let slave = SlaveId::new("s1").unwrap();
+        let mut cfg = SlaveConfig::new("nats://127.0.0.1:4222", "main", slave);
+        cfg.secondary = Some(MasterEndpoint {
+            nats_url: "nats://127.0.0.1:4223".to_owned(),
+            nats_auth: Default::default(),
+            cluster: "backup".to_owned(),
+        });
+        cfg.grace_period = GRACE;
+        change(&mut cfg);
+        Policy::new(&cfg)
+    }
+
+    fn up(primary: bool, secondary: bool) -> PerMaster<bool> {
+        PerMaster { primary, secondary }
+    }
+
+    fn switch(to: Master, reason: &'static str) -> Option<Switch> {
+        Some(Switch { to, reason })
+    }
+
+    fn rejected(reason: RejectReason) -> Outcome {
+        Outcome::Rejected {
+            reason,
+            detail: "full".to_owned(),
+        }
+    }
+
+    const APPROVED: Outcome = Outcome::Approved {
+        already_held: false,
+    };
+
+    // ---- which master ----
+
+    #[test]
+    fn fails_over_to_the_secondary_when_the_primary_does_not_answer() {
+        let p = policy(|_| {});
+        assert_eq!(
+            p.choose_active(Master::Primary, up(false, true), false),
+            switch(Master::Secondary, "the primary master does not answer")
+        );
+    }
+
+    #[test]
+    fn stays_on_a_silent_primary_while_the_secondary_is_silent_too() {
+        let p = policy(|_| {});
+        assert_eq!(
+            p.choose_active(Master::Primary, up(false, false), false),
+            None
+        );
+        assert_eq!(
+            p.choose_active(Master::Primary, up(true, true), false),
+            None
+        );
+    }
+
+    #[test]
+    fn a_slow_primary_switches_to_an_answering_secondary() {
+        let p = policy(|_| {});
+        assert_eq!(
+            p.choose_active(Master::Primary, up(true, true), true),
+            switch(
+                Master::Secondary,
+                "the primary master answers slower than the switch delay"
+            )
+        );
+        assert_eq!(
+            p.choose_active(Master::Primary, up(true, false), true),
+            None
+        );
+    }
+
+    #[test]
+    fn return_to_primary_goes_back_once_the_primary_answers_in_time() {
+        let p = policy(|c| c.return_policy = ReturnPolicy::ReturnToPrimary);
+        assert_eq!(
+            p.choose_active(Master::Secondary, up(true, true), false),
+            switch(
+                Master::Primary,
+                "the primary master answers again (return-to-primary)"
+            )
+        );
+        // Still slow: no return yet, and no switch away from an answering secondary.
+        assert_eq!(
+            p.choose_active(Master::Secondary, up(true, true), true),
+            None
+        );
+        assert_eq!(
+            p.choose_active(Master::Secondary, up(false, true), false),
+            None
+        );
+    }
+
+    #[test]
+    fn stay_keeps_the_secondary_until_it_fails() {
+        let p = policy(|c| c.return_policy = ReturnPolicy::Stay);
+        assert_eq!(
+            p.choose_active(Master::Secondary, up(true, true), false),
+            None
+        );
+        assert_eq!(
+            p.choose_active(Master::Secondary, up(true, false), false),
+            switch(Master::Primary, "the secondary master does not answer")
+        );
+    }
+
+    #[test]
+    fn a_single_master_never_switches_or_prepares_another() {
+        let p = policy(|c| c.secondary = None);
+        assert_eq!(
+            p.choose_active(Master::Primary, up(false, true), true),
+            None
+        );
+        assert_eq!(
+            p.prepare_other(Master::Primary, up(false, false), true),
+            None
+        );
+        assert_eq!(p.masters().collect::<Vec<_>>(), vec![Master::Primary]);
+        let mut order = p.ask_order(None, Master::Primary);
+        assert_eq!(order.next(), Some(Master::Primary));
+        assert_eq!(order.next(), None);
+    }
+
+    #[test]
+    fn heartbeats_go_to_the_active_master_the_seat_holders_and_the_primary_probe() {
+        let no_seats = up(false, false);
+        let returning = policy(|c| c.return_policy = ReturnPolicy::ReturnToPrimary);
+        assert_eq!(
+            returning.heartbeat_targets(Master::Secondary, no_seats),
+            vec![Master::Primary, Master::Secondary],
+            "the primary is probed to return to it"
+        );
+        assert_eq!(
+            returning.heartbeat_targets(Master::Primary, no_seats),
+            vec![Master::Primary]
+        );
+        let staying = policy(|c| c.return_policy = ReturnPolicy::Stay);
+        assert_eq!(
+            staying.heartbeat_targets(Master::Secondary, no_seats),
+            vec![Master::Secondary]
+        );
+        assert_eq!(
+            staying.heartbeat_targets(Master::Secondary, up(true, false)),
+            vec![Master::Primary, Master::Secondary],
+            "the primary still holds seats"
+        );
+        assert_eq!(
+            staying.heartbeat_targets(Master::Primary, up(false, true)),
+            vec![Master::Primary, Master::Secondary],
+            "the secondary still holds seats"
+        );
+    }
+
+    #[test]
+    fn the_other_master_is_readied_when_the_active_one_fails_or_the_primary_is_slow() {
+        let p = policy(|_| {});
+        assert_eq!(
+            p.prepare_other(Master::Primary, up(false, false), false),
+            Some(Master::Secondary)
+        );
+        assert_eq!(
+            p.prepare_other(Master::Primary, up(true, false), true),
+            Some(Master::Secondary)
+        );
+        assert_eq!(
+            p.prepare_other(Master::Primary, up(true, false), false),
+            None
+        );
+        assert_eq!(
+            p.prepare_other(Master::Primary, up(false, true), false),
+            None,
+            "already ready"
+        );
+        assert_eq!(
+            p.prepare_other(Master::Secondary, up(false, false), true),
+            Some(Master::Primary)
+        );
+        assert_eq!(
+            p.prepare_other(Master::Secondary, up(false, true), true),
+            None,
+            "a slow primary matters only while it is the active one"
+        );
+    }
+
+    // ---- requests ----
+
+    #[test]
+    fn a_request_rides_through_the_failover_wait_and_longer_while_electing() {
+        let p = policy(|c| {
+            c.failover_wait = Duration::from_secs(5);
+            c.election_wait = Duration::from_secs(30);
+        });
+        let ms = Duration::from_millis;
+        assert!(p.retry(true, false, ms(4_900), ms(25)));
+        assert!(!p.retry(true, false, ms(4_980), ms(25)));
+        assert!(
+            !p.retry(false, false, ms(0), ms(25)),
+            "a master known lost gets one try"
+        );
+        assert!(p.retry(true, true, ms(20_000), ms(200)));
+        assert!(!p.retry(true, true, ms(29_900), ms(200)));
+        assert_eq!(Policy::next_backoff(RETRY_BACKOFF), ms(50));
+        assert_eq!(Policy::next_backoff(ms(150)), ms(200), "capped");
+        assert_eq!(p.longest_request(), Duration::from_secs(2 + 30));
+    }
+
+    #[test]
+    fn the_primary_is_slow_only_past_the_switch_delay() {
+        let p = policy(|c| c.switch_delay = Duration::from_secs(10));
+        assert!(!p.too_slow(Duration::from_secs(10)));
+        assert!(p.too_slow(Duration::from_millis(10_001)));
+    }
+
+    // ---- registrations: ask order, failover, overflow ----
+
+    #[test]
+    fn a_new_agent_asks_the_active_master_then_the_other() {
+        let p = policy(|_| {});
+        let mut order = p.ask_order(None, Master::Secondary);
+        assert_eq!(order.next(), Some(Master::Secondary));
+        assert_eq!(order.next(), Some(Master::Primary));
+        assert_eq!(order.next(), None);
+    }
+
+    #[test]
+    fn approval_by_the_second_master_asked_fails_over_to_it() {
+        let p = policy(|_| {});
+        let mut order = p.ask_order(None, Master::Primary);
+        assert_eq!(order.next(), Some(Master::Primary));
+        order.unavailable("no primary master is listening".to_owned());
+        assert_eq!(order.next(), Some(Master::Secondary));
+        assert_eq!(
+            order.decided(APPROVED),
+            Some(Answered {
+                outcome: APPROVED,
+                by: Master::Secondary,
+                switch: switch(Master::Secondary, "the other master does not answer"),
+            })
+        );
+    }
+
+    #[test]
+    fn approval_by_the_active_master_switches_nothing() {
+        let p = policy(|_| {});
+        let mut order = p.ask_order(None, Master::Primary);
+        order.next();
+        assert_eq!(
+            order.decided(APPROVED),
+            Some(Answered {
+                outcome: APPROVED,
+                by: Master::Primary,
+                switch: None,
+            })
+        );
+    }
+
+    #[test]
+    fn a_re_registration_asks_only_the_master_holding_the_seat() {
+        let p = policy(|c| c.overflow = true);
+        let mut order = p.ask_order(Some(Master::Secondary), Master::Primary);
+        assert_eq!(order.next(), Some(Master::Secondary));
+        assert_eq!(order.next(), None);
+        order.unavailable("no answer".to_owned());
+        assert_eq!(order.no_master(), "no answer");
+    }
+
+    #[test]
+    fn overflow_sends_the_primarys_capacity_rejection_to_the_secondary() {
+        let p = policy(|c| c.overflow = true);
+        for reason in [RejectReason::AggregateLimit, RejectReason::TypeLimit] {
+            let mut order = p.ask_order(None, Master::Primary);
+            assert_eq!(order.next(), Some(Master::Primary));
+            assert_eq!(order.decided(rejected(reason)), None, "{reason}");
+            assert_eq!(order.next(), Some(Master::Secondary));
+            assert_eq!(
+                order.decided(APPROVED),
+                Some(Answered {
+                    outcome: APPROVED,
+                    by: Master::Secondary,
+                    switch: None,
+                }),
+                "an overflow is not a failover"
+            );
+        }
+    }
+
+    #[test]
+    fn an_overflow_the_secondary_cannot_take_says_why_for_both() {
+        let p = policy(|c| c.overflow = true);
+        let mut order = p.ask_order(None, Master::Primary);
+        order.next();
+        assert_eq!(order.decided(rejected(RejectReason::AggregateLimit)), None);
+        order.next();
+        order.unavailable("no secondary master is listening".to_owned());
+        assert_eq!(order.next(), None);
+        assert_eq!(
+            order.no_master(),
+            "the primary master rejected: aggregate_limit: full; no secondary master is listening"
+        );
+    }
+
+    #[test]
+    fn no_overflow_when_off_for_other_reasons_or_from_the_secondary() {
+        let off = policy(|c| c.overflow = false);
+        let mut order = off.ask_order(None, Master::Primary);
+        order.next();
+        assert_eq!(
+            order.decided(rejected(RejectReason::AggregateLimit)),
+            Some(Answered {
+                outcome: rejected(RejectReason::AggregateLimit),
+                by: Master::Primary,
+                switch: None,
+            })
+        );
+        let on = policy(|c| c.overflow = true);
+        let mut order = on.ask_order(None, Master::Primary);
+        order.next();
+        assert_eq!(
+            order.decided(rejected(RejectReason::AgentTypeMismatch)),
+            Some(Answered {
+                outcome: rejected(RejectReason::AgentTypeMismatch),
+                by: Master::Primary,
+                switch: None,
+            })
+        );
+        let mut order = on.ask_order(None, Master::Secondary);
+        order.next();
+        assert_eq!(
+            order.decided(rejected(RejectReason::TypeLimit)),
+            Some(Answered {
+                outcome: rejected(RejectReason::TypeLimit),
+                by: Master::Secondary,
+                switch: None,
+            }),
+            "only the primary overflows"
+        );
+    }
+
+    #[test]
+    fn the_local_limit_counts_held_and_pending_seats_but_not_a_held_agent() {
+        assert_eq!(
+            Policy::local_rejection(Some(2), false, 2),
+            Some("local limit of 2 agents reached".to_owned())
+        );
+        assert_eq!(Policy::local_rejection(Some(2), false, 1), None);
+        assert_eq!(Policy::local_rejection(Some(2), true, 2), None);
+        assert_eq!(Policy::local_rejection(None, false, 1_000), None);
+    }
+
+    #[test]
+    fn only_a_type_mismatch_keeps_the_seat_held() {
+        assert!(Policy::keeps_seat(RejectReason::AgentTypeMismatch));
+        assert!(!Policy::keeps_seat(RejectReason::AggregateLimit));
+        assert!(!Policy::keeps_seat(RejectReason::Reclaimed));
+    }
+
+    // ---- grace and restriction ----
+
+    #[test]
+    fn without_a_master_the_grace_policy_refuses_or_admits() {
+        let refuse = policy(|c| c.during_grace = GracePolicy::Refuse);
+        assert_eq!(
+            refuse.without_master(false, "no master".to_owned()),
+            Outcome::Rejected {
+                reason: RejectReason::MasterUnavailable,
+                detail: "no master".to_owned(),
+            }
+        );
+        let allow = policy(|c| c.during_grace = GracePolicy::Allow);
+        assert_eq!(
+            allow.without_master(false, "no master".to_owned()),
+            APPROVED
+        );
+        assert_eq!(
+            allow.without_master(true, "no master".to_owned()),
+            Outcome::Rejected {
+                reason: RejectReason::Restricted,
+                detail: "no master for the whole grace period (no master)".to_owned(),
+            },
+            "restricted refuses whatever the grace policy"
+        );
+    }
+
+    #[test]
+    fn the_grace_period_ends_just_after_its_length_without_contact() {
+        let p = policy(|_| {});
+        let t0 = Instant::now();
+        let deadline = t0 + GRACE + Duration::from_millis(1);
+        assert_eq!(p.grace_deadline(t0, false), Some(deadline));
+        assert_eq!(p.grace_deadline(t0, true), None, "already restricted");
+        assert_eq!(p.restriction(t0 + GRACE, t0, false), None);
+        assert_eq!(
+            p.grace_left(t0 + Duration::from_secs(20), t0),
+            Duration::from_secs(100)
+        );
+        assert_eq!(p.grace_left(deadline, t0), Duration::ZERO);
+        assert_eq!(
+            p.restriction(deadline, t0, false),
+            Some(Restrict {
+                log_out_all: true,
+                reason: RejectReason::Restricted,
+                detail: "no master answered for the whole grace period".to_owned(),
+            })
+        );
+        assert_eq!(p.restriction(deadline, t0, true), None, "restricts once");
+    }
+
+    #[test]
+    fn refuse_new_keeps_the_agents_logout_all_logs_them_out() {
+        let t0 = Instant::now();
+        let late = t0 + GRACE + Duration::from_secs(1);
+        let refuse_new = policy(|c| c.after_grace = Restriction::RefuseNew);
+        let restrict = refuse_new.restriction(late, t0, false).unwrap();
+        assert!(!restrict.log_out_all);
+        assert!(!refuse_new.logout_after_grace());
+        let logout_all = policy(|c| c.after_grace = Restriction::LogoutAll);
+        let restrict = logout_all.restriction(late, t0, false).unwrap();
+        assert!(restrict.log_out_all);
+        assert!(logout_all.logout_after_grace());
+        assert_eq!(
+            restrict.logout("a1".to_owned(), "asr".to_owned()),
+            LoggedOut {
+                agent_id: "a1".to_owned(),
+                agent_type: "asr".to_owned(),
+                reason: RejectReason::Restricted,
+                detail: "no master answered for the whole grace period".to_owned(),
+            }
+        );
+    }
+
+    #[test]
+    fn resumed_past_the_reclaim_margin_the_agents_are_told_reclaimed() {
+        // The least margin a master may use: the longest request (2 s + 30 s) plus 1% of
+        // the grace period (1.2 s).
+        let p = policy(|_| {});
+        let margin = Duration::from_millis(33_200);
+        let t0 = Instant::now();
+        let at_margin = p.restriction(t0 + GRACE + margin, t0, false).unwrap();
+        assert_eq!(at_margin.reason, RejectReason::Restricted);
+        let past = p
+            .restriction(t0 + GRACE + margin + Duration::from_millis(1), t0, false)
+            .unwrap();
+        assert_eq!(past.reason, RejectReason::Reclaimed);
+        assert!(past.log_out_all);
+        assert!(
+            past.detail
+                .starts_with("no master answered for 153 s, past the grace period"),
+            "{}",
+            past.detail
+        );
+        let refuse_new = policy(|c| c.after_grace = Restriction::RefuseNew);
+        let past = refuse_new
+            .restriction(t0 + Duration::from_secs(3_600), t0, false)
+            .unwrap();
+        assert_eq!(past.reason, RejectReason::Reclaimed);
+        assert!(!past.log_out_all, "refuse-new keeps the agents even then");
+    }
+
+    /// Steps: pause the clock; take the last contact; advance to the end of the grace
+    /// period (no restriction yet), one more millisecond (restricted), then past the
+    /// reclaim margin (reclaimed).
+    #[tokio::test(start_paused = true)]
+    async fn in_paused_time_the_grace_period_runs_from_the_last_contact() {
+        let p = policy(|_| {});
+        let last_contact = Instant::now();
+        tokio::time::advance(GRACE).await;
+        assert_eq!(p.restriction(Instant::now(), last_contact, false), None);
+        assert_eq!(
+            p.grace_deadline(last_contact, false),
+            Some(Instant::now() + Duration::from_millis(1))
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let restrict = p.restriction(Instant::now(), last_contact, false).unwrap();
+        assert_eq!(restrict.reason, RejectReason::Restricted);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let restrict = p.restriction(Instant::now(), last_contact, false).unwrap();
+        assert_eq!(restrict.reason, RejectReason::Reclaimed);
+    }
+}
