@@ -39,7 +39,7 @@ pub use crate::events::{AgentEvent, LoggedOut, Outcome};
 use crate::link::{Ask, Link, Links};
 use crate::master::{Master, PerMaster};
 use crate::policy::{Answered, Policy, RETRY_BACKOFF, Switch};
-pub use crate::status::{MasterView, SlaveStatusView};
+pub use crate::status::{MasterView, SlaveMode, SlaveStatusView};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -455,14 +455,7 @@ impl SlaveAgent {
             pending: state.pending,
             logged_out: state.logged_out.iter().cloned().collect(),
             last_error: state.last_error.clone(),
-            mode: if any_connected {
-                "connected"
-            } else if state.restricted.is_some() {
-                "restricted"
-            } else {
-                "grace"
-            }
-            .to_owned(),
+            mode: Policy::mode(any_connected, state.restricted.is_some()),
             grace_left_ms: (!any_connected && state.restricted.is_none()).then(|| {
                 inner
                     .policy

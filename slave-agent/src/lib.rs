@@ -18,5 +18,5 @@ mod status;
 
 pub use agent::{
     AgentEvent, GracePolicy, LicenseFile, LoggedOut, MasterEndpoint, MasterView, Outcome,
-    Restriction, ReturnPolicy, SlaveAgent, SlaveConfig, SlaveError, SlaveStatusView,
+    Restriction, ReturnPolicy, SlaveAgent, SlaveConfig, SlaveError, SlaveMode, SlaveStatusView,
 };

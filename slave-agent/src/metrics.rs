@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::master::{Master, PerMaster};
-use crate::status::SlaveStatusView;
+use crate::status::{SlaveMode, SlaveStatusView};
 
 /// Upper bounds of the latency histogram, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -171,7 +171,7 @@ impl SlaveMetrics {
             "# HELP lmbus_slave_mode 1 for the current mode: connected, grace or restricted.\n\
              # TYPE lmbus_slave_mode gauge\n",
         );
-        for mode in ["connected", "grace", "restricted"] {
+        for mode in SlaveMode::ALL {
             let _ = writeln!(
                 t,
                 "lmbus_slave_mode{{mode=\"{mode}\"}} {}",

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::config::{GracePolicy, Restriction, ReturnPolicy, SlaveConfig};
 use crate::events::{LoggedOut, Outcome};
 use crate::master::{Master, PerMaster};
+use crate::status::SlaveMode;
 
 /// First pause between retries of an unanswered request; doubles up to the cap.
 pub(crate) const RETRY_BACKOFF: Duration = Duration::from_millis(25);
@@ -271,6 +272,18 @@ impl Policy {
     }
 
     // ---- grace and restriction ----
+
+    /// The slave's mode: connected while any master answers, then in grace until the
+    /// restriction.
+    pub(crate) fn mode(any_connected: bool, restricted: bool) -> SlaveMode {
+        if any_connected {
+            SlaveMode::Connected
+        } else if restricted {
+            SlaveMode::Restricted
+        } else {
+            SlaveMode::Grace
+        }
+    }
 
     /// When the grace period ends if no master answers before (none once restricted).
     /// `last_contact`: when the last request that any master answered was sent.
@@ -797,6 +810,25 @@ mod tests {
     }
 
     // ---- grace and restriction ----
+
+    #[test]
+    fn the_mode_is_connected_while_any_master_answers_then_grace_then_restricted() {
+        assert_eq!(Policy::mode(true, false), SlaveMode::Connected);
+        assert_eq!(
+            Policy::mode(true, true),
+            SlaveMode::Connected,
+            "a master answering ends the restriction"
+        );
+        assert_eq!(Policy::mode(false, false), SlaveMode::Grace);
+        assert_eq!(Policy::mode(false, true), SlaveMode::Restricted);
+        // The wire and the API keep the strings.
+        assert_eq!(
+            serde_json::to_string(&SlaveMode::Restricted).unwrap(),
+            "\"restricted\""
+        );
+        assert_eq!(SlaveMode::Grace.to_string(), "grace");
+        assert!(SlaveMode::Connected == "connected");
+    }
 
     #[test]
     fn without_a_master_the_grace_policy_refuses_or_admits() {

@@ -1,6 +1,7 @@
 //! The status snapshot the host, the local API and the metrics read.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -29,8 +30,7 @@ pub struct SlaveStatusView {
     /// Most recent logouts, oldest first.
     pub logged_out: Vec<LoggedOut>,
     pub last_error: Option<String>,
-    /// `connected`, `grace` (no master, within the grace period) or `restricted`.
-    pub mode: String,
+    pub mode: SlaveMode,
     /// Milliseconds left in the grace period while in `grace`.
     pub grace_left_ms: Option<u64>,
 }
@@ -43,4 +43,48 @@ pub struct MasterView {
     pub broker_id: Option<String>,
     /// Seats this master granted.
     pub agents: u32,
+}
+
+/// What the slave does about registrations, by whether a master answers. In JSON, in the
+/// metrics and in logs it is `connected`, `grace` or `restricted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlaveMode {
+    /// A master answers.
+    Connected,
+    /// No master answers and the grace period runs: registrations follow the
+    /// `during_grace` policy.
+    Grace,
+    /// No master answered for the whole grace period: new registrations are refused (and
+    /// with `logout-all` every agent was logged out).
+    Restricted,
+}
+
+impl SlaveMode {
+    pub const ALL: [SlaveMode; 3] = [
+        SlaveMode::Connected,
+        SlaveMode::Grace,
+        SlaveMode::Restricted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlaveMode::Connected => "connected",
+            SlaveMode::Grace => "grace",
+            SlaveMode::Restricted => "restricted",
+        }
+    }
+}
+
+impl fmt::Display for SlaveMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// So that `status.mode == "restricted"` reads as it did when the mode was a string.
+impl PartialEq<&str> for SlaveMode {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
