@@ -23,7 +23,8 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{SlaveAgent, SlaveError};
+use crate::agent::SlaveAgent;
+use crate::error::SlaveError;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RegisterBody {

@@ -14,6 +14,9 @@ use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
+use crate::error::SlaveError;
+use crate::master::Master;
+
 /// A request the slave sends. Registrations and unregistrations may go out together in
 /// one `batch` message when the host asks for several at once (coalescing); everything
 /// else goes alone.
@@ -38,7 +41,7 @@ impl Request for UnregisterRequest {
 impl Request for Hello {}
 impl Request for Heartbeat {}
 
-type Answer = Result<Ask, crate::SlaveError>;
+type Answer = Result<Ask, SlaveError>;
 
 /// Registrations and unregistrations waiting to be sent, and how many senders are at work.
 #[derive(Debug, Default)]
@@ -54,16 +57,37 @@ struct Coalescer {
 /// the operations a second of 1 in alternating runs).
 const ROUNDS_IN_FLIGHT: usize = 1;
 
-/// Which master: index into the slave's links.
-pub(crate) type LinkId = usize;
-pub(crate) const PRIMARY: LinkId = 0;
-pub(crate) const SECONDARY: LinkId = 1;
+/// The slave's links: the primary's, and the secondary's when one is configured.
+#[derive(Debug)]
+pub(crate) struct Links {
+    primary: Arc<Link>,
+    secondary: Option<Arc<Link>>,
+}
 
-pub(crate) fn link_name(link: LinkId) -> &'static str {
-    if link == PRIMARY {
-        "primary"
-    } else {
-        "secondary"
+impl Links {
+    pub(crate) fn new(primary: Link, secondary: Option<Link>) -> Self {
+        Self {
+            primary: Arc::new(primary),
+            secondary: secondary.map(Arc::new),
+        }
+    }
+
+    /// The link to `master`. Only a slave with a secondary ever names it (every choice of
+    /// master goes through the policy, which knows whether there is one), so asking for a
+    /// missing secondary is a bug in this crate, not a condition to handle.
+    pub(crate) fn get(&self, master: Master) -> &Arc<Link> {
+        match master {
+            Master::Primary => &self.primary,
+            Master::Secondary => self
+                .secondary
+                .as_ref()
+                .expect("the secondary is only named when one is configured"),
+        }
+    }
+
+    /// The configured links, the primary first.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Link>> {
+        std::iter::once(&self.primary).chain(&self.secondary)
     }
 }
 
@@ -82,7 +106,7 @@ pub(crate) enum Ask {
 
 #[derive(Debug)]
 pub(crate) struct Link {
-    pub(crate) id: LinkId,
+    pub(crate) id: Master,
     pub(crate) client: Client,
     pub(crate) subjects: Subjects,
     pub(crate) nats_url: String,
@@ -107,24 +131,23 @@ impl Link {
     /// background (the master may be down at start and a second one is configured);
     /// otherwise an unreachable NATS is an error at once.
     pub(crate) async fn connect(
-        id: LinkId,
+        id: Master,
         nats_url: &str,
         auth: &lmbus_nats::NatsAuth,
         cluster: &str,
         slave: &SlaveId,
         retry: bool,
-    ) -> Result<Self, crate::SlaveError> {
-        let subjects =
-            Subjects::new(cluster).map_err(|e| crate::SlaveError::Config(e.to_string()))?;
+    ) -> Result<Self, SlaveError> {
+        let subjects = Subjects::new(cluster).map_err(|e| SlaveError::Config(e.to_string()))?;
         let mut options = async_nats::ConnectOptions::new()
-            .name(format!("lmbus-slave {slave} ({})", link_name(id)))
+            .name(format!("lmbus-slave {slave} ({})", id.name()))
             .custom_inbox_prefix(subjects.slave_inbox_prefix(slave));
         if retry {
             options = options.retry_on_initial_connect();
         }
         let client = lmbus_nats::connect(nats_url, options, auth)
             .await
-            .map_err(|e| crate::SlaveError::Connect {
+            .map_err(|e| SlaveError::Connect {
                 url: nats_url.to_owned(),
                 detail: match e {
                     lmbus_nats::ConnectFailure::Connect { detail, .. } => detail,
@@ -163,7 +186,7 @@ impl Link {
     }
 
     pub(crate) fn name(&self) -> &'static str {
-        link_name(self.id)
+        self.id.name()
     }
 
     /// Sends `body` to this master and waits `timeout` for the answer. Registrations and
@@ -294,7 +317,7 @@ impl Link {
             Err(e) => {
                 let detail = e.to_string();
                 for tx in waiting {
-                    let _ = tx.send(Err(crate::SlaveError::Nats(detail.clone())));
+                    let _ = tx.send(Err(SlaveError::Nats(detail.clone())));
                 }
             }
         }
@@ -310,7 +333,7 @@ impl Link {
         timeout: Duration,
     ) -> Answer {
         let payload: bytes::Bytes = encode(body)
-            .map_err(|e| crate::SlaveError::Nats(e.to_string()))?
+            .map_err(|e| SlaveError::Nats(e.to_string()))?
             .into();
         let subject = self.subjects.slave_op(slave, op);
         let sent = Instant::now();
@@ -354,7 +377,7 @@ impl Link {
                     sent,
                     latency: sent.elapsed(),
                 }),
-                Err(e) => Err(crate::SlaveError::Nats(format!(
+                Err(e) => Err(SlaveError::Nats(format!(
                     "the {} master's reply on {subject} could not be decoded: {e}",
                     self.name()
                 ))),

@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::agent::SlaveStatusView;
-use crate::link::{LinkId, PRIMARY, SECONDARY, link_name};
+use crate::master::{Master, PerMaster};
+use crate::status::{SlaveMode, SlaveStatusView};
 
 /// Upper bounds of the latency histogram, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -71,7 +71,7 @@ pub(crate) struct SlaveMetrics {
     unregistrations: AtomicU64,
     latency: Histogram,
     /// Per master (primary, secondary): from sending a request to the master's answer.
-    master: [Histogram; 2],
+    master: PerMaster<Histogram>,
 }
 
 impl SlaveMetrics {
@@ -88,10 +88,8 @@ impl SlaveMetrics {
 
     /// A master answered a request (one of those a coalesced message carried counts as
     /// its own request) `took` after it was sent.
-    pub(crate) fn master_answer(&self, link: LinkId, took: Duration) {
-        if let Some(h) = self.master.get(link) {
-            h.observe(took);
-        }
+    pub(crate) fn master_answer(&self, master: Master, took: Duration) {
+        self.master.get(master).observe(took);
     }
 
     pub(crate) fn unregistration(&self) {
@@ -129,12 +127,12 @@ impl SlaveMetrics {
              # TYPE lmbus_slave_master_seconds histogram\n",
         );
         for m in &status.masters {
-            let link = if m.name == link_name(PRIMARY) {
-                PRIMARY
+            let master = if m.name == Master::Primary.name() {
+                Master::Primary
             } else {
-                SECONDARY
+                Master::Secondary
             };
-            self.master[link].render(
+            self.master.get(master).render(
                 &mut t,
                 "lmbus_slave_master_seconds",
                 &format!("master=\"{}\"", m.name),
@@ -173,7 +171,7 @@ impl SlaveMetrics {
             "# HELP lmbus_slave_mode 1 for the current mode: connected, grace or restricted.\n\
              # TYPE lmbus_slave_mode gauge\n",
         );
-        for mode in ["connected", "grace", "restricted"] {
+        for mode in SlaveMode::ALL {
             let _ = writeln!(
                 t,
                 "lmbus_slave_mode{{mode=\"{mode}\"}} {}",

@@ -1,0 +1,244 @@
+//! The background task: the grace timer, heartbeat rounds (a heartbeat, or a hello when
+//! the session is lost, to every master in use; the other master readied; the active one
+//! chosen again) and the masters' control messages, until told to stop.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use lmbus_schemas::{
+    ControlMessage, Heartbeat, MasterRole, MasterUse, RejectedAgent, Reply, SlaveOp, decode,
+};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::hello::HelloError;
+use super::inner::Inner;
+use super::state::{Restricted, lock};
+use crate::events::{AgentEvent, LoggedOut};
+use crate::link::Ask;
+use crate::master::{Master, PerMaster};
+use crate::policy::Switch;
+
+impl Inner {
+    /// Applies the restriction once no master has answered for the whole grace period.
+    /// Checked before every heartbeat and registration, and by a timer, so a slave resumed
+    /// after being frozen restricts before it talks to anyone.
+    pub(super) fn check_grace(&self) {
+        let now = tokio::time::Instant::now();
+        let mut state = lock(&self.state);
+        let Some(restrict) =
+            self.policy
+                .restriction(now, state.last_contact, state.restricted.is_some())
+        else {
+            return;
+        };
+        for link in state.links.iter_mut() {
+            link.connected = false;
+        }
+        let mut logged_out = 0;
+        if restrict.log_out_all {
+            let agents = std::mem::take(&mut state.agents);
+            logged_out = agents.len() as u32;
+            for (agent_id, seat) in agents {
+                self.logged_out(&mut state, restrict.logout(agent_id, seat.agent_type));
+            }
+        }
+        state.restricted = Some(Restricted {
+            since: now,
+            logged_out,
+        });
+        drop(state);
+        warn!(
+            grace = ?self.policy.grace_period(),
+            logged_out,
+            policy = ?self.policy.after_grace(),
+            "no master for the whole grace period: usage restricted"
+        );
+        self.emit(AgentEvent::Restricted { logged_out });
+    }
+
+    /// When the grace period ends if no master answers before.
+    fn grace_deadline(&self) -> Option<tokio::time::Instant> {
+        let state = lock(&self.state);
+        self.policy
+            .grace_deadline(state.last_contact, state.restricted.is_some())
+    }
+
+    /// One heartbeat round: every master this slave holds seats with or sends new
+    /// registrations to gets a heartbeat (or a hello when its session is not live); a
+    /// primary that is not in use is probed with a hello when the policy is to return to
+    /// it. Then the active master is chosen again.
+    async fn heartbeat_round(&self) {
+        self.check_grace();
+        let (active, links, seats_on) = {
+            let state = lock(&self.state);
+            let seats_on = |master| state.agents.values().any(|s| s.link == master);
+            let seats_on = PerMaster {
+                primary: seats_on(Master::Primary),
+                secondary: seats_on(Master::Secondary),
+            };
+            (state.active, state.links.clone(), seats_on)
+        };
+        for link in self.policy.heartbeat_targets(active, seats_on) {
+            if links.get(link).connected {
+                self.heartbeat(link).await;
+            } else if let Err(HelloError::Refused { reason, detail }) = self.hello(link).await {
+                warn!(master = link.name(), %reason, %detail, "the master refuses this slave");
+            }
+        }
+        // The active master just failed, or the primary is too slow: make sure the other
+        // one is ready to take over.
+        let other = {
+            let state = lock(&self.state);
+            self.policy
+                .prepare_other(active, state.connected(), state.primary_slow)
+        };
+        if let Some(other) = other {
+            if let Err(HelloError::Refused { reason, detail }) = self.hello(other).await {
+                warn!(master = other.name(), %reason, %detail, "the master refuses this slave");
+            }
+        }
+        self.choose_active();
+    }
+
+    /// Switches the active master if the policy says so (`Policy::choose_active`); the
+    /// primary's slowness is forgotten once decided on.
+    fn choose_active(&self) {
+        if !self.policy.has_secondary() {
+            return;
+        }
+        let switch = {
+            let mut state = lock(&self.state);
+            let slow = std::mem::take(&mut state.primary_slow);
+            self.policy
+                .choose_active(state.active, state.connected(), slow)
+        };
+        if let Some(Switch { to, reason }) = switch {
+            self.switch(to, reason);
+        }
+    }
+
+    async fn heartbeat(&self, link: Master) {
+        let seq = self
+            .heartbeat_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Read before the books: every request numbered up to it was marked in flight
+        // before it took its number, so the books show it (or list it as unsettled).
+        let request_seq = self.request_seq.load(std::sync::atomic::Ordering::Acquire);
+        let (agents, in_use, mut books) = {
+            let state = lock(&self.state);
+            (
+                state.claims(link).len() as u32,
+                state.active == link,
+                state.books(link),
+            )
+        };
+        books.request_seq = Some(request_seq);
+        let role = match (self.policy.has_secondary(), link) {
+            (false, _) => MasterRole::Only,
+            (true, Master::Primary) => MasterRole::Primary,
+            (true, _) => MasterRole::Secondary,
+        };
+        let heartbeat = Heartbeat {
+            instance: self.instance,
+            seq,
+            agents,
+            master: Some(MasterUse { role, in_use }),
+            books: Some(books),
+        };
+        match self.ask(link, SlaveOp::Heartbeat, &heartbeat).await {
+            Ok(Ask::Reply {
+                reply: Reply::Ack, ..
+            }) => {}
+            Ok(Ask::Reply {
+                reply: Reply::Refused { .. },
+                ..
+            }) => {
+                info!(
+                    master = link.name(),
+                    "the master lost this slave's session; saying hello again"
+                );
+                lock(&self.state).links.get_mut(link).connected = false;
+                let _ = self.hello(link).await;
+            }
+            Ok(Ask::Reply { reply, .. }) => warn!(?reply, "unexpected answer to a heartbeat"),
+            Ok(Ask::Unavailable(detail)) => self.set_disconnected(link, detail),
+            Err(e) => self.set_disconnected(link, e.to_string()),
+        }
+    }
+
+    /// Obeys a control message from `link`'s master; `true` when it asks for a new hello.
+    fn control(&self, link: Master, message: ControlMessage) -> bool {
+        match message {
+            ControlMessage::LogOut { agents } => {
+                let mut state = lock(&self.state);
+                for RejectedAgent { agent_id, reason } in agents {
+                    // Only that master's own seats: another master cannot log ours out.
+                    if state.agents.get(&agent_id).is_some_and(|s| s.link == link) {
+                        if let Some(seat) = state.agents.remove(&agent_id) {
+                            self.logged_out(
+                                &mut state,
+                                LoggedOut {
+                                    agent_id,
+                                    agent_type: seat.agent_type,
+                                    reason,
+                                    detail: format!("logged out by the {} master", link.name()),
+                                },
+                            );
+                        }
+                    }
+                }
+                false
+            }
+            ControlMessage::Rehello => true,
+            // Acted on by the link itself (`Link::send` asks again at once).
+            ControlMessage::NewLeader | ControlMessage::Other => false,
+        }
+    }
+}
+
+/// Heartbeats, reconnects, failover, the grace timer and control messages until told to
+/// stop.
+pub(super) async fn background(
+    inner: Arc<Inner>,
+    controls: Vec<(Master, async_nats::Subscriber)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(inner.cfg.heartbeat_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    // One stream of (master, message) for every master's control subject.
+    let mut control = futures::stream::select_all(
+        controls
+            .into_iter()
+            .map(|(link, sub)| sub.map(move |msg| (link, msg)).boxed()),
+    );
+    loop {
+        let grace_end = inner.grace_deadline();
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = async {
+                match grace_end {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => inner.check_grace(),
+            _ = ticker.tick() => inner.heartbeat_round().await,
+            msg = control.next() => match msg {
+                Some((link, msg)) => match decode::<ControlMessage>(&msg.payload) {
+                    Ok(message) => {
+                        if inner.control(link, message) {
+                            lock(&inner.state).links.get_mut(link).connected = false;
+                            let _ = inner.hello(link).await;
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "undecodable control message ignored"),
+                },
+                None => {
+                    warn!("control subscriptions closed");
+                    break;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Saying hello to a master: once per reconnect however many callers find the session
+//! lost, renumbered when the master says a number was used, built from the books as they
+//! are when sent; a welcome logs out what the master did not re-grant and ends a
+//! restriction.
+
+use lmbus_schemas::{
+    Hello, RejectReason, RejectedAgent, Reply, SlaveEvent, SlaveOp, SlaveReport, Welcome,
+};
+use tracing::{debug, info};
+
+use super::inner::Inner;
+use super::state::{LinkState, Restricted, lock};
+use crate::events::{AgentEvent, LoggedOut};
+use crate::link::Ask;
+use crate::master::Master;
+
+pub(super) enum HelloError {
+    Refused {
+        reason: RejectReason,
+        detail: String,
+    },
+    Unavailable(String),
+}
+
+impl HelloError {
+    pub(super) fn detail(&self) -> String {
+        match self {
+            HelloError::Refused { reason, detail } => format!("{reason}: {detail}"),
+            HelloError::Unavailable(detail) => detail.clone(),
+        }
+    }
+}
+
+impl Inner {
+    /// Says hello to `link`'s master: once per reconnect however many callers find the
+    /// session lost at the same time (a caller that waited while another's hello succeeded
+    /// uses that one), built from the books as they are when it is sent, with what is in
+    /// flight.
+    pub(super) async fn hello(&self, link: Master) -> Result<(), HelloError> {
+        let l = self.links.get(link);
+        let generation = l.hellos.load(std::sync::atomic::Ordering::Acquire);
+        let _guard = l.hello_lock.lock().await;
+        if l.hellos.load(std::sync::atomic::Ordering::Acquire) != generation
+            && lock(&self.state).links.get(link).connected
+        {
+            return Ok(());
+        }
+        let mut renumbered = false;
+        loop {
+            match self.hello_once(link).await {
+                Err(HelloError::Refused {
+                    reason: RejectReason::Replayed,
+                    detail,
+                }) if !renumbered => {
+                    // A hello of ours that the master processed but whose answer we missed
+                    // (a retry reached a new leader): say it again under a new number.
+                    debug!(master = link.name(), %detail, "hello number refused; renumbering");
+                    renumbered = true;
+                }
+                Ok(()) => {
+                    l.hellos.fetch_add(1, std::sync::atomic::Ordering::Release);
+                    return Ok(());
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn hello_once(&self, link: Master) -> Result<(), HelloError> {
+        let l = self.links.get(link);
+        // Read before the books, as for a heartbeat: every request numbered up to it was
+        // marked in flight before it took its number, so the hello claims it or lists it
+        // as pending; a later one is numbered above it and its seat is kept.
+        let request_seq = self.request_seq.load(std::sync::atomic::Ordering::Acquire);
+        let (agents, pending) = {
+            let state = lock(&self.state);
+            (
+                state.claims(link),
+                state.registering.keys().cloned().collect(),
+            )
+        };
+        let hello = Hello {
+            instance: self.instance,
+            license: self.cfg.license.as_ref().map(|f| f.text.clone()),
+            heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+            agents,
+            software: format!("lmbus-slave {}", env!("CARGO_PKG_VERSION")),
+            seq: l
+                .hello_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1,
+            grace_ms: self.policy.grace_period().as_millis() as u64,
+            logout_after_grace: self.policy.logout_after_grace(),
+            request_timeout_ms: self.policy.longest_request().as_millis() as u64,
+            request_seq: Some(request_seq),
+            pending,
+        };
+        let reply = match self.ask(link, SlaveOp::Hello, &hello).await {
+            Ok(Ask::Reply { reply, .. }) => reply,
+            Ok(Ask::Unavailable(detail)) => {
+                self.set_disconnected(link, detail.clone());
+                return Err(HelloError::Unavailable(detail));
+            }
+            Err(e) => {
+                self.set_disconnected(link, e.to_string());
+                return Err(HelloError::Unavailable(e.to_string()));
+            }
+        };
+        match reply {
+            Reply::Welcome(welcome) => {
+                let was_restricted = self.accept_welcome(link, &welcome);
+                info!(master = link.name(), broker = %welcome.broker_id, "connected to the {} master", link.name());
+                if let Some(Restricted { since, logged_out }) = was_restricted {
+                    let lost_for = since.elapsed() + self.policy.grace_period();
+                    info!(
+                        "back from restriction after {} s without a master",
+                        lost_for.as_secs()
+                    );
+                    self.report(
+                        link,
+                        SlaveReport {
+                            event: SlaveEvent::Restricted {
+                                lost_for_ms: lost_for.as_millis() as u64,
+                                logged_out,
+                            },
+                            message: String::new(),
+                        },
+                    )
+                    .await;
+                }
+                self.emit(AgentEvent::Connected {
+                    master: link.name().to_owned(),
+                    broker_id: welcome.broker_id,
+                });
+                Ok(())
+            }
+            Reply::Refused {
+                reason: RejectReason::StaleRequest,
+                detail,
+                ..
+            } => Err(HelloError::Unavailable(detail)),
+            Reply::Refused {
+                reason: RejectReason::Replayed,
+                detail,
+                last_hello,
+            } => {
+                // Number the next hello above the master's last (one it processed whose
+                // answer was lost, or one someone forged with this slave's credentials).
+                if let Some(last) = last_hello {
+                    // The master bounds how far a hello number may jump, so this never
+                    // nears the end of the range; saturate all the same.
+                    l.hello_seq
+                        .fetch_max(last.min(u64::MAX / 2), std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(HelloError::Refused {
+                    reason: RejectReason::Replayed,
+                    detail,
+                })
+            }
+            Reply::Refused { reason, detail, .. } => {
+                let mut state = lock(&self.state);
+                state.links.get_mut(link).connected = false;
+                state.last_error = Some(format!("{reason}: {detail}"));
+                Err(HelloError::Refused { reason, detail })
+            }
+            other => {
+                let detail = format!("unexpected answer to hello: {other:?}");
+                self.set_disconnected(link, detail.clone());
+                Err(HelloError::Unavailable(detail))
+            }
+        }
+    }
+
+    /// Takes in a welcome: logs out what the master did not re-grant, marks the link
+    /// connected and ends any restriction (returned, to be reported).
+    fn accept_welcome(&self, link: Master, welcome: &Welcome) -> Option<Restricted> {
+        let mut state = lock(&self.state);
+        for RejectedAgent { agent_id, reason } in welcome.rejected_agents.iter().cloned() {
+            let held_here = state.agents.get(&agent_id).is_some_and(|s| s.link == link);
+            if held_here {
+                if let Some(seat) = state.agents.remove(&agent_id) {
+                    self.logged_out(
+                        &mut state,
+                        LoggedOut {
+                            agent_id,
+                            agent_type: seat.agent_type,
+                            reason,
+                            detail: format!(
+                                "the {} master did not re-grant this seat on reconnect",
+                                link.name()
+                            ),
+                        },
+                    );
+                }
+            }
+        }
+        *state.links.get_mut(link) = LinkState {
+            connected: true,
+            broker_id: Some(welcome.broker_id.clone()),
+        };
+        state.last_error = None;
+        state.restricted.take()
+    }
+}

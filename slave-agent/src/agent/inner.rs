@@ -1,0 +1,190 @@
+//! [`Inner`], what the handle and the background task share, and its basic moves: ask a
+//! master (riding through a broker failover by the policy's retry window, keeping the grace
+//! clock and watching the primary's latency), mark a master lost, switch the active master,
+//! and tell the host (events, logouts) and the master (reports).
+
+use std::sync::Mutex;
+
+use lmbus_schemas::{License, RejectReason, Reply, SlaveOp, SlaveReport};
+use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::state::{State, lock};
+use crate::config::SlaveConfig;
+use crate::error::SlaveError;
+use crate::events::{AgentEvent, LoggedOut};
+use crate::link::{Ask, Links};
+use crate::master::Master;
+use crate::policy::{Policy, RETRY_BACKOFF};
+
+/// How many recent logouts `status()` remembers.
+const LOGGED_OUT_HISTORY: usize = 100;
+
+#[derive(Debug)]
+pub(super) struct Inner {
+    pub(super) cfg: SlaveConfig,
+    /// The decisions, from `cfg`.
+    pub(super) policy: Policy,
+    /// The primary, and the secondary if configured.
+    pub(super) links: Links,
+    pub(super) instance: Uuid,
+    /// The verified license when running licensed.
+    pub(super) license: Option<License>,
+    pub(super) local_limit: Option<u32>,
+    /// Plain mutex: never held across an await.
+    pub(super) state: Mutex<State>,
+    /// The host's events (bounded: `EVENT_CAPACITY`); a subscriber that lags that far
+    /// behind misses the oldest and is told so. Sending never waits.
+    pub(super) events: broadcast::Sender<AgentEvent>,
+    pub(super) heartbeat_seq: std::sync::atomic::AtomicU64,
+    /// The last request number used (see `RegisterRequest::seq`).
+    pub(super) request_seq: std::sync::atomic::AtomicU64,
+    pub(super) metrics: crate::metrics::SlaveMetrics,
+}
+
+impl Inner {
+    pub(super) fn emit(&self, event: AgentEvent) {
+        // No subscriber is fine: events are a convenience, the state is the truth.
+        let _ = self.events.send(event);
+    }
+
+    pub(super) fn logged_out(&self, state: &mut State, out: LoggedOut) {
+        if state.logged_out.len() >= LOGGED_OUT_HISTORY {
+            state.logged_out.pop_front();
+        }
+        state.logged_out.push_back(out.clone());
+        self.emit(AgentEvent::LoggedOut(out));
+    }
+
+    /// Asks one master, keeping the books: any answer is contact (the grace period restarts
+    /// from the request's sending time) and the primary's latency is watched.
+    pub(super) async fn ask<T: crate::link::Request>(
+        &self,
+        link: Master,
+        op: SlaveOp,
+        body: &T,
+    ) -> Result<Ask, SlaveError> {
+        // Ride through a broker failover: while nobody answers, retry with backoff until
+        // `failover_wait` has passed (`Policy::retry` says how long). Every request is safe
+        // to repeat (registration is idempotent per agent, hellos carry a sequence number).
+        let ride_through = lock(&self.state).links.get(link).connected;
+        let first = tokio::time::Instant::now();
+        let mut backoff = RETRY_BACKOFF;
+        let mut saw_election = false;
+        let answer = loop {
+            let answer = self
+                .links
+                .get(link)
+                .ask(&self.cfg.slave_id, op, body, self.cfg.request_timeout)
+                .await?;
+            let electing = matches!(
+                &answer,
+                Ask::Reply {
+                    reply: Reply::Refused {
+                        reason: RejectReason::NoLeader,
+                        ..
+                    },
+                    ..
+                }
+            );
+            saw_election |= electing;
+            let retry = self
+                .policy
+                .retry(ride_through, saw_election, first.elapsed(), backoff);
+            match answer {
+                Ask::Unavailable(_) if retry => {
+                    debug!(
+                        op = op.token(),
+                        ?backoff,
+                        "no answer from the master yet; retrying"
+                    );
+                }
+                Ask::Reply { .. } if electing && retry => {
+                    debug!(
+                        op = op.token(),
+                        ?backoff,
+                        "the master's brokers are electing a leader; retrying"
+                    );
+                }
+                // No leader within the election wait: as good as no master (and not a
+                // contact: the grace period keeps counting from the last real answer).
+                Ask::Reply { .. } if electing => {
+                    break Ask::Unavailable(format!(
+                        "the {} master's brokers elected no leader within {:?}",
+                        link.name(),
+                        self.policy.election_wait()
+                    ));
+                }
+                answer => break answer,
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = Policy::next_backoff(backoff);
+        };
+        if let Ask::Reply { sent, latency, .. } = &answer {
+            self.metrics.master_answer(link, *latency);
+            let mut state = lock(&self.state);
+            state.last_contact = state.last_contact.max(*sent);
+            if link == Master::Primary {
+                let slow = self.policy.too_slow(*latency);
+                if slow {
+                    warn!(?latency, delay = ?self.cfg.switch_delay, "the primary master answers slower than the switch delay");
+                }
+                // Sticky until the next decision (`choose_active`), so a slow answer is not
+                // forgotten because a fast one (a re-hello, say) followed it.
+                state.primary_slow |= slow;
+            }
+        }
+        Ok(answer)
+    }
+
+    pub(super) fn set_disconnected(&self, link: Master, detail: String) {
+        let mut state = lock(&self.state);
+        let was = state.links.get(link).connected;
+        state.links.get_mut(link).connected = false;
+        state.last_error = Some(detail.clone());
+        drop(state);
+        if was {
+            warn!(master = link.name(), %detail, "lost a master");
+            self.emit(AgentEvent::Disconnected {
+                master: link.name().to_owned(),
+                detail,
+            });
+        }
+    }
+
+    /// Makes `link` the master new registrations go to.
+    pub(super) fn switch(&self, link: Master, reason: &str) {
+        let mut state = lock(&self.state);
+        if state.active == link {
+            return;
+        }
+        state.active = link;
+        drop(state);
+        info!(
+            master = link.name(),
+            reason,
+            "new registrations now go to the {} master",
+            link.name()
+        );
+        self.emit(AgentEvent::Switched {
+            master: link.name().to_owned(),
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// Tells a master about something decided here (published, no reply: if no master
+    /// listens, the local log is the only record).
+    pub(super) async fn report(&self, link: Master, report: SlaveReport) {
+        self.links
+            .get(link)
+            .publish(&self.cfg.slave_id, SlaveOp::Report, &report)
+            .await;
+    }
+
+    pub(super) fn next_request_seq(&self) -> u64 {
+        self.request_seq
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1
+    }
+}

@@ -1,0 +1,326 @@
+//! Registrations and unregistrations: the local limit, the masters asked in the policy's
+//! order (failover and overflow), a hello when a session is lost, renumbering a refused
+//! request number, and the seat table kept in step with the answers.
+
+use lmbus_schemas::{
+    Decision, RegisterRequest, RejectReason, Reply, SlaveEvent, SlaveOp, SlaveReport,
+    UnregisterRequest,
+};
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use super::hello::HelloError;
+use super::inner::Inner;
+use super::state::{InFlight, Seat, lock, mark};
+use crate::error::SlaveError;
+use crate::events::{LoggedOut, Outcome};
+use crate::link::Ask;
+use crate::master::Master;
+use crate::policy::{Answered, Policy, Switch};
+
+/// Where one registration attempt ended.
+enum Attempt {
+    Decided(Outcome),
+    /// This master cannot decide now; try another.
+    Unavailable(String),
+}
+
+impl Inner {
+    pub(super) async fn register(
+        &self,
+        agent_id: &str,
+        agent_type: &str,
+    ) -> Result<Outcome, SlaveError> {
+        validate(agent_id, agent_type)?;
+        self.check_grace();
+        // Decide under the lock, act (await) after it is released.
+        let local_rejection = {
+            let mut state = lock(&self.state);
+            let held = state.agents.contains_key(agent_id);
+            let used = state.agents.len() as u64 + u64::from(state.pending);
+            match Policy::local_rejection(self.local_limit, held, used) {
+                Some(detail) => {
+                    self.logged_out(
+                        &mut state,
+                        LoggedOut {
+                            agent_id: agent_id.to_owned(),
+                            agent_type: agent_type.to_owned(),
+                            reason: RejectReason::LocalLimit,
+                            detail: detail.clone(),
+                        },
+                    );
+                    Some(detail)
+                }
+                None => {
+                    state.pending += 1;
+                    mark(&mut state.registering, agent_id);
+                    None
+                }
+            }
+        };
+        if let Some(detail) = local_rejection {
+            self.report_local_rejection(agent_id, agent_type, &detail)
+                .await;
+            return Ok(Outcome::Rejected {
+                reason: RejectReason::LocalLimit,
+                detail,
+            });
+        }
+        // Settled below; a caller that gives up (a dropped future, an HTTP client gone)
+        // settles it on drop, so the agent is never left "in flight" for good.
+        let in_flight = InFlight {
+            state: &self.state,
+            agent: agent_id,
+            registering: true,
+            settled: false,
+        };
+        let decided = self.register_with_masters(agent_id, agent_type).await;
+        let mut state = lock(&self.state);
+        in_flight.settle(&mut state);
+        match decided {
+            Ok((Outcome::Approved { already_held }, granted_by)) => {
+                // `None`: admitted locally during the grace period; recorded on the active
+                // master, which reconciles it at the next hello.
+                let link = granted_by.unwrap_or(state.active);
+                state.agents.insert(
+                    agent_id.to_owned(),
+                    Seat {
+                        agent_type: agent_type.to_owned(),
+                        link,
+                    },
+                );
+                Ok(Outcome::Approved { already_held })
+            }
+            Ok((Outcome::Rejected { reason, detail }, _)) => {
+                if !Policy::keeps_seat(reason) {
+                    state.agents.remove(agent_id);
+                }
+                self.logged_out(
+                    &mut state,
+                    LoggedOut {
+                        agent_id: agent_id.to_owned(),
+                        agent_type: agent_type.to_owned(),
+                        reason,
+                        detail: detail.clone(),
+                    },
+                );
+                Ok(Outcome::Rejected { reason, detail })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Asks the masters in the policy's order (`Policy::ask_order`: the seat's master for
+    /// a re-registration; otherwise the active one, then the other on failure, or on a
+    /// capacity rejection by the primary when overflow is on). Returns the outcome and the
+    /// master that granted it (`None` when no master answered and the grace policy
+    /// admitted the agent locally).
+    async fn register_with_masters(
+        &self,
+        agent_id: &str,
+        agent_type: &str,
+    ) -> Result<(Outcome, Option<Master>), SlaveError> {
+        let mut order = {
+            let state = lock(&self.state);
+            self.policy
+                .ask_order(state.agents.get(agent_id).map(|s| s.link), state.active)
+        };
+        while let Some(link) = order.next() {
+            match self.attempt(link, agent_id, agent_type).await? {
+                Attempt::Unavailable(detail) => order.unavailable(detail),
+                Attempt::Decided(outcome) => match order.decided(outcome) {
+                    Some(Answered {
+                        outcome,
+                        by,
+                        switch,
+                    }) => {
+                        if let Some(Switch { to, reason }) = switch {
+                            self.switch(to, reason);
+                        }
+                        return Ok((outcome, Some(by)));
+                    }
+                    None => debug!(
+                        agent = agent_id,
+                        "the primary is full; overflowing to the secondary"
+                    ),
+                },
+            }
+        }
+        let detail = order.no_master();
+        Ok((self.without_master(agent_id, detail), None))
+    }
+
+    /// One master's decision on a registration; says hello first if the session is not
+    /// live, and once more if the master lost it meanwhile.
+    async fn attempt(
+        &self,
+        link: Master,
+        agent_id: &str,
+        agent_type: &str,
+    ) -> Result<Attempt, SlaveError> {
+        let mut request = RegisterRequest {
+            request_id: Uuid::new_v4(),
+            seq: self.next_request_seq(),
+            agent_id: agent_id.to_owned(),
+            agent_type: agent_type.to_owned(),
+        };
+        let connected = lock(&self.state).links.get(link).connected;
+        if !connected {
+            match self.hello(link).await {
+                Ok(()) => {}
+                Err(HelloError::Refused { reason, detail }) => {
+                    return Ok(Attempt::Decided(Outcome::Rejected { reason, detail }));
+                }
+                Err(HelloError::Unavailable(detail)) => return Ok(Attempt::Unavailable(detail)),
+            }
+        }
+        let (mut said_hello_again, mut renumbered) = (false, false);
+        loop {
+            let reply = match self.ask(link, SlaveOp::Register, &request).await? {
+                Ask::Unavailable(detail) => {
+                    self.set_disconnected(link, detail.clone());
+                    return Ok(Attempt::Unavailable(detail));
+                }
+                Ask::Reply { reply, .. } => reply,
+            };
+            match reply {
+                Reply::Decision(Decision::Approved { already_held }) => {
+                    return Ok(Attempt::Decided(Outcome::Approved { already_held }));
+                }
+                Reply::Decision(Decision::Rejected {
+                    reason: RejectReason::SlaveNotConnected,
+                    detail,
+                }) => {
+                    if said_hello_again {
+                        return Ok(Attempt::Decided(Outcome::Rejected {
+                            reason: RejectReason::SlaveNotConnected,
+                            detail,
+                        }));
+                    }
+                    said_hello_again = true;
+                    debug!(
+                        master = link.name(),
+                        "the master lost our session; saying hello again"
+                    );
+                    lock(&self.state).links.get_mut(link).connected = false;
+                    match self.hello(link).await {
+                        Ok(()) => {}
+                        Err(HelloError::Refused { reason, detail }) => {
+                            return Ok(Attempt::Decided(Outcome::Rejected { reason, detail }));
+                        }
+                        Err(HelloError::Unavailable(detail)) => {
+                            return Ok(Attempt::Unavailable(detail));
+                        }
+                    }
+                }
+                Reply::Decision(Decision::Rejected {
+                    reason: RejectReason::Replayed,
+                    detail,
+                }) if !renumbered => {
+                    // We did not replay it: a new leader assumes every number up to the
+                    // last one its ledger shows was used. Ask again under a new number.
+                    debug!(master = link.name(), %detail, "request number refused; renumbering");
+                    renumbered = true;
+                    request.seq = self.next_request_seq();
+                }
+                Reply::Decision(Decision::Rejected { reason, detail }) => {
+                    return Ok(Attempt::Decided(Outcome::Rejected { reason, detail }));
+                }
+                Reply::Error(e) => return Err(SlaveError::InvalidInput(e.to_string())),
+                other => {
+                    return Err(SlaveError::Nats(format!(
+                        "unexpected answer to a registration: {other:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The answer to a registration no master could decide (`Policy::without_master`),
+    /// with the grace period checked first.
+    fn without_master(&self, agent_id: &str, detail: String) -> Outcome {
+        self.check_grace();
+        let restricted = lock(&self.state).restricted.is_some();
+        let outcome = self.policy.without_master(restricted, detail);
+        if outcome.is_approved() {
+            warn!(
+                agent = agent_id,
+                "approved locally during the grace period; the master reconciles it on reconnect"
+            );
+        }
+        outcome
+    }
+
+    async fn report_local_rejection(&self, agent_id: &str, agent_type: &str, detail: &str) {
+        warn!(agent = agent_id, agent_type, "{detail}: agent logged out");
+        let active = lock(&self.state).active;
+        self.report(
+            active,
+            SlaveReport {
+                event: SlaveEvent::LocalRejection {
+                    agent_id: agent_id.to_owned(),
+                    agent_type: agent_type.to_owned(),
+                    reason: RejectReason::LocalLimit,
+                },
+                message: detail.to_owned(),
+            },
+        )
+        .await;
+    }
+
+    pub(super) async fn unregister(&self, agent_id: &str) -> Result<bool, SlaveError> {
+        if agent_id.is_empty() {
+            return Err(SlaveError::InvalidInput("agent id is empty".into()));
+        }
+        let seat = {
+            let mut state = lock(&self.state);
+            let seat = state.agents.remove(agent_id);
+            if seat.is_some() {
+                mark(&mut state.unregistering, agent_id);
+            }
+            seat
+        };
+        let Some(seat) = seat else {
+            return Ok(false);
+        };
+        let in_flight = InFlight {
+            state: &self.state,
+            agent: agent_id,
+            registering: false,
+            settled: false,
+        };
+        let answer = self.unregister_at(seat.link, agent_id).await;
+        in_flight.settle(&mut lock(&self.state));
+        answer
+    }
+
+    async fn unregister_at(&self, link: Master, agent_id: &str) -> Result<bool, SlaveError> {
+        let request = UnregisterRequest {
+            request_id: Uuid::new_v4(),
+            seq: self.next_request_seq(),
+            agent_id: agent_id.to_owned(),
+        };
+        // The seat is gone locally either way; if its master does not hear about it now,
+        // the next hello carries the agent list without it and the master releases it then.
+        match self.ask(link, SlaveOp::Unregister, &request).await? {
+            Ask::Reply {
+                reply: Reply::Ack, ..
+            } => {}
+            Ask::Reply {
+                reply: Reply::Error(e),
+                ..
+            } => return Err(SlaveError::InvalidInput(e.to_string())),
+            Ask::Reply { reply, .. } => warn!(?reply, "unexpected answer to an unregistration"),
+            Ask::Unavailable(detail) => self.set_disconnected(link, detail),
+        }
+        Ok(true)
+    }
+}
+
+/// The protocol crate's rules, the ones the master applies: an id or type it would refuse
+/// is refused here first, so nothing this slave holds can make its hellos invalid.
+fn validate(agent_id: &str, agent_type: &str) -> Result<(), SlaveError> {
+    lmbus_schemas::validate::check_agent_id(agent_id)
+        .and_then(|()| lmbus_schemas::validate::check_agent_type(agent_type))
+        .map_err(|e| SlaveError::InvalidInput(e.to_string()))
+}

@@ -1,0 +1,164 @@
+//! What the agent knows, under one plain mutex: the seat table (which master granted each
+//! seat), the registrations and unregistrations in flight, each master's session, the
+//! active master, the grace clock and the restriction, and the logouts the status shows.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+
+use lmbus_schemas::{AgentClaim, Books, agent_digest};
+
+use crate::events::LoggedOut;
+use crate::master::{Master, PerMaster};
+
+/// One seat held by an agent of this slave.
+#[derive(Debug, Clone)]
+pub(super) struct Seat {
+    pub(super) agent_type: String,
+    /// The master that granted it; its release goes there.
+    pub(super) link: Master,
+}
+
+/// The restriction in force: since when, and how many agents it logged out (the master is
+/// told both when one answers again).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Restricted {
+    pub(super) since: tokio::time::Instant,
+    pub(super) logged_out: u32,
+}
+
+/// What the slave knows about one master.
+#[derive(Debug, Default, Clone)]
+pub(super) struct LinkState {
+    pub(super) connected: bool,
+    pub(super) broker_id: Option<String>,
+}
+
+#[derive(Debug)]
+pub(super) struct State {
+    pub(super) agents: BTreeMap<String, Seat>,
+    /// Registrations sent to a master and not yet answered: they count against the local
+    /// limit so concurrent requests cannot overshoot it.
+    pub(super) pending: u32,
+    /// Agents with a registration in flight (how many): a hello lists them as pending, so
+    /// the master keeps a seat it granted them whose answer is on its way.
+    pub(super) registering: BTreeMap<String, u32>,
+    /// Agents with an unregistration in flight: with `registering`, what a heartbeat's
+    /// books leave out, since the master may or may not have decided them yet.
+    pub(super) unregistering: BTreeMap<String, u32>,
+    /// What the slave knows about each master (the secondary's stays disconnected when
+    /// none is configured).
+    pub(super) links: PerMaster<LinkState>,
+    /// Where new registrations go.
+    pub(super) active: Master,
+    pub(super) logged_out: VecDeque<LoggedOut>,
+    pub(super) last_error: Option<String>,
+    /// When the last request that any master answered was sent. The grace period runs
+    /// from here (from the start if no master ever answered).
+    pub(super) last_contact: tokio::time::Instant,
+    /// Set when the grace period ran out.
+    pub(super) restricted: Option<Restricted>,
+    /// The primary answered slower than `switch_delay` since the last failover decision.
+    pub(super) primary_slow: bool,
+}
+
+/// A registration (counted in `pending` and `registering`) or an unregistration (in
+/// `unregistering`) in flight, taken off those books exactly once: by `settle`, or on drop
+/// when the caller's future is dropped before the answer.
+pub(super) struct InFlight<'a> {
+    pub(super) state: &'a Mutex<State>,
+    pub(super) agent: &'a str,
+    pub(super) registering: bool,
+    pub(super) settled: bool,
+}
+
+impl InFlight<'_> {
+    fn undo(&self, state: &mut State) {
+        if self.registering {
+            state.pending = state.pending.saturating_sub(1);
+            unmark(&mut state.registering, self.agent);
+        } else {
+            unmark(&mut state.unregistering, self.agent);
+        }
+    }
+
+    /// Takes it off the books under a lock the caller already holds.
+    pub(super) fn settle(mut self, state: &mut State) {
+        self.undo(state);
+        self.settled = true;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.undo(&mut lock(self.state));
+        }
+    }
+}
+
+pub(super) fn mark(set: &mut BTreeMap<String, u32>, agent: &str) {
+    *set.entry(agent.to_owned()).or_insert(0) += 1;
+}
+
+fn unmark(set: &mut BTreeMap<String, u32>, agent: &str) {
+    if let Some(n) = set.get_mut(agent) {
+        *n -= 1;
+        if *n == 0 {
+            set.remove(agent);
+        }
+    }
+}
+
+impl State {
+    /// This slave's books for `link`'s master, as a heartbeat carries them: the agents it
+    /// granted, without those with a request in flight (listed as unsettled).
+    pub(super) fn books(&self, link: Master) -> Books {
+        let unsettled: Vec<String> = self
+            .registering
+            .keys()
+            .chain(self.unregistering.keys())
+            .cloned()
+            .collect();
+        let settled = self.agents.iter().filter(|(agent, seat)| {
+            seat.link == link
+                && !self.registering.contains_key(agent.as_str())
+                && !self.unregistering.contains_key(agent.as_str())
+        });
+        let mut count = 0;
+        let digest = agent_digest(settled.map(|(agent, seat)| {
+            count += 1;
+            (agent.as_str(), seat.agent_type.as_str())
+        }));
+        Books {
+            count,
+            digest,
+            unsettled,
+            request_seq: None,
+        }
+    }
+
+    /// Which masters answer.
+    pub(super) fn connected(&self) -> PerMaster<bool> {
+        PerMaster {
+            primary: self.links.primary.connected,
+            secondary: self.links.secondary.connected,
+        }
+    }
+
+    pub(super) fn claims(&self, link: Master) -> Vec<AgentClaim> {
+        self.agents
+            .iter()
+            .filter(|(_, seat)| seat.link == link)
+            .map(|(a, seat)| AgentClaim {
+                agent_id: a.clone(),
+                agent_type: seat.agent_type.clone(),
+            })
+            .collect()
+    }
+}
+
+pub(super) fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic while holding this lock would be a bug in this module; the state itself stays
+    // consistent (every critical section is a few assignments), so keep going.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}

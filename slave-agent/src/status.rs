@@ -1,0 +1,90 @@
+//! The status snapshot the host, the local API and the metrics read.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::events::LoggedOut;
+
+/// A snapshot for status displays and the local API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlaveStatusView {
+    pub slave_id: String,
+    /// The cluster of the master new registrations go to.
+    pub cluster: String,
+    /// Whether that master answers.
+    pub connected: bool,
+    pub broker_id: Option<String>,
+    /// `primary` or `secondary`: where new registrations go.
+    pub active_master: String,
+    /// Every configured master.
+    pub masters: Vec<MasterView>,
+    pub licensed: bool,
+    pub license_id: Option<Uuid>,
+    pub local_limit: Option<u32>,
+    pub agents: u32,
+    pub agents_by_type: BTreeMap<String, u32>,
+    pub pending: u32,
+    /// Most recent logouts, oldest first.
+    pub logged_out: Vec<LoggedOut>,
+    pub last_error: Option<String>,
+    pub mode: SlaveMode,
+    /// Milliseconds left in the grace period while in `grace`.
+    pub grace_left_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterView {
+    pub name: String,
+    pub cluster: String,
+    pub connected: bool,
+    pub broker_id: Option<String>,
+    /// Seats this master granted.
+    pub agents: u32,
+}
+
+/// What the slave does about registrations, by whether a master answers. In JSON, in the
+/// metrics and in logs it is `connected`, `grace` or `restricted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlaveMode {
+    /// A master answers.
+    Connected,
+    /// No master answers and the grace period runs: registrations follow the
+    /// `during_grace` policy.
+    Grace,
+    /// No master answered for the whole grace period: new registrations are refused (and
+    /// with `logout-all` every agent was logged out).
+    Restricted,
+}
+
+impl SlaveMode {
+    pub const ALL: [SlaveMode; 3] = [
+        SlaveMode::Connected,
+        SlaveMode::Grace,
+        SlaveMode::Restricted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlaveMode::Connected => "connected",
+            SlaveMode::Grace => "grace",
+            SlaveMode::Restricted => "restricted",
+        }
+    }
+}
+
+impl fmt::Display for SlaveMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// So that `status.mode == "restricted"` reads as it did when the mode was a string.
+impl PartialEq<&str> for SlaveMode {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
