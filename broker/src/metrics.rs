@@ -29,47 +29,9 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use lmbus_schemas::metrics::{Histogram, escape_label, histogram_header};
+
 use crate::ledger::Ledger;
-
-/// Upper bounds of the decision latency histogram, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
-
-#[derive(Debug, Default)]
-struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// Its `# HELP`/`# TYPE` lines, cumulative buckets, sum and count.
-    fn render(&self, text: &mut String, name: &str, help: &str) {
-        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(text, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            text,
-            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {}\n{name}_count {count}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-    }
-}
 
 /// What the leader loop refreshes every tick.
 #[derive(Debug, Default, Clone)]
@@ -94,13 +56,6 @@ pub struct Metrics {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A label value as Prometheus text wants it.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -166,16 +121,21 @@ impl Metrics {
              lmbus_unregistrations_total {}",
             self.unregistrations.load(Ordering::Relaxed)
         );
-        self.latency.render(
-            &mut text,
-            "lmbus_decision_seconds",
-            "From a request's arrival to its reply, ledger append included.",
-        );
-        self.appends.render(
-            &mut text,
-            "lmbus_ledger_append_seconds",
-            "From sending a ledger append to its acknowledgement, leader only.",
-        );
+        for (histogram, name, help) in [
+            (
+                &self.latency,
+                "lmbus_decision_seconds",
+                "From a request's arrival to its reply, ledger append included.",
+            ),
+            (
+                &self.appends,
+                "lmbus_ledger_append_seconds",
+                "From sending a ledger append to its acknowledgement, leader only.",
+            ),
+        ] {
+            histogram_header(&mut text, name, help);
+            histogram.render(&mut text, name, "");
+        }
         let (total_limit, type_limits) = lock(&self.limits).clone();
         let _ = writeln!(
             text,
@@ -186,7 +146,11 @@ impl Metrics {
              # TYPE lmbus_seat_limit gauge"
         );
         for (t, n) in &type_limits {
-            let _ = writeln!(text, "lmbus_seat_limit{{agent_type=\"{}\"}} {n}", escape(t));
+            let _ = writeln!(
+                text,
+                "lmbus_seat_limit{{agent_type=\"{}\"}} {n}",
+                escape_label(t)
+            );
         }
         // The gauges are set exactly while leading.
         let gauges = lock(&self.gauges).clone();
@@ -215,7 +179,7 @@ impl Metrics {
                 let _ = writeln!(
                     text,
                     "lmbus_seats_in_use{{agent_type=\"{}\"}} {n}",
-                    escape(&t)
+                    escape_label(&t)
                 );
             }
             let _ = writeln!(

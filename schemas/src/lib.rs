@@ -11,6 +11,7 @@ pub mod codec;
 pub mod ledger;
 pub mod license;
 pub mod messages;
+pub mod metrics;
 pub mod subjects;
 pub mod validate;
 

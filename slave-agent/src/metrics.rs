@@ -17,53 +17,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use lmbus_schemas::metrics::{Histogram, escape_label, histogram_header};
+
 use crate::master::{Master, PerMaster};
 use crate::status::{SlaveMode, SlaveStatusView};
-
-/// Upper bounds of the latency histogram, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
-
-#[derive(Debug, Default)]
-struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// The series of one histogram (`labels` like `master="primary"`, or empty), without
-    /// its `# HELP`/`# TYPE` lines.
-    fn render(&self, t: &mut String, name: &str, labels: &str) {
-        let (braces, before_le) = if labels.is_empty() {
-            (String::new(), String::new())
-        } else {
-            (format!("{{{labels}}}"), format!("{labels},"))
-        };
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(t, "{name}_bucket{{{before_le}le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            t,
-            "{name}_bucket{{{before_le}le=\"+Inf\"}} {count}\n{name}_sum{braces} {}\n{name}_count{braces} {count}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-    }
-}
 
 #[derive(Debug, Default)]
 pub(crate) struct SlaveMetrics {
@@ -116,15 +73,17 @@ impl SlaveMetrics {
                 "lmbus_slave_registrations_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} {n}"
             );
         }
-        t.push_str(
-            "# HELP lmbus_slave_registration_seconds From the host's call to its answer.\n\
-             # TYPE lmbus_slave_registration_seconds histogram\n",
+        histogram_header(
+            &mut t,
+            "lmbus_slave_registration_seconds",
+            "From the host's call to its answer.",
         );
         self.latency
             .render(&mut t, "lmbus_slave_registration_seconds", "");
-        t.push_str(
-            "# HELP lmbus_slave_master_seconds From sending a request to a master to its answer, per request (coalesced ones each count).\n\
-             # TYPE lmbus_slave_master_seconds histogram\n",
+        histogram_header(
+            &mut t,
+            "lmbus_slave_master_seconds",
+            "From sending a request to a master to its answer, per request (coalesced ones each count).",
         );
         for m in &status.masters {
             let master = if m.name == Master::Primary.name() {
@@ -152,7 +111,7 @@ impl SlaveMetrics {
             status.agents
         );
         for (agent_type, n) in &status.agents_by_type {
-            let label = agent_type.replace('\\', "\\\\").replace('"', "\\\"");
+            let label = escape_label(agent_type);
             let _ = writeln!(t, "lmbus_slave_agents{{agent_type=\"{label}\"}} {n}");
         }
         t.push_str(
