@@ -1,0 +1,198 @@
+//! What the leader makes of a message before anything is sent (pure, no IO): a slave's
+//! message through the intake, decoding and validation into the engine, an operator's admin
+//! request decoded and decided, and the reply-subject check for status and admin requests.
+
+use async_nats::Message;
+use lmbus_schemas::{BatchRequest, Reply, SlaveOp, Subjects, WireError, decode, encode};
+use tracing::{debug, info, warn};
+
+use crate::engine::{Engine, Event, Output};
+use crate::intake::{BadVerdict, Intake};
+
+use super::{now, today_utc};
+
+/// Whether a status or admin request may be answered where it asks: an `_INBOX.` subject.
+/// A request without a reply subject is served (admin actions are then simply unanswered).
+pub(super) fn client_reply_ok(intake: &mut Intake, source: &str, msg: &Message) -> bool {
+    match &msg.reply {
+        Some(reply) if !lmbus_schemas::is_client_reply(reply) => {
+            intake.foreign_client_reply(now(), source, reply);
+            false
+        }
+        _ => true,
+    }
+}
+
+/// A slave's message after intake and decoding: what to answer where, or nothing at all.
+pub(super) struct Intook {
+    /// Where the answer goes: the checked reply subject (`None`: no answer).
+    pub(super) reply_to: Option<async_nats::Subject>,
+    pub(super) out: Output,
+    pub(super) op: Option<SlaveOp>,
+}
+
+/// Takes one slave message through the intake (reply subject, budgets), decoding and
+/// validation, then the engine. `None`: dropped undecided (counted by the intake).
+pub(super) fn handle_slave_message(
+    engine: &mut Engine,
+    intake: &mut Intake,
+    subjects: &Subjects,
+    msg: &Message,
+) -> Option<Intook> {
+    let at = now();
+    let reply = msg.reply.as_ref().map(|r| r.as_str());
+    let (slave, op) = match subjects.parse_slave_op(msg.subject.as_str()) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            // The subscription's wildcard gives `slave.<token>.<token>`: the first token
+            // is the sender (NATS permissions bind it) even when the rest is unknown.
+            let sender = subjects.slave_of(msg.subject.as_str());
+            let source = sender.as_ref().map_or("unknown slave", |s| s.as_str());
+            let answer = intake.bad(at, source, "subject", &e.to_string());
+            // An unknown operation (a newer slave's, say) is told so, in its own inbox.
+            let home = sender
+                .as_ref()
+                .zip(reply)
+                .is_some_and(|(s, r)| subjects.is_slave_reply(s, r));
+            if answer != BadVerdict::Answer || !home {
+                return None;
+            }
+            return Some(Intook {
+                reply_to: msg.reply.clone(),
+                out: Output {
+                    reply: Some(Reply::Error(WireError {
+                        code: lmbus_schemas::ErrorCode::Invalid,
+                        message: e.to_string(),
+                    })),
+                    ..Output::default()
+                },
+                op: None,
+            });
+        }
+    };
+    if intake.admit(at, subjects, &slave, op, reply).is_err() {
+        return None;
+    }
+    let reply_to = msg.reply.clone();
+    let out = match crate::intake::decode(msg.payload.as_ref(), &slave, op, today_utc()) {
+        Ok(crate::intake::Decoded::One(event)) => {
+            debug!(%slave, op = op.token(), "request");
+            engine.handle(at, event)
+        }
+        Ok(crate::intake::Decoded::Batch(batch)) => {
+            if !intake.charge_batch(at, &slave, batch.items.len()) {
+                return None;
+            }
+            decide_batch(engine, &slave, batch)
+        }
+        Err(problem) => {
+            let answer = intake.bad(at, slave.as_str(), op.token(), &problem.message);
+            let reply = (answer == BadVerdict::Answer).then_some(Reply::Error(problem));
+            return Some(Intook {
+                reply_to: reply.as_ref().and(reply_to),
+                out: Output {
+                    reply,
+                    ..Output::default()
+                },
+                op: None,
+            });
+        }
+    };
+    Some(Intook {
+        reply_to,
+        out,
+        op: Some(op),
+    })
+}
+
+/// Each item of a batch decided in order, as if it had come alone: one output whose reply
+/// is `Reply::Batch` with the items' replies, and whose effects and changes are theirs in
+/// order.
+fn decide_batch(
+    engine: &mut Engine,
+    slave: &lmbus_schemas::SlaveId,
+    batch: BatchRequest,
+) -> Output {
+    let mut out = Output::default();
+    let mut replies = Vec::with_capacity(batch.items.len());
+    for item in batch.items {
+        let one = engine.handle(now(), Event::of_batch_item(slave, item));
+        // Every registration and unregistration has a reply; `Ack` keeps the count right
+        // should one ever not.
+        replies.push(one.reply.unwrap_or(Reply::Ack));
+        out.effects.extend(one.effects);
+        out.changes.extend(one.changes);
+    }
+    debug!(%slave, items = replies.len(), "batch");
+    out.reply = Some(Reply::Batch(replies));
+    out
+}
+
+/// An operator's request on an admin subject: decoded, decided by `decide`, the reply
+/// encoded. Undecodable input gets `refuse`'s reply and a `bad_message` alert.
+fn admin_request<Req, Rep>(
+    engine: &mut Engine,
+    msg: &Message,
+    decide: impl FnOnce(&mut Engine, Req) -> (Rep, Output),
+    refuse: impl FnOnce(String) -> Rep,
+) -> (Vec<u8>, Output)
+where
+    Req: serde::de::DeserializeOwned,
+    Rep: serde::Serialize,
+{
+    let (reply, out) = match decode::<Req>(&msg.payload) {
+        Ok(request) => decide(engine, request),
+        Err(e) => {
+            let out = engine.handle(
+                now(),
+                Event::BadMessage {
+                    subject: msg.subject.to_string(),
+                    slave: None,
+                    error: WireError::from(&e),
+                },
+            );
+            (refuse(e.to_string()), out)
+        }
+    };
+    match encode(&reply) {
+        Ok(bytes) => (bytes, out),
+        Err(e) => {
+            warn!(error = %e, "cannot encode an admin reply");
+            (Vec::new(), out)
+        }
+    }
+}
+
+/// An operator's release request: the reply, and the effects (the slave is told, an
+/// alert) with the seat changes to record first.
+pub(super) fn admin_release(engine: &mut Engine, msg: &Message) -> (Vec<u8>, Output) {
+    admin_request(
+        engine,
+        msg,
+        |engine, request: lmbus_schemas::ReleaseRequest| {
+            info!(slave = %request.slave_id, agent = ?request.agent_id, operator = %request.operator, "admin release");
+            let released = engine.admin_release(&request);
+            let out = Output {
+                reply: None,
+                effects: released.effects,
+                changes: released.changes,
+            };
+            (released.reply, out)
+        },
+        |message| lmbus_schemas::ReleaseReply::Error { message },
+    )
+}
+
+/// An operator's license reload: the reply, and the alert with the ledger record to write
+/// first.
+pub(super) fn admin_reload(engine: &mut Engine, msg: &Message) -> (Vec<u8>, Output) {
+    admin_request(
+        engine,
+        msg,
+        |engine, request: lmbus_schemas::ReloadRequest| {
+            info!(operator = %request.operator, "admin reload-license");
+            engine.reload_license(&request, today_utc())
+        },
+        |message| lmbus_schemas::ReloadReply::Error { message },
+    )
+}
