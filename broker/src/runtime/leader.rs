@@ -1,13 +1,14 @@
-//! The leader role: catching up and fencing the ledger at the start of a term, then the loop
-//! that decides slave requests in batches, records their changes through the [`Pipeline`]
-//! and answers once they are recorded; status, admin requests, replica beats and the tick
-//! are served beside them.
+//! The leader role: a term starts by catching up with the ledger and fencing it with a
+//! `Leader` record ([`Term::lead`]); then the [`Leader`] loop decides slave requests in
+//! batches, records their changes through the [`Pipeline`] and answers once they are
+//! recorded, serving status, admin requests, replica beats and the tick beside them. Each
+//! `select!` arm of the loop is one method.
 
 use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::Subscriber;
+use async_nats::{Message, Subject, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use lmbus_schemas::{
     Alert, AlertKind, LedgerEntry, ReplicaBeat, SeatChange, Severity, SlaveOp, WireError, decode,
@@ -53,454 +54,700 @@ pub(super) enum Led {
     },
 }
 
-/// Leader: catches up, fences the ledger with a `Leader` record, then serves slaves until
-/// the lease is lost, a ledger write fails or `shutdown` completes.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn lead<S: Future<Output = ()> + Unpin>(
-    replica: &mut Replica,
-    ledger: &mut Ledger,
-    election: &mut Election,
-    term: u64,
-    cfg: &BrokerConfig,
-    io: &Io,
-    shutdown: &mut S,
-    not_ready: &watch::Sender<bool>,
-    snapshotter: &mut Snapshotter,
-) -> anyhow::Result<Led> {
-    let started = Instant::now();
-    // While the ledger's stream elects its own leader (a NATS node died), reads time out:
-    // keep the lease and retry rather than resign and run a new election each time, so the
-    // first read that succeeds ends the pause. What was applied stays right: no rebuild.
-    let mut failures = 0u32;
-    let caught_up = loop {
-        let error = tokio::select! {
-            _ = &mut *shutdown => return Ok(Led::Shutdown),
-            read = catch_up(replica, ledger) => match read {
-                Ok(last) => break last,
-                Err(e) if e.downcast_ref::<Gap>().is_some() => {
-                    return Ok(Led::SteppedDown {
-                        reason: format!("cannot catch up with the ledger: {e:#}"),
-                        rebuild: true,
-                    });
-                }
-                Err(e) => e,
-            },
+/// What `run` lends a replica for one term as leader.
+pub(super) struct Term<'a> {
+    /// The term the election gave this replica.
+    pub(super) number: u64,
+    pub(super) replica: &'a mut Replica,
+    pub(super) ledger: &'a mut Ledger,
+    /// Read before every loop turn and every append: this replica acts only while it holds
+    /// a valid lease.
+    pub(super) election: &'a mut Election,
+    pub(super) snapshotter: &'a mut Snapshotter,
+    pub(super) cfg: &'a BrokerConfig,
+    pub(super) io: &'a Io,
+}
+
+impl Term<'_> {
+    /// Catches up, fences the ledger with a `Leader` record, then serves slaves until the
+    /// lease is lost, a ledger write fails or `shutdown` completes. `not_ready` is cleared
+    /// once this replica serves.
+    pub(super) async fn lead<S: Future<Output = ()> + Unpin>(
+        mut self,
+        shutdown: &mut S,
+        not_ready: &watch::Sender<bool>,
+    ) -> anyhow::Result<Led> {
+        let started = Instant::now();
+        let caught_up = match self.catch_up(shutdown).await {
+            Ok(last) => last,
+            Err(end) => return Ok(end),
         };
-        failures += 1;
-        if !election.role.borrow().leads(term, Instant::now()) {
-            return Ok(Led::SteppedDown {
-                reason: format!("the lease was lost while catching up with the ledger: {error:#}"),
-                rebuild: false,
-            });
-        }
-        if failures == 1 {
-            warn!(error = %format!("{error:#}"), term, "cannot catch up with the ledger yet; retrying while the lease holds");
-        }
-        tokio::select! {
-            _ = &mut *shutdown => return Ok(Led::Shutdown),
-            _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
-        }
-    };
-    if failures > 0 {
-        info!(failures, waited = ?started.elapsed(), "caught up with the ledger after retrying");
-    }
-    ledger.set_fence(replica.applied);
-    let marker = LedgerEntry {
-        writer: cfg.broker_id.clone(),
-        changes: vec![SeatChange::Leader {
-            replica: cfg.broker_id.clone(),
-            term,
-        }],
-    };
-    // Right after the whole NATS cluster restarted, the ledger stream may be readable but
-    // not yet writable ("no stream found" while its raft group settles): retry the marker
-    // while the lease holds instead of resigning and running a new election. The retry has
-    // the same message id, so one that did land is acknowledged as a duplicate.
-    let mut tries = 0u32;
-    loop {
-        if let Some(end) = lapsed(&election.role, cfg.fault_ignore_lease, Instant::now()) {
+        if let Some(end) = self.write_marker(shutdown).await {
             return Ok(end);
         }
+        self.take_over().await;
+        let subscriptions = Subscriptions::open(self.io).await?;
+        // Subscribed: tell every slave, so that a request still waiting on the previous
+        // leader (frozen, say) is sent here now rather than after its timeout. Sent after
+        // the subscriptions on the same connection, so the server has them first.
+        let hello_new = Output {
+            effects: self
+                .replica
+                .engine
+                .connected_slaves()
+                .into_iter()
+                .map(|slave| Effect::Control {
+                    slave,
+                    message: lmbus_schemas::ControlMessage::NewLeader,
+                })
+                .collect(),
+            ..Output::default()
+        };
+        self.io.apply(None, hello_new).await;
+        let mut leader = Leader::new(self, subscriptions);
+        not_ready.send_replace(false);
+        leader.announce(caught_up, started).await;
+        Ok(leader.serve(shutdown).await)
+    }
+
+    /// Reads the ledger to its end. `Err`: the term ended first.
+    async fn catch_up<S: Future<Output = ()> + Unpin>(
+        &mut self,
+        shutdown: &mut S,
+    ) -> Result<u64, Led> {
         let started = Instant::now();
-        match ledger.append(&marker).await {
-            Ok(sequence) => {
-                io.metrics.ledger_append(started.elapsed());
-                replica.set_applied(sequence);
-                break;
+        // While the ledger's stream elects its own leader (a NATS node died), reads time
+        // out: keep the lease and retry rather than resign and run a new election each
+        // time, so the first read that succeeds ends the pause. What was applied stays
+        // right: no rebuild.
+        let mut failures = 0u32;
+        let caught_up = loop {
+            let error = tokio::select! {
+                _ = &mut *shutdown => return Err(Led::Shutdown),
+                read = catch_up(self.replica, self.ledger) => match read {
+                    Ok(last) => break last,
+                    Err(e) if e.downcast_ref::<Gap>().is_some() => {
+                        return Err(Led::SteppedDown {
+                            reason: format!("cannot catch up with the ledger: {e:#}"),
+                            rebuild: true,
+                        });
+                    }
+                    Err(e) => e,
+                },
+            };
+            failures += 1;
+            if !self
+                .election
+                .role
+                .borrow()
+                .leads(self.number, Instant::now())
+            {
+                return Err(Led::SteppedDown {
+                    reason: format!(
+                        "the lease was lost while catching up with the ledger: {error:#}"
+                    ),
+                    rebuild: false,
+                });
             }
-            Err(AppendError::Failed(e)) if tries < MARKER_TRIES => {
-                tries += 1;
-                if tries == 1 {
-                    warn!(error = %e, term, "cannot write the leader record yet; retrying while the lease holds");
+            if failures == 1 {
+                warn!(error = %format!("{error:#}"), term = self.number, "cannot catch up with the ledger yet; retrying while the lease holds");
+            }
+            tokio::select! {
+                _ = &mut *shutdown => return Err(Led::Shutdown),
+                _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
+            }
+        };
+        if failures > 0 {
+            info!(failures, waited = ?started.elapsed(), "caught up with the ledger after retrying");
+        }
+        Ok(caught_up)
+    }
+
+    /// Fences the ledger at its end and writes this term's `Leader` record. `Some`: the term
+    /// ended first.
+    async fn write_marker<S: Future<Output = ()> + Unpin>(
+        &mut self,
+        shutdown: &mut S,
+    ) -> Option<Led> {
+        let (cfg, io) = (self.cfg, self.io);
+        self.ledger.set_fence(self.replica.applied);
+        let marker = LedgerEntry {
+            writer: cfg.broker_id.clone(),
+            changes: vec![SeatChange::Leader {
+                replica: cfg.broker_id.clone(),
+                term: self.number,
+            }],
+        };
+        // Right after the whole NATS cluster restarted, the ledger stream may be readable
+        // but not yet writable ("no stream found" while its raft group settles): retry the
+        // marker while the lease holds instead of resigning and running a new election. The
+        // retry has the same message id, so one that did land is acknowledged as a
+        // duplicate.
+        let mut tries = 0u32;
+        loop {
+            if let Some(end) = lapsed(&self.election.role, cfg.fault_ignore_lease, Instant::now()) {
+                return Some(end);
+            }
+            let started = Instant::now();
+            match self.ledger.append(&marker).await {
+                Ok(sequence) => {
+                    io.metrics.ledger_append(started.elapsed());
+                    self.replica.set_applied(sequence);
+                    break;
                 }
+                Err(AppendError::Failed(e)) if tries < MARKER_TRIES => {
+                    tries += 1;
+                    if tries == 1 {
+                        warn!(error = %e, term = self.number, "cannot write the leader record yet; retrying while the lease holds");
+                    }
+                }
+                Err(e) => return Some(not_recorded(io, e).await),
             }
-            Err(e) => return Ok(not_recorded(io, e).await),
+            tokio::select! {
+                _ = &mut *shutdown => return Some(Led::Shutdown),
+                _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
+            }
         }
-        tokio::select! {
-            _ = &mut *shutdown => return Ok(Led::Shutdown),
-            _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
+        if tries > 0 {
+            info!(tries, "wrote the leader record after retrying");
         }
-    }
-    if tries > 0 {
-        info!(tries, "wrote the leader record after retrying");
-    }
-    replica.leader = Some(cfg.broker_id.clone());
-    replica.engine.restart_silence_clocks(now());
-    let quarantined = std::mem::take(&mut replica.quarantined);
-    if !quarantined.is_empty() {
-        let list: Vec<String> = quarantined
-            .iter()
-            .map(|(sequence, why)| format!("{sequence} ({why})"))
-            .collect();
-        io.alert(Alert::new(
-            Severity::Critical,
-            AlertKind::BadMessage,
-            format!(
-                "the ledger {} held records no broker replica wrote, quarantined and skipped: {}. Only the brokers' NATS user may publish on {}: check who else can (deploy/nats-server.conf), and rotate the broker credentials if they leaked",
-                io.subjects.ledger_stream(),
-                list.join(", "),
-                io.subjects.ledger()
-            ),
-        ))
-        .await;
-    }
-    if let Some(missed) = replica.usage.take_closed() {
-        // It closed while another replica led, which reported it (or failed over while
-        // doing so: `admin report` makes the current period's report on demand).
-        info!(
-            period_end = missed.end_ms,
-            "a usage period ended before this replica led; not reporting it again"
-        );
+        None
     }
 
-    let client = &io.client;
-    let subjects = &io.subjects;
-    let mut slave_sub = client
-        .subscribe(subjects.all_slave_ops())
-        .await
-        .context("cannot subscribe to slave requests")?;
-    let mut status_sub = client
-        .subscribe(subjects.status())
-        .await
-        .context("cannot subscribe to status requests")?;
-    let mut admin_sub = client
-        .subscribe(subjects.admin_all())
-        .await
-        .context("cannot subscribe to admin requests")?;
-    let mut replica_sub = client
-        .subscribe(subjects.replica())
-        .await
-        .context("cannot subscribe to replica beats")?;
-    // Subscribed: tell every slave, so that a request still waiting on the previous leader
-    // (frozen, say) is sent here now rather than after its timeout. Sent after the
-    // subscriptions on the same connection, so the server has them first.
-    let hello_new = Output {
-        effects: replica
-            .engine
-            .connected_slaves()
-            .into_iter()
-            .map(|slave| Effect::Control {
-                slave,
-                message: lmbus_schemas::ControlMessage::NewLeader,
-            })
-            .collect(),
-        ..Output::default()
-    };
-    io.apply(None, hello_new).await;
-    let mut replicas = Replicas::new(&cfg.broker_id, now(), cfg.lease * 3 / 2, cfg.lease * 3 / 2);
-    let mut intake = Intake::new(
-        Budgets::for_rate_limit(cfg.slave_rate_limit),
-        &cfg.broker_id,
-    );
-    not_ready.send_replace(false);
-    io.alert(
-        Alert::new(
-            Severity::Info,
-            AlertKind::LeaderElected,
-            format!(
-                "broker {} leads cluster {} in term {term}: it won the free lease (priority {}) and caught up with the ledger to sequence {caught_up} in {} ms; {} seats in use",
-                cfg.broker_id,
-                cfg.cluster,
-                cfg.priority,
-                started.elapsed().as_millis(),
-                replica.engine.total_in_use()
+    /// The term is this replica's from here: silence clocks restart, and what the ledger
+    /// held that no leader wrote is alerted.
+    async fn take_over(&mut self) {
+        let (replica, io) = (&mut *self.replica, self.io);
+        replica.leader = Some(self.cfg.broker_id.clone());
+        replica.engine.restart_silence_clocks(now());
+        let quarantined = std::mem::take(&mut replica.quarantined);
+        if !quarantined.is_empty() {
+            let list: Vec<String> = quarantined
+                .iter()
+                .map(|(sequence, why)| format!("{sequence} ({why})"))
+                .collect();
+            io.alert(Alert::new(
+                Severity::Critical,
+                AlertKind::BadMessage,
+                format!(
+                    "the ledger {} held records no broker replica wrote, quarantined and skipped: {}. Only the brokers' NATS user may publish on {}: check who else can (deploy/nats-server.conf), and rotate the broker credentials if they leaked",
+                    io.subjects.ledger_stream(),
+                    list.join(", "),
+                    io.subjects.ledger()
+                ),
+            ))
+            .await;
+        }
+        if let Some(missed) = replica.usage.take_closed() {
+            // It closed while another replica led, which reported it (or failed over while
+            // doing so: `admin report` makes the current period's report on demand).
+            info!(
+                period_end = missed.end_ms,
+                "a usage period ended before this replica led; not reporting it again"
+            );
+        }
+    }
+}
+
+/// The leader's subscriptions, open for its term.
+struct Subscriptions {
+    slave: Subscriber,
+    status: Subscriber,
+    admin: Subscriber,
+    replica: Subscriber,
+}
+
+impl Subscriptions {
+    async fn open(io: &Io) -> anyhow::Result<Self> {
+        let (client, subjects) = (&io.client, &io.subjects);
+        let slave = client
+            .subscribe(subjects.all_slave_ops())
+            .await
+            .context("cannot subscribe to slave requests")?;
+        let status = client
+            .subscribe(subjects.status())
+            .await
+            .context("cannot subscribe to status requests")?;
+        let admin = client
+            .subscribe(subjects.admin_all())
+            .await
+            .context("cannot subscribe to admin requests")?;
+        let replica = client
+            .subscribe(subjects.replica())
+            .await
+            .context("cannot subscribe to replica beats")?;
+        Ok(Self {
+            slave,
+            status,
+            admin,
+            replica,
+        })
+    }
+
+    async fn close(&mut self) {
+        for sub in [
+            &mut self.slave,
+            &mut self.status,
+            &mut self.admin,
+            &mut self.replica,
+        ] {
+            let _ = sub.unsubscribe().await;
+        }
+    }
+}
+
+/// A leader serving its term: what [`Term`] lent it, its subscriptions and the state of the
+/// loop. Its methods that await take `&mut self`: the broker's future must be `Send`, and a
+/// `&Leader` held across an await would need the appends in flight to be `Sync`.
+struct Leader<'a> {
+    term: u64,
+    replica: &'a mut Replica,
+    ledger: &'a mut Ledger,
+    election: &'a mut Election,
+    snapshotter: &'a mut Snapshotter,
+    cfg: &'a BrokerConfig,
+    io: &'a Io,
+    subscriptions: Subscriptions,
+    /// Appends in flight: decisions go on while earlier ones are being recorded; each is
+    /// answered once its append is acknowledged (the `pipeline` module).
+    pipeline: Pipeline<Decided>,
+    /// The other replicas, from their beats.
+    replicas: Replicas,
+    /// Budgets and bad-message summaries for what slaves and clients send.
+    intake: Intake,
+}
+
+/// How the loop goes on after one of its arms.
+enum Turn {
+    /// Record what the arm decided (often nothing), then take a snapshot if one is due.
+    Decided(Vec<Decided>),
+    /// Wait for the next event straight away.
+    Wait,
+    /// The term is over.
+    End(Led),
+}
+
+impl<'a> Leader<'a> {
+    fn new(term: Term<'a>, subscriptions: Subscriptions) -> Self {
+        let Term {
+            number,
+            replica,
+            ledger,
+            election,
+            snapshotter,
+            cfg,
+            io,
+        } = term;
+        Self {
+            term: number,
+            replica,
+            ledger,
+            election,
+            snapshotter,
+            cfg,
+            io,
+            subscriptions,
+            pipeline: Pipeline::default(),
+            replicas: Replicas::new(&cfg.broker_id, now(), cfg.lease * 3 / 2, cfg.lease * 3 / 2),
+            intake: Intake::new(
+                Budgets::for_rate_limit(cfg.slave_rate_limit),
+                &cfg.broker_id,
             ),
+        }
+    }
+
+    /// The `leader_elected` alert.
+    async fn announce(&mut self, caught_up: u64, started: Instant) {
+        let (cfg, term) = (self.cfg, self.term);
+        self.io.alert(
+            Alert::new(
+                Severity::Info,
+                AlertKind::LeaderElected,
+                format!(
+                    "broker {} leads cluster {} in term {term}: it won the free lease (priority {}) and caught up with the ledger to sequence {caught_up} in {} ms; {} seats in use",
+                    cfg.broker_id,
+                    cfg.cluster,
+                    cfg.priority,
+                    started.elapsed().as_millis(),
+                    self.replica.engine.total_in_use()
+                ),
+            )
+            .counts(std::collections::BTreeMap::from([(
+                "total".to_owned(),
+                self.replica.engine.total_in_use(),
+            )])),
         )
-        .counts(std::collections::BTreeMap::from([(
-            "total".to_owned(),
-            replica.engine.total_in_use(),
-        )])),
-    )
-    .await;
-    info!(cluster = %cfg.cluster, term, subject = %subjects.all_slave_ops(), "leading");
+        .await;
+        info!(cluster = %cfg.cluster, term, subject = %self.io.subjects.all_slave_ops(), "leading");
+    }
 
-    let mut ticker = tokio::time::interval(cfg.tick_interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let far = Instant::now() + Duration::from_secs(86_400 * 365);
-    // Appends in flight: decisions go on while earlier ones are being recorded; each is
-    // answered once its append is acknowledged (the `pipeline` module).
-    let mut pipeline: Pipeline<Decided> = Pipeline::default();
-    let ended = loop {
-        let valid_until = match *election.role.borrow_and_update() {
-            _ if cfg.fault_ignore_lease => far,
+    /// The loop: one turn per event, each begun by checking the lease.
+    async fn serve<S: Future<Output = ()> + Unpin>(mut self, shutdown: &mut S) -> Led {
+        let mut ticker = tokio::time::interval(self.cfg.tick_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let ended = loop {
+            let valid_until = match self.valid_until() {
+                Ok(at) => at,
+                Err(end) => break end,
+            };
+            let turn = tokio::select! {
+                _ = &mut *shutdown => break Led::Shutdown,
+                _ = self.election.role.changed() => continue,
+                _ = tokio::time::sleep_until(valid_until) => continue,
+                acked = self.pipeline.next(), if !self.pipeline.is_empty() => {
+                    self.on_acked(acked).await
+                }
+                msg = self.subscriptions.slave.next(), if self.pipeline.has_room() => {
+                    self.on_slave_requests(msg)
+                }
+                msg = self.subscriptions.status.next() => self.on_status(msg).await,
+                msg = self.subscriptions.admin.next() => self.on_admin(msg).await,
+                msg = self.subscriptions.replica.next() => self.on_replica_beat(msg).await,
+                _ = ticker.tick() => self.on_tick(valid_until).await,
+            };
+            match turn {
+                Turn::Decided(batch) => {
+                    if let Some(end) = self.record(batch).await {
+                        break end;
+                    }
+                }
+                Turn::Wait => continue,
+                Turn::End(end) => break end,
+            }
+        };
+        let ended = match ended {
+            // The engine holds decisions the ledger may not: rebuild it from the ledger.
+            Led::SteppedDown { reason, rebuild } => Led::SteppedDown {
+                reason,
+                rebuild: rebuild || !self.pipeline.is_empty(),
+            },
+            // Answer what is already on its way to the ledger before leaving.
+            Led::Shutdown => {
+                let _ = self.settle_all().await;
+                Led::Shutdown
+            }
+        };
+        self.subscriptions.close().await;
+        ended
+    }
+
+    /// Until when this replica may act in this turn; `Err` when it no longer leads.
+    fn valid_until(&mut self) -> Result<Instant, Led> {
+        let valid_until = match *self.election.role.borrow_and_update() {
+            _ if self.cfg.fault_ignore_lease => Instant::now() + Duration::from_secs(86_400 * 365),
             Role::Leader { valid_until, .. } => valid_until,
             Role::Standby { ref leader } => {
-                break Led::SteppedDown {
+                return Err(Led::SteppedDown {
                     reason: match leader {
                         Some(other) => format!("{other} holds the lease"),
                         None => "the lease was lost".to_owned(),
                     },
                     rebuild: false,
-                };
+                });
             }
         };
         // Checked first, on this replica's own clock: after a pause (SIGSTOP, a stalled
-        // VM) several branches below are ready at once, and none of them may act, alert or
-        // decide for a term this replica may no longer hold.
+        // VM) several branches of the loop are ready at once, and none of them may act,
+        // alert or decide for a term this replica may no longer hold.
         if Instant::now() >= valid_until {
-            break Led::SteppedDown {
+            return Err(Led::SteppedDown {
                 reason: "the lease ran out on this replica's clock before it was renewed (was the process paused?)".to_owned(),
                 rebuild: false,
-            };
+            });
         }
-        let mut batch: Vec<Decided> = Vec::new();
-        tokio::select! {
-            _ = &mut *shutdown => break Led::Shutdown,
-            _ = election.role.changed() => continue,
-            _ = tokio::time::sleep_until(valid_until) => continue,
-            acked = pipeline.next(), if !pipeline.is_empty() => {
-                if let Some(end) = settle(replica, io, acked).await {
-                    break end;
-                }
-                continue;
+        Ok(valid_until)
+    }
+
+    /// An append in flight was acknowledged (or failed).
+    async fn on_acked(&mut self, acked: Acked<Decided>) -> Turn {
+        match self.settle(acked).await {
+            Some(end) => Turn::End(end),
+            None => Turn::Wait,
+        }
+    }
+
+    /// Slave requests: the first, and what is already waiting behind it.
+    fn on_slave_requests(&mut self, msg: Option<Message>) -> Turn {
+        let Some(msg) = msg else {
+            return Turn::End(closed("slave requests"));
+        };
+        let mut batch = Vec::new();
+        let mut next = Some(msg);
+        // Group commit: decide what is already waiting in the same append. Dropped messages
+        // count towards the batch so a flood cannot hold the loop here.
+        let mut seen = 0;
+        while let Some(msg) = next.take() {
+            seen += 1;
+            let arrived = Instant::now();
+            if let Some(Intook { reply_to, out, op }) = handle_slave_message(
+                &mut self.replica.engine,
+                &mut self.intake,
+                &self.io.subjects,
+                &msg,
+            ) {
+                batch.push(Decided {
+                    reply_to,
+                    out,
+                    timing: Timing::of(op, arrived),
+                });
             }
-            msg = slave_sub.next(), if pipeline.has_room() => match msg {
-                Some(msg) => {
-                    let mut next = Some(msg);
-                    // Group commit: decide what is already waiting in the same append.
-                    // Dropped messages count towards the batch so a flood cannot hold the
-                    // loop here.
-                    let mut seen = 0;
-                    while let Some(msg) = next.take() {
-                        seen += 1;
-                        let arrived = Instant::now();
-                        if let Some(Intook { reply_to, out, op }) =
-                            handle_slave_message(&mut replica.engine, &mut intake, subjects, &msg)
-                        {
-                            batch.push((reply_to, out, timed(op, arrived)));
-                        }
-                        if seen < MAX_BATCH {
-                            next = slave_sub.next().now_or_never().flatten();
-                        }
-                    }
-                }
-                None => break Led::SteppedDown {
-                    reason: "the NATS subscription for slave requests closed".to_owned(),
-                    rebuild: false,
-                },
-            },
-            msg = status_sub.next() => match msg {
-                Some(msg) if !client_reply_ok(&mut intake, "status requests", &msg) => {}
-                Some(msg) => {
-                    let mut status = replica.engine.status(now());
-                    status.leader_term = term;
-                    status.ledger_sequence = replica.applied;
-                    status.replicas = replicas.status(now());
-                    io.status(&msg, status).await;
-                }
-                None => break Led::SteppedDown {
-                    reason: "the NATS subscription for status requests closed".to_owned(),
-                    rebuild: false,
-                },
-            },
-            msg = admin_sub.next() => match msg {
-                Some(msg) if !client_reply_ok(&mut intake, "admin requests", &msg) => {}
-                Some(msg) => {
-                    let subject = msg.subject.as_str();
-                    if subject == subjects.admin_report() {
-                        let period = replica.usage.so_far(unix_ms());
-                        spawn_report(io, &cfg.report, replica.license_facts(), period, false, msg.reply.clone());
-                        continue;
-                    }
-                    let (reply, out) = if subject == subjects.admin_reload() {
-                        admin_reload(&mut replica.engine, &msg)
-                    } else if subject == subjects.admin_release() {
-                        admin_release(&mut replica.engine, &msg)
-                    } else {
-                        // `admin.drain` is answered by the replica it names (`drains`).
-                        continue;
-                    };
-                    // Admin changes are recorded on their own, after everything in flight.
-                    if let Some(end) = drain(replica, io, &mut pipeline).await {
-                        break end;
-                    }
-                    let changes = out.changes.clone();
-                    if let Some(end) = commit_all(replica, ledger, &election.role, cfg, io, changes).await {
-                        break end;
-                    }
-                    io.admin_reply(&msg, &reply).await;
-                    io.apply(None, out).await;
-                }
-                None => break Led::SteppedDown {
-                    reason: "the NATS subscription for admin requests closed".to_owned(),
-                    rebuild: false,
-                },
-            },
-            msg = replica_sub.next() => match msg {
-                Some(msg) => match decode::<ReplicaBeat>(&msg.payload) {
-                    Ok(beat) => {
-                        for alert in replicas.observe(now(), beat) {
-                            io.alert(alert).await;
-                        }
-                    }
-                    Err(e) => {
-                        let out = replica.engine.handle(now(), Event::BadMessage {
-                            subject: msg.subject.to_string(),
-                            slave: None,
-                            error: WireError::from(&e),
-                        });
-                        io.apply(None, out).await;
-                    }
-                },
-                None => break Led::SteppedDown {
-                    reason: "the NATS subscription for replica beats closed".to_owned(),
-                    rebuild: false,
-                },
-            },
-            _ = ticker.tick() => {
-                if Instant::now() >= valid_until {
-                    continue;
-                }
-                let out = replica.engine.handle(now(), Event::Tick { today: today_utc() });
-                batch.push((None, out, None));
-                let (slaves_connected, slaves_known) = replica.engine.slave_counts();
-                io.metrics.set_gauges(Some(Gauges {
-                    seats_by_type: replica.engine.in_use_by_type().clone(),
-                    seats_total: replica.engine.total_in_use(),
-                    slaves_connected,
-                    slaves_known,
-                }));
-                for alert in replicas.sweep(now()) {
-                    io.alert(alert).await;
-                }
-                for alert in intake.summaries(now()) {
-                    io.alert(alert).await;
-                }
-                replica.observe_usage();
-                if let Some(period) = replica.usage.take_closed() {
-                    spawn_report(io, &cfg.report, replica.license_facts(), Some(period), true, None);
-                }
+            if seen < MAX_BATCH {
+                next = self.subscriptions.slave.next().now_or_never().flatten();
             }
         }
+        Turn::Decided(batch)
+    }
+
+    /// A status request (`admin status`, the monitor).
+    async fn on_status(&mut self, msg: Option<Message>) -> Turn {
+        let Some(msg) = msg else {
+            return Turn::End(closed("status requests"));
+        };
+        if client_reply_ok(&mut self.intake, "status requests", &msg) {
+            let mut status = self.replica.engine.status(now());
+            status.leader_term = self.term;
+            status.ledger_sequence = self.replica.applied;
+            status.replicas = self.replicas.status(now());
+            self.io.status(&msg, status).await;
+        }
+        Turn::Decided(Vec::new())
+    }
+
+    /// An operator's request on `admin.>`.
+    async fn on_admin(&mut self, msg: Option<Message>) -> Turn {
+        let Some(msg) = msg else {
+            return Turn::End(closed("admin requests"));
+        };
+        if !client_reply_ok(&mut self.intake, "admin requests", &msg) {
+            return Turn::Decided(Vec::new());
+        }
+        let subjects = &self.io.subjects;
+        let subject = msg.subject.as_str();
+        if subject == subjects.admin_report() {
+            let period = self.replica.usage.so_far(unix_ms());
+            spawn_report(
+                self.io,
+                &self.cfg.report,
+                self.replica.license_facts(),
+                period,
+                false,
+                msg.reply.clone(),
+            );
+            return Turn::Wait;
+        }
+        let (reply, out) = if subject == subjects.admin_reload() {
+            admin_reload(&mut self.replica.engine, &msg)
+        } else if subject == subjects.admin_release() {
+            admin_release(&mut self.replica.engine, &msg)
+        } else {
+            // `admin.drain` is answered by the replica it names (`answer_drain_requests`).
+            return Turn::Wait;
+        };
+        // Admin changes are recorded on their own, after everything in flight.
+        if let Some(end) = self.settle_all().await {
+            return Turn::End(end);
+        }
+        let changes = out.changes.clone();
+        if let Some(end) = self.commit_all(changes).await {
+            return Turn::End(end);
+        }
+        self.io.admin_reply(&msg, &reply).await;
+        self.io.apply(None, out).await;
+        Turn::Decided(Vec::new())
+    }
+
+    /// Another replica's beat (or our own).
+    async fn on_replica_beat(&mut self, msg: Option<Message>) -> Turn {
+        let Some(msg) = msg else {
+            return Turn::End(closed("replica beats"));
+        };
+        match decode::<ReplicaBeat>(&msg.payload) {
+            Ok(beat) => {
+                for alert in self.replicas.observe(now(), beat) {
+                    self.io.alert(alert).await;
+                }
+            }
+            Err(e) => {
+                let out = self.replica.engine.handle(
+                    now(),
+                    Event::BadMessage {
+                        subject: msg.subject.to_string(),
+                        slave: None,
+                        error: WireError::from(&e),
+                    },
+                );
+                self.io.apply(None, out).await;
+            }
+        }
+        Turn::Decided(Vec::new())
+    }
+
+    /// The engine's timers, the metrics gauges, the replicas' and intake's summaries, and
+    /// the report period.
+    async fn on_tick(&mut self, valid_until: Instant) -> Turn {
+        if Instant::now() >= valid_until {
+            return Turn::Wait;
+        }
+        let (replica, io) = (&mut *self.replica, self.io);
+        let out = replica
+            .engine
+            .handle(now(), Event::Tick { today: today_utc() });
+        let batch = vec![Decided {
+            reply_to: None,
+            out,
+            timing: None,
+        }];
+        let (slaves_connected, slaves_known) = replica.engine.slave_counts();
+        io.metrics.set_gauges(Some(Gauges {
+            seats_by_type: replica.engine.in_use_by_type().clone(),
+            seats_total: replica.engine.total_in_use(),
+            slaves_connected,
+            slaves_known,
+        }));
+        for alert in self.replicas.sweep(now()) {
+            io.alert(alert).await;
+        }
+        for alert in self.intake.summaries(now()) {
+            io.alert(alert).await;
+        }
+        replica.observe_usage();
+        if let Some(period) = replica.usage.take_closed() {
+            spawn_report(
+                io,
+                &self.cfg.report,
+                replica.license_facts(),
+                Some(period),
+                true,
+                None,
+            );
+        }
+        Turn::Decided(batch)
+    }
+
+    /// Sends what was decided to the ledger, then starts a snapshot if one is due. `Some`:
+    /// the term is over.
+    async fn record(&mut self, mut batch: Vec<Decided>) -> Option<Led> {
         let changes: Vec<SeatChange> = batch
             .iter_mut()
-            .flat_map(|(_, out, _)| std::mem::take(&mut out.changes))
+            .flat_map(|decided| std::mem::take(&mut decided.out.changes))
             .collect();
-        if let Some(end) = send_all(
-            ledger,
-            &mut pipeline,
-            &election.role,
-            cfg,
-            io,
-            changes,
-            batch,
-        )
-        .await
-        {
-            break end;
+        if let Some(end) = self.send_all(changes, batch).await {
+            return Some(end);
         }
-        if snapshotter.due(replica) {
+        if self.snapshotter.due(self.replica) {
             // A snapshot copies the engine at `applied`: nothing may be in flight.
-            if let Some(end) = drain(replica, io, &mut pipeline).await {
-                break end;
+            if let Some(end) = self.settle_all().await {
+                return Some(end);
             }
-            snapshotter.start(replica, term);
+            self.snapshotter.start(self.replica, self.term);
         }
-    };
-    let ended = match ended {
-        // The engine holds decisions the ledger may not: rebuild it from the ledger.
-        Led::SteppedDown { reason, rebuild } => Led::SteppedDown {
-            reason,
-            rebuild: rebuild || !pipeline.is_empty(),
-        },
-        // Answer what is already on its way to the ledger before leaving.
-        Led::Shutdown => {
-            let _ = drain(replica, io, &mut pipeline).await;
-            Led::Shutdown
-        }
-    };
-    for sub in [
-        &mut slave_sub,
-        &mut status_sub,
-        &mut admin_sub,
-        &mut replica_sub,
-    ] {
-        unsubscribe(sub).await;
+        None
     }
-    Ok(ended)
-}
 
-async fn unsubscribe(sub: &mut Subscriber) {
-    let _ = sub.unsubscribe().await;
-}
+    /// Appends `changes` in as many entries as they need (`split_entries`), each fenced and
+    /// under a valid lease. A failure part way leaves the earlier parts recorded and nobody
+    /// told of any of them: like a reply lost after its append, which slaves retry.
+    async fn commit_all(&mut self, changes: Vec<SeatChange>) -> Option<Led> {
+        for changes in crate::ledger::split_entries(changes) {
+            let entry = LedgerEntry {
+                writer: self.cfg.broker_id.clone(),
+                changes,
+            };
+            let end = self.commit(&entry, Instant::now()).await;
+            if end.is_some() {
+                return end;
+            }
+        }
+        None
+    }
 
-/// Appends `changes` in as many entries as they need (`split_entries`), each fenced and
-/// under a valid lease. A failure part way leaves the earlier parts recorded and nobody
-/// told of any of them: like a reply lost after its append, which slaves retry.
-async fn commit_all(
-    replica: &mut Replica,
-    ledger: &mut Ledger,
-    role: &watch::Receiver<Role>,
-    cfg: &BrokerConfig,
-    io: &Io,
-    changes: Vec<SeatChange>,
-) -> Option<Led> {
-    for changes in crate::ledger::split_entries(changes) {
-        let entry = LedgerEntry {
-            writer: cfg.broker_id.clone(),
-            changes,
-        };
-        let end = commit(
-            replica,
-            ledger,
-            role,
-            cfg.fault_ignore_lease,
-            io,
-            &entry,
-            Instant::now(),
-        )
-        .await;
-        if end.is_some() {
-            return end;
+    /// Appends `entry` if this replica still holds a valid lease, and waits for it (nothing
+    /// may be in flight). `Some` means it must step down (and says why); nothing decided
+    /// since the last good append may be told to anyone.
+    async fn commit(&mut self, entry: &LedgerEntry, at: Instant) -> Option<Led> {
+        if let Some(end) = lapsed(&self.election.role, self.cfg.fault_ignore_lease, at) {
+            return Some(end);
+        }
+        let started = Instant::now();
+        match self.ledger.append(entry).await {
+            Ok(sequence) => {
+                self.io.metrics.ledger_append(started.elapsed());
+                self.replica.set_applied(sequence);
+                None
+            }
+            Err(e) => Some(not_recorded(self.io, e).await),
         }
     }
-    None
+
+    /// Sends `changes` into the pipeline (in as many entries as they need), `answers`
+    /// riding on the last; with no changes the answers wait for what is in flight, or go
+    /// out now.
+    async fn send_all(&mut self, changes: Vec<SeatChange>, answers: Vec<Decided>) -> Option<Led> {
+        if changes.is_empty() {
+            if let Some(now) = self.pipeline.hold(answers) {
+                answer(self.io, now).await;
+            }
+            return None;
+        }
+        let mut parts = crate::ledger::split_entries(changes).into_iter().peekable();
+        let mut answers = Some(answers);
+        while let Some(changes) = parts.next() {
+            if let Some(end) = lapsed(
+                &self.election.role,
+                self.cfg.fault_ignore_lease,
+                Instant::now(),
+            ) {
+                return Some(end);
+            }
+            let entry = LedgerEntry {
+                writer: self.cfg.broker_id.clone(),
+                changes,
+            };
+            match self.ledger.send(&entry, !self.pipeline.is_empty()).await {
+                Ok(sent) => {
+                    let released = match parts.peek() {
+                        None => answers.take().unwrap_or_default(),
+                        Some(_) => Vec::new(),
+                    };
+                    self.pipeline.push(sent, released);
+                }
+                Err(e) => return Some(not_recorded(self.io, e).await),
+            }
+        }
+        None
+    }
+
+    /// One acknowledgement from the pipeline: on success the record is applied here and its
+    /// answers go out; a failure ends the leadership with everything behind it untold.
+    async fn settle(&mut self, acked: Acked<Decided>) -> Option<Led> {
+        match acked.result {
+            Ok(sequence) => {
+                self.io.metrics.ledger_append(acked.took);
+                self.replica.set_applied(sequence);
+                answer(self.io, acked.answers).await;
+                None
+            }
+            Err(e) => Some(not_recorded(self.io, e).await),
+        }
+    }
+
+    /// Waits for everything in flight, answering as it is recorded.
+    async fn settle_all(&mut self) -> Option<Led> {
+        while !self.pipeline.is_empty() {
+            let acked = self.pipeline.next().await;
+            if let Some(end) = self.settle(acked).await {
+                return Some(end);
+            }
+        }
+        None
+    }
 }
 
-/// Appends `entry` if this replica still holds a valid lease, and waits for it (nothing
-/// may be in flight). `Some` means it must step down (and says why); nothing decided since
-/// the last good append may be told to anyone.
-#[allow(clippy::too_many_arguments)]
-async fn commit(
-    replica: &mut Replica,
-    ledger: &mut Ledger,
-    role: &watch::Receiver<Role>,
-    ignore_lease: bool,
-    io: &Io,
-    entry: &LedgerEntry,
-    at: Instant,
-) -> Option<Led> {
-    if let Some(end) = lapsed(role, ignore_lease, at) {
-        return Some(end);
-    }
-    let started = Instant::now();
-    match ledger.append(entry).await {
-        Ok(sequence) => {
-            io.metrics.ledger_append(started.elapsed());
-            replica.set_applied(sequence);
-            None
-        }
-        Err(e) => Some(not_recorded(io, e).await),
+/// One of the leader's subscriptions ended.
+fn closed(what: &str) -> Led {
+    Led::SteppedDown {
+        reason: format!("the NATS subscription for {what} closed"),
+        rebuild: false,
     }
 }
 
@@ -537,93 +784,46 @@ async fn not_recorded(io: &Io, e: AppendError) -> Led {
     }
 }
 
-/// Sends `changes` into the pipeline (in as many entries as they need), `answers` riding on
-/// the last; with no changes the answers wait for what is in flight, or go out now.
-#[allow(clippy::too_many_arguments)]
-async fn send_all(
-    ledger: &mut Ledger,
-    pipeline: &mut Pipeline<Decided>,
-    role: &watch::Receiver<Role>,
-    cfg: &BrokerConfig,
-    io: &Io,
-    changes: Vec<SeatChange>,
-    answers: Vec<Decided>,
-) -> Option<Led> {
-    if changes.is_empty() {
-        if let Some(now) = pipeline.hold(answers) {
-            answer(io, now).await;
-        }
-        return None;
-    }
-    let mut parts = crate::ledger::split_entries(changes).into_iter().peekable();
-    let mut answers = Some(answers);
-    while let Some(changes) = parts.next() {
-        if let Some(end) = lapsed(role, cfg.fault_ignore_lease, Instant::now()) {
-            return Some(end);
-        }
-        let entry = LedgerEntry {
-            writer: cfg.broker_id.clone(),
-            changes,
-        };
-        match ledger.send(&entry, !pipeline.is_empty()).await {
-            Ok(sent) => {
-                let released = match parts.peek() {
-                    None => answers.take().unwrap_or_default(),
-                    Some(_) => Vec::new(),
-                };
-                pipeline.push(sent, released);
-            }
-            Err(e) => return Some(not_recorded(io, e).await),
-        }
-    }
-    None
-}
-
-/// One acknowledgement from the pipeline: on success the record is applied here and its
-/// answers go out; a failure ends the leadership with everything behind it untold.
-async fn settle(replica: &mut Replica, io: &Io, acked: Acked<Decided>) -> Option<Led> {
-    match acked.result {
-        Ok(sequence) => {
-            io.metrics.ledger_append(acked.took);
-            replica.set_applied(sequence);
-            answer(io, acked.answers).await;
-            None
-        }
-        Err(e) => Some(not_recorded(io, e).await),
-    }
-}
-
-/// Waits for everything in flight, answering as it is recorded.
-async fn drain(replica: &mut Replica, io: &Io, pipeline: &mut Pipeline<Decided>) -> Option<Led> {
-    while !pipeline.is_empty() {
-        let acked = pipeline.next().await;
-        if let Some(end) = settle(replica, io, acked).await {
-            return Some(end);
-        }
-    }
-    None
-}
-
 /// Tells what was decided (replies, alerts, control messages), in decision order.
 async fn answer(io: &Io, answers: Vec<Decided>) {
-    for (reply_to, out, timing) in answers {
-        if let Some((arrived, unregistration)) = timing {
-            io.observe(&out, arrived.elapsed(), unregistration);
+    for decided in answers {
+        if let Some(timing) = decided.timing {
+            io.observe(
+                &decided.out,
+                timing.arrived.elapsed(),
+                timing.unregistration,
+            );
         }
-        io.apply(reply_to.as_ref(), out).await;
+        io.apply(decided.reply_to.as_ref(), decided.out).await;
     }
 }
 
-/// A decision waiting for its ledger append: the reply subject, the output, and for
-/// registrations and unregistrations their arrival and whether it was an unregistration
-/// (for the metrics).
-type Decided = (Option<async_nats::Subject>, Output, Option<(Instant, bool)>);
+/// A decision waiting for its ledger append to be acknowledged.
+struct Decided {
+    /// Where the reply goes (`None`: no reply is sent).
+    reply_to: Option<Subject>,
+    out: Output,
+    /// Registrations and unregistrations are timed for the metrics.
+    timing: Option<Timing>,
+}
 
-/// Registrations and unregistrations are timed for the metrics.
-fn timed(op: Option<SlaveOp>, arrived: Instant) -> Option<(Instant, bool)> {
-    match op? {
-        SlaveOp::Register | SlaveOp::Batch => Some((arrived, false)),
-        SlaveOp::Unregister => Some((arrived, true)),
-        SlaveOp::Hello | SlaveOp::Heartbeat | SlaveOp::Report => None,
+/// When a registration or unregistration arrived, and which it was.
+struct Timing {
+    arrived: Instant,
+    unregistration: bool,
+}
+
+impl Timing {
+    /// Registrations and unregistrations are timed for the metrics; nothing else is.
+    fn of(op: Option<SlaveOp>, arrived: Instant) -> Option<Self> {
+        let unregistration = match op? {
+            SlaveOp::Register | SlaveOp::Batch => false,
+            SlaveOp::Unregister => true,
+            SlaveOp::Hello | SlaveOp::Heartbeat | SlaveOp::Report => return None,
+        };
+        Some(Self {
+            arrived,
+            unregistration,
+        })
     }
 }

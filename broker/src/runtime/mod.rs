@@ -182,7 +182,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         }
         None => None,
     };
-    let drains = tokio::spawn(tasks::drains(
+    let drain_requests = tokio::spawn(tasks::answer_drain_requests(
         client.clone(),
         subjects.admin_drain(),
         cfg.broker_id.clone(),
@@ -308,17 +308,16 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         };
         retry = FOLLOW_RETRY;
         not_ready.send_replace(true);
-        let led = leader::lead(
-            &mut replica,
-            &mut ledger,
-            &mut election,
-            term,
-            &cfg,
-            &io,
-            &mut shutdown,
-            &not_ready,
-            &mut snapshotter,
-        )
+        let led = leader::Term {
+            number: term,
+            replica: &mut replica,
+            ledger: &mut ledger,
+            election: &mut election,
+            snapshotter: &mut snapshotter,
+            cfg: &cfg,
+            io: &io,
+        }
+        .lead(&mut shutdown, &not_ready)
         .await;
         not_ready.send_replace(false);
         io.metrics.set_gauges(None);
@@ -361,7 +360,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     .await;
     presence.abort();
     electing.abort();
-    drains.abort();
+    drain_requests.abort();
     if let Some(task) = metrics_server {
         task.abort();
     }

@@ -23,7 +23,7 @@ const NO_LEADER_DELAY: Duration = Duration::from_millis(50);
 
 /// Answers `admin drain` requests that name this replica: it stops campaigning and, when
 /// leading, resigns; a `replica_drained` alert says which.
-pub(super) async fn drains(
+pub(super) async fn answer_drain_requests(
     client: Client,
     subject: String,
     me: String,
