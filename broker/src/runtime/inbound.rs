@@ -3,8 +3,10 @@
 //! request decoded and decided, and the reply-subject check for status and admin requests.
 
 use async_nats::Message;
-use lmbus_schemas::{BatchRequest, Reply, SlaveOp, Subjects, WireError, decode, encode};
-use tracing::{debug, info, warn};
+use lmbus_schemas::{
+    BatchRequest, ReleaseReply, ReloadReply, Reply, SlaveOp, Subjects, WireError, decode,
+};
+use tracing::{debug, info};
 
 use crate::engine::{Engine, Event, Output};
 use crate::intake::{BadVerdict, Intake};
@@ -128,19 +130,24 @@ fn decide_batch(
     out
 }
 
-/// An operator's request on an admin subject: decoded, decided by `decide`, the reply
-/// encoded. Undecodable input gets `refuse`'s reply and a `bad_message` alert.
+/// The answer to an operator's admin request, sent once its changes are recorded.
+pub(super) enum AdminReply {
+    Release(ReleaseReply),
+    Reload(ReloadReply),
+}
+
+/// An operator's request on an admin subject: decoded and decided by `decide`.
+/// Undecodable input gets `refuse`'s reply and a `bad_message` alert.
 fn admin_request<Req, Rep>(
     engine: &mut Engine,
     msg: &Message,
     decide: impl FnOnce(&mut Engine, Req) -> (Rep, Output),
     refuse: impl FnOnce(String) -> Rep,
-) -> (Vec<u8>, Output)
+) -> (Rep, Output)
 where
     Req: serde::de::DeserializeOwned,
-    Rep: serde::Serialize,
 {
-    let (reply, out) = match decode::<Req>(&msg.payload) {
+    match decode::<Req>(&msg.payload) {
         Ok(request) => decide(engine, request),
         Err(e) => {
             let out = engine.handle(
@@ -153,20 +160,13 @@ where
             );
             (refuse(e.to_string()), out)
         }
-    };
-    match encode(&reply) {
-        Ok(bytes) => (bytes, out),
-        Err(e) => {
-            warn!(error = %e, "cannot encode an admin reply");
-            (Vec::new(), out)
-        }
     }
 }
 
 /// An operator's release request: the reply, and the effects (the slave is told, an
 /// alert) with the seat changes to record first.
-pub(super) fn admin_release(engine: &mut Engine, msg: &Message) -> (Vec<u8>, Output) {
-    admin_request(
+pub(super) fn admin_release(engine: &mut Engine, msg: &Message) -> (AdminReply, Output) {
+    let (reply, out) = admin_request(
         engine,
         msg,
         |engine, request: lmbus_schemas::ReleaseRequest| {
@@ -179,20 +179,22 @@ pub(super) fn admin_release(engine: &mut Engine, msg: &Message) -> (Vec<u8>, Out
             };
             (released.reply, out)
         },
-        |message| lmbus_schemas::ReleaseReply::Error { message },
-    )
+        |message| ReleaseReply::Error { message },
+    );
+    (AdminReply::Release(reply), out)
 }
 
 /// An operator's license reload: the reply, and the alert with the ledger record to write
 /// first.
-pub(super) fn admin_reload(engine: &mut Engine, msg: &Message) -> (Vec<u8>, Output) {
-    admin_request(
+pub(super) fn admin_reload(engine: &mut Engine, msg: &Message) -> (AdminReply, Output) {
+    let (reply, out) = admin_request(
         engine,
         msg,
         |engine, request: lmbus_schemas::ReloadRequest| {
             info!(operator = %request.operator, "admin reload-license");
             engine.reload_license(&request, today_utc())
         },
-        |message| lmbus_schemas::ReloadReply::Error { message },
-    )
+        |message| ReloadReply::Error { message },
+    );
+    (AdminReply::Reload(reply), out)
 }

@@ -182,21 +182,9 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         }
         None => None,
     };
-    let drain_requests = tokio::spawn(tasks::answer_drain_requests(
-        client.clone(),
-        subjects.admin_drain(),
-        cfg.broker_id.clone(),
-        election.drainer(),
-        Io {
-            client: client.clone(),
-            subjects: subjects.clone(),
-            broker_id: cfg.broker_id.clone(),
-            metrics: metrics.clone(),
-        },
-    ));
+    let drain_requests = tokio::spawn(tasks::answer_drain_requests(io.clone(), election.drainer()));
     let presence = tokio::spawn(tasks::presence(
-        client.clone(),
-        subjects.replica(),
+        io.clone(),
         cfg.clone(),
         election.role.clone(),
         applied.clone(),
@@ -205,8 +193,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     // ledger whose stream is electing its own leader, say).
     let (not_ready, not_ready_rx) = watch::channel(false);
     let electing = tokio::spawn(tasks::answer_while_electing(
-        client.clone(),
-        subjects.clone(),
+        io.clone(),
         election.electing.clone(),
         not_ready_rx,
     ));

@@ -4,13 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client, Message};
-use lmbus_schemas::{Alert, Decision, Reply, Severity, StatusReply, Subjects, encode};
+use async_nats::{Client, Message, Subject, ToSubject};
+use lmbus_schemas::{Alert, Decision, Reply, Severity, StatusReply, Subjects, encode, truncated};
+use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::engine::{Effect, Output};
 use crate::metrics::Metrics;
 
+use super::inbound::AdminReply;
 use super::unix_ms;
 
 /// The runtime's side effects: replies, alerts and control messages.
@@ -23,6 +25,7 @@ pub(super) struct Io {
 }
 
 impl Io {
+    /// Counts a registration's or unregistration's answer and how long it took.
     pub(super) fn observe(&self, out: &Output, took: Duration, unregistration: bool) {
         match &out.reply {
             // A batch holds only registrations (answered with decisions) and
@@ -49,40 +52,24 @@ impl Io {
         }
     }
 
-    pub(super) async fn apply(&self, reply_to: Option<&async_nats::Subject>, out: Output) {
+    /// Sends what the engine decided: the reply to `reply_to` (no reply without one), then
+    /// the effects in order.
+    pub(super) async fn apply(&self, reply_to: Option<&Subject>, out: Output) {
         if let (Some(reply_to), Some(reply)) = (reply_to, out.reply.as_ref()) {
-            self.reply(reply_to, reply).await;
+            self.send(reply_to.clone(), reply, "reply").await;
         }
         for effect in out.effects {
             match effect {
                 Effect::Alert(alert) => self.alert(alert).await,
-                Effect::Control { slave, message } => match encode(&message) {
-                    Ok(bytes) => {
-                        if let Err(e) = self
-                            .client
-                            .publish(self.subjects.control(&slave), bytes.into())
-                            .await
-                        {
-                            warn!(%slave, error = %e, "cannot publish control message");
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "cannot encode control message"),
-                },
-            }
-        }
-    }
-
-    async fn reply(&self, reply_to: &async_nats::Subject, reply: &Reply) {
-        match encode(reply) {
-            Ok(bytes) => {
-                if let Err(e) = self.client.publish(reply_to.clone(), bytes.into()).await {
-                    warn!(error = %e, "cannot publish reply");
+                Effect::Control { slave, message } => {
+                    self.send(self.subjects.control(&slave), &message, "control message")
+                        .await;
                 }
             }
-            Err(e) => warn!(error = %e, "cannot encode reply"),
         }
     }
 
+    /// Logs `alert`, counts it and publishes it on its subject.
     pub(super) async fn alert(&self, mut alert: Alert) {
         alert.time_ms = unix_ms();
         if alert.source.is_empty() {
@@ -95,40 +82,42 @@ impl Io {
         self.metrics
             .alert(alert.kind.token(), alert.severity.token());
         let subject = self.subjects.alert(alert.severity, alert.kind);
-        match encode(&alert) {
-            Ok(bytes) => {
-                if let Err(e) = self.client.publish(subject, bytes.into()).await {
-                    warn!(error = %e, "cannot publish alert");
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot encode alert"),
-        }
+        self.send(subject, &alert, "alert").await;
     }
 
-    pub(super) async fn admin_reply(&self, msg: &Message, reply: &[u8]) {
+    /// Answers an operator's admin request, where it asked (if it asked).
+    pub(super) async fn admin_reply(&self, msg: &Message, reply: &AdminReply) {
         let Some(reply_to) = &msg.reply else {
             return;
         };
-        if let Err(e) = self
-            .client
-            .publish(reply_to.clone(), reply.to_vec().into())
-            .await
-        {
-            warn!(error = %e, "cannot publish admin reply");
+        match reply {
+            AdminReply::Release(reply) => self.send(reply_to.clone(), reply, "admin reply").await,
+            AdminReply::Reload(reply) => self.send(reply_to.clone(), reply, "admin reply").await,
         }
     }
 
+    /// Answers a status request, where it asked (if it asked).
     pub(super) async fn status(&self, msg: &Message, status: StatusReply) {
         let Some(reply_to) = &msg.reply else {
             return;
         };
-        match encode(&status) {
-            Ok(bytes) => {
-                if let Err(e) = self.client.publish(reply_to.clone(), bytes.into()).await {
-                    warn!(error = %e, "cannot publish status reply");
-                }
+        self.send(reply_to.clone(), &status, "status reply").await;
+    }
+
+    /// Encodes `message` and publishes it on `subject`. Nothing waits for it: a failure
+    /// (the message cannot be encoded, the client is closed) is logged as `what` and the
+    /// runtime goes on, as it would after a message lost on the way.
+    pub(super) async fn send(&self, subject: impl ToSubject, message: &impl Serialize, what: &str) {
+        let subject = subject.to_subject();
+        let bytes = match encode(message) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(error = %e, "cannot encode {what}");
+                return;
             }
-            Err(e) => warn!(error = %e, "cannot encode status reply"),
+        };
+        if let Err(e) = self.client.publish(subject.clone(), bytes.into()).await {
+            warn!(error = %e, subject = %truncated(subject.as_str(), 160), "cannot publish {what}");
         }
     }
 }

@@ -1,8 +1,7 @@
 //! Usage reports made in a task beside the leader (the daily one and `admin report`):
 //! reading the alert stream and mailing take seconds the leader must not wait for.
 
-use lmbus_schemas::{Alert, AlertKind, ReportReply, Severity, encode};
-use tracing::warn;
+use lmbus_schemas::{Alert, AlertKind, ReportReply, Severity};
 
 use crate::report::{LicenseFacts, ReportConfig};
 
@@ -86,14 +85,7 @@ pub(super) fn spawn_report(
             }
         };
         if let Some(reply_to) = reply_to {
-            match encode(&reply) {
-                Ok(bytes) => {
-                    if let Err(e) = io.client.publish(reply_to, bytes.into()).await {
-                        warn!(error = %e, "cannot answer the report request");
-                    }
-                }
-                Err(e) => warn!(error = %e, "cannot encode the report reply"),
-            }
+            io.send(reply_to, &reply, "report reply").await;
         }
     });
 }

@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::{Client, Subscriber};
+use async_nats::Subscriber;
 use futures::StreamExt;
-use lmbus_schemas::{Alert, AlertKind, ReplicaBeat, Reply, Severity, Subjects, decode, encode};
+use lmbus_schemas::{Alert, AlertKind, DrainReply, ReplicaBeat, Reply, Severity, decode};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
 use crate::config::BrokerConfig;
-use crate::election::Role;
+use crate::election::{Drainer, Role};
 
 use super::outbound::Io;
 
@@ -23,14 +23,10 @@ const NO_LEADER_DELAY: Duration = Duration::from_millis(50);
 
 /// Answers `admin drain` requests that name this replica: it stops campaigning and, when
 /// leading, resigns; a `replica_drained` alert says which.
-pub(super) async fn answer_drain_requests(
-    client: Client,
-    subject: String,
-    me: String,
-    drainer: crate::election::Drainer,
-    io: Io,
-) {
-    let mut requests = match client.subscribe(subject.clone()).await {
+pub(super) async fn answer_drain_requests(io: Io, drainer: Drainer) {
+    let subject = io.subjects.admin_drain();
+    let me = &io.broker_id;
+    let mut requests = match io.client.subscribe(subject.clone()).await {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, %subject, "cannot subscribe to drain requests");
@@ -39,7 +35,7 @@ pub(super) async fn answer_drain_requests(
     };
     while let Some(msg) = requests.next().await {
         let request = match decode::<lmbus_schemas::DrainRequest>(&msg.payload) {
-            Ok(r) if r.replica == me => r,
+            Ok(r) if r.replica == *me => r,
             Ok(_) => continue,
             Err(e) => {
                 // Every replica gets it; none answers, the sender's request times out.
@@ -67,11 +63,11 @@ pub(super) async fn answer_drain_requests(
             format!("{who} drained a replica: {message}"),
         ))
         .await;
-        if let Some(reply_to) = &msg.reply
-            && lmbus_schemas::is_client_reply(reply_to)
-            && let Ok(bytes) = encode(&lmbus_schemas::DrainReply { message })
+        if let Some(reply_to) = msg.reply
+            && lmbus_schemas::is_client_reply(&reply_to)
         {
-            let _ = client.publish(reply_to.clone(), bytes.into()).await;
+            io.send(reply_to, &DrainReply { message }, "drain reply")
+                .await;
         }
     }
 }
@@ -79,12 +75,12 @@ pub(super) async fn answer_drain_requests(
 /// Publishes this replica's `ReplicaBeat` four times per lease, so the leader knows its
 /// standbys.
 pub(super) async fn presence(
-    client: Client,
-    subject: String,
+    io: Io,
     cfg: BrokerConfig,
     role: watch::Receiver<Role>,
     applied: Arc<AtomicU64>,
 ) {
+    let subject = io.subjects.replica();
     let mut every = tokio::time::interval(cfg.lease / 4);
     every.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -95,11 +91,7 @@ pub(super) async fn presence(
             leader: matches!(*role.borrow(), Role::Leader { .. }),
             applied: applied.load(Ordering::Relaxed),
         };
-        if let Ok(bytes) = encode(&beat) {
-            if let Err(e) = client.publish(subject.clone(), bytes.into()).await {
-                debug!(error = %e, "cannot publish the replica beat");
-            }
-        }
+        io.send(subject.clone(), &beat, "replica beat").await;
     }
 }
 
@@ -110,16 +102,16 @@ pub(super) async fn presence(
 /// `NO_LEADER_DELAY` first, so that where a leader does exist after all (a new one, not yet
 /// seen here) its real answer reaches the slave first.
 pub(super) async fn answer_while_electing(
-    client: Client,
-    subjects: Subjects,
+    io: Io,
     mut electing: watch::Receiver<bool>,
     mut not_ready: watch::Receiver<bool>,
 ) {
+    let subjects = &io.subjects;
     let mut sub: Option<Subscriber> = None;
     loop {
         let now_electing = *electing.borrow_and_update() || *not_ready.borrow_and_update();
         match (now_electing, sub.is_some()) {
-            (true, false) => match client.subscribe(subjects.all_slave_ops()).await {
+            (true, false) => match io.client.subscribe(subjects.all_slave_ops()).await {
                 Ok(s) => {
                     info!("no replica is ready to lead: answering slave requests with no_leader");
                     sub = Some(s);
@@ -174,12 +166,10 @@ pub(super) async fn answer_while_electing(
                         subjects.cluster()
                     ),
                 };
-                let client = client.clone();
+                let io = io.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(NO_LEADER_DELAY).await;
-                    if let Ok(bytes) = encode(&reply) {
-                        let _ = client.publish(reply_to, bytes.into()).await;
-                    }
+                    io.send(reply_to, &reply, "no_leader answer").await;
                 });
             }
         }
