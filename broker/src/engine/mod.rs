@@ -14,8 +14,13 @@
 //! log out all its agents when its grace period ends, and only once that grace period plus
 //! `reclaim_margin` has passed since the master last heard from it: the timing rule that
 //! keeps the sum under the limit during a partition (see the README).
+//!
+//! Determinism: the engine holds only ordered collections (`BTreeMap`, `BTreeSet`), so the
+//! order of what it returns (the seats a hello or an operator releases, a snapshot's
+//! changes, the agents named in alerts) follows from its state and the events alone, the
+//! same on every replica and every run.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use lmbus_schemas::{
@@ -268,10 +273,10 @@ struct Slave {
     last_seen: Instant,
     heartbeat_interval: Duration,
     /// Agent id → agent type, for every seat the slave holds.
-    agents: HashMap<String, String>,
+    agents: BTreeMap<String, String>,
     /// Agent id → the request number that granted its seat (0: a grant at a hello, or
     /// unknown), for the hello reconcile (`Hello::request_seq`).
-    granted: HashMap<String, u64>,
+    granted: BTreeMap<String, u64>,
     /// `agent_digest` of `agents`, kept up to date, for the heartbeat's books.
     digest: u64,
     /// The slave's grace period, from its hello.
@@ -285,7 +290,7 @@ struct Slave {
     reclaimed: bool,
     /// Agents an operator released whose logout the slave may have missed: refused at
     /// the next hello's reconcile. Bounded by the slave's seat count at release time.
-    revoked: HashSet<String>,
+    revoked: BTreeSet<String>,
     /// Its registration rate (not in the ledger: a new leader starts it full).
     bucket: Bucket,
     /// The request numbers of this instance already processed (replay protection).
@@ -296,13 +301,12 @@ struct Slave {
 }
 
 impl Slave {
-    /// Empties the seat table (its counters are the caller's), returning the seats.
+    /// Empties the seat table (its counters are the caller's), returning the seats in agent
+    /// id order.
     fn take_seats(&mut self) -> Vec<(String, String)> {
         self.granted.clear();
         self.digest = 0;
-        let mut seats: Vec<(String, String)> = self.agents.drain().collect();
-        seats.sort();
-        seats
+        std::mem::take(&mut self.agents).into_iter().collect()
     }
 
     /// This slave's books as its heartbeat would show them: how many seats and their
@@ -310,7 +314,7 @@ impl Slave {
     fn books(&self, unsettled: &[String]) -> (u32, u64) {
         let mut count = self.agents.len() as u32;
         let mut digest = self.digest;
-        let mut seen = HashSet::new();
+        let mut seen = BTreeSet::new();
         for agent in unsettled {
             if let Some(agent_type) = self.agents.get(agent)
                 && seen.insert(agent.as_str())
@@ -612,14 +616,14 @@ impl Engine {
             connected: false,
             last_seen: now,
             heartbeat_interval: interval,
-            agents: HashMap::new(),
-            granted: HashMap::new(),
+            agents: BTreeMap::new(),
+            granted: BTreeMap::new(),
             digest: 0,
             grace,
             logout_after_grace: false,
             hello_seq: 0,
             reclaimed: false,
-            revoked: HashSet::new(),
+            revoked: BTreeSet::new(),
             bucket: Bucket::new(now, rate),
             requests: Window::default(),
             master: None,
@@ -659,12 +663,12 @@ impl Engine {
         // about is kept: one whose registration was in flight when the hello was built
         // (`pending`), or one granted by a request numbered after it (`request_seq`) by
         // this same instance.
-        let claimed: HashMap<&str, &AgentClaim> = hello
+        let claimed: BTreeMap<&str, &AgentClaim> = hello
             .agents
             .iter()
             .map(|c| (c.agent_id.as_str(), c))
             .collect();
-        let pending: HashSet<&str> = hello.pending.iter().map(String::as_str).collect();
+        let pending: BTreeSet<&str> = hello.pending.iter().map(String::as_str).collect();
         let accounts_for = |seq: u64| restarted || hello.request_seq.is_none_or(|last| seq <= last);
         let mut stale: Vec<String> = slave
             .agents
@@ -1564,14 +1568,14 @@ impl Engine {
                     connected: true,
                     last_seen: now,
                     heartbeat_interval: Duration::from_millis(*heartbeat_interval_ms),
-                    agents: HashMap::new(),
-                    granted: HashMap::new(),
+                    agents: BTreeMap::new(),
+                    granted: BTreeMap::new(),
                     digest: 0,
                     grace: Duration::ZERO,
                     logout_after_grace: false,
                     hello_seq: 0,
                     reclaimed: false,
-                    revoked: HashSet::new(),
+                    revoked: BTreeSet::new(),
                     bucket: Bucket::new(now, self.cfg.slave_rate_limit),
                     requests: Window::default(),
                     master: None,

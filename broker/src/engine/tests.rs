@@ -1971,3 +1971,55 @@ fn a_huge_request_number_cannot_lock_a_slave_out() {
         &h.register_numbered("s1", "a2", "inbound", seq)
     )));
 }
+
+/// Steps: a slave is granted agents out of id order, an operator releases them all, and
+/// the engine is snapshotted; the release reply, the logout and the snapshot's `Revoke`s
+/// name the agents in id order, whatever order they were granted in (no hash order).
+#[test]
+fn released_and_snapshotted_agents_come_in_id_order() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    for (a, agent_type) in [
+        ("c", "inbound"),
+        ("a", "outbound"),
+        ("d", "inbound"),
+        ("b", "outbound"),
+    ] {
+        assert!(approved(&h.decision("s1", a, agent_type)));
+    }
+    let out = h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
+        slave_id: "s1".into(),
+        agent_id: None,
+        operator: "alice".into(),
+    });
+    let sorted: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+    assert_eq!(
+        out.reply,
+        lmbus_schemas::ReleaseReply::Released {
+            agents: sorted.clone()
+        }
+    );
+    let logged_out: Vec<String> = out
+        .effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Control {
+                message: ControlMessage::LogOut { agents },
+                ..
+            } => Some(agents.iter().map(|a| a.agent_id.clone()).collect()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(logged_out, sorted);
+    let revoked: Vec<String> = h
+        .engine
+        .snapshot(3)
+        .into_iter()
+        .filter_map(|c| match c {
+            SeatChange::Revoke { agents, .. } => Some(agents),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(revoked, sorted);
+}
