@@ -24,10 +24,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use lmbus_schemas::{
-    AgentClaim, Alert, AlertKind, ControlMessage, Decision, ErrorCode, Heartbeat, Hello, License,
-    LicenseSummary, RegisterRequest, RejectReason, RejectedAgent, Reply, Role, SeatChange,
-    Severity, SlaveEvent, SlaveId, SlaveReport, SlaveStatus, StatusReply, UnregisterRequest,
-    VerifyingKey, Welcome, WireError, agent_hash, verify_license,
+    AgentClaim, Alert, AlertKind, BatchRequest, ControlMessage, Decision, ErrorCode, Heartbeat,
+    Hello, License, LicenseSummary, RegisterRequest, RejectReason, RejectedAgent, Reply, Role,
+    SeatChange, Severity, SlaveEvent, SlaveId, SlaveReport, SlaveStatus, StatusReply,
+    UnregisterRequest, VerifyingKey, Welcome, WireError, agent_hash, verify_license,
 };
 use time::Date;
 use uuid::Uuid;
@@ -185,6 +185,12 @@ pub enum Event {
     Report {
         slave: SlaveId,
         report: SlaveReport,
+    },
+    /// Registrations and unregistrations sent together: each item is decided in order, as
+    /// if it had come alone on its own subject.
+    Batch {
+        slave: SlaveId,
+        request: BatchRequest,
     },
     /// A message that could not be decoded or did not fit its subject. `slave` is the id
     /// from the subject when there was one.
@@ -426,6 +432,7 @@ impl Engine {
             Event::Unregister { slave, request } => self.unregister(now, &slave, request),
             Event::Heartbeat { slave, heartbeat } => self.heartbeat(now, &slave, heartbeat),
             Event::Report { slave, report } => self.report(slave, report),
+            Event::Batch { slave, request } => self.batch(now, &slave, request),
             Event::BadMessage {
                 subject,
                 slave,
@@ -1244,6 +1251,22 @@ impl Engine {
                 out.alert(alert);
             }
         }
+        out
+    }
+
+    /// One output for a batch: its reply is `Reply::Batch` with the items' replies, its
+    /// effects and changes are theirs in order (the changes gather in `pending`).
+    fn batch(&mut self, now: Instant, slave: &SlaveId, batch: BatchRequest) -> Output {
+        let mut out = Output::default();
+        let mut replies = Vec::with_capacity(batch.items.len());
+        for item in batch.items {
+            let one = self.dispatch(now, Event::of_batch_item(slave, item));
+            // Every registration and unregistration has a reply; `Ack` keeps the count
+            // right should one ever not.
+            replies.push(one.reply.unwrap_or(Reply::Ack));
+            out.effects.extend(one.effects);
+        }
+        out.reply = Some(Reply::Batch(replies));
         out
     }
 

@@ -2023,3 +2023,61 @@ fn released_and_snapshotted_agents_come_in_id_order() {
         .collect();
     assert_eq!(revoked, sorted);
 }
+
+/// Steps: a slave sends one batch (register a1, register a2, unregister a1, register a1
+/// again with a used number); the reply holds one answer per item in order (approved,
+/// approved, ack, replayed) and the changes are the items' own, in order.
+#[test]
+fn a_batch_is_its_items_decided_in_order() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    let register = |seq: u64, agent: &str| {
+        lmbus_schemas::BatchItem::Register(RegisterRequest {
+            request_id: Uuid::new_v4(),
+            seq,
+            agent_id: agent.into(),
+            agent_type: "inbound".into(),
+        })
+    };
+    let first = h.next_seq();
+    let items = vec![
+        register(first, "a1"),
+        register(first + 1, "a2"),
+        lmbus_schemas::BatchItem::Unregister(UnregisterRequest {
+            request_id: Uuid::new_v4(),
+            seq: first + 2,
+            agent_id: "a1".into(),
+        }),
+        register(first + 1, "a1"),
+    ];
+    let out = h.engine.handle(
+        h.now,
+        Event::Batch {
+            slave: id("s1"),
+            request: lmbus_schemas::BatchRequest { items },
+        },
+    );
+    let Some(Reply::Batch(replies)) = &out.reply else {
+        panic!("{:?}", out.reply)
+    };
+    assert_eq!(replies.len(), 4);
+    assert!(matches!(&replies[0], Reply::Decision(d) if approved(d)));
+    assert!(matches!(&replies[1], Reply::Decision(d) if approved(d)));
+    assert_eq!(replies[2], Reply::Ack);
+    assert!(
+        matches!(&replies[3], Reply::Decision(Decision::Rejected { reason, .. }) if *reason == RejectReason::Replayed),
+        "{:?}",
+        replies[3]
+    );
+    let grants: Vec<&SeatChange> = out.changes.iter().collect();
+    assert!(
+        matches!(grants.as_slice(), [
+            SeatChange::Grant { agent_id: a, .. },
+            SeatChange::Grant { agent_id: b, .. },
+            SeatChange::Release { agent_id: c, .. },
+        ] if a == "a1" && b == "a2" && c == "a1"),
+        "{:?}",
+        out.changes
+    );
+    assert_eq!(h.engine.total_in_use(), 1);
+}

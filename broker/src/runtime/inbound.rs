@@ -3,9 +3,7 @@
 //! request decoded and decided, and the reply-subject check for status and admin requests.
 
 use async_nats::Message;
-use lmbus_schemas::{
-    BatchRequest, ReleaseReply, ReloadReply, Reply, SlaveOp, Subjects, WireError, decode,
-};
+use lmbus_schemas::{ReleaseReply, ReloadReply, Reply, SlaveOp, Subjects, WireError, decode};
 use tracing::{debug, info};
 
 use crate::engine::{Engine, Event, Output};
@@ -81,11 +79,12 @@ pub(super) fn handle_slave_message(
             debug!(%slave, op = op.token(), "request");
             engine.handle(at, event)
         }
-        Ok(crate::intake::Decoded::Batch(batch)) => {
-            if !intake.charge_batch(at, &slave, batch.items.len()) {
+        Ok(crate::intake::Decoded::Batch(request)) => {
+            if !intake.charge_batch(at, &slave, request.items.len()) {
                 return None;
             }
-            decide_batch(engine, &slave, batch)
+            debug!(%slave, items = request.items.len(), "batch");
+            engine.handle(at, Event::Batch { slave, request })
         }
         Err(problem) => {
             let answer = intake.bad(at, slave.as_str(), op.token(), &problem.message);
@@ -105,29 +104,6 @@ pub(super) fn handle_slave_message(
         out,
         op: Some(op),
     })
-}
-
-/// Each item of a batch decided in order, as if it had come alone: one output whose reply
-/// is `Reply::Batch` with the items' replies, and whose effects and changes are theirs in
-/// order.
-fn decide_batch(
-    engine: &mut Engine,
-    slave: &lmbus_schemas::SlaveId,
-    batch: BatchRequest,
-) -> Output {
-    let mut out = Output::default();
-    let mut replies = Vec::with_capacity(batch.items.len());
-    for item in batch.items {
-        let one = engine.handle(now(), Event::of_batch_item(slave, item));
-        // Every registration and unregistration has a reply; `Ack` keeps the count right
-        // should one ever not.
-        replies.push(one.reply.unwrap_or(Reply::Ack));
-        out.effects.extend(one.effects);
-        out.changes.extend(one.changes);
-    }
-    debug!(%slave, items = replies.len(), "batch");
-    out.reply = Some(Reply::Batch(replies));
-    out
 }
 
 /// The answer to an operator's admin request, sent once its changes are recorded.
