@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use lmbus_schemas::{
     AgentClaim, Alert, AlertKind, BatchRequest, ControlMessage, Decision, ErrorCode, Heartbeat,
-    Hello, License, LicenseSummary, RegisterRequest, RejectReason, RejectedAgent, Reply, Role,
-    SeatChange, Severity, SlaveEvent, SlaveId, SlaveReport, SlaveStatus, StatusReply,
-    UnregisterRequest, VerifyingKey, Welcome, WireError, agent_hash, verify_license,
+    Hello, License, LicenseSummary, RegisterRequest, RejectReason, RejectedAgent, ReleaseReply,
+    ReleaseRequest, ReloadReply, ReloadRequest, Reply, Role, SeatChange, Severity, SlaveEvent,
+    SlaveId, SlaveReport, SlaveStatus, StatusReply, UnregisterRequest, VerifyingKey, Welcome,
+    WireError, agent_hash, verify_license,
 };
 use time::Date;
 use uuid::Uuid;
@@ -203,6 +204,15 @@ pub enum Event {
     Tick {
         today: Date,
     },
+    /// An operator's `admin release`: one agent's seat or all of a slave's.
+    Release {
+        request: ReleaseRequest,
+    },
+    /// An operator's `admin reload-license`, checked against `today`.
+    Reload {
+        request: ReloadRequest,
+        today: Date,
+    },
 }
 
 impl Event {
@@ -221,15 +231,6 @@ impl Event {
     }
 }
 
-/// The answer to an operator's release request (see [`Engine::admin_release`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ReleaseOutput {
-    pub reply: lmbus_schemas::ReleaseReply,
-    pub effects: Vec<Effect>,
-    /// Seat changes to append to the ledger before the reply goes out.
-    pub changes: Vec<SeatChange>,
-}
-
 /// What the runtime must do after an event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
@@ -240,10 +241,21 @@ pub enum Effect {
     },
 }
 
+/// The answer to whoever sent the event: a slave or an operator.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// To a slave's request.
+    Slave(Reply),
+    /// To an operator's `admin release`.
+    Release(ReleaseReply),
+    /// To an operator's `admin reload-license`.
+    Reload(ReloadReply),
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Output {
     /// The answer to the requester, when the event was a request.
-    pub reply: Option<Reply>,
+    pub reply: Option<Answer>,
     pub effects: Vec<Effect>,
     /// The seat changes this event made, in order: the runtime appends them to the ledger
     /// before it sends the reply or any effect.
@@ -253,7 +265,7 @@ pub struct Output {
 impl Output {
     fn reply(reply: Reply) -> Self {
         Self {
-            reply: Some(reply),
+            reply: Some(Answer::Slave(reply)),
             ..Self::default()
         }
     }
@@ -439,6 +451,8 @@ impl Engine {
                 error,
             } => self.bad_message(subject, slave, error),
             Event::Tick { today } => self.tick(now, today),
+            Event::Release { request } => self.admin_release(&request),
+            Event::Reload { request, today } => self.reload_license(&request, today),
         }
     }
 
@@ -762,12 +776,12 @@ impl Engine {
                     .counts(self.counts()),
             );
         }
-        out.reply = Some(Reply::Welcome(Welcome {
+        out.reply = Some(Answer::Slave(Reply::Welcome(Welcome {
             broker_id: self.cfg.broker_id.clone(),
             master_license: self.cfg.license.id,
             missed_heartbeats: self.cfg.missed_heartbeats,
             rejected_agents: rejected,
-        }));
+        })));
         out
     }
 
@@ -1263,10 +1277,13 @@ impl Engine {
             let one = self.dispatch(now, Event::of_batch_item(slave, item));
             // Every registration and unregistration has a reply; `Ack` keeps the count
             // right should one ever not.
-            replies.push(one.reply.unwrap_or(Reply::Ack));
+            replies.push(match one.reply {
+                Some(Answer::Slave(reply)) => reply,
+                _ => Reply::Ack,
+            });
             out.effects.extend(one.effects);
         }
-        out.reply = Some(Reply::Batch(replies));
+        out.reply = Some(Answer::Slave(Reply::Batch(replies)));
         out
     }
 
@@ -1398,20 +1415,12 @@ impl Engine {
         out
     }
 
-    /// An operator force-releases one agent's seat or all seats of a slave. The slave is
-    /// told to log the agents out; if it misses that (it is offline), its next hello is
-    /// refused those agents, so it cannot silently take them back.
     /// An operator's new master license (`admin reload-license`, like lmreread): verified
     /// (signature, dates, role master) before anything changes, then in force at once and
     /// recorded in the ledger so every replica uses it. A limit below current use logs
     /// nobody out: new registrations are rejected until usage is below it, and the reply
     /// and the alert say so.
-    pub fn reload_license(
-        &mut self,
-        request: &lmbus_schemas::ReloadRequest,
-        today: Date,
-    ) -> (lmbus_schemas::ReloadReply, Output) {
-        use lmbus_schemas::ReloadReply;
+    fn reload_license(&mut self, request: &ReloadRequest, today: Date) -> Output {
         let checked = verify_license(
             &request.license,
             "the reloaded license",
@@ -1425,12 +1434,12 @@ impl Engine {
         let license = match checked {
             Ok(l) => l,
             Err(e) => {
-                return (
-                    ReloadReply::Error {
+                return Output {
+                    reply: Some(Answer::Reload(ReloadReply::Error {
                         message: format!("{e}; the current license stays in force"),
-                    },
-                    Output::default(),
-                );
+                    })),
+                    ..Output::default()
+                };
             }
         };
         let old_total = self.total_limit();
@@ -1476,22 +1485,23 @@ impl Engine {
                 format!("{who} reloaded the master license: {message}"),
             )
             .counts(self.counts());
-        let out = Output {
-            reply: None,
+        self.pending.push(SeatChange::License {
+            text: request.license.clone(),
+        });
+        Output {
+            reply: Some(Answer::Reload(ReloadReply::Reloaded { message })),
             effects: vec![Effect::Alert(alert)],
-            changes: vec![SeatChange::License {
-                text: request.license.clone(),
-            }],
-        };
-        (ReloadReply::Reloaded { message }, out)
+            changes: Vec::new(),
+        }
     }
 
-    pub fn admin_release(&mut self, request: &lmbus_schemas::ReleaseRequest) -> ReleaseOutput {
-        use lmbus_schemas::ReleaseReply;
-        let error = |message: String| ReleaseOutput {
-            reply: ReleaseReply::Error { message },
-            effects: Vec::new(),
-            changes: Vec::new(),
+    /// An operator force-releases one agent's seat or all seats of a slave. The slave is
+    /// told to log the agents out; if it misses that (it is offline), its next hello is
+    /// refused those agents, so it cannot silently take them back.
+    fn admin_release(&mut self, request: &ReleaseRequest) -> Output {
+        let error = |message: String| Output {
+            reply: Some(Answer::Release(ReleaseReply::Error { message })),
+            ..Output::default()
         };
         let Ok(id) = SlaveId::new(request.slave_id.clone()) else {
             return error(format!("{:?} is not a valid slave id", request.slave_id));
@@ -1554,10 +1564,10 @@ impl Engine {
             },
             Effect::Alert(alert),
         ];
-        ReleaseOutput {
-            reply: ReleaseReply::Released { agents },
+        Output {
+            reply: Some(Answer::Release(ReleaseReply::Released { agents })),
             effects,
-            changes: std::mem::take(&mut self.pending),
+            changes: Vec::new(),
         }
     }
 

@@ -82,6 +82,30 @@ struct Harness {
     seq: u64,
 }
 
+/// An operator's release, split as the tests read it.
+struct Released {
+    reply: lmbus_schemas::ReleaseReply,
+    effects: Vec<Effect>,
+    changes: Vec<SeatChange>,
+}
+
+/// The reply to a slave in an output (`None` when there is none); an operator's answer
+/// is not expected here.
+fn reply_of(out: &Output) -> Option<Reply> {
+    match &out.reply {
+        Some(Answer::Slave(reply)) => Some(reply.clone()),
+        None => None,
+        Some(other) => panic!("expected a slave's reply, got {other:?}"),
+    }
+}
+
+impl Output {
+    /// The reply to a slave, by value (see [`reply_of`]).
+    fn into_slave_reply(self) -> Option<Reply> {
+        reply_of(&self)
+    }
+}
+
 impl Harness {
     fn new(allow_unlicensed: bool) -> Self {
         Self {
@@ -90,6 +114,44 @@ impl Harness {
             instances: BTreeMap::new(),
             seq: 0,
         }
+    }
+
+    /// An operator's release request, handled as the runtime hands it to the engine.
+    fn admin_release(&mut self, request: &lmbus_schemas::ReleaseRequest) -> Released {
+        let out = self.engine.handle(
+            self.now,
+            Event::Release {
+                request: request.clone(),
+            },
+        );
+        let Some(Answer::Release(reply)) = out.reply else {
+            panic!("no release reply: {:?}", out.reply)
+        };
+        Released {
+            reply,
+            effects: out.effects,
+            changes: out.changes,
+        }
+    }
+
+    /// An operator's license reload, handled as the runtime hands it to the engine: the
+    /// reply, and the rest of the output.
+    fn reload_license(
+        &mut self,
+        request: &lmbus_schemas::ReloadRequest,
+        today: Date,
+    ) -> (lmbus_schemas::ReloadReply, Output) {
+        let mut out = self.engine.handle(
+            self.now,
+            Event::Reload {
+                request: request.clone(),
+                today,
+            },
+        );
+        let Some(Answer::Reload(reply)) = out.reply.take() else {
+            panic!("no reload reply: {:?}", out.reply)
+        };
+        (reply, out)
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -134,7 +196,9 @@ impl Harness {
     }
 
     fn hello(&mut self, slave: &str, license: Option<String>) -> Reply {
-        self.hello_with(slave, license, vec![]).reply.unwrap()
+        self.hello_with(slave, license, vec![])
+            .into_slave_reply()
+            .unwrap()
     }
 
     fn register(&mut self, slave: &str, agent: &str, agent_type: &str) -> Output {
@@ -164,14 +228,16 @@ impl Harness {
     }
 
     fn decision(&mut self, slave: &str, agent: &str, agent_type: &str) -> Decision {
-        match self.register(slave, agent, agent_type).reply {
+        match self.register(slave, agent, agent_type).into_slave_reply() {
             Some(Reply::Decision(d)) => d,
             other => panic!("expected a decision, got {other:?}"),
         }
     }
 
     fn unregister(&mut self, slave: &str, agent: &str) -> Reply {
-        self.unregister_out(slave, agent).reply.unwrap()
+        self.unregister_out(slave, agent)
+            .into_slave_reply()
+            .unwrap()
     }
 
     fn unregister_out(&mut self, slave: &str, agent: &str) -> Output {
@@ -209,7 +275,7 @@ impl Harness {
                     },
                 },
             )
-            .reply
+            .into_slave_reply()
             .unwrap()
     }
 
@@ -254,7 +320,7 @@ fn approves_under_the_limit_and_rejects_at_the_aggregate_limit() {
         assert!(approved(&h.decision(slave, agent, t)), "{agent}");
     }
     let out = h.register("s1", "a6", "outbound");
-    let Some(Reply::Decision(d)) = &out.reply else {
+    let Some(Reply::Decision(d)) = &reply_of(&out) else {
         panic!()
     };
     assert_eq!(rejected_for(d), Some(RejectReason::AggregateLimit));
@@ -344,7 +410,7 @@ fn unlicensed_slaves_need_permission() {
     let mut h = Harness::new(false);
     let out = h.hello_with("u1", None, vec![]);
     assert!(matches!(
-        out.reply,
+        reply_of(&out),
         Some(Reply::Refused {
             reason: RejectReason::UnlicensedNotAllowed,
             ..
@@ -459,7 +525,7 @@ fn silent_slave_is_marked_disconnected_and_keeps_its_seats() {
         agent_type: "inbound".into(),
     };
     let out = h.hello_with("s1", None, vec![claim]);
-    assert!(matches!(out.reply, Some(Reply::Welcome(ref w)) if w.rejected_agents.is_empty()));
+    assert!(matches!(reply_of(&out), Some(Reply::Welcome(ref w)) if w.rejected_agents.is_empty()));
     assert_eq!(h.engine.total_in_use(), 1);
 }
 
@@ -484,7 +550,7 @@ fn hello_reconciles_without_double_counting() {
         })
         .to_vec();
     let out = h.hello_with("s1", None, claims);
-    let Some(Reply::Welcome(w)) = out.reply else {
+    let Some(Reply::Welcome(w)) = reply_of(&out) else {
         panic!()
     };
     assert_eq!(w.rejected_agents.len(), 1);
@@ -545,14 +611,14 @@ fn bad_input_gets_an_error_reply_and_an_alert() {
             },
         },
     );
-    assert!(matches!(out.reply, Some(Reply::Error(_))));
+    assert!(matches!(reply_of(&out), Some(Reply::Error(_))));
     assert_eq!(alerts(&out)[0].kind, AlertKind::BadMessage);
 
     for (agent, t) in [("", "inbound"), ("a", "in bound"), ("a\u{0}", "inbound")] {
         let out = h.register("s1", agent, t);
         assert!(
             matches!(
-                out.reply,
+                reply_of(&out),
                 Some(Reply::Error(WireError {
                     code: ErrorCode::Invalid,
                     ..
@@ -672,7 +738,7 @@ fn a_flooding_slave_is_rate_limited_with_few_alerts() {
     }
     let out = h.register("s1", "a1", "inbound");
     assert!(matches!(
-        out.reply,
+        reply_of(&out),
         Some(Reply::Decision(Decision::Rejected {
             reason: RejectReason::RateLimited,
             ..
@@ -712,7 +778,7 @@ fn a_flooding_slave_is_rate_limited_with_few_alerts() {
 }
 
 fn decision_of(out: &Output) -> Decision {
-    match &out.reply {
+    match &reply_of(out) {
         Some(Reply::Decision(d)) => d.clone(),
         other => panic!("expected a decision, got {other:?}"),
     }
@@ -731,7 +797,7 @@ fn a_slave_license_serves_one_live_slave() {
         Reply::Welcome(_)
     ));
     let out = h.hello_with("s2", Some(shared.clone()), vec![]);
-    match out.reply {
+    match reply_of(&out) {
         Some(Reply::Refused {
             reason: RejectReason::LicenseInUse,
             ref detail,
@@ -805,7 +871,7 @@ fn silent_slave_seats_are_reclaimed_after_grace_plus_margin() {
         })
         .to_vec();
     let out = h.hello_with("s1", None, claims);
-    let Some(Reply::Welcome(w)) = out.reply else {
+    let Some(Reply::Welcome(w)) = reply_of(&out) else {
         panic!()
     };
     assert_eq!(w.rejected_agents.len(), 1);
@@ -872,7 +938,7 @@ fn timing_rule_and_stale_hellos() {
                     today: TODAY,
                 },
             )
-            .reply
+            .into_slave_reply()
             .unwrap()
     };
     // margin 10 s; timeout 9 s + 1% of 120 s = 10.2 s: broken.
@@ -913,12 +979,11 @@ fn admin_release_logs_out_and_revokes() {
     for a in ["a1", "a2", "a3"] {
         assert!(approved(&h.decision("s1", a, "inbound")));
     }
-    let ReleaseOutput { reply, effects, .. } =
-        h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
-            slave_id: "s1".into(),
-            agent_id: Some("a1".into()),
-            operator: "alice".into(),
-        });
+    let Released { reply, effects, .. } = h.admin_release(&lmbus_schemas::ReleaseRequest {
+        slave_id: "s1".into(),
+        agent_id: Some("a1".into()),
+        operator: "alice".into(),
+    });
     assert_eq!(
         reply,
         lmbus_schemas::ReleaseReply::Released {
@@ -932,7 +997,7 @@ fn admin_release_logs_out_and_revokes() {
         Effect::Alert(a) if a.kind == AlertKind::SeatsReleased && a.message.contains("alice"))));
     assert_eq!(h.engine.total_in_use(), 2);
 
-    let ReleaseOutput { reply, .. } = h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
+    let Released { reply, .. } = h.admin_release(&lmbus_schemas::ReleaseRequest {
         slave_id: "s1".into(),
         agent_id: None,
         operator: String::new(),
@@ -950,7 +1015,7 @@ fn admin_release_logs_out_and_revokes() {
         })
         .to_vec();
     let out = h.hello_with("s1", None, claims);
-    let Some(Reply::Welcome(w)) = out.reply else {
+    let Some(Reply::Welcome(w)) = reply_of(&out) else {
         panic!()
     };
     assert_eq!(w.rejected_agents.len(), 3);
@@ -965,7 +1030,7 @@ fn admin_release_logs_out_and_revokes() {
     // a4 is released, then registered anew before the slave's next hello: that seat is
     // rightly held, and the hello keeps it.
     assert!(approved(&h.decision("s1", "a4", "outbound")));
-    h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
+    h.admin_release(&lmbus_schemas::ReleaseRequest {
         slave_id: "s1".into(),
         agent_id: Some("a4".into()),
         operator: "alice".into(),
@@ -978,18 +1043,17 @@ fn admin_release_logs_out_and_revokes() {
         })
         .to_vec();
     let out = h.hello_with("s1", None, claims);
-    let Some(Reply::Welcome(w)) = out.reply else {
+    let Some(Reply::Welcome(w)) = reply_of(&out) else {
         panic!()
     };
     assert!(w.rejected_agents.is_empty(), "{:?}", w.rejected_agents);
     assert_eq!(h.engine.total_in_use(), 2);
 
-    let ReleaseOutput { reply, effects, .. } =
-        h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
-            slave_id: "nobody".into(),
-            agent_id: None,
-            operator: String::new(),
-        });
+    let Released { reply, effects, .. } = h.admin_release(&lmbus_schemas::ReleaseRequest {
+        slave_id: "nobody".into(),
+        agent_id: None,
+        operator: String::new(),
+    });
     assert!(matches!(reply, lmbus_schemas::ReleaseReply::Error { .. }));
     assert!(effects.is_empty());
 }
@@ -1039,7 +1103,7 @@ fn replaying_the_records_or_a_snapshot_reproduces_the_seat_state() {
                     agent_id: (next(2) == 0).then(|| agent.clone()),
                     operator: "op".into(),
                 };
-                let released = h.engine.admin_release(&request);
+                let released = h.admin_release(&request);
                 Output {
                     changes: released.changes,
                     ..Output::default()
@@ -1213,7 +1277,7 @@ mod properties {
                         h.engine.handle(h.now, Event::Tick { today: TODAY })
                     }
                     Op::Release { slave, agent } => {
-                        let released = h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
+                        let released = h.admin_release(&lmbus_schemas::ReleaseRequest {
                             slave_id: format!("s{slave}"),
                             agent_id: agent.map(|a| format!("a{a}")),
                             operator: "op".into(),
@@ -1283,7 +1347,7 @@ fn a_replayed_request_cannot_retake_or_release_a_seat() {
         &h.register_numbered("s1", "a1", "inbound", 102)
     )));
     let replay = h.unregister_numbered("s1", "a1", 101);
-    assert_eq!(replay.reply, Some(Reply::Ack));
+    assert_eq!(reply_of(&replay), Some(Reply::Ack));
     // Within 10 s of the last replay alert for this slave: counted, not alerted again.
     assert_eq!(alerts(&replay).len(), 0);
     assert!(replay.changes.is_empty());
@@ -1462,7 +1526,7 @@ fn a_reloaded_license_lowers_the_limit_without_logging_anyone_out() {
     // Refused: tampered, or a slave license. Nothing changes.
     let tampered = lower.replace("total = 2", "total = 200");
     for bad in [tampered.as_str(), slave_license(None).as_str()] {
-        let (reply, out) = h.engine.reload_license(&reload(bad), TODAY);
+        let (reply, out) = h.reload_license(&reload(bad), TODAY);
         assert!(
             matches!(reply, lmbus_schemas::ReloadReply::Error { .. }),
             "{reply:?}"
@@ -1471,7 +1535,7 @@ fn a_reloaded_license_lowers_the_limit_without_logging_anyone_out() {
     }
     assert_eq!(h.engine.status(h.now).total_limit, 5);
 
-    let (reply, out) = h.engine.reload_license(&reload(&lower), TODAY);
+    let (reply, out) = h.reload_license(&reload(&lower), TODAY);
     let lmbus_schemas::ReloadReply::Reloaded { message } = reply else {
         panic!("{reply:?}");
     };
@@ -1578,7 +1642,7 @@ mod seat_truth {
             &h.register_numbered("s1", "a2", "inbound", 2)
         )));
         let out = hello_at(&mut h, "s1", 2, vec![claim("a1", "inbound")], vec!["a2"], 2);
-        assert!(matches!(out.reply, Some(Reply::Welcome(_))));
+        assert!(matches!(reply_of(&out), Some(Reply::Welcome(_))));
         assert_eq!(held(&h, "s1"), ["a1", "a2"]);
         assert!(approved(&decision_of(
             &h.register_numbered("s1", "a3", "outbound", 4)
@@ -1628,14 +1692,14 @@ mod seat_truth {
             let out = hello_at(&mut h, "s1", seq, vec![], vec![], 0);
             assert!(
                 matches!(
-                    out.reply,
+                    reply_of(&out),
                     Some(Reply::Refused {
                         reason: RejectReason::Replayed,
                         ..
                     })
                 ),
                 "{:?}",
-                out.reply
+                reply_of(&out)
             );
             assert!(out.changes.is_empty());
             // One alert, then quiet for RATE_LIMIT_ALERT_EVERY.
@@ -1704,7 +1768,7 @@ mod seat_truth {
             "s1",
             books(&[("a1", "inbound"), ("a2", "outbound")], &[]),
         );
-        assert_eq!(out.reply, Some(Reply::Ack));
+        assert_eq!(reply_of(&out), Some(Reply::Ack));
         assert!(!rehello(&out));
         assert!(!rehello(&heartbeat_with(
             &mut h,
@@ -1882,7 +1946,7 @@ mod seat_truth {
                     Step::DeliverToMaster => {
                         if let (Some(e), Some(what)) = (m.to_master.pop_front(), sent.pop_front()) {
                             let out = h.engine.handle(h.now, e);
-                            m.to_slave.push_back((what, out.reply, out.effects));
+                            m.to_slave.push_back((what, reply_of(&out), out.effects));
                         }
                     }
                     Step::Overtake => {
@@ -1987,7 +2051,7 @@ fn released_and_snapshotted_agents_come_in_id_order() {
     ] {
         assert!(approved(&h.decision("s1", a, agent_type)));
     }
-    let out = h.engine.admin_release(&lmbus_schemas::ReleaseRequest {
+    let out = h.admin_release(&lmbus_schemas::ReleaseRequest {
         slave_id: "s1".into(),
         agent_id: None,
         operator: "alice".into(),
@@ -2057,7 +2121,7 @@ fn a_batch_is_its_items_decided_in_order() {
             request: lmbus_schemas::BatchRequest { items },
         },
     );
-    let Some(Reply::Batch(replies)) = &out.reply else {
+    let Some(Reply::Batch(replies)) = reply_of(&out) else {
         panic!("{:?}", out.reply)
     };
     assert_eq!(replies.len(), 4);

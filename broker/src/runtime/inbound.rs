@@ -3,10 +3,13 @@
 //! request decoded and decided, and the reply-subject check for status and admin requests.
 
 use async_nats::Message;
-use lmbus_schemas::{ReleaseReply, ReloadReply, Reply, SlaveOp, Subjects, WireError, decode};
+use lmbus_schemas::{
+    DecodeError, ReleaseReply, ReleaseRequest, ReloadReply, ReloadRequest, Reply, SlaveOp,
+    Subjects, WireError, decode,
+};
 use tracing::{debug, info};
 
-use crate::engine::{Engine, Event, Output};
+use crate::engine::{Answer, Engine, Event, Output};
 use crate::intake::{BadVerdict, Intake};
 
 use super::{now, today_utc};
@@ -60,10 +63,10 @@ pub(super) fn handle_slave_message(
             return Some(Intook {
                 reply_to: msg.reply.clone(),
                 out: Output {
-                    reply: Some(Reply::Error(WireError {
+                    reply: Some(Answer::Slave(Reply::Error(WireError {
                         code: lmbus_schemas::ErrorCode::Invalid,
                         message: e.to_string(),
-                    })),
+                    }))),
                     ..Output::default()
                 },
                 op: None,
@@ -88,7 +91,8 @@ pub(super) fn handle_slave_message(
         }
         Err(problem) => {
             let answer = intake.bad(at, slave.as_str(), op.token(), &problem.message);
-            let reply = (answer == BadVerdict::Answer).then_some(Reply::Error(problem));
+            let reply =
+                (answer == BadVerdict::Answer).then_some(Answer::Slave(Reply::Error(problem)));
             return Some(Intook {
                 reply_to: reply.as_ref().and(reply_to),
                 out: Output {
@@ -106,71 +110,69 @@ pub(super) fn handle_slave_message(
     })
 }
 
-/// The answer to an operator's admin request, sent once its changes are recorded.
-pub(super) enum AdminReply {
-    Release(ReleaseReply),
-    Reload(ReloadReply),
-}
-
-/// An operator's request on an admin subject: decoded and decided by `decide`.
-/// Undecodable input gets `refuse`'s reply and a `bad_message` alert.
-fn admin_request<Req, Rep>(
+/// An operator's request on an admin subject, decoded into the engine's event by `event`.
+/// Undecodable input gets `refuse`'s answer and a `bad_message` alert.
+fn admin_request<Req>(
     engine: &mut Engine,
     msg: &Message,
-    decide: impl FnOnce(&mut Engine, Req) -> (Rep, Output),
-    refuse: impl FnOnce(String) -> Rep,
-) -> (Rep, Output)
+    event: impl FnOnce(Req) -> Event,
+    refuse: impl FnOnce(String) -> Answer,
+) -> Output
 where
     Req: serde::de::DeserializeOwned,
 {
     match decode::<Req>(&msg.payload) {
-        Ok(request) => decide(engine, request),
+        Ok(request) => engine.handle(now(), event(request)),
         Err(e) => {
-            let out = engine.handle(
-                now(),
-                Event::BadMessage {
-                    subject: msg.subject.to_string(),
-                    slave: None,
-                    error: WireError::from(&e),
-                },
-            );
-            (refuse(e.to_string()), out)
+            let mut out = bad_message(engine, msg, &e);
+            out.reply = Some(refuse(e.to_string()));
+            out
         }
     }
 }
 
 /// An operator's release request: the reply, and the effects (the slave is told, an
 /// alert) with the seat changes to record first.
-pub(super) fn admin_release(engine: &mut Engine, msg: &Message) -> (AdminReply, Output) {
-    let (reply, out) = admin_request(
+pub(super) fn admin_release(engine: &mut Engine, msg: &Message) -> Output {
+    admin_request(
         engine,
         msg,
-        |engine, request: lmbus_schemas::ReleaseRequest| {
+        |request: ReleaseRequest| {
             info!(slave = %request.slave_id, agent = ?request.agent_id, operator = %request.operator, "admin release");
-            let released = engine.admin_release(&request);
-            let out = Output {
-                reply: None,
-                effects: released.effects,
-                changes: released.changes,
-            };
-            (released.reply, out)
+            Event::Release { request }
         },
-        |message| ReleaseReply::Error { message },
-    );
-    (AdminReply::Release(reply), out)
+        |message| Answer::Release(ReleaseReply::Error { message }),
+    )
 }
 
 /// An operator's license reload: the reply, and the alert with the ledger record to write
 /// first.
-pub(super) fn admin_reload(engine: &mut Engine, msg: &Message) -> (AdminReply, Output) {
-    let (reply, out) = admin_request(
+pub(super) fn admin_reload(engine: &mut Engine, msg: &Message) -> Output {
+    admin_request(
         engine,
         msg,
-        |engine, request: lmbus_schemas::ReloadRequest| {
+        |request: ReloadRequest| {
             info!(operator = %request.operator, "admin reload-license");
-            engine.reload_license(&request, today_utc())
+            Event::Reload {
+                request,
+                today: today_utc(),
+            }
         },
-        |message| ReloadReply::Error { message },
+        |message| Answer::Reload(ReloadReply::Error { message }),
+    )
+}
+
+/// A message on a broker subject (not a slave's) that did not decode: the engine's
+/// `bad_message` alert. Its reply, if any, is the caller's to give.
+pub(super) fn bad_message(engine: &mut Engine, msg: &Message, error: &DecodeError) -> Output {
+    let mut out = engine.handle(
+        now(),
+        Event::BadMessage {
+            subject: msg.subject.to_string(),
+            slave: None,
+            error: WireError::from(error),
+        },
     );
-    (AdminReply::Reload(reply), out)
+    out.reply = None;
+    out
 }

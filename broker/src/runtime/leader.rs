@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use async_nats::{Message, Subject, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use lmbus_schemas::{
-    Alert, AlertKind, LedgerEntry, ReplicaBeat, SeatChange, Severity, SlaveOp, WireError, decode,
+    Alert, AlertKind, LedgerEntry, ReplicaBeat, SeatChange, Severity, SlaveOp, decode,
 };
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -26,7 +26,9 @@ use crate::metrics::Gauges;
 use crate::pipeline::{Acked, Pipeline};
 use crate::replicas::Replicas;
 
-use super::inbound::{Intook, admin_release, admin_reload, client_reply_ok, handle_slave_message};
+use super::inbound::{
+    Intook, admin_release, admin_reload, bad_message, client_reply_ok, handle_slave_message,
+};
 use super::outbound::Io;
 use super::replica::Replica;
 use super::reporter::spawn_report;
@@ -535,7 +537,7 @@ impl<'a> Leader<'a> {
             );
             return Turn::Wait;
         }
-        let (reply, out) = if subject == subjects.admin_reload() {
+        let out = if subject == subjects.admin_reload() {
             admin_reload(&mut self.replica.engine, &msg)
         } else if subject == subjects.admin_release() {
             admin_release(&mut self.replica.engine, &msg)
@@ -551,8 +553,7 @@ impl<'a> Leader<'a> {
         if let Some(end) = self.commit_all(changes).await {
             return Turn::End(end);
         }
-        self.io.admin_reply(&msg, &reply).await;
-        self.io.apply(None, out).await;
+        self.io.apply(msg.reply.as_ref(), out).await;
         Turn::Decided(Vec::new())
     }
 
@@ -568,14 +569,7 @@ impl<'a> Leader<'a> {
                 }
             }
             Err(e) => {
-                let out = self.replica.engine.handle(
-                    now(),
-                    Event::BadMessage {
-                        subject: msg.subject.to_string(),
-                        slave: None,
-                        error: WireError::from(&e),
-                    },
-                );
+                let out = bad_message(&mut self.replica.engine, &msg, &e);
                 self.io.apply(None, out).await;
             }
         }

@@ -9,10 +9,9 @@ use lmbus_schemas::{Alert, Decision, Reply, Severity, StatusReply, Subjects, enc
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::engine::{Effect, Output};
+use crate::engine::{Answer, Effect, Output};
 use crate::metrics::Metrics;
 
-use super::inbound::AdminReply;
 use super::unix_ms;
 
 /// The runtime's side effects: replies, alerts and control messages.
@@ -30,13 +29,13 @@ impl Io {
         match &out.reply {
             // A batch holds only registrations (answered with decisions) and
             // unregistrations (answered `Ack`).
-            Some(Reply::Batch(replies)) => {
+            Some(Answer::Slave(Reply::Batch(replies))) => {
                 for reply in replies {
                     self.observe_reply(reply, took, matches!(reply, Reply::Ack));
                 }
             }
-            Some(reply) => self.observe_reply(reply, took, unregistration),
-            None => {}
+            Some(Answer::Slave(reply)) => self.observe_reply(reply, took, unregistration),
+            _ => {}
         }
     }
 
@@ -56,7 +55,12 @@ impl Io {
     /// the effects in order.
     pub(super) async fn apply(&self, reply_to: Option<&Subject>, out: Output) {
         if let (Some(reply_to), Some(reply)) = (reply_to, out.reply.as_ref()) {
-            self.send(reply_to.clone(), reply, "reply").await;
+            let reply_to = reply_to.clone();
+            match reply {
+                Answer::Slave(reply) => self.send(reply_to, reply, "reply").await,
+                Answer::Release(reply) => self.send(reply_to, reply, "admin reply").await,
+                Answer::Reload(reply) => self.send(reply_to, reply, "admin reply").await,
+            }
         }
         for effect in out.effects {
             match effect {
@@ -83,17 +87,6 @@ impl Io {
             .alert(alert.kind.token(), alert.severity.token());
         let subject = self.subjects.alert(alert.severity, alert.kind);
         self.send(subject, &alert, "alert").await;
-    }
-
-    /// Answers an operator's admin request, where it asked (if it asked).
-    pub(super) async fn admin_reply(&self, msg: &Message, reply: &AdminReply) {
-        let Some(reply_to) = &msg.reply else {
-            return;
-        };
-        match reply {
-            AdminReply::Release(reply) => self.send(reply_to.clone(), reply, "admin reply").await,
-            AdminReply::Reload(reply) => self.send(reply_to.clone(), reply, "admin reply").await,
-        }
     }
 
     /// Answers a status request, where it asked (if it asked).
