@@ -12,7 +12,7 @@ use tracing::{debug, info};
 use crate::engine::{Answer, Engine, Event, Output};
 use crate::intake::{BadVerdict, Intake};
 
-use super::{now, today_utc};
+use super::clock::{now, today_utc};
 
 /// Whether a status or admin request may be answered where it asks: an `_INBOX.` subject.
 /// A request without a reply subject is served (admin actions are then simply unanswered).

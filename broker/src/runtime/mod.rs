@@ -11,12 +11,14 @@
 //! become error replies and `bad_message` alerts.
 //!
 //! This module is [`run`], which switches one replica between its two roles; the roles
-//! are in `standby` and `leader`, the state they share in `replica`. What comes in from
-//! NATS is turned into engine events by `inbound` and what goes out is sent by `outbound`;
-//! `tasks`, `snapshotter` and `reporter` are the tasks beside the loop.
+//! are in `standby` and in `term` (a term's start) and `leader` (its loop), the state they
+//! share in `replica`. What comes in from NATS is turned into engine events by `inbound` and
+//! what goes out is sent by `outbound`; `tasks`, `snapshotter` and `reporter` are the tasks
+//! beside the loop, and `clock` the time readings handed to the engine.
 //!
 //! [`Engine`]: crate::engine::Engine
 
+mod clock;
 mod inbound;
 mod leader;
 mod outbound;
@@ -25,6 +27,7 @@ mod reporter;
 mod snapshotter;
 mod standby;
 mod tasks;
+mod term;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,9 +38,7 @@ use anyhow::Context as _;
 use async_nats::Client;
 use futures::StreamExt;
 use lmbus_schemas::{Alert, AlertKind, Severity, Subjects};
-use time::{Date, OffsetDateTime};
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::config::{self, BrokerConfig};
@@ -48,6 +49,7 @@ use crate::metrics::Metrics;
 use crate::report::Usage;
 use crate::snapshot::Snapshots;
 
+use self::clock::today_utc;
 use self::leader::Led;
 use self::outbound::Io;
 use self::replica::{Replica, restore};
@@ -63,23 +65,6 @@ const FOLLOW_RETRY_CAP: Duration = Duration::from_secs(5);
 
 /// Messages the NATS client buffers per subscription before it drops (async-nats: 65,536).
 const SUBSCRIPTION_CAPACITY: usize = 256 * 1024;
-
-// The runtime's clocks: the engine reads none, it is given `now` and `today` by these.
-
-/// The calendar date, for license expiry.
-fn today_utc() -> Date {
-    OffsetDateTime::now_utc().date()
-}
-
-/// Wall-clock milliseconds, for alert times and the usage report.
-fn unix_ms() -> i64 {
-    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-/// The monotonic `now` the engine decides with (tokio's, so paused time reaches it).
-fn now() -> std::time::Instant {
-    Instant::now().into_std()
-}
 
 /// Runs one broker replica until `shutdown` completes. Fails before serving anything if
 /// the license, the configuration, NATS or JetStream is not usable.

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::engine::{Answer, Effect, Output};
 use crate::metrics::Metrics;
 
-use super::unix_ms;
+use super::clock::unix_ms;
 
 /// The runtime's side effects: replies, alerts and control messages.
 #[derive(Clone)]

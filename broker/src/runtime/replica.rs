@@ -15,7 +15,7 @@ use crate::ledger::{Gap, Record};
 use crate::report::{LicenseFacts, Usage};
 use crate::snapshot::Snapshots;
 
-use super::{now, unix_ms};
+use super::clock::{now, unix_ms};
 
 /// The seat state this replica holds and how far into the ledger it is.
 pub(super) struct Replica {
