@@ -1,14 +1,14 @@
 //! What keeps a rogue or confused slave from costing others: the registration rate limit
-//! (`Bucket`), replay protection by request number (`Window`), quiet repeated refusals,
-//! and the agent id and type check.
+//! (`Bucket`), replay protection by request number (`Window`), the bookkeeping of quiet
+//! repeated refusals (`Quiet`), and the agent id and type check. Plain types and functions:
+//! the rules that use them are the engine's methods in the other files.
 
 use std::time::{Duration, Instant};
 
-use lmbus_schemas::{Alert, AlertKind, ErrorCode, Reply, Severity, SlaveId, WireError};
-
 use crate::bucket::TokenBucket;
 
-use super::{Engine, MAX_AGENT_ID_LEN, Output, Quiet};
+/// Longest agent id accepted, in bytes.
+pub const MAX_AGENT_ID_LEN: usize = 256;
 
 /// How often, at most, a slave's rate limiting is reported in an alert.
 pub const RATE_LIMIT_ALERT_EVERY: Duration = Duration::from_secs(10);
@@ -100,74 +100,6 @@ impl Window {
     }
 }
 
-impl Engine {
-    /// `alert` now if no alert of this slave and reason went out within
-    /// [`RATE_LIMIT_ALERT_EVERY`] (saying how many more were refused meanwhile), else
-    /// `None` and the refusal is counted: however many a site sends, a few alerts.
-    pub(super) fn quietly(
-        &mut self,
-        now: Instant,
-        id: &SlaveId,
-        what: &'static str,
-        mut alert: Alert,
-    ) -> Option<Alert> {
-        if !self.quiet.contains_key(&(id.clone(), what))
-            && self.quiet.len() >= self.cfg.max_slaves.max(1)
-        {
-            let oldest = self
-                .quiet
-                .iter()
-                .min_by_key(|(_, q)| q.reported_at)
-                .map(|(k, _)| k.clone());
-            if let Some(oldest) = oldest {
-                self.quiet.remove(&oldest);
-            }
-        }
-        let q = self.quiet.entry((id.clone(), what)).or_insert(Quiet {
-            unreported: 0,
-            reported_at: None,
-        });
-        let due = q
-            .reported_at
-            .is_none_or(|at| now.saturating_duration_since(at) >= RATE_LIMIT_ALERT_EVERY);
-        if !due {
-            q.unreported += 1;
-            return None;
-        }
-        if q.unreported > 0 {
-            alert.message.push_str(&format!(
-                " ({} more such refusals of slave {id} since the last alert)",
-                q.unreported
-            ));
-        }
-        q.unreported = 0;
-        q.reported_at = Some(now);
-        Some(alert)
-    }
-
-    pub(super) fn invalid_request(
-        &self,
-        slave: &SlaveId,
-        subject_op: &str,
-        message: String,
-    ) -> Output {
-        let error = WireError {
-            code: ErrorCode::Invalid,
-            message,
-        };
-        let mut out = Output::reply(Reply::Error(error.clone()));
-        out.alert(
-            self.alert(
-                Severity::Warning,
-                AlertKind::BadMessage,
-                format!("invalid {subject_op} from slave {slave}: {}", error.message),
-            )
-            .slave(slave.as_str()),
-        );
-        out
-    }
-}
-
 /// Checks an agent id (and type) from the network; `Some(problem)` when unusable.
 pub(super) fn validate_agent(agent_id: &str, agent_type: Option<&str>) -> Option<String> {
     if agent_id.is_empty() || agent_id.len() > MAX_AGENT_ID_LEN {
@@ -191,4 +123,11 @@ pub(super) fn validate_agent(agent_id: &str, agent_type: Option<&str>) -> Option
         }
     }
     None
+}
+
+/// One slave's repeated refusals of one reason since its last alert.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Quiet {
+    pub(super) unreported: u64,
+    pub(super) reported_at: Option<Instant>,
 }

@@ -23,9 +23,11 @@
 //! This file holds the types and [`Engine::handle`]; the rules are in one file per family:
 //! `hello` (admission and reconcile), `seats` (limits, grants, registrations and batches),
 //! `liveness` (heartbeats and the tick: silence, reclaim, counts, expiry), `admin` (an
-//! operator's release and license reload), `reports` (what only raises an alert), `guards`
-//! (rate limit, replay window, quiet refusals, the agent id and type check), `replay`
-//! (applying the ledger, snapshots) and `status` (views). The tests are split the same way.
+//! operator's release and license reload), `reports` (what only raises an alert),
+//! `refusals` (invalid requests, quiet repeated refusals), `replay` (applying the ledger,
+//! snapshots) and `status` (views), all methods of [`Engine`]; `guards` holds the plain
+//! types and checks they share (rate limit, replay window, the agent id and type check) and
+//! imports nothing from the engine. The tests are split the same way.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -42,6 +44,7 @@ mod admin;
 mod guards;
 mod hello;
 mod liveness;
+mod refusals;
 mod replay;
 mod reports;
 mod seats;
@@ -49,11 +52,8 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-use guards::{Bucket, Window};
-pub use guards::{MAX_SEQ_JUMP, RATE_LIMIT_ALERT_EVERY, REPLAY_WINDOW};
-
-/// Longest agent id accepted, in bytes.
-pub const MAX_AGENT_ID_LEN: usize = 256;
+use guards::{Bucket, Quiet, Window};
+pub use guards::{MAX_AGENT_ID_LEN, MAX_SEQ_JUMP, RATE_LIMIT_ALERT_EVERY, REPLAY_WINDOW};
 
 /// Settings of the engine. Everything time-related is a duration; the engine never looks
 /// at a wall clock except the `today` its caller passes in for license dates.
@@ -299,13 +299,6 @@ pub struct Engine {
     /// [`RATE_LIMIT_ALERT_EVERY`]. Bounded: at most `max_slaves` entries, the oldest
     /// forgotten first (not in the ledger: a new leader starts it empty).
     quiet: BTreeMap<(SlaveId, &'static str), Quiet>,
-}
-
-/// One slave's repeated refusals of one reason since its last alert.
-#[derive(Debug, Clone, Copy)]
-struct Quiet {
-    unreported: u64,
-    reported_at: Option<Instant>,
 }
 
 impl Engine {
