@@ -46,25 +46,22 @@ fuzz_target!(|data: &[u8]| {
         if let Some(reply) = &reply {
             assert!(reply.starts_with(&format!("{}.", subjects.slave_inbox_prefix(&slave))));
         }
-        let events = match decode_slave(payload, &slave, op, today) {
-            Ok(Decoded::One(event)) => vec![event],
-            Ok(Decoded::Batch(batch)) => batch
-                .items
-                .into_iter()
-                .map(|item| Event::of_batch_item(&slave, item))
-                .collect(),
+        let event = match decode_slave(payload, &slave, op, today) {
+            Ok(Decoded::One(event)) => event,
+            Ok(Decoded::Batch(request)) => Event::Batch {
+                slave: slave.clone(),
+                request,
+            },
             Err(error) => {
                 let _ = intake.bad(now, slave.as_str(), op.token(), &error.message);
                 continue;
             }
         };
-        for event in events {
-            let out = engine.handle(now, event);
-            for effect in &out.effects {
-                if let Effect::Alert(alert) = effect {
-                    assert!(!alert.message.contains('\u{1b}'), "{}", alert.message);
-                    assert!(!alert.message.contains('\n'), "{}", alert.message);
-                }
+        let out = engine.handle(now, event);
+        for effect in &out.effects {
+            if let Effect::Alert(alert) = effect {
+                assert!(!alert.message.contains('\u{1b}'), "{}", alert.message);
+                assert!(!alert.message.contains('\n'), "{}", alert.message);
             }
         }
         let status = engine.status(now);

@@ -1,0 +1,167 @@
+//! An operator's commands: a license reload and a forced release of seats.
+
+use lmbus_schemas::{
+    AlertKind, ControlMessage, RejectReason, RejectedAgent, ReleaseReply, ReleaseRequest,
+    ReloadReply, ReloadRequest, Role, SeatChange, Severity, SlaveId, verify_license,
+};
+use time::Date;
+
+use super::{Answer, Effect, Engine, Output};
+
+impl Engine {
+    /// An operator's new master license (`admin reload-license`, like lmreread): verified
+    /// (signature, dates, role master) before anything changes, then in force at once and
+    /// recorded in the ledger so every replica uses it. A limit below current use logs
+    /// nobody out: new registrations are rejected until usage is below it, and the reply
+    /// and the alert say so.
+    pub(super) fn reload_license(&mut self, request: &ReloadRequest, today: Date) -> Output {
+        let checked = verify_license(
+            &request.license,
+            "the reloaded license",
+            &self.cfg.vendor_key,
+        )
+        .and_then(|l| {
+            l.check_dates(today, "the reloaded license")?;
+            l.require_role(Role::Master, "the reloaded license")?;
+            Ok(l)
+        });
+        let license = match checked {
+            Ok(l) => l,
+            Err(e) => {
+                return Output {
+                    reply: Some(Answer::Reload(ReloadReply::Error {
+                        message: format!("{e}; the current license stays in force"),
+                    })),
+                    ..Output::default()
+                };
+            }
+        };
+        let old_total = self.total_limit();
+        self.cfg.license = license;
+        self.license_text = Some(request.license.clone());
+        let new_total = self.total_limit();
+        let mut over = Vec::new();
+        if self.total_in_use > new_total {
+            over.push(format!(
+                "{} seats in use, total limit {new_total}",
+                self.total_in_use
+            ));
+        }
+        for (agent_type, limit) in &self.cfg.license.limits.agent_types {
+            let used = self.in_use_by_type.get(agent_type).copied().unwrap_or(0);
+            if used > *limit {
+                over.push(format!("{used} '{agent_type}' seats in use, limit {limit}"));
+            }
+        }
+        let who = if request.operator.is_empty() {
+            "an operator"
+        } else {
+            request.operator.as_str()
+        };
+        let mut message = format!(
+            "license {} for {} is in force (total limit {old_total} -> {new_total})",
+            self.cfg.license.id, self.cfg.license.customer
+        );
+        if !over.is_empty() {
+            message.push_str(&format!(
+                "; usage is above the new limits ({}): nobody is logged out, new registrations are rejected until usage falls below them",
+                over.join("; ")
+            ));
+        }
+        let alert = self
+            .alert(
+                if over.is_empty() {
+                    Severity::Info
+                } else {
+                    Severity::Warning
+                },
+                AlertKind::LicenseReloaded,
+                format!("{who} reloaded the master license: {message}"),
+            )
+            .counts(self.counts());
+        self.pending.push(SeatChange::License {
+            text: request.license.clone(),
+        });
+        Output {
+            reply: Some(Answer::Reload(ReloadReply::Reloaded { message })),
+            effects: vec![Effect::Alert(alert)],
+            changes: Vec::new(),
+        }
+    }
+
+    /// An operator force-releases one agent's seat or all seats of a slave. The slave is
+    /// told to log the agents out; if it misses that (it is offline), its next hello is
+    /// refused those agents, so it cannot silently take them back.
+    pub(super) fn admin_release(&mut self, request: &ReleaseRequest) -> Output {
+        let error = |message: String| Output {
+            reply: Some(Answer::Release(ReleaseReply::Error { message })),
+            ..Output::default()
+        };
+        let Ok(id) = SlaveId::new(request.slave_id.clone()) else {
+            return error(format!("{:?} is not a valid slave id", request.slave_id));
+        };
+        let Some(slave) = self.slaves.get(&id) else {
+            return error(format!("the master knows no slave {id}"));
+        };
+        let targets: Vec<(String, String)> = match &request.agent_id {
+            Some(agent) => match slave.agents.get(agent) {
+                Some(t) => vec![(agent.clone(), t.clone())],
+                None => return error(format!("agent {agent} holds no seat on slave {id}")),
+            },
+            None => slave
+                .agents
+                .iter()
+                .map(|(a, t)| (a.clone(), t.clone()))
+                .collect(),
+        };
+        for (agent, _) in &targets {
+            self.release(&id, agent);
+        }
+        if let Some(slave) = self.slaves.get_mut(&id) {
+            slave.revoked.extend(targets.iter().map(|(a, _)| a.clone()));
+        }
+        let agents: Vec<String> = targets.into_iter().map(|(a, _)| a).collect();
+        self.pending.push(SeatChange::Revoke {
+            slave: id.to_string(),
+            agents: agents.clone(),
+        });
+        let who = if request.operator.is_empty() {
+            "an operator"
+        } else {
+            request.operator.as_str()
+        };
+        let alert = self
+            .alert(
+                Severity::Warning,
+                AlertKind::SeatsReleased,
+                format!(
+                    "{who} released {} seats of slave {id}: {}",
+                    agents.len(),
+                    agents.join(", ")
+                ),
+            )
+            .slave(id.as_str())
+            .counts(self.counts());
+        let logout = ControlMessage::LogOut {
+            agents: agents
+                .iter()
+                .map(|a| RejectedAgent {
+                    agent_id: a.clone(),
+                    reason: RejectReason::ReleasedByAdmin,
+                })
+                .collect(),
+        };
+        let effects = vec![
+            Effect::Control {
+                slave: id,
+                message: logout,
+            },
+            Effect::Alert(alert),
+        ];
+        Output {
+            reply: Some(Answer::Release(ReleaseReply::Released { agents })),
+            effects,
+            changes: Vec::new(),
+        }
+    }
+}

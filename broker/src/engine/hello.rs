@@ -1,0 +1,328 @@
+//! A slave's hello: admitting the slave (its license, the one-live-slave rule, the
+//! stale-hello guard and the timing rule) and reconciling the seats it claims with the
+//! master's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use lmbus_schemas::{
+    AgentClaim, AlertKind, Hello, RejectReason, RejectedAgent, Reply, Role, SeatChange, Severity,
+    SlaveId, Welcome, verify_license,
+};
+use time::Date;
+
+use super::guards::{Bucket, MAX_SEQ_JUMP, Window};
+use super::{Answer, Engine, Output, Slave, SlaveLicense};
+
+impl Engine {
+    fn refuse_hello(&self, slave: &SlaveId, reason: RejectReason, detail: String) -> Output {
+        let mut out = Output::reply(Reply::Refused {
+            reason,
+            detail: detail.clone(),
+            last_hello: None,
+        });
+        out.alert(
+            self.alert(
+                Severity::Warning,
+                AlertKind::SlaveRefused,
+                format!("slave {slave} refused: {detail}"),
+            )
+            .slave(slave.as_str())
+            .reason(reason),
+        );
+        out
+    }
+
+    /// Decides whether a slave may connect and on which terms.
+    fn admit_slave(
+        &self,
+        hello: &Hello,
+        today: Date,
+    ) -> Result<Option<SlaveLicense>, (RejectReason, String)> {
+        let unlicensed = || {
+            if self.cfg.allow_unlicensed_slaves {
+                Ok(None)
+            } else {
+                Err((
+                    RejectReason::UnlicensedNotAllowed,
+                    "the slave has no slave license and this master does not allow unlicensed slaves (start the broker with --allow-unlicensed-slaves)".to_owned(),
+                ))
+            }
+        };
+        let Some(text) = &hello.license else {
+            return unlicensed();
+        };
+        let license = verify_license(text, "presented by the slave", &self.cfg.vendor_key)
+            .map_err(|e| (RejectReason::LicenseInvalid, e.to_string()))?;
+        license
+            .check_dates(today, "presented by the slave")
+            .map_err(|e| (RejectReason::LicenseInvalid, e.to_string()))?;
+        if license.context != self.cfg.license.context {
+            return Err((
+                RejectReason::ContextMismatch,
+                format!(
+                    "slave license {} is for context '{}' but this master's is '{}'",
+                    license.id, license.context, self.cfg.license.context
+                ),
+            ));
+        }
+        match license.role {
+            Role::Slave => Ok(Some(SlaveLicense {
+                id: license.id,
+                local_limit: license.limits.local,
+            })),
+            // A standalone license carries neither flag: such an installation may only
+            // join as an unlicensed slave.
+            Role::None => unlicensed(),
+            Role::Master => Err((
+                RejectReason::LicenseRole,
+                format!(
+                    "license {} is a master license; a slave needs a slave license or none",
+                    license.id
+                ),
+            )),
+        }
+    }
+
+    pub(super) fn hello(&mut self, now: Instant, id: SlaveId, hello: Hello, today: Date) -> Output {
+        let license = match self.admit_slave(&hello, today) {
+            Ok(l) => l,
+            Err((reason, detail)) => return self.refuse_hello(&id, reason, detail),
+        };
+        // A slave license serves one live slave: a second site presenting a copy of it is
+        // refused while the first is connected.
+        if let Some(l) = &license {
+            let holder = self
+                .slaves
+                .iter()
+                .find(|(other, s)| {
+                    **other != id && s.connected && s.license.as_ref().is_some_and(|h| h.id == l.id)
+                })
+                .map(|(other, _)| other.clone());
+            if let Some(holder) = holder {
+                return self.refuse_hello(
+                    &id,
+                    RejectReason::LicenseInUse,
+                    format!(
+                        "slave license {} is in use by slave {holder}, which is connected: a slave license serves one slave at a time",
+                        l.id
+                    ),
+                );
+            }
+        }
+        if !self.slaves.contains_key(&id) && self.slaves.len() >= self.cfg.max_slaves {
+            return self.refuse_hello(
+                &id,
+                RejectReason::TooManySlaves,
+                format!(
+                    "the master already tracks {} slaves (--max-slaves)",
+                    self.slaves.len()
+                ),
+            );
+        }
+        let grace = Duration::from_millis(hello.grace_ms);
+        if hello.logout_after_grace {
+            let needed = Duration::from_millis(hello.request_timeout_ms) + grace / 100;
+            if self.cfg.reclaim_margin <= needed {
+                return self.refuse_hello(
+                    &id,
+                    RejectReason::TimingRule,
+                    format!(
+                        "the master's reclaim margin ({} ms) must exceed the slave's longest request (request timeout plus the longer of its failover and election waits) plus 1% of its grace period ({} ms): raise --reclaim-margin on the broker or lower --request-timeout / --failover-wait / --election-wait on the slave",
+                        self.cfg.reclaim_margin.as_millis(),
+                        needed.as_millis()
+                    ),
+                );
+            }
+        }
+        if let Some(known) = self.slaves.get(&id) {
+            // Every hello of an instance carries a new, higher number: one at or below the
+            // last accepted is a replay (or a retry of a hello that was processed, which
+            // the slave sends again under a new number), and must not roll back the seats.
+            // A number more than MAX_SEQ_JUMP ahead is refused the same way: accepted, it
+            // would leave the genuine slave no number to say hello with.
+            if known.instance == hello.instance
+                && (hello.seq <= known.hello_seq || hello.seq - known.hello_seq > MAX_SEQ_JUMP)
+            {
+                let mut out = Output::reply(Reply::Refused {
+                    last_hello: Some(known.hello_seq),
+                    reason: RejectReason::Replayed,
+                    detail: format!(
+                        "hello number {} of this instance was already processed (the last was {}): a replayed hello; say hello under a new number",
+                        hello.seq, known.hello_seq
+                    ),
+                });
+                let alert = self
+                    .alert(
+                        Severity::Warning,
+                        AlertKind::SlaveRefused,
+                        format!(
+                            "slave {id}: hello number {} refused as replayed (the last accepted was {}); its seats are untouched",
+                            hello.seq, known.hello_seq
+                        ),
+                    )
+                    .slave(id.as_str())
+                    .reason(RejectReason::Replayed);
+                if let Some(alert) = self.quietly(now, &id, "replayed hello", alert) {
+                    out.alert(alert);
+                }
+                return out;
+            }
+        }
+        let mut out = Output::default();
+        let interval = Duration::from_millis(hello.heartbeat_interval_ms.clamp(100, 600_000));
+        let rate = self.cfg.slave_rate_limit;
+        let slave = self.slaves.entry(id.clone()).or_insert_with(|| Slave {
+            instance: hello.instance,
+            license: None,
+            connected: false,
+            last_seen: now,
+            heartbeat_interval: interval,
+            agents: BTreeMap::new(),
+            granted: BTreeMap::new(),
+            digest: 0,
+            grace,
+            logout_after_grace: false,
+            hello_seq: 0,
+            reclaimed: false,
+            revoked: BTreeSet::new(),
+            bucket: Bucket::new(now, rate),
+            requests: Window::default(),
+            master: None,
+        });
+        let restarted = slave.instance != hello.instance;
+        let was_connected = slave.connected && !restarted;
+        if restarted {
+            // A new process numbers its requests from 1 again.
+            slave.requests = Window::default();
+        }
+        slave.instance = hello.instance;
+        slave.license = license;
+        slave.connected = true;
+        slave.last_seen = now;
+        slave.heartbeat_interval = interval;
+        slave.grace = grace;
+        slave.logout_after_grace = hello.logout_after_grace;
+        slave.hello_seq = hello.seq;
+        let was_reclaimed = std::mem::take(&mut slave.reclaimed);
+        let revoked = std::mem::take(&mut slave.revoked);
+        let session = SeatChange::Session {
+            slave: id.to_string(),
+            instance: slave.instance,
+            license: slave.license.as_ref().map(|l| l.id),
+            local_limit: slave.license.as_ref().and_then(|l| l.local_limit),
+            heartbeat_interval_ms: interval.as_millis() as u64,
+            grace_ms: hello.grace_ms,
+            logout_after_grace: hello.logout_after_grace,
+            hello_seq: hello.seq,
+            request_seq: 0,
+        };
+        self.pending.push(session);
+
+        // Reconcile: the slave's list is what it really holds. Seats it no longer claims
+        // are released; claims the master does not hold are granted again if there is
+        // room. Either way no agent ends up with two seats. A seat the hello cannot know
+        // about is kept: one whose registration was in flight when the hello was built
+        // (`pending`), or one granted by a request numbered after it (`request_seq`) by
+        // this same instance.
+        let claimed: BTreeMap<&str, &AgentClaim> = hello
+            .agents
+            .iter()
+            .map(|c| (c.agent_id.as_str(), c))
+            .collect();
+        let pending: BTreeSet<&str> = hello.pending.iter().map(String::as_str).collect();
+        let accounts_for = |seq: u64| restarted || hello.request_seq.is_none_or(|last| seq <= last);
+        let mut stale: Vec<String> = slave
+            .agents
+            .iter()
+            .filter(|(agent, agent_type)| {
+                claimed
+                    .get(agent.as_str())
+                    .is_none_or(|c| &c.agent_type != *agent_type)
+                    && !pending.contains(agent.as_str())
+                    && accounts_for(slave.granted.get(agent.as_str()).copied().unwrap_or(0))
+            })
+            .map(|(a, _)| a.clone())
+            .collect();
+        stale.sort();
+        for agent in &stale {
+            self.release(&id, agent);
+        }
+        let mut rejected = Vec::new();
+        for claim in &hello.agents {
+            if pending.contains(claim.agent_id.as_str()) {
+                // Its own registration decides it.
+                continue;
+            }
+            let result = if revoked.contains(&claim.agent_id) {
+                Err((
+                    RejectReason::ReleasedByAdmin,
+                    "an operator released this seat; register the agent again".to_owned(),
+                ))
+            } else {
+                self.try_grant(&id, &claim.agent_id, &claim.agent_type, 0)
+                    .map_err(|(reason, detail)| {
+                        if was_reclaimed {
+                            (
+                                RejectReason::Reclaimed,
+                                format!("its seat was reclaimed while the slave was silent and there is no room now ({reason}: {detail})"),
+                            )
+                        } else {
+                            (reason, detail)
+                        }
+                    })
+            };
+            match result {
+                Ok(_) => {}
+                Err((reason, detail)) => {
+                    out.alert(self.rejection_alert(&id, claim, reason, &detail));
+                    rejected.push(RejectedAgent {
+                        agent_id: claim.agent_id.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+
+        let terms = match self.slaves.get(&id).and_then(|s| s.license.as_ref()) {
+            Some(l) => match l.local_limit {
+                Some(n) => format!("licensed (license {}, local limit {n})", l.id),
+                None => format!("licensed (license {}, no local limit)", l.id),
+            },
+            None => "unlicensed".to_owned(),
+        };
+        let held = self.slaves.get(&id).map_or(0, |s| s.agents.len());
+        let mut message = if was_connected {
+            format!("slave {id} reconciled its seats, {terms}, holding {held} agents")
+        } else {
+            format!("slave {id} connected, {terms}, holding {held} agents")
+        };
+        if !stale.is_empty() {
+            message.push_str(&format!(
+                ", {} seats it no longer claims released",
+                stale.len()
+            ));
+        }
+        if restarted {
+            message.push_str(" (new process instance)");
+        }
+        if !rejected.is_empty() {
+            message.push_str(&format!(", {} agents refused on reconcile", rejected.len()));
+        }
+        // A reconcile of a live session that changed nothing is not news.
+        if !was_connected || !stale.is_empty() || !rejected.is_empty() {
+            out.alert(
+                self.alert(Severity::Info, AlertKind::SlaveConnected, message)
+                    .slave(id.as_str())
+                    .counts(self.counts()),
+            );
+        }
+        out.reply = Some(Answer::Slave(Reply::Welcome(Welcome {
+            broker_id: self.cfg.broker_id.clone(),
+            master_license: self.cfg.license.id,
+            missed_heartbeats: self.cfg.missed_heartbeats,
+            rejected_agents: rejected,
+        })));
+        out
+    }
+}

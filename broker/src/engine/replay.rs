@@ -1,0 +1,218 @@
+//! The ledger side: applying a leader's recorded change (`apply`), writing the state as
+//! changes that rebuild it (`snapshot`), and what a new leader resets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use lmbus_schemas::{SeatChange, SlaveId, verify_license};
+
+use super::guards::{Bucket, Window};
+use super::{Engine, Slave, SlaveLicense};
+
+impl Engine {
+    /// Applies one ledger record written by a leader (possibly another replica), the way
+    /// that leader's engine changed its own state. Limits are not checked again: the
+    /// ledger is the truth. A standby does this for every record to stay hot; a new leader
+    /// does it up to the end of the ledger before it answers anyone.
+    ///
+    /// `Err` names a record that does not fit the state (a grant for a slave with no
+    /// session, a record from a newer build); the caller must stop replaying.
+    pub fn apply(&mut self, now: Instant, change: &SeatChange) -> Result<(), String> {
+        let slave_id = |s: &str| SlaveId::new(s.to_owned()).map_err(|e| e.to_string());
+        match change {
+            SeatChange::Session {
+                slave,
+                instance,
+                license,
+                local_limit,
+                heartbeat_interval_ms,
+                grace_ms,
+                logout_after_grace,
+                hello_seq,
+                request_seq,
+            } => {
+                let id = slave_id(slave)?;
+                let entry = self.slaves.entry(id).or_insert_with(|| Slave {
+                    instance: *instance,
+                    license: None,
+                    connected: true,
+                    last_seen: now,
+                    heartbeat_interval: Duration::from_millis(*heartbeat_interval_ms),
+                    agents: BTreeMap::new(),
+                    granted: BTreeMap::new(),
+                    digest: 0,
+                    grace: Duration::ZERO,
+                    logout_after_grace: false,
+                    hello_seq: 0,
+                    reclaimed: false,
+                    revoked: BTreeSet::new(),
+                    bucket: Bucket::new(now, self.cfg.slave_rate_limit),
+                    requests: Window::default(),
+                    master: None,
+                });
+                if entry.instance != *instance {
+                    entry.requests = Window::default();
+                }
+                entry.requests.restore(*request_seq);
+                entry.instance = *instance;
+                entry.license = license.map(|id| SlaveLicense {
+                    id,
+                    local_limit: *local_limit,
+                });
+                entry.connected = true;
+                entry.last_seen = now;
+                entry.heartbeat_interval = Duration::from_millis(*heartbeat_interval_ms);
+                entry.grace = Duration::from_millis(*grace_ms);
+                entry.logout_after_grace = *logout_after_grace;
+                entry.hello_seq = *hello_seq;
+                entry.reclaimed = false;
+                entry.revoked.clear();
+            }
+            SeatChange::Grant {
+                slave,
+                agent_id,
+                agent_type,
+                request_seq,
+            } => {
+                let id = slave_id(slave)?;
+                if !self.insert_seat(&id, agent_id, agent_type, *request_seq) {
+                    return Err(format!(
+                        "grant of {agent_id} for slave {slave}, which has no session"
+                    ));
+                }
+                if let Some(s) = self.slaves.get_mut(&id) {
+                    s.requests.restore(*request_seq);
+                }
+            }
+            SeatChange::Seats {
+                slave,
+                agent_type,
+                agent_ids,
+                request_seqs,
+            } => {
+                let id = slave_id(slave)?;
+                for (i, agent_id) in agent_ids.iter().enumerate() {
+                    let seq = request_seqs.get(i).copied().unwrap_or(0);
+                    if !self.insert_seat(&id, agent_id, agent_type, seq) {
+                        return Err(format!("seats for slave {slave}, which has no session"));
+                    }
+                }
+            }
+            SeatChange::Release { slave, agent_id } => {
+                self.remove_seat(&slave_id(slave)?, agent_id);
+            }
+            SeatChange::Reclaim { slave } => {
+                let id = slave_id(slave)?;
+                let drained: Vec<String> = match self.slaves.get_mut(&id) {
+                    Some(s) => {
+                        s.connected = false;
+                        s.reclaimed = true;
+                        s.take_seats().into_iter().map(|(_, t)| t).collect()
+                    }
+                    None => Vec::new(),
+                };
+                for agent_type in &drained {
+                    self.uncount(agent_type);
+                }
+            }
+            SeatChange::Revoke { slave, agents } => {
+                let id = slave_id(slave)?;
+                for agent in agents {
+                    self.remove_seat(&id, agent);
+                }
+                if let Some(s) = self.slaves.get_mut(&id) {
+                    s.revoked.extend(agents.iter().cloned());
+                }
+            }
+            SeatChange::License { text } => {
+                let license = verify_license(
+                    text,
+                    "the master license in the ledger",
+                    &self.cfg.vendor_key,
+                )
+                .map_err(|e| e.to_string())?;
+                self.cfg.license = license;
+                self.license_text = Some(text.clone());
+            }
+            SeatChange::Leader { .. } => {}
+            SeatChange::Unknown => {
+                return Err("a ledger record this build does not know (written by a newer broker): upgrade this replica".to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// The seat state as changes that rebuild it when applied in order to an empty engine
+    /// (what a snapshot stores): per slave its `Session`, a `Reclaim` if its seats were
+    /// reclaimed, `Revoke`s of the agents an operator released that it may not claim back,
+    /// and its seats as `Seats` changes, at most `per_change` agents per change. Connection
+    /// state and silence clocks are not included: like a replay, they start fresh.
+    pub fn snapshot(&self, per_change: usize) -> Vec<SeatChange> {
+        let per_change = per_change.max(1);
+        let mut changes = Vec::with_capacity(self.slaves.len() * 2);
+        if let Some(text) = &self.license_text {
+            changes.push(SeatChange::License { text: text.clone() });
+        }
+        for (id, s) in &self.slaves {
+            let slave = id.to_string();
+            changes.push(SeatChange::Session {
+                slave: slave.clone(),
+                instance: s.instance,
+                license: s.license.as_ref().map(|l| l.id),
+                local_limit: s.license.as_ref().and_then(|l| l.local_limit),
+                heartbeat_interval_ms: s.heartbeat_interval.as_millis() as u64,
+                grace_ms: s.grace.as_millis() as u64,
+                logout_after_grace: s.logout_after_grace,
+                hello_seq: s.hello_seq,
+                request_seq: s.requests.highest,
+            });
+            if s.reclaimed {
+                changes.push(SeatChange::Reclaim {
+                    slave: slave.clone(),
+                });
+            }
+            // Revoked agents hold no seat (a new grant takes an agent out of the set).
+            let revoked: Vec<String> = s.revoked.iter().cloned().collect();
+            for part in revoked.chunks(per_change) {
+                changes.push(SeatChange::Revoke {
+                    slave: slave.clone(),
+                    agents: part.to_vec(),
+                });
+            }
+            let mut by_type: BTreeMap<&str, Vec<(String, u64)>> = BTreeMap::new();
+            for (agent, agent_type) in &s.agents {
+                let seq = s.granted.get(agent).copied().unwrap_or(0);
+                by_type
+                    .entry(agent_type.as_str())
+                    .or_default()
+                    .push((agent.clone(), seq));
+            }
+            for (agent_type, mut agents) in by_type {
+                agents.sort();
+                for part in agents.chunks(per_change) {
+                    changes.push(SeatChange::Seats {
+                        slave: slave.clone(),
+                        agent_type: agent_type.to_owned(),
+                        agent_ids: part.iter().map(|(a, _)| a.clone()).collect(),
+                        request_seqs: part.iter().map(|(_, q)| *q).collect(),
+                    });
+                }
+            }
+        }
+        changes
+    }
+
+    /// Called when this replica becomes leader: every slave's silence is counted from now,
+    /// since a standby saw no heartbeats. This only delays disconnect alerts and reclaims,
+    /// never brings them forward, so the timing rule still holds.
+    pub fn restart_silence_clocks(&mut self, now: Instant) {
+        for slave in self.slaves.values_mut() {
+            slave.last_seen = now;
+            // What a replay of the ledger gives: a slave with a session is connected until
+            // its seats are reclaimed. A replica that led before (and marked slaves
+            // disconnected on its own clock, perhaps while it was paused) starts its new
+            // term from that, not from what it believed then.
+            slave.connected = !slave.reclaimed;
+        }
+    }
+}

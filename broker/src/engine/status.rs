@@ -1,0 +1,72 @@
+//! Views of the state: the License Monitor status and the seat table.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use lmbus_schemas::{LicenseSummary, SlaveStatus, StatusReply};
+
+use super::Engine;
+
+impl Engine {
+    /// Seats per slave (agent id → type), for comparing replicas in tests and checks.
+    pub fn seats(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.slaves
+            .iter()
+            .map(|(id, s)| {
+                (
+                    id.to_string(),
+                    s.agents
+                        .iter()
+                        .map(|(a, t)| (a.clone(), t.clone()))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// The License Monitor view of the current state.
+    pub fn status(&self, now: Instant) -> StatusReply {
+        let license = &self.cfg.license;
+        let (slaves_connected, slaves_total) = self.slave_counts();
+        // Disconnected slaves first (what an operator looks for), then by id; at most
+        // STATUS_MAX_SLAVES.
+        let listed = self
+            .slaves
+            .iter()
+            .filter(|(_, s)| !s.connected)
+            .chain(self.slaves.iter().filter(|(_, s)| s.connected))
+            .take(lmbus_schemas::STATUS_MAX_SLAVES);
+        StatusReply {
+            slaves_total,
+            slaves_connected,
+            broker_id: self.cfg.broker_id.clone(),
+            cluster: self.cfg.cluster.clone(),
+            license: LicenseSummary {
+                id: license.id,
+                customer: license.customer.clone(),
+                context: license.context.to_string(),
+                expires: license.expires.to_string(),
+            },
+            allow_unlicensed_slaves: self.cfg.allow_unlicensed_slaves,
+            total_limit: self.total_limit(),
+            type_limits: license.limits.agent_types.clone(),
+            total_in_use: self.total_in_use,
+            in_use_by_type: self.in_use_by_type.clone(),
+            slaves: listed
+                .map(|(id, s)| SlaveStatus {
+                    slave_id: id.to_string(),
+                    connected: s.connected,
+                    license: s.license.as_ref().map(|l| l.id),
+                    local_limit: s.license.as_ref().and_then(|l| l.local_limit),
+                    in_use: s.agents.len() as u32,
+                    in_use_by_type: s.by_type(),
+                    last_seen_ms_ago: now.saturating_duration_since(s.last_seen).as_millis() as u64,
+                    master: s.master,
+                })
+                .collect(),
+            leader_term: 0,
+            ledger_sequence: 0,
+            replicas: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Replaying the ledger or a snapshot reproduces the leader's state (unit test and
+//! proptest).
+
+use super::*;
+
+/// A standby that applies the leader's ledger records in order holds the same seats as
+/// the leader, at every step of a random run that includes reclaims and admin releases.
+#[test]
+fn replaying_the_records_or_a_snapshot_reproduces_the_seat_state() {
+    let mut h = Harness::new(true);
+    let mut standby = Engine::new(config(true));
+    let mut restored = Engine::new(config(true));
+    // Snapshotted (reclaimed slaves, revoked agents): both must occur for the test to mean
+    // anything.
+    let mut kinds = (0, 0);
+    let slaves = ["s1", "s2", "s3", "s4"];
+    let types = ["inbound", "outbound", "supervisor"];
+    let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut records = 0;
+    for step in 0..4000 {
+        let slave = slaves[next(4) as usize];
+        let agent = format!("a{}", next(10));
+        let out = match next(12) {
+            0 => {
+                let claims = (0..next(5))
+                    .map(|i| AgentClaim {
+                        agent_id: format!("a{i}"),
+                        agent_type: types[next(3) as usize].into(),
+                    })
+                    .collect();
+                if next(3) == 0 {
+                    h.instances.insert(slave.into(), Uuid::new_v4());
+                }
+                let license = (slave == "s4").then(|| slave_license(Some(2)));
+                h.hello_with(slave, license, claims)
+            }
+            1..=5 => h.register(slave, &agent, types[next(3) as usize]),
+            6 | 7 => h.unregister_out(slave, &agent),
+            8 => {
+                let request = lmbus_schemas::ReleaseRequest {
+                    slave_id: slave.into(),
+                    agent_id: (next(2) == 0).then(|| agent.clone()),
+                    operator: "op".into(),
+                };
+                let released = h.admin_release(&request);
+                Output {
+                    changes: released.changes,
+                    ..Output::default()
+                }
+            }
+            _ => {
+                h.advance(Duration::from_millis(next(40_000)));
+                h.engine.handle(h.now, Event::Tick { today: TODAY })
+            }
+        };
+        for change in &out.changes {
+            standby.apply(h.now, change).unwrap();
+            restored.apply(h.now, change).unwrap();
+            records += 1;
+        }
+        if step % 50 == 0 {
+            assert_eq!(standby.seats(), h.engine.seats(), "diverged at step {step}");
+        }
+        // A replica that starts from a snapshot (split into small `Seats` changes) and
+        // applies the records after it.
+        if step % 300 == 0 {
+            restored = Engine::new(config(true));
+            for change in standby.snapshot(2) {
+                match &change {
+                    SeatChange::Reclaim { .. } => kinds.0 += 1,
+                    SeatChange::Revoke { .. } => kinds.1 += 1,
+                    SeatChange::Seats { agent_ids, .. } => assert!(agent_ids.len() <= 2),
+                    _ => {}
+                }
+                restored.apply(h.now, &change).unwrap();
+            }
+            assert_eq!(
+                durable(&restored),
+                durable(&standby),
+                "snapshot at step {step}"
+            );
+        }
+    }
+    assert!(records > 1000, "the run made only {records} records");
+    assert!(
+        kinds.0 > 0 && kinds.1 > 0,
+        "snapshots held (reclaims, revokes) {kinds:?}"
+    );
+    assert_eq!(standby.seats(), h.engine.seats());
+    assert_eq!(standby.total_in_use(), h.engine.total_in_use());
+    assert_eq!(durable(&restored), durable(&standby));
+    assert_eq!(restored.total_in_use(), standby.total_in_use());
+    assert_eq!(restored.in_use_by_type, standby.in_use_by_type);
+}
+
+/// What the ledger decides about each slave (not its connection or silence clock).
+fn durable(engine: &Engine) -> Vec<String> {
+    engine
+        .slaves
+        .iter()
+        .map(|(id, s)| {
+            let mut agents: Vec<_> = s.agents.iter().collect();
+            agents.sort();
+            let mut revoked: Vec<_> = s.revoked.iter().collect();
+            revoked.sort();
+            format!(
+                "{id} {} {:?} {:?} {:?} {} {} {} {agents:?} {revoked:?}",
+                s.instance,
+                s.license.as_ref().map(|l| (l.id, l.local_limit)),
+                s.heartbeat_interval,
+                s.grace,
+                s.logout_after_grace,
+                s.hello_seq,
+                s.reclaimed
+            )
+        })
+        .collect()
+}
+
+/// Property tests: any sequence of slave events keeps every limit, and a standby that
+/// applies the resulting ledger changes holds the same seats.
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TYPES: [&str; 4] = ["inbound", "outbound", "supervisor", "not-in-license"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A hello claiming (agent, type) pairs, from a new process or the same one.
+        Hello {
+            slave: usize,
+            claims: Vec<(usize, usize)>,
+            restarted: bool,
+        },
+        Register {
+            slave: usize,
+            agent: usize,
+            kind: usize,
+        },
+        Unregister {
+            slave: usize,
+            agent: usize,
+        },
+        Heartbeat {
+            slave: usize,
+        },
+        /// Time passes (up to 70 s: past the 60 s grace plus margin) and the master ticks.
+        Wait {
+            ms: u64,
+        },
+        Release {
+            slave: usize,
+            agent: Option<usize>,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => (0..4usize, prop::collection::vec((0..8usize, 0..4usize), 0..5), any::<bool>())
+                .prop_map(|(slave, claims, restarted)| Op::Hello { slave, claims, restarted }),
+            6 => (0..4usize, 0..8usize, 0..4usize)
+                .prop_map(|(slave, agent, kind)| Op::Register { slave, agent, kind }),
+            3 => (0..4usize, 0..8usize).prop_map(|(slave, agent)| Op::Unregister { slave, agent }),
+            1 => (0..4usize).prop_map(|slave| Op::Heartbeat { slave }),
+            2 => (0..70_000u64).prop_map(|ms| Op::Wait { ms }),
+            1 => (0..4usize, prop::option::of(0..8usize))
+                .prop_map(|(slave, agent)| Op::Release { slave, agent }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Slave s3 holds a slave license with a local limit of 2; the others are
+        /// unlicensed. The master allows 5 seats, 3 inbound and 3 outbound.
+        #[test]
+        fn no_sequence_of_events_breaks_a_limit_or_the_replay(
+            ops in prop::collection::vec(op(), 1..150)
+        ) {
+            let mut h = Harness::new(true);
+            let mut standby = Engine::new(config(true));
+            let licensed = slave_license(Some(2));
+            for op in ops {
+                let out = match op {
+                    Op::Hello { slave, claims, restarted } => {
+                        let name = format!("s{slave}");
+                        if restarted {
+                            h.instances.insert(name.clone(), Uuid::new_v4());
+                        }
+                        let claims = claims
+                            .into_iter()
+                            .map(|(a, t)| AgentClaim {
+                                agent_id: format!("a{a}"),
+                                agent_type: TYPES[t].into(),
+                            })
+                            .collect();
+                        let license = (slave == 3).then(|| licensed.clone());
+                        h.hello_with(&name, license, claims)
+                    }
+                    Op::Register { slave, agent, kind } => {
+                        h.register(&format!("s{slave}"), &format!("a{agent}"), TYPES[kind])
+                    }
+                    Op::Unregister { slave, agent } => {
+                        h.unregister_out(&format!("s{slave}"), &format!("a{agent}"))
+                    }
+                    Op::Heartbeat { slave } => {
+                        let name = format!("s{slave}");
+                        if h.instances.contains_key(&name) {
+                            h.heartbeat(&name);
+                        }
+                        Output::default()
+                    }
+                    Op::Wait { ms } => {
+                        h.advance(Duration::from_millis(ms));
+                        h.engine.handle(h.now, Event::Tick { today: TODAY })
+                    }
+                    Op::Release { slave, agent } => {
+                        let released = h.admin_release(&lmbus_schemas::ReleaseRequest {
+                            slave_id: format!("s{slave}"),
+                            agent_id: agent.map(|a| format!("a{a}")),
+                            operator: "op".into(),
+                        });
+                        Output {
+                            changes: released.changes,
+                            ..Output::default()
+                        }
+                    }
+                };
+                for change in &out.changes {
+                    prop_assert!(standby.apply(h.now, change).is_ok());
+                }
+                let status = h.engine.status(h.now);
+                let sum: u32 = status.slaves.iter().map(|s| s.in_use).sum();
+                prop_assert_eq!(sum, status.total_in_use);
+                prop_assert!(status.total_in_use <= status.total_limit);
+                for (t, limit) in &status.type_limits {
+                    let used: u32 = status
+                        .slaves
+                        .iter()
+                        .map(|s| s.in_use_by_type.get(t).copied().unwrap_or(0))
+                        .sum();
+                    prop_assert_eq!(used, status.in_use_by_type.get(t).copied().unwrap_or(0));
+                    prop_assert!(used <= *limit);
+                }
+                prop_assert!(!status.in_use_by_type.contains_key("not-in-license"));
+                for s in &status.slaves {
+                    if let Some(local) = s.local_limit {
+                        prop_assert!(s.in_use <= local);
+                    }
+                }
+                prop_assert_eq!(standby.seats(), h.engine.seats());
+            }
+        }
+    }
+}

@@ -1,0 +1,633 @@
+//! The leader role once its term has started (`term.rs`): the [`Leader`] loop decides slave
+//! requests in batches, records their changes through the [`Pipeline`] and answers once they
+//! are recorded, serving status, admin requests, replica beats and the tick beside them.
+//! Each `select!` arm of the loop is one method.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::{Message, Subject, Subscriber};
+use futures::{FutureExt as _, StreamExt};
+use lmbus_schemas::{
+    Alert, AlertKind, LedgerEntry, ReplicaBeat, SeatChange, Severity, SlaveOp, decode,
+};
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::info;
+
+use crate::config::BrokerConfig;
+use crate::election::{Election, Role};
+use crate::engine::{Event, Output};
+use crate::intake::{Budgets, Intake};
+use crate::ledger::{AppendError, Ledger};
+use crate::metrics::Gauges;
+use crate::pipeline::{Acked, Pipeline};
+use crate::replicas::Replicas;
+
+use super::clock::{now, today_utc, unix_ms};
+use super::inbound::{
+    Intook, admin_release, admin_reload, bad_message, client_reply_ok, handle_slave_message,
+};
+use super::outbound::Io;
+use super::replica::Replica;
+use super::reporter::spawn_report;
+use super::snapshotter::Snapshotter;
+
+/// Most waiting requests decided together and committed in one ledger append.
+const MAX_BATCH: usize = 256;
+
+/// How a stretch as leader ended.
+pub(super) enum Led {
+    Shutdown,
+    SteppedDown {
+        reason: String,
+        /// The engine may hold changes the ledger does not: rebuild it from the ledger.
+        rebuild: bool,
+    },
+}
+
+/// What `run` lends a replica for one term as leader.
+pub(super) struct Term<'a> {
+    /// The term the election gave this replica.
+    pub(super) number: u64,
+    pub(super) replica: &'a mut Replica,
+    pub(super) ledger: &'a mut Ledger,
+    /// Read before every loop turn and every append: this replica acts only while it holds
+    /// a valid lease.
+    pub(super) election: &'a mut Election,
+    pub(super) snapshotter: &'a mut Snapshotter,
+    pub(super) cfg: &'a BrokerConfig,
+    pub(super) io: &'a Io,
+}
+
+/// The leader's subscriptions, open for its term.
+pub(super) struct Subscriptions {
+    slave: Subscriber,
+    status: Subscriber,
+    admin: Subscriber,
+    replica: Subscriber,
+}
+
+impl Subscriptions {
+    pub(super) async fn open(io: &Io) -> anyhow::Result<Self> {
+        let (client, subjects) = (&io.client, &io.subjects);
+        let slave = client
+            .subscribe(subjects.all_slave_ops())
+            .await
+            .context("cannot subscribe to slave requests")?;
+        let status = client
+            .subscribe(subjects.status())
+            .await
+            .context("cannot subscribe to status requests")?;
+        let admin = client
+            .subscribe(subjects.admin_all())
+            .await
+            .context("cannot subscribe to admin requests")?;
+        let replica = client
+            .subscribe(subjects.replica())
+            .await
+            .context("cannot subscribe to replica beats")?;
+        Ok(Self {
+            slave,
+            status,
+            admin,
+            replica,
+        })
+    }
+
+    async fn close(&mut self) {
+        for sub in [
+            &mut self.slave,
+            &mut self.status,
+            &mut self.admin,
+            &mut self.replica,
+        ] {
+            let _ = sub.unsubscribe().await;
+        }
+    }
+}
+
+/// A leader serving its term: what [`Term`] lent it, its subscriptions and the state of the
+/// loop. Its methods that await take `&mut self`: the broker's future must be `Send`, and a
+/// `&Leader` held across an await would need the appends in flight to be `Sync`.
+pub(super) struct Leader<'a> {
+    term: u64,
+    replica: &'a mut Replica,
+    ledger: &'a mut Ledger,
+    election: &'a mut Election,
+    snapshotter: &'a mut Snapshotter,
+    cfg: &'a BrokerConfig,
+    io: &'a Io,
+    subscriptions: Subscriptions,
+    /// Appends in flight: decisions go on while earlier ones are being recorded; each is
+    /// answered once its append is acknowledged (the `pipeline` module).
+    pipeline: Pipeline<Decided>,
+    /// The other replicas, from their beats.
+    replicas: Replicas,
+    /// Budgets and bad-message summaries for what slaves and clients send.
+    intake: Intake,
+}
+
+/// How the loop goes on after one of its arms.
+enum Turn {
+    /// Record what the arm decided (often nothing), then take a snapshot if one is due.
+    Decided(Vec<Decided>),
+    /// Wait for the next event straight away.
+    Wait,
+    /// The term is over.
+    End(Led),
+}
+
+impl<'a> Leader<'a> {
+    pub(super) fn new(term: Term<'a>, subscriptions: Subscriptions) -> Self {
+        let Term {
+            number,
+            replica,
+            ledger,
+            election,
+            snapshotter,
+            cfg,
+            io,
+        } = term;
+        Self {
+            term: number,
+            replica,
+            ledger,
+            election,
+            snapshotter,
+            cfg,
+            io,
+            subscriptions,
+            pipeline: Pipeline::default(),
+            replicas: Replicas::new(&cfg.broker_id, now(), cfg.lease * 3 / 2, cfg.lease * 3 / 2),
+            intake: Intake::new(
+                Budgets::for_rate_limit(cfg.slave_rate_limit),
+                &cfg.broker_id,
+            ),
+        }
+    }
+
+    /// The `leader_elected` alert.
+    pub(super) async fn announce(&mut self, caught_up: u64, started: Instant) {
+        let (cfg, term) = (self.cfg, self.term);
+        self.io.alert(
+            Alert::new(
+                Severity::Info,
+                AlertKind::LeaderElected,
+                format!(
+                    "broker {} leads cluster {} in term {term}: it won the free lease (priority {}) and caught up with the ledger to sequence {caught_up} in {} ms; {} seats in use",
+                    cfg.broker_id,
+                    cfg.cluster,
+                    cfg.priority,
+                    started.elapsed().as_millis(),
+                    self.replica.engine.total_in_use()
+                ),
+            )
+            .counts(std::collections::BTreeMap::from([(
+                "total".to_owned(),
+                self.replica.engine.total_in_use(),
+            )])),
+        )
+        .await;
+        info!(cluster = %cfg.cluster, term, subject = %self.io.subjects.all_slave_ops(), "leading");
+    }
+
+    /// The loop: one turn per event, each begun by checking the lease.
+    pub(super) async fn serve<S: Future<Output = ()> + Unpin>(mut self, shutdown: &mut S) -> Led {
+        let mut ticker = tokio::time::interval(self.cfg.tick_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let ended = loop {
+            let valid_until = match self.valid_until() {
+                Ok(at) => at,
+                Err(end) => break end,
+            };
+            let turn = tokio::select! {
+                _ = &mut *shutdown => break Led::Shutdown,
+                _ = self.election.role.changed() => continue,
+                _ = tokio::time::sleep_until(valid_until) => continue,
+                acked = self.pipeline.next(), if !self.pipeline.is_empty() => {
+                    self.on_acked(acked).await
+                }
+                msg = self.subscriptions.slave.next(), if self.pipeline.has_room() => {
+                    self.on_slave_requests(msg)
+                }
+                msg = self.subscriptions.status.next() => self.on_status(msg).await,
+                msg = self.subscriptions.admin.next() => self.on_admin(msg).await,
+                msg = self.subscriptions.replica.next() => self.on_replica_beat(msg).await,
+                _ = ticker.tick() => self.on_tick(valid_until).await,
+            };
+            match turn {
+                Turn::Decided(batch) => {
+                    if let Some(end) = self.record(batch).await {
+                        break end;
+                    }
+                }
+                Turn::Wait => continue,
+                Turn::End(end) => break end,
+            }
+        };
+        let ended = match ended {
+            // The engine holds decisions the ledger may not: rebuild it from the ledger.
+            Led::SteppedDown { reason, rebuild } => Led::SteppedDown {
+                reason,
+                rebuild: rebuild || !self.pipeline.is_empty(),
+            },
+            // Answer what is already on its way to the ledger before leaving.
+            Led::Shutdown => {
+                let _ = self.settle_all().await;
+                Led::Shutdown
+            }
+        };
+        self.subscriptions.close().await;
+        ended
+    }
+
+    /// Until when this replica may act in this turn; `Err` when it no longer leads.
+    fn valid_until(&mut self) -> Result<Instant, Led> {
+        let valid_until = match *self.election.role.borrow_and_update() {
+            _ if self.cfg.fault_ignore_lease => Instant::now() + Duration::from_secs(86_400 * 365),
+            Role::Leader { valid_until, .. } => valid_until,
+            Role::Standby { ref leader } => {
+                return Err(Led::SteppedDown {
+                    reason: match leader {
+                        Some(other) => format!("{other} holds the lease"),
+                        None => "the lease was lost".to_owned(),
+                    },
+                    rebuild: false,
+                });
+            }
+        };
+        // Checked first, on this replica's own clock: after a pause (SIGSTOP, a stalled
+        // VM) several branches of the loop are ready at once, and none of them may act,
+        // alert or decide for a term this replica may no longer hold.
+        if Instant::now() >= valid_until {
+            return Err(Led::SteppedDown {
+                reason: "the lease ran out on this replica's clock before it was renewed (was the process paused?)".to_owned(),
+                rebuild: false,
+            });
+        }
+        Ok(valid_until)
+    }
+
+    /// An append in flight was acknowledged (or failed).
+    async fn on_acked(&mut self, acked: Acked<Decided>) -> Turn {
+        match self.settle(acked).await {
+            Some(end) => Turn::End(end),
+            None => Turn::Wait,
+        }
+    }
+
+    /// Slave requests: the first, and what is already waiting behind it.
+    fn on_slave_requests(&mut self, msg: Option<Message>) -> Turn {
+        let Some(msg) = msg else {
+            return Turn::End(closed("slave requests"));
+        };
+        let mut batch = Vec::new();
+        let mut next = Some(msg);
+        // Group commit: decide what is already waiting in the same append. Dropped messages
+        // count towards the batch so a flood cannot hold the loop here.
+        let mut seen = 0;
+        while let Some(msg) = next.take() {
+            seen += 1;
+            let arrived = Instant::now();
+            if let Some(Intook { reply_to, out, op }) = handle_slave_message(
+                &mut self.replica.engine,
+                &mut self.intake,
+                &self.io.subjects,
+                &msg,
+            ) {
+                batch.push(Decided {
+                    reply_to,
+                    out,
+                    timing: Timing::of(op, arrived),
+                });
+            }
+            if seen < MAX_BATCH {
+                next = self.subscriptions.slave.next().now_or_never().flatten();
+            }
+        }
+        Turn::Decided(batch)
+    }
+
+    /// A status request (`admin status`, the monitor).
+    async fn on_status(&mut self, msg: Option<Message>) -> Turn {
+        let Some(msg) = msg else {
+            return Turn::End(closed("status requests"));
+        };
+        if client_reply_ok(&mut self.intake, "status requests", &msg) {
+            let mut status = self.replica.engine.status(now());
+            status.leader_term = self.term;
+            status.ledger_sequence = self.replica.applied;
+            status.replicas = self.replicas.status(now());
+            self.io.status(&msg, status).await;
+        }
+        Turn::Decided(Vec::new())
+    }
+
+    /// An operator's request on `admin.>`.
+    async fn on_admin(&mut self, msg: Option<Message>) -> Turn {
+        let Some(msg) = msg else {
+            return Turn::End(closed("admin requests"));
+        };
+        if !client_reply_ok(&mut self.intake, "admin requests", &msg) {
+            return Turn::Decided(Vec::new());
+        }
+        let subjects = &self.io.subjects;
+        let subject = msg.subject.as_str();
+        if subject == subjects.admin_report() {
+            let period = self.replica.usage.so_far(unix_ms());
+            spawn_report(
+                self.io,
+                &self.cfg.report,
+                self.replica.license_facts(),
+                period,
+                false,
+                msg.reply.clone(),
+            );
+            return Turn::Wait;
+        }
+        let out = if subject == subjects.admin_reload() {
+            admin_reload(&mut self.replica.engine, &msg)
+        } else if subject == subjects.admin_release() {
+            admin_release(&mut self.replica.engine, &msg)
+        } else {
+            // `admin.drain` is answered by the replica it names (`answer_drain_requests`).
+            return Turn::Wait;
+        };
+        // Admin changes are recorded on their own, after everything in flight.
+        if let Some(end) = self.settle_all().await {
+            return Turn::End(end);
+        }
+        let changes = out.changes.clone();
+        if let Some(end) = self.commit_all(changes).await {
+            return Turn::End(end);
+        }
+        self.io.apply(msg.reply.as_ref(), out).await;
+        Turn::Decided(Vec::new())
+    }
+
+    /// Another replica's beat (or our own).
+    async fn on_replica_beat(&mut self, msg: Option<Message>) -> Turn {
+        let Some(msg) = msg else {
+            return Turn::End(closed("replica beats"));
+        };
+        match decode::<ReplicaBeat>(&msg.payload) {
+            Ok(beat) => {
+                for alert in self.replicas.observe(now(), beat) {
+                    self.io.alert(alert).await;
+                }
+            }
+            Err(e) => {
+                let out = bad_message(&mut self.replica.engine, &msg, &e);
+                self.io.apply(None, out).await;
+            }
+        }
+        Turn::Decided(Vec::new())
+    }
+
+    /// The engine's timers, the metrics gauges, the replicas' and intake's summaries, and
+    /// the report period.
+    async fn on_tick(&mut self, valid_until: Instant) -> Turn {
+        if Instant::now() >= valid_until {
+            return Turn::Wait;
+        }
+        let (replica, io) = (&mut *self.replica, self.io);
+        let out = replica
+            .engine
+            .handle(now(), Event::Tick { today: today_utc() });
+        let batch = vec![Decided {
+            reply_to: None,
+            out,
+            timing: None,
+        }];
+        let (slaves_connected, slaves_known) = replica.engine.slave_counts();
+        io.metrics.set_gauges(Some(Gauges {
+            seats_by_type: replica.engine.in_use_by_type().clone(),
+            seats_total: replica.engine.total_in_use(),
+            slaves_connected,
+            slaves_known,
+        }));
+        for alert in self.replicas.sweep(now()) {
+            io.alert(alert).await;
+        }
+        for alert in self.intake.summaries(now()) {
+            io.alert(alert).await;
+        }
+        replica.observe_usage();
+        if let Some(period) = replica.usage.take_closed() {
+            spawn_report(
+                io,
+                &self.cfg.report,
+                replica.license_facts(),
+                Some(period),
+                true,
+                None,
+            );
+        }
+        Turn::Decided(batch)
+    }
+
+    /// Sends what was decided to the ledger, then starts a snapshot if one is due. `Some`:
+    /// the term is over.
+    async fn record(&mut self, mut batch: Vec<Decided>) -> Option<Led> {
+        let changes: Vec<SeatChange> = batch
+            .iter_mut()
+            .flat_map(|decided| std::mem::take(&mut decided.out.changes))
+            .collect();
+        if let Some(end) = self.send_all(changes, batch).await {
+            return Some(end);
+        }
+        if self.snapshotter.due(self.replica) {
+            // A snapshot copies the engine at `applied`: nothing may be in flight.
+            if let Some(end) = self.settle_all().await {
+                return Some(end);
+            }
+            self.snapshotter.start(self.replica, self.term);
+        }
+        None
+    }
+
+    /// Appends `changes` in as many entries as they need (`split_entries`), each fenced and
+    /// under a valid lease. A failure part way leaves the earlier parts recorded and nobody
+    /// told of any of them: like a reply lost after its append, which slaves retry.
+    async fn commit_all(&mut self, changes: Vec<SeatChange>) -> Option<Led> {
+        for changes in crate::ledger::split_entries(changes) {
+            let entry = LedgerEntry {
+                writer: self.cfg.broker_id.clone(),
+                changes,
+            };
+            let end = self.commit(&entry, Instant::now()).await;
+            if end.is_some() {
+                return end;
+            }
+        }
+        None
+    }
+
+    /// Appends `entry` if this replica still holds a valid lease, and waits for it (nothing
+    /// may be in flight). `Some` means it must step down (and says why); nothing decided
+    /// since the last good append may be told to anyone.
+    async fn commit(&mut self, entry: &LedgerEntry, at: Instant) -> Option<Led> {
+        if let Some(end) = lapsed(&self.election.role, self.cfg.fault_ignore_lease, at) {
+            return Some(end);
+        }
+        let started = Instant::now();
+        match self.ledger.append(entry).await {
+            Ok(sequence) => {
+                self.io.metrics.ledger_append(started.elapsed());
+                self.replica.set_applied(sequence);
+                None
+            }
+            Err(e) => Some(not_recorded(self.io, e).await),
+        }
+    }
+
+    /// Sends `changes` into the pipeline (in as many entries as they need), `answers`
+    /// riding on the last; with no changes the answers wait for what is in flight, or go
+    /// out now.
+    async fn send_all(&mut self, changes: Vec<SeatChange>, answers: Vec<Decided>) -> Option<Led> {
+        if changes.is_empty() {
+            if let Some(now) = self.pipeline.hold(answers) {
+                answer(self.io, now).await;
+            }
+            return None;
+        }
+        let mut parts = crate::ledger::split_entries(changes).into_iter().peekable();
+        let mut answers = Some(answers);
+        while let Some(changes) = parts.next() {
+            if let Some(end) = lapsed(
+                &self.election.role,
+                self.cfg.fault_ignore_lease,
+                Instant::now(),
+            ) {
+                return Some(end);
+            }
+            let entry = LedgerEntry {
+                writer: self.cfg.broker_id.clone(),
+                changes,
+            };
+            match self.ledger.send(&entry, !self.pipeline.is_empty()).await {
+                Ok(sent) => {
+                    let released = match parts.peek() {
+                        None => answers.take().unwrap_or_default(),
+                        Some(_) => Vec::new(),
+                    };
+                    self.pipeline.push(sent, released);
+                }
+                Err(e) => return Some(not_recorded(self.io, e).await),
+            }
+        }
+        None
+    }
+
+    /// One acknowledgement from the pipeline: on success the record is applied here and its
+    /// answers go out; a failure ends the leadership with everything behind it untold.
+    async fn settle(&mut self, acked: Acked<Decided>) -> Option<Led> {
+        match acked.result {
+            Ok(sequence) => {
+                self.io.metrics.ledger_append(acked.took);
+                self.replica.set_applied(sequence);
+                answer(self.io, acked.answers).await;
+                None
+            }
+            Err(e) => Some(not_recorded(self.io, e).await),
+        }
+    }
+
+    /// Waits for everything in flight, answering as it is recorded.
+    async fn settle_all(&mut self) -> Option<Led> {
+        while !self.pipeline.is_empty() {
+            let acked = self.pipeline.next().await;
+            if let Some(end) = self.settle(acked).await {
+                return Some(end);
+            }
+        }
+        None
+    }
+}
+
+/// One of the leader's subscriptions ended.
+fn closed(what: &str) -> Led {
+    Led::SteppedDown {
+        reason: format!("the NATS subscription for {what} closed"),
+        rebuild: false,
+    }
+}
+
+/// `Some` (step down) unless this replica holds a valid lease at `at`.
+pub(super) fn lapsed(role: &watch::Receiver<Role>, ignore_lease: bool, at: Instant) -> Option<Led> {
+    let reason = match &*role.borrow() {
+        _ if ignore_lease => return None,
+        role if role.is_valid_leader(at) => return None,
+        Role::Leader { .. } => "the lease ran out before the decisions could be recorded",
+        Role::Standby { .. } => "the lease was lost before the decisions could be recorded",
+    };
+    Some(Led::SteppedDown {
+        reason: reason.to_owned(),
+        rebuild: true,
+    })
+}
+
+/// An append failed: the leader steps down (a refusal is alerted: another replica writes).
+pub(super) async fn not_recorded(io: &Io, e: AppendError) -> Led {
+    if let AppendError::Fenced { .. } = e {
+        io.alert(Alert::new(
+            Severity::Critical,
+            AlertKind::LedgerWriteRefused,
+            format!(
+                "broker {}: {e}; the seat changes it had not yet recorded were dropped and nobody was told of them",
+                io.broker_id
+            ),
+        ))
+        .await;
+    }
+    Led::SteppedDown {
+        reason: e.to_string(),
+        rebuild: true,
+    }
+}
+
+/// Tells what was decided (replies, alerts, control messages), in decision order.
+async fn answer(io: &Io, answers: Vec<Decided>) {
+    for decided in answers {
+        if let Some(timing) = decided.timing {
+            io.observe(
+                &decided.out,
+                timing.arrived.elapsed(),
+                timing.unregistration,
+            );
+        }
+        io.apply(decided.reply_to.as_ref(), decided.out).await;
+    }
+}
+
+/// A decision waiting for its ledger append to be acknowledged.
+struct Decided {
+    /// Where the reply goes (`None`: no reply is sent).
+    reply_to: Option<Subject>,
+    out: Output,
+    /// Registrations and unregistrations are timed for the metrics.
+    timing: Option<Timing>,
+}
+
+/// When a registration or unregistration arrived, and which it was.
+struct Timing {
+    arrived: Instant,
+    unregistration: bool,
+}
+
+impl Timing {
+    /// Registrations and unregistrations are timed for the metrics; nothing else is.
+    fn of(op: Option<SlaveOp>, arrived: Instant) -> Option<Self> {
+        let unregistration = match op? {
+            SlaveOp::Register | SlaveOp::Batch => false,
+            SlaveOp::Unregister => true,
+            SlaveOp::Hello | SlaveOp::Heartbeat | SlaveOp::Report => return None,
+        };
+        Some(Self {
+            arrived,
+            unregistration,
+        })
+    }
+}

@@ -1,0 +1,363 @@
+//! The broker's NATS runtime: one task per replica that owns the [`Engine`], follows the
+//! seat ledger while it is a standby, and serves slaves while it holds the leader lease.
+//!
+//! As leader, requests are handled one at a time, in arrival order, by the task that owns
+//! the engine, so there is no lock around seat state and decisions are linearizable.
+//! Requests that are already waiting are decided together and their seat changes go into
+//! one ledger append (group commit); only after the append is acknowledged do the replies
+//! and effects go out. A refused or failed append means this replica may no longer speak
+//! for the ledger: it sends none of those replies, steps down, and rebuilds its state
+//! from the ledger. Nothing from the network can stop the loop: undecodable payloads
+//! become error replies and `bad_message` alerts.
+//!
+//! This module is [`run`], which switches one replica between its two roles; the roles
+//! are in `standby` and in `term` (a term's start) and `leader` (its loop), the state they
+//! share in `replica`. What comes in from NATS is turned into engine events by `inbound` and
+//! what goes out is sent by `outbound`; `tasks`, `snapshotter` and `reporter` are the tasks
+//! beside the loop, and `clock` the time readings handed to the engine.
+//!
+//! [`Engine`]: crate::engine::Engine
+
+mod clock;
+mod inbound;
+mod leader;
+mod outbound;
+mod replica;
+mod reporter;
+mod snapshotter;
+mod standby;
+mod tasks;
+mod term;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::Client;
+use futures::StreamExt;
+use lmbus_schemas::{Alert, AlertKind, Severity, Subjects};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::{self, BrokerConfig};
+use crate::election::{Election, ElectionConfig};
+use crate::engine::EngineConfig;
+use crate::ledger::{Gap, Ledger};
+use crate::metrics::Metrics;
+use crate::report::Usage;
+use crate::snapshot::Snapshots;
+
+use self::clock::today_utc;
+use self::leader::Led;
+use self::outbound::Io;
+use self::replica::{Replica, restore};
+use self::snapshotter::Snapshotter;
+use self::standby::{Followed, follow};
+
+/// How long the final alerts may take to leave when shutting down.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// First and longest pause before following the ledger again after a failure.
+const FOLLOW_RETRY: Duration = Duration::from_millis(200);
+const FOLLOW_RETRY_CAP: Duration = Duration::from_secs(5);
+
+/// Messages the NATS client buffers per subscription before it drops (async-nats: 65,536).
+const SUBSCRIPTION_CAPACITY: usize = 256 * 1024;
+
+/// Runs one broker replica until `shutdown` completes. Fails before serving anything if
+/// the license, the configuration, NATS or JetStream is not usable.
+pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    config::check(&cfg)?;
+    let license = config::load_master_license(&cfg.license_path, &cfg.vendor_key, today_utc())?;
+    let subjects = Subjects::new(&cfg.cluster)?;
+    info!(
+        license = %license.id,
+        customer = %license.customer,
+        total = license.limits.total.unwrap_or(0),
+        "master license verified"
+    );
+    let client = lmbus_nats::connect(
+        &cfg.nats_url,
+        async_nats::ConnectOptions::new()
+            .name(format!("lmbus-broker {}", cfg.broker_id))
+            // Room for a burst of every slave's heartbeat at once (100,000 slaves, say) on
+            // top of the requests, so that nothing is dropped while the leader catches up.
+            .subscription_capacity(SUBSCRIPTION_CAPACITY),
+        &cfg.nats_auth,
+    )
+    .await?;
+    info!(nats = %cfg.nats_url, auth = %cfg.nats_auth.describe(), "connected to NATS");
+    let mut ledger = Ledger::open(&client, &subjects, cfg.stream_replicas).await?;
+    let snapshots = Snapshots::open(&client, &subjects, cfg.stream_replicas).await?;
+    crate::alert_log::open(
+        &client,
+        &subjects,
+        cfg.stream_replicas,
+        cfg.alert_max_age,
+        cfg.alert_max_bytes,
+    )
+    .await?;
+    let mut election = Election::start(
+        &client,
+        &subjects,
+        ElectionConfig {
+            replica: cfg.broker_id.clone(),
+            priority: cfg.priority,
+            lease: cfg.lease,
+            replicas: cfg.stream_replicas,
+        },
+    )
+    .await?;
+
+    let engine_cfg = EngineConfig {
+        broker_id: cfg.broker_id.clone(),
+        cluster: cfg.cluster.clone(),
+        license: license.clone(),
+        vendor_key: cfg.vendor_key,
+        allow_unlicensed_slaves: cfg.allow_unlicensed_slaves,
+        missed_heartbeats: cfg.missed_heartbeats,
+        counts_interval: cfg.counts_interval,
+        expiry_warning_days: cfg.expiry_warning_days,
+        max_slaves: cfg.max_slaves,
+        reclaim_margin: cfg.reclaim_margin,
+        slave_rate_limit: cfg.slave_rate_limit,
+        max_agents_per_slave: cfg.max_agents_per_slave,
+    };
+    let metrics = Metrics::new(
+        license.limits.total.unwrap_or(0),
+        license.limits.agent_types.clone().into_iter().collect(),
+    );
+    let io = Io {
+        client: client.clone(),
+        subjects: subjects.clone(),
+        broker_id: cfg.broker_id.clone(),
+        metrics: metrics.clone(),
+    };
+    io.alert(Alert::new(
+        Severity::Info,
+        AlertKind::BrokerStarted,
+        format!(
+            "broker {} started as a replica of cluster {} (priority {}) with license {} ({} seats{}); ledger {}",
+            cfg.broker_id,
+            cfg.cluster,
+            cfg.priority,
+            license.id,
+            license.limits.total.unwrap_or(0),
+            if cfg.allow_unlicensed_slaves {
+                ", unlicensed slaves allowed"
+            } else {
+                ""
+            },
+            ledger.stream_name()
+        ),
+    ))
+    .await;
+    client.flush().await.context("cannot reach NATS")?;
+
+    let applied = Arc::new(AtomicU64::new(0));
+    let metrics_server = match cfg.metrics {
+        Some(addr) => {
+            let (bound, task) =
+                crate::metrics::serve(addr, metrics.clone(), applied.clone(), ledger.clone())
+                    .await?;
+            info!("Prometheus metrics on http://{bound}/metrics");
+            Some(task)
+        }
+        None => None,
+    };
+    let drain_requests = tokio::spawn(tasks::answer_drain_requests(io.clone(), election.drainer()));
+    let presence = tokio::spawn(tasks::presence(
+        io.clone(),
+        cfg.clone(),
+        election.role.clone(),
+        applied.clone(),
+    ));
+    // True while this replica holds the lease but cannot serve yet (catching up with a
+    // ledger whose stream is electing its own leader, say).
+    let (not_ready, not_ready_rx) = watch::channel(false);
+    let electing = tokio::spawn(tasks::answer_while_electing(
+        io.clone(),
+        election.electing.clone(),
+        not_ready_rx,
+    ));
+    let usage = Usage::new(cfg.report.at_minute);
+    let mut replica = restore(&engine_cfg, applied.clone(), &snapshots, usage.clone())
+        .await
+        .unwrap_or_else(|e| {
+            warn!(error = %format!("{e:#}"), "cannot load the latest snapshot: replaying the ledger from its first record");
+            Replica::new(&engine_cfg, applied.clone(), usage)
+        });
+    let mut snapshotter = Snapshotter {
+        snapshots: snapshots.clone(),
+        ledger: ledger.clone(),
+        every: cfg.snapshot_every,
+        trim: cfg.ledger_trim,
+        writer: cfg.broker_id.clone(),
+        last: Arc::new(AtomicU64::new(replica.applied)),
+        task: None,
+    };
+    tokio::pin!(shutdown);
+    // The gap the last snapshot load was for: when the latest snapshot does not close it
+    // either, the records are gone for good (purged) and the replica goes on without them.
+    let mut last_gap: Option<u64> = None;
+    // Grows while following keeps failing, so a ledger that cannot be read costs a
+    // consumer every few seconds, not five a second (each lives 30 s on the server).
+    let mut retry = FOLLOW_RETRY;
+    let result = loop {
+        let term = match follow(&mut replica, &ledger, &mut election.role, &mut shutdown).await {
+            Ok(Followed::Shutdown) => break Ok(()),
+            Ok(Followed::Elected { term }) => term,
+            Err(e)
+                if e.downcast_ref::<Gap>()
+                    .is_some_and(|g| last_gap == Some(g.found)) =>
+            {
+                let Some(gap) = e.downcast_ref::<Gap>() else {
+                    continue;
+                };
+                let (expected, found) = (gap.expected, gap.found);
+                let message = format!(
+                    "the ledger {} has no records {expected} to {} and the latest snapshot does not cover them (purged?): going on from the snapshot and record {found}. Seats granted in those records are missing from the master's books until each slave's next heartbeat reconciles them",
+                    subjects.ledger_stream(),
+                    found - 1
+                );
+                error!("{message}");
+                io.alert(Alert::new(
+                    Severity::Critical,
+                    AlertKind::BadMessage,
+                    message,
+                ))
+                .await;
+                replica.set_applied(found - 1);
+                // The skipped records may have opened a term: accept any writer until the
+                // next `Leader` record rather than quarantine the current leader's.
+                replica.leader = None;
+                last_gap = None;
+                continue;
+            }
+            // The records this replica needs next were trimmed: load the snapshot that
+            // covers them (retrying while it cannot be read).
+            Err(e) if e.downcast_ref::<Gap>().is_some() => {
+                let found = e.downcast_ref::<Gap>().map(|g| g.found);
+                warn!(error = %format!("{e:#}"), "loading the latest snapshot");
+                match restore(
+                    &engine_cfg,
+                    applied.clone(),
+                    &snapshots,
+                    replica.usage.clone(),
+                )
+                .await
+                {
+                    Ok(restored) => {
+                        // Only a snapshot that was read and still ends before the gap
+                        // proves the records are gone; a failed read proves nothing.
+                        last_gap = found.filter(|f| restored.applied + 1 < *f);
+                        replica = restored;
+                    }
+                    Err(e) => {
+                        last_gap = None;
+                        warn!(error = %format!("{e:#}"), "cannot load the latest snapshot; retrying");
+                        tokio::select! {
+                            _ = &mut shutdown => break Ok(()),
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+                continue;
+            }
+            Ok(Followed::Interrupted(e)) => {
+                warn!(error = %format!("{e:#}"), ?retry, "following the ledger was interrupted; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => break Ok(()),
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(FOLLOW_RETRY_CAP);
+                continue;
+            }
+            // A record this replica cannot apply: it must not lead on a wrong state.
+            Err(e) => break Err(e),
+        };
+        retry = FOLLOW_RETRY;
+        not_ready.send_replace(true);
+        let led = leader::Term {
+            number: term,
+            replica: &mut replica,
+            ledger: &mut ledger,
+            election: &mut election,
+            snapshotter: &mut snapshotter,
+            cfg: &cfg,
+            io: &io,
+        }
+        .lead(&mut shutdown, &not_ready)
+        .await;
+        not_ready.send_replace(false);
+        io.metrics.set_gauges(None);
+        match led {
+            Ok(Led::Shutdown) => break Ok(()),
+            Ok(Led::SteppedDown { reason, rebuild }) => {
+                election.resign(term);
+                io.alert(Alert::new(
+                    Severity::Warning,
+                    AlertKind::LeaderSteppedDown,
+                    format!(
+                        "broker {} stopped leading cluster {} (term {term}): {reason}",
+                        cfg.broker_id, cfg.cluster
+                    ),
+                ))
+                .await;
+                if rebuild {
+                    let usage = replica.usage.clone();
+                    replica = restore(&engine_cfg, applied.clone(), &snapshots, usage.clone())
+                        .await
+                        .unwrap_or_else(|e| {
+                            warn!(error = %format!("{e:#}"), "cannot load the latest snapshot: replaying the ledger from its first record");
+                            Replica::new(&engine_cfg, applied.clone(), usage)
+                        });
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+
+    io.alert(Alert::new(
+        Severity::Info,
+        AlertKind::BrokerStopped,
+        format!(
+            "broker {} stopping with {} seats in use",
+            cfg.broker_id,
+            replica.engine.total_in_use()
+        ),
+    ))
+    .await;
+    presence.abort();
+    electing.abort();
+    drain_requests.abort();
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
+    drop(election);
+    let closing = async {
+        sync_with_server(&client).await;
+        let _ = client.drain().await;
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, closing).await.is_err() {
+        warn!("NATS sync and drain did not finish within {DRAIN_TIMEOUT:?}");
+    }
+    info!("broker stopped");
+    result
+}
+
+/// Waits until the server has processed everything this client published so far, by
+/// sending a message to ourselves on a fresh inbox and receiving it (the server keeps a
+/// connection's messages in order). `flush` only writes to the socket: a process that exits
+/// right after it can lose what the kernel had not delivered yet.
+async fn sync_with_server(client: &Client) {
+    let inbox = client.new_inbox();
+    let Ok(mut echo) = client.subscribe(inbox.clone()).await else {
+        return;
+    };
+    if client.publish(inbox, bytes::Bytes::new()).await.is_ok() {
+        let _ = echo.next().await;
+    }
+}

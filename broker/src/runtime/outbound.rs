@@ -1,0 +1,116 @@
+//! Everything the runtime sends: replies, alerts (logged and counted), control messages and
+//! status answers, and the registration timings it observes for the metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, Message, Subject, ToSubject};
+use lmbus_schemas::{Alert, Decision, Reply, Severity, StatusReply, Subjects, encode, truncated};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::engine::{Answer, Effect, Output};
+use crate::metrics::Metrics;
+
+use super::clock::unix_ms;
+
+/// The runtime's side effects: replies, alerts and control messages.
+#[derive(Clone)]
+pub(super) struct Io {
+    pub(super) client: Client,
+    pub(super) subjects: Subjects,
+    pub(super) broker_id: String,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+impl Io {
+    /// Counts a registration's or unregistration's answer and how long it took.
+    pub(super) fn observe(&self, out: &Output, took: Duration, unregistration: bool) {
+        match &out.reply {
+            // A batch holds only registrations (answered with decisions) and
+            // unregistrations (answered `Ack`).
+            Some(Answer::Slave(Reply::Batch(replies))) => {
+                for reply in replies {
+                    self.observe_reply(reply, took, matches!(reply, Reply::Ack));
+                }
+            }
+            Some(Answer::Slave(reply)) => self.observe_reply(reply, took, unregistration),
+            _ => {}
+        }
+    }
+
+    fn observe_reply(&self, reply: &Reply, took: Duration, unregistration: bool) {
+        match reply {
+            Reply::Decision(Decision::Approved { .. }) => self.metrics.registration(None, took),
+            Reply::Decision(Decision::Rejected { reason, .. }) => {
+                self.metrics.registration(Some(reason.token()), took)
+            }
+            Reply::Ack if unregistration => self.metrics.unregistration(took),
+            // Errors (bad input) are counted by their `bad_message` alerts.
+            _ => {}
+        }
+    }
+
+    /// Sends what the engine decided: the reply to `reply_to` (no reply without one), then
+    /// the effects in order.
+    pub(super) async fn apply(&self, reply_to: Option<&Subject>, out: Output) {
+        if let (Some(reply_to), Some(reply)) = (reply_to, out.reply.as_ref()) {
+            let reply_to = reply_to.clone();
+            match reply {
+                Answer::Slave(reply) => self.send(reply_to, reply, "reply").await,
+                Answer::Release(reply) => self.send(reply_to, reply, "admin reply").await,
+                Answer::Reload(reply) => self.send(reply_to, reply, "admin reply").await,
+            }
+        }
+        for effect in out.effects {
+            match effect {
+                Effect::Alert(alert) => self.alert(alert).await,
+                Effect::Control { slave, message } => {
+                    self.send(self.subjects.control(&slave), &message, "control message")
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Logs `alert`, counts it and publishes it on its subject.
+    pub(super) async fn alert(&self, mut alert: Alert) {
+        alert.time_ms = unix_ms();
+        if alert.source.is_empty() {
+            alert.source = self.broker_id.clone();
+        }
+        match alert.severity {
+            Severity::Info => info!(kind = %alert.kind, slave = ?alert.slave, "{}", alert.message),
+            _ => warn!(kind = %alert.kind, slave = ?alert.slave, "{}", alert.message),
+        }
+        self.metrics
+            .alert(alert.kind.token(), alert.severity.token());
+        let subject = self.subjects.alert(alert.severity, alert.kind);
+        self.send(subject, &alert, "alert").await;
+    }
+
+    /// Answers a status request, where it asked (if it asked).
+    pub(super) async fn status(&self, msg: &Message, status: StatusReply) {
+        let Some(reply_to) = &msg.reply else {
+            return;
+        };
+        self.send(reply_to.clone(), &status, "status reply").await;
+    }
+
+    /// Encodes `message` and publishes it on `subject`. Nothing waits for it: a failure
+    /// (the message cannot be encoded, the client is closed) is logged as `what` and the
+    /// runtime goes on, as it would after a message lost on the way.
+    pub(super) async fn send(&self, subject: impl ToSubject, message: &impl Serialize, what: &str) {
+        let subject = subject.to_subject();
+        let bytes = match encode(message) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(error = %e, "cannot encode {what}");
+                return;
+            }
+        };
+        if let Err(e) = self.client.publish(subject.clone(), bytes.into()).await {
+            warn!(error = %e, subject = %truncated(subject.as_str(), 160), "cannot publish {what}");
+        }
+    }
+}

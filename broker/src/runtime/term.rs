@@ -1,0 +1,207 @@
+//! The start of a term as leader: catching up with the ledger (retrying while the lease
+//! holds), fencing it with this term's `Leader` record, taking over (silence clocks, the
+//! quarantined records' alert), subscribing and telling every slave `new_leader`; then the
+//! [`Leader`] loop serves.
+
+use std::future::Future;
+use std::time::Duration;
+
+use lmbus_schemas::{Alert, AlertKind, LedgerEntry, SeatChange, Severity};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::engine::{Effect, Output};
+use crate::ledger::{AppendError, Gap};
+
+use super::clock::now;
+use super::leader::{Leader, Led, Subscriptions, Term, lapsed, not_recorded};
+use super::standby::catch_up;
+
+/// Most attempts at a new leader's `Leader` record while the ledger stream is not writable
+/// yet (each `CATCH_UP_RETRY` apart): only failed appends are retried, never fenced ones.
+const MARKER_TRIES: u32 = 100;
+
+/// Pause between a new leader's attempts to read a ledger that is not reachable yet.
+const CATCH_UP_RETRY: Duration = Duration::from_millis(100);
+
+impl Term<'_> {
+    /// Catches up, fences the ledger with a `Leader` record, then serves slaves until the
+    /// lease is lost, a ledger write fails or `shutdown` completes. `not_ready` is cleared
+    /// once this replica serves.
+    pub(super) async fn lead<S: Future<Output = ()> + Unpin>(
+        mut self,
+        shutdown: &mut S,
+        not_ready: &watch::Sender<bool>,
+    ) -> anyhow::Result<Led> {
+        let started = Instant::now();
+        let caught_up = match self.catch_up(shutdown).await {
+            Ok(last) => last,
+            Err(end) => return Ok(end),
+        };
+        if let Some(end) = self.write_marker(shutdown).await {
+            return Ok(end);
+        }
+        self.take_over().await;
+        let subscriptions = Subscriptions::open(self.io).await?;
+        // Subscribed: tell every slave, so that a request still waiting on the previous
+        // leader (frozen, say) is sent here now rather than after its timeout. Sent after
+        // the subscriptions on the same connection, so the server has them first.
+        let hello_new = Output {
+            effects: self
+                .replica
+                .engine
+                .connected_slaves()
+                .into_iter()
+                .map(|slave| Effect::Control {
+                    slave,
+                    message: lmbus_schemas::ControlMessage::NewLeader,
+                })
+                .collect(),
+            ..Output::default()
+        };
+        self.io.apply(None, hello_new).await;
+        let mut leader = Leader::new(self, subscriptions);
+        not_ready.send_replace(false);
+        leader.announce(caught_up, started).await;
+        Ok(leader.serve(shutdown).await)
+    }
+
+    /// Reads the ledger to its end. `Err`: the term ended first.
+    async fn catch_up<S: Future<Output = ()> + Unpin>(
+        &mut self,
+        shutdown: &mut S,
+    ) -> Result<u64, Led> {
+        let started = Instant::now();
+        // While the ledger's stream elects its own leader (a NATS node died), reads time
+        // out: keep the lease and retry rather than resign and run a new election each
+        // time, so the first read that succeeds ends the pause. What was applied stays
+        // right: no rebuild.
+        let mut failures = 0u32;
+        let caught_up = loop {
+            let error = tokio::select! {
+                _ = &mut *shutdown => return Err(Led::Shutdown),
+                read = catch_up(self.replica, self.ledger) => match read {
+                    Ok(last) => break last,
+                    Err(e) if e.downcast_ref::<Gap>().is_some() => {
+                        return Err(Led::SteppedDown {
+                            reason: format!("cannot catch up with the ledger: {e:#}"),
+                            rebuild: true,
+                        });
+                    }
+                    Err(e) => e,
+                },
+            };
+            failures += 1;
+            if !self
+                .election
+                .role
+                .borrow()
+                .leads(self.number, Instant::now())
+            {
+                return Err(Led::SteppedDown {
+                    reason: format!(
+                        "the lease was lost while catching up with the ledger: {error:#}"
+                    ),
+                    rebuild: false,
+                });
+            }
+            if failures == 1 {
+                warn!(error = %format!("{error:#}"), term = self.number, "cannot catch up with the ledger yet; retrying while the lease holds");
+            }
+            tokio::select! {
+                _ = &mut *shutdown => return Err(Led::Shutdown),
+                _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
+            }
+        };
+        if failures > 0 {
+            info!(failures, waited = ?started.elapsed(), "caught up with the ledger after retrying");
+        }
+        Ok(caught_up)
+    }
+
+    /// Fences the ledger at its end and writes this term's `Leader` record. `Some`: the term
+    /// ended first.
+    async fn write_marker<S: Future<Output = ()> + Unpin>(
+        &mut self,
+        shutdown: &mut S,
+    ) -> Option<Led> {
+        let (cfg, io) = (self.cfg, self.io);
+        self.ledger.set_fence(self.replica.applied);
+        let marker = LedgerEntry {
+            writer: cfg.broker_id.clone(),
+            changes: vec![SeatChange::Leader {
+                replica: cfg.broker_id.clone(),
+                term: self.number,
+            }],
+        };
+        // Right after the whole NATS cluster restarted, the ledger stream may be readable
+        // but not yet writable ("no stream found" while its raft group settles): retry the
+        // marker while the lease holds instead of resigning and running a new election. The
+        // retry has the same message id, so one that did land is acknowledged as a
+        // duplicate.
+        let mut tries = 0u32;
+        loop {
+            if let Some(end) = lapsed(&self.election.role, cfg.fault_ignore_lease, Instant::now()) {
+                return Some(end);
+            }
+            let started = Instant::now();
+            match self.ledger.append(&marker).await {
+                Ok(sequence) => {
+                    io.metrics.ledger_append(started.elapsed());
+                    self.replica.set_applied(sequence);
+                    break;
+                }
+                Err(AppendError::Failed(e)) if tries < MARKER_TRIES => {
+                    tries += 1;
+                    if tries == 1 {
+                        warn!(error = %e, term = self.number, "cannot write the leader record yet; retrying while the lease holds");
+                    }
+                }
+                Err(e) => return Some(not_recorded(io, e).await),
+            }
+            tokio::select! {
+                _ = &mut *shutdown => return Some(Led::Shutdown),
+                _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
+            }
+        }
+        if tries > 0 {
+            info!(tries, "wrote the leader record after retrying");
+        }
+        None
+    }
+
+    /// The term is this replica's from here: silence clocks restart, and what the ledger
+    /// held that no leader wrote is alerted.
+    async fn take_over(&mut self) {
+        let (replica, io) = (&mut *self.replica, self.io);
+        replica.leader = Some(self.cfg.broker_id.clone());
+        replica.engine.restart_silence_clocks(now());
+        let quarantined = std::mem::take(&mut replica.quarantined);
+        if !quarantined.is_empty() {
+            let list: Vec<String> = quarantined
+                .iter()
+                .map(|(sequence, why)| format!("{sequence} ({why})"))
+                .collect();
+            io.alert(Alert::new(
+                Severity::Critical,
+                AlertKind::BadMessage,
+                format!(
+                    "the ledger {} held records no broker replica wrote, quarantined and skipped: {}. Only the brokers' NATS user may publish on {}: check who else can (deploy/nats-server.conf), and rotate the broker credentials if they leaked",
+                    io.subjects.ledger_stream(),
+                    list.join(", "),
+                    io.subjects.ledger()
+                ),
+            ))
+            .await;
+        }
+        if let Some(missed) = replica.usage.take_closed() {
+            // It closed while another replica led, which reported it (or failed over while
+            // doing so: `admin report` makes the current period's report on demand).
+            info!(
+                period_end = missed.end_ms,
+                "a usage period ended before this replica led; not reporting it again"
+            );
+        }
+    }
+}
