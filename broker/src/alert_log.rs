@@ -7,12 +7,11 @@
 
 use std::time::Duration;
 
-use anyhow::anyhow;
 use async_nats::Client;
 use async_nats::jetstream::stream;
 use lmbus_schemas::Subjects;
 
-use crate::ledger::js_context;
+use crate::jetstream::{js_context, open_stream};
 
 /// How long alerts are kept by default.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(30 * 86_400);
@@ -29,8 +28,9 @@ pub async fn open(
     max_bytes: i64,
 ) -> anyhow::Result<String> {
     let name = subjects.alert_stream();
-    js_context(client)
-        .get_or_create_stream(stream::Config {
+    open_stream(
+        &js_context(client),
+        stream::Config {
             name: name.clone(),
             description: Some(format!(
                 "lmbus alerts of cluster {}, kept {} days or {} MiB",
@@ -46,12 +46,10 @@ pub async fn open(
             max_age,
             max_bytes,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot open or create the alert stream {name} ({replicas} replicas): {e}; the broker needs permission to use $JS.API.STREAM.CREATE/INFO for {name}"
-            )
-        })?;
+        },
+        "alert",
+        |name| format!("the broker needs permission to use $JS.API.STREAM.CREATE/INFO for {name}"),
+    )
+    .await?;
     Ok(name)
 }

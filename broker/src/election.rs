@@ -35,6 +35,8 @@ use tracing::{debug, info, warn};
 
 use lmbus_schemas::Subjects;
 
+use crate::jetstream::open_stream;
+
 /// The key holding the lease.
 const KEY: &str = "leader";
 
@@ -196,35 +198,38 @@ async fn open_bucket(
     subjects: &Subjects,
     cfg: &ElectionConfig,
 ) -> anyhow::Result<kv::Store> {
-    let js = crate::ledger::js_context(client);
+    let js = crate::jetstream::js_context(client);
     let bucket = subjects.election_bucket();
     let stream_name = subjects.election_stream();
-    js.get_or_create_stream(stream::Config {
-        name: stream_name.clone(),
-        description: Some(format!(
-            "lmbus leader lease of cluster {}",
-            subjects.cluster()
-        )),
-        subjects: vec![subjects.election_subjects()],
-        max_messages_per_subject: 1,
-        max_age: cfg.lease,
-        duplicate_window: cfg.lease.min(Duration::from_secs(120)),
-        storage: stream::StorageType::File,
-        num_replicas: cfg.replicas,
-        allow_rollup: true,
-        deny_delete: true,
-        discard: stream::DiscardPolicy::New,
-        // Reads go to the stream leader: a follower answering a direct get may not have
-        // dropped an expired lease yet, which would skew who sees it free first.
-        allow_direct: false,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| {
-        anyhow!(
-            "cannot open or create the election stream {stream_name}: {e}; if it exists with another lease time, every replica must use the same --lease"
-        )
-    })?;
+    open_stream(
+        &js,
+        stream::Config {
+            name: stream_name.clone(),
+            description: Some(format!(
+                "lmbus leader lease of cluster {}",
+                subjects.cluster()
+            )),
+            subjects: vec![subjects.election_subjects()],
+            max_messages_per_subject: 1,
+            max_age: cfg.lease,
+            duplicate_window: cfg.lease.min(Duration::from_secs(120)),
+            storage: stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            discard: stream::DiscardPolicy::New,
+            // Reads go to the stream leader: a follower answering a direct get may not have
+            // dropped an expired lease yet, which would skew who sees it free first.
+            allow_direct: false,
+            ..Default::default()
+        },
+        "election",
+        |_| {
+            "if it exists with another lease time, every replica must use the same --lease"
+                .to_owned()
+        },
+    )
+    .await?;
     js.get_key_value(&bucket)
         .await
         .map_err(|e| anyhow!("cannot open the election bucket {bucket}: {e}"))
@@ -382,5 +387,61 @@ async fn campaign(
         role.send_replace(Role::Standby { leader: None });
         // Do not campaign again before the lease this replica held has surely expired.
         holdoff_until = Some(Instant::now() + cfg.lease);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(lease: Duration) -> ElectionConfig {
+        ElectionConfig {
+            replica: "b1".into(),
+            priority: 1,
+            lease,
+            replicas: 1,
+        }
+    }
+
+    /// The server drops a lease `lease` after the renewal reached it, which is after the
+    /// leader sent it: the leader stops acting `lease / 5` before that, on its own clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_acts_on_a_renewal_for_four_fifths_of_the_lease_from_sending_it() {
+        let cfg = cfg(Duration::from_secs(1));
+        let sent = Instant::now();
+        let role = Role::Leader {
+            term: 3,
+            valid_until: sent + cfg.valid_for(),
+        };
+        assert!(cfg.valid_for() < cfg.lease);
+        assert!(
+            cfg.renew_every() < cfg.valid_for(),
+            "a renewal comes before the end"
+        );
+        tokio::time::advance(Duration::from_millis(799)).await;
+        assert!(role.leads(3, Instant::now()));
+        assert!(!role.leads(4, Instant::now()), "another term's lease");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!role.leads(3, Instant::now()));
+        assert!(!role.is_valid_leader(Instant::now()));
+        assert!(!Role::Standby { leader: None }.is_valid_leader(sent));
+    }
+
+    /// A candidate polls often enough to see a free lease well within one lease, and never
+    /// faster than 20 ms or slower than 200 ms.
+    #[test]
+    fn polling_is_bounded() {
+        assert_eq!(
+            cfg(Duration::from_secs(1)).poll_every(),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            cfg(Duration::from_millis(100)).poll_every(),
+            Duration::from_millis(20)
+        );
+        assert_eq!(
+            cfg(Duration::from_secs(30)).poll_every(),
+            Duration::from_millis(200)
+        );
     }
 }

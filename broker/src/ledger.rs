@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 use async_nats::Client;
 use async_nats::jetstream::{
     self, Context,
@@ -22,6 +22,8 @@ use async_nats::jetstream::{
 };
 use futures::StreamExt;
 use lmbus_schemas::{LedgerEntry, MAX_MESSAGE_BYTES, SeatChange, Subjects, decode, encode};
+
+use crate::jetstream::{js_context, open_stream};
 
 /// How long an append may take before the leader gives up on it (and steps down: it
 /// cannot know whether the record landed).
@@ -44,15 +46,18 @@ pub enum AppendError {
     Failed(String),
 }
 
-/// How long a JetStream API request may take. Short, so that while a stream elects a new
-/// leader (a NATS node died) the broker retries instead of hanging on one request.
-pub const JS_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A JetStream context with [`JS_TIMEOUT`].
-pub fn js_context(client: &Client) -> Context {
-    jetstream::ContextBuilder::new()
-        .timeout(JS_TIMEOUT)
-        .build(client.clone())
+/// Why reading the ledger stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The stream, its consumer or a message failed at the NATS level (the server is
+    /// unreachable, the consumer was lost, the stream is electing its leader): read again.
+    #[error("{0}")]
+    Nats(String),
+    /// A record written by a newer lmbus, which this replica cannot read.
+    #[error(
+        "ledger record {sequence} was written by a newer lmbus ({detail}): upgrade this broker replica"
+    )]
+    NewerVersion { sequence: u64, detail: String },
 }
 
 /// A replica met a record further on than the next one it needs: the records between
@@ -172,7 +177,9 @@ impl Ledger {
         let js = js_context(client);
         let name = subjects.ledger_stream();
         let subject = subjects.ledger();
-        js.get_or_create_stream(stream::Config {
+        open_stream(
+            &js,
+            stream::Config {
             name: name.clone(),
             description: Some(format!(
                 "lmbus seat ledger of cluster {}: every seat change, in decision order",
@@ -187,13 +194,11 @@ impl Ledger {
             // each id for this long, so a short window keeps its memory small.
             duplicate_window: DUPLICATE_WINDOW,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot open or create the ledger stream {name} ({replicas} replicas): {e}; the broker needs JetStream enabled on its NATS account and permission to use $JS.API.STREAM.* for {name}"
-            )
-        })?;
+            },
+            "ledger",
+            |name| format!("the broker needs JetStream enabled on its NATS account and permission to use $JS.API.STREAM.* for {name}"),
+        )
+        .await?;
         Ok(Self {
             client: client.clone(),
             js,
@@ -322,12 +327,19 @@ impl Ledger {
     pub async fn follow(
         &self,
         from: u64,
-    ) -> anyhow::Result<impl futures::Stream<Item = anyhow::Result<Record>> + Unpin + use<>> {
+    ) -> Result<impl futures::Stream<Item = Result<Record, ReadError>> + Unpin + use<>, ReadError>
+    {
+        let nats = |e: &dyn std::fmt::Display| {
+            ReadError::Nats(format!(
+                "cannot read the ledger stream {}: {e}",
+                self.stream
+            ))
+        };
         let stream = self
             .js
             .get_stream(&self.stream)
             .await
-            .with_context(|| format!("cannot look up the ledger stream {}", self.stream))?;
+            .map_err(|e| nats(&e))?;
         let consumer = stream
             .create_consumer(push::OrderedConfig {
                 deliver_subject: self.client.new_inbox(),
@@ -338,16 +350,13 @@ impl Ledger {
                 ..Default::default()
             })
             .await
-            .with_context(|| format!("cannot read the ledger stream {}", self.stream))?;
-        let messages = consumer
-            .messages()
-            .await
-            .with_context(|| format!("cannot read the ledger stream {}", self.stream))?;
+            .map_err(|e| nats(&e))?;
+        let messages = consumer.messages().await.map_err(|e| nats(&e))?;
         Ok(messages.map(|item| {
-            let message = item.map_err(|e| anyhow!("reading the ledger: {e}"))?;
+            let message = item.map_err(|e| ReadError::Nats(format!("reading the ledger: {e}")))?;
             let sequence = message
                 .info()
-                .map_err(|e| anyhow!("a ledger message without stream info: {e}"))?
+                .map_err(|e| ReadError::Nats(format!("a ledger message without stream info: {e}")))?
                 .stream_sequence;
             match decode::<LedgerEntry>(&message.payload) {
                 Ok(entry) => Ok(Record {
@@ -355,9 +364,12 @@ impl Ledger {
                     entry,
                     quarantined: None,
                 }),
-                Err(e @ lmbus_schemas::DecodeError::UnsupportedVersion { .. }) => Err(anyhow!(
-                    "ledger record {sequence} was written by a newer lmbus ({e}): upgrade this broker replica"
-                )),
+                Err(e @ lmbus_schemas::DecodeError::UnsupportedVersion { .. }) => {
+                    Err(ReadError::NewerVersion {
+                        sequence,
+                        detail: e.to_string(),
+                    })
+                }
                 Err(e) => Ok(Record {
                     sequence,
                     entry: LedgerEntry {
@@ -583,7 +595,11 @@ impl Ledger {
     }
 }
 
-/// Most bytes (by `snapshot::approx_size`) of changes in one ledger entry: well under the
+/// Most agents in one `Seats` or `Revoke` change, in a ledger entry or a snapshot chunk:
+/// with 256-byte agent ids, still well under [`ENTRY_BYTES`] and the snapshot's chunk size.
+pub const AGENTS_PER_CHANGE: usize = 512;
+
+/// Most bytes (by [`SeatChange::size_bound`]) of changes in one ledger entry: well under the
 /// message size limit every reader enforces, so no record is ever too big to read.
 pub const ENTRY_BYTES: usize = 192 * 1024;
 
@@ -596,21 +612,17 @@ pub fn split_entries(changes: Vec<SeatChange>) -> Vec<Vec<SeatChange>> {
     let mut part: Vec<SeatChange> = Vec::new();
     let mut part_bytes = 0;
     let pieces = changes.into_iter().flat_map(|change| match change {
-        SeatChange::Revoke { slave, agents }
-            if agents.len() > crate::snapshot::AGENTS_PER_CHANGE =>
-        {
-            agents
-                .chunks(crate::snapshot::AGENTS_PER_CHANGE)
-                .map(|a| SeatChange::Revoke {
-                    slave: slave.clone(),
-                    agents: a.to_vec(),
-                })
-                .collect::<Vec<_>>()
-        }
+        SeatChange::Revoke { slave, agents } if agents.len() > AGENTS_PER_CHANGE => agents
+            .chunks(AGENTS_PER_CHANGE)
+            .map(|a| SeatChange::Revoke {
+                slave: slave.clone(),
+                agents: a.to_vec(),
+            })
+            .collect::<Vec<_>>(),
         other => vec![other],
     });
     for change in pieces {
-        let size = crate::snapshot::approx_size(&change);
+        let size = change.size_bound();
         if !part.is_empty() && part_bytes + size > ENTRY_BYTES {
             entries.push(std::mem::take(&mut part));
             part_bytes = 0;

@@ -1,8 +1,9 @@
 //! The lmbus master broker.
 //!
 //! [`engine`] holds every admission decision as a pure state machine; [`runtime`] is the
-//! thin NATS task around it; [`config`] resolves flags, environment and config file into a
-//! [`BrokerConfig`]. `main.rs` only parses the command line and calls [`run`].
+//! thin NATS task around it; [`config`] is the [`BrokerConfig`] and its checks. `main.rs`
+//! parses the command line, resolves flags, environment and config file into a
+//! `BrokerConfig`, and calls [`run`].
 
 pub mod alert_log;
 pub mod bucket;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod election;
 pub mod engine;
 pub mod intake;
+pub mod jetstream;
 pub mod ledger;
 pub mod metrics;
 pub mod pipeline;

@@ -234,11 +234,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                         emailed_to,
                         problems: theirs,
                     } => {
-                        let parsed: lmbus_broker::report::UsageReport =
-                            serde_json::from_str(&report).with_context(|| {
-                                format!("the report of cluster {cluster} is not readable")
-                            })?;
-                        reports.push(parsed);
+                        reports.push(*report);
                         outputs.push((files, emailed_to));
                         problems.extend(theirs.into_iter().map(|p| format!("{cluster}: {p}")));
                     }

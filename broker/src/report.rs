@@ -13,8 +13,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use lmbus_schemas::{Alert, AlertKind, Subjects, decode};
-use serde::{Deserialize, Serialize};
+use lmbus_schemas::report::{Events, SlaveActivity, TypeUsage, UsageReport};
+use lmbus_schemas::{Alert, AlertKind, Subjects, decode, encode};
+use serde::Deserialize;
 use time::OffsetDateTime;
 
 const DAY_MS: i64 = 86_400_000;
@@ -137,7 +138,7 @@ impl Acc {
 }
 
 #[derive(Debug, Clone)]
-struct Window {
+struct Period {
     start_ms: i64,
     end_ms: i64,
     covered_from_ms: i64,
@@ -147,7 +148,7 @@ struct Window {
     total: Acc,
 }
 
-impl Window {
+impl Period {
     fn new(start_ms: i64, end_ms: i64, from_ms: i64) -> Self {
         Self {
             start_ms,
@@ -193,7 +194,7 @@ impl Window {
 
     /// The next window, starting at this one's end with the counts held then.
     fn next(&self) -> Self {
-        let mut next = Window::new(self.end_ms, self.end_ms + DAY_MS, self.end_ms);
+        let mut next = Period::new(self.end_ms, self.end_ms + DAY_MS, self.end_ms);
         next.types = self
             .types
             .iter()
@@ -226,7 +227,7 @@ impl Window {
 pub struct Usage {
     /// Offset of the period boundary within a UTC day.
     at_ms: i64,
-    window: Option<Window>,
+    window: Option<Period>,
     closed: Option<UsageWindow>,
 }
 
@@ -252,7 +253,7 @@ impl Usage {
             match &mut self.window {
                 None => {
                     let start = self.boundary_before(now_ms);
-                    let mut w = Window::new(start, start + DAY_MS, now_ms);
+                    let mut w = Period::new(start, start + DAY_MS, now_ms);
                     w.set(by_type, total);
                     self.window = Some(w);
                     return;
@@ -283,67 +284,6 @@ impl Usage {
         w.advance(now_ms);
         Some(w.summary(now_ms.max(w.covered_from_ms)))
     }
-}
-
-/// One agent type's line (or the total's, named `total`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TypeUsage {
-    pub agent_type: String,
-    /// The license's limit for this type (`None`: no limit of its own).
-    pub limit: Option<u32>,
-    pub peak: u32,
-    /// Time-weighted average of concurrent agents over the covered period.
-    pub average: f64,
-}
-
-/// What happened to one slave during the period.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SlaveActivity {
-    pub slave: String,
-    pub connects: u64,
-    pub disconnects: u64,
-    pub rejections: u64,
-    /// Times it restricted usage after its grace period ran out without a master.
-    pub restricted_after_grace: u64,
-}
-
-/// Counts of the period's events, from the alert stream.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Events {
-    pub slave_connects: u64,
-    pub slave_disconnects: u64,
-    pub slaves_refused: u64,
-    pub restricted_after_grace: u64,
-    pub seats_reclaimed: u64,
-    pub seats_released_by_operator: u64,
-    pub bad_messages: u64,
-    pub leader_elections: u64,
-}
-
-/// The usage report of one period. It never names an agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UsageReport {
-    pub cluster: String,
-    /// The replica that wrote it.
-    pub written_by: String,
-    pub license_id: String,
-    pub customer: String,
-    /// The master license's context (production, backup, development): a backup master's
-    /// report says backup.
-    pub context: String,
-    pub period_start: String,
-    pub period_end: String,
-    /// From when seat usage was counted: later than `period_start` when the writing replica
-    /// started during the period (events are counted over the whole period regardless).
-    pub usage_counted_from: String,
-    /// A daily report (true) or one asked for with `admin report` (false).
-    pub daily: bool,
-    /// One line per agent type, then `total`.
-    pub agent_types: Vec<TypeUsage>,
-    /// Rejected registrations by reason (the master's and those slaves refused locally).
-    pub rejections: BTreeMap<String, u64>,
-    pub events: Events,
-    pub slaves: Vec<SlaveActivity>,
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -752,37 +692,41 @@ pub async fn make_and_deliver(
             return (None, delivered);
         }
     };
-    if let Some(dir) = &cfg.dir {
+    if let Some(dir) = cfg.dir.clone() {
         let stamp = report
             .period_end
             .replace([':', '-'], "")
             .trim_end_matches('Z')
             .to_string();
         let base = format!("lmbus-usage-{}-{stamp}", report.cluster);
-        match std::fs::create_dir_all(dir) {
-            Err(e) => delivered.problems.push(format!(
-                "cannot create the report directory {}: {e}",
-                dir.display()
-            )),
-            Ok(()) => {
-                for (ext, text) in [("json", json.clone()), ("csv", to_csv(&report))] {
-                    let path = dir.join(format!("{base}.{ext}"));
-                    match write_file(&path, &text) {
-                        Ok(()) => delivered.files.push(path.display().to_string()),
-                        Err(e) => delivered.problems.push(format!("{e:#}")),
-                    }
-                }
+        let texts = [("json", json.clone()), ("csv", to_csv(&report))];
+        // File IO blocks: on the blocking pool, not the broker's one runtime thread.
+        let written = tokio::task::spawn_blocking(move || write_files(&dir, &base, &texts)).await;
+        match written {
+            Ok((files, problems)) => {
+                delivered.files.extend(files);
+                delivered.problems.extend(problems);
             }
+            Err(e) => delivered
+                .problems
+                .push(format!("writing the report files failed: {e}")),
         }
     }
-    if let Err(e) = client
-        .publish(subjects.usage_report(), json.clone().into())
-        .await
-    {
-        delivered.problems.push(format!(
-            "cannot publish on {}: {e}",
-            subjects.usage_report()
-        ));
+    match encode(&report) {
+        Ok(payload) => {
+            if let Err(e) = client
+                .publish(subjects.usage_report(), payload.into())
+                .await
+            {
+                delivered.problems.push(format!(
+                    "cannot publish on {}: {e}",
+                    subjects.usage_report()
+                ));
+            }
+        }
+        Err(e) => delivered
+            .problems
+            .push(format!("cannot encode the report: {e}")),
     }
     if let Some(smtp) = &cfg.smtp {
         match mail(smtp, &report, &json).await {
@@ -794,6 +738,31 @@ pub async fn make_and_deliver(
         }
     }
     (Some(report), delivered)
+}
+
+/// Writes each `(extension, text)` as `dir/base.extension`; returns the files written and
+/// the problems met.
+fn write_files(
+    dir: &std::path::Path,
+    base: &str,
+    texts: &[(&str, String)],
+) -> (Vec<String>, Vec<String>) {
+    let (mut files, mut problems) = (Vec::new(), Vec::new());
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        problems.push(format!(
+            "cannot create the report directory {}: {e}",
+            dir.display()
+        ));
+        return (files, problems);
+    }
+    for (ext, text) in texts {
+        let path = dir.join(format!("{base}.{ext}"));
+        match write_file(&path, text) {
+            Ok(()) => files.push(path.display().to_string()),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    (files, problems)
 }
 
 /// Writes `text` to `path` through a temporary file and a rename (no half-written report).

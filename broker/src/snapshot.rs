@@ -24,14 +24,12 @@ use async_nats::jetstream::{
 use futures::StreamExt;
 use lmbus_schemas::{SeatChange, SnapshotChunk, SnapshotManifest, Subjects, decode, encode};
 
-use crate::ledger::js_context;
+use crate::jetstream::{js_context, open_stream};
+pub use crate::ledger::AGENTS_PER_CHANGE;
 
 /// Largest chunk payload: under the codec's 256 KiB limit on any message it decodes (and
 /// nats-server's 1 MB default `max_payload`).
 pub const CHUNK_BYTES: usize = 224 * 1024;
-/// Most agents in one `Seats` or `Revoke` change of a snapshot: with 256-byte agent ids,
-/// still well under [`CHUNK_BYTES`].
-pub const AGENTS_PER_CHANGE: usize = 512;
 /// How long reading one chunk may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -62,24 +60,24 @@ impl Snapshots {
     ) -> anyhow::Result<Self> {
         let js = js_context(client);
         let name = subjects.snapshot_stream();
-        js.get_or_create_stream(stream::Config {
-            name: name.clone(),
-            description: Some(format!(
-                "lmbus seat state snapshots of cluster {}: the latest one, in chunks, then its manifest",
-                subjects.cluster()
-            )),
-            subjects: vec![subjects.snapshot_subjects()],
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            retention: stream::RetentionPolicy::Limits,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot open or create the snapshot stream {name} ({replicas} replicas): {e}; the broker needs permission to use $JS.API.STREAM.* for {name}"
-            )
-        })?;
+        open_stream(
+            &js,
+            stream::Config {
+                name: name.clone(),
+                description: Some(format!(
+                    "lmbus seat state snapshots of cluster {}: the latest one, in chunks, then its manifest",
+                    subjects.cluster()
+                )),
+                subjects: vec![subjects.snapshot_subjects()],
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                retention: stream::RetentionPolicy::Limits,
+                ..Default::default()
+            },
+            "snapshot",
+            |name| format!("the broker needs permission to use $JS.API.STREAM.* for {name}"),
+        )
+        .await?;
         Ok(Self {
             client: client.clone(),
             js,
@@ -211,11 +209,11 @@ impl Snapshots {
         let mut part_bytes = 0usize;
         let mut changes = changes.into_iter().peekable();
         while let Some(change) = changes.next() {
-            part_bytes += approx_size(&change);
+            part_bytes += change.size_bound();
             part.push(change);
             let full = changes
                 .peek()
-                .is_none_or(|next| part_bytes + approx_size(next) > CHUNK_BYTES);
+                .is_none_or(|next| part_bytes + next.size_bound() > CHUNK_BYTES);
             if full {
                 let chunk = SnapshotChunk {
                     ledger_sequence,
@@ -276,88 +274,5 @@ impl Snapshots {
                 .with_context(|| format!("cannot purge older snapshots from {}", self.stream))?;
         }
         Ok(manifest)
-    }
-}
-
-/// An upper bound on a change's MessagePack size (named fields), to cut chunks without
-/// encoding twice.
-pub(crate) fn approx_size(change: &SeatChange) -> usize {
-    const FIELDS: usize = 96;
-    match change {
-        SeatChange::Seats {
-            slave,
-            agent_type,
-            agent_ids,
-            request_seqs,
-        } => {
-            // A u64 is at most 9 bytes in MessagePack.
-            FIELDS
-                + slave.len()
-                + agent_type.len()
-                + agent_ids.iter().map(|a| a.len() + 5).sum::<usize>()
-                + 9 * request_seqs.len()
-        }
-        SeatChange::Revoke { slave, agents } => {
-            FIELDS + slave.len() + agents.iter().map(|a| a.len() + 5).sum::<usize>()
-        }
-        SeatChange::Session { slave, .. } => 2 * FIELDS + slave.len(),
-        SeatChange::Grant {
-            slave,
-            agent_id,
-            agent_type,
-            ..
-        } => FIELDS + slave.len() + agent_id.len() + agent_type.len(),
-        SeatChange::Release { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
-        SeatChange::Reclaim { slave } => FIELDS + slave.len(),
-        SeatChange::License { text } => FIELDS + text.len(),
-        SeatChange::Leader { replica, .. } => FIELDS + replica.len(),
-        SeatChange::Unknown => FIELDS,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn approx_size_bounds_the_encoding() {
-        let changes = vec![
-            SeatChange::Session {
-                slave: "site-1".into(),
-                instance: uuid::Uuid::new_v4(),
-                license: Some(uuid::Uuid::new_v4()),
-                local_limit: Some(10),
-                heartbeat_interval_ms: 1000,
-                grace_ms: 120_000,
-                logout_after_grace: true,
-                hello_seq: 12,
-                request_seq: u64::MAX,
-            },
-            SeatChange::Seats {
-                slave: "site-1".into(),
-                agent_type: "inbound".into(),
-                agent_ids: (0..1000).map(|n| format!("agent-{n}")).collect(),
-                request_seqs: (0..1000).collect(),
-            },
-            SeatChange::Revoke {
-                slave: "site-1".into(),
-                agents: vec!["x".into()],
-            },
-            SeatChange::Reclaim {
-                slave: "site-1".into(),
-            },
-            SeatChange::Leader {
-                replica: "b1".into(),
-                term: 9,
-            },
-        ];
-        for change in &changes {
-            let encoded = encode(change).unwrap().len();
-            assert!(
-                encoded <= approx_size(change),
-                "{change:?}: {encoded} > {}",
-                approx_size(change)
-            );
-        }
     }
 }

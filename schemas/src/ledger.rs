@@ -115,6 +115,44 @@ pub struct SnapshotManifest {
     pub term: u64,
 }
 
+impl SeatChange {
+    /// An upper bound on this change's MessagePack size (named fields): ledger entries and
+    /// snapshot chunks are cut by it without encoding twice.
+    pub fn size_bound(&self) -> usize {
+        const FIELDS: usize = 96;
+        match self {
+            SeatChange::Seats {
+                slave,
+                agent_type,
+                agent_ids,
+                request_seqs,
+            } => {
+                // A u64 is at most 9 bytes in MessagePack.
+                FIELDS
+                    + slave.len()
+                    + agent_type.len()
+                    + agent_ids.iter().map(|a| a.len() + 5).sum::<usize>()
+                    + 9 * request_seqs.len()
+            }
+            SeatChange::Revoke { slave, agents } => {
+                FIELDS + slave.len() + agents.iter().map(|a| a.len() + 5).sum::<usize>()
+            }
+            SeatChange::Session { slave, .. } => 2 * FIELDS + slave.len(),
+            SeatChange::Grant {
+                slave,
+                agent_id,
+                agent_type,
+                ..
+            } => FIELDS + slave.len() + agent_id.len() + agent_type.len(),
+            SeatChange::Release { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
+            SeatChange::Reclaim { slave } => FIELDS + slave.len(),
+            SeatChange::License { text } => FIELDS + text.len(),
+            SeatChange::Leader { replica, .. } => FIELDS + replica.len(),
+            SeatChange::Unknown => FIELDS,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +205,46 @@ mod tests {
             decode::<LedgerEntry>(&encode(&entry).unwrap()).unwrap(),
             entry
         );
+    }
+    #[test]
+    fn size_bound_bounds_the_encoding() {
+        let changes = vec![
+            SeatChange::Session {
+                slave: "site-1".into(),
+                instance: Uuid::new_v4(),
+                license: Some(Uuid::new_v4()),
+                local_limit: Some(10),
+                heartbeat_interval_ms: 1000,
+                grace_ms: 120_000,
+                logout_after_grace: true,
+                hello_seq: 12,
+                request_seq: u64::MAX,
+            },
+            SeatChange::Seats {
+                slave: "site-1".into(),
+                agent_type: "inbound".into(),
+                agent_ids: (0..1000).map(|n| format!("agent-{n}")).collect(),
+                request_seqs: (0..1000).collect(),
+            },
+            SeatChange::Revoke {
+                slave: "site-1".into(),
+                agents: vec!["x".into()],
+            },
+            SeatChange::Reclaim {
+                slave: "site-1".into(),
+            },
+            SeatChange::Leader {
+                replica: "b1".into(),
+                term: 9,
+            },
+        ];
+        for change in &changes {
+            let encoded = encode(change).unwrap().len();
+            assert!(
+                encoded <= change.size_bound(),
+                "{change:?}: {encoded} > {}",
+                change.size_bound()
+            );
+        }
     }
 }

@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod license;
 pub mod messages;
 pub mod metrics;
+pub mod report;
 pub mod subjects;
 pub mod validate;
 
@@ -24,6 +25,7 @@ pub use license::{
     secret_key_text, sign_license, verify_license,
 };
 pub use messages::*;
+pub use report::UsageReport;
 pub use subjects::{
     CLIENT_INBOX_PREFIX, MAX_REPLY_LEN, SlaveId, SlaveOp, SubjectError, Subjects, is_client_reply,
 };

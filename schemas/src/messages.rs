@@ -499,13 +499,13 @@ pub struct ReportRequest {
     pub operator: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum ReportReply {
-    /// The report (JSON), where it was written and whom it was mailed to; `problems` lists
-    /// the outputs that failed (each also raised an alert).
+    /// The report, where it was written and whom it was mailed to; `problems` lists the
+    /// outputs that failed (each also raised an alert).
     Written {
-        report: String,
+        report: Box<crate::UsageReport>,
         files: Vec<String>,
         emailed_to: Vec<String>,
         problems: Vec<String>,
@@ -678,7 +678,7 @@ mod tests {
             operator: "ops".into(),
         });
         round_trip(&ReportReply::Written {
-            report: "{}".into(),
+            report: Box::new(crate::report::tests::sample()),
             files: vec!["/var/lib/lmbus/r.json".into()],
             emailed_to: vec!["ops@example.com".into()],
             problems: Vec::new(),

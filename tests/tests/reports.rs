@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lmbus_broker::report::{ReportConfig, SmtpConfig, SmtpTls, UsageReport};
+use lmbus_broker::report::{ReportConfig, SmtpConfig, SmtpTls};
+use lmbus_schemas::UsageReport;
+use lmbus_schemas::report::TypeUsage;
 use lmbus_slave::{Outcome, SlaveAgent};
 use lmbus_tests::*;
 
@@ -63,7 +65,7 @@ fn no_agent_ids(what: &str, text: &str) {
     }
 }
 
-fn line<'a>(r: &'a UsageReport, agent_type: &str) -> &'a lmbus_broker::report::TypeUsage {
+fn line<'a>(r: &'a UsageReport, agent_type: &str) -> &'a TypeUsage {
     r.agent_types
         .iter()
         .find(|t| t.agent_type == agent_type)
@@ -221,7 +223,7 @@ async fn usage_reports_daily_and_on_demand_with_files_subject_and_mail() {
         .await
         .unwrap()
         .unwrap();
-    let from_subject: UsageReport = serde_json::from_slice(&message.payload).unwrap();
+    let from_subject: UsageReport = lmbus_schemas::decode(&message.payload).unwrap();
     assert_eq!(from_subject, on_demand);
 
     let first = mails(mail_dir.path());
@@ -251,7 +253,7 @@ async fn usage_reports_daily_and_on_demand_with_files_subject_and_mail() {
         .await
         .expect("no daily report within 150 s of its time")
         .unwrap();
-    let daily: UsageReport = serde_json::from_slice(&message.payload).unwrap();
+    let daily: UsageReport = lmbus_schemas::decode(&message.payload).unwrap();
     eprintln!(
         "seen: daily report for {} to {}, usage counted from {}",
         daily.period_start, daily.period_end, daily.usage_counted_from
@@ -437,7 +439,7 @@ async fn report_outputs_that_fail_are_named_and_alerted() {
         .await
         .unwrap()
         .unwrap();
-    assert!(serde_json::from_slice::<UsageReport>(&message.payload).is_ok());
+    assert!(lmbus_schemas::decode::<UsageReport>(&message.payload).is_ok());
     let alert = alerts
         .wait_for("the usage_report alert", |a| {
             a.kind == lmbus_schemas::AlertKind::UsageReport

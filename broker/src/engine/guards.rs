@@ -1,5 +1,5 @@
 //! What keeps a rogue or confused slave from costing others: the registration rate limit
-//! (`Bucket`), replay protection by request number (`Window`), the bookkeeping of quiet
+//! (`Bucket`), replay protection by request number (`ReplayWindow`), the bookkeeping of quiet
 //! repeated refusals (`Quiet`), and the agent id and type check. Plain types and functions:
 //! the rules that use them are the engine's methods in the other files.
 
@@ -49,13 +49,13 @@ pub const MAX_SEQ_JUMP: u64 = 1 << 32;
 /// number up to `floor`, and those marked in a ring of the last [`REPLAY_WINDOW`] numbers
 /// up to `highest`. 128 bytes per slave.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Window {
+pub(super) struct ReplayWindow {
     pub(super) highest: u64,
     floor: u64,
     ring: [u64; (REPLAY_WINDOW / 64) as usize],
 }
 
-impl Window {
+impl ReplayWindow {
     fn bit(seq: u64) -> (usize, u64) {
         let slot = seq % REPLAY_WINDOW;
         ((slot / 64) as usize, 1 << (slot % 64))

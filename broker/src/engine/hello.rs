@@ -11,7 +11,7 @@ use lmbus_schemas::{
 };
 use time::Date;
 
-use super::guards::{Bucket, MAX_SEQ_JUMP, Window};
+use super::guards::{MAX_SEQ_JUMP, ReplayWindow};
 use super::{Answer, Engine, Output, Slave, SlaveLicense};
 
 impl Engine {
@@ -172,29 +172,15 @@ impl Engine {
         let mut out = Output::default();
         let interval = Duration::from_millis(hello.heartbeat_interval_ms.clamp(100, 600_000));
         let rate = self.cfg.slave_rate_limit;
-        let slave = self.slaves.entry(id.clone()).or_insert_with(|| Slave {
-            instance: hello.instance,
-            license: None,
-            connected: false,
-            last_seen: now,
-            heartbeat_interval: interval,
-            agents: BTreeMap::new(),
-            granted: BTreeMap::new(),
-            digest: 0,
-            grace,
-            logout_after_grace: false,
-            hello_seq: 0,
-            reclaimed: false,
-            revoked: BTreeSet::new(),
-            bucket: Bucket::new(now, rate),
-            requests: Window::default(),
-            master: None,
-        });
+        let slave = self
+            .slaves
+            .entry(id.clone())
+            .or_insert_with(|| Slave::new(hello.instance, now, interval, grace, rate));
         let restarted = slave.instance != hello.instance;
         let was_connected = slave.connected && !restarted;
         if restarted {
             // A new process numbers its requests from 1 again.
-            slave.requests = Window::default();
+            slave.requests = ReplayWindow::default();
         }
         slave.instance = hello.instance;
         slave.license = license;

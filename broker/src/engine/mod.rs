@@ -52,7 +52,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-use guards::{Bucket, Quiet, Window};
+use guards::{Bucket, Quiet, ReplayWindow};
 pub use guards::{MAX_AGENT_ID_LEN, MAX_SEQ_JUMP, RATE_LIMIT_ALERT_EVERY, REPLAY_WINDOW};
 
 /// Settings of the engine. Everything time-related is a duration; the engine never looks
@@ -236,13 +236,42 @@ struct Slave {
     /// Its registration rate (not in the ledger: a new leader starts it full).
     bucket: Bucket,
     /// The request numbers of this instance already processed (replay protection).
-    requests: Window,
+    requests: ReplayWindow,
     /// What this master is to the slave, from its last heartbeat (not in the ledger: a new
     /// leader learns it from the next one).
     master: Option<lmbus_schemas::MasterUse>,
 }
 
 impl Slave {
+    /// A slave first heard of now (at its hello, or in a replayed `Session` record), with no
+    /// seats and not yet connected; the caller sets the rest from the hello or the record.
+    fn new(
+        instance: Uuid,
+        now: Instant,
+        heartbeat_interval: Duration,
+        grace: Duration,
+        rate: u32,
+    ) -> Self {
+        Slave {
+            instance,
+            license: None,
+            connected: false,
+            last_seen: now,
+            heartbeat_interval,
+            agents: BTreeMap::new(),
+            granted: BTreeMap::new(),
+            digest: 0,
+            grace,
+            logout_after_grace: false,
+            hello_seq: 0,
+            reclaimed: false,
+            revoked: BTreeSet::new(),
+            bucket: Bucket::new(now, rate),
+            requests: ReplayWindow::default(),
+            master: None,
+        }
+    }
+
     /// Empties the seat table (its counters are the caller's), returning the seats in agent
     /// id order.
     fn take_seats(&mut self) -> Vec<(String, String)> {

@@ -1,12 +1,12 @@
 //! The ledger side: applying a leader's recorded change (`apply`), writing the state as
 //! changes that rebuild it (`snapshot`), and what a new leader resets.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use lmbus_schemas::{SeatChange, SlaveId, verify_license};
 
-use super::guards::{Bucket, Window};
+use super::guards::ReplayWindow;
 use super::{Engine, Slave, SlaveLicense};
 
 impl Engine {
@@ -32,26 +32,13 @@ impl Engine {
                 request_seq,
             } => {
                 let id = slave_id(slave)?;
-                let entry = self.slaves.entry(id).or_insert_with(|| Slave {
-                    instance: *instance,
-                    license: None,
-                    connected: true,
-                    last_seen: now,
-                    heartbeat_interval: Duration::from_millis(*heartbeat_interval_ms),
-                    agents: BTreeMap::new(),
-                    granted: BTreeMap::new(),
-                    digest: 0,
-                    grace: Duration::ZERO,
-                    logout_after_grace: false,
-                    hello_seq: 0,
-                    reclaimed: false,
-                    revoked: BTreeSet::new(),
-                    bucket: Bucket::new(now, self.cfg.slave_rate_limit),
-                    requests: Window::default(),
-                    master: None,
+                let rate = self.cfg.slave_rate_limit;
+                let entry = self.slaves.entry(id).or_insert_with(|| {
+                    let interval = Duration::from_millis(*heartbeat_interval_ms);
+                    Slave::new(*instance, now, interval, Duration::ZERO, rate)
                 });
                 if entry.instance != *instance {
-                    entry.requests = Window::default();
+                    entry.requests = ReplayWindow::default();
                 }
                 entry.requests.restore(*request_seq);
                 entry.instance = *instance;

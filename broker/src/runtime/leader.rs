@@ -363,7 +363,7 @@ impl<'a> Leader<'a> {
         if let Some(end) = self.commit_all(changes).await {
             return Turn::End(end);
         }
-        self.io.apply(msg.reply.as_ref(), out).await;
+        self.io.carry_out(msg.reply.as_ref(), out).await;
         Turn::Decided(Vec::new())
     }
 
@@ -380,7 +380,7 @@ impl<'a> Leader<'a> {
             }
             Err(e) => {
                 let out = bad_message(&mut self.replica.engine, &msg, &e);
-                self.io.apply(None, out).await;
+                self.io.carry_out(None, out).await;
             }
         }
         Turn::Decided(Vec::new())
@@ -598,7 +598,7 @@ async fn answer(io: &Io, answers: Vec<Decided>) {
                 timing.unregistration,
             );
         }
-        io.apply(decided.reply_to.as_ref(), decided.out).await;
+        io.carry_out(decided.reply_to.as_ref(), decided.out).await;
     }
 }
 
@@ -629,5 +629,37 @@ impl Timing {
             arrived,
             unregistration,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leader frozen past its lease (SIGSTOP, a stalled VM) and resumed: its own clock
+    /// says the lease ran out, so it records nothing more and rebuilds before leading again.
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_resumed_past_its_lease_stops_recording() {
+        let valid_until = Instant::now() + Duration::from_secs(1);
+        let (_tx, role) = watch::channel(Role::Leader {
+            term: 1,
+            valid_until,
+        });
+        assert!(lapsed(&role, false, Instant::now()).is_none());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        match lapsed(&role, false, Instant::now()) {
+            Some(Led::SteppedDown { reason, rebuild }) => {
+                assert!(rebuild);
+                assert!(reason.contains("lease ran out"), "{reason}");
+            }
+            _ => panic!("a leader past its lease must step down"),
+        }
+        // The test-only fault keeps it leading, so that only the ledger's fence stops it.
+        assert!(lapsed(&role, true, Instant::now()).is_none());
+        let (_tx, lost) = watch::channel(Role::Standby { leader: None });
+        assert!(matches!(
+            lapsed(&lost, false, Instant::now()),
+            Some(Led::SteppedDown { rebuild: true, .. })
+        ));
     }
 }

@@ -39,12 +39,14 @@ use async_nats::Client;
 use futures::StreamExt;
 use lmbus_schemas::{Alert, AlertKind, Severity, Subjects};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{self, BrokerConfig};
 use crate::election::{Election, ElectionConfig};
 use crate::engine::EngineConfig;
-use crate::ledger::{Gap, Ledger};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::report::Usage;
 use crate::snapshot::Snapshots;
@@ -52,12 +54,15 @@ use crate::snapshot::Snapshots;
 use self::clock::today_utc;
 use self::leader::Led;
 use self::outbound::Io;
-use self::replica::{Replica, restore};
+use self::replica::{ApplyError, Replica, restore};
 use self::snapshotter::Snapshotter;
-use self::standby::{Followed, follow};
+use self::standby::{FollowError, Followed, follow};
 
 /// How long the final alerts may take to leave when shutting down.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a shutdown waits for the side tasks, a report being mailed or a snapshot
+/// being written.
+const TASKS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// First and longest pause before following the ledger again after a failure.
 const FOLLOW_RETRY: Duration = Duration::from_millis(200);
@@ -134,6 +139,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         subjects: subjects.clone(),
         broker_id: cfg.broker_id.clone(),
         metrics: metrics.clone(),
+        tasks: TaskTracker::new(),
     };
     io.alert(Alert::new(
         Severity::Info,
@@ -167,20 +173,28 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         }
         None => None,
     };
-    let drain_requests = tokio::spawn(tasks::answer_drain_requests(io.clone(), election.drainer()));
-    let presence = tokio::spawn(tasks::presence(
+    // Told to stop at shutdown; each side task finishes what it is doing first.
+    let stop = CancellationToken::new();
+    io.tasks.spawn(tasks::answer_drain_requests(
+        io.clone(),
+        election.drainer(),
+        stop.clone(),
+    ));
+    io.tasks.spawn(tasks::presence(
         io.clone(),
         cfg.clone(),
         election.role.clone(),
         applied.clone(),
+        stop.clone(),
     ));
     // True while this replica holds the lease but cannot serve yet (catching up with a
     // ledger whose stream is electing its own leader, say).
     let (not_ready, not_ready_rx) = watch::channel(false);
-    let electing = tokio::spawn(tasks::answer_while_electing(
+    io.tasks.spawn(tasks::answer_while_electing(
         io.clone(),
         election.electing.clone(),
         not_ready_rx,
+        stop.clone(),
     ));
     let usage = Usage::new(cfg.report.at_minute);
     let mut replica = restore(&engine_cfg, applied.clone(), &snapshots, usage.clone())
@@ -209,13 +223,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         let term = match follow(&mut replica, &ledger, &mut election.role, &mut shutdown).await {
             Ok(Followed::Shutdown) => break Ok(()),
             Ok(Followed::Elected { term }) => term,
-            Err(e)
-                if e.downcast_ref::<Gap>()
-                    .is_some_and(|g| last_gap == Some(g.found)) =>
-            {
-                let Some(gap) = e.downcast_ref::<Gap>() else {
-                    continue;
-                };
+            Err(FollowError::Apply(ApplyError::Gap(gap))) if last_gap == Some(gap.found) => {
                 let (expected, found) = (gap.expected, gap.found);
                 let message = format!(
                     "the ledger {} has no records {expected} to {} and the latest snapshot does not cover them (purged?): going on from the snapshot and record {found}. Seats granted in those records are missing from the master's books until each slave's next heartbeat reconciles them",
@@ -238,9 +246,9 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
             }
             // The records this replica needs next were trimmed: load the snapshot that
             // covers them (retrying while it cannot be read).
-            Err(e) if e.downcast_ref::<Gap>().is_some() => {
-                let found = e.downcast_ref::<Gap>().map(|g| g.found);
-                warn!(error = %format!("{e:#}"), "loading the latest snapshot");
+            Err(FollowError::Apply(ApplyError::Gap(gap))) => {
+                let found = Some(gap.found);
+                warn!(error = %gap, "loading the latest snapshot");
                 match restore(
                     &engine_cfg,
                     applied.clone(),
@@ -266,8 +274,8 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 }
                 continue;
             }
-            Ok(Followed::Interrupted(e)) => {
-                warn!(error = %format!("{e:#}"), ?retry, "following the ledger was interrupted; retrying");
+            Err(FollowError::Interrupted(e)) => {
+                warn!(error = %e, ?retry, "following the ledger was interrupted; retrying");
                 tokio::select! {
                     _ = &mut shutdown => break Ok(()),
                     _ = tokio::time::sleep(retry) => {}
@@ -276,7 +284,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 continue;
             }
             // A record this replica cannot apply: it must not lead on a wrong state.
-            Err(e) => break Err(e),
+            Err(e) => break Err(e.into()),
         };
         retry = FOLLOW_RETRY;
         not_ready.send_replace(true);
@@ -330,9 +338,24 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         ),
     ))
     .await;
-    presence.abort();
-    electing.abort();
-    drain_requests.abort();
+    // Tell the side tasks, then wait for them and for a report or snapshot being written
+    // (bounded: a mail server that does not answer must not hold the process).
+    stop.cancel();
+    io.tasks.close();
+    let snapshot = snapshotter.task.take();
+    let finishing = async {
+        io.tasks.wait().await;
+        if let Some(task) = snapshot {
+            let _ = task.await;
+        }
+    };
+    if tokio::time::timeout(TASKS_TIMEOUT, finishing)
+        .await
+        .is_err()
+    {
+        warn!("the side tasks did not finish within {TASKS_TIMEOUT:?}; stopping anyway");
+    }
+    // The metrics endpoint holds no state: it just stops answering.
     if let Some(task) = metrics_server {
         task.abort();
     }

@@ -21,6 +21,9 @@ pub(super) struct Io {
     pub(super) subjects: Subjects,
     pub(super) broker_id: String,
     pub(super) metrics: Arc<Metrics>,
+    /// Every task spawned beside the loop (the side tasks, reports, delayed `no_leader`
+    /// answers), so that a shutdown can wait for what they are sending.
+    pub(super) tasks: tokio_util::task::TaskTracker,
 }
 
 impl Io {
@@ -53,7 +56,7 @@ impl Io {
 
     /// Sends what the engine decided: the reply to `reply_to` (no reply without one), then
     /// the effects in order.
-    pub(super) async fn apply(&self, reply_to: Option<&Subject>, out: Output) {
+    pub(super) async fn carry_out(&self, reply_to: Option<&Subject>, out: Output) {
         if let (Some(reply_to), Some(reply)) = (reply_to, out.reply.as_ref()) {
             let reply_to = reply_to.clone();
             match reply {

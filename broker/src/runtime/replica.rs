@@ -77,16 +77,15 @@ impl Replica {
         }
     }
 
-    pub(super) fn apply(&mut self, record: &Record) -> anyhow::Result<()> {
+    pub(super) fn apply_record(&mut self, record: &Record) -> Result<(), ApplyError> {
         if record.sequence <= self.applied {
             return Ok(());
         }
         if record.sequence != self.applied + 1 {
-            return Err(Gap {
+            return Err(ApplyError::Gap(Gap {
                 expected: self.applied + 1,
                 found: record.sequence,
-            }
-            .into());
+            }));
         }
         // Who leads from here: a term starts with its leader's `Leader` record, and every
         // other record of the term is that leader's. One written by anyone else was not
@@ -121,17 +120,32 @@ impl Replica {
             return Ok(());
         }
         for change in &record.entry.changes {
-            self.engine.apply(now(), change).map_err(|e| {
-                anyhow!(
-                    "ledger record {} (written by {}) cannot be applied: {e}",
-                    record.sequence,
-                    record.entry.writer
-                )
-            })?;
+            self.engine
+                .apply(now(), change)
+                .map_err(|detail| ApplyError::Unappliable {
+                    sequence: record.sequence,
+                    writer: record.entry.writer.clone(),
+                    detail,
+                })?;
         }
         self.set_applied(record.sequence);
         Ok(())
     }
+}
+
+/// Why a ledger record was not applied.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ApplyError {
+    /// The records before it were trimmed: load the snapshot that covers them.
+    #[error(transparent)]
+    Gap(#[from] Gap),
+    /// The engine refuses it: this replica must not lead on a state it cannot build.
+    #[error("ledger record {sequence} (written by {writer}) cannot be applied: {detail}")]
+    Unappliable {
+        sequence: u64,
+        writer: String,
+        detail: String,
+    },
 }
 
 /// A replica built from the latest snapshot (or empty when there is none), ready to follow

@@ -20,7 +20,7 @@ pub(super) fn spawn_report(
 ) {
     let io = io.clone();
     let cfg = cfg.clone();
-    tokio::spawn(async move {
+    io.tasks.clone().spawn(async move {
         let reply = match period {
             None => ReportReply::Error {
                 message: "this replica has not counted any usage yet".into(),
@@ -71,14 +71,14 @@ pub(super) fn spawn_report(
                     ),
                 ))
                 .await;
-                match report.map(|r| serde_json::to_string_pretty(&r)) {
-                    Some(Ok(report)) => ReportReply::Written {
-                        report,
+                match report {
+                    Some(report) => ReportReply::Written {
+                        report: Box::new(report),
                         files: delivered.files,
                         emailed_to: delivered.emailed_to,
                         problems: delivered.problems,
                     },
-                    _ => ReportReply::Error {
+                    None => ReportReply::Error {
                         message: delivered.problems.join("; "),
                     },
                 }

@@ -4,37 +4,60 @@
 use std::future::Future;
 use std::time::Duration;
 
-use anyhow::anyhow;
 use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::error;
 
 use crate::election::Role;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, ReadError};
 
-use super::replica::Replica;
+use super::replica::{ApplyError, Replica};
 
 /// How long a new leader may take to read the ledger up to its end.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a stretch as standby ended.
 pub(super) enum Followed {
-    Elected {
-        term: u64,
-    },
+    Elected { term: u64 },
     Shutdown,
+}
+
+/// Why following the ledger stopped before an election or a shutdown.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FollowError {
     /// Reading the ledger failed (NATS unreachable, consumer lost): try again.
-    Interrupted(anyhow::Error),
+    #[error(transparent)]
+    Interrupted(#[from] ReadError),
+    /// A record was not applied: a gap (load a snapshot) or one the engine refuses.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("the election task ended")]
+    ElectionEnded,
+}
+
+/// Why a new leader could not read the ledger up to its end.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CatchUpError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("cannot find the ledger's end: {0}")]
+    End(String),
+    #[error(
+        "could not read the ledger up to {last} within {CATCH_UP_TIMEOUT:?}: check that the broker's NATS user may publish on $JS.FC.> (JetStream flow control; see deploy/nats-server.conf)"
+    )]
+    Timeout { last: u64 },
 }
 
 /// Standby: applies ledger records as they are appended until this replica wins the
-/// lease. `Err` only for a record that cannot be applied.
+/// lease or is told to stop.
 pub(super) async fn follow<S: Future<Output = ()> + Unpin>(
     replica: &mut Replica,
     ledger: &Ledger,
     role: &mut watch::Receiver<Role>,
     shutdown: &mut S,
-) -> anyhow::Result<Followed> {
+) -> Result<Followed, FollowError> {
     // Setting up the consumer can hang while the stream elects a leader: an election
     // win meanwhile must not wait for it.
     let setup = ledger.follow(replica.applied + 1);
@@ -47,12 +70,12 @@ pub(super) async fn follow<S: Future<Output = ()> + Unpin>(
             _ = &mut *shutdown => return Ok(Followed::Shutdown),
             changed = role.changed() => {
                 if changed.is_err() {
-                    return Err(anyhow!("the election task ended"));
+                    return Err(FollowError::ElectionEnded);
                 }
             }
             records = &mut setup => match records {
                 Ok(records) => break records,
-                Err(e) => return Ok(Followed::Interrupted(e)),
+                Err(e) => return Err(e.into()),
             },
         }
     };
@@ -64,21 +87,24 @@ pub(super) async fn follow<S: Future<Output = ()> + Unpin>(
             _ = &mut *shutdown => return Ok(Followed::Shutdown),
             changed = role.changed() => {
                 if changed.is_err() {
-                    return Err(anyhow!("the election task ended"));
+                    return Err(FollowError::ElectionEnded);
                 }
             }
             record = records.next() => match record {
-                Some(Ok(record)) => replica.apply(&record)?,
-                Some(Err(e)) => return Ok(Followed::Interrupted(e)),
-                None => return Ok(Followed::Interrupted(anyhow!("the ledger consumer ended"))),
+                Some(Ok(record)) => replica.apply_record(&record)?,
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(ReadError::Nats("the ledger consumer ended".to_owned()).into()),
             },
         }
     }
 }
 
 /// Reads the ledger up to its current end before a new leader answers anyone.
-pub(super) async fn catch_up(replica: &mut Replica, ledger: &Ledger) -> anyhow::Result<u64> {
-    let last = ledger.last_sequence().await?;
+pub(super) async fn catch_up(replica: &mut Replica, ledger: &Ledger) -> Result<u64, CatchUpError> {
+    let last = ledger
+        .last_sequence()
+        .await
+        .map_err(|e| CatchUpError::End(format!("{e:#}")))?;
     if last < replica.applied {
         // The ledger ends before the snapshot this replica loaded: the stream was deleted
         // and created again. The snapshot is the best state there is; go on from it at the
@@ -96,17 +122,17 @@ pub(super) async fn catch_up(replica: &mut Replica, ledger: &Ledger) -> anyhow::
         let read = async {
             while replica.applied < last {
                 match records.next().await {
-                    Some(record) => replica.apply(&record?)?,
-                    None => return Err(anyhow!("the ledger consumer ended")),
+                    Some(record) => replica.apply_record(&record?)?,
+                    None => {
+                        return Err(ReadError::Nats("the ledger consumer ended".to_owned()).into());
+                    }
                 }
             }
-            Ok(())
+            Ok::<(), CatchUpError>(())
         };
         tokio::time::timeout(CATCH_UP_TIMEOUT, read)
             .await
-            .map_err(|_| {
-                anyhow!("could not read the ledger up to {last} within {CATCH_UP_TIMEOUT:?}: check that the broker's NATS user may publish on $JS.FC.> (JetStream flow control; see deploy/nats-server.conf)")
-            })??;
+            .map_err(|_| CatchUpError::Timeout { last })??;
     }
     Ok(last)
 }

@@ -1,6 +1,7 @@
 //! Tasks that run beside the replica loop for the whole life of the process, whatever its
 //! role: `admin drain` requests, this replica's presence beats, and `no_leader` answers
-//! while nobody holds the lease.
+//! while nobody holds the lease. Each stops between two messages when `run` cancels its
+//! `stop` token at shutdown, and `run` waits for it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +12,7 @@ use futures::StreamExt;
 use lmbus_schemas::{Alert, AlertKind, DrainReply, ReplicaBeat, Reply, Severity, decode};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::BrokerConfig;
@@ -23,7 +25,7 @@ const NO_LEADER_DELAY: Duration = Duration::from_millis(50);
 
 /// Answers `admin drain` requests that name this replica: it stops campaigning and, when
 /// leading, resigns; a `replica_drained` alert says which.
-pub(super) async fn answer_drain_requests(io: Io, drainer: Drainer) {
+pub(super) async fn answer_drain_requests(io: Io, drainer: Drainer, stop: CancellationToken) {
     let subject = io.subjects.admin_drain();
     let me = &io.broker_id;
     let mut requests = match io.client.subscribe(subject.clone()).await {
@@ -33,7 +35,14 @@ pub(super) async fn answer_drain_requests(io: Io, drainer: Drainer) {
             return;
         }
     };
-    while let Some(msg) = requests.next().await {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return,
+            msg = requests.next() => match msg {
+                Some(msg) => msg,
+                None => return,
+            },
+        };
         let request = match decode::<lmbus_schemas::DrainRequest>(&msg.payload) {
             Ok(r) if r.replica == *me => r,
             Ok(_) => continue,
@@ -79,12 +88,16 @@ pub(super) async fn presence(
     cfg: BrokerConfig,
     role: watch::Receiver<Role>,
     applied: Arc<AtomicU64>,
+    stop: CancellationToken,
 ) {
     let subject = io.subjects.replica();
     let mut every = tokio::time::interval(cfg.lease / 4);
     every.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        every.tick().await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
         let beat = ReplicaBeat {
             replica: cfg.broker_id.clone(),
             priority: cfg.priority,
@@ -105,6 +118,7 @@ pub(super) async fn answer_while_electing(
     io: Io,
     mut electing: watch::Receiver<bool>,
     mut not_ready: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let subjects = &io.subjects;
     let mut sub: Option<Subscriber> = None;
@@ -133,6 +147,7 @@ pub(super) async fn answer_while_electing(
             }
         };
         tokio::select! {
+            _ = stop.cancelled() => return,
             changed = electing.changed() => {
                 if changed.is_err() {
                     return;
@@ -166,10 +181,10 @@ pub(super) async fn answer_while_electing(
                         subjects.cluster()
                     ),
                 };
-                let io = io.clone();
-                tokio::spawn(async move {
+                let sender = io.clone();
+                io.tasks.spawn(async move {
                     tokio::time::sleep(NO_LEADER_DELAY).await;
-                    io.send(reply_to, &reply, "no_leader answer").await;
+                    sender.send(reply_to, &reply, "no_leader answer").await;
                 });
             }
         }

@@ -12,11 +12,12 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::engine::{Effect, Output};
-use crate::ledger::{AppendError, Gap};
+use crate::ledger::AppendError;
 
 use super::clock::now;
 use super::leader::{Leader, Led, Subscriptions, Term, lapsed, not_recorded};
-use super::standby::catch_up;
+use super::replica::ApplyError;
+use super::standby::{CatchUpError, catch_up};
 
 /// Most attempts at a new leader's `Leader` record while the ledger stream is not writable
 /// yet (each `CATCH_UP_RETRY` apart): only failed appends are retried, never fenced ones.
@@ -60,7 +61,7 @@ impl Term<'_> {
                 .collect(),
             ..Output::default()
         };
-        self.io.apply(None, hello_new).await;
+        self.io.carry_out(None, hello_new).await;
         let mut leader = Leader::new(self, subscriptions);
         not_ready.send_replace(false);
         leader.announce(caught_up, started).await;
@@ -83,9 +84,9 @@ impl Term<'_> {
                 _ = &mut *shutdown => return Err(Led::Shutdown),
                 read = catch_up(self.replica, self.ledger) => match read {
                     Ok(last) => break last,
-                    Err(e) if e.downcast_ref::<Gap>().is_some() => {
+                    Err(e @ CatchUpError::Apply(ApplyError::Gap(_))) => {
                         return Err(Led::SteppedDown {
-                            reason: format!("cannot catch up with the ledger: {e:#}"),
+                            reason: format!("cannot catch up with the ledger: {e}"),
                             rebuild: true,
                         });
                     }

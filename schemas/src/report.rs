@@ -1,0 +1,113 @@
+//! The usage report of one period, as the master publishes it on `report.usage`, answers
+//! `admin report` with, and writes to files: summary counts only, never an agent id.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One agent type's line (or the total's, named `total`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TypeUsage {
+    pub agent_type: String,
+    /// The license's limit for this type (`None`: no limit of its own).
+    pub limit: Option<u32>,
+    pub peak: u32,
+    /// Time-weighted average of concurrent agents over the covered period.
+    pub average: f64,
+}
+
+/// What happened to one slave during the period.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlaveActivity {
+    pub slave: String,
+    pub connects: u64,
+    pub disconnects: u64,
+    pub rejections: u64,
+    /// Times it restricted usage after its grace period ran out without a master.
+    pub restricted_after_grace: u64,
+}
+
+/// Counts of the period's events, from the alert stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Events {
+    pub slave_connects: u64,
+    pub slave_disconnects: u64,
+    pub slaves_refused: u64,
+    pub restricted_after_grace: u64,
+    pub seats_reclaimed: u64,
+    pub seats_released_by_operator: u64,
+    pub bad_messages: u64,
+    pub leader_elections: u64,
+}
+
+/// The usage report of one period. It never names an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub cluster: String,
+    /// The replica that wrote it.
+    pub written_by: String,
+    pub license_id: String,
+    pub customer: String,
+    /// The master license's context (production, backup, development): a backup master's
+    /// report says backup.
+    pub context: String,
+    pub period_start: String,
+    pub period_end: String,
+    /// From when seat usage was counted: later than `period_start` when the writing replica
+    /// started during the period (events are counted over the whole period regardless).
+    pub usage_counted_from: String,
+    /// A daily report (true) or one asked for with `admin report` (false).
+    pub daily: bool,
+    /// One line per agent type, then `total`.
+    pub agent_types: Vec<TypeUsage>,
+    /// Rejected registrations by reason (the master's and those slaves refused locally).
+    pub rejections: BTreeMap<String, u64>,
+    pub events: Events,
+    pub slaves: Vec<SlaveActivity>,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+
+    /// A report with every field set, for round trips.
+    pub(crate) fn sample() -> UsageReport {
+        UsageReport {
+            cluster: "acme".into(),
+            written_by: "b1".into(),
+            license_id: "6f0c".into(),
+            customer: "Acme".into(),
+            context: "production".into(),
+            period_start: "2026-11-26T00:00:00Z".into(),
+            period_end: "2026-11-27T00:00:00Z".into(),
+            usage_counted_from: "2026-11-26T00:00:00Z".into(),
+            daily: true,
+            agent_types: vec![TypeUsage {
+                agent_type: "total".into(),
+                limit: Some(5),
+                peak: 3,
+                average: 1.5,
+            }],
+            rejections: BTreeMap::from([("aggregate_limit".to_owned(), 2)]),
+            events: Events {
+                slave_connects: 1,
+                ..Events::default()
+            },
+            slaves: vec![SlaveActivity {
+                slave: "s1".into(),
+                connects: 1,
+                ..SlaveActivity::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn a_report_round_trips_in_the_envelope() {
+        let report = sample();
+        assert_eq!(
+            decode::<UsageReport>(&encode(&report).unwrap()).unwrap(),
+            report
+        );
+    }
+}
