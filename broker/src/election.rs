@@ -184,13 +184,6 @@ impl Drainer {
             Role::Standby { .. } => None,
         }
     }
-
-    /// Stops leading in `term` at once (the ledger refused a write, say): the lease is
-    /// left to expire and this replica does not campaign again until it has. A resign for
-    /// an older term is ignored.
-    pub fn resign(&self, term: u64) {
-        let _ = self.resign.try_send(term);
-    }
 }
 
 async fn open_bucket(

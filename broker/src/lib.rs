@@ -6,18 +6,18 @@
 //! `BrokerConfig`, and calls [`run`].
 
 pub mod alert_log;
-pub mod bucket;
+mod bucket;
 pub mod config;
-pub mod election;
+mod election;
 pub mod engine;
 pub mod intake;
-pub mod jetstream;
+mod jetstream;
 pub mod ledger;
-pub mod metrics;
-pub mod pipeline;
-pub mod replicas;
+mod metrics;
+mod pipeline;
+mod replicas;
 pub mod report;
-pub mod runtime;
+mod runtime;
 pub mod snapshot;
 
 pub use config::{BrokerConfig, load_master_license, load_vendor_key};

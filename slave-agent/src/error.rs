@@ -20,6 +20,11 @@ pub enum SlaveError {
     },
     #[error("invalid request: {0}")]
     InvalidInput(String),
+    /// NATS failed: no connection, a request timed out, a subscription closed.
     #[error("NATS error: {0}")]
     Nats(String),
+    /// A master answered with something that does not fit the request or does not decode
+    /// (a broker of another lmbus version?).
+    #[error("unexpected answer from the master: {0}")]
+    Protocol(String),
 }

@@ -377,7 +377,7 @@ impl Link {
                     sent,
                     latency: sent.elapsed(),
                 }),
-                Err(e) => Err(SlaveError::Nats(format!(
+                Err(e) => Err(SlaveError::Protocol(format!(
                     "the {} master's reply on {subject} could not be decoded: {e}",
                     self.name()
                 ))),

@@ -54,6 +54,7 @@ mod tests;
 
 use guards::{Bucket, Quiet, ReplayWindow};
 pub use guards::{MAX_AGENT_ID_LEN, MAX_SEQ_JUMP, RATE_LIMIT_ALERT_EVERY, REPLAY_WINDOW};
+pub use replay::ReplayError;
 
 /// Settings of the engine. Everything time-related is a duration; the engine never looks
 /// at a wall clock except the `today` its caller passes in for license dates.

@@ -17,8 +17,10 @@ impl Engine {
     ///
     /// `Err` names a record that does not fit the state (a grant for a slave with no
     /// session, a record from a newer build); the caller must stop replaying.
-    pub fn apply(&mut self, now: Instant, change: &SeatChange) -> Result<(), String> {
-        let slave_id = |s: &str| SlaveId::new(s.to_owned()).map_err(|e| e.to_string());
+    pub fn apply(&mut self, now: Instant, change: &SeatChange) -> Result<(), ReplayError> {
+        let slave_id = |s: &str| {
+            SlaveId::new(s.to_owned()).map_err(|e| ReplayError::BadSlaveId(e.to_string()))
+        };
         match change {
             SeatChange::Session {
                 slave,
@@ -63,9 +65,10 @@ impl Engine {
             } => {
                 let id = slave_id(slave)?;
                 if !self.insert_seat(&id, agent_id, agent_type, *request_seq) {
-                    return Err(format!(
-                        "grant of {agent_id} for slave {slave}, which has no session"
-                    ));
+                    return Err(ReplayError::NoSession {
+                        slave: slave.clone(),
+                        what: format!("grant of {agent_id}"),
+                    });
                 }
                 if let Some(s) = self.slaves.get_mut(&id) {
                     s.requests.restore(*request_seq);
@@ -81,7 +84,10 @@ impl Engine {
                 for (i, agent_id) in agent_ids.iter().enumerate() {
                     let seq = request_seqs.get(i).copied().unwrap_or(0);
                     if !self.insert_seat(&id, agent_id, agent_type, seq) {
-                        return Err(format!("seats for slave {slave}, which has no session"));
+                        return Err(ReplayError::NoSession {
+                            slave: slave.clone(),
+                            what: "seats".to_owned(),
+                        });
                     }
                 }
             }
@@ -117,13 +123,13 @@ impl Engine {
                     "the master license in the ledger",
                     &self.cfg.vendor_key,
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ReplayError::License(e.to_string()))?;
                 self.cfg.license = license;
                 self.license_text = Some(text.clone());
             }
             SeatChange::Leader { .. } => {}
             SeatChange::Unknown => {
-                return Err("a ledger record this build does not know (written by a newer broker): upgrade this replica".to_owned());
+                return Err(ReplayError::Unknown);
             }
         }
         Ok(())
@@ -202,4 +208,19 @@ impl Engine {
             slave.connected = !slave.reclaimed;
         }
     }
+}
+
+/// A ledger change that does not fit the replayed state: replaying must stop there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    #[error("{what} for slave {slave}, which has no session")]
+    NoSession { slave: String, what: String },
+    #[error("a slave id the protocol does not allow: {0}")]
+    BadSlaveId(String),
+    #[error("the master license in the ledger does not verify: {0}")]
+    License(String),
+    #[error(
+        "a ledger record this build does not know (written by a newer broker): upgrade this replica"
+    )]
+    Unknown,
 }

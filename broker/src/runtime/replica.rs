@@ -10,7 +10,7 @@ use lmbus_schemas::SeatChange;
 use tokio::time::Instant;
 use tracing::{error, info};
 
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig, ReplayError};
 use crate::ledger::{Gap, Record};
 use crate::report::{LicenseFacts, Usage};
 use crate::snapshot::Snapshots;
@@ -144,7 +144,7 @@ pub(super) enum ApplyError {
     Unappliable {
         sequence: u64,
         writer: String,
-        detail: String,
+        detail: ReplayError,
     },
 }
 

@@ -228,9 +228,7 @@ impl Inner {
                 }
                 Reply::Error(e) => return Err(SlaveError::InvalidInput(e.to_string())),
                 other => {
-                    return Err(SlaveError::Nats(format!(
-                        "unexpected answer to a registration: {other:?}"
-                    )));
+                    return Err(SlaveError::Protocol(format!("{other:?} to a registration")));
                 }
             }
         }
