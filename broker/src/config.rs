@@ -102,16 +102,16 @@ pub struct FileConfig {
     pub allow_unlicensed_slaves: Option<bool>,
     pub id: Option<String>,
     pub missed_heartbeats: Option<u32>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
     pub tick_interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
     pub counts_interval: Option<Duration>,
     pub expiry_warning_days: Option<i64>,
     pub max_slaves: Option<usize>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
     pub reclaim_margin: Option<Duration>,
     pub priority: Option<u32>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
     pub lease: Option<Duration>,
     pub stream_replicas: Option<usize>,
     pub snapshot_every: Option<u64>,
@@ -119,7 +119,7 @@ pub struct FileConfig {
     pub slave_rate_limit: Option<u32>,
     pub max_agents_per_slave: Option<u32>,
     pub metrics: Option<std::net::SocketAddr>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
     pub alert_max_age: Option<Duration>,
     pub alert_max_bytes: Option<i64>,
     pub report_dir: Option<PathBuf>,
@@ -135,32 +135,13 @@ pub struct FileConfig {
 
 impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let mut cfg: FileConfig = toml::from_str(&text)
-            .with_context(|| format!("config file {} is not valid", path.display()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let (mut cfg, base): (FileConfig, _) = lmbus_nats::config_file::load(path)?;
+        let base = base.as_path();
         cfg.license = cfg.license.map(|p| base.join(p));
         cfg.vendor_key = cfg.vendor_key.map(|p| base.join(p));
         cfg.report_dir = cfg.report_dir.map(|p| base.join(p));
         cfg.nats_auth = cfg.nats_auth.map(|a| a.relative_to(base));
         Ok(cfg)
-    }
-}
-
-/// Durations in config files are written like the flags: `"500ms"`, `"2s"`, `"1m"`.
-mod humantime_serde_opt {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let Some(text) = Option::<String>::deserialize(d)? else {
-            return Ok(None);
-        };
-        humantime::parse_duration(&text)
-            .map(Some)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
     }
 }
 

@@ -6,6 +6,10 @@
 //! `--nats-*` flags ([`NatsAuthArgs`]), `LMBUS_NATS_*` variables and a `[nats_auth]` table
 //! in their config file, flags first. Secrets never appear in `Debug` output, logs or
 //! `--help`.
+//!
+//! [`config_file`] reads the `--config` file every binary takes.
+
+pub mod config_file;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! daemon's local API (`register`, `unregister`, `agents`, `status`).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -193,39 +193,30 @@ struct FileConfig {
     unlicensed: Option<bool>,
     vendor_key: Option<PathBuf>,
     api: Option<SocketAddr>,
-    heartbeat_interval: Option<String>,
-    request_timeout: Option<String>,
-    failover_wait: Option<String>,
-    election_wait: Option<String>,
-    grace_period: Option<String>,
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
+    heartbeat_interval: Option<Duration>,
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
+    request_timeout: Option<Duration>,
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
+    failover_wait: Option<Duration>,
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
+    election_wait: Option<Duration>,
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
+    grace_period: Option<Duration>,
     during_grace: Option<GraceArg>,
     after_grace: Option<RestrictionArg>,
     secondary_nats: Option<String>,
     secondary_cluster: Option<String>,
     return_policy: Option<ReturnArg>,
     overflow: Option<bool>,
-    switch_delay: Option<String>,
-}
-
-fn duration_from_file(key: &str, value: Option<String>) -> anyhow::Result<Option<Duration>> {
-    value
-        .map(|v| {
-            humantime::parse_duration(&v)
-                .with_context(|| format!("config key {key}: invalid duration {v:?}"))
-        })
-        .transpose()
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
+    switch_delay: Option<Duration>,
 }
 
 impl RunArgs {
     fn resolve(self) -> anyhow::Result<(SlaveConfig, SocketAddr)> {
-        let (file, base) = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read config file {}", path.display()))?;
-                let file: FileConfig = toml::from_str(&text)
-                    .with_context(|| format!("config file {} is not valid", path.display()))?;
-                (file, path.parent().unwrap_or(Path::new(".")).to_path_buf())
-            }
+        let (file, base): (FileConfig, PathBuf) = match &self.config {
+            Some(path) => lmbus_nats::config_file::load(path)?,
             None => (FileConfig::default(), PathBuf::from(".")),
         };
         let cluster = self
@@ -267,19 +258,13 @@ impl RunArgs {
             );
         }
         cfg.unlicensed = self.unlicensed.or(file.unlicensed).unwrap_or(false);
-        if let Some(d) = self.heartbeat_interval.or(duration_from_file(
-            "heartbeat_interval",
-            file.heartbeat_interval,
-        )?) {
+        if let Some(d) = self.heartbeat_interval.or(file.heartbeat_interval) {
             if d.is_zero() {
                 bail!("--heartbeat-interval must be greater than zero");
             }
             cfg.heartbeat_interval = d;
         }
-        if let Some(d) = self
-            .request_timeout
-            .or(duration_from_file("request_timeout", file.request_timeout)?)
-        {
+        if let Some(d) = self.request_timeout.or(file.request_timeout) {
             if d.is_zero() {
                 bail!(
                     "--request-timeout must be greater than zero: every request would time out at once (the default is 2s)"
@@ -287,22 +272,13 @@ impl RunArgs {
             }
             cfg.request_timeout = d;
         }
-        if let Some(d) = self
-            .failover_wait
-            .or(duration_from_file("failover_wait", file.failover_wait)?)
-        {
+        if let Some(d) = self.failover_wait.or(file.failover_wait) {
             cfg.failover_wait = d;
         }
-        if let Some(d) = self
-            .election_wait
-            .or(duration_from_file("election_wait", file.election_wait)?)
-        {
+        if let Some(d) = self.election_wait.or(file.election_wait) {
             cfg.election_wait = d;
         }
-        if let Some(d) = self
-            .grace_period
-            .or(duration_from_file("grace_period", file.grace_period)?)
-        {
+        if let Some(d) = self.grace_period.or(file.grace_period) {
             if d.is_zero() {
                 bail!(
                     "--grace-period must be greater than zero: the slave would restrict at its first missed answer (the default is 2 minutes)"
@@ -349,10 +325,7 @@ impl RunArgs {
         if cfg.overflow && cfg.secondary.is_none() {
             bail!("--overflow needs a secondary master (--secondary-nats)");
         }
-        if let Some(d) = self
-            .switch_delay
-            .or(duration_from_file("switch_delay", file.switch_delay)?)
-        {
+        if let Some(d) = self.switch_delay.or(file.switch_delay) {
             cfg.switch_delay = d;
         }
         let api = match self.api.or(file.api) {
