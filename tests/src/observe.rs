@@ -1,0 +1,144 @@
+//! What tests watch: the alerts of a cluster, the master's status, and a poller that
+//! checks the seat invariants throughout a test.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lmbus_schemas::{Alert, StatusReply, Subjects, decode};
+use tokio::task::JoinHandle;
+
+use crate::{Fixture, WAIT, eventually};
+
+/// Collects alerts of one cluster from the moment it is created.
+#[derive(Debug)]
+pub struct AlertTap {
+    sub: async_nats::Subscriber,
+    pub seen: Vec<Alert>,
+}
+
+impl AlertTap {
+    pub async fn new(client: &async_nats::Client, cluster: &str) -> anyhow::Result<Self> {
+        let sub = client
+            .subscribe(Subjects::new(cluster)?.all_alerts())
+            .await?;
+        client.flush().await?;
+        Ok(Self {
+            sub,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Waits (bounded) for an alert matching `pred` and returns it.
+    pub async fn wait_for(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&Alert) -> bool,
+    ) -> anyhow::Result<Alert> {
+        use futures::StreamExt;
+        if let Some(a) = self.seen.iter().find(|a| pred(a)) {
+            return Ok(a.clone());
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.sub.next())
+                .await
+                .with_context(|| format!("no alert {what} within {WAIT:?}; saw {:#?}", self.seen))?
+                .context("alert subscription closed")?;
+            let alert: Alert = decode(&msg.payload)?;
+            self.seen.push(alert.clone());
+            if pred(&alert) {
+                return Ok(alert);
+            }
+        }
+    }
+}
+
+impl AlertTap {
+    /// Waits (bounded) until `n` alerts seen so far match `pred`; returns them.
+    pub async fn wait_count(
+        &mut self,
+        what: &str,
+        n: usize,
+        pred: impl Fn(&Alert) -> bool,
+    ) -> anyhow::Result<Vec<Alert>> {
+        use futures::StreamExt;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let matching: Vec<Alert> = self.seen.iter().filter(|a| pred(a)).cloned().collect();
+            if matching.len() >= n {
+                return Ok(matching);
+            }
+            let msg = tokio::time::timeout_at(deadline, self.sub.next())
+                .await
+                .with_context(|| {
+                    format!(
+                        "only {} of {n} alerts {what} within {WAIT:?}",
+                        matching.len()
+                    )
+                })?
+                .context("alert subscription closed")?;
+            self.seen.push(decode(&msg.payload)?);
+        }
+    }
+}
+
+/// The License Monitor view, fetched from the broker.
+pub async fn status(client: &async_nats::Client, cluster: &str) -> anyhow::Result<StatusReply> {
+    lmbus_ops::fetch_status(client, &Subjects::new(cluster)?, Duration::from_secs(5))
+        .await
+        .map_err(Into::into)
+}
+
+/// Waits (bounded) until the master reports `n` seats in use.
+pub async fn wait_in_use(client: &async_nats::Client, cluster: &str, n: u32) -> anyhow::Result<()> {
+    eventually(&format!("{n} seats in use"), || async move {
+        status(client, cluster)
+            .await
+            .is_ok_and(|st| st.total_in_use == n)
+    })
+    .await
+}
+
+/// Polls a master's status every 20 ms in the background and checks, every time, that
+/// the total is within the limit and equals the sum over slaves (so no seat is counted
+/// twice or lost from the books).
+#[derive(Debug)]
+pub struct InvariantWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<Result<u32, String>>,
+}
+
+impl InvariantWatch {
+    pub fn start(f: &Fixture) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (client, cluster, flag) = (f.client.clone(), f.cluster.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut max = 0;
+            while !flag.load(Ordering::SeqCst) {
+                if let Ok(st) = status(&client, &cluster).await {
+                    let sum: u32 = st.slaves.iter().map(|s| s.in_use).sum();
+                    if sum != st.total_in_use || st.total_in_use > st.total_limit {
+                        return Err(format!(
+                            "invariant broken: total {} of limit {}, sum over slaves {sum}",
+                            st.total_in_use, st.total_limit
+                        ));
+                    }
+                    max = max.max(st.total_in_use);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(max)
+        });
+        Self { stop, task }
+    }
+
+    /// Stops polling; the highest total seen, or what broke.
+    pub async fn finish(self) -> anyhow::Result<u32> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let result = tokio::time::timeout(WAIT, self.task)
+            .await
+            .context("invariant poller did not stop")??;
+        result.map_err(|e| anyhow::anyhow!(e))
+    }
+}
