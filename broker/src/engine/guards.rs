@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::bucket::TokenBucket;
 
 /// Longest agent id accepted, in bytes.
-pub const MAX_AGENT_ID_LEN: usize = 256;
+pub use lmbus_schemas::validate::MAX_AGENT_ID_LEN;
 
 /// How often, at most, a slave's rate limiting is reported in an alert.
 pub const RATE_LIMIT_ALERT_EVERY: Duration = Duration::from_secs(10);
@@ -100,29 +100,16 @@ impl ReplayWindow {
     }
 }
 
-/// Checks an agent id (and type) from the network; `Some(problem)` when unusable.
+/// Checks an agent id (and type) from the network, by the protocol's one rule
+/// (`lmbus_schemas::validate`); `Some(problem)` when unusable. The intake checks every
+/// message the same way first: this keeps the engine safe on its own (the fuzz targets
+/// feed it directly).
 pub(super) fn validate_agent(agent_id: &str, agent_type: Option<&str>) -> Option<String> {
-    if agent_id.is_empty() || agent_id.len() > MAX_AGENT_ID_LEN {
-        return Some(format!(
-            "agent id must be 1 to {MAX_AGENT_ID_LEN} bytes, got {}",
-            agent_id.len()
-        ));
-    }
-    if agent_id.chars().any(char::is_control) {
-        return Some("agent id contains control characters".to_owned());
-    }
-    if let Some(t) = agent_type {
-        let ok = !t.is_empty()
-            && t.len() <= 64
-            && t.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !ok {
-            return Some(format!(
-                "agent type {t:?} must be 1 to 64 characters from A-Z, a-z, 0-9, '-' and '_'"
-            ));
-        }
-    }
-    None
+    use lmbus_schemas::validate::{check_agent_id, check_agent_type};
+    check_agent_id(agent_id)
+        .and_then(|()| agent_type.map_or(Ok(()), check_agent_type))
+        .err()
+        .map(|e| e.to_string())
 }
 
 /// One slave's repeated refusals of one reason since its last alert.
