@@ -408,7 +408,7 @@ pub fn audit<'a>(
     records: impl IntoIterator<Item = &'a Record>,
     total_limit: u32,
     type_limits: &std::collections::BTreeMap<String, u32>,
-) -> Result<Audit, String> {
+) -> Result<Audit, AuditError> {
     use lmbus_schemas::SeatChange;
     let mut tally = Tally {
         audit: Audit::default(),
@@ -434,9 +434,11 @@ pub fn audit<'a>(
         if !starts_term {
             match &leader {
                 Some((current, _)) if current != writer => {
-                    return Err(format!(
-                        "record {at} was written by {writer} while {current} led: a deposed leader's write was not fenced"
-                    ));
+                    return Err(AuditError::Unfenced {
+                        at,
+                        writer: writer.clone(),
+                        leader: current.clone(),
+                    });
                 }
                 _ => {}
             }
@@ -444,19 +446,20 @@ pub fn audit<'a>(
         for change in &record.entry.changes {
             match change {
                 SeatChange::License { text } => {
-                    let license =
-                        lmbus_schemas::read_license_unverified(text).ok_or_else(|| {
-                            format!("record {at} holds a license that cannot be read")
-                        })?;
+                    let license = lmbus_schemas::read_license_unverified(text)
+                        .ok_or(AuditError::UnreadableLicense { at })?;
                     tally.total_limit = license.limits.total.unwrap_or(0);
                     tally.type_limits = std::borrow::Cow::Owned(license.limits.agent_types);
                 }
                 SeatChange::Leader { replica, term } => {
                     if let Some((_, last)) = &leader {
                         if term <= last {
-                            return Err(format!(
-                                "record {at}: term {term} of {replica} does not follow term {last}"
-                            ));
+                            return Err(AuditError::TermOrder {
+                                at,
+                                term: *term,
+                                replica: replica.clone(),
+                                last: *last,
+                            });
                         }
                     }
                     leader = Some((replica.clone(), *term));
@@ -497,9 +500,7 @@ pub fn audit<'a>(
                     }
                 }
                 SeatChange::Unknown => {
-                    return Err(format!(
-                        "record {at}: a record kind this build does not know"
-                    ));
+                    return Err(AuditError::Unknown { at });
                 }
             }
         }
@@ -507,6 +508,48 @@ pub fn audit<'a>(
     let mut a = tally.audit;
     a.seats.retain(|_, s| !s.is_empty());
     Ok(a)
+}
+
+/// The invariant a ledger breaks, at the record where [`audit`] found it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuditError {
+    #[error(
+        "record {at} was written by {writer} while {leader} led: a deposed leader's write was not fenced"
+    )]
+    Unfenced {
+        at: u64,
+        writer: String,
+        leader: String,
+    },
+    #[error("record {at} holds a license that cannot be read")]
+    UnreadableLicense { at: u64 },
+    #[error("record {at}: term {term} of {replica} does not follow term {last}")]
+    TermOrder {
+        at: u64,
+        term: u64,
+        replica: String,
+        last: u64,
+    },
+    #[error("record {at}: a record kind this build does not know")]
+    Unknown { at: u64 },
+    #[error(
+        "record {at}: agent {agent} of slave {slave} granted a second seat (already holds a {held} seat)"
+    )]
+    SecondSeat {
+        at: u64,
+        agent: String,
+        slave: String,
+        held: String,
+    },
+    #[error("record {at}: {in_use} seats in use, over the limit of {limit}")]
+    OverLimit { at: u64, in_use: u32, limit: u32 },
+    #[error("record {at}: {in_use} {agent_type} seats in use, over the limit of {limit}")]
+    OverTypeLimit {
+        at: u64,
+        in_use: u32,
+        agent_type: String,
+        limit: u32,
+    },
 }
 
 /// The running counts of [`audit`].
@@ -525,12 +568,15 @@ impl Tally<'_> {
         slave: &str,
         agent_id: &str,
         agent_type: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), AuditError> {
         let seats = self.audit.seats.entry(slave.to_owned()).or_default();
         if let Some(held) = seats.get(agent_id) {
-            return Err(format!(
-                "record {at}: agent {agent_id} of slave {slave} granted a second seat (already holds a {held} seat)"
-            ));
+            return Err(AuditError::SecondSeat {
+                at,
+                agent: agent_id.to_owned(),
+                slave: slave.to_owned(),
+                held: held.clone(),
+            });
         }
         seats.insert(agent_id.to_owned(), agent_type.to_owned());
         self.in_use += 1;
@@ -541,16 +587,20 @@ impl Tally<'_> {
         *n += 1;
         self.audit.grants += 1;
         if self.in_use > self.total_limit {
-            return Err(format!(
-                "record {at}: {} seats in use, over the limit of {}",
-                self.in_use, self.total_limit
-            ));
+            return Err(AuditError::OverLimit {
+                at,
+                in_use: self.in_use,
+                limit: self.total_limit,
+            });
         }
         if let Some(limit) = self.type_limits.get(agent_type) {
             if *n > *limit {
-                return Err(format!(
-                    "record {at}: {n} {agent_type} seats in use, over the limit of {limit}"
-                ));
+                return Err(AuditError::OverTypeLimit {
+                    at,
+                    in_use: *n,
+                    agent_type: agent_type.to_owned(),
+                    limit: *limit,
+                });
             }
         }
         self.audit.max_in_use = self.audit.max_in_use.max(self.in_use);
@@ -697,12 +747,14 @@ mod tests {
         assert!(
             audit(&over_type, 5, &types)
                 .unwrap_err()
+                .to_string()
                 .contains("inbound")
         );
         let over_total = vec![rec(1, "b1", vec![grant("a1"), grant("a2")])];
         assert!(
             audit(&over_total, 1, &types)
                 .unwrap_err()
+                .to_string()
                 .contains("over the limit")
         );
         let twice = vec![
@@ -712,6 +764,7 @@ mod tests {
         assert!(
             audit(&twice, 5, &types)
                 .unwrap_err()
+                .to_string()
                 .contains("second seat")
         );
         let unfenced = vec![
@@ -719,12 +772,22 @@ mod tests {
             rec(2, "b2", vec![leader("b2", 2)]),
             rec(3, "b1", vec![grant("a1")]),
         ];
-        assert!(audit(&unfenced, 5, &types).unwrap_err().contains("deposed"));
+        assert!(
+            audit(&unfenced, 5, &types)
+                .unwrap_err()
+                .to_string()
+                .contains("deposed")
+        );
         let backwards = vec![
             rec(1, "b1", vec![leader("b1", 4)]),
             rec(2, "b2", vec![leader("b2", 2)]),
         ];
-        assert!(audit(&backwards, 5, &types).unwrap_err().contains("term"));
+        assert!(
+            audit(&backwards, 5, &types)
+                .unwrap_err()
+                .to_string()
+                .contains("term")
+        );
     }
 
     /// Regression: a group commit of 256 batches of 128 grants made one 400 KB entry that
