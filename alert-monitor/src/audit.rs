@@ -266,7 +266,7 @@ pub fn render_audit(audit: &Audit) -> String {
         // network): escaped, one record is always one line.
         let line = format!(
             "{} {:<6} #{:<7} {:<21} slave={} agent={} type={} | {}",
-            crate::format_time(r.time_ms),
+            crate::time_text::format_time(r.time_ms),
             r.source,
             r.sequence,
             r.event,

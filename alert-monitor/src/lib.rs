@@ -5,8 +5,10 @@
 
 mod audit;
 pub mod live;
+mod time_text;
 
 pub use audit::{Audit, AuditQuery, AuditRecord, audit, render_audit};
+pub use time_text::format_time;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -17,8 +19,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::StreamExt;
 use lmbus_schemas::{Alert, AlertKind, Severity, Subjects, decode};
-use time::OffsetDateTime;
-use time::macros::format_description;
 
 /// Which alerts to show.
 #[derive(Debug, Clone, Default)]
@@ -57,16 +57,6 @@ pub enum Format {
     Text,
     /// One JSON document per line.
     Json,
-}
-
-/// Formats an alert's Unix-millisecond time as UTC.
-pub fn format_time(ms: i64) -> String {
-    let fmt =
-        format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3]Z");
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&fmt).ok())
-        .unwrap_or_else(|| format!("@{ms}ms"))
 }
 
 /// One readable line: time, severity, kind, slave, details.

@@ -73,32 +73,42 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn spawn_broker(
-    nats: &NatsServer,
-    cluster: &str,
-    license: &std::path::Path,
-    vendor: &Vendor,
-    id: &str,
-    priority: u32,
+/// What every broker of one scale run shares.
+struct Brokers<'a> {
+    nats: &'a NatsServer,
+    cluster: &'a str,
+    license: &'a std::path::Path,
+    vendor: &'a Vendor,
     slaves: usize,
-    logs: &std::path::Path,
-) -> anyhow::Result<Proc> {
-    Proc::spawn(
-        Command::new(bin("lmbus-broker")?)
-            .args(["run", "--nats", &nats.url(), "--cluster", cluster])
-            .arg("--license")
-            .arg(license)
-            .arg("--vendor-key")
-            .arg(vendor.public_key_path())
-            .args(["--allow-unlicensed-slaves", "--id", id])
-            .args(["--priority", &priority.to_string()])
-            .args(["--max-slaves", &(slaves + 10).to_string()])
-            .args(["--slave-rate-limit", "0"])
-            .env("LMBUS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(logs.join(format!("{id}.log")))?),
-    )
+    logs: &'a std::path::Path,
+}
+
+impl Brokers<'_> {
+    fn spawn(&self, id: &str, priority: u32) -> anyhow::Result<Proc> {
+        let Brokers {
+            nats,
+            cluster,
+            license,
+            vendor,
+            slaves,
+            logs,
+        } = *self;
+        Proc::spawn(
+            Command::new(bin("lmbus-broker")?)
+                .args(["run", "--nats", &nats.url(), "--cluster", cluster])
+                .arg("--license")
+                .arg(license)
+                .arg("--vendor-key")
+                .arg(vendor.public_key_path())
+                .args(["--allow-unlicensed-slaves", "--id", id])
+                .args(["--priority", &priority.to_string()])
+                .args(["--max-slaves", &(slaves + 10).to_string()])
+                .args(["--slave-rate-limit", "0"])
+                .env("LMBUS_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(logs.join(format!("{id}.log")))?),
+        )
+    }
 }
 
 struct Slave {
@@ -145,7 +155,15 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
     let cluster = cluster_name();
     let subjects = Subjects::new(&cluster)?;
     let license = vendor.master(seats as u32 + 1000, &[])?;
-    let b1 = spawn_broker(&nats, &cluster, &license, &vendor, "b1", 1, n_slaves, logs)?;
+    let brokers = Brokers {
+        nats: &nats,
+        cluster: &cluster,
+        license: &license,
+        vendor: &vendor,
+        slaves: n_slaves,
+        logs,
+    };
+    let b1 = brokers.spawn("b1", 1)?;
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {
         clients.push(nats.client().await?);
@@ -155,7 +173,7 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
         async move { lmbus_tests::status(&c, &cl).await.is_ok() }
     })
     .await?;
-    let b2 = spawn_broker(&nats, &cluster, &license, &vendor, "b2", 2, n_slaves, logs)?;
+    let b2 = brokers.spawn("b2", 2)?;
     let slaves: Arc<Vec<Slave>> = Arc::new(
         (0..n_slaves)
             .map(|i| Slave {

@@ -9,7 +9,9 @@ use lmbus_schemas::Subjects;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::{NatsServer, Vendor, WAIT};
+use crate::nats::NatsServer;
+use crate::vendor::Vendor;
+use crate::wait::WAIT;
 
 /// Broker settings for tests: fast ticks, counts alert rarely.
 pub fn broker_config(

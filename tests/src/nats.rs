@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::WAIT;
+use crate::wait::WAIT;
 
 /// The nats-server binary: `NATS_SERVER_BIN`, else `nats-server` on PATH, else Debian's
 /// `/usr/sbin/nats-server`.

@@ -1,13 +1,11 @@
-//! What tests watch: the alerts of a cluster, the master's status, and a poller that
-//! checks the seat invariants throughout a test.
+//! What tests watch: the alerts of a cluster and the master's status.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use lmbus_schemas::{Alert, StatusReply, Subjects, decode};
-use tokio::task::JoinHandle;
 
-use crate::{Fixture, WAIT, eventually};
+use crate::wait::{WAIT, eventually};
 
 /// Collects alerts of one cluster from the moment it is created.
 #[derive(Debug)]
@@ -97,48 +95,4 @@ pub async fn wait_in_use(client: &async_nats::Client, cluster: &str, n: u32) -> 
             .is_ok_and(|st| st.total_in_use == n)
     })
     .await
-}
-
-/// Polls a master's status every 20 ms in the background and checks, every time, that
-/// the total is within the limit and equals the sum over slaves (so no seat is counted
-/// twice or lost from the books).
-#[derive(Debug)]
-pub struct InvariantWatch {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    task: JoinHandle<Result<u32, String>>,
-}
-
-impl InvariantWatch {
-    pub fn start(f: &Fixture) -> Self {
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (client, cluster, flag) = (f.client.clone(), f.cluster.clone(), stop.clone());
-        let task = tokio::spawn(async move {
-            let mut max = 0;
-            while !flag.load(Ordering::SeqCst) {
-                if let Ok(st) = status(&client, &cluster).await {
-                    let sum: u32 = st.slaves.iter().map(|s| s.in_use).sum();
-                    if sum != st.total_in_use || st.total_in_use > st.total_limit {
-                        return Err(format!(
-                            "invariant broken: total {} of limit {}, sum over slaves {sum}",
-                            st.total_in_use, st.total_limit
-                        ));
-                    }
-                    max = max.max(st.total_in_use);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Ok(max)
-        });
-        Self { stop, task }
-    }
-
-    /// Stops polling; the highest total seen, or what broke.
-    pub async fn finish(self) -> anyhow::Result<u32> {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let result = tokio::time::timeout(WAIT, self.task)
-            .await
-            .context("invariant poller did not stop")??;
-        result.map_err(|e| anyhow::anyhow!(e))
-    }
 }
