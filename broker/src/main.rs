@@ -391,14 +391,8 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
 /// order of precedence.
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// TOML config file; its keys are the long flag names with `_` for `-`.
-    #[arg(long, env = "LMBUS_CONFIG")]
-    config: Option<PathBuf>,
-    /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222].
-    #[arg(long, env = "LMBUS_NATS_URL")]
-    nats: Option<String>,
     #[command(flatten)]
-    nats_auth: lmbus_nats::NatsAuthArgs,
+    daemon: lmbus_nats::DaemonArgs,
     /// Cluster name shared by this master and its slaves (subject token: A-Z a-z 0-9 - _).
     #[arg(long, env = "LMBUS_CLUSTER")]
     cluster: Option<String>,
@@ -517,7 +511,7 @@ struct RunArgs {
 
 impl RunArgs {
     fn resolve(self) -> anyhow::Result<BrokerConfig> {
-        let file = match &self.config {
+        let file = match &self.daemon.config {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
@@ -576,10 +570,11 @@ impl RunArgs {
         Ok(BrokerConfig {
             report,
             nats_url: self
+                .daemon
                 .nats
                 .or(file.nats)
                 .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned()),
-            nats_auth: lmbus_nats::NatsAuth::from(self.nats_auth)
+            nats_auth: lmbus_nats::NatsAuth::from(self.daemon.nats_auth)
                 .or(file.nats_auth.unwrap_or_default()),
             cluster,
             license_path,

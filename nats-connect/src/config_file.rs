@@ -7,6 +7,22 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+use crate::NatsAuthArgs;
+
+/// The flags every lmbus daemon takes first, the same in each: its config file and how it
+/// reaches NATS. Each daemon flattens it into its `run` flags.
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// TOML config file; its keys are the long flag names with `_` for `-`.
+    #[arg(long, env = "LMBUS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "LMBUS_NATS_URL")]
+    pub nats: Option<String>,
+    #[command(flatten)]
+    pub nats_auth: NatsAuthArgs,
+}
+
 /// A config file that could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {

@@ -11,6 +11,8 @@
 
 pub mod config_file;
 
+pub use config_file::DaemonArgs;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 

@@ -82,14 +82,8 @@ struct ApiArg {
 /// order of precedence.
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// TOML config file; its keys are the long flag names with `_` for `-`.
-    #[arg(long, env = "LMBUS_CONFIG")]
-    config: Option<PathBuf>,
-    /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222].
-    #[arg(long, env = "LMBUS_NATS_URL")]
-    nats: Option<String>,
     #[command(flatten)]
-    nats_auth: lmbus_nats::NatsAuthArgs,
+    daemon: lmbus_nats::DaemonArgs,
     /// Cluster name, the same as the master's.
     #[arg(long, env = "LMBUS_CLUSTER")]
     cluster: Option<String>,
@@ -215,7 +209,7 @@ struct FileConfig {
 
 impl RunArgs {
     fn resolve(self) -> anyhow::Result<(SlaveConfig, SocketAddr)> {
-        let (file, base): (FileConfig, PathBuf) = match &self.config {
+        let (file, base): (FileConfig, PathBuf) = match &self.daemon.config {
             Some(path) => lmbus_nats::config_file::load(path)?,
             None => (FileConfig::default(), PathBuf::from(".")),
         };
@@ -229,11 +223,12 @@ impl RunArgs {
             .context("no slave id: pass --id or set LMBUS_SLAVE_ID")?;
         let slave_id = SlaveId::new(id)?;
         let nats = self
+            .daemon
             .nats
             .or(file.nats)
             .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
         let mut cfg = SlaveConfig::new(&nats, &cluster, slave_id);
-        cfg.nats_auth = lmbus_nats::NatsAuth::from(self.nats_auth).or(file
+        cfg.nats_auth = lmbus_nats::NatsAuth::from(self.daemon.nats_auth).or(file
             .nats_auth
             .clone()
             .unwrap_or_default()
