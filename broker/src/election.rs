@@ -71,12 +71,39 @@ impl ElectionConfig {
     }
 }
 
+/// Why this replica stopped leading, for the `leader_stepped_down` alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepDown {
+    /// It gave the lease up: `admin drain` (the runtime's own resign after a refused
+    /// ledger write comes after its leader loop has ended).
+    Resigned,
+    /// The broker is shutting down.
+    Stopping,
+    /// No renewal came back within the lease's validity on this replica's clock.
+    NotRenewed,
+    /// Another replica's write replaced the lease.
+    Superseded,
+}
+
+impl std::fmt::Display for StepDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StepDown::Resigned => "it resigned the lease (admin drain)",
+            StepDown::Stopping => "the broker is stopping",
+            StepDown::NotRenewed => "it could not renew the lease in time",
+            StepDown::Superseded => "another replica holds the lease",
+        })
+    }
+}
+
 /// What the lease says about this replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
     Standby {
         /// The replica holding the lease, when known.
         leader: Option<String>,
+        /// Why this replica stopped leading, right after it did.
+        after: Option<StepDown>,
     },
     Leader {
         term: u64,
@@ -124,7 +151,10 @@ impl Election {
         cfg: ElectionConfig,
     ) -> anyhow::Result<Self> {
         let store = open_bucket(client, subjects, &cfg).await?;
-        let (tx, rx) = watch::channel(Role::Standby { leader: None });
+        let (tx, rx) = watch::channel(Role::Standby {
+            leader: None,
+            after: None,
+        });
         let (electing_tx, electing_rx) = watch::channel(false);
         let (resign_tx, resign_rx) = tokio::sync::mpsc::channel(4);
         let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -290,7 +320,13 @@ async fn campaign(
                     continue;
                 }
                 set(&electing, true);
-                set(&role, Role::Standby { leader: None });
+                set(
+                    &role,
+                    Role::Standby {
+                        leader: None,
+                        after: None,
+                    },
+                );
                 tokio::time::sleep(cfg.poll_every()).await;
                 continue;
             }
@@ -300,7 +336,13 @@ async fn campaign(
             let leader = serde_json::from_slice::<LeaseValue>(&entry.value)
                 .map(|v| v.replica)
                 .ok();
-            set(&role, Role::Standby { leader });
+            set(
+                &role,
+                Role::Standby {
+                    leader,
+                    after: None,
+                },
+            );
             tokio::time::sleep(cfg.poll_every()).await;
             continue;
         }
@@ -308,7 +350,13 @@ async fn campaign(
         // never tries.
         if draining.load(std::sync::atomic::Ordering::SeqCst) {
             set(&electing, true);
-            set(&role, Role::Standby { leader: None });
+            set(
+                &role,
+                Role::Standby {
+                    leader: None,
+                    after: None,
+                },
+            );
             tokio::time::sleep(cfg.poll_every()).await;
             continue;
         }
@@ -344,14 +392,14 @@ async fn campaign(
         let reason = loop {
             tokio::select! {
                 resigned = resign.recv() => match resigned {
-                    Some(t) if t == term => break "resigned",
+                    Some(t) if t == term => break StepDown::Resigned,
                     Some(_) => continue, // for an older term
-                    None => break "the broker is stopping",
+                    None => break StepDown::Stopping,
                 },
                 _ = renew.tick() => {}
             }
             if Instant::now() >= valid_until {
-                break "could not renew the lease in time";
+                break StepDown::NotRenewed;
             }
             let sent = Instant::now();
             let update = tokio::time::timeout(
@@ -370,14 +418,17 @@ async fn campaign(
                     });
                 }
                 Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    break "another replica holds the lease";
+                    break StepDown::Superseded;
                 }
                 Ok(Err(e)) => warn!(error = %e, "cannot renew the leader lease"),
-                Err(_) => break "could not renew the lease in time",
+                Err(_) => break StepDown::NotRenewed,
             }
         };
-        warn!(replica = %cfg.replica, term, reason, "stepping down");
-        role.send_replace(Role::Standby { leader: None });
+        warn!(replica = %cfg.replica, term, %reason, "stepping down");
+        role.send_replace(Role::Standby {
+            leader: None,
+            after: Some(reason),
+        });
         // Do not campaign again before the lease this replica held has surely expired.
         holdoff_until = Some(Instant::now() + cfg.lease);
     }
@@ -417,7 +468,13 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(!role.leads(3, Instant::now()));
         assert!(!role.is_valid_leader(Instant::now()));
-        assert!(!Role::Standby { leader: None }.is_valid_leader(sent));
+        assert!(
+            !Role::Standby {
+                leader: None,
+                after: None
+            }
+            .is_valid_leader(sent)
+        );
     }
 
     /// A candidate polls often enough to see a free lease well within one lease, and never

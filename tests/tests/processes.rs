@@ -374,6 +374,18 @@ async fn drain_hands_the_lead_to_another_replica() {
         .await
         .unwrap();
     assert!(alert.message.contains("b1"), "{}", alert.message);
+    // b1's own account of its term's end gives the real reason.
+    let stepped = alerts
+        .wait_for("b1 stepped down", |a| {
+            a.kind == AlertKind::LeaderSteppedDown && a.source == "b1"
+        })
+        .await
+        .unwrap();
+    assert!(
+        stepped.message.contains("resigned the lease (admin drain)"),
+        "{}",
+        stepped.message
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         f.status().await.unwrap().broker_id,

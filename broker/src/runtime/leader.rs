@@ -248,11 +248,12 @@ impl<'a> Leader<'a> {
         let valid_until = match *self.election.role.borrow_and_update() {
             _ if self.cfg.fault_ignore_lease => Instant::now() + Duration::from_secs(86_400 * 365),
             Role::Leader { valid_until, .. } => valid_until,
-            Role::Standby { ref leader } => {
+            Role::Standby { ref leader, after } => {
                 return Err(Led::SteppedDown {
-                    reason: match leader {
-                        Some(other) => format!("{other} holds the lease"),
-                        None => "the lease was lost".to_owned(),
+                    reason: match (leader, after) {
+                        (Some(other), _) => format!("{other} holds the lease"),
+                        (None, Some(why)) => why.to_string(),
+                        (None, None) => "the lease was lost".to_owned(),
                     },
                     rebuild: false,
                 });
@@ -656,7 +657,10 @@ mod tests {
         }
         // The test-only fault keeps it leading, so that only the ledger's fence stops it.
         assert!(lapsed(&role, true, Instant::now()).is_none());
-        let (_tx, lost) = watch::channel(Role::Standby { leader: None });
+        let (_tx, lost) = watch::channel(Role::Standby {
+            leader: None,
+            after: None,
+        });
         assert!(matches!(
             lapsed(&lost, false, Instant::now()),
             Some(Led::SteppedDown { rebuild: true, .. })
