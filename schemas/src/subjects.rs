@@ -247,8 +247,8 @@ impl Subjects {
         format!("{}.admin.report", self.prefix)
     }
 
-    /// `lmbus.v1.<cluster>.report.usage`: the master publishes each usage report here, as a
-    /// JSON document (for reporting pipelines, not the MessagePack envelope).
+    /// `lmbus.v1.<cluster>.report.usage`: the master publishes each usage report here, a
+    /// `UsageReport` in the envelope like every message.
     pub fn usage_report(&self) -> String {
         format!("{}.report.usage", self.prefix)
     }

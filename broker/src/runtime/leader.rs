@@ -264,7 +264,7 @@ impl<'a> Leader<'a> {
         // alert or decide for a term this replica may no longer hold.
         if Instant::now() >= valid_until {
             return Err(Led::SteppedDown {
-                reason: "the lease ran out on this replica's clock before it was renewed (was the process paused?)".to_owned(),
+                reason: "the lease ran out on this replica's clock before a renewal came back (the process was paused, or the renewals did not get through)".to_owned(),
                 rebuild: false,
             });
         }
@@ -561,11 +561,18 @@ pub(super) fn lapsed(role: &watch::Receiver<Role>, ignore_lease: bool, at: Insta
     let reason = match &*role.borrow() {
         _ if ignore_lease => return None,
         role if role.is_valid_leader(at) => return None,
-        Role::Leader { .. } => "the lease ran out before the decisions could be recorded",
-        Role::Standby { .. } => "the lease was lost before the decisions could be recorded",
+        Role::Leader { .. } => "the lease ran out".to_owned(),
+        Role::Standby {
+            leader: Some(other),
+            ..
+        } => format!("{other} holds the lease"),
+        Role::Standby {
+            after: Some(why), ..
+        } => why.to_string(),
+        Role::Standby { .. } => "the lease was lost".to_owned(),
     };
     Some(Led::SteppedDown {
-        reason: reason.to_owned(),
+        reason: format!("{reason} before the decisions could be recorded"),
         rebuild: true,
     })
 }

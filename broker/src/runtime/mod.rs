@@ -44,7 +44,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{self, BrokerConfig};
-use crate::election::{Election, ElectionConfig};
+use crate::election::{Election, ElectionConfig, Role};
 use crate::engine::EngineConfig;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
@@ -338,6 +338,11 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         ),
     ))
     .await;
+    // Give the lease up first, so another replica can lead while this one finishes.
+    if let Role::Leader { term, .. } = *election.role.borrow() {
+        election.resign(term);
+    }
+    drop(election);
     // Tell the side tasks, then wait for them and for a report or snapshot being written
     // (bounded: a mail server that does not answer must not hold the process).
     stop.cancel();
@@ -359,7 +364,6 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     if let Some(task) = metrics_server {
         task.abort();
     }
-    drop(election);
     let closing = async {
         sync_with_server(&client).await;
         let _ = client.drain().await;
