@@ -8,7 +8,7 @@ pub mod live;
 mod time_text;
 
 pub use audit::{Audit, AuditQuery, AuditRecord, audit, render_audit};
-pub use time_text::format_time;
+pub use time_text::{format_time, parse_since};
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;

@@ -40,8 +40,9 @@ enum Command {
     /// Print alerts, one line each (time, severity, kind, slave, details): those stored
     /// since a time or the last N (then stop, or go on with --follow), or live ones.
     Tail {
-        /// Start with the alerts of the last DURATION (e.g. 1h), from the alert stream.
-        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "last")]
+        /// Start with the alerts since a time: a DURATION back from now (e.g. 1h) or an RFC
+        /// 3339 time (e.g. 2026-11-27T10:00:00Z), from the alert stream.
+        #[arg(long, value_parser = lmbus_monitor::parse_since, conflicts_with = "last")]
         since: Option<Duration>,
         /// Start with the last N alerts stored (before filters apply).
         #[arg(long)]
@@ -82,8 +83,9 @@ enum Command {
         /// Only records about this agent.
         #[arg(long)]
         agent: Option<String>,
-        /// Only records of the last DURATION, e.g. 24h [default: everything stored].
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Only records since a time: a DURATION back from now (e.g. 24h) or an RFC 3339
+        /// time [default: everything stored].
+        #[arg(long, value_parser = lmbus_monitor::parse_since)]
         since: Option<Duration>,
         /// One JSON document per line instead of text.
         #[arg(long)]

@@ -83,6 +83,11 @@ async fn alerts_are_kept_and_tailed_across_a_nats_restart() {
 
     let all = history(&f, &["--since", "1h"]).await;
     assert_eq!(all.len() as u64, count, "{all:?}");
+    // The same start as an RFC 3339 time.
+    let hour_ago = (time::OffsetDateTime::now_utc() - time::Duration::hours(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert_eq!(history(&f, &["--since", &hour_ago]).await, all);
     assert!(
         all.iter()
             .any(|a| a.kind == AlertKind::RegistrationRejected)
