@@ -5,16 +5,14 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use lmbus_schemas::{
-    ControlMessage, Heartbeat, MasterRole, MasterUse, RejectedAgent, Reply, SlaveOp, decode,
-};
+use lmbus_schemas::{ControlMessage, Heartbeat, MasterRole, MasterUse, Reply, SlaveOp, decode};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::hello::HelloError;
 use super::inner::Inner;
 use super::state::{Restricted, lock};
-use crate::events::{AgentEvent, LoggedOut};
+use crate::events::AgentEvent;
 use crate::link::Ask;
 use crate::master::{Master, PerMaster};
 use crate::policy::Switch;
@@ -172,22 +170,8 @@ impl Inner {
         match message {
             ControlMessage::LogOut { agents } => {
                 let mut state = lock(&self.state);
-                for RejectedAgent { agent_id, reason } in agents {
-                    // Only that master's own seats: another master cannot log ours out.
-                    if state.agents.get(&agent_id).is_some_and(|s| s.link == link) {
-                        if let Some(seat) = state.agents.remove(&agent_id) {
-                            self.logged_out(
-                                &mut state,
-                                LoggedOut {
-                                    agent_id,
-                                    agent_type: seat.agent_type,
-                                    reason,
-                                    detail: format!("logged out by the {} master", link.name()),
-                                },
-                            );
-                        }
-                    }
-                }
+                let detail = format!("logged out by the {} master", link.name());
+                self.log_out_rejected(&mut state, link, agents, &detail);
                 false
             }
             ControlMessage::Rehello => true,

@@ -3,14 +3,12 @@
 //! are when sent; a welcome logs out what the master did not re-grant and ends a
 //! restriction.
 
-use lmbus_schemas::{
-    Hello, RejectReason, RejectedAgent, Reply, SlaveEvent, SlaveOp, SlaveReport, Welcome,
-};
+use lmbus_schemas::{Hello, RejectReason, Reply, SlaveEvent, SlaveOp, SlaveReport, Welcome};
 use tracing::{debug, info};
 
 use super::inner::Inner;
 use super::state::{LinkState, Restricted, lock};
-use crate::events::{AgentEvent, LoggedOut};
+use crate::events::AgentEvent;
 use crate::link::Ask;
 use crate::master::Master;
 
@@ -175,25 +173,16 @@ impl Inner {
     /// connected and ends any restriction (returned, to be reported).
     fn accept_welcome(&self, link: Master, welcome: &Welcome) -> Option<Restricted> {
         let mut state = lock(&self.state);
-        for RejectedAgent { agent_id, reason } in welcome.rejected_agents.iter().cloned() {
-            let held_here = state.agents.get(&agent_id).is_some_and(|s| s.link == link);
-            if held_here {
-                if let Some(seat) = state.agents.remove(&agent_id) {
-                    self.logged_out(
-                        &mut state,
-                        LoggedOut {
-                            agent_id,
-                            agent_type: seat.agent_type,
-                            reason,
-                            detail: format!(
-                                "the {} master did not re-grant this seat on reconnect",
-                                link.name()
-                            ),
-                        },
-                    );
-                }
-            }
-        }
+        let detail = format!(
+            "the {} master did not re-grant this seat on reconnect",
+            link.name()
+        );
+        self.log_out_rejected(
+            &mut state,
+            link,
+            welcome.rejected_agents.iter().cloned(),
+            &detail,
+        );
         *state.links.get_mut(link) = LinkState {
             connected: true,
             broker_id: Some(welcome.broker_id.clone()),

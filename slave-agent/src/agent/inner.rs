@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 
-use lmbus_schemas::{License, RejectReason, Reply, SlaveOp, SlaveReport};
+use lmbus_schemas::{License, RejectReason, RejectedAgent, Reply, SlaveOp, SlaveReport};
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -55,6 +55,32 @@ impl Inner {
         }
         state.logged_out.push_back(out.clone());
         self.emit(AgentEvent::LoggedOut(out));
+    }
+
+    /// Logs out the agents `link`'s master rejected, with `detail`. Only that master's own
+    /// seats: another master cannot log ours out.
+    pub(super) fn log_out_rejected(
+        &self,
+        state: &mut State,
+        link: Master,
+        rejected: impl IntoIterator<Item = RejectedAgent>,
+        detail: &str,
+    ) {
+        for RejectedAgent { agent_id, reason } in rejected {
+            if state.agents.get(&agent_id).is_some_and(|s| s.link == link)
+                && let Some(seat) = state.agents.remove(&agent_id)
+            {
+                self.logged_out(
+                    state,
+                    LoggedOut {
+                        agent_id,
+                        agent_type: seat.agent_type,
+                        reason,
+                        detail: detail.to_owned(),
+                    },
+                );
+            }
+        }
     }
 
     /// Asks one master, keeping the books: any answer is contact (the grace period restarts
