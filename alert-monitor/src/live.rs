@@ -412,6 +412,7 @@ mod tests {
                         role: lmbus_schemas::MasterRole::Primary,
                         in_use: true,
                     }),
+                    allotted: BTreeMap::new(),
                 },
                 SlaveStatus {
                     slave_id: "site2".into(),
@@ -422,10 +423,14 @@ mod tests {
                     in_use_by_type: BTreeMap::new(),
                     last_seen_ms_ago: 45_000,
                     master: None,
+                    allotted: BTreeMap::new(),
                 },
             ],
             leader_term: 3,
             ledger_sequence: 42,
+            admission: lmbus_schemas::Admission::Strict,
+            allotted_by_type: BTreeMap::new(),
+            allotted_total: 0,
             replicas: vec![
                 ReplicaStatus {
                     replica: "b1".into(),

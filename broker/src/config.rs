@@ -65,6 +65,9 @@ pub struct BrokerConfig {
     pub fault_ignore_lease: bool,
     /// Usage reports: the time of day, the directory, the mail.
     pub report: crate::report::ReportConfig,
+    /// Strict or allotment admission (`--admission`), with the allotments' lease and
+    /// refresh interval.
+    pub allot: crate::engine::AllotConfig,
 }
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -86,6 +89,38 @@ pub const DEFAULT_STREAM_REPLICAS: usize = 1;
 pub const DEFAULT_SLAVE_RATE_LIMIT: u32 = 1000;
 /// A cold replica reads at most this many records after the latest snapshot.
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 50_000;
+
+/// The allotment timing rule: a slave renews its blocks every refresh interval and admits
+/// from them until the lease runs out, so the lease must cover at least this many refresh
+/// intervals for a request that is lost or slow not to stop local decisions.
+pub const ALLOT_LEASE_REFRESHES: u32 = 3;
+
+/// `--admission`: `strict` or `allotment`.
+pub fn parse_admission(text: &str) -> anyhow::Result<lmbus_schemas::Admission> {
+    match text {
+        "strict" => Ok(lmbus_schemas::Admission::Strict),
+        "allotment" => Ok(lmbus_schemas::Admission::Allotment),
+        other => bail!(
+            "--admission must be 'strict' (every registration decided by the master) or 'allotment' (slaves admit from blocks of seats), not '{}'",
+            lmbus_schemas::printable(other)
+        ),
+    }
+}
+
+/// Checks the allotment settings against the timing rule.
+pub fn check_allot(allot: &crate::engine::AllotConfig) -> anyhow::Result<()> {
+    if allot.refresh.is_zero() {
+        bail!("--allot-refresh must be more than 0");
+    }
+    if allot.lease < allot.refresh * ALLOT_LEASE_REFRESHES {
+        bail!(
+            "--allot-lease ({} ms) must be at least {ALLOT_LEASE_REFRESHES} times --allot-refresh ({} ms), so that one lost or slow refresh does not stop the slaves' local decisions",
+            allot.lease.as_millis(),
+            allot.refresh.as_millis()
+        );
+    }
+    Ok(())
+}
 
 /// The optional config file (`--config`). Keys mirror the long flags with `_` for `-`;
 /// relative paths are relative to the file.
@@ -118,6 +153,11 @@ pub struct FileConfig {
     pub ledger_trim: Option<bool>,
     pub slave_rate_limit: Option<u32>,
     pub max_agents_per_slave: Option<u32>,
+    pub admission: Option<String>,
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
+    pub allot_lease: Option<Duration>,
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
+    pub allot_refresh: Option<Duration>,
     pub metrics: Option<std::net::SocketAddr>,
     #[serde(default, with = "lmbus_nats::config_file::duration")]
     pub alert_max_age: Option<Duration>,

@@ -67,7 +67,9 @@ impl Class {
             SlaveOp::Hello => Class::Hello,
             SlaveOp::Heartbeat => Class::Heartbeat,
             SlaveOp::Report => Class::Report,
-            SlaveOp::Register | SlaveOp::Unregister | SlaveOp::Batch => Class::Request,
+            SlaveOp::Register | SlaveOp::Unregister | SlaveOp::Batch | SlaveOp::Allot => {
+                Class::Request
+            }
         }
     }
 
@@ -443,6 +445,10 @@ pub fn decode(
             report: checked::<SlaveReport>(payload)?,
         },
         SlaveOp::Batch => return Ok(Decoded::Batch(checked::<BatchRequest>(payload)?)),
+        SlaveOp::Allot => Event::Allot {
+            slave,
+            request: checked::<lmbus_schemas::AllotRequest>(payload)?,
+        },
     }))
 }
 
@@ -491,9 +497,10 @@ mod tests {
         assert_eq!(alerts[0].severity, Severity::Critical);
         assert_eq!(alerts[0].slave.as_deref(), Some("site1"));
         assert!(
-            alerts[0]
-                .message
-                .contains("24 requests naming a reply subject outside its inbox"),
+            alerts[0].message.contains(&format!(
+                "{} requests naming a reply subject outside its inbox",
+                4 * SlaveOp::ALL.len()
+            )),
             "{}",
             alerts[0].message
         );

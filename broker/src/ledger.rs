@@ -397,11 +397,16 @@ pub struct Audit {
     pub leaders: Vec<(String, u64)>,
     /// Seats held at the end: slave → agent → agent type.
     pub seats: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+    /// Free seats allotted at the end (allotment mode): slave → agent type → seats.
+    pub allotted: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u32>>,
+    /// Most seats in use plus allotted at any ledger position.
+    pub max_counted: u32,
 }
 
 /// Replays a ledger from its first record (or from a snapshot, given as a record whose
-/// changes rebuild the state) and checks, at every position: granted seats never exceed the
-/// total or a type limit; no agent holds two seats; terms only grow; and once a replica
+/// changes rebuild the state) and checks, at every position: granted seats plus the free
+/// seats allotted to slaves never exceed the total or a type limit; a seat taken from a
+/// block comes from a block that holds one; no agent holds two seats; terms only grow; and once a replica
 /// has written its `Leader` record, no other replica writes until the next `Leader` record
 /// (a deposed leader's writes were all refused).
 pub fn audit<'a>(
@@ -414,6 +419,8 @@ pub fn audit<'a>(
         audit: Audit::default(),
         in_use: 0,
         in_use_by_type: Default::default(),
+        allotted_total: 0,
+        allotted_by_type: Default::default(),
         total_limit,
         type_limits: std::borrow::Cow::Borrowed(type_limits),
     };
@@ -483,7 +490,35 @@ pub fn audit<'a>(
                     }
                 }
                 SeatChange::Release { slave, agent_id } => tally.release(slave, agent_id),
+                SeatChange::Allotment { slave, blocks, .. } => {
+                    tally.set_blocks(slave, blocks.clone());
+                    for agent_type in blocks.keys() {
+                        tally.check(at, agent_type)?;
+                    }
+                }
+                SeatChange::FromBlock {
+                    slave,
+                    agent_id,
+                    agent_type,
+                } => {
+                    let mut blocks = tally.audit.allotted.get(slave).cloned().unwrap_or_default();
+                    match blocks.get_mut(agent_type) {
+                        Some(n) if *n > 0 => *n -= 1,
+                        _ => {
+                            return Err(AuditError::EmptyBlock {
+                                at,
+                                slave: slave.clone(),
+                                agent: agent_id.clone(),
+                                agent_type: agent_type.clone(),
+                            });
+                        }
+                    }
+                    blocks.retain(|_, n| *n > 0);
+                    tally.set_blocks(slave, blocks);
+                    tally.grant(at, slave, agent_id, agent_type)?;
+                }
                 SeatChange::Reclaim { slave } => {
+                    tally.set_blocks(slave, Default::default());
                     let held: Vec<String> = tally
                         .audit
                         .seats
@@ -541,9 +576,20 @@ pub enum AuditError {
         slave: String,
         held: String,
     },
-    #[error("record {at}: {in_use} seats in use, over the limit of {limit}")]
+    #[error(
+        "record {at}: slave {slave} took a seat for agent {agent} from its {agent_type} block, which holds none"
+    )]
+    EmptyBlock {
+        at: u64,
+        slave: String,
+        agent: String,
+        agent_type: String,
+    },
+    #[error("record {at}: {in_use} seats in use or allotted, over the limit of {limit}")]
     OverLimit { at: u64, in_use: u32, limit: u32 },
-    #[error("record {at}: {in_use} {agent_type} seats in use, over the limit of {limit}")]
+    #[error(
+        "record {at}: {in_use} {agent_type} seats in use or allotted, over the limit of {limit}"
+    )]
     OverTypeLimit {
         at: u64,
         in_use: u32,
@@ -557,6 +603,8 @@ struct Tally<'l> {
     audit: Audit,
     in_use: u32,
     in_use_by_type: std::collections::BTreeMap<String, u32>,
+    allotted_total: u32,
+    allotted_by_type: std::collections::BTreeMap<String, u32>,
     total_limit: u32,
     type_limits: std::borrow::Cow<'l, std::collections::BTreeMap<String, u32>>,
 }
@@ -586,25 +634,52 @@ impl Tally<'_> {
             .or_insert(0);
         *n += 1;
         self.audit.grants += 1;
-        if self.in_use > self.total_limit {
+        self.audit.max_in_use = self.audit.max_in_use.max(self.in_use);
+        self.check(at, agent_type)
+    }
+
+    /// Seats in use plus allotted, in total and of `agent_type`, within the limits.
+    fn check(&mut self, at: u64, agent_type: &str) -> Result<(), AuditError> {
+        let counted = self.in_use + self.allotted_total;
+        self.audit.max_counted = self.audit.max_counted.max(counted);
+        if counted > self.total_limit {
             return Err(AuditError::OverLimit {
                 at,
-                in_use: self.in_use,
+                in_use: counted,
                 limit: self.total_limit,
             });
         }
         if let Some(limit) = self.type_limits.get(agent_type) {
-            if *n > *limit {
+            let n = self.in_use_by_type.get(agent_type).copied().unwrap_or(0)
+                + self.allotted_by_type.get(agent_type).copied().unwrap_or(0);
+            if n > *limit {
                 return Err(AuditError::OverTypeLimit {
                     at,
-                    in_use: *n,
+                    in_use: n,
                     agent_type: agent_type.to_owned(),
                     limit: *limit,
                 });
             }
         }
-        self.audit.max_in_use = self.audit.max_in_use.max(self.in_use);
         Ok(())
+    }
+
+    /// A slave's blocks from here on.
+    fn set_blocks(&mut self, slave: &str, blocks: std::collections::BTreeMap<String, u32>) {
+        let old = self.audit.allotted.remove(slave).unwrap_or_default();
+        for (t, n) in old {
+            self.allotted_total -= n;
+            if let Some(m) = self.allotted_by_type.get_mut(&t) {
+                *m -= n;
+            }
+        }
+        for (t, n) in &blocks {
+            self.allotted_total += n;
+            *self.allotted_by_type.entry(t.clone()).or_insert(0) += n;
+        }
+        if !blocks.is_empty() {
+            self.audit.allotted.insert(slave.to_owned(), blocks);
+        }
     }
 
     fn release(&mut self, slave: &str, agent_id: &str) {

@@ -453,6 +453,21 @@ struct RunArgs {
     /// rejected `slave_limit`. 0: no cap beyond the license limits [default: 0].
     #[arg(long, env = "LMBUS_MAX_AGENTS_PER_SLAVE")]
     max_agents_per_slave: Option<u32>,
+    /// How registrations are decided: `strict` (every one by the master, one NATS round
+    /// trip and one ledger append each) or `allotment` (the master allots each slave
+    /// blocks of seats, recorded in the ledger, and slaves admit from them locally; the
+    /// limit stays exact, per-agent records lag by one refresh) [default: strict].
+    #[arg(long, env = "LMBUS_ADMISSION")]
+    admission: Option<String>,
+    /// Allotment mode: how long a slave admits from its blocks after it sent the request
+    /// that last renewed them (capped by its grace period); at least 3 refresh intervals
+    /// [default: 30s].
+    #[arg(long, env = "LMBUS_ALLOT_LEASE", value_parser = humantime::parse_duration)]
+    allot_lease: Option<Duration>,
+    /// Allotment mode: how often a slave reports its journal and renews its blocks
+    /// [default: 2s].
+    #[arg(long, env = "LMBUS_ALLOT_REFRESH", value_parser = humantime::parse_duration)]
+    allot_refresh: Option<Duration>,
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464; it has no
     /// authentication, so bind it where only your Prometheus can reach it) [default: off].
     #[arg(long, env = "LMBUS_METRICS")]
@@ -526,6 +541,22 @@ impl RunArgs {
             .vendor_key
             .or(file.vendor_key)
             .context("no vendor public key: pass --vendor-key FILE, set LMBUS_VENDOR_KEY or add vendor_key to the config file")?;
+        let defaults = lmbus_broker::engine::AllotConfig::default();
+        let allot = lmbus_broker::engine::AllotConfig {
+            admission: match self.admission.or(file.admission) {
+                Some(text) => config::parse_admission(&text)?,
+                None => defaults.admission,
+            },
+            lease: self
+                .allot_lease
+                .or(file.allot_lease)
+                .unwrap_or(defaults.lease),
+            refresh: self
+                .allot_refresh
+                .or(file.allot_refresh)
+                .unwrap_or(defaults.refresh),
+        };
+        config::check_allot(&allot)?;
         let report = lmbus_broker::report::ReportConfig {
             dir: self.report_dir.or(file.report_dir),
             at_minute: match self.report_at.or(file.report_at) {
@@ -642,6 +673,7 @@ impl RunArgs {
                 .unwrap_or(config::DEFAULT_SNAPSHOT_EVERY),
             ledger_trim: self.ledger_trim.or(file.ledger_trim).unwrap_or(false),
             fault_ignore_lease: self.fault_ignore_lease,
+            allot,
         })
     }
 }

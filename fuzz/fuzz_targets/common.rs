@@ -35,5 +35,6 @@ pub fn engine() -> Engine {
         reclaim_margin: Duration::from_secs(40),
         slave_rate_limit: 50,
         max_agents_per_slave: 3,
+        allot: Default::default(),
     })
 }

@@ -26,9 +26,18 @@ pub fn printable_status(s: &StatusReply) -> StatusReply {
         .into_iter()
         .map(|(t, n)| (p(&t), n))
         .collect();
+    s.allotted_by_type = s
+        .allotted_by_type
+        .into_iter()
+        .map(|(t, n)| (p(&t), n))
+        .collect();
     for slave in &mut s.slaves {
         slave.slave_id = p(&slave.slave_id);
         slave.in_use_by_type = std::mem::take(&mut slave.in_use_by_type)
+            .into_iter()
+            .map(|(t, n)| (p(&t), n))
+            .collect();
+        slave.allotted = std::mem::take(&mut slave.allotted)
             .into_iter()
             .map(|(t, n)| (p(&t), n))
             .collect();
@@ -107,12 +116,23 @@ pub fn license_summary(s: &StatusReply) -> String {
 /// The texts of one slave's row, shared by the table and the live view: id, state, what this
 /// master is to it, license, local limit, agents, agents by type, last seen.
 pub fn slave_cells(slave: &SlaveStatus) -> [String; 8] {
-    let by_type = slave
+    let mut by_type = slave
         .in_use_by_type
         .iter()
         .map(|(t, n)| format!("{t}={n}"))
         .collect::<Vec<_>>()
         .join(" ");
+    if !slave.allotted.is_empty() {
+        let free: Vec<String> = slave
+            .allotted
+            .iter()
+            .map(|(t, n)| format!("{t}={n}"))
+            .collect();
+        if !by_type.is_empty() {
+            by_type.push_str("; ");
+        }
+        by_type.push_str(&format!("free allotted {}", free.join(" ")));
+    }
     [
         slave.slave_id.clone(),
         if slave.connected {
@@ -166,6 +186,23 @@ pub fn render_status(s: &StatusReply) -> String {
             })
             .collect();
         let _ = writeln!(o, "replicas: {}", replicas.join("; "));
+    }
+    if s.admission == lmbus_schemas::Admission::Allotment {
+        let by_type: Vec<String> = s
+            .allotted_by_type
+            .iter()
+            .map(|(t, n)| format!("{t}={n}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "admission: allotment; {} free seats allotted to slaves{} (counted against the limits; IN USE lags by at most one refresh)",
+            s.allotted_total,
+            if by_type.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", by_type.join(" "))
+            }
+        );
     }
     let _ = writeln!(o);
     let _ = writeln!(

@@ -73,6 +73,25 @@ pub enum SeatChange {
         replica: String,
         term: u64,
     },
+    /// Allotment mode: the slave's free blocks per agent type from here on (absolute: a
+    /// type not named has none), the last journal entry applied, and the last allot
+    /// request number processed. Every replica counts the blocks against the limits.
+    Allotment {
+        slave: String,
+        #[serde(default)]
+        blocks: std::collections::BTreeMap<String, u32>,
+        #[serde(default)]
+        journal: u64,
+        #[serde(default)]
+        request: u64,
+    },
+    /// Allotment mode: the slave admitted this agent from its block: one seat moves from
+    /// the block of `agent_type` into the seat table (the counts do not change).
+    FromBlock {
+        slave: String,
+        agent_id: String,
+        agent_type: String,
+    },
     /// A record this build does not know: a newer leader wrote it. A replica that meets
     /// one must stop replaying rather than guess.
     #[serde(other)]
@@ -146,6 +165,14 @@ impl SeatChange {
             } => FIELDS + slave.len() + agent_id.len() + agent_type.len(),
             SeatChange::Release { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
             SeatChange::Reclaim { slave } => FIELDS + slave.len(),
+            SeatChange::Allotment { slave, blocks, .. } => {
+                FIELDS + 40 + slave.len() + blocks.keys().map(|t| t.len() + 8).sum::<usize>()
+            }
+            SeatChange::FromBlock {
+                slave,
+                agent_id,
+                agent_type,
+            } => FIELDS + slave.len() + agent_id.len() + agent_type.len(),
             SeatChange::License { text } => FIELDS + text.len(),
             SeatChange::Leader { replica, .. } => FIELDS + replica.len(),
             SeatChange::Unknown => FIELDS,
@@ -199,6 +226,17 @@ mod tests {
                     replica: "b2".into(),
                     term: 7,
                 },
+                SeatChange::Allotment {
+                    slave: "s".into(),
+                    blocks: [("inbound".to_owned(), 5)].into(),
+                    journal: 9,
+                    request: 3,
+                },
+                SeatChange::FromBlock {
+                    slave: "s".into(),
+                    agent_id: "d".into(),
+                    agent_type: "inbound".into(),
+                },
             ],
         };
         assert_eq!(
@@ -236,6 +274,19 @@ mod tests {
             SeatChange::Leader {
                 replica: "b1".into(),
                 term: 9,
+            },
+            SeatChange::Allotment {
+                slave: "site-1".into(),
+                blocks: (0..64)
+                    .map(|n| (format!("type-{n:040}"), u32::MAX))
+                    .collect(),
+                journal: u64::MAX,
+                request: u64::MAX,
+            },
+            SeatChange::FromBlock {
+                slave: "site-1".into(),
+                agent_id: "a".repeat(256),
+                agent_type: "inbound".into(),
             },
         ];
         for change in &changes {

@@ -7,6 +7,7 @@
 //! envelope version only moves when an old peer could misread a new message.
 
 pub mod alert;
+pub mod allot;
 pub mod codec;
 pub mod ledger;
 pub mod license;
@@ -17,6 +18,9 @@ pub mod subjects;
 pub mod validate;
 
 pub use alert::{Alert, AlertKind, Severity};
+pub use allot::{
+    Admission, AllotOp, AllotOpKind, AllotRequest, Allotment, MAX_ALLOT_OPS, MAX_ALLOT_TYPES,
+};
 pub use codec::{DecodeError, EncodeError, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode};
 pub use ledger::{LedgerEntry, SeatChange, SnapshotChunk, SnapshotManifest};
 pub use license::{

@@ -60,6 +60,11 @@ pub struct Hello {
     /// here.
     #[serde(default)]
     pub pending: Vec<String>,
+    /// In allotment mode: the last journal entry (`AllotOp::n`) reflected in `agents`. The
+    /// master empties the slave's blocks at a hello and takes its journal as applied up to
+    /// here. `None` from a slave that keeps no journal.
+    #[serde(default)]
+    pub journal: Option<u64>,
 }
 
 /// `lmbus.v1.<cluster>.slave.<id>.register`: ask for a seat.
@@ -283,6 +288,9 @@ pub enum RejectReason {
     /// The slave holds as many seats as the master allows one slave
     /// (`--max-agents-per-slave`), so that one site cannot take the whole license.
     SlaveLimit,
+    /// Allotment mode: the slave admitted the agent from a block of seats the master did
+    /// not count for it (emptied by a hello or a reclaim, or never allotted).
+    NoAllotment,
     /// A reason this build does not know.
     #[serde(other)]
     Other,
@@ -313,6 +321,7 @@ impl RejectReason {
             RejectReason::RateLimited => "rate_limited",
             RejectReason::Replayed => "replayed",
             RejectReason::SlaveLimit => "slave_limit",
+            RejectReason::NoAllotment => "no_allotment",
             RejectReason::Other => "other",
         }
     }
@@ -347,6 +356,8 @@ pub enum Reply {
     Error(WireError),
     /// The answers to a `BatchRequest`'s items, in order.
     Batch(Vec<Reply>),
+    /// The answer to an `AllotRequest`.
+    Allotment(crate::allot::Allotment),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -361,6 +372,12 @@ pub struct Welcome {
     /// out.
     #[serde(default)]
     pub rejected_agents: Vec<RejectedAgent>,
+    /// How this master decides registrations (`strict` from a master that does not say).
+    #[serde(default)]
+    pub admission: crate::allot::Admission,
+    /// In allotment mode: how often the slave sends its journal and asks for blocks.
+    #[serde(default)]
+    pub allot_refresh_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -445,6 +462,10 @@ pub enum ControlMessage {
     /// idempotent, so the resend is safe. A unit variant, so older slaves read it as
     /// `Other` and ignore it.
     NewLeader,
+    /// In allotment mode: the free pool is nearly empty; send the journal now and give
+    /// the free blocks back (ask strictly until an answer says the pool is no longer
+    /// exhausted). A unit variant, so older slaves ignore it.
+    ReturnAllotment,
     #[serde(other)]
     Other,
 }
@@ -560,6 +581,15 @@ pub struct StatusReply {
     pub slaves_total: u32,
     #[serde(default)]
     pub slaves_connected: u32,
+    /// How the master decides registrations.
+    #[serde(default)]
+    pub admission: crate::allot::Admission,
+    /// Free seats allotted to slaves (counted as in use against the limits), per agent
+    /// type and in total. `total_in_use` and `in_use_by_type` do not include them.
+    #[serde(default)]
+    pub allotted_by_type: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub allotted_total: u32,
 }
 
 /// Most slaves listed in a [`StatusReply`] (about 100 bytes each).
@@ -613,6 +643,9 @@ pub struct SlaveStatus {
     /// What this master is to the slave (from its heartbeats).
     #[serde(default)]
     pub master: Option<MasterUse>,
+    /// The free blocks allotted to the slave, per agent type (allotment mode).
+    #[serde(default)]
+    pub allotted: BTreeMap<String, u32>,
 }
 
 #[cfg(test)]
@@ -658,6 +691,7 @@ mod tests {
             request_timeout_ms: 2000,
             request_seq: Some(41),
             pending: vec!["a2".into()],
+            journal: Some(12),
         });
         round_trip(&SlaveReport {
             event: SlaveEvent::Restricted {
@@ -750,6 +784,18 @@ mod tests {
                     agent_id: "x".into(),
                     reason: RejectReason::AggregateLimit,
                 }],
+                admission: crate::Admission::Allotment,
+                allot_refresh_ms: 2000,
+            }),
+            Reply::Allotment(crate::Allotment {
+                blocks: BTreeMap::from([("inbound".into(), 3)]),
+                lease_ms: 30_000,
+                journal: 4,
+                refused: vec![RejectedAgent {
+                    agent_id: "y".into(),
+                    reason: RejectReason::NoAllotment,
+                }],
+                exhausted: true,
             }),
             Reply::Refused {
                 reason: RejectReason::UnlicensedNotAllowed,
@@ -777,6 +823,7 @@ mod tests {
         round_trip(&ControlMessage::LogOut { agents: vec![] });
         round_trip(&ControlMessage::Rehello);
         round_trip(&ControlMessage::NewLeader);
+        round_trip(&ControlMessage::ReturnAllotment);
         round_trip(&StatusRequest {});
         round_trip(&StatusReply {
             broker_id: "b".into(),
@@ -803,9 +850,13 @@ mod tests {
                 in_use_by_type: BTreeMap::new(),
                 last_seen_ms_ago: 10,
                 master: None,
+                allotted: BTreeMap::from([("inbound".into(), 2)]),
             }],
             leader_term: 4,
             ledger_sequence: 17,
+            admission: crate::Admission::Allotment,
+            allotted_by_type: BTreeMap::from([("inbound".into(), 2)]),
+            allotted_total: 2,
             replicas: vec![ReplicaStatus {
                 replica: "b2".into(),
                 priority: 2,

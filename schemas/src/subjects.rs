@@ -101,16 +101,20 @@ pub enum SlaveOp {
     /// Request: `BatchRequest` (registrations and unregistrations sent together by a
     /// slave whose host asks concurrently) → `Reply::Batch`, one reply per item in order.
     Batch,
+    /// Request: `AllotRequest` (allotment mode: the slave's journal and the blocks it
+    /// wants) → `Reply::Allotment`.
+    Allot,
 }
 
 impl SlaveOp {
-    pub const ALL: [SlaveOp; 6] = [
+    pub const ALL: [SlaveOp; 7] = [
         SlaveOp::Hello,
         SlaveOp::Register,
         SlaveOp::Unregister,
         SlaveOp::Heartbeat,
         SlaveOp::Report,
         SlaveOp::Batch,
+        SlaveOp::Allot,
     ];
 
     pub fn token(self) -> &'static str {
@@ -121,6 +125,7 @@ impl SlaveOp {
             SlaveOp::Heartbeat => "heartbeat",
             SlaveOp::Report => "report",
             SlaveOp::Batch => "batch",
+            SlaveOp::Allot => "allot",
         }
     }
 

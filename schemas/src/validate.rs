@@ -191,6 +191,49 @@ impl Validate for Heartbeat {
     }
 }
 
+impl Validate for crate::allot::AllotRequest {
+    fn validate(&self) -> Result<(), Invalid> {
+        use crate::allot::{MAX_ALLOT_OPS, MAX_ALLOT_TYPES};
+        if self.ops.len() > MAX_ALLOT_OPS {
+            return Err(invalid(
+                "ops",
+                format!(
+                    "{} journal entries; at most {MAX_ALLOT_OPS} per request are allowed",
+                    self.ops.len()
+                ),
+            ));
+        }
+        if self.want.len() > MAX_ALLOT_TYPES {
+            return Err(invalid(
+                "want",
+                format!(
+                    "{} agent types; at most {MAX_ALLOT_TYPES} are allowed",
+                    self.want.len()
+                ),
+            ));
+        }
+        if self.seq == 0 {
+            return Err(invalid("seq", "must be 1 or more"));
+        }
+        let mut last = 0;
+        for op in &self.ops {
+            if op.n <= last {
+                return Err(invalid(
+                    "ops",
+                    format!("journal entry numbers must increase: {} after {last}", op.n),
+                ));
+            }
+            last = op.n;
+            if op.kind == crate::allot::AllotOpKind::Other {
+                return Err(invalid("ops", "an unknown kind of journal entry"));
+            }
+            check_agent_id(&op.agent_id)?;
+            check_agent_type(&op.agent_type)?;
+        }
+        self.want.keys().try_for_each(|t| check_agent_type(t))
+    }
+}
+
 impl Validate for SlaveReport {
     fn validate(&self) -> Result<(), Invalid> {
         check_text("message", &self.message)?;

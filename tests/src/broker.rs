@@ -46,6 +46,7 @@ pub fn broker_config(
         snapshot_every: lmbus_broker::config::DEFAULT_SNAPSHOT_EVERY,
         ledger_trim: false,
         fault_ignore_lease: false,
+        allot: Default::default(),
         report: lmbus_broker::report::ReportConfig::default(),
     }
 }

@@ -204,6 +204,30 @@ impl Engine {
             request_seq: 0,
         };
         self.pending.push(session);
+        // Allotment mode: the hello's agent list holds every agent the slave admitted from
+        // its blocks, and the slave admits nothing locally until it is answered, so its
+        // blocks are emptied here (their seats are free for the reconcile below) and its
+        // journal counts as applied up to the hello.
+        let journal = match (restarted, hello.journal) {
+            (_, Some(n)) => n,
+            (true, None) => 0,
+            (false, None) => slave.journal,
+        };
+        let allot_seq = if restarted { 0 } else { slave.allot_seq };
+        if !slave.blocks.is_empty() || journal != slave.journal || allot_seq != slave.allot_seq {
+            self.clear_blocks(&id);
+            if let Some(s) = self.slaves.get_mut(&id) {
+                s.journal = journal;
+                s.allot_seq = allot_seq;
+                s.asked_to_return = false;
+            }
+            if let Some(record) = self.allotment_record(&id) {
+                self.pending.push(record);
+            }
+        }
+        let Some(slave) = self.slaves.get(&id) else {
+            return out;
+        };
 
         // Reconcile: the slave's list is what it really holds. Seats it no longer claims
         // are released; claims the master does not hold are granted again if there is
@@ -308,6 +332,8 @@ impl Engine {
             master_license: self.cfg.license.id,
             missed_heartbeats: self.cfg.missed_heartbeats,
             rejected_agents: rejected,
+            admission: self.cfg.allot.admission,
+            allot_refresh_ms: self.cfg.allot.refresh.as_millis() as u64,
         })));
         out
     }

@@ -61,8 +61,8 @@ impl Engine {
         let mut reclaim = Vec::new();
         for (id, slave) in &mut self.slaves {
             let silent = now.saturating_duration_since(slave.last_seen);
-            if slave.logout_after_grace && !slave.agents.is_empty() && silent > slave.grace + margin
-            {
+            let holds = !slave.agents.is_empty() || !slave.blocks.is_empty();
+            if slave.logout_after_grace && holds && silent > slave.grace + margin {
                 slave.connected = false;
                 slave.reclaimed = true;
                 let agents = slave.take_seats();
@@ -73,6 +73,9 @@ impl Engine {
             for (_, agent_type) in &agents {
                 self.uncount(agent_type);
             }
+            // Its free allotted seats too: it admits nothing from them after its lease,
+            // which the grace period bounds, and the timing rule covers the rest.
+            let allotted = self.clear_blocks(&id);
             self.pending.push(SeatChange::Reclaim {
                 slave: id.to_string(),
             });
@@ -81,8 +84,13 @@ impl Engine {
                     Severity::Warning,
                     AlertKind::SeatsReclaimed,
                     format!(
-                        "reclaimed {} seats of slave {id}: silent for {} ms, past its grace period plus the {} ms margin (it has logged its agents out by now)",
+                        "reclaimed {} seats{} of slave {id}: silent for {} ms, past its grace period plus the {} ms margin (it has logged its agents out by now)",
                         agents.len(),
+                        if allotted > 0 {
+                            format!(" and {allotted} free allotted seats")
+                        } else {
+                            String::new()
+                        },
                         silent.as_millis(),
                         margin.as_millis()
                     ),

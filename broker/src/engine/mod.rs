@@ -41,6 +41,7 @@ use time::Date;
 use uuid::Uuid;
 
 mod admin;
+mod allot;
 mod guards;
 mod hello;
 mod liveness;
@@ -52,6 +53,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
+pub use allot::{ALLOT_MIN_BLOCK, AllotConfig};
 use guards::{Bucket, Quiet, ReplayWindow};
 pub use guards::{MAX_AGENT_ID_LEN, MAX_SEQ_JUMP, RATE_LIMIT_ALERT_EVERY, REPLAY_WINDOW};
 pub use replay::ReplayError;
@@ -86,6 +88,8 @@ pub struct EngineConfig {
     /// Most seats one slave may hold, licensed or not (a slave license's local limit
     /// applies too). 0: no cap beyond the license limits.
     pub max_agents_per_slave: u32,
+    /// Strict or allotment admission, and the allotments' lease and refresh interval.
+    pub allot: AllotConfig,
 }
 
 /// Something the engine must react to.
@@ -128,6 +132,11 @@ pub enum Event {
     /// Periodic housekeeping: silent slaves, license counts, expiry warnings.
     Tick {
         today: Date,
+    },
+    /// Allotment mode: a slave's journal of local decisions and the blocks it wants.
+    Allot {
+        slave: SlaveId,
+        request: lmbus_schemas::AllotRequest,
     },
     /// An operator's `admin release`: one agent's seat or all of a slave's.
     Release {
@@ -241,6 +250,14 @@ struct Slave {
     /// What this master is to the slave, from its last heartbeat (not in the ledger: a new
     /// leader learns it from the next one).
     master: Option<lmbus_schemas::MasterUse>,
+    /// Allotment mode: free seats allotted to the slave per agent type (counted against
+    /// the limits like held seats), the last journal entry applied and the last allot
+    /// request number processed (all in the ledger's `Allotment` records).
+    blocks: BTreeMap<String, u32>,
+    journal: u64,
+    allot_seq: u64,
+    /// Told to give its blocks back (`ReturnAllotment`) and not heard from since.
+    asked_to_return: bool,
 }
 
 impl Slave {
@@ -270,6 +287,10 @@ impl Slave {
             bucket: Bucket::new(now, rate),
             requests: ReplayWindow::default(),
             master: None,
+            blocks: BTreeMap::new(),
+            journal: 0,
+            allot_seq: 0,
+            asked_to_return: false,
         }
     }
 
@@ -317,6 +338,10 @@ pub struct Engine {
     slaves: BTreeMap<SlaveId, Slave>,
     total_in_use: u32,
     in_use_by_type: BTreeMap<String, u32>,
+    /// Free seats in slaves' blocks (allotment mode), in total and per type: counted
+    /// against the limits with the seats in use.
+    allotted_total: u32,
+    allotted_by_type: BTreeMap<String, u32>,
     next_counts_at: Option<Instant>,
     last_expiry_warning: Option<Date>,
     /// Seat changes made by the event being handled, moved into its [`Output`].
@@ -338,6 +363,8 @@ impl Engine {
             slaves: BTreeMap::new(),
             total_in_use: 0,
             in_use_by_type: BTreeMap::new(),
+            allotted_total: 0,
+            allotted_by_type: BTreeMap::new(),
             next_counts_at: None,
             last_expiry_warning: None,
             pending: Vec::new(),
@@ -398,6 +425,7 @@ impl Engine {
                 error,
             } => self.bad_message(subject, slave, error),
             Event::Tick { today } => self.tick(now, today),
+            Event::Allot { slave, request } => self.allot(now, &slave, request),
             Event::Release { request } => self.admin_release(&request),
             Event::Reload { request, today } => self.reload_license(&request, today),
         }

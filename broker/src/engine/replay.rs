@@ -96,6 +96,7 @@ impl Engine {
             }
             SeatChange::Reclaim { slave } => {
                 let id = slave_id(slave)?;
+                self.clear_blocks(&id);
                 let drained: Vec<String> = match self.slaves.get_mut(&id) {
                     Some(s) => {
                         s.connected = false;
@@ -127,6 +128,33 @@ impl Engine {
                 self.cfg.license = license;
                 self.license_text = Some(text.clone());
             }
+            SeatChange::Allotment {
+                slave,
+                blocks,
+                journal,
+                request,
+            } => {
+                let id = slave_id(slave)?;
+                if !self.apply_allotment(&id, blocks, *journal, *request) {
+                    return Err(ReplayError::NoSession {
+                        slave: slave.clone(),
+                        what: "allotment".to_owned(),
+                    });
+                }
+            }
+            SeatChange::FromBlock {
+                slave,
+                agent_id,
+                agent_type,
+            } => {
+                let id = slave_id(slave)?;
+                if !self.apply_from_block(&id, agent_id, agent_type) {
+                    return Err(ReplayError::NoSession {
+                        slave: slave.clone(),
+                        what: format!("seat from the block for {agent_id}"),
+                    });
+                }
+            }
             SeatChange::Leader { .. } => {}
             SeatChange::Unknown => {
                 return Err(ReplayError::Unknown);
@@ -138,7 +166,7 @@ impl Engine {
     /// The seat state as changes that rebuild it when applied in order to an empty engine
     /// (what a snapshot stores): per slave its `Session`, a `Reclaim` if its seats were
     /// reclaimed, `Revoke`s of the agents an operator released that it may not claim back,
-    /// and its seats as `Seats` changes, at most `per_change` agents per change. Connection
+    /// its `Allotment` (blocks and journal position) if it has one, and its seats as `Seats` changes, at most `per_change` agents per change. Connection
     /// state and silence clocks are not included: like a replay, they start fresh.
     pub fn snapshot(&self, per_change: usize) -> Vec<SeatChange> {
         let per_change = per_change.max(1);
@@ -179,6 +207,14 @@ impl Engine {
                     .entry(agent_type.as_str())
                     .or_default()
                     .push((agent.clone(), seq));
+            }
+            if !s.blocks.is_empty() || s.journal > 0 || s.allot_seq > 0 {
+                changes.push(SeatChange::Allotment {
+                    slave: slave.clone(),
+                    blocks: s.blocks.clone(),
+                    journal: s.journal,
+                    request: s.allot_seq,
+                });
             }
             for (agent_type, mut agents) in by_type {
                 agents.sort();

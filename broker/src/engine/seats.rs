@@ -11,6 +11,15 @@ use lmbus_schemas::{
 use super::guards::{RATE_LIMIT_ALERT_EVERY, validate_agent};
 use super::{Answer, Engine, Event, Output, Slave};
 
+/// How many of the seats a rejection calls in use are free seats allotted to slaves.
+fn allotted_note(allotted: u32) -> String {
+    if allotted == 0 {
+        String::new()
+    } else {
+        format!(" ({allotted} of them allotted to slaves, free there)")
+    }
+}
+
 impl Engine {
     /// Checks the limits for one more seat of `agent_type` on `slave`. The slave must be
     /// in the table.
@@ -26,8 +35,11 @@ impl Engine {
                 ),
             ));
         }
+        // Seats allotted to the slave count as its own (allotment mode).
+        let has =
+            slave.agents.len() as u64 + slave.blocks.values().map(|&n| u64::from(n)).sum::<u64>();
         if let Some(local) = slave.license.as_ref().and_then(|l| l.local_limit) {
-            if slave.agents.len() as u64 >= u64::from(local) {
+            if has >= u64::from(local) {
                 return Err((
                     RejectReason::LocalLimit,
                     format!("the slave's license allows {local} agents and all are in use"),
@@ -35,7 +47,7 @@ impl Engine {
             }
         }
         let cap = self.cfg.max_agents_per_slave;
-        if cap > 0 && slave.agents.len() as u64 >= u64::from(cap) {
+        if cap > 0 && has >= u64::from(cap) {
             return Err((
                 RejectReason::SlaveLimit,
                 format!(
@@ -44,18 +56,25 @@ impl Engine {
             ));
         }
         let total = self.total_limit();
-        if self.total_in_use >= total {
+        if self.total_in_use.saturating_add(self.allotted_total) >= total {
             return Err((
                 RejectReason::AggregateLimit,
-                format!("all {total} seats of the master license are in use"),
+                format!(
+                    "all {total} seats of the master license are in use{}",
+                    allotted_note(self.allotted_total)
+                ),
             ));
         }
         if let Some(&type_limit) = limits.agent_types.get(agent_type) {
-            let used = self.in_use_by_type.get(agent_type).copied().unwrap_or(0);
+            let used = self.in_use_by_type.get(agent_type).copied().unwrap_or(0)
+                + self.allotted_by_type.get(agent_type).copied().unwrap_or(0);
             if used >= type_limit {
                 return Err((
                     RejectReason::TypeLimit,
-                    format!("all {type_limit} '{agent_type}' seats are in use"),
+                    format!(
+                        "all {type_limit} '{agent_type}' seats are in use{}",
+                        allotted_note(self.allotted_by_type.get(agent_type).copied().unwrap_or(0))
+                    ),
                 ));
             }
         }

@@ -62,11 +62,15 @@ impl Engine {
                     in_use_by_type: s.by_type(),
                     last_seen_ms_ago: now.saturating_duration_since(s.last_seen).as_millis() as u64,
                     master: s.master,
+                    allotted: s.blocks.clone(),
                 })
                 .collect(),
             leader_term: 0,
             ledger_sequence: 0,
             replicas: Vec::new(),
+            admission: self.cfg.allot.admission,
+            allotted_by_type: self.allotted_by_type.clone(),
+            allotted_total: self.allotted_total,
         }
     }
 }

@@ -631,7 +631,7 @@ impl Timing {
         let unregistration = match op? {
             SlaveOp::Register | SlaveOp::Batch => false,
             SlaveOp::Unregister => true,
-            SlaveOp::Hello | SlaveOp::Heartbeat | SlaveOp::Report => return None,
+            SlaveOp::Hello | SlaveOp::Heartbeat | SlaveOp::Report | SlaveOp::Allot => return None,
         };
         Some(Self {
             arrived,

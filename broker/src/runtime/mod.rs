@@ -129,6 +129,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         reclaim_margin: cfg.reclaim_margin,
         slave_rate_limit: cfg.slave_rate_limit,
         max_agents_per_slave: cfg.max_agents_per_slave,
+        allot: cfg.allot.clone(),
     };
     let metrics = Metrics::new(
         license.limits.total.unwrap_or(0),

@@ -176,7 +176,9 @@ impl Inner {
             }
             ControlMessage::Rehello => true,
             // Acted on by the link itself (`Link::send` asks again at once).
-            ControlMessage::NewLeader | ControlMessage::Other => false,
+            ControlMessage::NewLeader | ControlMessage::ReturnAllotment | ControlMessage::Other => {
+                false
+            }
         }
     }
 }

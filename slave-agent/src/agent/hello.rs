@@ -92,6 +92,7 @@ impl Inner {
             request_timeout_ms: self.policy.longest_request().as_millis() as u64,
             request_seq: Some(request_seq),
             pending,
+            journal: None,
         };
         let reply = match self.ask(link, SlaveOp::Hello, &hello).await {
             Ok(Ask::Reply { reply, .. }) => reply,

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::*;
 
 mod admin;
+mod allot;
 mod guards;
 mod hello;
 mod liveness;
@@ -64,6 +65,7 @@ fn config(allow_unlicensed: bool) -> EngineConfig {
         reclaim_margin: Duration::from_secs(10),
         slave_rate_limit: 0,
         max_agents_per_slave: 0,
+        allot: Default::default(),
     }
 }
 

@@ -159,6 +159,15 @@ mod properties {
             slave: usize,
             agent: Option<usize>,
         },
+        /// Allotment mode: a journal of admissions (true) and releases (false) and the
+        /// blocks wanted, from an honest or a lying slave alike; `replay` sends it under
+        /// an old request number.
+        Allot {
+            slave: usize,
+            journal: Vec<(usize, usize, bool)>,
+            want: Vec<(usize, u32)>,
+            replay: bool,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -172,6 +181,13 @@ mod properties {
             2 => (0..70_000u64).prop_map(|ms| Op::Wait { ms }),
             1 => (0..4usize, prop::option::of(0..8usize))
                 .prop_map(|(slave, agent)| Op::Release { slave, agent }),
+            4 => (
+                0..4usize,
+                prop::collection::vec((0..8usize, 0..4usize, any::<bool>()), 0..4),
+                prop::collection::vec((0..4usize, 0..5u32), 0..3),
+                prop::bool::weighted(0.1),
+            )
+                .prop_map(|(slave, journal, want, replay)| Op::Allot { slave, journal, want, replay }),
         ]
     }
 
@@ -185,8 +201,10 @@ mod properties {
             ops in prop::collection::vec(op(), 1..150)
         ) {
             let mut h = Harness::new(true);
+            h.engine.cfg.allot.admission = lmbus_schemas::Admission::Allotment;
             let mut standby = Engine::new(config(true));
             let licensed = slave_license(Some(2));
+            let mut journal_n: BTreeMap<String, u64> = BTreeMap::new();
             for op in ops {
                 let out = match op {
                     Op::Hello { slave, claims, restarted } => {
@@ -232,6 +250,40 @@ mod properties {
                             ..Output::default()
                         }
                     }
+                    Op::Allot { slave, journal, want, replay } => {
+                        let name = format!("s{slave}");
+                        let instance = h.instances.get(&name).copied().unwrap_or_default();
+                        let n = journal_n.entry(name.clone()).or_insert(0);
+                        let ops = journal
+                            .into_iter()
+                            .map(|(a, t, admit)| {
+                                *n += 1;
+                                lmbus_schemas::AllotOp {
+                                    n: *n,
+                                    kind: if admit {
+                                        lmbus_schemas::AllotOpKind::Admit
+                                    } else {
+                                        lmbus_schemas::AllotOpKind::Release
+                                    },
+                                    agent_id: format!("a{a}"),
+                                    agent_type: TYPES[t].into(),
+                                }
+                            })
+                            .collect();
+                        let seq = if replay { h.seq.saturating_sub(3).max(1) } else { h.next_seq() };
+                        h.engine.handle(
+                            h.now,
+                            Event::Allot {
+                                slave: SlaveId::new(name).unwrap(),
+                                request: lmbus_schemas::AllotRequest {
+                                    instance,
+                                    seq,
+                                    ops,
+                                    want: want.into_iter().map(|(t, k)| (TYPES[t].to_owned(), k)).collect(),
+                                },
+                            },
+                        )
+                    }
                 };
                 for change in &out.changes {
                     prop_assert!(standby.apply(h.now, change).is_ok());
@@ -239,7 +291,10 @@ mod properties {
                 let status = h.engine.status(h.now);
                 let sum: u32 = status.slaves.iter().map(|s| s.in_use).sum();
                 prop_assert_eq!(sum, status.total_in_use);
-                prop_assert!(status.total_in_use <= status.total_limit);
+                let allotted: u32 = status.slaves.iter().flat_map(|s| s.allotted.values()).sum();
+                prop_assert_eq!(allotted, status.allotted_total);
+                // Held plus allotted: the limit the hosts can reach.
+                prop_assert!(status.total_in_use + status.allotted_total <= status.total_limit);
                 for (t, limit) in &status.type_limits {
                     let used: u32 = status
                         .slaves
@@ -247,15 +302,25 @@ mod properties {
                         .map(|s| s.in_use_by_type.get(t).copied().unwrap_or(0))
                         .sum();
                     prop_assert_eq!(used, status.in_use_by_type.get(t).copied().unwrap_or(0));
-                    prop_assert!(used <= *limit);
+                    let blocks: u32 = status
+                        .slaves
+                        .iter()
+                        .map(|s| s.allotted.get(t).copied().unwrap_or(0))
+                        .sum();
+                    prop_assert_eq!(blocks, status.allotted_by_type.get(t).copied().unwrap_or(0));
+                    prop_assert!(used + blocks <= *limit);
                 }
                 prop_assert!(!status.in_use_by_type.contains_key("not-in-license"));
+                prop_assert!(!status.allotted_by_type.contains_key("not-in-license"));
                 for s in &status.slaves {
                     if let Some(local) = s.local_limit {
-                        prop_assert!(s.in_use <= local);
+                        prop_assert!(s.in_use + s.allotted.values().sum::<u32>() <= local);
                     }
                 }
                 prop_assert_eq!(standby.seats(), h.engine.seats());
+                let standby_status = standby.status(h.now);
+                prop_assert_eq!(&standby_status.allotted_by_type, &status.allotted_by_type);
+                prop_assert_eq!(standby_status.allotted_total, status.allotted_total);
             }
         }
     }

@@ -1,0 +1,442 @@
+//! Allotment mode: blocks of free seats a slave admits from locally (see
+//! `lmbus_schemas::allot` for the protocol).
+//!
+//! The master counts every block as in use: at every ledger record, per agent type and in
+//! total, the seats held plus the blocks never exceed the license (`check_admit` and the
+//! sizing here both count `allotted`). Only the slave shrinks its block (it asks for less
+//! and stops using the rest when it sends); the master grows one only from free seats, and
+//! empties it only at the slave's hello (the slave admits nothing locally while its hello
+//! is in flight) or when it reclaims a silent slave under the timing rule (the slave has
+//! logged every agent out by then). A journal entry moves one seat between the block and
+//! the seat table without changing the counts.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use lmbus_schemas::{
+    Admission, AlertKind, AllotOpKind, AllotRequest, Allotment, ControlMessage, ErrorCode,
+    RejectReason, RejectedAgent, Reply, SeatChange, Severity, SlaveId, WireError,
+};
+
+use super::guards::MAX_SEQ_JUMP;
+use super::{Effect, Engine, Output};
+
+/// Below this many free seats per slave in allotment mode (in total or for a type), the
+/// pool is exhausted: blocks stop growing, slaves are asked to give theirs back, and the
+/// last seats are granted one by one to whoever asks first.
+pub const ALLOT_MIN_BLOCK: u32 = 2;
+
+/// The allotment settings of a master.
+#[derive(Debug, Clone)]
+pub struct AllotConfig {
+    pub admission: Admission,
+    /// Longest a slave admits from its blocks after it sent the request that last renewed
+    /// them (also capped by the slave's grace period).
+    pub lease: Duration,
+    /// How often a slave sends its journal and asks for blocks.
+    pub refresh: Duration,
+}
+
+impl Default for AllotConfig {
+    fn default() -> Self {
+        AllotConfig {
+            admission: Admission::Strict,
+            lease: Duration::from_secs(30),
+            refresh: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Engine {
+    /// Free seats of the license: not held and not allotted.
+    pub(super) fn free_total(&self) -> u32 {
+        self.total_limit()
+            .saturating_sub(self.total_in_use)
+            .saturating_sub(self.allotted_total)
+    }
+
+    /// Free seats of one agent type (`None`: the license names no such type, and it has
+    /// type limits).
+    pub(super) fn free_of_type(&self, agent_type: &str) -> Option<u32> {
+        let limits = &self.cfg.license.limits.agent_types;
+        if limits.is_empty() {
+            return Some(u32::MAX);
+        }
+        let limit = *limits.get(agent_type)?;
+        let used = self.in_use_by_type.get(agent_type).copied().unwrap_or(0);
+        let allotted = self.allotted_by_type.get(agent_type).copied().unwrap_or(0);
+        Some(limit.saturating_sub(used).saturating_sub(allotted))
+    }
+
+    /// Sets one block of a slave, keeping the counters; no record.
+    pub(super) fn set_block(&mut self, id: &SlaveId, agent_type: &str, seats: u32) {
+        let Some(slave) = self.slaves.get_mut(id) else {
+            return;
+        };
+        let old = if seats == 0 {
+            slave.blocks.remove(agent_type).unwrap_or(0)
+        } else {
+            slave
+                .blocks
+                .insert(agent_type.to_owned(), seats)
+                .unwrap_or(0)
+        };
+        self.allotted_total = self
+            .allotted_total
+            .saturating_sub(old)
+            .saturating_add(seats);
+        let entry = self
+            .allotted_by_type
+            .entry(agent_type.to_owned())
+            .or_insert(0);
+        *entry = entry.saturating_sub(old).saturating_add(seats);
+        if *entry == 0 {
+            self.allotted_by_type.remove(agent_type);
+        }
+    }
+
+    /// Empties every block of a slave, keeping the counters; no record. Returns how many
+    /// seats they held.
+    pub(super) fn clear_blocks(&mut self, id: &SlaveId) -> u32 {
+        let types: Vec<String> = self
+            .slaves
+            .get(id)
+            .map(|s| s.blocks.keys().cloned().collect())
+            .unwrap_or_default();
+        let mut freed = 0;
+        for agent_type in types {
+            freed += self
+                .slaves
+                .get(id)
+                .and_then(|s| s.blocks.get(&agent_type).copied())
+                .unwrap_or(0);
+            self.set_block(id, &agent_type, 0);
+        }
+        freed
+    }
+
+    /// The `Allotment` record of a slave's current blocks and journal position.
+    pub(super) fn allotment_record(&self, id: &SlaveId) -> Option<SeatChange> {
+        let s = self.slaves.get(id)?;
+        Some(SeatChange::Allotment {
+            slave: id.to_string(),
+            blocks: s.blocks.clone(),
+            journal: s.journal,
+            request: s.allot_seq,
+        })
+    }
+
+    /// Slaves that take part in allotment mode (connected, and asked for blocks at least
+    /// once since their hello): the pool is shared among these.
+    fn allotting_slaves(&self) -> u32 {
+        self.slaves
+            .values()
+            .filter(|s| s.connected && s.allot_seq > 0)
+            .count()
+            .max(1) as u32
+    }
+
+    pub(super) fn allot(&mut self, now: Instant, id: &SlaveId, request: AllotRequest) -> Output {
+        if self.cfg.allot.admission != Admission::Allotment {
+            return Output::reply(Reply::Error(WireError {
+                code: ErrorCode::Invalid,
+                message: "this master decides every registration itself (--admission strict): ask for seats one by one".to_owned(),
+            }));
+        }
+        let live = self
+            .slaves
+            .get(id)
+            .is_some_and(|s| s.connected && s.instance == request.instance);
+        if !live {
+            return Output::reply(Reply::Refused {
+                reason: RejectReason::SlaveNotConnected,
+                detail: "the master has no live session with this slave instance: say hello again"
+                    .to_owned(),
+                last_hello: None,
+            });
+        }
+        let last = self.slaves.get(id).map_or(0, |s| s.allot_seq);
+        if request.seq <= last || request.seq - last > MAX_SEQ_JUMP {
+            let detail = format!(
+                "allot request number {} was already processed or is out of range (the last was {last}): a replayed or delayed request; the blocks are untouched",
+                request.seq
+            );
+            let mut out = Output::reply(Reply::Refused {
+                reason: RejectReason::Replayed,
+                detail: detail.clone(),
+                last_hello: None,
+            });
+            let alert = self
+                .alert(
+                    Severity::Warning,
+                    AlertKind::RegistrationRejected,
+                    format!("slave {id}: {detail}"),
+                )
+                .slave(id.as_str())
+                .reason(RejectReason::Replayed);
+            if let Some(alert) = self.quietly(now, id, "replayed allot request", alert) {
+                out.alert(alert);
+            }
+            return out;
+        }
+        let mut out = Output::default();
+        let (journal_before, blocks_before) = {
+            let s = self.slaves.get_mut(id).expect("checked live above");
+            s.last_seen = now;
+            s.allot_seq = request.seq;
+            (s.journal, s.blocks.clone())
+        };
+
+        // The journal, in order; entries already applied are skipped.
+        let mut refused = Vec::new();
+        for op in request.ops.iter().filter(|op| op.n > journal_before) {
+            match op.kind {
+                AllotOpKind::Admit => {
+                    if let Err((reason, detail)) = self.seat_from_block(id, &op.agent_id, &op.agent_type)
+                    {
+                        refused.push((op.agent_id.clone(), op.agent_type.clone(), reason, detail));
+                    }
+                }
+                AllotOpKind::Release => {
+                    let held = self
+                        .slaves
+                        .get(id)
+                        .and_then(|s| s.agents.get(&op.agent_id).cloned());
+                    if let Some(agent_type) = held {
+                        self.release(id, &op.agent_id);
+                        // The seat goes back to the slave's block: the counts do not move.
+                        let block = self.block_of(id, &agent_type);
+                        self.set_block(id, &agent_type, block + 1);
+                    }
+                }
+                AllotOpKind::Other => {}
+            }
+            if let Some(s) = self.slaves.get_mut(id) {
+                s.journal = op.n;
+            }
+        }
+
+        // Sizing: shrink to what the slave wants (it no longer uses the rest), grow from
+        // free seats unless the pool is nearly empty.
+        let sharing = self.allotting_slaves();
+        let mut exhausted = false;
+        let types: Vec<String> = {
+            let s = &self.slaves[id];
+            let mut t: Vec<String> = s.blocks.keys().cloned().collect();
+            t.extend(request.want.keys().cloned());
+            t.sort();
+            t.dedup();
+            t
+        };
+        for agent_type in types {
+            let want = request.want.get(&agent_type).copied().unwrap_or(0);
+            let block = self.block_of(id, &agent_type);
+            if want < block {
+                self.set_block(id, &agent_type, want);
+                continue;
+            }
+            if want == block {
+                continue;
+            }
+            let Some(free_type) = self.free_of_type(&agent_type) else {
+                continue;
+            };
+            let free_total = self.free_total();
+            let floor = ALLOT_MIN_BLOCK.saturating_mul(sharing);
+            if free_total < floor || free_type < floor {
+                exhausted = true;
+                continue;
+            }
+            let room = self.local_room(id);
+            // No slave takes more than its share of what is free in one answer.
+            let share = (free_total.min(free_type) / sharing).max(ALLOT_MIN_BLOCK);
+            let grow = (want - block)
+                .min(free_total)
+                .min(free_type)
+                .min(room)
+                .min(share);
+            if grow > 0 {
+                self.set_block(id, &agent_type, block + grow);
+            }
+        }
+        if exhausted {
+            // The last seats go to whoever asks first: every other slave with a free block
+            // is asked to give it back (once until it answers).
+            let holders: Vec<SlaveId> = self
+                .slaves
+                .iter_mut()
+                .filter(|(other, s)| {
+                    *other != id && s.connected && !s.blocks.is_empty() && !s.asked_to_return
+                })
+                .map(|(other, s)| {
+                    s.asked_to_return = true;
+                    other.clone()
+                })
+                .collect();
+            for slave in holders {
+                out.effects.push(Effect::Control {
+                    slave,
+                    message: ControlMessage::ReturnAllotment,
+                });
+            }
+        }
+        let s = self.slaves.get_mut(id).expect("checked live above");
+        s.asked_to_return = false;
+        let changed = s.journal != journal_before || s.blocks != blocks_before;
+        if changed && let Some(record) = self.allotment_record(id) {
+            self.pending.push(record);
+        }
+
+        if !refused.is_empty() {
+            let names: Vec<String> = refused
+                .iter()
+                .take(5)
+                .map(|(agent, t, reason, _)| format!("{agent} ({t}: {reason})"))
+                .collect();
+            let more = refused.len().saturating_sub(names.len());
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            out.alert(
+                self.alert(
+                    Severity::Warning,
+                    AlertKind::RegistrationRejected,
+                    format!(
+                        "slave {id} admitted {} agents from an allotment the master does not count for it; they are logged out: {}{more} ({})",
+                        refused.len(),
+                        names.join(", "),
+                        refused[0].3
+                    ),
+                )
+                .slave(id.as_str())
+                .reason(refused[0].2)
+                .counts(self.counts()),
+            );
+        }
+        let s = &self.slaves[id];
+        let lease = self
+            .cfg
+            .allot
+            .lease
+            .min(s.grace.max(self.cfg.allot.refresh));
+        out.reply = Some(super::Answer::Slave(Reply::Allotment(Allotment {
+            blocks: s.blocks.clone(),
+            lease_ms: lease.as_millis() as u64,
+            journal: s.journal,
+            refused: refused
+                .into_iter()
+                .map(|(agent_id, _, reason, _)| RejectedAgent { agent_id, reason })
+                .collect(),
+            exhausted,
+        })));
+        out
+    }
+
+    fn block_of(&self, id: &SlaveId, agent_type: &str) -> u32 {
+        self.slaves
+            .get(id)
+            .and_then(|s| s.blocks.get(agent_type).copied())
+            .unwrap_or(0)
+    }
+
+    /// How many more seats (held or allotted) the slave may have under its license's local
+    /// limit and `--max-agents-per-slave`.
+    pub(super) fn local_room(&self, id: &SlaveId) -> u32 {
+        let Some(s) = self.slaves.get(id) else {
+            return 0;
+        };
+        let has = s.agents.len() as u32 + s.blocks.values().sum::<u32>();
+        let mut room = u32::MAX;
+        if let Some(local) = s.license.as_ref().and_then(|l| l.local_limit) {
+            room = room.min(local.saturating_sub(has));
+        }
+        let cap = self.cfg.max_agents_per_slave;
+        if cap > 0 {
+            room = room.min(cap.saturating_sub(has));
+        }
+        room
+    }
+
+    /// An agent the slave admitted from its block: its seat moves into the seat table.
+    fn seat_from_block(
+        &mut self,
+        id: &SlaveId,
+        agent: &str,
+        agent_type: &str,
+    ) -> Result<(), (RejectReason, String)> {
+        let s = &self.slaves[id];
+        match s.agents.get(agent) {
+            Some(held) if held == agent_type => return Ok(()),
+            Some(held) => {
+                return Err((
+                    RejectReason::AgentTypeMismatch,
+                    format!("it already holds a '{held}' seat on this slave"),
+                ));
+            }
+            None => {}
+        }
+        if self.free_of_type(agent_type).is_none() {
+            return Err((
+                RejectReason::UnknownAgentType,
+                format!("agent type '{agent_type}' is not in the master license"),
+            ));
+        }
+        let block = self.block_of(id, agent_type);
+        if block == 0 {
+            return Err((
+                RejectReason::NoAllotment,
+                format!("the slave holds no allotted '{agent_type}' seat"),
+            ));
+        }
+        self.set_block(id, agent_type, block - 1);
+        self.insert_seat(id, agent, agent_type, 0);
+        self.pending.push(SeatChange::FromBlock {
+            slave: id.to_string(),
+            agent_id: agent.to_owned(),
+            agent_type: agent_type.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// Applies a replayed `Allotment` record.
+    pub(super) fn apply_allotment(
+        &mut self,
+        id: &SlaveId,
+        blocks: &BTreeMap<String, u32>,
+        journal: u64,
+        request: u64,
+    ) -> bool {
+        if !self.slaves.contains_key(id) {
+            return false;
+        }
+        self.clear_blocks(id);
+        for (agent_type, seats) in blocks {
+            self.set_block(id, agent_type, *seats);
+        }
+        let s = self.slaves.get_mut(id).expect("checked above");
+        s.journal = journal;
+        s.allot_seq = request;
+        true
+    }
+
+    /// Applies a replayed `FromBlock` record.
+    pub(super) fn apply_from_block(&mut self, id: &SlaveId, agent: &str, agent_type: &str) -> bool {
+        if !self.slaves.contains_key(id) {
+            return false;
+        }
+        let block = self.block_of(id, agent_type);
+        self.set_block(id, agent_type, block.saturating_sub(1));
+        self.insert_seat(id, agent, agent_type, 0)
+    }
+
+    /// Free seats allotted to slaves, per agent type.
+    pub fn allotted_by_type(&self) -> &BTreeMap<String, u32> {
+        &self.allotted_by_type
+    }
+
+    pub fn allotted_total(&self) -> u32 {
+        self.allotted_total
+    }
+}

@@ -1,0 +1,316 @@
+//! Allotment mode: blocks are counted against the limits, journals apply once, only the
+//! slave shrinks its block, and a hello or a reclaim empties it.
+
+use lmbus_schemas::{Admission, AllotOp, AllotOpKind, AllotRequest, Allotment, ControlMessage};
+
+use super::*;
+
+/// A harness whose master runs in allotment mode, with per-slave journal numbers.
+struct Allot {
+    h: Harness,
+    journal: BTreeMap<String, u64>,
+}
+
+impl Allot {
+    fn new() -> Self {
+        let mut h = Harness::new(true);
+        h.engine.cfg.allot.admission = Admission::Allotment;
+        Allot {
+            h,
+            journal: BTreeMap::new(),
+        }
+    }
+
+    fn op(&mut self, slave: &str, kind: AllotOpKind, agent: &str, agent_type: &str) -> AllotOp {
+        let n = self.journal.entry(slave.into()).or_insert(0);
+        *n += 1;
+        AllotOp {
+            n: *n,
+            kind,
+            agent_id: agent.into(),
+            agent_type: agent_type.into(),
+        }
+    }
+
+    fn ask(&mut self, slave: &str, ops: Vec<AllotOp>, want: &[(&str, u32)]) -> Output {
+        let seq = self.h.next_seq();
+        self.ask_numbered(slave, seq, ops, want)
+    }
+
+    fn ask_numbered(
+        &mut self,
+        slave: &str,
+        seq: u64,
+        ops: Vec<AllotOp>,
+        want: &[(&str, u32)],
+    ) -> Output {
+        let instance = self.h.instances[slave];
+        self.h.engine.handle(
+            self.h.now,
+            Event::Allot {
+                slave: id(slave),
+                request: AllotRequest {
+                    instance,
+                    seq,
+                    ops,
+                    want: want.iter().map(|(t, n)| ((*t).to_owned(), *n)).collect(),
+                },
+            },
+        )
+    }
+
+    fn answer(out: &Output) -> Allotment {
+        match reply_of(out) {
+            Some(Reply::Allotment(a)) => a,
+            other => panic!("expected an allotment, got {other:?}"),
+        }
+    }
+
+    /// Seats held plus allotted, per the status, within every limit.
+    fn assert_within_limits(&self) {
+        let s = self.h.engine.status(self.h.now);
+        assert!(s.total_in_use + s.allotted_total <= s.total_limit, "{s:?}");
+        for (t, limit) in &s.type_limits {
+            let n = s.in_use_by_type.get(t).copied().unwrap_or(0)
+                + s.allotted_by_type.get(t).copied().unwrap_or(0);
+            assert!(n <= *limit, "{t}: {n} > {limit}");
+        }
+    }
+}
+
+#[test]
+fn a_strict_master_refuses_allot_requests() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    let instance = h.instances["s1"];
+    let out = h.engine.handle(
+        h.now,
+        Event::Allot {
+            slave: id("s1"),
+            request: AllotRequest {
+                instance,
+                seq: 1,
+                ops: vec![],
+                want: [("inbound".to_owned(), 2)].into(),
+            },
+        },
+    );
+    assert!(
+        matches!(reply_of(&out), Some(Reply::Error(e)) if e.message.contains("--admission strict"))
+    );
+    assert!(out.changes.is_empty());
+}
+
+/// The license: 5 seats, 3 inbound and 3 outbound.
+#[test]
+fn a_block_counts_against_the_limits_like_held_seats() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    let out = a.ask("s1", vec![], &[("inbound", 2)]);
+    assert_eq!(
+        Allot::answer(&out).blocks,
+        BTreeMap::from([("inbound".into(), 2)])
+    );
+    assert!(matches!(
+        out.changes.as_slice(),
+        [SeatChange::Allotment { blocks, .. }] if blocks["inbound"] == 2
+    ));
+    // One inbound seat is left for everybody else; the second is refused.
+    assert!(approved(&a.h.decision("s2", "x1", "inbound")));
+    let refused = a.h.decision("s2", "x2", "inbound");
+    assert_eq!(rejected_for(&refused), Some(RejectReason::TypeLimit));
+    assert!(format!("{refused:?}").contains("2 of them allotted"));
+    a.assert_within_limits();
+    let status = a.h.engine.status(a.h.now);
+    assert_eq!(status.allotted_total, 2);
+    assert_eq!(status.admission, Admission::Allotment);
+}
+
+#[test]
+fn journal_entries_apply_once_and_a_release_goes_back_to_the_block() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 2)]));
+    let admit = a.op("s1", AllotOpKind::Admit, "a1", "inbound");
+    let out = a.ask("s1", vec![admit.clone()], &[("inbound", 1)]);
+    let answer = Allot::answer(&out);
+    assert_eq!(answer.blocks["inbound"], 1);
+    assert_eq!(answer.journal, 1);
+    assert!(matches!(out.changes[0], SeatChange::FromBlock { .. }));
+    assert_eq!(a.h.engine.total_in_use(), 1);
+    // Sent again (the answer was lost): nothing moves twice.
+    let out = a.ask("s1", vec![admit], &[("inbound", 1)]);
+    assert_eq!(Allot::answer(&out).blocks["inbound"], 1);
+    assert!(out.changes.is_empty(), "{:?}", out.changes);
+    assert_eq!(a.h.engine.total_in_use(), 1);
+    // The release puts the seat back in the block; the slave then keeps 2.
+    let release = a.op("s1", AllotOpKind::Release, "a1", "inbound");
+    let out = a.ask("s1", vec![release], &[("inbound", 2)]);
+    assert_eq!(Allot::answer(&out).blocks["inbound"], 2);
+    assert_eq!(a.h.engine.total_in_use(), 0);
+    // Wanting none gives everything back to the pool.
+    let out = a.ask("s1", vec![], &[]);
+    assert!(Allot::answer(&out).blocks.is_empty());
+    assert_eq!(a.h.engine.allotted_total(), 0);
+    a.assert_within_limits();
+}
+
+#[test]
+fn an_admission_without_a_block_is_refused_and_alerted() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    let admit = a.op("s1", AllotOpKind::Admit, "a1", "inbound");
+    let out = a.ask("s1", vec![admit], &[]);
+    let answer = Allot::answer(&out);
+    assert_eq!(answer.refused.len(), 1);
+    assert_eq!(answer.refused[0].reason, RejectReason::NoAllotment);
+    assert_eq!(a.h.engine.total_in_use(), 0);
+    let alert = &alerts(&out)[0];
+    assert!(alert.message.contains("logged out"), "{}", alert.message);
+    // An unknown type is refused as such, even with blocks of other types.
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 1)]));
+    let admit = a.op("s1", AllotOpKind::Admit, "a2", "not-in-license");
+    let answer = Allot::answer(&a.ask("s1", vec![admit], &[("inbound", 1)]));
+    assert_eq!(answer.refused[0].reason, RejectReason::UnknownAgentType);
+}
+
+#[test]
+fn a_replayed_or_delayed_request_cannot_roll_a_block_back() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    Allot::answer(&a.ask_numbered("s1", 10, vec![], &[("inbound", 3)]));
+    let out = a.ask_numbered("s1", 10, vec![], &[]);
+    assert!(matches!(
+        reply_of(&out),
+        Some(Reply::Refused {
+            reason: RejectReason::Replayed,
+            ..
+        })
+    ));
+    assert_eq!(a.h.engine.allotted_total(), 3);
+    let out = a.ask_numbered("s1", 9, vec![], &[]);
+    assert!(matches!(reply_of(&out), Some(Reply::Refused { .. })));
+    assert_eq!(a.h.engine.allotted_total(), 3);
+}
+
+#[test]
+fn near_exhaustion_blocks_stop_growing_and_holders_are_asked_to_give_back() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    // s1 takes 3 of the 5 seats (all inbound).
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 3)]));
+    assert_eq!(a.h.engine.allotted_total(), 3);
+    // 2 free for two allotting slaves: below the floor (2 per slave). No growth, and s1
+    // is told to give its block back.
+    let out = a.ask("s2", vec![], &[("outbound", 2)]);
+    let answer = Allot::answer(&out);
+    assert!(answer.exhausted);
+    assert!(answer.blocks.is_empty());
+    assert!(out.effects.iter().any(|e| matches!(
+        e,
+        Effect::Control { slave, message: ControlMessage::ReturnAllotment } if slave.as_str() == "s1"
+    )));
+    // Told once until it answers.
+    let out = a.ask("s2", vec![], &[("outbound", 2)]);
+    assert!(
+        !out.effects
+            .iter()
+            .any(|e| matches!(e, Effect::Control { .. }))
+    );
+    // s2 registers strictly and gets the last two seats, first come first served.
+    assert!(approved(&a.h.decision("s2", "b1", "outbound")));
+    assert!(approved(&a.h.decision("s2", "b2", "outbound")));
+    assert_eq!(
+        rejected_for(&a.h.decision("s2", "b3", "outbound")),
+        Some(RejectReason::AggregateLimit)
+    );
+    // s1 gives back: the freed seats are there for s2 at once.
+    Allot::answer(&a.ask("s1", vec![], &[]));
+    assert!(approved(&a.h.decision("s2", "b3", "outbound")));
+    a.assert_within_limits();
+}
+
+#[test]
+fn a_hello_empties_the_blocks_and_grants_what_the_slave_admitted() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 3)]));
+    // The slave admitted a1 and a2 locally and says hello before it reported them.
+    let claims = vec![
+        AgentClaim {
+            agent_id: "a1".into(),
+            agent_type: "inbound".into(),
+        },
+        AgentClaim {
+            agent_id: "a2".into(),
+            agent_type: "inbound".into(),
+        },
+    ];
+    let out = a.h.hello_with("s1", None, claims);
+    let Some(Reply::Welcome(w)) = reply_of(&out) else {
+        panic!("{out:?}")
+    };
+    assert!(w.rejected_agents.is_empty());
+    assert_eq!(w.admission, Admission::Allotment);
+    assert_eq!(a.h.engine.allotted_total(), 0);
+    assert_eq!(a.h.engine.total_in_use(), 2);
+    // The block is emptied before the grants, in the ledger too.
+    let kinds: Vec<&str> = out
+        .changes
+        .iter()
+        .map(|c| match c {
+            SeatChange::Session { .. } => "session",
+            SeatChange::Allotment { .. } => "allotment",
+            SeatChange::Grant { .. } => "grant",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["session", "allotment", "grant", "grant"]);
+    a.assert_within_limits();
+}
+
+#[test]
+fn a_silent_slave_keeps_its_block_until_the_timing_rule_reclaims_it() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    let answer = Allot::answer(&a.ask("s1", vec![], &[("inbound", 3)]));
+    // The lease is capped by the slave's grace period (60 s here).
+    assert_eq!(answer.lease_ms, 30_000);
+    // Grace 60 s + margin 10 s: at 65 s the block is still counted.
+    a.h.advance(Duration::from_secs(65));
+    a.h.tick();
+    assert_eq!(a.h.engine.allotted_total(), 3);
+    a.h.advance(Duration::from_secs(6));
+    let alerts = a.h.tick();
+    assert_eq!(a.h.engine.allotted_total(), 0);
+    assert!(
+        alerts
+            .iter()
+            .any(|al| al.message.contains("3 free allotted seats")),
+        "{alerts:?}"
+    );
+    // Its next request finds no session.
+    let out = a.ask("s1", vec![], &[("inbound", 3)]);
+    assert!(matches!(
+        reply_of(&out),
+        Some(Reply::Refused {
+            reason: RejectReason::SlaveNotConnected,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn the_local_limit_caps_blocks_and_held_seats_together() {
+    let mut a = Allot::new();
+    a.h.hello("s3", Some(slave_license(Some(2))));
+    assert!(approved(&a.h.decision("s3", "x1", "inbound")));
+    let answer = Allot::answer(&a.ask("s3", vec![], &[("inbound", 3)]));
+    assert_eq!(answer.blocks["inbound"], 1);
+    assert_eq!(
+        rejected_for(&a.h.decision("s3", "x2", "outbound")),
+        Some(RejectReason::LocalLimit)
+    );
+}
