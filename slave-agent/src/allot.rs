@@ -133,6 +133,16 @@ impl AllotBook {
         }
     }
 
+    /// After a registration the block could not serve: whether to ask now rather than at
+    /// the next refresh (at most every quarter refresh, and not while giving back).
+    pub fn ask_early(&self, now: Instant) -> bool {
+        self.active
+            && self.returning_until.is_none_or(|t| now >= t)
+            && self
+                .window_start
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.refresh / 4)
+    }
+
     /// Whether a type's free seats ran low: time to ask before they run out.
     pub fn low(&self, agent_type: &str) -> bool {
         let free = self.free.get(agent_type).copied().unwrap_or(0);

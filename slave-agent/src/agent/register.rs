@@ -35,6 +35,7 @@ impl Inner {
         self.check_grace();
         // Decide under the lock, act (await) after it is released.
         let mut admitted_here = None;
+        let mut wake = false;
         let local_rejection = {
             let mut state = lock(&self.state);
             let held = state.agents.contains_key(agent_id);
@@ -57,6 +58,11 @@ impl Inner {
                             },
                         );
                     } else {
+                        // Not from a block: asked strictly; the next allot request goes
+                        // early so that the block catches up with the demand.
+                        if book.ask_early(now) {
+                            wake = true;
+                        }
                         state.pending += 1;
                         mark(&mut state.registering, agent_id);
                     }
@@ -88,6 +94,9 @@ impl Inner {
                 reason: RejectReason::LocalLimit,
                 detail,
             });
+        }
+        if wake {
+            self.allot_wake.notify_one();
         }
         if let Some(low) = admitted_here {
             if low {
