@@ -67,6 +67,10 @@ struct Slave {
     hello_seq: u64,
     book: AllotBook,
     held: BTreeMap<String, (String, Option<u64>)>,
+    /// One hello at a time, as the agent's hello lock makes it.
+    saying_hello: bool,
+    /// The allot request this slave waits for an answer to (one at a time).
+    waiting: Option<u64>,
 }
 
 /// A message on its way: to the master, or an answer back to a slave.
@@ -106,6 +110,21 @@ enum Step {
     Wait {
         ms: u64,
     },
+    /// The slave stops waiting for its request's answer (a timeout); the request itself
+    /// may still reach the master later.
+    Timeout {
+        slave: usize,
+    },
+}
+
+impl Msg {
+    /// The slave a message to the master comes from.
+    fn to_master(&self) -> Option<usize> {
+        match self {
+            Msg::Allot(i, _) | Msg::Hello(i, _, _) => Some(*i),
+            _ => None,
+        }
+    }
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -117,6 +136,7 @@ fn step() -> impl Strategy<Value = Step> {
         6 => (0..8usize).prop_map(|at| Step::Deliver { at }),
         1 => (0..8usize).prop_map(|at| Step::Lose { at }),
         1 => (0..4000u64).prop_map(|ms| Step::Wait { ms }),
+        1 => (0..2usize).prop_map(|slave| Step::Timeout { slave }),
     ]
 }
 
@@ -169,14 +189,16 @@ proptest! {
                 hello_seq: 0,
                 book: AllotBook::default(),
                 held: BTreeMap::new(),
+                saying_hello: false,
+                waiting: None,
             })
             .collect();
         // Both slaves start with a hello the master answers at once.
-        for i in 0..2 {
-            let (hello, journal) = hello_of(&mut slaves[i]);
-            let event = Event::Hello { slave: slaves[i].id.clone(), hello, today: date!(2026 - 11 - 27) };
+        for s in &mut slaves {
+            let (hello, journal) = hello_of(s);
+            let event = Event::Hello { slave: s.id.clone(), hello, today: date!(2026 - 11 - 27) };
             match reply(master.handle(start, event)) {
-                Reply::Welcome(w) => slaves[i].book.welcomed(journal, w.admission == Admission::Allotment, Duration::from_millis(w.allot_refresh_ms)),
+                Reply::Welcome(w) => s.book.welcomed(journal, w.admission == Admission::Allotment, Duration::from_millis(w.allot_refresh_ms)),
                 other => panic!("{other:?}"),
             }
         }
@@ -208,16 +230,25 @@ proptest! {
                 Step::Send { slave } => {
                     let s = &mut slaves[slave];
                     if let Some(p) = s.book.prepare(tnow, s.instance, u32::MAX) {
+                        s.waiting = Some(p.request.seq);
                         net.push(Msg::Allot(slave, p.request));
                     }
                 }
-                Step::Hello { slave } => {
+                Step::Hello { slave } if !slaves[slave].saying_hello => {
+                    slaves[slave].saying_hello = true;
                     let (hello, journal) = hello_of(&mut slaves[slave]);
                     net.push(Msg::Hello(slave, hello, journal));
                 }
+                Step::Hello { .. } => {}
                 Step::Deliver { at } | Step::Lose { at } if !net.is_empty() => {
                     let lose = matches!(step, Step::Lose { .. });
-                    let msg = net.remove(at % net.len());
+                    // What a slave sends reaches the master in the order sent (one NATS
+                    // connection, one leader subscription); answers come back in any order.
+                    let mut at = at % net.len();
+                    if let Some(from) = net[at].to_master() {
+                        at = net.iter().position(|m| m.to_master() == Some(from)).unwrap_or(at);
+                    }
+                    let msg = net.remove(at);
                     match (msg, lose) {
                         (Msg::Allot(i, request), false) => {
                             let seq = request.seq;
@@ -240,19 +271,37 @@ proptest! {
                             let event = Event::Hello { slave: slaves[i].id.clone(), hello, today: date!(2026 - 11 - 27) };
                             net.push(Msg::Welcome(i, reply(master.handle(now, event)), journal));
                         }
-                        (Msg::Hello(i, _, _), true) | (Msg::Welcome(i, _, _), true) => slaves[i].book.hello_failed(),
+                        (Msg::Hello(i, _, _), true) | (Msg::Welcome(i, _, _), true) => {
+                            slaves[i].saying_hello = false;
+                            slaves[i].book.hello_failed();
+                        }
                         (Msg::Welcome(i, Reply::Welcome(w), journal), false) => {
                             let s = &mut slaves[i];
+                            s.saying_hello = false;
                             s.book.welcomed(journal, true, Duration::from_millis(w.allot_refresh_ms));
                             for r in w.rejected_agents {
                                 s.held.remove(&r.agent_id);
                             }
                         }
-                        (Msg::Welcome(i, _, _), false) => slaves[i].book.hello_failed(),
+                        (Msg::Welcome(i, _, _), false) => {
+                            slaves[i].saying_hello = false;
+                            slaves[i].book.hello_failed();
+                        }
                     }
                 }
                 Step::Deliver { .. } | Step::Lose { .. } => {}
                 Step::Wait { ms } => clock += Duration::from_millis(ms),
+                Step::Timeout { slave } => {
+                    let s = &mut slaves[slave];
+                    if let Some(seq) = s.waiting.take() {
+                        s.book.unanswered(seq);
+                    }
+                    if s.saying_hello {
+                        // The answer, if it comes, is no longer awaited.
+                        s.saying_hello = false;
+                        s.book.hello_failed();
+                    }
+                }
             }
             // The hosts' side: what they hold plus what they may still admit locally.
             let mut by_type: BTreeMap<&str, u32> = BTreeMap::new();
