@@ -192,13 +192,25 @@ async fn hello_counter(
     rig.client.flush().await.unwrap();
     let counted = count.clone();
     let subjects = subjects.clone();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let any = seen.clone();
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
+            any.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if let Ok((_, SlaveOp::Hello)) = subjects.parse_slave_op(&msg.subject) {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         }
     });
+    // The flush only says the subscription reached this client's server; the other nodes
+    // learn of it over the cluster's routes a moment later. Counting starts once slave
+    // messages arrive, and a little after, so that a hello sent through any node is seen.
+    lmbus_tests::eventually("the hello counter sees the slaves' messages", || async {
+        seen.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     count
 }
 
