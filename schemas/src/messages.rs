@@ -466,6 +466,12 @@ pub enum ControlMessage {
     /// the free blocks back (ask strictly until an answer says the pool is no longer
     /// exhausted). A unit variant, so older slaves ignore it.
     ReturnAllotment,
+    /// In allotment mode: other slaves want more than is free; keep no more than these
+    /// free seats per agent type (a fair share) and send the journal now. Only slaves
+    /// that asked for allotments are told it.
+    ShrinkAllotment {
+        blocks: std::collections::BTreeMap<String, u32>,
+    },
     #[serde(other)]
     Other,
 }
@@ -824,6 +830,9 @@ mod tests {
         round_trip(&ControlMessage::Rehello);
         round_trip(&ControlMessage::NewLeader);
         round_trip(&ControlMessage::ReturnAllotment);
+        round_trip(&ControlMessage::ShrinkAllotment {
+            blocks: BTreeMap::from([("inbound".into(), 3)]),
+        });
         round_trip(&StatusRequest {});
         round_trip(&StatusReply {
             broker_id: "b".into(),

@@ -61,6 +61,10 @@ pub struct AllotBook {
     hello_in_flight: bool,
     /// Give everything back until then (the master said the pool is nearly empty).
     returning_until: Option<Instant>,
+    /// Keep no more than these free seats per type until then (the master asked for fair
+    /// shares).
+    caps: BTreeMap<String, u32>,
+    caps_until: Option<Instant>,
     /// Admissions per type since the last request, and the rate estimate.
     demand: BTreeMap<String, u32>,
     rate: BTreeMap<String, f64>,
@@ -216,11 +220,17 @@ impl AllotBook {
         self.demand.clear();
         self.window_start = Some(now);
         let returning = self.returning_until.is_some_and(|t| now < t);
+        let capped = self.caps_until.is_some_and(|t| now < t);
         let mut want = BTreeMap::new();
         let mut room = room;
         if !returning {
             for t in self.rate.keys() {
-                let w = self.expected(t).min(room);
+                let cap = if capped {
+                    self.caps.get(t).copied().unwrap_or(u32::MAX)
+                } else {
+                    u32::MAX
+                };
+                let w = self.expected(t).min(room).min(cap);
                 room -= w;
                 if w > 0 {
                     want.insert(t.clone(), w);
@@ -301,6 +311,19 @@ impl AllotBook {
     pub fn return_all(&mut self, now: Instant) {
         self.returning_until = Some(now + self.refresh.max(Duration::from_millis(100)));
         self.free.clear();
+    }
+
+    /// The master asks for fair shares: keep no more than `caps` free per type for one
+    /// refresh interval, from now.
+    pub fn shrink_to(&mut self, now: Instant, caps: &BTreeMap<String, u32>) {
+        for (t, cap) in caps {
+            if let Some(free) = self.free.get_mut(t) {
+                *free = (*free).min(*cap);
+            }
+        }
+        self.free.retain(|_, n| *n > 0);
+        self.caps = caps.clone();
+        self.caps_until = Some(now + self.refresh.max(Duration::from_millis(100)));
     }
 
     /// A hello is about to be built: nothing is admitted until it is answered, the free

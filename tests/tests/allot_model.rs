@@ -253,7 +253,19 @@ proptest! {
                         (Msg::Allot(i, request), false) => {
                             let seq = request.seq;
                             let event = Event::Allot { slave: slaves[i].id.clone(), request };
-                            net.push(Msg::Answer(i, seq, reply(master.handle(now, event))));
+                            let out = master.handle(now, event);
+                            // Give-back requests reach their slaves at once.
+                            for effect in &out.effects {
+                                if let lmbus_broker::engine::Effect::Control { slave, message } = effect {
+                                    let s = slaves.iter_mut().find(|s| &s.id == slave).unwrap();
+                                    match message {
+                                        lmbus_schemas::ControlMessage::ReturnAllotment => s.book.return_all(tnow),
+                                        lmbus_schemas::ControlMessage::ShrinkAllotment { blocks } => s.book.shrink_to(tnow, blocks),
+                                        _ => {}
+                                    }
+                                }
+                            }
+                            net.push(Msg::Answer(i, seq, reply(out)));
                         }
                         (Msg::Allot(i, request), true) => slaves[i].book.unanswered(request.seq),
                         (Msg::Answer(i, seq, Reply::Allotment(a)), false) => {

@@ -221,6 +221,8 @@ impl Engine {
         // free seats unless the pool is nearly empty.
         let sharing = self.allotting_slaves();
         let mut exhausted = false;
+        // Types this slave wanted more of than it got (free seats ran short).
+        let mut short: Vec<String> = Vec::new();
         let types: Vec<String> = {
             let s = &self.slaves[id];
             let mut t: Vec<String> = s.blocks.keys().cloned().collect();
@@ -259,6 +261,12 @@ impl Engine {
             if grow > 0 {
                 self.set_block(id, &agent_type, block + grow);
             }
+            if block + grow < want && grow < room {
+                short.push(agent_type);
+            }
+        }
+        if !exhausted && !short.is_empty() {
+            self.ask_for_fair_shares(id, &short, sharing, &mut out);
         }
         if exhausted {
             // The last seats go to whoever asks first: every other slave with a free block
@@ -333,6 +341,50 @@ impl Engine {
             exhausted,
         })));
         out
+    }
+
+    /// Demand exceeds what is free: every other slave whose free block of a short type is
+    /// above a fair share (the seats not held, divided among the allotting slaves) is told
+    /// to keep no more than that (once until it answers). Seats in use are never taken.
+    fn ask_for_fair_shares(
+        &mut self,
+        id: &SlaveId,
+        short: &[String],
+        sharing: u32,
+        out: &mut Output,
+    ) {
+        let limits = self.cfg.license.limits.clone();
+        let total_pool = self.total_limit().saturating_sub(self.total_in_use);
+        let fair: BTreeMap<String, u32> = short
+            .iter()
+            .map(|t| {
+                let type_pool = limits.agent_types.get(t).map_or(total_pool, |l| {
+                    l.saturating_sub(self.in_use_by_type.get(t).copied().unwrap_or(0))
+                });
+                (
+                    t.clone(),
+                    (type_pool.min(total_pool) / sharing).max(ALLOT_MIN_BLOCK),
+                )
+            })
+            .collect();
+        for (other, s) in self.slaves.iter_mut() {
+            if other == id || !s.connected || s.asked_to_return {
+                continue;
+            }
+            let over: BTreeMap<String, u32> = fair
+                .iter()
+                .filter(|(t, f)| s.blocks.get(*t).is_some_and(|b| b > f))
+                .map(|(t, f)| (t.clone(), *f))
+                .collect();
+            if over.is_empty() {
+                continue;
+            }
+            s.asked_to_return = true;
+            out.effects.push(Effect::Control {
+                slave: other.clone(),
+                message: ControlMessage::ShrinkAllotment { blocks: over },
+            });
+        }
     }
 
     fn block_of(&self, id: &SlaveId, agent_type: &str) -> u32 {

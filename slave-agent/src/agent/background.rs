@@ -184,6 +184,14 @@ impl Inner {
                 self.allot_wake.notify_one();
                 false
             }
+            ControlMessage::ShrinkAllotment { blocks } => {
+                lock(&self.state)
+                    .allot
+                    .get_mut(link)
+                    .shrink_to(tokio::time::Instant::now(), &blocks);
+                self.allot_wake.notify_one();
+                false
+            }
             // Acted on by the link itself (`Link::send` asks again at once).
             ControlMessage::NewLeader | ControlMessage::Other => false,
         }

@@ -364,3 +364,47 @@ fn a_storm_of_rejections_is_told_per_slave_and_reason_with_the_exact_count() {
             .all(|al| al.kind != AlertKind::RegistrationRejected)
     );
 }
+
+#[test]
+fn when_demand_exceeds_what_is_free_holders_above_a_fair_share_are_told_to_shrink() {
+    let mut a = Allot::new();
+    a.h.engine.cfg.license.limits.total = Some(20);
+    a.h.engine
+        .cfg
+        .license
+        .limits
+        .agent_types
+        .insert("inbound".into(), 20);
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    // s1 takes 14 of 20 while it is the only slave asking.
+    assert_eq!(
+        Allot::answer(&a.ask("s1", vec![], &[("inbound", 14)])).blocks["inbound"],
+        14
+    );
+    // s2 wants 16: 6 are free, it gets its share of them (3), and s1, whose 14 free seats
+    // are above the fair share (20 unheld seats / 2 allotting slaves), is told to keep 10.
+    let out = a.ask("s2", vec![], &[("inbound", 16)]);
+    let answer = Allot::answer(&out);
+    assert!(!answer.exhausted);
+    assert!(answer.blocks["inbound"] < 16);
+    let told: Vec<_> = out
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Control {
+                slave,
+                message: ControlMessage::ShrinkAllotment { blocks },
+            } => Some((slave.to_string(), blocks.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(told.len(), 1, "{:?}", out.effects);
+    assert_eq!(told[0].0, "s1");
+    assert_eq!(
+        told[0].1["inbound"], 10,
+        "fair share: 20 unheld seats / 2 slaves"
+    );
+    // The held seats are never part of it: a slave holding 8 of its seats keeps them.
+    a.assert_within_limits();
+}
