@@ -453,8 +453,9 @@ struct RunArgs {
     /// rejected `slave_limit`. 0: no cap beyond the license limits [default: 0].
     #[arg(long, env = "LMBUS_MAX_AGENTS_PER_SLAVE")]
     max_agents_per_slave: Option<u32>,
-    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464; it has no
-    /// authentication, so bind it where only your Prometheus can reach it) [default: off].
+    /// Serve Prometheus metrics on http://ADDR/metrics and a health check on
+    /// http://ADDR/healthz (e.g. 127.0.0.1:9464; it has no authentication, so bind it where
+    /// only your Prometheus can reach it) [default: off].
     #[arg(long, env = "LMBUS_METRICS")]
     metrics: Option<std::net::SocketAddr>,
     /// How long the alert stream (LMBUS_ALERTS_<cluster>) keeps alerts, when this broker

@@ -130,10 +130,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         slave_rate_limit: cfg.slave_rate_limit,
         max_agents_per_slave: cfg.max_agents_per_slave,
     };
-    let metrics = Metrics::new(
-        license.limits.total.unwrap_or(0),
-        license.limits.agent_types.clone().into_iter().collect(),
-    );
+    let metrics = Metrics::new(&license);
     let io = Io {
         client: client.clone(),
         subjects: subjects.clone(),
@@ -165,10 +162,15 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     let applied = Arc::new(AtomicU64::new(0));
     let metrics_server = match cfg.metrics {
         Some(addr) => {
-            let (bound, task) =
-                crate::metrics::serve(addr, metrics.clone(), applied.clone(), ledger.clone())
-                    .await?;
-            info!("Prometheus metrics on http://{bound}/metrics");
+            let (bound, task) = crate::metrics::serve(
+                addr,
+                client.clone(),
+                metrics.clone(),
+                applied.clone(),
+                ledger.clone(),
+            )
+            .await?;
+            info!("Prometheus metrics on http://{bound}/metrics, health on http://{bound}/healthz");
             Some(task)
         }
         None => None,
@@ -197,11 +199,11 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         stop.clone(),
     ));
     let usage = Usage::new(cfg.report.at_minute);
-    let mut replica = restore(&engine_cfg, applied.clone(), &snapshots, usage.clone())
+    let mut replica = restore(&engine_cfg, applied.clone(), metrics.clone(), &snapshots, usage.clone())
         .await
         .unwrap_or_else(|e| {
             warn!(error = %format!("{e:#}"), "cannot load the latest snapshot: replaying the ledger from its first record");
-            Replica::new(&engine_cfg, applied.clone(), usage)
+            Replica::new(&engine_cfg, applied.clone(), metrics.clone(), usage)
         });
     let mut snapshotter = Snapshotter {
         snapshots: snapshots.clone(),
@@ -252,6 +254,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 match restore(
                     &engine_cfg,
                     applied.clone(),
+                    metrics.clone(),
                     &snapshots,
                     replica.usage.clone(),
                 )
@@ -316,11 +319,11 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 .await;
                 if rebuild {
                     let usage = replica.usage.clone();
-                    replica = restore(&engine_cfg, applied.clone(), &snapshots, usage.clone())
+                    replica = restore(&engine_cfg, applied.clone(), metrics.clone(), &snapshots, usage.clone())
                         .await
                         .unwrap_or_else(|e| {
                             warn!(error = %format!("{e:#}"), "cannot load the latest snapshot: replaying the ledger from its first record");
-                            Replica::new(&engine_cfg, applied.clone(), usage)
+                            Replica::new(&engine_cfg, applied.clone(), metrics.clone(), usage)
                         });
                 }
             }
