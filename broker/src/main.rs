@@ -321,16 +321,19 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read license file {}", file.display()))?;
             let client = admin_client(&nats, nats_auth).await?;
             let subject = Subjects::new(&cluster)?.admin_reload();
-            let request = lmbus_schemas::ReloadRequest { license, operator };
+            let request = lmbus_schemas::ReloadRequest {
+                license,
+                operator,
+                file: file.display().to_string(),
+            };
             let nobody = no_master(&subject, &cluster);
             match ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await? {
                 lmbus_schemas::ReloadReply::Reloaded { message } => {
                     println!("{message}");
                     Ok(())
                 }
-                lmbus_schemas::ReloadReply::Error { message } => {
-                    anyhow::bail!("{}: {message}", file.display())
-                }
+                // The message names the file.
+                lmbus_schemas::ReloadReply::Error { message } => anyhow::bail!("{message}"),
             }
         }
         AdminCommand::Drain {

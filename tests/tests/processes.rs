@@ -259,8 +259,9 @@ async fn killed_slave_is_detected_and_restart_releases_stale_seats() {
 /// Steps: a broker with 5 seats; a slave takes 3. `lmbus-broker admin reload-license`
 /// (the real binary) with a tampered file fails naming the file and changes nothing; with
 /// a valid license of 2 seats it succeeds and says nobody is logged out. The status shows
-/// the limit of 2 with the 3 seats still held, a `license_reloaded` alert goes out, and a
-/// new registration is rejected `aggregate_limit` until usage falls below the limit.
+/// the limit of 2 with the 3 seats still held, a `license_reloaded` alert goes out;
+/// reloading the same file again says "nothing changed", naming it; a new registration is
+/// rejected `aggregate_limit` until usage falls below the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_license_lowers_the_limit_and_logs_nobody_out() {
     let f = Fixture::new().await.unwrap();
@@ -314,6 +315,16 @@ async fn reload_license_lowers_the_limit_and_logs_nobody_out() {
         .await
         .unwrap();
     assert!(alert.message.contains("test-ops"), "{}", alert.message);
+    // The same file again changes nothing, and says so.
+    let out = tokio::task::block_in_place(|| reload(&lower));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("nothing changed:"), "{stdout}");
+    assert!(stdout.contains(&lower.display().to_string()), "{stdout}");
     assert!(!slave.register("a4", "inbound").await.unwrap().is_approved());
     assert_eq!(slave.agents().len(), 3, "nobody was logged out");
     assert!(slave.unregister("a1").await.unwrap());
