@@ -297,8 +297,8 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             match ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await? {
                 ReleaseReply::Released { agents } => {
                     println!(
-                        "released {} seats of slave {}: {}",
-                        agents.len(),
+                        "released {} of slave {}: {}",
+                        lmbus_schemas::human::plural(agents.len() as u64, "seat", "seats"),
                         request.slave_id,
                         agents.join(", ")
                     );

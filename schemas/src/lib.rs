@@ -8,6 +8,7 @@
 
 pub mod alert;
 pub mod codec;
+pub mod human;
 pub mod ledger;
 pub mod license;
 pub mod messages;

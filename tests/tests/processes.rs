@@ -142,7 +142,8 @@ async fn monitor_tails_alerts_and_shows_licenses() {
 /// the `lmbus-slave register` CLI through the daemon's local API; SIGKILL the slave; the
 /// broker raises `slave_disconnected` after the missed heartbeats and keeps both seats;
 /// a restarted slave with the same id says hello with no agents and the master releases
-/// the stale seats; SIGTERM stops the broker cleanly with a `broker_stopped` alert.
+/// the stale seats; SIGTERM stops the broker cleanly with a `broker_stopped` alert. Its log
+/// reads for people (no `slave=None`, plurals that agree, durations not in ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_slave_is_detected_and_restart_releases_stale_seats() {
     let f = Fixture::new().await.unwrap();
@@ -254,6 +255,36 @@ async fn killed_slave_is_detected_and_restart_releases_stale_seats() {
             .unwrap()
             .success()
     );
+    // The broker's log reads for people: no `slave=None` on alerts about no slave, the
+    // slave named where there is one, seats counted in agreement, silence not in ms.
+    let log = log();
+    assert!(!log.contains("slave=None"), "{log}");
+    assert!(log.contains("slave=site-k"), "{log}");
+    let started = log
+        .lines()
+        .find(|l| l.contains("started as a replica"))
+        .unwrap();
+    assert!(!started.contains("slave="), "{started}");
+    assert!(
+        started.contains("(10 seats, unlicensed slaves allowed)"),
+        "{started}"
+    );
+    let lost = log
+        .lines()
+        .find(|l| l.contains("no heartbeat for"))
+        .unwrap();
+    assert!(lost.contains("its 2 seats are kept"), "{lost}");
+    // Milliseconds only below a second ("400 ms"), never "1600 ms".
+    let silence = lost.split("no heartbeat for ").nth(1).unwrap();
+    let silence = silence.split(" (").next().unwrap();
+    assert!(
+        silence
+            .strip_suffix(" ms")
+            .is_none_or(|n| n.parse::<u32>().is_ok_and(|n| n < 1000))
+            || silence.ends_with(" s"),
+        "{lost}"
+    );
+    assert!(log.contains("stopping with 0 seats in use"), "{log}");
 }
 
 /// Steps: a broker with 5 seats; a slave takes 3. `lmbus-broker admin reload-license`

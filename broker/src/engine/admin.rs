@@ -1,5 +1,6 @@
 //! An operator's commands: a license reload and a forced release of seats.
 
+use lmbus_schemas::human::plural;
 use lmbus_schemas::{
     AlertKind, ControlMessage, RejectReason, RejectedAgent, ReleaseReply, ReleaseRequest,
     ReloadReply, ReloadRequest, Role, SeatChange, Severity, SlaveId, printable, truncated,
@@ -61,14 +62,21 @@ impl Engine {
         let mut over = Vec::new();
         if self.total_in_use > new_total {
             over.push(format!(
-                "{} seats in use, total limit {new_total}",
-                self.total_in_use
+                "{} in use, total limit {new_total}",
+                plural(u64::from(self.total_in_use), "seat", "seats")
             ));
         }
         for (agent_type, limit) in &self.cfg.license.limits.agent_types {
             let used = self.in_use_by_type.get(agent_type).copied().unwrap_or(0);
             if used > *limit {
-                over.push(format!("{used} '{agent_type}' seats in use, limit {limit}"));
+                over.push(format!(
+                    "{} in use, limit {limit}",
+                    plural(
+                        u64::from(used),
+                        &format!("'{agent_type}' seat"),
+                        &format!("'{agent_type}' seats")
+                    )
+                ));
             }
         }
         let who = if request.operator.is_empty() {
@@ -153,8 +161,8 @@ impl Engine {
                 Severity::Warning,
                 AlertKind::SeatsReleased,
                 format!(
-                    "{who} released {} seats of slave {id}: {}",
-                    agents.len(),
+                    "{who} released {} of slave {id}: {}",
+                    plural(agents.len() as u64, "seat", "seats"),
                     agents.join(", ")
                 ),
             )

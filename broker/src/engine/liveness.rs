@@ -1,6 +1,7 @@
 //! Whether slaves are alive: heartbeats (with their books, which may ask for a new hello)
 //! and the tick (silence, reclaim under the timing rule, counts and license expiry alerts).
 
+use lmbus_schemas::human::{duration, plural};
 use std::time::Instant;
 
 use lmbus_schemas::{
@@ -81,10 +82,10 @@ impl Engine {
                     Severity::Warning,
                     AlertKind::SeatsReclaimed,
                     format!(
-                        "reclaimed {} seats of slave {id}: silent for {} ms, past its grace period plus the {} ms margin (it has logged its agents out by now)",
-                        agents.len(),
-                        silent.as_millis(),
-                        margin.as_millis()
+                        "reclaimed {} of slave {id}: silent for {}, past its grace period plus the {} margin (it has logged its agents out by now)",
+                        plural(agents.len() as u64, "seat", "seats"),
+                        duration(silent),
+                        duration(margin)
                     ),
                 )
                 .slave(id.as_str())
@@ -97,8 +98,9 @@ impl Engine {
                     Severity::Warning,
                     AlertKind::SlaveDisconnected,
                     format!(
-                        "slave {id} disconnected: no heartbeat for {} ms ({missed} intervals); its {seats} seats are kept until it reconnects",
-                        silence.as_millis()
+                        "slave {id} disconnected: no heartbeat for {} ({missed} intervals); its {} kept until it reconnects",
+                        duration(silence),
+                        plural(seats as u64, "seat is", "seats are")
                     ),
                 )
                 .slave(id.as_str())

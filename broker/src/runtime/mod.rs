@@ -29,6 +29,7 @@ mod standby;
 mod tasks;
 mod term;
 
+use lmbus_schemas::human::plural;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -142,12 +143,12 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         Severity::Info,
         AlertKind::BrokerStarted,
         format!(
-            "broker {} started as a replica of cluster {} (priority {}) with license {} ({} seats{}); ledger {}",
+            "broker {} started as a replica of cluster {} (priority {}) with license {} ({}{}); ledger {}",
             cfg.broker_id,
             cfg.cluster,
             cfg.priority,
             license.id,
-            license.limits.total.unwrap_or(0),
+            plural(u64::from(license.limits.total.unwrap_or(0)), "seat", "seats"),
             if cfg.allow_unlicensed_slaves {
                 ", unlicensed slaves allowed"
             } else {
@@ -335,9 +336,9 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         Severity::Info,
         AlertKind::BrokerStopped,
         format!(
-            "broker {} stopping with {} seats in use",
+            "broker {} stopping with {} in use",
             cfg.broker_id,
-            replica.engine.total_in_use()
+            plural(u64::from(replica.engine.total_in_use()), "seat", "seats")
         ),
     ))
     .await;

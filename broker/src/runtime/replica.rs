@@ -2,6 +2,7 @@
 //! it is, the report period's usage, and how a ledger record or the latest snapshot is
 //! applied to it.
 
+use lmbus_schemas::human::HumanDuration;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -189,7 +190,7 @@ pub(super) async fn restore(
         ledger_sequence = loaded.manifest.ledger_sequence,
         seats = loaded.manifest.seats,
         slaves = loaded.manifest.slaves,
-        took = ?started.elapsed(),
+        took = %HumanDuration(started.elapsed()),
         "loaded the latest snapshot"
     );
     Ok(replica)
