@@ -446,3 +446,37 @@ async fn drain_hands_the_lead_to_another_replica() {
     b2.stop().await.unwrap();
     b1.stop().await.unwrap();
 }
+
+/// Steps: `lmbus-broker run --stream-replicas 3` (the real binary) against one
+/// nats-server, which is not clustered: it exits with an error within a bound that says
+/// "this NATS is not clustered: use --stream-replicas 1", and no permission hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_replicas_above_one_on_a_single_server_say_so() {
+    let f = Fixture::new().await.unwrap();
+    let master = f.vendor.master(10, &[]).unwrap();
+    let log_path = f.vendor.dir().join("replicas.log");
+    let mut broker = Proc::spawn(
+        Command::new(bin("lmbus-broker").unwrap())
+            .args(["run", "--nats", &f.nats.url(), "--cluster", &f.cluster])
+            .arg("--license")
+            .arg(&master)
+            .arg("--vendor-key")
+            .arg(f.vendor.public_key_path())
+            .args(["--stream-replicas", "3"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap()),
+    )
+    .unwrap();
+    let status = tokio::task::block_in_place(|| broker.wait_timeout(WAIT)).unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!status.success(), "{log}");
+    let error = log
+        .lines()
+        .find(|l| l.starts_with("lmbus-broker: error:"))
+        .unwrap_or_else(|| panic!("no error line in\n{log}"));
+    assert!(
+        error.contains("this NATS is not clustered: use --stream-replicas 1"),
+        "{error}"
+    );
+    assert!(!error.contains("permission"), "{error}");
+}
