@@ -8,13 +8,15 @@ use lmbus_schemas::{Alert, LedgerEntry, SeatChange, Subjects, decode};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-/// What to show: records about this slave and this agent, from this time on (each filter
-/// is off when `None`).
+/// What to show: records about this slave and this agent, from this time on, and of
+/// those only the last `last` (each filter is off when `None`).
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
     pub slave: Option<String>,
     pub agent: Option<String>,
     pub since: Option<OffsetDateTime>,
+    /// Keep only the last N records that pass the other filters.
+    pub last: Option<usize>,
 }
 
 /// One line of the audit trail.
@@ -120,6 +122,10 @@ pub async fn audit(
     // A decision before the alerts it caused when both carry the same millisecond.
     out.records
         .sort_by_key(|r| (r.time_ms, r.source == "alert", r.sequence));
+    if let Some(last) = query.last {
+        let skip = out.records.len().saturating_sub(last);
+        out.records.drain(..skip);
+    }
     Ok(out)
 }
 

@@ -34,6 +34,14 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Whether it lets every alert through.
+    pub fn is_empty(&self) -> bool {
+        self.min_severity.is_none()
+            && self.kinds.is_empty()
+            && self.slaves.is_empty()
+            && self.agent_types.is_empty()
+    }
+
     pub fn matches(&self, alert: &Alert) -> bool {
         self.min_severity.is_none_or(|min| alert.severity >= min)
             && (self.kinds.is_empty() || self.kinds.contains(&alert.kind))
@@ -99,8 +107,10 @@ pub enum Start {
     Now,
     /// Alerts published since this long ago.
     Since(Duration),
-    /// The last N alerts stored (before filtering).
+    /// The last N alerts stored (before filtering: `tail`'s `hold_last` counts after).
     Last(u64),
+    /// Every alert stored.
+    All,
 }
 
 /// The alerts of `subjects`' cluster from `from` on: from the alert stream through an
@@ -156,6 +166,7 @@ pub async fn alert_source(
         Start::Since(ago) => DeliverPolicy::ByStartTime {
             start_time: time::OffsetDateTime::now_utc() - ago,
         },
+        Start::All => DeliverPolicy::All,
         Start::Last(n) => DeliverPolicy::ByStartSequence {
             start_sequence: state
                 .last_sequence
@@ -189,25 +200,52 @@ pub async fn alert_source(
     Ok((Box::pin(incoming), last))
 }
 
-/// Prints alerts from `incoming` that pass `filter` until `shutdown`, until `max` alerts
-/// were printed, until the alert with stream sequence `until` was read, or until the
-/// source ends. Undecodable messages are reported on stderr and skipped; a lost
-/// connection is reported there too, and reading resumes after the last alert read.
-/// Returns how many alerts were printed.
 /// How long stored history may pause before a reader calls it a stall.
 pub const HISTORY_STALL: Duration = Duration::from_secs(10);
 
+/// `--last N` counted after the filters: of the alerts up to stream sequence `end` (the
+/// history's end when the tail started), only the last `n` that pass the filter are
+/// printed, once `end` was read; alerts after it are printed as they come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldLast {
+    pub n: usize,
+    pub end: u64,
+}
+
+/// Prints alerts from `incoming` that pass `filter` until `shutdown`, until `max` alerts
+/// were printed, until the alert with stream sequence `until` was read, or until the
+/// source ends; with `hold_last`, only the last N matching alerts of the history (see
+/// [`HoldLast`]). Undecodable messages are reported on stderr and skipped; a lost
+/// connection is reported there too, and reading resumes after the last alert read.
+/// Returns how many alerts were printed.
+#[allow(clippy::too_many_arguments)]
 pub async fn tail(
     mut incoming: impl futures::Stream<Item = Result<Incoming, String>> + Unpin,
     filter: &Filter,
     format: Format,
     max: Option<usize>,
     until: Option<u64>,
+    hold_last: Option<HoldLast>,
     out: &mut (impl Write + Send),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<usize> {
     tokio::pin!(shutdown);
     let mut printed = 0;
+    let mut print = |alert: &Alert, printed: &mut usize| -> anyhow::Result<()> {
+        if max.is_some_and(|m| *printed >= m) {
+            return Ok(());
+        }
+        match format {
+            Format::Text => writeln!(out, "{}", format_alert(alert))?,
+            Format::Json => writeln!(out, "{}", serde_json::to_string(alert)?)?,
+        }
+        out.flush()?;
+        *printed += 1;
+        Ok(())
+    };
+    // The matching alerts of the history held back for `hold_last`, at most N.
+    let mut held = std::collections::VecDeque::new();
+    let mut holding = hold_last.filter(|h| h.end > 0);
     let mut last_read: Option<u64> = None;
     let done = |last: Option<u64>| matches!((until, last), (Some(u), Some(l)) if l >= u);
     // Stored history arrives at once; no progress before its end is a stall, most often a
@@ -248,25 +286,40 @@ pub async fn tail(
             progress_at = tokio::time::Instant::now();
         }
         last_read = msg.sequence.or(last_read);
-        let alert: Alert = match decode(&msg.payload) {
-            Ok(a) => a,
+        let alert: Option<Alert> = match decode(&msg.payload) {
+            Ok(a) => Some(a),
             Err(e) => {
                 eprintln!(
                     "lmbus-monitor: skipping undecodable alert on {}: {e}",
                     msg.subject
                 );
-                continue;
+                None
             }
         };
-        if !filter.matches(&alert) {
-            continue;
+        let alert = alert.filter(|a| filter.matches(a));
+        match holding {
+            Some(hold) if msg.sequence.is_some_and(|s| s <= hold.end) => {
+                held.extend(alert);
+                if held.len() > hold.n {
+                    held.pop_front();
+                }
+                if msg.sequence.is_some_and(|s| s >= hold.end) {
+                    holding = None;
+                    for alert in held.drain(..) {
+                        print(&alert, &mut printed)?;
+                    }
+                }
+            }
+            _ => {
+                if let Some(alert) = alert {
+                    print(&alert, &mut printed)?;
+                }
+            }
         }
-        match format {
-            Format::Text => writeln!(out, "{}", format_alert(&alert))?,
-            Format::Json => writeln!(out, "{}", serde_json::to_string(&alert)?)?,
-        }
-        out.flush()?;
-        printed += 1;
+    }
+    // The history ended early (the source, a shutdown): what was held is still the last.
+    for alert in held.drain(..) {
+        print(&alert, &mut printed)?;
     }
     Ok(printed)
 }

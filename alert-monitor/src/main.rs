@@ -44,7 +44,8 @@ enum Command {
         /// 3339 time (e.g. 2026-11-27T10:00:00Z), from the alert stream.
         #[arg(long, value_parser = lmbus_monitor::parse_since, conflicts_with = "last")]
         since: Option<Duration>,
-        /// Start with the last N alerts stored (before filters apply).
+        /// Start with the last N stored alerts that pass the filters (--severity, --kind,
+        /// --slave, --agent-type).
         #[arg(long)]
         last: Option<u64>,
         /// After the stored alerts, keep printing new ones (the default without --since
@@ -87,6 +88,9 @@ enum Command {
         /// time [default: everything stored].
         #[arg(long, value_parser = lmbus_monitor::parse_since)]
         since: Option<Duration>,
+        /// Only the last N records that pass the other filters.
+        #[arg(long)]
+        last: Option<usize>,
         /// One JSON document per line instead of text.
         #[arg(long)]
         json: bool,
@@ -167,12 +171,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 slaves: slave.into_iter().collect::<BTreeSet<_>>(),
                 agent_types: agent_type.into_iter().collect(),
             };
+            let filtered = !filter.is_empty();
             let start = match (since, last) {
                 (Some(ago), _) => Start::Since(ago),
-                (None, Some(n)) => Start::Last(n),
+                // Without filters the last N stored are the last N shown; with them, the
+                // whole history is read and the last N that pass are held back.
+                (None, Some(n)) if !filtered => Start::Last(n),
+                (None, Some(_)) => Start::All,
                 (None, None) => Start::Now,
             };
             let (incoming, stored_until) = alert_source(&client, &subjects, start).await?;
+            let hold_last = match (start, last) {
+                (Start::All, Some(n)) => Some(lmbus_monitor::HoldLast {
+                    n: usize::try_from(n).unwrap_or(usize::MAX),
+                    end: stored_until.unwrap_or(0),
+                }),
+                _ => None,
+            };
             // History only, unless asked to follow: stop at the last alert stored now.
             let until = match start {
                 Start::Now => None,
@@ -199,18 +214,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let format = if json { Format::Json } else { Format::Text };
             let mut stdout = std::io::stdout();
-            tail(incoming, &filter, format, count, until, &mut stdout, stop).await?;
+            tail(
+                incoming,
+                &filter,
+                format,
+                count,
+                until,
+                hold_last,
+                &mut stdout,
+                stop,
+            )
+            .await?;
         }
         Command::Audit {
             slave,
             agent,
             since,
+            last,
             json,
         } => {
             let query = lmbus_monitor::AuditQuery {
                 slave,
                 agent,
                 since: since.map(|ago| time::OffsetDateTime::now_utc() - ago),
+                last,
             };
             let audit = lmbus_monitor::audit(&client, &subjects, &query).await?;
             if json {

@@ -234,7 +234,10 @@ pub fn check(cfg: &BrokerConfig) -> anyhow::Result<()> {
         bail!("--priority must be at least 1 (1 is the most preferred replica)");
     }
     if cfg.lease < Duration::from_millis(200) || cfg.lease > Duration::from_secs(60) {
-        bail!("--lease must be between 200ms and 60s, got {:?}", cfg.lease);
+        bail!(
+            "--lease must be between 200ms and 60s, got {}",
+            lmbus_schemas::human::duration(cfg.lease)
+        );
     }
     if !(1..=5).contains(&cfg.stream_replicas) {
         bail!(

@@ -32,7 +32,12 @@ pub struct OpenError {
     pub hint: String,
 }
 
-/// Opens stream `config.name`, creating it with `config` if it does not exist yet.
+/// What to do when a single NATS server refuses a replicated stream: the permission hints
+/// would be a red herring then.
+pub const NOT_CLUSTERED_HINT: &str = "this NATS is not clustered: use --stream-replicas 1 (replicas above 1 need a NATS cluster with JetStream on at least that many servers)";
+
+/// Opens stream `config.name`, creating it with `config` if it does not exist yet. `hint`
+/// says what to check, unless the server refused the replicas because it is not clustered.
 pub async fn open_stream(
     js: &Context,
     config: stream::Config,
@@ -40,13 +45,22 @@ pub async fn open_stream(
     hint: impl FnOnce(&str) -> String,
 ) -> Result<stream::Stream, OpenError> {
     let (name, replicas) = (config.name.clone(), config.num_replicas);
-    js.get_or_create_stream(config)
-        .await
-        .map_err(|e| OpenError {
+    js.get_or_create_stream(config).await.map_err(|e| {
+        let not_clustered = matches!(
+            e.kind(),
+            jetstream::context::CreateStreamErrorKind::JetStream(ref js)
+                if js.error_code() == jetstream::ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED
+        );
+        OpenError {
             what,
-            hint: hint(&name),
+            hint: if not_clustered {
+                NOT_CLUSTERED_HINT.to_owned()
+            } else {
+                hint(&name)
+            },
             name,
             replicas,
             detail: e.to_string(),
-        })
+        }
+    })
 }

@@ -297,8 +297,8 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             match ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await? {
                 ReleaseReply::Released { agents } => {
                     println!(
-                        "released {} seats of slave {}: {}",
-                        agents.len(),
+                        "released {} of slave {}: {}",
+                        lmbus_schemas::human::plural(agents.len() as u64, "seat", "seats"),
                         request.slave_id,
                         agents.join(", ")
                     );
@@ -321,16 +321,19 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read license file {}", file.display()))?;
             let client = admin_client(&nats, nats_auth).await?;
             let subject = Subjects::new(&cluster)?.admin_reload();
-            let request = lmbus_schemas::ReloadRequest { license, operator };
+            let request = lmbus_schemas::ReloadRequest {
+                license,
+                operator,
+                file: file.display().to_string(),
+            };
             let nobody = no_master(&subject, &cluster);
             match ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await? {
                 lmbus_schemas::ReloadReply::Reloaded { message } => {
                     println!("{message}");
                     Ok(())
                 }
-                lmbus_schemas::ReloadReply::Error { message } => {
-                    anyhow::bail!("{}: {message}", file.display())
-                }
+                // The message names the file.
+                lmbus_schemas::ReloadReply::Error { message } => anyhow::bail!("{message}"),
             }
         }
         AdminCommand::Drain {
@@ -468,8 +471,9 @@ struct RunArgs {
     /// [default: 2s].
     #[arg(long, env = "LMBUS_ALLOT_REFRESH", value_parser = humantime::parse_duration)]
     allot_refresh: Option<Duration>,
-    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464; it has no
-    /// authentication, so bind it where only your Prometheus can reach it) [default: off].
+    /// Serve Prometheus metrics on http://ADDR/metrics and a health check on
+    /// http://ADDR/healthz (e.g. 127.0.0.1:9464; it has no authentication, so bind it where
+    /// only your Prometheus can reach it) [default: off].
     #[arg(long, env = "LMBUS_METRICS")]
     metrics: Option<std::net::SocketAddr>,
     /// How long the alert stream (LMBUS_ALERTS_<cluster>) keeps alerts, when this broker

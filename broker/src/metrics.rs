@@ -1,19 +1,13 @@
 //! Prometheus metrics of one broker replica, served as text on `GET /metrics` when
-//! `--metrics ADDR` is given.
+//! `--metrics ADDR` is given, with `GET /healthz` beside them. README.md's "Metrics" section
+//! lists every metric; the names follow Prometheus' rules (`_total` only on counters, units
+//! as suffixes in base units).
 //!
-//! | metric | type | what |
-//! |---|---|---|
-//! | `lmbus_registrations_total{outcome,reason}` | counter | registrations decided by this replica as leader (`reason` empty when approved) |
-//! | `lmbus_unregistrations_total` | counter | unregistrations handled as leader |
-//! | `lmbus_decision_seconds` | histogram | from a request's arrival to its reply (ledger append included), registrations and unregistrations |
-//! | `lmbus_ledger_append_seconds` | histogram | from sending a ledger append to its acknowledgement (leader only; a batch of decisions is one append) |
-//! | `lmbus_seats_in_use{agent_type}` / `lmbus_seats_in_use_total` | gauge | seats held, leader only, refreshed every tick |
-//! | `lmbus_seat_limit{agent_type}` / `lmbus_seat_limit_total` | gauge | the master license's limits |
-//! | `lmbus_slaves_connected` / `lmbus_slaves_known` | gauge | slaves with a live session / in the table, leader only |
-//! | `lmbus_leader` | gauge | 1 while this replica leads |
-//! | `lmbus_ledger_applied_sequence` | gauge | the last ledger record this replica applied |
-//! | `lmbus_ledger_lag_records` | gauge | records in the ledger not applied yet (read from the stream at scrape time) |
-//! | `lmbus_alerts_total{kind,severity}` | counter | alerts this replica published (`bad_message` counts hostile input, `registration_rejected` rate limits and replays) |
+//! Every replica exports the counters, the license's limits and expiry, `lmbus_leader`, the
+//! ledger position, `lmbus_build_info` and the `process_*` metrics. The seat and slave
+//! gauges (`lmbus_seats_in_use`, `lmbus_agent_type_seats_in_use`, `lmbus_slaves_*`) are
+//! exported only while `lmbus_leader` is 1: a standby's copy of the seats lags the ledger,
+//! so it withdraws them rather than serve a second, older answer.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -25,11 +19,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use lmbus_schemas::metrics::{Histogram, escape_label, histogram_header};
+use lmbus_schemas::License;
+use lmbus_schemas::metrics::{
+    Histogram, ProcessSample, build_info, escape_label, histogram_header,
+};
 
 use crate::ledger::Ledger;
 
@@ -42,6 +39,32 @@ pub struct Gauges {
     pub slaves_known: u32,
 }
 
+/// The master license in force, as its gauges show it.
+#[derive(Debug, Default)]
+struct LicenseGauges {
+    total_limit: u32,
+    type_limits: BTreeMap<String, u32>,
+    /// When the license stops being valid: 00:00 UTC after its last valid day.
+    expiry_timestamp_seconds: i64,
+}
+
+impl LicenseGauges {
+    fn of(license: &License) -> Self {
+        // `expires` is the last valid day, inclusive.
+        let end = license
+            .expires
+            .next_day()
+            .unwrap_or(license.expires)
+            .midnight()
+            .assume_utc();
+        Self {
+            total_limit: license.limits.total.unwrap_or(0),
+            type_limits: license.limits.agent_types.clone(),
+            expiry_timestamp_seconds: end.unix_timestamp(),
+        }
+    }
+}
+
 /// Shared by the runtime (which counts) and the HTTP handler (which renders).
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -51,7 +74,8 @@ pub struct Metrics {
     appends: Histogram,
     alerts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     gauges: Mutex<Option<Gauges>>,
-    limits: Mutex<(u32, BTreeMap<String, u32>)>,
+    /// The master license in force; compared (not cloned) on every ledger record.
+    license: Mutex<Option<License>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -59,10 +83,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Metrics {
-    pub fn new(total_limit: u32, type_limits: BTreeMap<String, u32>) -> Arc<Self> {
+    pub fn new(license: &License) -> Arc<Self> {
         let m = Self::default();
-        *lock(&m.limits) = (total_limit, type_limits);
+        m.set_license(license);
         Arc::new(m)
+    }
+
+    /// The master license in force changed (start, a snapshot, a reload in the ledger).
+    pub fn set_license(&self, license: &License) {
+        let mut current = lock(&self.license);
+        if current.as_ref() != Some(license) {
+            *current = Some(license.clone());
+        }
     }
 
     /// A registration decided (`reason` is `None` when approved), with its latency.
@@ -95,23 +127,31 @@ impl Metrics {
         *lock(&self.gauges) = gauges;
     }
 
-    /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(&self, applied: u64, ledger_last: Option<u64>) -> String {
+    /// Whether this replica leads (its seat gauges are set).
+    fn leading(&self) -> bool {
+        lock(&self.gauges).is_some()
+    }
+
+    /// The Prometheus text exposition (format 0.0.4), `process` appended.
+    pub fn render(
+        &self,
+        applied: u64,
+        ledger_last: Option<u64>,
+        process: &ProcessSample,
+    ) -> String {
         let mut text = String::from(
-            "# HELP lmbus_registrations_total Registrations decided by this replica as leader, by outcome and reject reason.\n\
+            "# HELP lmbus_registrations_total Registrations decided by this replica as leader, by outcome and (when rejected) reason.\n\
              # TYPE lmbus_registrations_total counter\n",
         );
         let registrations = lock(&self.registrations).clone();
         if registrations.is_empty() {
-            let _ = writeln!(
-                text,
-                "lmbus_registrations_total{{outcome=\"approved\",reason=\"\"}} 0"
-            );
+            text.push_str("lmbus_registrations_total{outcome=\"approved\"} 0\n");
         }
         for ((outcome, reason), n) in registrations {
             let _ = writeln!(
                 text,
-                "lmbus_registrations_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} {n}"
+                "lmbus_registrations_total{{{}}} {n}",
+                outcome_labels(outcome, reason)
             );
         }
         let _ = writeln!(
@@ -136,27 +176,38 @@ impl Metrics {
             histogram_header(&mut text, name, help);
             histogram.render(&mut text, name, "");
         }
-        let (total_limit, type_limits) = lock(&self.limits).clone();
+        let license = lock(&self.license)
+            .as_ref()
+            .map(LicenseGauges::of)
+            .unwrap_or_default();
         let _ = writeln!(
             text,
-            "# HELP lmbus_seat_limit_total The master license's total agent limit.\n\
-             # TYPE lmbus_seat_limit_total gauge\n\
-             lmbus_seat_limit_total {total_limit}\n\
-             # HELP lmbus_seat_limit The master license's limit per agent type.\n\
-             # TYPE lmbus_seat_limit gauge"
+            "# HELP lmbus_seats_limit The master license's aggregate seat limit.\n\
+             # TYPE lmbus_seats_limit gauge\n\
+             lmbus_seats_limit {}\n\
+             # HELP lmbus_agent_type_seats_limit The master license's seat limit per agent type.\n\
+             # TYPE lmbus_agent_type_seats_limit gauge",
+            license.total_limit
         );
-        for (t, n) in &type_limits {
+        for (t, n) in &license.type_limits {
             let _ = writeln!(
                 text,
-                "lmbus_seat_limit{{agent_type=\"{}\"}} {n}",
+                "lmbus_agent_type_seats_limit{{agent_type=\"{}\"}} {n}",
                 escape_label(t)
             );
         }
+        let _ = writeln!(
+            text,
+            "# HELP lmbus_license_expiry_timestamp_seconds When the master license stops being valid (00:00 UTC after its last valid day), as a Unix time.\n\
+             # TYPE lmbus_license_expiry_timestamp_seconds gauge\n\
+             lmbus_license_expiry_timestamp_seconds {}",
+            license.expiry_timestamp_seconds
+        );
         // The gauges are set exactly while leading.
         let gauges = lock(&self.gauges).clone();
         let _ = writeln!(
             text,
-            "# HELP lmbus_leader 1 while this replica leads its cluster.\n\
+            "# HELP lmbus_leader 1 while this replica leads its cluster; the seat and slave gauges are exported only while it is 1.\n\
              # TYPE lmbus_leader gauge\n\
              lmbus_leader {}",
             u8::from(gauges.is_some())
@@ -164,30 +215,30 @@ impl Metrics {
         if let Some(g) = gauges {
             let _ = writeln!(
                 text,
-                "# HELP lmbus_seats_in_use_total Seats held across all slaves.\n\
-                 # TYPE lmbus_seats_in_use_total gauge\n\
-                 lmbus_seats_in_use_total {}\n\
-                 # HELP lmbus_seats_in_use Seats held, by agent type.\n\
-                 # TYPE lmbus_seats_in_use gauge",
+                "# HELP lmbus_seats_in_use Seats held across all slaves (leader only).\n\
+                 # TYPE lmbus_seats_in_use gauge\n\
+                 lmbus_seats_in_use {}\n\
+                 # HELP lmbus_agent_type_seats_in_use Seats held, by agent type (leader only).\n\
+                 # TYPE lmbus_agent_type_seats_in_use gauge",
                 g.seats_total
             );
             let mut by_type = g.seats_by_type.clone();
-            for t in type_limits.keys() {
+            for t in license.type_limits.keys() {
                 by_type.entry(t.clone()).or_insert(0);
             }
             for (t, n) in by_type {
                 let _ = writeln!(
                     text,
-                    "lmbus_seats_in_use{{agent_type=\"{}\"}} {n}",
+                    "lmbus_agent_type_seats_in_use{{agent_type=\"{}\"}} {n}",
                     escape_label(&t)
                 );
             }
             let _ = writeln!(
                 text,
-                "# HELP lmbus_slaves_connected Slaves with a live session.\n\
+                "# HELP lmbus_slaves_connected Slaves with a live session (leader only).\n\
                  # TYPE lmbus_slaves_connected gauge\n\
                  lmbus_slaves_connected {}\n\
-                 # HELP lmbus_slaves_known Slaves in the master's table, connected or not.\n\
+                 # HELP lmbus_slaves_known Slaves in the master's table, connected or not (leader only).\n\
                  # TYPE lmbus_slaves_known gauge\n\
                  lmbus_slaves_known {}",
                 g.slaves_connected, g.slaves_known
@@ -219,13 +270,42 @@ impl Metrics {
                 "lmbus_alerts_total{{kind=\"{kind}\",severity=\"{severity}\"}} {n}"
             );
         }
+        build_info(&mut text, env!("CARGO_PKG_VERSION"));
+        process.render(&mut text);
         text
     }
+}
+
+/// The labels of a registration counter: a reason only on a rejection (an approval has
+/// none, rather than an empty one).
+pub(crate) fn outcome_labels(outcome: &str, reason: &str) -> String {
+    if reason.is_empty() {
+        format!("outcome=\"{outcome}\"")
+    } else {
+        format!("outcome=\"{outcome}\",reason=\"{}\"", escape_label(reason))
+    }
+}
+
+/// This process's `process_*` metrics, read from Linux's `/proc` (empty elsewhere).
+fn process_sample() -> ProcessSample {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let open_fds = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|entries| entries.count() as u64);
+    ProcessSample::parse(
+        &read("/proc/self/stat"),
+        &read("/proc/self/status"),
+        &read("/proc/stat"),
+        &read("/proc/self/limits"),
+        open_fds,
+    )
 }
 
 #[derive(Clone)]
 struct Served {
     metrics: Arc<Metrics>,
+    /// For `/healthz`: whether this replica is connected to NATS.
+    client: async_nats::Client,
     applied: Arc<AtomicU64>,
     ledger: Ledger,
 }
@@ -236,7 +316,12 @@ async fn scrape(State(s): State<Served>) -> impl IntoResponse {
         .await
         .ok()
         .and_then(Result::ok);
-    let body = s.metrics.render(s.applied.load(Ordering::Relaxed), last);
+    let process = tokio::task::spawn_blocking(process_sample)
+        .await
+        .unwrap_or_default();
+    let body = s
+        .metrics
+        .render(s.applied.load(Ordering::Relaxed), last, &process);
     (
         [(
             header::CONTENT_TYPE,
@@ -246,9 +331,36 @@ async fn scrape(State(s): State<Served>) -> impl IntoResponse {
     )
 }
 
-/// Binds `addr` and serves `GET /metrics` until the returned task is aborted.
+/// `GET /healthz`: 200 while this replica is connected to NATS (it follows the ledger or
+/// leads), 503 while it is not. The body says which, and the role.
+async fn healthz(State(s): State<Served>) -> impl IntoResponse {
+    let role = if s.metrics.leading() {
+        "leader"
+    } else {
+        "standby"
+    };
+    match s.client.connection_state() {
+        async_nats::connection::State::Connected => {
+            (StatusCode::OK, format!("ok: {role}, connected to NATS\n"))
+        }
+        state => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "unhealthy: {role}, NATS connection {}: this replica can neither lead nor follow the ledger until it reconnects\n",
+                match state {
+                    async_nats::connection::State::Pending => "pending",
+                    _ => "lost",
+                }
+            ),
+        ),
+    }
+}
+
+/// Binds `addr` and serves `GET /metrics` and `GET /healthz` until the returned task is
+/// aborted.
 pub async fn serve(
     addr: SocketAddr,
+    client: async_nats::Client,
     metrics: Arc<Metrics>,
     applied: Arc<AtomicU64>,
     ledger: Ledger,
@@ -259,8 +371,10 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(scrape))
+        .route("/healthz", get(healthz))
         .with_state(Served {
             metrics,
+            client,
             applied,
             ledger,
         });
@@ -276,9 +390,30 @@ pub async fn serve(
 mod tests {
     use super::*;
 
+    fn license(total: u32, types: &[(&str, u32)], expires: time::Date) -> License {
+        License {
+            id: uuid::Uuid::nil(),
+            customer: "acme".into(),
+            issued: time::macros::date!(2025 - 01 - 01),
+            expires,
+            maintenance_expires: expires,
+            role: lmbus_schemas::Role::Master,
+            context: lmbus_schemas::Context::Production,
+            limits: lmbus_schemas::Limits {
+                total: Some(total),
+                local: None,
+                agent_types: types.iter().map(|(t, n)| ((*t).to_owned(), *n)).collect(),
+            },
+        }
+    }
+
     #[test]
     fn renders_counters_and_a_cumulative_histogram() {
-        let m = Metrics::new(10, BTreeMap::from([("inbound".to_owned(), 4)]));
+        let m = Metrics::new(&license(
+            10,
+            &[("inbound", 4)],
+            time::macros::date!(2030 - 06 - 30),
+        ));
         m.registration(None, Duration::from_micros(300));
         m.registration(None, Duration::from_millis(3));
         m.registration(Some("aggregate_limit"), Duration::from_millis(30));
@@ -292,9 +427,9 @@ mod tests {
             slaves_connected: 1,
             slaves_known: 1,
         }));
-        let text = m.render(7, Some(9));
+        let text = m.render(7, Some(9), &ProcessSample::default());
         for line in [
-            "lmbus_registrations_total{outcome=\"approved\",reason=\"\"} 2",
+            "lmbus_registrations_total{outcome=\"approved\"} 2",
             "lmbus_registrations_total{outcome=\"rejected\",reason=\"aggregate_limit\"} 1",
             "lmbus_unregistrations_total 1",
             "lmbus_decision_seconds_bucket{le=\"0.0005\"} 2",
@@ -305,17 +440,52 @@ mod tests {
             "lmbus_ledger_append_seconds_bucket{le=\"0.0025\"} 2",
             "lmbus_ledger_append_seconds_sum 0.0024",
             "lmbus_ledger_append_seconds_count 2",
-            "lmbus_seats_in_use{agent_type=\"inbound\"} 2",
-            "lmbus_seat_limit{agent_type=\"inbound\"} 4",
+            "lmbus_seats_in_use 2",
+            "lmbus_agent_type_seats_in_use{agent_type=\"inbound\"} 2",
+            "lmbus_seats_limit 10",
+            "lmbus_agent_type_seats_limit{agent_type=\"inbound\"} 4",
+            // 2030-07-01T00:00:00Z: the end of the last valid day.
+            "lmbus_license_expiry_timestamp_seconds 1909094400",
             "lmbus_leader 1",
             "lmbus_ledger_lag_records 2",
             "lmbus_alerts_total{kind=\"registration_rejected\",severity=\"warning\"} 1",
+            concat!(
+                "lmbus_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"} 1"
+            ),
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");
         }
+        assert!(
+            !text.contains("reason=\"\""),
+            "an empty reason label in\n{text}"
+        );
         m.set_gauges(None);
-        let text = m.render(9, None);
+        let text = m.render(9, None, &ProcessSample::default());
         assert!(text.contains("lmbus_leader 0"));
-        assert!(!text.contains("lmbus_seats_in_use"));
+        assert!(!text.contains("seats_in_use"));
+        assert!(!text.contains("lmbus_slaves_"));
+        assert!(text.contains("lmbus_seats_limit 10"));
+    }
+
+    #[test]
+    fn a_reloaded_license_changes_the_limits_and_the_expiry() {
+        let m = Metrics::new(&license(
+            10,
+            &[("inbound", 4)],
+            time::macros::date!(2030 - 06 - 30),
+        ));
+        m.set_license(&license(
+            5,
+            &[("outbound", 2)],
+            time::macros::date!(2031 - 01 - 01),
+        ));
+        let text = m.render(0, None, &ProcessSample::default());
+        assert!(text.contains("\nlmbus_seats_limit 5\n"), "{text}");
+        assert!(text.contains("\nlmbus_agent_type_seats_limit{agent_type=\"outbound\"} 2\n"));
+        assert!(!text.contains("agent_type=\"inbound\""), "{text}");
+        // 2031-01-02T00:00:00Z.
+        assert!(text.contains("\nlmbus_license_expiry_timestamp_seconds 1925078400\n"));
     }
 }

@@ -113,8 +113,8 @@ impl Replicas {
                     Severity::Warning,
                     AlertKind::ReplicaLost,
                     format!(
-                        "broker replica {name} lost: not heard from for {} ms",
-                        silent.as_millis()
+                        "broker replica {name} lost: not heard from for {}",
+                        lmbus_schemas::human::duration(*silent)
                     ),
                 ));
             }

@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lmbus_schemas::{
     Context, License, Limits, Role, key_id, parse_public_key, parse_secret_key, public_key_text,
-    secret_key_text, sign_license, verify_license,
+    secret_key_text, sign_license_as, verify_license,
 };
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
@@ -67,6 +67,9 @@ struct SignArgs {
     /// Where to write the signed license.
     #[arg(long)]
     out: PathBuf,
+    /// Overwrite --out if it exists.
+    #[arg(long)]
+    force: bool,
     /// Customer name.
     #[arg(long)]
     customer: String,
@@ -146,6 +149,40 @@ fn parse_type_limit(s: &str) -> Result<(String, u32), String> {
     Ok((name.to_owned(), limit))
 }
 
+/// Refuses limits that a license of `role` would not use or that contradict each other:
+/// `--total` on anything but a master license (a slave's own limit is `--local`), and an
+/// agent type's limit above the total (it could never be reached).
+fn check_limits(
+    role: RoleArg,
+    total: Option<u32>,
+    agent_types: &[(String, u32)],
+) -> anyhow::Result<()> {
+    match (role, total) {
+        (RoleArg::Master, None) => {
+            bail!("a master license needs --total (its aggregate agent limit)")
+        }
+        (RoleArg::Slave, Some(_)) => bail!(
+            "--total is the aggregate limit of a master license; a slave license has none: use --local for the slave's own limit"
+        ),
+        (RoleArg::None, Some(_)) => {
+            bail!(
+                "--total is the aggregate limit of a master license; a license with role none has none"
+            )
+        }
+        _ => {}
+    }
+    if let Some(total) = total {
+        for (name, limit) in agent_types {
+            if *limit > total {
+                bail!(
+                    "--agent-type {name}={limit} is above --total {total}: a type's limit can be at most the total"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn read(path: &Path, what: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display()))
 }
@@ -219,6 +256,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Sign(args) => {
+            if !args.force && args.out.exists() {
+                bail!(
+                    "{} already exists: pass --force to replace it (a customer holding the old file keeps using it until they get the new one)",
+                    args.out.display()
+                );
+            }
+            check_limits(args.role, args.total, &args.agent_types)?;
             let key = parse_secret_key(&read(&args.key, "vendor secret key")?)
                 .with_context(|| format!("vendor key file {}", args.key.display()))?;
             let license = License {
@@ -235,7 +279,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     agent_types: args.agent_types.into_iter().collect::<BTreeMap<_, _>>(),
                 },
             };
-            let text = sign_license(&license, &key)?;
+            let text = sign_license_as(&license, &key, &args.out.display().to_string())?;
             std::fs::write(&args.out, text)
                 .with_context(|| format!("cannot write {}", args.out.display()))?;
             println!("signed {} -> {}", license.id, args.out.display());

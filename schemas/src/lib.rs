@@ -9,6 +9,7 @@
 pub mod alert;
 pub mod allot;
 pub mod codec;
+pub mod human;
 pub mod ledger;
 pub mod license;
 pub mod messages;
@@ -26,7 +27,7 @@ pub use ledger::{LedgerEntry, SeatChange, SnapshotChunk, SnapshotManifest};
 pub use license::{
     Context, KeyError, License, LicenseError, Limits, Role, VendorKey, VerifyingKey, key_id,
     license_text, parse_public_key, parse_secret_key, public_key_text, read_license_unverified,
-    secret_key_text, sign_license, verify_license,
+    secret_key_text, sign_license, sign_license_as, verify_license,
 };
 pub use messages::*;
 pub use report::UsageReport;

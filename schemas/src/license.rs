@@ -239,14 +239,25 @@ pub fn parse_public_key(text: &str) -> Result<VerifyingKey, KeyError> {
     })
 }
 
-/// Writes `license` as a signed license file.
+/// Writes `license` as a signed license file (errors call it "the license to sign"; see
+/// [`sign_license_as`] to name the file it goes to).
 pub fn sign_license(license: &License, key: &VendorKey) -> Result<String, LicenseError> {
-    license.validate("<new license>")?;
+    sign_license_as(license, key, "the license to sign")
+}
+
+/// Writes `license` as a signed license file; `file` (the file it will be written to)
+/// names it in errors.
+pub fn sign_license_as(
+    license: &License,
+    key: &VendorKey,
+    file: &str,
+) -> Result<String, LicenseError> {
+    license.validate(file)?;
     let toml = toml::to_string(&LicenseFile {
         license: license.clone(),
     })
     .map_err(|e| LicenseError::Invalid {
-        file: "<new license>".into(),
+        file: file.to_owned(),
         detail: e.to_string(),
     })?;
     let body = format!("{HEADER}{toml}");

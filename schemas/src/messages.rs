@@ -504,6 +504,10 @@ pub struct ReloadRequest {
     /// Who asked, for the alert and the audit trail.
     #[serde(default)]
     pub operator: String,
+    /// The file's path as the operator gave it, to name it in errors; empty from an older
+    /// client.
+    #[serde(default)]
+    pub file: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

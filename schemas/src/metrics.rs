@@ -1,7 +1,10 @@
 //! The Prometheus text both the broker and the slave serve: one latency histogram with one
-//! bucket layout, its series and `# HELP`/`# TYPE` lines, and label escaping. Metric names
-//! are a contract with dashboards and alert rules, like the wire format, so they are built
-//! here once. Pure: atomics and strings, no IO.
+//! bucket layout, its series and `# HELP`/`# TYPE` lines, label escaping, `lmbus_build_info`
+//! and the standard `process_*` metrics read from Linux's `/proc`. Metric names are a
+//! contract with dashboards and alert rules, like the wire format, so they are built here
+//! once, following Prometheus' naming rules: `_total` only on counters, units as suffixes
+//! in base units (`_seconds`, `_bytes`), plural nouns for what is counted. Pure: atomics
+//! and strings, no IO (the caller reads `/proc` and hands the text in).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,6 +77,139 @@ pub fn escape_label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// `lmbus_build_info{version}`, always 1: which lmbus version a process runs (join it to
+/// other series with `* on(instance) group_left(version)`).
+pub fn build_info(text: &mut String, version: &str) {
+    let _ = writeln!(
+        text,
+        "# HELP lmbus_build_info The lmbus version this process runs; always 1.\n\
+         # TYPE lmbus_build_info gauge\n\
+         lmbus_build_info{{version=\"{}\"}} 1",
+        escape_label(version)
+    );
+}
+
+/// Clock ticks per second of the CPU times in `/proc/<pid>/stat`: the kernel's `USER_HZ`,
+/// which is 100 on every Linux architecture's user ABI (Prometheus' own procfs reader
+/// assumes the same rather than asking `sysconf`).
+const USER_HZ: f64 = 100.0;
+
+/// The standard `process_*` metrics of one process, as Prometheus' client libraries name
+/// them, parsed from the text of Linux's `/proc` files. A field that cannot be read is
+/// `None` and its metric is left out, so a non-Linux system serves none of them.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ProcessSample {
+    pub cpu_seconds: Option<f64>,
+    pub resident_memory_bytes: Option<u64>,
+    pub virtual_memory_bytes: Option<u64>,
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
+    pub start_time_seconds: Option<f64>,
+}
+
+impl ProcessSample {
+    /// Parses `/proc/self/stat` (`stat`), `/proc/self/status` (`status`), `/proc/stat`
+    /// (`system_stat`, for the boot time) and `/proc/self/limits` (`limits`); `open_fds` is
+    /// the number of entries in `/proc/self/fd`. Any of them may be empty (unreadable).
+    pub fn parse(
+        stat: &str,
+        status: &str,
+        system_stat: &str,
+        limits: &str,
+        open_fds: Option<u64>,
+    ) -> Self {
+        // The command name (field 2) is in parentheses and may hold spaces or ')': the
+        // fields after it are counted from the last ')'.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // `fields[0]` is field 3 (state): field n is `fields[n - 3]`.
+        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+        let cpu_seconds = match (field(14), field(15)) {
+            (Some(user), Some(system)) => Some((user + system) as f64 / USER_HZ),
+            _ => None,
+        };
+        let boot_time = system_stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|t| t.trim().parse::<u64>().ok());
+        let start_time_seconds = match (boot_time, field(22)) {
+            (Some(boot), Some(ticks)) => Some(boot as f64 + ticks as f64 / USER_HZ),
+            _ => None,
+        };
+        let kib = |key: &str| {
+            status.lines().find_map(|l| {
+                let value = l.strip_prefix(key)?.trim().strip_suffix("kB")?;
+                value.trim().parse::<u64>().ok().map(|k| k * 1024)
+            })
+        };
+        let max_fds = limits.lines().find_map(|l| {
+            let soft = l
+                .strip_prefix("Max open files")?
+                .split_whitespace()
+                .next()?;
+            soft.parse::<u64>().ok()
+        });
+        Self {
+            cpu_seconds,
+            resident_memory_bytes: kib("VmRSS:"),
+            virtual_memory_bytes: kib("VmSize:"),
+            open_fds,
+            max_fds,
+            start_time_seconds,
+        }
+    }
+
+    /// The `process_*` families, each with its `# HELP` and `# TYPE` lines.
+    pub fn render(&self, text: &mut String) {
+        let mut family = |name: &str, kind: &str, help: &str, value: Option<String>| {
+            if let Some(value) = value {
+                let _ = writeln!(
+                    text,
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+                );
+            }
+        };
+        family(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            self.cpu_seconds.map(|v| v.to_string()),
+        );
+        family(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            self.resident_memory_bytes.map(|v| v.to_string()),
+        );
+        family(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            self.virtual_memory_bytes.map(|v| v.to_string()),
+        );
+        family(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            self.open_fds.map(|v| v.to_string()),
+        );
+        family(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            self.max_fds.map(|v| v.to_string()),
+        );
+        family(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            self.start_time_seconds.map(|v| v.to_string()),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +238,56 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn process_metrics_come_from_proc_text() {
+        // A command name with a space and a parenthesis, as the kernel writes it.
+        let stat = "4242 (lmbus (x) y) S 1 4242 4242 0 -1 4194560 1000 0 0 0 \
+                    250 50 0 0 20 0 3 0 12345 999999 2000 18446744073709551615";
+        let status = "Name:\tlmbus\nVmSize:\t  123456 kB\nVmRSS:\t    2048 kB\n";
+        let system_stat = "cpu  1 2 3\nbtime 1700000000\nprocesses 9\n";
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max open files            1024                 524288               files\n";
+        let p = ProcessSample::parse(stat, status, system_stat, limits, Some(7));
+        assert_eq!(
+            p,
+            ProcessSample {
+                cpu_seconds: Some(3.0),
+                resident_memory_bytes: Some(2048 * 1024),
+                virtual_memory_bytes: Some(123_456 * 1024),
+                open_fds: Some(7),
+                max_fds: Some(1024),
+                start_time_seconds: Some(1_700_000_123.45),
+            }
+        );
+        let mut text = String::new();
+        p.render(&mut text);
+        assert!(
+            text.contains(
+                "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 3\n"
+            )
+        );
+        assert!(text.contains("\nprocess_resident_memory_bytes 2097152\n"));
+        assert!(text.contains("\nprocess_start_time_seconds 1700000123.45\n"));
+    }
+
+    #[test]
+    fn unreadable_proc_files_leave_the_metrics_out() {
+        let p = ProcessSample::parse("", "", "", "", None);
+        assert_eq!(p, ProcessSample::default());
+        let mut text = String::new();
+        p.render(&mut text);
+        assert!(text.is_empty(), "{text}");
+    }
+
+    #[test]
+    fn build_info_names_the_version() {
+        let mut text = String::new();
+        build_info(&mut text, "1.2.3");
+        assert!(
+            text.ends_with("\nlmbus_build_info{version=\"1.2.3\"} 1\n"),
+            "{text}"
+        );
     }
 }

@@ -8,7 +8,7 @@
 //! | `DELETE /v1/agents/{id}`   |                               | `{"released": bool}`             |
 //! | `GET /v1/agents`           |                               | `[{"agent_id","agent_type"}]`    |
 //! | `GET /v1/status`           |                               | `SlaveStatusView`                |
-//! | `GET /metrics`             |                               | Prometheus text (see `metrics.rs`) |
+//! | `GET /metrics`             |                               | Prometheus text (see `metrics.rs`), with the `process_*` metrics |
 //!
 //! Errors are `{"error": "..."}` with status 400 (bad input) or 502 (NATS trouble).
 
@@ -93,12 +93,15 @@ async fn list(State(agent): State<SlaveAgent>) -> Response {
 }
 
 async fn metrics(State(agent): State<SlaveAgent>) -> Response {
+    let process = tokio::task::spawn_blocking(crate::metrics::process_text)
+        .await
+        .unwrap_or_default();
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        agent.metrics_text(),
+        agent.metrics_text() + &process,
     )
         .into_response()
 }

@@ -354,8 +354,9 @@ impl Link {
         };
         match result {
             Err(_) => Ok(Ask::Unavailable(format!(
-                "no answer from the {} master on {subject} within {timeout:?}",
-                self.name()
+                "no answer from the {} master on {subject} within {}",
+                self.name(),
+                lmbus_schemas::human::duration(timeout)
             ))),
             Ok(Err(e)) => match e.kind() {
                 RequestErrorKind::NoResponders => Ok(Ask::Unavailable(format!(

@@ -1,15 +1,8 @@
 //! Prometheus metrics of one slave agent, served by the daemon's local API on
-//! `GET /metrics` (and by [`crate::SlaveAgent::metrics_text`] for library hosts).
-//!
-//! | metric | type | what |
-//! |---|---|---|
-//! | `lmbus_slave_registrations_total{outcome,reason}` | counter | registrations answered to the host, by outcome and reject reason (`local_limit`, `master_unavailable` and `restricted` included) |
-//! | `lmbus_slave_registration_seconds` | histogram | time from the host's call to its answer |
-//! | `lmbus_slave_master_seconds{master}` | histogram | time from sending a request to that master to its answer, per request (each one a coalesced message carried counts) |
-//! | `lmbus_slave_unregistrations_total` | counter | agents released by the host |
-//! | `lmbus_slave_agents{agent_type}` / `lmbus_slave_agents_total` | gauge | seats held here |
-//! | `lmbus_slave_master_connected{master}` | gauge | 1 while that master (`primary`, `secondary`) answers |
-//! | `lmbus_slave_mode{mode}` | gauge | 1 for the current mode: `connected`, `grace` or `restricted` |
+//! `GET /metrics` (and by [`crate::SlaveAgent::metrics_text`] for library hosts, without
+//! the `process_*` metrics, which are the host's to export). README.md's "Metrics" section
+//! lists every metric; the names follow the broker's conventions (`_total` only on
+//! counters, units as suffixes, a `reason` label only on rejections).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,7 +10,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use lmbus_schemas::metrics::{Histogram, escape_label, histogram_header};
+use lmbus_schemas::metrics::{
+    Histogram, ProcessSample, build_info, escape_label, histogram_header,
+};
 
 use crate::master::{Master, PerMaster};
 use crate::status::{SlaveMode, SlaveStatusView};
@@ -65,13 +60,16 @@ impl SlaveMetrics {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if registrations.is_empty() {
-            t.push_str("lmbus_slave_registrations_total{outcome=\"approved\",reason=\"\"} 0\n");
+            t.push_str("lmbus_slave_registrations_total{outcome=\"approved\"} 0\n");
         }
         for ((outcome, reason), n) in registrations {
-            let _ = writeln!(
-                t,
-                "lmbus_slave_registrations_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} {n}"
-            );
+            // A reason only on a rejection: an approval has none, rather than an empty one.
+            let labels = if reason.is_empty() {
+                format!("outcome=\"{outcome}\"")
+            } else {
+                format!("outcome=\"{outcome}\",reason=\"{reason}\"")
+            };
+            let _ = writeln!(t, "lmbus_slave_registrations_total{{{labels}}} {n}");
         }
         histogram_header(
             &mut t,
@@ -102,17 +100,20 @@ impl SlaveMetrics {
             "# HELP lmbus_slave_unregistrations_total Agents released by the host.\n\
              # TYPE lmbus_slave_unregistrations_total counter\n\
              lmbus_slave_unregistrations_total {}\n\
-             # HELP lmbus_slave_agents_total Seats held by this slave.\n\
-             # TYPE lmbus_slave_agents_total gauge\n\
-             lmbus_slave_agents_total {}\n\
-             # HELP lmbus_slave_agents Seats held by this slave, by agent type.\n\
-             # TYPE lmbus_slave_agents gauge",
+             # HELP lmbus_slave_seats_in_use Seats held by this slave's agents.\n\
+             # TYPE lmbus_slave_seats_in_use gauge\n\
+             lmbus_slave_seats_in_use {}\n\
+             # HELP lmbus_slave_agent_type_seats_in_use Seats held by this slave's agents, by agent type.\n\
+             # TYPE lmbus_slave_agent_type_seats_in_use gauge",
             self.unregistrations.load(Ordering::Relaxed),
             status.agents
         );
         for (agent_type, n) in &status.agents_by_type {
             let label = escape_label(agent_type);
-            let _ = writeln!(t, "lmbus_slave_agents{{agent_type=\"{label}\"}} {n}");
+            let _ = writeln!(
+                t,
+                "lmbus_slave_agent_type_seats_in_use{{agent_type=\"{label}\"}} {n}"
+            );
         }
         t.push_str(
             "# HELP lmbus_slave_master_connected 1 while that master answers.\n\
@@ -137,6 +138,26 @@ impl SlaveMetrics {
                 u8::from(status.mode == mode)
             );
         }
+        build_info(&mut t, env!("CARGO_PKG_VERSION"));
         t
     }
+}
+
+/// This process's `process_*` metrics, read from Linux's `/proc` (empty elsewhere), for
+/// the daemon's `/metrics`.
+pub(crate) fn process_text() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let open_fds = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|entries| entries.count() as u64);
+    let mut text = String::new();
+    ProcessSample::parse(
+        &read("/proc/self/stat"),
+        &read("/proc/self/status"),
+        &read("/proc/stat"),
+        &read("/proc/self/limits"),
+        open_fds,
+    )
+    .render(&mut text);
+    text
 }

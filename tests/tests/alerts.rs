@@ -58,7 +58,8 @@ async fn stored(f: &Fixture) -> u64 {
 /// Steps: a broker (it creates the alert stream) and three slaves, one of which goes over
 /// the limit, so alerts are stored while no monitor runs; `tail --since 1h` prints every
 /// stored alert and exits; `--last 2` exactly the last two; `--kind slave_connected` only
-/// the three connections; `--agent-type outbound --severity warning` exactly the one
+/// the three connections, and with `--last 2` the last two of those (counted after the
+/// filter, though a rejection was stored after them); `--agent-type outbound --severity warning` exactly the one
 /// rejection of an outbound agent (s3, over the limit) that the full history holds. Then `tail --since 1h --follow` runs while the nats-server is
 /// killed and started again on the same store: the alerts raised after the restart (a
 /// fourth slave connecting) are printed too, and no alert is printed twice.
@@ -96,6 +97,11 @@ async fn alerts_are_kept_and_tailed_across_a_nats_restart() {
     assert_eq!(last, all[all.len() - 2..].to_vec());
     let connected = history(&f, &["--since", "1h", "--kind", "slave_connected"]).await;
     assert_eq!(connected.len(), 3, "{connected:?}");
+    // --last counts after the filters: the last two connections, although a rejection
+    // was stored after them.
+    assert_ne!(all.last().map(|a| a.kind), Some(AlertKind::SlaveConnected));
+    let last_connected = history(&f, &["--last", "2", "--kind", "slave_connected"]).await;
+    assert_eq!(last_connected, connected[1..].to_vec());
     // Filters combine: exactly the alerts of those that match every one.
     slaves[2].register("a3", "outbound").await.unwrap();
     eventually("the outbound rejection stored", || async {
@@ -202,7 +208,8 @@ async fn alerts_are_kept_and_tailed_across_a_nats_restart() {
 /// audit for s1 holds its hello, both grants and the release from the ledger, and its
 /// connection alert, in time order; the audit for agent b1 is exactly the rejection, with
 /// its reason, from the alert stream (a refusal makes no ledger record); the audit since
-/// the pause holds only the release; `lmbus-monitor audit --slave s2` prints the rejection.
+/// the pause holds only the release; `lmbus-monitor audit --slave s2` prints the rejection;
+/// `--last` keeps the last records about s1 (in the library and the binary, `--last 2`).
 /// `lmbus-broker admin status` (lmstat) then shows 1 of 2 seats in use and both slaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_trail_by_slave_agent_and_time() {
@@ -305,6 +312,23 @@ async fn audit_trail_by_slave_agent_and_time() {
     assert!(text.contains("registration_rejected"), "{text}");
     assert!(text.contains("agent=b1"), "{text}");
     assert!(!text.contains("slave=s1"), "{text}");
+
+    // --last counts after the filters: the last records about s1, whatever came after.
+    let q = AuditQuery {
+        slave: Some("s1".into()),
+        last: Some(1),
+        ..AuditQuery::default()
+    };
+    let last = audit(&f.client, &subjects, &q).await.unwrap().records;
+    assert_eq!(last, trail.records[trail.records.len() - 1..].to_vec());
+    let text = stdout_of(
+        Command::new(bin("lmbus-monitor").unwrap())
+            .args(["--nats", &f.nats.url(), "--cluster", &f.cluster])
+            .args(["audit", "--slave", "s1", "--last", "2"]),
+    )
+    .unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("slave=s1")).collect();
+    assert_eq!(lines.len(), 2, "{text}");
 
     let text = stdout_of(Command::new(bin("lmbus-broker").unwrap()).args([
         "admin",

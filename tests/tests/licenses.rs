@@ -261,3 +261,91 @@ async fn a_copied_slave_license_is_refused_while_its_slave_is_connected() {
     site1.shutdown().await;
     broker.stop().await.unwrap();
 }
+
+/// Steps: with a fresh vendor key, the real `lmbus-license sign` refuses each of: an
+/// existing --out without --force (the file is left as it was), --total on a slave
+/// license, and --agent-type inbound=9 above --total 5, each with a message naming the
+/// problem and nothing written; with --force it replaces the file, which then verifies.
+#[test]
+fn license_tool_refuses_overwrites_and_contradictory_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let tool = bin("lmbus-license").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(&tool)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stderr)
+    };
+    assert!(run(&["keygen", "--out", "."]).0);
+    let sign = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "sign",
+            "--key",
+            "vendor.key",
+            "--out",
+            out,
+            "--customer",
+            "Acme",
+            "--expires",
+            "2099-01-01",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    std::fs::write(dir.path().join("m.lic"), "keep me").unwrap();
+    let (ok, stderr) = sign("m.lic", &["--role", "master", "--total", "5"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("m.lic already exists: pass --force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("m.lic")).unwrap(),
+        "keep me"
+    );
+
+    let (ok, stderr) = sign("s.lic", &["--role", "slave", "--total", "5"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("a slave license has none: use --local"),
+        "{stderr}"
+    );
+    let (ok, stderr) = sign(
+        "t.lic",
+        &[
+            "--role",
+            "master",
+            "--total",
+            "5",
+            "--agent-type",
+            "inbound=9",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("--agent-type inbound=9 is above --total 5"),
+        "{stderr}"
+    );
+    for never in ["s.lic", "t.lic"] {
+        assert!(!dir.path().join(never).exists(), "{never} was written");
+    }
+
+    let (ok, stderr) = sign(
+        "m.lic",
+        &[
+            "--role",
+            "master",
+            "--total",
+            "5",
+            "--agent-type",
+            "inbound=5",
+            "--force",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let (ok, stderr) = run(&["verify", "--vendor-key", "vendor.pub", "m.lic"]);
+    assert!(ok, "{stderr}");
+}

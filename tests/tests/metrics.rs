@@ -1,5 +1,6 @@
-//! The broker's Prometheus endpoint: its text parses as the exposition format and its
-//! counters and gauges match a scripted workload.
+//! The broker's and the slave's Prometheus endpoints: their text parses as the exposition
+//! format (with the `prometheus-parse` crate), follows the naming conventions and its
+//! counters and gauges match a scripted workload; the broker's `/healthz` answers.
 
 #![allow(clippy::unwrap_used)] // in a test, a panic is the failure report
 
@@ -8,77 +9,108 @@ use std::collections::BTreeMap;
 use lmbus_slave::SlaveAgent;
 use lmbus_tests::*;
 
-/// Samples of a Prometheus text exposition, `name{labels}` → value. Panics on any line
-/// that is not a comment, a blank or `name{k="v",…} value`, and on a sample whose family
-/// has no `# TYPE` line before it.
+/// Samples of a Prometheus text exposition, `name{labels}` → value (labels sorted by name;
+/// a histogram's buckets as `name_bucket{…,le="…"}`), parsed by the `prometheus-parse`
+/// crate. Panics on what that parser skips or cannot type and on a name that breaks
+/// Prometheus' conventions: a line it ignores, a sample without `# TYPE` and `# HELP`, a
+/// counter not ending in `_total`, a gauge or histogram ending in it, an empty label value.
 fn parse(text: &str) -> BTreeMap<String, f64> {
-    let mut typed = std::collections::BTreeSet::new();
-    let mut samples = BTreeMap::new();
+    use prometheus_parse::{LineInfo, Scrape, Value};
     for line in text.lines() {
-        if line.is_empty() {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap();
-            assert!(
-                ["counter", "gauge", "histogram"].contains(&kind),
-                "bad type line: {line}"
-            );
-            typed.insert(name.to_owned());
-            continue;
-        }
-        if line.starts_with("# HELP ") {
-            continue;
-        }
-        assert!(!line.starts_with('#'), "stray comment: {line}");
-        let (series, value) = line.rsplit_once(' ').unwrap();
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("bad value: {line}"));
-        let name = match series.split_once('{') {
-            Some((name, labels)) => {
-                let labels = labels.strip_suffix('}').expect("unclosed labels");
-                for pair in labels.split(',') {
-                    let (k, v) = pair.split_once('=').unwrap();
-                    assert!(
-                        k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-                        "bad label name: {line}"
-                    );
-                    assert!(
-                        v.starts_with('"') && v.ends_with('"') && v.len() >= 2,
-                        "bad label value: {line}"
-                    );
-                }
-                name
-            }
-            None => series,
-        };
         assert!(
-            name.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad metric name: {line}"
+            !matches!(LineInfo::parse(line), LineInfo::Ignored),
+            "the parser skips this line: {line:?}"
         );
-        let family = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
-            .unwrap_or(name);
-        assert!(typed.contains(family), "no # TYPE before {line}");
-        samples.insert(series.to_owned(), value);
+    }
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let histograms: std::collections::BTreeSet<&str> = scrape
+        .samples
+        .iter()
+        .filter(|s| matches!(s.value, Value::Histogram(_)))
+        .map(|s| s.metric.as_str())
+        .collect();
+    let series = |name: &str, labels: &BTreeMap<&String, &String>| {
+        if labels.is_empty() {
+            name.to_owned()
+        } else {
+            let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            format!("{name}{{{}}}", pairs.join(","))
+        }
+    };
+    let mut samples = BTreeMap::new();
+    for s in &scrape.samples {
+        let labels: BTreeMap<&String, &String> = s.labels.iter().collect();
+        assert!(
+            labels.values().all(|v| !v.is_empty()),
+            "an empty label value on {}: {labels:?}",
+            s.metric
+        );
+        let family = match &s.value {
+            // Only a histogram's _sum and _count have no # TYPE line of their own.
+            Value::Untyped(_) => ["_sum", "_count"]
+                .iter()
+                .find_map(|suffix| s.metric.strip_suffix(suffix))
+                .filter(|f| histograms.contains(f))
+                .unwrap_or_else(|| panic!("no # TYPE for {}", s.metric)),
+            _ => s.metric.as_str(),
+        };
+        assert!(scrape.docs.contains_key(family), "no # HELP for {family}");
+        match &s.value {
+            Value::Counter(v) => {
+                assert!(
+                    s.metric.ends_with("_total"),
+                    "counter {} without _total",
+                    s.metric
+                );
+                samples.insert(series(&s.metric, &labels), *v);
+            }
+            Value::Gauge(v) | Value::Untyped(v) => {
+                assert!(!s.metric.ends_with("_total"), "{} ends in _total", s.metric);
+                samples.insert(series(&s.metric, &labels), *v);
+            }
+            Value::Histogram(buckets) => {
+                assert!(
+                    s.metric.ends_with("_seconds"),
+                    "histogram {} has no unit",
+                    s.metric
+                );
+                for b in buckets {
+                    let le = if b.less_than.is_infinite() {
+                        "+Inf".to_owned()
+                    } else {
+                        b.less_than.to_string()
+                    };
+                    let mut labels = s.labels.iter().collect::<BTreeMap<_, _>>();
+                    let key = "le".to_owned();
+                    labels.insert(&key, &le);
+                    samples.insert(series(&format!("{}_bucket", s.metric), &labels), b.count);
+                }
+            }
+            Value::Summary(_) => panic!("no summaries expected: {}", s.metric),
+        }
     }
     samples
 }
 
-async fn scrape(port: u16) -> BTreeMap<String, f64> {
-    let text = tokio::task::spawn_blocking(move || {
-        ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+/// `GET http://127.0.0.1:{port}{path}`: its status and body.
+async fn get_text(port: u16, path: &'static str) -> (u16, String) {
+    tokio::task::spawn_blocking(move || {
+        let mut response = ureq::get(&format!("http://127.0.0.1:{port}{path}"))
+            .config()
+            .http_status_as_error(false)
+            .build()
             .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap())
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+async fn scrape(port: u16) -> BTreeMap<String, f64> {
+    let (status, text) = get_text(port, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
     if std::env::var_os("LMBUS_PRINT_METRICS").is_some() {
         eprintln!("{text}");
     }
@@ -88,8 +120,10 @@ async fn scrape(port: u16) -> BTreeMap<String, f64> {
 /// Steps: a broker with `--metrics` and a license of 3 seats (inbound 3); one slave
 /// registers a1..a3 (approved), a4 (rejected: aggregate_limit) and an agent of an unknown
 /// type (rejected), unregisters a1, then registers a4 (approved). The scrape shows 4
-/// approvals, one rejection per reason, 1 unregistration, 7 timed decisions, 3 seats in
-/// use of 3, one connected slave, leadership, no ledger lag, and the rejection alerts.
+/// approvals (without a reason label), one rejection per reason, 1 unregistration, 7 timed
+/// decisions, 3 seats in use of 3, the license's expiry, one connected slave, leadership,
+/// no ledger lag, the rejection alerts, the build and this process's `process_*` metrics;
+/// `/healthz` answers 200 as leader.
 #[tokio::test]
 async fn metrics_match_a_scripted_workload() {
     let f = Fixture::new().await.unwrap();
@@ -117,7 +151,7 @@ async fn metrics_match_a_scripted_workload() {
     // The gauges are refreshed every tick (100 ms here).
     let mut m = scrape(port).await;
     for _ in 0..100 {
-        if m.get("lmbus_seats_in_use_total") == Some(&3.0) {
+        if m.get("lmbus_seats_in_use") == Some(&3.0) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -127,10 +161,7 @@ async fn metrics_match_a_scripted_workload() {
         *m.get(k)
             .unwrap_or_else(|| panic!("no sample {k} in {m:#?}"))
     };
-    assert_eq!(
-        get(r#"lmbus_registrations_total{outcome="approved",reason=""}"#),
-        4.0
-    );
+    assert_eq!(get(r#"lmbus_registrations_total{outcome="approved"}"#), 4.0);
     assert_eq!(
         get(r#"lmbus_registrations_total{outcome="rejected",reason="aggregate_limit"}"#),
         1.0
@@ -151,10 +182,52 @@ async fn metrics_match_a_scripted_workload() {
         appends
     );
     assert!(get("lmbus_ledger_append_seconds_sum") > 0.0);
-    assert_eq!(get("lmbus_seats_in_use_total"), 3.0);
-    assert_eq!(get(r#"lmbus_seats_in_use{agent_type="inbound"}"#), 3.0);
-    assert_eq!(get(r#"lmbus_seat_limit{agent_type="inbound"}"#), 3.0);
-    assert_eq!(get("lmbus_seat_limit_total"), 3.0);
+    assert_eq!(get("lmbus_seats_in_use"), 3.0);
+    assert_eq!(
+        get(r#"lmbus_agent_type_seats_in_use{agent_type="inbound"}"#),
+        3.0
+    );
+    assert_eq!(
+        get(r#"lmbus_agent_type_seats_limit{agent_type="inbound"}"#),
+        3.0
+    );
+    assert_eq!(get("lmbus_seats_limit"), 3.0);
+    // The vendor's licenses end on their last valid day; the gauge is the instant after it.
+    let license = f.vendor.master(3, &[("inbound", 3)]).unwrap();
+    let expires =
+        lmbus_schemas::read_license_unverified(&std::fs::read_to_string(&license).unwrap())
+            .unwrap()
+            .expires;
+    assert_eq!(
+        get("lmbus_license_expiry_timestamp_seconds"),
+        (expires.midnight().assume_utc().unix_timestamp() + 86_400) as f64
+    );
+    assert_eq!(
+        get(&format!(
+            r#"lmbus_build_info{{version="{}"}}"#,
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
+    // This process's own (the broker runs in it): Linux's /proc read at scrape time.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = get("process_start_time_seconds");
+    assert!(
+        started <= now + 1.0 && started > now - 3600.0,
+        "started {started}, now {now}"
+    );
+    assert!(get("process_resident_memory_bytes") > 1e6);
+    assert!(get("process_open_fds") >= 3.0);
+    assert!(get("process_max_fds") >= get("process_open_fds"));
+    assert!(get("process_cpu_seconds_total") >= 0.0);
+    let (status, health) = get_text(port, "/healthz").await;
+    assert_eq!(
+        (status, health.as_str()),
+        (200, "ok: leader, connected to NATS\n")
+    );
     assert_eq!(get("lmbus_slaves_connected"), 1.0);
     assert_eq!(get("lmbus_leader"), 1.0);
     assert_eq!(get("lmbus_ledger_lag_records"), 0.0);
@@ -170,7 +243,8 @@ async fn metrics_match_a_scripted_workload() {
 /// Steps: a broker with 2 seats; a slave daemon's API (served in process) in front of a
 /// slave that registers a1, a2 (approved) and a3 (rejected: aggregate_limit) and releases
 /// a1. Its `/metrics` parses and shows 2 approvals, 1 rejection by reason, 3 timed
-/// answers, 1 unregistration, 1 agent held, the primary master connected, mode connected.
+/// answers, 1 unregistration, 1 agent held, the primary master connected, mode connected,
+/// the build and the `process_*` metrics.
 #[tokio::test]
 async fn the_slave_daemon_serves_its_metrics() {
     let f = Fixture::new().await.unwrap();
@@ -197,7 +271,7 @@ async fn the_slave_daemon_serves_its_metrics() {
             .unwrap_or_else(|| panic!("no sample {k} in {m:#?}"))
     };
     assert_eq!(
-        get(r#"lmbus_slave_registrations_total{outcome="approved",reason=""}"#),
+        get(r#"lmbus_slave_registrations_total{outcome="approved"}"#),
         2.0
     );
     assert_eq!(
@@ -209,12 +283,23 @@ async fn the_slave_daemon_serves_its_metrics() {
     let answered = get(r#"lmbus_slave_master_seconds_count{master="primary"}"#);
     assert!(answered >= 5.0, "{answered} answers");
     assert_eq!(
-        get(r#"lmbus_slave_master_seconds_bucket{master="primary",le="+Inf"}"#),
+        get(r#"lmbus_slave_master_seconds_bucket{le="+Inf",master="primary"}"#),
         answered
     );
     assert_eq!(get("lmbus_slave_unregistrations_total"), 1.0);
-    assert_eq!(get("lmbus_slave_agents_total"), 1.0);
-    assert_eq!(get(r#"lmbus_slave_agents{agent_type="inbound"}"#), 1.0);
+    assert_eq!(get("lmbus_slave_seats_in_use"), 1.0);
+    assert_eq!(
+        get(r#"lmbus_slave_agent_type_seats_in_use{agent_type="inbound"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(&format!(
+            r#"lmbus_build_info{{version="{}"}}"#,
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
+    assert!(get("process_open_fds") >= 3.0);
     assert_eq!(
         get(r#"lmbus_slave_master_connected{master="primary"}"#),
         1.0
@@ -225,4 +310,62 @@ async fn the_slave_daemon_serves_its_metrics() {
     server.await.unwrap().unwrap();
     slave.shutdown().await;
     broker.stop().await.unwrap();
+}
+
+/// Steps: a leader with `--metrics` (priority 1) and a second replica of the same cluster
+/// with its own `--metrics` (priority 2), which stays standby. The standby's scrape parses,
+/// says `lmbus_leader 0`, has the license's limits and expiry and none of the seat and slave
+/// gauges; its `/healthz` answers 200 as standby. After its NATS server stops, `/healthz`
+/// answers 503.
+#[tokio::test]
+async fn a_standby_says_it_omits_the_seat_gauges() {
+    let f = Fixture::new().await.unwrap();
+    let license = f.vendor.master(3, &[("inbound", 3)]).unwrap();
+    let (leader_port, standby_port) = (free_port(), free_port());
+    let mut cfg = broker_config(&f.nats, &f.cluster, license.clone(), &f.vendor, true);
+    cfg.metrics = Some(format!("127.0.0.1:{leader_port}").parse().unwrap());
+    let leader = Broker::start(cfg).await.unwrap();
+    let mut cfg = broker_config(&f.nats, &f.cluster, license, &f.vendor, true);
+    cfg.broker_id = "test-standby".into();
+    cfg.priority = 2;
+    cfg.metrics = Some(format!("127.0.0.1:{standby_port}").parse().unwrap());
+    let standby = Broker::start(cfg).await.unwrap();
+    eventually("the leader exports its seat gauges", || async {
+        let m = scrape(leader_port).await;
+        m.get("lmbus_leader") == Some(&1.0) && m.contains_key("lmbus_seats_in_use")
+    })
+    .await
+    .unwrap();
+    let m = scrape(standby_port).await;
+    assert_eq!(m.get("lmbus_leader"), Some(&0.0), "{m:#?}");
+    assert_eq!(m.get("lmbus_seats_limit"), Some(&3.0), "{m:#?}");
+    assert!(
+        m.contains_key("lmbus_license_expiry_timestamp_seconds"),
+        "{m:#?}"
+    );
+    for name in m.keys() {
+        assert!(
+            !name.contains("seats_in_use") && !name.starts_with("lmbus_slaves_"),
+            "a standby exports {name}"
+        );
+    }
+    let (status, health) = get_text(standby_port, "/healthz").await;
+    assert_eq!(
+        (status, health.as_str()),
+        (200, "ok: standby, connected to NATS\n")
+    );
+    let Fixture { nats, .. } = f;
+    drop(nats);
+    eventually("/healthz answers 503 without NATS", || async {
+        get_text(standby_port, "/healthz").await.0 == 503
+    })
+    .await
+    .unwrap();
+    let (_, health) = get_text(standby_port, "/healthz").await;
+    assert!(
+        health.starts_with("unhealthy: standby, NATS connection"),
+        "{health}"
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), standby.stop()).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), leader.stop()).await;
 }

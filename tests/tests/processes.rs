@@ -142,7 +142,8 @@ async fn monitor_tails_alerts_and_shows_licenses() {
 /// the `lmbus-slave register` CLI through the daemon's local API; SIGKILL the slave; the
 /// broker raises `slave_disconnected` after the missed heartbeats and keeps both seats;
 /// a restarted slave with the same id says hello with no agents and the master releases
-/// the stale seats; SIGTERM stops the broker cleanly with a `broker_stopped` alert.
+/// the stale seats; SIGTERM stops the broker cleanly with a `broker_stopped` alert. Its log
+/// reads for people (no `slave=None`, plurals that agree, durations not in ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_slave_is_detected_and_restart_releases_stale_seats() {
     let f = Fixture::new().await.unwrap();
@@ -254,13 +255,44 @@ async fn killed_slave_is_detected_and_restart_releases_stale_seats() {
             .unwrap()
             .success()
     );
+    // The broker's log reads for people: no `slave=None` on alerts about no slave, the
+    // slave named where there is one, seats counted in agreement, silence not in ms.
+    let log = log();
+    assert!(!log.contains("slave=None"), "{log}");
+    assert!(log.contains("slave=site-k"), "{log}");
+    let started = log
+        .lines()
+        .find(|l| l.contains("started as a replica"))
+        .unwrap();
+    assert!(!started.contains("slave="), "{started}");
+    assert!(
+        started.contains("(10 seats, unlicensed slaves allowed)"),
+        "{started}"
+    );
+    let lost = log
+        .lines()
+        .find(|l| l.contains("no heartbeat for"))
+        .unwrap();
+    assert!(lost.contains("its 2 seats are kept"), "{lost}");
+    // Milliseconds only below a second ("400 ms"), never "1600 ms".
+    let silence = lost.split("no heartbeat for ").nth(1).unwrap();
+    let silence = silence.split(" (").next().unwrap();
+    assert!(
+        silence
+            .strip_suffix(" ms")
+            .is_none_or(|n| n.parse::<u32>().is_ok_and(|n| n < 1000))
+            || silence.ends_with(" s"),
+        "{lost}"
+    );
+    assert!(log.contains("stopping with 0 seats in use"), "{log}");
 }
 
 /// Steps: a broker with 5 seats; a slave takes 3. `lmbus-broker admin reload-license`
 /// (the real binary) with a tampered file fails naming the file and changes nothing; with
 /// a valid license of 2 seats it succeeds and says nobody is logged out. The status shows
-/// the limit of 2 with the 3 seats still held, a `license_reloaded` alert goes out, and a
-/// new registration is rejected `aggregate_limit` until usage falls below the limit.
+/// the limit of 2 with the 3 seats still held, a `license_reloaded` alert goes out;
+/// reloading the same file again says "nothing changed", naming it; a new registration is
+/// rejected `aggregate_limit` until usage falls below the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_license_lowers_the_limit_and_logs_nobody_out() {
     let f = Fixture::new().await.unwrap();
@@ -314,6 +346,16 @@ async fn reload_license_lowers_the_limit_and_logs_nobody_out() {
         .await
         .unwrap();
     assert!(alert.message.contains("test-ops"), "{}", alert.message);
+    // The same file again changes nothing, and says so.
+    let out = tokio::task::block_in_place(|| reload(&lower));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("nothing changed:"), "{stdout}");
+    assert!(stdout.contains(&lower.display().to_string()), "{stdout}");
     assert!(!slave.register("a4", "inbound").await.unwrap().is_approved());
     assert_eq!(slave.agents().len(), 3, "nobody was logged out");
     assert!(slave.unregister("a1").await.unwrap());
@@ -403,4 +445,38 @@ async fn drain_hands_the_lead_to_another_replica() {
     slave.shutdown().await;
     b2.stop().await.unwrap();
     b1.stop().await.unwrap();
+}
+
+/// Steps: `lmbus-broker run --stream-replicas 3` (the real binary) against one
+/// nats-server, which is not clustered: it exits with an error within a bound that says
+/// "this NATS is not clustered: use --stream-replicas 1", and no permission hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_replicas_above_one_on_a_single_server_say_so() {
+    let f = Fixture::new().await.unwrap();
+    let master = f.vendor.master(10, &[]).unwrap();
+    let log_path = f.vendor.dir().join("replicas.log");
+    let mut broker = Proc::spawn(
+        Command::new(bin("lmbus-broker").unwrap())
+            .args(["run", "--nats", &f.nats.url(), "--cluster", &f.cluster])
+            .arg("--license")
+            .arg(&master)
+            .arg("--vendor-key")
+            .arg(f.vendor.public_key_path())
+            .args(["--stream-replicas", "3"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap()),
+    )
+    .unwrap();
+    let status = tokio::task::block_in_place(|| broker.wait_timeout(WAIT)).unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!status.success(), "{log}");
+    let error = log
+        .lines()
+        .find(|l| l.starts_with("lmbus-broker: error:"))
+        .unwrap_or_else(|| panic!("no error line in\n{log}"));
+    assert!(
+        error.contains("this NATS is not clustered: use --stream-replicas 1"),
+        "{error}"
+    );
+    assert!(!error.contains("permission"), "{error}");
 }

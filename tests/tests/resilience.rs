@@ -264,7 +264,7 @@ async fn operator_release_logs_the_agent_out() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("released 1 seats of slave site: a1"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("released 1 seat of slave site: a1"));
     match tokio::time::timeout(WAIT, events.recv())
         .await
         .unwrap()

@@ -25,13 +25,18 @@ pub struct DemoArgs {
     /// How long the workload runs.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// NATS URL to use if something answers there; otherwise a local nats-server is
-    /// started on a free port [default: nats://127.0.0.1:4222].
+    /// NATS URL to use if something answers there (any server: the demo's streams are
+    /// made there and removed at the end); otherwise a local nats-server is started on a
+    /// free port [default: nats://127.0.0.1:4222].
     #[arg(long)]
     pub nats: Option<String>,
     /// Always start a private nats-server, even if one answers at --nats.
     #[arg(long)]
     pub own_nats: bool,
+    /// Keep the directory with the keys, licenses and logs [default: removed at the end,
+    /// unless the demo failed].
+    #[arg(long)]
+    pub keep: bool,
     /// Do not run `cargo build` first (the binaries must already be built).
     #[arg(long)]
     pub no_build: bool,
@@ -228,13 +233,25 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let _own_server;
     let using_shared_nats = !args.own_nats && nats::reachable(&url);
     let url = if using_shared_nats {
-        println!("demo: using the NATS server at {url}");
+        println!(
+            "demo: using the NATS server already answering at {url}{}; pass --own-nats to start a private one instead",
+            if args.nats.is_none() {
+                " (the default --nats)"
+            } else {
+                ""
+            }
+        );
         url
     } else {
         let bin = nats::ensure_server()?;
         let server = nats::LocalServer::start(&bin)?;
         println!(
-            "demo: no NATS to use at {url}; started {} with JetStream at {}",
+            "demo: {}; started {} with JetStream at {}",
+            if args.own_nats {
+                "a private NATS (--own-nats)".to_owned()
+            } else {
+                format!("no NATS answers at {url}")
+            },
             bin.display(),
             server.url
         );
@@ -247,9 +264,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     // NATS) is never replayed into this one.
     let cluster = format!("demo-{}", std::process::id());
     let cluster = cluster.as_str();
-    let work = tempfile::Builder::new().prefix("lmbus-demo-").tempdir()?;
-    let dir = work.path();
-    println!("demo: keys, licenses and logs in {}", dir.display());
+    let mut work = tempfile::Builder::new().prefix("lmbus-demo-").tempdir()?;
+    work.disable_cleanup(args.keep);
+    let work_dir = work.path().to_owned();
+    let dir = work_dir.as_path();
+    println!(
+        "demo: keys, licenses and logs in {} ({})",
+        dir.display(),
+        if args.keep {
+            "kept afterwards"
+        } else {
+            "removed at the end unless the demo fails; --keep keeps it"
+        }
+    );
     check(
         Command::new(&license_bin)
             .args(["keygen", "--out"])
@@ -534,9 +561,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         missing.push("a registration_rejected alert in the monitor");
     }
     if !missing.is_empty() {
+        // The logs explain it: they stay.
+        work.disable_cleanup(true);
         bail!(
-            "the demo did not show {}: see the logs in {}",
+            "the demo did not show {}: see the logs in {} (kept)",
             missing.join(", "),
+            dir.display()
+        );
+    }
+    if args.keep {
+        println!("demo: keys, licenses and logs kept in {}", dir.display());
+    } else {
+        println!(
+            "demo: removed {} (run with --keep to keep it)",
             dir.display()
         );
     }

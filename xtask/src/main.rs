@@ -164,6 +164,7 @@ fn test(no_demo: bool) -> anyhow::Result<()> {
             nats: None,
             own_nats: true,
             no_build: true,
+            keep: false,
         })?;
     }
     eprintln!("\nxtask: all checks passed");

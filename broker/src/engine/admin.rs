@@ -1,12 +1,17 @@
 //! An operator's commands: a license reload and a forced release of seats.
 
+use lmbus_schemas::human::plural;
 use lmbus_schemas::{
     AlertKind, ControlMessage, RejectReason, RejectedAgent, ReleaseReply, ReleaseRequest,
-    ReloadReply, ReloadRequest, Role, SeatChange, Severity, SlaveId, verify_license,
+    ReloadReply, ReloadRequest, Role, SeatChange, Severity, SlaveId, printable, truncated,
+    verify_license,
 };
 use time::Date;
 
 use super::{Answer, Effect, Engine, Output};
+
+/// Longest license file name an error repeats (it came from the network).
+const MAX_FILE_NAME: usize = 256;
 
 impl Engine {
     /// An operator's new master license (`admin reload-license`, like lmreread): verified
@@ -15,14 +20,16 @@ impl Engine {
     /// nobody out: new registrations are rejected until usage is below it, and the reply
     /// and the alert say so.
     pub(super) fn reload_license(&mut self, request: &ReloadRequest, today: Date) -> Output {
-        let checked = verify_license(
-            &request.license,
-            "the reloaded license",
-            &self.cfg.vendor_key,
-        )
-        .and_then(|l| {
-            l.check_dates(today, "the reloaded license")?;
-            l.require_role(Role::Master, "the reloaded license")?;
+        // The operator's path, shown as a person sees it (from an older client: a
+        // description instead).
+        let file = if request.file.is_empty() {
+            "(reloaded, name not sent)".to_owned()
+        } else {
+            printable(&truncated(&request.file, MAX_FILE_NAME)).into_owned()
+        };
+        let checked = verify_license(&request.license, &file, &self.cfg.vendor_key).and_then(|l| {
+            l.check_dates(today, &file)?;
+            l.require_role(Role::Master, &file)?;
             Ok(l)
         });
         let license = match checked {
@@ -36,6 +43,18 @@ impl Engine {
                 };
             }
         };
+        if license == self.cfg.license {
+            // The same license again: nothing to record, nobody to alert.
+            return Output {
+                reply: Some(Answer::Reload(ReloadReply::Reloaded {
+                    message: format!(
+                        "nothing changed: license {} for {} in {file} is already in force",
+                        license.id, license.customer
+                    ),
+                })),
+                ..Output::default()
+            };
+        }
         let old_total = self.total_limit();
         self.cfg.license = license;
         self.license_text = Some(request.license.clone());
@@ -43,14 +62,21 @@ impl Engine {
         let mut over = Vec::new();
         if self.total_in_use > new_total {
             over.push(format!(
-                "{} seats in use, total limit {new_total}",
-                self.total_in_use
+                "{} in use, total limit {new_total}",
+                plural(u64::from(self.total_in_use), "seat", "seats")
             ));
         }
         for (agent_type, limit) in &self.cfg.license.limits.agent_types {
             let used = self.in_use_by_type.get(agent_type).copied().unwrap_or(0);
             if used > *limit {
-                over.push(format!("{used} '{agent_type}' seats in use, limit {limit}"));
+                over.push(format!(
+                    "{} in use, limit {limit}",
+                    plural(
+                        u64::from(used),
+                        &format!("'{agent_type}' seat"),
+                        &format!("'{agent_type}' seats")
+                    )
+                ));
             }
         }
         let who = if request.operator.is_empty() {
@@ -135,8 +161,8 @@ impl Engine {
                 Severity::Warning,
                 AlertKind::SeatsReleased,
                 format!(
-                    "{who} released {} seats of slave {id}: {}",
-                    agents.len(),
+                    "{who} released {} of slave {id}: {}",
+                    plural(agents.len() as u64, "seat", "seats"),
                     agents.join(", ")
                 ),
             )

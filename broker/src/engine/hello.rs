@@ -2,6 +2,7 @@
 //! stale-hello guard and the timing rule) and reconciling the seats it claims with the
 //! master's.
 
+use lmbus_schemas::human::{duration, plural};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -128,9 +129,9 @@ impl Engine {
                     &id,
                     RejectReason::TimingRule,
                     format!(
-                        "the master's reclaim margin ({} ms) must exceed the slave's longest request (request timeout plus the longer of its failover and election waits) plus 1% of its grace period ({} ms): raise --reclaim-margin on the broker or lower --request-timeout / --failover-wait / --election-wait on the slave",
-                        self.cfg.reclaim_margin.as_millis(),
-                        needed.as_millis()
+                        "the master's reclaim margin ({}) must exceed the slave's longest request (request timeout plus the longer of its failover and election waits) plus 1% of its grace period ({}): raise --reclaim-margin on the broker or lower --request-timeout / --failover-wait / --election-wait on the slave",
+                        duration(self.cfg.reclaim_margin),
+                        duration(needed)
                     ),
                 );
             }
@@ -302,22 +303,26 @@ impl Engine {
             None => "unlicensed".to_owned(),
         };
         let held = self.slaves.get(&id).map_or(0, |s| s.agents.len());
+        let held = plural(held as u64, "agent", "agents");
         let mut message = if was_connected {
-            format!("slave {id} reconciled its seats, {terms}, holding {held} agents")
+            format!("slave {id} reconciled its seats, {terms}, holding {held}")
         } else {
-            format!("slave {id} connected, {terms}, holding {held} agents")
+            format!("slave {id} connected, {terms}, holding {held}")
         };
         if !stale.is_empty() {
             message.push_str(&format!(
-                ", {} seats it no longer claims released",
-                stale.len()
+                ", {} it no longer claims released",
+                plural(stale.len() as u64, "seat", "seats")
             ));
         }
         if restarted {
             message.push_str(" (new process instance)");
         }
         if !rejected.is_empty() {
-            message.push_str(&format!(", {} agents refused on reconcile", rejected.len()));
+            message.push_str(&format!(
+                ", {} refused on reconcile",
+                plural(rejected.len() as u64, "agent", "agents")
+            ));
         }
         // A reconcile of a live session that changed nothing is not news.
         if !was_connected || !stale.is_empty() || !rejected.is_empty() {

@@ -1,6 +1,7 @@
 //! Whether slaves are alive: heartbeats (with their books, which may ask for a new hello)
 //! and the tick (silence, reclaim under the timing rule, counts and license expiry alerts).
 
+use lmbus_schemas::human::{duration, plural};
 use std::time::Instant;
 
 use lmbus_schemas::{
@@ -87,15 +88,15 @@ impl Engine {
                     Severity::Warning,
                     AlertKind::SeatsReclaimed,
                     format!(
-                        "reclaimed {} seats{} of slave {id}: silent for {} ms, past its grace period plus the {} ms margin (it has logged its agents out by now)",
-                        agents.len(),
+                        "reclaimed {}{} of slave {id}: silent for {}, past its grace period plus the {} margin (it has logged its agents out by now)",
+                        plural(agents.len() as u64, "seat", "seats"),
                         if allotted > 0 {
-                            format!(" and {allotted} free allotted seats")
+                            format!(" and {}", plural(u64::from(allotted), "free allotted seat", "free allotted seats"))
                         } else {
                             String::new()
                         },
-                        silent.as_millis(),
-                        margin.as_millis()
+                        duration(silent),
+                        duration(margin)
                     ),
                 )
                 .slave(id.as_str())
@@ -108,8 +109,9 @@ impl Engine {
                     Severity::Warning,
                     AlertKind::SlaveDisconnected,
                     format!(
-                        "slave {id} disconnected: no heartbeat for {} ms ({missed} intervals); its {seats} seats are kept until it reconnects",
-                        silence.as_millis()
+                        "slave {id} disconnected: no heartbeat for {} ({missed} intervals); its {} kept until it reconnects",
+                        duration(silence),
+                        plural(seats as u64, "seat is", "seats are")
                     ),
                 )
                 .slave(id.as_str())

@@ -138,7 +138,7 @@ pub(super) fn admin_release(engine: &mut Engine, msg: &Message) -> Output {
         engine,
         msg,
         |request: ReleaseRequest| {
-            info!(slave = %request.slave_id, agent = ?request.agent_id, operator = %request.operator, "admin release");
+            info!(slave = %request.slave_id, agent = request.agent_id.as_deref().map(tracing::field::display), operator = %request.operator, "admin release");
             Event::Release { request }
         },
         |message| Answer::Release(ReleaseReply::Error { message }),

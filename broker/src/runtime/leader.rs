@@ -3,6 +3,7 @@
 //! are recorded, serving status, admin requests, replica beats and the tick beside them.
 //! Each `select!` arm of the loop is one method.
 
+use lmbus_schemas::human::{duration, plural};
 use std::future::Future;
 use std::time::Duration;
 
@@ -176,12 +177,12 @@ impl<'a> Leader<'a> {
                 Severity::Info,
                 AlertKind::LeaderElected,
                 format!(
-                    "broker {} leads cluster {} in term {term}: it won the free lease (priority {}) and caught up with the ledger to sequence {caught_up} in {} ms; {} seats in use",
+                    "broker {} leads cluster {} in term {term}: it won the free lease (priority {}) and caught up with the ledger to sequence {caught_up} in {}; {} in use",
                     cfg.broker_id,
                     cfg.cluster,
                     cfg.priority,
-                    started.elapsed().as_millis(),
-                    self.replica.engine.total_in_use()
+                    duration(started.elapsed()),
+                    plural(u64::from(self.replica.engine.total_in_use()), "seat", "seats")
                 ),
             )
             .counts(std::collections::BTreeMap::from([(

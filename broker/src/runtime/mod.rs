@@ -29,6 +29,7 @@ mod standby;
 mod tasks;
 mod term;
 
+use lmbus_schemas::human::plural;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -131,10 +132,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         max_agents_per_slave: cfg.max_agents_per_slave,
         allot: cfg.allot.clone(),
     };
-    let metrics = Metrics::new(
-        license.limits.total.unwrap_or(0),
-        license.limits.agent_types.clone().into_iter().collect(),
-    );
+    let metrics = Metrics::new(&license);
     let io = Io {
         client: client.clone(),
         subjects: subjects.clone(),
@@ -146,12 +144,12 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         Severity::Info,
         AlertKind::BrokerStarted,
         format!(
-            "broker {} started as a replica of cluster {} (priority {}) with license {} ({} seats{}); ledger {}",
+            "broker {} started as a replica of cluster {} (priority {}) with license {} ({}{}); ledger {}",
             cfg.broker_id,
             cfg.cluster,
             cfg.priority,
             license.id,
-            license.limits.total.unwrap_or(0),
+            plural(u64::from(license.limits.total.unwrap_or(0)), "seat", "seats"),
             if cfg.allow_unlicensed_slaves {
                 ", unlicensed slaves allowed"
             } else {
@@ -166,10 +164,15 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     let applied = Arc::new(AtomicU64::new(0));
     let metrics_server = match cfg.metrics {
         Some(addr) => {
-            let (bound, task) =
-                crate::metrics::serve(addr, metrics.clone(), applied.clone(), ledger.clone())
-                    .await?;
-            info!("Prometheus metrics on http://{bound}/metrics");
+            let (bound, task) = crate::metrics::serve(
+                addr,
+                client.clone(),
+                metrics.clone(),
+                applied.clone(),
+                ledger.clone(),
+            )
+            .await?;
+            info!("Prometheus metrics on http://{bound}/metrics, health on http://{bound}/healthz");
             Some(task)
         }
         None => None,
@@ -198,11 +201,11 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         stop.clone(),
     ));
     let usage = Usage::new(cfg.report.at_minute);
-    let mut replica = restore(&engine_cfg, applied.clone(), &snapshots, usage.clone())
+    let mut replica = restore(&engine_cfg, applied.clone(), metrics.clone(), &snapshots, usage.clone())
         .await
         .unwrap_or_else(|e| {
             warn!(error = %format!("{e:#}"), "cannot load the latest snapshot: replaying the ledger from its first record");
-            Replica::new(&engine_cfg, applied.clone(), usage)
+            Replica::new(&engine_cfg, applied.clone(), metrics.clone(), usage)
         });
     let mut snapshotter = Snapshotter {
         snapshots: snapshots.clone(),
@@ -253,6 +256,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 match restore(
                     &engine_cfg,
                     applied.clone(),
+                    metrics.clone(),
                     &snapshots,
                     replica.usage.clone(),
                 )
@@ -317,11 +321,11 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 .await;
                 if rebuild {
                     let usage = replica.usage.clone();
-                    replica = restore(&engine_cfg, applied.clone(), &snapshots, usage.clone())
+                    replica = restore(&engine_cfg, applied.clone(), metrics.clone(), &snapshots, usage.clone())
                         .await
                         .unwrap_or_else(|e| {
                             warn!(error = %format!("{e:#}"), "cannot load the latest snapshot: replaying the ledger from its first record");
-                            Replica::new(&engine_cfg, applied.clone(), usage)
+                            Replica::new(&engine_cfg, applied.clone(), metrics.clone(), usage)
                         });
                 }
             }
@@ -333,9 +337,9 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         Severity::Info,
         AlertKind::BrokerStopped,
         format!(
-            "broker {} stopping with {} seats in use",
+            "broker {} stopping with {} in use",
             cfg.broker_id,
-            replica.engine.total_in_use()
+            plural(u64::from(replica.engine.total_in_use()), "seat", "seats")
         ),
     ))
     .await;

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::field::display;
 
 use async_nats::{Client, Message, Subject, ToSubject};
 use lmbus_schemas::{Alert, Decision, Reply, Severity, StatusReply, Subjects, encode, truncated};
@@ -82,9 +83,11 @@ impl Io {
         if alert.source.is_empty() {
             alert.source = self.broker_id.clone();
         }
+        // No slave field at all when the alert is about none (not `slave=None`).
+        let slave = alert.slave.as_deref().map(display);
         match alert.severity {
-            Severity::Info => info!(kind = %alert.kind, slave = ?alert.slave, "{}", alert.message),
-            _ => warn!(kind = %alert.kind, slave = ?alert.slave, "{}", alert.message),
+            Severity::Info => info!(kind = %alert.kind, slave, "{}", alert.message),
+            _ => warn!(kind = %alert.kind, slave, "{}", alert.message),
         }
         self.metrics
             .alert(alert.kind.token(), alert.severity.token());

@@ -2,6 +2,7 @@
 //! it is, the report period's usage, and how a ledger record or the latest snapshot is
 //! applied to it.
 
+use lmbus_schemas::human::HumanDuration;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -12,6 +13,7 @@ use tracing::{error, info};
 
 use crate::engine::{Engine, EngineConfig, ReplayError};
 use crate::ledger::{Gap, Record};
+use crate::metrics::Metrics;
 use crate::report::{LicenseFacts, Usage};
 use crate::snapshot::Snapshots;
 
@@ -24,6 +26,8 @@ pub(super) struct Replica {
     pub(super) applied: u64,
     /// `applied`, for the presence task's beats.
     shared: Arc<AtomicU64>,
+    /// Told the license in force after every record, for its gauges on every replica.
+    metrics: Arc<Metrics>,
     /// Seat usage of the report period, fed after every record; carried over when the
     /// replica is rebuilt.
     pub(super) usage: Usage,
@@ -39,12 +43,19 @@ pub(super) struct Replica {
 const MAX_QUARANTINED: usize = 16;
 
 impl Replica {
-    pub(super) fn new(cfg: &EngineConfig, shared: Arc<AtomicU64>, usage: Usage) -> Self {
+    pub(super) fn new(
+        cfg: &EngineConfig,
+        shared: Arc<AtomicU64>,
+        metrics: Arc<Metrics>,
+        usage: Usage,
+    ) -> Self {
         shared.store(0, Ordering::Relaxed);
+        metrics.set_license(&cfg.license);
         Self {
             engine: Engine::new(cfg.clone()),
             applied: 0,
             shared,
+            metrics,
             usage,
             quarantined: Vec::new(),
             leader: None,
@@ -54,6 +65,7 @@ impl Replica {
     pub(super) fn set_applied(&mut self, sequence: u64) {
         self.applied = sequence;
         self.shared.store(sequence, Ordering::Relaxed);
+        self.metrics.set_license(&self.engine.config().license);
         self.observe_usage();
     }
 
@@ -153,11 +165,12 @@ pub(super) enum ApplyError {
 pub(super) async fn restore(
     cfg: &EngineConfig,
     shared: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
     snapshots: &Snapshots,
     usage: Usage,
 ) -> anyhow::Result<Replica> {
     let started = Instant::now();
-    let mut replica = Replica::new(cfg, shared, usage);
+    let mut replica = Replica::new(cfg, shared, metrics, usage);
     let Some(loaded) = snapshots.load_latest().await? else {
         return Ok(replica);
     };
@@ -177,7 +190,7 @@ pub(super) async fn restore(
         ledger_sequence = loaded.manifest.ledger_sequence,
         seats = loaded.manifest.seats,
         slaves = loaded.manifest.slaves,
-        took = ?started.elapsed(),
+        took = %HumanDuration(started.elapsed()),
         "loaded the latest snapshot"
     );
     Ok(replica)

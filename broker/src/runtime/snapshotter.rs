@@ -1,6 +1,7 @@
 //! The leader's snapshots, written in a task beside it so that the leader only pays for
 //! copying its state; the ledger is trimmed behind them when `--ledger-trim` asks for it.
 
+use lmbus_schemas::human::HumanDuration;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -76,7 +77,7 @@ impl Snapshotter {
                         seats = manifest.seats,
                         chunks = manifest.chunks,
                         ?copied,
-                        took = ?written.elapsed(),
+                        took = %HumanDuration(written.elapsed()),
                         "wrote a snapshot"
                     );
                     // Keep the records after the previous snapshot: a standby that lags by

@@ -3,6 +3,7 @@
 //! quarantined records' alert), subscribing and telling every slave `new_leader`; then the
 //! [`Leader`] loop serves.
 
+use lmbus_schemas::human::HumanDuration;
 use std::future::Future;
 use std::time::Duration;
 
@@ -116,7 +117,7 @@ impl Term<'_> {
             }
         };
         if failures > 0 {
-            info!(failures, waited = ?started.elapsed(), "caught up with the ledger after retrying");
+            info!(failures, waited = %HumanDuration(started.elapsed()), "caught up with the ledger after retrying");
         }
         Ok(caught_up)
     }

@@ -2,6 +2,7 @@
 //! the session is lost, to every master in use; the other master readied; the active one
 //! chosen again) and the masters' control messages, until told to stop.
 
+use lmbus_schemas::human::HumanDuration;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -47,7 +48,7 @@ impl Inner {
         });
         drop(state);
         warn!(
-            grace = ?self.policy.grace_period(),
+            grace = %HumanDuration(self.policy.grace_period()),
             logged_out,
             policy = ?self.policy.after_grace(),
             "no master for the whole grace period: usage restricted"

@@ -3,6 +3,7 @@
 //! clock and watching the primary's latency), mark a master lost, switch the active master,
 //! and tell the host (events, logouts) and the master (reports).
 
+use lmbus_schemas::human::HumanDuration;
 use std::sync::Mutex;
 
 use lmbus_schemas::{License, RejectReason, RejectedAgent, Reply, SlaveOp, SlaveReport};
@@ -140,9 +141,9 @@ impl Inner {
                 // contact: the grace period keeps counting from the last real answer).
                 Ask::Reply { .. } if electing => {
                     break Ask::Unavailable(format!(
-                        "the {} master's brokers elected no leader within {:?}",
+                        "the {} master's brokers elected no leader within {}",
                         link.name(),
-                        self.policy.election_wait()
+                        HumanDuration(self.policy.election_wait())
                     ));
                 }
                 answer => break answer,
@@ -157,7 +158,7 @@ impl Inner {
             if link == Master::Primary {
                 let slow = self.policy.too_slow(*latency);
                 if slow {
-                    warn!(?latency, delay = ?self.cfg.switch_delay, "the primary master answers slower than the switch delay");
+                    warn!(latency = %HumanDuration(*latency), delay = %HumanDuration(self.cfg.switch_delay), "the primary master answers slower than the switch delay");
                 }
                 // Sticky until the next decision (`choose_active`), so a slow answer is not
                 // forgotten because a fast one (a re-hello, say) followed it.

@@ -93,7 +93,8 @@ fn admin_release_logs_out_and_revokes() {
 
 /// Reloading a master license with a lower limit logs nobody out but rejects new
 /// registrations until usage is below it; the change is one ledger record that a standby
-/// and a snapshot carry; a tampered or non-master file changes nothing.
+/// and a snapshot carry; a tampered or non-master file changes nothing and the error names
+/// the file; the same license reloaded again says "nothing changed" and records nothing.
 #[test]
 fn a_reloaded_license_lowers_the_limit_without_logging_anyone_out() {
     let mut h = Harness::new(true);
@@ -120,15 +121,16 @@ fn a_reloaded_license_lowers_the_limit_without_logging_anyone_out() {
     let reload = |text: &str| lmbus_schemas::ReloadRequest {
         license: text.to_owned(),
         operator: "ops".into(),
+        file: "/etc/lmbus/new.lic".into(),
     };
-    // Refused: tampered, or a slave license. Nothing changes.
+    // Refused: tampered, or a slave license. Nothing changes; the error names the file.
     let tampered = lower.replace("total = 2", "total = 200");
     for bad in [tampered.as_str(), slave_license(None).as_str()] {
         let (reply, out) = h.reload_license(&reload(bad), TODAY);
-        assert!(
-            matches!(reply, lmbus_schemas::ReloadReply::Error { .. }),
-            "{reply:?}"
-        );
+        let lmbus_schemas::ReloadReply::Error { message } = reply else {
+            panic!("{reply:?}");
+        };
+        assert!(message.contains("/etc/lmbus/new.lic"), "{message}");
         assert!(out.changes.is_empty());
     }
     assert_eq!(h.engine.status(h.now).total_limit, 5);
@@ -139,7 +141,16 @@ fn a_reloaded_license_lowers_the_limit_without_logging_anyone_out() {
     };
     assert!(message.contains("nobody is logged out"), "{message}");
     assert_eq!(alerts(&out)[0].kind, AlertKind::LicenseReloaded);
+    assert_eq!(out.changes.len(), 1, "{:?}", out.changes);
     changes.extend(out.changes);
+    // The same license again: nothing changed, nothing recorded, nobody alerted.
+    let (reply, out) = h.reload_license(&reload(&lower), TODAY);
+    let lmbus_schemas::ReloadReply::Reloaded { message } = reply else {
+        panic!("{reply:?}");
+    };
+    assert!(message.starts_with("nothing changed:"), "{message}");
+    assert!(out.changes.is_empty(), "{:?}", out.changes);
+    assert!(alerts(&out).is_empty());
     assert_eq!(h.engine.total_in_use(), 3);
     assert_eq!(
         rejected_for(&h.decision("s1", "a4", "inbound")),

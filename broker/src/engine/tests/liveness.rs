@@ -24,7 +24,13 @@ fn silent_slave_is_marked_disconnected_and_keeps_its_seats() {
         .collect();
     assert_eq!(lost.len(), 1);
     assert_eq!(lost[0].severity, Severity::Warning);
-    assert!(lost[0].message.contains("1 seats are kept"));
+    // For people: "1 seat is", a duration in seconds, not "1 seats are" and "… ms".
+    assert!(
+        lost[0].message.contains("its 1 seat is kept"),
+        "{}",
+        lost[0].message
+    );
+    assert!(!lost[0].message.contains(" ms"), "{}", lost[0].message);
     assert_eq!(h.engine.total_in_use(), 1);
     // Only alerted once.
     h.advance(Duration::from_secs(10));
@@ -113,6 +119,14 @@ fn silent_slave_seats_are_reclaimed_after_grace_plus_margin() {
         reclaimed[0]
             .message
             .contains("reclaimed 2 seats of slave s1")
+    );
+    // Durations for people, not "silent for 70001 ms".
+    assert!(
+        reclaimed[0]
+            .message
+            .contains("silent for 70 s, past its grace period plus the 10 s margin"),
+        "{}",
+        reclaimed[0].message
     );
     assert_eq!(h.engine.total_in_use(), 0);
     // s2 takes all 3 inbound seats meanwhile (its own hello keeps it alive).
