@@ -37,6 +37,9 @@ pub struct Gauges {
     pub seats_total: u32,
     pub slaves_connected: u32,
     pub slaves_known: u32,
+    /// Free seats allotted to slaves (allotment mode), in total and per agent type.
+    pub allotted_by_type: BTreeMap<String, u32>,
+    pub allotted_total: u32,
 }
 
 /// The master license in force, as its gauges show it.
@@ -235,6 +238,26 @@ impl Metrics {
             }
             let _ = writeln!(
                 text,
+                "# HELP lmbus_seats_allotted Free seats allotted to slaves, counted against the limits like held seats (allotment mode; leader only).\n\
+                 # TYPE lmbus_seats_allotted gauge\n\
+                 lmbus_seats_allotted {}\n\
+                 # HELP lmbus_agent_type_seats_allotted Free seats allotted to slaves, by agent type (leader only).\n\
+                 # TYPE lmbus_agent_type_seats_allotted gauge",
+                g.allotted_total
+            );
+            let mut allotted = g.allotted_by_type.clone();
+            for t in license.type_limits.keys() {
+                allotted.entry(t.clone()).or_insert(0);
+            }
+            for (t, n) in allotted {
+                let _ = writeln!(
+                    text,
+                    "lmbus_agent_type_seats_allotted{{agent_type=\"{}\"}} {n}",
+                    escape_label(&t)
+                );
+            }
+            let _ = writeln!(
+                text,
                 "# HELP lmbus_slaves_connected Slaves with a live session (leader only).\n\
                  # TYPE lmbus_slaves_connected gauge\n\
                  lmbus_slaves_connected {}\n\
@@ -426,6 +449,8 @@ mod tests {
             seats_total: 2,
             slaves_connected: 1,
             slaves_known: 1,
+            allotted_by_type: BTreeMap::from([("inbound".to_owned(), 1)]),
+            allotted_total: 1,
         }));
         let text = m.render(7, Some(9), &ProcessSample::default());
         for line in [
@@ -442,6 +467,8 @@ mod tests {
             "lmbus_ledger_append_seconds_count 2",
             "lmbus_seats_in_use 2",
             "lmbus_agent_type_seats_in_use{agent_type=\"inbound\"} 2",
+            "lmbus_seats_allotted 1",
+            "lmbus_agent_type_seats_allotted{agent_type=\"inbound\"} 1",
             "lmbus_seats_limit 10",
             "lmbus_agent_type_seats_limit{agent_type=\"inbound\"} 4",
             // 2030-07-01T00:00:00Z: the end of the last valid day.

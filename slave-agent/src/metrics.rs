@@ -138,6 +138,25 @@ impl SlaveMetrics {
                 u8::from(status.mode == mode)
             );
         }
+        let _ = writeln!(
+            t,
+            "# HELP lmbus_slave_local_decisions_total Registrations admitted here from an allotted block, with no message (allotment mode).\n\
+             # TYPE lmbus_slave_local_decisions_total counter\n\
+             lmbus_slave_local_decisions_total {}\n\
+             # HELP lmbus_slave_allot_journal_entries Local decisions the master has not acknowledged yet (allotment mode).\n\
+             # TYPE lmbus_slave_allot_journal_entries gauge\n\
+             lmbus_slave_allot_journal_entries {}\n\
+             # HELP lmbus_slave_agent_type_seats_allotted_free Free seats of the active master's blocks this slave may admit from now, by agent type (allotment mode).\n\
+             # TYPE lmbus_slave_agent_type_seats_allotted_free gauge",
+            status.local_decisions, status.journal_unacked
+        );
+        for (agent_type, n) in &status.allotted {
+            let label = escape_label(agent_type);
+            let _ = writeln!(
+                t,
+                "lmbus_slave_agent_type_seats_allotted_free{{agent_type=\"{label}\"}} {n}"
+            );
+        }
         build_info(&mut t, env!("CARGO_PKG_VERSION"));
         t
     }

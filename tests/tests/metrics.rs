@@ -94,15 +94,28 @@ fn parse(text: &str) -> BTreeMap<String, f64> {
 
 /// `GET http://127.0.0.1:{port}{path}`: its status and body.
 async fn get_text(port: u16, path: &'static str) -> (u16, String) {
+    try_get_text(port, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} on port {port}: {e}"))
+}
+
+/// The same, `Err` while nothing listens there yet.
+async fn try_get_text(port: u16, path: &'static str) -> Result<(u16, String), String> {
     tokio::task::spawn_blocking(move || {
         let mut response = ureq::get(&format!("http://127.0.0.1:{port}{path}"))
             .config()
             .http_status_as_error(false)
             .build()
             .call()
-            .unwrap();
+            .map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
-        (status, response.body_mut().read_to_string().unwrap())
+        Ok((
+            status,
+            response
+                .body_mut()
+                .read_to_string()
+                .map_err(|e| e.to_string())?,
+        ))
     })
     .await
     .unwrap()
@@ -330,9 +343,18 @@ async fn a_standby_says_it_omits_the_seat_gauges() {
     cfg.priority = 2;
     cfg.metrics = Some(format!("127.0.0.1:{standby_port}").parse().unwrap());
     let standby = Broker::start(cfg).await.unwrap();
+    // The metrics servers start beside the brokers: retried until they listen.
     eventually("the leader exports its seat gauges", || async {
-        let m = scrape(leader_port).await;
+        let Ok((200, text)) = try_get_text(leader_port, "/metrics").await else {
+            return false;
+        };
+        let m = parse(&text);
         m.get("lmbus_leader") == Some(&1.0) && m.contains_key("lmbus_seats_in_use")
+    })
+    .await
+    .unwrap();
+    eventually("the standby's metrics server listens", || async {
+        try_get_text(standby_port, "/metrics").await.is_ok()
     })
     .await
     .unwrap();

@@ -409,6 +409,8 @@ impl<'a> Leader<'a> {
             seats_total: replica.engine.total_in_use(),
             slaves_connected,
             slaves_known,
+            allotted_by_type: replica.engine.allotted_by_type().clone(),
+            allotted_total: replica.engine.allotted_total(),
         }));
         for alert in self.replicas.sweep(now()) {
             io.alert(alert).await;
