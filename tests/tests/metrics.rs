@@ -336,6 +336,19 @@ async fn a_standby_says_it_omits_the_seat_gauges() {
     })
     .await
     .unwrap();
+    // The standby's start returns once a master answers status (the leader does): its
+    // endpoint may not listen yet.
+    eventually("the standby's metrics endpoint listens", || async {
+        tokio::task::spawn_blocking(move || {
+            ureq::get(&format!("http://127.0.0.1:{standby_port}/healthz"))
+                .call()
+                .is_ok()
+        })
+        .await
+        .unwrap()
+    })
+    .await
+    .unwrap();
     let m = scrape(standby_port).await;
     assert_eq!(m.get("lmbus_leader"), Some(&0.0), "{m:#?}");
     assert_eq!(m.get("lmbus_seats_limit"), Some(&3.0), "{m:#?}");
