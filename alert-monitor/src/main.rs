@@ -23,7 +23,8 @@ struct Cli {
         long,
         global = true,
         env = "LMBUS_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
+        default_value = "nats://127.0.0.1:4222",
+        help_heading = "NATS"
     )]
     nats: String,
     #[command(flatten)]
@@ -37,8 +38,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print alerts, one line each (time, severity, kind, slave, details): those stored
-    /// since a time or the last N (then stop, or go on with --follow), or live ones.
+    /// Print alerts, one line each: stored ones (--since, --last) or live ones.
+    ///
+    /// Each line: time, severity, kind, slave, details. Stored alerts are printed up to
+    /// the last one stored now, then the command stops, or goes on with --follow.
     Tail {
         /// Start with the alerts since a time: a DURATION back from now (e.g. 1h) or an RFC
         /// 3339 time (e.g. 2026-11-27T10:00:00Z), from the alert stream.
@@ -56,16 +59,16 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Only alerts of this severity or worse: info, warning, critical.
-        #[arg(long, value_parser = parse_severity)]
+        #[arg(help_heading = "Filters", long, value_parser = parse_severity)]
         severity: Option<Severity>,
         /// Only these kinds (repeat or comma-separate), e.g. registration_rejected.
-        #[arg(long, value_delimiter = ',', value_parser = parse_kind)]
+        #[arg(help_heading = "Filters", long, value_delimiter = ',', value_parser = parse_kind)]
         kind: Vec<AlertKind>,
         /// Only alerts about these slaves (repeat or comma-separate).
-        #[arg(long, value_delimiter = ',')]
+        #[arg(help_heading = "Filters", long, value_delimiter = ',')]
         slave: Vec<String>,
         /// Only alerts about these agent types (repeat or comma-separate), e.g. inbound.
-        #[arg(long, value_delimiter = ',')]
+        #[arg(help_heading = "Filters", long, value_delimiter = ',')]
         agent_type: Vec<String>,
         /// Exit after printing this many alerts.
         #[arg(long)]
@@ -74,29 +77,33 @@ enum Command {
         #[arg(long = "for", value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
     },
-    /// The audit trail: every seat decision in the ledger (granted, released, reclaimed,
-    /// revoked, hellos) and every alert (rejections with their reason, refused hellos, bad
-    /// messages, operator actions), oldest first.
+    /// The audit trail: every seat decision and every alert, oldest first.
+    ///
+    /// The decisions come from the ledger (granted, released, reclaimed, revoked, hellos),
+    /// the alerts from the alert stream (rejections with their reason, refused hellos, bad
+    /// messages, operator actions).
     Audit {
         /// Only records about this slave (who asked).
-        #[arg(long)]
+        #[arg(help_heading = "Filters", long)]
         slave: Option<String>,
         /// Only records about this agent.
-        #[arg(long)]
+        #[arg(help_heading = "Filters", long)]
         agent: Option<String>,
         /// Only records since a time: a DURATION back from now (e.g. 24h) or an RFC 3339
         /// time [default: everything stored].
-        #[arg(long, value_parser = lmbus_monitor::parse_since)]
+        #[arg(help_heading = "Filters", long, value_parser = lmbus_monitor::parse_since)]
         since: Option<Duration>,
         /// Only the last N records that pass the other filters.
-        #[arg(long)]
+        #[arg(help_heading = "Filters", long)]
         last: Option<usize>,
         /// One JSON document per line instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// The License Monitor: a live terminal view (leader and replicas, agents per type
-    /// against the limits, each slave, recent alerts) until q; --once prints a plain table.
+    /// The License Monitor: a live terminal view until q; --once prints a plain table.
+    ///
+    /// It shows the leader and replicas, agents per type against the limits, each slave and
+    /// the recent alerts.
     Licenses {
         /// Print the table once and exit (for scripts; also what happens when stdout is
         /// not a terminal).
@@ -280,5 +287,18 @@ async fn main() -> ExitCode {
             eprintln!("lmbus-monitor: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every subcommand says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        let missing =
+            lmbus_nats::cli_help::undocumented_arguments(&<Cli as clap::CommandFactory>::command());
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
     }
 }

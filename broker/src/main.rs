@@ -51,18 +51,20 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct AdminTarget {
     /// NATS server URL(s) of the master.
-    #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL)]
+    #[arg(long, env = "LMBUS_NATS_URL", default_value = DEFAULT_NATS_URL, help_heading = "NATS")]
     nats: String,
     #[command(flatten)]
     nats_auth: lmbus_nats::NatsAuthArgs,
+    /// Cluster name of the master (as its `run --cluster`).
     #[arg(long, env = "LMBUS_CLUSTER")]
     cluster: String,
 }
 
 #[derive(Debug, Subcommand)]
 enum AdminCommand {
-    /// Show the license, the limits, usage by slave and agent type, the leader and the
-    /// replicas (like lmstat); the same view as `lmbus-monitor licenses --once`.
+    /// Show the license, limits, usage by slave and agent type, leader and replicas (lmstat).
+    ///
+    /// The same view as `lmbus-monitor licenses --once`.
     Status {
         #[command(flatten)]
         target: AdminTarget,
@@ -70,24 +72,33 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Make the usage report of the period so far now: the leader writes it (files, the
-    /// report subject, mail) as it does the daily one, and it is printed here.
+    /// Make the usage report of the period so far now, and print it.
+    ///
+    /// The leader writes it (files, the report subject, mail) as it does the daily one.
     Report {
         #[command(flatten)]
         target: AdminTarget,
         /// Print the report as JSON instead of text (with --beside, a JSON array).
         #[arg(long)]
         json: bool,
-        /// Also ask the master of this cluster (e.g. the backup master, on the same NATS)
-        /// and print the reports side by side; repeat for more.
+        /// Also ask the master of this cluster and print the reports side by side (repeat).
+        ///
+        /// E.g. the backup master, on the same NATS.
         #[arg(long)]
         beside: Vec<String>,
-        /// Who is asking, for the log [default: $USER].
-        #[arg(long, env = "USER", default_value = "operator")]
+        /// Who is asking, for the alert and the audit trail [default: $USER, or operator].
+        #[arg(
+            long,
+            env = "USER",
+            hide_env = true,
+            default_value = "operator",
+            hide_default_value = true
+        )]
         operator: String,
     },
-    /// Force-release one agent's seat, or every seat of a slave (like lmremove). The slave
-    /// is told and logs the agents out; they must register again.
+    /// Force-release one agent's seat, or every seat of a slave (like lmremove).
+    ///
+    /// The slave is told and logs the agents out; they must register again.
     Release {
         #[command(flatten)]
         target: AdminTarget,
@@ -97,41 +108,64 @@ enum AdminCommand {
         /// Release only this agent's seat [default: every seat of the slave].
         #[arg(long)]
         agent: Option<String>,
-        /// Who is asking, for the alert [default: $USER].
-        #[arg(long, env = "USER", default_value = "operator")]
+        /// Who is asking, for the alert and the audit trail [default: $USER, or operator].
+        #[arg(
+            long,
+            env = "USER",
+            hide_env = true,
+            default_value = "operator",
+            hide_default_value = true
+        )]
         operator: String,
     },
-    /// Swap the master license of the running master (like lmreread). The new file is
-    /// verified (signature, dates, role master) before anything changes, recorded in the
-    /// ledger so every replica uses it, and in force at once; a limit below current use logs
-    /// nobody out but rejects new registrations until usage is below it. Replace the file
-    /// given to `run --license` too, for the next start.
+    /// Swap the master license of the running master (like lmreread).
+    ///
+    /// The new file is verified (signature, dates, role master) before anything changes,
+    /// recorded in the ledger so every replica uses it, and in force at once; a limit below
+    /// current use logs nobody out but rejects new registrations until usage is below it.
+    /// The license already in force changes nothing. Replace the file given to `run
+    /// --license` too, for the next start.
     ReloadLicense {
         /// The new signed master license file.
+        #[arg(value_name = "FILE")]
         file: std::path::PathBuf,
         #[command(flatten)]
         target: AdminTarget,
-        /// Who is asking, for the alert [default: $USER].
-        #[arg(long, env = "USER", default_value = "operator")]
+        /// Who is asking, for the alert and the audit trail [default: $USER, or operator].
+        #[arg(
+            long,
+            env = "USER",
+            hide_env = true,
+            default_value = "operator",
+            hide_default_value = true
+        )]
         operator: String,
     },
-    /// Take one broker replica out of the election for maintenance: it stops campaigning
-    /// and, if it leads, resigns so another replica takes over (slaves ride through it like
-    /// a failover). Stop it, do the maintenance, start it again: a restarted replica
-    /// campaigns as usual.
+    /// Take one broker replica out of the election for maintenance.
+    ///
+    /// It stops campaigning and, if it leads, resigns so another replica takes over (slaves
+    /// ride through it like a failover). Stop it, do the maintenance, start it again: a
+    /// restarted replica campaigns as usual.
     Drain {
         /// The replica's `--id`.
         #[arg(long)]
         replica: String,
         #[command(flatten)]
         target: AdminTarget,
-        /// Who is asking, for the alert [default: $USER].
-        #[arg(long, env = "USER", default_value = "operator")]
+        /// Who is asking, for the alert and the audit trail [default: $USER, or operator].
+        #[arg(
+            long,
+            env = "USER",
+            hide_env = true,
+            default_value = "operator",
+            hide_default_value = true
+        )]
         operator: String,
     },
-    /// Delete a cluster's seat ledger, snapshots, election state and alert log from
-    /// JetStream (streams LMBUS_LEDGER_<cluster>, LMBUS_SNAPSHOTS_<cluster>,
-    /// KV_lmbus_election_<cluster> and LMBUS_ALERTS_<cluster>). Every seat record is lost:
+    /// Delete a cluster's ledger, snapshots, election state and alert log (test clusters).
+    ///
+    /// Deletes the JetStream streams LMBUS_LEDGER_<cluster>, LMBUS_SNAPSHOTS_<cluster>,
+    /// KV_lmbus_election_<cluster> and LMBUS_ALERTS_<cluster>. Every seat record is lost:
     /// only for tearing down a test or demo cluster, with all its brokers stopped.
     RemoveState {
         #[command(flatten)]
@@ -397,130 +431,160 @@ struct RunArgs {
     #[command(flatten)]
     daemon: lmbus_nats::DaemonArgs,
     /// Cluster name shared by this master and its slaves (subject token: A-Z a-z 0-9 - _).
-    #[arg(long, env = "LMBUS_CLUSTER")]
+    #[arg(help_heading = "NATS", long, env = "LMBUS_CLUSTER")]
     cluster: Option<String>,
     /// The master license file (role = "master"), as signed by the vendor.
-    #[arg(long, env = "LMBUS_LICENSE")]
+    #[arg(help_heading = "License", long, env = "LMBUS_LICENSE")]
     license: Option<PathBuf>,
-    /// The vendor's public key file (from `lmbus-license keygen`), used to verify the
-    /// master license and every slave license.
-    #[arg(long, env = "LMBUS_VENDOR_KEY")]
+    /// The vendor's public key file (from `lmbus-license keygen`).
+    ///
+    /// It verifies the master license and every slave license.
+    #[arg(help_heading = "License", long, env = "LMBUS_VENDOR_KEY")]
     vendor_key: Option<PathBuf>,
-    /// Accept slaves without a slave license; they may register any number of agents the
-    /// master approves.
-    #[arg(long, env = "LMBUS_ALLOW_UNLICENSED_SLAVES", num_args = 0..=1, default_missing_value = "true")]
+    /// Accept slaves without a slave license.
+    ///
+    /// They may register any number of agents the master approves (see
+    /// --max-agents-per-slave).
+    #[arg(help_heading = "License", long, env = "LMBUS_ALLOW_UNLICENSED_SLAVES", num_args = 0..=1, default_missing_value = "true")]
     allow_unlicensed_slaves: Option<bool>,
     /// This replica's id in alerts and status [default: broker-<random>].
-    #[arg(long, env = "LMBUS_BROKER_ID")]
+    #[arg(help_heading = "Operations", long, env = "LMBUS_BROKER_ID")]
     id: Option<String>,
     /// Heartbeat intervals a slave may miss before it is marked disconnected [default: 3].
-    #[arg(long, env = "LMBUS_MISSED_HEARTBEATS")]
+    #[arg(help_heading = "Timing", long, env = "LMBUS_MISSED_HEARTBEATS")]
     missed_heartbeats: Option<u32>,
     /// How often housekeeping runs: silence checks, counts, expiry [default: 500ms].
-    #[arg(long, env = "LMBUS_TICK_INTERVAL", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Timing", long, env = "LMBUS_TICK_INTERVAL", value_parser = humantime::parse_duration)]
     tick_interval: Option<Duration>,
     /// How often a license_counts alert is published [default: 60s].
-    #[arg(long, env = "LMBUS_COUNTS_INTERVAL", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Timing", long, env = "LMBUS_COUNTS_INTERVAL", value_parser = humantime::parse_duration)]
     counts_interval: Option<Duration>,
     /// Warn this many days before the master license expires [default: 30].
-    #[arg(long, env = "LMBUS_EXPIRY_WARNING_DAYS")]
+    #[arg(help_heading = "License", long, env = "LMBUS_EXPIRY_WARNING_DAYS")]
     expiry_warning_days: Option<i64>,
     /// Most slaves the master tracks; further hellos are refused [default: 100000].
-    #[arg(long, env = "LMBUS_MAX_SLAVES")]
+    #[arg(help_heading = "Limits", long, env = "LMBUS_MAX_SLAVES")]
     max_slaves: Option<usize>,
-    /// Added to a silent slave's grace period before the master reclaims its seats (only
-    /// slaves that log out all agents when their grace ends) [default: 40s].
-    #[arg(long, env = "LMBUS_RECLAIM_MARGIN", value_parser = humantime::parse_duration)]
+    /// Added to a silent slave's grace period before its seats are reclaimed [default: 40s].
+    ///
+    /// Only slaves that log out all agents when their grace ends are reclaimed.
+    #[arg(help_heading = "Timing", long, env = "LMBUS_RECLAIM_MARGIN", value_parser = humantime::parse_duration)]
     reclaim_margin: Option<Duration>,
-    /// Election preference among this cluster's broker replicas: 1 is the most preferred.
+    /// Election preference among this cluster's replicas; 1 is the most preferred [default: 1].
+    ///
     /// When the lease is free, replica p waits (p-1) x 200ms before trying, so the most
-    /// preferred replica that is up wins; a running leader is never preempted [default: 1].
-    #[arg(long, env = "LMBUS_PRIORITY")]
+    /// preferred replica that is up wins; a running leader is never preempted.
+    #[arg(help_heading = "Operations", long, env = "LMBUS_PRIORITY")]
     priority: Option<u32>,
-    /// Life of the leader lease on the server without a renewal; the leader renews every
-    /// lease/5 and steps down by itself after 4/5 of it without one. A dead leader is
-    /// replaced within about one lease. Same value on every replica [default: 1s].
-    #[arg(long, env = "LMBUS_LEASE", value_parser = humantime::parse_duration)]
+    /// Life of the leader lease without a renewal; the same on every replica [default: 1s].
+    ///
+    /// The leader renews every lease/5 and steps down by itself after 4/5 of it without
+    /// one. A dead leader is replaced within about one lease.
+    #[arg(help_heading = "Timing", long, env = "LMBUS_LEASE", value_parser = humantime::parse_duration)]
     lease: Option<Duration>,
-    /// JetStream replicas of the ledger and election streams: 3 on a 3-node NATS cluster,
-    /// 1 on a single server [default: 1].
-    #[arg(long, env = "LMBUS_STREAM_REPLICAS")]
+    /// JetStream replicas of the ledger and election streams [default: 1].
+    ///
+    /// 3 on a 3-node NATS cluster, 1 on a single server (which refuses more: "this NATS is
+    /// not clustered").
+    #[arg(help_heading = "NATS", long, env = "LMBUS_STREAM_REPLICAS")]
     stream_replicas: Option<usize>,
-    /// Registrations per second one slave may send (bursts of twice that); more are
-    /// rejected `rate_limited`, with at most one alert per slave every 10 s. 0 turns the
-    /// limit off [default: 1000].
-    #[arg(long, env = "LMBUS_SLAVE_RATE_LIMIT")]
+    /// Registrations per second one slave may send; 0 turns the limit off [default: 1000].
+    ///
+    /// Bursts of twice that pass; more are rejected `rate_limited`, with at most one alert
+    /// per slave every 10 s.
+    #[arg(help_heading = "Limits", long, env = "LMBUS_SLAVE_RATE_LIMIT")]
     slave_rate_limit: Option<u32>,
-    /// Most seats one slave may hold, licensed or not, so that one site (an unlicensed one
-    /// above all, which has no local limit) cannot take the whole license; more are
-    /// rejected `slave_limit`. 0: no cap beyond the license limits [default: 0].
-    #[arg(long, env = "LMBUS_MAX_AGENTS_PER_SLAVE")]
+    /// Most seats one slave may hold, licensed or not; 0: no cap [default: 0].
+    ///
+    /// So that one site (an unlicensed one above all, which has no local limit) cannot take
+    /// the whole license; more are rejected `slave_limit`.
+    #[arg(help_heading = "Limits", long, env = "LMBUS_MAX_AGENTS_PER_SLAVE")]
     max_agents_per_slave: Option<u32>,
-    /// How registrations are decided: `strict` (every one by the master, one NATS round
-    /// trip and one ledger append each) or `allotment` (the master allots each slave
-    /// blocks of seats, recorded in the ledger, and slaves admit from them locally; the
-    /// limit stays exact, per-agent records lag by one refresh) [default: strict].
-    #[arg(long, env = "LMBUS_ADMISSION")]
+    /// How registrations are decided: strict or allotment [default: strict].
+    ///
+    /// `strict`: every registration by the master, one NATS round trip and one ledger
+    /// append each. `allotment`: the master allots each slave blocks of seats, recorded in
+    /// the ledger, and slaves admit from them locally; the limit stays exact, per-agent
+    /// records lag by one refresh.
+    #[arg(help_heading = "Limits", long, env = "LMBUS_ADMISSION")]
     admission: Option<String>,
-    /// Allotment mode: how long a slave admits from its blocks after it sent the request
-    /// that last renewed them (capped by its grace period); at least 3 refresh intervals
-    /// [default: 30s].
-    #[arg(long, env = "LMBUS_ALLOT_LEASE", value_parser = humantime::parse_duration)]
+    /// Allotment mode: how long a slave admits from its blocks without renewal [default: 30s].
+    ///
+    /// Counted from when it sent the request that last renewed them, and capped by its
+    /// grace period; at least 3 refresh intervals.
+    #[arg(help_heading = "Timing", long, env = "LMBUS_ALLOT_LEASE", value_parser = humantime::parse_duration)]
     allot_lease: Option<Duration>,
-    /// Allotment mode: how often a slave reports its journal and renews its blocks
-    /// [default: 2s].
-    #[arg(long, env = "LMBUS_ALLOT_REFRESH", value_parser = humantime::parse_duration)]
+    /// Allotment mode: how often a slave reports its journal and renews its blocks [default: 2s].
+    #[arg(help_heading = "Timing", long, env = "LMBUS_ALLOT_REFRESH", value_parser = humantime::parse_duration)]
     allot_refresh: Option<Duration>,
-    /// Serve Prometheus metrics on http://ADDR/metrics and a health check on
-    /// http://ADDR/healthz (e.g. 127.0.0.1:9464; it has no authentication, so bind it where
-    /// only your Prometheus can reach it) [default: off].
-    #[arg(long, env = "LMBUS_METRICS")]
+    /// Serve Prometheus metrics on http://ADDR/metrics and health on /healthz [default: off].
+    ///
+    /// E.g. 127.0.0.1:9464. It has no authentication, so bind it where only your Prometheus
+    /// can reach it.
+    #[arg(help_heading = "Operations", long, env = "LMBUS_METRICS")]
     metrics: Option<std::net::SocketAddr>,
-    /// How long the alert stream (LMBUS_ALERTS_<cluster>) keeps alerts, when this broker
-    /// creates it [default: 30d].
-    #[arg(long, env = "LMBUS_ALERT_MAX_AGE", value_parser = humantime::parse_duration)]
+    /// How long the alert stream keeps alerts [default: 30d].
+    ///
+    /// Applies when this broker creates the stream (LMBUS_ALERTS_<cluster>).
+    #[arg(help_heading = "Operations", long, env = "LMBUS_ALERT_MAX_AGE", value_parser = humantime::parse_duration)]
     alert_max_age: Option<Duration>,
-    /// How many bytes of alerts the alert stream keeps, the oldest dropped first
-    /// [default: 1073741824].
-    #[arg(long, env = "LMBUS_ALERT_MAX_BYTES")]
+    /// Bytes of alerts the alert stream keeps, oldest dropped first [default: 1073741824].
+    #[arg(help_heading = "Operations", long, env = "LMBUS_ALERT_MAX_BYTES")]
     alert_max_bytes: Option<i64>,
-    /// The leader writes a snapshot of the seat state every this many ledger records, so
-    /// that a replica that starts reads the snapshot and only the records after it; 0
-    /// turns snapshots off [default: 50000].
-    #[arg(long, env = "LMBUS_SNAPSHOT_EVERY")]
+    /// Ledger records between snapshots of the seat state; 0: none [default: 50000].
+    ///
+    /// A replica that starts reads the latest snapshot and only the records after it.
+    #[arg(help_heading = "Operations", long, env = "LMBUS_SNAPSHOT_EVERY")]
     snapshot_every: Option<u64>,
-    /// After each snapshot, delete the ledger records older than the previous snapshot.
-    /// Bounds the ledger's size, at the cost of that history in the audit trail [default:
-    /// keep every record].
-    #[arg(long, env = "LMBUS_LEDGER_TRIM", num_args = 0..=1, default_missing_value = "true")]
+    /// After each snapshot, delete the records older than the previous one [default: keep].
+    ///
+    /// Bounds the ledger's size, at the cost of that history in the audit trail.
+    #[arg(help_heading = "Operations", long, env = "LMBUS_LEDGER_TRIM", num_args = 0..=1, default_missing_value = "true")]
     ledger_trim: Option<bool>,
-    /// Time of day (UTC, HH:MM) at which the leader writes the usage report of the 24 hours
-    /// before [default: 00:00]. It is always published on lmbus.v1.<cluster>.report.usage.
-    #[arg(long, env = "LMBUS_REPORT_AT")]
+    /// Time of day (UTC, HH:MM) of the daily usage report [default: 00:00].
+    ///
+    /// The leader writes the report of the 24 hours before; it is always published on
+    /// lmbus.v1.<cluster>.report.usage.
+    #[arg(help_heading = "Usage reports", long, env = "LMBUS_REPORT_AT")]
     report_at: Option<String>,
     /// Also write each usage report as JSON and CSV into this directory.
-    #[arg(long, env = "LMBUS_REPORT_DIR")]
+    #[arg(help_heading = "Usage reports", long, env = "LMBUS_REPORT_DIR")]
     report_dir: Option<PathBuf>,
     /// Mail each usage report through this SMTP server (needs --smtp-from and --report-to).
-    #[arg(long, env = "LMBUS_SMTP_HOST")]
+    #[arg(help_heading = "Usage reports", long, env = "LMBUS_SMTP_HOST")]
     smtp_host: Option<String>,
     /// SMTP port [default: 587 with starttls, 465 with tls, 25 with none].
-    #[arg(long, env = "LMBUS_SMTP_PORT")]
+    #[arg(help_heading = "Usage reports", long, env = "LMBUS_SMTP_PORT")]
     smtp_port: Option<u16>,
     /// SMTP connection security [default: starttls].
-    #[arg(long, env = "LMBUS_SMTP_TLS", value_enum)]
+    #[arg(
+        help_heading = "Usage reports",
+        long,
+        env = "LMBUS_SMTP_TLS",
+        value_enum
+    )]
     smtp_tls: Option<lmbus_broker::report::SmtpTls>,
     /// SMTP user (with LMBUS_SMTP_PASSWORD).
-    #[arg(long, env = "LMBUS_SMTP_USER")]
+    #[arg(help_heading = "Usage reports", long, env = "LMBUS_SMTP_USER")]
     smtp_user: Option<String>,
     /// SMTP password; prefer the environment variable to the flag (visible in `ps`).
-    #[arg(long, env = "LMBUS_SMTP_PASSWORD", hide_env_values = true)]
+    #[arg(
+        help_heading = "Usage reports",
+        long,
+        env = "LMBUS_SMTP_PASSWORD",
+        hide_env_values = true
+    )]
     smtp_password: Option<String>,
     /// Sender address of report mails, e.g. "lmbus <lmbus@example.com>".
-    #[arg(long, env = "LMBUS_SMTP_FROM")]
+    #[arg(help_heading = "Usage reports", long, env = "LMBUS_SMTP_FROM")]
     smtp_from: Option<String>,
     /// Recipients of report mails (repeat or comma-separate).
-    #[arg(long, env = "LMBUS_REPORT_TO", value_delimiter = ',')]
+    #[arg(
+        help_heading = "Usage reports",
+        long,
+        env = "LMBUS_REPORT_TO",
+        value_delimiter = ','
+    )]
     report_to: Vec<String>,
     /// Fault injection, for tests only: keep leading after the lease is lost, so that only
     /// the ledger's fencing stops this replica. Never use in production.
@@ -736,5 +800,18 @@ async fn main() -> ExitCode {
             eprintln!("lmbus-broker: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every subcommand says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        let missing =
+            lmbus_nats::cli_help::undocumented_arguments(&<Cli as clap::CommandFactory>::command());
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
     }
 }

@@ -40,6 +40,7 @@ enum Command {
     Sign(SignArgs),
     /// Check a license file's signature and dates (and role, with --role).
     Verify {
+        /// The license file to check.
         file: PathBuf,
         /// The vendor's public key file.
         #[arg(long, env = "LMBUS_VENDOR_KEY")]
@@ -51,9 +52,11 @@ enum Command {
         #[arg(long, value_parser = parse_date)]
         date: Option<Date>,
     },
-    /// Show a license file's content. The signature is checked only with --vendor-key.
+    /// Show a license file's content; the signature is checked only with --vendor-key.
     Inspect {
+        /// The license file to show.
         file: PathBuf,
+        /// The vendor's public key file, to check the signature too.
         #[arg(long, env = "LMBUS_VENDOR_KEY")]
         vendor_key: Option<PathBuf>,
     },
@@ -73,30 +76,33 @@ struct SignArgs {
     /// Customer name.
     #[arg(long)]
     customer: String,
+    /// Who uses the license: master (a broker; needs --total), slave (a slave agent; may
+    /// have --local) or none.
     #[arg(long, value_enum)]
     role: RoleArg,
+    /// Where it may be used: production, backup (a backup master) or development.
     #[arg(long, value_enum, default_value_t = ContextArg::Production)]
     context: ContextArg,
     /// License id (GUID) [default: a new random one].
     #[arg(long)]
     id: Option<Uuid>,
     /// First valid day, YYYY-MM-DD [default: today].
-    #[arg(long, value_parser = parse_date)]
+    #[arg(help_heading = "Dates", long, value_parser = parse_date)]
     issued: Option<Date>,
     /// Last valid day, YYYY-MM-DD.
-    #[arg(long, value_parser = parse_date)]
+    #[arg(help_heading = "Dates", long, value_parser = parse_date)]
     expires: Date,
     /// Last day of maintenance, YYYY-MM-DD [default: --expires].
-    #[arg(long, value_parser = parse_date)]
+    #[arg(help_heading = "Dates", long, value_parser = parse_date)]
     maintenance_expires: Option<Date>,
-    /// Aggregate agent limit (required for a master license).
-    #[arg(long)]
+    /// Aggregate agent limit (required for a master license, refused on others).
+    #[arg(help_heading = "Limits", long)]
     total: Option<u32>,
     /// The slave's own agent limit (slave license, optional).
-    #[arg(long)]
+    #[arg(help_heading = "Limits", long)]
     local: Option<u32>,
-    /// A per agent type limit, NAME=LIMIT (repeat), e.g. --agent-type inbound=300.
-    #[arg(long = "agent-type", value_parser = parse_type_limit)]
+    /// A per agent type limit, NAME=LIMIT (repeat), at most --total, e.g. inbound=300.
+    #[arg(help_heading = "Limits", long = "agent-type", value_parser = parse_type_limit)]
     agent_types: Vec<(String, u32)>,
 }
 
@@ -336,5 +342,18 @@ fn main() -> ExitCode {
             eprintln!("lmbus-license: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every subcommand says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        let missing =
+            lmbus_nats::cli_help::undocumented_arguments(&<Cli as clap::CommandFactory>::command());
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
     }
 }

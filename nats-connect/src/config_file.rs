@@ -17,7 +17,7 @@ pub struct DaemonArgs {
     #[arg(long, env = "LMBUS_CONFIG")]
     pub config: Option<PathBuf>,
     /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222].
-    #[arg(long, env = "LMBUS_NATS_URL")]
+    #[arg(long, env = "LMBUS_NATS_URL", help_heading = "NATS")]
     pub nats: Option<String>,
     #[command(flatten)]
     pub nats_auth: NatsAuthArgs,

@@ -9,6 +9,7 @@
 //!
 //! [`config_file`] reads the `--config` file every binary takes.
 
+pub mod cli_help;
 pub mod config_file;
 
 pub use config_file::DaemonArgs;
@@ -360,6 +361,7 @@ pub fn explain_connect_error(error: &async_nats::ConnectError, auth: &NatsAuth) 
 /// The `--nats-*` flags (and `LMBUS_NATS_*` variables) of a binary that has one NATS
 /// connection; flatten into its clap arguments.
 #[derive(Clone, Default, clap::Args)]
+#[command(next_help_heading = "NATS")]
 pub struct NatsAuthArgs {
     /// NATS user name (with --nats-password).
     #[arg(global = true, long = "nats-user", env = "LMBUS_NATS_USER")]
@@ -450,6 +452,7 @@ impl From<NatsAuthArgs> for NatsAuth {
 /// The same flags for a slave's secondary master (`--secondary-nats-*`,
 /// `LMBUS_SECONDARY_NATS_*`), which usually is another site with its own credentials.
 #[derive(Clone, Default, clap::Args)]
+#[command(next_help_heading = "Secondary master")]
 pub struct SecondaryNatsAuthArgs {
     /// NATS user name at the secondary master.
     #[arg(long = "secondary-nats-user", env = "LMBUS_SECONDARY_NATS_USER")]

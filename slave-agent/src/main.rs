@@ -48,13 +48,16 @@ enum Command {
     Run(Box<RunArgs>),
     /// Register an agent through a running daemon; exits 0 if approved, 3 if rejected.
     Register {
+        /// The agent's id, unique on this slave (e.g. a user or session name).
         agent_id: String,
+        /// Its agent type, one the master license knows (e.g. inbound).
         agent_type: String,
         #[command(flatten)]
         api: ApiArg,
     },
     /// Release an agent's seat through a running daemon.
     Unregister {
+        /// The id of the agent whose seat to release.
         agent_id: String,
         #[command(flatten)]
         api: ApiArg,
@@ -85,69 +88,100 @@ struct RunArgs {
     #[command(flatten)]
     daemon: lmbus_nats::DaemonArgs,
     /// Cluster name, the same as the master's.
-    #[arg(long, env = "LMBUS_CLUSTER")]
+    #[arg(help_heading = "NATS", long, env = "LMBUS_CLUSTER")]
     cluster: Option<String>,
     /// This slave's id, unique in the cluster (A-Z a-z 0-9 - _).
-    #[arg(long, env = "LMBUS_SLAVE_ID")]
+    #[arg(help_heading = "Operations", long, env = "LMBUS_SLAVE_ID")]
     id: Option<String>,
-    /// The slave license file. Without one the slave runs unlicensed: no local limit, and
-    /// the master must allow unlicensed slaves.
-    #[arg(long, env = "LMBUS_LICENSE")]
+    /// The slave license file [default: none: the slave runs unlicensed].
+    ///
+    /// Unlicensed, the slave has no local limit, and the master must allow unlicensed
+    /// slaves.
+    #[arg(help_heading = "License", long, env = "LMBUS_LICENSE")]
     license: Option<PathBuf>,
-    /// Run unlicensed even with --license (only for a license with neither the master nor
-    /// the slave flag).
-    #[arg(long, env = "LMBUS_UNLICENSED", num_args = 0..=1, default_missing_value = "true")]
+    /// Run unlicensed even with --license.
+    ///
+    /// Only for a license with neither the master nor the slave role.
+    #[arg(help_heading = "License", long, env = "LMBUS_UNLICENSED", num_args = 0..=1, default_missing_value = "true")]
     unlicensed: Option<bool>,
     /// The vendor's public key file, to verify --license.
-    #[arg(long, env = "LMBUS_VENDOR_KEY")]
+    #[arg(help_heading = "License", long, env = "LMBUS_VENDOR_KEY")]
     vendor_key: Option<PathBuf>,
     /// Where the local HTTP API listens (loopback only) [default: 127.0.0.1:7411].
-    #[arg(long, env = "LMBUS_SLAVE_API")]
+    #[arg(help_heading = "Operations", long, env = "LMBUS_SLAVE_API")]
     api: Option<SocketAddr>,
     /// Heartbeat interval [default: 1s].
-    #[arg(long, env = "LMBUS_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Timing", long, env = "LMBUS_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
     heartbeat_interval: Option<Duration>,
     /// How long to wait for the master's answer [default: 2s].
-    #[arg(long, env = "LMBUS_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Timing", long, env = "LMBUS_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
     request_timeout: Option<Duration>,
-    /// How long an unanswered request is retried (with backoff) before the master counts
-    /// as lost; rides through a broker leader failover [default: 5s]. 0 fails over to the
+    /// How long an unanswered request is retried before the master counts as lost [default: 5s].
+    ///
+    /// Retried with backoff; rides through a broker leader failover. 0 fails over to the
     /// secondary master at the first "no responders".
-    #[arg(long, env = "LMBUS_FAILOVER_WAIT", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Timing", long, env = "LMBUS_FAILOVER_WAIT", value_parser = humantime::parse_duration)]
     failover_wait: Option<Duration>,
-    /// How long a request is retried while the master's broker replicas answer that they
-    /// are electing a leader (alive, no leader yet; 5-20 s when a NATS node that led the
-    /// JetStream streams dies) [default: 30s].
-    #[arg(long, env = "LMBUS_ELECTION_WAIT", value_parser = humantime::parse_duration)]
+    /// How long a request is retried while the master's replicas elect a leader [default: 30s].
+    ///
+    /// They are alive and answer that they have no leader yet; 5-20 s when a NATS node that
+    /// led the JetStream streams dies.
+    #[arg(help_heading = "Timing", long, env = "LMBUS_ELECTION_WAIT", value_parser = humantime::parse_duration)]
     election_wait: Option<Duration>,
     /// How long to keep working after losing every master [default: 2m].
-    #[arg(long, env = "LMBUS_GRACE_PERIOD", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Grace period", long, env = "LMBUS_GRACE_PERIOD", value_parser = humantime::parse_duration)]
     grace_period: Option<Duration>,
-    /// New registrations during the grace period: refuse, or allow locally (the master
-    /// reconciles them on reconnect) [default: refuse].
-    #[arg(long, env = "LMBUS_DURING_GRACE", value_enum)]
+    /// New registrations during the grace period: refuse, or allow locally [default: refuse].
+    ///
+    /// Allowed ones are reconciled with the master when it answers again.
+    #[arg(
+        help_heading = "Grace period",
+        long,
+        env = "LMBUS_DURING_GRACE",
+        value_enum
+    )]
     during_grace: Option<GraceArg>,
-    /// When the grace period ends: logout-all (the master may then reclaim the seats), or
-    /// refuse-new (keep current agents; the master never reclaims) [default: logout-all].
-    #[arg(long, env = "LMBUS_AFTER_GRACE", value_enum)]
+    /// When the grace period ends: log out all agents, or refuse new ones [default: logout-all].
+    ///
+    /// logout-all lets the master reclaim the seats; refuse-new keeps the current agents,
+    /// and the master never reclaims them.
+    #[arg(
+        help_heading = "Grace period",
+        long,
+        env = "LMBUS_AFTER_GRACE",
+        value_enum
+    )]
     after_grace: Option<RestrictionArg>,
     /// NATS URL(s) of a secondary master (usually another site) to fail over to.
-    #[arg(long, env = "LMBUS_SECONDARY_NATS_URL")]
+    #[arg(
+        help_heading = "Secondary master",
+        long,
+        env = "LMBUS_SECONDARY_NATS_URL"
+    )]
     secondary_nats: Option<String>,
     /// Cluster name of the secondary master [default: the primary's].
-    #[arg(long, env = "LMBUS_SECONDARY_CLUSTER")]
+    #[arg(
+        help_heading = "Secondary master",
+        long,
+        env = "LMBUS_SECONDARY_CLUSTER"
+    )]
     secondary_cluster: Option<String>,
     #[command(flatten)]
     secondary_nats_auth: lmbus_nats::SecondaryNatsAuthArgs,
     /// On the secondary, go back when the primary answers again, or stay
     /// [default: return-to-primary].
-    #[arg(long, env = "LMBUS_RETURN_POLICY", value_enum)]
+    #[arg(
+        help_heading = "Secondary master",
+        long,
+        env = "LMBUS_RETURN_POLICY",
+        value_enum
+    )]
     return_policy: Option<ReturnArg>,
     /// Ask the secondary when the primary rejects for capacity.
-    #[arg(long, env = "LMBUS_OVERFLOW", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(help_heading = "Secondary master", long, env = "LMBUS_OVERFLOW", num_args = 0..=1, default_missing_value = "true")]
     overflow: Option<bool>,
     /// Switch to the secondary when the primary answers slower than this [default: 10s].
-    #[arg(long, env = "LMBUS_SWITCH_DELAY", value_parser = humantime::parse_duration)]
+    #[arg(help_heading = "Secondary master", long, env = "LMBUS_SWITCH_DELAY", value_parser = humantime::parse_duration)]
     switch_delay: Option<Duration>,
 }
 
@@ -538,5 +572,18 @@ fn main() -> ExitCode {
             eprintln!("lmbus-slave: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every subcommand says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        let missing =
+            lmbus_nats::cli_help::undocumented_arguments(&<Cli as clap::CommandFactory>::command());
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
     }
 }
