@@ -474,37 +474,56 @@ impl Load {
 
     /// Stops the workload; see [`finish`].
     pub async fn finish(self, rig: &Rig) -> (lmbus_broker::ledger::Audit, Vec<SlaveAgent>) {
-        finish(rig, self.tasks, self.stop, &self.books).await
+        finish(rig, self.tasks, self.stop, &self.books, Duration::ZERO).await
+    }
+
+    /// Stops the workload and gives the ledger up to `settle` to hold what the slaves were
+    /// told (in allotment mode, local decisions reach it with the next refresh); see
+    /// [`finish`].
+    pub async fn finish_settled(
+        self,
+        rig: &Rig,
+        settle: Duration,
+    ) -> (lmbus_broker::ledger::Audit, Vec<SlaveAgent>) {
+        finish(rig, self.tasks, self.stop, &self.books, settle).await
     }
 }
 
-/// Stops the workload and checks the ledger against what the slaves were told.
+/// Stops the workload and checks the ledger against what the slaves were told: equal now,
+/// or (given a `settle` time) within it.
 pub async fn finish(
     rig: &Rig,
     tasks: Vec<tokio::task::JoinHandle<SlaveAgent>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     books_of: &Arc<Mutex<Books>>,
+    settle: Duration,
 ) -> (lmbus_broker::ledger::Audit, Vec<SlaveAgent>) {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut slaves = Vec::new();
     for t in tasks {
         slaves.push(t.await.unwrap());
     }
-    let audit = rig.audit().await;
-    let books = books_of.lock().unwrap();
+    let stopped = Instant::now();
+    let errors = books_of.lock().unwrap().errors.clone();
     assert!(
-        books.errors.is_empty(),
-        "the host application saw errors: {:?}",
-        books.errors
+        errors.is_empty(),
+        "the host application saw errors: {errors:?}"
     );
-    drop(books);
     let told = told(books_of);
-    let recorded = seats_of(&audit);
-    assert_eq!(
-        recorded, told,
-        "the ledger's seats differ from what the slaves were told"
-    );
-    (audit, slaves)
+    loop {
+        let audit = rig.audit().await;
+        let recorded = seats_of(&audit);
+        if recorded == told {
+            return (audit, slaves);
+        }
+        if stopped.elapsed() >= settle {
+            assert_eq!(
+                recorded, told,
+                "the ledger's seats differ from what the slaves were told ({settle:?} after the workload stopped)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The slaves' books without empty entries.
