@@ -217,6 +217,34 @@ fn from_change(
                 "unregistered by the slave".to_string(),
             )]
         }
+        SeatChange::FromBlock {
+            slave,
+            agent_id,
+            agent_type,
+        } if query.wants(Some(&slave), &[&agent_id]) => vec![record(
+            Some(slave),
+            Some(agent_id),
+            Some(agent_type),
+            "granted",
+            "admitted by the slave from its allotted block (reported at its next refresh)"
+                .to_string(),
+        )],
+        SeatChange::Allotment { slave, blocks, .. }
+            if query.wants(Some(&slave), &[]) && query.agent.is_none() =>
+        {
+            let blocks: Vec<String> = blocks.iter().map(|(t, n)| format!("{t}={n}")).collect();
+            vec![record(
+                Some(slave),
+                None,
+                None,
+                "allotment",
+                if blocks.is_empty() {
+                    "no free seats allotted".to_string()
+                } else {
+                    format!("free seats allotted: {}", blocks.join(" "))
+                },
+            )]
+        }
         SeatChange::Reclaim { slave } if query.wants(Some(&slave), &[]) => vec![record(
             Some(slave),
             None,

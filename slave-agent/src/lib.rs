@@ -6,6 +6,7 @@
 //! any language; `main.rs` is the `lmbus-slave` daemon and the CLI that calls the local API.
 
 pub mod agent;
+mod allot;
 pub mod api;
 mod config;
 mod error;

@@ -40,6 +40,7 @@ impl Request for UnregisterRequest {
 
 impl Request for Hello {}
 impl Request for Heartbeat {}
+impl Request for lmbus_schemas::AllotRequest {}
 
 type Answer = Result<Ask, SlaveError>;
 

@@ -33,6 +33,26 @@ pub struct SlaveStatusView {
     pub mode: SlaveMode,
     /// Milliseconds left in the grace period while in `grace`.
     pub grace_left_ms: Option<u64>,
+    /// How the active master decides registrations: `strict` or `allotment`.
+    #[serde(default)]
+    pub admission: lmbus_schemas::Admission,
+    /// Allotment mode: the free seats of the active master's blocks this slave may admit
+    /// from now, per agent type.
+    #[serde(default)]
+    pub allotted: BTreeMap<String, u32>,
+    /// Allotment mode: how long this slave may still admit from its blocks without hearing
+    /// from the master.
+    #[serde(default)]
+    pub allot_lease_left_ms: Option<u64>,
+    /// Allotment mode: local decisions the master has not acknowledged yet (every master).
+    #[serde(default)]
+    pub journal_unacked: u32,
+    /// Registrations decided here from a block since the slave started, and agents that
+    /// came and went between two allot requests (counted, not named, on the master).
+    #[serde(default)]
+    pub local_decisions: u64,
+    #[serde(default)]
+    pub churned: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -46,6 +46,19 @@ impl Deployment {
 
     /// With the reference configuration changed by `edit` first.
     async fn start_with(total: u32, edit: impl FnOnce(String) -> String) -> Self {
+        Self::start_in(total, edit, lmbus_schemas::Admission::Strict).await
+    }
+
+    /// With the master in allotment mode.
+    async fn start_allotment(total: u32) -> Self {
+        Self::start_in(total, |c| c, lmbus_schemas::Admission::Allotment).await
+    }
+
+    async fn start_in(
+        total: u32,
+        edit: impl FnOnce(String) -> String,
+        admission: lmbus_schemas::Admission,
+    ) -> Self {
         init_tracing();
         let cluster = cluster_name();
         let nats = NatsServer::start_with_config(&edit(reference_config(&cluster))).unwrap();
@@ -53,6 +66,7 @@ impl Deployment {
         let license = vendor.master(total, &[]).unwrap();
         let mut cfg = broker_config(&nats, &cluster, license, &vendor, true);
         cfg.nats_auth = user("broker");
+        cfg.allot.admission = admission;
         let broker = Broker::start(cfg).await.unwrap();
         let connect = |who: &str| {
             let url = nats.url();
@@ -231,6 +245,21 @@ fn payloads() -> Vec<(SlaveOp, Vec<u8>)> {
             encode(&SlaveReport {
                 event: SlaveEvent::Other,
                 message: "hi".into(),
+            })
+            .unwrap(),
+        ),
+        (
+            SlaveOp::Allot,
+            encode(&lmbus_schemas::AllotRequest {
+                instance: uuid::Uuid::new_v4(),
+                seq: 1,
+                ops: vec![lmbus_schemas::AllotOp {
+                    n: 1,
+                    kind: lmbus_schemas::AllotOpKind::Admit,
+                    agent_id: "x3".into(),
+                    agent_type: "inbound".into(),
+                }],
+                want: [("inbound".to_owned(), 1000)].into(),
             })
             .unwrap(),
         ),
@@ -1125,6 +1154,165 @@ async fn valid_looking_batches_cannot_flood_the_alert_stream() {
     );
     assert!(about_site1.len() <= 5, "{about_site1:#?}");
     assert_eq!(d.status().await.leader_term, before.leader_term);
+    site2.shutdown().await;
+    d.stop().await;
+}
+
+/// Allotment mode attacked with a slave's own credentials, through every field of the
+/// allot request it controls: a block asked far beyond the license, admissions beyond the
+/// block, a replayed request, an older request number (which would shrink the block the
+/// master counts below what the slave was told), another instance's id, and a reply
+/// subject outside its inbox. The master never counts more than the license, refuses every
+/// admission it did not allot, and an honest slave gets exactly what is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_cannot_take_more_than_the_license_through_allotments() {
+    use lmbus_schemas::{AllotOp, AllotOpKind, AllotRequest};
+    let d = Deployment::start_allotment(6).await;
+    let s = &d.subjects;
+    let attacker = d.site("site1").await;
+    let instance = uuid::Uuid::new_v4();
+    let mut h = hello(1, vec![]);
+    h.instance = instance;
+    let welcome = ask(&attacker, s, "site1", SlaveOp::Hello, encode(&h).unwrap()).await;
+    assert!(
+        matches!(&welcome, Some(Reply::Welcome(w)) if w.admission == lmbus_schemas::Admission::Allotment),
+        "{welcome:?}"
+    );
+    let allot = |seq: u64, ops: Vec<AllotOp>, want: u32| AllotRequest {
+        instance,
+        seq,
+        ops,
+        want: [("inbound".to_owned(), want)].into(),
+    };
+    let admit = |n: u64, agent: &str| AllotOp {
+        n,
+        kind: AllotOpKind::Admit,
+        agent_id: agent.into(),
+        agent_type: "inbound".into(),
+    };
+    // Far beyond the license: the master gives at most what is free.
+    let first = ask(
+        &attacker,
+        s,
+        "site1",
+        SlaveOp::Allot,
+        encode(&allot(5, vec![], u32::MAX)).unwrap(),
+    )
+    .await;
+    let Some(Reply::Allotment(first)) = first else {
+        panic!("{first:?}")
+    };
+    let block = first.blocks.get("inbound").copied().unwrap_or(0);
+    assert!(block <= 6, "{first:?}");
+    let status = d.status().await;
+    assert!(
+        status.total_in_use + status.allotted_total <= 6,
+        "{status:?}"
+    );
+    // Ten admissions against that block: only `block` are taken, the rest refused.
+    let ops: Vec<AllotOp> = (1..=10).map(|n| admit(n, &format!("x{n}"))).collect();
+    let answer = ask(
+        &attacker,
+        s,
+        "site1",
+        SlaveOp::Allot,
+        encode(&allot(6, ops, 0)).unwrap(),
+    )
+    .await;
+    let Some(Reply::Allotment(answer)) = answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(answer.refused.len() as u32, 10 - block, "{answer:?}");
+    assert!(
+        answer
+            .refused
+            .iter()
+            .all(|r| r.reason == RejectReason::NoAllotment)
+    );
+    let after_admits = d.status().await;
+    assert_eq!(after_admits.total_in_use, block);
+    assert_eq!(after_admits.allotted_total, 0);
+    // The same request again, and an older number: refused, nothing moves.
+    for seq in [6, 5, 1] {
+        let replayed = ask(
+            &attacker,
+            s,
+            "site1",
+            SlaveOp::Allot,
+            encode(&allot(seq, vec![], 6)).unwrap(),
+        )
+        .await;
+        assert!(
+            matches!(
+                replayed,
+                Some(Reply::Refused {
+                    reason: RejectReason::Replayed,
+                    ..
+                })
+            ),
+            "{replayed:?}"
+        );
+    }
+    // Another instance's id: no session.
+    let mut foreign = allot(7, vec![], 6);
+    foreign.instance = uuid::Uuid::new_v4();
+    let refused = ask(
+        &attacker,
+        s,
+        "site1",
+        SlaveOp::Allot,
+        encode(&foreign).unwrap(),
+    )
+    .await;
+    assert!(
+        matches!(
+            refused,
+            Some(Reply::Refused {
+                reason: RejectReason::SlaveNotConnected,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    // A reply subject outside its inbox: never answered (a grown block there would be a
+    // block nobody was told of, so it must not be granted either).
+    let ledger_before = d.ledger().await.0.len();
+    attacker
+        .publish_with_reply(
+            s.slave_op(&SlaveId::new("site1").unwrap(), SlaveOp::Allot),
+            s.ledger(),
+            encode(&allot(8, vec![], 6)).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    attacker.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(d.status().await.allotted_total, 0);
+    assert_eq!(d.ledger().await.0.len(), ledger_before);
+    let status = d.status().await;
+    assert_eq!(status.total_in_use + status.allotted_total, block);
+
+    // An honest slave gets exactly what is left, no more.
+    let site2 = d.slave("site2").await;
+    let mut got = 0;
+    for i in 0..10 {
+        if site2
+            .register(&format!("h{i}"), "inbound")
+            .await
+            .unwrap()
+            .is_approved()
+        {
+            got += 1;
+        }
+    }
+    assert_eq!(got, 6 - block, "the honest slave's share");
+    let status = d.status().await;
+    assert!(
+        status.total_in_use + status.allotted_total <= 6,
+        "{status:?}"
+    );
+    let (records, _) = d.ledger().await;
+    lmbus_broker::ledger::audit(&records, 6, &Default::default()).unwrap();
     site2.shutdown().await;
     d.stop().await;
 }

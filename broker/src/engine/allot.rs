@@ -192,7 +192,8 @@ impl Engine {
         for op in request.ops.iter().filter(|op| op.n > journal_before) {
             match op.kind {
                 AllotOpKind::Admit => {
-                    if let Err((reason, detail)) = self.seat_from_block(id, &op.agent_id, &op.agent_type)
+                    if let Err((reason, detail)) =
+                        self.seat_from_block(id, &op.agent_id, &op.agent_type)
                     {
                         refused.push((op.agent_id.clone(), op.agent_type.clone(), reason, detail));
                     }

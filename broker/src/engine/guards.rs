@@ -113,8 +113,12 @@ pub(super) fn validate_agent(agent_id: &str, agent_type: Option<&str>) -> Option
 }
 
 /// One slave's repeated refusals of one reason since its last alert.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Quiet {
     pub(super) unreported: u64,
     pub(super) reported_at: Option<Instant>,
+    /// The last refusal counted and not alerted: the tick alerts the count with it once
+    /// the quiet time is over, so the count reaches the alert stream even when the storm
+    /// stops.
+    pub(super) last: Option<lmbus_schemas::Alert>,
 }

@@ -47,6 +47,9 @@ impl Engine {
 
     pub(super) fn tick(&mut self, now: Instant, today: Date) -> Output {
         let mut out = Output::default();
+        for alert in self.quiet_summaries(now) {
+            out.alert(alert);
+        }
         let missed = self.cfg.missed_heartbeats;
         let mut lost = Vec::new();
         for (id, slave) in &mut self.slaves {

@@ -35,14 +35,17 @@ impl Engine {
         let q = self.quiet.entry((id.clone(), what)).or_insert(Quiet {
             unreported: 0,
             reported_at: None,
+            last: None,
         });
         let due = q
             .reported_at
             .is_none_or(|at| now.saturating_duration_since(at) >= RATE_LIMIT_ALERT_EVERY);
         if !due {
             q.unreported += 1;
+            q.last = Some(alert);
             return None;
         }
+        q.last = None;
         if q.unreported > 0 {
             alert.message.push_str(&format!(
                 " ({} more such refusals of slave {id} since the last alert)",
@@ -52,6 +55,33 @@ impl Engine {
         q.unreported = 0;
         q.reported_at = Some(now);
         Some(alert)
+    }
+
+    /// At the tick: the refusals counted quietly whose quiet time is over, as one alert per
+    /// slave and reason ("N more such refusals ..., the last: ..."), so every count is
+    /// told even when no further refusal comes.
+    pub(super) fn quiet_summaries(&mut self, now: Instant) -> Vec<Alert> {
+        let mut out = Vec::new();
+        for ((id, _), q) in self.quiet.iter_mut() {
+            let due = q
+                .reported_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= RATE_LIMIT_ALERT_EVERY);
+            if !due || q.unreported == 0 {
+                continue;
+            }
+            if let Some(mut alert) = q.last.take() {
+                alert.message = format!(
+                    "{} refusals of slave {id} like this one in the last {} s, the last: {}",
+                    q.unreported,
+                    RATE_LIMIT_ALERT_EVERY.as_secs(),
+                    alert.message
+                );
+                out.push(alert);
+            }
+            q.unreported = 0;
+            q.reported_at = Some(now);
+        }
+        out
     }
 
     pub(super) fn invalid_request(

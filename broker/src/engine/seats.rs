@@ -309,8 +309,21 @@ impl Engine {
                 }));
                 let alert = self.rejection_alert(&id, &claim, reason, &detail);
                 // Without a session a slave says hello and asks again: repeats are noise.
+                // In allotment mode a storm of capacity rejections (the blocks are empty and
+                // the pool is too) is told per slave and reason every 10 s, with the exact
+                // count, rather than one alert per agent.
+                let storm = self.cfg.allot.admission == lmbus_schemas::Admission::Allotment
+                    && matches!(
+                        reason,
+                        RejectReason::AggregateLimit
+                            | RejectReason::TypeLimit
+                            | RejectReason::LocalLimit
+                            | RejectReason::SlaveLimit
+                    );
                 let alert = if reason == RejectReason::SlaveNotConnected {
                     self.quietly(now, &id, "no session", alert)
+                } else if storm {
+                    self.quietly(now, &id, reason.token(), alert)
                 } else {
                     Some(alert)
                 };

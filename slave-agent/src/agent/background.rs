@@ -176,9 +176,16 @@ impl Inner {
             }
             ControlMessage::Rehello => true,
             // Acted on by the link itself (`Link::send` asks again at once).
-            ControlMessage::NewLeader | ControlMessage::ReturnAllotment | ControlMessage::Other => {
+            ControlMessage::ReturnAllotment => {
+                lock(&self.state)
+                    .allot
+                    .get_mut(link)
+                    .return_all(tokio::time::Instant::now());
+                self.allot_wake.notify_one();
                 false
             }
+            // Acted on by the link itself (`Link::send` asks again at once).
+            ControlMessage::NewLeader | ControlMessage::Other => false,
         }
     }
 }
@@ -201,8 +208,31 @@ pub(super) async fn background(
     );
     loop {
         let grace_end = inner.grace_deadline();
+        let allot = inner.next_allot();
         tokio::select! {
             _ = stop.changed() => break,
+            // Allotment mode: the journal and the blocks, every refresh interval or at once
+            // when woken (a block ran low, blocks asked back).
+            _ = async {
+                match allot {
+                    Some((at, _)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((_, link)) = allot {
+                    if inner.allot_round(link).await {
+                        inner.allot_wake.notify_one();
+                    }
+                }
+            }
+            _ = inner.allot_wake.notified() => {
+                for link in [Master::Primary, Master::Secondary] {
+                    let due = lock(&inner.state).links.get(link).connected;
+                    if due && inner.allot_round(link).await {
+                        inner.allot_wake.notify_one();
+                    }
+                }
+            }
             _ = async {
                 match grace_end {
                     Some(at) => tokio::time::sleep_until(at).await,

@@ -70,11 +70,15 @@ impl Inner {
         // marked in flight before it took its number, so the hello claims it or lists it
         // as pending; a later one is numbered above it and its seat is kept.
         let request_seq = self.request_seq.load(std::sync::atomic::Ordering::Acquire);
-        let (agents, pending) = {
-            let state = lock(&self.state);
+        // Allotment mode: from here until the answer nothing is admitted from this master's
+        // block, which the hello empties; the journal so far is in the agent list.
+        let (agents, pending, journal) = {
+            let mut state = lock(&self.state);
+            let journal = state.allot.get_mut(link).begin_hello();
             (
                 state.claims(link),
                 state.registering.keys().cloned().collect(),
+                journal,
             )
         };
         let hello = Hello {
@@ -92,9 +96,19 @@ impl Inner {
             request_timeout_ms: self.policy.longest_request().as_millis() as u64,
             request_seq: Some(request_seq),
             pending,
-            journal: None,
+            journal: Some(journal),
         };
-        let reply = match self.ask(link, SlaveOp::Hello, &hello).await {
+        let answer = self.ask(link, SlaveOp::Hello, &hello).await;
+        if !matches!(
+            &answer,
+            Ok(Ask::Reply {
+                reply: Reply::Welcome(_),
+                ..
+            })
+        ) {
+            lock(&self.state).allot.get_mut(link).hello_failed();
+        }
+        let reply = match answer {
             Ok(Ask::Reply { reply, .. }) => reply,
             Ok(Ask::Unavailable(detail)) => {
                 self.set_disconnected(link, detail.clone());
@@ -107,7 +121,7 @@ impl Inner {
         };
         match reply {
             Reply::Welcome(welcome) => {
-                let was_restricted = self.accept_welcome(link, &welcome);
+                let was_restricted = self.accept_welcome(link, &welcome, journal);
                 info!(master = link.name(), broker = %welcome.broker_id, "connected to the {} master", link.name());
                 if let Some(Restricted { since, logged_out }) = was_restricted {
                     let lost_for = since.elapsed() + self.policy.grace_period();
@@ -172,8 +186,13 @@ impl Inner {
 
     /// Takes in a welcome: logs out what the master did not re-grant, marks the link
     /// connected and ends any restriction (returned, to be reported).
-    fn accept_welcome(&self, link: Master, welcome: &Welcome) -> Option<Restricted> {
+    fn accept_welcome(&self, link: Master, welcome: &Welcome, journal: u64) -> Option<Restricted> {
         let mut state = lock(&self.state);
+        state.allot.get_mut(link).welcomed(
+            journal,
+            welcome.admission == lmbus_schemas::Admission::Allotment,
+            std::time::Duration::from_millis(welcome.allot_refresh_ms),
+        );
         let detail = format!(
             "the {} master did not re-grant this seat on reconnect",
             link.name()

@@ -41,6 +41,9 @@ pub(super) struct Inner {
     /// The last request number used (see `RegisterRequest::seq`).
     pub(super) request_seq: std::sync::atomic::AtomicU64,
     pub(super) metrics: crate::metrics::SlaveMetrics,
+    /// Wakes the background task to send an allot request now (a block ran low, the
+    /// master asked for blocks back, more journal entries wait).
+    pub(super) allot_wake: tokio::sync::Notify,
 }
 
 impl Inner {

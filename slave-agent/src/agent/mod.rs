@@ -46,6 +46,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 use uuid::Uuid;
 
+mod allotment;
 mod background;
 mod hello;
 mod inner;
@@ -157,6 +158,7 @@ impl SlaveAgent {
                 last_contact: tokio::time::Instant::now(),
                 restricted: None,
                 primary_slow: false,
+                allot: PerMaster::default(),
             }),
             policy: Policy::new(&cfg),
             cfg,
@@ -166,6 +168,7 @@ impl SlaveAgent {
             heartbeat_seq: Default::default(),
             request_seq: Default::default(),
             metrics: Default::default(),
+            allot_wake: Default::default(),
         });
         match inner.hello(Master::Primary).await {
             Ok(()) => {}
@@ -269,6 +272,7 @@ impl SlaveAgent {
         }
         let any_connected = state.links.iter().any(|l| l.connected);
         let active = state.links.get(state.active);
+        let book = state.allot.get(state.active);
         let masters = inner
             .links
             .iter()
@@ -306,6 +310,18 @@ impl SlaveAgent {
                     .grace_left(tokio::time::Instant::now(), state.last_contact)
                     .as_millis() as u64
             }),
+            admission: if book.is_active() {
+                lmbus_schemas::Admission::Allotment
+            } else {
+                lmbus_schemas::Admission::Strict
+            },
+            allotted: book.free().clone(),
+            allot_lease_left_ms: book
+                .lease_left(tokio::time::Instant::now())
+                .map(|d| d.as_millis() as u64),
+            journal_unacked: state.allot.iter().map(|b| b.journal_len() as u32).sum(),
+            local_decisions: state.allot.iter().map(|b| b.local_decisions).sum(),
+            churned: state.allot.iter().map(|b| b.churned).sum(),
         }
     }
 
@@ -329,6 +345,29 @@ impl SlaveAgent {
         let limit = self.inner.cfg.request_timeout + Duration::from_millis(500);
         if tokio::time::timeout(limit, releases).await.is_err() {
             warn!("some seats could not be released at shutdown: the master did not answer");
+        }
+        // Allotment mode: the releases above went into the journal; send it, and give the
+        // blocks back, so the seats are free at once rather than at the reclaim.
+        let give_back = async {
+            for link in [Master::Primary, Master::Secondary] {
+                if !lock(&self.inner.state).links.get(link).connected {
+                    continue;
+                }
+                lock(&self.inner.state)
+                    .allot
+                    .get_mut(link)
+                    .return_all(tokio::time::Instant::now());
+                for _ in 0..64 {
+                    if !self.inner.allot_round(link).await {
+                        break;
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(limit, give_back).await.is_err() {
+            warn!(
+                "the allotted seats could not be given back at shutdown: the master did not answer"
+            );
         }
         // The releases above were confirmed by the masters' replies; `flush` writes any
         // report still buffered before `drain` closes the connection.

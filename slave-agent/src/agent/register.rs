@@ -34,11 +34,40 @@ impl Inner {
         validate(agent_id, agent_type)?;
         self.check_grace();
         // Decide under the lock, act (await) after it is released.
+        let mut admitted_here = None;
+        let mut wake = false;
         let local_rejection = {
             let mut state = lock(&self.state);
             let held = state.agents.contains_key(agent_id);
             let used = state.agents.len() as u64 + u64::from(state.pending);
             match Policy::local_rejection(self.local_limit, held, used) {
+                // Allotment mode: a free seat of the active master's block decides it here,
+                // with no message to anyone.
+                None if !held && state.restricted.is_none() => {
+                    let active = state.active;
+                    let now = tokio::time::Instant::now();
+                    let book = state.allot.get_mut(active);
+                    if let Some(n) = book.try_admit(now, agent_id, agent_type) {
+                        admitted_here = Some(book.low(agent_type));
+                        state.agents.insert(
+                            agent_id.to_owned(),
+                            Seat {
+                                agent_type: agent_type.to_owned(),
+                                link: active,
+                                allot: Some(n),
+                            },
+                        );
+                    } else {
+                        // Not from a block: asked strictly; the next allot request goes
+                        // early so that the block catches up with the demand.
+                        if book.ask_early(now) {
+                            wake = true;
+                        }
+                        state.pending += 1;
+                        mark(&mut state.registering, agent_id);
+                    }
+                    None
+                }
                 Some(detail) => {
                     self.logged_out(
                         &mut state,
@@ -66,6 +95,17 @@ impl Inner {
                 detail,
             });
         }
+        if wake {
+            self.allot_wake.notify_one();
+        }
+        if let Some(low) = admitted_here {
+            if low {
+                self.allot_wake.notify_one();
+            }
+            return Ok(Outcome::Approved {
+                already_held: false,
+            });
+        }
         // Settled below; a caller that gives up (a dropped future, an HTTP client gone)
         // settles it on drop, so the agent is never left "in flight" for good.
         let in_flight = InFlight {
@@ -82,11 +122,14 @@ impl Inner {
                 // `None`: admitted locally during the grace period; recorded on the active
                 // master, which reconciles it at the next hello.
                 let link = granted_by.unwrap_or(state.active);
+                // A re-registration keeps the seat as it was admitted.
+                let allot = state.agents.get(agent_id).and_then(|s| s.allot);
                 state.agents.insert(
                     agent_id.to_owned(),
                     Seat {
                         agent_type: agent_type.to_owned(),
                         link,
+                        allot,
                     },
                 );
                 Ok(Outcome::Approved { already_held })
@@ -273,7 +316,17 @@ impl Inner {
         let seat = {
             let mut state = lock(&self.state);
             let seat = state.agents.remove(agent_id);
-            if seat.is_some() {
+            if let Some(seat) = &seat {
+                // Admitted from a block: the release goes in that master's journal (no
+                // message now), unless the master is no longer in allotment mode.
+                if let Some(n) = seat.allot
+                    && state
+                        .allot
+                        .get_mut(seat.link)
+                        .release(agent_id, &seat.agent_type, n)
+                {
+                    return Ok(true);
+                }
                 mark(&mut state.unregistering, agent_id);
             }
             seat

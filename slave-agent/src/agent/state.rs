@@ -7,6 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use lmbus_schemas::{AgentClaim, Books, agent_digest};
 
+use crate::allot::AllotBook;
 use crate::events::LoggedOut;
 use crate::master::{Master, PerMaster};
 
@@ -16,6 +17,8 @@ pub(super) struct Seat {
     pub(super) agent_type: String,
     /// The master that granted it; its release goes there.
     pub(super) link: Master,
+    /// Admitted here from that master's block (allotment mode): its journal number.
+    pub(super) allot: Option<u64>,
 }
 
 /// The restriction in force: since when, and how many agents it logged out (the master is
@@ -59,6 +62,8 @@ pub(super) struct State {
     pub(super) restricted: Option<Restricted>,
     /// The primary answered slower than `switch_delay` since the last failover decision.
     pub(super) primary_slow: bool,
+    /// Each master's allotments (allotment mode): free seats, journal, lease.
+    pub(super) allot: PerMaster<AllotBook>,
 }
 
 /// A registration (counted in `pending` and `registering`) or an unregistration (in
@@ -111,18 +116,23 @@ fn unmark(set: &mut BTreeMap<String, u32>, agent: &str) {
 
 impl State {
     /// This slave's books for `link`'s master, as a heartbeat carries them: the agents it
-    /// granted, without those with a request in flight (listed as unsettled).
+    /// granted, without those with a request in flight or a journal entry the master has
+    /// not acknowledged (listed as unsettled).
     pub(super) fn books(&self, link: Master) -> Books {
+        let journal: std::collections::BTreeSet<&str> = self.allot.get(link).unsettled().collect();
         let unsettled: Vec<String> = self
             .registering
             .keys()
-            .chain(self.unregistering.keys())
-            .cloned()
+            .map(String::as_str)
+            .chain(self.unregistering.keys().map(String::as_str))
+            .chain(journal.iter().copied())
+            .map(str::to_owned)
             .collect();
         let settled = self.agents.iter().filter(|(agent, seat)| {
             seat.link == link
                 && !self.registering.contains_key(agent.as_str())
                 && !self.unregistering.contains_key(agent.as_str())
+                && !journal.contains(agent.as_str())
         });
         let mut count = 0;
         let digest = agent_digest(settled.map(|(agent, seat)| {
@@ -143,6 +153,16 @@ impl State {
             primary: self.links.primary.connected,
             secondary: self.links.secondary.connected,
         }
+    }
+
+    /// How large a block `link`'s master may allot under the local limit: what the held
+    /// agents, the registrations in flight and the other master's free seats leave.
+    pub(super) fn room(&self, local_limit: Option<u32>, link: Master) -> u32 {
+        let Some(limit) = local_limit else {
+            return u32::MAX;
+        };
+        let free: u32 = self.allot.get(link.other()).free().values().sum();
+        limit.saturating_sub(self.agents.len() as u32 + self.pending + free)
     }
 
     pub(super) fn claims(&self, link: Master) -> Vec<AgentClaim> {

@@ -314,3 +314,53 @@ fn the_local_limit_caps_blocks_and_held_seats_together() {
         Some(RejectReason::LocalLimit)
     );
 }
+
+#[test]
+fn a_storm_of_rejections_is_told_per_slave_and_reason_with_the_exact_count() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    for i in 0..5 {
+        assert!(approved(&a.h.decision(
+            "s1",
+            &format!("x{i}"),
+            if i < 3 { "inbound" } else { "outbound" }
+        )));
+    }
+    let mut told = 0;
+    for i in 0..37 {
+        let out = a.h.register("s1", &format!("y{i}"), "outbound");
+        assert_eq!(
+            rejected_for(&decision_of(&out)),
+            Some(RejectReason::AggregateLimit)
+        );
+        told += alerts(&out).len();
+    }
+    assert_eq!(told, 1, "the first one is told at once, the rest counted");
+    // Within the quiet time nothing more; after it, the tick tells the other 36.
+    a.h.advance(Duration::from_secs(5));
+    assert!(
+        a.h.tick()
+            .iter()
+            .all(|al| al.kind != AlertKind::RegistrationRejected)
+    );
+    a.h.advance(Duration::from_secs(6));
+    let summaries: Vec<Alert> =
+        a.h.tick()
+            .into_iter()
+            .filter(|al| al.kind == AlertKind::RegistrationRejected)
+            .collect();
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    assert!(
+        summaries[0].message.starts_with("36 refusals of slave s1"),
+        "{}",
+        summaries[0].message
+    );
+    assert_eq!(summaries[0].reason, Some(RejectReason::AggregateLimit));
+    // Told once: the next tick says nothing.
+    a.h.advance(Duration::from_secs(11));
+    assert!(
+        a.h.tick()
+            .iter()
+            .all(|al| al.kind != AlertKind::RegistrationRejected)
+    );
+}
