@@ -41,6 +41,8 @@ pub struct Rig {
     pub logs: (PathBuf, Option<tempfile::TempDir>),
     /// Flags every broker of this rig gets.
     pub flags: Vec<String>,
+    /// The master license's seat limit ([`LIMIT`] unless started with another).
+    pub limit: u32,
 }
 
 impl Rig {
@@ -55,13 +57,18 @@ impl Rig {
 
     /// Like `start`, with extra flags for every broker, and more for b1.
     pub async fn start_configured(flags: &[&str], b1_flags: &[&str]) -> Rig {
+        Self::start_licensed(LIMIT, flags, b1_flags).await
+    }
+
+    /// Like `start_configured`, with a master license of `limit` seats.
+    pub async fn start_licensed(limit: u32, flags: &[&str], b1_flags: &[&str]) -> Rig {
         init_tracing();
         let nats = tokio::task::spawn_blocking(|| NatsCluster::start(3))
             .await
             .unwrap()
             .unwrap();
         let vendor = Vendor::new().unwrap();
-        let license = vendor.master(LIMIT, &[]).unwrap();
+        let license = vendor.master(limit, &[]).unwrap();
         let client = async_nats::connect(lmbus_nats::nats_urls(&nats.url()))
             .await
             .unwrap();
@@ -87,6 +94,7 @@ impl Rig {
                 }
             },
             flags: flags.iter().map(|f| f.to_string()).collect(),
+            limit,
         };
         // b1 first, so the first election is b1's; then the standbys.
         let mut alerts = rig.alerts().await;
@@ -189,7 +197,7 @@ impl Rig {
             }
         };
         let records = self.root_at_snapshot(records).await;
-        match audit(&records, LIMIT, &BTreeMap::new()) {
+        match audit(&records, self.limit, &BTreeMap::new()) {
             Ok(a) => a,
             Err(e) => panic!("ledger audit failed: {e}\n{}", self.dump_logs()),
         }
