@@ -447,13 +447,15 @@ async fn release_all(host: &Host, books: &Books) {
 }
 
 /// Steps: a 12-seat license in allotment mode (refresh 1 s), slaves A and B. A's hosts
-/// take all 12 seats; then they release them all and B's hosts register until they hold
-/// 12; then back from B to A. Each move completes within 3 refreshes + 2 s of the last
-/// release (A keeps its freed seats as a block until it gives them back). At every
-/// approval the hosts hold at most 12, and the master's held plus allotted seats stay
-/// within 12 (polled); afterwards the master equals the hosts' books. Catches: a freed
-/// block that never moves (or moves only when the holder's high-water mark decays much
-/// later), seats re-granted before their return is recorded (books over the limit).
+/// take 8 seats and release them all; the freed seats go back to A's block (A's recent
+/// demand keeps a block: the master counts one). Then B's hosts register until they hold
+/// all 12, which takes A's block back; then the same from B to A. Each move completes
+/// within 3 refreshes + 2 s of the first registration on the other slave (without a
+/// return, A's block would stay until its demand estimate decays, about 10 refreshes). At
+/// every approval the hosts hold at most 12, and the master's held plus allotted seats stay
+/// within 12 (polled); afterwards the master equals the hosts' books. Catches: a freed block
+/// that does not move to the slave that needs it, seats re-granted before their return is
+/// recorded (books over the limit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capacity_moves_to_the_slave_that_needs_it() {
     let _serial = SERIAL.lock().await;
@@ -467,18 +469,27 @@ async fn capacity_moves_to_the_slave_that_needs_it() {
     wait_allotment_mode(&a).await;
     wait_allotment_mode(&b).await;
 
-    let took = fill(&a, &books, "first", 12, MOVE_BOUND).await;
-    eprintln!("measured: A took all 12 seats in {took:?}");
-    let mut moves = Vec::new();
+    fill(&a, &books, "first", 8, MOVE_BOUND).await;
     for (round, (from, to)) in [(&a, &b), (&b, &a)].into_iter().enumerate() {
         release_all(from, &books).await;
+        let block = wait_master_block(&f, &from.id).await;
         let took = fill(to, &books, &format!("move{round}"), 12, MOVE_BOUND).await;
         eprintln!(
-            "measured: 12 seats moved from {} to {} in {took:?} (bound {MOVE_BOUND:?})",
+            "measured: {} released its seats and held a free block of {block}; {} took all 12 seats in {took:?} (bound {MOVE_BOUND:?})",
             from.id, to.id
         );
-        moves.push(took);
+        assert_eq!(
+            master_block(&f, &from.id).await,
+            0,
+            "{} still holds free seats",
+            from.id
+        );
     }
+    let local: Vec<u64> = [&a, &b]
+        .iter()
+        .map(|h| h.allot().unwrap().local_decisions)
+        .collect();
+    eprintln!("measured: decided locally by A and B: {local:?}");
     settled(&f, &books, &limits, SETTLE).await;
     books.check_no_logouts().unwrap();
     assert!(watch.finish().await.unwrap() <= limits.total);
