@@ -11,13 +11,16 @@
 //! 4. lmbus strict mode: registrations and unregistrations through slave agents (the
 //!    library in this process, and the local HTTP API of `lmbus-slave` daemons) to one
 //!    leader broker process with its ledger on;
+//! 5. lmbus allotment mode (`lmbus_allotment_library`): the same through slave agents in
+//!    this process whose broker (another process, another cluster on the same server) runs
+//!    `--admission allotment`, so registrations are decided locally from blocks of seats;
 //!
 //! each at concurrency 1 and 64 (64 = 4 connections or slaves × 16 workers), alternating
 //! acquire and release, `LMBUS_BENCH_REPS` (3) repetitions of `LMBUS_BENCH_SECONDS` (5 s)
 //! after a 1 s warm-up. Everything is started first and the repetitions are interleaved
 //! (each measures every row once), so the machine's drift falls on all rows alike. Prints
 //! one `BENCH` line per row (median repetition, spread) with the CPU of each process, then
-//! audits the broker's ledger.
+//! audits both brokers' ledgers.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -516,6 +519,91 @@ fn probe(ports: Vec<u16>, slaves: Vec<SlaveAgent>) -> Probe {
     })
 }
 
+/// A leader `lmbus-broker` process for the bench's cluster `cluster` with a master license
+/// of `LIMIT` inbound seats, its metrics on `metrics_port`, plus `flags`; its log goes to
+/// `log`.
+fn broker_process(
+    nats: &NatsServer,
+    cluster: &str,
+    license: &std::path::Path,
+    vendor: &Vendor,
+    metrics_port: u16,
+    flags: &[&str],
+    log: &std::path::Path,
+) -> anyhow::Result<Proc> {
+    Proc::spawn(
+        Command::new(bin("lmbus-broker")?)
+            .args(["run", "--nats", &nats.url(), "--cluster", cluster])
+            .arg("--license")
+            .arg(license)
+            .arg("--vendor-key")
+            .arg(vendor.public_key_path())
+            .args(["--allow-unlicensed-slaves", "--id", "bench-broker"])
+            // The bench is one client pushing as hard as it can, not a rogue slave.
+            .args(["--slave-rate-limit", "0"])
+            .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
+            .args(flags)
+            .env("LMBUS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?),
+    )
+}
+
+/// Waits (bounded) until the broker of `cluster` answers status requests.
+async fn wait_leader(client: &async_nats::Client, cluster: &str) -> anyhow::Result<()> {
+    lmbus_tests::eventually("the broker leads", || {
+        let (client, cluster) = (client.clone(), cluster.to_owned());
+        async move { lmbus_tests::status(&client, &cluster).await.is_ok() }
+    })
+    .await
+}
+
+/// Replays `cluster`'s ledger through the audit (held plus allotted seats within the
+/// license at every record) and prints it as `BENCH <name> …`.
+async fn audit_ledger(
+    client: &async_nats::Client,
+    cluster: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    let subjects = Subjects::new(cluster)?;
+    let records = Ledger::open(client, &subjects, 1).await?.read_all().await?;
+    let types: BTreeMap<String, u32> = [("inbound".to_owned(), LIMIT)].into();
+    let checked = audit(&records, LIMIT, &types).map_err(|e| anyhow::anyhow!(e))?;
+    println!(
+        "BENCH {name} records={} grants={} releases={} max_in_use={} max_counted={}",
+        checked.records, checked.grants, checked.releases, checked.max_in_use, checked.max_counted
+    );
+    Ok(())
+}
+
+/// The row of registrations and unregistrations through `slaves` (in this process), alternating per
+/// worker's `i`, each agent approved and released.
+fn library_row(
+    name: &'static str,
+    c: usize,
+    watched: &Watched,
+    slaves: &Arc<Vec<SlaveAgent>>,
+) -> Row {
+    let slaves = slaves.clone();
+    let n = spread(c);
+    Row::new(name, c, watched, move |w, i| {
+        let slaves = slaves.clone();
+        async move {
+            let slave = &slaves[w % n];
+            let agent = format!("c{c}-w{w}");
+            if i % 2 == 0 {
+                let outcome = slave.register(&agent, "inbound").await?;
+                if !outcome.is_approved() {
+                    bail!("{agent} was not approved: {outcome:?}");
+                }
+            } else if !slave.unregister(&agent).await? {
+                bail!("{agent} held no seat to release");
+            }
+            Ok(())
+        }
+    })
+}
+
 fn spread(concurrency: usize) -> usize {
     if concurrency == 1 { 1 } else { CONNECTIONS }
 }
@@ -650,27 +738,17 @@ async fn bench() -> anyhow::Result<()> {
     let license = vendor.master(LIMIT, &[("inbound", LIMIT)])?;
     let logs = tempfile::tempdir()?;
     let metrics_port = free_port();
-    let broker = Proc::spawn(
-        Command::new(bin("lmbus-broker")?)
-            .args(["run", "--nats", &nats.url(), "--cluster", &cluster])
-            .arg("--license")
-            .arg(&license)
-            .arg("--vendor-key")
-            .arg(vendor.public_key_path())
-            .args(["--allow-unlicensed-slaves", "--id", "bench-broker"])
-            // The bench is one client pushing as hard as it can, not a rogue slave.
-            .args(["--slave-rate-limit", "0"])
-            .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
-            .env("LMBUS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(logs.path().join("broker.log"))?),
+    let broker = broker_process(
+        &nats,
+        &cluster,
+        &license,
+        &vendor,
+        metrics_port,
+        &[],
+        &logs.path().join("broker.log"),
     )?;
     let client = nats.client().await?;
-    lmbus_tests::eventually("the broker leads", || {
-        let (client, cluster) = (client.clone(), cluster.clone());
-        async move { lmbus_tests::status(&client, &cluster).await.is_ok() }
-    })
-    .await?;
+    wait_leader(&client, &cluster).await?;
     let broker_pid = broker.pid().as_raw() as u32;
     eprintln!("broker pid {broker_pid} (for a profiler)");
     let watched: Watched = vec![
@@ -686,27 +764,7 @@ async fn bench() -> anyhow::Result<()> {
     let slaves = Arc::new(slaves);
     let library_probe = probe(vec![metrics_port], slaves.to_vec());
     for c in levels {
-        let slaves = slaves.clone();
-        let n = spread(c);
-        rows.push(
-            Row::new("lmbus_library", c, &watched, move |w, i| {
-                let slaves = slaves.clone();
-                async move {
-                    let slave = &slaves[w % n];
-                    let agent = format!("c{c}-w{w}");
-                    if i % 2 == 0 {
-                        let outcome = slave.register(&agent, "inbound").await?;
-                        if !outcome.is_approved() {
-                            bail!("{agent} was not approved: {outcome:?}");
-                        }
-                    } else if !slave.unregister(&agent).await? {
-                        bail!("{agent} held no seat to release");
-                    }
-                    Ok(())
-                }
-            })
-            .probed(library_probe.clone()),
-        );
+        rows.push(library_row("lmbus_library", c, &watched, &slaves).probed(library_probe.clone()));
     }
     // The same through `lmbus-slave` daemons and their local HTTP API.
     let mut daemons = Vec::new();
@@ -782,6 +840,45 @@ async fn bench() -> anyhow::Result<()> {
             .probed(http_probe.clone()),
         );
     }
+    // 5. lmbus allotment mode: its own broker and cluster on the same server, so the
+    // strict rows' broker and ledger are untouched. The slaves admit from blocks of seats
+    // (the default refresh, 2 s, and lease, 30 s); each registration is a local decision
+    // once the first block arrived (the warm-up second covers it).
+    let allot_cluster = cluster_name();
+    let allot_broker = broker_process(
+        &nats,
+        &allot_cluster,
+        &license,
+        &vendor,
+        free_port(),
+        &["--admission", "allotment"],
+        &logs.path().join("allot-broker.log"),
+    )?;
+    wait_leader(&client, &allot_cluster).await?;
+    let watched: Watched = vec![
+        ("bench".into(), vec![me]),
+        ("nats-server".into(), vec![nats_pid]),
+        ("broker".into(), vec![allot_broker.pid().as_raw() as u32]),
+    ];
+    let mut allot_slaves = Vec::new();
+    for s in 0..CONNECTIONS {
+        let cfg = SlaveConfig::new(
+            &nats.url(),
+            &allot_cluster,
+            SlaveId::new(format!("allot{s}"))?,
+        );
+        allot_slaves.push(SlaveAgent::start(cfg).await?);
+    }
+    let allot_slaves = Arc::new(allot_slaves);
+    for c in levels {
+        rows.push(library_row(
+            "lmbus_allotment_library",
+            c,
+            &watched,
+            &allot_slaves,
+        ));
+    }
+
     // Each repetition measures every row once, so a change in the machine's speed during
     // the run (it is shared) falls on all rows alike, not on the ones measured last.
     let (reps, length) = settings();
@@ -795,24 +892,15 @@ async fn bench() -> anyhow::Result<()> {
         let c = row.concurrency;
         row.report(find("nats_echo", c), find("redis_semaphore", c));
     }
-    for slave in slaves.iter() {
+    for slave in slaves.iter().chain(allot_slaves.iter()) {
         slave.shutdown().await;
     }
     drop(daemons);
     drop((echo, redis));
 
-    // The invariant checker from the redundancy issue, on the bench's ledger.
-    let subjects = Subjects::new(&cluster)?;
-    let records = Ledger::open(&client, &subjects, 1)
-        .await?
-        .read_all()
-        .await?;
-    let types: BTreeMap<String, u32> = [("inbound".to_owned(), LIMIT)].into();
-    let checked = audit(&records, LIMIT, &types).map_err(|e| anyhow::anyhow!(e))?;
-    println!(
-        "BENCH audit records={} grants={} releases={} max_in_use={}",
-        checked.records, checked.grants, checked.releases, checked.max_in_use
-    );
-    drop(broker);
+    // The invariant checker from the redundancy issue, on the bench's ledgers.
+    audit_ledger(&client, &cluster, "audit").await?;
+    audit_ledger(&client, &allot_cluster, "audit_allotment").await?;
+    drop((broker, allot_broker));
     Ok(())
 }

@@ -51,6 +51,16 @@ pub fn broker_config(
     }
 }
 
+/// Allotment mode (`--admission allotment`) with this refresh interval and lease; tests
+/// use shorter ones than the defaults so that capacity moves within a few seconds.
+pub fn allotment(refresh: Duration, lease: Duration) -> lmbus_broker::engine::AllotConfig {
+    lmbus_broker::engine::AllotConfig {
+        admission: lmbus_schemas::Admission::Allotment,
+        lease,
+        refresh,
+    }
+}
+
 /// A broker running in this process (as a tokio task), stopped on [`Broker::stop`].
 #[derive(Debug)]
 pub struct Broker {

@@ -5,8 +5,10 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use lmbus_slave::{Outcome, SlaveStatusView};
 
+use crate::books::AllotView;
 use crate::{Proc, bin, eventually, free_port};
 
 /// How long a host waits for an answer: longer than any pause a test makes.
@@ -25,12 +27,24 @@ impl SlaveDaemon {
     /// a 1 s request timeout and short failover waits (its reclaim margin on the master is
     /// then about 2 s past the grace period), plus `flags`; waits until its API answers.
     pub async fn start(nats_url: &str, cluster: &str, id: &str, flags: &[&str]) -> Self {
+        Self::start_with_grace(nats_url, cluster, id, Duration::from_secs(2), flags).await
+    }
+
+    /// Like [`SlaveDaemon::start`], with this grace period.
+    pub async fn start_with_grace(
+        nats_url: &str,
+        cluster: &str,
+        id: &str,
+        grace: Duration,
+        flags: &[&str],
+    ) -> Self {
         let api = format!("127.0.0.1:{}", free_port());
+        let grace = format!("{}ms", grace.as_millis());
         let proc = Proc::spawn(
             Command::new(bin("lmbus-slave").expect("lmbus-slave is built"))
                 .args(["run", "--nats", nats_url, "--cluster", cluster])
                 .args(["--id", id, "--api", &api])
-                .args(["--heartbeat-interval", "200ms", "--grace-period", "2s"])
+                .args(["--heartbeat-interval", "200ms", "--grace-period", &grace])
                 .args(["--request-timeout", "1s", "--failover-wait", "0s"])
                 .args(["--election-wait", "1s"])
                 .args(flags)
@@ -118,6 +132,23 @@ impl SlaveDaemon {
 
     /// The daemon's status (mode, recent logouts), `None` if its API does not answer.
     pub async fn status(&self) -> Option<SlaveStatusView> {
+        serde_json::from_value(self.status_json().await?).ok()
+    }
+
+    /// The allotment-mode part of the daemon's status, read by name from its JSON; an error
+    /// if its API does not answer or the fields are missing.
+    pub async fn allot(&self) -> anyhow::Result<AllotView> {
+        let json = self
+            .status_json()
+            .await
+            .context("the slave daemon's API does not answer")?;
+        serde_json::from_value(json).context(
+            "the slave daemon's status has no allotment fields (admission, allotted, allot_lease_left_ms, journal_unacked, local_decisions)",
+        )
+    }
+
+    /// The daemon's `/v1/status` JSON as it is, `None` if its API does not answer.
+    async fn status_json(&self) -> Option<serde_json::Value> {
         let url = format!("http://{}/v1/status", self.api);
         blocking(move || {
             ureq::get(&url)

@@ -57,15 +57,25 @@ impl Fixture {
         types: &[(&str, u32)],
         allow_unlicensed: bool,
     ) -> anyhow::Result<Broker> {
+        Broker::start(self.broker_settings(total, types, allow_unlicensed)?).await
+    }
+
+    /// The settings [`Fixture::broker`] starts a broker with, for a test that changes some
+    /// (allotment mode, the reclaim margin) or starts the same broker again.
+    pub fn broker_settings(
+        &self,
+        total: u32,
+        types: &[(&str, u32)],
+        allow_unlicensed: bool,
+    ) -> anyhow::Result<lmbus_broker::BrokerConfig> {
         let license = self.vendor.master(total, types)?;
-        Broker::start(broker_config(
+        Ok(broker_config(
             &self.nats,
             &self.cluster,
             license,
             &self.vendor,
             allow_unlicensed,
         ))
-        .await
     }
 
     /// Settings for an unlicensed slave of this cluster.
@@ -110,7 +120,9 @@ impl Fixture {
 
 /// Polls a master's status every 20 ms in the background and checks, every time, that
 /// the total is within the limit and equals the sum over slaves (so no seat is counted
-/// twice or lost from the books).
+/// twice or lost from the books). In allotment mode the free seats allotted to slaves
+/// count against the limits too, in total and per type, and the slaves' blocks add up to
+/// the master's count of them.
 #[derive(Debug)]
 pub struct InvariantWatch {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -126,14 +138,10 @@ impl InvariantWatch {
             let mut max = 0;
             while !flag.load(Ordering::SeqCst) {
                 if let Ok(st) = status(&client, &cluster).await {
-                    let sum: u32 = st.slaves.iter().map(|s| s.in_use).sum();
-                    if sum != st.total_in_use || st.total_in_use > st.total_limit {
-                        return Err(format!(
-                            "invariant broken: total {} of limit {}, sum over slaves {sum}",
-                            st.total_in_use, st.total_limit
-                        ));
+                    if let Some(broken) = broken_invariant(&st) {
+                        return Err(broken);
                     }
-                    max = max.max(st.total_in_use);
+                    max = max.max(st.total_in_use + st.allotted_total);
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -142,7 +150,7 @@ impl InvariantWatch {
         Self { stop, task }
     }
 
-    /// Stops polling; the highest total seen, or what broke.
+    /// Stops polling; the highest total seen (seats in use plus allotted), or what broke.
     pub async fn finish(self) -> anyhow::Result<u32> {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let result = tokio::time::timeout(WAIT, self.task)
@@ -150,4 +158,35 @@ impl InvariantWatch {
             .context("invariant poller did not stop")??;
         result.map_err(|e| anyhow::anyhow!(e))
     }
+}
+
+/// What is wrong with a master's counts, if anything: seats held plus allotted above the
+/// total or a type limit, or per-slave figures that do not add up to the totals.
+pub fn broken_invariant(st: &StatusReply) -> Option<String> {
+    let sum: u32 = st.slaves.iter().map(|s| s.in_use).sum();
+    let allotted: u32 = st.slaves.iter().flat_map(|s| s.allotted.values()).sum();
+    let counted = st.total_in_use + st.allotted_total;
+    if sum != st.total_in_use || counted > st.total_limit {
+        return Some(format!(
+            "invariant broken: {} in use + {} allotted of limit {}, sum over slaves {sum}",
+            st.total_in_use, st.allotted_total, st.total_limit
+        ));
+    }
+    // The status lists at most `STATUS_MAX_SLAVES`; compare the blocks when all are there.
+    if st.slaves.len() as u32 == st.slaves_total && allotted != st.allotted_total {
+        return Some(format!(
+            "invariant broken: the slaves' blocks add up to {allotted}, the master counts {} allotted",
+            st.allotted_total
+        ));
+    }
+    for (agent_type, limit) in &st.type_limits {
+        let n = st.in_use_by_type.get(agent_type).copied().unwrap_or(0)
+            + st.allotted_by_type.get(agent_type).copied().unwrap_or(0);
+        if n > *limit {
+            return Some(format!(
+                "invariant broken: {n} '{agent_type}' seats in use or allotted, limit {limit}"
+            ));
+        }
+    }
+    None
 }

@@ -41,6 +41,8 @@ pub struct Rig {
     pub logs: (PathBuf, Option<tempfile::TempDir>),
     /// Flags every broker of this rig gets.
     pub flags: Vec<String>,
+    /// The master license's seat limit ([`LIMIT`] unless started with another).
+    pub limit: u32,
 }
 
 impl Rig {
@@ -55,13 +57,18 @@ impl Rig {
 
     /// Like `start`, with extra flags for every broker, and more for b1.
     pub async fn start_configured(flags: &[&str], b1_flags: &[&str]) -> Rig {
+        Self::start_licensed(LIMIT, flags, b1_flags).await
+    }
+
+    /// Like `start_configured`, with a master license of `limit` seats.
+    pub async fn start_licensed(limit: u32, flags: &[&str], b1_flags: &[&str]) -> Rig {
         init_tracing();
         let nats = tokio::task::spawn_blocking(|| NatsCluster::start(3))
             .await
             .unwrap()
             .unwrap();
         let vendor = Vendor::new().unwrap();
-        let license = vendor.master(LIMIT, &[]).unwrap();
+        let license = vendor.master(limit, &[]).unwrap();
         let client = async_nats::connect(lmbus_nats::nats_urls(&nats.url()))
             .await
             .unwrap();
@@ -87,6 +94,7 @@ impl Rig {
                 }
             },
             flags: flags.iter().map(|f| f.to_string()).collect(),
+            limit,
         };
         // b1 first, so the first election is b1's; then the standbys.
         let mut alerts = rig.alerts().await;
@@ -189,7 +197,7 @@ impl Rig {
             }
         };
         let records = self.root_at_snapshot(records).await;
-        match audit(&records, LIMIT, &BTreeMap::new()) {
+        match audit(&records, self.limit, &BTreeMap::new()) {
             Ok(a) => a,
             Err(e) => panic!("ledger audit failed: {e}\n{}", self.dump_logs()),
         }
@@ -474,37 +482,56 @@ impl Load {
 
     /// Stops the workload; see [`finish`].
     pub async fn finish(self, rig: &Rig) -> (lmbus_broker::ledger::Audit, Vec<SlaveAgent>) {
-        finish(rig, self.tasks, self.stop, &self.books).await
+        finish(rig, self.tasks, self.stop, &self.books, Duration::ZERO).await
+    }
+
+    /// Stops the workload and gives the ledger up to `settle` to hold what the slaves were
+    /// told (in allotment mode, local decisions reach it with the next refresh); see
+    /// [`finish`].
+    pub async fn finish_settled(
+        self,
+        rig: &Rig,
+        settle: Duration,
+    ) -> (lmbus_broker::ledger::Audit, Vec<SlaveAgent>) {
+        finish(rig, self.tasks, self.stop, &self.books, settle).await
     }
 }
 
-/// Stops the workload and checks the ledger against what the slaves were told.
+/// Stops the workload and checks the ledger against what the slaves were told: equal now,
+/// or (given a `settle` time) within it.
 pub async fn finish(
     rig: &Rig,
     tasks: Vec<tokio::task::JoinHandle<SlaveAgent>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     books_of: &Arc<Mutex<Books>>,
+    settle: Duration,
 ) -> (lmbus_broker::ledger::Audit, Vec<SlaveAgent>) {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut slaves = Vec::new();
     for t in tasks {
         slaves.push(t.await.unwrap());
     }
-    let audit = rig.audit().await;
-    let books = books_of.lock().unwrap();
+    let stopped = Instant::now();
+    let errors = books_of.lock().unwrap().errors.clone();
     assert!(
-        books.errors.is_empty(),
-        "the host application saw errors: {:?}",
-        books.errors
+        errors.is_empty(),
+        "the host application saw errors: {errors:?}"
     );
-    drop(books);
     let told = told(books_of);
-    let recorded = seats_of(&audit);
-    assert_eq!(
-        recorded, told,
-        "the ledger's seats differ from what the slaves were told"
-    );
-    (audit, slaves)
+    loop {
+        let audit = rig.audit().await;
+        let recorded = seats_of(&audit);
+        if recorded == told {
+            return (audit, slaves);
+        }
+        if stopped.elapsed() >= settle {
+            assert_eq!(
+                recorded, told,
+                "the ledger's seats differ from what the slaves were told ({settle:?} after the workload stopped)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The slaves' books without empty entries.

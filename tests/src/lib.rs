@@ -4,10 +4,13 @@
 //! signs), `broker` (an in-process broker), `process` (the built binaries as child
 //! processes that tests signal), `observe` (alerts, status), `fixture` (what most
 //! tests start from, the tracing set-up and the seat-invariant poller), `wait` (the bound
-//! on every wait); `daemon`, `ha` and `catch_up` for the tests and benches that need them.
+//! on every wait); `books` (the hosts' books of in-process slaves, checked against the
+//! license at every approval), `daemon`, `ha` and `catch_up` for the tests and benches that
+//! need them.
 //!
 //! Nothing here mocks NATS. Every wait is bounded.
 
+pub mod books;
 pub mod catch_up;
 pub mod daemon;
 pub mod ha;
