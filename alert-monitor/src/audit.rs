@@ -235,6 +235,15 @@ fn from_change(
             "admitted by the slave from its allotted block (reported at its next refresh)"
                 .to_string(),
         )],
+        SeatChange::ToBlock { slave, agent_id } if query.wants(Some(&slave), &[&agent_id]) => {
+            vec![record(
+                Some(slave),
+                Some(agent_id),
+                None,
+                "released",
+                "released by the slave; the seat went back to its allotted block".to_string(),
+            )]
+        }
         SeatChange::Allotment { slave, blocks, .. }
             if query.wants(Some(&slave), &[]) && query.agent.is_none() =>
         {

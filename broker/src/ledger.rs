@@ -517,6 +517,21 @@ pub fn audit<'a>(
                     tally.set_blocks(slave, blocks);
                     tally.grant(at, slave, agent_id, agent_type)?;
                 }
+                SeatChange::ToBlock { slave, agent_id } => {
+                    let held = tally
+                        .audit
+                        .seats
+                        .get(slave)
+                        .and_then(|s| s.get(agent_id).cloned());
+                    if let Some(agent_type) = held {
+                        tally.release(slave, agent_id);
+                        let mut blocks =
+                            tally.audit.allotted.get(slave).cloned().unwrap_or_default();
+                        *blocks.entry(agent_type.clone()).or_insert(0) += 1;
+                        tally.set_blocks(slave, blocks);
+                        tally.check(at, &agent_type)?;
+                    }
+                }
                 SeatChange::Reclaim { slave } => {
                     tally.set_blocks(slave, Default::default());
                     let held: Vec<String> = tally

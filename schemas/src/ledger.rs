@@ -92,6 +92,13 @@ pub enum SeatChange {
         agent_id: String,
         agent_type: String,
     },
+    /// Allotment mode: the slave released this agent, admitted from its block or not: its
+    /// seat moves from the seat table back into the slave's block of that type (the
+    /// counts do not change).
+    ToBlock {
+        slave: String,
+        agent_id: String,
+    },
     /// A record this build does not know: a newer leader wrote it. A replica that meets
     /// one must stop replaying rather than guess.
     #[serde(other)]
@@ -173,6 +180,7 @@ impl SeatChange {
                 agent_id,
                 agent_type,
             } => FIELDS + slave.len() + agent_id.len() + agent_type.len(),
+            SeatChange::ToBlock { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
             SeatChange::License { text } => FIELDS + text.len(),
             SeatChange::Leader { replica, .. } => FIELDS + replica.len(),
             SeatChange::Unknown => FIELDS,
@@ -236,6 +244,10 @@ mod tests {
                     slave: "s".into(),
                     agent_id: "d".into(),
                     agent_type: "inbound".into(),
+                },
+                SeatChange::ToBlock {
+                    slave: "s".into(),
+                    agent_id: "d".into(),
                 },
             ],
         };

@@ -177,6 +177,10 @@ impl AllotBook {
             agent_id: agent_id.to_owned(),
             agent_type: agent_type.to_owned(),
         });
+        // The master counts its seat until it applies the release (in the block if it has
+        // not applied the admission yet, as a held seat if it has), and then puts it in
+        // the block: it is this slave's to use again at once.
+        *self.free.entry(agent_type.to_owned()).or_insert(0) += 1;
         true
     }
 
@@ -286,10 +290,27 @@ impl AllotBook {
         {
             self.journal.pop_front();
         }
-        self.free = answer
-            .blocks
-            .iter()
-            .map(|(t, &block)| (t.clone(), block.saturating_sub(held_after(sent.upto, t))))
+        // Releases the master has not applied yet: their seats are still counted (and go
+        // to the block with the next request), so they stay usable.
+        let refused: std::collections::BTreeSet<&str> =
+            answer.refused.iter().map(|r| r.agent_id.as_str()).collect();
+        let mut released: BTreeMap<String, u32> = BTreeMap::new();
+        for op in &self.journal {
+            if op.kind == AllotOpKind::Release && !refused.contains(op.agent_id.as_str()) {
+                *released.entry(op.agent_type.clone()).or_insert(0) += 1;
+            }
+        }
+        let mut types: Vec<&String> = answer.blocks.keys().chain(released.keys()).collect();
+        types.sort();
+        types.dedup();
+        self.free = types
+            .into_iter()
+            .map(|t| {
+                let block = answer.blocks.get(t).copied().unwrap_or(0);
+                let back = released.get(t).copied().unwrap_or(0);
+                let unseen = held_after(sent.upto, t);
+                (t.clone(), block.saturating_add(back).saturating_sub(unseen))
+            })
             .filter(|(_, n)| *n > 0)
             .collect();
         self.lease_until = Some(sent.at + Duration::from_millis(answer.lease_ms));
@@ -471,9 +492,15 @@ mod tests {
         let p = b.prepare(now, Uuid::nil(), 100).unwrap();
         assert!(b.release("a2", "in", n));
         assert_eq!(b.journal_len(), 2);
-        assert_eq!(b.free().get("in").copied().unwrap_or(0), 0);
+        // The master still counts a2's seat until it applies the release: usable again.
+        assert_eq!(b.free().get("in").copied().unwrap_or(0), 1);
         b.settle(p.request.seq, &answer(&[("in", 0)], n), |_, _| 0);
         assert_eq!(b.journal_len(), 1, "the release waits for the next request");
+        assert_eq!(
+            b.free()["in"],
+            1,
+            "a2's seat, held by the master until then"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,8 +21,8 @@ use lmbus_schemas::{
 use super::guards::MAX_SEQ_JUMP;
 use super::{Effect, Engine, Output};
 
-/// Below this many free seats per slave in allotment mode (in total or for a type), the
-/// pool is exhausted: blocks stop growing, slaves are asked to give theirs back, and the
+/// Below this many seats not held per slave in allotment mode (in total or for a type),
+/// the pool is exhausted: blocks stop growing, slaves are asked to give theirs back, and the
 /// last seats are granted one by one to whoever asks first.
 pub const ALLOT_MIN_BLOCK: u32 = 2;
 
@@ -204,10 +204,14 @@ impl Engine {
                         .get(id)
                         .and_then(|s| s.agents.get(&op.agent_id).cloned());
                     if let Some(agent_type) = held {
-                        self.release(id, &op.agent_id);
                         // The seat goes back to the slave's block: the counts do not move.
+                        self.remove_seat(id, &op.agent_id);
                         let block = self.block_of(id, &agent_type);
                         self.set_block(id, &agent_type, block + 1);
+                        self.pending.push(SeatChange::ToBlock {
+                            slave: id.to_string(),
+                            agent_id: op.agent_id.clone(),
+                        });
                     }
                 }
                 AllotOpKind::Other => {}
@@ -245,8 +249,13 @@ impl Engine {
                 continue;
             };
             let free_total = self.free_total();
+            // Nearly exhausted: few seats are not held (free or in anyone's block). Free
+            // seats that only sit in blocks are shared out by fair shares instead.
             let floor = ALLOT_MIN_BLOCK.saturating_mul(sharing);
-            if free_total < floor || free_type < floor {
+            let unheld_total = self.total_limit().saturating_sub(self.total_in_use);
+            let unheld_type = free_type
+                .saturating_add(self.allotted_by_type.get(&agent_type).copied().unwrap_or(0));
+            if unheld_total < floor || unheld_type < floor {
                 exhausted = true;
                 continue;
             }
@@ -472,6 +481,19 @@ impl Engine {
         s.journal = journal;
         s.allot_seq = request;
         true
+    }
+
+    /// Applies a replayed `ToBlock` record.
+    pub(super) fn apply_to_block(&mut self, id: &SlaveId, agent: &str) {
+        let held = self
+            .slaves
+            .get(id)
+            .and_then(|s| s.agents.get(agent).cloned());
+        if let Some(agent_type) = held {
+            self.remove_seat(id, agent);
+            let block = self.block_of(id, &agent_type);
+            self.set_block(id, &agent_type, block + 1);
+        }
     }
 
     /// Applies a replayed `FromBlock` record.

@@ -155,6 +155,9 @@ impl Engine {
                     });
                 }
             }
+            SeatChange::ToBlock { slave, agent_id } => {
+                self.apply_to_block(&slave_id(slave)?, agent_id);
+            }
             SeatChange::Leader { .. } => {}
             SeatChange::Unknown => {
                 return Err(ReplayError::Unknown);

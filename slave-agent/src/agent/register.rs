@@ -48,7 +48,8 @@ impl Inner {
                     let now = tokio::time::Instant::now();
                     let book = state.allot.get_mut(active);
                     if let Some(n) = book.try_admit(now, agent_id, agent_type) {
-                        admitted_here = Some(book.low(agent_type));
+                        // Running low: ask early (at most every quarter refresh).
+                        admitted_here = Some(book.low(agent_type) && book.ask_early(now));
                         state.agents.insert(
                             agent_id.to_owned(),
                             Seat {

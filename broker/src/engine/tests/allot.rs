@@ -202,8 +202,8 @@ fn near_exhaustion_blocks_stop_growing_and_holders_are_asked_to_give_back() {
     // s1 takes 3 of the 5 seats (all inbound).
     Allot::answer(&a.ask("s1", vec![], &[("inbound", 3)]));
     assert_eq!(a.h.engine.allotted_total(), 3);
-    // 2 free for two allotting slaves: below the floor (2 per slave). No growth, and s1
-    // is told to give its block back.
+    // 3 outbound seats are not held, for two allotting slaves: below the floor (2 per
+    // slave). No growth, and s1 is told to give its block back.
     let out = a.ask("s2", vec![], &[("outbound", 2)]);
     let answer = Allot::answer(&out);
     assert!(answer.exhausted);

@@ -205,6 +205,8 @@ mod properties {
             let mut standby = Engine::new(config(true));
             let licensed = slave_license(Some(2));
             let mut journal_n: BTreeMap<String, u64> = BTreeMap::new();
+            // Every event's changes as one ledger record, for the audit at the end.
+            let mut records = Vec::new();
             for op in ops {
                 let out = match op {
                     Op::Hello { slave, claims, restarted } => {
@@ -288,6 +290,16 @@ mod properties {
                 for change in &out.changes {
                     prop_assert!(standby.apply(h.now, change).is_ok());
                 }
+                if !out.changes.is_empty() {
+                    records.push(crate::ledger::Record {
+                        sequence: records.len() as u64 + 1,
+                        entry: lmbus_schemas::LedgerEntry {
+                            writer: "b1".into(),
+                            changes: out.changes.clone(),
+                        },
+                        quarantined: None,
+                    });
+                }
                 let status = h.engine.status(h.now);
                 let sum: u32 = status.slaves.iter().map(|s| s.in_use).sum();
                 prop_assert_eq!(sum, status.total_in_use);
@@ -322,6 +334,13 @@ mod properties {
                 prop_assert_eq!(&standby_status.allotted_by_type, &status.allotted_by_type);
                 prop_assert_eq!(standby_status.allotted_total, status.allotted_total);
             }
+            // The ledger audit, record by record, agrees: held plus allotted within the
+            // limits at every record, every seat taken from a block that held one.
+            let limits = &h.engine.cfg.license.limits;
+            let audit = crate::ledger::audit(&records, limits.total.unwrap_or(0), &limits.agent_types);
+            prop_assert!(audit.is_ok(), "{:?}", audit);
+            let audit = audit.unwrap();
+            prop_assert_eq!(&audit.seats, &h.engine.seats().into_iter().filter(|(_, s)| !s.is_empty()).collect());
         }
     }
 }
