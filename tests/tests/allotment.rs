@@ -898,3 +898,113 @@ async fn leader_killed_under_allotment_load_loses_nothing() {
         slave.shutdown().await;
     }
 }
+
+/// Steps: a 1,000-seat license in allotment mode (refresh 1 s); a slave (heartbeat 250
+/// ms, the master counts it lost after 3 missed) runs on its own 2-worker tokio runtime,
+/// as in a host application, whose two host tasks register and unregister in a tight loop
+/// (nothing else between two calls, as a busy host or the bench does) for 5 s. From this
+/// test's own runtime the master's status is read every 250 ms: the slave stays connected
+/// and heard from within the last 2 s throughout, and every registration is approved.
+/// Catches: a local decision that never yields to the runtime, so a host's loop starves the
+/// agent's own heartbeats, allot requests and NATS connection (the master then drops the
+/// session and hosts get `slave_not_connected`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_in_a_tight_loop_does_not_starve_its_slave() {
+    let _serial = SERIAL.lock().await;
+    let f = Fixture::new().await.unwrap();
+    let limits = Limits::new(1000, &[]);
+    let broker = allot_broker(&f, &limits).await;
+    let cfg = slave_config(&f, "busy");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let host_stop = stop.clone();
+    // The host application: its own runtime, so a starved one cannot stall this test.
+    let host = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let slave = lmbus_slave::SlaveAgent::start(cfg).await.unwrap();
+            // Warm up until the slave decides locally.
+            for n in 0..200 {
+                let agent = format!("warm-{n}");
+                slave.register(&agent, "inbound").await.unwrap();
+                slave.unregister(&agent).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = started_tx.send(());
+            let loops: Vec<_> = (0..2)
+                .map(|w| {
+                    let (slave, stop) = (slave.clone(), host_stop.clone());
+                    tokio::spawn(async move {
+                        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                        let (mut ops, mut refused) = (0u64, Vec::new());
+                        while std::time::Instant::now() < deadline
+                            && !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        {
+                            let agent = format!("w{w}");
+                            match slave.register(&agent, "inbound").await {
+                                Ok(o) if o.is_approved() => {}
+                                other => refused.push(format!("{other:?}")),
+                            }
+                            let _ = slave.unregister(&agent).await;
+                            ops += 1;
+                        }
+                        (ops, refused)
+                    })
+                })
+                .collect();
+            let mut results = Vec::new();
+            for l in loops {
+                results.push(l.await.unwrap());
+            }
+            let local = AllotView::of(&slave.status()).unwrap().local_decisions;
+            let _ = tokio::time::timeout(Duration::from_secs(5), slave.shutdown()).await;
+            (results, local)
+        })
+    });
+    tokio::time::timeout(Duration::from_secs(60), started_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut worst = 0;
+    let mut lost = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let status = f.status().await.unwrap();
+        let Some(row) = status.slaves.iter().find(|s| s.slave_id == "busy") else {
+            continue;
+        };
+        worst = worst.max(row.last_seen_ms_ago);
+        if !row.connected {
+            lost.push(format!("{:?}", started.elapsed()));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (results, local) = tokio::task::spawn_blocking(move || host.join().unwrap())
+        .await
+        .unwrap();
+    eprintln!(
+        "measured: tight host loops {:?} operations, {local} local decisions in all; the master last heard from the slave at worst {worst} ms before a status",
+        results.iter().map(|(ops, _)| *ops).collect::<Vec<_>>()
+    );
+    let refused: Vec<&String> = results.iter().flat_map(|(_, r)| r).collect();
+    assert!(
+        lost.is_empty(),
+        "the master lost the slave while its hosts looped (at {lost:?})"
+    );
+    assert!(
+        worst < 2000,
+        "the master heard nothing from the slave for {worst} ms while its hosts looped"
+    );
+    assert!(
+        refused.is_empty(),
+        "{} registrations were not approved, the first: {}",
+        refused.len(),
+        refused[0]
+    );
+    broker.stop().await.unwrap();
+}
