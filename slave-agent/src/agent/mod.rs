@@ -218,6 +218,11 @@ impl SlaveAgent {
     /// master(s).
     pub async fn register(&self, agent_id: &str, agent_type: &str) -> Result<Outcome, SlaveError> {
         let asked = tokio::time::Instant::now();
+        // A decision from an allotted block awaits nothing: a host calling in a tight loop
+        // would never yield, starving this slave's own heartbeats and allot requests on a
+        // small runtime. Counting against the task's cooperative budget makes it yield now
+        // and then.
+        tokio::task::consume_budget().await;
         let outcome = self.inner.register(agent_id, agent_type).await;
         if let Ok(o) = &outcome {
             let reason = match o {
@@ -232,6 +237,7 @@ impl SlaveAgent {
     /// Gives the agent's seat back to the master that granted it. `Ok(false)` when it held
     /// none here.
     pub async fn unregister(&self, agent_id: &str) -> Result<bool, SlaveError> {
+        tokio::task::consume_budget().await;
         let released = self.inner.unregister(agent_id).await;
         if let Ok(true) = released {
             self.inner.metrics.unregistration();
