@@ -517,7 +517,7 @@ pub fn audit<'a>(
                     tally.set_blocks(slave, blocks);
                     tally.grant(at, slave, agent_id, agent_type)?;
                 }
-                SeatChange::Reclaim { slave } => {
+                SeatChange::Reclaim { slave } | SeatChange::Forget { slave } => {
                     tally.set_blocks(slave, Default::default());
                     let held: Vec<String> = tally
                         .audit

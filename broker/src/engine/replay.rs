@@ -155,6 +155,9 @@ impl Engine {
                     });
                 }
             }
+            SeatChange::Forget { slave } => {
+                self.remove_slave(&slave_id(slave)?);
+            }
             SeatChange::Leader { .. } => {}
             SeatChange::Unknown => {
                 return Err(ReplayError::Unknown);
