@@ -275,7 +275,7 @@ async fn killed_slave_is_detected_and_restart_releases_stale_seats() {
         .lines()
         .find(|l| l.contains("no heartbeat for"))
         .unwrap();
-    assert!(lost.contains("its 2 seats are kept"), "{lost}");
+    assert!(lost.contains("its 2 seats are reclaimed in "), "{lost}");
     // Milliseconds only below a second ("400 ms"), never "1600 ms".
     let silence = lost.split("no heartbeat for ").nth(1).unwrap();
     let silence = silence.split(" (").next().unwrap();

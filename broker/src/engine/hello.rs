@@ -250,6 +250,7 @@ impl Engine {
         slave.license = license;
         slave.connected = true;
         slave.last_seen = now;
+        slave.heard = true;
         slave.heartbeat_interval = interval;
         slave.grace = grace;
         slave.logout_after_grace = hello.logout_after_grace;

@@ -68,6 +68,7 @@ impl Engine {
         match self.slaves.get_mut(id) {
             Some(slave) if slave.connected && slave.instance == heartbeat.instance => {
                 slave.last_seen = now;
+                slave.heard = true;
                 slave.master = heartbeat.master;
                 let mut out = Output::reply(Reply::Ack);
                 // Continuous reconcile: books that differ (leaving out what is in flight)
@@ -112,6 +113,11 @@ impl Engine {
             let silent = now.saturating_duration_since(slave.last_seen);
             if slave.connected && silent > slave.silence_limit(missed) {
                 slave.connected = false;
+                if !slave.heard && slave.agents.is_empty() && slave.blocks.is_empty() {
+                    // Known only from the ledger, holding nothing: the previous leader
+                    // already said it was silent; it is forgotten in due time.
+                    continue;
+                }
                 lost.push((
                     id.clone(),
                     slave.silence_limit(missed),

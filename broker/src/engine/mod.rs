@@ -276,6 +276,10 @@ struct Slave {
     allot_seq: u64,
     /// Told to give its blocks back (`ReturnAllotment`) and not heard from since.
     asked_to_return: bool,
+    /// This leader heard from it (a hello, heartbeat or registration) since its term
+    /// began (not in the ledger). A slave with no seats that a new leader never heard from
+    /// goes quiet without a second `slave_disconnected`.
+    heard: bool,
 }
 
 impl Slave {
@@ -309,6 +313,7 @@ impl Slave {
             journal: 0,
             allot_seq: 0,
             asked_to_return: false,
+            heard: false,
         }
     }
 

@@ -240,6 +240,7 @@ impl Engine {
     pub fn restart_silence_clocks(&mut self, now: Instant) {
         for slave in self.slaves.values_mut() {
             slave.last_seen = now;
+            slave.heard = false;
             // What a replay of the ledger gives: a slave with a session is connected until
             // its seats are reclaimed. A replica that led before (and marked slaves
             // disconnected on its own clock, perhaps while it was paused) starts its new

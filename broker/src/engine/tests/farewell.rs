@@ -221,6 +221,37 @@ fn a_silent_slave_with_nothing_is_forgotten_after_the_documented_time() {
     assert_eq!(h.engine.total_in_use(), 1);
 }
 
+/// Steps: a slave with no seats and one with a seat, then a new leader (silence clocks
+/// restarted) that never hears from either: the one holding a seat gets its
+/// `slave_disconnected` (its seat's fate matters), the empty one goes quiet without a
+/// second alert, and is still forgotten after `forget_after`.
+#[test]
+fn a_new_leader_does_not_repeat_the_disconnect_of_a_slave_that_holds_nothing() {
+    let mut h = Harness::new(true);
+    h.hello("ghost", None);
+    h.hello("holder", None);
+    assert!(approved(&h.decision("holder", "a1", "inbound")));
+    h.engine.restart_silence_clocks(h.now);
+    h.advance(Duration::from_secs(4));
+    let lost: Vec<Option<String>> = h
+        .tick()
+        .into_iter()
+        .filter(|a| a.kind == AlertKind::SlaveDisconnected)
+        .map(|a| a.slave)
+        .collect();
+    assert_eq!(lost, [Some("holder".to_owned())]);
+    assert_eq!(h.engine.slave_counts(), (0, 2));
+    h.advance(Duration::from_secs(3600));
+    let out = h.engine.handle(h.now, Event::Tick { today: TODAY });
+    assert!(
+        out.changes.contains(&SeatChange::Forget {
+            slave: "ghost".into()
+        }),
+        "{:?}",
+        out.changes
+    );
+}
+
 /// Steps: `admin forget-slave` of a connected slave is refused; of an unknown one too;
 /// once the slave is silent, it is forgotten with its seat released (a warning, since a
 /// seat went), and a replay of the records holds no trace of it.
