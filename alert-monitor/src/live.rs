@@ -132,7 +132,7 @@ pub fn draw(frame: &mut Frame, view: &LiveView) {
     let rows = s.replicas.iter().map(|r| {
         Row::new(vec![
             Cell::from(r.replica.clone()),
-            Cell::from(if r.leader { "leader" } else { "standby" }),
+            Cell::from(r.role()),
             Cell::from(r.priority.to_string()),
             Cell::from(r.applied.to_string()),
             Cell::from(format!("{:.1}s ago", r.last_seen_ms_ago as f64 / 1000.0)),
@@ -437,6 +437,7 @@ mod tests {
                     priority: 1,
                     leader: true,
                     applied: 42,
+                    drained: false,
                     last_seen_ms_ago: 100,
                 },
                 ReplicaStatus {
@@ -444,6 +445,7 @@ mod tests {
                     priority: 2,
                     leader: false,
                     applied: 42,
+                    drained: false,
                     last_seen_ms_ago: 200,
                 },
             ],

@@ -37,6 +37,8 @@ pub struct BrokerConfig {
     pub max_slaves: usize,
     /// Added to a silent slave's grace period before its seats are reclaimed.
     pub reclaim_margin: Duration,
+    /// A slave silent this long with no seats is forgotten; zero: never.
+    pub forget_after: Duration,
     /// Election preference, 1 = most preferred (like the first SERVER line of FLEXlm).
     pub priority: u32,
     /// How long the leader lease lives on the server without a renewal. Every replica of
@@ -79,6 +81,10 @@ pub const DEFAULT_MAX_SLAVES: usize = 100_000;
 /// Covers the default slave's longest request (2 s timeout plus its 30 s election wait),
 /// 1% drift of the default 2-minute grace period (1.2 s) and tick granularity.
 pub const DEFAULT_RECLAIM_MARGIN: Duration = Duration::from_secs(40);
+/// A slave silent this long with no seats (it crashed after its seats were reclaimed, or
+/// failed before it held any) is forgotten: an hour, so a slave that is only restarting
+/// or briefly cut off keeps its row, and a dead one does not stay a ghost for good.
+pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(3600);
 pub const DEFAULT_PRIORITY: u32 = 1;
 /// Failover budget: a dead leader's lease is gone after at most this long, and a standby
 /// takes over within one poll after that (see `election`).
@@ -145,6 +151,8 @@ pub struct FileConfig {
     pub max_slaves: Option<usize>,
     #[serde(default, with = "lmbus_nats::config_file::duration")]
     pub reclaim_margin: Option<Duration>,
+    #[serde(default, with = "lmbus_nats::config_file::duration")]
+    pub forget_after: Option<Duration>,
     pub priority: Option<u32>,
     #[serde(default, with = "lmbus_nats::config_file::duration")]
     pub lease: Option<Duration>,

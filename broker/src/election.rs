@@ -4,8 +4,10 @@
 //! to the lease time: the *server* drops the key when the leader stops renewing, so no
 //! two machines ever compare clocks. A candidate that finds the key gone creates it
 //! (compare-and-set on "no value"); the leader renews it with compare-and-set on its own
-//! last revision. The revision of the winning create is the leader's *term*: it only
-//! grows, because it is the stream's sequence.
+//! last revision. The revision of the winning create names that hold of the lease (`lease`
+//! in [`Role::Leader`]): it only grows, but every renewal moves the revision, so it is not
+//! a count of leaderships. The *term* operators see is the ledger's: each new leader's
+//! `Leader` record carries the previous record's term plus one (`runtime/term.rs`).
 //!
 //! A leader that cannot renew steps down on its own monotonic timer, `lease - lease/5`
 //! after it *sent* its last successful renewal, which is before the server can have
@@ -106,7 +108,8 @@ pub enum Role {
         after: Option<StepDown>,
     },
     Leader {
-        term: u64,
+        /// The lease revision this replica won (see the module doc): what `resign` names.
+        lease: u64,
         /// Monotonic deadline: the leader must not act after it without a renewal.
         valid_until: Instant,
     },
@@ -117,9 +120,10 @@ impl Role {
         matches!(self, Role::Leader { valid_until, .. } if now < *valid_until)
     }
 
-    /// True while this replica still holds, unexpired, the lease it won in `term`.
-    pub fn leads(&self, term: u64, now: Instant) -> bool {
-        matches!(self, Role::Leader { term: t, valid_until } if *t == term && now < *valid_until)
+    /// True while this replica still holds, unexpired, the lease it won at revision
+    /// `lease`.
+    pub fn leads(&self, lease: u64, now: Instant) -> bool {
+        matches!(self, Role::Leader { lease: l, valid_until } if *l == lease && now < *valid_until)
     }
 }
 
@@ -138,8 +142,8 @@ pub struct Election {
     /// was absent, or unreadable for a whole lease. Never right after its own step-down.
     pub electing: watch::Receiver<bool>,
     resign: tokio::sync::mpsc::Sender<u64>,
-    /// Set by `admin drain` ([`Drainer`]): this replica no longer campaigns (until it
-    /// restarts).
+    /// Set by `admin drain` ([`Drainer`]): this replica no longer campaigns (until
+    /// `admin undrain` or a restart).
     draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -174,11 +178,11 @@ impl Election {
         })
     }
 
-    /// Stops leading in `term` at once (the ledger refused a write, say): the lease is
-    /// left to expire and this replica does not campaign again until it has. A resign for
-    /// an older term is ignored.
-    pub fn resign(&self, term: u64) {
-        let _ = self.resign.try_send(term);
+    /// Stops leading on the lease won at revision `lease` at once (the ledger refused a
+    /// write, say): the lease is left to expire and this replica does not campaign again
+    /// until it has. A resign for an older lease is ignored.
+    pub fn resign(&self, lease: u64) {
+        let _ = self.resign.try_send(lease);
     }
 
     /// A handle that drains this replica from another task.
@@ -200,19 +204,31 @@ pub struct Drainer {
 }
 
 impl Drainer {
-    /// Maintenance (`admin drain`): stop campaigning for good (until the process
-    /// restarts) and, when leading, resign so another replica takes over. Returns the term
-    /// resigned, if this replica was leading.
-    pub fn drain(&self) -> Option<u64> {
+    /// Maintenance (`admin drain`): stop campaigning (until `admin undrain` or the process
+    /// restarts) and, when leading, resign so another replica takes over. Returns whether
+    /// this replica was leading.
+    pub fn drain(&self) -> bool {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
         match *self.role.borrow() {
-            Role::Leader { term, .. } => {
-                let _ = self.resign.try_send(term);
-                Some(term)
+            Role::Leader { lease, .. } => {
+                let _ = self.resign.try_send(lease);
+                true
             }
-            Role::Standby { .. } => None,
+            Role::Standby { .. } => false,
         }
+    }
+
+    /// `admin undrain`: campaign again (this replica leads when the lease is free and no
+    /// more preferred replica takes it first). Returns whether it was drained.
+    pub fn undrain(&self) -> bool {
+        self.draining
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Drained: up, following the ledger, but not campaigning.
+    pub fn is_drained(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -380,11 +396,11 @@ async fn campaign(
                 continue;
             }
         };
-        let term = revision;
-        info!(replica = %cfg.replica, term, "won the leader lease");
+        let lease = revision;
+        info!(replica = %cfg.replica, lease, "won the leader lease");
         let mut valid_until = sent + cfg.valid_for();
         set(&electing, false);
-        role.send_replace(Role::Leader { term, valid_until });
+        role.send_replace(Role::Leader { lease, valid_until });
 
         // ---- leader ----
         let mut renew = tokio::time::interval(cfg.renew_every());
@@ -392,8 +408,8 @@ async fn campaign(
         let reason = loop {
             tokio::select! {
                 resigned = resign.recv() => match resigned {
-                    Some(t) if t == term => break StepDown::Resigned,
-                    Some(_) => continue, // for an older term
+                    Some(l) if l == lease => break StepDown::Resigned,
+                    Some(_) => continue, // for an older lease
                     None => break StepDown::Stopping,
                 },
                 _ = renew.tick() => {}
@@ -424,7 +440,7 @@ async fn campaign(
                 Err(_) => break StepDown::NotRenewed,
             }
         };
-        warn!(replica = %cfg.replica, term, %reason, "stepping down");
+        warn!(replica = %cfg.replica, lease, %reason, "stepping down");
         role.send_replace(Role::Standby {
             leader: None,
             after: Some(reason),
@@ -454,7 +470,7 @@ mod tests {
         let cfg = cfg(Duration::from_secs(1));
         let sent = Instant::now();
         let role = Role::Leader {
-            term: 3,
+            lease: 3,
             valid_until: sent + cfg.valid_for(),
         };
         assert!(cfg.valid_for() < cfg.lease);
@@ -464,7 +480,7 @@ mod tests {
         );
         tokio::time::advance(Duration::from_millis(799)).await;
         assert!(role.leads(3, Instant::now()));
-        assert!(!role.leads(4, Instant::now()), "another term's lease");
+        assert!(!role.leads(4, Instant::now()), "another lease");
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(!role.leads(3, Instant::now()));
         assert!(!role.is_valid_leader(Instant::now()));

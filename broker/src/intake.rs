@@ -49,16 +49,19 @@ pub enum Class {
     Report,
     /// Registrations, unregistrations and batches of them.
     Request,
+    /// A slave process's goodbye: one per process, so a tiny budget.
+    Goodbye,
     /// Messages that could not be decoded or failed validation: their error replies.
     Bad,
 }
 
 impl Class {
-    const ALL: [Class; 5] = [
+    const ALL: [Class; 6] = [
         Class::Hello,
         Class::Heartbeat,
         Class::Report,
         Class::Request,
+        Class::Goodbye,
         Class::Bad,
     ];
 
@@ -70,6 +73,7 @@ impl Class {
             SlaveOp::Register | SlaveOp::Unregister | SlaveOp::Batch | SlaveOp::Allot => {
                 Class::Request
             }
+            SlaveOp::Goodbye => Class::Goodbye,
         }
     }
 
@@ -79,6 +83,7 @@ impl Class {
             Class::Heartbeat => "heartbeats",
             Class::Report => "reports",
             Class::Request => "registrations and unregistrations",
+            Class::Goodbye => "goodbyes",
             Class::Bad => "error replies to bad messages",
         }
     }
@@ -94,6 +99,8 @@ pub struct Budgets {
     pub report: u32,
     /// 0: no budget (the engine's `--slave-rate-limit` still applies to registrations).
     pub request: u32,
+    /// A genuine slave sends one goodbye when its process stops (retried on a timeout).
+    pub goodbye: u32,
     pub bad: u32,
 }
 
@@ -111,6 +118,7 @@ impl Budgets {
             } else {
                 slave_rate_limit.saturating_mul(4).max(5_000)
             },
+            goodbye: 2,
             bad: 5,
         }
     }
@@ -121,6 +129,7 @@ impl Budgets {
             Class::Heartbeat => self.heartbeat,
             Class::Report => self.report,
             Class::Request => self.request,
+            Class::Goodbye => self.goodbye,
             Class::Bad => self.bad,
         }
     }
@@ -448,6 +457,10 @@ pub fn decode(
         SlaveOp::Allot => Event::Allot {
             slave,
             request: checked::<lmbus_schemas::AllotRequest>(payload)?,
+        },
+        SlaveOp::Goodbye => Event::Goodbye {
+            slave,
+            goodbye: checked::<lmbus_schemas::Goodbye>(payload)?,
         },
     }))
 }

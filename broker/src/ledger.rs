@@ -532,7 +532,7 @@ pub fn audit<'a>(
                         tally.check(at, &agent_type)?;
                     }
                 }
-                SeatChange::Reclaim { slave } => {
+                SeatChange::Reclaim { slave } | SeatChange::Forget { slave } => {
                     tally.set_blocks(slave, Default::default());
                     let held: Vec<String> = tally
                         .audit

@@ -144,12 +144,53 @@ enum AdminCommand {
     /// Take one broker replica out of the election for maintenance.
     ///
     /// It stops campaigning and, if it leads, resigns so another replica takes over (slaves
-    /// ride through it like a failover). Stop it, do the maintenance, start it again: a
-    /// restarted replica campaigns as usual.
+    /// ride through it like a failover). Status shows it `drained` meanwhile. Stop it, do
+    /// the maintenance, start it again: a restarted replica campaigns as usual; or let it
+    /// campaign again with `admin undrain`.
     Drain {
         /// The replica's `--id`.
         #[arg(long)]
         replica: String,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Who is asking, for the alert and the audit trail [default: $USER, or operator].
+        #[arg(
+            long,
+            env = "USER",
+            hide_env = true,
+            default_value = "operator",
+            hide_default_value = true
+        )]
+        operator: String,
+    },
+    /// Let a drained broker replica campaign again.
+    ///
+    /// It leads when the lease is free and no more preferred replica takes it first.
+    Undrain {
+        /// The replica's `--id`.
+        #[arg(long)]
+        replica: String,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Who is asking, for the alert and the audit trail [default: $USER, or operator].
+        #[arg(
+            long,
+            env = "USER",
+            hide_env = true,
+            default_value = "operator",
+            hide_default_value = true
+        )]
+        operator: String,
+    },
+    /// Remove a slave that is not connected from the master's table.
+    ///
+    /// Its row leaves the status, recorded in the ledger, and seats it still holds are
+    /// released. A stopping slave says goodbye by itself, and one silent past `run
+    /// --forget-after` with no seats is forgotten by itself; this is for the rest. If it
+    /// says hello again it is a new slave.
+    ForgetSlave {
+        /// The slave's id.
+        slave: String,
         #[command(flatten)]
         target: AdminTarget,
         /// Who is asking, for the alert and the audit trail [default: $USER, or operator].
@@ -209,6 +250,10 @@ where
 /// How long an admin command waits for its answer.
 const ADMIN_WAIT: Duration = Duration::from_secs(5);
 
+/// How long `admin status` listens for replica beats when no master answered: several
+/// beats at the default lease (each replica sends four per lease).
+const REPLICA_LISTEN: Duration = Duration::from_millis(1500);
+
 fn no_master(subject: &str, cluster: &str) -> String {
     format!("no master answered on {subject}: is lmbus-broker running for cluster {cluster}?")
 }
@@ -227,8 +272,20 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
         } => {
             let subjects = Subjects::new(&cluster)?;
             let client = admin_client(&nats, nats_auth).await?;
-            let status =
-                lmbus_ops::fetch_status(&client, &subjects, Duration::from_secs(5)).await?;
+            let status = match lmbus_ops::fetch_status(&client, &subjects, ADMIN_WAIT).await {
+                Ok(status) => status,
+                // Say who is up (drained, electing) rather than only "is it running?".
+                Err(e @ lmbus_ops::StatusError::NoAnswer { .. }) => {
+                    let beats = lmbus_ops::replicas_up(&client, &subjects, REPLICA_LISTEN).await;
+                    match lmbus_ops::explain_no_master(&beats) {
+                        Some(why) => {
+                            anyhow::bail!("no master answered on {}: {why}", subjects.status())
+                        }
+                        None => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -391,6 +448,52 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             println!("{}", reply.message);
             Ok(())
         }
+        AdminCommand::Undrain {
+            target:
+                AdminTarget {
+                    nats,
+                    nats_auth,
+                    cluster,
+                },
+            replica,
+            operator,
+        } => {
+            let client = admin_client(&nats, nats_auth).await?;
+            let subject = Subjects::new(&cluster)?.admin_undrain();
+            let nobody = format!(
+                "no broker replica {replica} answered on {subject}: check --replica (its --id) and --cluster {cluster}"
+            );
+            let request = lmbus_schemas::DrainRequest { replica, operator };
+            let reply: lmbus_schemas::DrainReply =
+                ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await?;
+            println!("{}", reply.message);
+            Ok(())
+        }
+        AdminCommand::ForgetSlave {
+            slave,
+            target:
+                AdminTarget {
+                    nats,
+                    nats_auth,
+                    cluster,
+                },
+            operator,
+        } => {
+            let client = admin_client(&nats, nats_auth).await?;
+            let subject = Subjects::new(&cluster)?.admin_forget();
+            let nobody = no_master(&subject, &cluster);
+            let request = lmbus_schemas::ForgetRequest {
+                slave_id: slave,
+                operator,
+            };
+            match ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await? {
+                lmbus_schemas::ForgetReply::Forgotten { message } => {
+                    println!("{message}");
+                    Ok(())
+                }
+                lmbus_schemas::ForgetReply::Error { message } => anyhow::bail!("{message}"),
+            }
+        }
         AdminCommand::RemoveState {
             target:
                 AdminTarget {
@@ -470,6 +573,12 @@ struct RunArgs {
     /// Only slaves that log out all agents when their grace ends are reclaimed.
     #[arg(help_heading = "Timing", long, env = "LMBUS_RECLAIM_MARGIN", value_parser = humantime::parse_duration)]
     reclaim_margin: Option<Duration>,
+    /// Forget a slave silent this long with no seats; 0s: never [default: 1h].
+    ///
+    /// Its row leaves the status, recorded in the ledger. Counted from its last message or
+    /// the current leader's election, whichever is later.
+    #[arg(help_heading = "Timing", long, env = "LMBUS_FORGET_AFTER", value_parser = humantime::parse_duration)]
+    forget_after: Option<Duration>,
     /// Election preference among this cluster's replicas; 1 is the most preferred [default: 1].
     ///
     /// When the lease is free, replica p waits (p-1) x 200ms before trying, so the most
@@ -709,6 +818,10 @@ impl RunArgs {
                 .reclaim_margin
                 .or(file.reclaim_margin)
                 .unwrap_or(config::DEFAULT_RECLAIM_MARGIN),
+            forget_after: self
+                .forget_after
+                .or(file.forget_after)
+                .unwrap_or(config::DEFAULT_FORGET_AFTER),
             priority: self
                 .priority
                 .or(file.priority)

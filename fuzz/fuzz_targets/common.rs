@@ -36,5 +36,6 @@ pub fn engine() -> Engine {
         slave_rate_limit: 50,
         max_agents_per_slave: 3,
         allot: Default::default(),
+        forget_after: Duration::from_secs(600),
     })
 }

@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
             slave: Some(slave.clone()),
             error: WireError::from(&e),
         };
-        let event = match (first / 4) % 6 {
+        let event = match (first / 4) % 7 {
             0 => match decode::<Hello>(body) {
                 Ok(hello) => Event::Hello {
                     slave: slave.clone(),
@@ -66,6 +66,13 @@ fuzz_target!(|data: &[u8]| {
                 Ok(report) => Event::Report {
                     slave: slave.clone(),
                     report,
+                },
+                Err(e) => bad(e),
+            },
+            5 => match decode::<Goodbye>(body) {
+                Ok(goodbye) => Event::Goodbye {
+                    slave: slave.clone(),
+                    goodbye,
                 },
                 Err(e) => bad(e),
             },

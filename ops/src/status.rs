@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use lmbus_schemas::{SlaveStatus, StatusReply, StatusRequest, Subjects, decode, encode};
+use lmbus_schemas::{
+    ReplicaBeat, SlaveStatus, StatusReply, StatusRequest, Subjects, decode, encode,
+};
 
 /// `s` with every text that came from the network made printable
 /// ([`lmbus_schemas::printable`]), for the table and the live view.
@@ -60,6 +62,11 @@ pub async fn fetch_status(
     let request = client.request(subject.clone(), payload.into());
     let msg = match tokio::time::timeout(timeout, request).await {
         Err(_) => return Err(no_answer(format!("within {timeout:?}"))),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            return Err(no_answer(
+                "(no responders: no broker replica leads)".to_owned(),
+            ));
+        }
         Ok(Err(e)) => return Err(no_answer(format!("({e})"))),
         Ok(Ok(msg)) => msg,
     };
@@ -67,6 +74,59 @@ pub async fn fetch_status(
         subject: subject.clone(),
         detail: e.to_string(),
     })
+}
+
+/// The broker replicas heard on the replica subject within `listen` (each says whether it
+/// leads and whether it is drained), sorted by id: who is up when no master answers.
+pub async fn replicas_up(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    listen: Duration,
+) -> Vec<ReplicaBeat> {
+    use futures::StreamExt as _;
+    let mut seen = std::collections::BTreeMap::new();
+    let Ok(mut beats) = client.subscribe(subjects.replica()).await else {
+        return Vec::new();
+    };
+    let until = tokio::time::Instant::now() + listen;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(until, beats.next()).await {
+        if let Ok(beat) = decode::<ReplicaBeat>(&msg.payload) {
+            seen.insert(beat.replica.clone(), beat);
+        }
+    }
+    seen.into_values().collect()
+}
+
+/// What to tell an operator whom no master answered, from the replicas heard
+/// ([`replicas_up`]); `None` when none was heard.
+pub fn explain_no_master(beats: &[ReplicaBeat]) -> Option<String> {
+    let first = beats.first()?;
+    let list: Vec<String> = beats
+        .iter()
+        .map(|b| {
+            let role = if b.leader {
+                "leader"
+            } else if b.drained {
+                "drained"
+            } else {
+                "standby"
+            };
+            format!("{} ({role})", lmbus_schemas::printable(&b.replica))
+        })
+        .collect();
+    let drained: Vec<&ReplicaBeat> = beats.iter().filter(|b| b.drained && !b.leader).collect();
+    let advice = if drained.len() == beats.len() {
+        format!(
+            "every replica up is drained, and a drained replica does not lead: run `lmbus-broker admin undrain --replica {}` (or start another replica)",
+            lmbus_schemas::printable(&first.replica)
+        )
+    } else {
+        "a replica that can lead is up: it may be electing a leader or catching up with the ledger; retry in a few seconds, and check its log if this lasts".to_owned()
+    };
+    Some(format!(
+        "broker replicas are up but none answered: {}; {advice}",
+        list.join(", ")
+    ))
 }
 
 /// Why [`fetch_status`] has no status to show.
@@ -178,7 +238,7 @@ pub fn render_status(s: &StatusReply) -> String {
                 format!(
                     "{} ({}, priority {}, ledger at {}, seen {:.1}s ago)",
                     r.replica,
-                    if r.leader { "leader" } else { "standby" },
+                    r.role(),
                     r.priority,
                     r.applied,
                     r.last_seen_ms_ago as f64 / 1000.0

@@ -81,12 +81,18 @@ pub enum AlertKind {
     /// The master wrote a usage report (info), or could not write, publish or mail it
     /// (warning).
     UsageReport,
+    /// A slave process said goodbye (a clean stop, or a failure at startup): its seats are
+    /// released and the master forgets it.
+    SlaveStopped,
+    /// The master forgot a slave: silent past `--forget-after` with no seats, or removed by
+    /// an operator (`admin forget-slave`).
+    SlaveForgotten,
     #[serde(other)]
     Other,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 23] = [
+    pub const ALL: [AlertKind; 25] = [
         AlertKind::BrokerStarted,
         AlertKind::BrokerStopped,
         AlertKind::SlaveConnected,
@@ -109,6 +115,8 @@ impl AlertKind {
         AlertKind::LicenseReloaded,
         AlertKind::ReplicaDrained,
         AlertKind::UsageReport,
+        AlertKind::SlaveStopped,
+        AlertKind::SlaveForgotten,
         AlertKind::Other,
     ];
 
@@ -136,6 +144,8 @@ impl AlertKind {
             AlertKind::LicenseReloaded => "license_reloaded",
             AlertKind::ReplicaDrained => "replica_drained",
             AlertKind::UsageReport => "usage_report",
+            AlertKind::SlaveStopped => "slave_stopped",
+            AlertKind::SlaveForgotten => "slave_forgotten",
             AlertKind::Other => "other",
         }
     }

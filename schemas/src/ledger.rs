@@ -99,6 +99,12 @@ pub enum SeatChange {
         slave: String,
         agent_id: String,
     },
+    /// The slave is gone from the master's table: it said goodbye, it was silent past
+    /// `--forget-after` with no seats, or an operator forgot it (`admin forget-slave`).
+    /// Every seat and block it still had is released with it.
+    Forget {
+        slave: String,
+    },
     /// A record this build does not know: a newer leader wrote it. A replica that meets
     /// one must stop replaying rather than guess.
     #[serde(other)]
@@ -171,7 +177,7 @@ impl SeatChange {
                 ..
             } => FIELDS + slave.len() + agent_id.len() + agent_type.len(),
             SeatChange::Release { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
-            SeatChange::Reclaim { slave } => FIELDS + slave.len(),
+            SeatChange::Reclaim { slave } | SeatChange::Forget { slave } => FIELDS + slave.len(),
             SeatChange::Allotment { slave, blocks, .. } => {
                 FIELDS + 40 + slave.len() + blocks.keys().map(|t| t.len() + 8).sum::<usize>()
             }
@@ -226,6 +232,7 @@ mod tests {
                     request_seqs: vec![4, 0],
                 },
                 SeatChange::Reclaim { slave: "s".into() },
+                SeatChange::Forget { slave: "s".into() },
                 SeatChange::Revoke {
                     slave: "s".into(),
                     agents: vec!["a".into()],

@@ -198,6 +198,19 @@ impl fmt::Display for MasterUse {
     }
 }
 
+/// `lmbus.v1.<cluster>.slave.<id>.goodbye`: the slave process is stopping (a clean stop, or a
+/// failure after its hello): the master releases every seat and allotted block of this
+/// slave id and forgets it, if `instance` is the live session's. Answered `Reply::Ack`, or
+/// `Reply::Refused` (`slave_not_connected`) when that instance is not the one the master
+/// knows (a duplicate, or a delayed goodbye of an earlier process): nothing changes then.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goodbye {
+    pub instance: Uuid,
+    /// Why it stops, for the alert ("stopped", or the startup error).
+    #[serde(default)]
+    pub reason: String,
+}
+
 /// `lmbus.v1.<cluster>.slave.<id>.report`: something the slave decided on its own that
 /// the master must record and alert on (published, no reply).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -291,6 +304,11 @@ pub enum RejectReason {
     /// Allotment mode: the slave admitted the agent from a block of seats the master did
     /// not count for it (emptied by a hello or a reclaim, or never allotted).
     NoAllotment,
+    /// Another process of this slave id (another instance) is alive: it heartbeats within
+    /// the master's silence limit. A second daemon started with an id in use is refused;
+    /// a restart is accepted once the old process is silent past that limit or said
+    /// goodbye.
+    SlaveIdInUse,
     /// A reason this build does not know.
     #[serde(other)]
     Other,
@@ -322,6 +340,7 @@ impl RejectReason {
             RejectReason::Replayed => "replayed",
             RejectReason::SlaveLimit => "slave_limit",
             RejectReason::NoAllotment => "no_allotment",
+            RejectReason::SlaveIdInUse => "slave_id_in_use",
             RejectReason::Other => "other",
         }
     }
@@ -347,6 +366,10 @@ pub enum Reply {
         /// this instance, so the slave can say hello again above it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         last_hello: Option<u64>,
+        /// With `slave_id_in_use` for a hello: how long until the live instance holding the
+        /// id counts as gone if it stays silent (a restart after a crash may say hello then).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// Registration decided.
     Decision(Decision),
@@ -560,6 +583,24 @@ pub struct DrainReply {
     pub message: String,
 }
 
+/// `lmbus.v1.<cluster>.admin.forget`: remove a slave that is not connected from the
+/// master's table (its seats and blocks, if any, are released), answered by the master;
+/// sent by `lmbus-broker admin forget-slave`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetRequest {
+    pub slave_id: String,
+    /// Who asked, for the alert and the audit trail.
+    #[serde(default)]
+    pub operator: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForgetReply {
+    Forgotten { message: String },
+    Error { message: String },
+}
+
 /// `lmbus.v1.<cluster>.broker.status`: request for the License Monitor view.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusRequest {}
@@ -615,6 +656,9 @@ pub struct ReplicaBeat {
     /// The last ledger sequence this replica applied.
     #[serde(default)]
     pub applied: u64,
+    /// Drained (`admin drain`): up, following the ledger, but it will not lead.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 /// One broker replica in the leader's view.
@@ -625,7 +669,24 @@ pub struct ReplicaStatus {
     pub leader: bool,
     #[serde(default)]
     pub applied: u64,
+    /// Drained: it will not lead until `admin undrain` or a restart.
+    #[serde(default)]
+    pub drained: bool,
     pub last_seen_ms_ago: u64,
+}
+
+impl ReplicaStatus {
+    /// How the replica is shown everywhere: `leader`, `drained` (up, will not lead) or
+    /// `standby` (can take over).
+    pub fn role(&self) -> &'static str {
+        if self.leader {
+            "leader"
+        } else if self.drained {
+            "drained"
+        } else {
+            "standby"
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -811,11 +872,19 @@ mod tests {
                 reason: RejectReason::UnlicensedNotAllowed,
                 detail: "d".into(),
                 last_hello: None,
+                retry_after_ms: None,
+            },
+            Reply::Refused {
+                reason: RejectReason::SlaveIdInUse,
+                detail: "d".into(),
+                last_hello: None,
+                retry_after_ms: Some(2500),
             },
             Reply::Refused {
                 reason: RejectReason::Replayed,
                 detail: "d".into(),
                 last_hello: Some(9),
+                retry_after_ms: None,
             },
             Reply::Decision(Decision::Approved { already_held: true }),
             Reply::Decision(Decision::Rejected {
@@ -875,6 +944,7 @@ mod tests {
                 priority: 2,
                 leader: false,
                 applied: 17,
+                drained: true,
                 last_seen_ms_ago: 40,
             }],
         });
@@ -883,6 +953,18 @@ mod tests {
             priority: 1,
             leader: true,
             applied: 3,
+            drained: false,
+        });
+        round_trip(&Goodbye {
+            instance: Uuid::new_v4(),
+            reason: "stopped".into(),
+        });
+        round_trip(&ForgetRequest {
+            slave_id: "s".into(),
+            operator: "ops".into(),
+        });
+        round_trip(&ForgetReply::Forgotten {
+            message: "m".into(),
         });
     }
 

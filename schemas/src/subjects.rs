@@ -104,10 +104,13 @@ pub enum SlaveOp {
     /// Request: `AllotRequest` (allotment mode: the slave's journal and the blocks it
     /// wants) → `Reply::Allotment`.
     Allot,
+    /// Request: `Goodbye` (the slave process stops) → `Reply::Ack`: the master releases
+    /// its seats and blocks and forgets it.
+    Goodbye,
 }
 
 impl SlaveOp {
-    pub const ALL: [SlaveOp; 7] = [
+    pub const ALL: [SlaveOp; 8] = [
         SlaveOp::Hello,
         SlaveOp::Register,
         SlaveOp::Unregister,
@@ -115,6 +118,7 @@ impl SlaveOp {
         SlaveOp::Report,
         SlaveOp::Batch,
         SlaveOp::Allot,
+        SlaveOp::Goodbye,
     ];
 
     pub fn token(self) -> &'static str {
@@ -126,6 +130,7 @@ impl SlaveOp {
             SlaveOp::Report => "report",
             SlaveOp::Batch => "batch",
             SlaveOp::Allot => "allot",
+            SlaveOp::Goodbye => "goodbye",
         }
     }
 
@@ -243,6 +248,18 @@ impl Subjects {
     /// the replica it names (every replica listens); sent by `lmbus-broker admin drain`.
     pub fn admin_drain(&self) -> String {
         format!("{}.admin.drain", self.prefix)
+    }
+
+    /// `lmbus.v1.<cluster>.admin.undrain`: request `DrainRequest` → `DrainReply`, answered
+    /// by the replica it names, which may lead again; sent by `lmbus-broker admin undrain`.
+    pub fn admin_undrain(&self) -> String {
+        format!("{}.admin.undrain", self.prefix)
+    }
+
+    /// `lmbus.v1.<cluster>.admin.forget`: request `ForgetRequest` → `ForgetReply`, answered
+    /// by the master; sent by `lmbus-broker admin forget-slave`.
+    pub fn admin_forget(&self) -> String {
+        format!("{}.admin.forget", self.prefix)
     }
 
     /// `lmbus.v1.<cluster>.admin.report`: request `ReportRequest` → `ReportReply`, answered

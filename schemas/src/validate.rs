@@ -234,6 +234,12 @@ impl Validate for crate::allot::AllotRequest {
     }
 }
 
+impl Validate for crate::messages::Goodbye {
+    fn validate(&self) -> Result<(), Invalid> {
+        check_text("reason", &self.reason)
+    }
+}
+
 impl Validate for SlaveReport {
     fn validate(&self) -> Result<(), Invalid> {
         check_text("message", &self.message)?;

@@ -41,6 +41,7 @@ impl Request for UnregisterRequest {
 impl Request for Hello {}
 impl Request for Heartbeat {}
 impl Request for lmbus_schemas::AllotRequest {}
+impl Request for lmbus_schemas::Goodbye {}
 
 type Answer = Result<Ask, SlaveError>;
 

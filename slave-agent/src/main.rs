@@ -387,10 +387,23 @@ async fn run(cfg: SlaveConfig, api_addr: SocketAddr) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("slave {slave_id} cannot start"))?;
     let (stop_api, stop_api_rx) = tokio::sync::oneshot::channel::<()>();
-    let (bound, server) = api::bind(agent.clone(), api_addr, async move {
+    let bound = api::bind(agent.clone(), api_addr, async move {
         let _ = stop_api_rx.await;
     })
-    .await?;
+    .await;
+    let (bound, server) = match bound {
+        Ok(bound) => bound,
+        Err(e) => {
+            // It said hello already: say goodbye, so the master does not keep a ghost row.
+            agent
+                .stop(&format!(
+                    "failed at startup: {}",
+                    lmbus_schemas::printable(&format!("{e:#}"))
+                ))
+                .await;
+            return Err(e);
+        }
+    };
     info!(slave = %slave_id, "local API listening on http://{bound}");
     let server = tokio::spawn(server);
     let mut events = agent.subscribe();

@@ -34,6 +34,7 @@ pub fn broker_config(
         expiry_warning_days: 30,
         max_slaves: 1000,
         reclaim_margin: lmbus_broker::config::DEFAULT_RECLAIM_MARGIN,
+        forget_after: lmbus_broker::config::DEFAULT_FORGET_AFTER,
         priority: 1,
         lease: lmbus_broker::config::DEFAULT_LEASE,
         stream_replicas: 1,

@@ -42,6 +42,7 @@ pub fn engine(vendor: &Vendor, cluster: &str, seats: usize) -> Engine {
         reclaim_margin: Duration::from_secs(30),
         slave_rate_limit: 0,
         max_agents_per_slave: 0,
+        forget_after: Duration::ZERO,
         allot: Default::default(),
     })
 }

@@ -51,6 +51,7 @@ fn engine() -> Engine {
         reclaim_margin: Duration::from_secs(10),
         slave_rate_limit: 0,
         max_agents_per_slave: 0,
+        forget_after: Duration::ZERO,
         allot: AllotConfig {
             admission: Admission::Allotment,
             lease: Duration::from_secs(6),

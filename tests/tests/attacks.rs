@@ -263,6 +263,14 @@ fn payloads() -> Vec<(SlaveOp, Vec<u8>)> {
             })
             .unwrap(),
         ),
+        (
+            SlaveOp::Goodbye,
+            encode(&lmbus_schemas::Goodbye {
+                instance: uuid::Uuid::new_v4(),
+                reason: "bye".into(),
+            })
+            .unwrap(),
+        ),
         (SlaveOp::Register, b"\x00garbage".to_vec()),
     ]
 }
@@ -528,6 +536,119 @@ async fn a_replayed_hello_takes_no_seat_and_a_forged_one_is_reconciled() {
         Outcome::Rejected { .. }
     ));
     site1.shutdown().await;
+    site2.shutdown().await;
+    d.stop().await;
+}
+
+/// Steps: honest site1 and site2 hold seats. With site1's credentials only: a goodbye on
+/// site2's subject is refused by NATS (no answer, nothing changes); goodbyes on site1's own
+/// subject naming another instance (site2's process cannot be named: the slave id is the
+/// subject's token), with a text over the limit, with control characters, or garbage, are
+/// refused or invalid and change nothing; a flood of 200 goodbyes is budgeted (a few
+/// decided, none of them by the live session). Then: both sites keep their seats, site2
+/// registers at once, the ledger holds no `Forget` and its audit matches both hosts' books.
+/// Finally site1 stops for real: its own goodbye releases its seats and says
+/// `slave_stopped`, and site2 is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_goodbye_releases_only_the_senders_own_live_session() {
+    let d = Deployment::start(5).await;
+    let mut tap = AlertTap::new(&d.monitor, &d.cluster).await.unwrap();
+    let s = &d.subjects;
+    let site1 = d.slave("site1").await;
+    let site2 = d.slave("site2").await;
+    assert!(site1.register("a1", "inbound").await.unwrap().is_approved());
+    assert!(site2.register("b1", "inbound").await.unwrap().is_approved());
+    assert!(site2.register("b2", "inbound").await.unwrap().is_approved());
+    let attacker = d.site("site1").await;
+    let goodbye = |reason: &str| {
+        encode(&lmbus_schemas::Goodbye {
+            instance: uuid::Uuid::new_v4(),
+            reason: reason.into(),
+        })
+        .unwrap()
+    };
+
+    // Another site's subject: the reference permissions refuse the publish.
+    assert_eq!(
+        ask(&attacker, s, "site2", SlaveOp::Goodbye, goodbye("bye")).await,
+        None
+    );
+    // Its own subject, not its live instance.
+    let answer = ask(&attacker, s, "site1", SlaveOp::Goodbye, goodbye("bye")).await;
+    assert!(
+        matches!(
+            answer,
+            Some(Reply::Refused {
+                reason: RejectReason::SlaveNotConnected,
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
+    for bad in [
+        goodbye(&"x".repeat(600)),
+        goodbye("a\u{7}b\u{202e}c"),
+        b"\x00junk".to_vec(),
+    ] {
+        let answer = ask(&attacker, s, "site1", SlaveOp::Goodbye, bad).await;
+        assert!(
+            matches!(answer, Some(Reply::Error(_)) | None),
+            "a bad goodbye was decided: {answer:?}"
+        );
+    }
+    let mut answered = 0;
+    for _ in 0..200 {
+        let subject = s.slave_op(&SlaveId::new("site1").unwrap(), SlaveOp::Goodbye);
+        let inbox = attacker.new_inbox();
+        attacker
+            .publish_with_reply(subject, inbox, goodbye("flood").into())
+            .await
+            .unwrap();
+        answered += 1;
+    }
+    attacker.flush().await.unwrap();
+    assert_eq!(answered, 200);
+    assert!(site2.register("b3", "inbound").await.unwrap().is_approved());
+    let status = d.status().await;
+    let in_use = |slave: &str| {
+        status
+            .slaves
+            .iter()
+            .find(|sl| sl.slave_id == slave)
+            .map(|sl| sl.in_use)
+    };
+    assert_eq!((in_use("site1"), in_use("site2")), (Some(1), Some(3)));
+    let (records, audit) = d.ledger().await;
+    assert!(
+        !records
+            .iter()
+            .flat_map(|r| &r.entry.changes)
+            .any(|c| matches!(c, lmbus_schemas::SeatChange::Forget { .. })),
+        "a forged goodbye was recorded"
+    );
+    let held = |slave: &str| -> Vec<String> {
+        audit
+            .seats
+            .get(slave)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let books =
+        |a: &SlaveAgent| -> Vec<String> { a.agents().into_iter().map(|c| c.agent_id).collect() };
+    assert_eq!(held("site1"), books(&site1));
+    assert_eq!(held("site2"), books(&site2));
+
+    // The budget refills; site1's own stop is its right.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    site1.shutdown().await;
+    let stopped = tap
+        .wait_for("site1's goodbye", |a| a.kind == AlertKind::SlaveStopped)
+        .await
+        .unwrap();
+    assert_eq!(stopped.slave.as_deref(), Some("site1"));
+    let status = d.status().await;
+    assert!(status.slaves.iter().all(|sl| sl.slave_id != "site1"));
+    assert_eq!(status.total_in_use, 3, "site2 keeps its three seats");
     site2.shutdown().await;
     d.stop().await;
 }

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use lmbus_schemas::AlertKind;
+use lmbus_schemas::{AlertKind, Severity};
 use lmbus_slave::SlaveAgent;
 use lmbus_tests::*;
 use nix::sys::signal::Signal;
@@ -140,7 +140,8 @@ async fn monitor_tails_alerts_and_shows_licenses() {
 
 /// Steps: run `lmbus-broker` and `lmbus-slave run` as processes; register two agents with
 /// the `lmbus-slave register` CLI through the daemon's local API; SIGKILL the slave; the
-/// broker raises `slave_disconnected` after the missed heartbeats and keeps both seats;
+/// broker raises `slave_disconnected` after the missed heartbeats, keeps both seats and says
+/// when they are reclaimed;
 /// a restarted slave with the same id says hello with no agents and the master releases
 /// the stale seats; SIGTERM stops the broker cleanly with a `broker_stopped` alert. Its log
 /// reads for people (no `slave=None`, plurals that agree, durations not in ms).
@@ -222,7 +223,8 @@ async fn killed_slave_is_detected_and_restart_releases_stale_seats() {
         .unwrap();
     assert_eq!(lost.slave.as_deref(), Some("site-k"));
     assert!(
-        lost.message.contains("2 seats are kept"),
+        lost.message.contains("its 2 seats are reclaimed in ")
+            && lost.message.contains("unless it says hello again first"),
         "{}",
         lost.message
     );
@@ -273,7 +275,7 @@ async fn killed_slave_is_detected_and_restart_releases_stale_seats() {
         .lines()
         .find(|l| l.contains("no heartbeat for"))
         .unwrap();
-    assert!(lost.contains("its 2 seats are kept"), "{lost}");
+    assert!(lost.contains("its 2 seats are reclaimed in "), "{lost}");
     // Milliseconds only below a second ("400 ms"), never "1600 ms".
     let silence = lost.split("no heartbeat for ").nth(1).unwrap();
     let silence = silence.split(" (").next().unwrap();
@@ -369,7 +371,14 @@ async fn reload_license_lowers_the_limit_and_logs_nobody_out() {
 /// slave holds a seat. `lmbus-broker admin drain --replica b1` (the real binary) says b1
 /// resigned; b2 leads within a few leases, the seat is still there, the slave registers
 /// another agent through the change, a `replica_drained` alert names b1, and b1 does not
-/// take the lead back. Draining a replica that does not exist fails with a clear message.
+/// take the lead back. b1 is shown `drained` (never `standby`) in `admin status`, and b2's
+/// redundancy alert warns that no standby can lead. Then b2 is drained too: nobody leads,
+/// b1 (the first id up) raises the critical alert that no replica can lead, and `admin
+/// status` says both are up but drained and how to undrain, instead of asking whether
+/// lmbus-broker runs. `admin undrain --replica b1` lets b1 lead again, and the slave
+/// registers. The ledger's `Leader` records count leaderships: b1's term 1, b2's term 2,
+/// b1's term 3, however many times each renewed its lease (b1 leads for 1.5 s, about seven
+/// renewals, first). Draining a replica that does not exist fails with a clear message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_hands_the_lead_to_another_replica() {
     let f = Fixture::new().await.unwrap();
@@ -388,14 +397,18 @@ async fn drain_hands_the_lead_to_another_replica() {
         .await
         .unwrap();
     assert!(slave.register("a1", "inbound").await.unwrap().is_approved());
+    // Long enough for b1 to renew its 1 s lease several times.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let drain = |replica: &str| {
+    let admin = |args: &[&str]| {
         Command::new(bin("lmbus-broker").unwrap())
-            .args(["admin", "drain", "--replica", replica])
+            .arg("admin")
+            .args(args)
             .args(["--nats", &f.nats.url(), "--cluster", &f.cluster])
             .output()
             .unwrap()
     };
+    let drain = |replica: &str| admin(&["drain", "--replica", replica]);
     let out = tokio::task::block_in_place(|| drain("b1"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -433,6 +446,85 @@ async fn drain_hands_the_lead_to_another_replica() {
         f.status().await.unwrap().broker_id,
         "b2",
         "b1 took the lead back"
+    );
+    let status = f.status().await.unwrap();
+    assert_eq!(status.leader_term, 2, "the term counts leaderships");
+    let out = tokio::task::block_in_place(|| admin(&["status"]));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("b1 (drained") && table.contains("b2 (leader"),
+        "{table}"
+    );
+    let redundancy = alerts
+        .wait_for("b2's redundancy state", |a| {
+            a.kind == AlertKind::Redundancy && a.source == "b2"
+        })
+        .await
+        .unwrap();
+    assert_eq!(redundancy.severity, Severity::Warning);
+    assert!(
+        redundancy
+            .message
+            .contains("b2 leading, no standby that can lead, drained b1"),
+        "{}",
+        redundancy.message
+    );
+
+    // No replica can lead.
+    let out = tokio::task::block_in_place(|| drain("b2"));
+    assert!(out.status.success());
+    let stuck = alerts
+        .wait_for("no replica can lead", |a| {
+            a.kind == AlertKind::Redundancy && a.severity == Severity::Critical
+        })
+        .await
+        .unwrap();
+    assert_eq!(stuck.source, "b1");
+    assert!(
+        stuck.message.contains("(b1, b2) are all drained"),
+        "{}",
+        stuck.message
+    );
+    let out = tokio::task::block_in_place(|| admin(&["status"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("b1 (drained), b2 (drained)")
+            && stderr.contains("admin undrain --replica b1")
+            && !stderr.contains("is lmbus-broker running"),
+        "{stderr}"
+    );
+    let out = tokio::task::block_in_place(|| admin(&["undrain", "--replica", "b1"]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("undrained"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually("b1 leads again", || async {
+        f.status().await.is_ok_and(|s| s.broker_id == "b1")
+    })
+    .await
+    .unwrap();
+    assert!(slave.register("a3", "inbound").await.unwrap().is_approved());
+    let status = f.status().await.unwrap();
+    assert_eq!(status.leader_term, 3);
+    let subjects = lmbus_schemas::Subjects::new(&f.cluster).unwrap();
+    let ledger = lmbus_broker::ledger::Ledger::open(&f.client, &subjects, 1)
+        .await
+        .unwrap();
+    let records = tokio::time::timeout(WAIT, ledger.read_all())
+        .await
+        .unwrap()
+        .unwrap();
+    let audit = lmbus_broker::ledger::audit(&records, 5, &Default::default()).unwrap();
+    assert_eq!(
+        audit.leaders,
+        [
+            ("b1".to_owned(), 1),
+            ("b2".to_owned(), 2),
+            ("b1".to_owned(), 3)
+        ],
+        "one term per leadership, not per lease renewal"
     );
 
     let out = tokio::task::block_in_place(|| drain("nobody"));

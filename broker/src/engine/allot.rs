@@ -153,6 +153,7 @@ impl Engine {
                 detail: "the master has no live session with this slave instance: say hello again"
                     .to_owned(),
                 last_hello: None,
+                retry_after_ms: None,
             });
         }
         let last = self.slaves.get(id).map_or(0, |s| s.allot_seq);
@@ -165,6 +166,7 @@ impl Engine {
                 reason: RejectReason::Replayed,
                 detail: detail.clone(),
                 last_hello: None,
+                retry_after_ms: None,
             });
             let alert = self
                 .alert(

@@ -21,6 +21,7 @@ impl Engine {
             reason,
             detail: detail.clone(),
             last_hello: None,
+            retry_after_ms: None,
         });
         out.alert(
             self.alert(
@@ -85,11 +86,72 @@ impl Engine {
         }
     }
 
+    /// One process per slave id: a hello from another instance while the known one is alive
+    /// (connected and heard from within its silence limit) is a second daemon started with
+    /// an id in use, not a restart. It is refused, critically alerted (at most once per
+    /// [`super::RATE_LIMIT_ALERT_EVERY`] per slave), and the live instance's seats are left
+    /// untouched. A restart after a crash is accepted once the old instance has been silent
+    /// past its limit (the refusal says how long that is, and the slave waits that long
+    /// at start); one after a clean stop at once, since the goodbye removed the old
+    /// session.
+    fn refuse_second_instance(
+        &mut self,
+        now: Instant,
+        id: &SlaveId,
+        hello: &Hello,
+    ) -> Option<Output> {
+        let known = self.slaves.get(id)?;
+        if known.instance == hello.instance || !known.connected {
+            return None;
+        }
+        let silent = now.saturating_duration_since(known.last_seen);
+        let limit = known.silence_limit(self.cfg.missed_heartbeats);
+        if silent > limit {
+            return None;
+        }
+        let live = known.instance;
+        let held = known.agents.len();
+        let retry_after = limit - silent;
+        let detail = format!(
+            "slave id {id} is in use by a live process (instance {live}, heard from {} ago, holding {}): stop that process or give this one another --id. If that process has just died, this one is accepted once it has been silent for {} ({} from now)",
+            duration(silent),
+            plural(held as u64, "seat", "seats"),
+            duration(limit),
+            duration(retry_after)
+        );
+        let alert = self
+            .alert(
+                Severity::Critical,
+                AlertKind::SlaveRefused,
+                format!(
+                    "slave {id}: a second process (instance {}) said hello while instance {live} is alive (heard from {} ago): refused, the live one keeps its {}. Two daemons run with the same --id: stop one",
+                    hello.instance,
+                    duration(silent),
+                    plural(held as u64, "seat", "seats")
+                ),
+            )
+            .slave(id.as_str())
+            .reason(RejectReason::SlaveIdInUse);
+        let mut out = Output::reply(Reply::Refused {
+            reason: RejectReason::SlaveIdInUse,
+            detail,
+            last_hello: None,
+            retry_after_ms: Some(retry_after.as_millis() as u64 + 1),
+        });
+        if let Some(alert) = self.quietly(now, id, "slave id in use", alert) {
+            out.alert(alert);
+        }
+        Some(out)
+    }
+
     pub(super) fn hello(&mut self, now: Instant, id: SlaveId, hello: Hello, today: Date) -> Output {
         let license = match self.admit_slave(&hello, today) {
             Ok(l) => l,
             Err((reason, detail)) => return self.refuse_hello(&id, reason, detail),
         };
+        if let Some(refused) = self.refuse_second_instance(now, &id, &hello) {
+            return refused;
+        }
         // A slave license serves one live slave: a second site presenting a copy of it is
         // refused while the first is connected.
         if let Some(l) = &license {
@@ -147,6 +209,7 @@ impl Engine {
             {
                 let mut out = Output::reply(Reply::Refused {
                     last_hello: Some(known.hello_seq),
+                    retry_after_ms: None,
                     reason: RejectReason::Replayed,
                     detail: format!(
                         "hello number {} of this instance was already processed (the last was {}): a replayed hello; say hello under a new number",
@@ -187,6 +250,7 @@ impl Engine {
         slave.license = license;
         slave.connected = true;
         slave.last_seen = now;
+        slave.heard = true;
         slave.heartbeat_interval = interval;
         slave.grace = grace;
         slave.logout_after_grace = hello.logout_after_grace;

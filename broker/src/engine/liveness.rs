@@ -1,21 +1,74 @@
 //! Whether slaves are alive: heartbeats (with their books, which may ask for a new hello)
 //! and the tick (silence, reclaim under the timing rule, counts and license expiry alerts).
 
+use std::time::{Duration, Instant};
+
 use lmbus_schemas::human::{duration, plural};
-use std::time::Instant;
 
 use lmbus_schemas::{
     AlertKind, ControlMessage, Heartbeat, RejectReason, Reply, SeatChange, Severity, SlaveId,
 };
 use time::Date;
 
-use super::{Effect, Engine, Output};
+use super::{Effect, Engine, Output, Slave};
+
+/// What will become of a slave's seats now that it is silent, and when: the second half of
+/// its `slave_disconnected` alert. The reclaim comes `grace + margin` after the last word
+/// from it (see [`Engine::tick`]), and only for a slave that logs out after its grace.
+fn what_becomes_of(
+    slave: &Slave,
+    silent: Duration,
+    margin: Duration,
+    forget_after: Duration,
+) -> String {
+    let seats = slave.agents.len() as u64;
+    let allotted = u64::from(slave.blocks.values().sum::<u32>());
+    let held = if allotted > 0 {
+        format!(
+            "its {} and {}",
+            plural(seats, "seat", "seats"),
+            plural(allotted, "free allotted seat", "free allotted seats")
+        )
+    } else {
+        format!("its {}", plural(seats, "seat", "seats"))
+    };
+    let (is, stays) = if seats + allotted == 1 {
+        ("is", "stays")
+    } else {
+        ("are", "stay")
+    };
+    if seats == 0 && allotted == 0 {
+        if forget_after.is_zero() {
+            "it holds no seats".to_owned()
+        } else {
+            format!(
+                "it holds no seats and is forgotten in {} (after {} of silence, --forget-after) unless it says hello again first",
+                duration(forget_after.saturating_sub(silent)),
+                duration(forget_after)
+            )
+        }
+    } else if slave.logout_after_grace {
+        let after = slave.grace + margin;
+        format!(
+            "{held} {is} reclaimed in {} (after {} of silence: its {} grace period plus the {} reclaim margin) unless it says hello again first",
+            duration(after.saturating_sub(silent)),
+            duration(after),
+            duration(slave.grace),
+            duration(margin),
+        )
+    } else {
+        format!(
+            "{held} {stays} taken until it says hello again or an operator releases them (admin release): it does not log its agents out when its grace period ends, so the master never reclaims them"
+        )
+    }
+}
 
 impl Engine {
     pub(super) fn heartbeat(&mut self, now: Instant, id: &SlaveId, heartbeat: Heartbeat) -> Output {
         match self.slaves.get_mut(id) {
             Some(slave) if slave.connected && slave.instance == heartbeat.instance => {
                 slave.last_seen = now;
+                slave.heard = true;
                 slave.master = heartbeat.master;
                 let mut out = Output::reply(Reply::Ack);
                 // Continuous reconcile: books that differ (leaving out what is in flight)
@@ -39,6 +92,7 @@ impl Engine {
             }
             _ => Output::reply(Reply::Refused {
                 last_hello: None,
+                retry_after_ms: None,
                 reason: RejectReason::SlaveNotConnected,
                 detail: "the master has no live session with this slave instance: say hello again"
                     .to_owned(),
@@ -52,16 +106,25 @@ impl Engine {
             out.alert(alert);
         }
         let missed = self.cfg.missed_heartbeats;
+        let margin = self.cfg.reclaim_margin;
+        let forget_after = self.cfg.forget_after;
         let mut lost = Vec::new();
         for (id, slave) in &mut self.slaves {
-            if slave.connected
-                && now.saturating_duration_since(slave.last_seen) > slave.silence_limit(missed)
-            {
+            let silent = now.saturating_duration_since(slave.last_seen);
+            if slave.connected && silent > slave.silence_limit(missed) {
                 slave.connected = false;
-                lost.push((id.clone(), slave.agents.len(), slave.silence_limit(missed)));
+                if !slave.heard && slave.agents.is_empty() && slave.blocks.is_empty() {
+                    // Known only from the ledger, holding nothing: the previous leader
+                    // already said it was silent; it is forgotten in due time.
+                    continue;
+                }
+                lost.push((
+                    id.clone(),
+                    slave.silence_limit(missed),
+                    what_becomes_of(slave, silent, margin, forget_after),
+                ));
             }
         }
-        let margin = self.cfg.reclaim_margin;
         let mut reclaim = Vec::new();
         for (id, slave) in &mut self.slaves {
             let silent = now.saturating_duration_since(slave.last_seen);
@@ -103,21 +166,21 @@ impl Engine {
                 .counts(self.counts()),
             );
         }
-        for (id, seats, silence) in lost {
+        for (id, silence, fate) in lost {
             out.alert(
                 self.alert(
                     Severity::Warning,
                     AlertKind::SlaveDisconnected,
                     format!(
-                        "slave {id} disconnected: no heartbeat for {} ({missed} intervals); its {} kept until it reconnects",
-                        duration(silence),
-                        plural(seats as u64, "seat is", "seats are")
+                        "slave {id} disconnected: no heartbeat for {} ({missed} intervals); {fate}",
+                        duration(silence)
                     ),
                 )
                 .slave(id.as_str())
                 .counts(self.counts()),
             );
         }
+        self.forget_silent(now, &mut out);
         if self.next_counts_at.is_none_or(|at| now >= at) {
             self.next_counts_at = Some(now + self.cfg.counts_interval);
             let total = self.total_limit();

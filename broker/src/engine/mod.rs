@@ -22,7 +22,8 @@
 //!
 //! This file holds the types and [`Engine::handle`]; the rules are in one file per family:
 //! `hello` (admission and reconcile), `seats` (limits, grants, registrations and batches),
-//! `liveness` (heartbeats and the tick: silence, reclaim, counts, expiry), `admin` (an
+//! `liveness` (heartbeats and the tick: silence, reclaim, counts, expiry), `farewell` (a
+//! slave's goodbye, forgetting silent slaves, `admin forget-slave`), `admin` (an
 //! operator's release and license reload), `reports` (what only raises an alert),
 //! `refusals` (invalid requests, quiet repeated refusals), `replay` (applying the ledger,
 //! snapshots) and `status` (views), all methods of [`Engine`]; `guards` holds the plain
@@ -33,15 +34,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use lmbus_schemas::{
-    Alert, AlertKind, BatchRequest, ControlMessage, Heartbeat, Hello, License, RegisterRequest,
-    ReleaseReply, ReleaseRequest, ReloadReply, ReloadRequest, Reply, SeatChange, Severity, SlaveId,
-    SlaveReport, UnregisterRequest, VerifyingKey, WireError, agent_hash,
+    Alert, AlertKind, BatchRequest, ControlMessage, ForgetReply, ForgetRequest, Goodbye, Heartbeat,
+    Hello, License, RegisterRequest, ReleaseReply, ReleaseRequest, ReloadReply, ReloadRequest,
+    Reply, SeatChange, Severity, SlaveId, SlaveReport, UnregisterRequest, VerifyingKey, WireError,
+    agent_hash,
 };
 use time::Date;
 use uuid::Uuid;
 
 mod admin;
 mod allot;
+mod farewell;
 mod guards;
 mod hello;
 mod liveness;
@@ -90,6 +93,10 @@ pub struct EngineConfig {
     pub max_agents_per_slave: u32,
     /// Strict or allotment admission, and the allotments' lease and refresh interval.
     pub allot: AllotConfig,
+    /// A slave silent this long, holding no seats and no blocks, is forgotten (removed
+    /// from the table, recorded). Counted from its last message, or from the start of the
+    /// current leader's term, whichever is later. Zero: never.
+    pub forget_after: Duration,
 }
 
 /// Something the engine must react to.
@@ -147,6 +154,15 @@ pub enum Event {
         request: ReloadRequest,
         today: Date,
     },
+    /// A slave process stops (its goodbye).
+    Goodbye {
+        slave: SlaveId,
+        goodbye: Goodbye,
+    },
+    /// An operator's `admin forget-slave`.
+    Forget {
+        request: ForgetRequest,
+    },
 }
 
 impl Event {
@@ -184,6 +200,8 @@ pub enum Answer {
     Release(ReleaseReply),
     /// To an operator's `admin reload-license`.
     Reload(ReloadReply),
+    /// To an operator's `admin forget-slave`.
+    Forget(ForgetReply),
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -258,6 +276,10 @@ struct Slave {
     allot_seq: u64,
     /// Told to give its blocks back (`ReturnAllotment`) and not heard from since.
     asked_to_return: bool,
+    /// This leader heard from it (a hello, heartbeat or registration) since its term
+    /// began (not in the ledger). A slave with no seats that a new leader never heard from
+    /// goes quiet without a second `slave_disconnected`.
+    heard: bool,
 }
 
 impl Slave {
@@ -291,6 +313,7 @@ impl Slave {
             journal: 0,
             allot_seq: 0,
             asked_to_return: false,
+            heard: false,
         }
     }
 
@@ -428,6 +451,8 @@ impl Engine {
             Event::Allot { slave, request } => self.allot(now, &slave, request),
             Event::Release { request } => self.admin_release(&request),
             Event::Reload { request, today } => self.reload_license(&request, today),
+            Event::Goodbye { slave, goodbye } => self.goodbye(&slave, goodbye),
+            Event::Forget { request } => self.admin_forget(now, &request),
         }
     }
 

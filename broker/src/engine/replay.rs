@@ -158,6 +158,9 @@ impl Engine {
             SeatChange::ToBlock { slave, agent_id } => {
                 self.apply_to_block(&slave_id(slave)?, agent_id);
             }
+            SeatChange::Forget { slave } => {
+                self.remove_slave(&slave_id(slave)?);
+            }
             SeatChange::Leader { .. } => {}
             SeatChange::Unknown => {
                 return Err(ReplayError::Unknown);
@@ -240,6 +243,7 @@ impl Engine {
     pub fn restart_silence_clocks(&mut self, now: Instant) {
         for slave in self.slaves.values_mut() {
             slave.last_seen = now;
+            slave.heard = false;
             // What a replay of the ledger gives: a slave with a session is connected until
             // its seats are reclaimed. A replica that led before (and marked slaves
             // disconnected on its own clock, perhaps while it was paused) starts its new

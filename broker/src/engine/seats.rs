@@ -225,6 +225,7 @@ impl Engine {
         let connected = match self.slaves.get_mut(&id) {
             Some(slave) if slave.connected => {
                 slave.last_seen = now;
+                slave.heard = true;
                 if !slave.requests.accept(request.seq) {
                     // A retry of a request that was granted finds its seat: same answer.
                     // Anything else with a used number is a replay.

@@ -4,8 +4,8 @@
 
 use async_nats::Message;
 use lmbus_schemas::{
-    DecodeError, ReleaseReply, ReleaseRequest, ReloadReply, ReloadRequest, Reply, SlaveOp,
-    Subjects, WireError, decode,
+    DecodeError, ForgetReply, ForgetRequest, ReleaseReply, ReleaseRequest, ReloadReply,
+    ReloadRequest, Reply, SlaveOp, Subjects, WireError, decode,
 };
 use tracing::{debug, info};
 
@@ -142,6 +142,20 @@ pub(super) fn admin_release(engine: &mut Engine, msg: &Message) -> Output {
             Event::Release { request }
         },
         |message| Answer::Release(ReleaseReply::Error { message }),
+    )
+}
+
+/// An operator's `admin forget-slave`: the reply, and the alert with the `Forget` record to
+/// write first.
+pub(super) fn admin_forget(engine: &mut Engine, msg: &Message) -> Output {
+    admin_request(
+        engine,
+        msg,
+        |request: ForgetRequest| {
+            info!(slave = %request.slave_id, operator = %request.operator, "admin forget-slave");
+            Event::Forget { request }
+        },
+        |message| Answer::Forget(ForgetReply::Error { message }),
     )
 }
 

@@ -28,7 +28,8 @@ use crate::replicas::Replicas;
 
 use super::clock::{now, today_utc, unix_ms};
 use super::inbound::{
-    Intook, admin_release, admin_reload, bad_message, client_reply_ok, handle_slave_message,
+    Intook, admin_forget, admin_release, admin_reload, bad_message, client_reply_ok,
+    handle_slave_message,
 };
 use super::outbound::Io;
 use super::replica::Replica;
@@ -50,7 +51,10 @@ pub(super) enum Led {
 
 /// What `run` lends a replica for one term as leader.
 pub(super) struct Term<'a> {
-    /// The term the election gave this replica.
+    /// The lease revision the election gave this replica (what it checks and resigns).
+    pub(super) lease: u64,
+    /// The term its `Leader` record opens: the last record's term plus one, set once it
+    /// has caught up with the ledger (0 before).
     pub(super) number: u64,
     pub(super) replica: &'a mut Replica,
     pub(super) ledger: &'a mut Ledger,
@@ -143,6 +147,7 @@ enum Turn {
 impl<'a> Leader<'a> {
     pub(super) fn new(term: Term<'a>, subscriptions: Subscriptions) -> Self {
         let Term {
+            lease: _,
             number,
             replica,
             ledger,
@@ -353,8 +358,11 @@ impl<'a> Leader<'a> {
             admin_reload(&mut self.replica.engine, &msg)
         } else if subject == subjects.admin_release() {
             admin_release(&mut self.replica.engine, &msg)
+        } else if subject == subjects.admin_forget() {
+            admin_forget(&mut self.replica.engine, &msg)
         } else {
-            // `admin.drain` is answered by the replica it names (`answer_drain_requests`).
+            // `admin.drain` and `admin.undrain` are answered by the replica they name
+            // (`answer_drain_requests`).
             return Turn::Wait;
         };
         // Admin changes are recorded on their own, after everything in flight.
@@ -634,7 +642,11 @@ impl Timing {
         let unregistration = match op? {
             SlaveOp::Register | SlaveOp::Batch => false,
             SlaveOp::Unregister => true,
-            SlaveOp::Hello | SlaveOp::Heartbeat | SlaveOp::Report | SlaveOp::Allot => return None,
+            SlaveOp::Hello
+            | SlaveOp::Heartbeat
+            | SlaveOp::Report
+            | SlaveOp::Allot
+            | SlaveOp::Goodbye => return None,
         };
         Some(Self {
             arrived,
@@ -653,7 +665,7 @@ mod tests {
     async fn a_leader_resumed_past_its_lease_stops_recording() {
         let valid_until = Instant::now() + Duration::from_secs(1);
         let (_tx, role) = watch::channel(Role::Leader {
-            term: 1,
+            lease: 1,
             valid_until,
         });
         assert!(lapsed(&role, false, Instant::now()).is_none());

@@ -128,6 +128,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         expiry_warning_days: cfg.expiry_warning_days,
         max_slaves: cfg.max_slaves,
         reclaim_margin: cfg.reclaim_margin,
+        forget_after: cfg.forget_after,
         slave_rate_limit: cfg.slave_rate_limit,
         max_agents_per_slave: cfg.max_agents_per_slave,
         allot: cfg.allot.clone(),
@@ -188,7 +189,13 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         io.clone(),
         cfg.clone(),
         election.role.clone(),
+        election.drainer(),
         applied.clone(),
+        stop.clone(),
+    ));
+    io.tasks.spawn(tasks::watch_for_no_leader(
+        io.clone(),
+        cfg.clone(),
         stop.clone(),
     ));
     // True while this replica holds the lease but cannot serve yet (catching up with a
@@ -224,9 +231,9 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     // consumer every few seconds, not five a second (each lives 30 s on the server).
     let mut retry = FOLLOW_RETRY;
     let result = loop {
-        let term = match follow(&mut replica, &ledger, &mut election.role, &mut shutdown).await {
+        let lease = match follow(&mut replica, &ledger, &mut election.role, &mut shutdown).await {
             Ok(Followed::Shutdown) => break Ok(()),
-            Ok(Followed::Elected { term }) => term,
+            Ok(Followed::Elected { lease }) => lease,
             Err(FollowError::Apply(ApplyError::Gap(gap))) if last_gap == Some(gap.found) => {
                 let (expected, found) = (gap.expected, gap.found);
                 let message = format!(
@@ -294,7 +301,8 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         retry = FOLLOW_RETRY;
         not_ready.send_replace(true);
         let led = leader::Term {
-            number: term,
+            lease,
+            number: 0,
             replica: &mut replica,
             ledger: &mut ledger,
             election: &mut election,
@@ -309,12 +317,19 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         match led {
             Ok(Led::Shutdown) => break Ok(()),
             Ok(Led::SteppedDown { reason, rebuild }) => {
-                election.resign(term);
+                election.resign(lease);
+                // The term is the one this replica's `Leader` record opened, if it got
+                // that far.
+                let term = if replica.leader.as_deref() == Some(cfg.broker_id.as_str()) {
+                    format!("term {}", replica.term)
+                } else {
+                    "before it could open its term".to_owned()
+                };
                 io.alert(Alert::new(
                     Severity::Warning,
                     AlertKind::LeaderSteppedDown,
                     format!(
-                        "broker {} stopped leading cluster {} (term {term}): {reason}",
+                        "broker {} stopped leading cluster {} ({term}): {reason}",
                         cfg.broker_id, cfg.cluster
                     ),
                 ))
@@ -344,8 +359,8 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     ))
     .await;
     // Give the lease up first, so another replica can lead while this one finishes.
-    if let Role::Leader { term, .. } = *election.role.borrow() {
-        election.resign(term);
+    if let Role::Leader { lease, .. } = *election.role.borrow() {
+        election.resign(lease);
     }
     drop(election);
     // Tell the side tasks, then wait for them and for a report or snapshot being written

@@ -64,6 +64,7 @@ impl Io {
                 Answer::Slave(reply) => self.send(reply_to, reply, "reply").await,
                 Answer::Release(reply) => self.send(reply_to, reply, "admin reply").await,
                 Answer::Reload(reply) => self.send(reply_to, reply, "admin reply").await,
+                Answer::Forget(reply) => self.send(reply_to, reply, "admin reply").await,
             }
         }
         for effect in out.effects {

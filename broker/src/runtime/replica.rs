@@ -37,6 +37,9 @@ pub(super) struct Replica {
     /// The replica whose term the ledger is in at `applied` (from the last `Leader`
     /// record, or the loaded snapshot's writer); `None` before any.
     pub(super) leader: Option<String>,
+    /// The term of the last `Leader` record applied (or of the loaded snapshot's writer);
+    /// 0 before any. A new leader's term is one more.
+    pub(super) term: u64,
 }
 
 /// Most quarantined ledger records remembered for the next alert.
@@ -59,6 +62,7 @@ impl Replica {
             usage,
             quarantined: Vec::new(),
             leader: None,
+            term: 0,
         }
     }
 
@@ -104,7 +108,7 @@ impl Replica {
         // written by the replica the ledger follows (fencing stops a deposed leader), so it
         // is quarantined like garbage.
         let marker = match record.entry.changes.first() {
-            Some(SeatChange::Leader { replica, .. }) => Some(replica.clone()),
+            Some(SeatChange::Leader { replica, term }) => Some((replica.clone(), *term)),
             _ => None,
         };
         let foreign = match (&marker, &self.leader) {
@@ -118,8 +122,9 @@ impl Replica {
             }
             _ => None,
         };
-        if let Some(leader) = marker {
+        if let Some((leader, term)) = marker {
             self.leader = Some(leader);
+            self.term = self.term.max(term);
         }
         if let Some(why) = record.quarantined.clone().or(foreign) {
             // Every replica skips it the same way, so they stay in agreement; the fence
@@ -186,6 +191,7 @@ pub(super) async fn restore(
     replica.set_applied(loaded.manifest.ledger_sequence);
     // The snapshot was taken by the leader of the term it ends in.
     replica.leader = Some(loaded.manifest.writer.clone());
+    replica.term = loaded.manifest.term;
     info!(
         ledger_sequence = loaded.manifest.ledger_sequence,
         seats = loaded.manifest.seats,

@@ -18,7 +18,10 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a stretch as standby ended.
 pub(super) enum Followed {
-    Elected { term: u64 },
+    /// Won the lease at this revision (`Role::Leader::lease`).
+    Elected {
+        lease: u64,
+    },
     Shutdown,
 }
 
@@ -63,8 +66,8 @@ pub(super) async fn follow<S: Future<Output = ()> + Unpin>(
     let setup = ledger.follow(replica.applied + 1);
     tokio::pin!(setup);
     let mut records = loop {
-        if let Role::Leader { term, .. } = *role.borrow_and_update() {
-            return Ok(Followed::Elected { term });
+        if let Role::Leader { lease, .. } = *role.borrow_and_update() {
+            return Ok(Followed::Elected { lease });
         }
         tokio::select! {
             _ = &mut *shutdown => return Ok(Followed::Shutdown),
@@ -80,8 +83,8 @@ pub(super) async fn follow<S: Future<Output = ()> + Unpin>(
         }
     };
     loop {
-        if let Role::Leader { term, .. } = *role.borrow_and_update() {
-            return Ok(Followed::Elected { term });
+        if let Role::Leader { lease, .. } = *role.borrow_and_update() {
+            return Ok(Followed::Elected { lease });
         }
         tokio::select! {
             _ = &mut *shutdown => return Ok(Followed::Shutdown),

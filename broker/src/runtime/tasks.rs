@@ -1,6 +1,7 @@
 //! Tasks that run beside the replica loop for the whole life of the process, whatever its
-//! role: `admin drain` requests, this replica's presence beats, and `no_leader` answers
-//! while nobody holds the lease. Each stops between two messages when `run` cancels its
+//! role: `admin drain` and `admin undrain` requests, this replica's presence beats, the
+//! watch for a cluster where no replica can lead, and `no_leader` answers while nobody
+//! holds the lease. Each stops between two messages when `run` cancels its
 //! `stop` token at shutdown, and `run` waits for it.
 
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use lmbus_schemas::{Alert, AlertKind, DrainReply, ReplicaBeat, Reply, Severity, 
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::BrokerConfig;
 use crate::election::{Drainer, Role};
@@ -23,23 +24,33 @@ use super::outbound::Io;
 /// How long a standby holds back a `no_leader` answer (see `answer_while_electing`).
 const NO_LEADER_DELAY: Duration = Duration::from_millis(50);
 
-/// Answers `admin drain` requests that name this replica: it stops campaigning and, when
-/// leading, resigns; a `replica_drained` alert says which.
+/// Answers `admin drain` and `admin undrain` requests that name this replica: drained, it
+/// stops campaigning and, when leading, resigns; undrained, it campaigns again. A
+/// `replica_drained` alert says which.
 pub(super) async fn answer_drain_requests(io: Io, drainer: Drainer, stop: CancellationToken) {
-    let subject = io.subjects.admin_drain();
     let me = &io.broker_id;
-    let mut requests = match io.client.subscribe(subject.clone()).await {
-        Ok(s) => s,
+    let subscribe = async |subject: String| match io.client.subscribe(subject.clone()).await {
+        Ok(s) => Some(s),
         Err(e) => {
             warn!(error = %e, %subject, "cannot subscribe to drain requests");
-            return;
+            None
         }
     };
+    let (Some(mut drains), Some(mut undrains)) = (
+        subscribe(io.subjects.admin_drain()).await,
+        subscribe(io.subjects.admin_undrain()).await,
+    ) else {
+        return;
+    };
     loop {
-        let msg = tokio::select! {
+        let (msg, undrain) = tokio::select! {
             _ = stop.cancelled() => return,
-            msg = requests.next() => match msg {
-                Some(msg) => msg,
+            msg = drains.next() => match msg {
+                Some(msg) => (msg, false),
+                None => return,
+            },
+            msg = undrains.next() => match msg {
+                Some(msg) => (msg, true),
                 None => return,
             },
         };
@@ -52,24 +63,43 @@ pub(super) async fn answer_drain_requests(io: Io, drainer: Drainer, stop: Cancel
                 continue;
             }
         };
-        let message = match drainer.drain() {
-            Some(term) => format!(
-                "broker {me} is drained: it led term {term} and resigned; another replica takes over within about one lease. It will not lead again until it restarts"
-            ),
-            None => format!(
-                "broker {me} is drained: it was a standby and will not campaign until it restarts"
-            ),
-        };
         let who = if request.operator.is_empty() {
             "an operator"
         } else {
             request.operator.as_str()
         };
+        let (severity, message) = if undrain {
+            let message = if drainer.undrain() {
+                format!(
+                    "broker {me} is undrained: it campaigns again and leads when the lease is free and no more preferred replica takes it first"
+                )
+            } else {
+                format!("broker {me} was not drained: nothing changed")
+            };
+            (
+                Severity::Info,
+                format!("{who} undrained a replica: {message}"),
+            )
+        } else {
+            let message = if drainer.drain() {
+                format!(
+                    "broker {me} is drained: it was leading and resigned; a replica that can lead takes over within about one lease (if none can, no master answers and a critical redundancy alert says so). It will not lead again until `admin undrain --replica {me}` or a restart"
+                )
+            } else {
+                format!(
+                    "broker {me} is drained: it was a standby and will not campaign until `admin undrain --replica {me}` or a restart"
+                )
+            };
+            (
+                Severity::Warning,
+                format!("{who} drained a replica: {message}"),
+            )
+        };
         info!(operator = %who, "{message}");
         io.alert(Alert::new(
-            Severity::Warning,
+            severity,
             AlertKind::ReplicaDrained,
-            format!("{who} drained a replica: {message}"),
+            message.clone(),
         ))
         .await;
         if let Some(reply_to) = msg.reply
@@ -82,11 +112,12 @@ pub(super) async fn answer_drain_requests(io: Io, drainer: Drainer, stop: Cancel
 }
 
 /// Publishes this replica's `ReplicaBeat` four times per lease, so the leader knows its
-/// standbys.
+/// standbys (and which are drained), and operators' tools who is up when none leads.
 pub(super) async fn presence(
     io: Io,
     cfg: BrokerConfig,
     role: watch::Receiver<Role>,
+    drainer: Drainer,
     applied: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
@@ -103,8 +134,50 @@ pub(super) async fn presence(
             priority: cfg.priority,
             leader: matches!(*role.borrow(), Role::Leader { .. }),
             applied: applied.load(Ordering::Relaxed),
+            drained: drainer.is_drained(),
         };
         io.send(subject.clone(), &beat, "replica beat").await;
+    }
+}
+
+/// On every replica: listens to the replica beats and raises the critical alert when the
+/// replicas that are up are all drained and none leads (no leader is there to say so).
+/// Only the replica with the smallest id among those up raises it, once per such stretch.
+pub(super) async fn watch_for_no_leader(io: Io, cfg: BrokerConfig, stop: CancellationToken) {
+    let subject = io.subjects.replica();
+    let mut beats = match io.client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, %subject, "cannot subscribe to replica beats");
+            return;
+        }
+    };
+    let mut watch = crate::replicas::NoLeaderWatch::new(
+        &cfg.broker_id,
+        &cfg.cluster,
+        cfg.lease * 3 / 2,
+        cfg.lease * 3,
+    );
+    let mut every = tokio::time::interval(cfg.lease / 2);
+    every.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            msg = beats.next() => match msg {
+                Some(msg) => {
+                    if let Ok(beat) = decode::<ReplicaBeat>(&msg.payload) {
+                        watch.observe(super::clock::now(), beat);
+                    }
+                }
+                None => return,
+            },
+            _ = every.tick() => {
+                if let Some(alert) = watch.sweep(super::clock::now()) {
+                    error!("{}", alert.message);
+                    io.alert(alert).await;
+                }
+            }
+        }
     }
 }
 
@@ -175,6 +248,7 @@ pub(super) async fn answer_while_electing(
                 }
                 let reply = Reply::Refused {
                     last_hello: None,
+                retry_after_ms: None,
                     reason: lmbus_schemas::RejectReason::NoLeader,
                     detail: format!(
                         "the broker replicas of cluster {} are electing a leader; retry",

@@ -99,7 +99,7 @@ impl Term<'_> {
                 .election
                 .role
                 .borrow()
-                .leads(self.number, Instant::now())
+                .leads(self.lease, Instant::now())
             {
                 return Err(Led::SteppedDown {
                     reason: format!(
@@ -109,7 +109,7 @@ impl Term<'_> {
                 });
             }
             if failures == 1 {
-                warn!(error = %format!("{error:#}"), term = self.number, "cannot catch up with the ledger yet; retrying while the lease holds");
+                warn!(error = %format!("{error:#}"), lease = self.lease, "cannot catch up with the ledger yet; retrying while the lease holds");
             }
             tokio::select! {
                 _ = &mut *shutdown => return Err(Led::Shutdown),
@@ -130,6 +130,10 @@ impl Term<'_> {
     ) -> Option<Led> {
         let (cfg, io) = (self.cfg, self.io);
         self.ledger.set_fence(self.replica.applied);
+        // Terms count leaderships: one more than the last `Leader` record's. Fencing makes
+        // the record land only right after what was caught up, so no two leaders write the
+        // same term.
+        self.number = self.replica.term + 1;
         let marker = LedgerEntry {
             writer: cfg.broker_id.clone(),
             changes: vec![SeatChange::Leader {
@@ -152,6 +156,7 @@ impl Term<'_> {
                 Ok(sequence) => {
                     io.metrics.ledger_append(started.elapsed());
                     self.replica.set_applied(sequence);
+                    self.replica.term = self.number;
                     break;
                 }
                 Err(AppendError::Failed(e)) if tries < MARKER_TRIES => {

@@ -81,7 +81,7 @@ impl Inner {
         for link in self.policy.heartbeat_targets(active, seats_on) {
             if links.get(link).connected {
                 self.heartbeat(link).await;
-            } else if let Err(HelloError::Refused { reason, detail }) = self.hello(link).await {
+            } else if let Err(HelloError::Refused { reason, detail, .. }) = self.hello(link).await {
                 warn!(master = link.name(), %reason, %detail, "the master refuses this slave");
             }
         }
@@ -93,7 +93,7 @@ impl Inner {
                 .prepare_other(active, state.connected(), state.primary_slow)
         };
         if let Some(other) = other {
-            if let Err(HelloError::Refused { reason, detail }) = self.hello(other).await {
+            if let Err(HelloError::Refused { reason, detail, .. }) = self.hello(other).await {
                 warn!(master = other.name(), %reason, %detail, "the master refuses this slave");
             }
         }

@@ -4,7 +4,7 @@
 //! restriction.
 
 use lmbus_schemas::{Hello, RejectReason, Reply, SlaveEvent, SlaveOp, SlaveReport, Welcome};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::inner::Inner;
 use super::state::{LinkState, Restricted, lock};
@@ -16,6 +16,9 @@ pub(super) enum HelloError {
     Refused {
         reason: RejectReason,
         detail: String,
+        /// With `slave_id_in_use`: when the live process holding the id counts as gone if
+        /// it stays silent.
+        retry_after: Option<std::time::Duration>,
     },
     Unavailable(String),
 }
@@ -23,7 +26,7 @@ pub(super) enum HelloError {
 impl HelloError {
     pub(super) fn detail(&self) -> String {
         match self {
-            HelloError::Refused { reason, detail } => format!("{reason}: {detail}"),
+            HelloError::Refused { reason, detail, .. } => format!("{reason}: {detail}"),
             HelloError::Unavailable(detail) => detail.clone(),
         }
     }
@@ -49,6 +52,7 @@ impl Inner {
                 Err(HelloError::Refused {
                     reason: RejectReason::Replayed,
                     detail,
+                    ..
                 }) if !renumbered => {
                     // A hello of ours that the master processed but whose answer we missed
                     // (a retry reached a new leader): say it again under a new number.
@@ -58,6 +62,43 @@ impl Inner {
                 Ok(()) => {
                     l.hellos.fetch_add(1, std::sync::atomic::Ordering::Release);
                     return Ok(());
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The first hello of this process. A master that refuses it because another process
+    /// of this slave id is alive (`slave_id_in_use`) says when that one counts as gone if it
+    /// stays silent: a restart right after a crash (kill -9, then start) waits that long
+    /// once and says hello again, so it is accepted as soon as the master may take the old
+    /// process for dead. If the other process is still heartbeating then, it is a second
+    /// daemon with the same `--id`, and the refusal stands (the caller fails to start).
+    pub(super) async fn hello_at_start(&self, link: Master) -> Result<(), HelloError> {
+        let mut deadline = None;
+        loop {
+            match self.hello(link).await {
+                Err(HelloError::Refused {
+                    reason: RejectReason::SlaveIdInUse,
+                    detail,
+                    retry_after: Some(wait),
+                }) => {
+                    let now = tokio::time::Instant::now();
+                    let until = *deadline.get_or_insert(now + wait + self.cfg.request_timeout);
+                    if now + wait > until {
+                        return Err(HelloError::Refused {
+                            reason: RejectReason::SlaveIdInUse,
+                            detail,
+                            retry_after: Some(wait),
+                        });
+                    }
+                    warn!(
+                        master = link.name(),
+                        "slave id {} is in use by another process that the master heard from recently; waiting {} ms in case it has just died (a restart), then saying hello again",
+                        self.cfg.slave_id,
+                        wait.as_millis()
+                    );
+                    tokio::time::sleep(wait).await;
                 }
                 other => return other,
             }
@@ -156,6 +197,7 @@ impl Inner {
                 reason: RejectReason::Replayed,
                 detail,
                 last_hello,
+                ..
             } => {
                 // Number the next hello above the master's last (one it processed whose
                 // answer was lost, or one someone forged with this slave's credentials).
@@ -168,13 +210,23 @@ impl Inner {
                 Err(HelloError::Refused {
                     reason: RejectReason::Replayed,
                     detail,
+                    retry_after: None,
                 })
             }
-            Reply::Refused { reason, detail, .. } => {
+            Reply::Refused {
+                reason,
+                detail,
+                retry_after_ms,
+                ..
+            } => {
                 let mut state = lock(&self.state);
                 state.links.get_mut(link).connected = false;
                 state.last_error = Some(format!("{reason}: {detail}"));
-                Err(HelloError::Refused { reason, detail })
+                Err(HelloError::Refused {
+                    reason,
+                    detail,
+                    retry_after: retry_after_ms.map(std::time::Duration::from_millis),
+                })
             }
             other => {
                 let detail = format!("unexpected answer to hello: {other:?}");

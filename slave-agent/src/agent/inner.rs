@@ -205,6 +205,31 @@ impl Inner {
 
     /// Tells a master about something decided here (published, no reply: if no master
     /// listens, the local log is the only record).
+    /// Tells `link`'s master this process stops: it releases what this slave still holds
+    /// there and forgets it. Whether the master took it.
+    pub(super) async fn goodbye(&self, link: Master, reason: &str) -> bool {
+        let goodbye = lmbus_schemas::Goodbye {
+            instance: self.instance,
+            reason: lmbus_schemas::truncated(&lmbus_schemas::printable(reason), 400).into_owned(),
+        };
+        match self.ask(link, SlaveOp::Goodbye, &goodbye).await {
+            Ok(Ask::Reply {
+                reply: Reply::Ack, ..
+            }) => {
+                info!(master = link.name(), "said goodbye");
+                true
+            }
+            Ok(other) => {
+                warn!(master = link.name(), answer = ?other, "goodbye not taken");
+                false
+            }
+            Err(e) => {
+                warn!(master = link.name(), error = %e, "cannot say goodbye");
+                false
+            }
+        }
+    }
+
     pub(super) async fn report(&self, link: Master, report: SlaveReport) {
         self.links
             .get(link)

@@ -170,20 +170,20 @@ impl SlaveAgent {
             metrics: Default::default(),
             allot_wake: Default::default(),
         });
-        match inner.hello(Master::Primary).await {
+        match inner.hello_at_start(Master::Primary).await {
             Ok(()) => {}
-            Err(HelloError::Refused { reason, detail }) if !two => {
+            Err(HelloError::Refused { reason, detail, .. }) if !two => {
                 return Err(SlaveError::Refused { reason, detail });
             }
             Err(e) => {
                 warn!(detail = %e.detail(), "the primary master did not accept us yet");
                 if two {
-                    match inner.hello(Master::Secondary).await {
+                    match inner.hello_at_start(Master::Secondary).await {
                         Ok(()) => inner.switch(
                             Master::Secondary,
                             "the primary master is not available at start",
                         ),
-                        Err(HelloError::Refused { reason, detail }) => {
+                        Err(HelloError::Refused { reason, detail, .. }) => {
                             if let HelloError::Refused { .. } = e {
                                 return Err(SlaveError::Refused { reason, detail });
                             }
@@ -332,31 +332,27 @@ impl SlaveAgent {
     }
 
     /// Stops heartbeating, releases every seat this slave holds (its agents are gone with
-    /// it) at the master that granted it, and closes the NATS connections.
+    /// it) at the master that granted it, says goodbye (the master forgets this slave) and
+    /// closes the NATS connections.
     pub async fn shutdown(&self) {
+        self.stop("stopped").await;
+    }
+
+    /// [`Self::shutdown`], with the reason the goodbye gives the master (the daemon's
+    /// startup error, say), which its `slave_stopped` alert quotes.
+    pub async fn stop(&self, reason: &str) {
         let _ = self.stop.send(true);
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(task) = task {
             let _ = task.await;
         }
-        // Release every seat at once, within one request timeout: a slave whose master is
-        // gone must not take a timeout per agent to stop. Seats a master does not hear
-        // about are released when this slave id says hello again (it then claims none).
-        let agents: Vec<String> = lock(&self.inner.state).agents.keys().cloned().collect();
-        let releases = futures::future::join_all(agents.iter().map(|agent| async move {
-            if let Err(e) = self.inner.unregister(agent).await {
-                warn!(%agent, error = %e, "could not release seat at shutdown");
-            }
-        }));
         let limit = self.inner.cfg.request_timeout + Duration::from_millis(500);
-        if tokio::time::timeout(limit, releases).await.is_err() {
-            warn!("some seats could not be released at shutdown: the master did not answer");
-        }
-        // Allotment mode: the releases above went into the journal; send it, and give the
-        // blocks back, so the seats are free at once rather than at the reclaim.
+        let connected = |link: Master| lock(&self.inner.state).links.get(link).connected;
+        // Allotment mode: send the journal (every local admission and release, so the
+        // ledger names them) and give the blocks back first.
         let give_back = async {
             for link in [Master::Primary, Master::Secondary] {
-                if !lock(&self.inner.state).links.get(link).connected {
+                if !connected(link) {
                     continue;
                 }
                 lock(&self.inner.state)
@@ -374,6 +370,45 @@ impl SlaveAgent {
             warn!(
                 "the allotted seats could not be given back at shutdown: the master did not answer"
             );
+        }
+        // Goodbye: each master releases every seat and block this slave holds there in one
+        // record, says `slave_stopped` and forgets it (no ghost row, no
+        // `slave_disconnected`), and a restart with this id is accepted at once.
+        let links: Vec<Master> = [Master::Primary, Master::Secondary]
+            .into_iter()
+            .filter(|link| connected(*link))
+            .collect();
+        let goodbyes = futures::future::join_all(
+            links
+                .iter()
+                .map(|link| async move { (*link, self.inner.goodbye(*link, reason).await) }),
+        );
+        let said: Vec<Master> = match tokio::time::timeout(limit, goodbyes).await {
+            Ok(answers) => answers
+                .into_iter()
+                .filter(|(_, acked)| *acked)
+                .map(|(link, _)| link)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        // Seats at a master that did not take the goodbye (an older broker, no answer):
+        // released one by one, all at once within one request timeout, so a slave whose
+        // master is gone does not take a timeout per agent to stop. Seats a master does
+        // not hear about are released when this slave id says hello again (it then claims
+        // none) or at the reclaim.
+        let agents: Vec<String> = lock(&self.inner.state)
+            .agents
+            .iter()
+            .filter(|(_, seat)| !said.contains(&seat.link))
+            .map(|(agent, _)| agent.clone())
+            .collect();
+        let releases = futures::future::join_all(agents.iter().map(|agent| async move {
+            if let Err(e) = self.inner.unregister(agent).await {
+                warn!(%agent, error = %e, "could not release seat at shutdown");
+            }
+        }));
+        if tokio::time::timeout(limit, releases).await.is_err() {
+            warn!("some seats could not be released at shutdown: the master did not answer");
         }
         // The releases above were confirmed by the masters' replies; `flush` writes any
         // report still buffered before `drain` closes the connection.

@@ -212,7 +212,7 @@ impl Inner {
         if !connected {
             match self.hello(link).await {
                 Ok(()) => {}
-                Err(HelloError::Refused { reason, detail }) => {
+                Err(HelloError::Refused { reason, detail, .. }) => {
                     return Ok(Attempt::Decided(Outcome::Rejected { reason, detail }));
                 }
                 Err(HelloError::Unavailable(detail)) => return Ok(Attempt::Unavailable(detail)),
@@ -249,7 +249,7 @@ impl Inner {
                     lock(&self.state).links.get_mut(link).connected = false;
                     match self.hello(link).await {
                         Ok(()) => {}
-                        Err(HelloError::Refused { reason, detail }) => {
+                        Err(HelloError::Refused { reason, detail, .. }) => {
                             return Ok(Attempt::Decided(Outcome::Rejected { reason, detail }));
                         }
                         Err(HelloError::Unavailable(detail)) => {

@@ -123,7 +123,7 @@ fn request_numbers_may_arrive_out_of_order_within_the_window() {
     assert!(accepted(&mut h, "d", far - 1));
     assert!(!accepted(&mut h, "d", far - 1));
     // A new instance of the slave numbers from 1 again.
-    h.instances.insert("s1".into(), Uuid::new_v4());
+    h.restart("s1");
     h.hello("s1", None);
     assert!(accepted(&mut h, "e", 1));
 }

@@ -90,7 +90,7 @@ fn hello_reconciles_without_double_counting() {
     }
     // s1 restarts: it now claims a1 (held), and c1/c2 (new). a2 is gone. Only one of c1,c2
     // fits once a2 is released.
-    h.instances.insert("s1".into(), Uuid::new_v4());
+    h.restart("s1");
     let claims = ["a1", "c1", "c2"]
         .map(|a| AgentClaim {
             agent_id: a.into(),

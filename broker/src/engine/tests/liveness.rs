@@ -24,9 +24,12 @@ fn silent_slave_is_marked_disconnected_and_keeps_its_seats() {
         .collect();
     assert_eq!(lost.len(), 1);
     assert_eq!(lost[0].severity, Severity::Warning);
-    // For people: "1 seat is", a duration in seconds, not "1 seats are" and "… ms".
+    // It says what will happen and when, for people: the reclaim 70 s after its last
+    // heartbeat, 3.1 s of which have passed; "1 seat is", no milliseconds.
     assert!(
-        lost[0].message.contains("its 1 seat is kept"),
+        lost[0].message.contains(
+            "its 1 seat is reclaimed in 67 s (after 70 s of silence: its 60 s grace period plus the 10 s reclaim margin) unless it says hello again first"
+        ),
         "{}",
         lost[0].message
     );
@@ -57,6 +60,59 @@ fn silent_slave_is_marked_disconnected_and_keeps_its_seats() {
     };
     let out = h.hello_with("s1", None, vec![claim]);
     assert!(matches!(reply_of(&out), Some(Reply::Welcome(ref w)) if w.rejected_agents.is_empty()));
+    assert_eq!(h.engine.total_in_use(), 1);
+}
+
+/// A slave that keeps its agents after its grace period is never reclaimed: its alert says
+/// the seats stay taken, not that they are reclaimed; one with no seats says so.
+#[test]
+fn the_disconnect_alert_says_what_becomes_of_the_seats() {
+    let mut h = Harness::new(true);
+    let hello = |instance, seq| Event::Hello {
+        slave: id("keeper"),
+        hello: Hello {
+            instance,
+            heartbeat_interval_ms: 1000,
+            seq,
+            grace_ms: 60_000,
+            logout_after_grace: false,
+            request_timeout_ms: 2000,
+            ..Default::default()
+        },
+        today: TODAY,
+    };
+    let instance = Uuid::new_v4();
+    h.engine.handle(h.now, hello(instance, 1));
+    h.hello("empty", None);
+    h.instances.insert("keeper".into(), instance);
+    assert!(approved(&h.decision("keeper", "k1", "inbound")));
+    h.advance(Duration::from_millis(3100));
+    let lost: Vec<_> = h
+        .tick()
+        .into_iter()
+        .filter(|a| a.kind == AlertKind::SlaveDisconnected)
+        .collect();
+    let of = |slave: &str| {
+        lost.iter()
+            .find(|a| a.slave.as_deref() == Some(slave))
+            .map(|a| a.message.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        of("keeper").contains(
+            "its 1 seat stays taken until it says hello again or an operator releases them"
+        ),
+        "{}",
+        of("keeper")
+    );
+    assert!(
+        of("empty").contains("it holds no seats and is forgotten in 59 min 57 s (after 60 min of silence, --forget-after) unless it says hello again first"),
+        "{}",
+        of("empty")
+    );
+    // Much later: still held, never reclaimed.
+    h.advance(Duration::from_secs(600));
+    h.tick();
     assert_eq!(h.engine.total_in_use(), 1);
 }
 

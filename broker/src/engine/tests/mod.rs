@@ -16,6 +16,7 @@ use super::*;
 
 mod admin;
 mod allot;
+mod farewell;
 mod guards;
 mod hello;
 mod liveness;
@@ -66,6 +67,7 @@ fn config(allow_unlicensed: bool) -> EngineConfig {
         slave_rate_limit: 0,
         max_agents_per_slave: 0,
         allot: Default::default(),
+        forget_after: Duration::from_secs(3600),
     }
 }
 
@@ -169,6 +171,15 @@ impl Harness {
     fn next_seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq
+    }
+
+    /// The slave's process died and a new one starts: a new instance, and the master has
+    /// taken the old one for dead (silent past its limit), without moving the clock.
+    fn restart(&mut self, slave: &str) {
+        self.instances.insert(slave.into(), Uuid::new_v4());
+        if let Some(s) = self.engine.slaves.get_mut(&id(slave)) {
+            s.connected = false;
+        }
     }
 
     fn advance(&mut self, d: Duration) {

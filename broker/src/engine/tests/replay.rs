@@ -35,7 +35,7 @@ fn replaying_the_records_or_a_snapshot_reproduces_the_seat_state() {
                     })
                     .collect();
                 if next(3) == 0 {
-                    h.instances.insert(slave.into(), Uuid::new_v4());
+                    h.restart(slave);
                 }
                 let license = (slave == "s4").then(|| slave_license(Some(2)));
                 h.hello_with(slave, license, claims)
@@ -212,7 +212,7 @@ mod properties {
                     Op::Hello { slave, claims, restarted } => {
                         let name = format!("s{slave}");
                         if restarted {
-                            h.instances.insert(name.clone(), Uuid::new_v4());
+                            h.restart(&name);
                         }
                         let claims = claims
                             .into_iter()

@@ -131,7 +131,7 @@ fn random_events_never_break_the_limits() {
                     })
                     .collect();
                 if next(2) == 0 {
-                    h.instances.insert(slave.into(), Uuid::new_v4());
+                    h.restart(slave);
                 }
                 h.hello_with(slave, None, claims);
             }
