@@ -69,14 +69,16 @@ fn user(name: &str, password: &str) -> NatsAuth {
     }
 }
 
-async fn registers(cfg: lmbus_slave::SlaveConfig) {
+/// Starts a slave that registers one agent (approved) and returns it still running, so the
+/// master's status shows it (a slave that stops says goodbye and leaves no row).
+async fn registers(cfg: lmbus_slave::SlaveConfig) -> SlaveAgent {
     let slave = tokio::time::timeout(Duration::from_secs(20), SlaveAgent::start(cfg))
         .await
         .unwrap()
         .unwrap();
     let outcome = slave.register("agent-1", "inbound").await.unwrap();
     assert!(matches!(outcome, Outcome::Approved { .. }), "{outcome:?}");
-    slave.shutdown().await;
+    slave
 }
 
 fn connect_error(result: Result<SlaveAgent, SlaveError>) -> String {
@@ -110,7 +112,7 @@ async fn users_passwords_and_nkeys() {
         nkey_file: Some(seed_file.clone()),
         ..NatsAuth::default()
     };
-    registers(s.slave_config(s.nats.url(), "site1", nkey)).await;
+    let _site1 = registers(s.slave_config(s.nats.url(), "site1", nkey)).await;
     let status = lmbus_nats::connect(
         &s.nats.url(),
         async_nats::ConnectOptions::new(),
@@ -190,7 +192,7 @@ async fn token() {
         ..NatsAuth::default()
     };
     let broker = s.broker(s.nats.url(), token("s3cret-token")).await;
-    registers(s.slave_config(s.nats.url(), "site1", token("s3cret-token"))).await;
+    let _site1 = registers(s.slave_config(s.nats.url(), "site1", token("s3cret-token"))).await;
     let wrong = connect_error(
         SlaveAgent::start(s.slave_config(s.nats.url(), "site1", token("nope"))).await,
     );
@@ -260,7 +262,7 @@ async fn tls_with_client_certificates() {
         ..NatsAuth::default()
     };
     let broker = s.broker(url.clone(), tls.clone()).await;
-    registers(s.slave_config(url.clone(), "site1", tls)).await;
+    let _site1 = registers(s.slave_config(url.clone(), "site1", tls)).await;
     let no_cert = NatsAuth {
         tls_ca: Some(ca),
         ..NatsAuth::default()
@@ -353,7 +355,7 @@ async fn reference_permissions_confine_each_slave() {
         cluster: cluster.clone(),
     };
     let broker = s.broker(s.nats.url(), user("broker", "pw-broker")).await;
-    registers(s.slave_config(s.nats.url(), "site1", user("site1", "pw-site1"))).await;
+    let _site1 = registers(s.slave_config(s.nats.url(), "site1", user("site1", "pw-site1"))).await;
     let monitor = lmbus_nats::connect(
         &s.nats.url(),
         async_nats::ConnectOptions::new(),
@@ -530,7 +532,7 @@ async fn operator_mode_with_creds_files() {
         cluster: cluster.clone(),
     };
     let broker = s.broker(s.nats.url(), creds(&files["broker"])).await;
-    registers(s.slave_config(s.nats.url(), "site1", creds(&files["site1"]))).await;
+    let _site1 = registers(s.slave_config(s.nats.url(), "site1", creds(&files["site1"]))).await;
 
     let table = stdout_of(
         Command::new(bin("lmbus-monitor").unwrap())
