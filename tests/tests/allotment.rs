@@ -63,6 +63,24 @@ async fn host(f: &Fixture, id: &str, books: &Arc<Books>) -> Arc<Host> {
     Arc::new(Host::start(slave_config(f, id), books).await.unwrap())
 }
 
+/// An allotment-mode broker with this license, the invariant watch over it, the hosts'
+/// books and two hosts (`a`, `b`) that follow the master's allotment mode.
+async fn two_hosts(
+    f: &Fixture,
+    limits: Limits,
+    a: &str,
+    b: &str,
+) -> (Broker, InvariantWatch, Arc<Books>, Arc<Host>, Arc<Host>) {
+    let broker = allot_broker(f, &limits).await;
+    let watch = InvariantWatch::start(f);
+    let books = Books::new(limits);
+    let a = host(f, a, &books).await;
+    let b = host(f, b, &books).await;
+    wait_allotment_mode(&a).await;
+    wait_allotment_mode(&b).await;
+    (broker, watch, books, a, b)
+}
+
 /// Waits (bounded) until the slave follows the master's allotment mode.
 async fn wait_allotment_mode(host: &Host) {
     eventually(&format!("{} in allotment mode", host.id), || async {
@@ -461,13 +479,7 @@ async fn capacity_moves_to_the_slave_that_needs_it() {
     let _serial = SERIAL.lock().await;
     let f = Fixture::new().await.unwrap();
     let limits = Limits::new(12, &[]);
-    let broker = allot_broker(&f, &limits).await;
-    let watch = InvariantWatch::start(&f);
-    let books = Books::new(limits.clone());
-    let a = host(&f, "move-a", &books).await;
-    let b = host(&f, "move-b", &books).await;
-    wait_allotment_mode(&a).await;
-    wait_allotment_mode(&b).await;
+    let (broker, watch, books, a, b) = two_hosts(&f, limits.clone(), "move-a", "move-b").await;
 
     fill(&a, &books, "first", 8, MOVE_BOUND).await;
     for (round, (from, to)) in [(&a, &b), (&b, &a)].into_iter().enumerate() {
@@ -511,13 +523,7 @@ async fn the_last_seats_go_to_the_slave_that_asks() {
     let _serial = SERIAL.lock().await;
     let f = Fixture::new().await.unwrap();
     let limits = Limits::new(10, &[]);
-    let broker = allot_broker(&f, &limits).await;
-    let watch = InvariantWatch::start(&f);
-    let books = Books::new(limits.clone());
-    let a = host(&f, "idle-a", &books).await;
-    let b = host(&f, "asking-b", &books).await;
-    wait_allotment_mode(&a).await;
-    wait_allotment_mode(&b).await;
+    let (broker, watch, books, a, b) = two_hosts(&f, limits.clone(), "idle-a", "asking-b").await;
     let subjects = Subjects::new(&f.cluster).unwrap();
     let mut control = f
         .client
