@@ -764,11 +764,106 @@ async fn a_cold_replica_starts_from_a_snapshot_of_a_trimmed_ledger() {
     }
 }
 
+/// Steps: the leader is killed (SIGKILL) and, before its lease runs out, the ledger stream
+/// is made readable but not writable (its largest message is set to 1 byte, so every
+/// append is refused while reads and consumers go on): the state a whole-NATS restart
+/// leaves for a moment ("no stream found" while the stream's raft group settles), made
+/// deterministic. The standby that takes the lease catches up and then cannot write its
+/// `Leader` record; 3 s later the stream is made writable again. That standby leads: it
+/// retried its record while its lease held (its log says so), no replica stepped down
+/// because a ledger write failed, exactly one `Leader` record follows the killed leader's,
+/// and a registration is approved. Before the retry (issue 16 item 4) the standby resigned
+/// on its first failed write and the replicas took turns failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_not_yet_writable_delays_the_new_leader_without_a_flap() {
+    let _serial = SERIAL.lock().await;
+    let rig = Rig::start().await;
+    let mut alerts = rig.alerts().await;
+    let subjects = Subjects::new(&rig.cluster).unwrap();
+    let js = async_nats::jetstream::new(rig.client.clone());
+    let mut stream = js.get_stream(subjects.ledger_stream()).await.unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    let leaders_before = leader_records(&rig).await;
+
+    rig.brokers["b1"].signal(Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    js.update_stream(async_nats::jetstream::stream::Config {
+        max_message_size: 1,
+        ..config.clone()
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    js.update_stream(config).await.unwrap();
+    let writable = Instant::now();
+    let elected = next_leader(&mut alerts, Some("b1")).await;
+    eprintln!(
+        "measured: {elected} elected {:?} after the kill, {:?} after the ledger became writable",
+        killed.elapsed(),
+        writable.elapsed()
+    );
+
+    let slave = lmbus_slave::SlaveAgent::start(rig.slave_config("after"))
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        slave.register("after-1", "inbound"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(outcome.is_approved(), "{outcome:?}");
+    let flaps: Vec<String> = alerts
+        .seen
+        .iter()
+        .filter(|a| a.kind == AlertKind::LeaderSteppedDown)
+        .map(|a| format!("{}: {}", a.source, a.message))
+        .collect();
+    assert!(
+        flaps.is_empty(),
+        "replicas stepped down on a ledger not writable yet: {flaps:#?}"
+    );
+    let logs = std::fs::read_to_string(rig.logs.0.join(format!("{elected}.log"))).unwrap();
+    assert!(
+        logs.contains("cannot write the leader record yet"),
+        "{elected} never met the unwritable ledger, so this test proved nothing:\n{}",
+        rig.dump_logs()
+    );
+    let leaders_after = leader_records(&rig).await;
+    assert_eq!(
+        leaders_after[leaders_before.len()..],
+        [elected.clone()],
+        "the Leader records after the kill: {leaders_after:?}"
+    );
+    slave.shutdown().await;
+}
+
+/// The writers of the ledger's `Leader` records, in order.
+async fn leader_records(rig: &Rig) -> Vec<String> {
+    let subjects = Subjects::new(&rig.cluster).unwrap();
+    let records = Ledger::open(&rig.client, &subjects, 3)
+        .await
+        .unwrap()
+        .read_all()
+        .await
+        .unwrap();
+    records
+        .iter()
+        .flat_map(|r| &r.entry.changes)
+        .filter_map(|c| match c {
+            lmbus_schemas::SeatChange::Leader { replica, .. } => Some(replica.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Steps: under load, all three NATS nodes are killed (SIGKILL) and started again. Once
 /// JetStream is back, a broker leads and decides within 30 s, and no leader steps down
 /// because a ledger write failed (a new leader retries its `Leader` record while its lease
 /// holds; on this machine the flap did not reproduce with the retry disabled either, so
-/// this guards the whole-cluster restart rather than proving that retry). Errors the hosts
+/// this guards the whole-cluster restart; `a_ledger_not_yet_writable_delays_the_new_leader_without_a_flap`
+/// proves the retry). Errors the hosts
 /// saw while NATS was down are expected and cleared; the ledger audit and the hosts' books
 /// are compared afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
