@@ -832,8 +832,8 @@ async fn a_ledger_not_yet_writable_delays_the_new_leader_without_a_flap() {
     );
     let leaders_after = leader_records(&rig).await;
     assert_eq!(
-        leaders_after[leaders_before.len()..],
-        [elected.clone()],
+        &leaders_after[leaders_before.len()..],
+        std::slice::from_ref(&elected),
         "the Leader records after the kill: {leaders_after:?}"
     );
     slave.shutdown().await;

@@ -112,3 +112,57 @@ async fn a_slave_paused_past_its_grace_with_registrations_in_flight_agrees_with_
     drop(slave);
     broker.stop().await.unwrap();
 }
+
+/// Steps: a broker (40 seats) and an embedded slave. Each of 20 agents is registered; then,
+/// for each, a second registration and a release of the same agent are called together,
+/// the registration first. The slave answers them in that order (one operation per agent
+/// at a time), so the release is the last word: afterwards the host's books (approvals, less
+/// the releases it asked for, in the order the answers came) are empty, the slave holds no
+/// agent and the master counts no seat for it. Before the slave kept one operation per
+/// agent, the second approval came back after the release had taken the seat off the
+/// slave's table, and put it back there while the master had released it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_called_while_a_registration_is_in_flight_is_the_last_word() {
+    let f = Fixture::new().await.unwrap();
+    let _broker = f.broker(40, &[], true).await.unwrap();
+    let slave = lmbus_slave::SlaveAgent::start(f.slave_config("racing").unwrap())
+        .await
+        .unwrap();
+    let agents: Vec<String> = (0..20).map(|n| format!("a{n}")).collect();
+    for agent in &agents {
+        let first = tokio::time::timeout(Duration::from_secs(10), slave.register(agent, "inbound"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(first.is_approved(), "{first:?}");
+    }
+    let mut books = std::collections::BTreeSet::new();
+    for agent in &agents {
+        // Polled in order: the registration asks first, the release right after it.
+        let (again, released) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(slave.register(agent, "inbound"), slave.unregister(agent))
+        })
+        .await
+        .unwrap();
+        if again.unwrap().is_approved() {
+            books.insert(agent.clone());
+        }
+        if released.unwrap() {
+            books.remove(agent);
+        }
+    }
+    assert!(books.is_empty(), "the host's books: {books:?}");
+    assert!(
+        slave.agents().is_empty(),
+        "the slave holds {:?}",
+        slave.agents()
+    );
+    let status = f.status().await.unwrap();
+    let at_master = status
+        .slaves
+        .iter()
+        .find(|s| s.slave_id == "racing")
+        .map_or(0, |s| s.in_use);
+    assert_eq!(at_master, 0, "the master still counts seats for the slave");
+    slave.shutdown().await;
+}

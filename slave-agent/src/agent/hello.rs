@@ -116,11 +116,8 @@ impl Inner {
         let (agents, pending, journal) = {
             let mut state = lock(&self.state);
             let journal = state.allot.get_mut(link).begin_hello();
-            (
-                state.claims(link),
-                state.registering.keys().cloned().collect(),
-                journal,
-            )
+            let (agents, pending) = state.hello_lists(link);
+            (agents, pending, journal)
         };
         let hello = Hello {
             instance: self.instance,

@@ -35,6 +35,9 @@ pub(super) struct Inner {
     pub(super) local_limit: Option<u32>,
     /// Plain mutex: never held across an await.
     pub(super) state: Mutex<State>,
+    /// One registration or unregistration per agent at a time, answered in the order the
+    /// host asked (see `turns.rs`).
+    pub(super) turns: super::turns::Turns,
     /// The host's events (bounded: `EVENT_CAPACITY`); a subscriber that lags that far
     /// behind misses the oldest and is told so. Sending never waits.
     pub(super) events: broadcast::Sender<AgentEvent>,
@@ -70,20 +73,8 @@ impl Inner {
         rejected: impl IntoIterator<Item = RejectedAgent>,
         detail: &str,
     ) {
-        for RejectedAgent { agent_id, reason } in rejected {
-            if state.agents.get(&agent_id).is_some_and(|s| s.link == link)
-                && let Some(seat) = state.agents.remove(&agent_id)
-            {
-                self.logged_out(
-                    state,
-                    LoggedOut {
-                        agent_id,
-                        agent_type: seat.agent_type,
-                        reason,
-                        detail: detail.to_owned(),
-                    },
-                );
-            }
+        for out in state.not_regranted(link, rejected, detail) {
+            self.logged_out(state, out);
         }
     }
 

@@ -25,7 +25,7 @@
 //! share and the request primitive; `hello.rs` sessions; `register.rs` registrations and
 //! unregistrations; `background.rs` the task.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ pub use crate::config::{
 pub use crate::error::SlaveError;
 pub use crate::events::{AgentEvent, LoggedOut, Outcome};
 use crate::link::{Link, Links};
-use crate::master::{Master, PerMaster};
+use crate::master::Master;
 use crate::policy::Policy;
 pub use crate::status::{MasterView, SlaveMode, SlaveStatusView};
 use tokio::sync::{broadcast, watch};
@@ -50,8 +50,11 @@ mod allotment;
 mod background;
 mod hello;
 mod inner;
+#[cfg(test)]
+mod interleavings;
 mod register;
 mod state;
+mod turns;
 
 use hello::HelloError;
 use inner::Inner;
@@ -146,20 +149,8 @@ impl SlaveAgent {
         let inner = Arc::new(Inner {
             license: presented,
             local_limit,
-            state: Mutex::new(State {
-                agents: BTreeMap::new(),
-                pending: 0,
-                registering: BTreeMap::new(),
-                unregistering: BTreeMap::new(),
-                links: PerMaster::default(),
-                active: Master::Primary,
-                logged_out: VecDeque::new(),
-                last_error: None,
-                last_contact: tokio::time::Instant::now(),
-                restricted: None,
-                primary_slow: false,
-                allot: PerMaster::default(),
-            }),
+            state: Mutex::new(State::new()),
+            turns: Default::default(),
             policy: Policy::new(&cfg),
             cfg,
             links,

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::hello::HelloError;
 use super::inner::Inner;
-use super::state::{InFlight, Seat, lock, mark};
+use super::state::{InFlight, Release, Seat, lock};
 use crate::error::SlaveError;
 use crate::events::{LoggedOut, Outcome};
 use crate::link::Ask;
@@ -32,6 +32,7 @@ impl Inner {
         agent_type: &str,
     ) -> Result<Outcome, SlaveError> {
         validate(agent_id, agent_type)?;
+        let _turn = self.turns.take(agent_id).await;
         self.check_grace();
         // Decide under the lock, act (await) after it is released.
         let mut admitted_here = None;
@@ -64,8 +65,7 @@ impl Inner {
                         if book.ask_early(now) {
                             wake = true;
                         }
-                        state.pending += 1;
-                        mark(&mut state.registering, agent_id);
+                        state.begin_registration(agent_id);
                     }
                     None
                 }
@@ -82,8 +82,7 @@ impl Inner {
                     Some(detail)
                 }
                 None => {
-                    state.pending += 1;
-                    mark(&mut state.registering, agent_id);
+                    state.begin_registration(agent_id);
                     None
                 }
             }
@@ -118,40 +117,11 @@ impl Inner {
         let decided = self.register_with_masters(agent_id, agent_type).await;
         let mut state = lock(&self.state);
         in_flight.settle(&mut state);
-        match decided {
-            Ok((Outcome::Approved { already_held }, granted_by)) => {
-                // `None`: admitted locally during the grace period; recorded on the active
-                // master, which reconciles it at the next hello.
-                let link = granted_by.unwrap_or(state.active);
-                // A re-registration keeps the seat as it was admitted.
-                let allot = state.agents.get(agent_id).and_then(|s| s.allot);
-                state.agents.insert(
-                    agent_id.to_owned(),
-                    Seat {
-                        agent_type: agent_type.to_owned(),
-                        link,
-                        allot,
-                    },
-                );
-                Ok(Outcome::Approved { already_held })
-            }
-            Ok((Outcome::Rejected { reason, detail }, _)) => {
-                if !Policy::keeps_seat(reason) {
-                    state.agents.remove(agent_id);
-                }
-                self.logged_out(
-                    &mut state,
-                    LoggedOut {
-                        agent_id: agent_id.to_owned(),
-                        agent_type: agent_type.to_owned(),
-                        reason,
-                        detail: detail.clone(),
-                    },
-                );
-                Ok(Outcome::Rejected { reason, detail })
-            }
-            Err(e) => Err(e),
+        let (outcome, granted_by) = decided?;
+        if let Some(out) = state.record_decision(agent_id, agent_type, &outcome, granted_by) {
+            self.logged_out(&mut state, out);
         }
+        Ok(outcome)
     }
 
     /// Asks the masters in the policy's order (`Policy::ask_order`: the seat's master for
@@ -314,26 +284,11 @@ impl Inner {
         if agent_id.is_empty() {
             return Err(SlaveError::InvalidInput("agent id is empty".into()));
         }
-        let seat = {
-            let mut state = lock(&self.state);
-            let seat = state.agents.remove(agent_id);
-            if let Some(seat) = &seat {
-                // Admitted from a block: the release goes in that master's journal (no
-                // message now), unless the master is no longer in allotment mode.
-                if let Some(n) = seat.allot
-                    && state
-                        .allot
-                        .get_mut(seat.link)
-                        .release(agent_id, &seat.agent_type, n)
-                {
-                    return Ok(true);
-                }
-                mark(&mut state.unregistering, agent_id);
-            }
-            seat
-        };
-        let Some(seat) = seat else {
-            return Ok(false);
+        let _turn = self.turns.take(agent_id).await;
+        let seat = match lock(&self.state).begin_unregistration(agent_id) {
+            Release::NotHeld => return Ok(false),
+            Release::Journaled => return Ok(true),
+            Release::Send(seat) => seat,
         };
         let in_flight = InFlight {
             state: &self.state,

@@ -5,11 +5,12 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
-use lmbus_schemas::{AgentClaim, Books, agent_digest};
+use lmbus_schemas::{AgentClaim, Books, RejectedAgent, agent_digest};
 
 use crate::allot::AllotBook;
-use crate::events::LoggedOut;
+use crate::events::{LoggedOut, Outcome};
 use crate::master::{Master, PerMaster};
+use crate::policy::Policy;
 
 /// One seat held by an agent of this slave.
 #[derive(Debug, Clone)]
@@ -114,7 +115,136 @@ fn unmark(set: &mut BTreeMap<String, u32>, agent: &str) {
     }
 }
 
+/// What an unregistration does with the seat table.
+#[derive(Debug)]
+pub(super) enum Release {
+    /// The agent holds no seat here.
+    NotHeld,
+    /// Admitted from a block: the release went into that master's journal; no message.
+    Journaled,
+    /// Taken off the table and marked in flight: the release goes to the seat's master.
+    Send(Seat),
+}
+
 impl State {
+    pub(super) fn new() -> State {
+        State {
+            agents: BTreeMap::new(),
+            pending: 0,
+            registering: BTreeMap::new(),
+            unregistering: BTreeMap::new(),
+            links: PerMaster::default(),
+            active: Master::Primary,
+            logged_out: VecDeque::new(),
+            last_error: None,
+            last_contact: tokio::time::Instant::now(),
+            restricted: None,
+            primary_slow: false,
+            allot: PerMaster::default(),
+        }
+    }
+
+    /// A registration about to be sent to a master: it counts against the local limit and
+    /// a hello lists it as pending until an [`InFlight`] settles it. Marked before the
+    /// request takes its number, so a hello numbered at or above that number accounts for it.
+    pub(super) fn begin_registration(&mut self, agent: &str) {
+        self.pending += 1;
+        mark(&mut self.registering, agent);
+    }
+
+    /// A master's answer to a registration, into the seat table: an approval holds the seat
+    /// at the master that granted it (`None`: admitted locally in the grace period, so the
+    /// active master, which reconciles it at the next hello); a rejection frees the agent's
+    /// seat unless the policy keeps it. Returns the logout a rejection makes.
+    pub(super) fn record_decision(
+        &mut self,
+        agent_id: &str,
+        agent_type: &str,
+        outcome: &Outcome,
+        granted_by: Option<Master>,
+    ) -> Option<LoggedOut> {
+        match outcome {
+            Outcome::Approved { .. } => {
+                let link = granted_by.unwrap_or(self.active);
+                // A re-registration keeps the seat as it was admitted.
+                let allot = self.agents.get(agent_id).and_then(|s| s.allot);
+                self.agents.insert(
+                    agent_id.to_owned(),
+                    Seat {
+                        agent_type: agent_type.to_owned(),
+                        link,
+                        allot,
+                    },
+                );
+                None
+            }
+            Outcome::Rejected { reason, detail } => {
+                if !Policy::keeps_seat(*reason) {
+                    self.agents.remove(agent_id);
+                }
+                Some(LoggedOut {
+                    agent_id: agent_id.to_owned(),
+                    agent_type: agent_type.to_owned(),
+                    reason: *reason,
+                    detail: detail.clone(),
+                })
+            }
+        }
+    }
+
+    /// An unregistration: the seat leaves the table at once (the host is told it is
+    /// released), and the release is journaled or marked in flight to its master.
+    pub(super) fn begin_unregistration(&mut self, agent_id: &str) -> Release {
+        let Some(seat) = self.agents.remove(agent_id) else {
+            return Release::NotHeld;
+        };
+        // Admitted from a block: the release goes in that master's journal (no message
+        // now), unless the master is no longer in allotment mode.
+        if let Some(n) = seat.allot
+            && self
+                .allot
+                .get_mut(seat.link)
+                .release(agent_id, &seat.agent_type, n)
+        {
+            return Release::Journaled;
+        }
+        mark(&mut self.unregistering, agent_id);
+        Release::Send(seat)
+    }
+
+    /// What a hello to `link`'s master says: the seats it granted, and the agents with a
+    /// registration in flight (the master keeps a seat it granted them).
+    pub(super) fn hello_lists(&self, link: Master) -> (Vec<AgentClaim>, Vec<String>) {
+        (
+            self.claims(link),
+            self.registering.keys().cloned().collect(),
+        )
+    }
+
+    /// Takes the agents `link`'s master rejected off the table (only that master's own
+    /// seats: another master cannot log ours out); returns their logouts.
+    pub(super) fn not_regranted(
+        &mut self,
+        link: Master,
+        rejected: impl IntoIterator<Item = RejectedAgent>,
+        detail: &str,
+    ) -> Vec<LoggedOut> {
+        let mut out = Vec::new();
+        for RejectedAgent { agent_id, reason } in rejected {
+            if self.agents.get(&agent_id).is_some_and(|s| s.link == link)
+                && let Some(seat) = self.agents.remove(&agent_id)
+            {
+                out.push(LoggedOut {
+                    agent_id,
+                    agent_type: seat.agent_type,
+                    reason,
+                    detail: detail.to_owned(),
+                });
+            }
+        }
+        out
+    }
+
     /// This slave's books for `link`'s master, as a heartbeat carries them: the agents it
     /// granted, without those with a request in flight or a journal entry the master has
     /// not acknowledged (listed as unsettled).
