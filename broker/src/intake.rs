@@ -362,7 +362,11 @@ impl Intake {
             };
             let mut parts = Vec::new();
             if tally.bad > 0 {
-                parts.push(format!("{} bad messages", tally.bad));
+                parts.push(lmbus_schemas::human::plural(
+                    tally.bad as u64,
+                    "bad message",
+                    "bad messages",
+                ));
             }
             for (dropped, n) in &tally.dropped {
                 parts.push(match dropped {

@@ -166,9 +166,13 @@ impl Subjects {
         format!("{}.slave.{}.{}", self.prefix, slave, op.token())
     }
 
-    /// `lmbus.v1.<cluster>.slave.*.*`: what the master subscribes to.
+    /// `lmbus.v1.<cluster>.slave.>`: what the master subscribes to. A full wildcard, not
+    /// `slave.*.*`: nats-server 2.9 does not carry interest in a subject with a `*` token
+    /// across a leaf node link whose user may publish only one slave's subjects, so a site
+    /// behind a leaf node would find no master. A subject with more tokens than a slave
+    /// operation is refused by [`Self::parse_slave_op`] as an unknown operation.
     pub fn all_slave_ops(&self) -> String {
-        format!("{}.slave.*.*", self.prefix)
+        format!("{}.slave.>", self.prefix)
     }
 
     /// `lmbus.v1.<cluster>.slave.<slave>.>`: everything one slave may publish (for NATS

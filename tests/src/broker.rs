@@ -21,8 +21,19 @@ pub fn broker_config(
     vendor: &Vendor,
     allow_unlicensed: bool,
 ) -> BrokerConfig {
+    broker_config_at(nats.url(), cluster, license, vendor, allow_unlicensed)
+}
+
+/// Like `broker_config`, for the NATS at `nats_url` (a cluster's URLs, comma-separated).
+pub fn broker_config_at(
+    nats_url: String,
+    cluster: &str,
+    license: PathBuf,
+    vendor: &Vendor,
+    allow_unlicensed: bool,
+) -> BrokerConfig {
     BrokerConfig {
-        nats_url: nats.url(),
+        nats_url,
         cluster: cluster.to_owned(),
         license_path: license,
         vendor_key: vendor.public_key(),

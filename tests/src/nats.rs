@@ -43,7 +43,39 @@ pub fn reference_config(cluster: &str) -> String {
             &format!("\"pw-{}\"", who.to_lowercase()),
         );
     }
-    text
+    // Leaf nodes on a free port, not the standard one every test would share.
+    text.replace(
+        "listen: \"0.0.0.0:7422\"",
+        &format!("listen: \"127.0.0.1:{}\"", free_port()),
+    )
+}
+
+/// `deploy/leafnode-site.conf` for `site` of `cluster`: "acme" and "site1" renamed, its
+/// remote pointed at `hub_leaf_urls` (host:port each) with the test password, the site
+/// slave's password `"pw-<site>"` (for its local user and the link), and no fixed client
+/// port (the harness gives one).
+pub fn reference_leaf_config(cluster: &str, site: &str, hub_leaf_urls: &[String]) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/leafnode-site.conf");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .replace("acme", cluster)
+        .replace("site1", site)
+        .replace("port: 4222\n", "")
+        .replace("$LMBUS_SITE1_PASSWORD", &format!("\"pw-{site}\""));
+    let remotes: Vec<String> = hub_leaf_urls
+        .iter()
+        .map(|hostport| format!("        \"nats-leaf://{site}:pw-{site}@{hostport}\""))
+        .collect();
+    let start = text
+        .find("      urls: [\n")
+        .map(|i| i + "      urls: [\n".len());
+    let end = text.find("      ]\n    }\n  ]");
+    match (start, end) {
+        (Some(start), Some(end)) => {
+            format!("{}{}\n{}", &text[..start], remotes.join("\n"), &text[end..])
+        }
+        _ => text,
+    }
 }
 
 /// A port nobody listens on right now.
@@ -62,6 +94,8 @@ pub struct NatsServer {
     _store: tempfile::TempDir,
     /// The config file (`-c`) it was started with, if any, kept for restarts.
     config: Option<PathBuf>,
+    /// Started with JetStream (every server but a site's leaf server).
+    jetstream: bool,
 }
 
 impl NatsServer {
@@ -70,13 +104,18 @@ impl NatsServer {
         store: &Path,
         ports_dir: Option<&Path>,
         config: Option<&Path>,
+        jetstream: bool,
     ) -> anyhow::Result<Child> {
         let bin = nats_server_bin();
         let mut cmd = Command::new(&bin);
         if let Some(config) = config {
             cmd.arg("-c").arg(config);
         }
-        cmd.args(["-a", "127.0.0.1", "-p", port, "-js", "-sd"])
+        cmd.args(["-a", "127.0.0.1", "-p", port]);
+        if jetstream {
+            cmd.arg("-js");
+        }
+        cmd.arg("-sd")
             .arg(store)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -138,17 +177,22 @@ impl NatsServer {
     /// Starts a server on a port it picks itself (`-p -1`), so parallel tests never race
     /// for a port.
     pub fn start() -> anyhow::Result<Self> {
-        Self::start_configured(None)
+        Self::start_configured(None, true)
     }
 
     /// Starts a server with this configuration file text (authorization, TLS…); the
     /// address, port, JetStream and store flags still come from the command line. Paths
     /// in the text are used as written.
     pub fn start_with_config(text: &str) -> anyhow::Result<Self> {
-        Self::start_configured(Some(text))
+        Self::start_configured(Some(text), true)
     }
 
-    fn start_configured(text: Option<&str>) -> anyhow::Result<Self> {
+    /// A site's leaf server: this configuration, without JetStream.
+    pub fn start_leaf(text: &str) -> anyhow::Result<Self> {
+        Self::start_configured(Some(text), false)
+    }
+
+    fn start_configured(text: Option<&str>, jetstream: bool) -> anyhow::Result<Self> {
         let store = tempfile::tempdir()?;
         let ports_dir = tempfile::tempdir()?;
         let config = match text {
@@ -164,6 +208,7 @@ impl NatsServer {
             store.path(),
             Some(ports_dir.path()),
             config.as_deref(),
+            jetstream,
         )?;
         match Self::reported_port(&mut child, ports_dir.path()) {
             Ok(port) => Ok(Self {
@@ -171,6 +216,7 @@ impl NatsServer {
                 port,
                 _store: store,
                 config,
+                jetstream,
             }),
             Err(e) => {
                 let _ = child.kill();
@@ -192,6 +238,7 @@ impl NatsServer {
                 self._store.path(),
                 None,
                 self.config.as_deref(),
+                self.jetstream,
             )?;
             if Self::wait_up(&mut child, self.port) {
                 self.child = child;
@@ -243,6 +290,11 @@ pub struct NatsCluster {
     ports: Vec<u16>,
     cluster_ports: Vec<u16>,
     stores: Vec<tempfile::TempDir>,
+    /// Each node's config file (`-c`), when started with one.
+    configs: Vec<Option<PathBuf>>,
+    /// The user and password the readiness check logs in with, on a cluster that
+    /// requires one.
+    ready_auth: Option<(String, String)>,
 }
 
 impl NatsCluster {
@@ -255,8 +307,11 @@ impl NatsCluster {
             .filter(|(j, _)| *j != i)
             .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
             .collect();
-        Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &self.ports[i].to_string(), "-js"])
+        let mut cmd = Command::new(&bin);
+        if let Some(Some(config)) = self.configs.get(i) {
+            cmd.arg("-c").arg(config);
+        }
+        cmd.args(["-a", "127.0.0.1", "-p", &self.ports[i].to_string(), "-js"])
             .arg("-sd")
             .arg(self.stores[i].path())
             .args([
@@ -278,15 +333,40 @@ impl NatsCluster {
 
     /// Starts `n` nodes and waits until JetStream has a meta leader.
     pub fn start(n: usize) -> anyhow::Result<Self> {
+        Self::start_configured(n, |_| None, None)
+    }
+
+    /// Like `start`, each node `i` with the config file text `config(i)` if any
+    /// (authorization, leaf nodes…; its address, ports, routes and JetStream still come from
+    /// the command line), and the readiness check logged in as `ready_auth`.
+    pub fn start_configured(
+        n: usize,
+        config: impl Fn(usize) -> Option<String>,
+        ready_auth: Option<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let mut last_error = anyhow::anyhow!("not tried");
         for _ in 0..3 {
+            let stores: Vec<tempfile::TempDir> = (0..n)
+                .map(|_| tempfile::tempdir())
+                .collect::<Result<_, _>>()?;
+            let mut configs = Vec::new();
+            for (i, store) in stores.iter().enumerate() {
+                configs.push(match config(i) {
+                    Some(text) => {
+                        let path = store.path().join("nats-server.conf");
+                        std::fs::write(&path, text)?;
+                        Some(path)
+                    }
+                    None => None,
+                });
+            }
             let mut cluster = Self {
                 nodes: Vec::new(),
                 ports: (0..n).map(|_| free_port()).collect(),
                 cluster_ports: (0..n).map(|_| free_port()).collect(),
-                stores: (0..n)
-                    .map(|_| tempfile::tempdir())
-                    .collect::<Result<_, _>>()?,
+                stores,
+                configs,
+                ready_auth: ready_auth.clone(),
             };
             for i in 0..n {
                 let child = cluster.spawn_node(i)?;
@@ -314,7 +394,11 @@ impl NatsCluster {
             .enable_all()
             .build()?;
         rt.block_on(async {
-            let client = async_nats::connect(lmbus_nats::nats_urls(&url)).await?;
+            let mut options = async_nats::ConnectOptions::new();
+            if let Some((user, password)) = &self.ready_auth {
+                options = options.user_and_password(user.clone(), password.clone());
+            }
+            let client = options.connect(lmbus_nats::nats_urls(&url)).await?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             loop {
                 let info = client

@@ -103,16 +103,22 @@ async fn malformed_messages_get_error_replies_and_alerts() {
             expected_alerts += 1;
         }
     }
-    // An operation that does not exist.
-    let msg = client
-        .request(format!("lmbus.v1.{cluster}.slave.evil.dance"), "x".into())
-        .await
-        .unwrap();
-    assert!(matches!(
-        decode::<Reply>(&msg.payload).unwrap(),
-        Reply::Error(_)
-    ));
-    expected_alerts += 1;
+    // An operation that does not exist, and one with a token more than any operation (the
+    // master subscribes to `slave.>`, so it hears those too).
+    for subject in [
+        format!("lmbus.v1.{cluster}.slave.evil.dance"),
+        format!("lmbus.v1.{cluster}.slave.evil.register.twice"),
+    ] {
+        let msg = tokio::time::timeout(WAIT, client.request(subject.clone(), "x".into()))
+            .await
+            .unwrap_or_else(|_| panic!("{subject}: no reply"))
+            .unwrap();
+        assert!(
+            matches!(decode::<Reply>(&msg.payload).unwrap(), Reply::Error(_)),
+            "{subject}"
+        );
+        expected_alerts += 1;
+    }
 
     let bad = alerts
         .wait_for("bad_message", |a| a.kind == AlertKind::BadMessage)

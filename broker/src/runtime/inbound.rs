@@ -47,8 +47,8 @@ pub(super) fn handle_slave_message(
     let (slave, op) = match subjects.parse_slave_op(msg.subject.as_str()) {
         Ok(parsed) => parsed,
         Err(e) => {
-            // The subscription's wildcard gives `slave.<token>.<token>`: the first token
-            // is the sender (NATS permissions bind it) even when the rest is unknown.
+            // The subscription (`slave.>`) gives `slave.<token>…`: the first token is the
+            // sender (NATS permissions bind it) even when the rest is unknown.
             let sender = subjects.slave_of(msg.subject.as_str());
             let source = sender.as_ref().map_or("unknown slave", |s| s.as_str());
             let answer = intake.bad(at, source, "subject", &e.to_string());
