@@ -363,7 +363,7 @@ impl Intake {
             let mut parts = Vec::new();
             if tally.bad > 0 {
                 parts.push(lmbus_schemas::human::plural(
-                    tally.bad as u64,
+                    tally.bad,
                     "bad message",
                     "bad messages",
                 ));
