@@ -77,6 +77,8 @@ pub struct Metrics {
     appends: Histogram,
     alerts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     gauges: Mutex<Option<Gauges>>,
+    /// Drained by an operator (`admin drain`): up, but it will not lead.
+    drained: std::sync::atomic::AtomicBool,
     /// The master license in force; compared (not cloned) on every ledger record.
     license: Mutex<Option<License>>,
 }
@@ -128,6 +130,11 @@ impl Metrics {
     /// standby's view of seats is the ledger's, exported by the leader).
     pub fn set_gauges(&self, gauges: Option<Gauges>) {
         *lock(&self.gauges) = gauges;
+    }
+
+    /// This replica was drained (`true`) or undrained.
+    pub fn set_drained(&self, drained: bool) {
+        self.drained.store(drained, Ordering::Relaxed);
     }
 
     /// Whether this replica leads (its seat gauges are set).
@@ -212,8 +219,12 @@ impl Metrics {
             text,
             "# HELP lmbus_leader 1 while this replica leads its cluster; the seat and slave gauges are exported only while it is 1.\n\
              # TYPE lmbus_leader gauge\n\
-             lmbus_leader {}",
-            u8::from(gauges.is_some())
+             lmbus_leader {}\n\
+             # HELP lmbus_replica_drained 1 while an operator has drained this replica (admin drain): it is up but will not lead.\n\
+             # TYPE lmbus_replica_drained gauge\n\
+             lmbus_replica_drained {}",
+            u8::from(gauges.is_some()),
+            u8::from(self.drained.load(Ordering::Relaxed))
         );
         if let Some(g) = gauges {
             let _ = writeln!(
@@ -474,6 +485,7 @@ mod tests {
             // 2030-07-01T00:00:00Z: the end of the last valid day.
             "lmbus_license_expiry_timestamp_seconds 1909094400",
             "lmbus_leader 1",
+            "lmbus_replica_drained 0",
             "lmbus_ledger_lag_records 2",
             "lmbus_alerts_total{kind=\"registration_rejected\",severity=\"warning\"} 1",
             concat!(
@@ -489,8 +501,13 @@ mod tests {
             "an empty reason label in\n{text}"
         );
         m.set_gauges(None);
+        m.set_drained(true);
         let text = m.render(9, None, &ProcessSample::default());
         assert!(text.contains("lmbus_leader 0"));
+        assert!(
+            text.lines().any(|l| l == "lmbus_replica_drained 1"),
+            "{text}"
+        );
         assert!(!text.contains("seats_in_use"));
         assert!(!text.contains("lmbus_slaves_"));
         assert!(text.contains("lmbus_seats_limit 10"));

@@ -166,6 +166,17 @@ pub fn ensure_tmux() -> anyhow::Result<()> {
     )
 }
 
+/// Makes sure `promtool` is on PATH (the alert rules' test runs it): Debian's `prometheus`
+/// package when root; otherwise it must already be installed (it has no PyPI wheel).
+pub fn ensure_promtool() -> anyhow::Result<PathBuf> {
+    if on_path("promtool").is_none() && nix::unistd::geteuid().is_root() {
+        install("promtool", "prometheus", "");
+    }
+    on_path("promtool").context(
+        "promtool is not installed (the alert rules' test needs it): install Debian's prometheus package",
+    )
+}
+
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

@@ -136,6 +136,7 @@ pub(super) async fn presence(
             applied: applied.load(Ordering::Relaxed),
             drained: drainer.is_drained(),
         };
+        io.metrics.set_drained(beat.drained);
         io.send(subject.clone(), &beat, "replica beat").await;
     }
 }
