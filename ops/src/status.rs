@@ -52,13 +52,36 @@ pub async fn fetch_status(
     subjects: &Subjects,
     timeout: Duration,
 ) -> Result<StatusReply, StatusError> {
+    ask_status(client, subjects, timeout, StatusRequest::default()).await
+}
+
+/// Asks the master for the agents holding a seat on `slave` (at most
+/// `STATUS_MAX_AGENTS`, by agent id), through the status request.
+pub async fn fetch_agents(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    slave: &str,
+    timeout: Duration,
+) -> Result<Vec<lmbus_schemas::AgentClaim>, StatusError> {
+    let request = StatusRequest {
+        agents_of: Some(slave.to_owned()),
+    };
+    Ok(ask_status(client, subjects, timeout, request).await?.agents)
+}
+
+async fn ask_status(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    timeout: Duration,
+    request: StatusRequest,
+) -> Result<StatusReply, StatusError> {
     let subject = subjects.status();
     let no_answer = |detail: String| StatusError::NoAnswer {
         subject: subject.clone(),
         cluster: subjects.cluster().to_owned(),
         detail,
     };
-    let payload = encode(&StatusRequest {}).map_err(|e| StatusError::Encode(e.to_string()))?;
+    let payload = encode(&request).map_err(|e| StatusError::Encode(e.to_string()))?;
     let request = client.request(subject.clone(), payload.into());
     let msg = match tokio::time::timeout(timeout, request).await {
         Err(_) => return Err(no_answer(format!("within {timeout:?}"))),
