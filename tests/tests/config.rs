@@ -1,7 +1,7 @@
 //! The `--config` file across real processes: one rule (every long flag, with `_` for `-`,
-//! is a key) for the broker's `run` and `admin` commands and the monitor, against a real
-//! nats-server that requires a user and password; unknown keys refused before anything
-//! connects.
+//! is a key) for the broker's `run` and `admin` commands, the slave daemon and its CLI and
+//! the monitor, against a real nats-server that requires a user and password; unknown keys
+//! refused before anything connects.
 //!
 //! These tests block on child processes, so they run on a multi-threaded runtime.
 
@@ -19,7 +19,9 @@ use lmbus_tests::*;
 /// `lmbus-broker admin --config F status` (nats, credentials and cluster from the same
 /// file) and `lmbus-monitor --config M licenses --once` (its own file with the same keys)
 /// print its status; the broker's file given to the monitor is refused (`license` is not
-/// a monitor flag); a flag given on
+/// a monitor flag); `lmbus-slave run --config S` (flat credentials, `api`) registers an
+/// agent asked by `lmbus-slave register --config S` (the same file gives the CLI the API
+/// address), seen in the status; a flag given on
 /// the command line (`--cluster` of another cluster) wins over the file; a mistyped key
 /// and the old `[nats_auth]` table are refused with the key and the file named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,6 +130,55 @@ async fn broker_admin_and_monitor_read_one_config_file() {
     assert!(
         err.contains("unknown key allow_unlicensed_slaves") && err.contains("lmbus-monitor"),
         "{err}"
+    );
+
+    // The slave daemon and its CLI share one file: `api` is where `run` listens and where
+    // `register` and `status` ask; the NATS credentials are flat keys.
+    let slave_config = dir.join("slave.toml");
+    std::fs::write(
+        &slave_config,
+        format!(
+            "nats = \"{}\"\nnats_user = \"lmbus\"\nnats_password = \"pw-lmbus\"\n\
+             cluster = \"{cluster}\"\nid = \"site1\"\napi = \"127.0.0.1:{}\"\n\
+             heartbeat_interval = \"200ms\"\nlog = \"warn\"\n",
+            nats.url(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let _slave = Proc::spawn(
+        Command::new(bin("lmbus-slave").unwrap())
+            .args(["run", "--config"])
+            .arg(&slave_config)
+            .env_remove("LMBUS_SLAVE_API")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    let slave_cli = |args: &[&str]| {
+        Command::new(bin("lmbus-slave").unwrap())
+            .arg("--config")
+            .arg(&slave_config)
+            .args(args)
+            .env_remove("LMBUS_SLAVE_API")
+            .output()
+            .unwrap()
+    };
+    eventually("the slave's API answers at the file's address", || async {
+        tokio::task::block_in_place(|| slave_cli(&["status"]))
+            .status
+            .success()
+    })
+    .await
+    .unwrap();
+    let out = tokio::task::block_in_place(|| slave_cli(&["register", "a1", "inbound"]));
+    assert!(out.status.success(), "{out:?}");
+    let text = tokio::task::block_in_place(|| admin_status(&[]));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("site1 ") && l.contains("inbound=1")),
+        "{text}"
     );
 
     // A flag wins over the file: no master answers for another cluster.
