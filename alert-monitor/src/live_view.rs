@@ -308,6 +308,11 @@ fn slave_text(slave: &SlaveStatus, column: &str) -> String {
 /// Everything below the header: the rows pinned at the top (at or over their limit), and
 /// the scrolling rows.
 fn body(view: &LiveView, s: &StatusReply, ui: &UiState, width: usize) -> (Vec<Row>, Vec<Row>) {
+    // Heartbeat ages count to now, not to the last good refresh: stale data shows how
+    // long ago a replica or slave was really heard from.
+    let late = view
+        .refreshed_ms
+        .map_or(0, |at| view.now_ms.saturating_sub(at).max(0) as u64);
     let mut pinned = Vec::new();
     let mut rows = Vec::new();
     let mut types: BTreeSet<&String> = s.type_limits.keys().collect();
@@ -394,6 +399,10 @@ fn body(view: &LiveView, s: &StatusReply, ui: &UiState, width: usize) -> (Vec<Ro
         Style::new().add_modifier(Modifier::BOLD),
     ));
     for (i, slave) in s.slaves.iter().enumerate() {
+        let slave = &SlaveStatus {
+            last_seen_ms_ago: slave.last_seen_ms_ago.saturating_add(late),
+            ..slave.clone()
+        };
         let spans: Vec<Span> = columns
             .iter()
             .map(|(t, w)| {
@@ -427,7 +436,7 @@ fn body(view: &LiveView, s: &StatusReply, ui: &UiState, width: usize) -> (Vec<Ro
                     cell(r.role(), 8),
                     cell(&format!("priority {}", r.priority), 11),
                     r.applied,
-                    r.last_seen_ms_ago as f64 / 1000.0
+                    r.last_seen_ms_ago.saturating_add(late) as f64 / 1000.0
                 ),
                 width,
             ),
@@ -950,6 +959,12 @@ mod tests {
             text.contains("refresh failed: no master answered"),
             "{text}"
         );
+        // Heard from 200 ms before a refresh 42 s ago: 42.2 s ago now.
+        let mut ui = UiState::default();
+        ui.on_key(Key::End, &geometry(&view, &ui, 80, 24));
+        let end = screen(&view, &ui, 80, 24);
+        let leader = end.lines().find(|l| l.starts_with("broker2")).expect(&end);
+        assert!(leader.contains("beat 42.2s ago"), "{end}");
         let y = text
             .lines()
             .position(|l| l.contains("outbound"))
