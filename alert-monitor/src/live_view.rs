@@ -1096,6 +1096,30 @@ mod tests {
         );
     }
 
+    /// Any size down to a single cell draws without a panic, with or without an overlay,
+    /// and a terminal too short for every pinned row says how many more there are.
+    #[test]
+    fn tiny_terminals_draw_and_count_what_is_left_out() {
+        let view = view();
+        for (w, h) in [(1, 1), (10, 3), (20, 5), (30, 8)] {
+            for ui in [
+                UiState::default(),
+                UiState {
+                    help: true,
+                    ..UiState::default()
+                },
+                UiState {
+                    agents_of: Some("site01".into()),
+                    ..UiState::default()
+                },
+            ] {
+                render(&view, &ui, w, h);
+            }
+        }
+        let text = screen(&view, &UiState::default(), 80, 8);
+        assert!(text.contains("more rows at or over the limit"), "{text}");
+    }
+
     #[test]
     fn fit_marks_what_it_cuts() {
         assert_eq!(fit("DISCONNECTED", 12), "DISCONNECTED");
