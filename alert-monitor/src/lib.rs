@@ -5,6 +5,7 @@
 
 mod audit;
 pub mod live;
+mod live_view;
 mod time_text;
 
 pub use audit::{Audit, AuditQuery, AuditRecord, audit, render_audit};

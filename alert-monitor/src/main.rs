@@ -18,6 +18,8 @@ use lmbus_schemas::{AlertKind, Severity, Subjects};
     about = "Tail lmbus alerts and show the License Monitor view"
 )]
 struct Cli {
+    #[command(flatten)]
+    config: lmbus_nats::config_file::ConfigArg,
     /// NATS server URL(s), comma-separated.
     #[arg(
         long,
@@ -280,7 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = lmbus_nats::config_file::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -300,5 +302,55 @@ mod tests {
         let missing =
             lmbus_nats::cli_help::undocumented_arguments(&<Cli as clap::CommandFactory>::command());
         assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
+
+    /// Every long flag of `tail`, `audit` and `licenses` is a config file key that takes
+    /// effect, and a key no command takes is refused, naming the key and the file.
+    #[test]
+    fn every_flag_is_a_config_key_and_unknown_keys_are_refused() {
+        let failed = lmbus_nats::config_file::keys_not_applied::<Cli>(&["info", "slave_connected"]);
+        assert!(
+            failed.is_empty(),
+            "flags the config file cannot set: {failed:#?}"
+        );
+        let keys = lmbus_nats::config_file::keys(&<Cli as clap::CommandFactory>::command());
+        for key in ["nats", "nats_user", "cluster", "every", "severity", "for"] {
+            assert!(keys.contains(key), "{key} is not a key: {keys:?}");
+        }
+        let dir = std::env::temp_dir().join(format!("lmbus-monitor-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("monitor.toml");
+        std::fs::write(&path, "cluster = \"acme\"\nevry = \"5s\"\n").unwrap();
+        let e = lmbus_nats::config_file::try_parse_from::<Cli, _, _>([
+            "lmbus-monitor",
+            "--config",
+            path.to_str().unwrap(),
+            "licenses",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(path.to_str().unwrap())
+                && e.contains("unknown key evry (did you mean every?)"),
+            "{e}"
+        );
+        std::fs::write(
+            &path,
+            "cluster = \"acme\"\nevery = \"5s\"\nseverity = \"warning\"\n",
+        )
+        .unwrap();
+        let cli: Cli = lmbus_nats::config_file::try_parse_from([
+            "lmbus-monitor",
+            "licenses",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(cli.cluster.as_deref(), Some("acme"));
+        let Command::Licenses { every, .. } = cli.command else {
+            panic!("not licenses")
+        };
+        assert_eq!(every, Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,12 +1,12 @@
 //! Broker settings, resolved from flags, environment variables and an optional TOML
-//! config file, in that order of precedence.
+//! config file, in that order of precedence (the file is applied as flags by
+//! `lmbus_nats::config_file`, before these checks).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use lmbus_schemas::{License, Role, VerifyingKey, parse_public_key, verify_license};
-use serde::Deserialize;
 use time::Date;
 
 /// Everything `run` needs, already validated.
@@ -128,71 +128,6 @@ pub fn check_allot(allot: &crate::engine::AllotConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The optional config file (`--config`). Keys mirror the long flags with `_` for `-`;
-/// relative paths are relative to the file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub nats: Option<String>,
-    /// `[nats_auth]`: user, password, token, nkey_file, creds_file, tls_ca, tls_cert,
-    /// tls_key, tls_required.
-    pub nats_auth: Option<lmbus_nats::NatsAuth>,
-    pub cluster: Option<String>,
-    pub license: Option<PathBuf>,
-    pub vendor_key: Option<PathBuf>,
-    pub allow_unlicensed_slaves: Option<bool>,
-    pub id: Option<String>,
-    pub missed_heartbeats: Option<u32>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    pub tick_interval: Option<Duration>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    pub counts_interval: Option<Duration>,
-    pub expiry_warning_days: Option<i64>,
-    pub max_slaves: Option<usize>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    pub reclaim_margin: Option<Duration>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    pub forget_after: Option<Duration>,
-    pub priority: Option<u32>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    pub lease: Option<Duration>,
-    pub stream_replicas: Option<usize>,
-    pub snapshot_every: Option<u64>,
-    pub ledger_trim: Option<bool>,
-    pub slave_rate_limit: Option<u32>,
-    pub max_agents_per_slave: Option<u32>,
-    pub admission: Option<String>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    pub allot_lease: Option<Duration>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    pub allot_refresh: Option<Duration>,
-    pub metrics: Option<std::net::SocketAddr>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    pub alert_max_age: Option<Duration>,
-    pub alert_max_bytes: Option<i64>,
-    pub report_dir: Option<PathBuf>,
-    pub report_at: Option<String>,
-    pub report_to: Option<Vec<String>>,
-    pub smtp_host: Option<String>,
-    pub smtp_port: Option<u16>,
-    pub smtp_tls: Option<crate::report::SmtpTls>,
-    pub smtp_user: Option<String>,
-    pub smtp_password: Option<String>,
-    pub smtp_from: Option<String>,
-}
-
-impl FileConfig {
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let (mut cfg, base): (FileConfig, _) = lmbus_nats::config_file::load(path)?;
-        let base = base.as_path();
-        cfg.license = cfg.license.map(|p| base.join(p));
-        cfg.vendor_key = cfg.vendor_key.map(|p| base.join(p));
-        cfg.report_dir = cfg.report_dir.map(|p| base.join(p));
-        cfg.nats_auth = cfg.nats_auth.map(|a| a.relative_to(base));
-        Ok(cfg)
-    }
-}
-
 /// Reads the vendor's public key file.
 pub fn load_vendor_key(path: &Path) -> anyhow::Result<VerifyingKey> {
     let text = std::fs::read_to_string(path)
@@ -254,53 +189,4 @@ pub fn check(cfg: &BrokerConfig) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn write(name: &str, text: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("lmbus-cfg-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
-    #[test]
-    fn config_file_keys_paths_and_durations() {
-        let path = write(
-            "broker.toml",
-            "nats = \"nats://n1:4222\"\ncluster = \"acme\"\nlicense = \"master.lic\"\n\
-             vendor_key = \"/etc/lmbus/vendor.pub\"\nallow_unlicensed_slaves = true\n\
-             counts_interval = \"90s\"\ntick_interval = \"250ms\"\nmissed_heartbeats = 5\n",
-        );
-        let cfg = FileConfig::load(&path).unwrap();
-        assert_eq!(cfg.cluster.as_deref(), Some("acme"));
-        assert_eq!(cfg.license, Some(path.parent().unwrap().join("master.lic")));
-        assert_eq!(cfg.vendor_key, Some(PathBuf::from("/etc/lmbus/vendor.pub")));
-        assert_eq!(cfg.counts_interval, Some(Duration::from_secs(90)));
-        assert_eq!(cfg.tick_interval, Some(Duration::from_millis(250)));
-        assert_eq!(cfg.missed_heartbeats, Some(5));
-        assert_eq!(cfg.allow_unlicensed_slaves, Some(true));
-    }
-
-    #[test]
-    fn config_file_errors_name_the_file() {
-        let path = write("typo.toml", "clustr = \"acme\"\n");
-        let err = format!("{:#}", FileConfig::load(&path).unwrap_err());
-        assert!(err.contains("typo.toml") && err.contains("clustr"), "{err}");
-        let path = write("dur.toml", "counts_interval = \"soon\"\n");
-        let err = format!("{:#}", FileConfig::load(&path).unwrap_err());
-        assert!(err.contains("invalid duration"), "{err}");
-        let err = format!(
-            "{:#}",
-            FileConfig::load(Path::new("/nonexistent/b.toml")).unwrap_err()
-        );
-        assert!(
-            err.contains("cannot read config file /nonexistent/b.toml"),
-            "{err}"
-        );
-    }
 }

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lmbus_broker::config::{
     self, BrokerConfig, DEFAULT_COUNTS_INTERVAL, DEFAULT_EXPIRY_WARNING_DAYS, DEFAULT_MAX_SLAVES,
-    DEFAULT_MISSED_HEARTBEATS, DEFAULT_NATS_URL, DEFAULT_TICK_INTERVAL, FileConfig,
+    DEFAULT_MISSED_HEARTBEATS, DEFAULT_NATS_URL, DEFAULT_TICK_INTERVAL,
 };
 
 #[derive(Debug, Parser)]
@@ -21,6 +21,8 @@ use lmbus_broker::config::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    config: lmbus_nats::config_file::ConfigArg,
     /// Log filter (tracing's EnvFilter syntax, e.g. `info` or `lmbus_broker=debug`)
     /// [default: info for `run`, warn for the admin commands, whose output is their answer].
     #[arg(long, global = true, env = "LMBUS_LOG")]
@@ -703,57 +705,40 @@ struct RunArgs {
 
 impl RunArgs {
     fn resolve(self) -> anyhow::Result<BrokerConfig> {
-        let file = match &self.daemon.config {
-            Some(path) => FileConfig::load(path)?,
-            None => FileConfig::default(),
-        };
-        let cluster = self.cluster.or(file.cluster).context(
+        let cluster = self.cluster.context(
             "no cluster name: pass --cluster, set LMBUS_CLUSTER or add cluster to the config file",
         )?;
         let license_path = self
             .license
-            .or(file.license)
             .context("no master license: pass --license FILE, set LMBUS_LICENSE or add license to the config file")?;
         let key_path = self
             .vendor_key
-            .or(file.vendor_key)
             .context("no vendor public key: pass --vendor-key FILE, set LMBUS_VENDOR_KEY or add vendor_key to the config file")?;
         let defaults = lmbus_broker::engine::AllotConfig::default();
         let allot = lmbus_broker::engine::AllotConfig {
-            admission: match self.admission.or(file.admission) {
+            admission: match self.admission {
                 Some(text) => config::parse_admission(&text)?,
                 None => defaults.admission,
             },
-            lease: self
-                .allot_lease
-                .or(file.allot_lease)
-                .unwrap_or(defaults.lease),
-            refresh: self
-                .allot_refresh
-                .or(file.allot_refresh)
-                .unwrap_or(defaults.refresh),
+            lease: self.allot_lease.unwrap_or(defaults.lease),
+            refresh: self.allot_refresh.unwrap_or(defaults.refresh),
         };
         config::check_allot(&allot)?;
         let report = lmbus_broker::report::ReportConfig {
-            dir: self.report_dir.or(file.report_dir),
-            at_minute: match self.report_at.or(file.report_at) {
+            dir: self.report_dir,
+            at_minute: match self.report_at {
                 Some(at) => lmbus_broker::report::parse_time_of_day(&at)
                     .map_err(|e| anyhow::anyhow!("--report-at: {e}"))?,
                 None => 0,
             },
-            smtp: match self.smtp_host.or(file.smtp_host) {
+            smtp: match self.smtp_host {
                 None => None,
                 Some(host) => {
                     let tls = self
                         .smtp_tls
-                        .or(file.smtp_tls)
                         .unwrap_or(lmbus_broker::report::SmtpTls::Starttls);
-                    let to = if self.report_to.is_empty() {
-                        file.report_to.unwrap_or_default()
-                    } else {
-                        self.report_to
-                    };
-                    let from = self.smtp_from.or(file.smtp_from).context(
+                    let to = self.report_to;
+                    let from = self.smtp_from.context(
                         "--smtp-host needs a sender: pass --smtp-from or set LMBUS_SMTP_FROM",
                     )?;
                     anyhow::ensure!(
@@ -762,13 +747,10 @@ impl RunArgs {
                     );
                     Some(lmbus_broker::report::SmtpConfig {
                         host,
-                        port: self
-                            .smtp_port
-                            .or(file.smtp_port)
-                            .unwrap_or(tls.default_port()),
+                        port: self.smtp_port.unwrap_or(tls.default_port()),
                         tls,
-                        user: self.smtp_user.or(file.smtp_user),
-                        password: self.smtp_password.or(file.smtp_password),
+                        user: self.smtp_user,
+                        password: self.smtp_password,
                         from,
                         to,
                     })
@@ -780,79 +762,46 @@ impl RunArgs {
             nats_url: self
                 .daemon
                 .nats
-                .or(file.nats)
                 .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned()),
-            nats_auth: lmbus_nats::NatsAuth::from(self.daemon.nats_auth)
-                .or(file.nats_auth.unwrap_or_default()),
+            nats_auth: lmbus_nats::NatsAuth::from(self.daemon.nats_auth),
             cluster,
             license_path,
             vendor_key: config::load_vendor_key(&key_path)?,
-            allow_unlicensed_slaves: self
-                .allow_unlicensed_slaves
-                .or(file.allow_unlicensed_slaves)
-                .unwrap_or(false),
-            broker_id: self.id.or(file.id).unwrap_or_else(|| {
+            allow_unlicensed_slaves: self.allow_unlicensed_slaves.unwrap_or(false),
+            broker_id: self.id.unwrap_or_else(|| {
                 format!("broker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
             }),
-            missed_heartbeats: self
-                .missed_heartbeats
-                .or(file.missed_heartbeats)
-                .unwrap_or(DEFAULT_MISSED_HEARTBEATS),
-            tick_interval: self
-                .tick_interval
-                .or(file.tick_interval)
-                .unwrap_or(DEFAULT_TICK_INTERVAL),
-            counts_interval: self
-                .counts_interval
-                .or(file.counts_interval)
-                .unwrap_or(DEFAULT_COUNTS_INTERVAL),
+            missed_heartbeats: self.missed_heartbeats.unwrap_or(DEFAULT_MISSED_HEARTBEATS),
+            tick_interval: self.tick_interval.unwrap_or(DEFAULT_TICK_INTERVAL),
+            counts_interval: self.counts_interval.unwrap_or(DEFAULT_COUNTS_INTERVAL),
             expiry_warning_days: self
                 .expiry_warning_days
-                .or(file.expiry_warning_days)
                 .unwrap_or(DEFAULT_EXPIRY_WARNING_DAYS),
-            max_slaves: self
-                .max_slaves
-                .or(file.max_slaves)
-                .unwrap_or(DEFAULT_MAX_SLAVES),
+            max_slaves: self.max_slaves.unwrap_or(DEFAULT_MAX_SLAVES),
             reclaim_margin: self
                 .reclaim_margin
-                .or(file.reclaim_margin)
                 .unwrap_or(config::DEFAULT_RECLAIM_MARGIN),
-            forget_after: self
-                .forget_after
-                .or(file.forget_after)
-                .unwrap_or(config::DEFAULT_FORGET_AFTER),
-            priority: self
-                .priority
-                .or(file.priority)
-                .unwrap_or(config::DEFAULT_PRIORITY),
-            lease: self.lease.or(file.lease).unwrap_or(config::DEFAULT_LEASE),
+            forget_after: self.forget_after.unwrap_or(config::DEFAULT_FORGET_AFTER),
+            priority: self.priority.unwrap_or(config::DEFAULT_PRIORITY),
+            lease: self.lease.unwrap_or(config::DEFAULT_LEASE),
             stream_replicas: self
                 .stream_replicas
-                .or(file.stream_replicas)
                 .unwrap_or(config::DEFAULT_STREAM_REPLICAS),
             alert_max_age: self
                 .alert_max_age
-                .or(file.alert_max_age)
                 .unwrap_or(lmbus_broker::alert_log::DEFAULT_MAX_AGE),
             alert_max_bytes: self
                 .alert_max_bytes
-                .or(file.alert_max_bytes)
                 .unwrap_or(lmbus_broker::alert_log::DEFAULT_MAX_BYTES),
             slave_rate_limit: self
                 .slave_rate_limit
-                .or(file.slave_rate_limit)
                 .unwrap_or(config::DEFAULT_SLAVE_RATE_LIMIT),
-            max_agents_per_slave: self
-                .max_agents_per_slave
-                .or(file.max_agents_per_slave)
-                .unwrap_or(0),
-            metrics: self.metrics.or(file.metrics),
+            max_agents_per_slave: self.max_agents_per_slave.unwrap_or(0),
+            metrics: self.metrics,
             snapshot_every: self
                 .snapshot_every
-                .or(file.snapshot_every)
                 .unwrap_or(config::DEFAULT_SNAPSHOT_EVERY),
-            ledger_trim: self.ledger_trim.or(file.ledger_trim).unwrap_or(false),
+            ledger_trim: self.ledger_trim.unwrap_or(false),
             fault_ignore_lease: self.fault_ignore_lease,
             allot,
         })
@@ -894,7 +843,7 @@ fn init_tracing(filter: &str, format: LogFormat) {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = lmbus_nats::config_file::parse();
     let default_log = match cli.command {
         Command::Run(_) => "info",
         Command::Admin(_) => "warn",
@@ -926,5 +875,91 @@ mod tests {
         let missing =
             lmbus_nats::cli_help::undocumented_arguments(&<Cli as clap::CommandFactory>::command());
         assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
+
+    /// Every long flag of `run` and of every `admin` command is a config file key that
+    /// takes effect (a new flag is one by construction; this checks that each value
+    /// reaches it), and a key no command takes is refused, naming the key and the file.
+    #[test]
+    fn every_flag_is_a_config_key_and_unknown_keys_are_refused() {
+        let failed = lmbus_nats::config_file::keys_not_applied::<Cli>(&[]);
+        assert!(
+            failed.is_empty(),
+            "flags the config file cannot set: {failed:#?}"
+        );
+        let keys = lmbus_nats::config_file::keys(&<Cli as clap::CommandFactory>::command());
+        for key in [
+            "nats_user",
+            "nats_creds",
+            "log",
+            "cluster",
+            "operator",
+            "report_to",
+        ] {
+            assert!(keys.contains(key), "{key} is not a key: {keys:?}");
+        }
+        assert!(!keys.contains("fault_ignore_lease") && !keys.contains("config"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "cluster = \"acme\"\nnats_usr = \"bob\"\n").unwrap();
+        let e = lmbus_nats::config_file::try_parse_from::<Cli, _, _>([
+            "lmbus-broker",
+            "admin",
+            "status",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(path.to_str().unwrap())
+                && e.contains("unknown key nats_usr (did you mean nats_user?)"),
+            "{e}"
+        );
+    }
+
+    /// One file serves `run` and `admin`: each takes its own keys; flags and `LMBUS_*`
+    /// variables win over it.
+    #[test]
+    fn one_file_serves_run_and_admin() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "nats = \"nats://n1:4222\"\nnats_user = \"broker\"\nnats_password = \"pw\"\n\
+             cluster = \"acme\"\nlicense = \"master.lic\"\nvendor_key = \"/etc/vendor.pub\"\n\
+             tick_interval = \"250ms\"\nlog = \"debug\"\nledger_trim = true\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let cli: Cli =
+            lmbus_nats::config_file::try_parse_from(["lmbus-broker", "--config", file, "run"])
+                .unwrap();
+        assert_eq!(cli.log.as_deref(), Some("debug"));
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.daemon.nats.as_deref(), Some("nats://n1:4222"));
+        assert_eq!(run.daemon.nats_auth.nats_user.as_deref(), Some("broker"));
+        assert_eq!(run.license, Some(dir.path().join("master.lic")));
+        assert_eq!(run.vendor_key, Some(PathBuf::from("/etc/vendor.pub")));
+        assert_eq!(run.tick_interval, Some(Duration::from_millis(250)));
+        assert_eq!(run.ledger_trim, Some(true));
+        let cli: Cli = lmbus_nats::config_file::try_parse_from([
+            "lmbus-broker",
+            "admin",
+            "status",
+            "--cluster",
+            "other",
+            "--config",
+            file,
+        ])
+        .unwrap();
+        let Command::Admin(AdminCommand::Status { target, .. }) = cli.command else {
+            panic!("not status")
+        };
+        assert_eq!(target.cluster, "other");
+        assert_eq!(target.nats, "nats://n1:4222");
     }
 }

@@ -23,6 +23,8 @@ use uuid::Uuid;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    config: lmbus_nats::config_file::ConfigArg,
 }
 
 #[derive(Debug, Subcommand)]
@@ -336,7 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    match run(lmbus_nats::config_file::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lmbus-license: error: {e:#}");
@@ -355,5 +357,39 @@ mod tests {
         let missing =
             lmbus_nats::cli_help::undocumented_arguments(&<Cli as clap::CommandFactory>::command());
         assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
+
+    /// Every long flag of every command is a config file key that takes effect (a signing
+    /// profile: `key`, `customer`, `vendor_key`), and a key no command takes is refused.
+    #[test]
+    fn every_flag_is_a_config_key_and_unknown_keys_are_refused() {
+        let failed = lmbus_nats::config_file::keys_not_applied::<Cli>(&[
+            "2026-01-01",
+            "inbound=1",
+            "00000000-0000-0000-0000-000000000001",
+        ]);
+        assert!(
+            failed.is_empty(),
+            "flags the config file cannot set: {failed:#?}"
+        );
+        let dir = std::env::temp_dir().join(format!("lmbus-license-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vendor.toml");
+        std::fs::write(&path, "vendor_key = \"vendor.pub\"\ncustomr = \"ACME\"\n").unwrap();
+        let e = lmbus_nats::config_file::try_parse_from::<Cli, _, _>([
+            "lmbus-license",
+            "--config",
+            path.to_str().unwrap(),
+            "inspect",
+            "x.lic",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(path.to_str().unwrap())
+                && e.contains("unknown key customr (did you mean customer?)"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,8 +3,9 @@
 //! One [`NatsAuth`] per connection: at most one of user and password, token, nkey seed
 //! file or credentials (JWT) file, plus optional TLS (a CA to trust, a client certificate
 //! and key, or just "require TLS"; a `tls://` URL requires it too). Binaries take it from
-//! `--nats-*` flags ([`NatsAuthArgs`]), `LMBUS_NATS_*` variables and a `[nats_auth]` table
-//! in their config file, flags first. Secrets never appear in `Debug` output, logs or
+//! `--nats-*` flags ([`NatsAuthArgs`]), `LMBUS_NATS_*` variables and the same keys in their
+//! config file (`nats_user`, …), flags first. The credential flags conflict with each
+//! other, so a credential given as a flag replaces the file's as a whole. Secrets never appear in `Debug` output, logs or
 //! `--help`.
 //!
 //! [`config_file`] reads the `--config` file every binary takes.
@@ -15,10 +16,9 @@ pub mod config_file;
 pub use config_file::DaemonArgs;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use async_nats::{ConnectErrorKind, ConnectOptions};
-use serde::Deserialize;
 
 /// Why a [`NatsAuth`] cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +46,7 @@ pub enum AuthError {
 }
 
 /// How one process authenticates to one NATS deployment.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct NatsAuth {
     pub user: Option<String>,
     pub password: Option<String>,
@@ -83,45 +82,6 @@ impl fmt::Debug for NatsAuth {
 }
 
 impl NatsAuth {
-    /// Each setting from `self`, or from `fallback` where `self` has none (flags over the
-    /// config file). Credentials are taken as a whole, so a flag's user never pairs with a
-    /// file's password.
-    pub fn or(self, fallback: NatsAuth) -> NatsAuth {
-        let has_credential = self.user.is_some()
-            || self.password.is_some()
-            || self.token.is_some()
-            || self.nkey_file.is_some()
-            || self.creds_file.is_some();
-        let credentials = if has_credential { &self } else { &fallback };
-        NatsAuth {
-            user: credentials.user.clone(),
-            password: credentials.password.clone(),
-            token: credentials.token.clone(),
-            nkey_file: credentials.nkey_file.clone(),
-            creds_file: credentials.creds_file.clone(),
-            tls_ca: self.tls_ca.or(fallback.tls_ca),
-            tls_cert: self.tls_cert.or(fallback.tls_cert),
-            tls_key: self.tls_key.or(fallback.tls_key),
-            tls_required: self.tls_required.or(fallback.tls_required),
-        }
-    }
-
-    /// Paths relative to `base` (a config file's directory) made absolute.
-    pub fn relative_to(mut self, base: &Path) -> NatsAuth {
-        for path in [
-            &mut self.nkey_file,
-            &mut self.creds_file,
-            &mut self.tls_ca,
-            &mut self.tls_cert,
-            &mut self.tls_key,
-        ] {
-            if let Some(p) = path.take() {
-                *path = Some(base.join(p));
-            }
-        }
-        self
-    }
-
     /// The settings make sense together (files are read by [`Self::apply`]).
     pub fn check(&self) -> Result<(), AuthError> {
         let given: Vec<&str> = [
@@ -364,12 +324,12 @@ pub fn explain_connect_error(error: &async_nats::ConnectError, auth: &NatsAuth) 
 #[command(next_help_heading = "NATS")]
 pub struct NatsAuthArgs {
     /// NATS user name (with --nats-password).
-    #[arg(global = true, long = "nats-user", env = "LMBUS_NATS_USER")]
+    #[arg(global = true, long = "nats-user", conflicts_with_all = ["nats_token", "nats_nkey", "nats_creds"], env = "LMBUS_NATS_USER")]
     pub nats_user: Option<String>,
     /// NATS password; prefer the environment variable, which `ps` does not show.
     #[arg(
         global = true,
-        long = "nats-password",
+        long = "nats-password", conflicts_with_all = ["nats_token", "nats_nkey", "nats_creds"],
         env = "LMBUS_NATS_PASSWORD",
         hide_env_values = true
     )]
@@ -377,7 +337,7 @@ pub struct NatsAuthArgs {
     /// NATS authentication token.
     #[arg(
         global = true,
-        long = "nats-token",
+        long = "nats-token", conflicts_with_all = ["nats_user", "nats_password", "nats_nkey", "nats_creds"],
         env = "LMBUS_NATS_TOKEN",
         hide_env_values = true
     )]
@@ -385,7 +345,7 @@ pub struct NatsAuthArgs {
     /// File holding an nkey seed (SU...).
     #[arg(
         global = true,
-        long = "nats-nkey",
+        long = "nats-nkey", conflicts_with_all = ["nats_user", "nats_password", "nats_token", "nats_creds"],
         env = "LMBUS_NATS_NKEY",
         value_name = "FILE"
     )]
@@ -393,7 +353,7 @@ pub struct NatsAuthArgs {
     /// NATS credentials file (.creds: user JWT and seed), for operator mode.
     #[arg(
         global = true,
-        long = "nats-creds",
+        long = "nats-creds", conflicts_with_all = ["nats_user", "nats_password", "nats_token", "nats_nkey"],
         env = "LMBUS_NATS_CREDS",
         value_name = "FILE"
     )]
@@ -607,26 +567,6 @@ mod tests {
             Err(AuthError::HalfClientCertificate)
         ));
         assert!(NatsAuth::default().check().is_ok());
-    }
-
-    #[test]
-    fn flags_override_the_file_credentials_as_a_whole() {
-        let file = NatsAuth {
-            tls_ca: Some("ca.pem".into()),
-            ..user("file-user", "file-pass")
-        };
-        let flags = NatsAuth {
-            token: Some("t".into()),
-            ..NatsAuth::default()
-        };
-        let merged = flags.or(file.clone());
-        assert_eq!(merged.token.as_deref(), Some("t"));
-        assert_eq!(
-            merged.user, None,
-            "a flag's token must not pair with the file's user"
-        );
-        assert_eq!(merged.tls_ca, Some(PathBuf::from("ca.pem")));
-        assert_eq!(NatsAuth::default().or(file.clone()), file);
     }
 
     #[tokio::test]

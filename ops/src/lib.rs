@@ -8,7 +8,7 @@ mod status;
 mod stored;
 
 pub use status::{
-    StatusError, explain_no_master, fetch_status, license_summary, printable_status, render_status,
-    replicas_up, slave_cells,
+    StatusError, explain_no_master, fetch_agents, fetch_status, license_summary, printable_status,
+    render_status, replicas_up, slave_cells,
 };
 pub use stored::{FLOW_CONTROL_HINT, Stored, StoredError, stored};

@@ -52,13 +52,36 @@ pub async fn fetch_status(
     subjects: &Subjects,
     timeout: Duration,
 ) -> Result<StatusReply, StatusError> {
+    ask_status(client, subjects, timeout, StatusRequest::default()).await
+}
+
+/// Asks the master for the agents holding a seat on `slave` (at most
+/// `STATUS_MAX_AGENTS`, by agent id), through the status request.
+pub async fn fetch_agents(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    slave: &str,
+    timeout: Duration,
+) -> Result<Vec<lmbus_schemas::AgentClaim>, StatusError> {
+    let request = StatusRequest {
+        agents_of: Some(slave.to_owned()),
+    };
+    Ok(ask_status(client, subjects, timeout, request).await?.agents)
+}
+
+async fn ask_status(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    timeout: Duration,
+    request: StatusRequest,
+) -> Result<StatusReply, StatusError> {
     let subject = subjects.status();
     let no_answer = |detail: String| StatusError::NoAnswer {
         subject: subject.clone(),
         cluster: subjects.cluster().to_owned(),
         detail,
     };
-    let payload = encode(&StatusRequest {}).map_err(|e| StatusError::Encode(e.to_string()))?;
+    let payload = encode(&request).map_err(|e| StatusError::Encode(e.to_string()))?;
     let request = client.request(subject.clone(), payload.into());
     let msg = match tokio::time::timeout(timeout, request).await {
         Err(_) => return Err(no_answer(format!("within {timeout:?}"))),
@@ -217,6 +240,15 @@ pub fn slave_cells(slave: &SlaveStatus) -> [String; 8] {
     ]
 }
 
+/// `  FULL` at the limit, `  OVER` above it (a lowered license), in words beside the bar.
+fn limit_mark(used: u32, limit: u32) -> &'static str {
+    match used.cmp(&limit) {
+        std::cmp::Ordering::Greater => "  OVER",
+        std::cmp::Ordering::Equal => "  FULL",
+        std::cmp::Ordering::Less => "",
+    }
+}
+
 /// The License Monitor view as a plain table.
 pub fn render_status(s: &StatusReply) -> String {
     let s = &printable_status(s);
@@ -275,18 +307,22 @@ pub fn render_status(s: &StatusReply) -> String {
     for t in types {
         let used = s.in_use_by_type.get(t).copied().unwrap_or(0);
         let (limit, usage) = match s.type_limits.get(t) {
-            Some(&l) => (l.to_string(), bar(used, l, 20)),
+            Some(&l) => (
+                l.to_string(),
+                format!("{}{}", bar(used, l, 20), limit_mark(used, l)),
+            ),
             None => ("-".into(), String::new()),
         };
         let _ = writeln!(o, "{t:<16} {used:>7} {limit:>7}  {usage}");
     }
     let _ = writeln!(
         o,
-        "{:<16} {:>7} {:>7}  {}",
+        "{:<16} {:>7} {:>7}  {}{}",
         "TOTAL",
         s.total_in_use,
         s.total_limit,
-        bar(s.total_in_use, s.total_limit, 20)
+        bar(s.total_in_use, s.total_limit, 20),
+        limit_mark(s.total_in_use, s.total_limit)
     );
     let _ = writeln!(o);
     let _ = writeln!(
@@ -313,4 +349,51 @@ pub fn render_status(s: &StatusReply) -> String {
         );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// A type at its limit says FULL, one above it (a lowered license) OVER, in words; the
+    /// total below its limit says nothing.
+    #[test]
+    fn the_table_says_full_and_over_in_words() {
+        let status = StatusReply {
+            broker_id: "b1".into(),
+            cluster: "acme".into(),
+            license: lmbus_schemas::LicenseSummary {
+                id: Default::default(),
+                customer: "ACME".into(),
+                context: "production".into(),
+                expires: "2099-12-31".into(),
+            },
+            allow_unlicensed_slaves: true,
+            total_limit: 10,
+            type_limits: BTreeMap::from([("inbound".into(), 1), ("outbound".into(), 3)]),
+            total_in_use: 5,
+            in_use_by_type: BTreeMap::from([("inbound".into(), 2), ("outbound".into(), 3)]),
+            slaves: Vec::new(),
+            leader_term: 1,
+            ledger_sequence: 1,
+            replicas: Vec::new(),
+            slaves_total: 0,
+            slaves_connected: 0,
+            admission: Default::default(),
+            allotted_by_type: BTreeMap::new(),
+            allotted_total: 0,
+            agents: Vec::new(),
+        };
+        let text = render_status(&status);
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(line("inbound").ends_with("OVER"), "{text}");
+        assert!(line("outbound").ends_with("FULL"), "{text}");
+        assert!(line("TOTAL").ends_with(']'), "{text}");
+    }
 }

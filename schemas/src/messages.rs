@@ -603,7 +603,12 @@ pub enum ForgetReply {
 
 /// `lmbus.v1.<cluster>.broker.status`: request for the License Monitor view.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusRequest {}
+pub struct StatusRequest {
+    /// Also list the agents holding a seat on this slave (the monitor's agent list), in
+    /// [`StatusReply::agents`]. A master of an older build ignores it and lists none.
+    #[serde(default)]
+    pub agents_of: Option<String>,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReply {
@@ -641,10 +646,18 @@ pub struct StatusReply {
     pub allotted_by_type: BTreeMap<String, u32>,
     #[serde(default)]
     pub allotted_total: u32,
+    /// The agents holding a seat on [`StatusRequest::agents_of`]'s slave, by agent id, at
+    /// most [`STATUS_MAX_AGENTS`] (that slave's `in_use` counts them all); empty when not
+    /// asked or the slave is unknown.
+    #[serde(default)]
+    pub agents: Vec<AgentClaim>,
 }
 
 /// Most slaves listed in a [`StatusReply`] (about 100 bytes each).
 pub const STATUS_MAX_SLAVES: usize = 1000;
+
+/// Most agents listed in a [`StatusReply`] (about 50 bytes each, beside the slaves).
+pub const STATUS_MAX_AGENTS: usize = 5000;
 
 /// `lmbus.v1.<cluster>.replica`: every broker replica publishes one a few times per lease,
 /// so the leader knows its standbys (and raises `replica_joined` / `replica_lost`).
@@ -906,7 +919,10 @@ mod tests {
         round_trip(&ControlMessage::ShrinkAllotment {
             blocks: BTreeMap::from([("inbound".into(), 3)]),
         });
-        round_trip(&StatusRequest {});
+        round_trip(&StatusRequest::default());
+        round_trip(&StatusRequest {
+            agents_of: Some("s".into()),
+        });
         round_trip(&StatusReply {
             broker_id: "b".into(),
             cluster: "c".into(),
@@ -939,6 +955,10 @@ mod tests {
             admission: crate::Admission::Allotment,
             allotted_by_type: BTreeMap::from([("inbound".into(), 2)]),
             allotted_total: 2,
+            agents: vec![AgentClaim {
+                agent_id: "a".into(),
+                agent_type: "inbound".into(),
+            }],
             replicas: vec![ReplicaStatus {
                 replica: "b2".into(),
                 priority: 2,

@@ -28,6 +28,8 @@ const DEFAULT_API: &str = "127.0.0.1:7411";
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    config: lmbus_nats::config_file::ConfigArg,
     /// Log filter (tracing's EnvFilter syntax).
     #[arg(long, global = true, env = "LMBUS_LOG", default_value = "info")]
     log: String,
@@ -185,89 +187,40 @@ struct RunArgs {
     switch_delay: Option<Duration>,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum ReturnArg {
     ReturnToPrimary,
     Stay,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum GraceArg {
     Refuse,
     Allow,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum RestrictionArg {
     LogoutAll,
     RefuseNew,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    nats: Option<String>,
-    /// `[nats_auth]`: user, password, token, nkey_file, creds_file, tls_ca, tls_cert,
-    /// tls_key, tls_required.
-    nats_auth: Option<lmbus_nats::NatsAuth>,
-    /// `[secondary_nats_auth]`: the same for the secondary master.
-    secondary_nats_auth: Option<lmbus_nats::NatsAuth>,
-    cluster: Option<String>,
-    id: Option<String>,
-    license: Option<PathBuf>,
-    unlicensed: Option<bool>,
-    vendor_key: Option<PathBuf>,
-    api: Option<SocketAddr>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    heartbeat_interval: Option<Duration>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    request_timeout: Option<Duration>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    failover_wait: Option<Duration>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    election_wait: Option<Duration>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    grace_period: Option<Duration>,
-    during_grace: Option<GraceArg>,
-    after_grace: Option<RestrictionArg>,
-    secondary_nats: Option<String>,
-    secondary_cluster: Option<String>,
-    return_policy: Option<ReturnArg>,
-    overflow: Option<bool>,
-    #[serde(default, with = "lmbus_nats::config_file::duration")]
-    switch_delay: Option<Duration>,
-}
-
 impl RunArgs {
     fn resolve(self) -> anyhow::Result<(SlaveConfig, SocketAddr)> {
-        let (file, base): (FileConfig, PathBuf) = match &self.daemon.config {
-            Some(path) => lmbus_nats::config_file::load(path)?,
-            None => (FileConfig::default(), PathBuf::from(".")),
-        };
         let cluster = self
             .cluster
-            .or(file.cluster)
             .context("no cluster name: pass --cluster or set LMBUS_CLUSTER")?;
         let id = self
             .id
-            .or(file.id)
             .context("no slave id: pass --id or set LMBUS_SLAVE_ID")?;
         let slave_id = SlaveId::new(id)?;
         let nats = self
             .daemon
             .nats
-            .or(file.nats)
             .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
         let mut cfg = SlaveConfig::new(&nats, &cluster, slave_id);
-        cfg.nats_auth = lmbus_nats::NatsAuth::from(self.daemon.nats_auth).or(file
-            .nats_auth
-            .clone()
-            .unwrap_or_default()
-            .relative_to(&base));
-        let license_path = self.license.or(file.license.map(|p| base.join(p)));
+        cfg.nats_auth = lmbus_nats::NatsAuth::from(self.daemon.nats_auth);
+        let license_path = self.license;
         if let Some(path) = license_path {
             let bytes = std::fs::read(&path)
                 .with_context(|| format!("cannot read license file {}", path.display()))?;
@@ -277,7 +230,7 @@ impl RunArgs {
                 text,
             });
         }
-        if let Some(path) = self.vendor_key.or(file.vendor_key.map(|p| base.join(p))) {
+        if let Some(path) = self.vendor_key {
             let text = std::fs::read_to_string(&path).with_context(|| {
                 format!("cannot read vendor public key file {}", path.display())
             })?;
@@ -286,14 +239,14 @@ impl RunArgs {
                     .with_context(|| format!("vendor key file {}", path.display()))?,
             );
         }
-        cfg.unlicensed = self.unlicensed.or(file.unlicensed).unwrap_or(false);
-        if let Some(d) = self.heartbeat_interval.or(file.heartbeat_interval) {
+        cfg.unlicensed = self.unlicensed.unwrap_or(false);
+        if let Some(d) = self.heartbeat_interval {
             if d.is_zero() {
                 bail!("--heartbeat-interval must be greater than zero");
             }
             cfg.heartbeat_interval = d;
         }
-        if let Some(d) = self.request_timeout.or(file.request_timeout) {
+        if let Some(d) = self.request_timeout {
             if d.is_zero() {
                 bail!(
                     "--request-timeout must be greater than zero: every request would time out at once (the default is 2s)"
@@ -301,13 +254,13 @@ impl RunArgs {
             }
             cfg.request_timeout = d;
         }
-        if let Some(d) = self.failover_wait.or(file.failover_wait) {
+        if let Some(d) = self.failover_wait {
             cfg.failover_wait = d;
         }
-        if let Some(d) = self.election_wait.or(file.election_wait) {
+        if let Some(d) = self.election_wait {
             cfg.election_wait = d;
         }
-        if let Some(d) = self.grace_period.or(file.grace_period) {
+        if let Some(d) = self.grace_period {
             if d.is_zero() {
                 bail!(
                     "--grace-period must be greater than zero: the slave would restrict at its first missed answer (the default is 2 minutes)"
@@ -315,49 +268,44 @@ impl RunArgs {
             }
             cfg.grace_period = d;
         }
-        if let Some(p) = self.during_grace.or(file.during_grace) {
+        if let Some(p) = self.during_grace {
             cfg.during_grace = match p {
                 GraceArg::Refuse => GracePolicy::Refuse,
                 GraceArg::Allow => GracePolicy::Allow,
             };
         }
-        if let Some(r) = self.after_grace.or(file.after_grace) {
+        if let Some(r) = self.after_grace {
             cfg.after_grace = match r {
                 RestrictionArg::LogoutAll => Restriction::LogoutAll,
                 RestrictionArg::RefuseNew => Restriction::RefuseNew,
             };
         }
-        if let Some(url) = self.secondary_nats.or(file.secondary_nats) {
+        if let Some(url) = self.secondary_nats {
             let cluster = self
                 .secondary_cluster
-                .or(file.secondary_cluster)
                 .unwrap_or_else(|| cfg.cluster.clone());
             cfg.secondary = Some(MasterEndpoint {
                 nats_url: url,
-                nats_auth: lmbus_nats::NatsAuth::from(self.secondary_nats_auth).or(file
-                    .secondary_nats_auth
-                    .clone()
-                    .unwrap_or_default()
-                    .relative_to(&base)),
+                nats_auth: lmbus_nats::NatsAuth::from(self.secondary_nats_auth),
                 cluster,
             });
-        } else if self.secondary_cluster.is_some() || file.secondary_cluster.is_some() {
+        } else if self.secondary_cluster.is_some() {
             bail!("--secondary-cluster needs --secondary-nats");
         }
-        if let Some(r) = self.return_policy.or(file.return_policy) {
+        if let Some(r) = self.return_policy {
             cfg.return_policy = match r {
                 ReturnArg::ReturnToPrimary => ReturnPolicy::ReturnToPrimary,
                 ReturnArg::Stay => ReturnPolicy::Stay,
             };
         }
-        cfg.overflow = self.overflow.or(file.overflow).unwrap_or(false);
+        cfg.overflow = self.overflow.unwrap_or(false);
         if cfg.overflow && cfg.secondary.is_none() {
             bail!("--overflow needs a secondary master (--secondary-nats)");
         }
-        if let Some(d) = self.switch_delay.or(file.switch_delay) {
+        if let Some(d) = self.switch_delay {
             cfg.switch_delay = d;
         }
-        let api = match self.api.or(file.api) {
+        let api = match self.api {
             Some(a) => a,
             None => DEFAULT_API.parse()?,
         };
@@ -562,7 +510,7 @@ fn init_tracing(filter: &str, format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = lmbus_nats::config_file::parse();
     init_tracing(&cli.log, cli.log_format);
     let result = match cli.command {
         Command::Run(args) => args.resolve().and_then(|(cfg, api)| {
@@ -598,5 +546,91 @@ mod tests {
         let missing =
             lmbus_nats::cli_help::undocumented_arguments(&<Cli as clap::CommandFactory>::command());
         assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
+
+    /// Every long flag of `run` and of the client commands is a config file key that
+    /// takes effect (a new flag is one by construction; this checks that each value
+    /// reaches it), and a key no command takes is refused, naming the key and the file.
+    #[test]
+    fn every_flag_is_a_config_key_and_unknown_keys_are_refused() {
+        let failed = lmbus_nats::config_file::keys_not_applied::<Cli>(&[]);
+        assert!(
+            failed.is_empty(),
+            "flags the config file cannot set: {failed:#?}"
+        );
+        let keys = lmbus_nats::config_file::keys(&<Cli as clap::CommandFactory>::command());
+        for key in [
+            "nats_user",
+            "secondary_nats_creds",
+            "log",
+            "api",
+            "grace_period",
+        ] {
+            assert!(keys.contains(key), "{key} is not a key: {keys:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slave.toml");
+        std::fs::write(&path, "[secondary_nats_auth]\nuser = \"s\"\n").unwrap();
+        let e = lmbus_nats::config_file::try_parse_from::<Cli, _, _>([
+            "lmbus-slave",
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(path.to_str().unwrap())
+                && e.contains("unknown key secondary_nats_auth")
+                && e.contains("write secondary_nats_user instead"),
+            "{e}"
+        );
+    }
+
+    /// One file serves the daemon and its CLI: `api` is the address `run` listens on and
+    /// the one `status` asks; paths are relative to the file; flags win.
+    #[test]
+    fn one_file_serves_run_and_the_client_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slave.toml");
+        std::fs::write(
+            &path,
+            "cluster = \"acme\"\nid = \"site1\"\nnats_user = \"site1\"\nnats_password = \"pw\"\n\
+             license = \"site1.lic\"\napi = \"127.0.0.1:7499\"\ngrace_period = \"90s\"\n\
+             during_grace = \"allow\"\noverflow = false\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let cli: Cli =
+            lmbus_nats::config_file::try_parse_from(["lmbus-slave", "run", "--config", file])
+                .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.daemon.nats_auth.nats_user.as_deref(), Some("site1"));
+        assert_eq!(run.license, Some(dir.path().join("site1.lic")));
+        assert_eq!(run.api, Some("127.0.0.1:7499".parse().unwrap()));
+        assert_eq!(run.grace_period, Some(Duration::from_secs(90)));
+        assert!(matches!(run.during_grace, Some(GraceArg::Allow)));
+        let cli: Cli =
+            lmbus_nats::config_file::try_parse_from(["lmbus-slave", "--config", file, "status"])
+                .unwrap();
+        let Command::Status { api } = cli.command else {
+            panic!("not status")
+        };
+        assert_eq!(api.addr, "127.0.0.1:7499");
+        let cli: Cli = lmbus_nats::config_file::try_parse_from([
+            "lmbus-slave",
+            "agents",
+            "--api",
+            "127.0.0.1:1",
+            "--config",
+            file,
+        ])
+        .unwrap();
+        let Command::Agents { api } = cli.command else {
+            panic!("not agents")
+        };
+        assert_eq!(api.addr, "127.0.0.1:1");
     }
 }

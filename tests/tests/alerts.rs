@@ -376,6 +376,106 @@ async fn screen_shows(socket: &str, what: &str, check: impl Fn(&str) -> bool) ->
     }
 }
 
+/// Steps: a broker whose license allows 1 `inbound` seat, slave site1 holding it (the type
+/// at its limit) and an `outbound` agent; `lmbus-monitor licenses` runs in a detached tmux
+/// session of 80x24. The pane shows `1 / 1 FULL` for inbound and the days to expiry; `?`
+/// opens the help and Esc closes it; Enter on the selected slave (site1) asks the real
+/// broker for its agents and lists both with their types; Esc closes it. Then the broker
+/// stops: the view says STALE with the age of the last good refresh. q quits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_monitor_at_80x24_pins_limits_lists_agents_and_marks_stale_data() {
+    let f = Fixture::new().await.unwrap();
+    let broker = f
+        .broker(10, &[("inbound", 1), ("outbound", 3)], true)
+        .await
+        .unwrap();
+    let slave = SlaveAgent::start(f.slave_config("site1").unwrap())
+        .await
+        .unwrap();
+    assert!(slave.register("a1", "inbound").await.unwrap().is_approved());
+    assert!(
+        slave
+            .register("b2", "outbound")
+            .await
+            .unwrap()
+            .is_approved()
+    );
+    let socket = format!("lmbus-test-small-{}", f.cluster);
+    let command = format!(
+        "{} --nats {} --cluster {} licenses --every 500ms --timeout 500ms",
+        bin("lmbus-monitor").unwrap().display(),
+        f.nats.url(),
+        f.cluster
+    );
+    let started = tmux(
+        &socket,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "lm",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            &command,
+        ],
+    );
+    assert!(started.status.success(), "{started:?}");
+    let keys = |k: &str| {
+        assert!(
+            tmux(&socket, &["send-keys", "-t", "lm", k])
+                .status
+                .success()
+        );
+    };
+    let text = screen_shows(&socket, "inbound at its limit", |t| {
+        t.lines()
+            .any(|l| l.contains("inbound") && l.contains("1 / 1 FULL"))
+    })
+    .await;
+    eprintln!("seen: the live view at 80x24:\n{text}");
+    assert!(text.contains("expires in "), "{text}");
+    keys("?");
+    screen_shows(&socket, "the help", |t| t.contains("select a slave")).await;
+    keys("Escape");
+    screen_shows(&socket, "the help closed", |t| {
+        !t.contains("select a slave")
+    })
+    .await;
+    keys("Enter");
+    let text = screen_shows(&socket, "site1's agents", |t| {
+        t.contains("agents of site1 (2)")
+            && t.lines().any(|l| l.contains("a1") && l.contains("inbound"))
+            && t.lines()
+                .any(|l| l.contains("b2") && l.contains("outbound"))
+    })
+    .await;
+    eprintln!("seen: Enter on site1:\n{text}");
+    keys("Escape");
+    screen_shows(&socket, "the agent list closed", |t| {
+        !t.contains("agents of site1")
+    })
+    .await;
+    slave.shutdown().await;
+    broker.stop().await.unwrap();
+    let text = screen_shows(&socket, "stale data", |t| {
+        t.contains("STALE: last good refresh") && t.contains("refresh failed")
+    })
+    .await;
+    eprintln!("seen: no master answering:\n{text}");
+    keys("q");
+    let started = std::time::Instant::now();
+    while tmux(&socket, &["has-session", "-t", "lm"]).status.success() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "q did not end the live view"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = tmux(&socket, &["kill-server"]);
+}
+
 /// Steps: a broker with 10 seats and slave site1 holding one agent; `lmbus-monitor
 /// licenses` runs in a detached tmux session (a real terminal, 150x45). The captured pane
 /// shows the leader, the usage line `TOTAL 1 / 10`, site1 and the alert of its connection;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use lmbus_schemas::{LicenseSummary, SlaveStatus, StatusReply};
+use lmbus_schemas::{AgentClaim, LicenseSummary, SlaveId, SlaveStatus, StatusReply};
 
 use super::Engine;
 
@@ -71,6 +71,23 @@ impl Engine {
             admission: self.cfg.allot.admission,
             allotted_by_type: self.allotted_by_type.clone(),
             allotted_total: self.allotted_total,
+            agents: Vec::new(),
         }
+    }
+
+    /// The agents holding a seat on `slave`, by agent id, at most `STATUS_MAX_AGENTS`
+    /// (the monitor's agent list); none for an unknown slave or an invalid id.
+    pub fn agents_of(&self, slave: &str) -> Vec<AgentClaim> {
+        let Some(s) = SlaveId::new(slave).ok().and_then(|id| self.slaves.get(&id)) else {
+            return Vec::new();
+        };
+        s.agents
+            .iter()
+            .take(lmbus_schemas::STATUS_MAX_AGENTS)
+            .map(|(agent_id, agent_type)| AgentClaim {
+                agent_id: agent_id.clone(),
+                agent_type: agent_type.clone(),
+            })
+            .collect()
     }
 }

@@ -327,6 +327,12 @@ impl<'a> Leader<'a> {
             status.leader_term = self.term;
             status.ledger_sequence = self.replica.applied;
             status.replicas = self.replicas.status(now());
+            // An undecodable request still gets the status, without an agent list.
+            let request: lmbus_schemas::StatusRequest =
+                lmbus_schemas::decode(&msg.payload).unwrap_or_default();
+            if let Some(slave) = request.agents_of {
+                status.agents = self.replica.engine.agents_of(&slave);
+            }
             self.io.status(&msg, status).await;
         }
         Turn::Decided(Vec::new())

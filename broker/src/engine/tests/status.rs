@@ -27,3 +27,25 @@ fn status_lists_a_bounded_number_of_slaves_and_counts_all() {
     assert!(!status.slaves[0].connected);
     assert!(lmbus_schemas::encode(&status).unwrap().len() < lmbus_schemas::MAX_MESSAGE_BYTES);
 }
+
+/// The agent list of one slave (the monitor's Enter): its agents by id with their types;
+/// nothing for an unknown slave or an id that is not one.
+#[test]
+fn agents_of_lists_one_slaves_agents() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    h.hello("s2", None);
+    h.register("s1", "b-agent", "inbound");
+    h.register("s1", "a-agent", "outbound");
+    h.register("s2", "c-agent", "inbound");
+    let claim = |id: &str, t: &str| lmbus_schemas::AgentClaim {
+        agent_id: id.into(),
+        agent_type: t.into(),
+    };
+    assert_eq!(
+        h.engine.agents_of("s1"),
+        [claim("a-agent", "outbound"), claim("b-agent", "inbound")]
+    );
+    assert!(h.engine.agents_of("nobody").is_empty());
+    assert!(h.engine.agents_of("not a slave id!").is_empty());
+}
