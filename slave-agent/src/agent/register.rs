@@ -70,7 +70,8 @@ impl Inner {
                     None
                 }
                 Some(detail) => {
-                    self.logged_out(
+                    // `local_rejection` refuses only agents that hold no seat.
+                    self.refused(
                         &mut state,
                         LoggedOut {
                             agent_id: agent_id.to_owned(),
@@ -136,18 +137,20 @@ impl Inner {
                 Ok(Outcome::Approved { already_held })
             }
             Ok((Outcome::Rejected { reason, detail }, _)) => {
-                if !Policy::keeps_seat(reason) {
-                    state.agents.remove(agent_id);
+                let lost = !Policy::keeps_seat(reason) && state.agents.remove(agent_id).is_some();
+                let out = LoggedOut {
+                    agent_id: agent_id.to_owned(),
+                    agent_type: agent_type.to_owned(),
+                    reason,
+                    detail: detail.clone(),
+                };
+                // A re-registration refused took the seat the agent held: a logout. Any
+                // other refusal leaves the agent as it was.
+                if lost {
+                    self.logged_out(&mut state, out);
+                } else {
+                    self.refused(&mut state, out);
                 }
-                self.logged_out(
-                    &mut state,
-                    LoggedOut {
-                        agent_id: agent_id.to_owned(),
-                        agent_type: agent_type.to_owned(),
-                        reason,
-                        detail: detail.clone(),
-                    },
-                );
                 Ok(Outcome::Rejected { reason, detail })
             }
             Err(e) => Err(e),

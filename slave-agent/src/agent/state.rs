@@ -1,6 +1,7 @@
 //! What the agent knows, under one plain mutex: the seat table (which master granted each
 //! seat), the registrations and unregistrations in flight, each master's session, the
-//! active master, the grace clock and the restriction, and the logouts the status shows.
+//! active master, the grace clock and the restriction, and the recent logouts and refused
+//! registrations the status shows.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
@@ -10,6 +11,7 @@ use lmbus_schemas::{AgentClaim, Books, agent_digest};
 use crate::allot::AllotBook;
 use crate::events::LoggedOut;
 use crate::master::{Master, PerMaster};
+use crate::status::AgentNotice;
 
 /// One seat held by an agent of this slave.
 #[derive(Debug, Clone)]
@@ -53,7 +55,12 @@ pub(super) struct State {
     pub(super) links: PerMaster<LinkState>,
     /// Where new registrations go.
     pub(super) active: Master,
-    pub(super) logged_out: VecDeque<LoggedOut>,
+    /// Recent logouts of agents that held a seat, oldest first (at most
+    /// `NOTICE_HISTORY`).
+    pub(super) logged_out: VecDeque<AgentNotice>,
+    /// Recent registrations refused to agents that held no seat, oldest first (at most
+    /// `NOTICE_HISTORY`).
+    pub(super) rejected: VecDeque<AgentNotice>,
     pub(super) last_error: Option<String>,
     /// When the last request that any master answered was sent. The grace period runs
     /// from here (from the start if no master ever answered).
@@ -181,4 +188,16 @@ pub(super) fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panic while holding this lock would be a bug in this module; the state itself stays
     // consistent (every critical section is a few assignments), so keep going.
     state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How many recent logouts, and how many recent refusals, `status()` remembers.
+pub(super) const NOTICE_HISTORY: usize = 100;
+
+/// Appends `out`, stamped with the wall-clock time now, to `list`, dropping the oldest
+/// beyond [`NOTICE_HISTORY`].
+pub(super) fn remember(list: &mut VecDeque<AgentNotice>, out: &LoggedOut) {
+    if list.len() >= NOTICE_HISTORY {
+        list.pop_front();
+    }
+    list.push_back(AgentNotice::now(out));
 }
