@@ -96,13 +96,14 @@ async fn slave_cli(args: &[&str]) -> Output {
 
 /// Steps: a broker with one seat and one slave agent in-process, its router driven with
 /// `oneshot`. Each malformed request (no content type, not JSON, a missing field, an
-/// unknown field, an empty id, an unknown path, a wrong method, a path that does not
-/// decode) gets the JSON error shape with its status, and none takes a seat. a1 is approved
-/// (201, then 200 already held) and shown by `GET /v1/agents/{id}`; a2 is refused 409 with
-/// the reason as the code and the outcome beside it; the status lists a2 under `rejected`
-/// with an RFC 3339 time and nothing under `logged_out`. An operator releases a1: it moves
-/// to `logged_out`, not `rejected`. `GET` and `DELETE` of an agent that holds no seat are
-/// 404; `/healthz` and `/readyz` answer 200; `/v1/openapi.json` is the checked-in document.
+/// unknown field, an empty id, a 3 MB body, an unknown path, a wrong method, a path that
+/// does not decode) gets the JSON error shape with its status, and none takes a seat. a1
+/// is approved (201, then 200 already held) and shown by `GET /v1/agents/{id}`; a2 is
+/// refused 409 with the reason as the code and the outcome beside it; the status lists a2
+/// under `rejected` with an RFC 3339 time and nothing under `logged_out`. An operator
+/// releases a1: it moves to `logged_out`, not `rejected`. `GET` and `DELETE` of an agent
+/// that holds no seat are 404; `/healthz` and `/readyz` answer 200; `/v1/openapi.json` is
+/// the checked-in document.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answer_follows_the_documented_codes_and_shape() {
     let f = Fixture::new().await.unwrap();
@@ -162,6 +163,12 @@ async fn every_answer_follows_the_documented_codes_and_shape() {
     )
     .await;
     assert_error(&a, StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+    let huge = format!(
+        r#"{{"agent_id":"{}","agent_type":"inbound"}}"#,
+        "x".repeat(3 << 20)
+    );
+    let a = call(&router, Method::POST, "/v1/agents", json, &huge).await;
+    assert_error(&a, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
     let a = call(&router, Method::GET, "/v1/nothing", None, "").await;
     assert_error(&a, StatusCode::NOT_FOUND, "not_found");
     let a = call(&router, Method::PUT, "/v1/agents", json, "{}").await;
