@@ -23,4 +23,4 @@ pub use config::{
 };
 pub use error::SlaveError;
 pub use events::{AgentEvent, LoggedOut, Outcome};
-pub use status::{MasterView, SlaveMode, SlaveStatusView};
+pub use status::{AgentNotice, MasterView, SlaveMode, SlaveStatusView};

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lmbus_schemas::{SlaveId, parse_public_key};
-use lmbus_slave::api::{self, ErrorBody, RegisterBody, Released};
+use lmbus_slave::api::{self, ApiOptions, ApiToken, ErrorBody, RegisterBody, Released};
 use lmbus_slave::{
     AgentEvent, GracePolicy, LicenseFile, MasterEndpoint, Outcome, Restriction, ReturnPolicy,
     SlaveAgent, SlaveConfig, SlaveStatusView,
@@ -81,6 +81,21 @@ struct ApiArg {
     /// Address of the daemon's local API.
     #[arg(long = "api", env = "LMBUS_SLAVE_API", default_value = DEFAULT_API)]
     addr: String,
+    /// File with the daemon's API token, for a daemon run with --api-token-file.
+    #[arg(long = "api-token-file", env = "LMBUS_SLAVE_API_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl ApiArg {
+    /// The `Authorization` header value, when a token file is given.
+    fn authorization(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the API token file {}", path.display()))?;
+        Ok(Some(format!("Bearer {}", text.trim())))
+    }
 }
 
 /// Every setting can come from a flag, an environment variable or the config file, in that
@@ -109,9 +124,22 @@ struct RunArgs {
     /// The vendor's public key file, to verify --license.
     #[arg(help_heading = "License", long, env = "LMBUS_VENDOR_KEY")]
     vendor_key: Option<PathBuf>,
-    /// Where the local HTTP API listens (loopback only) [default: 127.0.0.1:7411].
+    /// Where the local HTTP API listens [default: 127.0.0.1:7411].
+    ///
+    /// A loopback address unless --api-allow-remote is given.
     #[arg(help_heading = "Operations", long, env = "LMBUS_SLAVE_API")]
     api: Option<SocketAddr>,
+    /// Let the API listen on a non-loopback address (a sidecar in another container).
+    ///
+    /// Needs --api-token-file: anyone who reaches the API could take and release seats.
+    #[arg(help_heading = "Operations", long, env = "LMBUS_SLAVE_API_ALLOW_REMOTE", num_args = 0..=1, default_missing_value = "true")]
+    api_allow_remote: Option<bool>,
+    /// File holding the API's bearer token (one line, at least 16 characters).
+    ///
+    /// Every request but /healthz and /readyz must then carry `Authorization: Bearer
+    /// <token>`; the CLI subcommands take the same --api-token-file.
+    #[arg(help_heading = "Operations", long, env = "LMBUS_SLAVE_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// Heartbeat interval [default: 1s].
     #[arg(help_heading = "Timing", long, env = "LMBUS_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
     heartbeat_interval: Option<Duration>,
@@ -206,7 +234,7 @@ enum RestrictionArg {
 }
 
 impl RunArgs {
-    fn resolve(self) -> anyhow::Result<(SlaveConfig, SocketAddr)> {
+    fn resolve(self) -> anyhow::Result<(SlaveConfig, ApiOptions)> {
         let cluster = self
             .cluster
             .context("no cluster name: pass --cluster or set LMBUS_CLUSTER")?;
@@ -309,6 +337,17 @@ impl RunArgs {
             Some(a) => a,
             None => DEFAULT_API.parse()?,
         };
+        let token = match self.api_token_file {
+            Some(path) => Some(ApiToken::read(&path)?),
+            None => None,
+        };
+        let api = ApiOptions {
+            addr: api,
+            allow_remote: self.api_allow_remote.unwrap_or(false),
+            token,
+        };
+        // Before the agent says hello: a daemon that cannot serve its API never joins.
+        api.check()?;
         Ok((cfg, api))
     }
 }
@@ -329,13 +368,13 @@ async fn shutdown_signal() {
 }
 
 /// Runs the daemon until `shutdown`: the agent, its local API and a log of agent events.
-async fn run(cfg: SlaveConfig, api_addr: SocketAddr) -> anyhow::Result<()> {
+async fn run(cfg: SlaveConfig, api: ApiOptions) -> anyhow::Result<()> {
     let slave_id = cfg.slave_id.clone();
     let agent = SlaveAgent::start(cfg)
         .await
         .with_context(|| format!("slave {slave_id} cannot start"))?;
     let (stop_api, stop_api_rx) = tokio::sync::oneshot::channel::<()>();
-    let bound = api::bind(agent.clone(), api_addr, async move {
+    let bound = api::bind_with(agent.clone(), api, async move {
         let _ = stop_api_rx.await;
     })
     .await;
@@ -409,18 +448,26 @@ fn read_answer<T: for<'de> Deserialize<'de>>(
 ) -> anyhow::Result<T> {
     let status = response.status();
     if !status.is_success() {
-        let body: ErrorBody = response
-            .body_mut()
-            .read_json()
-            .unwrap_or_else(|_| ErrorBody {
-                error: format!("HTTP {status}"),
-            });
-        bail!("{url}: {}", body.error);
+        match response.body_mut().read_json::<ErrorBody>() {
+            Ok(body) => bail!("{url}: {} ({})", body.error.message, body.error.hint),
+            Err(_) => bail!("{url}: HTTP {status}"),
+        }
     }
     response
         .body_mut()
         .read_json()
         .with_context(|| format!("{url}: unexpected answer"))
+}
+
+/// `request` with the `Authorization` header when `api` names a token file.
+fn with_token<B>(
+    request: ureq::RequestBuilder<B>,
+    api: &ApiArg,
+) -> anyhow::Result<ureq::RequestBuilder<B>> {
+    Ok(match api.authorization()? {
+        Some(value) => request.header("Authorization", value),
+        None => request,
+    })
 }
 
 fn client_command(command: Command) -> anyhow::Result<ExitCode> {
@@ -437,14 +484,33 @@ fn client_command(command: Command) -> anyhow::Result<ExitCode> {
             api,
         } => {
             let url = api_url(&api.addr, "/v1/agents");
-            let response = agent
-                .post(&url)
+            let mut response = with_token(agent.post(&url), &api)?
                 .send_json(&RegisterBody {
                     agent_id: agent_id.clone(),
                     agent_type,
                 })
                 .with_context(|| unreachable(&url))?;
-            let outcome: Outcome = read_answer(response, &url)?;
+            // A refusal is 409 (503 when no master could decide) with the outcome in the
+            // body; it still exits 3.
+            let status = response.status();
+            let outcome: Outcome = if status == ureq::http::StatusCode::CONFLICT
+                || status == ureq::http::StatusCode::SERVICE_UNAVAILABLE
+            {
+                let body: serde_json::Value = response
+                    .body_mut()
+                    .read_json()
+                    .with_context(|| format!("{url}: HTTP {status}, unexpected answer"))?;
+                match serde_json::from_value::<Outcome>(body.clone()) {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        let error: ErrorBody = serde_json::from_value(body)
+                            .with_context(|| format!("{url}: HTTP {status}"))?;
+                        bail!("{url}: {} ({})", error.error.message, error.error.hint);
+                    }
+                }
+            } else {
+                read_answer(response, &url)?
+            };
             match outcome {
                 Outcome::Approved { already_held } => {
                     println!(
@@ -461,24 +527,33 @@ fn client_command(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Unregister { agent_id, api } => {
             let url = api_url(&api.addr, &format!("/v1/agents/{agent_id}"));
-            let response = agent
-                .delete(&url)
+            let mut response = with_token(agent.delete(&url), &api)?
                 .call()
                 .with_context(|| unreachable(&url))?;
-            let released: Released = read_answer(response, &url)?;
+            // An agent that held no seat is a 404 `agent_not_found`: not a failure here.
+            let released = if response.status() == ureq::http::StatusCode::NOT_FOUND {
+                let body: ErrorBody = response
+                    .body_mut()
+                    .read_json()
+                    .with_context(|| format!("{url}: HTTP 404, unexpected answer"))?;
+                if body.error.code != "agent_not_found" {
+                    bail!("{url}: {} ({})", body.error.message, body.error.hint);
+                }
+                false
+            } else {
+                read_answer::<Released>(response, &url)?.released
+            };
             println!(
                 "{agent_id}: {}",
-                if released.released {
-                    "released"
-                } else {
-                    "held no seat"
-                }
+                if released { "released" } else { "held no seat" }
             );
             Ok(ExitCode::SUCCESS)
         }
         Command::Agents { api } => {
             let url = api_url(&api.addr, "/v1/agents");
-            let response = agent.get(&url).call().with_context(|| unreachable(&url))?;
+            let response = with_token(agent.get(&url), &api)?
+                .call()
+                .with_context(|| unreachable(&url))?;
             let agents: Vec<lmbus_schemas::AgentClaim> = read_answer(response, &url)?;
             for a in agents {
                 println!("{}\t{}", a.agent_id, a.agent_type);
@@ -487,7 +562,9 @@ fn client_command(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Status { api } => {
             let url = api_url(&api.addr, "/v1/status");
-            let response = agent.get(&url).call().with_context(|| unreachable(&url))?;
+            let response = with_token(agent.get(&url), &api)?
+                .call()
+                .with_context(|| unreachable(&url))?;
             let status: SlaveStatusView = read_answer(response, &url)?;
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(ExitCode::SUCCESS)

@@ -6,10 +6,12 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use lmbus_schemas::RejectReason;
+
 use crate::events::LoggedOut;
 
 /// A snapshot for status displays and the local API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SlaveStatusView {
     pub slave_id: String,
     /// The cluster of the master new registrations go to.
@@ -27,14 +29,21 @@ pub struct SlaveStatusView {
     pub agents: u32,
     pub agents_by_type: BTreeMap<String, u32>,
     pub pending: u32,
-    /// Most recent logouts, oldest first.
-    pub logged_out: Vec<LoggedOut>,
+    /// Recent logouts of agents that held a seat (the master reclaimed or an operator
+    /// released it, a re-registration was refused, the grace period ended), oldest first,
+    /// at most 100.
+    pub logged_out: Vec<AgentNotice>,
+    /// Recent registrations refused to agents that held no seat (they were never
+    /// admitted, or keep the seat they had), oldest first, at most 100.
+    #[serde(default)]
+    pub rejected: Vec<AgentNotice>,
     pub last_error: Option<String>,
     pub mode: SlaveMode,
     /// Milliseconds left in the grace period while in `grace`.
     pub grace_left_ms: Option<u64>,
     /// How the active master decides registrations: `strict` or `allotment`.
     #[serde(default)]
+    #[schema(value_type = String, example = "strict")]
     pub admission: lmbus_schemas::Admission,
     /// Allotment mode: the free seats of the active master's blocks this slave may admit
     /// from now, per agent type.
@@ -55,7 +64,41 @@ pub struct SlaveStatusView {
     pub churned: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One agent in the status's `logged_out` or `rejected` list: who, why and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AgentNotice {
+    pub agent_id: String,
+    pub agent_type: String,
+    /// The snake_case reason (`aggregate_limit`, `reclaimed`, …; see the README).
+    #[schema(value_type = String, example = "aggregate_limit")]
+    pub reason: RejectReason,
+    pub detail: String,
+    /// When the slave learnt it: RFC 3339 in UTC with milliseconds
+    /// (`2026-11-27T10:00:00.123Z`), from this host's clock.
+    #[schema(example = "2026-11-27T10:00:00.123Z")]
+    pub at: String,
+}
+
+impl AgentNotice {
+    /// `out`, stamped with the wall-clock time now.
+    pub(crate) fn now(out: &LoggedOut) -> Self {
+        let now = time::OffsetDateTime::now_utc();
+        let now = now
+            .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
+            .unwrap_or(now);
+        Self {
+            agent_id: out.agent_id.clone(),
+            agent_type: out.agent_type.clone(),
+            reason: out.reason,
+            detail: out.detail.clone(),
+            at: now
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MasterView {
     pub name: String,
     pub cluster: String,
@@ -67,7 +110,7 @@ pub struct MasterView {
 
 /// What the slave does about registrations, by whether a master answers. In JSON, in the
 /// metrics and in logs it is `connected`, `grace` or `restricted`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SlaveMode {
     /// A master answers.

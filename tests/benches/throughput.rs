@@ -472,7 +472,8 @@ impl Http {
         self.stream.get_mut().write_all(request.as_bytes()).await?;
         let mut line = String::new();
         self.stream.read_line(&mut line).await?;
-        if !line.starts_with("HTTP/1.1 200") {
+        // 200, or 201 for a registration that took a seat.
+        if !line.starts_with("HTTP/1.1 20") {
             bail!("{method} {path}: {}", line.trim());
         }
         let mut length = 0;

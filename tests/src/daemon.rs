@@ -66,7 +66,8 @@ impl SlaveDaemon {
     }
 
     /// Registers `agent` (type `inbound`): `Some(true)` approved, `Some(false)` refused,
-    /// `None` no answer.
+    /// `None` no answer (or an error without an outcome). A refusal is HTTP 409 or 503 with
+    /// the outcome in the body.
     pub async fn register(&self, agent: &str) -> Option<bool> {
         let url = format!("http://{}/v1/agents", self.api);
         let body = serde_json::json!({"agent_id": agent, "agent_type": "inbound"});
@@ -86,7 +87,8 @@ impl SlaveDaemon {
         .await
     }
 
-    /// Unregisters `agent`; whether the daemon answered with success.
+    /// Unregisters `agent`; whether the daemon released its seat (an agent that held none
+    /// is a 404, and an error is false too).
     pub async fn unregister(&self, agent: &str) -> bool {
         let url = format!("http://{}/v1/agents/{agent}", self.api);
         blocking(move || {

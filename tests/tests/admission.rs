@@ -83,7 +83,8 @@ async fn approves_under_the_limit_and_rejects_at_the_aggregate_limit() {
 
 /// Steps: a licensed slave with local limit 2; a third registration is rejected with
 /// `local_limit` and no register request reaches NATS (a tap on the slave's register
-/// subject counts them), and the master relays the slave's report as an alert.
+/// subject counts them), and the master relays the slave's report as an alert; the
+/// slave's status lists a3 under `rejected`, not `logged_out`.
 #[tokio::test]
 async fn local_limit_rejects_without_asking_the_master() {
     let f = Fixture::new().await.unwrap();
@@ -123,7 +124,10 @@ async fn local_limit_rejects_without_asking_the_master() {
         seen.push(req.agent_id);
     }
     assert_eq!(seen, vec!["a1".to_owned(), "a2".to_owned()]);
-    assert_eq!(s.status().logged_out.last().unwrap().agent_id, "a3");
+    // a3 never held a seat: a refusal, not a logout.
+    let status = s.status();
+    assert_eq!(status.rejected.last().unwrap().agent_id, "a3");
+    assert!(status.logged_out.is_empty(), "{:?}", status.logged_out);
     s.shutdown().await;
     broker.stop().await.unwrap();
 }

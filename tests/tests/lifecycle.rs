@@ -138,8 +138,9 @@ async fn a_second_daemon_with_a_live_id_is_refused_and_a_crash_restart_is_accept
 /// Steps: daemon site-t holds two seats and is stopped with SIGTERM: it exits cleanly, an
 /// INFO `slave_stopped` alert says its 2 seats were released, its row is gone from the
 /// status at once, and no `slave_disconnected` follows. A daemon whose local API port is
-/// taken, and one given a non-loopback `--api`, fail at startup after their hello: each
-/// says goodbye (`slave_stopped` quoting the startup error) and leaves no row.
+/// taken fails at startup after its hello: it says goodbye (`slave_stopped` quoting the
+/// startup error) and leaves no row. One given a non-loopback `--api` without
+/// `--api-allow-remote` fails before its hello: no alert names it and it leaves no row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_stop_or_a_failed_start_says_goodbye() {
     let f = Fixture::new().await.unwrap();
@@ -168,30 +169,42 @@ async fn a_clean_stop_or_a_failed_start_says_goodbye() {
     // Past its silence limit (3 x 200 ms) and several ticks.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
+    let remote = format!("0.0.0.0:{}", free_port());
+    let out = tokio::task::block_in_place(|| run_slave_to_its_end(&f, "site-r", &remote));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "site-r started: {stderr}");
+    assert!(
+        stderr.contains("loopback") && stderr.contains("--api-allow-remote"),
+        "{stderr}"
+    );
+
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port_in_use = taken.local_addr().unwrap().to_string();
-    let remote = format!("0.0.0.0:{}", free_port());
-    for (id, api, says) in [
-        ("site-p", port_in_use.as_str(), "cannot listen"),
-        ("site-r", remote.as_str(), "loopback"),
-    ] {
-        let out = tokio::task::block_in_place(|| run_slave_to_its_end(&f, id, api));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{id} started: {stderr}");
-        assert!(stderr.contains(says), "{stderr}");
-        let goodbye = alerts
-            .wait_for("a failed start's goodbye", |a| {
-                a.kind == AlertKind::SlaveStopped && a.slave.as_deref() == Some(id)
-            })
-            .await
-            .unwrap();
-        assert!(
-            goodbye.message.contains("failed at startup") && goodbye.message.contains(says),
-            "{}",
-            goodbye.message
-        );
-    }
+    let out = tokio::task::block_in_place(|| run_slave_to_its_end(&f, "site-p", &port_in_use));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "site-p started: {stderr}");
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+    let goodbye = alerts
+        .wait_for("a failed start's goodbye", |a| {
+            a.kind == AlertKind::SlaveStopped && a.slave.as_deref() == Some("site-p")
+        })
+        .await
+        .unwrap();
+    assert!(
+        goodbye.message.contains("failed at startup") && goodbye.message.contains("cannot listen"),
+        "{}",
+        goodbye.message
+    );
     drop(taken);
+    // site-r never said hello: the goodbye of site-p came after anything it could have sent.
+    assert!(
+        !alerts
+            .seen
+            .iter()
+            .any(|a| a.slave.as_deref() == Some("site-r")),
+        "{:#?}",
+        alerts.seen
+    );
     let st = f.status().await.unwrap();
     assert!(st.slaves.is_empty(), "ghost rows: {:?}", st.slaves);
     // The goodbyes above came after site-t's silence limit: no disconnect was raised.

@@ -11,16 +11,13 @@ use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use super::state::{State, lock};
+use super::state::{State, lock, remember};
 use crate::config::SlaveConfig;
 use crate::error::SlaveError;
 use crate::events::{AgentEvent, LoggedOut};
 use crate::link::{Ask, Links};
 use crate::master::Master;
 use crate::policy::{Policy, RETRY_BACKOFF};
-
-/// How many recent logouts `status()` remembers.
-const LOGGED_OUT_HISTORY: usize = 100;
 
 #[derive(Debug)]
 pub(super) struct Inner {
@@ -56,11 +53,18 @@ impl Inner {
         let _ = self.events.send(event);
     }
 
+    /// An agent that held a seat lost it: the status lists it under `logged_out` and the
+    /// host is told.
     pub(super) fn logged_out(&self, state: &mut State, out: LoggedOut) {
-        if state.logged_out.len() >= LOGGED_OUT_HISTORY {
-            state.logged_out.pop_front();
-        }
-        state.logged_out.push_back(out.clone());
+        remember(&mut state.logged_out, &out);
+        self.emit(AgentEvent::LoggedOut(out));
+    }
+
+    /// A registration was refused to an agent that held no seat (or kept the one it had):
+    /// the status lists it under `rejected`, apart from the logouts, and the host is told
+    /// with the same event as ever (the agent does not hold the seat it asked for).
+    pub(super) fn refused(&self, state: &mut State, out: LoggedOut) {
+        remember(&mut state.rejected, &out);
         self.emit(AgentEvent::LoggedOut(out));
     }
 

@@ -31,7 +31,7 @@ use proptest::prelude::*;
 use time::macros::date;
 use uuid::Uuid;
 
-use super::state::{InFlight, Release, State, lock};
+use super::state::{InFlight, Refusal, Release, State, lock};
 use crate::events::Outcome;
 use crate::master::Master;
 
@@ -363,23 +363,24 @@ impl<'a> Slave<'a> {
                     Decision::Approved { already_held } => Outcome::Approved { already_held },
                     Decision::Rejected { reason, detail } => Outcome::Rejected { reason, detail },
                 };
-                let logout = {
+                let refusal = {
                     let mut state = lock(self.state);
                     if let Some(guard) = self.in_flight.remove(&guard) {
                         guard.settle(&mut state);
                     }
                     state.record_decision(agent, agent_type, &outcome, Some(LINK))
                 };
-                match outcome {
-                    Outcome::Approved { .. } => {
+                match refusal {
+                    None => {
                         self.hosts.insert(agent, agent_type.to_owned());
                     }
-                    // Refused a second seat of another type: the host keeps the one it has.
-                    Outcome::Rejected { .. }
-                        if logout.is_some() && lock(self.state).agents.contains_key(agent) => {}
-                    Outcome::Rejected { .. } => {
+                    // The host is told its agent is logged out: it no longer holds the seat.
+                    Some(Refusal::LoggedOut(_)) => {
                         self.hosts.remove(agent);
                     }
+                    // Refused a seat it did not hold, or a second seat of another type: the
+                    // host keeps what it had.
+                    Some(Refusal::Refused(_)) => {}
                 }
                 self.turn_done(agent);
             }

@@ -299,6 +299,7 @@ impl SlaveAgent {
             agents_by_type: by_type,
             pending: state.pending,
             logged_out: state.logged_out.iter().cloned().collect(),
+            rejected: state.rejected.iter().cloned().collect(),
             last_error: state.last_error.clone(),
             mode: Policy::mode(any_connected, state.restricted.is_some()),
             grace_left_ms: (!any_connected && state.restricted.is_none()).then(|| {

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::hello::HelloError;
 use super::inner::Inner;
-use super::state::{InFlight, Release, Seat, lock};
+use super::state::{InFlight, Refusal, Release, Seat, lock};
 use crate::error::SlaveError;
 use crate::events::{LoggedOut, Outcome};
 use crate::link::Ask;
@@ -70,7 +70,8 @@ impl Inner {
                     None
                 }
                 Some(detail) => {
-                    self.logged_out(
+                    // `local_rejection` refuses only agents that hold no seat.
+                    self.refused(
                         &mut state,
                         LoggedOut {
                             agent_id: agent_id.to_owned(),
@@ -118,8 +119,10 @@ impl Inner {
         let mut state = lock(&self.state);
         in_flight.settle(&mut state);
         let (outcome, granted_by) = decided?;
-        if let Some(out) = state.record_decision(agent_id, agent_type, &outcome, granted_by) {
-            self.logged_out(&mut state, out);
+        match state.record_decision(agent_id, agent_type, &outcome, granted_by) {
+            Some(Refusal::LoggedOut(out)) => self.logged_out(&mut state, out),
+            Some(Refusal::Refused(out)) => self.refused(&mut state, out),
+            None => {}
         }
         Ok(outcome)
     }

@@ -1,6 +1,7 @@
 //! What the agent knows, under one plain mutex: the seat table (which master granted each
 //! seat), the registrations and unregistrations in flight, each master's session, the
-//! active master, the grace clock and the restriction, and the logouts the status shows.
+//! active master, the grace clock and the restriction, and the recent logouts and refused
+//! registrations the status shows.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
@@ -11,6 +12,7 @@ use crate::allot::AllotBook;
 use crate::events::{LoggedOut, Outcome};
 use crate::master::{Master, PerMaster};
 use crate::policy::Policy;
+use crate::status::AgentNotice;
 
 /// One seat held by an agent of this slave.
 #[derive(Debug, Clone)]
@@ -54,7 +56,12 @@ pub(super) struct State {
     pub(super) links: PerMaster<LinkState>,
     /// Where new registrations go.
     pub(super) active: Master,
-    pub(super) logged_out: VecDeque<LoggedOut>,
+    /// Recent logouts of agents that held a seat, oldest first (at most
+    /// `NOTICE_HISTORY`).
+    pub(super) logged_out: VecDeque<AgentNotice>,
+    /// Recent registrations refused to agents that held no seat, oldest first (at most
+    /// `NOTICE_HISTORY`).
+    pub(super) rejected: VecDeque<AgentNotice>,
     pub(super) last_error: Option<String>,
     /// When the last request that any master answered was sent. The grace period runs
     /// from here (from the start if no master ever answered).
@@ -115,6 +122,14 @@ fn unmark(set: &mut BTreeMap<String, u32>, agent: &str) {
     }
 }
 
+/// What a refused registration was: a logout (it took the seat the agent held) or a
+/// refusal of an agent that held none, or kept the one it had.
+#[derive(Debug)]
+pub(super) enum Refusal {
+    LoggedOut(LoggedOut),
+    Refused(LoggedOut),
+}
+
 /// What an unregistration does with the seat table.
 #[derive(Debug)]
 pub(super) enum Release {
@@ -136,6 +151,7 @@ impl State {
             links: PerMaster::default(),
             active: Master::Primary,
             logged_out: VecDeque::new(),
+            rejected: VecDeque::new(),
             last_error: None,
             last_contact: tokio::time::Instant::now(),
             restricted: None,
@@ -155,14 +171,15 @@ impl State {
     /// A master's answer to a registration, into the seat table: an approval holds the seat
     /// at the master that granted it (`None`: admitted locally in the grace period, so the
     /// active master, which reconciles it at the next hello); a rejection frees the agent's
-    /// seat unless the policy keeps it. Returns the logout a rejection makes.
+    /// seat unless the policy keeps it. Returns what a rejection is for the status: a
+    /// logout when it took a seat the agent held, a refusal otherwise.
     pub(super) fn record_decision(
         &mut self,
         agent_id: &str,
         agent_type: &str,
         outcome: &Outcome,
         granted_by: Option<Master>,
-    ) -> Option<LoggedOut> {
+    ) -> Option<Refusal> {
         match outcome {
             Outcome::Approved { .. } => {
                 let link = granted_by.unwrap_or(self.active);
@@ -179,14 +196,17 @@ impl State {
                 None
             }
             Outcome::Rejected { reason, detail } => {
-                if !Policy::keeps_seat(*reason) {
-                    self.agents.remove(agent_id);
-                }
-                Some(LoggedOut {
+                let lost = !Policy::keeps_seat(*reason) && self.agents.remove(agent_id).is_some();
+                let out = LoggedOut {
                     agent_id: agent_id.to_owned(),
                     agent_type: agent_type.to_owned(),
                     reason: *reason,
                     detail: detail.clone(),
+                };
+                Some(if lost {
+                    Refusal::LoggedOut(out)
+                } else {
+                    Refusal::Refused(out)
                 })
             }
         }
@@ -311,4 +331,16 @@ pub(super) fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panic while holding this lock would be a bug in this module; the state itself stays
     // consistent (every critical section is a few assignments), so keep going.
     state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How many recent logouts, and how many recent refusals, `status()` remembers.
+pub(super) const NOTICE_HISTORY: usize = 100;
+
+/// Appends `out`, stamped with the wall-clock time now, to `list`, dropping the oldest
+/// beyond [`NOTICE_HISTORY`].
+pub(super) fn remember(list: &mut VecDeque<AgentNotice>, out: &LoggedOut) {
+    if list.len() >= NOTICE_HISTORY {
+        list.pop_front();
+    }
+    list.push_back(AgentNotice::now(out));
 }
