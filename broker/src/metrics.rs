@@ -304,7 +304,12 @@ impl Metrics {
                 "lmbus_alerts_total{{kind=\"{kind}\",severity=\"{severity}\"}} {n}"
             );
         }
-        build_info(&mut text, env!("CARGO_PKG_VERSION"));
+        build_info(
+            &mut text,
+            lmbus_nats::release::VERSION,
+            lmbus_nats::release::COMMIT,
+            lmbus_nats::release::BUILD_DATE,
+        );
         process.render(&mut text);
         text
     }
@@ -488,12 +493,16 @@ mod tests {
             "lmbus_replica_drained 0",
             "lmbus_ledger_lag_records 2",
             "lmbus_alerts_total{kind=\"registration_rejected\",severity=\"warning\"} 1",
-            concat!(
-                "lmbus_build_info{version=\"",
-                env!("CARGO_PKG_VERSION"),
-                "\"} 1"
-            ),
         ] {
+            assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");
+        }
+        let build = format!(
+            "lmbus_build_info{{version=\"{}\",commit=\"{}\",build_date=\"{}\"}} 1",
+            lmbus_nats::release::VERSION,
+            lmbus_nats::release::COMMIT,
+            lmbus_nats::release::BUILD_DATE
+        );
+        for line in [build.as_str()] {
             assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");
         }
         assert!(

@@ -91,7 +91,11 @@ pub enum ParseError {
 /// Parses the process's command line into `P`, applying its `--config` file; on an error
 /// prints it and exits with status 2, as clap does.
 pub fn parse<P: clap::Parser>() -> P {
-    match try_parse_from::<P, _, _>(std::env::args_os()) {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if let Some(code) = crate::release::run(&P::command(), &args) {
+        std::process::exit(code)
+    }
+    match try_parse_from::<P, _, _>(args) {
         Ok(parsed) => parsed,
         Err(ParseError::Clap(e)) => e.exit(),
         Err(ParseError::File(e)) => {
@@ -113,7 +117,9 @@ where
     let extra = file_args(&P::command(), &args)?;
     let mut all = args;
     all.extend(extra);
-    let matches = P::command().try_get_matches_from(all)?;
+    // With the release subcommands, so that `--help` lists them and `--version` tells the
+    // build (`parse` runs them before this).
+    let matches = crate::release::command(P::command()).try_get_matches_from(all)?;
     Ok(P::from_arg_matches(&matches)?)
 }
 

@@ -12,6 +12,7 @@
 
 pub mod cli_help;
 pub mod config_file;
+pub mod release;
 
 pub use config_file::DaemonArgs;
 

@@ -77,15 +77,17 @@ pub fn escape_label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// `lmbus_build_info{version}`, always 1: which lmbus version a process runs (join it to
-/// other series with `* on(instance) group_left(version)`).
-pub fn build_info(text: &mut String, version: &str) {
+/// `lmbus_build_info{version,commit,build_date}`, always 1: which lmbus build a process
+/// runs (join it to other series with `* on(instance) group_left(version)`).
+pub fn build_info(text: &mut String, version: &str, commit: &str, build_date: &str) {
     let _ = writeln!(
         text,
-        "# HELP lmbus_build_info The lmbus version this process runs; always 1.\n\
+        "# HELP lmbus_build_info The lmbus build this process runs (version, git commit, build date); always 1.\n\
          # TYPE lmbus_build_info gauge\n\
-         lmbus_build_info{{version=\"{}\"}} 1",
-        escape_label(version)
+         lmbus_build_info{{version=\"{}\",commit=\"{}\",build_date=\"{}\"}} 1",
+        escape_label(version),
+        escape_label(commit),
+        escape_label(build_date)
     );
 }
 
@@ -284,9 +286,11 @@ mod tests {
     #[test]
     fn build_info_names_the_version() {
         let mut text = String::new();
-        build_info(&mut text, "1.2.3");
+        build_info(&mut text, "1.2.3", "0123456789ab", "2026-11-27");
         assert!(
-            text.ends_with("\nlmbus_build_info{version=\"1.2.3\"} 1\n"),
+            text.ends_with(
+                "\nlmbus_build_info{version=\"1.2.3\",commit=\"0123456789ab\",build_date=\"2026-11-27\"} 1\n"
+            ),
             "{text}"
         );
     }

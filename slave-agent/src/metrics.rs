@@ -157,7 +157,12 @@ impl SlaveMetrics {
                 "lmbus_slave_agent_type_seats_allotted_free{{agent_type=\"{label}\"}} {n}"
             );
         }
-        build_info(&mut t, env!("CARGO_PKG_VERSION"));
+        build_info(
+            &mut t,
+            lmbus_nats::release::VERSION,
+            lmbus_nats::release::COMMIT,
+            lmbus_nats::release::BUILD_DATE,
+        );
         t
     }
 }

@@ -217,8 +217,10 @@ async fn metrics_match_a_scripted_workload() {
     );
     assert_eq!(
         get(&format!(
-            r#"lmbus_build_info{{version="{}"}}"#,
-            env!("CARGO_PKG_VERSION")
+            r#"lmbus_build_info{{build_date="{}",commit="{}",version="{}"}}"#,
+            lmbus_nats::release::BUILD_DATE,
+            lmbus_nats::release::COMMIT,
+            lmbus_nats::release::VERSION
         )),
         1.0
     );
@@ -307,8 +309,10 @@ async fn the_slave_daemon_serves_its_metrics() {
     );
     assert_eq!(
         get(&format!(
-            r#"lmbus_build_info{{version="{}"}}"#,
-            env!("CARGO_PKG_VERSION")
+            r#"lmbus_build_info{{build_date="{}",commit="{}",version="{}"}}"#,
+            lmbus_nats::release::BUILD_DATE,
+            lmbus_nats::release::COMMIT,
+            lmbus_nats::release::VERSION
         )),
         1.0
     );

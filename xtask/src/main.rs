@@ -9,8 +9,11 @@
 //! - `cargo xtask bench-failover`: kill -9 trials of the leader broker on a 3-node NATS
 //!   cluster; `cargo xtask bench-catchup`: a cold replica replaying 10^5 and 10^6 seats, or loading a snapshot of them.
 //!   Both write their tables into `BENCHMARKS.md`.
+//! - `cargo xtask dist`: the release archive (binaries, man pages, completions, docs,
+//!   `deploy/`, checksums).
 
 mod demo;
+mod dist;
 mod nats;
 mod redis;
 
@@ -77,6 +80,14 @@ enum Cmd {
         /// Comma-separated seat counts.
         #[arg(long, default_value = "100000,1000000")]
         seats: String,
+    },
+    /// Build the release binaries and pack them with their man pages, shell completions
+    /// (bash, zsh, fish), the docs and deploy/ into target/dist/lmbus-<version>-<commit>-
+    /// <arch>-linux.tar.gz, with SHA256SUMS inside and a .sha256 beside it.
+    Dist {
+        /// Pack the debug binaries instead (no release build; for a quick look).
+        #[arg(long)]
+        debug: bool,
     },
     /// Fuzz the wire decoder, the license verifier and the admission engine with
     /// cargo-fuzz (libFuzzer; installed if missing), each target for a fixed time. Crashes
@@ -632,6 +643,9 @@ fn main() -> ExitCode {
         Cmd::BenchFailover { trials } => bench_failover(trials),
         Cmd::BenchCatchup { seats } => bench_catchup(&seats),
         Cmd::Fuzz { seconds, targets } => fuzz(seconds, targets),
+        Cmd::Dist { debug } => {
+            dist::run(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."), debug).map(|_| ())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
