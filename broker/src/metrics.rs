@@ -502,9 +502,10 @@ mod tests {
             lmbus_nats::release::COMMIT,
             lmbus_nats::release::BUILD_DATE
         );
-        for line in [build.as_str()] {
-            assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");
-        }
+        assert!(
+            text.lines().any(|l| l == build),
+            "no line {build} in\n{text}"
+        );
         assert!(
             !text.contains("reason=\"\""),
             "an empty reason label in\n{text}"
