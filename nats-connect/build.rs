@@ -29,12 +29,25 @@ fn main() {
     println!("cargo:rustc-env=LMBUS_GIT_COMMIT={commit}");
     println!("cargo:rustc-env=LMBUS_BUILD_DATE={date}");
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
-    // Stamp again when HEAD moves (a commit, a checkout).
-    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
-        println!("cargo:rerun-if-changed={dir}/HEAD");
-        if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            println!("cargo:rerun-if-changed={dir}/{head}");
+    // Stamp again when HEAD moves (a commit, a checkout). Only paths that exist: cargo takes
+    // a missing one as always changed and would rerun this (and rebuild every crate that
+    // uses this one) on every build.
+    let watch = |path: std::path::PathBuf| {
+        if path.exists() {
+            println!("cargo:rerun-if-changed={}", path.display());
         }
-        println!("cargo:rerun-if-changed={dir}/packed-refs");
+    };
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        let dir = std::path::PathBuf::from(dir);
+        watch(dir.join("HEAD"));
+        // Branch refs live in the common dir (the same, except in a worktree), loose or packed.
+        // Printed relative to the working directory unless absolute.
+        let common = git(&["rev-parse", "--git-common-dir"])
+            .and_then(|c| Some(std::env::current_dir().ok()?.join(c)))
+            .unwrap_or_else(|| dir.clone());
+        if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            watch(common.join(head));
+        }
+        watch(common.join("packed-refs"));
     }
 }

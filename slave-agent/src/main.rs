@@ -526,7 +526,12 @@ fn client_command(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Unregister { agent_id, api } => {
-            let url = api_url(&api.addr, &format!("/v1/agents/{agent_id}"));
+            // An agent id may hold `?`, `#` or `/`: one path segment, percent-encoded.
+            let segment = percent_encoding::utf8_percent_encode(
+                &agent_id,
+                percent_encoding::NON_ALPHANUMERIC,
+            );
+            let url = api_url(&api.addr, &format!("/v1/agents/{segment}"));
             let mut response = with_token(agent.delete(&url), &api)?
                 .call()
                 .with_context(|| unreachable(&url))?;

@@ -362,6 +362,13 @@ async fn readyz_follows_the_master_and_the_cli_keeps_its_exit_codes() {
         String::from_utf8_lossy(&out.stdout).contains("a2: held no seat"),
         "{out:?}"
     );
+    // An id with URL syntax in it is one path segment: `a1?x` is not `a1`.
+    let out = slave_cli(&["unregister", "--api", &daemon.api, "a1?x"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("a1?x: held no seat"),
+        "{out:?}"
+    );
     let out = slave_cli(&["unregister", "--api", &daemon.api, "a1"]).await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(
