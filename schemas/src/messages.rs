@@ -656,8 +656,36 @@ pub struct StatusReply {
 /// Most slaves listed in a [`StatusReply`] (about 100 bytes each).
 pub const STATUS_MAX_SLAVES: usize = 1000;
 
-/// Most agents listed in a [`StatusReply`] (about 50 bytes each, beside the slaves).
+/// Most agents listed in a [`StatusReply`].
 pub const STATUS_MAX_AGENTS: usize = 5000;
+
+/// Most bytes the agent list of a [`StatusReply`] takes (its ids and types, and at most 32
+/// bytes of encoding each): with the slave rows the reply stays under [`MAX_MESSAGE_BYTES`]
+/// whatever length a slave gives its agents' ids (up to 256 bytes each).
+///
+/// [`MAX_MESSAGE_BYTES`]: crate::MAX_MESSAGE_BYTES
+pub const STATUS_MAX_AGENT_BYTES: usize = 64 * 1024;
+
+/// The agent list of a [`StatusReply`] from one slave's `(agent id, type)` pairs, in their
+/// order: at most [`STATUS_MAX_AGENTS`] entries and [`STATUS_MAX_AGENT_BYTES`] bytes (the
+/// slave's `in_use` still counts them all).
+pub fn bounded_agent_list<'a>(
+    agents: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Vec<AgentClaim> {
+    let mut bytes = 0;
+    agents
+        .into_iter()
+        .take(STATUS_MAX_AGENTS)
+        .take_while(|(id, agent_type)| {
+            bytes += id.len() + agent_type.len() + 32;
+            bytes <= STATUS_MAX_AGENT_BYTES
+        })
+        .map(|(agent_id, agent_type)| AgentClaim {
+            agent_id: agent_id.clone(),
+            agent_type: agent_type.clone(),
+        })
+        .collect()
+}
 
 /// `lmbus.v1.<cluster>.replica`: every broker replica publishes one a few times per lease,
 /// so the leader knows its standbys (and raises `replica_joined` / `replica_lost`).
@@ -743,6 +771,25 @@ mod tests {
     {
         let bytes = encode(value).unwrap();
         assert_eq!(&decode::<T>(&bytes).unwrap(), value);
+    }
+
+    /// An agent list of the longest ids a slave may use stays within its byte budget, well
+    /// under the message size limit; with short ids it holds at least 1000 agents.
+    #[test]
+    fn the_agent_list_of_a_status_reply_is_bounded_in_bytes() {
+        let long: BTreeMap<String, String> = (0..STATUS_MAX_AGENTS)
+            .map(|i| (format!("{i:0>256}"), "t".repeat(64)))
+            .collect();
+        let list = bounded_agent_list(&long);
+        assert!(!list.is_empty() && list.len() < STATUS_MAX_AGENTS);
+        // Within its budget as encoded, leaving the rest of the reply for the slave rows.
+        let encoded = encode(&list).unwrap().len();
+        assert!(encoded <= STATUS_MAX_AGENT_BYTES, "{encoded} bytes");
+        const { assert!(STATUS_MAX_AGENT_BYTES < crate::MAX_MESSAGE_BYTES / 2) };
+        let short: BTreeMap<String, String> = (0..STATUS_MAX_AGENTS + 10)
+            .map(|i| (format!("a{i}"), "inbound".to_owned()))
+            .collect();
+        assert!(bounded_agent_list(&short).len() >= 1000);
     }
 
     #[test]

@@ -75,19 +75,13 @@ impl Engine {
         }
     }
 
-    /// The agents holding a seat on `slave`, by agent id, at most `STATUS_MAX_AGENTS`
-    /// (the monitor's agent list); none for an unknown slave or an invalid id.
+    /// The agents holding a seat on `slave`, by agent id, bounded in count and bytes
+    /// (`bounded_agent_list`; the monitor's agent list); none for an unknown slave or an
+    /// invalid id.
     pub fn agents_of(&self, slave: &str) -> Vec<AgentClaim> {
         let Some(s) = SlaveId::new(slave).ok().and_then(|id| self.slaves.get(&id)) else {
             return Vec::new();
         };
-        s.agents
-            .iter()
-            .take(lmbus_schemas::STATUS_MAX_AGENTS)
-            .map(|(agent_id, agent_type)| AgentClaim {
-                agent_id: agent_id.clone(),
-                agent_type: agent_type.clone(),
-            })
-            .collect()
+        lmbus_schemas::bounded_agent_list(&s.agents)
     }
 }

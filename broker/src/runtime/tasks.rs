@@ -95,6 +95,8 @@ pub(super) async fn answer_drain_requests(io: Io, drainer: Drainer, stop: Cancel
                 format!("{who} drained a replica: {message}"),
             )
         };
+        // At once, not at the next presence beat.
+        io.metrics.set_drained(drainer.is_drained());
         info!(operator = %who, "{message}");
         io.alert(Alert::new(
             severity,
