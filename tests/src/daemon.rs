@@ -38,31 +38,47 @@ impl SlaveDaemon {
         grace: Duration,
         flags: &[&str],
     ) -> Self {
-        let api = format!("127.0.0.1:{}", free_port());
         let grace = format!("{}ms", grace.as_millis());
-        let proc = Proc::spawn(
-            Command::new(bin("lmbus-slave").expect("lmbus-slave is built"))
-                .args(["run", "--nats", nats_url, "--cluster", cluster])
-                .args(["--id", id, "--api", &api])
-                .args(["--heartbeat-interval", "200ms", "--grace-period", &grace])
-                .args(["--request-timeout", "1s", "--failover-wait", "0s"])
-                .args(["--election-wait", "1s"])
-                .args(flags)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        )
-        .expect("lmbus-slave starts");
-        let daemon = SlaveDaemon {
-            id: id.to_owned(),
-            api,
-            proc,
-        };
-        eventually("the slave daemon's API answers", || async {
-            daemon.status().await.is_some()
-        })
-        .await
-        .expect("the slave daemon's API answers");
-        daemon
+        // A free port may be taken by another test's daemon before this one binds it (that
+        // one then answers here, under its own id): try another port until this daemon is
+        // the one answering.
+        for _ in 0..5 {
+            let api = format!("127.0.0.1:{}", free_port());
+            let proc = Proc::spawn(
+                Command::new(bin("lmbus-slave").expect("lmbus-slave is built"))
+                    .args(["run", "--nats", nats_url, "--cluster", cluster])
+                    .args(["--id", id, "--api", &api])
+                    .args(["--heartbeat-interval", "200ms", "--grace-period", &grace])
+                    .args(["--request-timeout", "1s", "--failover-wait", "0s"])
+                    .args(["--election-wait", "1s"])
+                    .args(flags)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            )
+            .expect("lmbus-slave starts");
+            let daemon = SlaveDaemon {
+                id: id.to_owned(),
+                api,
+                proc,
+            };
+            eventually("the slave daemon's API answers", || async {
+                daemon.status().await.is_some()
+            })
+            .await
+            .expect("the slave daemon's API answers");
+            if daemon
+                .status()
+                .await
+                .is_some_and(|status| status.slave_id == id)
+            {
+                return daemon;
+            }
+            eprintln!(
+                "another slave daemon answers on {}: trying another port",
+                daemon.api
+            );
+        }
+        panic!("slave daemon {id} found no free port for its API in 5 tries")
     }
 
     /// Registers `agent` (type `inbound`): `Some(true)` approved, `Some(false)` refused,
