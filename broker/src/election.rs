@@ -15,6 +15,15 @@
 //! in the ledger covers the rest: a leader paused between checking its lease and writing
 //! is refused by the ledger.
 //!
+//! A key the server still holds but whose revision a candidate has seen unchanged for a
+//! whole lease on its own clock is stale (every renewal moves the revision, and its holder
+//! stopped acting 4/5 of a lease after sending it): the candidate takes it over with
+//! compare-and-set on that revision. That matters after a NATS node died: the bucket
+//! stream's new leader may keep an expired key for another second before its own timer
+//! drops it. For the same reason a leader that could not renew deletes its own key
+//! (compare-and-set on its last revision) once the bucket answers again: it stopped acting
+//! on it already.
+//!
 //! Preference (`priority`, like the order of FLEXlm's SERVER lines): when the key is
 //! gone, a candidate with priority `p` waits `(p - 1) * PRIORITY_STEP` before it tries, so
 //! the most preferred replica that is up wins. A running leader is never preempted, so a
@@ -42,8 +51,11 @@ use crate::jetstream::open_stream;
 /// The key holding the lease.
 const KEY: &str = "leader";
 
+/// How long a replica keeps trying to delete a lease it could not renew.
+const RELEASE_FOR: Duration = Duration::from_secs(60);
+
 /// Extra wait per priority step when the lease is free.
-pub const PRIORITY_STEP: Duration = Duration::from_millis(200);
+pub const PRIORITY_STEP: Duration = Duration::from_millis(100);
 
 /// Election settings.
 #[derive(Debug, Clone)]
@@ -90,7 +102,7 @@ pub enum StepDown {
 impl std::fmt::Display for StepDown {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            StepDown::Resigned => "it resigned the lease (admin drain)",
+            StepDown::Resigned => "it resigned the lease (admin drain, or its ledger write failed)",
             StepDown::Stopping => "the broker is stopping",
             StepDown::NotRenewed => "it could not renew the lease in time",
             StepDown::Superseded => "another replica holds the lease",
@@ -145,13 +157,55 @@ pub struct Election {
     /// Set by `admin drain` ([`Drainer`]): this replica no longer campaigns (until
     /// `admin undrain` or a restart).
     draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// While this replica rebuilds its state after stepping down ([`Self::stand_aside`]).
+    aside: Aside,
+}
+
+/// A replica rebuilding its state after it stepped down does not campaign until it has
+/// applied the ledger up to where it was (`until`), or for [`ASIDE_AT_MOST`].
+#[derive(Debug, Clone, Default)]
+struct Aside {
+    /// The ledger position to reach; 0: not standing aside.
+    until: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The replica's applied position (shared with the runtime).
+    applied: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    since: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+/// The longest a replica stands aside: it may be the only one left.
+pub const ASIDE_AT_MOST: Duration = Duration::from_secs(10);
+
+impl Aside {
+    fn active(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let until = self.until.load(SeqCst);
+        if until == 0 {
+            return false;
+        }
+        let expired = self
+            .since
+            .lock()
+            .map(|since| since.is_none_or(|t| t.elapsed() >= ASIDE_AT_MOST))
+            .unwrap_or(true);
+        if self.applied.load(SeqCst) >= until || expired {
+            self.until.store(0, SeqCst);
+            return false;
+        }
+        true
+    }
 }
 
 impl Election {
     /// Opens (creating if needed) the election bucket and starts campaigning in a task.
+    /// `news` ([`crate::jetstream::leader_news`]) cuts short a lease read that waits on a
+    /// bucket stream without a leader.
+    /// `applied` is the replica's applied ledger position, which [`Self::stand_aside`]
+    /// waits on.
     pub async fn start(
         client: &Client,
         subjects: &Subjects,
+        news: watch::Receiver<u64>,
+        applied: std::sync::Arc<std::sync::atomic::AtomicU64>,
         cfg: ElectionConfig,
     ) -> anyhow::Result<Self> {
         let store = open_bucket(client, subjects, &cfg).await?;
@@ -162,19 +216,25 @@ impl Election {
         let (electing_tx, electing_rx) = watch::channel(false);
         let (resign_tx, resign_rx) = tokio::sync::mpsc::channel(4);
         let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let aside = Aside {
+            applied,
+            ..Aside::default()
+        };
         tokio::spawn(campaign(
             store,
+            news,
             cfg,
             tx,
             electing_tx,
             resign_rx,
-            draining.clone(),
+            (draining.clone(), aside.clone()),
         ));
         Ok(Self {
             role: rx,
             electing: electing_rx,
             resign: resign_tx,
             draining,
+            aside,
         })
     }
 
@@ -183,6 +243,21 @@ impl Election {
     /// until it has. A resign for an older lease is ignored.
     pub fn resign(&self, lease: u64) {
         let _ = self.resign.try_send(lease);
+    }
+
+    /// This replica stepped down with the ledger acknowledged up to `until` and rebuilds its
+    /// state: it does not campaign until it has applied the ledger that far again (or for
+    /// [`ASIDE_AT_MOST`]). Loading a snapshot and reading the ledger may take as long as
+    /// JetStream's own elections after a NATS node died (the snapshot stream may have no
+    /// leader either), and a replica that won the lease meanwhile would hold it without
+    /// serving, or with a long catch-up, while the standbys that kept following are
+    /// current.
+    pub fn stand_aside(&self, until: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let Ok(mut since) = self.aside.since.lock() {
+            *since = Some(Instant::now());
+        }
+        self.aside.until.store(until.max(1), SeqCst);
     }
 
     /// A handle that drains this replica from another task.
@@ -297,20 +372,48 @@ fn set<T: PartialEq>(watch: &watch::Sender<T>, next: T) {
 
 async fn campaign(
     store: kv::Store,
+    mut news: watch::Receiver<u64>,
     cfg: ElectionConfig,
     role: watch::Sender<Role>,
     electing: watch::Sender<bool>,
     mut resign: tokio::sync::mpsc::Receiver<u64>,
-    draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    (draining, aside): (std::sync::Arc<std::sync::atomic::AtomicBool>, Aside),
 ) {
     let value = lease_value(&cfg);
     let mut holdoff_until: Option<Instant> = None;
+    // The lease revision last read, and when this replica first read it.
+    let mut seen: Option<(u64, Instant)> = None;
+    // This replica's own lease that it could not renew, still to be deleted (with
+    // compare-and-set on its revision) so that nobody waits for the server to expire it,
+    // and until when to keep trying.
+    let mut release: Option<(u64, Instant)> = None;
     let mut last_read = Instant::now();
     loop {
         if role.is_closed() {
             return;
         }
         // ---- candidate ----
+        // A lease this replica could not renew is past its validity here: it no longer
+        // acts on it, so it deletes it (only if nobody replaced it since), and a standby
+        // takes over as soon as the bucket's stream answers again (after a NATS node
+        // died, its new stream leader may keep the expired key for another second).
+        if let Some((revision, until)) = release {
+            let delete = tokio::time::timeout(
+                cfg.lease / 2,
+                store.delete_expect_revision(KEY, Some(revision)),
+            )
+            .await;
+            match delete {
+                Ok(Ok(())) => {
+                    info!(replica = %cfg.replica, lease = revision, "deleted the lease it could not renew");
+                    release = None;
+                }
+                // Replaced meanwhile (the read below then shows another revision and
+                // stops this), or the bucket unreachable for too long.
+                _ if Instant::now() >= until => release = None,
+                _ => {}
+            }
+        }
         let now = Instant::now();
         if holdoff_until.is_some_and(|t| now < t) {
             tokio::time::sleep(cfg.poll_every()).await;
@@ -318,10 +421,13 @@ async fn campaign(
         }
         while resign.try_recv().is_ok() {}
         // Bounded: while the bucket's stream has no leader a read can hang far longer than
-        // the client's request timeout.
-        let read = tokio::time::timeout(cfg.lease / 2, store.entry(KEY))
-            .await
-            .unwrap_or_else(|_| Err(kv::EntryError::new(kv::EntryErrorKind::TimedOut)));
+        // the client's request timeout. JetStream announcing a new stream leader ends the
+        // wait at once: read again (a read changes nothing, so it may be dropped).
+        let read = tokio::select! {
+            read = tokio::time::timeout(cfg.lease / 2, store.entry(KEY)) => read
+                .unwrap_or_else(|_| Err(kv::EntryError::new(kv::EntryErrorKind::TimedOut))),
+            _ = crate::jetstream::next_news(&mut news) => continue,
+        };
         let current = match read {
             Ok(entry) => {
                 last_read = Instant::now();
@@ -347,7 +453,33 @@ async fn campaign(
                 continue;
             }
         };
-        if let Some(entry) = current {
+        // A lease the server still holds but nobody has renewed for a whole lease, on this
+        // replica's own clock (the revision it first read then has not moved: every
+        // renewal moves it): its holder stopped acting on it long ago (4/5 of a lease after
+        // *sending* the renewal that wrote it, which was before this replica first read
+        // it). The server drops it on its own timer, but a bucket stream that just elected
+        // a new leader (a NATS node died) may keep it for another second: take it over
+        // with compare-and-set on that revision instead. No clocks are compared.
+        let stale = match &current {
+            Some(entry) => match seen {
+                Some((revision, since)) if revision == entry.revision => {
+                    since.elapsed() >= cfg.lease
+                }
+                _ => {
+                    seen = Some((entry.revision, Instant::now()));
+                    false
+                }
+            },
+            None => {
+                seen = None;
+                false
+            }
+        };
+        if release.is_some_and(|(mine, _)| current.as_ref().map(|e| e.revision) != Some(mine)) {
+            release = None;
+        }
+        let stale_revision = current.as_ref().filter(|_| stale).map(|e| e.revision);
+        if let Some(entry) = current.filter(|_| !stale) {
             set(&electing, false);
             let leader = serde_json::from_slice::<LeaseValue>(&entry.value)
                 .map(|v| v.replica)
@@ -363,8 +495,8 @@ async fn campaign(
             continue;
         }
         // The lease is free: let more preferred replicas try first. A drained replica
-        // never tries.
-        if draining.load(std::sync::atomic::Ordering::SeqCst) {
+        // never tries, nor one standing aside while it rebuilds.
+        if draining.load(std::sync::atomic::Ordering::SeqCst) || aside.active() {
             set(&electing, true);
             set(
                 &role,
@@ -382,8 +514,19 @@ async fn campaign(
             tokio::time::sleep(wait).await;
         }
         let sent = Instant::now();
-        let create = tokio::time::timeout(cfg.valid_for(), store.create(KEY, value.clone())).await;
-        let mut revision = match create {
+        let write = async {
+            match stale_revision {
+                Some(stale) => store
+                    .update(KEY, value.clone(), stale)
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => store
+                    .create(KEY, value.clone())
+                    .await
+                    .map_err(|e| e.to_string()),
+            }
+        };
+        let mut revision = match tokio::time::timeout(cfg.valid_for(), write).await {
             Ok(Ok(revision)) => revision,
             Err(_) => {
                 debug!("writing the lease timed out");
@@ -397,7 +540,12 @@ async fn campaign(
             }
         };
         let lease = revision;
-        info!(replica = %cfg.replica, lease, "won the leader lease");
+        match stale_revision {
+            Some(stale) => {
+                info!(replica = %cfg.replica, lease, stale, "took over a lease nobody renewed for a whole lease")
+            }
+            None => info!(replica = %cfg.replica, lease, "won the leader lease"),
+        }
         let mut valid_until = sent + cfg.valid_for();
         set(&electing, false);
         role.send_replace(Role::Leader { lease, valid_until });
@@ -447,6 +595,9 @@ async fn campaign(
         });
         // Do not campaign again before the lease this replica held has surely expired.
         holdoff_until = Some(Instant::now() + cfg.lease);
+        if reason == StepDown::NotRenewed {
+            release = Some((revision, Instant::now() + RELEASE_FOR));
+        }
     }
 }
 

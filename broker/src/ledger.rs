@@ -25,12 +25,18 @@ use lmbus_schemas::{LedgerEntry, MAX_MESSAGE_BYTES, SeatChange, Subjects, decode
 
 use crate::jetstream::{js_context, open_stream};
 
-/// How long an append may take before the leader gives up on it (and steps down: it
-/// cannot know whether the record landed).
-pub const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an append may take before it counts as unacknowledged
+/// ([`AppendError::NoAck`]): it may or may not have landed. The leader sends it again
+/// ([`Sent::resend`]) while its lease holds, within [`RESEND_WITHIN`].
+pub const APPEND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long the server remembers an append's message id.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// How long after first sending an append the leader may still send it again; past it the
+/// leader steps down (a ledger stream that has had no leader for this long will not be
+/// helped by a new lmbus leader either, but the slaves then hear `no_leader`).
+pub const RESEND_WITHIN: Duration = Duration::from_secs(20);
 
 /// Why an append failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +47,13 @@ pub enum AppendError {
         "ledger write refused: the ledger moved past sequence {expected} (another replica is writing)"
     )]
     Fenced { expected: u64 },
-    /// The append may or may not have landed.
+    /// The server refused the append, or it could not be sent: it did not land.
     #[error("ledger write failed: {0}")]
     Failed(String),
+    /// No acknowledgement came (the stream's leader died, or it has none yet): the append
+    /// may or may not have landed. Sending it again is safe ([`Sent::resend`]).
+    #[error("ledger write not acknowledged: {0}")]
+    NoAck(String),
 }
 
 /// Why reading the ledger stopped.
@@ -100,9 +110,64 @@ pub struct Sent {
     expected: u64,
     /// The sequence it lands at when it is recorded.
     pub sequence: u64,
-    /// When it was handed to the client, for the append latency metric.
+    /// When it was first handed to the client, for the append latency metric.
     pub started: tokio::time::Instant,
     ack: AckFuture,
+    /// Everything needed to send it again, unchanged.
+    again: Again,
+}
+
+/// An append as sent: the same message, id and fence for every resend.
+#[derive(Clone)]
+struct Again {
+    js: Context,
+    stream: String,
+    subject: String,
+    payload: bytes::Bytes,
+    id: String,
+    /// The message id it is chained on, when an earlier append was in flight.
+    after_id: Option<String>,
+    /// How often it was sent again.
+    resent: u32,
+}
+
+impl Again {
+    fn message(&self, expected: u64) -> PublishMessage {
+        let mut message = PublishMessage::build()
+            .payload(self.payload.clone())
+            .expected_last_sequence(expected)
+            .message_id(&self.id);
+        if let Some(after) = &self.after_id {
+            message = message.expected_last_message_id(after);
+        }
+        message
+    }
+}
+
+/// Publishes an append, bounded by [`APPEND_TIMEOUT`] for the sending and again for the
+/// acknowledgement.
+async fn publish(again: &Again, expected: u64) -> Result<AckFuture, AppendError> {
+    let ack = match tokio::time::timeout(
+        APPEND_TIMEOUT,
+        again
+            .js
+            .send_publish(again.subject.clone(), again.message(expected)),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(AppendError::Failed(format!(
+                "could not send within {APPEND_TIMEOUT:?}"
+            )));
+        }
+        Ok(Err(e)) => return Err(AppendError::Failed(e.to_string())),
+        Ok(Ok(ack)) => ack,
+    };
+    // The deadline runs from now, not from when the ack is first awaited.
+    Ok(Box::pin(tokio::time::timeout(
+        APPEND_TIMEOUT,
+        ack.into_future(),
+    )))
 }
 
 impl std::fmt::Debug for Sent {
@@ -121,24 +186,51 @@ impl Sent {
     }
 
     /// [`Self::acked`] by reference, so that waiting can be abandoned and taken up again
-    /// (in a `select!`); not to be called again once it returned.
+    /// (in a `select!`); not to be called again once it returned, except after
+    /// [`Self::resend`].
     pub async fn wait(&mut self) -> Result<u64, AppendError> {
         let expected = self.expected;
         match (&mut self.ack).await {
-            Err(_) => Err(AppendError::Failed(format!(
+            Err(_) => Err(AppendError::NoAck(format!(
                 "no acknowledgement within {APPEND_TIMEOUT:?}"
             ))),
+            // Nobody serves the stream right now (it is electing its leader).
+            Ok(Err(e)) if e.kind() == PublishErrorKind::StreamNotFound => {
+                Err(AppendError::NoAck(e.to_string()))
+            }
             Ok(Err(e))
                 if matches!(
                     e.kind(),
                     PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
                 ) =>
             {
+                // Sent again: the fence also refuses a resend of an append that did land
+                // (nats-server 2.10 and later check the fence before the message id; 2.9
+                // answers with the duplicate). Look at the record it would be.
+                if self.again.resent > 0 {
+                    let (js, stream, id) = (
+                        self.again.js.clone(),
+                        self.again.stream.clone(),
+                        self.again.id.clone(),
+                    );
+                    return match landed(js, stream, self.sequence, id).await {
+                        Some(true) => Ok(self.sequence),
+                        Some(false) => Err(AppendError::Fenced { expected }),
+                        None => Err(AppendError::NoAck(format!(
+                            "refused when sent again, and record {} could not be read to see whether the first send landed",
+                            self.sequence
+                        ))),
+                    };
+                }
                 Err(AppendError::Fenced { expected })
             }
             Ok(Err(e)) => Err(AppendError::Failed(e.to_string())),
-            // A duplicate (an id seen before) was not written now; a sequence other than
-            // the predicted one cannot pass the fence. Neither is this append recorded.
+            // A duplicate of this append's id at the predicted sequence is this very record,
+            // landed by an earlier send whose acknowledgement was lost (ids are unique to
+            // one replica's fence): it is recorded.
+            Ok(Ok(ack)) if ack.duplicate && ack.sequence == self.sequence => Ok(ack.sequence),
+            // A sequence other than the predicted one cannot pass the fence: this append is
+            // not recorded.
             Ok(Ok(ack)) if ack.duplicate || ack.sequence != self.sequence => {
                 Err(AppendError::Failed(format!(
                     "acknowledged as sequence {} (duplicate: {}) instead of {}",
@@ -148,6 +240,48 @@ impl Sent {
             Ok(Ok(ack)) => Ok(ack.sequence),
         }
     }
+
+    /// Sends this append again, unchanged (message id, fence, chain), after it went
+    /// unacknowledged; [`Self::wait`] then waits for the new acknowledgement. If the first
+    /// send did land, the server answers with that record (a duplicate of its id at the
+    /// predicted sequence), which counts as recorded.
+    pub async fn resend(&mut self) -> Result<(), AppendError> {
+        self.ack = publish(&self.again, self.expected).await?;
+        self.again.resent += 1;
+        Ok(())
+    }
+
+    /// How often it was sent again.
+    pub fn resent(&self) -> u32 {
+        self.again.resent
+    }
+}
+
+/// Whether the record at `sequence` of `stream` has the message id `id`, read from the
+/// stream's leader; `None` when it cannot be read.
+async fn landed(js: Context, stream: String, sequence: u64, id: String) -> Option<bool> {
+    let read = async {
+        let stream = js.get_stream_no_info(&stream).await.ok()?;
+        match stream.get_raw_message(sequence).await {
+            Ok(message) => Some(
+                message
+                    .headers
+                    .get(async_nats::header::NATS_MESSAGE_ID)
+                    .is_some_and(|stored| stored.as_str() == id),
+            ),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                Some(false)
+            }
+            Err(_) => None,
+        }
+    };
+    tokio::time::timeout(APPEND_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The ledger stream of one cluster, as one replica sees it.
@@ -289,36 +423,24 @@ impl Ledger {
         }
         let expected = self.last;
         let sequence = expected + 1;
-        let id = format!("{}.{sequence}", self.id_prefix);
-        let mut message = PublishMessage::build()
-            .payload(payload.into())
-            .expected_last_sequence(expected)
-            .message_id(&id);
-        if chained {
-            message = message.expected_last_message_id(&self.last_id);
-        }
-        let ack = match tokio::time::timeout(
-            APPEND_TIMEOUT,
-            self.js.send_publish(self.subject.clone(), message),
-        )
-        .await
-        {
-            Err(_) => {
-                return Err(AppendError::Failed(format!(
-                    "could not send within {APPEND_TIMEOUT:?}"
-                )));
-            }
-            Ok(Err(e)) => return Err(AppendError::Failed(e.to_string())),
-            Ok(Ok(ack)) => ack,
+        let again = Again {
+            js: self.js.clone(),
+            stream: self.stream.clone(),
+            subject: self.subject.clone(),
+            payload: payload.into(),
+            id: format!("{}.{sequence}", self.id_prefix),
+            after_id: chained.then(|| self.last_id.clone()),
+            resent: 0,
         };
+        let ack = publish(&again, expected).await?;
         self.last = sequence;
-        self.last_id = id;
+        self.last_id = again.id.clone();
         Ok(Sent {
             expected,
             sequence,
             started,
-            // The deadline runs from now, not from when the ack is first awaited.
-            ack: Box::pin(tokio::time::timeout(APPEND_TIMEOUT, ack.into_future())),
+            ack,
+            again,
         })
     }
 
@@ -358,28 +480,63 @@ impl Ledger {
                 .info()
                 .map_err(|e| ReadError::Nats(format!("a ledger message without stream info: {e}")))?
                 .stream_sequence;
-            match decode::<LedgerEntry>(&message.payload) {
-                Ok(entry) => Ok(Record {
-                    sequence,
-                    entry,
-                    quarantined: None,
-                }),
-                Err(e @ lmbus_schemas::DecodeError::UnsupportedVersion { .. }) => {
-                    Err(ReadError::NewerVersion {
-                        sequence,
-                        detail: e.to_string(),
-                    })
-                }
-                Err(e) => Ok(Record {
-                    sequence,
-                    entry: LedgerEntry {
-                        writer: String::new(),
-                        changes: Vec::new(),
-                    },
-                    quarantined: Some(lmbus_schemas::truncated(&e.to_string(), 200).into_owned()),
-                }),
-            }
+            record_of(sequence, &message.payload)
         }))
+    }
+
+    /// Record `sequence`, asked of the stream's leader: no consumer, so it works while
+    /// JetStream's meta leader (which creates consumers) is still being elected after a
+    /// NATS node died. `Ok(None)`: no such record (trimmed, or not written).
+    pub async fn get(&self, sequence: u64) -> Result<Option<Record>, ReadError> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(|e| {
+                ReadError::Nats(format!(
+                    "cannot read the ledger stream {}: {e}",
+                    self.stream
+                ))
+            })?;
+        match stream.get_raw_message(sequence).await {
+            Ok(message) => record_of(sequence, &message.payload).map(Some),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(ReadError::Nats(format!(
+                "cannot read record {sequence} of the ledger stream {}: {e}",
+                self.stream
+            ))),
+        }
+    }
+}
+
+/// A stored ledger message as a [`Record`]: quarantined if it does not decode, an error if a
+/// newer lmbus wrote it.
+fn record_of(sequence: u64, payload: &[u8]) -> Result<Record, ReadError> {
+    match decode::<LedgerEntry>(payload) {
+        Ok(entry) => Ok(Record {
+            sequence,
+            entry,
+            quarantined: None,
+        }),
+        Err(e @ lmbus_schemas::DecodeError::UnsupportedVersion { .. }) => {
+            Err(ReadError::NewerVersion {
+                sequence,
+                detail: e.to_string(),
+            })
+        }
+        Err(e) => Ok(Record {
+            sequence,
+            entry: LedgerEntry {
+                writer: String::new(),
+                changes: Vec::new(),
+            },
+            quarantined: Some(lmbus_schemas::truncated(&e.to_string(), 200).into_owned()),
+        }),
     }
 }
 

@@ -5,7 +5,9 @@
 //! sequence and the message id of the one before it, so none lands unless every earlier one
 //! did, right before it. What keeps it honest is here: answers leave only in order, after
 //! their own append's acknowledgement, and the first failure ends the pipeline: nothing
-//! behind it is answered.
+//! behind it is answered. An append that went unacknowledged (the stream's leader died)
+//! stays at the front: the leader may send everything in flight again, unchanged
+//! ([`Pipeline::resend`]), and a record that did land comes back as itself.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -83,13 +85,21 @@ impl<A> Pipeline<A> {
 
     /// Waits for the oldest append's acknowledgement; returns it with its answers and how
     /// long it took from sending. Pending forever when nothing is in flight (for `select!`,
-    /// guard with [`Self::is_empty`]).
+    /// guard with [`Self::is_empty`]). An [`AppendError::NoAck`] leaves the append in
+    /// flight, with its answers (none are returned): [`Self::resend`], or give up.
     pub async fn next(&mut self) -> Acked<A> {
         let Some(front) = self.in_flight.front_mut() else {
             return std::future::pending().await;
         };
         let result = front.sent.wait().await;
         let took = front.sent.started.elapsed();
+        if let Err(AppendError::NoAck(_)) = result {
+            return Acked {
+                result,
+                answers: Vec::new(),
+                took,
+            };
+        }
         let answers = self
             .in_flight
             .pop_front()
@@ -100,5 +110,19 @@ impl<A> Pipeline<A> {
             answers,
             took,
         }
+    }
+
+    /// Sends every append in flight again, oldest first, unchanged (see
+    /// [`crate::ledger::Sent::resend`]).
+    pub async fn resend(&mut self) -> Result<(), AppendError> {
+        for in_flight in &mut self.in_flight {
+            in_flight.sent.resend().await?;
+        }
+        Ok(())
+    }
+
+    /// How long ago the oldest append in flight was first sent.
+    pub fn oldest_sent(&self) -> Option<Duration> {
+        self.in_flight.front().map(|f| f.sent.started.elapsed())
     }
 }

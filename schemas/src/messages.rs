@@ -480,8 +480,10 @@ pub enum ControlMessage {
     LogOut { agents: Vec<RejectedAgent> },
     /// Say hello again (the master lost the session, e.g. after a restart).
     Rehello,
-    /// A new broker replica leads: a request still waiting for an answer (from a leader
-    /// that froze, say) is sent again at once instead of after its timeout. Requests are
+    /// A new broker replica leads, or the leader records again after its ledger stalled
+    /// (JetStream electing the ledger stream's leader): a request still waiting for an
+    /// answer (from a leader that froze, say), or waiting to retry after `no_leader`, is
+    /// sent again at once instead of after its timeout or back-off. Requests are
     /// idempotent, so the resend is safe. A unit variant, so older slaves read it as
     /// `Other` and ignore it.
     NewLeader,

@@ -191,6 +191,12 @@ impl Link {
         self.id.name()
     }
 
+    /// `new_leader` control messages from now on: the master can decide again (a new
+    /// leader, or the same one after its ledger stalled), so a retry need not wait.
+    pub(crate) fn new_leaders(&self) -> watch::Receiver<u64> {
+        self.leaders.subscribe()
+    }
+
     /// Sends `body` to this master and waits `timeout` for the answer. Registrations and
     /// unregistrations are coalesced: while [`ROUNDS_IN_FLIGHT`] messages of them are on
     /// their way, those asked for meanwhile wait and then go out together in one `batch`

@@ -5,7 +5,7 @@
 //! processes that tests signal), `observe` (alerts, status), `fixture` (what most
 //! tests start from, the tracing set-up and the seat-invariant poller), `wait` (the bound
 //! on every wait); `books` (the hosts' books of in-process slaves, checked against the
-//! license at every approval), `daemon`, `ha` and `catch_up` for the tests and benches that
+//! license at every approval), `daemon`, `ha`, `node_loss` and `catch_up` for the tests and benches that
 //! need them.
 //!
 //! Nothing here mocks NATS. Every wait is bounded.
@@ -15,6 +15,7 @@ pub mod catch_up;
 pub mod daemon;
 pub mod ha;
 pub mod jwt;
+pub mod node_loss;
 
 mod broker;
 mod fixture;

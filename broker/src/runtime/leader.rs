@@ -15,13 +15,13 @@ use lmbus_schemas::{
 };
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::BrokerConfig;
 use crate::election::{Election, Role};
 use crate::engine::{Event, Output};
 use crate::intake::{Budgets, Intake};
-use crate::ledger::{AppendError, Ledger};
+use crate::ledger::{AppendError, Ledger, RESEND_WITHIN};
 use crate::metrics::Gauges;
 use crate::pipeline::{Acked, Pipeline};
 use crate::replicas::Replicas;
@@ -38,6 +38,15 @@ use super::snapshotter::Snapshotter;
 
 /// Most waiting requests decided together and committed in one ledger append.
 const MAX_BATCH: usize = 256;
+
+/// An append in flight for this long means the ledger stalled (its stream lost its leader,
+/// say) and the loop stopped reading slave requests, heartbeats among them: their silence
+/// meanwhile is the leader's deafness, not theirs (see [`Leader::on_tick`]).
+const STALLED: Duration = Duration::from_millis(500);
+
+/// Pause before sending again appends that went unacknowledged (the server refuses them
+/// at once while the stream has no leader).
+const RESEND_PAUSE: Duration = Duration::from_millis(50);
 
 /// How a stretch as leader ended.
 pub(super) enum Led {
@@ -128,6 +137,14 @@ pub(super) struct Leader<'a> {
     /// Appends in flight: decisions go on while earlier ones are being recorded; each is
     /// answered once its append is acknowledged (the `pipeline` module).
     pipeline: Pipeline<Decided>,
+    /// How often what was in flight was sent again ([`Leader::settle`]), this term.
+    resends: u64,
+    /// Sending again now (until an acknowledgement comes).
+    resending: bool,
+    /// The ledger records again after a stall: tell the slaves once `no_leader` stops.
+    ready_again: bool,
+    /// JetStream's stream-leader elections: while resending, one means send again now.
+    news: watch::Receiver<u64>,
     /// The other replicas, from their beats.
     replicas: Replicas,
     /// Budgets and bad-message summaries for what slaves and clients send.
@@ -166,6 +183,10 @@ impl<'a> Leader<'a> {
             io,
             subscriptions,
             pipeline: Pipeline::default(),
+            resends: 0,
+            resending: false,
+            ready_again: false,
+            news: crate::jetstream::fresh(&io.news),
             replicas: Replicas::new(&cfg.broker_id, now(), cfg.lease * 3 / 2, cfg.lease * 3 / 2),
             intake: Intake::new(
                 Budgets::for_rate_limit(cfg.slave_rate_limit),
@@ -200,7 +221,16 @@ impl<'a> Leader<'a> {
     }
 
     /// The loop: one turn per event, each begun by checking the lease.
-    pub(super) async fn serve<S: Future<Output = ()> + Unpin>(mut self, shutdown: &mut S) -> Led {
+    /// While the ledger stalls ([`STALLED`]), `not_ready` is set: the replica answers slave
+    /// requests with `no_leader` as during an election (`tasks::answer_while_electing`), so
+    /// slaves ride through within their election wait instead of counting this master as
+    /// lost after their shorter failover wait; the loop reads no slave request meanwhile
+    /// (they wait in its subscription).
+    pub(super) async fn serve<S: Future<Output = ()> + Unpin>(
+        mut self,
+        shutdown: &mut S,
+        not_ready: &watch::Sender<bool>,
+    ) -> Led {
         let mut ticker = tokio::time::interval(self.cfg.tick_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let ended = loop {
@@ -208,14 +238,34 @@ impl<'a> Leader<'a> {
                 Ok(at) => at,
                 Err(end) => break end,
             };
+            let oldest = self.pipeline.oldest_sent();
+            let stalled = oldest.is_some_and(|age| age >= STALLED);
+            not_ready.send_if_modified(|was| std::mem::replace(was, stalled) != stalled);
+            if !stalled && std::mem::take(&mut self.ready_again) {
+                self.io.carry_out(None, ready_again(self.replica)).await;
+            }
+            // When the oldest append in flight will count as stalled.
+            let stalls_at = Instant::now() + STALLED.saturating_sub(oldest.unwrap_or_default());
             let turn = tokio::select! {
                 _ = &mut *shutdown => break Led::Shutdown,
                 _ = self.election.role.changed() => continue,
                 _ = tokio::time::sleep_until(valid_until) => continue,
+                _ = tokio::time::sleep_until(stalls_at), if oldest.is_some() && !stalled => continue,
                 acked = self.pipeline.next(), if !self.pipeline.is_empty() => {
                     self.on_acked(acked).await
                 }
-                msg = self.subscriptions.slave.next(), if self.pipeline.has_room() => {
+                // The ledger stream has a leader again: what waits for an acknowledgement
+                // that will not come is sent again now, not after its timeout.
+                _ = crate::jetstream::next_news(&mut self.news), if self.resending => {
+                    match self.resend().await {
+                        Some(end) => Turn::End(end),
+                        None => Turn::Wait,
+                    }
+                }
+                // Not while stalled: slaves are answered `no_leader` then, and a request
+                // decided now would be decided again when its sender retries (refused as a
+                // replay, then renumbered by the slave).
+                msg = self.subscriptions.slave.next(), if self.pipeline.has_room() && !stalled => {
                     self.on_slave_requests(msg)
                 }
                 msg = self.subscriptions.status.next() => self.on_status(msg).await,
@@ -408,6 +458,15 @@ impl<'a> Leader<'a> {
         if Instant::now() >= valid_until {
             return Turn::Wait;
         }
+        // While the ledger stalls, slave requests and heartbeats wait unread: the engine's
+        // timers (silence, reclaims) must not run on a clock that hears nobody.
+        if self
+            .pipeline
+            .oldest_sent()
+            .is_some_and(|age| age >= STALLED)
+        {
+            return Turn::Wait;
+        }
         let (replica, io) = (&mut *self.replica, self.io);
         let out = replica
             .engine
@@ -540,15 +599,66 @@ impl<'a> Leader<'a> {
     }
 
     /// One acknowledgement from the pipeline: on success the record is applied here and its
-    /// answers go out; a failure ends the leadership with everything behind it untold.
+    /// answers go out; a failure ends the leadership with everything behind it untold. An
+    /// append that went unacknowledged (the ledger stream's NATS node died, and JetStream
+    /// is electing another) is sent again, with everything behind it, while the lease holds
+    /// and within [`RESEND_WITHIN`]: the first resend after the stream has a leader lands
+    /// (or is recognised as landed), so the pause ends with NATS's election, not with a
+    /// new lmbus one.
     async fn settle(&mut self, acked: Acked<Decided>) -> Option<Led> {
         match acked.result {
             Ok(sequence) => {
                 self.io.metrics.ledger_append(acked.took);
                 self.replica.set_applied(sequence);
+                if std::mem::take(&mut self.resending) {
+                    info!(
+                        resends = self.resends,
+                        sequence, "the ledger acknowledged again after sending again"
+                    );
+                }
                 answer(self.io, acked.answers).await;
+                if acked.took >= STALLED {
+                    // Slaves were not heard while the ledger stalled: count their silence
+                    // from now, as a new leader does; and tell them to send what waits
+                    // (they were answered `no_leader` meanwhile) now, not after a back-off
+                    // (once `no_leader` answers have stopped: `serve`).
+                    self.replica.engine.deaf_until(now());
+                    self.ready_again = true;
+                }
                 None
             }
+            Err(AppendError::NoAck(e))
+                if self.pipeline.oldest_sent().unwrap_or_default() < RESEND_WITHIN =>
+            {
+                // Refused at once while the stream has no leader ("no stream found"): do
+                // not spin. JetStream announcing the new leader ends the pause.
+                let mut news = crate::jetstream::fresh(&self.io.news);
+                tokio::select! {
+                    _ = tokio::time::sleep(RESEND_PAUSE) => {}
+                    _ = crate::jetstream::next_news(&mut news) => {}
+                }
+                if !self.resending {
+                    warn!(error = %e, "a ledger append was not acknowledged; sending what is in flight again while the lease holds");
+                }
+                self.resend().await
+            }
+            Err(e) => Some(not_recorded(self.io, e).await),
+        }
+    }
+
+    /// Sends everything in flight again, if the lease still holds.
+    async fn resend(&mut self) -> Option<Led> {
+        if let Some(end) = lapsed(
+            &self.election.role,
+            self.cfg.fault_ignore_lease,
+            Instant::now(),
+        ) {
+            return Some(end);
+        }
+        self.resends += 1;
+        self.resending = true;
+        match self.pipeline.resend().await {
+            Ok(()) => None,
             Err(e) => Some(not_recorded(self.io, e).await),
         }
     }
@@ -562,6 +672,22 @@ impl<'a> Leader<'a> {
             }
         }
         None
+    }
+}
+
+/// `new_leader` to every connected slave: this replica decides (again) from now on.
+pub(super) fn ready_again(replica: &Replica) -> Output {
+    Output {
+        effects: replica
+            .engine
+            .connected_slaves()
+            .into_iter()
+            .map(|slave| crate::engine::Effect::Control {
+                slave,
+                message: lmbus_schemas::ControlMessage::NewLeader,
+            })
+            .collect(),
+        ..Output::default()
     }
 }
 

@@ -105,9 +105,21 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         cfg.alert_max_bytes,
     )
     .await?;
+    let news = crate::jetstream::leader_news(
+        &client,
+        &[
+            subjects.ledger_stream(),
+            subjects.election_stream(),
+            subjects.snapshot_stream(),
+        ],
+    )
+    .await;
+    let applied = Arc::new(AtomicU64::new(0));
     let mut election = Election::start(
         &client,
         &subjects,
+        crate::jetstream::fresh(&news),
+        applied.clone(),
         ElectionConfig {
             replica: cfg.broker_id.clone(),
             priority: cfg.priority,
@@ -140,6 +152,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         broker_id: cfg.broker_id.clone(),
         metrics: metrics.clone(),
         tasks: TaskTracker::new(),
+        news,
     };
     io.alert(Alert::new(
         Severity::Info,
@@ -162,7 +175,6 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     .await;
     client.flush().await.context("cannot reach NATS")?;
 
-    let applied = Arc::new(AtomicU64::new(0));
     let metrics_server = match cfg.metrics {
         Some(addr) => {
             let (bound, task) = crate::metrics::serve(
@@ -288,9 +300,16 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
             }
             Err(FollowError::Interrupted(e)) => {
                 warn!(error = %e, ?retry, "following the ledger was interrupted; retrying");
+                // A lease won meanwhile ends the pause: leading starts by catching up
+                // anyway, and a replica holding the lease without serving stalls everyone
+                // (the pause grows to 5 s while a NATS node is lost).
+                let mut news = crate::jetstream::fresh(&io.news);
                 tokio::select! {
                     _ = &mut shutdown => break Ok(()),
                     _ = tokio::time::sleep(retry) => {}
+                    _ = election.role.wait_for(|r| matches!(r, Role::Leader { .. })) => {}
+                    // The stream has a leader again: read now, from the start of the pause.
+                    _ = crate::jetstream::next_news(&mut news) => retry = FOLLOW_RETRY / 2,
                 }
                 retry = (retry * 2).min(FOLLOW_RETRY_CAP);
                 continue;
@@ -336,6 +355,8 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 .await;
                 if rebuild {
                     let usage = replica.usage.clone();
+                    // Acknowledged up to here: the ledger holds at least this much.
+                    election.stand_aside(replica.applied);
                     replica = restore(&engine_cfg, applied.clone(), metrics.clone(), &snapshots, usage.clone())
                         .await
                         .unwrap_or_else(|e| {

@@ -25,6 +25,9 @@ pub(super) struct Io {
     /// Every task spawned beside the loop (the side tasks, reports, delayed `no_leader`
     /// answers), so that a shutdown can wait for what they are sending.
     pub(super) tasks: tokio_util::task::TaskTracker,
+    /// JetStream's stream-leader elections for the broker's streams
+    /// ([`crate::jetstream::leader_news`]): waits on a stream without a leader end on them.
+    pub(super) news: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Io {

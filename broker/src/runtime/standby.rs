@@ -16,6 +16,13 @@ use super::replica::{ApplyError, Replica};
 /// How long a new leader may take to read the ledger up to its end.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Most records a new leader reads one by one to catch up (see [`catch_up`]); more go
+/// through a consumer.
+const DIRECT_READS: u64 = 4096;
+
+/// How many of those reads are in flight at once.
+const DIRECT_READS_IN_FLIGHT: usize = 32;
+
 /// How a stretch as standby ended.
 pub(super) enum Followed {
     /// Won the lease at this revision (`Role::Leader::lease`).
@@ -119,6 +126,28 @@ pub(super) async fn catch_up(replica: &mut Replica, ledger: &Ledger) -> Result<u
             "the ledger is shorter than the latest snapshot (was its stream deleted?): going on from the snapshot's state at the ledger's end"
         );
         replica.set_applied(last);
+    }
+    // A standby is usually a few records behind, or a few thousand when its consumer was
+    // lost with a NATS node: ask the stream's leader for each record, several at a time
+    // (no consumer, so no wait for JetStream's meta leader, which creates consumers and
+    // may be being elected too). A record not found (trimmed) leaves the rest to the
+    // consumer, which reports the gap.
+    if last > replica.applied && last - replica.applied <= DIRECT_READS {
+        let mut records = futures::stream::iter(replica.applied + 1..=last)
+            .map(|sequence| ledger.get(sequence))
+            .buffered(DIRECT_READS_IN_FLIGHT);
+        let read = async {
+            while let Some(record) = records.next().await {
+                match record? {
+                    Some(record) => replica.apply_record(&record)?,
+                    None => break,
+                }
+            }
+            Ok::<(), CatchUpError>(())
+        };
+        tokio::time::timeout(CATCH_UP_TIMEOUT, read)
+            .await
+            .map_err(|_| CatchUpError::Timeout { last })??;
     }
     if last > replica.applied {
         let mut records = ledger.follow(replica.applied + 1).await?;

@@ -254,7 +254,7 @@ pub(super) async fn answer_while_electing(
                 retry_after_ms: None,
                     reason: lmbus_schemas::RejectReason::NoLeader,
                     detail: format!(
-                        "the broker replicas of cluster {} are electing a leader; retry",
+                        "the broker replicas of cluster {} are electing a leader, or waiting for JetStream to elect the ledger's; retry",
                         subjects.cluster()
                     ),
                 };

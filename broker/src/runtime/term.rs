@@ -12,11 +12,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::engine::{Effect, Output};
 use crate::ledger::AppendError;
 
 use super::clock::now;
-use super::leader::{Leader, Led, Subscriptions, Term, lapsed, not_recorded};
+use super::leader::{Leader, Led, Subscriptions, Term, lapsed, not_recorded, ready_again};
 use super::replica::ApplyError;
 use super::standby::{CatchUpError, catch_up};
 
@@ -49,24 +48,11 @@ impl Term<'_> {
         // Subscribed: tell every slave, so that a request still waiting on the previous
         // leader (frozen, say) is sent here now rather than after its timeout. Sent after
         // the subscriptions on the same connection, so the server has them first.
-        let hello_new = Output {
-            effects: self
-                .replica
-                .engine
-                .connected_slaves()
-                .into_iter()
-                .map(|slave| Effect::Control {
-                    slave,
-                    message: lmbus_schemas::ControlMessage::NewLeader,
-                })
-                .collect(),
-            ..Output::default()
-        };
-        self.io.carry_out(None, hello_new).await;
+        self.io.carry_out(None, ready_again(self.replica)).await;
         let mut leader = Leader::new(self, subscriptions);
         not_ready.send_replace(false);
         leader.announce(caught_up, started).await;
-        Ok(leader.serve(shutdown).await)
+        Ok(leader.serve(shutdown, not_ready).await)
     }
 
     /// Reads the ledger to its end. `Err`: the term ended first.
@@ -80,9 +66,13 @@ impl Term<'_> {
         // time, so the first read that succeeds ends the pause. What was applied stays
         // right: no rebuild.
         let mut failures = 0u32;
+        // A read waiting on a stream without a leader is started again as soon as
+        // JetStream announces one, instead of after its timeout.
+        let mut news = crate::jetstream::fresh(&self.io.news);
         let caught_up = loop {
             let error = tokio::select! {
                 _ = &mut *shutdown => return Err(Led::Shutdown),
+                _ = crate::jetstream::next_news(&mut news) => continue,
                 read = catch_up(self.replica, self.ledger) => match read {
                     Ok(last) => break last,
                     Err(e @ CatchUpError::Apply(ApplyError::Gap(_))) => {
@@ -129,6 +119,7 @@ impl Term<'_> {
         shutdown: &mut S,
     ) -> Option<Led> {
         let (cfg, io) = (self.cfg, self.io);
+        let mut news = crate::jetstream::fresh(&io.news);
         self.ledger.set_fence(self.replica.applied);
         // Terms count leaderships: one more than the last `Leader` record's. Fencing makes
         // the record land only right after what was caught up, so no two leaders write the
@@ -159,7 +150,7 @@ impl Term<'_> {
                     self.replica.term = self.number;
                     break;
                 }
-                Err(AppendError::Failed(e)) if tries < MARKER_TRIES => {
+                Err(AppendError::Failed(e) | AppendError::NoAck(e)) if tries < MARKER_TRIES => {
                     tries += 1;
                     if tries == 1 {
                         warn!(error = %e, term = self.number, "cannot write the leader record yet; retrying while the lease holds");
@@ -170,6 +161,7 @@ impl Term<'_> {
             tokio::select! {
                 _ = &mut *shutdown => return Some(Led::Shutdown),
                 _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
+                _ = crate::jetstream::next_news(&mut news) => {}
             }
         }
         if tries > 0 {

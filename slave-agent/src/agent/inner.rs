@@ -98,6 +98,9 @@ impl Inner {
         let mut backoff = RETRY_BACKOFF;
         let mut saw_election = false;
         let answer = loop {
+            // Subscribed before asking, so a `new_leader` sent after the answer below still
+            // cuts the back-off short.
+            let mut ready = self.links.get(link).new_leaders();
             let answer = self
                 .links
                 .get(link)
@@ -143,7 +146,10 @@ impl Inner {
                 }
                 answer => break answer,
             }
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                Ok(()) = ready.changed() => {}
+            }
             backoff = Policy::next_backoff(backoff);
         };
         if let Ask::Reply { sent, latency, .. } = &answer {

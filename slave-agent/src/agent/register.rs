@@ -14,6 +14,10 @@ use super::inner::Inner;
 use super::state::{InFlight, Refusal, Release, Seat, lock};
 use crate::error::SlaveError;
 use crate::events::{LoggedOut, Outcome};
+
+/// Most times one registration is asked again under a new number after the master said
+/// its number was used (each time a copy sent earlier may have been decided meanwhile).
+const MAX_RENUMBERS: u32 = 3;
 use crate::link::Ask;
 use crate::master::Master;
 use crate::policy::{Answered, Policy, Switch};
@@ -191,7 +195,7 @@ impl Inner {
                 Err(HelloError::Unavailable(detail)) => return Ok(Attempt::Unavailable(detail)),
             }
         }
-        let (mut said_hello_again, mut renumbered) = (false, false);
+        let (mut said_hello_again, mut renumbered) = (false, 0u32);
         loop {
             let reply = match self.ask(link, SlaveOp::Register, &request).await? {
                 Ask::Unavailable(detail) => {
@@ -233,11 +237,14 @@ impl Inner {
                 Reply::Decision(Decision::Rejected {
                     reason: RejectReason::Replayed,
                     detail,
-                }) if !renumbered => {
+                }) if renumbered < MAX_RENUMBERS => {
                     // We did not replay it: a new leader assumes every number up to the
-                    // last one its ledger shows was used. Ask again under a new number.
+                    // last one its ledger shows was used, and a copy of it sent before an
+                    // answer of `no_leader` (the master's ledger stalled) may have been
+                    // decided since. Ask again under a new number: registering is
+                    // idempotent per agent.
                     debug!(master = link.name(), %detail, "request number refused; renumbering");
-                    renumbered = true;
+                    renumbered += 1;
                     request.seq = self.next_request_seq();
                 }
                 Reply::Decision(Decision::Rejected { reason, detail }) => {
