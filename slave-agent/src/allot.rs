@@ -147,6 +147,14 @@ impl AllotBook {
                 .is_none_or(|t| now.saturating_duration_since(t) >= self.refresh / 4)
     }
 
+    /// How long a registration refused for capacity waits, in all, while the master says
+    /// seats of other blocks are being given back (`retry_after_ms`): the master stops
+    /// saying so 2 refresh intervals after it told a holder, and half of one more covers
+    /// the last ask's round trip.
+    pub fn return_wait(&self) -> Duration {
+        self.refresh.saturating_mul(2) + self.refresh / 2
+    }
+
     /// Whether a type's free seats ran low: time to ask before they run out.
     pub fn low(&self, agent_type: &str) -> bool {
         let free = self.free.get(agent_type).copied().unwrap_or(0);

@@ -432,9 +432,21 @@ async fn slaves_admit_locally_and_their_hosts_books_match_the_master() {
     assert!(slow.is_empty(), "phase 1: {}", slow.join("; "));
 }
 
-/// Registers new agents on `host` until its hosts hold `target`, retrying a refusal every
-/// 50 ms; fails the test past `bound`. Returns how long it took.
+/// Registers new `inbound` agents on `host` until its hosts hold `target`, retrying a
+/// refusal every 50 ms; fails the test past `bound`. Returns how long it took.
 async fn fill(host: &Host, books: &Books, tag: &str, target: usize, bound: Duration) -> Duration {
+    fill_type(host, books, tag, "inbound", target, bound).await
+}
+
+/// [`fill`] with agents of `agent_type`.
+async fn fill_type(
+    host: &Host,
+    books: &Books,
+    tag: &str,
+    agent_type: &str,
+    target: usize,
+    bound: Duration,
+) -> Duration {
     let started = Instant::now();
     let mut n = 0;
     let mut refused: BTreeMap<String, u32> = BTreeMap::new();
@@ -447,7 +459,7 @@ async fn fill(host: &Host, books: &Books, tag: &str, target: usize, bound: Durat
         );
         n += 1;
         let agent = format!("{}-{tag}-{n}", host.id);
-        match host.register(&agent, "inbound").await.unwrap() {
+        match host.register(&agent, agent_type).await.unwrap() {
             Outcome::Approved { .. } => {}
             Outcome::Rejected { reason, .. } => {
                 *refused.entry(reason.to_string()).or_default() += 1;
@@ -555,6 +567,104 @@ async fn the_last_seats_go_to_the_slave_that_asks() {
     );
     assert_eq!(
         master_block(&f, "idle-a").await,
+        0,
+        "A still holds free seats"
+    );
+    settled(&f, &books, &limits, SETTLE).await;
+    books.check_no_logouts().unwrap();
+    assert!(watch.finish().await.unwrap() <= limits.total);
+    a.shutdown().await;
+    b.shutdown().await;
+    broker.stop().await.unwrap();
+}
+
+/// Steps: a license of 20 seats whose type limits add up to more (inbound 12, outbound
+/// 16) in allotment mode (refresh 1 s), slaves A and B. A's hosts take 12 inbound agents
+/// at once and release 8: A keeps 4 agents and, from its recent demand, a free inbound
+/// block (at most the 8 inbound seats not held), then goes idle. N = 16 seats are left,
+/// some in A's block. B's hosts register outbound agents until they hold all N: when no
+/// seat is free because A's inbound block holds the rest of the total, B's registration
+/// waits while the master tells A (`ShrinkAllotment`, seen by a tap on A's control
+/// subject) to give half of its block back, round after round, and ReturnAllotment once
+/// the pool is nearly empty. B holds all 16 within 2 refreshes + 2 s of its first
+/// registration, and is never refused meanwhile (no capacity refusal reaches its hosts:
+/// each waits for the seats being given back instead). At the end A's hosts still hold
+/// their 4 agents (seats in use are never taken), A holds no free block at the master, and
+/// the master equals the hosts' books; at every approval the hosts hold at most 20 (16
+/// outbound, 12 inbound). Catches: seats stranded in an idle slave's block of another
+/// type while a slave is refused for the total (the CI flake of
+/// `slaves_admit_locally_and_their_hosts_books_match_the_master`, phase 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_seats_go_to_the_slave_that_asks_even_from_a_block_of_another_type() {
+    let _serial = SERIAL.lock().await;
+    let f = Fixture::new().await.unwrap();
+    let limits = Limits::new(20, &[("inbound", 12), ("outbound", 16)]);
+    let (broker, watch, books, a, b) = two_hosts(&f, limits.clone(), "idle-in", "asking-out").await;
+    let subjects = Subjects::new(&f.cluster).unwrap();
+    let mut control = f
+        .client
+        .subscribe(subjects.control(&SlaveId::new("idle-in").unwrap()))
+        .await
+        .unwrap();
+    f.client.flush().await.unwrap();
+
+    fill_type(&a, &books, "burst", "inbound", 12, MOVE_BOUND).await;
+    for agent in books.held_by(&a.id).into_keys().take(8) {
+        a.release(&agent).await.unwrap();
+    }
+    let block = wait_master_block(&f, "idle-in").await;
+    let left = limits.total as usize - books.held_by(&a.id).len();
+    eprintln!(
+        "A holds 4 agents and a free inbound block of {block}, and is idle; B asks for the {left} seats left"
+    );
+
+    let started = Instant::now();
+    let mut n = 0;
+    let mut refused: BTreeMap<String, u32> = BTreeMap::new();
+    while books.held_by(&b.id).len() < left {
+        assert!(
+            started.elapsed() < EXHAUST_BOUND,
+            "B holds {} of {left} seats after {EXHAUST_BOUND:?} (refusals {refused:?})",
+            books.held_by(&b.id).len()
+        );
+        n += 1;
+        match b.register(&format!("b-{n}"), "outbound").await.unwrap() {
+            Outcome::Approved { .. } => {}
+            Outcome::Rejected { reason, .. } => {
+                *refused.entry(reason.to_string()).or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let took = started.elapsed();
+    let mut shrinks = 0;
+    let mut returns = 0;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), control.next()).await
+    {
+        match decode::<ControlMessage>(&msg.payload) {
+            Ok(ControlMessage::ShrinkAllotment { .. }) => shrinks += 1,
+            Ok(ControlMessage::ReturnAllotment) => returns += 1,
+            _ => {}
+        }
+    }
+    eprintln!(
+        "measured: B got all {left} seats left, A's inbound block of {block} included, in {took:?} (bound {EXHAUST_BOUND:?}); A was told to shrink {shrinks} times and to return {returns} times; refusals on the way {refused:?}"
+    );
+    assert!(
+        refused.is_empty(),
+        "B's hosts were refused while A's block held free seats: {refused:?}"
+    );
+    assert!(
+        shrinks + returns > 0,
+        "the master never told A to give back"
+    );
+    assert_eq!(
+        books.held_by(&a.id).len(),
+        4,
+        "A's agents in use were taken"
+    );
+    assert_eq!(
+        master_block(&f, "idle-in").await,
         0,
         "A still holds free seats"
     );

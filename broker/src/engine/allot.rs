@@ -251,13 +251,7 @@ impl Engine {
                 continue;
             };
             let free_total = self.free_total();
-            // Nearly exhausted: few seats are not held (free or in anyone's block). Free
-            // seats that only sit in blocks are shared out by fair shares instead.
-            let floor = ALLOT_MIN_BLOCK.saturating_mul(sharing);
-            let unheld_total = self.total_limit().saturating_sub(self.total_in_use);
-            let unheld_type = free_type
-                .saturating_add(self.allotted_by_type.get(&agent_type).copied().unwrap_or(0));
-            if unheld_total < floor || unheld_type < floor {
+            if self.nearly_exhausted(&agent_type) {
                 exhausted = true;
                 continue;
             }
@@ -277,7 +271,7 @@ impl Engine {
             }
         }
         if !exhausted && !short.is_empty() {
-            self.ask_for_fair_shares(id, &short, sharing, &mut out);
+            self.ask_for_fair_shares(now, id, &short, sharing, &mut out);
         }
         if exhausted {
             // The last seats go to whoever asks first: every other slave with a free block
@@ -286,10 +280,13 @@ impl Engine {
                 .slaves
                 .iter_mut()
                 .filter(|(other, s)| {
-                    *other != id && s.connected && !s.blocks.is_empty() && !s.asked_to_return
+                    *other != id
+                        && s.connected
+                        && !s.blocks.is_empty()
+                        && s.asked_to_return.is_none()
                 })
                 .map(|(other, s)| {
-                    s.asked_to_return = true;
+                    s.asked_to_return = Some(now);
                     other.clone()
                 })
                 .collect();
@@ -301,7 +298,7 @@ impl Engine {
             }
         }
         let s = self.slaves.get_mut(id).expect("checked live above");
-        s.asked_to_return = false;
+        s.asked_to_return = None;
         let changed = s.journal != journal_before || s.blocks != blocks_before;
         if changed && let Some(record) = self.allotment_record(id) {
             self.pending.push(record);
@@ -359,6 +356,7 @@ impl Engine {
     /// to keep no more than that (once until it answers). Seats in use are never taken.
     fn ask_for_fair_shares(
         &mut self,
+        now: Instant,
         id: &SlaveId,
         short: &[String],
         sharing: u32,
@@ -379,7 +377,7 @@ impl Engine {
             })
             .collect();
         for (other, s) in self.slaves.iter_mut() {
-            if other == id || !s.connected || s.asked_to_return {
+            if other == id || !s.connected || s.asked_to_return.is_some() {
                 continue;
             }
             let over: BTreeMap<String, u32> = fair
@@ -390,12 +388,109 @@ impl Engine {
             if over.is_empty() {
                 continue;
             }
-            s.asked_to_return = true;
+            s.asked_to_return = Some(now);
             out.effects.push(Effect::Control {
                 slave: other.clone(),
                 message: ControlMessage::ShrinkAllotment { blocks: over },
             });
         }
+    }
+
+    /// Nearly exhausted: fewer seats than [`ALLOT_MIN_BLOCK`] per allotting slave are not
+    /// held (free or in anyone's block), in total or of `agent_type`. Blocks then stop
+    /// growing and are given back whole, so the last seats go one by one to whoever asks.
+    /// (Free seats that only sit in blocks while the pool is larger are shared out by fair
+    /// shares instead.)
+    fn nearly_exhausted(&self, agent_type: &str) -> bool {
+        let floor = ALLOT_MIN_BLOCK.saturating_mul(self.allotting_slaves());
+        let unheld_total = self.total_limit().saturating_sub(self.total_in_use);
+        let unheld_type = self.free_of_type(agent_type).map_or(u32::MAX, |free| {
+            free.saturating_add(self.allotted_by_type.get(agent_type).copied().unwrap_or(0))
+        });
+        unheld_total < floor || unheld_type < floor
+    }
+
+    /// How long a slave told to give seats back may take to send its allot request: it
+    /// sends one at once when told, and one every refresh interval anyway, so one that
+    /// stays silent for two has stopped (frozen, cut off) and its blocks wait for the
+    /// reclaim timing rule.
+    pub(super) fn return_wait(&self) -> Duration {
+        self.cfg.allot.refresh.saturating_mul(2)
+    }
+
+    /// A registration decided strictly found no free seat (`reason`: the total limit, or
+    /// `agent_type`'s) while seats counted against that limit sit free in connected
+    /// slaves' blocks (the requester's own blocks of other types included). Their holders
+    /// not told yet are told now to give seats back: every free seat when the pool is
+    /// nearly exhausted (`ReturnAllotment`), else half of each such block
+    /// (`ShrinkAllotment`), so that each round frees at least one seat per holder. While
+    /// some holder was told within [`Engine::return_wait`], the registration waits rather
+    /// than fails: the answer is how long until the slave asks again (no alert, no
+    /// record). A holder told longer ago without answering no longer counts, and the
+    /// refusal is final. Seats in use are never taken back.
+    pub(super) fn wait_for_blocks(
+        &mut self,
+        now: Instant,
+        reason: RejectReason,
+        agent_type: &str,
+        out: &mut Output,
+    ) -> Option<Duration> {
+        if self.cfg.allot.admission != Admission::Allotment {
+            return None;
+        }
+        let counts = |t: &str| match reason {
+            RejectReason::AggregateLimit => true,
+            RejectReason::TypeLimit => t == agent_type,
+            _ => false,
+        };
+        if !matches!(
+            reason,
+            RejectReason::AggregateLimit | RejectReason::TypeLimit
+        ) {
+            return None;
+        }
+        let whole = self.nearly_exhausted(agent_type);
+        let wait = self.return_wait();
+        let mut coming = false;
+        for (holder, s) in self.slaves.iter_mut() {
+            if !s.connected {
+                continue;
+            }
+            let part: BTreeMap<String, u32> = s
+                .blocks
+                .iter()
+                .filter(|(t, n)| **n > 0 && counts(t))
+                .map(|(t, n)| (t.clone(), n / 2))
+                .collect();
+            if part.is_empty() {
+                continue;
+            }
+            match s.asked_to_return {
+                Some(at) if now.saturating_duration_since(at) < wait => coming = true,
+                Some(_) => {}
+                None => {
+                    s.asked_to_return = Some(now);
+                    coming = true;
+                    let message = if whole {
+                        ControlMessage::ReturnAllotment
+                    } else {
+                        ControlMessage::ShrinkAllotment { blocks: part }
+                    };
+                    out.effects.push(Effect::Control {
+                        slave: holder.clone(),
+                        message,
+                    });
+                }
+            }
+        }
+        coming.then(|| self.retry_after())
+    }
+
+    /// How long a registration waiting for seats given back waits between asks: a
+    /// twentieth of the refresh interval, from 20 to 250 ms (a holder answers within a
+    /// round trip and an append).
+    fn retry_after(&self) -> Duration {
+        (self.cfg.allot.refresh / 20).clamp(Duration::from_millis(20), Duration::from_millis(250))
     }
 
     fn block_of(&self, id: &SlaveId, agent_type: &str) -> u32 {

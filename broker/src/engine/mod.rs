@@ -274,8 +274,9 @@ struct Slave {
     blocks: BTreeMap<String, u32>,
     journal: u64,
     allot_seq: u64,
-    /// Told to give its blocks back (`ReturnAllotment`) and not heard from since.
-    asked_to_return: bool,
+    /// When it was told to give (part of) its blocks back (`ReturnAllotment`,
+    /// `ShrinkAllotment`), if it has sent no allot request since.
+    asked_to_return: Option<Instant>,
     /// This leader heard from it (a hello, heartbeat or registration) since its term
     /// began (not in the ledger). A slave with no seats that a new leader never heard from
     /// goes quiet without a second `slave_disconnected`.
@@ -312,7 +313,7 @@ impl Slave {
             blocks: BTreeMap::new(),
             journal: 0,
             allot_seq: 0,
-            asked_to_return: false,
+            asked_to_return: None,
             heard: false,
         }
     }

@@ -18,11 +18,29 @@ use crate::link::Ask;
 use crate::master::Master;
 use crate::policy::{Answered, Policy, Switch};
 
+/// The longest wait between two asks this slave accepts from a master's retry hint.
+const MAX_RETRY_AFTER_MS: u64 = 1000;
+
 /// Where one registration attempt ended.
 enum Attempt {
     Decided(Outcome),
+    /// Refused for capacity while seats of slaves' blocks are being given back: ask again
+    /// after `after` (`outcome` is the refusal, should the wait run out).
+    Wait {
+        outcome: Outcome,
+        after: std::time::Duration,
+    },
     /// This master cannot decide now; try another.
     Unavailable(String),
+}
+
+/// A registration's answer, the master that gave it (`None`: none did, and the grace
+/// policy answered) and, for a capacity refusal while blocks are being given back, how
+/// long to wait before asking again.
+struct Decided {
+    outcome: Outcome,
+    by: Option<Master>,
+    retry_after: Option<std::time::Duration>,
 }
 
 impl Inner {
@@ -33,6 +51,27 @@ impl Inner {
     ) -> Result<Outcome, SlaveError> {
         validate(agent_id, agent_type)?;
         let _turn = self.turns.take(agent_id).await;
+        // Allotment mode: a capacity refusal while other slaves give back seats of their
+        // blocks is asked again (from the block first) until then.
+        let mut wait_until = None;
+        loop {
+            if let Some(outcome) = self
+                .register_once(agent_id, agent_type, &mut wait_until)
+                .await?
+            {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// One try at a registration: `None` when the master said to ask again (seats are
+    /// being given back) and `wait_until` has not passed; it waited as told.
+    async fn register_once(
+        &self,
+        agent_id: &str,
+        agent_type: &str,
+        wait_until: &mut Option<tokio::time::Instant>,
+    ) -> Result<Option<Outcome>, SlaveError> {
         self.check_grace();
         // Decide under the lock, act (await) after it is released.
         let mut admitted_here = None;
@@ -91,10 +130,10 @@ impl Inner {
         if let Some(detail) = local_rejection {
             self.report_local_rejection(agent_id, agent_type, &detail)
                 .await;
-            return Ok(Outcome::Rejected {
+            return Ok(Some(Outcome::Rejected {
                 reason: RejectReason::LocalLimit,
                 detail,
-            });
+            }));
         }
         if wake {
             self.allot_wake.notify_one();
@@ -103,9 +142,9 @@ impl Inner {
             if low {
                 self.allot_wake.notify_one();
             }
-            return Ok(Outcome::Approved {
+            return Ok(Some(Outcome::Approved {
                 already_held: false,
-            });
+            }));
         }
         // Settled below; a caller that gives up (a dropped future, an HTTP client gone)
         // settles it on drop, so the agent is never left "in flight" for good.
@@ -116,15 +155,41 @@ impl Inner {
             settled: false,
         };
         let decided = self.register_with_masters(agent_id, agent_type).await;
-        let mut state = lock(&self.state);
-        in_flight.settle(&mut state);
-        let (outcome, granted_by) = decided?;
-        match state.record_decision(agent_id, agent_type, &outcome, granted_by) {
-            Some(Refusal::LoggedOut(out)) => self.logged_out(&mut state, out),
-            Some(Refusal::Refused(out)) => self.refused(&mut state, out),
-            None => {}
+        let wait = {
+            let mut state = lock(&self.state);
+            in_flight.settle(&mut state);
+            let Decided {
+                outcome,
+                by: granted_by,
+                retry_after,
+            } = decided?;
+            let now = tokio::time::Instant::now();
+            let wait = match (retry_after, granted_by) {
+                (Some(after), Some(by)) => {
+                    let until =
+                        *wait_until.get_or_insert_with(|| now + state.allot.get(by).return_wait());
+                    (now + after < until).then_some(after)
+                }
+                _ => None,
+            };
+            if wait.is_none() {
+                match state.record_decision(agent_id, agent_type, &outcome, granted_by) {
+                    Some(Refusal::LoggedOut(out)) => self.logged_out(&mut state, out),
+                    Some(Refusal::Refused(out)) => self.refused(&mut state, out),
+                    None => {}
+                }
+                return Ok(Some(outcome));
+            }
+            wait
+        };
+        if let Some(after) = wait {
+            debug!(
+                agent = agent_id,
+                "no free seat while seats of other blocks are given back; asking again"
+            );
+            tokio::time::sleep(after).await;
         }
-        Ok(outcome)
+        Ok(None)
     }
 
     /// Asks the masters in the policy's order (`Policy::ask_order`: the seat's master for
@@ -136,7 +201,7 @@ impl Inner {
         &self,
         agent_id: &str,
         agent_type: &str,
-    ) -> Result<(Outcome, Option<Master>), SlaveError> {
+    ) -> Result<Decided, SlaveError> {
         let mut order = {
             let state = lock(&self.state);
             self.policy
@@ -145,6 +210,14 @@ impl Inner {
         while let Some(link) = order.next() {
             match self.attempt(link, agent_id, agent_type).await? {
                 Attempt::Unavailable(detail) => order.unavailable(detail),
+                // Seats come back to this master's pool soon: no overflow meanwhile.
+                Attempt::Wait { outcome, after } => {
+                    return Ok(Decided {
+                        outcome,
+                        by: Some(link),
+                        retry_after: Some(after),
+                    });
+                }
                 Attempt::Decided(outcome) => match order.decided(outcome) {
                     Some(Answered {
                         outcome,
@@ -154,7 +227,11 @@ impl Inner {
                         if let Some(Switch { to, reason }) = switch {
                             self.switch(to, reason);
                         }
-                        return Ok((outcome, Some(by)));
+                        return Ok(Decided {
+                            outcome,
+                            by: Some(by),
+                            retry_after: None,
+                        });
                     }
                     None => debug!(
                         agent = agent_id,
@@ -164,7 +241,11 @@ impl Inner {
             }
         }
         let detail = order.no_master();
-        Ok((self.without_master(agent_id, detail), None))
+        Ok(Decided {
+            outcome: self.without_master(agent_id, detail),
+            by: None,
+            retry_after: None,
+        })
     }
 
     /// One master's decision on a registration; says hello first if the session is not
@@ -207,6 +288,7 @@ impl Inner {
                 Reply::Decision(Decision::Rejected {
                     reason: RejectReason::SlaveNotConnected,
                     detail,
+                    ..
                 }) => {
                     if said_hello_again {
                         return Ok(Attempt::Decided(Outcome::Rejected {
@@ -233,6 +315,7 @@ impl Inner {
                 Reply::Decision(Decision::Rejected {
                     reason: RejectReason::Replayed,
                     detail,
+                    ..
                 }) if !renumbered => {
                     // We did not replay it: a new leader assumes every number up to the
                     // last one its ledger shows was used. Ask again under a new number.
@@ -240,7 +323,21 @@ impl Inner {
                     renumbered = true;
                     request.seq = self.next_request_seq();
                 }
-                Reply::Decision(Decision::Rejected { reason, detail }) => {
+                Reply::Decision(Decision::Rejected {
+                    reason,
+                    detail,
+                    retry_after_ms: Some(ms),
+                }) if matches!(
+                    reason,
+                    RejectReason::AggregateLimit | RejectReason::TypeLimit
+                ) =>
+                {
+                    return Ok(Attempt::Wait {
+                        outcome: Outcome::Rejected { reason, detail },
+                        after: std::time::Duration::from_millis(ms.min(MAX_RETRY_AFTER_MS)),
+                    });
+                }
+                Reply::Decision(Decision::Rejected { reason, detail, .. }) => {
                     return Ok(Attempt::Decided(Outcome::Rejected { reason, detail }));
                 }
                 Reply::Error(e) => return Err(SlaveError::InvalidInput(e.to_string())),

@@ -408,3 +408,162 @@ fn when_demand_exceeds_what_is_free_holders_above_a_fair_share_are_told_to_shrin
     // The held seats are never part of it: a slave holding 8 of its seats keeps them.
     a.assert_within_limits();
 }
+
+/// The retry hint of a refusal (`None`: final).
+fn retry_of(out: &Output) -> Option<u64> {
+    match decision_of(out) {
+        Decision::Rejected { retry_after_ms, .. } => retry_after_ms,
+        Decision::Approved { .. } => panic!("approved: {out:?}"),
+    }
+}
+
+/// The control messages an output sends, by slave.
+fn controls(out: &Output) -> Vec<(String, ControlMessage)> {
+    out.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Control { slave, message } => Some((slave.to_string(), message.clone())),
+            Effect::Alert(_) => None,
+        })
+        .collect()
+}
+
+/// The flake this fixes (tests/allotment.rs, phase 1): the total (20) is below the sum of
+/// the type limits (12 + 16), and blocks of one type hold every free seat, so a strict
+/// registration of the other type found none. Now it waits: the holders (the requester
+/// too, for its own block of the other type) are told to give half of their blocks back,
+/// the answer says when to ask again, nothing is alerted or recorded, and once a holder
+/// has answered the registration is approved.
+#[test]
+fn a_strict_registration_waits_for_seats_free_in_other_blocks_and_gets_one() {
+    let mut a = Allot::new();
+    let limits = &mut a.h.engine.cfg.license.limits;
+    limits.total = Some(20);
+    limits.agent_types = BTreeMap::from([("inbound".into(), 12), ("outbound".into(), 16)]);
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    // 4 held by s1; the other 16 sit in blocks: 8 inbound at s1, 8 outbound at s2.
+    for n in 0..4 {
+        assert!(approved(&a.h.decision("s1", &format!("h{n}"), "outbound")));
+    }
+    a.ask("s1", vec![], &[("inbound", 8)]);
+    // No slave takes more than its share of what is free in one answer: s2 asks thrice.
+    for _ in 0..3 {
+        a.ask("s2", vec![], &[("outbound", 8)]);
+    }
+    assert_eq!(a.h.engine.allotted_total(), 16);
+    a.assert_within_limits();
+
+    // s1 wants an outbound seat its block cannot give: the total is used up.
+    let out = a.h.register("s1", "x1", "outbound");
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::AggregateLimit)
+    );
+    let retry = retry_of(&out).expect("a wait, not a final refusal");
+    assert!((20..=250).contains(&retry), "{retry}");
+    assert!(alerts(&out).is_empty(), "{:?}", alerts(&out));
+    assert!(out.changes.is_empty());
+    let told = controls(&out);
+    assert_eq!(
+        told,
+        vec![
+            (
+                "s1".to_owned(),
+                ControlMessage::ShrinkAllotment {
+                    blocks: BTreeMap::from([("inbound".into(), 4)])
+                }
+            ),
+            (
+                "s2".to_owned(),
+                ControlMessage::ShrinkAllotment {
+                    blocks: BTreeMap::from([("outbound".into(), 4)])
+                }
+            ),
+        ]
+    );
+    // Asked again before anyone answered: still a wait, nobody told twice.
+    a.h.advance(Duration::from_millis(retry));
+    let out = a.h.register("s1", "x1", "outbound");
+    assert!(retry_of(&out).is_some());
+    assert!(controls(&out).is_empty());
+    // s2 answers (keeps 4): the seats it gave back are free, s1's next ask gets one.
+    a.ask("s2", vec![], &[("outbound", 4)]);
+    assert!(approved(&a.h.decision("s1", "x1", "outbound")));
+    a.assert_within_limits();
+}
+
+/// A holder told to give back that stays silent past the return wait (2 refresh
+/// intervals: frozen, cut off) no longer makes a registration wait: the refusal is final
+/// and alerted, and its block stays counted until the reclaim timing rule.
+#[test]
+fn a_holder_that_does_not_answer_makes_the_refusal_final_after_the_return_wait() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    // s1 takes the 3 inbound seats into its block.
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 3)]));
+    let out = a.h.register("s2", "b1", "inbound");
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::TypeLimit)
+    );
+    assert!(retry_of(&out).is_some());
+    assert_eq!(controls(&out).len(), 1, "{:?}", out.effects);
+    let wait = a.h.engine.return_wait();
+    a.h.advance(wait - Duration::from_millis(1));
+    assert!(retry_of(&a.h.register("s2", "b1", "inbound")).is_some());
+    a.h.advance(Duration::from_millis(2));
+    let out = a.h.register("s2", "b1", "inbound");
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::TypeLimit)
+    );
+    assert_eq!(retry_of(&out), None, "s1 never answered: final");
+    assert_eq!(alerts(&out).len(), 1);
+    assert!(controls(&out).is_empty());
+    assert_eq!(a.h.engine.allotted_total(), 3);
+}
+
+/// Near exhaustion (fewer unheld seats than 2 per allotting slave), a strict
+/// registration refused while another slave holds a free block tells it to give the whole
+/// block back; without any block anywhere the refusal is final at once; strict mode never
+/// waits.
+#[test]
+fn near_exhaustion_a_waiting_registration_asks_for_whole_blocks_and_strict_mode_never_waits() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 2)]));
+    // s2 takes allotments too (two slaves share the pool), but asks for no block.
+    Allot::answer(&a.ask("s2", vec![], &[]));
+    for n in 1..=3 {
+        assert!(approved(&a.h.decision("s2", &format!("h{n}"), "outbound")));
+    }
+    // 5 seats: 3 held by s2, 2 in s1's block; s2 asks for one more.
+    let out = a.h.register("s2", "h4", "inbound");
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::AggregateLimit)
+    );
+    assert!(retry_of(&out).is_some());
+    assert_eq!(
+        controls(&out),
+        vec![("s1".to_owned(), ControlMessage::ReturnAllotment)]
+    );
+    Allot::answer(&a.ask("s1", vec![], &[]));
+    assert!(approved(&a.h.decision("s2", "h4", "inbound")));
+    assert!(approved(&a.h.decision("s2", "h5", "inbound")));
+    // Nothing free anywhere: final at once.
+    let out = a.h.register("s1", "x", "inbound");
+    assert_eq!(retry_of(&out), None);
+    assert_eq!(alerts(&out).len(), 1);
+
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    for n in 0..5 {
+        let t = if n < 3 { "inbound" } else { "outbound" };
+        assert!(approved(&h.decision("s1", &format!("a{n}"), t)));
+    }
+    assert_eq!(retry_of(&h.register("s1", "a9", "outbound")), None);
+}
