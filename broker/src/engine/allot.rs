@@ -26,6 +26,29 @@ use super::{Effect, Engine, Output};
 /// last seats are granted one by one to whoever asks first.
 pub const ALLOT_MIN_BLOCK: u32 = 2;
 
+/// What allotment mode did on a leader, for its metrics: counted when decided, never when
+/// a ledger record is replayed, so a replica counts only its own decisions.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AllotCounts {
+    /// Allot answers that grew a block, and the seats they added.
+    pub grants: u64,
+    pub seats_granted: u64,
+    /// Allot answers that gave less than the slave asked for (the pool was short, nearly
+    /// exhausted, or the slave's local limit was reached).
+    pub partial_grants: u64,
+    /// Allot requests in which a slave gave free seats back, and how many.
+    pub returns: u64,
+    pub seats_returned: u64,
+    /// Silent slaves whose blocks were reclaimed under the timing rule, and the seats.
+    pub reclaims: u64,
+    pub seats_reclaimed: u64,
+    /// Registrations told to ask again while seats of blocks were being given back.
+    pub waits: u64,
+    /// Capacity refusals made final while free seats sat in the blocks of holders that
+    /// did not answer within the return wait (stranded until the reclaim rule).
+    pub stranded_refusals: u64,
+}
+
 /// The allotment settings of a master.
 #[derive(Debug, Clone)]
 pub struct AllotConfig {
@@ -229,6 +252,7 @@ impl Engine {
         let mut exhausted = false;
         // Types this slave wanted more of than it got (free seats ran short).
         let mut short: Vec<String> = Vec::new();
+        let (mut granted, mut returned, mut partial) = (0u64, 0u64, false);
         let types: Vec<String> = {
             let s = &self.slaves[id];
             let mut t: Vec<String> = s.blocks.keys().cloned().collect();
@@ -242,6 +266,7 @@ impl Engine {
             let block = self.block_of(id, &agent_type);
             if want < block {
                 self.set_block(id, &agent_type, want);
+                returned += u64::from(block - want);
                 continue;
             }
             if want == block {
@@ -253,6 +278,7 @@ impl Engine {
             let free_total = self.free_total();
             if self.nearly_exhausted(&agent_type) {
                 exhausted = true;
+                partial = true;
                 continue;
             }
             let room = self.local_room(id);
@@ -265,10 +291,22 @@ impl Engine {
                 .min(share);
             if grow > 0 {
                 self.set_block(id, &agent_type, block + grow);
+                granted += u64::from(grow);
             }
+            partial |= block + grow < want;
             if block + grow < want && grow < room {
                 short.push(agent_type);
             }
+        }
+        let counts = &mut self.allot_counts;
+        if granted > 0 {
+            counts.grants += 1;
+            counts.seats_granted += granted;
+        }
+        counts.partial_grants += u64::from(partial);
+        if returned > 0 {
+            counts.returns += 1;
+            counts.seats_returned += returned;
         }
         if !exhausted && !short.is_empty() {
             self.ask_for_fair_shares(now, id, &short, sharing, &mut out);
@@ -451,7 +489,7 @@ impl Engine {
         }
         let whole = self.nearly_exhausted(agent_type);
         let wait = self.return_wait();
-        let mut coming = false;
+        let (mut coming, mut stranded) = (false, false);
         for (holder, s) in self.slaves.iter_mut() {
             if !s.connected {
                 continue;
@@ -467,7 +505,7 @@ impl Engine {
             }
             match s.asked_to_return {
                 Some(at) if now.saturating_duration_since(at) < wait => coming = true,
-                Some(_) => {}
+                Some(_) => stranded = true,
                 None => {
                     s.asked_to_return = Some(now);
                     coming = true;
@@ -482,6 +520,11 @@ impl Engine {
                     });
                 }
             }
+        }
+        if coming {
+            self.allot_counts.waits += 1;
+        } else if stranded {
+            self.allot_counts.stranded_refusals += 1;
         }
         coming.then(|| self.retry_after())
     }
@@ -610,5 +653,10 @@ impl Engine {
 
     pub fn allotted_total(&self) -> u32 {
         self.allotted_total
+    }
+
+    /// What allotment mode did while this engine decided (see [`AllotCounts`]).
+    pub fn allot_counts(&self) -> AllotCounts {
+        self.allot_counts
     }
 }

@@ -56,7 +56,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-pub use allot::{ALLOT_MIN_BLOCK, AllotConfig};
+pub use allot::{ALLOT_MIN_BLOCK, AllotConfig, AllotCounts};
 use guards::{Bucket, Quiet, ReplayWindow};
 pub use guards::{MAX_AGENT_ID_LEN, MAX_SEQ_JUMP, RATE_LIMIT_ALERT_EVERY, REPLAY_WINDOW};
 pub use replay::ReplayError;
@@ -378,6 +378,9 @@ pub struct Engine {
     /// [`RATE_LIMIT_ALERT_EVERY`]. Bounded: at most `max_slaves` entries, the oldest
     /// forgotten first (not in the ledger: a new leader starts it empty).
     quiet: BTreeMap<(SlaveId, &'static str), Quiet>,
+    /// What allotment mode did while this engine decided (not in the ledger: counted by
+    /// the leader for its metrics; replaying the ledger counts nothing).
+    allot_counts: allot::AllotCounts,
 }
 
 impl Engine {
@@ -394,6 +397,7 @@ impl Engine {
             pending: Vec::new(),
             license_text: None,
             quiet: BTreeMap::new(),
+            allot_counts: allot::AllotCounts::default(),
         }
     }
 

@@ -491,6 +491,16 @@ fn a_strict_registration_waits_for_seats_free_in_other_blocks_and_gets_one() {
     a.ask("s2", vec![], &[("outbound", 4)]);
     assert!(approved(&a.h.decision("s1", "x1", "outbound")));
     a.assert_within_limits();
+    // Counted for the metrics: 4 answers grew a block (s2's first two were partial), the
+    // two waits, s2's return of 4 seats.
+    let c = a.h.engine.allot_counts();
+    assert_eq!(
+        (c.grants, c.seats_granted, c.partial_grants),
+        (4, 16, 2),
+        "{c:?}"
+    );
+    assert_eq!((c.waits, c.returns, c.seats_returned), (2, 1, 4), "{c:?}");
+    assert_eq!(c.stranded_refusals, 0);
 }
 
 /// A holder told to give back that stays silent past the return wait (2 refresh
@@ -523,6 +533,7 @@ fn a_holder_that_does_not_answer_makes_the_refusal_final_after_the_return_wait()
     assert_eq!(alerts(&out).len(), 1);
     assert!(controls(&out).is_empty());
     assert_eq!(a.h.engine.allotted_total(), 3);
+    assert_eq!(a.h.engine.allot_counts().stranded_refusals, 1);
 }
 
 /// Near exhaustion (fewer unheld seats than 2 per allotting slave), a strict
