@@ -578,3 +578,125 @@ fn near_exhaustion_a_waiting_registration_asks_for_whole_blocks_and_strict_mode_
     }
     assert_eq!(retry_of(&h.register("s1", "a9", "outbound")), None);
 }
+
+/// Property test: with four connected slaves that take blocks, give seats back when told
+/// and register strictly, a registration refused for capacity either waits (seats of
+/// blocks are being given back) or is final only when no slave holds a free block seat
+/// counted against the limit that refused it; retried while the told slaves obey, it is
+/// decided within a few rounds; and held plus allotted seats never pass a limit.
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TYPES: [&str; 2] = ["inbound", "outbound"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Registered strictly, asked again while the answer says to wait, the slaves
+        /// told to give back obeying between two asks.
+        Register {
+            slave: usize,
+            agent: usize,
+            kind: usize,
+        },
+        Unregister {
+            slave: usize,
+            agent: usize,
+        },
+        /// An allot request with no journal, wanting these blocks.
+        Allot {
+            slave: usize,
+            want: Vec<(usize, u32)>,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..4usize, 0..6usize, 0..2usize)
+                .prop_map(|(slave, agent, kind)| Op::Register { slave, agent, kind }),
+            2 => (0..4usize, 0..6usize).prop_map(|(slave, agent)| Op::Unregister { slave, agent }),
+            3 => (0..4usize, prop::collection::vec((0..2usize, 0..6u32), 0..3))
+                .prop_map(|(slave, want)| Op::Allot { slave, want }),
+        ]
+    }
+
+    /// Block seats of connected slaves counted against the limit `reason` names.
+    fn counted_blocks(a: &Allot, reason: RejectReason, agent_type: &str) -> u32 {
+        a.h.engine
+            .slaves
+            .values()
+            .filter(|s| s.connected)
+            .flat_map(|s| s.blocks.iter())
+            .filter(|(t, _)| reason == RejectReason::AggregateLimit || *t == agent_type)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// The master allows 5 seats, 3 inbound and 3 outbound.
+        #[test]
+        fn a_capacity_refusal_waits_exactly_while_block_seats_are_given_back(
+            ops in prop::collection::vec(op(), 1..80)
+        ) {
+            let mut a = Allot::new();
+            for s in 0..4 {
+                a.h.hello(&format!("s{s}"), None);
+            }
+            let mut told: BTreeMap<String, ControlMessage> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Register { slave, agent, kind } => {
+                        let (name, agent, t) = (format!("s{slave}"), format!("a{agent}"), TYPES[kind]);
+                        let mut rounds = 0;
+                        loop {
+                            rounds += 1;
+                            prop_assert!(rounds <= 12, "{name} {agent} still waits after 12 rounds");
+                            let out = a.h.register(&name, &agent, t);
+                            for (slave, message) in controls(&out) {
+                                told.insert(slave, message);
+                            }
+                            a.assert_within_limits();
+                            match decision_of(&out) {
+                                Decision::Approved { .. } => break,
+                                Decision::Rejected { reason, retry_after_ms: None, .. } => {
+                                    if matches!(reason, RejectReason::AggregateLimit | RejectReason::TypeLimit) {
+                                        prop_assert_eq!(counted_blocks(&a, reason, t), 0, "final {:?} with block seats left", reason);
+                                    }
+                                    break;
+                                }
+                                Decision::Rejected { reason, retry_after_ms: Some(_), .. } => {
+                                    prop_assert!(counted_blocks(&a, reason, t) > 0);
+                                    prop_assert!(out.changes.is_empty() && alerts(&out).is_empty());
+                                    // The told slaves give back (no time passes).
+                                    for (slave, message) in std::mem::take(&mut told) {
+                                        let want: Vec<(String, u32)> = match message {
+                                            ControlMessage::ShrinkAllotment { blocks } => blocks.into_iter().collect(),
+                                            _ => Vec::new(),
+                                        };
+                                        let want: Vec<(&str, u32)> = want.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+                                        let out = a.ask(&slave, vec![], &want);
+                                        prop_assert!(matches!(reply_of(&out), Some(Reply::Allotment(_))));
+                                        a.assert_within_limits();
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Op::Unregister { slave, agent } => {
+                        a.h.unregister(&format!("s{slave}"), &format!("a{agent}"));
+                    }
+                    Op::Allot { slave, want } => {
+                        let want: Vec<(&str, u32)> = want.into_iter().map(|(t, n)| (TYPES[t], n)).collect();
+                        let out = a.ask(&format!("s{slave}"), vec![], &want);
+                        for (slave, message) in controls(&out) {
+                            told.insert(slave, message);
+                        }
+                        a.assert_within_limits();
+                    }
+                }
+            }
+        }
+    }
+}
