@@ -654,6 +654,22 @@ async fn the_last_seats_go_to_the_slave_that_asks_even_from_a_block_of_another_t
         refused.is_empty(),
         "B's hosts were refused while A's block held free seats: {refused:?}"
     );
+    // B's own count of the registrations that waited, and how long capacity took to move.
+    let text = b.slave.metrics_text();
+    let series = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (waits, waited) = (
+        series("lmbus_slave_allot_wait_seconds_count"),
+        series("lmbus_slave_allot_wait_seconds_sum"),
+    );
+    eprintln!(
+        "measured: {waits} of B's registrations waited for A's seats, {:.0} ms on average",
+        waited * 1000.0 / waits.max(1.0)
+    );
+    assert!(waits >= 1.0, "no registration of B waited: {text}");
     assert!(
         shrinks + returns > 0,
         "the master never told A to give back"

@@ -54,11 +54,20 @@ impl Inner {
         // Allotment mode: a capacity refusal while other slaves give back seats of their
         // blocks is asked again (from the block first) until then.
         let mut wait_until = None;
+        let mut waited_since = None;
         loop {
-            if let Some(outcome) = self
+            let asked = tokio::time::Instant::now();
+            let decided = self
                 .register_once(agent_id, agent_type, &mut wait_until)
-                .await?
-            {
+                .await;
+            if let Ok(None) = decided {
+                waited_since.get_or_insert(asked);
+                continue;
+            }
+            if let Some(since) = waited_since {
+                self.metrics.allot_wait(since.elapsed());
+            }
+            if let Some(outcome) = decided? {
                 return Ok(outcome);
             }
         }
