@@ -110,6 +110,24 @@ impl AllotBook {
             return None;
         }
         *self.demand.entry(agent_type.to_owned()).or_insert(0) += 1;
+        self.admit(now, agent_id, agent_type)
+    }
+
+    /// [`AllotBook::try_admit`] for a registration already counted in the demand: one
+    /// asked again while seats of other blocks are given back.
+    pub fn try_admit_again(
+        &mut self,
+        now: Instant,
+        agent_id: &str,
+        agent_type: &str,
+    ) -> Option<u64> {
+        if !self.active {
+            return None;
+        }
+        self.admit(now, agent_id, agent_type)
+    }
+
+    fn admit(&mut self, now: Instant, agent_id: &str, agent_type: &str) -> Option<u64> {
         if self.hello_in_flight || self.lease_until.is_none_or(|t| now >= t) {
             return None;
         }
@@ -543,5 +561,21 @@ mod tests {
         assert_eq!(b.try_admit(Instant::now(), "a", "in"), None);
         assert!(!b.release("a", "in", 1));
         assert!(b.prepare(Instant::now(), Uuid::nil(), 10).is_none());
+    }
+
+    /// A registration asked again while seats of other blocks are given back is admitted
+    /// from the block like any, but its demand is not counted twice; it waits at most 2.5
+    /// refresh intervals in all.
+    #[tokio::test(start_paused = true)]
+    async fn a_registration_asked_again_counts_its_demand_once() {
+        let now = Instant::now();
+        let mut b = with_block(now, 2);
+        assert_eq!(b.return_wait(), Duration::from_secs(5));
+        assert_eq!(b.try_admit_again(now, "a1", "in"), Some(1));
+        assert_eq!(b.local_decisions, 1);
+        assert_eq!(b.demand.get("in"), None);
+        assert_eq!(b.try_admit(now, "a2", "in"), Some(2));
+        assert_eq!(b.demand.get("in"), Some(&1));
+        assert_eq!(AllotBook::default().try_admit_again(now, "a3", "in"), None);
     }
 }

@@ -96,7 +96,14 @@ impl Inner {
                     let active = state.active;
                     let now = tokio::time::Instant::now();
                     let book = state.allot.get_mut(active);
-                    if let Some(n) = book.try_admit(now, agent_id, agent_type) {
+                    // Asked again (seats of other blocks were being given back): its demand
+                    // was counted the first time.
+                    let admitted = if wait_until.is_some() {
+                        book.try_admit_again(now, agent_id, agent_type)
+                    } else {
+                        book.try_admit(now, agent_id, agent_type)
+                    };
+                    if let Some(n) = admitted {
                         // Running low: ask early (at most every quarter refresh).
                         admitted_here = Some(book.low(agent_type) && book.ask_early(now));
                         state.agents.insert(
