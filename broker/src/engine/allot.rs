@@ -253,6 +253,7 @@ impl Engine {
         // Types this slave wanted more of than it got (free seats ran short).
         let mut short: Vec<String> = Vec::new();
         let (mut granted, mut returned, mut partial) = (0u64, 0u64, false);
+        let mut total_short = false;
         let types: Vec<String> = {
             let s = &self.slaves[id];
             let mut t: Vec<String> = s.blocks.keys().cloned().collect();
@@ -295,6 +296,8 @@ impl Engine {
             }
             partial |= block + grow < want;
             if block + grow < want && grow < room {
+                // The total, not the type, is what ran short: blocks of other types hold it.
+                total_short |= free_total <= free_type;
                 short.push(agent_type);
             }
         }
@@ -309,7 +312,7 @@ impl Engine {
             counts.seats_returned += returned;
         }
         if !exhausted && !short.is_empty() {
-            self.ask_for_fair_shares(now, id, &short, sharing, &mut out);
+            self.ask_for_fair_shares(now, id, &short, total_short, sharing, &mut out);
         }
         if exhausted {
             // The last seats go to whoever asks first: every other slave with a free block
@@ -391,12 +394,16 @@ impl Engine {
 
     /// Demand exceeds what is free: every other slave whose free block of a short type is
     /// above a fair share (the seats not held, divided among the allotting slaves) is told
-    /// to keep no more than that (once until it answers). Seats in use are never taken.
+    /// to keep no more than that (once until it answers). When the total ran short
+    /// (`total_short`), a slave whose blocks of all types add up to more than its fair
+    /// share of the total is also told to keep each in proportion, so that blocks of one
+    /// type do not hold the total another type needs. Seats in use are never taken.
     fn ask_for_fair_shares(
         &mut self,
         now: Instant,
         id: &SlaveId,
         short: &[String],
+        total_short: bool,
         sharing: u32,
         out: &mut Output,
     ) {
@@ -414,15 +421,26 @@ impl Engine {
                 )
             })
             .collect();
+        let fair_total = (total_pool / sharing).max(ALLOT_MIN_BLOCK);
         for (other, s) in self.slaves.iter_mut() {
             if other == id || !s.connected || s.asked_to_return.is_some() {
                 continue;
             }
-            let over: BTreeMap<String, u32> = fair
+            let mut over: BTreeMap<String, u32> = fair
                 .iter()
                 .filter(|(t, f)| s.blocks.get(*t).is_some_and(|b| b > f))
                 .map(|(t, f)| (t.clone(), *f))
                 .collect();
+            let held: u64 = s.blocks.values().map(|&n| u64::from(n)).sum();
+            if total_short && held > u64::from(fair_total) {
+                for (t, &b) in &s.blocks {
+                    let cap = (u64::from(b) * u64::from(fair_total) / held) as u32;
+                    let cap = over.get(t).map_or(cap, |&c| c.min(cap));
+                    if cap < b {
+                        over.insert(t.clone(), cap);
+                    }
+                }
+            }
             if over.is_empty() {
                 continue;
             }

@@ -700,3 +700,34 @@ mod properties {
         }
     }
 }
+
+/// Fair shares count the total too: a slave wants outbound seats the total no longer has
+/// because another slave's blocks (mostly inbound) hold it; that slave, over its fair share
+/// of the total (the seats not held / the allotting slaves), is told to keep each of its
+/// blocks in proportion, not only blocks of the type asked for.
+#[test]
+fn when_the_total_runs_short_a_holder_of_other_types_is_told_to_shrink_in_proportion() {
+    let mut a = Allot::new();
+    let limits = &mut a.h.engine.cfg.license.limits;
+    limits.total = Some(20);
+    limits.agent_types = BTreeMap::from([("inbound".into(), 12), ("outbound".into(), 16)]);
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    let answer = Allot::answer(&a.ask("s1", vec![], &[("inbound", 10), ("outbound", 2)]));
+    assert_eq!(answer.blocks.values().sum::<u32>(), 12, "{answer:?}");
+    // s2 wants 8 outbound: 8 seats are free in total (14 of the type), its share is 4.
+    let out = a.ask("s2", vec![], &[("outbound", 8)]);
+    assert_eq!(Allot::answer(&out).blocks["outbound"], 4);
+    // s1 holds 12 free seats, over its fair share of the total (20 / 2 = 10): it keeps
+    // 10 in proportion (inbound 10 * 10 / 12 = 8, outbound 2 * 10 / 12 = 1).
+    assert_eq!(
+        controls(&out),
+        vec![(
+            "s1".to_owned(),
+            ControlMessage::ShrinkAllotment {
+                blocks: BTreeMap::from([("inbound".into(), 8), ("outbound".into(), 1)])
+            }
+        )]
+    );
+    a.assert_within_limits();
+}
