@@ -435,7 +435,15 @@ async fn slaves_admit_locally_and_their_hosts_books_match_the_master() {
 /// Registers new `inbound` agents on `host` until its hosts hold `target`, retrying a
 /// refusal every 50 ms; fails the test past `bound`. Returns how long it took.
 async fn fill(host: &Host, books: &Books, tag: &str, target: usize, bound: Duration) -> Duration {
-    fill_type(host, books, tag, "inbound", target, bound).await
+    fill_type(host, books, tag, "inbound", target, bound)
+        .await
+        .took
+}
+
+/// How a [`fill_type`] went: how long it took, and the slowest answer to one registration.
+struct Filled {
+    took: Duration,
+    slowest: Duration,
 }
 
 /// [`fill`] with agents of `agent_type`.
@@ -446,8 +454,9 @@ async fn fill_type(
     agent_type: &str,
     target: usize,
     bound: Duration,
-) -> Duration {
+) -> Filled {
     let started = Instant::now();
+    let mut slowest = Duration::ZERO;
     let mut n = 0;
     let mut refused: BTreeMap<String, u32> = BTreeMap::new();
     while books.held_by(&host.id).len() < target {
@@ -459,7 +468,10 @@ async fn fill_type(
         );
         n += 1;
         let agent = format!("{}-{tag}-{n}", host.id);
-        match host.register(&agent, agent_type).await.unwrap() {
+        let asked = Instant::now();
+        let outcome = host.register(&agent, agent_type).await.unwrap();
+        slowest = slowest.max(asked.elapsed());
+        match outcome {
             Outcome::Approved { .. } => {}
             Outcome::Rejected { reason, .. } => {
                 *refused.entry(reason.to_string()).or_default() += 1;
@@ -467,7 +479,10 @@ async fn fill_type(
             }
         }
     }
-    started.elapsed()
+    Filled {
+        took: started.elapsed(),
+        slowest,
+    }
 }
 
 async fn release_all(host: &Host, books: &Books) {
@@ -799,7 +814,8 @@ fn register_later(
 /// register until they hold all 6 seats. The master reclaims A's block no sooner than
 /// A's grace + margin (9 s) of silence less 1 s of slack (A's last message came before
 /// the freeze); B holds all 6 no sooner than 0.5 s before the reclaim alert arrives and
-/// no later than 2 refreshes + 2 s after it. Then, still frozen, A's hosts send 3
+/// no later than 2 refreshes + 2 s after it, and none of B's registrations waits for A's
+/// block longer than 2.5 refreshes + 2 s (A never gives it back: the refusal is final). Then, still frozen, A's hosts send 3
 /// registrations; SIGCONT A: none is approved (A's block is gone, B holds every seat).
 ///
 /// Throughout, at every approval the hosts (A's and B's) hold at most 6 seats, and the
@@ -884,8 +900,8 @@ async fn a_frozen_slave_admits_nothing_from_a_stale_block() {
         let (b, books) = (b.clone(), books.clone());
         let bound = P_GRACE + P_MARGIN + SETTLE + Duration::from_secs(3);
         tokio::spawn(async move {
-            fill(&b, &books, "fill", P_LIMIT as usize, bound).await;
-            frozen.elapsed()
+            let filled = fill_type(&b, &books, "fill", "inbound", P_LIMIT as usize, bound).await;
+            (frozen.elapsed(), filled.slowest)
         })
     };
     let block = freeze(&f, &a).await;
@@ -905,8 +921,17 @@ async fn a_frozen_slave_admits_nothing_from_a_stale_block() {
         reclaimed_after >= P_GRACE + P_MARGIN - Duration::from_secs(1),
         "the master reclaimed a frozen slave's block {reclaimed_after:?} after the freeze, before grace + margin"
     );
-    let b_full = tokio::time::timeout(WAIT, filled).await.unwrap().unwrap();
-    eprintln!("measured: B held all {P_LIMIT} seats {b_full:?} after the freeze");
+    let (b_full, slowest) = tokio::time::timeout(WAIT, filled).await.unwrap().unwrap();
+    eprintln!(
+        "measured: B held all {P_LIMIT} seats {b_full:?} after the freeze; its slowest registration took {slowest:?}"
+    );
+    // A registration waits for a frozen holder's block at most 2 refreshes (the master's
+    // return wait), 2.5 on the slave's own clock; then it is refused and A's block
+    // waits for the reclaim.
+    assert!(
+        slowest <= 5 * P_REFRESH / 2 + Duration::from_secs(2),
+        "a registration of B waited {slowest:?} for a frozen slave's block"
+    );
     assert!(
         b_full + Duration::from_millis(500) >= reclaimed_after,
         "B held every seat {b_full:?} after the freeze, before A's block was reclaimed at {reclaimed_after:?}"
