@@ -421,8 +421,8 @@ pub enum Decision {
         detail: String,
         /// Allotment mode, a capacity refusal (`aggregate_limit`, `type_limit`) while
         /// seats sit free in slaves' blocks whose holders were just told to give them
-        /// back: ask again after this long (a new request number). An older slave ignores
-        /// it and takes the refusal as final.
+        /// back: ask again after this long (a new request number). Sent only to slaves that
+        /// take allotments; an older slave would ignore it and take the refusal as final.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
     },

@@ -483,10 +483,13 @@ impl Engine {
     /// some holder was told within [`Engine::return_wait`], the registration waits rather
     /// than fails: the answer is how long until the slave asks again (no alert, no
     /// record). A holder told longer ago without answering no longer counts, and the
-    /// refusal is final. Seats in use are never taken back.
+    /// refusal is final. Only a slave that takes allotments (it has sent an allot request,
+    /// so its build knows the hint) waits; another's refusal is final, its holders told all
+    /// the same. Seats in use are never taken back.
     pub(super) fn wait_for_blocks(
         &mut self,
         now: Instant,
+        id: &SlaveId,
         reason: RejectReason,
         agent_type: &str,
         out: &mut Output,
@@ -494,6 +497,7 @@ impl Engine {
         if self.cfg.allot.admission != Admission::Allotment {
             return None;
         }
+        let hinted = self.slaves.get(id).is_some_and(|s| s.allot_seq > 0);
         let counts = |t: &str| match reason {
             RejectReason::AggregateLimit => true,
             RejectReason::TypeLimit => t == agent_type,
@@ -539,12 +543,12 @@ impl Engine {
                 }
             }
         }
-        if coming {
+        if coming && hinted {
             self.allot_counts.waits += 1;
         } else if stranded {
             self.allot_counts.stranded_refusals += 1;
         }
-        coming.then(|| self.retry_after())
+        (coming && hinted).then(|| self.retry_after())
     }
 
     /// How long a registration waiting for seats given back waits between asks: a

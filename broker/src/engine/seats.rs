@@ -309,7 +309,8 @@ impl Engine {
                 let mut out = Output::default();
                 // Allotment mode: seats free in blocks whose holders give them back soon
                 // make this a wait, not a refusal (no alert: the slave asks again).
-                if let Some(retry) = self.wait_for_blocks(now, reason, &claim.agent_type, &mut out)
+                if let Some(retry) =
+                    self.wait_for_blocks(now, &id, reason, &claim.agent_type, &mut out)
                 {
                     out.reply = Some(Answer::Slave(Reply::Decision(Decision::Rejected {
                         reason,

@@ -511,8 +511,9 @@ fn a_holder_that_does_not_answer_makes_the_refusal_final_after_the_return_wait()
     let mut a = Allot::new();
     a.h.hello("s1", None);
     a.h.hello("s2", None);
-    // s1 takes the 3 inbound seats into its block.
+    // s1 takes the 3 inbound seats into its block; s2 takes allotments too.
     Allot::answer(&a.ask("s1", vec![], &[("inbound", 3)]));
+    Allot::answer(&a.ask("s2", vec![], &[]));
     let out = a.h.register("s2", "b1", "inbound");
     assert_eq!(
         rejected_for(&decision_of(&out)),
@@ -643,6 +644,8 @@ mod properties {
             let mut a = Allot::new();
             for s in 0..4 {
                 a.h.hello(&format!("s{s}"), None);
+                // Each takes allotments (a build that knows the retry hint).
+                a.ask(&format!("s{s}"), vec![], &[]);
             }
             let mut told: BTreeMap<String, ControlMessage> = BTreeMap::new();
             for op in ops {
@@ -730,4 +733,26 @@ fn when_the_total_runs_short_a_holder_of_other_types_is_told_to_shrink_in_propor
         )]
     );
     a.assert_within_limits();
+}
+
+/// A slave that takes no allotments (an older build, served strictly) does not know the
+/// retry hint: its refusal is final and alerted as in strict mode, while the holders of
+/// free block seats are told to give back all the same, so its next ask finds them.
+#[test]
+fn a_slave_that_takes_no_allotments_gets_a_final_refusal_and_the_holders_are_told() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    a.h.hello("old", None);
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 3)]));
+    let out = a.h.register("old", "b1", "inbound");
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::TypeLimit)
+    );
+    assert_eq!(retry_of(&out), None);
+    assert_eq!(alerts(&out).len(), 1);
+    assert_eq!(controls(&out).len(), 1, "{:?}", out.effects);
+    assert_eq!(a.h.engine.allot_counts().waits, 0);
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 1)]));
+    assert!(approved(&a.h.decision("old", "b1", "inbound")));
 }

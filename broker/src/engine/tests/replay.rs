@@ -222,17 +222,22 @@ mod properties {
                 // told to give back longer ago than the return wait.
                 let wait = h.engine.return_wait();
                 let now = h.now;
-                let may_wait = |engine: &Engine, t: &str, total: bool| {
-                    engine.slaves.values().any(|s| {
+                let may_wait = |engine: &Engine, requester: &str, t: &str, total: bool| {
+                    // Only a slave that takes allotments knows the hint.
+                    let hinted = engine
+                        .slaves
+                        .get(&SlaveId::new(requester).unwrap())
+                        .is_some_and(|s| s.allot_seq > 0);
+                    hinted && engine.slaves.values().any(|s| {
                         s.connected
                             && s.blocks.iter().any(|(bt, n)| *n > 0 && (total || bt == t))
                             && s.asked_to_return.is_none_or(|at| now.saturating_duration_since(at) < wait)
                     })
                 };
                 let waits = match &op {
-                    Op::Register { kind, .. } => Some((
-                        may_wait(&h.engine, TYPES[*kind], true),
-                        may_wait(&h.engine, TYPES[*kind], false),
+                    Op::Register { slave, kind, .. } => Some((
+                        may_wait(&h.engine, &format!("s{slave}"), TYPES[*kind], true),
+                        may_wait(&h.engine, &format!("s{slave}"), TYPES[*kind], false),
                     )),
                     _ => None,
                 };
