@@ -315,8 +315,7 @@ impl Engine {
                     out.reply = Some(Answer::Slave(Reply::Decision(Decision::Rejected {
                         reason,
                         detail: format!(
-                            "{detail}; free seats of slaves' blocks are being given back: ask again in {} ms",
-                            retry.as_millis()
+                            "{detail}; free seats of slaves' blocks are being given back"
                         ),
                         retry_after_ms: Some(retry.as_millis() as u64),
                     })));

@@ -2,6 +2,7 @@
 //! order (failover and overflow), a hello when a session is lost, renumbering a refused
 //! request number, and the seat table kept in step with the answers.
 
+use lmbus_schemas::human::HumanDuration;
 use lmbus_schemas::{
     Decision, RegisterRequest, RejectReason, Reply, SlaveEvent, SlaveOp, SlaveReport,
     UnregisterRequest,
@@ -175,16 +176,25 @@ impl Inner {
             let mut state = lock(&self.state);
             in_flight.settle(&mut state);
             let Decided {
-                outcome,
+                mut outcome,
                 by: granted_by,
                 retry_after,
             } = decided?;
             let now = tokio::time::Instant::now();
             let wait = match (retry_after, granted_by) {
                 (Some(after), Some(by)) => {
-                    let until =
-                        *wait_until.get_or_insert_with(|| now + state.allot.get(by).return_wait());
-                    (now + after < until).then_some(after)
+                    let allowed = state.allot.get(by).return_wait();
+                    let until = *wait_until.get_or_insert(now + allowed);
+                    let wait = (now + after < until).then_some(after);
+                    if wait.is_none()
+                        && let Outcome::Rejected { detail, .. } = &mut outcome
+                    {
+                        detail.push_str(&format!(
+                            ", but none came back within {}",
+                            HumanDuration(allowed)
+                        ));
+                    }
+                    wait
                 }
                 _ => None,
             };
