@@ -433,17 +433,23 @@ async fn chaos_with_snapshots_and_a_trimmed_ledger_keeps_every_invariant() {
 
 /// Steps: the same chaos (seed of its own) with every broker in allotment mode
 /// (`--admission allotment --allot-refresh 500ms --allot-lease 5s`): the four in-process
-/// slaves and the daemon admit from blocks when they hold one and ask strictly when it runs
-/// dry, against a 24-seat limit they want up to 24 of and the daemon more (near the limit
-/// the pool is often nearly exhausted: blocks are given back, registrations go strict and
-/// wait for them; below it blocks are allotted). Leaders are killed, paused and restarted with journals
-/// and allot requests in flight; the daemon is paused past its grace (its 2 s allotment
-/// lease with it). After every round, within two seconds (four refreshes: per-agent records
-/// lag one), every host's books equal the master's ledger and live counts, the hosts hold
-/// at most 24, and the leader's held plus allotted seats are within the limit. Afterwards
-/// the ledger audit (held plus allotted at every record, no write by a deposed leader)
-/// passes over the whole history, blocks were allotted (the audit saw more seats counted
-/// than held) and registrations were decided locally.
+/// slaves and the daemon admit from blocks when they hold one and ask strictly when it
+/// runs dry, against a 24-seat limit they want up to 24 of and the daemon more (near the
+/// limit the pool is often nearly exhausted: blocks are given back, registrations go
+/// strict and wait for them; below it blocks are allotted). Leaders are killed, paused and
+/// restarted with journals and allot requests in flight; the daemon is paused past its
+/// grace (its 2 s allotment lease with it). After every round, within two seconds (four
+/// refreshes: per-agent records lag one), every host's books equal the master's ledger and
+/// live counts, the hosts hold at most 24, and the leader's held plus allotted seats are
+/// within the limit. Afterwards the ledger audit (held plus allotted at every record, no
+/// write by a deposed leader) passes over the whole history, blocks were used (seats taken
+/// from blocks in the ledger), registrations were decided locally, and no in-process slave
+/// logged out an agent admitted from a block as `no_allotment` (checked in every chaos run;
+/// the logouts are printed). Catches (it found it): a strict
+/// registration that overtook the journal carrying the same agent's release, so the master
+/// answered `already_held` and then applied the release (the host's books held an agent the
+/// ledger did not), or applied a strict release and then the journal's, never putting that
+/// seat back in the block (a later local admission refused `no_allotment`: a logout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_in_allotment_mode_keeps_every_invariant() {
     let end = chaos(
@@ -687,10 +693,30 @@ async fn chaos(limit: u32, flags: &[&str], seed: u64) -> ChaosEnd {
         ledger_first_sequence(&rig).await
     );
     let mut local_decisions = 0;
+    let mut logouts = Vec::new();
     for slave in slaves {
-        local_decisions += AllotView::of(&slave.status()).map_or(0, |v| v.local_decisions);
+        let status = slave.status();
+        local_decisions += AllotView::of(&status).map_or(0, |v| v.local_decisions);
+        logouts.extend(
+            status
+                .logged_out
+                .into_iter()
+                .map(|n| (status.slave_id.clone(), n)),
+        );
         slave.shutdown().await;
     }
+    eprintln!(
+        "measured: chaos: the in-process slaves logged out {} agents their hosts held: {logouts:?}",
+        logouts.len()
+    );
+    // No agent admitted from a block was refused by the master (`no_allotment`: the slave
+    // used a block seat the master did not count for it) and logged out.
+    assert!(
+        logouts
+            .iter()
+            .all(|(_, n)| n.reason != lmbus_schemas::RejectReason::NoAllotment),
+        "agents admitted from blocks were refused: {logouts:?}"
+    );
     eprintln!(
         "measured: chaos: at most {} seats held + allotted; {from_block} seats taken from blocks in the ledger; {local_decisions} registrations of the in-process slaves decided locally",
         whole.max_counted

@@ -35,6 +35,15 @@ enum Attempt {
     Unavailable(String),
 }
 
+/// Where one try at a registration ended.
+enum Step {
+    Decided(Outcome),
+    /// The master said to ask again (seats of blocks are being given back); waited as told.
+    Waited,
+    /// The agent's release was still in an unacknowledged journal; waited for it.
+    Flushed,
+}
+
 /// A registration's answer, the master that gave it (`None`: none did, and the grace
 /// policy answered) and, for a capacity refusal while blocks are being given back, how
 /// long to wait before asking again.
@@ -56,36 +65,44 @@ impl Inner {
         // blocks is asked again (from the block first) until then.
         let mut wait_until = None;
         let mut waited_since = None;
+        let mut first = true;
         loop {
             let asked = tokio::time::Instant::now();
-            let decided = self
-                .register_once(agent_id, agent_type, &mut wait_until)
+            let step = self
+                .register_once(agent_id, agent_type, first, &mut wait_until)
                 .await;
-            if let Ok(None) = decided {
-                waited_since.get_or_insert(asked);
-                continue;
-            }
-            if let Some(since) = waited_since {
-                self.metrics.allot_wait(since.elapsed());
-            }
-            if let Some(outcome) = decided? {
-                return Ok(outcome);
+            first = false;
+            match step {
+                Ok(Step::Waited) => {
+                    waited_since.get_or_insert(asked);
+                }
+                Ok(Step::Flushed) => {}
+                Ok(Step::Decided(outcome)) => {
+                    if let Some(since) = waited_since {
+                        self.metrics.allot_wait(since.elapsed());
+                    }
+                    return Ok(outcome);
+                }
+                Err(e) => return Err(e),
             }
         }
     }
 
-    /// One try at a registration: `None` when the master said to ask again (seats are
-    /// being given back) and `wait_until` has not passed; it waited as told.
+    /// One try at a registration (`first`: its demand is not counted yet): decided, or
+    /// to be tried again because the master said to ask again (seats are being given back)
+    /// and `wait_until` has not passed, or because its release was still in the journal.
     async fn register_once(
         &self,
         agent_id: &str,
         agent_type: &str,
+        first: bool,
         wait_until: &mut Option<tokio::time::Instant>,
-    ) -> Result<Option<Outcome>, SlaveError> {
+    ) -> Result<Step, SlaveError> {
         self.check_grace();
         // Decide under the lock, act (await) after it is released.
         let mut admitted_here = None;
         let mut wake = false;
+        let mut flush = false;
         let local_rejection = {
             let mut state = lock(&self.state);
             let held = state.agents.contains_key(agent_id);
@@ -96,13 +113,13 @@ impl Inner {
                 None if !held && state.restricted.is_none() => {
                     let active = state.active;
                     let now = tokio::time::Instant::now();
+                    let releasing = state.allot.iter().any(|b| b.releasing(agent_id));
                     let book = state.allot.get_mut(active);
-                    // Asked again (seats of other blocks were being given back): its demand
-                    // was counted the first time.
-                    let admitted = if wait_until.is_some() {
-                        book.try_admit_again(now, agent_id, agent_type)
-                    } else {
+                    // Tried again: its demand was counted the first time.
+                    let admitted = if first {
                         book.try_admit(now, agent_id, agent_type)
+                    } else {
+                        book.try_admit_again(now, agent_id, agent_type)
                     };
                     if let Some(n) = admitted {
                         // Running low: ask early (at most every quarter refresh).
@@ -115,6 +132,13 @@ impl Inner {
                                 allot: Some(n),
                             },
                         );
+                    } else if releasing {
+                        // Its release is in a journal the master has not acknowledged: a
+                        // strict request now could reach the master first, find the agent
+                        // still held (already_held), and the journal's release would then
+                        // take the seat of the host's new registration. The journal goes
+                        // first.
+                        flush = true;
                     } else {
                         // Not from a block: asked strictly; the next allot request goes
                         // early so that the block catches up with the demand.
@@ -147,10 +171,15 @@ impl Inner {
         if let Some(detail) = local_rejection {
             self.report_local_rejection(agent_id, agent_type, &detail)
                 .await;
-            return Ok(Some(Outcome::Rejected {
+            return Ok(Step::Decided(Outcome::Rejected {
                 reason: RejectReason::LocalLimit,
                 detail,
             }));
+        }
+        if flush {
+            self.allot_wake.notify_one();
+            self.wait_for_journal(agent_id).await;
+            return Ok(Step::Flushed);
         }
         if wake {
             self.allot_wake.notify_one();
@@ -159,7 +188,7 @@ impl Inner {
             if low {
                 self.allot_wake.notify_one();
             }
-            return Ok(Some(Outcome::Approved {
+            return Ok(Step::Decided(Outcome::Approved {
                 already_held: false,
             }));
         }
@@ -204,7 +233,7 @@ impl Inner {
                     Some(Refusal::Refused(out)) => self.refused(&mut state, out),
                     None => {}
                 }
-                return Ok(Some(outcome));
+                return Ok(Step::Decided(outcome));
             }
             wait
         };
@@ -215,7 +244,24 @@ impl Inner {
             );
             tokio::time::sleep(after).await;
         }
-        Ok(None)
+        Ok(Step::Waited)
+    }
+
+    /// Waits until no journal holds an unacknowledged release of `agent_id` (the allot
+    /// request that carries it is answered), for at most two request timeouts: a master
+    /// that does not answer by then will not decide a strict request either.
+    async fn wait_for_journal(&self, agent_id: &str) {
+        let deadline = tokio::time::Instant::now() + self.cfg.request_timeout * 2;
+        loop {
+            let pending = lock(&self.state)
+                .allot
+                .iter()
+                .any(|b| b.releasing(agent_id));
+            if !pending || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// Asks the masters in the policy's order (`Policy::ask_order`: the seat's master for
