@@ -65,18 +65,20 @@ impl Inner {
         // blocks is asked again (from the block first) until then.
         let mut wait_until = None;
         let mut waited_since = None;
-        let mut first = true;
+        let (mut first, mut flushed) = (true, false);
         loop {
             let asked = tokio::time::Instant::now();
             let step = self
-                .register_once(agent_id, agent_type, first, &mut wait_until)
+                .register_once(agent_id, agent_type, first, flushed, &mut wait_until)
                 .await;
             first = false;
             match step {
                 Ok(Step::Waited) => {
                     waited_since.get_or_insert(asked);
                 }
-                Ok(Step::Flushed) => {}
+                // Once: a master that has not answered the journal by then is asked
+                // strictly all the same (and decides as it can).
+                Ok(Step::Flushed) => flushed = true,
                 Ok(Step::Decided(outcome)) => {
                     if let Some(since) = waited_since {
                         self.metrics.allot_wait(since.elapsed());
@@ -90,12 +92,14 @@ impl Inner {
 
     /// One try at a registration (`first`: its demand is not counted yet): decided, or
     /// to be tried again because the master said to ask again (seats are being given back)
-    /// and `wait_until` has not passed, or because its release was still in the journal.
+    /// and `wait_until` has not passed, or because its release was still in the journal
+    /// (not again once `flushed`).
     async fn register_once(
         &self,
         agent_id: &str,
         agent_type: &str,
         first: bool,
+        flushed: bool,
         wait_until: &mut Option<tokio::time::Instant>,
     ) -> Result<Step, SlaveError> {
         self.check_grace();
@@ -113,7 +117,7 @@ impl Inner {
                 None if !held && state.restricted.is_none() => {
                     let active = state.active;
                     let now = tokio::time::Instant::now();
-                    let releasing = state.allot.iter().any(|b| b.releasing(agent_id));
+                    let releasing = !flushed && state.allot.iter().any(|b| b.releasing(agent_id));
                     let book = state.allot.get_mut(active);
                     // Tried again: its demand was counted the first time.
                     let admitted = if first {
