@@ -99,12 +99,10 @@ impl AllotBook {
         self.lease_until.map(|t| t.saturating_duration_since(now))
     }
 
-    /// Whether an unacknowledged entry releases `agent_id`: a strict request for the agent
-    /// must wait for it, or it could reach the master before the release.
-    pub fn releasing(&self, agent_id: &str) -> bool {
-        self.journal
-            .iter()
-            .any(|op| op.kind == AllotOpKind::Release && op.agent_id == agent_id)
+    /// Whether an unacknowledged entry names `agent_id` (its admission or release): a
+    /// strict request for the agent must wait for it, or it could reach the master first.
+    pub fn journaled(&self, agent_id: &str) -> bool {
+        self.journal.iter().any(|op| op.agent_id == agent_id)
     }
 
     /// Agents named in unacknowledged entries: the heartbeat's books leave them out.
@@ -587,22 +585,23 @@ mod tests {
         assert_eq!(AllotBook::default().try_admit_again(now, "a3", "in"), None);
     }
 
-    /// A release the master has not acknowledged is pending until an answer covers it (a
-    /// strict registration of the same agent waits for that).
+    /// An admission or release the master has not acknowledged is pending until an answer
+    /// covers it (a strict registration of the same agent waits for that).
     #[tokio::test(start_paused = true)]
-    async fn a_release_is_pending_until_an_answer_covers_it() {
+    async fn a_journal_entry_is_pending_until_an_answer_covers_it() {
         let now = Instant::now();
         let mut b = with_block(now, 2);
         let n = b.try_admit(now, "a1", "in").unwrap();
+        assert!(b.journaled("a1"), "admitted, not yet sent");
         let p = b.prepare(now, Uuid::nil(), 100).unwrap();
         b.settle(p.request.seq, &answer(&[("in", 1)], n), |_, _| 0);
-        assert!(!b.releasing("a1"));
+        assert!(!b.journaled("a1"));
         assert!(b.release("a1", "in", n));
-        assert!(b.releasing("a1"));
-        assert!(!b.releasing("a2"));
+        assert!(b.journaled("a1"));
+        assert!(!b.journaled("a2"));
         let p = b.prepare(now, Uuid::nil(), 100).unwrap();
-        assert!(b.releasing("a1"), "sent, not yet answered");
+        assert!(b.journaled("a1"), "sent, not yet answered");
         b.settle(p.request.seq, &answer(&[("in", 2)], n + 1), |_, _| 0);
-        assert!(!b.releasing("a1"));
+        assert!(!b.journaled("a1"));
     }
 }

@@ -40,7 +40,8 @@ enum Step {
     Decided(Outcome),
     /// The master said to ask again (seats of blocks are being given back); waited as told.
     Waited,
-    /// The agent's release was still in an unacknowledged journal; waited for it.
+    /// The agent's admission or release was still in an unacknowledged journal; waited
+    /// for it.
     Flushed,
 }
 
@@ -92,7 +93,7 @@ impl Inner {
 
     /// One try at a registration (`first`: its demand is not counted yet): decided, or
     /// to be tried again because the master said to ask again (seats are being given back)
-    /// and `wait_until` has not passed, or because its release was still in the journal
+    /// and `wait_until` has not passed, or because the agent was still named in the journal
     /// (not again once `flushed`).
     async fn register_once(
         &self,
@@ -110,6 +111,15 @@ impl Inner {
         let local_rejection = {
             let mut state = lock(&self.state);
             let held = state.agents.contains_key(agent_id);
+            // An admission or release of the agent is in a journal the master has not
+            // acknowledged: a strict request now could reach the master first. A
+            // re-registration would find no seat (the admission not applied yet) and log
+            // the agent out; a registration after a release would find the agent still
+            // held (already_held), and the journal's release would then take the seat the
+            // host was just told it holds. The journal goes first.
+            let journaled = !flushed
+                && state.restricted.is_none()
+                && state.allot.iter().any(|b| b.journaled(agent_id));
             let used = state.agents.len() as u64 + u64::from(state.pending);
             match Policy::local_rejection(self.local_limit, held, used) {
                 // Allotment mode: a free seat of the active master's block decides it here,
@@ -117,7 +127,6 @@ impl Inner {
                 None if !held && state.restricted.is_none() => {
                     let active = state.active;
                     let now = tokio::time::Instant::now();
-                    let releasing = !flushed && state.allot.iter().any(|b| b.releasing(agent_id));
                     let book = state.allot.get_mut(active);
                     // Tried again: its demand was counted the first time.
                     let admitted = if first {
@@ -136,12 +145,7 @@ impl Inner {
                                 allot: Some(n),
                             },
                         );
-                    } else if releasing {
-                        // Its release is in a journal the master has not acknowledged: a
-                        // strict request now could reach the master first, find the agent
-                        // still held (already_held), and the journal's release would then
-                        // take the seat of the host's new registration. The journal goes
-                        // first.
+                    } else if journaled {
                         flush = true;
                     } else {
                         // Not from a block: asked strictly; the next allot request goes
@@ -165,6 +169,10 @@ impl Inner {
                         },
                     );
                     Some(detail)
+                }
+                None if journaled => {
+                    flush = true;
+                    None
                 }
                 None => {
                     state.begin_registration(agent_id);
@@ -251,7 +259,7 @@ impl Inner {
         Ok(Step::Waited)
     }
 
-    /// Waits until no journal holds an unacknowledged release of `agent_id` (the allot
+    /// Waits until no journal holds an unacknowledged entry naming `agent_id` (the allot
     /// request that carries it is answered), for at most two request timeouts: a master
     /// that does not answer by then will not decide a strict request either.
     async fn wait_for_journal(&self, agent_id: &str) {
@@ -260,7 +268,7 @@ impl Inner {
             let pending = lock(&self.state)
                 .allot
                 .iter()
-                .any(|b| b.releasing(agent_id));
+                .any(|b| b.journaled(agent_id));
             if !pending || tokio::time::Instant::now() >= deadline {
                 return;
             }
