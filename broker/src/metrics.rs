@@ -28,7 +28,66 @@ use lmbus_schemas::metrics::{
     Histogram, ProcessSample, build_info, escape_label, histogram_header,
 };
 
+use crate::engine::AllotCounts;
 use crate::ledger::Ledger;
+
+/// Allotment mode's counters: name, help and where the engine counts it.
+type AllotCounter = (&'static str, &'static str, fn(&AllotCounts) -> u64);
+const ALLOT_COUNTERS: [AllotCounter; 9] = [
+    (
+        "lmbus_allot_grants_total",
+        "Allot answers that grew a slave's block (allotment mode).",
+        |c| c.grants,
+    ),
+    (
+        "lmbus_allot_granted_seats_total",
+        "Seats added to slaves' blocks.",
+        |c| c.seats_granted,
+    ),
+    (
+        "lmbus_allot_partial_grants_total",
+        "Allot answers that gave less than the slave asked for (the pool short or nearly exhausted, or its local limit).",
+        |c| c.partial_grants,
+    ),
+    (
+        "lmbus_allot_returns_total",
+        "Allot requests in which a slave gave free seats of its block back.",
+        |c| c.returns,
+    ),
+    (
+        "lmbus_allot_returned_seats_total",
+        "Free seats slaves gave back.",
+        |c| c.seats_returned,
+    ),
+    (
+        "lmbus_allot_reclaims_total",
+        "Silent slaves whose blocks were reclaimed under the timing rule.",
+        |c| c.reclaims,
+    ),
+    (
+        "lmbus_allot_reclaimed_seats_total",
+        "Free seats of blocks reclaimed from silent slaves.",
+        |c| c.seats_reclaimed,
+    ),
+    (
+        "lmbus_allot_waits_total",
+        "Registrations told to ask again (no free seat) while seats of slaves' blocks were being given back.",
+        |c| c.waits,
+    ),
+    (
+        "lmbus_allot_stranded_refusals_total",
+        "Capacity refusals made while free seats sat in the blocks of slaves that did not give them back within 2 refresh intervals (stranded until the reclaim rule).",
+        |c| c.stranded_refusals,
+    ),
+];
+
+/// Allotment counters as exported: the engine's counts since it was built, summed across
+/// rebuilds (a replica rebuilds its engine from the ledger, which counts nothing).
+#[derive(Debug, Default)]
+struct AllotTotals {
+    last: AllotCounts,
+    totals: [u64; ALLOT_COUNTERS.len()],
+}
 
 /// What the leader loop refreshes every tick.
 #[derive(Debug, Default, Clone)]
@@ -77,6 +136,7 @@ pub struct Metrics {
     appends: Histogram,
     alerts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     gauges: Mutex<Option<Gauges>>,
+    allot: Mutex<AllotTotals>,
     /// Drained by an operator (`admin drain`): up, but it will not lead.
     drained: std::sync::atomic::AtomicBool,
     /// The master license in force; compared (not cloned) on every ledger record.
@@ -120,6 +180,25 @@ impl Metrics {
     /// A ledger append acknowledged, sent `took` earlier.
     pub fn ledger_append(&self, took: Duration) {
         self.appends.observe(took);
+    }
+
+    /// The engine's allotment counts, read at every tick while leading. When any count is
+    /// lower than the last read, they come from a rebuilt engine and are added whole (what
+    /// the old engine counted after the last tick is lost: at most one tick's worth).
+    pub fn count_allot(&self, now: AllotCounts) {
+        let mut a = lock(&self.allot);
+        let AllotTotals { last, totals } = &mut *a;
+        let rebuilt = ALLOT_COUNTERS
+            .iter()
+            .any(|(_, _, get)| get(&now) < get(last));
+        for (total, (_, _, get)) in totals.iter_mut().zip(ALLOT_COUNTERS) {
+            *total += if rebuilt {
+                get(&now)
+            } else {
+                get(&now) - get(last)
+            };
+        }
+        *last = now;
     }
 
     pub fn alert(&self, kind: &'static str, severity: &'static str) {
@@ -171,6 +250,13 @@ impl Metrics {
              lmbus_unregistrations_total {}",
             self.unregistrations.load(Ordering::Relaxed)
         );
+        let totals = lock(&self.allot).totals;
+        for ((name, help, _), n) in ALLOT_COUNTERS.iter().zip(totals) {
+            let _ = writeln!(
+                text,
+                "# HELP {name} {help} Decided by this replica as leader.\n# TYPE {name} counter\n{name} {n}"
+            );
+        }
         for (histogram, name, help) in [
             (
                 &self.latency,
@@ -444,6 +530,26 @@ mod tests {
                 agent_types: types.iter().map(|(t, n)| ((*t).to_owned(), *n)).collect(),
             },
         }
+    }
+
+    /// The allotment counters are the engine's counts summed across engine rebuilds
+    /// (counts that go down come from a new engine and are added whole).
+    #[test]
+    fn allotment_counters_survive_an_engine_rebuilt_from_the_ledger() {
+        let m = Metrics::new(&license(10, &[], time::macros::date!(2030 - 06 - 30)));
+        let counts = |grants, waits| AllotCounts {
+            grants,
+            waits,
+            ..AllotCounts::default()
+        };
+        m.count_allot(counts(3, 1));
+        m.count_allot(counts(5, 1));
+        // Rebuilt: it starts again from nothing.
+        m.count_allot(counts(2, 4));
+        let text = m.render(0, None, &ProcessSample::default());
+        assert!(text.contains("lmbus_allot_grants_total 7\n"), "{text}");
+        assert!(text.contains("lmbus_allot_waits_total 5\n"), "{text}");
+        assert!(text.contains("# TYPE lmbus_allot_stranded_refusals_total counter\nlmbus_allot_stranded_refusals_total 0\n"), "{text}");
     }
 
     #[test]

@@ -16,6 +16,13 @@
 //! grows a block only from free seats; a hello or a reclaim empties it (the slave stops
 //! admitting locally while its hello is in flight). A slave admits from its block only
 //! until `lease_ms` after it *sent* the request the last answer was for.
+//!
+//! No seat stays stranded in a block while a registration is refused: a registration the
+//! master decides strictly that finds no free seat while seats counted against the same
+//! limit sit free in connected slaves' blocks is answered `Decision::Rejected` with
+//! `retry_after_ms`; the holders are told to give back (`ShrinkAllotment` to half, or
+//! `ReturnAllotment` near exhaustion), and the slave asks again until a seat is free or the
+//! hint stops (2 refresh intervals after a holder was told, if it never answers).
 
 use std::collections::BTreeMap;
 

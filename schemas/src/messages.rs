@@ -419,6 +419,12 @@ pub enum Decision {
     Rejected {
         reason: RejectReason,
         detail: String,
+        /// Allotment mode, a capacity refusal (`aggregate_limit`, `type_limit`) while
+        /// seats sit free in slaves' blocks whose holders were just told to give them
+        /// back: ask again after this long (a new request number). Sent only to slaves that
+        /// take allotments; an older slave would ignore it and take the refusal as final.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -952,6 +958,12 @@ mod tests {
             Reply::Decision(Decision::Rejected {
                 reason: RejectReason::TypeLimit,
                 detail: "d".into(),
+                retry_after_ms: None,
+            }),
+            Reply::Decision(Decision::Rejected {
+                reason: RejectReason::AggregateLimit,
+                detail: "d".into(),
+                retry_after_ms: Some(50),
             }),
             Reply::Ack,
             Reply::Error(WireError {
@@ -1058,7 +1070,34 @@ mod tests {
             decode::<Decision>(&bytes).unwrap(),
             Decision::Rejected {
                 reason: RejectReason::Other,
-                detail: String::new()
+                detail: String::new(),
+                retry_after_ms: None,
+            }
+        );
+    }
+
+    /// A slave of an older build reads a refusal with a retry hint as a plain refusal.
+    #[test]
+    fn an_older_slave_reads_a_retry_hint_as_a_refusal() {
+        #[derive(Debug, Deserialize, PartialEq)]
+        #[serde(rename_all = "snake_case")]
+        enum OldDecision {
+            Rejected {
+                reason: RejectReason,
+                detail: String,
+            },
+        }
+        let bytes = encode(&Decision::Rejected {
+            reason: RejectReason::AggregateLimit,
+            detail: "d".into(),
+            retry_after_ms: Some(50),
+        })
+        .unwrap();
+        assert_eq!(
+            decode::<OldDecision>(&bytes).unwrap(),
+            OldDecision::Rejected {
+                reason: RejectReason::AggregateLimit,
+                detail: "d".into()
             }
         );
     }

@@ -99,6 +99,12 @@ impl AllotBook {
         self.lease_until.map(|t| t.saturating_duration_since(now))
     }
 
+    /// Whether an unacknowledged entry names `agent_id` (its admission or release): a
+    /// strict request for the agent must wait for it, or it could reach the master first.
+    pub fn journaled(&self, agent_id: &str) -> bool {
+        self.journal.iter().any(|op| op.agent_id == agent_id)
+    }
+
     /// Agents named in unacknowledged entries: the heartbeat's books leave them out.
     pub fn unsettled(&self) -> impl Iterator<Item = &str> {
         self.journal.iter().map(|op| op.agent_id.as_str())
@@ -110,6 +116,24 @@ impl AllotBook {
             return None;
         }
         *self.demand.entry(agent_type.to_owned()).or_insert(0) += 1;
+        self.admit(now, agent_id, agent_type)
+    }
+
+    /// [`AllotBook::try_admit`] for a registration already counted in the demand: one
+    /// asked again while seats of other blocks are given back.
+    pub fn try_admit_again(
+        &mut self,
+        now: Instant,
+        agent_id: &str,
+        agent_type: &str,
+    ) -> Option<u64> {
+        if !self.active {
+            return None;
+        }
+        self.admit(now, agent_id, agent_type)
+    }
+
+    fn admit(&mut self, now: Instant, agent_id: &str, agent_type: &str) -> Option<u64> {
         if self.hello_in_flight || self.lease_until.is_none_or(|t| now >= t) {
             return None;
         }
@@ -145,6 +169,14 @@ impl AllotBook {
             && self
                 .window_start
                 .is_none_or(|t| now.saturating_duration_since(t) >= self.refresh / 4)
+    }
+
+    /// How long a registration refused for capacity waits, in all, while the master says
+    /// seats of other blocks are being given back (`retry_after_ms`): the master stops
+    /// saying so 2 refresh intervals after it told a holder, and half of one more covers
+    /// the last ask's round trip.
+    pub fn return_wait(&self) -> Duration {
+        self.refresh.saturating_mul(2) + self.refresh / 2
     }
 
     /// Whether a type's free seats ran low: time to ask before they run out.
@@ -535,5 +567,41 @@ mod tests {
         assert_eq!(b.try_admit(Instant::now(), "a", "in"), None);
         assert!(!b.release("a", "in", 1));
         assert!(b.prepare(Instant::now(), Uuid::nil(), 10).is_none());
+    }
+
+    /// A registration asked again while seats of other blocks are given back is admitted
+    /// from the block like any, but its demand is not counted twice; it waits at most 2.5
+    /// refresh intervals in all.
+    #[tokio::test(start_paused = true)]
+    async fn a_registration_asked_again_counts_its_demand_once() {
+        let now = Instant::now();
+        let mut b = with_block(now, 2);
+        assert_eq!(b.return_wait(), Duration::from_secs(5));
+        assert_eq!(b.try_admit_again(now, "a1", "in"), Some(1));
+        assert_eq!(b.local_decisions, 1);
+        assert_eq!(b.demand.get("in"), None);
+        assert_eq!(b.try_admit(now, "a2", "in"), Some(2));
+        assert_eq!(b.demand.get("in"), Some(&1));
+        assert_eq!(AllotBook::default().try_admit_again(now, "a3", "in"), None);
+    }
+
+    /// An admission or release the master has not acknowledged is pending until an answer
+    /// covers it (a strict registration of the same agent waits for that).
+    #[tokio::test(start_paused = true)]
+    async fn a_journal_entry_is_pending_until_an_answer_covers_it() {
+        let now = Instant::now();
+        let mut b = with_block(now, 2);
+        let n = b.try_admit(now, "a1", "in").unwrap();
+        assert!(b.journaled("a1"), "admitted, not yet sent");
+        let p = b.prepare(now, Uuid::nil(), 100).unwrap();
+        b.settle(p.request.seq, &answer(&[("in", 1)], n), |_, _| 0);
+        assert!(!b.journaled("a1"));
+        assert!(b.release("a1", "in", n));
+        assert!(b.journaled("a1"));
+        assert!(!b.journaled("a2"));
+        let p = b.prepare(now, Uuid::nil(), 100).unwrap();
+        assert!(b.journaled("a1"), "sent, not yet answered");
+        b.settle(p.request.seq, &answer(&[("in", 2)], n + 1), |_, _| 0);
+        assert!(!b.journaled("a1"));
     }
 }

@@ -24,6 +24,10 @@ pub(crate) struct SlaveMetrics {
     latency: Histogram,
     /// Per master (primary, secondary): from sending a request to the master's answer.
     master: PerMaster<Histogram>,
+    /// Allotment mode: registrations that waited for seats of other slaves' blocks being
+    /// given back, from the first request told to ask again to the answer (the time
+    /// capacity took to move to this slave's registration).
+    allot_wait: Histogram,
 }
 
 impl SlaveMetrics {
@@ -42,6 +46,11 @@ impl SlaveMetrics {
     /// its own request) `took` after it was sent.
     pub(crate) fn master_answer(&self, master: Master, took: Duration) {
         self.master.get(master).observe(took);
+    }
+
+    /// A registration waited `took` for seats of other blocks being given back.
+    pub(crate) fn allot_wait(&self, took: Duration) {
+        self.allot_wait.observe(took);
     }
 
     pub(crate) fn unregistration(&self) {
@@ -78,6 +87,13 @@ impl SlaveMetrics {
         );
         self.latency
             .render(&mut t, "lmbus_slave_registration_seconds", "");
+        histogram_header(
+            &mut t,
+            "lmbus_slave_allot_wait_seconds",
+            "Allotment mode: registrations that found no free seat while seats of slaves' blocks were given back, from the first request told to ask again to the answer.",
+        );
+        self.allot_wait
+            .render(&mut t, "lmbus_slave_allot_wait_seconds", "");
         histogram_header(
             &mut t,
             "lmbus_slave_master_seconds",

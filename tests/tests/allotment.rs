@@ -432,10 +432,31 @@ async fn slaves_admit_locally_and_their_hosts_books_match_the_master() {
     assert!(slow.is_empty(), "phase 1: {}", slow.join("; "));
 }
 
-/// Registers new agents on `host` until its hosts hold `target`, retrying a refusal every
-/// 50 ms; fails the test past `bound`. Returns how long it took.
+/// Registers new `inbound` agents on `host` until its hosts hold `target`, retrying a
+/// refusal every 50 ms; fails the test past `bound`. Returns how long it took.
 async fn fill(host: &Host, books: &Books, tag: &str, target: usize, bound: Duration) -> Duration {
+    fill_type(host, books, tag, "inbound", target, bound)
+        .await
+        .took
+}
+
+/// How a [`fill_type`] went: how long it took, and the slowest answer to one registration.
+struct Filled {
+    took: Duration,
+    slowest: Duration,
+}
+
+/// [`fill`] with agents of `agent_type`.
+async fn fill_type(
+    host: &Host,
+    books: &Books,
+    tag: &str,
+    agent_type: &str,
+    target: usize,
+    bound: Duration,
+) -> Filled {
     let started = Instant::now();
+    let mut slowest = Duration::ZERO;
     let mut n = 0;
     let mut refused: BTreeMap<String, u32> = BTreeMap::new();
     while books.held_by(&host.id).len() < target {
@@ -447,7 +468,10 @@ async fn fill(host: &Host, books: &Books, tag: &str, target: usize, bound: Durat
         );
         n += 1;
         let agent = format!("{}-{tag}-{n}", host.id);
-        match host.register(&agent, "inbound").await.unwrap() {
+        let asked = Instant::now();
+        let outcome = host.register(&agent, agent_type).await.unwrap();
+        slowest = slowest.max(asked.elapsed());
+        match outcome {
             Outcome::Approved { .. } => {}
             Outcome::Rejected { reason, .. } => {
                 *refused.entry(reason.to_string()).or_default() += 1;
@@ -455,7 +479,10 @@ async fn fill(host: &Host, books: &Books, tag: &str, target: usize, bound: Durat
             }
         }
     }
-    started.elapsed()
+    Filled {
+        took: started.elapsed(),
+        slowest,
+    }
 }
 
 async fn release_all(host: &Host, books: &Books) {
@@ -555,6 +582,120 @@ async fn the_last_seats_go_to_the_slave_that_asks() {
     );
     assert_eq!(
         master_block(&f, "idle-a").await,
+        0,
+        "A still holds free seats"
+    );
+    settled(&f, &books, &limits, SETTLE).await;
+    books.check_no_logouts().unwrap();
+    assert!(watch.finish().await.unwrap() <= limits.total);
+    a.shutdown().await;
+    b.shutdown().await;
+    broker.stop().await.unwrap();
+}
+
+/// Steps: a license of 20 seats whose type limits add up to more (inbound 12, outbound
+/// 16) in allotment mode (refresh 1 s), slaves A and B. A's hosts take 12 inbound agents
+/// at once and release 8: A keeps 4 agents and, from its recent demand, a free inbound
+/// block (at most the 8 inbound seats not held), then goes idle. N = 16 seats are left,
+/// some in A's block. B's hosts register outbound agents until they hold all N: when no
+/// seat is free because A's inbound block holds the rest of the total, B's registration
+/// waits while the master tells A (`ShrinkAllotment`, seen by a tap on A's control
+/// subject) to give half of its block back, round after round, and ReturnAllotment once
+/// the pool is nearly empty. B holds all 16 within 2 refreshes + 2 s of its first
+/// registration, and is never refused meanwhile (no capacity refusal reaches its hosts:
+/// each waits for the seats being given back instead). At the end A's hosts still hold
+/// their 4 agents (seats in use are never taken), A holds no free block at the master, and
+/// the master equals the hosts' books; at every approval the hosts hold at most 20 (16
+/// outbound, 12 inbound). Catches: seats stranded in an idle slave's block of another
+/// type while a slave is refused for the total (the CI flake of
+/// `slaves_admit_locally_and_their_hosts_books_match_the_master`, phase 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_seats_go_to_the_slave_that_asks_even_from_a_block_of_another_type() {
+    let _serial = SERIAL.lock().await;
+    let f = Fixture::new().await.unwrap();
+    let limits = Limits::new(20, &[("inbound", 12), ("outbound", 16)]);
+    let (broker, watch, books, a, b) = two_hosts(&f, limits.clone(), "idle-in", "asking-out").await;
+    let subjects = Subjects::new(&f.cluster).unwrap();
+    let mut control = f
+        .client
+        .subscribe(subjects.control(&SlaveId::new("idle-in").unwrap()))
+        .await
+        .unwrap();
+    f.client.flush().await.unwrap();
+
+    fill_type(&a, &books, "burst", "inbound", 12, MOVE_BOUND).await;
+    for agent in books.held_by(&a.id).into_keys().take(8) {
+        a.release(&agent).await.unwrap();
+    }
+    let block = wait_master_block(&f, "idle-in").await;
+    let left = limits.total as usize - books.held_by(&a.id).len();
+    eprintln!(
+        "A holds 4 agents and a free inbound block of {block}, and is idle; B asks for the {left} seats left"
+    );
+
+    let started = Instant::now();
+    let mut n = 0;
+    let mut refused: BTreeMap<String, u32> = BTreeMap::new();
+    while books.held_by(&b.id).len() < left {
+        assert!(
+            started.elapsed() < EXHAUST_BOUND,
+            "B holds {} of {left} seats after {EXHAUST_BOUND:?} (refusals {refused:?})",
+            books.held_by(&b.id).len()
+        );
+        n += 1;
+        match b.register(&format!("b-{n}"), "outbound").await.unwrap() {
+            Outcome::Approved { .. } => {}
+            Outcome::Rejected { reason, .. } => {
+                *refused.entry(reason.to_string()).or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let took = started.elapsed();
+    let mut shrinks = 0;
+    let mut returns = 0;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), control.next()).await
+    {
+        match decode::<ControlMessage>(&msg.payload) {
+            Ok(ControlMessage::ShrinkAllotment { .. }) => shrinks += 1,
+            Ok(ControlMessage::ReturnAllotment) => returns += 1,
+            _ => {}
+        }
+    }
+    eprintln!(
+        "measured: B got all {left} seats left, A's inbound block of {block} included, in {took:?} (bound {EXHAUST_BOUND:?}); A was told to shrink {shrinks} times and to return {returns} times; refusals on the way {refused:?}"
+    );
+    assert!(
+        refused.is_empty(),
+        "B's hosts were refused while A's block held free seats: {refused:?}"
+    );
+    // B's own count of the registrations that waited, and how long capacity took to move.
+    let text = b.slave.metrics_text();
+    let series = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (waits, waited) = (
+        series("lmbus_slave_allot_wait_seconds_count"),
+        series("lmbus_slave_allot_wait_seconds_sum"),
+    );
+    eprintln!(
+        "measured: {waits} of B's registrations waited for A's seats, {:.0} ms on average",
+        waited * 1000.0 / waits.max(1.0)
+    );
+    assert!(waits >= 1.0, "no registration of B waited: {text}");
+    assert!(
+        shrinks + returns > 0,
+        "the master never told A to give back"
+    );
+    assert_eq!(
+        books.held_by(&a.id).len(),
+        4,
+        "A's agents in use were taken"
+    );
+    assert_eq!(
+        master_block(&f, "idle-in").await,
         0,
         "A still holds free seats"
     );
@@ -673,7 +814,8 @@ fn register_later(
 /// register until they hold all 6 seats. The master reclaims A's block no sooner than
 /// A's grace + margin (9 s) of silence less 1 s of slack (A's last message came before
 /// the freeze); B holds all 6 no sooner than 0.5 s before the reclaim alert arrives and
-/// no later than 2 refreshes + 2 s after it. Then, still frozen, A's hosts send 3
+/// no later than 2 refreshes + 2 s after it, and none of B's registrations waits for A's
+/// block longer than 2.5 refreshes + 2 s (A never gives it back: the refusal is final). Then, still frozen, A's hosts send 3
 /// registrations; SIGCONT A: none is approved (A's block is gone, B holds every seat).
 ///
 /// Throughout, at every approval the hosts (A's and B's) hold at most 6 seats, and the
@@ -758,8 +900,8 @@ async fn a_frozen_slave_admits_nothing_from_a_stale_block() {
         let (b, books) = (b.clone(), books.clone());
         let bound = P_GRACE + P_MARGIN + SETTLE + Duration::from_secs(3);
         tokio::spawn(async move {
-            fill(&b, &books, "fill", P_LIMIT as usize, bound).await;
-            frozen.elapsed()
+            let filled = fill_type(&b, &books, "fill", "inbound", P_LIMIT as usize, bound).await;
+            (frozen.elapsed(), filled.slowest)
         })
     };
     let block = freeze(&f, &a).await;
@@ -779,8 +921,17 @@ async fn a_frozen_slave_admits_nothing_from_a_stale_block() {
         reclaimed_after >= P_GRACE + P_MARGIN - Duration::from_secs(1),
         "the master reclaimed a frozen slave's block {reclaimed_after:?} after the freeze, before grace + margin"
     );
-    let b_full = tokio::time::timeout(WAIT, filled).await.unwrap().unwrap();
-    eprintln!("measured: B held all {P_LIMIT} seats {b_full:?} after the freeze");
+    let (b_full, slowest) = tokio::time::timeout(WAIT, filled).await.unwrap().unwrap();
+    eprintln!(
+        "measured: B held all {P_LIMIT} seats {b_full:?} after the freeze; its slowest registration took {slowest:?}"
+    );
+    // A registration waits for a frozen holder's block at most 2 refreshes (the master's
+    // return wait), 2.5 on the slave's own clock; then it is refused and A's block
+    // waits for the reclaim.
+    assert!(
+        slowest <= 5 * P_REFRESH / 2 + Duration::from_secs(2),
+        "a registration of B waited {slowest:?} for a frozen slave's block"
+    );
     assert!(
         b_full + Duration::from_millis(500) >= reclaimed_after,
         "B held every seat {b_full:?} after the freeze, before A's block was reclaimed at {reclaimed_after:?}"

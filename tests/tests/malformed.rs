@@ -187,7 +187,7 @@ async fn a_captured_registration_replayed_after_release_takes_no_seat() {
         .await
         .unwrap();
     match decode::<Reply>(&answer.payload).unwrap() {
-        Reply::Decision(lmbus_schemas::Decision::Rejected { reason, detail }) => {
+        Reply::Decision(lmbus_schemas::Decision::Rejected { reason, detail, .. }) => {
             assert_eq!(reason, lmbus_schemas::RejectReason::Replayed, "{detail}");
         }
         other => panic!("expected a replayed rejection, got {other:?}"),

@@ -1,15 +1,17 @@
 #![allow(clippy::unwrap_used)]
 //! Redundant masters on a real 3-node NATS cluster with three real `lmbus-broker`
 //! processes: kill -9 of the leader under load, a paused (SIGSTOP) leader that comes back,
-//! and the loss of a NATS node. After each run the whole ledger is replayed by
-//! `ledger::audit`: no limit exceeded at any position, no agent with two seats, no write
-//! by a deposed leader, and the final seats are exactly what the slaves were told.
+//! the loss of a NATS node, and chaos rounds in strict and allotment mode. After each run
+//! the whole ledger is replayed by `ledger::audit`: no limit exceeded at any position, no
+//! agent with two seats, no write by a deposed leader, and the final seats are exactly
+//! what the slaves were told.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use lmbus_broker::ledger::{Ledger, audit};
 use lmbus_schemas::{AlertKind, SlaveOp, Subjects};
+use lmbus_tests::books::AllotView;
 use lmbus_tests::daemon::SlaveDaemon;
 use lmbus_tests::ha::{
     LIMIT, Load, Rig, SERIAL, current_leader, first_approval_after, next_leader, priority_of,
@@ -417,7 +419,7 @@ async fn pipelined_appends_never_land_behind_another_writer() {
 /// the in-process slaves must never have seen an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_of_kills_stops_and_restarts_keeps_every_invariant() {
-    chaos(&[], 0x853C_49E6_748F_EA9B).await;
+    chaos(LIMIT, &[], 0x853C_49E6_748F_EA9B).await;
 }
 
 /// Steps: the same chaos with brokers that snapshot every 40 records and trim the ledger,
@@ -428,10 +430,62 @@ async fn chaos_of_kills_stops_and_restarts_keeps_every_invariant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_with_snapshots_and_a_trimmed_ledger_keeps_every_invariant() {
     chaos(
+        LIMIT,
         &["--snapshot-every", "40", "--ledger-trim"],
         0x2545_F491_4F6C_DD1D,
     )
     .await;
+}
+
+/// Steps: the same chaos (seed of its own) with every broker in allotment mode
+/// (`--admission allotment --allot-refresh 500ms --allot-lease 5s`): the four in-process
+/// slaves and the daemon admit from blocks when they hold one and ask strictly when it
+/// runs dry, against a 24-seat limit they want up to 24 of and the daemon more (near the
+/// limit the pool is often nearly exhausted: blocks are given back, registrations go
+/// strict and wait for them; below it blocks are allotted). Leaders are killed, paused and
+/// restarted with journals and allot requests in flight; the daemon is paused past its
+/// grace (its 2 s allotment lease with it). After every round, within two seconds (four
+/// refreshes: per-agent records lag one), every host's books equal the master's ledger and
+/// live counts, the hosts hold at most 24, and the leader's held plus allotted seats are
+/// within the limit. Afterwards the ledger audit (held plus allotted at every record, no
+/// write by a deposed leader) passes over the whole history, blocks were used (seats taken
+/// from blocks in the ledger), registrations were decided locally, and no in-process slave
+/// logged out an agent its hosts held (checked in every chaos run). Catches (it found
+/// both): a strict request that overtook the journal naming the same agent: a
+/// registration after a journaled release (the master answered `already_held`, then
+/// applied the release to the host's new seat, or a strict release came too and the seat
+/// never went back to the block: a later local admission refused `no_allotment`, a
+/// logout), and the workload's re-registration of an agent admitted from a block whose
+/// admission the master had not applied yet (refused `aggregate_limit`: a logout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_in_allotment_mode_keeps_every_invariant() {
+    let end = chaos(
+        24,
+        &[
+            "--admission",
+            "allotment",
+            "--allot-refresh",
+            "500ms",
+            "--allot-lease",
+            "5s",
+        ],
+        0x9E37_79B9_7F4A_7C15,
+    )
+    .await;
+    assert!(
+        end.from_block > 0 && end.local_decisions > 0,
+        "no registration was decided from a block: {} seats taken from blocks in the ledger, {} local decisions",
+        end.from_block,
+        end.local_decisions
+    );
+}
+
+/// What a chaos run ends with: the audit of the whole ledger history and the in-process
+/// slaves' local decisions (allotment mode).
+struct ChaosEnd {
+    /// Seats taken from blocks in the ledger (`FromBlock` records).
+    from_block: u64,
+    local_decisions: u64,
 }
 
 /// The hosts' books (in-process slaves and the daemon's) against the master's ledger and
@@ -457,12 +511,16 @@ async fn books_agree(
         }
         let hosts: usize = told.values().map(BTreeSet::len).sum();
         assert!(
-            hosts <= LIMIT as usize,
-            "round {round}: the hosts hold {hosts} seats on a limit of {LIMIT}: {told:?}"
+            hosts <= rig.limit as usize,
+            "round {round}: the hosts hold {hosts} seats on a limit of {}: {told:?}",
+            rig.limit
         );
         let ledger = seats_of(&rig.audit().await);
-        let live: BTreeMap<String, usize> = lmbus_tests::status(&rig.client, &rig.cluster)
-            .await
+        let status = lmbus_tests::status(&rig.client, &rig.cluster).await.ok();
+        if let Some(broken) = status.as_ref().and_then(lmbus_tests::broken_invariant) {
+            panic!("round {round}: {broken}");
+        }
+        let live: BTreeMap<String, usize> = status
             .map(|s| {
                 s.slaves
                     .iter()
@@ -488,9 +546,9 @@ async fn books_agree(
     }
 }
 
-async fn chaos(flags: &[&str], seed: u64) {
+async fn chaos(limit: u32, flags: &[&str], seed: u64) -> ChaosEnd {
     let _serial = SERIAL.lock().await;
-    let mut rig = Rig::start_configured(flags, &[]).await;
+    let mut rig = Rig::start_licensed(limit, flags, &[]).await;
     // Every record as it is appended, kept here before any trim can delete it.
     let subjects = Subjects::new(&rig.cluster).unwrap();
     let ledger = Ledger::open(&rig.client, &subjects, 3).await.unwrap();
@@ -607,7 +665,8 @@ async fn chaos(flags: &[&str], seed: u64) {
     .await
     .unwrap();
     load.progress(10).await;
-    let (rooted, slaves) = load.finish(&rig).await;
+    // In allotment mode the ledger names agents admitted from blocks at the next refresh.
+    let (rooted, slaves) = load.finish_settled(&rig, Duration::from_secs(2)).await;
     let last = ledger.last_sequence().await.unwrap();
     lmbus_tests::eventually("the copy reaches the ledger's end", || async {
         copied
@@ -623,7 +682,12 @@ async fn chaos(flags: &[&str], seed: u64) {
     for (n, record) in history.iter().enumerate() {
         assert_eq!(record.sequence, n as u64 + 1, "the copy has a gap");
     }
-    let whole = audit(&history, LIMIT, &BTreeMap::new()).unwrap();
+    let whole = audit(&history, limit, &BTreeMap::new()).unwrap();
+    let from_block = history
+        .iter()
+        .flat_map(|r| &r.entry.changes)
+        .filter(|c| matches!(c, lmbus_schemas::SeatChange::FromBlock { .. }))
+        .count() as u64;
     assert_eq!(whole.seats, rooted.seats);
     eprintln!(
         "measured: chaos ({rounds} rounds, flags {flags:?}): ledger {} records ({} audited from the latest snapshot), {} grants, {} releases, max {} seats in use, {} leader terms; first record still stored: {}",
@@ -635,8 +699,37 @@ async fn chaos(flags: &[&str], seed: u64) {
         whole.leaders.len(),
         ledger_first_sequence(&rig).await
     );
+    let mut local_decisions = 0;
+    let mut logouts = Vec::new();
     for slave in slaves {
+        let status = slave.status();
+        local_decisions += AllotView::of(&status).map_or(0, |v| v.local_decisions);
+        logouts.extend(
+            status
+                .logged_out
+                .into_iter()
+                .map(|n| (status.slave_id.clone(), n)),
+        );
         slave.shutdown().await;
+    }
+    eprintln!(
+        "measured: chaos: the in-process slaves logged out {} agents their hosts held: {logouts:?}",
+        logouts.len()
+    );
+    // No host of the in-process slaves lost a seat it was told it held: in allotment mode a
+    // logout is what a master's refusal of an agent its slave admitted from a block (or a
+    // strict request that overtook the journal) looks like to the host.
+    assert!(
+        logouts.is_empty(),
+        "agents their hosts held were logged out: {logouts:?}"
+    );
+    eprintln!(
+        "measured: chaos: at most {} seats held + allotted; {from_block} seats taken from blocks in the ledger; {local_decisions} registrations of the in-process slaves decided locally",
+        whole.max_counted
+    );
+    ChaosEnd {
+        from_block,
+        local_decisions,
     }
 }
 

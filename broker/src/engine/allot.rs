@@ -26,6 +26,29 @@ use super::{Effect, Engine, Output};
 /// last seats are granted one by one to whoever asks first.
 pub const ALLOT_MIN_BLOCK: u32 = 2;
 
+/// What allotment mode did on a leader, for its metrics: counted when decided, never when
+/// a ledger record is replayed, so a replica counts only its own decisions.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AllotCounts {
+    /// Allot answers that grew a block, and the seats they added.
+    pub grants: u64,
+    pub seats_granted: u64,
+    /// Allot answers that gave less than the slave asked for (the pool was short, nearly
+    /// exhausted, or the slave's local limit was reached).
+    pub partial_grants: u64,
+    /// Allot requests in which a slave gave free seats back, and how many.
+    pub returns: u64,
+    pub seats_returned: u64,
+    /// Silent slaves whose blocks were reclaimed under the timing rule, and the seats.
+    pub reclaims: u64,
+    pub seats_reclaimed: u64,
+    /// Registrations told to ask again while seats of blocks were being given back.
+    pub waits: u64,
+    /// Capacity refusals made final while free seats sat in the blocks of holders that
+    /// did not answer within the return wait (stranded until the reclaim rule).
+    pub stranded_refusals: u64,
+}
+
 /// The allotment settings of a master.
 #[derive(Debug, Clone)]
 pub struct AllotConfig {
@@ -229,6 +252,8 @@ impl Engine {
         let mut exhausted = false;
         // Types this slave wanted more of than it got (free seats ran short).
         let mut short: Vec<String> = Vec::new();
+        let (mut granted, mut returned, mut partial) = (0u64, 0u64, false);
+        let mut total_short = false;
         let types: Vec<String> = {
             let s = &self.slaves[id];
             let mut t: Vec<String> = s.blocks.keys().cloned().collect();
@@ -242,6 +267,7 @@ impl Engine {
             let block = self.block_of(id, &agent_type);
             if want < block {
                 self.set_block(id, &agent_type, want);
+                returned += u64::from(block - want);
                 continue;
             }
             if want == block {
@@ -251,14 +277,9 @@ impl Engine {
                 continue;
             };
             let free_total = self.free_total();
-            // Nearly exhausted: few seats are not held (free or in anyone's block). Free
-            // seats that only sit in blocks are shared out by fair shares instead.
-            let floor = ALLOT_MIN_BLOCK.saturating_mul(sharing);
-            let unheld_total = self.total_limit().saturating_sub(self.total_in_use);
-            let unheld_type = free_type
-                .saturating_add(self.allotted_by_type.get(&agent_type).copied().unwrap_or(0));
-            if unheld_total < floor || unheld_type < floor {
+            if self.nearly_exhausted(&agent_type) {
                 exhausted = true;
+                partial = true;
                 continue;
             }
             let room = self.local_room(id);
@@ -271,13 +292,27 @@ impl Engine {
                 .min(share);
             if grow > 0 {
                 self.set_block(id, &agent_type, block + grow);
+                granted += u64::from(grow);
             }
+            partial |= block + grow < want;
             if block + grow < want && grow < room {
+                // The total, not the type, is what ran short: blocks of other types hold it.
+                total_short |= free_total <= free_type;
                 short.push(agent_type);
             }
         }
+        let counts = &mut self.allot_counts;
+        if granted > 0 {
+            counts.grants += 1;
+            counts.seats_granted += granted;
+        }
+        counts.partial_grants += u64::from(partial);
+        if returned > 0 {
+            counts.returns += 1;
+            counts.seats_returned += returned;
+        }
         if !exhausted && !short.is_empty() {
-            self.ask_for_fair_shares(id, &short, sharing, &mut out);
+            self.ask_for_fair_shares(now, id, &short, total_short, sharing, &mut out);
         }
         if exhausted {
             // The last seats go to whoever asks first: every other slave with a free block
@@ -286,10 +321,13 @@ impl Engine {
                 .slaves
                 .iter_mut()
                 .filter(|(other, s)| {
-                    *other != id && s.connected && !s.blocks.is_empty() && !s.asked_to_return
+                    *other != id
+                        && s.connected
+                        && !s.blocks.is_empty()
+                        && s.asked_to_return.is_none()
                 })
                 .map(|(other, s)| {
-                    s.asked_to_return = true;
+                    s.asked_to_return = Some(now);
                     other.clone()
                 })
                 .collect();
@@ -301,7 +339,7 @@ impl Engine {
             }
         }
         let s = self.slaves.get_mut(id).expect("checked live above");
-        s.asked_to_return = false;
+        s.asked_to_return = None;
         let changed = s.journal != journal_before || s.blocks != blocks_before;
         if changed && let Some(record) = self.allotment_record(id) {
             self.pending.push(record);
@@ -356,11 +394,16 @@ impl Engine {
 
     /// Demand exceeds what is free: every other slave whose free block of a short type is
     /// above a fair share (the seats not held, divided among the allotting slaves) is told
-    /// to keep no more than that (once until it answers). Seats in use are never taken.
+    /// to keep no more than that (once until it answers). When the total ran short
+    /// (`total_short`), a slave whose blocks of all types add up to more than its fair
+    /// share of the total is also told to keep each in proportion, so that blocks of one
+    /// type do not hold the total another type needs. Seats in use are never taken.
     fn ask_for_fair_shares(
         &mut self,
+        now: Instant,
         id: &SlaveId,
         short: &[String],
+        total_short: bool,
         sharing: u32,
         out: &mut Output,
     ) {
@@ -378,24 +421,141 @@ impl Engine {
                 )
             })
             .collect();
+        let fair_total = (total_pool / sharing).max(ALLOT_MIN_BLOCK);
         for (other, s) in self.slaves.iter_mut() {
-            if other == id || !s.connected || s.asked_to_return {
+            if other == id || !s.connected || s.asked_to_return.is_some() {
                 continue;
             }
-            let over: BTreeMap<String, u32> = fair
+            let mut over: BTreeMap<String, u32> = fair
                 .iter()
                 .filter(|(t, f)| s.blocks.get(*t).is_some_and(|b| b > f))
                 .map(|(t, f)| (t.clone(), *f))
                 .collect();
+            let held: u64 = s.blocks.values().map(|&n| u64::from(n)).sum();
+            if total_short && held > u64::from(fair_total) {
+                for (t, &b) in &s.blocks {
+                    let cap = (u64::from(b) * u64::from(fair_total) / held) as u32;
+                    let cap = over.get(t).map_or(cap, |&c| c.min(cap));
+                    if cap < b {
+                        over.insert(t.clone(), cap);
+                    }
+                }
+            }
             if over.is_empty() {
                 continue;
             }
-            s.asked_to_return = true;
+            s.asked_to_return = Some(now);
             out.effects.push(Effect::Control {
                 slave: other.clone(),
                 message: ControlMessage::ShrinkAllotment { blocks: over },
             });
         }
+    }
+
+    /// Nearly exhausted: fewer seats than [`ALLOT_MIN_BLOCK`] per allotting slave are not
+    /// held (free or in anyone's block), in total or of `agent_type`. Blocks then stop
+    /// growing and are given back whole, so the last seats go one by one to whoever asks.
+    /// (Free seats that only sit in blocks while the pool is larger are shared out by fair
+    /// shares instead.)
+    fn nearly_exhausted(&self, agent_type: &str) -> bool {
+        let floor = ALLOT_MIN_BLOCK.saturating_mul(self.allotting_slaves());
+        let unheld_total = self.total_limit().saturating_sub(self.total_in_use);
+        let unheld_type = self.free_of_type(agent_type).map_or(u32::MAX, |free| {
+            free.saturating_add(self.allotted_by_type.get(agent_type).copied().unwrap_or(0))
+        });
+        unheld_total < floor || unheld_type < floor
+    }
+
+    /// How long a slave told to give seats back may take to send its allot request: it
+    /// sends one at once when told, and one every refresh interval anyway, so one that
+    /// stays silent for two has stopped (frozen, cut off) and its blocks wait for the
+    /// reclaim timing rule.
+    pub(super) fn return_wait(&self) -> Duration {
+        self.cfg.allot.refresh.saturating_mul(2)
+    }
+
+    /// A registration decided strictly found no free seat (`reason`: the total limit, or
+    /// `agent_type`'s) while seats counted against that limit sit free in connected
+    /// slaves' blocks (the requester's own blocks of other types included). Their holders
+    /// not told yet are told now to give seats back: every free seat when the pool is
+    /// nearly exhausted (`ReturnAllotment`), else half of each such block
+    /// (`ShrinkAllotment`), so that each round frees at least one seat per holder. While
+    /// some holder was told within [`Engine::return_wait`], the registration waits rather
+    /// than fails: the answer is how long until the slave asks again (no alert, no
+    /// record). A holder told longer ago without answering no longer counts, and the
+    /// refusal is final. Only a slave that takes allotments (it has sent an allot request,
+    /// so its build knows the hint) waits; another's refusal is final, its holders told all
+    /// the same. Seats in use are never taken back.
+    pub(super) fn wait_for_blocks(
+        &mut self,
+        now: Instant,
+        id: &SlaveId,
+        reason: RejectReason,
+        agent_type: &str,
+        out: &mut Output,
+    ) -> Option<Duration> {
+        if self.cfg.allot.admission != Admission::Allotment {
+            return None;
+        }
+        let hinted = self.slaves.get(id).is_some_and(|s| s.allot_seq > 0);
+        let counts = |t: &str| match reason {
+            RejectReason::AggregateLimit => true,
+            RejectReason::TypeLimit => t == agent_type,
+            _ => false,
+        };
+        if !matches!(
+            reason,
+            RejectReason::AggregateLimit | RejectReason::TypeLimit
+        ) {
+            return None;
+        }
+        let whole = self.nearly_exhausted(agent_type);
+        let wait = self.return_wait();
+        let (mut coming, mut stranded) = (false, false);
+        for (holder, s) in self.slaves.iter_mut() {
+            if !s.connected {
+                continue;
+            }
+            let part: BTreeMap<String, u32> = s
+                .blocks
+                .iter()
+                .filter(|(t, n)| **n > 0 && counts(t))
+                .map(|(t, n)| (t.clone(), n / 2))
+                .collect();
+            if part.is_empty() {
+                continue;
+            }
+            match s.asked_to_return {
+                Some(at) if now.saturating_duration_since(at) < wait => coming = true,
+                Some(_) => stranded = true,
+                None => {
+                    s.asked_to_return = Some(now);
+                    coming = true;
+                    let message = if whole {
+                        ControlMessage::ReturnAllotment
+                    } else {
+                        ControlMessage::ShrinkAllotment { blocks: part }
+                    };
+                    out.effects.push(Effect::Control {
+                        slave: holder.clone(),
+                        message,
+                    });
+                }
+            }
+        }
+        if coming && hinted {
+            self.allot_counts.waits += 1;
+        } else if stranded {
+            self.allot_counts.stranded_refusals += 1;
+        }
+        (coming && hinted).then(|| self.retry_after())
+    }
+
+    /// How long a registration waiting for seats given back waits between asks: a
+    /// twentieth of the refresh interval, from 20 to 250 ms (a holder answers within a
+    /// round trip and an append).
+    fn retry_after(&self) -> Duration {
+        (self.cfg.allot.refresh / 20).clamp(Duration::from_millis(20), Duration::from_millis(250))
     }
 
     fn block_of(&self, id: &SlaveId, agent_type: &str) -> u32 {
@@ -515,5 +675,10 @@ impl Engine {
 
     pub fn allotted_total(&self) -> u32 {
         self.allotted_total
+    }
+
+    /// What allotment mode did while this engine decided (see [`AllotCounts`]).
+    pub fn allot_counts(&self) -> AllotCounts {
+        self.allot_counts
     }
 }

@@ -284,7 +284,7 @@ impl Engine {
             if let Some(s) = self.slaves.get_mut(&id) {
                 s.journal = journal;
                 s.allot_seq = allot_seq;
-                s.asked_to_return = false;
+                s.asked_to_return = None;
             }
             if let Some(record) = self.allotment_record(&id) {
                 self.pending.push(record);

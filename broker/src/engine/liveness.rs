@@ -143,6 +143,10 @@ impl Engine {
             // Its free allotted seats too: it admits nothing from them after its lease,
             // which the grace period bounds, and the timing rule covers the rest.
             let allotted = self.clear_blocks(&id);
+            if allotted > 0 {
+                self.allot_counts.reclaims += 1;
+                self.allot_counts.seats_reclaimed += u64::from(allotted);
+            }
             self.pending.push(SeatChange::Reclaim {
                 slave: id.to_string(),
             });

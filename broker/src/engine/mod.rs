@@ -56,7 +56,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-pub use allot::{ALLOT_MIN_BLOCK, AllotConfig};
+pub use allot::{ALLOT_MIN_BLOCK, AllotConfig, AllotCounts};
 use guards::{Bucket, Quiet, ReplayWindow};
 pub use guards::{MAX_AGENT_ID_LEN, MAX_SEQ_JUMP, RATE_LIMIT_ALERT_EVERY, REPLAY_WINDOW};
 pub use replay::ReplayError;
@@ -274,8 +274,9 @@ struct Slave {
     blocks: BTreeMap<String, u32>,
     journal: u64,
     allot_seq: u64,
-    /// Told to give its blocks back (`ReturnAllotment`) and not heard from since.
-    asked_to_return: bool,
+    /// When it was told to give (part of) its blocks back (`ReturnAllotment`,
+    /// `ShrinkAllotment`), if it has sent no allot request since.
+    asked_to_return: Option<Instant>,
     /// This leader heard from it (a hello, heartbeat or registration) since its term
     /// began (not in the ledger). A slave with no seats that a new leader never heard from
     /// goes quiet without a second `slave_disconnected`.
@@ -312,7 +313,7 @@ impl Slave {
             blocks: BTreeMap::new(),
             journal: 0,
             allot_seq: 0,
-            asked_to_return: false,
+            asked_to_return: None,
             heard: false,
         }
     }
@@ -377,6 +378,9 @@ pub struct Engine {
     /// [`RATE_LIMIT_ALERT_EVERY`]. Bounded: at most `max_slaves` entries, the oldest
     /// forgotten first (not in the ledger: a new leader starts it empty).
     quiet: BTreeMap<(SlaveId, &'static str), Quiet>,
+    /// What allotment mode did while this engine decided (not in the ledger: counted by
+    /// the leader for its metrics; replaying the ledger counts nothing).
+    allot_counts: allot::AllotCounts,
 }
 
 impl Engine {
@@ -393,6 +397,7 @@ impl Engine {
             pending: Vec::new(),
             license_text: None,
             quiet: BTreeMap::new(),
+            allot_counts: allot::AllotCounts::default(),
         }
     }
 

@@ -259,6 +259,7 @@ impl Engine {
                 let mut out = Output::reply(Reply::Decision(Decision::Rejected {
                     reason: RejectReason::Replayed,
                     detail: detail.clone(),
+                    retry_after_ms: None,
                 }));
                 let alert = self.rejection_alert(&id, &claim, RejectReason::Replayed, &detail);
                 if let Some(alert) = self.quietly(now, &id, "replayed request", alert) {
@@ -277,6 +278,7 @@ impl Engine {
             let mut out = Output::reply(Reply::Decision(Decision::Rejected {
                 reason: RejectReason::RateLimited,
                 detail: detail.clone(),
+                retry_after_ms: None,
             }));
             if unreported > 0 {
                 out.alert(
@@ -304,10 +306,26 @@ impl Engine {
         match result {
             Ok(already_held) => Output::reply(Reply::Decision(Decision::Approved { already_held })),
             Err((reason, detail)) => {
-                let mut out = Output::reply(Reply::Decision(Decision::Rejected {
+                let mut out = Output::default();
+                // Allotment mode: seats free in blocks whose holders give them back soon
+                // make this a wait, not a refusal (no alert: the slave asks again).
+                if let Some(retry) =
+                    self.wait_for_blocks(now, &id, reason, &claim.agent_type, &mut out)
+                {
+                    out.reply = Some(Answer::Slave(Reply::Decision(Decision::Rejected {
+                        reason,
+                        detail: format!(
+                            "{detail}; free seats of slaves' blocks are being given back"
+                        ),
+                        retry_after_ms: Some(retry.as_millis() as u64),
+                    })));
+                    return out;
+                }
+                out.reply = Some(Answer::Slave(Reply::Decision(Decision::Rejected {
                     reason,
                     detail: detail.clone(),
-                }));
+                    retry_after_ms: None,
+                })));
                 let alert = self.rejection_alert(&id, &claim, reason, &detail);
                 // Without a session a slave says hello and asks again: repeats are noise.
                 // In allotment mode a storm of capacity rejections (the blocks are empty and

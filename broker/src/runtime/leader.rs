@@ -485,6 +485,7 @@ impl<'a> Leader<'a> {
             allotted_by_type: replica.engine.allotted_by_type().clone(),
             allotted_total: replica.engine.allotted_total(),
         }));
+        io.metrics.count_allot(replica.engine.allot_counts());
         for alert in self.replicas.sweep(now()) {
             io.alert(alert).await;
         }

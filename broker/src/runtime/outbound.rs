@@ -49,6 +49,11 @@ impl Io {
     fn observe_reply(&self, reply: &Reply, took: Duration, unregistration: bool) {
         match reply {
             Reply::Decision(Decision::Approved { .. }) => self.metrics.registration(None, took),
+            // Not decided yet: the slave asks again (counted as lmbus_allot_waits_total).
+            Reply::Decision(Decision::Rejected {
+                retry_after_ms: Some(_),
+                ..
+            }) => {}
             Reply::Decision(Decision::Rejected { reason, .. }) => {
                 self.metrics.registration(Some(reason.token()), took)
             }

@@ -361,7 +361,9 @@ impl<'a> Slave<'a> {
             ) => {
                 let outcome = match decision {
                     Decision::Approved { already_held } => Outcome::Approved { already_held },
-                    Decision::Rejected { reason, detail } => Outcome::Rejected { reason, detail },
+                    Decision::Rejected { reason, detail, .. } => {
+                        Outcome::Rejected { reason, detail }
+                    }
                 };
                 let refusal = {
                     let mut state = lock(self.state);

@@ -2,6 +2,7 @@
 //! order (failover and overflow), a hello when a session is lost, renumbering a refused
 //! request number, and the seat table kept in step with the answers.
 
+use lmbus_schemas::human::HumanDuration;
 use lmbus_schemas::{
     Decision, RegisterRequest, RejectReason, Reply, SlaveEvent, SlaveOp, SlaveReport,
     UnregisterRequest,
@@ -22,11 +23,39 @@ use crate::link::Ask;
 use crate::master::Master;
 use crate::policy::{Answered, Policy, Switch};
 
+/// The longest wait between two asks this slave accepts from a master's retry hint.
+const MAX_RETRY_AFTER_MS: u64 = 1000;
+
 /// Where one registration attempt ended.
 enum Attempt {
     Decided(Outcome),
+    /// Refused for capacity while seats of slaves' blocks are being given back: ask again
+    /// after `after` (`outcome` is the refusal, should the wait run out).
+    Wait {
+        outcome: Outcome,
+        after: std::time::Duration,
+    },
     /// This master cannot decide now; try another.
     Unavailable(String),
+}
+
+/// Where one try at a registration ended.
+enum Step {
+    Decided(Outcome),
+    /// The master said to ask again (seats of blocks are being given back); waited as told.
+    Waited,
+    /// The agent's admission or release was still in an unacknowledged journal; waited
+    /// for it.
+    Flushed,
+}
+
+/// A registration's answer, the master that gave it (`None`: none did, and the grace
+/// policy answered) and, for a capacity refusal while blocks are being given back, how
+/// long to wait before asking again.
+struct Decided {
+    outcome: Outcome,
+    by: Option<Master>,
+    retry_after: Option<std::time::Duration>,
 }
 
 impl Inner {
@@ -37,13 +66,64 @@ impl Inner {
     ) -> Result<Outcome, SlaveError> {
         validate(agent_id, agent_type)?;
         let _turn = self.turns.take(agent_id).await;
+        // Allotment mode: a capacity refusal while other slaves give back seats of their
+        // blocks is asked again (from the block first) until then.
+        let mut wait_until = None;
+        let mut waited_since = None;
+        let (mut first, mut flushed) = (true, false);
+        loop {
+            let asked = tokio::time::Instant::now();
+            let step = self
+                .register_once(agent_id, agent_type, first, flushed, &mut wait_until)
+                .await;
+            first = false;
+            match step {
+                Ok(Step::Waited) => {
+                    waited_since.get_or_insert(asked);
+                }
+                // Once: a master that has not answered the journal by then is asked
+                // strictly all the same (and decides as it can).
+                Ok(Step::Flushed) => flushed = true,
+                Ok(Step::Decided(outcome)) => {
+                    if let Some(since) = waited_since {
+                        self.metrics.allot_wait(since.elapsed());
+                    }
+                    return Ok(outcome);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One try at a registration (`first`: its demand is not counted yet): decided, or
+    /// to be tried again because the master said to ask again (seats are being given back)
+    /// and `wait_until` has not passed, or because the agent was still named in the journal
+    /// (not again once `flushed`).
+    async fn register_once(
+        &self,
+        agent_id: &str,
+        agent_type: &str,
+        first: bool,
+        flushed: bool,
+        wait_until: &mut Option<tokio::time::Instant>,
+    ) -> Result<Step, SlaveError> {
         self.check_grace();
         // Decide under the lock, act (await) after it is released.
         let mut admitted_here = None;
         let mut wake = false;
+        let mut flush = false;
         let local_rejection = {
             let mut state = lock(&self.state);
             let held = state.agents.contains_key(agent_id);
+            // An admission or release of the agent is in a journal the master has not
+            // acknowledged: a strict request now could reach the master first. A
+            // re-registration would find no seat (the admission not applied yet) and log
+            // the agent out; a registration after a release would find the agent still
+            // held (already_held), and the journal's release would then take the seat the
+            // host was just told it holds. The journal goes first.
+            let journaled = !flushed
+                && state.restricted.is_none()
+                && state.allot.iter().any(|b| b.journaled(agent_id));
             let used = state.agents.len() as u64 + u64::from(state.pending);
             match Policy::local_rejection(self.local_limit, held, used) {
                 // Allotment mode: a free seat of the active master's block decides it here,
@@ -52,7 +132,13 @@ impl Inner {
                     let active = state.active;
                     let now = tokio::time::Instant::now();
                     let book = state.allot.get_mut(active);
-                    if let Some(n) = book.try_admit(now, agent_id, agent_type) {
+                    // Tried again: its demand was counted the first time.
+                    let admitted = if first {
+                        book.try_admit(now, agent_id, agent_type)
+                    } else {
+                        book.try_admit_again(now, agent_id, agent_type)
+                    };
+                    if let Some(n) = admitted {
                         // Running low: ask early (at most every quarter refresh).
                         admitted_here = Some(book.low(agent_type) && book.ask_early(now));
                         state.agents.insert(
@@ -63,6 +149,8 @@ impl Inner {
                                 allot: Some(n),
                             },
                         );
+                    } else if journaled {
+                        flush = true;
                     } else {
                         // Not from a block: asked strictly; the next allot request goes
                         // early so that the block catches up with the demand.
@@ -86,6 +174,10 @@ impl Inner {
                     );
                     Some(detail)
                 }
+                None if journaled => {
+                    flush = true;
+                    None
+                }
                 None => {
                     state.begin_registration(agent_id);
                     None
@@ -95,10 +187,15 @@ impl Inner {
         if let Some(detail) = local_rejection {
             self.report_local_rejection(agent_id, agent_type, &detail)
                 .await;
-            return Ok(Outcome::Rejected {
+            return Ok(Step::Decided(Outcome::Rejected {
                 reason: RejectReason::LocalLimit,
                 detail,
-            });
+            }));
+        }
+        if flush {
+            self.allot_wake.notify_one();
+            self.wait_for_journal(agent_id).await;
+            return Ok(Step::Flushed);
         }
         if wake {
             self.allot_wake.notify_one();
@@ -107,9 +204,9 @@ impl Inner {
             if low {
                 self.allot_wake.notify_one();
             }
-            return Ok(Outcome::Approved {
+            return Ok(Step::Decided(Outcome::Approved {
                 already_held: false,
-            });
+            }));
         }
         // Settled below; a caller that gives up (a dropped future, an HTTP client gone)
         // settles it on drop, so the agent is never left "in flight" for good.
@@ -120,15 +217,67 @@ impl Inner {
             settled: false,
         };
         let decided = self.register_with_masters(agent_id, agent_type).await;
-        let mut state = lock(&self.state);
-        in_flight.settle(&mut state);
-        let (outcome, granted_by) = decided?;
-        match state.record_decision(agent_id, agent_type, &outcome, granted_by) {
-            Some(Refusal::LoggedOut(out)) => self.logged_out(&mut state, out),
-            Some(Refusal::Refused(out)) => self.refused(&mut state, out),
-            None => {}
+        let wait = {
+            let mut state = lock(&self.state);
+            in_flight.settle(&mut state);
+            let Decided {
+                mut outcome,
+                by: granted_by,
+                retry_after,
+            } = decided?;
+            let now = tokio::time::Instant::now();
+            let wait = match (retry_after, granted_by) {
+                (Some(after), Some(by)) => {
+                    let allowed = state.allot.get(by).return_wait();
+                    let until = *wait_until.get_or_insert(now + allowed);
+                    let wait = (now + after < until).then_some(after);
+                    if wait.is_none()
+                        && let Outcome::Rejected { detail, .. } = &mut outcome
+                    {
+                        detail.push_str(&format!(
+                            ", but none came back within {}",
+                            HumanDuration(allowed)
+                        ));
+                    }
+                    wait
+                }
+                _ => None,
+            };
+            if wait.is_none() {
+                match state.record_decision(agent_id, agent_type, &outcome, granted_by) {
+                    Some(Refusal::LoggedOut(out)) => self.logged_out(&mut state, out),
+                    Some(Refusal::Refused(out)) => self.refused(&mut state, out),
+                    None => {}
+                }
+                return Ok(Step::Decided(outcome));
+            }
+            wait
+        };
+        if let Some(after) = wait {
+            debug!(
+                agent = agent_id,
+                "no free seat while seats of other blocks are given back; asking again"
+            );
+            tokio::time::sleep(after).await;
         }
-        Ok(outcome)
+        Ok(Step::Waited)
+    }
+
+    /// Waits until no journal holds an unacknowledged entry naming `agent_id` (the allot
+    /// request that carries it is answered), for at most two request timeouts: a master
+    /// that does not answer by then will not decide a strict request either.
+    async fn wait_for_journal(&self, agent_id: &str) {
+        let deadline = tokio::time::Instant::now() + self.cfg.request_timeout * 2;
+        loop {
+            let pending = lock(&self.state)
+                .allot
+                .iter()
+                .any(|b| b.journaled(agent_id));
+            if !pending || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// Asks the masters in the policy's order (`Policy::ask_order`: the seat's master for
@@ -140,7 +289,7 @@ impl Inner {
         &self,
         agent_id: &str,
         agent_type: &str,
-    ) -> Result<(Outcome, Option<Master>), SlaveError> {
+    ) -> Result<Decided, SlaveError> {
         let mut order = {
             let state = lock(&self.state);
             self.policy
@@ -149,6 +298,14 @@ impl Inner {
         while let Some(link) = order.next() {
             match self.attempt(link, agent_id, agent_type).await? {
                 Attempt::Unavailable(detail) => order.unavailable(detail),
+                // Seats come back to this master's pool soon: no overflow meanwhile.
+                Attempt::Wait { outcome, after } => {
+                    return Ok(Decided {
+                        outcome,
+                        by: Some(link),
+                        retry_after: Some(after),
+                    });
+                }
                 Attempt::Decided(outcome) => match order.decided(outcome) {
                     Some(Answered {
                         outcome,
@@ -158,7 +315,11 @@ impl Inner {
                         if let Some(Switch { to, reason }) = switch {
                             self.switch(to, reason);
                         }
-                        return Ok((outcome, Some(by)));
+                        return Ok(Decided {
+                            outcome,
+                            by: Some(by),
+                            retry_after: None,
+                        });
                     }
                     None => debug!(
                         agent = agent_id,
@@ -168,7 +329,11 @@ impl Inner {
             }
         }
         let detail = order.no_master();
-        Ok((self.without_master(agent_id, detail), None))
+        Ok(Decided {
+            outcome: self.without_master(agent_id, detail),
+            by: None,
+            retry_after: None,
+        })
     }
 
     /// One master's decision on a registration; says hello first if the session is not
@@ -211,6 +376,7 @@ impl Inner {
                 Reply::Decision(Decision::Rejected {
                     reason: RejectReason::SlaveNotConnected,
                     detail,
+                    ..
                 }) => {
                     if said_hello_again {
                         return Ok(Attempt::Decided(Outcome::Rejected {
@@ -237,6 +403,7 @@ impl Inner {
                 Reply::Decision(Decision::Rejected {
                     reason: RejectReason::Replayed,
                     detail,
+                    ..
                 }) if renumbered < MAX_RENUMBERS => {
                     // We did not replay it: a new leader assumes every number up to the
                     // last one its ledger shows was used, and a copy of it sent before an
@@ -247,7 +414,21 @@ impl Inner {
                     renumbered += 1;
                     request.seq = self.next_request_seq();
                 }
-                Reply::Decision(Decision::Rejected { reason, detail }) => {
+                Reply::Decision(Decision::Rejected {
+                    reason,
+                    detail,
+                    retry_after_ms: Some(ms),
+                }) if matches!(
+                    reason,
+                    RejectReason::AggregateLimit | RejectReason::TypeLimit
+                ) =>
+                {
+                    return Ok(Attempt::Wait {
+                        outcome: Outcome::Rejected { reason, detail },
+                        after: std::time::Duration::from_millis(ms.min(MAX_RETRY_AFTER_MS)),
+                    });
+                }
+                Reply::Decision(Decision::Rejected { reason, detail, .. }) => {
                     return Ok(Attempt::Decided(Outcome::Rejected { reason, detail }));
                 }
                 Reply::Error(e) => return Err(SlaveError::InvalidInput(e.to_string())),

@@ -408,3 +408,351 @@ fn when_demand_exceeds_what_is_free_holders_above_a_fair_share_are_told_to_shrin
     // The held seats are never part of it: a slave holding 8 of its seats keeps them.
     a.assert_within_limits();
 }
+
+/// The retry hint of a refusal (`None`: final).
+fn retry_of(out: &Output) -> Option<u64> {
+    match decision_of(out) {
+        Decision::Rejected { retry_after_ms, .. } => retry_after_ms,
+        Decision::Approved { .. } => panic!("approved: {out:?}"),
+    }
+}
+
+/// The control messages an output sends, by slave.
+fn controls(out: &Output) -> Vec<(String, ControlMessage)> {
+    out.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Control { slave, message } => Some((slave.to_string(), message.clone())),
+            Effect::Alert(_) => None,
+        })
+        .collect()
+}
+
+/// The flake this fixes (tests/allotment.rs, phase 1): the total (20) is below the sum of
+/// the type limits (12 + 16), and blocks of one type hold every free seat, so a strict
+/// registration of the other type found none. Now it waits: the holders (the requester
+/// too, for its own block of the other type) are told to give half of their blocks back,
+/// the answer says when to ask again, nothing is alerted or recorded, and once a holder
+/// has answered the registration is approved.
+#[test]
+fn a_strict_registration_waits_for_seats_free_in_other_blocks_and_gets_one() {
+    let mut a = Allot::new();
+    let limits = &mut a.h.engine.cfg.license.limits;
+    limits.total = Some(20);
+    limits.agent_types = BTreeMap::from([("inbound".into(), 12), ("outbound".into(), 16)]);
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    // 4 held by s1; the other 16 sit in blocks: 8 inbound at s1, 8 outbound at s2.
+    for n in 0..4 {
+        assert!(approved(&a.h.decision("s1", &format!("h{n}"), "outbound")));
+    }
+    a.ask("s1", vec![], &[("inbound", 8)]);
+    // No slave takes more than its share of what is free in one answer: s2 asks thrice.
+    for _ in 0..3 {
+        a.ask("s2", vec![], &[("outbound", 8)]);
+    }
+    assert_eq!(a.h.engine.allotted_total(), 16);
+    a.assert_within_limits();
+
+    // s1 wants an outbound seat its block cannot give: the total is used up.
+    let out = a.h.register("s1", "x1", "outbound");
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::AggregateLimit)
+    );
+    let retry = retry_of(&out).expect("a wait, not a final refusal");
+    assert!((20..=250).contains(&retry), "{retry}");
+    assert!(alerts(&out).is_empty(), "{:?}", alerts(&out));
+    assert!(out.changes.is_empty());
+    let told = controls(&out);
+    assert_eq!(
+        told,
+        vec![
+            (
+                "s1".to_owned(),
+                ControlMessage::ShrinkAllotment {
+                    blocks: BTreeMap::from([("inbound".into(), 4)])
+                }
+            ),
+            (
+                "s2".to_owned(),
+                ControlMessage::ShrinkAllotment {
+                    blocks: BTreeMap::from([("outbound".into(), 4)])
+                }
+            ),
+        ]
+    );
+    // Asked again before anyone answered: still a wait, nobody told twice.
+    a.h.advance(Duration::from_millis(retry));
+    let out = a.h.register("s1", "x1", "outbound");
+    assert!(retry_of(&out).is_some());
+    assert!(controls(&out).is_empty());
+    // s2 answers (keeps 4): the seats it gave back are free, s1's next ask gets one.
+    a.ask("s2", vec![], &[("outbound", 4)]);
+    assert!(approved(&a.h.decision("s1", "x1", "outbound")));
+    a.assert_within_limits();
+    // Counted for the metrics: 4 answers grew a block (s2's first two were partial), the
+    // two waits, s2's return of 4 seats.
+    let c = a.h.engine.allot_counts();
+    assert_eq!(
+        (c.grants, c.seats_granted, c.partial_grants),
+        (4, 16, 2),
+        "{c:?}"
+    );
+    assert_eq!((c.waits, c.returns, c.seats_returned), (2, 1, 4), "{c:?}");
+    assert_eq!(c.stranded_refusals, 0);
+}
+
+/// A holder told to give back that stays silent past the return wait (2 refresh
+/// intervals: frozen, cut off) no longer makes a registration wait: the refusal is final
+/// and alerted, and its block stays counted until the reclaim timing rule.
+#[test]
+fn a_holder_that_does_not_answer_makes_the_refusal_final_after_the_return_wait() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    // s1 takes the 3 inbound seats into its block; s2 takes allotments too.
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 3)]));
+    Allot::answer(&a.ask("s2", vec![], &[]));
+    let out = a.h.register("s2", "b1", "inbound");
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::TypeLimit)
+    );
+    assert!(retry_of(&out).is_some());
+    assert_eq!(controls(&out).len(), 1, "{:?}", out.effects);
+    let wait = a.h.engine.return_wait();
+    a.h.advance(wait - Duration::from_millis(1));
+    assert!(retry_of(&a.h.register("s2", "b1", "inbound")).is_some());
+    a.h.advance(Duration::from_millis(2));
+    let out = a.h.register("s2", "b1", "inbound");
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::TypeLimit)
+    );
+    assert_eq!(retry_of(&out), None, "s1 never answered: final");
+    assert_eq!(alerts(&out).len(), 1);
+    assert!(controls(&out).is_empty());
+    assert_eq!(a.h.engine.allotted_total(), 3);
+    assert_eq!(a.h.engine.allot_counts().stranded_refusals, 1);
+}
+
+/// Near exhaustion (fewer unheld seats than 2 per allotting slave), a strict
+/// registration refused while another slave holds a free block tells it to give the whole
+/// block back; without any block anywhere the refusal is final at once; strict mode never
+/// waits.
+#[test]
+fn near_exhaustion_a_waiting_registration_asks_for_whole_blocks_and_strict_mode_never_waits() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 2)]));
+    // s2 takes allotments too (two slaves share the pool), but asks for no block.
+    Allot::answer(&a.ask("s2", vec![], &[]));
+    for n in 1..=3 {
+        assert!(approved(&a.h.decision("s2", &format!("h{n}"), "outbound")));
+    }
+    // 5 seats: 3 held by s2, 2 in s1's block; s2 asks for one more.
+    let out = a.h.register("s2", "h4", "inbound");
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::AggregateLimit)
+    );
+    assert!(retry_of(&out).is_some());
+    assert_eq!(
+        controls(&out),
+        vec![("s1".to_owned(), ControlMessage::ReturnAllotment)]
+    );
+    Allot::answer(&a.ask("s1", vec![], &[]));
+    assert!(approved(&a.h.decision("s2", "h4", "inbound")));
+    assert!(approved(&a.h.decision("s2", "h5", "inbound")));
+    // Nothing free anywhere: final at once.
+    let out = a.h.register("s1", "x", "inbound");
+    assert_eq!(retry_of(&out), None);
+    assert_eq!(alerts(&out).len(), 1);
+
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    for n in 0..5 {
+        let t = if n < 3 { "inbound" } else { "outbound" };
+        assert!(approved(&h.decision("s1", &format!("a{n}"), t)));
+    }
+    assert_eq!(retry_of(&h.register("s1", "a9", "outbound")), None);
+}
+
+/// Property test: with four connected slaves that take blocks, give seats back when told
+/// and register strictly, a registration refused for capacity either waits (seats of
+/// blocks are being given back) or is final only when no slave holds a free block seat
+/// counted against the limit that refused it; retried while the told slaves obey, it is
+/// decided within a few rounds; and held plus allotted seats never pass a limit.
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TYPES: [&str; 2] = ["inbound", "outbound"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Registered strictly, asked again while the answer says to wait, the slaves
+        /// told to give back obeying between two asks.
+        Register {
+            slave: usize,
+            agent: usize,
+            kind: usize,
+        },
+        Unregister {
+            slave: usize,
+            agent: usize,
+        },
+        /// An allot request with no journal, wanting these blocks.
+        Allot {
+            slave: usize,
+            want: Vec<(usize, u32)>,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..4usize, 0..6usize, 0..2usize)
+                .prop_map(|(slave, agent, kind)| Op::Register { slave, agent, kind }),
+            2 => (0..4usize, 0..6usize).prop_map(|(slave, agent)| Op::Unregister { slave, agent }),
+            3 => (0..4usize, prop::collection::vec((0..2usize, 0..6u32), 0..3))
+                .prop_map(|(slave, want)| Op::Allot { slave, want }),
+        ]
+    }
+
+    /// Block seats of connected slaves counted against the limit `reason` names.
+    fn counted_blocks(a: &Allot, reason: RejectReason, agent_type: &str) -> u32 {
+        a.h.engine
+            .slaves
+            .values()
+            .filter(|s| s.connected)
+            .flat_map(|s| s.blocks.iter())
+            .filter(|(t, _)| reason == RejectReason::AggregateLimit || *t == agent_type)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// The master allows 5 seats, 3 inbound and 3 outbound.
+        #[test]
+        fn a_capacity_refusal_waits_exactly_while_block_seats_are_given_back(
+            ops in prop::collection::vec(op(), 1..80)
+        ) {
+            let mut a = Allot::new();
+            for s in 0..4 {
+                a.h.hello(&format!("s{s}"), None);
+                // Each takes allotments (a build that knows the retry hint).
+                a.ask(&format!("s{s}"), vec![], &[]);
+            }
+            let mut told: BTreeMap<String, ControlMessage> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Register { slave, agent, kind } => {
+                        let (name, agent, t) = (format!("s{slave}"), format!("a{agent}"), TYPES[kind]);
+                        let mut rounds = 0;
+                        loop {
+                            rounds += 1;
+                            prop_assert!(rounds <= 12, "{name} {agent} still waits after 12 rounds");
+                            let out = a.h.register(&name, &agent, t);
+                            for (slave, message) in controls(&out) {
+                                told.insert(slave, message);
+                            }
+                            a.assert_within_limits();
+                            match decision_of(&out) {
+                                Decision::Approved { .. } => break,
+                                Decision::Rejected { reason, retry_after_ms: None, .. } => {
+                                    if matches!(reason, RejectReason::AggregateLimit | RejectReason::TypeLimit) {
+                                        prop_assert_eq!(counted_blocks(&a, reason, t), 0, "final {:?} with block seats left", reason);
+                                    }
+                                    break;
+                                }
+                                Decision::Rejected { reason, retry_after_ms: Some(_), .. } => {
+                                    prop_assert!(counted_blocks(&a, reason, t) > 0);
+                                    prop_assert!(out.changes.is_empty() && alerts(&out).is_empty());
+                                    // The told slaves give back (no time passes).
+                                    for (slave, message) in std::mem::take(&mut told) {
+                                        let want: Vec<(String, u32)> = match message {
+                                            ControlMessage::ShrinkAllotment { blocks } => blocks.into_iter().collect(),
+                                            _ => Vec::new(),
+                                        };
+                                        let want: Vec<(&str, u32)> = want.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+                                        let out = a.ask(&slave, vec![], &want);
+                                        prop_assert!(matches!(reply_of(&out), Some(Reply::Allotment(_))));
+                                        a.assert_within_limits();
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Op::Unregister { slave, agent } => {
+                        a.h.unregister(&format!("s{slave}"), &format!("a{agent}"));
+                    }
+                    Op::Allot { slave, want } => {
+                        let want: Vec<(&str, u32)> = want.into_iter().map(|(t, n)| (TYPES[t], n)).collect();
+                        let out = a.ask(&format!("s{slave}"), vec![], &want);
+                        for (slave, message) in controls(&out) {
+                            told.insert(slave, message);
+                        }
+                        a.assert_within_limits();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Fair shares count the total too: a slave wants outbound seats the total no longer has
+/// because another slave's blocks (mostly inbound) hold it; that slave, over its fair share
+/// of the total (the seats not held / the allotting slaves), is told to keep each of its
+/// blocks in proportion, not only blocks of the type asked for.
+#[test]
+fn when_the_total_runs_short_a_holder_of_other_types_is_told_to_shrink_in_proportion() {
+    let mut a = Allot::new();
+    let limits = &mut a.h.engine.cfg.license.limits;
+    limits.total = Some(20);
+    limits.agent_types = BTreeMap::from([("inbound".into(), 12), ("outbound".into(), 16)]);
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    let answer = Allot::answer(&a.ask("s1", vec![], &[("inbound", 10), ("outbound", 2)]));
+    assert_eq!(answer.blocks.values().sum::<u32>(), 12, "{answer:?}");
+    // s2 wants 8 outbound: 8 seats are free in total (14 of the type), its share is 4.
+    let out = a.ask("s2", vec![], &[("outbound", 8)]);
+    assert_eq!(Allot::answer(&out).blocks["outbound"], 4);
+    // s1 holds 12 free seats, over its fair share of the total (20 / 2 = 10): it keeps
+    // 10 in proportion (inbound 10 * 10 / 12 = 8, outbound 2 * 10 / 12 = 1).
+    assert_eq!(
+        controls(&out),
+        vec![(
+            "s1".to_owned(),
+            ControlMessage::ShrinkAllotment {
+                blocks: BTreeMap::from([("inbound".into(), 8), ("outbound".into(), 1)])
+            }
+        )]
+    );
+    a.assert_within_limits();
+}
+
+/// A slave that takes no allotments (an older build, served strictly) does not know the
+/// retry hint: its refusal is final and alerted as in strict mode, while the holders of
+/// free block seats are told to give back all the same, so its next ask finds them.
+#[test]
+fn a_slave_that_takes_no_allotments_gets_a_final_refusal_and_the_holders_are_told() {
+    let mut a = Allot::new();
+    a.h.hello("s1", None);
+    a.h.hello("old", None);
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 3)]));
+    let out = a.h.register("old", "b1", "inbound");
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::TypeLimit)
+    );
+    assert_eq!(retry_of(&out), None);
+    assert_eq!(alerts(&out).len(), 1);
+    assert_eq!(controls(&out).len(), 1, "{:?}", out.effects);
+    assert_eq!(a.h.engine.allot_counts().waits, 0);
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 1)]));
+    assert!(approved(&a.h.decision("old", "b1", "inbound")));
+}

@@ -168,6 +168,12 @@ mod properties {
             want: Vec<(usize, u32)>,
             replay: bool,
         },
+        /// Allotment mode: the slave does what the master's last control message to it
+        /// asked (give its blocks back, or keep no more than the caps), as an allot request
+        /// with no journal.
+        Obey {
+            slave: usize,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -188,6 +194,7 @@ mod properties {
                 prop::bool::weighted(0.1),
             )
                 .prop_map(|(slave, journal, want, replay)| Op::Allot { slave, journal, want, replay }),
+            2 => (0..4usize).prop_map(|slave| Op::Obey { slave }),
         ]
     }
 
@@ -207,7 +214,33 @@ mod properties {
             let mut journal_n: BTreeMap<String, u64> = BTreeMap::new();
             // Every event's changes as one ledger record, for the audit at the end.
             let mut records = Vec::new();
+            // The last control message each slave was sent, for `Obey`.
+            let mut told: BTreeMap<String, lmbus_schemas::ControlMessage> = BTreeMap::new();
             for op in ops {
+                // Before a registration: whether a refusal for capacity may wait, i.e.
+                // whether seats sit free in a connected slave's block whose holder was not
+                // told to give back longer ago than the return wait.
+                let wait = h.engine.return_wait();
+                let now = h.now;
+                let may_wait = |engine: &Engine, requester: &str, t: &str, total: bool| {
+                    // Only a slave that takes allotments knows the hint.
+                    let hinted = engine
+                        .slaves
+                        .get(&SlaveId::new(requester).unwrap())
+                        .is_some_and(|s| s.allot_seq > 0);
+                    hinted && engine.slaves.values().any(|s| {
+                        s.connected
+                            && s.blocks.iter().any(|(bt, n)| *n > 0 && (total || bt == t))
+                            && s.asked_to_return.is_none_or(|at| now.saturating_duration_since(at) < wait)
+                    })
+                };
+                let waits = match &op {
+                    Op::Register { slave, kind, .. } => Some((
+                        may_wait(&h.engine, &format!("s{slave}"), TYPES[*kind], true),
+                        may_wait(&h.engine, &format!("s{slave}"), TYPES[*kind], false),
+                    )),
+                    _ => None,
+                };
                 let out = match op {
                     Op::Hello { slave, claims, restarted } => {
                         let name = format!("s{slave}");
@@ -226,6 +259,28 @@ mod properties {
                     }
                     Op::Register { slave, agent, kind } => {
                         h.register(&format!("s{slave}"), &format!("a{agent}"), TYPES[kind])
+                    }
+                    Op::Obey { slave } => {
+                        let name = format!("s{slave}");
+                        let instance = h.instances.get(&name).copied().unwrap_or_default();
+                        let want = match told.remove(&name) {
+                            Some(lmbus_schemas::ControlMessage::ShrinkAllotment { blocks }) => blocks,
+                            Some(lmbus_schemas::ControlMessage::ReturnAllotment) => BTreeMap::new(),
+                            _ => h
+                                .engine
+                                .slaves
+                                .get(&SlaveId::new(name.clone()).unwrap())
+                                .map(|s| s.blocks.clone())
+                                .unwrap_or_default(),
+                        };
+                        let seq = h.next_seq();
+                        h.engine.handle(
+                            h.now,
+                            Event::Allot {
+                                slave: SlaveId::new(name).unwrap(),
+                                request: lmbus_schemas::AllotRequest { instance, seq, ops: vec![], want },
+                            },
+                        )
                     }
                     Op::Unregister { slave, agent } => {
                         h.unregister_out(&format!("s{slave}"), &format!("a{agent}"))
@@ -289,6 +344,27 @@ mod properties {
                 };
                 for change in &out.changes {
                     prop_assert!(standby.apply(h.now, change).is_ok());
+                }
+                for effect in &out.effects {
+                    if let Effect::Control { slave, message } = effect {
+                        told.insert(slave.to_string(), message.clone());
+                    }
+                }
+                // Exact near the limits: a capacity refusal waits only while seats sit free
+                // in a block that is being given back, and is final only when none does.
+                if let (Some((total_waits, type_waits)), Some(Reply::Decision(Decision::Rejected { reason, retry_after_ms, .. }))) =
+                    (waits, reply_of(&out))
+                {
+                    let may = match reason {
+                        RejectReason::AggregateLimit => total_waits,
+                        RejectReason::TypeLimit => type_waits,
+                        _ => false,
+                    };
+                    prop_assert_eq!(retry_after_ms.is_some(), may, "{:?}: {:?}", reason, out);
+                    if retry_after_ms.is_some() {
+                        prop_assert!(out.changes.is_empty());
+                        prop_assert!(alerts(&out).is_empty());
+                    }
                 }
                 if !out.changes.is_empty() {
                     records.push(crate::ledger::Record {
