@@ -1,0 +1,536 @@
+//! The dashboard's HTML, as pure functions of what the monitor knows (the master's status,
+//! the seats, the recent alerts) and who is looking: no IO, so every page is tested as text.
+//! Each page has a live part (`live_*`), which the server re-renders and pushes over
+//! server-sent events when the data behind it changes; the page's script swaps it in.
+
+use std::fmt::Write as _;
+
+use lmbus_ops::{SeatList, held_for, since_text, slave_cells};
+use lmbus_schemas::{Alert, Severity, StatusReply};
+
+use super::auth::Role;
+use crate::format_time;
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Percent-encodes a path segment or query value.
+pub fn url_part(text: &str) -> String {
+    let mut out = String::new();
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// Who is looking: their name, role and the CSRF token their forms carry.
+#[derive(Debug, Clone)]
+pub struct Viewer {
+    pub user: String,
+    pub role: Role,
+    pub csrf: String,
+}
+
+const NAV: [(&str, &str); 4] = [
+    ("/", "Overview"),
+    ("/slaves", "Slaves"),
+    ("/seats", "Seats"),
+    ("/alerts", "Alerts"),
+];
+
+/// A whole page: the navigation, the viewer, and `body`. `live` names the events URL of
+/// the page's live part (none: a static page).
+pub fn page(title: &str, viewer: Option<&Viewer>, live: Option<&str>, body: &str) -> String {
+    let mut nav = String::new();
+    for (href, name) in NAV {
+        let _ = write!(nav, r#"<a href="{href}">{name}</a>"#);
+    }
+    let who = match viewer {
+        Some(v) => format!(
+            r#"<span class="who">{} ({})</span><form method="post" action="/logout" class="inline"><input type="hidden" name="csrf" value="{}"><button type="submit">Log out</button></form>"#,
+            esc(&v.user),
+            v.role.token(),
+            esc(&v.csrf)
+        ),
+        None => String::new(),
+    };
+    let live_attr = live
+        .map(|url| format!(r#" data-events="{}""#, esc(url)))
+        .unwrap_or_default();
+    format!(
+        r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} · lmbus</title><link rel="stylesheet" href="/assets/style.css"><script src="/assets/live.js" defer></script></head>
+<body{live_attr}><header><strong>lmbus</strong> <nav>{nav}</nav> {who}</header>
+<main><h1>{title}</h1>{body}</main></body></html>
+"#,
+        title = esc(title)
+    )
+}
+
+/// A page that says what went wrong and changes nothing.
+pub fn error_page(viewer: Option<&Viewer>, message: &str) -> String {
+    page(
+        "Error",
+        viewer,
+        None,
+        &format!(
+            r#"<p class="error" id="error">{}</p><p><a href="javascript:history.back()">Back</a> · <a href="/">Overview</a></p>"#,
+            esc(message)
+        ),
+    )
+}
+
+/// The result of an admin action.
+pub fn done_page(viewer: &Viewer, message: &str, back: &str) -> String {
+    page(
+        "Done",
+        Some(viewer),
+        None,
+        &format!(
+            r#"<p class="ok" id="done">{}</p><p><a href="{}">Back</a></p>"#,
+            esc(message),
+            esc(back)
+        ),
+    )
+}
+
+pub fn login_page(error: Option<&str>, csrf: &str) -> String {
+    let error = error
+        .map(|e| format!(r#"<p class="error" id="error">{}</p>"#, esc(e)))
+        .unwrap_or_default();
+    page(
+        "Log in",
+        None,
+        None,
+        &format!(
+            r#"{error}<form method="post" action="/login" class="login">
+<input type="hidden" name="csrf" value="{}">
+<label>User <input name="user" id="user" autocomplete="username" required></label>
+<label>Password <input name="password" id="password" type="password" autocomplete="current-password" required></label>
+<button type="submit" id="login">Log in</button></form>"#,
+            esc(csrf)
+        ),
+    )
+}
+
+/// What the live parts are drawn from.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The last status the master gave, and when (Unix ms).
+    pub status: Option<StatusReply>,
+    pub status_at_ms: i64,
+    /// Why the last status request failed, if it did.
+    pub error: Option<String>,
+    /// The recent alerts, oldest first.
+    pub alerts: Vec<Alert>,
+    /// Today, for days left to the license expiry.
+    pub today: Option<time::Date>,
+}
+
+fn bar(used: u32, limit: u32) -> String {
+    let percent = if limit == 0 {
+        0
+    } else {
+        (u64::from(used) * 100 / u64::from(limit)).min(100)
+    };
+    let class = if limit > 0 && used >= limit {
+        "bar full"
+    } else {
+        "bar"
+    };
+    format!(r#"<span class="{class}"><span style="width:{percent}%"></span></span>"#)
+}
+
+fn stale(s: &Snapshot) -> String {
+    match &s.error {
+        Some(e) => format!(
+            r#"<p class="error">The master did not answer the last status request ({}); the data below is from {}.</p>"#,
+            esc(e),
+            esc(&format_time(s.status_at_ms))
+        ),
+        None => String::new(),
+    }
+}
+
+/// Days from `today` to a license's `expires` date (`YYYY-MM-DD`).
+pub fn days_left(expires: &str, today: Option<time::Date>) -> Option<i64> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let date = time::Date::parse(expires, &format).ok()?;
+    Some((date - today?).whole_days())
+}
+
+fn csrf_field(v: &Viewer) -> String {
+    format!(
+        r#"<input type="hidden" name="csrf" value="{}">"#,
+        esc(&v.csrf)
+    )
+}
+
+/// The overview's live part: license, leader and replicas, ledger position, limits per
+/// type with bars, silent slaves, active alerts.
+pub fn live_overview(s: &Snapshot, v: &Viewer) -> String {
+    let Some(st) = &s.status else {
+        return format!(
+            r#"{}<p class="error">No status from the master yet.</p>"#,
+            stale(s)
+        );
+    };
+    let mut out = stale(s);
+    let days = days_left(&st.license.expires, s.today)
+        .map(|d| format!(" ({d} days left)"))
+        .unwrap_or_default();
+    let _ = write!(
+        out,
+        r#"<section><h2>License</h2><p>License <code>{}</code> for {}, context {}, expires {}<span id="expiry-days">{}</span>. Unlicensed slaves {}. Admission: {:?}.</p></section>"#,
+        st.license.id,
+        esc(&st.license.customer),
+        esc(&st.license.context),
+        esc(&st.license.expires),
+        esc(&days),
+        if st.allow_unlicensed_slaves {
+            "allowed"
+        } else {
+            "refused"
+        },
+        st.admission
+    );
+    let _ = write!(
+        out,
+        r#"<section><h2>Seats</h2><table id="types"><tr><th>Agent type</th><th>Limit</th><th>In use</th><th>Allotted</th><th>Free</th><th></th></tr>"#
+    );
+    let mut types: std::collections::BTreeSet<&String> = st.type_limits.keys().collect();
+    types.extend(st.in_use_by_type.keys());
+    for t in types {
+        let limit = st.type_limits.get(t).copied();
+        let used = st.in_use_by_type.get(t).copied().unwrap_or(0);
+        let allotted = st.allotted_by_type.get(t).copied().unwrap_or(0);
+        let free = limit.map(|l| l.saturating_sub(used + allotted));
+        let _ = write!(
+            out,
+            r#"<tr data-type="{t}"><td>{t}</td><td>{}</td><td class="in-use">{used}</td><td>{allotted}</td><td class="free">{}</td><td>{}</td></tr>"#,
+            limit.map_or("-".to_owned(), |l| l.to_string()),
+            free.map_or("-".to_owned(), |f| f.to_string()),
+            bar(used + allotted, limit.unwrap_or(0)),
+            t = esc(t)
+        );
+    }
+    let total_free = st
+        .total_limit
+        .saturating_sub(st.total_in_use + st.allotted_total);
+    let _ = write!(
+        out,
+        r#"<tr class="total" data-type="total"><td>total</td><td>{}</td><td class="in-use" id="total-in-use">{}</td><td>{}</td><td class="free">{total_free}</td><td>{}</td></tr></table></section>"#,
+        st.total_limit,
+        st.total_in_use,
+        st.allotted_total,
+        bar(st.total_in_use + st.allotted_total, st.total_limit)
+    );
+    let _ = write!(
+        out,
+        r#"<section><h2>Master</h2><p>Leader <strong id="leader">{}</strong>, term {}, ledger position <span id="ledger">{}</span>.</p><table id="replicas"><tr><th>Replica</th><th>Role</th><th>Applied</th><th>Last heard</th><th></th></tr>"#,
+        esc(&st.broker_id),
+        st.leader_term,
+        st.ledger_sequence
+    );
+    for r in &st.replicas {
+        let role = if r.leader {
+            "leader"
+        } else if r.drained {
+            "drained"
+        } else {
+            "standby"
+        };
+        let action = if v.role == Role::Admin {
+            let (path, label) = if r.drained {
+                ("/replicas/undrain", "Undrain")
+            } else {
+                ("/replicas/drain", "Drain")
+            };
+            format!(
+                r#"<form method="post" action="{path}" class="inline">{}<input type="hidden" name="replica" value="{}"><button type="submit">{label}</button></form>"#,
+                csrf_field(v),
+                esc(&r.replica)
+            )
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            out,
+            r#"<tr><td>{}</td><td>{role}</td><td>{}</td><td>{} ms ago</td><td>{action}</td></tr>"#,
+            esc(&r.replica),
+            r.applied,
+            r.last_seen_ms_ago
+        );
+    }
+    out.push_str("</table></section>");
+    let silent: Vec<_> = st.slaves.iter().filter(|s| !s.connected).collect();
+    let _ = write!(
+        out,
+        r#"<section><h2>Slaves</h2><p><span id="slaves-connected">{}</span> of {} connected.</p>"#,
+        st.slaves_connected, st.slaves_total
+    );
+    if !silent.is_empty() {
+        out.push_str(
+            "<p>Silent (in their grace period, restricted or reclaimed on their side):</p><ul>",
+        );
+        for s in silent {
+            let _ = write!(
+                out,
+                r#"<li><a href="/slaves/{}">{}</a>: {} seats, last heard {}</li>"#,
+                url_part(&s.slave_id),
+                esc(&s.slave_id),
+                s.in_use,
+                esc(&lmbus_schemas::human::duration(
+                    std::time::Duration::from_millis(s.last_seen_ms_ago)
+                ))
+            );
+        }
+        out.push_str("</ul>");
+    }
+    out.push_str("</section>");
+    let now = s.status_at_ms;
+    let active: Vec<&Alert> = s
+        .alerts
+        .iter()
+        .rev()
+        .filter(|a| a.severity >= Severity::Warning && now - a.time_ms < 3_600_000)
+        .take(20)
+        .collect();
+    out.push_str(
+        "<section><h2>Active alerts</h2><p class=\"hint\">Warnings and worse of the last hour.</p>",
+    );
+    out.push_str(&alert_table(&active));
+    out.push_str("</section>");
+    out
+}
+
+fn alert_table(alerts: &[&Alert]) -> String {
+    if alerts.is_empty() {
+        return "<p>None.</p>".to_owned();
+    }
+    let mut out = String::from(
+        r#"<table class="alerts"><tr><th>Time</th><th>Severity</th><th>Kind</th><th>Slave</th><th>Message</th></tr>"#,
+    );
+    for a in alerts {
+        let _ = write!(
+            out,
+            r#"<tr class="{sev}"><td>{}</td><td>{sev}</td><td>{}</td><td>{}</td><td>{}</td></tr>"#,
+            esc(&format_time(a.time_ms)),
+            esc(a.kind.token()),
+            esc(a.slave.as_deref().unwrap_or("")),
+            esc(&a.message),
+            sev = a.severity.token()
+        );
+    }
+    out.push_str("</table>");
+    out
+}
+
+/// The slaves page's live part: one row per slave the status lists.
+pub fn live_slaves(s: &Snapshot) -> String {
+    let Some(st) = &s.status else {
+        return r#"<p class="error">No status from the master yet.</p>"#.to_owned();
+    };
+    let mut out = stale(s);
+    let _ = write!(
+        out,
+        r#"<p>{} slaves, {} connected{}.</p><table id="slaves"><tr><th>Slave</th><th>State</th><th>Master</th><th>License</th><th>Local limit</th><th>Agents</th><th>By type</th><th>Last heard</th></tr>"#,
+        st.slaves_total,
+        st.slaves_connected,
+        if (st.slaves.len() as u32) < st.slaves_total {
+            format!(" (the first {} listed)", st.slaves.len())
+        } else {
+            String::new()
+        }
+    );
+    for slave in &st.slaves {
+        let cells = slave_cells(slave);
+        let _ = write!(
+            out,
+            r#"<tr data-slave="{id}"><td><a href="/slaves/{href}">{id}</a></td>"#,
+            id = esc(&slave.slave_id),
+            href = url_part(&slave.slave_id)
+        );
+        for cell in cells.iter().skip(1) {
+            let _ = write!(out, "<td>{}</td>", esc(cell));
+        }
+        out.push_str("</tr>");
+    }
+    out.push_str("</table>");
+    out
+}
+
+fn seat_table(list: &SeatList, v: &Viewer, now_ms: u64, with_slave: bool) -> String {
+    let mut out = String::from(r#"<table id="seats"><tr>"#);
+    if with_slave {
+        out.push_str("<th>Slave</th>");
+    }
+    out.push_str("<th>Agent</th><th>Type</th><th>Since</th><th>Held for</th><th>Granted by</th><th>Master</th><th></th></tr>");
+    for seat in &list.seats {
+        let _ = write!(
+            out,
+            r#"<tr data-agent="{}" data-slave="{}">"#,
+            esc(&seat.agent_id),
+            esc(&seat.slave)
+        );
+        if with_slave {
+            let _ = write!(
+                out,
+                r#"<td><a href="/slaves/{}">{}</a></td>"#,
+                url_part(&seat.slave),
+                esc(&seat.slave)
+            );
+        }
+        let title = if v.role == Role::Admin {
+            "Release this seat: the slave logs the agent out"
+        } else {
+            "Only an admin may release a seat"
+        };
+        let _ = write!(
+            out,
+            r#"<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><form method="post" action="/release" class="inline">{}<input type="hidden" name="slave" value="{}"><input type="hidden" name="agent" value="{}"><button type="submit" class="release" title="{title}">Release</button></form></td></tr>"#,
+            esc(&seat.agent_id),
+            esc(&seat.agent_type),
+            esc(&since_text(seat.since_ms)),
+            esc(&held_for(seat.since_ms, now_ms)),
+            esc(if seat.granted_by.is_empty() {
+                "unknown"
+            } else {
+                &seat.granted_by
+            }),
+            esc(seat.master.as_deref().unwrap_or("-")),
+            csrf_field(v),
+            esc(&seat.slave),
+            esc(&seat.agent_id),
+        );
+    }
+    out.push_str("</table>");
+    for slave in &list.truncated {
+        let _ = write!(
+            out,
+            r#"<p class="hint">Slave {} holds more seats than one status reply lists: its rows are incomplete.</p>"#,
+            esc(slave)
+        );
+    }
+    out
+}
+
+/// The seats page's live part: every seat whose slave, agent or type contains `query`.
+pub fn live_seats(list: &SeatList, query: &str, v: &Viewer, now_ms: u64) -> String {
+    let q = query.to_lowercase();
+    let mut shown = list.clone();
+    shown.seats.retain(|s| {
+        q.is_empty()
+            || s.slave.to_lowercase().contains(&q)
+            || s.agent_id.to_lowercase().contains(&q)
+            || s.agent_type.to_lowercase().contains(&q)
+    });
+    let mut out = format!(
+        r#"<p><span id="seat-count">{}</span> of {} seats{}.</p>"#,
+        shown.seats.len(),
+        list.seats.len(),
+        if q.is_empty() {
+            String::new()
+        } else {
+            format!(" matching “{}”", esc(query))
+        }
+    );
+    out.push_str(&seat_table(&shown, v, now_ms, true));
+    out
+}
+
+/// One slave's live part: its row and its seats.
+pub fn live_slave(s: &Snapshot, slave: &str, list: &SeatList, v: &Viewer, now_ms: u64) -> String {
+    let mut out = stale(s);
+    let row = s
+        .status
+        .as_ref()
+        .and_then(|st| st.slaves.iter().find(|x| x.slave_id == slave));
+    match row {
+        Some(row) => {
+            let cells = slave_cells(row);
+            let names = [
+                "Slave",
+                "State",
+                "Master",
+                "License",
+                "Local limit",
+                "Agents",
+                "By type",
+                "Last heard",
+            ];
+            out.push_str(r#"<dl class="facts">"#);
+            for (name, cell) in names.iter().zip(cells.iter()) {
+                let _ = write!(out, "<dt>{name}</dt><dd>{}</dd>", esc(cell));
+            }
+            out.push_str("</dl>");
+        }
+        None => out.push_str(
+            r#"<p class="hint">The master's status does not list this slave (unknown, forgotten, or beyond the listed ones).</p>"#,
+        ),
+    }
+    out.push_str("<h2>Seats</h2>");
+    out.push_str(&seat_table(list, v, now_ms, false));
+    out
+}
+
+/// The alerts page's live part: the recent alerts that pass `filter`, newest first.
+pub fn live_alerts(s: &Snapshot, filter: &crate::Filter) -> String {
+    let shown: Vec<&Alert> = s
+        .alerts
+        .iter()
+        .rev()
+        .filter(|a| filter.matches(a))
+        .take(200)
+        .collect();
+    let mut out = format!(
+        r#"<p><span id="alert-count">{}</span> recent alerts shown (newest first, at most 200).</p>"#,
+        shown.len()
+    );
+    out.push_str(&alert_table(&shown));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_from_the_network_is_escaped() {
+        assert_eq!(
+            esc(r#"<script>"x"&'y'"#),
+            "&lt;script&gt;&quot;x&quot;&amp;&#39;y&#39;"
+        );
+        assert_eq!(esc("a\u{1b}b"), "a\\u{1b}b");
+        assert_eq!(url_part("a b/ü"), "a%20b%2F%C3%BC");
+    }
+
+    #[test]
+    fn days_left_counts_from_today() {
+        let today = time::macros::date!(2026 - 11 - 28);
+        assert_eq!(days_left("2026-12-08", Some(today)), Some(10));
+        assert_eq!(days_left("2026-11-20", Some(today)), Some(-8));
+        assert_eq!(days_left("never", Some(today)), None);
+    }
+}
