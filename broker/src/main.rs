@@ -517,7 +517,8 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() as u64 * 1000;
+                let now_ms =
+                    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64;
                 print!("{}", lmbus_ops::render_seats(&list, now_ms));
             }
             Ok(())

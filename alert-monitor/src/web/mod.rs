@@ -279,6 +279,7 @@ impl App {
                 user: "anonymous".into(),
                 role: Role::Viewer,
                 csrf: self.0.anonymous_csrf.clone(),
+                logged_in: false,
             });
         }
         let id = cookie(headers, SESSION_COOKIE)?;
@@ -288,6 +289,7 @@ impl App {
             user: session.user,
             role: session.role,
             csrf: session.csrf,
+            logged_in: true,
         })
     }
 

@@ -49,6 +49,9 @@ pub struct Viewer {
     pub user: String,
     pub role: Role,
     pub csrf: String,
+    /// A session of a login (it can log out), not the anonymous viewer of a dashboard
+    /// without users.
+    pub logged_in: bool,
 }
 
 const NAV: [(&str, &str); 4] = [
@@ -66,6 +69,11 @@ pub fn page(title: &str, viewer: Option<&Viewer>, live: Option<&str>, body: &str
         let _ = write!(nav, r#"<a href="{href}">{name}</a>"#);
     }
     let who = match viewer {
+        Some(v) if !v.logged_in => format!(
+            r#"<span class="who">{} ({})</span>"#,
+            esc(&v.user),
+            v.role.token()
+        ),
         Some(v) => format!(
             r#"<span class="who">{} ({})</span><form method="post" action="/logout" class="inline"><input type="hidden" name="csrf" value="{}"><button type="submit">Log out</button></form>"#,
             esc(&v.user),
@@ -202,7 +210,7 @@ pub fn live_overview(s: &Snapshot, v: &Viewer) -> String {
         .unwrap_or_default();
     let _ = write!(
         out,
-        r#"<section><h2>License</h2><p>License <code>{}</code> for {}, context {}, expires {}<span id="expiry-days">{}</span>. Unlicensed slaves {}. Admission: {:?}.</p></section>"#,
+        r#"<section><h2>License</h2><p>License <code>{}</code> for {}, context {}, expires {}<span id="expiry-days">{}</span>. Unlicensed slaves {}. Admission: {}.</p></section>"#,
         st.license.id,
         esc(&st.license.customer),
         esc(&st.license.context),
@@ -213,7 +221,7 @@ pub fn live_overview(s: &Snapshot, v: &Viewer) -> String {
         } else {
             "refused"
         },
-        st.admission
+        format!("{:?}", st.admission).to_lowercase()
     );
     let _ = write!(
         out,
