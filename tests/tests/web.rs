@@ -14,12 +14,14 @@ use lmbus_tests::*;
 
 const ACCOUNTS: &[(&str, &str, &str)] = &[("ann", "admin", "pw-ann"), ("vic", "viewer", "pw-vic")];
 
-/// Steps: a broker with 10 seats, slave s1 holding a1 (inbound) and a2 (outbound), the
+/// Steps: a broker with 2 seats, slave s1 holding a1 (inbound) and a2 (outbound), the
 /// dashboard with an admin (ann) and a viewer (vic).
 /// - Not logged in: every page redirects to /login; a wrong password is 401, a login form
 ///   without its cookie (forged) is 403; both leave no session.
 /// - vic logs in: the overview shows the leader, the limit and 2 in use; slaves lists s1,
-///   s1's page its agents, seats finds a1 by search, alerts shows the slave's connection;
+///   s1's page its agents, seats finds a1 by search, alerts shows the slave's connection,
+///   denials counts s1's two refusals (a3: the license is full, capacity; a1 as outbound:
+///   a client error);
 ///   an unknown page is 404, a bad slave id and a bad alert filter are 400 pages.
 /// - vic's release (with a good CSRF token) is refused (403) and changes nothing.
 /// - ann's release with a wrong or missing CSRF token is refused (403), a forged form
@@ -31,12 +33,15 @@ const ACCOUNTS: &[(&str, &str, &str)] = &[("ann", "admin", "pw-ann"), ("vic", "v
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_roles_csrf_and_bad_input_over_http() {
     let f = Fixture::new().await.unwrap();
-    let broker = f.broker(10, &[], true).await.unwrap();
+    let broker = f.broker(2, &[], true).await.unwrap();
     let s1 = SlaveAgent::start(f.slave_config("s1").unwrap())
         .await
         .unwrap();
     assert!(s1.register("a1", "inbound").await.unwrap().is_approved());
     assert!(s1.register("a2", "outbound").await.unwrap().is_approved());
+    // Two refusals for the denials page: the license is full, and a1 is already inbound.
+    assert!(!s1.register("a3", "inbound").await.unwrap().is_approved());
+    assert!(!s1.register("a1", "outbound").await.unwrap().is_approved());
     let mut alerts = AlertTap::new(&f.client, &f.cluster).await.unwrap();
     let dash = Dashboard::start(&f, ACCOUNTS, Duration::from_millis(300)).await;
 
@@ -118,6 +123,24 @@ async fn pages_roles_csrf_and_bad_input_over_http() {
         tail = vic.get("/alerts?severity=info").await;
     }
     assert!(tail.body.contains("slave_connected"), "{}", tail.body);
+    let mut denials = vic.get("/denials").await;
+    for _ in 0..50 {
+        if denials.body.contains("data-reason=\"agent_type_mismatch\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        denials = vic.get("/denials").await;
+    }
+    for expected in [
+        "<tr data-reason=\"aggregate_limit\"><td>aggregate_limit</td><td>capacity (license full)</td><td>1</td>",
+        "<tr data-reason=\"agent_type_mismatch\"><td>agent_type_mismatch</td><td>client or configuration</td><td>1</td>",
+    ] {
+        assert!(
+            denials.body.contains(expected),
+            "{expected}: {}",
+            denials.body
+        );
+    }
     assert_eq!(vic.get("/nowhere").await.status, 404);
     let bad = vic.get("/slaves/not%20an%20id").await;
     assert_eq!(bad.status, 400);

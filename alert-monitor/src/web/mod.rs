@@ -76,7 +76,7 @@ pub fn check_exposure(cfg: &WebConfig) -> anyhow::Result<()> {
 }
 
 /// The most alerts kept for the pages (oldest dropped first).
-const MAX_ALERTS: usize = 500;
+const MAX_ALERTS: usize = 2000;
 /// The largest request body taken (forms are a few hundred bytes).
 const MAX_BODY: usize = 16 * 1024;
 const SESSION_COOKIE: &str = "lmbus_session";
@@ -178,6 +178,7 @@ fn router(app: App) -> Router {
         .route("/slaves/{id}", get(slave))
         .route("/seats", get(seats))
         .route("/alerts", get(alerts))
+        .route("/denials", get(denials))
         .route("/events", get(events))
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
@@ -239,16 +240,17 @@ async fn poll_status(app: App) {
     }
 }
 
-/// Follows the alert stream (the last 200 stored, then live), keeping the last
+/// Follows the alert stream (the last [`MAX_ALERTS`] stored, then live), keeping the last
 /// [`MAX_ALERTS`]; without a stream, live alerts only.
 async fn follow_alerts(app: App) {
     let (client, subjects) = (&app.0.client, &app.0.subjects);
-    let source = match crate::alert_source(client, subjects, crate::Start::Last(200)).await {
-        Ok((source, _)) => Ok(source),
-        Err(_) => crate::alert_source(client, subjects, crate::Start::Now)
-            .await
-            .map(|(source, _)| source),
-    };
+    let source =
+        match crate::alert_source(client, subjects, crate::Start::Last(MAX_ALERTS as u64)).await {
+            Ok((source, _)) => Ok(source),
+            Err(_) => crate::alert_source(client, subjects, crate::Start::Now)
+                .await
+                .map(|(source, _)| source),
+        };
     let Ok(mut source) = source else {
         return;
     };
@@ -540,7 +542,7 @@ async fn events(
     };
     if !matches!(
         query.page.as_str(),
-        "overview" | "slaves" | "slave" | "seats" | "alerts"
+        "overview" | "slaves" | "slave" | "seats" | "alerts" | "denials"
     ) {
         return StatusCode::BAD_REQUEST.into_response();
     }
@@ -580,6 +582,7 @@ async fn live_html(app: &App, v: &Viewer, query: &EventsQuery, filter: &crate::F
         "overview" => render::live_overview(&app.0.snapshot.borrow(), v),
         "slaves" => render::live_slaves(&app.0.snapshot.borrow()),
         "alerts" => render::live_alerts(&app.0.snapshot.borrow(), filter),
+        "denials" => render::live_denials(&app.0.snapshot.borrow()),
         "seats" => match app.seat_list().await {
             Ok(list) => render::live_seats(&list, &query.q, v, now_ms),
             Err(e) => format!(r#"<p class="error">{}</p>"#, render::esc(&e)),
@@ -593,6 +596,15 @@ async fn live_html(app: &App, v: &Viewer, query: &EventsQuery, filter: &crate::F
             Err(e) => format!(r#"<p class="error">{}</p>"#, render::esc(&e)),
         },
     }
+}
+
+async fn denials(State(app): State<App>, headers: HeaderMap) -> Response {
+    let Some(v) = app.viewer(&headers) else {
+        return to_login();
+    };
+    let live = render::live_denials(&app.0.snapshot.borrow());
+    let note = r#"<p class="hint">Refused registrations from the alert stream: capacity denials (the license or a slave's share was full) apart from client or configuration errors (unknown type, unlicensed slave, rate limit, ...).</p>"#;
+    live_page("Denials", &v, "/events?page=denials", &live, note)
 }
 
 async fn login_form(State(app): State<App>) -> Response {

@@ -54,10 +54,11 @@ pub struct Viewer {
     pub logged_in: bool,
 }
 
-const NAV: [(&str, &str); 4] = [
+const NAV: [(&str, &str); 5] = [
     ("/", "Overview"),
     ("/slaves", "Slaves"),
     ("/seats", "Seats"),
+    ("/denials", "Denials"),
     ("/alerts", "Alerts"),
 ];
 
@@ -200,8 +201,11 @@ fn csrf_field(v: &Viewer) -> String {
 pub fn live_overview(s: &Snapshot, v: &Viewer) -> String {
     let Some(st) = &s.status else {
         return format!(
-            r#"{}<p class="error">No status from the master yet.</p>"#,
-            stale(s)
+            r#"<p class="error">No status from the master yet{}.</p>"#,
+            s.error
+                .as_ref()
+                .map(|e| format!(": {}", esc(e)))
+                .unwrap_or_default()
         );
     };
     let mut out = stale(s);
@@ -500,6 +504,97 @@ pub fn live_slave(s: &Snapshot, slave: &str, list: &SeatList, v: &Viewer, now_ms
     }
     out.push_str("<h2>Seats</h2>");
     out.push_str(&seat_table(list, v, now_ms, false));
+    out
+}
+
+/// Whether a refusal says the license was full (capacity) rather than that the request or
+/// the slave was wrong (a client or configuration error).
+pub fn is_capacity(reason: lmbus_schemas::RejectReason) -> bool {
+    use lmbus_schemas::RejectReason as R;
+    matches!(
+        reason,
+        R::AggregateLimit
+            | R::TypeLimit
+            | R::LocalLimit
+            | R::SlaveLimit
+            | R::NoAllotment
+            | R::Reclaimed
+    )
+}
+
+/// The denials page's live part, from the `registration_rejected` alerts the dashboard
+/// holds: by reason (capacity or not), by slave and type, and per hour.
+pub fn live_denials(s: &Snapshot) -> String {
+    use std::collections::BTreeMap;
+    let denials: Vec<&Alert> = s
+        .alerts
+        .iter()
+        .filter(|a| a.kind == lmbus_schemas::AlertKind::RegistrationRejected)
+        .collect();
+    let mut out = format!(
+        r#"<p><span id="denial-count">{}</span> registrations refused among the last {} alerts the dashboard holds{}.</p>"#,
+        denials.len(),
+        s.alerts.len(),
+        s.alerts
+            .first()
+            .map(|a| format!(" (since {})", esc(&format_time(a.time_ms))))
+            .unwrap_or_default()
+    );
+    let mut by_reason: BTreeMap<(bool, &str), u32> = BTreeMap::new();
+    let mut by_place: BTreeMap<(&str, &str), (u32, u32)> = BTreeMap::new();
+    let mut by_hour: BTreeMap<i64, (u32, u32)> = BTreeMap::new();
+    for a in &denials {
+        let capacity = a.reason.is_some_and(is_capacity);
+        let reason = a.reason.map_or("unknown", |r| r.token());
+        *by_reason.entry((!capacity, reason)).or_default() += 1;
+        let place = by_place
+            .entry((
+                a.slave.as_deref().unwrap_or("-"),
+                a.agent_type.as_deref().unwrap_or("-"),
+            ))
+            .or_default();
+        let hour = by_hour.entry(a.time_ms.div_euclid(3_600_000)).or_default();
+        if capacity {
+            place.0 += 1;
+            hour.0 += 1;
+        } else {
+            place.1 += 1;
+            hour.1 += 1;
+        }
+    }
+    out.push_str(r#"<h2>By reason</h2><table id="by-reason"><tr><th>Reason</th><th>Kind</th><th>Refused</th></tr>"#);
+    for ((other, reason), n) in &by_reason {
+        let _ = write!(
+            out,
+            r#"<tr data-reason="{r}"><td>{r}</td><td>{}</td><td>{n}</td></tr>"#,
+            if *other {
+                "client or configuration"
+            } else {
+                "capacity (license full)"
+            },
+            r = esc(reason)
+        );
+    }
+    out.push_str(r#"</table><h2>By slave and agent type</h2><table id="by-place"><tr><th>Slave</th><th>Type</th><th>Capacity</th><th>Other</th></tr>"#);
+    for ((slave, agent_type), (capacity, other)) in &by_place {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{capacity}</td><td>{other}</td></tr>",
+            esc(slave),
+            esc(agent_type)
+        );
+    }
+    out.push_str(r#"</table><h2>Per hour (UTC)</h2><table id="by-hour"><tr><th>Hour</th><th>Capacity</th><th>Other</th><th></th></tr>"#);
+    let most = by_hour.values().map(|(c, o)| c + o).max().unwrap_or(0);
+    for (hour, (capacity, other)) in by_hour.iter().rev().take(48) {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{capacity}</td><td>{other}</td><td>{}</td></tr>",
+            esc(&format_time(hour * 3_600_000)),
+            bar(capacity + other, most)
+        );
+    }
+    out.push_str("</table>");
     out
 }
 
