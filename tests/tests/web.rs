@@ -21,7 +21,8 @@ const ACCOUNTS: &[(&str, &str, &str)] = &[("ann", "admin", "pw-ann"), ("vic", "v
 /// - vic logs in: the overview shows the leader, the limit and 2 in use; slaves lists s1,
 ///   s1's page its agents, seats finds a1 by search, alerts shows the slave's connection,
 ///   denials counts s1's two refusals (a3: the license is full, capacity; a1 as outbound:
-///   a client error);
+///   a client error), history charts the samples with the peak of 2 and exports them as CSV
+///   (not without a login);
 ///   an unknown page is 404, a bad slave id and a bad alert filter are 400 pages.
 /// - vic's release (with a good CSRF token) is refused (403) and changes nothing.
 /// - ann's release with a wrong or missing CSRF token is refused (403), a forged form
@@ -141,6 +142,30 @@ async fn pages_roles_csrf_and_bad_input_over_http() {
             denials.body
         );
     }
+    let history = vic.get("/history").await;
+    assert!(
+        history.body.contains("id=\"history-chart\"")
+            && history
+                .body
+                .contains("<tr data-series=\"total\"><td><span style=\"color:#20303f\">■</span> total</td><td class=\"peak\">2</td>"),
+        "{}",
+        history.body
+    );
+    let csv = vic.get("/history.csv").await;
+    assert_eq!(csv.status, 200);
+    let mut lines = csv.body.lines();
+    assert_eq!(
+        lines.next(),
+        Some("time,total,\"inbound\",\"outbound\""),
+        "{}",
+        csv.body
+    );
+    assert!(
+        lines.last().is_some_and(|row| row.ends_with("Z,2,1,1")),
+        "{}",
+        csv.body
+    );
+    assert_eq!(anon.get("/history.csv").await.status, 303);
     assert_eq!(vic.get("/nowhere").await.status, 404);
     let bad = vic.get("/slaves/not%20an%20id").await;
     assert_eq!(bad.status, 400);

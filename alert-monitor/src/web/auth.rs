@@ -51,6 +51,9 @@ struct UsersFile {
 #[derive(Clone, Default)]
 pub struct Users {
     by_name: BTreeMap<String, (Role, String)>,
+    /// A hash no password matches, checked for unknown names so that a login takes as long
+    /// whether the name exists or not.
+    decoy: String,
 }
 
 impl std::fmt::Debug for Users {
@@ -94,7 +97,8 @@ impl Users {
             );
         }
         anyhow::ensure!(!by_name.is_empty(), "no [[user]] in it");
-        Ok(Self { by_name })
+        let decoy = hash_password(&random_token())?;
+        Ok(Self { by_name, decoy })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -104,12 +108,15 @@ impl Users {
     /// The user's role if `password` is theirs. Slow on purpose (argon2): call it off the
     /// async threads.
     pub fn check(&self, name: &str, password: &str) -> Option<Role> {
-        let (role, hash) = self.by_name.get(name)?;
+        let (role, hash) = match self.by_name.get(name) {
+            Some((role, hash)) => (Some(*role), hash.as_str()),
+            None => (None, self.decoy.as_str()),
+        };
         let parsed = PasswordHash::new(hash).ok()?;
         argon2::Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
             .ok()
-            .map(|()| *role)
+            .and(role)
     }
 }
 

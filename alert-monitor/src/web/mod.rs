@@ -80,6 +80,8 @@ const MAX_ALERTS: usize = 2000;
 /// The largest request body taken (forms are a few hundred bytes).
 const MAX_BODY: usize = 16 * 1024;
 const SESSION_COOKIE: &str = "lmbus_session";
+/// Most password checks at once.
+const LOGIN_CHECKS: usize = 2;
 const LOGIN_COOKIE: &str = "lmbus_login";
 
 struct Inner {
@@ -97,6 +99,10 @@ struct Inner {
     anonymous_csrf: String,
     /// Ends the event streams at shutdown, so the server's graceful stop does not wait.
     stop: CancellationToken,
+    /// Password checks running at once (argon2 takes ~19 MiB and tens of milliseconds
+    /// each): a flood of logins waits here instead of exhausting memory and the blocking
+    /// pool.
+    login_checks: tokio::sync::Semaphore,
 }
 
 #[derive(Clone)]
@@ -141,6 +147,7 @@ pub async fn serve(
         seats: tokio::sync::Mutex::new(None),
         anonymous_csrf: auth::random_token(),
         stop: stop.clone(),
+        login_checks: tokio::sync::Semaphore::new(LOGIN_CHECKS),
     }));
     let poller = tokio::spawn(poll_status(app.clone()));
     let follower = tokio::spawn(follow_alerts(app.clone()));
@@ -179,6 +186,8 @@ fn router(app: App) -> Router {
         .route("/seats", get(seats))
         .route("/alerts", get(alerts))
         .route("/denials", get(denials))
+        .route("/history", get(history))
+        .route("/history.csv", get(history_csv))
         .route("/events", get(events))
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
@@ -229,6 +238,16 @@ async fn poll_status(app: App) {
             s.today = Some(time::OffsetDateTime::now_utc().date());
             match fetched {
                 Ok(status) => {
+                    if s.history
+                        .last()
+                        .is_none_or(|last| now_ms - last.time_ms >= render::SAMPLE_EVERY_MS)
+                    {
+                        s.add_sample(render::Sample {
+                            time_ms: now_ms,
+                            total: status.total_in_use,
+                            by_type: status.in_use_by_type.clone(),
+                        });
+                    }
                     s.status = Some(status);
                     s.status_at_ms = now_ms;
                     s.error = None;
@@ -260,6 +279,15 @@ async fn follow_alerts(app: App) {
             continue;
         };
         app.0.snapshot.send_modify(|s| {
+            if alert.kind == lmbus_schemas::AlertKind::LicenseCounts {
+                let mut by_type = alert.counts.clone();
+                let total = by_type.remove("total").unwrap_or(0);
+                s.add_sample(render::Sample {
+                    time_ms: alert.time_ms,
+                    total,
+                    by_type,
+                });
+            }
             if s.alerts.len() >= MAX_ALERTS {
                 s.alerts.remove(0);
             }
@@ -542,7 +570,7 @@ async fn events(
     };
     if !matches!(
         query.page.as_str(),
-        "overview" | "slaves" | "slave" | "seats" | "alerts" | "denials"
+        "overview" | "slaves" | "slave" | "seats" | "alerts" | "denials" | "history"
     ) {
         return StatusCode::BAD_REQUEST.into_response();
     }
@@ -583,6 +611,7 @@ async fn live_html(app: &App, v: &Viewer, query: &EventsQuery, filter: &crate::F
         "slaves" => render::live_slaves(&app.0.snapshot.borrow()),
         "alerts" => render::live_alerts(&app.0.snapshot.borrow(), filter),
         "denials" => render::live_denials(&app.0.snapshot.borrow()),
+        "history" => render::live_history(&app.0.snapshot.borrow()),
         "seats" => match app.seat_list().await {
             Ok(list) => render::live_seats(&list, &query.q, v, now_ms),
             Err(e) => format!(r#"<p class="error">{}</p>"#, render::esc(&e)),
@@ -605,6 +634,33 @@ async fn denials(State(app): State<App>, headers: HeaderMap) -> Response {
     let live = render::live_denials(&app.0.snapshot.borrow());
     let note = r#"<p class="hint">Refused registrations from the alert stream: capacity denials (the license or a slave's share was full) apart from client or configuration errors (unknown type, unlicensed slave, rate limit, ...).</p>"#;
     live_page("Denials", &v, "/events?page=denials", &live, note)
+}
+
+async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
+    let Some(v) = app.viewer(&headers) else {
+        return to_login();
+    };
+    let live = render::live_history(&app.0.snapshot.borrow());
+    let note = r#"<p class="hint">Seats in use per agent type and in total: the license_counts alerts the dashboard holds, then a sample of the status every 30 s while it runs (a day at most). The dashed line is the total limit; a dot marks each series' peak.</p>"#;
+    live_page("History", &v, "/events?page=history", &live, note)
+}
+
+async fn history_csv(State(app): State<App>, headers: HeaderMap) -> Response {
+    if app.viewer(&headers).is_none() {
+        return to_login();
+    }
+    let csv = render::history_csv(&app.0.snapshot.borrow());
+    (
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"lmbus-seats-history.csv\"",
+            ),
+        ],
+        csv,
+    )
+        .into_response()
 }
 
 async fn login_form(State(app): State<App>) -> Response {
@@ -657,10 +713,13 @@ async fn login(
         );
     }
     let (name, password) = (form.user.clone(), form.password);
-    let role = tokio::task::spawn_blocking(move || users.check(&name, &password))
-        .await
-        .ok()
-        .flatten();
+    let role = match app.0.login_checks.acquire().await {
+        Ok(_permit) => tokio::task::spawn_blocking(move || users.check(&name, &password))
+            .await
+            .ok()
+            .flatten(),
+        Err(_) => None,
+    };
     let Some(role) = role else {
         tracing::warn!(user = %lmbus_schemas::printable(&form.user), "dashboard login refused");
         return login_answer(

@@ -54,11 +54,12 @@ pub struct Viewer {
     pub logged_in: bool,
 }
 
-const NAV: [(&str, &str); 5] = [
+const NAV: [(&str, &str); 6] = [
     ("/", "Overview"),
     ("/slaves", "Slaves"),
     ("/seats", "Seats"),
     ("/denials", "Denials"),
+    ("/history", "History"),
     ("/alerts", "Alerts"),
 ];
 
@@ -155,6 +156,35 @@ pub struct Snapshot {
     pub alerts: Vec<Alert>,
     /// Today, for days left to the license expiry.
     pub today: Option<time::Date>,
+    /// Seats in use over time, oldest first: the `license_counts` alerts held and the
+    /// status polls (one sample per [`SAMPLE_EVERY_MS`]), at most [`MAX_SAMPLES`].
+    pub history: Vec<Sample>,
+}
+
+/// Seats in use at one time: per agent type, and the total.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sample {
+    pub time_ms: i64,
+    pub total: u32,
+    pub by_type: std::collections::BTreeMap<String, u32>,
+}
+
+/// Most samples kept (a day at one per 30 s).
+pub const MAX_SAMPLES: usize = 2880;
+/// A status poll becomes a sample at most this often.
+pub const SAMPLE_EVERY_MS: i64 = 30_000;
+
+impl Snapshot {
+    /// Adds a sample in time order, dropping the oldest beyond [`MAX_SAMPLES`].
+    pub fn add_sample(&mut self, sample: Sample) {
+        let at = self
+            .history
+            .partition_point(|s| s.time_ms <= sample.time_ms);
+        self.history.insert(at, sample);
+        if self.history.len() > MAX_SAMPLES {
+            self.history.remove(0);
+        }
+    }
 }
 
 fn bar(used: u32, limit: u32) -> String {
@@ -596,6 +626,124 @@ pub fn live_denials(s: &Snapshot) -> String {
     }
     out.push_str("</table>");
     out
+}
+
+/// The history as CSV: `time,total,<type>...`, one row per sample, oldest first.
+pub fn history_csv(s: &Snapshot) -> String {
+    let types: std::collections::BTreeSet<&String> =
+        s.history.iter().flat_map(|x| x.by_type.keys()).collect();
+    let mut out = String::from("time,total");
+    for t in &types {
+        // A type is a license name: quote it so a comma in it stays one field.
+        let _ = write!(out, ",\"{}\"", t.replace('"', "\"\""));
+    }
+    out.push('\n');
+    for x in &s.history {
+        let _ = write!(out, "{},{}", format_time(x.time_ms), x.total);
+        for t in &types {
+            let _ = write!(out, ",{}", x.by_type.get(*t).copied().unwrap_or(0));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The history page's live part: seats in use per type and in total over time as an
+/// inline SVG chart (no script, no library), each series' peak marked, and a table of the
+/// peaks.
+pub fn live_history(s: &Snapshot) -> String {
+    const W: f64 = 900.0;
+    const H: f64 = 260.0;
+    const PAD: f64 = 40.0;
+    let h = &s.history;
+    let (Some(first), Some(last)) = (h.first(), h.last()) else {
+        return r#"<p id="history-empty">No samples yet: they come from the license_counts alerts and the status polls.</p>"#.to_owned();
+    };
+    let span = (last.time_ms - first.time_ms).max(1) as f64;
+    let limit = s.status.as_ref().map_or(0, |st| st.total_limit);
+    let top = h
+        .iter()
+        .map(|x| x.total)
+        .max()
+        .unwrap_or(0)
+        .max(limit)
+        .max(1) as f64;
+    let x_of = |t: i64| PAD + (t - first.time_ms) as f64 / span * (W - 2.0 * PAD);
+    let y_of = |v: u32| H - PAD - f64::from(v) / top * (H - 2.0 * PAD);
+    let mut series: Vec<(String, Vec<(i64, u32)>)> = vec![(
+        "total".to_owned(),
+        h.iter().map(|x| (x.time_ms, x.total)).collect(),
+    )];
+    let types: std::collections::BTreeSet<&String> =
+        h.iter().flat_map(|x| x.by_type.keys()).collect();
+    for t in types {
+        series.push((
+            t.clone(),
+            h.iter()
+                .map(|x| (x.time_ms, x.by_type.get(t).copied().unwrap_or(0)))
+                .collect(),
+        ));
+    }
+    const COLOURS: [&str; 6] = [
+        "#20303f", "#3c8dde", "#d9822b", "#5aa55a", "#9b59b6", "#c0392b",
+    ];
+    let mut svg = format!(
+        r##"<svg id="history-chart" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="seats in use over time"><rect x="0" y="0" width="{W}" height="{H}" fill="#fff"/><line x1="{PAD}" y1="{b}" x2="{r}" y2="{b}" stroke="#999"/><line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{b}" stroke="#999"/><text x="4" y="{t}" font-size="11">{top}</text><text x="4" y="{b}" font-size="11">0</text><text x="{PAD}" y="{tb}" font-size="11">{}</text><text x="{r}" y="{tb}" font-size="11" text-anchor="end">{}</text>"##,
+        esc(&format_time(first.time_ms)),
+        esc(&format_time(last.time_ms)),
+        b = H - PAD,
+        r = W - PAD,
+        t = PAD + 4.0,
+        tb = H - PAD + 16.0,
+    );
+    if limit > 0 {
+        let _ = write!(
+            svg,
+            r##"<line x1="{PAD}" y1="{y}" x2="{r}" y2="{y}" stroke="#d9534f" stroke-dasharray="4 3"/><text x="{r}" y="{ty}" font-size="11" text-anchor="end" fill="#d9534f">limit {limit}</text>"##,
+            y = y_of(limit),
+            ty = y_of(limit) - 3.0,
+            r = W - PAD
+        );
+    }
+    let mut peaks =
+        String::from(r#"<table id="peaks"><tr><th>Series</th><th>Peak</th><th>At</th></tr>"#);
+    for (i, (name, points)) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let path: Vec<String> = points
+            .iter()
+            .map(|(t, v)| format!("{:.1},{:.1}", x_of(*t), y_of(*v)))
+            .collect();
+        let _ = write!(
+            svg,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="{}" points="{}"><title>{}</title></polyline>"#,
+            if i == 0 { 2.5 } else { 1.5 },
+            path.join(" "),
+            esc(name)
+        );
+        if let Some((t, v)) = points.iter().max_by_key(|(t, v)| (*v, -*t)) {
+            let _ = write!(
+                svg,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{colour}"><title>peak {} {v}</title></circle>"#,
+                x_of(*t),
+                y_of(*v),
+                esc(name)
+            );
+            let _ = write!(
+                peaks,
+                r#"<tr data-series="{n}"><td><span style="color:{colour}">■</span> {n}</td><td class="peak">{v}</td><td>{}</td></tr>"#,
+                esc(&format_time(*t)),
+                n = esc(name)
+            );
+        }
+    }
+    svg.push_str("</svg>");
+    peaks.push_str("</table>");
+    format!(
+        r#"<p>{} samples from {} to {}. <a href="/history.csv" id="csv">Download CSV</a></p>{svg}{peaks}"#,
+        h.len(),
+        esc(&format_time(first.time_ms)),
+        esc(&format_time(last.time_ms))
+    )
 }
 
 /// The alerts page's live part: the recent alerts that pass `filter`, newest first.
