@@ -30,6 +30,10 @@ const ACCOUNTS: &[(&str, &str, &str)] = &[("ann", "admin", "pw-ann"), ("vic", "v
 ///   confirmation box 400: a1 still holds its seat after all of them.
 /// - ann's release of a1 works: the page says so, the seat is gone from `admin seats`, and
 ///   the `seats_released` alert names `web:ann`.
+/// - Licenses: vic sees the license (total 2) without the reload form, and their reload is
+///   refused (403); ann's reload of a text that is no license is refused by the master
+///   (409, the page says nothing changed), an empty one is 400; a license of 3 seats is in
+///   force at once and its `license_reloaded` alert names `web:ann`.
 /// - After logout the session no longer opens pages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_roles_csrf_and_bad_input_over_http() {
@@ -255,6 +259,63 @@ async fn pages_roles_csrf_and_bad_input_over_http() {
     );
     let seats = ann.get("/seats").await;
     assert!(!seats.body.contains("data-agent=\"a1\""), "{}", seats.body);
+
+    // Licenses: the facts for everyone, the reload form for admins; a viewer's reload and
+    // a wrong file are refused and change nothing; a good file is in force at once.
+    let page = vic.get("/licenses").await;
+    assert!(
+        page.body.contains("<dt>Total limit</dt><dd>2</dd>") && !page.body.contains("license-text"),
+        "{}",
+        page.body
+    );
+    let vic_csrf = csrf_of(&page.body).unwrap();
+    let refused = vic
+        .post("/licenses/reload", &[("csrf", &vic_csrf), ("license", "x")])
+        .await;
+    assert_eq!(refused.status, 403);
+    let page = ann.get("/licenses").await;
+    assert!(page.body.contains("license-text"), "{}", page.body);
+    let wrong = ann
+        .post(
+            "/licenses/reload",
+            &[("csrf", &csrf), ("license", "not a license\n")],
+        )
+        .await;
+    assert_eq!(wrong.status, 409, "{}", wrong.body);
+    assert!(
+        wrong
+            .body
+            .contains("the master refused the license, nothing was changed"),
+        "{}",
+        wrong.body
+    );
+    let empty = ann
+        .post("/licenses/reload", &[("csrf", &csrf), ("license", " ")])
+        .await;
+    assert_eq!(empty.status, 400);
+    let bigger = std::fs::read_to_string(f.vendor.master(3, &[]).unwrap()).unwrap();
+    let reloaded = ann
+        .post("/licenses/reload", &[("csrf", &csrf), ("license", &bigger)])
+        .await;
+    assert_eq!(reloaded.status, 200, "{}", reloaded.body);
+    let alert = alerts
+        .wait_for("license_reloaded", |a| a.kind == AlertKind::LicenseReloaded)
+        .await
+        .unwrap();
+    assert!(alert.message.contains("web:ann"), "{alert:?}");
+    let mut page = ann.get("/licenses").await;
+    for _ in 0..50 {
+        if page.body.contains("<dt>Total limit</dt><dd>3</dd>") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        page = ann.get("/licenses").await;
+    }
+    assert!(
+        page.body.contains("<dt>Total limit</dt><dd>3</dd>"),
+        "{}",
+        page.body
+    );
 
     let logout = ann.post("/logout", &[("csrf", &csrf)]).await;
     assert_eq!(logout.status, 303);

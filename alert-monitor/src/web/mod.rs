@@ -188,6 +188,8 @@ fn router(app: App) -> Router {
         .route("/denials", get(denials))
         .route("/history", get(history))
         .route("/history.csv", get(history_csv))
+        .route("/licenses", get(licenses))
+        .route("/licenses/reload", post(reload))
         .route("/events", get(events))
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
@@ -570,7 +572,7 @@ async fn events(
     };
     if !matches!(
         query.page.as_str(),
-        "overview" | "slaves" | "slave" | "seats" | "alerts" | "denials" | "history"
+        "overview" | "slaves" | "slave" | "seats" | "alerts" | "denials" | "history" | "licenses"
     ) {
         return StatusCode::BAD_REQUEST.into_response();
     }
@@ -612,6 +614,7 @@ async fn live_html(app: &App, v: &Viewer, query: &EventsQuery, filter: &crate::F
         "alerts" => render::live_alerts(&app.0.snapshot.borrow(), filter),
         "denials" => render::live_denials(&app.0.snapshot.borrow()),
         "history" => render::live_history(&app.0.snapshot.borrow()),
+        "licenses" => render::live_licenses(&app.0.snapshot.borrow()),
         "seats" => match app.seat_list().await {
             Ok(list) => render::live_seats(&list, &query.q, v, now_ms),
             Err(e) => format!(r#"<p class="error">{}</p>"#, render::esc(&e)),
@@ -643,6 +646,83 @@ async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
     let live = render::live_history(&app.0.snapshot.borrow());
     let note = r#"<p class="hint">Seats in use per agent type and in total: the license_counts alerts the dashboard holds, then a sample of the status every 30 s while it runs (a day at most). The dashed line is the total limit; a dot marks each series' peak.</p>"#;
     live_page("History", &v, "/events?page=history", &live, note)
+}
+
+async fn licenses(State(app): State<App>, headers: HeaderMap) -> Response {
+    let Some(v) = app.viewer(&headers) else {
+        return to_login();
+    };
+    let live = render::live_licenses(&app.0.snapshot.borrow());
+    let reload = if v.role == Role::Admin {
+        format!(
+            r#"<h2>Reload the master license</h2><p class="hint">Paste the new signed license file. The master verifies it (signature, dates, role) before anything changes, as <code>lmbus-broker admin reload-license</code>; a limit below current use logs nobody out. Replace the file given to <code>run --license</code> too.</p><form method="post" action="/licenses/reload" class="danger"><input type="hidden" name="csrf" value="{}"><textarea name="license" id="license-text" rows="12" cols="80" required></textarea><br><button type="submit" id="reload">Reload</button></form>"#,
+            render::esc(&v.csrf)
+        )
+    } else {
+        String::new()
+    };
+    Html(render::page(
+        "Licenses",
+        Some(&v),
+        Some("/events?page=licenses"),
+        &format!(r#"<div id="live">{live}</div>{reload}"#),
+    ))
+    .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct ReloadForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    license: String,
+}
+
+impl WithCsrf for ReloadForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+/// An admin's license reload through the admin subject, as `web:<user>`: the master
+/// verifies the text and answers what changed, or why it refused it (nothing changed).
+async fn reload(
+    State(app): State<App>,
+    headers: HeaderMap,
+    form: Result<Form<ReloadForm>, FormRejection>,
+) -> Response {
+    let (v, form) = match checked(&app, &headers, form) {
+        Ok(checked) => checked,
+        Err(refused) => return *refused,
+    };
+    if let Err(refused) = admin_only(&v, "reload the license") {
+        return *refused;
+    }
+    if form.license.trim().is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            Some(&v),
+            "no license text: paste the signed license file; nothing was changed",
+        );
+    }
+    let request = lmbus_schemas::ReloadRequest {
+        license: form.license,
+        operator: format!("web:{}", v.user),
+        file: "the dashboard's reload form".to_owned(),
+    };
+    tracing::info!(user = %v.user, "dashboard license reload");
+    let subject = app.0.subjects.admin_reload();
+    match ask::<_, lmbus_schemas::ReloadReply>(&app, subject, &request).await {
+        Ok(lmbus_schemas::ReloadReply::Reloaded { message }) => {
+            Html(render::done_page(&v, &message, "/licenses")).into_response()
+        }
+        Ok(lmbus_schemas::ReloadReply::Error { message }) => error(
+            StatusCode::CONFLICT,
+            Some(&v),
+            &format!("the master refused the license, nothing was changed: {message}"),
+        ),
+        Err(e) => error(StatusCode::BAD_GATEWAY, Some(&v), &e),
+    }
 }
 
 async fn history_csv(State(app): State<App>, headers: HeaderMap) -> Response {

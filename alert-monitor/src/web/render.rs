@@ -54,12 +54,13 @@ pub struct Viewer {
     pub logged_in: bool,
 }
 
-const NAV: [(&str, &str); 6] = [
+const NAV: [(&str, &str); 7] = [
     ("/", "Overview"),
     ("/slaves", "Slaves"),
     ("/seats", "Seats"),
     ("/denials", "Denials"),
     ("/history", "History"),
+    ("/licenses", "Licenses"),
     ("/alerts", "Alerts"),
 ];
 
@@ -743,6 +744,36 @@ pub fn live_history(s: &Snapshot) -> String {
         h.len(),
         esc(&format_time(first.time_ms)),
         esc(&format_time(last.time_ms))
+    )
+}
+
+/// The licenses page's live part: the master license in force as the master reports it.
+pub fn live_licenses(s: &Snapshot) -> String {
+    let Some(st) = &s.status else {
+        return r#"<p class="error">No status from the master yet.</p>"#.to_owned();
+    };
+    let days = days_left(&st.license.expires, s.today).map_or("-".to_owned(), |d| d.to_string());
+    let mut limits: Vec<String> = st
+        .type_limits
+        .iter()
+        .map(|(t, n)| format!("{}={n}", esc(t)))
+        .collect();
+    if limits.is_empty() {
+        limits.push("none per type".to_owned());
+    }
+    format!(
+        r#"<dl class="facts" id="license"><dt>License id</dt><dd>{}</dd><dt>Customer</dt><dd>{}</dd><dt>Context</dt><dd>{}</dd><dt>Expires</dt><dd>{}</dd><dt>Days left</dt><dd id="license-days">{days}</dd><dt>Total limit</dt><dd>{}</dd><dt>Limits per type</dt><dd>{}</dd><dt>Signature</dt><dd>verified by the master with the vendor key (it serves no license that does not verify)</dd><dt>Unlicensed slaves</dt><dd>{}</dd></dl>"#,
+        st.license.id,
+        esc(&st.license.customer),
+        esc(&st.license.context),
+        esc(&st.license.expires),
+        st.total_limit,
+        limits.join(", "),
+        if st.allow_unlicensed_slaves {
+            "allowed"
+        } else {
+            "refused"
+        }
     )
 }
 
