@@ -191,6 +191,7 @@ fn from_change(
             agent_id,
             agent_type,
             request_seq,
+            ..
         } if query.wants(Some(&slave), &[&agent_id]) => vec![record(
             Some(slave),
             Some(agent_id),
@@ -227,6 +228,7 @@ fn from_change(
             slave,
             agent_id,
             agent_type,
+            ..
         } if query.wants(Some(&slave), &[&agent_id]) => vec![record(
             Some(slave),
             Some(agent_id),

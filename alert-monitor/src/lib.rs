@@ -7,6 +7,7 @@ mod audit;
 pub mod live;
 mod live_view;
 mod time_text;
+pub mod web;
 
 pub use audit::{Audit, AuditQuery, AuditRecord, audit, render_audit};
 pub use time_text::{format_time, parse_since};

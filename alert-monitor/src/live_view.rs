@@ -824,6 +824,7 @@ mod tests {
             allotted_by_type: BTreeMap::new(),
             allotted_total: 0,
             agents: Vec::new(),
+            seats: Vec::new(),
             replicas: vec![
                 ReplicaStatus {
                     replica: "broker2".into(),

@@ -121,6 +121,42 @@ enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// The web dashboard: overview, slaves, seats (with release), alerts, live in a browser.
+    ///
+    /// A client of the same NATS subjects as `licenses`; admin actions go through the admin
+    /// subjects as `web:<user>`. Without --users everyone is a read-only viewer. A
+    /// non-loopback --listen needs both --tls-cert/--tls-key and --users; behind a reverse
+    /// proxy that terminates TLS, listen on loopback and pass --secure-cookies.
+    Web {
+        /// Address and port to serve on.
+        #[arg(long, default_value = "127.0.0.1:8470", help_heading = "Web")]
+        listen: std::net::SocketAddr,
+        /// The users file: [[user]] tables with name, role (viewer or admin) and password
+        /// (an argon2 hash from `lmbus-monitor hash-password`).
+        #[arg(long, value_name = "FILE", help_heading = "Web")]
+        users: Option<std::path::PathBuf>,
+        /// PEM certificate chain: serve HTTPS (with --tls-key).
+        #[arg(long, value_name = "FILE", help_heading = "Web")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, value_name = "FILE", help_heading = "Web")]
+        tls_key: Option<std::path::PathBuf>,
+        /// Mark cookies Secure though this serves plain HTTP (a TLS proxy is in front).
+        #[arg(long, help_heading = "Web")]
+        secure_cookies: bool,
+        /// A login session ends after this long without a request.
+        #[arg(long, default_value = "8h", value_parser = humantime::parse_duration, help_heading = "Web")]
+        session_idle: Duration,
+        /// How often the master's status (and the seats, while a seats page is open) is
+        /// asked.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        every: Duration,
+        /// How long to wait for the master.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Read a password from standard input and print its argon2 hash for the users file.
+    HashPassword,
 }
 
 fn parse_severity(s: &str) -> Result<Severity, String> {
@@ -136,6 +172,14 @@ fn parse_kind(s: &str) -> Result<AlertKind, String> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::HashPassword = cli.command {
+        let mut password = String::new();
+        std::io::stdin().read_line(&mut password)?;
+        let password = password.trim_end_matches(['\r', '\n']);
+        anyhow::ensure!(!password.is_empty(), "no password on standard input");
+        println!("{}", lmbus_monitor::web::hash_password(password)?);
+        return Ok(());
+    }
     let cluster = cli
         .cluster
         .ok_or_else(|| anyhow!("no cluster name: pass --cluster or set LMBUS_CLUSTER"))?;
@@ -276,8 +320,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Web {
+            listen,
+            users,
+            tls_cert,
+            tls_key,
+            secure_cookies,
+            session_idle,
+            every,
+            timeout,
+        } => {
+            let users = users
+                .map(|path| lmbus_monitor::web::Users::load(&path))
+                .transpose()?;
+            let cfg = lmbus_monitor::web::WebConfig {
+                listen,
+                users,
+                tls: match (tls_cert, tls_key) {
+                    (Some(cert), Some(key)) => Some((cert, key)),
+                    (None, None) => None,
+                    _ => {
+                        anyhow::bail!("--tls-cert and --tls-key go together: pass both or neither")
+                    }
+                },
+                secure_cookies,
+                every,
+                timeout,
+                session_idle,
+            };
+            lmbus_monitor::web::run(client, subjects, cfg, shutdown_signal()).await?;
+        }
+        Command::HashPassword => {}
     }
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }
 
 #[tokio::main]

@@ -657,6 +657,7 @@ pub fn audit<'a>(
                     slave,
                     agent_id,
                     agent_type,
+                    ..
                 } => {
                     let mut blocks = tally.audit.allotted.get(slave).cloned().unwrap_or_default();
                     match blocks.get_mut(agent_type) {
@@ -956,6 +957,8 @@ mod tests {
             agent_id: agent.into(),
             agent_type: "inbound".into(),
             request_seq: 0,
+            at_ms: 0,
+            by: String::new(),
         }
     }
 
@@ -1049,6 +1052,8 @@ mod tests {
                 agent_id: format!("{long}-{n}"),
                 agent_type: "inbound".into(),
                 request_seq: n,
+                at_ms: 0,
+                by: String::new(),
             })
             .collect();
         changes.push(SeatChange::Revoke {

@@ -98,18 +98,46 @@ enum AdminCommand {
         )]
         operator: String,
     },
+    /// List who holds what: every seat with its slave, agent, type, since when and which
+    /// replica granted it (like lmstat -a).
+    ///
+    /// One status request for the slave list, then one per slave that holds seats. MASTER
+    /// is what this master is to the slave now (only, primary or secondary).
+    Seats {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Only this slave's seats.
+        #[arg(long)]
+        slave: Option<String>,
+        /// Only seats of this agent type.
+        #[arg(long = "type", value_name = "TYPE")]
+        agent_type: Option<String>,
+        /// Only this agent's seats (on any slave).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Print the seats as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Force-release one agent's seat, or every seat of a slave (like lmremove).
     ///
-    /// The slave is told and logs the agents out; they must register again.
+    /// The slave is told and logs the agents out; they must register again. With --agent
+    /// alone, the slave is found from the master's seats (refused, naming the slaves, when
+    /// the agent holds seats on several). Releasing every seat of a slave asks first
+    /// unless --yes (and is refused without --yes when there is no terminal to ask on).
     Release {
         #[command(flatten)]
         target: AdminTarget,
-        /// The slave whose seats to release.
+        /// The slave whose seats to release [default: the one slave where --agent holds a
+        /// seat].
         #[arg(long)]
-        slave: String,
+        slave: Option<String>,
         /// Release only this agent's seat [default: every seat of the slave].
         #[arg(long)]
         agent: Option<String>,
+        /// Release every seat of the slave without asking.
+        #[arg(long)]
+        yes: bool,
         /// Who is asking, for the alert and the audit trail [default: $USER, or operator].
         #[arg(
             long,
@@ -249,6 +277,60 @@ where
     Ok(lmbus_schemas::decode(&answer.payload)?)
 }
 
+/// The one slave where `agent` holds a seat, for `admin release --agent` without
+/// `--slave`: an error naming the slaves when there are several, or saying there is none.
+async fn slave_of_agent(
+    client: &async_nats::Client,
+    subjects: &lmbus_schemas::Subjects,
+    agent: &str,
+) -> anyhow::Result<String> {
+    let filter = lmbus_ops::SeatFilter {
+        agent: Some(agent.to_owned()),
+        ..lmbus_ops::SeatFilter::default()
+    };
+    let list = lmbus_ops::fetch_seats(client, subjects, &filter, ADMIN_WAIT).await?;
+    let mut slaves: Vec<String> = list.seats.into_iter().map(|s| s.slave).collect();
+    slaves.dedup();
+    match slaves.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => anyhow::bail!(
+            "agent {} holds no seat on any slave of cluster {}: check the id with `admin seats`",
+            lmbus_schemas::printable(agent),
+            subjects.cluster()
+        ),
+        many => anyhow::bail!(
+            "agent {} holds seats on {} slaves ({}): name one with --slave",
+            lmbus_schemas::printable(agent),
+            many.len(),
+            many.iter()
+                .map(|s| lmbus_schemas::printable(s).into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Asks on the terminal before every seat of `slave` is released; refuses when there is
+/// no terminal to ask on (a script must say --yes).
+fn confirm_release_all(slave: &str) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    let slave = lmbus_schemas::printable(slave);
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "releasing every seat of slave {slave} needs confirmation and there is no terminal to ask on: pass --yes (or --agent for one seat)"
+        );
+    }
+    eprint!("release every seat of slave {slave}? Its agents are logged out. [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        Ok(())
+    } else {
+        anyhow::bail!("nothing released")
+    }
+}
+
 /// How long an admin command waits for its answer.
 const ADMIN_WAIT: Duration = Duration::from_secs(5);
 
@@ -377,10 +459,22 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 },
             slave,
             agent,
+            yes,
             operator,
         } => {
+            let subjects = Subjects::new(&cluster)?;
             let client = admin_client(&nats, nats_auth).await?;
-            let subject = Subjects::new(&cluster)?.admin_release();
+            let slave = match (slave, &agent) {
+                (Some(slave), _) => slave,
+                (None, Some(agent)) => slave_of_agent(&client, &subjects, agent).await?,
+                (None, None) => anyhow::bail!(
+                    "name the seat to release: --agent AGENT (and --slave SLAVE when the agent is on several slaves), or --slave SLAVE for all of its seats"
+                ),
+            };
+            if agent.is_none() && !yes {
+                confirm_release_all(&slave)?;
+            }
+            let subject = subjects.admin_release();
             let request = ReleaseRequest {
                 slave_id: slave,
                 agent_id: agent,
@@ -399,6 +493,35 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 }
                 ReleaseReply::Error { message } => anyhow::bail!("{message}"),
             }
+        }
+        AdminCommand::Seats {
+            target:
+                AdminTarget {
+                    nats,
+                    nats_auth,
+                    cluster,
+                },
+            slave,
+            agent_type,
+            agent,
+            json,
+        } => {
+            let subjects = Subjects::new(&cluster)?;
+            let client = admin_client(&nats, nats_auth).await?;
+            let filter = lmbus_ops::SeatFilter {
+                slave,
+                agent_type,
+                agent,
+            };
+            let list = lmbus_ops::fetch_seats(&client, &subjects, &filter, ADMIN_WAIT).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let now_ms =
+                    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64;
+                print!("{}", lmbus_ops::render_seats(&list, now_ms));
+            }
+            Ok(())
         }
         AdminCommand::ReloadLicense {
             target:

@@ -1,12 +1,14 @@
 //! What operator tools and the broker read from a running lmbus cluster, below both: the
 //! master's status view (requested on its status subject) with the table every tool
-//! prints, and a JetStream stream's stored messages (the alert stream for the usage report
+//! prints, who holds which seat (`seats`), and a JetStream stream's stored messages (the alert stream for the usage report
 //! and the audit). The monitor renders and tails; the broker writes reports; neither
 //! depends on the other.
 
+mod seats;
 mod status;
 mod stored;
 
+pub use seats::{SeatFilter, SeatList, SeatRow, fetch_seats, held_for, render_seats, since_text};
 pub use status::{
     StatusError, explain_no_master, fetch_agents, fetch_status, license_summary, printable_status,
     render_status, replicas_up, slave_cells,

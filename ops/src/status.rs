@@ -65,11 +65,12 @@ pub async fn fetch_agents(
 ) -> Result<Vec<lmbus_schemas::AgentClaim>, StatusError> {
     let request = StatusRequest {
         agents_of: Some(slave.to_owned()),
+        seat_details: false,
     };
     Ok(ask_status(client, subjects, timeout, request).await?.agents)
 }
 
-async fn ask_status(
+pub(crate) async fn ask_status(
     client: &async_nats::Client,
     subjects: &Subjects,
     timeout: Duration,
@@ -384,6 +385,7 @@ mod tests {
             allotted_by_type: BTreeMap::new(),
             allotted_total: 0,
             agents: Vec::new(),
+            seats: Vec::new(),
         };
         let text = render_status(&status);
         let line = |name: &str| {

@@ -37,6 +37,14 @@ pub enum SeatChange {
         /// The `seq` of the registration that took it; 0 for grants at a hello.
         #[serde(default)]
         request_seq: u64,
+        /// When the leader granted it (its wall clock, Unix milliseconds; 0 from an older
+        /// leader): every replica takes the seat's "since" from here, never from its own
+        /// clock at replay, so they all agree.
+        #[serde(default)]
+        at_ms: u64,
+        /// The replica that granted it (the leader then).
+        #[serde(default)]
+        by: String,
     },
     /// The slave holds seats of `agent_type` for all these agents: many grants in one
     /// change. Snapshots are written with it.
@@ -48,6 +56,13 @@ pub enum SeatChange {
         /// older snapshot: 0 for each).
         #[serde(default)]
         request_seqs: Vec<u64>,
+        /// When each seat was granted (Unix milliseconds), in `agent_ids` order (empty from
+        /// an older snapshot: unknown).
+        #[serde(default)]
+        since_ms: Vec<u64>,
+        /// The replica that granted each seat, in `agent_ids` order (empty: unknown).
+        #[serde(default)]
+        granted_by: Vec<String>,
     },
     Release {
         slave: String,
@@ -91,6 +106,12 @@ pub enum SeatChange {
         slave: String,
         agent_id: String,
         agent_type: String,
+        /// When the leader took the slave's journal entry in (Unix milliseconds; 0 from
+        /// an older leader), and which replica that was: the seat's "since" and "by".
+        #[serde(default)]
+        at_ms: u64,
+        #[serde(default)]
+        by: String,
     },
     /// Allotment mode: the slave released this agent, admitted from its block or not: its
     /// seat moves from the seat table back into the slave's block of that type (the
@@ -158,6 +179,8 @@ impl SeatChange {
                 agent_type,
                 agent_ids,
                 request_seqs,
+                since_ms,
+                granted_by,
             } => {
                 // A u64 is at most 9 bytes in MessagePack.
                 FIELDS
@@ -165,6 +188,8 @@ impl SeatChange {
                     + agent_type.len()
                     + agent_ids.iter().map(|a| a.len() + 5).sum::<usize>()
                     + 9 * request_seqs.len()
+                    + 9 * since_ms.len()
+                    + granted_by.iter().map(|b| b.len() + 5).sum::<usize>()
             }
             SeatChange::Revoke { slave, agents } => {
                 FIELDS + slave.len() + agents.iter().map(|a| a.len() + 5).sum::<usize>()
@@ -174,8 +199,9 @@ impl SeatChange {
                 slave,
                 agent_id,
                 agent_type,
+                by,
                 ..
-            } => FIELDS + slave.len() + agent_id.len() + agent_type.len(),
+            } => FIELDS + 16 + slave.len() + agent_id.len() + agent_type.len() + by.len(),
             SeatChange::Release { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
             SeatChange::Reclaim { slave } | SeatChange::Forget { slave } => FIELDS + slave.len(),
             SeatChange::Allotment { slave, blocks, .. } => {
@@ -185,7 +211,9 @@ impl SeatChange {
                 slave,
                 agent_id,
                 agent_type,
-            } => FIELDS + slave.len() + agent_id.len() + agent_type.len(),
+                by,
+                ..
+            } => FIELDS + 16 + slave.len() + agent_id.len() + agent_type.len() + by.len(),
             SeatChange::ToBlock { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
             SeatChange::License { text } => FIELDS + text.len(),
             SeatChange::Leader { replica, .. } => FIELDS + replica.len(),
@@ -220,6 +248,8 @@ mod tests {
                     agent_id: "a".into(),
                     agent_type: "inbound".into(),
                     request_seq: 42,
+                    at_ms: 1_700_000_000_000,
+                    by: "b1".into(),
                 },
                 SeatChange::Release {
                     slave: "s".into(),
@@ -230,6 +260,8 @@ mod tests {
                     agent_type: "inbound".into(),
                     agent_ids: vec!["b".into(), "c".into()],
                     request_seqs: vec![4, 0],
+                    since_ms: vec![1_700_000_000_000, 0],
+                    granted_by: vec!["b1".into(), String::new()],
                 },
                 SeatChange::Reclaim { slave: "s".into() },
                 SeatChange::Forget { slave: "s".into() },
@@ -251,6 +283,8 @@ mod tests {
                     slave: "s".into(),
                     agent_id: "d".into(),
                     agent_type: "inbound".into(),
+                    at_ms: 1_700_000_000_001,
+                    by: "b2".into(),
                 },
                 SeatChange::ToBlock {
                     slave: "s".into(),
@@ -282,6 +316,8 @@ mod tests {
                 agent_type: "inbound".into(),
                 agent_ids: (0..1000).map(|n| format!("agent-{n}")).collect(),
                 request_seqs: (0..1000).collect(),
+                since_ms: vec![u64::MAX; 1000],
+                granted_by: vec!["b".repeat(64); 1000],
             },
             SeatChange::Revoke {
                 slave: "site-1".into(),
@@ -306,6 +342,16 @@ mod tests {
                 slave: "site-1".into(),
                 agent_id: "a".repeat(256),
                 agent_type: "inbound".into(),
+                at_ms: u64::MAX,
+                by: "b".repeat(64),
+            },
+            SeatChange::Grant {
+                slave: "site-1".into(),
+                agent_id: "a".repeat(256),
+                agent_type: "inbound".into(),
+                request_seq: u64::MAX,
+                at_ms: u64::MAX,
+                by: "b".repeat(64),
             },
         ];
         for change in &changes {

@@ -616,6 +616,11 @@ pub struct StatusRequest {
     /// [`StatusReply::agents`]. A master of an older build ignores it and lists none.
     #[serde(default)]
     pub agents_of: Option<String>,
+    /// List `agents_of`'s seats with when and by whom each was granted, in
+    /// [`StatusReply::seats`], instead of [`StatusReply::agents`] (`admin seats`, the web
+    /// dashboard). A master of an older build ignores it and fills `agents`.
+    #[serde(default)]
+    pub seat_details: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -659,6 +664,39 @@ pub struct StatusReply {
     /// asked or the slave is unknown.
     #[serde(default)]
     pub agents: Vec<AgentClaim>,
+    /// The seats of [`StatusRequest::agents_of`]'s slave with their details, when
+    /// [`StatusRequest::seat_details`] asked for them, bounded like `agents`.
+    #[serde(default)]
+    pub seats: Vec<HeldSeat>,
+}
+
+/// One seat a slave holds, as the master's books have it (`admin seats`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldSeat {
+    pub agent_id: String,
+    pub agent_type: String,
+    /// When it was granted, by the granting leader's wall clock (Unix milliseconds); 0:
+    /// unknown (a seat recorded by an older leader).
+    #[serde(default)]
+    pub since_ms: u64,
+    /// The broker replica that granted it (the leader then); empty: unknown.
+    #[serde(default)]
+    pub granted_by: String,
+}
+
+/// The seat list of a [`StatusReply`], in the given order, bounded like
+/// [`bounded_agent_list`]: at most [`STATUS_MAX_AGENTS`] entries and
+/// [`STATUS_MAX_AGENT_BYTES`] bytes.
+pub fn bounded_seat_list(seats: impl IntoIterator<Item = HeldSeat>) -> Vec<HeldSeat> {
+    let mut bytes = 0;
+    seats
+        .into_iter()
+        .take(STATUS_MAX_AGENTS)
+        .take_while(|seat| {
+            bytes += seat.agent_id.len() + seat.agent_type.len() + seat.granted_by.len() + 64;
+            bytes <= STATUS_MAX_AGENT_BYTES
+        })
+        .collect()
 }
 
 /// Most slaves listed in a [`StatusReply`] (about 100 bytes each).
@@ -798,6 +836,28 @@ mod tests {
             .map(|i| (format!("a{i}"), "inbound".to_owned()))
             .collect();
         assert!(bounded_agent_list(&short).len() >= 1000);
+    }
+
+    /// The seat list is bounded like the agent list, with the granting replica's id too.
+    #[test]
+    fn the_seat_list_of_a_status_reply_is_bounded_in_bytes() {
+        let seat = |i: usize| HeldSeat {
+            agent_id: format!("{i:0>256}"),
+            agent_type: "t".repeat(64),
+            since_ms: u64::MAX,
+            granted_by: "b".repeat(64),
+        };
+        let list = bounded_seat_list((0..STATUS_MAX_AGENTS).map(seat));
+        assert!(!list.is_empty() && list.len() < STATUS_MAX_AGENTS);
+        let encoded = encode(&list).unwrap().len();
+        assert!(encoded <= STATUS_MAX_AGENT_BYTES, "{encoded} bytes");
+        let short = (0..STATUS_MAX_AGENTS + 10).map(|i| HeldSeat {
+            agent_id: format!("a{i}"),
+            agent_type: "inbound".to_owned(),
+            since_ms: 1_700_000_000_000,
+            granted_by: "broker-1".to_owned(),
+        });
+        assert!(bounded_seat_list(short).len() >= 500);
     }
 
     #[test]
@@ -983,6 +1043,7 @@ mod tests {
         round_trip(&StatusRequest::default());
         round_trip(&StatusRequest {
             agents_of: Some("s".into()),
+            seat_details: true,
         });
         round_trip(&StatusReply {
             broker_id: "b".into(),
@@ -1019,6 +1080,12 @@ mod tests {
             agents: vec![AgentClaim {
                 agent_id: "a".into(),
                 agent_type: "inbound".into(),
+            }],
+            seats: vec![HeldSeat {
+                agent_id: "a".into(),
+                agent_type: "inbound".into(),
+                since_ms: 1_700_000_000_000,
+                granted_by: "b".into(),
             }],
             replicas: vec![ReplicaStatus {
                 replica: "b2".into(),

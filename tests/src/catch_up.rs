@@ -71,6 +71,8 @@ pub async fn write_ledger(ledger: &mut Ledger, seats: usize) -> u64 {
             agent_id: format!("agent-{n}"),
             agent_type: "inbound".into(),
             request_seq: (n % SEATS_PER_SLAVE + 1) as u64,
+            at_ms: 0,
+            by: String::new(),
         });
         if changes.len() >= PER_ENTRY || n + 1 == seats {
             let entry = LedgerEntry {

@@ -5,14 +5,16 @@
 //! processes that tests signal), `observe` (alerts, status), `fixture` (what most
 //! tests start from, the tracing set-up and the seat-invariant poller), `wait` (the bound
 //! on every wait); `books` (the hosts' books of in-process slaves, checked against the
-//! license at every approval), `daemon`, `ha`, `node_loss` and `catch_up` for the tests and benches that
-//! need them.
+//! license at every approval), `daemon`, `ha`, `node_loss` and `catch_up` for the tests and
+//! benches that need them; `dashboard` (the web dashboard in-process, and an HTTP client
+//! with cookies).
 //!
 //! Nothing here mocks NATS. Every wait is bounded.
 
 pub mod books;
 pub mod catch_up;
 pub mod daemon;
+pub mod dashboard;
 pub mod ha;
 pub mod jwt;
 pub mod node_loss;

@@ -1042,6 +1042,8 @@ async fn readers_get_through_streams_that_need_flow_control() {
             agent_type: "p".repeat(400),
             agent_ids: Vec::new(),
             request_seqs: Vec::new(),
+            since_ms: Vec::new(),
+            granted_by: Vec::new(),
         }],
     })
     .unwrap();
@@ -1098,6 +1100,8 @@ async fn garbage_in_the_ledger_is_quarantined_and_the_master_keeps_serving() {
             agent_id: "stolen".into(),
             agent_type: "inbound".into(),
             request_seq: 0,
+            at_ms: 0,
+            by: String::new(),
         }],
     })
     .unwrap();

@@ -44,6 +44,8 @@ async fn snapshot_manifests_are_fenced_and_older_snapshots_purged() {
                 agent_type: "inbound".into(),
                 agent_ids: (0..n).map(|i| format!("agent-{i}")).collect(),
                 request_seqs: Vec::new(),
+                since_ms: Vec::new(),
+                granted_by: Vec::new(),
             },
         ]
     };

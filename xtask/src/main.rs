@@ -135,6 +135,32 @@ fn test(no_demo: bool) -> anyhow::Result<()> {
     nats::ensure_tmux()?;
     // The alert rules' test fails without it rather than skip its syntax check.
     let promtool = nats::ensure_promtool()?;
+    // The dashboard's browser test: required once installed, and always in CI (where a
+    // missing browser must fail the run, not skip the test).
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let require_browser = match nats::ensure_browser() {
+        Some((chromium, driver)) => {
+            eprintln!(
+                "xtask: browser test with {} and {}",
+                chromium.display(),
+                driver.display()
+            );
+            true
+        }
+        None if in_ci => bail!(
+            "chromium and chromium-driver are not installed and cannot be here (not root): CI needs them for the dashboard's browser test"
+        ),
+        None => {
+            eprintln!(
+                "xtask: chromium and chromium-driver are not installed (run as root to install Debian's packages): the dashboard's browser test will be skipped"
+            );
+            false
+        }
+    };
+    let browser_env = (
+        "LMBUS_REQUIRE_BROWSER",
+        if require_browser { "1" } else { "" },
+    );
     let nats_env = ("NATS_SERVER_BIN", nats.as_os_str().to_owned());
     step(
         "cargo fmt --check",
@@ -161,7 +187,8 @@ fn test(no_demo: bool) -> anyhow::Result<()> {
             .args(["test", "--workspace"])
             .env(nats_env.0, &nats_env.1)
             .env("LMBUS_PROMTOOL", &promtool)
-            .env("LMBUS_REQUIRE_PROMTOOL", "1"),
+            .env("LMBUS_REQUIRE_PROMTOOL", "1")
+            .env(browser_env.0, browser_env.1),
     )?;
     if current_version == old_version {
         eprintln!("xtask: both nats-servers are {old_version}: the integration tests ran once");
@@ -173,7 +200,8 @@ fn test(no_demo: bool) -> anyhow::Result<()> {
                 .args(["test", "-p", "lmbus-tests", "--tests"])
                 .env("NATS_SERVER_BIN", &current)
                 .env("LMBUS_PROMTOOL", &promtool)
-                .env("LMBUS_REQUIRE_PROMTOOL", "1"),
+                .env("LMBUS_REQUIRE_PROMTOOL", "1")
+                .env(browser_env.0, browser_env.1),
         )?;
     }
     if !no_demo {

@@ -177,6 +177,19 @@ pub fn ensure_promtool() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Makes sure headless Chromium and its WebDriver are on PATH (the dashboard's browser
+/// test drives them): Debian's `chromium` and `chromium-driver` packages when root. `None`
+/// when they are missing and cannot be installed here (not root): the caller decides
+/// whether that fails the run.
+pub fn ensure_browser() -> Option<(PathBuf, PathBuf)> {
+    let found = || on_path("chromium").zip(on_path("chromedriver"));
+    if found().is_none() && nix::unistd::geteuid().is_root() {
+        install("chromium", "chromium", "");
+        install("chromedriver", "chromium-driver", "");
+    }
+    found()
+}
+
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

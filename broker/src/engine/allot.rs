@@ -19,7 +19,7 @@ use lmbus_schemas::{
 };
 
 use super::guards::MAX_SEQ_JUMP;
-use super::{Effect, Engine, Output};
+use super::{Effect, Engine, Granted, Output};
 
 /// Below this many seats not held per slave in allotment mode (in total or for a type),
 /// the pool is exhausted: blocks stop growing, slaves are asked to give theirs back, and the
@@ -615,12 +615,15 @@ impl Engine {
             ));
         }
         self.set_block(id, agent_type, block - 1);
-        self.insert_seat(id, agent, agent_type, 0);
+        let granted = self.granted_now(0);
         self.pending.push(SeatChange::FromBlock {
             slave: id.to_string(),
             agent_id: agent.to_owned(),
             agent_type: agent_type.to_owned(),
+            at_ms: granted.since_ms,
+            by: granted.by.clone(),
         });
+        self.insert_seat(id, agent, agent_type, granted);
         Ok(())
     }
 
@@ -659,13 +662,19 @@ impl Engine {
     }
 
     /// Applies a replayed `FromBlock` record.
-    pub(super) fn apply_from_block(&mut self, id: &SlaveId, agent: &str, agent_type: &str) -> bool {
+    pub(super) fn apply_from_block(
+        &mut self,
+        id: &SlaveId,
+        agent: &str,
+        agent_type: &str,
+        granted: Granted,
+    ) -> bool {
         if !self.slaves.contains_key(id) {
             return false;
         }
         let block = self.block_of(id, agent_type);
         self.set_block(id, agent_type, block.saturating_sub(1));
-        self.insert_seat(id, agent, agent_type, 0)
+        self.insert_seat(id, agent, agent_type, granted)
     }
 
     /// Free seats allotted to slaves, per agent type.

@@ -315,7 +315,12 @@ impl Engine {
                     .get(agent.as_str())
                     .is_none_or(|c| &c.agent_type != *agent_type)
                     && !pending.contains(agent.as_str())
-                    && accounts_for(slave.granted.get(agent.as_str()).copied().unwrap_or(0))
+                    && accounts_for(
+                        slave
+                            .granted
+                            .get(agent.as_str())
+                            .map_or(0, |g| g.request_seq),
+                    )
             })
             .map(|(a, _)| a.clone())
             .collect();

@@ -227,6 +227,18 @@ impl Output {
     }
 }
 
+/// How a seat was granted, as its ledger record says (so every replica agrees).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Granted {
+    /// The `seq` of the registration that took it (0: a grant at a hello, from a block, or
+    /// unknown).
+    request_seq: u64,
+    /// The granting leader's wall clock, Unix milliseconds (0: unknown).
+    since_ms: u64,
+    /// The replica that granted it (empty: unknown).
+    by: String,
+}
+
 /// What the master accepted from a slave's hello.
 #[derive(Debug, Clone)]
 struct SlaveLicense {
@@ -244,9 +256,9 @@ struct Slave {
     heartbeat_interval: Duration,
     /// Agent id → agent type, for every seat the slave holds.
     agents: BTreeMap<String, String>,
-    /// Agent id → the request number that granted its seat (0: a grant at a hello, or
-    /// unknown), for the hello reconcile (`Hello::request_seq`).
-    granted: BTreeMap<String, u64>,
+    /// Agent id → how its seat was granted: the request number (for the hello reconcile,
+    /// `Hello::request_seq`), when and by which replica (for `admin seats`).
+    granted: BTreeMap<String, Granted>,
     /// `agent_digest` of `agents`, kept up to date, for the heartbeat's books.
     digest: u64,
     /// The slave's grace period, from its hello.
@@ -373,6 +385,10 @@ pub struct Engine {
     /// The signed text of a license reloaded by an operator (`None`: the one the replica
     /// started with), for snapshots.
     license_text: Option<String>,
+    /// The wall clock (Unix milliseconds) of the event being handled, set by the runtime
+    /// before it hands the engine an event (`set_wall_clock`). The engine decides nothing by
+    /// it: it only writes it into the grants it records, as the seat's "since".
+    wall_ms: u64,
     /// Refusals that say nothing new when repeated (replayed numbers, requests without a
     /// session), counted per slave and reason so that each is alerted at most once every
     /// [`RATE_LIMIT_ALERT_EVERY`]. Bounded: at most `max_slaves` entries, the oldest
@@ -396,8 +412,24 @@ impl Engine {
             last_expiry_warning: None,
             pending: Vec::new(),
             license_text: None,
+            wall_ms: 0,
             quiet: BTreeMap::new(),
             allot_counts: allot::AllotCounts::default(),
+        }
+    }
+
+    /// The wall clock (Unix milliseconds) the next events happen at: recorded in the grants
+    /// they make (when a seat was taken), never used to decide anything.
+    pub fn set_wall_clock(&mut self, unix_ms: u64) {
+        self.wall_ms = unix_ms;
+    }
+
+    /// How a seat granted now is recorded: the current wall clock and this replica.
+    fn granted_now(&self, request_seq: u64) -> Granted {
+        Granted {
+            request_seq,
+            since_ms: self.wall_ms,
+            by: self.cfg.broker_id.clone(),
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use lmbus_schemas::{SeatChange, SlaveId, verify_license};
 
 use super::guards::ReplayWindow;
-use super::{Engine, Slave, SlaveLicense};
+use super::{Engine, Granted, Slave, SlaveLicense};
 
 impl Engine {
     /// Applies one ledger record written by a leader (possibly another replica), the way
@@ -62,9 +62,16 @@ impl Engine {
                 agent_id,
                 agent_type,
                 request_seq,
+                at_ms,
+                by,
             } => {
                 let id = slave_id(slave)?;
-                if !self.insert_seat(&id, agent_id, agent_type, *request_seq) {
+                let granted = Granted {
+                    request_seq: *request_seq,
+                    since_ms: *at_ms,
+                    by: by.clone(),
+                };
+                if !self.insert_seat(&id, agent_id, agent_type, granted) {
                     return Err(ReplayError::NoSession {
                         slave: slave.clone(),
                         what: format!("grant of {agent_id}"),
@@ -79,11 +86,17 @@ impl Engine {
                 agent_type,
                 agent_ids,
                 request_seqs,
+                since_ms,
+                granted_by,
             } => {
                 let id = slave_id(slave)?;
                 for (i, agent_id) in agent_ids.iter().enumerate() {
-                    let seq = request_seqs.get(i).copied().unwrap_or(0);
-                    if !self.insert_seat(&id, agent_id, agent_type, seq) {
+                    let granted = Granted {
+                        request_seq: request_seqs.get(i).copied().unwrap_or(0),
+                        since_ms: since_ms.get(i).copied().unwrap_or(0),
+                        by: granted_by.get(i).cloned().unwrap_or_default(),
+                    };
+                    if !self.insert_seat(&id, agent_id, agent_type, granted) {
                         return Err(ReplayError::NoSession {
                             slave: slave.clone(),
                             what: "seats".to_owned(),
@@ -146,9 +159,16 @@ impl Engine {
                 slave,
                 agent_id,
                 agent_type,
+                at_ms,
+                by,
             } => {
                 let id = slave_id(slave)?;
-                if !self.apply_from_block(&id, agent_id, agent_type) {
+                let granted = Granted {
+                    request_seq: 0,
+                    since_ms: *at_ms,
+                    by: by.clone(),
+                };
+                if !self.apply_from_block(&id, agent_id, agent_type, granted) {
                     return Err(ReplayError::NoSession {
                         slave: slave.clone(),
                         what: format!("seat from the block for {agent_id}"),
@@ -206,13 +226,13 @@ impl Engine {
                     agents: part.to_vec(),
                 });
             }
-            let mut by_type: BTreeMap<&str, Vec<(String, u64)>> = BTreeMap::new();
+            let mut by_type: BTreeMap<&str, Vec<(&String, Granted)>> = BTreeMap::new();
             for (agent, agent_type) in &s.agents {
-                let seq = s.granted.get(agent).copied().unwrap_or(0);
+                let granted = s.granted.get(agent).cloned().unwrap_or_default();
                 by_type
                     .entry(agent_type.as_str())
                     .or_default()
-                    .push((agent.clone(), seq));
+                    .push((agent, granted));
             }
             if !s.blocks.is_empty() || s.journal > 0 || s.allot_seq > 0 {
                 changes.push(SeatChange::Allotment {
@@ -222,14 +242,16 @@ impl Engine {
                     request: s.allot_seq,
                 });
             }
-            for (agent_type, mut agents) in by_type {
-                agents.sort();
+            // In agent id order already (`agents` is ordered).
+            for (agent_type, agents) in by_type {
                 for part in agents.chunks(per_change) {
                     changes.push(SeatChange::Seats {
                         slave: slave.clone(),
                         agent_type: agent_type.to_owned(),
-                        agent_ids: part.iter().map(|(a, _)| a.clone()).collect(),
-                        request_seqs: part.iter().map(|(_, q)| *q).collect(),
+                        agent_ids: part.iter().map(|(a, _)| (*a).clone()).collect(),
+                        request_seqs: part.iter().map(|(_, g)| g.request_seq).collect(),
+                        since_ms: part.iter().map(|(_, g)| g.since_ms).collect(),
+                        granted_by: part.iter().map(|(_, g)| g.by.clone()).collect(),
                     });
                 }
             }

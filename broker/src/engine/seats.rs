@@ -9,7 +9,7 @@ use lmbus_schemas::{
 };
 
 use super::guards::{RATE_LIMIT_ALERT_EVERY, validate_agent};
-use super::{Answer, Engine, Event, Output, Slave};
+use super::{Answer, Engine, Event, Granted, Output, Slave};
 
 /// How many of the seats a rejection calls in use are free seats allotted to slaves.
 fn allotted_note(allotted: u32) -> String {
@@ -109,13 +109,16 @@ impl Engine {
             None => {}
         }
         self.check_admit(slave, agent_type)?;
-        self.insert_seat(id, agent, agent_type, request_seq);
+        let granted = self.granted_now(request_seq);
         self.pending.push(SeatChange::Grant {
             slave: id.to_string(),
             agent_id: agent.to_owned(),
             agent_type: agent_type.to_owned(),
             request_seq,
+            at_ms: granted.since_ms,
+            by: granted.by.clone(),
         });
+        self.insert_seat(id, agent, agent_type, granted);
         Ok(false)
     }
 
@@ -136,14 +139,14 @@ impl Engine {
         id: &SlaveId,
         agent: &str,
         agent_type: &str,
-        request_seq: u64,
+        granted: Granted,
     ) -> bool {
         let Some(slave) = self.slaves.get_mut(id) else {
             return false;
         };
         // Granted again since an operator released it: the slave holds it rightly now.
         slave.revoked.remove(agent);
-        slave.granted.insert(agent.to_owned(), request_seq);
+        slave.granted.insert(agent.to_owned(), granted);
         slave.digest ^= agent_hash(agent, agent_type);
         if let Some(old) = slave.agents.insert(agent.to_owned(), agent_type.to_owned()) {
             // Already held (only possible in a replay): keep the counts exact.

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use lmbus_schemas::{AgentClaim, LicenseSummary, SlaveId, SlaveStatus, StatusReply};
+use lmbus_schemas::{AgentClaim, HeldSeat, LicenseSummary, SlaveId, SlaveStatus, StatusReply};
 
 use super::Engine;
 
@@ -72,6 +72,7 @@ impl Engine {
             allotted_by_type: self.allotted_by_type.clone(),
             allotted_total: self.allotted_total,
             agents: Vec::new(),
+            seats: Vec::new(),
         }
     }
 
@@ -83,5 +84,22 @@ impl Engine {
             return Vec::new();
         };
         lmbus_schemas::bounded_agent_list(&s.agents)
+    }
+
+    /// The seats `slave` holds, by agent id, with when and by which replica each was
+    /// granted (`admin seats`), bounded like `agents_of`; none for an unknown slave.
+    pub fn seats_of(&self, slave: &str) -> Vec<HeldSeat> {
+        let Some(s) = SlaveId::new(slave).ok().and_then(|id| self.slaves.get(&id)) else {
+            return Vec::new();
+        };
+        lmbus_schemas::bounded_seat_list(s.agents.iter().map(|(agent, agent_type)| {
+            let granted = s.granted.get(agent);
+            HeldSeat {
+                agent_id: agent.clone(),
+                agent_type: agent_type.clone(),
+                since_ms: granted.map_or(0, |g| g.since_ms),
+                granted_by: granted.map(|g| g.by.clone()).unwrap_or_default(),
+            }
+        }))
     }
 }

@@ -380,8 +380,12 @@ impl<'a> Leader<'a> {
             // An undecodable request still gets the status, without an agent list.
             let request: lmbus_schemas::StatusRequest =
                 lmbus_schemas::decode(&msg.payload).unwrap_or_default();
-            if let Some(slave) = request.agents_of {
-                status.agents = self.replica.engine.agents_of(&slave);
+            match request.agents_of {
+                Some(slave) if request.seat_details => {
+                    status.seats = self.replica.engine.seats_of(&slave);
+                }
+                Some(slave) => status.agents = self.replica.engine.agents_of(&slave),
+                None => {}
             }
             self.io.status(&msg, status).await;
         }

@@ -122,8 +122,10 @@ impl Output {
 
 impl Harness {
     pub(super) fn new(allow_unlicensed: bool) -> Self {
+        let mut engine = Engine::new(config(allow_unlicensed));
+        engine.set_wall_clock(1_700_000_000_000);
         Self {
-            engine: Engine::new(config(allow_unlicensed)),
+            engine,
             now: Instant::now(),
             instances: BTreeMap::new(),
             seq: 0,
@@ -182,8 +184,11 @@ impl Harness {
         }
     }
 
+    /// Moves both clocks: the monotonic one the engine decides by and the wall clock its
+    /// grants record.
     fn advance(&mut self, d: Duration) {
         self.now += d;
+        self.engine.wall_ms += d.as_millis() as u64;
     }
 
     fn hello_with(

@@ -66,6 +66,11 @@ fn replaying_the_records_or_a_snapshot_reproduces_the_seat_state() {
         }
         if step % 50 == 0 {
             assert_eq!(standby.seats(), h.engine.seats(), "diverged at step {step}");
+            assert_eq!(
+                seat_details(&standby),
+                seat_details(&h.engine),
+                "seat details diverged at step {step}"
+            );
         }
         // A replica that starts from a snapshot (split into small `Seats` changes) and
         // applies the records after it.
@@ -100,13 +105,31 @@ fn replaying_the_records_or_a_snapshot_reproduces_the_seat_state() {
 }
 
 /// What the ledger decides about each slave (not its connection or silence clock).
+/// Every seat with how it was granted (request, time, replica).
+fn seat_details(engine: &Engine) -> Vec<(String, String, Option<super::super::Granted>)> {
+    engine
+        .slaves
+        .iter()
+        .flat_map(|(id, s)| {
+            s.agents
+                .keys()
+                .map(|a| (id.to_string(), a.clone(), s.granted.get(a).cloned()))
+        })
+        .collect()
+}
+
 fn durable(engine: &Engine) -> Vec<String> {
     engine
         .slaves
         .iter()
         .map(|(id, s)| {
-            let mut agents: Vec<_> = s.agents.iter().collect();
-            agents.sort();
+            // With when and by whom each seat was granted: the ledger's times, not the
+            // replaying replica's.
+            let agents: Vec<_> = s
+                .agents
+                .iter()
+                .map(|(a, t)| (a, t, s.granted.get(a)))
+                .collect();
             let mut revoked: Vec<_> = s.revoked.iter().collect();
             revoked.sort();
             format!(

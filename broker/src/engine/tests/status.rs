@@ -49,3 +49,32 @@ fn agents_of_lists_one_slaves_agents() {
     assert!(h.engine.agents_of("nobody").is_empty());
     assert!(h.engine.agents_of("not a slave id!").is_empty());
 }
+
+/// `admin seats`: each seat with the wall time and replica of its grant, as recorded, so a
+/// standby replaying the ledger later (on a clock of its own) lists the same.
+///
+/// Steps: a1 is granted at T, a2 a minute later; a standby applies the records an hour
+/// later and lists the same times and replica; an unknown slave lists nothing.
+#[test]
+fn seats_of_lists_when_and_by_whom_each_seat_was_granted() {
+    let mut h = Harness::new(true);
+    let t0 = h.engine.wall_ms;
+    let mut changes = h.hello_with("s1", None, vec![]).changes;
+    changes.extend(h.register("s1", "a1", "inbound").changes);
+    h.advance(Duration::from_secs(60));
+    changes.extend(h.register("s1", "a2", "outbound").changes);
+    let seats = h.engine.seats_of("s1");
+    let summary: Vec<_> = seats
+        .iter()
+        .map(|s| (s.agent_id.as_str(), s.since_ms, s.granted_by.as_str()))
+        .collect();
+    assert_eq!(summary, [("a1", t0, "b1"), ("a2", t0 + 60_000, "b1")]);
+    let mut standby = Engine::new(config(true));
+    standby.set_wall_clock(t0 + 3_600_000);
+    for change in &changes {
+        standby.apply(h.now, change).unwrap();
+    }
+    assert_eq!(standby.seats_of("s1"), seats);
+    assert!(h.engine.seats_of("nobody").is_empty());
+    assert!(h.engine.seats_of("not a slave id!").is_empty());
+}

@@ -1,0 +1,357 @@
+//! The web dashboard (`lmbus-monitor web`) over HTTP against a real broker and nats-server:
+//! each page, the login, the roles, CSRF, bad input and the exposure rule. The browser test
+//! is `browser.rs`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use lmbus_schemas::AlertKind;
+use lmbus_slave::SlaveAgent;
+use lmbus_tests::dashboard::{Dashboard, WebClient, csrf_of};
+use lmbus_tests::*;
+
+const ACCOUNTS: &[(&str, &str, &str)] = &[("ann", "admin", "pw-ann"), ("vic", "viewer", "pw-vic")];
+
+/// Steps: a broker with 2 seats, slave s1 holding a1 (inbound) and a2 (outbound), the
+/// dashboard with an admin (ann) and a viewer (vic).
+/// - Not logged in: every page redirects to /login; a wrong password is 401, a login form
+///   without its cookie (forged) is 403; both leave no session.
+/// - vic logs in: the overview shows the leader, the limit and 2 in use; slaves lists s1,
+///   s1's page its agents, seats finds a1 by search, alerts shows the slave's connection,
+///   denials counts s1's two refusals (a3: the license is full, capacity; a1 as outbound:
+///   a client error), history charts the samples with the peak of 2 and exports them as CSV
+///   (not without a login);
+///   an unknown page is 404, a bad slave id and a bad alert filter are 400 pages.
+/// - vic's release (with a good CSRF token) is refused (403) and changes nothing.
+/// - ann's release with a wrong or missing CSRF token is refused (403), a forged form
+///   without fields is 400, an oversized body 413, a whole-slave release without the
+///   confirmation box 400: a1 still holds its seat after all of them.
+/// - ann's release of a1 works: the page says so, the seat is gone from `admin seats`, and
+///   the `seats_released` alert names `web:ann`.
+/// - Licenses: vic sees the license (total 2) without the reload form, and their reload is
+///   refused (403); ann's reload of a text that is no license is refused by the master
+///   (409, the page says nothing changed), an empty one is 400; a license of 3 seats is in
+///   force at once and its `license_reloaded` alert names `web:ann`.
+/// - After logout the session no longer opens pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_roles_csrf_and_bad_input_over_http() {
+    let f = Fixture::new().await.unwrap();
+    let broker = f.broker(2, &[], true).await.unwrap();
+    let s1 = SlaveAgent::start(f.slave_config("s1").unwrap())
+        .await
+        .unwrap();
+    assert!(s1.register("a1", "inbound").await.unwrap().is_approved());
+    assert!(s1.register("a2", "outbound").await.unwrap().is_approved());
+    // Two refusals for the denials page: the license is full, and a1 is already inbound.
+    assert!(!s1.register("a3", "inbound").await.unwrap().is_approved());
+    assert!(!s1.register("a1", "outbound").await.unwrap().is_approved());
+    let mut alerts = AlertTap::new(&f.client, &f.cluster).await.unwrap();
+    let dash = Dashboard::start(&f, ACCOUNTS, Duration::from_millis(300)).await;
+
+    let mut anon = WebClient::new(&dash.url);
+    for path in ["/", "/slaves", "/slaves/s1", "/seats", "/alerts"] {
+        let answer = anon.get(path).await;
+        assert_eq!(answer.status, 303, "{path}");
+        assert_eq!(answer.location.as_deref(), Some("/login"), "{path}");
+    }
+    assert_eq!(anon.get("/events?page=overview").await.status, 401);
+    let wrong = anon.log_in("vic", "nope").await;
+    assert_eq!(wrong.status, 401);
+    assert!(
+        wrong.body.contains("wrong user or password"),
+        "{}",
+        wrong.body
+    );
+    let page = anon.get("/login").await;
+    let token = csrf_of(&page.body).unwrap();
+    anon.cookies.clear();
+    let forged = anon
+        .post(
+            "/login",
+            &[("csrf", &token), ("user", "vic"), ("password", "pw-vic")],
+        )
+        .await;
+    assert_eq!(forged.status, 403, "{}", forged.body);
+    assert!(anon.get("/").await.status == 303);
+
+    let mut vic = WebClient::new(&dash.url);
+    let login = vic.log_in("vic", "pw-vic").await;
+    assert_eq!(login.status, 303, "{}", login.body);
+    assert!(vic.cookies.contains_key("lmbus_session"));
+    // The first status poll may not have come back yet.
+    let mut overview = vic.get("/").await;
+    for _ in 0..50 {
+        if overview.body.contains("id=\"total-in-use\">2<") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        overview = vic.get("/").await;
+    }
+    assert_eq!(overview.status, 200);
+    for expected in [
+        "<strong id=\"leader\">test-broker</strong>",
+        "id=\"total-in-use\">2<",
+        "data-type=\"inbound\"",
+        "vic (viewer)",
+        "days left",
+    ] {
+        assert!(
+            overview.body.contains(expected),
+            "{expected}: {}",
+            overview.body
+        );
+    }
+    let slaves = vic.get("/slaves").await;
+    assert!(slaves.body.contains("data-slave=\"s1\""), "{}", slaves.body);
+    let one = vic.get("/slaves/s1").await;
+    assert!(
+        one.body.contains("data-agent=\"a1\"") && one.body.contains("data-agent=\"a2\""),
+        "{}",
+        one.body
+    );
+    assert!(
+        !one.body.contains("release-all"),
+        "a viewer gets no release-all form"
+    );
+    let found = vic.get("/seats?q=a1").await;
+    assert!(found.body.contains("data-agent=\"a1\""), "{}", found.body);
+    assert!(!found.body.contains("data-agent=\"a2\""), "{}", found.body);
+    assert!(found.body.contains("test-broker"), "{}", found.body);
+    let mut tail = vic.get("/alerts?severity=info").await;
+    for _ in 0..50 {
+        if tail.body.contains("slave_connected") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tail = vic.get("/alerts?severity=info").await;
+    }
+    assert!(tail.body.contains("slave_connected"), "{}", tail.body);
+    let mut denials = vic.get("/denials").await;
+    for _ in 0..50 {
+        if denials.body.contains("data-reason=\"agent_type_mismatch\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        denials = vic.get("/denials").await;
+    }
+    for expected in [
+        "<tr data-reason=\"aggregate_limit\"><td>aggregate_limit</td><td>capacity (license full)</td><td>1</td>",
+        "<tr data-reason=\"agent_type_mismatch\"><td>agent_type_mismatch</td><td>client or configuration</td><td>1</td>",
+    ] {
+        assert!(
+            denials.body.contains(expected),
+            "{expected}: {}",
+            denials.body
+        );
+    }
+    let history = vic.get("/history").await;
+    assert!(
+        history.body.contains("id=\"history-chart\"")
+            && history
+                .body
+                .contains("<tr data-series=\"total\"><td><span style=\"color:#20303f\">■</span> total</td><td class=\"peak\">2</td>"),
+        "{}",
+        history.body
+    );
+    let csv = vic.get("/history.csv").await;
+    assert_eq!(csv.status, 200);
+    let mut lines = csv.body.lines();
+    assert_eq!(
+        lines.next(),
+        Some("time,total,\"inbound\",\"outbound\""),
+        "{}",
+        csv.body
+    );
+    assert!(
+        lines.last().is_some_and(|row| row.ends_with("Z,2,1,1")),
+        "{}",
+        csv.body
+    );
+    assert_eq!(anon.get("/history.csv").await.status, 303);
+    assert_eq!(vic.get("/nowhere").await.status, 404);
+    let bad = vic.get("/slaves/not%20an%20id").await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("is not a slave id"), "{}", bad.body);
+    let bad = vic.get("/alerts?severity=loud").await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("unknown severity"), "{}", bad.body);
+
+    let csrf = csrf_of(&vic.get("/seats").await.body).unwrap();
+    let refused = vic
+        .post(
+            "/release",
+            &[("csrf", &csrf), ("slave", "s1"), ("agent", "a1")],
+        )
+        .await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(
+        refused
+            .body
+            .contains("user vic is a viewer and may not release seats"),
+        "{}",
+        refused.body
+    );
+
+    let mut ann = WebClient::new(&dash.url);
+    assert_eq!(ann.log_in("ann", "pw-ann").await.status, 303);
+    let csrf = csrf_of(&ann.get("/seats").await.body).unwrap();
+    let wrong = ann
+        .post(
+            "/release",
+            &[("csrf", &csrf[1..]), ("slave", "s1"), ("agent", "a1")],
+        )
+        .await;
+    assert_eq!(wrong.status, 403);
+    assert!(wrong.body.contains("CSRF check failed"), "{}", wrong.body);
+    let missing = ann
+        .post("/release", &[("slave", "s1"), ("agent", "a1")])
+        .await;
+    assert_eq!(missing.status, 403);
+    let forged = ann.post_raw("/release", "%%%".into()).await;
+    assert!(forged.status == 403 || forged.status == 400, "{forged:?}");
+    let huge = ann
+        .post_raw(
+            "/release",
+            format!("csrf={csrf}&slave=s1&agent={}", "a".repeat(64 * 1024)),
+        )
+        .await;
+    assert_eq!(huge.status, 413, "{huge:?}");
+    let unconfirmed = ann
+        .post("/release", &[("csrf", &csrf), ("slave", "s1")])
+        .await;
+    assert_eq!(unconfirmed.status, 400);
+    assert!(
+        unconfirmed.body.contains("confirmation box"),
+        "{}",
+        unconfirmed.body
+    );
+    let held = lmbus_ops::fetch_seats(
+        &f.client,
+        &lmbus_schemas::Subjects::new(&f.cluster).unwrap(),
+        &lmbus_ops::SeatFilter::default(),
+        WAIT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(held.seats.len(), 2, "nothing was released: {held:?}");
+
+    let done = ann
+        .post(
+            "/release",
+            &[("csrf", &csrf), ("slave", "s1"), ("agent", "a1")],
+        )
+        .await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert!(
+        done.body.contains("released 1 seat of slave s1: a1"),
+        "{}",
+        done.body
+    );
+    let alert = alerts
+        .wait_for("seats_released", |a| a.kind == AlertKind::SeatsReleased)
+        .await
+        .unwrap();
+    assert!(
+        alert.message.contains("web:ann released 1 seat"),
+        "{alert:?}"
+    );
+    let seats = ann.get("/seats").await;
+    assert!(!seats.body.contains("data-agent=\"a1\""), "{}", seats.body);
+
+    // Licenses: the facts for everyone, the reload form for admins; a viewer's reload and
+    // a wrong file are refused and change nothing; a good file is in force at once.
+    let page = vic.get("/licenses").await;
+    assert!(
+        page.body.contains("<dt>Total limit</dt><dd>2</dd>") && !page.body.contains("license-text"),
+        "{}",
+        page.body
+    );
+    let vic_csrf = csrf_of(&page.body).unwrap();
+    let refused = vic
+        .post("/licenses/reload", &[("csrf", &vic_csrf), ("license", "x")])
+        .await;
+    assert_eq!(refused.status, 403);
+    let page = ann.get("/licenses").await;
+    assert!(page.body.contains("license-text"), "{}", page.body);
+    let wrong = ann
+        .post(
+            "/licenses/reload",
+            &[("csrf", &csrf), ("license", "not a license\n")],
+        )
+        .await;
+    assert_eq!(wrong.status, 409, "{}", wrong.body);
+    assert!(
+        wrong
+            .body
+            .contains("the master refused the license, nothing was changed"),
+        "{}",
+        wrong.body
+    );
+    let empty = ann
+        .post("/licenses/reload", &[("csrf", &csrf), ("license", " ")])
+        .await;
+    assert_eq!(empty.status, 400);
+    let bigger = std::fs::read_to_string(f.vendor.master(3, &[]).unwrap()).unwrap();
+    let reloaded = ann
+        .post("/licenses/reload", &[("csrf", &csrf), ("license", &bigger)])
+        .await;
+    assert_eq!(reloaded.status, 200, "{}", reloaded.body);
+    let alert = alerts
+        .wait_for("license_reloaded", |a| a.kind == AlertKind::LicenseReloaded)
+        .await
+        .unwrap();
+    assert!(alert.message.contains("web:ann"), "{alert:?}");
+    let mut page = ann.get("/licenses").await;
+    for _ in 0..50 {
+        if page.body.contains("<dt>Total limit</dt><dd>3</dd>") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        page = ann.get("/licenses").await;
+    }
+    assert!(
+        page.body.contains("<dt>Total limit</dt><dd>3</dd>"),
+        "{}",
+        page.body
+    );
+
+    let logout = ann.post("/logout", &[("csrf", &csrf)]).await;
+    assert_eq!(logout.status, 303);
+    assert_eq!(ann.get("/").await.status, 303);
+
+    dash.stop().await;
+    s1.shutdown().await;
+    broker.stop().await.unwrap();
+}
+
+/// Steps: `lmbus-monitor web --listen 0.0.0.0:0` without TLS or users exits at once with
+/// an error naming both and the loopback alternative; with --tls-cert alone it says the
+/// two go together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_on_a_public_address_needs_tls_and_a_login() {
+    let f = Fixture::new().await.unwrap();
+    let web = |extra: &[&str]| {
+        let out = Command::new(bin("lmbus-monitor").unwrap())
+            .args(["--nats", &f.nats.url(), "--cluster", &f.cluster, "web"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let error = web(&["--listen", "0.0.0.0:0"]);
+    assert!(
+        error.contains("refusing to serve the dashboard on the non-loopback address")
+            && error.contains("TLS (--tls-cert and --tls-key)")
+            && error.contains("a login (--users FILE)")
+            && error.contains("127.0.0.1:"),
+        "{error}"
+    );
+    let error = web(&["--tls-cert", "cert.pem"]);
+    assert!(
+        error.contains("--tls-cert and --tls-key go together"),
+        "{error}"
+    );
+}
