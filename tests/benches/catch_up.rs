@@ -10,11 +10,7 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = lmbus_tests::bench::bench_runtime();
     rt.block_on(async {
         for seats in sizes {
             let m = lmbus_tests::catch_up::measure(seats).await;

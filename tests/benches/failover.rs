@@ -13,19 +13,12 @@ use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = lmbus_tests::bench::bench_runtime();
     rt.block_on(bench());
 }
 
 async fn bench() {
-    let trials: usize = std::env::var("LMBUS_BENCH_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let trials = lmbus_tests::bench::bench_trials();
     let mut rig = Rig::start().await;
     let load = Load::start(&rig).await;
     let books = load.books.clone();

@@ -14,19 +14,12 @@ use lmbus_tests::ha::{Load, Rig};
 use lmbus_tests::node_loss::{kill_ledger_leader, wait_whole};
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = lmbus_tests::bench::bench_runtime();
     rt.block_on(bench());
 }
 
 async fn bench() {
-    let trials: usize = std::env::var("LMBUS_BENCH_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let trials = lmbus_tests::bench::bench_trials();
     let mut rig = Rig::start().await;
     let version = rig.client.server_info().version.clone();
     let load = Load::start(&rig).await;

@@ -49,11 +49,7 @@ fn main() {
             Some((a.parse().ok()?, b.parse().ok()?))
         })
         .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = lmbus_tests::bench::bench_runtime();
     // A size the machine cannot carry is a result too: reported, and the next size runs.
     for (slaves, seats) in sizes {
         if let Err(e) = rt.block_on(run(slaves, seats)) {

@@ -52,11 +52,7 @@ fn main() {
     if let Ok(url) = std::env::var(ECHO_ROLE) {
         return echo_responder(&url);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = lmbus_tests::bench::bench_runtime();
     if let Err(e) = rt.block_on(bench()) {
         eprintln!("bench failed: {e:#}");
         std::process::exit(1);

@@ -284,8 +284,15 @@ async fn operator_release_logs_the_agent_out() {
         .unwrap();
     assert!(alert.message.contains("alice"), "{}", alert.message);
 
+    // Releasing every seat of a slave asks for confirmation unless `--yes`.
     let out = admin(&[]);
-    assert!(out.status.success());
+    assert!(!out.status.success());
+    let out = admin(&["--yes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     f.wait_in_use(0).await.unwrap();
     eventually("a2 logged out on the slave", || async {
         slave.agents().is_empty()
