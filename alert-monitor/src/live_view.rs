@@ -809,6 +809,7 @@ mod tests {
                 customer: "ACME".into(),
                 context: "production".into(),
                 expires: "2026-12-25".into(),
+                maintenance_expires: "2026-12-01".into(),
             },
             allow_unlicensed_slaves: true,
             total_limit: 100,

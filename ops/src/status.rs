@@ -184,11 +184,16 @@ fn bar(used: u32, limit: u32, width: usize) -> String {
 /// The master license and whether unlicensed slaves are allowed, for both views.
 pub fn license_summary(s: &StatusReply) -> String {
     format!(
-        "license {} ({}, {}, expires {})  unlicensed slaves: {}",
+        "license {} ({}, {}, expires {}{})  unlicensed slaves: {}",
         s.license.id,
         s.license.customer,
         s.license.context,
         s.license.expires,
+        if s.license.maintenance_expires.is_empty() {
+            String::new()
+        } else {
+            format!(", maintenance until {}", s.license.maintenance_expires)
+        },
         if s.allow_unlicensed_slaves {
             "allowed"
         } else {
@@ -369,6 +374,7 @@ mod tests {
                 customer: "ACME".into(),
                 context: "production".into(),
                 expires: "2099-12-31".into(),
+                maintenance_expires: "2099-06-30".into(),
             },
             allow_unlicensed_slaves: true,
             total_limit: 10,

@@ -782,6 +782,9 @@ pub struct LicenseSummary {
     pub customer: String,
     pub context: String,
     pub expires: String,
+    /// The last day of software maintenance (YYYY-MM-DD); empty from an older master.
+    #[serde(default)]
+    pub maintenance_expires: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1053,6 +1056,7 @@ mod tests {
                 customer: "x".into(),
                 context: "production".into(),
                 expires: "2030-01-01".into(),
+                maintenance_expires: "2029-06-30".into(),
             },
             allow_unlicensed_slaves: true,
             total_limit: 5,
