@@ -113,6 +113,10 @@ pub struct Sent {
     /// When it was first handed to the client, for the append latency metric.
     pub started: tokio::time::Instant,
     ack: AckFuture,
+    /// The acknowledgement came back as a fence refusal of a resend, and whether the first
+    /// send landed is being read: a [`Sent::wait`] abandoned meanwhile (in a `select!`)
+    /// reads it again when taken up, instead of polling the finished acknowledgement.
+    reading_landed: bool,
     /// Everything needed to send it again, unchanged.
     again: Again,
 }
@@ -186,11 +190,41 @@ impl Sent {
     }
 
     /// [`Self::acked`] by reference, so that waiting can be abandoned and taken up again
-    /// (in a `select!`); not to be called again once it returned, except after
-    /// [`Self::resend`].
+    /// (in a `select!`), also while it reads whether a refused resend had landed; not to
+    /// be called again once it returned, except after [`Self::resend`].
     pub async fn wait(&mut self) -> Result<u64, AppendError> {
         let expected = self.expected;
-        match (&mut self.ack).await {
+        if !self.reading_landed {
+            match self.answer().await {
+                Some(result) => return result,
+                None => self.reading_landed = true,
+            }
+        }
+        // Sent again: the fence also refuses a resend of an append that did land
+        // (nats-server 2.10 and later check the fence before the message id; 2.9 answers
+        // with the duplicate). Look at the record it would be.
+        let (js, stream, id) = (
+            self.again.js.clone(),
+            self.again.stream.clone(),
+            self.again.id.clone(),
+        );
+        let landed = landed(js, stream, self.sequence, id).await;
+        self.reading_landed = false;
+        match landed {
+            Some(true) => Ok(self.sequence),
+            Some(false) => Err(AppendError::Fenced { expected }),
+            None => Err(AppendError::NoAck(format!(
+                "refused when sent again, and record {} could not be read to see whether the first send landed",
+                self.sequence
+            ))),
+        }
+    }
+
+    /// The acknowledgement as a result, or `None` for a fence refusal of a resend (which
+    /// may be this very record, landed by an earlier send: [`Self::wait`] reads it).
+    async fn answer(&mut self) -> Option<Result<u64, AppendError>> {
+        let expected = self.expected;
+        Some(match (&mut self.ack).await {
             Err(_) => Err(AppendError::NoAck(format!(
                 "no acknowledgement within {APPEND_TIMEOUT:?}"
             ))),
@@ -204,23 +238,8 @@ impl Sent {
                     PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
                 ) =>
             {
-                // Sent again: the fence also refuses a resend of an append that did land
-                // (nats-server 2.10 and later check the fence before the message id; 2.9
-                // answers with the duplicate). Look at the record it would be.
                 if self.again.resent > 0 {
-                    let (js, stream, id) = (
-                        self.again.js.clone(),
-                        self.again.stream.clone(),
-                        self.again.id.clone(),
-                    );
-                    return match landed(js, stream, self.sequence, id).await {
-                        Some(true) => Ok(self.sequence),
-                        Some(false) => Err(AppendError::Fenced { expected }),
-                        None => Err(AppendError::NoAck(format!(
-                            "refused when sent again, and record {} could not be read to see whether the first send landed",
-                            self.sequence
-                        ))),
-                    };
+                    return None;
                 }
                 Err(AppendError::Fenced { expected })
             }
@@ -238,7 +257,7 @@ impl Sent {
                 )))
             }
             Ok(Ok(ack)) => Ok(ack.sequence),
-        }
+        })
     }
 
     /// Sends this append again, unchanged (message id, fence, chain), after it went
@@ -247,6 +266,7 @@ impl Sent {
     /// predicted sequence), which counts as recorded.
     pub async fn resend(&mut self) -> Result<(), AppendError> {
         self.ack = publish(&self.again, self.expected).await?;
+        self.reading_landed = false;
         self.again.resent += 1;
         Ok(())
     }
@@ -440,6 +460,7 @@ impl Ledger {
             sequence,
             started,
             ack,
+            reading_landed: false,
             again,
         })
     }

@@ -48,6 +48,14 @@ const STALLED: Duration = Duration::from_millis(500);
 /// at once while the stream has no leader).
 const RESEND_PAUSE: Duration = Duration::from_millis(50);
 
+/// After JetStream announces a stream leader, what is in flight is sent again this often,
+/// for [`QUICK_FOR`], instead of once per [`crate::ledger::APPEND_TIMEOUT`]: the
+/// announcement can come before the new leader serves the stream, and a send it drops
+/// waits out the whole timeout (nats-server 2.10 and later answer nothing meanwhile; 2.9
+/// answers "no stream found" at once). Resends are idempotent (`Sent::resend`).
+const QUICK_RESEND: Duration = Duration::from_millis(100);
+const QUICK_FOR: Duration = Duration::from_secs(2);
+
 /// How a stretch as leader ended.
 pub(super) enum Led {
     Shutdown,
@@ -143,8 +151,13 @@ pub(super) struct Leader<'a> {
     resending: bool,
     /// The ledger records again after a stall: tell the slaves once `no_leader` stops.
     ready_again: bool,
-    /// JetStream's stream-leader elections: while resending, one means send again now.
+    /// JetStream's stream-leader elections: with appends in flight, one means send them
+    /// again now, and every [`QUICK_RESEND`] until [`Self::quick_until`].
     news: watch::Receiver<u64>,
+    /// Resend quickly until then (after news), while unacknowledged.
+    quick_until: Option<Instant>,
+    /// The next quick resend.
+    quick_next: Instant,
     /// The other replicas, from their beats.
     replicas: Replicas,
     /// Budgets and bad-message summaries for what slaves and clients send.
@@ -187,6 +200,8 @@ impl<'a> Leader<'a> {
             resending: false,
             ready_again: false,
             news: crate::jetstream::fresh(&io.news),
+            quick_until: None,
+            quick_next: Instant::now(),
             replicas: Replicas::new(&cfg.broker_id, now(), cfg.lease * 3 / 2, cfg.lease * 3 / 2),
             intake: Intake::new(
                 Budgets::for_rate_limit(cfg.slave_rate_limit),
@@ -246,6 +261,8 @@ impl<'a> Leader<'a> {
             }
             // When the oldest append in flight will count as stalled.
             let stalls_at = Instant::now() + STALLED.saturating_sub(oldest.unwrap_or_default());
+            let quick = !self.pipeline.is_empty()
+                && self.quick_until.is_some_and(|until| Instant::now() < until);
             let turn = tokio::select! {
                 _ = &mut *shutdown => break Led::Shutdown,
                 _ = self.election.role.changed() => continue,
@@ -254,12 +271,31 @@ impl<'a> Leader<'a> {
                 acked = self.pipeline.next(), if !self.pipeline.is_empty() => {
                     self.on_acked(acked).await
                 }
-                // The ledger stream has a leader again: what waits for an acknowledgement
-                // that will not come is sent again now, not after its timeout.
-                _ = crate::jetstream::next_news(&mut self.news), if self.resending => {
-                    match self.resend().await {
-                        Some(end) => Turn::End(end),
-                        None => Turn::Wait,
+                // A stream has a leader again: what waits for an acknowledgement that may
+                // not come is sent again now, and quickly for a while, not after its
+                // timeout.
+                _ = crate::jetstream::next_news(&mut self.news) => {
+                    if self.pipeline.is_empty() {
+                        Turn::Wait
+                    } else {
+                        self.quick_until = Some(Instant::now() + QUICK_FOR);
+                        self.quick_next = Instant::now() + QUICK_RESEND;
+                        match self.resend().await {
+                            Some(end) => Turn::End(end),
+                            None => Turn::Wait,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(self.quick_next), if quick => {
+                    self.quick_next = Instant::now() + QUICK_RESEND;
+                    // Only what has waited that long: a fresh append is on its way.
+                    if self.pipeline.oldest_sent().unwrap_or_default() < QUICK_RESEND {
+                        Turn::Wait
+                    } else {
+                        match self.resend().await {
+                            Some(end) => Turn::End(end),
+                            None => Turn::Wait,
+                        }
                     }
                 }
                 // Not while stalled: slaves are answered `no_leader` then, and a request
@@ -616,6 +652,8 @@ impl<'a> Leader<'a> {
                 self.io.metrics.ledger_append(acked.took);
                 self.replica.set_applied(sequence);
                 if std::mem::take(&mut self.resending) {
+                    // The stream serves again: no more quick resends.
+                    self.quick_until = None;
                     info!(
                         resends = self.resends,
                         sequence, "the ledger acknowledged again after sending again"
