@@ -124,6 +124,14 @@ struct RunArgs {
     /// The vendor's public key file, to verify --license.
     #[arg(help_heading = "License", long, env = "LMBUS_VENDOR_KEY")]
     vendor_key: Option<PathBuf>,
+    /// The context this slave runs in: production, backup or development [default: the
+    /// license's; production when unlicensed].
+    ///
+    /// It must be the master's: a master refuses a slave of another context at hello
+    /// (`context_mismatch`). An unlicensed slave declares it with this flag; a licensed one
+    /// runs in its license's context, and a different --context is refused at start.
+    #[arg(help_heading = "License", long, env = "LMBUS_CONTEXT", value_parser = parse_context)]
+    context: Option<lmbus_schemas::Context>,
     /// Where the local HTTP API listens [default: 127.0.0.1:7411].
     ///
     /// A loopback address unless --api-allow-remote is given.
@@ -268,6 +276,7 @@ impl RunArgs {
             );
         }
         cfg.unlicensed = self.unlicensed.unwrap_or(false);
+        cfg.context = self.context;
         if let Some(d) = self.heartbeat_interval {
             if d.is_zero() {
                 bail!("--heartbeat-interval must be greater than zero");
@@ -616,6 +625,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--context`: one of the three license contexts.
+fn parse_context(s: &str) -> Result<lmbus_schemas::Context, String> {
+    s.parse()
 }
 
 #[cfg(test)]

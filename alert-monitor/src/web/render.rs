@@ -248,7 +248,7 @@ pub fn live_overview(s: &Snapshot, v: &Viewer) -> String {
         r#"<section><h2>License</h2><p>License <code>{}</code> for {}, context {}, expires {}<span id="expiry-days">{}</span>. Unlicensed slaves {}. Admission: {}.</p></section>"#,
         st.license.id,
         esc(&st.license.customer),
-        esc(&st.license.context),
+        esc(lmbus_ops::context_shown(&st.license)),
         esc(&st.license.expires),
         esc(&days),
         if st.allow_unlicensed_slaves {
@@ -765,7 +765,7 @@ pub fn live_licenses(s: &Snapshot) -> String {
         r#"<dl class="facts" id="license"><dt>License id</dt><dd>{}</dd><dt>Customer</dt><dd>{}</dd><dt>Context</dt><dd>{}</dd><dt>Expires</dt><dd>{}</dd><dt>Days left</dt><dd id="license-days">{days}</dd><dt>Total limit</dt><dd>{}</dd><dt>Limits per type</dt><dd>{}</dd><dt>Signature</dt><dd>verified by the master with the vendor key (it serves no license that does not verify)</dd><dt>Unlicensed slaves</dt><dd>{}</dd></dl>"#,
         st.license.id,
         esc(&st.license.customer),
-        esc(&st.license.context),
+        esc(lmbus_ops::context_shown(&st.license)),
         esc(&st.license.expires),
         st.total_limit,
         limits.join(", "),
