@@ -249,36 +249,52 @@ async fn a_development_master_serves_only_development_and_says_so() {
     broker.stop().await.unwrap();
 }
 
-/// Steps: a production master leads cluster C and has written its `Leader` record (its
-/// context) in C's ledger; a second replica is started on C with a development master
-/// license. It refuses to join: `run` returns an error naming both contexts (bounded),
-/// and a critical `license_refused` alert from that replica goes out. The production
-/// master keeps serving.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_of_another_context_refuses_to_join_the_ledger() {
-    let f = Fixture::new().await.unwrap();
-    let mut alerts = f.alerts().await.unwrap();
-    let broker = f.broker(5, &[], true).await.unwrap();
+/// Starts a replica of `f`'s cluster with a development master license as `id` and returns
+/// the error `run` ends with (bounded); panics if it joins or keeps running.
+async fn dev_replica_error(f: &Fixture, id: &str) -> String {
     let dev_master = license_in(
-        &f,
-        "dev-master.lic",
+        f,
+        &format!("{id}.lic"),
         Role::Master,
         Context::Development,
         Some(5),
     );
     let mut cfg = broker_config(&f.nats, &f.cluster, dev_master, &f.vendor, true);
-    cfg.broker_id = "dev-replica".into();
+    cfg.broker_id = id.into();
     cfg.priority = 2;
     let ended = tokio::time::timeout(WAIT, lmbus_broker::run(cfg, std::future::pending::<()>()))
         .await
         .expect("the replica of another context kept running");
-    let error = format!(
+    format!(
         "{:#}",
         ended.expect_err("the replica of another context joined")
-    );
+    )
+}
+
+/// Steps: a production master leads cluster C (a snapshot every 2 records) and has
+/// written its `Leader` record (its context) in C's ledger.
+/// 1. A replica started on C with a development master license, before any snapshot,
+///    meets the context in the ledger and refuses to join: `run` returns an error naming
+///    both contexts (bounded), and a critical `license_refused` alert from that replica
+///    goes out.
+/// 2. The production master keeps serving: a slave registers 3 agents, and a snapshot is
+///    written.
+/// 3. Another development replica meets the context in the latest snapshot and refuses
+///    the same way, with its own alert; the production master still serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_of_another_context_refuses_to_join_the_ledger() {
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let mut prod = f.broker_settings(5, &[], true).unwrap();
+    prod.snapshot_every = 2;
+    let broker = Broker::start(prod).await.unwrap();
+
+    // 1. From the ledger.
+    let error = dev_replica_error(&f, "dev-replica").await;
     assert!(
         error.contains("ledger is in context 'production'")
-            && error.contains("license is for 'development'"),
+            && error.contains("license is for 'development'")
+            && !error.contains("snapshot"),
         "{error}"
     );
     let alert = alerts
@@ -295,11 +311,41 @@ async fn a_replica_of_another_context_refuses_to_join_the_ledger() {
     );
     assert_eq!(alert.context, "development");
 
+    // 2. Production serves and writes a snapshot.
     let slave = SlaveAgent::start(f.slave_config("site1").unwrap())
         .await
         .unwrap();
-    assert!(slave.register("a1", "inbound").await.unwrap().is_approved());
-    assert_eq!(f.status().await.unwrap().license.context, "production");
+    for a in ["a1", "a2", "a3"] {
+        assert!(slave.register(a, "inbound").await.unwrap().is_approved());
+    }
+    let subjects = lmbus_schemas::Subjects::new(&f.cluster).unwrap();
+    let snapshots = lmbus_broker::snapshot::Snapshots::open(&f.client, &subjects, 1)
+        .await
+        .unwrap();
+    eventually("a snapshot is written", || async {
+        snapshots.latest().await.ok().flatten().is_some()
+    })
+    .await
+    .unwrap();
+
+    // 3. From the snapshot.
+    let error = dev_replica_error(&f, "dev-replica-2").await;
+    assert!(
+        error.contains("latest snapshot") && error.contains("ledger is in context 'production'"),
+        "{error}"
+    );
+    alerts
+        .wait_for("license_refused from dev-replica-2", |a| {
+            a.kind == AlertKind::LicenseRefused && a.source == "dev-replica-2"
+        })
+        .await
+        .unwrap();
+    assert!(slave.register("a4", "inbound").await.unwrap().is_approved());
+    let st = f.status().await.unwrap();
+    assert_eq!(
+        (st.license.context.as_str(), st.total_in_use),
+        ("production", 4)
+    );
     slave.shutdown().await;
     tokio::time::timeout(Duration::from_secs(10), broker.stop())
         .await
