@@ -84,7 +84,8 @@ fn run_bounded(cmd: &mut Command) -> (bool, String, String) {
 ///    names both contexts and a `slave_refused` alert marked development / not for
 ///    production: a production slave license, a backup one, an unlicensed slave that
 ///    declares nothing (production), and the real `lmbus-slave` daemon run with
-///    `--context backup`, which exits with the reason.
+///    `--context backup`, which exits with the reason. A development-licensed slave given
+///    `--context production` is refused at start, before any hello.
 /// 2. A development slave license and an unlicensed slave with `--context development`
 ///    are admitted and register.
 /// 3. `admin status` (text and `--json`) and `admin report --json` (the real binary) say
@@ -149,8 +150,23 @@ async fn a_development_master_serves_only_development_and_says_so() {
     );
     refusal_alert(&mut alerts, "daemon-site").await;
 
-    // 2. The master's own context, admitted.
+    // A licensed slave runs in its license's context: another --context is refused at
+    // start, before any hello.
     let dev_slave = license_in(&f, "dev-slave.lic", Role::Slave, Context::Development, None);
+    let mut cfg = f.licensed_slave_config("odd-site", &dev_slave).unwrap();
+    cfg.context = Some(Context::Production);
+    match tokio::time::timeout(WAIT, SlaveAgent::start(cfg)).await {
+        Ok(Err(SlaveError::Config(m))) => assert!(
+            m.contains("is for context 'development', not 'production'")
+                && m.contains("drop --context"),
+            "{m}"
+        ),
+        Ok(Err(e)) => panic!("refused for another reason: {e}"),
+        Ok(Ok(_)) => panic!("a slave started with a --context its license does not have"),
+        Err(_) => panic!("the slave did not start or fail within {WAIT:?}"),
+    }
+
+    // 2. The master's own context, admitted.
     let licensed = SlaveAgent::start(f.licensed_slave_config("dev-site", &dev_slave).unwrap())
         .await
         .unwrap();
