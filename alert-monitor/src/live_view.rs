@@ -506,7 +506,9 @@ fn header(view: &LiveView, s: &StatusReply, width: usize) -> Vec<Line<'static>> 
             Span::raw(fit(
                 &format!(
                     " ({})  license {} {}",
-                    s.license.expires, s.license.customer, s.license.context
+                    s.license.expires,
+                    s.license.customer,
+                    lmbus_ops::context_shown(&s.license)
                 ),
                 width.saturating_sub(expiry.chars().count()),
             )),
@@ -810,6 +812,7 @@ mod tests {
                 context: "production".into(),
                 expires: "2026-12-25".into(),
                 maintenance_expires: "2026-12-01".into(),
+                not_for_production: false,
             },
             allow_unlicensed_slaves: true,
             total_limit: 100,

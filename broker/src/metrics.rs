@@ -104,6 +104,10 @@ pub struct Gauges {
 /// The master license in force, as its gauges show it.
 #[derive(Debug, Default)]
 struct LicenseGauges {
+    /// The license id and context, for `lmbus_license_info` (empty before any license).
+    id: String,
+    context: &'static str,
+    not_for_production: bool,
     total_limit: u32,
     type_limits: BTreeMap<String, u32>,
     /// When the license stops being valid: 00:00 UTC after its last valid day.
@@ -123,6 +127,9 @@ impl LicenseGauges {
                 .unix_timestamp()
         };
         Self {
+            id: license.id.to_string(),
+            context: license.context.token(),
+            not_for_production: license.context.not_for_production(),
             total_limit: license.limits.total.unwrap_or(0),
             type_limits: license.limits.agent_types.clone(),
             expiry_timestamp_seconds: end(license.expires),
@@ -307,6 +314,17 @@ impl Metrics {
             license.expiry_timestamp_seconds,
             license.maintenance_expiry_timestamp_seconds
         );
+        if !license.id.is_empty() {
+            let _ = writeln!(
+                text,
+                "# HELP lmbus_license_info The master license in force: its id and context, and whether what this master serves is not for production use (a development license). Always 1.\n\
+                 # TYPE lmbus_license_info gauge\n\
+                 lmbus_license_info{{license_id=\"{}\",context=\"{}\",not_for_production=\"{}\"}} 1",
+                escape_label(&license.id),
+                license.context,
+                license.not_for_production
+            );
+        }
         // The gauges are set exactly while leading.
         let gauges = lock(&self.gauges).clone();
         let _ = writeln!(
@@ -657,5 +675,20 @@ mod tests {
         assert!(!text.contains("agent_type=\"inbound\""), "{text}");
         // 2031-01-02T00:00:00Z.
         assert!(text.contains("\nlmbus_license_expiry_timestamp_seconds 1925078400\n"));
+        assert!(
+            text.contains(&format!(
+                "\nlmbus_license_info{{license_id=\"{}\",context=\"production\",not_for_production=\"false\"}} 1\n",
+                lock(&m.license).as_ref().unwrap().id
+            )),
+            "{text}"
+        );
+        let mut dev = lock(&m.license).clone().unwrap();
+        dev.context = lmbus_schemas::Context::Development;
+        m.set_license(&dev);
+        let text = m.render(0, None, &ProcessSample::default());
+        assert!(
+            text.contains("context=\"development\",not_for_production=\"true\"} 1\n"),
+            "{text}"
+        );
     }
 }
