@@ -285,7 +285,9 @@ fn from_change(
                 format!("master license reloaded by {writer}"),
             )]
         }
-        SeatChange::Leader { replica, term } if query.slave.is_none() && query.agent.is_none() => {
+        SeatChange::Leader { replica, term, .. }
+            if query.slave.is_none() && query.agent.is_none() =>
+        {
             vec![record(
                 None,
                 None,

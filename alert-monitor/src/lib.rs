@@ -87,6 +87,11 @@ pub fn format_alert(alert: &Alert) -> String {
     if let Some(reason) = alert.reason {
         let _ = write!(line, " reason={reason}");
     }
+    // A development master's alerts say so on every line (production and backup ones are
+    // in the JSON format's `context`).
+    if alert.not_for_production {
+        let _ = write!(line, " [{}]", lmbus_schemas::NOT_FOR_PRODUCTION);
+    }
     let _ = write!(line, " | {}", alert.message);
     // Everything in an alert came over the network: show control characters escaped, so
     // an alert can neither move the cursor, retitle the terminal nor forge a line.

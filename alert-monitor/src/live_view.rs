@@ -506,7 +506,9 @@ fn header(view: &LiveView, s: &StatusReply, width: usize) -> Vec<Line<'static>> 
             Span::raw(fit(
                 &format!(
                     " ({})  license {} {}",
-                    s.license.expires, s.license.customer, s.license.context
+                    s.license.expires,
+                    s.license.customer,
+                    lmbus_ops::context_shown(&s.license)
                 ),
                 width.saturating_sub(expiry.chars().count()),
             )),
@@ -809,6 +811,8 @@ mod tests {
                 customer: "ACME".into(),
                 context: "production".into(),
                 expires: "2026-12-25".into(),
+                maintenance_expires: "2026-12-01".into(),
+                not_for_production: false,
             },
             allow_unlicensed_slaves: true,
             total_limit: 100,

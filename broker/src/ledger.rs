@@ -636,7 +636,7 @@ pub fn audit<'a>(
                     tally.total_limit = license.limits.total.unwrap_or(0);
                     tally.type_limits = std::borrow::Cow::Owned(license.limits.agent_types);
                 }
-                SeatChange::Leader { replica, term } => {
+                SeatChange::Leader { replica, term, .. } => {
                     if let Some((_, last)) = &leader {
                         if term <= last {
                             return Err(AuditError::TermOrder {
@@ -987,6 +987,7 @@ mod tests {
         SeatChange::Leader {
             replica: replica.into(),
             term,
+            context: None,
         }
     }
 

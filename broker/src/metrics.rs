@@ -104,25 +104,36 @@ pub struct Gauges {
 /// The master license in force, as its gauges show it.
 #[derive(Debug, Default)]
 struct LicenseGauges {
+    /// The license id and context, for `lmbus_license_info` (empty before any license).
+    id: String,
+    context: &'static str,
+    not_for_production: bool,
     total_limit: u32,
     type_limits: BTreeMap<String, u32>,
     /// When the license stops being valid: 00:00 UTC after its last valid day.
     expiry_timestamp_seconds: i64,
+    /// When software maintenance ends: 00:00 UTC after its last day.
+    maintenance_expiry_timestamp_seconds: i64,
 }
 
 impl LicenseGauges {
     fn of(license: &License) -> Self {
-        // `expires` is the last valid day, inclusive.
-        let end = license
-            .expires
-            .next_day()
-            .unwrap_or(license.expires)
-            .midnight()
-            .assume_utc();
+        // `expires` (and `maintenance_expires`) is the last valid day, inclusive.
+        let end = |last: time::Date| {
+            last.next_day()
+                .unwrap_or(last)
+                .midnight()
+                .assume_utc()
+                .unix_timestamp()
+        };
         Self {
+            id: license.id.to_string(),
+            context: license.context.token(),
+            not_for_production: license.context.not_for_production(),
             total_limit: license.limits.total.unwrap_or(0),
             type_limits: license.limits.agent_types.clone(),
-            expiry_timestamp_seconds: end.unix_timestamp(),
+            expiry_timestamp_seconds: end(license.expires),
+            maintenance_expiry_timestamp_seconds: end(license.maintenance_expires),
         }
     }
 }
@@ -296,9 +307,24 @@ impl Metrics {
             text,
             "# HELP lmbus_license_expiry_timestamp_seconds When the master license stops being valid (00:00 UTC after its last valid day), as a Unix time.\n\
              # TYPE lmbus_license_expiry_timestamp_seconds gauge\n\
-             lmbus_license_expiry_timestamp_seconds {}",
-            license.expiry_timestamp_seconds
+             lmbus_license_expiry_timestamp_seconds {}\n\
+             # HELP lmbus_license_maintenance_expiry_timestamp_seconds When the master license's software maintenance ends (00:00 UTC after its last day), as a Unix time.\n\
+             # TYPE lmbus_license_maintenance_expiry_timestamp_seconds gauge\n\
+             lmbus_license_maintenance_expiry_timestamp_seconds {}",
+            license.expiry_timestamp_seconds,
+            license.maintenance_expiry_timestamp_seconds
         );
+        if !license.id.is_empty() {
+            let _ = writeln!(
+                text,
+                "# HELP lmbus_license_info The master license in force: its id and context, and whether what this master serves is not for production use (a development license). Always 1.\n\
+                 # TYPE lmbus_license_info gauge\n\
+                 lmbus_license_info{{license_id=\"{}\",context=\"{}\",not_for_production=\"{}\"}} 1",
+                escape_label(&license.id),
+                license.context,
+                license.not_for_production
+            );
+        }
         // The gauges are set exactly while leading.
         let gauges = lock(&self.gauges).clone();
         let _ = writeln!(
@@ -521,7 +547,7 @@ mod tests {
             customer: "acme".into(),
             issued: time::macros::date!(2025 - 01 - 01),
             expires,
-            maintenance_expires: expires,
+            maintenance_expires: expires.previous_day().unwrap_or(expires),
             role: lmbus_schemas::Role::Master,
             context: lmbus_schemas::Context::Production,
             limits: lmbus_schemas::Limits {
@@ -595,6 +621,8 @@ mod tests {
             "lmbus_agent_type_seats_limit{agent_type=\"inbound\"} 4",
             // 2030-07-01T00:00:00Z: the end of the last valid day.
             "lmbus_license_expiry_timestamp_seconds 1909094400",
+            // Maintenance to 2030-06-29: ends 2030-06-30T00:00:00Z.
+            "lmbus_license_maintenance_expiry_timestamp_seconds 1909008000",
             "lmbus_leader 1",
             "lmbus_replica_drained 0",
             "lmbus_ledger_lag_records 2",
@@ -647,5 +675,20 @@ mod tests {
         assert!(!text.contains("agent_type=\"inbound\""), "{text}");
         // 2031-01-02T00:00:00Z.
         assert!(text.contains("\nlmbus_license_expiry_timestamp_seconds 1925078400\n"));
+        assert!(
+            text.contains(&format!(
+                "\nlmbus_license_info{{license_id=\"{}\",context=\"production\",not_for_production=\"false\"}} 1\n",
+                lock(&m.license).as_ref().unwrap().id
+            )),
+            "{text}"
+        );
+        let mut dev = lock(&m.license).clone().unwrap();
+        dev.context = lmbus_schemas::Context::Development;
+        m.set_license(&dev);
+        let text = m.render(0, None, &ProcessSample::default());
+        assert!(
+            text.contains("context=\"development\",not_for_production=\"true\"} 1\n"),
+            "{text}"
+        );
     }
 }

@@ -301,7 +301,7 @@ fn rfc3339(ms: i64) -> String {
 pub struct LicenseFacts {
     pub id: String,
     pub customer: String,
-    pub context: String,
+    pub context: lmbus_schemas::Context,
     pub total: Option<u32>,
     pub types: BTreeMap<String, u32>,
 }
@@ -394,7 +394,8 @@ pub fn build(
         written_by: written_by.to_string(),
         license_id: license.id.clone(),
         customer: license.customer.clone(),
-        context: license.context.clone(),
+        context: license.context.to_string(),
+        not_for_production: license.context.not_for_production(),
         period_start: rfc3339(usage.start_ms),
         period_end: rfc3339(usage.end_ms),
         usage_counted_from: rfc3339(usage.covered_from_ms),
@@ -437,6 +438,12 @@ pub fn to_csv(r: &UsageReport) -> String {
     );
     row("report", &r.cluster, "license_id", r.license_id.clone());
     row("report", &r.cluster, "context", r.context.clone());
+    row(
+        "report",
+        &r.cluster,
+        "not_for_production",
+        r.not_for_production.to_string(),
+    );
     for t in &r.agent_types {
         if let Some(limit) = t.limit {
             row("agent_type", &t.agent_type, "limit", limit.to_string());
@@ -479,13 +486,26 @@ pub fn to_csv(r: &UsageReport) -> String {
     o
 }
 
+/// The report's context as a person reads it: a development master's says its usage is
+/// not for production use.
+fn context_shown(r: &UsageReport) -> String {
+    if r.not_for_production {
+        lmbus_schemas::NOT_FOR_PRODUCTION.to_owned()
+    } else {
+        r.context.clone()
+    }
+}
+
 /// The report as readable text (the email's body).
 pub fn to_text(r: &UsageReport) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
         "lmbus usage report for cluster {} ({}, license {}, {})",
-        r.cluster, r.customer, r.license_id, r.context
+        r.cluster,
+        r.customer,
+        r.license_id,
+        context_shown(r)
     );
     let _ = writeln!(o, "period {} to {}", r.period_start, r.period_end);
     if r.usage_counted_from != r.period_start {
@@ -555,7 +575,11 @@ pub fn side_by_side(reports: &[UsageReport]) -> String {
         let _ = writeln!(
             o,
             "  {} ({}): {} to {}, license {}",
-            r.cluster, r.context, r.period_start, r.period_end, r.license_id
+            r.cluster,
+            context_shown(r),
+            r.period_start,
+            r.period_end,
+            r.license_id
         );
     }
     let head = |o: &mut String, first: &str, cells: &mut dyn Iterator<Item = String>| {
@@ -910,7 +934,7 @@ mod tests {
         let license = LicenseFacts {
             id: "L1".into(),
             customer: "C".into(),
-            context: "production".into(),
+            context: lmbus_schemas::Context::Production,
             total: Some(10),
             types: counts(&[("inbound", 5), ("outbound", 3)]),
         };
@@ -950,7 +974,7 @@ mod tests {
         let license = |context: &str, types: &[(&str, u32)]| LicenseFacts {
             id: "L".into(),
             customer: "C".into(),
-            context: context.into(),
+            context: context.parse().unwrap(),
             total: Some(10),
             types: counts(types),
         };
@@ -991,6 +1015,51 @@ mod tests {
         assert_eq!(row("inbound"), ["5", "4", "4.00", "-", "-", "-"]);
         assert_eq!(row("outbound"), ["-", "-", "-", "2", "1", "1.00"]);
         assert_eq!(row("total"), ["10", "4", "4.00", "10", "1", "1.00"]);
+    }
+
+    /// A development master's report says, in every format, that its usage is not for
+    /// production use; a production one does not.
+    #[test]
+    fn a_development_report_is_marked_not_for_production() {
+        let mut u = Usage::new(0);
+        u.observe(DAY, &counts(&[("inbound", 1)]), 1);
+        let window = u.so_far(DAY + H).unwrap();
+        let facts = |context| LicenseFacts {
+            id: "L".into(),
+            customer: "C".into(),
+            context,
+            total: Some(10),
+            types: counts(&[("inbound", 5)]),
+        };
+        let dev = build(
+            "lab",
+            "b1",
+            &facts(lmbus_schemas::Context::Development),
+            &window,
+            false,
+            Vec::new(),
+        );
+        let prod = build(
+            "acme",
+            "b1",
+            &facts(lmbus_schemas::Context::Production),
+            &window,
+            false,
+            Vec::new(),
+        );
+        assert!(dev.not_for_production && !prod.not_for_production);
+        assert_eq!(dev.context, "development");
+        assert!(
+            to_text(&dev).contains("development: not for production use"),
+            "{}",
+            to_text(&dev)
+        );
+        assert!(!to_text(&prod).contains("not for production"));
+        assert!(to_csv(&dev).contains("report,lab,not_for_production,true\n"));
+        assert!(to_csv(&prod).contains("report,acme,not_for_production,false\n"));
+        let json = serde_json::to_value(&dev).unwrap();
+        assert_eq!(json["not_for_production"], true);
+        assert!(side_by_side(&[prod, dev]).contains("lab (development: not for production use)"));
     }
 
     #[test]

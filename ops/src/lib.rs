@@ -10,7 +10,7 @@ mod stored;
 
 pub use seats::{SeatFilter, SeatList, SeatRow, fetch_seats, held_for, render_seats, since_text};
 pub use status::{
-    StatusError, explain_no_master, fetch_agents, fetch_status, license_summary, printable_status,
-    render_status, replicas_up, slave_cells,
+    StatusError, context_shown, explain_no_master, fetch_agents, fetch_status, license_summary,
+    printable_status, render_status, replicas_up, slave_cells,
 };
 pub use stored::{FLOW_CONTROL_HINT, Stored, StoredError, stored};

@@ -181,14 +181,29 @@ fn bar(used: u32, limit: u32, width: usize) -> String {
     format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
 }
 
+/// The master license's context as every view shows it: a development master's says
+/// what it serves is not for production use.
+pub fn context_shown(license: &lmbus_schemas::LicenseSummary) -> &str {
+    if license.not_for_production {
+        lmbus_schemas::NOT_FOR_PRODUCTION
+    } else {
+        &license.context
+    }
+}
+
 /// The master license and whether unlicensed slaves are allowed, for both views.
 pub fn license_summary(s: &StatusReply) -> String {
     format!(
-        "license {} ({}, {}, expires {})  unlicensed slaves: {}",
+        "license {} ({}, {}, expires {}{})  unlicensed slaves: {}",
         s.license.id,
         s.license.customer,
-        s.license.context,
+        context_shown(&s.license),
         s.license.expires,
+        if s.license.maintenance_expires.is_empty() {
+            String::new()
+        } else {
+            format!(", maintenance until {}", s.license.maintenance_expires)
+        },
         if s.allow_unlicensed_slaves {
             "allowed"
         } else {
@@ -369,6 +384,8 @@ mod tests {
                 customer: "ACME".into(),
                 context: "production".into(),
                 expires: "2099-12-31".into(),
+                maintenance_expires: "2099-06-30".into(),
+                not_for_production: false,
             },
             allow_unlicensed_slaves: true,
             total_limit: 10,
@@ -397,5 +414,15 @@ mod tests {
         assert!(line("inbound").ends_with("OVER"), "{text}");
         assert!(line("outbound").ends_with("FULL"), "{text}");
         assert!(line("TOTAL").ends_with(']'), "{text}");
+        assert!(!text.contains("not for production"), "{text}");
+        // A development master's status says what it serves is not for production use.
+        let mut dev = status;
+        dev.license.context = "development".into();
+        dev.license.not_for_production = true;
+        let text = render_status(&dev);
+        assert!(
+            text.contains("(ACME, development: not for production use, expires"),
+            "{text}"
+        );
     }
 }

@@ -87,12 +87,16 @@ pub enum AlertKind {
     /// The master forgot a slave: silent past `--forget-after` with no seats, or removed by
     /// an operator (`admin forget-slave`).
     SlaveForgotten,
+    /// A master license was refused because its context differs from the running master's
+    /// or the ledger's: an `admin reload-license` of another context, or a replica started
+    /// with a license of another context than the cluster's ledger.
+    LicenseRefused,
     #[serde(other)]
     Other,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 25] = [
+    pub const ALL: [AlertKind; 26] = [
         AlertKind::BrokerStarted,
         AlertKind::BrokerStopped,
         AlertKind::SlaveConnected,
@@ -117,6 +121,7 @@ impl AlertKind {
         AlertKind::UsageReport,
         AlertKind::SlaveStopped,
         AlertKind::SlaveForgotten,
+        AlertKind::LicenseRefused,
         AlertKind::Other,
     ];
 
@@ -146,6 +151,7 @@ impl AlertKind {
             AlertKind::UsageReport => "usage_report",
             AlertKind::SlaveStopped => "slave_stopped",
             AlertKind::SlaveForgotten => "slave_forgotten",
+            AlertKind::LicenseRefused => "license_refused",
             AlertKind::Other => "other",
         }
     }
@@ -184,6 +190,13 @@ pub struct Alert {
     #[serde(default)]
     pub counts: BTreeMap<String, u32>,
     pub message: String,
+    /// The context of the master license the raising broker runs in (`production`,
+    /// `backup`, `development`); empty from an older broker and in a slave's own reports.
+    #[serde(default)]
+    pub context: String,
+    /// Set by a development master: what it decided is not for production use.
+    #[serde(default)]
+    pub not_for_production: bool,
 }
 
 impl Alert {
@@ -199,7 +212,16 @@ impl Alert {
             reason: None,
             counts: BTreeMap::new(),
             message: message.into(),
+            context: String::new(),
+            not_for_production: false,
         }
+    }
+
+    /// Marks the alert as raised by a master running in `context`.
+    pub fn in_context(mut self, context: crate::Context) -> Self {
+        self.context = context.token().to_owned();
+        self.not_for_production = context.not_for_production();
+        self
     }
 
     pub fn slave(mut self, slave: impl Into<String>) -> Self {
@@ -235,7 +257,10 @@ mod tests {
             .slave("s1")
             .agent("a1", "inbound")
             .reason(RejectReason::AggregateLimit)
-            .counts(BTreeMap::from([("inbound".into(), 3)]));
+            .counts(BTreeMap::from([("inbound".into(), 3)]))
+            .in_context(crate::Context::Development);
+        assert!(a.not_for_production);
+        assert_eq!(a.context, "development");
         assert_eq!(decode::<Alert>(&encode(&a).unwrap()).unwrap(), a);
     }
 

@@ -87,6 +87,11 @@ pub enum SeatChange {
     Leader {
         replica: String,
         term: u64,
+        /// The context of the leader's master license: one ledger serves one context, and a
+        /// replica whose license has another refuses to apply it (`None` from an older
+        /// leader).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        context: Option<crate::Context>,
     },
     /// Allotment mode: the slave's free blocks per agent type from here on (absolute: a
     /// type not named has none), the last journal entry applied, and the last allot
@@ -216,7 +221,7 @@ impl SeatChange {
             } => FIELDS + 16 + slave.len() + agent_id.len() + agent_type.len() + by.len(),
             SeatChange::ToBlock { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
             SeatChange::License { text } => FIELDS + text.len(),
-            SeatChange::Leader { replica, .. } => FIELDS + replica.len(),
+            SeatChange::Leader { replica, .. } => FIELDS + 24 + replica.len(),
             SeatChange::Unknown => FIELDS,
         }
     }
@@ -272,6 +277,7 @@ mod tests {
                 SeatChange::Leader {
                     replica: "b2".into(),
                     term: 7,
+                    context: Some(crate::Context::Development),
                 },
                 SeatChange::Allotment {
                     slave: "s".into(),
@@ -329,6 +335,7 @@ mod tests {
             SeatChange::Leader {
                 replica: "b1".into(),
                 term: 9,
+                context: Some(crate::Context::Production),
             },
             SeatChange::Allotment {
                 slave: "site-1".into(),

@@ -69,13 +69,53 @@ pub enum Context {
     Development,
 }
 
-impl fmt::Display for Context {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Context {
+    pub const ALL: [Context; 3] = [Context::Production, Context::Backup, Context::Development];
+
+    pub fn token(self) -> &'static str {
+        match self {
             Context::Production => "production",
             Context::Backup => "backup",
             Context::Development => "development",
-        })
+        }
+    }
+
+    /// Whether what a master of this context serves may not be used in production: only a
+    /// development license (granted not for resale or commercial use).
+    pub fn not_for_production(self) -> bool {
+        self == Context::Development
+    }
+
+    /// The context as every report, status and alert of a master shows it: the name, and
+    /// for development [`NOT_FOR_PRODUCTION`].
+    pub fn describe(self) -> String {
+        if self.not_for_production() {
+            NOT_FOR_PRODUCTION.to_owned()
+        } else {
+            self.token().to_owned()
+        }
+    }
+}
+
+/// How a development master marks what it reports.
+pub const NOT_FOR_PRODUCTION: &str = "development: not for production use";
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.token())
+    }
+}
+
+impl std::str::FromStr for Context {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.token().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                format!("unknown license context {s:?}: use production, backup or development")
+            })
     }
 }
 
@@ -417,6 +457,19 @@ impl License {
 mod tests {
     use super::*;
     use time::macros::date;
+
+    #[test]
+    fn contexts_parse_and_only_development_is_not_for_production() {
+        for c in Context::ALL {
+            assert_eq!(c.token().parse::<Context>(), Ok(c));
+        }
+        assert_eq!("Development".parse::<Context>(), Ok(Context::Development));
+        let err = "staging".parse::<Context>().unwrap_err();
+        assert!(err.contains("production, backup or development"), "{err}");
+        assert_eq!(Context::Development.describe(), NOT_FOR_PRODUCTION);
+        assert_eq!(Context::Backup.describe(), "backup");
+        assert!(!Context::Production.not_for_production());
+    }
 
     fn key(seed: u8) -> VendorKey {
         SigningKey::from_bytes(&[seed; 32])

@@ -65,6 +65,11 @@ pub struct Hello {
     /// here. `None` from a slave that keeps no journal.
     #[serde(default)]
     pub journal: Option<u64>,
+    /// The context the slave runs in: its license's, or for an unlicensed slave the one it
+    /// declares (`--context`, default production). The master refuses a context other than
+    /// its own (`context_mismatch`); a slave that does not say counts as production.
+    #[serde(default)]
+    pub context: Option<crate::Context>,
 }
 
 /// `lmbus.v1.<cluster>.slave.<id>.register`: ask for a seat.
@@ -782,6 +787,12 @@ pub struct LicenseSummary {
     pub customer: String,
     pub context: String,
     pub expires: String,
+    /// The last day of software maintenance (YYYY-MM-DD); empty from an older master.
+    #[serde(default)]
+    pub maintenance_expires: String,
+    /// A development master: nothing it serves is for production use.
+    #[serde(default)]
+    pub not_for_production: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -891,6 +902,7 @@ mod tests {
             request_seq: Some(41),
             pending: vec!["a2".into()],
             journal: Some(12),
+            context: Some(crate::Context::Backup),
         });
         round_trip(&SlaveReport {
             event: SlaveEvent::Restricted {
@@ -1051,8 +1063,10 @@ mod tests {
             license: LicenseSummary {
                 id: Uuid::new_v4(),
                 customer: "x".into(),
-                context: "production".into(),
+                context: "development".into(),
                 expires: "2030-01-01".into(),
+                maintenance_expires: "2029-06-30".into(),
+                not_for_production: true,
             },
             allow_unlicensed_slaves: true,
             total_limit: 5,
@@ -1167,5 +1181,22 @@ mod tests {
                 detail: "d".into()
             }
         );
+    }
+
+    /// A hello from a slave that does not declare a context decodes with none (the master
+    /// counts it as production).
+    #[test]
+    fn an_older_hello_has_no_context() {
+        #[derive(Serialize)]
+        struct OldHello {
+            instance: Uuid,
+            heartbeat_interval_ms: u64,
+        }
+        let bytes = encode(&OldHello {
+            instance: Uuid::new_v4(),
+            heartbeat_interval_ms: 1000,
+        })
+        .unwrap();
+        assert_eq!(decode::<Hello>(&bytes).unwrap().context, None);
     }
 }

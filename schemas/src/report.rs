@@ -51,6 +51,9 @@ pub struct UsageReport {
     /// The master license's context (production, backup, development): a backup master's
     /// report says backup.
     pub context: String,
+    /// A development master's report: its usage is not for production use.
+    #[serde(default)]
+    pub not_for_production: bool,
     pub period_start: String,
     pub period_end: String,
     /// From when seat usage was counted: later than `period_start` when the writing replica
@@ -78,7 +81,8 @@ pub(crate) mod tests {
             written_by: "b1".into(),
             license_id: "6f0c".into(),
             customer: "Acme".into(),
-            context: "production".into(),
+            context: "development".into(),
+            not_for_production: true,
             period_start: "2026-11-26T00:00:00Z".into(),
             period_end: "2026-11-27T00:00:00Z".into(),
             usage_counted_from: "2026-11-26T00:00:00Z".into(),

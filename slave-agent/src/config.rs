@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use lmbus_schemas::{SlaveId, VerifyingKey};
+use lmbus_schemas::{Context, SlaveId, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 /// Default [`SlaveConfig::failover_wait`]: a broker leader failover takes about one lease
@@ -30,6 +30,10 @@ pub struct SlaveConfig {
     pub unlicensed: bool,
     /// The vendor's public key; required when a license is given.
     pub vendor_key: Option<VerifyingKey>,
+    /// The context this slave runs in, told to the master at every hello: it must be the
+    /// master's. `None`: the license's, or production when unlicensed. With a license, a
+    /// context other than the license's is refused at start.
+    pub context: Option<Context>,
     pub heartbeat_interval: Duration,
     /// How long to wait for the master's answer to one request.
     pub request_timeout: Duration,
@@ -113,6 +117,7 @@ impl SlaveConfig {
             license: None,
             unlicensed: false,
             vendor_key: None,
+            context: None,
             heartbeat_interval: Duration::from_secs(1),
             request_timeout: Duration::from_secs(2),
             failover_wait: DEFAULT_FAILOVER_WAIT,

@@ -124,6 +124,14 @@ struct RunArgs {
     /// The vendor's public key file, to verify --license.
     #[arg(help_heading = "License", long, env = "LMBUS_VENDOR_KEY")]
     vendor_key: Option<PathBuf>,
+    /// The context this slave runs in: production, backup or development [default: the
+    /// license's; production when unlicensed].
+    ///
+    /// It must be the master's: a master refuses a slave of another context at hello
+    /// (`context_mismatch`). An unlicensed slave declares it with this flag; a licensed one
+    /// runs in its license's context, and a different --context is refused at start.
+    #[arg(help_heading = "License", long, env = "LMBUS_CONTEXT", value_enum)]
+    context: Option<ContextArg>,
     /// Where the local HTTP API listens [default: 127.0.0.1:7411].
     ///
     /// A loopback address unless --api-allow-remote is given.
@@ -268,6 +276,7 @@ impl RunArgs {
             );
         }
         cfg.unlicensed = self.unlicensed.unwrap_or(false);
+        cfg.context = self.context.map(Into::into);
         if let Some(d) = self.heartbeat_interval {
             if d.is_zero() {
                 bail!("--heartbeat-interval must be greater than zero");
@@ -614,6 +623,25 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("lmbus-slave: error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--context`: one of the three license contexts (a clap value enum, so `--help` and
+/// the config file check list them).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ContextArg {
+    Production,
+    Backup,
+    Development,
+}
+
+impl From<ContextArg> for lmbus_schemas::Context {
+    fn from(c: ContextArg) -> Self {
+        match c {
+            ContextArg::Production => lmbus_schemas::Context::Production,
+            ContextArg::Backup => lmbus_schemas::Context::Backup,
+            ContextArg::Development => lmbus_schemas::Context::Development,
         }
     }
 }

@@ -113,12 +113,59 @@ impl WebClient {
         self.call(path, Some(body.join("&"))).await
     }
 
+    /// POSTs `multipart/form-data`: text fields, and one file field `(name, file name,
+    /// bytes)`, as a browser's upload form sends them.
+    pub async fn post_upload(
+        &mut self,
+        path: &str,
+        fields: &[(&str, &str)],
+        file: Option<(&str, &str, &[u8])>,
+    ) -> Answer {
+        let boundary = "lmbus-test-boundary-7f3a9c";
+        let mut body = Vec::new();
+        for (name, value) in fields {
+            body.extend_from_slice(
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                )
+                .as_bytes(),
+            );
+        }
+        if let Some((name, file_name, bytes)) = file {
+            body.extend_from_slice(
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{file_name}\"\r\nContent-Type: text/plain\r\n\r\n"
+                )
+                .as_bytes(),
+            );
+            body.extend_from_slice(bytes);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        self.send(
+            path,
+            Some((format!("multipart/form-data; boundary={boundary}"), body)),
+        )
+        .await
+    }
+
     /// POSTs a body as it is (oversized or malformed forms).
     pub async fn post_raw(&mut self, path: &str, body: String) -> Answer {
         self.call(path, Some(body)).await
     }
 
     async fn call(&mut self, path: &str, body: Option<String>) -> Answer {
+        let body = body.map(|b| {
+            (
+                "application/x-www-form-urlencoded".to_owned(),
+                b.into_bytes(),
+            )
+        });
+        self.send(path, body).await
+    }
+
+    /// A GET, or a POST of `(content type, body)`.
+    async fn send(&mut self, path: &str, body: Option<(String, Vec<u8>)>) -> Answer {
         let url = format!("{}{path}", self.base);
         let cookie: Vec<String> = self
             .cookies
@@ -135,11 +182,11 @@ impl WebClient {
                 .build()
                 .into();
             let response = match body {
-                Some(body) => agent
+                Some((kind, body)) => agent
                     .post(&url)
                     .header("Cookie", &cookie)
-                    .header("Content-Type", "application/x-www-form-urlencoded")
-                    .send(body),
+                    .header("Content-Type", &kind)
+                    .send(&body[..]),
                 None => agent.get(&url).header("Cookie", &cookie).call(),
             };
             let mut response = response.expect("the dashboard answers");

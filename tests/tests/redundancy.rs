@@ -288,6 +288,7 @@ fn entry(writer: &str, term: u64) -> lmbus_schemas::LedgerEntry {
         changes: vec![lmbus_schemas::SeatChange::Leader {
             replica: writer.into(),
             term,
+            context: None,
         }],
     }
 }

@@ -329,6 +329,8 @@ async fn production_and_backup_reports_side_by_side() {
         .unwrap();
     let mut b1_cfg = f.slave_config("b1").unwrap();
     b1_cfg.cluster = backup_cluster.clone();
+    // An unlicensed slave declares its context; the backup master refuses production's.
+    b1_cfg.context = Some(Context::Backup);
     let b1 = SlaveAgent::start(b1_cfg).await.unwrap();
     assert!(
         p1.register("agent-p-1", "inbound")

@@ -34,6 +34,11 @@ const ACCOUNTS: &[(&str, &str, &str)] = &[("ann", "admin", "pw-ann"), ("vic", "v
 ///   refused (403); ann's reload of a text that is no license is refused by the master
 ///   (409, the page says nothing changed), an empty one is 400; a license of 3 seats is in
 ///   force at once and its `license_reloaded` alert names `web:ann`.
+/// - Upload: the page shows the maintenance end; vic's upload and ann's upload without
+///   its CSRF token are 403, a file that is not UTF-8 text is 400, a url-encoded form or a
+///   field the form does not have is 400, a license with one character changed is refused
+///   by the master (409) and limit 3 stays; a 4-seat license file is in force at once and its
+///   alert names `web:ann`.
 /// - After logout the session no longer opens pages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_roles_csrf_and_bad_input_over_http() {
@@ -317,6 +322,75 @@ async fn pages_roles_csrf_and_bad_input_over_http() {
         page.body
     );
 
+    // Upload: the same reload from a file.
+    assert!(
+        page.body
+            .contains("<dt>Maintenance</dt><dd id=\"license-maintenance\">until 2099-12-31 (")
+            && page.body.contains("id=\"license-file\""),
+        "{}",
+        page.body
+    );
+    let four_path = f.vendor.master(4, &[]).unwrap();
+    let four = std::fs::read(&four_path).unwrap();
+    let upload = |csrf: &str| vec![("csrf", csrf.to_owned())];
+    let send = |client: &mut WebClient, fields: Vec<(&'static str, String)>, file: Option<(&'static str, Vec<u8>)>| {
+        let mut client = client.clone();
+        async move {
+            let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let file = file.as_ref().map(|(name, bytes)| ("license", *name, &bytes[..]));
+            client.post_upload("/licenses/upload", &pairs, file).await
+        }
+    };
+    let refused = send(&mut vic, upload(&vic_csrf), Some(("master.lic", four.clone()))).await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    let refused = send(&mut ann, vec![], Some(("master.lic", four.clone()))).await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(refused.body.contains("CSRF check failed"), "{}", refused.body);
+    let binary = send(&mut ann, upload(&csrf), Some(("photo.jpg", vec![0xff, 0xd8, 0xff, 0x00]))).await;
+    assert_eq!(binary.status, 400, "{}", binary.body);
+    assert!(binary.body.contains("photo.jpg is not a license file"), "{}", binary.body);
+    let stray = send(
+        &mut ann,
+        vec![("csrf", csrf.clone()), ("role", "master".to_owned())],
+        Some(("master.lic", four.clone())),
+    )
+    .await;
+    assert_eq!(stray.status, 400, "{}", stray.body);
+    let not_multipart = ann
+        .post("/licenses/upload", &[("csrf", &csrf), ("license", "x")])
+        .await;
+    assert_eq!(not_multipart.status, 400, "{}", not_multipart.body);
+    let tampered = String::from_utf8(four.clone())
+        .unwrap()
+        .replacen("Test Customer", "Test Custumer", 1);
+    assert_ne!(tampered.as_bytes(), &four[..], "the license names its customer");
+    let refused = send(&mut ann, upload(&csrf), Some(("master.lic", tampered.into_bytes()))).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(
+        ann.get("/licenses").await.body.contains("<dt>Total limit</dt><dd>3</dd>"),
+        "a refused upload changed the license"
+    );
+    let uploaded = send(&mut ann, upload(&csrf), Some(("master-4.lic", four.clone()))).await;
+    assert_eq!(uploaded.status, 200, "{}", uploaded.body);
+    let alert = alerts
+        .wait_for("license_reloaded by upload", |a| {
+            a.kind == AlertKind::LicenseReloaded && a.message.contains("total limit 3 -> 4")
+        })
+        .await
+        .unwrap();
+    assert!(alert.message.contains("web:ann"), "{alert:?}");
+    eventually("the uploaded license is in force", || {
+        let mut ann = ann.clone();
+        async move {
+            ann.get("/licenses")
+                .await
+                .body
+                .contains("<dt>Total limit</dt><dd>4</dd>")
+        }
+    })
+    .await
+    .unwrap();
+
     let logout = ann.post("/logout", &[("csrf", &csrf)]).await;
     assert_eq!(logout.status, 303);
     assert_eq!(ann.get("/").await.status, 303);
@@ -353,5 +427,139 @@ async fn a_dashboard_on_a_public_address_needs_tls_and_a_login() {
     assert!(
         error.contains("--tls-cert and --tls-key go together"),
         "{error}"
+    );
+}
+
+/// Steps: a test CA and a server certificate for 127.0.0.1 (rcgen); `lmbus-monitor web
+/// --listen 0.0.0.0:PORT --tls-cert --tls-key --users` (a public address is served with
+/// both). A client that trusts the CA gets the login page over TLS, and its cookie is marked
+/// Secure; a client that does not trust it fails the handshake; plain HTTP on the port gets
+/// no page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_over_tls_serves_https_with_secure_cookies() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_rustls::rustls;
+
+    let f = Fixture::new().await.unwrap();
+    let _broker = f.broker(2, &[], true).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "lmbus dashboard test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let (cert_path, key_path, users) = (
+        dir.path().join("web.pem"),
+        dir.path().join("web-key.pem"),
+        dir.path().join("users.toml"),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::write(
+        &users,
+        format!(
+            "[[user]]\nname = \"ann\"\nrole = \"admin\"\npassword = \"{}\"\n",
+            lmbus_monitor::web::hash_password("pw-ann").unwrap()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let _web = Proc::spawn(
+        Command::new(bin("lmbus-monitor").unwrap())
+            .args(["--nats", &f.nats.url(), "--cluster", &f.cluster, "web"])
+            .args(["--listen", &format!("0.0.0.0:{port}")])
+            .arg("--tls-cert")
+            .arg(&cert_path)
+            .arg("--tls-key")
+            .arg(&key_path)
+            .arg("--users")
+            .arg(&users)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap();
+
+    let client = |trusted: bool| {
+        let mut roots = rustls::RootCertStore::empty();
+        if trusted {
+            roots.add(ca.der().clone()).unwrap();
+        } else {
+            // Another CA: the server's certificate does not chain to it.
+            let other_key = KeyPair::generate().unwrap();
+            let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+            other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            roots
+                .add(other.self_signed(&other_key).unwrap().der().clone())
+                .unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    };
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let request = b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+
+    // The server may still be starting: retry the connection (bounded).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let answer = loop {
+        let tried = async {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            let mut tls = client(true).connect(name.clone(), tcp).await?;
+            tls.write_all(request).await?;
+            let mut bytes = Vec::new();
+            // A close without close_notify is an error after the whole answer: keep it.
+            let _ = tls.read_to_end(&mut bytes).await;
+            std::io::Result::Ok(String::from_utf8_lossy(&bytes).into_owned())
+        };
+        match tried.await {
+            Ok(answer) if !answer.is_empty() => break answer,
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the dashboard did not answer over TLS within {WAIT:?}: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let cookie = answer
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("the login page sets its cookie: {answer}"));
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    assert!(answer.contains("name=\"password\""), "{answer}");
+
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let untrusted = client(false).connect(name.clone(), tcp).await;
+    assert!(
+        untrusted.is_err(),
+        "a client that does not trust the certificate finished the handshake"
+    );
+
+    let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    plain.write_all(request).await.unwrap();
+    let mut bytes = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), plain.read_to_end(&mut bytes)).await;
+    assert!(
+        !String::from_utf8_lossy(&bytes).contains("HTTP/1.1 200"),
+        "plain HTTP got a page from the TLS port"
     );
 }

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::Router;
-use axum::extract::rejection::FormRejection;
-use axum::extract::{DefaultBodyLimit, Form, Path, Query, State};
+use axum::extract::rejection::{FormRejection, MultipartRejection};
+use axum::extract::{DefaultBodyLimit, Form, Multipart, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -190,6 +190,7 @@ fn router(app: App) -> Router {
         .route("/history.csv", get(history_csv))
         .route("/licenses", get(licenses))
         .route("/licenses/reload", post(reload))
+        .route("/licenses/upload", post(upload))
         .route("/events", get(events))
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
@@ -655,7 +656,9 @@ async fn licenses(State(app): State<App>, headers: HeaderMap) -> Response {
     let live = render::live_licenses(&app.0.snapshot.borrow());
     let reload = if v.role == Role::Admin {
         format!(
-            r#"<h2>Reload the master license</h2><p class="hint">Paste the new signed license file. The master verifies it (signature, dates, role) before anything changes, as <code>lmbus-broker admin reload-license</code>; a limit below current use logs nobody out. Replace the file given to <code>run --license</code> too.</p><form method="post" action="/licenses/reload" class="danger"><input type="hidden" name="csrf" value="{}"><textarea name="license" id="license-text" rows="12" cols="80" required></textarea><br><button type="submit" id="reload">Reload</button></form>"#,
+            r#"<h2>Reload the master license</h2><p class="hint">Paste the new signed license file. The master verifies it (signature, dates, role) before anything changes, as <code>lmbus-broker admin reload-license</code>; a limit below current use logs nobody out. Replace the file given to <code>run --license</code> too.</p><form method="post" action="/licenses/reload" class="danger"><input type="hidden" name="csrf" value="{}"><textarea name="license" id="license-text" rows="12" cols="80" required></textarea><br><button type="submit" id="reload">Reload</button></form><p class="hint">Or upload the file (at most {} KiB):</p><form method="post" action="/licenses/upload" enctype="multipart/form-data" class="danger"><input type="hidden" name="csrf" value="{}"><input type="file" name="license" id="license-file" accept=".lic,.txt,text/plain" required> <button type="submit" id="upload">Upload and reload</button></form>"#,
+            render::esc(&v.csrf),
+            MAX_BODY / 1024,
             render::esc(&v.csrf)
         )
     } else {
@@ -705,23 +708,153 @@ async fn reload(
             "no license text: paste the signed license file; nothing was changed",
         );
     }
-    let request = lmbus_schemas::ReloadRequest {
-        license: form.license,
-        operator: format!("web:{}", v.user),
-        file: "the dashboard's reload form".to_owned(),
+    reload_license(&app, &v, form.license, "the dashboard's reload form".to_owned()).await
+}
+
+/// An admin's license reload from an uploaded file (`multipart/form-data` with the fields
+/// `csrf` and `license`): the same checks as the pasted form, then the same reload.
+async fn upload(
+    State(app): State<App>,
+    headers: HeaderMap,
+    form: Result<Multipart, MultipartRejection>,
+) -> Response {
+    let Some(v) = app.viewer(&headers) else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            None,
+            "your session ended: log in again",
+        );
     };
-    tracing::info!(user = %v.user, "dashboard license reload");
+    let form = match form {
+        Ok(form) => form,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                Some(&v),
+                &format!(
+                    "this is not an upload the dashboard sends ({}); nothing was changed",
+                    rejection.body_text()
+                ),
+            );
+        }
+    };
+    let upload = match read_upload(form).await {
+        Ok(upload) => upload,
+        Err((status, message)) => return error(status, Some(&v), &message),
+    };
+    if !auth::same_token(&v.csrf, &upload.csrf) {
+        return error(
+            StatusCode::FORBIDDEN,
+            Some(&v),
+            "this form was not sent from your dashboard session (CSRF check failed): reload the page and try again; nothing was changed",
+        );
+    }
+    if let Err(refused) = admin_only(&v, "reload the license") {
+        return *refused;
+    }
+    let Some((name, bytes)) = upload.license else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            Some(&v),
+            "no license file in the upload: choose the signed license file; nothing was changed",
+        );
+    };
+    let Ok(text) = String::from_utf8(bytes) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            Some(&v),
+            &format!(
+                "{name} is not a license file (a license is UTF-8 text); nothing was changed"
+            ),
+        );
+    };
+    if text.trim().is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            Some(&v),
+            &format!("{name} is empty; nothing was changed"),
+        );
+    }
+    reload_license(&app, &v, text, format!("{name} (uploaded to the dashboard)")).await
+}
+
+/// The fields of a license upload.
+#[derive(Debug, Default)]
+struct Upload {
+    csrf: String,
+    /// The file's name as the browser sent it, and its bytes.
+    license: Option<(String, Vec<u8>)>,
+}
+
+/// Reads a license upload (bounded by the router's body limit); an unknown field, a second
+/// file or a malformed body is refused with the status and the page's message.
+async fn read_upload(mut form: Multipart) -> Result<Upload, (StatusCode, String)> {
+    let mut upload = Upload::default();
+    let broken = |e: axum::extract::multipart::MultipartError| {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!(
+                "the upload is larger than the {} KiB a dashboard form takes; nothing was changed",
+                MAX_BODY / 1024
+            )
+        } else {
+            format!(
+                "this is not an upload the dashboard sends ({}); nothing was changed",
+                e.body_text()
+            )
+        };
+        (status, message)
+    };
+    while let Some(field) = form.next_field().await.map_err(broken)? {
+        match field.name() {
+            Some("csrf") => upload.csrf = field.text().await.map_err(broken)?,
+            Some("license") if upload.license.is_none() => {
+                // The name is only shown back (escaped) and logged: never a path.
+                let name: String = field
+                    .file_name()
+                    .unwrap_or("the uploaded file")
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(128)
+                    .collect();
+                let bytes = field.bytes().await.map_err(broken)?;
+                upload.license = Some((name, bytes.to_vec()));
+            }
+            other => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "this is not an upload the dashboard sends (field {}); nothing was changed",
+                        other.unwrap_or("without a name")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(upload)
+}
+
+/// Sends `license` (its text; `file` says where it came from) to the master's reload
+/// subject as `web:<user>`: the master verifies it and answers what changed, or why it
+/// refused it (nothing changed).
+async fn reload_license(app: &App, v: &Viewer, license: String, file: String) -> Response {
+    let request = lmbus_schemas::ReloadRequest {
+        license,
+        operator: format!("web:{}", v.user),
+        file,
+    };
+    tracing::info!(user = %v.user, file = %request.file, "dashboard license reload");
     let subject = app.0.subjects.admin_reload();
-    match ask::<_, lmbus_schemas::ReloadReply>(&app, subject, &request).await {
+    match ask::<_, lmbus_schemas::ReloadReply>(app, subject, &request).await {
         Ok(lmbus_schemas::ReloadReply::Reloaded { message }) => {
-            Html(render::done_page(&v, &message, "/licenses")).into_response()
+            Html(render::done_page(v, &message, "/licenses")).into_response()
         }
         Ok(lmbus_schemas::ReloadReply::Error { message }) => error(
             StatusCode::CONFLICT,
-            Some(&v),
+            Some(v),
             &format!("the master refused the license, nothing was changed: {message}"),
         ),
-        Err(e) => error(StatusCode::BAD_GATEWAY, Some(&v), &e),
+        Err(e) => error(StatusCode::BAD_GATEWAY, Some(v), &e),
     }
 }
 

@@ -220,6 +220,19 @@ pub fn days_left(expires: &str, today: Option<time::Date>) -> Option<i64> {
     Some((date - today?).whole_days())
 }
 
+/// The maintenance date with its days left, `ended` once past, or `not reported` by a
+/// master from before it was in the status.
+fn maintenance_text(last_day: &str, today: Option<time::Date>) -> String {
+    if last_day.is_empty() {
+        return "not reported by this master".to_owned();
+    }
+    match days_left(last_day, today) {
+        Some(d) if d < 0 => format!("ended {last_day}"),
+        Some(d) => format!("until {last_day} ({d} days left)"),
+        None => format!("until {last_day}"),
+    }
+}
+
 fn csrf_field(v: &Viewer) -> String {
     format!(
         r#"<input type="hidden" name="csrf" value="{}">"#,
@@ -243,14 +256,16 @@ pub fn live_overview(s: &Snapshot, v: &Viewer) -> String {
     let days = days_left(&st.license.expires, s.today)
         .map(|d| format!(" ({d} days left)"))
         .unwrap_or_default();
+    let maintenance = maintenance_text(&st.license.maintenance_expires, s.today);
     let _ = write!(
         out,
-        r#"<section><h2>License</h2><p>License <code>{}</code> for {}, context {}, expires {}<span id="expiry-days">{}</span>. Unlicensed slaves {}. Admission: {}.</p></section>"#,
+        r#"<section><h2>License</h2><p>License <code>{}</code> for {}, context {}, expires {}<span id="expiry-days">{}</span>; maintenance <span id="maintenance">{}</span>. Unlicensed slaves {}. Admission: {}.</p></section>"#,
         st.license.id,
         esc(&st.license.customer),
-        esc(&st.license.context),
+        esc(lmbus_ops::context_shown(&st.license)),
         esc(&st.license.expires),
         esc(&days),
+        esc(&maintenance),
         if st.allow_unlicensed_slaves {
             "allowed"
         } else {
@@ -762,11 +777,12 @@ pub fn live_licenses(s: &Snapshot) -> String {
         limits.push("none per type".to_owned());
     }
     format!(
-        r#"<dl class="facts" id="license"><dt>License id</dt><dd>{}</dd><dt>Customer</dt><dd>{}</dd><dt>Context</dt><dd>{}</dd><dt>Expires</dt><dd>{}</dd><dt>Days left</dt><dd id="license-days">{days}</dd><dt>Total limit</dt><dd>{}</dd><dt>Limits per type</dt><dd>{}</dd><dt>Signature</dt><dd>verified by the master with the vendor key (it serves no license that does not verify)</dd><dt>Unlicensed slaves</dt><dd>{}</dd></dl>"#,
+        r#"<dl class="facts" id="license"><dt>License id</dt><dd>{}</dd><dt>Customer</dt><dd>{}</dd><dt>Context</dt><dd>{}</dd><dt>Expires</dt><dd>{}</dd><dt>Days left</dt><dd id="license-days">{days}</dd><dt>Maintenance</dt><dd id="license-maintenance">{}</dd><dt>Total limit</dt><dd>{}</dd><dt>Limits per type</dt><dd>{}</dd><dt>Signature</dt><dd>verified by the master with the vendor key (it serves no license that does not verify)</dd><dt>Unlicensed slaves</dt><dd>{}</dd></dl>"#,
         st.license.id,
         esc(&st.license.customer),
-        esc(&st.license.context),
+        esc(lmbus_ops::context_shown(&st.license)),
         esc(&st.license.expires),
+        esc(&maintenance_text(&st.license.maintenance_expires, s.today)),
         st.total_limit,
         limits.join(", "),
         if st.allow_unlicensed_slaves {
@@ -814,5 +830,17 @@ mod tests {
         assert_eq!(days_left("2026-12-08", Some(today)), Some(10));
         assert_eq!(days_left("2026-11-20", Some(today)), Some(-8));
         assert_eq!(days_left("never", Some(today)), None);
+    }
+
+    #[test]
+    fn maintenance_shows_days_left_or_that_it_ended() {
+        let today = Some(time::macros::date!(2026 - 11 - 28));
+        assert_eq!(
+            maintenance_text("2026-12-08", today),
+            "until 2026-12-08 (10 days left)"
+        );
+        assert_eq!(maintenance_text("2026-11-27", today), "ended 2026-11-27");
+        assert_eq!(maintenance_text("2026-11-27", None), "until 2026-11-27");
+        assert_eq!(maintenance_text("", today), "not reported by this master");
     }
 }

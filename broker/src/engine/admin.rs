@@ -43,6 +43,31 @@ impl Engine {
                 };
             }
         };
+        let running = self.cfg.license.context;
+        if license.context != running {
+            // The master's context is the cluster's: switching it under connected slaves
+            // would serve them from a license of a context they do not match, and mix two
+            // contexts in one ledger.
+            let who = if request.operator.is_empty() {
+                "an operator"
+            } else {
+                request.operator.as_str()
+            };
+            let message = format!(
+                "license {} in {file} is for context '{}' but this master runs in '{running}': a master keeps its context (its slaves and its ledger are {running}); start a separate {} cluster for it. The current license stays in force",
+                license.id, license.context, license.context
+            );
+            let alert = self.alert(
+                Severity::Warning,
+                AlertKind::LicenseRefused,
+                format!("{who} tried to reload the master license: {message}"),
+            );
+            return Output {
+                reply: Some(Answer::Reload(ReloadReply::Error { message })),
+                effects: vec![Effect::Alert(alert)],
+                changes: Vec::new(),
+            };
+        }
         if license == self.cfg.license {
             // The same license again: nothing to record, nobody to alert.
             return Output {

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use lmbus_schemas::{
-    AgentClaim, AlertKind, Hello, RejectReason, RejectedAgent, Reply, Role, SeatChange, Severity,
-    SlaveId, Welcome, verify_license,
+    AgentClaim, AlertKind, Context, Hello, RejectReason, RejectedAgent, Reply, Role, SeatChange,
+    Severity, SlaveId, Welcome, verify_license,
 };
 use time::Date;
 
@@ -41,30 +41,41 @@ impl Engine {
         hello: &Hello,
         today: Date,
     ) -> Result<Option<SlaveLicense>, (RejectReason, String)> {
-        let unlicensed = || {
-            if self.cfg.allow_unlicensed_slaves {
-                Ok(None)
-            } else {
-                Err((
-                    RejectReason::UnlicensedNotAllowed,
-                    "the slave has no slave license and this master does not allow unlicensed slaves (start the broker with --allow-unlicensed-slaves)".to_owned(),
-                ))
-            }
-        };
+        let master = self.cfg.license.context;
         let Some(text) = &hello.license else {
-            return unlicensed();
+            // An unlicensed slave runs in the context it declares (a slave that does not
+            // say is taken as production, what `--context` defaults to).
+            let declared = hello.context.unwrap_or(Context::Production);
+            if declared != master {
+                return Err((
+                    RejectReason::ContextMismatch,
+                    format!(
+                        "the unlicensed slave declares context '{declared}' but this master's license is for '{master}': start the slave with --context {master}, or point it at a {declared} master"
+                    ),
+                ));
+            }
+            return self.unlicensed_allowed();
         };
         let license = verify_license(text, "presented by the slave", &self.cfg.vendor_key)
             .map_err(|e| (RejectReason::LicenseInvalid, e.to_string()))?;
         license
             .check_dates(today, "presented by the slave")
             .map_err(|e| (RejectReason::LicenseInvalid, e.to_string()))?;
-        if license.context != self.cfg.license.context {
+        if license.context != master {
             return Err((
                 RejectReason::ContextMismatch,
                 format!(
-                    "slave license {} is for context '{}' but this master's is '{}'",
-                    license.id, license.context, self.cfg.license.context
+                    "slave license {} is for context '{}' but this master's is '{master}': a {master} master serves only {master} slave licenses",
+                    license.id, license.context
+                ),
+            ));
+        }
+        if let Some(declared) = hello.context.filter(|c| *c != license.context) {
+            return Err((
+                RejectReason::ContextMismatch,
+                format!(
+                    "the slave declares context '{declared}' but its license {} is for '{}'",
+                    license.id, license.context
                 ),
             ));
         }
@@ -75,7 +86,7 @@ impl Engine {
             })),
             // A standalone license carries neither flag: such an installation may only
             // join as an unlicensed slave.
-            Role::None => unlicensed(),
+            Role::None => self.unlicensed_allowed(),
             Role::Master => Err((
                 RejectReason::LicenseRole,
                 format!(
@@ -83,6 +94,18 @@ impl Engine {
                     license.id
                 ),
             )),
+        }
+    }
+
+    /// An unlicensed slave (in the master's context) is admitted only where allowed.
+    fn unlicensed_allowed(&self) -> Result<Option<SlaveLicense>, (RejectReason, String)> {
+        if self.cfg.allow_unlicensed_slaves {
+            Ok(None)
+        } else {
+            Err((
+                RejectReason::UnlicensedNotAllowed,
+                "the slave has no slave license and this master does not allow unlicensed slaves (start the broker with --allow-unlicensed-slaves)".to_owned(),
+            ))
         }
     }
 

@@ -494,7 +494,7 @@ impl Engine {
     }
 
     fn alert(&self, severity: Severity, kind: AlertKind, message: impl Into<String>) -> Alert {
-        let mut alert = Alert::new(severity, kind, message);
+        let mut alert = Alert::new(severity, kind, message).in_context(self.cfg.license.context);
         alert.source = self.cfg.broker_id.clone();
         alert
     }

@@ -138,6 +138,12 @@ impl Engine {
                     &self.cfg.vendor_key,
                 )
                 .map_err(|e| ReplayError::License(e.to_string()))?;
+                if license.context != self.cfg.license.context {
+                    return Err(ReplayError::Context {
+                        ledger: license.context,
+                        mine: self.cfg.license.context,
+                    });
+                }
                 self.cfg.license = license;
                 self.license_text = Some(text.clone());
             }
@@ -180,6 +186,15 @@ impl Engine {
             }
             SeatChange::Forget { slave } => {
                 self.remove_slave(&slave_id(slave)?);
+            }
+            SeatChange::Leader {
+                context: Some(context),
+                ..
+            } if *context != self.cfg.license.context => {
+                return Err(ReplayError::Context {
+                    ledger: *context,
+                    mine: self.cfg.license.context,
+                });
             }
             SeatChange::Leader { .. } => {}
             SeatChange::Unknown => {
@@ -293,6 +308,14 @@ pub enum ReplayError {
     BadSlaveId(String),
     #[error("the master license in the ledger does not verify: {0}")]
     License(String),
+    /// The ledger is another context's: one cluster name serves one context.
+    #[error(
+        "this cluster's ledger is in context '{ledger}' but this replica's master license is for '{mine}': a cluster runs one context; start this replica with the cluster's {ledger} license, or give it another --cluster"
+    )]
+    Context {
+        ledger: lmbus_schemas::Context,
+        mine: lmbus_schemas::Context,
+    },
     #[error(
         "a ledger record this build does not know (written by a newer broker): upgrade this replica"
     )]

@@ -46,6 +46,8 @@ impl Engine {
                 customer: license.customer.clone(),
                 context: license.context.to_string(),
                 expires: license.expires.to_string(),
+                maintenance_expires: license.maintenance_expires.to_string(),
+                not_for_production: license.context.not_for_production(),
             },
             allow_unlicensed_slaves: self.cfg.allow_unlicensed_slaves,
             total_limit: self.total_limit(),

@@ -55,7 +55,7 @@ use crate::snapshot::Snapshots;
 use self::clock::today_utc;
 use self::leader::Led;
 use self::outbound::Io;
-use self::replica::{ApplyError, Replica, restore};
+use self::replica::{ApplyError, Replica, RestoreError, restore};
 use self::snapshotter::Snapshotter;
 use self::standby::{FollowError, Followed, follow};
 
@@ -71,6 +71,27 @@ const FOLLOW_RETRY_CAP: Duration = Duration::from_secs(5);
 
 /// Messages the NATS client buffers per subscription before it drops (async-nats: 65,536).
 const SUBSCRIPTION_CAPACITY: usize = 256 * 1024;
+
+/// This replica stops because it cannot apply its cluster's ledger: said in a critical
+/// alert before `run` returns the error. `context` when the ledger is another context's
+/// (a replica started with a license of another context than the cluster's).
+async fn refuse_ledger(io: &Io, cfg: &BrokerConfig, context: bool, error: String) {
+    let (kind, what) = if context {
+        (
+            AlertKind::LicenseRefused,
+            "refuses to join the cluster's ledger",
+        )
+    } else {
+        (AlertKind::BadMessage, "cannot apply the cluster's ledger")
+    };
+    error!(%error, "{what}");
+    io.alert(Alert::new(
+        Severity::Critical,
+        kind,
+        format!("broker {} {what} and stops: {error}", cfg.broker_id),
+    ))
+    .await;
+}
 
 /// Runs one broker replica until `shutdown` completes. Fails before serving anything if
 /// the license, the configuration, NATS or JetStream is not usable.
@@ -150,6 +171,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         client: client.clone(),
         subjects: subjects.clone(),
         broker_id: cfg.broker_id.clone(),
+        context: license.context,
         metrics: metrics.clone(),
         tasks: TaskTracker::new(),
         news,
@@ -158,11 +180,12 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         Severity::Info,
         AlertKind::BrokerStarted,
         format!(
-            "broker {} started as a replica of cluster {} (priority {}) with license {} ({}{}); ledger {}",
+            "broker {} started as a replica of cluster {} (priority {}) with license {} ({}, {}{}); ledger {}",
             cfg.broker_id,
             cfg.cluster,
             cfg.priority,
             license.id,
+            license.context.describe(),
             plural(u64::from(license.limits.total.unwrap_or(0)), "seat", "seats"),
             if cfg.allow_unlicensed_slaves {
                 ", unlicensed slaves allowed"
@@ -220,12 +243,29 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         stop.clone(),
     ));
     let usage = Usage::new(cfg.report.at_minute);
-    let mut replica = restore(&engine_cfg, applied.clone(), metrics.clone(), &snapshots, usage.clone())
-        .await
-        .unwrap_or_else(|e| {
+    // A snapshot of another context's ledger: this replica stops (through the shutdown
+    // below, so its side tasks end and its alert leaves) before following anything.
+    let mut refused: Option<RestoreError> = None;
+    let mut replica = match restore(
+        &engine_cfg,
+        applied.clone(),
+        metrics.clone(),
+        &snapshots,
+        usage.clone(),
+    )
+    .await
+    {
+        Ok(replica) => replica,
+        Err(e @ RestoreError::Refused { .. }) => {
+            refuse_ledger(&io, &cfg, true, e.to_string()).await;
+            refused = Some(e);
+            Replica::new(&engine_cfg, applied.clone(), metrics.clone(), usage)
+        }
+        Err(e) => {
             warn!(error = %format!("{e:#}"), "cannot load the latest snapshot: replaying the ledger from its first record");
             Replica::new(&engine_cfg, applied.clone(), metrics.clone(), usage)
-        });
+        }
+    };
     let mut snapshotter = Snapshotter {
         snapshots: snapshots.clone(),
         ledger: ledger.clone(),
@@ -243,6 +283,9 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     // consumer every few seconds, not five a second (each lives 30 s on the server).
     let mut retry = FOLLOW_RETRY;
     let result = loop {
+        if let Some(e) = refused.take() {
+            break Err(e.into());
+        }
         let lease = match follow(&mut replica, &ledger, &mut election.role, &mut shutdown).await {
             Ok(Followed::Shutdown) => break Ok(()),
             Ok(Followed::Elected { lease }) => lease,
@@ -287,6 +330,10 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                         last_gap = found.filter(|f| restored.applied + 1 < *f);
                         replica = restored;
                     }
+                    Err(e @ RestoreError::Refused { .. }) => {
+                        refuse_ledger(&io, &cfg, true, e.to_string()).await;
+                        break Err(e.into());
+                    }
                     Err(e) => {
                         last_gap = None;
                         warn!(error = %format!("{e:#}"), "cannot load the latest snapshot; retrying");
@@ -315,6 +362,10 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                 continue;
             }
             // A record this replica cannot apply: it must not lead on a wrong state.
+            Err(FollowError::Apply(e)) => {
+                refuse_ledger(&io, &cfg, e.is_context_mismatch(), e.to_string()).await;
+                break Err(e.into());
+            }
             Err(e) => break Err(e.into()),
         };
         retry = FOLLOW_RETRY;
@@ -357,12 +408,25 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
                     let usage = replica.usage.clone();
                     // Acknowledged up to here: the ledger holds at least this much.
                     election.stand_aside(replica.applied);
-                    replica = restore(&engine_cfg, applied.clone(), metrics.clone(), &snapshots, usage.clone())
-                        .await
-                        .unwrap_or_else(|e| {
+                    replica = match restore(
+                        &engine_cfg,
+                        applied.clone(),
+                        metrics.clone(),
+                        &snapshots,
+                        usage.clone(),
+                    )
+                    .await
+                    {
+                        Ok(replica) => replica,
+                        Err(e @ RestoreError::Refused { .. }) => {
+                            refuse_ledger(&io, &cfg, true, e.to_string()).await;
+                            break Err(e.into());
+                        }
+                        Err(e) => {
                             warn!(error = %format!("{e:#}"), "cannot load the latest snapshot: replaying the ledger from its first record");
                             Replica::new(&engine_cfg, applied.clone(), metrics.clone(), usage)
-                        });
+                        }
+                    };
                 }
             }
             Err(e) => break Err(e),

@@ -21,6 +21,10 @@ pub(super) struct Io {
     pub(super) client: Client,
     pub(super) subjects: Subjects,
     pub(super) broker_id: String,
+    /// The context of the license this replica started with, stamped on every alert it
+    /// publishes: a replica never changes context (a reload or a ledger of another is
+    /// refused).
+    pub(super) context: lmbus_schemas::Context,
     pub(super) metrics: Arc<Metrics>,
     /// Every task spawned beside the loop (the side tasks, reports, delayed `no_leader`
     /// answers), so that a shutdown can wait for what they are sending.
@@ -91,6 +95,9 @@ impl Io {
         alert.time_ms = unix_ms();
         if alert.source.is_empty() {
             alert.source = self.broker_id.clone();
+        }
+        if alert.context.is_empty() {
+            alert = alert.in_context(self.context);
         }
         // No slave field at all when the alert is about none (not `slave=None`).
         let slave = alert.slave.as_deref().map(display);

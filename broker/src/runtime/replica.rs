@@ -87,7 +87,7 @@ impl Replica {
         LicenseFacts {
             id: license.id.to_string(),
             customer: license.customer.clone(),
-            context: license.context.to_string(),
+            context: license.context,
             total: license.limits.total,
             types: license.limits.agent_types.clone(),
         }
@@ -108,7 +108,7 @@ impl Replica {
         // written by the replica the ledger follows (fencing stops a deposed leader), so it
         // is quarantined like garbage.
         let marker = match record.entry.changes.first() {
-            Some(SeatChange::Leader { replica, term }) => Some((replica.clone(), *term)),
+            Some(SeatChange::Leader { replica, term, .. }) => Some((replica.clone(), *term)),
             _ => None,
         };
         let foreign = match (&marker, &self.leader) {
@@ -150,6 +150,20 @@ impl Replica {
     }
 }
 
+impl ApplyError {
+    /// The record is another context's (a `Leader` or `License` record): this replica's
+    /// license is not the cluster's context.
+    pub(super) fn is_context_mismatch(&self) -> bool {
+        matches!(
+            self,
+            ApplyError::Unappliable {
+                detail: ReplayError::Context { .. },
+                ..
+            }
+        )
+    }
+}
+
 /// Why a ledger record was not applied.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum ApplyError {
@@ -165,6 +179,18 @@ pub(super) enum ApplyError {
     },
 }
 
+/// Why the latest snapshot was not loaded.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RestoreError {
+    /// The snapshot is another context's ledger state: this replica must not join it
+    /// (neither from the snapshot nor by replaying the ledger).
+    #[error("the latest snapshot (ledger sequence {sequence}) cannot be applied: {detail}")]
+    Refused { sequence: u64, detail: ReplayError },
+    /// It could not be read or applied: replaying the ledger from its first record may do.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
 /// A replica built from the latest snapshot (or empty when there is none), ready to follow
 /// the ledger from the record after it.
 pub(super) async fn restore(
@@ -173,7 +199,7 @@ pub(super) async fn restore(
     metrics: Arc<Metrics>,
     snapshots: &Snapshots,
     usage: Usage,
-) -> anyhow::Result<Replica> {
+) -> Result<Replica, RestoreError> {
     let started = Instant::now();
     let mut replica = Replica::new(cfg, shared, metrics, usage);
     let Some(loaded) = snapshots.load_latest().await? else {
@@ -182,10 +208,15 @@ pub(super) async fn restore(
     let now = now();
     for change in &loaded.changes {
         replica.engine.apply(now, change).map_err(|e| {
-            anyhow!(
-                "the snapshot at ledger sequence {} cannot be applied: {e}",
-                loaded.manifest.ledger_sequence
-            )
+            let sequence = loaded.manifest.ledger_sequence;
+            match e {
+                ReplayError::Context { .. } => RestoreError::Refused {
+                    sequence,
+                    detail: e,
+                },
+                e => anyhow!("the snapshot at ledger sequence {sequence} cannot be applied: {e}")
+                    .into(),
+            }
         })?;
     }
     replica.set_applied(loaded.manifest.ledger_sequence);

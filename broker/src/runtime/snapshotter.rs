@@ -42,6 +42,7 @@ impl Snapshotter {
         let mut changes = vec![SeatChange::Leader {
             replica: self.writer.clone(),
             term,
+            context: Some(replica.engine.config().license.context),
         }];
         changes.extend(replica.engine.snapshot(snapshot::AGENTS_PER_CHANGE));
         let copied = copied.elapsed();

@@ -26,6 +26,20 @@ const MARKER_TRIES: u32 = 100;
 /// Pause between a new leader's attempts to read a ledger that is not reachable yet.
 const CATCH_UP_RETRY: Duration = Duration::from_millis(100);
 
+/// Why a new leader did not catch up with the ledger.
+enum NotCaughtUp {
+    /// The term ended first (shutdown, the lease lost, a gap to rebuild from).
+    Ended(Led),
+    /// A record this replica cannot apply (another context's ledger, say): it stops.
+    Refused(ApplyError),
+}
+
+impl From<Led> for NotCaughtUp {
+    fn from(led: Led) -> Self {
+        NotCaughtUp::Ended(led)
+    }
+}
+
 impl Term<'_> {
     /// Catches up, fences the ledger with a `Leader` record, then serves slaves until the
     /// lease is lost, a ledger write fails or `shutdown` completes. `not_ready` is cleared
@@ -38,7 +52,12 @@ impl Term<'_> {
         let started = Instant::now();
         let caught_up = match self.catch_up(shutdown).await {
             Ok(last) => last,
-            Err(end) => return Ok(end),
+            Err(NotCaughtUp::Ended(end)) => return Ok(end),
+            Err(NotCaughtUp::Refused(e)) => {
+                super::refuse_ledger(self.io, self.cfg, e.is_context_mismatch(), e.to_string())
+                    .await;
+                return Err(e.into());
+            }
         };
         if let Some(end) = self.write_marker(shutdown).await {
             return Ok(end);
@@ -55,11 +74,12 @@ impl Term<'_> {
         Ok(leader.serve(shutdown, not_ready).await)
     }
 
-    /// Reads the ledger to its end. `Err`: the term ended first.
+    /// Reads the ledger to its end. `Err`: the term ended first, or the ledger holds a
+    /// record this replica cannot apply.
     async fn catch_up<S: Future<Output = ()> + Unpin>(
         &mut self,
         shutdown: &mut S,
-    ) -> Result<u64, Led> {
+    ) -> Result<u64, NotCaughtUp> {
         let started = Instant::now();
         // While the ledger's stream elects its own leader (a NATS node died), reads time
         // out: keep the lease and retry rather than resign and run a new election each
@@ -71,7 +91,7 @@ impl Term<'_> {
         let mut news = crate::jetstream::fresh(&self.io.news);
         let caught_up = loop {
             let error = tokio::select! {
-                _ = &mut *shutdown => return Err(Led::Shutdown),
+                _ = &mut *shutdown => return Err(Led::Shutdown.into()),
                 _ = crate::jetstream::next_news(&mut news) => continue,
                 read = catch_up(self.replica, self.ledger) => match read {
                     Ok(last) => break last,
@@ -79,7 +99,12 @@ impl Term<'_> {
                         return Err(Led::SteppedDown {
                             reason: format!("cannot catch up with the ledger: {e}"),
                             rebuild: true,
-                        });
+                        }
+                        .into());
+                    }
+                    // Retrying would hold the lease forever on a record that never applies.
+                    Err(CatchUpError::Apply(e @ ApplyError::Unappliable { .. })) => {
+                        return Err(NotCaughtUp::Refused(e));
                     }
                     Err(e) => e,
                 },
@@ -96,13 +121,14 @@ impl Term<'_> {
                         "the lease was lost while catching up with the ledger: {error:#}"
                     ),
                     rebuild: false,
-                });
+                }
+                .into());
             }
             if failures == 1 {
                 warn!(error = %format!("{error:#}"), lease = self.lease, "cannot catch up with the ledger yet; retrying while the lease holds");
             }
             tokio::select! {
-                _ = &mut *shutdown => return Err(Led::Shutdown),
+                _ = &mut *shutdown => return Err(Led::Shutdown.into()),
                 _ = tokio::time::sleep(CATCH_UP_RETRY) => {}
             }
         };
@@ -130,6 +156,7 @@ impl Term<'_> {
             changes: vec![SeatChange::Leader {
                 replica: cfg.broker_id.clone(),
                 term: self.number,
+                context: Some(self.replica.engine.config().license.context),
             }],
         };
         // Right after the whole NATS cluster restarted, the ledger stream may be readable

@@ -135,6 +135,7 @@ impl Inner {
             request_seq: Some(request_seq),
             pending,
             journal: Some(journal),
+            context: Some(self.context()),
         };
         let answer = self.ask(link, SlaveOp::Hello, &hello).await;
         if !matches!(

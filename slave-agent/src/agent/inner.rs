@@ -6,7 +6,7 @@
 use lmbus_schemas::human::HumanDuration;
 use std::sync::Mutex;
 
-use lmbus_schemas::{License, RejectReason, RejectedAgent, Reply, SlaveOp, SlaveReport};
+use lmbus_schemas::{Context, License, RejectReason, RejectedAgent, Reply, SlaveOp, SlaveReport};
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -48,6 +48,15 @@ pub(super) struct Inner {
 }
 
 impl Inner {
+    /// The context this slave runs in: its license's (checked against `--context` at
+    /// start), or the declared one, production by default.
+    pub(super) fn context(&self) -> Context {
+        match &self.license {
+            Some(license) => license.context,
+            None => self.cfg.context.unwrap_or(Context::Production),
+        }
+    }
+
     pub(super) fn emit(&self, event: AgentEvent) {
         // No subscriber is fine: events are a convenience, the state is the truth.
         let _ = self.events.send(event);

@@ -87,6 +87,12 @@ fn check_license(cfg: &SlaveConfig) -> Result<(Option<License>, Option<License>)
     let license = verify_license(&file.text, &file.name, key)?;
     let today = time::OffsetDateTime::now_utc().date();
     license.check_dates(today, &file.name)?;
+    if let Some(context) = cfg.context.filter(|c| *c != license.context) {
+        return Err(SlaveError::Config(format!(
+            "license {} in {} is for context '{}', not '{context}': drop --context (a licensed slave runs in its license's context) or use a {context} license",
+            license.id, file.name, license.context
+        )));
+    }
     match (license.role, cfg.unlicensed) {
         (Role::Slave, false) => Ok((Some(license.clone()), Some(license))),
         (Role::None, _) => Ok((None, Some(license))),

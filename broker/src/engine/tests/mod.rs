@@ -16,6 +16,7 @@ use super::*;
 
 mod admin;
 mod allot;
+mod contexts;
 mod farewell;
 mod guards;
 mod hello;

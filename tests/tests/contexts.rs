@@ -1,0 +1,370 @@
+//! License contexts end to end: a master serves only slaves of its own context, a
+//! development master marks what it reports as not for production use, a reload of
+//! another context is refused, and a replica of another context refuses to join a
+//! cluster's ledger. Real `nats-server`, in-process brokers and slaves, and the real
+//! `lmbus-broker` and `lmbus-slave` binaries where an operator would use them.
+
+#![allow(clippy::unwrap_used)] // in a test, a panic is the failure report
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use lmbus_schemas::{Alert, AlertKind, Context, Limits, RejectReason, Role, Severity};
+use lmbus_slave::{SlaveAgent, SlaveError};
+use lmbus_tests::*;
+
+/// A license of `role` and `context` written into the vendor's directory.
+fn license_in(
+    f: &Fixture,
+    name: &str,
+    role: Role,
+    context: Context,
+    total: Option<u32>,
+) -> PathBuf {
+    let mut l = Vendor::license(
+        role,
+        Limits {
+            total,
+            ..Limits::default()
+        },
+    );
+    l.context = context;
+    f.vendor.write(name, &l).unwrap()
+}
+
+/// Starts a slave with `cfg` and returns the refusal's detail; any other outcome fails.
+async fn refused(cfg: lmbus_slave::SlaveConfig) -> String {
+    match tokio::time::timeout(WAIT, SlaveAgent::start(cfg)).await {
+        Ok(Err(SlaveError::Refused {
+            reason: RejectReason::ContextMismatch,
+            detail,
+        })) => detail,
+        Ok(Err(e)) => panic!("refused for another reason: {e}"),
+        Ok(Ok(_)) => panic!("a slave of another context was admitted"),
+        Err(_) => panic!("the slave did not start or fail within {WAIT:?}"),
+    }
+}
+
+/// The master's `slave_refused` alert for `slave` (waited for, bounded).
+async fn refusal_alert(alerts: &mut AlertTap, slave: &str) -> Alert {
+    alerts
+        .wait_for(&format!("refusing {slave}"), |a| {
+            a.kind == AlertKind::SlaveRefused && a.slave.as_deref() == Some(slave)
+        })
+        .await
+        .unwrap()
+}
+
+/// Runs `cmd` to its end (bounded by [`WAIT`]) and returns its exit success, stdout and
+/// stderr.
+fn run_bounded(cmd: &mut Command) -> (bool, String, String) {
+    let mut proc = Proc::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped())).unwrap();
+    let status = proc.wait_timeout(WAIT).unwrap();
+    let mut out = String::new();
+    let mut err = String::new();
+    proc.child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    proc.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.success(), out, err)
+}
+
+/// Steps: a development master (4 seats, unlicensed slaves allowed).
+/// 1. Slaves of other contexts are refused at hello with `context_mismatch`, a detail that
+///    names both contexts and a `slave_refused` alert marked development / not for
+///    production: a production slave license, a backup one, an unlicensed slave that
+///    declares nothing (production), and the real `lmbus-slave` daemon run with
+///    `--context backup`, which exits with the reason. A development-licensed slave given
+///    `--context production` is refused at start, before any hello.
+/// 2. A development slave license and an unlicensed slave with `--context development`
+///    are admitted and register.
+/// 3. `admin status` (text and `--json`) and `admin report --json` (the real binary) say
+///    development and not for production use; so does the `slave_connected` alert.
+/// 4. `admin reload-license` with a production master license fails with a clear error,
+///    raises a `license_refused` alert, and the development license stays in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_development_master_serves_only_development_and_says_so() {
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let dev_master = license_in(
+        &f,
+        "dev-master.lic",
+        Role::Master,
+        Context::Development,
+        Some(4),
+    );
+    let broker = Broker::start(broker_config(
+        &f.nats, &f.cluster, dev_master, &f.vendor, true,
+    ))
+    .await
+    .unwrap();
+
+    // 1. Other contexts, refused at hello.
+    for (slave, context) in [
+        ("prod-site", Context::Production),
+        ("dr-site", Context::Backup),
+    ] {
+        let lic = license_in(&f, &format!("{slave}.lic"), Role::Slave, context, None);
+        let detail = refused(f.licensed_slave_config(slave, &lic).unwrap()).await;
+        assert!(
+            detail.contains(&format!("is for context '{context}'"))
+                && detail.contains("this master's is 'development'"),
+            "{detail}"
+        );
+        let alert = refusal_alert(&mut alerts, slave).await;
+        assert_eq!(alert.reason, Some(RejectReason::ContextMismatch));
+        assert_eq!(alert.context, "development");
+        assert!(alert.not_for_production, "{alert:?}");
+        assert!(alert.message.contains(&detail), "{}", alert.message);
+    }
+    let detail = refused(f.slave_config("plain-site").unwrap()).await;
+    assert!(
+        detail.contains("declares context 'production'")
+            && detail.contains("--context development"),
+        "{detail}"
+    );
+    let alert = refusal_alert(&mut alerts, "plain-site").await;
+    assert_eq!(alert.reason, Some(RejectReason::ContextMismatch));
+    let api = format!("127.0.0.1:{}", free_port());
+    let (ok, _, stderr) = tokio::task::block_in_place(|| {
+        run_bounded(
+            Command::new(bin("lmbus-slave").unwrap())
+                .args(["run", "--nats", &f.nats.url(), "--cluster", &f.cluster])
+                .args(["--id", "daemon-site", "--api", &api, "--context", "backup"]),
+        )
+    });
+    assert!(!ok, "the daemon of another context kept running: {stderr}");
+    assert!(
+        stderr.contains("context_mismatch") || stderr.contains("declares context 'backup'"),
+        "{stderr}"
+    );
+    refusal_alert(&mut alerts, "daemon-site").await;
+
+    // A licensed slave runs in its license's context: another --context is refused at
+    // start, before any hello.
+    let dev_slave = license_in(&f, "dev-slave.lic", Role::Slave, Context::Development, None);
+    let mut cfg = f.licensed_slave_config("odd-site", &dev_slave).unwrap();
+    cfg.context = Some(Context::Production);
+    match tokio::time::timeout(WAIT, SlaveAgent::start(cfg)).await {
+        Ok(Err(SlaveError::Config(m))) => assert!(
+            m.contains("is for context 'development', not 'production'")
+                && m.contains("drop --context"),
+            "{m}"
+        ),
+        Ok(Err(e)) => panic!("refused for another reason: {e}"),
+        Ok(Ok(_)) => panic!("a slave started with a --context its license does not have"),
+        Err(_) => panic!("the slave did not start or fail within {WAIT:?}"),
+    }
+
+    // 2. The master's own context, admitted.
+    let licensed = SlaveAgent::start(f.licensed_slave_config("dev-site", &dev_slave).unwrap())
+        .await
+        .unwrap();
+    let mut cfg = f.slave_config("lab-site").unwrap();
+    cfg.context = Some(Context::Development);
+    let unlicensed = SlaveAgent::start(cfg).await.unwrap();
+    assert!(
+        licensed
+            .register("a1", "inbound")
+            .await
+            .unwrap()
+            .is_approved()
+    );
+    assert!(
+        unlicensed
+            .register("a2", "inbound")
+            .await
+            .unwrap()
+            .is_approved()
+    );
+    f.wait_in_use(2).await.unwrap();
+    let connected = alerts
+        .wait_for("lab-site connected", |a| {
+            a.kind == AlertKind::SlaveConnected && a.slave.as_deref() == Some("lab-site")
+        })
+        .await
+        .unwrap();
+    assert!(connected.not_for_production && connected.context == "development");
+
+    // 3. Status and report, through the real binary.
+    let admin = |args: &[&str]| {
+        let mut cmd = Command::new(bin("lmbus-broker").unwrap());
+        cmd.arg("admin")
+            .args(args)
+            .args(["--nats", &f.nats.url(), "--cluster", &f.cluster]);
+        cmd
+    };
+    let json: serde_json::Value = serde_json::from_str(
+        &tokio::task::block_in_place(|| stdout_of(&mut admin(&["status", "--json"]))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["license"]["context"], "development", "{json}");
+    assert_eq!(json["license"]["not_for_production"], true, "{json}");
+    let text = tokio::task::block_in_place(|| stdout_of(&mut admin(&["status"]))).unwrap();
+    assert!(
+        text.contains("development: not for production use"),
+        "{text}"
+    );
+    let report: serde_json::Value = serde_json::from_str(
+        &tokio::task::block_in_place(|| stdout_of(&mut admin(&["report", "--json"]))).unwrap(),
+    )
+    .unwrap();
+    eprintln!("seen: admin report --json: {report}");
+    assert_eq!(report["context"], "development", "{report}");
+    assert_eq!(report["not_for_production"], true, "{report}");
+
+    // 4. A reload of another context, refused; the license in force stays.
+    let prod_master = license_in(
+        &f,
+        "prod-master.lic",
+        Role::Master,
+        Context::Production,
+        Some(9),
+    );
+    let (ok, _, stderr) = tokio::task::block_in_place(|| {
+        run_bounded(
+            admin(&["reload-license"])
+                .arg(&prod_master)
+                .args(["--operator", "test-ops"]),
+        )
+    });
+    assert!(
+        !ok,
+        "a production license was reloaded on a development master"
+    );
+    assert!(
+        stderr.contains("is for context 'production'")
+            && stderr.contains("this master runs in 'development'")
+            && stderr.contains("prod-master.lic"),
+        "{stderr}"
+    );
+    let alert = alerts
+        .wait_for("license_refused", |a| a.kind == AlertKind::LicenseRefused)
+        .await
+        .unwrap();
+    assert_eq!(alert.severity, Severity::Warning);
+    assert!(alert.message.contains("test-ops"), "{}", alert.message);
+    let st = f.status().await.unwrap();
+    assert_eq!(
+        (st.license.context.as_str(), st.total_limit, st.total_in_use),
+        ("development", 4, 2)
+    );
+
+    licensed.shutdown().await;
+    unlicensed.shutdown().await;
+    broker.stop().await.unwrap();
+}
+
+/// Starts a replica of `f`'s cluster with a development master license as `id` and returns
+/// the error `run` ends with (bounded); panics if it joins or keeps running.
+async fn dev_replica_error(f: &Fixture, id: &str) -> String {
+    let dev_master = license_in(
+        f,
+        &format!("{id}.lic"),
+        Role::Master,
+        Context::Development,
+        Some(5),
+    );
+    let mut cfg = broker_config(&f.nats, &f.cluster, dev_master, &f.vendor, true);
+    cfg.broker_id = id.into();
+    cfg.priority = 2;
+    let ended = tokio::time::timeout(WAIT, lmbus_broker::run(cfg, std::future::pending::<()>()))
+        .await
+        .expect("the replica of another context kept running");
+    format!(
+        "{:#}",
+        ended.expect_err("the replica of another context joined")
+    )
+}
+
+/// Steps: a production master leads cluster C (a snapshot every 2 records) and has
+/// written its `Leader` record (its context) in C's ledger.
+/// 1. A replica started on C with a development master license, before any snapshot,
+///    meets the context in the ledger and refuses to join: `run` returns an error naming
+///    both contexts (bounded), and a critical `license_refused` alert from that replica
+///    goes out.
+/// 2. The production master keeps serving: a slave registers 3 agents, and a snapshot is
+///    written.
+/// 3. Another development replica meets the context in the latest snapshot and refuses
+///    the same way, with its own alert; the production master still serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_of_another_context_refuses_to_join_the_ledger() {
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let mut prod = f.broker_settings(5, &[], true).unwrap();
+    prod.snapshot_every = 2;
+    let broker = Broker::start(prod).await.unwrap();
+
+    // 1. From the ledger.
+    let error = dev_replica_error(&f, "dev-replica").await;
+    assert!(
+        error.contains("ledger is in context 'production'")
+            && error.contains("license is for 'development'")
+            && !error.contains("snapshot"),
+        "{error}"
+    );
+    let alert = alerts
+        .wait_for("license_refused from dev-replica", |a| {
+            a.kind == AlertKind::LicenseRefused && a.source == "dev-replica"
+        })
+        .await
+        .unwrap();
+    assert_eq!(alert.severity, Severity::Critical);
+    assert!(
+        alert.message.contains("refuses to join"),
+        "{}",
+        alert.message
+    );
+    assert_eq!(alert.context, "development");
+
+    // 2. Production serves and writes a snapshot.
+    let slave = SlaveAgent::start(f.slave_config("site1").unwrap())
+        .await
+        .unwrap();
+    for a in ["a1", "a2", "a3"] {
+        assert!(slave.register(a, "inbound").await.unwrap().is_approved());
+    }
+    let subjects = lmbus_schemas::Subjects::new(&f.cluster).unwrap();
+    let snapshots = lmbus_broker::snapshot::Snapshots::open(&f.client, &subjects, 1)
+        .await
+        .unwrap();
+    eventually("a snapshot is written", || async {
+        snapshots.latest().await.ok().flatten().is_some()
+    })
+    .await
+    .unwrap();
+
+    // 3. From the snapshot.
+    let error = dev_replica_error(&f, "dev-replica-2").await;
+    assert!(
+        error.contains("latest snapshot") && error.contains("ledger is in context 'production'"),
+        "{error}"
+    );
+    alerts
+        .wait_for("license_refused from dev-replica-2", |a| {
+            a.kind == AlertKind::LicenseRefused && a.source == "dev-replica-2"
+        })
+        .await
+        .unwrap();
+    assert!(slave.register("a4", "inbound").await.unwrap().is_approved());
+    let st = f.status().await.unwrap();
+    assert_eq!(
+        (st.license.context.as_str(), st.total_in_use),
+        ("production", 4)
+    );
+    slave.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(10), broker.stop())
+        .await
+        .unwrap()
+        .unwrap();
+}
