@@ -311,8 +311,7 @@ impl Metrics {
              # HELP lmbus_license_maintenance_expiry_timestamp_seconds When the master license's software maintenance ends (00:00 UTC after its last day), as a Unix time.\n\
              # TYPE lmbus_license_maintenance_expiry_timestamp_seconds gauge\n\
              lmbus_license_maintenance_expiry_timestamp_seconds {}",
-            license.expiry_timestamp_seconds,
-            license.maintenance_expiry_timestamp_seconds
+            license.expiry_timestamp_seconds, license.maintenance_expiry_timestamp_seconds
         );
         if !license.id.is_empty() {
             let _ = writeln!(

@@ -333,22 +333,44 @@ async fn pages_roles_csrf_and_bad_input_over_http() {
     let four_path = f.vendor.master(4, &[]).unwrap();
     let four = std::fs::read(&four_path).unwrap();
     let upload = |csrf: &str| vec![("csrf", csrf.to_owned())];
-    let send = |client: &mut WebClient, fields: Vec<(&'static str, String)>, file: Option<(&'static str, Vec<u8>)>| {
+    let send = |client: &mut WebClient,
+                fields: Vec<(&'static str, String)>,
+                file: Option<(&'static str, Vec<u8>)>| {
         let mut client = client.clone();
         async move {
             let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let file = file.as_ref().map(|(name, bytes)| ("license", *name, &bytes[..]));
+            let file = file
+                .as_ref()
+                .map(|(name, bytes)| ("license", *name, &bytes[..]));
             client.post_upload("/licenses/upload", &pairs, file).await
         }
     };
-    let refused = send(&mut vic, upload(&vic_csrf), Some(("master.lic", four.clone()))).await;
+    let refused = send(
+        &mut vic,
+        upload(&vic_csrf),
+        Some(("master.lic", four.clone())),
+    )
+    .await;
     assert_eq!(refused.status, 403, "{}", refused.body);
     let refused = send(&mut ann, vec![], Some(("master.lic", four.clone()))).await;
     assert_eq!(refused.status, 403, "{}", refused.body);
-    assert!(refused.body.contains("CSRF check failed"), "{}", refused.body);
-    let binary = send(&mut ann, upload(&csrf), Some(("photo.jpg", vec![0xff, 0xd8, 0xff, 0x00]))).await;
+    assert!(
+        refused.body.contains("CSRF check failed"),
+        "{}",
+        refused.body
+    );
+    let binary = send(
+        &mut ann,
+        upload(&csrf),
+        Some(("photo.jpg", vec![0xff, 0xd8, 0xff, 0x00])),
+    )
+    .await;
     assert_eq!(binary.status, 400, "{}", binary.body);
-    assert!(binary.body.contains("photo.jpg is not a license file"), "{}", binary.body);
+    assert!(
+        binary.body.contains("photo.jpg is not a license file"),
+        "{}",
+        binary.body
+    );
     let stray = send(
         &mut ann,
         vec![("csrf", csrf.clone()), ("role", "master".to_owned())],
@@ -360,17 +382,35 @@ async fn pages_roles_csrf_and_bad_input_over_http() {
         .post("/licenses/upload", &[("csrf", &csrf), ("license", "x")])
         .await;
     assert_eq!(not_multipart.status, 400, "{}", not_multipart.body);
-    let tampered = String::from_utf8(four.clone())
-        .unwrap()
-        .replacen("Test Customer", "Test Custumer", 1);
-    assert_ne!(tampered.as_bytes(), &four[..], "the license names its customer");
-    let refused = send(&mut ann, upload(&csrf), Some(("master.lic", tampered.into_bytes()))).await;
+    let tampered =
+        String::from_utf8(four.clone())
+            .unwrap()
+            .replacen("Test Customer", "Test Custumer", 1);
+    assert_ne!(
+        tampered.as_bytes(),
+        &four[..],
+        "the license names its customer"
+    );
+    let refused = send(
+        &mut ann,
+        upload(&csrf),
+        Some(("master.lic", tampered.into_bytes())),
+    )
+    .await;
     assert_eq!(refused.status, 409, "{}", refused.body);
     assert!(
-        ann.get("/licenses").await.body.contains("<dt>Total limit</dt><dd>3</dd>"),
+        ann.get("/licenses")
+            .await
+            .body
+            .contains("<dt>Total limit</dt><dd>3</dd>"),
         "a refused upload changed the license"
     );
-    let uploaded = send(&mut ann, upload(&csrf), Some(("master-4.lic", four.clone()))).await;
+    let uploaded = send(
+        &mut ann,
+        upload(&csrf),
+        Some(("master-4.lic", four.clone())),
+    )
+    .await;
     assert_eq!(uploaded.status, 200, "{}", uploaded.body);
     let alert = alerts
         .wait_for("license_reloaded by upload", |a| {

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::Router;
-use axum::extract::rejection::{FormRejection, MultipartRejection};
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::rejection::FormRejection;
 use axum::extract::{DefaultBodyLimit, Form, Multipart, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -708,7 +709,13 @@ async fn reload(
             "no license text: paste the signed license file; nothing was changed",
         );
     }
-    reload_license(&app, &v, form.license, "the dashboard's reload form".to_owned()).await
+    reload_license(
+        &app,
+        &v,
+        form.license,
+        "the dashboard's reload form".to_owned(),
+    )
+    .await
 }
 
 /// An admin's license reload from an uploaded file (`multipart/form-data` with the fields
@@ -763,9 +770,7 @@ async fn upload(
         return error(
             StatusCode::BAD_REQUEST,
             Some(&v),
-            &format!(
-                "{name} is not a license file (a license is UTF-8 text); nothing was changed"
-            ),
+            &format!("{name} is not a license file (a license is UTF-8 text); nothing was changed"),
         );
     };
     if text.trim().is_empty() {
@@ -775,7 +780,13 @@ async fn upload(
             &format!("{name} is empty; nothing was changed"),
         );
     }
-    reload_license(&app, &v, text, format!("{name} (uploaded to the dashboard)")).await
+    reload_license(
+        &app,
+        &v,
+        text,
+        format!("{name} (uploaded to the dashboard)"),
+    )
+    .await
 }
 
 /// The fields of a license upload.
