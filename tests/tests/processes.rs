@@ -268,7 +268,7 @@ async fn killed_slave_is_detected_and_restart_releases_stale_seats() {
         .unwrap();
     assert!(!started.contains("slave="), "{started}");
     assert!(
-        started.contains("(10 seats, unlicensed slaves allowed)"),
+        started.contains("(production, 10 seats, unlicensed slaves allowed)"),
         "{started}"
     );
     let lost = log
