@@ -120,6 +120,25 @@ async fn wait_text(
     }
 }
 
+/// Clicks the element `css` selects, finding it again when the page's live part replaced
+/// it between the find and the click (a stale element reference), within [`WAIT`].
+async fn click(c: &Client, css: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let tried = async { c.find(Locator::Css(css)).await?.click().await };
+        match tried.await {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if tokio::time::Instant::now() < deadline
+                    && e.to_string().contains("stale element") =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot click `{css}`")),
+        }
+    }
+}
+
 async fn log_in(c: &Client, base: &str, user: &str, password: &str) -> anyhow::Result<()> {
     c.goto(&format!("{base}/login")).await?;
     c.find(Locator::Id("user")).await?.send_keys(user).await?;
@@ -254,10 +273,7 @@ async fn the_dashboard_in_a_real_browser() {
         assert_eq!(marker, serde_json::json!(42), "the page was reloaded");
         eprintln!("seen: h3's seat appeared on the seats page without a reload");
 
-        c.find(Locator::Css("tr[data-agent=\"h3\"] button.release"))
-            .await?
-            .click()
-            .await?;
+        click(&c, "tr[data-agent=\"h3\"] button.release").await?;
         wait_text(
             &c,
             "#done",
@@ -279,10 +295,7 @@ async fn the_dashboard_in_a_real_browser() {
         eprintln!("seen: the slave daemon logged h3 out after the release from the seats page");
 
         c.goto(&format!("{base}/")).await?;
-        c.find(Locator::Css("header form button"))
-            .await?
-            .click()
-            .await?;
+        click(&c, "header form button").await?;
         wait_text(&c, "#login", |_| true, "back at the login page").await?;
         log_in(&c, &base, "vic", "pw-vic").await?;
         c.goto(&format!("{base}/seats")).await?;
@@ -293,10 +306,7 @@ async fn the_dashboard_in_a_real_browser() {
             "h1's row for vic",
         )
         .await?;
-        c.find(Locator::Css("tr[data-agent=\"h1\"] button.release"))
-            .await?
-            .click()
-            .await?;
+        click(&c, "tr[data-agent=\"h1\"] button.release").await?;
         wait_text(
             &c,
             "#error",
