@@ -726,11 +726,7 @@ async fn upload(
     form: Result<Multipart, MultipartRejection>,
 ) -> Response {
     let Some(v) = app.viewer(&headers) else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            None,
-            "your session ended: log in again",
-        );
+        return session_ended();
     };
     let form = match form {
         Ok(form) => form,
@@ -750,11 +746,7 @@ async fn upload(
         Err((status, message)) => return error(status, Some(&v), &message),
     };
     if !auth::same_token(&v.csrf, &upload.csrf) {
-        return error(
-            StatusCode::FORBIDDEN,
-            Some(&v),
-            "this form was not sent from your dashboard session (CSRF check failed): reload the page and try again; nothing was changed",
-        );
+        return csrf_failed(&v);
     }
     if let Err(refused) = admin_only(&v, "reload the license") {
         return *refused;
@@ -998,11 +990,7 @@ fn checked<T: WithCsrf>(
     form: Result<Form<T>, FormRejection>,
 ) -> Result<(Viewer, T), Box<Response>> {
     let Some(v) = app.viewer(headers) else {
-        return Err(Box::new(error(
-            StatusCode::UNAUTHORIZED,
-            None,
-            "your session ended: log in again",
-        )));
+        return Err(Box::new(session_ended()));
     };
     let form = match form {
         Ok(Form(form)) => form,
@@ -1028,13 +1016,27 @@ fn checked<T: WithCsrf>(
         }
     };
     if !auth::same_token(&v.csrf, form.csrf()) {
-        return Err(Box::new(error(
-            StatusCode::FORBIDDEN,
-            Some(&v),
-            "this form was not sent from your dashboard session (CSRF check failed): reload the page and try again; nothing was changed",
-        )));
+        return Err(Box::new(csrf_failed(&v)));
     }
     Ok((v, form))
+}
+
+/// A POST without a live session.
+fn session_ended() -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        None,
+        "your session ended: log in again",
+    )
+}
+
+/// A form without its session's CSRF token.
+fn csrf_failed(v: &Viewer) -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        Some(v),
+        "this form was not sent from your dashboard session (CSRF check failed): reload the page and try again; nothing was changed",
+    )
 }
 
 fn admin_only(v: &Viewer, what: &str) -> Result<(), Box<Response>> {
