@@ -970,7 +970,7 @@ async fn a_frozen_slave_admits_nothing_from_a_stale_block() {
 /// 5s`; four in-process slaves churn 6 agents each (demand up to 24, so the pool stays
 /// above the exhaustion floor and blocks are allotted: decisions from blocks, and strict
 /// ones when a block runs out, a mixed load). After 20
-/// approvals (the ledger then holds allotments: checked), kill -9 the leader: a standby
+/// approvals and once the ledger holds an allotment (within 15 s: checked), kill -9 the leader: a standby
 /// takes over and the first registration sent after the kill is approved within 10 s; the
 /// hosts never see an error; the ledger audit passes (held plus allotted within the license
 /// at every record, no write by the deposed leader) and, within 2 refreshes + 2 s of the
@@ -998,7 +998,14 @@ async fn leader_killed_under_allotment_load_loses_nothing() {
     let load = Load::start(&rig).await;
     let first = current_leader(&rig).await.expect("a leader answers");
     load.progress(20).await;
-    let before = rig.audit().await;
+    // Blocks come with a slave's allot request (every refresh): 20 approvals can all be
+    // strict ones when they come before the first. Wait (bounded) for a block.
+    let mut before = rig.audit().await;
+    let waiting = Instant::now();
+    while before.max_counted <= before.max_in_use && waiting.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        before = rig.audit().await;
+    }
     let blocks_at_kill: u32 = before.allotted.values().flat_map(|b| b.values()).sum();
     eprintln!(
         "before the kill: {} held, {blocks_at_kill} free seats allotted, at most {} held + allotted so far",
