@@ -232,6 +232,12 @@ impl Sent {
             Ok(Err(e)) if e.kind() == PublishErrorKind::StreamNotFound => {
                 Err(AppendError::NoAck(e.to_string()))
             }
+            // nats-server 2.10 and later: an earlier send of this very append (same id) is
+            // still being replicated by the stream's new leader. Not a refusal: the next
+            // resend is answered with that record (or the fence, and `wait` reads it).
+            Ok(Err(e)) if in_process(&e) => Err(AppendError::NoAck(format!(
+                "{e}: an earlier send of it is still being recorded"
+            ))),
             Ok(Err(e))
                 if matches!(
                     e.kind(),
@@ -275,6 +281,16 @@ impl Sent {
     pub fn resent(&self) -> u32 {
         self.again.resent
     }
+}
+
+/// Whether the server refused a send because an earlier one with the same message id is
+/// still in process (JetStream error 10158, "duplicate message id is in process").
+fn in_process(e: &async_nats::jetstream::context::PublishError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|js| {
+            js.error_code() == async_nats::jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT
+        })
 }
 
 /// Whether the record at `sequence` of `stream` has the message id `id`, read from the

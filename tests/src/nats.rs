@@ -429,6 +429,11 @@ impl NatsCluster {
         format!("nats://127.0.0.1:{}", self.ports[i])
     }
 
+    /// The process id of node `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].as_ref().map(|c| c.id())
+    }
+
     /// Kills node `i` with SIGKILL.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].take() {

@@ -372,6 +372,83 @@ async fn an_append_sent_again_is_recorded_once() {
     assert_eq!(old.read_all().await.unwrap().len(), 4);
 }
 
+/// Steps: a ledger stream with 3 replicas on a 3-node NATS cluster; both nodes that
+/// follow the stream's leader are paused (SIGSTOP), so an append cannot reach a quorum: it
+/// goes unacknowledged (`NoAck` after the 1 s timeout). Sent again (three times) while the
+/// first is still pending, and again once they resume, it must count as not acknowledged
+/// until it lands (nats-server 2.10 and later may answer "duplicate message id is in
+/// process", error 10158, seen here mostly right after the resume; 2.9 does not answer),
+/// never as a failure, which would make the leader step down and cost a new lmbus election (the ~1 s
+/// that node-loss trials on 2.15.1 showed). The followers resume (SIGCONT); the next
+/// resend is answered with the record, which is in the ledger once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_still_in_process_is_sent_again_not_failed() {
+    use lmbus_broker::ledger::AppendError;
+    use nix::sys::signal::kill;
+    use nix::unistd::Pid;
+    let nats = tokio::task::spawn_blocking(|| lmbus_tests::NatsCluster::start(3))
+        .await
+        .unwrap()
+        .unwrap();
+    let client = async_nats::connect(lmbus_nats::nats_urls(&nats.url()))
+        .await
+        .unwrap();
+    let version = client.server_info().version.clone();
+    let subjects = Subjects::new("inprocess").unwrap();
+    let mut ledger = Ledger::open(&client, &subjects, 3).await.unwrap();
+    assert_eq!(ledger.append(&entry("old", 1)).await.unwrap(), 1);
+    let leader = lmbus_tests::node_loss::stream_leader(&client, ledger.stream_name()).await;
+    let followers: Vec<Pid> = (0..3)
+        .filter(|i| format!("n{i}") != leader)
+        .map(|i| Pid::from_raw(nats.pid(i).unwrap() as i32))
+        .collect();
+    assert_eq!(followers.len(), 2, "leader {leader}");
+    for &pid in &followers {
+        kill(pid, Signal::SIGSTOP).unwrap();
+    }
+    let mut pending = ledger.send(&entry("old", 2), false).await.unwrap();
+    let first = pending.wait().await;
+    assert!(
+        matches!(first, Err(AppendError::NoAck(_))),
+        "nats-server {version}: {first:?}"
+    );
+    // Three resends while it cannot land (a server may leave one unanswered).
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        pending.resend().await.unwrap();
+        answers.push(pending.wait().await);
+    }
+    for &pid in &followers {
+        kill(pid, Signal::SIGCONT).unwrap();
+    }
+    eprintln!("nats-server {version}: resends while the first send is in process: {answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|a| matches!(a, Err(AppendError::NoAck(_)))),
+        "nats-server {version}: a resend of an append in process must count as unacknowledged: {answers:?}"
+    );
+    // Once a quorum is back the record lands (from the first send or this one), once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sequence = loop {
+        pending.resend().await.unwrap();
+        match pending.wait().await {
+            Ok(sequence) => break sequence,
+            Err(AppendError::NoAck(e)) if Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => panic!("nats-server {version}: {other:?}"),
+        }
+    };
+    assert_eq!(sequence, 2);
+    assert_eq!(
+        writers(&ledger.read_all().await.unwrap()),
+        ["old", "old"],
+        "nothing written twice"
+    );
+}
+
 /// Steps: a leader with two appends in flight (pipelined) meets another writer whose
 /// record lands first. The first append is refused on its sequence; the second, whose
 /// predicted sequence now matches the intruder's record, is refused too because it names
