@@ -13,4 +13,4 @@ pub use status::{
     StatusError, context_shown, explain_no_master, fetch_agents, fetch_status, license_summary,
     printable_status, render_status, replicas_up, slave_cells,
 };
-pub use stored::{FLOW_CONTROL_HINT, Stored, StoredError, stored};
+pub use stored::{FLOW_CONTROL_HINT, Stored, StoredError, stored, stored_matching};

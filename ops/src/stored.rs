@@ -41,6 +41,18 @@ pub async fn stored(
     name: &str,
     since: Option<OffsetDateTime>,
 ) -> Result<Stored, StoredError> {
+    stored_matching(js, name, since, None).await
+}
+
+/// [`stored`], of only the messages whose subject matches `filter` (a subject with
+/// wildcards, within the stream's): it stops once the messages that matched when it
+/// started are read.
+pub async fn stored_matching(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    since: Option<OffsetDateTime>,
+    filter: Option<&str>,
+) -> Result<Stored, StoredError> {
     use async_nats::jetstream::consumer::{DeliverPolicy, push};
     let nats = |e: &dyn std::fmt::Display| StoredError::Nats {
         stream: name.to_owned(),
@@ -63,6 +75,7 @@ pub async fn stored(
         .create_consumer(push::OrderedConfig {
             deliver_subject: js_inbox(js),
             deliver_policy,
+            filter_subject: filter.unwrap_or_default().to_owned(),
             ..Default::default()
         })
         .await
@@ -95,7 +108,12 @@ pub async fn stored(
         let time_ms = (published.unix_timestamp_nanos() / 1_000_000) as i64;
         out.messages
             .push((sequence, time_ms, message.payload.clone()));
-        if sequence >= state.last_sequence {
+        let done = match filter {
+            None => sequence >= state.last_sequence,
+            // The last message may not match: count what matched at the start instead.
+            Some(_) => info.pending == 0 || out.messages.len() as u64 >= pending,
+        };
+        if done {
             break;
         }
     }

@@ -603,3 +603,75 @@ async fn a_dashboard_over_tls_serves_https_with_secure_cookies() {
         "plain HTTP got a page from the TLS port"
     );
 }
+
+/// Steps: a broker whose `license_counts` alert goes out every 200 ms; two seats are held
+/// until a count of 2 is logged, then released until a count of 0 is; then 2,100 other
+/// alerts fill the alert stream (more than the 2,000 the dashboard's pages keep). A
+/// dashboard started afterwards charts the peak of 2, read back from the alert log, and
+/// exports it in the CSV. Catches: a history that knows only the alerts the pages keep or
+/// what the dashboard saw itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_reaches_back_into_the_alert_log() {
+    let f = Fixture::new().await.unwrap();
+    let mut settings = f.broker_settings(2, &[], true).unwrap();
+    settings.tick_interval = Duration::from_millis(100);
+    settings.counts_interval = Duration::from_millis(200);
+    let broker = Broker::start(settings).await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let s1 = SlaveAgent::start(f.slave_config("s1").unwrap())
+        .await
+        .unwrap();
+    let total = |n: u32| {
+        move |a: &lmbus_schemas::Alert| {
+            a.kind == AlertKind::LicenseCounts && a.counts.get("total") == Some(&n)
+        }
+    };
+    assert!(s1.register("a1", "inbound").await.unwrap().is_approved());
+    assert!(s1.register("a2", "outbound").await.unwrap().is_approved());
+    alerts.wait_for("a count of 2", total(2)).await.unwrap();
+    s1.unregister("a1").await.unwrap();
+    s1.unregister("a2").await.unwrap();
+    let zero = alerts.wait_for("a count of 0", total(0)).await.unwrap();
+    let js = async_nats::jetstream::new(f.client.clone());
+    let subject = lmbus_schemas::Subjects::new(&f.cluster)
+        .unwrap()
+        .alert(lmbus_schemas::Severity::Info, AlertKind::SlaveConnected);
+    let mut acks = Vec::new();
+    for i in 0..2100 {
+        let mut filler = lmbus_schemas::Alert::new(
+            lmbus_schemas::Severity::Info,
+            AlertKind::SlaveConnected,
+            format!("filler {i}"),
+        );
+        filler.time_ms = zero.time_ms + 1;
+        let payload = lmbus_schemas::encode(&filler).unwrap();
+        acks.push(js.publish(subject.clone(), payload.into()).await.unwrap());
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let dash = Dashboard::start(&f, &[], Duration::from_millis(300)).await;
+    let mut web = WebClient::new(&dash.url);
+    // The history is read from the log in a task of its own: wait (bounded) for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let csv = web.get("/history.csv").await.body;
+        if csv.lines().skip(1).any(|row| row.ends_with("Z,2,1,1")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no count of 2 in the history: {csv}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let history = web.get("/history").await;
+    assert!(
+        history.body.contains("<td class=\"peak\">2</td>"),
+        "{}",
+        history.body
+    );
+    dash.stop().await;
+    drop(s1);
+    broker.stop().await.unwrap();
+}

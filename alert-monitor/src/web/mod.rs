@@ -152,6 +152,7 @@ pub async fn serve(
     }));
     let poller = tokio::spawn(poll_status(app.clone()));
     let follower = tokio::spawn(follow_alerts(app.clone()));
+    let recalled = tokio::spawn(recall_history(app.clone()));
     let router = router(app);
     let scheme = if tls.is_some() { "https" } else { "http" };
     eprintln!("lmbus-monitor: dashboard on {scheme}://{local}/");
@@ -176,6 +177,7 @@ pub async fn serve(
     };
     poller.abort();
     follower.abort();
+    recalled.abort();
     served.context("the dashboard's server stopped")
 }
 
@@ -263,6 +265,51 @@ async fn poll_status(app: App) {
     }
 }
 
+/// How far back the history page reaches at start, from the alert log.
+const HISTORY_SPAN: Duration = Duration::from_secs(24 * 3600);
+
+/// The history from before the dashboard started: the master's `license_counts` alerts of
+/// the last [`HISTORY_SPAN`] in the alert stream (read apart from the other alerts, so a
+/// busy day's rejections do not push them out of the [`MAX_ALERTS`] the pages keep).
+/// Without a stream, or permission to read it, the history starts now (said on stderr).
+async fn recall_history(app: App) {
+    let (client, subjects) = (&app.0.client, &app.0.subjects);
+    let js = async_nats::jetstream::new(client.clone());
+    let since = time::OffsetDateTime::now_utc() - HISTORY_SPAN;
+    let filter = subjects.alert(
+        lmbus_schemas::Severity::Info,
+        lmbus_schemas::AlertKind::LicenseCounts,
+    );
+    let stored = match lmbus_ops::stored_matching(
+        &js,
+        &subjects.alert_stream(),
+        Some(since),
+        Some(&filter),
+    )
+    .await
+    {
+        Ok(stored) => stored,
+        Err(e) => {
+            eprintln!(
+                "lmbus-monitor: the history starts now: cannot read earlier seat counts from the alert stream: {e}"
+            );
+            return;
+        }
+    };
+    let samples: Vec<render::Sample> = stored
+        .messages
+        .iter()
+        .filter_map(|(_, _, payload)| lmbus_schemas::decode::<Alert>(payload).ok())
+        .filter(|a| a.kind == lmbus_schemas::AlertKind::LicenseCounts)
+        .map(|a| render::Sample::of_counts(&a))
+        .collect();
+    app.0.snapshot.send_modify(|s| {
+        for sample in samples {
+            s.add_sample(sample);
+        }
+    });
+}
+
 /// Follows the alert stream (the last [`MAX_ALERTS`] stored, then live), keeping the last
 /// [`MAX_ALERTS`]; without a stream, live alerts only.
 async fn follow_alerts(app: App) {
@@ -284,13 +331,7 @@ async fn follow_alerts(app: App) {
         };
         app.0.snapshot.send_modify(|s| {
             if alert.kind == lmbus_schemas::AlertKind::LicenseCounts {
-                let mut by_type = alert.counts.clone();
-                let total = by_type.remove("total").unwrap_or(0);
-                s.add_sample(render::Sample {
-                    time_ms: alert.time_ms,
-                    total,
-                    by_type,
-                });
+                s.add_sample(render::Sample::of_counts(&alert));
             }
             if s.alerts.len() >= MAX_ALERTS {
                 s.alerts.remove(0);
@@ -646,7 +687,7 @@ async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
         return to_login();
     };
     let live = render::live_history(&app.0.snapshot.borrow());
-    let note = r#"<p class="hint">Seats in use per agent type and in total: the license_counts alerts the dashboard holds, then a sample of the status every 30 s while it runs (a day at most). The dashed line is the total limit; a dot marks each series' peak.</p>"#;
+    let note = r#"<p class="hint">Seats in use per agent type and in total: the master's license_counts alerts of the last 24 h from the alert log, then those live and a sample of the status every 30 s while the dashboard runs (a day's samples at most). The dashed line is the total limit; a dot marks each series' peak.</p>"#;
     live_page("History", &v, "/events?page=history", &live, note)
 }
 

@@ -175,12 +175,35 @@ pub const MAX_SAMPLES: usize = 2880;
 /// A status poll becomes a sample at most this often.
 pub const SAMPLE_EVERY_MS: i64 = 30_000;
 
+impl Sample {
+    /// The counts a `license_counts` alert carries (per type, and `total`).
+    pub fn of_counts(alert: &Alert) -> Sample {
+        let mut by_type = alert.counts.clone();
+        let total = by_type.remove("total").unwrap_or(0);
+        Sample {
+            time_ms: alert.time_ms,
+            total,
+            by_type,
+        }
+    }
+}
+
 impl Snapshot {
-    /// Adds a sample in time order, dropping the oldest beyond [`MAX_SAMPLES`].
+    /// Adds a sample in time order, dropping the oldest beyond [`MAX_SAMPLES`]; the same
+    /// sample twice (a `license_counts` alert both recalled from the log and followed) is
+    /// kept once.
     pub fn add_sample(&mut self, sample: Sample) {
         let at = self
             .history
             .partition_point(|s| s.time_ms <= sample.time_ms);
+        if self.history[..at]
+            .iter()
+            .rev()
+            .take_while(|s| s.time_ms == sample.time_ms)
+            .any(|s| *s == sample)
+        {
+            return;
+        }
         self.history.insert(at, sample);
         if self.history.len() > MAX_SAMPLES {
             self.history.remove(0);

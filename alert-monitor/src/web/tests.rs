@@ -34,3 +34,22 @@ fn a_non_loopback_address_needs_tls_and_a_login() {
         .to_string();
     assert!(e.contains("without TLS") && !e.contains("a login"), "{e}");
 }
+
+#[test]
+fn a_sample_recalled_and_followed_is_kept_once_in_time_order() {
+    let sample = |time_ms, total| render::Sample {
+        time_ms,
+        total,
+        by_type: [("inbound".to_owned(), total)].into(),
+    };
+    let mut s = Snapshot::default();
+    // Followed live first, then the same alerts recalled from the log, out of order.
+    s.add_sample(sample(3_000, 1));
+    s.add_sample(sample(1_000, 2));
+    s.add_sample(sample(3_000, 1));
+    s.add_sample(sample(1_000, 2));
+    // A different count at the same time is another sample (a status poll).
+    s.add_sample(sample(3_000, 0));
+    let got: Vec<(i64, u32)> = s.history.iter().map(|x| (x.time_ms, x.total)).collect();
+    assert_eq!(got, [(1_000, 2), (3_000, 1), (3_000, 0)]);
+}
