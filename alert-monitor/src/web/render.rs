@@ -416,10 +416,19 @@ fn alert_table(alerts: &[&Alert]) -> String {
     for a in alerts {
         let _ = write!(
             out,
-            r#"<tr class="{sev}"><td>{}</td><td>{sev}</td><td>{}</td><td>{}</td><td>{}</td></tr>"#,
+            r#"<tr class="{sev}"><td>{}</td><td>{sev}</td><td>{}</td><td>{}</td><td>{}{}</td></tr>"#,
             esc(&format_time(a.time_ms)),
             esc(a.kind.token()),
             esc(a.slave.as_deref().unwrap_or("")),
+            // A development master's alerts say so on every row, as in the terminal.
+            if a.not_for_production {
+                format!(
+                    r#"<span class="dev">[{}]</span> "#,
+                    esc(lmbus_schemas::NOT_FOR_PRODUCTION)
+                )
+            } else {
+                String::new()
+            },
             esc(&a.message),
             sev = a.severity.token()
         );
@@ -845,6 +854,29 @@ mod tests {
         );
         assert_eq!(esc("a\u{1b}b"), "a\\u{1b}b");
         assert_eq!(url_part("a b/ü"), "a%20b%2F%C3%BC");
+    }
+
+    #[test]
+    fn a_development_masters_alerts_say_so_on_every_row() {
+        let mut dev = Alert::new(
+            Severity::Info,
+            lmbus_schemas::AlertKind::LicenseCounts,
+            "2/5",
+        );
+        dev.not_for_production = true;
+        let prod = Alert::new(
+            Severity::Info,
+            lmbus_schemas::AlertKind::LicenseCounts,
+            "3/5",
+        );
+        let table = alert_table(&[&dev, &prod]);
+        let marked = format!(
+            r#"<span class="dev">[{}]</span> 2/5"#,
+            lmbus_schemas::NOT_FOR_PRODUCTION
+        );
+        assert!(table.contains(&marked), "{table}");
+        assert!(table.contains("<td>3/5</td>"), "{table}");
+        assert_eq!(table.matches("class=\"dev\"").count(), 1, "{table}");
     }
 
     #[test]
