@@ -25,6 +25,12 @@ pub struct SlaveStatusView {
     pub masters: Vec<MasterView>,
     pub licensed: bool,
     pub license_id: Option<Uuid>,
+    /// The context this slave runs in (its license's, else `--context`, else
+    /// production), which its masters must share: `production`, `backup` or `development`.
+    /// Absent from a daemon older than this field.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "production")]
+    pub context: Option<lmbus_schemas::Context>,
     pub local_limit: Option<u32>,
     pub agents: u32,
     pub agents_by_type: BTreeMap<String, u32>,

@@ -188,6 +188,9 @@ async fn a_development_master_serves_only_development_and_says_so() {
             .is_approved()
     );
     f.wait_in_use(2).await.unwrap();
+    // Each slave's own status names the context it runs in.
+    assert_eq!(licensed.status().context, Some(Context::Development));
+    assert_eq!(unlicensed.status().context, Some(Context::Development));
     let connected = alerts
         .wait_for("lab-site connected", |a| {
             a.kind == AlertKind::SlaveConnected && a.slave.as_deref() == Some("lab-site")

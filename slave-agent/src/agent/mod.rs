@@ -300,6 +300,7 @@ impl SlaveAgent {
                     .as_ref()
                     .is_some_and(|l| l.role == Role::Slave),
             license_id: inner.license.as_ref().map(|l| l.id),
+            context: Some(inner.context()),
             local_limit: inner.local_limit,
             agents: state.agents.len() as u32,
             agents_by_type: by_type,
