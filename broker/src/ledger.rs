@@ -728,6 +728,7 @@ pub fn audit<'a>(
                         tally.release(slave, agent);
                     }
                 }
+                SeatChange::Synced { .. } | SeatChange::SyncWarned { .. } => {}
                 SeatChange::Unknown => {
                     return Err(AuditError::Unknown { at });
                 }

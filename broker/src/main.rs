@@ -824,6 +824,11 @@ struct RunArgs {
     /// the ledger's fencing stops this replica. Never use in production.
     #[arg(long, hide = true)]
     fault_ignore_lease: bool,
+    /// Fault injection, for tests only: the wall clock the offline limit (sync_within_days)
+    /// is decided by runs this many days ahead (never behind: the flag cannot lift the
+    /// limit). Never use in production.
+    #[arg(long, hide = true)]
+    fault_clock_skew_days: Option<u32>,
 }
 
 impl RunArgs {
@@ -926,6 +931,7 @@ impl RunArgs {
                 .unwrap_or(config::DEFAULT_SNAPSHOT_EVERY),
             ledger_trim: self.ledger_trim.unwrap_or(false),
             fault_ignore_lease: self.fault_ignore_lease,
+            wall_clock: config::WallClock::ahead_by_days(self.fault_clock_skew_days.unwrap_or(0)),
             allot,
         })
     }
@@ -1022,6 +1028,7 @@ mod tests {
             assert!(keys.contains(key), "{key} is not a key: {keys:?}");
         }
         assert!(!keys.contains("fault_ignore_lease") && !keys.contains("config"));
+        assert!(!keys.contains("fault_clock_skew_days"));
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broker.toml");

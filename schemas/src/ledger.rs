@@ -131,6 +131,22 @@ pub enum SeatChange {
     Forget {
         slave: String,
     },
+    /// Vendor sync succeeded at `at_ms` (the leader's wall clock, Unix milliseconds): the
+    /// master license's offline limit (`sync_within_days`) counts from the latest of these.
+    /// Only a leader writes it, from a vendor answer it verified; `sync` names the exchange
+    /// (nil when unknown).
+    Synced {
+        at_ms: u64,
+        #[serde(default)]
+        sync: Uuid,
+    },
+    /// The leader warned that the offline limit ending at `deadline_ms` (Unix milliseconds)
+    /// is `days` days away or less (30, 14, 7, 1), or passed (0): a replica that leads next
+    /// does not warn again for the same deadline and stage.
+    SyncWarned {
+        deadline_ms: u64,
+        days: u32,
+    },
     /// A record this build does not know: a newer leader wrote it. A replica that meets
     /// one must stop replaying rather than guess.
     #[serde(other)]
@@ -222,6 +238,8 @@ impl SeatChange {
             SeatChange::ToBlock { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
             SeatChange::License { text } => FIELDS + text.len(),
             SeatChange::Leader { replica, .. } => FIELDS + 24 + replica.len(),
+            SeatChange::Synced { .. } => FIELDS + 40,
+            SeatChange::SyncWarned { .. } => FIELDS + 16,
             SeatChange::Unknown => FIELDS,
         }
     }
@@ -296,6 +314,14 @@ mod tests {
                     slave: "s".into(),
                     agent_id: "d".into(),
                 },
+                SeatChange::Synced {
+                    at_ms: 1_700_000_000_002,
+                    sync: Uuid::new_v4(),
+                },
+                SeatChange::SyncWarned {
+                    deadline_ms: 1_705_000_000_000,
+                    days: 14,
+                },
             ],
         };
         assert_eq!(
@@ -359,6 +385,14 @@ mod tests {
                 request_seq: u64::MAX,
                 at_ms: u64::MAX,
                 by: "b".repeat(64),
+            },
+            SeatChange::Synced {
+                at_ms: u64::MAX,
+                sync: Uuid::new_v4(),
+            },
+            SeatChange::SyncWarned {
+                deadline_ms: u64::MAX,
+                days: u32::MAX,
             },
         ];
         for change in &changes {

@@ -25,9 +25,10 @@ pub use allot::{
 pub use codec::{DecodeError, EncodeError, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode};
 pub use ledger::{LedgerEntry, SeatChange, SnapshotChunk, SnapshotManifest};
 pub use license::{
-    Context, KeyError, License, LicenseError, Limits, NOT_FOR_PRODUCTION, Role, VendorKey,
-    VerifyingKey, key_id, license_text, parse_public_key, parse_secret_key, public_key_text,
-    read_license_unverified, secret_key_text, sign_license, sign_license_as, verify_license,
+    Context, KeyError, License, LicenseError, Limits, MIN_SYNC_WITHIN_DAYS, NOT_FOR_PRODUCTION,
+    Role, VendorKey, VerifyingKey, key_id, license_text, parse_public_key, parse_secret_key,
+    public_key_text, read_license_unverified, secret_key_text, sign_license, sign_license_as,
+    verify_license,
 };
 pub use messages::*;
 pub use report::UsageReport;

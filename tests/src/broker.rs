@@ -58,6 +58,7 @@ pub fn broker_config_at(
         snapshot_every: lmbus_broker::config::DEFAULT_SNAPSHOT_EVERY,
         ledger_trim: false,
         fault_ignore_lease: false,
+        wall_clock: Default::default(),
         allot: Default::default(),
         report: lmbus_broker::report::ReportConfig::default(),
     }

@@ -54,6 +54,7 @@ impl Vendor {
             maintenance_expires: date!(2099 - 12 - 31),
             role,
             context: Context::Production,
+            sync_within_days: None,
             limits,
         }
     }

@@ -335,6 +335,15 @@ impl<'a> Leader<'a> {
         }
     }
 
+    /// Sets the wall clock the engine's next decisions are made at: what a grant records as
+    /// its seat's "since" (every replica then reads it from the ledger record, not from its
+    /// own clock at replay) and what the offline limit is compared with.
+    fn set_wall_clock(&mut self) {
+        self.replica
+            .engine
+            .set_wall_clock(self.cfg.wall_clock.unix_ms());
+    }
+
     /// Slave requests: the first, and what is already waiting behind it.
     fn on_slave_requests(&mut self, msg: Option<Message>) -> Turn {
         let Some(msg) = msg else {
@@ -348,6 +357,7 @@ impl<'a> Leader<'a> {
         while let Some(msg) = next.take() {
             seen += 1;
             let arrived = Instant::now();
+            self.set_wall_clock();
             if let Some(Intook { reply_to, out, op }) = handle_slave_message(
                 &mut self.replica.engine,
                 &mut self.intake,
@@ -373,6 +383,7 @@ impl<'a> Leader<'a> {
             return Turn::End(closed("status requests"));
         };
         if client_reply_ok(&mut self.intake, "status requests", &msg) {
+            self.set_wall_clock();
             let mut status = self.replica.engine.status(now());
             status.leader_term = self.term;
             status.ledger_sequence = self.replica.applied;
@@ -400,6 +411,7 @@ impl<'a> Leader<'a> {
         if !client_reply_ok(&mut self.intake, "admin requests", &msg) {
             return Turn::Decided(Vec::new());
         }
+        self.set_wall_clock();
         let subjects = &self.io.subjects;
         let subject = msg.subject.as_str();
         if subject == subjects.admin_report() {
@@ -471,6 +483,7 @@ impl<'a> Leader<'a> {
         {
             return Turn::Wait;
         }
+        self.set_wall_clock();
         let (replica, io) = (&mut *self.replica, self.io);
         let out = replica
             .engine
@@ -488,6 +501,10 @@ impl<'a> Leader<'a> {
             slaves_known,
             allotted_by_type: replica.engine.allotted_by_type().clone(),
             allotted_total: replica.engine.allotted_total(),
+            sync_overdue: replica
+                .engine
+                .sync_deadline_ms()
+                .map(|_| replica.engine.sync_overdue()),
         }));
         io.metrics.count_allot(replica.engine.allot_counts());
         for alert in self.replicas.sweep(now()) {
