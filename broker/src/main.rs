@@ -63,6 +63,29 @@ struct AdminTarget {
 }
 
 #[derive(Debug, Subcommand)]
+enum SyncCommand {
+    /// Sync with the vendor now and wait for the outcome.
+    ///
+    /// The leader asks the vendor (on lmbus.vendor.v1.sync, through the leaf node to the
+    /// vendor's NATS) for the master license's current state, checks the answer's vendor
+    /// signature, applies its license as `admin reload-license` would and records the sync
+    /// in the ledger: the offline limit (sync_within_days) counts from it.
+    Now {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Who is asking, for the alert [default: $USER, or operator].
+        #[arg(
+            long,
+            env = "USER",
+            hide_env = true,
+            default_value = "operator",
+            hide_default_value = true
+        )]
+        operator: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum AdminCommand {
     /// Show the license, limits, usage by slave and agent type, leader and replicas (lmstat).
     ///
@@ -170,6 +193,11 @@ enum AdminCommand {
             hide_default_value = true
         )]
         operator: String,
+    },
+    /// Vendor sync: `sync now` asks the vendor for this installation's current license.
+    Sync {
+        #[command(subcommand)]
+        command: SyncCommand,
     },
     /// Take one broker replica out of the election for maintenance.
     ///
@@ -333,6 +361,8 @@ fn confirm_release_all(slave: &str) -> anyhow::Result<()> {
 
 /// How long an admin command waits for its answer.
 const ADMIN_WAIT: Duration = Duration::from_secs(5);
+/// A sync waits for the vendor (three attempts of 5 s with back-off, at most).
+const SYNC_WAIT: Duration = Duration::from_secs(30);
 
 /// How long `admin status` listens for replica beats when no master answered: several
 /// beats at the default lease (each replica sends four per lease).
@@ -550,6 +580,33 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 }
                 // The message names the file.
                 lmbus_schemas::ReloadReply::Error { message } => anyhow::bail!("{message}"),
+            }
+        }
+        AdminCommand::Sync {
+            command:
+                SyncCommand::Now {
+                    target:
+                        AdminTarget {
+                            nats,
+                            nats_auth,
+                            cluster,
+                        },
+                    operator,
+                },
+        } => {
+            let client = admin_client(&nats, nats_auth).await?;
+            let subject = Subjects::new(&cluster)?.admin_sync();
+            let nobody = format!(
+                "no answer on {subject} within {}: is the master of cluster {cluster} running? (its vendor_sync alert says how a slow sync ended)",
+                lmbus_schemas::human::duration(SYNC_WAIT)
+            );
+            let request = lmbus_schemas::SyncNowRequest { operator };
+            match ask_admin(&client, subject, &request, nobody, SYNC_WAIT).await? {
+                lmbus_schemas::SyncNowReply::Synced { message } => {
+                    println!("{message}");
+                    Ok(())
+                }
+                lmbus_schemas::SyncNowReply::Error { message } => anyhow::bail!("{message}"),
             }
         }
         AdminCommand::Drain {

@@ -94,12 +94,15 @@ pub enum AlertKind {
     /// The master license's offline limit (`sync_within_days`): a warning 30, 14, 7 and 1
     /// days before it, critical once it passed (no new seats until a vendor sync).
     SyncDue,
+    /// A vendor sync (`admin sync now`) failed, and why: no answer, a refusal, or an answer
+    /// that does not verify (nothing changed); info when one succeeded.
+    VendorSync,
     #[serde(other)]
     Other,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 27] = [
+    pub const ALL: [AlertKind; 28] = [
         AlertKind::BrokerStarted,
         AlertKind::BrokerStopped,
         AlertKind::SlaveConnected,
@@ -126,6 +129,7 @@ impl AlertKind {
         AlertKind::SlaveForgotten,
         AlertKind::LicenseRefused,
         AlertKind::SyncDue,
+        AlertKind::VendorSync,
         AlertKind::Other,
     ];
 
@@ -157,6 +161,7 @@ impl AlertKind {
             AlertKind::SlaveForgotten => "slave_forgotten",
             AlertKind::LicenseRefused => "license_refused",
             AlertKind::SyncDue => "sync_due",
+            AlertKind::VendorSync => "vendor_sync",
             AlertKind::Other => "other",
         }
     }

@@ -16,6 +16,7 @@ pub mod messages;
 pub mod metrics;
 pub mod report;
 pub mod subjects;
+pub mod sync;
 pub mod validate;
 
 pub use alert::{Alert, AlertKind, Severity};
@@ -34,5 +35,9 @@ pub use messages::*;
 pub use report::UsageReport;
 pub use subjects::{
     CLIENT_INBOX_PREFIX, MAX_REPLY_LEN, SlaveId, SlaveOp, SubjectError, Subjects, is_client_reply,
+};
+pub use sync::{
+    SignedSyncAnswer, SyncAnswer, SyncError, SyncNowReply, SyncNowRequest, SyncRequest,
+    sign_sync_answer, verify_sync_answer,
 };
 pub use validate::{Invalid, Validate, printable, truncated};

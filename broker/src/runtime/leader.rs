@@ -11,15 +11,16 @@ use anyhow::Context as _;
 use async_nats::{Message, Subject, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use lmbus_schemas::{
-    Alert, AlertKind, LedgerEntry, ReplicaBeat, SeatChange, Severity, SlaveOp, decode,
+    Alert, AlertKind, LedgerEntry, ReloadReply, ReloadRequest, ReplicaBeat, SeatChange, Severity,
+    SlaveOp, SyncNowReply, decode,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
 use crate::config::BrokerConfig;
 use crate::election::{Election, Role};
-use crate::engine::{Event, Output};
+use crate::engine::{Answer, Event, Output};
 use crate::intake::{Budgets, Intake};
 use crate::ledger::{AppendError, Ledger, RESEND_WITHIN};
 use crate::metrics::Gauges;
@@ -35,6 +36,7 @@ use super::outbound::Io;
 use super::replica::Replica;
 use super::reporter::spawn_report;
 use super::snapshotter::Snapshotter;
+use super::vendor_sync::{SyncDone, spawn_sync};
 
 /// Most waiting requests decided together and committed in one ledger append.
 const MAX_BATCH: usize = 256;
@@ -149,6 +151,10 @@ pub(super) struct Leader<'a> {
     replicas: Replicas,
     /// Budgets and bad-message summaries for what slaves and clients send.
     intake: Intake,
+    /// Vendor syncs finished beside the loop (`vendor_sync`); one at a time (`syncing`), so
+    /// the channel (bound 1) is never full.
+    sync_done: (mpsc::Sender<SyncDone>, mpsc::Receiver<SyncDone>),
+    syncing: bool,
 }
 
 /// How the loop goes on after one of its arms.
@@ -192,6 +198,8 @@ impl<'a> Leader<'a> {
                 Budgets::for_rate_limit(cfg.slave_rate_limit),
                 &cfg.broker_id,
             ),
+            sync_done: mpsc::channel(1),
+            syncing: false,
         }
     }
 
@@ -271,6 +279,7 @@ impl<'a> Leader<'a> {
                 msg = self.subscriptions.status.next() => self.on_status(msg).await,
                 msg = self.subscriptions.admin.next() => self.on_admin(msg).await,
                 msg = self.subscriptions.replica.next() => self.on_replica_beat(msg).await,
+                Some(done) = self.sync_done.1.recv() => self.on_sync_done(done).await,
                 _ = ticker.tick() => self.on_tick(valid_until).await,
             };
             match turn {
@@ -426,6 +435,42 @@ impl<'a> Leader<'a> {
             );
             return Turn::Wait;
         }
+        if subject == subjects.admin_sync() {
+            let request: lmbus_schemas::SyncNowRequest = match decode(&msg.payload) {
+                Ok(request) => request,
+                Err(e) => {
+                    let mut out = bad_message(&mut self.replica.engine, &msg, &e);
+                    out.reply = None;
+                    self.io.carry_out(None, out).await;
+                    let reply = SyncNowReply::Error {
+                        message: e.to_string(),
+                    };
+                    if let Some(to) = &msg.reply {
+                        self.io.send(to.clone(), &reply, "admin reply").await;
+                    }
+                    return Turn::Wait;
+                }
+            };
+            if self.syncing {
+                if let Some(to) = &msg.reply {
+                    let reply = SyncNowReply::Error {
+                        message: "a vendor sync is in progress: wait for its alert".into(),
+                    };
+                    self.io.send(to.clone(), &reply, "admin reply").await;
+                }
+                return Turn::Wait;
+            }
+            self.syncing = true;
+            spawn_sync(
+                self.io,
+                self.cfg.vendor_key,
+                self.replica.engine.config().license.id,
+                request.operator,
+                msg.reply.clone(),
+                self.sync_done.0.clone(),
+            );
+            return Turn::Wait;
+        }
         let out = if subject == subjects.admin_reload() {
             admin_reload(&mut self.replica.engine, &msg)
         } else if subject == subjects.admin_release() {
@@ -446,6 +491,128 @@ impl<'a> Leader<'a> {
             return Turn::End(end);
         }
         self.io.carry_out(msg.reply.as_ref(), out).await;
+        Turn::Decided(Vec::new())
+    }
+
+    /// A vendor sync finished: a verified answer's license goes through the engine's reload
+    /// (as `admin reload-license`), then the sync is recorded (`Synced`); a failure or a
+    /// refusal changes nothing and says why in a `vendor_sync` alert.
+    async fn on_sync_done(&mut self, done: SyncDone) -> Turn {
+        self.syncing = false;
+        self.set_wall_clock();
+        let who = if done.operator.is_empty() {
+            "an operator".to_owned()
+        } else {
+            lmbus_schemas::printable(&done.operator).into_owned()
+        };
+        let failed = |message: String| {
+            (
+                SyncNowReply::Error {
+                    message: message.clone(),
+                },
+                Alert::new(
+                    Severity::Warning,
+                    AlertKind::VendorSync,
+                    format!("vendor sync {} asked by {who} failed: {message}", done.sync),
+                ),
+            )
+        };
+        let answer = match done.result {
+            Ok(answer) => answer,
+            Err(message) => {
+                let (reply, alert) = failed(message);
+                return self
+                    .sync_answered(done.reply_to, reply, Output::default(), alert)
+                    .await;
+            }
+        };
+        if let Some(why) = answer.refused {
+            let (reply, alert) = failed(format!(
+                "the vendor refused: {}",
+                lmbus_schemas::printable(&why)
+            ));
+            return self
+                .sync_answered(done.reply_to, reply, Output::default(), alert)
+                .await;
+        }
+        let mut out = Output::default();
+        let mut said = String::new();
+        if let Some(text) = answer.license {
+            let reloaded = self.replica.engine.handle(
+                now(),
+                Event::Reload {
+                    request: ReloadRequest {
+                        license: text,
+                        operator: format!("vendor sync {}", done.sync),
+                        file: "the vendor's answer".into(),
+                    },
+                    today: today_utc(),
+                },
+            );
+            match &reloaded.reply {
+                Some(Answer::Reload(ReloadReply::Reloaded { message })) => {
+                    said = format!("; {message}");
+                }
+                Some(Answer::Reload(ReloadReply::Error { message })) => {
+                    let (reply, alert) =
+                        failed(format!("the vendor's license is refused: {message}"));
+                    let mut refused = reloaded.clone();
+                    refused.reply = None;
+                    return self
+                        .sync_answered(done.reply_to, reply, refused, alert)
+                        .await;
+                }
+                _ => {}
+            }
+            out.effects.extend(reloaded.effects);
+            out.changes.extend(reloaded.changes);
+        }
+        // The sync's time on the leader's wall clock, the clock the deadline is compared
+        // with (the vendor's own time is in the alert).
+        let at_ms = self.cfg.wall_clock.unix_ms();
+        let synced = self.replica.engine.handle(
+            now(),
+            Event::Synced {
+                at_ms,
+                sync: done.sync,
+            },
+        );
+        out.effects.extend(synced.effects);
+        out.changes.extend(synced.changes);
+        let message = format!(
+            "vendor sync {} succeeded (the vendor answered at {} ms after 1970){said}",
+            done.sync, answer.at_ms
+        );
+        let alert = Alert::new(
+            Severity::Info,
+            AlertKind::VendorSync,
+            format!("{who} synced with the vendor: {message}"),
+        );
+        self.sync_answered(done.reply_to, SyncNowReply::Synced { message }, out, alert)
+            .await
+    }
+
+    /// Records what a sync changed, then tells: the effects, the alert and the operator.
+    async fn sync_answered(
+        &mut self,
+        reply_to: Option<Subject>,
+        reply: SyncNowReply,
+        out: Output,
+        alert: Alert,
+    ) -> Turn {
+        if !out.changes.is_empty() {
+            if let Some(end) = self.settle_all().await {
+                return Turn::End(end);
+            }
+            if let Some(end) = self.commit_all(out.changes.clone()).await {
+                return Turn::End(end);
+            }
+        }
+        self.io.carry_out(None, out).await;
+        self.io.alert(alert).await;
+        if let Some(to) = reply_to {
+            self.io.send(to, &reply, "admin reply").await;
+        }
         Turn::Decided(Vec::new())
     }
 

@@ -28,6 +28,7 @@ mod snapshotter;
 mod standby;
 mod tasks;
 mod term;
+mod vendor_sync;
 
 use lmbus_schemas::human::plural;
 use std::future::Future;

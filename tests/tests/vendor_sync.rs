@@ -1,0 +1,264 @@
+//! Vendor sync over a real nats-server: `lmbus-vendor serve` answers, `lmbus-broker admin
+//! sync now` takes the vendor's license in and restarts the offline limit's clock, kept
+//! across a failover; answers that are not the vendor's, or not for this sync, change
+//! nothing.
+
+#![allow(clippy::unwrap_used)] // in a test, a panic is the failure report
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use lmbus_broker::config::WallClock;
+use lmbus_broker::engine::DAY_MS;
+use lmbus_schemas::{
+    AlertKind, License, Limits, RejectReason, Role, Severity, Subjects, SyncAnswer, SyncRequest,
+    decode, encode,
+};
+use lmbus_slave::{Outcome, SlaveAgent};
+use lmbus_tests::*;
+
+/// A master license of `total` seats, issued today, to sync within 60 days.
+fn synced_master(total: u32) -> License {
+    let mut license = Vendor::license(
+        Role::Master,
+        Limits {
+            total: Some(total),
+            ..Limits::default()
+        },
+    );
+    license.issued = time::OffsetDateTime::now_utc().date();
+    license.sync_within_days = Some(60);
+    license
+}
+
+/// `lmbus-broker admin sync now` against the fixture's cluster, run on the blocking pool
+/// (the test may answer as the vendor meanwhile).
+async fn sync_now(f: &Fixture) -> Output {
+    let mut cmd = Command::new(bin("lmbus-broker").unwrap());
+    cmd.args(["admin", "sync", "now", "--nats", &f.nats.url()])
+        .args(["--cluster", &f.cluster, "--operator", "test-ops"]);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+/// A broker of the fixture with `license`, its wall clock shared with the test.
+async fn broker(f: &Fixture, license: &License, id: &str, clock: &WallClock) -> Broker {
+    let path = f
+        .vendor
+        .write(&format!("master-{id}.lic"), license)
+        .unwrap();
+    let mut cfg = broker_config(&f.nats, &f.cluster, path, &f.vendor, true);
+    cfg.broker_id = id.into();
+    cfg.wall_clock = clock.clone();
+    Broker::start(cfg).await.unwrap()
+}
+
+/// Steps: the vendor stores a purchase for the customer's license (5 seats → 8) and runs
+/// `lmbus-vendor serve`; broker b1 runs with the 5-seat license. The clock jumps past the
+/// offline limit: a registration is refused `sync_overdue`. `admin sync now` succeeds: the
+/// limit is 8, the last sync is the vendor's time, not overdue, a `vendor_sync` info alert,
+/// and the registration is approved; the vendor logged the sync. b1 stops, b2 (the same
+/// clock, started with the old 5-seat file) takes over from the ledger: 8 seats, the same
+/// last sync, not overdue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_brings_the_purchase_and_restarts_the_offline_clock() {
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let license = synced_master(5);
+    let mut purchase = license.clone();
+    purchase.limits.total = Some(8);
+    let store = tempfile::tempdir().unwrap();
+    let purchased = f.vendor.write("purchase.lic", &purchase).unwrap();
+    let stored = Command::new(bin("lmbus-vendor").unwrap())
+        .arg("store")
+        .arg(&purchased)
+        .arg("--key")
+        .arg(f.vendor.secret_key_path().unwrap())
+        .arg("--store")
+        .arg(store.path())
+        .output()
+        .unwrap();
+    assert!(
+        stored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stored.stderr)
+    );
+    let _vendor = Proc::spawn(
+        Command::new(bin("lmbus-vendor").unwrap())
+            .args(["serve", "--nats", &f.nats.url()])
+            .arg("--key")
+            .arg(f.vendor.secret_key_path().unwrap())
+            .arg("--store")
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    // Up once it answers a request.
+    eventually("lmbus-vendor answers", || async {
+        let probe = SyncRequest {
+            sync: uuid::Uuid::new_v4(),
+            license: uuid::Uuid::new_v4(),
+            cluster: "probe".into(),
+        };
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            f.client
+                .request(Subjects::vendor_sync(), encode(&probe).unwrap().into()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    })
+    .await
+    .unwrap();
+
+    let clock = WallClock::default();
+    let b1 = broker(&f, &license, "b1", &clock).await;
+    let slave = SlaveAgent::start(f.slave_config("site1").unwrap())
+        .await
+        .unwrap();
+    assert!(slave.register("a1", "inbound").await.unwrap().is_approved());
+    clock.jump(Duration::from_millis(61 * DAY_MS));
+    match slave.register("a2", "inbound").await.unwrap() {
+        Outcome::Rejected { reason, .. } => assert_eq!(reason, RejectReason::SyncOverdue),
+        other => panic!("a2 past the limit: {other:?}"),
+    }
+
+    let out = sync_now(&f).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("succeeded") && stdout.contains("total limit 5 -> 8"),
+        "{stdout}"
+    );
+    let synced = alerts
+        .wait_for("vendor_sync", |a| a.kind == AlertKind::VendorSync)
+        .await
+        .unwrap();
+    assert_eq!(synced.severity, Severity::Info, "{}", synced.message);
+    let st = f.status().await.unwrap();
+    assert_eq!(st.total_limit, 8);
+    let sync = st.license.sync.unwrap();
+    assert!(!sync.overdue && sync.last_sync_ms > 0, "{sync:?}");
+    assert_eq!(sync.deadline_ms, sync.last_sync_ms + 60 * DAY_MS);
+    assert!(slave.register("a2", "inbound").await.unwrap().is_approved());
+    let log = std::fs::read_to_string(store.path().join("syncs.jsonl")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&license.id.to_string()) && l.contains("\"answered\"")),
+        "{log}"
+    );
+
+    b1.stop().await.unwrap();
+    let b2 = broker(&f, &license, "b2", &clock).await;
+    eventually("b2 leads", || async {
+        f.status().await.is_ok_and(|st| st.broker_id == "b2")
+    })
+    .await
+    .unwrap();
+    let st = f.status().await.unwrap();
+    assert_eq!((st.total_limit, st.total_in_use), (8, 2));
+    let after = st.license.sync.unwrap();
+    assert_eq!(after.last_sync_ms, sync.last_sync_ms);
+    assert!(!after.overdue);
+    assert!(slave.register("a3", "inbound").await.unwrap().is_approved());
+    slave.shutdown().await;
+    b2.stop().await.unwrap();
+}
+
+/// Steps: no vendor; the test answers on the vendor's subject itself, each request in
+/// turn: signed by another key, a right signature for another sync's id, a body with one
+/// byte changed. Each `admin sync now` fails saying why, with a `vendor_sync` warning, and
+/// nothing changes: limit 5, no sync recorded, still overdue. Finally the vendor's own
+/// answer: the sync succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_not_from_the_vendor_or_for_another_sync_change_nothing() {
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let license = synced_master(5);
+    let mut purchase = license.clone();
+    purchase.limits.total = Some(8);
+    let text = std::fs::read_to_string(f.vendor.write("p.lic", &purchase).unwrap()).unwrap();
+    let other = Vendor::new().unwrap();
+    let mut requests = f.client.subscribe(Subjects::vendor_sync()).await.unwrap();
+    f.client.flush().await.unwrap();
+    let clock = WallClock::default();
+    clock.jump(Duration::from_millis(61 * DAY_MS));
+    let _b1 = broker(&f, &license, "b1", &clock).await;
+
+    let cases: [(&str, &str); 4] = [
+        ("foreign key", "not signed by the vendor key"),
+        ("other sync", "not for this one"),
+        ("changed byte", "not signed by the vendor key"),
+        ("vendor", ""),
+    ];
+    for (case, error) in cases {
+        let client = f.client.clone();
+        let next = requests.next();
+        let (vendor, other, text) = (&f.vendor, &other, text.clone());
+        let answering = async move {
+            let msg = tokio::time::timeout(WAIT, next).await.unwrap().unwrap();
+            let request: SyncRequest = decode(&msg.payload).unwrap();
+            let mut answer = SyncAnswer {
+                sync: request.sync,
+                at_ms: clock_now_ms() + 61 * DAY_MS,
+                license: Some(text),
+                refused: None,
+            };
+            let signed = match case {
+                "foreign key" => other.sign_sync(&answer).unwrap(),
+                "other sync" => {
+                    answer.sync = uuid::Uuid::new_v4();
+                    vendor.sign_sync(&answer).unwrap()
+                }
+                "changed byte" => {
+                    use base64::Engine as _;
+                    let b64 = base64::engine::general_purpose::STANDARD;
+                    let mut signed = vendor.sign_sync(&answer).unwrap();
+                    let mut body = b64.decode(&signed.body).unwrap();
+                    let last = body.len() - 1;
+                    body[last] ^= 1;
+                    signed.body = b64.encode(&body);
+                    signed
+                }
+                _ => vendor.sign_sync(&answer).unwrap(),
+            };
+            client
+                .publish(msg.reply.unwrap(), encode(&signed).unwrap().into())
+                .await
+                .unwrap();
+        };
+        let (out, ()) = tokio::join!(sync_now(&f), answering);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let st = f.status().await.unwrap();
+        let sync = st.license.sync.clone().unwrap();
+        if error.is_empty() {
+            assert!(out.status.success(), "{case}: {stderr}");
+            assert_eq!(st.total_limit, 8);
+            assert!(!sync.overdue);
+            break;
+        }
+        assert!(!out.status.success(), "{case} was taken");
+        assert!(stderr.contains(error), "{case}: {stderr}");
+        let alert = alerts
+            .wait_for(case, |a| {
+                a.kind == AlertKind::VendorSync && a.message.contains(error)
+            })
+            .await
+            .unwrap();
+        assert_eq!(alert.severity, Severity::Warning);
+        assert_eq!(st.total_limit, 5, "{case}");
+        assert!(sync.overdue && sync.last_sync_ms == 0, "{case}: {sync:?}");
+        alerts.seen.clear();
+    }
+}
+
+fn clock_now_ms() -> u64 {
+    u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap()
+}

@@ -1,0 +1,244 @@
+//! The vendor's side of vendor sync: `run` answers masters' `SyncRequest`s on
+//! `lmbus.vendor.v1.sync` (a queue group, so several vendor nodes share them) with the
+//! current signed license of the id asked about, from the store, signed as a whole with the
+//! vendor key (`sign_sync_answer`).
+//!
+//! The store is a directory: `licenses/<license id>.lic` holds each customer's current
+//! master license (put there by `store_license`, which verifies it first; a new purchase or
+//! a change of limits or dates is a new file in its place, a removed license a deleted
+//! one), and `syncs.jsonl` gets one line per answered sync (time, sync id, license, cluster,
+//! outcome). Answering is idempotent: the same request gets the same license.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use lmbus_schemas::{
+    License, Subjects, SyncAnswer, SyncRequest, VendorKey, decode, encode, printable,
+    sign_sync_answer, verify_license,
+};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct VendorConfig {
+    pub nats_url: String,
+    pub nats_auth: lmbus_nats::NatsAuth,
+    /// The vendor's signing key: the one that signs licenses.
+    pub key: VendorKey,
+    /// The store directory.
+    pub store: PathBuf,
+}
+
+/// The queue group every vendor node answers in.
+const QUEUE: &str = "lmbus-vendor";
+
+/// Where the store keeps license `id`.
+fn license_path(store: &Path, id: Uuid) -> PathBuf {
+    store.join("licenses").join(format!("{id}.lic"))
+}
+
+/// Verifies `text` with the vendor's own key and puts it in the store as the current
+/// license of its id; the license.
+pub fn store_license(store: &Path, text: &str, key: &VendorKey) -> anyhow::Result<License> {
+    let license = verify_license(text, "the license to store", &key.verifying_key())?;
+    let path = license_path(store, license.id);
+    let dir = store.join("licenses");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(license)
+}
+
+/// The answer to `request` at `now_ms`, from the store: the license's current text, or a
+/// refusal saying why there is none.
+pub fn answer(store: &Path, key: &VendorKey, request: &SyncRequest, now_ms: u64) -> SyncAnswer {
+    let refused = |why: String| SyncAnswer {
+        sync: request.sync,
+        at_ms: now_ms,
+        license: None,
+        refused: Some(why),
+    };
+    let path = license_path(store, request.license);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return refused(format!(
+                "license {} is not in the vendor's store (removed, transferred, or never issued)",
+                request.license
+            ));
+        }
+        Err(e) => {
+            warn!("cannot read {}: {e}", path.display());
+            return refused("the vendor cannot read its store now: try again later".into());
+        }
+    };
+    // Never send what the master would refuse: the store's file must verify and be the id.
+    match verify_license(&text, &path.display().to_string(), &key.verifying_key()) {
+        Ok(license) if license.id == request.license => SyncAnswer {
+            sync: request.sync,
+            at_ms: now_ms,
+            license: Some(text),
+            refused: None,
+        },
+        Ok(license) => {
+            warn!(
+                "{} holds license {}, not {}",
+                path.display(),
+                license.id,
+                request.license
+            );
+            refused("the vendor's store is inconsistent for this license".into())
+        }
+        Err(e) => {
+            warn!("{e}");
+            refused("the vendor's stored license does not verify".into())
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+/// Appends one line to `syncs.jsonl`.
+fn record(store: &Path, request: &SyncRequest, answer: &SyncAnswer) -> anyhow::Result<()> {
+    let path = store.join("syncs.jsonl");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let line = serde_json::json!({
+        "time_ms": answer.at_ms,
+        "sync": request.sync,
+        "license": request.license,
+        "cluster": printable(&request.cluster).chars().take(64).collect::<String>(),
+        "outcome": answer.refused.as_deref().unwrap_or("answered"),
+    });
+    writeln!(file, "{line}").with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Serves sync requests until `shutdown` resolves, then drains the connection.
+pub async fn run(
+    cfg: VendorConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let client = lmbus_nats::connect(
+        &cfg.nats_url,
+        async_nats::ConnectOptions::new(),
+        &cfg.nats_auth,
+    )
+    .await?;
+    let mut requests = client
+        .queue_subscribe(Subjects::vendor_sync(), QUEUE.into())
+        .await
+        .with_context(|| format!("cannot subscribe to {}", Subjects::vendor_sync()))?;
+    client.flush().await?;
+    info!(subject = Subjects::vendor_sync(), store = %cfg.store.display(), "serving vendor sync");
+    tokio::pin!(shutdown);
+    loop {
+        let msg = tokio::select! {
+            _ = &mut shutdown => break,
+            msg = requests.next() => match msg {
+                Some(msg) => msg,
+                None => anyhow::bail!("the subscription to {} ended", Subjects::vendor_sync()),
+            },
+        };
+        let Some(reply_to) = msg.reply.clone() else {
+            continue;
+        };
+        let request: SyncRequest = match decode(&msg.payload) {
+            Ok(request) => request,
+            Err(e) => {
+                warn!("a sync request that does not decode: {e}");
+                continue;
+            }
+        };
+        let answer = answer(&cfg.store, &cfg.key, &request, now_ms());
+        if let Err(e) = record(&cfg.store, &request, &answer) {
+            warn!("{e:#}");
+        }
+        info!(sync = %request.sync, license = %request.license, refused = answer.refused.as_deref(), "sync answered");
+        let signed = sign_sync_answer(&answer, &cfg.key)?;
+        if let Err(e) = client.publish(reply_to, encode(&signed)?.into()).await {
+            warn!("cannot answer sync {}: {e}", request.sync);
+        }
+    }
+    client.drain().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmbus_schemas::{Context, Limits, Role, sign_license};
+
+    fn license(total: u32) -> License {
+        License {
+            id: Uuid::new_v4(),
+            customer: "Acme".into(),
+            issued: time::macros::date!(2026 - 01 - 01),
+            expires: time::macros::date!(2099 - 12 - 31),
+            maintenance_expires: time::macros::date!(2099 - 12 - 31),
+            role: Role::Master,
+            context: Context::Production,
+            sync_within_days: Some(60),
+            limits: Limits {
+                total: Some(total),
+                ..Limits::default()
+            },
+        }
+    }
+
+    /// A stored license is answered verbatim for its id; an unknown id, a file that does not
+    /// verify, or one holding another id is refused with a reason; `store_license` refuses
+    /// a license signed by another key.
+    #[test]
+    fn the_store_answers_its_licenses_and_refuses_the_rest() {
+        let store = tempfile::tempdir().unwrap();
+        let key = VendorKey::from_bytes(&[3; 32]);
+        let l = license(8);
+        let text = sign_license(&l, &key).unwrap();
+        store_license(store.path(), &text, &key).unwrap();
+        let ask = |id| SyncRequest {
+            sync: Uuid::new_v4(),
+            license: id,
+            cluster: "acme".into(),
+        };
+        let request = ask(l.id);
+        let a = answer(store.path(), &key, &request, 5);
+        assert_eq!((a.sync, a.at_ms), (request.sync, 5));
+        assert_eq!(a.license.as_deref(), Some(text.as_str()));
+        assert!(a.refused.is_none());
+
+        let unknown = answer(store.path(), &key, &ask(Uuid::new_v4()), 5);
+        assert!(unknown.license.is_none());
+        assert!(
+            unknown
+                .refused
+                .unwrap()
+                .contains("not in the vendor's store")
+        );
+
+        std::fs::write(
+            license_path(store.path(), l.id),
+            text.replace("total = 8", "total = 80"),
+        )
+        .unwrap();
+        let tampered = answer(store.path(), &key, &ask(l.id), 5);
+        assert!(tampered.refused.unwrap().contains("does not verify"));
+
+        let other = license(2);
+        std::fs::write(
+            license_path(store.path(), l.id),
+            sign_license(&other, &key).unwrap(),
+        )
+        .unwrap();
+        assert!(answer(store.path(), &key, &ask(l.id), 5).refused.is_some());
+
+        let foreign = sign_license(&l, &VendorKey::from_bytes(&[4; 32])).unwrap();
+        assert!(store_license(store.path(), &foreign, &key).is_err());
+    }
+}

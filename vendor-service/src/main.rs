@@ -1,0 +1,134 @@
+//! `lmbus-vendor`: `serve` answers masters' vendor syncs from the store; `store` puts a
+//! signed master license in it as the customer's current one.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lmbus-vendor",
+    version,
+    about = "The vendor's side of vendor sync: answer masters' syncs with their current signed license"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    config: lmbus_nats::config_file::ConfigArg,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Answer sync requests on lmbus.vendor.v1.sync with the store's licenses.
+    ///
+    /// Run it on the vendor's NATS; customers' NATS servers reach it through a leaf node
+    /// that exports only that subject.
+    Serve {
+        #[command(flatten)]
+        daemon: lmbus_nats::config_file::DaemonArgs,
+        /// The vendor's secret key file (from `lmbus-license keygen`): answers are signed
+        /// with it.
+        #[arg(long, help_heading = "Vendor")]
+        key: PathBuf,
+        /// The store directory (licenses/<id>.lic, syncs.jsonl).
+        #[arg(long, help_heading = "Vendor")]
+        store: PathBuf,
+    },
+    /// Make a signed master license the customer's current one: the next sync sends it.
+    ///
+    /// It is verified with the vendor key first.
+    Store {
+        /// The signed license file (from `lmbus-license sign`).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The vendor's secret key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+    },
+}
+
+fn read_key(path: &std::path::Path) -> anyhow::Result<lmbus_schemas::VendorKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read vendor key file {}", path.display()))?;
+    lmbus_schemas::parse_secret_key(&text)
+        .with_context(|| format!("vendor key file {}", path.display()))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { daemon, key, store } => {
+            let cfg = lmbus_vendor::VendorConfig {
+                nats_url: daemon
+                    .nats
+                    .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned()),
+                nats_auth: daemon.nats_auth.into(),
+                key: read_key(&key)?,
+                store,
+            };
+            lmbus_vendor::run(cfg, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+        }
+        Command::Store { file, key, store } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read license file {}", file.display()))?;
+            let license = lmbus_vendor::store_license(&store, &text, &read_key(&key)?)
+                .with_context(|| format!("license file {}", file.display()))?;
+            println!(
+                "license {} for {} is the current one in {}",
+                license.id,
+                license.customer,
+                store.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(lmbus_nats::config_file::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lmbus-vendor: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every subcommand says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        let missing =
+            lmbus_nats::cli_help::undocumented_arguments(&<Cli as clap::CommandFactory>::command());
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
+
+    /// Every long flag is a config file key that takes effect.
+    #[test]
+    fn every_flag_is_a_config_key() {
+        let failed = lmbus_nats::config_file::keys_not_applied::<Cli>(&[]);
+        assert!(
+            failed.is_empty(),
+            "flags the config file cannot set: {failed:#?}"
+        );
+    }
+}
