@@ -65,6 +65,10 @@ pub struct BrokerConfig {
     /// Fault injection for tests only: keep acting as leader after the lease is lost, so
     /// that the ledger's fencing is the only thing that stops a deposed leader.
     pub fault_ignore_lease: bool,
+    /// How often the leader syncs with the vendor by itself, counted from the last sync in
+    /// the ledger (`--sync-every`, default a day), when the master license has an offline
+    /// limit; zero: only on `admin sync now`.
+    pub sync_every: Duration,
     /// The wall clock the engine decides the offline limit by (and records grants with):
     /// the system's, shifted only by tests (`WallClock::jump`, the hidden
     /// `--fault-clock-skew-days`).
@@ -114,6 +118,9 @@ impl WallClock {
             .saturating_add(self.ahead_ms.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
+
+/// The vendor sync schedule's default: once a day.
+pub const DEFAULT_SYNC_EVERY: Duration = Duration::from_secs(86_400);
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;

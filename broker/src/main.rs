@@ -747,6 +747,13 @@ struct RunArgs {
     /// Warn this many days before the master license expires [default: 30].
     #[arg(help_heading = "License", long, env = "LMBUS_EXPIRY_WARNING_DAYS")]
     expiry_warning_days: Option<i64>,
+    /// Sync with the vendor this often, counted from the last sync; 0s: only on `admin sync
+    /// now` [default: 24h].
+    ///
+    /// Only for a master license with an offline limit (sync_within_days). After a failed
+    /// sync the next try waits up to an hour.
+    #[arg(help_heading = "License", long, env = "LMBUS_SYNC_EVERY", value_parser = humantime::parse_duration)]
+    sync_every: Option<Duration>,
     /// Most slaves the master tracks; further hellos are refused [default: 100000].
     #[arg(help_heading = "Limits", long, env = "LMBUS_MAX_SLAVES")]
     max_slaves: Option<usize>,
@@ -988,6 +995,7 @@ impl RunArgs {
                 .unwrap_or(config::DEFAULT_SNAPSHOT_EVERY),
             ledger_trim: self.ledger_trim.unwrap_or(false),
             fault_ignore_lease: self.fault_ignore_lease,
+            sync_every: self.sync_every.unwrap_or(config::DEFAULT_SYNC_EVERY),
             wall_clock: config::WallClock::ahead_by_days(self.fault_clock_skew_days.unwrap_or(0)),
             allot,
         })

@@ -37,7 +37,7 @@ pub use subjects::{
     CLIENT_INBOX_PREFIX, MAX_REPLY_LEN, SlaveId, SlaveOp, SubjectError, Subjects, is_client_reply,
 };
 pub use sync::{
-    SignedSyncAnswer, SyncAnswer, SyncError, SyncNowReply, SyncNowRequest, SyncRequest,
-    sign_sync_answer, verify_sync_answer,
+    SeatUsage, SignedSyncAnswer, SyncAnswer, SyncError, SyncNowReply, SyncNowRequest, SyncRequest,
+    UsageSummary, sign_sync_answer, verify_sync_answer,
 };
 pub use validate::{Invalid, Validate, printable, truncated};

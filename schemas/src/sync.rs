@@ -15,8 +15,9 @@ use uuid::Uuid;
 
 use crate::license::{VendorKey, VerifyingKey, key_id};
 
-/// The leader asks the vendor for the current state of its master license.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The leader asks the vendor for the current state of its master license, and tells it
+/// what the installation used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SyncRequest {
     /// This exchange: the answer must name it.
     pub sync: Uuid,
@@ -25,6 +26,37 @@ pub struct SyncRequest {
     /// The cluster name, for the vendor's records (no agent ids, no personal data).
     #[serde(default)]
     pub cluster: String,
+    /// Seats used since the usage period began (`None`: the leader has counted none yet).
+    #[serde(default)]
+    pub summary: Option<UsageSummary>,
+}
+
+/// Seats in use over a period: the peak and the time-weighted average.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SeatUsage {
+    pub peak: u32,
+    pub average: f64,
+}
+
+/// What an installation used, summed up for the vendor: per agent type and in total, and
+/// how many slaves were connected. Deliberately nothing per agent or per slave: no agent
+/// id, slave id or anything about a person.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageSummary {
+    /// The master license's context (production, backup, development).
+    #[serde(default)]
+    pub context: String,
+    /// The usage period (Unix milliseconds), and when this replica began counting in it.
+    pub period_start_ms: i64,
+    pub period_end_ms: i64,
+    #[serde(default)]
+    pub counted_from_ms: i64,
+    pub total: SeatUsage,
+    #[serde(default)]
+    pub by_type: std::collections::BTreeMap<String, SeatUsage>,
+    /// Slaves with a live session when the summary was made.
+    #[serde(default)]
+    pub slaves_connected: u32,
 }
 
 /// What the vendor says, signed as encoded bytes inside [`SignedSyncAnswer`].
@@ -153,6 +185,25 @@ mod tests {
             sync: Uuid::new_v4(),
             license: Uuid::new_v4(),
             cluster: "acme".into(),
+            summary: Some(UsageSummary {
+                context: "production".into(),
+                period_start_ms: 1,
+                period_end_ms: 3,
+                counted_from_ms: 2,
+                total: SeatUsage {
+                    peak: 4,
+                    average: 2.5,
+                },
+                by_type: [(
+                    "inbound".to_owned(),
+                    SeatUsage {
+                        peak: 4,
+                        average: 2.5,
+                    },
+                )]
+                .into(),
+                slaves_connected: 2,
+            }),
         };
         assert_eq!(
             decode::<SyncRequest>(&encode(&request).unwrap()).unwrap(),

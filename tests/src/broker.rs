@@ -59,6 +59,8 @@ pub fn broker_config_at(
         ledger_trim: false,
         fault_ignore_lease: false,
         wall_clock: Default::default(),
+        // Tests sync when they say so (a test of the schedule sets it).
+        sync_every: Duration::ZERO,
         allot: Default::default(),
         report: lmbus_broker::report::ReportConfig::default(),
     }

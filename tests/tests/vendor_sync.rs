@@ -55,25 +55,14 @@ async fn broker(f: &Fixture, license: &License, id: &str, clock: &WallClock) -> 
     Broker::start(cfg).await.unwrap()
 }
 
-/// Steps: the vendor stores a purchase for the customer's license (5 seats → 8) and runs
-/// `lmbus-vendor serve`; broker b1 runs with the 5-seat license. The clock jumps past the
-/// offline limit: a registration is refused `sync_overdue`. `admin sync now` succeeds: the
-/// limit is 8, the last sync is the vendor's time, not overdue, a `vendor_sync` info alert,
-/// and the registration is approved; the vendor logged the sync. b1 stops, b2 (the same
-/// clock, started with the old 5-seat file) takes over from the ledger: 8 seats, the same
-/// last sync, not overdue.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sync_brings_the_purchase_and_restarts_the_offline_clock() {
-    let f = Fixture::new().await.unwrap();
-    let mut alerts = f.alerts().await.unwrap();
-    let license = synced_master(5);
-    let mut purchase = license.clone();
-    purchase.limits.total = Some(8);
+/// Puts `license` in a fresh vendor store and runs `lmbus-vendor serve` on the fixture's
+/// NATS until it answers; the store and the process.
+async fn vendor_serving(f: &Fixture, license: &License) -> (tempfile::TempDir, Proc) {
     let store = tempfile::tempdir().unwrap();
-    let purchased = f.vendor.write("purchase.lic", &purchase).unwrap();
+    let file = f.vendor.write("stored.lic", license).unwrap();
     let stored = Command::new(bin("lmbus-vendor").unwrap())
         .arg("store")
-        .arg(&purchased)
+        .arg(&file)
         .arg("--key")
         .arg(f.vendor.secret_key_path().unwrap())
         .arg("--store")
@@ -85,7 +74,7 @@ async fn a_sync_brings_the_purchase_and_restarts_the_offline_clock() {
         "{}",
         String::from_utf8_lossy(&stored.stderr)
     );
-    let _vendor = Proc::spawn(
+    let vendor = Proc::spawn(
         Command::new(bin("lmbus-vendor").unwrap())
             .args(["serve", "--nats", &f.nats.url()])
             .arg("--key")
@@ -102,6 +91,7 @@ async fn a_sync_brings_the_purchase_and_restarts_the_offline_clock() {
             sync: uuid::Uuid::new_v4(),
             license: uuid::Uuid::new_v4(),
             cluster: "probe".into(),
+            summary: None,
         };
         tokio::time::timeout(
             Duration::from_millis(500),
@@ -113,7 +103,24 @@ async fn a_sync_brings_the_purchase_and_restarts_the_offline_clock() {
     })
     .await
     .unwrap();
+    (store, vendor)
+}
 
+/// Steps: the vendor stores a purchase for the customer's license (5 seats → 8) and runs
+/// `lmbus-vendor serve`; broker b1 runs with the 5-seat license. The clock jumps past the
+/// offline limit: a registration is refused `sync_overdue`. `admin sync now` succeeds: the
+/// limit is 8, the last sync is the vendor's time, not overdue, a `vendor_sync` info alert,
+/// and the registration is approved; the vendor logged the sync. b1 stops, b2 (the same
+/// clock, started with the old 5-seat file) takes over from the ledger: 8 seats, the same
+/// last sync, not overdue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_brings_the_purchase_and_restarts_the_offline_clock() {
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let license = synced_master(5);
+    let mut purchase = license.clone();
+    purchase.limits.total = Some(8);
+    let (store, _vendor) = vendor_serving(&f, &purchase).await;
     let clock = WallClock::default();
     let b1 = broker(&f, &license, "b1", &clock).await;
     let slave = SlaveAgent::start(f.slave_config("site1").unwrap())
@@ -261,4 +268,89 @@ async fn answers_not_from_the_vendor_or_for_another_sync_change_nothing() {
 
 fn clock_now_ms() -> u64 {
     u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap()
+}
+
+/// Steps: the vendor serves the customer's license; broker b1 runs with `sync_every` 1 h.
+/// It syncs by itself at once (no sync yet), with a `vendor_sync` alert naming the
+/// schedule. site-secret-s registers agent-secret-1 and agent-secret-2; the clock jumps 2 h
+/// and b1 syncs again by itself. The second request's usage summary counts the 2 seats in
+/// total and per type, and no request sent to the vendor contains an agent id or the slave
+/// id; the vendor logged both syncs with their summaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_syncs_by_itself_with_a_summary_that_names_no_agent() {
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let license = synced_master(5);
+    let (store, _vendor) = vendor_serving(&f, &license).await;
+    let mut sent = f.client.subscribe(Subjects::vendor_sync()).await.unwrap();
+    f.client.flush().await.unwrap();
+    let clock = WallClock::default();
+    let path = f.vendor.write("master.lic", &license).unwrap();
+    let mut cfg = broker_config(&f.nats, &f.cluster, path, &f.vendor, true);
+    cfg.wall_clock = clock.clone();
+    cfg.sync_every = Duration::from_secs(3600);
+    let b1 = Broker::start(cfg).await.unwrap();
+    let first = alerts
+        .wait_for("the scheduled sync", |a| a.kind == AlertKind::VendorSync)
+        .await
+        .unwrap();
+    assert_eq!(first.severity, Severity::Info, "{}", first.message);
+    assert!(
+        first.message.contains("the sync schedule"),
+        "{}",
+        first.message
+    );
+
+    let slave = SlaveAgent::start(f.slave_config("site-secret-s").unwrap())
+        .await
+        .unwrap();
+    for agent in ["agent-secret-1", "agent-secret-2"] {
+        assert!(
+            slave
+                .register(agent, "inbound")
+                .await
+                .unwrap()
+                .is_approved()
+        );
+    }
+    // The usage period sees the seats at the next tick.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    clock.jump(Duration::from_secs(2 * 3600));
+    alerts
+        .wait_count("two scheduled syncs", 2, |a| {
+            a.kind == AlertKind::VendorSync && a.severity == Severity::Info
+        })
+        .await
+        .unwrap();
+
+    let mut requests = Vec::new();
+    while requests.len() < 2 {
+        let msg = tokio::time::timeout(WAIT, sent.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&msg.payload).into_owned();
+        for secret in ["agent-secret", "site-secret"] {
+            assert!(
+                !text.contains(secret),
+                "{secret} sent to the vendor: {text:?}"
+            );
+        }
+        requests.push(decode::<SyncRequest>(&msg.payload).unwrap());
+    }
+    let summary = requests[1].summary.clone().unwrap();
+    assert_eq!(summary.total.peak, 2, "{summary:?}");
+    assert_eq!(summary.by_type["inbound"].peak, 2, "{summary:?}");
+    assert_eq!(summary.slaves_connected, 1);
+    assert_eq!(summary.context, "production");
+    let log = std::fs::read_to_string(store.path().join("syncs.jsonl")).unwrap();
+    let answered: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&license.id.to_string()) && l.contains("\"answered\""))
+        .collect();
+    eprintln!("seen: syncs.jsonl:\n{log}");
+    assert_eq!(answered.len(), 2, "{log}");
+    assert!(answered[1].contains("\"peak\":2"), "{log}");
+    slave.shutdown().await;
+    b1.stop().await.unwrap();
 }

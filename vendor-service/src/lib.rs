@@ -7,7 +7,7 @@
 //! master license (put there by `store_license`, which verifies it first; a new purchase or
 //! a change of limits or dates is a new file in its place, a removed license a deleted
 //! one), and `syncs.jsonl` gets one line per answered sync (time, sync id, license, cluster,
-//! outcome). Answering is idempotent: the same request gets the same license.
+//! outcome and the installation's usage summary). Answering is idempotent: the same request gets the same license.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -116,6 +116,7 @@ fn record(store: &Path, request: &SyncRequest, answer: &SyncAnswer) -> anyhow::R
         "license": request.license,
         "cluster": printable(&request.cluster).chars().take(64).collect::<String>(),
         "outcome": answer.refused.as_deref().unwrap_or("answered"),
+        "summary": request.summary,
     });
     writeln!(file, "{line}").with_context(|| format!("cannot write {}", path.display()))
 }
@@ -206,6 +207,7 @@ mod tests {
             sync: Uuid::new_v4(),
             license: id,
             cluster: "acme".into(),
+            summary: None,
         };
         let request = ask(l.id);
         let a = answer(store.path(), &key, &request, 5);

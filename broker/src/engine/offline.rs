@@ -52,6 +52,11 @@ impl Engine {
         Some(from.saturating_add(u64::from(days).saturating_mul(DAY_MS)))
     }
 
+    /// The latest vendor sync in the ledger (Unix milliseconds; 0: none).
+    pub fn last_sync_ms(&self) -> u64 {
+        self.last_sync_ms
+    }
+
     /// The offline limit has passed: at the wall clock of the event being handled, or at
     /// the one a leader recorded passing it (`SyncWarned` with 0 days for this deadline), so
     /// that a clock set back afterwards does not grant seats again.

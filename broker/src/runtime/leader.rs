@@ -11,8 +11,8 @@ use anyhow::Context as _;
 use async_nats::{Message, Subject, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use lmbus_schemas::{
-    Alert, AlertKind, LedgerEntry, ReloadReply, ReloadRequest, ReplicaBeat, SeatChange, Severity,
-    SlaveOp, SyncNowReply, decode,
+    Alert, AlertKind, LedgerEntry, ReloadReply, ReloadRequest, ReplicaBeat, SeatChange, SeatUsage,
+    Severity, SlaveOp, SyncNowReply, UsageSummary, decode,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -36,7 +36,7 @@ use super::outbound::Io;
 use super::replica::Replica;
 use super::reporter::spawn_report;
 use super::snapshotter::Snapshotter;
-use super::vendor_sync::{SyncDone, spawn_sync};
+use super::vendor_sync::{Ask, SyncDone, spawn_sync};
 
 /// Most waiting requests decided together and committed in one ledger append.
 const MAX_BATCH: usize = 256;
@@ -155,7 +155,12 @@ pub(super) struct Leader<'a> {
     /// the channel (bound 1) is never full.
     sync_done: (mpsc::Sender<SyncDone>, mpsc::Receiver<SyncDone>),
     syncing: bool,
+    /// The schedule does not sync before this after a failed sync.
+    sync_retry_at: Option<Instant>,
 }
+
+/// How long the schedule waits after a failed sync before it asks again (at most).
+const SYNC_RETRY: Duration = Duration::from_secs(3600);
 
 /// How the loop goes on after one of its arms.
 enum Turn {
@@ -200,6 +205,7 @@ impl<'a> Leader<'a> {
             ),
             sync_done: mpsc::channel(1),
             syncing: false,
+            sync_retry_at: None,
         }
     }
 
@@ -460,15 +466,7 @@ impl<'a> Leader<'a> {
                 }
                 return Turn::Wait;
             }
-            self.syncing = true;
-            spawn_sync(
-                self.io,
-                self.cfg.vendor_key,
-                self.replica.engine.config().license.id,
-                request.operator,
-                msg.reply.clone(),
-                self.sync_done.0.clone(),
-            );
+            self.start_sync(request.operator, msg.reply.clone());
             return Turn::Wait;
         }
         let out = if subject == subjects.admin_reload() {
@@ -494,11 +492,60 @@ impl<'a> Leader<'a> {
         Turn::Decided(Vec::new())
     }
 
+    /// Starts a vendor sync beside the loop (`vendor_sync`), with the usage summary of the
+    /// period so far: per type and in total, no agent or slave ids.
+    fn start_sync(&mut self, operator: String, reply_to: Option<Subject>) {
+        self.syncing = true;
+        let engine = &self.replica.engine;
+        let summary = self.replica.usage.so_far(unix_ms()).map(|w| {
+            let usage = |(peak, average): (u32, f64)| SeatUsage { peak, average };
+            UsageSummary {
+                context: engine.config().license.context.token().to_owned(),
+                period_start_ms: w.start_ms,
+                period_end_ms: w.end_ms,
+                counted_from_ms: w.covered_from_ms,
+                total: usage(w.total),
+                by_type: w.types.into_iter().map(|(t, u)| (t, usage(u))).collect(),
+                slaves_connected: engine.slave_counts().0,
+            }
+        });
+        spawn_sync(
+            self.io,
+            Ask {
+                vendor_key: self.cfg.vendor_key,
+                license: engine.config().license.id,
+                summary,
+                operator,
+                reply_to,
+            },
+            self.sync_done.0.clone(),
+        );
+    }
+
+    /// The schedule (`--sync-every`, for a license with an offline limit): due when the
+    /// last sync in the ledger is that old, and not before `sync_retry_at` after a failure.
+    fn sync_due(&self) -> bool {
+        let every = self.cfg.sync_every;
+        let engine = &self.replica.engine;
+        !self.syncing
+            && !every.is_zero()
+            && engine.config().license.sync_within_days.is_some()
+            && self.sync_retry_at.is_none_or(|at| Instant::now() >= at)
+            && self.cfg.wall_clock.unix_ms()
+                >= engine
+                    .last_sync_ms()
+                    .saturating_add(u64::try_from(every.as_millis()).unwrap_or(u64::MAX))
+    }
+
     /// A vendor sync finished: a verified answer's license goes through the engine's reload
     /// (as `admin reload-license`), then the sync is recorded (`Synced`); a failure or a
     /// refusal changes nothing and says why in a `vendor_sync` alert.
     async fn on_sync_done(&mut self, done: SyncDone) -> Turn {
         self.syncing = false;
+        // After a failure the schedule waits (an hour at most) before it asks again.
+        self.sync_retry_at = (done.result.is_err()
+            || done.result.as_ref().is_ok_and(|a| a.refused.is_some()))
+        .then(|| Instant::now() + self.cfg.sync_every.min(SYNC_RETRY));
         self.set_wall_clock();
         let who = if done.operator.is_empty() {
             "an operator".to_owned()
@@ -651,6 +698,9 @@ impl<'a> Leader<'a> {
             return Turn::Wait;
         }
         self.set_wall_clock();
+        if self.sync_due() {
+            self.start_sync("the sync schedule (--sync-every)".into(), None);
+        }
         let (replica, io) = (&mut *self.replica, self.io);
         let out = replica
             .engine

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use async_nats::Subject;
 use lmbus_schemas::{
-    SignedSyncAnswer, Subjects, SyncAnswer, SyncRequest, VerifyingKey, decode, encode,
-    verify_sync_answer,
+    SignedSyncAnswer, Subjects, SyncAnswer, SyncRequest, UsageSummary, VerifyingKey, decode,
+    encode, verify_sync_answer,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -37,16 +37,27 @@ pub(super) struct SyncDone {
     pub(super) result: Result<SyncAnswer, String>,
 }
 
-/// Asks the vendor about `license` in a task; the outcome goes to `done` (bounded: the
-/// leader runs one sync at a time, so it is never full).
-pub(super) fn spawn_sync(
-    io: &Io,
-    vendor_key: VerifyingKey,
-    license: Uuid,
-    operator: String,
-    reply_to: Option<Subject>,
-    done: mpsc::Sender<SyncDone>,
-) {
+/// What a sync asks the vendor, and for whom.
+pub(super) struct Ask {
+    pub(super) vendor_key: VerifyingKey,
+    pub(super) license: Uuid,
+    /// What the installation used (no agent or slave ids).
+    pub(super) summary: Option<UsageSummary>,
+    /// Who asked: an operator, or the schedule.
+    pub(super) operator: String,
+    pub(super) reply_to: Option<Subject>,
+}
+
+/// Asks the vendor in a task; the outcome goes to `done` (bounded: the leader runs one
+/// sync at a time, so it is never full).
+pub(super) fn spawn_sync(io: &Io, ask_for: Ask, done: mpsc::Sender<SyncDone>) {
+    let Ask {
+        vendor_key,
+        license,
+        summary,
+        operator,
+        reply_to,
+    } = ask_for;
     let client = io.client.clone();
     let cluster = io.subjects.cluster().to_owned();
     io.tasks.clone().spawn(async move {
@@ -59,6 +70,7 @@ pub(super) fn spawn_sync(
                 sync,
                 license,
                 cluster,
+                summary,
             },
         )
         .await;
