@@ -728,7 +728,9 @@ pub fn audit<'a>(
                         tally.release(slave, agent);
                     }
                 }
-                SeatChange::Synced { .. } | SeatChange::SyncWarned { .. } => {}
+                SeatChange::Synced { .. }
+                | SeatChange::SyncWarned { .. }
+                | SeatChange::SyncExported { .. } => {}
                 SeatChange::Unknown => {
                     return Err(AuditError::Unknown { at });
                 }

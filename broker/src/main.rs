@@ -83,6 +83,47 @@ enum SyncCommand {
         )]
         operator: String,
     },
+    /// Air-gapped sites: write a sync request to FILE for the vendor (`lmbus-vendor answer`).
+    ///
+    /// The request's id is recorded in the ledger: the vendor's answer applies once, to it,
+    /// with `admin sync import`.
+    Export {
+        /// Where to write the request (JSON: the license id, the cluster name, the usage
+        /// summary; no agent ids).
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Who is asking, for the alert [default: $USER, or operator].
+        #[arg(
+            long,
+            env = "USER",
+            hide_env = true,
+            default_value = "operator",
+            hide_default_value = true
+        )]
+        operator: String,
+    },
+    /// Air-gapped sites: apply the vendor's answer FILE to a request made by `sync export`.
+    ///
+    /// Checked like a sync over NATS (the vendor's signature; its license through the
+    /// reload path), and only for an exported request not applied yet.
+    Import {
+        /// The vendor's answer (JSON, from `lmbus-vendor answer`).
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Who is asking, for the alert [default: $USER, or operator].
+        #[arg(
+            long,
+            env = "USER",
+            hide_env = true,
+            default_value = "operator",
+            hide_default_value = true
+        )]
+        operator: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -607,6 +648,73 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                     Ok(())
                 }
                 lmbus_schemas::SyncNowReply::Error { message } => anyhow::bail!("{message}"),
+            }
+        }
+        AdminCommand::Sync {
+            command:
+                SyncCommand::Export {
+                    file,
+                    target:
+                        AdminTarget {
+                            nats,
+                            nats_auth,
+                            cluster,
+                        },
+                    operator,
+                },
+        } => {
+            let client = admin_client(&nats, nats_auth).await?;
+            let subject = Subjects::new(&cluster)?.admin_sync_export();
+            let nobody = no_master(&subject, &cluster);
+            let request = lmbus_schemas::SyncExportRequest { operator };
+            match ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await? {
+                lmbus_schemas::SyncExportReply::Exported { request } => {
+                    std::fs::write(&file, serde_json::to_string_pretty(&request)?)
+                        .with_context(|| format!("cannot write {}", file.display()))?;
+                    println!(
+                        "sync request {} written to {}: take it to the vendor, then `admin sync import` its answer",
+                        request.sync,
+                        file.display()
+                    );
+                    Ok(())
+                }
+                lmbus_schemas::SyncExportReply::Error { message } => anyhow::bail!("{message}"),
+            }
+        }
+        AdminCommand::Sync {
+            command:
+                SyncCommand::Import {
+                    file,
+                    target:
+                        AdminTarget {
+                            nats,
+                            nats_auth,
+                            cluster,
+                        },
+                    operator,
+                },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read the vendor's answer {}", file.display()))?;
+            let answer: lmbus_schemas::SignedSyncAnswer = serde_json::from_str(&text)
+                .with_context(|| {
+                    format!(
+                        "{} is not a vendor sync answer (the JSON `lmbus-vendor answer` writes)",
+                        file.display()
+                    )
+                })?;
+            let client = admin_client(&nats, nats_auth).await?;
+            let subject = Subjects::new(&cluster)?.admin_sync_import();
+            let nobody = no_master(&subject, &cluster);
+            let request = lmbus_schemas::SyncImportRequest { answer, operator };
+            match ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await? {
+                lmbus_schemas::SyncNowReply::Synced { message } => {
+                    println!("{message}");
+                    Ok(())
+                }
+                lmbus_schemas::SyncNowReply::Error { message } => {
+                    anyhow::bail!("{}: {message}", file.display())
+                }
             }
         }
         AdminCommand::Drain {

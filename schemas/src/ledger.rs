@@ -147,6 +147,12 @@ pub enum SeatChange {
         deadline_ms: u64,
         days: u32,
     },
+    /// Air-gapped vendor sync: the leader exported the request `sync` to a file
+    /// (`admin sync export`); an answer imported later applies only to an exported request
+    /// not yet applied (a `Synced` naming it settles it).
+    SyncExported {
+        sync: Uuid,
+    },
     /// A record this build does not know: a newer leader wrote it. A replica that meets
     /// one must stop replaying rather than guess.
     #[serde(other)]
@@ -240,6 +246,7 @@ impl SeatChange {
             SeatChange::Leader { replica, .. } => FIELDS + 24 + replica.len(),
             SeatChange::Synced { .. } => FIELDS + 40,
             SeatChange::SyncWarned { .. } => FIELDS + 16,
+            SeatChange::SyncExported { .. } => FIELDS + 24,
             SeatChange::Unknown => FIELDS,
         }
     }
@@ -322,6 +329,9 @@ mod tests {
                     deadline_ms: 1_705_000_000_000,
                     days: 14,
                 },
+                SeatChange::SyncExported {
+                    sync: Uuid::new_v4(),
+                },
             ],
         };
         assert_eq!(
@@ -393,6 +403,9 @@ mod tests {
             SeatChange::SyncWarned {
                 deadline_ms: u64::MAX,
                 days: u32::MAX,
+            },
+            SeatChange::SyncExported {
+                sync: Uuid::new_v4(),
             },
         ];
         for change in &changes {

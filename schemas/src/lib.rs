@@ -37,7 +37,8 @@ pub use subjects::{
     CLIENT_INBOX_PREFIX, MAX_REPLY_LEN, SlaveId, SlaveOp, SubjectError, Subjects, is_client_reply,
 };
 pub use sync::{
-    SeatUsage, SignedSyncAnswer, SyncAnswer, SyncError, SyncNowReply, SyncNowRequest, SyncRequest,
-    UsageSummary, sign_sync_answer, verify_sync_answer,
+    SeatUsage, SignedSyncAnswer, SyncAnswer, SyncError, SyncExportReply, SyncExportRequest,
+    SyncImportRequest, SyncNowReply, SyncNowRequest, SyncRequest, UsageSummary, open_sync_answer,
+    sign_sync_answer, verify_sync_answer,
 };
 pub use validate::{Invalid, Validate, printable, truncated};

@@ -92,6 +92,35 @@ pub struct SyncNowRequest {
     pub operator: String,
 }
 
+/// `lmbus.v1.<cluster>.admin.sync_export`: make a sync request for an air-gapped site
+/// (`admin sync export FILE`): the leader records its id and answers with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncExportRequest {
+    #[serde(default)]
+    pub operator: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncExportReply {
+    /// The request to carry to the vendor (the CLI writes it as JSON).
+    Exported {
+        request: SyncRequest,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// `lmbus.v1.<cluster>.admin.sync_import`: apply the vendor's answer to an exported request
+/// (`admin sync import FILE`); answered with a [`SyncNowReply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncImportRequest {
+    pub answer: SignedSyncAnswer,
+    #[serde(default)]
+    pub operator: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncNowReply {
@@ -140,6 +169,22 @@ pub fn verify_sync_answer(
     key: &VerifyingKey,
     expected: Uuid,
 ) -> Result<SyncAnswer, SyncError> {
+    let answer = open_sync_answer(signed, key)?;
+    if answer.sync != expected {
+        return Err(SyncError::OtherSync {
+            expected,
+            found: answer.sync,
+        });
+    }
+    Ok(answer)
+}
+
+/// A vendor answer whose signature verifies, whatever request it answers: for an imported
+/// file, whose request the caller then looks up among those it exported.
+pub fn open_sync_answer(
+    signed: &SignedSyncAnswer,
+    key: &VerifyingKey,
+) -> Result<SyncAnswer, SyncError> {
     let body = B64
         .decode(&signed.body)
         .map_err(|e| SyncError::Malformed(e.to_string()))?;
@@ -154,15 +199,7 @@ pub fn verify_sync_answer(
         .ok_or_else(bad)?;
     key.verify(&body, &Signature::from_bytes(&signature))
         .map_err(|_| bad())?;
-    let answer: SyncAnswer =
-        crate::decode(&body).map_err(|e| SyncError::Malformed(e.to_string()))?;
-    if answer.sync != expected {
-        return Err(SyncError::OtherSync {
-            expected,
-            found: answer.sync,
-        });
-    }
-    Ok(answer)
+    crate::decode(&body).map_err(|e| SyncError::Malformed(e.to_string()))
 }
 
 #[cfg(test)]
@@ -228,6 +265,21 @@ mod tests {
                 reply
             );
         }
+        let import = SyncImportRequest {
+            answer: signed.clone(),
+            operator: "op".into(),
+        };
+        assert_eq!(
+            decode::<SyncImportRequest>(&encode(&import).unwrap()).unwrap(),
+            import
+        );
+        let export = SyncExportReply::Exported {
+            request: request.clone(),
+        };
+        assert_eq!(
+            decode::<SyncExportReply>(&encode(&export).unwrap()).unwrap(),
+            export
+        );
         let now = SyncNowRequest {
             operator: "op".into(),
         };

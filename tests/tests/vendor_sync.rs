@@ -354,3 +354,133 @@ async fn the_schedule_syncs_by_itself_with_a_summary_that_names_no_agent() {
     slave.shutdown().await;
     b1.stop().await.unwrap();
 }
+
+/// Runs a binary on the blocking pool: its output.
+async fn run(bin_name: &str, args: Vec<std::ffi::OsString>) -> Output {
+    let mut cmd = Command::new(bin(bin_name).unwrap());
+    cmd.args(args);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Steps (air-gapped): the vendor stores a purchase (5 seats → 8); broker b1 runs past the
+/// offline limit. `admin sync export REQ` writes the request (its license id, no agent id);
+/// `lmbus-vendor answer REQ --out ANS` answers it from the store; `admin sync import ANS`
+/// applies it: 8 seats, not overdue. Importing ANS again is refused (an answer applies
+/// once) and changes nothing; so is an answer file with one byte of its signature changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_air_gapped_round_trip_applies_an_answer_once() {
+    let f = Fixture::new().await.unwrap();
+    let license = synced_master(5);
+    let mut purchase = license.clone();
+    purchase.limits.total = Some(8);
+    let store = tempfile::tempdir().unwrap();
+    let key = f.vendor.secret_key_path().unwrap();
+    let purchased = f.vendor.write("purchase.lic", &purchase).unwrap();
+    let stored = run(
+        "lmbus-vendor",
+        vec![
+            "store".into(),
+            purchased.into(),
+            "--key".into(),
+            key.clone().into(),
+            "--store".into(),
+            store.path().into(),
+        ],
+    )
+    .await;
+    assert!(stored.status.success());
+    let clock = WallClock::default();
+    clock.jump(Duration::from_millis(61 * DAY_MS));
+    let _b1 = broker(&f, &license, "b1", &clock).await;
+    let slave = SlaveAgent::start(f.slave_config("site-hidden-s").unwrap())
+        .await
+        .unwrap();
+    match slave.register("agent-hidden-1", "inbound").await.unwrap() {
+        Outcome::Rejected { reason, .. } => assert_eq!(reason, RejectReason::SyncOverdue),
+        other => panic!("past the limit: {other:?}"),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (req, ans) = (dir.path().join("req.json"), dir.path().join("ans.json"));
+    let admin = |what: &str, file: &std::path::Path| -> Vec<std::ffi::OsString> {
+        vec![
+            "admin".into(),
+            "sync".into(),
+            what.into(),
+            file.into(),
+            "--nats".into(),
+            f.nats.url().into(),
+            "--cluster".into(),
+            f.cluster.clone().into(),
+        ]
+    };
+    let out = run("lmbus-broker", admin("export", &req)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let request = std::fs::read_to_string(&req).unwrap();
+    assert!(request.contains(&license.id.to_string()), "{request}");
+    assert!(!request.contains("hidden"), "{request}");
+
+    let out = run(
+        "lmbus-vendor",
+        vec![
+            "answer".into(),
+            req.clone().into(),
+            "--out".into(),
+            ans.clone().into(),
+            "--key".into(),
+            key.into(),
+            "--store".into(),
+            store.path().into(),
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run("lmbus-broker", admin("import", &ans)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = f.status().await.unwrap();
+    assert_eq!(st.total_limit, 8);
+    let sync = st.license.sync.unwrap();
+    assert!(!sync.overdue && sync.last_sync_ms > 0, "{sync:?}");
+
+    let again = run("lmbus-broker", admin("import", &ans)).await;
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success());
+    assert!(stderr.contains("applies once"), "{stderr}");
+    let text = std::fs::read_to_string(&ans).unwrap();
+    let mut signed: lmbus_schemas::SignedSyncAnswer = serde_json::from_str(&text).unwrap();
+    let flipped = if signed.signature.starts_with('A') {
+        "B"
+    } else {
+        "A"
+    };
+    signed.signature.replace_range(0..1, flipped);
+    let forged = dir.path().join("forged.json");
+    std::fs::write(&forged, serde_json::to_string(&signed).unwrap()).unwrap();
+    let out = run("lmbus-broker", admin("import", &forged)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("not signed by the vendor key"), "{stderr}");
+    let after = f.status().await.unwrap().license.sync.unwrap();
+    assert_eq!(after.last_sync_ms, sync.last_sync_ms);
+    assert!(
+        slave
+            .register("agent-hidden-1", "inbound")
+            .await
+            .unwrap()
+            .is_approved()
+    );
+    slave.shutdown().await;
+}

@@ -121,6 +121,19 @@ fn record(store: &Path, request: &SyncRequest, answer: &SyncAnswer) -> anyhow::R
     writeln!(file, "{line}").with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Answers `request` now from the store, records it in `syncs.jsonl` and signs the answer
+/// (for a request that came as a file).
+pub fn answer_and_record(
+    store: &Path,
+    key: &VendorKey,
+    request: &SyncRequest,
+) -> anyhow::Result<(SyncAnswer, lmbus_schemas::SignedSyncAnswer)> {
+    let answer = answer(store, key, request, now_ms());
+    record(store, request, &answer)?;
+    let signed = sign_sync_answer(&answer, key)?;
+    Ok((answer, signed))
+}
+
 /// Serves sync requests until `shutdown` resolves, then drains the connection.
 pub async fn run(
     cfg: VendorConfig,

@@ -37,6 +37,24 @@ enum Command {
         #[arg(long, help_heading = "Vendor")]
         store: PathBuf,
     },
+    /// Air-gapped sites: answer a sync request file (from `lmbus-broker admin sync export`).
+    ///
+    /// The answer (the store's current license, signed) goes to --out, for `lmbus-broker
+    /// admin sync import`; it applies once, to that request.
+    Answer {
+        /// The customer's request file.
+        #[arg(value_name = "REQUEST")]
+        request: PathBuf,
+        /// Where to write the signed answer.
+        #[arg(long)]
+        out: PathBuf,
+        /// The vendor's secret key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+    },
     /// Make a signed master license the customer's current one: the next sync sends it.
     ///
     /// It is verified with the vendor key first.
@@ -75,6 +93,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await
+        }
+        Command::Answer {
+            request,
+            out,
+            key,
+            store,
+        } => {
+            let text = std::fs::read_to_string(&request)
+                .with_context(|| format!("cannot read the request {}", request.display()))?;
+            let asked: lmbus_schemas::SyncRequest = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not a sync request (the JSON `lmbus-broker admin sync export` writes)",
+                    request.display()
+                )
+            })?;
+            let key = read_key(&key)?;
+            let answer = lmbus_vendor::answer_and_record(&store, &key, &asked)?;
+            std::fs::write(&out, serde_json::to_string_pretty(&answer.1)?)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            match answer.0.refused {
+                Some(why) => println!("refused, written to {}: {why}", out.display()),
+                None => println!(
+                    "answer to sync request {} written to {}",
+                    asked.sync,
+                    out.display()
+                ),
+            }
+            Ok(())
         }
         Command::Store { file, key, store } => {
             let text = std::fs::read_to_string(&file)

@@ -171,6 +171,10 @@ pub enum Event {
         at_ms: u64,
         sync: Uuid,
     },
+    /// The leader exported an air-gapped sync request (`admin sync export`).
+    SyncExported {
+        sync: Uuid,
+    },
 }
 
 impl Event {
@@ -403,6 +407,9 @@ pub struct Engine {
     last_sync_ms: u64,
     /// The last offline-limit warning given: its deadline and stage (`SyncWarned`).
     sync_warned: Option<(u64, u32)>,
+    /// Air-gapped sync requests exported and not yet answered (`SyncExported`), oldest
+    /// first, at most [`offline::MAX_EXPORTED`] (the oldest is dropped).
+    exported: std::collections::VecDeque<Uuid>,
     /// Refusals that say nothing new when repeated (replayed numbers, requests without a
     /// session), counted per slave and reason so that each is alerted at most once every
     /// [`RATE_LIMIT_ALERT_EVERY`]. Bounded: at most `max_slaves` entries, the oldest
@@ -429,6 +436,7 @@ impl Engine {
             wall_ms: 0,
             last_sync_ms: 0,
             sync_warned: None,
+            exported: std::collections::VecDeque::new(),
             quiet: BTreeMap::new(),
             allot_counts: allot::AllotCounts::default(),
         }
@@ -507,6 +515,11 @@ impl Engine {
             Event::Goodbye { slave, goodbye } => self.goodbye(&slave, goodbye),
             Event::Forget { request } => self.admin_forget(now, &request),
             Event::Synced { at_ms, sync } => self.synced(at_ms, sync),
+            Event::SyncExported { sync } => {
+                self.apply_sync_exported(sync);
+                self.pending.push(SeatChange::SyncExported { sync });
+                Output::default()
+            }
         }
     }
 

@@ -32,6 +32,9 @@ use super::{Effect, Engine, Output};
 /// One day in milliseconds.
 pub const DAY_MS: u64 = 86_400_000;
 
+/// Air-gapped sync requests kept waiting for their answer; an older one's answer is refused.
+pub const MAX_EXPORTED: usize = 16;
+
 /// How many days before the offline limit the master warns (each once per deadline).
 pub const SYNC_WARN_DAYS: [u32; 4] = [30, 14, 7, 1];
 
@@ -187,8 +190,9 @@ impl Engine {
         if at_ms <= self.last_sync_ms {
             return out;
         }
+        // An imported answer settles its exported request (the runtime checked it waits).
         let was_overdue = self.sync_overdue();
-        self.apply_synced(at_ms);
+        self.apply_synced(at_ms, sync);
         self.pending.push(SeatChange::Synced { at_ms, sync });
         if let Some(deadline) = self.sync_deadline_ms() {
             out.alert(self.alert(
@@ -210,9 +214,26 @@ impl Engine {
         out
     }
 
-    /// Replays a `Synced` record.
-    pub(super) fn apply_synced(&mut self, at_ms: u64) {
+    /// Replays a `Synced` record: the clock, and the exported request it answers is settled.
+    pub(super) fn apply_synced(&mut self, at_ms: u64, sync: Uuid) {
         self.last_sync_ms = self.last_sync_ms.max(at_ms);
+        self.exported.retain(|s| *s != sync);
+    }
+
+    /// Replays a `SyncExported` record.
+    pub(super) fn apply_sync_exported(&mut self, sync: Uuid) {
+        if !self.exported.contains(&sync) {
+            self.exported.push_back(sync);
+        }
+        while self.exported.len() > MAX_EXPORTED {
+            self.exported.pop_front();
+        }
+    }
+
+    /// Whether `sync` is an exported request still waiting for its answer: an imported
+    /// answer applies only then (once, to the request it answers).
+    pub fn awaits_import(&self, sync: Uuid) -> bool {
+        self.exported.contains(&sync)
     }
 
     /// Replays a `SyncWarned` record.
@@ -231,6 +252,9 @@ impl Engine {
         }
         if let Some((deadline_ms, days)) = self.sync_warned {
             changes.push(SeatChange::SyncWarned { deadline_ms, days });
+        }
+        for sync in &self.exported {
+            changes.push(SeatChange::SyncExported { sync: *sync });
         }
         changes
     }

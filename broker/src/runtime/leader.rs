@@ -441,6 +441,12 @@ impl<'a> Leader<'a> {
             );
             return Turn::Wait;
         }
+        if subject == subjects.admin_sync_export() {
+            return self.on_sync_export(&msg).await;
+        }
+        if subject == subjects.admin_sync_import() {
+            return self.on_sync_import(&msg).await;
+        }
         if subject == subjects.admin_sync() {
             let request: lmbus_schemas::SyncNowRequest = match decode(&msg.payload) {
                 Ok(request) => request,
@@ -496,19 +502,8 @@ impl<'a> Leader<'a> {
     /// period so far: per type and in total, no agent or slave ids.
     fn start_sync(&mut self, operator: String, reply_to: Option<Subject>) {
         self.syncing = true;
+        let summary = self.usage_summary();
         let engine = &self.replica.engine;
-        let summary = self.replica.usage.so_far(unix_ms()).map(|w| {
-            let usage = |(peak, average): (u32, f64)| SeatUsage { peak, average };
-            UsageSummary {
-                context: engine.config().license.context.token().to_owned(),
-                period_start_ms: w.start_ms,
-                period_end_ms: w.end_ms,
-                counted_from_ms: w.covered_from_ms,
-                total: usage(w.total),
-                by_type: w.types.into_iter().map(|(t, u)| (t, usage(u))).collect(),
-                slaves_connected: engine.slave_counts().0,
-            }
-        });
         spawn_sync(
             self.io,
             Ask {
@@ -520,6 +515,122 @@ impl<'a> Leader<'a> {
             },
             self.sync_done.0.clone(),
         );
+    }
+
+    /// What a sync tells the vendor about usage: the period so far, per type and in total,
+    /// and the slaves connected; no agent or slave ids.
+    fn usage_summary(&self) -> Option<UsageSummary> {
+        let engine = &self.replica.engine;
+        self.replica.usage.so_far(unix_ms()).map(|w| {
+            let usage = |(peak, average): (u32, f64)| SeatUsage { peak, average };
+            UsageSummary {
+                context: engine.config().license.context.token().to_owned(),
+                period_start_ms: w.start_ms,
+                period_end_ms: w.end_ms,
+                counted_from_ms: w.covered_from_ms,
+                total: usage(w.total),
+                by_type: w.types.into_iter().map(|(t, u)| (t, usage(u))).collect(),
+                slaves_connected: engine.slave_counts().0,
+            }
+        })
+    }
+
+    /// `admin sync export`: a sync request for an air-gapped site, its id recorded
+    /// (`SyncExported`) so that its answer, imported later, applies once.
+    async fn on_sync_export(&mut self, msg: &Message) -> Turn {
+        let request: lmbus_schemas::SyncExportRequest = match decode(&msg.payload) {
+            Ok(request) => request,
+            Err(e) => return self.admin_undecodable(msg, e).await,
+        };
+        let sync = uuid::Uuid::new_v4();
+        let out = self
+            .replica
+            .engine
+            .handle(now(), Event::SyncExported { sync });
+        if let Some(end) = self.settle_all().await {
+            return Turn::End(end);
+        }
+        if let Some(end) = self.commit_all(out.changes).await {
+            return Turn::End(end);
+        }
+        let exported = lmbus_schemas::SyncRequest {
+            sync,
+            license: self.replica.engine.config().license.id,
+            cluster: self.cfg.cluster.clone(),
+            summary: self.usage_summary(),
+        };
+        self.io
+            .alert(Alert::new(
+                Severity::Info,
+                AlertKind::VendorSync,
+                format!(
+                    "{} exported vendor sync request {sync} for an air-gapped sync: its answer applies once, with admin sync import",
+                    lmbus_schemas::printable(&request.operator)
+                ),
+            ))
+            .await;
+        if let Some(to) = &msg.reply {
+            let reply = lmbus_schemas::SyncExportReply::Exported { request: exported };
+            self.io.send(to.clone(), &reply, "admin reply").await;
+        }
+        Turn::Decided(Vec::new())
+    }
+
+    /// `admin sync import`: the vendor's answer to an exported request, taken in like a
+    /// sync over NATS, only when it is signed by the vendor and answers a request exported
+    /// here and not applied yet.
+    async fn on_sync_import(&mut self, msg: &Message) -> Turn {
+        let request: lmbus_schemas::SyncImportRequest = match decode(&msg.payload) {
+            Ok(request) => request,
+            Err(e) => return self.admin_undecodable(msg, e).await,
+        };
+        if self.syncing {
+            if let Some(to) = &msg.reply {
+                let reply = SyncNowReply::Error {
+                    message: "a vendor sync is in progress: import when its alert is out".into(),
+                };
+                self.io.send(to.clone(), &reply, "admin reply").await;
+            }
+            return Turn::Wait;
+        }
+        let (sync, result) = match lmbus_schemas::open_sync_answer(
+            &request.answer,
+            &self.cfg.vendor_key,
+        ) {
+            Ok(answer) if self.replica.engine.awaits_import(answer.sync) => {
+                (answer.sync, Ok(answer))
+            }
+            Ok(answer) => (
+                answer.sync,
+                Err(format!(
+                    "the answer is for sync request {}, which this installation did not export or has applied already: an answer applies once, to the request it answers",
+                    answer.sync
+                )),
+            ),
+            Err(e) => (uuid::Uuid::nil(), Err(e.to_string())),
+        };
+        self.syncing = true;
+        self.on_sync_done(SyncDone {
+            reply_to: msg.reply.clone(),
+            operator: request.operator,
+            sync,
+            result,
+        })
+        .await
+    }
+
+    /// An admin request that does not decode: a `bad_message` alert, and the error to the
+    /// asker.
+    async fn admin_undecodable(&mut self, msg: &Message, e: lmbus_schemas::DecodeError) -> Turn {
+        let out = bad_message(&mut self.replica.engine, msg, &e);
+        self.io.carry_out(None, out).await;
+        if let Some(to) = &msg.reply {
+            let reply = SyncNowReply::Error {
+                message: e.to_string(),
+            };
+            self.io.send(to.clone(), &reply, "admin reply").await;
+        }
+        Turn::Wait
     }
 
     /// The schedule (`--sync-every`, for a license with an offline limit): due when the

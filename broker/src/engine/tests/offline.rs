@@ -329,3 +329,45 @@ fn allotment_blocks_stop_growing_past_the_limit() {
     assert_eq!(ask(&mut h, 1), 1);
     assert_eq!(h.engine.status(h.now).allotted_total, 1);
 }
+
+/// An exported request waits for its answer through a failover (replay and snapshot); the
+/// `Synced` that answers it settles it, so the same answer cannot apply twice; at most
+/// `MAX_EXPORTED` wait, the oldest dropped.
+#[test]
+fn exported_requests_wait_once_for_their_answer() {
+    let (mut h, deadline) = offline_harness(0);
+    let first = Uuid::new_v4();
+    let out = h.engine.handle(h.now, Event::SyncExported { sync: first });
+    assert_eq!(out.changes, vec![SeatChange::SyncExported { sync: first }]);
+    assert!(h.engine.awaits_import(first));
+    let mut standby = Engine::new(h.engine.cfg.clone());
+    for change in &out.changes {
+        standby.apply(h.now, change).unwrap();
+    }
+    let mut restored = Engine::new(h.engine.cfg.clone());
+    for change in h.engine.snapshot(100) {
+        restored.apply(h.now, &change).unwrap();
+    }
+    assert!(standby.awaits_import(first) && restored.awaits_import(first));
+    at(&mut h, deadline + DAY_MS);
+    let synced = h.engine.handle(
+        h.now,
+        Event::Synced {
+            at_ms: deadline + DAY_MS,
+            sync: first,
+        },
+    );
+    assert!(!h.engine.awaits_import(first));
+    for change in &synced.changes {
+        standby.apply(h.now, change).unwrap();
+    }
+    assert!(!standby.awaits_import(first));
+    let oldest = Uuid::new_v4();
+    h.engine.handle(h.now, Event::SyncExported { sync: oldest });
+    for _ in 0..super::super::offline::MAX_EXPORTED {
+        let sync = Uuid::new_v4();
+        h.engine.handle(h.now, Event::SyncExported { sync });
+    }
+    assert!(!h.engine.awaits_import(oldest));
+    assert_eq!(h.engine.exported.len(), super::super::offline::MAX_EXPORTED);
+}
