@@ -730,7 +730,8 @@ pub fn audit<'a>(
                 }
                 SeatChange::Synced { .. }
                 | SeatChange::SyncWarned { .. }
-                | SeatChange::SyncExported { .. } => {}
+                | SeatChange::SyncExported { .. }
+                | SeatChange::Installation { .. } => {}
                 SeatChange::Unknown => {
                     return Err(AuditError::Unknown { at });
                 }

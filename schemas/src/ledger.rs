@@ -153,6 +153,11 @@ pub enum SeatChange {
     SyncExported {
         sync: Uuid,
     },
+    /// The installation's identity (vendor sync: one license id, one installation), drawn
+    /// by the cluster's first leader in its `Leader` entry and kept by every replica.
+    Installation {
+        id: Uuid,
+    },
     /// A record this build does not know: a newer leader wrote it. A replica that meets
     /// one must stop replaying rather than guess.
     #[serde(other)]
@@ -246,7 +251,7 @@ impl SeatChange {
             SeatChange::Leader { replica, .. } => FIELDS + 24 + replica.len(),
             SeatChange::Synced { .. } => FIELDS + 40,
             SeatChange::SyncWarned { .. } => FIELDS + 16,
-            SeatChange::SyncExported { .. } => FIELDS + 24,
+            SeatChange::SyncExported { .. } | SeatChange::Installation { .. } => FIELDS + 24,
             SeatChange::Unknown => FIELDS,
         }
     }
@@ -332,6 +337,7 @@ mod tests {
                 SeatChange::SyncExported {
                     sync: Uuid::new_v4(),
                 },
+                SeatChange::Installation { id: Uuid::new_v4() },
             ],
         };
         assert_eq!(
@@ -407,6 +413,7 @@ mod tests {
             SeatChange::SyncExported {
                 sync: Uuid::new_v4(),
             },
+            SeatChange::Installation { id: Uuid::new_v4() },
         ];
         for change in &changes {
             let encoded = encode(change).unwrap().len();

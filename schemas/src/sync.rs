@@ -26,6 +26,10 @@ pub struct SyncRequest {
     /// The cluster name, for the vendor's records (no agent ids, no personal data).
     #[serde(default)]
     pub cluster: String,
+    /// The installation (the ledger's `Installation` record): the vendor binds a license id
+    /// to the first installation that syncs it and refuses others. Nil from an older broker.
+    #[serde(default)]
+    pub installation: Uuid,
     /// Seats used since the usage period began (`None`: the leader has counted none yet).
     #[serde(default)]
     pub summary: Option<UsageSummary>,
@@ -222,6 +226,7 @@ mod tests {
             sync: Uuid::new_v4(),
             license: Uuid::new_v4(),
             cluster: "acme".into(),
+            installation: Uuid::new_v4(),
             summary: Some(UsageSummary {
                 context: "production".into(),
                 period_start_ms: 1,

@@ -91,6 +91,7 @@ async fn vendor_serving(f: &Fixture, license: &License) -> (tempfile::TempDir, P
             sync: uuid::Uuid::new_v4(),
             license: uuid::Uuid::new_v4(),
             cluster: "probe".into(),
+            installation: uuid::Uuid::nil(),
             summary: None,
         };
         tokio::time::timeout(
@@ -483,4 +484,98 @@ async fn the_air_gapped_round_trip_applies_an_answer_once() {
             .is_approved()
     );
     slave.shutdown().await;
+}
+
+/// Steps: one license and one vendor; two installations (clusters with their own ledgers)
+/// on the same NATS. The first syncs and is bound to the license. The second's sync is
+/// refused as another installation, with a `vendor_sync` warning, and nothing changes
+/// there (still overdue). The first's broker is replaced by another replica (a failover:
+/// the ledger keeps the installation's identity) and syncs again. The vendor logged the
+/// refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_license_synced_from_a_second_installation_is_refused() {
+    let f = Fixture::new().await.unwrap();
+    let license = synced_master(5);
+    let (store, _vendor) = vendor_serving(&f, &license).await;
+    let clock = WallClock::default();
+    clock.jump(Duration::from_millis(61 * DAY_MS));
+    let first = broker(&f, &license, "first-1", &clock).await;
+    let out = sync_now(&f).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let other_cluster = cluster_name();
+    let mut alerts = AlertTap::new(&f.client, &other_cluster).await.unwrap();
+    let path = f.vendor.write("second.lic", &license).unwrap();
+    let mut cfg = broker_config(&f.nats, &other_cluster, path, &f.vendor, true);
+    cfg.broker_id = "second".into();
+    cfg.wall_clock = clock.clone();
+    let second = Broker::start(cfg).await.unwrap();
+    let out = tokio::task::spawn_blocking({
+        let (url, cluster) = (f.nats.url(), other_cluster.clone());
+        move || {
+            Command::new(bin("lmbus-broker").unwrap())
+                .args([
+                    "admin",
+                    "sync",
+                    "now",
+                    "--nats",
+                    &url,
+                    "--cluster",
+                    &cluster,
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("in use by another installation"),
+        "{stderr}"
+    );
+    let warned = alerts
+        .wait_for("vendor_sync", |a| a.kind == AlertKind::VendorSync)
+        .await
+        .unwrap();
+    assert_eq!(warned.severity, Severity::Warning);
+    let st = status(&f.client, &other_cluster).await.unwrap();
+    let sync = st.license.sync.unwrap();
+    assert!(sync.overdue && sync.last_sync_ms == 0, "{sync:?}");
+
+    first.stop().await.unwrap();
+    let replacement = broker(&f, &license, "first-2", &clock).await;
+    eventually("first-2 leads", || async {
+        f.status().await.is_ok_and(|st| st.broker_id == "first-2")
+    })
+    .await
+    .unwrap();
+    let out = sync_now(&f).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(store.path().join("syncs.jsonl")).unwrap();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("in use by another installation"))
+            .count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains(&license.id.to_string()) && l.contains("\"answered\""))
+            .count(),
+        2,
+        "{log}"
+    );
+    second.stop().await.unwrap();
+    replacement.stop().await.unwrap();
 }

@@ -7,7 +7,9 @@
 //! master license (put there by `store_license`, which verifies it first; a new purchase or
 //! a change of limits or dates is a new file in its place, a removed license a deleted
 //! one), and `syncs.jsonl` gets one line per answered sync (time, sync id, license, cluster,
-//! outcome and the installation's usage summary). Answering is idempotent: the same request gets the same license.
+//! outcome and the installation's usage summary). `installations/<license id>` holds the
+//! installation the license is bound to: the first that synced it (trust on first use);
+//! another installation's sync is refused and flagged in the log, until `unbind`. Answering is idempotent: the same request gets the same license.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,45 @@ const QUEUE: &str = "lmbus-vendor";
 /// Where the store keeps license `id`.
 fn license_path(store: &Path, id: Uuid) -> PathBuf {
     store.join("licenses").join(format!("{id}.lic"))
+}
+
+/// Where the store keeps the installation license `id` is bound to.
+fn binding_path(store: &Path, id: Uuid) -> PathBuf {
+    store.join("installations").join(format!("{id}"))
+}
+
+/// One license, one installation: the first installation that syncs license `license` is
+/// bound to it (trust on first use); `Err` names the bound one when another asks. A nil
+/// installation (an older broker) is not checked.
+fn check_installation(store: &Path, license: Uuid, installation: Uuid) -> Result<(), String> {
+    if installation.is_nil() {
+        return Ok(());
+    }
+    let path = binding_path(store, license);
+    match std::fs::read_to_string(&path) {
+        Ok(bound) if bound.trim() == installation.to_string() => Ok(()),
+        Ok(bound) => Err(bound.trim().to_owned()),
+        Err(_) => {
+            let dir = store.join("installations");
+            // A store that cannot keep the binding still answers; the next sync binds.
+            if let Err(e) = std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&path, installation.to_string()))
+            {
+                warn!("cannot bind license {license} to installation {installation}: {e}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Moves license `license` to another installation: the next one that syncs it is bound.
+pub fn unbind(store: &Path, license: Uuid) -> anyhow::Result<bool> {
+    let path = binding_path(store, license);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
 }
 
 /// Verifies `text` with the vendor's own key and puts it in the store as the current
@@ -74,6 +115,18 @@ pub fn answer(store: &Path, key: &VendorKey, request: &SyncRequest, now_ms: u64)
             return refused("the vendor cannot read its store now: try again later".into());
         }
     };
+    if let Err(bound) = check_installation(store, request.license, request.installation) {
+        warn!(
+            license = %request.license,
+            installation = %request.installation,
+            bound = %bound,
+            "FLAGGED: a license synced from a second installation; refused"
+        );
+        return refused(format!(
+            "license {} is in use by another installation ({bound}); this one is {}: a license serves one installation (the vendor moves it with lmbus-vendor unbind)",
+            request.license, request.installation
+        ));
+    }
     // Never send what the master would refuse: the store's file must verify and be the id.
     match verify_license(&text, &path.display().to_string(), &key.verifying_key()) {
         Ok(license) if license.id == request.license => SyncAnswer {
@@ -115,6 +168,7 @@ fn record(store: &Path, request: &SyncRequest, answer: &SyncAnswer) -> anyhow::R
         "sync": request.sync,
         "license": request.license,
         "cluster": printable(&request.cluster).chars().take(64).collect::<String>(),
+        "installation": request.installation,
         "outcome": answer.refused.as_deref().unwrap_or("answered"),
         "summary": request.summary,
     });
@@ -220,6 +274,7 @@ mod tests {
             sync: Uuid::new_v4(),
             license: id,
             cluster: "acme".into(),
+            installation: Uuid::nil(),
             summary: None,
         };
         let request = ask(l.id);
@@ -255,5 +310,39 @@ mod tests {
 
         let foreign = sign_license(&l, &VendorKey::from_bytes(&[4; 32])).unwrap();
         assert!(store_license(store.path(), &foreign, &key).is_err());
+    }
+
+    /// The first installation that syncs a license is bound to it; another is refused,
+    /// naming both, until `unbind`; the first keeps syncing.
+    #[test]
+    fn a_license_serves_one_installation() {
+        let store = tempfile::tempdir().unwrap();
+        let key = VendorKey::from_bytes(&[3; 32]);
+        let l = license(8);
+        store_license(store.path(), &sign_license(&l, &key).unwrap(), &key).unwrap();
+        let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+        let ask = |installation| SyncRequest {
+            sync: Uuid::new_v4(),
+            license: l.id,
+            cluster: "acme".into(),
+            installation,
+            summary: None,
+        };
+        assert!(answer(store.path(), &key, &ask(first), 1).license.is_some());
+        let refused = answer(store.path(), &key, &ask(second), 2).refused.unwrap();
+        assert!(
+            refused.contains("in use by another installation")
+                && refused.contains(&first.to_string())
+                && refused.contains(&second.to_string()),
+            "{refused}"
+        );
+        assert!(answer(store.path(), &key, &ask(first), 3).license.is_some());
+        assert!(unbind(store.path(), l.id).unwrap());
+        assert!(
+            answer(store.path(), &key, &ask(second), 4)
+                .license
+                .is_some()
+        );
+        assert!(answer(store.path(), &key, &ask(first), 5).refused.is_some());
     }
 }

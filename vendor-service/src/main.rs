@@ -55,6 +55,18 @@ enum Command {
         #[arg(long)]
         store: PathBuf,
     },
+    /// Let license ID move to another installation: the next one that syncs it is bound.
+    ///
+    /// A license serves the first installation that synced it; others are refused (and
+    /// flagged in the log) until then.
+    Unbind {
+        /// The license id.
+        #[arg(long)]
+        license: uuid::Uuid,
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+    },
     /// Make a signed master license the customer's current one: the next sync sends it.
     ///
     /// It is verified with the vendor key first.
@@ -122,6 +134,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Unbind { license, store } => {
+            if lmbus_vendor::unbind(&store, license)? {
+                println!("license {license} is free: the next installation that syncs it is bound");
+            } else {
+                println!("license {license} was bound to no installation");
+            }
+            Ok(())
+        }
         Command::Store { file, key, store } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read license file {}", file.display()))?;
@@ -171,7 +191,9 @@ mod tests {
     /// Every long flag is a config file key that takes effect.
     #[test]
     fn every_flag_is_a_config_key() {
-        let failed = lmbus_nats::config_file::keys_not_applied::<Cli>(&[]);
+        let failed = lmbus_nats::config_file::keys_not_applied::<Cli>(&[
+            "00000000-0000-0000-0000-000000000001",
+        ]);
         assert!(
             failed.is_empty(),
             "flags the config file cannot set: {failed:#?}"

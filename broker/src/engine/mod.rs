@@ -407,6 +407,8 @@ pub struct Engine {
     last_sync_ms: u64,
     /// The last offline-limit warning given: its deadline and stage (`SyncWarned`).
     sync_warned: Option<(u64, u32)>,
+    /// The installation's identity (`Installation`), once the first leader drew it.
+    installation: Option<Uuid>,
     /// Air-gapped sync requests exported and not yet answered (`SyncExported`), oldest
     /// first, at most [`offline::MAX_EXPORTED`] (the oldest is dropped).
     exported: std::collections::VecDeque<Uuid>,
@@ -437,6 +439,7 @@ impl Engine {
             last_sync_ms: 0,
             sync_warned: None,
             exported: std::collections::VecDeque::new(),
+            installation: None,
             quiet: BTreeMap::new(),
             allot_counts: allot::AllotCounts::default(),
         }

@@ -220,6 +220,16 @@ impl Engine {
         self.exported.retain(|s| *s != sync);
     }
 
+    /// The installation's identity, once a leader recorded it.
+    pub fn installation(&self) -> Option<Uuid> {
+        self.installation
+    }
+
+    /// Replays an `Installation` record (the first one counts).
+    pub(super) fn apply_installation(&mut self, id: Uuid) {
+        self.installation.get_or_insert(id);
+    }
+
     /// Replays a `SyncExported` record.
     pub(super) fn apply_sync_exported(&mut self, sync: Uuid) {
         if !self.exported.contains(&sync) {
@@ -244,6 +254,9 @@ impl Engine {
     /// The offline limit's state as changes that rebuild it (for snapshots).
     pub(super) fn sync_snapshot(&self) -> Vec<SeatChange> {
         let mut changes = Vec::new();
+        if let Some(id) = self.installation {
+            changes.push(SeatChange::Installation { id });
+        }
         if self.last_sync_ms > 0 {
             changes.push(SeatChange::Synced {
                 at_ms: self.last_sync_ms,

@@ -199,6 +199,7 @@ impl Engine {
             SeatChange::Leader { .. } => {}
             SeatChange::Synced { at_ms, sync } => self.apply_synced(*at_ms, *sync),
             SeatChange::SyncExported { sync } => self.apply_sync_exported(*sync),
+            SeatChange::Installation { id } => self.apply_installation(*id),
             SeatChange::SyncWarned { deadline_ms, days } => {
                 self.apply_sync_warned(*deadline_ms, *days);
             }

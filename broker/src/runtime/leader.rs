@@ -509,6 +509,7 @@ impl<'a> Leader<'a> {
             Ask {
                 vendor_key: self.cfg.vendor_key,
                 license: engine.config().license.id,
+                installation: engine.installation().unwrap_or_default(),
                 summary,
                 operator,
                 reply_to,
@@ -557,6 +558,7 @@ impl<'a> Leader<'a> {
             sync,
             license: self.replica.engine.config().license.id,
             cluster: self.cfg.cluster.clone(),
+            installation: self.replica.engine.installation().unwrap_or_default(),
             summary: self.usage_summary(),
         };
         self.io

@@ -41,6 +41,7 @@ pub(super) struct SyncDone {
 pub(super) struct Ask {
     pub(super) vendor_key: VerifyingKey,
     pub(super) license: Uuid,
+    pub(super) installation: Uuid,
     /// What the installation used (no agent or slave ids).
     pub(super) summary: Option<UsageSummary>,
     /// Who asked: an operator, or the schedule.
@@ -54,6 +55,7 @@ pub(super) fn spawn_sync(io: &Io, ask_for: Ask, done: mpsc::Sender<SyncDone>) {
     let Ask {
         vendor_key,
         license,
+        installation,
         summary,
         operator,
         reply_to,
@@ -70,6 +72,7 @@ pub(super) fn spawn_sync(io: &Io, ask_for: Ask, done: mpsc::Sender<SyncDone>) {
                 sync,
                 license,
                 cluster,
+                installation,
                 summary,
             },
         )
