@@ -579,3 +579,162 @@ async fn a_license_synced_from_a_second_installation_is_refused() {
     second.stop().await.unwrap();
     replacement.stop().await.unwrap();
 }
+
+/// Steps: the vendor's hub runs `deploy/vendor-hub.conf` (one account per customer, the
+/// sync service exported by the vendor's); `lmbus-vendor serve` logs in there as `vendor`;
+/// the customer's own NATS (with JetStream, the broker on it) links to the hub as a leaf
+/// node with the customer's user. `admin sync now` on the customer's side goes through the
+/// link and succeeds (the purchase arrives); a client of the hub in another customer's
+/// account cannot reach the sync service, and the customer's subjects do not cross (the
+/// vendor's user hears nothing of the customer's alerts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_crosses_a_leaf_node_link_to_the_vendors_hub() {
+    init_tracing();
+    let hub_leaf = free_port();
+    let hub_conf = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/vendor-hub.conf"),
+    )
+    .unwrap()
+    .replace("0.0.0.0:7422", &format!("127.0.0.1:{hub_leaf}"))
+    .replace("$LMBUS_VENDOR_PASSWORD", "\"pw-vendor\"")
+    .replace("$LMBUS_CUSTOMER_ACME_PASSWORD", "\"pw-acme\"")
+    .replace(
+        "accounts {",
+        "accounts {\n  CUSTOMER_OTHER {\n    users = [ { user: other, password: \"pw-other\" } ]\n  }",
+    );
+    let hub = NatsServer::start_leaf(&hub_conf).unwrap();
+    let customer = NatsServer::start_with_config(&format!(
+        "leafnodes {{\n  remotes = [ {{ url: \"nats-leaf://acme:pw-acme@127.0.0.1:{hub_leaf}\" }} ]\n}}\n"
+    ))
+    .unwrap();
+    let vendor = Vendor::new().unwrap();
+    let license = synced_master(5);
+    let mut purchase = license.clone();
+    purchase.limits.total = Some(8);
+    let store = tempfile::tempdir().unwrap();
+    let key = vendor.secret_key_path().unwrap();
+    lmbus_vendor::store_license(
+        store.path(),
+        &std::fs::read_to_string(vendor.write("purchase.lic", &purchase).unwrap()).unwrap(),
+        &lmbus_schemas::parse_secret_key(&std::fs::read_to_string(&key).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let _serve = Proc::spawn(
+        Command::new(bin("lmbus-vendor").unwrap())
+            .args(["serve", "--nats", &hub.url(), "--nats-user", "vendor"])
+            .env("LMBUS_NATS_PASSWORD", "pw-vendor")
+            .arg("--key")
+            .arg(&key)
+            .arg("--store")
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    let cluster = cluster_name();
+    let client = customer.client().await.unwrap();
+    // The link is up and the vendor serves once a request from the customer's side is
+    // answered.
+    eventually("the vendor answers across the leaf link", || async {
+        let probe = SyncRequest {
+            sync: uuid::Uuid::new_v4(),
+            license: uuid::Uuid::new_v4(),
+            cluster: "probe".into(),
+            installation: uuid::Uuid::nil(),
+            summary: None,
+        };
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            client.request(Subjects::vendor_sync(), encode(&probe).unwrap().into()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    })
+    .await
+    .unwrap();
+
+    let vendor_user = lmbus_nats::connect(
+        &hub.url(),
+        async_nats::ConnectOptions::new(),
+        &lmbus_nats::NatsAuth {
+            user: Some("vendor".into()),
+            password: Some("pw-vendor".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut overheard = vendor_user
+        .subscribe(Subjects::new(&cluster).unwrap().all_alerts())
+        .await
+        .unwrap();
+    vendor_user.flush().await.unwrap();
+
+    let path = vendor.write("master.lic", &license).unwrap();
+    let mut cfg = broker_config(&customer, &cluster, path, &vendor, true);
+    let clock = WallClock::default();
+    clock.jump(Duration::from_millis(61 * DAY_MS));
+    cfg.wall_clock = clock;
+    let b1 = Broker::start(cfg).await.unwrap();
+    let out = tokio::task::spawn_blocking({
+        let (url, cluster) = (customer.url(), cluster.clone());
+        move || {
+            Command::new(bin("lmbus-broker").unwrap())
+                .args([
+                    "admin",
+                    "sync",
+                    "now",
+                    "--nats",
+                    &url,
+                    "--cluster",
+                    &cluster,
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = status(&client, &cluster).await.unwrap();
+    assert_eq!(st.total_limit, 8);
+    assert!(!st.license.sync.unwrap().overdue);
+
+    let other = lmbus_nats::connect(
+        &hub.url(),
+        async_nats::ConnectOptions::new(),
+        &lmbus_nats::NatsAuth {
+            user: Some("other".into()),
+            password: Some("pw-other".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let probe = SyncRequest {
+        sync: uuid::Uuid::new_v4(),
+        license: license.id,
+        cluster: "intruder".into(),
+        installation: uuid::Uuid::new_v4(),
+        summary: None,
+    };
+    let asked = tokio::time::timeout(
+        Duration::from_secs(2),
+        other.request(Subjects::vendor_sync(), encode(&probe).unwrap().into()),
+    )
+    .await;
+    assert!(
+        !matches!(asked, Ok(Ok(_))),
+        "another account reached the sync service"
+    );
+    let heard = tokio::time::timeout(Duration::from_millis(500), overheard.next()).await;
+    assert!(
+        heard.is_err(),
+        "the customer's alerts crossed to the vendor"
+    );
+    b1.stop().await.unwrap();
+}
