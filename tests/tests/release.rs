@@ -10,7 +10,10 @@ const BINARIES: [(&str, &[&str]); 5] = [
     ("lmbus-slave", &["run", "register", "status"]),
     ("lmbus-monitor", &["tail", "audit", "licenses"]),
     ("lmbus-license", &["keygen", "sign", "verify", "inspect"]),
-    ("lmbus-vendor", &["serve", "store", "answer", "unbind"]),
+    (
+        "lmbus-vendor",
+        &["serve", "store", "answer", "usage", "unbind"],
+    ),
 ];
 
 fn run(bin: &str, args: &[&str]) -> (i32, String, String) {

@@ -110,10 +110,12 @@ async fn vendor_serving(f: &Fixture, license: &License) -> (tempfile::TempDir, P
 /// Steps: the vendor stores a purchase for the customer's license (5 seats → 8) and runs
 /// `lmbus-vendor serve`; broker b1 runs with the 5-seat license. The clock jumps past the
 /// offline limit: a registration is refused `sync_overdue`. `admin sync now` succeeds: the
-/// limit is 8, the last sync is the vendor's time, not overdue, a `vendor_sync` info alert,
-/// and the registration is approved; the vendor logged the sync. b1 stops, b2 (the same
-/// clock, started with the old 5-seat file) takes over from the ledger: 8 seats, the same
-/// last sync, not overdue.
+/// limit is 8, the maintenance date the purchase's, the last sync recorded, not overdue, a
+/// `vendor_sync` info alert, and the registration is approved; the vendor logged the sync.
+/// b1 stops, b2 (the same clock, started with the old 5-seat file) takes over from the
+/// ledger: 8 seats, the same last sync, not overdue. The vendor then removes seats (2):
+/// the next sync lowers the limit below the 3 in use, nobody is logged out, a new
+/// registration is refused `aggregate_limit`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_brings_the_purchase_and_restarts_the_offline_clock() {
     let f = Fixture::new().await.unwrap();
@@ -121,6 +123,7 @@ async fn a_sync_brings_the_purchase_and_restarts_the_offline_clock() {
     let license = synced_master(5);
     let mut purchase = license.clone();
     purchase.limits.total = Some(8);
+    purchase.maintenance_expires = time::macros::date!(2098 - 06 - 30);
     let (store, _vendor) = vendor_serving(&f, &purchase).await;
     let clock = WallClock::default();
     let b1 = broker(&f, &license, "b1", &clock).await;
@@ -152,6 +155,7 @@ async fn a_sync_brings_the_purchase_and_restarts_the_offline_clock() {
     assert_eq!(synced.severity, Severity::Info, "{}", synced.message);
     let st = f.status().await.unwrap();
     assert_eq!(st.total_limit, 8);
+    assert_eq!(st.license.maintenance_expires, "2098-06-30");
     let sync = st.license.sync.unwrap();
     assert!(!sync.overdue && sync.last_sync_ms > 0, "{sync:?}");
     assert_eq!(sync.deadline_ms, sync.last_sync_ms + 60 * DAY_MS);
@@ -176,6 +180,33 @@ async fn a_sync_brings_the_purchase_and_restarts_the_offline_clock() {
     assert_eq!(after.last_sync_ms, sync.last_sync_ms);
     assert!(!after.overdue);
     assert!(slave.register("a3", "inbound").await.unwrap().is_approved());
+
+    // Seats removed at the vendor: the next sync lowers the limit below use; nobody is
+    // logged out, new registrations wait until use is below it.
+    let mut removal = purchase.clone();
+    removal.limits.total = Some(2);
+    let text = std::fs::read_to_string(f.vendor.write("removal.lic", &removal).unwrap()).unwrap();
+    std::fs::write(
+        store
+            .path()
+            .join("licenses")
+            .join(format!("{}.lic", license.id)),
+        text,
+    )
+    .unwrap();
+    let out = sync_now(&f).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("total limit 8 -> 2"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = f.status().await.unwrap();
+    assert_eq!((st.total_limit, st.total_in_use), (2, 3));
+    match slave.register("a4", "inbound").await.unwrap() {
+        Outcome::Rejected { reason, .. } => assert_eq!(reason, RejectReason::AggregateLimit),
+        other => panic!("a4 above a lowered limit: {other:?}"),
+    }
     slave.shutdown().await;
     b2.stop().await.unwrap();
 }
@@ -276,7 +307,8 @@ fn clock_now_ms() -> u64 {
 /// schedule. site-secret-s registers agent-secret-1 and agent-secret-2; the clock jumps 2 h
 /// and b1 syncs again by itself. The second request's usage summary counts the 2 seats in
 /// total and per type, and no request sent to the vendor contains an agent id or the slave
-/// id; the vendor logged both syncs with their summaries.
+/// id; the vendor logged both syncs with their summaries, and `lmbus-vendor usage` shows
+/// them by customer (CSV) and since an hour ago (JSON).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_schedule_syncs_by_itself_with_a_summary_that_names_no_agent() {
     let f = Fixture::new().await.unwrap();
@@ -352,6 +384,41 @@ async fn the_schedule_syncs_by_itself_with_a_summary_that_names_no_agent() {
     eprintln!("seen: syncs.jsonl:\n{log}");
     assert_eq!(answered.len(), 2, "{log}");
     assert!(answered[1].contains("\"peak\":2"), "{log}");
+    // Queried at the vendor: CSV rows per sync and type, JSON, by customer.
+    let usage = |args: &[&str]| {
+        let out = Command::new(bin("lmbus-vendor").unwrap())
+            .arg("usage")
+            .args(args)
+            .arg("--store")
+            .arg(store.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let csv = tokio::task::block_in_place(|| usage(&["--customer", "Test Customer"]));
+    let inbound: Vec<&str> = csv
+        .lines()
+        .filter(|l| l.contains(",\"inbound\","))
+        .collect();
+    assert_eq!(inbound.len(), 1, "{csv}");
+    assert!(inbound[0].contains(",\"inbound\",2,"), "{csv}");
+    assert!(csv.starts_with("time_ms,customer,license,"), "{csv}");
+    let json = tokio::task::block_in_place(|| usage(&["--json", "--since", "1h"]));
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let ours = parsed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["license"] == license.id.to_string() && l["customer"] == "Test Customer")
+        .count();
+    assert_eq!(ours, 2, "{json}");
+    let none = tokio::task::block_in_place(|| usage(&["--customer", "Nobody"]));
+    assert_eq!(none.lines().count(), 1, "{none}");
     slave.shutdown().await;
     b1.stop().await.unwrap();
 }

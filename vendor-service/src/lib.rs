@@ -188,6 +188,100 @@ pub fn answer_and_record(
     Ok((answer, signed))
 }
 
+/// One answered sync as `syncs.jsonl` keeps it, with the customer of its license (from the
+/// store; empty when the store no longer has it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SyncLogLine {
+    pub time_ms: u64,
+    pub sync: Uuid,
+    pub license: Uuid,
+    #[serde(default)]
+    pub cluster: String,
+    #[serde(default)]
+    pub installation: Uuid,
+    pub outcome: String,
+    #[serde(default)]
+    pub summary: Option<lmbus_schemas::UsageSummary>,
+    #[serde(default)]
+    pub customer: String,
+}
+
+/// The usage summaries the store received since `since_ms` (Unix milliseconds), of
+/// `customer` when given (the name in the license, exactly), oldest first. Lines that do not
+/// parse are skipped with a warning.
+pub fn usage(
+    store: &Path,
+    customer: Option<&str>,
+    since_ms: u64,
+) -> anyhow::Result<Vec<SyncLogLine>> {
+    let path = store.join("syncs.jsonl");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut customers = std::collections::BTreeMap::new();
+    let mut lines = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let mut entry: SyncLogLine = match serde_json::from_str(line) {
+            Ok(entry) => entry,
+            Err(e) => {
+                warn!("{} line {}: {e}", path.display(), n + 1);
+                continue;
+            }
+        };
+        if entry.time_ms < since_ms {
+            continue;
+        }
+        entry.customer = customers
+            .entry(entry.license)
+            .or_insert_with(|| {
+                std::fs::read_to_string(license_path(store, entry.license))
+                    .ok()
+                    .and_then(|t| lmbus_schemas::read_license_unverified(&t))
+                    .map(|l| l.customer)
+                    .unwrap_or_default()
+            })
+            .clone();
+        if customer.is_none_or(|c| c == entry.customer) {
+            lines.push(entry);
+        }
+    }
+    Ok(lines)
+}
+
+/// `usage` as CSV: one row per sync with a summary, then one per agent type of it
+/// (`agent_type` empty on the total's row).
+pub fn usage_csv(lines: &[SyncLogLine]) -> String {
+    let mut out = String::from(
+        "time_ms,customer,license,cluster,installation,period_start_ms,period_end_ms,agent_type,peak,average\n",
+    );
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    for l in lines {
+        let Some(summary) = &l.summary else {
+            continue;
+        };
+        let rows = std::iter::once((String::new(), &summary.total))
+            .chain(summary.by_type.iter().map(|(t, u)| (t.clone(), u)));
+        for (agent_type, u) in rows {
+            out.push_str(&format!(
+                "{},{},{},{},{},{},{},{},{},{:.3}\n",
+                l.time_ms,
+                quote(&l.customer),
+                l.license,
+                quote(&l.cluster),
+                l.installation,
+                summary.period_start_ms,
+                summary.period_end_ms,
+                quote(&agent_type),
+                u.peak,
+                u.average
+            ));
+        }
+    }
+    out
+}
+
 /// Serves sync requests until `shutdown` resolves, then drains the connection.
 pub async fn run(
     cfg: VendorConfig,

@@ -55,6 +55,21 @@ enum Command {
         #[arg(long)]
         store: PathBuf,
     },
+    /// The usage summaries received (one row per sync and agent type), as CSV or JSON.
+    Usage {
+        /// Only this customer's (the name in its licenses).
+        #[arg(long)]
+        customer: Option<String>,
+        /// Only those received within this long, e.g. 30d [default: all].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Print JSON (one object per sync) instead of CSV.
+        #[arg(long)]
+        json: bool,
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+    },
     /// Let license ID move to another installation: the next one that syncs it is bound.
     ///
     /// A license serves the first installation that synced it; others are refused (and
@@ -131,6 +146,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     asked.sync,
                     out.display()
                 ),
+            }
+            Ok(())
+        }
+        Command::Usage {
+            customer,
+            since,
+            json,
+            store,
+        } => {
+            let now =
+                u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+                    .unwrap_or(0);
+            let since_ms = since.map_or(0, |d| {
+                now.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            });
+            let lines = lmbus_vendor::usage(&store, customer.as_deref(), since_ms)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
+            } else {
+                print!("{}", lmbus_vendor::usage_csv(&lines));
             }
             Ok(())
         }
