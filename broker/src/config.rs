@@ -65,6 +65,10 @@ pub struct BrokerConfig {
     /// Fault injection for tests only: keep acting as leader after the lease is lost, so
     /// that the ledger's fencing is the only thing that stops a deposed leader.
     pub fault_ignore_lease: bool,
+    /// The vendor's NATS as a second connection (its URL and credentials) for vendor sync;
+    /// `None`: sync requests go out on the main connection (a leaf node of the customer's
+    /// NATS carries them to the vendor's).
+    pub vendor_nats: Option<(String, lmbus_nats::NatsAuth)>,
     /// How often the leader syncs with the vendor by itself, counted from the last sync in
     /// the ledger (`--sync-every`, default a day), when the master license has an offline
     /// limit; zero: only on `admin sync now`.

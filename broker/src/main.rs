@@ -862,6 +862,18 @@ struct RunArgs {
     /// sync the next try waits up to an hour.
     #[arg(help_heading = "License", long, env = "LMBUS_SYNC_EVERY", value_parser = humantime::parse_duration)]
     sync_every: Option<Duration>,
+    /// The vendor's NATS for vendor sync, as a second connection; without it sync requests
+    /// go out on --nats (a leaf node link to the vendor's NATS carries them).
+    #[arg(help_heading = "License", long, env = "LMBUS_VENDOR_NATS")]
+    vendor_nats: Option<String>,
+    /// The credentials file for --vendor-nats (the vendor gives it).
+    #[arg(
+        help_heading = "License",
+        long,
+        env = "LMBUS_VENDOR_NATS_CREDS",
+        value_name = "FILE"
+    )]
+    vendor_nats_creds: Option<std::path::PathBuf>,
     /// Most slaves the master tracks; further hellos are refused [default: 100000].
     #[arg(help_heading = "Limits", long, env = "LMBUS_MAX_SLAVES")]
     max_slaves: Option<usize>,
@@ -1005,6 +1017,11 @@ struct RunArgs {
 
 impl RunArgs {
     fn resolve(self) -> anyhow::Result<BrokerConfig> {
+        if self.vendor_nats.is_none() && self.vendor_nats_creds.is_some() {
+            anyhow::bail!(
+                "--vendor-nats-creds is for the vendor's NATS: pass its URL with --vendor-nats too"
+            );
+        }
         let cluster = self.cluster.context(
             "no cluster name: pass --cluster, set LMBUS_CLUSTER or add cluster to the config file",
         )?;
@@ -1104,6 +1121,15 @@ impl RunArgs {
             ledger_trim: self.ledger_trim.unwrap_or(false),
             fault_ignore_lease: self.fault_ignore_lease,
             sync_every: self.sync_every.unwrap_or(config::DEFAULT_SYNC_EVERY),
+            vendor_nats: self.vendor_nats.map(|url| {
+                (
+                    url,
+                    lmbus_nats::NatsAuth {
+                        creds_file: self.vendor_nats_creds,
+                        ..lmbus_nats::NatsAuth::default()
+                    },
+                )
+            }),
             wall_clock: config::WallClock::ahead_by_days(self.fault_clock_skew_days.unwrap_or(0)),
             allot,
         })

@@ -61,6 +61,7 @@ pub fn broker_config_at(
         wall_clock: Default::default(),
         // Tests sync when they say so (a test of the schedule sets it).
         sync_every: Duration::ZERO,
+        vendor_nats: None,
         allot: Default::default(),
         report: lmbus_broker::report::ReportConfig::default(),
     }

@@ -805,3 +805,65 @@ async fn a_sync_crosses_a_leaf_node_link_to_the_vendors_hub() {
     );
     b1.stop().await.unwrap();
 }
+
+/// Steps: the vendor's NATS is a server of its own, not linked to the customer's;
+/// `lmbus-vendor serve` runs there. The broker, on the customer's NATS, reaches it as a
+/// second connection (`vendor_nats`, the `--vendor-nats` flag): `admin sync now` succeeds and
+/// brings the purchase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_goes_over_a_second_connection_to_the_vendors_nats() {
+    let f = Fixture::new().await.unwrap();
+    let hub = NatsServer::start().unwrap();
+    let license = synced_master(5);
+    let mut purchase = license.clone();
+    purchase.limits.total = Some(7);
+    let store = tempfile::tempdir().unwrap();
+    let key = f.vendor.secret_key_path().unwrap();
+    lmbus_vendor::store_license(
+        store.path(),
+        &std::fs::read_to_string(f.vendor.write("purchase.lic", &purchase).unwrap()).unwrap(),
+        &lmbus_schemas::parse_secret_key(&std::fs::read_to_string(&key).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let _serve = Proc::spawn(
+        Command::new(bin("lmbus-vendor").unwrap())
+            .args(["serve", "--nats", &hub.url()])
+            .arg("--key")
+            .arg(&key)
+            .arg("--store")
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    let hub_client = hub.client().await.unwrap();
+    eventually("lmbus-vendor answers on its NATS", || async {
+        let probe = SyncRequest {
+            sync: uuid::Uuid::new_v4(),
+            license: uuid::Uuid::new_v4(),
+            cluster: "probe".into(),
+            installation: uuid::Uuid::nil(),
+            summary: None,
+        };
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            hub_client.request(Subjects::vendor_sync(), encode(&probe).unwrap().into()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    })
+    .await
+    .unwrap();
+    let path = f.vendor.write("master.lic", &license).unwrap();
+    let mut cfg = broker_config(&f.nats, &f.cluster, path, &f.vendor, true);
+    cfg.vendor_nats = Some((hub.url(), Default::default()));
+    let b1 = Broker::start(cfg).await.unwrap();
+    let out = sync_now(&f).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(f.status().await.unwrap().total_limit, 7);
+    b1.stop().await.unwrap();
+}

@@ -60,7 +60,7 @@ pub(super) fn spawn_sync(io: &Io, ask_for: Ask, done: mpsc::Sender<SyncDone>) {
         operator,
         reply_to,
     } = ask_for;
-    let client = io.client.clone();
+    let client = io.vendor.clone();
     let cluster = io.subjects.cluster().to_owned();
     io.tasks.clone().spawn(async move {
         let sync = Uuid::new_v4();
