@@ -867,3 +867,68 @@ async fn a_sync_goes_over_a_second_connection_to_the_vendors_nats() {
     assert_eq!(f.status().await.unwrap().total_limit, 7);
     b1.stop().await.unwrap();
 }
+
+/// Steps (dashboard): the vendor serves a purchase (5 seats → 6); the broker is past the
+/// offline limit. The overview shows the vendor sync line as overdue to both users; only
+/// the admin's has the "Sync with the vendor now" button. The viewer's sync is refused
+/// (403), the admin's without its CSRF token too; with it the sync succeeds, the page says
+/// so, the limit is 6 and the `vendor_sync` alert names `web:ann`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_offline_limit_and_an_admin_syncs_from_it() {
+    use lmbus_tests::dashboard::{Dashboard, WebClient, csrf_of};
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let license = synced_master(5);
+    let mut purchase = license.clone();
+    purchase.limits.total = Some(6);
+    let (_store, _vendor) = vendor_serving(&f, &purchase).await;
+    let clock = WallClock::default();
+    clock.jump(Duration::from_millis(61 * DAY_MS));
+    let b1 = broker(&f, &license, "b1", &clock).await;
+    let dash = Dashboard::start(
+        &f,
+        &[("ann", "admin", "pw-ann"), ("vic", "viewer", "pw-vic")],
+        Duration::from_millis(300),
+    )
+    .await;
+
+    let mut vic = WebClient::new(&dash.url);
+    assert_eq!(vic.log_in("vic", "pw-vic").await.status, 303);
+    let page = vic.get("/").await;
+    assert!(
+        page.body.contains("vendor sync: within 60 days") && page.body.contains("OVERDUE"),
+        "{}",
+        page.body
+    );
+    assert!(
+        !page.body.contains("Sync with the vendor now"),
+        "{}",
+        page.body
+    );
+    let csrf = csrf_of(&vic.get("/seats").await.body).unwrap();
+    let refused = vic.post("/sync", &[("csrf", &csrf)]).await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+
+    let mut ann = WebClient::new(&dash.url);
+    assert_eq!(ann.log_in("ann", "pw-ann").await.status, 303);
+    let page = ann.get("/").await;
+    assert!(
+        page.body.contains("Sync with the vendor now"),
+        "{}",
+        page.body
+    );
+    assert_eq!(ann.post("/sync", &[]).await.status, 403);
+    assert_eq!(f.status().await.unwrap().total_limit, 5);
+    let csrf = csrf_of(&page.body).unwrap();
+    let synced = ann.post("/sync", &[("csrf", &csrf)]).await;
+    assert_eq!(synced.status, 200, "{}", synced.body);
+    assert!(synced.body.contains("succeeded"), "{}", synced.body);
+    assert_eq!(f.status().await.unwrap().total_limit, 6);
+    let alert = alerts
+        .wait_for("vendor_sync", |a| a.kind == AlertKind::VendorSync)
+        .await
+        .unwrap();
+    assert!(alert.message.contains("web:ann"), "{}", alert.message);
+    dash.stop().await;
+    b1.stop().await.unwrap();
+}

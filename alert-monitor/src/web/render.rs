@@ -276,9 +276,18 @@ pub fn live_overview(s: &Snapshot, v: &Viewer) -> String {
     if let Some(sync) = lmbus_ops::sync_summary(st) {
         // The offline limit (sync_within_days): shown as an error once new seats stop.
         let overdue = st.license.sync.as_ref().is_some_and(|s| s.overdue);
+        // An admin may sync now (the vendor's answer can take a few seconds).
+        let button = if v.role == Role::Admin {
+            format!(
+                r#"<form method="post" action="/sync" class="inline">{}<button type="submit">Sync with the vendor now</button></form>"#,
+                csrf_field(v)
+            )
+        } else {
+            String::new()
+        };
         let _ = write!(
             out,
-            r#"<p id="sync"{}>{}</p>"#,
+            r#"<p id="sync"{}>{} {button}</p>"#,
             if overdue { r#" class="error""# } else { "" },
             esc(&sync)
         );
