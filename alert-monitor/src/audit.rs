@@ -285,6 +285,18 @@ fn from_change(
                 format!("master license reloaded by {writer}"),
             )]
         }
+        SeatChange::Synced { at_ms, .. } if query.slave.is_none() && query.agent.is_none() => {
+            vec![record(
+                None,
+                None,
+                None,
+                "sync",
+                format!(
+                    "vendor sync recorded by {writer} (at {}): the offline limit counts from here",
+                    crate::time_text::format_time(i64::try_from(at_ms).unwrap_or(i64::MAX))
+                ),
+            )]
+        }
         SeatChange::Leader { replica, term, .. }
             if query.slave.is_none() && query.agent.is_none() =>
         {

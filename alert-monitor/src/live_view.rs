@@ -813,6 +813,7 @@ mod tests {
                 expires: "2026-12-25".into(),
                 maintenance_expires: "2026-12-01".into(),
                 not_for_production: false,
+                sync: None,
             },
             allow_unlicensed_slaves: true,
             total_limit: 100,

@@ -65,12 +65,66 @@ pub struct BrokerConfig {
     /// Fault injection for tests only: keep acting as leader after the lease is lost, so
     /// that the ledger's fencing is the only thing that stops a deposed leader.
     pub fault_ignore_lease: bool,
+    /// The vendor's NATS as a second connection (its URL and credentials) for vendor sync;
+    /// `None`: sync requests go out on the main connection (a leaf node of the customer's
+    /// NATS carries them to the vendor's).
+    pub vendor_nats: Option<(String, lmbus_nats::NatsAuth)>,
+    /// How often the leader syncs with the vendor by itself, counted from the last sync in
+    /// the ledger (`--sync-every`, default a day), when the master license has an offline
+    /// limit; zero: only on `admin sync now`.
+    pub sync_every: Duration,
+    /// The wall clock the engine decides the offline limit by (and records grants with):
+    /// the system's, shifted only by tests (`WallClock::jump`, the hidden
+    /// `--fault-clock-skew-days`).
+    pub wall_clock: WallClock,
     /// Usage reports: the time of day, the directory, the mail.
     pub report: crate::report::ReportConfig,
     /// Strict or allotment admission (`--admission`), with the allotments' lease and
     /// refresh interval.
     pub allot: crate::engine::AllotConfig,
 }
+
+/// The wall clock handed to the engine: the system clock plus a skew that is zero except
+/// in tests, which jump it forward to reach the offline limit's dates without waiting
+/// (`jump`, shared by every clone: a test keeps one and the broker another). It only moves
+/// forward, so it can bring the offline limit closer but never lift it. Besides the offline
+/// limit, only the "since" a grant records reads it; the lease, the timing rule, alert
+/// times and report periods read the system clocks.
+#[derive(Debug, Clone, Default)]
+pub struct WallClock {
+    ahead_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl WallClock {
+    /// The system clock `days` ahead (the hidden `--fault-clock-skew-days`).
+    pub fn ahead_by_days(days: u32) -> Self {
+        let clock = Self::default();
+        clock.jump(Duration::from_secs(u64::from(days) * 86_400));
+        clock
+    }
+
+    /// Moves this clock (and every clone of it) forward by `by`.
+    pub fn jump(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        let ahead = &self.ahead_ms;
+        let _ = ahead.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |old| Some(old.saturating_add(ms)),
+        );
+    }
+
+    /// Now, in Unix milliseconds (0 before 1970).
+    pub fn unix_ms(&self) -> u64 {
+        let system = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        u64::try_from(system)
+            .unwrap_or(0)
+            .saturating_add(self.ahead_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// The vendor sync schedule's default: once a day.
+pub const DEFAULT_SYNC_EVERY: Duration = Duration::from_secs(86_400);
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;

@@ -744,6 +744,10 @@ pub fn audit<'a>(
                         tally.release(slave, agent);
                     }
                 }
+                SeatChange::Synced { .. }
+                | SeatChange::SyncWarned { .. }
+                | SeatChange::SyncExported { .. }
+                | SeatChange::Installation { .. } => {}
                 SeatChange::Unknown => {
                     return Err(AuditError::Unknown { at });
                 }

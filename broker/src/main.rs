@@ -63,6 +63,70 @@ struct AdminTarget {
 }
 
 #[derive(Debug, Subcommand)]
+enum SyncCommand {
+    /// Sync with the vendor now and wait for the outcome.
+    ///
+    /// The leader asks the vendor (on lmbus.vendor.v1.sync, through the leaf node to the
+    /// vendor's NATS) for the master license's current state, checks the answer's vendor
+    /// signature, applies its license as `admin reload-license` would and records the sync
+    /// in the ledger: the offline limit (sync_within_days) counts from it.
+    Now {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Who is asking, for the alert [default: $USER, or operator].
+        #[arg(
+            long,
+            env = "USER",
+            hide_env = true,
+            default_value = "operator",
+            hide_default_value = true
+        )]
+        operator: String,
+    },
+    /// Air-gapped sites: write a sync request to FILE for the vendor (`lmbus-vendor answer`).
+    ///
+    /// The request's id is recorded in the ledger: the vendor's answer applies once, to it,
+    /// with `admin sync import`.
+    Export {
+        /// Where to write the request (JSON: the license id, the cluster name, the usage
+        /// summary; no agent ids).
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Who is asking, for the alert [default: $USER, or operator].
+        #[arg(
+            long,
+            env = "USER",
+            hide_env = true,
+            default_value = "operator",
+            hide_default_value = true
+        )]
+        operator: String,
+    },
+    /// Air-gapped sites: apply the vendor's answer FILE to a request made by `sync export`.
+    ///
+    /// Checked like a sync over NATS (the vendor's signature; its license through the
+    /// reload path), and only for an exported request not applied yet.
+    Import {
+        /// The vendor's answer (JSON, from `lmbus-vendor answer`).
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Who is asking, for the alert [default: $USER, or operator].
+        #[arg(
+            long,
+            env = "USER",
+            hide_env = true,
+            default_value = "operator",
+            hide_default_value = true
+        )]
+        operator: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum AdminCommand {
     /// Show the license, limits, usage by slave and agent type, leader and replicas (lmstat).
     ///
@@ -170,6 +234,11 @@ enum AdminCommand {
             hide_default_value = true
         )]
         operator: String,
+    },
+    /// Vendor sync: `sync now` asks the vendor for this installation's current license.
+    Sync {
+        #[command(subcommand)]
+        command: SyncCommand,
     },
     /// Take one broker replica out of the election for maintenance.
     ///
@@ -333,6 +402,8 @@ fn confirm_release_all(slave: &str) -> anyhow::Result<()> {
 
 /// How long an admin command waits for its answer.
 const ADMIN_WAIT: Duration = Duration::from_secs(5);
+/// A sync waits for the vendor (three attempts of 5 s with back-off, at most).
+const SYNC_WAIT: Duration = Duration::from_secs(30);
 
 /// How long `admin status` listens for replica beats when no master answered: several
 /// beats at the default lease (each replica sends four per lease).
@@ -552,6 +623,100 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 lmbus_schemas::ReloadReply::Error { message } => anyhow::bail!("{message}"),
             }
         }
+        AdminCommand::Sync {
+            command:
+                SyncCommand::Now {
+                    target:
+                        AdminTarget {
+                            nats,
+                            nats_auth,
+                            cluster,
+                        },
+                    operator,
+                },
+        } => {
+            let client = admin_client(&nats, nats_auth).await?;
+            let subject = Subjects::new(&cluster)?.admin_sync();
+            let nobody = format!(
+                "no answer on {subject} within {}: is the master of cluster {cluster} running? (its vendor_sync alert says how a slow sync ended)",
+                lmbus_schemas::human::duration(SYNC_WAIT)
+            );
+            let request = lmbus_schemas::SyncNowRequest { operator };
+            match ask_admin(&client, subject, &request, nobody, SYNC_WAIT).await? {
+                lmbus_schemas::SyncNowReply::Synced { message } => {
+                    println!("{message}");
+                    Ok(())
+                }
+                lmbus_schemas::SyncNowReply::Error { message } => anyhow::bail!("{message}"),
+            }
+        }
+        AdminCommand::Sync {
+            command:
+                SyncCommand::Export {
+                    file,
+                    target:
+                        AdminTarget {
+                            nats,
+                            nats_auth,
+                            cluster,
+                        },
+                    operator,
+                },
+        } => {
+            let client = admin_client(&nats, nats_auth).await?;
+            let subject = Subjects::new(&cluster)?.admin_sync_export();
+            let nobody = no_master(&subject, &cluster);
+            let request = lmbus_schemas::SyncExportRequest { operator };
+            match ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await? {
+                lmbus_schemas::SyncExportReply::Exported { request } => {
+                    std::fs::write(&file, serde_json::to_string_pretty(&request)?)
+                        .with_context(|| format!("cannot write {}", file.display()))?;
+                    println!(
+                        "sync request {} written to {}: take it to the vendor, then `admin sync import` its answer",
+                        request.sync,
+                        file.display()
+                    );
+                    Ok(())
+                }
+                lmbus_schemas::SyncExportReply::Error { message } => anyhow::bail!("{message}"),
+            }
+        }
+        AdminCommand::Sync {
+            command:
+                SyncCommand::Import {
+                    file,
+                    target:
+                        AdminTarget {
+                            nats,
+                            nats_auth,
+                            cluster,
+                        },
+                    operator,
+                },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read the vendor's answer {}", file.display()))?;
+            let answer: lmbus_schemas::SignedSyncAnswer = serde_json::from_str(&text)
+                .with_context(|| {
+                    format!(
+                        "{} is not a vendor sync answer (the JSON `lmbus-vendor answer` writes)",
+                        file.display()
+                    )
+                })?;
+            let client = admin_client(&nats, nats_auth).await?;
+            let subject = Subjects::new(&cluster)?.admin_sync_import();
+            let nobody = no_master(&subject, &cluster);
+            let request = lmbus_schemas::SyncImportRequest { answer, operator };
+            match ask_admin(&client, subject, &request, nobody, ADMIN_WAIT).await? {
+                lmbus_schemas::SyncNowReply::Synced { message } => {
+                    println!("{message}");
+                    Ok(())
+                }
+                lmbus_schemas::SyncNowReply::Error { message } => {
+                    anyhow::bail!("{}: {message}", file.display())
+                }
+            }
+        }
         AdminCommand::Drain {
             target:
                 AdminTarget {
@@ -690,6 +855,25 @@ struct RunArgs {
     /// Warn this many days before the master license expires [default: 30].
     #[arg(help_heading = "License", long, env = "LMBUS_EXPIRY_WARNING_DAYS")]
     expiry_warning_days: Option<i64>,
+    /// Sync with the vendor this often, counted from the last sync; 0s: only on `admin sync
+    /// now` [default: 24h].
+    ///
+    /// Only for a master license with an offline limit (sync_within_days). After a failed
+    /// sync the next try waits up to an hour.
+    #[arg(help_heading = "License", long, env = "LMBUS_SYNC_EVERY", value_parser = humantime::parse_duration)]
+    sync_every: Option<Duration>,
+    /// The vendor's NATS for vendor sync, as a second connection; without it sync requests
+    /// go out on --nats (a leaf node link to the vendor's NATS carries them).
+    #[arg(help_heading = "License", long, env = "LMBUS_VENDOR_NATS")]
+    vendor_nats: Option<String>,
+    /// The credentials file for --vendor-nats (the vendor gives it).
+    #[arg(
+        help_heading = "License",
+        long,
+        env = "LMBUS_VENDOR_NATS_CREDS",
+        value_name = "FILE"
+    )]
+    vendor_nats_creds: Option<std::path::PathBuf>,
     /// Most slaves the master tracks; further hellos are refused [default: 100000].
     #[arg(help_heading = "Limits", long, env = "LMBUS_MAX_SLAVES")]
     max_slaves: Option<usize>,
@@ -824,10 +1008,20 @@ struct RunArgs {
     /// the ledger's fencing stops this replica. Never use in production.
     #[arg(long, hide = true)]
     fault_ignore_lease: bool,
+    /// Fault injection, for tests only: the wall clock the offline limit (sync_within_days)
+    /// is decided by runs this many days ahead (never behind: the flag cannot lift the
+    /// limit). Never use in production.
+    #[arg(long, hide = true)]
+    fault_clock_skew_days: Option<u32>,
 }
 
 impl RunArgs {
     fn resolve(self) -> anyhow::Result<BrokerConfig> {
+        if self.vendor_nats.is_none() && self.vendor_nats_creds.is_some() {
+            anyhow::bail!(
+                "--vendor-nats-creds is for the vendor's NATS: pass its URL with --vendor-nats too"
+            );
+        }
         let cluster = self.cluster.context(
             "no cluster name: pass --cluster, set LMBUS_CLUSTER or add cluster to the config file",
         )?;
@@ -926,6 +1120,17 @@ impl RunArgs {
                 .unwrap_or(config::DEFAULT_SNAPSHOT_EVERY),
             ledger_trim: self.ledger_trim.unwrap_or(false),
             fault_ignore_lease: self.fault_ignore_lease,
+            sync_every: self.sync_every.unwrap_or(config::DEFAULT_SYNC_EVERY),
+            vendor_nats: self.vendor_nats.map(|url| {
+                (
+                    url,
+                    lmbus_nats::NatsAuth {
+                        creds_file: self.vendor_nats_creds,
+                        ..lmbus_nats::NatsAuth::default()
+                    },
+                )
+            }),
+            wall_clock: config::WallClock::ahead_by_days(self.fault_clock_skew_days.unwrap_or(0)),
             allot,
         })
     }
@@ -1022,6 +1227,7 @@ mod tests {
             assert!(keys.contains(key), "{key} is not a key: {keys:?}");
         }
         assert!(!keys.contains("fault_ignore_lease") && !keys.contains("config"));
+        assert!(!keys.contains("fault_clock_skew_days"));
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broker.toml");

@@ -99,6 +99,9 @@ pub struct Gauges {
     /// Free seats allotted to slaves (allotment mode), in total and per agent type.
     pub allotted_by_type: BTreeMap<String, u32>,
     pub allotted_total: u32,
+    /// Past the master license's offline limit (no new seats until a vendor sync); `None`
+    /// when the license has none.
+    pub sync_overdue: Option<bool>,
 }
 
 /// The master license in force, as its gauges show it.
@@ -152,6 +155,9 @@ pub struct Metrics {
     drained: std::sync::atomic::AtomicBool,
     /// The master license in force; compared (not cloned) on every ledger record.
     license: Mutex<Option<License>>,
+    /// When the master license's offline limit ends, Unix milliseconds (0: it has none);
+    /// set from the ledger after every record, like the license.
+    sync_deadline_ms: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -163,6 +169,13 @@ impl Metrics {
         let m = Self::default();
         m.set_license(license);
         Arc::new(m)
+    }
+
+    /// Where the offline limit ends (Unix milliseconds), after a ledger record; `None`: the
+    /// license has no offline limit.
+    pub fn set_sync_deadline(&self, deadline_ms: Option<u64>) {
+        self.sync_deadline_ms
+            .store(deadline_ms.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// The master license in force changed (start, a snapshot, a reload in the ledger).
@@ -313,6 +326,16 @@ impl Metrics {
              lmbus_license_maintenance_expiry_timestamp_seconds {}",
             license.expiry_timestamp_seconds, license.maintenance_expiry_timestamp_seconds
         );
+        let sync_deadline_ms = self.sync_deadline_ms.load(Ordering::Relaxed);
+        if sync_deadline_ms > 0 {
+            let _ = writeln!(
+                text,
+                "# HELP lmbus_license_sync_deadline_timestamp_seconds When the master license's offline limit ends without a vendor sync (its last sync, or its issue day, plus sync_within_days), as a Unix time; absent when the license has no offline limit.\n\
+                 # TYPE lmbus_license_sync_deadline_timestamp_seconds gauge\n\
+                 lmbus_license_sync_deadline_timestamp_seconds {}",
+                sync_deadline_ms / 1000
+            );
+        }
         if !license.id.is_empty() {
             let _ = writeln!(
                 text,
@@ -388,6 +411,15 @@ impl Metrics {
                  lmbus_slaves_known {}",
                 g.slaves_connected, g.slaves_known
             );
+            if let Some(overdue) = g.sync_overdue {
+                let _ = writeln!(
+                    text,
+                    "# HELP lmbus_license_sync_overdue 1 while the master license is past its offline limit: registrations are refused sync_overdue until a vendor sync (leader only).\n\
+                     # TYPE lmbus_license_sync_overdue gauge\n\
+                     lmbus_license_sync_overdue {}",
+                    u8::from(overdue)
+                );
+            }
         }
         let _ = writeln!(
             text,
@@ -549,6 +581,7 @@ mod tests {
             maintenance_expires: expires.previous_day().unwrap_or(expires),
             role: lmbus_schemas::Role::Master,
             context: lmbus_schemas::Context::Production,
+            sync_within_days: None,
             limits: lmbus_schemas::Limits {
                 total: Some(total),
                 local: None,
@@ -598,7 +631,9 @@ mod tests {
             slaves_known: 1,
             allotted_by_type: BTreeMap::from([("inbound".to_owned(), 1)]),
             allotted_total: 1,
+            sync_overdue: Some(true),
         }));
+        m.set_sync_deadline(Some(1_909_094_400_123));
         let text = m.render(7, Some(9), &ProcessSample::default());
         for line in [
             "lmbus_registrations_total{outcome=\"approved\"} 2",
@@ -622,6 +657,8 @@ mod tests {
             "lmbus_license_expiry_timestamp_seconds 1909094400",
             // Maintenance to 2030-06-29: ends 2030-06-30T00:00:00Z.
             "lmbus_license_maintenance_expiry_timestamp_seconds 1909008000",
+            "lmbus_license_sync_deadline_timestamp_seconds 1909094400",
+            "lmbus_license_sync_overdue 1",
             "lmbus_leader 1",
             "lmbus_replica_drained 0",
             "lmbus_ledger_lag_records 2",

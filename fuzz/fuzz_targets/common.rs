@@ -16,6 +16,7 @@ pub fn engine() -> Engine {
         maintenance_expires: time::macros::date!(2027 - 12 - 31),
         role: Role::Master,
         context: Context::Production,
+        sync_within_days: None,
         limits: Limits {
             total: Some(6),
             local: None,

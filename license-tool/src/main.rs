@@ -97,6 +97,11 @@ struct SignArgs {
     /// Last day of maintenance, YYYY-MM-DD [default: --expires].
     #[arg(help_heading = "Dates", long, value_parser = parse_date)]
     maintenance_expires: Option<Date>,
+    /// Offline limit: the master grants no new seat once this many days pass without a
+    /// vendor sync (counted from the issue day until the first). At least 60; omit for no
+    /// offline limit.
+    #[arg(help_heading = "Dates", long)]
+    sync_within_days: Option<u32>,
     /// Aggregate agent limit (required for a master license, refused on others).
     #[arg(help_heading = "Limits", long)]
     total: Option<u32>,
@@ -221,7 +226,7 @@ fn describe(l: &License) -> String {
             .join(", ")
     };
     format!(
-        "license {}\n  customer            {}\n  role                {}\n  context             {}\n  issued              {}\n  expires             {}\n  maintenance expires {}\n  total limit         {}\n  local limit         {}\n  agent types         {}",
+        "license {}\n  customer            {}\n  role                {}\n  context             {}\n  issued              {}\n  expires             {}\n  maintenance expires {}\n  sync within         {}\n  total limit         {}\n  local limit         {}\n  agent types         {}",
         l.id,
         l.customer,
         l.role,
@@ -229,6 +234,8 @@ fn describe(l: &License) -> String {
         l.issued,
         l.expires,
         l.maintenance_expires,
+        l.sync_within_days
+            .map_or("- (no offline limit)".into(), |n| format!("{n} days")),
         l.limits.total.map_or("-".into(), |n| n.to_string()),
         l.limits.local.map_or("-".into(), |n| n.to_string()),
         types
@@ -281,6 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 maintenance_expires: args.maintenance_expires.unwrap_or(args.expires),
                 role: args.role.into(),
                 context: args.context.into(),
+                sync_within_days: args.sync_within_days,
                 limits: Limits {
                     total: args.total,
                     local: args.local,

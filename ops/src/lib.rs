@@ -11,6 +11,6 @@ mod stored;
 pub use seats::{SeatFilter, SeatList, SeatRow, fetch_seats, held_for, render_seats, since_text};
 pub use status::{
     StatusError, context_shown, explain_no_master, fetch_agents, fetch_status, license_summary,
-    printable_status, render_status, replicas_up, slave_cells,
+    printable_status, render_status, replicas_up, slave_cells, sync_summary,
 };
 pub use stored::{FLOW_CONTROL_HINT, Stored, StoredError, stored, stored_matching};

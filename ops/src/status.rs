@@ -212,6 +212,37 @@ pub fn license_summary(s: &StatusReply) -> String {
     )
 }
 
+/// The master license's offline limit in words (`None`: it has none): the deadline, the
+/// last vendor sync, and whether new seats are refused now.
+pub fn sync_summary(s: &StatusReply) -> Option<String> {
+    let sync = s.license.sync.as_ref()?;
+    let time = |ms: u64| {
+        i64::try_from(ms / 1000)
+            .ok()
+            .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| "-".to_owned())
+    };
+    let last = if sync.last_sync_ms == 0 {
+        "never (counted from the issue day)".to_owned()
+    } else {
+        time(sync.last_sync_ms)
+    };
+    Some(format!(
+        "vendor sync: within {} days, last {last}, deadline {}{}",
+        sync.within_days,
+        time(sync.deadline_ms),
+        if sync.overdue {
+            "  OVERDUE: no new seats until a vendor sync succeeds"
+        } else {
+            ""
+        }
+    ))
+}
+
 /// The texts of one slave's row, shared by the table and the live view: id, state, what this
 /// master is to it, license, local limit, agents, agents by type, last seen.
 pub fn slave_cells(slave: &SlaveStatus) -> [String; 8] {
@@ -278,6 +309,9 @@ pub fn render_status(s: &StatusReply) -> String {
         s.ledger_sequence,
         license_summary(s)
     );
+    if let Some(line) = sync_summary(s) {
+        let _ = writeln!(o, "{line}");
+    }
     if !s.replicas.is_empty() {
         let replicas: Vec<String> = s
             .replicas
@@ -386,6 +420,7 @@ mod tests {
                 expires: "2099-12-31".into(),
                 maintenance_expires: "2099-06-30".into(),
                 not_for_production: false,
+                sync: None,
             },
             allow_unlicensed_slaves: true,
             total_limit: 10,
@@ -422,6 +457,33 @@ mod tests {
         let text = render_status(&dev);
         assert!(
             text.contains("(ACME, development: not for production use, expires"),
+            "{text}"
+        );
+        assert!(!text.contains("vendor sync"), "{text}");
+        // An offline limit is shown with its deadline, and OVERDUE once passed.
+        let mut synced = dev;
+        synced.license.sync = Some(lmbus_schemas::SyncStatus {
+            within_days: 60,
+            last_sync_ms: 0,
+            // 2026-03-02T00:00:00Z.
+            deadline_ms: 1_772_409_600_000,
+            overdue: false,
+        });
+        let text = render_status(&synced);
+        assert!(
+            text.contains(
+                "vendor sync: within 60 days, last never (counted from the issue day), deadline 2026-03-02T00:00:00Z\n"
+            ),
+            "{text}"
+        );
+        if let Some(sync) = synced.license.sync.as_mut() {
+            sync.overdue = true;
+            sync.last_sync_ms = 1_767_225_600_000;
+        }
+        let text = render_status(&synced);
+        assert!(text.contains("last 2026-01-01T00:00:00Z"), "{text}");
+        assert!(
+            text.contains("OVERDUE: no new seats until a vendor sync succeeds"),
             "{text}"
         );
     }

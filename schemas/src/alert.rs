@@ -91,12 +91,18 @@ pub enum AlertKind {
     /// or the ledger's: an `admin reload-license` of another context, or a replica started
     /// with a license of another context than the cluster's ledger.
     LicenseRefused,
+    /// The master license's offline limit (`sync_within_days`): a warning 30, 14, 7 and 1
+    /// days before it, critical once it passed (no new seats until a vendor sync).
+    SyncDue,
+    /// A vendor sync (`admin sync now`) failed, and why: no answer, a refusal, or an answer
+    /// that does not verify (nothing changed); info when one succeeded.
+    VendorSync,
     #[serde(other)]
     Other,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 26] = [
+    pub const ALL: [AlertKind; 28] = [
         AlertKind::BrokerStarted,
         AlertKind::BrokerStopped,
         AlertKind::SlaveConnected,
@@ -122,6 +128,8 @@ impl AlertKind {
         AlertKind::SlaveStopped,
         AlertKind::SlaveForgotten,
         AlertKind::LicenseRefused,
+        AlertKind::SyncDue,
+        AlertKind::VendorSync,
         AlertKind::Other,
     ];
 
@@ -152,6 +160,8 @@ impl AlertKind {
             AlertKind::SlaveStopped => "slave_stopped",
             AlertKind::SlaveForgotten => "slave_forgotten",
             AlertKind::LicenseRefused => "license_refused",
+            AlertKind::SyncDue => "sync_due",
+            AlertKind::VendorSync => "vendor_sync",
             AlertKind::Other => "other",
         }
     }

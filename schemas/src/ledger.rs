@@ -131,6 +131,33 @@ pub enum SeatChange {
     Forget {
         slave: String,
     },
+    /// Vendor sync succeeded at `at_ms` (the leader's wall clock, Unix milliseconds): the
+    /// master license's offline limit (`sync_within_days`) counts from the latest of these.
+    /// Only a leader writes it, from a vendor answer it verified; `sync` names the exchange
+    /// (nil when unknown).
+    Synced {
+        at_ms: u64,
+        #[serde(default)]
+        sync: Uuid,
+    },
+    /// The leader warned that the offline limit ending at `deadline_ms` (Unix milliseconds)
+    /// is `days` days away or less (30, 14, 7, 1), or passed (0): a replica that leads next
+    /// does not warn again for the same deadline and stage.
+    SyncWarned {
+        deadline_ms: u64,
+        days: u32,
+    },
+    /// Air-gapped vendor sync: the leader exported the request `sync` to a file
+    /// (`admin sync export`); an answer imported later applies only to an exported request
+    /// not yet applied (a `Synced` naming it settles it).
+    SyncExported {
+        sync: Uuid,
+    },
+    /// The installation's identity (vendor sync: one license id, one installation), drawn
+    /// by the cluster's first leader in its `Leader` entry and kept by every replica.
+    Installation {
+        id: Uuid,
+    },
     /// A record this build does not know: a newer leader wrote it. A replica that meets
     /// one must stop replaying rather than guess.
     #[serde(other)]
@@ -222,6 +249,9 @@ impl SeatChange {
             SeatChange::ToBlock { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
             SeatChange::License { text } => FIELDS + text.len(),
             SeatChange::Leader { replica, .. } => FIELDS + 24 + replica.len(),
+            SeatChange::Synced { .. } => FIELDS + 40,
+            SeatChange::SyncWarned { .. } => FIELDS + 16,
+            SeatChange::SyncExported { .. } | SeatChange::Installation { .. } => FIELDS + 24,
             SeatChange::Unknown => FIELDS,
         }
     }
@@ -296,6 +326,18 @@ mod tests {
                     slave: "s".into(),
                     agent_id: "d".into(),
                 },
+                SeatChange::Synced {
+                    at_ms: 1_700_000_000_002,
+                    sync: Uuid::new_v4(),
+                },
+                SeatChange::SyncWarned {
+                    deadline_ms: 1_705_000_000_000,
+                    days: 14,
+                },
+                SeatChange::SyncExported {
+                    sync: Uuid::new_v4(),
+                },
+                SeatChange::Installation { id: Uuid::new_v4() },
             ],
         };
         assert_eq!(
@@ -360,6 +402,18 @@ mod tests {
                 at_ms: u64::MAX,
                 by: "b".repeat(64),
             },
+            SeatChange::Synced {
+                at_ms: u64::MAX,
+                sync: Uuid::new_v4(),
+            },
+            SeatChange::SyncWarned {
+                deadline_ms: u64::MAX,
+                days: u32::MAX,
+            },
+            SeatChange::SyncExported {
+                sync: Uuid::new_v4(),
+            },
+            SeatChange::Installation { id: Uuid::new_v4() },
         ];
         for change in &changes {
             let encoded = encode(change).unwrap().len();

@@ -16,6 +16,7 @@ pub mod messages;
 pub mod metrics;
 pub mod report;
 pub mod subjects;
+pub mod sync;
 pub mod validate;
 
 pub use alert::{Alert, AlertKind, Severity};
@@ -25,13 +26,19 @@ pub use allot::{
 pub use codec::{DecodeError, EncodeError, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode};
 pub use ledger::{LedgerEntry, SeatChange, SnapshotChunk, SnapshotManifest};
 pub use license::{
-    Context, KeyError, License, LicenseError, Limits, NOT_FOR_PRODUCTION, Role, VendorKey,
-    VerifyingKey, key_id, license_text, parse_public_key, parse_secret_key, public_key_text,
-    read_license_unverified, secret_key_text, sign_license, sign_license_as, verify_license,
+    Context, KeyError, License, LicenseError, Limits, MIN_SYNC_WITHIN_DAYS, NOT_FOR_PRODUCTION,
+    Role, VendorKey, VerifyingKey, key_id, license_text, parse_public_key, parse_secret_key,
+    public_key_text, read_license_unverified, secret_key_text, sign_license, sign_license_as,
+    verify_license,
 };
 pub use messages::*;
 pub use report::UsageReport;
 pub use subjects::{
     CLIENT_INBOX_PREFIX, MAX_REPLY_LEN, SlaveId, SlaveOp, SubjectError, Subjects, is_client_reply,
+};
+pub use sync::{
+    SeatUsage, SignedSyncAnswer, SyncAnswer, SyncError, SyncExportReply, SyncExportRequest,
+    SyncImportRequest, SyncNowReply, SyncNowRequest, SyncRequest, UsageSummary, open_sync_answer,
+    sign_sync_answer, verify_sync_answer,
 };
 pub use validate::{Invalid, Validate, printable, truncated};

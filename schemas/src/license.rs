@@ -151,9 +151,20 @@ pub struct License {
     pub maintenance_expires: Date,
     pub role: Role,
     pub context: Context,
+    /// The offline limit (vendor sync): the master grants no new seat once this many days
+    /// have passed since its last successful sync with the vendor, or, before any, since
+    /// the day the license was issued. At least [`MIN_SYNC_WITHIN_DAYS`]. `None` (every
+    /// license signed before vendor sync existed): no offline limit. Serialized only when
+    /// set, before `limits` (TOML writes values before tables), so a license without it
+    /// signs to the same bytes as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_within_days: Option<u32>,
     #[serde(default)]
     pub limits: Limits,
 }
+
+/// The shortest offline limit a license may carry (LumenVox: about 60 days, never less).
+pub const MIN_SYNC_WITHIN_DAYS: u32 = 60;
 
 #[derive(Serialize, Deserialize)]
 struct LicenseFile {
@@ -397,6 +408,13 @@ impl License {
                 self.expires, self.issued
             )));
         }
+        if let Some(days) = self.sync_within_days
+            && days < MIN_SYNC_WITHIN_DAYS
+        {
+            return Err(invalid(format!(
+                "sync_within_days is {days}: the offline limit is at least {MIN_SYNC_WITHIN_DAYS} days"
+            )));
+        }
         if self.role == Role::Master && self.limits.total.is_none() {
             return Err(invalid("a master license needs limits.total".into()));
         }
@@ -432,6 +450,13 @@ impl License {
             });
         }
         Ok(())
+    }
+
+    /// The start of the day the license was issued (00:00 UTC), Unix milliseconds: where
+    /// the offline limit counts from before any vendor sync.
+    pub fn issued_unix_ms(&self) -> u64 {
+        let seconds = self.issued.midnight().assume_utc().unix_timestamp();
+        u64::try_from(seconds).unwrap_or(0).saturating_mul(1000)
     }
 
     /// Days from `today` to the last valid day (0 on the last day, negative once expired).
@@ -484,6 +509,7 @@ mod tests {
             maintenance_expires: date!(2027 - 06 - 30),
             role: Role::Master,
             context: Context::Production,
+            sync_within_days: None,
             limits: Limits {
                 total: Some(500),
                 local: None,
@@ -584,6 +610,8 @@ mod tests {
             Err(LicenseError::NotYetValid { .. })
         ));
         assert_eq!(l.days_left(date!(2027 - 12 - 01)), 30);
+        // 2026-01-01T00:00:00Z.
+        assert_eq!(l.issued_unix_ms(), 1_767_225_600_000);
         assert!(l.require_role(Role::Master, "f").is_ok());
         let err = l.require_role(Role::Slave, "f").unwrap_err();
         assert!(err.to_string().contains("'master'"), "{err}");
@@ -597,6 +625,54 @@ mod tests {
             sign_license(&l, &key(1)),
             Err(LicenseError::Invalid { .. })
         ));
+    }
+
+    /// A license without `sync_within_days` is written as before the field existed (no
+    /// such line, the limits table right after the context), so files signed then still
+    /// verify, with no offline limit; one with it round-trips; below the minimum it is
+    /// refused when signed and when verified.
+    #[test]
+    fn the_offline_limit_is_optional_and_at_least_the_minimum() {
+        let k = key(1);
+        let mut old = master();
+        old.id = Uuid::nil();
+        let text = sign_license(&old, &k).unwrap();
+        assert!(!text.contains("sync_within_days"), "{text}");
+        assert!(
+            text.contains("context = \"production\"\n\n[license.limits]"),
+            "{text}"
+        );
+        assert_eq!(
+            verify_license(&text, "f", &k.verifying_key())
+                .unwrap()
+                .sync_within_days,
+            None
+        );
+
+        let mut synced = master();
+        synced.sync_within_days = Some(90);
+        let text = sign_license(&synced, &k).unwrap();
+        assert!(text.contains("sync_within_days = 90"), "{text}");
+        assert_eq!(
+            verify_license(&text, "f", &k.verifying_key()).unwrap(),
+            synced
+        );
+
+        synced.sync_within_days = Some(MIN_SYNC_WITHIN_DAYS - 1);
+        let err = sign_license(&synced, &k).unwrap_err();
+        assert!(err.to_string().contains("at least 60 days"), "{err}");
+        // Signed by a tool that does not check (the body edited, then signed by hand).
+        let body = format!(
+            "{HEADER}{}",
+            toml::to_string(&LicenseFile { license: synced }).unwrap()
+        );
+        let forged = format!(
+            "{body}{SIGNATURE_PREFIX} ed25519 key={} sig={}\n",
+            key_id(&k.verifying_key()),
+            B64.encode(k.sign(body.as_bytes()).to_bytes())
+        );
+        let err = verify_license(&forged, "f", &k.verifying_key()).unwrap_err();
+        assert!(matches!(err, LicenseError::Invalid { .. }), "{err}");
     }
 
     #[test]

@@ -314,6 +314,10 @@ pub enum RejectReason {
     /// a restart is accepted once the old process is silent past that limit or said
     /// goodbye.
     SlaveIdInUse,
+    /// The master license has an offline limit (`sync_within_days`) and the installation
+    /// has not synced with the vendor within it: no new seat until a sync succeeds (agents
+    /// already registered keep theirs).
+    SyncOverdue,
     /// A reason this build does not know.
     #[serde(other)]
     Other,
@@ -346,6 +350,7 @@ impl RejectReason {
             RejectReason::SlaveLimit => "slave_limit",
             RejectReason::NoAllotment => "no_allotment",
             RejectReason::SlaveIdInUse => "slave_id_in_use",
+            RejectReason::SyncOverdue => "sync_overdue",
             RejectReason::Other => "other",
         }
     }
@@ -793,6 +798,25 @@ pub struct LicenseSummary {
     /// A development master: nothing it serves is for production use.
     #[serde(default)]
     pub not_for_production: bool,
+    /// The offline limit, when the license has one: see [`SyncStatus`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncStatus>,
+}
+
+/// Where the master license's offline limit stands (`sync_within_days`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// The license's `sync_within_days`.
+    pub within_days: u32,
+    /// The last successful vendor sync in the ledger (Unix milliseconds); 0: none yet, the
+    /// limit counts from the day the license was issued.
+    #[serde(default)]
+    pub last_sync_ms: u64,
+    /// When new seats stop being granted without a sync (Unix milliseconds).
+    pub deadline_ms: u64,
+    /// The deadline has passed: registrations are refused `sync_overdue`.
+    #[serde(default)]
+    pub overdue: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1014,6 +1038,11 @@ mod tests {
                 last_hello: None,
                 retry_after_ms: None,
             },
+            Reply::Decision(Decision::Rejected {
+                reason: RejectReason::SyncOverdue,
+                detail: "d".into(),
+                retry_after_ms: None,
+            }),
             Reply::Refused {
                 reason: RejectReason::SlaveIdInUse,
                 detail: "d".into(),
@@ -1067,6 +1096,12 @@ mod tests {
                 expires: "2030-01-01".into(),
                 maintenance_expires: "2029-06-30".into(),
                 not_for_production: true,
+                sync: Some(SyncStatus {
+                    within_days: 60,
+                    last_sync_ms: 1_700_000_000_000,
+                    deadline_ms: 1_705_184_000_000,
+                    overdue: true,
+                }),
             },
             allow_unlicensed_slaves: true,
             total_limit: 5,

@@ -242,6 +242,31 @@ impl Subjects {
         format!("{}.admin.release", self.prefix)
     }
 
+    /// `lmbus.v1.<cluster>.admin.sync`: request `SyncNowRequest` → `SyncNowReply`, answered
+    /// by the master after it synced with the vendor; sent by `lmbus-broker admin sync now`.
+    pub fn admin_sync(&self) -> String {
+        format!("{}.admin.sync", self.prefix)
+    }
+
+    /// `lmbus.v1.<cluster>.admin.sync_export`: request `SyncExportRequest` →
+    /// `SyncExportReply`, answered by the master (`lmbus-broker admin sync export`).
+    pub fn admin_sync_export(&self) -> String {
+        format!("{}.admin.sync_export", self.prefix)
+    }
+
+    /// `lmbus.v1.<cluster>.admin.sync_import`: request `SyncImportRequest` →
+    /// `SyncNowReply`, answered by the master (`lmbus-broker admin sync import`).
+    pub fn admin_sync_import(&self) -> String {
+        format!("{}.admin.sync_import", self.prefix)
+    }
+
+    /// `lmbus.vendor.v1.sync`: request `SyncRequest` → `SignedSyncAnswer`, answered by
+    /// `lmbus-vendor serve` on the vendor's NATS (reached through a leaf node of the
+    /// customer's, or a second connection). The same for every customer and cluster.
+    pub fn vendor_sync() -> &'static str {
+        "lmbus.vendor.v1.sync"
+    }
+
     /// `lmbus.v1.<cluster>.admin.reload`: request `ReloadRequest` → `ReloadReply`, answered
     /// by the master; sent by operators (`lmbus-broker admin reload-license`).
     pub fn admin_reload(&self) -> String {

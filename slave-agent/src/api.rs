@@ -489,6 +489,10 @@ fn refusal(reason: RejectReason) -> (StatusCode, &'static str) {
             StatusCode::CONFLICT,
             "the agent holds a seat of another type: release it first (DELETE /v1/agents/{id})",
         ),
+        SyncOverdue => (
+            StatusCode::CONFLICT,
+            "the master license is past its offline limit (no vendor sync within sync_within_days): agents already registered keep their seats; ask the license administrator to sync with the vendor",
+        ),
         RateLimited => (
             StatusCode::CONFLICT,
             "this slave registers faster than the master allows: retry in a moment",

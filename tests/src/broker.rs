@@ -58,6 +58,10 @@ pub fn broker_config_at(
         snapshot_every: lmbus_broker::config::DEFAULT_SNAPSHOT_EVERY,
         ledger_trim: false,
         fault_ignore_lease: false,
+        wall_clock: Default::default(),
+        // Tests sync when they say so (a test of the schedule sets it).
+        sync_every: Duration::ZERO,
+        vendor_nats: None,
         allot: Default::default(),
         report: lmbus_broker::report::ReportConfig::default(),
     }

@@ -44,6 +44,24 @@ impl Vendor {
         self.dir.path().join("vendor.pub")
     }
 
+    /// The vendor's secret key as a file (`lmbus-vendor` signs sync answers with it),
+    /// written on first use.
+    pub fn secret_key_path(&self) -> anyhow::Result<PathBuf> {
+        let path = self.dir.path().join("vendor.key");
+        if !path.exists() {
+            std::fs::write(&path, lmbus_schemas::secret_key_text(&self.key))?;
+        }
+        Ok(path)
+    }
+
+    /// Signs a vendor sync answer as the vendor.
+    pub fn sign_sync(
+        &self,
+        answer: &lmbus_schemas::SyncAnswer,
+    ) -> anyhow::Result<lmbus_schemas::SignedSyncAnswer> {
+        Ok(lmbus_schemas::sign_sync_answer(answer, &self.key)?)
+    }
+
     /// A license valid from 2026-01-01 to 2099-12-31.
     pub fn license(role: Role, limits: Limits) -> License {
         License {
@@ -54,6 +72,7 @@ impl Vendor {
             maintenance_expires: date!(2099 - 12 - 31),
             role,
             context: Context::Production,
+            sync_within_days: None,
             limits,
         }
     }

@@ -32,6 +32,7 @@ fn engine() -> Engine {
         maintenance_expires: date!(2027 - 12 - 31),
         role: Role::Master,
         context: Context::Production,
+        sync_within_days: None,
         limits: Limits {
             total: Some(TOTAL),
             local: None,

@@ -1441,3 +1441,110 @@ async fn a_slave_cannot_take_more_than_the_license_through_allotments() {
     site2.shutdown().await;
     d.stop().await;
 }
+
+/// Steps: under the reference permissions, site1's credentials ask for a vendor sync
+/// themselves (`admin.sync`: not theirs to publish, so nobody answers and nothing is
+/// recorded), and subscribe to the vendor's subject to answer in the vendor's place with
+/// a forged answer. The operator's `admin sync now` then reaches nobody: it fails saying
+/// the vendor did not answer (not that an answer was refused: the site never heard the
+/// request), with a `vendor_sync` warning, and the ledger holds no `Synced` record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_can_neither_sync_nor_answer_as_the_vendor() {
+    use futures::StreamExt as _;
+    let d = Deployment::start(5).await;
+    let mut alerts = AlertTap::new(&d.monitor, &d.cluster).await.unwrap();
+    let site = d.site("site1").await;
+    let asked = tokio::time::timeout(
+        Duration::from_secs(2),
+        site.request(
+            d.subjects.admin_sync(),
+            encode(&lmbus_schemas::SyncNowRequest {
+                operator: "site1".into(),
+            })
+            .unwrap()
+            .into(),
+        ),
+    )
+    .await;
+    assert!(
+        !matches!(asked, Ok(Ok(_))),
+        "site1 was answered on admin.sync"
+    );
+
+    let mut heard = site.subscribe(Subjects::vendor_sync()).await.unwrap();
+    let forger = site.clone();
+    let forging = tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(msg) = heard.next().await {
+            n += 1;
+            let Ok(request) = decode::<lmbus_schemas::SyncRequest>(&msg.payload) else {
+                continue;
+            };
+            let forged = lmbus_schemas::sign_sync_answer(
+                &lmbus_schemas::SyncAnswer {
+                    sync: request.sync,
+                    at_ms: 0,
+                    license: None,
+                    refused: None,
+                },
+                &lmbus_schemas::VendorKey::from_bytes(&[9; 32]),
+            )
+            .unwrap();
+            if let Some(to) = msg.reply {
+                let _ = forger.publish(to, encode(&forged).unwrap().into()).await;
+            }
+        }
+        n
+    });
+    let operator = lmbus_nats::connect(
+        &d.nats.url(),
+        async_nats::ConnectOptions::new(),
+        &user("operator"),
+    )
+    .await
+    .unwrap();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(40),
+        operator.request(
+            d.subjects.admin_sync(),
+            encode(&lmbus_schemas::SyncNowRequest {
+                operator: "ops".into(),
+            })
+            .unwrap()
+            .into(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    match decode::<lmbus_schemas::SyncNowReply>(&answer.payload).unwrap() {
+        lmbus_schemas::SyncNowReply::Error { message } => {
+            assert!(message.contains("no answer from the vendor"), "{message}");
+        }
+        other => panic!("the sync succeeded: {other:?}"),
+    }
+    let warned = alerts
+        .wait_for("vendor_sync", |a| a.kind == AlertKind::VendorSync)
+        .await
+        .unwrap();
+    assert_eq!(warned.severity, Severity::Warning);
+    assert!(
+        !alerts
+            .seen
+            .iter()
+            .any(|a| a.kind == AlertKind::VendorSync && a.message.contains("site1")),
+        "{:#?}",
+        alerts.seen
+    );
+    let (records, _) = d.ledger().await;
+    assert!(
+        !records.iter().any(|r| r
+            .entry
+            .changes
+            .iter()
+            .any(|c| matches!(c, lmbus_schemas::SeatChange::Synced { .. }))),
+        "a Synced record without a vendor answer"
+    );
+    forging.abort();
+    d.stop().await;
+}

@@ -5,11 +5,15 @@
 
 use std::process::Command;
 
-const BINARIES: [(&str, &[&str]); 4] = [
+const BINARIES: [(&str, &[&str]); 5] = [
     ("lmbus-broker", &["run", "admin"]),
     ("lmbus-slave", &["run", "register", "status"]),
     ("lmbus-monitor", &["tail", "audit", "licenses"]),
     ("lmbus-license", &["keygen", "sign", "verify", "inspect"]),
+    (
+        "lmbus-vendor",
+        &["serve", "store", "answer", "usage", "unbind"],
+    ),
 ];
 
 fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
@@ -24,7 +28,7 @@ fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// Steps: for each of the four binaries: `--version` prints its name, the version, the git
+/// Steps: for each of the five binaries: `--version` prints its name, the version, the git
 /// commit and the build date the crate was stamped with; `--help` lists `completions` and
 /// `manpage`; `completions bash`, `zsh` and `fish` print scripts that name the binary and
 /// its subcommands, and an unknown shell is refused (exit 2); `manpage --out DIR` writes

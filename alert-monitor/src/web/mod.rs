@@ -200,6 +200,7 @@ fn router(app: App) -> Router {
         .route("/release", post(release))
         .route("/replicas/drain", post(drain))
         .route("/replicas/undrain", post(undrain))
+        .route("/sync", post(sync_now))
         .route("/assets/style.css", get(style))
         .route("/assets/live.js", get(script))
         .fallback(not_found)
@@ -1235,6 +1236,34 @@ async fn replica_action(
     tracing::info!(user = %v.user, replica = %lmbus_schemas::printable(&request.replica), drain, "dashboard replica action");
     match ask::<_, lmbus_schemas::DrainReply>(&app, subject, &request).await {
         Ok(reply) => Html(render::done_page(&v, &reply.message, "/")).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, Some(&v), &e),
+    }
+}
+
+/// The overview's "Sync with the vendor now" (an admin's): `admin sync now` as `web:<user>`.
+async fn sync_now(
+    State(app): State<App>,
+    headers: HeaderMap,
+    form: Result<Form<CsrfForm>, FormRejection>,
+) -> Response {
+    let (v, _) = match checked(&app, &headers, form) {
+        Ok(checked) => checked,
+        Err(refused) => return *refused,
+    };
+    if let Err(refused) = admin_only(&v, "sync with the vendor") {
+        return *refused;
+    }
+    let request = lmbus_schemas::SyncNowRequest {
+        operator: format!("web:{}", v.user),
+    };
+    tracing::info!(user = %v.user, "dashboard vendor sync");
+    match ask::<_, lmbus_schemas::SyncNowReply>(&app, app.0.subjects.admin_sync(), &request).await {
+        Ok(lmbus_schemas::SyncNowReply::Synced { message }) => {
+            Html(render::done_page(&v, &message, "/")).into_response()
+        }
+        Ok(lmbus_schemas::SyncNowReply::Error { message }) => {
+            error(StatusCode::BAD_GATEWAY, Some(&v), &message)
+        }
         Err(e) => error(StatusCode::BAD_GATEWAY, Some(&v), &e),
     }
 }

@@ -282,7 +282,7 @@ pub fn live_overview(s: &Snapshot, v: &Viewer) -> String {
     let maintenance = maintenance_text(&st.license.maintenance_expires, s.today);
     let _ = write!(
         out,
-        r#"<section><h2>License</h2><p>License <code>{}</code> for {}, context {}, expires {}<span id="expiry-days">{}</span>; maintenance <span id="maintenance">{}</span>. Unlicensed slaves {}. Admission: {}.</p></section>"#,
+        r#"<section><h2>License</h2><p>License <code>{}</code> for {}, context {}, expires {}<span id="expiry-days">{}</span>; maintenance <span id="maintenance">{}</span>. Unlicensed slaves {}. Admission: {}.</p>"#,
         st.license.id,
         esc(&st.license.customer),
         esc(lmbus_ops::context_shown(&st.license)),
@@ -296,6 +296,26 @@ pub fn live_overview(s: &Snapshot, v: &Viewer) -> String {
         },
         format!("{:?}", st.admission).to_lowercase()
     );
+    if let Some(sync) = lmbus_ops::sync_summary(st) {
+        // The offline limit (sync_within_days): shown as an error once new seats stop.
+        let overdue = st.license.sync.as_ref().is_some_and(|s| s.overdue);
+        // An admin may sync now (the vendor's answer can take a few seconds).
+        let button = if v.role == Role::Admin {
+            format!(
+                r#"<form method="post" action="/sync" class="inline">{}<button type="submit">Sync with the vendor now</button></form>"#,
+                csrf_field(v)
+            )
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            out,
+            r#"<p id="sync"{}>{} {button}</p>"#,
+            if overdue { r#" class="error""# } else { "" },
+            esc(&sync)
+        );
+    }
+    out.push_str("</section>");
     let _ = write!(
         out,
         r#"<section><h2>Seats</h2><table id="types"><tr><th>Agent type</th><th>Limit</th><th>In use</th><th>Allotted</th><th>Free</th><th></th></tr>"#

@@ -276,6 +276,11 @@ impl Engine {
             let Some(free_type) = self.free_of_type(&agent_type) else {
                 continue;
             };
+            if self.sync_overdue() {
+                // Past the offline limit no block grows (the tick asked for them back).
+                partial = true;
+                continue;
+            }
             let free_total = self.free_total();
             if self.nearly_exhausted(&agent_type) {
                 exhausted = true;

@@ -105,6 +105,7 @@ impl Engine {
         for alert in self.quiet_summaries(now) {
             out.alert(alert);
         }
+        self.sync_tick(now, &mut out);
         let missed = self.cfg.missed_heartbeats;
         let margin = self.cfg.reclaim_margin;
         let forget_after = self.cfg.forget_after;

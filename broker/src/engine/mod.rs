@@ -48,6 +48,7 @@ mod farewell;
 mod guards;
 mod hello;
 mod liveness;
+mod offline;
 mod refusals;
 mod replay;
 mod reports;
@@ -59,6 +60,7 @@ mod tests;
 pub use allot::{ALLOT_MIN_BLOCK, AllotConfig, AllotCounts};
 use guards::{Bucket, Quiet, ReplayWindow};
 pub use guards::{MAX_AGENT_ID_LEN, MAX_SEQ_JUMP, RATE_LIMIT_ALERT_EVERY, REPLAY_WINDOW};
+pub use offline::{DAY_MS, SYNC_WARN_DAYS};
 pub use replay::ReplayError;
 
 /// Settings of the engine. Everything time-related is a duration; the engine never looks
@@ -162,6 +164,16 @@ pub enum Event {
     /// An operator's `admin forget-slave`.
     Forget {
         request: ForgetRequest,
+    },
+    /// A vendor sync succeeded at `at_ms` (Unix milliseconds): the runtime verified the
+    /// vendor's answer. The offline limit counts from there (`offline`).
+    Synced {
+        at_ms: u64,
+        sync: Uuid,
+    },
+    /// The leader exported an air-gapped sync request (`admin sync export`).
+    SyncExported {
+        sync: Uuid,
     },
 }
 
@@ -386,9 +398,20 @@ pub struct Engine {
     /// started with), for snapshots.
     license_text: Option<String>,
     /// The wall clock (Unix milliseconds) of the event being handled, set by the runtime
-    /// before it hands the engine an event (`set_wall_clock`). The engine decides nothing by
-    /// it: it only writes it into the grants it records, as the seat's "since".
+    /// before it hands the engine an event (`set_wall_clock`). It is written into the
+    /// grants recorded (the seat's "since") and decides one thing: whether the offline
+    /// limit has passed (`offline`), against times from the ledger and the license, never
+    /// against another machine's clock.
     wall_ms: u64,
+    /// The latest vendor sync in the ledger (`Synced`, Unix milliseconds; 0: none).
+    last_sync_ms: u64,
+    /// The last offline-limit warning given: its deadline and stage (`SyncWarned`).
+    sync_warned: Option<(u64, u32)>,
+    /// The installation's identity (`Installation`), once the first leader drew it.
+    installation: Option<Uuid>,
+    /// Air-gapped sync requests exported and not yet answered (`SyncExported`), oldest
+    /// first, at most [`offline::MAX_EXPORTED`] (the oldest is dropped).
+    exported: std::collections::VecDeque<Uuid>,
     /// Refusals that say nothing new when repeated (replayed numbers, requests without a
     /// session), counted per slave and reason so that each is alerted at most once every
     /// [`RATE_LIMIT_ALERT_EVERY`]. Bounded: at most `max_slaves` entries, the oldest
@@ -413,13 +436,17 @@ impl Engine {
             pending: Vec::new(),
             license_text: None,
             wall_ms: 0,
+            last_sync_ms: 0,
+            sync_warned: None,
+            exported: std::collections::VecDeque::new(),
+            installation: None,
             quiet: BTreeMap::new(),
             allot_counts: allot::AllotCounts::default(),
         }
     }
 
     /// The wall clock (Unix milliseconds) the next events happen at: recorded in the grants
-    /// they make (when a seat was taken), never used to decide anything.
+    /// they make (when a seat was taken), and compared with the offline limit's deadline.
     pub fn set_wall_clock(&mut self, unix_ms: u64) {
         self.wall_ms = unix_ms;
     }
@@ -490,6 +517,12 @@ impl Engine {
             Event::Reload { request, today } => self.reload_license(&request, today),
             Event::Goodbye { slave, goodbye } => self.goodbye(&slave, goodbye),
             Event::Forget { request } => self.admin_forget(now, &request),
+            Event::Synced { at_ms, sync } => self.synced(at_ms, sync),
+            Event::SyncExported { sync } => {
+                self.apply_sync_exported(sync);
+                self.pending.push(SeatChange::SyncExported { sync });
+                Output::default()
+            }
         }
     }
 

@@ -197,6 +197,12 @@ impl Engine {
                 });
             }
             SeatChange::Leader { .. } => {}
+            SeatChange::Synced { at_ms, sync } => self.apply_synced(*at_ms, *sync),
+            SeatChange::SyncExported { sync } => self.apply_sync_exported(*sync),
+            SeatChange::Installation { id } => self.apply_installation(*id),
+            SeatChange::SyncWarned { deadline_ms, days } => {
+                self.apply_sync_warned(*deadline_ms, *days);
+            }
             SeatChange::Unknown => {
                 return Err(ReplayError::Unknown);
             }
@@ -205,7 +211,8 @@ impl Engine {
     }
 
     /// The seat state as changes that rebuild it when applied in order to an empty engine
-    /// (what a snapshot stores): per slave its `Session`, a `Reclaim` if its seats were
+    /// (what a snapshot stores): the reloaded license, the last vendor sync and offline-limit
+    /// warning (`Synced`, `SyncWarned`), then per slave its `Session`, a `Reclaim` if its seats were
     /// reclaimed, `Revoke`s of the agents an operator released that it may not claim back,
     /// its `Allotment` (blocks and journal position) if it has one, and its seats as `Seats` changes, at most `per_change` agents per change. Connection
     /// state and silence clocks are not included: like a replay, they start fresh.
@@ -215,6 +222,7 @@ impl Engine {
         if let Some(text) = &self.license_text {
             changes.push(SeatChange::License { text: text.clone() });
         }
+        changes.extend(self.sync_snapshot());
         for (id, s) in &self.slaves {
             let slave = id.to_string();
             changes.push(SeatChange::Session {

@@ -108,6 +108,8 @@ impl Engine {
             }
             None => {}
         }
+        // Past the offline limit first: no capacity refusal with a retry hint then.
+        self.check_sync()?;
         self.check_admit(slave, agent_type)?;
         let granted = self.granted_now(request_seq);
         self.pending.push(SeatChange::Grant {
@@ -344,7 +346,10 @@ impl Engine {
                     );
                 let alert = if reason == RejectReason::SlaveNotConnected {
                     self.quietly(now, &id, "no session", alert)
-                } else if storm {
+                } else if storm || reason == RejectReason::SyncOverdue {
+                    // Past the offline limit every registration is refused until a sync:
+                    // one alert per slave every 10 s with the count (the `sync_due` alert
+                    // said why).
                     self.quietly(now, &id, reason.token(), alert)
                 } else {
                     Some(alert)

@@ -48,6 +48,7 @@ impl Engine {
                 expires: license.expires.to_string(),
                 maintenance_expires: license.maintenance_expires.to_string(),
                 not_for_production: license.context.not_for_production(),
+                sync: self.sync_status(),
             },
             allow_unlicensed_slaves: self.cfg.allow_unlicensed_slaves,
             total_limit: self.total_limit(),

@@ -12,7 +12,7 @@ use tracing::{debug, info};
 use crate::engine::{Answer, Engine, Event, Output};
 use crate::intake::{BadVerdict, Intake};
 
-use super::clock::{now, today_utc, unix_ms};
+use super::clock::{now, today_utc};
 
 /// Whether a status or admin request may be answered where it asks: an `_INBOX.` subject.
 /// A request without a reply subject is served (admin actions are then simply unanswered).
@@ -77,9 +77,6 @@ pub(super) fn handle_slave_message(
         return None;
     }
     let reply_to = msg.reply.clone();
-    // What a grant records as its seat's "since" (every replica then reads it from the
-    // ledger record, not from its own clock).
-    engine.set_wall_clock(u64::try_from(unix_ms()).unwrap_or(0));
     let out = match crate::intake::decode(msg.payload.as_ref(), &slave, op, today_utc()) {
         Ok(crate::intake::Decoded::One(event)) => {
             debug!(%slave, op = op.token(), "request");

@@ -11,15 +11,16 @@ use anyhow::Context as _;
 use async_nats::{Message, Subject, Subscriber};
 use futures::{FutureExt as _, StreamExt};
 use lmbus_schemas::{
-    Alert, AlertKind, LedgerEntry, ReplicaBeat, SeatChange, Severity, SlaveOp, decode,
+    Alert, AlertKind, LedgerEntry, ReloadReply, ReloadRequest, ReplicaBeat, SeatChange, SeatUsage,
+    Severity, SlaveOp, SyncNowReply, UsageSummary, decode,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
 use crate::config::BrokerConfig;
 use crate::election::{Election, Role};
-use crate::engine::{Event, Output};
+use crate::engine::{Answer, Event, Output};
 use crate::intake::{Budgets, Intake};
 use crate::ledger::{AppendError, Ledger, RESEND_WITHIN};
 use crate::metrics::Gauges;
@@ -35,6 +36,7 @@ use super::outbound::Io;
 use super::replica::Replica;
 use super::reporter::spawn_report;
 use super::snapshotter::Snapshotter;
+use super::vendor_sync::{Ask, SyncDone, spawn_sync};
 
 /// Most waiting requests decided together and committed in one ledger append.
 const MAX_BATCH: usize = 256;
@@ -149,7 +151,16 @@ pub(super) struct Leader<'a> {
     replicas: Replicas,
     /// Budgets and bad-message summaries for what slaves and clients send.
     intake: Intake,
+    /// Vendor syncs finished beside the loop (`vendor_sync`); one at a time (`syncing`), so
+    /// the channel (bound 1) is never full.
+    sync_done: (mpsc::Sender<SyncDone>, mpsc::Receiver<SyncDone>),
+    syncing: bool,
+    /// The schedule does not sync before this after a failed sync.
+    sync_retry_at: Option<Instant>,
 }
+
+/// How long the schedule waits after a failed sync before it asks again (at most).
+const SYNC_RETRY: Duration = Duration::from_secs(3600);
 
 /// How the loop goes on after one of its arms.
 enum Turn {
@@ -192,6 +203,9 @@ impl<'a> Leader<'a> {
                 Budgets::for_rate_limit(cfg.slave_rate_limit),
                 &cfg.broker_id,
             ),
+            sync_done: mpsc::channel(1),
+            syncing: false,
+            sync_retry_at: None,
         }
     }
 
@@ -271,6 +285,7 @@ impl<'a> Leader<'a> {
                 msg = self.subscriptions.status.next() => self.on_status(msg).await,
                 msg = self.subscriptions.admin.next() => self.on_admin(msg).await,
                 msg = self.subscriptions.replica.next() => self.on_replica_beat(msg).await,
+                Some(done) = self.sync_done.1.recv() => self.on_sync_done(done).await,
                 _ = ticker.tick() => self.on_tick(valid_until).await,
             };
             match turn {
@@ -335,6 +350,15 @@ impl<'a> Leader<'a> {
         }
     }
 
+    /// Sets the wall clock the engine's next decisions are made at: what a grant records as
+    /// its seat's "since" (every replica then reads it from the ledger record, not from its
+    /// own clock at replay) and what the offline limit is compared with.
+    fn set_wall_clock(&mut self) {
+        self.replica
+            .engine
+            .set_wall_clock(self.cfg.wall_clock.unix_ms());
+    }
+
     /// Slave requests: the first, and what is already waiting behind it.
     fn on_slave_requests(&mut self, msg: Option<Message>) -> Turn {
         let Some(msg) = msg else {
@@ -348,6 +372,7 @@ impl<'a> Leader<'a> {
         while let Some(msg) = next.take() {
             seen += 1;
             let arrived = Instant::now();
+            self.set_wall_clock();
             if let Some(Intook { reply_to, out, op }) = handle_slave_message(
                 &mut self.replica.engine,
                 &mut self.intake,
@@ -373,6 +398,7 @@ impl<'a> Leader<'a> {
             return Turn::End(closed("status requests"));
         };
         if client_reply_ok(&mut self.intake, "status requests", &msg) {
+            self.set_wall_clock();
             let mut status = self.replica.engine.status(now());
             status.leader_term = self.term;
             status.ledger_sequence = self.replica.applied;
@@ -400,6 +426,7 @@ impl<'a> Leader<'a> {
         if !client_reply_ok(&mut self.intake, "admin requests", &msg) {
             return Turn::Decided(Vec::new());
         }
+        self.set_wall_clock();
         let subjects = &self.io.subjects;
         let subject = msg.subject.as_str();
         if subject == subjects.admin_report() {
@@ -412,6 +439,40 @@ impl<'a> Leader<'a> {
                 false,
                 msg.reply.clone(),
             );
+            return Turn::Wait;
+        }
+        if subject == subjects.admin_sync_export() {
+            return self.on_sync_export(&msg).await;
+        }
+        if subject == subjects.admin_sync_import() {
+            return self.on_sync_import(&msg).await;
+        }
+        if subject == subjects.admin_sync() {
+            let request: lmbus_schemas::SyncNowRequest = match decode(&msg.payload) {
+                Ok(request) => request,
+                Err(e) => {
+                    let mut out = bad_message(&mut self.replica.engine, &msg, &e);
+                    out.reply = None;
+                    self.io.carry_out(None, out).await;
+                    let reply = SyncNowReply::Error {
+                        message: e.to_string(),
+                    };
+                    if let Some(to) = &msg.reply {
+                        self.io.send(to.clone(), &reply, "admin reply").await;
+                    }
+                    return Turn::Wait;
+                }
+            };
+            if self.syncing {
+                if let Some(to) = &msg.reply {
+                    let reply = SyncNowReply::Error {
+                        message: "a vendor sync is in progress: wait for its alert".into(),
+                    };
+                    self.io.send(to.clone(), &reply, "admin reply").await;
+                }
+                return Turn::Wait;
+            }
+            self.start_sync(request.operator, msg.reply.clone());
             return Turn::Wait;
         }
         let out = if subject == subjects.admin_reload() {
@@ -434,6 +495,284 @@ impl<'a> Leader<'a> {
             return Turn::End(end);
         }
         self.io.carry_out(msg.reply.as_ref(), out).await;
+        Turn::Decided(Vec::new())
+    }
+
+    /// Starts a vendor sync beside the loop (`vendor_sync`), with the usage summary of the
+    /// period so far: per type and in total, no agent or slave ids.
+    fn start_sync(&mut self, operator: String, reply_to: Option<Subject>) {
+        self.syncing = true;
+        let summary = self.usage_summary();
+        let engine = &self.replica.engine;
+        spawn_sync(
+            self.io,
+            Ask {
+                vendor_key: self.cfg.vendor_key,
+                license: engine.config().license.id,
+                installation: engine.installation().unwrap_or_default(),
+                summary,
+                operator,
+                reply_to,
+            },
+            self.sync_done.0.clone(),
+        );
+    }
+
+    /// What a sync tells the vendor about usage: the period so far, per type and in total,
+    /// and the slaves connected; no agent or slave ids.
+    fn usage_summary(&self) -> Option<UsageSummary> {
+        let engine = &self.replica.engine;
+        self.replica.usage.so_far(unix_ms()).map(|w| {
+            let usage = |(peak, average): (u32, f64)| SeatUsage { peak, average };
+            UsageSummary {
+                context: engine.config().license.context.token().to_owned(),
+                period_start_ms: w.start_ms,
+                period_end_ms: w.end_ms,
+                counted_from_ms: w.covered_from_ms,
+                total: usage(w.total),
+                by_type: w.types.into_iter().map(|(t, u)| (t, usage(u))).collect(),
+                slaves_connected: engine.slave_counts().0,
+            }
+        })
+    }
+
+    /// `admin sync export`: a sync request for an air-gapped site, its id recorded
+    /// (`SyncExported`) so that its answer, imported later, applies once.
+    async fn on_sync_export(&mut self, msg: &Message) -> Turn {
+        let request: lmbus_schemas::SyncExportRequest = match decode(&msg.payload) {
+            Ok(request) => request,
+            Err(e) => return self.admin_undecodable(msg, e).await,
+        };
+        let sync = uuid::Uuid::new_v4();
+        let out = self
+            .replica
+            .engine
+            .handle(now(), Event::SyncExported { sync });
+        if let Some(end) = self.settle_all().await {
+            return Turn::End(end);
+        }
+        if let Some(end) = self.commit_all(out.changes).await {
+            return Turn::End(end);
+        }
+        let exported = lmbus_schemas::SyncRequest {
+            sync,
+            license: self.replica.engine.config().license.id,
+            cluster: self.cfg.cluster.clone(),
+            installation: self.replica.engine.installation().unwrap_or_default(),
+            summary: self.usage_summary(),
+        };
+        self.io
+            .alert(Alert::new(
+                Severity::Info,
+                AlertKind::VendorSync,
+                format!(
+                    "{} exported vendor sync request {sync} for an air-gapped sync: its answer applies once, with admin sync import",
+                    lmbus_schemas::printable(&request.operator)
+                ),
+            ))
+            .await;
+        if let Some(to) = &msg.reply {
+            let reply = lmbus_schemas::SyncExportReply::Exported { request: exported };
+            self.io.send(to.clone(), &reply, "admin reply").await;
+        }
+        Turn::Decided(Vec::new())
+    }
+
+    /// `admin sync import`: the vendor's answer to an exported request, taken in like a
+    /// sync over NATS, only when it is signed by the vendor and answers a request exported
+    /// here and not applied yet.
+    async fn on_sync_import(&mut self, msg: &Message) -> Turn {
+        let request: lmbus_schemas::SyncImportRequest = match decode(&msg.payload) {
+            Ok(request) => request,
+            Err(e) => return self.admin_undecodable(msg, e).await,
+        };
+        if self.syncing {
+            if let Some(to) = &msg.reply {
+                let reply = SyncNowReply::Error {
+                    message: "a vendor sync is in progress: import when its alert is out".into(),
+                };
+                self.io.send(to.clone(), &reply, "admin reply").await;
+            }
+            return Turn::Wait;
+        }
+        let (sync, result) = match lmbus_schemas::open_sync_answer(
+            &request.answer,
+            &self.cfg.vendor_key,
+        ) {
+            Ok(answer) if self.replica.engine.awaits_import(answer.sync) => {
+                (answer.sync, Ok(answer))
+            }
+            Ok(answer) => (
+                answer.sync,
+                Err(format!(
+                    "the answer is for sync request {}, which this installation did not export or has applied already: an answer applies once, to the request it answers",
+                    answer.sync
+                )),
+            ),
+            Err(e) => (uuid::Uuid::nil(), Err(e.to_string())),
+        };
+        self.syncing = true;
+        self.on_sync_done(SyncDone {
+            reply_to: msg.reply.clone(),
+            operator: request.operator,
+            sync,
+            result,
+        })
+        .await
+    }
+
+    /// An admin request that does not decode: a `bad_message` alert, and the error to the
+    /// asker.
+    async fn admin_undecodable(&mut self, msg: &Message, e: lmbus_schemas::DecodeError) -> Turn {
+        let out = bad_message(&mut self.replica.engine, msg, &e);
+        self.io.carry_out(None, out).await;
+        if let Some(to) = &msg.reply {
+            let reply = SyncNowReply::Error {
+                message: e.to_string(),
+            };
+            self.io.send(to.clone(), &reply, "admin reply").await;
+        }
+        Turn::Wait
+    }
+
+    /// The schedule (`--sync-every`, for a license with an offline limit): due when the
+    /// last sync in the ledger is that old, and not before `sync_retry_at` after a failure.
+    fn sync_due(&self) -> bool {
+        let every = self.cfg.sync_every;
+        let engine = &self.replica.engine;
+        !self.syncing
+            && !every.is_zero()
+            && engine.config().license.sync_within_days.is_some()
+            && self.sync_retry_at.is_none_or(|at| Instant::now() >= at)
+            && self.cfg.wall_clock.unix_ms()
+                >= engine
+                    .last_sync_ms()
+                    .saturating_add(u64::try_from(every.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// A vendor sync finished: a verified answer's license goes through the engine's reload
+    /// (as `admin reload-license`), then the sync is recorded (`Synced`); a failure or a
+    /// refusal changes nothing and says why in a `vendor_sync` alert.
+    async fn on_sync_done(&mut self, done: SyncDone) -> Turn {
+        self.syncing = false;
+        // After a failure the schedule waits (an hour at most) before it asks again.
+        self.sync_retry_at = (done.result.is_err()
+            || done.result.as_ref().is_ok_and(|a| a.refused.is_some()))
+        .then(|| Instant::now() + self.cfg.sync_every.min(SYNC_RETRY));
+        self.set_wall_clock();
+        let who = if done.operator.is_empty() {
+            "an operator".to_owned()
+        } else {
+            lmbus_schemas::printable(&done.operator).into_owned()
+        };
+        let failed = |message: String| {
+            (
+                SyncNowReply::Error {
+                    message: message.clone(),
+                },
+                Alert::new(
+                    Severity::Warning,
+                    AlertKind::VendorSync,
+                    format!("vendor sync {} asked by {who} failed: {message}", done.sync),
+                ),
+            )
+        };
+        let answer = match done.result {
+            Ok(answer) => answer,
+            Err(message) => {
+                let (reply, alert) = failed(message);
+                return self
+                    .sync_answered(done.reply_to, reply, Output::default(), alert)
+                    .await;
+            }
+        };
+        if let Some(why) = answer.refused {
+            let (reply, alert) = failed(format!(
+                "the vendor refused: {}",
+                lmbus_schemas::printable(&why)
+            ));
+            return self
+                .sync_answered(done.reply_to, reply, Output::default(), alert)
+                .await;
+        }
+        let mut out = Output::default();
+        let mut said = String::new();
+        if let Some(text) = answer.license {
+            let reloaded = self.replica.engine.handle(
+                now(),
+                Event::Reload {
+                    request: ReloadRequest {
+                        license: text,
+                        operator: format!("vendor sync {}", done.sync),
+                        file: "the vendor's answer".into(),
+                    },
+                    today: today_utc(),
+                },
+            );
+            match &reloaded.reply {
+                Some(Answer::Reload(ReloadReply::Reloaded { message })) => {
+                    said = format!("; {message}");
+                }
+                Some(Answer::Reload(ReloadReply::Error { message })) => {
+                    let (reply, alert) =
+                        failed(format!("the vendor's license is refused: {message}"));
+                    let mut refused = reloaded.clone();
+                    refused.reply = None;
+                    return self
+                        .sync_answered(done.reply_to, reply, refused, alert)
+                        .await;
+                }
+                _ => {}
+            }
+            out.effects.extend(reloaded.effects);
+            out.changes.extend(reloaded.changes);
+        }
+        // The sync's time on the leader's wall clock, the clock the deadline is compared
+        // with (the vendor's own time is in the alert).
+        let at_ms = self.cfg.wall_clock.unix_ms();
+        let synced = self.replica.engine.handle(
+            now(),
+            Event::Synced {
+                at_ms,
+                sync: done.sync,
+            },
+        );
+        out.effects.extend(synced.effects);
+        out.changes.extend(synced.changes);
+        let message = format!(
+            "vendor sync {} succeeded (the vendor answered at {} ms after 1970){said}",
+            done.sync, answer.at_ms
+        );
+        let alert = Alert::new(
+            Severity::Info,
+            AlertKind::VendorSync,
+            format!("{who} synced with the vendor: {message}"),
+        );
+        self.sync_answered(done.reply_to, SyncNowReply::Synced { message }, out, alert)
+            .await
+    }
+
+    /// Records what a sync changed, then tells: the effects, the alert and the operator.
+    async fn sync_answered(
+        &mut self,
+        reply_to: Option<Subject>,
+        reply: SyncNowReply,
+        out: Output,
+        alert: Alert,
+    ) -> Turn {
+        if !out.changes.is_empty() {
+            if let Some(end) = self.settle_all().await {
+                return Turn::End(end);
+            }
+            if let Some(end) = self.commit_all(out.changes.clone()).await {
+                return Turn::End(end);
+            }
+        }
+        self.io.carry_out(None, out).await;
+        self.io.alert(alert).await;
+        if let Some(to) = reply_to {
+            self.io.send(to, &reply, "admin reply").await;
+        }
         Turn::Decided(Vec::new())
     }
 
@@ -471,6 +810,10 @@ impl<'a> Leader<'a> {
         {
             return Turn::Wait;
         }
+        self.set_wall_clock();
+        if self.sync_due() {
+            self.start_sync("the sync schedule (--sync-every)".into(), None);
+        }
         let (replica, io) = (&mut *self.replica, self.io);
         let out = replica
             .engine
@@ -488,6 +831,10 @@ impl<'a> Leader<'a> {
             slaves_known,
             allotted_by_type: replica.engine.allotted_by_type().clone(),
             allotted_total: replica.engine.allotted_total(),
+            sync_overdue: replica
+                .engine
+                .sync_deadline_ms()
+                .map(|_| replica.engine.sync_overdue()),
         }));
         io.metrics.count_allot(replica.engine.allot_counts());
         for alert in self.replicas.sweep(now()) {

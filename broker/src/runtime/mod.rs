@@ -28,6 +28,7 @@ mod snapshotter;
 mod standby;
 mod tasks;
 mod term;
+mod vendor_sync;
 
 use lmbus_schemas::human::plural;
 use std::future::Future;
@@ -167,8 +168,23 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         allot: cfg.allot.clone(),
     };
     let metrics = Metrics::new(&license);
+    // The vendor's NATS, when it is not reached through a leaf node: connected in the
+    // background (the broker serves while the vendor is unreachable; a sync then says so).
+    let vendor = match &cfg.vendor_nats {
+        Some((url, auth)) => lmbus_nats::connect(
+            url,
+            async_nats::ConnectOptions::new()
+                .name(format!("lmbus-broker {} vendor sync", cfg.broker_id))
+                .retry_on_initial_connect(),
+            auth,
+        )
+        .await
+        .with_context(|| format!("the vendor's NATS (--vendor-nats {url})"))?,
+        None => client.clone(),
+    };
     let io = Io {
         client: client.clone(),
+        vendor,
         subjects: subjects.clone(),
         broker_id: cfg.broker_id.clone(),
         context: license.context,

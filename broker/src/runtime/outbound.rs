@@ -19,6 +19,8 @@ use super::clock::unix_ms;
 #[derive(Clone)]
 pub(super) struct Io {
     pub(super) client: Client,
+    /// Where vendor sync requests go: the vendor's NATS (`--vendor-nats`) or `client`.
+    pub(super) vendor: Client,
     pub(super) subjects: Subjects,
     pub(super) broker_id: String,
     /// The context of the license this replica started with, stamped on every alert it

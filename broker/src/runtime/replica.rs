@@ -54,8 +54,10 @@ impl Replica {
     ) -> Self {
         shared.store(0, Ordering::Relaxed);
         metrics.set_license(&cfg.license);
+        let engine = Engine::new(cfg.clone());
+        metrics.set_sync_deadline(engine.sync_deadline_ms());
         Self {
-            engine: Engine::new(cfg.clone()),
+            engine,
             applied: 0,
             shared,
             metrics,
@@ -70,6 +72,8 @@ impl Replica {
         self.applied = sequence;
         self.shared.store(sequence, Ordering::Relaxed);
         self.metrics.set_license(&self.engine.config().license);
+        self.metrics
+            .set_sync_deadline(self.engine.sync_deadline_ms());
         self.observe_usage();
     }
 

@@ -151,7 +151,7 @@ impl Term<'_> {
         // the record land only right after what was caught up, so no two leaders write the
         // same term.
         self.number = self.replica.term + 1;
-        let marker = LedgerEntry {
+        let mut marker = LedgerEntry {
             writer: cfg.broker_id.clone(),
             changes: vec![SeatChange::Leader {
                 replica: cfg.broker_id.clone(),
@@ -159,6 +159,12 @@ impl Term<'_> {
                 context: Some(self.replica.engine.config().license.context),
             }],
         };
+        // The cluster's first leader draws the installation's identity (vendor sync).
+        if self.replica.engine.installation().is_none() {
+            marker.changes.push(SeatChange::Installation {
+                id: uuid::Uuid::new_v4(),
+            });
+        }
         // Right after the whole NATS cluster restarted, the ledger stream may be readable
         // but not yet writable ("no stream found" while its raft group settles): retry the
         // marker while the lease holds instead of resigning and running a new election. The
@@ -173,6 +179,10 @@ impl Term<'_> {
             match self.ledger.append(&marker).await {
                 Ok(sequence) => {
                     io.metrics.ledger_append(started.elapsed());
+                    for change in &marker.changes[1..] {
+                        // Only an `Installation`, which cannot fail to apply.
+                        let _ = self.replica.engine.apply(now(), change);
+                    }
                     self.replica.set_applied(sequence);
                     self.replica.term = self.number;
                     break;

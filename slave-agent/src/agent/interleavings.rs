@@ -48,6 +48,7 @@ fn engine() -> Engine {
         maintenance_expires: date!(2027 - 12 - 31),
         role: Role::Master,
         context: Context::Production,
+        sync_within_days: None,
         limits: Limits {
             // Small enough that rejections at the limit happen too.
             total: Some(4),

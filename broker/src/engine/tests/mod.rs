@@ -21,6 +21,7 @@ mod farewell;
 mod guards;
 mod hello;
 mod liveness;
+mod offline;
 mod replay;
 mod reports;
 mod seats;
@@ -41,6 +42,7 @@ fn license(role: Role, limits: Limits) -> License {
         maintenance_expires: date!(2027 - 12 - 31),
         role,
         context: Context::Production,
+        sync_within_days: None,
         limits,
     }
 }

@@ -1,0 +1,373 @@
+//! The offline limit (`sync_within_days`): warnings 30, 14, 7 and 1 days before, then no
+//! new seats until a vendor sync; the clock and the warnings survive a failover. Time is the
+//! wall clock the tests set, jumped by days.
+
+use lmbus_schemas::{Admission, AllotRequest, ControlMessage, SyncStatus};
+
+use super::*;
+
+/// A strict master whose license (issued 2026-01-01) must sync within 60 days, with the
+/// wall clock at `day` days after the issue day's midnight.
+fn offline_harness(day: u64) -> (Harness, u64) {
+    let mut h = Harness::new(true);
+    h.engine.cfg.license.sync_within_days = Some(60);
+    let issued = h.engine.cfg.license.issued_unix_ms();
+    h.engine.set_wall_clock(issued + day * DAY_MS);
+    (h, issued + 60 * DAY_MS)
+}
+
+/// The `sync_due` alerts of an output.
+fn sync_alerts(out: &Output) -> Vec<Alert> {
+    alerts(out)
+        .into_iter()
+        .filter(|a| a.kind == AlertKind::SyncDue)
+        .collect()
+}
+
+fn tick(h: &mut Harness) -> Output {
+    h.engine.handle(h.now, Event::Tick { today: TODAY })
+}
+
+/// Moves the wall clock to `ms` (and the monotonic one a little, as a tick would).
+fn at(h: &mut Harness, ms: u64) {
+    h.now += Duration::from_millis(100);
+    h.engine.set_wall_clock(ms);
+}
+
+/// A license without `sync_within_days` has no offline limit, however far time jumps.
+#[test]
+fn a_license_without_the_field_has_no_offline_limit() {
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    at(&mut h, 4_000_000_000_000);
+    assert!(sync_alerts(&tick(&mut h)).is_empty());
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    assert_eq!(h.engine.sync_deadline_ms(), None);
+    assert_eq!(h.engine.status(h.now).license.sync, None);
+}
+
+/// Steps: a slave registers an agent on day 1; the clock jumps to 30, 14, 7 and 1 days
+/// before the limit, with two ticks at each: one warning each, recorded as `SyncWarned`,
+/// none repeated; at the limit one critical alert; a new registration is refused
+/// `sync_overdue` with an alert, the registered agent keeps its seat, and once released it
+/// is not granted again; status says overdue; the clock set back 40 days changes nothing.
+#[test]
+fn it_warns_once_at_each_stage_then_refuses_new_seats_and_keeps_the_old() {
+    let (mut h, deadline) = offline_harness(1);
+    h.hello("s1", None);
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    assert!(sync_alerts(&tick(&mut h)).is_empty());
+    assert_eq!(
+        h.engine.status(h.now).license.sync,
+        Some(SyncStatus {
+            within_days: 60,
+            last_sync_ms: 0,
+            deadline_ms: deadline,
+            overdue: false,
+        })
+    );
+    for days in [30u32, 14, 7, 1] {
+        // Just inside the stage.
+        at(&mut h, deadline - u64::from(days) * DAY_MS + 1);
+        let out = tick(&mut h);
+        let warned = sync_alerts(&out);
+        assert_eq!(warned.len(), 1, "{days} days: {warned:?}");
+        assert_eq!(warned[0].severity, Severity::Warning);
+        let words = if days == 1 {
+            "within 1 day:".to_owned()
+        } else {
+            format!("within {days} days:")
+        };
+        assert!(warned[0].message.contains(&words), "{}", warned[0].message);
+        assert_eq!(
+            out.changes,
+            vec![SeatChange::SyncWarned {
+                deadline_ms: deadline,
+                days
+            }]
+        );
+        assert!(approved(&h.decision("s1", &format!("b{days}"), "outbound")));
+        assert_eq!(h.unregister("s1", &format!("b{days}")), Reply::Ack);
+        at(&mut h, deadline - u64::from(days) * DAY_MS + 2);
+        assert!(sync_alerts(&tick(&mut h)).is_empty(), "{days} repeated");
+    }
+    at(&mut h, deadline);
+    let out = tick(&mut h);
+    let overdue = sync_alerts(&out);
+    assert_eq!(overdue.len(), 1, "{overdue:?}");
+    assert_eq!(overdue[0].severity, Severity::Critical);
+    assert!(
+        overdue[0].message.contains("no new seats are granted"),
+        "{}",
+        overdue[0].message
+    );
+    assert!(sync_alerts(&tick(&mut h)).is_empty());
+
+    let out = h.register("s1", "a2", "inbound");
+    let d = decision_of(&out);
+    assert_eq!(rejected_for(&d), Some(RejectReason::SyncOverdue));
+    assert!(out.changes.is_empty());
+    let rejected = alerts(&out);
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].reason, Some(RejectReason::SyncOverdue));
+    // Already held: the same answer as before, the seat stays.
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    let status = h.engine.status(h.now);
+    assert_eq!(status.total_in_use, 1);
+    assert!(status.license.sync.is_some_and(|s| s.overdue));
+    assert_eq!(h.unregister("s1", "a1"), Reply::Ack);
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a1", "inbound")),
+        Some(RejectReason::SyncOverdue)
+    );
+    // Refusals past the limit are told per slave every 10 s, not one alert each.
+    assert!(alerts(&h.register("s1", "a3", "inbound")).is_empty());
+    // A wall clock set back (by hand) does not undo a limit recorded as passed.
+    at(&mut h, deadline - 40 * DAY_MS);
+    assert!(sync_alerts(&tick(&mut h)).is_empty());
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a4", "inbound")),
+        Some(RejectReason::SyncOverdue)
+    );
+}
+
+/// A clock that jumps past several stages at once gives one warning, for the stage it is
+/// in; the stages it skipped are not given afterwards.
+#[test]
+fn a_jump_over_several_stages_warns_once() {
+    let (mut h, deadline) = offline_harness(0);
+    at(&mut h, deadline - 3 * DAY_MS);
+    let warned = sync_alerts(&tick(&mut h));
+    assert_eq!(warned.len(), 1);
+    assert!(warned[0].message.contains("within 7 days"), "{warned:?}");
+    at(&mut h, deadline - 2 * DAY_MS);
+    assert!(sync_alerts(&tick(&mut h)).is_empty());
+    at(&mut h, deadline + 5 * DAY_MS);
+    let warned = sync_alerts(&tick(&mut h));
+    assert_eq!(warned.len(), 1);
+    assert_eq!(warned[0].severity, Severity::Critical);
+}
+
+/// Steps: the leader passes the limit and is synced back (the records it wrote are kept);
+/// a standby that applied them, and an engine restored from the leader's snapshot, hold
+/// the same last sync and warnings: leading next, neither warns again nor refuses, and at
+/// the new deadline each warns once.
+#[test]
+fn a_failover_keeps_the_clock_and_does_not_repeat_the_warnings() {
+    let (mut h, deadline) = offline_harness(0);
+    let mut records = Vec::new();
+    let mut keep = |out: Output| records.extend(out.changes);
+    h.hello("s1", None);
+    at(&mut h, deadline - 20 * DAY_MS);
+    keep(tick(&mut h));
+    at(&mut h, deadline + DAY_MS);
+    keep(tick(&mut h));
+    let synced_at = deadline + DAY_MS + 1000;
+    let out = h.engine.handle(
+        h.now,
+        Event::Synced {
+            at_ms: synced_at,
+            sync: Uuid::nil(),
+        },
+    );
+    assert_eq!(
+        out.changes,
+        vec![SeatChange::Synced {
+            at_ms: synced_at,
+            sync: Uuid::nil()
+        }]
+    );
+    assert!(
+        sync_alerts(&out)[0]
+            .message
+            .contains("new seats are granted again")
+    );
+    keep(out);
+    let new_deadline = synced_at + 60 * DAY_MS;
+    // 29 days before the new deadline: warned once here, then a failover.
+    at(&mut h, new_deadline - 29 * DAY_MS);
+    keep(tick(&mut h));
+
+    let mut standby = Engine::new(h.engine.cfg.clone());
+    for change in &records {
+        standby.apply(h.now, change).unwrap();
+    }
+    let mut restored = Engine::new(h.engine.cfg.clone());
+    for change in h.engine.snapshot(100) {
+        restored.apply(h.now, &change).unwrap();
+    }
+    for mut next in [standby, restored] {
+        assert_eq!(next.sync_deadline_ms(), Some(new_deadline));
+        next.set_wall_clock(new_deadline - 29 * DAY_MS + 1);
+        let out = next.handle(h.now, Event::Tick { today: TODAY });
+        assert!(sync_alerts(&out).is_empty(), "{out:?}");
+        assert!(out.changes.is_empty());
+        next.set_wall_clock(new_deadline - 10 * DAY_MS);
+        let warned = sync_alerts(&next.handle(h.now, Event::Tick { today: TODAY }));
+        assert_eq!(warned.len(), 1);
+        assert!(warned[0].message.contains("within 14 days"), "{warned:?}");
+    }
+}
+
+/// Steps: past the limit a sync restores registrations, and its time starts the next 60
+/// days; a sync older than the last one recorded changes nothing.
+#[test]
+fn a_sync_restores_service_and_an_older_one_changes_nothing() {
+    let (mut h, deadline) = offline_harness(0);
+    h.hello("s1", None);
+    at(&mut h, deadline + 10 * DAY_MS);
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a1", "inbound")),
+        Some(RejectReason::SyncOverdue)
+    );
+    let now_ms = deadline + 10 * DAY_MS;
+    let out = h.engine.handle(
+        h.now,
+        Event::Synced {
+            at_ms: now_ms,
+            sync: Uuid::nil(),
+        },
+    );
+    assert_eq!(out.changes.len(), 1);
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    assert_eq!(h.engine.sync_deadline_ms(), Some(now_ms + 60 * DAY_MS));
+    let older = h.engine.handle(
+        h.now,
+        Event::Synced {
+            at_ms: now_ms - 1,
+            sync: Uuid::nil(),
+        },
+    );
+    assert!(older.changes.is_empty() && older.effects.is_empty());
+    assert_eq!(h.engine.sync_deadline_ms(), Some(now_ms + 60 * DAY_MS));
+}
+
+/// A reloaded license issued later starts the clock from its own issue day (a license
+/// fresh from the vendor is contact with the vendor).
+#[test]
+fn the_clock_starts_at_the_issue_day_of_the_license_in_force() {
+    let (h, deadline) = offline_harness(0);
+    let mut later = h.engine.cfg.license.clone();
+    later.issued = date!(2026 - 03 - 01);
+    let mut engine = Engine::new(EngineConfig {
+        license: later.clone(),
+        ..h.engine.cfg.clone()
+    });
+    assert!(engine.sync_deadline_ms() > Some(deadline));
+    engine.set_wall_clock(deadline + DAY_MS);
+    assert!(!engine.sync_overdue());
+    assert_eq!(
+        engine.sync_deadline_ms(),
+        Some(later.issued_unix_ms() + 60 * DAY_MS)
+    );
+}
+
+/// A slave's hello past the limit keeps the seats the master knows and refuses the ones
+/// it does not (`sync_overdue`): it logs those out.
+#[test]
+fn a_hello_past_the_limit_keeps_known_seats_and_refuses_new_ones() {
+    let (mut h, deadline) = offline_harness(0);
+    h.hello("s1", None);
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    at(&mut h, deadline);
+    let claims = vec![
+        AgentClaim {
+            agent_id: "a1".into(),
+            agent_type: "inbound".into(),
+        },
+        AgentClaim {
+            agent_id: "a9".into(),
+            agent_type: "inbound".into(),
+        },
+    ];
+    let out = h.hello_with("s1", None, claims);
+    let Some(Reply::Welcome(welcome)) = reply_of(&out) else {
+        panic!("{out:?}")
+    };
+    assert_eq!(welcome.rejected_agents.len(), 1);
+    assert_eq!(welcome.rejected_agents[0].agent_id, "a9");
+    assert_eq!(welcome.rejected_agents[0].reason, RejectReason::SyncOverdue);
+    assert_eq!(h.engine.seats()["s1"].len(), 1);
+}
+
+/// Allotment mode: past the limit no block grows (the free seats stay free) and the tick
+/// that passes it asks every slave holding a block to give it back; a smaller block is
+/// still taken.
+#[test]
+fn allotment_blocks_stop_growing_past_the_limit() {
+    let (mut h, deadline) = offline_harness(0);
+    h.engine.cfg.allot.admission = Admission::Allotment;
+    h.hello("s1", None);
+    let ask = |h: &mut Harness, want: u32| {
+        let seq = h.next_seq();
+        let instance = h.instances["s1"];
+        let out = h.engine.handle(
+            h.now,
+            Event::Allot {
+                slave: id("s1"),
+                request: AllotRequest {
+                    instance,
+                    seq,
+                    ops: vec![],
+                    want: [("inbound".to_owned(), want)].into(),
+                },
+            },
+        );
+        match reply_of(&out) {
+            Some(Reply::Allotment(a)) => a.blocks.get("inbound").copied().unwrap_or(0),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(ask(&mut h, 2), 2);
+    at(&mut h, deadline);
+    let out = tick(&mut h);
+    assert!(out.effects.iter().any(|e| matches!(
+        e,
+        Effect::Control { slave, message: ControlMessage::ReturnAllotment } if slave.as_str() == "s1"
+    )));
+    assert_eq!(ask(&mut h, 3), 2, "grew past the limit");
+    assert_eq!(ask(&mut h, 1), 1);
+    assert_eq!(h.engine.status(h.now).allotted_total, 1);
+}
+
+/// An exported request waits for its answer through a failover (replay and snapshot); the
+/// `Synced` that answers it settles it, so the same answer cannot apply twice; at most
+/// `MAX_EXPORTED` wait, the oldest dropped.
+#[test]
+fn exported_requests_wait_once_for_their_answer() {
+    let (mut h, deadline) = offline_harness(0);
+    let first = Uuid::new_v4();
+    let out = h.engine.handle(h.now, Event::SyncExported { sync: first });
+    assert_eq!(out.changes, vec![SeatChange::SyncExported { sync: first }]);
+    assert!(h.engine.awaits_import(first));
+    let mut standby = Engine::new(h.engine.cfg.clone());
+    for change in &out.changes {
+        standby.apply(h.now, change).unwrap();
+    }
+    let mut restored = Engine::new(h.engine.cfg.clone());
+    for change in h.engine.snapshot(100) {
+        restored.apply(h.now, &change).unwrap();
+    }
+    assert!(standby.awaits_import(first) && restored.awaits_import(first));
+    at(&mut h, deadline + DAY_MS);
+    let synced = h.engine.handle(
+        h.now,
+        Event::Synced {
+            at_ms: deadline + DAY_MS,
+            sync: first,
+        },
+    );
+    assert!(!h.engine.awaits_import(first));
+    for change in &synced.changes {
+        standby.apply(h.now, change).unwrap();
+    }
+    assert!(!standby.awaits_import(first));
+    let oldest = Uuid::new_v4();
+    h.engine.handle(h.now, Event::SyncExported { sync: oldest });
+    for _ in 0..super::super::offline::MAX_EXPORTED {
+        let sync = Uuid::new_v4();
+        h.engine.handle(h.now, Event::SyncExported { sync });
+    }
+    assert!(!h.engine.awaits_import(oldest));
+    assert_eq!(h.engine.exported.len(), super::super::offline::MAX_EXPORTED);
+}

@@ -1,0 +1,135 @@
+//! Vendor sync from the leader (`admin sync now`): a task beside the loop asks the vendor
+//! on `lmbus.vendor.v1.sync` (over the same NATS connection: the customer's NATS reaches the
+//! vendor's through a leaf node), retrying with back-off while nobody answers, and checks the
+//! answer's signature with the vendor key and that it answers this request. The loop takes
+//! the verified answer in (`Leader::on_sync_done`): the license through the engine's reload
+//! (the path `admin reload-license` takes), then `Event::Synced`, both recorded in the ledger.
+//! Nothing a slave can publish reaches this: the request goes out on the leader's own
+//! connection, only a vendor-signed answer naming this request's id is taken.
+
+use std::time::Duration;
+
+use async_nats::Subject;
+use lmbus_schemas::{
+    SignedSyncAnswer, Subjects, SyncAnswer, SyncRequest, UsageSummary, VerifyingKey, decode,
+    encode, verify_sync_answer,
+};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::outbound::Io;
+
+/// How long one request to the vendor waits for its answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts while nobody answers (timeout, no responders), with back-off between them.
+const ATTEMPTS: u32 = 3;
+const BACKOFF: Duration = Duration::from_secs(1);
+
+/// A finished sync, for the leader loop.
+#[derive(Debug)]
+pub(super) struct SyncDone {
+    /// Where `admin sync now` waits for its answer.
+    pub(super) reply_to: Option<Subject>,
+    pub(super) operator: String,
+    pub(super) sync: Uuid,
+    /// The verified answer, or why there is none.
+    pub(super) result: Result<SyncAnswer, String>,
+}
+
+/// What a sync asks the vendor, and for whom.
+pub(super) struct Ask {
+    pub(super) vendor_key: VerifyingKey,
+    pub(super) license: Uuid,
+    pub(super) installation: Uuid,
+    /// What the installation used (no agent or slave ids).
+    pub(super) summary: Option<UsageSummary>,
+    /// Who asked: an operator, or the schedule.
+    pub(super) operator: String,
+    pub(super) reply_to: Option<Subject>,
+}
+
+/// Asks the vendor in a task; the outcome goes to `done` (bounded: the leader runs one
+/// sync at a time, so it is never full).
+pub(super) fn spawn_sync(io: &Io, ask_for: Ask, done: mpsc::Sender<SyncDone>) {
+    let Ask {
+        vendor_key,
+        license,
+        installation,
+        summary,
+        operator,
+        reply_to,
+    } = ask_for;
+    let client = io.vendor.clone();
+    let cluster = io.subjects.cluster().to_owned();
+    io.tasks.clone().spawn(async move {
+        let sync = Uuid::new_v4();
+        info!(%sync, %license, "vendor sync");
+        let result = ask(
+            &client,
+            &vendor_key,
+            SyncRequest {
+                sync,
+                license,
+                cluster,
+                installation,
+                summary,
+            },
+        )
+        .await;
+        if let Err(e) = &result {
+            warn!(%sync, "vendor sync failed: {e}");
+        }
+        let _ = done
+            .send(SyncDone {
+                reply_to,
+                operator,
+                sync,
+                result,
+            })
+            .await;
+    });
+}
+
+async fn ask(
+    client: &async_nats::Client,
+    vendor_key: &VerifyingKey,
+    request: SyncRequest,
+) -> Result<SyncAnswer, String> {
+    let payload = encode(&request).map_err(|e| e.to_string())?;
+    let mut last = String::new();
+    for attempt in 1..=ATTEMPTS {
+        if attempt > 1 {
+            tokio::time::sleep(BACKOFF * (attempt - 1)).await;
+        }
+        let asked = tokio::time::timeout(
+            ASK_TIMEOUT,
+            client.request(Subjects::vendor_sync(), payload.clone().into()),
+        )
+        .await;
+        let msg = match asked {
+            Ok(Ok(msg)) => msg,
+            Ok(Err(e)) => {
+                last = format!(
+                    "no answer from the vendor on {}: {e}",
+                    Subjects::vendor_sync()
+                );
+                continue;
+            }
+            Err(_) => {
+                last = format!(
+                    "no answer from the vendor on {} within {ASK_TIMEOUT:?}",
+                    Subjects::vendor_sync()
+                );
+                continue;
+            }
+        };
+        // A bad answer is final: asking again would get the same.
+        let signed: SignedSyncAnswer = decode(&msg.payload)
+            .map_err(|e| format!("the vendor's answer does not decode: {e}"))?;
+        return verify_sync_answer(&signed, vendor_key, request.sync).map_err(|e| e.to_string());
+    }
+    Err(format!(
+        "{last} (after {ATTEMPTS} attempts; check the leaf node link to the vendor's NATS)"
+    ))
+}

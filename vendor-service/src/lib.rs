@@ -1,0 +1,442 @@
+//! The vendor's side of vendor sync: `run` answers masters' `SyncRequest`s on
+//! `lmbus.vendor.v1.sync` (a queue group, so several vendor nodes share them) with the
+//! current signed license of the id asked about, from the store, signed as a whole with the
+//! vendor key (`sign_sync_answer`).
+//!
+//! The store is a directory: `licenses/<license id>.lic` holds each customer's current
+//! master license (put there by `store_license`, which verifies it first; a new purchase or
+//! a change of limits or dates is a new file in its place, a removed license a deleted
+//! one), and `syncs.jsonl` gets one line per answered sync (time, sync id, license, cluster,
+//! outcome and the installation's usage summary). `installations/<license id>` holds the
+//! installation the license is bound to: the first that synced it (trust on first use);
+//! another installation's sync is refused and flagged in the log, until `unbind`. Answering is idempotent: the same request gets the same license.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use lmbus_schemas::{
+    License, Subjects, SyncAnswer, SyncRequest, VendorKey, decode, encode, printable,
+    sign_sync_answer, verify_license,
+};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct VendorConfig {
+    pub nats_url: String,
+    pub nats_auth: lmbus_nats::NatsAuth,
+    /// The vendor's signing key: the one that signs licenses.
+    pub key: VendorKey,
+    /// The store directory.
+    pub store: PathBuf,
+}
+
+/// The queue group every vendor node answers in.
+const QUEUE: &str = "lmbus-vendor";
+
+/// Where the store keeps license `id`.
+fn license_path(store: &Path, id: Uuid) -> PathBuf {
+    store.join("licenses").join(format!("{id}.lic"))
+}
+
+/// Where the store keeps the installation license `id` is bound to.
+fn binding_path(store: &Path, id: Uuid) -> PathBuf {
+    store.join("installations").join(format!("{id}"))
+}
+
+/// One license, one installation: the first installation that syncs license `license` is
+/// bound to it (trust on first use); `Err` names the bound one when another asks. A nil
+/// installation (an older broker) is not checked.
+fn check_installation(store: &Path, license: Uuid, installation: Uuid) -> Result<(), String> {
+    if installation.is_nil() {
+        return Ok(());
+    }
+    let path = binding_path(store, license);
+    match std::fs::read_to_string(&path) {
+        Ok(bound) if bound.trim() == installation.to_string() => Ok(()),
+        Ok(bound) => Err(bound.trim().to_owned()),
+        Err(_) => {
+            let dir = store.join("installations");
+            // A store that cannot keep the binding still answers; the next sync binds.
+            if let Err(e) = std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&path, installation.to_string()))
+            {
+                warn!("cannot bind license {license} to installation {installation}: {e}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Moves license `license` to another installation: the next one that syncs it is bound.
+pub fn unbind(store: &Path, license: Uuid) -> anyhow::Result<bool> {
+    let path = binding_path(store, license);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+}
+
+/// Verifies `text` with the vendor's own key and puts it in the store as the current
+/// license of its id; the license.
+pub fn store_license(store: &Path, text: &str, key: &VendorKey) -> anyhow::Result<License> {
+    let license = verify_license(text, "the license to store", &key.verifying_key())?;
+    let path = license_path(store, license.id);
+    let dir = store.join("licenses");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(license)
+}
+
+/// The answer to `request` at `now_ms`, from the store: the license's current text, or a
+/// refusal saying why there is none.
+pub fn answer(store: &Path, key: &VendorKey, request: &SyncRequest, now_ms: u64) -> SyncAnswer {
+    let refused = |why: String| SyncAnswer {
+        sync: request.sync,
+        at_ms: now_ms,
+        license: None,
+        refused: Some(why),
+    };
+    let path = license_path(store, request.license);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return refused(format!(
+                "license {} is not in the vendor's store (removed, transferred, or never issued)",
+                request.license
+            ));
+        }
+        Err(e) => {
+            warn!("cannot read {}: {e}", path.display());
+            return refused("the vendor cannot read its store now: try again later".into());
+        }
+    };
+    if let Err(bound) = check_installation(store, request.license, request.installation) {
+        warn!(
+            license = %request.license,
+            installation = %request.installation,
+            bound = %bound,
+            "FLAGGED: a license synced from a second installation; refused"
+        );
+        return refused(format!(
+            "license {} is in use by another installation ({bound}); this one is {}: a license serves one installation (the vendor moves it with lmbus-vendor unbind)",
+            request.license, request.installation
+        ));
+    }
+    // Never send what the master would refuse: the store's file must verify and be the id.
+    match verify_license(&text, &path.display().to_string(), &key.verifying_key()) {
+        Ok(license) if license.id == request.license => SyncAnswer {
+            sync: request.sync,
+            at_ms: now_ms,
+            license: Some(text),
+            refused: None,
+        },
+        Ok(license) => {
+            warn!(
+                "{} holds license {}, not {}",
+                path.display(),
+                license.id,
+                request.license
+            );
+            refused("the vendor's store is inconsistent for this license".into())
+        }
+        Err(e) => {
+            warn!("{e}");
+            refused("the vendor's stored license does not verify".into())
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+/// Appends one line to `syncs.jsonl`.
+fn record(store: &Path, request: &SyncRequest, answer: &SyncAnswer) -> anyhow::Result<()> {
+    let path = store.join("syncs.jsonl");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let line = serde_json::json!({
+        "time_ms": answer.at_ms,
+        "sync": request.sync,
+        "license": request.license,
+        "cluster": printable(&request.cluster).chars().take(64).collect::<String>(),
+        "installation": request.installation,
+        "outcome": answer.refused.as_deref().unwrap_or("answered"),
+        "summary": request.summary,
+    });
+    writeln!(file, "{line}").with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Answers `request` now from the store, records it in `syncs.jsonl` and signs the answer
+/// (for a request that came as a file).
+pub fn answer_and_record(
+    store: &Path,
+    key: &VendorKey,
+    request: &SyncRequest,
+) -> anyhow::Result<(SyncAnswer, lmbus_schemas::SignedSyncAnswer)> {
+    let answer = answer(store, key, request, now_ms());
+    record(store, request, &answer)?;
+    let signed = sign_sync_answer(&answer, key)?;
+    Ok((answer, signed))
+}
+
+/// One answered sync as `syncs.jsonl` keeps it, with the customer of its license (from the
+/// store; empty when the store no longer has it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SyncLogLine {
+    pub time_ms: u64,
+    pub sync: Uuid,
+    pub license: Uuid,
+    #[serde(default)]
+    pub cluster: String,
+    #[serde(default)]
+    pub installation: Uuid,
+    pub outcome: String,
+    #[serde(default)]
+    pub summary: Option<lmbus_schemas::UsageSummary>,
+    #[serde(default)]
+    pub customer: String,
+}
+
+/// The usage summaries the store received since `since_ms` (Unix milliseconds), of
+/// `customer` when given (the name in the license, exactly), oldest first. Lines that do not
+/// parse are skipped with a warning.
+pub fn usage(
+    store: &Path,
+    customer: Option<&str>,
+    since_ms: u64,
+) -> anyhow::Result<Vec<SyncLogLine>> {
+    let path = store.join("syncs.jsonl");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut customers = std::collections::BTreeMap::new();
+    let mut lines = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let mut entry: SyncLogLine = match serde_json::from_str(line) {
+            Ok(entry) => entry,
+            Err(e) => {
+                warn!("{} line {}: {e}", path.display(), n + 1);
+                continue;
+            }
+        };
+        if entry.time_ms < since_ms {
+            continue;
+        }
+        entry.customer = customers
+            .entry(entry.license)
+            .or_insert_with(|| {
+                std::fs::read_to_string(license_path(store, entry.license))
+                    .ok()
+                    .and_then(|t| lmbus_schemas::read_license_unverified(&t))
+                    .map(|l| l.customer)
+                    .unwrap_or_default()
+            })
+            .clone();
+        if customer.is_none_or(|c| c == entry.customer) {
+            lines.push(entry);
+        }
+    }
+    Ok(lines)
+}
+
+/// `usage` as CSV: one row per sync with a summary, then one per agent type of it
+/// (`agent_type` empty on the total's row).
+pub fn usage_csv(lines: &[SyncLogLine]) -> String {
+    let mut out = String::from(
+        "time_ms,customer,license,cluster,installation,period_start_ms,period_end_ms,agent_type,peak,average\n",
+    );
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    for l in lines {
+        let Some(summary) = &l.summary else {
+            continue;
+        };
+        let rows = std::iter::once((String::new(), &summary.total))
+            .chain(summary.by_type.iter().map(|(t, u)| (t.clone(), u)));
+        for (agent_type, u) in rows {
+            out.push_str(&format!(
+                "{},{},{},{},{},{},{},{},{},{:.3}\n",
+                l.time_ms,
+                quote(&l.customer),
+                l.license,
+                quote(&l.cluster),
+                l.installation,
+                summary.period_start_ms,
+                summary.period_end_ms,
+                quote(&agent_type),
+                u.peak,
+                u.average
+            ));
+        }
+    }
+    out
+}
+
+/// Serves sync requests until `shutdown` resolves, then drains the connection.
+pub async fn run(
+    cfg: VendorConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let client = lmbus_nats::connect(
+        &cfg.nats_url,
+        async_nats::ConnectOptions::new(),
+        &cfg.nats_auth,
+    )
+    .await?;
+    let mut requests = client
+        .queue_subscribe(Subjects::vendor_sync(), QUEUE.into())
+        .await
+        .with_context(|| format!("cannot subscribe to {}", Subjects::vendor_sync()))?;
+    client.flush().await?;
+    info!(subject = Subjects::vendor_sync(), store = %cfg.store.display(), "serving vendor sync");
+    tokio::pin!(shutdown);
+    loop {
+        let msg = tokio::select! {
+            _ = &mut shutdown => break,
+            msg = requests.next() => match msg {
+                Some(msg) => msg,
+                None => anyhow::bail!("the subscription to {} ended", Subjects::vendor_sync()),
+            },
+        };
+        let Some(reply_to) = msg.reply.clone() else {
+            continue;
+        };
+        let request: SyncRequest = match decode(&msg.payload) {
+            Ok(request) => request,
+            Err(e) => {
+                warn!("a sync request that does not decode: {e}");
+                continue;
+            }
+        };
+        let answer = answer(&cfg.store, &cfg.key, &request, now_ms());
+        if let Err(e) = record(&cfg.store, &request, &answer) {
+            warn!("{e:#}");
+        }
+        info!(sync = %request.sync, license = %request.license, refused = answer.refused.as_deref(), "sync answered");
+        let signed = sign_sync_answer(&answer, &cfg.key)?;
+        if let Err(e) = client.publish(reply_to, encode(&signed)?.into()).await {
+            warn!("cannot answer sync {}: {e}", request.sync);
+        }
+    }
+    client.drain().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lmbus_schemas::{Context, Limits, Role, sign_license};
+
+    fn license(total: u32) -> License {
+        License {
+            id: Uuid::new_v4(),
+            customer: "Acme".into(),
+            issued: time::macros::date!(2026 - 01 - 01),
+            expires: time::macros::date!(2099 - 12 - 31),
+            maintenance_expires: time::macros::date!(2099 - 12 - 31),
+            role: Role::Master,
+            context: Context::Production,
+            sync_within_days: Some(60),
+            limits: Limits {
+                total: Some(total),
+                ..Limits::default()
+            },
+        }
+    }
+
+    /// A stored license is answered verbatim for its id; an unknown id, a file that does not
+    /// verify, or one holding another id is refused with a reason; `store_license` refuses
+    /// a license signed by another key.
+    #[test]
+    fn the_store_answers_its_licenses_and_refuses_the_rest() {
+        let store = tempfile::tempdir().unwrap();
+        let key = VendorKey::from_bytes(&[3; 32]);
+        let l = license(8);
+        let text = sign_license(&l, &key).unwrap();
+        store_license(store.path(), &text, &key).unwrap();
+        let ask = |id| SyncRequest {
+            sync: Uuid::new_v4(),
+            license: id,
+            cluster: "acme".into(),
+            installation: Uuid::nil(),
+            summary: None,
+        };
+        let request = ask(l.id);
+        let a = answer(store.path(), &key, &request, 5);
+        assert_eq!((a.sync, a.at_ms), (request.sync, 5));
+        assert_eq!(a.license.as_deref(), Some(text.as_str()));
+        assert!(a.refused.is_none());
+
+        let unknown = answer(store.path(), &key, &ask(Uuid::new_v4()), 5);
+        assert!(unknown.license.is_none());
+        assert!(
+            unknown
+                .refused
+                .unwrap()
+                .contains("not in the vendor's store")
+        );
+
+        std::fs::write(
+            license_path(store.path(), l.id),
+            text.replace("total = 8", "total = 80"),
+        )
+        .unwrap();
+        let tampered = answer(store.path(), &key, &ask(l.id), 5);
+        assert!(tampered.refused.unwrap().contains("does not verify"));
+
+        let other = license(2);
+        std::fs::write(
+            license_path(store.path(), l.id),
+            sign_license(&other, &key).unwrap(),
+        )
+        .unwrap();
+        assert!(answer(store.path(), &key, &ask(l.id), 5).refused.is_some());
+
+        let foreign = sign_license(&l, &VendorKey::from_bytes(&[4; 32])).unwrap();
+        assert!(store_license(store.path(), &foreign, &key).is_err());
+    }
+
+    /// The first installation that syncs a license is bound to it; another is refused,
+    /// naming both, until `unbind`; the first keeps syncing.
+    #[test]
+    fn a_license_serves_one_installation() {
+        let store = tempfile::tempdir().unwrap();
+        let key = VendorKey::from_bytes(&[3; 32]);
+        let l = license(8);
+        store_license(store.path(), &sign_license(&l, &key).unwrap(), &key).unwrap();
+        let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+        let ask = |installation| SyncRequest {
+            sync: Uuid::new_v4(),
+            license: l.id,
+            cluster: "acme".into(),
+            installation,
+            summary: None,
+        };
+        assert!(answer(store.path(), &key, &ask(first), 1).license.is_some());
+        let refused = answer(store.path(), &key, &ask(second), 2).refused.unwrap();
+        assert!(
+            refused.contains("in use by another installation")
+                && refused.contains(&first.to_string())
+                && refused.contains(&second.to_string()),
+            "{refused}"
+        );
+        assert!(answer(store.path(), &key, &ask(first), 3).license.is_some());
+        assert!(unbind(store.path(), l.id).unwrap());
+        assert!(
+            answer(store.path(), &key, &ask(second), 4)
+                .license
+                .is_some()
+        );
+        assert!(answer(store.path(), &key, &ask(first), 5).refused.is_some());
+    }
+}
