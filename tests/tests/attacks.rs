@@ -948,7 +948,14 @@ async fn hostile_ids_and_texts_are_refused_on_every_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_get_through_streams_that_need_flow_control() {
     let mut d = Deployment::start_with(10, |config| {
-        let without = config.replacen(".admin.report\"\n      \"$JS.FC.>\"", ".admin.report\"", 1);
+        // The operator block's own "$JS.FC.>" line (the first after "OPERATOR = {").
+        let operator = config.find("OPERATOR = {").expect("an operator block");
+        let line = "\n      \"$JS.FC.>\"";
+        let at = operator
+            + config[operator..]
+                .find(line)
+                .expect("$JS.FC.> for the operator");
+        let without = format!("{}{}", &config[..at], &config[at + line.len()..]);
         assert_ne!(without, config, "the operator block changed shape");
         without
     })
