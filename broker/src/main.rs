@@ -338,7 +338,11 @@ where
     Rep: serde::de::DeserializeOwned,
 {
     let payload = lmbus_schemas::encode(request)?;
-    let answer = tokio::time::timeout(wait, client.request(subject, payload.into()))
+    // The wait, not the NATS client's default request timeout (10 s), bounds the answer.
+    let asked = async_nats::Request::new()
+        .payload(payload.into())
+        .timeout(Some(wait));
+    let answer = tokio::time::timeout(wait, client.send_request(subject, asked))
         .await
         .ok()
         .and_then(Result::ok)
@@ -1009,8 +1013,8 @@ struct RunArgs {
     #[arg(long, hide = true)]
     fault_ignore_lease: bool,
     /// Fault injection, for tests only: the wall clock the offline limit (sync_within_days)
-    /// is decided by runs this many days ahead (never behind: the flag cannot lift the
-    /// limit). Never use in production.
+    /// is decided by runs this many days ahead (never behind; but a sync made meanwhile is
+    /// recorded at the skewed time, which pushes the limit out). Never use in production.
     #[arg(long, hide = true)]
     fault_clock_skew_days: Option<u32>,
 }

@@ -155,8 +155,21 @@ fn now_ms() -> u64 {
     u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
-/// Appends one line to `syncs.jsonl`.
+/// Appends one line to `syncs.jsonl`, once per sync id: a request sent again (the broker
+/// retries while no answer reaches it) is answered again but stored once. Each recorded id
+/// leaves an empty marker `seen/<sync id>`, created atomically (`create_new`).
 fn record(store: &Path, request: &SyncRequest, answer: &SyncAnswer) -> anyhow::Result<()> {
+    let seen = store.join("seen");
+    std::fs::create_dir_all(&seen).with_context(|| format!("cannot create {}", seen.display()))?;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(seen.join(request.sync.to_string()))
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot write in {}", seen.display())),
+    }
     let path = store.join("syncs.jsonl");
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -438,5 +451,32 @@ mod tests {
                 .is_some()
         );
         assert!(answer(store.path(), &key, &ask(first), 5).refused.is_some());
+    }
+
+    /// A request sent again (same sync id) is answered again and stored once.
+    #[test]
+    fn a_sync_sent_twice_is_stored_once() {
+        let store = tempfile::tempdir().unwrap();
+        let key = VendorKey::from_bytes(&[3; 32]);
+        let l = license(8);
+        store_license(store.path(), &sign_license(&l, &key).unwrap(), &key).unwrap();
+        let request = SyncRequest {
+            sync: Uuid::new_v4(),
+            license: l.id,
+            cluster: "acme".into(),
+            installation: Uuid::new_v4(),
+            summary: None,
+        };
+        let other = SyncRequest {
+            sync: Uuid::new_v4(),
+            ..request.clone()
+        };
+        for r in [&request, &request, &other] {
+            let (a, _) = answer_and_record(store.path(), &key, r).unwrap();
+            assert!(a.license.is_some());
+        }
+        let log = std::fs::read_to_string(store.path().join("syncs.jsonl")).unwrap();
+        assert_eq!(log.lines().count(), 2, "{log}");
+        assert_eq!(log.matches(&request.sync.to_string()).count(), 1, "{log}");
     }
 }

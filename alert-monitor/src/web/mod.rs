@@ -76,6 +76,9 @@ pub fn check_exposure(cfg: &WebConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long the sync button waits for the leader's answer (as `admin sync now`).
+const SYNC_WAIT: Duration = Duration::from_secs(30);
+
 /// The most alerts kept for the pages (oldest dropped first).
 const MAX_ALERTS: usize = 2000;
 /// The largest request body taken (forms are a few hundred bytes).
@@ -1257,7 +1260,16 @@ async fn sync_now(
         operator: format!("web:{}", v.user),
     };
     tracing::info!(user = %v.user, "dashboard vendor sync");
-    match ask::<_, lmbus_schemas::SyncNowReply>(&app, app.0.subjects.admin_sync(), &request).await {
+    // A sync may take the broker's retries to the vendor (up to about 20 s), as long as the
+    // CLI's `admin sync now` waits.
+    match ask_within::<_, lmbus_schemas::SyncNowReply>(
+        &app,
+        app.0.subjects.admin_sync(),
+        &request,
+        SYNC_WAIT,
+    )
+    .await
+    {
         Ok(lmbus_schemas::SyncNowReply::Synced { message }) => {
             Html(render::done_page(&v, &message, "/")).into_response()
         }
@@ -1274,14 +1286,24 @@ async fn ask<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(
     subject: String,
     request: &Req,
 ) -> Result<Rep, String> {
+    ask_within(app, subject, request, app.0.cfg.timeout).await
+}
+
+/// [`ask`], waiting up to `wait` (past the NATS client's own request timeout).
+async fn ask_within<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(
+    app: &App,
+    subject: String,
+    request: &Req,
+    wait: Duration,
+) -> Result<Rep, String> {
     let payload = lmbus_schemas::encode(request).map_err(|e| e.to_string())?;
-    let answer = tokio::time::timeout(
-        app.0.cfg.timeout,
-        app.0.client.request(subject.clone(), payload.into()),
-    )
-    .await
-    .map_err(|_| format!("no master answered on {subject} in time"))?
-    .map_err(|e| format!("no master answered on {subject}: {e}"))?;
+    let asked = async_nats::Request::new()
+        .payload(payload.into())
+        .timeout(Some(wait));
+    let answer = tokio::time::timeout(wait, app.0.client.send_request(subject.clone(), asked))
+        .await
+        .map_err(|_| format!("no master answered on {subject} in time"))?
+        .map_err(|e| format!("no master answered on {subject}: {e}"))?;
     lmbus_schemas::decode(&answer.payload).map_err(|e| format!("unreadable answer: {e}"))
 }
 

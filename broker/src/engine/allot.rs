@@ -262,8 +262,16 @@ impl Engine {
             t.dedup();
             t
         };
+        // Past the offline limit no free seat stays in a block: every answer takes the
+        // blocks back, whatever the slave wants (it admits from what it holds only until
+        // this answer, or until its lease ends if it stops asking).
+        let overdue = self.sync_overdue();
         for agent_type in types {
-            let want = request.want.get(&agent_type).copied().unwrap_or(0);
+            let want = if overdue {
+                0
+            } else {
+                request.want.get(&agent_type).copied().unwrap_or(0)
+            };
             let block = self.block_of(id, &agent_type);
             if want < block {
                 self.set_block(id, &agent_type, want);
@@ -276,11 +284,6 @@ impl Engine {
             let Some(free_type) = self.free_of_type(&agent_type) else {
                 continue;
             };
-            if self.sync_overdue() {
-                // Past the offline limit no block grows (the tick asked for them back).
-                partial = true;
-                continue;
-            }
             let free_total = self.free_total();
             if self.nearly_exhausted(&agent_type) {
                 exhausted = true;

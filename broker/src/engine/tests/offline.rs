@@ -290,11 +290,11 @@ fn a_hello_past_the_limit_keeps_known_seats_and_refuses_new_ones() {
     assert_eq!(h.engine.seats()["s1"].len(), 1);
 }
 
-/// Allotment mode: past the limit no block grows (the free seats stay free) and the tick
-/// that passes it asks every slave holding a block to give it back; a smaller block is
-/// still taken.
+/// Allotment mode: the tick that passes the limit asks every slave holding a block to give
+/// it back, and past it every allot answer takes the blocks back whatever the slave wants
+/// (a slave that ignores the ask, or renews with the block it has, keeps nothing).
 #[test]
-fn allotment_blocks_stop_growing_past_the_limit() {
+fn allotment_blocks_are_taken_back_past_the_limit() {
     let (mut h, deadline) = offline_harness(0);
     h.engine.cfg.allot.admission = Admission::Allotment;
     h.hello("s1", None);
@@ -325,9 +325,9 @@ fn allotment_blocks_stop_growing_past_the_limit() {
         e,
         Effect::Control { slave, message: ControlMessage::ReturnAllotment } if slave.as_str() == "s1"
     )));
-    assert_eq!(ask(&mut h, 3), 2, "grew past the limit");
-    assert_eq!(ask(&mut h, 1), 1);
-    assert_eq!(h.engine.status(h.now).allotted_total, 1);
+    assert_eq!(ask(&mut h, 3), 0, "a block kept or grown past the limit");
+    assert_eq!(ask(&mut h, 2), 0);
+    assert_eq!(h.engine.status(h.now).allotted_total, 0);
 }
 
 /// An exported request waits for its answer through a failover (replay and snapshot); the
