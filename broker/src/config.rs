@@ -87,8 +87,8 @@ pub struct BrokerConfig {
 /// The wall clock handed to the engine: the system clock plus a skew that is zero except
 /// in tests, which jump it forward to reach the offline limit's dates without waiting
 /// (`jump`, shared by every clone: a test keeps one and the broker another). It only moves
-/// forward; a sync made while it is ahead is recorded at the skewed time (SECURITY.md's
-/// open holes), so it is for tests only. Besides the offline
+/// forward (a sync counts from the vendor's answer time when that is earlier, so a clock
+/// set ahead buys no time). Besides the offline
 /// limit, only the "since" a grant records reads it; the lease, the timing rule, alert
 /// times and report periods read the system clocks.
 #[derive(Debug, Clone, Default)]

@@ -1013,8 +1013,8 @@ struct RunArgs {
     #[arg(long, hide = true)]
     fault_ignore_lease: bool,
     /// Fault injection, for tests only: the wall clock the offline limit (sync_within_days)
-    /// is decided by runs this many days ahead (never behind; but a sync made meanwhile is
-    /// recorded at the skewed time, which pushes the limit out). Never use in production.
+    /// is decided by runs this many days ahead (never behind; a sync counts from the
+    /// vendor's answer time when that is earlier). Never use in production.
     #[arg(long, hide = true)]
     fault_clock_skew_days: Option<u32>,
 }

@@ -55,12 +55,33 @@ async fn broker(f: &Fixture, license: &License, id: &str, clock: &WallClock) -> 
     Broker::start(cfg).await.unwrap()
 }
 
+/// How far ahead the vendor's clock runs in these tests: they jump the brokers' wall clock
+/// up to 61 days, and a leader records a sync at the vendor's answer time when that is
+/// earlier than its own clock.
+const VENDOR_AHEAD_DAYS: &str = "61";
+
+/// `lmbus-vendor`, its clock [`VENDOR_AHEAD_DAYS`] ahead.
+fn vendor_command() -> Command {
+    let mut cmd = Command::new(bin("lmbus-vendor").unwrap());
+    cmd.env("LMBUS_VENDOR_FAULT_CLOCK_AHEAD_DAYS", VENDOR_AHEAD_DAYS);
+    cmd
+}
+
 /// Puts `license` in a fresh vendor store and runs `lmbus-vendor serve` on the fixture's
 /// NATS until it answers; the store and the process.
 async fn vendor_serving(f: &Fixture, license: &License) -> (tempfile::TempDir, Proc) {
+    vendor_serving_ahead(f, license, VENDOR_AHEAD_DAYS).await
+}
+
+/// [`vendor_serving`] with the vendor's clock `ahead_days` ahead.
+async fn vendor_serving_ahead(
+    f: &Fixture,
+    license: &License,
+    ahead_days: &str,
+) -> (tempfile::TempDir, Proc) {
     let store = tempfile::tempdir().unwrap();
     let file = f.vendor.write("stored.lic", license).unwrap();
-    let stored = Command::new(bin("lmbus-vendor").unwrap())
+    let stored = vendor_command()
         .arg("store")
         .arg(&file)
         .arg("--key")
@@ -75,7 +96,8 @@ async fn vendor_serving(f: &Fixture, license: &License) -> (tempfile::TempDir, P
         String::from_utf8_lossy(&stored.stderr)
     );
     let vendor = Proc::spawn(
-        Command::new(bin("lmbus-vendor").unwrap())
+        vendor_command()
+            .env("LMBUS_VENDOR_FAULT_CLOCK_AHEAD_DAYS", ahead_days)
             .args(["serve", "--nats", &f.nats.url()])
             .arg("--key")
             .arg(f.vendor.secret_key_path().unwrap())
@@ -105,6 +127,52 @@ async fn vendor_serving(f: &Fixture, license: &License) -> (tempfile::TempDir, P
     .await
     .unwrap();
     (store, vendor)
+}
+
+/// Steps: the vendor (its clock true) serves the customer's license; broker b1's clock runs
+/// 100 days ahead, past the offline limit, as a customer might set it to buy time. `admin
+/// sync now` succeeds, but the sync is recorded at the vendor's time: status still says
+/// overdue, the last sync is not later than the true time, a registration is still refused
+/// `sync_overdue`, and the `vendor_sync` alert says the leader's clock is ahead. Catches: a
+/// sync recorded at the leader's own clock, which a clock set ahead pushes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_clock_set_ahead_buys_no_time() {
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let license = synced_master(5);
+    let (_store, _vendor) = vendor_serving_ahead(&f, &license, "0").await;
+    let clock = WallClock::default();
+    clock.jump(Duration::from_millis(100 * DAY_MS));
+    let _b1 = broker(&f, &license, "b1", &clock).await;
+    let slave = SlaveAgent::start(f.slave_config("site1").unwrap())
+        .await
+        .unwrap();
+    let out = sync_now(&f).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let synced = alerts
+        .wait_for("vendor_sync", |a| a.kind == AlertKind::VendorSync)
+        .await
+        .unwrap();
+    assert!(
+        synced.message.contains("ahead of the vendor's answer"),
+        "{}",
+        synced.message
+    );
+    let true_now = time::OffsetDateTime::now_utc().unix_timestamp() as u64 * 1000;
+    let sync = f.status().await.unwrap().license.sync.unwrap();
+    assert!(
+        sync.last_sync_ms <= true_now + 60_000 && sync.overdue,
+        "{sync:?} (true time {true_now})"
+    );
+    match slave.register("a1", "inbound").await.unwrap() {
+        Outcome::Rejected { reason, .. } => assert_eq!(reason, RejectReason::SyncOverdue),
+        other => panic!("a registration after a sync from a clock set ahead: {other:?}"),
+    }
+    slave.shutdown().await;
 }
 
 /// Steps: the vendor stores a purchase for the customer's license (5 seats → 8) and runs
@@ -393,7 +461,7 @@ async fn the_schedule_syncs_by_itself_with_a_summary_that_names_no_agent() {
     assert!(answered[1].contains("\"peak\":2"), "{log}");
     // Queried at the vendor: CSV rows per sync and type, JSON, by customer.
     let usage = |args: &[&str]| {
-        let out = Command::new(bin("lmbus-vendor").unwrap())
+        let out = vendor_command()
             .arg("usage")
             .args(args)
             .arg("--store")
@@ -432,7 +500,11 @@ async fn the_schedule_syncs_by_itself_with_a_summary_that_names_no_agent() {
 
 /// Runs a binary on the blocking pool: its output.
 async fn run(bin_name: &str, args: Vec<std::ffi::OsString>) -> Output {
-    let mut cmd = Command::new(bin(bin_name).unwrap());
+    let mut cmd = if bin_name == "lmbus-vendor" {
+        vendor_command()
+    } else {
+        Command::new(bin(bin_name).unwrap())
+    };
     cmd.args(args);
     tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
@@ -694,7 +766,7 @@ async fn a_sync_crosses_a_leaf_node_link_to_the_vendors_hub() {
     )
     .unwrap();
     let _serve = Proc::spawn(
-        Command::new(bin("lmbus-vendor").unwrap())
+        vendor_command()
             .args(["serve", "--nats", &hub.url(), "--nats-user", "vendor"])
             .env("LMBUS_NATS_PASSWORD", "pw-vendor")
             .arg("--key")
@@ -833,7 +905,7 @@ async fn a_sync_goes_over_a_second_connection_to_the_vendors_nats() {
     )
     .unwrap();
     let _serve = Proc::spawn(
-        Command::new(bin("lmbus-vendor").unwrap())
+        vendor_command()
             .args(["serve", "--nats", &hub.url()])
             .arg("--key")
             .arg(&key)

@@ -151,8 +151,17 @@ pub fn answer(store: &Path, key: &VendorKey, request: &SyncRequest, now_ms: u64)
     }
 }
 
+/// The vendor's time, which a customer's leader records a sync at (when it is not later
+/// than its own clock). `LMBUS_VENDOR_FAULT_CLOCK_AHEAD_DAYS` moves it forward, for tests
+/// only (they jump the brokers' clocks by weeks): it only ever cheats the vendor itself.
 fn now_ms() -> u64 {
-    u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+    let system = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(0);
+    let ahead_days: u64 = std::env::var("LMBUS_VENDOR_FAULT_CLOCK_AHEAD_DAYS")
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0);
+    system.saturating_add(ahead_days.min(3650).saturating_mul(86_400_000))
 }
 
 /// Appends one line to `syncs.jsonl`, once per sync id: a request sent again (the broker

@@ -727,9 +727,20 @@ impl<'a> Leader<'a> {
             out.effects.extend(reloaded.effects);
             out.changes.extend(reloaded.changes);
         }
-        // The sync's time on the leader's wall clock, the clock the deadline is compared
-        // with (the vendor's own time is in the alert).
-        let at_ms = self.cfg.wall_clock.unix_ms();
+        // The sync counts from when the vendor answered (its signed time), never later than
+        // this leader's wall clock: a leader whose clock runs ahead cannot push the deadline
+        // out by syncing, and an answer held back (an air-gapped import weeks later)
+        // restarts the clock from the day the vendor gave it, not from the import.
+        let wall_ms = self.cfg.wall_clock.unix_ms();
+        let at_ms = answer.at_ms.min(wall_ms);
+        let ahead = if wall_ms.saturating_sub(answer.at_ms) > 3_600_000 {
+            format!(
+                "; this leader's clock is {} ahead of the vendor's answer: the offline limit counts from the vendor's time",
+                lmbus_schemas::human::duration(Duration::from_millis(wall_ms - answer.at_ms))
+            )
+        } else {
+            String::new()
+        };
         let synced = self.replica.engine.handle(
             now(),
             Event::Synced {
@@ -740,7 +751,7 @@ impl<'a> Leader<'a> {
         out.effects.extend(synced.effects);
         out.changes.extend(synced.changes);
         let message = format!(
-            "vendor sync {} succeeded (the vendor answered at {} ms after 1970){said}",
+            "vendor sync {} succeeded (the vendor answered at {} ms after 1970){said}{ahead}",
             done.sync, answer.at_ms
         );
         let alert = Alert::new(
