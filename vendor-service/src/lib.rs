@@ -48,12 +48,9 @@ fn binding_path(store: &Path, id: Uuid) -> PathBuf {
 }
 
 /// One license, one installation: the first installation that syncs license `license` is
-/// bound to it (trust on first use); `Err` names the bound one when another asks. A nil
-/// installation (an older broker) is not checked.
+/// bound to it (trust on first use); `Err` names the bound one when another asks. (A nil
+/// installation is refused before.)
 fn check_installation(store: &Path, license: Uuid, installation: Uuid) -> Result<(), String> {
-    if installation.is_nil() {
-        return Ok(());
-    }
     let path = binding_path(store, license);
     match std::fs::read_to_string(&path) {
         Ok(bound) if bound.trim() == installation.to_string() => Ok(()),
@@ -115,6 +112,14 @@ pub fn answer(store: &Path, key: &VendorKey, request: &SyncRequest, now_ms: u64)
             return refused("the vendor cannot read its store now: try again later".into());
         }
     };
+    // Every leader records its installation's id before it can sync: a request without
+    // one would escape the binding below.
+    if request.installation.is_nil() {
+        warn!(license = %request.license, "refused a sync that names no installation");
+        return refused(
+            "the request names no installation: a license is bound to the installation that syncs it".into(),
+        );
+    }
     if let Err(bound) = check_installation(store, request.license, request.installation) {
         warn!(
             license = %request.license,
@@ -377,8 +382,8 @@ mod tests {
     }
 
     /// A stored license is answered verbatim for its id; an unknown id, a file that does not
-    /// verify, or one holding another id is refused with a reason; `store_license` refuses
-    /// a license signed by another key.
+    /// verify, one holding another id, or a request naming no installation is refused with
+    /// a reason; `store_license` refuses a license signed by another key.
     #[test]
     fn the_store_answers_its_licenses_and_refuses_the_rest() {
         let store = tempfile::tempdir().unwrap();
@@ -386,13 +391,28 @@ mod tests {
         let l = license(8);
         let text = sign_license(&l, &key).unwrap();
         store_license(store.path(), &text, &key).unwrap();
+        let installation = Uuid::new_v4();
         let ask = |id| SyncRequest {
             sync: Uuid::new_v4(),
             license: id,
             cluster: "acme".into(),
-            installation: Uuid::nil(),
+            installation,
             summary: None,
         };
+        // A request that names no installation would escape the binding: refused.
+        let nameless = SyncRequest {
+            installation: Uuid::nil(),
+            ..ask(l.id)
+        };
+        let refused = answer(store.path(), &key, &nameless, 5);
+        assert!(refused.license.is_none());
+        assert!(
+            refused
+                .refused
+                .as_deref()
+                .is_some_and(|r| r.contains("names no installation")),
+            "{refused:?}"
+        );
         let request = ask(l.id);
         let a = answer(store.path(), &key, &request, 5);
         assert_eq!((a.sync, a.at_ms), (request.sync, 5));
