@@ -785,6 +785,10 @@ mod tests {
                 in_use: true,
             }),
             allotted: BTreeMap::new(),
+            // As from a master that does not say the grace period: `DISCONNECTED`.
+            grace_ms: None,
+            logout_after_grace: false,
+            reclaimed: false,
         }
     }
 

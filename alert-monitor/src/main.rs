@@ -154,6 +154,11 @@ enum Command {
         /// How long to wait for the master.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// How many days of seat counts the history page reads back from the alert log at
+        /// start (1 to 92; the broker keeps alerts 30 days unless --alert-max-age says
+        /// otherwise). The last day is kept as it came, older days as hourly peaks.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=92), help_heading = "Web")]
+        history_days: u32,
     },
     /// Read a password from standard input and print its argon2 hash for the users file.
     HashPassword,
@@ -329,6 +334,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             session_idle,
             every,
             timeout,
+            history_days,
         } => {
             let users = users
                 .map(|path| lmbus_monitor::web::Users::load(&path))
@@ -347,6 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 every,
                 timeout,
                 session_idle,
+                history_days,
             };
             lmbus_monitor::web::run(client, subjects, cfg, shutdown_signal()).await?;
         }

@@ -11,6 +11,7 @@ mod stored;
 pub use seats::{SeatFilter, SeatList, SeatRow, fetch_seats, held_for, render_seats, since_text};
 pub use status::{
     StatusError, context_shown, explain_no_master, fetch_agents, fetch_status, license_summary,
-    printable_status, render_status, replicas_up, slave_cells, sync_summary,
+    printable_status, render_status, replicas_up, silence_text, slave_cells, state_word,
+    sync_summary,
 };
-pub use stored::{FLOW_CONTROL_HINT, Stored, StoredError, stored, stored_matching};
+pub use stored::{FLOW_CONTROL_HINT, Stored, StoredError, stored, stored_each, stored_matching};

@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use lmbus_schemas::human::duration;
 use lmbus_schemas::{
-    ReplicaBeat, SlaveStatus, StatusReply, StatusRequest, Subjects, decode, encode,
+    ReplicaBeat, Silence, SlaveStatus, StatusReply, StatusRequest, Subjects, decode, encode,
 };
 
 /// `s` with every text that came from the network made printable
@@ -265,12 +266,7 @@ pub fn slave_cells(slave: &SlaveStatus) -> [String; 8] {
     }
     [
         slave.slave_id.clone(),
-        if slave.connected {
-            "connected"
-        } else {
-            "DISCONNECTED"
-        }
-        .to_owned(),
+        state_word(slave).to_owned(),
         slave.master.map_or("-".to_owned(), |m| m.to_string()),
         match slave.license {
             Some(id) => id.simple().to_string()[..8].to_owned(),
@@ -285,6 +281,50 @@ pub fn slave_cells(slave: &SlaveStatus) -> [String; 8] {
         },
         format!("{:.1}s ago", slave.last_seen_ms_ago as f64 / 1000.0),
     ]
+}
+
+/// A slave's state in one word: `connected`; silent, `IN GRACE` or past it, `RESTRICTED`
+/// (or `RECLAIMED` once the master reclaimed its seats), as [`SlaveStatus::silence`]
+/// estimates; `DISCONNECTED` from a master that does not say the grace period.
+pub fn state_word(slave: &SlaveStatus) -> &'static str {
+    match slave.silence() {
+        _ if slave.connected => "connected",
+        None => "DISCONNECTED",
+        Some(Silence::InGrace { .. }) => "IN GRACE",
+        Some(Silence::PastGrace { .. }) if slave.reclaimed => "RECLAIMED",
+        Some(Silence::PastGrace { .. }) => "RESTRICTED",
+    }
+}
+
+/// What a silent slave is doing on its side, in a sentence (`None` while connected): the
+/// dashboard's and the live view's explanation of [`state_word`].
+pub fn silence_text(slave: &SlaveStatus) -> Option<String> {
+    if slave.connected {
+        return None;
+    }
+    let heard = duration(Duration::from_millis(slave.last_seen_ms_ago));
+    Some(match slave.silence() {
+        None => format!("silent for {heard}"),
+        Some(Silence::InGrace { left_ms }) => format!(
+            "silent for {heard}: if it still runs and reaches no master, it admits agents on its own for another {} (its grace period is {})",
+            duration(Duration::from_millis(left_ms)),
+            duration(Duration::from_millis(slave.grace_ms.unwrap_or(0)))
+        ),
+        Some(Silence::PastGrace { for_ms }) => {
+            let after = if slave.reclaimed {
+                "it logged its agents out and the master reclaimed its seats"
+            } else if slave.logout_after_grace {
+                "it logs its agents out (logout-all), and the master reclaims its seats after its reclaim margin"
+            } else {
+                "its agents stay logged in and their seats stay taken until it says hello again or an operator releases them"
+            };
+            format!(
+                "silent for {heard}, past its {} grace period for {}: restricted on its side (no new agents); {after}",
+                duration(Duration::from_millis(slave.grace_ms.unwrap_or(0))),
+                duration(Duration::from_millis(for_ms))
+            )
+        }
+    })
 }
 
 /// `  FULL` at the limit, `  OVER` above it (a lowered license), in words beside the bar.
@@ -405,6 +445,57 @@ pub fn render_status(s: &StatusReply) -> String {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    /// A silent slave's state word and sentence follow its grace period: in grace, then
+    /// restricted (saying whether its seats stay taken), then reclaimed; a connected one
+    /// has no sentence, and one whose grace the master did not say is only disconnected.
+    #[test]
+    fn a_silent_slave_is_shown_in_grace_then_restricted() {
+        let mut slave = SlaveStatus {
+            slave_id: "s".into(),
+            connected: true,
+            license: None,
+            local_limit: None,
+            in_use: 2,
+            in_use_by_type: BTreeMap::new(),
+            last_seen_ms_ago: 20_000,
+            master: None,
+            allotted: BTreeMap::new(),
+            grace_ms: Some(120_000),
+            logout_after_grace: false,
+            reclaimed: false,
+        };
+        assert_eq!(
+            (state_word(&slave), silence_text(&slave)),
+            ("connected", None)
+        );
+        slave.connected = false;
+        assert_eq!(state_word(&slave), "IN GRACE");
+        let text = silence_text(&slave).unwrap();
+        assert!(
+            text.contains("silent for 20 s") && text.contains("for another 100 s"),
+            "{text}"
+        );
+        slave.last_seen_ms_ago = 180_000;
+        assert_eq!(state_word(&slave), "RESTRICTED");
+        let text = silence_text(&slave).unwrap();
+        assert!(
+            text.contains("past its 2 min grace period for 60 s")
+                && text.contains("seats stay taken"),
+            "{text}"
+        );
+        slave.logout_after_grace = true;
+        assert!(
+            silence_text(&slave)
+                .unwrap()
+                .contains("reclaims its seats after")
+        );
+        slave.reclaimed = true;
+        assert_eq!(state_word(&slave), "RECLAIMED");
+        slave.grace_ms = None;
+        assert_eq!(state_word(&slave), "DISCONNECTED");
+        assert_eq!(silence_text(&slave).unwrap(), "silent for 3 min");
+    }
 
     /// A type at its limit says FULL, one above it (a lowered license) OVER, in words; the
     /// total below its limit says nothing.

@@ -53,6 +53,27 @@ pub async fn stored_matching(
     since: Option<OffsetDateTime>,
     filter: Option<&str>,
 ) -> Result<Stored, StoredError> {
+    let mut messages = Vec::new();
+    let first_sequence = stored_each(js, name, since, filter, |message| {
+        messages.push(message);
+    })
+    .await?;
+    Ok(Stored {
+        first_sequence,
+        messages,
+    })
+}
+
+/// [`stored_matching`], handing each message (sequence, publish time in Unix ms, payload)
+/// to `each` as it is read instead of holding them all (the dashboard's history reads a
+/// month of counts this way); returns the stream's first sequence.
+pub async fn stored_each(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    since: Option<OffsetDateTime>,
+    filter: Option<&str>,
+    mut each: impl FnMut((u64, i64, bytes::Bytes)),
+) -> Result<u64, StoredError> {
     use async_nats::jetstream::consumer::{DeliverPolicy, push};
     let nats = |e: &dyn std::fmt::Display| StoredError::Nats {
         stream: name.to_owned(),
@@ -60,12 +81,8 @@ pub async fn stored_matching(
     };
     let mut stream = js.get_stream(name).await.map_err(|e| nats(&e))?;
     let state = stream.info().await.map_err(|e| nats(&e))?.state.clone();
-    let mut out = Stored {
-        first_sequence: state.first_sequence,
-        messages: Vec::new(),
-    };
     if state.messages == 0 {
-        return Ok(out);
+        return Ok(state.first_sequence);
     }
     let deliver_policy = match since {
         Some(start_time) => DeliverPolicy::ByStartTime { start_time },
@@ -84,8 +101,9 @@ pub async fn stored_matching(
     // than `since`.
     let pending = consumer.cached_info().num_pending;
     if pending == 0 {
-        return Ok(out);
+        return Ok(state.first_sequence);
     }
+    let mut read = 0u64;
     let mut messages = consumer.messages().await.map_err(|e| nats(&e))?;
     loop {
         let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
@@ -95,7 +113,7 @@ pub async fn stored_matching(
             _ => {
                 return Err(StoredError::Stalled {
                     stream: name.to_owned(),
-                    read: out.messages.len() as u64,
+                    read,
                     pending,
                 });
             }
@@ -106,18 +124,18 @@ pub async fn stored_matching(
         })?;
         let (sequence, published) = (info.stream_sequence, info.published);
         let time_ms = (published.unix_timestamp_nanos() / 1_000_000) as i64;
-        out.messages
-            .push((sequence, time_ms, message.payload.clone()));
         let done = match filter {
             None => sequence >= state.last_sequence,
             // The last message may not match: count what matched at the start instead.
-            Some(_) => info.pending == 0 || out.messages.len() as u64 >= pending,
+            Some(_) => info.pending == 0 || read + 1 >= pending,
         };
+        each((sequence, time_ms, message.payload.clone()));
+        read += 1;
         if done {
             break;
         }
     }
-    Ok(out)
+    Ok(state.first_sequence)
 }
 
 fn js_inbox(js: &async_nats::jetstream::Context) -> String {

@@ -839,6 +839,48 @@ pub struct SlaveStatus {
     /// The free blocks allotted to the slave, per agent type (allotment mode).
     #[serde(default)]
     pub allotted: BTreeMap<String, u32>,
+    /// The slave's grace period, as its hello said (`None` from a master that does not
+    /// say).
+    #[serde(default)]
+    pub grace_ms: Option<u64>,
+    /// The slave logs its agents out when its grace period ends (its seats are then
+    /// reclaimed after the master's reclaim margin).
+    #[serde(default)]
+    pub logout_after_grace: bool,
+    /// Its seats were reclaimed while it was silent (until its next hello).
+    #[serde(default)]
+    pub reclaimed: bool,
+}
+
+/// What a silent slave is doing on its side, as the master can tell from its last word
+/// and the grace period its hello announced: a slave that reaches no master admits
+/// locally for its grace period, then restricts (and, with `logout-all`, logs its agents
+/// out). The master cannot hear it, so this is an estimate by the master's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    /// In its grace period (if it still runs), which ends in `left_ms`.
+    InGrace { left_ms: u64 },
+    /// Past its grace period for `for_ms`: restricted on its side.
+    PastGrace { for_ms: u64 },
+}
+
+impl SlaveStatus {
+    /// `None` while connected, or when the master did not say the grace period.
+    pub fn silence(&self) -> Option<Silence> {
+        if self.connected {
+            return None;
+        }
+        let grace = self.grace_ms?;
+        Some(if self.last_seen_ms_ago < grace {
+            Silence::InGrace {
+                left_ms: grace - self.last_seen_ms_ago,
+            }
+        } else {
+            Silence::PastGrace {
+                for_ms: self.last_seen_ms_ago - grace,
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -852,6 +894,35 @@ mod tests {
     {
         let bytes = encode(value).unwrap();
         assert_eq!(&decode::<T>(&bytes).unwrap(), value);
+    }
+
+    /// A silent slave is in its grace period until its grace has passed since its last
+    /// word, then past it; a connected one, or one whose grace is not known, is neither.
+    #[test]
+    fn a_silent_slave_is_in_grace_then_past_it() {
+        let mut slave = SlaveStatus {
+            slave_id: "s".into(),
+            connected: true,
+            license: None,
+            local_limit: None,
+            in_use: 0,
+            in_use_by_type: BTreeMap::new(),
+            last_seen_ms_ago: 30_000,
+            master: None,
+            allotted: BTreeMap::new(),
+            grace_ms: Some(120_000),
+            logout_after_grace: false,
+            reclaimed: false,
+        };
+        assert_eq!(slave.silence(), None);
+        slave.connected = false;
+        assert_eq!(slave.silence(), Some(Silence::InGrace { left_ms: 90_000 }));
+        slave.last_seen_ms_ago = 120_000;
+        assert_eq!(slave.silence(), Some(Silence::PastGrace { for_ms: 0 }));
+        slave.last_seen_ms_ago = 150_000;
+        assert_eq!(slave.silence(), Some(Silence::PastGrace { for_ms: 30_000 }));
+        slave.grace_ms = None;
+        assert_eq!(slave.silence(), None);
     }
 
     /// An agent list of the longest ids a slave may use stays within its byte budget, well
@@ -1120,6 +1191,9 @@ mod tests {
                 last_seen_ms_ago: 10,
                 master: None,
                 allotted: BTreeMap::from([("inbound".into(), 2)]),
+                grace_ms: Some(120_000),
+                logout_after_grace: true,
+                reclaimed: false,
             }],
             leader_term: 4,
             ledger_sequence: 17,

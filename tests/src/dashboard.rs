@@ -45,6 +45,7 @@ impl Dashboard {
             every,
             timeout: Duration::from_secs(3),
             session_idle: Duration::from_secs(3600),
+            history_days: 30,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let subjects = lmbus_schemas::Subjects::new(&f.cluster).expect("cluster name");

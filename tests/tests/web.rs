@@ -647,31 +647,175 @@ async fn the_history_reaches_back_into_the_alert_log() {
         let payload = lmbus_schemas::encode(&filler).unwrap();
         acks.push(js.publish(subject.clone(), payload.into()).await.unwrap());
     }
+    // A count the master stamped ten days earlier (2 inbound): kept as its hour's peak.
+    let mut old = lmbus_schemas::Alert::new(
+        lmbus_schemas::Severity::Info,
+        AlertKind::LicenseCounts,
+        "license counts: 2/2 seats in use".to_owned(),
+    )
+    .counts(
+        [("total", 2), ("inbound", 2), ("outbound", 0)]
+            .map(|(t, n)| (t.to_owned(), n))
+            .into(),
+    );
+    old.time_ms = zero.time_ms - 10 * 86_400_000;
+    let counts_subject = lmbus_schemas::Subjects::new(&f.cluster)
+        .unwrap()
+        .alert(lmbus_schemas::Severity::Info, AlertKind::LicenseCounts);
+    acks.push(
+        js.publish(counts_subject, lmbus_schemas::encode(&old).unwrap().into())
+            .await
+            .unwrap(),
+    );
     for ack in acks {
         ack.await.unwrap();
     }
     let dash = Dashboard::start(&f, &[], Duration::from_millis(300)).await;
     let mut web = WebClient::new(&dash.url);
     // The history is read from the log in a task of its own: wait (bounded) for it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let csv = web.get("/history.csv").await.body;
-        if csv.lines().skip(1).any(|row| row.ends_with("Z,2,1,1")) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no count of 2 in the history: {csv}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let csv = page_until(&mut web, "/history.csv", "a count of 2", |csv| {
+        csv.lines().skip(1).any(|row| row.ends_with("Z,2,1,1"))
+    })
+    .await;
+    assert!(
+        csv.lines().skip(1).any(|row| row.ends_with("Z/PT1H,2,2,0")),
+        "no hourly peak of ten days ago: {csv}"
+    );
     let history = web.get("/history").await;
     assert!(
-        history.body.contains("<td class=\"peak\">2</td>"),
+        history.body.contains("<td class=\"peak\">2</td>")
+            && history.body.contains("<td>in the hour from ")
+            && history.body.contains("<span id=\"hourly\">1</span>"),
         "{}",
         history.body
     );
+    // The last day leaves the old hour out; a range it cannot show is a 400 page.
+    let day = web.get("/history.csv?days=1").await.body;
+    assert!(
+        !day.contains("/PT1H") && day.lines().skip(1).any(|row| row.ends_with("Z,2,1,1")),
+        "{day}"
+    );
+    assert!(
+        web.get("/history?days=7")
+            .await
+            .body
+            .contains("<b>7 days</b>")
+    );
+    for bad in ["0", "93", "x", "-1"] {
+        let answer = web.get(&format!("/history?days={bad}")).await;
+        assert_eq!(answer.status, 400, "days={bad}: {}", answer.body);
+        assert_eq!(
+            web.get(&format!("/history.csv?days={bad}")).await.status,
+            400
+        );
+        assert_eq!(
+            web.get(&format!("/events?page=history&days={bad}"))
+                .await
+                .status,
+            400
+        );
+    }
     dash.stop().await;
     drop(s1);
+    broker.stop().await.unwrap();
+}
+
+/// Fetches `path` until its body satisfies `ok` (bounded by [`WAIT`]); the last body on
+/// failure.
+async fn page_until(
+    web: &mut WebClient,
+    path: &str,
+    what: &str,
+    ok: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let body = web.get(path).await.body;
+        if ok(&body) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not on {path} within {WAIT:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Steps: a slave daemon with an 8 s grace period (logging its agents out after it) holds
+/// one seat at a master with a 5 s reclaim margin; it is paused (SIGSTOP). The overview and its page say it is in its grace
+/// period with the time left, then past it (restricted), then reclaimed once the master
+/// reclaimed its seat; resumed (SIGCONT), it is connected again and its host holds no
+/// agent, as the master's books say. Catches: a dashboard that shows only "disconnected"
+/// for a slave admitting agents on its own, or calls a reclaimed slave's seats taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_slave_is_shown_in_its_grace_period_then_restricted() {
+    use nix::sys::signal::Signal;
+    let f = Fixture::new().await.unwrap();
+    let mut settings = f.broker_settings(2, &[], true).unwrap();
+    // More than the daemon's longest request (1 s timeout, 1 s election wait).
+    settings.reclaim_margin = Duration::from_secs(5);
+    let broker = Broker::start(settings).await.unwrap();
+    let far = lmbus_tests::daemon::SlaveDaemon::start_with_grace(
+        &f.nats.url(),
+        &f.cluster,
+        "far",
+        Duration::from_secs(8),
+        &[],
+    )
+    .await;
+    assert_eq!(far.register("x1").await, Some(true));
+    let dash = Dashboard::start(&f, &[], Duration::from_millis(300)).await;
+    let mut web = WebClient::new(&dash.url);
+    page_until(&mut web, "/slaves", "far connected", |b| {
+        b.contains("<td>connected</td>")
+    })
+    .await;
+    far.proc.signal(Signal::SIGSTOP).unwrap();
+    let overview = page_until(&mut web, "/", "far in grace", |b| {
+        b.contains(r#"<a href="/slaves/far">far</a> <b>IN GRACE</b>: 1 seat, silent for"#)
+    })
+    .await;
+    assert!(
+        overview.contains(r#"<span id="slaves-in-grace">1</span> in their grace period"#)
+            && overview.contains("it admits agents on its own for another"),
+        "{overview}"
+    );
+    let page = web.get("/slaves/far").await.body;
+    assert!(
+        page.contains(r#"<dd id="silence">silent for"#) && page.contains("<dd>IN GRACE</dd>"),
+        "{page}"
+    );
+    // Past the grace period (8 s after its last word): restricted on its side, then its
+    // seat is reclaimed after the master's margin.
+    let overview = page_until(&mut web, "/", "far past its grace period", |b| {
+        b.contains("<b>RESTRICTED</b>") || b.contains("<b>RECLAIMED</b>")
+    })
+    .await;
+    assert!(overview.contains("past its 8 s grace period"), "{overview}");
+    page_until(&mut web, "/", "far reclaimed", |b| {
+        b.contains("<b>RECLAIMED</b>: 0 seats") && b.contains("the master reclaimed its seats")
+    })
+    .await;
+    far.proc.signal(Signal::SIGCONT).unwrap();
+    page_until(&mut web, "/slaves", "far connected again", |b| {
+        b.contains("<td>connected</td>")
+    })
+    .await;
+    // The host's books: the slave logged x1 out, as the master reclaimed it.
+    eventually("far's host holds no agent", || async {
+        far.agents().await.is_some_and(|a| a.is_empty())
+    })
+    .await
+    .unwrap();
+    let status = lmbus_ops::fetch_status(
+        &f.client,
+        &lmbus_schemas::Subjects::new(&f.cluster).unwrap(),
+        Duration::from_secs(3),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.total_in_use, 0);
+    dash.stop().await;
     broker.stop().await.unwrap();
 }

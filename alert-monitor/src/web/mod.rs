@@ -52,7 +52,13 @@ pub struct WebConfig {
     pub timeout: Duration,
     /// A session ends after this long without a request.
     pub session_idle: Duration,
+    /// How many days of `license_counts` alerts the history reads back from the alert
+    /// log at start (at most [`MAX_HISTORY_DAYS`]).
+    pub history_days: u32,
 }
+
+/// The most days of history read back (and kept, as hourly peaks).
+pub const MAX_HISTORY_DAYS: u32 = (render::MAX_HOURS / 24) as u32;
 
 /// Refuses to expose the dashboard beyond this machine without both TLS and a login.
 pub fn check_exposure(cfg: &WebConfig) -> anyhow::Result<()> {
@@ -256,6 +262,7 @@ async fn poll_status(app: App) {
                             time_ms: now_ms,
                             total: status.total_in_use,
                             by_type: status.in_use_by_type.clone(),
+                            hour: false,
                         });
                     }
                     s.status = Some(status);
@@ -269,46 +276,43 @@ async fn poll_status(app: App) {
     }
 }
 
-/// How far back the history page reaches at start, from the alert log.
-const HISTORY_SPAN: Duration = Duration::from_secs(24 * 3600);
-
 /// The history from before the dashboard started: the master's `license_counts` alerts of
-/// the last [`HISTORY_SPAN`] in the alert stream (read apart from the other alerts, so a
-/// busy day's rejections do not push them out of the [`MAX_ALERTS`] the pages keep).
+/// the last `history_days` in the alert stream (read apart from the other alerts, so a
+/// busy day's rejections do not push them out of the [`MAX_ALERTS`] the pages keep;
+/// folded as they are read, so a month of them takes the memory of the samples kept).
 /// Without a stream, or permission to read it, the history starts now (said on stderr).
 async fn recall_history(app: App) {
     let (client, subjects) = (&app.0.client, &app.0.subjects);
     let js = async_nats::jetstream::new(client.clone());
-    let since = time::OffsetDateTime::now_utc() - HISTORY_SPAN;
+    let days = app.0.cfg.history_days.min(MAX_HISTORY_DAYS);
+    let since = time::OffsetDateTime::now_utc() - Duration::from_secs(u64::from(days) * 86_400);
     let filter = subjects.alert(
         lmbus_schemas::Severity::Info,
         lmbus_schemas::AlertKind::LicenseCounts,
     );
-    let stored = match lmbus_ops::stored_matching(
+    let mut recalled = render::Snapshot::default();
+    let read = lmbus_ops::stored_each(
         &js,
         &subjects.alert_stream(),
         Some(since),
         Some(&filter),
+        |(_, _, payload)| {
+            if let Ok(alert) = lmbus_schemas::decode::<Alert>(&payload)
+                && alert.kind == lmbus_schemas::AlertKind::LicenseCounts
+            {
+                recalled.add_sample(render::Sample::of_counts(&alert));
+            }
+        },
     )
-    .await
-    {
-        Ok(stored) => stored,
-        Err(e) => {
-            eprintln!(
-                "lmbus-monitor: the history starts now: cannot read earlier seat counts from the alert stream: {e}"
-            );
-            return;
-        }
-    };
-    let samples: Vec<render::Sample> = stored
-        .messages
-        .iter()
-        .filter_map(|(_, _, payload)| lmbus_schemas::decode::<Alert>(payload).ok())
-        .filter(|a| a.kind == lmbus_schemas::AlertKind::LicenseCounts)
-        .map(|a| render::Sample::of_counts(&a))
-        .collect();
+    .await;
+    if let Err(e) = read {
+        eprintln!(
+            "lmbus-monitor: the history starts now: cannot read earlier seat counts from the alert stream: {e}"
+        );
+        return;
+    }
     app.0.snapshot.send_modify(|s| {
-        for sample in samples {
+        for sample in recalled.hourly.into_iter().chain(recalled.history) {
             s.add_sample(sample);
         }
     });
@@ -599,8 +603,28 @@ struct EventsQuery {
     slave: String,
     #[serde(default)]
     q: String,
+    /// The history page's range in days (everything held when absent).
+    #[serde(default)]
+    days: Option<u32>,
     #[serde(flatten)]
     alerts: AlertQuery,
+}
+
+/// The history page's and its CSV's range.
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    #[serde(default)]
+    days: Option<u32>,
+}
+
+/// A range of 1 to [`MAX_HISTORY_DAYS`] days, or none (everything held).
+fn history_range(days: Option<u32>) -> Result<Option<u32>, String> {
+    match days {
+        Some(d) if d == 0 || d > MAX_HISTORY_DAYS => Err(format!(
+            "days must be from 1 to {MAX_HISTORY_DAYS} (or left out for everything held), not {d}"
+        )),
+        d => Ok(d),
+    }
 }
 
 /// The live part of one page as server-sent events: sent again whenever it changes (each
@@ -626,6 +650,9 @@ async fn events(
     let Ok(filter) = query.alerts.filter() else {
         return StatusCode::BAD_REQUEST.into_response();
     };
+    if history_range(query.days).is_err() {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
     let rx = app.0.snapshot.subscribe();
     let state = (app, v, query, filter, rx, String::new());
     let stream = futures::stream::unfold(state, |mut st| async move {
@@ -660,7 +687,7 @@ async fn live_html(app: &App, v: &Viewer, query: &EventsQuery, filter: &crate::F
         "slaves" => render::live_slaves(&app.0.snapshot.borrow()),
         "alerts" => render::live_alerts(&app.0.snapshot.borrow(), filter),
         "denials" => render::live_denials(&app.0.snapshot.borrow()),
-        "history" => render::live_history(&app.0.snapshot.borrow()),
+        "history" => render::live_history(&app.0.snapshot.borrow(), query.days),
         "licenses" => render::live_licenses(&app.0.snapshot.borrow()),
         "seats" => match app.seat_list().await {
             Ok(list) => render::live_seats(&list, &query.q, v, now_ms),
@@ -686,13 +713,31 @@ async fn denials(State(app): State<App>, headers: HeaderMap) -> Response {
     live_page("Denials", &v, "/events?page=denials", &live, note)
 }
 
-async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
+async fn history(
+    State(app): State<App>,
+    headers: HeaderMap,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let Some(v) = app.viewer(&headers) else {
         return to_login();
     };
-    let live = render::live_history(&app.0.snapshot.borrow());
-    let note = r#"<p class="hint">Seats in use per agent type and in total: the master's license_counts alerts of the last 24 h from the alert log, then those live and a sample of the status every 30 s while the dashboard runs (a day's samples at most). The dashed line is the total limit; a dot marks each series' peak.</p>"#;
-    live_page("History", &v, "/events?page=history", &live, note)
+    let days = match query
+        .map_err(|e| e.body_text())
+        .and_then(|q| history_range(q.0.days))
+    {
+        Ok(days) => days,
+        Err(e) => return error(StatusCode::BAD_REQUEST, Some(&v), &e),
+    };
+    let live = render::live_history(&app.0.snapshot.borrow(), days);
+    let note = format!(
+        r#"<p class="hint">Seats in use per agent type and in total: the master's license_counts alerts of the last {} days from the alert log (as far as it keeps them), then those live and a sample of the status every 30 s while the dashboard runs. The last day before the newest sample is kept as it came; older samples as each series' peak per hour. The dashed line is the total limit; a dot marks each series' peak.</p>"#,
+        app.0.cfg.history_days.min(MAX_HISTORY_DAYS)
+    );
+    let events = match days {
+        Some(d) => format!("/events?page=history&days={d}"),
+        None => "/events?page=history".to_owned(),
+    };
+    live_page("History", &v, &events, &live, &note)
 }
 
 async fn licenses(State(app): State<App>, headers: HeaderMap) -> Response {
@@ -906,11 +951,22 @@ async fn reload_license(app: &App, v: &Viewer, license: String, file: String) ->
     }
 }
 
-async fn history_csv(State(app): State<App>, headers: HeaderMap) -> Response {
-    if app.viewer(&headers).is_none() {
+async fn history_csv(
+    State(app): State<App>,
+    headers: HeaderMap,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Some(v) = app.viewer(&headers) else {
         return to_login();
-    }
-    let csv = render::history_csv(&app.0.snapshot.borrow());
+    };
+    let days = match query
+        .map_err(|e| e.body_text())
+        .and_then(|q| history_range(q.0.days))
+    {
+        Ok(days) => days,
+        Err(e) => return error(StatusCode::BAD_REQUEST, Some(&v), &e),
+    };
+    let csv = render::history_csv(&app.0.snapshot.borrow(), days);
     (
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8"),

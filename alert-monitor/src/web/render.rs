@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use lmbus_ops::{SeatList, held_for, since_text, slave_cells};
+use lmbus_ops::{SeatList, held_for, silence_text, since_text, slave_cells, state_word};
 use lmbus_schemas::{Alert, Severity, StatusReply};
 
 use super::auth::Role;
@@ -157,21 +157,32 @@ pub struct Snapshot {
     pub alerts: Vec<Alert>,
     /// Today, for days left to the license expiry.
     pub today: Option<time::Date>,
-    /// Seats in use over time, oldest first: the `license_counts` alerts held and the
-    /// status polls (one sample per [`SAMPLE_EVERY_MS`]), at most [`MAX_SAMPLES`].
+    /// Seats in use over the last day before the newest sample, oldest first: the
+    /// `license_counts` alerts held and the status polls (one sample per
+    /// [`SAMPLE_EVERY_MS`]), at most [`MAX_SAMPLES`].
     pub history: Vec<Sample>,
+    /// Older samples folded into one per hour (each series' peak in that hour), oldest
+    /// first, at most [`MAX_HOURS`].
+    pub hourly: Vec<Sample>,
 }
 
-/// Seats in use at one time: per agent type, and the total.
+/// Seats in use at one time (or, `hour` set, each series' peak in the hour from
+/// `time_ms`): per agent type, and the total.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sample {
     pub time_ms: i64,
     pub total: u32,
     pub by_type: std::collections::BTreeMap<String, u32>,
+    pub hour: bool,
 }
 
-/// Most samples kept (a day at one per 30 s).
+/// Most recent samples kept at full resolution (a day at one per 30 s).
 pub const MAX_SAMPLES: usize = 2880;
+/// Samples older than this before the newest are kept as hourly peaks.
+pub const DAY_MS: i64 = 86_400_000;
+const HOUR_MS: i64 = 3_600_000;
+/// Most hourly peaks kept (92 days).
+pub const MAX_HOURS: usize = 92 * 24;
 /// A status poll becomes a sample at most this often.
 pub const SAMPLE_EVERY_MS: i64 = 30_000;
 
@@ -184,15 +195,25 @@ impl Sample {
             time_ms: alert.time_ms,
             total,
             by_type,
+            hour: false,
         }
     }
 }
 
 impl Snapshot {
-    /// Adds a sample in time order, dropping the oldest beyond [`MAX_SAMPLES`]; the same
-    /// sample twice (a `license_counts` alert both recalled from the log and followed) is
-    /// kept once.
+    /// Adds a sample in time order; the same sample twice (a `license_counts` alert both
+    /// recalled from the log and followed) is kept once.
+    ///
+    /// Samples more than [`DAY_MS`] older than the newest, and hourly peaks, are folded
+    /// into [`Self::hourly`] (each series' peak per hour; folding the same sample twice
+    /// changes nothing), and so are the oldest beyond [`MAX_SAMPLES`]: a peak is never lost
+    /// to the resolution.
     pub fn add_sample(&mut self, sample: Sample) {
+        let newest = self.history.last().map_or(i64::MIN, |s| s.time_ms);
+        if sample.hour || sample.time_ms < newest.saturating_sub(DAY_MS) {
+            self.fold_hourly(sample);
+            return;
+        }
         let at = self
             .history
             .partition_point(|s| s.time_ms <= sample.time_ms);
@@ -205,9 +226,60 @@ impl Snapshot {
             return;
         }
         self.history.insert(at, sample);
-        if self.history.len() > MAX_SAMPLES {
-            self.history.remove(0);
+        let newest = self.history.last().map_or(i64::MIN, |s| s.time_ms);
+        let old = self
+            .history
+            .partition_point(|s| s.time_ms < newest.saturating_sub(DAY_MS))
+            .max(self.history.len().saturating_sub(MAX_SAMPLES));
+        let folded: Vec<Sample> = self.history.drain(..old).collect();
+        for sample in folded {
+            self.fold_hourly(sample);
         }
+    }
+
+    /// Adds `sample` to the peaks of its hour.
+    fn fold_hourly(&mut self, sample: Sample) {
+        let hour = sample.time_ms.div_euclid(HOUR_MS) * HOUR_MS;
+        let at = self.hourly.partition_point(|s| s.time_ms < hour);
+        match self.hourly.get_mut(at) {
+            Some(peak) if peak.time_ms == hour => {
+                peak.total = peak.total.max(sample.total);
+                for (t, n) in sample.by_type {
+                    let kept = peak.by_type.entry(t).or_default();
+                    *kept = (*kept).max(n);
+                }
+            }
+            _ => {
+                self.hourly.insert(
+                    at,
+                    Sample {
+                        time_ms: hour,
+                        hour: true,
+                        ..sample
+                    },
+                );
+                if self.hourly.len() > MAX_HOURS {
+                    self.hourly.remove(0);
+                }
+            }
+        }
+    }
+
+    /// The hourly peaks, then the recent samples, of the last `days` before the newest
+    /// (all of them for `None`), oldest first.
+    pub fn history_in(&self, days: Option<u32>) -> Vec<&Sample> {
+        let newest = self
+            .history
+            .last()
+            .or(self.hourly.last())
+            .map_or(0, |s| s.time_ms);
+        let from = days.map_or(i64::MIN, |d| newest - i64::from(d) * DAY_MS);
+        self.hourly
+            .iter()
+            .chain(&self.history)
+            // An hour that overlaps the start of the range is in it.
+            .filter(|s| s.time_ms + if s.hour { HOUR_MS } else { 0 } > from)
+            .collect()
     }
 }
 
@@ -392,19 +464,25 @@ pub fn live_overview(s: &Snapshot, v: &Viewer) -> String {
         st.slaves_connected, st.slaves_total
     );
     if !silent.is_empty() {
-        out.push_str(
-            "<p>Silent (in their grace period, restricted or reclaimed on their side):</p><ul>",
+        let count = |word: &str| silent.iter().filter(|s| state_word(s) == word).count();
+        let _ = write!(
+            out,
+            r#"<p id="slaves-silent">Silent: <span id="slaves-in-grace">{}</span> in their grace period, <span id="slaves-restricted">{}</span> restricted, {} reclaimed, {} unknown (estimated from the last word each sent and the grace period its hello announced; the master cannot hear them).</p><ul>"#,
+            count("IN GRACE"),
+            count("RESTRICTED"),
+            count("RECLAIMED"),
+            count("DISCONNECTED"),
         );
         for s in silent {
             let _ = write!(
                 out,
-                r#"<li><a href="/slaves/{}">{}</a>: {} seats, last heard {}</li>"#,
+                r#"<li data-slave="{}"><a href="/slaves/{}">{}</a> <b>{}</b>: {}, {}</li>"#,
+                esc(&s.slave_id),
                 url_part(&s.slave_id),
                 esc(&s.slave_id),
-                s.in_use,
-                esc(&lmbus_schemas::human::duration(
-                    std::time::Duration::from_millis(s.last_seen_ms_ago)
-                ))
+                state_word(s),
+                lmbus_schemas::human::plural(u64::from(s.in_use), "seat", "seats"),
+                esc(&silence_text(s).unwrap_or_default())
             );
         }
         out.push_str("</ul>");
@@ -594,6 +672,13 @@ pub fn live_slave(s: &Snapshot, slave: &str, list: &SeatList, v: &Viewer, now_ms
             for (name, cell) in names.iter().zip(cells.iter()) {
                 let _ = write!(out, "<dt>{name}</dt><dd>{}</dd>", esc(cell));
             }
+            if let Some(silence) = silence_text(row) {
+                let _ = write!(
+                    out,
+                    r#"<dt>Silence</dt><dd id="silence">{}</dd>"#,
+                    esc(&silence)
+                );
+            }
             out.push_str("</dl>");
         }
         None => out.push_str(
@@ -696,18 +781,27 @@ pub fn live_denials(s: &Snapshot) -> String {
     out
 }
 
-/// The history as CSV: `time,total,<type>...`, one row per sample, oldest first.
-pub fn history_csv(s: &Snapshot) -> String {
+/// The history of the last `days` (all for `None`) as CSV: `time,total,<type>...`, one
+/// row per sample, oldest first; an hourly peak's time is its hour's start followed by
+/// `/PT1H` (an ISO 8601 duration: the hour from then).
+pub fn history_csv(s: &Snapshot, days: Option<u32>) -> String {
+    let h = s.history_in(days);
     let types: std::collections::BTreeSet<&String> =
-        s.history.iter().flat_map(|x| x.by_type.keys()).collect();
+        h.iter().flat_map(|x| x.by_type.keys()).collect();
     let mut out = String::from("time,total");
     for t in &types {
         // A type is a license name: quote it so a comma in it stays one field.
         let _ = write!(out, ",\"{}\"", t.replace('"', "\"\""));
     }
     out.push('\n');
-    for x in &s.history {
-        let _ = write!(out, "{},{}", format_time(x.time_ms), x.total);
+    for x in h {
+        let _ = write!(
+            out,
+            "{}{},{}",
+            format_time(x.time_ms),
+            if x.hour { "/PT1H" } else { "" },
+            x.total
+        );
         for t in &types {
             let _ = write!(out, ",{}", x.by_type.get(*t).copied().unwrap_or(0));
         }
@@ -716,16 +810,38 @@ pub fn history_csv(s: &Snapshot) -> String {
     out
 }
 
-/// The history page's live part: seats in use per type and in total over time as an
-/// inline SVG chart (no script, no library), each series' peak marked, and a table of the
-/// peaks.
-pub fn live_history(s: &Snapshot) -> String {
+/// The ranges the history page offers, in days (`None`: everything held).
+pub const HISTORY_RANGES: [(Option<u32>, &str); 4] = [
+    (Some(1), "Last day"),
+    (Some(7), "7 days"),
+    (Some(30), "30 days"),
+    (None, "All"),
+];
+
+/// The history page's live part for the last `days` (all for `None`): seats in use per
+/// type and in total over time as an inline SVG chart (no script, no library), each
+/// series' peak marked, and a table of the peaks.
+pub fn live_history(s: &Snapshot, days: Option<u32>) -> String {
     const W: f64 = 900.0;
     const H: f64 = 260.0;
     const PAD: f64 = 40.0;
-    let h = &s.history;
+    let range_arg = |d: Option<u32>| d.map_or(String::new(), |d| format!("?days={d}"));
+    let ranges: Vec<String> = HISTORY_RANGES
+        .iter()
+        .map(|(d, label)| {
+            if *d == days {
+                format!("<b>{label}</b>")
+            } else {
+                format!(r#"<a href="/history{}">{label}</a>"#, range_arg(*d))
+            }
+        })
+        .collect();
+    let ranges = format!(r#"<p id="ranges">{}</p>"#, ranges.join(" · "));
+    let h = s.history_in(days);
     let (Some(first), Some(last)) = (h.first(), h.last()) else {
-        return r#"<p id="history-empty">No samples yet: they come from the license_counts alerts and the status polls.</p>"#.to_owned();
+        return format!(
+            r#"{ranges}<p id="history-empty">No samples yet: they come from the license_counts alerts and the status polls.</p>"#
+        );
     };
     let span = (last.time_ms - first.time_ms).max(1) as f64;
     let limit = s.status.as_ref().map_or(0, |st| st.total_limit);
@@ -742,6 +858,8 @@ pub fn live_history(s: &Snapshot) -> String {
         "total".to_owned(),
         h.iter().map(|x| (x.time_ms, x.total)).collect(),
     )];
+    let hour_of: std::collections::BTreeSet<i64> =
+        h.iter().filter(|x| x.hour).map(|x| x.time_ms).collect();
     let types: std::collections::BTreeSet<&String> =
         h.iter().flat_map(|x| x.by_type.keys()).collect();
     for t in types {
@@ -796,21 +914,35 @@ pub fn live_history(s: &Snapshot) -> String {
                 y_of(*v),
                 esc(name)
             );
+            let at = if hour_of.contains(t) {
+                format!("in the hour from {}", format_time(*t))
+            } else {
+                format_time(*t)
+            };
             let _ = write!(
                 peaks,
                 r#"<tr data-series="{n}"><td><span style="color:{colour}">■</span> {n}</td><td class="peak">{v}</td><td>{}</td></tr>"#,
-                esc(&format_time(*t)),
+                esc(&at),
                 n = esc(name)
             );
         }
     }
     svg.push_str("</svg>");
     peaks.push_str("</table>");
+    let hours = hour_of.len();
     format!(
-        r#"<p>{} samples from {} to {}. <a href="/history.csv" id="csv">Download CSV</a></p>{svg}{peaks}"#,
+        r#"{ranges}<p>{} samples from {} to {}{}. <a href="/history.csv{}" id="csv">Download CSV</a></p>{svg}{peaks}"#,
         h.len(),
         esc(&format_time(first.time_ms)),
-        esc(&format_time(last.time_ms))
+        esc(&format_time(last.time_ms)),
+        if hours > 0 {
+            format!(
+                " (<span id=\"hourly\">{hours}</span> of them hourly peaks: the samples of more than a day before the newest, each series' highest in its hour)"
+            )
+        } else {
+            String::new()
+        },
+        range_arg(days)
     )
 }
 

@@ -11,6 +11,7 @@ fn config(listen: &str, users: bool, tls: bool) -> WebConfig {
         every: Duration::from_secs(2),
         timeout: Duration::from_secs(3),
         session_idle: Duration::from_secs(3600),
+        history_days: 30,
     }
 }
 
@@ -41,6 +42,7 @@ fn a_sample_recalled_and_followed_is_kept_once_in_time_order() {
         time_ms,
         total,
         by_type: [("inbound".to_owned(), total)].into(),
+        hour: false,
     };
     let mut s = Snapshot::default();
     // Followed live first, then the same alerts recalled from the log, out of order.
@@ -52,4 +54,64 @@ fn a_sample_recalled_and_followed_is_kept_once_in_time_order() {
     s.add_sample(sample(3_000, 0));
     let got: Vec<(i64, u32)> = s.history.iter().map(|x| (x.time_ms, x.total)).collect();
     assert_eq!(got, [(1_000, 2), (3_000, 1), (3_000, 0)]);
+}
+
+/// Samples more than a day before the newest become one per hour with each series' own
+/// peak (a peak is never averaged away), folding the same sample again changes nothing,
+/// the range picks what is shown, and the CSV writes an hour as an ISO 8601 interval; the
+/// oldest of more than `MAX_SAMPLES` recent samples is folded, not dropped.
+#[test]
+fn samples_older_than_a_day_are_kept_as_hourly_peaks() {
+    const HOUR: i64 = 3_600_000;
+    const DAY: i64 = 24 * HOUR;
+    let sample = |time_ms, inbound: u32, outbound: u32| render::Sample {
+        time_ms,
+        total: inbound + outbound,
+        by_type: [
+            ("inbound".to_owned(), inbound),
+            ("outbound".to_owned(), outbound),
+        ]
+        .into(),
+        hour: false,
+    };
+    let now = 20_000 * DAY;
+    let old = now - 3 * DAY + 5 * 60_000;
+    let mut s = Snapshot::default();
+    s.add_sample(sample(old, 5, 0));
+    s.add_sample(sample(old + 60_000, 1, 3));
+    s.add_sample(sample(now, 1, 0));
+    // Recalled again, as a restart or an overlap of the log and the live tail does.
+    s.add_sample(sample(old + 60_000, 1, 3));
+    assert_eq!(s.history, [sample(now, 1, 0)]);
+    let hour = render::Sample {
+        time_ms: now - 3 * DAY,
+        total: 5,
+        by_type: [("inbound".to_owned(), 5), ("outbound".to_owned(), 3)].into(),
+        hour: true,
+    };
+    assert_eq!(s.hourly, std::slice::from_ref(&hour));
+    assert_eq!(s.history_in(Some(1)), [&sample(now, 1, 0)]);
+    assert_eq!(s.history_in(Some(7)), [&hour, &sample(now, 1, 0)]);
+    assert_eq!(s.history_in(None).len(), 2);
+    let csv = render::history_csv(&s, None);
+    assert!(
+        csv.contains("\n2024-10-01 00:00:00.000Z/PT1H,5,5,3\n"),
+        "{csv}"
+    );
+    let page = render::live_history(&s, Some(7));
+    assert!(
+        page.contains(
+            "<td class=\"peak\">5</td><td>in the hour from 2024-10-01 00:00:00.000Z</td>"
+        ) && page.contains("<b>7 days</b>")
+            && page.contains("href=\"/history.csv?days=7\""),
+        "{page}"
+    );
+    // A full day of samples and one more: the oldest is folded into its hour.
+    let mut s = Snapshot::default();
+    for i in 0..=render::MAX_SAMPLES as i64 {
+        s.add_sample(sample(now + i * 1_000, u32::from(i == 0) * 9, 0));
+    }
+    assert_eq!(s.history.len(), render::MAX_SAMPLES);
+    assert_eq!(s.hourly.len(), 1);
+    assert_eq!(s.hourly[0].total, 9);
 }

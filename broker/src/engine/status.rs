@@ -66,6 +66,9 @@ impl Engine {
                     last_seen_ms_ago: now.saturating_duration_since(s.last_seen).as_millis() as u64,
                     master: s.master,
                     allotted: s.blocks.clone(),
+                    grace_ms: Some(s.grace.as_millis() as u64),
+                    logout_after_grace: s.logout_after_grace,
+                    reclaimed: s.reclaimed,
                 })
                 .collect(),
             leader_term: 0,
