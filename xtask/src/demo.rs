@@ -40,6 +40,10 @@ pub struct DemoArgs {
     /// Do not run `cargo build` first (the binaries must already be built).
     #[arg(long)]
     pub no_build: bool,
+    /// Where the web dashboard (`lmbus-monitor web`, read-only, no login) listens while
+    /// the demo runs; a free port on 127.0.0.1 when this one is taken (or is 0).
+    #[arg(long, default_value = "127.0.0.1:8470")]
+    pub web: std::net::SocketAddr,
 }
 
 const SLAVES: [&str; 3] = ["site-licensed", "site-unlicensed-1", "site-unlicensed-2"];
@@ -189,6 +193,73 @@ impl Workload {
         println!("[workload] {slave:<18} unregister {agent:<8}            -> released");
         Ok(())
     }
+}
+
+/// The text of the element with this `id` in a dashboard page, up to its first tag.
+fn text_of<'a>(html: &'a str, id: &str) -> &'a str {
+    let Some(at) = html.find(&format!("id=\"{id}\"")) else {
+        return "?";
+    };
+    let rest = &html[at..];
+    let start = rest.find('>').map_or(rest.len(), |i| i + 1);
+    let rest = &rest[start..];
+    &rest[..rest.find('<').unwrap_or(rest.len())]
+}
+
+/// Each dashboard page fetched once, in a line that says what it shows; a page that does
+/// not answer 200 fails the demo.
+fn dashboard_pages(http: &ureq::Agent, base: &str) -> anyhow::Result<Vec<String>> {
+    let get = |path: &str| -> anyhow::Result<String> {
+        let mut answer = http
+            .get(&format!("{base}{path}"))
+            .call()
+            .with_context(|| format!("the web dashboard at {base} did not answer {path}"))?;
+        let status = answer.status();
+        let body = answer.body_mut().read_to_string()?;
+        if status != 200 {
+            bail!("the web dashboard answered {path} with {status}: {body}");
+        }
+        Ok(body)
+    };
+    let rows = |html: &str, marker: &str| html.matches(marker).count();
+    let overview = get("/")?;
+    let slaves = get("/slaves")?;
+    let seats = get("/seats")?;
+    let denials = get("/denials")?;
+    let history = get("/history")?;
+    let licenses = get("/licenses")?;
+    let alerts = get("/alerts")?;
+    let total_peak = history
+        .find("data-series=\"total\"")
+        .and_then(|at| history[at..].split("<td class=\"peak\">").nth(1))
+        .and_then(|rest| rest.split('<').next())
+        .unwrap_or("?");
+    Ok(vec![
+        format!(
+            "/ (overview): seats in use {}, leader {}, slaves connected {}",
+            text_of(&overview, "total-in-use"),
+            text_of(&overview, "leader"),
+            text_of(&overview, "slaves-connected"),
+        ),
+        format!(
+            "/slaves: slaves listed {}",
+            rows(&slaves, "<tr data-slave=")
+        ),
+        format!("/seats: seats held {}", text_of(&seats, "seat-count")),
+        format!(
+            "/denials: refused registrations {}",
+            text_of(&denials, "denial-count")
+        ),
+        format!(
+            "/history: series charted {}, peak of the total {total_peak}",
+            rows(&history, "<tr data-series=")
+        ),
+        format!(
+            "/licenses: days left {}",
+            text_of(&licenses, "license-days")
+        ),
+        format!("/alerts: recent alerts {}", text_of(&alerts, "alert-count")),
+    ])
 }
 
 fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
@@ -395,6 +466,24 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .recv_timeout(Duration::from_secs(20))
         .context("the monitor did not start tailing")?;
 
+    let web_addr = if args.web.port() != 0 && std::net::TcpListener::bind(args.web).is_ok() {
+        args.web.to_string()
+    } else {
+        format!("127.0.0.1:{}", nats::free_port()?)
+    };
+    let _web = Child2 {
+        name: "lmbus-monitor web",
+        child: Command::new(&monitor_bin)
+            .args(["--nats", &url, "--cluster", cluster, "web", "--listen"])
+            .arg(&web_addr)
+            .args(["--every", "1s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log("web")?)
+            .spawn()?,
+    };
+    let web_url = format!("http://{web_addr}");
+
     let mut slaves = Vec::new();
     let mut apis = BTreeMap::new();
     for name in SLAVES {
@@ -431,7 +520,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 .is_some_and(|v| v["connected"] == json!(true))
         })?;
     }
-    println!("demo: 3 slaves connected; workload starts");
+    println!(
+        "demo: 3 slaves connected; workload starts; the web dashboard is at {web_url}/ while the demo runs"
+    );
 
     let mut w = Workload {
         http,
@@ -501,6 +592,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 }
             }
             Err(e) => println!("demo: could not show the License Monitor view: {e:#}"),
+        }
+        // The dashboard polls the status every second (--every 1s): let it see the end.
+        std::thread::sleep(Duration::from_secs(2));
+        for line in dashboard_pages(&w.http, &web_url)? {
+            println!("[web] {line}");
         }
     }
 

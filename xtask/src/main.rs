@@ -212,6 +212,8 @@ fn test(no_demo: bool) -> anyhow::Result<()> {
             own_nats: true,
             no_build: true,
             keep: false,
+            // Any free port: the CI machine may serve something on the default.
+            web: "127.0.0.1:0".parse()?,
         })?;
     }
     eprintln!("\nxtask: all checks passed");
