@@ -207,6 +207,12 @@ pub struct Alert {
     /// Set by a development master: what it decided is not for production use.
     #[serde(default)]
     pub not_for_production: bool,
+    /// `license_counts` only: the most seats in use per agent type and `total` since the
+    /// master's previous `license_counts` alert (at least `counts`), so that a peak
+    /// between two alerts is not lost; empty in a new leader's first one and from an
+    /// older broker.
+    #[serde(default)]
+    pub peaks: BTreeMap<String, u32>,
 }
 
 impl Alert {
@@ -224,6 +230,7 @@ impl Alert {
             message: message.into(),
             context: String::new(),
             not_for_production: false,
+            peaks: BTreeMap::new(),
         }
     }
 

@@ -300,7 +300,9 @@ async fn recall_history(app: App) {
             if let Ok(alert) = lmbus_schemas::decode::<Alert>(&payload)
                 && alert.kind == lmbus_schemas::AlertKind::LicenseCounts
             {
-                recalled.add_sample(render::Sample::of_counts(&alert));
+                for sample in render::Sample::of_counts(&alert) {
+                    recalled.add_sample(sample);
+                }
             }
         },
     )
@@ -339,7 +341,9 @@ async fn follow_alerts(app: App) {
         };
         app.0.snapshot.send_modify(|s| {
             if alert.kind == lmbus_schemas::AlertKind::LicenseCounts {
-                s.add_sample(render::Sample::of_counts(&alert));
+                for sample in render::Sample::of_counts(&alert) {
+                    s.add_sample(sample);
+                }
             }
             if s.alerts.len() >= MAX_ALERTS {
                 s.alerts.remove(0);
@@ -730,7 +734,7 @@ async fn history(
     };
     let live = render::live_history(&app.0.snapshot.borrow(), days);
     let note = format!(
-        r#"<p class="hint">Seats in use per agent type and in total: the master's license_counts alerts of the last {} days from the alert log (as far as it keeps them), then those live and a sample of the status every 30 s while the dashboard runs. The last day before the newest sample is kept as it came; older samples as each series' peak per hour. The dashed line is the total limit; a dot marks each series' peak.</p>"#,
+        r#"<p class="hint">Seats in use per agent type and in total: the master's license_counts alerts of the last {} days from the alert log (as far as it keeps them), then those live and a sample of the status every 30 s while the dashboard runs. A license_counts alert also carries the most seats in use since the previous one: that peak is charted 1 ms before the alert. The last day before the newest sample is kept as it came; older samples as each series' peak per hour. The dashed line is the total limit; a dot marks each series' peak.</p>"#,
         app.0.cfg.history_days.min(MAX_HISTORY_DAYS)
     );
     let events = match days {

@@ -187,15 +187,29 @@ pub const MAX_HOURS: usize = 92 * 24;
 pub const SAMPLE_EVERY_MS: i64 = 30_000;
 
 impl Sample {
-    /// The counts a `license_counts` alert carries (per type, and `total`).
-    pub fn of_counts(alert: &Alert) -> Sample {
-        let mut by_type = alert.counts.clone();
-        let total = by_type.remove("total").unwrap_or(0);
-        Sample {
-            time_ms: alert.time_ms,
-            total,
-            by_type,
-            hour: false,
+    /// The counts a `license_counts` alert carries (per type, and `total`), preceded, when
+    /// they are higher, by its peaks since the master's previous one as a sample 1 ms
+    /// before it (the peak happened within the counts interval before the alert).
+    pub fn of_counts(alert: &Alert) -> Vec<Sample> {
+        let of = |counts: &std::collections::BTreeMap<String, u32>, time_ms| {
+            let mut by_type = counts.clone();
+            let total = by_type.remove("total").unwrap_or(0);
+            Sample {
+                time_ms,
+                total,
+                by_type,
+                hour: false,
+            }
+        };
+        let now = of(&alert.counts, alert.time_ms);
+        let higher = alert
+            .peaks
+            .iter()
+            .any(|(k, n)| *n > alert.counts.get(k).copied().unwrap_or(0));
+        if higher {
+            vec![of(&alert.peaks, alert.time_ms - 1), now]
+        } else {
+            vec![now]
         }
     }
 }

@@ -115,3 +115,22 @@ fn samples_older_than_a_day_are_kept_as_hourly_peaks() {
     assert_eq!(s.hourly.len(), 1);
     assert_eq!(s.hourly[0].total, 9);
 }
+
+/// A counts alert whose peaks since the previous one are higher than its counts becomes
+/// two samples: the peaks just before it, then the counts; without higher peaks, one.
+#[test]
+fn a_counts_alert_charts_its_peak_since_the_last_one() {
+    let mut alert = Alert::new(
+        lmbus_schemas::Severity::Info,
+        lmbus_schemas::AlertKind::LicenseCounts,
+        "license counts",
+    )
+    .counts([("total".to_owned(), 1), ("inbound".to_owned(), 1)].into());
+    alert.time_ms = 10_000;
+    assert_eq!(render::Sample::of_counts(&alert).len(), 1);
+    alert.peaks = [("total".to_owned(), 4), ("inbound".to_owned(), 4)].into();
+    let samples = render::Sample::of_counts(&alert);
+    let got: Vec<(i64, u32)> = samples.iter().map(|x| (x.time_ms, x.total)).collect();
+    assert_eq!(got, [(9_999, 4), (10_000, 1)]);
+    assert_eq!(samples[0].by_type.get("inbound"), Some(&4));
+}

@@ -211,10 +211,23 @@ impl Engine {
             if !types.is_empty() {
                 message.push_str(&format!("; {}", types.join(", ")));
             }
-            out.alert(
-                self.alert(Severity::Info, AlertKind::LicenseCounts, message)
-                    .counts(self.counts()),
-            );
+            let counts = self.counts();
+            let mut alert = self
+                .alert(Severity::Info, AlertKind::LicenseCounts, message)
+                .counts(counts.clone());
+            // The peaks since the previous counts alert, if this engine raised it one
+            // interval ago (not a standby's or an earlier term's: their window is unknown).
+            if let Some((since, mut peaks)) = self.peaks.take()
+                && now.saturating_duration_since(since) <= 2 * self.cfg.counts_interval
+            {
+                for (key, n) in &counts {
+                    let peak = peaks.entry(key.clone()).or_insert(0);
+                    *peak = (*peak).max(*n);
+                }
+                alert.peaks = peaks;
+            }
+            self.peaks = Some((now, counts));
+            out.alert(alert);
         }
         let days_left = self.cfg.license.days_left(today);
         if days_left <= self.cfg.expiry_warning_days && self.last_expiry_warning != Some(today) {

@@ -391,6 +391,9 @@ pub struct Engine {
     allotted_total: u32,
     allotted_by_type: BTreeMap<String, u32>,
     next_counts_at: Option<Instant>,
+    /// The most seats in use per type and `total` since the last `license_counts` alert
+    /// (when that was): the alert's `peaks`. `None` until this engine raised one.
+    peaks: Option<(Instant, BTreeMap<String, u32>)>,
     last_expiry_warning: Option<Date>,
     /// Seat changes made by the event being handled, moved into its [`Output`].
     pending: Vec<SeatChange>,
@@ -432,6 +435,7 @@ impl Engine {
             allotted_total: 0,
             allotted_by_type: BTreeMap::new(),
             next_counts_at: None,
+            peaks: None,
             last_expiry_warning: None,
             pending: Vec::new(),
             license_text: None,

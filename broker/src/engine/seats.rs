@@ -156,10 +156,17 @@ impl Engine {
             self.uncount(&old);
         }
         self.total_in_use += 1;
-        *self
+        let of_type = self
             .in_use_by_type
             .entry(agent_type.to_owned())
-            .or_insert(0) += 1;
+            .or_insert(0);
+        *of_type += 1;
+        if let Some((_, peaks)) = &mut self.peaks {
+            for (key, n) in [("total", self.total_in_use), (agent_type, *of_type)] {
+                let peak = peaks.entry(key.to_owned()).or_insert(0);
+                *peak = (*peak).max(n);
+            }
+        }
         true
     }
 

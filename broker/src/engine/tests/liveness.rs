@@ -116,6 +116,52 @@ fn the_disconnect_alert_says_what_becomes_of_the_seats() {
     assert_eq!(h.engine.total_in_use(), 1);
 }
 
+/// A `license_counts` alert carries the most seats in use since the previous one, so a
+/// burst between two alerts is not lost; the first alert of an engine carries none (its
+/// window is unknown), and neither does one after a gap of more than two intervals (a
+/// standby's or an earlier term's).
+#[test]
+fn counts_alerts_carry_the_peak_since_the_last_one() {
+    let counts_alert = |alerts: Vec<Alert>| {
+        alerts
+            .into_iter()
+            .find(|a| a.kind == AlertKind::LicenseCounts)
+            .expect("a license_counts alert")
+    };
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    assert!(counts_alert(h.tick()).peaks.is_empty());
+    // A burst of three inbound seats between two alerts, gone again before the next.
+    for a in ["a1", "a2", "a3"] {
+        assert!(approved(&h.decision("s1", a, "inbound")));
+    }
+    assert!(approved(&h.decision("s1", "o1", "outbound")));
+    for a in ["a1", "a2", "a3"] {
+        h.unregister_out("s1", a);
+    }
+    h.advance(Duration::from_secs(61));
+    let alert = counts_alert(h.tick());
+    assert_eq!(alert.counts.get("total"), Some(&1));
+    assert_eq!(
+        alert.peaks,
+        BTreeMap::from([
+            ("inbound".to_owned(), 3),
+            ("outbound".to_owned(), 1),
+            ("total".to_owned(), 4)
+        ])
+    );
+    // The next window starts at the counts of the last alert.
+    h.advance(Duration::from_secs(61));
+    let alert = counts_alert(h.tick());
+    assert_eq!(
+        alert.peaks,
+        BTreeMap::from([("outbound".to_owned(), 1), ("total".to_owned(), 1)])
+    );
+    // After a gap (a leader that was not leading, say): no peaks claimed.
+    h.advance(Duration::from_secs(600));
+    assert!(counts_alert(h.tick()).peaks.is_empty());
+}
+
 #[test]
 fn counts_and_expiry_alerts() {
     let mut h = Harness::new(true);
