@@ -582,6 +582,7 @@ mod tests {
             role: lmbus_schemas::Role::Master,
             context: lmbus_schemas::Context::Production,
             sync_within_days: None,
+            revision: None,
             limits: lmbus_schemas::Limits {
                 total: Some(total),
                 local: None,

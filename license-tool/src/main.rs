@@ -102,6 +102,10 @@ struct SignArgs {
     /// offline limit.
     #[arg(help_heading = "Dates", long)]
     sync_within_days: Option<u32>,
+    /// Orders two issues of the same license id on the same --issued day: the second gets
+    /// a higher revision (a master refuses to reload an older issue of its license).
+    #[arg(help_heading = "Dates", long)]
+    revision: Option<u32>,
     /// Aggregate agent limit (required for a master license, refused on others).
     #[arg(help_heading = "Limits", long)]
     total: Option<u32>,
@@ -226,12 +230,14 @@ fn describe(l: &License) -> String {
             .join(", ")
     };
     format!(
-        "license {}\n  customer            {}\n  role                {}\n  context             {}\n  issued              {}\n  expires             {}\n  maintenance expires {}\n  sync within         {}\n  total limit         {}\n  local limit         {}\n  agent types         {}",
+        "license {}\n  customer            {}\n  role                {}\n  context             {}\n  issued              {}{}\n  expires             {}\n  maintenance expires {}\n  sync within         {}\n  total limit         {}\n  local limit         {}\n  agent types         {}",
         l.id,
         l.customer,
         l.role,
         l.context,
         l.issued,
+        l.revision
+            .map_or(String::new(), |r| format!(" (revision {r})")),
         l.expires,
         l.maintenance_expires,
         l.sync_within_days
@@ -289,6 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 role: args.role.into(),
                 context: args.context.into(),
                 sync_within_days: args.sync_within_days,
+                revision: args.revision,
                 limits: Limits {
                     total: args.total,
                     local: args.local,

@@ -159,6 +159,11 @@ pub struct License {
     /// signs to the same bytes as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_within_days: Option<u32>,
+    /// Orders licenses of the same id issued on the same day (a vendor's second issue that
+    /// day carries a higher one); none counts as 0. Serialized only when set, like
+    /// `sync_within_days`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u32>,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -393,6 +398,19 @@ pub fn read_license_unverified(text: &str) -> Option<License> {
 }
 
 impl License {
+    /// How issues of one license id are ordered: the issue day, then the revision.
+    pub fn rank(&self) -> (Date, u32) {
+        (self.issued, self.revision.unwrap_or(0))
+    }
+
+    /// The issue day (and revision, if any), as people read it.
+    pub fn issue_text(&self) -> String {
+        match self.revision {
+            Some(r) => format!("issued {} revision {r}", self.issued),
+            None => format!("issued {}", self.issued),
+        }
+    }
+
     /// Checks what the signature cannot: that the document makes sense.
     fn validate(&self, file: &str) -> Result<(), LicenseError> {
         let invalid = |detail: String| LicenseError::Invalid {
@@ -510,6 +528,7 @@ mod tests {
             role: Role::Master,
             context: Context::Production,
             sync_within_days: None,
+            revision: None,
             limits: Limits {
                 total: Some(500),
                 local: None,

@@ -73,6 +73,7 @@ impl Vendor {
             role,
             context: Context::Production,
             sync_within_days: None,
+            revision: None,
             limits,
         }
     }

@@ -33,6 +33,7 @@ fn engine() -> Engine {
         role: Role::Master,
         context: Context::Production,
         sync_within_days: None,
+        revision: None,
         limits: Limits {
             total: Some(TOTAL),
             local: None,

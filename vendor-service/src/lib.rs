@@ -374,6 +374,7 @@ mod tests {
             role: Role::Master,
             context: Context::Production,
             sync_within_days: Some(60),
+            revision: None,
             limits: Limits {
                 total: Some(total),
                 ..Limits::default()

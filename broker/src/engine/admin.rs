@@ -43,6 +43,32 @@ impl Engine {
                 };
             }
         };
+        let current = &self.cfg.license;
+        if license.id == current.id && license.rank() < current.rank() {
+            // An older issue of the license in force (more seats, no offline limit, or
+            // a license a sync has since replaced): the vendor's later issue stands.
+            let who = if request.operator.is_empty() {
+                "an operator"
+            } else {
+                request.operator.as_str()
+            };
+            let message = format!(
+                "license {} in {file} is an older issue ({}) of the license in force ({}): a master never goes back to an older issue of its license. The current license stays in force",
+                license.id,
+                license.issue_text(),
+                current.issue_text()
+            );
+            let alert = self.alert(
+                Severity::Warning,
+                AlertKind::LicenseRefused,
+                format!("{who} tried to reload the master license: {message}"),
+            );
+            return Output {
+                reply: Some(Answer::Reload(ReloadReply::Error { message })),
+                effects: vec![Effect::Alert(alert)],
+                changes: Vec::new(),
+            };
+        }
         let running = self.cfg.license.context;
         if license.context != running {
             // The master's context is the cluster's: switching it under connected slaves

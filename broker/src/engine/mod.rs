@@ -406,6 +406,13 @@ pub struct Engine {
     /// limit has passed (`offline`), against times from the ledger and the license, never
     /// against another machine's clock.
     wall_ms: u64,
+    /// A wall time known to have passed (Unix milliseconds) and the monotonic instant it
+    /// was known at: the latest time in a record applied or a clock reading handled, or the
+    /// latest vendor sync (which resets it, so an accidental jump ahead heals at the next
+    /// sync). The wall clock of an event is never earlier than this plus the monotonic
+    /// time since: a clock set back gains the offline limit nothing while a replica runs,
+    /// and after a restart it starts from the ledger's latest time.
+    wall_floor: Option<(u64, Instant)>,
     /// The latest vendor sync in the ledger (`Synced`, Unix milliseconds; 0: none).
     last_sync_ms: u64,
     /// The last offline-limit warning given: its deadline and stage (`SyncWarned`).
@@ -440,6 +447,7 @@ impl Engine {
             pending: Vec::new(),
             license_text: None,
             wall_ms: 0,
+            wall_floor: None,
             last_sync_ms: 0,
             sync_warned: None,
             exported: std::collections::VecDeque::new(),
@@ -453,6 +461,21 @@ impl Engine {
     /// they make (when a seat was taken), and compared with the offline limit's deadline.
     pub fn set_wall_clock(&mut self, unix_ms: u64) {
         self.wall_ms = unix_ms;
+    }
+
+    /// The wall time known to have passed by `now` (0: none known).
+    fn floor_at(&self, now: Instant) -> u64 {
+        self.wall_floor.map_or(0, |(ms, at)| {
+            let since = now.saturating_duration_since(at).as_millis();
+            ms.saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+        })
+    }
+
+    /// A record says `ms` had passed (when it was written): the floor rises to it.
+    fn wall_passed(&mut self, ms: u64, now: Instant) {
+        if ms > self.floor_at(now) {
+            self.wall_floor = Some((ms, now));
+        }
     }
 
     /// How a seat granted now is recorded: the current wall clock and this replica.
@@ -493,6 +516,10 @@ impl Engine {
     }
 
     pub fn handle(&mut self, now: Instant, event: Event) -> Output {
+        if self.wall_ms > 0 {
+            self.wall_ms = self.wall_ms.max(self.floor_at(now));
+            self.wall_floor = Some((self.wall_ms, now));
+        }
         let mut out = self.dispatch(now, event);
         out.changes = std::mem::take(&mut self.pending);
         out
@@ -521,7 +548,7 @@ impl Engine {
             Event::Reload { request, today } => self.reload_license(&request, today),
             Event::Goodbye { slave, goodbye } => self.goodbye(&slave, goodbye),
             Event::Forget { request } => self.admin_forget(now, &request),
-            Event::Synced { at_ms, sync } => self.synced(at_ms, sync),
+            Event::Synced { at_ms, sync } => self.synced(now, at_ms, sync),
             Event::SyncExported { sync } => {
                 self.apply_sync_exported(sync);
                 self.pending.push(SeatChange::SyncExported { sync });

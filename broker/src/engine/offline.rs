@@ -11,7 +11,11 @@
 //!
 //! Time here is the wall clock the runtime passes in with `set_wall_clock` before every
 //! event (0, never set: the limit is not enforced, as in the engine's own tests that do
-//! not care). The warnings (30, 14, 7 and 1 days before, then the limit itself) are each
+//! not care), never earlier than the engine's floor: the latest time a record applied or a
+//! reading handled showed, plus the monotonic time since (`Engine::handle`). A clock set
+//! back therefore gains nothing while a replica runs, and after a restart the clock starts
+//! from the ledger's latest grant; a vendor sync over NATS resets the floor to the vendor's
+//! signed time, so a clock that ran ahead by accident is healed by the next sync. The warnings (30, 14, 7 and 1 days before, then the limit itself) are each
 //! given once per deadline: the leader records each as `SyncWarned`, so a new leader does
 //! not give them again; once the limit's passing is recorded, a wall clock set back does not
 //! undo it. Past the limit registrations are refused `sync_overdue`, agents
@@ -182,13 +186,29 @@ impl Engine {
         }
     }
 
-    /// A vendor sync succeeded at `at_ms` (the runtime verified the vendor's answer): the
-    /// offline limit counts from there. Recorded as `Synced`; an earlier time than the last
+    /// A vendor sync succeeded at `at_ms` (the vendor's signed answer time; the runtime
+    /// verified the answer): the offline limit counts from there, or from this leader's
+    /// clock if that is earlier. Recorded as `Synced`; an earlier time than the last
     /// sync recorded changes nothing.
-    pub(super) fn synced(&mut self, at_ms: u64, sync: Uuid) -> Output {
+    pub(super) fn synced(&mut self, now: Instant, at_ms: u64, sync: Uuid) -> Output {
         let mut out = Output::default();
+        // Never later than this leader's clock (which is never earlier than its floor).
+        let at_ms = if self.wall_ms > 0 {
+            at_ms.min(self.wall_ms)
+        } else {
+            at_ms
+        };
         if at_ms <= self.last_sync_ms {
             return out;
+        }
+        // An answer over NATS is fresh (the leader waited for it): the vendor's signed time
+        // is real time, so a clock that had run ahead (the floor with it) is healed. An
+        // imported answer may be days old: it moves the floor only up.
+        if self.exported.contains(&sync) {
+            self.wall_passed(at_ms, now);
+        } else {
+            self.wall_floor = Some((at_ms, now));
+            self.wall_ms = at_ms;
         }
         // An imported answer settles its exported request (the runtime checked it waits).
         let was_overdue = self.sync_overdue();

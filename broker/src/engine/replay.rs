@@ -66,6 +66,7 @@ impl Engine {
                 by,
             } => {
                 let id = slave_id(slave)?;
+                self.wall_passed(*at_ms, now);
                 let granted = Granted {
                     request_seq: *request_seq,
                     since_ms: *at_ms,
@@ -90,6 +91,9 @@ impl Engine {
                 granted_by,
             } => {
                 let id = slave_id(slave)?;
+                if let Some(latest) = since_ms.iter().max() {
+                    self.wall_passed(*latest, now);
+                }
                 for (i, agent_id) in agent_ids.iter().enumerate() {
                     let granted = Granted {
                         request_seq: request_seqs.get(i).copied().unwrap_or(0),
@@ -169,6 +173,7 @@ impl Engine {
                 by,
             } => {
                 let id = slave_id(slave)?;
+                self.wall_passed(*at_ms, now);
                 let granted = Granted {
                     request_seq: 0,
                     since_ms: *at_ms,
@@ -197,7 +202,10 @@ impl Engine {
                 });
             }
             SeatChange::Leader { .. } => {}
-            SeatChange::Synced { at_ms, sync } => self.apply_synced(*at_ms, *sync),
+            SeatChange::Synced { at_ms, sync } => {
+                self.wall_passed(*at_ms, now);
+                self.apply_synced(*at_ms, *sync);
+            }
             SeatChange::SyncExported { sync } => self.apply_sync_exported(*sync),
             SeatChange::Installation { id } => self.apply_installation(*id),
             SeatChange::SyncWarned { deadline_ms, days } => {

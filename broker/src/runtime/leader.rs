@@ -731,8 +731,11 @@ impl<'a> Leader<'a> {
         // this leader's wall clock: a leader whose clock runs ahead cannot push the deadline
         // out by syncing, and an answer held back (an air-gapped import weeks later)
         // restarts the clock from the day the vendor gave it, not from the import.
+        // (The engine takes the earlier of the two, against its own clock, which a clock
+        // set back cannot move back: see `offline`.)
+        self.set_wall_clock();
         let wall_ms = self.cfg.wall_clock.unix_ms();
-        let at_ms = answer.at_ms.min(wall_ms);
+        let at_ms = answer.at_ms;
         let ahead = if wall_ms.saturating_sub(answer.at_ms) > 3_600_000 {
             format!(
                 "; this leader's clock is {} ahead of the vendor's answer: the offline limit counts from the vendor's time",

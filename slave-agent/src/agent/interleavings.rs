@@ -49,6 +49,7 @@ fn engine() -> Engine {
         role: Role::Master,
         context: Context::Production,
         sync_within_days: None,
+        revision: None,
         limits: Limits {
             // Small enough that rejections at the limit happen too.
             total: Some(4),

@@ -233,3 +233,55 @@ fn released_and_snapshotted_agents_come_in_id_order() {
         .collect();
     assert_eq!(revoked, sorted);
 }
+
+/// Steps: the license in force (issued 2026-01-01) is reloaded with older issues of the
+/// same id carrying more seats: one issued a month earlier, and (after a same-day
+/// revision 2 is in force) the same day's revision 1 and unrevised issue: each refused
+/// with a `license_refused` alert, the limit unchanged, nothing recorded. A later issue,
+/// or a later revision the same day, is in force at once. Catches: a site going back to
+/// an older license file with more seats (or without an offline limit) than the vendor's
+/// latest.
+#[test]
+fn an_older_issue_of_the_license_in_force_is_refused() {
+    let mut h = Harness::new(true);
+    let current = h.engine.cfg.license.clone();
+    let issue = |issued: Date, revision: Option<u32>, total: u32| {
+        let mut l = current.clone();
+        l.issued = issued;
+        l.revision = revision;
+        l.limits.total = Some(total);
+        sign_license(&l, &vendor()).unwrap()
+    };
+    let reload = |text: String| lmbus_schemas::ReloadRequest {
+        license: text,
+        operator: "ops".into(),
+        file: "old.lic".into(),
+    };
+    let refused = |h: &mut Harness, text: String| {
+        let (reply, out) = h.reload_license(&reload(text), TODAY);
+        let lmbus_schemas::ReloadReply::Error { message } = reply else {
+            panic!("{reply:?}");
+        };
+        assert!(message.contains("an older issue"), "{message}");
+        assert!(out.changes.is_empty());
+        assert_eq!(alerts(&out)[0].kind, AlertKind::LicenseRefused);
+    };
+    refused(&mut h, issue(date!(2025 - 12 - 01), None, 50));
+    assert_eq!(h.engine.status(h.now).total_limit, 5);
+    let (reply, out) = h.reload_license(&reload(issue(current.issued, Some(2), 4)), TODAY);
+    assert!(
+        matches!(reply, lmbus_schemas::ReloadReply::Reloaded { .. }),
+        "{reply:?}"
+    );
+    assert_eq!(out.changes.len(), 1);
+    assert_eq!(h.engine.status(h.now).total_limit, 4);
+    refused(&mut h, issue(current.issued, Some(1), 50));
+    refused(&mut h, issue(current.issued, None, 50));
+    assert_eq!(h.engine.status(h.now).total_limit, 4);
+    let (reply, _) = h.reload_license(&reload(issue(date!(2026 - 02 - 01), None, 3)), TODAY);
+    assert!(
+        matches!(reply, lmbus_schemas::ReloadReply::Reloaded { .. }),
+        "{reply:?}"
+    );
+    assert_eq!(h.engine.status(h.now).total_limit, 3);
+}

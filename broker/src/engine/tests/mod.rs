@@ -43,6 +43,7 @@ fn license(role: Role, limits: Limits) -> License {
         role,
         context: Context::Production,
         sync_within_days: None,
+        revision: None,
         limits,
     }
 }

@@ -163,6 +163,7 @@ fn a_failover_keeps_the_clock_and_does_not_repeat_the_warnings() {
     at(&mut h, deadline + DAY_MS);
     keep(tick(&mut h));
     let synced_at = deadline + DAY_MS + 1000;
+    at(&mut h, synced_at);
     let out = h.engine.handle(
         h.now,
         Event::Synced {
@@ -371,3 +372,110 @@ fn exported_requests_wait_once_for_their_answer() {
     assert!(!h.engine.awaits_import(oldest));
     assert_eq!(h.engine.exported.len(), super::super::offline::MAX_EXPORTED);
 }
+
+/// Steps: a day before the limit the wall clock is set back 40 days; a day later (by the
+/// monotonic clock) the limit has passed all the same: refused `sync_overdue`.
+#[test]
+fn a_clock_set_back_while_running_gains_nothing() {
+    let (mut h, deadline) = offline_harness(1);
+    h.hello("s1", None);
+    at(&mut h, deadline - DAY_MS);
+    keep_out(tick(&mut h));
+    h.now += Duration::from_millis(DAY_MS + 1);
+    h.engine.set_wall_clock(deadline - 41 * DAY_MS);
+    let overdue = sync_alerts(&tick(&mut h));
+    assert!(
+        overdue.iter().any(|a| a.severity == Severity::Critical),
+        "{overdue:?}"
+    );
+    assert!(h.engine.sync_overdue());
+}
+
+/// A vendor answer timed after this leader's clock counts from the leader's clock.
+#[test]
+fn a_sync_counts_from_the_leaders_clock_when_that_is_earlier() {
+    let (mut h, deadline) = offline_harness(1);
+    let out = h.engine.handle(
+        h.now,
+        Event::Synced {
+            at_ms: deadline,
+            sync: Uuid::nil(),
+        },
+    );
+    let leader = h.engine.cfg.license.issued_unix_ms() + DAY_MS;
+    assert_eq!(
+        out.changes,
+        vec![SeatChange::Synced {
+            at_ms: leader,
+            sync: Uuid::nil()
+        }]
+    );
+}
+
+/// Steps: a leader grants a seat a day before the limit; a new replica (a restart) replays
+/// the ledger, its clock set back 40 days: a day later by its monotonic clock it refuses
+/// new seats, counting from the latest grant's time.
+#[test]
+fn after_a_restart_the_clock_starts_from_the_ledgers_latest_grant() {
+    let (mut h, deadline) = offline_harness(1);
+    h.hello("s1", None);
+    at(&mut h, deadline - DAY_MS);
+    let out = h.register("s1", "a1", "inbound");
+    assert!(approved(&decision_of(&out)));
+    let mut restarted = Engine::new(h.engine.cfg.clone());
+    for change in h.engine.snapshot(100) {
+        restarted.apply(h.now, &change).unwrap();
+    }
+    restarted.set_wall_clock(deadline - 41 * DAY_MS);
+    let later = h.now + Duration::from_millis(DAY_MS + 1);
+    restarted.handle(later, Event::Tick { today: TODAY });
+    assert!(restarted.sync_overdue());
+}
+
+/// Steps: the clock runs 100 days ahead by accident (the limit passes and is recorded),
+/// then a sync over NATS answers with the vendor's real time: service is back and the
+/// clock is real again (the next 60 days count from the vendor's time). An air-gapped
+/// answer imported late, with the clock set back, moves the floor only up: the limit
+/// still ends 60 days after the vendor's answer by the monotonic clock.
+#[test]
+fn a_sync_over_nats_heals_a_clock_that_ran_ahead_and_an_import_does_not_lower_it() {
+    let (mut h, deadline) = offline_harness(10);
+    h.hello("s1", None);
+    let real = deadline - 30 * DAY_MS;
+    at(&mut h, real + 100 * DAY_MS);
+    keep_out(tick(&mut h));
+    assert!(h.engine.sync_overdue());
+    h.engine.set_wall_clock(real);
+    keep_out(h.engine.handle(
+        h.now,
+        Event::Synced {
+            at_ms: real,
+            sync: Uuid::new_v4(),
+        },
+    ));
+    assert!(!h.engine.sync_overdue());
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    assert_eq!(h.engine.sync_deadline_ms(), Some(real + 60 * DAY_MS));
+
+    // An export, then the clock set back 30 days and the answer imported 5 days late.
+    let export = Uuid::new_v4();
+    keep_out(h.engine.handle(h.now, Event::SyncExported { sync: export }));
+    h.now += Duration::from_millis(5 * DAY_MS);
+    h.engine.set_wall_clock(real - 25 * DAY_MS);
+    keep_out(h.engine.handle(
+        h.now,
+        Event::Synced {
+            at_ms: real + 1,
+            sync: export,
+        },
+    ));
+    assert_eq!(h.engine.sync_deadline_ms(), Some(real + 1 + 60 * DAY_MS));
+    // 56 days on by the monotonic clock (61 since the vendor answered), the raw clock
+    // still 30 days behind: overdue.
+    h.now += Duration::from_millis(56 * DAY_MS);
+    h.engine.set_wall_clock(real + 31 * DAY_MS);
+    keep_out(tick(&mut h));
+    assert!(h.engine.sync_overdue());
+}
+
+fn keep_out(_: Output) {}
