@@ -5,7 +5,8 @@
 //!
 //! Every replica exports the counters, the license's limits and expiry, `lmbus_leader`, the
 //! ledger position, `lmbus_build_info` and the `process_*` metrics. The seat and slave
-//! gauges (`lmbus_seats_in_use`, `lmbus_agent_type_seats_in_use`, `lmbus_slaves_*`) are
+//! gauges (`lmbus_seats_in_use`, `lmbus_agent_type_seats_in_use`, `lmbus_slaves_*`, the
+//! per-slave `lmbus_allot_slave_seats`) are
 //! exported only while `lmbus_leader` is 1: a standby's copy of the seats lags the ledger,
 //! so it withdraws them rather than serve a second, older answer.
 
