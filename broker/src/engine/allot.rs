@@ -746,33 +746,40 @@ impl Engine {
         if self.cfg.allot.admission != Admission::Allotment {
             return None;
         }
-        let mut pairs: Vec<SlaveSeats> = Vec::new();
+        /// A pair before the cut, borrowed: only the pairs kept are copied out.
+        struct Pair<'a> {
+            seats: u64,
+            slave: &'a SlaveId,
+            agent_type: &'a str,
+            used: u32,
+            free: u32,
+        }
+        let mut pairs: Vec<Pair<'_>> = Vec::new();
         for (id, s) in &self.slaves {
-            if s.agents.is_empty() && s.blocks.is_empty() {
-                continue;
+            let mut by_type: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+            for agent_type in s.agents.values() {
+                by_type.entry(agent_type).or_default().0 += 1;
             }
-            let mut used = s.by_type();
-            for t in s.blocks.keys() {
-                used.entry(t.clone()).or_insert(0);
+            for (agent_type, n) in &s.blocks {
+                by_type.entry(agent_type).or_default().1 = *n;
             }
-            for (agent_type, used) in used {
-                let free = s.blocks.get(&agent_type).copied().unwrap_or(0);
-                if used == 0 && free == 0 {
-                    continue;
+            for (agent_type, (used, free)) in by_type {
+                if used > 0 || free > 0 {
+                    pairs.push(Pair {
+                        seats: u64::from(used) + u64::from(free),
+                        slave: id,
+                        agent_type,
+                        used,
+                        free,
+                    });
                 }
-                pairs.push(SlaveSeats {
-                    slave: id.to_string(),
-                    agent_type,
-                    used,
-                    free,
-                });
             }
         }
-        let order = |a: &SlaveSeats, b: &SlaveSeats| {
-            (u64::from(b.used) + u64::from(b.free))
-                .cmp(&(u64::from(a.used) + u64::from(a.free)))
-                .then_with(|| a.slave.cmp(&b.slave))
-                .then_with(|| a.agent_type.cmp(&b.agent_type))
+        let order = |a: &Pair<'_>, b: &Pair<'_>| {
+            b.seats
+                .cmp(&a.seats)
+                .then_with(|| a.slave.as_str().cmp(b.slave.as_str()))
+                .then_with(|| a.agent_type.cmp(b.agent_type))
         };
         let omitted = pairs.len().saturating_sub(most);
         if omitted > 0 {
@@ -784,6 +791,15 @@ impl Engine {
             pairs.truncate(most);
         }
         pairs.sort_unstable_by(order);
+        let pairs = pairs
+            .into_iter()
+            .map(|p| SlaveSeats {
+                slave: p.slave.to_string(),
+                agent_type: p.agent_type.to_owned(),
+                used: p.used,
+                free: p.free,
+            })
+            .collect();
         Some(TopSlaveSeats {
             pairs,
             omitted: omitted as u64,
