@@ -5,7 +5,8 @@
 //!
 //! Every replica exports the counters, the license's limits and expiry, `lmbus_leader`, the
 //! ledger position, `lmbus_build_info` and the `process_*` metrics. The seat and slave
-//! gauges (`lmbus_seats_in_use`, `lmbus_agent_type_seats_in_use`, `lmbus_slaves_*`) are
+//! gauges (`lmbus_seats_in_use`, `lmbus_agent_type_seats_in_use`, `lmbus_slaves_*`, the
+//! per-slave `lmbus_allot_slave_seats`) are
 //! exported only while `lmbus_leader` is 1: a standby's copy of the seats lags the ledger,
 //! so it withdraws them rather than serve a second, older answer.
 
@@ -28,12 +29,12 @@ use lmbus_schemas::metrics::{
     Histogram, ProcessSample, build_info, escape_label, histogram_header,
 };
 
-use crate::engine::AllotCounts;
+use crate::engine::{AllotCounts, TopSlaveSeats};
 use crate::ledger::Ledger;
 
 /// Allotment mode's counters: name, help and where the engine counts it.
 type AllotCounter = (&'static str, &'static str, fn(&AllotCounts) -> u64);
-const ALLOT_COUNTERS: [AllotCounter; 9] = [
+const ALLOT_COUNTERS: [AllotCounter; 10] = [
     (
         "lmbus_allot_grants_total",
         "Allot answers that grew a slave's block (allotment mode).",
@@ -79,7 +80,16 @@ const ALLOT_COUNTERS: [AllotCounter; 9] = [
         "Capacity refusals made while free seats sat in the blocks of slaves that did not give them back within 2 refresh intervals (stranded until the reclaim rule).",
         |c| c.stranded_refusals,
     ),
+    (
+        "lmbus_allot_capacity_moves_untimed_total",
+        "Clocks of lmbus_allot_capacity_move_seconds dropped without an observation: no seat came within the horizon (4 refresh intervals), the slave's session ended, or too many clocks ran.",
+        |c| c.moves_untimed,
+    ),
 ];
+
+/// Most (slave, agent type) pairs in `lmbus_allot_slave_seats`: the ones with the most
+/// seats, so at most twice this many series (used and free) whatever the cluster's size.
+pub const SLAVE_SEATS_PAIRS: usize = 100;
 
 /// Allotment counters as exported: the engine's counts since it was built, summed across
 /// rebuilds (a replica rebuilds its engine from the ledger, which counts nothing).
@@ -99,6 +109,9 @@ pub struct Gauges {
     /// Free seats allotted to slaves (allotment mode), in total and per agent type.
     pub allotted_by_type: BTreeMap<String, u32>,
     pub allotted_total: u32,
+    /// Allotment mode: the (slave, agent type) pairs with the most seats, at most
+    /// [`SLAVE_SEATS_PAIRS`]; `None` in strict mode.
+    pub slave_seats: Option<TopSlaveSeats>,
     /// Past the master license's offline limit (no new seats until a vendor sync); `None`
     /// when the license has none.
     pub sync_overdue: Option<bool>,
@@ -148,6 +161,9 @@ pub struct Metrics {
     unregistrations: AtomicU64,
     latency: Histogram,
     appends: Histogram,
+    /// Allotment mode: from telling holders to give seats back to the grant to the slave
+    /// that needed them (the engine's `moves`).
+    capacity_moves: Histogram,
     alerts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     gauges: Mutex<Option<Gauges>>,
     allot: Mutex<AllotTotals>,
@@ -225,6 +241,13 @@ impl Metrics {
         *last = now;
     }
 
+    /// Capacity moves the engine timed since the last tick (allotment mode, leading).
+    pub fn capacity_moves(&self, took: &[Duration]) {
+        for t in took {
+            self.capacity_moves.observe(*t);
+        }
+    }
+
     pub fn alert(&self, kind: &'static str, severity: &'static str) {
         *lock(&self.alerts).entry((kind, severity)).or_insert(0) += 1;
     }
@@ -291,6 +314,11 @@ impl Metrics {
                 &self.appends,
                 "lmbus_ledger_append_seconds",
                 "From sending a ledger append to its acknowledgement, leader only.",
+            ),
+            (
+                &self.capacity_moves,
+                "lmbus_allot_capacity_move_seconds",
+                "Allotment mode, leader only: from the leader telling slaves to give free seats of their blocks back (ReturnAllotment, ShrinkAllotment) because a slave needed seats of a type, to the next grant of a seat of that type to that slave (its block grows, or a registration of it is approved); one observation per clock, clocks past 4 refresh intervals or of ended sessions are dropped (lmbus_allot_capacity_moves_untimed_total), and a new leader times only the tells it sends.",
             ),
         ] {
             histogram_header(&mut text, name, help);
@@ -401,6 +429,9 @@ impl Metrics {
                     escape_label(&t)
                 );
             }
+            if let Some(top) = &g.slave_seats {
+                render_slave_seats(&mut text, top);
+            }
             let _ = writeln!(
                 text,
                 "# HELP lmbus_slaves_connected Slaves with a live session (leader only).\n\
@@ -456,6 +487,33 @@ impl Metrics {
         process.render(&mut text);
         text
     }
+}
+
+/// `lmbus_allot_slave_seats` and `lmbus_allot_slave_seats_omitted`. The slave ids and agent
+/// types come from the network: escaped (ids and types are checked at the hello and the
+/// request, but the text format must not depend on that).
+fn render_slave_seats(text: &mut String, top: &TopSlaveSeats) {
+    let _ = writeln!(
+        text,
+        "# HELP lmbus_allot_slave_seats Seats of one slave and agent type in allotment mode: held by its agents (state=\"used\") and free in its block (state=\"free\"); only the {SLAVE_SEATS_PAIRS} (slave, agent type) pairs with the most seats (used plus free; ties by slave id), the rest counted in lmbus_allot_slave_seats_omitted (leader only).\n\
+         # TYPE lmbus_allot_slave_seats gauge"
+    );
+    for p in &top.pairs {
+        let (slave, agent_type) = (escape_label(&p.slave), escape_label(&p.agent_type));
+        for (state, n) in [("used", p.used), ("free", p.free)] {
+            let _ = writeln!(
+                text,
+                "lmbus_allot_slave_seats{{slave=\"{slave}\",agent_type=\"{agent_type}\",state=\"{state}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(
+        text,
+        "# HELP lmbus_allot_slave_seats_omitted (Slave, agent type) pairs holding seats (used or free) left out of lmbus_allot_slave_seats by its bound (allotment mode; leader only).\n\
+         # TYPE lmbus_allot_slave_seats_omitted gauge\n\
+         lmbus_allot_slave_seats_omitted {}",
+        top.omitted
+    );
 }
 
 /// The labels of a registration counter: a reason only on a rejection (an approval has
@@ -632,6 +690,7 @@ mod tests {
             slaves_known: 1,
             allotted_by_type: BTreeMap::from([("inbound".to_owned(), 1)]),
             allotted_total: 1,
+            slave_seats: None,
             sync_overdue: Some(true),
         }));
         m.set_sync_deadline(Some(1_909_094_400_123));
@@ -692,6 +751,48 @@ mod tests {
         assert!(!text.contains("seats_in_use"));
         assert!(!text.contains("lmbus_slaves_"));
         assert!(text.contains("lmbus_seats_limit 10"));
+    }
+
+    /// Allotment mode's per-slave gauges come with the other seat gauges (leader only),
+    /// label values escaped, with the count of pairs left out; the capacity-move histogram
+    /// holds what the engine timed.
+    #[test]
+    fn renders_the_per_slave_gauges_escaped_and_the_capacity_moves() {
+        use crate::engine::SlaveSeats;
+        let m = Metrics::new(&license(10, &[], time::macros::date!(2030 - 06 - 30)));
+        m.set_gauges(Some(Gauges {
+            slave_seats: Some(TopSlaveSeats {
+                pairs: vec![SlaveSeats {
+                    slave: "site\\1".into(),
+                    agent_type: "in\"bound\n".into(),
+                    used: 2,
+                    free: 3,
+                }],
+                omitted: 7,
+            }),
+            ..Gauges::default()
+        }));
+        m.capacity_moves(&[Duration::from_millis(80), Duration::from_secs(3)]);
+        let text = m.render(0, None, &ProcessSample::default());
+        for line in [
+            "lmbus_allot_slave_seats{slave=\"site\\\\1\",agent_type=\"in\\\"bound\\n\",state=\"used\"} 2",
+            "lmbus_allot_slave_seats{slave=\"site\\\\1\",agent_type=\"in\\\"bound\\n\",state=\"free\"} 3",
+            "lmbus_allot_slave_seats_omitted 7",
+            "lmbus_allot_capacity_move_seconds_bucket{le=\"0.1\"} 1",
+            "lmbus_allot_capacity_move_seconds_bucket{le=\"2.5\"} 1",
+            "lmbus_allot_capacity_move_seconds_bucket{le=\"5\"} 2",
+            "lmbus_allot_capacity_move_seconds_count 2",
+            "lmbus_allot_capacity_moves_untimed_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");
+        }
+        // Strict mode: no per-slave series at all; a standby: none either.
+        m.set_gauges(Some(Gauges::default()));
+        let text = m.render(0, None, &ProcessSample::default());
+        assert!(!text.contains("lmbus_allot_slave_seats"), "{text}");
+        m.set_gauges(None);
+        let text = m.render(0, None, &ProcessSample::default());
+        assert!(!text.contains("lmbus_allot_slave_seats"), "{text}");
     }
 
     #[test]

@@ -395,3 +395,144 @@ async fn a_standby_says_it_omits_the_seat_gauges() {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), standby.stop()).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), leader.stop()).await;
 }
+
+/// Registers agents of `host` (type inbound) until it holds `target` seats in the books,
+/// waiting 50 ms after a refusal; fails after 20 s.
+async fn fill(host: &lmbus_tests::books::Host, books: &lmbus_tests::books::Books, target: usize) {
+    let started = tokio::time::Instant::now();
+    let mut n = 0;
+    while books.held_by(&host.id).len() < target {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{} holds {} of {target} seats after 20 s",
+            host.id,
+            books.held_by(&host.id).len()
+        );
+        n += 1;
+        let outcome = host
+            .register(&format!("{}-{n}", host.id), "inbound")
+            .await
+            .unwrap();
+        if !outcome.is_approved() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Steps: a broker with `--metrics` in allotment mode (refresh 1 s, lease 10 s) and a
+/// license of 10 seats; slaves A and B (heartbeat 250 ms) follow it. A's host takes 2
+/// seats and releases them: A keeps a free block. B's host registers until it holds all
+/// 10, which needs A's block: the leader tells A to give it back, and B's clock runs to its
+/// next grant. B then releases 3 (they go to its block). The scrape (polled until it
+/// agrees; at most 15 s) shows, for each slave, `lmbus_allot_slave_seats` used and free
+/// equal to what the slave's own status says (its agents, and the free seats it may admit
+/// from; an absent series counts as 0), no pair omitted, and at least one observation in
+/// `lmbus_allot_capacity_move_seconds`, each within 5 s (the horizon is 4 refreshes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allotment_mode_exports_each_slaves_seats_and_the_time_capacity_took_to_move() {
+    use lmbus_tests::books::{Books, Host, Limits};
+    use std::time::Duration;
+
+    let f = Fixture::new().await.unwrap();
+    let port = free_port();
+    let mut cfg = f.broker_settings(10, &[], true).unwrap();
+    cfg.allot = allotment(Duration::from_secs(1), Duration::from_secs(10));
+    cfg.metrics = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let broker = Broker::start(cfg).await.unwrap();
+    let books = Books::new(Limits::new(10, &[]));
+    let mut hosts = Vec::new();
+    for id in ["gauge-a", "gauge-b"] {
+        let mut c = f.slave_config(id).unwrap();
+        c.heartbeat_interval = Duration::from_millis(250);
+        let host = Host::start(c, &books).await.unwrap();
+        eventually(&format!("{id} in allotment mode"), || async {
+            host.allot().is_ok_and(|v| v.admission == "allotment")
+        })
+        .await
+        .unwrap();
+        hosts.push(host);
+    }
+    let (a, b) = (&hosts[0], &hosts[1]);
+
+    fill(a, &books, 2).await;
+    for agent in books.held_by(&a.id).into_keys() {
+        a.release(&agent).await.unwrap();
+    }
+    eventually("the master allots A a block", || async {
+        f.status().await.is_ok_and(|s| {
+            s.slaves
+                .iter()
+                .any(|s| s.slave_id == "gauge-a" && s.allotted.values().sum::<u32>() > 0)
+        })
+    })
+    .await
+    .unwrap();
+    fill(b, &books, 10).await;
+    for agent in books.held_by(&b.id).into_keys().take(3) {
+        b.release(&agent).await.unwrap();
+    }
+
+    let seen = std::sync::Mutex::new(String::new());
+    let agreed = eventually("the per-slave gauges equal the slaves' status", || async {
+        let m = scrape(port).await;
+        let mut diff = Vec::new();
+        for h in [a, b] {
+            let status = h.slave.status();
+            let used = status.agents_by_type.get("inbound").copied().unwrap_or(0);
+            let free = h
+                .allot()
+                .unwrap()
+                .allotted
+                .get("inbound")
+                .copied()
+                .unwrap_or(0);
+            let gauge = |state: &str| {
+                m.get(&format!(
+                    r#"lmbus_allot_slave_seats{{agent_type="inbound",slave="{}",state="{state}"}}"#,
+                    h.id
+                ))
+                .copied()
+                .unwrap_or(0.0)
+            };
+            if (gauge("used"), gauge("free")) != (f64::from(used), f64::from(free)) {
+                diff.push(format!(
+                    "{}: gauges used {} free {}, its status {used} and {free}",
+                    h.id,
+                    gauge("used"),
+                    gauge("free")
+                ));
+            }
+        }
+        *seen.lock().unwrap() = diff.join("; ");
+        diff.is_empty()
+    })
+    .await;
+    if let Err(e) = agreed {
+        panic!("{e}: {}", seen.lock().unwrap());
+    }
+    let m = scrape(port).await;
+    let get = |k: &str| {
+        *m.get(k)
+            .unwrap_or_else(|| panic!("no sample {k} in {m:#?}"))
+    };
+    assert_eq!(get("lmbus_allot_slave_seats_omitted"), 0.0);
+    assert_eq!(
+        get(r#"lmbus_allot_slave_seats{agent_type="inbound",slave="gauge-b",state="used"}"#),
+        7.0
+    );
+    let moves = get("lmbus_allot_capacity_move_seconds_count");
+    eprintln!(
+        "measured: {moves} capacity moves timed, {:.0} ms on average; {} untimed",
+        get("lmbus_allot_capacity_move_seconds_sum") * 1000.0 / moves.max(1.0),
+        get("lmbus_allot_capacity_moves_untimed_total")
+    );
+    assert!(moves >= 1.0, "no capacity move timed: {m:#?}");
+    assert_eq!(
+        get(r#"lmbus_allot_capacity_move_seconds_bucket{le="5"}"#),
+        moves
+    );
+    for h in &hosts {
+        h.shutdown().await;
+    }
+    broker.stop().await.unwrap();
+}

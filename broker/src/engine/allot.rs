@@ -47,6 +47,29 @@ pub struct AllotCounts {
     /// Capacity refusals made final while free seats sat in the blocks of holders that
     /// did not answer within the return wait (stranded until the reclaim rule).
     pub stranded_refusals: u64,
+    /// Capacity moves whose clock was dropped without an observation (see `moves`): past
+    /// the horizon, the slave's session ended, or too many clocks ran.
+    pub moves_untimed: u64,
+}
+
+/// One slave's seats of one agent type in allotment mode, for the per-slave gauges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlaveSeats {
+    pub slave: String,
+    pub agent_type: String,
+    /// Seats its agents hold.
+    pub used: u32,
+    /// Free seats in its block.
+    pub free: u32,
+}
+
+/// The (slave, agent type) pairs with the most seats, and how many were left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopSlaveSeats {
+    /// Most seats (used plus free) first, then by slave id and agent type.
+    pub pairs: Vec<SlaveSeats>,
+    /// Pairs holding at least one seat (used or free) that are not in `pairs`.
+    pub omitted: u64,
 }
 
 /// The allotment settings of a master.
@@ -250,6 +273,8 @@ impl Engine {
         // free seats unless the pool is nearly empty.
         let sharing = self.allotting_slaves();
         let mut exhausted = false;
+        // Types for which the pool was nearly exhausted (holders are asked to return all).
+        let mut exhausted_types: Vec<String> = Vec::new();
         // Types this slave wanted more of than it got (free seats ran short).
         let mut short: Vec<String> = Vec::new();
         let (mut granted, mut returned, mut partial) = (0u64, 0u64, false);
@@ -288,6 +313,7 @@ impl Engine {
             if self.nearly_exhausted(&agent_type) {
                 exhausted = true;
                 partial = true;
+                exhausted_types.push(agent_type);
                 continue;
             }
             let room = self.local_room(id);
@@ -301,6 +327,7 @@ impl Engine {
             if grow > 0 {
                 self.set_block(id, &agent_type, block + grow);
                 granted += u64::from(grow);
+                self.stop_move(now, id, &agent_type);
             }
             partial |= block + grow < want;
             if block + grow < want && grow < room {
@@ -339,6 +366,11 @@ impl Engine {
                     other.clone()
                 })
                 .collect();
+            if !holders.is_empty() {
+                for agent_type in &exhausted_types {
+                    self.start_move(now, id, agent_type);
+                }
+            }
             for slave in holders {
                 out.effects.push(Effect::Control {
                     slave,
@@ -430,6 +462,7 @@ impl Engine {
             })
             .collect();
         let fair_total = (total_pool / sharing).max(ALLOT_MIN_BLOCK);
+        let mut told = false;
         for (other, s) in self.slaves.iter_mut() {
             if other == id || !s.connected || s.asked_to_return.is_some() {
                 continue;
@@ -453,10 +486,16 @@ impl Engine {
                 continue;
             }
             s.asked_to_return = Some(now);
+            told = true;
             out.effects.push(Effect::Control {
                 slave: other.clone(),
                 message: ControlMessage::ShrinkAllotment { blocks: over },
             });
+        }
+        if told {
+            for agent_type in short {
+                self.start_move(now, id, agent_type);
+            }
         }
     }
 
@@ -519,7 +558,7 @@ impl Engine {
         }
         let whole = self.nearly_exhausted(agent_type);
         let wait = self.return_wait();
-        let (mut coming, mut stranded) = (false, false);
+        let (mut coming, mut stranded, mut told) = (false, false, false);
         for (holder, s) in self.slaves.iter_mut() {
             if !s.connected {
                 continue;
@@ -539,6 +578,7 @@ impl Engine {
                 None => {
                     s.asked_to_return = Some(now);
                     coming = true;
+                    told = true;
                     let message = if whole {
                         ControlMessage::ReturnAllotment
                     } else {
@@ -550,6 +590,9 @@ impl Engine {
                     });
                 }
             }
+        }
+        if told {
+            self.start_move(now, id, agent_type);
         }
         if coming && hinted {
             self.allot_counts.waits += 1;
@@ -692,6 +735,75 @@ impl Engine {
 
     pub fn allotted_total(&self) -> u32 {
         self.allotted_total
+    }
+
+    /// Allotment mode: the `most` (slave, agent type) pairs with the most seats, used plus
+    /// free in the slave's block, over every slave in the table (connected or not), and how
+    /// many pairs with a seat were left out; pairs with no seat are not listed. `None` in
+    /// strict mode. The bound is on pairs, not slaves, so the series it makes stay at most
+    /// `2 × most` however many types a slave uses.
+    pub fn top_slave_seats(&self, most: usize) -> Option<TopSlaveSeats> {
+        if self.cfg.allot.admission != Admission::Allotment {
+            return None;
+        }
+        /// A pair before the cut, borrowed: only the pairs kept are copied out.
+        struct Pair<'a> {
+            seats: u64,
+            slave: &'a SlaveId,
+            agent_type: &'a str,
+            used: u32,
+            free: u32,
+        }
+        let mut pairs: Vec<Pair<'_>> = Vec::new();
+        for (id, s) in &self.slaves {
+            let mut by_type: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+            for agent_type in s.agents.values() {
+                by_type.entry(agent_type).or_default().0 += 1;
+            }
+            for (agent_type, n) in &s.blocks {
+                by_type.entry(agent_type).or_default().1 = *n;
+            }
+            for (agent_type, (used, free)) in by_type {
+                if used > 0 || free > 0 {
+                    pairs.push(Pair {
+                        seats: u64::from(used) + u64::from(free),
+                        slave: id,
+                        agent_type,
+                        used,
+                        free,
+                    });
+                }
+            }
+        }
+        let order = |a: &Pair<'_>, b: &Pair<'_>| {
+            b.seats
+                .cmp(&a.seats)
+                .then_with(|| a.slave.as_str().cmp(b.slave.as_str()))
+                .then_with(|| a.agent_type.cmp(b.agent_type))
+        };
+        let omitted = pairs.len().saturating_sub(most);
+        if omitted > 0 {
+            // Only the first `most` in order are sorted: 10,000 slaves stay cheap per tick.
+            // `omitted > 0`: more than `most` pairs, so `most - 1` is an index.
+            if most > 0 {
+                pairs.select_nth_unstable_by(most - 1, order);
+            }
+            pairs.truncate(most);
+        }
+        pairs.sort_unstable_by(order);
+        let pairs = pairs
+            .into_iter()
+            .map(|p| SlaveSeats {
+                slave: p.slave.to_string(),
+                agent_type: p.agent_type.to_owned(),
+                used: p.used,
+                free: p.free,
+            })
+            .collect();
+        Some(TopSlaveSeats {
+            pairs,
+            omitted: omitted as u64,
+        })
     }
 
     /// What allotment mode did while this engine decided (see [`AllotCounts`]).

@@ -22,7 +22,8 @@
 //!
 //! This file holds the types and [`Engine::handle`]; the rules are in one file per family:
 //! `hello` (admission and reconcile), `seats` (limits, grants, registrations and batches),
-//! `liveness` (heartbeats and the tick: silence, reclaim, counts, expiry), `farewell` (a
+//! `liveness` (heartbeats and the tick: silence, reclaim, counts, expiry), `moves` (the
+//! clocks of capacity moving through blocks, for the metrics), `farewell` (a
 //! slave's goodbye, forgetting silent slaves, `admin forget-slave`), `admin` (an
 //! operator's release and license reload), `reports` (what only raises an alert),
 //! `refusals` (invalid requests, quiet repeated refusals), `replay` (applying the ledger,
@@ -48,6 +49,7 @@ mod farewell;
 mod guards;
 mod hello;
 mod liveness;
+mod moves;
 mod offline;
 mod refusals;
 mod replay;
@@ -57,9 +59,10 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-pub use allot::{ALLOT_MIN_BLOCK, AllotConfig, AllotCounts};
+pub use allot::{ALLOT_MIN_BLOCK, AllotConfig, AllotCounts, SlaveSeats, TopSlaveSeats};
 use guards::{Bucket, Quiet, ReplayWindow};
 pub use guards::{MAX_AGENT_ID_LEN, MAX_SEQ_JUMP, RATE_LIMIT_ALERT_EVERY, REPLAY_WINDOW};
+pub use moves::MAX_UNTAKEN_MOVES;
 pub use offline::{DAY_MS, SYNC_WARN_DAYS};
 pub use replay::ReplayError;
 
@@ -430,6 +433,9 @@ pub struct Engine {
     /// What allotment mode did while this engine decided (not in the ledger: counted by
     /// the leader for its metrics; replaying the ledger counts nothing).
     allot_counts: allot::AllotCounts,
+    /// Clocks of capacity moving through blocks to a slave that needed it, and the times
+    /// observed (`moves`; not in the ledger: a new leader starts none it did not see).
+    moves: moves::Moves,
 }
 
 impl Engine {
@@ -454,6 +460,7 @@ impl Engine {
             installation: None,
             quiet: BTreeMap::new(),
             allot_counts: allot::AllotCounts::default(),
+            moves: moves::Moves::default(),
         }
     }
 

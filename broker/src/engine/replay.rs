@@ -292,8 +292,10 @@ impl Engine {
 
     /// Called when this replica becomes leader: every slave's silence is counted from now,
     /// since a standby saw no heartbeats. This only delays disconnect alerts and reclaims,
-    /// never brings them forward, so the timing rule still holds.
+    /// never brings them forward, so the timing rule still holds. No capacity move of an
+    /// earlier term is timed on (`moves`): only the tells this term sends start clocks.
     pub fn restart_silence_clocks(&mut self, now: Instant) {
+        self.clear_moves();
         for slave in self.slaves.values_mut() {
             slave.last_seen = now;
             slave.heard = false;

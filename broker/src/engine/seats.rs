@@ -316,7 +316,12 @@ impl Engine {
             ))
         };
         match result {
-            Ok(already_held) => Output::reply(Reply::Decision(Decision::Approved { already_held })),
+            Ok(already_held) => {
+                if !already_held {
+                    self.stop_move(now, &id, &claim.agent_type);
+                }
+                Output::reply(Reply::Decision(Decision::Approved { already_held }))
+            }
             Err((reason, detail)) => {
                 let mut out = Output::default();
                 // Allotment mode: seats free in blocks whose holders give them back soon

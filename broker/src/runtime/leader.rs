@@ -23,7 +23,7 @@ use crate::election::{Election, Role};
 use crate::engine::{Answer, Event, Output};
 use crate::intake::{Budgets, Intake};
 use crate::ledger::{AppendError, Ledger, RESEND_WITHIN};
-use crate::metrics::Gauges;
+use crate::metrics::{Gauges, SLAVE_SEATS_PAIRS};
 use crate::pipeline::{Acked, Pipeline};
 use crate::replicas::Replicas;
 
@@ -845,12 +845,15 @@ impl<'a> Leader<'a> {
             slaves_known,
             allotted_by_type: replica.engine.allotted_by_type().clone(),
             allotted_total: replica.engine.allotted_total(),
+            slave_seats: replica.engine.top_slave_seats(SLAVE_SEATS_PAIRS),
             sync_overdue: replica
                 .engine
                 .sync_deadline_ms()
                 .map(|_| replica.engine.sync_overdue()),
         }));
         io.metrics.count_allot(replica.engine.allot_counts());
+        io.metrics
+            .capacity_moves(&replica.engine.take_capacity_moves());
         for alert in self.replicas.sweep(now()) {
             io.alert(alert).await;
         }

@@ -756,3 +756,209 @@ fn a_slave_that_takes_no_allotments_gets_a_final_refusal_and_the_holders_are_tol
     Allot::answer(&a.ask("s1", vec![], &[("inbound", 1)]));
     assert!(approved(&a.h.decision("old", "b1", "inbound")));
 }
+
+/// The start of the capacity-move test: s1 holds all 3 inbound seats in its block, s2
+/// takes allotments and registers an inbound agent: no seat is free, s1 is told to give
+/// half back, and s2's clock starts.
+fn s2_waits_for_s1s_block(a: &mut Allot) {
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 3)]));
+    Allot::answer(&a.ask("s2", vec![], &[]));
+    let out = a.h.register("s2", "b1", "inbound");
+    assert!(retry_of(&out).is_some(), "{out:?}");
+    assert_eq!(controls(&out).len(), 1, "{:?}", out.effects);
+    assert_eq!(a.h.engine.moves_running(), 1);
+}
+
+/// Steps: s2 waits for seats of s1's block (the tell starts its clock); 300 ms later s1
+/// answers, and a grant to another slave or one s2 already held stops nothing; s2's
+/// registration is approved: one observation of exactly 300 ms, taken once. A second
+/// round through an allot request (fair shares) is timed from the tell to the answer that
+/// grows s2's block. A grant with no tell before it is not timed.
+#[test]
+fn a_capacity_move_is_timed_from_the_tell_to_the_grant_to_the_slave_that_asked() {
+    let mut a = Allot::new();
+    s2_waits_for_s1s_block(&mut a);
+    // Asking again tells nobody: the clock keeps its start.
+    a.h.advance(Duration::from_millis(100));
+    assert!(retry_of(&a.h.register("s2", "b1", "inbound")).is_some());
+    a.h.advance(Duration::from_millis(200));
+    // s1 gives back all but one; an outbound seat of s1's stops nothing of s2's.
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 1)]));
+    assert!(approved(&a.h.decision("s1", "o1", "outbound")));
+    assert!(a.h.engine.take_capacity_moves().is_empty());
+    assert!(approved(&a.h.decision("s2", "b1", "inbound")));
+    assert_eq!(
+        a.h.engine.take_capacity_moves(),
+        vec![Duration::from_millis(300)]
+    );
+    assert!(a.h.engine.take_capacity_moves().is_empty(), "taken once");
+    assert_eq!(a.h.engine.moves_running(), 0);
+    // A second grant without a tell is not a move.
+    assert!(approved(&a.h.decision("s2", "b2", "inbound")));
+    assert!(a.h.engine.take_capacity_moves().is_empty());
+    assert_eq!(a.h.engine.allot_counts().moves_untimed, 0);
+
+    // Through allot requests: a 20-seat pool, s1 takes 14, s2 wants 16 (fair shares).
+    let mut a = Allot::new();
+    let limits = &mut a.h.engine.cfg.license.limits;
+    limits.total = Some(20);
+    limits.agent_types.insert("inbound".into(), 20);
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 14)]));
+    assert!(
+        a.h.engine.take_capacity_moves().is_empty(),
+        "no tell, no move"
+    );
+    let out = a.ask("s2", vec![], &[("inbound", 16)]);
+    assert_eq!(controls(&out).len(), 1, "{:?}", out.effects);
+    assert_eq!(a.h.engine.moves_running(), 1);
+    // The same answer grew s2's block from free seats, before the tell: not a move.
+    assert!(a.h.engine.take_capacity_moves().is_empty());
+    a.h.advance(Duration::from_millis(700));
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 10)]));
+    a.h.advance(Duration::from_millis(500));
+    let grown = Allot::answer(&a.ask("s2", vec![], &[("inbound", 16)]));
+    assert!(grown.blocks["inbound"] > 3, "{grown:?}");
+    assert_eq!(
+        a.h.engine.take_capacity_moves(),
+        vec![Duration::from_millis(1200)]
+    );
+    a.assert_within_limits();
+}
+
+/// Steps: s2's clock starts as above (refresh 500 ms: the horizon is 2 s, under the 3 s
+/// after which a silent slave is disconnected). (1) Past the horizon the grant is not
+/// timed and the clock counts as untimed. (2) Past the horizon a tick drops it. (3) A new
+/// instance of s2 does not stop its predecessor's clock. (4) A new term clears the clocks
+/// without counting them: a new leader times only the tells it sends.
+#[test]
+fn a_capacity_move_clock_is_dropped_past_the_horizon_at_a_new_instance_and_a_new_term() {
+    let mut a = Allot::new();
+    a.h.engine.cfg.allot.refresh = Duration::from_millis(500);
+    let horizon = a.h.engine.move_horizon();
+    assert_eq!(horizon, Duration::from_secs(2));
+    s2_waits_for_s1s_block(&mut a);
+    a.h.advance(horizon + Duration::from_millis(1));
+    a.h.heartbeat("s1");
+    a.h.heartbeat("s2");
+    Allot::answer(&a.ask("s1", vec![], &[]));
+    assert!(approved(&a.h.decision("s2", "b1", "inbound")));
+    assert!(a.h.engine.take_capacity_moves().is_empty());
+    assert_eq!(a.h.engine.allot_counts().moves_untimed, 1);
+
+    // (2) A tick past the horizon.
+    let mut a = Allot::new();
+    a.h.engine.cfg.allot.refresh = Duration::from_millis(500);
+    s2_waits_for_s1s_block(&mut a);
+    a.h.advance(horizon);
+    a.h.tick();
+    assert_eq!(
+        a.h.engine.moves_running(),
+        1,
+        "at the horizon it still runs"
+    );
+    a.h.advance(Duration::from_millis(1));
+    a.h.tick();
+    assert_eq!(a.h.engine.moves_running(), 0);
+    assert_eq!(a.h.engine.allot_counts().moves_untimed, 1);
+
+    // (3) s2 restarts: its new instance's grant does not stop the old clock.
+    let mut a = Allot::new();
+    s2_waits_for_s1s_block(&mut a);
+    a.h.restart("s2");
+    a.h.hello("s2", None);
+    Allot::answer(&a.ask("s1", vec![], &[]));
+    assert!(approved(&a.h.decision("s2", "b1", "inbound")));
+    assert!(a.h.engine.take_capacity_moves().is_empty());
+    assert_eq!(a.h.engine.allot_counts().moves_untimed, 1);
+
+    // (4) A new term.
+    let mut a = Allot::new();
+    s2_waits_for_s1s_block(&mut a);
+    a.h.engine.restart_silence_clocks(a.h.now);
+    assert_eq!(a.h.engine.moves_running(), 0);
+    Allot::answer(&a.ask("s1", vec![], &[]));
+    assert!(approved(&a.h.decision("s2", "b1", "inbound")));
+    assert!(a.h.engine.take_capacity_moves().is_empty());
+    assert_eq!(a.h.engine.allot_counts().moves_untimed, 0);
+}
+
+/// Steps: in allotment mode, slaves with held seats and blocks of two types; the gauges
+/// list each (slave, agent type) pair's used and free seats, most seats first (ties by
+/// slave id), at most the bound, and count the pairs left out; a slave with nothing is not
+/// listed; a bound of 0 lists nothing. In strict mode there is nothing to list.
+#[test]
+fn the_per_slave_gauges_list_the_pairs_with_the_most_seats_up_to_the_bound() {
+    let mut a = Allot::new();
+    let limits = &mut a.h.engine.cfg.license.limits;
+    limits.total = Some(40);
+    limits.agent_types = BTreeMap::from([("inbound".into(), 20), ("outbound".into(), 20)]);
+    for s in ["s1", "s2", "s3", "s4"] {
+        a.h.hello(s, None);
+    }
+    // s1: 2 inbound held, a block of 3 inbound; s2: a block of 4 outbound and 1 inbound
+    // held; s3: 1 outbound held; s4: nothing.
+    assert!(approved(&a.h.decision("s1", "a1", "inbound")));
+    assert!(approved(&a.h.decision("s1", "a2", "inbound")));
+    Allot::answer(&a.ask("s1", vec![], &[("inbound", 3)]));
+    Allot::answer(&a.ask("s2", vec![], &[("outbound", 4)]));
+    assert!(approved(&a.h.decision("s2", "b1", "inbound")));
+    assert!(approved(&a.h.decision("s3", "c1", "outbound")));
+    let pair = |slave: &str, agent_type: &str, used, free| SlaveSeats {
+        slave: slave.into(),
+        agent_type: agent_type.into(),
+        used,
+        free,
+    };
+    let all = a.h.engine.top_slave_seats(10).unwrap();
+    assert_eq!(
+        all.pairs,
+        vec![
+            pair("s1", "inbound", 2, 3),
+            pair("s2", "outbound", 0, 4),
+            pair("s2", "inbound", 1, 0),
+            pair("s3", "outbound", 1, 0),
+        ]
+    );
+    assert_eq!(all.omitted, 0);
+    let top = a.h.engine.top_slave_seats(2).unwrap();
+    assert_eq!(top.pairs, all.pairs[..2]);
+    assert_eq!(top.omitted, 2);
+    let none = a.h.engine.top_slave_seats(0).unwrap();
+    assert!(none.pairs.is_empty());
+    assert_eq!(none.omitted, 4);
+
+    let mut h = Harness::new(true);
+    h.hello("s1", None);
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    assert_eq!(h.engine.top_slave_seats(10), None);
+}
+
+/// 10,000 slaves with one seat each and one with three: the bound keeps 100 pairs, the
+/// largest first, and counts the rest.
+#[test]
+fn the_per_slave_gauges_stay_bounded_with_ten_thousand_slaves() {
+    let mut a = Allot::new();
+    let limits = &mut a.h.engine.cfg.license.limits;
+    limits.total = Some(20_000);
+    limits.agent_types = BTreeMap::new();
+    a.h.engine.cfg.max_slaves = 20_000;
+    for n in 0..10_000 {
+        let s = format!("s{n:05}");
+        a.h.hello(&s, None);
+        assert!(approved(&a.h.decision(&s, "a", "inbound")));
+    }
+    for agent in ["b", "c"] {
+        assert!(approved(&a.h.decision("s09999", agent, "inbound")));
+    }
+    let top = a.h.engine.top_slave_seats(100).unwrap();
+    assert_eq!(top.pairs.len(), 100);
+    assert_eq!(top.omitted, 9_900);
+    assert_eq!(top.pairs[0].slave, "s09999");
+    assert_eq!(top.pairs[0].used, 3);
+    assert_eq!(top.pairs[1].slave, "s00000");
+    assert_eq!(top.pairs[99].slave, "s00098");
+}
