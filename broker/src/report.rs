@@ -340,11 +340,38 @@ pub fn build(
         peak: usage.total.0,
         average: usage.total.1,
     });
+    let (rejections, events, slaves) = count_events(usage.start_ms, usage.end_ms, alerts);
+    UsageReport {
+        cluster: cluster.to_string(),
+        written_by: written_by.to_string(),
+        license_id: license.id.clone(),
+        customer: license.customer.clone(),
+        context: license.context.to_string(),
+        not_for_production: license.context.not_for_production(),
+        period_start: rfc3339(usage.start_ms),
+        period_end: rfc3339(usage.end_ms),
+        usage_counted_from: rfc3339(usage.covered_from_ms),
+        daily,
+        agent_types,
+        rejections,
+        events,
+        slaves,
+    }
+}
+
+/// What the alerts stored at `[start_ms, end_ms)` count: rejections by reason, the events,
+/// and each slave's activity (the usage report's, and without the slaves, a vendor sync
+/// summary's).
+pub fn count_events(
+    start_ms: i64,
+    end_ms: i64,
+    alerts: impl IntoIterator<Item = (i64, Alert)>,
+) -> (BTreeMap<String, u64>, Events, Vec<SlaveActivity>) {
     let mut rejections: BTreeMap<String, u64> = BTreeMap::new();
     let mut events = Events::default();
     let mut slaves: BTreeMap<String, SlaveActivity> = BTreeMap::new();
     for (at, alert) in alerts {
-        if at < usage.start_ms || at >= usage.end_ms {
+        if at < start_ms || at >= end_ms {
             continue;
         }
         let slave = alert.slave.clone().map(|s| {
@@ -389,21 +416,27 @@ pub fn build(
             _ => {}
         }
     }
-    UsageReport {
-        cluster: cluster.to_string(),
-        written_by: written_by.to_string(),
-        license_id: license.id.clone(),
-        customer: license.customer.clone(),
-        context: license.context.to_string(),
-        not_for_production: license.context.not_for_production(),
-        period_start: rfc3339(usage.start_ms),
-        period_end: rfc3339(usage.end_ms),
-        usage_counted_from: rfc3339(usage.covered_from_ms),
-        daily,
-        agent_types,
-        rejections,
-        events,
-        slaves: slaves.into_values().collect(),
+    (rejections, events, slaves.into_values().collect())
+}
+
+/// The alerts stored since `start_ms` (with their store times), or why they cannot be read.
+pub async fn stored_alerts(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    start_ms: i64,
+) -> Result<Vec<(i64, Alert)>, String> {
+    let js = async_nats::jetstream::new(client.clone());
+    let since = OffsetDateTime::from_unix_timestamp_nanos(i128::from(start_ms) * 1_000_000).ok();
+    match lmbus_ops::stored(&js, &subjects.alert_stream(), since).await {
+        Ok(stored) => Ok(stored
+            .messages
+            .into_iter()
+            .filter_map(|(_, at, payload)| decode::<Alert>(&payload).ok().map(|a| (at, a)))
+            .collect()),
+        Err(e) => Err(format!(
+            "cannot read the alert stream {}: {e:#}",
+            subjects.alert_stream()
+        )),
     }
 }
 
@@ -682,20 +715,12 @@ pub async fn make_and_deliver(
     daily: bool,
 ) -> (Option<UsageReport>, Delivered) {
     let mut delivered = Delivered::default();
-    let js = async_nats::jetstream::new(client.clone());
-    let since =
-        OffsetDateTime::from_unix_timestamp_nanos(i128::from(usage.start_ms) * 1_000_000).ok();
-    let alerts = match lmbus_ops::stored(&js, &subjects.alert_stream(), since).await {
-        Ok(stored) => stored
-            .messages
-            .into_iter()
-            .filter_map(|(_, at, payload)| decode::<Alert>(&payload).ok().map(|a| (at, a)))
-            .collect::<Vec<_>>(),
+    let alerts = match stored_alerts(client, subjects, usage.start_ms).await {
+        Ok(alerts) => alerts,
         Err(e) => {
-            delivered.problems.push(format!(
-                "cannot read the alert stream {}: events are not counted ({e:#})",
-                subjects.alert_stream()
-            ));
+            delivered
+                .problems
+                .push(format!("{e}: events are not counted"));
             Vec::new()
         }
     };

@@ -32,7 +32,7 @@ pub use license::{
     verify_license,
 };
 pub use messages::*;
-pub use report::UsageReport;
+pub use report::{Events, UsageReport};
 pub use subjects::{
     CLIENT_INBOX_PREFIX, MAX_REPLY_LEN, SlaveId, SlaveOp, SubjectError, Subjects, is_client_reply,
 };

@@ -61,6 +61,17 @@ pub struct UsageSummary {
     /// Slaves with a live session when the summary was made.
     #[serde(default)]
     pub slaves_connected: u32,
+    /// Registrations refused in the period so far, by reason (from the alert stream).
+    #[serde(default)]
+    pub rejections: std::collections::BTreeMap<String, u64>,
+    /// The period's events so far, counted: slave connects and disconnects, slaves that
+    /// restricted usage after their grace period, seats reclaimed, leader elections, ...
+    #[serde(default)]
+    pub events: crate::Events,
+    /// `rejections` and `events` were counted (the alert stream could be read; false from
+    /// an older broker or an air-gapped export, which does not count them).
+    #[serde(default)]
+    pub events_counted: bool,
 }
 
 /// What the vendor says, signed as encoded bytes inside [`SignedSyncAnswer`].
@@ -109,7 +120,7 @@ pub struct SyncExportRequest {
 pub enum SyncExportReply {
     /// The request to carry to the vendor (the CLI writes it as JSON).
     Exported {
-        request: SyncRequest,
+        request: Box<SyncRequest>,
     },
     Error {
         message: String,
@@ -245,6 +256,13 @@ mod tests {
                 )]
                 .into(),
                 slaves_connected: 2,
+                rejections: [("aggregate_limit".to_owned(), 3)].into(),
+                events: crate::Events {
+                    slave_connects: 2,
+                    restricted_after_grace: 1,
+                    ..Default::default()
+                },
+                events_counted: true,
             }),
         };
         assert_eq!(
@@ -279,7 +297,7 @@ mod tests {
             import
         );
         let export = SyncExportReply::Exported {
-            request: request.clone(),
+            request: Box::new(request.clone()),
         };
         assert_eq!(
             decode::<SyncExportReply>(&encode(&export).unwrap()).unwrap(),

@@ -374,7 +374,8 @@ fn clock_now_ms() -> u64 {
 /// It syncs by itself at once (no sync yet), with a `vendor_sync` alert naming the
 /// schedule. site-secret-s registers agent-secret-1 and agent-secret-2; the clock jumps 2 h
 /// and b1 syncs again by itself. The second request's usage summary counts the 2 seats in
-/// total and per type, and no request sent to the vendor contains an agent id or the slave
+/// total and per type, the one refusal (agent-secret-1 again, as another type) by reason and the
+/// slave's connect, and no request sent to the vendor contains an agent id or the slave
 /// id; the vendor logged both syncs with their summaries, and `lmbus-vendor usage` shows
 /// them by customer (CSV) and since an hour ago (JSON).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,6 +415,18 @@ async fn the_schedule_syncs_by_itself_with_a_summary_that_names_no_agent() {
                 .is_approved()
         );
     }
+    // A refusal for the summary's rejections by reason (held as another type).
+    assert!(
+        !slave
+            .register("agent-secret-1", "outbound")
+            .await
+            .unwrap()
+            .is_approved()
+    );
+    alerts
+        .wait_for("the refusal", |a| a.kind == AlertKind::RegistrationRejected)
+        .await
+        .unwrap();
     // The usage period sees the seats at the next tick.
     tokio::time::sleep(Duration::from_millis(300)).await;
     clock.jump(Duration::from_secs(2 * 3600));
@@ -451,6 +464,14 @@ async fn the_schedule_syncs_by_itself_with_a_summary_that_names_no_agent() {
     assert_eq!(summary.by_type["inbound"].peak, 2, "{summary:?}");
     assert_eq!(summary.slaves_connected, 1);
     assert_eq!(summary.context, "production");
+    // Counts of the period's events from the alert stream, by reason, never by agent.
+    assert!(summary.events_counted, "{summary:?}");
+    assert_eq!(summary.rejections.values().sum::<u64>(), 1, "{summary:?}");
+    assert!(summary.events.slave_connects >= 1, "{summary:?}");
+    eprintln!(
+        "seen: the summary as sent: {}",
+        serde_json::to_string(&summary).unwrap()
+    );
     let log = std::fs::read_to_string(store.path().join("syncs.jsonl")).unwrap();
     let answered: Vec<&str> = log
         .lines()

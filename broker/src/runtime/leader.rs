@@ -532,6 +532,10 @@ impl<'a> Leader<'a> {
                 total: usage(w.total),
                 by_type: w.types.into_iter().map(|(t, u)| (t, usage(u))).collect(),
                 slaves_connected: engine.slave_counts().0,
+                // Counted from the alert stream by the sync task (`vendor_sync`).
+                rejections: Default::default(),
+                events: Default::default(),
+                events_counted: false,
             }
         })
     }
@@ -572,7 +576,9 @@ impl<'a> Leader<'a> {
             ))
             .await;
         if let Some(to) = &msg.reply {
-            let reply = lmbus_schemas::SyncExportReply::Exported { request: exported };
+            let reply = lmbus_schemas::SyncExportReply::Exported {
+                request: Box::new(exported),
+            };
             self.io.send(to.clone(), &reply, "admin reply").await;
         }
         Turn::Decided(Vec::new())

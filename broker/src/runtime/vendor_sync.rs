@@ -25,6 +25,9 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts while nobody answers (timeout, no responders), with back-off between them.
 const ATTEMPTS: u32 = 3;
 const BACKOFF: Duration = Duration::from_secs(1);
+/// How long the summary's event counts may take to read from the alert stream (with the
+/// attempts above, within the 30 s that `admin sync now` waits).
+const EVENTS_READ_LIMIT: Duration = Duration::from_secs(5);
 
 /// A finished sync, for the leader loop.
 #[derive(Debug)]
@@ -61,10 +64,15 @@ pub(super) fn spawn_sync(io: &Io, ask_for: Ask, done: mpsc::Sender<SyncDone>) {
         reply_to,
     } = ask_for;
     let client = io.vendor.clone();
+    let (local, subjects) = (io.client.clone(), io.subjects.clone());
     let cluster = io.subjects.cluster().to_owned();
     io.tasks.clone().spawn(async move {
         let sync = Uuid::new_v4();
         info!(%sync, %license, "vendor sync");
+        let mut summary = summary;
+        if let Some(summary) = summary.as_mut() {
+            count_events(&local, &subjects, summary).await;
+        }
         let result = ask(
             &client,
             &vendor_key,
@@ -89,6 +97,37 @@ pub(super) fn spawn_sync(io: &Io, ask_for: Ask, done: mpsc::Sender<SyncDone>) {
             })
             .await;
     });
+}
+
+/// Fills in the summary's rejections by reason and events of the period so far from the
+/// alert stream (counts only: no slave or agent id leaves); unreadable, it says so in a
+/// warning and the summary goes without them (`events_counted` false).
+async fn count_events(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    summary: &mut UsageSummary,
+) {
+    let read = tokio::time::timeout(
+        EVENTS_READ_LIMIT,
+        crate::report::stored_alerts(client, subjects, summary.period_start_ms),
+    )
+    .await;
+    match read {
+        Ok(Ok(alerts)) => {
+            let (rejections, events, _) = crate::report::count_events(
+                summary.period_start_ms,
+                summary.period_end_ms.max(summary.period_start_ms),
+                alerts,
+            );
+            summary.rejections = rejections;
+            summary.events = events;
+            summary.events_counted = true;
+        }
+        Ok(Err(e)) => warn!("vendor sync: the summary goes without event counts: {e}"),
+        Err(_) => warn!(
+            "vendor sync: the summary goes without event counts: the alert stream was not read within {EVENTS_READ_LIMIT:?}"
+        ),
+    }
 }
 
 async fn ask(
