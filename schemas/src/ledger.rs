@@ -157,6 +157,10 @@ pub enum SeatChange {
     /// by the cluster's first leader in its `Leader` entry and kept by every replica.
     Installation {
         id: Uuid,
+        /// The installation's Ed25519 key seed (base64), which signs its sync requests;
+        /// `None` from an older leader (the next leader records one under the same id).
+        #[serde(default)]
+        key: Option<String>,
     },
     /// A record this build does not know: a newer leader wrote it. A replica that meets
     /// one must stop replaying rather than guess.
@@ -251,7 +255,10 @@ impl SeatChange {
             SeatChange::Leader { replica, .. } => FIELDS + 24 + replica.len(),
             SeatChange::Synced { .. } => FIELDS + 40,
             SeatChange::SyncWarned { .. } => FIELDS + 16,
-            SeatChange::SyncExported { .. } | SeatChange::Installation { .. } => FIELDS + 24,
+            SeatChange::SyncExported { .. } => FIELDS + 24,
+            SeatChange::Installation { key, .. } => {
+                FIELDS + 24 + key.as_ref().map_or(0, String::len)
+            }
             SeatChange::Unknown => FIELDS,
         }
     }
@@ -337,7 +344,10 @@ mod tests {
                 SeatChange::SyncExported {
                     sync: Uuid::new_v4(),
                 },
-                SeatChange::Installation { id: Uuid::new_v4() },
+                SeatChange::Installation {
+                    id: Uuid::new_v4(),
+                    key: Some("k".repeat(44)),
+                },
             ],
         };
         assert_eq!(
@@ -413,7 +423,10 @@ mod tests {
             SeatChange::SyncExported {
                 sync: Uuid::new_v4(),
             },
-            SeatChange::Installation { id: Uuid::new_v4() },
+            SeatChange::Installation {
+                id: Uuid::new_v4(),
+                key: Some("k".repeat(44)),
+            },
         ];
         for change in &changes {
             let encoded = encode(change).unwrap().len();

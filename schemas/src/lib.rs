@@ -37,8 +37,9 @@ pub use subjects::{
     CLIENT_INBOX_PREFIX, MAX_REPLY_LEN, SlaveId, SlaveOp, SubjectError, Subjects, is_client_reply,
 };
 pub use sync::{
-    SeatUsage, SignedSyncAnswer, SyncAnswer, SyncError, SyncExportReply, SyncExportRequest,
-    SyncImportRequest, SyncNowReply, SyncNowRequest, SyncRequest, UsageSummary, open_sync_answer,
-    sign_sync_answer, verify_sync_answer,
+    RequestSignatureError, SeatUsage, SignedSyncAnswer, SignedSyncRequest, SyncAnswer, SyncError,
+    SyncExportReply, SyncExportRequest, SyncImportRequest, SyncNowReply, SyncNowRequest,
+    SyncRequest, SyncRequestBody, UsageSummary, installation_key, new_installation_seed,
+    open_sync_answer, open_sync_request, sign_sync_answer, sign_sync_request, verify_sync_answer,
 };
 pub use validate::{Invalid, Validate, printable, truncated};

@@ -33,6 +33,108 @@ pub struct SyncRequest {
     /// Seats used since the usage period began (`None`: the leader has counted none yet).
     #[serde(default)]
     pub summary: Option<UsageSummary>,
+    /// The request signed with the installation's own key ([`sign_sync_request`]); `None`
+    /// from an older broker.
+    #[serde(default)]
+    pub signed: Option<SignedSyncRequest>,
+}
+
+/// What the installation signs: the request's identity and its summary, encoded once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncRequestBody {
+    pub sync: Uuid,
+    pub license: Uuid,
+    pub installation: Uuid,
+    pub cluster: String,
+    pub summary: Option<UsageSummary>,
+}
+
+/// A [`SyncRequestBody`] as encoded bytes (base64), the installation's public key (base64,
+/// Ed25519) and its signature over those bytes (base64). The vendor binds the key to the
+/// installation at its first signed sync (trust on first use) and checks it from then on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedSyncRequest {
+    pub key: String,
+    pub body: String,
+    pub signature: String,
+}
+
+/// Why a signed sync request is not the installation's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestSignatureError {
+    #[error("the request's signature part is malformed: {0}")]
+    Malformed(String),
+    #[error("the request is not signed by the key it names, or it was modified")]
+    BadSignature,
+    #[error("the signed part names another sync, license or installation than the request")]
+    Mismatch,
+}
+
+/// The installation's key from the 32-byte seed its ledger holds (base64).
+pub fn installation_key(seed_b64: &str) -> Option<ed25519_dalek::SigningKey> {
+    let seed: [u8; 32] = B64.decode(seed_b64).ok()?.try_into().ok()?;
+    Some(ed25519_dalek::SigningKey::from_bytes(&seed))
+}
+
+/// A new installation key's seed, base64 (drawn from `random`, 32 bytes).
+pub fn new_installation_seed(random: [u8; 32]) -> String {
+    B64.encode(random)
+}
+
+/// The installation signs `request` (its identity and summary, as encoded bytes).
+pub fn sign_sync_request(
+    request: &mut SyncRequest,
+    key: &ed25519_dalek::SigningKey,
+) -> Result<(), crate::EncodeError> {
+    let body = crate::encode(&SyncRequestBody {
+        sync: request.sync,
+        license: request.license,
+        installation: request.installation,
+        cluster: request.cluster.clone(),
+        summary: request.summary.clone(),
+    })?;
+    request.signed = Some(SignedSyncRequest {
+        key: B64.encode(key.verifying_key().to_bytes()),
+        body: B64.encode(&body),
+        signature: B64.encode(key.sign(&body).to_bytes()),
+    });
+    Ok(())
+}
+
+/// The vendor checks a signed request: the signature over the bytes received with the key
+/// named, and that the signed part is this request's. Returns the key (base64) and the
+/// signed body, whose summary is the one to keep; `None` for an unsigned request.
+pub fn open_sync_request(
+    request: &SyncRequest,
+) -> Result<Option<(String, SyncRequestBody)>, RequestSignatureError> {
+    let Some(signed) = &request.signed else {
+        return Ok(None);
+    };
+    let malformed = |what: &str| RequestSignatureError::Malformed(what.to_owned());
+    let key: [u8; 32] = B64
+        .decode(&signed.key)
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(|| malformed("the key is not 32 bytes of base64"))?;
+    let key = VerifyingKey::from_bytes(&key).map_err(|_| malformed("the key is not a key"))?;
+    let body = B64
+        .decode(&signed.body)
+        .map_err(|_| malformed("the body is not base64"))?;
+    let signature: [u8; 64] = B64
+        .decode(&signed.signature)
+        .ok()
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| malformed("the signature is not 64 bytes of base64"))?;
+    key.verify(&body, &Signature::from_bytes(&signature))
+        .map_err(|_| RequestSignatureError::BadSignature)?;
+    let body: SyncRequestBody =
+        crate::decode(&body).map_err(|e| RequestSignatureError::Malformed(e.to_string()))?;
+    if (body.sync, body.license, body.installation)
+        != (request.sync, request.license, request.installation)
+    {
+        return Err(RequestSignatureError::Mismatch);
+    }
+    Ok(Some((signed.key.clone(), body)))
 }
 
 /// Seats in use over a period: the peak and the time-weighted average.
@@ -264,10 +366,42 @@ mod tests {
                 },
                 events_counted: true,
             }),
+            signed: None,
         };
         assert_eq!(
             decode::<SyncRequest>(&encode(&request).unwrap()).unwrap(),
             request
+        );
+        // Signed by the installation: it opens with its key and summary, also after a
+        // round trip through JSON (the air-gapped file); any change breaks it.
+        let key = installation_key(&new_installation_seed([7; 32])).unwrap();
+        let mut signed_request = request.clone();
+        sign_sync_request(&mut signed_request, &key).unwrap();
+        let json: SyncRequest =
+            serde_json::from_str(&serde_json::to_string(&signed_request).unwrap()).unwrap();
+        let (opened_key, body) = open_sync_request(&json).unwrap().unwrap();
+        assert_eq!(opened_key, B64.encode(key.verifying_key().to_bytes()));
+        assert_eq!(body.summary, request.summary);
+        assert_eq!(open_sync_request(&request).unwrap(), None);
+        let mut other = signed_request.clone();
+        other.installation = Uuid::new_v4();
+        assert_eq!(
+            open_sync_request(&other),
+            Err(RequestSignatureError::Mismatch)
+        );
+        let mut forged = signed_request.clone();
+        if let Some(s) = forged.signed.as_mut() {
+            // Another key names itself but the signature is the installation's.
+            s.key = B64.encode(
+                installation_key(&new_installation_seed([8; 32]))
+                    .unwrap()
+                    .verifying_key()
+                    .to_bytes(),
+            );
+        }
+        assert_eq!(
+            open_sync_request(&forged),
+            Err(RequestSignatureError::BadSignature)
         );
         let signed =
             sign_sync_answer(&answer(Uuid::nil()), &VendorKey::from_bytes(&[1; 32])).unwrap();

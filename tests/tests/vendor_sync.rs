@@ -115,6 +115,7 @@ async fn vendor_serving_ahead(
             cluster: "probe".into(),
             installation: uuid::Uuid::nil(),
             summary: None,
+            signed: None,
         };
         tokio::time::timeout(
             Duration::from_millis(500),
@@ -468,6 +469,25 @@ async fn the_schedule_syncs_by_itself_with_a_summary_that_names_no_agent() {
     assert!(summary.events_counted, "{summary:?}");
     assert_eq!(summary.rejections.values().sum::<u64>(), 1, "{summary:?}");
     assert!(summary.events.slave_connects >= 1, "{summary:?}");
+    // Both signed by the installation's one key (the ledger's), bound at the vendor at
+    // the first sync; the signed summary is the one sent.
+    let keys: Vec<String> = requests
+        .iter()
+        .map(|r| {
+            let (key, body) = lmbus_schemas::open_sync_request(r).unwrap().unwrap();
+            assert_eq!(body.summary, r.summary);
+            key
+        })
+        .collect();
+    assert_eq!(keys[0], keys[1]);
+    let bound = std::fs::read_to_string(
+        store
+            .path()
+            .join("installation-keys")
+            .join(requests[0].installation.to_string()),
+    )
+    .unwrap();
+    assert_eq!(bound, keys[0]);
     eprintln!(
         "seen: the summary as sent: {}",
         serde_json::to_string(&summary).unwrap()
@@ -809,6 +829,7 @@ async fn a_sync_crosses_a_leaf_node_link_to_the_vendors_hub() {
             cluster: "probe".into(),
             installation: uuid::Uuid::nil(),
             summary: None,
+            signed: None,
         };
         tokio::time::timeout(
             Duration::from_millis(500),
@@ -888,6 +909,7 @@ async fn a_sync_crosses_a_leaf_node_link_to_the_vendors_hub() {
         cluster: "intruder".into(),
         installation: uuid::Uuid::new_v4(),
         summary: None,
+        signed: None,
     };
     let asked = tokio::time::timeout(
         Duration::from_secs(2),
@@ -944,6 +966,7 @@ async fn a_sync_goes_over_a_second_connection_to_the_vendors_nats() {
             cluster: "probe".into(),
             installation: uuid::Uuid::nil(),
             summary: None,
+            signed: None,
         };
         tokio::time::timeout(
             Duration::from_millis(500),

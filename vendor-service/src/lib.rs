@@ -68,6 +68,42 @@ fn check_installation(store: &Path, license: Uuid, installation: Uuid) -> Result
     }
 }
 
+/// Where the store keeps the key installation `id` signs its syncs with.
+fn installation_key_path(store: &Path, id: Uuid) -> PathBuf {
+    store.join("installation-keys").join(format!("{id}"))
+}
+
+/// The installation's own key: the first signed sync of an installation binds its key
+/// (trust on first use); from then on its syncs must be signed by that key, and an unsigned
+/// one is refused. An installation that never signed (an older broker) is not checked.
+/// `Err` says why a request is refused.
+fn check_installation_key(
+    store: &Path,
+    installation: Uuid,
+    key: Option<&str>,
+) -> Result<(), String> {
+    let path = installation_key_path(store, installation);
+    let bound = std::fs::read_to_string(&path).ok();
+    match (bound.as_deref().map(str::trim), key) {
+        (Some(bound), Some(key)) if bound == key => Ok(()),
+        (Some(_), Some(_)) => Err(format!(
+            "the request is signed with another key than the one installation {installation} signed its first sync with"
+        )),
+        (Some(_), None) => Err(format!(
+            "installation {installation} signs its syncs: an unsigned request in its name is refused"
+        )),
+        (None, Some(key)) => {
+            let dir = store.join("installation-keys");
+            if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, key))
+            {
+                warn!("cannot bind installation {installation} to its key: {e}");
+            }
+            Ok(())
+        }
+        (None, None) => Ok(()),
+    }
+}
+
 /// Moves license `license` to another installation: the next one that syncs it is bound.
 pub fn unbind(store: &Path, license: Uuid) -> anyhow::Result<bool> {
     let path = binding_path(store, license);
@@ -119,6 +155,27 @@ pub fn answer(store: &Path, key: &VendorKey, request: &SyncRequest, now_ms: u64)
         return refused(
             "the request names no installation: a license is bound to the installation that syncs it".into(),
         );
+    }
+    // Signed by the installation's key (bound at its first signed sync), before the
+    // license is bound to it: a request in another installation's name binds nothing.
+    let signed_by = match lmbus_schemas::open_sync_request(request) {
+        Ok(opened) => opened.map(|(key, _)| key),
+        Err(e) => {
+            warn!(
+                license = %request.license,
+                installation = %request.installation,
+                "FLAGGED: a sync request whose installation signature does not verify; refused: {e}"
+            );
+            return refused(format!("the request's installation signature: {e}"));
+        }
+    };
+    if let Err(why) = check_installation_key(store, request.installation, signed_by.as_deref()) {
+        warn!(
+            license = %request.license,
+            installation = %request.installation,
+            "FLAGGED: {why}; refused"
+        );
+        return refused(why);
     }
     if let Err(bound) = check_installation(store, request.license, request.installation) {
         warn!(
@@ -190,14 +247,21 @@ fn record(store: &Path, request: &SyncRequest, answer: &SyncAnswer) -> anyhow::R
         .append(true)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
+    // A signed request's summary is the one its signature covers.
+    let opened = lmbus_schemas::open_sync_request(request).ok().flatten();
+    let (signed_by, summary) = match opened {
+        Some((key, body)) => (Some(key), body.summary),
+        None => (None, request.summary.clone()),
+    };
     let line = serde_json::json!({
         "time_ms": answer.at_ms,
         "sync": request.sync,
         "license": request.license,
         "cluster": printable(&request.cluster).chars().take(64).collect::<String>(),
         "installation": request.installation,
+        "signed_by": signed_by,
         "outcome": answer.refused.as_deref().unwrap_or("answered"),
-        "summary": request.summary,
+        "summary": summary,
     });
     writeln!(file, "{line}").with_context(|| format!("cannot write {}", path.display()))
 }
@@ -227,6 +291,9 @@ pub struct SyncLogLine {
     #[serde(default)]
     pub installation: Uuid,
     pub outcome: String,
+    /// The installation key that signed the request (base64), `None` for an unsigned one.
+    #[serde(default)]
+    pub signed_by: Option<String>,
     #[serde(default)]
     pub summary: Option<lmbus_schemas::UsageSummary>,
     #[serde(default)]
@@ -399,6 +466,7 @@ mod tests {
             cluster: "acme".into(),
             installation,
             summary: None,
+            signed: None,
         };
         // A request that names no installation would escape the binding: refused.
         let nameless = SyncRequest {
@@ -464,6 +532,7 @@ mod tests {
             cluster: "acme".into(),
             installation,
             summary: None,
+            signed: None,
         };
         assert!(answer(store.path(), &key, &ask(first), 1).license.is_some());
         let refused = answer(store.path(), &key, &ask(second), 2).refused.unwrap();
@@ -483,6 +552,63 @@ mod tests {
         assert!(answer(store.path(), &key, &ask(first), 5).refused.is_some());
     }
 
+    /// An installation's first signed sync binds its key: later syncs in its name signed by
+    /// another key, unsigned, or with a signature that does not verify are refused and bind
+    /// nothing; its own keep syncing, and the log names the key and keeps the signed
+    /// summary.
+    #[test]
+    fn an_installation_signs_with_the_key_of_its_first_signed_sync() {
+        let store = tempfile::tempdir().unwrap();
+        let key = VendorKey::from_bytes(&[3; 32]);
+        let l = license(8);
+        store_license(store.path(), &sign_license(&l, &key).unwrap(), &key).unwrap();
+        let installation = Uuid::new_v4();
+        let own = lmbus_schemas::installation_key(&lmbus_schemas::new_installation_seed([5; 32]))
+            .unwrap();
+        let thief = lmbus_schemas::installation_key(&lmbus_schemas::new_installation_seed([6; 32]))
+            .unwrap();
+        let ask = |signer: Option<&ed25519_dalek::SigningKey>| {
+            let mut request = SyncRequest {
+                sync: Uuid::new_v4(),
+                license: l.id,
+                cluster: "acme".into(),
+                installation,
+                summary: None,
+                signed: None,
+            };
+            if let Some(signer) = signer {
+                lmbus_schemas::sign_sync_request(&mut request, signer).unwrap();
+            }
+            request
+        };
+        let first = ask(Some(&own));
+        let (a, _) = answer_and_record(store.path(), &key, &first).unwrap();
+        assert!(a.license.is_some(), "{a:?}");
+        for (what, request) in [("another key", ask(Some(&thief))), ("unsigned", ask(None))] {
+            let refused = answer(store.path(), &key, &request, 2).refused;
+            assert!(
+                refused
+                    .as_deref()
+                    .is_some_and(|r| r.contains(&installation.to_string())),
+                "{what}: {refused:?}"
+            );
+        }
+        let mut tampered = ask(Some(&own));
+        tampered.installation = Uuid::new_v4();
+        assert!(
+            answer(store.path(), &key, &tampered, 3)
+                .refused
+                .is_some_and(|r| r.contains("installation signature"))
+        );
+        assert!(
+            answer(store.path(), &key, &ask(Some(&own)), 4)
+                .license
+                .is_some()
+        );
+        let lines = usage(store.path(), None, 0).unwrap();
+        assert!(lines[0].signed_by.is_some(), "{lines:?}");
+    }
+
     /// A request sent again (same sync id) is answered again and stored once.
     #[test]
     fn a_sync_sent_twice_is_stored_once() {
@@ -496,6 +622,7 @@ mod tests {
             cluster: "acme".into(),
             installation: Uuid::new_v4(),
             summary: None,
+            signed: None,
         };
         let other = SyncRequest {
             sync: Uuid::new_v4(),

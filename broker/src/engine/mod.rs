@@ -422,6 +422,8 @@ pub struct Engine {
     sync_warned: Option<(u64, u32)>,
     /// The installation's identity (`Installation`), once the first leader drew it.
     installation: Option<Uuid>,
+    /// The installation's key seed (base64), once a leader recorded one.
+    installation_key: Option<String>,
     /// Air-gapped sync requests exported and not yet answered (`SyncExported`), oldest
     /// first, at most [`offline::MAX_EXPORTED`] (the oldest is dropped).
     exported: std::collections::VecDeque<Uuid>,
@@ -458,6 +460,7 @@ impl Engine {
             sync_warned: None,
             exported: std::collections::VecDeque::new(),
             installation: None,
+            installation_key: None,
             quiet: BTreeMap::new(),
             allot_counts: allot::AllotCounts::default(),
             moves: moves::Moves::default(),

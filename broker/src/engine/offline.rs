@@ -245,9 +245,18 @@ impl Engine {
         self.installation
     }
 
-    /// Replays an `Installation` record (the first one counts).
-    pub(super) fn apply_installation(&mut self, id: Uuid) {
+    /// The installation's key seed (base64), once a leader recorded one: it signs the
+    /// sync requests.
+    pub fn installation_key(&self) -> Option<&str> {
+        self.installation_key.as_deref()
+    }
+
+    /// Replays an `Installation` record (the first id counts, and the first key).
+    pub(super) fn apply_installation(&mut self, id: Uuid, key: Option<&String>) {
         self.installation.get_or_insert(id);
+        if self.installation_key.is_none() {
+            self.installation_key = key.cloned();
+        }
     }
 
     /// Replays a `SyncExported` record.
@@ -275,7 +284,10 @@ impl Engine {
     pub(super) fn sync_snapshot(&self) -> Vec<SeatChange> {
         let mut changes = Vec::new();
         if let Some(id) = self.installation {
-            changes.push(SeatChange::Installation { id });
+            changes.push(SeatChange::Installation {
+                id,
+                key: self.installation_key.clone(),
+            });
         }
         if self.last_sync_ms > 0 {
             changes.push(SeatChange::Synced {

@@ -207,7 +207,7 @@ impl Engine {
                 self.apply_synced(*at_ms, *sync);
             }
             SeatChange::SyncExported { sync } => self.apply_sync_exported(*sync),
-            SeatChange::Installation { id } => self.apply_installation(*id),
+            SeatChange::Installation { id, key } => self.apply_installation(*id, key.as_ref()),
             SeatChange::SyncWarned { deadline_ms, days } => {
                 self.apply_sync_warned(*deadline_ms, *days);
             }

@@ -510,6 +510,7 @@ impl<'a> Leader<'a> {
                 vendor_key: self.cfg.vendor_key,
                 license: engine.config().license.id,
                 installation: engine.installation().unwrap_or_default(),
+                installation_key: engine.installation_key().map(str::to_owned),
                 summary,
                 operator,
                 reply_to,
@@ -558,13 +559,15 @@ impl<'a> Leader<'a> {
         if let Some(end) = self.commit_all(out.changes).await {
             return Turn::End(end);
         }
-        let exported = lmbus_schemas::SyncRequest {
+        let mut exported = lmbus_schemas::SyncRequest {
             sync,
             license: self.replica.engine.config().license.id,
             cluster: self.cfg.cluster.clone(),
             installation: self.replica.engine.installation().unwrap_or_default(),
             summary: self.usage_summary(),
+            signed: None,
         };
+        super::vendor_sync::sign_request(&mut exported, self.replica.engine.installation_key());
         self.io
             .alert(Alert::new(
                 Severity::Info,

@@ -159,10 +159,22 @@ impl Term<'_> {
                 context: Some(self.replica.engine.config().license.context),
             }],
         };
-        // The cluster's first leader draws the installation's identity (vendor sync).
-        if self.replica.engine.installation().is_none() {
+        // The cluster's first leader draws the installation's identity and key (vendor
+        // sync); a leader of a cluster whose first leader drew no key draws one for the
+        // same id.
+        let engine = &self.replica.engine;
+        if engine.installation().is_none() || engine.installation_key().is_none() {
+            let mut seed = [0u8; 32];
+            let key = match getrandom::getrandom(&mut seed) {
+                Ok(()) => Some(lmbus_schemas::new_installation_seed(seed)),
+                Err(e) => {
+                    warn!("no installation key: the system's random source failed: {e}");
+                    None
+                }
+            };
             marker.changes.push(SeatChange::Installation {
-                id: uuid::Uuid::new_v4(),
+                id: engine.installation().unwrap_or_else(uuid::Uuid::new_v4),
+                key,
             });
         }
         // Right after the whole NATS cluster restarted, the ledger stream may be readable

@@ -45,6 +45,8 @@ pub(super) struct Ask {
     pub(super) vendor_key: VerifyingKey,
     pub(super) license: Uuid,
     pub(super) installation: Uuid,
+    /// The installation's key seed (base64), which signs the request.
+    pub(super) installation_key: Option<String>,
     /// What the installation used (no agent or slave ids).
     pub(super) summary: Option<UsageSummary>,
     /// Who asked: an operator, or the schedule.
@@ -59,6 +61,7 @@ pub(super) fn spawn_sync(io: &Io, ask_for: Ask, done: mpsc::Sender<SyncDone>) {
         vendor_key,
         license,
         installation,
+        installation_key,
         summary,
         operator,
         reply_to,
@@ -73,18 +76,16 @@ pub(super) fn spawn_sync(io: &Io, ask_for: Ask, done: mpsc::Sender<SyncDone>) {
         if let Some(summary) = summary.as_mut() {
             count_events(&local, &subjects, summary).await;
         }
-        let result = ask(
-            &client,
-            &vendor_key,
-            SyncRequest {
-                sync,
-                license,
-                cluster,
-                installation,
-                summary,
-            },
-        )
-        .await;
+        let mut request = SyncRequest {
+            sync,
+            license,
+            cluster,
+            installation,
+            summary,
+            signed: None,
+        };
+        sign_request(&mut request, installation_key.as_deref());
+        let result = ask(&client, &vendor_key, request).await;
         if let Err(e) = &result {
             warn!(%sync, "vendor sync failed: {e}");
         }
@@ -97,6 +98,23 @@ pub(super) fn spawn_sync(io: &Io, ask_for: Ask, done: mpsc::Sender<SyncDone>) {
             })
             .await;
     });
+}
+
+/// Signs `request` with the installation's key (a request goes unsigned, with a warning,
+/// only if the ledger holds no key yet: the vendor then accepts it only if it has bound
+/// no key to this installation).
+pub(super) fn sign_request(request: &mut SyncRequest, seed: Option<&str>) {
+    match seed.and_then(lmbus_schemas::installation_key) {
+        Some(key) => {
+            if let Err(e) = lmbus_schemas::sign_sync_request(request, &key) {
+                warn!(sync = %request.sync, "the sync request goes unsigned: {e}");
+            }
+        }
+        None => warn!(
+            sync = %request.sync,
+            "the sync request goes unsigned: the ledger holds no installation key yet"
+        ),
+    }
 }
 
 /// Fills in the summary's rejections by reason and events of the period so far from the

@@ -479,3 +479,39 @@ fn a_sync_over_nats_heals_a_clock_that_ran_ahead_and_an_import_does_not_lower_it
 }
 
 fn keep_out(_: Output) {}
+
+/// The installation's key is the first one recorded under its id (a later record, from
+/// an older leader's gap filled, does not replace it), and a snapshot carries it.
+#[test]
+fn the_installation_key_is_kept_once_and_carried_by_snapshots() {
+    let mut engine = Engine::new(config(true));
+    let id = Uuid::new_v4();
+    let now = Instant::now();
+    engine
+        .apply(now, &SeatChange::Installation { id, key: None })
+        .unwrap();
+    assert_eq!(engine.installation_key(), None);
+    for key in ["first", "second"] {
+        engine
+            .apply(
+                now,
+                &SeatChange::Installation {
+                    id: Uuid::new_v4(),
+                    key: Some(key.to_owned()),
+                },
+            )
+            .unwrap();
+    }
+    assert_eq!(
+        (engine.installation(), engine.installation_key()),
+        (Some(id), Some("first"))
+    );
+    let mut restored = Engine::new(config(true));
+    for change in engine.snapshot(100) {
+        restored.apply(now, &change).unwrap();
+    }
+    assert_eq!(
+        (restored.installation(), restored.installation_key()),
+        (Some(id), Some("first"))
+    );
+}
