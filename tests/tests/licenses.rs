@@ -349,3 +349,71 @@ fn license_tool_refuses_overwrites_and_contradictory_limits() {
     let (ok, stderr) = run(&["verify", "--vendor-key", "vendor.pub", "m.lic"]);
     assert!(ok, "{stderr}");
 }
+
+/// Steps: a broker starts with issue 1 of a license (total 2); it is restarted with a
+/// later issue of the same id (total 3), which is in force; then with issue 1 again, now
+/// carrying 50 seats: the later issue stays in force (3) and a `license_refused` alert
+/// says the file is an older issue. Catches: a site getting more seats back by starting
+/// its brokers with an old license file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_an_older_issue_of_the_license_keeps_the_later_one() {
+    let f = Fixture::new().await.unwrap();
+    let limits = |total| Limits {
+        total: Some(total),
+        local: None,
+        agent_types: Default::default(),
+    };
+    let mut first = Vendor::license(Role::Master, limits(2));
+    first.issued = date!(2026 - 01 - 01);
+    let later = lmbus_schemas::License {
+        issued: date!(2026 - 02 - 01),
+        limits: limits(3),
+        ..first.clone()
+    };
+    let first_path = f.vendor.write("first.lic", &first).unwrap();
+    let later_path = f.vendor.write("later.lic", &later).unwrap();
+    first.limits = limits(50);
+    let old_path = f.vendor.write("old-more.lic", &first).unwrap();
+    let total = |f: &Fixture| {
+        let client = f.client.clone();
+        let cluster = f.cluster.clone();
+        async move {
+            lmbus_ops::fetch_status(
+                &client,
+                &lmbus_schemas::Subjects::new(&cluster).unwrap(),
+                std::time::Duration::from_secs(3),
+            )
+            .await
+            .map(|s| s.total_limit)
+            .ok()
+        }
+    };
+    for (path, expected) in [(first_path, 2), (later_path, 3)] {
+        let broker = Broker::start(broker_config(&f.nats, &f.cluster, path, &f.vendor, true))
+            .await
+            .unwrap();
+        assert_eq!(total(&f).await, Some(expected));
+        broker.stop().await.unwrap();
+    }
+    let mut alerts = f.alerts().await.unwrap();
+    let broker = Broker::start(broker_config(
+        &f.nats, &f.cluster, old_path, &f.vendor, true,
+    ))
+    .await
+    .unwrap();
+    let refused = alerts
+        .wait_for("the refusal", |a| {
+            a.kind == lmbus_schemas::AlertKind::LicenseRefused
+        })
+        .await
+        .unwrap();
+    assert!(
+        refused
+            .message
+            .contains("an older issue (issued 2026-01-01)"),
+        "{}",
+        refused.message
+    );
+    assert_eq!(total(&f).await, Some(3));
+    broker.stop().await.unwrap();
+}

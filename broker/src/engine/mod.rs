@@ -497,6 +497,12 @@ impl Engine {
         }
     }
 
+    /// The signed text of the master license the ledger holds in force (`None`: no
+    /// `License` record yet; the replica runs the license it started with).
+    pub fn license_text(&self) -> Option<&str> {
+        self.license_text.as_deref()
+    }
+
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
     }

@@ -159,6 +159,9 @@ impl Term<'_> {
                 context: Some(self.replica.engine.config().license.context),
             }],
         };
+        // The `--license` file against the license the ledger holds in force.
+        let (record, said) = file_license(cfg, &self.replica.engine).await;
+        marker.changes.extend(record);
         // The cluster's first leader draws the installation's identity and key (vendor
         // sync); a leader of a cluster whose first leader drew no key draws one for the
         // same id.
@@ -192,8 +195,14 @@ impl Term<'_> {
                 Ok(sequence) => {
                     io.metrics.ledger_append(started.elapsed());
                     for change in &marker.changes[1..] {
-                        // Only an `Installation`, which cannot fail to apply.
-                        let _ = self.replica.engine.apply(now(), change);
+                        // An `Installation`, which cannot fail to apply, or a `License`
+                        // whose text verified just before.
+                        if let Err(e) = self.replica.engine.apply(now(), change) {
+                            warn!("the leader record's {change:?} did not apply: {e}");
+                        }
+                    }
+                    if let Some(alert) = said.clone() {
+                        io.alert(alert).await;
                     }
                     self.replica.set_applied(sequence);
                     self.replica.term = self.number;
@@ -251,5 +260,101 @@ impl Term<'_> {
                 "a usage period ended before this replica led; not reporting it again"
             );
         }
+    }
+}
+
+/// What a new leader's `--license` file says against the master license the ledger holds
+/// in force: the `License` record to write with the leader record, and what to tell.
+/// - No license recorded yet: the file's, if it is what runs, is recorded, so that the
+///   ledger remembers it and an older issue given at a later start is refused.
+/// - A later issue of the license in force (same id, later issue day or revision): it is
+///   recorded and in force (replacing the file is how a new issue reaches the next start).
+/// - An older issue, another content at the same rank, or another license id: the
+///   ledger's stays in force and a `license_refused` warning says why.
+///
+/// A file that cannot be read or does not verify now changes nothing (it did at start).
+async fn file_license(
+    cfg: &crate::config::BrokerConfig,
+    engine: &crate::engine::Engine,
+) -> (Option<SeatChange>, Option<Alert>) {
+    let name = cfg.license_path.display().to_string();
+    let text = match tokio::fs::read(&cfg.license_path).await {
+        Ok(bytes) => match lmbus_schemas::license_text(bytes, &name) {
+            Ok(text) => text,
+            Err(e) => {
+                warn!("the license file no longer reads as text: {e}");
+                return (None, None);
+            }
+        },
+        Err(e) => {
+            warn!("cannot read the license file {name} again: {e}");
+            return (None, None);
+        }
+    };
+    let file = match lmbus_schemas::verify_license(&text, &name, &cfg.vendor_key).and_then(|l| {
+        l.check_dates(super::clock::today_utc(), &name)?;
+        l.require_role(lmbus_schemas::Role::Master, &name)?;
+        Ok(l)
+    }) {
+        Ok(file) => file,
+        Err(e) => {
+            warn!("the license file no longer verifies: {e}");
+            return (None, None);
+        }
+    };
+    let current = &engine.config().license;
+    let record = Some(SeatChange::License { text: text.clone() });
+    let refused = |why: String| {
+        Some(Alert::new(
+            Severity::Warning,
+            AlertKind::LicenseRefused,
+            format!(
+                "broker {} started with --license {name}: {why}; license {} ({}) stays in force",
+                cfg.broker_id,
+                current.id,
+                current.issue_text()
+            ),
+        ))
+    };
+    match engine.license_text() {
+        None if file == *current => (record, None),
+        // The file changed on disk since this replica started: the next start reads it.
+        None => (None, None),
+        Some(recorded) if recorded == text => (None, None),
+        Some(_) if file.context != current.context => (None, None),
+        Some(_) if file.id == current.id && file.rank() > current.rank() => (
+            record,
+            Some(Alert::new(
+                Severity::Info,
+                AlertKind::LicenseReloaded,
+                format!(
+                    "broker {} started with --license {name}, a later issue ({}) of license {} than the ledger's ({}): it is in force",
+                    cfg.broker_id,
+                    file.issue_text(),
+                    file.id,
+                    current.issue_text()
+                ),
+            )),
+        ),
+        Some(_) if file.id == current.id && file.rank() < current.rank() => (
+            None,
+            refused(format!(
+                "it is an older issue ({}) of the license in force",
+                file.issue_text()
+            )),
+        ),
+        Some(_) if file.id == current.id => (
+            None,
+            refused(
+                "it is the same issue (day and revision) of the license in force with other content: the vendor gives a second issue of a day a higher --revision".to_owned(),
+            ),
+        ),
+        Some(_) => (
+            None,
+            refused(format!(
+                "it holds license {}, not the one the ledger holds in force (reloaded earlier); reload the file with admin reload-license to switch",
+                file.id
+            )),
+        ),
     }
 }
