@@ -747,7 +747,8 @@ pub fn audit<'a>(
                 SeatChange::Synced { .. }
                 | SeatChange::SyncWarned { .. }
                 | SeatChange::SyncExported { .. }
-                | SeatChange::Installation { .. } => {}
+                | SeatChange::Installation { .. }
+                | SeatChange::Clock { .. } => {}
                 SeatChange::Unknown => {
                     return Err(AuditError::Unknown { at });
                 }

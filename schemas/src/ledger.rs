@@ -162,6 +162,17 @@ pub enum SeatChange {
         #[serde(default)]
         key: Option<String>,
     },
+    /// The offline limit's clock (vendor sync): a wall time (Unix milliseconds) known to have
+    /// passed. The leader writes one every hour while its license has an offline limit, so
+    /// that a replica restarted after the clock was set back starts from at most an hour
+    /// before the stop; with `reset`, the time replaces what replicas knew instead of
+    /// raising it: after a sync over NATS (the vendor's signed time heals a clock that had
+    /// run ahead) and at the end of a snapshot (its writer's knowledge).
+    Clock {
+        at_ms: u64,
+        #[serde(default)]
+        reset: bool,
+    },
     /// A record this build does not know: a newer leader wrote it. A replica that meets
     /// one must stop replaying rather than guess.
     #[serde(other)]
@@ -256,6 +267,7 @@ impl SeatChange {
             SeatChange::Synced { .. } => FIELDS + 40,
             SeatChange::SyncWarned { .. } => FIELDS + 16,
             SeatChange::SyncExported { .. } => FIELDS + 24,
+            SeatChange::Clock { .. } => FIELDS + 16,
             SeatChange::Installation { key, .. } => {
                 FIELDS + 24 + key.as_ref().map_or(0, String::len)
             }

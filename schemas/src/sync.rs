@@ -66,7 +66,9 @@ pub enum RequestSignatureError {
     Malformed(String),
     #[error("the request is not signed by the key it names, or it was modified")]
     BadSignature,
-    #[error("the signed part names another sync, license or installation than the request")]
+    #[error(
+        "the signed part names another sync, license, installation or cluster than the request"
+    )]
     Mismatch,
 }
 
@@ -129,8 +131,13 @@ pub fn open_sync_request(
         .map_err(|_| RequestSignatureError::BadSignature)?;
     let body: SyncRequestBody =
         crate::decode(&body).map_err(|e| RequestSignatureError::Malformed(e.to_string()))?;
-    if (body.sync, body.license, body.installation)
-        != (request.sync, request.license, request.installation)
+    if (body.sync, body.license, body.installation, &body.cluster)
+        != (
+            request.sync,
+            request.license,
+            request.installation,
+            &request.cluster,
+        )
     {
         return Err(RequestSignatureError::Mismatch);
     }

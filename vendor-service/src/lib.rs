@@ -74,39 +74,57 @@ fn installation_key_path(store: &Path, id: Uuid) -> PathBuf {
 }
 
 /// The installation's own key: the first signed sync of an installation binds its key
-/// (trust on first use); from then on its syncs must be signed by that key, and an unsigned
-/// one is refused. An installation that never signed (an older broker) is not checked.
-/// `Err` says why a request is refused.
+/// (trust on first use, [`bind_installation_key`], once every other check passed); from
+/// then on its syncs must be signed by that key, and an unsigned one is refused. An
+/// installation that never signed (an older broker) is not checked. `Err` says why a
+/// request is refused.
 fn check_installation_key(
     store: &Path,
     installation: Uuid,
     key: Option<&str>,
 ) -> Result<(), String> {
-    let path = installation_key_path(store, installation);
-    let bound = std::fs::read_to_string(&path).ok();
+    let bound = std::fs::read_to_string(installation_key_path(store, installation)).ok();
     match (bound.as_deref().map(str::trim), key) {
-        (Some(bound), Some(key)) if bound == key => Ok(()),
-        (Some(_), Some(_)) => Err(format!(
+        (Some(bound), Some(key)) if bound != key => Err(format!(
             "the request is signed with another key than the one installation {installation} signed its first sync with"
         )),
         (Some(_), None) => Err(format!(
             "installation {installation} signs its syncs: an unsigned request in its name is refused"
         )),
-        (None, Some(key)) => {
-            let dir = store.join("installation-keys");
-            if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, key))
-            {
-                warn!("cannot bind installation {installation} to its key: {e}");
-            }
-            Ok(())
-        }
-        (None, None) => Ok(()),
+        _ => Ok(()),
     }
 }
 
-/// Moves license `license` to another installation: the next one that syncs it is bound.
+/// Binds `key` to `installation` if it has none yet: called only for a request that
+/// passed every check (its license is bound to this installation and answered), so a
+/// request in another's name, or for a license it does not hold, binds nothing.
+fn bind_installation_key(store: &Path, installation: Uuid, key: &str) {
+    let path = installation_key_path(store, installation);
+    if path.exists() {
+        return;
+    }
+    let dir = store.join("installation-keys");
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, key)) {
+        warn!("cannot bind installation {installation} to its key: {e}");
+    }
+}
+
+/// Moves license `license` to another installation: the next one that syncs it is bound
+/// (and the key of the installation it was bound to is forgotten: its next signed sync
+/// binds a key again).
 pub fn unbind(store: &Path, license: Uuid) -> anyhow::Result<bool> {
     let path = binding_path(store, license);
+    if let Some(installation) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|id| id.trim().parse::<Uuid>().ok())
+    {
+        let key = installation_key_path(store, installation);
+        if let Err(e) = std::fs::remove_file(&key)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(e).with_context(|| format!("cannot remove {}", key.display()));
+        }
+    }
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -156,8 +174,8 @@ pub fn answer(store: &Path, key: &VendorKey, request: &SyncRequest, now_ms: u64)
             "the request names no installation: a license is bound to the installation that syncs it".into(),
         );
     }
-    // Signed by the installation's key (bound at its first signed sync), before the
-    // license is bound to it: a request in another installation's name binds nothing.
+    // Signed by the installation's key (bound at its first signed sync that is answered:
+    // a request in another installation's name, or refused, binds nothing).
     let signed_by = match lmbus_schemas::open_sync_request(request) {
         Ok(opened) => opened.map(|(key, _)| key),
         Err(e) => {
@@ -191,12 +209,17 @@ pub fn answer(store: &Path, key: &VendorKey, request: &SyncRequest, now_ms: u64)
     }
     // Never send what the master would refuse: the store's file must verify and be the id.
     match verify_license(&text, &path.display().to_string(), &key.verifying_key()) {
-        Ok(license) if license.id == request.license => SyncAnswer {
-            sync: request.sync,
-            at_ms: now_ms,
-            license: Some(text),
-            refused: None,
-        },
+        Ok(license) if license.id == request.license => {
+            if let Some(signed_by) = &signed_by {
+                bind_installation_key(store, request.installation, signed_by);
+            }
+            SyncAnswer {
+                sync: request.sync,
+                at_ms: now_ms,
+                license: Some(text),
+                refused: None,
+            }
+        }
         Ok(license) => {
             warn!(
                 "{} holds license {}, not {}",
@@ -249,15 +272,15 @@ fn record(store: &Path, request: &SyncRequest, answer: &SyncAnswer) -> anyhow::R
         .with_context(|| format!("cannot open {}", path.display()))?;
     // A signed request's summary is the one its signature covers.
     let opened = lmbus_schemas::open_sync_request(request).ok().flatten();
-    let (signed_by, summary) = match opened {
-        Some((key, body)) => (Some(key), body.summary),
-        None => (None, request.summary.clone()),
+    let (signed_by, summary, cluster) = match opened {
+        Some((key, body)) => (Some(key), body.summary, body.cluster),
+        None => (None, request.summary.clone(), request.cluster.clone()),
     };
     let line = serde_json::json!({
         "time_ms": answer.at_ms,
         "sync": request.sync,
         "license": request.license,
-        "cluster": printable(&request.cluster).chars().take(64).collect::<String>(),
+        "cluster": printable(&cluster).chars().take(64).collect::<String>(),
         "installation": request.installation,
         "signed_by": signed_by,
         "outcome": answer.refused.as_deref().unwrap_or("answered"),
@@ -552,10 +575,11 @@ mod tests {
         assert!(answer(store.path(), &key, &ask(first), 5).refused.is_some());
     }
 
-    /// An installation's first signed sync binds its key: later syncs in its name signed by
-    /// another key, unsigned, or with a signature that does not verify are refused and bind
-    /// nothing; its own keep syncing, and the log names the key and keeps the signed
-    /// summary.
+    /// An installation's first signed sync that is answered binds its key (one in its name
+    /// for a license it does not hold binds nothing): later syncs in its name signed by
+    /// another key, unsigned, or with a signature that does not verify are refused and
+    /// bind nothing; its own keep syncing, and the log names the key and keeps the signed
+    /// summary; `unbind` forgets the key with the license's installation.
     #[test]
     fn an_installation_signs_with_the_key_of_its_first_signed_sync() {
         let store = tempfile::tempdir().unwrap();
@@ -581,6 +605,12 @@ mod tests {
             }
             request
         };
+        // A thief's request in the installation's name for a license not in the store:
+        // refused, and it binds no key.
+        let mut elsewhere = ask(None);
+        elsewhere.license = Uuid::new_v4();
+        lmbus_schemas::sign_sync_request(&mut elsewhere, &thief).unwrap();
+        assert!(answer(store.path(), &key, &elsewhere, 1).refused.is_some());
         let first = ask(Some(&own));
         let (a, _) = answer_and_record(store.path(), &key, &first).unwrap();
         assert!(a.license.is_some(), "{a:?}");
@@ -607,6 +637,18 @@ mod tests {
         );
         let lines = usage(store.path(), None, 0).unwrap();
         assert!(lines[0].signed_by.is_some(), "{lines:?}");
+        // Moved with unbind: the key goes too, and the next signed sync binds its own.
+        assert!(unbind(store.path(), l.id).unwrap());
+        assert!(
+            answer(store.path(), &key, &ask(Some(&thief)), 5)
+                .license
+                .is_some()
+        );
+        assert!(
+            answer(store.path(), &key, &ask(Some(&own)), 6)
+                .refused
+                .is_some()
+        );
     }
 
     /// A request sent again (same sync id) is answered again and stored once.

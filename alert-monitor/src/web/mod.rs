@@ -299,6 +299,7 @@ async fn recall_history(app: App) {
         |(_, _, payload)| {
             if let Ok(alert) = lmbus_schemas::decode::<Alert>(&payload)
                 && alert.kind == lmbus_schemas::AlertKind::LicenseCounts
+                && not_ahead(&alert)
             {
                 for sample in render::Sample::of_counts(&alert) {
                     recalled.add_sample(sample);
@@ -318,6 +319,17 @@ async fn recall_history(app: App) {
             s.add_sample(sample);
         }
     });
+}
+
+/// How far ahead of this dashboard's clock a master's counts may be stamped and still be
+/// charted.
+const SKEW_ALLOWED_MS: i64 = 3_600_000;
+
+/// A counts alert not stamped in the future by a master whose clock runs ahead: the
+/// history's last day counts back from its newest sample, which one such sample would pin
+/// far ahead (every real sample folded into hourly peaks, the ranges counted from then).
+fn not_ahead(alert: &Alert) -> bool {
+    alert.time_ms <= unix_ms() + SKEW_ALLOWED_MS
 }
 
 /// Follows the alert stream (the last [`MAX_ALERTS`] stored, then live), keeping the last
@@ -340,7 +352,7 @@ async fn follow_alerts(app: App) {
             continue;
         };
         app.0.snapshot.send_modify(|s| {
-            if alert.kind == lmbus_schemas::AlertKind::LicenseCounts {
+            if alert.kind == lmbus_schemas::AlertKind::LicenseCounts && not_ahead(&alert) {
                 for sample in render::Sample::of_counts(&alert) {
                     s.add_sample(sample);
                 }

@@ -416,6 +416,8 @@ pub struct Engine {
     /// time since: a clock set back gains the offline limit nothing while a replica runs,
     /// and after a restart it starts from the ledger's latest time.
     wall_floor: Option<(u64, Instant)>,
+    /// The time of the last `Clock` record written or applied (Unix milliseconds).
+    last_clock_mark: u64,
     /// The latest vendor sync in the ledger (`Synced`, Unix milliseconds; 0: none).
     last_sync_ms: u64,
     /// The last offline-limit warning given: its deadline and stage (`SyncWarned`).
@@ -456,6 +458,7 @@ impl Engine {
             license_text: None,
             wall_ms: 0,
             wall_floor: None,
+            last_clock_mark: 0,
             last_sync_ms: 0,
             sync_warned: None,
             exported: std::collections::VecDeque::new(),

@@ -39,6 +39,10 @@ pub const DAY_MS: u64 = 86_400_000;
 /// Air-gapped sync requests kept waiting for their answer; an older one's answer is refused.
 pub const MAX_EXPORTED: usize = 16;
 
+/// How often the leader records its clock (`Clock`) while the license has an offline limit:
+/// what a restart after the clock was set back can gain, at most, besides the downtime.
+pub const CLOCK_MARK_EVERY_MS: u64 = 3_600_000;
+
 /// How many days before the offline limit the master warns (each once per deadline).
 pub const SYNC_WARN_DAYS: [u32; 4] = [30, 14, 7, 1];
 
@@ -122,6 +126,15 @@ impl Engine {
         let Some(deadline) = self.sync_deadline_ms() else {
             return;
         };
+        if self.wall_ms > 0
+            && self.wall_ms >= self.last_clock_mark.saturating_add(CLOCK_MARK_EVERY_MS)
+        {
+            self.last_clock_mark = self.wall_ms;
+            self.pending.push(SeatChange::Clock {
+                at_ms: self.wall_ms,
+                reset: false,
+            });
+        }
         let Some(stage) = self.sync_stage(deadline) else {
             return;
         };
@@ -204,16 +217,21 @@ impl Engine {
         // An answer over NATS is fresh (the leader waited for it): the vendor's signed time
         // is real time, so a clock that had run ahead (the floor with it) is healed. An
         // imported answer may be days old: it moves the floor only up.
-        if self.exported.contains(&sync) {
+        let imported = self.exported.contains(&sync);
+        if imported {
             self.wall_passed(at_ms, now);
         } else {
-            self.wall_floor = Some((at_ms, now));
+            self.apply_clock(at_ms, true, now);
             self.wall_ms = at_ms;
         }
         // An imported answer settles its exported request (the runtime checked it waits).
         let was_overdue = self.sync_overdue();
         self.apply_synced(at_ms, sync);
         self.pending.push(SeatChange::Synced { at_ms, sync });
+        if !imported {
+            // Recorded, so that every replica (and a snapshot) is healed too.
+            self.pending.push(SeatChange::Clock { at_ms, reset: true });
+        }
         if let Some(deadline) = self.sync_deadline_ms() {
             out.alert(self.alert(
                 Severity::Info,
@@ -232,6 +250,16 @@ impl Engine {
             ));
         }
         out
+    }
+
+    /// Replays a `Clock` record: the floor rises to `at_ms`, or with `reset` becomes it.
+    pub(super) fn apply_clock(&mut self, at_ms: u64, reset: bool, now: Instant) {
+        if reset {
+            self.wall_floor = Some((at_ms, now));
+        } else {
+            self.wall_passed(at_ms, now);
+        }
+        self.last_clock_mark = self.last_clock_mark.max(at_ms);
     }
 
     /// Replays a `Synced` record: the clock, and the exported request it answers is settled.

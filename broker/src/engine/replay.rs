@@ -202,6 +202,7 @@ impl Engine {
                 });
             }
             SeatChange::Leader { .. } => {}
+            SeatChange::Clock { at_ms, reset } => self.apply_clock(*at_ms, *reset, now),
             SeatChange::Synced { at_ms, sync } => {
                 self.wall_passed(*at_ms, now);
                 self.apply_synced(*at_ms, *sync);
@@ -287,6 +288,11 @@ impl Engine {
                 }
             }
         }
+        // Last, so that the seats' grant times (possibly stamped by a clock that ran ahead
+        // before a sync healed it) do not outlast what this replica knows.
+        if let Some((at_ms, _)) = self.wall_floor {
+            changes.push(SeatChange::Clock { at_ms, reset: true });
+        }
         changes
     }
 
@@ -296,6 +302,8 @@ impl Engine {
     /// earlier term is timed on (`moves`): only the tells this term sends start clocks.
     pub fn restart_silence_clocks(&mut self, now: Instant) {
         self.clear_moves();
+        // The next counts alert claims no peaks: this term's window starts with it.
+        self.peaks = None;
         for slave in self.slaves.values_mut() {
             slave.last_seen = now;
             slave.heard = false;

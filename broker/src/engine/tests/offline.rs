@@ -79,12 +79,19 @@ fn it_warns_once_at_each_stage_then_refuses_new_seats_and_keeps_the_old() {
             format!("within {days} days:")
         };
         assert!(warned[0].message.contains(&words), "{}", warned[0].message);
+        // With the hour's clock mark before it (the clock jumped days).
         assert_eq!(
             out.changes,
-            vec![SeatChange::SyncWarned {
-                deadline_ms: deadline,
-                days
-            }]
+            vec![
+                SeatChange::Clock {
+                    at_ms: deadline - u64::from(days) * DAY_MS + 1,
+                    reset: false
+                },
+                SeatChange::SyncWarned {
+                    deadline_ms: deadline,
+                    days
+                }
+            ]
         );
         assert!(approved(&h.decision("s1", &format!("b{days}"), "outbound")));
         assert_eq!(h.unregister("s1", &format!("b{days}")), Reply::Ack);
@@ -171,12 +178,19 @@ fn a_failover_keeps_the_clock_and_does_not_repeat_the_warnings() {
             sync: Uuid::nil(),
         },
     );
+    // A sync over NATS (not an imported answer) resets every replica's clock floor too.
     assert_eq!(
         out.changes,
-        vec![SeatChange::Synced {
-            at_ms: synced_at,
-            sync: Uuid::nil()
-        }]
+        vec![
+            SeatChange::Synced {
+                at_ms: synced_at,
+                sync: Uuid::nil()
+            },
+            SeatChange::Clock {
+                at_ms: synced_at,
+                reset: true
+            }
+        ]
     );
     assert!(
         sync_alerts(&out)[0]
@@ -229,7 +243,7 @@ fn a_sync_restores_service_and_an_older_one_changes_nothing() {
             sync: Uuid::nil(),
         },
     );
-    assert_eq!(out.changes.len(), 1);
+    assert_eq!(out.changes.len(), 2, "{:?}", out.changes);
     assert!(approved(&h.decision("s1", "a1", "inbound")));
     assert_eq!(h.engine.sync_deadline_ms(), Some(now_ms + 60 * DAY_MS));
     let older = h.engine.handle(
@@ -405,10 +419,16 @@ fn a_sync_counts_from_the_leaders_clock_when_that_is_earlier() {
     let leader = h.engine.cfg.license.issued_unix_ms() + DAY_MS;
     assert_eq!(
         out.changes,
-        vec![SeatChange::Synced {
-            at_ms: leader,
-            sync: Uuid::nil()
-        }]
+        vec![
+            SeatChange::Synced {
+                at_ms: leader,
+                sync: Uuid::nil()
+            },
+            SeatChange::Clock {
+                at_ms: leader,
+                reset: true
+            }
+        ]
     );
 }
 
@@ -514,4 +534,77 @@ fn the_installation_key_is_kept_once_and_carried_by_snapshots() {
         (restored.installation(), restored.installation_key()),
         (Some(id), Some("first"))
     );
+}
+
+/// Steps: a seat is granted on day 1, then the leader's ticks run to day 11 (it records its
+/// clock each hour, `Clock`); every replica stops, the clock is set back to day 1, and a
+/// replica replays the ledger: 50 days later by its monotonic clock the limit (day 60) has
+/// passed. Without the hourly record the floor would be the day-1 grant and 10 days gained.
+#[test]
+fn a_restart_after_an_idle_stretch_starts_from_the_last_clock_record() {
+    let (mut h, deadline) = offline_harness(1);
+    let mut records = Vec::new();
+    records.extend(h.hello_with("s1", None, vec![]).changes);
+    let out = h.register("s1", "a1", "inbound");
+    records.extend(out.changes);
+    let day1 = deadline - 59 * DAY_MS;
+    for hour in 1..=240u64 {
+        at(&mut h, day1 + hour * 3_600_000);
+        records.extend(tick(&mut h).changes);
+    }
+    let marks = records
+        .iter()
+        .filter(|c| matches!(c, SeatChange::Clock { .. }))
+        .count();
+    assert!((239..=241).contains(&marks), "{marks} clock records");
+    let mut restarted = Engine::new(h.engine.cfg.clone());
+    for change in &records {
+        restarted.apply(h.now, change).unwrap();
+    }
+    restarted.set_wall_clock(day1);
+    let later = h.now + Duration::from_millis(50 * DAY_MS + 1);
+    restarted.handle(later, Event::Tick { today: TODAY });
+    assert!(restarted.sync_overdue());
+}
+
+/// Steps: the clock runs 100 days ahead by accident and the limit passes; a sync over NATS
+/// at the real time heals it on the leader, and on a standby that replays every record (the
+/// future-stamped ones included) and on an engine restored from that standby's snapshot:
+/// neither is overdue at the real time.
+#[test]
+fn the_heal_of_a_sync_over_nats_reaches_every_replica_and_snapshots() {
+    let (mut h, deadline) = offline_harness(10);
+    let mut records = Vec::new();
+    records.extend(h.hello_with("s1", None, vec![]).changes);
+    let real = deadline - 30 * DAY_MS;
+    at(&mut h, real + 100 * DAY_MS);
+    records.extend(h.register("s1", "a1", "inbound").changes);
+    records.extend(tick(&mut h).changes);
+    assert!(h.engine.sync_overdue());
+    h.engine.set_wall_clock(real);
+    records.extend(
+        h.engine
+            .handle(
+                h.now,
+                Event::Synced {
+                    at_ms: real,
+                    sync: Uuid::new_v4(),
+                },
+            )
+            .changes,
+    );
+    assert!(!h.engine.sync_overdue());
+    let mut standby = Engine::new(h.engine.cfg.clone());
+    for change in &records {
+        standby.apply(h.now, change).unwrap();
+    }
+    let mut restored = Engine::new(h.engine.cfg.clone());
+    for change in standby.snapshot(100) {
+        restored.apply(h.now, &change).unwrap();
+    }
+    for mut next in [standby, restored] {
+        next.set_wall_clock(real + DAY_MS);
+        next.handle(h.now, Event::Tick { today: TODAY });
+        assert!(!next.sync_overdue());
+    }
 }
