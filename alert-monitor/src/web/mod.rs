@@ -633,6 +633,15 @@ struct HistoryQuery {
     days: Option<u32>,
 }
 
+/// The history page's or CSV's range from its query string, or why it is refused.
+fn history_query(
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Option<u32>, String> {
+    query
+        .map_err(|e| e.body_text())
+        .and_then(|q| history_range(q.0.days))
+}
+
 /// A range of 1 to [`MAX_HISTORY_DAYS`] days, or none (everything held).
 fn history_range(days: Option<u32>) -> Result<Option<u32>, String> {
     match days {
@@ -737,10 +746,7 @@ async fn history(
     let Some(v) = app.viewer(&headers) else {
         return to_login();
     };
-    let days = match query
-        .map_err(|e| e.body_text())
-        .and_then(|q| history_range(q.0.days))
-    {
+    let days = match history_query(query) {
         Ok(days) => days,
         Err(e) => return error(StatusCode::BAD_REQUEST, Some(&v), &e),
     };
@@ -975,10 +981,7 @@ async fn history_csv(
     let Some(v) = app.viewer(&headers) else {
         return to_login();
     };
-    let days = match query
-        .map_err(|e| e.body_text())
-        .and_then(|q| history_range(q.0.days))
-    {
+    let days = match history_query(query) {
         Ok(days) => days,
         Err(e) => return error(StatusCode::BAD_REQUEST, Some(&v), &e),
     };

@@ -47,52 +47,24 @@ impl Engine {
         if license.id == current.id && license.rank() < current.rank() {
             // An older issue of the license in force (more seats, no offline limit, or
             // a license a sync has since replaced): the vendor's later issue stands.
-            let who = if request.operator.is_empty() {
-                "an operator"
-            } else {
-                request.operator.as_str()
-            };
             let message = format!(
                 "license {} in {file} is an older issue ({}) of the license in force ({}): a master never goes back to an older issue of its license. The current license stays in force",
                 license.id,
                 license.issue_text(),
                 current.issue_text()
             );
-            let alert = self.alert(
-                Severity::Warning,
-                AlertKind::LicenseRefused,
-                format!("{who} tried to reload the master license: {message}"),
-            );
-            return Output {
-                reply: Some(Answer::Reload(ReloadReply::Error { message })),
-                effects: vec![Effect::Alert(alert)],
-                changes: Vec::new(),
-            };
+            return self.reload_refused(request, message);
         }
         let running = self.cfg.license.context;
         if license.context != running {
             // The master's context is the cluster's: switching it under connected slaves
             // would serve them from a license of a context they do not match, and mix two
             // contexts in one ledger.
-            let who = if request.operator.is_empty() {
-                "an operator"
-            } else {
-                request.operator.as_str()
-            };
             let message = format!(
                 "license {} in {file} is for context '{}' but this master runs in '{running}': a master keeps its context (its slaves and its ledger are {running}); start a separate {} cluster for it. The current license stays in force",
                 license.id, license.context, license.context
             );
-            let alert = self.alert(
-                Severity::Warning,
-                AlertKind::LicenseRefused,
-                format!("{who} tried to reload the master license: {message}"),
-            );
-            return Output {
-                reply: Some(Answer::Reload(ReloadReply::Error { message })),
-                effects: vec![Effect::Alert(alert)],
-                changes: Vec::new(),
-            };
+            return self.reload_refused(request, message);
         }
         if license == self.cfg.license {
             // The same license again: nothing to record, nobody to alert.
@@ -161,6 +133,26 @@ impl Engine {
         });
         Output {
             reply: Some(Answer::Reload(ReloadReply::Reloaded { message })),
+            effects: vec![Effect::Alert(alert)],
+            changes: Vec::new(),
+        }
+    }
+
+    /// A verified license the master will not take: the error reply and a
+    /// `license_refused` warning naming who tried.
+    fn reload_refused(&self, request: &ReloadRequest, message: String) -> Output {
+        let who = if request.operator.is_empty() {
+            "an operator"
+        } else {
+            request.operator.as_str()
+        };
+        let alert = self.alert(
+            Severity::Warning,
+            AlertKind::LicenseRefused,
+            format!("{who} tried to reload the master license: {message}"),
+        );
+        Output {
+            reply: Some(Answer::Reload(ReloadReply::Error { message })),
             effects: vec![Effect::Alert(alert)],
             changes: Vec::new(),
         }
