@@ -6,6 +6,16 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// A license's offline limit (`sync_within_days`) as a slave's session records it: new
+/// seats stop once that many days have passed since the installation's last vendor sync,
+/// or since the start of the license's issue day before any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfflineLimit {
+    pub within_days: u32,
+    /// The license's issue day (Unix milliseconds at its start).
+    pub issued_ms: u64,
+}
+
 /// One change to the seat state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -29,6 +39,10 @@ pub enum SeatChange {
         /// by snapshots; 0 in a hello's record). A new leader refuses numbers up to it.
         #[serde(default)]
         request_seq: u64,
+        /// The slave license's offline limit, if it carries one (absent from an older
+        /// leader: none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offline_limit: Option<OfflineLimit>,
     },
     Grant {
         slave: String,
@@ -241,7 +255,7 @@ impl SeatChange {
             SeatChange::Revoke { slave, agents } => {
                 FIELDS + slave.len() + agents.iter().map(|a| a.len() + 5).sum::<usize>()
             }
-            SeatChange::Session { slave, .. } => 2 * FIELDS + slave.len(),
+            SeatChange::Session { slave, .. } => 3 * FIELDS + slave.len(),
             SeatChange::Grant {
                 slave,
                 agent_id,
@@ -296,6 +310,7 @@ mod tests {
                     logout_after_grace: true,
                     hello_seq: 1,
                     request_seq: 41,
+                    offline_limit: None,
                 },
                 SeatChange::Grant {
                     slave: "s".into(),
@@ -380,6 +395,10 @@ mod tests {
                 logout_after_grace: true,
                 hello_seq: 12,
                 request_seq: u64::MAX,
+                offline_limit: Some(OfflineLimit {
+                    within_days: u32::MAX,
+                    issued_ms: u64::MAX,
+                }),
             },
             SeatChange::Seats {
                 slave: "site-1".into(),

@@ -24,7 +24,7 @@ pub use allot::{
     Admission, AllotOp, AllotOpKind, AllotRequest, Allotment, MAX_ALLOT_OPS, MAX_ALLOT_TYPES,
 };
 pub use codec::{DecodeError, EncodeError, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode};
-pub use ledger::{LedgerEntry, SeatChange, SnapshotChunk, SnapshotManifest};
+pub use ledger::{LedgerEntry, OfflineLimit, SeatChange, SnapshotChunk, SnapshotManifest};
 pub use license::{
     Context, KeyError, License, LicenseError, Limits, MIN_SYNC_WITHIN_DAYS, NOT_FOR_PRODUCTION,
     Role, VendorKey, VerifyingKey, key_id, license_text, parse_public_key, parse_secret_key,

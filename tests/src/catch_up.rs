@@ -64,6 +64,7 @@ pub async fn write_ledger(ledger: &mut Ledger, seats: usize) -> u64 {
                 logout_after_grace: true,
                 hello_seq: 1,
                 request_seq: 0,
+                offline_limit: None,
             });
         }
         changes.push(SeatChange::Grant {

@@ -38,6 +38,7 @@ async fn snapshot_manifests_are_fenced_and_older_snapshots_purged() {
                 logout_after_grace: true,
                 hello_seq: 1,
                 request_seq: 0,
+                offline_limit: None,
             },
             SeatChange::Seats {
                 slave: "s1".into(),

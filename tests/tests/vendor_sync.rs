@@ -612,6 +612,12 @@ async fn the_air_gapped_round_trip_applies_an_answer_once() {
     let request = std::fs::read_to_string(&req).unwrap();
     assert!(request.contains(&license.id.to_string()), "{request}");
     assert!(!request.contains("hidden"), "{request}");
+    // The exported summary counts the period's events too (the refusal above), as a
+    // sync over NATS does.
+    let exported: SyncRequest = serde_json::from_str(&request).unwrap();
+    let summary = exported.summary.expect("the export carries a summary");
+    assert!(summary.events_counted, "{summary:?}");
+    assert!(summary.rejections.values().sum::<u64>() >= 1, "{summary:?}");
 
     let out = run(
         "lmbus-vendor",

@@ -55,6 +55,18 @@ impl Engine {
             );
             return self.reload_refused(request, message);
         }
+        if license.id != current.id && license.issued < current.issued {
+            // Another license issued before the one in force: an older contract's (more
+            // seats, no offline limit) must not come back by a reload.
+            let message = format!(
+                "license {} in {file} ({}) was issued before the license in force, {} ({}): a master takes another license only if it was issued on the same day or later. The current license stays in force",
+                license.id,
+                license.issue_text(),
+                current.id,
+                current.issue_text()
+            );
+            return self.reload_refused(request, message);
+        }
         let running = self.cfg.license.context;
         if license.context != running {
             // The master's context is the cluster's: switching it under connected slaves

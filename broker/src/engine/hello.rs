@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use lmbus_schemas::{
-    AgentClaim, AlertKind, Context, Hello, RejectReason, RejectedAgent, Reply, Role, SeatChange,
-    Severity, SlaveId, Welcome, verify_license,
+    AgentClaim, AlertKind, Context, Hello, OfflineLimit, RejectReason, RejectedAgent, Reply, Role,
+    SeatChange, Severity, SlaveId, Welcome, verify_license,
 };
 use time::Date;
 
@@ -83,6 +83,10 @@ impl Engine {
             Role::Slave => Ok(Some(SlaveLicense {
                 id: license.id,
                 local_limit: license.limits.local,
+                offline_limit: license.sync_within_days.map(|within_days| OfflineLimit {
+                    within_days,
+                    issued_ms: license.issued_unix_ms(),
+                }),
             })),
             // A standalone license carries neither flag: such an installation may only
             // join as an unlicensed slave.
@@ -285,6 +289,7 @@ impl Engine {
             instance: slave.instance,
             license: slave.license.as_ref().map(|l| l.id),
             local_limit: slave.license.as_ref().and_then(|l| l.local_limit),
+            offline_limit: slave.license.as_ref().and_then(|l| l.offline_limit),
             heartbeat_interval_ms: interval.as_millis() as u64,
             grace_ms: hello.grace_ms,
             logout_after_grace: hello.logout_after_grace,

@@ -259,6 +259,8 @@ struct Granted {
 struct SlaveLicense {
     id: Uuid,
     local_limit: Option<u32>,
+    /// The slave license's own offline limit (`sync_within_days`), if it has one.
+    offline_limit: Option<lmbus_schemas::OfflineLimit>,
 }
 
 #[derive(Debug)]

@@ -25,13 +25,14 @@
 use std::time::Instant;
 
 use lmbus_schemas::{
-    AlertKind, ControlMessage, RejectReason, SeatChange, Severity, SlaveId, SyncStatus,
+    AlertKind, ControlMessage, OfflineLimit, RejectReason, SeatChange, Severity, SlaveId,
+    SyncStatus,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
-use super::{Effect, Engine, Output};
+use super::{Effect, Engine, Output, Slave};
 
 /// One day in milliseconds.
 pub const DAY_MS: u64 = 86_400_000;
@@ -98,6 +99,39 @@ impl Engine {
                 "the master license has not synced with the vendor within its offline limit of {} days (passed {}): no new seats until a sync succeeds",
                 self.cfg.license.sync_within_days.unwrap_or(0),
                 when(self.sync_deadline_ms().unwrap_or(0))
+            ),
+        ))
+    }
+
+    /// When a slave license's own offline limit ends (Unix milliseconds): that many days
+    /// after the installation's last vendor sync (the master syncs for every slave), or
+    /// after the license's issue day before any.
+    pub(super) fn slave_sync_deadline_ms(&self, limit: &OfflineLimit) -> u64 {
+        self.last_sync_ms
+            .max(limit.issued_ms)
+            .saturating_add(u64::from(limit.within_days).saturating_mul(DAY_MS))
+    }
+
+    /// Refuses a new seat to a slave whose license's offline limit has passed (agents it
+    /// already holds keep their seats, as under the master license's own limit).
+    pub(super) fn check_slave_sync(&self, slave: &Slave) -> Result<(), (RejectReason, String)> {
+        let Some((id, limit)) = slave
+            .license
+            .as_ref()
+            .and_then(|l| Some((l.id, l.offline_limit?)))
+        else {
+            return Ok(());
+        };
+        let deadline = self.slave_sync_deadline_ms(&limit);
+        if self.wall_ms == 0 || self.wall_ms < deadline {
+            return Ok(());
+        }
+        Err((
+            RejectReason::SyncOverdue,
+            format!(
+                "slave license {id} has not been synced with the vendor within its offline limit of {} days (passed {}): no new seats on this slave until the master's next vendor sync",
+                limit.within_days,
+                when(deadline)
             ),
         ))
     }

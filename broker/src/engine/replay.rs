@@ -32,6 +32,7 @@ impl Engine {
                 logout_after_grace,
                 hello_seq,
                 request_seq,
+                offline_limit,
             } => {
                 let id = slave_id(slave)?;
                 let rate = self.cfg.slave_rate_limit;
@@ -47,6 +48,7 @@ impl Engine {
                 entry.license = license.map(|id| SlaveLicense {
                     id,
                     local_limit: *local_limit,
+                    offline_limit: *offline_limit,
                 });
                 entry.connected = true;
                 entry.last_seen = now;
@@ -239,6 +241,7 @@ impl Engine {
                 instance: s.instance,
                 license: s.license.as_ref().map(|l| l.id),
                 local_limit: s.license.as_ref().and_then(|l| l.local_limit),
+                offline_limit: s.license.as_ref().and_then(|l| l.offline_limit),
                 heartbeat_interval_ms: s.heartbeat_interval.as_millis() as u64,
                 grace_ms: s.grace.as_millis() as u64,
                 logout_after_grace: s.logout_after_grace,

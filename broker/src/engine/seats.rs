@@ -110,6 +110,7 @@ impl Engine {
         }
         // Past the offline limit first: no capacity refusal with a retry hint then.
         self.check_sync()?;
+        self.check_slave_sync(slave)?;
         self.check_admit(slave, agent_type)?;
         let granted = self.granted_now(request_seq);
         self.pending.push(SeatChange::Grant {

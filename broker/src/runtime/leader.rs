@@ -559,7 +559,7 @@ impl<'a> Leader<'a> {
         if let Some(end) = self.commit_all(out.changes).await {
             return Turn::End(end);
         }
-        let mut exported = lmbus_schemas::SyncRequest {
+        let exported = lmbus_schemas::SyncRequest {
             sync,
             license: self.replica.engine.config().license.id,
             cluster: self.cfg.cluster.clone(),
@@ -567,23 +567,15 @@ impl<'a> Leader<'a> {
             summary: self.usage_summary(),
             signed: None,
         };
-        super::vendor_sync::sign_request(&mut exported, self.replica.engine.installation_key());
-        self.io
-            .alert(Alert::new(
-                Severity::Info,
-                AlertKind::VendorSync,
-                format!(
-                    "{} exported vendor sync request {sync} for an air-gapped sync: its answer applies once, with admin sync import",
-                    lmbus_schemas::printable(&request.operator)
-                ),
-            ))
-            .await;
-        if let Some(to) = &msg.reply {
-            let reply = lmbus_schemas::SyncExportReply::Exported {
-                request: Box::new(exported),
-            };
-            self.io.send(to.clone(), &reply, "admin reply").await;
-        }
+        // The event counts are read from the alert stream in a task, as for a sync over
+        // NATS, so the loop goes on serving meanwhile.
+        super::vendor_sync::spawn_export(
+            self.io,
+            exported,
+            self.replica.engine.installation_key().map(str::to_owned),
+            lmbus_schemas::printable(&request.operator).into_owned(),
+            msg.reply.clone(),
+        );
         Turn::Decided(Vec::new())
     }
 
@@ -993,6 +985,24 @@ impl<'a> Leader<'a> {
                         resends = self.resends,
                         sequence, "the ledger acknowledged again after sending again"
                     );
+                }
+                // The acknowledgement may be read only after a pause (SIGSTOP, a stalled
+                // VM) past the lease: the decisions are recorded, but another replica may
+                // lead by now, so this one tells nobody (the slaves' retries are answered
+                // from the ledger) and steps down.
+                if lapsed(
+                    &self.election.role,
+                    self.cfg.fault_ignore_lease,
+                    Instant::now(),
+                )
+                .is_some()
+                {
+                    return Some(Led::SteppedDown {
+                        reason: format!(
+                            "the lease ran out while sequence {sequence} was being recorded; its answers were not sent"
+                        ),
+                        rebuild: true,
+                    });
                 }
                 answer(self.io, acked.answers).await;
                 if acked.took >= STALLED {

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use async_nats::Subject;
 use lmbus_schemas::{
-    SignedSyncAnswer, Subjects, SyncAnswer, SyncRequest, UsageSummary, VerifyingKey, decode,
-    encode, verify_sync_answer,
+    Alert, AlertKind, Severity, SignedSyncAnswer, Subjects, SyncAnswer, SyncRequest, UsageSummary,
+    VerifyingKey, decode, encode, verify_sync_answer,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -97,6 +97,40 @@ pub(super) fn spawn_sync(io: &Io, ask_for: Ask, done: mpsc::Sender<SyncDone>) {
                 result,
             })
             .await;
+    });
+}
+
+/// An air-gapped export (`admin sync export`), once its id is in the ledger: the summary's
+/// event counts are read (as for a sync over NATS), the request is signed, the export is
+/// alerted and the request goes back to the operator to carry to the vendor.
+pub(super) fn spawn_export(
+    io: &Io,
+    mut request: SyncRequest,
+    installation_key: Option<String>,
+    operator: String,
+    reply_to: Option<Subject>,
+) {
+    let io = io.clone();
+    io.tasks.clone().spawn(async move {
+        if let Some(summary) = request.summary.as_mut() {
+            count_events(&io.client, &io.subjects, summary).await;
+        }
+        sign_request(&mut request, installation_key.as_deref());
+        let sync = request.sync;
+        io.alert(Alert::new(
+            Severity::Info,
+            AlertKind::VendorSync,
+            format!(
+                "{operator} exported vendor sync request {sync} for an air-gapped sync: its answer applies once, with admin sync import"
+            ),
+        ))
+        .await;
+        if let Some(to) = reply_to {
+            let reply = lmbus_schemas::SyncExportReply::Exported {
+                request: Box::new(request),
+            };
+            io.send(to, &reply, "admin reply").await;
+        }
     });
 }
 

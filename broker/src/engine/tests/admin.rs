@@ -285,3 +285,43 @@ fn an_older_issue_of_the_license_in_force_is_refused() {
     );
     assert_eq!(h.engine.status(h.now).total_limit, 3);
 }
+
+/// Another license (another id) issued before the one in force, say an older contract's
+/// with more seats and no offline limit, is refused; one of another id issued the same day
+/// or later (a new contract) is taken.
+#[test]
+fn another_license_issued_before_the_one_in_force_is_refused() {
+    let mut h = Harness::new(true);
+    let current = h.engine.cfg.license.clone();
+    let other = |issued: Date, total: u32| {
+        let mut l = current.clone();
+        l.id = Uuid::new_v4();
+        l.issued = issued;
+        l.limits.total = Some(total);
+        l.sync_within_days = None;
+        sign_license(&l, &vendor()).unwrap()
+    };
+    let reload = |text: String| lmbus_schemas::ReloadRequest {
+        license: text,
+        operator: "ops".into(),
+        file: "contract.lic".into(),
+    };
+    let earlier = current.issued.previous_day().unwrap();
+    let (reply, out) = h.reload_license(&reload(other(earlier, 500)), TODAY);
+    let lmbus_schemas::ReloadReply::Error { message } = reply else {
+        panic!("{reply:?}");
+    };
+    assert!(
+        message.contains("was issued before the license in force"),
+        "{message}"
+    );
+    assert!(out.changes.is_empty());
+    assert_eq!(alerts(&out)[0].kind, AlertKind::LicenseRefused);
+    assert_eq!(h.engine.status(h.now).total_limit, 5);
+    let (reply, _) = h.reload_license(&reload(other(current.issued, 6)), TODAY);
+    assert!(
+        matches!(reply, lmbus_schemas::ReloadReply::Reloaded { .. }),
+        "{reply:?}"
+    );
+    assert_eq!(h.engine.status(h.now).total_limit, 6);
+}

@@ -608,3 +608,66 @@ fn the_heal_of_a_sync_over_nats_reaches_every_replica_and_snapshots() {
         assert!(!next.sync_overdue());
     }
 }
+
+/// Steps: a master license without an offline limit; slave s1 presents a slave license
+/// that must sync within 60 days, s2 is unlicensed. At the limit s1's new registrations
+/// are refused `sync_overdue` naming its license, its agent keeps its seat, s2 is served;
+/// a standby that replayed the ledger refuses the same; the master's next vendor sync
+/// serves s1 again (the master syncs for the whole installation).
+#[test]
+fn a_slave_licenses_own_offline_limit_stops_its_new_seats() {
+    let mut h = Harness::new(true);
+    let mut slave_license = license(Role::Slave, Limits::default());
+    slave_license.sync_within_days = Some(60);
+    let issued = slave_license.issued_unix_ms();
+    let text = sign_license(&slave_license, &vendor()).unwrap();
+    at(&mut h, issued + DAY_MS);
+    let mut records = Vec::new();
+    let out = h.hello_with("s1", Some(text), vec![]);
+    assert!(matches!(reply_of(&out), Some(Reply::Welcome(_))), "{out:?}");
+    records.extend(out.changes);
+    h.hello("s2", None);
+    let out = h.register("s1", "a1", "inbound");
+    assert!(approved(&decision_of(&out)));
+    records.extend(out.changes);
+    at(&mut h, issued + 60 * DAY_MS);
+    let refused = decision_of(&h.register("s1", "a2", "inbound"));
+    let Decision::Rejected { reason, detail, .. } = refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(reason, RejectReason::SyncOverdue);
+    assert!(detail.contains(&slave_license.id.to_string()), "{detail}");
+    assert_eq!(h.engine.seats()["s1"].len(), 1, "a1 keeps its seat");
+    assert!(approved(&h.decision("s2", "b1", "inbound")));
+
+    let mut standby = Engine::new(h.engine.cfg.clone());
+    for change in &records {
+        standby.apply(h.now, change).unwrap();
+    }
+    standby.set_wall_clock(issued + 60 * DAY_MS);
+    let out = standby.handle(
+        h.now,
+        Event::Register {
+            slave: id("s1"),
+            request: RegisterRequest {
+                request_id: Uuid::new_v4(),
+                seq: 1_000,
+                agent_id: "a3".into(),
+                agent_type: "inbound".into(),
+            },
+        },
+    );
+    assert_eq!(
+        rejected_for(&decision_of(&out)),
+        Some(RejectReason::SyncOverdue)
+    );
+
+    h.engine.handle(
+        h.now,
+        Event::Synced {
+            at_ms: issued + 60 * DAY_MS,
+            sync: Uuid::nil(),
+        },
+    );
+    assert!(approved(&h.decision("s1", "a2", "inbound")));
+}
