@@ -779,7 +779,8 @@ async fn a_license_synced_from_a_second_installation_is_refused() {
 /// node with the customer's user. `admin sync now` on the customer's side goes through the
 /// link and succeeds (the purchase arrives); a client of the hub in another customer's
 /// account cannot reach the sync service, and the customer's subjects do not cross (the
-/// vendor's user hears nothing of the customer's alerts).
+/// vendor's user hears nothing of the customer's alerts, and neither does a listener on
+/// the hub in the customer's own account: the link's user permissions stop them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_crosses_a_leaf_node_link_to_the_vendors_hub() {
     init_tracing();
@@ -794,6 +795,12 @@ async fn a_sync_crosses_a_leaf_node_link_to_the_vendors_hub() {
     .replace(
         "accounts {",
         "accounts {\n  CUSTOMER_OTHER {\n    users = [ { user: other, password: \"pw-other\" } ]\n  }",
+    )
+    // Someone on the hub in the customer's own account, without the link's permissions,
+    // listening to everything: the link's permissions keep the customer's subjects home.
+    .replace(
+        "users = [\n      { user: acme,",
+        "users = [\n      { user: spy, password: \"pw-spy\" }\n      { user: acme,",
     );
     let hub = NatsServer::start_leaf(&hub_conf).unwrap();
     let customer = NatsServer::start_with_config(&format!(
@@ -863,6 +870,19 @@ async fn a_sync_crosses_a_leaf_node_link_to_the_vendors_hub() {
         .await
         .unwrap();
     vendor_user.flush().await.unwrap();
+    let spy = lmbus_nats::connect(
+        &hub.url(),
+        async_nats::ConnectOptions::new(),
+        &lmbus_nats::NatsAuth {
+            user: Some("spy".into()),
+            password: Some("pw-spy".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut spied = spy.subscribe("lmbus.v1.>").await.unwrap();
+    spy.flush().await.unwrap();
 
     let path = vendor.write("master.lic", &license).unwrap();
     let mut cfg = broker_config(&customer, &cluster, path, &vendor, true);
@@ -930,6 +950,12 @@ async fn a_sync_crosses_a_leaf_node_link_to_the_vendors_hub() {
     assert!(
         heard.is_err(),
         "the customer's alerts crossed to the vendor"
+    );
+    let spied = tokio::time::timeout(Duration::from_millis(500), spied.next()).await;
+    assert!(
+        spied.is_err(),
+        "the customer's subjects crossed the leaf link into its account on the hub: {:?}",
+        spied.ok().flatten().map(|m| m.subject)
     );
     b1.stop().await.unwrap();
 }

@@ -246,6 +246,12 @@ impl Engine {
             at_ms
         };
         if at_ms <= self.last_sync_ms {
+            if self.exported.contains(&sync) {
+                // A late import (a later sync is in the ledger already): it moves no clock,
+                // but its request is settled, so the answer applies once.
+                self.apply_synced(at_ms, sync);
+                self.pending.push(SeatChange::Synced { at_ms, sync });
+            }
             return out;
         }
         // An answer over NATS is fresh (the leader waited for it): the vendor's signed time

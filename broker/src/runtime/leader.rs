@@ -613,13 +613,19 @@ impl<'a> Leader<'a> {
             Err(e) => (uuid::Uuid::nil(), Err(e.to_string())),
         };
         self.syncing = true;
-        self.on_sync_done(SyncDone {
-            reply_to: msg.reply.clone(),
-            operator: request.operator,
-            sync,
-            result,
-        })
-        .await
+        // An import that fails (a wrong, stale or forged file) says nothing of whether the
+        // vendor can be reached: the schedule keeps its own retry time.
+        let retry_at = self.sync_retry_at;
+        let turn = self
+            .on_sync_done(SyncDone {
+                reply_to: msg.reply.clone(),
+                operator: request.operator,
+                sync,
+                result,
+            })
+            .await;
+        self.sync_retry_at = retry_at;
+        turn
     }
 
     /// An admin request that does not decode: a `bad_message` alert, and the error to the

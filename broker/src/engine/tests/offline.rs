@@ -671,3 +671,50 @@ fn a_slave_licenses_own_offline_limit_stops_its_new_seats() {
     );
     assert!(approved(&h.decision("s1", "a2", "inbound")));
 }
+
+/// Steps: a request is exported; before its answer is imported, a sync over NATS succeeds.
+/// The late import moves no clock, but it settles its request (recorded, so a standby
+/// knows too): importing the same answer again is refused as applied.
+#[test]
+fn a_late_import_is_settled_once() {
+    let (mut h, deadline) = offline_harness(0);
+    let exported = Uuid::new_v4();
+    h.engine
+        .handle(h.now, Event::SyncExported { sync: exported });
+    at(&mut h, deadline - 10 * DAY_MS);
+    h.engine.handle(
+        h.now,
+        Event::Synced {
+            at_ms: deadline - 10 * DAY_MS,
+            sync: Uuid::new_v4(),
+        },
+    );
+    let synced_deadline = h.engine.sync_deadline_ms();
+    assert!(h.engine.awaits_import(exported));
+    let late = h.engine.handle(
+        h.now,
+        Event::Synced {
+            at_ms: deadline - 20 * DAY_MS,
+            sync: exported,
+        },
+    );
+    assert_eq!(
+        late.changes,
+        vec![SeatChange::Synced {
+            at_ms: deadline - 20 * DAY_MS,
+            sync: exported
+        }]
+    );
+    assert!(!h.engine.awaits_import(exported));
+    assert_eq!(
+        h.engine.sync_deadline_ms(),
+        synced_deadline,
+        "no clock moved"
+    );
+    let mut restored = Engine::new(h.engine.cfg.clone());
+    for change in h.engine.snapshot(100) {
+        restored.apply(h.now, &change).unwrap();
+    }
+    assert!(!restored.awaits_import(exported));
+    assert_eq!(restored.sync_deadline_ms(), synced_deadline);
+}
