@@ -1172,3 +1172,127 @@ async fn a_host_in_a_tight_loop_does_not_starve_its_slave() {
     );
     broker.stop().await.unwrap();
 }
+
+/// Steps (the offline limit, issue 21, in allotment mode): a 6-seat license that must sync
+/// within 60 days, issued today; the broker's wall clock is the test's. Slave daemon A
+/// (grace 6 s) holds a free block; in-process slave B's hosts hold 2 agents and B holds a
+/// free block. SIGSTOP A, then the clock jumps past the limit: the critical `sync_due`
+/// alert. B's block is taken back within 2 refreshes + 2 s, and B's next registration is
+/// refused `sync_overdue`; its 2 agents keep their seats. While A is still frozen its host
+/// sends a registration; SIGCONT A once its lease has ended: the registration is not
+/// approved, and A's block is gone, on A and at the master. Throughout, the master's held
+/// plus allotted seats stay within 6 (polled), and at the end its status and ledger equal
+/// the hosts' books (B's 2 agents, nothing on A). Catches: blocks kept past the limit (by a
+/// live slave or a frozen one), a slave admitting from a stale block after it resumes, a
+/// refusal that logs out agents already registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_offline_limit_blocks_go_back_and_the_hosts_books_hold() {
+    let _serial = SERIAL.lock().await;
+    let f = Fixture::new().await.unwrap();
+    let mut alerts = f.alerts().await.unwrap();
+    let limits = Limits::new(P_LIMIT, &[]);
+    let mut license = Vendor::license(
+        lmbus_schemas::Role::Master,
+        lmbus_schemas::Limits {
+            total: Some(P_LIMIT),
+            ..Default::default()
+        },
+    );
+    license.issued = time::OffsetDateTime::now_utc().date();
+    license.sync_within_days = Some(60);
+    let deadline = license.issued_unix_ms() + 60 * lmbus_broker::engine::DAY_MS;
+    let path = f.vendor.write("synced.lic", &license).unwrap();
+    let mut cfg = broker_config(&f.nats, &f.cluster, path, &f.vendor, true);
+    cfg.allot = allotment(P_REFRESH, P_LEASE);
+    cfg.reclaim_margin = P_MARGIN;
+    let clock = lmbus_broker::config::WallClock::default();
+    cfg.wall_clock = clock.clone();
+    let broker = Broker::start(cfg).await.unwrap();
+    let watch = InvariantWatch::start(&f);
+    let books = Books::new(limits.clone());
+    let a = Arc::new(
+        SlaveDaemon::start_with_grace(&f.nats.url(), &f.cluster, "frozen", P_GRACE, &[]).await,
+    );
+    let mut b_cfg = slave_config(&f, "steady");
+    b_cfg.request_timeout = Duration::from_secs(1);
+    b_cfg.failover_wait = Duration::ZERO;
+    b_cfg.election_wait = Duration::from_secs(1);
+    b_cfg.grace_period = Duration::from_secs(10);
+    let b = Arc::new(Host::start(b_cfg, &books).await.unwrap());
+    wait_allotment_mode(&b).await;
+    wait_daemon(&a, "the daemon in allotment mode", |v| {
+        v.admission == "allotment"
+    })
+    .await;
+    warm_daemon(&f, &a, &books, "warm").await;
+    for n in 0..2 {
+        let agent = format!("kept-{n}");
+        assert!(b.register(&agent, "inbound").await.unwrap().is_approved());
+    }
+    eventually("B holds a free block", || async {
+        b.allot().is_ok_and(|v| v.free() > 0)
+    })
+    .await
+    .unwrap();
+
+    let block = freeze(&f, &a).await;
+    eprintln!("A frozen with a free block of {block}");
+    let frozen = Instant::now();
+    let now = clock.unix_ms();
+    clock.jump(Duration::from_millis(deadline + 60_000 - now));
+    alerts
+        .wait_for("the limit passes", |x| {
+            x.kind == AlertKind::SyncDue && x.severity == lmbus_schemas::Severity::Critical
+        })
+        .await
+        .unwrap();
+    let passed = Instant::now();
+    eventually("B's block is taken back", || async {
+        b.allot().is_ok_and(|v| v.free() == 0)
+    })
+    .await
+    .unwrap();
+    let took = passed.elapsed();
+    eprintln!("measured: B's block went back {took:?} after the limit's alert");
+    assert!(
+        took <= 2 * P_REFRESH + Duration::from_secs(2),
+        "B kept its block {took:?} past the limit"
+    );
+    match b.register("late-b", "inbound").await.unwrap() {
+        Outcome::Rejected { reason, .. } => {
+            assert_eq!(reason, lmbus_schemas::RejectReason::SyncOverdue)
+        }
+        other => panic!("B past the limit: {other:?}"),
+    }
+    assert_eq!(
+        books.held_by("steady").len(),
+        2,
+        "B's agents keep their seats"
+    );
+
+    let queued = register_later(&a, "late-a".to_owned());
+    tokio::time::sleep((P_LEASE + Duration::from_millis(400)).saturating_sub(frozen.elapsed()))
+        .await;
+    a.proc.signal(Signal::SIGCONT).unwrap();
+    let (answer, agent) = tokio::time::timeout(WAIT, queued).await.unwrap().unwrap();
+    if answer == Some(true) {
+        books.approved(&a.id, &agent, "inbound");
+    }
+    assert_ne!(
+        answer,
+        Some(true),
+        "a slave resumed past the offline limit admitted from its stale block"
+    );
+    wait_daemon(&a, "A's block is gone", |v| v.free() == 0).await;
+    eventually("the master counts no block for A", || async {
+        master_block(&f, "frozen").await == 0
+    })
+    .await
+    .unwrap();
+    daemon_logouts(&a, &books).await;
+    books.check().unwrap();
+    settled(&f, &books, &limits, SETTLE).await;
+    assert!(watch.finish().await.unwrap() <= limits.total);
+    b.shutdown().await;
+    broker.stop().await.unwrap();
+}
