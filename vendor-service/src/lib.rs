@@ -37,6 +37,44 @@ pub struct VendorConfig {
 /// The queue group every vendor node answers in.
 const QUEUE: &str = "lmbus-vendor";
 
+/// Most agent types a usage summary may name (a license names a handful), and most
+/// rejection reasons: a summary beyond them is refused, not stored.
+pub const MAX_SUMMARY_TYPES: usize = 256;
+pub const MAX_SUMMARY_REASONS: usize = 64;
+/// Longest agent type, reason or context name a summary may carry (characters).
+pub const MAX_SUMMARY_NAME: usize = 128;
+
+/// Why a usage summary is not one a broker writes: too many types or reasons, or a name
+/// too long to be one.
+pub fn check_summary(summary: &lmbus_schemas::UsageSummary) -> Result<(), String> {
+    if summary.by_type.len() > MAX_SUMMARY_TYPES {
+        return Err(format!(
+            "the usage summary names {} agent types; at most {MAX_SUMMARY_TYPES} are taken",
+            summary.by_type.len()
+        ));
+    }
+    if summary.rejections.len() > MAX_SUMMARY_REASONS {
+        return Err(format!(
+            "the usage summary names {} rejection reasons; at most {MAX_SUMMARY_REASONS} are taken",
+            summary.rejections.len()
+        ));
+    }
+    let names = summary
+        .by_type
+        .keys()
+        .chain(summary.rejections.keys())
+        .chain(std::iter::once(&summary.context));
+    for name in names {
+        if name.chars().count() > MAX_SUMMARY_NAME {
+            return Err(format!(
+                "the usage summary carries a name of {} characters; at most {MAX_SUMMARY_NAME} are taken",
+                name.chars().count()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Where the store keeps license `id`.
 fn license_path(store: &Path, id: Uuid) -> PathBuf {
     store.join("licenses").join(format!("{id}.lic"))
@@ -166,6 +204,10 @@ pub fn answer(store: &Path, key: &VendorKey, request: &SyncRequest, now_ms: u64)
             return refused("the vendor cannot read its store now: try again later".into());
         }
     };
+    if let Some(Err(why)) = request.summary.as_ref().map(check_summary) {
+        warn!(license = %request.license, "FLAGGED: {why}; refused");
+        return refused(why);
+    }
     // Every leader records its installation's id before it can sync: a request without
     // one would escape the binding below.
     if request.installation.is_nil() {
@@ -177,7 +219,14 @@ pub fn answer(store: &Path, key: &VendorKey, request: &SyncRequest, now_ms: u64)
     // Signed by the installation's key (bound at its first signed sync that is answered:
     // a request in another installation's name, or refused, binds nothing).
     let signed_by = match lmbus_schemas::open_sync_request(request) {
-        Ok(opened) => opened.map(|(key, _)| key),
+        Ok(Some((key, body))) => {
+            if let Some(Err(why)) = body.summary.as_ref().map(check_summary) {
+                warn!(license = %request.license, "FLAGGED: {why}; refused");
+                return refused(why);
+            }
+            Some(key)
+        }
+        Ok(None) => None,
         Err(e) => {
             warn!(
                 license = %request.license,
@@ -276,6 +325,8 @@ fn record(store: &Path, request: &SyncRequest, answer: &SyncAnswer) -> anyhow::R
         Some((key, body)) => (Some(key), body.summary, body.cluster),
         None => (None, request.summary.clone(), request.cluster.clone()),
     };
+    // A summary refused for its size is not kept either.
+    let summary = summary.filter(|s| check_summary(s).is_ok());
     let line = serde_json::json!({
         "time_ms": answer.at_ms,
         "sync": request.sync,
@@ -332,15 +383,17 @@ pub fn usage(
     since_ms: u64,
 ) -> anyhow::Result<Vec<SyncLogLine>> {
     let path = store.join("syncs.jsonl");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+    // Read a line at a time: the log grows by a line per sync, for years.
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
     let mut customers = std::collections::BTreeMap::new();
     let mut lines = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let mut entry: SyncLogLine = match serde_json::from_str(line) {
+    for (n, line) in std::io::BufRead::lines(std::io::BufReader::new(file)).enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        let mut entry: SyncLogLine = match serde_json::from_str(&line) {
             Ok(entry) => entry,
             Err(e) => {
                 warn!("{} line {}: {e}", path.display(), n + 1);
@@ -472,6 +525,15 @@ mod tests {
         }
     }
 
+    /// A store holding one 8-seat master license, with the vendor key that signed it.
+    fn store_with_license() -> (tempfile::TempDir, VendorKey, License) {
+        let store = tempfile::tempdir().unwrap();
+        let key = VendorKey::from_bytes(&[3; 32]);
+        let l = license(8);
+        store_license(store.path(), &sign_license(&l, &key).unwrap(), &key).unwrap();
+        (store, key, l)
+    }
+
     /// A stored license is answered verbatim for its id; an unknown id, a file that does not
     /// verify, one holding another id, or a request naming no installation is refused with
     /// a reason; `store_license` refuses a license signed by another key.
@@ -544,10 +606,7 @@ mod tests {
     /// naming both, until `unbind`; the first keeps syncing.
     #[test]
     fn a_license_serves_one_installation() {
-        let store = tempfile::tempdir().unwrap();
-        let key = VendorKey::from_bytes(&[3; 32]);
-        let l = license(8);
-        store_license(store.path(), &sign_license(&l, &key).unwrap(), &key).unwrap();
+        let (store, key, l) = store_with_license();
         let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
         let ask = |installation| SyncRequest {
             sync: Uuid::new_v4(),
@@ -582,10 +641,7 @@ mod tests {
     /// summary; `unbind` forgets the key with the license's installation.
     #[test]
     fn an_installation_signs_with_the_key_of_its_first_signed_sync() {
-        let store = tempfile::tempdir().unwrap();
-        let key = VendorKey::from_bytes(&[3; 32]);
-        let l = license(8);
-        store_license(store.path(), &sign_license(&l, &key).unwrap(), &key).unwrap();
+        let (store, key, l) = store_with_license();
         let installation = Uuid::new_v4();
         let own = lmbus_schemas::installation_key(&lmbus_schemas::new_installation_seed([5; 32]))
             .unwrap();
@@ -654,10 +710,7 @@ mod tests {
     /// A request sent again (same sync id) is answered again and stored once.
     #[test]
     fn a_sync_sent_twice_is_stored_once() {
-        let store = tempfile::tempdir().unwrap();
-        let key = VendorKey::from_bytes(&[3; 32]);
-        let l = license(8);
-        store_license(store.path(), &sign_license(&l, &key).unwrap(), &key).unwrap();
+        let (store, key, l) = store_with_license();
         let request = SyncRequest {
             sync: Uuid::new_v4(),
             license: l.id,
@@ -677,5 +730,52 @@ mod tests {
         let log = std::fs::read_to_string(store.path().join("syncs.jsonl")).unwrap();
         assert_eq!(log.lines().count(), 2, "{log}");
         assert_eq!(log.matches(&request.sync.to_string()).count(), 1, "{log}");
+        assert_eq!(usage(store.path(), None, 0).unwrap().len(), 2);
+    }
+
+    /// A summary naming more agent types than any license, or a name longer than any, is
+    /// refused and not kept; one within the bounds is answered and kept.
+    #[test]
+    fn an_oversized_summary_is_refused_and_not_kept() {
+        let (store, key, l) = store_with_license();
+        let usage_of = |types: usize, name_len: usize| lmbus_schemas::UsageSummary {
+            context: "production".into(),
+            by_type: (0..types)
+                .map(|n| (format!("{n:0>name_len$}"), Default::default()))
+                .collect(),
+            ..Default::default()
+        };
+        let request = |summary| SyncRequest {
+            sync: Uuid::new_v4(),
+            license: l.id,
+            cluster: "acme".into(),
+            installation: Uuid::new_v4(),
+            summary: Some(summary),
+            signed: None,
+        };
+        for (summary, what) in [
+            (usage_of(MAX_SUMMARY_TYPES + 1, 4), "agent types"),
+            (usage_of(1, MAX_SUMMARY_NAME + 1), "characters"),
+        ] {
+            let (a, _) = answer_and_record(store.path(), &key, &request(summary)).unwrap();
+            let why = a.refused.expect("refused");
+            assert!(why.contains(what), "{why}");
+        }
+        let kept = usage(store.path(), None, 0).unwrap();
+        assert!(kept.iter().all(|line| line.summary.is_none()), "{kept:?}");
+        let installation = Uuid::new_v4();
+        let within = SyncRequest {
+            installation,
+            ..request(usage_of(MAX_SUMMARY_TYPES, MAX_SUMMARY_NAME))
+        };
+        let (a, _) = answer_and_record(store.path(), &key, &within).unwrap();
+        assert!(a.refused.is_none(), "{a:?}");
+        let kept = usage(store.path(), None, 0).unwrap();
+        assert_eq!(
+            kept.last()
+                .and_then(|l| l.summary.as_ref())
+                .map(|s| s.by_type.len()),
+            Some(MAX_SUMMARY_TYPES)
+        );
     }
 }
