@@ -82,6 +82,9 @@ pub struct BrokerConfig {
     /// Strict or allotment admission (`--admission`), with the allotments' lease and
     /// refresh interval.
     pub allot: crate::engine::AllotConfig,
+    /// A backup master: the production cluster it backs, whose leader it watches
+    /// (`--production-cluster`); required with a backup master license, refused otherwise.
+    pub production_cluster: Option<String>,
 }
 
 /// The wall clock handed to the engine: the system clock plus a skew that is zero except

@@ -878,6 +878,16 @@ struct RunArgs {
         value_name = "FILE"
     )]
     vendor_nats_creds: Option<std::path::PathBuf>,
+    /// A backup master (a license of context backup): the production cluster it backs.
+    /// It serves only while that cluster's leader is silent (no replica beat within one
+    /// --lease); required with a backup master license, refused with any other.
+    #[arg(
+        help_heading = "License",
+        long,
+        env = "LMBUS_PRODUCTION_CLUSTER",
+        value_name = "NAME"
+    )]
+    production_cluster: Option<String>,
     /// Most slaves the master tracks; further hellos are refused [default: 100000].
     #[arg(help_heading = "Limits", long, env = "LMBUS_MAX_SLAVES")]
     max_slaves: Option<usize>,
@@ -1136,6 +1146,7 @@ impl RunArgs {
             }),
             wall_clock: config::WallClock::ahead_by_days(self.fault_clock_skew_days.unwrap_or(0)),
             allot,
+            production_cluster: self.production_cluster,
         })
     }
 }

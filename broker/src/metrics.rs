@@ -641,6 +641,7 @@ mod tests {
             context: lmbus_schemas::Context::Production,
             sync_within_days: None,
             revision: None,
+            backs: None,
             limits: lmbus_schemas::Limits {
                 total: Some(total),
                 local: None,

@@ -254,6 +254,8 @@ mod tests {
             leader: name == "b1",
             applied: 0,
             drained: false,
+            context: None,
+            license: None,
         }
     }
 
@@ -305,6 +307,8 @@ mod tests {
             leader: false,
             applied: 0,
             drained: true,
+            context: None,
+            license: None,
         };
         let mut b1 = NoLeaderWatch::new("b1", "acme", ms(750), ms(1000));
         let mut b2 = NoLeaderWatch::new("b2", "acme", ms(750), ms(1000));

@@ -106,6 +106,10 @@ struct SignArgs {
     /// a higher revision (a master refuses to reload an older issue of its license).
     #[arg(help_heading = "Dates", long)]
     revision: Option<u32>,
+    /// A backup master license (--role master --context backup): the id of the production
+    /// license it backs (required there, refused on any other license).
+    #[arg(long, value_name = "LICENSE_ID")]
+    backs: Option<Uuid>,
     /// Aggregate agent limit (required for a master license, refused on others).
     #[arg(help_heading = "Limits", long)]
     total: Option<u32>,
@@ -296,6 +300,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 context: args.context.into(),
                 sync_within_days: args.sync_within_days,
                 revision: args.revision,
+                backs: args.backs,
                 limits: Limits {
                     total: args.total,
                     local: args.local,

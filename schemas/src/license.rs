@@ -164,6 +164,10 @@ pub struct License {
     /// `sync_within_days`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<u32>,
+    /// A backup master license: the id of the production license it backs (required on a
+    /// backup master license, refused on any other). Serialized only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backs: Option<Uuid>,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -433,6 +437,20 @@ impl License {
                 "sync_within_days is {days}: the offline limit is at least {MIN_SYNC_WITHIN_DAYS} days"
             )));
         }
+        match (self.role, self.context, self.backs) {
+            (Role::Master, Context::Backup, None) => {
+                return Err(invalid(
+                    "a backup master license needs `backs`, the id of the production license it backs".into(),
+                ));
+            }
+            (Role::Master, Context::Backup, Some(_)) | (_, _, None) => {}
+            (_, _, Some(_)) => {
+                return Err(invalid(
+                    "`backs` is only for a backup master license (role master, context backup)"
+                        .into(),
+                ));
+            }
+        }
         if self.role == Role::Master && self.limits.total.is_none() {
             return Err(invalid("a master license needs limits.total".into()));
         }
@@ -529,12 +547,40 @@ mod tests {
             context: Context::Production,
             sync_within_days: None,
             revision: None,
+            backs: None,
             limits: Limits {
                 total: Some(500),
                 local: None,
                 agent_types: BTreeMap::from([("inbound".into(), 300), ("outbound".into(), 200)]),
             },
         }
+    }
+
+    /// `backs` is required on a backup master license, signs and verifies there (and is
+    /// part of what is signed), and is refused on any other license.
+    #[test]
+    fn backs_is_only_and_always_on_a_backup_master_license() {
+        let k = key(1);
+        let mut backup = master();
+        backup.context = Context::Backup;
+        let err = sign_license(&backup, &k).unwrap_err().to_string();
+        assert!(err.contains("needs `backs`"), "{err}");
+        let production = Uuid::new_v4();
+        backup.backs = Some(production);
+        let text = sign_license(&backup, &k).unwrap();
+        assert!(
+            text.contains(&format!("backs = \"{production}\"")),
+            "{text}"
+        );
+        let read = verify_license(&text, "backup.lic", &k.verifying_key()).unwrap();
+        assert_eq!(read.backs, Some(production));
+        let edited = text.replace(&production.to_string(), &Uuid::new_v4().to_string());
+        assert!(verify_license(&edited, "backup.lic", &k.verifying_key()).is_err());
+        let mut other = master();
+        other.backs = Some(production);
+        let err = sign_license(&other, &k).unwrap_err().to_string();
+        assert!(err.contains("only for a backup master license"), "{err}");
+        assert!(!sign_license(&master(), &k).unwrap().contains("backs"));
     }
 
     #[test]

@@ -318,6 +318,9 @@ pub enum RejectReason {
     /// has not synced with the vendor within it: no new seat until a sync succeeds (agents
     /// already registered keep theirs).
     SyncOverdue,
+    /// A backup master serves only while production cannot: it hears the production
+    /// cluster's leader (its replica beats), so the slave belongs there.
+    ProductionAvailable,
     /// A reason this build does not know.
     #[serde(other)]
     Other,
@@ -351,6 +354,7 @@ impl RejectReason {
             RejectReason::NoAllotment => "no_allotment",
             RejectReason::SlaveIdInUse => "slave_id_in_use",
             RejectReason::SyncOverdue => "sync_overdue",
+            RejectReason::ProductionAvailable => "production_available",
             RejectReason::Other => "other",
         }
     }
@@ -756,6 +760,13 @@ pub struct ReplicaBeat {
     /// Drained (`admin drain`): up, following the ledger, but it will not lead.
     #[serde(default)]
     pub drained: bool,
+    /// The context of the license this replica runs (absent from an older broker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<crate::Context>,
+    /// The id of the master license this replica runs (absent from an older broker): a
+    /// backup master checks it against the production license it backs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license: Option<Uuid>,
 }
 
 /// One broker replica in the leader's view.
@@ -1225,6 +1236,8 @@ mod tests {
             leader: true,
             applied: 3,
             drained: false,
+            context: Some(crate::Context::Production),
+            license: Some(Uuid::new_v4()),
         });
         round_trip(&Goodbye {
             instance: Uuid::new_v4(),

@@ -64,6 +64,7 @@ pub fn broker_config_at(
         vendor_nats: None,
         allot: Default::default(),
         report: lmbus_broker::report::ReportConfig::default(),
+        production_cluster: None,
     }
 }
 

@@ -74,6 +74,7 @@ impl Vendor {
             context: Context::Production,
             sync_within_days: None,
             revision: None,
+            backs: None,
             limits,
         }
     }

@@ -34,6 +34,7 @@ fn engine() -> Engine {
         context: Context::Production,
         sync_within_days: None,
         revision: None,
+        backs: None,
         limits: Limits {
             total: Some(TOTAL),
             local: None,

@@ -371,3 +371,207 @@ async fn a_replica_of_another_context_refuses_to_join_the_ledger() {
         .unwrap()
         .unwrap();
 }
+
+/// A backup master license of `total` seats backing `backs`.
+fn backup_license(f: &Fixture, name: &str, backs: uuid::Uuid, total: u32) -> PathBuf {
+    let mut l = Vendor::license(
+        Role::Master,
+        Limits {
+            total: Some(total),
+            ..Limits::default()
+        },
+    );
+    l.context = Context::Backup;
+    l.backs = Some(backs);
+    f.vendor.write(name, &l).unwrap()
+}
+
+/// Steps (issue 19, the backup master's half): one NATS; production master `prod` (its
+/// cluster, a 5-seat production license P) and backup master `dr` (its own cluster, a
+/// 2-seat backup license that backs P, `--production-cluster` naming prod's).
+/// 1. While prod leads, a production slave saying hello to dr is refused
+///    `production_available` (the detail names prod's leader), with a `slave_refused` alert
+///    in context backup.
+/// 2. prod stops: within its lease plus slack dr serves the slave; dr's own limits apply
+///    (2 approved, the third refused `aggregate_limit`), dr's status counts what the host
+///    holds, and dr's alerts say backup; prod's seats are untouched (0).
+/// 3. prod is back: dr refuses the slave's next registration `production_available`, and
+///    the 2 agents keep their backup seats (handback is not built yet).
+/// 4. A second backup master `dr2` whose license backs another production license, while
+///    prod leads: a critical `license_refused` alert naming both licenses, and a hello to
+///    dr2 is refused `context_mismatch`.
+/// Also: a backup master license without `--production-cluster`, and a production one
+/// with it, do not start, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_master_serves_only_while_production_is_silent() {
+    let f = Fixture::new().await.unwrap();
+    let prod_license = f.vendor.master(5, &[]).unwrap();
+    let prod_id =
+        lmbus_schemas::read_license_unverified(&std::fs::read_to_string(&prod_license).unwrap())
+            .unwrap()
+            .id;
+    let mut prod_cfg = broker_config(&f.nats, &f.cluster, prod_license, &f.vendor, true);
+    prod_cfg.broker_id = "p1".into();
+    prod_cfg.lease = Duration::from_secs(1);
+    let dr_cluster = format!("{}dr", f.cluster);
+    let mut dr_cfg = broker_config(
+        &f.nats,
+        &dr_cluster,
+        backup_license(&f, "dr.lic", prod_id, 2),
+        &f.vendor,
+        true,
+    );
+    dr_cfg.broker_id = "d1".into();
+    dr_cfg.lease = Duration::from_secs(1);
+
+    // Misconfigurations refused at start.
+    let mut no_prod = dr_cfg.clone();
+    no_prod.production_cluster = None;
+    let err = lmbus_broker::run(no_prod, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--production-cluster"), "{err}");
+    let mut prod_naming = prod_cfg.clone();
+    prod_naming.production_cluster = Some(dr_cluster.clone());
+    let err = lmbus_broker::run(prod_naming, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("only for a backup master"), "{err}");
+
+    dr_cfg.production_cluster = Some(f.cluster.clone());
+    let mut dr_alerts = AlertTap::new(&f.client, &dr_cluster).await.unwrap();
+    let prod = Broker::start(prod_cfg.clone()).await.unwrap();
+    let dr = Broker::start(dr_cfg).await.unwrap();
+    let site = || {
+        let mut cfg = f.slave_config("site1").unwrap();
+        cfg.cluster = dr_cluster.clone();
+        cfg
+    };
+
+    // 1. Production leads: the backup refuses (in its first lease because it cannot know
+    // yet, then because it hears p1).
+    let started = std::time::Instant::now();
+    loop {
+        let detail = match tokio::time::timeout(WAIT, SlaveAgent::start(site())).await {
+            Ok(Err(SlaveError::Refused {
+                reason: RejectReason::ProductionAvailable,
+                detail,
+            })) => detail,
+            Ok(Err(e)) => panic!("refused for another reason: {e}"),
+            Ok(Ok(_)) => panic!("the backup admitted a slave while production leads"),
+            Err(_) => panic!("no answer within {WAIT:?}"),
+        };
+        if detail.contains("leader p1") {
+            break;
+        }
+        assert!(
+            detail.contains("production may be available") && started.elapsed() < WAIT,
+            "{detail}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let alert = refusal_alert(&mut dr_alerts, "site1").await;
+    assert_eq!(alert.reason, Some(RejectReason::ProductionAvailable));
+    assert_eq!(alert.context, "backup");
+
+    // 2. Production stops: the backup serves within its own limits.
+    prod.stop().await.unwrap();
+    let stopped = std::time::Instant::now();
+    let slave = loop {
+        match SlaveAgent::start(site()).await {
+            Ok(slave) => break slave,
+            Err(SlaveError::Refused {
+                reason: RejectReason::ProductionAvailable,
+                ..
+            }) if stopped.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the backup did not serve after production stopped: {e}"),
+        }
+    };
+    eprintln!(
+        "measured: the backup served {:?} after production stopped (lease 1 s)",
+        stopped.elapsed()
+    );
+    assert!(slave.register("a1", "inbound").await.unwrap().is_approved());
+    assert!(slave.register("a2", "inbound").await.unwrap().is_approved());
+    match slave.register("a3", "inbound").await.unwrap() {
+        lmbus_slave::Outcome::Rejected { reason, .. } => {
+            assert_eq!(reason, RejectReason::AggregateLimit)
+        }
+        other => panic!("a3 beyond the backup's 2 seats: {other:?}"),
+    }
+    let held = slave.agents().len() as u32;
+    let st = status(&f.client, &dr_cluster).await.unwrap();
+    assert_eq!((held, st.total_in_use, st.total_limit), (2, 2, 2));
+    let connected = dr_alerts
+        .wait_for("dr's slave_connected", |a| {
+            a.kind == AlertKind::SlaveConnected && a.slave.as_deref() == Some("site1")
+        })
+        .await
+        .unwrap();
+    assert_eq!(connected.context, "backup");
+
+    // 3. Production is back: no new backup seat.
+    let prod = Broker::start(prod_cfg.clone()).await.unwrap();
+    assert_eq!(f.status().await.unwrap().total_in_use, 0);
+    lmbus_tests::eventually("the backup refuses again", || async {
+        matches!(
+            slave.register("a4", "inbound").await,
+            Ok(lmbus_slave::Outcome::Rejected {
+                reason: RejectReason::ProductionAvailable,
+                ..
+            })
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(slave.agents().len(), 2);
+    assert_eq!(
+        status(&f.client, &dr_cluster).await.unwrap().total_in_use,
+        2
+    );
+
+    // 4. A backup license for another production license.
+    let dr2_cluster = format!("{}dr2", f.cluster);
+    let mut dr2_cfg = broker_config(
+        &f.nats,
+        &dr2_cluster,
+        backup_license(&f, "dr2.lic", uuid::Uuid::new_v4(), 2),
+        &f.vendor,
+        true,
+    );
+    dr2_cfg.broker_id = "e1".into();
+    dr2_cfg.lease = Duration::from_secs(1);
+    dr2_cfg.production_cluster = Some(f.cluster.clone());
+    let mut dr2_alerts = AlertTap::new(&f.client, &dr2_cluster).await.unwrap();
+    let dr2 = Broker::start(dr2_cfg).await.unwrap();
+    let refused = dr2_alerts
+        .wait_for("dr2's license refused", |a| {
+            a.kind == AlertKind::LicenseRefused && a.severity == Severity::Critical
+        })
+        .await
+        .unwrap();
+    assert!(
+        refused.message.contains(&prod_id.to_string()),
+        "{}",
+        refused.message
+    );
+    let mut cfg = f.slave_config("site2").unwrap();
+    cfg.cluster = dr2_cluster.clone();
+    match tokio::time::timeout(WAIT, SlaveAgent::start(cfg)).await {
+        Ok(Err(SlaveError::Refused {
+            reason: RejectReason::ContextMismatch,
+            detail,
+        })) => assert!(detail.contains("not a backup for it"), "{detail}"),
+        Ok(Err(e)) => panic!("refused for another reason: {e}"),
+        Ok(Ok(_)) => panic!("a backup of another production license admitted a slave"),
+        Err(_) => panic!("no answer within {WAIT:?}"),
+    }
+    slave.shutdown().await;
+    dr2.stop().await.unwrap();
+    dr.stop().await.unwrap();
+    prod.stop().await.unwrap();
+}

@@ -518,6 +518,7 @@ mod tests {
             context: Context::Production,
             sync_within_days: Some(60),
             revision: None,
+            backs: None,
             limits: Limits {
                 total: Some(total),
                 ..Limits::default()

@@ -290,7 +290,9 @@ impl Engine {
         // Past the offline limit no free seat stays in a block: every answer takes the
         // blocks back, whatever the slave wants (it admits from what it holds only until
         // this answer, or until its lease ends if it stops asking).
-        let overdue = self.sync_overdue() || self.check_slave_sync(&self.slaves[id]).is_err();
+        let overdue = self.sync_overdue()
+            || self.check_slave_sync(&self.slaves[id]).is_err()
+            || self.check_backup_may_serve().is_err();
         for agent_type in types {
             let want = if overdue {
                 0

@@ -46,7 +46,7 @@ impl Engine {
             // An unlicensed slave runs in the context it declares (a slave that does not
             // say is taken as production, what `--context` defaults to).
             let declared = hello.context.unwrap_or(Context::Production);
-            if declared != master {
+            if !serves(master, declared) {
                 return Err((
                     RejectReason::ContextMismatch,
                     format!(
@@ -61,12 +61,14 @@ impl Engine {
         license
             .check_dates(today, "presented by the slave")
             .map_err(|e| (RejectReason::LicenseInvalid, e.to_string()))?;
-        if license.context != master {
+        if !serves(master, license.context) {
             return Err((
                 RejectReason::ContextMismatch,
                 format!(
-                    "slave license {} is for context '{}' but this master's is '{master}': a {master} master serves only {master} slave licenses",
-                    license.id, license.context
+                    "slave license {} is for context '{}' but this master's is '{master}': a {master} master serves only {} slave licenses",
+                    license.id,
+                    license.context,
+                    served(master)
                 ),
             ));
         }
@@ -172,6 +174,9 @@ impl Engine {
     }
 
     pub(super) fn hello(&mut self, now: Instant, id: SlaveId, hello: Hello, today: Date) -> Output {
+        if let Err((reason, detail)) = self.check_backup_may_serve() {
+            return self.refuse_hello(&id, reason, detail);
+        }
         let license = match self.admit_slave(&hello, today) {
             Ok(l) => l,
             Err((reason, detail)) => return self.refuse_hello(&id, reason, detail),
@@ -438,5 +443,19 @@ impl Engine {
             allot_refresh_ms: self.cfg.allot.refresh.as_millis() as u64,
         })));
         out
+    }
+}
+
+/// Whether a `master` master serves slaves of context `slave`: its own, and a backup
+/// master the production slaves whose masters it backs.
+pub(super) fn serves(master: Context, slave: Context) -> bool {
+    slave == master || (master == Context::Backup && slave == Context::Production)
+}
+
+/// The slave contexts a `master` master serves, as people read them.
+fn served(master: Context) -> String {
+    match master {
+        Context::Backup => "production and backup".to_owned(),
+        other => other.to_string(),
     }
 }

@@ -45,6 +45,7 @@ use uuid::Uuid;
 
 mod admin;
 mod allot;
+mod backup;
 mod farewell;
 mod guards;
 mod hello;
@@ -411,6 +412,10 @@ pub struct Engine {
     /// limit has passed (`offline`), against times from the ledger and the license, never
     /// against another machine's clock.
     wall_ms: u64,
+    /// A backup master: what it last heard of the production cluster's leader, when that
+    /// leader is alive (set by the runtime before every event, like the wall clock); while
+    /// it is, the backup admits no slave and grants no seat (`backup`).
+    production_alive: Option<(lmbus_schemas::RejectReason, String)>,
     /// A wall time known to have passed (Unix milliseconds) and the monotonic instant it
     /// was known at: the latest time in a record applied or a clock reading handled, or the
     /// latest vendor sync (which resets it, so an accidental jump ahead heals at the next
@@ -459,6 +464,7 @@ impl Engine {
             pending: Vec::new(),
             license_text: None,
             wall_ms: 0,
+            production_alive: None,
             wall_floor: None,
             last_clock_mark: 0,
             last_sync_ms: 0,

@@ -109,6 +109,7 @@ impl Engine {
             None => {}
         }
         // Past the offline limit first: no capacity refusal with a retry hint then.
+        self.check_backup_may_serve()?;
         self.check_sync()?;
         self.check_slave_sync(slave)?;
         self.check_admit(slave, agent_type)?;

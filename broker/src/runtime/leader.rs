@@ -357,6 +357,11 @@ impl<'a> Leader<'a> {
         self.replica
             .engine
             .set_wall_clock(self.cfg.wall_clock.unix_ms());
+        if let Some(watch) = &self.io.production {
+            self.replica
+                .engine
+                .set_production_alive(watch.refusal(self.cfg.lease));
+        }
     }
 
     /// Slave requests: the first, and what is already waiting behind it.

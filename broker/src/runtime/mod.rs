@@ -18,6 +18,7 @@
 //!
 //! [`Engine`]: crate::engine::Engine
 
+mod backup;
 mod clock;
 mod inbound;
 mod leader;
@@ -92,6 +93,35 @@ async fn refuse_ledger(io: &Io, cfg: &BrokerConfig, context: bool, error: String
         format!("broker {} {what} and stops: {error}", cfg.broker_id),
     ))
     .await;
+}
+
+/// A backup master (license context `backup`) watches the production cluster it names with
+/// `--production-cluster`; any other master must not name one.
+fn production_watch(
+    cfg: &BrokerConfig,
+    license: &lmbus_schemas::License,
+) -> anyhow::Result<Option<backup::ProductionWatch>> {
+    match (license.backs, &cfg.production_cluster) {
+        (Some(backs), Some(cluster)) => {
+            Subjects::new(cluster).context("--production-cluster")?;
+            if *cluster == cfg.cluster {
+                anyhow::bail!(
+                    "--production-cluster {cluster} is this backup master's own cluster: name the production cluster it backs (a backup master is a cluster of its own)"
+                );
+            }
+            Ok(Some(backup::ProductionWatch::new(cluster.clone(), backs)))
+        }
+        (Some(backs), None) => anyhow::bail!(
+            "license {} is a backup master license (it backs production license {backs}): start the broker with --production-cluster NAME, the production cluster whose leader it watches (it serves only while that leader is silent)",
+            license.id
+        ),
+        (None, Some(cluster)) => anyhow::bail!(
+            "--production-cluster {cluster} is only for a backup master, and license {} is a {} license",
+            license.id,
+            license.context
+        ),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Runs one broker replica until `shutdown` completes. Fails before serving anything if
@@ -191,6 +221,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         metrics: metrics.clone(),
         tasks: TaskTracker::new(),
         news,
+        production: production_watch(&cfg, &license)?,
     };
     io.alert(Alert::new(
         Severity::Info,
@@ -242,8 +273,16 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         election.role.clone(),
         election.drainer(),
         applied.clone(),
+        license.id,
         stop.clone(),
     ));
+    if let Some(watch) = &io.production {
+        io.tasks.spawn(backup::watch_production(
+            io.clone(),
+            watch.clone(),
+            stop.clone(),
+        ));
+    }
     io.tasks.spawn(tasks::watch_for_no_leader(
         io.clone(),
         cfg.clone(),

@@ -34,6 +34,8 @@ pub(super) struct Io {
     /// JetStream's stream-leader elections for the broker's streams
     /// ([`crate::jetstream::leader_news`]): waits on a stream without a leader end on them.
     pub(super) news: tokio::sync::watch::Receiver<u64>,
+    /// A backup master's watch on the production cluster it backs (`None` otherwise).
+    pub(super) production: Option<super::backup::ProductionWatch>,
 }
 
 impl Io {

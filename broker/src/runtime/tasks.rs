@@ -121,6 +121,7 @@ pub(super) async fn presence(
     role: watch::Receiver<Role>,
     drainer: Drainer,
     applied: Arc<AtomicU64>,
+    license: uuid::Uuid,
     stop: CancellationToken,
 ) {
     let subject = io.subjects.replica();
@@ -137,6 +138,8 @@ pub(super) async fn presence(
             leader: matches!(*role.borrow(), Role::Leader { .. }),
             applied: applied.load(Ordering::Relaxed),
             drained: drainer.is_drained(),
+            context: Some(io.context),
+            license: Some(license),
         };
         io.metrics.set_drained(beat.drained);
         io.send(subject.clone(), &beat, "replica beat").await;

@@ -50,6 +50,7 @@ fn engine() -> Engine {
         context: Context::Production,
         sync_within_days: None,
         revision: None,
+        backs: None,
         limits: Limits {
             // Small enough that rejections at the limit happen too.
             total: Some(4),

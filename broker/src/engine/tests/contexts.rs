@@ -69,17 +69,18 @@ fn refused_for_context(out: &Output, master: Context) -> String {
     detail
 }
 
-/// Every master context against every slave license context: only the same context is
-/// welcome; each other direction (production master / development slave, development
-/// master / production slave, backup against production, …) is refused, with a detail
-/// naming both contexts, and the refused slave cannot register.
+/// Every master context against every slave license context: the same context is
+/// welcome, and a production slave at a backup master (the production slaves are whom a
+/// backup serves); each other direction (production master / development slave,
+/// development master / production slave, production master / backup slave, …) is
+/// refused, with a detail naming both contexts, and the refused slave cannot register.
 #[test]
 fn a_slave_license_of_another_context_is_refused_in_every_direction() {
     for master in Context::ALL {
         for slave in Context::ALL {
             let mut h = master_in(master, false);
             let out = hello_declaring(&mut h, "s1", Some(slave_license_in(slave)), None);
-            if master == slave {
+            if master == slave || (master == Context::Backup && slave == Context::Production) {
                 assert!(
                     matches!(reply_of(&out), Some(Reply::Welcome(_))),
                     "{master} master, {slave} slave: {:?}",
@@ -117,7 +118,10 @@ fn an_unlicensed_slave_is_admitted_only_in_the_masters_context() {
         ] {
             let mut h = master_in(master, true);
             let out = hello_declaring(&mut h, "u1", None, declared);
-            if declared.unwrap_or(Context::Production) == master {
+            let declared_or_production = declared.unwrap_or(Context::Production);
+            if declared_or_production == master
+                || (master == Context::Backup && declared_or_production == Context::Production)
+            {
                 assert!(
                     matches!(reply_of(&out), Some(Reply::Welcome(_))),
                     "{master} master, declared {declared:?}: {:?}",
@@ -213,6 +217,9 @@ fn a_reload_of_another_context_is_refused() {
             },
         );
         l.context = context;
+        if context == Context::Backup {
+            l.backs = Some(Uuid::new_v4());
+        }
         lmbus_schemas::ReloadRequest {
             license: sign_license(&l, &vendor()).unwrap(),
             operator: "ops".into(),
@@ -285,6 +292,7 @@ fn a_ledger_of_another_context_is_refused() {
     let before = e.config().license.clone();
     let mut backup = license(Role::Master, master_limits());
     backup.context = Context::Backup;
+    backup.backs = Some(Uuid::new_v4());
     let record = SeatChange::License {
         text: sign_license(&backup, &vendor()).unwrap(),
     };
@@ -296,4 +304,54 @@ fn a_ledger_of_another_context_is_refused() {
         })
     );
     assert_eq!(e.config().license, before);
+}
+
+/// A backup master serves only while the runtime says production cannot: told production
+/// is available, it refuses a hello and a registration `production_available` (with a
+/// `slave_refused` alert for the hello), naming what it heard; told production runs
+/// another license, it refuses `context_mismatch`; told nothing, it serves. A production
+/// master ignores what it is told (it is nobody's backup).
+#[test]
+fn a_backup_master_serves_only_while_production_is_silent() {
+    let mut h = master_in(Context::Backup, true);
+    let heard = "production cluster prod's leader b1 beat 100ms ago".to_owned();
+    h.engine
+        .set_production_alive(Some((RejectReason::ProductionAvailable, heard.clone())));
+    let out = hello_declaring(&mut h, "s1", None, Some(Context::Production));
+    match reply_of(&out) {
+        Some(Reply::Refused { reason, detail, .. }) => {
+            assert_eq!(reason, RejectReason::ProductionAvailable);
+            assert!(detail.contains(&heard), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(alerts(&out)[0].kind, AlertKind::SlaveRefused);
+    assert_eq!(alerts(&out)[0].context, "backup");
+
+    h.engine.set_production_alive(None);
+    let out = hello_declaring(&mut h, "s1", None, Some(Context::Production));
+    assert!(matches!(reply_of(&out), Some(Reply::Welcome(_))), "{out:?}");
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+
+    h.engine
+        .set_production_alive(Some((RejectReason::ProductionAvailable, heard.clone())));
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a2", "inbound")),
+        Some(RejectReason::ProductionAvailable)
+    );
+    h.engine.set_production_alive(Some((
+        RejectReason::ContextMismatch,
+        "production runs another license".into(),
+    )));
+    assert_eq!(
+        rejected_for(&h.decision("s1", "a2", "inbound")),
+        Some(RejectReason::ContextMismatch)
+    );
+    assert_eq!(h.engine.seats()["s1"].len(), 1, "a1 keeps its seat");
+
+    let mut prod = master_in(Context::Production, true);
+    prod.engine
+        .set_production_alive(Some((RejectReason::ProductionAvailable, heard)));
+    let out = hello_declaring(&mut prod, "s1", None, None);
+    assert!(matches!(reply_of(&out), Some(Reply::Welcome(_))), "{out:?}");
 }

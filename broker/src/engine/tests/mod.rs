@@ -44,6 +44,7 @@ fn license(role: Role, limits: Limits) -> License {
         context: Context::Production,
         sync_within_days: None,
         revision: None,
+        backs: None,
         limits,
     }
 }
