@@ -575,3 +575,87 @@ async fn a_backup_master_serves_only_while_production_is_silent() {
     dr.stop().await.unwrap();
     prod.stop().await.unwrap();
 }
+
+/// Steps: production master `p1` and backup master `d1` (backing p1's license, 2 seats) on
+/// one NATS; a production slave with p1's cluster as primary and d1's as secondary
+/// (failover wait 0, request timeout 1 s). It registers a1 at production. Production
+/// stops: within the failover wait plus the backup's lease and slack the slave's
+/// registrations are approved by the backup (a2, a3), the backup's limit applies (a4
+/// refused), and the hosts' books (a1..a3) against the masters: production's ledger is gone
+/// with it, the backup counts 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_fails_over_to_its_backup_master_when_production_stops() {
+    let f = Fixture::new().await.unwrap();
+    let prod_license = f.vendor.master(5, &[]).unwrap();
+    let prod_id =
+        lmbus_schemas::read_license_unverified(&std::fs::read_to_string(&prod_license).unwrap())
+            .unwrap()
+            .id;
+    let mut prod_cfg = broker_config(&f.nats, &f.cluster, prod_license, &f.vendor, true);
+    prod_cfg.broker_id = "p1".into();
+    prod_cfg.lease = Duration::from_secs(1);
+    let dr_cluster = format!("{}dr", f.cluster);
+    let mut dr_cfg = broker_config(
+        &f.nats,
+        &dr_cluster,
+        backup_license(&f, "dr.lic", prod_id, 2),
+        &f.vendor,
+        true,
+    );
+    dr_cfg.broker_id = "d1".into();
+    dr_cfg.lease = Duration::from_secs(1);
+    dr_cfg.production_cluster = Some(f.cluster.clone());
+    let prod = Broker::start(prod_cfg).await.unwrap();
+    let dr = Broker::start(dr_cfg).await.unwrap();
+    let mut cfg = f.slave_config("site1").unwrap();
+    cfg.secondary = Some(lmbus_slave::MasterEndpoint {
+        nats_url: f.nats.url(),
+        nats_auth: Default::default(),
+        cluster: dr_cluster.clone(),
+    });
+    cfg.request_timeout = Duration::from_secs(1);
+    cfg.failover_wait = Duration::ZERO;
+    cfg.election_wait = Duration::from_secs(1);
+    let slave = SlaveAgent::start(cfg).await.unwrap();
+    assert!(slave.register("a1", "inbound").await.unwrap().is_approved());
+    assert_eq!(f.status().await.unwrap().total_in_use, 1);
+
+    prod.stop().await.unwrap();
+    let stopped = std::time::Instant::now();
+    let mut told = vec!["a1".to_owned()];
+    let mut n = 2;
+    while told.len() < 3 {
+        let agent = format!("a{n}");
+        match slave.register(&agent, "inbound").await {
+            Ok(outcome) if outcome.is_approved() => {
+                told.push(agent);
+                n += 1;
+            }
+            other => {
+                assert!(
+                    stopped.elapsed() < Duration::from_secs(15),
+                    "the backup did not serve {agent} within 15 s: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    eprintln!(
+        "measured: the slave's registrations were approved by the backup {:?} after production stopped",
+        stopped.elapsed()
+    );
+    match slave.register("a9", "inbound").await.unwrap() {
+        lmbus_slave::Outcome::Rejected { reason, .. } => {
+            assert_eq!(reason, RejectReason::AggregateLimit)
+        }
+        other => panic!("beyond the backup's 2 seats: {other:?}"),
+    }
+    let mut held: Vec<String> = slave.agents().into_iter().map(|c| c.agent_id).collect();
+    held.sort();
+    told.sort();
+    assert_eq!(held, told, "the host's books");
+    let st = status(&f.client, &dr_cluster).await.unwrap();
+    assert_eq!(st.total_in_use, 2, "the backup holds what it granted");
+    slave.shutdown().await;
+    dr.stop().await.unwrap();
+}
