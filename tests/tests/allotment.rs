@@ -717,6 +717,17 @@ const P_GRACE: Duration = Duration::from_secs(6);
 const P_MARGIN: Duration = Duration::from_secs(3);
 const P_LIMIT: u32 = 6;
 
+/// In-process slave `steady` (grace 10 s), whose timings fit the master's 3 s reclaim
+/// margin like the daemon's.
+async fn steady_host(f: &Fixture, books: &Arc<Books>) -> Arc<Host> {
+    let mut cfg = slave_config(f, "steady");
+    cfg.request_timeout = Duration::from_secs(1);
+    cfg.failover_wait = Duration::ZERO;
+    cfg.election_wait = Duration::from_secs(1);
+    cfg.grace_period = Duration::from_secs(10);
+    Arc::new(Host::start(cfg, books).await.unwrap())
+}
+
 /// Registers `agent` through the daemon as a host does: an approval goes into the books.
 async fn daemon_register(daemon: &SlaveDaemon, books: &Books, agent: &str) -> Option<bool> {
     let answer = daemon.register(agent).await;
@@ -838,13 +849,7 @@ async fn a_frozen_slave_admits_nothing_from_a_stale_block() {
     let a = Arc::new(
         SlaveDaemon::start_with_grace(&f.nats.url(), &f.cluster, "frozen", P_GRACE, &[]).await,
     );
-    // B's timings fit the master's 3 s reclaim margin, like the daemon's.
-    let mut b_cfg = slave_config(&f, "steady");
-    b_cfg.request_timeout = Duration::from_secs(1);
-    b_cfg.failover_wait = Duration::ZERO;
-    b_cfg.election_wait = Duration::from_secs(1);
-    b_cfg.grace_period = Duration::from_secs(10);
-    let b = Arc::new(Host::start(b_cfg, &books).await.unwrap());
+    let b = steady_host(&f, &books).await;
     wait_allotment_mode(&b).await;
     wait_daemon(&a, "the daemon in allotment mode", |v| {
         v.admission == "allotment"
@@ -1213,12 +1218,7 @@ async fn past_the_offline_limit_blocks_go_back_and_the_hosts_books_hold() {
     let a = Arc::new(
         SlaveDaemon::start_with_grace(&f.nats.url(), &f.cluster, "frozen", P_GRACE, &[]).await,
     );
-    let mut b_cfg = slave_config(&f, "steady");
-    b_cfg.request_timeout = Duration::from_secs(1);
-    b_cfg.failover_wait = Duration::ZERO;
-    b_cfg.election_wait = Duration::from_secs(1);
-    b_cfg.grace_period = Duration::from_secs(10);
-    let b = Arc::new(Host::start(b_cfg, &books).await.unwrap());
+    let b = steady_host(&f, &books).await;
     wait_allotment_mode(&b).await;
     wait_daemon(&a, "the daemon in allotment mode", |v| {
         v.admission == "allotment"

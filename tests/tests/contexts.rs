@@ -386,6 +386,43 @@ fn backup_license(f: &Fixture, name: &str, backs: uuid::Uuid, total: u32) -> Pat
     f.vendor.write(name, &l).unwrap()
 }
 
+/// A production master `p1` (5 seats, the fixture's cluster) and a backup master `d1`
+/// (its own cluster, 2 seats, backing p1's license; `production_cluster` not set yet),
+/// both with a 1 s lease.
+struct Pair {
+    prod_id: uuid::Uuid,
+    prod_cfg: lmbus_broker::BrokerConfig,
+    dr_cluster: String,
+    dr_cfg: lmbus_broker::BrokerConfig,
+}
+
+fn production_and_backup(f: &Fixture) -> Pair {
+    let prod_license = f.vendor.master(5, &[]).unwrap();
+    let prod_id =
+        lmbus_schemas::read_license_unverified(&std::fs::read_to_string(&prod_license).unwrap())
+            .unwrap()
+            .id;
+    let mut prod_cfg = broker_config(&f.nats, &f.cluster, prod_license, &f.vendor, true);
+    prod_cfg.broker_id = "p1".into();
+    prod_cfg.lease = Duration::from_secs(1);
+    let dr_cluster = format!("{}dr", f.cluster);
+    let mut dr_cfg = broker_config(
+        &f.nats,
+        &dr_cluster,
+        backup_license(f, "dr.lic", prod_id, 2),
+        &f.vendor,
+        true,
+    );
+    dr_cfg.broker_id = "d1".into();
+    dr_cfg.lease = Duration::from_secs(1);
+    Pair {
+        prod_id,
+        prod_cfg,
+        dr_cluster,
+        dr_cfg,
+    }
+}
+
 /// Steps (issue 19, the backup master's half): one NATS; production master `prod` (its
 /// cluster, a 5-seat production license P) and backup master `dr` (its own cluster, a
 /// 2-seat backup license that backs P, `--production-cluster` naming prod's).
@@ -405,24 +442,12 @@ fn backup_license(f: &Fixture, name: &str, backs: uuid::Uuid, total: u32) -> Pat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_master_serves_only_while_production_is_silent() {
     let f = Fixture::new().await.unwrap();
-    let prod_license = f.vendor.master(5, &[]).unwrap();
-    let prod_id =
-        lmbus_schemas::read_license_unverified(&std::fs::read_to_string(&prod_license).unwrap())
-            .unwrap()
-            .id;
-    let mut prod_cfg = broker_config(&f.nats, &f.cluster, prod_license, &f.vendor, true);
-    prod_cfg.broker_id = "p1".into();
-    prod_cfg.lease = Duration::from_secs(1);
-    let dr_cluster = format!("{}dr", f.cluster);
-    let mut dr_cfg = broker_config(
-        &f.nats,
-        &dr_cluster,
-        backup_license(&f, "dr.lic", prod_id, 2),
-        &f.vendor,
-        true,
-    );
-    dr_cfg.broker_id = "d1".into();
-    dr_cfg.lease = Duration::from_secs(1);
+    let Pair {
+        prod_id,
+        prod_cfg,
+        dr_cluster,
+        mut dr_cfg,
+    } = production_and_backup(&f);
 
     // Misconfigurations refused at start.
     let mut no_prod = dr_cfg.clone();
@@ -586,24 +611,12 @@ async fn a_backup_master_serves_only_while_production_is_silent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slave_fails_over_to_its_backup_master_when_production_stops() {
     let f = Fixture::new().await.unwrap();
-    let prod_license = f.vendor.master(5, &[]).unwrap();
-    let prod_id =
-        lmbus_schemas::read_license_unverified(&std::fs::read_to_string(&prod_license).unwrap())
-            .unwrap()
-            .id;
-    let mut prod_cfg = broker_config(&f.nats, &f.cluster, prod_license, &f.vendor, true);
-    prod_cfg.broker_id = "p1".into();
-    prod_cfg.lease = Duration::from_secs(1);
-    let dr_cluster = format!("{}dr", f.cluster);
-    let mut dr_cfg = broker_config(
-        &f.nats,
-        &dr_cluster,
-        backup_license(&f, "dr.lic", prod_id, 2),
-        &f.vendor,
-        true,
-    );
-    dr_cfg.broker_id = "d1".into();
-    dr_cfg.lease = Duration::from_secs(1);
+    let Pair {
+        prod_id: _,
+        prod_cfg,
+        dr_cluster,
+        mut dr_cfg,
+    } = production_and_backup(&f);
     dr_cfg.production_cluster = Some(f.cluster.clone());
     let prod = Broker::start(prod_cfg).await.unwrap();
     let dr = Broker::start(dr_cfg).await.unwrap();

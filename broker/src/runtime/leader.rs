@@ -499,6 +499,10 @@ impl<'a> Leader<'a> {
         if let Some(end) = self.commit_all(changes).await {
             return Turn::End(end);
         }
+        // An answer without a record (a refused reload, say) is not checked by an append.
+        if let Some(end) = self.lapsed_now() {
+            return Turn::End(end);
+        }
         self.io.carry_out(msg.reply.as_ref(), out).await;
         Turn::Decided(Vec::new())
     }
@@ -807,6 +811,10 @@ impl<'a> Leader<'a> {
         let Some(msg) = msg else {
             return Turn::End(closed("replica beats"));
         };
+        // Beats read just after a pause past the lease: this replica says nothing of them.
+        if let Some(end) = self.lapsed_now() {
+            return Turn::End(end);
+        }
         match decode::<ReplicaBeat>(&msg.payload) {
             Ok(beat) => {
                 for alert in self.replicas.observe(now(), beat) {
@@ -923,6 +931,15 @@ impl<'a> Leader<'a> {
         None
     }
 
+    /// `Some` (step down) unless this replica holds a valid lease now.
+    fn lapsed_now(&self) -> Option<Led> {
+        lapsed(
+            &self.election.role,
+            self.cfg.fault_ignore_lease,
+            Instant::now(),
+        )
+    }
+
     /// Appends `entry` if this replica still holds a valid lease, and waits for it (nothing
     /// may be in flight). `Some` means it must step down (and says why); nothing decided
     /// since the last good append may be told to anyone.
@@ -946,6 +963,12 @@ impl<'a> Leader<'a> {
     /// out now.
     async fn send_all(&mut self, changes: Vec<SeatChange>, answers: Vec<Decided>) -> Option<Led> {
         if changes.is_empty() {
+            // Decided without a record (a refusal, say), perhaps just after a pause (the
+            // loop checked the lease before it waited): a replica whose lease ran out
+            // tells nobody.
+            if let Some(end) = self.lapsed_now() {
+                return Some(end);
+            }
             if let Some(now) = self.pipeline.hold(answers) {
                 answer(self.io, now).await;
             }
@@ -1001,13 +1024,7 @@ impl<'a> Leader<'a> {
                 // VM) past the lease: the decisions are recorded, but another replica may
                 // lead by now, so this one tells nobody (the slaves' retries are answered
                 // from the ledger) and steps down.
-                if lapsed(
-                    &self.election.role,
-                    self.cfg.fault_ignore_lease,
-                    Instant::now(),
-                )
-                .is_some()
-                {
+                if self.lapsed_now().is_some() {
                     return Some(Led::SteppedDown {
                         reason: format!(
                             "the lease ran out while sequence {sequence} was being recorded; its answers were not sent"
