@@ -38,7 +38,8 @@ pub struct VendorConfig {
 const QUEUE: &str = "lmbus-vendor";
 
 /// Most agent types a usage summary may name (a license names a handful), and most
-/// rejection reasons: a summary beyond them is refused, not stored.
+/// rejection reasons: a summary beyond them is flagged and not stored (the sync is still
+/// answered).
 pub const MAX_SUMMARY_TYPES: usize = 256;
 pub const MAX_SUMMARY_REASONS: usize = 64;
 /// Longest agent type, reason or context name a summary may carry (characters).
@@ -204,9 +205,11 @@ pub fn answer(store: &Path, key: &VendorKey, request: &SyncRequest, now_ms: u64)
             return refused("the vendor cannot read its store now: try again later".into());
         }
     };
+    // An oversized summary is flagged and not kept (`record`), but the sync is answered:
+    // a site's slaves can name agent types, and refusing would let one of them stop the
+    // installation's syncs (and so, past the offline limit, its seats).
     if let Some(Err(why)) = request.summary.as_ref().map(check_summary) {
-        warn!(license = %request.license, "FLAGGED: {why}; refused");
-        return refused(why);
+        warn!(license = %request.license, "FLAGGED: {why}; the summary is not kept");
     }
     // Every leader records its installation's id before it can sync: a request without
     // one would escape the binding below.
@@ -221,8 +224,7 @@ pub fn answer(store: &Path, key: &VendorKey, request: &SyncRequest, now_ms: u64)
     let signed_by = match lmbus_schemas::open_sync_request(request) {
         Ok(Some((key, body))) => {
             if let Some(Err(why)) = body.summary.as_ref().map(check_summary) {
-                warn!(license = %request.license, "FLAGGED: {why}; refused");
-                return refused(why);
+                warn!(license = %request.license, "FLAGGED: {why}; the summary is not kept");
             }
             Some(key)
         }
@@ -735,9 +737,10 @@ mod tests {
     }
 
     /// A summary naming more agent types than any license, or a name longer than any, is
-    /// refused and not kept; one within the bounds is answered and kept.
+    /// not kept, but the sync is answered (a site's slave naming types must not stop the
+    /// installation's syncs); one within the bounds is answered and kept.
     #[test]
-    fn an_oversized_summary_is_refused_and_not_kept() {
+    fn an_oversized_summary_is_answered_but_not_kept() {
         let (store, key, l) = store_with_license();
         let usage_of = |types: usize, name_len: usize| lmbus_schemas::UsageSummary {
             context: "production".into(),
@@ -746,11 +749,12 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
+        let installation = Uuid::new_v4();
         let request = |summary| SyncRequest {
             sync: Uuid::new_v4(),
             license: l.id,
             cluster: "acme".into(),
-            installation: Uuid::new_v4(),
+            installation,
             summary: Some(summary),
             signed: None,
         };
@@ -758,17 +762,14 @@ mod tests {
             (usage_of(MAX_SUMMARY_TYPES + 1, 4), "agent types"),
             (usage_of(1, MAX_SUMMARY_NAME + 1), "characters"),
         ] {
-            let (a, _) = answer_and_record(store.path(), &key, &request(summary)).unwrap();
-            let why = a.refused.expect("refused");
+            let why = check_summary(&summary).unwrap_err();
             assert!(why.contains(what), "{why}");
+            let (a, _) = answer_and_record(store.path(), &key, &request(summary)).unwrap();
+            assert!(a.refused.is_none() && a.license.is_some(), "{a:?}");
         }
         let kept = usage(store.path(), None, 0).unwrap();
         assert!(kept.iter().all(|line| line.summary.is_none()), "{kept:?}");
-        let installation = Uuid::new_v4();
-        let within = SyncRequest {
-            installation,
-            ..request(usage_of(MAX_SUMMARY_TYPES, MAX_SUMMARY_NAME))
-        };
+        let within = request(usage_of(MAX_SUMMARY_TYPES, MAX_SUMMARY_NAME));
         let (a, _) = answer_and_record(store.path(), &key, &within).unwrap();
         assert!(a.refused.is_none(), "{a:?}");
         let kept = usage(store.path(), None, 0).unwrap();

@@ -625,6 +625,7 @@ impl<'a> Leader<'a> {
         // An import that fails (a wrong, stale or forged file) says nothing of whether the
         // vendor can be reached: the schedule keeps its own retry time.
         let retry_at = self.sync_retry_at;
+        let failed = result.as_ref().map_or(true, |a| a.refused.is_some());
         let turn = self
             .on_sync_done(SyncDone {
                 reply_to: msg.reply.clone(),
@@ -633,7 +634,9 @@ impl<'a> Leader<'a> {
                 result,
             })
             .await;
-        self.sync_retry_at = retry_at;
+        if failed {
+            self.sync_retry_at = retry_at;
+        }
         turn
     }
 
