@@ -85,6 +85,9 @@ pub struct BrokerConfig {
     /// A backup master: the production cluster it backs, whose leader it watches
     /// (`--production-cluster`); required with a backup master license, refused otherwise.
     pub production_cluster: Option<String>,
+    /// A backup master: how long production must have been available again before the
+    /// backup releases every seat it holds (`--handback-window`).
+    pub handback_window: Duration,
 }
 
 /// The wall clock handed to the engine: the system clock plus a skew that is zero except
@@ -132,6 +135,10 @@ pub const DEFAULT_SYNC_EVERY: Duration = Duration::from_secs(86_400);
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
+
+/// A backup master's default handback window: production available again this long, and
+/// the backup releases every seat it holds (LumenVox's two minutes offline, mirrored).
+pub const DEFAULT_HANDBACK_WINDOW: Duration = Duration::from_secs(120);
 pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_COUNTS_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_EXPIRY_WARNING_DAYS: i64 = 30;

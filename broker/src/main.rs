@@ -888,6 +888,11 @@ struct RunArgs {
         value_name = "NAME"
     )]
     production_cluster: Option<String>,
+    /// A backup master: once production has been available again this long, the backup
+    /// releases every seat it holds and its slaves log those agents out (to register them
+    /// with production) [default: 2m].
+    #[arg(help_heading = "License", long, env = "LMBUS_HANDBACK_WINDOW", value_parser = humantime::parse_duration)]
+    handback_window: Option<Duration>,
     /// Most slaves the master tracks; further hellos are refused [default: 100000].
     #[arg(help_heading = "Limits", long, env = "LMBUS_MAX_SLAVES")]
     max_slaves: Option<usize>,
@@ -1147,6 +1152,9 @@ impl RunArgs {
             wall_clock: config::WallClock::ahead_by_days(self.fault_clock_skew_days.unwrap_or(0)),
             allot,
             production_cluster: self.production_cluster,
+            handback_window: self
+                .handback_window
+                .unwrap_or(config::DEFAULT_HANDBACK_WINDOW),
         })
     }
 }

@@ -65,6 +65,7 @@ pub fn broker_config_at(
         allot: Default::default(),
         report: lmbus_broker::report::ReportConfig::default(),
         production_cluster: None,
+        handback_window: lmbus_broker::config::DEFAULT_HANDBACK_WINDOW,
     }
 }
 

@@ -389,6 +389,9 @@ fn backup_license(f: &Fixture, name: &str, backs: uuid::Uuid, total: u32) -> Pat
 /// A production master `p1` (5 seats, the fixture's cluster) and a backup master `d1`
 /// (its own cluster, 2 seats, backing p1's license; `production_cluster` not set yet),
 /// both with a 1 s lease.
+/// The backup's handback window in these tests.
+const HANDBACK: Duration = Duration::from_secs(2);
+
 struct Pair {
     prod_id: uuid::Uuid,
     prod_cfg: lmbus_broker::BrokerConfig,
@@ -415,6 +418,7 @@ fn production_and_backup(f: &Fixture) -> Pair {
     );
     dr_cfg.broker_id = "d1".into();
     dr_cfg.lease = Duration::from_secs(1);
+    dr_cfg.handback_window = HANDBACK;
     Pair {
         prod_id,
         prod_cfg,
@@ -432,8 +436,10 @@ fn production_and_backup(f: &Fixture) -> Pair {
 /// 2. prod stops: within its lease plus slack dr serves the slave; dr's own limits apply
 ///    (2 approved, the third refused `aggregate_limit`), dr's status counts what the host
 ///    holds, and dr's alerts say backup; prod's seats are untouched (0).
-/// 3. prod is back: dr refuses the slave's next registration `production_available`, and
-///    the 2 agents keep their backup seats (handback is not built yet).
+/// 3. prod is back: dr refuses the slave's next registration `production_available`; once
+///    production has been available for the handback window (2 s) dr releases the 2 seats
+///    and the slave logs the agents out (no sooner than the window less 0.5 s), with a
+///    `seats_released` alert in context backup: the host and dr both hold nothing.
 /// 4. A second backup master `dr2` whose license backs another production license, while
 ///    prod leads: a critical `license_refused` alert naming both licenses, and a hello to
 ///    dr2 is refused `context_mismatch`.
@@ -553,11 +559,34 @@ async fn a_backup_master_serves_only_while_production_is_silent() {
     })
     .await
     .unwrap();
-    assert_eq!(slave.agents().len(), 2);
+    let back = std::time::Instant::now();
+    // The handback: production available for the whole window (2 s here), the backup
+    // releases its seats and the slave logs the agents out.
+    lmbus_tests::eventually("the backup hands back", || async {
+        slave.agents().is_empty()
+    })
+    .await
+    .unwrap();
+    let handed_back = back.elapsed();
+    eprintln!(
+        "measured: the backup handed back {handed_back:?} after production was back (window 2 s)"
+    );
+    assert!(
+        handed_back >= HANDBACK - Duration::from_millis(500),
+        "handed back {handed_back:?} after production was back, before the window"
+    );
     assert_eq!(
         status(&f.client, &dr_cluster).await.unwrap().total_in_use,
-        2
+        0,
+        "the backup's books against the host's (empty)"
     );
+    let released = dr_alerts
+        .wait_for("the handback's release", |a| {
+            a.kind == AlertKind::SeatsReleased && a.message.contains("handback")
+        })
+        .await
+        .unwrap();
+    assert_eq!(released.context, "backup");
 
     // 4. A backup license for another production license.
     let dr2_cluster = format!("{}dr2", f.cluster);

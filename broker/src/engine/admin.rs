@@ -195,22 +195,40 @@ impl Engine {
                 .map(|(a, t)| (a.clone(), t.clone()))
                 .collect(),
         };
-        for (agent, _) in &targets {
-            self.release(&id, agent);
-        }
-        if let Some(slave) = self.slaves.get_mut(&id) {
-            slave.revoked.extend(targets.iter().map(|(a, _)| a.clone()));
-        }
         let agents: Vec<String> = targets.into_iter().map(|(a, _)| a).collect();
-        self.pending.push(SeatChange::Revoke {
-            slave: id.to_string(),
-            agents: agents.clone(),
-        });
         let who = if request.operator.is_empty() {
             "an operator"
         } else {
             request.operator.as_str()
         };
+        let effects = self.revoke(&id, &agents, who, RejectReason::ReleasedByAdmin);
+        Output {
+            reply: Some(Answer::Release(ReleaseReply::Released { agents })),
+            effects,
+            changes: Vec::new(),
+        }
+    }
+
+    /// Releases `agents` of slave `id` for good: recorded (`Revoke`), the slave told to log
+    /// them out with `reason`, a hello claiming them again refused, and a `seats_released`
+    /// alert saying `who` did it.
+    pub(super) fn revoke(
+        &mut self,
+        id: &SlaveId,
+        agents: &[String],
+        who: &str,
+        reason: RejectReason,
+    ) -> Vec<Effect> {
+        for agent in agents {
+            self.release(id, agent);
+        }
+        if let Some(slave) = self.slaves.get_mut(id) {
+            slave.revoked.extend(agents.iter().cloned());
+        }
+        self.pending.push(SeatChange::Revoke {
+            slave: id.to_string(),
+            agents: agents.to_vec(),
+        });
         let alert = self
             .alert(
                 Severity::Warning,
@@ -228,21 +246,16 @@ impl Engine {
                 .iter()
                 .map(|a| RejectedAgent {
                     agent_id: a.clone(),
-                    reason: RejectReason::ReleasedByAdmin,
+                    reason,
                 })
                 .collect(),
         };
-        let effects = vec![
+        vec![
             Effect::Control {
-                slave: id,
+                slave: id.clone(),
                 message: logout,
             },
             Effect::Alert(alert),
-        ];
-        Output {
-            reply: Some(Answer::Release(ReleaseReply::Released { agents })),
-            effects,
-            changes: Vec::new(),
-        }
+        ]
     }
 }

@@ -1,19 +1,30 @@
 //! A backup master (license context `backup`): it serves only while the production
 //! cluster it backs cannot. The runtime watches the production cluster's replica beats
-//! and tells the engine, before every event, why it may not serve now, if it may not
-//! (`set_production_alive`): production's leader is alive (`production_available`), or
-//! production runs another license than the backed one (`context_mismatch`). Meanwhile
-//! hellos and registrations are refused with that reason and allotment blocks are taken
-//! back, so backup seats are handed out only while production is silent.
+//! and tells the engine, before every event, why it may not serve now, if it may not, and
+//! whether production has been available for the whole handback window
+//! (`set_production_alive`). While it may not serve, hellos and registrations are refused
+//! with that reason (`production_available`, or `context_mismatch` when production runs
+//! another license) and allotment blocks are taken back. Once the handback window has
+//! passed with production available, the next tick releases every seat the backup holds
+//! (the slaves log those agents out, reason `production_available`, to register them with
+//! production): the time both masters are in use is bounded by the window.
 
-use lmbus_schemas::{Context, RejectReason};
+use std::time::Instant;
 
-use super::Engine;
+use lmbus_schemas::{Context, RejectReason, SlaveId};
+
+use super::{Engine, Output};
 
 impl Engine {
-    /// Why this backup master may not serve now (`None`: it may, or it is no backup).
-    pub fn set_production_alive(&mut self, refusal: Option<(RejectReason, String)>) {
+    /// Why this backup master may not serve now (`None`: it may, or it is no backup), and
+    /// whether production has been available for the whole handback window.
+    pub fn set_production_alive(
+        &mut self,
+        refusal: Option<(RejectReason, String)>,
+        handback_due: bool,
+    ) {
         self.production_alive = refusal;
+        self.handback_due = handback_due;
     }
 
     /// Refuses while this is a backup master that may not serve.
@@ -26,6 +37,30 @@ impl Engine {
                 ),
             )),
             _ => Ok(()),
+        }
+    }
+
+    /// The handback: once production has been available for the handback window, every
+    /// seat this backup master holds is released and its slaves told to log those agents
+    /// out (they register them with production).
+    pub(super) fn handback(&mut self, _now: Instant, out: &mut Output) {
+        if self.cfg.license.context != Context::Backup || !self.handback_due {
+            return;
+        }
+        let holding: Vec<(SlaveId, Vec<String>)> = self
+            .slaves
+            .iter()
+            .filter(|(_, s)| !s.agents.is_empty())
+            .map(|(id, s)| (id.clone(), s.agents.keys().cloned().collect()))
+            .collect();
+        for (id, agents) in holding {
+            let effects = self.revoke(
+                &id,
+                &agents,
+                "the handback (production has been available for the whole handback window)",
+                RejectReason::ProductionAvailable,
+            );
+            out.effects.extend(effects);
         }
     }
 }

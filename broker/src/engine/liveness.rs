@@ -106,6 +106,7 @@ impl Engine {
             out.alert(alert);
         }
         self.sync_tick(now, &mut out);
+        self.handback(now, &mut out);
         self.expire_moves(now);
         let missed = self.cfg.missed_heartbeats;
         let margin = self.cfg.reclaim_margin;

@@ -416,6 +416,9 @@ pub struct Engine {
     /// leader is alive (set by the runtime before every event, like the wall clock); while
     /// it is, the backup admits no slave and grants no seat (`backup`).
     production_alive: Option<(lmbus_schemas::RejectReason, String)>,
+    /// A backup master: production has been available for the whole handback window, so
+    /// the next tick releases every seat this backup holds (`backup::handback`).
+    handback_due: bool,
     /// A wall time known to have passed (Unix milliseconds) and the monotonic instant it
     /// was known at: the latest time in a record applied or a clock reading handled, or the
     /// latest vendor sync (which resets it, so an accidental jump ahead heals at the next
@@ -465,6 +468,7 @@ impl Engine {
             license_text: None,
             wall_ms: 0,
             production_alive: None,
+            handback_due: false,
             wall_floor: None,
             last_clock_mark: 0,
             last_sync_ms: 0,

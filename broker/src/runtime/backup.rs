@@ -16,7 +16,6 @@ use lmbus_schemas::{
     Alert, AlertKind, RejectReason, ReplicaBeat, Severity, Subjects, decode, printable,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 use uuid::Uuid;
 
 use super::clock::now;
@@ -27,6 +26,11 @@ use super::outbound::Io;
 pub(super) struct Heard {
     /// When, and which replica led.
     leader: Option<(Instant, String)>,
+    /// Since when production has been heard without a silence longer than a lease.
+    alive_since: Option<Instant>,
+    /// Why the backup cannot hear production at all (its subscription failed or ended):
+    /// it then never serves.
+    deaf: Option<String>,
     /// The license production's leader runs, when it is not the one backed.
     other_license: Option<Uuid>,
 }
@@ -53,9 +57,26 @@ impl ProductionWatch {
     }
 
     /// Why the backup may not serve now (`None`: it may): production's leader beat within
-    /// `within`, or production runs another license than the backed one.
-    pub(super) fn refusal(&self, within: Duration) -> Option<(RejectReason, String)> {
-        let heard = self.heard.lock().ok()?.clone();
+    /// `within`, or production runs another license than the backed one, or the backup
+    /// cannot hear production at all; with how long production has been available.
+    pub(super) fn refusal(&self, within: Duration) -> Option<(RejectReason, String, Duration)> {
+        let Ok(heard) = self.heard.lock().map(|h| h.clone()) else {
+            return Some((
+                RejectReason::ProductionAvailable,
+                "its watch on production failed".into(),
+                Duration::ZERO,
+            ));
+        };
+        if let Some(why) = heard.deaf {
+            return Some((
+                RejectReason::ProductionAvailable,
+                format!(
+                    "it cannot hear production cluster {}'s replica beats ({why})",
+                    self.cluster
+                ),
+                Duration::ZERO,
+            ));
+        }
         if let Some(other) = heard.other_license {
             return Some((
                 RejectReason::ContextMismatch,
@@ -63,6 +84,7 @@ impl ProductionWatch {
                     "this backup master's license backs production license {}, but production cluster {} runs license {other}: it is not a backup for it",
                     self.backs, self.cluster
                 ),
+                Duration::ZERO,
             ));
         }
         let Some((at, replica)) = heard.leader else {
@@ -76,30 +98,51 @@ impl ProductionWatch {
                         duration(listened),
                         duration(within)
                     ),
+                    Duration::ZERO,
                 )
             });
         };
         let ago = now().saturating_duration_since(at);
+        let alive_for = heard
+            .alive_since
+            .map_or(Duration::ZERO, |s| now().saturating_duration_since(s));
         (ago <= within).then(|| {
             (
                 RejectReason::ProductionAvailable,
                 format!(
-                    "production cluster {}'s leader {replica} beat {} ago",
+                    "production cluster {}'s leader {replica} beat {} ago (available for {})",
                     self.cluster,
-                    duration(ago)
+                    duration(ago),
+                    duration(alive_for)
                 ),
+                alive_for,
             )
         })
     }
 
-    fn observe(&self, beat: &ReplicaBeat) -> Option<Uuid> {
+    /// The watch cannot hear production: the backup never serves.
+    fn deaf(&self, why: String) {
+        if let Ok(mut heard) = self.heard.lock() {
+            heard.deaf = Some(why);
+        }
+    }
+
+    fn observe(&self, beat: &ReplicaBeat, within: Duration) -> Option<Uuid> {
         let Ok(mut heard) = self.heard.lock() else {
             return None;
         };
         if !beat.leader {
             return None;
         }
-        heard.leader = Some((now(), printable(&beat.replica).chars().take(64).collect()));
+        let at = now();
+        let was_silent = heard
+            .leader
+            .as_ref()
+            .is_none_or(|(last, _)| at.saturating_duration_since(*last) > within);
+        if was_silent {
+            heard.alive_since = Some(at);
+        }
+        heard.leader = Some((at, printable(&beat.replica).chars().take(64).collect()));
         let other = beat.license.filter(|l| *l != self.backs);
         let new = other.is_some() && other != heard.other_license;
         heard.other_license = other;
@@ -107,34 +150,49 @@ impl ProductionWatch {
     }
 }
 
-/// Listens to the production cluster's replica beats until `stop`.
-pub(super) async fn watch_production(io: Io, watch: ProductionWatch, stop: CancellationToken) {
+/// Listens to the production cluster's replica beats until `stop`. If it cannot (the
+/// subscription fails or ends), the backup never serves, and a critical alert says so.
+pub(super) async fn watch_production(
+    io: Io,
+    watch: ProductionWatch,
+    lease: Duration,
+    stop: CancellationToken,
+) {
+    let deaf = |why: String| {
+        let (io, watch) = (io.clone(), watch.clone());
+        async move {
+            watch.deaf(why.clone());
+            io.alert(Alert::new(
+                Severity::Critical,
+                AlertKind::LicenseRefused,
+                format!(
+                    "backup master {} cannot hear production cluster {}'s replica beats ({why}): it refuses every slave until restarted (check that its NATS user may subscribe to lmbus.v1.{}.replica)",
+                    io.broker_id, watch.cluster, watch.cluster
+                ),
+            ))
+            .await;
+        }
+    };
     let subject = match Subjects::new(&watch.cluster) {
         Ok(s) => s.replica(),
-        Err(e) => {
-            warn!(error = %e, "cannot watch the production cluster");
-            return;
-        }
+        Err(e) => return deaf(e.to_string()).await,
     };
     let mut beats = match io.client.subscribe(subject.clone()).await {
         Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, %subject, "cannot subscribe to the production cluster's replica beats");
-            return;
-        }
+        Err(e) => return deaf(format!("cannot subscribe to {subject}: {e}")).await,
     };
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => return,
             msg = beats.next() => match msg {
                 Some(msg) => msg,
-                None => return,
+                None => return deaf(format!("the subscription to {subject} ended")).await,
             },
         };
         let Ok(beat) = decode::<ReplicaBeat>(&msg.payload) else {
             continue;
         };
-        if let Some(other) = watch.observe(&beat) {
+        if let Some(other) = watch.observe(&beat, lease) {
             io.alert(Alert::new(
                 Severity::Critical,
                 AlertKind::LicenseRefused,

@@ -358,9 +358,15 @@ impl<'a> Leader<'a> {
             .engine
             .set_wall_clock(self.cfg.wall_clock.unix_ms());
         if let Some(watch) = &self.io.production {
+            let refusal = watch.refusal(self.cfg.lease);
+            let handback_due = refusal.as_ref().is_some_and(|(reason, _, alive_for)| {
+                *reason == lmbus_schemas::RejectReason::ProductionAvailable
+                    && *alive_for >= self.cfg.handback_window
+                    && !alive_for.is_zero()
+            });
             self.replica
                 .engine
-                .set_production_alive(watch.refusal(self.cfg.lease));
+                .set_production_alive(refusal.map(|(reason, why, _)| (reason, why)), handback_due);
         }
     }
 

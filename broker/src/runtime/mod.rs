@@ -280,6 +280,7 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         io.tasks.spawn(backup::watch_production(
             io.clone(),
             watch.clone(),
+            cfg.lease,
             stop.clone(),
         ));
     }

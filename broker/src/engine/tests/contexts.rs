@@ -315,8 +315,10 @@ fn a_ledger_of_another_context_is_refused() {
 fn a_backup_master_serves_only_while_production_is_silent() {
     let mut h = master_in(Context::Backup, true);
     let heard = "production cluster prod's leader b1 beat 100ms ago".to_owned();
-    h.engine
-        .set_production_alive(Some((RejectReason::ProductionAvailable, heard.clone())));
+    h.engine.set_production_alive(
+        Some((RejectReason::ProductionAvailable, heard.clone())),
+        false,
+    );
     let out = hello_declaring(&mut h, "s1", None, Some(Context::Production));
     match reply_of(&out) {
         Some(Reply::Refused { reason, detail, .. }) => {
@@ -328,21 +330,26 @@ fn a_backup_master_serves_only_while_production_is_silent() {
     assert_eq!(alerts(&out)[0].kind, AlertKind::SlaveRefused);
     assert_eq!(alerts(&out)[0].context, "backup");
 
-    h.engine.set_production_alive(None);
+    h.engine.set_production_alive(None, false);
     let out = hello_declaring(&mut h, "s1", None, Some(Context::Production));
     assert!(matches!(reply_of(&out), Some(Reply::Welcome(_))), "{out:?}");
     assert!(approved(&h.decision("s1", "a1", "inbound")));
 
-    h.engine
-        .set_production_alive(Some((RejectReason::ProductionAvailable, heard.clone())));
+    h.engine.set_production_alive(
+        Some((RejectReason::ProductionAvailable, heard.clone())),
+        false,
+    );
     assert_eq!(
         rejected_for(&h.decision("s1", "a2", "inbound")),
         Some(RejectReason::ProductionAvailable)
     );
-    h.engine.set_production_alive(Some((
-        RejectReason::ContextMismatch,
-        "production runs another license".into(),
-    )));
+    h.engine.set_production_alive(
+        Some((
+            RejectReason::ContextMismatch,
+            "production runs another license".into(),
+        )),
+        false,
+    );
     assert_eq!(
         rejected_for(&h.decision("s1", "a2", "inbound")),
         Some(RejectReason::ContextMismatch)
@@ -351,7 +358,56 @@ fn a_backup_master_serves_only_while_production_is_silent() {
 
     let mut prod = master_in(Context::Production, true);
     prod.engine
-        .set_production_alive(Some((RejectReason::ProductionAvailable, heard)));
+        .set_production_alive(Some((RejectReason::ProductionAvailable, heard)), false);
     let out = hello_declaring(&mut prod, "s1", None, None);
     assert!(matches!(reply_of(&out), Some(Reply::Welcome(_))), "{out:?}");
+}
+
+/// The handback: a backup master holding seats is told production has been available for
+/// the whole handback window; its next tick releases every seat (recorded as `Revoke`),
+/// tells each slave to log those agents out with `production_available`, alerts
+/// `seats_released`, and a hello claiming them again is refused them. Before the window has
+/// passed, nothing is released.
+#[test]
+fn a_backup_master_hands_back_once_the_window_has_passed() {
+    let mut h = master_in(Context::Backup, true);
+    hello_declaring(&mut h, "s1", None, Some(Context::Production));
+    assert!(approved(&h.decision("s1", "a1", "inbound")));
+    assert!(approved(&h.decision("s1", "a2", "inbound")));
+    let heard = (RejectReason::ProductionAvailable, "p1 beat".to_owned());
+    h.engine.set_production_alive(Some(heard.clone()), false);
+    let out = h.engine.handle(h.now, Event::Tick { today: TODAY });
+    assert_eq!(h.engine.seats()["s1"].len(), 2, "{out:?}");
+    h.engine.set_production_alive(Some(heard), true);
+    let out = h.engine.handle(h.now, Event::Tick { today: TODAY });
+    assert!(h.engine.seats().get("s1").is_none_or(|s| s.is_empty()));
+    assert!(
+        out.changes
+            .iter()
+            .any(|c| matches!(c, SeatChange::Revoke { slave, agents } if slave == "s1" && agents.len() == 2)),
+        "{:?}",
+        out.changes
+    );
+    let logout = out.effects.iter().find_map(|e| match e {
+        Effect::Control {
+            message: ControlMessage::LogOut { agents },
+            ..
+        } => Some(agents.clone()),
+        _ => None,
+    });
+    let logout = logout.expect("a logout");
+    assert_eq!(logout.len(), 2);
+    assert!(
+        logout
+            .iter()
+            .all(|a| a.reason == RejectReason::ProductionAvailable)
+    );
+    let released = alerts(&out);
+    assert!(
+        released
+            .iter()
+            .any(|a| a.kind == AlertKind::SeatsReleased && a.message.contains("handback")),
+        "{released:?}"
+    );
+    assert_eq!(h.engine.status(h.now).total_in_use, 0);
 }
