@@ -5,7 +5,9 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use lmbus_schemas::{Limits, Role};
 use lmbus_slave::SlaveAgent;
 use lmbus_tests::*;
 
@@ -63,23 +65,38 @@ fn promtool() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Steps: a broker with `--metrics` and an embedded slave that registers an agent; the
-/// broker's scrape (as leader) and the slave's metrics give the names the binaries export.
-/// Every `lmbus_` name in `deploy/grafana/lmbus.json` (each panel's queries) and in
-/// `deploy/prometheus/lmbus-rules.yaml` is among them, every panel has a query, and
-/// `promtool check rules` accepts the rules (when promtool is installed; `cargo xtask test`
-/// installs it, and then `LMBUS_REQUIRE_PROMTOOL=1` makes its absence a failure).
+/// Steps: a broker in allotment mode with `--metrics` and a master license with an offline
+/// limit (so that the per-slave seat gauges and the offline-limit gauges are exported too),
+/// and an embedded slave that registers an agent; the broker's scrape (as leader) and the
+/// slave's metrics give the names the binaries export. Every `lmbus_` name in
+/// `deploy/grafana/lmbus.json` (each panel's queries) and in
+/// `deploy/prometheus/lmbus-rules.yaml` is among them, every panel has a query, the
+/// dashboard shows every `lmbus_allot_` and `lmbus_license_sync_` metric (a histogram
+/// through its series), and `promtool check rules` accepts the rules (when promtool is
+/// installed; `cargo xtask test` installs it, and then `LMBUS_REQUIRE_PROMTOOL=1` makes its
+/// absence a failure).
 #[tokio::test]
 async fn the_dashboard_and_the_alert_rules_use_only_exported_metrics() {
     let f = Fixture::new().await.unwrap();
     let port = free_port();
+    let mut license = Vendor::license(
+        Role::Master,
+        Limits {
+            total: Some(3),
+            agent_types: [("inbound".to_owned(), 3)].into(),
+            ..Limits::default()
+        },
+    );
+    license.issued = time::OffsetDateTime::now_utc().date();
+    license.sync_within_days = Some(60);
     let mut cfg = broker_config(
         &f.nats,
         &f.cluster,
-        f.vendor.master(3, &[("inbound", 3)]).unwrap(),
+        f.vendor.write("offline-master.lic", &license).unwrap(),
         &f.vendor,
         true,
     );
+    cfg.allot = allotment(Duration::from_millis(500), Duration::from_secs(5));
     cfg.metrics = Some(format!("127.0.0.1:{port}").parse().unwrap());
     let _broker = Broker::start(cfg).await.unwrap();
     let slave = SlaveAgent::start(f.slave_config("site1").unwrap())
@@ -87,6 +104,13 @@ async fn the_dashboard_and_the_alert_rules_use_only_exported_metrics() {
         .unwrap();
     assert!(slave.register("a1", "inbound").await.unwrap().is_approved());
     // The leader's seat gauges appear within a tick.
+    let leader_only = [
+        "lmbus_seats_in_use",
+        "lmbus_allot_slave_seats",
+        "lmbus_allot_slave_seats_omitted",
+        "lmbus_license_sync_overdue",
+        "lmbus_license_sync_deadline_timestamp_seconds",
+    ];
     let mut names = BTreeSet::new();
     for _ in 0..100 {
         let text = tokio::task::spawn_blocking(move || {
@@ -100,13 +124,15 @@ async fn the_dashboard_and_the_alert_rules_use_only_exported_metrics() {
         .await
         .unwrap();
         names = exported(&text);
-        if names.contains("lmbus_seats_in_use") {
+        if leader_only.iter().all(|n| names.contains(*n)) {
             break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     names.extend(exported(&slave.metrics_text()));
-    assert!(names.contains("lmbus_seats_in_use"), "{names:?}");
+    for name in leader_only {
+        assert!(names.contains(name), "{name} not exported: {names:?}");
+    }
     assert!(names.contains("lmbus_slave_mode"), "{names:?}");
 
     let dashboard_text = std::fs::read_to_string(deploy("grafana/lmbus.json")).unwrap();
@@ -124,6 +150,26 @@ async fn the_dashboard_and_the_alert_rules_use_only_exported_metrics() {
             panel["title"]
         );
     }
+    // Allotment mode's and the offline limit's metrics each have a panel.
+    let shown = referenced(&dashboard_text);
+    let unshown: Vec<&String> = names
+        .iter()
+        .filter(|n| n.starts_with("lmbus_allot_") || n.starts_with("lmbus_license_sync_"))
+        .filter(|n| {
+            let histogram_series = ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                n.strip_suffix(suffix)
+                    .is_some_and(|base| names.contains(base))
+            });
+            let through_series = ["_bucket", "_count"]
+                .iter()
+                .any(|suffix| shown.contains(&format!("{n}{suffix}")));
+            !histogram_series && !shown.contains(*n) && !through_series
+        })
+        .collect();
+    assert!(
+        unshown.is_empty(),
+        "deploy/grafana/lmbus.json has no panel for {unshown:?}"
+    );
     let rules_path = deploy("prometheus/lmbus-rules.yaml");
     let rules_text = std::fs::read_to_string(&rules_path).unwrap();
     for (file, text) in [
