@@ -728,6 +728,21 @@ async fn steady_host(f: &Fixture, books: &Arc<Books>) -> Arc<Host> {
     Arc::new(Host::start(cfg, books).await.unwrap())
 }
 
+/// Slave daemon A (`frozen`, grace [`P_GRACE`]) and in-process slave B ([`steady_host`]),
+/// both following the master's allotment mode.
+async fn frozen_and_steady(f: &Fixture, books: &Arc<Books>) -> (Arc<SlaveDaemon>, Arc<Host>) {
+    let a = Arc::new(
+        SlaveDaemon::start_with_grace(&f.nats.url(), &f.cluster, "frozen", P_GRACE, &[]).await,
+    );
+    let b = steady_host(f, books).await;
+    wait_allotment_mode(&b).await;
+    wait_daemon(&a, "the daemon in allotment mode", |v| {
+        v.admission == "allotment"
+    })
+    .await;
+    (a, b)
+}
+
 /// Registers `agent` through the daemon as a host does: an approval goes into the books.
 async fn daemon_register(daemon: &SlaveDaemon, books: &Books, agent: &str) -> Option<bool> {
     let answer = daemon.register(agent).await;
@@ -846,15 +861,7 @@ async fn a_frozen_slave_admits_nothing_from_a_stale_block() {
     let broker = Broker::start(cfg.clone()).await.unwrap();
     let watch = InvariantWatch::start(&f);
     let books = Books::new(limits.clone());
-    let a = Arc::new(
-        SlaveDaemon::start_with_grace(&f.nats.url(), &f.cluster, "frozen", P_GRACE, &[]).await,
-    );
-    let b = steady_host(&f, &books).await;
-    wait_allotment_mode(&b).await;
-    wait_daemon(&a, "the daemon in allotment mode", |v| {
-        v.admission == "allotment"
-    })
-    .await;
+    let (a, b) = frozen_and_steady(&f, &books).await;
 
     // Part 1: the lease ends while A is frozen, and no master answers when it resumes.
     warm_daemon(&f, &a, &books, "warm1").await;
@@ -1215,15 +1222,7 @@ async fn past_the_offline_limit_blocks_go_back_and_the_hosts_books_hold() {
     let broker = Broker::start(cfg).await.unwrap();
     let watch = InvariantWatch::start(&f);
     let books = Books::new(limits.clone());
-    let a = Arc::new(
-        SlaveDaemon::start_with_grace(&f.nats.url(), &f.cluster, "frozen", P_GRACE, &[]).await,
-    );
-    let b = steady_host(&f, &books).await;
-    wait_allotment_mode(&b).await;
-    wait_daemon(&a, "the daemon in allotment mode", |v| {
-        v.admission == "allotment"
-    })
-    .await;
+    let (a, b) = frozen_and_steady(&f, &books).await;
     warm_daemon(&f, &a, &books, "warm").await;
     for n in 0..2 {
         let agent = format!("kept-{n}");

@@ -320,9 +320,13 @@ async fn production_and_backup_reports_side_by_side() {
         },
     );
     backup_license.context = Context::Backup;
+    backup_license.backs = Some(uuid::Uuid::new_v4());
     let backup_license = f.vendor.write("backup.lic", &backup_license).unwrap();
     let mut backup_cfg = broker_config(&f.nats, &backup_cluster, backup_license, &f.vendor, true);
     backup_cfg.broker_id = "backup-broker".into();
+    // The production it backs is at a site whose beats do not reach this NATS (a split):
+    // both serve at once, which is what a side-by-side report is there to show.
+    backup_cfg.production_cluster = Some(cluster_name());
     let backup = Broker::start(backup_cfg).await.unwrap();
     let p1 = SlaveAgent::start(f.slave_config("p1").unwrap())
         .await
@@ -331,7 +335,18 @@ async fn production_and_backup_reports_side_by_side() {
     b1_cfg.cluster = backup_cluster.clone();
     // An unlicensed slave declares its context; the backup master refuses production's.
     b1_cfg.context = Some(Context::Backup);
-    let b1 = SlaveAgent::start(b1_cfg).await.unwrap();
+    // The backup serves once it has listened for one lease and heard no production.
+    let started = std::time::Instant::now();
+    let b1 = loop {
+        match SlaveAgent::start(b1_cfg.clone()).await {
+            Ok(b1) => break b1,
+            Err(e) if started.elapsed() < WAIT => {
+                eprintln!("the backup does not serve yet: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the backup never served: {e}"),
+        }
+    };
     assert!(
         p1.register("agent-p-1", "inbound")
             .await
