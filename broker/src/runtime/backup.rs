@@ -1,11 +1,18 @@
 //! A backup master's watch on the production cluster it backs (`--production-cluster`):
-//! it listens to that cluster's replica beats on its own NATS. While a beat from
-//! production's leader arrived within one lease (`--lease`; replicas beat four times per
-//! lease, so use the same lease on both), production is alive and the backup refuses
-//! `production_available`, and so it does for its first lease, before it can know; a production leader running another license than the one the
-//! backup license backs is alerted (critical) and the backup refuses `context_mismatch`
-//! until a beat names the backed license again. The leader hands what it knows to the
-//! engine before every event (`Leader::set_wall_clock`).
+//! it listens to that cluster's replica beats on its own NATS.
+//!
+//! - While a beat from production's leader arrived within one lease (`--lease`; replicas
+//!   beat four times per lease, so use the same lease on both), production is alive and
+//!   the backup refuses `production_available`; so it does during its first lease, before
+//!   it can know, and for good if its subscription fails or ends (a critical alert says so).
+//! - A production leader running another license than the one the backup license backs is
+//!   alerted (critical), and the backup refuses `context_mismatch` until a beat names the
+//!   backed license again.
+//! - How long production has been available again decides the handback: once that is the
+//!   whole `--handback-window`, the engine releases every seat the backup holds.
+//!
+//! The leader hands what it knows to the engine before every event
+//! (`Leader::set_wall_clock`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
