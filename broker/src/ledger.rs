@@ -202,7 +202,7 @@ impl Sent {
         }
         // Sent again: the fence also refuses a resend of an append that did land
         // (nats-server 2.10 and later check the fence before the message id; 2.9 answers
-        // with the duplicate). Look at the record it would be.
+        // with the duplicate, which is read too). Look at the record it would be.
         let (js, stream, id) = (
             self.again.js.clone(),
             self.again.stream.clone(),
@@ -220,8 +220,9 @@ impl Sent {
         }
     }
 
-    /// The acknowledgement as a result, or `None` for a fence refusal of a resend (which
-    /// may be this very record, landed by an earlier send: [`Self::wait`] reads it).
+    /// The acknowledgement as a result, or `None` for a fence refusal of a resend or a
+    /// duplicate at the predicted sequence (either may be this very record, landed by an
+    /// earlier send: [`Self::wait`] reads it).
     async fn answer(&mut self) -> Option<Result<u64, AppendError>> {
         let expected = self.expected;
         Some(match (&mut self.ack).await {
@@ -250,10 +251,12 @@ impl Sent {
                 Err(AppendError::Fenced { expected })
             }
             Ok(Err(e)) => Err(AppendError::Failed(e.to_string())),
-            // A duplicate of this append's id at the predicted sequence is this very record,
-            // landed by an earlier send whose acknowledgement was lost (ids are unique to
-            // one replica's fence): it is recorded.
-            Ok(Ok(ack)) if ack.duplicate && ack.sequence == self.sequence => Ok(ack.sequence),
+            // A duplicate of this append's id at the predicted sequence should be this very
+            // record, landed by an earlier send whose acknowledgement was lost (ids are
+            // unique to one replica's fence). The answer comes from the server's memory of
+            // ids, not from the record: `wait` reads the record and compares the id before
+            // counting it as recorded.
+            Ok(Ok(ack)) if ack.duplicate && ack.sequence == self.sequence => return None,
             // A sequence other than the predicted one cannot pass the fence: this append is
             // not recorded.
             Ok(Ok(ack)) if ack.duplicate || ack.sequence != self.sequence => {

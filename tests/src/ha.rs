@@ -199,7 +199,11 @@ impl Rig {
         let records = self.root_at_snapshot(records).await;
         match audit(&records, self.limit, &BTreeMap::new()) {
             Ok(a) => a,
-            Err(e) => panic!("ledger audit failed: {e}\n{}", self.dump_logs()),
+            Err(e) => panic!(
+                "ledger audit failed: {e}\n{}\n{}",
+                outline(&records),
+                self.dump_logs()
+            ),
         }
     }
 
@@ -262,6 +266,37 @@ impl Drop for Rig {
             eprintln!("{}", self.dump_logs());
         }
     }
+}
+
+/// One line per record (sequence, writer, the kinds of its changes), for a failed audit's
+/// post-mortem.
+pub fn outline(records: &[Record]) -> String {
+    let mut out = String::from("--- the ledger (sequence writer: changes)\n");
+    for r in records {
+        let kinds: Vec<String> = r
+            .entry
+            .changes
+            .iter()
+            .map(|c| match c {
+                lmbus_schemas::SeatChange::Leader { replica, term, .. } => {
+                    format!("Leader({replica}, term {term})")
+                }
+                other => format!("{other:?}").chars().take(60).collect(),
+            })
+            .collect();
+        let quarantined = r
+            .quarantined
+            .as_deref()
+            .map(|q| format!(" QUARANTINED: {q}"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{} {}: {}{quarantined}\n",
+            r.sequence,
+            r.entry.writer,
+            kinds.join("; ")
+        ));
+    }
+    out
 }
 
 pub async fn next_leader(alerts: &mut AlertTap, not: Option<&str>) -> String {

@@ -442,6 +442,35 @@ impl NatsCluster {
         }
     }
 
+    /// Stops every node the way an operator's restart of the whole NATS cluster does: SIGTERM
+    /// to all at once, so that each shuts down cleanly (nats-server writes out its stores and
+    /// raft logs), then waits for each to exit (SIGKILL after 10 s).
+    ///
+    /// Not SIGKILL for all: once in CI (nats-server 2.9.10), every node killed within a
+    /// millisecond while ledger appends were in flight left a ledger in which a replica's
+    /// record followed the previous leader's records without its own `Leader` record: the
+    /// stream's history after recovery was not the one whose acknowledgement the new leader
+    /// had. The fence is checked by JetStream itself, so no client-side check can hold when
+    /// JetStream's own recovery disagrees with what it acknowledged (ARCHITECTURE.md, "What
+    /// the ledger relies on"). A single node killed is tested elsewhere (`node_loss`).
+    pub fn stop_all(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        for child in self.nodes.iter().flatten() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for slot in self.nodes.iter_mut() {
+            if let Some(mut child) = slot.take() {
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
     /// Starts node `i` again on the same ports and store.
     pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         self.kill(i);

@@ -1044,7 +1044,9 @@ async fn leader_records(rig: &Rig) -> Vec<String> {
         .collect()
 }
 
-/// Steps: under load, all three NATS nodes are killed (SIGKILL) and started again. Once
+/// Steps: under load, all three NATS nodes are stopped at once (SIGTERM to each, as an
+/// operator restarting the whole NATS cluster does; `NatsCluster::stop_all` says why not
+/// SIGKILL) and started again. Once
 /// JetStream is back, a broker leads and decides within 30 s, and no leader steps down
 /// because a ledger write failed (a new leader retries its `Leader` record while its lease
 /// holds; on this machine the flap did not reproduce with the retry disabled either, so
@@ -1059,9 +1061,7 @@ async fn the_whole_nats_cluster_restarting_makes_no_leader_flap() {
     let mut alerts = rig.alerts().await;
     let load = Load::start(&rig).await;
     load.progress(20).await;
-    for node in 0..3 {
-        rig.nats.kill(node);
-    }
+    tokio::task::block_in_place(|| rig.nats.stop_all());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let restarted = Instant::now();
     tokio::task::block_in_place(|| {
