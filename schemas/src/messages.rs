@@ -769,6 +769,21 @@ pub struct ReplicaBeat {
     pub license: Option<Uuid>,
 }
 
+/// `lmbus.v1.<production cluster>.backups`: a backup master's replicas say, on the
+/// namespace of the production cluster they back, which backup license they run and for how
+/// long their watch has run (a duration on the sender's own monotonic clock, never a time
+/// of day): of two backup clusters with one backup license, the one up longer serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupBeat {
+    /// The backup master's own cluster name.
+    pub cluster: String,
+    pub replica: String,
+    /// The backup master license it runs.
+    pub license: Uuid,
+    /// How long this replica's watch on production has run, in milliseconds.
+    pub up_ms: u64,
+}
+
 /// One broker replica in the leader's view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaStatus {

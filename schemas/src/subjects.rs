@@ -321,6 +321,13 @@ impl Subjects {
         format!("{}.replica", self.prefix)
     }
 
+    /// `lmbus.v1.<cluster>.backups`: `BackupBeat`s, published a few times per lease by every
+    /// replica of each backup master that backs this (production) cluster, and subscribed
+    /// by them: a second backup cluster running the same backup license refuses to serve.
+    pub fn backups(&self) -> String {
+        format!("{}.backups", self.prefix)
+    }
+
     /// `lmbus.v1.<cluster>.ledger`: the seat ledger's records (`LedgerEntry`), appended by
     /// the leader broker only, read by every replica. Stored in [`Self::ledger_stream`].
     pub fn ledger(&self) -> String {
@@ -431,6 +438,7 @@ mod tests {
         assert_eq!(s.election_stream(), "KV_lmbus_election_acme-prod");
         assert_eq!(s.election_subjects(), "$KV.lmbus_election_acme-prod.>");
         assert_eq!(s.replica(), "lmbus.v1.acme-prod.replica");
+        assert_eq!(s.backups(), "lmbus.v1.acme-prod.backups");
         let slave = SlaveId::new("site_1").unwrap();
         for op in SlaveOp::ALL {
             let subject = s.slave_op(&slave, op);

@@ -1555,3 +1555,93 @@ async fn a_site_can_neither_sync_nor_answer_as_the_vendor() {
     forging.abort();
     d.stop().await;
 }
+
+/// Steps: under the reference permissions, site1's credentials publish a forged replica
+/// beat (a production leader, as a backup master listens for) and a forged backup beat
+/// (as a second backup cluster that has been up for a year) on the cluster's `replica` and
+/// `backups` subjects. A broker-user listener on both hears neither, and hears the
+/// replica beat sent with the broker's own credentials (so the listener works; no user of
+/// the reference configuration may publish on `backups`: a backup cluster's broker user
+/// adds it): a site can make no backup master refuse or serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_cannot_forge_the_beats_a_backup_master_listens_to() {
+    use futures::StreamExt as _;
+    let d = Deployment::start(5).await;
+    let broker = lmbus_nats::connect(
+        &d.nats.url(),
+        async_nats::ConnectOptions::new(),
+        &user("broker"),
+    )
+    .await
+    .unwrap();
+    let mut heard = futures::stream::select(
+        broker.subscribe(d.subjects.replica()).await.unwrap(),
+        broker.subscribe(d.subjects.backups()).await.unwrap(),
+    );
+    broker.flush().await.unwrap();
+    let replica = encode(&lmbus_schemas::ReplicaBeat {
+        replica: "forged".into(),
+        priority: 1,
+        leader: true,
+        applied: 0,
+        drained: false,
+        context: Some(lmbus_schemas::Context::Production),
+        license: Some(uuid::Uuid::new_v4()),
+    })
+    .unwrap();
+    let backup = encode(&lmbus_schemas::BackupBeat {
+        cluster: "forged-dr".into(),
+        replica: "forged".into(),
+        license: uuid::Uuid::new_v4(),
+        up_ms: 365 * 24 * 3600 * 1000,
+    })
+    .unwrap();
+    let site = d.site("site1").await;
+    for (subject, payload) in [
+        (d.subjects.replica(), replica.clone()),
+        (d.subjects.backups(), backup.clone()),
+    ] {
+        // A publish the server refuses is dropped, and the connection stays up.
+        let _ = site.publish(subject, payload.into()).await;
+    }
+    let _ = site.flush().await;
+    let from_site = tokio::time::timeout(Duration::from_secs(1), async {
+        // Beats of the deployment's own broker replicas are not the site's.
+        loop {
+            let msg = heard.next().await.unwrap();
+            let forged = decode::<lmbus_schemas::ReplicaBeat>(&msg.payload)
+                .is_ok_and(|b| b.replica == "forged")
+                || decode::<lmbus_schemas::BackupBeat>(&msg.payload)
+                    .is_ok_and(|b| b.replica == "forged");
+            if forged {
+                return msg.subject;
+            }
+        }
+    })
+    .await;
+    assert!(
+        from_site.is_err(),
+        "a site's beat reached the brokers on {:?}",
+        from_site
+    );
+    broker
+        .publish(d.subjects.replica(), replica.into())
+        .await
+        .unwrap();
+    broker.flush().await.unwrap();
+    let mut forged = 0;
+    let deadline = Instant::now() + WAIT;
+    while forged < 1 {
+        let msg = tokio::time::timeout_at(deadline.into(), heard.next())
+            .await
+            .expect("the broker's own replica beat did not arrive")
+            .unwrap();
+        if decode::<lmbus_schemas::ReplicaBeat>(&msg.payload).is_ok_and(|b| b.replica == "forged")
+            || decode::<lmbus_schemas::BackupBeat>(&msg.payload)
+                .is_ok_and(|b| b.replica == "forged")
+        {
+            forged += 1;
+        }
+    }
+    d.stop().await;
+}

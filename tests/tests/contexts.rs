@@ -630,6 +630,105 @@ async fn a_backup_master_serves_only_while_production_is_silent() {
     prod.stop().await.unwrap();
 }
 
+/// Steps (issue 19, one backup license at one backup master): production is silent (never
+/// started). Backup master d1 (cluster `dr`) serves a slave once its first lease is over.
+/// A second backup cluster `dr2` is started with the same backup license file: dr2 raises a
+/// critical `license_refused` alert naming dr, dr a warning naming dr2; a hello to dr2 is
+/// refused `license_in_use` naming dr, while dr goes on approving. dr stops: dr2 serves
+/// within its lease plus slack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_backup_master_with_the_same_backup_license_is_refused() {
+    let f = Fixture::new().await.unwrap();
+    let Pair {
+        dr_cluster,
+        mut dr_cfg,
+        ..
+    } = production_and_backup(&f);
+    dr_cfg.production_cluster = Some(f.cluster.clone());
+    let dr2_cluster = format!("{}dr2", f.cluster);
+    let mut dr2_cfg = dr_cfg.clone();
+    dr2_cfg.cluster = dr2_cluster.clone();
+    dr2_cfg.broker_id = "e1".into();
+    let at = |cluster: &str, id: &str| {
+        let mut cfg = f.slave_config(id).unwrap();
+        cfg.cluster = cluster.to_owned();
+        cfg
+    };
+    let mut dr_alerts = AlertTap::new(&f.client, &dr_cluster).await.unwrap();
+    let mut dr2_alerts = AlertTap::new(&f.client, &dr2_cluster).await.unwrap();
+    let dr = Broker::start(dr_cfg).await.unwrap();
+    let serving = |cluster: String, id: &'static str, allowed: &'static [RejectReason]| {
+        let cfg = at(&cluster, id);
+        async move {
+            let since = std::time::Instant::now();
+            loop {
+                match SlaveAgent::start(cfg.clone()).await {
+                    Ok(slave) => return (slave, since.elapsed()),
+                    Err(SlaveError::Refused { reason, .. })
+                        if allowed.contains(&reason) && since.elapsed() < WAIT =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("{cluster} did not serve {id}: {e}"),
+                }
+            }
+        }
+    };
+    let (site1, _) = serving(
+        dr_cluster.clone(),
+        "site1",
+        &[RejectReason::ProductionAvailable],
+    )
+    .await;
+
+    let dr2 = Broker::start(dr2_cfg).await.unwrap();
+    let yielded = dr2_alerts
+        .wait_for("dr2 yields to dr", |a| {
+            a.kind == AlertKind::LicenseRefused && a.severity == Severity::Critical
+        })
+        .await
+        .unwrap();
+    assert!(
+        yielded
+            .message
+            .contains(&format!("backup cluster {dr_cluster} ")),
+        "{}",
+        yielded.message
+    );
+    let warned = dr_alerts
+        .wait_for("dr goes on", |a| {
+            a.kind == AlertKind::LicenseRefused && a.severity == Severity::Warning
+        })
+        .await
+        .unwrap();
+    assert!(warned.message.contains(&dr2_cluster), "{}", warned.message);
+    match tokio::time::timeout(WAIT, SlaveAgent::start(at(&dr2_cluster, "site2"))).await {
+        Ok(Err(SlaveError::Refused {
+            reason: RejectReason::LicenseInUse,
+            detail,
+        })) => assert!(
+            detail.contains(&format!("backup cluster {dr_cluster} ")),
+            "{detail}"
+        ),
+        Ok(Err(e)) => panic!("dr2 refused for another reason: {e}"),
+        Ok(Ok(_)) => panic!("a second backup master of one backup license admitted a slave"),
+        Err(_) => panic!("no answer within {WAIT:?}"),
+    }
+    assert!(site1.register("a1", "inbound").await.unwrap().is_approved());
+
+    // The first backup stops: the second takes over once it is silent for a lease.
+    dr.stop().await.unwrap();
+    let (site2, took_over) =
+        serving(dr2_cluster.clone(), "site2", &[RejectReason::LicenseInUse]).await;
+    eprintln!(
+        "measured: the second backup served {took_over:?} after the first stopped (lease 1 s)"
+    );
+    assert!(site2.register("b1", "inbound").await.unwrap().is_approved());
+    site1.shutdown().await;
+    site2.shutdown().await;
+    dr2.stop().await.unwrap();
+}
+
 /// Steps: production master `p1` and backup master `d1` (backing p1's license, 2 seats) on
 /// one NATS; a production slave with p1's cluster as primary and d1's as secondary
 /// (failover wait 0, request timeout 1 s). It registers a1 at production. Production

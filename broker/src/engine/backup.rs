@@ -3,8 +3,9 @@
 //! and tells the engine, before every event, why it may not serve now, if it may not, and
 //! whether production has been available for the whole handback window
 //! (`set_production_alive`). While it may not serve, hellos and registrations are refused
-//! with that reason (`production_available`, or `context_mismatch` when production runs
-//! another license) and allotment blocks are taken back. Once the handback window has
+//! with that reason (`production_available`, `context_mismatch` when production runs
+//! another license, or `license_in_use` when another backup cluster that has been up longer
+//! runs the same backup license) and allotment blocks are taken back. Once the handback window has
 //! passed with production available, the next tick releases every seat the backup holds
 //! (the slaves log those agents out, reason `production_available`, to register them with
 //! production): the time both masters are in use is bounded by the window.

@@ -109,7 +109,12 @@ fn production_watch(
                     "--production-cluster {cluster} is this backup master's own cluster: name the production cluster it backs (a backup master is a cluster of its own)"
                 );
             }
-            Ok(Some(backup::ProductionWatch::new(cluster.clone(), backs)))
+            Ok(Some(backup::ProductionWatch::new(
+                cluster.clone(),
+                backs,
+                cfg.cluster.clone(),
+                license.id,
+            )))
         }
         (Some(backs), None) => anyhow::bail!(
             "license {} is a backup master license (it backs production license {backs}): start the broker with --production-cluster NAME, the production cluster whose leader it watches (it serves only while that leader is silent)",
