@@ -83,7 +83,8 @@ pub struct BrokerConfig {
     /// refresh interval.
     pub allot: crate::engine::AllotConfig,
     /// A backup master: the production cluster it backs, whose leader it watches
-    /// (`--production-cluster`); required with a backup master license, refused otherwise.
+    /// (`--production-cluster`); required with a backup master license that names none
+    /// (`License::production_cluster`, which wins and which this must match), refused otherwise.
     pub production_cluster: Option<String>,
     /// A backup master: how long production must have been available again before the
     /// backup releases every seat it holds (`--handback-window`).

@@ -880,7 +880,8 @@ struct RunArgs {
     vendor_nats_creds: Option<std::path::PathBuf>,
     /// A backup master (a license of context backup): the production cluster it backs.
     /// It serves only while that cluster's leader is silent (no replica beat within one
-    /// --lease); required with a backup master license, refused with any other.
+    /// --lease); required with a backup master license that names no production cluster
+    /// itself (one that does is watched, and this must match it), refused with any other.
     #[arg(
         help_heading = "License",
         long,

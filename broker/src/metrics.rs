@@ -642,6 +642,7 @@ mod tests {
             sync_within_days: None,
             revision: None,
             backs: None,
+            production_cluster: None,
             limits: lmbus_schemas::Limits {
                 total: Some(total),
                 local: None,

@@ -110,6 +110,11 @@ struct SignArgs {
     /// license it backs (required there, refused on any other license).
     #[arg(long, value_name = "LICENSE_ID")]
     backs: Option<Uuid>,
+    /// With --backs: the production cluster's name, signed into the license, so that the
+    /// backup master watches that cluster and no other (its --production-cluster flag may
+    /// then be omitted, and must match if given).
+    #[arg(long, value_name = "CLUSTER")]
+    production_cluster: Option<String>,
     /// Aggregate agent limit (required for a master license, refused on others).
     #[arg(help_heading = "Limits", long)]
     total: Option<u32>,
@@ -301,6 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sync_within_days: args.sync_within_days,
                 revision: args.revision,
                 backs: args.backs,
+                production_cluster: args.production_cluster,
                 limits: Limits {
                     total: args.total,
                     local: args.local,

@@ -168,6 +168,11 @@ pub struct License {
     /// backup master license, refused on any other). Serialized only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backs: Option<Uuid>,
+    /// A backup master license may also name the production cluster it backs (the cluster
+    /// name whose leader it listens to): then no `--production-cluster` flag can point it
+    /// at another, silent cluster. Only with `backs`; serialized only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub production_cluster: Option<String>,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -451,6 +456,20 @@ impl License {
                 ));
             }
         }
+        if let Some(cluster) = &self.production_cluster {
+            if self.backs.is_none() {
+                return Err(invalid(
+                    "`production_cluster` is only for a backup master license (with `backs`)"
+                        .into(),
+                ));
+            }
+            crate::Subjects::new(cluster).map_err(|e| {
+                invalid(format!(
+                    "production_cluster {:?} is not a cluster name: {e}",
+                    crate::printable(cluster)
+                ))
+            })?;
+        }
         if self.role == Role::Master && self.limits.total.is_none() {
             return Err(invalid("a master license needs limits.total".into()));
         }
@@ -548,6 +567,7 @@ mod tests {
             sync_within_days: None,
             revision: None,
             backs: None,
+            production_cluster: None,
             limits: Limits {
                 total: Some(500),
                 local: None,
@@ -581,6 +601,30 @@ mod tests {
         let err = sign_license(&other, &k).unwrap_err().to_string();
         assert!(err.contains("only for a backup master license"), "{err}");
         assert!(!sign_license(&master(), &k).unwrap().contains("backs"));
+    }
+
+    /// `production_cluster` binds a backup master license to the cluster it watches: signed
+    /// (an edited name breaks the signature), only with `backs`, a valid cluster name.
+    #[test]
+    fn production_cluster_is_signed_and_only_on_a_backup_master_license() {
+        let k = key(1);
+        let mut backup = master();
+        backup.context = Context::Backup;
+        backup.backs = Some(Uuid::new_v4());
+        backup.production_cluster = Some("acme".into());
+        let text = sign_license(&backup, &k).unwrap();
+        assert!(text.contains("production_cluster = \"acme\""), "{text}");
+        let read = verify_license(&text, "backup.lic", &k.verifying_key()).unwrap();
+        assert_eq!(read.production_cluster.as_deref(), Some("acme"));
+        let edited = text.replace("\"acme\"", "\"acmf\"");
+        assert!(verify_license(&edited, "backup.lic", &k.verifying_key()).is_err());
+        backup.production_cluster = Some("no spaces allowed".into());
+        let err = sign_license(&backup, &k).unwrap_err().to_string();
+        assert!(err.contains("not a cluster name"), "{err}");
+        let mut production = master();
+        production.production_cluster = Some("acme".into());
+        let err = sign_license(&production, &k).unwrap_err().to_string();
+        assert!(err.contains("only for a backup master license"), "{err}");
     }
 
     #[test]

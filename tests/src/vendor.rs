@@ -75,6 +75,7 @@ impl Vendor {
             sync_within_days: None,
             revision: None,
             backs: None,
+            production_cluster: None,
             limits,
         }
     }

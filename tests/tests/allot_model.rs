@@ -35,6 +35,7 @@ fn engine() -> Engine {
         sync_within_days: None,
         revision: None,
         backs: None,
+        production_cluster: None,
         limits: Limits {
             total: Some(TOTAL),
             local: None,

@@ -630,6 +630,69 @@ async fn a_backup_master_serves_only_while_production_is_silent() {
     prod.stop().await.unwrap();
 }
 
+/// Steps: a backup master license that names its production cluster (signed). Started with
+/// `--production-cluster` naming another (silent) cluster, the broker does not start, and
+/// says why; started without the flag, it watches the named cluster: while production
+/// leads, a hello is refused `production_available` naming production's leader p1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_license_that_names_its_production_cluster_watches_only_that_one() {
+    let f = Fixture::new().await.unwrap();
+    let Pair {
+        prod_id,
+        prod_cfg,
+        dr_cluster,
+        mut dr_cfg,
+    } = production_and_backup(&f);
+    let mut l = Vendor::license(
+        Role::Master,
+        Limits {
+            total: Some(2),
+            ..Limits::default()
+        },
+    );
+    l.context = Context::Backup;
+    l.backs = Some(prod_id);
+    l.production_cluster = Some(f.cluster.clone());
+    dr_cfg.license_path = f.vendor.write("dr-bound.lic", &l).unwrap();
+    let mut elsewhere = dr_cfg.clone();
+    elsewhere.production_cluster = Some(format!("{}quiet", f.cluster));
+    let err = lmbus_broker::run(elsewhere, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("differs from the production cluster") && err.contains(&f.cluster),
+        "{err}"
+    );
+    let prod = Broker::start(prod_cfg).await.unwrap();
+    dr_cfg.production_cluster = None;
+    let dr = Broker::start(dr_cfg).await.unwrap();
+    let mut cfg = f.slave_config("site1").unwrap();
+    cfg.cluster = dr_cluster.clone();
+    let started = std::time::Instant::now();
+    loop {
+        match tokio::time::timeout(WAIT, SlaveAgent::start(cfg.clone())).await {
+            Ok(Err(SlaveError::Refused {
+                reason: RejectReason::ProductionAvailable,
+                detail,
+            })) if detail.contains("leader p1") => break,
+            Ok(Err(SlaveError::Refused {
+                reason: RejectReason::ProductionAvailable,
+                ..
+            })) if started.elapsed() < WAIT => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(Err(e)) => panic!("refused for another reason: {e}"),
+            Ok(Ok(_)) => {
+                panic!("the backup served while the production cluster its license names leads")
+            }
+            Err(_) => panic!("no answer within {WAIT:?}"),
+        }
+    }
+    dr.stop().await.unwrap();
+    prod.stop().await.unwrap();
+}
+
 /// Steps (issue 19, one backup license at one backup master): production is silent (never
 /// started). Backup master d1 (cluster `dr`) serves a slave once its first lease is over.
 /// A second backup cluster `dr2` is started with the same backup license file: dr2 raises a

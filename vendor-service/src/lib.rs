@@ -521,6 +521,7 @@ mod tests {
             sync_within_days: Some(60),
             revision: None,
             backs: None,
+            production_cluster: None,
             limits: Limits {
                 total: Some(total),
                 ..Limits::default()

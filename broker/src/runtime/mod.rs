@@ -101,7 +101,16 @@ fn production_watch(
     cfg: &BrokerConfig,
     license: &lmbus_schemas::License,
 ) -> anyhow::Result<Option<backup::ProductionWatch>> {
-    match (license.backs, &cfg.production_cluster) {
+    // A cluster named in the signed license is the one watched; a flag must agree with it.
+    let named = match (&license.production_cluster, &cfg.production_cluster) {
+        (Some(signed), Some(flag)) if signed != flag => anyhow::bail!(
+            "--production-cluster {flag} differs from the production cluster {signed} that license {} names (signed): a backup master watches only the cluster its license names",
+            license.id
+        ),
+        (Some(signed), _) => Some(signed),
+        (None, flag) => flag.as_ref(),
+    };
+    match (license.backs, named) {
         (Some(backs), Some(cluster)) => {
             Subjects::new(cluster).context("--production-cluster")?;
             if *cluster == cfg.cluster {
@@ -117,7 +126,7 @@ fn production_watch(
             )))
         }
         (Some(backs), None) => anyhow::bail!(
-            "license {} is a backup master license (it backs production license {backs}): start the broker with --production-cluster NAME, the production cluster whose leader it watches (it serves only while that leader is silent)",
+            "license {} is a backup master license (it backs production license {backs}) that names no production cluster: start the broker with --production-cluster NAME, the production cluster whose leader it watches (it serves only while that leader is silent)",
             license.id
         ),
         (None, Some(cluster)) => anyhow::bail!(

@@ -51,6 +51,7 @@ fn engine() -> Engine {
         sync_within_days: None,
         revision: None,
         backs: None,
+        production_cluster: None,
         limits: Limits {
             // Small enough that rejections at the limit happen too.
             total: Some(4),

@@ -45,6 +45,7 @@ fn license(role: Role, limits: Limits) -> License {
         sync_within_days: None,
         revision: None,
         backs: None,
+        production_cluster: None,
         limits,
     }
 }
