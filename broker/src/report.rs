@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use lmbus_schemas::report::{Events, SlaveActivity, TypeUsage, UsageReport};
+use lmbus_schemas::report::{BackupUse, Events, SlaveActivity, TypeUsage, UsageReport};
 use lmbus_schemas::{Alert, AlertKind, Subjects, decode, encode};
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -101,6 +101,9 @@ pub struct UsageWindow {
     /// Peak and average per agent type.
     pub types: BTreeMap<String, (u32, f64)>,
     pub total: (u32, f64),
+    /// A backup master's leader: milliseconds during which it held seats while it heard
+    /// production (`None`: never told whether it heard production, not a backup).
+    pub overlap_ms: Option<u64>,
 }
 
 /// One count's accumulator over a window: now, the peak, and seat-milliseconds.
@@ -146,6 +149,10 @@ struct Period {
     /// Per agent type; a type stays (at 0) once seen in the window.
     types: BTreeMap<String, Acc>,
     total: Acc,
+    /// Whether production is heard now (`None`: never told, not a backup's leader).
+    heard: Option<bool>,
+    /// Milliseconds with seats held while production was heard.
+    overlap: u128,
 }
 
 impl Period {
@@ -157,6 +164,8 @@ impl Period {
             last_ms: from_ms,
             types: BTreeMap::new(),
             total: Acc::default(),
+            heard: None,
+            overlap: 0,
         }
     }
 
@@ -169,6 +178,9 @@ impl Period {
             .chain(std::iter::once(&mut self.total))
         {
             acc.area += u128::from(acc.now) * dt;
+        }
+        if self.heard == Some(true) && self.total.now > 0 {
+            self.overlap += dt;
         }
         self.last_ms = self.last_ms.max(t);
     }
@@ -201,6 +213,7 @@ impl Period {
             .map(|(t, acc)| (t.clone(), acc.carried()))
             .collect();
         next.total = self.total.carried();
+        next.heard = self.heard;
         next
     }
 
@@ -217,6 +230,9 @@ impl Period {
                 .map(|(t, acc)| (t.clone(), acc.summary(span)))
                 .collect(),
             total: self.total.summary(span),
+            overlap_ms: self
+                .heard
+                .map(|_| u64::try_from(self.overlap).unwrap_or(u64::MAX)),
         }
     }
 }
@@ -273,6 +289,18 @@ impl Usage {
         }
     }
 
+    /// A backup master's leader says, before every event, whether it hears production now:
+    /// time with seats held while it does is the period's overlap.
+    pub fn set_production_heard(&mut self, now_ms: i64, heard: bool) {
+        if let Some(w) = &mut self.window
+            && now_ms < w.end_ms
+            && w.heard != Some(heard)
+        {
+            w.advance(now_ms);
+            w.heard = Some(heard);
+        }
+    }
+
     /// The period that ended last, once.
     pub fn take_closed(&mut self) -> Option<UsageWindow> {
         self.closed.take()
@@ -325,6 +353,7 @@ pub fn build(
             .filter(|t| !usage.types.contains_key(*t)),
     );
     names.sort();
+    let hours = (usage.end_ms - usage.covered_from_ms).max(0) as f64 / 3_600_000.0;
     for name in names {
         let (peak, average) = usage.types.get(name).copied().unwrap_or((0, 0.0));
         agent_types.push(TypeUsage {
@@ -332,6 +361,7 @@ pub fn build(
             limit: license.types.get(name).copied(),
             peak,
             average,
+            seat_hours: average * hours,
         });
     }
     agent_types.push(TypeUsage {
@@ -339,6 +369,10 @@ pub fn build(
         limit: license.total,
         peak: usage.total.0,
         average: usage.total.1,
+        seat_hours: usage.total.1 * hours,
+    });
+    let backup = (license.context == lmbus_schemas::Context::Backup).then(|| BackupUse {
+        overlap_minutes: usage.overlap_ms.unwrap_or(0) as f64 / 60_000.0,
     });
     let (rejections, events, slaves) = count_events(usage.start_ms, usage.end_ms, alerts);
     UsageReport {
@@ -356,6 +390,7 @@ pub fn build(
         rejections,
         events,
         slaves,
+        backup,
     }
 }
 
@@ -488,6 +523,20 @@ pub fn to_csv(r: &UsageReport) -> String {
             "average",
             format!("{:.2}", t.average),
         );
+        row(
+            "agent_type",
+            &t.agent_type,
+            "seat_hours",
+            format!("{:.3}", t.seat_hours),
+        );
+    }
+    if let Some(b) = &r.backup {
+        row(
+            "backup",
+            &r.cluster,
+            "overlap_minutes",
+            format!("{:.2}", b.overlap_minutes),
+        );
     }
     for (reason, n) in &r.rejections {
         row("rejections", reason, "count", n.to_string());
@@ -559,6 +608,16 @@ pub fn to_text(r: &UsageReport) -> String {
             o,
             "{:<18} {:>6} {:>6} {:>8.2}",
             t.agent_type, limit, t.peak, t.average
+        );
+    }
+    if let Some(total) = r.agent_types.iter().find(|t| t.agent_type == "total") {
+        let _ = writeln!(o, "seat-hours (total): {:.3}", total.seat_hours);
+    }
+    if let Some(b) = &r.backup {
+        let _ = writeln!(
+            o,
+            "in use while production was heard (overlap): {:.2} minutes",
+            b.overlap_minutes
         );
     }
     let _ = writeln!(o, "\nrejections:");
@@ -692,6 +751,25 @@ pub fn side_by_side(reports: &[UsageReport]) -> String {
             &mut reports.iter().map(|r| get(&r.events).to_string()),
         );
     }
+    head(
+        &mut o,
+        "seat-hours",
+        &mut reports.iter().map(|r| {
+            r.agent_types
+                .iter()
+                .find(|t| t.agent_type == "total")
+                .map_or("-".into(), |t| format!("{:.3}", t.seat_hours))
+        }),
+    );
+    head(
+        &mut o,
+        "overlap minutes",
+        &mut reports.iter().map(|r| {
+            r.backup
+                .as_ref()
+                .map_or("-".into(), |b| format!("{:.2}", b.overlap_minutes))
+        }),
+    );
     o
 }
 
@@ -1085,6 +1163,64 @@ mod tests {
         let json = serde_json::to_value(&dev).unwrap();
         assert_eq!(json["not_for_production"], true);
         assert!(side_by_side(&[prod, dev]).contains("lab (development: not for production use)"));
+    }
+
+    /// A backup's leader told when it hears production: the overlap counts only the time
+    /// with seats held while it did (2 h of the 4 h heard, 3 h with seats), and the
+    /// seat-hours are the integral of the seats held; production's report has no overlap.
+    #[test]
+    fn a_backup_report_counts_its_overlap_with_production_and_its_seat_hours() {
+        let mut u = Usage::new(0);
+        u.observe(DAY, &counts(&[]), 0);
+        u.set_production_heard(DAY, false);
+        u.observe(DAY + H, &counts(&[("inbound", 2)]), 2);
+        u.set_production_heard(DAY + 2 * H, true);
+        u.set_production_heard(DAY + 2 * H + 1, true); // no change, nothing moves
+        u.observe(DAY + 4 * H, &counts(&[]), 0);
+        u.set_production_heard(DAY + 6 * H, false);
+        let window = u.so_far(DAY + 8 * H).unwrap();
+        assert_eq!(window.overlap_ms, Some(2 * H as u64));
+        let facts = |context| LicenseFacts {
+            id: "L".into(),
+            customer: "C".into(),
+            context,
+            total: Some(4),
+            types: counts(&[]),
+        };
+        let backup = build(
+            "dr",
+            "d1",
+            &facts(lmbus_schemas::Context::Backup),
+            &window,
+            false,
+            Vec::new(),
+        );
+        let used = backup.backup.clone().unwrap();
+        assert!((used.overlap_minutes - 120.0).abs() < 1e-9, "{used:?}");
+        let total = backup.agent_types.last().unwrap();
+        assert!((total.seat_hours - 6.0).abs() < 1e-9, "{total:?}");
+        assert!(to_csv(&backup).contains("backup,dr,overlap_minutes,120.00\n"));
+        assert!(to_csv(&backup).contains("agent_type,total,seat_hours,6.000\n"));
+        assert!(to_text(&backup).contains("(overlap): 120.00 minutes"));
+        let production = build(
+            "acme",
+            "p1",
+            &facts(lmbus_schemas::Context::Production),
+            &window,
+            false,
+            Vec::new(),
+        );
+        assert!(production.backup.is_none());
+        let both = side_by_side(&[production, backup]);
+        assert!(
+            both.lines()
+                .any(|l| l.starts_with("overlap minutes") && l.contains("120.00")),
+            "{both}"
+        );
+        // A window never told (a production master) has no overlap.
+        let mut p = Usage::new(0);
+        p.observe(DAY, &counts(&[("inbound", 1)]), 1);
+        assert_eq!(p.so_far(DAY + H).unwrap().overlap_ms, None);
     }
 
     #[test]

@@ -14,6 +14,21 @@ pub struct TypeUsage {
     pub peak: u32,
     /// Time-weighted average of concurrent agents over the covered period.
     pub average: f64,
+    /// Seat-hours over the covered period (the average times its hours); on a backup
+    /// master's report, the backup seat-hours.
+    #[serde(default)]
+    pub seat_hours: f64,
+}
+
+/// A backup master's own account of the period: how long it was in use while it heard
+/// the production master it backs (both in use at once: the overlap, which the handback
+/// window bounds and a split network does not).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackupUse {
+    /// Minutes during which this backup held seats while production's leader was heard
+    /// within one lease; counted by the replica that led then (a failover mid-period
+    /// counts from the new leader's start).
+    pub overlap_minutes: f64,
 }
 
 /// What happened to one slave during the period.
@@ -67,6 +82,9 @@ pub struct UsageReport {
     pub rejections: BTreeMap<String, u64>,
     pub events: Events,
     pub slaves: Vec<SlaveActivity>,
+    /// A backup master's report: its overlap with production (absent on other masters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupUse>,
 }
 
 #[cfg(test)]
@@ -92,6 +110,7 @@ pub(crate) mod tests {
                 limit: Some(5),
                 peak: 3,
                 average: 1.5,
+                seat_hours: 36.0,
             }],
             rejections: BTreeMap::from([("aggregate_limit".to_owned(), 2)]),
             events: Events {
@@ -103,6 +122,9 @@ pub(crate) mod tests {
                 connects: 1,
                 ..SlaveActivity::default()
             }],
+            backup: Some(BackupUse {
+                overlap_minutes: 2.5,
+            }),
         }
     }
 

@@ -587,6 +587,31 @@ async fn a_backup_master_serves_only_while_production_is_silent() {
         .await
         .unwrap();
     assert_eq!(released.context, "backup");
+    // The backup's report: its seat-hours, and the overlap (seats held while production was
+    // heard), which the handback window bounds: the 2 s window plus a tick, not less than
+    // the time the test saw between production's return and the handback, less a beat.
+    let json = stdout_of(
+        Command::new(bin("lmbus-broker").unwrap())
+            .args(["admin", "report", "--json", "--nats", &f.nats.url()])
+            .args(["--cluster", &dr_cluster]),
+    )
+    .unwrap();
+    let report: lmbus_schemas::report::UsageReport = serde_json::from_str(&json).unwrap();
+    let overlap = report
+        .backup
+        .clone()
+        .expect("a backup report says its overlap");
+    let overlap = Duration::from_secs_f64(overlap.overlap_minutes * 60.0);
+    eprintln!(
+        "measured: the backup's report shows {overlap:?} of overlap (window 2 s, handback seen {handed_back:?} after production's return)"
+    );
+    assert!(
+        overlap >= handed_back.saturating_sub(Duration::from_millis(600))
+            && overlap <= HANDBACK + Duration::from_secs(2),
+        "overlap {overlap:?}: {json}"
+    );
+    let total = report.agent_types.last().unwrap();
+    assert!(total.seat_hours > 0.0, "{json}");
 
     // 4. A backup license for another production license.
     let dr2_cluster = format!("{}dr2", f.cluster);

@@ -167,6 +167,16 @@ impl ProductionWatch {
         })
     }
 
+    /// Whether production's leader beat within `within` (the backup's overlap counts while
+    /// it holds seats then).
+    pub(super) fn production_heard(&self, within: Duration) -> bool {
+        self.heard.lock().is_ok_and(|h| {
+            h.leader
+                .as_ref()
+                .is_some_and(|(at, _)| now().saturating_duration_since(*at) <= within)
+        })
+    }
+
     /// How long this watch has run.
     fn up(&self) -> Duration {
         now().saturating_duration_since(self.since)

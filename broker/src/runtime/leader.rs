@@ -367,6 +367,10 @@ impl<'a> Leader<'a> {
             self.replica
                 .engine
                 .set_production_alive(refusal.map(|(reason, why, _)| (reason, why)), handback_due);
+            let heard = watch.production_heard(self.cfg.lease);
+            self.replica
+                .usage
+                .set_production_heard(super::clock::unix_ms(), heard);
         }
     }
 
