@@ -34,15 +34,19 @@ fn license_in(
     f.vendor.write(name, &l).unwrap()
 }
 
-/// Starts a slave with `cfg` and returns the refusal's detail; any other outcome fails.
+/// Starts a slave with `cfg` and returns the `context_mismatch` refusal's detail; any other
+/// outcome fails.
 async fn refused(cfg: lmbus_slave::SlaveConfig) -> String {
+    refused_with(cfg, RejectReason::ContextMismatch).await
+}
+
+/// Starts a slave with `cfg` and returns the detail of its refusal for `reason`; any other
+/// outcome fails.
+async fn refused_with(cfg: lmbus_slave::SlaveConfig, reason: RejectReason) -> String {
     match tokio::time::timeout(WAIT, SlaveAgent::start(cfg)).await {
-        Ok(Err(SlaveError::Refused {
-            reason: RejectReason::ContextMismatch,
-            detail,
-        })) => detail,
-        Ok(Err(e)) => panic!("refused for another reason: {e}"),
-        Ok(Ok(_)) => panic!("a slave of another context was admitted"),
+        Ok(Err(SlaveError::Refused { reason: r, detail })) if r == reason => detail,
+        Ok(Err(e)) => panic!("refused for another reason than {reason:?}: {e}"),
+        Ok(Ok(_)) => panic!("admitted, where a refusal for {reason:?} was due"),
         Err(_) => panic!("the slave did not start or fail within {WAIT:?}"),
     }
 }
@@ -640,15 +644,8 @@ async fn a_backup_master_serves_only_while_production_is_silent() {
     );
     let mut cfg = f.slave_config("site2").unwrap();
     cfg.cluster = dr2_cluster.clone();
-    match tokio::time::timeout(WAIT, SlaveAgent::start(cfg)).await {
-        Ok(Err(SlaveError::Refused {
-            reason: RejectReason::ContextMismatch,
-            detail,
-        })) => assert!(detail.contains("not a backup for it"), "{detail}"),
-        Ok(Err(e)) => panic!("refused for another reason: {e}"),
-        Ok(Ok(_)) => panic!("a backup of another production license admitted a slave"),
-        Err(_) => panic!("no answer within {WAIT:?}"),
-    }
+    let detail = refused_with(cfg, RejectReason::ContextMismatch).await;
+    assert!(detail.contains("not a backup for it"), "{detail}");
     slave.shutdown().await;
     dr2.stop().await.unwrap();
     dr.stop().await.unwrap();
@@ -790,18 +787,11 @@ async fn a_second_backup_master_with_the_same_backup_license_is_refused() {
         .await
         .unwrap();
     assert!(warned.message.contains(&dr2_cluster), "{}", warned.message);
-    match tokio::time::timeout(WAIT, SlaveAgent::start(at(&dr2_cluster, "site2"))).await {
-        Ok(Err(SlaveError::Refused {
-            reason: RejectReason::LicenseInUse,
-            detail,
-        })) => assert!(
-            detail.contains(&format!("backup cluster {dr_cluster} ")),
-            "{detail}"
-        ),
-        Ok(Err(e)) => panic!("dr2 refused for another reason: {e}"),
-        Ok(Ok(_)) => panic!("a second backup master of one backup license admitted a slave"),
-        Err(_) => panic!("no answer within {WAIT:?}"),
-    }
+    let detail = refused_with(at(&dr2_cluster, "site2"), RejectReason::LicenseInUse).await;
+    assert!(
+        detail.contains(&format!("backup cluster {dr_cluster} ")),
+        "{detail}"
+    );
     assert!(site1.register("a1", "inbound").await.unwrap().is_approved());
 
     // The first backup stops: the second takes over once it is silent for a lease.
