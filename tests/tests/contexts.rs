@@ -717,7 +717,8 @@ async fn a_backup_license_that_names_its_production_cluster_watches_only_that_on
 
 /// Steps (issue 19, one backup license at one backup master): production is silent (never
 /// started). Backup master d1 (cluster `dr`) serves a slave once its first lease is over.
-/// A second backup cluster `dr2` is started with the same backup license file: dr2 raises a
+/// Two seconds later a second backup cluster `dr2` (a name that sorts first) is started with
+/// the same backup license file: dr2 raises a
 /// critical `license_refused` alert naming dr, dr a warning naming dr2; a hello to dr2 is
 /// refused `license_in_use` naming dr, while dr goes on approving. dr stops: dr2 serves
 /// within its lease plus slack.
@@ -730,7 +731,8 @@ async fn a_second_backup_master_with_the_same_backup_license_is_refused() {
         ..
     } = production_and_backup(&f);
     dr_cfg.production_cluster = Some(f.cluster.clone());
-    let dr2_cluster = format!("{}dr2", f.cluster);
+    // A name that sorts before dr's: dr2 yields because dr is older, not by name.
+    let dr2_cluster = format!("{}a-dr2", f.cluster);
     let mut dr2_cfg = dr_cfg.clone();
     dr2_cfg.cluster = dr2_cluster.clone();
     dr2_cfg.broker_id = "e1".into();
@@ -766,6 +768,8 @@ async fn a_second_backup_master_with_the_same_backup_license_is_refused() {
     )
     .await;
 
+    // dr older than dr2 by more than the 1 s lease (the margin within which names decide).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let dr2 = Broker::start(dr2_cfg).await.unwrap();
     let yielded = dr2_alerts
         .wait_for("dr2 yields to dr", |a| {

@@ -4,7 +4,7 @@
 //! whether production has been available for the whole handback window
 //! (`set_production_alive`). While it may not serve, hellos and registrations are refused
 //! with that reason (`production_available`, `context_mismatch` when production runs
-//! another license, or `license_in_use` when another backup cluster that has been up longer
+//! another license, or `license_in_use` when another, older backup cluster
 //! runs the same backup license) and allotment blocks are taken back. Once the handback window has
 //! passed with production available, the next tick releases every seat the backup holds
 //! (the slaves log those agents out, reason `production_available`, to register them with

@@ -12,9 +12,11 @@
 //!   whole `--handback-window`, the engine releases every seat the backup holds.
 //! - One backup license serves at one backup master at a time: every replica says on
 //!   production's `backups` subject which backup license it runs and how long its watch has
-//!   run (`BackupBeat`, four times per lease). A backup that hears, within one lease,
-//!   another backup cluster with the same license up longer (equal: the smaller cluster
-//!   name) refuses `license_in_use`, with a critical alert, until that one is silent. A
+//!   run (`BackupBeat`, four times per lease). A cluster's age is the longest of its
+//!   replicas' heard within a lease (its own included), so every replica of both clusters
+//!   compares the same two ages. A backup that hears another backup cluster with the same
+//!   license older by more than a lease (within a lease of each other: the smaller cluster
+//!   name wins) refuses `license_in_use`, with a critical alert, until that one is silent. A
 //!   newly started backup hears the older one during its first lease, when it refuses
 //!   anyway, so it never serves beside it.
 //!
@@ -48,21 +50,13 @@ pub(super) struct Heard {
     deaf: Option<String>,
     /// The license production's leader runs, when it is not the one backed.
     other_license: Option<Uuid>,
-    /// Other backup clusters heard running this backup's own license, by cluster name.
-    rivals: BTreeMap<String, Rival>,
+    /// Backup replicas heard running this backup's own license (this cluster's too), by
+    /// (cluster, replica): when, and how long its watch had run then.
+    backups: BTreeMap<(String, String), (Instant, Duration)>,
 }
 
-/// Another backup cluster that runs the same backup license, as last heard.
-#[derive(Debug, Clone)]
-struct Rival {
-    at: Instant,
-    /// How long its watch had run when it beat.
-    up: Duration,
-    replica: String,
-}
-
-/// Most rival backup clusters remembered (names come from the network).
-const MAX_RIVALS: usize = 16;
+/// Most backup replicas remembered (names come from the network).
+const MAX_BACKUPS: usize = 64;
 
 /// Shared between the watch task and the leader loop.
 #[derive(Debug, Clone)]
@@ -121,15 +115,14 @@ impl ProductionWatch {
                 Duration::ZERO,
             ));
         }
-        if let Some((cluster, rival)) = self.older_rival(&heard, within) {
+        if let Some((cluster, theirs, ours)) = self.older_rival(&heard, within) {
             return Some((
                 RejectReason::LicenseInUse,
                 format!(
-                    "backup cluster {cluster} (replica {}) runs the same backup license {} and has been up longer ({}, this one {}): one backup license serves at one backup master at a time",
-                    rival.replica,
+                    "backup cluster {cluster} runs the same backup license {} and serves first (up {}, this cluster {}): one backup license serves at one backup master at a time",
                     self.license,
-                    duration(rival.up),
-                    duration(self.up())
+                    duration(theirs),
+                    duration(ours)
                 ),
                 Duration::ZERO,
             ));
@@ -182,26 +175,37 @@ impl ProductionWatch {
         now().saturating_duration_since(self.since)
     }
 
-    /// A backup cluster with this backup's license, heard within `within`, that serves
-    /// before this one: up longer, or as long with a smaller name.
-    fn older_rival<'h>(&self, heard: &'h Heard, within: Duration) -> Option<(&'h str, &'h Rival)> {
+    /// Each backup cluster heard within `within` (this one included) with its age now: the
+    /// longest up of its replicas.
+    fn ages(&self, heard: &Heard, within: Duration) -> BTreeMap<String, Duration> {
         let at = now();
-        let up = self.up();
-        heard
-            .rivals
-            .iter()
-            .filter(|(_, r)| at.saturating_duration_since(r.at) <= within)
-            .find(|(cluster, r)| {
-                let theirs = r.up + at.saturating_duration_since(r.at);
-                serves_first((theirs, cluster), (up, &self.own_cluster))
-            })
-            .map(|(cluster, r)| (cluster.as_str(), r))
+        let mut ages = BTreeMap::from([(self.own_cluster.clone(), self.up())]);
+        for ((cluster, _), (then, up)) in &heard.backups {
+            let since = at.saturating_duration_since(*then);
+            if since <= within {
+                let age = ages.entry(cluster.clone()).or_default();
+                *age = (*age).max(*up + since);
+            }
+        }
+        ages
     }
 
-    /// Notes another backup cluster's beat; `Some(older)`: a cluster not heard within
+    /// Another backup cluster with this backup's license, heard within `within`, that
+    /// serves before this one; with its age and this cluster's.
+    fn older_rival(&self, heard: &Heard, within: Duration) -> Option<(String, Duration, Duration)> {
+        let mut ages = self.ages(heard, within);
+        let ours = ages.remove(&self.own_cluster).unwrap_or_default();
+        ages.into_iter()
+            .find(|(cluster, theirs)| {
+                serves_first((*theirs, cluster), (ours, &self.own_cluster), within)
+            })
+            .map(|(cluster, theirs)| (cluster, theirs, ours))
+    }
+
+    /// Notes a backup replica's beat; `Some(older)`: another cluster not heard within
     /// `within` before, and whether it serves before this one.
     fn observe_backup(&self, beat: &BackupBeat, within: Duration) -> Option<bool> {
-        if beat.cluster == self.own_cluster || beat.license != self.license {
+        if beat.license != self.license {
             return None;
         }
         let Ok(mut heard) = self.heard.lock() else {
@@ -209,24 +213,21 @@ impl ProductionWatch {
         };
         let at = now();
         heard
-            .rivals
-            .retain(|_, r| at.saturating_duration_since(r.at) <= within);
+            .backups
+            .retain(|_, (then, _)| at.saturating_duration_since(*then) <= within);
         let cluster: String = printable(&beat.cluster).chars().take(64).collect();
-        let new = !heard.rivals.contains_key(&cluster);
-        if new && heard.rivals.len() >= MAX_RIVALS {
+        let replica: String = printable(&beat.replica).chars().take(64).collect();
+        let new = cluster != self.own_cluster && !heard.backups.keys().any(|(c, _)| *c == cluster);
+        let key = (cluster.clone(), replica);
+        if !heard.backups.contains_key(&key) && heard.backups.len() >= MAX_BACKUPS {
             return None;
         }
-        heard.rivals.insert(
-            cluster.clone(),
-            Rival {
-                at,
-                up: Duration::from_millis(beat.up_ms),
-                replica: printable(&beat.replica).chars().take(64).collect(),
-            },
-        );
+        heard
+            .backups
+            .insert(key, (at, Duration::from_millis(beat.up_ms)));
         new.then(|| {
             self.older_rival(&heard, within)
-                .is_some_and(|(c, _)| c == cluster)
+                .is_some_and(|(c, _, _)| c == cluster)
         })
     }
 
@@ -260,10 +261,17 @@ impl ProductionWatch {
     }
 }
 
-/// Of two backup clusters with one backup license, whether `a` (up, cluster name) serves
-/// before `b`: up longer, or as long with the smaller name.
-fn serves_first(a: (Duration, &str), b: (Duration, &str)) -> bool {
-    a.0 > b.0 || (a.0 == b.0 && a.1 < b.1)
+/// Of two backup clusters with one backup license, whether `a` (age, cluster name) serves
+/// before `b`: older by more than `margin`, or within it of each other with the smaller name
+/// (the margin absorbs how late each heard the other's beats, so both sides agree).
+fn serves_first(a: (Duration, &str), b: (Duration, &str), margin: Duration) -> bool {
+    if a.0 > b.0 + margin {
+        true
+    } else if b.0 > a.0 + margin {
+        false
+    } else {
+        a.1 < b.1
+    }
 }
 
 /// Listens to the production cluster's replica beats until `stop`. If it cannot (the
@@ -367,7 +375,7 @@ async fn rival_alert(io: &Io, watch: &ProductionWatch, beat: &BackupBeat, older:
         (
             Severity::Warning,
             format!(
-                "this one has been up longer and goes on serving; {other} refuses every slave while this one beats"
+                "this cluster serves first and goes on serving; {other} refuses every slave while this one beats"
             ),
         )
     };
@@ -390,68 +398,76 @@ async fn rival_alert(io: &Io, watch: &ProductionWatch, beat: &BackupBeat, older:
 mod tests {
     use super::*;
 
-    fn beat(cluster: &str, license: Uuid, up_ms: u64) -> BackupBeat {
+    fn beat(cluster: &str, replica: &str, license: Uuid, up_ms: u64) -> BackupBeat {
         BackupBeat {
             cluster: cluster.into(),
-            replica: "r1".into(),
+            replica: replica.into(),
             license,
             up_ms,
         }
     }
 
     #[test]
-    fn the_backup_up_longer_serves_and_the_other_refuses_license_in_use() {
+    fn the_older_backup_cluster_serves_and_the_other_refuses_license_in_use() {
         let lease = Duration::from_secs(1);
         let (backs, license) = (Uuid::new_v4(), Uuid::new_v4());
         let watch = ProductionWatch::new("prod".into(), backs, "dr-b".into(), license);
-        let reason = |w: &ProductionWatch| w.refusal(lease).map(|(r, why, _)| (r, why));
-        // Its own cluster's beats and other licenses' are not rivals.
+        let in_use = |w: &ProductionWatch| {
+            w.refusal(lease)
+                .filter(|(r, _, _)| *r == RejectReason::LicenseInUse)
+                .map(|(_, why, _)| why)
+        };
+        // Other licenses' beats are not rivals; a younger rival: this one goes on.
         assert_eq!(
-            watch.observe_backup(&beat("dr-b", license, 10_000), lease),
+            watch.observe_backup(&beat("dr-x", "x1", Uuid::new_v4(), 10_000), lease),
             None
         );
         assert_eq!(
-            watch.observe_backup(&beat("dr-x", Uuid::new_v4(), 10_000), lease),
-            None
-        );
-        // A younger rival: this one goes on (no refusal for that reason).
-        assert_eq!(
-            watch.observe_backup(&beat("dr-c", license, 0), lease),
+            watch.observe_backup(&beat("dr-c", "c1", license, 0), lease),
             Some(false)
         );
-        assert!(
-            !reason(&watch).is_some_and(|(r, _)| r == RejectReason::LicenseInUse),
-            "{:?}",
-            reason(&watch)
-        );
-        // An older one: refused, naming it; heard again, it is not new.
+        assert_eq!(in_use(&watch), None);
+        // An older one (by more than a lease): refused, naming it; heard again, not new.
         assert_eq!(
-            watch.observe_backup(&beat("dr-a", license, 60_000), lease),
+            watch.observe_backup(&beat("dr-a", "a1", license, 60_000), lease),
             Some(true)
         );
         assert_eq!(
-            watch.observe_backup(&beat("dr-a", license, 60_250), lease),
+            watch.observe_backup(&beat("dr-a", "a2", license, 2_000), lease),
             None
         );
-        let (r, why) = reason(&watch).unwrap();
-        assert_eq!(r, RejectReason::LicenseInUse);
+        let why = in_use(&watch).unwrap();
         assert!(why.contains("backup cluster dr-a "), "{why}");
+        // A replica of this cluster up longer than dr-a's oldest makes this cluster the
+        // older: every replica of both clusters compares the same two ages.
+        watch.observe_backup(&beat("dr-b", "b2", license, 120_000), lease);
+        assert_eq!(in_use(&watch), None);
         // Names from the network are bounded in number.
-        for i in 0..2 * MAX_RIVALS {
-            watch.observe_backup(&beat(&format!("dr-{i}"), license, 0), lease);
+        for i in 0..2 * MAX_BACKUPS {
+            watch.observe_backup(&beat(&format!("dr-{i}"), "r", license, 0), lease);
         }
-        assert!(watch.heard.lock().unwrap().rivals.len() <= MAX_RIVALS);
+        assert!(watch.heard.lock().unwrap().backups.len() <= MAX_BACKUPS);
     }
 
     #[test]
-    fn equal_uptimes_are_decided_by_the_smaller_cluster_name() {
-        let up = Duration::from_secs(5);
-        assert!(serves_first((up, "dr-a"), (up, "dr-b")));
-        assert!(!serves_first((up, "dr-b"), (up, "dr-a")));
+    fn ages_within_the_margin_are_decided_by_the_smaller_cluster_name() {
+        let (up, margin) = (Duration::from_secs(5), Duration::from_secs(1));
+        let a_bit = Duration::from_millis(300);
+        assert!(serves_first((up, "dr-a"), (up + a_bit, "dr-b"), margin));
+        assert!(!serves_first((up + a_bit, "dr-b"), (up, "dr-a"), margin));
         assert!(serves_first(
-            (up, "dr-z"),
-            (up - Duration::from_millis(1), "dr-a")
+            (up + 2 * margin, "dr-z"),
+            (up, "dr-a"),
+            margin
         ));
-        assert!(!serves_first((up, "dr-a"), (up, "dr-a")), "never both");
+        assert!(!serves_first(
+            (up, "dr-a"),
+            (up + 2 * margin, "dr-z"),
+            margin
+        ));
+        assert!(
+            !serves_first((up, "dr-a"), (up, "dr-a"), margin),
+            "never both"
+        );
     }
 }
