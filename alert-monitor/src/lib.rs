@@ -87,10 +87,12 @@ pub fn format_alert(alert: &Alert) -> String {
     if let Some(reason) = alert.reason {
         let _ = write!(line, " reason={reason}");
     }
-    // A development master's alerts say so on every line (production and backup ones are
-    // in the JSON format's `context`).
+    // A development master's alerts say so on every line, and so do a backup master's: the
+    // tail shows which slaves a backup serves (production's are in the JSON's `context`).
     if alert.not_for_production {
         let _ = write!(line, " [{}]", lmbus_schemas::NOT_FOR_PRODUCTION);
+    } else if alert.context == lmbus_schemas::Context::Backup.token() {
+        let _ = write!(line, " [backup master]");
     }
     let _ = write!(line, " | {}", alert.message);
     // Everything in an alert came over the network: show control characters escaped, so
@@ -329,4 +331,38 @@ pub async fn tail(
         print(&alert, &mut printed)?;
     }
     Ok(printed)
+}
+
+#[cfg(test)]
+mod tests {
+    use lmbus_schemas::{Alert, AlertKind, Context, Severity};
+
+    use super::format_alert;
+
+    /// A tailed line says which context raised it when that is not production: a backup
+    /// master's lines are marked, so the tail shows which slaves a backup serves, and a
+    /// development master's say they are not for production use.
+    #[test]
+    fn a_line_names_a_backup_or_development_master() {
+        let line = |context| {
+            format_alert(
+                &Alert::new(Severity::Info, AlertKind::SlaveConnected, "hello")
+                    .in_context(context)
+                    .slave("site1"),
+            )
+        };
+        let backup = line(Context::Backup);
+        assert!(
+            backup.contains("slave=site1 [backup master] | hello"),
+            "{backup}"
+        );
+        let development = line(Context::Development);
+        assert!(
+            development.contains("[development: not for production use]")
+                && !development.contains("backup"),
+            "{development}"
+        );
+        let production = line(Context::Production);
+        assert!(production.contains("slave=site1 | hello"), "{production}");
+    }
 }

@@ -783,6 +783,7 @@ mod tests {
             master: Some(lmbus_schemas::MasterUse {
                 role: lmbus_schemas::MasterRole::Primary,
                 in_use: true,
+                other: None,
             }),
             allotted: BTreeMap::new(),
             // As from a master that does not say the grace period: `DISCONNECTED`.

@@ -101,8 +101,9 @@ pub struct UsageWindow {
     /// Peak and average per agent type.
     pub types: BTreeMap<String, (u32, f64)>,
     pub total: (u32, f64),
-    /// A backup master's leader: milliseconds during which it held seats while it heard
-    /// production (`None`: never told whether it heard production, not a backup).
+    /// Milliseconds during which this master held seats while the other side was in use:
+    /// a backup's leader, while it heard production's leader; a production leader, while a
+    /// backup's leader said it held seats (`None`: never told, a development master).
     pub overlap_ms: Option<u64>,
 }
 
@@ -149,9 +150,9 @@ struct Period {
     /// Per agent type; a type stays (at 0) once seen in the window.
     types: BTreeMap<String, Acc>,
     total: Acc,
-    /// Whether production is heard now (`None`: never told, not a backup's leader).
+    /// Whether the other side is in use now (`None`: never told, a development master).
     heard: Option<bool>,
-    /// Milliseconds with seats held while production was heard.
+    /// Milliseconds with seats held while the other side was in use.
     overlap: u128,
 }
 
@@ -289,9 +290,10 @@ impl Usage {
         }
     }
 
-    /// A backup master's leader says, before every event, whether it hears production now:
-    /// time with seats held while it does is the period's overlap.
-    pub fn set_production_heard(&mut self, now_ms: i64, heard: bool) {
+    /// The leader says, before every event, whether the other side is in use now (a
+    /// backup's: it hears production's leader; production's: a backup's leader says it
+    /// holds seats): time with seats held while it is counts as the period's overlap.
+    pub fn set_overlapping(&mut self, now_ms: i64, heard: bool) {
         if let Some(w) = &mut self.window
             && now_ms < w.end_ms
             && w.heard != Some(heard)
@@ -371,9 +373,14 @@ pub fn build(
         average: usage.total.1,
         seat_hours: usage.total.1 * hours,
     });
-    let backup = (license.context == lmbus_schemas::Context::Backup).then(|| BackupUse {
-        overlap_minutes: usage.overlap_ms.unwrap_or(0) as f64 / 60_000.0,
-    });
+    let overlap_minutes = usage.overlap_ms.unwrap_or(0) as f64 / 60_000.0;
+    let backup = match license.context {
+        lmbus_schemas::Context::Backup => Some(BackupUse { overlap_minutes }),
+        lmbus_schemas::Context::Production if overlap_minutes > 0.0 => {
+            Some(BackupUse { overlap_minutes })
+        }
+        _ => None,
+    };
     let (rejections, events, slaves) = count_events(usage.start_ms, usage.end_ms, alerts);
     UsageReport {
         cluster: cluster.to_string(),
@@ -614,9 +621,14 @@ pub fn to_text(r: &UsageReport) -> String {
         let _ = writeln!(o, "seat-hours (total): {:.3}", total.seat_hours);
     }
     if let Some(b) = &r.backup {
+        let while_ = if r.context == lmbus_schemas::Context::Backup.token() {
+            "while production was heard"
+        } else {
+            "while a backup master held seats"
+        };
         let _ = writeln!(
             o,
-            "in use while production was heard (overlap): {:.2} minutes",
+            "in use {while_} (overlap): {:.2} minutes",
             b.overlap_minutes
         );
     }
@@ -1167,17 +1179,18 @@ mod tests {
 
     /// A backup's leader told when it hears production: the overlap counts only the time
     /// with seats held while it did (2 h of the 4 h heard, 3 h with seats), and the
-    /// seat-hours are the integral of the seats held; production's report has no overlap.
+    /// seat-hours are the integral of the seats held. A production master counts the same
+    /// way (told while a backup holds seats) and shows it only when it is not zero.
     #[test]
     fn a_backup_report_counts_its_overlap_with_production_and_its_seat_hours() {
         let mut u = Usage::new(0);
         u.observe(DAY, &counts(&[]), 0);
-        u.set_production_heard(DAY, false);
+        u.set_overlapping(DAY, false);
         u.observe(DAY + H, &counts(&[("inbound", 2)]), 2);
-        u.set_production_heard(DAY + 2 * H, true);
-        u.set_production_heard(DAY + 2 * H + 1, true); // no change, nothing moves
+        u.set_overlapping(DAY + 2 * H, true);
+        u.set_overlapping(DAY + 2 * H + 1, true); // no change, nothing moves
         u.observe(DAY + 4 * H, &counts(&[]), 0);
-        u.set_production_heard(DAY + 6 * H, false);
+        u.set_overlapping(DAY + 6 * H, false);
         let window = u.so_far(DAY + 8 * H).unwrap();
         assert_eq!(window.overlap_ms, Some(2 * H as u64));
         let facts = |context| LicenseFacts {
@@ -1210,13 +1223,30 @@ mod tests {
             false,
             Vec::new(),
         );
-        assert!(production.backup.is_none());
+        assert_eq!(production.backup, Some(used));
+        assert!(
+            to_text(&production).contains("while a backup master held seats (overlap): 120.00")
+        );
         let both = side_by_side(&[production, backup]);
         assert!(
             both.lines()
-                .any(|l| l.starts_with("overlap minutes") && l.contains("120.00")),
+                .any(|l| l.starts_with("overlap minutes") && l.matches("120.00").count() == 2),
             "{both}"
         );
+        let mut quiet = Usage::new(0);
+        quiet.observe(DAY, &counts(&[("inbound", 1)]), 1);
+        quiet.set_overlapping(DAY, false);
+        let quiet = quiet.so_far(DAY + H).unwrap();
+        assert_eq!(quiet.overlap_ms, Some(0));
+        let production = build(
+            "acme",
+            "p1",
+            &facts(lmbus_schemas::Context::Production),
+            &quiet,
+            false,
+            Vec::new(),
+        );
+        assert!(production.backup.is_none(), "no overlap, not shown");
         // A window never told (a production master) has no overlap.
         let mut p = Usage::new(0);
         p.observe(DAY, &counts(&[("inbound", 1)]), 1);

@@ -180,6 +180,22 @@ pub struct MasterUse {
     pub role: MasterRole,
     /// The slave sends its new registrations to this master now.
     pub in_use: bool,
+    /// The slave's other master, when it has one: its context and how many of the slave's
+    /// seats it holds, so this master's status shows where the slave is served (a
+    /// production master sees the seats its slave holds at a backup). `None` from a slave
+    /// that does not say, or with one master.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other: Option<OtherMaster>,
+}
+
+/// What a slave says about its other master in a heartbeat to one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtherMaster {
+    /// Its license context as its welcome said (`None`: no welcome yet, or an older master).
+    #[serde(default)]
+    pub context: Option<crate::Context>,
+    /// The slave's seats it holds.
+    pub seats: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +215,18 @@ impl fmt::Display for MasterUse {
             (MasterRole::Primary, false) => f.write_str("primary, idle"),
             (MasterRole::Secondary, true) => f.write_str("secondary, in use"),
             (MasterRole::Secondary, false) => f.write_str("secondary, idle"),
+        }?;
+        // Where else the slave is served: "primary, idle; backup holds 2 seats".
+        match self.other {
+            Some(OtherMaster { context, seats }) if seats > 0 || !self.in_use => {
+                let other = context.map_or("other master", |c| c.token());
+                write!(
+                    f,
+                    "; {other} holds {}",
+                    crate::human::plural(u64::from(seats), "seat", "seats")
+                )
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -415,6 +443,10 @@ pub struct Welcome {
     /// In allotment mode: how often the slave sends its journal and asks for blocks.
     #[serde(default)]
     pub allot_refresh_ms: u64,
+    /// The context of the master's license (absent from an older broker): a slave whose
+    /// secondary is a backup master moves its agents back to the primary when it returns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<crate::Context>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -782,6 +814,10 @@ pub struct BackupBeat {
     pub license: Uuid,
     /// How long this replica's watch on production has run, in milliseconds.
     pub up_ms: u64,
+    /// The seats the backup master holds, from its leader (`None` from a standby or an
+    /// older broker): production counts the time both hold seats (its overlap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seats: Option<u32>,
 }
 
 /// One broker replica in the leader's view.
@@ -1091,6 +1127,10 @@ mod tests {
             master: Some(MasterUse {
                 role: MasterRole::Secondary,
                 in_use: true,
+                other: Some(OtherMaster {
+                    context: Some(crate::Context::Production),
+                    seats: 2,
+                }),
             }),
             books: Some(Books {
                 count: 2,
@@ -1118,6 +1158,7 @@ mod tests {
                 }],
                 admission: crate::Admission::Allotment,
                 allot_refresh_ms: 2000,
+                context: Some(crate::Context::Backup),
             }),
             Reply::Allotment(crate::Allotment {
                 blocks: BTreeMap::from([("inbound".into(), 3)]),
@@ -1317,6 +1358,43 @@ mod tests {
                 reason: RejectReason::AggregateLimit,
                 detail: "d".into()
             }
+        );
+    }
+
+    /// What a master is to a slave, as status tables show it, with where else the slave
+    /// is served.
+    #[test]
+    fn a_master_use_names_the_other_masters_seats() {
+        let other = |context, seats| Some(OtherMaster { context, seats });
+        let shown = |role, in_use, other| {
+            MasterUse {
+                role,
+                in_use,
+                other,
+            }
+            .to_string()
+        };
+        assert_eq!(shown(MasterRole::Only, true, None), "only master");
+        assert_eq!(
+            shown(
+                MasterRole::Primary,
+                true,
+                other(Some(crate::Context::Backup), 1)
+            ),
+            "primary, in use; backup holds 1 seat"
+        );
+        assert_eq!(
+            shown(MasterRole::Primary, false, other(None, 0)),
+            "primary, idle; other master holds 0 seats"
+        );
+        assert_eq!(
+            shown(
+                MasterRole::Secondary,
+                true,
+                other(Some(crate::Context::Production), 0)
+            ),
+            "secondary, in use",
+            "nothing held elsewhere while in use"
         );
     }
 

@@ -20,14 +20,17 @@ pub struct TypeUsage {
     pub seat_hours: f64,
 }
 
-/// A backup master's own account of the period: how long it was in use while it heard
-/// the production master it backs (both in use at once: the overlap, which the handback
-/// window bounds and a split network does not).
+/// A master's own account of the time production and a backup were both in use (the
+/// overlap, which the handback window bounds and a split network does not). A backup
+/// master counts the time it was in use while it heard the production master it backs; a
+/// production master the time it was in use while a backup master's leader said it held
+/// seats.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BackupUse {
-    /// Minutes during which this backup held seats while production's leader was heard
-    /// within one lease; counted by the replica that led then (a failover mid-period
-    /// counts from the new leader's start).
+    /// Minutes during which this master held seats while the other side was heard in use
+    /// within one lease (on a backup: production's leader beat; on production: a backup's
+    /// leader beat with seats held); counted by the replica that led then (a failover
+    /// mid-period counts from the new leader's start).
     pub overlap_minutes: f64,
 }
 
@@ -82,7 +85,8 @@ pub struct UsageReport {
     pub rejections: BTreeMap<String, u64>,
     pub events: Events,
     pub slaves: Vec<SlaveActivity>,
-    /// A backup master's report: its overlap with production (absent on other masters).
+    /// The overlap: always on a backup master's report; on a production master's only when
+    /// it is not zero (absent on a development master's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupUse>,
 }

@@ -21,6 +21,8 @@ use crate::status::{SlaveMode, SlaveStatusView};
 pub(crate) struct SlaveMetrics {
     registrations: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     unregistrations: AtomicU64,
+    /// Agents moved from a backup secondary back to the primary (the handback).
+    moved_back: AtomicU64,
     latency: Histogram,
     /// Per master (primary, secondary): from sending a request to the master's answer.
     master: PerMaster<Histogram>,
@@ -55,6 +57,11 @@ impl SlaveMetrics {
 
     pub(crate) fn unregistration(&self) {
         self.unregistrations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn moved_back(&self, agents: u32) {
+        self.moved_back
+            .fetch_add(u64::from(agents), Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -143,6 +150,25 @@ impl SlaveMetrics {
                 u8::from(m.connected)
             );
         }
+        t.push_str(
+            "# HELP lmbus_slave_master_seats Seats each master holds for this slave, with its license context (production or backup: where the slave is served).\n\
+             # TYPE lmbus_slave_master_seats gauge\n",
+        );
+        for m in &status.masters {
+            let context = m.context.map_or("unknown", |c| c.token());
+            let _ = writeln!(
+                t,
+                "lmbus_slave_master_seats{{master=\"{}\",context=\"{context}\"}} {}",
+                m.name, m.agents
+            );
+        }
+        let _ = writeln!(
+            t,
+            "# HELP lmbus_slave_moved_back_total Agents moved from a backup master back to the primary (the handback).\n\
+             # TYPE lmbus_slave_moved_back_total counter\n\
+             lmbus_slave_moved_back_total {}",
+            self.moved_back.load(Ordering::Relaxed)
+        );
         t.push_str(
             "# HELP lmbus_slave_mode 1 for the current mode: connected, grace or restricted.\n\
              # TYPE lmbus_slave_mode gauge\n",

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use lmbus_schemas::RejectReason;
+use lmbus_schemas::{Context, RejectReason};
 use tokio::time::Instant;
 
 use crate::config::{GracePolicy, Restriction, ReturnPolicy, SlaveConfig};
@@ -193,6 +193,25 @@ impl Policy {
                 master == active || *holds_seats.get(master) || probe_primary
             })
             .collect()
+    }
+
+    /// The handback: whether the agents a secondary holds go back to the primary now. Only
+    /// when the secondary is a backup master (its welcome said context `backup`: its seats
+    /// stand in for production's until production is back), the primary is the active
+    /// master again and answers, and usage is not restricted. A secondary of any other
+    /// context keeps its seats until they are released, as before.
+    pub(crate) fn moves_back(
+        &self,
+        active: Master,
+        connected: PerMaster<bool>,
+        secondary_context: Option<Context>,
+        restricted: bool,
+    ) -> bool {
+        self.has_secondary
+            && active == Master::Primary
+            && connected.primary
+            && !restricted
+            && secondary_context == Some(Context::Backup)
     }
 
     /// After a heartbeat round: the other master to say hello to now, because the active
@@ -604,6 +623,38 @@ mod tests {
             vec![Master::Primary, Master::Secondary],
             "the secondary still holds seats"
         );
+    }
+
+    /// The handback moves agents from a backup secondary to the primary once the primary is
+    /// active again and answers; never from a secondary of another context, one whose
+    /// context is not known, while restricted, or without a secondary.
+    #[test]
+    fn agents_move_back_from_a_backup_secondary_once_the_primary_is_active_again() {
+        let p = policy(|_| {});
+        let backup = Some(Context::Backup);
+        let both = up(true, true);
+        assert!(p.moves_back(Master::Primary, both, backup, false));
+        assert!(
+            p.moves_back(Master::Primary, up(true, false), backup, false),
+            "a backup that stopped answering keeps no agent from moving"
+        );
+        assert!(
+            !p.moves_back(Master::Secondary, both, backup, false),
+            "not active yet"
+        );
+        assert!(!p.moves_back(Master::Primary, up(false, true), backup, false));
+        assert!(
+            !p.moves_back(Master::Primary, both, backup, true),
+            "restricted"
+        );
+        for other in [Some(Context::Production), Some(Context::Development), None] {
+            assert!(
+                !p.moves_back(Master::Primary, both, other, false),
+                "{other:?}"
+            );
+        }
+        let alone = policy(|c| c.secondary = None);
+        assert!(!alone.moves_back(Master::Primary, both, backup, false));
     }
 
     #[test]

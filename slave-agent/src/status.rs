@@ -21,6 +21,12 @@ pub struct SlaveStatusView {
     pub broker_id: Option<String>,
     /// `primary` or `secondary`: where new registrations go.
     pub active_master: String,
+    /// The context of that master's license while it answers (`production`, `backup` or
+    /// `development`): whether this slave is served by production or by a backup master
+    /// now. `None` while it does not answer, or from an older broker.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "production")]
+    pub served_by: Option<lmbus_schemas::Context>,
     /// Every configured master.
     pub masters: Vec<MasterView>,
     pub licensed: bool,
@@ -110,6 +116,11 @@ pub struct MasterView {
     pub cluster: String,
     pub connected: bool,
     pub broker_id: Option<String>,
+    /// Its license context, as its last welcome said (`None` before one, or from an older
+    /// broker).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "backup")]
+    pub context: Option<lmbus_schemas::Context>,
     /// Seats this master granted.
     pub agents: u32,
 }

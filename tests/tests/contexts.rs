@@ -816,8 +816,17 @@ async fn a_second_backup_master_with_the_same_backup_license_is_refused() {
 /// (failover wait 0, request timeout 1 s). It registers a1 at production. Production
 /// stops: within the failover wait plus the backup's lease and slack the slave's
 /// registrations are approved by the backup (a2, a3), the backup's limit applies (a4
-/// refused), and the hosts' books (a1..a3) against the masters: production's ledger is gone
-/// with it, the backup counts 2.
+/// refused), and the hosts' books (a1..a3) against the masters: production is not there to
+/// ask, the backup counts 2. The slave's status says it is served by the backup, and which
+/// master holds what.
+///
+/// Then the handback, slave side: production restarts with at most 2 seats per slave (so
+/// it can take one of the two backup agents back), and the backup's handback window is
+/// 5 s. Before the window ends the slave moves one backup agent to production (registered
+/// there, released at the backup) while the host still holds all three; production's
+/// status row for the slave says the backup holds 1 seat. At the window's end the backup
+/// releases the one production refused and the host logs it out (`production_available`):
+/// the host holds a1 and the moved agent, production holds exactly those, the backup none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slave_fails_over_to_its_backup_master_when_production_stops() {
     let f = Fixture::new().await.unwrap();
@@ -828,7 +837,9 @@ async fn a_slave_fails_over_to_its_backup_master_when_production_stops() {
         mut dr_cfg,
     } = production_and_backup(&f);
     dr_cfg.production_cluster = Some(f.cluster.clone());
-    let prod = Broker::start(prod_cfg).await.unwrap();
+    let window = Duration::from_secs(5);
+    dr_cfg.handback_window = window;
+    let prod = Broker::start(prod_cfg.clone()).await.unwrap();
     let dr = Broker::start(dr_cfg).await.unwrap();
     let mut cfg = f.slave_config("site1").unwrap();
     cfg.secondary = Some(lmbus_slave::MasterEndpoint {
@@ -879,6 +890,136 @@ async fn a_slave_fails_over_to_its_backup_master_when_production_stops() {
     assert_eq!(held, told, "the host's books");
     let st = status(&f.client, &dr_cluster).await.unwrap();
     assert_eq!(st.total_in_use, 2, "the backup holds what it granted");
+    // The slave's view: served by the backup, and what each master holds.
+    let view = slave.status();
+    assert_eq!(view.served_by, Some(Context::Backup));
+    let masters: Vec<_> = view
+        .masters
+        .iter()
+        .map(|m| (m.name.as_str(), m.context, m.agents))
+        .collect();
+    assert_eq!(
+        masters,
+        [
+            ("primary", Some(Context::Production), 1),
+            ("secondary", Some(Context::Backup), 2)
+        ]
+    );
+
+    // Production is back, with room for one of the two backup agents (2 seats per slave).
+    let mut prod_cfg = prod_cfg;
+    prod_cfg.max_agents_per_slave = 2;
+    let prod = Broker::start(prod_cfg).await.unwrap();
+    let back = std::time::Instant::now();
+    let (moved_after, host_held) = loop {
+        // The host's books first: an agent logged out before the move shows here.
+        let host_held = slave.agents().len();
+        if f.status().await.is_ok_and(|st| st.total_in_use >= 2) {
+            break (back.elapsed(), host_held);
+        }
+        assert!(back.elapsed() < WAIT, "no backup agent moved to production");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "measured: a backup agent moved to production {moved_after:?} after production was back (window {window:?})"
+    );
+    assert_eq!(
+        host_held, 3,
+        "the host kept all three agents through the move"
+    );
+    assert!(
+        moved_after < window,
+        "moved {moved_after:?} after production was back"
+    );
+    // The slave takes the seat as the primary's once the approval reaches it.
+    lmbus_tests::eventually("the slave's books: production 2, backup 1", || async {
+        let view = slave.status();
+        (view.masters[0].agents, view.masters[1].agents) == (2, 1)
+    })
+    .await
+    .unwrap();
+    assert_eq!(slave.status().served_by, Some(Context::Production));
+    assert_eq!(
+        status(&f.client, &dr_cluster).await.unwrap().total_in_use,
+        1
+    );
+    // Production's status row for the slave says where the rest of it is served.
+    lmbus_tests::eventually("production's row names the backup's seat", || async {
+        f.status().await.is_ok_and(|st| {
+            st.slaves.iter().any(|s| {
+                s.slave_id == "site1"
+                    && s.master
+                        .is_some_and(|m| m.to_string() == "primary, in use; backup holds 1 seat")
+            })
+        })
+    })
+    .await
+    .unwrap();
+
+    // The window ends: the agent production refused is logged out, nothing is on both.
+    lmbus_tests::eventually("the backup hands back the rest", || async {
+        slave.agents().len() == 2
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "measured: the backup released its last agent {:?} after production was back (window {window:?})",
+        back.elapsed()
+    );
+    let view = slave.status();
+    let out = view
+        .logged_out
+        .last()
+        .expect("the logout of the refused agent");
+    assert_eq!(out.reason, RejectReason::ProductionAvailable, "{out:?}");
+    let mut host: Vec<String> = slave.agents().into_iter().map(|c| c.agent_id).collect();
+    host.sort();
+    assert!(
+        host.contains(&"a1".to_owned()) && !host.contains(&out.agent_id),
+        "{host:?}"
+    );
+    let st = f.status().await.unwrap();
+    let prod_row = st.slaves.iter().find(|s| s.slave_id == "site1").unwrap();
+    assert_eq!(
+        (st.total_in_use, prod_row.in_use),
+        (2, 2),
+        "production's books against the host's {host:?}"
+    );
+    assert_eq!(
+        status(&f.client, &dr_cluster).await.unwrap().total_in_use,
+        0,
+        "the backup holds nothing once the window ended"
+    );
+    // Both reports show the overlap (both held seats from production's return to the
+    // window's end, and each heard the other): the backup's while it heard production's
+    // leader, production's while the backup's leader said it held seats.
+    let handed_back = back.elapsed();
+    for (cluster, side) in [(&f.cluster, "production"), (&dr_cluster, "backup")] {
+        let overlap = overlap_of(&f, cluster).expect("the report shows the overlap");
+        eprintln!(
+            "measured: {side}'s report shows {overlap:?} of overlap (window {window:?}, handback seen {handed_back:?} after production was back)"
+        );
+        assert!(
+            overlap >= window.saturating_sub(Duration::from_secs(2))
+                && overlap <= handed_back + Duration::from_secs(1),
+            "{side}'s overlap {overlap:?}"
+        );
+    }
     slave.shutdown().await;
+    prod.stop().await.unwrap();
     dr.stop().await.unwrap();
+}
+
+/// The overlap a master's usage report shows so far (`admin report --json`).
+fn overlap_of(f: &Fixture, cluster: &str) -> Option<Duration> {
+    let json = stdout_of(
+        Command::new(bin("lmbus-broker").unwrap())
+            .args(["admin", "report", "--json", "--nats", &f.nats.url()])
+            .args(["--cluster", cluster]),
+    )
+    .unwrap();
+    let report: lmbus_schemas::report::UsageReport = serde_json::from_str(&json).unwrap();
+    report
+        .backup
+        .map(|b| Duration::from_secs_f64(b.overlap_minutes * 60.0))
 }

@@ -95,7 +95,8 @@ async fn primary_down_at_start_then_return_to_primary() {
 /// registration is granted there. The primary broker comes back with an empty table: the
 /// slave still heartbeats it (it holds a seat there), says hello and the primary counts the
 /// seat again, but new registrations stay on the secondary. The primary's status shows the
-/// slave as "primary, idle", the secondary's as "secondary, in use".
+/// slave as "primary, idle; production holds 1 seat", the secondary's as "secondary, in use;
+/// production holds 1 seat" (each master holds one of its seats).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_dies_while_serving_then_stay_on_secondary() {
     let primary = Fixture::new().await.unwrap();
@@ -126,10 +127,12 @@ async fn primary_dies_while_serving_then_stay_on_secondary() {
     primary.wait_in_use(1).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(slave.status().active_master, "secondary", "policy stay");
-    // Each master's License Monitor says what it is to the slave, from its heartbeats.
+    // Each master's License Monitor says what it is to the slave, from its heartbeats,
+    // and what the other (a production master here) holds of it.
     eventually("each master knows what it is to the slave", || async {
-        master_use(&primary).await.as_deref() == Some("primary, idle")
-            && master_use(&secondary).await.as_deref() == Some("secondary, in use")
+        master_use(&primary).await.as_deref() == Some("primary, idle; production holds 1 seat")
+            && master_use(&secondary).await.as_deref()
+                == Some("secondary, in use; production holds 1 seat")
     })
     .await
     .unwrap();

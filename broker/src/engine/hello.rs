@@ -441,6 +441,7 @@ impl Engine {
             rejected_agents: rejected,
             admission: self.cfg.allot.admission,
             allot_refresh_ms: self.cfg.allot.refresh.as_millis() as u64,
+            context: Some(self.cfg.license.context),
         })));
         out
     }

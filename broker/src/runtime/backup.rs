@@ -20,6 +20,11 @@
 //!   newly started backup hears the older one during its first lease, when it refuses
 //!   anyway, so it never serves beside it.
 //!
+//! - The beats of the backup's leader carry the seats it holds. A production master listens
+//!   on its own `backups` subject ([`BackupsWatch`]): the time it holds seats while a backup
+//!   heard within a lease holds some is production's overlap, in its usage report (the
+//!   backup counts its own: seats held while it hears production's leader).
+//!
 //! The leader hands what it knows to the engine before every event
 //! (`Leader::set_wall_clock`).
 
@@ -70,6 +75,9 @@ pub(super) struct ProductionWatch {
     /// whether production is alive, so it does not serve.
     since: Instant,
     heard: Arc<Mutex<Heard>>,
+    /// The seats this replica's engine holds, and when the leader said so (only a leader
+    /// does, before every event): its beats carry them while that is within a lease.
+    held: Arc<Mutex<Option<(Instant, u32)>>>,
 }
 
 impl ProductionWatch {
@@ -81,7 +89,23 @@ impl ProductionWatch {
             license,
             since: now(),
             heard: Arc::new(Mutex::new(Heard::default())),
+            held: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// The leader: the seats this backup master holds now (its beats tell production).
+    pub(super) fn set_held(&self, seats: u32) {
+        if let Ok(mut held) = self.held.lock() {
+            *held = Some((now(), seats));
+        }
+    }
+
+    /// The seats a leader said within `within` (`None`: this replica does not lead).
+    fn held(&self, within: Duration) -> Option<u32> {
+        self.held.lock().ok().and_then(|held| {
+            held.filter(|(at, _)| now().saturating_duration_since(*at) <= within)
+                .map(|(_, seats)| seats)
+        })
     }
 
     /// Why the backup may not serve now (`None`: it may): production's leader beat within
@@ -320,6 +344,7 @@ pub(super) async fn watch_production(
                     replica: io.broker_id.clone(),
                     license: watch.license,
                     up_ms: u64::try_from(watch.up().as_millis()).unwrap_or(u64::MAX),
+                    seats: watch.held(lease),
                 };
                 io.send(backups.clone(), &beat, "backup beat").await;
                 continue;
@@ -356,6 +381,76 @@ pub(super) async fn watch_production(
                 ),
             ))
             .await;
+        }
+    }
+}
+
+/// A production master's view of its backup masters: the seats each backup cluster's leader
+/// said it holds, heard on the production cluster's `backups` subject.
+#[derive(Debug, Clone, Default)]
+pub(super) struct BackupsWatch {
+    heard: Arc<Mutex<BTreeMap<String, (Instant, u32)>>>,
+}
+
+impl BackupsWatch {
+    /// Notes a backup leader's beat (a standby's says no seats and changes nothing).
+    fn observe(&self, beat: &BackupBeat, within: Duration) {
+        let (Some(seats), Ok(mut heard)) = (beat.seats, self.heard.lock()) else {
+            return;
+        };
+        let at = now();
+        heard.retain(|_, (then, _)| at.saturating_duration_since(*then) <= within);
+        let cluster: String = printable(&beat.cluster).chars().take(64).collect();
+        if heard.contains_key(&cluster) || heard.len() < MAX_BACKUPS {
+            heard.insert(cluster, (at, seats));
+        }
+    }
+
+    /// Whether a backup master heard within `within` holds seats.
+    pub(super) fn in_use(&self, within: Duration) -> bool {
+        self.heard.lock().is_ok_and(|heard| {
+            heard
+                .values()
+                .any(|(at, seats)| *seats > 0 && now().saturating_duration_since(*at) <= within)
+        })
+    }
+}
+
+/// A production master listens to its backups' beats until `stop` (for its overlap). If it
+/// cannot subscribe it counts no overlap, and a warning says so.
+pub(super) async fn watch_backups(
+    io: Io,
+    watch: BackupsWatch,
+    lease: Duration,
+    stop: CancellationToken,
+) {
+    let subject = io.subjects.backups();
+    let mut beats = match io.client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            io.alert(Alert::new(
+                Severity::Warning,
+                AlertKind::LicenseRefused,
+                format!(
+                    "production master {} cannot subscribe to {subject} ({e}): its usage reports count no overlap with backup masters",
+                    io.broker_id
+                ),
+            ))
+            .await;
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            msg = beats.next() => match msg {
+                Some(msg) => {
+                    if let Ok(beat) = decode::<BackupBeat>(&msg.payload) {
+                        watch.observe(&beat, lease);
+                    }
+                }
+                None => return,
+            },
         }
     }
 }
@@ -404,7 +499,47 @@ mod tests {
             replica: replica.into(),
             license,
             up_ms,
+            seats: None,
         }
+    }
+
+    /// Production's view of its backups: in use while a backup leader heard within a lease
+    /// says it holds seats; a standby's beat (no seats) changes nothing; names are bounded.
+    #[test]
+    fn production_sees_a_backup_in_use_from_its_leaders_beats() {
+        let lease = Duration::from_millis(200);
+        let watch = BackupsWatch::default();
+        let license = Uuid::new_v4();
+        assert!(!watch.in_use(lease));
+        let mut leader = beat("dr", "d1", license, 1_000);
+        leader.seats = Some(0);
+        watch.observe(&leader, lease);
+        watch.observe(&beat("dr", "d2", license, 1_000), lease);
+        assert!(!watch.in_use(lease), "the backup holds nothing");
+        leader.seats = Some(2);
+        watch.observe(&leader, lease);
+        assert!(watch.in_use(lease));
+        std::thread::sleep(lease + Duration::from_millis(50));
+        assert!(!watch.in_use(lease), "not heard within a lease");
+        for i in 0..2 * MAX_BACKUPS {
+            let mut b = beat(&format!("dr-{i}"), "r", license, 0);
+            b.seats = Some(1);
+            watch.observe(&b, Duration::from_secs(60));
+        }
+        assert!(watch.heard.lock().unwrap().len() <= MAX_BACKUPS);
+    }
+
+    /// A backup's beats carry its seats only while its leader said them within a lease.
+    #[test]
+    fn a_backup_beat_carries_the_seats_its_leader_said() {
+        let lease = Duration::from_millis(200);
+        let watch =
+            ProductionWatch::new("prod".into(), Uuid::new_v4(), "dr".into(), Uuid::new_v4());
+        assert_eq!(watch.held(lease), None, "a standby says none");
+        watch.set_held(3);
+        assert_eq!(watch.held(lease), Some(3));
+        std::thread::sleep(lease + Duration::from_millis(50));
+        assert_eq!(watch.held(lease), None, "no longer leading");
     }
 
     #[test]

@@ -370,7 +370,14 @@ impl<'a> Leader<'a> {
             let heard = watch.production_heard(self.cfg.lease);
             self.replica
                 .usage
-                .set_production_heard(super::clock::unix_ms(), heard);
+                .set_overlapping(super::clock::unix_ms(), heard);
+            watch.set_held(self.replica.engine.total_in_use());
+        }
+        if let Some(backups) = &self.io.backups {
+            let in_use = backups.in_use(self.cfg.lease);
+            self.replica
+                .usage
+                .set_overlapping(super::clock::unix_ms(), in_use);
         }
     }
 

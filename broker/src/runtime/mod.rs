@@ -236,6 +236,8 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         tasks: TaskTracker::new(),
         news,
         production: production_watch(&cfg, &license)?,
+        backups: (license.context == lmbus_schemas::Context::Production)
+            .then(backup::BackupsWatch::default),
     };
     io.alert(Alert::new(
         Severity::Info,
@@ -292,6 +294,14 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
     ));
     if let Some(watch) = &io.production {
         io.tasks.spawn(backup::watch_production(
+            io.clone(),
+            watch.clone(),
+            cfg.lease,
+            stop.clone(),
+        ));
+    }
+    if let Some(watch) = &io.backups {
+        io.tasks.spawn(backup::watch_backups(
             io.clone(),
             watch.clone(),
             cfg.lease,

@@ -36,6 +36,8 @@ pub(super) struct Io {
     pub(super) news: tokio::sync::watch::Receiver<u64>,
     /// A backup master's watch on the production cluster it backs (`None` otherwise).
     pub(super) production: Option<super::backup::ProductionWatch>,
+    /// A production master's view of its backup masters' seats (`None` otherwise).
+    pub(super) backups: Option<super::backup::BackupsWatch>,
 }
 
 impl Io {

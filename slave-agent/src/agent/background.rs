@@ -6,7 +6,9 @@ use lmbus_schemas::human::HumanDuration;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use lmbus_schemas::{ControlMessage, Heartbeat, MasterRole, MasterUse, Reply, SlaveOp, decode};
+use lmbus_schemas::{
+    ControlMessage, Heartbeat, MasterRole, MasterUse, OtherMaster, Reply, SlaveOp, decode,
+};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -98,6 +100,7 @@ impl Inner {
             }
         }
         self.choose_active();
+        self.move_back().await;
     }
 
     /// Switches the active master if the policy says so (`Policy::choose_active`); the
@@ -124,12 +127,17 @@ impl Inner {
         // Read before the books: every request numbered up to it was marked in flight
         // before it took its number, so the books show it (or list it as unsettled).
         let request_seq = self.request_seq.load(std::sync::atomic::Ordering::Acquire);
-        let (agents, in_use, mut books) = {
+        let (agents, in_use, mut books, other) = {
             let state = lock(&self.state);
+            let other = link.other();
             (
                 state.claims(link).len() as u32,
                 state.active == link,
                 state.books(link),
+                OtherMaster {
+                    context: state.links.get(other).context,
+                    seats: state.claims(other).len() as u32,
+                },
             )
         };
         books.request_seq = Some(request_seq);
@@ -142,7 +150,11 @@ impl Inner {
             instance: self.instance,
             seq,
             agents,
-            master: Some(MasterUse { role, in_use }),
+            master: Some(MasterUse {
+                role,
+                in_use,
+                other: self.policy.has_secondary().then_some(other),
+            }),
             books: Some(books),
         };
         match self.ask(link, SlaveOp::Heartbeat, &heartbeat).await {

@@ -256,6 +256,7 @@ impl Inner {
         *state.links.get_mut(link) = LinkState {
             connected: true,
             broker_id: Some(welcome.broker_id.clone()),
+            context: welcome.context,
         };
         state.last_error = None;
         state.restricted.take()

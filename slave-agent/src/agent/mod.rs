@@ -23,7 +23,8 @@
 //! `policy.rs` (pure, tested there); this module does the IO around them. `mod.rs` is the handle;
 //! `state.rs` what the agent knows, under one lock; `inner.rs` what the handle and the task
 //! share and the request primitive; `hello.rs` sessions; `register.rs` registrations and
-//! unregistrations; `background.rs` the task.
+//! unregistrations; `background.rs` the task; `handback.rs` moving agents from a backup
+//! secondary back to the primary.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,7 @@ use uuid::Uuid;
 
 mod allotment;
 mod background;
+mod handback;
 mod hello;
 mod inner;
 #[cfg(test)]
@@ -284,6 +286,7 @@ impl SlaveAgent {
                 cluster: link.subjects.cluster().to_owned(),
                 connected: state.links.get(link.id).connected,
                 broker_id: state.links.get(link.id).broker_id.clone(),
+                context: state.links.get(link.id).context,
                 agents: state.agents.values().filter(|s| s.link == link.id).count() as u32,
             })
             .collect();
@@ -293,6 +296,7 @@ impl SlaveAgent {
             connected: active.connected,
             broker_id: active.broker_id.clone(),
             active_master: state.active.name().to_owned(),
+            served_by: active.connected.then_some(active.context).flatten(),
             masters,
             licensed: inner.local_limit.is_some()
                 || inner

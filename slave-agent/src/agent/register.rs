@@ -27,7 +27,7 @@ use crate::policy::{Answered, Policy, Switch};
 const MAX_RETRY_AFTER_MS: u64 = 1000;
 
 /// Where one registration attempt ended.
-enum Attempt {
+pub(super) enum Attempt {
     Decided(Outcome),
     /// Refused for capacity while seats of slaves' blocks are being given back: ask again
     /// after `after` (`outcome` is the refusal, should the wait run out).
@@ -338,7 +338,7 @@ impl Inner {
 
     /// One master's decision on a registration; says hello first if the session is not
     /// live, and once more if the master lost it meanwhile.
-    async fn attempt(
+    pub(super) async fn attempt(
         &self,
         link: Master,
         agent_id: &str,
@@ -492,7 +492,11 @@ impl Inner {
         answer
     }
 
-    async fn unregister_at(&self, link: Master, agent_id: &str) -> Result<bool, SlaveError> {
+    pub(super) async fn unregister_at(
+        &self,
+        link: Master,
+        agent_id: &str,
+    ) -> Result<bool, SlaveError> {
         let request = UnregisterRequest {
             request_id: Uuid::new_v4(),
             seq: self.next_request_seq(),

@@ -37,6 +37,9 @@ pub(super) struct Restricted {
 pub(super) struct LinkState {
     pub(super) connected: bool,
     pub(super) broker_id: Option<String>,
+    /// Its license context, as its last welcome said (`None` before one, or from an older
+    /// broker).
+    pub(super) context: Option<lmbus_schemas::Context>,
 }
 
 #[derive(Debug)]
@@ -72,6 +75,8 @@ pub(super) struct State {
     pub(super) primary_slow: bool,
     /// Each master's allotments (allotment mode): free seats, journal, lease.
     pub(super) allot: PerMaster<AllotBook>,
+    /// The handback: no agent is moved back to the primary before then (it refused one).
+    pub(super) moves_paused_until: Option<tokio::time::Instant>,
 }
 
 /// A registration (counted in `pending` and `registering`) or an unregistration (in
@@ -113,7 +118,7 @@ pub(super) fn mark(set: &mut BTreeMap<String, u32>, agent: &str) {
     *set.entry(agent.to_owned()).or_insert(0) += 1;
 }
 
-fn unmark(set: &mut BTreeMap<String, u32>, agent: &str) {
+pub(super) fn unmark(set: &mut BTreeMap<String, u32>, agent: &str) {
     if let Some(n) = set.get_mut(agent) {
         *n -= 1;
         if *n == 0 {
@@ -157,6 +162,7 @@ impl State {
             restricted: None,
             primary_slow: false,
             allot: PerMaster::default(),
+            moves_paused_until: None,
         }
     }
 
