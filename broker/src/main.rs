@@ -152,6 +152,13 @@ enum AdminCommand {
         /// E.g. the backup master, on the same NATS.
         #[arg(long)]
         beside: Vec<String>,
+        /// Also print this usage report file beside (repeat).
+        ///
+        /// The JSON a master wrote: its report file (`--report-dir`), or `admin report
+        /// --json` asked on its own NATS. E.g. a backup master at another site: the minutes
+        /// both were in use come from the two reports' spans of use.
+        #[arg(long, value_name = "FILE")]
+        beside_file: Vec<std::path::PathBuf>,
         /// Who is asking, for the alert and the audit trail [default: $USER, or operator].
         #[arg(
             long,
@@ -461,8 +468,23 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                 },
             json,
             beside,
+            beside_file,
             operator,
         } => {
+            // Files first: a wrong path fails before any master writes a report.
+            let from_files = beside_file
+                .iter()
+                .map(|path| {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("--beside-file {}", path.display()))?;
+                    serde_json::from_str::<lmbus_schemas::UsageReport>(&text).with_context(|| {
+                        format!(
+                            "--beside-file {}: not a usage report in JSON (a master's report file, or `admin report --json` of one master)",
+                            path.display()
+                        )
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let client = admin_client(&nats, nats_auth).await?;
             // The reports, and where each went (files, recipients).
             let mut reports = Vec::new();
@@ -493,6 +515,7 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                     }
                 }
             }
+            reports.extend(from_files);
             if json {
                 if let [one] = reports.as_slice() {
                     println!("{}", serde_json::to_string_pretty(one)?);

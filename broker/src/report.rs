@@ -13,7 +13,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use lmbus_schemas::report::{BackupUse, Events, SlaveActivity, TypeUsage, UsageReport};
+use lmbus_schemas::report::{
+    BackupUse, Events, MAX_IN_USE_SPANS, SlaveActivity, Span, TypeUsage, UsageReport, overlap_ms,
+};
 use lmbus_schemas::{Alert, AlertKind, Subjects, decode, encode};
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -105,6 +107,9 @@ pub struct UsageWindow {
     /// a backup's leader, while it heard production's leader; a production leader, while a
     /// backup's leader said it held seats (`None`: never told, a development master).
     pub overlap_ms: Option<u64>,
+    /// When at least one seat was held (oldest first, disjoint, bounded: see
+    /// `UsageReport::in_use`).
+    pub in_use: Vec<Span>,
 }
 
 /// One count's accumulator over a window: now, the peak, and seat-milliseconds.
@@ -154,6 +159,9 @@ struct Period {
     heard: Option<bool>,
     /// Milliseconds with seats held while the other side was in use.
     overlap: u128,
+    /// The spans with seats held that ended, and since when seats are held now.
+    busy: Vec<Span>,
+    busy_since: Option<i64>,
 }
 
 impl Period {
@@ -167,7 +175,42 @@ impl Period {
             total: Acc::default(),
             heard: None,
             overlap: 0,
+            busy: Vec::new(),
+            busy_since: None,
         }
+    }
+
+    /// Seats held from `t` on (`total` of them): opens or closes a span of use.
+    fn track_busy(&mut self, t: i64, total: u32) {
+        match (self.busy_since, total > 0) {
+            (None, true) => self.busy_since = Some(t),
+            (Some(from), false) => {
+                push_span(
+                    &mut self.busy,
+                    Span {
+                        from_ms: from,
+                        to_ms: t,
+                    },
+                );
+                self.busy_since = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// The spans with seats held up to `end_ms`, the one still open included.
+    fn in_use(&self, end_ms: i64) -> Vec<Span> {
+        let mut spans = self.busy.clone();
+        if let Some(from) = self.busy_since {
+            push_span(
+                &mut spans,
+                Span {
+                    from_ms: from,
+                    to_ms: end_ms.max(from),
+                },
+            );
+        }
+        spans
     }
 
     /// Counts the seats held from the last observation until `t`.
@@ -215,6 +258,7 @@ impl Period {
             .collect();
         next.total = self.total.carried();
         next.heard = self.heard;
+        next.busy_since = self.busy_since.map(|_| self.end_ms);
         next
     }
 
@@ -234,6 +278,7 @@ impl Period {
             overlap_ms: self
                 .heard
                 .map(|_| u64::try_from(self.overlap).unwrap_or(u64::MAX)),
+            in_use: self.in_use(end_ms),
         }
     }
 }
@@ -271,6 +316,7 @@ impl Usage {
                 None => {
                     let start = self.boundary_before(now_ms);
                     let mut w = Period::new(start, start + DAY_MS, now_ms);
+                    w.track_busy(now_ms, total);
                     w.set(by_type, total);
                     self.window = Some(w);
                     return;
@@ -283,6 +329,7 @@ impl Usage {
                 }
                 Some(w) => {
                     w.advance(now_ms);
+                    w.track_busy(now_ms, total);
                     w.set(by_type, total);
                     return;
                 }
@@ -313,6 +360,18 @@ impl Usage {
         let mut w = self.window.clone()?;
         w.advance(now_ms);
         Some(w.summary(now_ms.max(w.covered_from_ms)))
+    }
+}
+
+/// Appends `span` to `spans` (oldest first): joined to the last one when they touch, and
+/// past [`MAX_IN_USE_SPANS`] merged into it, so the spans may cover more, never less.
+fn push_span(spans: &mut Vec<Span>, span: Span) {
+    let full = spans.len() >= MAX_IN_USE_SPANS;
+    match spans.last_mut() {
+        Some(last) if span.from_ms <= last.to_ms || full => {
+            last.to_ms = last.to_ms.max(span.to_ms);
+        }
+        _ => spans.push(span),
     }
 }
 
@@ -398,6 +457,7 @@ pub fn build(
         events,
         slaves,
         backup,
+        in_use: Some(usage.in_use.clone()),
     }
 }
 
@@ -543,6 +603,14 @@ pub fn to_csv(r: &UsageReport) -> String {
             &r.cluster,
             "overlap_minutes",
             format!("{:.2}", b.overlap_minutes),
+        );
+    }
+    for span in r.in_use.iter().flatten() {
+        row(
+            "in_use",
+            &rfc3339(span.from_ms),
+            "until",
+            rfc3339(span.to_ms),
         );
     }
     for (reason, n) in &r.rejections {
@@ -782,7 +850,35 @@ pub fn side_by_side(reports: &[UsageReport]) -> String {
                 .map_or("-".into(), |b| format!("{:.2}", b.overlap_minutes))
         }),
     );
+    head(
+        &mut o,
+        "both in use (min)",
+        &mut reports.iter().map(|r| {
+            both_in_use(r, reports).map_or("-".into(), |ms| format!("{:.2}", ms as f64 / 60_000.0))
+        }),
+    );
     o
+}
+
+/// From the reports' own spans of use: the milliseconds during which `r`'s master and a
+/// master of the other context (production beside backup) among `reports` both held seats,
+/// summed over those masters; whether or not either heard the other (a split). `None` when
+/// `r` or every such other report has no spans (an older master), or there is none.
+fn both_in_use(r: &UsageReport, reports: &[UsageReport]) -> Option<u64> {
+    let pair = |a: &str, b: &str| {
+        let (p, bk) = (
+            lmbus_schemas::Context::Production.token(),
+            lmbus_schemas::Context::Backup.token(),
+        );
+        (a == p && b == bk) || (a == bk && b == p)
+    };
+    let mine = r.in_use.as_ref()?;
+    let theirs: Vec<&Vec<Span>> = reports
+        .iter()
+        .filter(|o| pair(&r.context, &o.context))
+        .filter_map(|o| o.in_use.as_ref())
+        .collect();
+    (!theirs.is_empty()).then(|| theirs.iter().map(|t| overlap_ms(mine, t)).sum())
 }
 
 /// Where a report went.
@@ -1251,6 +1347,93 @@ mod tests {
         let mut p = Usage::new(0);
         p.observe(DAY, &counts(&[("inbound", 1)]), 1);
         assert_eq!(p.so_far(DAY + H).unwrap().overlap_ms, None);
+    }
+
+    /// Each report lists when its master held seats; side by side, the minutes a production
+    /// and a backup master both did are counted from those spans, whether or not either
+    /// heard the other (their own overlaps, never told here, say nothing). A span open at
+    /// the day's end is cut there and goes on in the next period; the list is bounded.
+    #[test]
+    fn spans_of_use_show_both_in_use_side_by_side_even_in_a_split() {
+        let span = |from_ms, to_ms| Span { from_ms, to_ms };
+        let mut p = Usage::new(0);
+        p.observe(DAY, &counts(&[]), 0);
+        p.observe(DAY + H, &counts(&[("inbound", 2)]), 2);
+        p.observe(DAY + 2 * H, &counts(&[("inbound", 1)]), 1); // still in use
+        p.observe(DAY + 3 * H, &counts(&[]), 0);
+        p.observe(DAY + 5 * H, &counts(&[("inbound", 1)]), 1);
+        let pw = p.so_far(DAY + 6 * H).unwrap();
+        assert_eq!(
+            pw.in_use,
+            [span(DAY + H, DAY + 3 * H), span(DAY + 5 * H, DAY + 6 * H)]
+        );
+        let mut b = Usage::new(0);
+        b.observe(DAY + 2 * H, &counts(&[("inbound", 1)]), 1);
+        b.observe(DAY + 11 * H / 2, &counts(&[]), 0);
+        let bw = b.so_far(DAY + 6 * H).unwrap();
+        assert_eq!(bw.in_use, [span(DAY + 2 * H, DAY + 11 * H / 2)]);
+        let facts = |context| LicenseFacts {
+            id: "L".into(),
+            customer: "C".into(),
+            context,
+            total: Some(4),
+            types: counts(&[]),
+        };
+        let production = build(
+            "acme",
+            "p1",
+            &facts(lmbus_schemas::Context::Production),
+            &pw,
+            false,
+            Vec::new(),
+        );
+        let backup = build(
+            "acme-dr",
+            "d1",
+            &facts(lmbus_schemas::Context::Backup),
+            &bw,
+            false,
+            Vec::new(),
+        );
+        // 2h..3h and 5h..5.5h: 90 minutes, in both columns.
+        let both = side_by_side(&[production.clone(), backup.clone()]);
+        assert!(
+            both.lines()
+                .any(|l| l.starts_with("both in use (min)") && l.matches("90.00").count() == 2),
+            "{both}"
+        );
+        assert!(
+            to_csv(&backup).contains("in_use,2026-11-24T02:00:00Z,until,2026-11-24T05:30:00Z\n")
+        );
+        // A report alone, or from an older master (no spans), has no figure.
+        assert!(
+            side_by_side(std::slice::from_ref(&production))
+                .lines()
+                .any(|l| l.starts_with("both in use (min)") && l.contains('-'))
+        );
+        let mut older = backup;
+        older.in_use = None;
+        assert_eq!(both_in_use(&production, &[production.clone(), older]), None);
+        // The day's end cuts an open span; the next period starts in use.
+        let mut d = Usage::new(0);
+        d.observe(DAY + 23 * H, &counts(&[("inbound", 1)]), 1);
+        d.observe(DAY + DAY_MS + H, &counts(&[("inbound", 1)]), 1);
+        let closed = d.take_closed().unwrap();
+        assert_eq!(closed.in_use, [span(DAY + 23 * H, DAY + DAY_MS)]);
+        assert_eq!(
+            d.so_far(DAY + DAY_MS + H).unwrap().in_use,
+            [span(DAY + DAY_MS, DAY + DAY_MS + H)]
+        );
+        // Bounded: past the bound, later spans join the last one (covering more, not less).
+        let mut many = Vec::new();
+        for i in 0..2 * MAX_IN_USE_SPANS as i64 {
+            push_span(&mut many, span(10 * i, 10 * i + 5));
+        }
+        assert_eq!(many.len(), MAX_IN_USE_SPANS);
+        assert_eq!(
+            many.last().unwrap().to_ms,
+            10 * (2 * MAX_IN_USE_SPANS as i64 - 1) + 5
+        );
     }
 
     #[test]

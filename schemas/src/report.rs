@@ -89,6 +89,42 @@ pub struct UsageReport {
     /// it is not zero (absent on a development master's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupUse>,
+    /// When this master held at least one seat: wall-clock spans, oldest first, disjoint,
+    /// at most [`MAX_IN_USE_SPANS`] (past that, later spans are merged into the last one, so
+    /// they may cover more than the seats did, never less). Two reports side by side show
+    /// from these the minutes both were in use, which catches a split neither master heard.
+    /// `None` from an older master.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_use: Option<Vec<Span>>,
+}
+
+/// Most spans a report's `in_use` lists (one a minute for a whole day).
+pub const MAX_IN_USE_SPANS: usize = 1440;
+
+/// A span of wall-clock time in Unix milliseconds, `from_ms` up to `to_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
+/// Milliseconds covered by both span lists (each oldest first and disjoint, as a report's
+/// `in_use`).
+pub fn overlap_ms(a: &[Span], b: &[Span]) -> u64 {
+    let (mut i, mut j, mut total) = (0, 0, 0u64);
+    while i < a.len() && j < b.len() {
+        let from = a[i].from_ms.max(b[j].from_ms);
+        let to = a[i].to_ms.min(b[j].to_ms);
+        if to > from {
+            total += (to - from) as u64;
+        }
+        if a[i].to_ms < b[j].to_ms {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    total
 }
 
 #[cfg(test)]
@@ -129,7 +165,27 @@ pub(crate) mod tests {
             backup: Some(BackupUse {
                 overlap_minutes: 2.5,
             }),
+            in_use: Some(vec![Span {
+                from_ms: 1_000,
+                to_ms: 61_000,
+            }]),
         }
+    }
+
+    #[test]
+    fn the_overlap_of_two_span_lists_counts_what_both_cover() {
+        let spans = |s: &[(i64, i64)]| -> Vec<Span> {
+            s.iter()
+                .map(|&(from_ms, to_ms)| Span { from_ms, to_ms })
+                .collect()
+        };
+        let production = spans(&[(0, 100), (200, 300), (400, 1000)]);
+        let backup = spans(&[(50, 250), (900, 2000)]);
+        // 50..100, 200..250, 900..1000
+        assert_eq!(overlap_ms(&production, &backup), 200);
+        assert_eq!(overlap_ms(&backup, &production), 200);
+        assert_eq!(overlap_ms(&production, &[]), 0);
+        assert_eq!(overlap_ms(&spans(&[(0, 10)]), &spans(&[(10, 20)])), 0);
     }
 
     #[test]

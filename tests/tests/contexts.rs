@@ -1023,3 +1023,175 @@ fn overlap_of(f: &Fixture, cluster: &str) -> Option<Duration> {
         .backup
         .map(|b| Duration::from_secs_f64(b.overlap_minutes * 60.0))
 }
+
+/// Steps (issue 19, a split neither master hears): production master `p1` on NATS A with
+/// slave site1; backup master `d1` on NATS B, with no link to A, backing p1's license and
+/// watching p1's cluster, which it cannot hear there. site2 sits at the backup's site: its
+/// primary is production's cluster on NATS B, where no production broker answers (it is
+/// cut off from production only), its secondary the backup.
+/// 1. site1 holds a1 at production; once its first lease has passed the backup serves
+///    site2 (b1), within its own limits: both are in use at once.
+/// 2. site2 releases b1 about 2 s later. The hosts' books against the masters: site1 holds
+///    a1 and production 1; site2 nothing and the backup 0.
+/// 3. Neither master heard the other, so neither one's own overlap counts it (the backup's
+///    is 0, production's report has none). The backup's report, asked on NATS B and saved,
+///    printed beside production's (`admin report --beside-file`) shows "both in use" in
+///    both columns: the time b1 was held, from the two reports' spans of use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_cut_off_only_from_production_is_served_by_the_backup_and_the_reports_show_both_in_use()
+ {
+    let f = Fixture::new().await.unwrap();
+    let Pair {
+        prod_id, prod_cfg, ..
+    } = production_and_backup(&f);
+    let nats_b = NatsServer::start().unwrap();
+    let client_b = nats_b.client().await.unwrap();
+    let dr_cluster = format!("{}dr", f.cluster);
+    let mut dr_cfg = broker_config(
+        &nats_b,
+        &dr_cluster,
+        backup_license(&f, "dr.lic", prod_id, 2),
+        &f.vendor,
+        true,
+    );
+    dr_cfg.broker_id = "d1".into();
+    dr_cfg.lease = Duration::from_secs(1);
+    dr_cfg.handback_window = HANDBACK;
+    dr_cfg.production_cluster = Some(f.cluster.clone());
+    let prod = Broker::start(prod_cfg).await.unwrap();
+    let dr = Broker::start(dr_cfg).await.unwrap();
+
+    // 1. Production serves site1; the backup, hearing no production, serves site2.
+    let site1 = SlaveAgent::start(f.slave_config("site1").unwrap())
+        .await
+        .unwrap();
+    assert!(site1.register("a1", "inbound").await.unwrap().is_approved());
+    let mut cfg = lmbus_slave::SlaveConfig::new(
+        &nats_b.url(),
+        &f.cluster,
+        lmbus_schemas::SlaveId::new("site2").unwrap(),
+    );
+    cfg.secondary = Some(lmbus_slave::MasterEndpoint {
+        nats_url: nats_b.url(),
+        nats_auth: Default::default(),
+        cluster: dr_cluster.clone(),
+    });
+    cfg.request_timeout = Duration::from_secs(1);
+    cfg.failover_wait = Duration::ZERO;
+    cfg.election_wait = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let site2 = loop {
+        match SlaveAgent::start(cfg.clone()).await {
+            Ok(slave) => break slave,
+            Err(SlaveError::Refused {
+                reason: RejectReason::ProductionAvailable,
+                ..
+            }) if started.elapsed() < WAIT => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the backup did not serve site2: {e}"),
+        }
+    };
+    // The backup refuses during its first lease (it cannot know yet whether production is
+    // alive): asked again until it serves.
+    loop {
+        match site2.register("b1", "inbound").await.unwrap() {
+            outcome if outcome.is_approved() => break,
+            other => {
+                assert!(started.elapsed() < WAIT, "the backup never served b1: {other:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let held_from = std::time::Instant::now();
+    eprintln!(
+        "measured: the backup served site2 {:?} after it started",
+        started.elapsed()
+    );
+    assert_eq!(site2.status().served_by, Some(Context::Backup));
+    assert_eq!(site2.granted_by("b1"), Some("secondary"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // 2. site2 releases b1; the books on both sides.
+    assert!(site2.unregister("b1").await.unwrap());
+    let held = held_from.elapsed();
+    assert_eq!(
+        (site1.agents().len(), f.status().await.unwrap().total_in_use),
+        (1, 1),
+        "site1's books against production's"
+    );
+    lmbus_tests::eventually("the backup released b1", || async {
+        status(&client_b, &dr_cluster)
+            .await
+            .is_ok_and(|st| st.total_in_use == 0 && site2.agents().is_empty())
+    })
+    .await
+    .unwrap();
+
+    // 3. The reports. Each master's own overlap: nothing heard, nothing counted.
+    assert_eq!(
+        overlap_of(&f, &f.cluster),
+        None,
+        "production heard no backup"
+    );
+    let json = stdout_of(
+        Command::new(bin("lmbus-broker").unwrap())
+            .args(["admin", "report", "--json", "--nats", &nats_b.url()])
+            .args(["--cluster", &dr_cluster]),
+    )
+    .unwrap();
+    let backup: lmbus_schemas::report::UsageReport = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        backup.backup.as_ref().map(|b| b.overlap_minutes),
+        Some(0.0),
+        "the backup heard no production"
+    );
+    let saved = tempfile::tempdir().unwrap();
+    let file = saved.path().join("dr.json");
+    std::fs::write(&file, &json).unwrap();
+    let beside = |json: bool| {
+        let mut cmd = Command::new(bin("lmbus-broker").unwrap());
+        cmd.args(["admin", "report", "--nats", &f.nats.url()])
+            .args(["--cluster", &f.cluster])
+            .arg("--beside-file")
+            .arg(&file);
+        if json {
+            cmd.arg("--json");
+        }
+        stdout_of(&mut cmd).unwrap()
+    };
+    let both: Vec<lmbus_schemas::report::UsageReport> =
+        serde_json::from_str(&beside(true)).unwrap();
+    assert_eq!(both.len(), 2);
+    let spans = |r: &lmbus_schemas::report::UsageReport| r.in_use.clone().unwrap();
+    let overlap = Duration::from_millis(lmbus_schemas::report::overlap_ms(
+        &spans(&both[0]),
+        &spans(&both[1]),
+    ));
+    eprintln!(
+        "measured: the two reports' spans show both in use for {overlap:?} (site2 held b1 for {held:?})"
+    );
+    assert!(
+        overlap + Duration::from_millis(500) >= held && overlap <= held + Duration::from_secs(1),
+        "both in use {overlap:?}, b1 held {held:?}"
+    );
+    let text = beside(false);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("both in use (min)"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let minutes: Vec<f64> = row
+        .trim_start_matches("both in use (min)")
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(minutes.len(), 2, "{row}");
+    assert!(
+        minutes.iter().all(|m| *m > 0.0 && *m == minutes[0]),
+        "{row}"
+    );
+    site1.shutdown().await;
+    site2.shutdown().await;
+    prod.stop().await.unwrap();
+    dr.stop().await.unwrap();
+}
