@@ -1098,7 +1098,10 @@ async fn a_slave_cut_off_only_from_production_is_served_by_the_backup_and_the_re
         match site2.register("b1", "inbound").await.unwrap() {
             outcome if outcome.is_approved() => break,
             other => {
-                assert!(started.elapsed() < WAIT, "the backup never served b1: {other:?}");
+                assert!(
+                    started.elapsed() < WAIT,
+                    "the backup never served b1: {other:?}"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
