@@ -194,6 +194,11 @@ impl Metrics {
             .store(deadline_ms.unwrap_or(0), Ordering::Relaxed);
     }
 
+    /// The id of the master license in force on this replica (what its beats say).
+    pub fn license_id(&self) -> Option<uuid::Uuid> {
+        lock(&self.license).as_ref().map(|l| l.id)
+    }
+
     /// The master license in force changed (start, a snapshot, a reload in the ledger).
     pub fn set_license(&self, license: &License) {
         let mut current = lock(&self.license);

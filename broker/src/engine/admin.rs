@@ -78,6 +78,31 @@ impl Engine {
             );
             return self.reload_refused(request, message);
         }
+        if running == lmbus_schemas::Context::Backup
+            && (license.backs != current.backs
+                || license.production_cluster != current.production_cluster)
+        {
+            // A backup master's watch on production is set when it starts, from the license
+            // then and `--production-cluster`: a license that backs another production
+            // license, or names another production cluster, would be checked against the
+            // old ones. It takes effect with a restart.
+            let shown = |backs: Option<uuid::Uuid>, cluster: &Option<String>| {
+                format!(
+                    "backs production license {}{}",
+                    backs.map_or("(none)".to_owned(), |b| b.to_string()),
+                    cluster
+                        .as_deref()
+                        .map_or(String::new(), |c| format!(" of production cluster {c}"))
+                )
+            };
+            let message = format!(
+                "backup license {} in {file} {}, but the license in force {}: a backup master watches what its license backed when it started. Restart it with the new license file. The current license stays in force",
+                license.id,
+                shown(license.backs, &license.production_cluster),
+                shown(current.backs, &current.production_cluster)
+            );
+            return self.reload_refused(request, message);
+        }
         if license == self.cfg.license {
             // The same license again: nothing to record, nobody to alert.
             return Output {

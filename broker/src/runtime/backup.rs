@@ -228,8 +228,9 @@ impl ProductionWatch {
 
     /// Notes a backup replica's beat; `Some(older)`: another cluster not heard within
     /// `within` before, and whether it serves before this one.
-    fn observe_backup(&self, beat: &BackupBeat, within: Duration) -> Option<bool> {
-        if beat.license != self.license {
+    /// `license`: the backup license in force here now (a reload may have changed its id).
+    fn observe_backup(&self, beat: &BackupBeat, license: Uuid, within: Duration) -> Option<bool> {
+        if beat.license != license {
             return None;
         }
         let Ok(mut heard) = self.heard.lock() else {
@@ -342,7 +343,7 @@ pub(super) async fn watch_production(
                 let beat = BackupBeat {
                     cluster: watch.own_cluster.clone(),
                     replica: io.broker_id.clone(),
-                    license: watch.license,
+                    license: io.metrics.license_id().unwrap_or(watch.license),
                     up_ms: u64::try_from(watch.up().as_millis()).unwrap_or(u64::MAX),
                     seats: watch.held(lease),
                 };
@@ -352,7 +353,8 @@ pub(super) async fn watch_production(
             msg = rivals.next() => match msg {
                 Some(msg) => {
                     if let Ok(beat) = decode::<BackupBeat>(&msg.payload) {
-                        if let Some(older) = watch.observe_backup(&beat, lease) {
+                        let license = io.metrics.license_id().unwrap_or(watch.license);
+                        if let Some(older) = watch.observe_backup(&beat, license, lease) {
                             rival_alert(&io, &watch, &beat, older).await;
                         }
                     }
@@ -554,32 +556,32 @@ mod tests {
         };
         // Other licenses' beats are not rivals; a younger rival: this one goes on.
         assert_eq!(
-            watch.observe_backup(&beat("dr-x", "x1", Uuid::new_v4(), 10_000), lease),
+            watch.observe_backup(&beat("dr-x", "x1", Uuid::new_v4(), 10_000), license, lease),
             None
         );
         assert_eq!(
-            watch.observe_backup(&beat("dr-c", "c1", license, 0), lease),
+            watch.observe_backup(&beat("dr-c", "c1", license, 0), license, lease),
             Some(false)
         );
         assert_eq!(in_use(&watch), None);
         // An older one (by more than a lease): refused, naming it; heard again, not new.
         assert_eq!(
-            watch.observe_backup(&beat("dr-a", "a1", license, 60_000), lease),
+            watch.observe_backup(&beat("dr-a", "a1", license, 60_000), license, lease),
             Some(true)
         );
         assert_eq!(
-            watch.observe_backup(&beat("dr-a", "a2", license, 2_000), lease),
+            watch.observe_backup(&beat("dr-a", "a2", license, 2_000), license, lease),
             None
         );
         let why = in_use(&watch).unwrap();
         assert!(why.contains("backup cluster dr-a "), "{why}");
         // A replica of this cluster up longer than dr-a's oldest makes this cluster the
         // older: every replica of both clusters compares the same two ages.
-        watch.observe_backup(&beat("dr-b", "b2", license, 120_000), lease);
+        watch.observe_backup(&beat("dr-b", "b2", license, 120_000), license, lease);
         assert_eq!(in_use(&watch), None);
         // Names from the network are bounded in number.
         for i in 0..2 * MAX_BACKUPS {
-            watch.observe_backup(&beat(&format!("dr-{i}"), "r", license, 0), lease);
+            watch.observe_backup(&beat(&format!("dr-{i}"), "r", license, 0), license, lease);
         }
         assert!(watch.heard.lock().unwrap().backups.len() <= MAX_BACKUPS);
     }

@@ -139,7 +139,9 @@ pub(super) async fn presence(
             applied: applied.load(Ordering::Relaxed),
             drained: drainer.is_drained(),
             context: Some(io.context),
-            license: Some(license),
+            // The license in force (a reload in the ledger changes it on every replica),
+            // that of the start before the first record.
+            license: Some(io.metrics.license_id().unwrap_or(license)),
         };
         io.metrics.set_drained(beat.drained);
         io.send(subject.clone(), &beat, "replica beat").await;

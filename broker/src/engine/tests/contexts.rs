@@ -261,6 +261,60 @@ fn a_reload_of_another_context_is_refused() {
     assert_eq!(h.engine.status(h.now).total_limit, 9);
 }
 
+/// A backup master reloads a backup license that backs the same production license on the
+/// same production cluster (new limits), but refuses one that backs another production
+/// license or names another production cluster (its watch was set at start), with the
+/// reason and a `license_refused` alert; the license in force stays.
+#[test]
+fn a_backup_reload_that_backs_something_else_is_refused() {
+    let mut h = master_in(Context::Backup, true);
+    let backs = Uuid::new_v4();
+    h.engine.cfg.license.backs = Some(backs);
+    h.engine.cfg.license.production_cluster = Some("prod".into());
+    let before = h.engine.config().license.clone();
+    let reload = |backs: Uuid, cluster: &str, total: u32| {
+        let mut l = license(
+            Role::Master,
+            Limits {
+                total: Some(total),
+                ..Limits::default()
+            },
+        );
+        l.id = before.id;
+        l.context = Context::Backup;
+        l.backs = Some(backs);
+        l.production_cluster = Some(cluster.into());
+        lmbus_schemas::ReloadRequest {
+            license: sign_license(&l, &vendor()).unwrap(),
+            operator: "ops".into(),
+            file: "/etc/lmbus/dr.lic".into(),
+        }
+    };
+    for (other_backs, cluster) in [(Uuid::new_v4(), "prod"), (backs, "prod2")] {
+        let (reply, out) = h.reload_license(&reload(other_backs, cluster, 9), TODAY);
+        let lmbus_schemas::ReloadReply::Error { message } = reply else {
+            panic!("{reply:?}");
+        };
+        assert!(
+            message.contains(&format!(
+                "backs production license {other_backs} of production cluster {cluster}"
+            )) && message.contains("Restart it")
+                && message.contains("current license stays in force"),
+            "{message}"
+        );
+        assert!(out.changes.is_empty());
+        assert_eq!(alerts(&out)[0].kind, AlertKind::LicenseRefused);
+        assert_eq!(h.engine.config().license, before);
+    }
+    let (reply, out) = h.reload_license(&reload(backs, "prod", 9), TODAY);
+    assert!(
+        matches!(reply, lmbus_schemas::ReloadReply::Reloaded { .. }),
+        "{reply:?}"
+    );
+    assert_eq!(out.changes.len(), 1);
+    assert_eq!(h.engine.status(h.now).total_limit, 9);
+}
+
 /// A replica applies only a ledger of its own context: a `Leader` record or a `License`
 /// record of another context is refused with `ReplayError::Context` (and changes nothing);
 /// one from an older leader, which names no context, is applied.
