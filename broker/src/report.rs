@@ -1235,29 +1235,8 @@ mod tests {
         let mut u = Usage::new(0);
         u.observe(DAY, &counts(&[("inbound", 1)]), 1);
         let window = u.so_far(DAY + H).unwrap();
-        let facts = |context| LicenseFacts {
-            id: "L".into(),
-            customer: "C".into(),
-            context,
-            total: Some(10),
-            types: counts(&[("inbound", 5)]),
-        };
-        let dev = build(
-            "lab",
-            "b1",
-            &facts(lmbus_schemas::Context::Development),
-            &window,
-            false,
-            Vec::new(),
-        );
-        let prod = build(
-            "acme",
-            "b1",
-            &facts(lmbus_schemas::Context::Production),
-            &window,
-            false,
-            Vec::new(),
-        );
+        let dev = report_in("lab", lmbus_schemas::Context::Development, &window);
+        let prod = report_in("acme", lmbus_schemas::Context::Production, &window);
         assert!(dev.not_for_production && !prod.not_for_production);
         assert_eq!(dev.context, "development");
         assert!(
@@ -1271,6 +1250,22 @@ mod tests {
         let json = serde_json::to_value(&dev).unwrap();
         assert_eq!(json["not_for_production"], true);
         assert!(side_by_side(&[prod, dev]).contains("lab (development: not for production use)"));
+    }
+
+    /// The report of `window` for a master of `context` (a 4-seat license, no alerts).
+    fn report_in(
+        cluster: &str,
+        context: lmbus_schemas::Context,
+        window: &UsageWindow,
+    ) -> UsageReport {
+        let facts = LicenseFacts {
+            id: "L".into(),
+            customer: "C".into(),
+            context,
+            total: Some(4),
+            types: counts(&[]),
+        };
+        build(cluster, "r1", &facts, window, false, Vec::new())
     }
 
     /// A backup's leader told when it hears production: the overlap counts only the time
@@ -1289,21 +1284,7 @@ mod tests {
         u.set_overlapping(DAY + 6 * H, false);
         let window = u.so_far(DAY + 8 * H).unwrap();
         assert_eq!(window.overlap_ms, Some(2 * H as u64));
-        let facts = |context| LicenseFacts {
-            id: "L".into(),
-            customer: "C".into(),
-            context,
-            total: Some(4),
-            types: counts(&[]),
-        };
-        let backup = build(
-            "dr",
-            "d1",
-            &facts(lmbus_schemas::Context::Backup),
-            &window,
-            false,
-            Vec::new(),
-        );
+        let backup = report_in("dr", lmbus_schemas::Context::Backup, &window);
         let used = backup.backup.clone().unwrap();
         assert!((used.overlap_minutes - 120.0).abs() < 1e-9, "{used:?}");
         let total = backup.agent_types.last().unwrap();
@@ -1311,14 +1292,7 @@ mod tests {
         assert!(to_csv(&backup).contains("backup,dr,overlap_minutes,120.00\n"));
         assert!(to_csv(&backup).contains("agent_type,total,seat_hours,6.000\n"));
         assert!(to_text(&backup).contains("(overlap): 120.00 minutes"));
-        let production = build(
-            "acme",
-            "p1",
-            &facts(lmbus_schemas::Context::Production),
-            &window,
-            false,
-            Vec::new(),
-        );
+        let production = report_in("acme", lmbus_schemas::Context::Production, &window);
         assert_eq!(production.backup, Some(used));
         assert!(
             to_text(&production).contains("while a backup master held seats (overlap): 120.00")
@@ -1334,14 +1308,7 @@ mod tests {
         quiet.set_overlapping(DAY, false);
         let quiet = quiet.so_far(DAY + H).unwrap();
         assert_eq!(quiet.overlap_ms, Some(0));
-        let production = build(
-            "acme",
-            "p1",
-            &facts(lmbus_schemas::Context::Production),
-            &quiet,
-            false,
-            Vec::new(),
-        );
+        let production = report_in("acme", lmbus_schemas::Context::Production, &quiet);
         assert!(production.backup.is_none(), "no overlap, not shown");
         // A window never told (a production master) has no overlap.
         let mut p = Usage::new(0);
@@ -1372,29 +1339,8 @@ mod tests {
         b.observe(DAY + 11 * H / 2, &counts(&[]), 0);
         let bw = b.so_far(DAY + 6 * H).unwrap();
         assert_eq!(bw.in_use, [span(DAY + 2 * H, DAY + 11 * H / 2)]);
-        let facts = |context| LicenseFacts {
-            id: "L".into(),
-            customer: "C".into(),
-            context,
-            total: Some(4),
-            types: counts(&[]),
-        };
-        let production = build(
-            "acme",
-            "p1",
-            &facts(lmbus_schemas::Context::Production),
-            &pw,
-            false,
-            Vec::new(),
-        );
-        let backup = build(
-            "acme-dr",
-            "d1",
-            &facts(lmbus_schemas::Context::Backup),
-            &bw,
-            false,
-            Vec::new(),
-        );
+        let production = report_in("acme", lmbus_schemas::Context::Production, &pw);
+        let backup = report_in("acme-dr", lmbus_schemas::Context::Backup, &bw);
         // 2h..3h and 5h..5.5h: 90 minutes, in both columns.
         let both = side_by_side(&[production.clone(), backup.clone()]);
         assert!(
