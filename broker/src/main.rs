@@ -515,7 +515,17 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
                     }
                 }
             }
-            reports.extend(from_files);
+            for (report, path) in from_files.into_iter().zip(&beside_file) {
+                // Counted once: the same master twice would count its use twice.
+                if reports.iter().any(|r| r.cluster == report.cluster) {
+                    anyhow::bail!(
+                        "--beside-file {}: cluster {} is already in the table (named with --cluster, --beside or another file)",
+                        path.display(),
+                        lmbus_schemas::printable(&report.cluster)
+                    );
+                }
+                reports.push(report);
+            }
             if json {
                 if let [one] = reports.as_slice() {
                     println!("{}", serde_json::to_string_pretty(one)?);

@@ -342,10 +342,10 @@ impl Usage {
     /// holds seats): time with seats held while it is counts as the period's overlap.
     pub fn set_overlapping(&mut self, now_ms: i64, heard: bool) {
         if let Some(w) = &mut self.window
-            && now_ms < w.end_ms
             && w.heard != Some(heard)
         {
-            w.advance(now_ms);
+            // Up to the period's end at most: a later observation closes the period first.
+            w.advance(now_ms.min(w.end_ms));
             w.heard = Some(heard);
         }
     }
@@ -366,13 +366,41 @@ impl Usage {
 /// Appends `span` to `spans` (oldest first): joined to the last one when they touch, and
 /// past [`MAX_IN_USE_SPANS`] merged into it, so the spans may cover more, never less.
 fn push_span(spans: &mut Vec<Span>, span: Span) {
-    let full = spans.len() >= MAX_IN_USE_SPANS;
     match spans.last_mut() {
-        Some(last) if span.from_ms <= last.to_ms || full => {
+        Some(last) if span.from_ms <= last.to_ms => {
             last.to_ms = last.to_ms.max(span.to_ms);
+            return;
         }
         _ => spans.push(span),
     }
+    if spans.len() > MAX_IN_USE_SPANS {
+        // Past the bound: the two neighbours with the shortest gap become one span (the
+        // least time counted as in use that was not).
+        let i = (0..spans.len() - 1)
+            .min_by_key(|&i| spans[i + 1].from_ms - spans[i].to_ms)
+            .unwrap_or(0);
+        spans[i].to_ms = spans[i + 1].to_ms;
+        spans.remove(i + 1);
+    }
+}
+
+/// `spans` as [`overlap_ms`] needs them: empty ones dropped, sorted, overlaps joined (a
+/// report read from a file may be anything).
+fn normalized(spans: &[Span]) -> Vec<Span> {
+    let mut sorted: Vec<Span> = spans
+        .iter()
+        .copied()
+        .filter(|s| s.to_ms > s.from_ms)
+        .collect();
+    sorted.sort_by_key(|s| s.from_ms);
+    let mut out: Vec<Span> = Vec::with_capacity(sorted.len());
+    for s in sorted {
+        match out.last_mut() {
+            Some(last) if s.from_ms <= last.to_ms => last.to_ms = last.to_ms.max(s.to_ms),
+            _ => out.push(s),
+        }
+    }
+    out
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -872,13 +900,13 @@ fn both_in_use(r: &UsageReport, reports: &[UsageReport]) -> Option<u64> {
         );
         (a == p && b == bk) || (a == bk && b == p)
     };
-    let mine = r.in_use.as_ref()?;
-    let theirs: Vec<&Vec<Span>> = reports
+    let mine = normalized(r.in_use.as_ref()?);
+    let theirs: Vec<Vec<Span>> = reports
         .iter()
         .filter(|o| pair(&r.context, &o.context))
-        .filter_map(|o| o.in_use.as_ref())
+        .filter_map(|o| o.in_use.as_deref().map(normalized))
         .collect();
-    (!theirs.is_empty()).then(|| theirs.iter().map(|t| overlap_ms(mine, t)).sum())
+    (!theirs.is_empty()).then(|| theirs.iter().map(|t| overlap_ms(&mine, t)).sum())
 }
 
 /// Where a report went.
@@ -1370,15 +1398,27 @@ mod tests {
             d.so_far(DAY + DAY_MS + H).unwrap().in_use,
             [span(DAY + DAY_MS, DAY + DAY_MS + H)]
         );
-        // Bounded: past the bound, later spans join the last one (covering more, not less).
+        // Bounded: past the bound, the two spans with the shortest gap join (covering more,
+        // never less, and as little more as can be).
         let mut many = Vec::new();
-        for i in 0..2 * MAX_IN_USE_SPANS as i64 {
-            push_span(&mut many, span(10 * i, 10 * i + 5));
+        for i in 0..MAX_IN_USE_SPANS as i64 {
+            push_span(&mut many, span(100 * i, 100 * i + 50));
         }
+        push_span(
+            &mut many,
+            span(
+                100 * MAX_IN_USE_SPANS as i64 - 40,
+                100 * MAX_IN_USE_SPANS as i64,
+            ),
+        );
         assert_eq!(many.len(), MAX_IN_USE_SPANS);
+        let last = MAX_IN_USE_SPANS as i64 - 1;
+        assert_eq!(many.last().unwrap(), &span(100 * last, 100 * (last + 1)));
+        assert_eq!(many[0], span(0, 50));
+        // Spans from a file are taken as they come: unsorted, overlapping, empty.
         assert_eq!(
-            many.last().unwrap().to_ms,
-            10 * (2 * MAX_IN_USE_SPANS as i64 - 1) + 5
+            normalized(&[span(50, 60), span(0, 10), span(5, 20), span(30, 30)]),
+            [span(0, 20), span(50, 60)]
         );
     }
 

@@ -818,6 +818,10 @@ pub struct BackupBeat {
     /// older broker): production counts the time both hold seats (its overlap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seats: Option<u32>,
+    /// The production license the backup license backs (`None` from an older broker):
+    /// production counts only its own backups' seats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backs: Option<Uuid>,
 }
 
 /// One broker replica in the leader's view.

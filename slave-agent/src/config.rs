@@ -78,7 +78,8 @@ pub struct MasterEndpoint {
 #[serde(rename_all = "kebab-case")]
 pub enum ReturnPolicy {
     /// New registrations go to the primary again as soon as it answers a hello; seats the
-    /// secondary granted stay there until released.
+    /// secondary granted stay there until released, except a backup master's, which are
+    /// moved to the primary (the handback).
     ReturnToPrimary,
     /// Keep using the secondary until it fails.
     Stay,

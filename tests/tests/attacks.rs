@@ -1591,6 +1591,7 @@ async fn a_site_cannot_forge_the_beats_a_backup_master_listens_to() {
     .unwrap();
     let backup = encode(&lmbus_schemas::BackupBeat {
         seats: Some(0),
+        backs: None,
         cluster: "forged-dr".into(),
         replica: "forged".into(),
         license: uuid::Uuid::new_v4(),

@@ -346,6 +346,7 @@ pub(super) async fn watch_production(
                     license: io.metrics.license_id().unwrap_or(watch.license),
                     up_ms: u64::try_from(watch.up().as_millis()).unwrap_or(u64::MAX),
                     seats: watch.held(lease),
+                    backs: Some(watch.backs),
                 };
                 io.send(backups.clone(), &beat, "backup beat").await;
                 continue;
@@ -387,24 +388,34 @@ pub(super) async fn watch_production(
     }
 }
 
-/// A production master's view of its backup masters: the seats each backup cluster's leader
-/// said it holds, heard on the production cluster's `backups` subject.
+/// Each backup leader heard, by (cluster, replica): when, and the seats it said it holds.
+type LeadersHeard = BTreeMap<(String, String), (Instant, u32)>;
+
+/// A production master's view of its backup masters: the seats each backup leader said it
+/// holds, heard on the production cluster's `backups` subject.
 #[derive(Debug, Clone, Default)]
 pub(super) struct BackupsWatch {
-    heard: Arc<Mutex<BTreeMap<String, (Instant, u32)>>>,
+    heard: Arc<Mutex<LeadersHeard>>,
 }
 
 impl BackupsWatch {
-    /// Notes a backup leader's beat (a standby's says no seats and changes nothing).
-    fn observe(&self, beat: &BackupBeat, within: Duration) {
+    /// Notes a backup leader's beat, if it backs `license` (production's license in
+    /// force); a standby's says no seats and changes nothing.
+    fn observe(&self, beat: &BackupBeat, license: Uuid, within: Duration) {
+        if beat.backs != Some(license) {
+            return;
+        }
         let (Some(seats), Ok(mut heard)) = (beat.seats, self.heard.lock()) else {
             return;
         };
         let at = now();
         heard.retain(|_, (then, _)| at.saturating_duration_since(*then) <= within);
-        let cluster: String = printable(&beat.cluster).chars().take(64).collect();
-        if heard.contains_key(&cluster) || heard.len() < MAX_BACKUPS {
-            heard.insert(cluster, (at, seats));
+        let key = (
+            printable(&beat.cluster).chars().take(64).collect(),
+            printable(&beat.replica).chars().take(64).collect(),
+        );
+        if heard.contains_key(&key) || heard.len() < MAX_BACKUPS {
+            heard.insert(key, (at, seats));
         }
     }
 
@@ -447,8 +458,10 @@ pub(super) async fn watch_backups(
             _ = stop.cancelled() => return,
             msg = beats.next() => match msg {
                 Some(msg) => {
-                    if let Ok(beat) = decode::<BackupBeat>(&msg.payload) {
-                        watch.observe(&beat, lease);
+                    if let (Ok(beat), Some(license)) =
+                        (decode::<BackupBeat>(&msg.payload), io.metrics.license_id())
+                    {
+                        watch.observe(&beat, license, lease);
                     }
                 }
                 None => return,
@@ -502,6 +515,7 @@ mod tests {
             license,
             up_ms,
             seats: None,
+            backs: None,
         }
     }
 
@@ -511,22 +525,31 @@ mod tests {
     fn production_sees_a_backup_in_use_from_its_leaders_beats() {
         let lease = Duration::from_millis(200);
         let watch = BackupsWatch::default();
-        let license = Uuid::new_v4();
+        let (license, production) = (Uuid::new_v4(), Uuid::new_v4());
         assert!(!watch.in_use(lease));
         let mut leader = beat("dr", "d1", license, 1_000);
+        leader.backs = Some(production);
         leader.seats = Some(0);
-        watch.observe(&leader, lease);
-        watch.observe(&beat("dr", "d2", license, 1_000), lease);
+        watch.observe(&leader, production, lease);
+        let mut standby = beat("dr", "d2", license, 1_000);
+        standby.backs = Some(production);
+        watch.observe(&standby, production, lease);
         assert!(!watch.in_use(lease), "the backup holds nothing");
         leader.seats = Some(2);
-        watch.observe(&leader, lease);
+        watch.observe(&leader, Uuid::new_v4(), lease);
+        assert!(
+            !watch.in_use(lease),
+            "a backup of another production license"
+        );
+        watch.observe(&leader, production, lease);
         assert!(watch.in_use(lease));
         std::thread::sleep(lease + Duration::from_millis(50));
         assert!(!watch.in_use(lease), "not heard within a lease");
         for i in 0..2 * MAX_BACKUPS {
             let mut b = beat(&format!("dr-{i}"), "r", license, 0);
             b.seats = Some(1);
-            watch.observe(&b, Duration::from_secs(60));
+            b.backs = Some(production);
+            watch.observe(&b, production, Duration::from_secs(60));
         }
         assert!(watch.heard.lock().unwrap().len() <= MAX_BACKUPS);
     }

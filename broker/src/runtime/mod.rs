@@ -464,6 +464,9 @@ pub async fn run(cfg: BrokerConfig, shutdown: impl Future<Output = ()>) -> anyho
         .await;
         not_ready.send_replace(false);
         io.metrics.set_gauges(None);
+        // Only a leader is told whether the other side is in use: a follower counts no
+        // overlap until it leads again.
+        replica.usage.set_overlapping(clock::unix_ms(), false);
         match led {
             Ok(Led::Shutdown) => break Ok(()),
             Ok(Led::SteppedDown { reason, rebuild }) => {

@@ -73,7 +73,9 @@ impl Inner {
         self.check_grace();
         let (active, links, seats_on) = {
             let state = lock(&self.state);
-            let seats_on = |master| state.agents.values().any(|s| s.link == master);
+            // A master owed a release counts as holding seats until a hello settles it.
+            let seats_on =
+                |master| *state.owed.get(master) || state.agents.values().any(|s| s.link == master);
             let seats_on = PerMaster {
                 primary: seats_on(Master::Primary),
                 secondary: seats_on(Master::Secondary),

@@ -1,10 +1,18 @@
 //! The handback, slave side: once the primary is the active master again and answers
 //! while a backup secondary holds some of this slave's agents, those agents are
-//! registered at the primary one by one, and each one the primary approves is released at
-//! the backup. The host's agents keep working through the move; only those the primary
-//! cannot admit stay at the backup, whose handback window then logs them out.
+//! registered at the primary one by one (from the primary's block first, in allotment
+//! mode), and each one the primary approves is released at the backup. The host's agents
+//! keep working through the move; only those the primary cannot admit stay at the backup,
+//! whose handback window then logs them out.
+//!
+//! Moves run in the background task's heartbeat round, so a round moves for at most half a
+//! heartbeat interval (the next round goes on), skips an agent the host is registering or
+//! releasing at the moment, and sends no release to a backup that does not answer: that
+//! backup is owed the release (`State::owed`), stays a heartbeat target, and the hello
+//! that reaches it again releases the seat there.
 
 use std::collections::BTreeSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use lmbus_schemas::RejectReason;
@@ -12,35 +20,48 @@ use tracing::{debug, info, warn};
 
 use super::inner::Inner;
 use super::register::Attempt;
-use super::state::{InFlight, Release, Seat, lock, mark, unmark};
+use super::state::{InFlight, Release, Seat, State, lock, mark, unmark};
 use crate::events::Outcome;
 use crate::master::Master;
 
-/// Most agents moved in one heartbeat round (the round waits for them).
+/// Most agents moved in one heartbeat round.
 const MOVES_PER_ROUND: usize = 64;
 
 /// After the primary refused a move for capacity (or did not answer), the next try waits
 /// this long: each refusal is a `registration_rejected` alert at the primary, so a primary
-/// that stays full is asked a few times per handback window, not every heartbeat.
+/// that stays full is asked every 10 s, not every heartbeat.
 const MOVE_RETRY: Duration = Duration::from_secs(10);
 
 /// Where one move ended.
 enum Moved {
-    /// The primary holds the seat now, and the backup was told to release it.
+    /// The primary holds the seat now, and the backup's goes.
     Yes,
-    /// The agent was released, or logged out, or moved by someone else meanwhile.
-    Gone,
+    /// The agent was released, or logged out, or busy with a host request meanwhile.
+    Skipped,
     /// The primary refused it (the reason), or could not decide now (`None`).
     Refused(Option<RejectReason>),
 }
 
+/// An agent marked as registering while it moves, unmarked however the move ends.
+struct Registering<'a> {
+    state: &'a Mutex<State>,
+    agent: &'a str,
+}
+
+impl Drop for Registering<'_> {
+    fn drop(&mut self) {
+        unmark(&mut lock(self.state).registering, self.agent);
+    }
+}
+
 impl Inner {
     /// Moves the agents a backup secondary holds to the primary when the policy says so
-    /// (`Policy::moves_back`), at most [`MOVES_PER_ROUND`] per call; stops at the first
-    /// refusal for the total (`aggregate_limit`) or any other reason, and skips the rest of
-    /// an agent type the primary refused (`type_limit`).
+    /// (`Policy::moves_back`), at most [`MOVES_PER_ROUND`] and half a heartbeat interval per
+    /// call; stops at the first refusal for the total (`aggregate_limit`) or any other
+    /// reason, and skips the rest of an agent type the primary refused (`type_limit`).
     pub(super) async fn move_back(&self) {
         let now = tokio::time::Instant::now();
+        let deadline = now + self.cfg.heartbeat_interval / 2;
         let candidates: Vec<(String, String)> = {
             let state = lock(&self.state);
             let due = self.policy.moves_back(
@@ -66,12 +87,15 @@ impl Inner {
         };
         let (mut moved, mut full) = (0u32, BTreeSet::new());
         for (agent, agent_type) in candidates {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
             if full.contains(&agent_type) {
                 continue;
             }
-            match self.move_one(&agent, &agent_type).await {
+            match self.move_one(&agent, &agent_type, deadline).await {
                 Moved::Yes => moved += 1,
-                Moved::Gone => {}
+                Moved::Skipped => {}
                 Moved::Refused(reason) => {
                     lock(&self.state).moves_paused_until =
                         Some(tokio::time::Instant::now() + MOVE_RETRY);
@@ -97,67 +121,102 @@ impl Inner {
         }
     }
 
-    /// Registers one agent the backup holds at the primary and, once approved, makes the
-    /// seat the primary's and releases it at the backup.
-    async fn move_one(&self, agent: &str, agent_type: &str) -> Moved {
-        let _turn = self.turns.take(agent).await;
-        {
+    /// Registers one agent the backup holds at the primary (from the primary's block when
+    /// it has a free seat of the type) and, once approved, makes the seat the primary's
+    /// and releases it at the backup. An agent whose turn is not free by `deadline` (the
+    /// host is registering or releasing it) is skipped.
+    async fn move_one(
+        &self,
+        agent: &str,
+        agent_type: &str,
+        deadline: tokio::time::Instant,
+    ) -> Moved {
+        let Ok(_turn) = tokio::time::timeout_at(deadline, self.turns.take(agent)).await else {
+            return Moved::Skipped;
+        };
+        let from_block = {
             let mut state = lock(&self.state);
             let held_at_backup = state
                 .agents
                 .get(agent)
                 .is_some_and(|s| s.link == Master::Secondary && s.agent_type == agent_type);
             if !held_at_backup {
-                return Moved::Gone;
+                return Moved::Skipped;
             }
-            // In flight: a heartbeat's books leave it out and a hello lists it as pending,
-            // so neither master takes the seat it is being granted for a lost one. Not in
-            // `pending`: the agent holds a seat already, so the local limit counts it once.
-            mark(&mut state.registering, agent);
-        }
-        let attempt = self.attempt(Master::Primary, agent, agent_type).await;
-        let release = {
-            let mut state = lock(&self.state);
-            unmark(&mut state.registering, agent);
+            // Allotment mode: a free seat of the primary's block takes it, with no message
+            // (journaled like any local admission).
+            let now = tokio::time::Instant::now();
+            let admitted = state.allot.primary.try_admit(now, agent, agent_type);
+            if admitted.is_none() {
+                // In flight: a heartbeat's books leave it out and a hello lists it as
+                // pending, so neither master takes the seat it is being granted for a lost
+                // one. Not in `pending`: the agent holds a seat already, so the local limit
+                // counts it once.
+                mark(&mut state.registering, agent);
+            }
+            admitted
+        };
+        if from_block.is_none() {
+            let marked = Registering {
+                state: &self.state,
+                agent,
+            };
+            let attempt = self.attempt(Master::Primary, agent, agent_type).await;
+            drop(marked);
             match attempt {
                 Ok(Attempt::Decided(Outcome::Approved { .. })) => {}
-                Ok(Attempt::Decided(Outcome::Rejected { reason, .. })) => {
-                    return Moved::Refused(Some(reason));
+                Ok(Attempt::Decided(Outcome::Rejected { reason, .. }))
+                | Ok(Attempt::Wait {
+                    outcome: Outcome::Rejected { reason, .. },
+                    ..
+                }) => return Moved::Refused(Some(reason)),
+                Ok(Attempt::Wait { .. }) | Ok(Attempt::Unavailable(_)) => {
+                    return Moved::Refused(None);
                 }
-                Ok(Attempt::Wait { .. }) => {
-                    return Moved::Refused(Some(RejectReason::AggregateLimit));
-                }
-                Ok(Attempt::Unavailable(_)) => return Moved::Refused(None),
                 Err(e) => {
                     warn!(agent, error = %e, "moving an agent to the primary failed");
                     return Moved::Refused(None);
                 }
             }
+        }
+        let release = {
+            let mut state = lock(&self.state);
             let still_at_backup = state
                 .agents
                 .get(agent)
                 .is_some_and(|s| s.link == Master::Secondary);
             if still_at_backup {
-                // The primary's seat now; the backup's goes (journaled if from a block).
+                // The primary's seat now; the backup's goes (journaled if from its block).
                 let release = state.begin_unregistration(agent);
                 state.agents.insert(
                     agent.to_owned(),
                     Seat {
                         agent_type: agent_type.to_owned(),
                         link: Master::Primary,
-                        allot: None,
+                        allot: from_block,
                     },
                 );
+                if matches!(release, Release::Journaled) && !state.links.secondary.connected {
+                    state.owed.secondary = true;
+                }
                 release
             } else {
-                // Logged out by the backup meanwhile (its window ended): the host was told,
-                // so the seat just granted goes back too.
-                mark(&mut state.unregistering, agent);
-                Release::Send(Seat {
-                    agent_type: agent_type.to_owned(),
-                    link: Master::Primary,
-                    allot: None,
-                })
+                // Logged out meanwhile (the backup's window ended and a hello to it found
+                // the seat gone): the host was told, so the seat just granted goes too.
+                match from_block {
+                    Some(n) => {
+                        state.allot.primary.release(agent, agent_type, n);
+                        return Moved::Skipped;
+                    }
+                    None => {
+                        mark(&mut state.unregistering, agent);
+                        Release::Send(Seat {
+                            agent_type: agent_type.to_owned(),
+                            link: Master::Primary,
+                            allot: None,
+                        })
+                    }
+                }
             }
         };
         let Release::Send(seat) = release else {
@@ -169,13 +228,18 @@ impl Inner {
             registering: false,
             settled: false,
         };
-        let released = self.unregister_at(seat.link, agent).await;
-        in_flight.settle(&mut lock(&self.state));
-        if let Err(e) = released {
-            warn!(agent, error = %e, "releasing a moved agent's old seat failed");
+        let connected = lock(&self.state).links.get(seat.link).connected;
+        if connected {
+            if let Err(e) = self.unregister_at(seat.link, agent).await {
+                warn!(agent, error = %e, "releasing a moved agent's old seat failed");
+            }
+        } else {
+            // Not asked now: the hello that reaches that master again releases it.
+            *lock(&self.state).owed.get_mut(seat.link) = true;
         }
+        in_flight.settle(&mut lock(&self.state));
         if seat.link == Master::Primary {
-            Moved::Gone
+            Moved::Skipped
         } else {
             Moved::Yes
         }

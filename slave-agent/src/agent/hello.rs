@@ -258,6 +258,8 @@ impl Inner {
             broker_id: Some(welcome.broker_id.clone()),
             context: welcome.context,
         };
+        // The hello listed only the seats still held there: a release it missed is done.
+        *state.owed.get_mut(link) = false;
         state.last_error = None;
         state.restricted.take()
     }

@@ -513,7 +513,10 @@ impl Inner {
                 ..
             } => return Err(SlaveError::InvalidInput(e.to_string())),
             Ask::Reply { reply, .. } => warn!(?reply, "unexpected answer to an unregistration"),
-            Ask::Unavailable(detail) => self.set_disconnected(link, detail),
+            Ask::Unavailable(detail) => {
+                *lock(&self.state).owed.get_mut(link) = true;
+                self.set_disconnected(link, detail);
+            }
         }
         Ok(true)
     }

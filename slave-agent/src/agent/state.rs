@@ -77,6 +77,11 @@ pub(super) struct State {
     pub(super) allot: PerMaster<AllotBook>,
     /// The handback: no agent is moved back to the primary before then (it refused one).
     pub(super) moves_paused_until: Option<tokio::time::Instant>,
+    /// A master that did not take a release (it did not answer, or was not asked because
+    /// it was not connected): it stays a heartbeat target until a hello to it succeeds, so
+    /// that hello's reconcile releases the seat there even when it holds no other seat of
+    /// this slave.
+    pub(super) owed: PerMaster<bool>,
 }
 
 /// A registration (counted in `pending` and `registering`) or an unregistration (in
@@ -163,6 +168,7 @@ impl State {
             primary_slow: false,
             allot: PerMaster::default(),
             moves_paused_until: None,
+            owed: PerMaster::default(),
         }
     }
 
