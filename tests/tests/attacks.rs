@@ -1647,3 +1647,75 @@ async fn a_site_cannot_forge_the_beats_a_backup_master_listens_to() {
     }
     d.stop().await;
 }
+
+/// Steps: a 2-seat license; an honest site2 holds one seat. As site1 (its own credentials),
+/// a hello, then heartbeats whose `MasterUse` claims its other master is a backup holding
+/// u32::MAX seats, and then one naming no context and in use elsewhere. The master shows
+/// the claim in site1's status row, as the slave's word, and decides nothing on it: the
+/// totals and limits stay as the ledger says, site1 holds nothing, site2's next
+/// registration is approved and the one after it refused `aggregate_limit` at the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sites_claim_about_its_other_master_is_shown_and_decides_nothing() {
+    let d = Deployment::start(2).await;
+    let site2 = d.slave("site2").await;
+    assert!(site2.register("b1", "inbound").await.unwrap().is_approved());
+    let attacker = d.site("site1").await;
+    let hello = hello(1, vec![]);
+    let instance = hello.instance;
+    assert!(matches!(
+        ask(
+            &attacker,
+            &d.subjects,
+            "site1",
+            SlaveOp::Hello,
+            encode(&hello).unwrap()
+        )
+        .await,
+        Some(Reply::Welcome(_))
+    ));
+    let beat = |seq, other| Heartbeat {
+        instance,
+        seq,
+        master: Some(lmbus_schemas::MasterUse {
+            role: lmbus_schemas::MasterRole::Primary,
+            in_use: false,
+            other,
+        }),
+        ..Heartbeat::default()
+    };
+    let claims = [
+        Some(lmbus_schemas::OtherMaster {
+            context: Some(lmbus_schemas::Context::Backup),
+            seats: u32::MAX,
+        }),
+        Some(lmbus_schemas::OtherMaster {
+            context: None,
+            seats: 0,
+        }),
+    ];
+    let shown = [
+        format!("primary, idle; backup holds {} seats", u32::MAX),
+        "primary, idle; other master holds 0 seats".to_owned(),
+    ];
+    for (seq, (claim, shown)) in claims.into_iter().zip(shown).enumerate() {
+        let answer = ask(
+            &attacker,
+            &d.subjects,
+            "site1",
+            SlaveOp::Heartbeat,
+            encode(&beat(seq as u64 + 1, claim)).unwrap(),
+        )
+        .await;
+        assert_eq!(answer, Some(Reply::Ack));
+        let st = d.status().await;
+        let row = st.slaves.iter().find(|s| s.slave_id == "site1").unwrap();
+        assert_eq!(row.master.map(|m| m.to_string()), Some(shown));
+        assert_eq!((row.in_use, st.total_in_use, st.total_limit), (0, 1, 2));
+    }
+    assert!(site2.register("b2", "inbound").await.unwrap().is_approved());
+    match site2.register("b3", "inbound").await.unwrap() {
+        Outcome::Rejected { reason, .. } => assert_eq!(reason, RejectReason::AggregateLimit),
+        other => panic!("b3 beyond the 2 seats: {other:?}"),
+    }
+    site2.shutdown().await;
+}
