@@ -923,8 +923,9 @@ struct RunArgs {
     )]
     production_cluster: Option<String>,
     /// A backup master: once production has been available again this long, the backup
-    /// releases every seat it holds and its slaves log those agents out (to register them
-    /// with production) [default: 2m].
+    /// releases every seat it still holds and its slaves log those agents out (a slave
+    /// whose primary is production moves what production admits before that)
+    /// [default: 2m].
     #[arg(help_heading = "License", long, env = "LMBUS_HANDBACK_WINDOW", value_parser = humantime::parse_duration)]
     handback_window: Option<Duration>,
     /// Most slaves the master tracks; further hellos are refused [default: 100000].

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use lmbus_schemas::{Alert, AlertKind, Context, Limits, RejectReason, Role, Severity};
 use lmbus_slave::{SlaveAgent, SlaveError};
+use lmbus_tests::daemon::SlaveDaemon;
 use lmbus_tests::*;
 
 /// A license of `role` and `context` written into the vendor's directory.
@@ -1201,4 +1202,110 @@ async fn a_slave_cut_off_only_from_production_is_served_by_the_backup_and_the_re
     site2.shutdown().await;
     prod.stop().await.unwrap();
     dr.stop().await.unwrap();
+}
+
+/// Steps (the handback with a paused backup, real processes and signals): production `p1`
+/// (5 seats) and the backup `d1` as an `lmbus-broker` process (2 seats, 30 s window) on one
+/// NATS; a slave daemon with production as primary and the backup as secondary.
+/// 1. a1 at production; production stops; a2 and a3 at the backup.
+/// 2. The backup is paused (SIGSTOP), then production restarts: the slave moves a2 and a3
+///    to production; the paused backup takes no release (it is owed them). The host holds
+///    a1..a3, production counts the same 3, nobody is logged out.
+/// 3. The backup resumes (SIGCONT): the slave's hello releases a2 and a3 there, long before
+///    the window's end: the backup counts 0, the host and production still 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_backup_is_released_from_the_moved_agents_when_it_resumes() {
+    use nix::sys::signal::Signal;
+    let f = Fixture::new().await.unwrap();
+    let Pair {
+        prod_id,
+        prod_cfg,
+        dr_cluster,
+        ..
+    } = production_and_backup(&f);
+    let mut prod = Broker::start(prod_cfg.clone()).await.unwrap();
+    let license = backup_license(&f, "dr.lic", prod_id, 2);
+    let dr = Proc::spawn(
+        Command::new(bin("lmbus-broker").unwrap())
+            .args(["run", "--nats", &f.nats.url(), "--cluster", &dr_cluster])
+            .arg("--license")
+            .arg(&license)
+            .arg("--vendor-key")
+            .arg(f.vendor.public_key_path())
+            .args(["--allow-unlicensed-slaves", "--id", "d1"])
+            .args(["--stream-replicas", "1", "--lease", "1s"])
+            .args(["--tick-interval", "100ms", "--handback-window", "30s"])
+            .args(["--production-cluster", &f.cluster])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    let host = SlaveDaemon::start(
+        &f.nats.url(),
+        &f.cluster,
+        "site1",
+        &[
+            "--secondary-nats",
+            &f.nats.url(),
+            "--secondary-cluster",
+            &dr_cluster,
+        ],
+    )
+    .await;
+
+    // 1. a1 at production, then a2 and a3 at the backup once production stopped.
+    assert_eq!(host.register("a1").await, Some(true));
+    prod.stop().await.unwrap();
+    for agent in ["a2", "a3"] {
+        let since = std::time::Instant::now();
+        while host.register(agent).await != Some(true) {
+            assert!(since.elapsed() < WAIT, "the backup did not serve {agent}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(
+        status(&f.client, &dr_cluster).await.unwrap().total_in_use,
+        2
+    );
+
+    // 2. The backup paused; production back: a2 and a3 move, the backup is owed them.
+    dr.signal(Signal::SIGSTOP).unwrap();
+    prod = Broker::start(prod_cfg).await.unwrap();
+    let back = std::time::Instant::now();
+    lmbus_tests::eventually("a2 and a3 moved to production", || async {
+        f.status().await.is_ok_and(|st| st.total_in_use == 3)
+            && host
+                .status()
+                .await
+                .is_some_and(|s| s.masters.iter().map(|m| m.agents).collect::<Vec<_>>() == [3, 0])
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "measured: both backup agents moved to production {:?} after it was back, the backup paused",
+        back.elapsed()
+    );
+    let held = host.agents().await.unwrap();
+    assert_eq!(held, ["a1", "a2", "a3"], "the host's books");
+    assert!(host.status().await.unwrap().logged_out.is_empty());
+
+    // 3. The backup resumes: the hello it is owed releases both seats there.
+    dr.signal(Signal::SIGCONT).unwrap();
+    let resumed = std::time::Instant::now();
+    lmbus_tests::eventually("the resumed backup releases the moved agents", || async {
+        status(&f.client, &dr_cluster)
+            .await
+            .is_ok_and(|st| st.total_in_use == 0)
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "measured: the resumed backup released them {:?} after SIGCONT",
+        resumed.elapsed()
+    );
+    assert_eq!(host.agents().await.unwrap(), held, "the host's books");
+    assert_eq!(f.status().await.unwrap().total_in_use, 3, "production's");
+    assert!(host.status().await.unwrap().logged_out.is_empty());
+    prod.stop().await.unwrap();
+    let _ = dr.signal(Signal::SIGTERM);
 }

@@ -74,8 +74,10 @@ impl Inner {
         let (active, links, seats_on) = {
             let state = lock(&self.state);
             // A master owed a release counts as holding seats until a hello settles it.
-            let seats_on =
-                |master| *state.owed.get(master) || state.agents.values().any(|s| s.link == master);
+            let seats_on = |master| {
+                !state.owed.get(master).is_empty()
+                    || state.agents.values().any(|s| s.link == master)
+            };
             let seats_on = PerMaster {
                 primary: seats_on(Master::Primary),
                 secondary: seats_on(Master::Secondary),
@@ -102,6 +104,7 @@ impl Inner {
             }
         }
         self.choose_active();
+        self.settle_owed().await;
         self.move_back().await;
     }
 

@@ -8,8 +8,10 @@
 //! Moves run in the background task's heartbeat round, so a round moves for at most half a
 //! heartbeat interval (the next round goes on), skips an agent the host is registering or
 //! releasing at the moment, and sends no release to a backup that does not answer: that
-//! backup is owed the release (`State::owed`), stays a heartbeat target, and the hello
-//! that reaches it again releases the seat there.
+//! backup is owed the release (`State::owed`) and asked again every heartbeat round
+//! (`settle_owed`, for any master that missed a release) until it takes it, or until a
+//! hello to it reconciles it. A backup refuses hellos while production is available, but it
+//! always honours a release.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -55,6 +57,62 @@ impl Drop for Registering<'_> {
 }
 
 impl Inner {
+    /// Asks again for the releases masters did not take (`State::owed`), at most
+    /// [`MOVES_PER_ROUND`] and half a heartbeat interval per call; stops at a master that
+    /// does not answer. An agent held at that master again (registered there since) is no
+    /// longer owed: its seat there is the new one.
+    pub(super) async fn settle_owed(&self) {
+        let deadline = tokio::time::Instant::now() + self.cfg.heartbeat_interval / 2;
+        for link in [Master::Primary, Master::Secondary] {
+            let owed: Vec<String> = lock(&self.state)
+                .owed
+                .get(link)
+                .iter()
+                .take(MOVES_PER_ROUND)
+                .cloned()
+                .collect();
+            for agent in owed {
+                if tokio::time::Instant::now() >= deadline {
+                    return;
+                }
+                let Ok(_turn) = tokio::time::timeout_at(deadline, self.turns.take(&agent)).await
+                else {
+                    return;
+                };
+                {
+                    let mut state = lock(&self.state);
+                    let held_there = state.agents.get(&agent).is_some_and(|s| s.link == link);
+                    if held_there || state.registering.contains_key(&agent) {
+                        state.owed.get_mut(link).remove(&agent);
+                        continue;
+                    }
+                    mark(&mut state.unregistering, &agent);
+                }
+                let in_flight = InFlight {
+                    state: &self.state,
+                    agent: &agent,
+                    registering: false,
+                    settled: false,
+                };
+                // Taken off first: a release that goes unanswered again is owed again.
+                lock(&self.state).owed.get_mut(link).remove(&agent);
+                let released = self.unregister_at(link, &agent).await;
+                let unanswered = {
+                    let mut state = lock(&self.state);
+                    in_flight.settle(&mut state);
+                    if released.is_err() {
+                        state.owed.get_mut(link).insert(agent.clone());
+                    }
+                    state.owed.get(link).contains(&agent)
+                };
+                if unanswered {
+                    break;
+                }
+                debug!(agent, master = link.name(), "an owed release was taken");
+            }
+        }
+    }
+
     /// Moves the agents a backup secondary holds to the primary when the policy says so
     /// (`Policy::moves_back`), at most [`MOVES_PER_ROUND`] and half a heartbeat interval per
     /// call; stops at the first refusal for the total (`aggregate_limit`) or any other
@@ -196,9 +254,6 @@ impl Inner {
                         allot: from_block,
                     },
                 );
-                if matches!(release, Release::Journaled) && !state.links.secondary.connected {
-                    state.owed.secondary = true;
-                }
                 release
             } else {
                 // Logged out meanwhile (the backup's window ended and a hello to it found
@@ -234,8 +289,11 @@ impl Inner {
                 warn!(agent, error = %e, "releasing a moved agent's old seat failed");
             }
         } else {
-            // Not asked now: the hello that reaches that master again releases it.
-            *lock(&self.state).owed.get_mut(seat.link) = true;
+            // Not asked now: owed, asked again every heartbeat round (`settle_owed`).
+            lock(&self.state)
+                .owed
+                .get_mut(seat.link)
+                .insert(agent.to_owned());
         }
         in_flight.settle(&mut lock(&self.state));
         if seat.link == Master::Primary {

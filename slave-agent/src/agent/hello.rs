@@ -259,7 +259,7 @@ impl Inner {
             context: welcome.context,
         };
         // The hello listed only the seats still held there: a release it missed is done.
-        *state.owed.get_mut(link) = false;
+        state.owed.get_mut(link).clear();
         state.last_error = None;
         state.restricted.take()
     }

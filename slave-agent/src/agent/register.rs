@@ -514,7 +514,10 @@ impl Inner {
             } => return Err(SlaveError::InvalidInput(e.to_string())),
             Ask::Reply { reply, .. } => warn!(?reply, "unexpected answer to an unregistration"),
             Ask::Unavailable(detail) => {
-                *lock(&self.state).owed.get_mut(link) = true;
+                lock(&self.state)
+                    .owed
+                    .get_mut(link)
+                    .insert(agent_id.to_owned());
                 self.set_disconnected(link, detail);
             }
         }

@@ -3,7 +3,7 @@
 //! active master, the grace clock and the restriction, and the recent logouts and refused
 //! registrations the status shows.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use lmbus_schemas::{AgentClaim, Books, RejectedAgent, agent_digest};
@@ -77,11 +77,12 @@ pub(super) struct State {
     pub(super) allot: PerMaster<AllotBook>,
     /// The handback: no agent is moved back to the primary before then (it refused one).
     pub(super) moves_paused_until: Option<tokio::time::Instant>,
-    /// A master that did not take a release (it did not answer, or was not asked because
-    /// it was not connected): it stays a heartbeat target until a hello to it succeeds, so
-    /// that hello's reconcile releases the seat there even when it holds no other seat of
-    /// this slave.
-    pub(super) owed: PerMaster<bool>,
+    /// Releases a master did not take (it did not answer, or was not asked because it was
+    /// not connected), by agent: asked again every heartbeat round until that master
+    /// acknowledges one (a master always honours a release, even one that refuses hellos,
+    /// as a backup does while production is available) or a hello to it reconciles them
+    /// all. The master stays a heartbeat target meanwhile.
+    pub(super) owed: PerMaster<BTreeSet<String>>,
 }
 
 /// A registration (counted in `pending` and `registering`) or an unregistration (in
