@@ -410,89 +410,132 @@ impl From<NatsAuthArgs> for NatsAuth {
     }
 }
 
-/// The same flags for a slave's secondary master (`--secondary-nats-*`,
-/// `LMBUS_SECONDARY_NATS_*`), which usually is another site with its own credentials.
-#[derive(Clone, Default, clap::Args)]
-#[command(next_help_heading = "Secondary master")]
-pub struct SecondaryNatsAuthArgs {
-    /// NATS user name at the secondary master.
-    #[arg(long = "secondary-nats-user", env = "LMBUS_SECONDARY_NATS_USER")]
-    pub user: Option<String>,
-    /// NATS password at the secondary master.
-    #[arg(
-        long = "secondary-nats-password",
-        env = "LMBUS_SECONDARY_NATS_PASSWORD",
-        hide_env_values = true
-    )]
-    pub password: Option<String>,
-    /// NATS token at the secondary master.
-    #[arg(
-        long = "secondary-nats-token",
-        env = "LMBUS_SECONDARY_NATS_TOKEN",
-        hide_env_values = true
-    )]
-    pub token: Option<String>,
-    /// nkey seed file for the secondary master.
-    #[arg(
-        long = "secondary-nats-nkey",
-        env = "LMBUS_SECONDARY_NATS_NKEY",
-        value_name = "FILE"
-    )]
-    pub nkey: Option<PathBuf>,
-    /// Credentials file for the secondary master.
-    #[arg(
-        long = "secondary-nats-creds",
-        env = "LMBUS_SECONDARY_NATS_CREDS",
-        value_name = "FILE"
-    )]
-    pub creds: Option<PathBuf>,
-    /// CA certificate for the secondary master's TLS.
-    #[arg(
-        long = "secondary-nats-tls-ca",
-        env = "LMBUS_SECONDARY_NATS_TLS_CA",
-        value_name = "FILE"
-    )]
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate for the secondary master.
-    #[arg(
-        long = "secondary-nats-tls-cert",
-        env = "LMBUS_SECONDARY_NATS_TLS_CERT",
-        value_name = "FILE"
-    )]
-    pub tls_cert: Option<PathBuf>,
-    /// Client key for the secondary master.
-    #[arg(
-        long = "secondary-nats-tls-key",
-        env = "LMBUS_SECONDARY_NATS_TLS_KEY",
-        value_name = "FILE"
-    )]
-    pub tls_key: Option<PathBuf>,
-    /// Require TLS with the secondary master.
-    #[arg(long = "secondary-nats-tls", env = "LMBUS_SECONDARY_NATS_TLS", num_args = 0..=1, default_missing_value = "true")]
-    pub tls: Option<bool>,
-}
-
-impl fmt::Debug for SecondaryNatsAuthArgs {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&NatsAuth::from(self.clone()), f)
-    }
-}
-
-impl From<SecondaryNatsAuthArgs> for NatsAuth {
-    fn from(a: SecondaryNatsAuthArgs) -> Self {
-        NatsAuth {
-            user: a.user,
-            password: a.password,
-            token: a.token,
-            nkey_file: a.nkey,
-            creds_file: a.creds,
-            tls_ca: a.tls_ca,
-            tls_cert: a.tls_cert,
-            tls_key: a.tls_key,
-            tls_required: a.tls,
+/// The same flags for another master of a slave, with a prefix (`--secondary-nats-*`,
+/// `LMBUS_SECONDARY_NATS_*`): each such master usually is another site with its own
+/// credentials.
+macro_rules! peer_auth_args {
+    ($(#[$doc:meta])* $name:ident, $flag:literal, $env:literal, $heading:literal, $who:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Default, clap::Args)]
+        #[command(next_help_heading = $heading)]
+        pub struct $name {
+            #[arg(
+                id = concat!($flag, "_nats_user"),
+                long = concat!($flag, "-nats-user"),
+                env = concat!("LMBUS_", $env, "_NATS_USER"),
+                help = concat!("NATS user name at the ", $who, "."),
+            )]
+            pub user: Option<String>,
+            #[arg(
+                id = concat!($flag, "_nats_password"),
+                long = concat!($flag, "-nats-password"),
+                env = concat!("LMBUS_", $env, "_NATS_PASSWORD"),
+                help = concat!("NATS password at the ", $who, "."),
+                hide_env_values = true,
+            )]
+            pub password: Option<String>,
+            #[arg(
+                id = concat!($flag, "_nats_token"),
+                long = concat!($flag, "-nats-token"),
+                env = concat!("LMBUS_", $env, "_NATS_TOKEN"),
+                help = concat!("NATS token at the ", $who, "."),
+                hide_env_values = true,
+            )]
+            pub token: Option<String>,
+            #[arg(
+                id = concat!($flag, "_nats_nkey"),
+                long = concat!($flag, "-nats-nkey"),
+                env = concat!("LMBUS_", $env, "_NATS_NKEY"),
+                help = concat!("nkey seed file for the ", $who, "."),
+                value_name = "FILE",
+            )]
+            pub nkey: Option<PathBuf>,
+            #[arg(
+                id = concat!($flag, "_nats_creds"),
+                long = concat!($flag, "-nats-creds"),
+                env = concat!("LMBUS_", $env, "_NATS_CREDS"),
+                help = concat!("Credentials file for the ", $who, "."),
+                value_name = "FILE",
+            )]
+            pub creds: Option<PathBuf>,
+            #[arg(
+                id = concat!($flag, "_nats_tls_ca"),
+                long = concat!($flag, "-nats-tls-ca"),
+                env = concat!("LMBUS_", $env, "_NATS_TLS_CA"),
+                help = concat!("CA certificate for the ", $who, "'s TLS."),
+                value_name = "FILE",
+            )]
+            pub tls_ca: Option<PathBuf>,
+            #[arg(
+                id = concat!($flag, "_nats_tls_cert"),
+                long = concat!($flag, "-nats-tls-cert"),
+                env = concat!("LMBUS_", $env, "_NATS_TLS_CERT"),
+                help = concat!("Client certificate for the ", $who, "."),
+                value_name = "FILE",
+            )]
+            pub tls_cert: Option<PathBuf>,
+            #[arg(
+                id = concat!($flag, "_nats_tls_key"),
+                long = concat!($flag, "-nats-tls-key"),
+                env = concat!("LMBUS_", $env, "_NATS_TLS_KEY"),
+                help = concat!("Client key for the ", $who, "."),
+                value_name = "FILE",
+            )]
+            pub tls_key: Option<PathBuf>,
+            #[arg(
+                id = concat!($flag, "_nats_tls"),
+                long = concat!($flag, "-nats-tls"),
+                env = concat!("LMBUS_", $env, "_NATS_TLS"),
+                help = concat!("Require TLS with the ", $who, "."),
+                num_args = 0..=1,
+                default_missing_value = "true",
+            )]
+            pub tls: Option<bool>,
         }
-    }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&NatsAuth::from(self.clone()), f)
+            }
+        }
+
+        impl From<$name> for NatsAuth {
+            fn from(a: $name) -> Self {
+                NatsAuth {
+                    user: a.user,
+                    password: a.password,
+                    token: a.token,
+                    nkey_file: a.nkey,
+                    creds_file: a.creds,
+                    tls_ca: a.tls_ca,
+                    tls_cert: a.tls_cert,
+                    tls_key: a.tls_key,
+                    tls_required: a.tls,
+                }
+            }
+        }
+    };
 }
+
+peer_auth_args!(
+    /// The NATS flags for a slave's secondary master (`--secondary-nats-*`,
+    /// `LMBUS_SECONDARY_NATS_*`).
+    SecondaryNatsAuthArgs,
+    "secondary",
+    "SECONDARY",
+    "Secondary master",
+    "secondary master"
+);
+
+peer_auth_args!(
+    /// The NATS flags for a slave's backup master (`--backup-nats-*`,
+    /// `LMBUS_BACKUP_NATS_*`).
+    BackupNatsAuthArgs,
+    "backup",
+    "BACKUP",
+    "Backup master",
+    "backup master"
+);
 
 #[cfg(test)]
 mod tests {

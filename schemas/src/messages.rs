@@ -205,6 +205,12 @@ pub enum MasterRole {
     Only,
     Primary,
     Secondary,
+    /// The slave's backup master (`--backup-nats`), used only while no production master
+    /// answers. Sent only to a backup master; a broker older than this role cannot read it.
+    Backup,
+    /// A role this build does not know (a newer slave's): shown as such.
+    #[serde(other)]
+    Other,
 }
 
 impl fmt::Display for MasterUse {
@@ -215,6 +221,10 @@ impl fmt::Display for MasterUse {
             (MasterRole::Primary, false) => f.write_str("primary, idle"),
             (MasterRole::Secondary, true) => f.write_str("secondary, in use"),
             (MasterRole::Secondary, false) => f.write_str("secondary, idle"),
+            (MasterRole::Backup, true) => f.write_str("backup master, in use"),
+            (MasterRole::Backup, false) => f.write_str("backup master, idle"),
+            (MasterRole::Other, true) => f.write_str("another role, in use"),
+            (MasterRole::Other, false) => f.write_str("another role, idle"),
         }?;
         // Where else the slave is served: "primary, idle; backup holds 2 seats".
         match self.other {
@@ -1312,6 +1322,34 @@ mod tests {
         });
     }
 
+    /// A role a newer slave sends (as this build sends `backup` to older brokers) decodes
+    /// as `Other` instead of failing the whole heartbeat.
+    #[test]
+    fn an_unknown_master_role_decodes_as_other() {
+        #[derive(Serialize)]
+        struct FutureUse<'a> {
+            role: &'a str,
+            in_use: bool,
+        }
+        let bytes = encode(&FutureUse {
+            role: "tertiary",
+            in_use: false,
+        })
+        .unwrap();
+        let decoded = decode::<MasterUse>(&bytes).unwrap();
+        assert_eq!(decoded.role, MasterRole::Other);
+        assert_eq!(decoded.to_string(), "another role, idle");
+        let backup = encode(&FutureUse {
+            role: "backup",
+            in_use: true,
+        })
+        .unwrap();
+        assert_eq!(
+            decode::<MasterUse>(&backup).unwrap().role,
+            MasterRole::Backup
+        );
+    }
+
     #[test]
     fn unknown_reason_decodes_as_other() {
         #[derive(Serialize)]
@@ -1399,6 +1437,14 @@ mod tests {
             ),
             "secondary, in use",
             "nothing held elsewhere while in use"
+        );
+        assert_eq!(
+            shown(
+                MasterRole::Backup,
+                false,
+                other(Some(crate::Context::Production), 2)
+            ),
+            "backup master, idle; production holds 2 seats"
         );
     }
 

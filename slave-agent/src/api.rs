@@ -119,7 +119,7 @@ pub struct Released {
 pub struct AgentView {
     pub agent_id: String,
     pub agent_type: String,
-    /// The master that granted the seat: `primary` or `secondary`.
+    /// The master that granted the seat: `primary`, `secondary` or `backup`.
     #[schema(example = "primary")]
     pub master: String,
 }
@@ -130,7 +130,7 @@ pub struct Health {
     /// `ok` (`/healthz`) or `ready` (`/readyz`).
     #[schema(example = "ready")]
     pub status: String,
-    /// `/readyz`: the master new registrations go to (`primary` or `secondary`).
+    /// `/readyz`: the master new registrations go to (`primary`, `secondary` or `backup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master: Option<String>,
 }

@@ -53,6 +53,10 @@ pub struct SlaveConfig {
     pub after_grace: Restriction,
     /// A second master to fail over (or overflow) to.
     pub secondary: Option<MasterEndpoint>,
+    /// A backup-context master: asked only once every production master (the primary and
+    /// the secondary) has been lost for the failover detection time, and left as soon as
+    /// one answers again, its agents moved back (the handback).
+    pub backup: Option<MasterEndpoint>,
     /// While on the secondary: go back when the primary answers again, or stay.
     pub return_policy: ReturnPolicy,
     /// Ask the secondary when the primary rejects for capacity (`aggregate_limit`,
@@ -127,6 +131,7 @@ impl SlaveConfig {
             during_grace: GracePolicy::Refuse,
             after_grace: Restriction::LogoutAll,
             secondary: None,
+            backup: None,
             return_policy: ReturnPolicy::ReturnToPrimary,
             overflow: false,
             switch_delay: Duration::from_secs(10),

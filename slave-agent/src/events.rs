@@ -29,11 +29,11 @@ impl Outcome {
 pub enum AgentEvent {
     /// The agent does not (or no longer) hold a seat: log it out of the application.
     LoggedOut(LoggedOut),
-    /// A master accepted this slave (`master` is `primary` or `secondary`).
+    /// A master accepted this slave (`master` is `primary`, `secondary` or `backup`).
     Connected { master: String, broker_id: String },
     /// A master stopped answering.
     Disconnected { master: String, detail: String },
-    /// New registrations now go to this master (`primary` or `secondary`).
+    /// New registrations now go to this master (`primary`, `secondary` or `backup`).
     Switched { master: String, reason: String },
     /// No master answered for the whole grace period: usage is restricted (and with the
     /// `logout-all` policy, `logged_out` agents were logged out).

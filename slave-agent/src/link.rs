@@ -1,6 +1,6 @@
 //! One master as the slave sees it: its own NATS connection and cluster subjects, and the
-//! request/reply primitive with a timeout. A slave has one link (the primary) or two (a
-//! secondary too, usually at another site).
+//! request/reply primitive with a timeout. A slave has one link (the primary), two (a
+//! secondary too, usually at another site) or three (a backup master besides).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,24 +59,27 @@ struct Coalescer {
 /// the operations a second of 1 in alternating runs).
 const ROUNDS_IN_FLIGHT: usize = 1;
 
-/// The slave's links: the primary's, and the secondary's when one is configured.
+/// The slave's links: the primary's, and the secondary's and the backup's when configured.
 #[derive(Debug)]
 pub(crate) struct Links {
     primary: Arc<Link>,
     secondary: Option<Arc<Link>>,
+    backup: Option<Arc<Link>>,
 }
 
 impl Links {
-    pub(crate) fn new(primary: Link, secondary: Option<Link>) -> Self {
+    pub(crate) fn new(primary: Link, secondary: Option<Link>, backup: Option<Link>) -> Self {
         Self {
             primary: Arc::new(primary),
             secondary: secondary.map(Arc::new),
+            backup: backup.map(Arc::new),
         }
     }
 
-    /// The link to `master`. Only a slave with a secondary ever names it (every choice of
-    /// master goes through the policy, which knows whether there is one), so asking for a
-    /// missing secondary is a bug in this crate, not a condition to handle.
+    /// The link to `master`. Only a slave that configured a secondary (or a backup) ever
+    /// names it (every choice of master goes through the policy, which knows which are
+    /// configured), so asking for a missing one is a bug in this crate, not a condition to
+    /// handle.
     pub(crate) fn get(&self, master: Master) -> &Arc<Link> {
         match master {
             Master::Primary => &self.primary,
@@ -84,12 +87,18 @@ impl Links {
                 .secondary
                 .as_ref()
                 .expect("the secondary is only named when one is configured"),
+            Master::Backup => self
+                .backup
+                .as_ref()
+                .expect("the backup master is only named when one is configured"),
         }
     }
 
     /// The configured links, the primary first.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Link>> {
-        std::iter::once(&self.primary).chain(&self.secondary)
+        std::iter::once(&self.primary)
+            .chain(&self.secondary)
+            .chain(&self.backup)
     }
 }
 

@@ -221,6 +221,18 @@ struct RunArgs {
     /// Switch to the secondary when the primary answers slower than this [default: 10s].
     #[arg(help_heading = "Secondary master", long, env = "LMBUS_SWITCH_DELAY", value_parser = humantime::parse_duration)]
     switch_delay: Option<Duration>,
+    /// NATS URL(s) of a backup master (a backup-context license) to use only while no
+    /// production master answers.
+    ///
+    /// Asked once the primary (and the secondary, if any) have been lost for the failover
+    /// wait; left as soon as one answers again, its agents moved back.
+    #[arg(help_heading = "Backup master", long, env = "LMBUS_BACKUP_NATS_URL")]
+    backup_nats: Option<String>,
+    /// Cluster name of the backup master (it is its own cluster) [required with --backup-nats].
+    #[arg(help_heading = "Backup master", long, env = "LMBUS_BACKUP_CLUSTER")]
+    backup_cluster: Option<String>,
+    #[command(flatten)]
+    backup_nats_auth: lmbus_nats::BackupNatsAuthArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -328,6 +340,28 @@ impl RunArgs {
             });
         } else if self.secondary_cluster.is_some() {
             bail!("--secondary-cluster needs --secondary-nats");
+        }
+        match (self.backup_nats, self.backup_cluster) {
+            (Some(url), Some(cluster)) => {
+                let taken = std::iter::once((&cfg.nats_url, &cfg.cluster))
+                    .chain(cfg.secondary.as_ref().map(|s| (&s.nats_url, &s.cluster)))
+                    .any(|(u, c)| *u == url && *c == cluster);
+                if taken {
+                    bail!(
+                        "--backup-cluster {cluster} on {url} is a production master's cluster: a backup master runs its own cluster (the backup license's)"
+                    );
+                }
+                cfg.backup = Some(MasterEndpoint {
+                    nats_url: url,
+                    nats_auth: lmbus_nats::NatsAuth::from(self.backup_nats_auth),
+                    cluster,
+                });
+            }
+            (Some(_), None) => bail!(
+                "--backup-nats needs --backup-cluster: a backup master runs its own cluster, with its own name"
+            ),
+            (None, Some(_)) => bail!("--backup-cluster needs --backup-nats"),
+            (None, None) => {}
         }
         if let Some(r) = self.return_policy {
             cfg.return_policy = match r {
@@ -695,6 +729,51 @@ mod tests {
                 && e.contains("write secondary_nats_user instead"),
             "{e}"
         );
+    }
+
+    /// `--backup-nats` names a backup master: its own cluster name is required and may not
+    /// be a production master's on the same NATS; its credentials are its own flags.
+    #[test]
+    fn a_backup_master_needs_its_own_cluster() {
+        let resolve = |extra: &[&str]| {
+            let mut args = vec!["lmbus-slave", "run", "--cluster", "acme", "--id", "site1"];
+            args.extend_from_slice(extra);
+            let cli: Cli = lmbus_nats::config_file::try_parse_from(args).unwrap();
+            let Command::Run(run) = cli.command else {
+                panic!("not run")
+            };
+            run.resolve().map(|(cfg, _)| cfg).map_err(|e| e.to_string())
+        };
+        let e = resolve(&["--backup-nats", "nats://dr:4222"]).unwrap_err();
+        assert!(e.contains("--backup-nats needs --backup-cluster"), "{e}");
+        let e = resolve(&["--backup-cluster", "acmedr"]).unwrap_err();
+        assert!(e.contains("--backup-cluster needs --backup-nats"), "{e}");
+        let e = resolve(&[
+            "--nats",
+            "nats://n:4222",
+            "--backup-nats",
+            "nats://n:4222",
+            "--backup-cluster",
+            "acme",
+        ])
+        .unwrap_err();
+        assert!(e.contains("is a production master's cluster"), "{e}");
+        let cfg = resolve(&[
+            "--backup-nats",
+            "nats://dr:4222",
+            "--backup-cluster",
+            "acmedr",
+            "--backup-nats-user",
+            "site1dr",
+        ])
+        .unwrap();
+        let backup = cfg.backup.expect("the backup master");
+        assert_eq!(
+            (backup.nats_url.as_str(), backup.cluster.as_str()),
+            ("nats://dr:4222", "acmedr")
+        );
+        assert_eq!(backup.nats_auth.user.as_deref(), Some("site1dr"));
+        assert!(cfg.secondary.is_none());
     }
 
     /// One file serves the daemon and its CLI: `api` is the address `run` listens on and

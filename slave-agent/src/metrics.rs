@@ -107,10 +107,8 @@ impl SlaveMetrics {
             "From sending a request to a master to its answer, per request (coalesced ones each count).",
         );
         for m in &status.masters {
-            let master = if m.name == Master::Primary.name() {
-                Master::Primary
-            } else {
-                Master::Secondary
+            let Some(master) = Master::ALL.into_iter().find(|x| x.name() == m.name) else {
+                continue;
             };
             self.master.get(master).render(
                 &mut t,

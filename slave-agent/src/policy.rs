@@ -26,6 +26,7 @@ const RETRY_BACKOFF_CAP: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone)]
 pub(crate) struct Policy {
     has_secondary: bool,
+    has_backup: bool,
     return_policy: ReturnPolicy,
     overflow: bool,
     switch_delay: Duration,
@@ -73,6 +74,7 @@ impl Policy {
     pub(crate) fn new(cfg: &SlaveConfig) -> Self {
         Self {
             has_secondary: cfg.secondary.is_some(),
+            has_backup: cfg.backup.is_some(),
             return_policy: cfg.return_policy,
             overflow: cfg.overflow,
             switch_delay: cfg.switch_delay,
@@ -85,13 +87,21 @@ impl Policy {
         }
     }
 
-    pub(crate) fn has_secondary(&self) -> bool {
-        self.has_secondary
+    /// Whether this slave names more than one master (a secondary, a backup or both).
+    pub(crate) fn has_others(&self) -> bool {
+        self.has_secondary || self.has_backup
     }
 
-    /// The configured masters, the primary first.
+    /// The configured masters, the primary first and a backup last.
     pub(crate) fn masters(&self) -> impl Iterator<Item = Master> {
-        std::iter::once(Master::Primary).chain(self.has_secondary.then_some(Master::Secondary))
+        std::iter::once(Master::Primary)
+            .chain(self.has_secondary.then_some(Master::Secondary))
+            .chain(self.has_backup.then_some(Master::Backup))
+    }
+
+    /// The configured production masters (every one but a backup), the primary first.
+    fn production(&self) -> impl Iterator<Item = Master> {
+        self.masters().filter(|&m| m != Master::Backup)
     }
 
     // ---- requests: when a master counts as lost ----
@@ -142,17 +152,40 @@ impl Policy {
     /// Fails over when the active master is gone (or the primary is too slow) and the other
     /// one answers; returns to the primary by policy. `primary_slow`: the primary answered
     /// slower than the switch delay since the last decision.
+    ///
+    /// A backup master is chosen only when no production master (the primary, the
+    /// secondary) answers, and is left for the first one that answers again, whatever the
+    /// return policy: a backup license may only be used while production cannot serve.
+    /// "Does not answer" is the failover detection: a master counts as lost once a request
+    /// rode through `failover_wait` (or `election_wait`) unanswered.
     pub(crate) fn choose_active(
         &self,
         active: Master,
         connected: PerMaster<bool>,
         primary_slow: bool,
     ) -> Option<Switch> {
+        let to = |to, reason| Some(Switch { to, reason });
+        let answering = self.production().find(|&m| *connected.get(m));
+        if active == Master::Backup {
+            return match answering {
+                Some(Master::Primary) => to(
+                    Master::Primary,
+                    "the primary master answers again (a backup serves only while production cannot)",
+                ),
+                Some(_) => to(
+                    Master::Secondary,
+                    "the secondary master answers again (a backup serves only while production cannot)",
+                ),
+                None => None,
+            };
+        }
+        if self.has_backup && answering.is_none() && connected.backup {
+            return to(Master::Backup, "no production master answers");
+        }
         if !self.has_secondary {
             return None;
         }
         let (primary_ok, secondary_ok) = (connected.primary, connected.secondary);
-        let to = |to, reason| Some(Switch { to, reason });
         if active == Master::Primary {
             if !primary_ok && secondary_ok {
                 to(Master::Secondary, "the primary master does not answer")
@@ -178,8 +211,9 @@ impl Policy {
     }
 
     /// The masters one heartbeat round talks to (a heartbeat when the session is live, a
-    /// hello when not): the active one, every one holding seats of this slave, and the
-    /// primary while on the secondary when the policy is to return to it (the probe).
+    /// hello when not): the active one, every one holding seats of this slave, the primary
+    /// while on the secondary when the policy is to return to it (the probe), and every
+    /// production master while on the backup (which is left as soon as one answers).
     pub(crate) fn heartbeat_targets(
         &self,
         active: Master,
@@ -188,47 +222,74 @@ impl Policy {
         self.masters()
             .filter(|&master| {
                 let probe_primary = master == Master::Primary
-                    && active != Master::Primary
+                    && active == Master::Secondary
                     && self.return_policy == ReturnPolicy::ReturnToPrimary;
-                master == active || *holds_seats.get(master) || probe_primary
+                let probe_production = active == Master::Backup && master != Master::Backup;
+                master == active || *holds_seats.get(master) || probe_primary || probe_production
             })
             .collect()
     }
 
-    /// The handback: whether the agents a secondary holds go back to the primary now. Only
-    /// when the secondary is a backup master (its welcome said context `backup`: its seats
-    /// stand in for production's until production is back), the primary is the active
-    /// master again and answers, and usage is not restricted. A secondary of any other
-    /// context keeps its seats until they are released, as before.
+    /// The handback: the masters whose agents go back to the active master now. Those are
+    /// the backup masters among the others (a welcome said context `backup`: the backup
+    /// slot, or a secondary that is a backup), whose seats stand in for production's until
+    /// production is back; only while the active master is not a backup itself, answers,
+    /// and usage is not restricted. A master of any other context keeps its seats until
+    /// they are released, as before.
     pub(crate) fn moves_back(
         &self,
         active: Master,
         connected: PerMaster<bool>,
-        secondary_context: Option<Context>,
+        contexts: PerMaster<Option<Context>>,
         restricted: bool,
-    ) -> bool {
-        self.has_secondary
-            && active == Master::Primary
-            && connected.primary
-            && !restricted
-            && secondary_context == Some(Context::Backup)
+    ) -> Vec<Master> {
+        let backup = |m: Master| *contexts.get(m) == Some(Context::Backup);
+        if restricted || !*connected.get(active) || backup(active) {
+            return Vec::new();
+        }
+        self.masters()
+            .filter(|&m| m != active && backup(m))
+            .collect()
     }
 
-    /// After a heartbeat round: the other master to say hello to now, because the active
-    /// one just failed (or the primary is too slow) and the other one is not ready to take
-    /// over.
+    /// After a heartbeat round: the other masters to say hello to now, in turn until one
+    /// accepts, because the active one just failed (or the primary is too slow) and no
+    /// other one is ready to take over. A backup master comes last, and only when the
+    /// active master failed (never for slowness).
     pub(crate) fn prepare_other(
         &self,
         active: Master,
         connected: PerMaster<bool>,
         primary_slow: bool,
-    ) -> Option<Master> {
-        if !self.has_secondary {
-            return None;
+    ) -> Vec<Master> {
+        let failed = !*connected.get(active);
+        let slow = active == Master::Primary && primary_slow;
+        if !failed && !slow {
+            return Vec::new();
         }
-        let other = active.other();
-        let wanted = !*connected.get(active) || (active == Master::Primary && primary_slow);
-        (wanted && !*connected.get(other)).then_some(other)
+        let others: Vec<Master> = self
+            .masters()
+            .filter(|&m| m != active && (failed || m != Master::Backup))
+            .collect();
+        if others.iter().any(|&m| *connected.get(m)) {
+            return Vec::new();
+        }
+        others
+    }
+
+    /// The other master a heartbeat to `to` tells about (`MasterUse::other`), so that
+    /// master's status shows where else the slave is served: for a production master its
+    /// backup master when one is configured, else the other production master; for the
+    /// backup, the active master while that is production, else the primary. `None` with one
+    /// master.
+    pub(crate) fn other_to_show(&self, to: Master, active: Master) -> Option<Master> {
+        match to {
+            Master::Backup if active != Master::Backup => Some(active),
+            Master::Backup => Some(Master::Primary),
+            _ if self.has_backup => Some(Master::Backup),
+            Master::Primary => self.has_secondary.then_some(Master::Secondary),
+            Master::Secondary => Some(Master::Primary),
+        }
     }
 
     // ---- registrations ----
@@ -245,12 +306,15 @@ impl Policy {
     }
 
     /// The masters to ask for a registration, in order: the one holding the agent's seat
-    /// for a re-registration; otherwise the active master, then the other one.
+    /// for a re-registration; otherwise the active master, then the other production
+    /// master, then a backup master (asked only after every production master could not
+    /// answer this request).
     pub(crate) fn ask_order(&self, held_on: Option<Master>, active: Master) -> AskOrder {
         let order = match held_on {
             Some(master) => vec![master],
-            None if self.has_secondary => vec![active, active.other()],
-            None => vec![Master::Primary],
+            None => std::iter::once(active)
+                .chain(self.masters().filter(|&m| m != active))
+                .collect(),
         };
         AskOrder {
             current: Master::Primary,
@@ -439,7 +503,7 @@ impl AskOrder {
                 if self.overflow
                     && capacity
                     && by == Master::Primary
-                    && self.asked < self.order.len()
+                    && self.order.get(self.asked) == Some(&Master::Secondary)
                 {
                     self.overflowing = true;
                     self.unavailable
@@ -486,7 +550,28 @@ mod tests {
     }
 
     fn up(primary: bool, secondary: bool) -> PerMaster<bool> {
-        PerMaster { primary, secondary }
+        up3(primary, secondary, false)
+    }
+
+    fn up3(primary: bool, secondary: bool, backup: bool) -> PerMaster<bool> {
+        PerMaster {
+            primary,
+            secondary,
+            backup,
+        }
+    }
+
+    /// A policy with a backup master besides the primary (and the secondary unless
+    /// `change` drops it).
+    fn with_backup(change: impl FnOnce(&mut SlaveConfig)) -> Policy {
+        policy(|c| {
+            c.backup = Some(MasterEndpoint {
+                nats_url: "nats://127.0.0.1:4224".to_owned(),
+                nats_auth: Default::default(),
+                cluster: "dr".to_owned(),
+            });
+            change(c);
+        })
     }
 
     fn switch(to: Master, reason: &'static str) -> Option<Switch> {
@@ -587,9 +672,10 @@ mod tests {
         );
         assert_eq!(
             p.prepare_other(Master::Primary, up(false, false), true),
-            None
+            vec![]
         );
         assert_eq!(p.masters().collect::<Vec<_>>(), vec![Master::Primary]);
+        assert_eq!(p.other_to_show(Master::Primary, Master::Primary), None);
         let mut order = p.ask_order(None, Master::Primary);
         assert_eq!(order.next(), Some(Master::Primary));
         assert_eq!(order.next(), None);
@@ -631,30 +717,254 @@ mod tests {
     #[test]
     fn agents_move_back_from_a_backup_secondary_once_the_primary_is_active_again() {
         let p = policy(|_| {});
-        let backup = Some(Context::Backup);
+        let contexts = |secondary| PerMaster {
+            primary: Some(Context::Production),
+            secondary,
+            backup: None,
+        };
+        let backup = contexts(Some(Context::Backup));
         let both = up(true, true);
-        assert!(p.moves_back(Master::Primary, both, backup, false));
-        assert!(
+        let from_secondary = vec![Master::Secondary];
+        assert_eq!(
+            p.moves_back(Master::Primary, both, backup, false),
+            from_secondary
+        );
+        assert_eq!(
             p.moves_back(Master::Primary, up(true, false), backup, false),
+            from_secondary,
             "a backup that stopped answering keeps no agent from moving"
         );
         assert!(
-            !p.moves_back(Master::Secondary, both, backup, false),
+            p.moves_back(Master::Secondary, both, backup, false)
+                .is_empty(),
             "not active yet"
         );
-        assert!(!p.moves_back(Master::Primary, up(false, true), backup, false));
         assert!(
-            !p.moves_back(Master::Primary, both, backup, true),
+            p.moves_back(Master::Primary, up(false, true), backup, false)
+                .is_empty()
+        );
+        assert!(
+            p.moves_back(Master::Primary, both, backup, true).is_empty(),
             "restricted"
         );
         for other in [Some(Context::Production), Some(Context::Development), None] {
             assert!(
-                !p.moves_back(Master::Primary, both, other, false),
+                p.moves_back(Master::Primary, both, contexts(other), false)
+                    .is_empty(),
                 "{other:?}"
             );
         }
         let alone = policy(|c| c.secondary = None);
-        assert!(!alone.moves_back(Master::Primary, both, backup, false));
+        assert!(
+            alone
+                .moves_back(Master::Primary, both, backup, false)
+                .is_empty()
+        );
+    }
+
+    /// With a backup master configured (the backup slot), its agents go back to whichever
+    /// production master is active and answers: the primary, or the secondary when the
+    /// primary is still down.
+    #[test]
+    fn agents_move_back_from_the_backup_master_to_the_active_production_master() {
+        let p = with_backup(|_| {});
+        let contexts = PerMaster {
+            primary: Some(Context::Production),
+            secondary: Some(Context::Production),
+            backup: Some(Context::Backup),
+        };
+        let all = up3(true, true, true);
+        assert_eq!(
+            p.moves_back(Master::Primary, all, contexts, false),
+            vec![Master::Backup]
+        );
+        assert_eq!(
+            p.moves_back(Master::Secondary, up3(false, true, true), contexts, false),
+            vec![Master::Backup]
+        );
+        assert!(
+            p.moves_back(Master::Backup, all, contexts, false)
+                .is_empty(),
+            "still on the backup: nothing to move to"
+        );
+        assert!(
+            p.moves_back(Master::Primary, all, contexts, true)
+                .is_empty()
+        );
+    }
+
+    /// The backup master is chosen only once no production master answers, and left for
+    /// the first production master that answers again, whatever the return policy.
+    #[test]
+    fn the_backup_master_serves_only_while_no_production_master_answers() {
+        let p = with_backup(|c| c.return_policy = ReturnPolicy::Stay);
+        assert_eq!(
+            p.choose_active(Master::Primary, up3(false, true, true), false),
+            switch(Master::Secondary, "the primary master does not answer"),
+            "the secondary is production: it comes before the backup"
+        );
+        assert_eq!(
+            p.choose_active(Master::Primary, up3(false, false, true), false),
+            switch(Master::Backup, "no production master answers")
+        );
+        assert_eq!(
+            p.choose_active(Master::Secondary, up3(false, false, true), false),
+            switch(Master::Backup, "no production master answers")
+        );
+        assert_eq!(
+            p.choose_active(Master::Primary, up3(false, false, false), false),
+            None,
+            "the backup does not answer either"
+        );
+        assert_eq!(
+            p.choose_active(Master::Primary, up3(true, false, true), true),
+            None,
+            "a slow primary never sends the slave to the backup"
+        );
+        assert_eq!(
+            p.choose_active(Master::Backup, up3(false, true, true), false),
+            switch(
+                Master::Secondary,
+                "the secondary master answers again (a backup serves only while production cannot)"
+            ),
+            "left for production even with the stay policy"
+        );
+        assert_eq!(
+            p.choose_active(Master::Backup, up3(true, true, true), false),
+            switch(
+                Master::Primary,
+                "the primary master answers again (a backup serves only while production cannot)"
+            )
+        );
+        assert_eq!(
+            p.choose_active(Master::Backup, up3(false, false, false), false),
+            None
+        );
+        // Without a secondary: primary, then backup.
+        let two = with_backup(|c| c.secondary = None);
+        assert_eq!(
+            two.choose_active(Master::Primary, up3(false, false, true), false),
+            switch(Master::Backup, "no production master answers")
+        );
+        assert_eq!(
+            two.choose_active(Master::Primary, up3(true, false, true), false),
+            None
+        );
+    }
+
+    /// A registration asks the active master, then the other production master, and the
+    /// backup master last: only after every production master could not answer it.
+    #[test]
+    fn a_registration_asks_the_backup_master_last() {
+        let p = with_backup(|_| {});
+        let order = |active| {
+            let mut order = p.ask_order(None, active);
+            std::iter::from_fn(move || order.next()).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            order(Master::Primary),
+            [Master::Primary, Master::Secondary, Master::Backup]
+        );
+        assert_eq!(
+            order(Master::Secondary),
+            [Master::Secondary, Master::Primary, Master::Backup]
+        );
+        assert_eq!(
+            order(Master::Backup),
+            [Master::Backup, Master::Primary, Master::Secondary]
+        );
+        // The backup approving after both production masters could not: fail over to it.
+        let mut asking = p.ask_order(None, Master::Primary);
+        asking.next();
+        asking.unavailable("primary silent".to_owned());
+        asking.next();
+        asking.unavailable("secondary silent".to_owned());
+        assert_eq!(asking.next(), Some(Master::Backup));
+        let answered = asking.decided(APPROVED).unwrap();
+        assert_eq!(answered.by, Master::Backup);
+        assert_eq!(answered.switch.map(|s| s.to), Some(Master::Backup));
+        // Overflow goes to the secondary, never to the backup.
+        let overflow = with_backup(|c| {
+            c.secondary = None;
+            c.overflow = true;
+        });
+        let mut asking = overflow.ask_order(None, Master::Primary);
+        asking.next();
+        let answered = asking.decided(rejected(RejectReason::AggregateLimit));
+        assert!(
+            matches!(
+                answered,
+                Some(Answered {
+                    by: Master::Primary,
+                    ..
+                })
+            ),
+            "{answered:?}"
+        );
+    }
+
+    #[test]
+    fn production_masters_are_probed_and_the_backup_readied_last() {
+        let p = with_backup(|c| c.return_policy = ReturnPolicy::Stay);
+        let none = up3(false, false, false);
+        assert_eq!(
+            p.heartbeat_targets(Master::Backup, none),
+            vec![Master::Primary, Master::Secondary, Master::Backup],
+            "on the backup, every production master is probed"
+        );
+        assert_eq!(
+            p.heartbeat_targets(Master::Primary, none),
+            vec![Master::Primary]
+        );
+        assert_eq!(
+            p.heartbeat_targets(Master::Primary, up3(false, false, true)),
+            vec![Master::Primary, Master::Backup],
+            "the backup still holds seats"
+        );
+        assert_eq!(
+            p.prepare_other(Master::Primary, none, false),
+            vec![Master::Secondary, Master::Backup]
+        );
+        assert_eq!(
+            p.prepare_other(Master::Primary, up3(true, false, false), true),
+            vec![Master::Secondary],
+            "slowness readies the secondary, never the backup"
+        );
+        assert_eq!(
+            p.prepare_other(Master::Primary, up3(false, false, true), false),
+            vec![],
+            "the backup is ready"
+        );
+        assert_eq!(
+            p.prepare_other(Master::Backup, none, false),
+            vec![Master::Primary, Master::Secondary]
+        );
+    }
+
+    #[test]
+    fn each_master_is_told_where_else_the_slave_is_served() {
+        let p = with_backup(|_| {});
+        assert_eq!(
+            p.other_to_show(Master::Primary, Master::Primary),
+            Some(Master::Backup)
+        );
+        assert_eq!(
+            p.other_to_show(Master::Backup, Master::Secondary),
+            Some(Master::Secondary)
+        );
+        assert_eq!(
+            p.other_to_show(Master::Backup, Master::Backup),
+            Some(Master::Primary)
+        );
+        let pair = policy(|_| {});
+        assert_eq!(
+            pair.other_to_show(Master::Primary, Master::Primary),
+            Some(Master::Secondary)
+        );
+        assert_eq!(
+            pair.other_to_show(Master::Secondary, Master::Primary),
+            Some(Master::Primary)
+        );
     }
 
     #[test]
@@ -662,28 +972,28 @@ mod tests {
         let p = policy(|_| {});
         assert_eq!(
             p.prepare_other(Master::Primary, up(false, false), false),
-            Some(Master::Secondary)
+            vec![Master::Secondary]
         );
         assert_eq!(
             p.prepare_other(Master::Primary, up(true, false), true),
-            Some(Master::Secondary)
+            vec![Master::Secondary]
         );
         assert_eq!(
             p.prepare_other(Master::Primary, up(true, false), false),
-            None
+            vec![]
         );
         assert_eq!(
             p.prepare_other(Master::Primary, up(false, true), false),
-            None,
+            vec![],
             "already ready"
         );
         assert_eq!(
             p.prepare_other(Master::Secondary, up(false, false), true),
-            Some(Master::Primary)
+            vec![Master::Primary]
         );
         assert_eq!(
             p.prepare_other(Master::Secondary, up(false, true), true),
-            None,
+            vec![],
             "a slow primary matters only while it is the active one"
         );
     }

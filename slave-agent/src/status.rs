@@ -19,7 +19,7 @@ pub struct SlaveStatusView {
     /// Whether that master answers.
     pub connected: bool,
     pub broker_id: Option<String>,
-    /// `primary` or `secondary`: where new registrations go.
+    /// `primary`, `secondary` or `backup`: where new registrations go.
     pub active_master: String,
     /// The context of that master's license while it answers (`production`, `backup` or
     /// `development`): whether this slave is served by production or by a backup master

@@ -1206,7 +1206,8 @@ async fn a_slave_cut_off_only_from_production_is_served_by_the_backup_and_the_re
 
 /// Steps (the handback with a paused backup, real processes and signals): production `p1`
 /// (5 seats) and the backup `d1` as an `lmbus-broker` process (2 seats, 30 s window) on one
-/// NATS; a slave daemon with production as primary and the backup as secondary.
+/// NATS; a slave daemon (`lmbus-slave run`) with production as primary and the backup as
+/// its backup master (`--backup-nats`, `--backup-cluster`).
 /// 1. a1 at production; production stops; a2 and a3 at the backup.
 /// 2. The backup is paused (SIGSTOP), then production restarts: the slave moves a2 and a3
 ///    to production; the paused backup takes no release (it is owed them). The host holds
@@ -1245,9 +1246,9 @@ async fn a_paused_backup_is_released_from_the_moved_agents_when_it_resumes() {
         &f.cluster,
         "site1",
         &[
-            "--secondary-nats",
+            "--backup-nats",
             &f.nats.url(),
-            "--secondary-cluster",
+            "--backup-cluster",
             &dr_cluster,
         ],
     )
@@ -1308,4 +1309,178 @@ async fn a_paused_backup_is_released_from_the_moved_agents_when_it_resumes() {
     assert!(host.status().await.unwrap().logged_out.is_empty());
     prod.stop().await.unwrap();
     let _ = dr.signal(Signal::SIGTERM);
+}
+
+/// Steps (issue 19, a backup master beside a primary and a secondary): one NATS;
+/// production master `p1` (the fixture's cluster, 5 seats), a second production master `s1`
+/// (its own cluster and license, 5 seats) as the slave's secondary, and backup master `d1`
+/// (its own cluster, 2 seats, backing p1's license) as the slave's backup master
+/// (`SlaveConfig::backup`, `--backup-nats` on the daemon).
+/// 1. p1 stops: the next registration goes to the secondary, and the backup is not even
+///    asked (it has no session of the slave).
+/// 2. s1 stops too: the backup serves, within its own 2 seats (the next one is refused
+///    `aggregate_limit`); the slave's status says it is served by the backup.
+/// 3. p1 is back: the slave returns to it and moves the backup's agents there before the
+///    backup's window; the backup ends with nothing.
+/// Throughout, the host's books (what each registration was told) equal the masters'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_master_beside_a_primary_and_a_secondary_serves_only_while_both_are_down() {
+    let f = Fixture::new().await.unwrap();
+    let Pair {
+        prod_id: _,
+        prod_cfg,
+        dr_cluster,
+        mut dr_cfg,
+    } = production_and_backup(&f);
+    dr_cfg.production_cluster = Some(f.cluster.clone());
+    let window = Duration::from_secs(20);
+    dr_cfg.handback_window = window;
+    let second_cluster = format!("{}b", f.cluster);
+    let mut second_cfg = broker_config(
+        &f.nats,
+        &second_cluster,
+        f.vendor.master(5, &[]).unwrap(),
+        &f.vendor,
+        true,
+    );
+    second_cfg.broker_id = "s1".into();
+    second_cfg.lease = Duration::from_secs(1);
+    let prod = Broker::start(prod_cfg.clone()).await.unwrap();
+    let second = Broker::start(second_cfg).await.unwrap();
+    let dr = Broker::start(dr_cfg).await.unwrap();
+    let endpoint = |cluster: &str| lmbus_slave::MasterEndpoint {
+        nats_url: f.nats.url(),
+        nats_auth: Default::default(),
+        cluster: cluster.to_owned(),
+    };
+    let mut cfg = f.slave_config("site1").unwrap();
+    cfg.secondary = Some(endpoint(&second_cluster));
+    cfg.backup = Some(endpoint(&dr_cluster));
+    cfg.request_timeout = Duration::from_secs(1);
+    cfg.failover_wait = Duration::ZERO;
+    cfg.election_wait = Duration::from_secs(1);
+    let slave = SlaveAgent::start(cfg).await.unwrap();
+    let mut told: Vec<String> = Vec::new();
+    // Registers `agent` until it is approved (within 15 s), and keeps the host's books.
+    let approve = |agent: &'static str| {
+        let slave = &slave;
+        async move {
+            let since = std::time::Instant::now();
+            loop {
+                match slave.register(agent, "inbound").await {
+                    Ok(outcome) if outcome.is_approved() => return since.elapsed(),
+                    other => {
+                        assert!(
+                            since.elapsed() < Duration::from_secs(15),
+                            "{agent} was not approved within 15 s: {other:?}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    };
+    let books = |slave: &SlaveAgent| {
+        slave
+            .status()
+            .masters
+            .iter()
+            .map(|m| (m.name.clone(), m.agents))
+            .collect::<Vec<_>>()
+    };
+    let at = |p: u32, s: u32, b: u32| {
+        vec![
+            ("primary".to_owned(), p),
+            ("secondary".to_owned(), s),
+            ("backup".to_owned(), b),
+        ]
+    };
+    approve("a1").await;
+    told.push("a1".into());
+    assert_eq!(books(&slave), at(1, 0, 0));
+
+    // 1. The primary stops: the secondary, a production master, serves; the backup is
+    //    not asked.
+    prod.stop().await.unwrap();
+    let took = approve("a2").await;
+    told.push("a2".into());
+    eprintln!("measured: the secondary approved a2 {took:?} after the primary stopped");
+    assert_eq!(books(&slave), at(1, 1, 0));
+    assert_eq!(slave.status().active_master, "secondary");
+    assert_eq!(slave.status().served_by, Some(Context::Production));
+    let st = status(&f.client, &dr_cluster).await.unwrap();
+    assert!(
+        st.total_in_use == 0 && !st.slaves.iter().any(|s| s.slave_id == "site1"),
+        "the backup was asked while a production master answered: {:?}",
+        st.slaves
+    );
+
+    // 2. The secondary stops too: now the backup serves, within its own limit.
+    second.stop().await.unwrap();
+    let took = approve("a3").await;
+    told.push("a3".into());
+    eprintln!(
+        "measured: the backup approved a3 {took:?} after the secondary stopped (the primary already down)"
+    );
+    approve("a4").await;
+    told.push("a4".into());
+    match slave.register("a5", "inbound").await.unwrap() {
+        lmbus_slave::Outcome::Rejected { reason, .. } => {
+            assert_eq!(reason, RejectReason::AggregateLimit)
+        }
+        other => panic!("beyond the backup's 2 seats: {other:?}"),
+    }
+    assert_eq!(books(&slave), at(1, 1, 2));
+    let view = slave.status();
+    assert_eq!(
+        (view.active_master.as_str(), view.served_by),
+        ("backup", Some(Context::Backup))
+    );
+    let st = status(&f.client, &dr_cluster).await.unwrap();
+    assert_eq!(st.total_in_use, 2, "the backup's books against the host's");
+    let row = st.slaves.iter().find(|s| s.slave_id == "site1").unwrap();
+    assert_eq!(
+        row.master.map(|m| m.to_string()).as_deref(),
+        Some("backup master, in use"),
+        "the backup's status row for the slave"
+    );
+
+    // 3. The primary is back: the slave returns to it and moves the backup's agents.
+    let prod = Broker::start(prod_cfg).await.unwrap();
+    let back = std::time::Instant::now();
+    lmbus_tests::eventually("both backup agents moved to the primary", || async {
+        books(&slave) == at(3, 1, 0)
+    })
+    .await
+    .unwrap();
+    let moved = back.elapsed();
+    eprintln!(
+        "measured: the backup's agents moved to the primary {moved:?} after it was back (window {window:?})"
+    );
+    assert!(
+        moved < window / 2,
+        "moved {moved:?} after the primary was back"
+    );
+    assert_eq!(slave.status().active_master, "primary");
+    lmbus_tests::eventually("the backup holds nothing", || async {
+        status(&f.client, &dr_cluster)
+            .await
+            .is_ok_and(|st| st.total_in_use == 0)
+    })
+    .await
+    .unwrap();
+    let mut host: Vec<String> = slave.agents().into_iter().map(|c| c.agent_id).collect();
+    host.sort();
+    assert_eq!(host, told, "the host's books: nothing logged out");
+    assert!(slave.status().logged_out.is_empty());
+    let st = f.status().await.unwrap();
+    let row = st.slaves.iter().find(|s| s.slave_id == "site1").unwrap();
+    assert_eq!(
+        (st.total_in_use, row.in_use),
+        (3, 3),
+        "the primary's books: a1 and the two moved (a2 stays at the stopped secondary)"
+    );
+    slave.shutdown().await;
+    prod.stop().await.unwrap();
+    dr.stop().await.unwrap();
 }

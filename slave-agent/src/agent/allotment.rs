@@ -16,7 +16,7 @@ impl Inner {
     pub(super) fn next_allot(&self) -> Option<(Instant, Master)> {
         let state = lock(&self.state);
         let now = Instant::now();
-        [Master::Primary, Master::Secondary]
+        Master::ALL
             .into_iter()
             .filter(|&link| state.links.get(link).connected)
             .filter_map(|link| {

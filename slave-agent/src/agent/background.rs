@@ -78,10 +78,7 @@ impl Inner {
                 !state.owed.get(master).is_empty()
                     || state.agents.values().any(|s| s.link == master)
             };
-            let seats_on = PerMaster {
-                primary: seats_on(Master::Primary),
-                secondary: seats_on(Master::Secondary),
-            };
+            let seats_on = PerMaster::from_fn(seats_on);
             (state.active, state.links.clone(), seats_on)
         };
         for link in self.policy.heartbeat_targets(active, seats_on) {
@@ -91,16 +88,20 @@ impl Inner {
                 warn!(master = link.name(), %reason, %detail, "the master refuses this slave");
             }
         }
-        // The active master just failed, or the primary is too slow: make sure the other
-        // one is ready to take over.
-        let other = {
+        // The active master just failed, or the primary is too slow: make sure another
+        // one is ready to take over (the first of them that accepts a hello).
+        let others = {
             let state = lock(&self.state);
             self.policy
                 .prepare_other(active, state.connected(), state.primary_slow)
         };
-        if let Some(other) = other {
-            if let Err(HelloError::Refused { reason, detail, .. }) = self.hello(other).await {
-                warn!(master = other.name(), %reason, %detail, "the master refuses this slave");
+        for other in others {
+            match self.hello(other).await {
+                Ok(()) => break,
+                Err(HelloError::Refused { reason, detail, .. }) => {
+                    warn!(master = other.name(), %reason, %detail, "the master refuses this slave");
+                }
+                Err(HelloError::Unavailable(_)) => {}
             }
         }
         self.choose_active();
@@ -111,7 +112,7 @@ impl Inner {
     /// Switches the active master if the policy says so (`Policy::choose_active`); the
     /// primary's slowness is forgotten once decided on.
     fn choose_active(&self) {
-        if !self.policy.has_secondary() {
+        if !self.policy.has_others() {
             return;
         }
         let switch = {
@@ -134,22 +135,26 @@ impl Inner {
         let request_seq = self.request_seq.load(std::sync::atomic::Ordering::Acquire);
         let (agents, in_use, mut books, other) = {
             let state = lock(&self.state);
-            let other = link.other();
+            let other = self
+                .policy
+                .other_to_show(link, state.active)
+                .map(|other| OtherMaster {
+                    context: state.links.get(other).context,
+                    seats: state.claims(other).len() as u32,
+                });
             (
                 state.claims(link).len() as u32,
                 state.active == link,
                 state.books(link),
-                OtherMaster {
-                    context: state.links.get(other).context,
-                    seats: state.claims(other).len() as u32,
-                },
+                other,
             )
         };
         books.request_seq = Some(request_seq);
-        let role = match (self.policy.has_secondary(), link) {
+        let role = match (self.policy.has_others(), link) {
             (false, _) => MasterRole::Only,
             (true, Master::Primary) => MasterRole::Primary,
-            (true, _) => MasterRole::Secondary,
+            (true, Master::Secondary) => MasterRole::Secondary,
+            (true, Master::Backup) => MasterRole::Backup,
         };
         let heartbeat = Heartbeat {
             instance: self.instance,
@@ -158,7 +163,7 @@ impl Inner {
             master: Some(MasterUse {
                 role,
                 in_use,
-                other: self.policy.has_secondary().then_some(other),
+                other,
             }),
             books: Some(books),
         };
@@ -252,7 +257,7 @@ pub(super) async fn background(
                 }
             }
             _ = inner.allot_wake.notified() => {
-                for link in [Master::Primary, Master::Secondary] {
+                for link in Master::ALL {
                     let due = lock(&inner.state).links.get(link).connected;
                     if due && inner.allot_round(link).await {
                         inner.allot_wake.notify_one();

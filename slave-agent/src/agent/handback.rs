@@ -1,8 +1,9 @@
-//! The handback, slave side: once the primary is the active master again and answers
-//! while a backup secondary holds some of this slave's agents, those agents are
-//! registered at the primary one by one (from the primary's block first, in allotment
-//! mode), and each one the primary approves is released at the backup. The host's agents
-//! keep working through the move; only those the primary cannot admit stay at the backup,
+//! The handback, slave side: once a production master (the primary, or the secondary) is
+//! the active master again and answers while a backup master (the backup slot, or a
+//! secondary whose welcome said context `backup`) holds some of this slave's agents, those
+//! agents are registered at the active master one by one (from its block first, in
+//! allotment mode), and each one it approves is released at the backup. The host's agents
+//! keep working through the move; only those production cannot admit stay at the backup,
 //! whose handback window then logs them out.
 //!
 //! Moves run in the background task's heartbeat round, so a round moves for at most half a
@@ -24,23 +25,23 @@ use super::inner::Inner;
 use super::register::Attempt;
 use super::state::{InFlight, Release, Seat, State, lock, mark, unmark};
 use crate::events::Outcome;
-use crate::master::Master;
+use crate::master::{Master, PerMaster};
 
 /// Most agents moved in one heartbeat round.
 const MOVES_PER_ROUND: usize = 64;
 
-/// After the primary refused a move for capacity (or did not answer), the next try waits
-/// this long: each refusal is a `registration_rejected` alert at the primary, so a primary
-/// that stays full is asked every 10 s, not every heartbeat.
+/// After production refused a move for capacity (or did not answer), the next try waits
+/// this long: each refusal is a `registration_rejected` alert there, so a production
+/// master that stays full is asked every 10 s, not every heartbeat.
 const MOVE_RETRY: Duration = Duration::from_secs(10);
 
 /// Where one move ended.
 enum Moved {
-    /// The primary holds the seat now, and the backup's goes.
+    /// The active master holds the seat now, and the backup's goes.
     Yes,
     /// The agent was released, or logged out, or busy with a host request meanwhile.
     Skipped,
-    /// The primary refused it (the reason), or could not decide now (`None`).
+    /// The active master refused it (the reason), or could not decide now (`None`).
     Refused(Option<RejectReason>),
 }
 
@@ -63,7 +64,7 @@ impl Inner {
     /// longer owed: its seat there is the new one.
     pub(super) async fn settle_owed(&self) {
         let deadline = tokio::time::Instant::now() + self.cfg.heartbeat_interval / 2;
-        for link in [Master::Primary, Master::Secondary] {
+        for link in Master::ALL {
             let owed: Vec<String> = lock(&self.state)
                 .owed
                 .get(link)
@@ -113,45 +114,47 @@ impl Inner {
         }
     }
 
-    /// Moves the agents a backup secondary holds to the primary when the policy says so
+    /// Moves the agents backup masters hold to the active master when the policy says so
     /// (`Policy::moves_back`), at most [`MOVES_PER_ROUND`] and half a heartbeat interval per
     /// call; stops at the first refusal for the total (`aggregate_limit`) or any other
-    /// reason, and skips the rest of an agent type the primary refused (`type_limit`).
+    /// reason, and skips the rest of an agent type production refused (`type_limit`).
     pub(super) async fn move_back(&self) {
         let now = tokio::time::Instant::now();
         let deadline = now + self.cfg.heartbeat_interval / 2;
-        let candidates: Vec<(String, String)> = {
+        let (to, candidates): (Master, Vec<(String, String, Master)>) = {
             let state = lock(&self.state);
-            let due = self.policy.moves_back(
+            let from = self.policy.moves_back(
                 state.active,
                 state.connected(),
-                state.links.secondary.context,
+                PerMaster::from_fn(|m| state.links.get(m).context),
                 state.restricted.is_some(),
-            ) && state.moves_paused_until.is_none_or(|until| now >= until);
+            );
+            let due = !from.is_empty() && state.moves_paused_until.is_none_or(|until| now >= until);
             if !due {
                 return;
             }
-            state
+            let candidates = state
                 .agents
                 .iter()
                 .filter(|(agent, seat)| {
-                    seat.link == Master::Secondary
+                    from.contains(&seat.link)
                         && !state.registering.contains_key(agent.as_str())
                         && !state.unregistering.contains_key(agent.as_str())
                 })
                 .take(MOVES_PER_ROUND)
-                .map(|(agent, seat)| (agent.clone(), seat.agent_type.clone()))
-                .collect()
+                .map(|(agent, seat)| (agent.clone(), seat.agent_type.clone(), seat.link))
+                .collect();
+            (state.active, candidates)
         };
         let (mut moved, mut full) = (0u32, BTreeSet::new());
-        for (agent, agent_type) in candidates {
+        for (agent, agent_type, from) in candidates {
             if tokio::time::Instant::now() >= deadline {
                 break;
             }
             if full.contains(&agent_type) {
                 continue;
             }
-            match self.move_one(&agent, &agent_type, deadline).await {
+            match self.move_one(&agent, &agent_type, from, to, deadline).await {
                 Moved::Yes => moved += 1,
                 Moved::Skipped => {}
                 Moved::Refused(reason) => {
@@ -160,7 +163,8 @@ impl Inner {
                     debug!(
                         agent,
                         ?reason,
-                        "the primary did not take a backup agent back"
+                        master = to.name(),
+                        "production did not take a backup agent back"
                     );
                     if reason == Some(RejectReason::TypeLimit) {
                         full.insert(agent_type);
@@ -173,20 +177,23 @@ impl Inner {
         if moved > 0 {
             info!(
                 moved,
-                "agents moved from the backup master back to the primary"
+                master = to.name(),
+                "agents moved from the backup master back to production"
             );
             self.metrics.moved_back(moved);
         }
     }
 
-    /// Registers one agent the backup holds at the primary (from the primary's block when
-    /// it has a free seat of the type) and, once approved, makes the seat the primary's
-    /// and releases it at the backup. An agent whose turn is not free by `deadline` (the
-    /// host is registering or releasing it) is skipped.
+    /// Registers one agent the backup `from` holds at `to` (from `to`'s block when it has a
+    /// free seat of the type) and, once approved, makes the seat `to`'s and releases it at
+    /// the backup. An agent whose turn is not free by `deadline` (the host is registering
+    /// or releasing it) is skipped.
     async fn move_one(
         &self,
         agent: &str,
         agent_type: &str,
+        from: Master,
+        to: Master,
         deadline: tokio::time::Instant,
     ) -> Moved {
         let Ok(_turn) = tokio::time::timeout_at(deadline, self.turns.take(agent)).await else {
@@ -197,14 +204,14 @@ impl Inner {
             let held_at_backup = state
                 .agents
                 .get(agent)
-                .is_some_and(|s| s.link == Master::Secondary && s.agent_type == agent_type);
+                .is_some_and(|s| s.link == from && s.agent_type == agent_type);
             if !held_at_backup {
                 return Moved::Skipped;
             }
-            // Allotment mode: a free seat of the primary's block takes it, with no message
-            // (journaled like any local admission).
+            // Allotment mode: a free seat of the active master's block takes it, with no
+            // message (journaled like any local admission).
             let now = tokio::time::Instant::now();
-            let admitted = state.allot.primary.try_admit(now, agent, agent_type);
+            let admitted = state.allot.get_mut(to).try_admit(now, agent, agent_type);
             if admitted.is_none() {
                 // In flight: a heartbeat's books leave it out and a hello lists it as
                 // pending, so neither master takes the seat it is being granted for a lost
@@ -219,7 +226,7 @@ impl Inner {
                 state: &self.state,
                 agent,
             };
-            let attempt = self.attempt(Master::Primary, agent, agent_type).await;
+            let attempt = self.attempt(to, agent, agent_type).await;
             drop(marked);
             match attempt {
                 Ok(Attempt::Decided(Outcome::Approved { .. })) => {}
@@ -232,25 +239,23 @@ impl Inner {
                     return Moved::Refused(None);
                 }
                 Err(e) => {
-                    warn!(agent, error = %e, "moving an agent to the primary failed");
+                    warn!(agent, master = to.name(), error = %e, "moving an agent back to production failed");
                     return Moved::Refused(None);
                 }
             }
         }
         let release = {
             let mut state = lock(&self.state);
-            let still_at_backup = state
-                .agents
-                .get(agent)
-                .is_some_and(|s| s.link == Master::Secondary);
+            let still_at_backup = state.agents.get(agent).is_some_and(|s| s.link == from);
             if still_at_backup {
-                // The primary's seat now; the backup's goes (journaled if from its block).
+                // The active master's seat now; the backup's goes (journaled if from its
+                // block).
                 let release = state.begin_unregistration(agent);
                 state.agents.insert(
                     agent.to_owned(),
                     Seat {
                         agent_type: agent_type.to_owned(),
-                        link: Master::Primary,
+                        link: to,
                         allot: from_block,
                     },
                 );
@@ -260,14 +265,14 @@ impl Inner {
                 // the seat gone): the host was told, so the seat just granted goes too.
                 match from_block {
                     Some(n) => {
-                        state.allot.primary.release(agent, agent_type, n);
+                        state.allot.get_mut(to).release(agent, agent_type, n);
                         return Moved::Skipped;
                     }
                     None => {
                         mark(&mut state.unregistering, agent);
                         Release::Send(Seat {
                             agent_type: agent_type.to_owned(),
-                            link: Master::Primary,
+                            link: to,
                             allot: None,
                         })
                     }
@@ -296,7 +301,7 @@ impl Inner {
                 .insert(agent.to_owned());
         }
         in_flight.settle(&mut lock(&self.state));
-        if seat.link == Master::Primary {
+        if seat.link == to {
             Moved::Skipped
         } else {
             Moved::Yes

@@ -15,6 +15,12 @@
 //! secondary. Each seat remembers which master granted it; releases and heartbeats go
 //! there.
 //!
+//! A slave may also name a backup master (`backup`: a backup-context master, its own
+//! cluster). It is asked only once every production master (the primary and the
+//! secondary) has been lost for the failover detection time, and is left as soon as one of
+//! them answers again, whatever the return policy; the agents it holds then move back (the
+//! handback).
+//!
 //! One background task heartbeats every master it holds seats with, says hello again
 //! whenever a master has lost the session, runs the grace-period timer, and obeys control
 //! messages (a forced logout, say).
@@ -24,7 +30,7 @@
 //! `state.rs` what the agent knows, under one lock; `inner.rs` what the handle and the task
 //! share and the request primitive; `hello.rs` sessions; `register.rs` registrations and
 //! unregistrations; `background.rs` the task; `handback.rs` moving agents from a backup
-//! secondary back to the primary.
+//! master back to production.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -117,7 +123,7 @@ impl SlaveAgent {
     /// background (its grace period runs from the start).
     pub async fn start(cfg: SlaveConfig) -> Result<Self, SlaveError> {
         let (licensed, presented) = check_license(&cfg)?;
-        let two = cfg.secondary.is_some();
+        let two = cfg.secondary.is_some() || cfg.backup.is_some();
         let primary = Link::connect(
             Master::Primary,
             &cfg.nats_url,
@@ -127,21 +133,29 @@ impl SlaveAgent {
             two,
         )
         .await?;
-        let secondary = match &cfg.secondary {
-            Some(secondary) => Some(
-                Link::connect(
-                    Master::Secondary,
-                    &secondary.nats_url,
-                    &secondary.nats_auth,
-                    &secondary.cluster,
-                    &cfg.slave_id,
-                    true,
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        let links = Links::new(primary, secondary);
+        let mut others = Vec::new();
+        for (master, endpoint) in [
+            (Master::Secondary, &cfg.secondary),
+            (Master::Backup, &cfg.backup),
+        ] {
+            others.push(match endpoint {
+                Some(endpoint) => Some(
+                    Link::connect(
+                        master,
+                        &endpoint.nats_url,
+                        &endpoint.nats_auth,
+                        &endpoint.cluster,
+                        &cfg.slave_id,
+                        true,
+                    )
+                    .await?,
+                ),
+                None => None,
+            });
+        }
+        let backup = others.pop().flatten();
+        let secondary = others.pop().flatten();
+        let links = Links::new(primary, secondary, backup);
         let mut controls = Vec::new();
         for link in links.iter() {
             controls.push((
@@ -176,22 +190,36 @@ impl SlaveAgent {
             }
             Err(e) => {
                 warn!(detail = %e.detail(), "the primary master did not accept us yet");
-                if two {
-                    match inner.hello_at_start(Master::Secondary).await {
-                        Ok(()) => inner.switch(
-                            Master::Secondary,
-                            "the primary master is not available at start",
-                        ),
+                // The other masters in the policy's order (the secondary, then a backup): the
+                // first that accepts this slave is the active one. Refused by every one: the
+                // last refusal is the error.
+                let mut refused = matches!(e, HelloError::Refused { .. });
+                let mut last = None;
+                for master in inner.policy.masters().skip(1) {
+                    match inner.hello_at_start(master).await {
+                        Ok(()) => {
+                            inner.switch(
+                                master,
+                                match master {
+                                    Master::Backup => "no production master is available at start",
+                                    _ => "the primary master is not available at start",
+                                },
+                            );
+                            refused = false;
+                            break;
+                        }
                         Err(HelloError::Refused { reason, detail, .. }) => {
-                            if let HelloError::Refused { .. } = e {
-                                return Err(SlaveError::Refused { reason, detail });
-                            }
-                            warn!(%reason, %detail, "the secondary master refuses this slave");
+                            warn!(master = master.name(), %reason, %detail, "the master refuses this slave");
+                            last = Some(SlaveError::Refused { reason, detail });
                         }
                         Err(HelloError::Unavailable(detail)) => {
-                            warn!(%detail, "no master answered yet; will keep trying");
+                            refused = false;
+                            warn!(master = master.name(), %detail, "the master did not answer yet; will keep trying");
                         }
                     }
+                }
+                if let (true, Some(error)) = (refused, last) {
+                    return Err(error);
                 }
             }
         }
@@ -260,7 +288,7 @@ impl SlaveAgent {
             .collect()
     }
 
-    /// Which master (`primary` or `secondary`) granted this agent's seat.
+    /// Which master (`primary`, `secondary` or `backup`) granted this agent's seat.
     pub fn granted_by(&self, agent_id: &str) -> Option<&'static str> {
         lock(&self.inner.state)
             .agents
@@ -354,7 +382,7 @@ impl SlaveAgent {
         // Allotment mode: send the journal (every local admission and release, so the
         // ledger names them) and give the blocks back first.
         let give_back = async {
-            for link in [Master::Primary, Master::Secondary] {
+            for link in Master::ALL {
                 if !connected(link) {
                     continue;
                 }
@@ -377,7 +405,7 @@ impl SlaveAgent {
         // Goodbye: each master releases every seat and block this slave holds there in one
         // record, says `slave_stopped` and forgets it (no ghost row, no
         // `slave_disconnected`), and a restart with this id is accepted at once.
-        let links: Vec<Master> = [Master::Primary, Master::Secondary]
+        let links: Vec<Master> = Master::ALL
             .into_iter()
             .filter(|link| connected(*link))
             .collect();

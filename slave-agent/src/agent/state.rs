@@ -312,19 +312,20 @@ impl State {
 
     /// Which masters answer.
     pub(super) fn connected(&self) -> PerMaster<bool> {
-        PerMaster {
-            primary: self.links.primary.connected,
-            secondary: self.links.secondary.connected,
-        }
+        PerMaster::from_fn(|master| self.links.get(master).connected)
     }
 
     /// How large a block `link`'s master may allot under the local limit: what the held
-    /// agents, the registrations in flight and the other master's free seats leave.
+    /// agents, the registrations in flight and the other masters' free seats leave.
     pub(super) fn room(&self, local_limit: Option<u32>, link: Master) -> u32 {
         let Some(limit) = local_limit else {
             return u32::MAX;
         };
-        let free: u32 = self.allot.get(link.other()).free().values().sum();
+        let free: u32 = Master::ALL
+            .into_iter()
+            .filter(|&other| other != link)
+            .map(|other| self.allot.get(other).free().values().sum::<u32>())
+            .sum();
         limit.saturating_sub(self.agents.len() as u32 + self.pending + free)
     }
 
