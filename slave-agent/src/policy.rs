@@ -277,18 +277,15 @@ impl Policy {
         others
     }
 
-    /// The other master a heartbeat to `to` tells about (`MasterUse::other`), so that
-    /// master's status shows where else the slave is served: for a production master its
-    /// backup master when one is configured, else the other production master; for the
-    /// backup, the active master while that is production, else the primary. `None` with one
-    /// master.
-    pub(crate) fn other_to_show(&self, to: Master, active: Master) -> Option<Master> {
+    /// The other masters a heartbeat to `to` tells about, as one (`MasterUse::other`: their
+    /// seats added up), so that master's status shows where else the slave is served: for a
+    /// production master its backup master when one is configured, else the other
+    /// production master; for the backup, every production master. Empty with one master.
+    pub(crate) fn others_to_show(&self, to: Master) -> Vec<Master> {
         match to {
-            Master::Backup if active != Master::Backup => Some(active),
-            Master::Backup => Some(Master::Primary),
-            _ if self.has_backup => Some(Master::Backup),
-            Master::Primary => self.has_secondary.then_some(Master::Secondary),
-            Master::Secondary => Some(Master::Primary),
+            Master::Backup => self.production().collect(),
+            _ if self.has_backup => vec![Master::Backup],
+            _ => self.production().filter(|&m| m != to).collect(),
         }
     }
 
@@ -675,7 +672,7 @@ mod tests {
             vec![]
         );
         assert_eq!(p.masters().collect::<Vec<_>>(), vec![Master::Primary]);
-        assert_eq!(p.other_to_show(Master::Primary, Master::Primary), None);
+        assert!(p.others_to_show(Master::Primary).is_empty());
         let mut order = p.ask_order(None, Master::Primary);
         assert_eq!(order.next(), Some(Master::Primary));
         assert_eq!(order.next(), None);
@@ -944,27 +941,15 @@ mod tests {
     #[test]
     fn each_master_is_told_where_else_the_slave_is_served() {
         let p = with_backup(|_| {});
+        assert_eq!(p.others_to_show(Master::Primary), [Master::Backup]);
+        assert_eq!(p.others_to_show(Master::Secondary), [Master::Backup]);
         assert_eq!(
-            p.other_to_show(Master::Primary, Master::Primary),
-            Some(Master::Backup)
-        );
-        assert_eq!(
-            p.other_to_show(Master::Backup, Master::Secondary),
-            Some(Master::Secondary)
-        );
-        assert_eq!(
-            p.other_to_show(Master::Backup, Master::Backup),
-            Some(Master::Primary)
+            p.others_to_show(Master::Backup),
+            [Master::Primary, Master::Secondary]
         );
         let pair = policy(|_| {});
-        assert_eq!(
-            pair.other_to_show(Master::Primary, Master::Primary),
-            Some(Master::Secondary)
-        );
-        assert_eq!(
-            pair.other_to_show(Master::Secondary, Master::Primary),
-            Some(Master::Primary)
-        );
+        assert_eq!(pair.others_to_show(Master::Primary), [Master::Secondary]);
+        assert_eq!(pair.others_to_show(Master::Secondary), [Master::Primary]);
     }
 
     #[test]

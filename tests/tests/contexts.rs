@@ -1438,12 +1438,19 @@ async fn a_backup_master_beside_a_primary_and_a_secondary_serves_only_while_both
     );
     let st = status(&f.client, &dr_cluster).await.unwrap();
     assert_eq!(st.total_in_use, 2, "the backup's books against the host's");
-    let row = st.slaves.iter().find(|s| s.slave_id == "site1").unwrap();
-    assert_eq!(
-        row.master.map(|m| m.to_string()).as_deref(),
-        Some("backup master, in use"),
-        "the backup's status row for the slave"
-    );
+    // The backup's status row for the slave, once a heartbeat told it.
+    lmbus_tests::eventually("the backup's row says backup master, in use", || async {
+        status(&f.client, &dr_cluster).await.is_ok_and(|st| {
+            st.slaves.iter().any(|s| {
+                s.slave_id == "site1"
+                    && s.master.is_some_and(|m| {
+                        m.to_string() == "backup master, in use; production holds 2 seats"
+                    })
+            })
+        })
+    })
+    .await
+    .unwrap();
 
     // 3. The primary is back: the slave returns to it and moves the backup's agents.
     let prod = Broker::start(prod_cfg).await.unwrap();

@@ -135,13 +135,11 @@ impl Inner {
         let request_seq = self.request_seq.load(std::sync::atomic::Ordering::Acquire);
         let (agents, in_use, mut books, other) = {
             let state = lock(&self.state);
-            let other = self
-                .policy
-                .other_to_show(link, state.active)
-                .map(|other| OtherMaster {
-                    context: state.links.get(other).context,
-                    seats: state.claims(other).len() as u32,
-                });
+            let others = self.policy.others_to_show(link);
+            let other = (!others.is_empty()).then(|| OtherMaster {
+                context: others.iter().find_map(|&m| state.links.get(m).context),
+                seats: others.iter().map(|&m| state.claims(m).len() as u32).sum(),
+            });
             (
                 state.claims(link).len() as u32,
                 state.active == link,
