@@ -1650,7 +1650,9 @@ async fn a_site_cannot_forge_the_beats_a_backup_master_listens_to() {
 
 /// Steps: a 2-seat license; an honest site2 holds one seat. As site1 (its own credentials),
 /// a hello, then heartbeats whose `MasterUse` claims its other master is a backup holding
-/// u32::MAX seats, and then one naming no context and in use elsewhere. The master shows
+/// u32::MAX seats, then one naming no context and in use elsewhere, then one claiming this
+/// production master is its backup master, and one with a role this build does not know
+/// (decoded as another role, not refused). The master shows
 /// the claim in site1's status row, as the slave's word, and decides nothing on it: the
 /// totals and limits stay as the ledger says, site1 holds nothing, site2's next
 /// registration is approved and the one after it refused `aggregate_limit` at the limit.
@@ -1673,37 +1675,54 @@ async fn a_sites_claim_about_its_other_master_is_shown_and_decides_nothing() {
         .await,
         Some(Reply::Welcome(_))
     ));
-    let beat = |seq, other| Heartbeat {
+    use lmbus_schemas::MasterRole;
+    let beat = |seq, role, other| Heartbeat {
         instance,
         seq,
         master: Some(lmbus_schemas::MasterUse {
-            role: lmbus_schemas::MasterRole::Primary,
+            role,
             in_use: false,
             other,
         }),
         ..Heartbeat::default()
     };
     let claims = [
-        Some(lmbus_schemas::OtherMaster {
-            context: Some(lmbus_schemas::Context::Backup),
-            seats: u32::MAX,
-        }),
-        Some(lmbus_schemas::OtherMaster {
-            context: None,
-            seats: 0,
-        }),
+        (
+            MasterRole::Primary,
+            Some(lmbus_schemas::OtherMaster {
+                context: Some(lmbus_schemas::Context::Backup),
+                seats: u32::MAX,
+            }),
+        ),
+        (
+            MasterRole::Primary,
+            Some(lmbus_schemas::OtherMaster {
+                context: None,
+                seats: 0,
+            }),
+        ),
+        (
+            MasterRole::Backup,
+            Some(lmbus_schemas::OtherMaster {
+                context: Some(lmbus_schemas::Context::Production),
+                seats: 7,
+            }),
+        ),
+        (MasterRole::Other, None),
     ];
     let shown = [
         format!("primary, idle; backup holds {} seats", u32::MAX),
         "primary, idle; other master holds 0 seats".to_owned(),
+        "backup master, idle; production holds 7 seats".to_owned(),
+        "another role, idle".to_owned(),
     ];
-    for (seq, (claim, shown)) in claims.into_iter().zip(shown).enumerate() {
+    for (seq, ((role, claim), shown)) in claims.into_iter().zip(shown).enumerate() {
         let answer = ask(
             &attacker,
             &d.subjects,
             "site1",
             SlaveOp::Heartbeat,
-            encode(&beat(seq as u64 + 1, claim)).unwrap(),
+            encode(&beat(seq as u64 + 1, role, claim)).unwrap(),
         )
         .await;
         assert_eq!(answer, Some(Reply::Ack));
