@@ -52,6 +52,15 @@ impl AlertTap {
 }
 
 impl AlertTap {
+    /// Takes in every alert that arrives until none has for `quiet`; returns all seen.
+    pub async fn drain(&mut self, quiet: std::time::Duration) -> anyhow::Result<&[Alert]> {
+        use futures::StreamExt;
+        while let Ok(Some(msg)) = tokio::time::timeout(quiet, self.sub.next()).await {
+            self.seen.push(decode(&msg.payload)?);
+        }
+        Ok(&self.seen)
+    }
+
     /// Waits (bounded) until `n` alerts seen so far match `pred`; returns them.
     pub async fn wait_count(
         &mut self,

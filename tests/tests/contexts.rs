@@ -1204,12 +1204,13 @@ async fn a_slave_cut_off_only_from_production_is_served_by_the_backup_and_the_re
     dr.stop().await.unwrap();
 }
 
-/// Steps (the handback with a paused backup, real processes and signals): production `p1`
-/// (5 seats) and the backup `d1` as an `lmbus-broker` process (2 seats, 30 s window) on one
-/// NATS; a slave daemon (`lmbus-slave run`) with production as primary and the backup as
-/// its backup master (`--backup-nats`, `--backup-cluster`).
-/// 1. a1 at production; production stops; a2 and a3 at the backup.
-/// 2. The backup is paused (SIGSTOP), then production restarts: the slave moves a2 and a3
+/// Steps (the handback with a paused backup, real processes and signals): production as two
+/// `lmbus-broker` processes `p1` and `p2` (5 seats) and the backup `d1` as another (2 seats,
+/// 30 s window) on one NATS; a slave daemon (`lmbus-slave run`) with production as primary
+/// and the backup as its backup master (`--backup-nats`, `--backup-cluster`).
+/// 1. a1 at production; both production replicas are killed (SIGKILL); a2 and a3 at the
+///    backup.
+/// 2. The backup is paused (SIGSTOP), then production restarts (in process): the slave moves a2 and a3
 ///    to production; the paused backup takes no release (it is owed them). The host holds
 ///    a1..a3, production counts the same 3, nobody is logged out.
 /// 3. The backup resumes (SIGCONT): the slave's hello releases a2 and a3 there, long before
@@ -1224,23 +1225,43 @@ async fn a_paused_backup_is_released_from_the_moved_agents_when_it_resumes() {
         dr_cluster,
         ..
     } = production_and_backup(&f);
-    let mut prod = Broker::start(prod_cfg.clone()).await.unwrap();
+    // A broker process of `cluster` with `license`, replica `id`, a 1 s lease.
+    let broker = |cluster: &str, license: &std::path::Path, id: &str, extra: &[&str]| {
+        Proc::spawn(
+            Command::new(bin("lmbus-broker").unwrap())
+                .args(["run", "--nats", &f.nats.url(), "--cluster", cluster])
+                .arg("--license")
+                .arg(license)
+                .arg("--vendor-key")
+                .arg(f.vendor.public_key_path())
+                .args(["--allow-unlicensed-slaves", "--id", id])
+                .args(["--stream-replicas", "1", "--lease", "1s"])
+                .args(["--tick-interval", "100ms"])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .unwrap()
+    };
+    // Production: two replicas, both killed with SIGKILL below.
+    let prod_license = prod_cfg.license_path.clone();
+    let p1 = broker(&f.cluster, &prod_license, "p1", &[]);
+    let p2 = broker(&f.cluster, &prod_license, "p2", &[]);
+    lmbus_tests::eventually("production leads", || async { f.status().await.is_ok() })
+        .await
+        .unwrap();
     let license = backup_license(&f, "dr.lic", prod_id, 2);
-    let dr = Proc::spawn(
-        Command::new(bin("lmbus-broker").unwrap())
-            .args(["run", "--nats", &f.nats.url(), "--cluster", &dr_cluster])
-            .arg("--license")
-            .arg(&license)
-            .arg("--vendor-key")
-            .arg(f.vendor.public_key_path())
-            .args(["--allow-unlicensed-slaves", "--id", "d1"])
-            .args(["--stream-replicas", "1", "--lease", "1s"])
-            .args(["--tick-interval", "100ms", "--handback-window", "30s"])
-            .args(["--production-cluster", &f.cluster])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )
-    .unwrap();
+    let dr = broker(
+        &dr_cluster,
+        &license,
+        "d1",
+        &[
+            "--handback-window",
+            "30s",
+            "--production-cluster",
+            &f.cluster,
+        ],
+    );
     let host = SlaveDaemon::start(
         &f.nats.url(),
         &f.cluster,
@@ -1254,9 +1275,13 @@ async fn a_paused_backup_is_released_from_the_moved_agents_when_it_resumes() {
     )
     .await;
 
-    // 1. a1 at production, then a2 and a3 at the backup once production stopped.
+    // 1. a1 at production, then a2 and a3 at the backup once every production replica was
+    //    killed.
     assert_eq!(host.register("a1").await, Some(true));
-    prod.stop().await.unwrap();
+    for p in [&p1, &p2] {
+        p.signal(Signal::SIGKILL).unwrap();
+    }
+    let killed = std::time::Instant::now();
     for agent in ["a2", "a3"] {
         let since = std::time::Instant::now();
         while host.register(agent).await != Some(true) {
@@ -1264,6 +1289,10 @@ async fn a_paused_backup_is_released_from_the_moved_agents_when_it_resumes() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    eprintln!(
+        "measured: the backup served a2 and a3 {:?} after both production replicas were killed (SIGKILL)",
+        killed.elapsed()
+    );
     assert_eq!(
         status(&f.client, &dr_cluster).await.unwrap().total_in_use,
         2
@@ -1271,7 +1300,8 @@ async fn a_paused_backup_is_released_from_the_moved_agents_when_it_resumes() {
 
     // 2. The backup paused; production back: a2 and a3 move, the backup is owed them.
     dr.signal(Signal::SIGSTOP).unwrap();
-    prod = Broker::start(prod_cfg).await.unwrap();
+    let mut prod_alerts = AlertTap::new(&f.client, &f.cluster).await.unwrap();
+    let prod = Broker::start(prod_cfg).await.unwrap();
     let back = std::time::Instant::now();
     lmbus_tests::eventually("a2 and a3 moved to production", || async {
         f.status().await.is_ok_and(|st| st.total_in_use == 3)
@@ -1307,6 +1337,17 @@ async fn a_paused_backup_is_released_from_the_moved_agents_when_it_resumes() {
     assert_eq!(host.agents().await.unwrap(), held, "the host's books");
     assert_eq!(f.status().await.unwrap().total_in_use, 3, "production's");
     assert!(host.status().await.unwrap().logged_out.is_empty());
+    // The paused backup never held up production's heartbeats (each master's heartbeat
+    // runs on its own): production never lost the slave.
+    let lost: Vec<_> = prod_alerts
+        .drain(Duration::from_millis(500))
+        .await
+        .unwrap()
+        .iter()
+        .filter(|a| a.kind == AlertKind::SlaveDisconnected)
+        .cloned()
+        .collect();
+    assert!(lost.is_empty(), "production lost the slave: {lost:#?}");
     prod.stop().await.unwrap();
     let _ = dr.signal(Signal::SIGTERM);
 }

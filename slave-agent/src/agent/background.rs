@@ -4,13 +4,14 @@
 
 use lmbus_schemas::human::HumanDuration;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 use lmbus_schemas::{
     ControlMessage, Heartbeat, MasterRole, MasterUse, OtherMaster, Reply, SlaveOp, decode,
 };
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::hello::HelloError;
 use super::inner::Inner;
@@ -19,6 +20,15 @@ use crate::events::AgentEvent;
 use crate::link::Ask;
 use crate::master::{Master, PerMaster};
 use crate::policy::Switch;
+
+/// Clears a master's `Inner::beating` when its heartbeat ends, however it ends.
+struct Beating<'a>(&'a Inner, Master);
+
+impl Drop for Beating<'_> {
+    fn drop(&mut self) {
+        self.0.beating.get(self.1).store(false, Ordering::Release);
+    }
+}
 
 impl Inner {
     /// Applies the restriction once no master has answered for the whole grace period.
@@ -69,7 +79,7 @@ impl Inner {
     /// registrations to gets a heartbeat (or a hello when its session is not live); a
     /// primary that is not in use is probed with a hello when the policy is to return to
     /// it. Then the active master is chosen again.
-    async fn heartbeat_round(&self) {
+    async fn heartbeat_round(self: &Arc<Self>) {
         self.check_grace();
         let (active, links, seats_on) = {
             let state = lock(&self.state);
@@ -81,13 +91,42 @@ impl Inner {
             let seats_on = PerMaster::from_fn(seats_on);
             (state.active, state.links.clone(), seats_on)
         };
+        // Each master's heartbeat runs on its own: the round waits for them for at most half
+        // an interval, and a master whose last one is still unanswered is skipped, so a
+        // master that hangs delays no other master's heartbeats.
+        let mut beats = Vec::new();
         for link in self.policy.heartbeat_targets(active, seats_on) {
-            if links.get(link).connected {
-                self.heartbeat(link).await;
-            } else if let Err(HelloError::Refused { reason, detail, .. }) = self.hello(link).await {
-                warn!(master = link.name(), %reason, %detail, "the master refuses this slave");
+            if self.beating.get(link).swap(true, Ordering::AcqRel) {
+                debug!(
+                    master = link.name(),
+                    "the last heartbeat is still unanswered"
+                );
+                continue;
             }
+            let inner = Arc::clone(self);
+            let connected = links.get(link).connected;
+            let beat = tokio::spawn(async move {
+                let _beating = Beating(&inner, link);
+                if connected {
+                    inner.heartbeat(link).await;
+                } else if let Err(HelloError::Refused { reason, detail, .. }) =
+                    inner.hello(link).await
+                {
+                    warn!(master = link.name(), %reason, %detail, "the master refuses this slave");
+                }
+            });
+            {
+                let mut running = self.beats.lock().unwrap_or_else(|e| e.into_inner());
+                running.retain(|b| !b.is_finished());
+                running.push(beat.abort_handle());
+            }
+            beats.push(beat);
         }
+        let _ = tokio::time::timeout(
+            self.cfg.heartbeat_interval / 2,
+            futures::future::join_all(beats),
+        )
+        .await;
         // The active master just failed, or the primary is too slow: make sure another
         // one is ready to take over (the first of them that accepts a hello).
         let others = {
@@ -107,6 +146,12 @@ impl Inner {
         self.choose_active();
         self.settle_owed().await;
         self.move_back().await;
+    }
+
+    /// Whether a heartbeat round's heartbeat to `link` is still unanswered (that master
+    /// hangs): nothing else waits on it meanwhile.
+    pub(super) fn hangs(&self, link: Master) -> bool {
+        self.beating.get(link).load(Ordering::Acquire)
     }
 
     /// Switches the active master if the policy says so (`Policy::choose_active`); the

@@ -65,6 +65,11 @@ impl Inner {
     pub(super) async fn settle_owed(&self) {
         let deadline = tokio::time::Instant::now() + self.cfg.heartbeat_interval / 2;
         for link in Master::ALL {
+            // A master whose heartbeat is still unanswered would only make this round wait:
+            // its releases stay owed until it answers again.
+            if self.hangs(link) {
+                continue;
+            }
             let owed: Vec<String> = lock(&self.state)
                 .owed
                 .get(link)
@@ -288,13 +293,14 @@ impl Inner {
             registering: false,
             settled: false,
         };
-        let connected = lock(&self.state).links.get(seat.link).connected;
+        let connected = lock(&self.state).links.get(seat.link).connected && !self.hangs(seat.link);
         if connected {
             if let Err(e) = self.unregister_at(seat.link, agent).await {
                 warn!(agent, error = %e, "releasing a moved agent's old seat failed");
             }
         } else {
-            // Not asked now: owed, asked again every heartbeat round (`settle_owed`).
+            // Not asked now (no session, or its heartbeat is still unanswered): owed, asked
+            // again every heartbeat round (`settle_owed`).
             lock(&self.state)
                 .owed
                 .get_mut(seat.link)

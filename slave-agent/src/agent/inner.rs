@@ -45,6 +45,13 @@ pub(super) struct Inner {
     /// Wakes the background task to send an allot request now (a block ran low, the
     /// master asked for blocks back, more journal entries wait).
     pub(super) allot_wake: tokio::sync::Notify,
+    /// Per master: a heartbeat (or hello) of the heartbeat round is still waiting for its
+    /// answer. The next round skips that master instead of waiting behind it, so one master
+    /// that hangs (paused, cut off) delays no other master's heartbeats.
+    pub(super) beating: crate::master::PerMaster<std::sync::atomic::AtomicBool>,
+    /// The heartbeats still running, aborted when the agent stops (a late one must not say
+    /// hello again after the goodbye).
+    pub(super) beats: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Inner {

@@ -115,6 +115,10 @@ fn check_license(cfg: &SlaveConfig) -> Result<(Option<License>, Option<License>)
     }
 }
 
+fn lock_beats(inner: &Inner) -> std::sync::MutexGuard<'_, Vec<tokio::task::AbortHandle>> {
+    inner.beats.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl SlaveAgent {
     /// Verifies the license, connects to NATS and says hello to the master(s). Fails if the
     /// license is unusable, the primary's NATS is unreachable and there is no secondary, or
@@ -182,6 +186,8 @@ impl SlaveAgent {
             request_seq: Default::default(),
             metrics: Default::default(),
             allot_wake: Default::default(),
+            beating: Default::default(),
+            beats: Default::default(),
         });
         match inner.hello_at_start(Master::Primary).await {
             Ok(()) => {}
@@ -376,6 +382,9 @@ impl SlaveAgent {
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(task) = task {
             let _ = task.await;
+        }
+        for beat in std::mem::take(&mut *lock_beats(&self.inner)) {
+            beat.abort();
         }
         let limit = self.inner.cfg.request_timeout + Duration::from_millis(500);
         let connected = |link: Master| lock(&self.inner.state).links.get(link).connected;
