@@ -21,10 +21,11 @@ use crate::status::{SlaveMode, SlaveStatusView};
 pub(crate) struct SlaveMetrics {
     registrations: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     unregistrations: AtomicU64,
-    /// Agents moved from a backup secondary back to the primary (the handback).
+    /// Agents moved from a backup master back to production (the handback).
     moved_back: AtomicU64,
     latency: Histogram,
-    /// Per master (primary, secondary): from sending a request to the master's answer.
+    /// Per master (primary, secondary, backup): from sending a request to the master's
+    /// answer.
     master: PerMaster<Histogram>,
     /// Allotment mode: registrations that waited for seats of other slaves' blocks being
     /// given back, from the first request told to ask again to the answer (the time

@@ -243,7 +243,9 @@ impl Policy {
         contexts: PerMaster<Option<Context>>,
         restricted: bool,
     ) -> Vec<Master> {
-        let backup = |m: Master| *contexts.get(m) == Some(Context::Backup);
+        // The backup slot stands in for production whatever its welcome said (a
+        // misconfigured master there still hands back); another master, by its context.
+        let backup = |m: Master| m == Master::Backup || *contexts.get(m) == Some(Context::Backup);
         if restricted || !*connected.get(active) || backup(active) {
             return Vec::new();
         }
@@ -254,8 +256,9 @@ impl Policy {
 
     /// After a heartbeat round: the other masters to say hello to now, in turn until one
     /// accepts, because the active one just failed (or the primary is too slow) and no
-    /// other one is ready to take over. A backup master comes last, and only when the
-    /// active master failed (never for slowness).
+    /// other production master is ready to take over. A backup master comes last, only when
+    /// the active master failed (never for slowness), and a backup that still counts as
+    /// connected (from before) never stands in for a hello to a production master.
     pub(crate) fn prepare_other(
         &self,
         active: Master,
@@ -267,14 +270,15 @@ impl Policy {
         if !failed && !slow {
             return Vec::new();
         }
-        let others: Vec<Master> = self
-            .masters()
-            .filter(|&m| m != active && (failed || m != Master::Backup))
-            .collect();
-        if others.iter().any(|&m| *connected.get(m)) {
+        let production: Vec<Master> = self.production().filter(|&m| m != active).collect();
+        if production.iter().any(|&m| *connected.get(m)) {
             return Vec::new();
         }
-        others
+        let backup = failed && self.has_backup && active != Master::Backup && !connected.backup;
+        production
+            .into_iter()
+            .chain(backup.then_some(Master::Backup))
+            .collect()
     }
 
     /// The other masters a heartbeat to `to` tells about, as one (`MasterUse::other`: their
@@ -464,18 +468,23 @@ impl AskOrder {
     /// The next master to ask, `None` when every one was asked.
     pub(crate) fn next(&mut self) -> Option<Master> {
         let master = self.order.get(self.asked).copied()?;
+        // Overflow is production's: a backup master is never asked for a primary's capacity.
+        if self.overflowing && master == Master::Backup {
+            return None;
+        }
         self.asked += 1;
         self.current = master;
         Some(master)
     }
 
-    /// The master last handed out (the primary until the first).could not decide now (`detail` says why).
+    /// The master last handed out could not decide now (`detail` says why).
     pub(crate) fn unavailable(&mut self, detail: String) {
         self.unavailable.push(detail);
     }
 
-    /// The master last handed out (the primary until the first).decided: the final answer, or `None` when it is the
-    /// primary's capacity rejection and overflow sends the agent to the secondary.
+    /// The master last handed out decided: the final answer, or `None` when the next master
+    /// is asked instead (the primary's capacity rejection with overflow on, or a backup
+    /// master that may not serve while production masters are left to ask).
     pub(crate) fn decided(&mut self, outcome: Outcome) -> Option<Answered> {
         let by = self.current;
         // Not the first master asked: the active one could not answer (or was full).
@@ -493,6 +502,18 @@ impl AskOrder {
                 })
             }
             Outcome::Rejected { reason, detail } => {
+                // A backup master that may not serve now (production is up, or another
+                // backup serves) is as good as unavailable while production masters are
+                // left to ask: the slave was on the backup and production is back.
+                let may_not_serve = matches!(
+                    reason,
+                    RejectReason::ProductionAvailable | RejectReason::LicenseInUse
+                );
+                if by == Master::Backup && may_not_serve && self.asked < self.order.len() {
+                    self.unavailable
+                        .push(format!("the backup master refused: {reason}: {detail}"));
+                    return None;
+                }
                 let capacity = matches!(
                     reason,
                     RejectReason::AggregateLimit | RejectReason::TypeLimit
@@ -788,6 +809,15 @@ mod tests {
             p.moves_back(Master::Primary, all, contexts, true)
                 .is_empty()
         );
+        let misnamed = PerMaster {
+            backup: Some(Context::Production),
+            ..contexts
+        };
+        assert_eq!(
+            p.moves_back(Master::Primary, all, misnamed, false),
+            vec![Master::Backup],
+            "the backup slot hands back whatever its master's context"
+        );
     }
 
     /// The backup master is chosen only once no production master answers, and left for
@@ -880,7 +910,40 @@ mod tests {
         let answered = asking.decided(APPROVED).unwrap();
         assert_eq!(answered.by, Master::Backup);
         assert_eq!(answered.switch.map(|s| s.to), Some(Master::Backup));
-        // Overflow goes to the secondary, never to the backup.
+        // On the backup, with production back: the backup's refusal sends the registration
+        // on to production; the same refusal as the last answer is final.
+        let mut asking = p.ask_order(None, Master::Backup);
+        assert_eq!(asking.next(), Some(Master::Backup));
+        assert_eq!(
+            asking.decided(rejected(RejectReason::ProductionAvailable)),
+            None
+        );
+        assert_eq!(asking.next(), Some(Master::Primary));
+        let answered = asking.decided(APPROVED).unwrap();
+        assert_eq!(answered.by, Master::Primary);
+        assert_eq!(answered.switch.map(|s| s.to), Some(Master::Primary));
+        let mut asking = p.ask_order(None, Master::Primary);
+        for _ in 0..2 {
+            asking.next();
+            asking.unavailable("silent".to_owned());
+        }
+        assert_eq!(asking.next(), Some(Master::Backup));
+        assert!(matches!(
+            asking.decided(rejected(RejectReason::ProductionAvailable)),
+            Some(Answered {
+                by: Master::Backup,
+                ..
+            })
+        ));
+        // Overflow goes to the secondary, never to the backup: not when the secondary is
+        // silent, nor without a secondary.
+        let all = with_backup(|c| c.overflow = true);
+        let mut asking = all.ask_order(None, Master::Primary);
+        asking.next();
+        assert_eq!(asking.decided(rejected(RejectReason::AggregateLimit)), None);
+        assert_eq!(asking.next(), Some(Master::Secondary));
+        asking.unavailable("secondary silent".to_owned());
+        assert_eq!(asking.next(), None, "the backup is not asked for capacity");
         let overflow = with_backup(|c| {
             c.secondary = None;
             c.overflow = true;
@@ -929,8 +992,13 @@ mod tests {
         );
         assert_eq!(
             p.prepare_other(Master::Primary, up3(false, false, true), false),
+            vec![Master::Secondary],
+            "a backup still connected from before does not stand in for the secondary's hello"
+        );
+        assert_eq!(
+            p.prepare_other(Master::Primary, up3(false, true, true), false),
             vec![],
-            "the backup is ready"
+            "the secondary is ready"
         );
         assert_eq!(
             p.prepare_other(Master::Backup, none, false),

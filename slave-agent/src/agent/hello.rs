@@ -253,6 +253,16 @@ impl Inner {
             welcome.rejected_agents.iter().cloned(),
             &detail,
         );
+        let was = state.links.get(link).context;
+        if link == Master::Backup
+            && welcome.context.is_some_and(|c| c != lmbus_schemas::Context::Backup)
+            && was != welcome.context
+        {
+            warn!(
+                context = ?welcome.context,
+                "the backup master (--backup-nats) runs a license that is not a backup one: it is used only while no production master answers, and its agents still move back"
+            );
+        }
         *state.links.get_mut(link) = LinkState {
             connected: true,
             broker_id: Some(welcome.broker_id.clone()),
