@@ -432,6 +432,23 @@ fn production_and_backup(f: &Fixture) -> Pair {
     }
 }
 
+/// [`production_and_backup`], the backup watching production's cluster and handing back
+/// after `window`.
+fn watched_pair(f: &Fixture, window: Duration) -> Pair {
+    let mut pair = production_and_backup(f);
+    pair.dr_cfg.production_cluster = Some(f.cluster.clone());
+    pair.dr_cfg.handback_window = window;
+    pair
+}
+
+/// A slave that counts a master lost at its first unanswered request (failover wait 0,
+/// 1 s request timeout and election wait), so failovers take about a lease.
+fn fails_over_fast(cfg: &mut lmbus_slave::SlaveConfig) {
+    cfg.request_timeout = Duration::from_secs(1);
+    cfg.failover_wait = Duration::ZERO;
+    cfg.election_wait = Duration::from_secs(1);
+}
+
 /// Steps (issue 19, the backup master's half): one NATS; production master `prod` (its
 /// cluster, a 5-seat production license P) and backup master `dr` (its own cluster, a
 /// 2-seat backup license that backs P, `--production-cluster` naming prod's).
@@ -831,15 +848,13 @@ async fn a_second_backup_master_with_the_same_backup_license_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slave_fails_over_to_its_backup_master_when_production_stops() {
     let f = Fixture::new().await.unwrap();
+    let window = Duration::from_secs(10);
     let Pair {
-        prod_id: _,
         prod_cfg,
         dr_cluster,
-        mut dr_cfg,
-    } = production_and_backup(&f);
-    dr_cfg.production_cluster = Some(f.cluster.clone());
-    let window = Duration::from_secs(10);
-    dr_cfg.handback_window = window;
+        dr_cfg,
+        ..
+    } = watched_pair(&f, window);
     let prod = Broker::start(prod_cfg.clone()).await.unwrap();
     let dr = Broker::start(dr_cfg).await.unwrap();
     let mut cfg = f.slave_config("site1").unwrap();
@@ -848,9 +863,7 @@ async fn a_slave_fails_over_to_its_backup_master_when_production_stops() {
         nats_auth: Default::default(),
         cluster: dr_cluster.clone(),
     });
-    cfg.request_timeout = Duration::from_secs(1);
-    cfg.failover_wait = Duration::ZERO;
-    cfg.election_wait = Duration::from_secs(1);
+    fails_over_fast(&mut cfg);
     let slave = SlaveAgent::start(cfg).await.unwrap();
     assert!(slave.register("a1", "inbound").await.unwrap().is_approved());
     assert_eq!(f.status().await.unwrap().total_in_use, 1);
@@ -1081,9 +1094,7 @@ async fn a_slave_cut_off_only_from_production_is_served_by_the_backup_and_the_re
         nats_auth: Default::default(),
         cluster: dr_cluster.clone(),
     });
-    cfg.request_timeout = Duration::from_secs(1);
-    cfg.failover_wait = Duration::ZERO;
-    cfg.election_wait = Duration::from_secs(1);
+    fails_over_fast(&mut cfg);
     let started = std::time::Instant::now();
     let site2 = loop {
         match SlaveAgent::start(cfg.clone()).await {
@@ -1367,15 +1378,13 @@ async fn a_paused_backup_is_released_from_the_moved_agents_when_it_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_master_beside_a_primary_and_a_secondary_serves_only_while_both_are_down() {
     let f = Fixture::new().await.unwrap();
+    let window = Duration::from_secs(20);
     let Pair {
-        prod_id: _,
         prod_cfg,
         dr_cluster,
-        mut dr_cfg,
-    } = production_and_backup(&f);
-    dr_cfg.production_cluster = Some(f.cluster.clone());
-    let window = Duration::from_secs(20);
-    dr_cfg.handback_window = window;
+        dr_cfg,
+        ..
+    } = watched_pair(&f, window);
     let second_cluster = format!("{}b", f.cluster);
     let mut second_cfg = broker_config(
         &f.nats,
@@ -1397,9 +1406,7 @@ async fn a_backup_master_beside_a_primary_and_a_secondary_serves_only_while_both
     let mut cfg = f.slave_config("site1").unwrap();
     cfg.secondary = Some(endpoint(&second_cluster));
     cfg.backup = Some(endpoint(&dr_cluster));
-    cfg.request_timeout = Duration::from_secs(1);
-    cfg.failover_wait = Duration::ZERO;
-    cfg.election_wait = Duration::from_secs(1);
+    fails_over_fast(&mut cfg);
     let slave = SlaveAgent::start(cfg).await.unwrap();
     let mut told: Vec<String> = Vec::new();
     // Registers `agent` until it is approved (within 15 s), and keeps the host's books.

@@ -255,7 +255,9 @@ impl Inner {
         );
         let was = state.links.get(link).context;
         if link == Master::Backup
-            && welcome.context.is_some_and(|c| c != lmbus_schemas::Context::Backup)
+            && welcome
+                .context
+                .is_some_and(|c| c != lmbus_schemas::Context::Backup)
             && was != welcome.context
         {
             warn!(
