@@ -13,7 +13,9 @@
 //!    leader broker process with its ledger on;
 //! 5. lmbus allotment mode (`lmbus_allotment_library`): the same through slave agents in
 //!    this process whose broker (another process, another cluster on the same server) runs
-//!    `--admission allotment`, so registrations are decided locally from blocks of seats;
+//!    `--admission allotment`, so registrations are decided locally from blocks of seats,
+//!    and (`lmbus_allotment_http`) through the local HTTP API of `lmbus-slave` daemons of
+//!    that cluster;
 //!
 //! each at concurrency 1 and 64 (64 = 4 connections or slaves × 16 workers), alternating
 //! acquire and release, `LMBUS_BENCH_REPS` (3) repetitions of `LMBUS_BENCH_SECONDS` (5 s)
@@ -605,6 +607,97 @@ fn spread(concurrency: usize) -> usize {
     if concurrency == 1 { 1 } else { CONNECTIONS }
 }
 
+/// `CONNECTIONS` `lmbus-slave` daemons of `cluster` (ids `{prefix}0`…) and, once each
+/// one's API says it is connected, one row `name` per concurrency level through their
+/// local HTTP APIs (one keep-alive connection per worker, like a host application's HTTP
+/// client). `watched` gains the daemons' CPU. Returns the daemons, which the rows need
+/// alive, and their API ports.
+#[allow(clippy::too_many_arguments)]
+async fn http_rows(
+    name: &'static str,
+    nats_url: &str,
+    cluster: &str,
+    prefix: &str,
+    metrics_port: u16,
+    logs: &std::path::Path,
+    levels: &[usize],
+    mut watched: Watched,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<(Vec<Proc>, Vec<u16>)> {
+    let mut daemons = Vec::new();
+    let mut ports = Vec::new();
+    for s in 0..CONNECTIONS {
+        let port = free_port();
+        daemons.push(Proc::spawn(
+            Command::new(bin("lmbus-slave")?)
+                .args(["run", "--nats", nats_url, "--cluster", cluster])
+                .args(["--id", &format!("{prefix}{s}")])
+                .args(["--api", &format!("127.0.0.1:{port}")])
+                .env("LMBUS_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(
+                    logs.join(format!("{prefix}{s}.log")),
+                )?),
+        )?);
+        ports.push(port);
+    }
+    for port in &ports {
+        let port = *port;
+        lmbus_tests::eventually("the slave's API answers", || async move {
+            match Http::connect(port).await {
+                Ok(mut http) => http
+                    .call("GET", "/v1/status", "")
+                    .await
+                    .is_ok_and(|s| s.contains("\"connected\":true")),
+                Err(_) => false,
+            }
+        })
+        .await?;
+    }
+    let http_probe = probe(
+        [metrics_port].into_iter().chain(ports.clone()).collect(),
+        Vec::new(),
+    );
+    watched.push((
+        "lmbus-slave".into(),
+        daemons.iter().map(|d| d.pid().as_raw() as u32).collect(),
+    ));
+    for &c in levels {
+        let n = spread(c);
+        let mut conns = Vec::new();
+        for w in 0..c {
+            conns.push(tokio::sync::Mutex::new(Http::connect(ports[w % n]).await?));
+        }
+        let conns = Arc::new(conns);
+        rows.push(
+            Row::new(name, c, &watched, move |w, i| {
+                let conns = conns.clone();
+                async move {
+                    let agent = format!("h{c}-w{w}");
+                    let mut http = conns[w].lock().await;
+                    if i % 2 == 0 {
+                        let body = format!(r#"{{"agent_id":"{agent}","agent_type":"inbound"}}"#);
+                        let answer = http.call("POST", "/v1/agents", &body).await?;
+                        if !answer.contains("\"approved\"") {
+                            bail!("{agent} was not approved: {answer}");
+                        }
+                    } else {
+                        let answer = http
+                            .call("DELETE", &format!("/v1/agents/{agent}"), "")
+                            .await?;
+                        if !answer.contains("true") {
+                            bail!("{agent} held no seat to release: {answer}");
+                        }
+                    }
+                    Ok(())
+                }
+            })
+            .probed(http_probe.clone()),
+        );
+    }
+    Ok((daemons, ports))
+}
+
 async fn bench() -> anyhow::Result<()> {
     lmbus_tests::init_tracing();
     let nats = NatsServer::start()?;
@@ -764,90 +857,30 @@ async fn bench() -> anyhow::Result<()> {
         rows.push(library_row("lmbus_library", c, &watched, &slaves).probed(library_probe.clone()));
     }
     // The same through `lmbus-slave` daemons and their local HTTP API.
-    let mut daemons = Vec::new();
-    let mut ports = Vec::new();
-    for s in 0..CONNECTIONS {
-        let port = free_port();
-        daemons.push(Proc::spawn(
-            Command::new(bin("lmbus-slave")?)
-                .args(["run", "--nats", &nats.url(), "--cluster", &cluster])
-                .args(["--id", &format!("http{s}")])
-                .args(["--api", &format!("127.0.0.1:{port}")])
-                .env("LMBUS_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(
-                    logs.path().join(format!("http{s}.log")),
-                )?),
-        )?);
-        ports.push(port);
-    }
-    for port in &ports {
-        let port = *port;
-        lmbus_tests::eventually("the slave's API answers", || async move {
-            match Http::connect(port).await {
-                Ok(mut http) => http
-                    .call("GET", "/v1/status", "")
-                    .await
-                    .is_ok_and(|s| s.contains("\"connected\":true")),
-                Err(_) => false,
-            }
-        })
-        .await?;
-    }
-    let http_probe = probe(
-        [metrics_port].into_iter().chain(ports.clone()).collect(),
-        Vec::new(),
-    );
-    let mut watched = watched;
-    watched.push((
-        "lmbus-slave".into(),
-        daemons.iter().map(|d| d.pid().as_raw() as u32).collect(),
-    ));
-    for c in levels {
-        let n = spread(c);
-        // One keep-alive connection per worker, like a host application's HTTP client.
-        let mut conns = Vec::new();
-        for w in 0..c {
-            conns.push(tokio::sync::Mutex::new(Http::connect(ports[w % n]).await?));
-        }
-        let conns = Arc::new(conns);
-        rows.push(
-            Row::new("lmbus_http", c, &watched, move |w, i| {
-                let conns = conns.clone();
-                async move {
-                    let agent = format!("h{c}-w{w}");
-                    let mut http = conns[w].lock().await;
-                    if i % 2 == 0 {
-                        let body = format!(r#"{{"agent_id":"{agent}","agent_type":"inbound"}}"#);
-                        let answer = http.call("POST", "/v1/agents", &body).await?;
-                        if !answer.contains("\"approved\"") {
-                            bail!("{agent} was not approved: {answer}");
-                        }
-                    } else {
-                        let answer = http
-                            .call("DELETE", &format!("/v1/agents/{agent}"), "")
-                            .await?;
-                        if !answer.contains("true") {
-                            bail!("{agent} held no seat to release: {answer}");
-                        }
-                    }
-                    Ok(())
-                }
-            })
-            .probed(http_probe.clone()),
-        );
-    }
+    let (daemons, _) = http_rows(
+        "lmbus_http",
+        &nats.url(),
+        &cluster,
+        "http",
+        metrics_port,
+        logs.path(),
+        &levels,
+        watched,
+        &mut rows,
+    )
+    .await?;
     // 5. lmbus allotment mode: its own broker and cluster on the same server, so the
     // strict rows' broker and ledger are untouched. The slaves admit from blocks of seats
     // (the default refresh, 2 s, and lease, 30 s); each registration is a local decision
     // once the first block arrived (the warm-up second covers it).
     let allot_cluster = cluster_name();
+    let allot_metrics_port = free_port();
     let allot_broker = broker_process(
         &nats,
         &allot_cluster,
         &license,
         &vendor,
-        free_port(),
+        allot_metrics_port,
         &["--admission", "allotment"],
         &logs.path().join("allot-broker.log"),
     )?;
@@ -875,6 +908,20 @@ async fn bench() -> anyhow::Result<()> {
             &allot_slaves,
         ));
     }
+    // And through `lmbus-slave` daemons of the allotment cluster: the same local decisions
+    // behind the local HTTP API.
+    let (allot_daemons, _) = http_rows(
+        "lmbus_allotment_http",
+        &nats.url(),
+        &allot_cluster,
+        "allothttp",
+        allot_metrics_port,
+        logs.path(),
+        &levels,
+        watched,
+        &mut rows,
+    )
+    .await?;
 
     // Each repetition measures every row once, so a change in the machine's speed during
     // the run (it is shared) falls on all rows alike, not on the ones measured last.
@@ -892,7 +939,7 @@ async fn bench() -> anyhow::Result<()> {
     for slave in slaves.iter().chain(allot_slaves.iter()) {
         slave.shutdown().await;
     }
-    drop(daemons);
+    drop((daemons, allot_daemons));
     drop((echo, redis));
 
     // The invariant checker from the redundancy issue, on the bench's ledgers.

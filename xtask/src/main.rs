@@ -497,7 +497,8 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
          appends in flight, `--slave-rate-limit 0`); **lmbus_http**, the same through `lmbus-slave` daemons' local HTTP \
          API; **lmbus_allotment_library**, the same as lmbus_library with a second broker process (its own \
          cluster on the same server) in `--admission allotment` (default refresh 2 s and lease 30 s), so the \
-         slaves decide registrations locally from blocks of seats. Each operation alternates take and release (register, unregister). Concurrency 64 is \
+         slaves decide registrations locally from blocks of seats; **lmbus_allotment_http**, the same \
+         through `lmbus-slave` daemons of that cluster and their local HTTP API. Each operation alternates take and release (register, unregister). Concurrency 64 is \
          4 connections (NATS clients, Redis connections, slaves) of 16 workers each. {reps} \
          repetitions of {seconds} s after a 1 s warm-up, interleaved: each repetition measures every \
          row once, so a change in the shared machine's speed falls on all rows alike. The median \
@@ -617,6 +618,24 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
             field(loaded, "p99_us"),
             find("lmbus_allotment_library", "1").map_or("?".to_owned(), |l| field(l, "p50_us")),
             find("lmbus_allotment_library", "1").map_or("?".to_owned(), |l| field(l, "p99_us")),
+        ));
+    }
+    // And through the local HTTP API: at concurrency 64 at least 1.0× the Redis semaphore.
+    if let (Some(loaded), Some(peer)) = (
+        find("lmbus_allotment_http", "64"),
+        find("redis_semaphore", "64"),
+    ) {
+        body.push_str(&format!(
+            "Through the local HTTP API, lmbus_allotment_http at concurrency 64 made {}× the \
+             Redis semaphore's ops/s (target ≥ 1.0×), p50 {} µs and p99 {} µs per request, \
+             against lmbus_http's (strict) {}×.\n",
+            paired(loaded, "ops_per_peer")
+                .unwrap_or_else(|| ratio(num(loaded, "ops"), num(peer, "ops"))),
+            field(loaded, "p50_us"),
+            field(loaded, "p99_us"),
+            find("lmbus_http", "64")
+                .and_then(|l| paired(l, "ops_per_peer"))
+                .unwrap_or_else(|| "?".to_owned()),
         ));
     }
     if let Some(audit) = lines.iter().find(|l| l.starts_with("BENCH audit ")) {
