@@ -186,9 +186,13 @@ impl Rig {
                     .read_all()
                     .await
             };
+            // JetStream's own time: after the whole NATS cluster restarts, its meta leader
+            // and the stream's can take longer than 10 s on a loaded 2-core runner (CI saw
+            // "JetStream system temporarily unavailable" for 10 s once), so the checker
+            // waits up to 30 s for the stream it audits.
             match read.await {
                 Ok(records) => break records,
-                Err(e) if tries < 20 => {
+                Err(e) if tries < 60 => {
                     tries += 1;
                     eprintln!("reading the ledger failed ({e:#}); retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
