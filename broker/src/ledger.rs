@@ -91,6 +91,20 @@ pub struct Record {
     /// the same way, and the leader raises a critical alert. A record from a newer build
     /// (a higher envelope version) is never quarantined: reading stops with an error.
     pub quarantined: Option<String>,
+    /// The message id its writer sent it with (`<fence prefix>.<the sequence it was fenced
+    /// to land at>`, see [`Ledger::send`]), when the stored message has one: for post-mortems
+    /// ([`Record::misplaced`]); replicas do not read it.
+    pub id: Option<String>,
+}
+
+impl Record {
+    /// The sequence this record's id says its writer fenced it at, when that is not where
+    /// it is stored. The fence makes a record land only there, so `Some` means the store
+    /// broke the fence (or the record was copied from another stream).
+    pub fn misplaced(&self) -> Option<u64> {
+        let fenced: u64 = self.id.as_deref()?.rsplit_once('.')?.1.parse().ok()?;
+        (fenced != self.sequence).then_some(fenced)
+    }
 }
 
 type AckFuture = std::pin::Pin<
@@ -520,7 +534,8 @@ impl Ledger {
                 .info()
                 .map_err(|e| ReadError::Nats(format!("a ledger message without stream info: {e}")))?
                 .stream_sequence;
-            record_of(sequence, &message.payload)
+            let id = message_id(message.headers.as_ref());
+            record_of(sequence, &message.payload, id)
         }))
     }
 
@@ -539,7 +554,10 @@ impl Ledger {
                 ))
             })?;
         match stream.get_raw_message(sequence).await {
-            Ok(message) => record_of(sequence, &message.payload).map(Some),
+            Ok(message) => {
+                let id = message_id(Some(&message.headers));
+                record_of(sequence, &message.payload, id).map(Some)
+            }
             Err(e)
                 if e.kind()
                     == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
@@ -554,14 +572,22 @@ impl Ledger {
     }
 }
 
+/// The `Nats-Msg-Id` header of a stored message, if any.
+fn message_id(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
+    headers?
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str().to_owned())
+}
+
 /// A stored ledger message as a [`Record`]: quarantined if it does not decode, an error if a
 /// newer lmbus wrote it.
-fn record_of(sequence: u64, payload: &[u8]) -> Result<Record, ReadError> {
+fn record_of(sequence: u64, payload: &[u8], id: Option<String>) -> Result<Record, ReadError> {
     match decode::<LedgerEntry>(payload) {
         Ok(entry) => Ok(Record {
             sequence,
             entry,
             quarantined: None,
+            id,
         }),
         Err(e @ lmbus_schemas::DecodeError::UnsupportedVersion { .. }) => {
             Err(ReadError::NewerVersion {
@@ -576,6 +602,7 @@ fn record_of(sequence: u64, payload: &[u8]) -> Result<Record, ReadError> {
                 changes: Vec::new(),
             },
             quarantined: Some(lmbus_schemas::truncated(&e.to_string(), 200).into_owned()),
+            id,
         }),
     }
 }
@@ -993,6 +1020,7 @@ mod tests {
                 writer: writer.into(),
                 changes,
             },
+            id: None,
         }
     }
 
@@ -1013,6 +1041,18 @@ mod tests {
             term,
             context: None,
         }
+    }
+
+    #[test]
+    fn a_record_stored_away_from_its_fence_is_misplaced() {
+        let mut r = rec(22, "b1", vec![]);
+        assert_eq!(r.misplaced(), None, "no id: nothing to compare");
+        r.id = Some("0f3a9c.22".into());
+        assert_eq!(r.misplaced(), None);
+        r.id = Some("0f3a9c.20".into());
+        assert_eq!(r.misplaced(), Some(20));
+        r.id = Some("not-an-lmbus-id".into());
+        assert_eq!(r.misplaced(), None);
     }
 
     #[test]

@@ -200,6 +200,26 @@ impl Rig {
                 Err(e) => panic!("cannot read the ledger: {e:#}"),
             }
         };
+        // Every record this build writes carries its fence in its id, and the fence makes
+        // it land only there: one stored elsewhere means the store broke the fence (a
+        // post-mortem for the ledger's own invariant, before the seat audit).
+        let misplaced: Vec<String> = records
+            .iter()
+            .filter_map(|r| {
+                let at = match (&r.id, r.misplaced()) {
+                    (None, _) => return Some(format!("record {} has no message id", r.sequence)),
+                    (Some(_), None) => return None,
+                    (Some(_), Some(at)) => at,
+                };
+                Some(format!("record {} was fenced at {at}", r.sequence))
+            })
+            .collect();
+        assert!(
+            misplaced.is_empty(),
+            "ledger records stored away from their fence: {misplaced:?}\n{}\n{}",
+            outline(&records),
+            self.dump_logs()
+        );
         let records = self.root_at_snapshot(records).await;
         match audit(&records, self.limit, &BTreeMap::new()) {
             Ok(a) => a,
@@ -233,6 +253,7 @@ impl Rig {
         );
         let mut rooted = vec![Record {
             quarantined: None,
+            id: None,
             sequence: at,
             entry: LedgerEntry {
                 writer: loaded.manifest.writer.clone(),
@@ -248,15 +269,18 @@ impl Rig {
         for id in self.brokers.keys() {
             let text =
                 std::fs::read_to_string(self.logs.0.join(format!("{id}.log"))).unwrap_or_default();
-            // Rejections at the limit are the workload's normal noise.
+            // Rejections at the limit are the workload's normal noise; every other warning
+            // and each leadership change is kept (a post-mortem needs what happened around
+            // a NATS restart, not only the last lines).
             let tail: Vec<&str> = text
                 .lines()
                 .rev()
                 .filter(|l| !l.contains("registration_rejected"))
-                .take(30)
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("kind=leader_"))
+                .take(120)
                 .collect();
             out.push_str(&format!(
-                "--- {id} (last lines, newest first)\n{}\n",
+                "--- {id} (warnings and leadership changes, newest first)\n{}\n",
                 tail.join("\n")
             ));
         }
@@ -285,18 +309,25 @@ pub fn outline(records: &[Record]) -> String {
                 lmbus_schemas::SeatChange::Leader { replica, term, .. } => {
                     format!("Leader({replica}, term {term})")
                 }
-                other => format!("{other:?}").chars().take(60).collect(),
+                // Long enough for a grant's request number and granting replica.
+                other => format!("{other:?}").chars().take(200).collect(),
             })
             .collect();
+        // Where the writer fenced it, when that is not where it is stored.
+        let misplaced = r
+            .misplaced()
+            .map(|at| format!(" MISPLACED: its id says sequence {at}"))
+            .unwrap_or_default();
         let quarantined = r
             .quarantined
             .as_deref()
             .map(|q| format!(" QUARANTINED: {q}"))
             .unwrap_or_default();
         out.push_str(&format!(
-            "{} {}: {}{quarantined}\n",
+            "{} {} [{}]: {}{quarantined}{misplaced}\n",
             r.sequence,
             r.entry.writer,
+            r.id.as_deref().unwrap_or("no id"),
             kinds.join("; ")
         ));
     }

@@ -135,6 +135,11 @@ impl Inner {
                 .prepare_other(active, state.connected(), state.primary_slow)
         };
         for other in others {
+            // Its heartbeat or hello of this round still hangs: a hello now would wait
+            // behind it (on the link's hello lock) and hold up the whole round.
+            if self.hangs(other) {
+                continue;
+            }
             match self.hello(other).await {
                 Ok(()) => break,
                 Err(HelloError::Refused { reason, detail, .. }) => {

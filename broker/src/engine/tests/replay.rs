@@ -397,6 +397,7 @@ mod properties {
                             changes: out.changes.clone(),
                         },
                         quarantined: None,
+                        id: None,
                     });
                 }
                 let status = h.engine.status(h.now);
