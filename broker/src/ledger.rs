@@ -92,8 +92,8 @@ pub struct Record {
     /// (a higher envelope version) is never quarantined: reading stops with an error.
     pub quarantined: Option<String>,
     /// The message id its writer sent it with (`<fence prefix>.<the sequence it was fenced
-    /// to land at>`, see [`Ledger::send`]), when the stored message has one: for post-mortems
-    /// ([`Record::misplaced`]); replicas do not read it.
+    /// to land at>`, see [`Ledger::send`]), when the stored message has one. A record stored
+    /// at another sequence ([`Record::misplaced`]) is quarantined when read.
     pub id: Option<String>,
 }
 
@@ -579,16 +579,33 @@ fn message_id(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
         .map(|v| v.as_str().to_owned())
 }
 
-/// A stored ledger message as a [`Record`]: quarantined if it does not decode, an error if a
-/// newer lmbus wrote it.
+/// A stored ledger message as a [`Record`]: quarantined if it does not decode or is stored
+/// away from the sequence its writer fenced it at, an error if a newer lmbus wrote it.
 fn record_of(sequence: u64, payload: &[u8], id: Option<String>) -> Result<Record, ReadError> {
     match decode::<LedgerEntry>(payload) {
-        Ok(entry) => Ok(Record {
-            sequence,
-            entry,
-            quarantined: None,
-            id,
-        }),
+        Ok(entry) => {
+            let mut record = Record {
+                sequence,
+                entry,
+                quarantined: None,
+                id,
+            };
+            // The fence lets an append land only at the sequence its id names, so a record
+            // stored elsewhere was never acknowledged there: a copy of a record (the history
+            // a NATS cluster recovered after every node stopped is not always the one it
+            // acknowledged), or a writer without the fence. Every reader skips it alike; the
+            // entry is kept for the post-mortem.
+            if let Some(fenced) = record.misplaced() {
+                record.quarantined = Some(format!(
+                    "stored at sequence {sequence} but its writer fenced it at {fenced} (message id {})",
+                    lmbus_schemas::printable(&lmbus_schemas::truncated(
+                        record.id.as_deref().unwrap_or_default(),
+                        80
+                    ))
+                ));
+            }
+            Ok(record)
+        }
         Err(e @ lmbus_schemas::DecodeError::UnsupportedVersion { .. }) => {
             Err(ReadError::NewerVersion {
                 sequence,
@@ -1041,6 +1058,27 @@ mod tests {
             term,
             context: None,
         }
+    }
+
+    #[test]
+    fn a_copy_stored_away_from_its_fence_is_quarantined_and_skipped() {
+        let entry = LedgerEntry {
+            writer: "b1".into(),
+            changes: vec![grant("a0")],
+        };
+        let payload = encode(&entry).unwrap();
+        let first = record_of(20, &payload, Some("0f3a9c.20".into())).unwrap();
+        assert_eq!(first.quarantined, None);
+        let copy = record_of(22, &payload, Some("0f3a9c.20".into())).unwrap();
+        let why = copy.quarantined.clone().unwrap();
+        assert!(why.contains("fenced it at 20"), "{why}");
+        assert_eq!(copy.entry.changes.len(), 1, "kept for the post-mortem");
+        // Older records (before the pipeline) have no id: read as before.
+        let old = record_of(21, &payload, None).unwrap();
+        assert_eq!(old.quarantined, None);
+        let term = rec(19, "b1", vec![leader("b1", 1)]);
+        let a = audit([&term, &first, &copy], 10, &BTreeMap::new()).unwrap();
+        assert_eq!((a.grants, a.quarantined), (1, 1));
     }
 
     #[test]

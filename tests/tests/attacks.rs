@@ -1081,10 +1081,12 @@ async fn readers_get_through_streams_that_need_flow_control() {
 /// Steps: as the broker's own user (the only one that may publish on the ledger's subject,
 /// as the old reply-subject attack did through the broker), garbage is stored in the
 /// ledger: an encoded reply, random bytes, and a well-formed entry granting a seat written
-/// by an "intruder" (not the leader of the term). site2's next registration makes the
-/// leader's fenced append fail, the leader rebuilds, quarantines all three (a critical
-/// alert names them) and leads again: site2 is approved within the failover wait, and the
-/// intruder's seat was never granted.
+/// by an "intruder" (not the leader of the term); then a well-formed grant in the leader's
+/// own name whose message id says it was fenced at sequence 2 (what a copy of an earlier
+/// record looks like, the kind a NATS cluster recovering from a whole-cluster stop could
+/// store). site2's next registration makes the leader's fenced append fail, the leader
+/// rebuilds, quarantines all four (a critical alert names them) and leads again: site2 is
+/// approved within the failover wait, and neither stored seat was granted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_in_the_ledger_is_quarantined_and_the_master_keeps_serving() {
     let d = Deployment::start(5).await;
@@ -1119,6 +1121,26 @@ async fn garbage_in_the_ledger_is_quarantined_and_the_master_keeps_serving() {
             .await
             .unwrap();
     }
+    let leader = d.status().await.broker_id;
+    let copy = encode(&lmbus_schemas::LedgerEntry {
+        writer: leader.clone(),
+        changes: vec![lmbus_schemas::SeatChange::Grant {
+            slave: "site2".into(),
+            agent_id: "copied".into(),
+            agent_type: "inbound".into(),
+            request_seq: 0,
+            at_ms: 0,
+            by: leader.clone(),
+        }],
+    })
+    .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, "0f3a9c.2");
+    js.publish_with_headers(d.subjects.ledger(), headers, copy.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     let started = Instant::now();
     let outcome = site2.register("b2", "inbound").await.unwrap();
     assert!(matches!(outcome, Outcome::Approved { .. }), "{outcome:?}");
@@ -1135,14 +1157,19 @@ async fn garbage_in_the_ledger_is_quarantined_and_the_master_keeps_serving() {
         "{}",
         alert.message
     );
+    assert!(
+        alert.message.contains("its writer fenced it at 2"),
+        "{}",
+        alert.message
+    );
     let ledger = lmbus_broker::ledger::Ledger::open(&d.auditor, &d.subjects, 1)
         .await
         .unwrap();
     let records = ledger.read_all().await.unwrap();
     assert_eq!(
         records.iter().filter(|r| r.quarantined.is_some()).count(),
-        2,
-        "the undecodable records"
+        3,
+        "the undecodable records and the copy"
     );
     let status = d.status().await;
     let seen = status
@@ -1150,7 +1177,10 @@ async fn garbage_in_the_ledger_is_quarantined_and_the_master_keeps_serving() {
         .iter()
         .find(|s| s.slave_id == "site2")
         .unwrap();
-    assert_eq!(seen.in_use, 2, "the intruder's grant was applied");
+    assert_eq!(
+        seen.in_use, 2,
+        "the intruder's or the copy's grant was applied"
+    );
     site2.shutdown().await;
     d.stop().await;
 }

@@ -112,6 +112,8 @@ impl Replica {
         // written by the replica the ledger follows (fencing stops a deposed leader), so it
         // is quarantined like garbage.
         let marker = match record.entry.changes.first() {
+            // A quarantined record starts no term, whatever its entry says.
+            _ if record.quarantined.is_some() => None,
             Some(SeatChange::Leader { replica, term, .. }) => Some((replica.clone(), *term)),
             _ => None,
         };

@@ -244,7 +244,7 @@ impl Term<'_> {
                 Severity::Critical,
                 AlertKind::BadMessage,
                 format!(
-                    "the ledger {} held records no broker replica wrote, quarantined and skipped: {}. Only the brokers' NATS user may publish on {}: check who else can (deploy/nats-server.conf), and rotate the broker credentials if they leaked",
+                    "the ledger {} held records no leader recorded where they are, quarantined and skipped: {}. Only the brokers' NATS user may publish on {}: check who else can (deploy/nats-server.conf), and rotate the broker credentials if they leaked (a record stored away from its fence, and nothing else, can also be a copy the NATS cluster made when it recovered from every node stopping)",
                     io.subjects.ledger_stream(),
                     list.join(", "),
                     io.subjects.ledger()
