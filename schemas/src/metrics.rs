@@ -16,23 +16,79 @@ pub const LATENCY_BUCKETS: [f64; 13] = [
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// Upper bounds of the histograms of decisions taken in memory (a slave's admissions from
+/// its allotted block), in seconds: from a microsecond to a tenth of a second, with 20 µs
+/// (the target for a local decision's 99th percentile) a bound of its own.
+pub const DECISION_BUCKETS: [f64; 12] = [
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_02,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.01,
+    0.1,
+];
+
 /// A latency histogram that threads observe without a lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    bounds: &'static [f64],
+    buckets: Box<[AtomicU64]>,
     count: AtomicU64,
-    sum_micros: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Default for Histogram {
+    /// With [`LATENCY_BUCKETS`].
+    fn default() -> Self {
+        Self::with_bounds(&LATENCY_BUCKETS)
+    }
 }
 
 impl Histogram {
+    /// With these upper bounds (seconds, ascending), such as [`DECISION_BUCKETS`].
+    pub fn with_bounds(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
     pub fn observe(&self, took: Duration) {
         let secs = took.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+        if let Some(i) = self.bounds.iter().position(|b| secs <= *b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The smallest bound that at least `q` (0 to 1) of the observations are within: the
+    /// `q` quantile, rounded up to a bound (`None`: no observations, or more than `1 - q`
+    /// of them beyond the largest bound).
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let mut cumulative = 0;
+        for (i, bound) in self.bounds.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            if cumulative as f64 >= q * count as f64 {
+                return Some(*bound);
+            }
+        }
+        None
     }
 
     /// How many observations it holds.
@@ -49,7 +105,7 @@ impl Histogram {
             (format!("{{{labels}}}"), format!("{labels},"))
         };
         let mut cumulative = 0;
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+        for (i, bound) in self.bounds.iter().enumerate() {
             cumulative += self.buckets[i].load(Ordering::Relaxed);
             let _ = writeln!(
                 text,
@@ -60,7 +116,7 @@ impl Histogram {
         let _ = writeln!(
             text,
             "{name}_bucket{{{before_le}le=\"+Inf\"}} {count}\n{name}_sum{braces} {}\n{name}_count{braces} {count}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+            self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9
         );
     }
 }
@@ -235,6 +291,31 @@ mod tests {
         let mut bare = String::new();
         h.render(&mut bare, "y", "");
         assert!(bare.contains("y_bucket{le=\"+Inf\"} 3\ny_sum 9.0033\ny_count 3\n"));
+    }
+
+    #[test]
+    fn a_decision_histogram_has_microsecond_buckets_and_a_quantile_bound() {
+        let h = Histogram::with_bounds(&DECISION_BUCKETS);
+        assert_eq!(h.quantile_bound(0.99), None, "no observations");
+        for _ in 0..98 {
+            h.observe(Duration::from_nanos(1_500));
+        }
+        h.observe(Duration::from_micros(15));
+        h.observe(Duration::from_millis(2));
+        assert_eq!(h.quantile_bound(0.5), Some(0.000_002_5));
+        assert_eq!(h.quantile_bound(0.99), Some(0.000_02));
+        assert_eq!(h.quantile_bound(1.0), Some(0.01));
+        let mut text = String::new();
+        h.render(&mut text, "d_seconds", "");
+        assert!(
+            text.contains("d_seconds_bucket{le=\"0.00002\"} 99\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("d_seconds_bucket{le=\"0.000001\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("d_seconds_sum 0.002162\n"), "{text}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lmbus_schemas::metrics::{
-    Histogram, ProcessSample, build_info, escape_label, histogram_header,
+    DECISION_BUCKETS, Histogram, ProcessSample, build_info, escape_label, histogram_header,
 };
 
 use crate::master::{Master, PerMaster};
@@ -31,6 +31,19 @@ pub(crate) struct SlaveMetrics {
     /// given back, from the first request told to ask again to the answer (the time
     /// capacity took to move to this slave's registration).
     allot_wait: Histogram,
+    /// Allotment mode: registrations admitted from an allotted block, from the library call
+    /// (after its turn at the agent) to the answer, with microsecond buckets.
+    local_decision: Decisions,
+}
+
+/// A histogram with [`DECISION_BUCKETS`].
+#[derive(Debug)]
+struct Decisions(Histogram);
+
+impl Default for Decisions {
+    fn default() -> Self {
+        Self(Histogram::with_bounds(&DECISION_BUCKETS))
+    }
 }
 
 impl SlaveMetrics {
@@ -54,6 +67,11 @@ impl SlaveMetrics {
     /// A registration waited `took` for seats of other blocks being given back.
     pub(crate) fn allot_wait(&self, took: Duration) {
         self.allot_wait.observe(took);
+    }
+
+    /// A registration was admitted from an allotted block `took` after it was asked.
+    pub(crate) fn local_decision(&self, took: Duration) {
+        self.local_decision.0.observe(took);
     }
 
     pub(crate) fn unregistration(&self) {
@@ -102,6 +120,14 @@ impl SlaveMetrics {
         );
         self.allot_wait
             .render(&mut t, "lmbus_slave_allot_wait_seconds", "");
+        histogram_header(
+            &mut t,
+            "lmbus_slave_local_decision_seconds",
+            "Allotment mode: registrations admitted here from an allotted block, from the call (after the agent's turn) to the answer; buckets from 1 µs.",
+        );
+        self.local_decision
+            .0
+            .render(&mut t, "lmbus_slave_local_decision_seconds", "");
         histogram_header(
             &mut t,
             "lmbus_slave_master_seconds",

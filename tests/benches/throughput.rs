@@ -603,6 +603,64 @@ fn library_row(
     })
 }
 
+/// The slaves' `lmbus_slave_local_decision_seconds` buckets, summed: (upper bound in
+/// seconds, cumulative count), `+Inf` last.
+fn decision_buckets(slaves: &[SlaveAgent]) -> Vec<(f64, f64)> {
+    const PREFIX: &str = "lmbus_slave_local_decision_seconds_bucket{le=\"";
+    let mut sum: Vec<(f64, f64)> = Vec::new();
+    for slave in slaves {
+        let text = slave.metrics_text();
+        let buckets = text.lines().filter_map(|l| {
+            let (bound, count) = l.strip_prefix(PREFIX)?.split_once("\"} ")?;
+            let bound = if bound == "+Inf" {
+                f64::INFINITY
+            } else {
+                bound.parse().ok()?
+            };
+            Some((bound, count.trim().parse::<f64>().ok()?))
+        });
+        for (i, (bound, n)) in buckets.enumerate() {
+            match sum.get_mut(i) {
+                Some(s) => s.1 += n,
+                None => sum.push((bound, n)),
+            }
+        }
+    }
+    sum
+}
+
+/// One `BENCH local_decision` line: how many local decisions the allotment library rows at
+/// `concurrency` made, the bucket bounds their median and 99th percentile fall within, and
+/// the share within 20 µs (the target for the p99).
+fn report_decisions(concurrency: usize, buckets: &[(f64, f64)]) {
+    let count = buckets.last().map_or(0.0, |b| b.1);
+    if count <= 0.0 {
+        return;
+    }
+    let within = |q: f64| {
+        buckets
+            .iter()
+            .find(|(_, n)| *n >= q * count)
+            .map_or("?".to_owned(), |(bound, _)| {
+                if bound.is_finite() {
+                    format!("{}", (bound * 1e7).round() / 10.0)
+                } else {
+                    "inf".to_owned()
+                }
+            })
+    };
+    let under_20 = buckets
+        .iter()
+        .find(|(bound, _)| (*bound - 0.000_02).abs() < 1e-12)
+        .map_or(0.0, |b| b.1);
+    println!(
+        "BENCH local_decision concurrency={concurrency} decisions={count:.0} p50_le_us={} p99_le_us={} within_20us_pct={:.2}",
+        within(0.5),
+        within(0.99),
+        under_20 * 100.0 / count
+    );
+}
+
 fn spread(concurrency: usize) -> usize {
     if concurrency == 1 { 1 } else { CONNECTIONS }
 }
@@ -926,15 +984,36 @@ async fn bench() -> anyhow::Result<()> {
     // Each repetition measures every row once, so a change in the machine's speed during
     // the run (it is shared) falls on all rows alike, not on the ones measured last.
     let (reps, length) = settings();
+    // The allotment library rows also read the slaves' own histogram of local decisions
+    // (`lmbus_slave_local_decision_seconds`: from the call to the answer inside the
+    // library, without the worker task's wait for the runtime), before and after each
+    // measurement: concurrency → cumulative counts per bucket bound.
+    let mut decisions: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
     for rep in 0..reps {
         for row in rows.iter_mut().filter(|r| r.selected()) {
+            let timed = row.name == "lmbus_allotment_library";
+            let before = timed.then(|| decision_buckets(&allot_slaves));
             row.measure(rep, length).await?;
+            if let Some(before) = before {
+                let after = decision_buckets(&allot_slaves);
+                let sum = decisions.entry(row.concurrency).or_default();
+                for (i, (bound, n)) in after.iter().enumerate() {
+                    let was = before.get(i).map_or(0.0, |b| b.1);
+                    match sum.get_mut(i) {
+                        Some(s) => s.1 += n - was,
+                        None => sum.push((*bound, n - was)),
+                    }
+                }
+            }
         }
     }
     let find = |name: &str, c: usize| rows.iter().find(|r| r.name == name && r.concurrency == c);
     for row in &rows {
         let c = row.concurrency;
         row.report(find("nats_echo", c), find("redis_semaphore", c));
+    }
+    for (c, buckets) in &decisions {
+        report_decisions(*c, buckets);
     }
     for slave in slaves.iter().chain(allot_slaves.iter()) {
         slave.shutdown().await;

@@ -345,6 +345,27 @@ async fn slaves_admit_locally_and_their_hosts_books_match_the_master() {
     eprintln!(
         "measured: phase 1: {approvals} approvals, {local} decided locally, {records} ledger records, requests by operation {sent:?}"
     );
+    // Each local decision is timed by its slave (`lmbus_slave_local_decision_seconds`).
+    let texts: Vec<String> = hosts.iter().map(|h| h.slave.metrics_text()).collect();
+    let series = |name: &str| -> f64 {
+        texts
+            .iter()
+            .filter_map(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            })
+            .sum()
+    };
+    let timed = series("lmbus_slave_local_decision_seconds_count");
+    let within = series("lmbus_slave_local_decision_seconds_bucket{le=\"0.00002\"}");
+    eprintln!(
+        "measured: {timed} local decisions timed by the slaves, {:.1}% within 20 µs (debug build)",
+        within * 100.0 / timed.max(1.0)
+    );
+    assert!(
+        timed >= local as f64 && within <= timed,
+        "the slaves timed {timed} local decisions ({within} within 20 µs), {local} were made in phase 1 alone"
+    );
     for seen in &phase {
         assert!(
             seen.rejections.is_empty(),

@@ -620,6 +620,22 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
             find("lmbus_allotment_library", "1").map_or("?".to_owned(), |l| field(l, "p99_us")),
         ));
     }
+    // The decision itself, from the slaves' own histogram (no wait for the runtime).
+    if let Some(d) = lines
+        .iter()
+        .find(|l| l.starts_with("BENCH local_decision ") && field(l, "concurrency") == "64")
+    {
+        body.push_str(&format!(
+            "Inside the library (the slaves' `lmbus_slave_local_decision_seconds`, from the call \
+             to the answer, without the worker task's wait for the runtime), the {} local \
+             decisions at concurrency 64 had a median within {} µs and a p99 within {} µs \
+             (bucket bounds); {}% took 20 µs or less.\n",
+            field(d, "decisions"),
+            field(d, "p50_le_us"),
+            field(d, "p99_le_us"),
+            field(d, "within_20us_pct"),
+        ));
+    }
     // And through the local HTTP API: at concurrency 64 at least 1.0× the Redis semaphore.
     if let (Some(loaded), Some(peer)) = (
         find("lmbus_allotment_http", "64"),

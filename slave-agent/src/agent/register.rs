@@ -66,6 +66,7 @@ impl Inner {
     ) -> Result<Outcome, SlaveError> {
         validate(agent_id, agent_type)?;
         let _turn = self.turns.take(agent_id).await;
+        let entered = tokio::time::Instant::now();
         // Allotment mode: a capacity refusal while other slaves give back seats of their
         // blocks is asked again (from the block first) until then.
         let mut wait_until = None;
@@ -73,8 +74,10 @@ impl Inner {
         let (mut first, mut flushed) = (true, false);
         loop {
             let asked = tokio::time::Instant::now();
+            // A local decision is timed from the call (its first try) or from its try.
+            let since = if first { entered } else { asked };
             let step = self
-                .register_once(agent_id, agent_type, first, flushed, &mut wait_until)
+                .register_once(agent_id, agent_type, first, flushed, since, &mut wait_until)
                 .await;
             first = false;
             match step {
@@ -105,6 +108,7 @@ impl Inner {
         agent_type: &str,
         first: bool,
         flushed: bool,
+        since: tokio::time::Instant,
         wait_until: &mut Option<tokio::time::Instant>,
     ) -> Result<Step, SlaveError> {
         self.check_grace();
@@ -204,6 +208,7 @@ impl Inner {
             if low {
                 self.allot_wake.notify_one();
             }
+            self.metrics.local_decision(since.elapsed());
             return Ok(Step::Decided(Outcome::Approved {
                 already_held: false,
             }));
