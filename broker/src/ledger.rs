@@ -86,10 +86,12 @@ pub struct Gap {
 pub struct Record {
     pub sequence: u64,
     pub entry: LedgerEntry,
-    /// Why the stored message is not a ledger record (garbage no replica wrote: it does
-    /// not decode). Such a record is quarantined: `entry` is empty, every replica skips it
-    /// the same way, and the leader raises a critical alert. A record from a newer build
-    /// (a higher envelope version) is never quarantined: reading stops with an error.
+    /// Why the stored message is not a ledger record: garbage no replica wrote (it does not
+    /// decode: `entry` is empty), or a record stored away from the sequence its id names
+    /// (`entry` is kept for post-mortems). Such a record is quarantined: every replica
+    /// skips it the same way, and the leader raises a critical alert; whoever reads
+    /// `entry` must check this first. A record from a newer build (a higher envelope
+    /// version) is never quarantined: reading stops with an error.
     pub quarantined: Option<String>,
     /// The message id its writer sent it with (`<fence prefix>.<the sequence it was fenced
     /// to land at>`, see [`Ledger::send`]), when the stored message has one. A record stored
@@ -99,8 +101,10 @@ pub struct Record {
 
 impl Record {
     /// The sequence this record's id says its writer fenced it at, when that is not where
-    /// it is stored. The fence makes a record land only there, so `Some` means the store
-    /// broke the fence (or the record was copied from another stream).
+    /// it is stored. The fence makes a record land only there (nats-server 2.9 does not
+    /// check a fence of 0, so a first record can land elsewhere, and its writer, told
+    /// another sequence, counts it as failed), so `Some` means the record was copied (by
+    /// the store, or from another stream), or written without the fence.
     pub fn misplaced(&self) -> Option<u64> {
         let fenced: u64 = self.id.as_deref()?.rsplit_once('.')?.1.parse().ok()?;
         (fenced != self.sequence).then_some(fenced)

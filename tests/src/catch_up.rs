@@ -98,7 +98,9 @@ pub async fn replay(ledger: &Ledger, last: u64, mut engine: Option<&mut Engine>)
             .unwrap()
             .unwrap()
             .unwrap();
-        if let Some(engine) = engine.as_deref_mut() {
+        if let Some(engine) = engine.as_deref_mut()
+            && record.quarantined.is_none()
+        {
             for change in &record.entry.changes {
                 engine.apply(now, change).unwrap();
             }

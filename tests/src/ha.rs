@@ -211,14 +211,28 @@ impl Rig {
             "ledger records without a message id: {unnamed:?}\n{}",
             outline(&records)
         );
-        // The fence makes a record land only where its id says: one stored elsewhere is a
-        // copy JetStream made (every reader quarantines it alike, and the audit skips it),
-        // reported here because it is NATS's fault, not lmbus's.
+        // The fence makes a record land only where its id says (past the first record: 2.9
+        // does not check a fence of 0): one stored elsewhere is a copy JetStream made
+        // (every reader quarantines it alike, and the audit skips it), reported here. Its
+        // original must be in place: a copy standing in for a lost original would hold a
+        // decision every reader skips.
+        let ids: BTreeMap<u64, Option<&str>> = records
+            .iter()
+            .map(|r| (r.sequence, r.id.as_deref()))
+            .collect();
+        let first = records.first().map_or(0, |r| r.sequence);
         let misplaced: Vec<String> = records
             .iter()
             .filter_map(|r| {
-                r.misplaced()
-                    .map(|at| format!("record {} fenced at {at}", r.sequence))
+                let at = r.misplaced()?;
+                let original = ids.get(&at).copied().flatten();
+                assert!(
+                    at < first || original == r.id.as_deref(),
+                    "ledger record {} is a copy of record {at}, whose original is not in place (it holds {original:?}): JetStream lost an acknowledged record\n{}",
+                    r.sequence,
+                    outline(&records)
+                );
+                Some(format!("record {} fenced at {at}", r.sequence))
             })
             .collect();
         if !misplaced.is_empty() {

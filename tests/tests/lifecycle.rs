@@ -51,7 +51,11 @@ async fn ledger_changes(f: &Fixture) -> Vec<SeatChange> {
         .unwrap()
         .unwrap();
     lmbus_broker::ledger::audit(&records, 1_000, &Default::default()).unwrap();
-    records.into_iter().flat_map(|r| r.entry.changes).collect()
+    records
+        .into_iter()
+        .filter(|r| r.quarantined.is_none())
+        .flat_map(|r| r.entry.changes)
+        .collect()
 }
 
 /// Steps: daemon site1 holds a seat. A second `lmbus-slave run --id site1` exits with an

@@ -772,6 +772,7 @@ async fn chaos(limit: u32, flags: &[&str], seed: u64) -> ChaosEnd {
     let whole = audit(&history, limit, &BTreeMap::new()).unwrap();
     let from_block = history
         .iter()
+        .filter(|r| r.quarantined.is_none())
         .flat_map(|r| &r.entry.changes)
         .filter(|c| matches!(c, lmbus_schemas::SeatChange::FromBlock { .. }))
         .count() as u64;
@@ -1036,6 +1037,7 @@ async fn leader_records(rig: &Rig) -> Vec<String> {
         .unwrap();
     records
         .iter()
+        .filter(|r| r.quarantined.is_none())
         .flat_map(|r| &r.entry.changes)
         .filter_map(|c| match c {
             lmbus_schemas::SeatChange::Leader { replica, .. } => Some(replica.clone()),
