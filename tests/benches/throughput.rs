@@ -619,14 +619,19 @@ fn decision_buckets(slaves: &[SlaveAgent]) -> Vec<(f64, f64)> {
             };
             Some((bound, count.trim().parse::<f64>().ok()?))
         });
-        for (i, (bound, n)) in buckets.enumerate() {
-            match sum.get_mut(i) {
-                Some(s) => s.1 += n,
-                None => sum.push((bound, n)),
-            }
-        }
+        add_buckets(&mut sum, buckets);
     }
     sum
+}
+
+/// Adds `buckets` (bound, count) to `sum`, bucket by bucket.
+fn add_buckets(sum: &mut Vec<(f64, f64)>, buckets: impl Iterator<Item = (f64, f64)>) {
+    for (i, (bound, n)) in buckets.enumerate() {
+        match sum.get_mut(i) {
+            Some(s) => s.1 += n,
+            None => sum.push((bound, n)),
+        }
+    }
 }
 
 /// One `BENCH local_decision` line: how many local decisions the allotment library rows at
@@ -996,14 +1001,11 @@ async fn bench() -> anyhow::Result<()> {
             row.measure(rep, length).await?;
             if let Some(before) = before {
                 let after = decision_buckets(&allot_slaves);
-                let sum = decisions.entry(row.concurrency).or_default();
-                for (i, (bound, n)) in after.iter().enumerate() {
-                    let was = before.get(i).map_or(0.0, |b| b.1);
-                    match sum.get_mut(i) {
-                        Some(s) => s.1 += n - was,
-                        None => sum.push((*bound, n - was)),
-                    }
-                }
+                let grown = after
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(bound, n))| (bound, n - before.get(i).map_or(0.0, |b| b.1)));
+                add_buckets(decisions.entry(row.concurrency).or_default(), grown);
             }
         }
     }

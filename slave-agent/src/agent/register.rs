@@ -66,18 +66,16 @@ impl Inner {
     ) -> Result<Outcome, SlaveError> {
         validate(agent_id, agent_type)?;
         let _turn = self.turns.take(agent_id).await;
-        let entered = tokio::time::Instant::now();
         // Allotment mode: a capacity refusal while other slaves give back seats of their
         // blocks is asked again (from the block first) until then.
         let mut wait_until = None;
         let mut waited_since = None;
         let (mut first, mut flushed) = (true, false);
         loop {
+            // A local decision is timed from its try: the first starts right after the turn.
             let asked = tokio::time::Instant::now();
-            // A local decision is timed from the call (its first try) or from its try.
-            let since = if first { entered } else { asked };
             let step = self
-                .register_once(agent_id, agent_type, first, flushed, since, &mut wait_until)
+                .register_once(agent_id, agent_type, first, flushed, asked, &mut wait_until)
                 .await;
             first = false;
             match step {
