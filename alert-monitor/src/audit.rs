@@ -224,6 +224,17 @@ fn from_change(
                 "unregistered by the slave".to_string(),
             )]
         }
+        SeatChange::Confirm {
+            slave,
+            agent_id,
+            request_seq,
+        } if query.wants(Some(&slave), &[&agent_id]) => vec![record(
+            Some(slave),
+            Some(agent_id),
+            None,
+            "confirmed",
+            format!("registration request {request_seq} found the seat already held"),
+        )],
         SeatChange::FromBlock {
             slave,
             agent_id,

@@ -735,6 +735,22 @@ pub fn audit<'a>(
                     }
                 }
                 SeatChange::Release { slave, agent_id } => tally.release(slave, agent_id),
+                SeatChange::Confirm {
+                    slave, agent_id, ..
+                } => {
+                    let held = tally
+                        .audit
+                        .seats
+                        .get(slave)
+                        .is_some_and(|s| s.contains_key(agent_id));
+                    if !held {
+                        return Err(AuditError::ConfirmedUnheld {
+                            at,
+                            slave: slave.clone(),
+                            agent: agent_id.clone(),
+                        });
+                    }
+                }
                 SeatChange::Allotment { slave, blocks, .. } => {
                     tally.set_blocks(slave, blocks.clone());
                     for agent_type in blocks.keys() {
@@ -850,6 +866,14 @@ pub enum AuditError {
         slave: String,
         agent: String,
         agent_type: String,
+    },
+    #[error(
+        "record {at}: a registration of agent {agent} of slave {slave} was approved with a seat it does not hold"
+    )]
+    ConfirmedUnheld {
+        at: u64,
+        slave: String,
+        agent: String,
     },
     #[error("record {at}: {in_use} seats in use or allotted, over the limit of {limit}")]
     OverLimit { at: u64, in_use: u32, limit: u32 },

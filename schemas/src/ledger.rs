@@ -82,6 +82,15 @@ pub enum SeatChange {
         slave: String,
         agent_id: String,
     },
+    /// A registration numbered `request_seq` found this seat already held and was approved
+    /// with it: from here the seat counts as granted by that request, so a hello built
+    /// before the request (which cannot list the agent) keeps the seat instead of releasing
+    /// it under the host the approval reached.
+    Confirm {
+        slave: String,
+        agent_id: String,
+        request_seq: u64,
+    },
     /// Every seat of a silent slave was reclaimed under the timing rule.
     Reclaim {
         slave: String,
@@ -264,6 +273,9 @@ impl SeatChange {
                 ..
             } => FIELDS + 16 + slave.len() + agent_id.len() + agent_type.len() + by.len(),
             SeatChange::Release { slave, agent_id } => FIELDS + slave.len() + agent_id.len(),
+            SeatChange::Confirm {
+                slave, agent_id, ..
+            } => FIELDS + 8 + slave.len() + agent_id.len(),
             SeatChange::Reclaim { slave } | SeatChange::Forget { slave } => FIELDS + slave.len(),
             SeatChange::Allotment { slave, blocks, .. } => {
                 FIELDS + 40 + slave.len() + blocks.keys().map(|t| t.len() + 8).sum::<usize>()
@@ -359,6 +371,11 @@ mod tests {
                 SeatChange::ToBlock {
                     slave: "s".into(),
                     agent_id: "d".into(),
+                },
+                SeatChange::Confirm {
+                    slave: "s".into(),
+                    agent_id: "d".into(),
+                    request_seq: 12,
                 },
                 SeatChange::Synced {
                     at_ms: 1_700_000_000_002,

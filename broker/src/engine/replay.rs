@@ -113,6 +113,19 @@ impl Engine {
             SeatChange::Release { slave, agent_id } => {
                 self.remove_seat(&slave_id(slave)?, agent_id);
             }
+            SeatChange::Confirm {
+                slave,
+                agent_id,
+                request_seq,
+            } => {
+                let id = slave_id(slave)?;
+                if let Some(s) = self.slaves.get_mut(&id) {
+                    if let Some(granted) = s.granted.get_mut(agent_id.as_str()) {
+                        granted.request_seq = granted.request_seq.max(*request_seq);
+                    }
+                    s.requests.restore(*request_seq);
+                }
+            }
             SeatChange::Reclaim { slave } => {
                 let id = slave_id(slave)?;
                 self.clear_blocks(&id);

@@ -97,7 +97,10 @@ impl Engine {
             ));
         };
         match slave.agents.get(agent) {
-            Some(held) if held == agent_type => return Ok(true),
+            Some(held) if held == agent_type => {
+                self.confirm(id, agent, request_seq);
+                return Ok(true);
+            }
             Some(held) => {
                 return Err((
                     RejectReason::AgentTypeMismatch,
@@ -124,6 +127,30 @@ impl Engine {
         });
         self.insert_seat(id, agent, agent_type, granted);
         Ok(false)
+    }
+
+    /// A registration numbered `request_seq` found `agent`'s seat already held: the seat
+    /// counts as granted by it from now on (recorded, so every replica agrees), or a hello
+    /// built before the request, which cannot list the agent, would release the seat the
+    /// approval is about to give the host. Nothing when the seat already counts from that
+    /// request or a later one (a hello's re-grant is 0).
+    fn confirm(&mut self, id: &SlaveId, agent: &str, request_seq: u64) {
+        let Some(granted) = self
+            .slaves
+            .get_mut(id)
+            .and_then(|s| s.granted.get_mut(agent))
+        else {
+            return;
+        };
+        if request_seq <= granted.request_seq {
+            return;
+        }
+        granted.request_seq = request_seq;
+        self.pending.push(SeatChange::Confirm {
+            slave: id.to_string(),
+            agent_id: agent.to_owned(),
+            request_seq,
+        });
     }
 
     pub(super) fn release(&mut self, id: &SlaveId, agent: &str) -> bool {

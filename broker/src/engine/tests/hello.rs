@@ -318,6 +318,82 @@ mod seat_truth {
         );
     }
 
+    /// The interleaving the slave's proptest found: a0's seat is held from a hello (a
+    /// re-grant, request 0), the slave registers a0 again as request 5 and the master
+    /// approves it with the seat it holds; hello 2, built before request 5 (it accounts for
+    /// request 4 only) and not listing a0, arrives after. The approval is on its way to the
+    /// host, so the hello keeps the seat, and a standby that applies the records keeps it
+    /// too. A hello that accounts for request 5 and does not claim a0 releases it.
+    #[test]
+    fn a_seat_approved_again_counts_from_the_later_request() {
+        let mut h = Harness::new(true);
+        // Every record the leader writes, for a standby to apply.
+        let mut records = Vec::new();
+        let out = hello_at(&mut h, "s1", 1, vec![claim("a0", "inbound")], vec![], 0);
+        records.extend(out.changes);
+        assert_eq!(held(&h, "s1"), ["a0"]);
+        let out = h.register_numbered("s1", "a0", "inbound", 5);
+        assert!(matches!(
+            decision_of(&out),
+            Decision::Approved { already_held: true }
+        ));
+        assert!(
+            out.changes.iter().any(|c| matches!(
+                c,
+                SeatChange::Confirm { agent_id, request_seq: 5, .. } if agent_id == "a0"
+            )),
+            "{:?}",
+            out.changes
+        );
+        records.extend(out.changes);
+        let out = hello_at(&mut h, "s1", 2, vec![], vec![], 4);
+        assert!(matches!(reply_of(&out), Some(Reply::Welcome(_))));
+        records.extend(out.changes);
+        assert_eq!(
+            held(&h, "s1"),
+            ["a0"],
+            "a hello built before request 5 released a0"
+        );
+        // A retry of request 5 writes nothing more.
+        let retry = h.register_numbered("s1", "a0", "inbound", 5);
+        assert!(retry.changes.is_empty(), "{:?}", retry.changes);
+
+        // A standby applying the records, and one restored from its snapshot, agree.
+        let mut standby = Engine::new(config(true));
+        for change in &records {
+            standby.apply(h.now, change).unwrap();
+        }
+        let mut restored = Engine::new(config(true));
+        for change in standby.snapshot(100) {
+            restored.apply(h.now, &change).unwrap();
+        }
+        for (name, engine) in [("standby", &standby), ("restored", &restored)] {
+            let granted = engine.slaves[&id("s1")].granted["a0"].request_seq;
+            assert_eq!(granted, 5, "the {name}'s seat of a0 counts from request 5");
+        }
+        let audit = crate::ledger::audit(
+            &records
+                .iter()
+                .enumerate()
+                .map(|(i, c)| crate::ledger::Record {
+                    sequence: i as u64 + 1,
+                    entry: lmbus_schemas::LedgerEntry {
+                        writer: "b1".into(),
+                        changes: vec![c.clone()],
+                    },
+                    quarantined: None,
+                    id: None,
+                })
+                .collect::<Vec<_>>(),
+            5,
+            &Default::default(),
+        );
+        assert!(audit.is_ok(), "{audit:?}");
+
+        hello_at(&mut h, "s1", 3, vec![], vec![], 5);
+        assert!(held(&h, "s1").is_empty());
+    }
+
     /// Steps: s1 holds two seats; its hello is replayed verbatim (same instance, same
     /// number) and an older one too: both refused `replayed` with an alert, no change, and
     /// s2 cannot take the seats; a hello under a new number from the genuine slave works.
