@@ -207,11 +207,14 @@ pub async fn stream_leader(client: &async_nats::Client, stream: &str) -> String 
 }
 
 /// Waits (bounded) until every replica of `stream` is current again (after a restarted
-/// node caught up), so the next trial starts from a whole cluster.
+/// node caught up), so the next trial starts from a whole cluster. This is nats-server's
+/// time, not lmbus's: under the workload a restarted node of 2.10+ was once not current
+/// within 15 s in CI, so the bound is a generous minute.
 pub async fn wait_whole(client: &async_nats::Client, stream: &str, nodes: usize) {
     let js = async_nats::jetstream::new(client.clone());
-    crate::eventually(
+    crate::eventually_within(
         &format!("{stream} to have all its replicas current"),
+        Duration::from_secs(60),
         || async {
             let Ok(mut s) = js.get_stream(stream).await else {
                 return false;

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::ledger::AppendError;
+use crate::ledger::{AppendError, Sent};
 
 use super::clock::now;
 use super::leader::{Leader, Led, Subscriptions, Term, lapsed, not_recorded, ready_again};
@@ -182,16 +182,28 @@ impl Term<'_> {
         }
         // Right after the whole NATS cluster restarted, the ledger stream may be readable
         // but not yet writable ("no stream found" while its raft group settles): retry the
-        // marker while the lease holds instead of resigning and running a new election. The
-        // retry has the same message id, so one that did land is acknowledged as a
-        // duplicate.
+        // marker while the lease holds instead of resigning and running a new election. A
+        // retry resends the same append (message id, fence): one that did land while its
+        // acknowledgement was lost counts as recorded, on 2.9 (a duplicate) and on 2.10+
+        // (a fence refusal, after which the record is read), instead of stepping down.
         let mut tries = 0u32;
+        let mut sent: Option<Sent> = None;
         loop {
             if let Some(end) = lapsed(&self.election.role, cfg.fault_ignore_lease, Instant::now()) {
                 return Some(end);
             }
             let started = Instant::now();
-            match self.ledger.append(&marker).await {
+            let result = match sent.as_mut() {
+                Some(s) => match s.resend().await {
+                    Ok(()) => s.wait().await,
+                    Err(e) => Err(e),
+                },
+                None => match self.ledger.send(&marker, false).await {
+                    Ok(s) => sent.insert(s).wait().await,
+                    Err(e) => Err(e),
+                },
+            };
+            match result {
                 Ok(sequence) => {
                     io.metrics.ledger_append(started.elapsed());
                     for change in &marker.changes[1..] {
