@@ -340,6 +340,15 @@ impl Engine {
             .collect();
         let pending: BTreeSet<&str> = hello.pending.iter().map(String::as_str).collect();
         let accounts_for = |seq: u64| restarted || hello.request_seq.is_none_or(|last| seq <= last);
+        // Claims of agents an unregistration numbered after the hello released: the host
+        // gave the seat back since the hello was built, so it is not granted again (and not
+        // refused: the slave no longer holds it).
+        let released_since: BTreeSet<String> = slave
+            .released
+            .iter()
+            .filter(|&(_, &seq)| !accounts_for(seq))
+            .map(|(agent, _)| agent.clone())
+            .collect();
         let mut stale: Vec<String> = slave
             .agents
             .iter()
@@ -362,9 +371,23 @@ impl Engine {
             self.release(&id, agent);
         }
         let mut rejected = Vec::new();
+        if let Some(s) = self.slaves.get_mut(&id) {
+            match hello.request_seq {
+                Some(last) if !restarted => s.released.retain(|_, seq| *seq > last),
+                _ => s.released.clear(),
+            }
+        }
         for claim in &hello.agents {
             if pending.contains(claim.agent_id.as_str()) {
                 // Its own registration decides it.
+                continue;
+            }
+            if released_since.contains(&claim.agent_id)
+                && !self
+                    .slaves
+                    .get(&id)
+                    .is_some_and(|s| s.agents.contains_key(&claim.agent_id))
+            {
                 continue;
             }
             let result = if revoked.contains(&claim.agent_id) {

@@ -264,6 +264,11 @@ struct SlaveLicense {
     offline_limit: Option<lmbus_schemas::OfflineLimit>,
 }
 
+/// How many released agents a slave's session remembers for its next hello
+/// (`Slave::released`); beyond it the oldest are forgotten (a stale hello may then re-grant
+/// one, an over-count the next heartbeat corrects).
+const RELEASED_MEMORY: usize = 4096;
+
 #[derive(Debug)]
 struct Slave {
     instance: Uuid,
@@ -291,6 +296,12 @@ struct Slave {
     /// Agents an operator released whose logout the slave may have missed: refused at
     /// the next hello's reconcile. Bounded by the slave's seat count at release time.
     revoked: BTreeSet<String>,
+    /// Agents an unregistration released, by its request number, until a hello accounts
+    /// for that number: a hello built before the release still claims the agent, and must
+    /// not grant it again (the host gave it back). Not in the ledger: a new leader
+    /// re-grants such a claim, which over-counts until the slave's next heartbeat books
+    /// ask for a hello. At most [`RELEASED_MEMORY`] entries.
+    released: BTreeMap<String, u64>,
     /// Its registration rate (not in the ledger: a new leader starts it full).
     bucket: Bucket,
     /// The request numbers of this instance already processed (replay protection).
@@ -314,6 +325,21 @@ struct Slave {
 }
 
 impl Slave {
+    /// `agent` was released by the unregistration numbered `seq` (see `released`).
+    fn remember_release(&mut self, agent: &str, seq: u64) {
+        if self.released.len() >= RELEASED_MEMORY
+            && !self.released.contains_key(agent)
+            && let Some(oldest) = self
+                .released
+                .iter()
+                .min_by_key(|(_, n)| **n)
+                .map(|(a, _)| a.clone())
+        {
+            self.released.remove(&oldest);
+        }
+        self.released.insert(agent.to_owned(), seq);
+    }
+
     /// A slave first heard of now (at its hello, or in a replayed `Session` record), with no
     /// seats and not yet connected; the caller sets the rest from the hello or the record.
     fn new(
@@ -337,6 +363,7 @@ impl Slave {
             hello_seq: 0,
             reclaimed: false,
             revoked: BTreeSet::new(),
+            released: BTreeMap::new(),
             bucket: Bucket::new(now, rate),
             requests: ReplayWindow::default(),
             master: None,

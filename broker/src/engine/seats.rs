@@ -445,6 +445,9 @@ impl Engine {
             }
             Some(_) => {
                 self.release(id, &request.agent_id);
+                if let Some(s) = self.slaves.get_mut(id) {
+                    s.remember_release(&request.agent_id, request.seq);
+                }
             }
             None => {}
         }

@@ -394,6 +394,37 @@ mod seat_truth {
         assert!(held(&h, "s1").is_empty());
     }
 
+    /// The other half of that interleaving: hello 2 is built while a0 holds a seat (it
+    /// accounts for request 1 and claims a0), then the host releases a0 (request 2) and
+    /// the release overtakes the hello. The hello does not grant a0 again, nor refuse it
+    /// (the slave no longer holds it); a later hello accounting for request 2 that claims
+    /// a0 (admitted in the grace period, say) is granted as usual.
+    #[test]
+    fn a_hello_does_not_grant_back_a_seat_released_after_it_was_built() {
+        let mut h = Harness::new(true);
+        hello_at(&mut h, "s1", 1, vec![], vec![], 0);
+        assert!(approved(&decision_of(
+            &h.register_numbered("s1", "a0", "inbound", 1)
+        )));
+        assert!(matches!(
+            h.unregister_numbered("s1", "a0", 2).into_slave_reply(),
+            Some(Reply::Ack)
+        ));
+        let out = hello_at(&mut h, "s1", 2, vec![claim("a0", "inbound")], vec![], 1);
+        match reply_of(&out) {
+            Some(Reply::Welcome(w)) => assert!(w.rejected_agents.is_empty(), "{w:?}"),
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+        assert!(held(&h, "s1").is_empty(), "the stale hello granted a0 back");
+        assert!(
+            out.changes
+                .iter()
+                .all(|c| !matches!(c, SeatChange::Grant { .. }))
+        );
+        hello_at(&mut h, "s1", 3, vec![claim("a0", "inbound")], vec![], 2);
+        assert_eq!(held(&h, "s1"), ["a0"]);
+    }
+
     /// Steps: s1 holds two seats; its hello is replayed verbatim (same instance, same
     /// number) and an older one too: both refused `replayed` with an alert, no change, and
     /// s2 cannot take the seats; a hello under a new number from the genuine slave works.
