@@ -142,12 +142,15 @@ impl Engine {
     }
 
     /// Empties every block of a slave, keeping the counters; no record. Returns how many
-    /// seats they held.
+    /// seats they held. Its demand is forgotten too, until its next allot request.
     pub(super) fn clear_blocks(&mut self, id: &SlaveId) -> u32 {
         let types: Vec<String> = self
             .slaves
-            .get(id)
-            .map(|s| s.blocks.keys().cloned().collect())
+            .get_mut(id)
+            .map(|s| {
+                s.wants.clear();
+                s.blocks.keys().cloned().collect()
+            })
             .unwrap_or_default();
         let mut freed = 0;
         for agent_type in types {
@@ -170,6 +173,45 @@ impl Engine {
             journal: s.journal,
             request: s.allot_seq,
         })
+    }
+
+    /// The fair share of the seats not held, of `agent_type` (`None`: in total), when the
+    /// allotting slaves' demands exceed them: the max-min fair level (water-filling, as
+    /// Doorman's FairShare), so a slave that asks for less than an equal split keeps all
+    /// it asks for and what it leaves is split among the others. A slave's demand is the
+    /// block it asked for in its last allot request, or the block it holds if more (a new
+    /// leader knows no requests yet: it takes the blocks). `u32::MAX` when every demand
+    /// fits. Seats in use are not part of it: they are never taken back.
+    fn fair_level(&self, agent_type: Option<&str>) -> u32 {
+        let total_pool = self.total_limit().saturating_sub(self.total_in_use);
+        let pool = match agent_type {
+            Some(t) => self
+                .cfg
+                .license
+                .limits
+                .agent_types
+                .get(t)
+                .map_or(total_pool, |l| {
+                    l.saturating_sub(self.in_use_by_type.get(t).copied().unwrap_or(0))
+                })
+                .min(total_pool),
+            None => total_pool,
+        };
+        let demands = self
+            .slaves
+            .values()
+            .filter(|s| s.connected && s.allot_seq > 0)
+            .map(|s| match agent_type {
+                Some(t) => demand(s, t),
+                None => {
+                    let mut types: Vec<&String> = s.blocks.keys().chain(s.wants.keys()).collect();
+                    types.sort();
+                    types.dedup();
+                    types.into_iter().map(|t| demand(s, t)).sum()
+                }
+            })
+            .collect();
+        water_level(pool, demands)
     }
 
     /// Slaves that take part in allotment mode (connected, and asked for blocks at least
@@ -271,7 +313,6 @@ impl Engine {
 
         // Sizing: shrink to what the slave wants (it no longer uses the rest), grow from
         // free seats unless the pool is nearly empty.
-        let sharing = self.allotting_slaves();
         let mut exhausted = false;
         // Types for which the pool was nearly exhausted (holders are asked to return all).
         let mut exhausted_types: Vec<String> = Vec::new();
@@ -293,6 +334,21 @@ impl Engine {
         let overdue = self.sync_overdue()
             || self.check_slave_sync(&self.slaves[id]).is_err()
             || self.check_backup_may_serve().is_err();
+        // Its demand for fair shares: what it asks for, of the types there are seats of
+        // (bounded by the license's types).
+        let wants: BTreeMap<String, u32> = if overdue {
+            BTreeMap::new()
+        } else {
+            request
+                .want
+                .iter()
+                .filter(|(t, n)| **n > 0 && self.free_of_type(t).is_some())
+                .map(|(t, n)| (t.clone(), *n))
+                .collect()
+        };
+        if let Some(s) = self.slaves.get_mut(id) {
+            s.wants = wants;
+        }
         for agent_type in types {
             let want = if overdue {
                 0
@@ -319,8 +375,10 @@ impl Engine {
                 continue;
             }
             let room = self.local_room(id);
-            // No slave takes more than its share of what is free in one answer.
-            let share = (free_total.min(free_type) / sharing).max(ALLOT_MIN_BLOCK);
+            // No slave grows past its fair share while others' demands are unmet.
+            let share = want
+                .min(self.fair_level(Some(&agent_type)))
+                .saturating_sub(block);
             let grow = (want - block)
                 .min(free_total)
                 .min(free_type)
@@ -349,7 +407,7 @@ impl Engine {
             counts.seats_returned += returned;
         }
         if !exhausted && !short.is_empty() {
-            self.ask_for_fair_shares(now, id, &short, total_short, sharing, &mut out);
+            self.ask_for_fair_shares(now, id, &short, total_short, &mut out);
         }
         if exhausted {
             // The last seats go to whoever asks first: every other slave with a free block
@@ -435,8 +493,8 @@ impl Engine {
     }
 
     /// Demand exceeds what is free: every other slave whose free block of a short type is
-    /// above a fair share (the seats not held, divided among the allotting slaves) is told
-    /// to keep no more than that (once until it answers). When the total ran short
+    /// above its fair share (the max-min fair level of the seats not held among the
+    /// allotting slaves' demands, [`Engine::fair_level`]) is told to keep no more than that (once until it answers). When the total ran short
     /// (`total_short`), a slave whose blocks of all types add up to more than its fair
     /// share of the total is also told to keep each in proportion, so that blocks of one
     /// type do not hold the total another type needs. Seats in use are never taken.
@@ -446,24 +504,13 @@ impl Engine {
         id: &SlaveId,
         short: &[String],
         total_short: bool,
-        sharing: u32,
         out: &mut Output,
     ) {
-        let limits = self.cfg.license.limits.clone();
-        let total_pool = self.total_limit().saturating_sub(self.total_in_use);
         let fair: BTreeMap<String, u32> = short
             .iter()
-            .map(|t| {
-                let type_pool = limits.agent_types.get(t).map_or(total_pool, |l| {
-                    l.saturating_sub(self.in_use_by_type.get(t).copied().unwrap_or(0))
-                });
-                (
-                    t.clone(),
-                    (type_pool.min(total_pool) / sharing).max(ALLOT_MIN_BLOCK),
-                )
-            })
+            .map(|t| (t.clone(), self.fair_level(Some(t)).max(ALLOT_MIN_BLOCK)))
             .collect();
-        let fair_total = (total_pool / sharing).max(ALLOT_MIN_BLOCK);
+        let fair_total = self.fair_level(None).max(ALLOT_MIN_BLOCK);
         let mut told = false;
         for (other, s) in self.slaves.iter_mut() {
             if other == id || !s.connected || s.asked_to_return.is_some() {
@@ -812,4 +859,30 @@ impl Engine {
     pub fn allot_counts(&self) -> AllotCounts {
         self.allot_counts
     }
+}
+
+/// A slave's demand for free seats of `agent_type`: what it last asked for, or the block it
+/// holds if more.
+fn demand(s: &super::Slave, agent_type: &str) -> u64 {
+    let want = s.wants.get(agent_type).copied().unwrap_or(0);
+    let block = s.blocks.get(agent_type).copied().unwrap_or(0);
+    u64::from(want.max(block))
+}
+
+/// The max-min fair level of `pool` among `demands` (water-filling): every demand at or
+/// below it is met in full and the rest get the level, `pool` split as evenly as whole
+/// seats allow (fewer than one seat per slave may stay unassigned). `u32::MAX` when the
+/// demands add up to no more than the pool.
+pub(super) fn water_level(pool: u32, mut demands: Vec<u64>) -> u32 {
+    demands.sort_unstable();
+    let mut left = u64::from(pool);
+    let mut unmet = demands.len() as u64;
+    for d in demands {
+        if d > left / unmet {
+            return u32::try_from(left / unmet).unwrap_or(u32::MAX);
+        }
+        left -= d;
+        unmet -= 1;
+    }
+    u32::MAX
 }

@@ -315,6 +315,10 @@ struct Slave {
     blocks: BTreeMap<String, u32>,
     journal: u64,
     allot_seq: u64,
+    /// Allotment mode: the blocks it asked for in its last allot request, its demand for
+    /// fair shares (not in the ledger: a new leader learns it at the next request, within
+    /// one refresh interval, and takes the blocks meanwhile).
+    wants: BTreeMap<String, u32>,
     /// When it was told to give (part of) its blocks back (`ReturnAllotment`,
     /// `ShrinkAllotment`), if it has sent no allot request since.
     asked_to_return: Option<Instant>,
@@ -370,6 +374,7 @@ impl Slave {
             blocks: BTreeMap::new(),
             journal: 0,
             allot_seq: 0,
+            wants: BTreeMap::new(),
             asked_to_return: None,
             heard: false,
         }

@@ -409,6 +409,68 @@ fn when_demand_exceeds_what_is_free_holders_above_a_fair_share_are_told_to_shrin
     a.assert_within_limits();
 }
 
+/// Fair shares follow demand (max-min, water-filling): 20 seats, s1 asks for 2, s2 for 14
+/// (both fit), then s3 for 14. The fair level is 9 (s1 keeps its 2, the other 18 are split
+/// evenly), so s3 grows only to what is free (4) and s2 is told to keep 9, not the even
+/// split's 6; s1 is not told. Once s2 has given back, s3's next ask brings it to 9: 2, 9
+/// and 9, every seat allotted.
+#[test]
+fn fair_shares_follow_demand() {
+    let mut a = Allot::new();
+    let limits = &mut a.h.engine.cfg.license.limits;
+    limits.total = Some(20);
+    limits.agent_types.insert("inbound".into(), 20);
+    for s in ["s1", "s2", "s3"] {
+        a.h.hello(s, None);
+    }
+    assert_eq!(
+        Allot::answer(&a.ask("s1", vec![], &[("inbound", 2)])).blocks["inbound"],
+        2
+    );
+    assert_eq!(
+        Allot::answer(&a.ask("s2", vec![], &[("inbound", 14)])).blocks["inbound"],
+        14
+    );
+    let out = a.ask("s3", vec![], &[("inbound", 14)]);
+    assert_eq!(Allot::answer(&out).blocks["inbound"], 4);
+    assert_eq!(
+        controls(&out),
+        vec![(
+            "s2".to_owned(),
+            ControlMessage::ShrinkAllotment {
+                blocks: BTreeMap::from([("inbound".into(), 9)])
+            }
+        )]
+    );
+    a.assert_within_limits();
+    assert_eq!(
+        Allot::answer(&a.ask("s2", vec![], &[("inbound", 9)])).blocks["inbound"],
+        9
+    );
+    assert_eq!(
+        Allot::answer(&a.ask("s3", vec![], &[("inbound", 14)])).blocks["inbound"],
+        9
+    );
+    assert_eq!(a.h.engine.allotted_total(), 20);
+    a.assert_within_limits();
+}
+
+#[test]
+fn the_fair_level_is_max_min_fair() {
+    use super::super::allot::water_level;
+    assert_eq!(water_level(20, vec![14, 2, 14]), 9);
+    assert_eq!(water_level(20, vec![2, 14]), u32::MAX, "both fit");
+    assert_eq!(water_level(20, vec![10, 10]), u32::MAX, "exactly fits");
+    assert_eq!(
+        water_level(7, vec![5, 5]),
+        3,
+        "whole seats: one stays unassigned"
+    );
+    assert_eq!(water_level(0, vec![1]), 0);
+    assert_eq!(water_level(10, vec![]), u32::MAX);
+    assert_eq!(water_level(10, vec![0, 0, 30]), 10);
+}
+
 /// The retry hint of a refusal (`None`: final).
 fn retry_of(out: &Output) -> Option<u64> {
     match decision_of(out) {
@@ -447,7 +509,8 @@ fn a_strict_registration_waits_for_seats_free_in_other_blocks_and_gets_one() {
         assert!(approved(&a.h.decision("s1", &format!("h{n}"), "outbound")));
     }
     a.ask("s1", vec![], &[("inbound", 8)]);
-    // No slave takes more than its share of what is free in one answer: s2 asks thrice.
+    // The demands (8 and 8) fit in the 16 seats not held: s2 gets its 8 in one answer, and
+    // asking again changes nothing.
     for _ in 0..3 {
         a.ask("s2", vec![], &[("outbound", 8)]);
     }
@@ -491,12 +554,12 @@ fn a_strict_registration_waits_for_seats_free_in_other_blocks_and_gets_one() {
     a.ask("s2", vec![], &[("outbound", 4)]);
     assert!(approved(&a.h.decision("s1", "x1", "outbound")));
     a.assert_within_limits();
-    // Counted for the metrics: 4 answers grew a block (s2's first two were partial), the
-    // two waits, s2's return of 4 seats.
+    // Counted for the metrics: 2 answers grew a block (none partial), the two waits, s2's
+    // return of 4 seats.
     let c = a.h.engine.allot_counts();
     assert_eq!(
         (c.grants, c.seats_granted, c.partial_grants),
-        (4, 16, 2),
+        (2, 16, 0),
         "{c:?}"
     );
     assert_eq!((c.waits, c.returns, c.seats_returned), (2, 1, 4), "{c:?}");
@@ -718,11 +781,13 @@ fn when_the_total_runs_short_a_holder_of_other_types_is_told_to_shrink_in_propor
     a.h.hello("s2", None);
     let answer = Allot::answer(&a.ask("s1", vec![], &[("inbound", 10), ("outbound", 2)]));
     assert_eq!(answer.blocks.values().sum::<u32>(), 12, "{answer:?}");
-    // s2 wants 8 outbound: 8 seats are free in total (14 of the type), its share is 4.
-    let out = a.ask("s2", vec![], &[("outbound", 8)]);
-    assert_eq!(Allot::answer(&out).blocks["outbound"], 4);
-    // s1 holds 12 free seats, over its fair share of the total (20 / 2 = 10): it keeps
-    // 10 in proportion (inbound 10 * 10 / 12 = 8, outbound 2 * 10 / 12 = 1).
+    // s2 wants 10 outbound: 8 seats are free in total (14 of the type), and the demands (12
+    // and 10) exceed the 20 not held: s2 gets the 8 free (under its fair share of 10).
+    let out = a.ask("s2", vec![], &[("outbound", 10)]);
+    assert_eq!(Allot::answer(&out).blocks["outbound"], 8);
+    // s1 holds 12 free seats, over its fair share of the total (water-filling 20 among
+    // demands of 12 and 10: 10 each): it keeps 10 in proportion (inbound 10 * 10 / 12 = 8,
+    // outbound 2 * 10 / 12 = 1).
     assert_eq!(
         controls(&out),
         vec![(
