@@ -22,12 +22,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use futures::StreamExt as _;
 use lmbus_schemas::{
     BatchItem, BatchRequest, Decision, Heartbeat, Hello, MAX_BATCH_ITEMS, RegisterRequest, Reply,
-    SlaveId, SlaveOp, Subjects, decode, encode,
+    SlaveId, SlaveOp, Subjects, encode,
 };
+use lmbus_tests::bench::{Requester, rss_mib};
 use lmbus_tests::{NatsServer, Proc, Vendor, bin, cluster_name, cpu_ticks};
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
@@ -58,15 +59,6 @@ fn main() {
             println!("BENCH scale slaves={slaves} seats={seats} failed={reason}");
         }
     }
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// What every broker of one scale run shares.
@@ -112,20 +104,6 @@ struct Slave {
     instance: Uuid,
 }
 
-async fn ask(
-    client: &async_nats::Client,
-    subject: String,
-    payload: Vec<u8>,
-) -> anyhow::Result<Reply> {
-    let msg = tokio::time::timeout(
-        Duration::from_secs(30),
-        client.request(subject, payload.into()),
-    )
-    .await
-    .context("no answer within 30 s")??;
-    Ok(decode::<Reply>(&msg.payload)?)
-}
-
 /// Runs one size; on failure, the tail of each broker's log goes to stderr with the error.
 async fn run(n_slaves: usize, seats: usize) -> anyhow::Result<()> {
     let logs = tempfile::tempdir()?;
@@ -164,6 +142,10 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
     for _ in 0..CONNECTIONS {
         clients.push(nats.client().await?);
     }
+    let mut reqs = Vec::new();
+    for client in &clients {
+        reqs.push(Requester::new(client.clone(), &subjects).await?);
+    }
     lmbus_tests::eventually("b1 leads", || {
         let (c, cl) = (clients[0].clone(), cluster.clone());
         async move { lmbus_tests::status(&c, &cl).await.is_ok() }
@@ -183,12 +165,7 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
     // hellos so no slave falls silent while the others say hello.
     let beating = Arc::new(AtomicBool::new(true));
     let heartbeats = {
-        let (clients, slaves, subjects, beating) = (
-            clients.clone(),
-            slaves.clone(),
-            subjects.clone(),
-            beating.clone(),
-        );
+        let (reqs, slaves, beating) = (reqs.clone(), slaves.clone(), beating.clone());
         tokio::spawn(async move {
             // Spread over the second in slices, as independent slaves' beats are
             // (LMBUS_SCALE_BEAT_SLICES, default 20; 1 sends every slave's beat in one burst).
@@ -222,9 +199,8 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
                         master: None,
                         ..Default::default()
                     };
-                    let subject = subjects.slave_op(&s.id, SlaveOp::Heartbeat);
-                    let _ = clients[i % CONNECTIONS]
-                        .publish(subject, encode(&beat).unwrap().into())
+                    let _ = reqs[i % CONNECTIONS]
+                        .tell(&s.id, SlaveOp::Heartbeat, encode(&beat).unwrap())
                         .await;
                 }
             }
@@ -235,11 +211,7 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
     let started = Instant::now();
     let hellos = futures::stream::iter(0..n_slaves)
         .map(|i| {
-            let (client, slaves, subjects) = (
-                clients[i % CONNECTIONS].clone(),
-                slaves.clone(),
-                subjects.clone(),
-            );
+            let (req, slaves) = (reqs[i % CONNECTIONS].clone(), slaves.clone());
             async move {
                 let s = &slaves[i];
                 let hello = Hello {
@@ -254,8 +226,7 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
                     request_timeout_ms: 2000,
                     ..Default::default()
                 };
-                let subject = subjects.slave_op(&s.id, SlaveOp::Hello);
-                match ask(&client, subject, encode(&hello)?).await? {
+                match req.ask(&s.id, SlaveOp::Hello, encode(&hello)?).await? {
                     Reply::Welcome(_) => Ok(()),
                     other => bail!("hello of {} answered {other:?}", s.id),
                 }
@@ -282,11 +253,7 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
     let started = Instant::now();
     let results = futures::stream::iter(jobs)
         .map(|(i, from, n)| {
-            let (client, slaves, subjects) = (
-                clients[i % CONNECTIONS].clone(),
-                slaves.clone(),
-                subjects.clone(),
-            );
+            let (req, slaves) = (reqs[i % CONNECTIONS].clone(), slaves.clone());
             async move {
                 let s = &slaves[i];
                 let items = (from..from + n)
@@ -299,8 +266,10 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
                         })
                     })
                     .collect();
-                let subject = subjects.slave_op(&s.id, SlaveOp::Batch);
-                match ask(&client, subject, encode(&BatchRequest { items })?).await? {
+                match req
+                    .ask(&s.id, SlaveOp::Batch, encode(&BatchRequest { items })?)
+                    .await?
+                {
                     Reply::Batch(replies)
                         if replies
                             .iter()
@@ -354,7 +323,6 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
     // Takeover: kill -9 the leader, probe with a new registration until one is approved.
     let killed = Instant::now();
     b1.signal(Signal::SIGKILL)?;
-    let probe_subject = subjects.slave_op(&slaves[0].id, SlaveOp::Register);
     let mut seq = per_slave as u64 + 1;
     let takeover = loop {
         seq += 1;
@@ -366,12 +334,10 @@ async fn run_in(n_slaves: usize, seats: usize, logs: &std::path::Path) -> anyhow
         };
         let answer = tokio::time::timeout(
             Duration::from_millis(250),
-            clients[0].request(probe_subject.clone(), encode(&request)?.into()),
+            reqs[0].ask(&slaves[0].id, SlaveOp::Register, encode(&request)?),
         )
         .await;
-        if let Ok(Ok(msg)) = answer
-            && let Ok(Reply::Decision(Decision::Approved { .. })) = decode::<Reply>(&msg.payload)
-        {
+        if let Ok(Ok(Reply::Decision(Decision::Approved { .. }))) = answer {
             break killed.elapsed();
         }
         if killed.elapsed() > Duration::from_secs(60) {

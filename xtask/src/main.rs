@@ -49,9 +49,13 @@ enum Cmd {
     /// million seats on one broker (with a hot standby): broker CPU and memory in steady
     /// state, registration from cold, and takeover after kill -9 of the leader, for each
     /// size of --sizes.
+    ///
+    /// `cargo xtask bench churn`: --churn-slaves simulated slaves at a steady churn of
+    /// --churn-rate operations a second, in strict mode and in allotment mode: the leader's
+    /// CPU and ledger records a second.
     Bench {
-        /// `scale` for the scale bench.
-        #[arg(value_parser = ["scale"])]
+        /// `scale` for the scale bench, `churn` for the churn bench.
+        #[arg(value_parser = ["scale", "churn"])]
         what: Option<String>,
         /// Scale bench sizes, SLAVESxSEATS, comma-separated.
         #[arg(
@@ -59,6 +63,12 @@ enum Cmd {
             default_value = "1000x10000,10000x10000,10000x100000,10000x1000000,30000x100000,100000x100000"
         )]
         sizes: String,
+        /// Churn bench: simulated slaves.
+        #[arg(long, default_value_t = 10_000)]
+        churn_slaves: u64,
+        /// Churn bench: operations (registrations and releases) a second over all slaves.
+        #[arg(long, default_value_t = 1_000)]
+        churn_rate: u64,
         /// Repetitions of each row; the median is reported, with the spread.
         #[arg(long, default_value_t = 3)]
         reps: usize,
@@ -726,6 +736,59 @@ fn bench_scale(sizes: &str) -> anyhow::Result<()> {
     write_section("scale", &body)
 }
 
+fn bench_churn(slaves: u64, rate: u64) -> anyhow::Result<()> {
+    let lines = run_bench(
+        "churn",
+        &[
+            ("LMBUS_CHURN_SLAVES", slaves.to_string()),
+            ("LMBUS_CHURN_RATE", rate.to_string()),
+        ],
+    )?;
+    let mut body = format!(
+        "## Churn: strict against allotment mode with many slaves\n\n\
+         `cargo xtask bench churn --churn-slaves {slaves} --churn-rate {rate}` on {}: for each \
+         mode a fresh nats-server and one leader `lmbus-broker` (release build, \
+         `--slave-rate-limit 0`), and one process playing every slave, each with its own \
+         identity, session and heartbeat every second over 4 NATS connections, and {rate} \
+         operations a second over all of them (registration and release alternate on each \
+         slave, one agent at a time). Strict: each operation is a request the leader decides \
+         and records. Allotment: each is decided from the slave's block with no message, and \
+         every slave sends an allot request every refresh interval (2 s) with its journal \
+         and the block it wants (2 free seats), as `lmbus-slave` does. Over 10 s after a \
+         3 s warm-up: the leader's CPU (percent of one core), ledger records and KiB a \
+         second, and the leader's CPU per operation.\n\n\
+         | mode | slaves | operations/s | allot requests/s | leader CPU | ledger records/s | ledger KiB/s | leader CPU per operation | errors |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        machine()
+    );
+    for line in lines.iter().filter(|l| l.starts_with("BENCH churn ")) {
+        let failed = field(line, "failed");
+        if failed != "?" {
+            body.push_str(&format!(
+                "| {} | {} | failed: {} |\n",
+                field(line, "mode"),
+                field(line, "slaves"),
+                failed.replace('_', " ")
+            ));
+            continue;
+        }
+        body.push_str(&format!(
+            "| {} | {} | {} | {} | {}% | {} | {} | {} µs | {} |\n",
+            field(line, "mode"),
+            field(line, "slaves"),
+            field(line, "ops_per_s"),
+            field(line, "allot_per_s"),
+            field(line, "cpu_leader"),
+            field(line, "records_per_s"),
+            field(line, "ledger_kib_per_s"),
+            field(line, "cpu_us_per_op"),
+            field(line, "errors"),
+        ));
+    }
+    body.push('\n');
+    write_section("churn", &body)
+}
+
 const FUZZ_TARGETS: [&str; 4] = ["decode", "license", "engine", "intake"];
 
 /// cargo-fuzz needs nightly-only compiler flags; `RUSTC_BOOTSTRAP=1` lets the machine's one
@@ -772,6 +835,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Demo(args) => demo::run(args),
         Cmd::Test { no_demo } => test(no_demo),
+        Cmd::Bench {
+            what: Some(what),
+            churn_slaves,
+            churn_rate,
+            ..
+        } if what == "churn" => bench_churn(churn_slaves, churn_rate),
         Cmd::Bench {
             what: Some(_),
             sizes,
