@@ -21,7 +21,7 @@
 //! operations done, and the allot requests a second. Prints one `BENCH churn` line per mode.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,8 +32,8 @@ use lmbus_schemas::{
     AllotOp, AllotOpKind, AllotRequest, Decision, Heartbeat, Hello, RegisterRequest, Reply,
     SlaveId, SlaveOp, Subjects, UnregisterRequest, encode,
 };
-use lmbus_tests::bench::Requester;
-use lmbus_tests::{NatsServer, Proc, Vendor, bin, cluster_name, cpu_ticks};
+use lmbus_tests::bench::{Requester, broker_command};
+use lmbus_tests::{NatsServer, Proc, Vendor, cluster_name, cpu_ticks};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -110,15 +110,8 @@ fn spawn_broker(
     log: &std::path::Path,
 ) -> anyhow::Result<Proc> {
     Proc::spawn(
-        Command::new(bin("lmbus-broker")?)
-            .args(["run", "--nats", &nats.url(), "--cluster", cluster])
-            .arg("--license")
-            .arg(license)
-            .arg("--vendor-key")
-            .arg(vendor.public_key_path())
-            .args(["--allow-unlicensed-slaves", "--id", "b1"])
+        broker_command(nats, cluster, license, vendor, "b1")?
             .args(["--max-slaves", &(slaves + 10).to_string()])
-            .args(["--slave-rate-limit", "0"])
             .args([
                 "--admission",
                 if allotment { "allotment" } else { "strict" },

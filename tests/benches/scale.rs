@@ -17,7 +17,7 @@
 //!
 //! Prints one `BENCH` line per size.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -28,8 +28,8 @@ use lmbus_schemas::{
     BatchItem, BatchRequest, Decision, Heartbeat, Hello, MAX_BATCH_ITEMS, RegisterRequest, Reply,
     SlaveId, SlaveOp, Subjects, encode,
 };
-use lmbus_tests::bench::{Requester, rss_mib};
-use lmbus_tests::{NatsServer, Proc, Vendor, bin, cluster_name, cpu_ticks};
+use lmbus_tests::bench::{Requester, broker_command, rss_mib};
+use lmbus_tests::{NatsServer, Proc, Vendor, cluster_name, cpu_ticks};
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -82,16 +82,9 @@ impl Brokers<'_> {
             logs,
         } = *self;
         Proc::spawn(
-            Command::new(bin("lmbus-broker")?)
-                .args(["run", "--nats", &nats.url(), "--cluster", cluster])
-                .arg("--license")
-                .arg(license)
-                .arg("--vendor-key")
-                .arg(vendor.public_key_path())
-                .args(["--allow-unlicensed-slaves", "--id", id])
+            broker_command(nats, cluster, license, vendor, id)?
                 .args(["--priority", &priority.to_string()])
                 .args(["--max-slaves", &(slaves + 10).to_string()])
-                .args(["--slave-rate-limit", "0"])
                 .env("LMBUS_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(logs.join(format!("{id}.log")))?),

@@ -531,15 +531,7 @@ fn broker_process(
     log: &std::path::Path,
 ) -> anyhow::Result<Proc> {
     Proc::spawn(
-        Command::new(bin("lmbus-broker")?)
-            .args(["run", "--nats", &nats.url(), "--cluster", cluster])
-            .arg("--license")
-            .arg(license)
-            .arg("--vendor-key")
-            .arg(vendor.public_key_path())
-            .args(["--allow-unlicensed-slaves", "--id", "bench-broker"])
-            // The bench is one client pushing as hard as it can, not a rogue slave.
-            .args(["--slave-rate-limit", "0"])
+        lmbus_tests::bench::broker_command(nats, cluster, license, vendor, "bench-broker")?
             .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
             .args(flags)
             .env("LMBUS_LOG", "warn")

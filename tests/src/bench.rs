@@ -137,3 +137,25 @@ pub fn rss_mib(pid: u32) -> f64 {
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
 }
+
+/// `lmbus-broker run` as every bench starts it: on `nats`, `cluster`, with `license` and the
+/// vendor's key, unlicensed slaves allowed, as replica `id`, and no rate limit per slave (a
+/// bench is one client pushing as hard as it can, not a rogue slave). The caller adds its
+/// own flags and output.
+pub fn broker_command(
+    nats: &crate::NatsServer,
+    cluster: &str,
+    license: &std::path::Path,
+    vendor: &crate::Vendor,
+    id: &str,
+) -> anyhow::Result<std::process::Command> {
+    let mut cmd = std::process::Command::new(crate::bin("lmbus-broker")?);
+    cmd.args(["run", "--nats", &nats.url(), "--cluster", cluster])
+        .arg("--license")
+        .arg(license)
+        .arg("--vendor-key")
+        .arg(vendor.public_key_path())
+        .args(["--allow-unlicensed-slaves", "--id", id])
+        .args(["--slave-rate-limit", "0"]);
+    Ok(cmd)
+}

@@ -707,14 +707,8 @@ fn bench_scale(sizes: &str) -> anyhow::Result<()> {
         machine()
     );
     for line in lines.iter().filter(|l| l.starts_with("BENCH scale ")) {
-        let failed = field(line, "failed");
-        if failed != "?" {
-            body.push_str(&format!(
-                "| {} | {} | failed: {} |\n",
-                field(line, "slaves"),
-                field(line, "seats"),
-                failed.replace('_', " ")
-            ));
+        if let Some(row) = failed_row(line, &["slaves", "seats"]) {
+            body.push_str(&row);
             continue;
         }
         body.push_str(&format!(
@@ -734,6 +728,20 @@ fn bench_scale(sizes: &str) -> anyhow::Result<()> {
     }
     body.push('\n');
     write_section("scale", &body)
+}
+
+/// The table row of a BENCH line that says `failed=`: its `keys`, then why.
+fn failed_row(line: &str, keys: &[&str]) -> Option<String> {
+    let failed = field(line, "failed");
+    if failed == "?" {
+        return None;
+    }
+    let cells: Vec<String> = keys.iter().map(|k| field(line, k)).collect();
+    Some(format!(
+        "| {} | failed: {} |\n",
+        cells.join(" | "),
+        failed.replace('_', " ")
+    ))
 }
 
 fn bench_churn(slaves: u64, rate: u64) -> anyhow::Result<()> {
@@ -762,14 +770,8 @@ fn bench_churn(slaves: u64, rate: u64) -> anyhow::Result<()> {
         machine()
     );
     for line in lines.iter().filter(|l| l.starts_with("BENCH churn ")) {
-        let failed = field(line, "failed");
-        if failed != "?" {
-            body.push_str(&format!(
-                "| {} | {} | failed: {} |\n",
-                field(line, "mode"),
-                field(line, "slaves"),
-                failed.replace('_', " ")
-            ));
+        if let Some(row) = failed_row(line, &["mode", "slaves"]) {
+            body.push_str(&row);
             continue;
         }
         body.push_str(&format!(
