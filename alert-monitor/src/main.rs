@@ -81,7 +81,7 @@ enum Command {
     },
     /// The audit trail: every seat decision and every alert, oldest first.
     ///
-    /// The decisions come from the ledger (granted, released, reclaimed, revoked, hellos),
+    /// The decisions come from the ledger (granted, confirmed, released, reclaimed, revoked, hellos),
     /// the alerts from the alert stream (rejections with their reason, refused hellos, bad
     /// messages, operator actions).
     Audit {

@@ -209,13 +209,17 @@ impl Engine {
                     types.dedup();
                     types.into_iter().map(|t| demand(s, t)).sum()
                 }
-            })
-            .collect();
-        water_level(pool, demands)
+            });
+        // The usual case, every demand fits: one pass, no sort.
+        if demands.clone().sum::<u64>() <= u64::from(pool) {
+            return u32::MAX;
+        }
+        water_level(pool, demands.collect())
     }
 
     /// Slaves that take part in allotment mode (connected, and asked for blocks at least
-    /// once since their hello): the pool is shared among these.
+    /// once since their hello): the floor below which the pool is nearly exhausted counts
+    /// these.
     fn allotting_slaves(&self) -> u32 {
         self.slaves
             .values()

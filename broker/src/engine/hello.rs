@@ -388,6 +388,12 @@ impl Engine {
                     .get(&id)
                     .is_some_and(|s| s.agents.contains_key(&claim.agent_id))
             {
+                // Skipped once, then forgotten: should the release have come from an
+                // earlier process of the slave (unregistrations carry no instance), the
+                // next hello grants the claim again.
+                if let Some(s) = self.slaves.get_mut(&id) {
+                    s.released.remove(&claim.agent_id);
+                }
                 continue;
             }
             let result = if revoked.contains(&claim.agent_id) {

@@ -70,6 +70,11 @@ impl Engine {
                 slave.last_seen = now;
                 slave.heard = true;
                 slave.master = heartbeat.master;
+                // Releases its books already account for: a hello built before them was
+                // sent before this beat (one overtaken by it only over-counts).
+                if let Some(seq) = heartbeat.books.as_ref().and_then(|b| b.request_seq) {
+                    slave.released.retain(|_, n| *n > seq);
+                }
                 let mut out = Output::reply(Reply::Ack);
                 // Continuous reconcile: books that differ (leaving out what is in flight)
                 // get a new hello, whose reconcile settles them within this interval.

@@ -296,11 +296,13 @@ struct Slave {
     /// Agents an operator released whose logout the slave may have missed: refused at
     /// the next hello's reconcile. Bounded by the slave's seat count at release time.
     revoked: BTreeSet<String>,
-    /// Agents an unregistration released, by its request number, until a hello accounts
-    /// for that number: a hello built before the release still claims the agent, and must
-    /// not grant it again (the host gave it back). Not in the ledger: a new leader
-    /// re-grants such a claim, which over-counts until the slave's next heartbeat books
-    /// ask for a hello. At most [`RELEASED_MEMORY`] entries.
+    /// Agents an unregistration released, by its request number, until a hello or a
+    /// heartbeat's books account for that number: a hello built before the release still
+    /// claims the agent, and must not grant it again (the host gave it back). A hello skips
+    /// such a claim once, then forgets it (unregistrations name no instance: one from an
+    /// earlier process must not keep a claim out for good). Not in the ledger, and cleared
+    /// when a term begins: a new leader re-grants such a claim, which over-counts until the
+    /// slave's next heartbeat books ask for a hello. At most [`RELEASED_MEMORY`] entries.
     released: BTreeMap<String, u64>,
     /// Its registration rate (not in the ledger: a new leader starts it full).
     bucket: Bucket,

@@ -42,6 +42,7 @@ impl Engine {
                 });
                 if entry.instance != *instance {
                     entry.requests = ReplayWindow::default();
+                    entry.released.clear();
                 }
                 entry.requests.restore(*request_seq);
                 entry.instance = *instance;
@@ -328,6 +329,10 @@ impl Engine {
             // disconnected on its own clock, perhaps while it was paused) starts its new
             // term from that, not from what it believed then.
             slave.connected = !slave.reclaimed;
+            // Leader-only memory from an earlier term of this replica is stale: a new
+            // leader starts without it (the slave's next requests teach it again).
+            slave.released.clear();
+            slave.wants.clear();
         }
     }
 

@@ -382,8 +382,9 @@ fn when_demand_exceeds_what_is_free_holders_above_a_fair_share_are_told_to_shrin
         Allot::answer(&a.ask("s1", vec![], &[("inbound", 14)])).blocks["inbound"],
         14
     );
-    // s2 wants 16: 6 are free, it gets its share of them (3), and s1, whose 14 free seats
-    // are above the fair share (20 unheld seats / 2 allotting slaves), is told to keep 10.
+    // s2 wants 16: 6 are free, it gets them (its fair share is 10), and s1, whose 14 free
+    // seats are above the fair share (water-filling 20 unheld seats over demands of 14 and
+    // 16: 10 each), is told to keep 10.
     let out = a.ask("s2", vec![], &[("inbound", 16)]);
     let answer = Allot::answer(&out);
     assert!(!answer.exhausted);
@@ -403,7 +404,7 @@ fn when_demand_exceeds_what_is_free_holders_above_a_fair_share_are_told_to_shrin
     assert_eq!(told[0].0, "s1");
     assert_eq!(
         told[0].1["inbound"], 10,
-        "fair share: 20 unheld seats / 2 slaves"
+        "fair share: 20 unheld seats over demands of 14 and 16"
     );
     // The held seats are never part of it: a slave holding 8 of its seats keeps them.
     a.assert_within_limits();

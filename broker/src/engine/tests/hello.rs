@@ -425,6 +425,43 @@ mod seat_truth {
         assert_eq!(held(&h, "s1"), ["a0"]);
     }
 
+    /// The memory of releases stays small and never keeps a claim out for good: a hello
+    /// skips a remembered claim once (the release may be an earlier process's: a second
+    /// stale hello grants it, the safe side), a heartbeat whose books account for a release
+    /// forgets it, and so does a new term.
+    #[test]
+    fn remembered_releases_are_forgotten_soon() {
+        let released = |h: &Harness| h.engine.slaves[&id("s1")].released.len();
+        let mut h = Harness::new(true);
+        hello_at(&mut h, "s1", 1, vec![], vec![], 0);
+        for (n, agent) in ["a0", "a1", "a2"].into_iter().enumerate() {
+            let n = n as u64 * 2 + 1;
+            h.register_numbered("s1", agent, "inbound", n);
+            h.unregister_numbered("s1", agent, n + 1);
+        }
+        assert_eq!(released(&h), 3);
+        let stale = vec![claim("a0", "inbound")];
+        hello_at(&mut h, "s1", 2, stale.clone(), vec![], 1);
+        assert!(held(&h, "s1").is_empty());
+        assert_eq!(released(&h), 2, "a0 skipped once, then forgotten");
+        hello_at(&mut h, "s1", 3, stale, vec![], 1);
+        assert_eq!(held(&h, "s1"), ["a0"], "a second stale hello grants it");
+        // Books taken after request 4: a1's release (4) is accounted for, a2's (6) not.
+        heartbeat_with(
+            &mut h,
+            "s1",
+            Some(lmbus_schemas::Books {
+                count: 0,
+                digest: 0,
+                unsettled: vec![],
+                request_seq: Some(4),
+            }),
+        );
+        assert_eq!(released(&h), 1);
+        h.engine.restart_silence_clocks(h.now);
+        assert_eq!(released(&h), 0, "a new term starts without it");
+    }
+
     /// Steps: s1 holds two seats; its hello is replayed verbatim (same instance, same
     /// number) and an older one too: both refused `replayed` with an alert, no change, and
     /// s2 cannot take the seats; a hello under a new number from the genuine slave works.
