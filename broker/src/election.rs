@@ -102,7 +102,7 @@ pub enum StepDown {
 impl std::fmt::Display for StepDown {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            StepDown::Resigned => "it resigned the lease (admin drain)",
+            StepDown::Resigned => "it resigned the lease (admin drain, or its own step-down)",
             StepDown::Stopping => "the broker is stopping",
             StepDown::NotRenewed => "it could not renew the lease in time",
             StepDown::Superseded => "another replica holds the lease",

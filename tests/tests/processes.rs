@@ -437,7 +437,7 @@ async fn drain_hands_the_lead_to_another_replica() {
         .await
         .unwrap();
     assert!(
-        stepped.message.contains("resigned the lease (admin drain)"),
+        stepped.message.contains("resigned the lease (admin drain"),
         "{}",
         stepped.message
     );

@@ -119,6 +119,7 @@ impl Engine {
         let Some(slave) = self.slaves.get_mut(id) else {
             return;
         };
+        let demand_before = demand(slave, agent_type);
         let old = if seats == 0 {
             slave.blocks.remove(agent_type).unwrap_or(0)
         } else {
@@ -127,6 +128,8 @@ impl Engine {
                 .insert(agent_type.to_owned(), seats)
                 .unwrap_or(0)
         };
+        let demand_after = demand(slave, agent_type);
+        self.adjust_demand(agent_type, demand_before, demand_after);
         self.allotted_total = self
             .allotted_total
             .saturating_sub(old)
@@ -144,13 +147,11 @@ impl Engine {
     /// Empties every block of a slave, keeping the counters; no record. Returns how many
     /// seats they held. Its demand is forgotten too, until its next allot request.
     pub(super) fn clear_blocks(&mut self, id: &SlaveId) -> u32 {
+        self.set_wants(id, BTreeMap::new());
         let types: Vec<String> = self
             .slaves
-            .get_mut(id)
-            .map(|s| {
-                s.wants.clear();
-                s.blocks.keys().cloned().collect()
-            })
+            .get(id)
+            .map(|s| s.blocks.keys().cloned().collect())
             .unwrap_or_default();
         let mut freed = 0;
         for agent_type in types {
@@ -175,6 +176,51 @@ impl Engine {
         })
     }
 
+    /// Replaces a slave's demand (`Slave::wants`), keeping `demand_by_type`.
+    fn set_wants(&mut self, id: &SlaveId, wants: BTreeMap<String, u32>) {
+        let Some(s) = self.slaves.get_mut(id) else {
+            return;
+        };
+        let mut types: Vec<String> = s.wants.keys().chain(wants.keys()).cloned().collect();
+        types.sort();
+        types.dedup();
+        let before: Vec<u64> = types.iter().map(|t| demand(s, t)).collect();
+        s.wants = wants;
+        let after: Vec<u64> = types.iter().map(|t| demand(s, t)).collect();
+        for ((t, b), a) in types.iter().zip(before).zip(after) {
+            self.adjust_demand(t, b, a);
+        }
+    }
+
+    fn adjust_demand(&mut self, agent_type: &str, before: u64, after: u64) {
+        if before == after {
+            return;
+        }
+        let sum = self
+            .demand_by_type
+            .entry(agent_type.to_owned())
+            .or_insert(0);
+        *sum = sum.saturating_sub(before).saturating_add(after);
+        if *sum == 0 {
+            self.demand_by_type.remove(agent_type);
+        }
+    }
+
+    /// Every slave's demand summed again from scratch (after demands were dropped in bulk).
+    pub(super) fn recount_demand(&mut self) {
+        let mut sums: BTreeMap<String, u64> = BTreeMap::new();
+        for s in self.slaves.values() {
+            for t in s.blocks.keys().chain(s.wants.keys()) {
+                sums.entry(t.clone()).or_insert(0);
+            }
+        }
+        for (t, sum) in sums.iter_mut() {
+            *sum = self.slaves.values().map(|s| demand(s, t)).sum();
+        }
+        sums.retain(|_, n| *n > 0);
+        self.demand_by_type = sums;
+    }
+
     /// The fair share of the seats not held, of `agent_type` (`None`: in total), when the
     /// allotting slaves' demands exceed them: the max-min fair level (water-filling, as
     /// Doorman's FairShare), so a slave that asks for less than an equal split keeps all
@@ -197,6 +243,14 @@ impl Engine {
                 .min(total_pool),
             None => total_pool,
         };
+        // The usual case, every demand fits, from the running sums (an upper bound).
+        let bound: u64 = match agent_type {
+            Some(t) => self.demand_by_type.get(t).copied().unwrap_or(0),
+            None => self.demand_by_type.values().sum(),
+        };
+        if bound <= u64::from(pool) {
+            return u32::MAX;
+        }
         let demands = self
             .slaves
             .values()
@@ -210,7 +264,7 @@ impl Engine {
                     types.into_iter().map(|t| demand(s, t)).sum()
                 }
             });
-        // The usual case, every demand fits: one pass, no sort.
+        // Every allotting slave's demand fits: no sort.
         if demands.clone().sum::<u64>() <= u64::from(pool) {
             return u32::MAX;
         }
@@ -350,9 +404,7 @@ impl Engine {
                 .map(|(t, n)| (t.clone(), *n))
                 .collect()
         };
-        if let Some(s) = self.slaves.get_mut(id) {
-            s.wants = wants;
-        }
+        self.set_wants(id, wants);
         for agent_type in types {
             let want = if overdue {
                 0
@@ -558,11 +610,16 @@ impl Engine {
     /// (Free seats that only sit in blocks while the pool is larger are shared out by fair
     /// shares instead.)
     fn nearly_exhausted(&self, agent_type: &str) -> bool {
-        let floor = ALLOT_MIN_BLOCK.saturating_mul(self.allotting_slaves());
         let unheld_total = self.total_limit().saturating_sub(self.total_in_use);
         let unheld_type = self.free_of_type(agent_type).map_or(u32::MAX, |free| {
             free.saturating_add(self.allotted_by_type.get(agent_type).copied().unwrap_or(0))
         });
+        // Far from it even if every slave allotted: no pass over the slaves.
+        let most = u32::try_from(self.slaves.len()).unwrap_or(u32::MAX);
+        if unheld_total.min(unheld_type) >= ALLOT_MIN_BLOCK.saturating_mul(most) {
+            return false;
+        }
+        let floor = ALLOT_MIN_BLOCK.saturating_mul(self.allotting_slaves());
         unheld_total < floor || unheld_type < floor
     }
 

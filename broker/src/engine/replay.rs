@@ -334,6 +334,7 @@ impl Engine {
             slave.released.clear();
             slave.wants.clear();
         }
+        self.recount_demand();
     }
 
     /// Called when the leader reads slave messages again after the ledger stalled: it heard

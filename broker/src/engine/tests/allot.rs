@@ -67,7 +67,11 @@ impl Allot {
     }
 
     /// Seats held plus allotted, per the status, within every limit.
-    fn assert_within_limits(&self) {
+    fn assert_within_limits(&mut self) {
+        // The running sums of demand are what a count from scratch gives.
+        let running = self.h.engine.demand_by_type.clone();
+        self.h.engine.recount_demand();
+        assert_eq!(running, self.h.engine.demand_by_type);
         let s = self.h.engine.status(self.h.now);
         assert!(s.total_in_use + s.allotted_total <= s.total_limit, "{s:?}");
         for (t, limit) in &s.type_limits {
