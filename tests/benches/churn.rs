@@ -16,7 +16,13 @@
 //!   wants (2), as `lmbus-slave` does. A slave skips its operation while its request is in
 //!   flight (counted), as a real one would wait for the answer before it uses the block.
 //!
-//! `LMBUS_CHURN_MODES` picks the modes (default `strict,allotment`). Measured over
+//! - allotment+greedy: allotment mode, where one slave (`s0`, with its own credentials, as
+//!   a site that wants more seats would) asks for `u32::MAX` free seats in every allot
+//!   request once the churn starts and ignores every request to give seats back: its
+//!   demand always exceeds the pool, so every allot request that grows a block computes
+//!   fair shares.
+//!
+//! `LMBUS_CHURN_MODES` picks the modes (default `strict,allotment,allotment+greedy`). Measured over
 //! `LMBUS_CHURN_SECONDS` (default 10) after a 3 s warm-up: the leader's CPU
 //! (percent of one core), ledger records and bytes a second (the stream's state), the
 //! operations done, and the allot requests a second. Prints one `BENCH churn` line per mode.
@@ -63,14 +69,18 @@ fn main() {
     let rate = env_or("LMBUS_CHURN_RATE", 1_000);
     let seconds = env_or("LMBUS_CHURN_SECONDS", 10);
     let rt = lmbus_tests::bench::bench_runtime();
-    // `LMBUS_CHURN_MODES`: `strict`, `allotment` or both (the default).
-    let modes = std::env::var("LMBUS_CHURN_MODES").unwrap_or_else(|_| "strict,allotment".into());
-    for allotment in [false, true] {
-        let mode = if allotment { "allotment" } else { "strict" };
+    // `LMBUS_CHURN_MODES`: any of `strict`, `allotment`, `allotment+greedy` (all by default).
+    let modes = std::env::var("LMBUS_CHURN_MODES")
+        .unwrap_or_else(|_| "strict,allotment,allotment+greedy".into());
+    for (mode, allotment, greedy) in [
+        ("strict", false, false),
+        ("allotment", true, false),
+        ("allotment+greedy", true, true),
+    ] {
         if !modes.split(',').any(|m| m.trim() == mode) {
             continue;
         }
-        if let Err(e) = rt.block_on(run(slaves, rate, seconds, allotment)) {
+        if let Err(e) = rt.block_on(run(slaves, rate, seconds, allotment, greedy)) {
             eprintln!("churn {mode} failed: {e:#}");
             let reason = format!("{e:#}").replace(' ', "_");
             println!("BENCH churn mode={mode} slaves={slaves} rate={rate} failed={reason}");
@@ -95,6 +105,8 @@ struct Sim {
     journal_n: u64,
     allot_seq: u64,
     asking: bool,
+    /// Asks for `u32::MAX` seats once the churn starts (`allotment+greedy`).
+    greedy: bool,
 }
 
 /// What the run counts.
@@ -139,9 +151,15 @@ async fn ledger_state(js: &async_nats::jetstream::Context, stream: &str) -> (u64
 }
 
 /// Runs one mode; on failure, the tail of the broker's log goes to stderr with the error.
-async fn run(n: usize, rate: u64, seconds: u64, allotment: bool) -> anyhow::Result<()> {
+async fn run(
+    n: usize,
+    rate: u64,
+    seconds: u64,
+    allotment: bool,
+    greedy: bool,
+) -> anyhow::Result<()> {
     let logs = tempfile::tempdir()?;
-    let result = run_in(n, rate, seconds, allotment, logs.path()).await;
+    let result = run_in(n, rate, seconds, allotment, greedy, logs.path()).await;
     if result.is_err() {
         let text = std::fs::read_to_string(logs.path().join("b1.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -158,9 +176,14 @@ async fn run_in(
     rate: u64,
     seconds: u64,
     allotment: bool,
+    greedy: bool,
     logs: &std::path::Path,
 ) -> anyhow::Result<()> {
-    let mode = if allotment { "allotment" } else { "strict" };
+    let mode = match (allotment, greedy) {
+        (false, _) => "strict",
+        (true, false) => "allotment",
+        (true, true) => "allotment+greedy",
+    };
     eprintln!("== churn: {mode}, {n} slaves, {rate} operations/s ==");
     let nats = NatsServer::start()?;
     let vendor = Vendor::new()?;
@@ -197,6 +220,7 @@ async fn run_in(
                     journal_n: 0,
                     allot_seq: 0,
                     asking: false,
+                    greedy: false,
                 })
             })
             .collect(),
@@ -307,6 +331,11 @@ async fn run_in(
         .await?;
     }
 
+    // The greedy slave starts asking for everything once every slave has its block.
+    if greedy {
+        sims[0].lock().unwrap().greedy = true;
+    }
+
     // The churn: `rate` operations a second, round robin over the slaves.
     let churn = {
         let (reqs, sims, running, counts) =
@@ -362,6 +391,7 @@ async fn run_in(
         r.abort();
     }
     let errors = counts.errors.load(Ordering::Relaxed);
+    let greedy_block = sims[0].lock().unwrap().free;
     // A leader that stepped down under the load leads again once it is gone.
     lmbus_tests::eventually_within("a leader answers", Duration::from_secs(30), || {
         let (c, cl) = (clients[0].clone(), cluster.clone());
@@ -375,8 +405,13 @@ async fn run_in(
             status.slaves_connected
         );
     }
+    let greedy_block = if greedy {
+        format!(" greedy_block={greedy_block} seats={seats}")
+    } else {
+        String::new()
+    };
     println!(
-        "BENCH churn mode={mode} slaves={n} rate={rate} ops_per_s={:.0} skipped_per_s={:.1} allot_per_s={:.0} cpu_leader={cpu:.1} records_per_s={:.0} ledger_kib_per_s={:.1} cpu_us_per_op={:.1} errors={errors}",
+        "BENCH churn mode={mode} slaves={n} rate={rate} ops_per_s={:.0} skipped_per_s={:.1} allot_per_s={:.0} cpu_leader={cpu:.1} records_per_s={:.0} ledger_kib_per_s={:.1} cpu_us_per_op={:.1} errors={errors}{greedy_block}",
         ops as f64 / secs,
         skipped as f64 / secs,
         allots as f64 / secs,
@@ -435,7 +470,7 @@ async fn refresh(req: &Requester, sim: &Mutex<Sim>, counts: &Counts) {
             instance: s.instance,
             seq: s.allot_seq,
             ops: s.journal.clone(),
-            want: BTreeMap::from([(TYPE.to_owned(), WANT)]),
+            want: BTreeMap::from([(TYPE.to_owned(), if s.greedy { u32::MAX } else { WANT })]),
         };
         (s.id.clone(), request)
     };

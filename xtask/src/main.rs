@@ -51,8 +51,8 @@ enum Cmd {
     /// size of --sizes.
     ///
     /// `cargo xtask bench churn`: --churn-slaves simulated slaves at a steady churn of
-    /// --churn-rate operations a second, in strict mode and in allotment mode: the leader's
-    /// CPU and ledger records a second.
+    /// --churn-rate operations a second, in strict mode, in allotment mode, and in
+    /// allotment mode with one greedy slave: the leader's CPU and ledger records a second.
     Bench {
         /// `scale` for the scale bench, `churn` for the churn bench.
         #[arg(value_parser = ["scale", "churn"])]
@@ -762,7 +762,11 @@ fn bench_churn(slaves: u64, rate: u64) -> anyhow::Result<()> {
          slave, one agent at a time). Strict: each operation is a request the leader decides \
          and records. Allotment: each is decided from the slave's block with no message, and \
          every slave sends an allot request every refresh interval (2 s) with its journal \
-         and the block it wants (2 free seats), as `lmbus-slave` does. Over 10 s after a \
+         and the block it wants (2 free seats), as `lmbus-slave` does. Allotment+greedy: \
+         the same, but one slave asks for `u32::MAX` free seats in every allot request once \
+         the churn starts and ignores every request to give seats back (a site that wants \
+         more seats, with its own credentials): demand then always exceeds the pool, and \
+         every block that grows is sized by fair shares. Over 10 s after a \
          3 s warm-up: the leader's CPU (percent of one core), ledger records and KiB a \
          second, and the leader's CPU per operation.\n\n\
          | mode | slaves | operations/s | allot requests/s | leader CPU | ledger records/s | ledger KiB/s | leader CPU per operation | errors |\n\
@@ -785,6 +789,17 @@ fn bench_churn(slaves: u64, rate: u64) -> anyhow::Result<()> {
             field(line, "ledger_kib_per_s"),
             field(line, "cpu_us_per_op"),
             field(line, "errors"),
+        ));
+    }
+    for line in lines
+        .iter()
+        .filter(|l| l.starts_with("BENCH churn ") && l.contains("greedy_block="))
+    {
+        body.push_str(&format!(
+            "\nThe greedy slave ended with a free block of {} seats of {} (its fair share: \
+             what the others' demands of 2 leave).\n",
+            field(line, "greedy_block"),
+            field(line, "seats"),
         ));
     }
     body.push('\n');

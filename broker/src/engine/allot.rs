@@ -19,7 +19,7 @@ use lmbus_schemas::{
 };
 
 use super::guards::MAX_SEQ_JUMP;
-use super::{Effect, Engine, Granted, Output};
+use super::{Effect, Engine, Granted, Output, demand};
 
 /// Below this many seats not held per slave in allotment mode (in total or for a type),
 /// the pool is exhausted: blocks stop growing, slaves are asked to give theirs back, and the
@@ -120,6 +120,8 @@ impl Engine {
             return;
         };
         let demand_before = demand(slave, agent_type);
+        let total_before = total_demand(slave);
+        let held_before = held(slave);
         let old = if seats == 0 {
             slave.blocks.remove(agent_type).unwrap_or(0)
         } else {
@@ -128,8 +130,11 @@ impl Engine {
                 .insert(agent_type.to_owned(), seats)
                 .unwrap_or(0)
         };
-        let demand_after = demand(slave, agent_type);
-        self.adjust_demand(agent_type, demand_before, demand_after);
+        self.demand
+            .moved(agent_type, demand_before, demand(slave, agent_type));
+        self.demand.moved_total(total_before, total_demand(slave));
+        self.holders.moved(id, agent_type, old, seats);
+        self.holders.moved_total(id, held_before, held(slave));
         self.allotted_total = self
             .allotted_total
             .saturating_sub(old)
@@ -176,7 +181,7 @@ impl Engine {
         })
     }
 
-    /// Replaces a slave's demand (`Slave::wants`), keeping `demand_by_type`.
+    /// Replaces a slave's demand (`Slave::wants`), keeping the demand book.
     fn set_wants(&mut self, id: &SlaveId, wants: BTreeMap<String, u32>) {
         let Some(s) = self.slaves.get_mut(id) else {
             return;
@@ -185,52 +190,34 @@ impl Engine {
         types.sort();
         types.dedup();
         let before: Vec<u64> = types.iter().map(|t| demand(s, t)).collect();
+        let total_before = total_demand(s);
         s.wants = wants;
         let after: Vec<u64> = types.iter().map(|t| demand(s, t)).collect();
+        let total_after = total_demand(s);
         for ((t, b), a) in types.iter().zip(before).zip(after) {
-            self.adjust_demand(t, b, a);
+            self.demand.moved(t, b, a);
         }
+        self.demand.moved_total(total_before, total_after);
     }
 
-    fn adjust_demand(&mut self, agent_type: &str, before: u64, after: u64) {
-        if before == after {
-            return;
-        }
-        let sum = self
-            .demand_by_type
-            .entry(agent_type.to_owned())
-            .or_insert(0);
-        *sum = sum.saturating_sub(before).saturating_add(after);
-        if *sum == 0 {
-            self.demand_by_type.remove(agent_type);
-        }
-    }
-
-    /// Every slave's demand summed again from scratch (after demands were dropped in bulk).
+    /// The demand book and the holders counted again from scratch (after demands were
+    /// dropped in bulk, and by the tests, which compare it with the running one).
     pub(super) fn recount_demand(&mut self) {
-        let mut sums: BTreeMap<String, u64> = BTreeMap::new();
-        for s in self.slaves.values() {
-            for t in s.blocks.keys().chain(s.wants.keys()) {
-                sums.entry(t.clone()).or_insert(0);
-            }
-        }
-        for (t, sum) in sums.iter_mut() {
-            *sum = self.slaves.values().map(|s| demand(s, t)).sum();
-        }
-        sums.retain(|_, n| *n > 0);
-        self.demand_by_type = sums;
+        self.demand = demand::DemandBook::recount(self.slaves.values().map(|s| {
+            s.blocks
+                .keys()
+                .chain(s.wants.keys())
+                .map(|t| (t.as_str(), demand(s, t)))
+                .collect()
+        }));
+        self.holders = demand::Holders::recount(self.slaves.iter().map(|(id, s)| (id, &s.blocks)));
     }
 
-    /// The fair share of the seats not held, of `agent_type` (`None`: in total), when the
-    /// allotting slaves' demands exceed them: the max-min fair level (water-filling, as
-    /// Doorman's FairShare), so a slave that asks for less than an equal split keeps all
-    /// it asks for and what it leaves is split among the others. A slave's demand is the
-    /// block it asked for in its last allot request, or the block it holds if more (a new
-    /// leader knows no requests yet: it takes the blocks). `u32::MAX` when every demand
-    /// fits. Seats in use are not part of it: they are never taken back.
-    fn fair_level(&self, agent_type: Option<&str>) -> u32 {
+    /// Seats of `agent_type` not held by any agent (`None`: in total), free or in blocks:
+    /// what fair shares split.
+    fn unheld(&self, agent_type: Option<&str>) -> u32 {
         let total_pool = self.total_limit().saturating_sub(self.total_in_use);
-        let pool = match agent_type {
+        match agent_type {
             Some(t) => self
                 .cfg
                 .license
@@ -242,44 +229,22 @@ impl Engine {
                 })
                 .min(total_pool),
             None => total_pool,
-        };
-        // The usual case, every demand fits, from the running sums (an upper bound).
-        let bound: u64 = match agent_type {
-            Some(t) => self.demand_by_type.get(t).copied().unwrap_or(0),
-            None => self.demand_by_type.values().sum(),
-        };
-        if bound <= u64::from(pool) {
-            return u32::MAX;
         }
-        let demands = self
-            .slaves
-            .values()
-            .filter(|s| s.connected && s.allot_seq > 0)
-            .map(|s| match agent_type {
-                Some(t) => demand(s, t),
-                None => {
-                    let mut types: Vec<&String> = s.blocks.keys().chain(s.wants.keys()).collect();
-                    types.sort();
-                    types.dedup();
-                    types.into_iter().map(|t| demand(s, t)).sum()
-                }
-            });
-        // Every allotting slave's demand fits: no sort.
-        if demands.clone().sum::<u64>() <= u64::from(pool) {
-            return u32::MAX;
-        }
-        water_level(pool, demands.collect())
     }
 
-    /// Slaves that take part in allotment mode (connected, and asked for blocks at least
-    /// once since their hello): the floor below which the pool is nearly exhausted counts
-    /// these.
-    fn allotting_slaves(&self) -> u32 {
-        self.slaves
-            .values()
-            .filter(|s| s.connected && s.allot_seq > 0)
-            .count()
-            .max(1) as u32
+    /// The fair share of the seats not held, of `agent_type` (`None`: in total), when the
+    /// slaves' demands exceed them: the max-min fair level (water-filling, as Doorman's
+    /// FairShare), so a slave that asks for less than an equal split keeps all it asks for
+    /// and what it leaves is split among the others. A slave's demand is the block it asked
+    /// for in its last allot request (capped at what it could get then), or the block it
+    /// holds if more (a new leader knows no requests yet: it takes the blocks; a slave cut
+    /// off keeps its block as its demand until it is reclaimed). `u32::MAX` when every
+    /// demand fits. Seats in use are not part of it: they are never taken back. One pass
+    /// over the distinct demands, none over the slaves (`demand.rs`).
+    fn fair_level(&self, agent_type: Option<&str>) -> u32 {
+        self.demand
+            .of(agent_type)
+            .map_or(u32::MAX, |d| d.level(self.unheld(agent_type)))
     }
 
     pub(super) fn allot(&mut self, now: Instant, id: &SlaveId, request: AllotRequest) -> Output {
@@ -393,15 +358,25 @@ impl Engine {
             || self.check_slave_sync(&self.slaves[id]).is_err()
             || self.check_backup_may_serve().is_err();
         // Its demand for fair shares: what it asks for, of the types there are seats of
-        // (bounded by the license's types).
+        // (bounded by the license's types), capped at what it could hold (its block plus
+        // its local room, and no more than the seats not held): a slave asking for
+        // billions is one more demand that cannot exceed the pool.
         let wants: BTreeMap<String, u32> = if overdue {
             BTreeMap::new()
         } else {
+            let room = self.local_room(id);
             request
                 .want
                 .iter()
                 .filter(|(t, n)| **n > 0 && self.free_of_type(t).is_some())
-                .map(|(t, n)| (t.clone(), *n))
+                .map(|(t, n)| {
+                    let most = self
+                        .block_of(id, t)
+                        .saturating_add(room)
+                        .min(self.unheld(Some(t)));
+                    (t.clone(), (*n).min(most))
+                })
+                .filter(|(_, n)| *n > 0)
                 .collect()
         };
         self.set_wants(id, wants);
@@ -424,7 +399,7 @@ impl Engine {
                 continue;
             };
             let free_total = self.free_total();
-            if self.nearly_exhausted(&agent_type) {
+            if self.nearly_exhausted(id, &agent_type) {
                 exhausted = true;
                 partial = true;
                 exhausted_types.push(agent_type);
@@ -468,20 +443,16 @@ impl Engine {
         if exhausted {
             // The last seats go to whoever asks first: every other slave with a free block
             // is asked to give it back (once until it answers).
-            let holders: Vec<SlaveId> = self
-                .slaves
-                .iter_mut()
-                .filter(|(other, s)| {
-                    *other != id
-                        && s.connected
-                        && !s.blocks.is_empty()
-                        && s.asked_to_return.is_none()
-                })
-                .map(|(other, s)| {
+            let mut holders: Vec<SlaveId> = Vec::new();
+            for other in self.holders.above_total(0) {
+                let Some(s) = self.slaves.get_mut(&other) else {
+                    continue;
+                };
+                if other != *id && s.connected && s.asked_to_return.is_none() {
                     s.asked_to_return = Some(now);
-                    other.clone()
-                })
-                .collect();
+                    holders.push(other);
+                }
+            }
             if !holders.is_empty() {
                 for agent_type in &exhausted_types {
                     self.start_move(now, id, agent_type);
@@ -567,9 +538,22 @@ impl Engine {
             .map(|t| (t.clone(), self.fair_level(Some(t)).max(ALLOT_MIN_BLOCK)))
             .collect();
         let fair_total = self.fair_level(None).max(ALLOT_MIN_BLOCK);
+        // Only holders above a fair share can be over it: a range of the holders' index.
+        let mut over_share: Vec<SlaveId> = fair
+            .iter()
+            .flat_map(|(t, f)| self.holders.above(t, *f))
+            .collect();
+        if total_short {
+            over_share.extend(self.holders.above_total(u64::from(fair_total)));
+        }
+        over_share.sort();
+        over_share.dedup();
         let mut told = false;
-        for (other, s) in self.slaves.iter_mut() {
-            if other == id || !s.connected || s.asked_to_return.is_some() {
+        for other in over_share {
+            let Some(s) = self.slaves.get_mut(&other) else {
+                continue;
+            };
+            if other == *id || !s.connected || s.asked_to_return.is_some() {
                 continue;
             }
             let mut over: BTreeMap<String, u32> = fair
@@ -604,22 +588,25 @@ impl Engine {
         }
     }
 
-    /// Nearly exhausted: fewer seats than [`ALLOT_MIN_BLOCK`] per allotting slave are not
-    /// held (free or in anyone's block), in total or of `agent_type`. Blocks then stop
-    /// growing and are given back whole, so the last seats go one by one to whoever asks.
-    /// (Free seats that only sit in blocks while the pool is larger are shared out by fair
-    /// shares instead.)
-    fn nearly_exhausted(&self, agent_type: &str) -> bool {
+    /// Nearly exhausted: fewer seats than [`ALLOT_MIN_BLOCK`] per slave that wants seats
+    /// are not held (free or in anyone's block), in total or of `agent_type`. The slaves
+    /// that want seats are those with a demand (they asked for a block in their last allot
+    /// request, or hold one), and `id`, the one asking now. Blocks then stop growing and
+    /// are given back whole, so the last seats go one by one to whoever asks. (Free seats
+    /// that only sit in blocks while the pool is larger are shared out by fair shares
+    /// instead.) No pass over the slaves: the demand book counts them.
+    fn nearly_exhausted(&self, id: &SlaveId, agent_type: &str) -> bool {
         let unheld_total = self.total_limit().saturating_sub(self.total_in_use);
         let unheld_type = self.free_of_type(agent_type).map_or(u32::MAX, |free| {
             free.saturating_add(self.allotted_by_type.get(agent_type).copied().unwrap_or(0))
         });
-        // Far from it even if every slave allotted: no pass over the slaves.
-        let most = u32::try_from(self.slaves.len()).unwrap_or(u32::MAX);
-        if unheld_total.min(unheld_type) >= ALLOT_MIN_BLOCK.saturating_mul(most) {
-            return false;
-        }
-        let floor = ALLOT_MIN_BLOCK.saturating_mul(self.allotting_slaves());
+        let asking_too = self.slaves.get(id).is_none_or(|s| total_demand(s) == 0);
+        let wanting = self
+            .demand
+            .of(None)
+            .map_or(0, |d| d.slaves())
+            .saturating_add(u32::from(asking_too));
+        let floor = ALLOT_MIN_BLOCK.saturating_mul(wanting);
         unheld_total < floor || unheld_type < floor
     }
 
@@ -666,10 +653,15 @@ impl Engine {
         ) {
             return None;
         }
-        let whole = self.nearly_exhausted(agent_type);
+        let whole = self.nearly_exhausted(id, agent_type);
         let wait = self.return_wait();
         let (mut coming, mut stranded, mut told) = (false, false, false);
-        for (holder, s) in self.slaves.iter_mut() {
+        // Only slaves with blocks can give seats back: the holders' index, no pass over
+        // every slave.
+        for holder in self.holders.above_total(0) {
+            let Some(s) = self.slaves.get_mut(&holder) else {
+                continue;
+            };
             if !s.connected {
                 continue;
             }
@@ -695,7 +687,7 @@ impl Engine {
                         ControlMessage::ShrinkAllotment { blocks: part }
                     };
                     out.effects.push(Effect::Control {
-                        slave: holder.clone(),
+                        slave: holder,
                         message,
                     });
                 }
@@ -930,20 +922,15 @@ fn demand(s: &super::Slave, agent_type: &str) -> u64 {
     u64::from(want.max(block))
 }
 
-/// The max-min fair level of `pool` among `demands` (water-filling): every demand at or
-/// below it is met in full and the rest get the level, `pool` split as evenly as whole
-/// seats allow (fewer than one seat per slave may stay unassigned). `u32::MAX` when the
-/// demands add up to no more than the pool.
-pub(super) fn water_level(pool: u32, mut demands: Vec<u64>) -> u32 {
-    demands.sort_unstable();
-    let mut left = u64::from(pool);
-    let mut unmet = demands.len() as u64;
-    for d in demands {
-        if d > left / unmet {
-            return u32::try_from(left / unmet).unwrap_or(u32::MAX);
-        }
-        left -= d;
-        unmet -= 1;
-    }
-    u32::MAX
+/// A slave's demand for free seats of all types.
+fn total_demand(s: &super::Slave) -> u64 {
+    let mut types: Vec<&String> = s.blocks.keys().chain(s.wants.keys()).collect();
+    types.sort();
+    types.dedup();
+    types.into_iter().map(|t| demand(s, t)).sum()
+}
+
+/// The free seats a slave's blocks hold, of all types.
+fn held(s: &super::Slave) -> u64 {
+    s.blocks.values().map(|n| u64::from(*n)).sum()
 }

@@ -46,6 +46,7 @@ use uuid::Uuid;
 mod admin;
 mod allot;
 mod backup;
+mod demand;
 mod farewell;
 mod guards;
 mod hello;
@@ -429,11 +430,12 @@ pub struct Engine {
     /// Free seats in slaves' blocks (allotment mode), in total and per type: counted
     /// against the limits with the seats in use.
     allotted_total: u32,
-    /// Allotment mode: every slave's demand for free seats per agent type (what it last
-    /// asked for, or its block if more), summed over all slaves, kept with each change of
-    /// a block or a demand, so that [`Engine::fair_level`] needs no pass over the slaves
-    /// while every demand fits (it counts slaves that are not allotting too: an upper bound).
-    demand_by_type: BTreeMap<String, u64>,
+    /// Allotment mode: every slave's demand for free seats per agent type and in total
+    /// (what it last asked for, or its block if more), and the slaves by the seats their
+    /// blocks hold, kept with each change of a block or a demand, so that sizing an allot
+    /// answer needs no pass over the slaves (`demand.rs`).
+    demand: demand::DemandBook,
+    holders: demand::Holders,
     allotted_by_type: BTreeMap<String, u32>,
     next_counts_at: Option<Instant>,
     /// The most seats in use per type and `total` since the last `license_counts` alert
@@ -500,7 +502,8 @@ impl Engine {
             in_use_by_type: BTreeMap::new(),
             allotted_total: 0,
             allotted_by_type: BTreeMap::new(),
-            demand_by_type: BTreeMap::new(),
+            demand: demand::DemandBook::default(),
+            holders: demand::Holders::default(),
             next_counts_at: None,
             peaks: None,
             last_expiry_warning: None,

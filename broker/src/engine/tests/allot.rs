@@ -69,9 +69,12 @@ impl Allot {
     /// Seats held plus allotted, per the status, within every limit.
     fn assert_within_limits(&mut self) {
         // The running sums of demand are what a count from scratch gives.
-        let running = self.h.engine.demand_by_type.clone();
+        let running = (self.h.engine.demand.clone(), self.h.engine.holders.clone());
         self.h.engine.recount_demand();
-        assert_eq!(running, self.h.engine.demand_by_type);
+        assert_eq!(
+            running,
+            (self.h.engine.demand.clone(), self.h.engine.holders.clone())
+        );
         let s = self.h.engine.status(self.h.now);
         assert!(s.total_in_use + s.allotted_total <= s.total_limit, "{s:?}");
         for (t, limit) in &s.type_limits {
@@ -460,20 +463,78 @@ fn fair_shares_follow_demand() {
     a.assert_within_limits();
 }
 
+/// A slave asking for billions of seats (its own credentials, a field it controls) gets
+/// no more than a fair share, and its recorded demand is capped at what it could hold, so
+/// the others' shares and the cost of sizing stay what honest demands give.
 #[test]
-fn the_fair_level_is_max_min_fair() {
-    use super::super::allot::water_level;
-    assert_eq!(water_level(20, vec![14, 2, 14]), 9);
-    assert_eq!(water_level(20, vec![2, 14]), u32::MAX, "both fit");
-    assert_eq!(water_level(20, vec![10, 10]), u32::MAX, "exactly fits");
+fn a_greedy_want_is_capped_and_takes_no_more_than_a_fair_share() {
+    let mut a = Allot::new();
+    let limits = &mut a.h.engine.cfg.license.limits;
+    limits.total = Some(20);
+    limits.agent_types.insert("inbound".into(), 20);
+    for s in ["greedy", "s2", "s3"] {
+        a.h.hello(s, None);
+    }
+    let got = Allot::answer(&a.ask("greedy", vec![], &[("inbound", u32::MAX)]));
     assert_eq!(
-        water_level(7, vec![5, 5]),
-        3,
-        "whole seats: one stays unassigned"
+        got.blocks["inbound"], 20,
+        "alone, it may take the free pool"
     );
-    assert_eq!(water_level(0, vec![1]), 0);
-    assert_eq!(water_level(10, vec![]), u32::MAX);
-    assert_eq!(water_level(10, vec![0, 0, 30]), 10);
+    let book = a.h.engine.demand.of(Some("inbound")).cloned().unwrap();
+    assert_eq!(
+        book.level(20),
+        u32::MAX,
+        "its demand is capped at the pool: {book:?}"
+    );
+    // Two honest slaves ask for 6 each: the greedy one is told to keep its fair share.
+    let out = a.ask("s2", vec![], &[("inbound", 6)]);
+    assert_eq!(Allot::answer(&out).blocks.get("inbound"), None);
+    assert_eq!(
+        controls(&out),
+        vec![(
+            "greedy".to_owned(),
+            ControlMessage::ShrinkAllotment {
+                blocks: BTreeMap::from([("inbound".into(), 14)])
+            }
+        )]
+    );
+    // It keeps asking for billions, ignoring the request: its block does not grow (only
+    // a slave shrinks its own block, so the seats it holds stay counted), and nobody's
+    // share is smaller for it.
+    let got = Allot::answer(&a.ask("greedy", vec![], &[("inbound", u32::MAX)]));
+    assert_eq!(got.blocks["inbound"], 20);
+    // It complies (the slave caps what it asks for at what it was told).
+    assert_eq!(
+        Allot::answer(&a.ask("greedy", vec![], &[("inbound", 14)])).blocks["inbound"],
+        14
+    );
+    assert_eq!(
+        Allot::answer(&a.ask("s2", vec![], &[("inbound", 6)])).blocks["inbound"],
+        6
+    );
+    // s3 finds nothing free: the greedy one is over the fair level of 20 seats among
+    // demands of 14, 6 and 6, which is 8.
+    let out = a.ask("s3", vec![], &[("inbound", 6)]);
+    assert_eq!(Allot::answer(&out).blocks.get("inbound"), None);
+    assert_eq!(
+        controls(&out),
+        vec![(
+            "greedy".to_owned(),
+            ControlMessage::ShrinkAllotment {
+                blocks: BTreeMap::from([("inbound".into(), 8)])
+            }
+        )]
+    );
+    assert_eq!(
+        Allot::answer(&a.ask("greedy", vec![], &[("inbound", 8)])).blocks["inbound"],
+        8
+    );
+    assert_eq!(
+        Allot::answer(&a.ask("s3", vec![], &[("inbound", 6)])).blocks["inbound"],
+        6
+    );
+    assert_eq!(a.h.engine.allotted_total(), 20);
+    a.assert_within_limits();
 }
 
 /// The retry hint of a refusal (`None`: final).

@@ -404,9 +404,9 @@ mod properties {
                 let sum: u32 = status.slaves.iter().map(|s| s.in_use).sum();
                 prop_assert_eq!(sum, status.total_in_use);
                 // The running sums of demand are what a count from scratch gives.
-                let running = h.engine.demand_by_type.clone();
+                let running = (h.engine.demand.clone(), h.engine.holders.clone());
                 h.engine.recount_demand();
-                prop_assert_eq!(running, h.engine.demand_by_type.clone());
+                prop_assert_eq!(running, (h.engine.demand.clone(), h.engine.holders.clone()));
                 let allotted: u32 = status.slaves.iter().flat_map(|s| s.allotted.values()).sum();
                 prop_assert_eq!(allotted, status.allotted_total);
                 // Held plus allotted: the limit the hosts can reach.
