@@ -120,8 +120,7 @@ impl Engine {
             return;
         };
         let demand_before = demand(slave, agent_type);
-        let total_before = total_demand(slave);
-        let held_before = held(slave);
+        let (total_before, held_before) = (slave.demand_total, slave.held_total);
         let old = if seats == 0 {
             slave.blocks.remove(agent_type).unwrap_or(0)
         } else {
@@ -130,11 +129,14 @@ impl Engine {
                 .insert(agent_type.to_owned(), seats)
                 .unwrap_or(0)
         };
-        self.demand
-            .moved(agent_type, demand_before, demand(slave, agent_type));
-        self.demand.moved_total(total_before, total_demand(slave));
+        // Only this type moved: the slave's totals follow by the difference.
+        let demand_after = demand(slave, agent_type);
+        slave.demand_total = total_before - demand_before + demand_after;
+        slave.held_total = held_before - u64::from(old) + u64::from(seats);
+        self.demand.moved(agent_type, demand_before, demand_after);
+        self.demand.moved_total(total_before, slave.demand_total);
         self.holders.moved(id, agent_type, old, seats);
-        self.holders.moved_total(id, held_before, held(slave));
+        self.holders.moved_total(id, held_before, slave.held_total);
         self.allotted_total = self
             .allotted_total
             .saturating_sub(old)
@@ -182,7 +184,7 @@ impl Engine {
     }
 
     /// Replaces a slave's demand (`Slave::wants`), keeping the demand book.
-    fn set_wants(&mut self, id: &SlaveId, wants: BTreeMap<String, u32>) {
+    pub(super) fn set_wants(&mut self, id: &SlaveId, wants: BTreeMap<String, u32>) {
         let Some(s) = self.slaves.get_mut(id) else {
             return;
         };
@@ -190,19 +192,23 @@ impl Engine {
         types.sort();
         types.dedup();
         let before: Vec<u64> = types.iter().map(|t| demand(s, t)).collect();
-        let total_before = total_demand(s);
+        let total_before = s.demand_total;
         s.wants = wants;
         let after: Vec<u64> = types.iter().map(|t| demand(s, t)).collect();
-        let total_after = total_demand(s);
+        s.demand_total = total_demand(s);
         for ((t, b), a) in types.iter().zip(before).zip(after) {
             self.demand.moved(t, b, a);
         }
-        self.demand.moved_total(total_before, total_after);
+        self.demand.moved_total(total_before, s.demand_total);
     }
 
     /// The demand book and the holders counted again from scratch (after demands were
     /// dropped in bulk, and by the tests, which compare it with the running one).
     pub(super) fn recount_demand(&mut self) {
+        for s in self.slaves.values_mut() {
+            s.demand_total = total_demand(s);
+            s.held_total = held(s);
+        }
         self.demand = demand::DemandBook::recount(self.slaves.values().map(|s| {
             s.blocks
                 .keys()
@@ -444,13 +450,14 @@ impl Engine {
             // The last seats go to whoever asks first: every other slave with a free block
             // is asked to give it back (once until it answers).
             let mut holders: Vec<SlaveId> = Vec::new();
+            let slaves = &mut self.slaves;
             for other in self.holders.above_total(0) {
-                let Some(s) = self.slaves.get_mut(&other) else {
+                let Some(s) = slaves.get_mut(other) else {
                     continue;
                 };
-                if other != *id && s.connected && s.asked_to_return.is_none() {
+                if other != id && s.connected && s.asked_to_return.is_none() {
                     s.asked_to_return = Some(now);
-                    holders.push(other);
+                    holders.push(other.clone());
                 }
             }
             if !holders.is_empty() {
@@ -537,14 +544,18 @@ impl Engine {
             .iter()
             .map(|t| (t.clone(), self.fair_level(Some(t)).max(ALLOT_MIN_BLOCK)))
             .collect();
-        let fair_total = self.fair_level(None).max(ALLOT_MIN_BLOCK);
+        let fair_total = if total_short {
+            self.fair_level(None).max(ALLOT_MIN_BLOCK)
+        } else {
+            u32::MAX
+        };
         // Only holders above a fair share can be over it: a range of the holders' index.
         let mut over_share: Vec<SlaveId> = fair
             .iter()
             .flat_map(|(t, f)| self.holders.above(t, *f))
             .collect();
         if total_short {
-            over_share.extend(self.holders.above_total(u64::from(fair_total)));
+            over_share.extend(self.holders.above_total(u64::from(fair_total)).cloned());
         }
         over_share.sort();
         over_share.dedup();
@@ -594,13 +605,15 @@ impl Engine {
     /// request, or hold one), and `id`, the one asking now. Blocks then stop growing and
     /// are given back whole, so the last seats go one by one to whoever asks. (Free seats
     /// that only sit in blocks while the pool is larger are shared out by fair shares
-    /// instead.) No pass over the slaves: the demand book counts them.
+    /// instead.) A slave cut off counts while it holds a block (whose seats are in the
+    /// pool too), not for what it last asked for. No pass over the slaves: the demand book
+    /// counts them.
     fn nearly_exhausted(&self, id: &SlaveId, agent_type: &str) -> bool {
         let unheld_total = self.total_limit().saturating_sub(self.total_in_use);
         let unheld_type = self.free_of_type(agent_type).map_or(u32::MAX, |free| {
             free.saturating_add(self.allotted_by_type.get(agent_type).copied().unwrap_or(0))
         });
-        let asking_too = self.slaves.get(id).is_none_or(|s| total_demand(s) == 0);
+        let asking_too = self.slaves.get(id).is_none_or(|s| s.demand_total == 0);
         let wanting = self
             .demand
             .of(None)
@@ -658,8 +671,9 @@ impl Engine {
         let (mut coming, mut stranded, mut told) = (false, false, false);
         // Only slaves with blocks can give seats back: the holders' index, no pass over
         // every slave.
+        let slaves = &mut self.slaves;
         for holder in self.holders.above_total(0) {
-            let Some(s) = self.slaves.get_mut(&holder) else {
+            let Some(s) = slaves.get_mut(holder) else {
                 continue;
             };
             if !s.connected {
@@ -687,7 +701,7 @@ impl Engine {
                         ControlMessage::ShrinkAllotment { blocks: part }
                     };
                     out.effects.push(Effect::Control {
-                        slave: holder,
+                        slave: holder.clone(),
                         message,
                     });
                 }

@@ -19,6 +19,8 @@ pub(super) struct Demands {
     sum: u64,
     /// Demand → how many slaves have it (demands of zero are left out).
     counts: BTreeMap<u64, u32>,
+    /// Slaves with a demand: the sum of `counts`.
+    slaves: u32,
 }
 
 impl Demands {
@@ -27,16 +29,18 @@ impl Demands {
             return;
         }
         self.sum = self.sum.saturating_sub(before).saturating_add(after);
-        if before > 0 {
-            if let Some(n) = self.counts.get_mut(&before) {
-                *n -= 1;
-                if *n == 0 {
-                    self.counts.remove(&before);
-                }
+        if before > 0
+            && let Some(n) = self.counts.get_mut(&before)
+        {
+            *n -= 1;
+            self.slaves -= 1;
+            if *n == 0 {
+                self.counts.remove(&before);
             }
         }
         if after > 0 {
             *self.counts.entry(after).or_insert(0) += 1;
+            self.slaves += 1;
         }
     }
 
@@ -46,7 +50,7 @@ impl Demands {
 
     /// Slaves with a demand (of this type, or of any).
     pub(super) fn slaves(&self) -> u32 {
-        self.counts.values().sum()
+        self.slaves
     }
 
     /// The max-min fair level of `pool` among these demands: every demand at or below it
@@ -57,26 +61,26 @@ impl Demands {
         if self.sum <= u64::from(pool) {
             return u32::MAX;
         }
-        water_level(pool, self.counts.iter().map(|(d, n)| (*d, *n)))
+        water_level(pool, self.slaves, self.counts.iter().map(|(d, n)| (*d, *n)))
     }
 }
 
-/// Water-filling over `(demand, how many slaves)` in ascending order of demand. A group of
-/// equal demands is met whole or not at all: if `d ≤ left / unmet` then after one of them
-/// `left - d ≥ d·(unmet - 1)`, so the next one is met too.
-pub(super) fn water_level(pool: u32, ascending: impl IntoIterator<Item = (u64, u32)>) -> u32 {
+/// Water-filling over `(demand, how many slaves)` in ascending order of demand, `slaves`
+/// demands in all, none of them zero. A group of equal demands is met whole or not at
+/// all: if `d ≤ left / unmet` then after one of them `left - d ≥ d·(unmet - 1)`, so the
+/// next one is met too.
+fn water_level(pool: u32, slaves: u32, ascending: impl IntoIterator<Item = (u64, u32)>) -> u32 {
     let mut left = u64::from(pool);
-    let mut unmet: u64 = 0;
-    let groups: Vec<(u64, u32)> = ascending.into_iter().filter(|(d, _)| *d > 0).collect();
-    for (_, n) in &groups {
-        unmet += u64::from(*n);
-    }
-    for (d, n) in groups {
+    let mut unmet = u64::from(slaves);
+    for (d, n) in ascending {
+        if unmet == 0 {
+            break;
+        }
         if d > left / unmet {
             return u32::try_from(left / unmet).unwrap_or(u32::MAX);
         }
-        left -= d * u64::from(n);
-        unmet -= u64::from(n);
+        left = left.saturating_sub(d.saturating_mul(u64::from(n)));
+        unmet = unmet.saturating_sub(u64::from(n));
     }
     u32::MAX
 }
@@ -191,8 +195,8 @@ impl Holders {
     }
 
     /// Slaves whose blocks add up to more than `seats` (0: every holder).
-    pub(super) fn above_total(&self, seats: u64) -> Vec<SlaveId> {
-        above(&self.total, seats).cloned().collect()
+    pub(super) fn above_total(&self, seats: u64) -> impl Iterator<Item = &SlaveId> {
+        above(&self.total, seats)
     }
 
     /// Counted from scratch: each slave's blocks.
@@ -288,6 +292,7 @@ mod tests {
         d.moved(3, 0);
         d.moved(5, 0);
         assert!(d.is_empty());
+        assert_eq!(d.slaves(), 0);
         assert_eq!(d.sum, 0);
     }
 }

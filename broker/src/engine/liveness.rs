@@ -117,10 +117,14 @@ impl Engine {
         let margin = self.cfg.reclaim_margin;
         let forget_after = self.cfg.forget_after;
         let mut lost = Vec::new();
+        let mut went_quiet = Vec::new();
         for (id, slave) in &mut self.slaves {
             let silent = now.saturating_duration_since(slave.last_seen);
             if slave.connected && silent > slave.silence_limit(missed) {
                 slave.connected = false;
+                if !slave.wants.is_empty() {
+                    went_quiet.push(id.clone());
+                }
                 if !slave.heard && slave.agents.is_empty() && slave.blocks.is_empty() {
                     // Known only from the ledger, holding nothing: the previous leader
                     // already said it was silent; it is forgotten in due time.
@@ -132,6 +136,11 @@ impl Engine {
                     what_becomes_of(slave, silent, margin, forget_after),
                 ));
             }
+        }
+        // A slave cut off asks for nothing more: its demand is the block it still holds
+        // (counted until it is reclaimed), not what it last asked for.
+        for id in went_quiet {
+            self.set_wants(&id, std::collections::BTreeMap::new());
         }
         let mut reclaim = Vec::new();
         for (id, slave) in &mut self.slaves {

@@ -322,6 +322,10 @@ struct Slave {
     /// fair shares (not in the ledger: a new leader learns it at the next request, within
     /// one refresh interval, and takes the blocks meanwhile).
     wants: BTreeMap<String, u32>,
+    /// Its demand over all types and the seats its blocks hold, kept with `blocks` and
+    /// `wants` (`set_block`, `set_wants`) for the demand book.
+    demand_total: u64,
+    held_total: u64,
     /// When it was told to give (part of) its blocks back (`ReturnAllotment`,
     /// `ShrinkAllotment`), if it has sent no allot request since.
     asked_to_return: Option<Instant>,
@@ -378,6 +382,8 @@ impl Slave {
             journal: 0,
             allot_seq: 0,
             wants: BTreeMap::new(),
+            demand_total: 0,
+            held_total: 0,
             asked_to_return: None,
             heard: false,
         }

@@ -537,6 +537,45 @@ fn a_greedy_want_is_capped_and_takes_no_more_than_a_fair_share() {
     a.assert_within_limits();
 }
 
+/// A slave cut off asks for nothing more: once it is marked disconnected its demand is the
+/// block it still holds (counted until it is reclaimed), not what it last asked for, which
+/// would keep the others' shares low for a slave that is gone.
+#[test]
+fn a_silent_slave_demands_only_the_block_it_holds() {
+    let mut a = Allot::new();
+    let limits = &mut a.h.engine.cfg.license.limits;
+    limits.total = Some(20);
+    limits.agent_types.insert("inbound".into(), 20);
+    a.h.hello("s1", None);
+    a.h.hello("s2", None);
+    assert_eq!(
+        Allot::answer(&a.ask("s2", vec![], &[("inbound", 16)])).blocks["inbound"],
+        16
+    );
+    assert_eq!(
+        Allot::answer(&a.ask("s1", vec![], &[("inbound", 20)])).blocks["inbound"],
+        4
+    );
+    let level = |a: &Allot| a.h.engine.demand.of(Some("inbound")).unwrap().level(20);
+    assert_eq!(level(&a), 10, "demands of 16 and 20 for 20 seats");
+    // s1 goes silent; s2 keeps beating.
+    let mut waited = 0;
+    while a.h.engine.slave_counts().0 == 2 {
+        assert!(waited < 60, "s1 was never marked disconnected");
+        a.h.advance(Duration::from_secs(1));
+        a.h.heartbeat("s2");
+        a.h.tick();
+        waited += 1;
+    }
+    assert_eq!(
+        a.h.engine.allotted_total(),
+        20,
+        "s1's block is still counted"
+    );
+    assert_eq!(level(&a), u32::MAX, "demands of 16 and 4: both fit");
+    a.assert_within_limits();
+}
+
 /// The retry hint of a refusal (`None`: final).
 fn retry_of(out: &Output) -> Option<u64> {
     match decision_of(out) {
