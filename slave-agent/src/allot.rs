@@ -115,7 +115,7 @@ impl AllotBook {
         if !self.active {
             return None;
         }
-        *self.demand.entry(agent_type.to_owned()).or_insert(0) += 1;
+        bump(&mut self.demand, agent_type);
         self.admit(now, agent_id, agent_type)
     }
 
@@ -157,7 +157,7 @@ impl AllotBook {
     #[cfg(test)]
     pub fn missed(&mut self, agent_type: &str) {
         if self.active {
-            *self.demand.entry(agent_type.to_owned()).or_insert(0) += 1;
+            bump(&mut self.demand, agent_type);
         }
     }
 
@@ -195,9 +195,10 @@ impl AllotBook {
         }
         if admitted > self.sent_n {
             // The master never heard of it: both entries go, and the seat is free again.
-            if let Some(i) = self.journal.iter().position(|op| op.n == admitted) {
+            // Journal numbers only grow along the journal.
+            if let Ok(i) = self.journal.binary_search_by_key(&admitted, |op| op.n) {
                 self.journal.remove(i);
-                *self.free.entry(agent_type.to_owned()).or_insert(0) += 1;
+                bump(&mut self.free, agent_type);
                 self.churned += 1;
                 return true;
             }
@@ -212,7 +213,7 @@ impl AllotBook {
         // The master counts its seat until it applies the release (in the block if it has
         // not applied the admission yet, as a held seat if it has), and then puts it in
         // the block: it is this slave's to use again at once.
-        *self.free.entry(agent_type.to_owned()).or_insert(0) += 1;
+        bump(&mut self.free, agent_type);
         true
     }
 
@@ -421,6 +422,16 @@ impl AllotBook {
             return Some(now);
         }
         Some(self.window_start.map_or(now, |t| t + self.refresh))
+    }
+}
+
+/// One more for `key`, allocating its name only the first time (the local decision's path).
+fn bump(map: &mut BTreeMap<String, u32>, key: &str) {
+    match map.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            map.insert(key.to_owned(), 1);
+        }
     }
 }
 

@@ -19,7 +19,10 @@ use crate::status::{SlaveMode, SlaveStatusView};
 
 #[derive(Debug, Default)]
 pub(crate) struct SlaveMetrics {
-    registrations: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Registrations approved (an atomic: the local decision's path takes no lock here),
+    /// and rejected by reason.
+    approved: AtomicU64,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
     unregistrations: AtomicU64,
     /// Agents moved from a backup master back to production (the handback).
     moved_back: AtomicU64,
@@ -48,13 +51,19 @@ impl Default for Decisions {
 
 impl SlaveMetrics {
     pub(crate) fn registration(&self, reason: Option<&'static str>, took: Duration) {
-        let key = reason.map_or(("approved", ""), |r| ("rejected", r));
-        *self
-            .registrations
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
-            .or_insert(0) += 1;
+        match reason {
+            None => {
+                self.approved.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(r) => {
+                *self
+                    .rejected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(r)
+                    .or_insert(0) += 1;
+            }
+        }
         self.latency.observe(took);
     }
 
@@ -89,22 +98,22 @@ impl SlaveMetrics {
             "# HELP lmbus_slave_registrations_total Registrations answered to the host, by outcome and reject reason.\n\
              # TYPE lmbus_slave_registrations_total counter\n",
         );
-        let registrations = self
-            .registrations
+        // A reason only on a rejection: an approval has none, rather than an empty one.
+        let _ = writeln!(
+            t,
+            "lmbus_slave_registrations_total{{outcome=\"approved\"}} {}",
+            self.approved.load(Ordering::Relaxed)
+        );
+        let rejected = self
+            .rejected
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if registrations.is_empty() {
-            t.push_str("lmbus_slave_registrations_total{outcome=\"approved\"} 0\n");
-        }
-        for ((outcome, reason), n) in registrations {
-            // A reason only on a rejection: an approval has none, rather than an empty one.
-            let labels = if reason.is_empty() {
-                format!("outcome=\"{outcome}\"")
-            } else {
-                format!("outcome=\"{outcome}\",reason=\"{reason}\"")
-            };
-            let _ = writeln!(t, "lmbus_slave_registrations_total{{{labels}}} {n}");
+        for (reason, n) in rejected {
+            let _ = writeln!(
+                t,
+                "lmbus_slave_registrations_total{{outcome=\"rejected\",reason=\"{reason}\"}} {n}"
+            );
         }
         histogram_header(
             &mut t,

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::hello::HelloError;
 use super::inner::Inner;
-use super::state::{Restricted, lock};
+use super::state::{Restricted, State, lock};
 use crate::events::AgentEvent;
 use crate::link::Ask;
 use crate::master::{Master, PerMaster};
@@ -36,13 +36,23 @@ impl Inner {
     /// after being frozen restricts before it talks to anyone.
     pub(super) fn check_grace(&self) {
         let now = tokio::time::Instant::now();
-        let mut state = lock(&self.state);
-        let Some(restrict) =
+        let restricted = self.restrict_if_grace_over(&mut lock(&self.state), now);
+        if let Some(logged_out) = restricted {
+            self.announce_restricted(logged_out);
+        }
+    }
+
+    /// [`Inner::check_grace`] under a lock the caller holds, at `now`: whether usage was
+    /// restricted now, and how many agents were logged out (for
+    /// [`Inner::announce_restricted`], once the lock is released).
+    pub(super) fn restrict_if_grace_over(
+        &self,
+        state: &mut State,
+        now: tokio::time::Instant,
+    ) -> Option<u32> {
+        let restrict =
             self.policy
-                .restriction(now, state.last_contact, state.restricted.is_some())
-        else {
-            return;
-        };
+                .restriction(now, state.last_contact, state.restricted.is_some())?;
         for link in state.links.iter_mut() {
             link.connected = false;
         }
@@ -51,14 +61,18 @@ impl Inner {
             let agents = std::mem::take(&mut state.agents);
             logged_out = agents.len() as u32;
             for (agent_id, seat) in agents {
-                self.logged_out(&mut state, restrict.logout(agent_id, seat.agent_type));
+                self.logged_out(state, restrict.logout(agent_id, seat.agent_type));
             }
         }
         state.restricted = Some(Restricted {
             since: now,
             logged_out,
         });
-        drop(state);
+        Some(logged_out)
+    }
+
+    /// Says that usage was restricted (a warning and the event), outside the lock.
+    pub(super) fn announce_restricted(&self, logged_out: u32) {
         warn!(
             grace = %HumanDuration(self.policy.grace_period()),
             logged_out,

@@ -109,13 +109,17 @@ impl Inner {
         since: tokio::time::Instant,
         wait_until: &mut Option<tokio::time::Instant>,
     ) -> Result<Step, SlaveError> {
-        self.check_grace();
         // Decide under the lock, act (await) after it is released.
         let mut admitted_here = None;
         let mut wake = false;
         let mut flush = false;
+        let restricted_now;
         let local_rejection = {
             let mut state = lock(&self.state);
+            // One clock reading under the lock for the grace period and the block's lease.
+            let now = tokio::time::Instant::now();
+            // The grace period first (as `check_grace`), under the same lock.
+            restricted_now = self.restrict_if_grace_over(&mut state, now);
             let held = state.agents.contains_key(agent_id);
             // An admission or release of the agent is in a journal the master has not
             // acknowledged: a strict request now could reach the master first. A
@@ -132,7 +136,6 @@ impl Inner {
                 // with no message to anyone.
                 None if !held && state.restricted.is_none() => {
                     let active = state.active;
-                    let now = tokio::time::Instant::now();
                     let book = state.allot.get_mut(active);
                     // Tried again: its demand was counted the first time.
                     let admitted = if first {
@@ -186,6 +189,9 @@ impl Inner {
                 }
             }
         };
+        if let Some(logged_out) = restricted_now {
+            self.announce_restricted(logged_out);
+        }
         if let Some(detail) = local_rejection {
             self.report_local_rejection(agent_id, agent_type, &detail)
                 .await;

@@ -21,18 +21,24 @@ pub(super) struct Turns {
 /// a waiting or running turn passes it on).
 pub(super) struct Turn<'a> {
     turns: &'a Turns,
-    agent: String,
+    agent: &'a str,
     lock: Option<Arc<tokio::sync::Mutex<()>>>,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
 impl Turns {
-    pub(super) async fn take(&self, agent: &str) -> Turn<'_> {
-        let lock = self.map().entry(agent.to_owned()).or_default().clone();
+    pub(super) async fn take<'a>(&'a self, agent: &'a str) -> Turn<'a> {
+        let lock = {
+            let mut map = self.map();
+            match map.get(agent) {
+                Some(lock) => lock.clone(),
+                None => map.entry(agent.to_owned()).or_default().clone(),
+            }
+        };
         // Built before waiting, so a caller dropped while it waits still cleans up.
         let mut turn = Turn {
             turns: self,
-            agent: agent.to_owned(),
+            agent,
             lock: Some(lock.clone()),
             guard: None,
         };
@@ -57,10 +63,10 @@ impl Drop for Turn<'_> {
         let mut map = self.turns.map();
         // Only the map holds it: nobody runs or waits for this agent any more.
         if map
-            .get(&self.agent)
+            .get(self.agent)
             .is_some_and(|lock| Arc::strong_count(lock) == 1)
         {
-            map.remove(&self.agent);
+            map.remove(self.agent);
         }
     }
 }
