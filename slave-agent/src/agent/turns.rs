@@ -2,19 +2,25 @@
 //! for the one before it to be answered. Answers then reach the host in the order it asked,
 //! so the last call wins: an approval that comes back after the host asked to release the
 //! same agent can no longer outlive that release, at the master or in the host's books.
+//!
+//! An agent's entry is its queue of waiting operations, first come first served. An
+//! operation that finds no entry takes the turn with no allocation but the entry's name and
+//! nothing to await (the usual case: a local decision's path). Every hand-over happens under
+//! the map's lock, so a waiter that gives up either is still queued (its channel is closed,
+//! and the hand-over skips it) or already holds the turn (and passes it on).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
 
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::oneshot;
 
-/// The agents with an operation running or waiting, each with the lock its operations take
-/// in turn. An entry lives only while some operation holds or waits for it, so the map is
-/// bounded by the operations in progress.
+/// The agents with an operation running or waiting: an entry lives only while some
+/// operation holds or waits for the agent's turn, so the map is bounded by the operations
+/// in progress. The entry holds the waiting operations, in order.
 #[derive(Debug, Default)]
 pub(super) struct Turns {
     /// Plain mutex: never held across an await.
-    agents: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    agents: Mutex<HashMap<String, VecDeque<oneshot::Sender<()>>>>,
 }
 
 /// An agent's turn, held until the operation is answered (or its caller gives up: dropping
@@ -22,31 +28,43 @@ pub(super) struct Turns {
 pub(super) struct Turn<'a> {
     turns: &'a Turns,
     agent: &'a str,
-    lock: Option<Arc<tokio::sync::Mutex<()>>>,
-    guard: Option<OwnedMutexGuard<()>>,
+    /// `Some` while waiting for the turn: the hand-over arrives on it.
+    waiting: Option<oneshot::Receiver<()>>,
 }
 
 impl Turns {
     pub(super) async fn take<'a>(&'a self, agent: &'a str) -> Turn<'a> {
-        let lock = {
+        let waiting = {
             let mut map = self.map();
-            match map.get(agent) {
-                Some(lock) => lock.clone(),
-                None => map.entry(agent.to_owned()).or_default().clone(),
+            match map.get_mut(agent) {
+                Some(queue) => {
+                    let (tx, rx) = oneshot::channel();
+                    queue.push_back(tx);
+                    Some(rx)
+                }
+                None => {
+                    map.insert(agent.to_owned(), VecDeque::new());
+                    None
+                }
             }
         };
         // Built before waiting, so a caller dropped while it waits still cleans up.
         let mut turn = Turn {
             turns: self,
             agent,
-            lock: Some(lock.clone()),
-            guard: None,
+            waiting,
         };
-        turn.guard = Some(lock.lock_owned().await);
+        if let Some(rx) = turn.waiting.as_mut() {
+            // The sender is only dropped unsent by a hand-over under the lock, which then
+            // removes it from the queue: an error cannot happen while the turn is queued,
+            // and either way the turn is ours now.
+            let _ = rx.await;
+            turn.waiting = None;
+        }
         turn
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<oneshot::Sender<()>>>> {
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -58,16 +76,26 @@ impl Turns {
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        self.guard.take();
-        self.lock.take();
         let mut map = self.turns.map();
-        // Only the map holds it: nobody runs or waits for this agent any more.
-        if map
-            .get(self.agent)
-            .is_some_and(|lock| Arc::strong_count(lock) == 1)
-        {
-            map.remove(self.agent);
+        if let Some(mut rx) = self.waiting.take() {
+            // Gave up while waiting. Handed the turn already (under the lock, so this is
+            // exact)? Then it is ours to pass on. Otherwise it stays queued with its
+            // channel closed, and the hand-over skips it.
+            match rx.try_recv() {
+                Ok(()) => {}
+                Err(_) => return,
+            }
         }
+        // Pass the turn to the first waiter still waiting; none: the entry goes.
+        let Some(queue) = map.get_mut(self.agent) else {
+            return;
+        };
+        while let Some(next) = queue.pop_front() {
+            if next.send(()).is_ok() {
+                return;
+            }
+        }
+        map.remove(self.agent);
     }
 }
 
