@@ -38,6 +38,8 @@ impl Turns {
             let mut map = self.map();
             match map.get_mut(agent) {
                 Some(queue) => {
+                    // Waiters that gave up go now: the queue holds only live ones.
+                    queue.retain(|tx| !tx.is_closed());
                     let (tx, rx) = oneshot::channel();
                     queue.push_back(tx);
                     Some(rx)
@@ -76,6 +78,8 @@ impl Turns {
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
+        // Held to the end: a waiter's receiver below must be dropped under it too, or a
+        // hand-over could land in it after `try_recv` looked, and the turn would be lost.
         let mut map = self.turns.map();
         if let Some(mut rx) = self.waiting.take() {
             // Gave up while waiting. Handed the turn already (under the lock, so this is
@@ -138,6 +142,37 @@ mod tests {
         assert_eq!(turns.len(), 2);
         drop(second);
         drop(other);
+        assert_eq!(turns.len(), 0);
+    }
+
+    /// A waiter handed the turn that gives up before it looks passes the turn on: the
+    /// next waiter gets it, and nothing is left behind.
+    #[tokio::test]
+    async fn a_turn_handed_to_a_waiter_that_gave_up_is_passed_on() {
+        let turns = Turns::default();
+        let first = turns.take("a1").await;
+        let mut second = Box::pin(turns.take("a1"));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), &mut second)
+                .await
+                .is_err(),
+            "queued behind the first"
+        );
+        let mut third = Box::pin(turns.take("a1"));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), &mut third)
+                .await
+                .is_err(),
+            "queued behind the second"
+        );
+        // The first hands the turn to the second, which gives up without looking.
+        drop(first);
+        drop(second);
+        let third = tokio::time::timeout(Duration::from_secs(1), third)
+            .await
+            .expect("the turn reached the third");
+        assert_eq!(turns.len(), 1);
+        drop(third);
         assert_eq!(turns.len(), 0);
     }
 }
