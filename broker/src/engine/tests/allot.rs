@@ -59,6 +59,28 @@ impl Allot {
         )
     }
 
+    /// A master of 20 seats, all of them inbound, with `slaves` connected.
+    fn twenty_inbound(slaves: &[&str]) -> Self {
+        let mut a = Allot::new();
+        let limits = &mut a.h.engine.cfg.license.limits;
+        limits.total = Some(20);
+        limits.agent_types.insert("inbound".into(), 20);
+        for s in slaves {
+            a.h.hello(s, None);
+        }
+        a
+    }
+
+    /// `slave` asks for a free block of `want` inbound seats: the inbound block it gets.
+    fn inbound_block(&mut self, slave: &str, want: u32) -> u32 {
+        let out = self.ask(slave, vec![], &[("inbound", want)]);
+        Self::answer(&out)
+            .blocks
+            .get("inbound")
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn answer(out: &Output) -> Allotment {
         match reply_of(out) {
             Some(Reply::Allotment(a)) => a,
@@ -385,10 +407,7 @@ fn when_demand_exceeds_what_is_free_holders_above_a_fair_share_are_told_to_shrin
     a.h.hello("s1", None);
     a.h.hello("s2", None);
     // s1 takes 14 of 20 while it is the only slave asking.
-    assert_eq!(
-        Allot::answer(&a.ask("s1", vec![], &[("inbound", 14)])).blocks["inbound"],
-        14
-    );
+    assert_eq!(a.inbound_block("s1", 14), 14);
     // s2 wants 16: 6 are free, it gets them (its fair share is 10), and s1, whose 14 free
     // seats are above the fair share (water-filling 20 unheld seats over demands of 14 and
     // 16: 10 each), is told to keep 10.
@@ -424,41 +443,15 @@ fn when_demand_exceeds_what_is_free_holders_above_a_fair_share_are_told_to_shrin
 /// and 9, every seat allotted.
 #[test]
 fn fair_shares_follow_demand() {
-    let mut a = Allot::new();
-    let limits = &mut a.h.engine.cfg.license.limits;
-    limits.total = Some(20);
-    limits.agent_types.insert("inbound".into(), 20);
-    for s in ["s1", "s2", "s3"] {
-        a.h.hello(s, None);
-    }
-    assert_eq!(
-        Allot::answer(&a.ask("s1", vec![], &[("inbound", 2)])).blocks["inbound"],
-        2
-    );
-    assert_eq!(
-        Allot::answer(&a.ask("s2", vec![], &[("inbound", 14)])).blocks["inbound"],
-        14
-    );
+    let mut a = Allot::twenty_inbound(&["s1", "s2", "s3"]);
+    assert_eq!(a.inbound_block("s1", 2), 2);
+    assert_eq!(a.inbound_block("s2", 14), 14);
     let out = a.ask("s3", vec![], &[("inbound", 14)]);
     assert_eq!(Allot::answer(&out).blocks["inbound"], 4);
-    assert_eq!(
-        controls(&out),
-        vec![(
-            "s2".to_owned(),
-            ControlMessage::ShrinkAllotment {
-                blocks: BTreeMap::from([("inbound".into(), 9)])
-            }
-        )]
-    );
+    assert_eq!(controls(&out), shrink_inbound("s2", 9));
     a.assert_within_limits();
-    assert_eq!(
-        Allot::answer(&a.ask("s2", vec![], &[("inbound", 9)])).blocks["inbound"],
-        9
-    );
-    assert_eq!(
-        Allot::answer(&a.ask("s3", vec![], &[("inbound", 14)])).blocks["inbound"],
-        9
-    );
+    assert_eq!(a.inbound_block("s2", 9), 9);
+    assert_eq!(a.inbound_block("s3", 14), 9);
     assert_eq!(a.h.engine.allotted_total(), 20);
     a.assert_within_limits();
 }
@@ -468,13 +461,7 @@ fn fair_shares_follow_demand() {
 /// the others' shares and the cost of sizing stay what honest demands give.
 #[test]
 fn a_greedy_want_is_capped_and_takes_no_more_than_a_fair_share() {
-    let mut a = Allot::new();
-    let limits = &mut a.h.engine.cfg.license.limits;
-    limits.total = Some(20);
-    limits.agent_types.insert("inbound".into(), 20);
-    for s in ["greedy", "s2", "s3"] {
-        a.h.hello(s, None);
-    }
+    let mut a = Allot::twenty_inbound(&["greedy", "s2", "s3"]);
     let got = Allot::answer(&a.ask("greedy", vec![], &[("inbound", u32::MAX)]));
     assert_eq!(
         got.blocks["inbound"], 20,
@@ -489,50 +476,22 @@ fn a_greedy_want_is_capped_and_takes_no_more_than_a_fair_share() {
     // Two honest slaves ask for 6 each: the greedy one is told to keep its fair share.
     let out = a.ask("s2", vec![], &[("inbound", 6)]);
     assert_eq!(Allot::answer(&out).blocks.get("inbound"), None);
-    assert_eq!(
-        controls(&out),
-        vec![(
-            "greedy".to_owned(),
-            ControlMessage::ShrinkAllotment {
-                blocks: BTreeMap::from([("inbound".into(), 14)])
-            }
-        )]
-    );
+    assert_eq!(controls(&out), shrink_inbound("greedy", 14));
     // It keeps asking for billions, ignoring the request: its block does not grow (only
     // a slave shrinks its own block, so the seats it holds stay counted), and nobody's
     // share is smaller for it.
     let got = Allot::answer(&a.ask("greedy", vec![], &[("inbound", u32::MAX)]));
     assert_eq!(got.blocks["inbound"], 20);
     // It complies (the slave caps what it asks for at what it was told).
-    assert_eq!(
-        Allot::answer(&a.ask("greedy", vec![], &[("inbound", 14)])).blocks["inbound"],
-        14
-    );
-    assert_eq!(
-        Allot::answer(&a.ask("s2", vec![], &[("inbound", 6)])).blocks["inbound"],
-        6
-    );
+    assert_eq!(a.inbound_block("greedy", 14), 14);
+    assert_eq!(a.inbound_block("s2", 6), 6);
     // s3 finds nothing free: the greedy one is over the fair level of 20 seats among
     // demands of 14, 6 and 6, which is 8.
     let out = a.ask("s3", vec![], &[("inbound", 6)]);
     assert_eq!(Allot::answer(&out).blocks.get("inbound"), None);
-    assert_eq!(
-        controls(&out),
-        vec![(
-            "greedy".to_owned(),
-            ControlMessage::ShrinkAllotment {
-                blocks: BTreeMap::from([("inbound".into(), 8)])
-            }
-        )]
-    );
-    assert_eq!(
-        Allot::answer(&a.ask("greedy", vec![], &[("inbound", 8)])).blocks["inbound"],
-        8
-    );
-    assert_eq!(
-        Allot::answer(&a.ask("s3", vec![], &[("inbound", 6)])).blocks["inbound"],
-        6
-    );
+    assert_eq!(controls(&out), shrink_inbound("greedy", 8));
+    assert_eq!(a.inbound_block("greedy", 8), 8);
+    assert_eq!(a.inbound_block("s3", 6), 6);
     assert_eq!(a.h.engine.allotted_total(), 20);
     a.assert_within_limits();
 }
@@ -542,20 +501,9 @@ fn a_greedy_want_is_capped_and_takes_no_more_than_a_fair_share() {
 /// would keep the others' shares low for a slave that is gone.
 #[test]
 fn a_silent_slave_demands_only_the_block_it_holds() {
-    let mut a = Allot::new();
-    let limits = &mut a.h.engine.cfg.license.limits;
-    limits.total = Some(20);
-    limits.agent_types.insert("inbound".into(), 20);
-    a.h.hello("s1", None);
-    a.h.hello("s2", None);
-    assert_eq!(
-        Allot::answer(&a.ask("s2", vec![], &[("inbound", 16)])).blocks["inbound"],
-        16
-    );
-    assert_eq!(
-        Allot::answer(&a.ask("s1", vec![], &[("inbound", 20)])).blocks["inbound"],
-        4
-    );
+    let mut a = Allot::twenty_inbound(&["s1", "s2"]);
+    assert_eq!(a.inbound_block("s2", 16), 16);
+    assert_eq!(a.inbound_block("s1", 20), 4);
     let level = |a: &Allot| a.h.engine.demand.of(Some("inbound")).unwrap().level(20);
     assert_eq!(level(&a), 10, "demands of 16 and 20 for 20 seats");
     // s1 goes silent; s2 keeps beating.
@@ -582,6 +530,16 @@ fn retry_of(out: &Output) -> Option<u64> {
         Decision::Rejected { retry_after_ms, .. } => retry_after_ms,
         Decision::Approved { .. } => panic!("approved: {out:?}"),
     }
+}
+
+/// One `ShrinkAllotment` to `slave`: keep no more than `seats` inbound.
+fn shrink_inbound(slave: &str, seats: u32) -> Vec<(String, ControlMessage)> {
+    vec![(
+        slave.to_owned(),
+        ControlMessage::ShrinkAllotment {
+            blocks: BTreeMap::from([("inbound".into(), seats)]),
+        },
+    )]
 }
 
 /// The control messages an output sends, by slave.
