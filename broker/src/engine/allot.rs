@@ -131,8 +131,12 @@ impl Engine {
         };
         // Only this type moved: the slave's totals follow by the difference.
         let demand_after = demand(slave, agent_type);
-        slave.demand_total = total_before - demand_before + demand_after;
-        slave.held_total = held_before - u64::from(old) + u64::from(seats);
+        slave.demand_total = total_before
+            .saturating_sub(demand_before)
+            .saturating_add(demand_after);
+        slave.held_total = held_before
+            .saturating_sub(u64::from(old))
+            .saturating_add(u64::from(seats));
         self.demand.moved(agent_type, demand_before, demand_after);
         self.demand.moved_total(total_before, slave.demand_total);
         self.holders.moved(id, agent_type, old, seats);

@@ -33,7 +33,7 @@ impl Demands {
             && let Some(n) = self.counts.get_mut(&before)
         {
             *n -= 1;
-            self.slaves -= 1;
+            self.slaves = self.slaves.saturating_sub(1);
             if *n == 0 {
                 self.counts.remove(&before);
             }
