@@ -613,18 +613,15 @@ impl Engine {
     /// pool too), not for what it last asked for. No pass over the slaves: the demand book
     /// counts them.
     fn nearly_exhausted(&self, id: &SlaveId, agent_type: &str) -> bool {
-        let unheld_total = self.total_limit().saturating_sub(self.total_in_use);
-        let unheld_type = self.free_of_type(agent_type).map_or(u32::MAX, |free| {
-            free.saturating_add(self.allotted_by_type.get(agent_type).copied().unwrap_or(0))
-        });
+        // The seats of the type not held are never more than the total's (`unheld`).
+        let unheld = self.unheld(Some(agent_type));
         let asking_too = self.slaves.get(id).is_none_or(|s| s.demand_total == 0);
         let wanting = self
             .demand
             .of(None)
             .map_or(0, |d| d.slaves())
             .saturating_add(u32::from(asking_too));
-        let floor = ALLOT_MIN_BLOCK.saturating_mul(wanting);
-        unheld_total < floor || unheld_type < floor
+        unheld < ALLOT_MIN_BLOCK.saturating_mul(wanting)
     }
 
     /// How long a slave told to give seats back may take to send its allot request: it
