@@ -819,9 +819,69 @@ pub async fn bind_with(
         .await
         .with_context(|| format!("cannot listen on {addr} for the local API"))?;
     let bound = listener.local_addr()?;
-    let server = axum::serve(listener, router_with_token(agent, options.token))
-        .with_graceful_shutdown(shutdown);
-    Ok((bound, async move { server.await }))
+    let router = router_with_token(agent, options.token);
+    Ok((bound, serve(listener, router, shutdown)))
+}
+
+/// Serves `router` on `listener` until `shutdown`, then stops accepting, lets each
+/// connection finish the request it is answering and waits for them all.
+///
+/// HTTP/1.1 on hyper's connection with pipelining flushed in batches (`pipeline_flush`):
+/// a client that sends several requests before reading (RFC 9112 §9.3.2) gets their answers
+/// in order, written together, so a busy host pays one loopback write and read for many
+/// registrations, as a Redis client pipelining on one connection does. The requests of one
+/// connection are answered one after the other: one that waits for a master holds the
+/// ones behind it, so a host pipelines where decisions are local (allotment mode) and opens
+/// connections side by side otherwise. `TCP_NODELAY` is set: an answer is written whole,
+/// in one write.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.pipeline_flush(true);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) if accept_error_is_the_connections(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors or memory: wait rather than spin.
+                    tracing::warn!(error = %e, "the local API cannot accept a connection; retrying in 1 s");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(router.clone()),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "a local API connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// An accept error that concerns only the connection being accepted (the peer gave up),
+/// not the listener.
+fn accept_error_is_the_connections(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
 }
 
 #[cfg(test)]

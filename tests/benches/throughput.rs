@@ -14,8 +14,10 @@
 //! 5. lmbus allotment mode (`lmbus_allotment_library`): the same through slave agents in
 //!    this process whose broker (another process, another cluster on the same server) runs
 //!    `--admission allotment`, so registrations are decided locally from blocks of seats,
-//!    and (`lmbus_allotment_http`) through the local HTTP API of `lmbus-slave` daemons of
-//!    that cluster;
+//!    and through the local HTTP API of `lmbus-slave` daemons of that cluster, with one
+//!    keep-alive connection per worker (`lmbus_allotment_http`) and with one pipelined
+//!    connection per daemon shared by its workers (`lmbus_allotment_http_pipelined`, the
+//!    Redis row's shape);
 //!
 //! each at concurrency 1 and 64 (64 = 4 connections or slaves × 16 workers), alternating
 //! acquire and release, `LMBUS_BENCH_REPS` (3) repetitions of `LMBUS_BENCH_SECONDS` (5 s)
@@ -463,33 +465,140 @@ impl Http {
     }
 
     async fn call(&mut self, method: &str, path: &str, body: &str) -> anyhow::Result<String> {
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        self.stream.get_mut().write_all(request.as_bytes()).await?;
-        let mut line = String::new();
-        self.stream.read_line(&mut line).await?;
-        // 200, or 201 for a registration that took a seat.
-        if !line.starts_with("HTTP/1.1 20") {
-            bail!("{method} {path}: {}", line.trim());
+        self.stream
+            .get_mut()
+            .write_all(request(method, path, body).as_bytes())
+            .await?;
+        let (ok, answer) = read_answer(&mut self.stream).await?;
+        if !ok {
+            bail!("{method} {path}: {answer}");
         }
-        let mut length = 0;
-        loop {
-            line.clear();
-            self.stream.read_line(&mut line).await?;
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                length = v.trim().parse()?;
-            }
+        Ok(answer)
+    }
+}
+
+fn request(method: &str, path: &str, body: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Reads one answer: whether it is a success (200, or 201 for a registration that took a
+/// seat) and its body, read by its Content-Length (the status line if it is not a
+/// success).
+async fn read_answer(
+    stream: &mut (impl tokio::io::AsyncBufRead + Unpin),
+) -> anyhow::Result<(bool, String)> {
+    let mut status = String::new();
+    stream.read_line(&mut status).await?;
+    let mut line = String::new();
+    let mut length = 0;
+    loop {
+        line.clear();
+        stream.read_line(&mut line).await?;
+        if line == "\r\n" || line.is_empty() {
+            break;
         }
-        let mut answer = vec![0; length];
-        self.stream.read_exact(&mut answer).await?;
-        Ok(String::from_utf8(answer)?)
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse()?;
+        }
+    }
+    let mut answer = vec![0; length];
+    stream.read_exact(&mut answer).await?;
+    let answer = String::from_utf8(answer)?;
+    if status.starts_with("HTTP/1.1 20") {
+        Ok((true, answer))
+    } else {
+        Ok((false, format!("{} {answer}", status.trim())))
+    }
+}
+
+/// A pipelining HTTP/1.1 client of the slave's local API (RFC 9112 §9.3.2): one keep-alive
+/// connection that many workers share. A writer task sends every request queued since its
+/// last write in one write; a reader task hands each answer, in order, to the request it
+/// answers. The shape of the Redis row's multiplexed connection, over HTTP.
+#[derive(Clone)]
+struct Pipelined {
+    queue: tokio::sync::mpsc::UnboundedSender<(Vec<u8>, Answer)>,
+}
+
+type Answer = tokio::sync::oneshot::Sender<anyhow::Result<(bool, String)>>;
+
+impl Pipelined {
+    async fn connect(port: u16) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.set_nodelay(true)?;
+        let (read, mut write) = stream.into_split();
+        let (queue, mut requests) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, Answer)>();
+        // The writer passes each request's answer slot to the reader before it writes the
+        // request, so the reader always finds the slot of the answer it reads.
+        let (slots, mut waiting) = tokio::sync::mpsc::unbounded_channel::<Answer>();
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while let Some((request, slot)) = requests.recv().await {
+                // The workers just answered ask again one after the other: let them queue
+                // before writing, so they go out together.
+                tokio::task::yield_now().await;
+                batch.clear();
+                batch.extend_from_slice(&request);
+                let _ = slots.send(slot);
+                while let Ok((request, slot)) = requests.try_recv() {
+                    batch.extend_from_slice(&request);
+                    let _ = slots.send(slot);
+                }
+                if write.write_all(&batch).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut read = BufReader::new(read);
+            while let Some(slot) = waiting.recv().await {
+                let _ = slot.send(read_answer(&mut read).await);
+            }
+        });
+        Ok(Self { queue })
+    }
+
+    async fn call(&self, method: &str, path: &str, body: &str) -> anyhow::Result<String> {
+        let (slot, answer) = tokio::sync::oneshot::channel();
+        self.queue
+            .send((request(method, path, body).into_bytes(), slot))
+            .map_err(|_| anyhow::anyhow!("the pipelined connection closed"))?;
+        let (ok, answer) = answer
+            .await
+            .map_err(|_| anyhow::anyhow!("the pipelined connection closed"))??;
+        if !ok {
+            bail!("{method} {path}: {answer}");
+        }
+        Ok(answer)
+    }
+}
+
+/// How a row's workers reach the slaves' local HTTP API.
+#[derive(Clone, Copy)]
+enum Transport {
+    /// HTTP/1.1, one keep-alive connection per worker (one request at a time on each).
+    Http1,
+    /// HTTP/1.1 pipelined: one keep-alive connection per slave daemon, shared by its
+    /// workers.
+    Pipelined,
+}
+
+enum Conn {
+    Http1(tokio::sync::Mutex<Http>),
+    Pipelined(Pipelined),
+}
+
+impl Conn {
+    async fn call(&self, method: &str, path: &str, body: &str) -> anyhow::Result<String> {
+        match self {
+            Conn::Http1(http) => http.lock().await.call(method, path, body).await,
+            Conn::Pipelined(p) => p.call(method, path, body).await,
+        }
     }
 }
 
@@ -672,7 +781,7 @@ fn spread(concurrency: usize) -> usize {
 /// alive, and their API ports.
 #[allow(clippy::too_many_arguments)]
 async fn http_rows(
-    name: &'static str,
+    names: &[(&'static str, Transport)],
     nats_url: &str,
     cluster: &str,
     prefix: &str,
@@ -720,38 +829,60 @@ async fn http_rows(
         "lmbus-slave".into(),
         daemons.iter().map(|d| d.pid().as_raw() as u32).collect(),
     ));
-    for &c in levels {
-        let n = spread(c);
-        let mut conns = Vec::new();
-        for w in 0..c {
-            conns.push(tokio::sync::Mutex::new(Http::connect(ports[w % n]).await?));
-        }
-        let conns = Arc::new(conns);
-        rows.push(
-            Row::new(name, c, &watched, move |w, i| {
-                let conns = conns.clone();
-                async move {
-                    let agent = format!("h{c}-w{w}");
-                    let mut http = conns[w].lock().await;
-                    if i % 2 == 0 {
-                        let body = format!(r#"{{"agent_id":"{agent}","agent_type":"inbound"}}"#);
-                        let answer = http.call("POST", "/v1/agents", &body).await?;
-                        if !answer.contains("\"approved\"") {
-                            bail!("{agent} was not approved: {answer}");
-                        }
-                    } else {
-                        let answer = http
-                            .call("DELETE", &format!("/v1/agents/{agent}"), "")
-                            .await?;
-                        if !answer.contains("true") {
-                            bail!("{agent} held no seat to release: {answer}");
-                        }
+    for &(name, transport) in names {
+        for &c in levels {
+            let n = spread(c);
+            let mut conns = Vec::new();
+            let mut shared = Vec::new();
+            for w in 0..c {
+                conns.push(match transport {
+                    Transport::Http1 => {
+                        Conn::Http1(tokio::sync::Mutex::new(Http::connect(ports[w % n]).await?))
                     }
-                    Ok(())
-                }
-            })
-            .probed(http_probe.clone()),
-        );
+                    Transport::Pipelined => {
+                        if shared.len() < n {
+                            shared.push(Pipelined::connect(ports[w % n]).await?);
+                        }
+                        Conn::Pipelined(shared[w % n].clone())
+                    }
+                });
+            }
+            let conns = Arc::new(conns);
+            // Each worker's agent, its registration's body and its release's path, made
+            // once (as the Redis row's holder names are).
+            let calls: Arc<Vec<_>> = Arc::new(
+                (0..c)
+                    .map(|w| {
+                        let agent = format!("{name}-{c}-w{w}");
+                        let body = format!(r#"{{"agent_id":"{agent}","agent_type":"inbound"}}"#);
+                        let path = format!("/v1/agents/{agent}");
+                        (agent, body, path)
+                    })
+                    .collect(),
+            );
+            rows.push(
+                Row::new(name, c, &watched, move |w, i| {
+                    let (conns, calls) = (conns.clone(), calls.clone());
+                    async move {
+                        let (agent, body, path) = &calls[w];
+                        let http = &conns[w];
+                        if i % 2 == 0 {
+                            let answer = http.call("POST", "/v1/agents", body).await?;
+                            if !answer.contains("\"approved\"") {
+                                bail!("{agent} was not approved: {answer}");
+                            }
+                        } else {
+                            let answer = http.call("DELETE", path, "").await?;
+                            if !answer.contains("true") {
+                                bail!("{agent} held no seat to release: {answer}");
+                            }
+                        }
+                        Ok(())
+                    }
+                })
+                .probed(http_probe.clone()),
+            );
+        }
     }
     Ok((daemons, ports))
 }
@@ -918,7 +1049,7 @@ async fn bench() -> anyhow::Result<()> {
     }
     // The same through `lmbus-slave` daemons and their local HTTP API.
     let (daemons, _) = http_rows(
-        "lmbus_http",
+        &[("lmbus_http", Transport::Http1)],
         &nats.url(),
         &cluster,
         "http",
@@ -971,7 +1102,10 @@ async fn bench() -> anyhow::Result<()> {
     // And through `lmbus-slave` daemons of the allotment cluster: the same local decisions
     // behind the local HTTP API.
     let (allot_daemons, _) = http_rows(
-        "lmbus_allotment_http",
+        &[
+            ("lmbus_allotment_http", Transport::Http1),
+            ("lmbus_allotment_http_pipelined", Transport::Pipelined),
+        ],
         &nats.url(),
         &allot_cluster,
         "allothttp",

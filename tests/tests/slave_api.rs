@@ -583,3 +583,109 @@ impl Http {
         tokio::time::timeout(WAIT, call).await.unwrap().unwrap()
     }
 }
+
+/// Reads one HTTP/1.1 answer off `stream`: its status and body (by Content-Length).
+async fn read_answer(stream: &mut tokio::io::BufReader<tokio::net::TcpStream>) -> (u16, String) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+    let mut status = String::new();
+    stream.read_line(&mut status).await.unwrap();
+    let code = status
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not a status line: {status:?}"));
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        stream.read_line(&mut line).await.unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (code, String::from_utf8(body).unwrap())
+}
+
+/// A host that pipelines (RFC 9112 §9.3.2: several requests sent before reading) gets each
+/// answer, in order, for its own request, registrations and releases included, in
+/// allotment mode, where the daemon's bench pipelines. The served API stops on shutdown
+/// with a keep-alive connection still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    use tokio::io::AsyncWriteExt as _;
+    let f = Fixture::new().await.unwrap();
+    let mut cfg = f.broker_settings(2, &[], true).unwrap();
+    cfg.allot = allotment(Duration::from_millis(500), Duration::from_secs(5));
+    let _broker = Broker::start(cfg).await.unwrap();
+    let agent = tokio::time::timeout(WAIT, SlaveAgent::start(f.slave_config("piped").unwrap()))
+        .await
+        .unwrap()
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, server) = api::bind(agent.clone(), "127.0.0.1:0".parse().unwrap(), async {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let server = tokio::spawn(server);
+
+    let register = |id: &str| {
+        let body = format!(r#"{{"agent_id":"{id}","agent_type":"inbound"}}"#);
+        format!(
+            "POST /v1/agents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let plain = |method: &str, path: &str| format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    // Two seats and a third registration refused, the seats looked at, one released, an
+    // unknown path: one write.
+    let requests = [
+        register("p1"),
+        register("p2"),
+        register("p3"),
+        plain("GET", "/v1/agents/p1"),
+        plain("DELETE", "/v1/agents/p1"),
+        plain("GET", "/v1/nothing"),
+        plain("GET", "/v1/agents/p1"),
+        plain("DELETE", "/v1/agents/p2"),
+    ];
+    let mut stream = tokio::io::BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    stream
+        .get_mut()
+        .write_all(requests.concat().as_bytes())
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..requests.len() {
+        answers.push(
+            tokio::time::timeout(WAIT, read_answer(&mut stream))
+                .await
+                .unwrap(),
+        );
+    }
+    let codes: Vec<u16> = answers.iter().map(|(c, _)| *c).collect();
+    assert_eq!(
+        codes,
+        [201, 201, 409, 200, 200, 404, 404, 200],
+        "{answers:#?}"
+    );
+    assert!(answers[2].1.contains("aggregate_limit"), "{answers:#?}");
+    assert!(answers[3].1.contains("\"p1\""), "{answers:#?}");
+    assert!(answers[5].1.contains("\"not_found\""), "{answers:#?}");
+    assert!(answers[6].1.contains("agent_not_found"), "{answers:#?}");
+    assert_eq!(agent.status().agents, 0, "{answers:#?}");
+
+    // Shutdown with the keep-alive connection open and idle: the server stops.
+    stop.send(()).unwrap();
+    tokio::time::timeout(WAIT, server)
+        .await
+        .expect("the API did not stop with an idle connection open")
+        .unwrap()
+        .unwrap();
+}

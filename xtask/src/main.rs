@@ -508,7 +508,12 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
          API; **lmbus_allotment_library**, the same as lmbus_library with a second broker process (its own \
          cluster on the same server) in `--admission allotment` (default refresh 2 s and lease 30 s), so the \
          slaves decide registrations locally from blocks of seats; **lmbus_allotment_http**, the same \
-         through `lmbus-slave` daemons of that cluster and their local HTTP API. Each operation alternates take and release (register, unregister). Concurrency 64 is \
+         through `lmbus-slave` daemons of that cluster and their local HTTP API (HTTP/1.1, one keep-alive \
+         connection per worker, one request at a time on each); **lmbus_allotment_http_pipelined**, the \
+         same daemons through one keep-alive connection per daemon shared by its workers, pipelining \
+         (the bench's client queues the requests of the workers that ask while it writes and sends them \
+         in one write, as the Redis client's multiplexed connection does; the daemon answers them in \
+         order, flushed together). Each operation alternates take and release (register, unregister). Concurrency 64 is \
          4 connections (NATS clients, Redis connections, slaves) of 16 workers each. {reps} \
          repetitions of {seconds} s after a 1 s warm-up, interleaved: each repetition measures every \
          row once, so a change in the shared machine's speed falls on all rows alike. The median \
@@ -665,6 +670,17 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
                 .and_then(|l| paired(l, "ops_per_peer"))
                 .unwrap_or_else(|| "?".to_owned()),
         ));
+        if let Some(piped) = find("lmbus_allotment_http_pipelined", "64") {
+            body.push_str(&format!(
+                "Pipelined on one connection per daemon (the Redis row's shape, 4 connections of \
+                 16 workers), lmbus_allotment_http_pipelined at concurrency 64 made {}× the Redis \
+                 semaphore's ops/s, p50 {} µs and p99 {} µs per request.\n",
+                paired(piped, "ops_per_peer")
+                    .unwrap_or_else(|| ratio(num(piped, "ops"), num(peer, "ops"))),
+                field(piped, "p50_us"),
+                field(piped, "p99_us"),
+            ));
+        }
     }
     if let Some(audit) = lines.iter().find(|l| l.starts_with("BENCH audit ")) {
         body.push_str(&format!(
