@@ -819,29 +819,48 @@ pub async fn bind_with(
         .await
         .with_context(|| format!("cannot listen on {addr} for the local API"))?;
     let bound = listener.local_addr()?;
+    // Answers of pipelined requests written together only where every client is trusted
+    // with the seats anyway (no token: loopback, the default), see `serve`.
+    let batch_answers = options.token.is_none();
     let router = router_with_token(agent, options.token);
-    Ok((bound, serve(listener, router, shutdown)))
+    Ok((bound, serve(listener, router, batch_answers, shutdown)))
 }
 
+/// How long a stopping server waits for its connections to finish the requests they are
+/// answering (a registration waits for a master at most the slave's longest request)
+/// before it drops them, so that a connection that never completes a request (a peer
+/// that sends half a request head and stops) cannot keep the daemon from releasing its
+/// seats.
+pub const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `router` on `listener` until `shutdown`, then stops accepting, lets each
-/// connection finish the request it is answering and waits for them all.
+/// connection finish the request it is answering (closing idle keep-alive connections)
+/// and waits for them, at most [`SHUTDOWN_WAIT`].
 ///
-/// HTTP/1.1 on hyper's connection with pipelining flushed in batches (`pipeline_flush`):
-/// a client that sends several requests before reading (RFC 9112 §9.3.2) gets their answers
-/// in order, written together, so a busy host pays one loopback write and read for many
-/// registrations, as a Redis client pipelining on one connection does. The requests of one
-/// connection are answered one after the other: one that waits for a master holds the
-/// ones behind it, so a host pipelines where decisions are local (allotment mode) and opens
-/// connections side by side otherwise. `TCP_NODELAY` is set: an answer is written whole,
-/// in one write.
+/// HTTP/1.1 on hyper's connection, as `axum::serve` does, with `TCP_NODELAY` (an answer
+/// is written whole, in one write). A client may pipeline (RFC 9112 §9.3.2: several
+/// requests sent before reading): the answers come in the requests' order, one request
+/// after the other, so one that waits for a master holds the ones behind it.
+///
+/// With `batch_answers` (hyper's `pipeline_flush`), the answers to the requests already
+/// read are written together, in one write, when the last of them is answered: a busy
+/// pipelining host pays one loopback write for many (the throughput bench's pipelined
+/// row: 1.6× the Redis semaphore with it, 0.7× without). The price: hyper then buffers
+/// answers without a cap while a client's next request is incomplete, so a client that
+/// keeps sending and never completes its last request, nor reads, grows the daemon's
+/// memory. It is only on where no token is configured (loopback, where every client can
+/// take and release seats anyway); with a token (a sidecar others reach, and `/healthz`
+/// needs none) each answer is written on its own, under hyper's write-buffer cap.
 async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    batch_answers: bool,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.pipeline_flush(true);
+    http.pipeline_flush(batch_answers);
+    let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -849,10 +868,13 @@ async fn serve(
                 Ok((stream, _)) => stream,
                 Err(e) if accept_error_is_the_connections(&e) => continue,
                 Err(e) => {
-                    // Out of file descriptors or memory: wait rather than spin.
-                    tracing::warn!(error = %e, "the local API cannot accept a connection; retrying in 1 s");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    continue;
+                    // Out of file descriptors or memory: wait rather than spin, and
+                    // still stop when asked.
+                    tracing::error!(error = %e, "the local API cannot accept a connection; retrying in 1 s");
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                        () = &mut shutdown => break,
+                    }
                 }
             },
             () = &mut shutdown => break,
@@ -863,14 +885,23 @@ async fn serve(
             hyper_util::service::TowerToHyperService::new(router.clone()),
         );
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "a local API connection ended with an error");
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(SHUTDOWN_WAIT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the local API stopped with connections still open after {SHUTDOWN_WAIT:?}: they are closed"
+        );
+    }
+    connections.shutdown().await;
     Ok(())
 }
 

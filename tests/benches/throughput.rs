@@ -491,7 +491,9 @@ async fn read_answer(
     stream: &mut (impl tokio::io::AsyncBufRead + Unpin),
 ) -> anyhow::Result<(bool, String)> {
     let mut status = String::new();
-    stream.read_line(&mut status).await?;
+    if stream.read_line(&mut status).await? == 0 {
+        bail!("the daemon closed the connection");
+    }
     let mut line = String::new();
     let mut length = 0;
     loop {
@@ -557,7 +559,14 @@ impl Pipelined {
         tokio::spawn(async move {
             let mut read = BufReader::new(read);
             while let Some(slot) = waiting.recv().await {
-                let _ = slot.send(read_answer(&mut read).await);
+                let answer = read_answer(&mut read).await;
+                // After a broken answer the stream is out of step: every request still
+                // waiting fails (its slot is dropped) rather than get another's answer.
+                let broken = answer.is_err();
+                let _ = slot.send(answer);
+                if broken {
+                    return;
+                }
             }
         });
         Ok(Self { queue })

@@ -643,17 +643,21 @@ async fn pipelined_requests_are_answered_in_order() {
         )
     };
     let plain = |method: &str, path: &str| format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-    // Two seats and a third registration refused, the seats looked at, one released, an
-    // unknown path: one write.
+    // Two seats and a third registration refused, each seat looked at, one released and
+    // looked at again, an unknown path, the other released: one write. Every answer that
+    // could be mistaken for another's differs from it (the reads name their agent).
     let requests = [
         register("p1"),
         register("p2"),
         register("p3"),
+        plain("GET", "/v1/agents/p2"),
         plain("GET", "/v1/agents/p1"),
         plain("DELETE", "/v1/agents/p1"),
-        plain("GET", "/v1/nothing"),
         plain("GET", "/v1/agents/p1"),
+        plain("GET", "/v1/agents/p2"),
+        plain("GET", "/v1/nothing"),
         plain("DELETE", "/v1/agents/p2"),
+        plain("GET", "/v1/agents/p2"),
     ];
     let mut stream = tokio::io::BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
     stream
@@ -672,20 +676,40 @@ async fn pipelined_requests_are_answered_in_order() {
     let codes: Vec<u16> = answers.iter().map(|(c, _)| *c).collect();
     assert_eq!(
         codes,
-        [201, 201, 409, 200, 200, 404, 404, 200],
+        [201, 201, 409, 200, 200, 200, 404, 200, 404, 200, 404],
         "{answers:#?}"
     );
     assert!(answers[2].1.contains("aggregate_limit"), "{answers:#?}");
-    assert!(answers[3].1.contains("\"p1\""), "{answers:#?}");
-    assert!(answers[5].1.contains("\"not_found\""), "{answers:#?}");
+    assert!(answers[3].1.contains("\"p2\""), "{answers:#?}");
+    assert!(answers[4].1.contains("\"p1\""), "{answers:#?}");
     assert!(answers[6].1.contains("agent_not_found"), "{answers:#?}");
+    assert!(answers[7].1.contains("\"p2\""), "{answers:#?}");
+    assert!(answers[8].1.contains("\"not_found\""), "{answers:#?}");
+    assert!(answers[10].1.contains("agent_not_found"), "{answers:#?}");
     assert_eq!(agent.status().agents, 0, "{answers:#?}");
 
-    // Shutdown with the keep-alive connection open and idle: the server stops.
-    stop.send(()).unwrap();
-    tokio::time::timeout(WAIT, server)
+    // Shutdown with that keep-alive connection idle and another one stuck halfway through
+    // a request head: the idle one is closed at once, and the stuck one cannot hold the
+    // stop past its bound.
+    let mut stuck = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stuck
+        .write_all(b"GET /v1/status HTTP/1.1\r\nHo")
         .await
-        .expect("the API did not stop with an idle connection open")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(()).unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest),
+    )
+    .await
+    .expect("the idle keep-alive connection was not closed on shutdown")
+    .unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    tokio::time::timeout(api::SHUTDOWN_WAIT + WAIT, server)
+        .await
+        .expect("the API did not stop")
         .unwrap()
         .unwrap();
 }

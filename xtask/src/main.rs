@@ -511,9 +511,9 @@ fn bench_throughput(reps: usize, seconds: f64) -> anyhow::Result<()> {
          through `lmbus-slave` daemons of that cluster and their local HTTP API (HTTP/1.1, one keep-alive \
          connection per worker, one request at a time on each); **lmbus_allotment_http_pipelined**, the \
          same daemons through one keep-alive connection per daemon shared by its workers, pipelining \
-         (the bench's client queues the requests of the workers that ask while it writes and sends them \
-         in one write, as the Redis client's multiplexed connection does; the daemon answers them in \
-         order, flushed together). Each operation alternates take and release (register, unregister). Concurrency 64 is \
+         (the bench's client yields once, then sends every request its workers queued in one write; the \
+         Redis client's multiplexed connection also sends what is queued together, without the yield; \
+         the daemon answers in order, the answers to the requests it has read in one write). Each operation alternates take and release (register, unregister). Concurrency 64 is \
          4 connections (NATS clients, Redis connections, slaves) of 16 workers each. {reps} \
          repetitions of {seconds} s after a 1 s warm-up, interleaved: each repetition measures every \
          row once, so a change in the shared machine's speed falls on all rows alike. The median \
