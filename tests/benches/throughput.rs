@@ -43,7 +43,7 @@ use lmbus_broker::ledger::{Ledger, audit};
 use lmbus_schemas::{SlaveId, Subjects};
 use lmbus_slave::{SlaveAgent, SlaveConfig};
 use lmbus_tests::{NatsServer, Proc, Vendor, bin, cluster_name, cpu_ticks, free_port};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncWriteExt as _, BufReader};
 use tokio::time::Instant;
 
 const ECHO_SUBJECT: &str = "lmbus.bench.echo";
@@ -484,37 +484,16 @@ fn request(method: &str, path: &str, body: &str) -> String {
     )
 }
 
-/// Reads one answer: whether it is a success (200, or 201 for a registration that took a
-/// seat) and its body, read by its Content-Length (the status line if it is not a
-/// success).
+/// One answer: whether it is a success (200, or 201 for a registration that took a seat)
+/// and its body (with the status code if it is not a success).
 async fn read_answer(
     stream: &mut (impl tokio::io::AsyncBufRead + Unpin),
 ) -> anyhow::Result<(bool, String)> {
-    let mut status = String::new();
-    if stream.read_line(&mut status).await? == 0 {
-        bail!("the daemon closed the connection");
-    }
-    let mut line = String::new();
-    let mut length = 0;
-    loop {
-        line.clear();
-        stream.read_line(&mut line).await?;
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            length = v.trim().parse()?;
-        }
-    }
-    let mut answer = vec![0; length];
-    stream.read_exact(&mut answer).await?;
-    let answer = String::from_utf8(answer)?;
-    if status.starts_with("HTTP/1.1 20") {
-        Ok((true, answer))
+    let (code, body) = lmbus_tests::http1::read_answer(stream).await?;
+    if (200..300).contains(&code) {
+        Ok((true, body))
     } else {
-        Ok((false, format!("{} {answer}", status.trim())))
+        Ok((false, format!("{code} {body}")))
     }
 }
 

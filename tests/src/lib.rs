@@ -6,7 +6,7 @@
 //! tests start from, the tracing set-up and the seat-invariant poller), `wait` (the bound
 //! on every wait); `books` (the hosts' books of in-process slaves, checked against the
 //! license at every approval), `daemon`, `ha`, `node_loss` and `catch_up` for the tests and
-//! benches that need them; `bench` (the runtime and trial count every bench shares); `dashboard` (the web dashboard in-process, and an HTTP client
+//! benches that need them; `bench` (the runtime and trial count every bench shares); `http1` (reading a raw HTTP/1.1 answer, for pipelined requests); `dashboard` (the web dashboard in-process, and an HTTP client
 //! with cookies).
 //!
 //! Nothing here mocks NATS. Every wait is bounded.
@@ -17,6 +17,7 @@ pub mod catch_up;
 pub mod daemon;
 pub mod dashboard;
 pub mod ha;
+pub mod http1;
 pub mod jwt;
 pub mod node_loss;
 

@@ -584,34 +584,6 @@ impl Http {
     }
 }
 
-/// Reads one HTTP/1.1 answer off `stream`: its status and body (by Content-Length).
-async fn read_answer(stream: &mut tokio::io::BufReader<tokio::net::TcpStream>) -> (u16, String) {
-    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
-    let mut status = String::new();
-    stream.read_line(&mut status).await.unwrap();
-    let code = status
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not a status line: {status:?}"));
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        stream.read_line(&mut line).await.unwrap();
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            length = v.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0; length];
-    stream.read_exact(&mut body).await.unwrap();
-    (code, String::from_utf8(body).unwrap())
-}
-
 /// A host that pipelines (RFC 9112 §9.3.2: several requests sent before reading) gets each
 /// answer, in order, for its own request, registrations and releases included, in
 /// allotment mode, where the daemon's bench pipelines. The served API stops on shutdown
@@ -668,8 +640,9 @@ async fn pipelined_requests_are_answered_in_order() {
     let mut answers = Vec::new();
     for _ in 0..requests.len() {
         answers.push(
-            tokio::time::timeout(WAIT, read_answer(&mut stream))
+            tokio::time::timeout(WAIT, lmbus_tests::http1::read_answer(&mut stream))
                 .await
+                .unwrap()
                 .unwrap(),
         );
     }
