@@ -35,7 +35,8 @@ pub(crate) struct SlaveMetrics {
     /// capacity took to move to this slave's registration).
     allot_wait: Histogram,
     /// Allotment mode: registrations admitted from an allotted block, from the library call
-    /// (after its turn at the agent) to the answer, with microsecond buckets.
+    /// (or from its turn at the agent, when it had to wait for it) to the answer, with
+    /// microsecond buckets.
     local_decision: Decisions,
 }
 
@@ -132,7 +133,7 @@ impl SlaveMetrics {
         histogram_header(
             &mut t,
             "lmbus_slave_local_decision_seconds",
-            "Allotment mode: registrations admitted here from an allotted block, from the call (after the agent's turn) to the answer; buckets from 1 µs.",
+            "Allotment mode: registrations admitted here from an allotted block, from the call (or from the agent's turn, when it waited for it) to the answer; buckets from 1 µs.",
         );
         self.local_decision
             .0

@@ -263,7 +263,7 @@ impl<'a> Slave<'a> {
         self.hosts.remove(agent);
         match release {
             Release::NotHeld => true,
-            Release::Journaled => panic!("a journaled release in strict mode"),
+            Release::Journaled { .. } => panic!("a journaled release in strict mode"),
             Release::Send(_) => {
                 let guard = self.guard(agent, false);
                 let request = UnregisterRequest {

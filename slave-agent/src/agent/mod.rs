@@ -250,21 +250,21 @@ impl SlaveAgent {
     /// Asks for a seat for `agent_id` of `agent_type`: local limit first, then the
     /// master(s).
     pub async fn register(&self, agent_id: &str, agent_type: &str) -> Result<Outcome, SlaveError> {
-        let asked = tokio::time::Instant::now();
         // A decision from an allotted block awaits nothing: a host calling in a tight loop
         // would never yield, starving this slave's own heartbeats and allot requests on a
         // small runtime. Counting against the task's cooperative budget makes it yield now
-        // and then.
+        // and then (before the clock starts: the runtime's turn is not the library's time).
         tokio::task::consume_budget().await;
-        let outcome = self.inner.register(agent_id, agent_type).await;
-        if let Ok(o) = &outcome {
-            let reason = match o {
-                Outcome::Approved { .. } => None,
-                Outcome::Rejected { reason, .. } => Some(reason.token()),
-            };
-            self.inner.metrics.registration(reason, asked.elapsed());
-        }
-        outcome
+        let asked = tokio::time::Instant::now();
+        let (outcome, answered) = self.inner.register(agent_id, agent_type, asked).await?;
+        let reason = match &outcome {
+            Outcome::Approved { .. } => None,
+            Outcome::Rejected { reason, .. } => Some(reason.token()),
+        };
+        self.inner
+            .metrics
+            .registration(reason, answered.saturating_duration_since(asked));
+        Ok(outcome)
     }
 
     /// Gives the agent's seat back to the master that granted it. `Ok(false)` when it held

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::hello::HelloError;
 use super::inner::Inner;
-use super::state::{InFlight, Refusal, Release, Seat, lock};
+use super::state::{InFlight, Refusal, Release, Seat, State, lock};
 use crate::error::SlaveError;
 use crate::events::{LoggedOut, Outcome};
 
@@ -41,7 +41,8 @@ pub(super) enum Attempt {
 
 /// Where one try at a registration ended.
 enum Step {
-    Decided(Outcome),
+    /// Answered, at that instant.
+    Decided(Outcome, tokio::time::Instant),
     /// The master said to ask again (seats of blocks are being given back); waited as told.
     Waited,
     /// The agent's admission or release was still in an unacknowledged journal; waited
@@ -58,164 +59,253 @@ struct Decided {
     retry_after: Option<std::time::Duration>,
 }
 
+/// What the locked part of one try at a registration decided (acted on by
+/// `Inner::act_on`, once the lock is released).
+struct Tried {
+    /// The grace period ran out at this try: how many agents were logged out.
+    restricted_now: Option<u32>,
+    /// The next allot request is to go now (the block runs low, or could not serve this).
+    wake: bool,
+    next: Next,
+}
+
+/// Where the locked part of a try left a registration.
+enum Next {
+    /// Admitted from the active master's block: decided, with no message to anyone.
+    Admitted,
+    /// Refused by the local limit (recorded; reported to the master after the lock).
+    LocalRejection(String),
+    /// The agent's admission or release is in a journal the master has not acknowledged.
+    Flush,
+    /// To be asked of the masters (counted in `pending` and `registering`).
+    Strict,
+}
+
 impl Inner {
+    /// A registration asked at `asked`: its outcome, and when it was answered.
     pub(super) async fn register(
         &self,
         agent_id: &str,
         agent_type: &str,
-    ) -> Result<Outcome, SlaveError> {
+        asked: tokio::time::Instant,
+    ) -> Result<(Outcome, tokio::time::Instant), SlaveError> {
         validate(agent_id, agent_type)?;
-        let _turn = self.turns.take(agent_id).await;
+        // The agent's turn. While no operation holds or waits for it, the first try decides
+        // under the turns' lock, so no operation on the agent can start meanwhile: the same
+        // as taking the turn first. A decision from the block awaits nothing and ends
+        // there, needing no turn (no entry, no allocation); any other takes the turn before
+        // the lock is released. Otherwise the turn is waited for, and a local decision is
+        // timed from when it came.
+        // (The turns' lock is let go by the end of this statement, before any await.)
+        // The seat table's strings are made before the locks, not under them (what is not
+        // used is dropped after them).
+        let mut entry = Some((agent_id.to_owned(), agent_type.to_owned()));
+        let decided_free = self.turns.free(agent_id).map(|free| {
+            let tried = self.try_locally(agent_id, agent_type, true, false, &mut entry);
+            let turn = match tried.next {
+                Next::Admitted => {
+                    drop(free);
+                    None
+                }
+                _ => Some(free.take()),
+            };
+            (turn, tried)
+        });
+        let (_turn, mut tried, since) = match decided_free {
+            Some((turn, tried)) => (turn, Some(tried), asked),
+            None => {
+                let turn = self.turns.take(agent_id).await;
+                (Some(turn), None, tokio::time::Instant::now())
+            }
+        };
         // Allotment mode: a capacity refusal while other slaves give back seats of their
         // blocks is asked again (from the block first) until then.
         let mut wait_until = None;
         let mut waited_since = None;
         let (mut first, mut flushed) = (true, false);
         loop {
-            // A local decision is timed from its try: the first starts right after the turn.
-            let asked = tokio::time::Instant::now();
-            let step = self
-                .register_once(agent_id, agent_type, first, flushed, asked, &mut wait_until)
-                .await;
+            // A local decision is timed from its try: the first from the call, or from the
+            // turn when it had to wait for it.
+            let tried_at = if first {
+                since
+            } else {
+                tokio::time::Instant::now()
+            };
+            let tried = match tried.take() {
+                Some(tried) => tried,
+                None => self.try_locally(agent_id, agent_type, first, flushed, &mut entry),
+            };
             first = false;
-            match step {
+            match self
+                .act_on(tried, agent_id, agent_type, tried_at, &mut wait_until)
+                .await
+            {
                 Ok(Step::Waited) => {
-                    waited_since.get_or_insert(asked);
+                    waited_since.get_or_insert(tried_at);
                 }
                 // Once: a master that has not answered the journal by then is asked
                 // strictly all the same (and decides as it can).
                 Ok(Step::Flushed) => flushed = true,
-                Ok(Step::Decided(outcome)) => {
+                Ok(Step::Decided(outcome, at)) => {
                     if let Some(since) = waited_since {
-                        self.metrics.allot_wait(since.elapsed());
+                        self.metrics.allot_wait(at.saturating_duration_since(since));
                     }
-                    return Ok(outcome);
+                    return Ok((outcome, at));
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// One try at a registration (`first`: its demand is not counted yet): decided, or
-    /// to be tried again because the master said to ask again (seats are being given back)
-    /// and `wait_until` has not passed, or because the agent was still named in the journal
-    /// (not again once `flushed`).
-    async fn register_once(
+    /// The locked part of one try at a registration (`first`: its demand is not counted
+    /// yet; `flushed`: the journal was waited for once already): the grace period, the
+    /// local limit, a seat from the active master's block, or else a request to the
+    /// masters counted in flight. A seat taken from the block is entered with `entry`'s
+    /// strings (the agent and its type, made before the lock) when it has them.
+    fn try_locally(
         &self,
         agent_id: &str,
         agent_type: &str,
         first: bool,
         flushed: bool,
-        since: tokio::time::Instant,
-        wait_until: &mut Option<tokio::time::Instant>,
-    ) -> Result<Step, SlaveError> {
-        // Decide under the lock, act (await) after it is released.
-        let mut admitted_here = None;
-        let mut wake = false;
-        let mut flush = false;
-        let restricted_now;
-        let local_rejection = {
-            let mut state = lock(&self.state);
-            // One clock reading under the lock for the grace period and the block's lease.
-            let now = tokio::time::Instant::now();
-            // The grace period first (as `check_grace`), under the same lock.
-            restricted_now = self.restrict_if_grace_over(&mut state, now);
-            let held = state.agents.contains_key(agent_id);
-            // An admission or release of the agent is in a journal the master has not
-            // acknowledged: a strict request now could reach the master first. A
-            // re-registration would find no seat (the admission not applied yet) and log
-            // the agent out; a registration after a release would find the agent still
-            // held (already_held), and the journal's release would then take the seat the
-            // host was just told it holds. The journal goes first.
-            let journaled = !flushed
+        entry: &mut Option<(String, String)>,
+    ) -> Tried {
+        let mut state = lock(&self.state);
+        // One clock reading under the lock for the grace period and the block's lease.
+        let now = tokio::time::Instant::now();
+        // The grace period first (as `check_grace`), under the same lock.
+        let restricted_now = self.restrict_if_grace_over(&mut state, now);
+        let held = state.agents.contains_key(agent_id);
+        // An admission or release of the agent is in a journal the master has not
+        // acknowledged: a strict request now could reach the master first. A
+        // re-registration would find no seat (the admission not applied yet) and log the
+        // agent out; a registration after a release would find the agent still held
+        // (already_held), and the journal's release would then take the seat the host was
+        // just told it holds. The journal goes first. (Looked up only off the block's
+        // path: it scans the journals.)
+        let journaled = |state: &State| {
+            !flushed
                 && state.restricted.is_none()
-                && state.allot.iter().any(|b| b.journaled(agent_id));
-            let used = state.agents.len() as u64 + u64::from(state.pending);
-            match Policy::local_rejection(self.local_limit, held, used) {
-                // Allotment mode: a free seat of the active master's block decides it here,
-                // with no message to anyone.
-                None if !held && state.restricted.is_none() => {
-                    let active = state.active;
-                    let book = state.allot.get_mut(active);
-                    // Tried again: its demand was counted the first time.
-                    let admitted = if first {
-                        book.try_admit(now, agent_id, agent_type)
-                    } else {
-                        book.try_admit_again(now, agent_id, agent_type)
-                    };
-                    if let Some(n) = admitted {
-                        // Running low: ask early (at most every quarter refresh).
-                        admitted_here = Some(book.low(agent_type) && book.ask_early(now));
-                        state.agents.insert(
-                            agent_id.to_owned(),
-                            Seat {
-                                agent_type: agent_type.to_owned(),
-                                link: active,
-                                allot: Some(n),
-                            },
-                        );
-                    } else if journaled {
-                        flush = true;
+                && state.allot.iter().any(|b| b.journaled(agent_id))
+        };
+        let used = state.agents.len() as u64 + u64::from(state.pending);
+        let mut wake = false;
+        let next = match Policy::local_rejection(self.local_limit, held, used) {
+            // Allotment mode: a free seat of the active master's block decides it here,
+            // with no message to anyone.
+            None if !held && state.restricted.is_none() => {
+                let active = state.active;
+                let book = state.allot.get_mut(active);
+                // Tried again: its demand was counted the first time.
+                let admitted = if first {
+                    book.try_admit(now, agent_id, agent_type)
+                } else {
+                    book.try_admit_again(now, agent_id, agent_type)
+                };
+                if let Some(n) = admitted {
+                    // Running low: ask early (at most every quarter refresh).
+                    wake = book.low(agent_type) && book.ask_early(now);
+                    let (agent, agent_type) = entry
+                        .take()
+                        .unwrap_or_else(|| (agent_id.to_owned(), agent_type.to_owned()));
+                    state.agents.insert(
+                        agent,
+                        Seat {
+                            agent_type,
+                            link: active,
+                            allot: Some(n),
+                        },
+                    );
+                    Next::Admitted
+                } else {
+                    let early = book.ask_early(now);
+                    if journaled(&state) {
+                        wake = true;
+                        Next::Flush
                     } else {
                         // Not from a block: asked strictly; the next allot request goes
                         // early so that the block catches up with the demand.
-                        if book.ask_early(now) {
-                            wake = true;
-                        }
+                        wake = early;
                         state.begin_registration(agent_id);
+                        Next::Strict
                     }
-                    None
                 }
-                Some(detail) => {
-                    // `local_rejection` refuses only agents that hold no seat.
-                    self.refused(
-                        &mut state,
-                        LoggedOut {
-                            agent_id: agent_id.to_owned(),
-                            agent_type: agent_type.to_owned(),
-                            reason: RejectReason::LocalLimit,
-                            detail: detail.clone(),
-                        },
-                    );
-                    Some(detail)
-                }
-                None if journaled => {
-                    flush = true;
-                    None
-                }
-                None => {
-                    state.begin_registration(agent_id);
-                    None
-                }
+            }
+            Some(detail) => {
+                // `local_rejection` refuses only agents that hold no seat.
+                self.refused(
+                    &mut state,
+                    LoggedOut {
+                        agent_id: agent_id.to_owned(),
+                        agent_type: agent_type.to_owned(),
+                        reason: RejectReason::LocalLimit,
+                        detail: detail.clone(),
+                    },
+                );
+                Next::LocalRejection(detail)
+            }
+            None if journaled(&state) => {
+                wake = true;
+                Next::Flush
+            }
+            None => {
+                state.begin_registration(agent_id);
+                Next::Strict
             }
         };
-        if let Some(logged_out) = restricted_now {
+        Tried {
+            restricted_now,
+            wake,
+            next,
+        }
+    }
+
+    /// Acts on what the locked part of a try decided (`since`: when the try began):
+    /// decided, or to be tried again because the master said to ask again (seats are being
+    /// given back) and `wait_until` has not passed, or because the agent was still named
+    /// in the journal.
+    async fn act_on(
+        &self,
+        tried: Tried,
+        agent_id: &str,
+        agent_type: &str,
+        since: tokio::time::Instant,
+        wait_until: &mut Option<tokio::time::Instant>,
+    ) -> Result<Step, SlaveError> {
+        if let Some(logged_out) = tried.restricted_now {
             self.announce_restricted(logged_out);
         }
-        if let Some(detail) = local_rejection {
-            self.report_local_rejection(agent_id, agent_type, &detail)
-                .await;
-            return Ok(Step::Decided(Outcome::Rejected {
-                reason: RejectReason::LocalLimit,
-                detail,
-            }));
-        }
-        if flush {
-            self.allot_wake.notify_one();
-            self.wait_for_journal(agent_id).await;
-            return Ok(Step::Flushed);
-        }
-        if wake {
+        if tried.wake {
             self.allot_wake.notify_one();
         }
-        if let Some(low) = admitted_here {
-            if low {
-                self.allot_wake.notify_one();
+        match tried.next {
+            Next::Admitted => {
+                let at = tokio::time::Instant::now();
+                self.metrics
+                    .local_decision(at.saturating_duration_since(since));
+                return Ok(Step::Decided(
+                    Outcome::Approved {
+                        already_held: false,
+                    },
+                    at,
+                ));
             }
-            self.metrics.local_decision(since.elapsed());
-            return Ok(Step::Decided(Outcome::Approved {
-                already_held: false,
-            }));
+            Next::LocalRejection(detail) => {
+                self.report_local_rejection(agent_id, agent_type, &detail)
+                    .await;
+                return Ok(Step::Decided(
+                    Outcome::Rejected {
+                        reason: RejectReason::LocalLimit,
+                        detail,
+                    },
+                    tokio::time::Instant::now(),
+                ));
+            }
+            Next::Flush => {
+                self.wait_for_journal(agent_id).await;
+                return Ok(Step::Flushed);
+            }
+            Next::Strict => {}
         }
         // Settled below; a caller that gives up (a dropped future, an HTTP client gone)
         // settles it on drop, so the agent is never left "in flight" for good.
@@ -258,7 +348,7 @@ impl Inner {
                     Some(Refusal::Refused(out)) => self.refused(&mut state, out),
                     None => {}
                 }
-                return Ok(Step::Decided(outcome));
+                return Ok(Step::Decided(outcome, now));
             }
             wait
         };
@@ -484,10 +574,29 @@ impl Inner {
         if agent_id.is_empty() {
             return Err(SlaveError::InvalidInput("agent id is empty".into()));
         }
-        let _turn = self.turns.take(agent_id).await;
-        let seat = match lock(&self.state).begin_unregistration(agent_id) {
+        // As for a registration: while the agent's turn is free, the release is decided
+        // under the turns' lock, and only one that sends a message takes the turn.
+        let decided_free = self.turns.free(agent_id).map(|free| {
+            let release = lock(&self.state).begin_unregistration(agent_id);
+            match release {
+                Release::Send(_) => (Some(free.take()), release),
+                Release::NotHeld | Release::Journaled { .. } => {
+                    drop(free);
+                    (None, release)
+                }
+            }
+        });
+        let (_turn, release) = match decided_free {
+            Some(decided) => decided,
+            None => {
+                let turn = self.turns.take(agent_id).await;
+                let release = lock(&self.state).begin_unregistration(agent_id);
+                (Some(turn), release)
+            }
+        };
+        let seat = match release {
             Release::NotHeld => return Ok(false),
-            Release::Journaled => return Ok(true),
+            Release::Journaled { .. } => return Ok(true),
             Release::Send(seat) => seat,
         };
         let in_flight = InFlight {

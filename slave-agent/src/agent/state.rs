@@ -147,7 +147,8 @@ pub(super) enum Release {
     /// The agent holds no seat here.
     NotHeld,
     /// Admitted from a block: the release went into that master's journal; no message.
-    Journaled,
+    /// The table's entry comes back to be dropped after the lock.
+    Journaled { _agent: String, _seat: Seat },
     /// Taken off the table and marked in flight: the release goes to the seat's master.
     Send(Seat),
 }
@@ -228,7 +229,7 @@ impl State {
     /// An unregistration: the seat leaves the table at once (the host is told it is
     /// released), and the release is journaled or marked in flight to its master.
     pub(super) fn begin_unregistration(&mut self, agent_id: &str) -> Release {
-        let Some(seat) = self.agents.remove(agent_id) else {
+        let Some((agent, seat)) = self.agents.remove_entry(agent_id) else {
             return Release::NotHeld;
         };
         // Admitted from a block: the release goes in that master's journal (no message
@@ -239,7 +240,10 @@ impl State {
                 .get_mut(seat.link)
                 .release(agent_id, &seat.agent_type, n)
         {
-            return Release::Journaled;
+            return Release::Journaled {
+                _agent: agent,
+                _seat: seat,
+            };
         }
         mark(&mut self.unregistering, agent_id);
         Release::Send(seat)

@@ -10,7 +10,7 @@
 //! and the hand-over skips it) or already holds the turn (and passes it on).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
@@ -30,6 +30,25 @@ pub(super) struct Turn<'a> {
     agent: &'a str,
     /// `Some` while waiting for the turn: the hand-over arrives on it.
     waiting: Option<oneshot::Receiver<()>>,
+}
+
+/// The turns' lock, held while an agent's turn is free (see [`Turns::free`]).
+pub(super) struct Free<'a> {
+    map: MutexGuard<'a, HashMap<String, VecDeque<oneshot::Sender<()>>>>,
+    turns: &'a Turns,
+    agent: &'a str,
+}
+
+impl<'a> Free<'a> {
+    /// Takes the free turn, and lets go of the lock.
+    pub(super) fn take(mut self) -> Turn<'a> {
+        self.map.insert(self.agent.to_owned(), VecDeque::new());
+        Turn {
+            turns: self.turns,
+            agent: self.agent,
+            waiting: None,
+        }
+    }
 }
 
 impl Turns {
@@ -66,7 +85,20 @@ impl Turns {
         turn
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<oneshot::Sender<()>>>> {
+    /// The map's lock, while no operation holds or waits for `agent`'s turn (`None`: one
+    /// does). Nothing can take the turn while it is held: an operation decided under it is
+    /// ordered as if it had taken the turn, and one that must await takes it with
+    /// [`Free::take`] before letting go.
+    pub(super) fn free<'a>(&'a self, agent: &'a str) -> Option<Free<'a>> {
+        let map = self.map();
+        (!map.contains_key(agent)).then_some(Free {
+            map,
+            turns: self,
+            agent,
+        })
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<String, VecDeque<oneshot::Sender<()>>>> {
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -143,6 +175,45 @@ mod tests {
         drop(second);
         drop(other);
         assert_eq!(turns.len(), 0);
+    }
+
+    /// `free` holds the lock only while nobody holds or waits for the agent's turn: an
+    /// operation cannot start on the agent meanwhile, and one taken from it is a turn like
+    /// any other (the next operation waits for it).
+    #[tokio::test]
+    async fn a_free_turn_is_held_under_the_lock_and_taken_from_it() {
+        let turns = Turns::default();
+        {
+            let free = turns.free("a1").expect("nobody holds a1");
+            assert!(
+                turns.agents.try_lock().is_err(),
+                "the lock is held while deciding"
+            );
+            drop(free);
+        }
+        assert_eq!(
+            turns.len(),
+            0,
+            "deciding under the lock leaves nothing behind"
+        );
+        let taken = turns.free("a1").expect("still free").take();
+        assert!(turns.free("a1").is_none(), "held now");
+        assert!(turns.free("a2").is_some(), "another agent's turn is free");
+        let mut next = Box::pin(turns.take("a1"));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), &mut next)
+                .await
+                .is_err(),
+            "waits for the turn taken from free"
+        );
+        assert!(turns.free("a1").is_none(), "held and waited for");
+        drop(taken);
+        let next = tokio::time::timeout(Duration::from_secs(1), next)
+            .await
+            .expect("handed over");
+        drop(next);
+        assert_eq!(turns.len(), 0);
+        assert!(turns.free("a1").is_some());
     }
 
     /// A waiter handed the turn that gives up before it looks passes the turn on: the
