@@ -110,12 +110,19 @@ impl AllotBook {
         self.journal.iter().map(|op| op.agent_id.as_str())
     }
 
-    /// Admits an agent from the free block if it may: returns its journal number.
-    pub fn try_admit(&mut self, now: Instant, agent_id: &str, agent_type: &str) -> Option<u64> {
+    /// Admits an agent from the free block if it may: returns its journal number. The
+    /// journal entry takes `agent_id` and `agent_type` (owned ones are moved in: a caller
+    /// under a lock makes them before it).
+    pub fn try_admit(
+        &mut self,
+        now: Instant,
+        agent_id: impl Into<String>,
+        agent_type: impl AsRef<str> + Into<String>,
+    ) -> Option<u64> {
         if !self.active {
             return None;
         }
-        bump(&mut self.demand, agent_type);
+        bump(&mut self.demand, agent_type.as_ref());
         self.admit(now, agent_id, agent_type)
     }
 
@@ -124,8 +131,8 @@ impl AllotBook {
     pub fn try_admit_again(
         &mut self,
         now: Instant,
-        agent_id: &str,
-        agent_type: &str,
+        agent_id: impl Into<String>,
+        agent_type: impl AsRef<str> + Into<String>,
     ) -> Option<u64> {
         if !self.active {
             return None;
@@ -133,11 +140,16 @@ impl AllotBook {
         self.admit(now, agent_id, agent_type)
     }
 
-    fn admit(&mut self, now: Instant, agent_id: &str, agent_type: &str) -> Option<u64> {
+    fn admit(
+        &mut self,
+        now: Instant,
+        agent_id: impl Into<String>,
+        agent_type: impl AsRef<str> + Into<String>,
+    ) -> Option<u64> {
         if self.hello_in_flight || self.lease_until.is_none_or(|t| now >= t) {
             return None;
         }
-        let free = self.free.get_mut(agent_type)?;
+        let free = self.free.get_mut(agent_type.as_ref())?;
         if *free == 0 {
             return None;
         }
@@ -146,8 +158,8 @@ impl AllotBook {
         self.journal.push_back(AllotOp {
             n: self.next_n,
             kind: AllotOpKind::Admit,
-            agent_id: agent_id.to_owned(),
-            agent_type: agent_type.to_owned(),
+            agent_id: agent_id.into(),
+            agent_type: agent_type.into(),
         });
         self.local_decisions += 1;
         Some(self.next_n)
@@ -186,35 +198,53 @@ impl AllotBook {
         self.active && free.saturating_mul(2) < want
     }
 
+    /// Whether the book takes releases ([`AllotBook::release`]): the master is in
+    /// allotment mode.
+    pub fn takes_releases(&self) -> bool {
+        self.active
+    }
+
     /// Releases an agent this slave admitted from a block (`admitted`: its journal number).
-    /// `false`: the book no longer takes releases (the master is strict now); the caller
-    /// unregisters with the master.
-    pub fn release(&mut self, agent_id: &str, agent_type: &str, admitted: u64) -> bool {
+    /// `None`: the book no longer takes releases (the master is strict now); the caller
+    /// unregisters with the master. Otherwise what the book no longer needs comes back
+    /// ([`Leftover`]), for a caller under a lock to drop after it.
+    pub fn release(
+        &mut self,
+        agent_id: impl Into<String>,
+        agent_type: impl AsRef<str> + Into<String>,
+        admitted: u64,
+    ) -> Option<Leftover> {
         if !self.active {
-            return false;
+            return None;
         }
         if admitted > self.sent_n {
             // The master never heard of it: both entries go, and the seat is free again.
             // Journal numbers only grow along the journal.
             if let Ok(i) = self.journal.binary_search_by_key(&admitted, |op| op.n) {
-                self.journal.remove(i);
-                bump(&mut self.free, agent_type);
+                let admission = self.journal.remove(i);
+                bump(&mut self.free, agent_type.as_ref());
                 self.churned += 1;
-                return true;
+                return Some(Leftover {
+                    _admission: admission,
+                    _names: Some((agent_id.into(), agent_type.into())),
+                });
             }
         }
         self.next_n += 1;
+        bump(&mut self.free, agent_type.as_ref());
         self.journal.push_back(AllotOp {
             n: self.next_n,
             kind: AllotOpKind::Release,
-            agent_id: agent_id.to_owned(),
-            agent_type: agent_type.to_owned(),
+            agent_id: agent_id.into(),
+            agent_type: agent_type.into(),
         });
         // The master counts its seat until it applies the release (in the block if it has
         // not applied the admission yet, as a held seat if it has), and then puts it in
         // the block: it is this slave's to use again at once.
-        bump(&mut self.free, agent_type);
-        true
+        Some(Leftover {
+            _admission: None,
+            _names: None,
+        })
     }
 
     /// Seats a type is expected to need over two refresh intervals, plus the buffer.
@@ -426,6 +456,15 @@ impl AllotBook {
 }
 
 /// One more for `key`, allocating its name only the first time (the local decision's path).
+/// What a release leaves of its entries (an admission the master never heard of and the
+/// release's names, both dropped): nothing to read, only to be dropped by a caller after its
+/// lock rather than under it.
+#[derive(Debug)]
+pub struct Leftover {
+    _admission: Option<AllotOp>,
+    _names: Option<(String, String)>,
+}
+
 fn bump(map: &mut BTreeMap<String, u32>, key: &str) {
     match map.get_mut(key) {
         Some(n) => *n += 1,
@@ -525,7 +564,7 @@ mod tests {
         let now = Instant::now();
         let mut b = with_block(now, 1);
         let n = b.try_admit(now, "a1", "in").unwrap();
-        assert!(b.release("a1", "in", n));
+        assert!(b.release("a1", "in", n).is_some());
         assert_eq!(b.journal_len(), 0);
         assert_eq!(b.free()["in"], 1);
         assert_eq!(b.churned, 1);
@@ -533,7 +572,7 @@ mod tests {
         // comes back only with the master's answer.
         let n = b.try_admit(now, "a2", "in").unwrap();
         let p = b.prepare(now, Uuid::nil(), 100).unwrap();
-        assert!(b.release("a2", "in", n));
+        assert!(b.release("a2", "in", n).is_some());
         assert_eq!(b.journal_len(), 2);
         // The master still counts a2's seat until it applies the release: usable again.
         assert_eq!(b.free().get("in").copied().unwrap_or(0), 1);
@@ -576,7 +615,7 @@ mod tests {
         b.welcomed(j, false, Duration::from_secs(2));
         assert!(!b.is_active());
         assert_eq!(b.try_admit(Instant::now(), "a", "in"), None);
-        assert!(!b.release("a", "in", 1));
+        assert!(b.release("a", "in", 1).is_none());
         assert!(b.prepare(Instant::now(), Uuid::nil(), 10).is_none());
     }
 
@@ -607,7 +646,7 @@ mod tests {
         let p = b.prepare(now, Uuid::nil(), 100).unwrap();
         b.settle(p.request.seq, &answer(&[("in", 1)], n), |_, _| 0);
         assert!(!b.journaled("a1"));
-        assert!(b.release("a1", "in", n));
+        assert!(b.release("a1", "in", n).is_some());
         assert!(b.journaled("a1"));
         assert!(!b.journaled("a2"));
         let p = b.prepare(now, Uuid::nil(), 100).unwrap();

@@ -227,7 +227,7 @@ proptest! {
                     let s = &mut slaves[slave];
                     let agent = format!("a{agent}");
                     if let Some((t, Some(n))) = s.held.get(&agent).cloned() {
-                        if s.book.release(&agent, &t, n) {
+                        if s.book.release(&agent, &t, n).is_some() {
                             s.held.remove(&agent);
                         }
                     }

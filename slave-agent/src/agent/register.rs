@@ -69,6 +69,26 @@ struct Tried {
     next: Next,
 }
 
+/// A registration's strings for an admission from the block, made before the locks (what
+/// is not used is dropped after them): the journal entry's and the seat table's.
+struct Entry {
+    journal: (String, String),
+    seat: Option<(String, String)>,
+}
+
+impl Entry {
+    fn new(agent_id: &str, agent_type: &str) -> Self {
+        Self {
+            journal: Self::names(agent_id, agent_type),
+            seat: Some(Self::names(agent_id, agent_type)),
+        }
+    }
+
+    fn names(agent_id: &str, agent_type: &str) -> (String, String) {
+        (agent_id.to_owned(), agent_type.to_owned())
+    }
+}
+
 /// Where the locked part of a try left a registration.
 enum Next {
     /// Admitted from the active master's block: decided, with no message to anyone.
@@ -99,7 +119,7 @@ impl Inner {
         // (The turns' lock is let go by the end of this statement, before any await.)
         // The seat table's strings are made before the locks, not under them (what is not
         // used is dropped after them).
-        let mut entry = Some((agent_id.to_owned(), agent_type.to_owned()));
+        let mut entry = Some(Entry::new(agent_id, agent_type));
         let decided_free = self.turns.free(agent_id).map(|free| {
             let tried = self.try_locally(agent_id, agent_type, true, false, &mut entry);
             let turn = match tried.next {
@@ -161,14 +181,14 @@ impl Inner {
     /// yet; `flushed`: the journal was waited for once already): the grace period, the
     /// local limit, a seat from the active master's block, or else a request to the
     /// masters counted in flight. A seat taken from the block is entered with `entry`'s
-    /// strings (the agent and its type, made before the lock) when it has them.
+    /// strings when it still has them.
     fn try_locally(
         &self,
         agent_id: &str,
         agent_type: &str,
         first: bool,
         flushed: bool,
-        entry: &mut Option<(String, String)>,
+        entry: &mut Option<Entry>,
     ) -> Tried {
         let mut state = lock(&self.state);
         // One clock reading under the lock for the grace period and the block's lease.
@@ -196,18 +216,23 @@ impl Inner {
             None if !held && state.restricted.is_none() => {
                 let active = state.active;
                 let book = state.allot.get_mut(active);
+                // The strings made before the lock, if any are left: one set goes into
+                // the journal, one into the seat table.
+                let (journal, seat) = match entry.take() {
+                    Some(Entry { journal, seat }) => (journal, seat),
+                    None => (Entry::names(agent_id, agent_type), None),
+                };
                 // Tried again: its demand was counted the first time.
                 let admitted = if first {
-                    book.try_admit(now, agent_id, agent_type)
+                    book.try_admit(now, journal.0, journal.1)
                 } else {
-                    book.try_admit_again(now, agent_id, agent_type)
+                    book.try_admit_again(now, journal.0, journal.1)
                 };
                 if let Some(n) = admitted {
                     // Running low: ask early (at most every quarter refresh).
                     wake = book.low(agent_type) && book.ask_early(now);
-                    let (agent, agent_type) = entry
-                        .take()
-                        .unwrap_or_else(|| (agent_id.to_owned(), agent_type.to_owned()));
+                    let (agent, agent_type) =
+                        seat.unwrap_or_else(|| Entry::names(agent_id, agent_type));
                     state.agents.insert(
                         agent,
                         Seat {

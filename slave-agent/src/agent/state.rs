@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use lmbus_schemas::{AgentClaim, Books, RejectedAgent, agent_digest};
 
-use crate::allot::AllotBook;
+use crate::allot::{AllotBook, Leftover};
 use crate::events::{LoggedOut, Outcome};
 use crate::master::{Master, PerMaster};
 use crate::policy::Policy;
@@ -147,8 +147,8 @@ pub(super) enum Release {
     /// The agent holds no seat here.
     NotHeld,
     /// Admitted from a block: the release went into that master's journal; no message.
-    /// The table's entry comes back to be dropped after the lock.
-    Journaled { _agent: String, _seat: Seat },
+    /// What the book no longer needs comes back, to be dropped after the lock.
+    Journaled { _leftover: Option<Leftover> },
     /// Taken off the table and marked in flight: the release goes to the seat's master.
     Send(Seat),
 }
@@ -233,17 +233,16 @@ impl State {
             return Release::NotHeld;
         };
         // Admitted from a block: the release goes in that master's journal (no message
-        // now), unless the master is no longer in allotment mode.
-        if let Some(n) = seat.allot
-            && self
-                .allot
-                .get_mut(seat.link)
-                .release(agent_id, &seat.agent_type, n)
-        {
-            return Release::Journaled {
-                _agent: agent,
-                _seat: seat,
-            };
+        // now; the entry's names move into it), unless the master is no longer in
+        // allotment mode.
+        if let Some(n) = seat.allot {
+            let book = self.allot.get_mut(seat.link);
+            if book.takes_releases() {
+                let leftover = book.release(agent, seat.agent_type, n);
+                return Release::Journaled {
+                    _leftover: leftover,
+                };
+            }
         }
         mark(&mut self.unregistering, agent_id);
         Release::Send(seat)
