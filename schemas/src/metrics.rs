@@ -34,13 +34,39 @@ pub const DECISION_BUCKETS: [f64; 12] = [
     0.1,
 ];
 
+/// How many shards a [`Histogram`] or [`Counter`] spreads its observations over, each on
+/// cache lines of its own, chosen by the observing thread: threads that observe at once (a
+/// host calling one slave's library from several) do not pass one cache line between their
+/// cores at every observation. Readers sum the shards.
+const SHARDS: usize = 8;
+
+/// The most bounds a [`Histogram`] takes.
+const MAX_BOUNDS: usize = 16;
+
+/// The shard of the calling thread: threads take the shards in turn, once each.
+fn shard_index() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    INDEX.with(|i| *i)
+}
+
+/// One shard of a histogram: its buckets (not cumulative), count and sum, on lines of its
+/// own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct HistogramShard {
+    buckets: [AtomicU64; MAX_BOUNDS],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
 /// A latency histogram that threads observe without a lock.
 #[derive(Debug)]
 pub struct Histogram {
     bounds: &'static [f64],
-    buckets: Box<[AtomicU64]>,
-    count: AtomicU64,
-    sum_nanos: AtomicU64,
+    shards: Box<[HistogramShard]>,
 }
 
 impl Default for Histogram {
@@ -51,26 +77,38 @@ impl Default for Histogram {
 }
 
 impl Histogram {
-    /// With these upper bounds (seconds, ascending), such as [`DECISION_BUCKETS`].
+    /// With these upper bounds (seconds, ascending), such as [`DECISION_BUCKETS`]; at most
+    /// 16 of them (more is a programming error: the bounds are constants).
     pub fn with_bounds(bounds: &'static [f64]) -> Self {
+        assert!(
+            bounds.len() <= MAX_BOUNDS,
+            "a histogram takes at most {MAX_BOUNDS} bounds"
+        );
         Self {
             bounds,
-            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_nanos: AtomicU64::new(0),
+            shards: (0..SHARDS).map(|_| HistogramShard::default()).collect(),
         }
     }
 
     pub fn observe(&self, took: Duration) {
+        let shard = &self.shards[shard_index()];
         let secs = took.as_secs_f64();
         if let Some(i) = self.bounds.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            shard.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(
+        shard.count.fetch_add(1, Ordering::Relaxed);
+        shard.sum_nanos.fetch_add(
             u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    /// Observations within bound `i` and above the one before, over all shards.
+    fn bucket(&self, i: usize) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.buckets[i].load(Ordering::Relaxed))
+            .sum()
     }
 
     /// The smallest bound that at least `q` (0 to 1) of the observations are within: the
@@ -83,7 +121,7 @@ impl Histogram {
         }
         let mut cumulative = 0;
         for (i, bound) in self.bounds.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            cumulative += self.bucket(i);
             if cumulative as f64 >= q * count as f64 {
                 return Some(*bound);
             }
@@ -93,7 +131,18 @@ impl Histogram {
 
     /// How many observations it holds.
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.shards
+            .iter()
+            .map(|s| s.count.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The sum of the observations, in nanoseconds.
+    fn sum_nanos(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.sum_nanos.load(Ordering::Relaxed))
+            .fold(0, u64::saturating_add)
     }
 
     /// Its series (`labels` like `master="primary"`, or empty): cumulative buckets, sum and
@@ -106,7 +155,7 @@ impl Histogram {
         };
         let mut cumulative = 0;
         for (i, bound) in self.bounds.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            cumulative += self.bucket(i);
             let _ = writeln!(
                 text,
                 "{name}_bucket{{{before_le}le=\"{bound}\"}} {cumulative}"
@@ -116,8 +165,41 @@ impl Histogram {
         let _ = writeln!(
             text,
             "{name}_bucket{{{before_le}le=\"+Inf\"}} {count}\n{name}_sum{braces} {}\n{name}_count{braces} {count}",
-            self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9
+            self.sum_nanos() as f64 / 1e9
         );
+    }
+}
+
+/// A counter that threads add to without a lock, sharded like [`Histogram`].
+#[derive(Debug)]
+pub struct Counter {
+    shards: Box<[CounterShard]>,
+}
+
+/// One shard of a [`Counter`], on lines of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct CounterShard(AtomicU64);
+
+impl Default for Counter {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| CounterShard::default()).collect(),
+        }
+    }
+}
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.shards[shard_index()].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The total over all shards.
+    pub fn get(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .fold(0, u64::saturating_add)
     }
 }
 
@@ -316,6 +398,38 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("d_seconds_sum 0.002162\n"), "{text}");
+    }
+
+    /// Threads observe into shards of their own; readers see every observation, in its
+    /// bucket, with the sum.
+    #[test]
+    fn observations_from_many_threads_are_all_counted() {
+        let h = Histogram::with_bounds(&DECISION_BUCKETS);
+        let c = Counter::default();
+        // More threads than shards: some share one.
+        std::thread::scope(|scope| {
+            for t in 0..(2 * SHARDS as u64 + 1) {
+                let (h, c) = (&h, &c);
+                scope.spawn(move || {
+                    for _ in 0..100 {
+                        h.observe(Duration::from_micros(3));
+                        c.add(t + 1);
+                    }
+                });
+            }
+        });
+        let threads = 2 * SHARDS as u64 + 1;
+        assert_eq!(threads, 17, "the sum below is for 17 threads");
+        assert_eq!(h.count(), 100 * threads);
+        assert_eq!(c.get(), 100 * threads * (threads + 1) / 2);
+        assert_eq!(h.quantile_bound(1.0), Some(0.000_005));
+        let mut text = String::new();
+        h.render(&mut text, "x", "");
+        assert!(
+            text.contains(&format!("x_bucket{{le=\"0.000005\"}} {}", 100 * threads)),
+            "{text}"
+        );
+        assert!(text.contains("x_sum 0.0051\n"), "{text}");
     }
 
     #[test]

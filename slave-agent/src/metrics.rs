@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lmbus_schemas::metrics::{
-    DECISION_BUCKETS, Histogram, ProcessSample, build_info, escape_label, histogram_header,
+    Counter, DECISION_BUCKETS, Histogram, ProcessSample, build_info, escape_label, histogram_header,
 };
 
 use crate::master::{Master, PerMaster};
@@ -19,11 +19,12 @@ use crate::status::{SlaveMode, SlaveStatusView};
 
 #[derive(Debug, Default)]
 pub(crate) struct SlaveMetrics {
-    /// Registrations approved (an atomic: the local decision's path takes no lock here),
+    /// Registrations approved (sharded atomics: the local decision's path takes no lock
+    /// here, and threads do not share a line),
     /// and rejected by reason.
-    approved: AtomicU64,
+    approved: Counter,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
-    unregistrations: AtomicU64,
+    unregistrations: Counter,
     /// Agents moved from a backup master back to production (the handback).
     moved_back: AtomicU64,
     latency: Histogram,
@@ -54,7 +55,7 @@ impl SlaveMetrics {
     pub(crate) fn registration(&self, reason: Option<&'static str>, took: Duration) {
         match reason {
             None => {
-                self.approved.fetch_add(1, Ordering::Relaxed);
+                self.approved.add(1);
             }
             Some(r) => {
                 *self
@@ -85,7 +86,7 @@ impl SlaveMetrics {
     }
 
     pub(crate) fn unregistration(&self) {
-        self.unregistrations.fetch_add(1, Ordering::Relaxed);
+        self.unregistrations.add(1);
     }
 
     pub(crate) fn moved_back(&self, agents: u32) {
@@ -103,7 +104,7 @@ impl SlaveMetrics {
         let _ = writeln!(
             t,
             "lmbus_slave_registrations_total{{outcome=\"approved\"}} {}",
-            self.approved.load(Ordering::Relaxed)
+            self.approved.get()
         );
         let rejected = self
             .rejected
@@ -163,7 +164,7 @@ impl SlaveMetrics {
              lmbus_slave_seats_in_use {}\n\
              # HELP lmbus_slave_agent_type_seats_in_use Seats held by this slave's agents, by agent type.\n\
              # TYPE lmbus_slave_agent_type_seats_in_use gauge",
-            self.unregistrations.load(Ordering::Relaxed),
+            self.unregistrations.get(),
             status.agents
         );
         for (agent_type, n) in &status.agents_by_type {

@@ -375,7 +375,7 @@ fn the_model_admits_locally_up_to_the_limit() {
     book.welcomed(journal, true, Duration::from_secs(2));
     // Demand first (misses), then a request, then local admissions.
     for i in 0..10 {
-        assert_eq!(book.try_admit(tnow, &format!("x{i}"), "inbound"), None);
+        assert_eq!(book.try_admit(tnow, format!("x{i}"), "inbound"), None);
     }
     let p = book.prepare(tnow, instance, u32::MAX).unwrap();
     let seq = p.request.seq;
@@ -390,7 +390,7 @@ fn the_model_admits_locally_up_to_the_limit() {
     };
     book.settle(seq, &a, |_, _| 0);
     let admitted = (0..10)
-        .filter(|i| book.try_admit(tnow, &format!("a{i}"), "inbound").is_some())
+        .filter(|i| book.try_admit(tnow, format!("a{i}"), "inbound").is_some())
         .count();
     assert_eq!(admitted as u32, PER_TYPE, "{a:?}");
 }
