@@ -455,7 +455,6 @@ impl AllotBook {
     }
 }
 
-/// One more for `key`, allocating its name only the first time (the local decision's path).
 /// What a release leaves of its entries (an admission the master never heard of and the
 /// release's names, both dropped): nothing to read, only to be dropped by a caller after its
 /// lock rather than under it.
@@ -465,6 +464,7 @@ pub struct Leftover {
     _names: Option<(String, String)>,
 }
 
+/// One more for `key`, allocating its name only the first time (the local decision's path).
 fn bump(map: &mut BTreeMap<String, u32>, key: &str) {
     match map.get_mut(key) {
         Some(n) => *n += 1,

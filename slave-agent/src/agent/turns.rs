@@ -4,10 +4,13 @@
 //! same agent can no longer outlive that release, at the master or in the host's books.
 //!
 //! An agent's entry is its queue of waiting operations, first come first served. An
-//! operation that finds no entry takes the turn with no allocation but the entry's name and
-//! nothing to await (the usual case: a local decision's path). Every hand-over happens under
-//! the map's lock, so a waiter that gives up either is still queued (its channel is closed,
-//! and the hand-over skips it) or already holds the turn (and passes it on).
+//! operation that finds no entry decides under the map's lock ([`Turns::free`]): one that
+//! awaits nothing (a local decision, the usual case) takes no turn at all, and one that must
+//! await takes the turn from the lock, with no allocation but the entry's name. Every
+//! hand-over happens under the map's lock, so a waiter that gives up either is still queued
+//! (its channel is closed, and the hand-over skips it) or already holds the turn (and passes
+//! it on). The model in `interleavings.rs` takes every turn first; deciding under the free
+//! turn's lock is the same order (nothing can start on the agent while it is held).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
