@@ -209,12 +209,13 @@ pub async fn stream_leader(client: &async_nats::Client, stream: &str) -> String 
 /// Waits (bounded) until every replica of `stream` is current again (after a restarted
 /// node caught up), so the next trial starts from a whole cluster. This is nats-server's
 /// time, not lmbus's: under the workload a restarted node of 2.10+ was once not current
-/// within 15 s in CI, so the bound is a generous minute.
+/// within 15 s in CI, and a 2.15.1 node once not within 60 s on a loaded CI machine, so the
+/// bound is two minutes; a timeout prints the replicas as the stream last showed them.
 pub async fn wait_whole(client: &async_nats::Client, stream: &str, nodes: usize) {
     let js = async_nats::jetstream::new(client.clone());
-    crate::eventually_within(
+    let waited = crate::eventually_within(
         &format!("{stream} to have all its replicas current"),
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || async {
             let Ok(mut s) = js.get_stream(stream).await else {
                 return false;
@@ -229,8 +230,17 @@ pub async fn wait_whole(client: &async_nats::Client, stream: &str, nodes: usize)
             })
         },
     )
-    .await
-    .unwrap();
+    .await;
+    if let Err(e) = waited {
+        let cluster = match js.get_stream(stream).await {
+            Ok(mut s) => match s.info().await {
+                Ok(info) => format!("{:?}", info.cluster),
+                Err(e) => format!("no stream info: {e}"),
+            },
+            Err(e) => format!("no stream: {e}"),
+        };
+        panic!("{e:#}; the stream's cluster last showed: {cluster}");
+    }
 }
 
 /// Kills (SIGKILL) the NATS node leading the ledger stream while the workload runs, and
